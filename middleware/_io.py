@@ -1,0 +1,119 @@
+"""Reading request and batch-step files, refusing bad rows with file and line."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from .attribution import Requests, Steps, _device_key
+from .errors import InputError
+
+__all__ = ["read_requests_jsonl", "read_batches_jsonl"]
+
+_INT64_MAX = 2**63 - 1
+_OPTIONAL_TEXT = ("route", "model", "tenant")
+_OPTIONAL_COUNTS = ("prompt_tokens", "output_tokens")
+
+
+def _rows(path: Path):
+    try:
+        fh = open(path, encoding="utf-8")
+    except OSError as exc:
+        raise InputError(path, 0, f"cannot open: {exc.strerror or exc}") from None
+    with fh:
+        seen = False
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            seen = True
+            try:
+                row = json.loads(line, parse_constant=lambda c: float("nan"))
+            except json.JSONDecodeError as exc:
+                raise InputError(path, n, f"not valid JSON ({exc.msg})") from None
+            if not isinstance(row, dict):
+                raise InputError(path, n, "each line must be a JSON object")
+            yield n, row
+        if not seen:
+            raise InputError(path, 0, "is empty: expected one JSON object per line")
+
+
+def _time(path, n, row, key) -> int:
+    if key not in row:
+        raise InputError(path, n, f"missing {key!r}")
+    v = row[key]
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (isinstance(v, float) and not math.isfinite(v)):
+        raise InputError(path, n, f"{key} must be an integer of nanoseconds, got {v!r}")
+    if isinstance(v, float) and not v.is_integer():
+        raise InputError(path, n, f"{key} must be an integer of nanoseconds, got {v!r}")
+    v = int(v)
+    if not 0 <= v <= _INT64_MAX:
+        raise InputError(path, n, f"{key} = {v} is outside 0..2**63-1")
+    return v
+
+
+def _count(path, n, key, v) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or v > 1e12:
+        raise InputError(path, n, f"{key} must be a finite number between 0 and 1e12, got {v!r}")
+    return float(v)
+
+
+def read_requests_jsonl(path) -> tuple[Requests, list[dict]]:
+    """Requests from JSONL: ``{"id", "start_ns", "end_ns", "gpu"}`` plus optional
+    ``route, model, tenant, prompt_tokens, output_tokens``.
+
+    Returns the columnar :class:`Requests` and the rows as read (for output).
+    """
+    path = Path(path)
+    rows, ids = [], {}
+    for n, row in _rows(path):
+        if "id" not in row or not isinstance(row["id"], (str, int)) or isinstance(row["id"], bool) or str(row["id"]) == "":
+            raise InputError(path, n, "missing 'id' (a non-empty string)")
+        rid = str(row["id"])
+        if rid in ids:
+            raise InputError(path, n, f"duplicate id {rid!r} (first on line {ids[rid]})")
+        ids[rid] = n
+        start = _time(path, n, row, "start_ns")
+        end = _time(path, n, row, "end_ns")
+        if end < start:
+            raise InputError(path, n, f"request {rid!r} ends ({end}) before it starts ({start})")
+        gpu = row.get("gpu", row.get("device"))
+        if gpu is None or isinstance(gpu, (dict, list, bool)) or str(gpu).strip() == "":
+            raise InputError(path, n, "missing 'gpu' (the device index, e.g. 0)")
+        clean = {"id": rid, "start_ns": start, "end_ns": end, "gpu": _device_key(gpu)}
+        for key in _OPTIONAL_TEXT:
+            if key in row and row[key] is not None:
+                if not isinstance(row[key], str):
+                    raise InputError(path, n, f"{key} must be a string")
+                clean[key] = row[key][:256]
+        for key in _OPTIONAL_COUNTS:
+            if key in row and row[key] is not None:
+                clean[key] = int(_count(path, n, key, row[key]))
+        if "weight" in row:
+            clean["weight"] = _count(path, n, "weight", row["weight"])
+        rows.append(clean)
+    return Requests.from_records(rows), rows
+
+
+def read_batches_jsonl(path, requests: Requests) -> Steps:
+    """Batch steps from JSONL: ``{"start_ns", "end_ns", "gpu", "requests": {"<id>": <tokens>}}``."""
+    path = Path(path)
+    known = set(requests.ids.tolist())
+    rows = []
+    for n, row in _rows(path):
+        start = _time(path, n, row, "start_ns")
+        end = _time(path, n, row, "end_ns")
+        if end <= start:
+            raise InputError(path, n, f"batch step ends ({end}) at or before it starts ({start})")
+        gpu = row.get("gpu", row.get("device"))
+        if gpu is None or isinstance(gpu, (dict, list, bool)):
+            raise InputError(path, n, "missing 'gpu' (the device index, e.g. 0)")
+        reqs = row.get("requests")
+        if not isinstance(reqs, dict) or not reqs:
+            raise InputError(path, n, "'requests' must be a non-empty object {request id: tokens}")
+        for rid, tok in reqs.items():
+            if rid not in known:
+                raise InputError(path, n, f"batch step names unknown request {rid!r} (not in the requests file)")
+            _count(path, n, f"tokens of {rid!r}", tok)
+        rows.append({"start_ns": start, "end_ns": end, "gpu": gpu, "requests": reqs})
+    return Steps.from_records(rows, requests)

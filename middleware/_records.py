@@ -1,0 +1,56 @@
+"""The per-request record: what wattspan says one request cost, and how it knows."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+__all__ = ["RequestRecord"]
+
+
+@dataclass(frozen=True, slots=True)
+class RequestRecord:
+    """One request's final energy and carbon.
+
+    Units are in the names: joules (``_j``), grams of CO2e (``_g``), seconds
+    (``_s``), nanoseconds on the monotonic clock (``_ns``).
+
+    ``energy_j = dynamic_j + idle_j`` is the request's share of what the meter
+    measured on its device. ``co2e_g`` is operational (energy x PUE x grid
+    intensity) plus ``embodied_g``. ``method`` says how the energy was split
+    (``"batch-fit"``: batch steps and a fitted step-energy model reconciled with
+    the meter; ``"time-share"``: shared with the requests in flight at each
+    instant), ``sensor`` which reading it rests on, ``coverage`` the fraction of
+    the request's lifetime the trace covered (0..1), ``simulated`` whether the
+    power came from the simulated source (never a measurement).
+    """
+
+    id: str
+    device: str
+    start_ns: int
+    end_ns: int
+    energy_j: float
+    dynamic_j: float
+    idle_j: float
+    device_s: float
+    co2e_g: float = 0.0
+    embodied_g: float = 0.0
+    method: str = ""
+    sensor: str = ""
+    coverage: float = 1.0
+    simulated: bool = False
+    route: str = ""
+    http_method: str = ""
+    status_code: int = 0
+    model: str = ""
+    tenant: str = ""
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    trace_id: int = 0
+    span_id: int = 0
+
+    @property
+    def duration_s(self) -> float:
+        return (self.end_ns - self.start_ns) / 1e9
+
+    def to_dict(self) -> dict:
+        return asdict(self)

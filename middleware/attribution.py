@@ -1,0 +1,812 @@
+"""Apportion measured energy to requests.
+
+The conventions (see the README's "How energy is apportioned"):
+
+* **dynamic** energy is measured energy above the idle baseline;
+* a **batch step**'s dynamic energy is split among its requests in proportion to
+  their weights (the tokens each processed in that step);
+* without batch steps, dynamic energy at each instant is shared by the requests
+  in flight on that device (equally, or by given weights);
+* the **idle baseline** at each instant is shared equally by the requests in
+  flight; idle energy while nothing is in flight is **unattributed**;
+* requests + unattributed = measured energy, always.
+
+Real sensors are coarse: an NVML energy counter moves every 20-100 ms, instant
+power covers ~25 ms of each 100 ms, Hopper's power usage is a 1 s average. A
+5 ms batch step cannot be read off such a trace directly. So the
+``batch-fit`` method (1) fits how a step's dynamic energy depends on its
+composition (duration, prefill tokens, decode tokens, decode context) by
+non-negative least squares over every reading the sensor gave, each reading
+being a linear function of the steps it overlaps; (2) cuts time into
+reconciliation windows the sensor measures well (between energy-counter
+updates, or a few readings long) and scales the fitted step energies in each
+window to what was measured there. Measurement sets the totals; the fit only
+decides how a window's energy is spread over its steps. What the fit cannot
+place (a window with energy but no step) is shared by time among the requests
+in flight, or unattributed.
+
+Everything is vectorised: per device, a handful of sorts, ``searchsorted`` and
+prefix sums over all samples, steps and requests; no Python loop per item.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ._samples import DeviceTrace, SampleKind
+
+__all__ = [
+    "Requests",
+    "Steps",
+    "StepModel",
+    "DeviceSummary",
+    "Attribution",
+    "attribute",
+    "FEATURES",
+]
+
+#: The step features the batch-fit model uses; a step's dynamic energy is their
+#: non-negative combination. Units: seconds, tokens, tokens, thousands of tokens.
+FEATURES = ("duration_s", "prefill_tokens", "decode_tokens", "decode_context_ktokens")
+
+_NS = 1e-9
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+@dataclass(frozen=True)
+class Requests:
+    """Request lifetimes, columnar. ``start_ns``/``end_ns`` on the trace's clock."""
+
+    ids: np.ndarray  # object array of str
+    start_ns: np.ndarray  # int64
+    end_ns: np.ndarray  # int64
+    device: np.ndarray  # object array of str
+    weight: np.ndarray  # float64, time-share weight (default 1)
+    route: np.ndarray | None = None
+    model: np.ndarray | None = None
+    tenant: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        n = len(self.ids)
+        for name in ("start_ns", "end_ns", "device", "weight"):
+            if len(getattr(self, name)) != n:
+                raise ValueError(f"Requests.{name} has {len(getattr(self, name))} rows for {n} ids")
+        if n and np.any(self.end_ns < self.start_ns):
+            bad = int(np.argmax(self.end_ns < self.start_ns))
+            raise ValueError(f"request {self.ids[bad]!r} ends before it starts")
+        if n and (not np.all(np.isfinite(self.weight)) or np.any(self.weight < 0)):
+            raise ValueError("request weights must be finite and >= 0")
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @classmethod
+    def from_records(cls, rows: Iterable[Mapping]) -> "Requests":
+        """Build from dicts with ``id, start_ns, end_ns, gpu`` (or ``device``) and
+        optional ``weight, route, model, tenant``."""
+        rows = list(rows)
+        ids = np.array([str(r["id"]) for r in rows], dtype=object)
+        dev = np.array([_device_key(r.get("device", r.get("gpu", "0"))) for r in rows], dtype=object)
+
+        def col(key):
+            if not any(key in r for r in rows):
+                return None
+            return np.array([str(r.get(key) or "") for r in rows], dtype=object)
+
+        return cls(
+            ids=ids,
+            start_ns=np.array([int(r["start_ns"]) for r in rows], dtype=np.int64),
+            end_ns=np.array([int(r["end_ns"]) for r in rows], dtype=np.int64),
+            device=dev,
+            weight=np.array([float(r.get("weight", 1.0)) for r in rows], dtype=np.float64),
+            route=col("route"),
+            model=col("model"),
+            tenant=col("tenant"),
+        )
+
+
+@dataclass(frozen=True)
+class Steps:
+    """Batch steps, columnar, with their (request, tokens) entries in CSR form.
+
+    ``entry_step[i]`` is the step of entry ``i``, ``entry_request[i]`` an index
+    into the :class:`Requests` it was built against, ``entry_tokens[i]`` the
+    tokens that request processed in that step.
+    """
+
+    start_ns: np.ndarray
+    end_ns: np.ndarray
+    device: np.ndarray
+    entry_step: np.ndarray
+    entry_request: np.ndarray
+    entry_tokens: np.ndarray
+
+    def __post_init__(self) -> None:
+        if len(self.start_ns) and np.any(self.end_ns <= self.start_ns):
+            bad = int(np.argmax(self.end_ns <= self.start_ns))
+            raise ValueError(f"batch step {bad} does not end after it starts")
+        if len(self.entry_tokens) and (not np.all(np.isfinite(self.entry_tokens)) or np.any(self.entry_tokens < 0)):
+            raise ValueError("batch step token counts must be finite and >= 0")
+
+    def __len__(self) -> int:
+        return len(self.start_ns)
+
+    @classmethod
+    def from_records(cls, rows: Iterable[Mapping], requests: Requests) -> "Steps":
+        """Build from dicts ``{start_ns, end_ns, gpu, requests: {id: tokens}}``.
+
+        Raises ``KeyError`` naming the first request id not in ``requests``.
+        """
+        index = {rid: i for i, rid in enumerate(requests.ids)}
+        starts, ends, devs, e_step, e_req, e_tok = [], [], [], [], [], []
+        for s, r in enumerate(rows):
+            starts.append(int(r["start_ns"]))
+            ends.append(int(r["end_ns"]))
+            devs.append(_device_key(r.get("device", r.get("gpu", "0"))))
+            for rid, tok in r["requests"].items():
+                try:
+                    e_req.append(index[str(rid)])
+                except KeyError:
+                    raise KeyError(f"batch step {s} names unknown request {rid!r}") from None
+                e_step.append(s)
+                e_tok.append(float(tok))
+        return cls(
+            start_ns=np.array(starts, dtype=np.int64),
+            end_ns=np.array(ends, dtype=np.int64),
+            device=np.array(devs, dtype=object),
+            entry_step=np.array(e_step, dtype=np.int64),
+            entry_request=np.array(e_req, dtype=np.int64),
+            entry_tokens=np.array(e_tok, dtype=np.float64),
+        )
+
+
+def _device_key(value) -> str:
+    """Trace, request and batch files name a GPU by index (``0``) or by id (``gpu0``)."""
+    s = str(value).strip()
+    return f"gpu{s}" if s.isdigit() else s
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+@dataclass(frozen=True)
+class StepModel:
+    """Fitted dynamic energy of a batch step: ``coef . features`` joules.
+
+    ``coef`` units follow :data:`FEATURES`: W, J/token, J/token, J/ktoken.
+    ``r2`` is the fit's coefficient of determination over the sensor readings
+    it used (``rows``), a quality flag for the reader.
+    """
+
+    coef: np.ndarray
+    r2: float
+    rows: int
+
+    def predict(self, features: np.ndarray) -> np.ndarray:
+        return features @ self.coef
+
+
+@dataclass(frozen=True)
+class DeviceSummary:
+    device: str
+    sensor: str
+    simulated: bool
+    method: str
+    t0_ns: int
+    t1_ns: int
+    measured_j: float
+    attributed_j: float
+    unattributed_j: float
+    idle_j: float
+    idle_w: float  # mean idle baseline over the period
+    idle_source: str  # configured | idle-periods | low-quantile
+    steps: int = 0
+    model: StepModel | None = None
+    windows: int = 0
+    scale_p5: float = math.nan  # spread of the per-window reconciliation scale
+    scale_p95: float = math.nan
+
+    def as_dict(self) -> dict:
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "model"}
+        if self.model is not None:
+            d["model"] = {"features": list(FEATURES), "coef": self.model.coef.tolist(), "r2": self.model.r2, "rows": self.model.rows}
+        return d
+
+
+@dataclass(frozen=True)
+class Attribution:
+    """Per-request results (arrays aligned with the input :class:`Requests`) and per-device totals."""
+
+    requests: Requests
+    energy_j: np.ndarray
+    dynamic_j: np.ndarray
+    idle_j: np.ndarray
+    device_s: np.ndarray
+    coverage: np.ndarray
+    method: np.ndarray  # object array of str
+    devices: dict[str, DeviceSummary] = field(default_factory=dict)
+
+    @property
+    def measured_j(self) -> float:
+        return float(sum(d.measured_j for d in self.devices.values()))
+
+    @property
+    def unattributed_j(self) -> float:
+        return float(sum(d.unattributed_j for d in self.devices.values()))
+
+    @property
+    def attributed_j(self) -> float:
+        return float(self.energy_j.sum())
+
+    def records(self) -> list[dict]:
+        """One dict per request: ``id, gpu, energy_j, dynamic_j, idle_j, device_s, method, sensor, coverage``."""
+        r = self.requests
+        out = []
+        for i in range(len(r)):
+            d = self.devices.get(r.device[i])
+            rec = {
+                "id": r.ids[i],
+                "gpu": r.device[i],
+                "energy_j": float(self.energy_j[i]),
+                "dynamic_j": float(self.dynamic_j[i]),
+                "idle_j": float(self.idle_j[i]),
+                "device_s": float(self.device_s[i]),
+                "method": self.method[i],
+                "sensor": d.sensor if d else "none",
+                "simulated": bool(d.simulated) if d else False,
+                "coverage": float(self.coverage[i]),
+            }
+            for key in ("route", "model", "tenant"):
+                col = getattr(r, key)
+                if col is not None:
+                    rec[key] = col[i]
+            out.append(rec)
+        return out
+
+
+# --------------------------------------------------------------------------- engine
+
+
+def attribute(
+    traces: Mapping[str, DeviceTrace] | Sequence[DeviceTrace],
+    requests: Requests,
+    steps: Steps | None = None,
+    *,
+    idle_w: float | Mapping[str, float] | None = None,
+    t0_ns: int | None = None,
+    t1_ns: int | None = None,
+    reconcile_s: float | None = None,
+    models: Mapping[str, StepModel] | None = None,
+) -> Attribution:
+    """Apportion each device's measured energy over ``[t0_ns, t1_ns]`` to ``requests``.
+
+    ``idle_w``: the idle baseline in watts (one value, or per device); ``None``
+    estimates it from the trace (median power in periods with nothing in flight,
+    tracked in 30 s bins; a low quantile of the readings if there are none).
+    ``t0_ns``/``t1_ns`` default to each device trace's first and last reading;
+    requests are clipped to the period (the live meter attributes period by
+    period and sums). ``reconcile_s`` overrides the reconciliation window for
+    power-only sensors. ``models`` gives a step model per device to use instead
+    of fitting one (for short live periods).
+    """
+    if not isinstance(traces, Mapping):
+        traces = {t.device: t for t in traces}
+    n = len(requests)
+    energy = np.zeros(n)
+    dynamic = np.zeros(n)
+    idle = np.zeros(n)
+    dev_s = np.zeros(n)
+    coverage = np.zeros(n)
+    method = np.full(n, "no-trace", dtype=object)
+    summaries: dict[str, DeviceSummary] = {}
+
+    req_dev = requests.device
+    step_dev = steps.device if steps is not None else None
+    for dev, trace in traces.items():
+        if len(trace) < 2:
+            continue
+        rmask = req_dev == dev
+        ridx = np.flatnonzero(rmask)
+        tr_t0 = int(trace.t_ns[0])
+        tr_t1 = int(trace.t_ns[-1])
+        a = tr_t0 if t0_ns is None else max(int(t0_ns), tr_t0)
+        b = tr_t1 if t1_ns is None else min(int(t1_ns), tr_t1)
+        if b <= a:
+            continue
+        cum = _CumEnergy.from_trace(trace)
+        starts = np.clip(requests.start_ns[ridx], a, b)
+        ends = np.clip(requests.end_ns[ridx], a, b)
+        life = (requests.end_ns[ridx] - requests.start_ns[ridx]).astype(np.float64)
+        cov_num = (np.clip(requests.end_ns[ridx], tr_t0, tr_t1) - np.clip(requests.start_ns[ridx], tr_t0, tr_t1)).astype(np.float64)
+        coverage[ridx] = np.where(life > 0, cov_num / np.where(life > 0, life, 1), 1.0)
+
+        # Idle baseline, as a piecewise-linear power curve.
+        busy = _busy_intervals(starts, ends, steps, dev)
+        if idle_w is not None:
+            v = float(idle_w[dev]) if isinstance(idle_w, Mapping) else float(idle_w)
+            if not math.isfinite(v) or v < 0:
+                raise ValueError(f"idle_w for {dev!r} must be a finite number >= 0, got {v!r}")
+            idle_curve = _Piecewise(np.array([a, b], dtype=np.int64), np.array([v, v]))
+            idle_source = "configured"
+        else:
+            idle_curve, idle_source = _estimate_idle(trace, busy, a, b)
+
+        # Time boundaries of the in-flight segments.
+        seg = _Segments(starts, ends, requests.weight[ridx], a, b)
+        idle_seg = idle_curve.integral(seg.edges[:-1], seg.edges[1:])
+        meas_seg = cum.energy(seg.edges[:-1], seg.edges[1:])
+        idle_share, idle_un = seg.share_equal(idle_seg)
+        dev_time, _ = seg.share_equal(np.diff(seg.edges).astype(np.float64) * _NS)
+
+        measured = float(cum.energy(np.array([a]), np.array([b]))[0])
+        idle_total = float(idle_seg.sum())
+        summary_extra: dict = {}
+
+        s_idx = np.flatnonzero(step_dev == dev) if steps is not None else np.empty(0, dtype=np.int64)
+        if len(s_idx):
+            model = models.get(dev) if models else None
+            dyn, dyn_un, summary_extra = _batch_fit(
+                cum, trace, steps, s_idx, requests, ridx, seg, idle_curve, a, b, reconcile_s, model
+            )
+            meth = "batch-fit"
+        else:
+            dyn, dyn_un = seg.share_weighted(meas_seg - idle_seg)
+            meth = "time-share"
+
+        dynamic[ridx] += dyn
+        idle[ridx] += idle_share
+        dev_s[ridx] += dev_time
+        method[ridx] = meth
+        unattributed = idle_un + dyn_un
+        # Conservation: whatever float rounding left goes to unattributed, so the
+        # books close exactly.
+        attributed = float(dyn.sum() + idle_share.sum())
+        unattributed = measured - attributed
+        summaries[dev] = DeviceSummary(
+            device=dev,
+            sensor=trace.sensor or _describe_sensor(trace),
+            simulated=trace.simulated,
+            method=meth,
+            t0_ns=a,
+            t1_ns=b,
+            measured_j=measured,
+            attributed_j=attributed,
+            unattributed_j=unattributed,
+            idle_j=idle_total,
+            idle_w=idle_total / ((b - a) * _NS),
+            idle_source=idle_source,
+            **summary_extra,
+        )
+    energy[:] = dynamic + idle
+    return Attribution(requests, energy, dynamic, idle, dev_s, coverage, method, summaries)
+
+
+def _describe_sensor(trace: DeviceTrace) -> str:
+    if trace.energy_j is not None:
+        return "energy-counter"
+    if trace.power_kind == SampleKind.AVERAGE:
+        return f"average-{trace.window_ns / 1e9:g}s"
+    return "instant"
+
+
+# --------------------------------------------------------------------------- pieces
+
+
+class _Piecewise:
+    """A piecewise-linear function of time (ns), constant beyond its knots."""
+
+    __slots__ = ("t", "v", "_c")
+
+    def __init__(self, t: np.ndarray, v: np.ndarray) -> None:
+        self.t = t.astype(np.int64)
+        self.v = v.astype(np.float64)
+        dt = np.diff(self.t).astype(np.float64) * _NS
+        self._c = np.concatenate(([0.0], np.cumsum(dt * (self.v[1:] + self.v[:-1]) * 0.5)))
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return np.interp(x.astype(np.float64), self.t.astype(np.float64), self.v)
+
+    def cumulative(self, x: np.ndarray) -> np.ndarray:
+        """Integral from the first knot to ``x`` (joules when ``v`` is watts)."""
+        t, v, c = self.t, self.v, self._c
+        x = np.asarray(x, dtype=np.int64)
+        k = np.clip(np.searchsorted(t, x, side="right") - 1, 0, len(t) - 1)
+        vx = self(x)
+        dx = (x - t[k]).astype(np.float64) * _NS
+        # beyond the last knot (or before the first) the value is held constant
+        return c[k] + dx * (v[k] + vx) * 0.5
+
+    def integral(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return self.cumulative(b) - self.cumulative(a)
+
+
+class _CumEnergy:
+    """The device's cumulative energy E(t), piecewise linear between knots.
+
+    From the energy counter where there is one (knots at the counter's change
+    points), otherwise by integrating the power readings (an AVERAGE reading is
+    placed at the middle of its window).
+    """
+
+    __slots__ = ("t", "e", "source")
+
+    def __init__(self, t: np.ndarray, e: np.ndarray, source: str) -> None:
+        self.t, self.e, self.source = t, e, source
+
+    @classmethod
+    def from_trace(cls, trace: DeviceTrace) -> "_CumEnergy":
+        if trace.energy_j is not None:
+            t, e = counter_knots(trace.t_ns, trace.energy_j)
+            if len(t) >= 2:
+                return cls(t, e - e[0], "energy-counter")
+        t, p = power_points(trace)
+        dt = np.diff(t).astype(np.float64) * _NS
+        e = np.concatenate(([0.0], np.cumsum(dt * (p[1:] + p[:-1]) * 0.5)))
+        return cls(t, e, "power")
+
+    def at(self, x: np.ndarray) -> np.ndarray:
+        return np.interp(np.asarray(x, dtype=np.float64), self.t.astype(np.float64), self.e)
+
+    def energy(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return self.at(b) - self.at(a)
+
+
+def counter_knots(t_ns: np.ndarray, energy_j: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Change points of a cumulative counter that is read more often than it moves.
+
+    A counter read every 10 ms that the driver refreshes every 50 ms repeats
+    values; the refresh happened between the last read of the old value and the
+    first read of the new one, so a change point is placed at their midpoint.
+    Where reads are slower than refreshes (few repeats), the read time is used.
+    """
+    ok = np.isfinite(energy_j)
+    t, e = t_ns[ok], energy_j[ok]
+    if len(t) < 2:
+        return t, e
+    changed = np.concatenate(([True], np.diff(e) != 0))
+    repeats = 1.0 - changed.mean()
+    idx = np.flatnonzero(changed)
+    tk = t[idx].copy()
+    if repeats > 0.3:
+        prev = np.maximum(idx - 1, 0)
+        tk[1:] = (t[prev[1:]] + t[idx[1:]]) // 2
+    ek = e[idx]
+    if idx[-1] != len(t) - 1:  # keep the last read so the trace's end is covered
+        tk = np.append(tk, t[-1])
+        ek = np.append(ek, e[-1])
+    return tk, ek
+
+
+def power_points(trace: DeviceTrace) -> tuple[np.ndarray, np.ndarray]:
+    """The finite power readings, with AVERAGE readings placed mid-window."""
+    p = trace.power_w
+    ok = np.isfinite(p)
+    t, p = trace.t_ns[ok], p[ok]
+    if trace.power_kind == SampleKind.AVERAGE:
+        t = t - trace.window_ns // 2
+    return t, p
+
+
+def _busy_intervals(starts, ends, steps: Steps | None, dev: str) -> tuple[np.ndarray, np.ndarray]:
+    """Merged intervals when anything is in flight or running on ``dev``."""
+    s, e = [starts], [ends]
+    if steps is not None and len(steps):
+        m = steps.device == dev
+        s.append(steps.start_ns[m])
+        e.append(steps.end_ns[m])
+    s = np.concatenate(s)
+    e = np.concatenate(e)
+    if not len(s):
+        return s, e
+    o = np.argsort(s, kind="stable")
+    s, e = s[o], np.maximum.accumulate(e[o])
+    new = np.concatenate(([True], s[1:] > e[:-1]))
+    grp = np.cumsum(new) - 1
+    ms = s[new]
+    me = np.zeros(len(ms), dtype=np.int64)
+    np.maximum.at(me, grp, e)
+    return ms, me
+
+
+def _estimate_idle(trace: DeviceTrace, busy, a: int, b: int, bin_s: float = 30.0) -> tuple[_Piecewise, str]:
+    """Idle baseline from readings taken when nothing was in flight, per 30 s bin."""
+    if trace.energy_j is not None:
+        tk, ek = counter_knots(trace.t_ns, trace.energy_j)
+        mid = (tk[1:] + tk[:-1]) // 2
+        half = (tk[1:] - tk[:-1]) // 2
+        pw = np.diff(ek) / (np.diff(tk).astype(np.float64) * _NS)
+    else:
+        mid, pw = power_points(trace)
+        half = np.full(len(mid), max(trace.window_ns // 2, 0), dtype=np.int64)
+    # guard: readings within a sensor window (and 50 ms of settling) of activity are not idle
+    guard = half + 50_000_000
+    bs, be = busy
+    if len(bs):
+        # distance to the nearest busy interval: a reading is idle if [t-guard, t+guard] misses all
+        k = np.searchsorted(bs, mid + guard, side="right") - 1  # last busy starting before t+guard
+        k_ok = k >= 0
+        overlaps = np.zeros(len(mid), dtype=bool)
+        overlaps[k_ok] = be[k[k_ok]] > (mid[k_ok] - guard[k_ok])
+        is_idle = ~overlaps
+    else:
+        is_idle = np.ones(len(mid), dtype=bool)
+    is_idle &= np.isfinite(pw)
+    if is_idle.sum() >= 5:
+        ti, pi = mid[is_idle], pw[is_idle]
+        edges = np.arange(a, b + 1, int(bin_s * 1e9), dtype=np.int64)
+        bidx = np.searchsorted(edges, ti, side="right") - 1
+        knots_t, knots_v = [], []
+        for k in np.unique(bidx):  # one iteration per 30 s bin, not per sample
+            m = bidx == k
+            if m.sum() >= 3:
+                knots_t.append(int(np.median(ti[m])))
+                knots_v.append(float(np.median(pi[m])))
+        if knots_t:
+            if len(knots_t) == 1:
+                knots_t = [a, b]
+                knots_v = knots_v * 2
+            return _Piecewise(np.array(knots_t), np.array(knots_v)), "idle-periods"
+    ok = np.isfinite(pw)
+    v = float(np.quantile(pw[ok], 0.02)) if ok.any() else 0.0
+    return _Piecewise(np.array([a, b]), np.array([v, v])), "low-quantile"
+
+
+class _Segments:
+    """Elementary time segments between request starts and ends on one device.
+
+    ``share_equal(x)`` splits each segment's amount ``x`` equally among the
+    requests in flight; ``share_weighted`` by their weights. Both return the
+    per-request totals and the amount in segments with nothing in flight. Cost:
+    one sort and prefix sums, O((R + S) log R).
+    """
+
+    __slots__ = ("edges", "si", "ei", "n", "w", "weights")
+
+    def __init__(self, starts, ends, weights, a: int, b: int) -> None:
+        edges = np.unique(np.concatenate(([a, b], starts, ends)))
+        self.edges = edges
+        self.si = np.searchsorted(edges, starts)
+        self.ei = np.searchsorted(edges, ends)
+        m = len(edges) - 1
+        live = self.ei > self.si
+        cnt = np.bincount(self.si[live], minlength=m + 1)[: m + 1] - np.bincount(self.ei[live], minlength=m + 1)[: m + 1]
+        self.n = np.cumsum(cnt)[:m].astype(np.float64)
+        wd = np.bincount(self.si[live], weights=weights[live], minlength=m + 1)[: m + 1] - np.bincount(
+            self.ei[live], weights=weights[live], minlength=m + 1
+        )[: m + 1]
+        self.w = np.cumsum(wd)[:m]
+        self.w[np.abs(self.w) < 1e-12] = 0.0
+        self.weights = weights
+
+    def _share(self, x: np.ndarray, denom: np.ndarray, mult: np.ndarray | None):
+        has = denom > 0
+        per = np.where(has, x / np.where(has, denom, 1.0), 0.0)
+        c = np.concatenate(([0.0], np.cumsum(per)))
+        out = c[self.ei] - c[self.si]
+        if mult is not None:
+            out = out * mult
+        return out, float(x[~has].sum())
+
+    def share_equal(self, x: np.ndarray):
+        return self._share(x, self.n, None)
+
+    def share_weighted(self, x: np.ndarray):
+        return self._share(x, self.w, self.weights)
+
+
+# --------------------------------------------------------------------------- batch-fit
+
+
+class _StepFeatures:
+    """Cumulative feature mass F(t) = sum_s x_s * clip((t - start_s) / dur_s, 0, 1).
+
+    Exact for overlapping steps too: two prefix sums, over steps sorted by start
+    and by end. Times are seconds relative to the period start (float64).
+    """
+
+    __slots__ = ("x", "st", "en", "dur", "_os", "_oe", "_st_sorted", "_en_sorted", "_cs_rate", "_cs_rate_st", "_ce_rate", "_ce_rate_st", "_ce_x")
+
+    def __init__(self, x: np.ndarray, st: np.ndarray, en: np.ndarray) -> None:
+        self.x, self.st, self.en = x, st, en
+        self.dur = en - st
+        rate = x / self.dur[:, None]
+        os_, oe = np.argsort(st, kind="stable"), np.argsort(en, kind="stable")
+        self._st_sorted, self._en_sorted = st[os_], en[oe]
+        z = np.zeros((1, x.shape[1]))
+        self._cs_rate = np.vstack((z, np.cumsum(rate[os_], axis=0)))
+        self._cs_rate_st = np.vstack((z, np.cumsum(rate[os_] * st[os_, None], axis=0)))
+        self._ce_rate = np.vstack((z, np.cumsum(rate[oe], axis=0)))
+        self._ce_rate_st = np.vstack((z, np.cumsum(rate[oe] * st[oe, None], axis=0)))
+        self._ce_x = np.vstack((z, np.cumsum(x[oe], axis=0)))
+
+    def mass(self, t: np.ndarray) -> np.ndarray:
+        """F(t): shape (len(t), n_features)."""
+        i = np.searchsorted(self._st_sorted, t, side="right")  # steps started by t
+        j = np.searchsorted(self._en_sorted, t, side="right")  # steps ended by t
+        running = t[:, None] * (self._cs_rate[i] - self._ce_rate[j]) - (self._cs_rate_st[i] - self._ce_rate_st[j])
+        return self._ce_x[j] + running
+
+    def density(self, t: np.ndarray) -> np.ndarray:
+        """dF/dt at t: the feature rate of the steps running at that instant."""
+        i = np.searchsorted(self._st_sorted, t, side="right")
+        j = np.searchsorted(self._en_sorted, t, side="right")
+        return self._cs_rate[i] - self._ce_rate[j]
+
+
+def step_features(steps: Steps, s_idx: np.ndarray, n_requests: int) -> np.ndarray:
+    """Per-step features (see :data:`FEATURES`) for the steps ``s_idx``.
+
+    Prefill tokens are entries with more than one token, decode tokens entries
+    with one; a decode entry's context is the tokens its request had processed
+    in earlier steps (prompt + generated so far).
+    """
+    ns = len(steps)
+    st = steps.entry_step
+    tok = steps.entry_tokens
+    # context before each entry: the request's tokens in earlier steps
+    order = np.lexsort((steps.start_ns[st], steps.entry_request))
+    tok_o = tok[order]
+    req_o = steps.entry_request[order]
+    before = np.cumsum(tok_o) - tok_o
+    first = np.concatenate(([True], req_o[1:] != req_o[:-1]))
+    group = np.cumsum(first) - 1
+    ctx = np.empty_like(tok)
+    ctx[order] = before - before[first][group]
+    decode = tok <= 1.0
+    prefill_tok = np.bincount(st, weights=np.where(decode, 0.0, tok), minlength=ns)
+    decode_tok = np.bincount(st, weights=np.where(decode, tok, 0.0), minlength=ns)
+    decode_ctx = np.bincount(st, weights=np.where(decode, ctx + tok, 0.0), minlength=ns) / 1000.0
+    dur = (steps.end_ns - steps.start_ns).astype(np.float64) * _NS
+    x = np.column_stack((dur, prefill_tok, decode_tok, decode_ctx))
+    return x[s_idx]
+
+
+def nnls(A: np.ndarray, b: np.ndarray, max_iter: int = 100) -> np.ndarray:
+    """Non-negative least squares (Lawson-Hanson) for the few columns we fit."""
+    m, n = A.shape
+    scale = np.linalg.norm(A, axis=0)
+    scale[scale == 0] = 1.0
+    As = A / scale
+    x = np.zeros(n)
+    passive = np.zeros(n, dtype=bool)
+    w = As.T @ (b - As @ x)
+    it = 0
+    while it < max_iter and (~passive).any() and (w[~passive] > 1e-10 * max(1.0, np.abs(w).max())).any():
+        it += 1
+        j = np.flatnonzero(~passive)[np.argmax(w[~passive])]
+        passive[j] = True
+        while True:
+            z = np.zeros(n)
+            z[passive] = np.linalg.lstsq(As[:, passive], b, rcond=None)[0]
+            if (z[passive] > 0).all():
+                x = z
+                break
+            neg = passive & (z <= 0)
+            alpha = np.min(x[neg] / (x[neg] - z[neg]))
+            x = x + alpha * (z - x)
+            passive &= x > 1e-15
+            x[~passive] = 0.0
+        w = As.T @ (b - As @ x)
+    return x / scale
+
+
+def _batch_fit(cum, trace, steps, s_idx, requests, ridx, seg, idle_curve, a, b, reconcile_s, model):
+    """Dynamic energy per request of one device by the batch-fit method."""
+    st_ns = steps.start_ns[s_idx]
+    en_ns = steps.end_ns[s_idx]
+    x = step_features(steps, s_idx, len(requests))
+    rel = lambda t: (np.asarray(t, dtype=np.int64) - a).astype(np.float64) * _NS  # noqa: E731
+    feats = _StepFeatures(x, rel(st_ns), rel(en_ns))
+
+    # 1. Fit: every reading is a linear function of the steps it overlaps.
+    if model is None:
+        A, y = _fit_rows(cum, trace, feats, idle_curve, a, b, rel)
+        if len(y) >= 2 * x.shape[1] and np.any(A):
+            coef = nnls(A, y)
+            resid = y - A @ coef
+            ss = float(((y - y.mean()) ** 2).sum())
+            r2 = 1.0 - float((resid**2).sum()) / ss if ss > 0 else 0.0
+            model = StepModel(coef, r2, len(y))
+        if model is None or not np.any(model.coef):
+            # Too little to fit: every step costs in proportion to its duration.
+            model = StepModel(np.array([1.0, 0.0, 0.0, 0.0]), math.nan, 0)
+
+    # 2. Reconcile: windows the sensor measures well; scale the fit to each one.
+    edges = _reconcile_edges(cum, trace, a, b, reconcile_s)
+    w_meas = cum.energy(edges[:-1], edges[1:]) - idle_curve.integral(edges[:-1], edges[1:])
+    F = feats.mass(rel(edges))
+    w_pred = np.diff(F, axis=0) @ model.coef
+    ok = (w_pred > 1e-12) & (w_meas > 0)
+    scale = np.where(ok, w_meas / np.where(ok, w_pred, 1.0), 0.0)
+    resid = w_meas - scale * w_pred  # nonzero only where nothing was predicted, or measured <= idle
+
+    # 3. Each step's energy: its fitted power times the integrated scale over its span.
+    e_rel = rel(edges)
+    cum_scale = np.concatenate(([0.0], np.cumsum(scale * np.diff(e_rel))))
+
+    def scale_integral(t):  # t already clipped to [e_rel[0], e_rel[-1]]
+        k = np.clip(np.searchsorted(e_rel, t, side="right") - 1, 0, len(scale) - 1)
+        return cum_scale[k] + scale[k] * (t - e_rel[k])
+
+    lo = np.clip(rel(st_ns), e_rel[0], e_rel[-1])
+    hi = np.clip(rel(en_ns), e_rel[0], e_rel[-1])
+    step_power = (x @ model.coef) / feats.dur  # W at scale 1
+    e_step = step_power * (scale_integral(hi) - scale_integral(lo))
+
+    # 4. Steps to requests by tokens; entries' request indices map into ridx order.
+    local = np.full(len(requests), -1, dtype=np.int64)
+    local[ridx] = np.arange(len(ridx))
+    step_pos = np.full(len(steps), -1, dtype=np.int64)
+    step_pos[s_idx] = np.arange(len(s_idx))
+    em = step_pos[steps.entry_step] >= 0
+    e_s = step_pos[steps.entry_step[em]]
+    e_r = local[steps.entry_request[em]]
+    e_t = steps.entry_tokens[em]
+    tok_sum = np.bincount(e_s, weights=e_t, minlength=len(s_idx))
+    share = np.where(tok_sum[e_s] > 0, e_t / np.where(tok_sum[e_s] > 0, tok_sum[e_s], 1.0), 0.0)
+    val = e_step[e_s] * share
+    on_dev = e_r >= 0
+    dyn = np.bincount(e_r[on_dev], weights=val[on_dev], minlength=len(ridx))
+    lost = float(val[~on_dev].sum()) + float(e_step[tok_sum == 0].sum())  # steps naming requests of another device
+
+    # 5. The residual, as a piecewise-constant power over windows, shared by time.
+    res_rate = resid / np.diff(e_rel)
+    res_curve_c = np.concatenate(([0.0], np.cumsum(resid)))
+    seg_rel = rel(seg.edges)
+    k = np.clip(np.searchsorted(e_rel, seg_rel, side="right") - 1, 0, len(resid) - 1)
+    cres = res_curve_c[k] + res_rate[k] * np.clip(seg_rel - e_rel[k], 0, e_rel[k + 1] - e_rel[k])
+    dyn_t, un_t = seg.share_weighted(np.diff(cres))
+    dyn = dyn + dyn_t
+    extra = {
+        "steps": int(len(s_idx)),
+        "model": model,
+        "windows": int(len(scale)),
+        "scale_p5": float(np.quantile(scale[ok], 0.05)) if ok.any() else math.nan,
+        "scale_p95": float(np.quantile(scale[ok], 0.95)) if ok.any() else math.nan,
+    }
+    return dyn, un_t + lost, extra
+
+
+def _fit_rows(cum, trace, feats, idle_curve, a, b, rel):
+    """Regression rows (A, y): one per sensor reading inside the period."""
+    if cum.source == "energy-counter":
+        t = cum.t[(cum.t >= a) & (cum.t <= b)]
+        if len(t) >= 3:
+            lo, hi = t[:-1], t[1:]
+            y = cum.energy(lo, hi) - idle_curve.integral(lo, hi)
+            A = feats.mass(rel(hi)) - feats.mass(rel(lo))
+            return A, y
+    p = trace.power_w
+    if p is None:
+        return np.zeros((0, feats.x.shape[1])), np.zeros(0)
+    ok = np.isfinite(p) & (trace.t_ns >= a) & (trace.t_ns <= b)
+    t, pv = trace.t_ns[ok], p[ok]
+    if trace.power_kind == SampleKind.AVERAGE:
+        w = trace.window_ns
+        lo = t - w
+        A = (feats.mass(rel(t)) - feats.mass(rel(lo))) / (w * _NS)
+        y = pv - idle_curve.integral(lo, t) / (w * _NS)
+    else:
+        A = feats.density(rel(t))
+        y = pv - idle_curve(t)
+    return A, y
+
+
+def _reconcile_edges(cum, trace, a, b, reconcile_s):
+    """Window edges for reconciliation, always starting at ``a`` and ending at ``b``."""
+    if cum.source == "energy-counter" and reconcile_s is None:
+        inner = cum.t[(cum.t > a) & (cum.t < b)]
+    else:
+        if reconcile_s is None:
+            pt = trace.t_ns[np.isfinite(trace.power_w)] if trace.power_w is not None else trace.t_ns
+            dt = float(np.median(np.diff(pt))) * _NS if len(pt) > 1 else 0.1
+            reconcile_s = max(8 * dt, 1.5 * trace.window_ns * _NS)
+        step = int(reconcile_s * 1e9)
+        inner = np.arange(a + step, b, step, dtype=np.int64)
+    return np.concatenate(([a], inner, [b])).astype(np.int64)

@@ -1,0 +1,198 @@
+"""The ``wattspan`` command line.
+
+Every option can also come from an environment variable ``WATTSPAN_<OPTION>``
+(``--region`` from ``WATTSPAN_REGION``); a flag on the command line wins.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+__all__ = ["main"]
+
+
+class _EnvDefaults(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose option defaults fall back to ``WATTSPAN_*`` variables."""
+
+    def add_argument(self, *args, **kw):
+        action = super().add_argument(*args, **kw)
+        if action.option_strings and action.dest not in ("help",):
+            env = "WATTSPAN_" + action.dest.upper()
+            if env in os.environ and not isinstance(action, (argparse._StoreTrueAction, argparse._HelpAction)):
+                action.default = os.environ[env]
+                action.required = False
+        return action
+
+
+def _carbon_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("carbon")
+    g.add_argument("--region", default="world", help="grid region: aws:us-east-1, gcp:europe-west1, azure:westeurope, FR, ... (default: world)")
+    g.add_argument("--intensity", type=float, default=None, help="grid intensity in gCO2e/kWh (overrides --region's table value)")
+    g.add_argument("--pue", type=float, default=None, help="power usage effectiveness (default: the provider's published fleet value, else 1.0)")
+    g.add_argument("--embodied-kg", type=float, default=None, help="embodied kgCO2e per device (enables the embodied share)")
+    g.add_argument("--lifetime-years", type=float, default=4.0, help="device lifetime for the embodied share (default 4)")
+    g.add_argument("--utilisation", type=float, default=1.0, help="fraction of its lifetime the device serves (default 1)")
+    g.add_argument("--carbon-price", type=float, default=0.0, help="internal carbon price per tonne CO2e (default 0)")
+
+
+def carbon_model_from_args(args):
+    from .carbon import CarbonModel, Embodied
+
+    embodied = None
+    if args.embodied_kg is not None:
+        embodied = Embodied(kgco2e_per_device=float(args.embodied_kg), lifetime_years=float(args.lifetime_years), utilisation=float(args.utilisation))
+    pue = None if args.pue is None else float(args.pue)
+    model = CarbonModel.for_region(args.region, pue=pue, embodied=embodied, carbon_price_per_tonne=float(args.carbon_price))
+    if args.intensity is not None:
+        from dataclasses import replace
+
+        model = replace(model, intensity_g_per_kwh=float(args.intensity), intensity_source="given on the command line")
+    return model
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    p = _EnvDefaults(prog="wattspan", description="Per-request energy and CO2e for AI inference servers.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_EnvDefaults)
+
+    a = sub.add_parser("attribute", help="apportion a recorded power trace to requests (offline, reproducible)")
+    a.add_argument("--trace", required=True, type=Path, help="CSV: time_ns,gpu,power_w[,energy_j]")
+    a.add_argument("--requests", required=True, type=Path, help="JSONL: id,start_ns,end_ns,gpu[,route,model,tenant,prompt_tokens,output_tokens]")
+    a.add_argument("--batches", type=Path, default=None, help="JSONL: start_ns,end_ns,gpu,requests{id:tokens} (enables batch-fit)")
+    a.add_argument("--out", type=Path, default=None, help="write one JSON line per request here (default: stdout)")
+    a.add_argument("--summary", type=Path, default=None, help="also write the summary as JSON here")
+    a.add_argument("--idle", default="estimate", help="idle baseline in watts, or 'estimate' (default)")
+    a.add_argument("--power-kind", choices=["instant", "average"], default="instant", help="what power_w is: an instant reading (default) or an average over --power-window-s")
+    a.add_argument("--power-window-s", type=float, default=1.0, help="averaging window of power_w when --power-kind average (default 1.0 s)")
+    _carbon_options(a)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        if args.command == "attribute":
+            return _cmd_attribute(args)
+    except _UsageError as exc:
+        print(f"wattspan: error: {exc}", file=sys.stderr)
+        return 2
+    parser.error(f"unknown command {args.command!r}")
+    return 2
+
+
+class _UsageError(Exception):
+    pass
+
+
+def _cmd_attribute(args) -> int:
+    from . import _io
+    from ._samples import SampleKind
+    from .attribution import attribute
+    from .errors import InputError
+    from .sources.replay import read_trace_csv
+
+    try:
+        idle = None if str(args.idle).strip().lower() == "estimate" else float(args.idle)
+        if idle is not None and (not math.isfinite(idle) or idle < 0):
+            raise ValueError
+    except ValueError:
+        raise _UsageError(f"--idle must be a number of watts >= 0 or 'estimate', got {args.idle!r}") from None
+    try:
+        carbon = carbon_model_from_args(args)
+    except ValueError as exc:
+        raise _UsageError(str(exc)) from None
+    try:
+        traces = read_trace_csv(args.trace)
+        if args.power_kind == "average":
+            window = float(args.power_window_s)
+            if not (math.isfinite(window) and window > 0):
+                raise _UsageError("--power-window-s must be > 0")
+            for tr in traces.values():
+                tr.power_kind = SampleKind.AVERAGE
+                tr.window_ns = int(window * 1e9)
+        requests, rows = _io.read_requests_jsonl(args.requests)
+        steps = _io.read_batches_jsonl(args.batches, requests) if args.batches else None
+    except InputError as exc:
+        raise _UsageError(str(exc)) from None
+
+    result = attribute(traces, requests, steps, idle_w=idle)
+    records = result.records()
+    co2e_op = carbon.operational_g(result.energy_j)
+    emb = carbon.embodied_g(result.device_s)
+    for rec, row, op, e in zip(records, rows, co2e_op, emb):
+        rec["co2e_g"] = float(op + e)
+        rec["embodied_g"] = float(e)
+        for key in ("prompt_tokens", "output_tokens"):
+            if key in row:
+                rec[key] = row[key]
+
+    summary = summarize(result, records, carbon)
+    lines = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records)
+    if args.out is None:
+        sys.stdout.write(lines)
+    else:
+        args.out.write_text(lines, encoding="utf-8")
+    if args.summary is not None:
+        args.summary.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    print_summary(summary, file=sys.stderr if args.out is None else sys.stdout)
+    return 0
+
+
+def summarize(result, records: list[dict], carbon) -> dict:
+    """Totals, per device and per route, with the carbon model's provenance."""
+    routes: dict[str, dict] = {}
+    for r in records:
+        k = r.get("route") or "(none)"
+        d = routes.setdefault(k, {"requests": 0, "energy_j": 0.0, "co2e_g": 0.0})
+        d["requests"] += 1
+        d["energy_j"] += r["energy_j"]
+        d["co2e_g"] += r["co2e_g"]
+    for d in routes.values():
+        d["energy_j_per_1k"] = d["energy_j"] / d["requests"] * 1000
+        d["co2e_g_per_1k"] = d["co2e_g"] / d["requests"] * 1000
+    measured = result.measured_j
+    un = result.unattributed_j
+    return {
+        "measured_j": measured,
+        "attributed_j": result.attributed_j,
+        "unattributed_j": un,
+        "unattributed_co2e_g": float(carbon.operational_g(un)),
+        "requests": len(records),
+        "simulated": any(d.simulated for d in result.devices.values()),
+        "carbon": {
+            "region": carbon.region,
+            "intensity_g_per_kwh": carbon.intensity_g_per_kwh,
+            "intensity_source": carbon.intensity_source,
+            "pue": carbon.pue,
+            "embodied": None if carbon.embodied is None else vars(carbon.embodied) if hasattr(carbon.embodied, "__dict__") else str(carbon.embodied),
+        },
+        "devices": {k: v.as_dict() for k, v in result.devices.items()},
+        "routes": routes,
+    }
+
+
+def print_summary(summary: dict, file=sys.stdout) -> None:
+    w = file.write
+    c = summary["carbon"]
+    flag = "  [SIMULATED power: no sensor]" if summary["simulated"] else ""
+    w(f"measured {summary['measured_j']:.1f} J = attributed {summary['attributed_j']:.1f} J + unattributed {summary['unattributed_j']:.1f} J{flag}\n")
+    w(f"carbon: {c['intensity_g_per_kwh']:.0f} gCO2e/kWh ({c['region']}; {c['intensity_source']}), PUE {c['pue']:.2f}\n")
+    for dev, d in summary["devices"].items():
+        m = d.get("model")
+        fit = f", fit r2 {m['r2']:.2f} over {m['rows']} readings" if m else ""
+        w(f"{dev}: {d['method']} via {d['sensor']}, idle {d['idle_w']:.1f} W ({d['idle_source']}){fit}\n")
+    w(f"{'route':<28}{'requests':>9}{'energy J':>12}{'J/1k req':>12}{'gCO2e':>10}{'g/1k req':>10}\n")
+    for route, d in sorted(summary["routes"].items()):
+        w(f"{route[:27]:<28}{d['requests']:>9}{d['energy_j']:>12.2f}{d['energy_j_per_1k']:>12.1f}{d['co2e_g']:>10.4f}{d['co2e_g_per_1k']:>10.3f}\n")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
