@@ -47,6 +47,7 @@ class RequestRecord:
     output_tokens: int = 0
     trace_id: int = 0
     span_id: int = 0
+    host_j: float = 0.0
 
     @property
     def duration_s(self) -> float:

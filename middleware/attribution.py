@@ -297,6 +297,7 @@ def attribute(
     """
     if not isinstance(traces, Mapping):
         traces = {t.device: t for t in traces}
+    traces = {_device_key(k): v for k, v in traces.items()}
     n = len(requests)
     energy = np.zeros(n)
     dynamic = np.zeros(n)
@@ -345,10 +346,18 @@ def attribute(
         dev_time, _ = seg.share_equal(np.diff(seg.edges).astype(np.float64) * _NS)
 
         measured = float(cum.energy(np.array([a]), np.array([b]))[0])
-        idle_total = float(idle_seg.sum())
         summary_extra: dict = {}
 
         s_idx = np.flatnonzero(step_dev == dev) if steps is not None else np.empty(0, dtype=np.int64)
+        if len(s_idx) and idle_source == "low-quantile":
+            # Never idle: a low quantile of the readings still holds dynamic power.
+            # Fit the baseline as the intercept of the step model instead.
+            v = _fit_idle(cum, trace, steps, s_idx, requests, a, b)
+            if v is not None:
+                idle_curve = _Piecewise(np.array([a, b], dtype=np.int64), np.array([v, v]))
+                idle_source = "fit-intercept"
+                idle_seg = idle_curve.integral(seg.edges[:-1], seg.edges[1:])
+                idle_share, idle_un = seg.share_equal(idle_seg)
         if len(s_idx):
             model = models.get(dev) if models else None
             dyn, dyn_un, summary_extra = _batch_fit(
@@ -359,6 +368,7 @@ def attribute(
             dyn, dyn_un = seg.share_weighted(meas_seg - idle_seg)
             meth = "time-share"
 
+        idle_total = float(idle_seg.sum())
         dynamic[ridx] += dyn
         idle[ridx] += idle_share
         dev_s[ridx] += dev_time
@@ -445,7 +455,7 @@ class _CumEnergy:
             t, e = counter_knots(trace.t_ns, trace.energy_j)
             if len(t) >= 2:
                 return cls(t, e - e[0], "energy-counter")
-        t, p = power_points(trace)
+        t, p, _ = _points_mid(trace)
         dt = np.diff(t).astype(np.float64) * _NS
         e = np.concatenate(([0.0], np.cumsum(dt * (p[1:] + p[:-1]) * 0.5)))
         return cls(t, e, "power")
@@ -483,14 +493,42 @@ def counter_knots(t_ns: np.ndarray, energy_j: np.ndarray) -> tuple[np.ndarray, n
     return tk, ek
 
 
-def power_points(trace: DeviceTrace) -> tuple[np.ndarray, np.ndarray]:
-    """The finite power readings, with AVERAGE readings placed mid-window."""
+def power_points(trace: DeviceTrace) -> tuple[np.ndarray, np.ndarray, int]:
+    """The power readings as ``(t_end, watts, span_ns)``: each reading is taken
+    as the mean power over ``[t_end - span_ns, t_end]``.
+
+    AVERAGE readings span their window. INSTANT readings that repeat (a sensor
+    polled faster than the driver refreshes it) are reduced to the first read
+    of each new value; if fresh values then come more than 5 ms apart, each is
+    taken to stand for the interval since the previous one (an A100/H100
+    "instant" value covers only part of each 100 ms, at an unknown place in
+    it), else as a true instant (``span_ns`` 0).
+    """
     p = trace.power_w
     ok = np.isfinite(p)
     t, p = trace.t_ns[ok], p[ok]
     if trace.power_kind == SampleKind.AVERAGE:
-        t = t - trace.window_ns // 2
-    return t, p
+        return t, p, int(trace.window_ns)
+    if len(t) > 2:
+        fresh = np.concatenate(([True], np.diff(p) != 0))
+        starts = np.flatnonzero(fresh)
+        if len(starts) >= 10 and fresh.mean() < 0.7:
+            # runs of a repeated value: keep one read per typical run length, so a
+            # value that really stays put (an idle GPU) still has its points
+            lengths = np.diff(np.append(starts, len(t)))
+            r = int(np.median(lengths))
+            periodic = np.mean(np.abs(lengths[:-1] - r) <= 1) > 0.8  # a refresh clock, not the signal
+            if r >= 2 and periodic:
+                pos = np.arange(len(t)) - starts[np.cumsum(fresh) - 1]
+                keep = pos % r == 0
+                t, p = t[keep], p[keep]
+    span = int(np.median(np.diff(t))) if len(t) > 2 else 0
+    return t, p, (span if span > 5_000_000 else 0)
+
+
+def _points_mid(trace: DeviceTrace) -> tuple[np.ndarray, np.ndarray, int]:
+    t, p, span = power_points(trace)
+    return t - span // 2, p, span
 
 
 def _busy_intervals(starts, ends, steps: Steps | None, dev: str) -> tuple[np.ndarray, np.ndarray]:
@@ -522,8 +560,8 @@ def _estimate_idle(trace: DeviceTrace, busy, a: int, b: int, bin_s: float = 30.0
         half = (tk[1:] - tk[:-1]) // 2
         pw = np.diff(ek) / (np.diff(tk).astype(np.float64) * _NS)
     else:
-        mid, pw = power_points(trace)
-        half = np.full(len(mid), max(trace.window_ns // 2, 0), dtype=np.int64)
+        mid, pw, span = _points_mid(trace)
+        half = np.full(len(mid), span // 2, dtype=np.int64)
     # guard: readings within a sensor window (and 50 ms of settling) of activity are not idle
     guard = half + 50_000_000
     bs, be = busy
@@ -773,7 +811,20 @@ def _batch_fit(cum, trace, steps, s_idx, requests, ridx, seg, idle_curve, a, b, 
     return dyn, un_t + lost, extra
 
 
-def _fit_rows(cum, trace, feats, idle_curve, a, b, rel):
+def _fit_idle(cum, trace, steps, s_idx, requests, a, b) -> float | None:
+    """The idle baseline (W) as the intercept of the step-model regression, or None."""
+    x = step_features(steps, s_idx, len(requests))
+    rel = lambda t: (np.asarray(t, dtype=np.int64) - a).astype(np.float64) * _NS  # noqa: E731
+    feats = _StepFeatures(x, rel(steps.start_ns[s_idx]), rel(steps.end_ns[s_idx]))
+    zero = _Piecewise(np.array([a, b], dtype=np.int64), np.zeros(2))
+    A, y, one = _fit_rows(cum, trace, feats, zero, a, b, rel, with_time=True)
+    if len(y) < 4 * (x.shape[1] + 1):
+        return None
+    coef = nnls(np.column_stack((one, A)), y)
+    return float(coef[0]) if coef[0] > 0 else None
+
+
+def _fit_rows(cum, trace, feats, idle_curve, a, b, rel, with_time=False):
     """Regression rows (A, y): one per sensor reading inside the period."""
     if cum.source == "energy-counter":
         t = cum.t[(cum.t >= a) & (cum.t <= b)]
@@ -781,21 +832,21 @@ def _fit_rows(cum, trace, feats, idle_curve, a, b, rel):
             lo, hi = t[:-1], t[1:]
             y = cum.energy(lo, hi) - idle_curve.integral(lo, hi)
             A = feats.mass(rel(hi)) - feats.mass(rel(lo))
-            return A, y
-    p = trace.power_w
-    if p is None:
-        return np.zeros((0, feats.x.shape[1])), np.zeros(0)
-    ok = np.isfinite(p) & (trace.t_ns >= a) & (trace.t_ns <= b)
-    t, pv = trace.t_ns[ok], p[ok]
-    if trace.power_kind == SampleKind.AVERAGE:
-        w = trace.window_ns
-        lo = t - w
-        A = (feats.mass(rel(t)) - feats.mass(rel(lo))) / (w * _NS)
-        y = pv - idle_curve.integral(lo, t) / (w * _NS)
+            return (A, y, (hi - lo) * _NS) if with_time else (A, y)
+    if trace.power_w is None:
+        empty = np.zeros((0, feats.x.shape[1])), np.zeros(0)
+        return (*empty, np.zeros(0)) if with_time else empty
+    t, pv, span = power_points(trace)
+    ok = (t >= a) & (t <= b)
+    t, pv = t[ok], pv[ok]
+    if span:
+        lo = t - span
+        A = (feats.mass(rel(t)) - feats.mass(rel(lo))) / (span * _NS)
+        y = pv - idle_curve.integral(lo, t) / (span * _NS)
     else:
         A = feats.density(rel(t))
         y = pv - idle_curve(t)
-    return A, y
+    return (A, y, np.ones(len(y))) if with_time else (A, y)
 
 
 def _reconcile_edges(cum, trace, a, b, reconcile_s):
@@ -804,9 +855,9 @@ def _reconcile_edges(cum, trace, a, b, reconcile_s):
         inner = cum.t[(cum.t > a) & (cum.t < b)]
     else:
         if reconcile_s is None:
-            pt = trace.t_ns[np.isfinite(trace.power_w)] if trace.power_w is not None else trace.t_ns
-            dt = float(np.median(np.diff(pt))) * _NS if len(pt) > 1 else 0.1
-            reconcile_s = max(8 * dt, 1.5 * trace.window_ns * _NS)
+            t, _, span = power_points(trace)
+            dt = float(np.median(np.diff(t))) * _NS if len(t) > 1 else 0.1
+            reconcile_s = max(8 * dt, 1.5 * span * _NS)
         step = int(reconcile_s * 1e9)
         inner = np.arange(a + step, b, step, dtype=np.int64)
     return np.concatenate(([a], inner, [b])).astype(np.int64)

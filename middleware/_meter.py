@@ -1,0 +1,467 @@
+"""The live meter: requests and batch steps in, final per-request records out.
+
+The request path only appends a tuple to a deque (a few hundred nanoseconds,
+no lock, no I/O). One background thread drains those events, and every
+``period_s`` attributes the stretch of time the sensors have covered since the
+last pass (``[cursor, latest sample - lag]``) with :func:`wattspan.attribute`,
+adding each request's share to its running total. A request whose end lies
+before the cut is final: its :class:`RequestRecord` goes to the sinks (the span
+processor, metrics, the ledger, callbacks) from that thread. A sensor that
+stops (a lost GPU) cannot hold records back for ever: after ``max_delay_s``
+the cut moves on with the clock, and the record's ``coverage`` says how much of
+the request the trace covered.
+
+Every ``refit_s`` the idle baseline and the batch-step model are re-estimated
+over the last ``history_s`` of trace, so short passes use a model fitted on
+enough readings.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+
+import numpy as np
+
+from ._records import RequestRecord
+from ._samples import SampleKind
+from .attribution import Requests, StepModel, Steps, attribute
+
+__all__ = ["Meter", "get_default_meter", "set_default_meter"]
+
+log = logging.getLogger("wattspan")
+
+_BEGIN, _END, _STEP = 0, 1, 2
+
+
+class _Inflight:
+    __slots__ = ("device", "start_ns", "end_ns", "meta", "dynamic_j", "idle_j", "device_s", "covered_ns", "host_j", "method", "ended_at")
+
+    def __init__(self, device: str, start_ns: int) -> None:
+        self.device = device
+        self.start_ns = start_ns
+        self.end_ns: int | None = None
+        self.meta: dict = {}
+        self.dynamic_j = 0.0
+        self.idle_j = 0.0
+        self.device_s = 0.0
+        self.covered_ns = 0
+        self.host_j = 0.0
+        self.method = ""
+        self.ended_at = 0.0
+
+
+class Meter:
+    """Meters a serving process: one per process (see :func:`get_default_meter`).
+
+    ``sources``: power sources to sample (default: NVML if a GPU answers, RAPL
+    if readable, otherwise the labelled simulated source). ``carbon``: a
+    :class:`wattspan.carbon.CarbonModel` (default: from ``WATTSPAN_REGION`` /
+    ``WATTSPAN_PUE``, else the world average). ``idle_w``: a fixed idle
+    baseline in watts (default: estimated and tracked). ``sinks``: callables
+    given each final :class:`RequestRecord` (from the meter's thread; they must
+    be quick and must not raise - if one does it is logged and counted).
+    """
+
+    def __init__(
+        self,
+        *,
+        sources=None,
+        sampler=None,
+        carbon=None,
+        idle_w: float | None = None,
+        period_s: float = 0.25,
+        lag_s: float | None = None,
+        max_delay_s: float = 5.0,
+        history_s: float = 60.0,
+        refit_s: float = 5.0,
+        max_inflight: int = 100_000,
+        max_events: int = 1_000_000,
+        sinks: Iterable[Callable[[RequestRecord], None]] = (),
+        span_processor=None,
+        autostart: bool = True,
+    ) -> None:
+        if not (period_s > 0 and max_delay_s > 0 and history_s > 0):
+            raise ValueError("period_s, max_delay_s and history_s must be > 0")
+        if idle_w is not None and not (math.isfinite(idle_w) and idle_w >= 0):
+            raise ValueError(f"idle_w must be a finite number of watts >= 0, got {idle_w!r}")
+        from ._sampler import Sampler
+
+        if sampler is None:
+            sampler = Sampler(list(sources) if sources is not None else default_sources())
+        self.sampler = sampler
+        self.carbon = carbon if carbon is not None else _carbon_from_env()
+        self.idle_w = idle_w
+        self.period_s = float(period_s)
+        self.lag_s = lag_s
+        self.max_delay_s = float(max_delay_s)
+        self.history_s = float(history_s)
+        self.refit_s = float(refit_s)
+        self.max_inflight = int(max_inflight)
+        self.max_events = int(max_events)
+        self.sinks: list[Callable[[RequestRecord], None]] = list(sinks)
+        self.span_processor = span_processor
+
+        self._events: deque = deque()
+        self._activity = [s for s in getattr(sampler, "sources", []) if hasattr(s, "on_step")]
+        self._inflight: dict[str, _Inflight] = {}
+        self._steps: list[tuple[int, int, str, dict]] = []
+        self._cursor: dict[str, int] = {}
+        self._models: dict[str, StepModel] = {}
+        self._idle: dict[str, float] = {}
+        self._last_refit = 0.0
+        self._stop = threading.Event()
+        self._idle_pass = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self.counters = {
+            "requests": 0,
+            "records": 0,
+            "dropped_events": 0,
+            "dropped_inflight": 0,
+            "sink_errors": 0,
+            "pass_errors": 0,
+            "late_records": 0,
+            "unattributed_j": 0.0,
+        }
+        self.device_energy_j: dict[str, float] = {}
+        if autostart:
+            self.start()
+
+    # ------------------------------------------------------------------ hot path
+
+    def begin(self, request_id: str, device: str, t_ns: int) -> None:
+        """A request started on ``device`` at ``t_ns`` (monotonic)."""
+        if len(self._events) >= self.max_events:
+            self.counters["dropped_events"] += 1
+            return
+        self._events.append((_BEGIN, request_id, device, t_ns))
+        for s in self._activity:
+            s.on_request_start(device)
+
+    def end(self, request_id: str, device: str, t_ns: int, meta: dict | None = None) -> None:
+        """The request ended (last body chunk, error or disconnect). ``meta``:
+        route, http_method, status_code, model, tenant, prompt_tokens,
+        output_tokens, trace_id, span_id."""
+        self._events.append((_END, request_id, t_ns, meta))
+        for s in self._activity:
+            s.on_request_end(device)
+
+    def record_step(self, start_ns: int, end_ns: int, device: str, tokens: Mapping[str, float]) -> None:
+        """A batch step ran on ``device`` over ``[start_ns, end_ns)`` processing
+        ``tokens[request_id]`` tokens for each request in it."""
+        if end_ns <= start_ns or not tokens:
+            return
+        if len(self._events) >= self.max_events:
+            self.counters["dropped_events"] += 1
+            return
+        self._events.append((_STEP, start_ns, end_ns, device, dict(tokens)))
+        if self._activity:
+            n = sum(tokens.values())
+            prefill = sum(v for v in tokens.values() if v > 1)
+            for s in self._activity:
+                s.on_step(device, start_ns, end_ns, int(n), int(prefill))
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self.sampler.start()
+        self._thread = threading.Thread(target=self._run, name="wattspan-meter", daemon=True)
+        self._thread.start()
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until every request that has ended has its final record (or ``timeout`` s)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self._idle_pass.clear()
+            if not self._events and all(r.end_ns is None for r in list(self._inflight.values())):
+                return True
+            self._idle_pass.wait(self.period_s * 2)
+        return False
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Finalise what can be, stop the thread and the sampler."""
+        self.flush(timeout)
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self.sampler.close()
+
+    def stats(self) -> dict:
+        return dict(self.counters, inflight=len(self._inflight), queued_events=len(self._events), sampler=self.sampler.health())
+
+    # ------------------------------------------------------------------ the pass
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period_s):
+            try:
+                self._pass()
+            except Exception:  # never let the meter thread die
+                self.counters["pass_errors"] += 1
+                log.exception("wattspan: attribution pass failed; records will be retried")
+            self._idle_pass.set()
+
+    def _drain(self) -> None:
+        ev = self._events
+        inflight = self._inflight
+        while ev:
+            e = ev.popleft()
+            if e[0] == _BEGIN:
+                if len(inflight) >= self.max_inflight:
+                    self.counters["dropped_inflight"] += 1
+                    log.warning("wattspan: more than %d requests in flight; request %s not metered", self.max_inflight, e[1])
+                    continue
+                inflight[e[1]] = _Inflight(e[2], e[3])
+                self.counters["requests"] += 1
+            elif e[0] == _END:
+                r = inflight.get(e[1])
+                if r is not None:
+                    r.end_ns = max(e[2], r.start_ns)
+                    r.meta = e[3] or {}
+                    r.ended_at = time.monotonic()
+            else:
+                self._steps.append(e[1:])
+
+    def _lag_ns(self, info) -> int:
+        if self.lag_s is not None:
+            return int(self.lag_s * 1e9)
+        lag = 0.3
+        if info is not None and info.power_kind == SampleKind.AVERAGE:
+            lag = max(lag, info.window_ns / 1e9 * 0.5)
+        return int(lag * 1e9)
+
+    def _pass(self) -> None:
+        self._drain()
+        now = time.monotonic_ns()
+        infos = {d.id: d for d in self.sampler.devices()}
+        by_dev: dict[str, list[str]] = {}
+        for rid, r in self._inflight.items():
+            by_dev.setdefault(r.device, []).append(rid)
+        gpu_devs = [d for d, i in infos.items() if i.kind == "gpu"]
+        host_devs = [d for d, i in infos.items() if i.kind != "gpu"]
+        refit = (time.monotonic() - self._last_refit) >= self.refit_s
+        if refit:
+            self._last_refit = time.monotonic()
+
+        for dev in gpu_devs + [d for d in by_dev if d not in infos]:
+            info = infos.get(dev)
+            latest = self.sampler.latest_ns(dev) if info is not None else None
+            cut_sensor = (latest - self._lag_ns(info)) if latest is not None else None
+            cut_clock = now - int(self.max_delay_s * 1e9)
+            cut = max(cut_sensor or cut_clock, cut_clock)
+            cur = self._cursor.get(dev)
+            rids = by_dev.get(dev, [])
+            if cur is None:
+                starts = [self._inflight[r].start_ns for r in rids]
+                cur = min(starts) if starts else (latest or now)
+                self._cursor[dev] = cur
+            if cut <= cur:
+                continue
+            if info is not None and rids:
+                if refit:
+                    self._refit(dev, cut)
+                self._attribute(dev, info, cur, cut, rids)
+                for host in host_devs:
+                    self._attribute_host(host, cur, cut, rids)
+            self._cursor[dev] = cut
+            self._finalise(rids, cut, info)
+        # drop steps wholly before every cursor
+        if self._steps and self._cursor:
+            low = min(self._cursor.values())
+            self._steps = [s for s in self._steps if s[1] > low]
+
+    def _period_inputs(self, dev: str, rids: list[str], cut: int):
+        rows = []
+        for rid in rids:
+            r = self._inflight[rid]
+            rows.append({"id": rid, "start_ns": r.start_ns, "end_ns": min(r.end_ns if r.end_ns is not None else cut, cut), "device": dev})
+        req = Requests.from_records(rows)
+        known = set(rids)
+        srows = [
+            {"start_ns": s, "end_ns": e, "device": d, "requests": {k: v for k, v in tok.items() if k in known}}
+            for (s, e, d, tok) in self._steps
+            if d == dev
+        ]
+        srows = [s for s in srows if s["requests"]]
+        steps = Steps.from_records(srows, req) if srows else None
+        return req, steps
+
+    def _attribute(self, dev: str, info, cur: int, cut: int, rids: list[str]) -> None:
+        trace = self.sampler.trace(dev, since_ns=cur - 2_000_000_000)
+        if len(trace) < 2:
+            return
+        req, steps = self._period_inputs(dev, rids, cut)
+        idle = self.idle_w if self.idle_w is not None else self._idle.get(dev)
+        models = {dev: self._models[dev]} if dev in self._models else None
+        res = attribute({dev: trace}, req, steps, idle_w=idle, t0_ns=cur, t1_ns=cut, models=models)
+        d = res.devices.get(dev)
+        if d is None:
+            return
+        self.counters["unattributed_j"] += d.unattributed_j
+        self.device_energy_j[dev] = self.device_energy_j.get(dev, 0.0) + d.measured_j
+        lo, hi = d.t0_ns, d.t1_ns
+        for i, rid in enumerate(rids):
+            r = self._inflight[rid]
+            r.dynamic_j += float(res.dynamic_j[i])
+            r.idle_j += float(res.idle_j[i])
+            r.device_s += float(res.device_s[i])
+            end = r.end_ns if r.end_ns is not None else cut
+            r.covered_ns += max(0, min(end, hi) - max(r.start_ns, lo))
+            r.method = res.method[i]
+
+    def _attribute_host(self, host: str, cur: int, cut: int, rids: list[str]) -> None:
+        trace = self.sampler.trace(host, since_ns=cur - 2_000_000_000)
+        if len(trace) < 2:
+            return
+        req, _ = self._period_inputs(host, rids, cut)
+        res = attribute({host: trace}, req, None, t0_ns=cur, t1_ns=cut, idle_w=self._idle.get(host))
+        for i, rid in enumerate(rids):
+            self._inflight[rid].host_j += float(res.energy_j[i])
+
+    def _refit(self, dev: str, cut: int) -> None:
+        """Re-estimate idle and the step model over the recent history."""
+        lo = cut - int(self.history_s * 1e9)
+        trace = self.sampler.trace(dev, since_ns=lo)
+        if len(trace) < 10:
+            return
+        steps_rows = [s for s in self._steps if s[2] == dev and s[0] >= lo]
+        # finished requests are gone by now; each one's steps bound its lifetime
+        span: dict[str, list[int]] = {}
+        for s, e, _, tok in steps_rows:
+            for k in tok:
+                b = span.setdefault(k, [s, e])
+                b[0], b[1] = min(b[0], s), max(b[1], e)
+        rows = [{"id": k, "start_ns": b[0], "end_ns": b[1], "device": dev} for k, b in span.items()]
+        req = Requests.from_records(rows)
+        steps = Steps.from_records([{"start_ns": s, "end_ns": e, "device": d, "requests": tok} for (s, e, d, tok) in steps_rows], req) if steps_rows else None
+        res = attribute({dev: trace}, req, steps, idle_w=self.idle_w, t0_ns=lo, t1_ns=cut)
+        d = res.devices.get(dev)
+        if d is None:
+            return
+        if self.idle_w is None and d.idle_source == "idle-periods":
+            self._idle[dev] = d.idle_w
+        if d.model is not None and d.model.rows >= 20:
+            self._models[dev] = d.model
+
+    def _finalise(self, rids: list[str], cut: int, info) -> None:
+        carbon = self.carbon
+        sensor = info.sensor if info is not None else "none"
+        simulated = bool(info.simulated) if info is not None else False
+        for rid in rids:
+            r = self._inflight.get(rid)
+            if r is None or r.end_ns is None or r.end_ns > cut:
+                continue
+            del self._inflight[rid]
+            m = r.meta
+            energy = r.dynamic_j + r.idle_j
+            life = r.end_ns - r.start_ns
+            op = float(carbon.operational_g(energy + r.host_j))
+            emb = float(carbon.embodied_g(r.device_s))
+            rec = RequestRecord(
+                id=rid,
+                device=r.device,
+                start_ns=r.start_ns,
+                end_ns=r.end_ns,
+                energy_j=energy,
+                dynamic_j=r.dynamic_j,
+                idle_j=r.idle_j,
+                device_s=r.device_s,
+                co2e_g=op + emb,
+                embodied_g=emb,
+                method=r.method or "no-trace",
+                sensor=sensor,
+                coverage=min(1.0, r.covered_ns / life) if life > 0 else 1.0,
+                simulated=simulated,
+                route=m.get("route", ""),
+                http_method=m.get("http_method", ""),
+                status_code=int(m.get("status_code", 0) or 0),
+                model=m.get("model", ""),
+                tenant=m.get("tenant", ""),
+                prompt_tokens=int(m.get("prompt_tokens", 0) or 0),
+                output_tokens=int(m.get("output_tokens", 0) or 0),
+                trace_id=int(m.get("trace_id", 0) or 0),
+                span_id=int(m.get("span_id", 0) or 0),
+                host_j=r.host_j,
+            )
+            self.counters["records"] += 1
+            self._emit(rec)
+
+    def _emit(self, rec: RequestRecord) -> None:
+        if self.span_processor is not None and rec.span_id:
+            try:
+                from .otel import record_attributes
+
+                self.span_processor.resolve(rec.span_id, record_attributes(rec))
+            except Exception:
+                self.counters["sink_errors"] += 1
+                log.exception("wattspan: span processor failed for a record")
+        for sink in self.sinks:
+            try:
+                sink(rec)
+            except Exception:
+                self.counters["sink_errors"] += 1
+                log.exception("wattspan: a record sink failed")
+
+
+def default_sources() -> list:
+    """NVML if a GPU answers; RAPL if readable; else the labelled simulated GPU."""
+    from .sources import SourceUnavailable
+
+    found = []
+    if os.environ.get("WATTSPAN_SIMULATE", "").lower() not in ("1", "true", "yes"):
+        try:
+            from .sources.nvml import NvmlSource
+
+            found.append(NvmlSource())
+        except SourceUnavailable as exc:
+            log.info("wattspan: no NVML GPU (%s)", exc)
+    try:
+        from .sources.rapl import RaplSource
+
+        found.append(RaplSource())
+    except SourceUnavailable as exc:
+        log.info("wattspan: no RAPL (%s)", exc)
+    if not any(getattr(s, "name", "") == "nvml" for s in found):
+        from .sources.simulated import SimulatedSource
+
+        log.warning("wattspan: no GPU power sensor: using the SIMULATED source (labelled 'simulated' in every output)")
+        found.insert(0, SimulatedSource())
+    return found
+
+
+def _carbon_from_env():
+    from .carbon import CarbonModel
+
+    region = os.environ.get("WATTSPAN_REGION", "world")
+    pue = os.environ.get("WATTSPAN_PUE")
+    return CarbonModel.for_region(region, pue=float(pue) if pue else None)
+
+
+_default: Meter | None = None
+_default_lock = threading.Lock()
+
+
+def get_default_meter(**kw) -> Meter:
+    """The process's meter, created on first use with ``kw`` (or the defaults)."""
+    global _default
+    with _default_lock:
+        if _default is None:
+            _default = Meter(**kw)
+        return _default
+
+
+def set_default_meter(meter: Meter | None) -> None:
+    global _default
+    with _default_lock:
+        _default = meter
+
+
+if hasattr(os, "register_at_fork"):  # a forked worker gets its own meter
+    os.register_at_fork(after_in_child=lambda: set_default_meter(None))
