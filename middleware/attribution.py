@@ -369,6 +369,9 @@ def attribute(
             meth = "time-share"
 
         idle_total = float(idle_seg.sum())
+        # A share below zero (the meter read under the idle baseline: noise, or a
+        # baseline set too high) is not a request's saving: it stays unattributed.
+        dyn = np.maximum(dyn, 0.0)
         dynamic[ridx] += dyn
         idle[ridx] += idle_share
         dev_s[ridx] += dev_time
@@ -444,10 +447,11 @@ class _CumEnergy:
     placed at the middle of its window).
     """
 
-    __slots__ = ("t", "e", "source")
+    __slots__ = ("t", "e", "source", "_tf")
 
     def __init__(self, t: np.ndarray, e: np.ndarray, source: str) -> None:
         self.t, self.e, self.source = t, e, source
+        self._tf = t.astype(np.float64)
 
     @classmethod
     def from_trace(cls, trace: DeviceTrace) -> "_CumEnergy":
@@ -461,7 +465,7 @@ class _CumEnergy:
         return cls(t, e, "power")
 
     def at(self, x: np.ndarray) -> np.ndarray:
-        return np.interp(np.asarray(x, dtype=np.float64), self.t.astype(np.float64), self.e)
+        return np.interp(np.asarray(x, dtype=np.float64), self._tf, self.e)
 
     def energy(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return self.at(b) - self.at(a)
@@ -516,14 +520,22 @@ def power_points(trace: DeviceTrace) -> tuple[np.ndarray, np.ndarray, int]:
             # runs of a repeated value: keep one read per typical run length, so a
             # value that really stays put (an idle GPU) still has its points
             lengths = np.diff(np.append(starts, len(t)))
-            r = int(np.median(lengths))
+            r = int(np.median(lengths[: 100_000]))
             periodic = np.mean(np.abs(lengths[:-1] - r) <= 1) > 0.8  # a refresh clock, not the signal
             if r >= 2 and periodic:
                 pos = np.arange(len(t)) - starts[np.cumsum(fresh) - 1]
                 keep = pos % r == 0
                 t, p = t[keep], p[keep]
-    span = int(np.median(np.diff(t))) if len(t) > 2 else 0
+    span = _typical_interval(t)
     return t, p, (span if span > 5_000_000 else 0)
+
+
+def _typical_interval(t: np.ndarray) -> int:
+    """Median interval between readings (from at most ~100k of them: it is a typical value)."""
+    if len(t) < 3:
+        return 0
+    stride = max(1, len(t) // 100_000)
+    return int(np.median(np.diff(t[::stride]))) // stride if stride > 1 else int(np.median(np.diff(t)))
 
 
 def _points_mid(trace: DeviceTrace) -> tuple[np.ndarray, np.ndarray, int]:
@@ -607,7 +619,8 @@ class _Segments:
     __slots__ = ("edges", "si", "ei", "n", "w", "weights")
 
     def __init__(self, starts, ends, weights, a: int, b: int) -> None:
-        edges = np.unique(np.concatenate(([a, b], starts, ends)))
+        edges = np.sort(np.concatenate(([a, b], starts, ends)))
+        edges = edges[np.concatenate(([True], edges[1:] != edges[:-1]))]
         self.edges = edges
         self.si = np.searchsorted(edges, starts)
         self.ei = np.searchsorted(edges, ends)
@@ -856,7 +869,7 @@ def _reconcile_edges(cum, trace, a, b, reconcile_s):
     else:
         if reconcile_s is None:
             t, _, span = power_points(trace)
-            dt = float(np.median(np.diff(t))) * _NS if len(t) > 1 else 0.1
+            dt = _typical_interval(t) * _NS if len(t) > 2 else 0.1
             reconcile_s = max(8 * dt, 1.5 * span * _NS)
         step = int(reconcile_s * 1e9)
         inner = np.arange(a + step, b, step, dtype=np.int64)

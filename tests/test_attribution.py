@@ -210,6 +210,7 @@ def test_requests_plus_unattributed_equal_measured(sc):
     assert np.all(np.isfinite(res.energy_j))
     np.testing.assert_allclose(res.energy_j, res.dynamic_j + res.idle_j)
     assert np.all(res.idle_j >= -1e-9)
+    assert np.all(res.dynamic_j >= 0.0)
 
 
 class TestPieces:
