@@ -264,6 +264,7 @@ class Meter:
                 self._cursor[dev] = cur
             if cut <= cur:
                 continue
+            rids = [r for r in rids if self._inflight[r].start_ns < cut]
             if info is not None and rids:
                 if refit:
                     self._refit(dev, cut)

@@ -363,7 +363,9 @@ def attribute(
             dyn, dyn_un, summary_extra = _batch_fit(
                 cum, trace, steps, s_idx, requests, ridx, seg, idle_curve, a, b, reconcile_s, model
             )
-            meth = "batch-fit"
+            in_steps = np.zeros(len(requests), dtype=bool)
+            in_steps[steps.entry_request[np.isin(steps.entry_step, s_idx)]] = True
+            meth = np.where(in_steps[ridx], "batch-fit", "time-share").astype(object)
         else:
             dyn, dyn_un = seg.share_weighted(meas_seg - idle_seg)
             meth = "time-share"
@@ -385,7 +387,7 @@ def attribute(
             device=dev,
             sensor=trace.sensor or _describe_sensor(trace),
             simulated=trace.simulated,
-            method=meth,
+            method="batch-fit" if len(s_idx) else "time-share",
             t0_ns=a,
             t1_ns=b,
             measured_j=measured,

@@ -184,11 +184,9 @@ class GenSequence:
     ``prompt_ids + output_ids`` are in the KV cache; ``pending`` how many are not yet.
     """
 
-    __slots__ = ("slot", "prompt_ids", "output_ids", "pos", "max_tokens", "temperature", "rng", "_gen")
+    __slots__ = ("slot", "prompt_ids", "output_ids", "pos", "max_tokens", "temperature", "rng")
 
-    def __init__(self, gen: TinyGenerator, slot: int, prompt_ids: list[int], max_tokens: int,
-                 temperature: float, rng) -> None:
-        self._gen = gen
+    def __init__(self, slot: int, prompt_ids: list[int], max_tokens: int, temperature: float, rng) -> None:
         self.slot = slot
         self.prompt_ids = prompt_ids
         self.output_ids: list[int] = []
@@ -352,7 +350,7 @@ class TinyGenerator:
         if not self._free_slots:
             raise RuntimeError(f"all {self.config.max_slots} KV-cache slots are in use")
         rng = torch.Generator().manual_seed(0 if seed is None else int(seed)) if temperature > 0 else None
-        return GenSequence(self, self._free_slots.pop(), prompt_ids, max_tokens, float(temperature), rng)
+        return GenSequence(self._free_slots.pop(), prompt_ids, max_tokens, float(temperature), rng)
 
     def release(self, seq: GenSequence) -> None:
         """Free ``seq``'s KV-cache slot (idempotent)."""
