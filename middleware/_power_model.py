@@ -31,7 +31,8 @@ class PowerModel:
 
     capped so that idle + dynamic <= ``cap_w``. It is deliberately nonlinear in the
     step's composition (an additive per-token energy model cannot fit it exactly):
-    a decode step of 32 sequences (about 11 ms) lands near 260 W above idle, a
+    a decode step of 32 sequences at ~800 tokens of context (about 11 ms) lands near
+    290 W above idle, one of 64 sequences at ~2000 tokens (17 ms) near 320 W, a
     4096-token prefill step (about 150 ms) near 470 W above idle.
 
     Fields (units in the names):
