@@ -91,7 +91,8 @@ class EnergyMiddleware:
       are cut to ``[A-Za-z0-9_.:-]``, 64 characters, and at most
       ``max_tenants`` distinct values (then ``"other"``);
     * ``request_id_header``: echo wattspan's request id in this response
-      header (off by default).
+      header (off by default);
+    * ``exclude``: path prefixes not to meter (health checks: ``("/healthz",)``).
 
     Websocket and lifespan scopes pass straight through.
     """
@@ -106,6 +107,7 @@ class EnergyMiddleware:
         tenant: str | Callable[[dict], str] = "x-tenant-id",
         max_tenants: int = 100,
         request_id_header: str | None = None,
+        exclude: tuple[str, ...] | list[str] = (),
     ) -> None:
         if max_tenants < 1:
             raise ValueError("max_tenants must be at least 1")
@@ -116,6 +118,7 @@ class EnergyMiddleware:
         self.tenant = tenant.lower().encode("latin-1") if isinstance(tenant, str) else tenant
         self.tenants = _Cardinality(max_tenants)
         self.request_id_header = request_id_header.lower().encode("latin-1") if request_id_header else None
+        self.exclude = tuple(exclude)
         self.errors = 0
 
     @property
@@ -127,14 +130,14 @@ class EnergyMiddleware:
         return self._meter
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or (self.exclude and scope.get("path", "").startswith(self.exclude)):
             await self.app(scope, receive, send)
             return
         try:
             window = _Window(self, scope)
         except Exception:  # telemetry must never break a request
             self.errors += 1
-            log.exception("wattspan: could not open a metering window; serving unmetered")
+            log.exception("could not open a metering window; serving unmetered")
             await self.app(scope, receive, send)
             return
         token = _current.set(window)
@@ -215,7 +218,7 @@ class _Window:
             mw.meter.end(self.id, self.device, t, meta)
         except Exception:
             self.mw.errors += 1
-            log.exception("wattspan: could not close a metering window")
+            log.exception("could not close a metering window")
 
     def _route(self) -> str:
         """The route template (``/items/{id}``), never the raw path: bounded cardinality."""

@@ -205,7 +205,7 @@ class Meter:
                 self._pass()
             except Exception:  # never let the meter thread die
                 self.counters["pass_errors"] += 1
-                log.exception("wattspan: attribution pass failed; records will be retried")
+                log.exception("attribution pass failed; records will be retried")
             self._idle_pass.set()
 
     def _drain(self) -> None:
@@ -216,7 +216,7 @@ class Meter:
             if e[0] == _BEGIN:
                 if len(inflight) >= self.max_inflight:
                     self.counters["dropped_inflight"] += 1
-                    log.warning("wattspan: more than %d requests in flight; request %s not metered", self.max_inflight, e[1])
+                    log.warning("more than %d requests in flight; request %s not metered", self.max_inflight, e[1])
                     continue
                 inflight[e[1]] = _Inflight(e[2], e[3])
                 self.counters["requests"] += 1
@@ -402,13 +402,13 @@ class Meter:
                 self.span_processor.resolve(rec.span_id, record_attributes(rec))
             except Exception:
                 self.counters["sink_errors"] += 1
-                log.exception("wattspan: span processor failed for a record")
+                log.exception("span processor failed for a record")
         for sink in self.sinks:
             try:
                 sink(rec)
             except Exception:
                 self.counters["sink_errors"] += 1
-                log.exception("wattspan: a record sink failed")
+                log.exception("a record sink failed")
 
 
 def default_sources() -> list:
@@ -422,17 +422,17 @@ def default_sources() -> list:
 
             found.append(NvmlSource())
         except SourceUnavailable as exc:
-            log.info("wattspan: no NVML GPU (%s)", exc)
+            log.info("no NVML GPU (%s)", exc)
     try:
         from .sources.rapl import RaplSource
 
         found.append(RaplSource())
     except SourceUnavailable as exc:
-        log.info("wattspan: no RAPL (%s)", exc)
+        log.info("no RAPL (%s)", exc)
     if not any(getattr(s, "name", "") == "nvml" for s in found):
         from .sources.simulated import SimulatedSource
 
-        log.warning("wattspan: no GPU power sensor: using the SIMULATED source (labelled 'simulated' in every output)")
+        log.warning("no GPU power sensor: using the SIMULATED source (labelled 'simulated' in every output)")
         found.insert(0, SimulatedSource())
     return found
 

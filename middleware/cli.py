@@ -69,6 +69,22 @@ def _build_parser() -> argparse.ArgumentParser:
     a.add_argument("--power-kind", choices=["instant", "average"], default="instant", help="what power_w is: an instant reading (default) or an average over --power-window-s")
     a.add_argument("--power-window-s", type=float, default=1.0, help="averaging window of power_w when --power-kind average (default 1.0 s)")
     _carbon_options(a)
+
+    d = sub.add_parser("demo", help="serve a real model on the CPU, meter it, drive a short load, print per-endpoint energy and CO2e")
+    d.add_argument("--embeddings", type=int, default=48, help="embedding requests to send (default 48)")
+    d.add_argument("--completions", type=int, default=24, help="streaming completion requests to send (default 24)")
+    d.add_argument("--concurrency", type=int, default=8, help="requests in flight at once (default 8)")
+    d.add_argument("--region", default="world", help="grid region for CO2e (default: world)")
+    d.add_argument("--db", type=Path, default=Path("wattspan.sqlite"), help="ledger file (default ./wattspan.sqlite)")
+    d.add_argument("--serve", action="store_true", help="keep serving after the load (Ctrl-C to stop)")
+    d.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default: a free one)")
+    d.add_argument("--seed", type=int, default=0)
+
+    r = sub.add_parser("report", help="per-endpoint and per-tenant energy and CO2e from the ledger")
+    r.add_argument("--db", type=Path, default=Path("wattspan.sqlite"), help="ledger file (default ./wattspan.sqlite)")
+    r.add_argument("--by", default="route", help="route (default), tenant, model, device, http_method or run_id")
+    r.add_argument("--format", default="table", choices=["table", "csv", "json"])
+    r.add_argument("--since-s", type=float, default=None, help="only the last N seconds")
     return p
 
 
@@ -81,6 +97,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "attribute":
             return _cmd_attribute(args)
+        if args.command == "demo":
+            _need("fastapi", "uvicorn", "httpx", "torch", "tqdm", extra="demo")
+            from .demo.run import run_demo
+
+            for name in ("embeddings", "completions", "concurrency"):
+                if int(getattr(args, name)) < 0 or int(getattr(args, name)) > 100_000:
+                    raise _UsageError(f"--{name} must be between 0 and 100000")
+            return run_demo(embeds=int(args.embeddings), completions=int(args.completions), concurrency=max(1, int(args.concurrency)), region=args.region, db=args.db, serve=args.serve, port=int(args.port), seed=int(args.seed))
+        if args.command == "report":
+            from ._report import run_report
+
+            return run_report(args.db, by=args.by, fmt=args.format, since_s=args.since_s)
     except _UsageError as exc:
         print(f"wattspan: error: {exc}", file=sys.stderr)
         return 2
@@ -90,6 +118,15 @@ def main(argv: list[str] | None = None) -> int:
 
 class _UsageError(Exception):
     pass
+
+
+def _need(*modules: str, extra: str) -> None:
+    """Optional parts print the exact install line when their dependencies are missing."""
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise _UsageError(f"this command needs {', '.join(missing)}: pip install 'wattspan[{extra}]'")
 
 
 def _cmd_attribute(args) -> int:

@@ -1,0 +1,144 @@
+"""The ledger's file format (SQLite, schema versioned) and its read side.
+
+Readers open the file read-only, from any process, while a server writes to it.
+Public through :mod:`wattspan.ledger`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sqlite3
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from .errors import InputError
+
+__all__ = ["GROUP_BY", "SCHEMA_VERSION", "aggregate", "query"]
+
+SCHEMA_VERSION = 1
+_APP_ID = 0x57415453  # "WATS": marks the file as a wattspan ledger
+# One column per RequestRecord field (tests check they match). trace_id/span_id are
+# 128/64-bit: stored as hex text, as OpenTelemetry writes them.
+_FIELDS = (
+    ("id", "TEXT"), ("device", "TEXT"), ("start_ns", "INTEGER"), ("end_ns", "INTEGER"),
+    ("energy_j", "REAL"), ("dynamic_j", "REAL"), ("idle_j", "REAL"), ("device_s", "REAL"),
+    ("co2e_g", "REAL"), ("embodied_g", "REAL"), ("method", "TEXT"), ("sensor", "TEXT"),
+    ("coverage", "REAL"), ("simulated", "INTEGER"), ("route", "TEXT"), ("http_method", "TEXT"),
+    ("status_code", "INTEGER"), ("model", "TEXT"), ("tenant", "TEXT"), ("prompt_tokens", "INTEGER"),
+    ("output_tokens", "INTEGER"), ("trace_id", "TEXT"), ("span_id", "TEXT"), ("host_j", "REAL"),
+)
+NAMES = tuple(n for n, _ in _FIELDS)
+COLUMNS = (*NAMES, "recorded_at", "run_id")
+_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS requests ("
+    + ", ".join(f"{n} {t} NOT NULL" for n, t in _FIELDS)
+    + ", recorded_at REAL NOT NULL, run_id TEXT NOT NULL)",
+    "CREATE INDEX IF NOT EXISTS requests_recorded_at ON requests (recorded_at)",
+    "CREATE INDEX IF NOT EXISTS requests_route ON requests (route)",
+    "CREATE INDEX IF NOT EXISTS requests_tenant ON requests (tenant)",
+)
+INSERT = f"INSERT INTO requests ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
+GROUP_BY = ("route", "tenant", "model", "device", "http_method", "run_id")
+
+
+def create_schema(conn: sqlite3.Connection, path: Path) -> None:
+    """Create the table and indexes in an empty file (autocommit ``conn``); no-op on a ledger."""
+    if schema_version(conn, path):
+        return
+    conn.execute("PRAGMA auto_vacuum=INCREMENTAL")  # takes only before the first table: lets retention shrink the file
+    conn.execute("BEGIN IMMEDIATE")  # on failure the caller closes conn, which rolls back
+    if schema_version(conn, path) == 0:  # another process may have won the race
+        for stmt in _SCHEMA:
+            conn.execute(stmt)
+        conn.execute(f"PRAGMA application_id={_APP_ID}")
+        conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+    conn.execute("COMMIT")
+
+
+def query(path: str | os.PathLike, *, since: float | None = None, until: float | None = None,
+          run_id: str | None = None) -> list[dict]:
+    """Records with ``since <= recorded_at < until`` (unix seconds), oldest first.
+
+    Each dict has the RequestRecord fields (same types: ``RequestRecord(**{f: d[f] ...})``
+    rebuilds it) plus ``recorded_at`` and ``run_id``.
+    """
+    where, args = _where(since, until, run_id)
+    with _reading(path) as conn:
+        if conn is None:
+            return []
+        rows = conn.execute(f"SELECT {', '.join(COLUMNS)} FROM requests{where} ORDER BY recorded_at, rowid", args)
+        out = [dict(zip(COLUMNS, r)) for r in rows]
+    for d in out:
+        d["simulated"], d["trace_id"], d["span_id"] = bool(d["simulated"]), int(d["trace_id"], 16), int(d["span_id"], 16)
+    return out
+
+
+def aggregate(path: str | os.PathLike, by: str = "route", *, since: float | None = None,
+              until: float | None = None) -> list[dict]:
+    """Totals per value of ``by`` (one of :data:`GROUP_BY`), most energy first.
+
+    Each row: ``{by: value, requests, energy_j, dynamic_j, idle_j, host_j, co2e_g,
+    energy_j_per_1k, co2e_g_per_1k`` (per 1000 requests), ``mean_duration_s``,
+    ``simulated`` (any record simulated), ``methods`` (sorted list)``}``.
+    """
+    if by not in GROUP_BY:
+        raise ValueError(f"cannot aggregate by {by!r}: choose one of {', '.join(GROUP_BY)}")
+    where, args = _where(since, until, None)
+    sql = (f"SELECT {by}, COUNT(*), SUM(energy_j), SUM(dynamic_j), SUM(idle_j), SUM(host_j), SUM(co2e_g), "  # by is whitelisted
+           f"AVG((end_ns - start_ns) / 1e9), MAX(simulated), GROUP_CONCAT(DISTINCT method) "
+           f"FROM requests{where} GROUP BY {by} ORDER BY SUM(energy_j) DESC, {by}")
+    with _reading(path) as conn:
+        rows = [] if conn is None else conn.execute(sql, args).fetchall()
+    return [
+        {by: key, "requests": n, "energy_j": e, "dynamic_j": dyn, "idle_j": idle, "host_j": host, "co2e_g": c,
+         "energy_j_per_1k": e / n * 1000, "co2e_g_per_1k": c / n * 1000, "mean_duration_s": dur,
+         "simulated": bool(sim), "methods": sorted(m for m in (methods or "").split(",") if m)}
+        for key, n, e, dyn, idle, host, c, dur, sim, methods in rows
+    ]
+
+
+def _where(since, until, run_id) -> tuple[str, list]:
+    terms, args = [], []
+    for name, value, op in (("since", since, ">="), ("until", until, "<")):
+        if value is not None:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be unix seconds (a finite number), got {value!r}")
+            terms.append(f"recorded_at {op} ?")
+            args.append(float(value))
+    if run_id is not None:
+        terms.append("run_id = ?")
+        args.append(str(run_id))
+    return (" WHERE " + " AND ".join(terms)) if terms else "", args
+
+
+@contextmanager
+def _reading(path) -> Iterator[sqlite3.Connection | None]:
+    """A read-only connection, or None for a file with no ledger table yet."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no wattspan ledger at {path} (is the path right? has a server written to it yet?)")
+    conn = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True)
+    try:
+        yield conn if schema_version(conn, path) else None
+    finally:
+        conn.close()
+
+
+def schema_version(conn: sqlite3.Connection, path: Path) -> int:
+    """The ledger schema version of ``conn``'s file (0: empty file); refuse foreign or newer files."""
+    try:
+        app = conn.execute("PRAGMA application_id").fetchone()[0]
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+    except sqlite3.DatabaseError as exc:
+        if isinstance(exc, sqlite3.OperationalError):  # I/O, locking: the caller retries
+            raise
+        raise InputError(path, 0, f"is not a wattspan ledger ({exc}); give a new path or remove the file") from None
+    if app != _APP_ID and (app or version or tables):
+        raise InputError(path, 0, "is a SQLite database but not a wattspan ledger; give a new path")
+    if version > SCHEMA_VERSION:
+        raise InputError(path, 0, f"ledger schema version {version} is newer than this wattspan reads "
+                                  f"({SCHEMA_VERSION}); upgrade wattspan, or give a new path")
+    return version

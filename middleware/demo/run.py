@@ -1,0 +1,206 @@
+"""``wattspan demo``: serve a real model on the CPU, meter it, drive a short load, print the bill.
+
+The server is the demo app (MiniLM embeddings and a streaming generator behind
+dynamic batchers) wrapped in :class:`~wattspan.EnergyMiddleware`, served by
+uvicorn on 127.0.0.1. Power comes from NVML where a GPU answers; otherwise
+from the labelled simulated GPU, driven by the batch steps the batchers
+report (and host CPU power from RAPL, or a labelled estimate).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import socket
+import statistics
+import sys
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+
+__all__ = ["run_demo"]
+
+_TEXTS = [
+    "How much energy does one request cost?",
+    "Batching many requests onto one GPU hides the cost of each.",
+    "Grid intensity varies by region and by hour.",
+    "Idle power is paid whether or not a request is in flight.",
+    "The energy counter moves every few tens of milliseconds.",
+    "A prefill chunk costs more than a decode token.",
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def build(*, region: str = "world", db: Path | None = None, otel: bool = False):
+    """The metered demo app and its meter (also used by the tests and ``wattspan bench``)."""
+    from wattspan._asgi import EnergyMiddleware
+    from wattspan._meter import Meter, default_sources
+    from wattspan.carbon import CarbonModel
+    from wattspan.demo.app import create_app
+    from wattspan.sources import SourceUnavailable
+
+    sources = default_sources()
+    if not any(getattr(s, "name", "") in ("rapl",) for s in sources):
+        try:
+            from wattspan.sources.cpu_estimate import CpuEstimateSource
+
+            sources.append(CpuEstimateSource())
+        except SourceUnavailable:
+            pass
+    sinks = []
+    ledger = None
+    if db is not None:
+        from wattspan.ledger import Ledger
+
+        ledger = Ledger(db)
+        sinks.append(lambda rec: ledger.write([rec]))
+    span_processor = None
+    if otel:
+        from wattspan import otel as wotel
+
+        span_processor = wotel.configure_from_env()
+    meter = Meter(sources=sources, carbon=CarbonModel.for_region(region), sinks=sinks, span_processor=span_processor)
+    app = create_app(on_step=meter.record_step, device="gpu0")
+    app.add_middleware(EnergyMiddleware, meter=meter, exclude=("/healthz",))
+    return app, meter, ledger
+
+
+class Server:
+    """uvicorn in a thread on 127.0.0.1."""
+
+    def __init__(self, app, port: int = 0) -> None:
+        import uvicorn
+
+        self.port = port or _free_port()
+        cfg = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", server_header=False, date_header=False, lifespan="on")
+        self.server = uvicorn.Server(cfg)
+        self.thread = threading.Thread(target=self.server.run, name="wattspan-demo-server", daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 120.0) -> "Server":
+        import httpx
+
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.thread.is_alive():
+                raise RuntimeError("the demo server exited during start-up")
+            try:
+                if httpx.get(self.url + "/healthz", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"the demo server was not ready within {timeout:.0f} s")
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(15)
+
+
+async def _drive(url: str, n_embed: int, n_complete: int, concurrency: int, seed: int, progress) -> list[float]:
+    import httpx
+
+    rng = random.Random(seed)
+    jobs = ["embed"] * n_embed + ["complete"] * n_complete
+    rng.shuffle(jobs)
+    sem = asyncio.Semaphore(concurrency)
+    failures = []
+
+    async def one(client, kind, i):
+        async with sem:
+            tenant = rng.choice(["search", "chat", "batch-jobs"])
+            if kind == "embed":
+                body = {"input": rng.sample(_TEXTS, rng.randint(1, 4)), "model": "all-MiniLM-L6-v2"}
+                r = await client.post("/v1/embeddings", json=body, headers={"x-tenant-id": tenant})
+                ok = r.status_code == 200
+            else:
+                body = {"prompt": rng.choice(_TEXTS), "max_tokens": rng.randint(16, 64), "stream": True}
+                ok = False
+                async with client.stream("POST", "/v1/completions", json=body, headers={"x-tenant-id": tenant}) as r:
+                    async for line in r.aiter_lines():
+                        if line == "data: [DONE]":
+                            ok = True
+            if not ok:
+                failures.append(kind)
+            progress.update(1)
+
+    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+        await asyncio.gather(*(one(client, k, i) for i, k in enumerate(jobs)))
+    return failures
+
+
+def summarize(records, meter) -> str:
+    """Per-endpoint energy and CO2e, with where each number comes from."""
+    by = defaultdict(list)
+    for r in records:
+        by[r.route].append(r)
+    carbon = meter.carbon
+    devs = {d.id: d for d in meter.sampler.devices()}
+    out = []
+    for d in devs.values():
+        flag = "  <- SIMULATED, not a measurement" if d.simulated else ""
+        out.append(f"  {d.id:<13} {d.name}: {d.sensor}{flag}")
+    out.append(f"  carbon        {carbon.intensity_g_per_kwh:.0f} gCO2e/kWh ({carbon.region}: {carbon.intensity_source}), PUE {carbon.pue:.2f}")
+    out.append("")
+    hdr = f"{'endpoint':<18}{'requests':>9}{'accel J':>10}{'host J':>9}{'mJ/req':>9}{'gCO2e/1k req':>14}{'p50 ms':>8}  method"
+    out.append(hdr)
+    out.append("-" * len(hdr))
+    for route, rs in sorted(by.items()):
+        e = sum(r.energy_j for r in rs)
+        h = sum(r.host_j for r in rs)
+        g = sum(r.co2e_g for r in rs)
+        lat = statistics.median(r.duration_s for r in rs) * 1000
+        methods = "/".join(sorted({r.method for r in rs}))
+        out.append(f"{route:<18}{len(rs):>9}{e:>10.2f}{h:>9.2f}{(e + h) / len(rs) * 1000:>9.1f}{g / len(rs) * 1000:>14.4f}{lat:>8.0f}  {methods}")
+    measured = sum(meter.device_energy_j.values())
+    out.append("")
+    out.append(f"accelerator energy measured {measured:.2f} J = requests {sum(r.energy_j for r in records):.2f} J + unattributed {meter.counters['unattributed_j']:.2f} J")
+    return "\n".join(out)
+
+
+def run_demo(*, embeds: int = 48, completions: int = 24, concurrency: int = 8, region: str = "world", db: Path | None = Path("wattspan.sqlite"), serve: bool = False, port: int = 0, seed: int = 0) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from tqdm import tqdm
+
+    t0 = time.monotonic()
+    print("wattspan demo: loading the models (all-MiniLM-L6-v2, a tiny random-weight generator) on the CPU ...", flush=True)
+    app, meter, ledger = build(region=region, db=db)
+    records = []
+    meter.sinks.append(records.append)
+    server = Server(app, port).start()
+    print(f"serving on {server.url} (ready in {time.monotonic() - t0:.1f} s)", flush=True)
+    try:
+        with tqdm(total=embeds + completions, desc="requests", unit="req", file=sys.stdout, dynamic_ncols=True) as bar:
+            failures = asyncio.run(_drive(server.url, embeds, completions, concurrency, seed, bar))
+        meter.flush(15)
+        print()
+        print(summarize(records, meter))
+        if failures:
+            print(f"\n{len(failures)} requests failed: {sorted(set(failures))}")
+        if ledger is not None:
+            ledger.flush(10)
+            print(f"\nrecords kept in {db} (`wattspan report --db {db}`)")
+        if serve:
+            print(f"\nstill serving on {server.url}; Ctrl-C to stop")
+            try:
+                while True:
+                    time.sleep(3600)
+            except KeyboardInterrupt:
+                pass
+        return 1 if failures else 0
+    finally:
+        server.stop()
+        meter.close()
+        if ledger is not None:
+            ledger.close()
