@@ -68,7 +68,7 @@ def build(*, region: str = "world", db: Path | None = None, otel: bool = False):
         span_processor = wotel.configure_from_env()
     meter = Meter(sources=sources, carbon=CarbonModel.for_region(region), sinks=sinks, span_processor=span_processor)
     app = create_app(on_step=meter.record_step, device="gpu0")
-    app.add_middleware(EnergyMiddleware, meter=meter, exclude=("/healthz",))
+    app.add_middleware(EnergyMiddleware, meter=meter, exclude=("/healthz",), request_id_header="x-wattspan-request-id")
     return app, meter, ledger
 
 
