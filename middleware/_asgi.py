@@ -9,6 +9,7 @@ middleware object only holds configuration.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import re
@@ -25,7 +26,19 @@ log = logging.getLogger("wattspan")
 
 _TENANT_OK = re.compile(r"[^A-Za-z0-9_.:-]")
 _monotonic_ns = time.monotonic_ns
-_urandom = os.urandom
+# Request ids: a random per-process prefix and a counter (unique, and cheaper than
+# a random draw per request); the prefix is renewed in a forked child.
+_ids = itertools.count(1)
+_prefix = os.urandom(4).hex()
+
+
+def _renew_prefix() -> None:
+    global _prefix, _ids
+    _prefix, _ids = os.urandom(4).hex(), itertools.count(1)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_renew_prefix)
 
 
 def _span_ids() -> tuple[int, int, Any]:
@@ -67,13 +80,6 @@ class _Cardinality:
                 return value
         self.overflowed += 1
         return self.overflow
-
-
-def _header(scope, name: bytes) -> str | None:
-    for k, v in scope.get("headers", ()):
-        if k == name:
-            return v.decode("latin-1")
-    return None
 
 
 class EnergyMiddleware:
@@ -119,6 +125,7 @@ class EnergyMiddleware:
         self.tenants = _Cardinality(max_tenants)
         self.request_id_header = request_id_header.lower().encode("latin-1") if request_id_header else None
         self.exclude = tuple(exclude)
+        self._header_names = frozenset(h for h in (self.model, self.tenant) if isinstance(h, bytes))
         self.errors = 0
 
     @property
@@ -160,7 +167,7 @@ class _Window:
     def __init__(self, mw: EnergyMiddleware, scope) -> None:
         self.mw = mw
         self.scope = scope
-        self.id = _urandom(8).hex()
+        self.id = f"{_prefix}{next(_ids):08x}"
         self.device = mw.device(scope) if callable(mw.device) else mw.device
         self.status = 0
         self.closed = False
@@ -204,12 +211,13 @@ class _Window:
         try:
             mw = self.mw
             scope = self.scope
+            model, tenant = self._labels()
             meta = {
                 "route": self._route(),
                 "http_method": scope.get("method", ""),
                 "status_code": 500 if (error and not self.status) else self.status,
-                "model": self.model or self._value(mw.model, 128),
-                "tenant": self._tenant(),
+                "model": model,
+                "tenant": tenant,
                 "trace_id": self.trace_id,
                 "span_id": self.span_id,
                 "prompt_tokens": self.prompt_tokens,
@@ -230,7 +238,7 @@ class _Window:
         prefix = scope.get("root_path", "")[len(self.root) :]
         return (prefix + path)[:256]
 
-    def _value(self, source, limit: int) -> str:
+    def _value(self, source, limit: int, headers: dict) -> str:
         if callable(source):
             try:
                 v = source(self.scope)
@@ -238,11 +246,20 @@ class _Window:
                 self.mw.errors += 1
                 return ""
         else:
-            v = _header(self.scope, source)
+            v = headers.get(source)
         return str(v)[:limit] if v else ""
 
-    def _tenant(self) -> str:
-        v = self._value(self.mw.tenant, 256)
-        if not v:
-            return ""
-        return self.mw.tenants(_TENANT_OK.sub("", v)[:64] or "invalid")
+    def _labels(self) -> tuple[str, str]:
+        """Model and tenant, from one pass over the request headers."""
+        mw = self.mw
+        wanted = mw._header_names
+        headers = {}
+        if wanted:
+            for k, v in self.scope.get("headers", ()):
+                if k in wanted:
+                    headers[k] = v.decode("latin-1")
+        model = self.model or self._value(mw.model, 128, headers)
+        tenant = self._value(mw.tenant, 256, headers)
+        if tenant:
+            tenant = mw.tenants(_TENANT_OK.sub("", tenant)[:64] or "invalid")
+        return model, tenant

@@ -352,30 +352,35 @@ class Meter:
             self._models[dev] = d.model
 
     def _finalise(self, rids: list[str], cut: int, info) -> None:
-        carbon = self.carbon
-        sensor = info.sensor if info is not None else "none"
-        simulated = bool(info.simulated) if info is not None else False
+        done = []
         for rid in rids:
             r = self._inflight.get(rid)
-            if r is None or r.end_ns is None or r.end_ns > cut:
-                continue
-            del self._inflight[rid]
+            if r is not None and r.end_ns is not None and r.end_ns <= cut:
+                done.append((rid, self._inflight.pop(rid)))
+        if not done:
+            return
+        sensor = info.sensor if info is not None else "none"
+        simulated = bool(info.simulated) if info is not None else False
+        # carbon for the whole batch of records at once (vectorised)
+        energy = np.fromiter((r.dynamic_j + r.idle_j for _, r in done), float, len(done))
+        host = np.fromiter((r.host_j for _, r in done), float, len(done))
+        dev_s = np.fromiter((r.device_s for _, r in done), float, len(done))
+        op = np.asarray(self.carbon.operational_g(energy + host), dtype=float)
+        emb = np.asarray(self.carbon.embodied_g(dev_s), dtype=float)
+        for k, (rid, r) in enumerate(done):
             m = r.meta
-            energy = r.dynamic_j + r.idle_j
             life = r.end_ns - r.start_ns
-            op = float(carbon.operational_g(energy + r.host_j))
-            emb = float(carbon.embodied_g(r.device_s))
             rec = RequestRecord(
                 id=rid,
                 device=r.device,
                 start_ns=r.start_ns,
                 end_ns=r.end_ns,
-                energy_j=energy,
+                energy_j=float(energy[k]),
                 dynamic_j=r.dynamic_j,
                 idle_j=r.idle_j,
                 device_s=r.device_s,
-                co2e_g=op + emb,
-                embodied_g=emb,
+                co2e_g=float(op[k] + emb[k]),
+                embodied_g=float(emb[k]),
                 method=r.method or "no-trace",
                 sensor=sensor,
                 coverage=min(1.0, r.covered_ns / life) if life > 0 else 1.0,
