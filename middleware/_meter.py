@@ -40,9 +40,10 @@ _BEGIN, _END, _STEP = 0, 1, 2
 
 
 class _Inflight:
-    __slots__ = ("device", "start_ns", "end_ns", "meta", "dynamic_j", "idle_j", "device_s", "covered_ns", "host_j", "method", "ended_at")
+    __slots__ = ("device", "start_ns", "end_ns", "meta", "dynamic_j", "idle_j", "device_s", "covered_ns", "host_j", "method", "ended_at", "peer")
 
-    def __init__(self, device: str, start_ns: int) -> None:
+    def __init__(self, device: str, start_ns: int, peer: int = 0) -> None:
+        self.peer = peer  # pid of the peer process serving it; 0 = this process
         self.device = device
         self.start_ns = start_ns
         self.end_ns: int | None = None
@@ -84,6 +85,7 @@ class Meter:
         max_events: int = 1_000_000,
         sinks: Iterable[Callable[[RequestRecord], None]] = (),
         span_processor=None,
+        peers=None,
         autostart: bool = True,
     ) -> None:
         if not (period_s > 0 and max_delay_s > 0 and history_s > 0):
@@ -106,6 +108,15 @@ class Meter:
         self.max_events = int(max_events)
         self.sinks: list[Callable[[RequestRecord], None]] = list(sinks)
         self.span_processor = span_processor
+        if peers is True:
+            from ._peers import Peers
+
+            peers = Peers()
+        elif peers not in (None, False) and not hasattr(peers, "broadcast"):
+            from ._peers import Peers
+
+            peers = Peers(peers)
+        self.peers = peers or None
 
         self._events: deque = deque()
         self._activity = [s for s in getattr(sampler, "sources", []) if hasattr(s, "on_step")]
@@ -127,6 +138,7 @@ class Meter:
             "sink_errors": 0,
             "pass_errors": 0,
             "late_records": 0,
+            "peer_requests": 0,
             "unattributed_j": 0.0,
         }
         self.device_energy_j: dict[str, float] = {}
@@ -181,7 +193,7 @@ class Meter:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             self._idle_pass.clear()
-            if not self._events and all(r.end_ns is None for r in list(self._inflight.values())):
+            if not self._events and all(r.end_ns is None or r.peer for r in list(self._inflight.values())):
                 return True
             self._idle_pass.wait(self.period_s * 2)
         return False
@@ -193,6 +205,8 @@ class Meter:
         if self._thread is not None:
             self._thread.join(timeout)
         self.sampler.close()
+        if self.peers is not None:
+            self.peers.close()
 
     def stats(self) -> dict:
         return dict(self.counters, inflight=len(self._inflight), queued_events=len(self._events), sampler=self.sampler.health())
@@ -211,6 +225,7 @@ class Meter:
     def _drain(self) -> None:
         ev = self._events
         inflight = self._inflight
+        out = [] if self.peers is not None else None
         while ev:
             e = ev.popleft()
             if e[0] == _BEGIN:
@@ -228,6 +243,35 @@ class Meter:
                     r.ended_at = time.monotonic()
             else:
                 self._steps.append(e[1:])
+            if out is not None:
+                out.append(e[:3] if e[0] == _END else e)
+        if self.peers is not None:
+            self.peers.broadcast(out)
+            self._take_peer_events()
+
+    def _take_peer_events(self) -> None:
+        """What the other worker processes on this host serve (see :mod:`wattspan._peers`)."""
+        inflight = self._inflight
+        for pid, events in self.peers.receive():
+            for e in events:
+                try:
+                    kind = e[0]
+                    if kind == _BEGIN:
+                        if len(inflight) < self.max_inflight:
+                            inflight[str(e[1])] = _Inflight(str(e[2]), int(e[3]), peer=pid or -1)
+                            self.counters["peer_requests"] += 1
+                    elif kind == _END:
+                        r = inflight.get(str(e[1]))
+                        if r is not None and r.peer:
+                            r.end_ns = max(int(e[2]), r.start_ns)
+                    elif kind == _STEP:
+                        self._steps.append((int(e[1]), int(e[2]), str(e[3]), {str(k): float(v) for k, v in e[4].items()}))
+                except (IndexError, TypeError, ValueError, AttributeError):
+                    self.counters["pass_errors"] += 1
+        gone = self.peers.take_gone()
+        if gone:  # a dead worker's requests no longer share the device
+            for rid in [rid for rid, r in inflight.items() if r.peer in gone]:
+                del inflight[rid]
 
     def _lag_ns(self, info) -> int:
         if self.lag_s is not None:
@@ -256,6 +300,8 @@ class Meter:
             cut_sensor = (latest - self._lag_ns(info)) if latest is not None else None
             cut_clock = now - int(self.max_delay_s * 1e9)
             cut = max(cut_sensor or cut_clock, cut_clock)
+            if self.peers is not None:  # peers' events reach us up to a pass late
+                cut = min(cut, now - int(2 * self.period_s * 1e9) - 20_000_000)
             cur = self._cursor.get(dev)
             rids = by_dev.get(dev, [])
             if cur is None:
@@ -356,7 +402,9 @@ class Meter:
         for rid in rids:
             r = self._inflight.get(rid)
             if r is not None and r.end_ns is not None and r.end_ns <= cut:
-                done.append((rid, self._inflight.pop(rid)))
+                r = self._inflight.pop(rid)
+                if not r.peer:
+                    done.append((rid, r))
         if not done:
             return
         sensor = info.sensor if info is not None else "none"
@@ -455,10 +503,15 @@ _default_lock = threading.Lock()
 
 
 def get_default_meter(**kw) -> Meter:
-    """The process's meter, created on first use with ``kw`` (or the defaults)."""
+    """The process's meter, created on first use with ``kw`` (or the defaults).
+
+    It shares what it serves with the other worker processes of this user on
+    this host (``peers``), unless ``WATTSPAN_PEERS=0``.
+    """
     global _default
     with _default_lock:
         if _default is None:
+            kw.setdefault("peers", os.environ.get("WATTSPAN_PEERS", "1").lower() not in ("0", "false", "no"))
             _default = Meter(**kw)
         return _default
 
