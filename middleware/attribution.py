@@ -721,14 +721,21 @@ def step_features(steps: Steps, s_idx: np.ndarray, n_requests: int) -> np.ndarra
 
 
 def nnls(A: np.ndarray, b: np.ndarray, max_iter: int = 100) -> np.ndarray:
-    """Non-negative least squares (Lawson-Hanson) for the few columns we fit."""
-    m, n = A.shape
+    """Non-negative least squares (Lawson-Hanson) for the few columns we fit.
+
+    Works on the normal equations (columns scaled to unit norm): with millions
+    of readings and four features, one pass over the data builds the 4x4 Gram
+    matrix and everything after is tiny.
+    """
+    n = A.shape[1]
     scale = np.linalg.norm(A, axis=0)
     scale[scale == 0] = 1.0
     As = A / scale
+    G = As.T @ As
+    c = As.T @ b
     x = np.zeros(n)
     passive = np.zeros(n, dtype=bool)
-    w = As.T @ (b - As @ x)
+    w = c - G @ x
     it = 0
     while it < max_iter and (~passive).any() and (w[~passive] > 1e-10 * max(1.0, np.abs(w).max())).any():
         it += 1
@@ -736,7 +743,8 @@ def nnls(A: np.ndarray, b: np.ndarray, max_iter: int = 100) -> np.ndarray:
         passive[j] = True
         while True:
             z = np.zeros(n)
-            z[passive] = np.linalg.lstsq(As[:, passive], b, rcond=None)[0]
+            P = np.flatnonzero(passive)
+            z[P] = np.linalg.lstsq(G[np.ix_(P, P)], c[P], rcond=None)[0]
             if (z[passive] > 0).all():
                 x = z
                 break
@@ -745,7 +753,7 @@ def nnls(A: np.ndarray, b: np.ndarray, max_iter: int = 100) -> np.ndarray:
             x = x + alpha * (z - x)
             passive &= x > 1e-15
             x[~passive] = 0.0
-        w = As.T @ (b - As @ x)
+        w = c - G @ x
     return x / scale
 
 
