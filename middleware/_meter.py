@@ -92,11 +92,12 @@ class Meter:
             raise ValueError("period_s, max_delay_s and history_s must be > 0")
         if idle_w is not None and not (math.isfinite(idle_w) and idle_w >= 0):
             raise ValueError(f"idle_w must be a finite number of watts >= 0, got {idle_w!r}")
-        from ._sampler import Sampler
-
-        if sampler is None:
-            sampler = Sampler(list(sources) if sources is not None else default_sources())
+        # The sources are opened (NVML initialised, GPUs probed) on the meter's own
+        # thread, never on the caller's: the default meter is created lazily by
+        # the middleware, on the event loop.
         self.sampler = sampler
+        self._sources = list(sources) if sources is not None else None
+        self._ready = threading.Event()
         self.carbon = carbon if carbon is not None else _carbon_from_env()
         self.idle_w = idle_w
         self.period_s = float(period_s)
@@ -119,7 +120,7 @@ class Meter:
         self.peers = peers or None
 
         self._events: deque = deque()
-        self._activity = [s for s in getattr(sampler, "sources", []) if hasattr(s, "on_step")]
+        self._activity: list = []
         self._inflight: dict[str, _Inflight] = {}
         self._steps: list[tuple[int, int, str, dict]] = []
         self._cursor: dict[str, int] = {}
@@ -184,13 +185,28 @@ class Meter:
     def start(self) -> None:
         if self._thread is not None:
             return
-        self.sampler.start()
         self._thread = threading.Thread(target=self._run, name="wattspan-meter", daemon=True)
         self._thread.start()
+
+    def _setup(self) -> None:
+        from ._sampler import Sampler
+
+        try:
+            if self.sampler is None:
+                self.sampler = Sampler(self._sources if self._sources is not None else default_sources())
+            self._activity = [s for s in self.sampler.sources if hasattr(s, "on_step")]
+            self.sampler.start()
+        finally:
+            self._ready.set()
+
+    def wait_ready(self, timeout: float = 30.0) -> bool:
+        """Wait until the power sources are open and sampling."""
+        return self._ready.wait(timeout)
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until every request that has ended has its final record (or ``timeout`` s)."""
         deadline = time.monotonic() + timeout
+        self._ready.wait(timeout)
         while time.monotonic() < deadline:
             self._idle_pass.clear()
             if not self._events and all(r.end_ns is None or r.peer for r in list(self._inflight.values())):
@@ -204,16 +220,22 @@ class Meter:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
-        self.sampler.close()
+        if self.sampler is not None:
+            self.sampler.close()
         if self.peers is not None:
             self.peers.close()
 
     def stats(self) -> dict:
-        return dict(self.counters, inflight=len(self._inflight), queued_events=len(self._events), sampler=self.sampler.health())
+        return dict(self.counters, inflight=len(self._inflight), queued_events=len(self._events), sampler=self.sampler.health() if self.sampler is not None else None)
 
     # ------------------------------------------------------------------ the pass
 
     def _run(self) -> None:
+        try:
+            self._setup()
+        except Exception:
+            log.exception("could not open the power sources; requests are not metered")
+            return
         while not self._stop.wait(self.period_s):
             try:
                 self._pass()
