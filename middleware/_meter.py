@@ -383,7 +383,8 @@ class Meter:
             r.device_s += float(res.device_s[i])
             end = r.end_ns if r.end_ns is not None else cut
             r.covered_ns += max(0, min(end, hi) - max(r.start_ns, lo))
-            r.method = res.method[i]
+            if r.method != "batch-fit":  # a request any of whose steps were fitted is batch-fit
+                r.method = res.method[i]
 
     def _attribute_host(self, host: str, cur: int, cut: int, rids: list[str]) -> None:
         trace = self.sampler.trace(host, since_ns=cur - 2_000_000_000)
