@@ -108,6 +108,10 @@ class Meter:
         self.max_inflight = int(max_inflight)
         self.max_events = int(max_events)
         self.sinks: list[Callable[[RequestRecord], None]] = list(sinks)
+        #: called after each pass per device: (device, kind, measured J total,
+        #: latest power W or None, unattributed J total), e.g. for hw.* metrics
+        self.device_sinks: list[Callable] = []
+        self.device_unattributed_j: dict[str, float] = {}
         self.span_processor = span_processor
         if peers is True:
             from ._peers import Peers
@@ -375,6 +379,16 @@ class Meter:
             return
         self.counters["unattributed_j"] += d.unattributed_j
         self.device_energy_j[dev] = self.device_energy_j.get(dev, 0.0) + d.measured_j
+        self.device_unattributed_j[dev] = self.device_unattributed_j.get(dev, 0.0) + d.unattributed_j
+        if self.device_sinks:
+            p = trace.power_w
+            power = float(p[np.isfinite(p)][-1]) if p is not None and np.isfinite(p).any() else None
+            for sink in self.device_sinks:
+                try:
+                    sink(dev, info.kind, self.device_energy_j[dev], power, self.device_unattributed_j[dev])
+                except Exception:
+                    self.counters["sink_errors"] += 1
+                    log.exception("a device sink failed")
         lo, hi = d.t0_ns, d.t1_ns
         for i, rid in enumerate(rids):
             r = self._inflight[rid]
@@ -536,7 +550,39 @@ def get_default_meter(**kw) -> Meter:
         if _default is None:
             kw.setdefault("peers", os.environ.get("WATTSPAN_PEERS", "1").lower() not in ("0", "false", "no"))
             _default = Meter(**kw)
+            _auto_otel(_default)
         return _default
+
+
+_OTEL_VARS = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_TRACES_EXPORTER", "OTEL_METRICS_EXPORTER")
+
+
+def _auto_otel(meter: Meter) -> None:
+    """Export the default meter's records through OpenTelemetry when the app uses it.
+
+    An SDK TracerProvider the application set up itself gets wattspan's span
+    processor in front of its own processors (``wattspan.otel.wrap_provider``),
+    and energy metrics go to the global MeterProvider; with no provider but
+    ``OTEL_*`` exporter variables set, wattspan configures both from them.
+    ``WATTSPAN_OTEL=0`` turns this off. Failures are logged, never raised.
+    """
+    if os.environ.get("WATTSPAN_OTEL", "1").lower() in ("0", "false", "no"):
+        return
+    try:
+        from opentelemetry import trace as trace_api
+
+        from . import otel
+    except ImportError:
+        return
+    try:
+        provider = trace_api.get_tracer_provider()
+        if hasattr(provider, "_active_span_processor"):
+            otel.wrap_provider(provider, meter=meter)
+            otel.connect_metrics(meter, otel.EnergyMetrics(health=lambda: meter.sampler.health() if meter.sampler else {}))
+        elif any(os.environ.get(v) for v in _OTEL_VARS):
+            otel.configure_from_env(meter=meter)
+    except Exception:
+        log.exception("could not set up OpenTelemetry export; records still go to the other sinks")
 
 
 def set_default_meter(meter: Meter | None) -> None:
