@@ -25,7 +25,7 @@ backends:
 	bash .ci/install_backends.sh
 
 test: install backends
-	$(VENV)/bin/pytest -q
+	WATTSPAN_REQUIRE_BACKENDS=1 $(VENV)/bin/pytest -q
 
 clean:
 	rm -rf $(VENV) .venv-phoenix build *.egg-info .pytest_cache .hypothesis
