@@ -59,8 +59,11 @@ except ImportError:  # pragma: no cover - exercised without the otel extra
     pass
 
 
-class _Cardinality:
-    """Admits at most ``limit`` distinct values; the rest become ``overflow``."""
+class Cardinality:
+    """Admits at most ``limit`` distinct values; the rest become ``overflow`` (counted).
+
+    Bounds label cardinality: the middleware's tenants, the metrics' labels.
+    """
 
     __slots__ = ("limit", "seen", "overflow", "overflowed", "_lock")
 
@@ -78,7 +81,7 @@ class _Cardinality:
             if len(self.seen) < self.limit:
                 self.seen.add(value)
                 return value
-        self.overflowed += 1
+            self.overflowed += 1
         return self.overflow
 
 
@@ -122,7 +125,7 @@ class EnergyMiddleware:
         self.device = device if device is not None else os.environ.get("WATTSPAN_DEVICE", "gpu0")
         self.model = model.lower().encode("latin-1") if isinstance(model, str) else model
         self.tenant = tenant.lower().encode("latin-1") if isinstance(tenant, str) else tenant
-        self.tenants = _Cardinality(max_tenants)
+        self.tenants = Cardinality(max_tenants)
         self.request_id_header = request_id_header.lower().encode("latin-1") if request_id_header else None
         self.exclude = tuple(exclude)
         self._header_names = frozenset(h for h in (self.model, self.tenant) if isinstance(h, bytes))

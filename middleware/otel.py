@@ -100,6 +100,7 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised without the otel extra
     raise ImportError("wattspan.otel needs the OpenTelemetry SDK: pip install 'wattspan[otel]'") from exc
 
+from ._asgi import Cardinality
 from ._records import RequestRecord
 
 __all__ = [
@@ -501,28 +502,6 @@ def _status_class(code: int) -> str:
     return f"{code // 100}xx" if 100 <= code <= 599 else "unknown"
 
 
-class _Capped:
-    """Admits at most ``limit`` distinct values; later new ones map to ``"other"`` (counted)."""
-
-    __slots__ = ("limit", "seen", "overflowed", "_lock")
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.seen: set[str] = set()
-        self.overflowed = 0
-        self._lock = threading.Lock()
-
-    def __call__(self, value: str) -> str:
-        if value in self.seen:
-            return value
-        with self._lock:
-            if len(self.seen) < self.limit:
-                self.seen.add(value)
-                return value
-            self.overflowed += 1
-            return "other"
-
-
 def _per_key(value, key: str) -> list[tuple[float, dict]]:
     """Observations from a health() entry: a number, or a mapping name -> number."""
     if value is None:
@@ -567,7 +546,7 @@ class EnergyMetrics:
         m = mp.get_meter("wattspan", __version__)
         self.health = health
         self.max_devices = max_devices
-        self._tenants = _Capped(max_tenants)
+        self._tenants = Cardinality(max_tenants)
         self._lock = threading.Lock()
         self._devices: dict[str, tuple[str, float | None, float | None, float | None]] = {}
         self._counts = {"observed": 0, "invalid": 0, "errors": 0, "devices_dropped": 0}
