@@ -190,9 +190,11 @@ def _with_attributes(span: ReadableSpan, extra: Mapping[str, Any]) -> ReadableSp
     to a span that was full.
     """
     merged = dict(span.attributes or {})
-    merged.update(extra)
-    attrs = BoundedAttributes(None, merged, immutable=True)
-    attrs.dropped = span.dropped_attributes
+    merged.update(extra)  # the span's own values are clean already; ours are primitives
+    attrs: Mapping[str, Any] = merged
+    if span.dropped_attributes:  # keep the count, at the cost of re-validating every value
+        attrs = BoundedAttributes(None, merged, immutable=True)
+        attrs.dropped = span.dropped_attributes
     return ReadableSpan(
         name=span.name,
         context=span.context,
