@@ -16,17 +16,17 @@ from pathlib import Path
 __all__ = ["main"]
 
 
-class _EnvDefaults(argparse.ArgumentParser):
-    """An ``ArgumentParser`` whose option defaults fall back to ``WATTSPAN_*`` variables."""
-
-    def add_argument(self, *args, **kw):
-        action = super().add_argument(*args, **kw)
-        if action.option_strings and action.dest not in ("help",):
+def _apply_env_defaults(parser: argparse.ArgumentParser) -> None:
+    """Let ``WATTSPAN_<DEST>`` set the default of every option of every subcommand."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _apply_env_defaults(sub)
+        elif action.option_strings and action.dest != "help":
             env = "WATTSPAN_" + action.dest.upper()
-            if env in os.environ and not isinstance(action, (argparse._StoreTrueAction, argparse._HelpAction)):
-                action.default = os.environ[env]
+            if env in os.environ and action.nargs in (None, "?") and not isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse._AppendAction)):
+                action.default = action.type(os.environ[env]) if callable(action.type) else os.environ[env]
                 action.required = False
-        return action
 
 
 def _carbon_options(p: argparse.ArgumentParser) -> None:
@@ -56,8 +56,8 @@ def carbon_model_from_args(args):
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    p = _EnvDefaults(prog="wattspan", description="Per-request energy and CO2e for AI inference servers.")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_EnvDefaults)
+    p = argparse.ArgumentParser(prog="wattspan", description="Per-request energy and CO2e for AI inference servers.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     a = sub.add_parser("attribute", help="apportion a recorded power trace to requests (offline, reproducible)")
     a.add_argument("--trace", required=True, type=Path, help="CSV: time_ns,gpu,power_w[,energy_j]")
@@ -85,6 +85,12 @@ def _build_parser() -> argparse.ArgumentParser:
     r.add_argument("--by", default="route", help="route (default), tenant, model, device, http_method or run_id")
     r.add_argument("--format", default="table", choices=["table", "csv", "json"])
     r.add_argument("--since-s", type=float, default=None, help="only the last N seconds")
+
+    b = sub.add_parser("bench", help="on demand or in batches? energy and CO2e per call, projected to a million calls")
+    from .bench import add_bench_arguments
+
+    add_bench_arguments(b)
+    _apply_env_defaults(p)
     return p
 
 
@@ -105,6 +111,11 @@ def main(argv: list[str] | None = None) -> int:
                 if int(getattr(args, name)) < 0 or int(getattr(args, name)) > 100_000:
                     raise _UsageError(f"--{name} must be between 0 and 100000")
             return run_demo(embeds=int(args.embeddings), completions=int(args.completions), concurrency=max(1, int(args.concurrency)), region=args.region, db=args.db, serve=args.serve, port=int(args.port), seed=int(args.seed))
+        if args.command == "bench":
+            _need("httpx", "tqdm", "matplotlib", extra="bench")
+            from .bench import run_bench
+
+            return run_bench(args)
         if args.command == "report":
             from ._report import run_report
 

@@ -11,6 +11,15 @@
   server-sent events (``data: {...}\\n\\n`` per token, the last chunk with
   ``finish_reason`` and ``usage``, then ``data: [DONE]\\n\\n``). The model is
   :class:`~wattspan.demo.models.TinyGenerator` (random weights: gibberish text);
+* ``POST /v1/batch``: many embeddings/completions requests in one HTTP request, run
+  together through the same batchers (see :func:`create_app`'s batch notes); the body is
+  ``{"requests": [{"custom_id": str, "method": "POST", "url": "/v1/completions" |
+  "/v1/embeddings", "body": {...}}, ...]}`` or the same items as JSON Lines (the
+  OpenAI Batch API input file, sent with content type ``application/jsonl`` or
+  ``application/x-ndjson``) -> ``{"object": "batch.result", "id": ..., "data": [{"id",
+  "custom_id", "response": {"status_code", "body"} | null, "error": null | {...}}, ...],
+  "usage": {...}}`` in the input order. It is one metered request: its energy is the
+  whole batch's;
 * ``GET /healthz``: ``{"status": "ok"}`` once both models are loaded (503 before).
 
 Batchers start (models load) in the app's lifespan and stop at shutdown; they are on
@@ -24,6 +33,7 @@ streams, ``cache-control: no-cache``.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
@@ -55,7 +65,9 @@ class DemoSettings:
     ``max_embedding_chars`` characters; completion prompts at most ``max_prompt_chars``
     characters and, as UTF-8 bytes (the generator's tokens), with ``max_tokens`` within
     the generator's context; ``max_tokens`` at most ``max_completion_tokens``; request
-    bodies at most ``max_body_bytes``. Batchers: see :class:`DynamicBatcher` and
+    bodies at most ``max_body_bytes``; ``/v1/batch`` takes at most ``max_batch_requests``
+    items in at most ``max_batch_body_bytes`` and keeps at most ``batch_concurrency`` of
+    them submitted to the batchers at once. Batchers: see :class:`DynamicBatcher` and
     :class:`EmbeddingBatcher` (``*_wait_ms`` in milliseconds).
     """
 
@@ -70,11 +82,15 @@ class DemoSettings:
     embed_max_batch_size: int = 32
     embed_max_wait_ms: float = 5.0
     max_queue: int = 64
+    max_batch_requests: int = 2048
+    max_batch_body_bytes: int = 16 << 20
+    batch_concurrency: int = 32
 
     def __post_init__(self) -> None:
         for name in ("max_embedding_inputs", "max_embedding_chars", "max_prompt_chars",
                      "max_completion_tokens", "max_body_bytes", "gen_max_batch_size",
-                     "gen_max_batch_tokens", "embed_max_batch_size", "max_queue"):
+                     "gen_max_batch_tokens", "embed_max_batch_size", "max_queue",
+                     "max_batch_requests", "max_batch_body_bytes", "batch_concurrency"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"DemoSettings.{name} must be an int >= 1, got {v!r}")
@@ -93,8 +109,8 @@ def _error(status: int, message: str, *, param: str | None = None,
                         status_code=status)
 
 
-async def _read_json(request: Request, limit: int) -> dict:
-    """The body as a JSON object, read with a size limit (also for chunked bodies)."""
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The raw body, read with a size limit (also for chunked bodies)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise _BadRequest(413, f"request body is larger than {limit} bytes", code="body_too_large")
@@ -104,8 +120,14 @@ async def _read_json(request: Request, limit: int) -> dict:
         if size > limit:
             raise _BadRequest(413, f"request body is larger than {limit} bytes", code="body_too_large")
         chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _read_json(request: Request, limit: int) -> dict:
+    """The body as a JSON object, read with a size limit (also for chunked bodies)."""
+    raw = await _read_body(request, limit)
     try:
-        body = json.loads(b"".join(chunks))
+        body = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
         raise _BadRequest(422, "request body is not valid JSON") from None
     if not isinstance(body, dict):
@@ -193,77 +215,23 @@ def create_app(*, on_step: OnStep | None = None, device: str = "gpu0", embedder:
     @app.post("/v1/embeddings")
     async def embeddings(request: Request) -> JSONResponse:
         body = await _read_json(request, s.max_body_bytes)
-        model = _check_model(body, EMBEDDING_MODEL)
-        fmt = body.get("encoding_format")
-        if fmt not in (None, "float"):
-            raise _BadRequest(422, "'encoding_format' must be 'float'", "encoding_format")
-        raw = body.get("input")
-        if isinstance(raw, str):
-            texts = [raw]
-        elif isinstance(raw, list) and raw:
-            texts = raw
-        elif raw is None:
-            raise _BadRequest(422, "'input' is required: a string or a list of strings", "input")
-        else:
-            raise _BadRequest(422, "'input' must be a non-empty string or a non-empty list of strings", "input")
-        if len(texts) > s.max_embedding_inputs:
-            raise _BadRequest(422, f"'input' has {len(texts)} items; at most {s.max_embedding_inputs} "
-                                   "per request", "input")
-        for i, t in enumerate(texts):
-            if not isinstance(t, str):
-                raise _BadRequest(422, f"'input[{i}]' must be a string", "input")
-            if not t.strip():
-                raise _BadRequest(422, f"'input[{i}]' is empty", "input")
-            if len(t) > s.max_embedding_chars:
-                raise _BadRequest(422, f"'input[{i}]' has {len(t)} characters; at most "
-                                       f"{s.max_embedding_chars}", "input")
+        model, texts = _parse_embeddings(body, s)
         vecs, toks = await request.app.state.embedding_batcher.embed(texts)
         n = int(sum(toks))
         set_tokens(prompt_tokens=n, output_tokens=0, model=model)
-        return JSONResponse({
-            "object": "list",
-            "data": [{"object": "embedding", "embedding": vecs[i].tolist(), "index": i}
-                     for i in range(len(texts))],
-            "model": model,
-            "usage": {"prompt_tokens": n, "total_tokens": n},
-        })
+        return JSONResponse(_embedding_body(model, vecs, toks))
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         body = await _read_json(request, s.max_body_bytes)
-        model = _check_model(body, COMPLETION_MODEL)
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1:
-            prompt = prompt[0]
-        if not isinstance(prompt, str):
-            raise _BadRequest(422, "'prompt' is required and must be a string", "prompt")
-        if not prompt:
-            raise _BadRequest(422, "'prompt' is empty", "prompt")
-        if len(prompt) > s.max_prompt_chars:
-            raise _BadRequest(422, f"'prompt' has {len(prompt)} characters; at most {s.max_prompt_chars}",
-                              "prompt")
-        max_tokens = _int_field(body, "max_tokens", 16, 1, s.max_completion_tokens)
-        seed = _int_field(body, "seed", None, 0, 2**63 - 1)
-        temperature = body.get("temperature", 0.0)
-        if temperature is None:
-            temperature = 0.0
-        if (not isinstance(temperature, (int, float)) or isinstance(temperature, bool)
-                or not math.isfinite(temperature) or not 0.0 <= temperature <= 2.0):
-            raise _BadRequest(422, "'temperature' must be a number between 0 and 2", "temperature")
-        stream = body.get("stream", False)
-        if not isinstance(stream, bool):
-            raise _BadRequest(422, "'stream' must be true or false", "stream")
         gb: DynamicBatcher = request.app.state.generate_batcher
-        try:
-            prompt_tokens = gb.validate(prompt, max_tokens)
-        except ValueError as exc:
-            raise _BadRequest(422, str(exc), "prompt") from None
-
+        c = _parse_completion(body, s, gb)
         cid = "cmpl-" + uuid.uuid4().hex
         created = int(time.time())
-        agen = gb.generate(prompt, max_tokens, temperature=float(temperature), seed=seed)
+        model, prompt_tokens = c.model, c.prompt_tokens
+        agen = gb.generate(c.prompt, c.max_tokens, temperature=c.temperature, seed=c.seed)
 
-        if not stream:
+        if not c.stream:
             pieces: list[str] = []
             try:
                 async for piece in agen:
@@ -271,11 +239,7 @@ def create_app(*, on_step: OnStep | None = None, device: str = "gpu0", embedder:
             finally:
                 await agen.aclose()
                 set_tokens(prompt_tokens=prompt_tokens, output_tokens=len(pieces), model=model)
-            return JSONResponse({
-                "id": cid, "object": "text_completion", "created": created, "model": model,
-                "choices": [{"text": "".join(pieces), "index": 0, "logprobs": None, "finish_reason": "length"}],
-                "usage": _usage(prompt_tokens, len(pieces)),
-            })
+            return JSONResponse(_completion_body(cid, created, model, "".join(pieces), prompt_tokens, len(pieces)))
 
         # submit and wait for the first token here, so a full queue is a 503, not a broken stream
         try:
@@ -312,9 +276,244 @@ def create_app(*, on_step: OnStep | None = None, device: str = "gpu0", embedder:
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"cache-control": "no-cache"})
 
+    @app.post("/v1/batch")
+    async def batch(request: Request) -> JSONResponse:
+        raw = await _read_body(request, s.max_batch_body_bytes)
+        ctype = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        items = _parse_batch(raw, ctype, s)
+        eb: EmbeddingBatcher = request.app.state.embedding_batcher
+        gb: DynamicBatcher = request.app.state.generate_batcher
+        # validate every item before any model work: a bad item rejects the whole batch
+        jobs = []
+        for i, (custom_id, url, body) in enumerate(items):
+            try:
+                if url == "/v1/embeddings":
+                    jobs.append((custom_id, url, _parse_embeddings(body, s)))
+                else:
+                    c = _parse_completion(body, s, gb)
+                    if c.stream:
+                        raise _BadRequest(422, "'stream' must be false in a batch", "stream")
+                    jobs.append((custom_id, url, c))
+            except _BadRequest as exc:
+                raise _BadRequest(exc.status, f"requests[{i}].body: {exc.message}", f"requests[{i}].body.{exc.param}"
+                                  if exc.param else f"requests[{i}].body", exc.type, exc.code) from None
+        gate = asyncio.Semaphore(min(s.batch_concurrency, s.max_queue))
+        created = int(time.time())
+        tokens = {"prompt": 0, "output": 0}
+        models: set[str] = set()
+
+        async def retry_busy(submit):
+            # the batch waits its turn instead of failing when the queues are full
+            delay = 0.002
+            while True:
+                try:
+                    return await submit()
+                except BatcherOverloaded:
+                    await asyncio.sleep(delay)
+                    delay = min(2 * delay, 0.05)
+
+        async def run_one(custom_id: str, url: str, job) -> dict:
+            rid = "batch_req_" + uuid.uuid4().hex
+            async with gate:
+                try:
+                    if url == "/v1/embeddings":
+                        model, texts = job
+                        vecs, toks = await retry_busy(lambda: eb.embed(texts))
+                        n = int(sum(toks))
+                        tokens["prompt"] += n
+                        models.add(model)
+                        body = _embedding_body(model, vecs, toks)
+                    else:
+                        async def generate(c=job) -> list[str]:
+                            pieces: list[str] = []
+                            agen = gb.generate(c.prompt, c.max_tokens, temperature=c.temperature, seed=c.seed)
+                            try:
+                                async for piece in agen:
+                                    pieces.append(piece)
+                            finally:
+                                await agen.aclose()
+                            return pieces
+
+                        pieces = await retry_busy(generate)
+                        tokens["prompt"] += job.prompt_tokens
+                        tokens["output"] += len(pieces)
+                        models.add(job.model)
+                        body = _completion_body("cmpl-" + uuid.uuid4().hex, created, job.model, "".join(pieces),
+                                                job.prompt_tokens, len(pieces))
+                except (BatcherClosed, RuntimeError) as exc:
+                    log.warning("batch item %r failed: %s", custom_id, exc)
+                    return {"id": rid, "custom_id": custom_id, "response": None,
+                            "error": {"code": "server_error", "message": "the model failed on this request"}}
+            return {"id": rid, "custom_id": custom_id, "response": {"status_code": 200, "body": body}, "error": None}
+
+        data = await asyncio.gather(*(run_one(*job) for job in jobs))
+        set_tokens(prompt_tokens=tokens["prompt"], output_tokens=tokens["output"],
+                   model=",".join(sorted(models)))
+        failed = sum(d["error"] is not None for d in data)
+        return JSONResponse({
+            "object": "batch.result", "id": "batch_" + uuid.uuid4().hex, "created": created,
+            "request_counts": {"total": len(data), "completed": len(data) - failed, "failed": failed},
+            "data": data,
+            "usage": {"prompt_tokens": tokens["prompt"], "completion_tokens": tokens["output"],
+                      "total_tokens": tokens["prompt"] + tokens["output"]},
+        })
+
     return app
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}
+
+
+_BATCH_URLS = ("/v1/completions", "/v1/embeddings")
+_JSONL_TYPES = ("application/jsonl", "application/x-ndjson", "application/x-jsonlines", "application/jsonlines")
+
+
+def _parse_embeddings(body: dict, s: DemoSettings) -> tuple[str, list[str]]:
+    """An embeddings request body -> ``(model, texts)``; raises :class:`_BadRequest`."""
+    model = _check_model(body, EMBEDDING_MODEL)
+    fmt = body.get("encoding_format")
+    if fmt not in (None, "float"):
+        raise _BadRequest(422, "'encoding_format' must be 'float'", "encoding_format")
+    raw = body.get("input")
+    if isinstance(raw, str):
+        texts = [raw]
+    elif isinstance(raw, list) and raw:
+        texts = raw
+    elif raw is None:
+        raise _BadRequest(422, "'input' is required: a string or a list of strings", "input")
+    else:
+        raise _BadRequest(422, "'input' must be a non-empty string or a non-empty list of strings", "input")
+    if len(texts) > s.max_embedding_inputs:
+        raise _BadRequest(422, f"'input' has {len(texts)} items; at most {s.max_embedding_inputs} "
+                               "per request", "input")
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise _BadRequest(422, f"'input[{i}]' must be a string", "input")
+        if not t.strip():
+            raise _BadRequest(422, f"'input[{i}]' is empty", "input")
+        if len(t) > s.max_embedding_chars:
+            raise _BadRequest(422, f"'input[{i}]' has {len(t)} characters; at most "
+                                   f"{s.max_embedding_chars}", "input")
+    return model, texts
+
+
+@dataclass(frozen=True, slots=True)
+class _Completion:
+    model: str
+    prompt: str
+    max_tokens: int
+    temperature: float
+    seed: int | None
+    stream: bool
+    prompt_tokens: int
+
+
+def _parse_completion(body: dict, s: DemoSettings, gb: DynamicBatcher) -> _Completion:
+    """A completions request body, checked; raises :class:`_BadRequest`."""
+    model = _check_model(body, COMPLETION_MODEL)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1:
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise _BadRequest(422, "'prompt' is required and must be a string", "prompt")
+    if not prompt:
+        raise _BadRequest(422, "'prompt' is empty", "prompt")
+    if len(prompt) > s.max_prompt_chars:
+        raise _BadRequest(422, f"'prompt' has {len(prompt)} characters; at most {s.max_prompt_chars}",
+                          "prompt")
+    max_tokens = _int_field(body, "max_tokens", 16, 1, s.max_completion_tokens)
+    seed = _int_field(body, "seed", None, 0, 2**63 - 1)
+    temperature = body.get("temperature", 0.0)
+    if temperature is None:
+        temperature = 0.0
+    if (not isinstance(temperature, (int, float)) or isinstance(temperature, bool)
+            or not math.isfinite(temperature) or not 0.0 <= temperature <= 2.0):
+        raise _BadRequest(422, "'temperature' must be a number between 0 and 2", "temperature")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise _BadRequest(422, "'stream' must be true or false", "stream")
+    try:
+        prompt_tokens = gb.validate(prompt, max_tokens)
+    except ValueError as exc:
+        raise _BadRequest(422, str(exc), "prompt") from None
+    return _Completion(model, prompt, max_tokens, float(temperature), seed, stream, prompt_tokens)
+
+
+def _embedding_body(model: str, vecs, toks) -> dict:
+    n = int(sum(toks))
+    return {
+        "object": "list",
+        "data": [{"object": "embedding", "embedding": vecs[i].tolist(), "index": i} for i in range(len(toks))],
+        "model": model,
+        "usage": {"prompt_tokens": n, "total_tokens": n},
+    }
+
+
+def _completion_body(cid: str, created: int, model: str, text: str, prompt_tokens: int, n: int) -> dict:
+    return {
+        "id": cid, "object": "text_completion", "created": created, "model": model,
+        "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": "length"}],
+        "usage": _usage(prompt_tokens, n),
+    }
+
+
+def _parse_batch(raw: bytes, content_type: str, s: DemoSettings) -> list[tuple[str, str, dict]]:
+    """A batch body (JSON ``{"requests": [...]}`` or JSON Lines) -> ``[(custom_id, url, body)]``.
+
+    Raises :class:`_BadRequest` naming the first bad item and what to fix."""
+    if content_type in _JSONL_TYPES:
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise _BadRequest(422, "batch body is not valid UTF-8") from None
+        items = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            if len(items) >= s.max_batch_requests:
+                raise _BadRequest(422, f"a batch holds at most {s.max_batch_requests} requests; split it",
+                                  "requests", code="batch_too_large")
+            try:
+                items.append(json.loads(line))
+            except ValueError:
+                raise _BadRequest(422, f"line {n} of the JSON Lines body is not valid JSON", "requests") from None
+    else:
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            raise _BadRequest(422, "request body is not valid JSON (send {\"requests\": [...]}, or JSON Lines "
+                                   "with content type application/jsonl)") from None
+        if not isinstance(body, dict) or not isinstance(body.get("requests"), list):
+            raise _BadRequest(422, "request body must be a JSON object with a 'requests' list", "requests")
+        items = body["requests"]
+    if not items:
+        raise _BadRequest(422, "the batch is empty: give at least one request", "requests")
+    if len(items) > s.max_batch_requests:
+        raise _BadRequest(422, f"the batch has {len(items)} requests; at most {s.max_batch_requests}; split it",
+                          "requests", code="batch_too_large")
+    out, seen = [], set()
+    for i, it in enumerate(items):
+        where = f"requests[{i}]"
+        if not isinstance(it, dict):
+            raise _BadRequest(422, f"{where} must be an object with custom_id, url and body", where)
+        cid = it.get("custom_id")
+        if not isinstance(cid, str) or not cid or len(cid) > 128:
+            raise _BadRequest(422, f"{where}.custom_id must be a non-empty string of at most 128 characters",
+                              f"{where}.custom_id")
+        if cid in seen:
+            raise _BadRequest(422, f"{where}.custom_id {cid[:64]!r} is used twice; custom ids must be unique",
+                              f"{where}.custom_id")
+        seen.add(cid)
+        method = it.get("method", "POST")
+        if method != "POST":
+            raise _BadRequest(422, f"{where}.method must be 'POST'", f"{where}.method")
+        url = it.get("url")
+        if url not in _BATCH_URLS:
+            raise _BadRequest(422, f"{where}.url must be one of {', '.join(_BATCH_URLS)}", f"{where}.url")
+        body = it.get("body")
+        if not isinstance(body, dict):
+            raise _BadRequest(422, f"{where}.body must be a JSON object (the request's body)", f"{where}.body")
+        out.append((cid, url, body))
+    return out
