@@ -127,6 +127,9 @@ class Meter:
         self._activity: list = []
         self._inflight: dict[str, _Inflight] = {}
         self._steps: list[tuple[int, int, str, dict]] = []
+        # bounded history for re-estimating idle and the step model (see _refit)
+        self._hist_steps: deque = deque(maxlen=200_000)
+        self._hist_reqs: deque = deque(maxlen=100_000)
         self._cursor: dict[str, int] = {}
         self._models: dict[str, StepModel] = {}
         self._idle: dict[str, float] = {}
@@ -269,6 +272,7 @@ class Meter:
                     r.ended_at = time.monotonic()
             else:
                 self._steps.append(e[1:])
+                self._hist_steps.append(e[1:])
             if out is not None:
                 out.append(e[:3] if e[0] == _END else e)
         if self.peers is not None:
@@ -291,7 +295,9 @@ class Meter:
                         if r is not None and r.peer:
                             r.end_ns = max(int(e[2]), r.start_ns)
                     elif kind == _STEP:
-                        self._steps.append((int(e[1]), int(e[2]), str(e[3]), {str(k): float(v) for k, v in e[4].items()}))
+                        st = (int(e[1]), int(e[2]), str(e[3]), {str(k): float(v) for k, v in e[4].items()})
+                        self._steps.append(st)
+                        self._hist_steps.append(st)
                 except (IndexError, TypeError, ValueError, AttributeError):
                     self.counters["pass_errors"] += 1
         gone = self.peers.take_gone()
@@ -415,13 +421,21 @@ class Meter:
         trace = self.sampler.trace(dev, since_ns=lo)
         if len(trace) < 10:
             return
-        steps_rows = [s for s in self._steps if s[2] == dev and s[0] >= lo]
-        # finished requests are gone by now; each one's steps bound its lifetime
+        steps_rows = [s for s in self._hist_steps if s[2] == dev and s[1] > lo]
         span: dict[str, list[int]] = {}
-        for s, e, _, tok in steps_rows:
+        for rid, a, b, d in self._hist_reqs:
+            if d == dev and b > lo:
+                span[rid] = [a, b]
+        for rid, r in self._inflight.items():
+            if r.device == dev and r.start_ns < cut:
+                span[rid] = [r.start_ns, min(r.end_ns if r.end_ns is not None else cut, cut)]
+        for s, e, _, tok in steps_rows:  # a step may name a request we never saw begin
             for k in tok:
-                b = span.setdefault(k, [s, e])
-                b[0], b[1] = min(b[0], s), max(b[1], e)
+                if k not in span:
+                    span[k] = [s, e]
+                else:
+                    b = span[k]
+                    b[0], b[1] = min(b[0], s), max(b[1], e)
         rows = [{"id": k, "start_ns": b[0], "end_ns": b[1], "device": dev} for k, b in span.items()]
         req = Requests.from_records(rows)
         steps = Steps.from_records([{"start_ns": s, "end_ns": e, "device": d, "requests": tok} for (s, e, d, tok) in steps_rows], req) if steps_rows else None
@@ -429,7 +443,7 @@ class Meter:
         d = res.devices.get(dev)
         if d is None:
             return
-        if self.idle_w is None and d.idle_source == "idle-periods":
+        if self.idle_w is None and (d.idle_source == "idle-periods" or (d.idle_source == "fit-intercept" and dev not in self._idle)):
             self._idle[dev] = d.idle_w
         if d.model is not None and d.model.rows >= 20:
             self._models[dev] = d.model
@@ -440,6 +454,7 @@ class Meter:
             r = self._inflight.get(rid)
             if r is not None and r.end_ns is not None and r.end_ns <= cut:
                 r = self._inflight.pop(rid)
+                self._hist_reqs.append((rid, r.start_ns, r.end_ns, r.device))
                 if not r.peer:
                     done.append((rid, r))
         if not done:

@@ -1,0 +1,661 @@
+"""A metering proxy in front of any OpenAI-compatible server (``vllm serve``, SGLang, TGI, llama.cpp).
+
+Put it between the clients and the model server; each ``/v1/*`` request gets a
+:class:`~wattspan.RequestRecord` with its energy, CO2e, model and token counts::
+
+    vllm serve Qwen/Qwen2.5-0.5B-Instruct --port 8000
+    wattspan proxy --upstream http://127.0.0.1:8000 --port 8080
+    curl http://127.0.0.1:8080/v1/chat/completions -H 'content-type: application/json' -d '{"model": ..., "messages": [...]}'
+
+In Python: ``uvicorn.run(create_proxy("http://127.0.0.1:8000", meter=meter), port=8080)``.
+Add ``--steps-listen 127.0.0.1:8791`` here and ``WATTSPAN_VLLM_STEPS=127.0.0.1:8791``
+on ``vllm serve`` to have vLLM's batch steps split the energy by tokens
+(see :mod:`wattspan.integrations.vllm`).
+
+What it does with a request:
+
+* forwards ``/v1/<anything>`` (chat/completions, completions, embeddings,
+  models, ...) to ``upstream`` + the same path and query, over one shared
+  ``httpx.AsyncClient`` (a connection pool); other paths answer 404, and
+  ``GET /healthz`` answers 200 (neither is metered);
+* forwards only the request headers in ``forward_headers`` (an allowlist;
+  ``name*`` allows a prefix), never hop-by-hop ones, and adds
+  ``X-Request-Id: <wattspan's request id>`` (replacing any the client sent) so
+  the upstream names the request by it - vLLM builds its engine request ids
+  from that header;
+* reads the ``model`` from the JSON body and the token counts from the
+  response's ``usage`` (``prompt_tokens``, ``completion_tokens``) and reports
+  them with :func:`wattspan.set_tokens`;
+* streams responses through as they arrive (SSE included), byte for byte.
+
+Streaming usage, decided: when a client streams chat/completions or
+completions without ``stream_options.include_usage: true``, the proxy adds it
+(``include_usage=True``, the default), so the upstream ends the stream with a
+usage chunk; the proxy reads that chunk and does not forward it, so the client
+receives exactly the events it would have received without the option. (An
+OpenAI-style server that rejects ``stream_options`` needs ``include_usage=False``;
+then streamed requests carry no token counts unless the client asks for usage.)
+A client that asks for usage gets the chunk, and the proxy reads it too.
+
+Failure modes: a request body over ``max_body_bytes`` -> 413; the upstream
+unreachable or failing before its response headers -> 502; no answer within
+``timeout_s`` (for the connection, the headers, or between two body chunks)
+-> 504; the connection pool exhausted for ``timeout_s`` -> 503. Errors are
+JSON in OpenAI's shape ``{"error": {"message", "type", "code"}}``. If the
+upstream fails in the middle of a body, the client's connection is closed
+without completing the response. A client that disconnects closes the
+upstream request (vLLM then aborts it).
+
+Privacy: the proxy never logs or stores a request or response body: it keeps
+only the model name, the token counts and the route template.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Iterable
+from urllib.parse import urlsplit
+
+from wattspan._context import current_request_id, set_tokens
+
+__all__ = ["DEFAULT_FORWARD_HEADERS", "OpenAIProxy", "create_proxy", "run_proxy"]
+
+log = logging.getLogger("wattspan")
+
+DEFAULT_FORWARD_HEADERS: tuple[str, ...] = (
+    "authorization",
+    "content-type",
+    "accept",
+    "user-agent",
+    "openai-organization",
+    "openai-project",
+    "openai-beta",
+    "x-stainless-*",
+    "traceparent",
+    "tracestate",
+    "baggage",
+)
+
+# RFC 9110 7.6.1 hop-by-hop headers, plus ones a proxy must set itself
+_HOP_BY_HOP = frozenset(
+    {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade"}
+)
+_NEVER_FORWARD = _HOP_BY_HOP | {"host", "content-length", "x-request-id", "accept-encoding", "expect"}
+_RESPONSE_DROP = _HOP_BY_HOP | {"date", "server"}  # uvicorn sets its own date and server
+
+_ROUTES = {
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/v1/models",
+    "/v1/responses",
+    "/v1/audio/transcriptions",
+    "/v1/audio/translations",
+    "/v1/score",
+    "/v1/rerank",
+    "/v1/moderations",
+    "/v1/images/generations",
+}
+_STREAM_USAGE_PATHS = ("/v1/chat/completions", "/v1/completions")
+_MAX_JSON_USAGE = 256 << 10  # parse non-streamed responses up to this size; beyond (embeddings), scan the tail for usage
+_TAIL = 64 << 10
+_MAX_SSE_EVENT = 1 << 20
+_PROMPT_RE = re.compile(rb'"prompt_tokens"\s*:\s*(\d+)')
+_COMPLETION_RE = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
+
+
+class _Route:
+    """What EnergyMiddleware reads as the route template (``scope["route"].path``)."""
+
+    __slots__ = ("path",)
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+
+_ROUTE_OBJS = {p: _Route(p) for p in _ROUTES}
+_MODEL_ROUTE = _Route("/v1/models/{model}")
+_OTHER_ROUTE = _Route("/v1/{path}")
+
+
+def _route_for(path: str) -> _Route:
+    r = _ROUTE_OBJS.get(path.rstrip("/") or path)
+    if r is not None:
+        return r
+    if path.startswith("/v1/models/"):
+        return _MODEL_ROUTE
+    return _OTHER_ROUTE
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class _Disconnected(Exception):
+    pass
+
+
+def _error_body(status: int, message: str, kind: str) -> bytes:
+    return json.dumps({"error": {"message": message, "type": kind, "param": None, "code": status}}).encode()
+
+
+async def _send_error(send, status: int, message: str, kind: str) -> None:
+    body = _error_body(status, message, kind)
+    await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+def _as_int(v) -> int | None:
+    return v if type(v) is int and v >= 0 else None
+
+
+class _Usage:
+    """Token counts seen in a response."""
+
+    __slots__ = ("prompt", "completion")
+
+    def __init__(self) -> None:
+        self.prompt: int | None = None
+        self.completion: int | None = None
+
+    def take(self, usage) -> bool:
+        if not isinstance(usage, dict):
+            return False
+        p, c = _as_int(usage.get("prompt_tokens")), _as_int(usage.get("completion_tokens"))
+        if p is None and c is None:
+            return False
+        if p is not None:
+            self.prompt = p
+        if c is not None:
+            self.completion = c
+        return True
+
+
+class _SSEScanner:
+    """Finds the usage in a server-sent-event stream; with ``strip``, drops the usage-only event.
+
+    Without ``strip`` the bytes are forwarded as they come and the scanner only
+    looks; with it, only complete events are forwarded (an event is of no use
+    to the client before its blank line anyway), so one can be left out.
+    """
+
+    __slots__ = ("strip", "usage", "buf", "broken")
+
+    def __init__(self, strip: bool, usage: _Usage) -> None:
+        self.strip = strip
+        self.usage = usage
+        self.buf = b""
+        self.broken = False
+
+    def feed(self, chunk: bytes) -> bytes:
+        if self.broken:
+            return chunk
+        start = max(0, len(self.buf) - 3)
+        buf = self.buf + chunk
+        out: list[bytes] = []
+        pos = 0
+        while True:
+            end = _event_end(buf, max(pos, start))
+            if end < 0:
+                break
+            ev = buf[pos:end]
+            if self._keep(ev):
+                out.append(ev)
+            pos = end
+            start = end
+        self.buf = buf[pos:]
+        if len(self.buf) > _MAX_SSE_EVENT:  # not SSE as we know it: stop looking, pass through
+            self.broken = True
+            if self.strip:
+                out.append(self.buf)
+            self.buf = b""
+        return b"".join(out) if self.strip else chunk
+
+    def finish(self) -> bytes:
+        rest, self.buf = self.buf, b""
+        if rest and not self.broken:
+            keep = self._keep(rest)
+            return rest if (self.strip and keep) else b""
+        return b""
+
+    def _keep(self, ev: bytes) -> bool:
+        if b'"usage"' not in ev:
+            return True
+        data = b"\n".join(line[5:].strip() for line in ev.replace(b"\r", b"").split(b"\n") if line.startswith(b"data:"))
+        try:
+            obj = json.loads(data)
+        except ValueError:
+            return True
+        if not isinstance(obj, dict):
+            return True
+        found = self.usage.take(obj.get("usage"))
+        return not (self.strip and found and obj.get("choices") == [])
+
+
+def _event_end(buf: bytes, start: int) -> int:
+    """Index just past the first event terminator (blank line) at or after ``start``, or -1."""
+    a = buf.find(b"\n\n", start)
+    b = buf.find(b"\r\n\r\n", start)
+    if a < 0 and b < 0:
+        return -1
+    if b < 0 or (0 <= a < b):
+        return a + 2
+    return b + 4
+
+
+def _allow(names: Iterable[str]) -> tuple[frozenset[str], tuple[str, ...]]:
+    exact, prefixes = set(), []
+    for n in names:
+        if not isinstance(n, str) or not n.strip():
+            raise ValueError(f"forward_headers entries must be header names, got {n!r}")
+        n = n.strip().lower()
+        base = n[:-1] if n.endswith("*") else n
+        if base in _HOP_BY_HOP or base == "host":
+            raise ValueError(f"forward_headers: {n!r} is a hop-by-hop header; a proxy never forwards it")
+        if n.endswith("*"):
+            prefixes.append(base)
+        else:
+            exact.add(n)
+    return frozenset(exact), tuple(prefixes)
+
+
+class OpenAIProxy:
+    """The proxy's ASGI app; :func:`create_proxy` builds it. ``stats`` counts outcomes."""
+
+    def __init__(
+        self,
+        upstream: str,
+        *,
+        meter=None,
+        device="gpu0",
+        timeout_s: float = 600.0,
+        connect_timeout_s: float = 10.0,
+        max_body_bytes: int = 8 << 20,
+        forward_headers: Iterable[str] = DEFAULT_FORWARD_HEADERS,
+        include_usage: bool = True,
+        max_connections: int = 512,
+        request_id_header: str | None = None,
+        tenant: str = "x-tenant-id",
+        steps_listen: str | None = None,
+    ) -> None:
+        from wattspan._asgi import EnergyMiddleware
+
+        self.upstream = _check_upstream(upstream)
+        if not (timeout_s > 0 and connect_timeout_s > 0):
+            raise ValueError(f"timeout_s and connect_timeout_s must be > 0 seconds, got {timeout_s!r} and {connect_timeout_s!r}")
+        if not (isinstance(max_body_bytes, int) and max_body_bytes > 0):
+            raise ValueError(f"max_body_bytes must be a positive number of bytes, got {max_body_bytes!r}")
+        if not (isinstance(max_connections, int) and max_connections > 0):
+            raise ValueError(f"max_connections must be a positive integer, got {max_connections!r}")
+        self.timeout_s = float(timeout_s)
+        self.connect_timeout_s = float(min(connect_timeout_s, timeout_s))
+        self.max_body_bytes = max_body_bytes
+        self.include_usage = bool(include_usage)
+        self.max_connections = max_connections
+        self._allow_exact, self._allow_prefix = _allow(forward_headers)
+        self.stats = {"requests": 0, "upstream_errors": 0, "timeouts": 0, "too_large": 0, "disconnects": 0, "usage_injected": 0, "usage_missing": 0}
+        self._client = None
+        self.metered = EnergyMiddleware(self._proxy, meter=meter, device=device, tenant=tenant, request_id_header=request_id_header)
+        self.steps = None
+        if steps_listen:
+            from ._relay import StepReceiver
+
+            self.steps = StepReceiver(lambda: self.metered.meter, steps_listen)
+
+    @property
+    def meter(self):
+        return self.metered.meter
+
+    # ------------------------------------------------------------------ ASGI
+
+    async def __call__(self, scope, receive, send) -> None:
+        t = scope["type"]
+        if t == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if t != "http":
+            if t == "websocket":
+                await send({"type": "websocket.close", "code": 1008})
+            return
+        path = scope.get("path", "")
+        if path.startswith("/v1/"):
+            await self.metered(scope, receive, send)
+        elif path == "/healthz" and scope.get("method") in ("GET", "HEAD"):
+            body = b'{"status":"ok"}'
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body if scope.get("method") == "GET" else b""})
+        else:
+            await _send_error(send, 404, "not found: this proxy serves /v1/*", "not_found_error")
+
+    async def _lifespan(self, receive, send) -> None:
+        while True:
+            msg = await receive()
+            if msg["type"] == "lifespan.startup":
+                try:
+                    self._http()
+                except Exception as exc:  # pragma: no cover - httpx missing
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif msg["type"] == "lifespan.shutdown":
+                await self.aclose()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    def _http(self):
+        if self._client is None:
+            try:
+                import httpx
+            except ImportError:  # pragma: no cover
+                raise RuntimeError("the metering proxy needs httpx: pip install 'wattspan[demo]' or pip install httpx") from None
+            self._client = httpx.AsyncClient(
+                timeout=httpx.Timeout(self.timeout_s, connect=self.connect_timeout_s),
+                limits=httpx.Limits(max_connections=self.max_connections, max_keepalive_connections=min(self.max_connections, 128)),
+                follow_redirects=False,
+                trust_env=False,
+            )
+        return self._client
+
+    async def aclose(self) -> None:
+        """Close the connection pool and the step receiver."""
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
+        if self.steps is not None:
+            self.steps.close()
+
+    # ------------------------------------------------------------------ one request
+
+    async def _read_body(self, scope, receive) -> bytes:
+        limit = self.max_body_bytes
+        for k, v in scope.get("headers", ()):
+            if k == b"content-length":
+                try:
+                    if int(v) > limit:
+                        raise _TooLarge
+                except ValueError:
+                    pass
+        parts, size = [], 0
+        while True:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                raise _Disconnected
+            chunk = msg.get("body", b"")
+            if chunk:
+                size += len(chunk)
+                if size > limit:
+                    raise _TooLarge
+                parts.append(chunk)
+            if not msg.get("more_body", False):
+                return b"".join(parts)
+
+    def _headers(self, scope) -> list[tuple[bytes, bytes]]:
+        exact, prefixes = self._allow_exact, self._allow_prefix
+        connection_named: set[str] = set()
+        for k, v in scope.get("headers", ()):
+            if k == b"connection":
+                connection_named.update(x.strip().lower() for x in v.decode("latin-1").split(","))
+        out = []
+        for k, v in scope.get("headers", ()):
+            name = k.decode("latin-1").lower()
+            if name in _NEVER_FORWARD or name in connection_named:
+                continue
+            if name in exact or (prefixes and name.startswith(prefixes)):
+                out.append((k, v))
+        rid = current_request_id()
+        if rid:
+            out.append((b"x-request-id", rid.encode()))
+        out.append((b"accept-encoding", b"identity"))  # pass bodies through as the upstream sends them
+        return out
+
+    async def _inspect(self, scope, body: bytes) -> tuple[bytes, str | None, bool]:
+        """The body to send, the model it names, and whether usage was injected into a stream request."""
+        if scope.get("method") != "POST" or body.lstrip()[:1] != b"{":
+            return body, None, False  # not a JSON object (multipart audio, say): forwarded untouched
+        try:
+            if len(body) > (1 << 20):
+                import anyio
+
+                obj = await anyio.to_thread.run_sync(json.loads, body)
+            else:
+                obj = json.loads(body)
+        except (ValueError, RecursionError):
+            return body, None, False  # the upstream will say what is wrong with it
+        if not isinstance(obj, dict):
+            return body, None, False
+        model = obj.get("model")
+        model = model[:128] if isinstance(model, str) else None
+        path = scope.get("path", "").rstrip("/")
+        if self.include_usage and obj.get("stream") is True and path in _STREAM_USAGE_PATHS:
+            so = obj.get("stream_options")
+            if so is None or (isinstance(so, dict) and so.get("include_usage") is not True and "continuous_usage_stats" not in so):
+                obj["stream_options"] = {**(so or {}), "include_usage": True}
+                self.stats["usage_injected"] += 1
+                return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode(), model, True
+        return body, model, False
+
+    async def _proxy(self, scope, receive, send) -> None:
+        import anyio
+        import httpx
+
+        self.stats["requests"] += 1
+        scope["route"] = _route_for(scope.get("path", ""))
+        try:
+            body = await self._read_body(scope, receive)
+        except _TooLarge:
+            self.stats["too_large"] += 1
+            await _send_error(send, 413, f"request body larger than {self.max_body_bytes} bytes", "invalid_request_error")
+            return
+        except _Disconnected:
+            self.stats["disconnects"] += 1
+            return
+        body, model, injected = await self._inspect(scope, body)
+        if model:
+            set_tokens(model=model)
+
+        raw_path = scope.get("raw_path")  # still percent-encoded: /v1/models/org%2Fname stays one segment
+        url = self.upstream + (raw_path.decode("latin-1") if raw_path else scope.get("path", ""))
+        if scope.get("query_string"):
+            url += "?" + scope["query_string"].decode("latin-1")
+        client = self._http()
+        request = client.build_request(scope.get("method", "GET"), url, headers=self._headers(scope), content=body)
+        state = {"started": False, "done": False}
+
+        async with anyio.create_task_group() as tg:
+
+            async def watch_disconnect() -> None:
+                while True:
+                    msg = await receive()
+                    if msg["type"] == "http.disconnect":
+                        if not state["done"]:  # uvicorn also says so once the response is complete
+                            self.stats["disconnects"] += 1
+                            tg.cancel_scope.cancel()
+                        return
+
+            tg.start_soon(watch_disconnect)
+            try:
+                await self._exchange(client, request, send, injected, state)
+            except httpx.PoolTimeout:
+                await self._fail(send, state, 503, "no upstream connection free within the timeout", "upstream_busy")
+            except httpx.TimeoutException:
+                self.stats["timeouts"] += 1
+                await self._fail(send, state, 504, f"upstream did not answer within {self.timeout_s:g} s", "upstream_timeout")
+            except httpx.ConnectError as exc:
+                self.stats["upstream_errors"] += 1
+                await self._fail(send, state, 502, f"upstream unavailable ({type(exc).__name__})", "upstream_unavailable")
+            except httpx.HTTPError as exc:
+                self.stats["upstream_errors"] += 1
+                await self._fail(send, state, 502, f"upstream failed ({type(exc).__name__})", "upstream_error")
+            tg.cancel_scope.cancel()
+
+    async def _fail(self, send, state: dict, status: int, message: str, kind: str) -> None:
+        if state["started"]:
+            # mid-body: return without completing the response, so the client sees a broken one
+            log.warning("wattspan proxy: %s after the response started; closing the client's connection", message)
+            return
+        log.warning("wattspan proxy: %s -> %d", message, status)
+        await _send_error(send, status, message, kind)
+
+    async def _exchange(self, client, request, send, injected: bool, state: dict) -> None:
+        import anyio
+
+        response = await client.send(request, stream=True)
+        try:
+            ctype = response.headers.get("content-type", "").lower()
+            is_sse = ctype.startswith("text/event-stream")
+            usage = _Usage()
+            scanner = _SSEScanner(strip=injected, usage=usage) if is_sse else None
+            headers = [
+                (k, v)
+                for k, v in response.headers.raw
+                if k.lower() not in _RESPONSE_DROP and not (is_sse and k.lower() == b"content-length")
+            ]
+            await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
+            state["started"] = True
+            ok_json = (not is_sse) and 200 <= response.status_code < 300 and "json" in ctype
+            held: list[bytes] = []
+            held_n = 0
+            tail = b""
+            async for chunk in response.aiter_raw():
+                if scanner is not None:
+                    out = scanner.feed(chunk)
+                else:
+                    out = chunk
+                    if ok_json:
+                        if held_n <= _MAX_JSON_USAGE:
+                            held.append(chunk)
+                            held_n += len(chunk)
+                        tail = (tail + chunk)[-_TAIL:]
+                if out:
+                    await send({"type": "http.response.body", "body": out, "more_body": True})
+            if scanner is not None:
+                rest = scanner.finish()
+                if rest:
+                    await send({"type": "http.response.body", "body": rest, "more_body": True})
+            elif ok_json:
+                _json_usage(held, held_n, tail, usage)
+            self._report(usage, expected=ok_json or is_sse)
+            state["done"] = True
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            with anyio.CancelScope(shield=True):  # close the upstream request even when the client left
+                await response.aclose()
+
+    def _report(self, usage: _Usage, *, expected: bool) -> None:
+        if usage.prompt is None and usage.completion is None:
+            if expected:
+                self.stats["usage_missing"] += 1
+            return
+        set_tokens(prompt_tokens=usage.prompt, output_tokens=usage.completion)
+
+
+def _json_usage(held: list[bytes], n: int, tail: bytes, usage: _Usage) -> None:
+    if n <= _MAX_JSON_USAGE:
+        try:
+            obj = json.loads(b"".join(held))
+        except ValueError:
+            return
+        if isinstance(obj, dict):
+            usage.take(obj.get("usage"))
+        return
+    p = _PROMPT_RE.findall(tail)
+    c = _COMPLETION_RE.findall(tail)
+    usage.take({"prompt_tokens": int(p[-1]) if p else None, "completion_tokens": int(c[-1]) if c else None})
+
+
+def _check_upstream(upstream: str) -> str:
+    if not isinstance(upstream, str) or not upstream.strip():
+        raise ValueError("upstream must be the model server's base URL, e.g. http://127.0.0.1:8000")
+    u = upstream.strip().rstrip("/")
+    parts = urlsplit(u)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"upstream {upstream!r} is not an http(s) URL with a host; write it like http://127.0.0.1:8000")
+    if parts.query or parts.fragment:
+        raise ValueError(f"upstream {upstream!r} must not have a query or fragment")
+    try:
+        parts.port
+    except ValueError:
+        raise ValueError(f"upstream {upstream!r} has an invalid port") from None
+    if u.endswith("/v1"):  # the proxy forwards /v1/... itself
+        u = u[:-3]
+    return u
+
+
+def create_proxy(
+    upstream: str,
+    *,
+    meter=None,
+    device="gpu0",
+    timeout_s: float = 600.0,
+    connect_timeout_s: float = 10.0,
+    max_body_bytes: int = 8 << 20,
+    forward_headers: Iterable[str] = DEFAULT_FORWARD_HEADERS,
+    include_usage: bool = True,
+    max_connections: int = 512,
+    request_id_header: str | None = None,
+    tenant: str = "x-tenant-id",
+    steps_listen: str | None = None,
+) -> OpenAIProxy:
+    """An ASGI app that meters every ``/v1/*`` request it forwards to ``upstream``.
+
+    ``upstream``: the OpenAI-compatible server's base URL (``http://host:port``;
+    a trailing ``/v1`` is dropped). ``meter``: the :class:`~wattspan.Meter`
+    (default: the process's). ``device``: the device the upstream runs on, or a
+    callable ``scope -> name``. ``timeout_s``: the most seconds to wait for the
+    upstream's headers or its next body chunk (then 504); ``connect_timeout_s``
+    for the connection. ``max_body_bytes``: larger request bodies get 413.
+    ``forward_headers``: request headers forwarded (allowlist, ``prefix*``
+    allowed). ``include_usage``: ask streaming upstreams for usage (see the
+    module's docstring). ``max_connections``: the upstream connection pool.
+    ``request_id_header``: also return wattspan's request id in this response
+    header. ``tenant``: the header naming the tenant. ``steps_listen``: listen
+    here for batch steps from the upstream's engine (``host:port`` or
+    ``unix:/path``; see :mod:`wattspan.integrations.vllm`).
+    Raises ``ValueError`` naming a bad argument.
+    """
+    return OpenAIProxy(
+        upstream,
+        meter=meter,
+        device=device,
+        timeout_s=timeout_s,
+        connect_timeout_s=connect_timeout_s,
+        max_body_bytes=max_body_bytes,
+        forward_headers=forward_headers,
+        include_usage=include_usage,
+        max_connections=max_connections,
+        request_id_header=request_id_header,
+        tenant=tenant,
+        steps_listen=steps_listen,
+    )
+
+
+def run_proxy(
+    upstream: str,
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    *,
+    meter=None,
+    device: str = "gpu0",
+    timeout_s: float = 600.0,
+    max_body_bytes: int = 8 << 20,
+    include_usage: bool = True,
+    steps_listen: str | None = None,
+    request_id_header: str | None = None,
+    log_level: str = "info",
+) -> None:
+    """Serve the metering proxy with uvicorn until interrupted (``wattspan proxy --upstream URL``)."""
+    import uvicorn
+
+    app = create_proxy(
+        upstream,
+        meter=meter,
+        device=device,
+        timeout_s=timeout_s,
+        max_body_bytes=max_body_bytes,
+        include_usage=include_usage,
+        steps_listen=steps_listen,
+        request_id_header=request_id_header,
+    )
+    uvicorn.run(app, host=host, port=port, log_level=log_level, lifespan="on")
