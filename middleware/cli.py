@@ -86,6 +86,16 @@ def _build_parser() -> argparse.ArgumentParser:
     r.add_argument("--format", default="table", choices=["table", "csv", "json"])
     r.add_argument("--since-s", type=float, default=None, help="only the last N seconds")
 
+    x = sub.add_parser("proxy", help="a metering proxy in front of an OpenAI-compatible server (vllm serve, ...)")
+    x.add_argument("--upstream", required=True, help="the server to forward /v1/* to, e.g. http://127.0.0.1:8000")
+    x.add_argument("--host", default="127.0.0.1")
+    x.add_argument("--port", type=int, default=8080)
+    x.add_argument("--device", default="gpu0", help="the accelerator the upstream serves on (default gpu0)")
+    x.add_argument("--timeout-s", type=float, default=600.0)
+    x.add_argument("--max-body-bytes", type=int, default=8 << 20)
+    x.add_argument("--steps-listen", default=None, help="host:port or unix:/path where the vLLM hook in the upstream sends its batch steps")
+    x.add_argument("--no-include-usage", action="store_true", help="do not ask a streaming upstream for usage (for servers that reject stream_options)")
+
     b = sub.add_parser("bench", help="on demand or in batches? energy and CO2e per call, projected to a million calls")
     from .bench import add_bench_arguments
 
@@ -116,6 +126,12 @@ def main(argv: list[str] | None = None) -> int:
             from .bench import run_bench
 
             return run_bench(args)
+        if args.command == "proxy":
+            _need("httpx", "uvicorn", "starlette", extra="serve")
+            from wattspan.integrations.openai_proxy import run_proxy
+
+            run_proxy(args.upstream, host=args.host, port=int(args.port), device=args.device, timeout_s=float(args.timeout_s), max_body_bytes=int(args.max_body_bytes), include_usage=not args.no_include_usage, steps_listen=args.steps_listen)
+            return 0
         if args.command == "report":
             from ._report import run_report
 
