@@ -7,8 +7,9 @@
    whole process (the meter's background thread included, until every record
    is final) is divided by the requests. Extra = variant minus bare.
 2. Throughput on loopback: each variant served by uvicorn (one worker) in its
-   own process, loaded by ``wrk`` (Debian's package) from another; best of two
-   interleaved rounds. Ratio = variant / bare.
+   own process (BLAS on one thread), loaded by ``wrk`` (Debian's package) from
+   another; best of three interleaved rounds, on the trivial endpoint and on one
+   doing about a millisecond of CPU work. Ratio = variant / bare.
 
 Writes ``benchmarks/results/overhead.md``.
 """
@@ -71,9 +72,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def throughput(variant: str, seconds: int) -> float:
+def throughput(variant: str, seconds: int, path: str = "/") -> float:
     port = _free_port()
-    env = {**os.environ, "WATTSPAN_BENCH_VARIANT": variant, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "WATTSPAN_BENCH_VARIANT": variant, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
     srv = subprocess.Popen([sys.executable, "-m", "uvicorn", "benchmarks.overhead_app:app", "--port", str(port), "--log-level", "warning", "--no-access-log"], env=env, cwd=ROOT)
     try:
         deadline = time.monotonic() + 30
@@ -85,8 +86,9 @@ def throughput(variant: str, seconds: int) -> float:
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"{variant} server did not start")
                 time.sleep(0.1)
-        subprocess.run(["wrk", "-t1", "-c16", "-d1s", f"http://127.0.0.1:{port}/"], capture_output=True, check=True)  # warm up
-        out = subprocess.run(["wrk", "-t1", "-c16", f"-d{seconds}s", f"http://127.0.0.1:{port}/"], capture_output=True, text=True, check=True).stdout
+        url = f"http://127.0.0.1:{port}{path}"
+        subprocess.run(["wrk", "-t1", "-c16", "-d1s", url], capture_output=True, check=True)  # warm up
+        out = subprocess.run(["wrk", "-t1", "-c16", f"-d{seconds}s", url], capture_output=True, text=True, check=True).stdout
         return float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     finally:
         srv.terminate()
@@ -106,22 +108,25 @@ def main() -> None:
         out = subprocess.run([sys.executable, __file__, "--_cpu", v, "--requests", str(a.requests)], capture_output=True, text=True, cwd=ROOT, check=True)
         cpu[v] = float(out.stdout.strip().splitlines()[-1])
     rps = {v: 0.0 for v in VARIANTS}
+    work = {v: 0.0 for v in VARIANTS}
     if shutil.which("wrk"):
-        for _ in range(2):
+        for _ in range(3):
             for v in VARIANTS:
                 rps[v] = max(rps[v], throughput(v, a.seconds))
+                work[v] = max(work[v], throughput(v, a.seconds, "/work"))
     lines = [
         "# Overhead on the server being measured",
         "",
         f"Command: `python benchmarks/overhead.py --requests {a.requests} --seconds {a.seconds}`",
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; a trivial Starlette endpoint returning `ok`.",
         "",
-        "| variant | CPU us/request | extra vs bare | loopback req/s (wrk -c16) | vs bare |",
-        "|---|---:|---:|---:|---:|",
+        "| variant | CPU us/request | extra vs bare | trivial `/`: req/s (wrk -c16) | vs bare | `/work` (~1 ms of Python): req/s | vs bare |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for v in VARIANTS:
         ratio = f"{rps[v] / rps['bare']:.3f}x" if rps["bare"] else "n/a"
-        lines.append(f"| {v} | {cpu[v]:.1f} | {cpu[v] - cpu['bare']:+.1f} | {rps[v]:,.0f} | {ratio} |")
+        wratio = f"{work[v] / work['bare']:.3f}x" if work["bare"] else "n/a"
+        lines.append(f"| {v} | {cpu[v]:.1f} | {cpu[v] - cpu['bare']:+.1f} | {rps[v]:,.0f} | {ratio} | {work[v]:,.0f} | {wratio} |")
     w = cpu["wattspan"] - cpu["bare"]
     wx = cpu["otel+wattspan"] - cpu["otel"]
     o = cpu["otel"] - cpu["bare"]

@@ -25,6 +25,11 @@ async def hello(request):
     return PlainTextResponse("ok")
 
 
+async def work(request):
+    """About a millisecond of pure-Python CPU: a stand-in for an endpoint that does real work."""
+    return PlainTextResponse(str(sum(i * i for i in range(25_000))))
+
+
 def _meter(export: bool, tracer_provider=None):
     from wattspan import DeviceTrace, Meter
     from wattspan.carbon import CarbonModel
@@ -71,7 +76,7 @@ def _tracer_provider(with_wattspan: bool):
 def create(variant: str):
     if variant not in VARIANTS:
         raise SystemExit(f"WATTSPAN_BENCH_VARIANT must be one of {VARIANTS}, got {variant!r}")
-    app = Starlette(routes=[Route("/", hello)])
+    app = Starlette(routes=[Route("/", hello), Route("/work", work)])
     meter = None
     if variant == "wattspan":
         from wattspan import EnergyMiddleware

@@ -357,19 +357,27 @@ class Meter:
             self._steps = [s for s in self._steps if s[1] > low]
 
     def _period_inputs(self, dev: str, rids: list[str], cut: int):
-        rows = []
-        for rid in rids:
-            r = self._inflight[rid]
-            rows.append({"id": rid, "start_ns": r.start_ns, "end_ns": min(r.end_ns if r.end_ns is not None else cut, cut), "device": dev})
-        req = Requests.from_records(rows)
-        known = set(rids)
-        srows = [
-            {"start_ns": s, "end_ns": e, "device": d, "requests": {k: v for k, v in tok.items() if k in known}}
-            for (s, e, d, tok) in self._steps
-            if d == dev
-        ]
-        srows = [s for s in srows if s["requests"]]
-        steps = Steps.from_records(srows, req) if srows else None
+        """The requests (clipped to ``cut``) and batch steps of one pass, columnar."""
+        objs = [self._inflight[rid] for rid in rids]
+        n = len(objs)
+        end = np.fromiter((cut if o.end_ns is None else o.end_ns for o in objs), np.int64, n)
+        req = Requests(
+            ids=np.array(rids, dtype=object),
+            start_ns=np.fromiter((o.start_ns for o in objs), np.int64, n),
+            end_ns=np.minimum(end, cut),
+            device=np.full(n, dev, dtype=object),
+            weight=np.ones(n),
+        )
+        steps = None
+        if self._steps:
+            known = set(rids)
+            srows = []
+            for s, e, d, tok in self._steps:
+                if d == dev:
+                    mine = {k: v for k, v in tok.items() if k in known}
+                    if mine:
+                        srows.append({"start_ns": s, "end_ns": e, "device": d, "requests": mine})
+            steps = Steps.from_records(srows, req) if srows else None
         return req, steps
 
     def _attribute(self, dev: str, info, cur: int, cut: int, rids: list[str]) -> None:
@@ -396,15 +404,15 @@ class Meter:
                     self.counters["sink_errors"] += 1
                     log.exception("a device sink failed")
         lo, hi = d.t0_ns, d.t1_ns
-        for i, rid in enumerate(rids):
+        for rid, dj, ij, ds, meth in zip(rids, res.dynamic_j.tolist(), res.idle_j.tolist(), res.device_s.tolist(), res.method.tolist()):
             r = self._inflight[rid]
-            r.dynamic_j += float(res.dynamic_j[i])
-            r.idle_j += float(res.idle_j[i])
-            r.device_s += float(res.device_s[i])
+            r.dynamic_j += dj
+            r.idle_j += ij
+            r.device_s += ds
             end = r.end_ns if r.end_ns is not None else cut
             r.covered_ns += max(0, min(end, hi) - max(r.start_ns, lo))
             if r.method != "batch-fit":  # a request any of whose steps were fitted is batch-fit
-                r.method = res.method[i]
+                r.method = meth
 
     def _attribute_host(self, host: str, cur: int, cut: int, rids: list[str]) -> None:
         trace = self.sampler.trace(host, since_ns=cur - 2_000_000_000)
@@ -436,8 +444,9 @@ class Meter:
                 else:
                     b = span[k]
                     b[0], b[1] = min(b[0], s), max(b[1], e)
-        rows = [{"id": k, "start_ns": b[0], "end_ns": b[1], "device": dev} for k, b in span.items()]
-        req = Requests.from_records(rows)
+        n = len(span)
+        bounds = np.array(list(span.values()), dtype=np.int64).reshape(n, 2)
+        req = Requests(np.array(list(span), dtype=object), bounds[:, 0], bounds[:, 1], np.full(n, dev, dtype=object), np.ones(n))
         steps = Steps.from_records([{"start_ns": s, "end_ns": e, "device": d, "requests": tok} for (s, e, d, tok) in steps_rows], req) if steps_rows else None
         res = attribute({dev: trace}, req, steps, idle_w=self.idle_w, t0_ns=lo, t1_ns=cut)
         d = res.devices.get(dev)
@@ -453,10 +462,11 @@ class Meter:
         for rid in rids:
             r = self._inflight.get(rid)
             if r is not None and r.end_ns is not None and r.end_ns <= cut:
-                r = self._inflight.pop(rid)
                 self._hist_reqs.append((rid, r.start_ns, r.end_ns, r.device))
-                if not r.peer:
-                    done.append((rid, r))
+                if r.peer:
+                    del self._inflight[rid]
+                else:
+                    done.append((rid, r))  # removed once emitted, so flush() waits for the sinks
         if not done:
             return
         sensor = info.sensor if info is not None else "none"
@@ -498,6 +508,7 @@ class Meter:
             )
             self.counters["records"] += 1
             self._emit(rec)
+            del self._inflight[rid]
 
     def _emit(self, rec: RequestRecord) -> None:
         if self.span_processor is not None and rec.span_id:
