@@ -47,9 +47,9 @@ def _meter(export: bool, tracer_provider=None):
 
         metrics = otel.EnergyMetrics(MeterProvider(metric_readers=[InMemoryMetricReader()]))
         ledger = Ledger(os.path.join(tempfile.mkdtemp(), "bench.sqlite"))
-        sinks = [metrics.observe, lambda r: ledger.write([r])]
+        sinks = [metrics.observe_many, ledger.write]
         processor = tracer_provider._wattspan_processor if tracer_provider is not None else None
-    return Meter(sources=[ReplaySource([trace], loop=True)], carbon=CarbonModel(intensity_g_per_kwh=400.0), idle_w=100.0, sinks=sinks, span_processor=processor)
+    return Meter(sources=[ReplaySource([trace], loop=True)], carbon=CarbonModel(intensity_g_per_kwh=400.0), idle_w=100.0, batch_sinks=sinks, span_processor=processor)
 
 
 def _tracer_provider(with_wattspan: bool):

@@ -66,7 +66,9 @@ class Meter:
     ``WATTSPAN_PUE``, else the world average). ``idle_w``: a fixed idle
     baseline in watts (default: estimated and tracked). ``sinks``: callables
     given each final :class:`RequestRecord` (from the meter's thread; they must
-    be quick and must not raise - if one does it is logged and counted).
+    be quick and must not raise - if one does it is logged and counted);
+    ``batch_sinks`` are given each pass's final records as one list (the ledger's
+    ``write``, the metrics' ``observe_many``).
     """
 
     def __init__(
@@ -84,6 +86,7 @@ class Meter:
         max_inflight: int = 100_000,
         max_events: int = 1_000_000,
         sinks: Iterable[Callable[[RequestRecord], None]] = (),
+        batch_sinks: Iterable[Callable[[list[RequestRecord]], None]] = (),
         span_processor=None,
         peers=None,
         autostart: bool = True,
@@ -108,6 +111,9 @@ class Meter:
         self.max_inflight = int(max_inflight)
         self.max_events = int(max_events)
         self.sinks: list[Callable[[RequestRecord], None]] = list(sinks)
+        #: called once per pass with the list of records it made final (cheaper
+        #: than a call per record for sinks that can batch: metrics, the ledger)
+        self.batch_sinks: list[Callable[[list[RequestRecord]], None]] = list(batch_sinks)
         #: called after each pass per device: (device, kind, measured J total,
         #: latest power W or None, unattributed J total), e.g. for hw.* metrics
         self.device_sinks: list[Callable] = []
@@ -477,6 +483,7 @@ class Meter:
         dev_s = np.fromiter((r.device_s for _, r in done), float, len(done))
         op = np.asarray(self.carbon.operational_g(energy + host), dtype=float)
         emb = np.asarray(self.carbon.embodied_g(dev_s), dtype=float)
+        batch: list[RequestRecord] = []
         for k, (rid, r) in enumerate(done):
             m = r.meta
             life = r.end_ns - r.start_ns
@@ -508,6 +515,14 @@ class Meter:
             )
             self.counters["records"] += 1
             self._emit(rec)
+            batch.append(rec)
+        for sink in self.batch_sinks:
+            try:
+                sink(batch)
+            except Exception:
+                self.counters["sink_errors"] += 1
+                log.exception("a record batch sink failed")
+        for rid, _ in done:  # removed only now, so flush() waits for every sink
             del self._inflight[rid]
 
     def _emit(self, rec: RequestRecord) -> None:

@@ -590,29 +590,55 @@ class EnergyMetrics:
 
     # -------------------------------------------------------------- feeding
 
+    def _attrs(self, record: RequestRecord) -> dict[str, Any] | None:
+        e, c = float(record.energy_j), float(record.co2e_g)
+        if not (math.isfinite(e) and math.isfinite(c) and e >= 0 and c >= 0):
+            self._counts["invalid"] += 1
+            return None
+        attrs: dict[str, Any] = {
+            "http.route": record.route or "(unknown)",
+            "http.request.method": record.http_method or "_OTHER",
+            "wattspan.status_class": _status_class(int(record.status_code)),
+            "hw.id": record.device,
+            "wattspan.simulated": bool(record.simulated),
+        }
+        if record.model:
+            attrs["gen_ai.request.model"] = record.model
+        if record.tenant:
+            attrs["wattspan.tenant"] = self._tenants(record.tenant)
+        return attrs
+
     def observe(self, record: RequestRecord) -> None:
         """Count one final record (a :class:`~wattspan.Meter` sink)."""
+        self.observe_many((record,))
+
+    def observe_many(self, records) -> None:
+        """Count a batch of final records (the meter hands over each pass's at once).
+
+        The counters get one addition per distinct label set of the batch; the
+        histograms one measurement per record. Same totals as ``observe`` on
+        each, at a fraction of the SDK calls.
+        """
         try:
-            e, c = float(record.energy_j), float(record.co2e_g)
-            if not (math.isfinite(e) and math.isfinite(c) and e >= 0 and c >= 0):
-                self._counts["invalid"] += 1
-                return
-            attrs: dict[str, Any] = {
-                "http.route": record.route or "(unknown)",
-                "http.request.method": record.http_method or "_OTHER",
-                "wattspan.status_class": _status_class(int(record.status_code)),
-                "hw.id": record.device,
-                "wattspan.simulated": bool(record.simulated),
-            }
-            if record.model:
-                attrs["gen_ai.request.model"] = record.model
-            if record.tenant:
-                attrs["wattspan.tenant"] = self._tenants(record.tenant)
-            self._energy.add(e, attrs)
-            self._co2e.add(c, attrs)
-            self._req_energy.record(e, attrs)
-            self._req_co2e.record(c, attrs)
-            self._counts["observed"] += 1
+            sums: dict[tuple, list] = {}
+            for record in records:
+                attrs = self._attrs(record)
+                if attrs is None:
+                    continue
+                e, c = float(record.energy_j), float(record.co2e_g)
+                self._req_energy.record(e, attrs)
+                self._req_co2e.record(c, attrs)
+                key = tuple(attrs.items())
+                acc = sums.get(key)
+                if acc is None:
+                    sums[key] = [e, c, attrs]
+                else:
+                    acc[0] += e
+                    acc[1] += c
+                self._counts["observed"] += 1
+            for e, c, attrs in sums.values():
+                self._energy.add(e, attrs)
+                self._co2e.add(c, attrs)
         except Exception:
             self._fault("EnergyMetrics.observe failed")
 
@@ -914,7 +940,7 @@ def configure_from_env(
 def connect_metrics(meter, metrics: "EnergyMetrics") -> None:
     """Feed ``metrics`` from ``meter``: every final record, and each device's
     measured and unattributed energy and power after every attribution pass."""
-    meter.sinks.append(metrics.observe)
+    meter.batch_sinks.append(metrics.observe_many)
     meter.device_sinks.append(
         lambda dev, kind, energy_j, power_w, unattributed_j: metrics.observe_device(
             dev, energy_j, power_w, unattributed_j_total=unattributed_j, device_type=kind

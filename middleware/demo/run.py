@@ -54,19 +54,19 @@ def build(*, region: str = "world", db: Path | None = None, otel: bool = False):
             sources.append(CpuEstimateSource())
         except SourceUnavailable:
             pass
-    sinks = []
+    batch_sinks = []
     ledger = None
     if db is not None:
         from wattspan.ledger import Ledger
 
         ledger = Ledger(db)
-        sinks.append(lambda rec: ledger.write([rec]))
+        batch_sinks.append(ledger.write)
     span_processor = None
     if otel:
         from wattspan import otel as wotel
 
         span_processor = wotel.configure_from_env()
-    meter = Meter(sources=sources, carbon=CarbonModel.for_region(region), sinks=sinks, span_processor=span_processor)
+    meter = Meter(sources=sources, carbon=CarbonModel.for_region(region), batch_sinks=batch_sinks, span_processor=span_processor)
     app = create_app(on_step=meter.record_step, device="gpu0")
     app.add_middleware(EnergyMiddleware, meter=meter, exclude=("/healthz",), request_id_header="x-wattspan-request-id")
     return app, meter, ledger
