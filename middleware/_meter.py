@@ -89,6 +89,7 @@ class Meter:
         batch_sinks: Iterable[Callable[[list[RequestRecord]], None]] = (),
         span_processor=None,
         peers=None,
+        sample_interval_s: float | None = None,
         autostart: bool = True,
     ) -> None:
         if not (period_s > 0 and max_delay_s > 0 and history_s > 0):
@@ -100,6 +101,11 @@ class Meter:
         # the middleware, on the event loop.
         self.sampler = sampler
         self._sources = list(sources) if sources is not None else None
+        if sample_interval_s is None:
+            sample_interval_s = float(os.environ.get("WATTSPAN_SAMPLE_INTERVAL_S", "0.01"))
+        if not (math.isfinite(sample_interval_s) and 0 < sample_interval_s <= 10):
+            raise ValueError(f"sample_interval_s must be between 0 and 10 seconds, got {sample_interval_s!r}")
+        self.sample_interval_s = float(sample_interval_s)
         self._ready = threading.Event()
         self.carbon = carbon if carbon is not None else _carbon_from_env()
         self.idle_w = idle_w
@@ -206,7 +212,7 @@ class Meter:
 
         try:
             if self.sampler is None:
-                self.sampler = Sampler(self._sources if self._sources is not None else default_sources())
+                self.sampler = Sampler(self._sources if self._sources is not None else default_sources(), interval_s=self.sample_interval_s)
             self._activity = [s for s in self.sampler.sources if hasattr(s, "on_step")]
             self.sampler.start()
         finally:
