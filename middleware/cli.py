@@ -191,9 +191,12 @@ def _cmd_attribute(args) -> int:
     records = result.records()
     co2e_op = carbon.operational_g(result.energy_j)
     emb = carbon.embodied_g(result.device_s)
+    priced = carbon.carbon_price_per_tonne > 0
     for rec, row, op, e in zip(records, rows, co2e_op, emb):
         rec["co2e_g"] = float(op + e)
         rec["embodied_g"] = float(e)
+        if priced:  # the internal carbon price turns grams into money
+            rec[f"carbon_cost_{carbon.currency.lower()}"] = float(carbon.cost(op + e))
         for key in ("prompt_tokens", "output_tokens"):
             if key in row:
                 rec[key] = row[key]
@@ -222,6 +225,8 @@ def summarize(result, records: list[dict], carbon) -> dict:
     for d in routes.values():
         d["energy_j_per_1k"] = d["energy_j"] / d["requests"] * 1000
         d["co2e_g_per_1k"] = d["co2e_g"] / d["requests"] * 1000
+        if carbon.carbon_price_per_tonne > 0:
+            d[f"carbon_cost_{carbon.currency.lower()}_per_1k"] = float(carbon.cost(d["co2e_g_per_1k"]))
     measured = result.measured_j
     un = result.unattributed_j
     return {
@@ -236,6 +241,8 @@ def summarize(result, records: list[dict], carbon) -> dict:
             "intensity_g_per_kwh": carbon.intensity_g_per_kwh,
             "intensity_source": carbon.intensity_source,
             "pue": carbon.pue,
+            "carbon_price_per_tonne": carbon.carbon_price_per_tonne,
+            "currency": carbon.currency,
             "embodied": None if carbon.embodied is None else vars(carbon.embodied) if hasattr(carbon.embodied, "__dict__") else str(carbon.embodied),
         },
         "devices": {k: v.as_dict() for k, v in result.devices.items()},

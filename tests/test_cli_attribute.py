@@ -95,3 +95,14 @@ def test_bad_options_are_refused_clearly(tmp_path):
     assert p.returncode == 2 and "--idle" in p.stderr
     p = wattspan("attribute", "--trace", tmp_path / "missing.csv", "--requests", A100 / "requests.jsonl")
     assert p.returncode == 2 and "missing.csv" in p.stderr
+
+
+def test_a_carbon_price_turns_grams_into_money(tmp_path):
+    out, summ = tmp_path / "o.jsonl", tmp_path / "s.json"
+    p = wattspan("attribute", "--trace", A100 / "trace.csv", "--requests", A100 / "requests.jsonl", "--out", out, "--summary", summ, "--carbon-price", "100", "--embodied-kg", "318")
+    assert p.returncode == 0, p.stderr
+    r = json.loads(out.read_text().splitlines()[0])
+    assert r["embodied_g"] > 0
+    assert r["carbon_cost_usd"] == pytest.approx(r["co2e_g"] / 1e6 * 100.0)  # 100 USD per tonne
+    s = json.loads(summ.read_text())
+    assert s["carbon"]["carbon_price_per_tonne"] == 100.0
