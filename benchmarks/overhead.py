@@ -8,8 +8,9 @@
    is final) is divided by the requests. Extra = variant minus bare.
 2. Throughput on loopback: each variant served by uvicorn (one worker) in its
    own process (BLAS on one thread), loaded by ``wrk`` (Debian's package) from
-   another; best of three interleaved rounds, on the trivial endpoint and on one
-   doing about a millisecond of CPU work. Ratio = variant / bare.
+   another; five interleaved rounds, on the trivial endpoint and on one doing
+   about a millisecond of CPU work. Ratio = variant / bare within each round;
+   the table gives the median and the range over rounds.
 
 Writes ``benchmarks/results/overhead.md``.
 """
@@ -24,6 +25,7 @@ import platform
 import re
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -107,26 +109,35 @@ def main() -> None:
     for v in VARIANTS:  # each in a fresh interpreter: no state shared between variants
         out = subprocess.run([sys.executable, __file__, "--_cpu", v, "--requests", str(a.requests)], capture_output=True, text=True, cwd=ROOT, check=True)
         cpu[v] = float(out.stdout.strip().splitlines()[-1])
-    rps = {v: 0.0 for v in VARIANTS}
-    work = {v: 0.0 for v in VARIANTS}
+    rounds = 5
+    rps = {v: [] for v in VARIANTS}
+    work = {v: [] for v in VARIANTS}
     if shutil.which("wrk"):
-        for _ in range(3):
+        for _ in range(rounds):  # interleaved, so drifts of a shared machine hit every variant alike
             for v in VARIANTS:
-                rps[v] = max(rps[v], throughput(v, a.seconds))
-                work[v] = max(work[v], throughput(v, a.seconds, "/work"))
+                rps[v].append(throughput(v, a.seconds))
+                work[v].append(throughput(v, a.seconds, "/work"))
+
+    def cell(d, v):
+        if not d["bare"]:
+            return "n/a", "n/a"
+        ratios = [x / b for x, b in zip(d[v], d["bare"])]
+        med = statistics.median(ratios)
+        return f"{statistics.median(d[v]):,.0f}", f"{med:.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"
+
     lines = [
         "# Overhead on the server being measured",
         "",
         f"Command: `python benchmarks/overhead.py --requests {a.requests} --seconds {a.seconds}`",
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; a trivial Starlette endpoint returning `ok`.",
         "",
-        "| variant | CPU us/request | extra vs bare | trivial `/`: req/s (wrk -c16) | vs bare | `/work` (~1 ms of Python): req/s | vs bare |",
+        "| variant | CPU us/request | extra vs bare | trivial `/`: req/s (wrk -c16) | vs bare, median (range) | `/work` (~1 ms of Python): req/s | vs bare, median (range) |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for v in VARIANTS:
-        ratio = f"{rps[v] / rps['bare']:.3f}x" if rps["bare"] else "n/a"
-        wratio = f"{work[v] / work['bare']:.3f}x" if work["bare"] else "n/a"
-        lines.append(f"| {v} | {cpu[v]:.1f} | {cpu[v] - cpu['bare']:+.1f} | {rps[v]:,.0f} | {ratio} | {work[v]:,.0f} | {wratio} |")
+        r, ratio = cell(rps, v)
+        w, wratio = cell(work, v)
+        lines.append(f"| {v} | {cpu[v]:.1f} | {cpu[v] - cpu['bare']:+.1f} | {r} | {ratio} | {w} | {wratio} |")
     w = cpu["wattspan"] - cpu["bare"]
     wx = cpu["otel+wattspan"] - cpu["otel"]
     o = cpu["otel"] - cpu["bare"]
