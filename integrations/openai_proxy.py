@@ -583,22 +583,10 @@ def _check_upstream(upstream: str) -> str:
     return u
 
 
-def create_proxy(
-    upstream: str,
-    *,
-    meter=None,
-    device="gpu0",
-    timeout_s: float = 600.0,
-    connect_timeout_s: float = 10.0,
-    max_body_bytes: int = 8 << 20,
-    forward_headers: Iterable[str] = DEFAULT_FORWARD_HEADERS,
-    include_usage: bool = True,
-    max_connections: int = 512,
-    request_id_header: str | None = None,
-    tenant: str = "x-tenant-id",
-    steps_listen: str | None = None,
-) -> OpenAIProxy:
+def create_proxy(upstream: str, **options) -> OpenAIProxy:
     """An ASGI app that meters every ``/v1/*`` request it forwards to ``upstream``.
+
+    The options are :class:`OpenAIProxy`'s (all keyword-only):
 
     ``upstream``: the OpenAI-compatible server's base URL (``http://host:port``;
     a trailing ``/v1`` is dropped). ``meter``: the :class:`~wattspan.Meter`
@@ -615,20 +603,7 @@ def create_proxy(
     ``unix:/path``; see :mod:`wattspan.integrations.vllm`).
     Raises ``ValueError`` naming a bad argument.
     """
-    return OpenAIProxy(
-        upstream,
-        meter=meter,
-        device=device,
-        timeout_s=timeout_s,
-        connect_timeout_s=connect_timeout_s,
-        max_body_bytes=max_body_bytes,
-        forward_headers=forward_headers,
-        include_usage=include_usage,
-        max_connections=max_connections,
-        request_id_header=request_id_header,
-        tenant=tenant,
-        steps_listen=steps_listen,
-    )
+    return OpenAIProxy(upstream, **options)
 
 
 def run_proxy(

@@ -36,11 +36,11 @@ __all__ = ["Meter", "get_default_meter", "set_default_meter"]
 
 log = logging.getLogger("wattspan")
 
-_BEGIN, _END, _STEP = 0, 1, 2
+_BEGIN, _END, _STEP, _MARK = 0, 1, 2, 3
 
 
 class _Inflight:
-    __slots__ = ("device", "start_ns", "end_ns", "meta", "dynamic_j", "idle_j", "device_s", "covered_ns", "host_j", "method", "ended_at", "peer")
+    __slots__ = ("device", "start_ns", "end_ns", "meta", "dynamic_j", "idle_j", "device_s", "covered_ns", "host_j", "method", "peer")
 
     def __init__(self, device: str, start_ns: int, peer: int = 0) -> None:
         self.peer = peer  # pid of the peer process serving it; 0 = this process
@@ -54,7 +54,6 @@ class _Inflight:
         self.covered_ns = 0
         self.host_j = 0.0
         self.method = ""
-        self.ended_at = 0.0
 
 
 class Meter:
@@ -144,12 +143,12 @@ class Meter:
         self._hist_reqs: deque = deque(maxlen=100_000)
         self._cursor: dict[str, int] = {}
         self._models: dict[str, StepModel] = {}
+        self._peer_marks: dict[int, int] = {}  # pid -> time up to which that peer's events have arrived
         self._idle: dict[str, float] = {}
         self._last_refit = 0.0
         self._stop = threading.Event()
         self._idle_pass = threading.Event()
         self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
         self.counters = {
             "requests": 0,
             "records": 0,
@@ -157,7 +156,7 @@ class Meter:
             "dropped_inflight": 0,
             "sink_errors": 0,
             "pass_errors": 0,
-            "late_records": 0,
+            "late_records": 0,  # made final by the clock: the sensor had stalled (a lost GPU)
             "peer_requests": 0,
             "unattributed_j": 0.0,
         }
@@ -281,13 +280,14 @@ class Meter:
                 if r is not None:
                     r.end_ns = max(e[2], r.start_ns)
                     r.meta = e[3] or {}
-                    r.ended_at = time.monotonic()
             else:
                 self._steps.append(e[1:])
                 self._hist_steps.append(e[1:])
             if out is not None:
                 out.append(e[:3] if e[0] == _END else e)
         if self.peers is not None:
+            # a watermark: every event of ours up to this time is in this message
+            out.append((_MARK, time.monotonic_ns()))
             self.peers.broadcast(out)
             self._take_peer_events()
 
@@ -306,6 +306,8 @@ class Meter:
                         r = inflight.get(str(e[1]))
                         if r is not None and r.peer:
                             r.end_ns = max(int(e[2]), r.start_ns)
+                    elif kind == _MARK:
+                        self._peer_marks[pid] = int(e[1])
                     elif kind == _STEP:
                         st = (int(e[1]), int(e[2]), str(e[3]), {str(k): float(v) for k, v in e[4].items()})
                         self._steps.append(st)
@@ -313,9 +315,18 @@ class Meter:
                 except (IndexError, TypeError, ValueError, AttributeError):
                     self.counters["pass_errors"] += 1
         gone = self.peers.take_gone()
+        for pid in gone:
+            self._peer_marks.pop(pid, None)
         if gone:  # a dead worker's requests no longer share the device
             for rid in [rid for rid, r in inflight.items() if r.peer in gone]:
                 del inflight[rid]
+
+    def _peer_watermark(self, now: int) -> int:
+        """The time up to which every live peer's events have arrived. A peer
+        silent for ``max_delay_s`` (hung, or gone) no longer holds the cut back."""
+        floor = now - int(self.max_delay_s * 1e9)
+        marks = [t for t in self._peer_marks.values() if t > floor]
+        return min(marks) if marks else now - int(2 * self.period_s * 1e9)
 
     def _lag_ns(self, info) -> int:
         if self.lag_s is not None:
@@ -344,8 +355,9 @@ class Meter:
             cut_sensor = (latest - self._lag_ns(info)) if latest is not None else None
             cut_clock = now - int(self.max_delay_s * 1e9)
             cut = max(cut_sensor or cut_clock, cut_clock)
-            if self.peers is not None:  # peers' events reach us up to a pass late
-                cut = min(cut, now - int(2 * self.period_s * 1e9) - 20_000_000)
+            stalled = cut_sensor is None or cut_clock > cut_sensor
+            if self.peers is not None:  # wait for what the peers served up to the cut
+                cut = min(cut, self._peer_watermark(now))
             cur = self._cursor.get(dev)
             rids = by_dev.get(dev, [])
             if cur is None:
@@ -362,7 +374,7 @@ class Meter:
                 for host in host_devs:
                     self._attribute_host(host, cur, cut, rids)
             self._cursor[dev] = cut
-            self._finalise(rids, cut, info)
+            self._finalise(rids, cut, info, stalled)
         # drop steps wholly before every cursor
         if self._steps and self._cursor:
             low = min(self._cursor.values())
@@ -469,7 +481,7 @@ class Meter:
         if d.model is not None and d.model.rows >= 20:
             self._models[dev] = d.model
 
-    def _finalise(self, rids: list[str], cut: int, info) -> None:
+    def _finalise(self, rids: list[str], cut: int, info, stalled: bool = False) -> None:
         done = []
         for rid in rids:
             r = self._inflight.get(rid)
@@ -481,6 +493,10 @@ class Meter:
                     done.append((rid, r))  # removed once emitted, so flush() waits for the sinks
         if not done:
             return
+        if stalled:
+            if not self.counters["late_records"]:
+                log.warning("the power sensor stopped answering; records are made final on the clock, with coverage < 1")
+            self.counters["late_records"] += len(done)
         sensor = info.sensor if info is not None else "none"
         simulated = bool(info.simulated) if info is not None else False
         # carbon for the whole batch of records at once (vectorised)

@@ -70,7 +70,8 @@ class Peers:
         return self._peers
 
     def broadcast(self, events: list) -> None:
-        """Send ``events`` (JSON-able tuples) to every live peer."""
+        """Send ``events`` (JSON-able tuples) to every live peer (each message
+        ends with the sender's watermark, so peers know what has arrived)."""
         peers = self.peers()
         if not events or not peers:
             return

@@ -378,7 +378,6 @@ def attribute(
         idle[ridx] += idle_share
         dev_s[ridx] += dev_time
         method[ridx] = meth
-        unattributed = idle_un + dyn_un
         # Conservation: whatever float rounding left goes to unattributed, so the
         # books close exactly.
         attributed = float(dyn.sum() + idle_share.sum())
@@ -692,7 +691,7 @@ class _StepFeatures:
         return self._cs_rate[i] - self._ce_rate[j]
 
 
-def step_features(steps: Steps, s_idx: np.ndarray, n_requests: int) -> np.ndarray:
+def step_features(steps: Steps, s_idx: np.ndarray) -> np.ndarray:
     """Per-step features (see :data:`FEATURES`) for the steps ``s_idx``.
 
     Prefill tokens are entries with more than one token, decode tokens entries
@@ -761,7 +760,7 @@ def _batch_fit(cum, trace, steps, s_idx, requests, ridx, seg, idle_curve, a, b, 
     """Dynamic energy per request of one device by the batch-fit method."""
     st_ns = steps.start_ns[s_idx]
     en_ns = steps.end_ns[s_idx]
-    x = step_features(steps, s_idx, len(requests))
+    x = step_features(steps, s_idx)
     rel = lambda t: (np.asarray(t, dtype=np.int64) - a).astype(np.float64) * _NS  # noqa: E731
     feats = _StepFeatures(x, rel(st_ns), rel(en_ns))
 
@@ -836,7 +835,7 @@ def _batch_fit(cum, trace, steps, s_idx, requests, ridx, seg, idle_curve, a, b, 
 
 def _fit_idle(cum, trace, steps, s_idx, requests, a, b) -> float | None:
     """The idle baseline (W) as the intercept of the step-model regression, or None."""
-    x = step_features(steps, s_idx, len(requests))
+    x = step_features(steps, s_idx)
     rel = lambda t: (np.asarray(t, dtype=np.int64) - a).astype(np.float64) * _NS  # noqa: E731
     feats = _StepFeatures(x, rel(steps.start_ns[s_idx]), rel(steps.end_ns[s_idx]))
     zero = _Piecewise(np.array([a, b], dtype=np.int64), np.zeros(2))

@@ -106,7 +106,7 @@ class TestBatchFit:
                 steps.append({"start_ns": t, "end_ns": t + d, "gpu": 0, "requests": toks})
             t += d + int(rng.integers(1, 3)) * MS
         s = Steps.from_records(steps, r)
-        x = step_features(s, np.arange(len(s)), len(r))
+        x = step_features(s, np.arange(len(s)))
         e = x @ coef
         for k, row in enumerate(steps):
             m = (grid >= row["start_ns"]) & (grid < row["end_ns"])
@@ -157,7 +157,7 @@ class TestBatchFit:
             ],
             r,
         )
-        x = step_features(s, np.arange(3), 2)
+        x = step_features(s, np.arange(3))
         np.testing.assert_allclose(x[:, 0], [0.01, 0.01, 0.01])
         np.testing.assert_allclose(x[:, 1], [100, 50, 0])
         np.testing.assert_allclose(x[:, 2], [0, 1, 2])

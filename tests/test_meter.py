@@ -72,6 +72,7 @@ def test_a_lost_sensor_does_not_hold_records_back_for_ever():
         m.close()
     (rec,) = records
     assert rec.coverage < 0.8
+    assert m.counters["late_records"] == 1  # counted, not silent
     assert rec.energy_j >= 0
 
 
