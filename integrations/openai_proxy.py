@@ -102,8 +102,9 @@ _STREAM_USAGE_PATHS = ("/v1/chat/completions", "/v1/completions")
 _MAX_JSON_USAGE = 256 << 10  # parse non-streamed responses up to this size; beyond (embeddings), scan the tail for usage
 _TAIL = 64 << 10
 _MAX_SSE_EVENT = 1 << 20
-_PROMPT_RE = re.compile(rb'"prompt_tokens"\s*:\s*(\d+)')
-_COMPLETION_RE = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
+# at most 19 digits (int() of a 5000-digit run raises); set_tokens bounds the value itself
+_PROMPT_RE = re.compile(rb'"prompt_tokens"\s*:\s*(\d{1,19})(?!\d)')
+_COMPLETION_RE = re.compile(rb'"completion_tokens"\s*:\s*(\d{1,19})(?!\d)')
 
 
 class _Route:

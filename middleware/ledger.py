@@ -4,8 +4,11 @@
 writer thread that commits them in batches; the caller never waits for the disk.
 When the disk misbehaves (full, read-only, file deleted) the writer logs, counts
 ``errors``, keeps the records in memory (up to ``max_queue``) and retries; when
-the queue is full the overflow is counted in ``dropped`` and logged. Nothing is
-lost without a count and a log line.
+the queue is full the overflow is counted in ``dropped`` and logged. A record the
+database refuses (an integer beyond 64 bits, a NaN in a NOT NULL column) is not a
+disk problem: it is stored with the offending values clipped (integers into the
+64-bit range, non-finite numbers as 0), counted in ``sanitized`` and logged, and
+never holds back the records after it. Nothing is lost without a count and a log line.
 
 The read side (:func:`query`, :func:`aggregate`, or the same methods on a
 ``Ledger``) opens the file read-only, from any process, while a server writes.
@@ -42,6 +45,9 @@ _BATCH = 2000  # rows per transaction
 _RETRY_S = (0.05, 2.0)  # first and longest wait between attempts on a failing disk
 _PRUNE_EVERY_S = 3600.0
 _LOG_EVERY_S = 60.0  # at most one log line per kind of trouble per minute
+_I64 = (-(2**63), 2**63 - 1)
+# what a bad value (not a bad disk) raises from sqlite3's executemany
+_DATA_ERRORS = (OverflowError, ValueError, TypeError, sqlite3.IntegrityError, sqlite3.InterfaceError, sqlite3.DataError)
 
 
 class Ledger:
@@ -67,7 +73,7 @@ class Ledger:
         self.max_queue, self.retention_days = max_queue, retention_days
         self._pending: deque[tuple] = deque()  # committed rows leave it only after COMMIT
         self._cv = threading.Condition()
-        self._written = self._dropped = self._errors = 0
+        self._written = self._dropped = self._errors = self._sanitized = 0
         self._closing, self._deadline = False, math.inf
         self._conn: sqlite3.Connection | None = None
         self._inode: tuple[int, int] | None = None
@@ -118,9 +124,11 @@ class Ledger:
         atexit.unregister(self.close)
 
     def stats(self) -> dict[str, int]:
-        """Counts since open: ``written`` (committed), ``dropped``, ``errors`` (failed attempts), ``queued``."""
+        """Counts since open: ``written`` (committed), ``dropped``, ``errors`` (failed attempts), ``queued``,
+        ``sanitized`` (records stored with out-of-range values clipped)."""
         with self._cv:
-            return {"written": self._written, "dropped": self._dropped, "errors": self._errors, "queued": len(self._pending)}
+            return {"written": self._written, "dropped": self._dropped, "errors": self._errors, "queued": len(self._pending),
+                    "sanitized": self._sanitized}
 
     def query(self, *, since: float | None = None, until: float | None = None, run_id: str | None = None) -> list[dict]:
         """Committed records (see :func:`query`); call :meth:`flush` first to include queued ones."""
@@ -158,7 +166,10 @@ class Ledger:
                 if batch:
                     conn = self._connection()
                     conn.execute("BEGIN IMMEDIATE")
-                    conn.executemany(INSERT, batch)
+                    try:
+                        conn.executemany(INSERT, batch)
+                    except _DATA_ERRORS:  # a bad record, not a bad disk: insert row by row, clipping
+                        self._insert_rows(conn, batch)
                     conn.execute("COMMIT")
             except Exception as exc:  # the writer must outlive any disk trouble
                 self._failed(exc)
@@ -179,6 +190,26 @@ class Ledger:
         if lost:
             log.error("wattspan ledger %s: closed with the disk still failing; %d records lost", self.path, lost)
         self._disconnect()
+
+    def _insert_rows(self, conn: sqlite3.Connection, batch: list[tuple]) -> None:
+        """Insert ``batch`` one row at a time (inside the open transaction); a row the
+        database refuses is stored sanitized (counted, logged)."""
+        for row in batch:
+            try:
+                conn.execute(INSERT, row)
+            except _DATA_ERRORS as exc:
+                try:
+                    conn.execute(INSERT, _sanitize(row))
+                except _DATA_ERRORS:  # cannot happen for a RequestRecord's row; never block the rest
+                    with self._cv:
+                        self._dropped += 1
+                    log.error("wattspan ledger %s: record %.64s cannot be stored (%s); dropped", self.path, row[0], exc)
+                    continue
+                with self._cv:
+                    self._sanitized += 1
+                    n = self._sanitized
+                self._warn("sanitize", "wattspan ledger %s: record %.64s had values the database refuses (%s); stored "
+                           "with them clipped (%d records so far)", self.path, row[0], exc, n)
 
     def _connection(self) -> sqlite3.Connection:
         """The writer's connection, (re)opened and checked to still be the file at ``path``.
@@ -235,3 +266,23 @@ class Ledger:
         if now - self._last_log.get(kind, -math.inf) >= _LOG_EVERY_S:
             self._last_log[kind] = now
             log.warning(msg, *args)
+
+
+def _sanitize(row: tuple) -> tuple:
+    """``row`` with integers clipped to 64 bits, non-finite floats as 0.0 and other values as text."""
+    out = []
+    for v in row:
+        if isinstance(v, bool):
+            v = int(v)
+        elif isinstance(v, int):
+            v = min(max(v, _I64[0]), _I64[1])
+        elif isinstance(v, float):
+            v = v if math.isfinite(v) else 0.0
+        elif isinstance(v, str):
+            v = v.encode("utf-8", "backslashreplace").decode("utf-8")  # lone surrogates
+        elif v is None:
+            v = ""
+        else:
+            v = str(v)[:256]
+        out.append(v)
+    return tuple(out)
