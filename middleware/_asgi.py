@@ -101,9 +101,14 @@ class EnergyMiddleware:
       ``max_tenants`` distinct values (then ``"other"``);
     * ``request_id_header``: echo wattspan's request id in this response
       header (off by default);
-    * ``exclude``: path prefixes not to meter (health checks: ``("/healthz",)``).
+    * ``exclude``: path prefixes not to meter (health checks: ``("/healthz",)``);
+    * ``shutdown_timeout_s``: at the ASGI lifespan shutdown, wait up to this
+      long for the last records to be final and written (default 10).
 
-    Websocket and lifespan scopes pass straight through.
+    Websocket scopes pass straight through. Lifespan scopes pass through too,
+    but a bad ``WATTSPAN_*`` variable (or a meter that cannot be built) makes
+    the startup fail with a message naming it, and the shutdown waits for the
+    meter and the ledger to write every ended request's record.
     """
 
     def __init__(
@@ -117,17 +122,30 @@ class EnergyMiddleware:
         max_tenants: int = 100,
         request_id_header: str | None = None,
         exclude: tuple[str, ...] | list[str] = (),
+        shutdown_timeout_s: float = 10.0,
     ) -> None:
         if max_tenants < 1:
             raise ValueError("max_tenants must be at least 1")
+        from .settings import Settings, SettingsError, get_settings
+
         self.app = app
         self._meter = meter
-        self.device = device if device is not None else os.environ.get("WATTSPAN_DEVICE", "gpu0")
+        try:
+            settings = get_settings()
+            #: a bad WATTSPAN_* variable: the server refuses to start (lifespan), requests are served unmetered
+            self.config_error: SettingsError | None = None
+        except SettingsError as exc:
+            settings, self.config_error = Settings(), exc
+        if request_id_header is None:
+            request_id_header = settings.request_id_header
+        self.device = device if device is not None else settings.device
         self.model = model.lower().encode("latin-1") if isinstance(model, str) else model
         self.tenant = tenant.lower().encode("latin-1") if isinstance(tenant, str) else tenant
         self.tenants = Cardinality(max_tenants)
         self.request_id_header = request_id_header.lower().encode("latin-1") if request_id_header else None
         self.exclude = tuple(exclude)
+        #: seconds the lifespan shutdown waits for the last records to be final and written
+        self.shutdown_timeout_s = float(shutdown_timeout_s)
         self._header_names = frozenset(h for h in (self.model, self.tenant) if isinstance(h, bytes))
         self.errors = 0
 
@@ -140,7 +158,13 @@ class EnergyMiddleware:
         return self._meter
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or (self.exclude and scope.get("path", "").startswith(self.exclude)):
+        if scope["type"] == "lifespan":
+            await self._lifespan(scope, receive, send)
+            return
+        if scope["type"] != "http" or (self.exclude and scope.get("path", "").startswith(self.exclude)) or self.config_error is not None:
+            if self.config_error is not None and scope["type"] == "http" and not self.errors:
+                self.errors += 1
+                log.error("wattspan: %s; serving unmetered", self.config_error)
             await self.app(scope, receive, send)
             return
         try:
@@ -160,6 +184,76 @@ class EnergyMiddleware:
         finally:
             window.close()
             _current.reset(token)
+
+
+    def _startup_error(self) -> BaseException | None:
+        """Why the server must not start (a bad ``WATTSPAN_*`` variable, a meter that cannot be built), or None."""
+        if self.config_error is not None:
+            return self.config_error
+        try:
+            self.meter  # the default meter is built now, at startup, not on the first request
+        except Exception as exc:
+            return exc
+        return None
+
+    async def _drain(self) -> None:
+        """At shutdown: every ended request's record final and written, bounded in time."""
+        meter = self._meter
+        if meter is None or not hasattr(meter, "drain"):
+            return
+        import asyncio
+
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, meter.drain, self.shutdown_timeout_s)
+        except Exception:
+            log.exception("wattspan: flushing the meter at shutdown failed")
+
+    async def _lifespan(self, scope, receive, send) -> None:
+        """Pass the lifespan through, refusing to start on bad configuration and
+        draining the meter before the server is told shutdown is complete (so a
+        SIGTERM or SIGINT loses no record: uvicorn re-raises those signals after
+        the lifespan shutdown, when ``atexit`` would never run)."""
+        first = await receive()
+        if first.get("type") == "lifespan.startup":
+            err = self._startup_error()
+            if err is not None:
+                log.error("wattspan: refusing to start: %s", err)
+                await send({"type": "lifespan.startup.failed", "message": f"wattspan: {err}"})
+                return
+        pending = [first]
+        state = {"received": False, "drained": False, "answered": False}
+
+        async def recv():
+            state["received"] = True
+            if pending:
+                return pending.pop()
+            return await receive()
+
+        async def snd(message) -> None:
+            t = message.get("type", "")
+            if t.startswith("lifespan.startup."):
+                state["answered"] = True
+            if t in ("lifespan.shutdown.complete", "lifespan.shutdown.failed") and not state["drained"]:
+                state["drained"] = True
+                await self._drain()
+            await send(message)
+
+        try:
+            await self.app(scope, recv, snd)
+        except Exception:
+            if state["received"] or state["answered"]:
+                if not state["drained"]:
+                    state["drained"] = True
+                    await self._drain()
+                raise
+            # the app does not speak the lifespan protocol: speak it for the meter's sake
+            if first.get("type") != "lifespan.startup":
+                raise
+            await send({"type": "lifespan.startup.complete"})
+            while (await receive()).get("type") != "lifespan.shutdown":
+                pass
+            await self._drain()
+            await send({"type": "lifespan.shutdown.complete"})
 
 
 class _Window:

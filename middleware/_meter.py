@@ -100,10 +100,12 @@ class Meter:
         # the middleware, on the event loop.
         self.sampler = sampler
         self._sources = list(sources) if sources is not None else None
+        from .settings import MAX_SAMPLE_INTERVAL_S, MIN_SAMPLE_INTERVAL_S, get_settings
+
         if sample_interval_s is None:
-            sample_interval_s = float(os.environ.get("WATTSPAN_SAMPLE_INTERVAL_S", "0.01"))
-        if not (math.isfinite(sample_interval_s) and 0 < sample_interval_s <= 10):
-            raise ValueError(f"sample_interval_s must be between 0 and 10 seconds, got {sample_interval_s!r}")
+            sample_interval_s = get_settings().sample_interval_s
+        if not (math.isfinite(sample_interval_s) and MIN_SAMPLE_INTERVAL_S <= sample_interval_s <= MAX_SAMPLE_INTERVAL_S):
+            raise ValueError(f"sample_interval_s must be between {MIN_SAMPLE_INTERVAL_S:g} and {MAX_SAMPLE_INTERVAL_S:g} seconds, got {sample_interval_s!r}")
         self.sample_interval_s = float(sample_interval_s)
         self._ready = threading.Event()
         self.carbon = carbon if carbon is not None else _carbon_from_env()
@@ -231,6 +233,43 @@ class Meter:
                 return True
             self._idle_pass.wait(self.period_s * 2)
         return False
+
+    def drain(self, timeout: float = 10.0) -> dict:
+        """Make every ended request's record final and hand it to the sinks, then flush
+        the sinks that buffer (a bound method of an object with ``flush(timeout)``,
+        such as ``Ledger.write``; the span processor), all within ``timeout`` s.
+
+        Called at server shutdown (the middleware does it on the ASGI lifespan's
+        shutdown). What could not be finished in time is counted
+        (``counters["shutdown_unfinished"]``) and logged, never silently lost.
+        Returns ``{"unfinished": n, "sinks_unflushed": m}``.
+        """
+        deadline = time.monotonic() + timeout
+        self.flush(timeout)
+        unfinished = len(self._events) + sum(1 for r in list(self._inflight.values()) if r.end_ns is not None and not r.peer)
+        unflushed = 0
+        for sink in [*self.sinks, *self.batch_sinks]:
+            target = getattr(sink, "__self__", None)
+            fl = getattr(target, "flush", None)
+            if callable(fl):
+                try:
+                    if fl(max(0.1, deadline - time.monotonic())) is False:
+                        unflushed += 1
+                except Exception:
+                    unflushed += 1
+                    log.exception("a sink failed to flush at shutdown")
+        if self.span_processor is not None and hasattr(self.span_processor, "force_flush"):
+            try:
+                self.span_processor.force_flush(int(max(0.1, deadline - time.monotonic()) * 1000))
+            except Exception:
+                log.exception("the span processor failed to flush at shutdown")
+        if unfinished:
+            self.counters["shutdown_unfinished"] = self.counters.get("shutdown_unfinished", 0) + unfinished
+            log.error("wattspan: at shutdown %d ended requests were not final within %.1f s; their records are lost "
+                      "(the power sensor or a peer did not answer)", unfinished, timeout)
+        if unflushed:
+            log.error("wattspan: at shutdown %d sinks had not written everything within %.1f s (see their own counts)", unflushed, timeout)
+        return {"unfinished": unfinished, "sinks_unflushed": unflushed}
 
     def close(self, timeout: float = 10.0) -> None:
         """Finalise what can be, stop the thread and the sampler."""
@@ -569,7 +608,9 @@ def default_sources() -> list:
     from .sources import SourceUnavailable
 
     found = []
-    if os.environ.get("WATTSPAN_SIMULATE", "").lower() not in ("1", "true", "yes"):
+    from .settings import get_settings
+
+    if not get_settings().simulate:
         try:
             from .sources.nvml import NvmlSource
 
@@ -593,9 +634,10 @@ def default_sources() -> list:
 def _carbon_from_env():
     from .carbon import CarbonModel
 
-    region = os.environ.get("WATTSPAN_REGION", "world")
-    pue = os.environ.get("WATTSPAN_PUE")
-    return CarbonModel.for_region(region, pue=float(pue) if pue else None)
+    from .settings import get_settings
+
+    s = get_settings()
+    return CarbonModel.for_region(s.region, pue=s.pue)
 
 
 _default: Meter | None = None
@@ -606,12 +648,21 @@ def get_default_meter(**kw) -> Meter:
     """The process's meter, created on first use with ``kw`` (or the defaults).
 
     It shares what it serves with the other worker processes of this user on
-    this host (``peers``), unless ``WATTSPAN_PEERS=0``.
+    this host (``peers``), unless ``WATTSPAN_PEERS=0``; with ``WATTSPAN_LEDGER``
+    set it writes every record to that ledger. Raises
+    :class:`wattspan.settings.SettingsError` for a bad ``WATTSPAN_*`` variable.
     """
     global _default
+    from .settings import get_settings
+
     with _default_lock:
         if _default is None:
-            kw.setdefault("peers", os.environ.get("WATTSPAN_PEERS", "1").lower() not in ("0", "false", "no"))
+            s = get_settings()
+            kw.setdefault("peers", s.peers)
+            if s.ledger and "batch_sinks" not in kw:
+                from .ledger import Ledger
+
+                kw["batch_sinks"] = [Ledger(s.ledger).write]
             _default = Meter(**kw)
             _auto_otel(_default)
         return _default
@@ -629,7 +680,9 @@ def _auto_otel(meter: Meter) -> None:
     ``OTEL_*`` exporter variables set, wattspan configures both from them.
     ``WATTSPAN_OTEL=0`` turns this off. Failures are logged, never raised.
     """
-    if os.environ.get("WATTSPAN_OTEL", "1").lower() in ("0", "false", "no"):
+    from .settings import get_settings
+
+    if not get_settings().otel:
         return
     try:
         from opentelemetry import trace as trace_api

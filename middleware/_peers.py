@@ -32,7 +32,9 @@ _MAX_DATAGRAM = 32 * 1024
 
 
 def default_peer_dir() -> Path:
-    base = os.environ.get("WATTSPAN_PEER_DIR")
+    from .settings import get_settings
+
+    base = get_settings().peer_dir
     if base:
         return Path(base)
     uid = os.getuid() if hasattr(os, "getuid") else 0

@@ -16,16 +16,27 @@ from pathlib import Path
 __all__ = ["main"]
 
 
-def _apply_env_defaults(parser: argparse.ArgumentParser) -> None:
-    """Let ``WATTSPAN_<DEST>`` set the default of every option of every subcommand."""
+def _apply_env_defaults(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> None:
+    """Let ``WATTSPAN_<DEST>`` set the default of the options of the subcommand being run
+    (the first word of ``argv`` that names one), and of no other; a value the option's
+    type refuses ends in a usage error naming the variable, the value and the option."""
+    words = sys.argv[1:] if argv is None else list(argv)
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
-            for sub in action.choices.values():
-                _apply_env_defaults(sub)
+            chosen = next((w for w in words if w in action.choices), None)
+            if chosen is not None:
+                _apply_env_defaults(action.choices[chosen], [])
         elif action.option_strings and action.dest != "help":
             env = "WATTSPAN_" + action.dest.upper()
             if env in os.environ and action.nargs in (None, "?") and not isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse._AppendAction)):
-                action.default = action.type(os.environ[env]) if callable(action.type) else os.environ[env]
+                raw = os.environ[env]
+                try:
+                    action.default = action.type(raw) if callable(action.type) else raw
+                except (TypeError, ValueError, argparse.ArgumentTypeError):
+                    what = getattr(action.type, "__name__", "a valid value")
+                    parser.error(f"{env}={raw!r} is not valid for {action.option_strings[-1]} (expects {what})")
+                if action.choices is not None and action.default not in action.choices:
+                    parser.error(f"{env}={raw!r} is not valid for {action.option_strings[-1]} (choose from {', '.join(map(str, action.choices))})")
                 action.required = False
 
 
@@ -100,12 +111,12 @@ def _build_parser() -> argparse.ArgumentParser:
     from .bench import add_bench_arguments
 
     add_bench_arguments(b)
-    _apply_env_defaults(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = _build_parser()
+    _apply_env_defaults(parser, argv)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()

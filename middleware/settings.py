@@ -1,0 +1,164 @@
+"""wattspan's configuration: one frozen object read from the ``WATTSPAN_*`` environment.
+
+:func:`get_settings` reads and validates every variable at once and returns a
+:class:`Settings`; a bad value raises :class:`SettingsError`, whose message names
+the variable, the value given and what is allowed. The middleware and the default
+meter read it when they are built (at the server's start: the ASGI lifespan
+startup), so a bad variable stops the server with that one message instead of a
+traceback per request.
+
+===============================  ===========================================  =================
+variable                         meaning                                      default
+===============================  ===========================================  =================
+``WATTSPAN_DEVICE``              the accelerator that serves this app         ``gpu0``
+``WATTSPAN_REGION``              grid region for CO2e (``aws:us-east-1``,     ``world``
+                                 ``FR``, ...)
+``WATTSPAN_PUE``                 power usage effectiveness, 1.0..3.0          the provider's
+``WATTSPAN_SAMPLE_INTERVAL_S``   seconds between sensor polls, 0.001..10      ``0.01``
+``WATTSPAN_SIMULATE``            use the simulated source even with a GPU     ``0``
+``WATTSPAN_PEERS``               share the device with this host's other      ``1``
+                                 worker processes
+``WATTSPAN_PEER_DIR``            where the peers' sockets live                ``$TMPDIR/wattspan-<uid>/peers``
+``WATTSPAN_PEER_GROUP``          a name that keeps unrelated apps on one      (none)
+                                 device apart
+``WATTSPAN_OTEL``                export through OpenTelemetry when the app    ``1``
+                                 uses it
+``WATTSPAN_LEDGER``              the zero-argument middleware writes the      (none)
+                                 ledger to this SQLite file
+``WATTSPAN_REQUEST_ID_HEADER``   echo the request id in this response header  (none)
+``WATTSPAN_STEPS_TOKEN``         shared secret of the batch-step relay        (a per-user file)
+===============================  ===========================================  =================
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import threading
+from dataclasses import dataclass
+from typing import Mapping
+
+__all__ = ["Settings", "SettingsError", "get_settings"]
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off", "")
+_LABEL = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+_GROUP = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_HEADER = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}")  # an HTTP token (RFC 9110)
+MIN_SAMPLE_INTERVAL_S = 0.001
+MAX_SAMPLE_INTERVAL_S = 10.0
+
+
+class SettingsError(ValueError):
+    """A ``WATTSPAN_*`` variable with a bad value: ``var``, ``value``, ``allowed``."""
+
+    def __init__(self, var: str, value: str, allowed: str) -> None:
+        self.var, self.value, self.allowed = var, value, allowed
+        super().__init__(f"{var}={value!r} is not valid: {allowed}")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Validated configuration (see the module doc for each variable)."""
+
+    device: str = "gpu0"
+    region: str = "world"
+    pue: float | None = None
+    sample_interval_s: float = 0.01
+    simulate: bool = False
+    peers: bool = True
+    peer_dir: str | None = None
+    peer_group: str | None = None
+    otel: bool = True
+    ledger: str | None = None
+    request_id_header: str | None = None
+    steps_token: str | None = None
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
+        """Read and validate every ``WATTSPAN_*`` variable; :class:`SettingsError` on the first bad one."""
+        env = os.environ if environ is None else environ
+
+        def get(name: str) -> str | None:
+            v = env.get("WATTSPAN_" + name)
+            return None if v is None else v.strip()
+
+        def boolean(name: str, default: bool) -> bool:
+            v = get(name)
+            if v is None:
+                return default
+            if v.lower() in _TRUE:
+                return True
+            if v.lower() in _FALSE:
+                return False
+            raise SettingsError("WATTSPAN_" + name, v, "use 1/true/yes/on or 0/false/no/off")
+
+        def number(name: str, lo: float, hi: float, what: str) -> float | None:
+            v = get(name)
+            if v is None or v == "":
+                return None
+            try:
+                f = float(v)
+            except ValueError:
+                f = math.nan
+            if not (math.isfinite(f) and lo <= f <= hi):
+                raise SettingsError("WATTSPAN_" + name, v, f"a number from {lo:g} to {hi:g} ({what})")
+            return f
+
+        def pattern(name: str, rx: re.Pattern, what: str) -> str | None:
+            v = get(name)
+            if v is None or v == "":
+                return None
+            if not rx.fullmatch(v):
+                raise SettingsError("WATTSPAN_" + name, v, what)
+            return v
+
+        device = pattern("DEVICE", _LABEL, "a device name of 1..64 characters [A-Za-z0-9_.:-], e.g. gpu0") or "gpu0"
+        region = get("REGION") or "world"
+        pue = number("PUE", 1.0, 3.0, "power usage effectiveness: facility energy / IT energy, e.g. 1.1")
+        interval = number("SAMPLE_INTERVAL_S", MIN_SAMPLE_INTERVAL_S, MAX_SAMPLE_INTERVAL_S, "seconds between sensor polls")
+        try:  # the region must be one the carbon table knows
+            from .carbon import CarbonModel
+
+            CarbonModel.for_region(region, pue=pue)
+        except ValueError as exc:
+            raise SettingsError("WATTSPAN_REGION", region, str(exc)) from None
+        peer_dir = get("PEER_DIR") or None
+        ledger = get("LEDGER") or None
+        if ledger is not None and os.path.isdir(ledger):
+            raise SettingsError("WATTSPAN_LEDGER", ledger, "a path to a SQLite file (this is a directory)")
+        token = get("STEPS_TOKEN") or None
+        if token is not None and len(token) < 16:
+            raise SettingsError("WATTSPAN_STEPS_TOKEN", "*" * len(token), "a secret of at least 16 characters")
+        return cls(
+            device=device,
+            region=region,
+            pue=pue,
+            sample_interval_s=0.01 if interval is None else interval,
+            simulate=boolean("SIMULATE", False),
+            peers=boolean("PEERS", True),
+            peer_dir=peer_dir,
+            peer_group=pattern("PEER_GROUP", _GROUP, "a group name of 1..64 characters [A-Za-z0-9_.-]"),
+            otel=boolean("OTEL", True),
+            ledger=ledger,
+            request_id_header=pattern("REQUEST_ID_HEADER", _HEADER, "an HTTP header name such as x-request-id"),
+            steps_token=token,
+        )
+
+
+_cache: tuple[tuple, Settings] | None = None
+_lock = threading.Lock()
+
+
+def get_settings() -> Settings:
+    """The process's settings, read from ``WATTSPAN_*`` once (again only if those variables change)."""
+    global _cache
+    key = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("WATTSPAN_")))
+    c = _cache
+    if c is not None and c[0] == key:
+        return c[1]
+    with _lock:
+        s = Settings.from_env()
+        _cache = (key, s)
+        return s
