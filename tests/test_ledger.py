@@ -93,7 +93,7 @@ def test_concurrent_writers_read_back_exactly(tmp_path):
         for th in ths:
             th.join()
         assert led.flush(10)
-        assert led.stats() == {"written": threads_n * per, "dropped": 0, "errors": 0, "queued": 0}
+        assert led.stats() == {"written": threads_n * per, "dropped": 0, "errors": 0, "queued": 0, "sanitized": 0}
         rows = led.query()
     t1 = time.time()
     got = {r["id"]: r for r in rows}
