@@ -406,11 +406,13 @@ class Meter:
             if cut <= cur:
                 continue
             rids = [r for r in rids if self._inflight[r].start_ns < cut]
-            if info is not None and rids:
-                if refit:
+            if info is not None:
+                if refit and rids:
                     self._refit(dev, cut)
+                # with nothing in flight too: the measured energy is then all unattributed,
+                # and the device's totals reach the device sinks on every pass
                 self._attribute(dev, info, cur, cut, rids)
-                for host in host_devs:
+                for host in host_devs if rids else ():
                     self._attribute_host(host, cur, cut, rids)
             self._cursor[dev] = cut
             self._finalise(rids, cut, info, stalled)

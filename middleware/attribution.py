@@ -374,6 +374,7 @@ def attribute(
         # A share below zero (the meter read under the idle baseline: noise, or a
         # baseline set too high) is not a request's saving: it stays unattributed.
         dyn = np.maximum(dyn, 0.0)
+        dyn, idle_share = _conserve(measured, dyn, idle_share)
         dynamic[ridx] += dyn
         idle[ridx] += idle_share
         dev_s[ridx] += dev_time
@@ -381,7 +382,7 @@ def attribute(
         # Conservation: whatever float rounding left goes to unattributed, so the
         # books close exactly.
         attributed = float(dyn.sum() + idle_share.sum())
-        unattributed = measured - attributed
+        unattributed = max(0.0, measured - attributed)
         summaries[dev] = DeviceSummary(
             device=dev,
             sensor=trace.sensor or _describe_sensor(trace),
@@ -891,3 +892,16 @@ def _reconcile_edges(cum, trace, a, b, reconcile_s):
     step = int(reconcile_s * 1e9)
     inner = np.arange(a + step, b, step, dtype=np.int64)
     return np.concatenate(([a], inner, [b])).astype(np.int64)
+
+
+def _conserve(measured: float, dyn: np.ndarray, idle_share: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Never bill requests more than was measured: when the shares add up to more
+    (a configured idle baseline above the readings, a fit that over-reaches), scale
+    them down in proportion, so requests + unattributed = measured with
+    unattributed >= 0."""
+    total = float(dyn.sum() + idle_share.sum())
+    cap = measured if math.isfinite(measured) and measured > 0 else 0.0
+    if total <= cap:
+        return dyn, idle_share
+    k = cap / total if total > 0 else 0.0
+    return dyn * k, idle_share * k
