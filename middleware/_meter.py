@@ -126,15 +126,12 @@ class Meter:
         self.device_sinks: list[Callable] = []
         self.device_unattributed_j: dict[str, float] = {}
         self.span_processor = span_processor
-        if peers is True:
-            from ._peers import Peers
-
-            peers = Peers()
-        elif peers not in (None, False) and not hasattr(peers, "broadcast"):
-            from ._peers import Peers
-
-            peers = Peers(peers)
-        self.peers = peers or None
+        # True or a directory: join the peer group of the devices metered, once the
+        # sources are open (see _join_peers); a Peers-like object is used as it is
+        self._peer_conf = peers if peers not in (None, False) and not hasattr(peers, "broadcast") else None
+        self.peers = peers if hasattr(peers, "broadcast") else None
+        #: (peer pid, from ns, to ns, datagrams lost): stretches where a peer's messages went missing
+        self.peer_gaps: deque = deque(maxlen=100)
 
         self._events: deque = deque()
         self._activity: list = []
@@ -216,8 +213,30 @@ class Meter:
                 self.sampler = Sampler(self._sources if self._sources is not None else default_sources(), interval_s=self.sample_interval_s)
             self._activity = [s for s in self.sampler.sources if hasattr(s, "on_step")]
             self.sampler.start()
+            if self._peer_conf is not None:
+                self._join_peers()
         finally:
             self._ready.set()
+
+    def _join_peers(self) -> None:
+        """Share with the meters of the same physical devices (see :mod:`wattspan._peers`)."""
+        from ._peers import Peers, group_key
+        from .settings import get_settings
+
+        infos = self.sampler.devices()
+        main = [i for i in infos if i.kind == "gpu"] or infos
+        ids = [i.extra.get("identity") or f"{i.sensor}:{i.id}" for i in main]
+        conf = self._peer_conf
+        try:
+            group = get_settings().peer_group
+        except ValueError:
+            group = None
+        try:
+            self.peers = Peers(None if conf is True else conf, key=group_key(ids, group))
+        except OSError as exc:  # PermissionError: a directory another user can reach
+            self.counters["peers_refused"] = 1
+            log.error("wattspan: not sharing the device with other worker processes: %s. Each worker now counts "
+                      "the whole device's energy; fix the directory or set WATTSPAN_PEERS=0", exc)
 
     def wait_ready(self, timeout: float = 30.0) -> bool:
         """Wait until the power sources are open and sampling."""
@@ -283,7 +302,8 @@ class Meter:
             self.peers.close()
 
     def stats(self) -> dict:
-        return dict(self.counters, inflight=len(self._inflight), queued_events=len(self._events), sampler=self.sampler.health() if self.sampler is not None else None)
+        return dict(self.counters, inflight=len(self._inflight), queued_events=len(self._events), sampler=self.sampler.health() if self.sampler is not None else None,
+                    peers=self.peers.stats() if self.peers is not None and hasattr(self.peers, "stats") else None)
 
     # ------------------------------------------------------------------ the pass
 
@@ -333,7 +353,9 @@ class Meter:
     def _take_peer_events(self) -> None:
         """What the other worker processes on this host serve (see :mod:`wattspan._peers`)."""
         inflight = self._inflight
-        for pid, events in self.peers.receive():
+        for pid, events, lost in self.peers.receive():
+            if lost:
+                self._peer_lost(pid, lost)
             for e in events:
                 try:
                     kind = e[0]
@@ -359,6 +381,23 @@ class Meter:
         if gone:  # a dead worker's requests no longer share the device
             for rid in [rid for rid, r in inflight.items() if r.peer in gone]:
                 del inflight[rid]
+
+    def _peer_lost(self, pid: int, lost: int) -> None:
+        """Messages of peer ``pid`` went missing: an END among them would leave a
+        phantom request in flight for ever. Forget what that peer had in flight
+        (its requests no longer share the device) and flag the stretch."""
+        inflight = self._inflight
+        gone = [rid for rid, r in inflight.items() if r.peer == pid]
+        for rid in gone:
+            del inflight[rid]
+        now = time.monotonic_ns()
+        self.counters["peer_gaps"] = self.counters.get("peer_gaps", 0) + 1
+        self.counters["peer_messages_lost"] = self.counters.get("peer_messages_lost", 0) + lost
+        self.peer_gaps.append((pid, self._peer_marks.get(pid, now), now, lost))
+        if self.counters["peer_gaps"] in (1, 10, 100) or self.counters["peer_gaps"] % 1000 == 0:
+            log.warning("wattspan: %d messages from worker %d were lost (its socket buffer was full); its %d requests in "
+                        "flight are no longer shared with (the records overlapping this stretch may be over-billed); "
+                        "%d such gaps so far", lost, pid, len(gone), self.counters["peer_gaps"])
 
     def _peer_watermark(self, now: int) -> int:
         """The time up to which every live peer's events have arrived. A peer

@@ -22,4 +22,20 @@ async def work(request):
 
 
 app = Starlette(routes=[Route("/work", work)])
-app.add_middleware(EnergyMiddleware)
+app.add_middleware(EnergyMiddleware, exclude=("/stats",))  # the stats probe is not a request to meter
+
+
+async def stats(request):
+    """What this process's meter has seen (for the peer-group test)."""
+    from starlette.responses import JSONResponse
+
+    from wattspan._meter import get_default_meter
+
+    m = get_default_meter()
+    m.flush(5)
+    c = m.stats()
+    return JSONResponse({"peer_requests": c["peer_requests"], "records": c["records"], "measured_j": sum(m.device_energy_j.values()),
+                         "unattributed_j": sum(m.device_unattributed_j.values()), "peers": c["peers"]})
+
+
+app.add_route("/stats", stats)

@@ -85,3 +85,133 @@ def test_set_tokens_with_a_non_number_never_breaks_the_request(live_meter, value
     assert live_meter.flush(10)
     (rec,) = live_meter.records
     assert rec.prompt_tokens == rec.output_tokens == 0 and rec.model == "m"
+
+
+# 3. unrelated apps of one user must not merge -------------------------------------------------
+
+
+def test_two_unrelated_apps_on_one_host_do_not_share_their_devices(tmp_path):
+    """Two servers on different ports, each metering its own simulated gpu0, one peer directory."""
+    import asyncio
+
+    from wattspan.ledger import query
+
+    from .test_durability import _start
+
+    procs = [_start(tmp_path, tmp_path / f"app{i}.sqlite") for i in range(2)]
+    try:
+        async def load():
+            async with httpx.AsyncClient(timeout=10) as c:
+                for _ in range(8):  # both apps busy at the same time
+                    await asyncio.gather(*(c.get(f"http://127.0.0.1:{port}/work") for _, port in procs for _ in range(10)))
+
+        asyncio.run(load())
+        stats = [httpx.get(f"http://127.0.0.1:{port}/stats", timeout=30).json() for _, port in procs]
+    finally:
+        for p, _ in procs:
+            p.terminate()
+        for p, _ in procs:
+            p.communicate(timeout=60)
+    for i, s in enumerate(stats):
+        assert s["peer_requests"] == 0, s  # the other app's requests never share this app's device
+        billed = sum(r["energy_j"] for r in query(tmp_path / f"app{i}.sqlite") if r["route"] == "/work")
+        assert billed > 0
+        # every joule measured is either billed to this app's requests or unattributed: none to the other app
+        assert billed + s["unattributed_j"] == pytest.approx(s["measured_j"], rel=0.02)
+
+
+# 4. a lost peer datagram must not leave phantom requests in flight ---------------------------
+
+
+def test_lost_peer_messages_leave_no_phantom_request_and_the_stretch_is_flagged(tmp_path):
+    import time
+
+    from wattspan import Meter
+    from wattspan._peers import Peers
+    from wattspan.carbon import CarbonModel
+    from wattspan.sources.replay import ReplaySource
+
+    from .conftest import constant_trace
+
+    records = []
+    meter = Meter(sources=[ReplaySource([constant_trace(100.0)], loop=True)], idle_w=40.0, carbon=CarbonModel(intensity_g_per_kwh=400.0),
+                  sinks=[records.append], period_s=1.0, lag_s=0.05, max_delay_s=1.0, peers=tmp_path / "peers")
+    try:
+        assert meter.wait_ready(10) and meter.peers is not None
+        worker = Peers(meter.peers.dir, name="999001")  # another worker on the same GPU, flooding its peer
+        t = time.monotonic_ns()
+        for i in range(1500):
+            worker.broadcast([(0, f"p{i}", "gpu0", t)])
+        for i in range(1500):
+            worker.broadcast([(1, f"p{i}", t + 1000)])
+        assert worker.dropped > 0  # the meter's socket buffer overflowed: real lost datagrams
+        time.sleep(1.5)  # the meter takes what did arrive
+        worker.broadcast([(3, time.monotonic_ns())])  # the worker's next message shows the gap
+        time.sleep(1.5)
+        assert meter.counters.get("peer_gaps", 0) >= 1 and meter.peer_gaps
+        assert not [r for r in meter._inflight.values() if r.peer], "phantom peer requests left in flight"
+        t = time.monotonic_ns()
+        meter.begin("mine", "gpu0", t)
+        meter.end("mine", "gpu0", t + 500_000_000)
+        time.sleep(0.6)
+        assert meter.flush(10)
+    finally:
+        meter.close()
+    (mine,) = [r for r in records if r.id == "mine"]
+    assert mine.energy_j == pytest.approx(100.0 * 0.5, rel=0.1)  # alone on the GPU: all of its 100 W
+
+
+# 11. a peer directory another user can reach is refused ----------------------------------------
+
+
+def test_a_peer_directory_open_to_others_or_of_another_user_is_refused(tmp_path, monkeypatch, caplog):
+    import os
+
+    from wattspan import Meter, _peers
+    from wattspan.sources.replay import ReplaySource
+
+    from .conftest import constant_trace
+
+    open_dir = tmp_path / "open"
+    open_dir.mkdir()
+    os.chmod(open_dir, 0o777)
+    with pytest.raises(PermissionError, match="open to other users"):
+        _peers.Peers(open_dir)
+    theirs = tmp_path / "theirs"
+    theirs.mkdir(mode=0o700)
+    if os.getuid() == 0:
+        os.chown(theirs, 65534, 65534)  # really another user's
+    else:
+        monkeypatch.setattr(_peers, "_uid", lambda: os.getuid() + 1)
+    with pytest.raises(PermissionError, match="belongs to another user"):
+        _peers.Peers(theirs)
+    monkeypatch.undo()
+    meter = Meter(sources=[ReplaySource([constant_trace(100.0)])], idle_w=40.0, peers=open_dir)
+    try:
+        assert meter.wait_ready(10)
+        assert meter.peers is None and meter.counters["peers_refused"] == 1
+        assert "not sharing the device" in caplog.text and str(open_dir) in caplog.text
+    finally:
+        meter.close()
+
+
+def test_sockets_of_another_user_in_the_peer_directory_are_ignored_and_kept(tmp_path):
+    import os
+    import socket
+
+    from wattspan._peers import Peers
+
+    if os.getuid() != 0:
+        pytest.skip("needs to chown a socket to another user")
+    mine = Peers(tmp_path / "peers", name="1001")
+    other = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    path = mine.dir / "1002.sock"
+    other.bind(str(path))
+    os.chown(path, 65534, 65534)
+    try:
+        assert mine.peers() == [] and mine.refused == 1
+        mine.broadcast([(3, 1)])
+        assert path.exists()
+    finally:
+        other.close()
+        mine.close()

@@ -237,6 +237,11 @@ class NvmlSource:
         if g.power == "power-usage" and g.power_kind == SampleKind.AVERAGE:
             parts[-1] = "power-usage-avg1s"
         extra["power"] = g.power
+        try:  # the physical GPU's identity: the peer group key (see wattspan._peers)
+            uuid = pynvml.nvmlDeviceGetUUID(g.handle)
+            extra["identity"] = "nvml:" + (uuid.decode() if isinstance(uuid, bytes) else str(uuid))
+        except Exception:
+            extra["identity"] = f"nvml:index{g.index}:{name}"
         extra["energy"] = g.energy
         extra["lost"] = False
         g.info = DeviceInfo(

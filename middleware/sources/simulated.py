@@ -8,6 +8,7 @@ numbers for measurements.
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -86,10 +87,12 @@ class SimulatedSource:
         self.errors = 0
         self.late_steps = 0
         self.dropped = 0
+        _identity = os.urandom(8).hex()  # each simulated GPU is this source's own: no process shares it
         self._devices = {
             d: _Device(DeviceInfo(id=d, name="simulated GPU (no sensor)", kind="gpu", sensor="simulated", simulated=True,
                                   power_kind=SampleKind.INSTANT, window_ns=0,
-                                  extra={"idle_w": self.idle_w, "note": "power synthesised from reported activity, not measured"}),
+                                  extra={"idle_w": self.idle_w, "note": "power synthesised from reported activity, not measured",
+                                         "identity": f"simulated:{_identity}:{d}"}),
                        i, max_events)
             for i, d in enumerate(devices)
         }
