@@ -38,6 +38,9 @@ def _carbon_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lifetime-years", type=float, default=4.0, help="device lifetime for the embodied share (default 4)")
     g.add_argument("--utilisation", type=float, default=1.0, help="fraction of its lifetime the device serves (default 1)")
     g.add_argument("--carbon-price", type=float, default=0.0, help="internal carbon price per tonne CO2e (default 0)")
+    g.add_argument("--intensity-provider", default="auto", help="hourly intensity: auto (the 2023 hourly profile for DE, FR, GB, US-CAL-CISO, else the yearly table), table, profile, electricitymaps, watttime, gb-carbon-intensity")
+    g.add_argument("--market-intensity", type=float, default=0.0, help="market-based gCO2e/kWh (your contract's or supplier's), reported beside the location-based figure")
+    g.add_argument("--marginal-provider", default=None, help="a provider of marginal intensity reported beside (watttime)")
 
 
 def carbon_model_from_args(args):
@@ -52,7 +55,9 @@ def carbon_model_from_args(args):
         from dataclasses import replace
 
         model = replace(model, intensity_g_per_kwh=float(args.intensity), intensity_source="given on the command line")
-    return model
+    # hourly intensity (issue 11); a fixed --intensity is one value at every hour
+    return model.with_hourly("table" if args.intensity is not None else args.intensity_provider,
+                             market_g_per_kwh=float(args.market_intensity), marginal_provider=args.marginal_provider)
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -189,12 +194,15 @@ def _cmd_attribute(args) -> int:
 
     result = attribute(traces, requests, steps, idle_w=idle)
     records = result.records()
-    co2e_op = carbon.operational_g(result.energy_j)
-    emb = carbon.embodied_g(result.device_s)
+    from .carbon import wall_times
+
+    per = carbon.per_request(result.energy_j, result.device_s, wall_times(result.requests.start_ns, result.requests.end_ns))
+    co2e_op, emb = per.operational_g, per.embodied_g
     priced = carbon.carbon_price_per_tonne > 0
-    for rec, row, op, e in zip(records, rows, co2e_op, emb):
+    for rec, row, op, e, cf in zip(records, rows, co2e_op, emb, per.fields()):
         rec["co2e_g"] = float(op + e)
         rec["embodied_g"] = float(e)
+        rec.update(cf)
         if priced:  # the internal carbon price turns grams into money
             rec[f"carbon_cost_{carbon.currency.lower()}"] = float(carbon.cost(op + e))
         for key in ("prompt_tokens", "output_tokens"):
@@ -247,6 +255,22 @@ def summarize(result, records: list[dict], carbon) -> dict:
         },
         "devices": {k: v.as_dict() for k, v in result.devices.items()},
         "routes": routes,
+        "intensity": _intensity_summary(records),
+    }
+
+
+def _intensity_summary(records: list[dict]) -> dict:
+    """Which intensities the records used: providers, zones, hours, basis; market and marginal totals."""
+    e = sum(r["energy_j"] for r in records) or 1.0
+    return {
+        "providers": sorted({r.get("intensity_provider", "") for r in records}),
+        "zones": sorted({r.get("intensity_zone", "") for r in records}),
+        "hours": len({r.get("intensity_hour", "") for r in records}),
+        "basis": sorted({r.get("intensity_basis", "") for r in records}),
+        "energy_weighted_g_per_kwh": sum(r["energy_j"] * r.get("intensity_g_per_kwh", 0.0) for r in records) / e,
+        "market_g_per_kwh": max((r.get("market_g_per_kwh", 0.0) for r in records), default=0.0),
+        "co2e_market_g": sum(r.get("co2e_market_g", 0.0) for r in records),
+        "co2e_marginal_g": sum(r.get("co2e_marginal_g", 0.0) for r in records),
     }
 
 
@@ -256,6 +280,10 @@ def print_summary(summary: dict, file=sys.stdout) -> None:
     flag = "  [SIMULATED power: no sensor]" if summary["simulated"] else ""
     w(f"measured {summary['measured_j']:.1f} J = attributed {summary['attributed_j']:.1f} J + unattributed {summary['unattributed_j']:.1f} J{flag}\n")
     w(f"carbon: {c['intensity_g_per_kwh']:.0f} gCO2e/kWh ({c['region']}; {c['intensity_source']}), PUE {c['pue']:.2f}\n")
+    i = summary.get("intensity")
+    if i and i["hours"]:
+        w(f"per request: {i['energy_weighted_g_per_kwh']:.0f} gCO2e/kWh energy-weighted over {i['hours']} hour(s) from {', '.join(i['providers'])} ({', '.join(i['zones'])}), basis {', '.join(i['basis'])}")
+        w(f"; market-based {i['co2e_market_g']:.4g} g at {i['market_g_per_kwh']:g} g/kWh\n" if i["market_g_per_kwh"] else "\n")
     for dev, d in summary["devices"].items():
         m = d.get("model")
         fit = f", fit r2 {m['r2']:.2f} over {m['rows']} readings" if m else ""
