@@ -23,7 +23,8 @@ metered energy (accelerator + host share, before PUE). Where the spent amount co
 * :class:`LedgerSpend` (one host): the ledger is the source of truth; it sums the period's
   records in SQL. Records reach the ledger a few seconds after a request ends.
 * :class:`PrometheusSpend` (a fleet): PromQL over wattspan's own counters,
-  ``sum(increase(wattspan_co2e_grams_total{...}[<since period start>]))`` (or
+  ``sum(increase(wattspan_co2e_grams_total{...}[<since period start>]))`` plus the whole
+  count of series born in the period (or
   ``wattspan_energy_joules_total`` / 3.6e6 for kWh: accelerator energy only), so every replica
   sees the fleet's spend with no new infrastructure.
 
@@ -260,7 +261,7 @@ class LedgerSpend:
 
 class PrometheusSpend:
     """The fleet's spend from Prometheus: PromQL over wattspan's counters, summed over every
-    replica it scrapes. ``increase()`` over the period so far (at least ``min_window_s``)."""
+    replica it scrapes, over the period so far (at least ``min_window_s``): see :meth:`promql`."""
 
     name = "prometheus"
     _LABELS = {"tenant": "wattspan_tenant", "model": "gen_ai_request_model", "route": "http_route"}
@@ -273,7 +274,12 @@ class PrometheusSpend:
         for k, v in sorted(budget.match.items()):
             esc = v.replace("\\", "\\\\").replace('"', '\\"')
             sel.append(f'{self._LABELS[k]}=~"{_re_escape(esc)}.*"' if k == "route" else f'{self._LABELS[k]}="{esc}"')
-        return f"sum(increase({metric}{{{','.join(sel)}}}[{max(int(window_s), int(self.min_window_s))}s]))"
+        x, w = f"{metric}{{{','.join(sel)}}}", f"{max(int(window_s), int(self.min_window_s))}s"
+        # series alive at the period's start: their increase since (resets handled); series
+        # born in the period (a replica started since): their whole count, which
+        # increase() alone would miss before their first scrape
+        return (f"(sum(increase({x}[{w}]) and {x} offset {w}) or vector(0))"
+                f" + (sum({x} unless {x} offset {w}) or vector(0))")
 
     def _query(self, q: str) -> float:
         url = f"{self.url}/api/v1/query?{urllib.parse.urlencode({'query': q})}"
