@@ -90,6 +90,7 @@ def _build_parser() -> argparse.ArgumentParser:
     r.add_argument("--by", default="route", help="route (default), tenant, model, device, http_method or run_id")
     r.add_argument("--format", default="table", choices=["table", "csv", "json"])
     r.add_argument("--since-s", type=float, default=None, help="only the last N seconds")
+    r.add_argument("--budgets", type=Path, default=None, help="also show these carbon budgets: spent, limit, KPIs, when they run out (budget file, JSON or TOML)")
 
     x = sub.add_parser("proxy", help="a metering proxy in front of an OpenAI-compatible server (vllm serve, ...)")
     x.add_argument("--upstream", required=True, help="the server to forward /v1/* to, e.g. http://127.0.0.1:8000")
@@ -100,6 +101,7 @@ def _build_parser() -> argparse.ArgumentParser:
     x.add_argument("--max-body-bytes", type=int, default=8 << 20)
     x.add_argument("--steps-listen", default=None, help="host:port or unix:/path where the vLLM hook in the upstream sends its batch steps")
     x.add_argument("--no-include-usage", action="store_true", help="do not ask a streaming upstream for usage (for servers that reject stream_options)")
+    x.add_argument("--budgets", type=Path, default=None, help="enforce the carbon budgets in this file (JSON or TOML): observe, warn, reject (429), defer")
 
     b = sub.add_parser("bench", help="on demand or in batches? energy and CO2e per call, projected to a million calls")
     from .bench import add_bench_arguments
@@ -135,12 +137,17 @@ def main(argv: list[str] | None = None) -> int:
             _need("httpx", "uvicorn", "starlette", extra="serve")
             from wattspan.integrations.openai_proxy import run_proxy
 
+            if getattr(args, "budgets", None) is not None:
+                return _proxy_with_budgets(args)
             run_proxy(args.upstream, host=args.host, port=int(args.port), device=args.device, timeout_s=float(args.timeout_s), max_body_bytes=int(args.max_body_bytes), include_usage=not args.no_include_usage, steps_listen=args.steps_listen)
             return 0
         if args.command == "report":
             from ._report import run_report
 
-            return run_report(args.db, by=args.by, fmt=args.format, since_s=args.since_s)
+            rc = run_report(args.db, by=args.by, fmt=args.format, since_s=args.since_s)
+            if getattr(args, "budgets", None) is not None and rc == 0:
+                return _report_budgets(args)
+            return rc
     except _UsageError as exc:
         print(f"wattspan: error: {exc}", file=sys.stderr)
         return 2
@@ -150,6 +157,42 @@ def main(argv: list[str] | None = None) -> int:
 
 class _UsageError(Exception):
     pass
+
+
+def _report_budgets(args) -> int:
+    """``wattspan report --budgets FILE``: each budget's spend, KPIs and burn (issue 11)."""
+    from .budgets import BudgetConfig, BudgetConfigError, budget_status, format_status, load_budgets
+
+    try:
+        cfg = load_budgets(args.budgets)
+    except BudgetConfigError as exc:
+        raise _UsageError(str(exc)) from None
+    if cfg.source == "ledger":  # the report's --db is the ledger to read
+        cfg = BudgetConfig(cfg.budgets, "ledger", str(args.db), cfg.prometheus_url, cfg.refresh_s)
+    st = budget_status(cfg)
+    if args.format == "json":
+        print(json.dumps({"budgets": [s.to_dict() for s in st]}, indent=2))
+    else:
+        sys.stdout.write("\ncarbon budgets (" + cfg.source + ")\n" + format_status(st))
+    return 0
+
+
+def _proxy_with_budgets(args) -> int:
+    """``wattspan proxy --budgets FILE``: the metering proxy inside a BudgetMiddleware."""
+    import uvicorn
+
+    from wattspan.integrations.openai_proxy import create_proxy
+
+    from .budgets import BudgetConfigError, BudgetMiddleware
+
+    proxy = create_proxy(args.upstream, device=args.device, timeout_s=float(args.timeout_s), max_body_bytes=int(args.max_body_bytes),
+                         include_usage=not args.no_include_usage, steps_listen=args.steps_listen)
+    try:
+        app = BudgetMiddleware(proxy, budgets=args.budgets)
+    except BudgetConfigError as exc:
+        raise _UsageError(str(exc)) from None
+    uvicorn.run(app, host=args.host, port=int(args.port), log_level="info", lifespan="on")
+    return 0
 
 
 def _need(*modules: str, extra: str) -> None:
