@@ -28,7 +28,13 @@ _FIELDS = (
     ("coverage", "REAL"), ("simulated", "INTEGER"), ("route", "TEXT"), ("http_method", "TEXT"),
     ("status_code", "INTEGER"), ("model", "TEXT"), ("tenant", "TEXT"), ("prompt_tokens", "INTEGER"),
     ("output_tokens", "INTEGER"), ("trace_id", "TEXT"), ("span_id", "TEXT"), ("host_j", "REAL"),
+    # issue 11: which intensity each record used (added to older files on open; read as defaults)
+    ("intensity_g_per_kwh", "REAL"), ("intensity_provider", "TEXT"), ("intensity_zone", "TEXT"),
+    ("intensity_hour", "TEXT"), ("intensity_basis", "TEXT"), ("market_g_per_kwh", "REAL"),
+    ("co2e_market_g", "REAL"), ("marginal_g_per_kwh", "REAL"), ("co2e_marginal_g", "REAL"),
 )
+#: columns added after schema 1 shipped: ``ALTER TABLE ... ADD COLUMN`` with this default
+_ADDED = {n: ("''" if t == "TEXT" else "0") for n, t in _FIELDS[_FIELDS.index(("host_j", "REAL")) + 1:]}
 NAMES = tuple(n for n, _ in _FIELDS)
 COLUMNS = (*NAMES, "recorded_at", "run_id")
 _SCHEMA = (
@@ -46,6 +52,7 @@ GROUP_BY = ("route", "tenant", "model", "device", "http_method", "run_id")
 def create_schema(conn: sqlite3.Connection, path: Path) -> None:
     """Create the table and indexes in an empty file (autocommit ``conn``); no-op on a ledger."""
     if schema_version(conn, path):
+        upgrade_schema(conn)
         return
     conn.execute("PRAGMA auto_vacuum=INCREMENTAL")  # takes only before the first table: lets retention shrink the file
     conn.execute("BEGIN IMMEDIATE")  # on failure the caller closes conn, which rolls back
@@ -55,6 +62,28 @@ def create_schema(conn: sqlite3.Connection, path: Path) -> None:
         conn.execute(f"PRAGMA application_id={_APP_ID}")
         conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
     conn.execute("COMMIT")
+
+
+def _present(conn: sqlite3.Connection) -> set[str]:
+    return {r[1] for r in conn.execute("PRAGMA table_info(requests)")}
+
+
+def upgrade_schema(conn: sqlite3.Connection) -> None:
+    """Add the columns a file written by an older wattspan lacks (autocommit ``conn``)."""
+    missing = [n for n in _ADDED if n not in _present(conn)]
+    for n in missing:
+        t = dict(_FIELDS)[n]
+        try:
+            conn.execute(f"ALTER TABLE requests ADD COLUMN {n} {t} NOT NULL DEFAULT {_ADDED[n]}")
+        except sqlite3.OperationalError as exc:
+            if "duplicate column" not in str(exc):  # another process added it first
+                raise
+
+
+def _select(conn: sqlite3.Connection) -> str:
+    """The select list: an older file's missing columns read as their defaults."""
+    have = _present(conn)
+    return ", ".join(c if (c in have or c not in _ADDED) else f"{_ADDED[c]} AS {c}" for c in COLUMNS)
 
 
 def query(path: str | os.PathLike, *, since: float | None = None, until: float | None = None,
@@ -68,7 +97,7 @@ def query(path: str | os.PathLike, *, since: float | None = None, until: float |
     with _reading(path) as conn:
         if conn is None:
             return []
-        rows = conn.execute(f"SELECT {', '.join(COLUMNS)} FROM requests{where} ORDER BY recorded_at, rowid", args)
+        rows = conn.execute(f"SELECT {_select(conn)} FROM requests{where} ORDER BY recorded_at, rowid", args)
         out = [dict(zip(COLUMNS, r)) for r in rows]
     for d in out:
         d["simulated"], d["trace_id"], d["span_id"] = bool(d["simulated"]), int(d["trace_id"], 16), int(d["span_id"], 16)

@@ -583,8 +583,10 @@ class Meter:
         energy = np.fromiter((r.dynamic_j + r.idle_j for _, r in done), float, len(done))
         host = np.fromiter((r.host_j for _, r in done), float, len(done))
         dev_s = np.fromiter((r.device_s for _, r in done), float, len(done))
-        op = np.asarray(self.carbon.operational_g(energy + host), dtype=float)
-        emb = np.asarray(self.carbon.embodied_g(dev_s), dtype=float)
+        # each request at the intensity of the hour it ran (its mid-point on the wall clock)
+        wall = np.fromiter(((r.start_ns + r.end_ns) * 0.5e-9 for _, r in done), float, len(done)) + (time.time() - time.monotonic())
+        carbon = self.carbon.per_request(energy + host, dev_s, wall)
+        op, emb, cfields = carbon.operational_g, carbon.embodied_g, carbon.fields()
         batch: list[RequestRecord] = []
         for k, (rid, r) in enumerate(done):
             m = r.meta
@@ -614,6 +616,7 @@ class Meter:
                 trace_id=int(m.get("trace_id", 0) or 0),
                 span_id=int(m.get("span_id", 0) or 0),
                 host_j=r.host_j,
+                **cfields[k],
             )
             self.counters["records"] += 1
             self._emit(rec)
@@ -674,11 +677,11 @@ def default_sources() -> list:
 
 def _carbon_from_env():
     from .carbon import CarbonModel
-
+    from .intensity import hourly_from_env
     from .settings import get_settings
 
     s = get_settings()
-    return CarbonModel.for_region(s.region, pue=s.pue)
+    return hourly_from_env(CarbonModel.for_region(s.region, pue=s.pue))
 
 
 _default: Meter | None = None

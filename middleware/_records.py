@@ -48,6 +48,20 @@ class RequestRecord:
     trace_id: int = 0
     span_id: int = 0
     host_j: float = 0.0
+    # Which intensity the carbon used (issue 11): gCO2e/kWh, the provider that said it
+    # (``profile``, ``table``, ``electricitymaps``, ...; ``+fallback`` when a live one was
+    # down), its zone, the hour (``YYYY-MM-DDTHH:MMZ``, UTC) and the basis (``location``).
+    # Market-based (a user's contract factor; 0 = none given) and marginal (0 = none) figures
+    # are reported beside, operational only; ``co2e_g`` stays location-based.
+    intensity_g_per_kwh: float = 0.0
+    intensity_provider: str = ""
+    intensity_zone: str = ""
+    intensity_hour: str = ""
+    intensity_basis: str = ""
+    market_g_per_kwh: float = 0.0
+    co2e_market_g: float = 0.0
+    marginal_g_per_kwh: float = 0.0
+    co2e_marginal_g: float = 0.0
 
     @property
     def duration_s(self) -> float:

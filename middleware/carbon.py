@@ -30,7 +30,7 @@ import numpy as np
 
 __all__ = [
     "GridIntensity", "grid_intensity", "Pue", "default_pue", "Embodied", "EMBODIED_A100_SERVER_SHARE",
-    "CarbonModel", "IntensityProvider", "StaticProvider", "HttpJsonProvider",
+    "CarbonModel", "IntensityProvider", "StaticProvider", "HttpJsonProvider", "RequestCarbon",
 ]
 
 log = logging.getLogger("wattspan.carbon")
@@ -213,8 +213,20 @@ class CarbonModel:
     currency: str = "USD"
     region: str = ""
     intensity_source: str = ""
+    #: an :class:`wattspan.intensity.HourlyIntensityProvider`: each request gets the intensity of
+    #: the hour it ran (None: ``intensity_g_per_kwh`` at every hour)
+    hourly: object = None
+    #: the provider's zone (``FR``, a WattTime region, a GB postcode)
+    zone: str = ""
+    #: market-based factor (a contract's or supplier's gCO2e/kWh), reported beside the
+    #: location-based figure; 0 = not given
+    market_g_per_kwh: float = 0.0
+    #: a provider of marginal intensity (WattTime), reported beside; None = not given
+    marginal: object = None
+    marginal_zone: str = ""
 
     def __post_init__(self) -> None:
+        _check("market_g_per_kwh", self.market_g_per_kwh, 0.0, _MAX_INTENSITY, "gCO2e/kWh")
         if not isinstance(self.currency, str) or not self.currency.strip():
             raise ValueError(f"currency must be a non-empty code such as 'USD', got {self.currency!r}")
         _check("intensity_g_per_kwh", self.intensity_g_per_kwh, 0.0, _MAX_INTENSITY, "gCO2e/kWh")
@@ -238,6 +250,63 @@ class CarbonModel:
                    embodied=embodied, carbon_price_per_tonne=carbon_price_per_tonne, currency=currency,
                    region=gi.zone, intensity_source=f"{gi.source}, {gi.year} ({gi.licence}){note}")
 
+    def with_hourly(self, provider_name: str = "auto", *, market_g_per_kwh: float = 0.0,
+                    marginal_provider: str | None = None, env: dict | None = None) -> CarbonModel:
+        """This model with an hourly provider for its region (see
+        :func:`wattspan.intensity.provider_from_name`); raises ValueError on bad config."""
+        from .intensity import provider_from_name
+
+        hourly, zone = provider_from_name(provider_name, self.region, env=env)
+        marginal, mzone = (None, "")
+        if marginal_provider:
+            marginal, mzone = provider_from_name(marginal_provider, self.region, env=env)
+        return replace(self, hourly=hourly, zone=zone if hourly is not None else self.region,
+                       market_g_per_kwh=float(market_g_per_kwh), marginal=marginal, marginal_zone=mzone)
+
+    def per_request(self, energy_j, device_s, wall_s=None) -> RequestCarbon:
+        """Carbon of a batch of requests, each at the intensity of the hour it ran.
+
+        ``energy_j``, ``device_s``: arrays of one shape; ``wall_s``: each request's (mid) time in
+        unix seconds, or None when unknown (then every request gets ``intensity_g_per_kwh``).
+        One provider lookup per distinct half-hour of the batch, never one per request. A
+        provider that fails here (it should fall back by itself) falls back to the yearly value.
+        """
+        e = np.atleast_1d(_as_array("energy_j", energy_j, _MAX_ENERGY_J, "J"))
+        s = np.atleast_1d(_as_array("device_s", device_s, _MAX_DEVICE_S, "s"))
+        n = e.size
+        inten = np.full(n, float(self.intensity_g_per_kwh))
+        marg = np.zeros(n)
+        prov = {"provider": "table", "zone": self.region, "hour": "", "basis": "location"}
+        groups: list[tuple[np.ndarray, dict]] = []
+        if wall_s is not None and n:
+            w = np.atleast_1d(np.asarray(wall_s, dtype=np.float64))
+            keys = np.floor(w / 1800.0)
+            uniq, inv = np.unique(keys, return_inverse=True)
+            for g, key in enumerate(uniq):
+                idx = np.flatnonzero(inv == g)
+                t = float(key) * 1800.0 + 900.0
+                p = dict(prov, hour=datetime.fromtimestamp(math.floor(t / 3600) * 3600, timezone.utc).strftime("%Y-%m-%dT%H:%MZ"))
+                if self.hourly is not None:
+                    try:
+                        v = self.hourly.at(self.zone, t)
+                        inten[idx] = v.g_per_kwh
+                        p = {"provider": v.provider + ("+fallback" if v.fallback else ""), "zone": v.zone,
+                             "hour": v.hour, "basis": v.basis}
+                    except Exception:
+                        log.exception("hourly intensity lookup failed; using the yearly %g gCO2e/kWh", self.intensity_g_per_kwh)
+                if self.marginal is not None:
+                    try:
+                        marg[idx] = self.marginal.at(self.marginal_zone, t).g_per_kwh
+                    except Exception:
+                        log.exception("marginal intensity lookup failed")
+                groups.append((idx, p))
+        else:
+            groups.append((np.arange(n), prov))
+        kwh = e / _J_PER_KWH * self.pue
+        emb = s * (self.embodied.g_per_device_s if self.embodied else 0.0)
+        return RequestCarbon(kwh * inten, emb, inten, kwh * self.market_g_per_kwh, marg, kwh * marg,
+                             self.market_g_per_kwh, groups)
+
     def operational_g(self, energy_j: np.ndarray | float) -> np.ndarray | float:
         """Grams CO2e for ``energy_j`` joules measured at the device, grossed up by PUE."""
         e = _as_array("energy_j", energy_j, _MAX_ENERGY_J, "J")
@@ -259,6 +328,49 @@ class CarbonModel:
         """The carbon price of ``co2e_g`` grams, in ``currency``."""
         g = _as_array("co2e_g", co2e_g, _MAX_CO2E_G, "g")
         return _out(g / 1e6 * self.carbon_price_per_tonne)
+
+
+def wall_times(start_ns, end_ns) -> np.ndarray | None:
+    """Each request's mid-point in unix seconds, when ``start_ns``/``end_ns`` are on the unix
+    clock (after 2001); None for other clocks (monotonic, simulated from 0): then no hour is
+    known and the yearly value applies."""
+    s, e = np.asarray(start_ns, dtype=np.float64), np.asarray(end_ns, dtype=np.float64)
+    if not s.size:
+        return None
+    mid = (s + e) * 0.5e-9
+    return mid if float(mid.min()) > 1e9 else None
+
+
+@dataclass(frozen=True)
+class RequestCarbon:
+    """What :meth:`CarbonModel.per_request` found, per request (arrays) and per group of
+    requests sharing a half-hour (``groups``: (indices, provenance dict))."""
+
+    operational_g: np.ndarray
+    embodied_g: np.ndarray
+    intensity_g_per_kwh: np.ndarray
+    market_g: np.ndarray
+    marginal_g_per_kwh: np.ndarray
+    marginal_g: np.ndarray
+    market_g_per_kwh: float
+    groups: list
+
+    def provenance(self) -> list[dict]:
+        """One dict per request: provider, zone, hour, basis."""
+        out: list[dict] = [{}] * len(self.intensity_g_per_kwh)
+        for idx, p in self.groups:
+            for i in idx:
+                out[int(i)] = p
+        return out
+
+    def fields(self) -> list[dict]:
+        """Per request, the RequestRecord fields that say which intensity it used."""
+        prov = self.provenance()
+        return [{"intensity_g_per_kwh": float(self.intensity_g_per_kwh[k]), "intensity_provider": p["provider"],
+                 "intensity_zone": p["zone"], "intensity_hour": p["hour"], "intensity_basis": p["basis"],
+                 "market_g_per_kwh": float(self.market_g_per_kwh), "co2e_market_g": float(self.market_g[k]),
+                 "marginal_g_per_kwh": float(self.marginal_g_per_kwh[k]), "co2e_marginal_g": float(self.marginal_g[k])}
+                for k, p in enumerate(prov)]
 
 
 @runtime_checkable

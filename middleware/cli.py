@@ -49,6 +49,9 @@ def _carbon_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lifetime-years", type=float, default=4.0, help="device lifetime for the embodied share (default 4)")
     g.add_argument("--utilisation", type=float, default=1.0, help="fraction of its lifetime the device serves (default 1)")
     g.add_argument("--carbon-price", type=float, default=0.0, help="internal carbon price per tonne CO2e (default 0)")
+    g.add_argument("--intensity-provider", default="auto", help="hourly intensity: auto (the 2023 hourly profile for DE, FR, GB, US-CAL-CISO, else the yearly table), table, profile, electricitymaps, watttime, gb-carbon-intensity")
+    g.add_argument("--market-intensity", type=float, default=0.0, help="market-based gCO2e/kWh (your contract's or supplier's), reported beside the location-based figure")
+    g.add_argument("--marginal-provider", default=None, help="a provider of marginal intensity reported beside (watttime)")
 
 
 def carbon_model_from_args(args):
@@ -63,7 +66,9 @@ def carbon_model_from_args(args):
         from dataclasses import replace
 
         model = replace(model, intensity_g_per_kwh=float(args.intensity), intensity_source="given on the command line")
-    return model
+    # hourly intensity (issue 11); a fixed --intensity is one value at every hour
+    return model.with_hourly("table" if args.intensity is not None else args.intensity_provider,
+                             market_g_per_kwh=float(args.market_intensity), marginal_provider=args.marginal_provider)
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -96,6 +101,7 @@ def _build_parser() -> argparse.ArgumentParser:
     r.add_argument("--by", default="route", help="route (default), tenant, model, device, http_method or run_id")
     r.add_argument("--format", default="table", choices=["table", "csv", "json"])
     r.add_argument("--since-s", type=float, default=None, help="only the last N seconds")
+    r.add_argument("--budgets", type=Path, default=None, help="also show these carbon budgets: spent, limit, KPIs, when they run out (budget file, JSON or TOML)")
 
     x = sub.add_parser("proxy", help="a metering proxy in front of an OpenAI-compatible server (vllm serve, ...)")
     x.add_argument("--upstream", required=True, help="the server to forward /v1/* to, e.g. http://127.0.0.1:8000")
@@ -106,6 +112,7 @@ def _build_parser() -> argparse.ArgumentParser:
     x.add_argument("--max-body-bytes", type=int, default=8 << 20)
     x.add_argument("--steps-listen", default=None, help="host:port or unix:/path where the vLLM hook in the upstream sends its batch steps")
     x.add_argument("--no-include-usage", action="store_true", help="do not ask a streaming upstream for usage (for servers that reject stream_options)")
+    x.add_argument("--budgets", type=Path, default=None, help="enforce the carbon budgets in this file (JSON or TOML): observe, warn, reject (429), defer")
 
     b = sub.add_parser("bench", help="on demand or in batches? energy and CO2e per call, projected to a million calls")
     from .bench import add_bench_arguments
@@ -141,12 +148,17 @@ def main(argv: list[str] | None = None) -> int:
             _need("httpx", "uvicorn", "starlette", extra="serve")
             from wattspan.integrations.openai_proxy import run_proxy
 
+            if getattr(args, "budgets", None) is not None:
+                return _proxy_with_budgets(args)
             run_proxy(args.upstream, host=args.host, port=int(args.port), device=args.device, timeout_s=float(args.timeout_s), max_body_bytes=int(args.max_body_bytes), include_usage=not args.no_include_usage, steps_listen=args.steps_listen)
             return 0
         if args.command == "report":
             from ._report import run_report
 
-            return run_report(args.db, by=args.by, fmt=args.format, since_s=args.since_s)
+            rc = run_report(args.db, by=args.by, fmt=args.format, since_s=args.since_s)
+            if getattr(args, "budgets", None) is not None and rc == 0:
+                return _report_budgets(args)
+            return rc
     except _UsageError as exc:
         print(f"wattspan: error: {exc}", file=sys.stderr)
         return 2
@@ -156,6 +168,42 @@ def main(argv: list[str] | None = None) -> int:
 
 class _UsageError(Exception):
     pass
+
+
+def _report_budgets(args) -> int:
+    """``wattspan report --budgets FILE``: each budget's spend, KPIs and burn (issue 11)."""
+    from .budgets import BudgetConfig, BudgetConfigError, budget_status, format_status, load_budgets
+
+    try:
+        cfg = load_budgets(args.budgets)
+    except BudgetConfigError as exc:
+        raise _UsageError(str(exc)) from None
+    if cfg.source == "ledger":  # the report's --db is the ledger to read
+        cfg = BudgetConfig(cfg.budgets, "ledger", str(args.db), cfg.prometheus_url, cfg.refresh_s)
+    st = budget_status(cfg)
+    if args.format == "json":
+        print(json.dumps({"budgets": [s.to_dict() for s in st]}, indent=2))
+    else:
+        sys.stdout.write("\ncarbon budgets (" + cfg.source + ")\n" + format_status(st))
+    return 0
+
+
+def _proxy_with_budgets(args) -> int:
+    """``wattspan proxy --budgets FILE``: the metering proxy inside a BudgetMiddleware."""
+    import uvicorn
+
+    from wattspan.integrations.openai_proxy import create_proxy
+
+    from .budgets import BudgetConfigError, BudgetMiddleware
+
+    proxy = create_proxy(args.upstream, device=args.device, timeout_s=float(args.timeout_s), max_body_bytes=int(args.max_body_bytes),
+                         include_usage=not args.no_include_usage, steps_listen=args.steps_listen)
+    try:
+        app = BudgetMiddleware(proxy, budgets=args.budgets)
+    except BudgetConfigError as exc:
+        raise _UsageError(str(exc)) from None
+    uvicorn.run(app, host=args.host, port=int(args.port), log_level="info", lifespan="on")
+    return 0
 
 
 def _need(*modules: str, extra: str) -> None:
@@ -200,12 +248,15 @@ def _cmd_attribute(args) -> int:
 
     result = attribute(traces, requests, steps, idle_w=idle)
     records = result.records()
-    co2e_op = carbon.operational_g(result.energy_j)
-    emb = carbon.embodied_g(result.device_s)
+    from .carbon import wall_times
+
+    per = carbon.per_request(result.energy_j, result.device_s, wall_times(result.requests.start_ns, result.requests.end_ns))
+    co2e_op, emb = per.operational_g, per.embodied_g
     priced = carbon.carbon_price_per_tonne > 0
-    for rec, row, op, e in zip(records, rows, co2e_op, emb):
+    for rec, row, op, e, cf in zip(records, rows, co2e_op, emb, per.fields()):
         rec["co2e_g"] = float(op + e)
         rec["embodied_g"] = float(e)
+        rec.update(cf)
         if priced:  # the internal carbon price turns grams into money
             rec[f"carbon_cost_{carbon.currency.lower()}"] = float(carbon.cost(op + e))
         for key in ("prompt_tokens", "output_tokens"):
@@ -258,6 +309,22 @@ def summarize(result, records: list[dict], carbon) -> dict:
         },
         "devices": {k: v.as_dict() for k, v in result.devices.items()},
         "routes": routes,
+        "intensity": _intensity_summary(records),
+    }
+
+
+def _intensity_summary(records: list[dict]) -> dict:
+    """Which intensities the records used: providers, zones, hours, basis; market and marginal totals."""
+    e = sum(r["energy_j"] for r in records) or 1.0
+    return {
+        "providers": sorted({r.get("intensity_provider", "") for r in records}),
+        "zones": sorted({r.get("intensity_zone", "") for r in records}),
+        "hours": len({r.get("intensity_hour", "") for r in records}),
+        "basis": sorted({r.get("intensity_basis", "") for r in records}),
+        "energy_weighted_g_per_kwh": sum(r["energy_j"] * r.get("intensity_g_per_kwh", 0.0) for r in records) / e,
+        "market_g_per_kwh": max((r.get("market_g_per_kwh", 0.0) for r in records), default=0.0),
+        "co2e_market_g": sum(r.get("co2e_market_g", 0.0) for r in records),
+        "co2e_marginal_g": sum(r.get("co2e_marginal_g", 0.0) for r in records),
     }
 
 
@@ -267,6 +334,10 @@ def print_summary(summary: dict, file=sys.stdout) -> None:
     flag = "  [SIMULATED power: no sensor]" if summary["simulated"] else ""
     w(f"measured {summary['measured_j']:.1f} J = attributed {summary['attributed_j']:.1f} J + unattributed {summary['unattributed_j']:.1f} J{flag}\n")
     w(f"carbon: {c['intensity_g_per_kwh']:.0f} gCO2e/kWh ({c['region']}; {c['intensity_source']}), PUE {c['pue']:.2f}\n")
+    i = summary.get("intensity")
+    if i and i["hours"]:
+        w(f"per request: {i['energy_weighted_g_per_kwh']:.0f} gCO2e/kWh energy-weighted over {i['hours']} hour(s) from {', '.join(i['providers'])} ({', '.join(i['zones'])}), basis {', '.join(i['basis'])}")
+        w(f"; market-based {i['co2e_market_g']:.4g} g at {i['market_g_per_kwh']:g} g/kWh\n" if i["market_g_per_kwh"] else "\n")
     for dev, d in summary["devices"].items():
         m = d.get("model")
         fit = f", fit r2 {m['r2']:.2f} over {m['rows']} readings" if m else ""

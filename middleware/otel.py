@@ -51,6 +51,10 @@ attribute                        type      meaning
                                            (record not final in time; no energy)
 ``wattspan.request_id``          string    wattspan's request id (the ledger's key)
 ``wattspan.tenant``              string    the tenant, when known
+``wattspan.intensity.*``         mixed     the intensity the carbon used: ``g_per_kwh``,
+                                           ``provider``, ``zone``, ``hour`` (UTC), ``basis``
+``wattspan.co2e.market_g``       double    market-based operational g CO2e, when a factor is set
+``wattspan.co2e.marginal_g``     double    marginal operational g CO2e, when a provider is set
 ``hw.id``                        string    the device the request ran on (``gpu0``)
 ``hw.type``                      string    ``gpu``
 ``gen_ai.request.model``         string    the model, when known
@@ -158,6 +162,16 @@ def record_attributes(record: RequestRecord) -> dict[str, Any]:
         a["gen_ai.usage.output_tokens"] = int(record.output_tokens)
     if record.tenant:
         a["wattspan.tenant"] = record.tenant
+    if record.intensity_provider:  # which intensity the carbon used (issue 11)
+        a["wattspan.intensity.g_per_kwh"] = float(record.intensity_g_per_kwh)
+        a["wattspan.intensity.provider"] = record.intensity_provider
+        a["wattspan.intensity.zone"] = record.intensity_zone
+        a["wattspan.intensity.hour"] = record.intensity_hour
+        a["wattspan.intensity.basis"] = record.intensity_basis
+        if record.market_g_per_kwh:
+            a["wattspan.co2e.market_g"] = float(record.co2e_market_g)
+        if record.marginal_g_per_kwh:
+            a["wattspan.co2e.marginal_g"] = float(record.co2e_marginal_g)
     return a
 
 

@@ -39,9 +39,14 @@ def test_attributes_the_shipped_example_and_writes_records_and_summary(tmp_path)
     s = json.loads(summ.read_text())
     assert s["attributed_j"] + s["unattributed_j"] == pytest.approx(s["measured_j"], rel=1e-9)
     assert s["carbon"]["region"] and s["carbon"]["intensity_g_per_kwh"] > 0
-    # gCO2e = J / 3.6e6 * PUE * intensity, for France's row
+    # gCO2e = J / 3.6e6 * PUE * intensity of the hour it ran (France's 2023 profile: the
+    # example was recorded on 2023-07-14 at 09:xx UTC), and each record says so
     r = recs[0]
-    assert r["co2e_g"] == pytest.approx(r["energy_j"] / 3.6e6 * s["carbon"]["pue"] * s["carbon"]["intensity_g_per_kwh"])
+    assert (r["intensity_provider"], r["intensity_zone"], r["intensity_hour"], r["intensity_basis"]) == ("profile", "FR", "2023-07-14T09:00Z", "location")
+    assert 3.5 < r["intensity_g_per_kwh"] < 127  # inside FR's 2023 range (direct min .. lifecycle)
+    assert r["intensity_g_per_kwh"] != s["carbon"]["intensity_g_per_kwh"]  # not the yearly row
+    assert r["co2e_g"] == pytest.approx(r["energy_j"] / 3.6e6 * s["carbon"]["pue"] * r["intensity_g_per_kwh"])
+    assert s["intensity"]["providers"] == ["profile"] and s["intensity"]["hours"] == 1
     assert "/square-wave" in p.stdout and "measured" in p.stdout
 
 

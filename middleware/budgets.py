@@ -1,0 +1,690 @@
+"""Carbon budgets per tenant, team, route or model, their KPIs and burn, and the middleware that
+enforces them.
+
+A budget file (JSON, or TOML on Python 3.11+) declares budgets::
+
+    # budgets.toml
+    source = "ledger"                 # or "prometheus" (a fleet shares one budget)
+    ledger = "wattspan.sqlite"        # the ledger a "ledger" source reads
+    prometheus_url = "http://127.0.0.1:9090"
+    refresh_s = 5                     # how often spent budgets are re-read (a background thread)
+
+    [[budget]]
+    name = "team-a"
+    match = { tenant = "team-a" }     # any of tenant, route (a path prefix), model; all must hold
+    limit_gco2e = 500                 # or limit_kwh
+    period = "day"                    # day | month | year (UTC calendar)
+    action = "reject"                 # observe | warn | reject | defer
+    warn_at = 0.8                     # the fraction from which responses carry the budget header
+
+Units: grams CO2e (location-based, as ``co2e_g``: operational x PUE + embodied) or kWh of
+metered energy (accelerator + host share, before PUE). Where the spent amount comes from:
+
+* :class:`LedgerSpend` (one host): the ledger is the source of truth; it sums the period's
+  records in SQL. Records reach the ledger a few seconds after a request ends.
+* :class:`PrometheusSpend` (a fleet): PromQL over wattspan's own counters,
+  ``sum(increase(wattspan_co2e_grams_total{...}[<since period start>]))`` plus the whole
+  count of series born in the period (or
+  ``wattspan_energy_joules_total`` / 3.6e6 for kWh: accelerator energy only), so every replica
+  sees the fleet's spend with no new infrastructure.
+
+KPIs per budget and period (ledger only; Prometheus has no token counts): gCO2e per 1000
+requests, per 1000 tokens (prompt + output), J per output token. Burn: the period's mean rate
+so far, the amount it projects at the period's end, and when the budget runs out at that rate.
+
+:class:`BudgetMiddleware` is pure ASGI and composes with :class:`~wattspan.EnergyMiddleware`
+(put it outside: ``BudgetMiddleware(EnergyMiddleware(app), budgets=...)``, i.e. add it last
+with Starlette's ``add_middleware``). Per request it reads only cached state: nothing slow on
+the event loop. At or over a budget's limit: ``observe`` counts; ``warn`` adds the
+``x-wattspan-budget`` header and logs (once a minute per budget); ``reject`` answers HTTP 429
+with a JSON error and ``Retry-After`` (seconds to the period's end); ``defer`` sends a
+deferrable request (header ``x-wattspan-deferrable: 1``, optional ``x-wattspan-deadline-s``)
+to a :class:`~wattspan.deferral.DeferralQueue` and answers 202 with the job's URL
+(``/wattspan/jobs/<id>``); a request that cannot be deferred is rejected like ``reject``.
+``GET /wattspan/budgets`` answers every budget's status as JSON.
+
+Environment (read here): ``WATTSPAN_BUDGETS`` (the budget file the proxy and
+:func:`budget_middleware_from_env` use).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import calendar
+import json
+import logging
+import math
+import os
+import sqlite3
+import threading
+import time
+import urllib.parse
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "Budget", "BudgetConfig", "BudgetConfigError", "BudgetStatus", "LedgerSpend", "PrometheusSpend",
+    "Spend", "BudgetMiddleware", "budget_status", "load_budgets",
+]
+
+log = logging.getLogger("wattspan.budgets")
+
+PERIODS = ("day", "month", "year")
+ACTIONS = ("observe", "warn", "reject", "defer")
+_SEVERITY = {"observe": 0, "warn": 1, "defer": 2, "reject": 3}
+_MATCH_KEYS = ("tenant", "route", "model")
+_J_PER_KWH = 3.6e6
+
+
+class BudgetConfigError(ValueError):
+    """A budget file that cannot be used: says which file, which budget, what is wrong."""
+
+
+@dataclass(frozen=True)
+class Budget:
+    name: str
+    limit: float
+    unit: str  # "gco2e" | "kwh"
+    period: str
+    action: str = "observe"
+    match: dict = field(default_factory=dict)
+    warn_at: float = 0.8
+
+    def matches(self, tenant: str, path: str, model: str) -> bool:
+        m = self.match
+        return ((not m.get("tenant") or m["tenant"] == tenant)
+                and (not m.get("route") or path.startswith(m["route"]))
+                and (not m.get("model") or m["model"] == model))
+
+    def bounds(self, now: float) -> tuple[float, float]:
+        """The UTC calendar period holding ``now``: (start, end) in unix seconds."""
+        d = datetime.fromtimestamp(now, timezone.utc)
+        if self.period == "day":
+            s = datetime(d.year, d.month, d.day, tzinfo=timezone.utc)
+            return s.timestamp(), s.timestamp() + 86400.0
+        if self.period == "month":
+            s = datetime(d.year, d.month, 1, tzinfo=timezone.utc)
+            days = calendar.monthrange(d.year, d.month)[1]
+            return s.timestamp(), s.timestamp() + days * 86400.0
+        s = datetime(d.year, 1, 1, tzinfo=timezone.utc)
+        return s.timestamp(), datetime(d.year + 1, 1, 1, tzinfo=timezone.utc).timestamp()
+
+    @property
+    def owner(self) -> str:
+        return ",".join(f"{k}={v}" for k, v in sorted(self.match.items())) or "*"
+
+
+@dataclass(frozen=True)
+class BudgetConfig:
+    budgets: tuple[Budget, ...]
+    source: str = "ledger"
+    ledger: str = "wattspan.sqlite"
+    prometheus_url: str = ""
+    refresh_s: float = 5.0
+
+
+def _num(where: str, key: str, v: Any, lo: float, hi: float) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not (lo <= v <= hi):
+        raise BudgetConfigError(f"{where}: {key} must be a number in [{lo:g}, {hi:g}], got {v!r}")
+    return float(v)
+
+
+def parse_budgets(doc: Any, where: str = "budgets") -> BudgetConfig:
+    """Validate a parsed budget document; raises BudgetConfigError naming the problem."""
+    if not isinstance(doc, dict):
+        raise BudgetConfigError(f"{where}: expected a table/object at the top")
+    unknown = set(doc) - {"source", "ledger", "prometheus_url", "refresh_s", "budget", "budgets"}
+    if unknown:
+        raise BudgetConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
+    raw = doc.get("budget", doc.get("budgets"))
+    if not isinstance(raw, list) or not raw:
+        raise BudgetConfigError(f"{where}: no budgets: add one or more [[budget]] tables (a 'budget' list)")
+    source = doc.get("source", "ledger")
+    if source not in ("ledger", "prometheus"):
+        raise BudgetConfigError(f"{where}: source must be 'ledger' or 'prometheus', got {source!r}")
+    prom = str(doc.get("prometheus_url", ""))
+    if source == "prometheus":
+        u = urllib.parse.urlsplit(prom)
+        if u.scheme not in ("http", "https") or not u.netloc:
+            raise BudgetConfigError(f"{where}: source = 'prometheus' needs prometheus_url = 'http://host:9090'")
+    refresh = _num(where, "refresh_s", doc.get("refresh_s", 5.0), 0.05, 3600.0)
+    out, names = [], set()
+    for i, b in enumerate(raw, start=1):
+        w = f"{where}: budget {i}"
+        if not isinstance(b, dict):
+            raise BudgetConfigError(f"{w}: expected a table")
+        name = b.get("name")
+        if not isinstance(name, str) or not name.strip():
+            raise BudgetConfigError(f"{w}: needs a name")
+        w = f"{where}: budget {name!r}"
+        if name in names:
+            raise BudgetConfigError(f"{w}: the name is used twice")
+        names.add(name)
+        bad = set(b) - {"name", "match", "limit_gco2e", "limit_kwh", "period", "action", "warn_at"}
+        if bad:
+            raise BudgetConfigError(f"{w}: unknown key(s) {', '.join(sorted(bad))}")
+        if "period" not in b:
+            raise BudgetConfigError(f"{w}: has no period; say period = \"day\", \"month\" or \"year\"")
+        if b["period"] not in PERIODS:
+            raise BudgetConfigError(f"{w}: period must be one of {', '.join(PERIODS)}, got {b['period']!r}")
+        limits = [k for k in ("limit_gco2e", "limit_kwh") if k in b]
+        if len(limits) != 1:
+            raise BudgetConfigError(f"{w}: give exactly one of limit_gco2e or limit_kwh")
+        limit = _num(w, limits[0], b[limits[0]], 0.0, 1e15)
+        action = b.get("action", "observe")
+        if action not in ACTIONS:
+            raise BudgetConfigError(f"{w}: action must be one of {', '.join(ACTIONS)}, got {action!r}")
+        match = b.get("match", {})
+        if not isinstance(match, dict) or set(match) - set(_MATCH_KEYS) or not all(isinstance(v, str) for v in match.values()):
+            raise BudgetConfigError(f"{w}: match takes string values for {', '.join(_MATCH_KEYS)}, got {match!r}")
+        out.append(Budget(name, limit, "gco2e" if limits[0] == "limit_gco2e" else "kwh", b["period"], action,
+                          dict(match), _num(w, "warn_at", b.get("warn_at", 0.8), 0.0, 1.0)))
+    return BudgetConfig(tuple(out), source, str(doc.get("ledger", "wattspan.sqlite")), prom, refresh)
+
+
+def load_budgets(path: str | os.PathLike) -> BudgetConfig:
+    """Read a budget file (``.json``, or ``.toml`` on Python 3.11+)."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise BudgetConfigError(f"cannot read budget file {p}: {exc.strerror or exc}") from None
+    try:
+        if p.suffix.lower() == ".toml":
+            try:
+                import tomllib
+            except ImportError:  # Python 3.10
+                raise BudgetConfigError(f"{p}: TOML needs Python 3.11+; write the budgets as JSON") from None
+            doc = tomllib.loads(text)
+        else:
+            doc = json.loads(text)
+    except BudgetConfigError:
+        raise
+    except ValueError as exc:
+        raise BudgetConfigError(f"{p}: not valid {'TOML' if p.suffix.lower() == '.toml' else 'JSON'}: {exc}") from None
+    cfg = parse_budgets(doc, str(p))
+    if cfg.source == "ledger" and not Path(cfg.ledger).is_absolute():
+        cfg = BudgetConfig(cfg.budgets, cfg.source, str((p.parent / cfg.ledger)), cfg.prometheus_url, cfg.refresh_s)
+    return cfg
+
+
+# ----------------------------------------------------------------------------- spend sources
+
+@dataclass(frozen=True)
+class Spend:
+    co2e_g: float = 0.0
+    energy_j: float = 0.0
+    requests: int = 0
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    accelerator_j: float = 0.0
+
+
+class LedgerSpend:
+    """The period's spend from the ledger file (read-only, any process)."""
+
+    name = "ledger"
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+
+    def spent(self, budget: Budget, since: float, until: float) -> Spend:
+        if not self.path.is_file():
+            return Spend()
+        terms, args = ["recorded_at >= ?", "recorded_at < ?"], [since, until]
+        m = budget.match
+        if m.get("tenant"):
+            terms.append("tenant = ?")
+            args.append(m["tenant"])
+        if m.get("model"):
+            terms.append("model = ?")
+            args.append(m["model"])
+        if m.get("route"):
+            terms.append("substr(route, 1, ?) = ?")
+            args += [len(m["route"]), m["route"]]
+        sql = ("SELECT COUNT(*), TOTAL(co2e_g), TOTAL(energy_j + host_j), TOTAL(prompt_tokens), TOTAL(output_tokens), "
+               f"TOTAL(energy_j) FROM requests WHERE {' AND '.join(terms)}")
+        conn = sqlite3.connect(self.path.resolve().as_uri() + "?mode=ro", uri=True, timeout=2.0)
+        try:
+            n, g, e, pt, ot, acc = conn.execute(sql, args).fetchone()
+        except sqlite3.OperationalError as exc:
+            if "no such table" in str(exc):
+                return Spend()
+            raise
+        finally:
+            conn.close()
+        return Spend(float(g), float(e), int(n), int(pt), int(ot), float(acc))
+
+
+class PrometheusSpend:
+    """The fleet's spend from Prometheus: PromQL over wattspan's counters, summed over every
+    replica it scrapes, over the period so far (at least ``min_window_s``): see :meth:`promql`."""
+
+    name = "prometheus"
+    _LABELS = {"tenant": "wattspan_tenant", "model": "gen_ai_request_model", "route": "http_route"}
+
+    def __init__(self, url: str, *, timeout_s: float = 3.0, min_window_s: float = 60.0) -> None:
+        self.url, self.timeout_s, self.min_window_s = url.rstrip("/"), float(timeout_s), float(min_window_s)
+
+    def promql(self, budget: Budget, metric: str, window_s: float) -> str:
+        sel = []
+        for k, v in sorted(budget.match.items()):
+            esc = v.replace("\\", "\\\\").replace('"', '\\"')
+            sel.append(f'{self._LABELS[k]}=~"{_re_escape(esc)}.*"' if k == "route" else f'{self._LABELS[k]}="{esc}"')
+        x, w = f"{metric}{{{','.join(sel)}}}", f"{max(int(window_s), int(self.min_window_s))}s"
+        # series alive at the period's start: their increase since (resets handled); series
+        # born in the period (a replica started since): their whole count, which
+        # increase() alone would miss before their first scrape
+        return (f"(sum(increase({x}[{w}]) and {x} offset {w}) or vector(0))"
+                f" + (sum({x} unless {x} offset {w}) or vector(0))")
+
+    def _query(self, q: str) -> float:
+        url = f"{self.url}/api/v1/query?{urllib.parse.urlencode({'query': q})}"
+        with urllib.request.urlopen(url, timeout=self.timeout_s) as r:
+            body = json.load(r)
+        if body.get("status") != "success":
+            raise ValueError(f"Prometheus answered {body.get('status')}: {body.get('error', '')}")
+        res = body["data"]["result"]
+        return float(res[0]["value"][1]) if res else 0.0
+
+    def spent(self, budget: Budget, since: float, until: float) -> Spend:
+        window = max(1.0, min(until, time.time()) - since)
+        g = self._query(self.promql(budget, "wattspan_co2e_grams_total", window))
+        j = self._query(self.promql(budget, "wattspan_energy_joules_total", window))
+        return Spend(co2e_g=g, energy_j=j, accelerator_j=j)
+
+
+def _re_escape(s: str) -> str:
+    return "".join("\\\\" + c if c in ".^$*+?()[]{}|" else c for c in s)
+
+
+# ----------------------------------------------------------------------------- status
+
+@dataclass(frozen=True)
+class BudgetStatus:
+    """One budget now. ``spent`` and ``limit`` in ``unit`` (gco2e or kwh); times unix s."""
+
+    name: str
+    owner: str
+    unit: str
+    period: str
+    period_start_s: float
+    period_end_s: float
+    limit: float
+    spent: float
+    action: str
+    state: str  # ok | warn | over
+    requests: int
+    kpis: dict
+    burn: dict
+    source: str
+    error: str = ""
+
+    @property
+    def fraction(self) -> float:
+        return self.spent / self.limit if self.limit > 0 else math.inf if self.spent > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["fraction"] = self.fraction if math.isfinite(self.fraction) else None
+        d["period_start"] = _iso(self.period_start_s)
+        d["period_end"] = _iso(self.period_end_s)
+        return d
+
+
+def _iso(t: float) -> str:
+    return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def status_of(budget: Budget, spend: Spend, now: float, source: str, error: str = "") -> BudgetStatus:
+    start, end = budget.bounds(now)
+    spent = spend.co2e_g if budget.unit == "gco2e" else spend.energy_j / _J_PER_KWH
+    elapsed = max(1.0, now - start)
+    rate = spent / elapsed  # per second, the period's mean so far
+    projected = spent + rate * (end - now)
+    if spent >= budget.limit:
+        exhausts = now if budget.limit > 0 or spent > 0 else None
+    elif rate > 0:
+        t = now + (budget.limit - spent) / rate
+        exhausts = t if t < end else None
+    else:
+        exhausts = None
+    tokens = spend.prompt_tokens + spend.output_tokens
+    kpis = {
+        "co2e_g_per_1k_requests": spend.co2e_g / spend.requests * 1000 if spend.requests else None,
+        "co2e_g_per_1k_tokens": spend.co2e_g / tokens * 1000 if tokens else None,
+        "j_per_output_token": spend.accelerator_j / spend.output_tokens if spend.output_tokens else None,
+        "co2e_g": spend.co2e_g, "energy_kwh": spend.energy_j / _J_PER_KWH,
+    }
+    burn = {"rate_per_hour": rate * 3600.0, "projected_at_period_end": projected,
+            "exhausts_at": _iso(exhausts) if exhausts is not None else None,
+            "exhausts_at_s": exhausts}
+    state = "over" if spent >= budget.limit else "warn" if spent >= budget.warn_at * budget.limit else "ok"
+    return BudgetStatus(budget.name, budget.owner, budget.unit, budget.period, start, end, budget.limit, spent,
+                        budget.action, state, spend.requests, kpis, burn, source, error)
+
+
+def _source_for(cfg: BudgetConfig):
+    return PrometheusSpend(cfg.prometheus_url) if cfg.source == "prometheus" else LedgerSpend(cfg.ledger)
+
+
+def budget_status(config: BudgetConfig | str | os.PathLike, *, source=None, now: float | None = None) -> list[BudgetStatus]:
+    """Every budget's spent, limit, period, KPIs and burn forecast (the read API for
+    dashboards and ``wattspan report --budgets``). A source that fails gives the status with
+    ``error`` set and nothing spent, never an exception."""
+    cfg = config if isinstance(config, BudgetConfig) else load_budgets(config)
+    src = source or _source_for(cfg)
+    now = time.time() if now is None else float(now)
+    out = []
+    for b in cfg.budgets:
+        start, _ = b.bounds(now)
+        try:
+            spend, err = src.spent(b, start, now + 1e-6), ""
+        except Exception as exc:  # a dead Prometheus, a locked file: report, do not raise
+            spend, err = Spend(), f"{type(exc).__name__}: {exc}"
+        out.append(status_of(b, spend, now, getattr(src, "name", "custom"), err))
+    return out
+
+
+def format_status(statuses: list[BudgetStatus]) -> str:
+    """A table for the terminal."""
+    lines = [f"{'budget':<18}{'owner':<22}{'period':<7}{'spent':>12}{'limit':>12}{'used':>7}  {'action':<8}{'g/1k req':>10}{'g/1k tok':>10}{'J/out tok':>10}  runs out"]
+    for s in statuses:
+        k = s.kpis
+
+        def f(v, fmt):
+            return format(v, fmt) if v is not None else "-"
+
+        unit = "g" if s.unit == "gco2e" else "kWh"
+        used = f"{s.fraction * 100:.0f}%" if math.isfinite(s.fraction) else "inf"
+        lines.append(f"{s.name[:17]:<18}{s.owner[:21]:<22}{s.period:<7}{s.spent:>10.4g}{unit:>2}{s.limit:>10.4g}{unit:>2}{used:>7}  "
+                     f"{s.action:<8}{f(k['co2e_g_per_1k_requests'], '.4g'):>10}{f(k['co2e_g_per_1k_tokens'], '.4g'):>10}"
+                     f"{f(k['j_per_output_token'], '.4g'):>10}  {s.burn['exhausts_at'] or 'not this period'}"
+                     + (f"  [source error: {s.error}]" if s.error else ""))
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- enforcement
+
+class _State:
+    """The statuses, refreshed by a background thread; read without blocking per request."""
+
+    def __init__(self, cfg: BudgetConfig, source) -> None:
+        self.cfg, self.source = cfg, source
+        self.statuses: dict[str, BudgetStatus] = {}
+        self.lock = threading.Lock()
+        self.refreshes = 0
+        self.errors = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def refresh(self) -> None:
+        st = budget_status(self.cfg, source=self.source)
+        with self.lock:
+            self.statuses = {s.name: s for s in st}
+            self.refreshes += 1
+            self.errors += sum(1 for s in st if s.error)
+
+    def start(self) -> None:
+        with self.lock:
+            if self._thread is not None:
+                return
+            self._thread = threading.Thread(target=self._loop, name="wattspan-budgets", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.refresh()
+            except Exception:
+                log.exception("budget refresh failed")
+            self._stop.wait(self.cfg.refresh_s)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def _header(scope, name: bytes) -> str:
+    for k, v in scope.get("headers", ()):
+        if k == name:
+            return v.decode("latin-1")
+    return ""
+
+
+async def _send_json(send, status: int, body: dict, extra: list | None = None) -> None:
+    raw = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode()), *(extra or [])]})
+    await send({"type": "http.response.body", "body": raw})
+
+
+class BudgetMiddleware:
+    """Enforces carbon budgets (see the module doc). ``budgets``: a path or a
+    :class:`BudgetConfig`; ``source``: a spend source (default from the config);
+    ``deferral``: a :class:`~wattspan.deferral.DeferralQueue` for ``defer`` budgets (default:
+    one on the offline profile for ``WATTSPAN_REGION``); ``max_body_bytes``: the largest
+    request body a deferred job keeps."""
+
+    def __init__(self, app, *, budgets, source=None, tenant: str = "x-tenant-id", model: str = "x-model",
+                 deferral=None, max_body_bytes: int = 8 << 20, default_deadline_s: float = 86400.0) -> None:
+        self.app = app
+        self.config = budgets if isinstance(budgets, BudgetConfig) else load_budgets(budgets)
+        self.state = _State(self.config, source or _source_for(self.config))
+        self.tenant, self.model = tenant.lower().encode("latin-1"), model.lower().encode("latin-1")
+        self.deferral = deferral
+        if self.deferral is None and any(b.action == "defer" for b in self.config.budgets):
+            from .deferral import DeferralQueue
+
+            self.deferral = DeferralQueue(zone=os.environ.get("WATTSPAN_REGION", "world"))
+        self.max_body_bytes, self.default_deadline_s = int(max_body_bytes), float(default_deadline_s)
+        self.counts: dict[str, int] = {a: 0 for a in ACTIONS}
+        self._warned: dict[str, float] = {}
+        self._runner: asyncio.Task | None = None
+        self.state.refresh()  # at start: the first requests see the spend too
+        _register_metrics(self)
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "lifespan":
+            await self.app(scope, receive, send)
+            return
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        self.state.start()
+        path = scope.get("path", "")
+        if path.startswith("/wattspan/"):
+            if await self._own(path, scope, send):
+                return
+        if self.deferral is not None and self._runner is None:
+            self._runner = asyncio.get_running_loop().create_task(self.deferral.run())
+        tenant, model = _header(scope, self.tenant), _header(scope, self.model)
+        with self.state.lock:
+            statuses = self.state.statuses
+        worst, hit = None, []
+        for b in self.config.budgets:
+            s = statuses.get(b.name)
+            if s is None or not b.matches(tenant, path, model):
+                continue
+            if s.state != "ok":
+                hit.append(s)
+            if s.state == "over" and (worst is None or _SEVERITY[b.action] > _SEVERITY[worst.action]):
+                worst = s
+        if worst is not None:
+            self.counts[worst.action] += 1
+        if worst is not None and worst.action == "reject":
+            return await self._reject(send, worst)
+        if worst is not None and worst.action == "defer":
+            if _header(scope, b"x-wattspan-deferrable").strip().lower() in ("1", "true", "yes") and self.deferral is not None:
+                return await self._defer(scope, receive, send, worst)
+            return await self._reject(send, worst, hint=" Send x-wattspan-deferrable: 1 to queue it for a cleaner hour instead.")
+        extra = [(b"x-wattspan-budget", _budget_header(s).encode()) for s in hit]
+        for s in hit:
+            if s.action == "warn" or (s.state == "over" and s.action == "observe"):
+                self._log_warn(s)
+        if not extra:
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_header(message):
+            if message["type"] == "http.response.start":
+                message = dict(message)
+                message["headers"] = [*message.get("headers", ()), *extra]
+            await send(message)
+
+        await self.app(scope, receive, send_with_header)
+
+    def _log_warn(self, s: BudgetStatus) -> None:
+        now = time.monotonic()
+        if now - self._warned.get(s.name, -1e9) >= 60.0:
+            self._warned[s.name] = now
+            log.warning("carbon budget %r (%s) at %.0f%%: %.4g of %.4g %s this %s; at this rate it runs out %s",
+                        s.name, s.owner, s.fraction * 100, s.spent, s.limit, s.unit, s.period,
+                        s.burn["exhausts_at"] or "after the period ends")
+
+    async def _reject(self, send, s: BudgetStatus, hint: str = "") -> None:
+        retry = max(1, int(math.ceil(s.period_end_s - time.time())))
+        unit = "gCO2e" if s.unit == "gco2e" else "kWh"
+        body = {"error": {"type": "carbon_budget_exceeded", "code": "carbon_budget_exceeded", "budget": s.name,
+                          "owner": s.owner, "period": s.period, "spent": s.spent, "limit": s.limit, "unit": s.unit,
+                          "resets_at": _iso(s.period_end_s),
+                          "message": f"carbon budget {s.name!r} ({s.owner}) is spent: {s.spent:.4g} of {s.limit:.4g} {unit} "
+                                     f"this {s.period}; it resets at {_iso(s.period_end_s)}.{hint}"}}
+        await _send_json(send, 429, body, [(b"retry-after", str(retry).encode()), (b"x-wattspan-budget", _budget_header(s).encode())])
+
+    async def _defer(self, scope, receive, send, s: BudgetStatus) -> None:
+        chunks, size = [], 0
+        while True:
+            m = await receive()
+            if m["type"] == "http.disconnect":
+                return
+            b = m.get("body", b"")
+            size += len(b)
+            if size > self.max_body_bytes:
+                return await _send_json(send, 413, {"error": {"type": "request_too_large", "message": f"a deferred request body may be at most {self.max_body_bytes} bytes"}})
+            chunks.append(b)
+            if not m.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        try:
+            deadline_in = float(_header(scope, b"x-wattspan-deadline-s") or self.default_deadline_s)
+            if not (math.isfinite(deadline_in) and 0 <= deadline_in <= 366 * 86400):
+                raise ValueError
+        except ValueError:
+            return await _send_json(send, 400, {"error": {"type": "bad_request", "message": "x-wattspan-deadline-s must be seconds from now, 0 to 31622400"}})
+        job_scope = {k: v for k, v in scope.items() if k not in ("state", "app", "router", "route", "endpoint", "path_params")}
+        job_scope["headers"] = [(k, v) for k, v in scope.get("headers", ()) if k != b"x-wattspan-deferrable"]
+        app = self.app
+
+        async def run_it() -> dict:
+            return await _capture(app, job_scope, body)
+
+        from .deferral import DeferralFull
+
+        try:
+            job = self.deferral.submit(run_it, deadline_s=time.time() + deadline_in, name=f"{scope.get('method', '')} {scope.get('path', '')}")
+        except DeferralFull as exc:
+            return await _send_json(send, 503, {"error": {"type": "deferral_queue_full", "message": str(exc)}}, [(b"retry-after", b"60")])
+        d = job.decision
+        await _send_json(send, 202, {"job": job.id, "status": job.status, "status_url": f"/wattspan/jobs/{job.id}",
+                                     "budget": s.name, "planned_start": _iso(d.planned_start_s), "reason": d.reason,
+                                     "decision": d.to_dict()},
+                         [(b"location", f"/wattspan/jobs/{job.id}".encode()), (b"x-wattspan-budget", _budget_header(s).encode())])
+
+    async def _own(self, path: str, scope, send) -> bool:
+        if scope.get("method") != "GET":
+            return False
+        if path == "/wattspan/budgets":
+            with self.state.lock:
+                st = [s.to_dict() for s in self.state.statuses.values()]
+            await _send_json(send, 200, {"budgets": st, "counts": self.counts})
+            return True
+        if path.startswith("/wattspan/jobs/") and self.deferral is not None:
+            job = self.deferral.get(path.rsplit("/", 1)[1])
+            if job is None:
+                await _send_json(send, 404, {"error": {"type": "not_found", "message": "no such job (finished jobs are kept a while)"}})
+                return True
+            d = job.to_dict()
+            if job.status == "done":
+                d["response"] = job.result
+            await _send_json(send, 200, d)
+            return True
+        return False
+
+    def close(self) -> None:
+        self.state.stop()
+        if self._runner is not None:
+            self._runner.cancel()
+
+
+def _budget_header(s: BudgetStatus) -> str:
+    return f"{s.name}; state={s.state}; spent={s.spent:.6g}; limit={s.limit:.6g}; unit={s.unit}; period={s.period}"
+
+
+async def _capture(app, scope: dict, body: bytes) -> dict:
+    """Run ``app`` on a recorded request; return its response (status, headers, body text)."""
+    sent = False
+    out: dict = {"status": 0, "headers": {}, "body": ""}
+    parts: list[bytes] = []
+
+    async def receive():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await asyncio.sleep(3600)
+        return {"type": "http.disconnect"}
+
+    async def send(m):
+        if m["type"] == "http.response.start":
+            out["status"] = m["status"]
+            out["headers"] = {k.decode("latin-1"): v.decode("latin-1") for k, v in m.get("headers", ())}
+        elif m["type"] == "http.response.body":
+            parts.append(m.get("body", b""))
+
+    await app(dict(scope), receive, send)
+    raw = b"".join(parts)
+    out["body"] = raw[: 1 << 20].decode("utf-8", "replace")
+    if out["status"] >= 500:
+        raise RuntimeError(f"the deferred request answered HTTP {out['status']}")
+    return out
+
+
+def _register_metrics(mw: BudgetMiddleware) -> None:
+    """Budget gauges on the global OTel MeterProvider, when OpenTelemetry is installed:
+    ``wattspan.budget.spent``, ``wattspan.budget.limit``, ``wattspan.budget.projected``
+    (burn forecast at the period's end), ``wattspan.budget.used`` (fraction), attribute
+    ``wattspan.budget`` (the budget's name; bounded by the config) and ``wattspan.budget.unit``."""
+    try:
+        from opentelemetry import metrics
+        from opentelemetry.metrics import Observation
+    except ImportError:
+        return
+
+    def obs(key):
+        def cb(_options):
+            with mw.state.lock:
+                st = list(mw.state.statuses.values())
+            out = []
+            for s in st:
+                v = {"spent": s.spent, "limit": s.limit, "projected": s.burn["projected_at_period_end"],
+                     "used": s.fraction if math.isfinite(s.fraction) else 0.0}[key]
+                out.append(Observation(float(v), {"wattspan.budget": s.name, "wattspan.budget.unit": s.unit, "wattspan.budget.period": s.period}))
+            return out
+
+        return cb
+
+    m = metrics.get_meter("wattspan.budgets")
+    for key, desc in (("spent", "Spent this period (g CO2e or kWh, see wattspan.budget.unit)"),
+                      ("limit", "The budget's limit this period"),
+                      ("projected", "Spend projected at the period's end at the period's mean rate"),
+                      ("used", "Fraction of the budget spent")):
+        m.create_observable_gauge(f"wattspan.budget.{key}", callbacks=[obs(key)], unit="1", description=desc)
+
+
+def budget_middleware_from_env(app):
+    """``app`` wrapped in a BudgetMiddleware when ``$WATTSPAN_BUDGETS`` names a budget file."""
+    path = os.environ.get("WATTSPAN_BUDGETS", "").strip()
+    return BudgetMiddleware(app, budgets=path) if path else app

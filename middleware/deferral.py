@@ -1,0 +1,265 @@
+"""Carbon-aware deferral of batch work: run each job in the cleanest window before its deadline.
+
+A job says how long it takes (``duration_s``) and by when it must be done (``deadline_s``,
+unix seconds). :func:`choose_start` (pure) picks, among the period starts from now to the last
+one that still finishes by the deadline, the one whose forecast mean over the job's duration is
+lowest (ties: the earliest). :class:`DeferralQueue` applies it to each submitted job with the
+forecast of an :class:`~wattspan.intensity.HourlyIntensityProvider` (default: the offline
+profile), starts jobs at their planned time with at most ``max_concurrency`` at once, and keeps
+a :class:`Decision` per job: what it chose, the intensity it expected then and now, the
+provider and why. A job whose deadline leaves no choice, or whose forecast cannot be had, runs
+at once (``reason`` says so). A job that could not start on time because of the concurrency
+cap starts as soon as a slot frees.
+
+Library use::
+
+    q = DeferralQueue(zone="GB", max_concurrency=2)
+    job = q.submit(my_coroutine_fn, deadline_s=time.time() + 6 * 3600, duration_s=1800)
+    await q.run_until_idle()        # or: asyncio.create_task(q.run())
+    job.decision.reason, job.result
+
+Synchronous callables run in a worker thread (``asyncio.to_thread``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import math
+import os
+import time
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Callable
+
+import numpy as np
+
+__all__ = ["Decision", "Job", "DeferralQueue", "choose_start", "DeferralFull"]
+
+log = logging.getLogger("wattspan.deferral")
+
+
+class DeferralFull(RuntimeError):
+    """The queue holds ``max_jobs`` pending jobs already."""
+
+
+def choose_start(values: np.ndarray, latest: int, span: int = 1) -> int:
+    """Index of the cleanest start among ``values[0..latest]`` for a job covering ``span``
+    consecutive periods: the lowest mean of ``values[i:i+span]``; the earliest on ties.
+    ``latest`` < 0 (no room before the deadline) gives 0: run now."""
+    v = np.asarray(values, dtype=np.float64)
+    latest = min(int(latest), len(v) - max(1, span))
+    if latest <= 0:
+        return 0
+    span = max(1, int(span))
+    c = np.concatenate(([0.0], np.cumsum(v)))
+    means = (c[span:latest + span + 1] - c[:latest + 1]) / span
+    return int(np.argmin(means))  # argmin returns the first minimum: the earliest
+
+
+def _iso(t: float) -> str:
+    return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass
+class Decision:
+    """Why a job runs when it does. Intensities in gCO2e/kWh, times unix seconds (UTC)."""
+
+    job_id: str
+    submitted_s: float
+    deadline_s: float
+    duration_s: float
+    planned_start_s: float
+    intensity_now_g_per_kwh: float
+    intensity_planned_g_per_kwh: float
+    provider: str
+    zone: str
+    reason: str
+    started_s: float | None = None
+    finished_s: float | None = None
+
+    @property
+    def expected_saving(self) -> float:
+        """Fraction of operational CO2e the plan expects to save against starting at once."""
+        now = self.intensity_now_g_per_kwh
+        return 0.0 if now <= 0 else 1.0 - self.intensity_planned_g_per_kwh / now
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.update(planned_start=_iso(self.planned_start_s), deadline=_iso(self.deadline_s),
+                 expected_saving=round(self.expected_saving, 4))
+        return d
+
+
+@dataclass
+class Job:
+    id: str
+    fn: Callable[[], Any]
+    decision: Decision
+    name: str = ""
+    status: str = "planned"  # planned | running | done | failed
+    result: Any = None
+    error: str = ""
+    _done: asyncio.Event | None = field(default=None, repr=False)
+
+    def to_dict(self) -> dict:
+        return {"id": self.id, "name": self.name, "status": self.status, "error": self.error,
+                "decision": self.decision.to_dict()}
+
+
+class DeferralQueue:
+    """Carbon-aware batch queue (see the module doc). ``provider``: an hourly provider
+    (default :class:`~wattspan.intensity.ProfileProvider`); ``zone``: its zone; ``period_s``:
+    the forecast step the plan uses (3600: hourly). ``clock``: unix seconds (``time.time``).
+    Finished jobs are kept (bounded: ``keep_done``) so their decisions can be read."""
+
+    def __init__(self, provider=None, *, zone: str = "world", max_concurrency: int = 2, period_s: float = 3600.0,
+                 max_jobs: int = 10_000, keep_done: int = 1000, clock: Callable[[], float] = time.time,
+                 poll_s: float = 1.0) -> None:
+        from .intensity import ProfileProvider
+
+        if not (isinstance(max_concurrency, int) and max_concurrency >= 1):
+            raise ValueError(f"max_concurrency must be an integer >= 1, got {max_concurrency!r}")
+        if not (period_s > 0 and poll_s > 0):
+            raise ValueError("period_s and poll_s must be > 0 seconds")
+        self.provider = provider or ProfileProvider()
+        if hasattr(self.provider, "check_zone"):
+            zone = self.provider.check_zone(zone)  # an unknown zone fails here, at start
+        self.zone = zone
+        self.max_concurrency, self.period_s = max_concurrency, float(period_s)
+        self.max_jobs, self.keep_done, self.clock, self.poll_s = max_jobs, keep_done, clock, float(poll_s)
+        self.jobs: OrderedDict[str, Job] = OrderedDict()
+        self.running = 0
+        self._ids = itertools.count(1)
+        self._prefix = os.urandom(3).hex()
+        self._wake: asyncio.Event | None = None
+        self.counters = {"submitted": 0, "deferred": 0, "ran": 0, "failed": 0, "late": 0}
+
+    # ------------------------------------------------------------- planning
+    def plan(self, deadline_s: float, duration_s: float = 0.0, now: float | None = None, job_id: str = "") -> Decision:
+        """The decision for a job submitted ``now``, without queueing it."""
+        now = self.clock() if now is None else float(now)
+        if not (math.isfinite(deadline_s) and math.isfinite(duration_s) and duration_s >= 0):
+            raise ValueError("deadline_s and duration_s must be finite, duration_s >= 0")
+        p = self.period_s
+        latest_start = deadline_s - duration_s
+        n = int(math.floor((latest_start - now) / p)) if latest_start > now else -1
+        span = max(1, int(math.ceil(duration_s / p))) if duration_s > 0 else 1
+        name = getattr(self.provider, "name", type(self.provider).__name__)
+        try:
+            fc = self.provider.forecast(self.zone, now, now + (max(n, 0) + span) * p)
+            vals = np.array([v.g_per_kwh for v in fc], dtype=np.float64)
+            if not len(vals):
+                raise ValueError("empty forecast")
+            fb = any(v.fallback for v in fc)
+        except Exception as exc:  # no forecast: run at once, and say why
+            log.warning("no intensity forecast for %r (%s); running the job at once", self.zone, exc)
+            return Decision(job_id, now, deadline_s, duration_s, now, math.nan, math.nan, name, self.zone,
+                            f"no forecast ({type(exc).__name__}): run at once")
+        i = choose_start(vals, n, span)
+        start = now if i == 0 else (math.floor(now / p) + i) * p
+        planned = float(vals[i:i + span].mean()) if len(vals) >= i + span else float(vals[i])
+        at_once = float(vals[:span].mean()) if len(vals) >= span else float(vals[0])
+        if n <= 0:
+            reason = "deadline leaves no room to wait: run at once"
+        elif i == 0:
+            reason = f"now is the cleanest of {n + 1} start(s) before the deadline"
+        else:
+            reason = (f"cleanest of {n + 1} start(s) before the deadline by {name}'s forecast: "
+                      f"{planned:.0f} vs {at_once:.0f} gCO2e/kWh now")
+        if fb:
+            reason += " (forecast from the offline fallback)"
+        return Decision(job_id, now, deadline_s, duration_s, start, at_once, planned, name, self.zone, reason)
+
+    # ------------------------------------------------------------- queue
+    def submit(self, fn: Callable[[], Any], *, deadline_s: float, duration_s: float = 0.0, name: str = "") -> Job:
+        """Plan ``fn`` (a coroutine function or a plain callable) and queue it."""
+        pending = sum(1 for j in self.jobs.values() if j.status in ("planned", "running"))
+        if pending >= self.max_jobs:
+            raise DeferralFull(f"the deferral queue holds {pending} jobs already (max_jobs)")
+        jid = f"{self._prefix}-{next(self._ids):06d}"
+        d = self.plan(deadline_s, duration_s, job_id=jid)
+        job = Job(jid, fn, d, name)
+        self.jobs[jid] = job
+        self.counters["submitted"] += 1
+        if d.planned_start_s > d.submitted_s:
+            self.counters["deferred"] += 1
+        log.info("job %s %s: start %s (%s)", jid, name, _iso(d.planned_start_s), d.reason)
+        self._trim()
+        if self._wake is not None:
+            self._wake.set()
+        return job
+
+    def get(self, job_id: str) -> Job | None:
+        return self.jobs.get(job_id)
+
+    def decisions(self) -> list[dict]:
+        return [j.decision.to_dict() for j in self.jobs.values()]
+
+    def _trim(self) -> None:
+        done = [k for k, j in self.jobs.items() if j.status in ("done", "failed")]
+        for k in done[: max(0, len(done) - self.keep_done)]:
+            del self.jobs[k]
+
+    def _due(self) -> list[Job]:
+        now = self.clock()
+        due = [j for j in self.jobs.values() if j.status == "planned" and j.decision.planned_start_s <= now]
+        due.sort(key=lambda j: (j.decision.deadline_s, j.decision.planned_start_s))
+        return due[: max(0, self.max_concurrency - self.running)]
+
+    async def _run_job(self, job: Job) -> None:
+        job.status, job.decision.started_s = "running", self.clock()
+        if job.decision.started_s > job.decision.deadline_s - job.decision.duration_s + self.poll_s:
+            self.counters["late"] += 1
+        try:
+            if asyncio.iscoroutinefunction(job.fn):
+                job.result = await job.fn()
+            else:
+                job.result = await asyncio.to_thread(job.fn)
+            job.status = "done"
+            self.counters["ran"] += 1
+        except Exception as exc:
+            job.status, job.error = "failed", f"{type(exc).__name__}: {exc}"
+            self.counters["failed"] += 1
+            log.warning("deferred job %s failed: %s", job.id, job.error)
+        finally:
+            job.decision.finished_s = self.clock()
+            self.running -= 1
+            if self._wake is not None:
+                self._wake.set()
+
+    def _next_wait(self) -> float:
+        planned = [j.decision.planned_start_s for j in self.jobs.values() if j.status == "planned"]
+        if not planned:
+            return self.poll_s
+        return max(0.0, min(self.poll_s, min(planned) - self.clock()))
+
+    async def run(self) -> None:
+        """Start due jobs forever (cancel the task to stop)."""
+        self._wake = asyncio.Event()
+        tasks: set[asyncio.Task] = set()
+        while True:
+            for job in self._due():
+                self.running += 1
+                t = asyncio.create_task(self._run_job(job))
+                tasks.add(t)
+                t.add_done_callback(tasks.discard)
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=self._next_wait() or 0.01)
+            except asyncio.TimeoutError:
+                pass
+
+    async def run_until_idle(self, timeout_s: float | None = None) -> None:
+        """Run until no job is planned or running (for scripts and tests)."""
+        task = asyncio.create_task(self.run())
+        t0 = time.monotonic()
+        try:
+            while any(j.status in ("planned", "running") for j in self.jobs.values()):
+                if timeout_s is not None and time.monotonic() - t0 > timeout_s:
+                    raise TimeoutError(f"deferred jobs still pending after {timeout_s} s")
+                await asyncio.sleep(0.01)
+        finally:
+            task.cancel()

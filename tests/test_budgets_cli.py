@@ -1,0 +1,76 @@
+"""Budgets at the proxy and in the command line: `wattspan proxy --budgets`, `wattspan report --budgets`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import httpx
+
+from wattspan.budgets import BudgetMiddleware, parse_budgets
+from wattspan.integrations.openai_proxy import create_proxy
+from wattspan.ledger import Ledger
+
+from .conftest import serve
+from .test_budgets import _rec, _until
+from .test_openai_proxy import make_upstream
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "wattspan.cli", *map(str, args)], capture_output=True, text=True, timeout=120, cwd=cwd,
+                          env={**os.environ})
+
+
+def test_the_proxy_enforces_a_budget_with_the_real_ledger(tmp_path, live_meter):
+    db = tmp_path / "l.sqlite"
+    led = Ledger(db)
+    live_meter.batch_sinks.append(led.write)
+    cfg = parse_budgets({"ledger": str(db), "refresh_s": 0.1, "budget": [
+        {"name": "acme", "match": {"tenant": "acme", "route": "/v1/chat"}, "limit_gco2e": 1e-7, "period": "month", "action": "reject"}]})
+    up = make_upstream()
+    try:
+        with serve(up) as up_url:
+            app = BudgetMiddleware(create_proxy(up_url, meter=live_meter), budgets=cfg)
+            with serve(app) as url, httpx.Client(base_url=url, timeout=10) as c:
+                body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+                assert c.post("/v1/chat/completions", json=body, headers={"x-tenant-id": "acme"}).status_code == 200
+                _until(lambda: app.state.statuses["acme"].state == "over")
+                r = c.post("/v1/chat/completions", json=body, headers={"x-tenant-id": "acme"})
+                assert r.status_code == 429 and r.json()["error"]["code"] == "carbon_budget_exceeded" and "retry-after" in r.headers
+                assert c.post("/v1/embeddings", json={"model": "m", "input": "x"}, headers={"x-tenant-id": "acme"}).status_code == 200
+                assert c.get("/healthz").status_code == 200
+            app.close()
+    finally:
+        led.close()
+
+
+def test_report_shows_budgets_kpis_and_burn(tmp_path):
+    db = tmp_path / "l.sqlite"
+    with Ledger(db) as led:
+        led.write([_rec(i, "acme", 0.5) for i in range(10)])
+    b = tmp_path / "budgets.json"
+    b.write_text(json.dumps({"budget": [{"name": "acme-day", "match": {"tenant": "acme"}, "limit_gco2e": 4, "period": "day", "action": "reject"}]}))
+    p = _cli("report", "--db", db, "--budgets", b)
+    assert p.returncode == 0, p.stderr
+    line = next(x for x in p.stdout.splitlines() if x.startswith("acme-day"))
+    assert "tenant=acme" in line and "125%" in line and "500" in line and "reject" in line
+    p = _cli("report", "--db", db, "--budgets", b, "--format", "json")
+    st = json.loads(p.stdout[p.stdout.index('{\n  "budgets"'):])["budgets"][0]
+    assert st["state"] == "over" and st["spent"] == 5.0 and st["kpis"]["j_per_output_token"] == 10.0
+
+
+def test_bad_budget_file_or_provider_is_a_clear_error_at_start(tmp_path):
+    b = tmp_path / "budgets.json"
+    b.write_text(json.dumps({"budget": [{"name": "nope", "limit_gco2e": 4}]}))
+    p = _cli("proxy", "--upstream", "http://127.0.0.1:9", "--port", "0", "--budgets", b)
+    assert p.returncode == 2 and "'nope': has no period" in p.stderr and "Traceback" not in p.stderr
+    p = _cli("report", "--db", tmp_path / "x.sqlite", "--budgets", tmp_path / "missing.json")
+    assert p.returncode == 2
+    p = _cli("attribute", "--trace", "examples/a100/trace.csv", "--requests", "examples/a100/requests.jsonl", "--region", "FR",
+             "--intensity-provider", "electricitymaps", cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert p.returncode == 2 and "ELECTRICITYMAPS_API_TOKEN" in p.stderr and "Traceback" not in p.stderr
+    p = _cli("attribute", "--trace", "examples/a100/trace.csv", "--requests", "examples/a100/requests.jsonl", "--region", "FR",
+             "--intensity-provider", "profile", "--marginal-provider", "watttime", cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert p.returncode == 2 and "WATTTIME_USERNAME" in p.stderr

@@ -1,0 +1,129 @@
+"""The carbon-aware batch queue: the choice, the recorded decision, deadlines and the concurrency cap."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import threading
+
+import numpy as np
+import pytest
+
+from wattspan.deferral import DeferralFull, DeferralQueue, choose_start
+from wattspan.intensity import IntensityValue, ProfileProvider, ProviderConfigError
+
+H = 3600.0
+T0 = 1689325200.0 + 1800  # 2023-07-14T09:30Z
+
+
+def test_choose_start_picks_the_cleanest_window_earliest_on_ties():
+    v = np.array([300, 200, 100, 100, 250.0])
+    assert choose_start(v, 4) == 2  # the earliest of two minima
+    assert choose_start(v, 1) == 1  # only two starts allowed
+    assert choose_start(v, 0) == 0 and choose_start(v, -3) == 0
+    assert choose_start(v, 4, span=2) == 2  # mean(100, 100) is the cleanest two-period window
+    # two-period windows: (100+300)/2 = 200, (300+90)/2 = 195, (90+400)/2 = 245: the middle one
+    assert choose_start(np.array([100, 300, 90, 400.0]), 2, span=2) == 1
+    assert choose_start(np.array([100, 300, 90, 400.0]), 2, span=1) == 2
+
+
+class Forecast:
+    name = "test"
+
+    def __init__(self, values, step=H):
+        self.values, self.step, self.calls = list(values), step, 0
+
+    def forecast(self, zone, start_s, end_s):
+        self.calls += 1
+        n = int(math.ceil((end_s - math.floor(start_s / self.step) * self.step) / self.step))
+        return [IntensityValue(self.values[min(i, len(self.values) - 1)], self.name, zone, math.floor(start_s / self.step) * self.step + i * self.step)
+                for i in range(max(1, n))]
+
+
+def test_plan_records_what_it_chose_and_why():
+    clock = [T0]
+    q = DeferralQueue(Forecast([300, 250, 120, 200, 90]), zone="GB", clock=lambda: clock[0])
+    d = q.plan(deadline_s=T0 + 3.6 * H)  # starts at +0 (now), 10:00, 11:00, 12:00 are allowed
+    assert d.planned_start_s == math.floor(T0 / H) * H + 2 * H  # 11:00, the 120 g hour
+    assert (d.intensity_now_g_per_kwh, d.intensity_planned_g_per_kwh) == (300, 120)
+    assert d.expected_saving == pytest.approx(0.6) and "cleanest of 4 start(s)" in d.reason
+    assert d.provider == "test" and d.zone == "GB"
+    now = q.plan(deadline_s=T0 + 0.5 * H)
+    assert now.planned_start_s == T0 and "no room" in now.reason
+    dur = q.plan(deadline_s=T0 + 3.6 * H, duration_s=2 * H)  # must start by 11:36: at once, 10:00 or 11:00
+    assert dur.planned_start_s in (T0, math.floor(T0 / H) * H + H, math.floor(T0 / H) * H + 2 * H)
+    assert d.to_dict()["planned_start"] == "2023-07-14T11:00:00Z"
+
+
+def test_offline_profile_plans_and_an_unknown_zone_fails_at_start():
+    q = DeferralQueue(zone="US-CAL-CISO", clock=lambda: T0)
+    d = q.plan(deadline_s=T0 + 24 * H)
+    # California's cleanest hours are around 20:00 UTC (noon PST), the profile's trough
+    assert 17 <= (d.planned_start_s // H) % 24 <= 23 and d.intensity_planned_g_per_kwh < d.intensity_now_g_per_kwh
+    assert d.provider == "profile"
+    with pytest.raises(ProviderConfigError, match="atlantis"):
+        DeferralQueue(ProfileProvider(), zone="atlantis")
+    with pytest.raises(ValueError, match="max_concurrency"):
+        DeferralQueue(max_concurrency=0)
+
+
+def test_queue_runs_jobs_at_their_time_with_a_concurrency_cap():
+    clock = [T0]
+    q = DeferralQueue(Forecast([100, 300, 300]), zone="GB", max_concurrency=2, clock=lambda: clock[0], poll_s=0.01, max_jobs=5)
+    running, peak, lock = [0], [0], threading.Lock()
+
+    async def job():
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        await asyncio.sleep(0.05)
+        with lock:
+            running[0] -= 1
+        return "ok"
+
+    def sync_job():
+        return 42
+
+    jobs = [q.submit(job, deadline_s=T0 + 2 * H, name=f"j{i}") for i in range(4)] + [q.submit(sync_job, deadline_s=T0 + 2 * H)]
+    with pytest.raises(DeferralFull):
+        q.submit(job, deadline_s=T0 + H)
+    asyncio.run(q.run_until_idle(timeout_s=10))
+    assert [j.status for j in jobs] == ["done"] * 5 and jobs[0].result == "ok" and jobs[-1].result == 42
+    assert peak[0] == 2  # never more than the cap
+    assert q.counters["ran"] == 5 and q.counters["deferred"] == 0  # now was cleanest
+    # a later, cleaner hour: the job waits for it
+    q2 = DeferralQueue(Forecast([300, 100]), zone="GB", clock=lambda: clock[0], poll_s=0.01)
+    j = q2.submit(sync_job, deadline_s=T0 + 2 * H)
+    assert j.decision.planned_start_s > T0 and q2.counters["deferred"] == 1
+
+    async def later():
+        task = asyncio.create_task(q2.run())
+        await asyncio.sleep(0.1)
+        assert j.status == "planned"  # not yet: the clock has not reached 10:00
+        clock[0] = j.decision.planned_start_s
+        for _ in range(200):
+            await asyncio.sleep(0.01)
+            if j.status == "done":
+                break
+        task.cancel()
+
+    asyncio.run(later())
+    assert j.status == "done" and j.decision.started_s == j.decision.planned_start_s
+
+
+def test_a_failing_forecast_or_job_is_recorded_not_raised():
+    class Broken:
+        name = "broken"
+
+        def forecast(self, *a):
+            raise OSError("no network")
+
+    q = DeferralQueue(Broken(), zone="GB", clock=lambda: T0, poll_s=0.01)
+
+    def boom():
+        raise RuntimeError("bad batch")
+
+    j = q.submit(boom, deadline_s=T0 + 6 * H)
+    assert j.decision.planned_start_s == T0 and "no forecast" in j.decision.reason
+    asyncio.run(q.run_until_idle(timeout_s=5))
+    assert j.status == "failed" and "bad batch" in j.error and q.counters["failed"] == 1

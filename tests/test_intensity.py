@@ -1,0 +1,218 @@
+"""Intensity providers: the offline profile, a recorded file, and the three live APIs against
+thin loopback fakes of their documented responses (auth failures, 429, timeouts, bad bodies)."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import pytest
+
+from wattspan.carbon import CarbonModel
+from wattspan.intensity import (
+    LBS_PER_MWH_TO_G_PER_KWH, ElectricityMapsProvider, FileProvider, GbCarbonIntensityProvider, ProfileProvider,
+    ProviderConfigError, WattTimeProvider, hourly_from_env, provider_from_name,
+)
+
+from .intensity_fakes import EM_TOKEN, WT_PASS, WT_TOKEN, WT_USER, Fake
+
+JUL_14_09 = 1689325200.0  # 2023-07-14T09:00Z
+JAN_01_12 = 1672574400.0  # 2023-01-01T12:00Z
+
+
+# ----------------------------------------------------------------------------- offline
+
+def test_profile_has_the_daily_shape_of_each_zone():
+    p = ProfileProvider()
+    # California's solar dip: midday PST (20:00 UTC) well below the evening peak (03:00 UTC)
+    ca_noon = np.mean([p.at("US-CAL-CISO", JUL_14_09 + (20 - 9 + 24 * d) * 3600).g_per_kwh for d in range(1)])
+    ca_eve = p.at("US-CAL-CISO", JUL_14_09 + (27 - 9) * 3600).g_per_kwh
+    assert ca_noon < 0.8 * ca_eve
+    v = p.at("FRA", JUL_14_09 + 1234)
+    assert (v.provider, v.zone, v.hour, v.basis, v.fallback) == ("profile", "FR", "2023-07-14T09:00Z", "location", False)
+    assert "ODbL" in v.source and "lifecycle" in v.signal
+    assert ProfileProvider("direct").at("DE", JUL_14_09).g_per_kwh < p.at("DE", JUL_14_09).g_per_kwh
+    # the profile's yearly mean is the data's mean (DE lifecycle 2023: 395.1 g, SOURCES.md)
+    de = [p.at("DE", JAN_01_12 + h * 3600).g_per_kwh for h in range(8760)]
+    assert np.mean(de) == pytest.approx(395.1, abs=4)  # month-hour means weighted by days, not hours
+
+
+def test_profile_uses_the_yearly_table_elsewhere_and_refuses_unknown_zones():
+    v = ProfileProvider().at("aws:us-east-1", JUL_14_09)
+    assert v.provider == "table" and v.signal.startswith("yearly-") and v.g_per_kwh > 0
+    with pytest.raises(ProviderConfigError, match="atlantis"):
+        ProfileProvider().check_zone("atlantis")
+    with pytest.raises(ValueError, match="unknown intensity provider"):
+        provider_from_name("electricitymapz", "FR")
+
+
+def test_file_provider_reads_a_recorded_series_and_flags_gaps(tmp_path):
+    f = tmp_path / "gb.csv"
+    f.write_text("datetime_utc,zone,carbon_intensity_gco2e_per_kwh,emission_factor_type\n"
+                 "2023-01-01T00:00:00Z,GB,72,direct\n2023-01-01T00:30:00Z,GB,80,direct\n")
+    p = FileProvider(f, factor="direct")
+    assert p.at("GB", 1672531200 + 2000).g_per_kwh == 80 and p.at("GB", 1672531200).period_s == 1800
+    gap = p.at("GB", JUL_14_09)
+    assert gap.fallback and gap.provider == "profile" and "not in gb.csv" in gap.signal
+    f.write_text("datetime_utc,zone,carbon_intensity_gco2e_per_kwh,emission_factor_type\nyesterday,GB,72,direct\n")
+    with pytest.raises(ProviderConfigError, match="gb.csv:2"):
+        FileProvider(f, factor="direct")
+
+
+# ----------------------------------------------------------------------------- Electricity Maps
+
+@pytest.fixture
+def em(monkeypatch):
+    monkeypatch.setenv("ELECTRICITYMAPS_API_TOKEN", EM_TOKEN)
+    with Fake("em") as fake:
+        yield fake
+
+
+def test_electricitymaps_latest_history_forecast_and_cache(em):
+    p = ElectricityMapsProvider(base_url=em.url, timeout_s=1.0)
+    now = time.time()
+    v = p.at("DE", now)
+    assert (v.g_per_kwh, v.provider, v.zone, v.basis, v.fallback) == (123.0, "electricitymaps", "DE", "location", False)
+    assert v.start_s == pytest.approx(now // 3600 * 3600) and "lifecycle" in v.signal
+    assert p.at("DE", now).g_per_kwh == 123.0 and em.hits == 1  # cached
+    h = p.at("DE", now - 5 * 3600)
+    assert h.g_per_kwh == pytest.approx(123.0 + 19) and "/history" in em.paths[-1]
+    fc = p.forecast("DE", now + 3600, now + 6 * 3600)
+    assert len(fc) in (5, 6) and all("forecast" in x.signal for x in fc) and "/forecast" in em.paths[-1]
+    assert em.hits == 3  # one forecast fetch filled the cache for every hour
+    old = p.at("DE", now - 3 * 86400)
+    assert old.fallback and old.provider == "profile" and "24 h" in old.signal
+
+
+def test_electricitymaps_auth_failure_falls_back_and_never_logs_the_key(em, caplog, monkeypatch):
+    monkeypatch.setenv("ELECTRICITYMAPS_API_TOKEN", "wrong-token-xyz")
+    p = ElectricityMapsProvider(base_url=em.url, timeout_s=1.0)
+    with caplog.at_level(logging.DEBUG, logger="wattspan.intensity"):
+        v = p.at("DE", time.time())
+    assert v.fallback and v.provider == "profile" and v.zone == "DE"
+    assert p.failures == {"auth": 1}
+    assert "ELECTRICITYMAPS_API_TOKEN" in caplog.text and "wrong-token-xyz" not in caplog.text
+    assert "wrong-token-xyz" not in repr(p) and EM_TOKEN not in repr(p)
+    # backing off: the next lookup does not hit the server
+    hits = em.hits
+    assert p.at("DE", time.time()).fallback and em.hits == hits
+
+
+@pytest.mark.parametrize(("mode", "kind"), [("ratelimit", "rate-limited"), ("malformed", "malformed"), ("slow", "timeout"), ("html", "http")])
+def test_electricitymaps_failures_are_counted_by_kind(em, mode, kind):
+    em.mode = mode
+    p = ElectricityMapsProvider(base_url=em.url, timeout_s=0.3, backoff_s=0.0)
+    v = p.at("FR", time.time())
+    assert v.fallback and v.zone == "FR" and p.failures == {kind: 1}
+    if mode == "ratelimit":  # Retry-After is honoured: no new request before it passes
+        hits = em.hits
+        p.at("FR", time.time())
+        assert em.hits == hits
+    em.mode = "ok"
+
+
+def test_electricitymaps_missing_key_is_a_clear_error_at_start(monkeypatch):
+    monkeypatch.delenv("ELECTRICITYMAPS_API_TOKEN", raising=False)
+    with pytest.raises(ProviderConfigError, match=r"\$ELECTRICITYMAPS_API_TOKEN"):
+        ElectricityMapsProvider()
+    with pytest.raises(ProviderConfigError, match="ELECTRICITYMAPS_API_TOKEN"):
+        hourly_from_env(CarbonModel.for_region("FR"), env={"WATTSPAN_INTENSITY_PROVIDER": "electricitymaps"})
+
+
+# ----------------------------------------------------------------------------- WattTime
+
+@pytest.fixture
+def wt(monkeypatch):
+    monkeypatch.setenv("WATTTIME_USERNAME", WT_USER)
+    monkeypatch.setenv("WATTTIME_PASSWORD", WT_PASS)
+    with Fake("wt") as fake:
+        fake.value = 1000.0  # lbs/MWh
+        yield fake
+
+
+def test_watttime_logs_in_and_converts_lbs_per_mwh(wt):
+    p = WattTimeProvider(base_url=wt.url, timeout_s=1.0, fallback_zone="US-CAL-CISO")
+    now = time.time()
+    v = p.at("CAISO_NORTH", now)
+    assert v.basis == "marginal" and v.provider == "watttime" and v.zone == "CAISO_NORTH"
+    assert v.g_per_kwh == pytest.approx(1000.0 * LBS_PER_MWH_TO_G_PER_KWH, rel=0.01)  # 453.6 g/kWh
+    assert p.logins == 1 and wt.paths[0] == "/login"
+    past = p.at("CAISO_NORTH", now - 86400)
+    assert past.g_per_kwh == pytest.approx(453.59237) and "/v3/historical" in wt.paths[-1]
+    assert WT_PASS not in repr(p) and WT_TOKEN not in repr(p)
+
+
+def test_watttime_renews_an_expired_token_once(wt):
+    p = WattTimeProvider(base_url=wt.url, timeout_s=1.0, ttl_s=0.0)
+    p.at("CAISO_NORTH", time.time())
+    wt.mode = "auth"  # every bearer call now 401s: one re-login, one retry, then fallback
+    v = p.at("CAISO_NORTH", time.time())
+    assert v.fallback and p.logins == 2 and p.failures == {"auth": 1}
+    assert v.provider == "table" and v.zone == "world"  # no offline marginal: the average, flagged
+
+
+def test_watttime_bad_password(wt, monkeypatch):
+    monkeypatch.setenv("WATTTIME_PASSWORD", "nope")
+    p = WattTimeProvider(base_url=wt.url, timeout_s=1.0)
+    assert p.at("CAISO_NORTH", time.time()).fallback and p.failures == {"auth": 1} and p.logins == 0
+
+
+# ----------------------------------------------------------------------------- GB Carbon Intensity
+
+@pytest.fixture
+def gb():
+    with Fake("gb") as fake:
+        fake.value = 150
+        yield fake
+
+
+def test_gb_national_and_regional_by_postcode(gb):
+    p = GbCarbonIntensityProvider(base_url=gb.url, timeout_s=1.0)
+    now = time.time()
+    v = p.at("GB", now)
+    assert (v.g_per_kwh, v.signal, v.period_s, v.provider) == (150, "actual", 1800.0, "gb-carbon-intensity")
+    r = p.at("RG10 9XX", now)
+    assert (r.g_per_kwh, r.signal, r.zone) == (135, "forecast", "RG10 9XX")  # regional: forecast only
+    assert gb.paths[-1] == "/regional/postcode/RG10"
+    fc = p.forecast("GB", now + 1800, now + 6 * 3600)
+    assert len(fc) >= 10 and all(x.signal == "forecast" for x in fc) and "fw48h" in gb.paths[-1]
+    rf = p.forecast("RG10", now + 1800, now + 3 * 3600)
+    assert all(not x.fallback for x in rf) and "/fw48h/postcode/RG10" in gb.paths[-1]
+    with pytest.raises(ProviderConfigError, match="postcode"):
+        p.at("not a postcode!", now)
+
+
+def test_gb_malformed_falls_back_to_gb_direct_profile(gb):
+    gb.mode = "malformed"
+    p = GbCarbonIntensityProvider(base_url=gb.url, timeout_s=1.0)
+    v = p.at("GB", time.time())
+    assert v.fallback and v.zone == "GB" and "direct" in v.signal and p.failures == {"malformed": 1}
+
+
+# ----------------------------------------------------------------------------- per request
+
+def test_per_request_uses_each_hours_intensity_with_one_lookup_per_half_hour():
+    class Counting(ProfileProvider):
+        calls = 0
+
+        def at(self, zone, t_s):
+            Counting.calls += 1
+            return super().at(zone, t_s)
+
+    m = CarbonModel.for_region("DE", pue=1.2).with_hourly("profile", market_g_per_kwh=50.0)
+    m = type(m)(**{**m.__dict__, "hourly": Counting()})
+    wall = np.array([JAN_01_12 + 10, JAN_01_12 + 20, JAN_01_12 + 7200, JAN_01_12 + 7300])
+    e = np.full(4, 3.6e6)  # 1 kWh each
+    c = m.per_request(e, np.ones(4), wall)
+    assert Counting.calls == 2
+    p = ProfileProvider()
+    want = [p.at("DE", t).g_per_kwh for t in wall]
+    assert c.operational_g == pytest.approx(np.array(want) * 1.2)
+    f = c.fields()
+    assert f[0]["intensity_hour"] == "2023-01-01T12:00Z" and f[2]["intensity_hour"] == "2023-01-01T14:00Z"
+    assert f[0]["co2e_market_g"] == pytest.approx(50 * 1.2) and f[0]["intensity_basis"] == "location"
+    # without a clock, the yearly value and no hour
+    y = m.per_request(e, np.ones(4), None)
+    assert y.fields()[0]["intensity_provider"] == "table" and y.fields()[0]["intensity_hour"] == ""
+    assert y.operational_g == pytest.approx(np.full(4, m.intensity_g_per_kwh * 1.2))

@@ -1,0 +1,51 @@
+"""Each record says which intensity it used; the ledger keeps it, and older ledger files still open."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+
+from wattspan import RequestRecord
+from wattspan._ledger_db import _ADDED, _FIELDS
+from wattspan.ledger import Ledger, query
+from wattspan.otel import record_attributes
+
+OLD = [(n, t) for n, t in _FIELDS if n not in _ADDED]  # the schema-1 columns as first shipped
+
+
+def _rec(i: int, **kw) -> RequestRecord:
+    base = dict(id=f"r{i}", device="gpu0", start_ns=1, end_ns=2, energy_j=3.6e6, dynamic_j=3e6, idle_j=6e5,
+                device_s=1.0, co2e_g=40.0, route="/v1/chat", tenant="team-a")
+    return RequestRecord(**{**base, **kw})
+
+
+def test_an_older_ledger_file_opens_reads_and_is_upgraded(tmp_path):
+    path = tmp_path / "old.sqlite"
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE requests (" + ", ".join(f"{n} {t} NOT NULL" for n, t in OLD) + ", recorded_at REAL NOT NULL, run_id TEXT NOT NULL)")
+    vals = {"TEXT": "'x'", "INTEGER": "0", "REAL": "1.5"}
+    conn.execute(f"INSERT INTO requests VALUES ({', '.join(vals[t] if n not in ('trace_id', 'span_id') else repr('0') for n, t in OLD)}, 100.0, 'old-run')")
+    conn.execute("PRAGMA application_id=1463899219")
+    conn.execute("PRAGMA user_version=1")
+    conn.commit()
+    conn.close()
+    old = query(path)  # read-only, before any upgrade: new columns read as defaults
+    assert len(old) == 1 and old[0]["intensity_provider"] == "" and old[0]["intensity_g_per_kwh"] == 0
+    rec = _rec(1, intensity_g_per_kwh=40.0, intensity_provider="profile", intensity_zone="FR",
+               intensity_hour="2023-07-14T09:00Z", intensity_basis="location", market_g_per_kwh=20.0, co2e_market_g=20.0)
+    with Ledger(path) as led:
+        led.write([rec])
+    rows = query(path)
+    assert [r["id"] for r in rows] == ["x", "r1"]
+    assert (rows[1]["intensity_zone"], rows[1]["intensity_hour"], rows[1]["co2e_market_g"]) == ("FR", "2023-07-14T09:00Z", 20.0)
+    assert RequestRecord(**{k: rows[1][k] for k in RequestRecord.__dataclass_fields__}) == rec
+
+
+def test_span_attributes_name_the_intensity_and_the_market_figure():
+    a = record_attributes(_rec(1, intensity_g_per_kwh=40.0, intensity_provider="electricitymaps", intensity_zone="DE",
+                               intensity_hour="2026-12-01T21:00Z", intensity_basis="location", market_g_per_kwh=20.0, co2e_market_g=20.0))
+    assert a["wattspan.intensity.provider"] == "electricitymaps" and a["wattspan.intensity.hour"] == "2026-12-01T21:00Z"
+    assert a["wattspan.intensity.basis"] == "location" and a["wattspan.co2e.market_g"] == pytest.approx(20.0)
+    assert "wattspan.co2e.marginal_g" not in a
+    assert "wattspan.intensity.provider" not in record_attributes(_rec(2))
