@@ -46,12 +46,13 @@ SENSOR_NOTES = {
                     "Footprint coefficients (0.74 W idle to 3.5 W full load per vCPU, average cloud vCPU). "
                     "It counts the whole host, every process on it; no error band can be given for a model.",
     "simulated": "NOT a measurement: wattspan's simulated GPU, synthesised from the batch steps it is told about.",
+    "trace": "a recorded power trace replayed: as good as the sensor that recorded it (see the trace's own provenance).",
 }
 
 
 def _sensor_kind(sensor: str) -> str:
     s = (sensor or "").lower()
-    for k in ("cpu-estimate", "simulated", "nvml", "rapl"):
+    for k in ("cpu-estimate", "simulated", "nvml", "rapl", "trace"):
         if s.startswith(k) or k in s:
             return k
     return "other"
@@ -302,6 +303,8 @@ def from_attribute(records: str | os.PathLike, summary: str | os.PathLike | None
     b.devices = list(devs.values())
     if s:
         b.unattributed_j = float(s.get("unattributed_j", 0.0))
+        b.unattributed_note = (f"measured {s.get('measured_j', 0.0):.4g} J on the devices, {s.get('attributed_j', 0.0):.4g} J "
+                               "charged to requests; the rest (idle with nothing in flight) is in no request")
         b.recorded_carbon = s.get("carbon")
         for k, d in (s.get("devices") or {}).items():
             for dd in b.devices:
@@ -350,6 +353,12 @@ def g(x: float | None, digits: int = 4) -> str:
     return f"{x:.{digits - 1}e}"
 
 
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
 def carbon_for(basis: Basis, *, region=None, intensity=None, intensity_source=None, pue=None, embodied_kg=None,
                lifetime_years=4.0, utilisation=1.0, lca_boundary=None) -> dict:
     """The carbon factors the report applies, each with its source."""
@@ -366,7 +375,8 @@ def carbon_for(basis: Basis, *, region=None, intensity=None, intensity_source=No
             out["intensity_source"] += "; no --region given: the world average"
     else:
         out = {"region": rec.get("region", ""), "intensity": rec["intensity_g_per_kwh"], "intensity_source": rec.get("intensity_source", ""),
-               "intensity_year": None, "pue": rec.get("pue", 1.0), "pue_source": "as the run recorded it"}
+               "intensity_year": None, "pue": rec.get("pue", 1.0),
+               "pue_source": "as recorded with the " + ("run" if basis.kind == "run" else "input")}
     if intensity is not None:
         out["intensity"] = float(intensity)
         out["intensity_source"] = intensity_source or "given on the command line"
@@ -408,7 +418,8 @@ def build_report(basis: Basis, carbon: dict, *, market_intensity=None, market_so
     total = op + emb
     r = {"title": title or f"Carbon report: {basis.subject}", "basis": basis, "carbon": carbon, "g": g, "utc": _utc,
          "it_j": it, "facility_j": fac, "facility_kwh": kwh, "operational_g": op, "embodied_g": emb, "total_g": total,
-         "boundary": boundary, "generated": _utc(time.time()), "audit_command": audit_command}
+         "boundary": boundary, "generated": _utc(time.time()), "audit_command": audit_command, "version": _version()}
+    r["with_unattributed_j"] = it + basis.unattributed_j if basis.unattributed_j and it > 0 else None
     r["hours"] = None if basis.start is None or basis.end is None else (basis.end - basis.start) / 3600.0
     r["market"] = None
     if market_intensity is not None:
@@ -484,7 +495,7 @@ def charts(report: dict) -> dict[str, bytes]:
     if b.groups:
         title, key, rows = b.groups[0]
         rows = rows[:12]
-        fig, ax = plt.subplots(figsize=(7.2, 0.45 + 0.22 * len(rows)), dpi=110)
+        fig, ax = plt.subplots(figsize=(7.2, 1.3 + 0.2 * len(rows)), dpi=110)
         ax.barh([str(x["name"])[:40] for x in rows][::-1], [x["energy_j"] for x in rows][::-1], color="#4c72b0")
         ax.set_xlabel("energy, J (accelerator + host, before PUE)")
         ax.set_title(title, fontsize=9)
