@@ -74,6 +74,7 @@ def dispatch(args, carbon_model_from_args, usage_error, need) -> int:
                 raise usage_error(str(exc)) from None
             return cli_main(args, carbon)
         if args.command == "audit":
+            need("jinja2", "markdown_it", "matplotlib", extra="audit")
             from .audit import cli_main
 
             return cli_main(args)
