@@ -2,12 +2,13 @@
 # Install the real backends the test suite exports to, idempotently:
 #   * Arize Phoenix (OTLP traces over HTTP and gRPC) in its own venv, .venv-phoenix
 #     (its dependency pins must not touch the project's .venv);
-#   * Prometheus (scrapes the OpenTelemetry Prometheus exporter) from Debian's apt.
+#   * Prometheus (scrapes the OpenTelemetry Prometheus exporter) from Debian's apt;
+#   * Chromium and chromedriver (the dashboard's headless-browser test) from Debian's apt.
 # A second run does nothing but print the versions. Any failure stops the script with a
 # message that says what could not be installed and how to fix it.
 #
 # Environment: PYTHON (default python3), PHOENIX_VENV (default .venv-phoenix),
-# PHOENIX_SPEC (default "arize-phoenix"), WATTSPAN_SKIP_PROMETHEUS=1 / WATTSPAN_SKIP_PHOENIX=1
+# PHOENIX_SPEC (default "arize-phoenix"), WATTSPAN_SKIP_PROMETHEUS=1 / WATTSPAN_SKIP_PHOENIX=1 / WATTSPAN_SKIP_CHROMIUM=1
 # to leave one out.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -78,6 +79,30 @@ install_prometheus() {
     echo "install_backends: $("$bin" --version 2>&1 | head -n 1)"
 }
 
+# ---------------------------------------------------------------- Chromium (the dashboard's browser test)
+install_chromium() {
+    if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then
+        echo "install_backends: Chromium already installed at $(command -v chromium)"
+    else
+        command -v apt-get >/dev/null || die "Chromium is not installed and apt-get is missing: put chromium and chromedriver on PATH"
+        local sudo=""
+        if [ "$(id -u)" != 0 ]; then
+            command -v sudo >/dev/null || die "installing Chromium with apt-get needs root (or sudo)"
+            sudo="sudo"
+        fi
+        echo "install_backends: installing Debian's chromium and chromium-driver with apt-get"
+        export DEBIAN_FRONTEND=noninteractive
+        if ! $sudo apt-get install -y -q --no-install-recommends chromium chromium-driver >/dev/null 2>&1; then
+            $sudo apt-get update -q >/dev/null || die "apt-get update failed (is the Debian mirror reachable?)"
+            $sudo apt-get install -y -q --no-install-recommends chromium chromium-driver \
+                || die "apt-get could not install chromium chromium-driver (see apt's error above)"
+        fi
+        command -v chromedriver >/dev/null || die "apt-get installed chromium-driver but no chromedriver is on PATH"
+    fi
+    echo "install_backends: $(chromedriver --version 2>&1 | head -n 1)"
+}
+
 [ "${WATTSPAN_SKIP_PHOENIX:-0}" = 1 ] || install_phoenix
 [ "${WATTSPAN_SKIP_PROMETHEUS:-0}" = 1 ] || install_prometheus
+[ "${WATTSPAN_SKIP_CHROMIUM:-0}" = 1 ] || install_chromium
 echo "install_backends: done"

@@ -5,6 +5,7 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError, version
 
 from ._context import current_request_id, set_tokens
+from ._phase import phase
 from ._records import RequestRecord
 from ._samples import DeviceInfo, DeviceTrace, RingBuffer, SampleBatch, SampleKind
 from .attribution import Attribution, Requests, StepModel, Steps, attribute
@@ -32,6 +33,7 @@ __all__ = sorted(
         "Steps",
         "attribute",
         "current_request_id",
+        "phase",
         "set_tokens",
     ]
 )

@@ -114,6 +114,9 @@ def _build_parser() -> argparse.ArgumentParser:
     x.add_argument("--no-include-usage", action="store_true", help="do not ask a streaming upstream for usage (for servers that reject stream_options)")
     x.add_argument("--budgets", type=Path, default=None, help="enforce the carbon budgets in this file (JSON or TOML): observe, warn, reject (429), defer")
 
+    from .run_cli import add_arguments as _add_run_audit_dashboard
+
+    _add_run_audit_dashboard(sub, _carbon_options)
     b = sub.add_parser("bench", help="on demand or in batches? energy and CO2e per call, projected to a million calls")
     from .bench import add_bench_arguments
 
@@ -152,6 +155,10 @@ def main(argv: list[str] | None = None) -> int:
                 return _proxy_with_budgets(args)
             run_proxy(args.upstream, host=args.host, port=int(args.port), device=args.device, timeout_s=float(args.timeout_s), max_body_bytes=int(args.max_body_bytes), include_usage=not args.no_include_usage, steps_listen=args.steps_listen)
             return 0
+        if args.command in ("run", "audit", "dashboard"):
+            from .run_cli import dispatch
+
+            return dispatch(args, carbon_model_from_args, _UsageError, _need)
         if args.command == "report":
             from ._report import run_report
 

@@ -1,0 +1,294 @@
+"""`wattspan run` meters a real process; `wattspan audit` turns a run, a ledger period or
+attribute's output into a report whose every line can be checked."""
+
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import wattspan
+from wattspan import RequestRecord
+from wattspan._phase import read_phases
+from wattspan._runs_db import get_run, list_runs, run_trace
+from wattspan._samples import DeviceInfo, SampleBatch, SampleKind
+from wattspan.audit import build_report, carbon_for, from_ledger, g, parse_time
+from wattspan.carbon import CarbonModel
+from wattspan.ledger import Ledger
+from wattspan.run import measure
+
+ROOT = Path(__file__).resolve().parents[1]
+SIM = ROOT / "examples" / "simulated"
+
+
+class ConstantGpu:
+    """A GPU drawing a constant power (the thinnest stand-in for NVML): readings on the real clock."""
+
+    name = "constant"
+
+    def __init__(self, watts: float = 50.0, counter: bool = True) -> None:
+        self.watts, self.counter, self.errors = watts, counter, 0
+        self._t0 = time.monotonic_ns()
+
+    def devices(self):
+        return [DeviceInfo("gpu0", "constant GPU", kind="gpu", sensor="constant-test")]
+
+    def poll(self):
+        now = time.monotonic_ns()
+        t = np.array([now], dtype=np.int64)
+        if self.counter:
+            return [SampleBatch("gpu0", SampleKind.ENERGY, t, np.array([self.watts * (now - self._t0) * 1e-9]))]
+        return [SampleBatch("gpu0", SampleKind.INSTANT, t, np.array([self.watts]))]
+
+    def close(self):
+        pass
+
+
+def cli(*args, timeout=240, **kw):
+    return subprocess.run([sys.executable, "-m", "wattspan.cli", *map(str, args)], capture_output=True, text=True, timeout=timeout, **kw)
+
+
+JOB = """
+import sys, time, wattspan
+def spin(s):
+    end = time.monotonic() + s
+    while time.monotonic() < end:
+        pass
+with wattspan.phase("train"):
+    spin(0.6)
+with wattspan.phase("evaluate"):
+    time.sleep(0.3)
+with wattspan.phase("bad\\tname\\n" + "x" * 500):
+    pass
+sys.exit(3)
+"""
+
+
+class TestPhase:
+    def test_outside_a_run_a_phase_does_nothing_and_never_raises(self, monkeypatch):
+        monkeypatch.delenv("WATTSPAN_RUN_PHASES", raising=False)
+        with wattspan.phase("epoch 1") as p:
+            pass
+        assert p.name == "epoch 1"
+
+    def test_a_marker_that_cannot_be_written_is_counted_not_raised(self, monkeypatch, tmp_path):
+        from wattspan._phase import phase_errors
+
+        monkeypatch.setenv("WATTSPAN_RUN_PHASES", str(tmp_path / "no" / "such" / "dir" / "f"))
+        before = phase_errors()
+        with wattspan.phase("x"):
+            pass
+        assert phase_errors() == before + 2
+
+    def test_phases_pair_up_nest_and_unclosed_ones_end_with_the_run(self, monkeypatch, tmp_path):
+        f = tmp_path / "phases.tsv"
+        monkeypatch.setenv("WATTSPAN_RUN_PHASES", str(f))
+        with wattspan.phase("outer"):
+            with wattspan.phase("inner"):
+                pass
+
+        @wattspan.phase("decorated")
+        def work():
+            return 7
+
+        assert work() == 7
+        wattspan.phase("never closed").__enter__()
+        with open(f, "a") as fh:
+            fh.write("garbage line\nB\tx\tnot-a-number\tname\n")
+        got = read_phases(f, end_ns=time.monotonic_ns() + 10**9)
+        names = [n for n, _, _ in got]
+        assert names == ["outer", "inner", "decorated", "never closed"]
+        (o, ob, oe), (i, ib, ie) = got[0], got[1]
+        assert ob <= ib <= ie <= oe
+        assert got[-1][2] > got[-1][1]
+
+
+class TestRun:
+    def test_a_job_is_metered_start_to_end_with_its_phases_and_exit_code(self, tmp_path):
+        db = tmp_path / "w.sqlite"
+        s = measure([sys.executable, "-c", JOB], carbon=CarbonModel(intensity_g_per_kwh=400.0, pue=1.2), db=db,
+                    sources=[ConstantGpu(50.0)], interval_s=0.02)
+        assert s["exit_code"] == 3
+        # 50 W for the run's duration: exact up to one sampling interval at each end
+        assert s["accelerator_j"] == pytest.approx(50.0 * s["duration_s"], rel=0.02)
+        assert s["facility_j"] == pytest.approx(1.2 * s["energy_j"], rel=1e-12)
+        assert s["operational_g"] == pytest.approx(s["energy_j"] * 1.2 / 3.6e6 * 400.0, rel=1e-12)
+        ph = {p["name"]: p for p in s["phases"]}
+        assert list(ph)[:2] == ["train", "evaluate"]
+        assert "\t" not in list(ph)[2] and len(list(ph)[2]) <= 120
+        for name, want_s in (("train", 0.6), ("evaluate", 0.3)):
+            assert ph[name]["duration_s"] == pytest.approx(want_s, abs=0.15)
+            assert ph[name]["energy_j"] == pytest.approx(50.0 * ph[name]["duration_s"], rel=0.1, abs=2.0)
+        assert sum(p["energy_j"] for p in s["phases"]) <= s["energy_j"]
+        # stored: the summary and a cumulative trace that ends at the run's energy
+        assert [r["run_id"] for r in list_runs(db)] == [s["run_id"]]
+        assert get_run(db, "last")["accelerator_j"] == s["accelerator_j"]
+        assert get_run(db, s["run_id"][:8])["run_id"] == s["run_id"]
+        (ts, es), = run_trace(db, s["run_id"]).values()
+        assert es[0] == 0.0 and es[-1] == pytest.approx(s["accelerator_j"], rel=1e-9)
+        assert all(b >= a for a, b in zip(ts, ts[1:])) and all(b >= a for a, b in zip(es, es[1:]))
+
+    def test_power_readings_without_a_counter_are_integrated(self, tmp_path):
+        s = measure([sys.executable, "-c", "import time; time.sleep(0.5)"], carbon=CarbonModel(intensity_g_per_kwh=100.0),
+                    db=None, sources=[ConstantGpu(80.0, counter=False)], interval_s=0.02)
+        assert s["exit_code"] == 0
+        assert s["accelerator_j"] == pytest.approx(80.0 * s["duration_s"], rel=0.03)
+
+    def test_cli_runs_the_tiny_training_job_and_audit_reports_it_line_by_line(self, tmp_path):
+        db = tmp_path / "w.sqlite"
+        p = cli("run", "--db", db, "--region", "gcp:europe-west1", "--json", tmp_path / "run.json", "--",
+                sys.executable, ROOT / "examples" / "train_tiny.py", "--epochs", "2", "--samples", "4000", cwd=tmp_path)
+        assert p.returncode == 0, p.stderr
+        assert "epoch 2" in p.stdout and "phase train epoch 1" in p.stderr
+        s = json.loads((tmp_path / "run.json").read_text())
+        assert s["host_j"] > 0 and s["devices"]  # the host is metered (RAPL, or the labelled estimate)
+        assert {p["name"] for p in s["phases"]} >= {"prepare data", "train epoch 1", "train epoch 2", "evaluate"}
+
+        out = tmp_path / "audit.md"
+        p = cli("audit", "--db", db, "--out", out, cwd=tmp_path)
+        assert p.returncode == 0, p.stderr
+        md = out.read_text()
+        assert (tmp_path / "audit-power.png").stat().st_size > 1000 and "(audit-power.png)" in md
+        assert "train epoch 1" in md and "| evaluate | 2 |" in md
+        lines = {m.group(1): m.group(2) for m in re.finditer(r"^\| ([A-I])\. [^|]+\| ([^|]+) \|", md, re.M)}
+
+        def num(s):
+            return float(s.strip("* ").split()[0].replace(",", ""))
+
+        a, b, c, d, e = (num(lines[k]) for k in "ABCDE")
+        assert c == pytest.approx(a + b, rel=2e-3)
+        assert d == 1.10  # the run was recorded with Google's fleet PUE
+        assert e == pytest.approx(c * d, rel=2e-3)
+        f, gop, h, i = (num(lines[k]) for k in "FGHI")
+        kwh = float(re.search(r"= ([0-9.e+-]+) kWh \|", md).group(1))
+        assert gop == pytest.approx(kwh * f, rel=2e-3) and i == pytest.approx(gop + h, rel=2e-3)
+        assert "SCI = ((E x I) + M) per R" in md and "training hour" in md
+        assert s["command_line"].split()[-1] in md and "Versions:" in md
+        if any(d["simulated"] for d in s["devices"].values()):
+            assert "ESTIMATED power: not a measurement" in md
+        for fmt in ("html", "pdf"):
+            p = cli("audit", "--db", db, "--out", tmp_path / f"audit.{fmt}", cwd=tmp_path)
+            assert p.returncode == 0, p.stderr
+        html = (tmp_path / "audit.html").read_text()
+        assert html.startswith("<!doctype html>") and "data:image/png;base64," in html and "<table>" in html
+        pdf = (tmp_path / "audit.pdf").read_bytes()
+        assert pdf.startswith(b"%PDF-") and 1 <= len(re.findall(rb"/Type /Page\b", pdf)) <= 3
+
+    def test_a_command_that_cannot_start_is_a_clear_error(self, tmp_path):
+        p = cli("run", "--db", tmp_path / "w.sqlite", "--", "no-such-program-wattspan")
+        assert p.returncode == 2 and "cannot start 'no-such-program-wattspan'" in p.stderr
+        p = cli("run", "--db", tmp_path / "w.sqlite")
+        assert p.returncode == 2 and "give the command after --" in p.stderr
+
+
+def _records(n=20, t0=1000):
+    out = []
+    for i in range(n):
+        out.append(RequestRecord(id=f"r{i}", device="gpu0", start_ns=t0 + i, end_ns=t0 + i + 10**8, energy_j=2.0 + i % 3,
+                                 dynamic_j=1.5, idle_j=0.5 + i % 3, device_s=0.1, co2e_g=0.001 * (1 + i % 3), embodied_g=0.0001,
+                                 method="time-share", sensor="nvml:energy-counter", coverage=1.0 if i else 0.5,
+                                 route="/v1/embeddings" if i % 2 else "/v1/completions", model="m", tenant=f"t{i % 4}",
+                                 prompt_tokens=10, output_tokens=5 * (i % 2), host_j=0.25))
+    return out
+
+
+@pytest.fixture
+def ledger(tmp_path):
+    db = tmp_path / "serve.sqlite"
+    with Ledger(db) as led:
+        led.write(_records())
+        assert led.flush()
+    return db
+
+
+class TestAuditLedger:
+    def test_since_1h_reports_the_ledgers_sums_and_per_unit_figures(self, ledger, tmp_path):
+        out = tmp_path / "a.md"
+        p = cli("audit", "--db", ledger, "--since", "1h", "--region", "FR", "--pue", "1.25", "--out", out)
+        assert p.returncode == 0, p.stderr
+        md = out.read_text()
+        recs = _records()
+        acc = sum(r.energy_j for r in recs)
+        host = sum(r.host_j for r in recs)
+        assert acc == 59.0 and host == 5.0
+        assert "| A. Accelerator energy | 59.00 J |" in md and "| B. Host energy | 5.000 J |" in md
+        assert "| D. PUE | 1.25 | given on the command line |" in md
+        assert "40.48 gCO2e/kWh" in md  # France, the offline table
+        fac = (acc + host) * 1.25
+        op = fac / 3.6e6 * 40.48
+        emb = sum(r.embodied_g for r in recs)
+        total = op + emb
+        m = re.search(r"\| per 1k requests \| ([0-9.e+-]+) gCO2e, ([0-9.,]+) J \|", md)
+        assert float(m.group(1)) == pytest.approx(total / 0.02, rel=1e-3)
+        assert float(m.group(2).replace(",", "")) == pytest.approx(fac / 0.02, rel=1e-3)
+        toks = sum(r.prompt_tokens + r.output_tokens for r in recs)
+        m = re.search(r"AI extension \(GSF SCI for AI\): ([0-9.e+-]+) gCO2e per 1k tokens", md)
+        assert float(m.group(1)) == pytest.approx(total / (toks / 1000), rel=1e-3)
+        assert "Boundary: **provider**" in md
+        assert "| /v1/embeddings | 10 |" in md and "| t0 | 5 |" in md
+        assert "min 50.0%" in md  # coverage of the worst request
+        assert "Equivalent to" not in md and "F'. Intensity, market-based" not in md
+
+    def test_market_based_intensity_and_an_equivalent_line_only_with_a_source(self, ledger, tmp_path):
+        p = cli("audit", "--db", ledger, "--since", "2h", "--market-intensity", "12.5", "--market-source", "PPA 2025",
+                "--equivalent-g", "120", "--equivalent-unit", "km by car")
+        assert p.returncode == 0, p.stderr
+        assert "F'. Intensity, market-based | 12.50 gCO2e/kWh | PPA 2025" in p.stdout
+        assert "Equivalent to" not in p.stdout  # no source: no line
+        p = cli("audit", "--db", ledger, "--since", "2h", "--equivalent-g", "120", "--equivalent-unit", "km by car",
+                "--equivalent-source", "a cited table")
+        assert re.search(r"Equivalent to [0-9.e+-]+ km by car, at 120.0 gCO2e per unit \(a cited table\)", p.stdout)
+
+    def test_bad_input_is_a_clear_error(self, ledger, tmp_path):
+        p = cli("audit", "--db", ledger, "--since", "yesterday-ish")
+        assert p.returncode == 2 and "cannot read the time" in p.stderr
+        p = cli("audit", "--db", tmp_path / "none.sqlite")
+        assert p.returncode == 2 and "no wattspan ledger" in p.stderr
+        p = cli("audit", "--db", ledger, "--since", "1h", "--out", tmp_path / "x.docx")
+        assert p.returncode == 2 and "cannot tell the format" in p.stderr
+        p = cli("audit", "--db", ledger, "--since", "1h", "--pue", "9")
+        assert p.returncode == 2 and "pue" in p.stderr
+
+    def test_a_ledger_without_runs_audits_its_requests_and_newer_columns_show(self, ledger):
+        assert list_runs(ledger) == []
+        conn = sqlite3.connect(ledger)  # what a newer writer adds (error bounds, quality)
+        for col in ("energy_j_low REAL", "energy_j_high REAL", "quality TEXT"):
+            conn.execute(f"ALTER TABLE requests ADD COLUMN {col}")
+        conn.execute("UPDATE requests SET energy_j_low = energy_j * 0.9, energy_j_high = energy_j * 1.1, quality = 'ok'")
+        conn.commit()
+        conn.close()
+        b = from_ledger(ledger)
+        acc = sum(r.energy_j for r in _records())
+        host = sum(r.host_j for r in _records())
+        assert b.band_j == pytest.approx((acc * 0.9 + host, acc * 1.1 + host))
+        assert b.quality_flags == {"ok": 20}
+        r = build_report(b, carbon_for(b))
+        assert r["it_j"] == pytest.approx(acc + host)
+
+    def test_parse_time(self):
+        assert parse_time("1h", now=10_000.0) == 6400.0
+        assert parse_time("30m", now=10_000.0) == 8200.0
+        assert parse_time("2026-05-01T00:00:00Z") == 1777593600.0
+        assert parse_time("1777593600") == 1777593600.0
+
+
+def test_audit_of_attribute_output_counts_the_unattributed_energy(tmp_path):
+    out, summ = tmp_path / "a.jsonl", tmp_path / "s.json"
+    p = cli("attribute", "--trace", SIM / "trace.csv", "--requests", SIM / "requests.jsonl", "--batches", SIM / "batches.jsonl",
+            "--out", out, "--summary", summ, "--region", "FR")
+    assert p.returncode == 0, p.stderr
+    p = cli("audit", "--records", out, "--summary", summ)
+    assert p.returncode == 0, p.stderr
+    s = json.loads(summ.read_text())
+    assert f"| Unattributed | {g(s['unattributed_j'])} J |" in p.stdout
+    assert "| D. PUE | 1.00 | as recorded with the input |" in p.stdout
+    assert "40.48 gCO2e/kWh" in p.stdout and "per 1k output tokens" in p.stdout
+    recs = [json.loads(x) for x in out.read_text().splitlines()]
+    assert f"| A. Accelerator energy | {g(sum(r['energy_j'] for r in recs))} J |" in p.stdout
