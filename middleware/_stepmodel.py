@@ -191,15 +191,16 @@ def select_family(A: np.ndarray, y: np.ndarray, *, folds: int = 10, families: di
             chosen = name
             break
     coef_s = fits[chosen]
+    scores_chosen = scores[chosen]
     sse_in = float(ms - 2 * coef_s @ c + coef_s @ G @ coef_s)
     r2 = 1.0 - sse_in / ss_tot if ss_tot > 0 else 0.0
-    cv_sse = scores[chosen] ** 2 * ms
+    cv_sse = scores_chosen**2 * ms
     cv_r2 = 1.0 - cv_sse / ss_tot if ss_tot > 0 else 0.0
     if chosen == best:
         why = f"lowest held-out error of {len(scores)} families over {k} time blocks"
     else:
         why = f"simplest family within {(_PARSIMONY - 1) * 100:.0f} % of the best ({best}) held-out error over {k} time blocks"
-    return Selection(chosen, coef_s / scale, scores[chosen], cv_r2, r2, n, dict(scores), why)
+    return Selection(chosen, coef_s / scale, scores_chosen, cv_r2, r2, n, dict(scores), why)
 
 
 def correlation_lag(r: np.ndarray, max_lag: int = 4096, level: float = 0.2) -> int:

@@ -605,15 +605,31 @@ def _busy_intervals(starts, ends, steps: Steps | None, dev: str) -> tuple[np.nda
 
 
 def _estimate_idle(trace: DeviceTrace, busy, a: int, b: int, bin_s: float = 30.0) -> tuple[_Piecewise, str]:
-    """Idle baseline from readings taken when nothing was in flight, per 30 s bin."""
+    """Idle baseline from readings taken when nothing was in flight, per 30 s bin.
+
+    The energy counter is tried first; where it saw no idle time (a counter read
+    once a second starts with the trace), the power readings, whose averaging
+    window can reach back before the first read."""
+    sources = []
     if trace.energy_j is not None:
         tk, ek = counter_knots(trace.t_ns, trace.energy_j)
         mid = (tk[1:] + tk[:-1]) // 2
         half = (tk[1:] - tk[:-1]) // 2
-        pw = np.diff(ek) / (np.diff(tk).astype(np.float64) * _NS)
-    else:
+        sources.append((mid, half, np.diff(ek) / (np.diff(tk).astype(np.float64) * _NS)))
+    if trace.power_w is not None:
         mid, pw, span = _points_mid(trace)
-        half = np.full(len(mid), span // 2, dtype=np.int64)
+        sources.append((mid, np.full(len(mid), span // 2, dtype=np.int64), pw))
+    pw_all = sources[0][2]
+    for mid, half, pw in sources:
+        got = _idle_from(mid, half, pw, busy, a, b, bin_s)
+        if got is not None:
+            return got, "idle-periods"
+    ok = np.isfinite(pw_all)
+    v = float(np.quantile(pw_all[ok], 0.02)) if ok.any() else 0.0
+    return _Piecewise(np.array([a, b]), np.array([v, v])), "low-quantile"
+
+
+def _idle_from(mid, half, pw, busy, a: int, b: int, bin_s: float) -> _Piecewise | None:
     # guard: readings within a sensor window (and 50 ms of settling) of activity are not idle
     guard = half + 50_000_000
     bs, be = busy
@@ -641,10 +657,13 @@ def _estimate_idle(trace: DeviceTrace, busy, a: int, b: int, bin_s: float = 30.0
             if len(knots_t) == 1:
                 knots_t = [a, b]
                 knots_v = knots_v * 2
-            return _Piecewise(np.array(knots_t), np.array(knots_v)), "idle-periods"
-    ok = np.isfinite(pw)
-    v = float(np.quantile(pw[ok], 0.02)) if ok.any() else 0.0
-    return _Piecewise(np.array([a, b]), np.array([v, v])), "low-quantile"
+            return _Piecewise(np.array(knots_t), np.array(knots_v))
+    if is_idle.any() and float((2 * half[is_idle]).sum()) * _NS >= 0.5:
+        # A coarse sensor gives few readings, but a few averaged over half a second or
+        # more of nothing in flight still measure idle far better than any fit can.
+        v = float(np.median(pw[is_idle]))
+        return _Piecewise(np.array([a, b]), np.array([v, v]))
+    return None
 
 
 class _Segments:
@@ -821,7 +840,8 @@ def _batch_fit(cum, trace, steps, s_idx, requests, ridx, seg, idle_curve, a, b, 
                 cum_d, trace_d = _shifted(cum, trace, d_ns)
                 rows_d = _fit_rows(cum_d, trace_d, feats, idle_curve, a, b, rel, with_weights=True)
                 sel_d = select_family(rows_d[0], rows_d[1]) if len(rows_d[1]) else None
-                if sel_d is not None and sel_d.cv_error < sel.cv_error * 0.97:
+                # a shift must win clearly: by more than the held-out error's own noise
+                if sel_d is not None and sel_d.cv_error < sel.cv_error * (1 - max(0.03, 1 / math.sqrt(len(rows_d[1])))):
                     sel, shift_ns = sel_d, d_ns
                     A, y, w_row, t_row, overlap = rows_d
             if shift_ns:
