@@ -11,7 +11,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["PowerModel"]
+__all__ = ["LAWS", "PowerModel"]
+
+#: The step-power laws :class:`PowerModel` can follow (see its docstring).
+LAW_NAMES = ("saturating", "energy-linear", "power-linear")
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,19 @@ class PowerModel:
     ``step_jitter_rel`` (3 %): per-step random spread of the target (data-dependent
     switching activity), so equal compositions do not draw exactly equal power.
     ``noise_w`` (2 W): white noise on the true power at the simulator's grid.
+
+    ``law`` picks the step-power law (the formula above is ``"saturating"``; real GPUs
+    differ, and an attribution method must not assume one of them):
+
+    * ``"energy-linear"``: a step's energy above idle is additive in what it does,
+      ``active_w * duration + prefill_coef * prefill + decode_coef * decode + context_coef * context``
+      (coefficients in J/token); its power is that energy over its duration.
+    * ``"power-linear"``: a step's power above idle is linear in its composition,
+      ``active_w + prefill_coef * prefill + decode_coef * decode + context_coef * context``
+      (coefficients in W/token in the batch); its energy is that power times its duration.
+    * ``"saturating"``: the throughput-saturating formula above (the coefficients unused).
+
+    Every law is capped at ``cap_w`` (a low ``cap_w`` gives a board-limited GPU).
     """
 
     active_w: float = 100.0
@@ -70,6 +86,10 @@ class PowerModel:
     thermal_tau_s: float = 20.0
     step_jitter_rel: float = 0.03
     noise_w: float = 2.0
+    law: str = "saturating"
+    prefill_coef: float = 0.0
+    decode_coef: float = 0.0
+    context_coef: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("active_w", "compute_w", "memory_w", "between_steps_w", "weight_bytes",
@@ -79,6 +99,11 @@ class PowerModel:
         for name in ("tokens_sat_per_s", "hbm_bytes_per_s", "cap_w", "tau_s", "thermal_tau_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"PowerModel.{name} must be > 0, got {getattr(self, name)!r}")
+        if self.law not in LAW_NAMES:
+            raise ValueError(f"PowerModel.law must be one of {LAW_NAMES}, got {self.law!r}")
+        for name in ("prefill_coef", "decode_coef", "context_coef"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"PowerModel.{name} must be >= 0, got {getattr(self, name)!r}")
 
     def step_dynamic_w(
         self,
@@ -98,9 +123,32 @@ class PowerModel:
         d = np.asarray(duration_s, dtype=np.float64)
         if np.any(d <= 0):
             raise ValueError("PowerModel.step_dynamic_w: every duration_s must be > 0")
-        tokens = np.asarray(prefill_tokens, dtype=np.float64) + np.asarray(decode_tokens, dtype=np.float64)
+        pre = np.asarray(prefill_tokens, dtype=np.float64)
+        dec = np.asarray(decode_tokens, dtype=np.float64)
+        ctx = np.asarray(context_tokens, dtype=np.float64)
+        limit = max(self.cap_w - idle_w, 0.0)
+        if self.law != "saturating":
+            lin = self.prefill_coef * pre + self.decode_coef * dec + self.context_coef * ctx
+            if self.law == "energy-linear":
+                lin = lin / d
+            return np.minimum(self.active_w + lin, limit)
+        tokens = pre + dec
         rate = tokens / d
         compute = self.compute_w * -np.expm1(-rate / self.tokens_sat_per_s)
         nbytes = self.weight_bytes + self.kv_bytes_per_token * np.asarray(context_tokens, dtype=np.float64)
         memory = self.memory_w * np.minimum(1.0, nbytes / d / self.hbm_bytes_per_s)
-        return np.minimum(self.active_w + compute + memory, max(self.cap_w - idle_w, 0.0))
+        return np.minimum(self.active_w + compute + memory, limit)
+
+
+#: Step-power laws of the simulator family (H100-like magnitudes: a 32-sequence decode
+#: step near 250-300 W above idle, a 4096-token prefill chunk near 400-470 W), each a
+#: :class:`PowerModel`. ``capped`` is the saturating law on a board limited to 400 W, so
+#: large steps sit at the cap. None of them is a measurement.
+LAWS: dict[str, PowerModel] = {
+    "saturating": PowerModel(),
+    "energy-linear": PowerModel(law="energy-linear", active_w=120.0, prefill_coef=0.011, decode_coef=0.045,
+                                context_coef=1.5e-5),
+    "power-linear": PowerModel(law="power-linear", active_w=110.0, prefill_coef=0.075, decode_coef=3.5,
+                               context_coef=1.2e-3),
+    "capped": PowerModel(cap_w=400.0),
+}

@@ -31,6 +31,7 @@ prefix sums over all samples, steps and requests; no Python loop per item.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ._samples import DeviceTrace, SampleKind
+from ._stepmodel import BASIS, basis, correlation_lag, select_family, select_window
 
 __all__ = [
     "Requests",
@@ -177,19 +179,51 @@ def _device_key(value) -> str:
 
 @dataclass(frozen=True)
 class StepModel:
-    """Fitted dynamic energy of a batch step: ``coef . features`` joules.
+    """Fitted dynamic energy of a batch step: ``coef . basis`` joules.
 
-    ``coef`` units follow :data:`FEATURES`: W, J/token, J/token, J/ktoken.
-    ``r2`` is the fit's coefficient of determination over the sensor readings
-    it used (``rows``), a quality flag for the reader.
+    ``coef`` is over :data:`wattspan._stepmodel.BASIS` (its first four entries
+    follow :data:`FEATURES`: W, J/token, J/token, J/ktoken; then W/token,
+    W/token, W/ktoken, W, W); a four-entry ``coef`` is read as :data:`FEATURES`
+    alone. ``family`` is the candidate family that won the blocked time
+    cross-validation, ``cv_error`` its held-out RMS error relative to the
+    readings' RMS, ``cv_r2`` its held-out r2, ``why`` why it won and
+    ``candidates`` every family's held-out error. ``r2`` is the in-sample
+    coefficient of determination over the sensor readings it used (``rows``).
+    ``rates`` are the throughputs (tokens/s) of the saturating terms.
     """
 
     coef: np.ndarray
     r2: float
     rows: int
+    family: str = "energy"
+    cv_error: float = math.nan
+    cv_r2: float = math.nan
+    why: str = ""
+    candidates: dict | None = None
+    rates: tuple[float, float] | None = None
+
+    @property
+    def full_coef(self) -> np.ndarray:
+        c = np.asarray(self.coef, dtype=np.float64)
+        if len(c) >= len(BASIS):
+            return c[: len(BASIS)]
+        return np.concatenate((c, np.zeros(len(BASIS) - len(c))))
 
     def predict(self, features: np.ndarray) -> np.ndarray:
-        return features @ self.coef
+        return features[:, : len(self.coef)] @ self.coef[: features.shape[1]]
+
+    def as_dict(self) -> dict:
+        return {
+            "family": self.family,
+            "features": list(BASIS),
+            "coef": self.full_coef.tolist(),
+            "r2": self.r2,
+            "cv_error": self.cv_error,
+            "cv_r2": self.cv_r2,
+            "why": self.why,
+            "candidates": dict(self.candidates or {}),
+            "rows": self.rows,
+        }
 
 
 @dataclass(frozen=True)
@@ -211,11 +245,16 @@ class DeviceSummary:
     windows: int = 0
     scale_p5: float = math.nan  # spread of the per-window reconciliation scale
     scale_p95: float = math.nan
+    window_s: float = math.nan  # reconciliation window chosen by held-out readings
+    window_why: str = ""
+    shift_s: float = 0.0  # how much earlier the trace was read to undo stale readings (chosen like the window)
+    band_rel: float = math.nan  # 90 % relative error of one held-out reading's dynamic energy
+    quality: str = ""  # good | coarse | misfit (batch-fit only)
 
     def as_dict(self) -> dict:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "model"}
         if self.model is not None:
-            d["model"] = {"features": list(FEATURES), "coef": self.model.coef.tolist(), "r2": self.model.r2, "rows": self.model.rows}
+            d["model"] = self.model.as_dict()
         return d
 
 
@@ -567,15 +606,31 @@ def _busy_intervals(starts, ends, steps: Steps | None, dev: str) -> tuple[np.nda
 
 
 def _estimate_idle(trace: DeviceTrace, busy, a: int, b: int, bin_s: float = 30.0) -> tuple[_Piecewise, str]:
-    """Idle baseline from readings taken when nothing was in flight, per 30 s bin."""
+    """Idle baseline from readings taken when nothing was in flight, per 30 s bin.
+
+    The energy counter is tried first; where it saw no idle time (a counter read
+    once a second starts with the trace), the power readings, whose averaging
+    window can reach back before the first read."""
+    sources = []
     if trace.energy_j is not None:
         tk, ek = counter_knots(trace.t_ns, trace.energy_j)
         mid = (tk[1:] + tk[:-1]) // 2
         half = (tk[1:] - tk[:-1]) // 2
-        pw = np.diff(ek) / (np.diff(tk).astype(np.float64) * _NS)
-    else:
+        sources.append((mid, half, np.diff(ek) / (np.diff(tk).astype(np.float64) * _NS)))
+    if trace.power_w is not None:
         mid, pw, span = _points_mid(trace)
-        half = np.full(len(mid), span // 2, dtype=np.int64)
+        sources.append((mid, np.full(len(mid), span // 2, dtype=np.int64), pw))
+    pw_all = sources[0][2]
+    for mid, half, pw in sources:
+        got = _idle_from(mid, half, pw, busy, a, b, bin_s)
+        if got is not None:
+            return got, "idle-periods"
+    ok = np.isfinite(pw_all)
+    v = float(np.quantile(pw_all[ok], 0.02)) if ok.any() else 0.0
+    return _Piecewise(np.array([a, b]), np.array([v, v])), "low-quantile"
+
+
+def _idle_from(mid, half, pw, busy, a: int, b: int, bin_s: float) -> _Piecewise | None:
     # guard: readings within a sensor window (and 50 ms of settling) of activity are not idle
     guard = half + 50_000_000
     bs, be = busy
@@ -603,10 +658,13 @@ def _estimate_idle(trace: DeviceTrace, busy, a: int, b: int, bin_s: float = 30.0
             if len(knots_t) == 1:
                 knots_t = [a, b]
                 knots_v = knots_v * 2
-            return _Piecewise(np.array(knots_t), np.array(knots_v)), "idle-periods"
-    ok = np.isfinite(pw)
-    v = float(np.quantile(pw[ok], 0.02)) if ok.any() else 0.0
-    return _Piecewise(np.array([a, b]), np.array([v, v])), "low-quantile"
+            return _Piecewise(np.array(knots_t), np.array(knots_v))
+    if is_idle.any() and float((2 * half[is_idle]).sum()) * _NS >= 0.5:
+        # A coarse sensor gives few readings, but a few averaged over half a second or
+        # more of nothing in flight still measure idle far better than any fit can.
+        v = float(np.median(pw[is_idle]))
+        return _Piecewise(np.array([a, b]), np.array([v, v]))
+    return None
 
 
 class _Segments:
@@ -761,28 +819,71 @@ def _batch_fit(cum, trace, steps, s_idx, requests, ridx, seg, idle_curve, a, b, 
     """Dynamic energy per request of one device by the batch-fit method."""
     st_ns = steps.start_ns[s_idx]
     en_ns = steps.end_ns[s_idx]
-    x = step_features(steps, s_idx)
+    x4 = step_features(steps, s_idx)
     rel = lambda t: (np.asarray(t, dtype=np.int64) - a).astype(np.float64) * _NS  # noqa: E731
+    x, rates = basis(x4, model.rates if model is not None else None)
     feats = _StepFeatures(x, rel(st_ns), rel(en_ns))
 
-    # 1. Fit: every reading is a linear function of the steps it overlaps.
+    # 1. Fit: every reading is a linear function of the steps it overlaps; the
+    #    family of step terms is chosen by blocked cross-validation in time.
+    A, y, w_row, t_row, overlap = _fit_rows(cum, trace, feats, idle_curve, a, b, rel, with_weights=True)
+    shift_ns = 0
+    sel = None
     if model is None:
-        A, y = _fit_rows(cum, trace, feats, idle_curve, a, b, rel)
-        if len(y) >= 2 * x.shape[1] and np.any(A):
-            coef = nnls(A, y)
-            resid = y - A @ coef
-            ss = float(((y - y.mean()) ** 2).sum())
-            r2 = 1.0 - float((resid**2).sum()) / ss if ss > 0 else 0.0
-            model = StepModel(coef, r2, len(y))
-        if model is None or not np.any(model.coef):
+        sel = select_family(A, y) if len(y) else None
+        # A coarse sensor's reading may be stale (a counter read some time after the driver
+        # refreshed it): try reading the trace a fraction of its interval earlier, keep what
+        # predicts held-out readings best.
+        interval = _typical_interval(t_row) if len(t_row) > 2 else 0
+        if sel is not None and interval >= 20_000_000:
+            for frac in (0.25, 0.5):
+                d_ns = int(interval * frac)
+                cum_d, trace_d = _shifted(cum, trace, d_ns)
+                rows_d = _fit_rows(cum_d, trace_d, feats, idle_curve, a, b, rel, with_weights=True)
+                sel_d = select_family(rows_d[0], rows_d[1]) if len(rows_d[1]) else None
+                # a shift must win clearly: by more than the held-out error's own noise
+                if sel_d is not None and sel_d.cv_error < sel.cv_error * (1 - max(0.03, 1 / math.sqrt(len(rows_d[1])))):
+                    sel, shift_ns = sel_d, d_ns
+                    A, y, w_row, t_row, overlap = rows_d
+            if shift_ns:
+                cum, trace = _shifted(cum, trace, shift_ns)
+        if sel is not None and np.any(sel.coef):
+            model = StepModel(sel.coef, sel.r2, sel.rows, sel.family, sel.cv_error, sel.cv_r2, sel.why, sel.candidates, rates)
+        else:
             # Too little to fit: every step costs in proportion to its duration.
-            model = StepModel(np.array([1.0, 0.0, 0.0, 0.0]), math.nan, 0)
+            model = StepModel(np.eye(len(BASIS))[0], math.nan, 0, "duration", why="too few readings to fit: energy by step duration", rates=rates)
+    coef = model.full_coef
 
-    # 2. Reconcile: windows the sensor measures well; scale the fit to each one.
+    # 2. Reconcile: the window length is chosen by predicting held-out readings
+    #    from the model scaled to what the rest of their window measured.
+    window_why = "given"
+    band_rel = math.nan
+    if reconcile_s is None:
+        m_row = y * w_row
+        p_row = (A @ coef) * w_row
+        base = max(_typical_interval(t_row), 1_000_000) if len(t_row) > 2 else (b - a)
+        lengths = base * (2 ** np.arange(0, 40))
+        lengths = lengths[lengths < (b - a)]
+        if len(t_row) >= 8 and np.any(p_row > 0):
+            # Readings whose errors are correlated over longer than a step or two
+            # (aliasing of periodic load with a sensor's refresh, part-time
+            # coverage) would vouch for each other: leave them out together.
+            g = m_row.sum() / p_row.sum() if p_row.sum() > 0 else 1.0
+            lag = correlation_lag(m_row - g * p_row)
+            step_ns = float(np.median(en_ns - st_ns))
+            spacing = max(float(np.median(np.diff(t_row))), 1.0)
+            excess = max(0, lag - int(math.ceil(2 * step_ns / spacing)))
+            L, scores, pred = select_window(t_row, m_row, p_row, a, b, lengths, max(overlap, excess))
+            reconcile_s = L * _NS
+            window_why = f"lowest held-out error of {len(scores)} window lengths"
+            band_rel = _band_rel(m_row, pred, p_row)
+        else:
+            reconcile_s = (b - a) * _NS
+            window_why = "too few readings: the whole period"
     edges = _reconcile_edges(cum, trace, a, b, reconcile_s)
     w_meas = cum.energy(edges[:-1], edges[1:]) - idle_curve.integral(edges[:-1], edges[1:])
     F = feats.mass(rel(edges))
-    w_pred = np.diff(F, axis=0) @ model.coef
+    w_pred = np.diff(F, axis=0) @ coef
     ok = (w_pred > 1e-12) & (w_meas > 0)
     scale = np.where(ok, w_meas / np.where(ok, w_pred, 1.0), 0.0)
     resid = w_meas - scale * w_pred  # nonzero only where nothing was predicted, or measured <= idle
@@ -797,7 +898,7 @@ def _batch_fit(cum, trace, steps, s_idx, requests, ridx, seg, idle_curve, a, b, 
 
     lo = np.clip(rel(st_ns), e_rel[0], e_rel[-1])
     hi = np.clip(rel(en_ns), e_rel[0], e_rel[-1])
-    step_power = (x @ model.coef) / feats.dur  # W at scale 1
+    step_power = (x @ coef) / feats.dur  # W at scale 1
     e_step = step_power * (scale_integral(hi) - scale_integral(lo))
 
     # 4. Steps to requests by tokens; entries' request indices map into ridx order.
@@ -830,6 +931,10 @@ def _batch_fit(cum, trace, steps, s_idx, requests, ridx, seg, idle_curve, a, b, 
         "windows": int(len(scale)),
         "scale_p5": float(np.quantile(scale[ok], 0.05)) if ok.any() else math.nan,
         "scale_p95": float(np.quantile(scale[ok], 0.95)) if ok.any() else math.nan,
+        "window_s": float(reconcile_s),
+        "window_why": window_why,
+        "band_rel": band_rel,
+        "shift_s": shift_ns * _NS,
     }
     return dyn, un_t + lost, extra
 
@@ -847,20 +952,31 @@ def _fit_idle(cum, trace, steps, s_idx, requests, a, b) -> float | None:
     return float(coef[0]) if coef[0] > 0 else None
 
 
-def _fit_rows(cum, trace, feats, idle_curve, a, b, rel, with_time=False):
-    """Regression rows (A, y): one per sensor reading inside the period."""
+def _fit_rows(cum, trace, feats, idle_curve, a, b, rel, with_time=False, with_weights=False):
+    """Regression rows (A, y): one per sensor reading inside the period.
+
+    ``with_weights`` also returns each row's length in seconds (rows times it are
+    energies), its end time (ns) and how many neighbouring rows overlap it.
+    """
+    p = feats.x.shape[1]
     if cum.source == "energy-counter":
         t = cum.t[(cum.t >= a) & (cum.t <= b)]
         if len(t) >= 3:
             lo, hi = t[:-1], t[1:]
             y = cum.energy(lo, hi) - idle_curve.integral(lo, hi)
             A = feats.mass(rel(hi)) - feats.mass(rel(lo))
+            if with_weights:
+                return A, y, np.ones(len(y)), hi, 0
             return (A, y, (hi - lo) * _NS) if with_time else (A, y)
     if trace.power_w is None:
-        empty = np.zeros((0, feats.x.shape[1])), np.zeros(0)
+        if with_weights:
+            return np.zeros((0, p)), np.zeros(0), np.zeros(0), np.zeros(0, dtype=np.int64), 0
+        empty = np.zeros((0, p)), np.zeros(0)
         return (*empty, np.zeros(0)) if with_time else empty
     t, pv, span = power_points(trace)
     ok = (t >= a) & (t <= b)
+    if span:
+        ok &= t - span >= a
     t, pv = t[ok], pv[ok]
     if span:
         lo = t - span
@@ -869,7 +985,29 @@ def _fit_rows(cum, trace, feats, idle_curve, a, b, rel, with_time=False):
     else:
         A = feats.density(rel(t))
         y = pv - idle_curve(t)
+    if with_weights:
+        dt = _typical_interval(t) if len(t) > 2 else span
+        overlap = int(math.ceil(span / dt)) - 1 if span and dt else 0
+        return A, y, np.full(len(y), max(span, dt) * _NS), t, max(overlap, 0)
     return (A, y, np.ones(len(y))) if with_time else (A, y)
+
+
+def _shifted(cum, trace, d_ns: int):
+    """The cumulative energy and trace read ``d_ns`` earlier (a stale-reading correction)."""
+    c = _CumEnergy(cum.t - d_ns, cum.e, cum.source)
+    return c, dataclasses.replace(trace, t_ns=trace.t_ns - d_ns)
+
+
+def _band_rel(m: np.ndarray, pred: np.ndarray, p: np.ndarray) -> float:
+    """90 % quantile of a held-out reading's relative error (measured vs predicted dynamic energy),
+    over the readings carrying the most predicted energy (the ones requests are made of)."""
+    ok = p > 0
+    if ok.sum() < 8:
+        return math.nan
+    heavy = p >= np.quantile(p[ok], 0.25)
+    heavy &= ok
+    r = np.abs(m[heavy] - pred[heavy]) / np.maximum(pred[heavy], 1e-12)
+    return float(np.quantile(r, 0.9))
 
 
 def _reconcile_edges(cum, trace, a, b, reconcile_s):

@@ -32,10 +32,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ._power_model import PowerModel
+from ._power_model import LAWS, PowerModel
 from ._samples import DeviceTrace, SampleKind
 
 __all__ = [
+    "LAWS",
     "PRESETS",
     "PowerModel",
     "SensorSpec",
@@ -515,6 +516,16 @@ PRESETS: dict[str, SensorSpec] = {
         # (assumed to refresh every 100 +- 10 ms, 1 mJ) and the part-time instant power.
         SensorSpec("hopper-nvml", 20 * _MS, energy=True, energy_refresh_ns=100 * _MS,
                    energy_refresh_jitter_ns=10 * _MS, **_PART_TIME),
+        # A power reading averaged over the 20 ms before each read, read every 20 ms, 2 % noise.
+        SensorSpec("average-20ms", 20 * _MS, power="average", window_ns=20 * _MS, noise_rel=0.02),
+        # An energy counter refreshed every 100 +- 10 ms and read every 100 ms, with part-time power beside it.
+        SensorSpec("counter-100ms", 100 * _MS, energy=True, energy_refresh_ns=100 * _MS,
+                   energy_refresh_jitter_ns=10 * _MS, **_PART_TIME),
+        # A 1 s average power read once a second (no counter): the coarsest sensor here.
+        SensorSpec("average-1s", 1 * _S, power="average", window_ns=1 * _S, noise_rel=0.01),
+        # A 1 s average power and an energy counter (refreshed every 100 ms), both read once a second.
+        SensorSpec("average-1s-counter", 1 * _S, power="average", window_ns=1 * _S, noise_rel=0.01, energy=True,
+                   energy_refresh_ns=100 * _MS, energy_refresh_jitter_ns=10 * _MS),
     )
 }
 

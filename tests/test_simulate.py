@@ -207,7 +207,7 @@ class TestSensors:
         spec = PRESETS[name]
         assert tr.simulated and tr.sensor == f"simulated:{name}" and tr.device == run.gpu
         assert tr.power_kind == (SampleKind.AVERAGE if spec.power == "average" else SampleKind.INSTANT)
-        assert tr.window_ns == (10**9 if name == "hopper-1s-average" else 0)
+        assert tr.window_ns == (spec.window_ns if spec.power == "average" else 0)
         assert (tr.energy_j is not None) == spec.energy and tr.power_w is not None
         assert run.start_ns < tr.t_ns[0] and tr.t_ns[-1] < run.end_ns
         assert np.median(np.diff(tr.t_ns)) == pytest.approx(spec.period_ns, rel=0.01)

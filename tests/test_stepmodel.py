@@ -1,0 +1,93 @@
+"""Step-model selection: families chosen by blocked time cross-validation, windows by held-out readings."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from wattspan import Requests, Steps, attribute
+from wattspan._power_model import LAWS, PowerModel
+from wattspan._stepmodel import BASIS, FAMILIES, basis, correlation_lag, nnls_gram, select_family, select_window
+from wattspan.simulate import sense, simulate_server
+
+
+def test_basis_holds_energy_power_and_saturating_terms():
+    x4 = np.array([[0.01, 100.0, 0.0, 0.0], [0.02, 0.0, 32.0, 25.6]])
+    X, rates = basis(x4)
+    assert X.shape == (2, len(BASIS))
+    np.testing.assert_allclose(X[:, :4], x4)
+    np.testing.assert_allclose(X[:, 4:7], x4[:, 1:4] * x4[:, :1])
+    assert rates[1] == pytest.approx(4 * rates[0])
+    assert np.all((X[:, 7:] > 0) & (X[:, 7:] <= x4[:, :1]))
+
+
+def test_nnls_gram_clips_negative_coefficients():
+    rng = np.random.default_rng(0)
+    A = rng.random((200, 3))
+    y = A @ np.array([2.0, -1.0, 0.5])
+    x = nnls_gram(A.T @ A, A.T @ y)
+    assert np.all(x >= 0) and x[1] == 0.0
+
+
+@pytest.mark.parametrize(("truth", "family"), [((0, 1, 2, 3), "energy"), ((0, 4, 5, 6), "power")])
+def test_select_family_finds_the_generating_family(truth, family):
+    rng = np.random.default_rng(1)
+    A = rng.random((400, len(BASIS)))
+    coef = np.zeros(len(BASIS))
+    coef[list(truth)] = rng.uniform(1, 2, len(truth))
+    y = A @ coef + rng.normal(0, 0.01, 400)
+    sel = select_family(A, y)
+    assert sel.family == family
+    assert sel.cv_error < 0.01 and sel.cv_r2 > 0.99
+    assert set(sel.candidates) == set(FAMILIES) and "held-out" in sel.why
+
+
+def test_select_family_refuses_too_few_rows():
+    assert select_family(np.ones((5, len(BASIS))), np.ones(5)) is None
+
+
+def test_window_short_for_clean_readings_long_for_noisy_ones():
+    rng = np.random.default_rng(2)
+    n = 2000
+    t = np.arange(n, dtype=np.int64) * 10_000_000
+    p = rng.uniform(1, 2, n)
+    drift = 1 + 0.3 * np.sin(np.arange(n) / 50)  # the model is off by a slowly varying factor
+    lengths = 10_000_000 * 2 ** np.arange(10)
+    L_clean, _, _ = select_window(t, p * drift, p, 0, int(t[-1]) + 1, lengths)
+    L_noisy, _, _ = select_window(t, p * (1 + 0.8 * rng.standard_normal(n)), p, 0, int(t[-1]) + 1, lengths)
+    assert L_clean < 200_000_000 < L_noisy
+
+
+def test_correlation_lag():
+    rng = np.random.default_rng(3)
+    white = rng.standard_normal(5000)
+    assert correlation_lag(white) <= 1
+    smooth = np.convolve(white, np.ones(50) / 50, mode="same")
+    assert 20 < correlation_lag(smooth) < 60
+
+
+def test_laws_are_distinct_and_valid():
+    kw = dict(duration_s=np.array([0.011, 0.15]), prefill_tokens=np.array([0, 4096]), decode_tokens=np.array([32, 0]),
+              context_tokens=np.array([25600, 4096]), idle_w=90.0)
+    w = {name: pm.step_dynamic_w(**kw) for name, pm in LAWS.items()}
+    for v in w.values():
+        assert np.all((v > 100) & (v < 600))
+    assert LAWS["capped"].step_dynamic_w(**kw).max() <= 400 - 90
+    # energy-linear: doubling a step's duration at the same tokens lowers its power; power-linear: it does not
+    long = dict(kw, duration_s=kw["duration_s"] * 2)
+    assert np.all(LAWS["energy-linear"].step_dynamic_w(**long) < w["energy-linear"])
+    np.testing.assert_allclose(LAWS["power-linear"].step_dynamic_w(**long), w["power-linear"])
+    with pytest.raises(ValueError, match="law"):
+        PowerModel(law="quadratic")
+
+
+@pytest.mark.parametrize(("law", "family"), [("energy-linear", "energy"), ("power-linear", "power")])
+def test_attribution_picks_the_law_it_sees(law, family):
+    run = simulate_server(seed=2, duration_s=15.0, power_model=LAWS[law])
+    req = Requests.from_records(run.requests)
+    steps = Steps.from_records(run.steps, req)
+    res = attribute([sense(run, "ideal-1ms", seed=1)], req, steps)
+    m = res.devices["gpu0"].model
+    assert m.family == family and m.cv_r2 > 0.7
+    truth = np.array([run.truth[i]["energy_j"] for i in req.ids])
+    assert np.quantile(np.abs(res.energy_j - truth) / truth, 0.95) < 0.02
