@@ -215,3 +215,116 @@ def test_sockets_of_another_user_in_the_peer_directory_are_ignored_and_kept(tmp_
     finally:
         other.close()
         mine.close()
+
+
+# 6. batch steps are bounded, and the step relay is authenticated and size-limited -------------
+
+
+def test_batch_steps_beyond_the_bounds_are_dropped_and_counted(caplog):
+    from wattspan import Meter
+    from wattspan.sources.replay import ReplaySource
+
+    from .conftest import constant_trace
+
+    meter = Meter(sources=[ReplaySource([constant_trace(100.0)])], idle_w=40.0, autostart=False)
+    meter.record_step(0, 10, "gpu0", {f"r{i}": 1 for i in range(1_000_000)})  # one step naming a million requests
+    assert meter.counters["dropped_steps"] == 1 and not meter._events
+    assert "batch step dropped" in caplog.text
+    meter.record_step(0, 10, "gpu0", {"a": float("nan")})
+    meter.record_step(0, 10, "gpu0", {"a": 1e30})
+    assert meter.counters["dropped_steps"] == 3
+    base = 5_000_000_000
+    for i in range(3000):  # 3000 steps within one second of step time
+        meter.record_step(base + i * 100_000, base + i * 100_000 + 50_000, "gpu0", {"a": 1})
+    assert len(meter._events) == meter.max_steps_per_s == 2000
+    assert meter.counters["dropped_steps"] == 3 + 1000
+    meter.record_step(base + 2 * 10**9, base + 2 * 10**9 + 1, "gpu0", {"a": 1})  # the next second is admitted again
+    assert len(meter._events) == 2001
+
+
+def _wait(cond, timeout=5.0):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not cond() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return cond()
+
+
+def _closed(s) -> bool:
+    s.settimeout(5)
+    try:
+        return s.recv(10) == b""
+    except ConnectionResetError:
+        return True
+
+
+def test_the_tcp_step_relay_takes_only_authenticated_bounded_steps():
+    import json
+    import socket
+
+    from wattspan.integrations._relay import StepReceiver, StepSender, parse_address
+
+    got = []
+
+    class Sink:
+        def record_step(self, s, e, d, t):
+            got.append((s, e, d, t))
+
+    rx = StepReceiver(Sink(), "127.0.0.1:0")
+    try:
+        addr = parse_address(rx.address)[1]
+        with socket.create_connection(addr) as s:  # another local user: no token
+            s.sendall(b'{"s": 1, "e": 2, "d": "gpu0", "t": {"x": 1}}\n' * 30)
+            assert _closed(s)  # closed on us
+        with socket.create_connection(addr) as s:
+            s.sendall(b'{"auth": "guessed-wrong-token-0000"}\n{"s": 1, "e": 2, "d": "gpu0", "t": {"x": 1}}\n')
+            assert _closed(s)
+        assert _wait(lambda: rx.counters["auth_failures"] == 2) and got == []
+        with socket.create_connection(addr) as s:  # the right token, but a step naming 100k requests
+            s.sendall(b'{"auth": "%s"}\n' % rx.token.encode())
+            s.sendall(json.dumps({"s": 1, "e": 2, "d": "gpu0", "t": {f"r{i}": 1 for i in range(100_000)}}).encode() + b"\n")
+            assert _closed(s)  # a line over 1 MiB closes the connection
+        with socket.create_connection(addr) as s:
+            s.sendall(b'{"auth": "%s"}\n' % rx.token.encode())
+            s.sendall(json.dumps({"s": 1, "e": 2, "d": "gpu0", "t": {f"r{i}": 1 for i in range(5000)}}).encode() + b"\n")
+        assert _wait(lambda: rx.counters["bad_lines"] == 2) and got == []
+        tx = StepSender(rx.address)  # the same user's sender finds the token on its own
+        tx.record_step(10, 20, "gpu0", {"a": 3})
+        assert tx.flush() and _wait(lambda: got == [(10, 20, "gpu0", {"a": 3})])
+        tx.close()
+    finally:
+        rx.close()
+
+
+def test_the_unix_step_relay_is_owner_only(tmp_path):
+    import os
+    import socket
+    import stat
+
+    from wattspan.integrations._relay import StepReceiver
+
+    class Sink:
+        def record_step(self, *a):
+            pass
+
+    path = tmp_path / "steps.sock"
+    rx = StepReceiver(Sink(), f"unix:{path}")
+    try:
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+        if os.getuid() == 0:  # another user really cannot connect
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    os.setgid(65534)
+                    os.setuid(65534)
+                    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                        s.connect(str(path))
+                    os._exit(1)
+                except PermissionError:
+                    os._exit(0)
+                except BaseException:
+                    os._exit(2)
+            assert os.waitpid(pid, 0)[1] == 0
+    finally:
+        rx.close()
