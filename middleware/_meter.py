@@ -485,6 +485,9 @@ class Meter:
         if refit:
             self._last_refit = time.monotonic()
 
+        if infos:  # requests on a device no source meters: settled at once with no energy, not held back
+            for dev in [d for d in by_dev if d not in infos]:
+                self._unmetered(dev, by_dev.pop(dev), infos)
         for dev in gpu_devs + [d for d in by_dev if d not in infos]:
             info = infos.get(dev)
             latest = self.sampler.latest_ns(dev) if info is not None else None
@@ -518,6 +521,21 @@ class Meter:
             low = min(self._cursor.values())
             self._steps = [s for s in self._steps if s[1] > low]
         self._queued_step_ids = sum(len(s[3]) for s in self._steps)
+
+    def _unmetered(self, dev: str, rids: list[str], infos: dict) -> None:
+        """Requests on ``dev``, which none of the sources meters (a wrong ``WATTSPAN_DEVICE``):
+        each ended one gets its record now (no energy, sensor ``none``, coverage 0), counted
+        in ``counters["unmetered_device"]``; one log line per such device."""
+        done = [rid for rid in rids if self._inflight[rid].end_ns is not None]
+        if not done:
+            return
+        warned = self.__dict__.setdefault("_unmetered_warned", set())
+        if dev not in warned and len(warned) < 100:
+            warned.add(dev)
+            log.error("wattspan: requests run on device %r, which no power source meters (metered: %s); their records "
+                      "carry no energy. Set the middleware's device (or WATTSPAN_DEVICE) to one of those.", dev, ", ".join(sorted(infos)))
+        self.counters["unmetered_device"] = self.counters.get("unmetered_device", 0) + sum(1 for rid in done if not self._inflight[rid].peer)
+        self._finalise(done, max(self._inflight[rid].end_ns for rid in done), None)
 
     def _period_inputs(self, dev: str, rids: list[str], cut: int):
         """The requests (clipped to ``cut``) and batch steps of one pass, columnar."""

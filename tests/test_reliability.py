@@ -328,3 +328,87 @@ def test_the_unix_step_relay_is_owner_only(tmp_path):
             assert os.waitpid(pid, 0)[1] == 0
     finally:
         rx.close()
+
+
+# 7. every label a client can set is bounded in cardinality and printable -----------------------
+
+
+def test_client_set_models_are_capped_and_printable_in_records_metrics_and_the_report(live_meter, tmp_path):
+    import asyncio
+    import io
+
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    from wattspan._report import run_report
+    from wattspan.otel import EnergyMetrics
+
+    reader = InMemoryMetricReader()
+    metrics = EnergyMetrics(MeterProvider(metric_readers=[reader]))
+    live_meter.batch_sinks.append(metrics.observe_many)
+    ledger = Ledger(tmp_path / "l.sqlite")
+    live_meter.batch_sinks.append(ledger.write)
+
+    async def ep(request):
+        return PlainTextResponse("ok")
+
+    app = Starlette(routes=[Route("/x", ep)])
+    app.add_middleware(EnergyMiddleware, meter=live_meter, max_models=50)
+    with serve(app) as url:
+        port = int(url.rsplit(":", 1)[1])
+
+        async def raw(i: int) -> bytes:
+            reader_, writer = await asyncio.open_connection("127.0.0.1", port)
+            model = b"m%d\x1b[31m\x07" % i
+            method = b"GET" if i % 2 else b"BREW%d" % i
+            writer.write(method + b" /x HTTP/1.1\r\nhost: a\r\nx-model: " + model + b"\r\nconnection: close\r\n\r\n")
+            data = await reader_.read()
+            writer.close()
+            return data
+
+        async def all_():
+            for k in range(0, 400, 50):
+                await asyncio.gather(*(raw(i) for i in range(k, k + 50)))
+
+        asyncio.run(all_())
+    assert live_meter.flush(10) and ledger.flush(10)
+    models = {r.model for r in live_meter.records}
+    assert len(live_meter.records) >= 300
+    assert len(models) <= 51 and "other" in models
+    assert all(c.isprintable() and ord(c) < 127 for m in models for c in m)
+    assert {r.http_method for r in live_meter.records} <= {"GET", "_OTHER"}
+    data = reader.get_metrics_data()
+    label_sets = {
+        tuple(sorted(p.attributes.items()))
+        for rm in data.resource_metrics for sm in rm.scope_metrics for m in sm.metrics if m.name == "wattspan.energy"
+        for p in m.data.data_points
+    }
+    assert 0 < len(label_sets) <= 2 * 51  # models x methods, bounded whatever the clients send
+    out = io.StringIO()
+    assert run_report(tmp_path / "l.sqlite", by="model", fmt="table", out=out) == 0
+    assert "\x1b" not in out.getvalue() and "\x07" not in out.getvalue()
+    ledger.close()
+
+
+# 9. a device the sources do not meter ------------------------------------------------------------
+
+
+def test_requests_on_a_device_no_source_meters_are_settled_counted_and_logged_once(live_meter, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="wattspan")
+
+    async def ep(request):
+        return PlainTextResponse("ok")
+
+    app = Starlette(routes=[Route("/x", ep)])
+    app.add_middleware(EnergyMiddleware, meter=live_meter, device="gpu9")  # the meter only has gpu0
+    with serve(app) as url, httpx.Client(base_url=url) as c:
+        codes = [c.get("/x").status_code for _ in range(200)]
+    assert codes == [200] * 200
+    assert live_meter.flush(10)
+    assert len(live_meter.records) == 200 and live_meter.stats()["inflight"] == 0
+    assert all(r.device == "gpu9" and r.energy_j == 0 and r.sensor == "none" and r.coverage == 0 for r in live_meter.records)
+    assert live_meter.counters["unmetered_device"] == 200
+    lines = [r for r in caplog.records if "gpu9" in r.getMessage()]
+    assert len(lines) == 1 and "gpu0" in lines[0].getMessage()
