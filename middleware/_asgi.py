@@ -184,8 +184,13 @@ class EnergyMiddleware:
         send_wrapper = window.wrap(send)
         try:
             await self.app(scope, receive, send_wrapper)
-        except BaseException:
+        except BaseException as exc:
             window.close(error=True)
+            if self.request_id_header is not None and not window.status and isinstance(exc, Exception):
+                # The framework's error handler is outside this middleware: answer the 500
+                # here, so it carries the request id too; the exception still propagates
+                # (and is logged by the server as before).
+                await _send_500(send, self.request_id_header, window.id)
             raise
         finally:
             window.close()
@@ -368,6 +373,16 @@ class _Window:
         if tenant:
             tenant = mw.tenants(_TENANT_OK.sub("", tenant)[:64] or "invalid")
         return model, tenant
+
+
+async def _send_500(send, header: bytes, request_id: str) -> None:
+    body = b"Internal Server Error"
+    headers = [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", str(len(body)).encode()), (header, request_id.encode())]
+    try:
+        await send({"type": "http.response.start", "status": 500, "headers": headers})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+    except Exception:  # the connection is gone: nothing to answer
+        pass
 
 
 def _method(m: str) -> str:

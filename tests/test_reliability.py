@@ -412,3 +412,26 @@ def test_requests_on_a_device_no_source_meters_are_settled_counted_and_logged_on
     assert live_meter.counters["unmetered_device"] == 200
     lines = [r for r in caplog.records if "gpu9" in r.getMessage()]
     assert len(lines) == 1 and "gpu0" in lines[0].getMessage()
+
+
+# 13. a 500 raised by an endpoint carries the request id -----------------------------------------
+
+
+def test_a_500_raised_by_the_endpoint_carries_the_request_id(live_meter, capfd):
+    async def boom(request):
+        raise RuntimeError("the endpoint failed")
+
+    async def ok(request):
+        return PlainTextResponse("ok")
+
+    app = Starlette(routes=[Route("/boom", boom), Route("/ok", ok)])
+    app.add_middleware(EnergyMiddleware, meter=live_meter, request_id_header="x-request-id")
+    with serve(app) as url:
+        r = httpx.get(f"{url}/boom")  # the server closes this connection after a 500, as without wattspan
+        after = httpx.get(f"{url}/ok")
+    assert r.status_code == 500 and r.text == "Internal Server Error"
+    assert after.status_code == 200  # the server keeps serving
+    assert live_meter.flush(10)
+    by_id = {rec.id: rec for rec in live_meter.records}
+    assert r.headers["x-request-id"] in by_id and by_id[r.headers["x-request-id"]].status_code == 500
+    assert "the endpoint failed" in capfd.readouterr().err  # the server still logs it as the error it is
