@@ -16,26 +16,59 @@ which on Linux is ``CLOCK_MONOTONIC``, one clock for every process (and every
 container without a time namespace) on the machine.
 
 Addresses: ``"127.0.0.1:8791"``, ``"[::1]:8791"`` or ``"unix:/run/wattspan/steps.sock"``.
+
+Only this user's processes may send steps. A Unix socket is made owner-only
+(mode 0600) and each connection's peer user is checked (``SO_PEERCRED``). Over
+TCP every connection must first send ``{"auth": "<token>"}``: the token is
+``WATTSPAN_STEPS_TOKEN`` when set on both sides, else the receiver makes one
+and writes it to an owner-only file (``$TMPDIR/wattspan-<uid>/steps-<port>.token``)
+that the sender reads. A connection that fails is closed and counted
+(``auth_failures``). Sizes are bounded: a line of at most 1 MiB, at most
+``MAX_STEP_IDS`` requests per step; the meter bounds steps per second.
 """
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import math
 import os
+import secrets
 import socket
+import struct
+import tempfile
 import threading
 import time
 from collections import deque
 from collections.abc import Mapping
+from pathlib import Path
 
 __all__ = ["StepReceiver", "StepSender", "parse_address"]
 
 log = logging.getLogger("wattspan")
 
-_MAX_LINE = 4 << 20  # one step's JSON; 100k requests of 32-character ids fit
+_MAX_LINE = 1 << 20  # one step's JSON; MAX_STEP_IDS requests of 64-character ids fit
 _MAX_DEVICE = 64
+MAX_STEP_IDS = 4096  # requests per batch step (the Meter's default max_step_ids)
+_MAX_ID = 128
+
+
+def _token_file(port: int) -> Path:
+    from wattspan._peers import private_dir
+
+    uid = os.getuid() if hasattr(os, "getuid") else 0
+    return private_dir(Path(tempfile.gettempdir()) / f"wattspan-{uid}") / f"steps-{port}.token"
+
+
+def _configured_token() -> str | None:
+    from wattspan.settings import get_settings
+
+    return get_settings().steps_token
+
+
+def _auth_line(token: str) -> bytes:
+    return json.dumps({"auth": token}).encode() + b"\n"
 
 
 def parse_address(address: str, *, allow_port_zero: bool = False) -> tuple[int, object]:
@@ -80,9 +113,10 @@ class StepSender:
     :attr:`counters`: a step is only useful to the meter within seconds.
     """
 
-    def __init__(self, address: str, *, max_queue: int = 65536, retry_s: float = 1.0) -> None:
+    def __init__(self, address: str, *, max_queue: int = 65536, retry_s: float = 1.0, token: str | None = None) -> None:
         self.family, self.sockaddr = parse_address(address)
         self.address = address
+        self.token = token
         if max_queue < 1:
             raise ValueError("max_queue must be at least 1")
         self.max_queue = int(max_queue)
@@ -125,6 +159,14 @@ class StepSender:
         try:
             s.settimeout(2.0)
             s.connect(self.sockaddr)
+            if self.family != getattr(socket, "AF_UNIX", None):  # TCP: prove we are the receiver's user
+                token = self.token or _configured_token()
+                if token is None:
+                    try:
+                        token = _token_file(self.sockaddr[1]).read_text().strip()
+                    except OSError as exc:
+                        raise OSError(f"no relay token: set WATTSPAN_STEPS_TOKEN on both sides ({exc})") from None
+                s.sendall(_auth_line(token))
         except BaseException:
             s.close()
             raise
@@ -227,10 +269,10 @@ class StepReceiver:
     longer than 4 MiB is closed.
     """
 
-    def __init__(self, meter, address: str = "127.0.0.1:8791") -> None:
+    def __init__(self, meter, address: str = "127.0.0.1:8791", *, token: str | None = None) -> None:
         family, sockaddr = parse_address(address, allow_port_zero=True)
         self._meter = meter
-        self.counters = {"steps": 0, "bad_lines": 0, "connections": 0, "meter_errors": 0}
+        self.counters = {"steps": 0, "bad_lines": 0, "connections": 0, "meter_errors": 0, "auth_failures": 0}
         self._unix_path = sockaddr if family == getattr(socket, "AF_UNIX", None) else None
         srv = socket.socket(family, socket.SOCK_STREAM)
         try:
@@ -243,17 +285,35 @@ class StepReceiver:
             else:
                 srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             srv.bind(sockaddr)
+            if self._unix_path is not None:
+                os.chmod(self._unix_path, 0o600)  # owner-only; each connection's user is checked too
             srv.listen(16)
             srv.settimeout(0.5)  # so the accept loop notices close() everywhere
         except OSError as exc:
             srv.close()
             raise OSError(exc.errno, f"cannot listen for batch steps on {address}: {exc.strerror or exc}") from None
         self._srv = srv
+        self._token_path: Path | None = None
         if self._unix_path is not None:
             self.address = "unix:" + self._unix_path
+            self.token = token
         else:
             host, port = srv.getsockname()[:2]
             self.address = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
+            self.token = token or _configured_token()
+            if self.token is None:  # a fresh secret in an owner-only file the sender reads
+                self.token = secrets.token_hex(16)
+                try:
+                    path = _token_file(port)
+                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                    with os.fdopen(fd, "w") as fh:
+                        fh.write(self.token)
+                    os.chmod(path, 0o600)
+                    self._token_path = path
+                except OSError as exc:
+                    srv.close()
+                    raise OSError(f"cannot write the step relay's token file ({exc}); set WATTSPAN_STEPS_TOKEN "
+                                  f"on both sides, or listen on unix:/path") from None
         self._conns: set[socket.socket] = set()
         self._lock = threading.Lock()
         self._closed = False
@@ -283,9 +343,28 @@ class StepReceiver:
             self.counters["connections"] += 1
             threading.Thread(target=self._serve, args=(conn,), name="wattspan-step-conn", daemon=True).start()
 
+    def _peer_ok(self, conn: socket.socket) -> bool:
+        """A Unix socket's peer must be this user (or root)."""
+        if self._unix_path is None or not hasattr(socket, "SO_PEERCRED"):
+            return True
+        try:
+            _, uid, _ = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+        except OSError:
+            return False
+        return uid in (os.getuid(), 0)
+
+    def _refuse(self, why: str) -> None:
+        self.counters["auth_failures"] += 1
+        if self.counters["auth_failures"] in (1, 100, 10_000):
+            log.warning("wattspan: refused a batch-step relay connection (%s); %d refused so far", why, self.counters["auth_failures"])
+
     def _serve(self, conn: socket.socket) -> None:
         buf = b""
+        authed = self.token is None
         try:
+            if not self._peer_ok(conn):
+                self._refuse("it comes from another user")
+                return
             while True:
                 try:
                     data = conn.recv(65536)
@@ -296,12 +375,17 @@ class StepReceiver:
                 buf += data
                 if b"\n" not in data:
                     if len(buf) > _MAX_LINE:
-                        self._bad("a line longer than 4 MiB; closing the connection")
+                        self._bad("a line longer than 1 MiB; closing the connection")
                         return
                     continue
                 *lines, buf = buf.split(b"\n")
                 for line in lines:
-                    if line.strip():
+                    if not authed:
+                        if not self._auth(line):
+                            self._refuse("no valid token: set the same WATTSPAN_STEPS_TOKEN on both sides")
+                            return
+                        authed = True
+                    elif line.strip():
                         self._line(line)
         finally:
             with self._lock:
@@ -310,6 +394,13 @@ class StepReceiver:
                 conn.close()
             except OSError:
                 pass
+
+    def _auth(self, line: bytes) -> bool:
+        try:
+            got = json.loads(line)["auth"]
+        except (ValueError, KeyError, TypeError, RecursionError):
+            return False
+        return isinstance(got, str) and hmac.compare_digest(got.encode(), self.token.encode())
 
     def _bad(self, why: str) -> None:
         self.counters["bad_lines"] += 1
@@ -320,7 +411,7 @@ class StepReceiver:
     def _line(self, line: bytes) -> None:
         try:
             obj = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):
             self._bad("not JSON")
             return
         try:
@@ -337,7 +428,13 @@ class StepReceiver:
         if not isinstance(t, dict) or not t:
             self._bad("t must be a non-empty object of request id -> tokens")
             return
+        if len(t) > MAX_STEP_IDS:
+            self._bad(f"a step names {len(t)} requests (at most {MAX_STEP_IDS})")
+            return
         for k, v in t.items():
+            if len(k) > _MAX_ID:
+                self._bad(f"request ids are at most {_MAX_ID} characters")
+                return
             if type(v) not in (int, float) or not (v >= 0 and math.isfinite(v)):
                 self._bad(f"tokens must be finite numbers >= 0 (request {k[:32]!r})")
                 return
@@ -369,11 +466,12 @@ class StepReceiver:
             except OSError:
                 pass
         self._thread.join(1.0)
-        if self._unix_path is not None:
-            try:
-                os.unlink(self._unix_path)
-            except OSError:
-                pass
+        for path in (self._unix_path, self._token_path):
+            if path is not None:
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
 
 
 def _is_meter_like(obj) -> bool:

@@ -25,6 +25,8 @@ __all__ = ["EnergyMiddleware"]
 log = logging.getLogger("wattspan")
 
 _TENANT_OK = re.compile(r"[^A-Za-z0-9_.:-]")
+_NOT_PRINTABLE = re.compile(r"[^\x20-\x7e]")  # labels keep printable ASCII only: no control bytes reach a terminal
+_METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH", "QUERY"))
 _monotonic_ns = time.monotonic_ns
 # Request ids: a random per-process prefix and a counter (unique, and cheaper than
 # a random draw per request); the prefix is renewed in a forked child.
@@ -98,7 +100,9 @@ class EnergyMiddleware:
     * ``model``: a header name (default ``x-model``) or a callable ``scope -> str``;
     * ``tenant``: a header name (default ``x-tenant-id``) or a callable; values
       are cut to ``[A-Za-z0-9_.:-]``, 64 characters, and at most
-      ``max_tenants`` distinct values (then ``"other"``);
+      ``max_tenants`` distinct values (then ``"other"``); the model likewise to
+      printable ASCII, 128 characters and ``max_models`` distinct values, and
+      an HTTP method outside the standard ones is ``"_OTHER"``;
     * ``request_id_header``: echo wattspan's request id in this response
       header (off by default);
     * ``exclude``: path prefixes not to meter (health checks: ``("/healthz",)``);
@@ -120,12 +124,13 @@ class EnergyMiddleware:
         model: str | Callable[[dict], str] = "x-model",
         tenant: str | Callable[[dict], str] = "x-tenant-id",
         max_tenants: int = 100,
+        max_models: int = 100,
         request_id_header: str | None = None,
         exclude: tuple[str, ...] | list[str] = (),
         shutdown_timeout_s: float = 10.0,
     ) -> None:
-        if max_tenants < 1:
-            raise ValueError("max_tenants must be at least 1")
+        if max_tenants < 1 or max_models < 1:
+            raise ValueError("max_tenants and max_models must be at least 1")
         from .settings import Settings, SettingsError, get_settings
 
         self.app = app
@@ -142,6 +147,7 @@ class EnergyMiddleware:
         self.model = model.lower().encode("latin-1") if isinstance(model, str) else model
         self.tenant = tenant.lower().encode("latin-1") if isinstance(tenant, str) else tenant
         self.tenants = Cardinality(max_tenants)
+        self.models = Cardinality(max_models)
         self.request_id_header = request_id_header.lower().encode("latin-1") if request_id_header else None
         self.exclude = tuple(exclude)
         #: seconds the lifespan shutdown waits for the last records to be final and written
@@ -178,8 +184,13 @@ class EnergyMiddleware:
         send_wrapper = window.wrap(send)
         try:
             await self.app(scope, receive, send_wrapper)
-        except BaseException:
+        except BaseException as exc:
             window.close(error=True)
+            if self.request_id_header is not None and not window.status and isinstance(exc, Exception):
+                # The framework's error handler is outside this middleware: answer the 500
+                # here, so it carries the request id too; the exception still propagates
+                # (and is logged by the server as before).
+                await _send_500(send, self.request_id_header, window.id)
             raise
         finally:
             window.close()
@@ -311,7 +322,7 @@ class _Window:
             model, tenant = self._labels()
             meta = {
                 "route": self._route(),
-                "http_method": scope.get("method", ""),
+                "http_method": _method(scope.get("method", "")),
                 "status_code": 500 if (error and not self.status) else self.status,
                 "model": model,
                 "tenant": tenant,
@@ -355,8 +366,25 @@ class _Window:
             for k, v in self.scope.get("headers", ()):
                 if k in wanted:
                     headers[k] = v.decode("latin-1")
-        model = self.model or self._value(mw.model, 128, headers)
+        model = self.model or self._value(mw.model, 512, headers)
+        if model:
+            model = mw.models(_NOT_PRINTABLE.sub("", model)[:128] or "invalid")
         tenant = self._value(mw.tenant, 256, headers)
         if tenant:
             tenant = mw.tenants(_TENANT_OK.sub("", tenant)[:64] or "invalid")
         return model, tenant
+
+
+async def _send_500(send, header: bytes, request_id: str) -> None:
+    body = b"Internal Server Error"
+    headers = [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", str(len(body)).encode()), (header, request_id.encode())]
+    try:
+        await send({"type": "http.response.start", "status": 500, "headers": headers})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+    except Exception:  # the connection is gone: nothing to answer
+        pass
+
+
+def _method(m: str) -> str:
+    """The request method as a bounded label: the standard ones, else ``"_OTHER"`` (as OpenTelemetry says)."""
+    return m if m in _METHODS else "_OTHER"

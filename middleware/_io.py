@@ -16,21 +16,32 @@ _OPTIONAL_TEXT = ("route", "model", "tenant")
 _OPTIONAL_COUNTS = ("prompt_tokens", "output_tokens")
 
 
+_MAX_DEPTH = 32  # nesting deeper than any row of these files needs
+
+
 def _rows(path: Path):
     try:
-        fh = open(path, encoding="utf-8")
+        fh = open(path, "rb")
     except OSError as exc:
         raise InputError(path, 0, f"cannot open: {exc.strerror or exc}") from None
     with fh:
         seen = False
-        for n, line in enumerate(fh, 1):
+        for n, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise InputError(path, n, f"is not UTF-8 text (byte 0x{raw[exc.start]:02x} at column {exc.start + 1})") from None
             if not line.strip():
                 continue
             seen = True
+            if _too_deep(line):
+                raise InputError(path, n, f"JSON nested more than {_MAX_DEPTH} levels deep")
             try:
                 row = json.loads(line, parse_constant=lambda c: float("nan"))
             except json.JSONDecodeError as exc:
                 raise InputError(path, n, f"not valid JSON ({exc.msg})") from None
+            except (RecursionError, ValueError) as exc:  # ValueError: an integer of more than 4300 digits
+                raise InputError(path, n, f"not usable JSON ({exc})") from None
             if not isinstance(row, dict):
                 raise InputError(path, n, "each line must be a JSON object")
             yield n, row
@@ -38,23 +49,52 @@ def _rows(path: Path):
             raise InputError(path, 0, "is empty: expected one JSON object per line")
 
 
+def _short(v) -> str:
+    r = repr(v) if not isinstance(v, int) or v.bit_length() < 200 else f"an integer of about {int(v.bit_length() * 0.30103) + 1} digits"
+    return r if len(r) <= 60 else r[:57] + "..."
+
+
+def _too_deep(line: str) -> bool:
+    """More than ``_MAX_DEPTH`` open brackets at once (strings aside)? Cheap, no recursion."""
+    if line.count("[") + line.count("{") <= _MAX_DEPTH:
+        return False
+    depth, in_str, esc = 0, False, False
+    for ch in line:
+        if in_str:
+            if esc:
+                esc = False
+            elif ch == "\\":
+                esc = True
+            elif ch == '"':
+                in_str = False
+        elif ch == '"':
+            in_str = True
+        elif ch in "[{":
+            depth += 1
+            if depth > _MAX_DEPTH:
+                return True
+        elif ch in "]}":
+            depth -= 1
+    return False
+
+
 def _time(path, n, row, key) -> int:
     if key not in row:
         raise InputError(path, n, f"missing {key!r}")
     v = row[key]
     if isinstance(v, bool) or not isinstance(v, (int, float)) or (isinstance(v, float) and not math.isfinite(v)):
-        raise InputError(path, n, f"{key} must be an integer of nanoseconds, got {v!r}")
+        raise InputError(path, n, f"{key} must be an integer of nanoseconds, got {_short(v)}")
     if isinstance(v, float) and not v.is_integer():
-        raise InputError(path, n, f"{key} must be an integer of nanoseconds, got {v!r}")
+        raise InputError(path, n, f"{key} must be an integer of nanoseconds, got {_short(v)}")
     v = int(v)
     if not 0 <= v <= _INT64_MAX:
-        raise InputError(path, n, f"{key} = {v} is outside 0..2**63-1")
+        raise InputError(path, n, f"{key} = {_short(v)} is outside 0..2**63-1")
     return v
 
 
 def _count(path, n, key, v) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or v > 1e12:
-        raise InputError(path, n, f"{key} must be a finite number between 0 and 1e12, got {v!r}")
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1e12 or not math.isfinite(v):
+        raise InputError(path, n, f"{key} must be a finite number between 0 and 1e12, got {_short(v)}")
     return float(v)
 
 

@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
 
+from ._context import MAX_TOKENS
 from ._records import RequestRecord
 from ._samples import SampleKind
 from .attribution import Requests, StepModel, Steps, attribute
@@ -84,6 +85,8 @@ class Meter:
         refit_s: float = 5.0,
         max_inflight: int = 100_000,
         max_events: int = 1_000_000,
+        max_step_ids: int = 4096,
+        max_steps_per_s: int = 2000,
         sinks: Iterable[Callable[[RequestRecord], None]] = (),
         batch_sinks: Iterable[Callable[[list[RequestRecord]], None]] = (),
         span_processor=None,
@@ -117,6 +120,14 @@ class Meter:
         self.refit_s = float(refit_s)
         self.max_inflight = int(max_inflight)
         self.max_events = int(max_events)
+        #: requests one batch step may name, and batch steps per second (beyond: dropped, counted)
+        self.max_step_ids = int(max_step_ids)
+        self.max_steps_per_s = int(max_steps_per_s)
+        self._step_sec, self._step_n = -1, 0
+        #: ids held in the step history at most (memory bound: about 100 bytes each)
+        self.max_history_ids = 2_000_000
+        self._hist_ids = 0
+        self._queued_step_ids = 0  # ids in steps not yet attributed (approximate: two threads update it)
         self.sinks: list[Callable[[RequestRecord], None]] = list(sinks)
         #: called once per pass with the list of records it made final (cheaper
         #: than a call per record for sinks that can batch: metrics, the ledger)
@@ -156,6 +167,7 @@ class Meter:
             "sink_errors": 0,
             "pass_errors": 0,
             "late_records": 0,  # made final by the clock: the sensor had stalled (a lost GPU)
+            "dropped_steps": 0,  # batch steps beyond the bounds (ids per step, steps per second, token counts)
             "peer_requests": 0,
             "unattributed_j": 0.0,
         }
@@ -184,18 +196,49 @@ class Meter:
 
     def record_step(self, start_ns: int, end_ns: int, device: str, tokens: Mapping[str, float]) -> None:
         """A batch step ran on ``device`` over ``[start_ns, end_ns)`` processing
-        ``tokens[request_id]`` tokens for each request in it."""
+        ``tokens[request_id]`` tokens for each request in it.
+
+        Bounded where steps enter: at most ``max_step_ids`` requests per step and
+        ``max_steps_per_s`` steps per second (of step time); token counts must be
+        finite numbers in ``0..MAX_TOKENS``. A step beyond a bound is dropped and
+        counted in ``counters["dropped_steps"]`` (logged once)."""
         if end_ns <= start_ns or not tokens:
             return
         if len(self._events) >= self.max_events:
             self.counters["dropped_events"] += 1
             return
-        self._events.append((_STEP, start_ns, end_ns, device, dict(tokens)))
+        if len(tokens) > self.max_step_ids:
+            self._drop_step(f"{len(tokens)} requests in one step (at most {self.max_step_ids})")
+            return
+        sec = end_ns // 1_000_000_000
+        if sec != self._step_sec:
+            self._step_sec, self._step_n = sec, 0
+        self._step_n += 1
+        if self._step_n > self.max_steps_per_s:
+            self._drop_step(f"more than {self.max_steps_per_s} steps in one second")
+            return
+        if self._queued_step_ids > self.max_history_ids:
+            self._drop_step(f"more than {self.max_history_ids} request ids in steps waiting for attribution")
+            return
+        try:
+            tokens = dict(tokens)
+            if not all(0 <= v <= MAX_TOKENS for v in tokens.values()):  # NaN fails too
+                raise ValueError
+        except (TypeError, ValueError):
+            self._drop_step(f"token counts must be numbers in 0..{MAX_TOKENS}")
+            return
+        self._queued_step_ids += len(tokens)
+        self._events.append((_STEP, start_ns, end_ns, device, tokens))
         if self._activity:
             n = sum(tokens.values())
             prefill = sum(v for v in tokens.values() if v > 1)
             for s in self._activity:
                 s.on_step(device, start_ns, end_ns, int(n), int(prefill))
+
+    def _drop_step(self, why: str) -> None:
+        self.counters["dropped_steps"] += 1
+        if self.counters["dropped_steps"] in (1, 100, 10_000):
+            log.warning("wattspan: batch step dropped: %s (%d dropped so far)", why, self.counters["dropped_steps"])
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -341,7 +384,7 @@ class Meter:
                     r.meta = e[3] or {}
             else:
                 self._steps.append(e[1:])
-                self._hist_steps.append(e[1:])
+                self._hist_add(e[1:])
             if out is not None:
                 out.append(e[:3] if e[0] == _END else e)
         if self.peers is not None:
@@ -370,9 +413,14 @@ class Meter:
                     elif kind == _MARK:
                         self._peer_marks[pid] = int(e[1])
                     elif kind == _STEP:
+                        if len(e[4]) > self.max_step_ids:
+                            self._drop_step(f"a peer's step names {len(e[4])} requests")
+                            continue
                         st = (int(e[1]), int(e[2]), str(e[3]), {str(k): float(v) for k, v in e[4].items()})
+                        if not all(0 <= v <= MAX_TOKENS for v in st[3].values()):
+                            raise ValueError
                         self._steps.append(st)
-                        self._hist_steps.append(st)
+                        self._hist_add(st)
                 except (IndexError, TypeError, ValueError, AttributeError):
                     self.counters["pass_errors"] += 1
         gone = self.peers.take_gone()
@@ -381,6 +429,16 @@ class Meter:
         if gone:  # a dead worker's requests no longer share the device
             for rid in [rid for rid, r in inflight.items() if r.peer in gone]:
                 del inflight[rid]
+
+    def _hist_add(self, step: tuple) -> None:
+        """Keep ``step`` for re-estimation, within the history's id budget."""
+        h = self._hist_steps
+        if len(h) == h.maxlen:
+            self._hist_ids -= len(h[0][3])
+        h.append(step)
+        self._hist_ids += len(step[3])
+        while self._hist_ids > self.max_history_ids and h:
+            self._hist_ids -= len(h.popleft()[3])
 
     def _peer_lost(self, pid: int, lost: int) -> None:
         """Messages of peer ``pid`` went missing: an END among them would leave a
@@ -427,6 +485,9 @@ class Meter:
         if refit:
             self._last_refit = time.monotonic()
 
+        if infos:  # requests on a device no source meters: settled at once with no energy, not held back
+            for dev in [d for d in by_dev if d not in infos]:
+                self._unmetered(dev, by_dev.pop(dev), infos)
         for dev in gpu_devs + [d for d in by_dev if d not in infos]:
             info = infos.get(dev)
             latest = self.sampler.latest_ns(dev) if info is not None else None
@@ -459,6 +520,22 @@ class Meter:
         if self._steps and self._cursor:
             low = min(self._cursor.values())
             self._steps = [s for s in self._steps if s[1] > low]
+        self._queued_step_ids = sum(len(s[3]) for s in self._steps)
+
+    def _unmetered(self, dev: str, rids: list[str], infos: dict) -> None:
+        """Requests on ``dev``, which none of the sources meters (a wrong ``WATTSPAN_DEVICE``):
+        each ended one gets its record now (no energy, sensor ``none``, coverage 0), counted
+        in ``counters["unmetered_device"]``; one log line per such device."""
+        done = [rid for rid in rids if self._inflight[rid].end_ns is not None]
+        if not done:
+            return
+        warned = self.__dict__.setdefault("_unmetered_warned", set())
+        if dev not in warned and len(warned) < 100:
+            warned.add(dev)
+            log.error("wattspan: requests run on device %r, which no power source meters (metered: %s); their records "
+                      "carry no energy. Set the middleware's device (or WATTSPAN_DEVICE) to one of those.", dev, ", ".join(sorted(infos)))
+        self.counters["unmetered_device"] = self.counters.get("unmetered_device", 0) + sum(1 for rid in done if not self._inflight[rid].peer)
+        self._finalise(done, max(self._inflight[rid].end_ns for rid in done), None)
 
     def _period_inputs(self, dev: str, rids: list[str], cut: int):
         """The requests (clipped to ``cut``) and batch steps of one pass, columnar."""

@@ -563,6 +563,7 @@ class EnergyMetrics:
         self.health = health
         self.max_devices = max_devices
         self._tenants = Cardinality(max_tenants)
+        self._models = Cardinality(max_tenants)  # any client can name a model: bounded like tenants
         self._lock = threading.Lock()
         self._devices: dict[str, tuple[str, float | None, float | None, float | None]] = {}
         self._counts = {"observed": 0, "invalid": 0, "errors": 0, "devices_dropped": 0}
@@ -617,7 +618,7 @@ class EnergyMetrics:
             "wattspan.simulated": bool(record.simulated),
         }
         if record.model:
-            attrs["gen_ai.request.model"] = record.model
+            attrs["gen_ai.request.model"] = self._models(record.model)
         if record.tenant:
             attrs["wattspan.tenant"] = self._tenants(record.tenant)
         return attrs
@@ -689,7 +690,7 @@ class EnergyMetrics:
 
     def stats(self) -> dict[str, int]:
         """``observed``, ``invalid``, ``errors``, ``devices_dropped``, ``tenants_overflowed``."""
-        return dict(self._counts, tenants_overflowed=self._tenants.overflowed)
+        return dict(self._counts, tenants_overflowed=self._tenants.overflowed, models_overflowed=self._models.overflowed)
 
     # -------------------------------------------------------------- callbacks
 

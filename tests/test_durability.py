@@ -27,9 +27,10 @@ from .conftest import free_port
 ROOT = Path(__file__).resolve().parents[1]
 KILL9_WINDOW_S = 2.0  # README "Reliability": kill -9 loses at most the last 2 s of records
 CLIENTS = 50
+MIN_ANSWERED = 300  # the signal comes once at least this many were answered (and the load still runs)
 
 
-def _start(tmp_path: Path, ledger: Path) -> tuple[subprocess.Popen, int]:
+def _start(tmp_path: Path, ledger: Path, workers: int = 1) -> tuple[subprocess.Popen, int]:
     port = free_port()
     env = {
         **os.environ,
@@ -41,7 +42,7 @@ def _start(tmp_path: Path, ledger: Path) -> tuple[subprocess.Popen, int]:
         "WATTSPAN_PEER_DIR": str(tmp_path / "peers"),
     }
     proc = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "tests.durability_app:app", "--port", str(port), "--log-level", "warning"],
+        [sys.executable, "-m", "uvicorn", "tests.durability_app:app", "--port", str(port), "--log-level", "warning", "--workers", str(workers)],
         env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     deadline = time.monotonic() + 60
@@ -79,6 +80,9 @@ def _load(port: int, proc: subprocess.Popen, *, stop_after_s: float, sig: int) -
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", limits=limits, timeout=10) as c:
             tasks = [asyncio.create_task(client(c)) for _ in range(CLIENTS)]
             await asyncio.sleep(stop_after_s)
+            deadline = time.monotonic() + 30  # on a busy machine: until enough were answered
+            while len(answered) < MIN_ANSWERED and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
             sent_at.append(time.monotonic())
             os.kill(proc.pid, sig)
             await asyncio.wait(tasks, timeout=30)
@@ -94,10 +98,11 @@ def _ids(ledger: Path) -> dict[str, dict]:
     return {r["id"]: r for r in query(ledger)}
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_a_graceful_stop_under_load_loses_no_record(tmp_path, sig):
+@pytest.mark.parametrize("sig,workers", [(signal.SIGTERM, 1), (signal.SIGINT, 1), (signal.SIGTERM, 2)],
+                         ids=["SIGTERM", "SIGINT", "SIGTERM-2-workers"])
+def test_a_graceful_stop_under_load_loses_no_record(tmp_path, sig, workers):
     ledger = tmp_path / "ledger.sqlite"
-    proc, port = _start(tmp_path, ledger)
+    proc, port = _start(tmp_path, ledger, workers)
     try:
         answered = _load(port, proc, stop_after_s=3.0, sig=sig)
         out = proc.communicate(timeout=60)[0]
@@ -107,7 +112,7 @@ def test_a_graceful_stop_under_load_loses_no_record(tmp_path, sig):
     answered.pop("__signal_at__")
     rows = _ids(ledger)
     missing = set(answered) - set(rows)
-    assert len(answered) > 100, "the load should have been answered for a while"
+    assert len(answered) >= MIN_ANSWERED, "the load should have been answered for a while"
     assert not missing, f"{len(missing)} of {len(answered)} answered requests have no record; server said:\n{out}"
     assert "Traceback" not in out
     assert all(r["prompt_tokens"] == 8 and r["model"] == "tiny" for r in rows.values() if r["id"] in answered)
@@ -126,7 +131,7 @@ def test_kill_9_loses_only_the_last_window_and_a_restart_appends(tmp_path):
     first = _ids(ledger)
     missing = set(answered) - set(first)
     late = {rid for rid in missing if answered[rid] < killed_at - KILL9_WINDOW_S}
-    assert len(answered) > 100
+    assert len(answered) >= MIN_ANSWERED
     assert not late, f"{len(late)} requests answered more than {KILL9_WINDOW_S} s before kill -9 have no record"
     assert len(first) > 0.5 * len(answered)
 

@@ -215,3 +215,223 @@ def test_sockets_of_another_user_in_the_peer_directory_are_ignored_and_kept(tmp_
     finally:
         other.close()
         mine.close()
+
+
+# 6. batch steps are bounded, and the step relay is authenticated and size-limited -------------
+
+
+def test_batch_steps_beyond_the_bounds_are_dropped_and_counted(caplog):
+    from wattspan import Meter
+    from wattspan.sources.replay import ReplaySource
+
+    from .conftest import constant_trace
+
+    meter = Meter(sources=[ReplaySource([constant_trace(100.0)])], idle_w=40.0, autostart=False)
+    meter.record_step(0, 10, "gpu0", {f"r{i}": 1 for i in range(1_000_000)})  # one step naming a million requests
+    assert meter.counters["dropped_steps"] == 1 and not meter._events
+    assert "batch step dropped" in caplog.text
+    meter.record_step(0, 10, "gpu0", {"a": float("nan")})
+    meter.record_step(0, 10, "gpu0", {"a": 1e30})
+    assert meter.counters["dropped_steps"] == 3
+    base = 5_000_000_000
+    for i in range(3000):  # 3000 steps within one second of step time
+        meter.record_step(base + i * 100_000, base + i * 100_000 + 50_000, "gpu0", {"a": 1})
+    assert len(meter._events) == meter.max_steps_per_s == 2000
+    assert meter.counters["dropped_steps"] == 3 + 1000
+    meter.record_step(base + 2 * 10**9, base + 2 * 10**9 + 1, "gpu0", {"a": 1})  # the next second is admitted again
+    assert len(meter._events) == 2001
+
+
+def _wait(cond, timeout=5.0):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not cond() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return cond()
+
+
+def _closed(s) -> bool:
+    s.settimeout(5)
+    try:
+        return s.recv(10) == b""
+    except ConnectionResetError:
+        return True
+
+
+def test_the_tcp_step_relay_takes_only_authenticated_bounded_steps():
+    import json
+    import socket
+
+    from wattspan.integrations._relay import StepReceiver, StepSender, parse_address
+
+    got = []
+
+    class Sink:
+        def record_step(self, s, e, d, t):
+            got.append((s, e, d, t))
+
+    rx = StepReceiver(Sink(), "127.0.0.1:0")
+    try:
+        addr = parse_address(rx.address)[1]
+        with socket.create_connection(addr) as s:  # another local user: no token
+            s.sendall(b'{"s": 1, "e": 2, "d": "gpu0", "t": {"x": 1}}\n' * 30)
+            assert _closed(s)  # closed on us
+        with socket.create_connection(addr) as s:
+            s.sendall(b'{"auth": "guessed-wrong-token-0000"}\n{"s": 1, "e": 2, "d": "gpu0", "t": {"x": 1}}\n')
+            assert _closed(s)
+        assert _wait(lambda: rx.counters["auth_failures"] == 2) and got == []
+        with socket.create_connection(addr) as s:  # the right token, but a step naming 100k requests
+            s.sendall(b'{"auth": "%s"}\n' % rx.token.encode())
+            s.sendall(json.dumps({"s": 1, "e": 2, "d": "gpu0", "t": {f"r{i}": 1 for i in range(100_000)}}).encode() + b"\n")
+            assert _closed(s)  # a line over 1 MiB closes the connection
+        with socket.create_connection(addr) as s:
+            s.sendall(b'{"auth": "%s"}\n' % rx.token.encode())
+            s.sendall(json.dumps({"s": 1, "e": 2, "d": "gpu0", "t": {f"r{i}": 1 for i in range(5000)}}).encode() + b"\n")
+        assert _wait(lambda: rx.counters["bad_lines"] == 2) and got == []
+        tx = StepSender(rx.address)  # the same user's sender finds the token on its own
+        tx.record_step(10, 20, "gpu0", {"a": 3})
+        assert tx.flush() and _wait(lambda: got == [(10, 20, "gpu0", {"a": 3})])
+        tx.close()
+    finally:
+        rx.close()
+
+
+def test_the_unix_step_relay_is_owner_only(tmp_path):
+    import os
+    import socket
+    import stat
+
+    from wattspan.integrations._relay import StepReceiver
+
+    class Sink:
+        def record_step(self, *a):
+            pass
+
+    path = tmp_path / "steps.sock"
+    rx = StepReceiver(Sink(), f"unix:{path}")
+    try:
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+        if os.getuid() == 0:  # another user really cannot connect
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    os.setgid(65534)
+                    os.setuid(65534)
+                    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                        s.connect(str(path))
+                    os._exit(1)
+                except PermissionError:
+                    os._exit(0)
+                except BaseException:
+                    os._exit(2)
+            assert os.waitpid(pid, 0)[1] == 0
+    finally:
+        rx.close()
+
+
+# 7. every label a client can set is bounded in cardinality and printable -----------------------
+
+
+def test_client_set_models_are_capped_and_printable_in_records_metrics_and_the_report(live_meter, tmp_path):
+    import asyncio
+    import io
+
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    from wattspan._report import run_report
+    from wattspan.otel import EnergyMetrics
+
+    reader = InMemoryMetricReader()
+    metrics = EnergyMetrics(MeterProvider(metric_readers=[reader]))
+    live_meter.batch_sinks.append(metrics.observe_many)
+    ledger = Ledger(tmp_path / "l.sqlite")
+    live_meter.batch_sinks.append(ledger.write)
+
+    async def ep(request):
+        return PlainTextResponse("ok")
+
+    app = Starlette(routes=[Route("/x", ep)])
+    app.add_middleware(EnergyMiddleware, meter=live_meter, max_models=50)
+    with serve(app) as url:
+        port = int(url.rsplit(":", 1)[1])
+
+        async def raw(i: int) -> bytes:
+            reader_, writer = await asyncio.open_connection("127.0.0.1", port)
+            model = b"m%d\x1b[31m\x07" % i
+            method = b"GET" if i % 2 else b"BREW%d" % i
+            writer.write(method + b" /x HTTP/1.1\r\nhost: a\r\nx-model: " + model + b"\r\nconnection: close\r\n\r\n")
+            data = await reader_.read()
+            writer.close()
+            return data
+
+        async def all_():
+            for k in range(0, 400, 50):
+                await asyncio.gather(*(raw(i) for i in range(k, k + 50)))
+
+        asyncio.run(all_())
+    assert live_meter.flush(10) and ledger.flush(10)
+    models = {r.model for r in live_meter.records}
+    assert len(live_meter.records) >= 300
+    assert len(models) <= 51 and "other" in models
+    assert all(c.isprintable() and ord(c) < 127 for m in models for c in m)
+    assert {r.http_method for r in live_meter.records} <= {"GET", "_OTHER"}
+    data = reader.get_metrics_data()
+    label_sets = {
+        tuple(sorted(p.attributes.items()))
+        for rm in data.resource_metrics for sm in rm.scope_metrics for m in sm.metrics if m.name == "wattspan.energy"
+        for p in m.data.data_points
+    }
+    assert 0 < len(label_sets) <= 2 * 51  # models x methods, bounded whatever the clients send
+    out = io.StringIO()
+    assert run_report(tmp_path / "l.sqlite", by="model", fmt="table", out=out) == 0
+    assert "\x1b" not in out.getvalue() and "\x07" not in out.getvalue()
+    ledger.close()
+
+
+# 9. a device the sources do not meter ------------------------------------------------------------
+
+
+def test_requests_on_a_device_no_source_meters_are_settled_counted_and_logged_once(live_meter, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="wattspan")
+
+    async def ep(request):
+        return PlainTextResponse("ok")
+
+    app = Starlette(routes=[Route("/x", ep)])
+    app.add_middleware(EnergyMiddleware, meter=live_meter, device="gpu9")  # the meter only has gpu0
+    with serve(app) as url, httpx.Client(base_url=url) as c:
+        codes = [c.get("/x").status_code for _ in range(200)]
+    assert codes == [200] * 200
+    assert live_meter.flush(10)
+    assert len(live_meter.records) == 200 and live_meter.stats()["inflight"] == 0
+    assert all(r.device == "gpu9" and r.energy_j == 0 and r.sensor == "none" and r.coverage == 0 for r in live_meter.records)
+    assert live_meter.counters["unmetered_device"] == 200
+    lines = [r for r in caplog.records if "gpu9" in r.getMessage()]
+    assert len(lines) == 1 and "gpu0" in lines[0].getMessage()
+
+
+# 13. a 500 raised by an endpoint carries the request id -----------------------------------------
+
+
+def test_a_500_raised_by_the_endpoint_carries_the_request_id(live_meter, capfd):
+    async def boom(request):
+        raise RuntimeError("the endpoint failed")
+
+    async def ok(request):
+        return PlainTextResponse("ok")
+
+    app = Starlette(routes=[Route("/boom", boom), Route("/ok", ok)])
+    app.add_middleware(EnergyMiddleware, meter=live_meter, request_id_header="x-request-id")
+    with serve(app) as url:
+        r = httpx.get(f"{url}/boom")  # the server closes this connection after a 500, as without wattspan
+        after = httpx.get(f"{url}/ok")
+    assert r.status_code == 500 and r.text == "Internal Server Error"
+    assert after.status_code == 200  # the server keeps serving
+    assert live_meter.flush(10)
+    by_id = {rec.id: rec for rec in live_meter.records}
+    assert r.headers["x-request-id"] in by_id and by_id[r.headers["x-request-id"]].status_code == 500
+    assert "the endpoint failed" in capfd.readouterr().err  # the server still logs it as the error it is

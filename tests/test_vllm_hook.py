@@ -325,6 +325,7 @@ class TestRelay:
             tx.record_step(30, 45, "gpu1", {"c": 2.5})
             assert tx.flush()
             with socket.create_connection(parse_address(rx.address)[1]) as s:
+                s.sendall(b'{"auth": "%s"}\n' % rx.token.encode())  # TCP connections authenticate first
                 s.sendall(b'not json\n{"s": 5, "e": 1, "d": "gpu0", "t": {"x": 1}}\n{"s": 1, "e": 2, "d": "gpu0", "t": {"x": -1}}\n{"s":50,"e":60,"d":"gpu0","t":{"d":1}}\n')
             deadline = time.monotonic() + 5
             while (rx.counters["steps"] < 3 or rx.counters["bad_lines"] < 3) and time.monotonic() < deadline:
