@@ -110,3 +110,17 @@ def test_projection_chart_line_is_drawn_at_the_tables_pue(tmp_path, monkeypatch)
         line = next(l for l in lines if len(l) >= 2 and np.shape(l[0]) == ii.shape and np.allclose(l[0], ii)
                     and np.isclose(np.interp(reg.intensity_g_per_kwh, ii, l[1]) * 1e3, table[(p["name"], reg.label)], rtol=1e-6))
         assert line is not None
+
+
+def test_deploy_option_is_checked_and_reproduced_in_the_command_line():
+    import argparse
+
+    from wattspan.bench.runner import BenchError, add_bench_arguments, command_line, config_from_args
+
+    p = argparse.ArgumentParser()
+    add_bench_arguments(p)
+    cfg = config_from_args(p.parse_args(["--deploy", "on-demand=FR", "--deploy", "batch=DE@cleanest:6"]))
+    assert cfg.deploy == ("on-demand=FR", "batch=DE@cleanest:6")
+    assert "--deploy on-demand=FR --deploy batch=DE@cleanest:6" in command_line(cfg)
+    with pytest.raises(BenchError, match="atlantis"):
+        config_from_args(p.parse_args(["--deploy", "batch=atlantis"]))
