@@ -493,7 +493,8 @@ class BudgetMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        self.state.start()
+        if self.state._thread is None:
+            self.state.start()
         path = scope.get("path", "")
         if path.startswith("/wattspan/"):
             if await self._own(path, scope, send):
