@@ -493,7 +493,8 @@ class BudgetMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        self.state.start()
+        if self.state._thread is None:
+            self.state.start()
         path = scope.get("path", "")
         if path.startswith("/wattspan/"):
             if await self._own(path, scope, send):
@@ -555,43 +556,11 @@ class BudgetMiddleware:
         await _send_json(send, 429, body, [(b"retry-after", str(retry).encode()), (b"x-wattspan-budget", _budget_header(s).encode())])
 
     async def _defer(self, scope, receive, send, s: BudgetStatus) -> None:
-        chunks, size = [], 0
-        while True:
-            m = await receive()
-            if m["type"] == "http.disconnect":
-                return
-            b = m.get("body", b"")
-            size += len(b)
-            if size > self.max_body_bytes:
-                return await _send_json(send, 413, {"error": {"type": "request_too_large", "message": f"a deferred request body may be at most {self.max_body_bytes} bytes"}})
-            chunks.append(b)
-            if not m.get("more_body", False):
-                break
-        body = b"".join(chunks)
-        try:
-            deadline_in = float(_header(scope, b"x-wattspan-deadline-s") or self.default_deadline_s)
-            if not (math.isfinite(deadline_in) and 0 <= deadline_in <= 366 * 86400):
-                raise ValueError
-        except ValueError:
-            return await _send_json(send, 400, {"error": {"type": "bad_request", "message": "x-wattspan-deadline-s must be seconds from now, 0 to 31622400"}})
-        job_scope = {k: v for k, v in scope.items() if k not in ("state", "app", "router", "route", "endpoint", "path_params")}
-        job_scope["headers"] = [(k, v) for k, v in scope.get("headers", ()) if k != b"x-wattspan-deferrable"]
-        app = self.app
+        from .deferral import defer_request
 
-        async def run_it() -> dict:
-            return await _capture(app, job_scope, body)
-
-        from .deferral import DeferralFull
-
-        try:
-            job = self.deferral.submit(run_it, deadline_s=time.time() + deadline_in, name=f"{scope.get('method', '')} {scope.get('path', '')}")
-        except DeferralFull as exc:
-            return await _send_json(send, 503, {"error": {"type": "deferral_queue_full", "message": str(exc)}}, [(b"retry-after", b"60")])
-        d = job.decision
-        await _send_json(send, 202, {"job": job.id, "status": job.status, "status_url": f"/wattspan/jobs/{job.id}",
-                                     "budget": s.name, "planned_start": _iso(d.planned_start_s), "reason": d.reason,
-                                     "decision": d.to_dict()},
-                         [(b"location", f"/wattspan/jobs/{job.id}".encode()), (b"x-wattspan-budget", _budget_header(s).encode())])
+        await defer_request(self.deferral, self.app, scope, receive, send, default_deadline_s=self.default_deadline_s,
+                            max_body_bytes=self.max_body_bytes, extra={"budget": s.name},
+                            extra_headers=[(b"x-wattspan-budget", _budget_header(s).encode())])
 
     async def _own(self, path: str, scope, send) -> bool:
         if scope.get("method") != "GET":
@@ -601,15 +570,10 @@ class BudgetMiddleware:
                 st = [s.to_dict() for s in self.state.statuses.values()]
             await _send_json(send, 200, {"budgets": st, "counts": self.counts})
             return True
-        if path.startswith("/wattspan/jobs/") and self.deferral is not None:
-            job = self.deferral.get(path.rsplit("/", 1)[1])
-            if job is None:
-                await _send_json(send, 404, {"error": {"type": "not_found", "message": "no such job (finished jobs are kept a while)"}})
-                return True
-            d = job.to_dict()
-            if job.status == "done":
-                d["response"] = job.result
-            await _send_json(send, 200, d)
+        if path.startswith("/wattspan/jobs") and self.deferral is not None:
+            from .deferral import job_status
+
+            await job_status(self.deferral, path, send)
             return True
         return False
 
@@ -621,35 +585,6 @@ class BudgetMiddleware:
 
 def _budget_header(s: BudgetStatus) -> str:
     return f"{s.name}; state={s.state}; spent={s.spent:.6g}; limit={s.limit:.6g}; unit={s.unit}; period={s.period}"
-
-
-async def _capture(app, scope: dict, body: bytes) -> dict:
-    """Run ``app`` on a recorded request; return its response (status, headers, body text)."""
-    sent = False
-    out: dict = {"status": 0, "headers": {}, "body": ""}
-    parts: list[bytes] = []
-
-    async def receive():
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        await asyncio.sleep(3600)
-        return {"type": "http.disconnect"}
-
-    async def send(m):
-        if m["type"] == "http.response.start":
-            out["status"] = m["status"]
-            out["headers"] = {k.decode("latin-1"): v.decode("latin-1") for k, v in m.get("headers", ())}
-        elif m["type"] == "http.response.body":
-            parts.append(m.get("body", b""))
-
-    await app(dict(scope), receive, send)
-    raw = b"".join(parts)
-    out["body"] = raw[: 1 << 20].decode("utf-8", "replace")
-    if out["status"] >= 500:
-        raise RuntimeError(f"the deferred request answered HTTP {out['status']}")
-    return out
 
 
 def _register_metrics(mw: BudgetMiddleware) -> None:

@@ -258,8 +258,12 @@ class CarbonModel:
 
         hourly, zone = provider_from_name(provider_name, self.region, env=env)
         marginal, mzone = (None, "")
-        if marginal_provider:
-            marginal, mzone = provider_from_name(marginal_provider, self.region, env=env)
+        if marginal_provider:  # its zone: $WATTSPAN_MARGINAL_ZONE (a WattTime region), else the region
+            import os
+
+            e = dict(os.environ if env is None else env)
+            e["WATTSPAN_INTENSITY_ZONE"] = e.get("WATTSPAN_MARGINAL_ZONE", "")
+            marginal, mzone = provider_from_name(marginal_provider, self.region, env=e)
         return replace(self, hourly=hourly, zone=zone if hourly is not None else self.region,
                        market_g_per_kwh=float(market_g_per_kwh), marginal=marginal, marginal_zone=mzone)
 

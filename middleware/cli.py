@@ -50,7 +50,7 @@ def _carbon_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--utilisation", type=float, default=1.0, help="fraction of its lifetime the device serves (default 1)")
     g.add_argument("--carbon-price", type=float, default=0.0, help="internal carbon price per tonne CO2e (default 0)")
     g.add_argument("--intensity-provider", default="auto", help="hourly intensity: auto (the 2023 hourly profile for DE, FR, GB, US-CAL-CISO, else the yearly table), table, profile, electricitymaps, watttime, gb-carbon-intensity")
-    g.add_argument("--market-intensity", type=float, default=0.0, help="market-based gCO2e/kWh (your contract's or supplier's), reported beside the location-based figure")
+    g.add_argument("--market-g-per-kwh", type=float, default=0.0, help="market-based gCO2e/kWh (your contract's or supplier's), reported beside the location-based figure")
     g.add_argument("--marginal-provider", default=None, help="a provider of marginal intensity reported beside (watttime)")
 
 
@@ -68,7 +68,7 @@ def carbon_model_from_args(args):
         model = replace(model, intensity_g_per_kwh=float(args.intensity), intensity_source="given on the command line")
     # hourly intensity (issue 11); a fixed --intensity is one value at every hour
     return model.with_hourly("table" if args.intensity is not None else args.intensity_provider,
-                             market_g_per_kwh=float(args.market_intensity), marginal_provider=args.marginal_provider)
+                             market_g_per_kwh=float(args.market_g_per_kwh), marginal_provider=args.marginal_provider)
 
 
 def _build_parser() -> argparse.ArgumentParser:

@@ -36,7 +36,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-__all__ = ["Decision", "Job", "DeferralQueue", "choose_start", "DeferralFull"]
+__all__ = ["Decision", "Job", "DeferralQueue", "DeferralMiddleware", "choose_start", "DeferralFull", "defer_request"]
 
 log = logging.getLogger("wattspan.deferral")
 
@@ -145,7 +145,8 @@ class DeferralQueue:
             raise ValueError("deadline_s and duration_s must be finite, duration_s >= 0")
         p = self.period_s
         latest_start = deadline_s - duration_s
-        n = int(math.floor((latest_start - now) / p)) if latest_start > now else -1
+        # later period starts that still leave the job time to finish by the deadline
+        n = int(math.floor(latest_start / p) - math.floor(now / p)) if latest_start >= now else -1
         span = max(1, int(math.ceil(duration_s / p))) if duration_s > 0 else 1
         name = getattr(self.provider, "name", type(self.provider).__name__)
         try:
@@ -263,3 +264,146 @@ class DeferralQueue:
                 await asyncio.sleep(0.01)
         finally:
             task.cancel()
+
+
+# ----------------------------------------------------------------------------- serving layer
+
+MAX_DEADLINE_S = 366 * 86400.0
+
+
+def _header(scope, name: bytes) -> str:
+    for k, v in scope.get("headers", ()):
+        if k == name:
+            return v.decode("latin-1")
+    return ""
+
+
+async def send_json(send, status: int, body: dict, extra: list | None = None) -> None:
+    import json
+
+    raw = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode()), *(extra or [])]})
+    await send({"type": "http.response.body", "body": raw})
+
+
+async def capture(app, scope: dict, body: bytes) -> dict:
+    """Run ``app`` on a recorded request; return its response (status, headers, body text).
+    A 5xx answer fails the job."""
+    sent = False
+    out: dict = {"status": 0, "headers": {}, "body": ""}
+    parts: list[bytes] = []
+
+    async def receive():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await asyncio.sleep(3600)
+        return {"type": "http.disconnect"}
+
+    async def send(m):
+        if m["type"] == "http.response.start":
+            out["status"] = m["status"]
+            out["headers"] = {k.decode("latin-1"): v.decode("latin-1") for k, v in m.get("headers", ())}
+        elif m["type"] == "http.response.body":
+            parts.append(m.get("body", b""))
+
+    await app(dict(scope), receive, send)
+    out["body"] = b"".join(parts)[: 1 << 20].decode("utf-8", "replace")
+    if out["status"] >= 500:
+        raise RuntimeError(f"the deferred request answered HTTP {out['status']}")
+    return out
+
+
+async def defer_request(queue: DeferralQueue, app, scope, receive, send, *, default_deadline_s: float = 86400.0,
+                        max_body_bytes: int = 8 << 20, extra_headers: list | None = None, extra: dict | None = None) -> None:
+    """Read the request, queue it on ``queue`` to run through ``app`` later, answer 202 with the
+    job (``status_url``: ``/wattspan/jobs/<id>``). ``x-wattspan-deadline-s``: seconds from now
+    (default ``default_deadline_s``); ``x-wattspan-duration-s``: how long it runs (default 0)."""
+    chunks, size = [], 0
+    while True:
+        m = await receive()
+        if m["type"] == "http.disconnect":
+            return
+        b = m.get("body", b"")
+        size += len(b)
+        if size > max_body_bytes:
+            await send_json(send, 413, {"error": {"type": "request_too_large", "message": f"a deferred request body may be at most {max_body_bytes} bytes"}})
+            return
+        chunks.append(b)
+        if not m.get("more_body", False):
+            break
+    try:
+        deadline_in = float(_header(scope, b"x-wattspan-deadline-s") or default_deadline_s)
+        duration = float(_header(scope, b"x-wattspan-duration-s") or 0.0)
+        if not (math.isfinite(deadline_in) and 0 <= deadline_in <= MAX_DEADLINE_S and math.isfinite(duration) and 0 <= duration <= deadline_in + 1):
+            raise ValueError
+    except ValueError:
+        await send_json(send, 400, {"error": {"type": "bad_request", "message": f"x-wattspan-deadline-s must be seconds from now, 0 to {MAX_DEADLINE_S:.0f}; x-wattspan-duration-s at most that"}})
+        return
+    body = b"".join(chunks)
+    job_scope = {k: v for k, v in scope.items() if k not in ("route", "endpoint", "path_params")}  # set again by the router
+    job_scope["headers"] = [(k, v) for k, v in scope.get("headers", ()) if not k.startswith(b"x-wattspan-")]
+
+    async def run_it() -> dict:
+        return await capture(app, job_scope, body)
+
+    try:
+        job = queue.submit(run_it, deadline_s=queue.clock() + deadline_in, duration_s=duration,
+                           name=f"{scope.get('method', '')} {scope.get('path', '')}")
+    except DeferralFull as exc:
+        await send_json(send, 503, {"error": {"type": "deferral_queue_full", "message": str(exc)}}, [(b"retry-after", b"60")])
+        return
+    d = job.decision
+    await send_json(send, 202, {"job": job.id, "status": job.status, "status_url": f"/wattspan/jobs/{job.id}",
+                                "planned_start": _iso(d.planned_start_s), "reason": d.reason, "decision": d.to_dict(), **(extra or {})},
+                    [(b"location", f"/wattspan/jobs/{job.id}".encode()), *(extra_headers or [])])
+
+
+async def job_status(queue: DeferralQueue, path: str, send) -> None:
+    """``GET /wattspan/jobs``: every kept decision; ``/wattspan/jobs/<id>``: one job (with its
+    response once done)."""
+    if path.rstrip("/") == "/wattspan/jobs":
+        await send_json(send, 200, {"jobs": [j.to_dict() for j in queue.jobs.values()], "counters": queue.counters})
+        return
+    job = queue.get(path.rsplit("/", 1)[1])
+    if job is None:
+        await send_json(send, 404, {"error": {"type": "not_found", "message": "no such job (finished jobs are kept a while)"}})
+        return
+    d = job.to_dict()
+    if job.status == "done":
+        d["response"] = job.result
+    await send_json(send, 200, d)
+
+
+class DeferralMiddleware:
+    """Pure ASGI: a ``POST`` to one of ``paths`` (default the demo's ``/v1/batch``) that carries
+    ``x-wattspan-deadline-s`` is queued on ``queue`` and run through the app in the cleanest
+    window before its deadline (answer 202 + ``/wattspan/jobs/<id>``); anything else passes
+    through. Put it outside :class:`~wattspan.EnergyMiddleware` so the deferred run is metered
+    when it runs. ``queue`` default: a :class:`DeferralQueue` on the offline profile for ``zone``
+    (default ``$WATTSPAN_REGION``)."""
+
+    def __init__(self, app, *, queue: DeferralQueue | None = None, zone: str | None = None,
+                 paths: tuple[str, ...] | list[str] = ("/v1/batch",), max_body_bytes: int = 16 << 20) -> None:
+        self.app = app
+        self.queue = queue or DeferralQueue(zone=zone or os.environ.get("WATTSPAN_REGION", "world"))
+        self.paths = tuple(paths)
+        self.max_body_bytes = int(max_body_bytes)
+        self._runner: asyncio.Task | None = None
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope.get("path", "")
+        if self._runner is None:
+            self._runner = asyncio.get_running_loop().create_task(self.queue.run())
+        if path.startswith("/wattspan/jobs") and scope.get("method") == "GET":
+            await job_status(self.queue, path, send)
+            return
+        if scope.get("method") == "POST" and path in self.paths and _header(scope, b"x-wattspan-deadline-s"):
+            await defer_request(self.queue, self.app, scope, receive, send, max_body_bytes=self.max_body_bytes)
+            return
+        await self.app(scope, receive, send)

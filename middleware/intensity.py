@@ -666,7 +666,8 @@ def hourly_from_env(model, env: dict | None = None):
       ``electricitymaps``, ``watttime``, ``gb-carbon-intensity``;
     * ``WATTSPAN_INTENSITY_ZONE``: the provider's zone when it is not the region;
     * ``WATTSPAN_MARKET_G_PER_KWH``: a market-based factor reported beside (gCO2e/kWh);
-    * ``WATTSPAN_MARGINAL_PROVIDER``: e.g. ``watttime``, reported beside.
+    * ``WATTSPAN_MARGINAL_PROVIDER``: e.g. ``watttime``, reported beside;
+      ``WATTSPAN_MARGINAL_ZONE``: its zone (a WattTime region such as ``CAISO_NORTH``).
 
     Raises ProviderConfigError (a ValueError) naming the variable on bad values.
     """

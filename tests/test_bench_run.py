@@ -185,6 +185,27 @@ def test_batch_endpoint_runs_a_mixed_batch_as_one_metered_request(demo: DemoServ
     assert r.status_code == 200 and [d["custom_id"] for d in r.json()["data"]] == ["c0", "c1"]
 
 
+def test_batch_endpoint_defers_to_the_cleanest_hour_and_meters_the_deferred_run(demo: DemoServer) -> None:
+    reqs = [{"custom_id": "c0", "url": "/v1/completions", "body": {"prompt": "later please", "max_tokens": 4}}]
+    r = httpx.post(demo.url + "/v1/batch", json={"requests": reqs}, headers={"x-wattspan-deadline-s": "3600"}, timeout=60)
+    assert r.status_code == 202, r.text
+    job = r.json()
+    # the demo's region is "world": one yearly value at every hour, so now is (one of) the cleanest
+    assert job["decision"]["provider"] == "profile" and job["decision"]["zone"] == "world" and "cleanest" in job["reason"]
+    deadline = time.monotonic() + 60
+    while (st := httpx.get(demo.url + job["status_url"], timeout=10).json())["status"] != "done":
+        assert st["status"] in ("planned", "running") and time.monotonic() < deadline, st
+        time.sleep(0.2)
+    out = st["response"]
+    assert out["status"] == 200 and json.loads(out["body"])["request_counts"]["completed"] == 1
+    rid = out["headers"]["x-wattspan-request-id"]
+    rec = _ledger_records(demo.db, {rid})[rid]
+    assert rec["route"] == "/v1/batch" and rec["output_tokens"] == 4 and rec["energy_j"] > 0
+    assert rec["intensity_provider"] == "table" and rec["intensity_zone"] == "world" and rec["intensity_hour"]
+    listing = httpx.get(demo.url + "/wattspan/jobs", timeout=10).json()
+    assert any(j["id"] == job["job"] for j in listing["jobs"])
+
+
 _ITEM = {"custom_id": "a", "url": "/v1/completions", "body": {"prompt": "hi", "max_tokens": 2}}
 
 

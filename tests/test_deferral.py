@@ -43,15 +43,16 @@ class Forecast:
 def test_plan_records_what_it_chose_and_why():
     clock = [T0]
     q = DeferralQueue(Forecast([300, 250, 120, 200, 90]), zone="GB", clock=lambda: clock[0])
-    d = q.plan(deadline_s=T0 + 3.6 * H)  # starts at +0 (now), 10:00, 11:00, 12:00 are allowed
+    d = q.plan(deadline_s=T0 + 3.4 * H)  # by 12:54: starts now (09:30), 10:00, 11:00, 12:00 are allowed
     assert d.planned_start_s == math.floor(T0 / H) * H + 2 * H  # 11:00, the 120 g hour
     assert (d.intensity_now_g_per_kwh, d.intensity_planned_g_per_kwh) == (300, 120)
     assert d.expected_saving == pytest.approx(0.6) and "cleanest of 4 start(s)" in d.reason
     assert d.provider == "test" and d.zone == "GB"
-    now = q.plan(deadline_s=T0 + 0.5 * H)
+    now = q.plan(deadline_s=T0 + 0.4 * H)
     assert now.planned_start_s == T0 and "no room" in now.reason
-    dur = q.plan(deadline_s=T0 + 3.6 * H, duration_s=2 * H)  # must start by 11:36: at once, 10:00 or 11:00
-    assert dur.planned_start_s in (T0, math.floor(T0 / H) * H + H, math.floor(T0 / H) * H + 2 * H)
+    dur = q.plan(deadline_s=T0 + 3.4 * H, duration_s=2 * H)  # must start by 10:54: now or 10:00
+    assert dur.planned_start_s == math.floor(T0 / H) * H + H  # mean(250, 120) < mean(300, 250)
+    assert q.plan(deadline_s=T0 + 3.6 * H).planned_start_s == math.floor(T0 / H) * H + 4 * H  # by 13:06: 13:00 (90 g)
     assert d.to_dict()["planned_start"] == "2023-07-14T11:00:00Z"
 
 

@@ -216,3 +216,22 @@ def test_per_request_uses_each_hours_intensity_with_one_lookup_per_half_hour():
     y = m.per_request(e, np.ones(4), None)
     assert y.fields()[0]["intensity_provider"] == "table" and y.fields()[0]["intensity_hour"] == ""
     assert y.operational_g == pytest.approx(np.full(4, m.intensity_g_per_kwh * 1.2))
+
+
+def test_live_meter_config_from_the_environment(monkeypatch, wt):
+    base = CarbonModel.for_region("FR")
+    m = hourly_from_env(base, env={"WATTSPAN_MARKET_G_PER_KWH": "25"})
+    assert isinstance(m.hourly, ProfileProvider) and m.zone == "FR" and m.market_g_per_kwh == 25.0
+    assert hourly_from_env(CarbonModel.for_region("aws:us-east-1"), env={}).hourly is None  # no profile: yearly table
+    with pytest.raises(ProviderConfigError, match="WATTSPAN_MARKET_G_PER_KWH"):
+        hourly_from_env(base, env={"WATTSPAN_MARKET_G_PER_KWH": "lots"})
+    with pytest.raises(ProviderConfigError, match="unknown intensity provider"):
+        hourly_from_env(base, env={"WATTSPAN_INTENSITY_PROVIDER": "ember"})
+    m = hourly_from_env(base, env={"WATTSPAN_MARGINAL_PROVIDER": "watttime", "WATTSPAN_MARGINAL_ZONE": "CAISO_NORTH",
+                                   "WATTTIME_USERNAME": WT_USER, "WATTTIME_PASSWORD": WT_PASS})
+    assert isinstance(m.marginal, WattTimeProvider) and m.marginal_zone == "CAISO_NORTH" and m.zone == "FR"
+    m = type(m)(**{**m.__dict__, "marginal": WattTimeProvider(base_url=wt.url, timeout_s=1.0)})
+    c = m.per_request(np.array([3.6e6]), np.array([0.0]), np.array([time.time()]))
+    f = c.fields()[0]
+    assert f["marginal_g_per_kwh"] == pytest.approx(453.6, rel=0.01) and f["co2e_marginal_g"] == pytest.approx(453.6, rel=0.01)
+    assert f["intensity_provider"] == "profile" and f["intensity_basis"] == "location"

@@ -49,3 +49,41 @@ def test_span_attributes_name_the_intensity_and_the_market_figure():
     assert a["wattspan.intensity.basis"] == "location" and a["wattspan.co2e.market_g"] == pytest.approx(20.0)
     assert "wattspan.co2e.marginal_g" not in a
     assert "wattspan.intensity.provider" not in record_attributes(_rec(2))
+
+
+def test_the_live_meter_converts_each_request_at_the_hour_it_ran():
+    import time as _time
+    from datetime import datetime, timezone
+
+    import httpx
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    from wattspan import EnergyMiddleware, Meter
+    from wattspan.carbon import CarbonModel
+    from wattspan.intensity import ProfileProvider
+    from wattspan.sources.replay import ReplaySource
+
+    from .conftest import constant_trace, serve
+
+    async def work(request):
+        return PlainTextResponse("ok")
+
+    got = []
+    carbon = CarbonModel.for_region("GB").with_hourly("profile", market_g_per_kwh=10.0)
+    meter = Meter(sources=[ReplaySource([constant_trace(200.0)], loop=True)], idle_w=40.0, carbon=carbon,
+                  sinks=[got.append], period_s=0.05, lag_s=0.05)
+    try:
+        with serve(EnergyMiddleware(Starlette(routes=[Route("/w", work)]), meter=meter)) as url:
+            assert httpx.get(url + "/w").status_code == 200
+            assert meter.flush(10)
+    finally:
+        meter.close()
+    (r,) = got
+    now = _time.time()
+    assert (r.intensity_provider, r.intensity_zone, r.intensity_basis) == ("profile", "GB", "location")
+    assert r.intensity_hour == datetime.fromtimestamp(now, timezone.utc).strftime("%Y-%m-%dT%H:00Z") or now % 3600 < 5
+    assert r.intensity_g_per_kwh == ProfileProvider().at("GB", now).g_per_kwh or now % 3600 < 5
+    assert r.co2e_g == pytest.approx((r.energy_j + r.host_j) / 3.6e6 * carbon.pue * r.intensity_g_per_kwh)
+    assert r.co2e_market_g == pytest.approx((r.energy_j + r.host_j) / 3.6e6 * carbon.pue * 10.0)

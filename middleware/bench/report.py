@@ -13,7 +13,7 @@ import numpy as np
 
 __all__ = ["write_report", "render_markdown", "render_html", "build_blocks", "fmt_sig"]
 
-CHARTS = {"energy": "energy.png", "projection": "projection.png", "sensitivity": "sensitivity.png"}
+CHARTS = {"energy": "energy.png", "projection": "projection.png", "sensitivity": "sensitivity.png", "deployment": "deployment.png"}
 _SIM_BANNER = ("POWER IS SIMULATED: no power sensor was read on this machine. Every joule and gram below comes from "
                "wattspan's labelled simulated GPU, driven by the real batch steps of the demo server. The numbers show "
                "the method and how the modes compare on this workload; they are not measurements of real hardware.")
@@ -145,7 +145,10 @@ def build_blocks(rep: dict) -> list[tuple]:
            f"embodied {fmt_sig(a['embodied_kg'])} kgCO2e per device over {fmt_sig(a['lifetime_years'])} years = "
            f"{fmt_sig(a['embodied_g_per_device_s'] * 3600)} g per device-hour ({a['embodied_source']})")
     b.append(("p", f"gCO2e = energy x calls / 3.6e6 J/kWh x PUE x grid intensity + device-seconds x calls x embodied "
-                   f"g/device-s; {emb}. Ranges are the measurement band of the operational part."))
+                   f"g/device-s; {emb}. Device-seconds per call: for *dynamic only* and *+ idle in flight*, the records' "
+                   "device-seconds; for *+ all idle amortised*, the phase's wall seconds (a device dedicated to this load "
+                   "is occupied all along, busy or idle), over its calls. Ranges are the measurement band of the "
+                   "operational part."))
     hdr = ["region", "g/kWh", "PUE", "phase", "kWh (amortised)", "dynamic only", "+ idle in flight",
            "+ all idle amortised", "per 1k calls (amortised)", "embodied share"]
     rows = []
@@ -165,6 +168,25 @@ def build_blocks(rep: dict) -> list[tuple]:
     b.append(("p", "Regions: " + "; ".join(f"{r['label']}: {fmt_sig(r['intensity_g_per_kwh'])} g/kWh ({r['source']}), "
                                          f"PUE {fmt_sig(r['pue'])} ({r['pue_source']})" for r in a["regions"]) + "."))
     b.append(("img", CHARTS["projection"], "gCO2e per calls against grid intensity"))
+
+    # ---- each mode in its own region and hours (--deploy)
+    dep = rep.get("deployment")
+    if dep and dep.get("rows"):
+        b.append(("h2", "Each mode in its own region and hours"))
+        b.append(("p", f"gCO2e per {calls:,} calls ({dep['basis']} basis, embodied included) with each mode deployed where "
+                       "and when `--deploy MODE=REGION[@HOURS]` says. Hours are UTC; `cleanest:N` takes the N cleanest hours "
+                       "of the day month by month from the region's 2023 hourly profile; a region without a profile has "
+                       "one value at every hour."))
+        hdr = ["deployment", "phase", "g/kWh (those hours)", "PUE", f"gCO2e per {calls:,} calls", "per 1k calls"]
+        rows = [[r["deploy"], r["label"], fmt_sig(r["intensity_g_per_kwh"]), fmt_sig(r["pue"]),
+                 f"{_grams(r['total_g'])} ({_grams(r['low_g'])}-{_grams(r['high_g'])})", _grams(r["per_1k_g"])]
+                for r in dep["rows"]]
+        b.append(("table", hdr, rows))
+        best = dep["best"]
+        b.append(("p", f"Lowest: {best['label']} deployed as {best['deploy']}, {_grams(best['total_g'])} per {calls:,} calls. "
+                       "Sources: " + "; ".join(f"{d['mode']}={d['region']}@{d['hours']}: {d['source']}, PUE {fmt_sig(d['pue'])} "
+                                               f"({d['pue_source']})" for d in dep["deployments"]) + "."))
+        b.append(("img", CHARTS["deployment"], "gCO2e per calls against how many of the cleanest hours each deployment runs in"))
 
     # ---- sensitivity
     sens = rep["sensitivity"]
@@ -353,20 +375,32 @@ def _charts(rep: dict, out: Path) -> list[str]:
     sens = rep["sensitivity"]
     ii = np.array(sens["intensities_g_per_kwh"])
     fig, ax = plt.subplots(figsize=(8, 4.2))
+    regs = rep["assumptions"]["regions"]
+    # the line uses the table's PUE (the first region's), so the line and the table agree; each
+    # region's own table figure is a marker on it or beside it
+    line_pue = float(regs[0]["pue"]) if regs else 1.0
+    calls_n = rep["assumptions"]["calls"]
+    g_s = float(rep["assumptions"].get("embodied_g_per_device_s") or 0.0)
+    rows_by = {(r["phase"], r["region"]): r for r in rep.get("projection", []) if r["basis"] == sens["basis"]}
     for k, p in enumerate(phases):
         g = np.array(sens["grams"][p["name"]])
         col = f"C{k}"
-        j1 = int(np.argmin(np.abs(np.array(sens["pues"]) - 1.1)))
-        ax.plot(ii, g[j1] / 1e3, color=col, label=p["label"])
+        pr = p["per_request"][sens["basis"]]
+        line = pr["energy_j"] * calls_n / 3.6e6 * line_pue * ii + pr["device_s"] * calls_n * g_s
+        ax.plot(ii, line / 1e3, color=col, label=p["label"])
         ax.fill_between(ii, g[0] / 1e3, g[-1] / 1e3, color=col, alpha=0.15)
-    for reg in rep["assumptions"]["regions"]:
+        for reg in regs:
+            r = rows_by.get((p["name"], reg["label"]))
+            if r is not None:
+                ax.plot(reg["intensity_g_per_kwh"], r["total_g"] / 1e3, "o", color=col, ms=4)
+    for reg in regs:
         ax.axvline(reg["intensity_g_per_kwh"], color="0.6", lw=0.8, ls=":")
         ax.text(reg["intensity_g_per_kwh"], ax.get_ylim()[1] * 0.98, reg["label"], rotation=90, va="top", ha="right",
                 fontsize=7, color="0.4")
     ax.set_xlabel("grid intensity, gCO2e/kWh")
     ax.set_ylabel(f"kgCO2e per {rep['assumptions']['calls']:,} calls")
-    ax.set_title(f"{sens['basis']} basis, embodied included; line PUE 1.1, band PUE "
-                 f"{sens['pues'][0]:.1f}-{sens['pues'][-1]:.1f}{sim}", fontsize=9)
+    ax.set_title(f"{sens['basis']} basis, embodied incl.; line: PUE {line_pue:.2f} as in the table, dots: the table; "
+                 f"band: PUE {sens['pues'][0]:.1f}-{sens['pues'][-1]:.1f}{sim}", fontsize=8)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / CHARTS["projection"], dpi=90)
@@ -415,6 +449,22 @@ def _charts(rep: dict, out: Path) -> list[str]:
         fig.savefig(out / CHARTS["sensitivity"], dpi=90, bbox_inches="tight")
         plt.close(fig)
         made.append(CHARTS["sensitivity"])
+    dep = rep.get("deployment")
+    if dep and dep.get("curves"):
+        fig, ax = plt.subplots(figsize=(8, 4.2))
+        n = np.arange(1, 25)
+        for k, c in enumerate(dep["curves"]):
+            ax.plot(n, np.array(c["total_g_by_cleanest_hours"]) / 1e3, color=f"C{k}", label=f"{c['label']}: {c['deploy'].split('@')[0]}")
+        for k, r in enumerate(dep["rows"]):
+            ax.axhline(r["total_g"] / 1e3, color=f"C{k}", lw=0.7, ls=":")
+        ax.set_xlabel("runs in the N cleanest hours of the day (24 = around the clock)")
+        ax.set_ylabel(f"kgCO2e per {rep['assumptions']['calls']:,} calls")
+        ax.set_title(f"{dep['basis']} basis, embodied included; dotted: each deployment as given{sim}", fontsize=9)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / CHARTS["deployment"], dpi=90)
+        plt.close(fig)
+        made.append(CHARTS["deployment"])
     return made
 
 

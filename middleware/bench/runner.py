@@ -75,6 +75,7 @@ class BenchConfig:
     merge: tuple[str, ...]
     start_at: float | None
     progress: bool
+    deploy: tuple[str, ...] = ()  # MODE=REGION[@HOURS] (see wattspan.bench.deploy)
 
 
 # ------------------------------------------------------------------------------------ CLI
@@ -120,6 +121,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--lifetime-years", type=float, default=4.0, metavar="YEARS", help="device life the embodied carbon is spread over (default 4)")
     g.add_argument("--no-embodied", action="store_true", help="leave the embodied share out")
     g.add_argument("--include-host", action="store_true", help="add the host CPU energy wattspan attributed to the requests")
+    g.add_argument("--deploy", action="append", default=None, metavar="MODE=REGION[@HOURS]",
+                   help="deploy a mode in its own region and hours, e.g. on-demand=FR or batch=DE@cleanest:6 "
+                        "(hours: all, cleanest:N, H1-H2 UTC); repeatable")
     g.add_argument("--basis", choices=("dynamic", "attributed", "amortised"), default="amortised",
                    help="idle basis of the verdict and the sensitivity chart (default amortised: all idle time counts)")
 
@@ -215,8 +219,19 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         record_timeout_s=num("record-timeout-s", args.record_timeout_s, 0, 3600),
         server_timeout_s=num("server-timeout-s", args.server_timeout_s, 1, 3600), load_only=bool(args.load_only),
         merge=merge, start_at=None if args.start_at is None else num("start-at", args.start_at, 0, 1e11),
-        progress=bool(args.progress),
+        progress=bool(args.progress), deploy=_deploys(getattr(args, "deploy", None), args.pue),
     )
+
+
+def _deploys(specs, pue) -> tuple[str, ...]:
+    from .deploy import parse_deploy
+
+    for spec in specs or ():
+        try:
+            parse_deploy(spec, pue=pue)
+        except ValueError as exc:
+            raise BenchError(str(exc)) from None
+    return tuple(specs or ())
 
 
 def _phases(cfg: BenchConfig):
@@ -532,6 +547,11 @@ def _run(cfg: BenchConfig) -> int:
                         lifetime_years=cfg.lifetime_years, embodied_source=emb_src, include_host=cfg.include_host,
                         basis=cfg.basis)
         rep = analyse(phases, records, a)
+        if cfg.deploy:  # each mode in its own region and hours
+            from .deploy import deployment_report, parse_deploy
+
+            rep["deployment"] = deployment_report(rep, [parse_deploy(x, pue=cfg.pue) for x in cfg.deploy], basis=cfg.basis,
+                                                  calls=cfg.calls, g_per_device_s=a.g_per_device_s)
         rep = {"format": "wattspan-bench-report/1", "created_unix": time.time(), "command": command_line(cfg),
                "simulated": rep.pop("simulated"), "config": _cfg_dict(cfg), "versions": _versions(),
                "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": sys.version.split()[0]},
@@ -573,7 +593,7 @@ def command_line(cfg: BenchConfig) -> str:
              "batch_path": "--batch-path", "id_header": "--id-header", "warmup": "--warmup", "calls": "--calls",
              "pue": "--pue", "embodied_kg": "--embodied-kg", "lifetime_years": "--lifetime-years", "basis": "--basis",
              "start_at": "--start-at"}
-    repeat = {"rates": "--rate", "concurrency": "--concurrency", "regions": "--region", "intensities": "--intensity"}
+    repeat = {"rates": "--rate", "concurrency": "--concurrency", "regions": "--region", "intensities": "--intensity", "deploy": "--deploy"}
     d = _cfg_dict(cfg)
     parts = ["wattspan", "bench"]
     for k, v in d.items():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 import socket
 import statistics
@@ -66,9 +67,20 @@ def build(*, region: str = "world", db: Path | None = None, otel: bool = False):
         from wattspan import otel as wotel
 
         span_processor = wotel.configure_from_env()
-    meter = Meter(sources=sources, carbon=CarbonModel.for_region(region), batch_sinks=batch_sinks, span_processor=span_processor)
+    from wattspan.intensity import hourly_from_env
+
+    meter = Meter(sources=sources, carbon=hourly_from_env(CarbonModel.for_region(region)), batch_sinks=batch_sinks, span_processor=span_processor)
     app = create_app(on_step=meter.record_step, device="gpu0")
     app.add_middleware(EnergyMiddleware, meter=meter, exclude=("/healthz",), request_id_header="x-wattspan-request-id")
+    # outside the meter, so deferred work is metered when it runs: POST /v1/batch with
+    # x-wattspan-deadline-s is queued for the cleanest hour; $WATTSPAN_BUDGETS enforces budgets
+    from wattspan.deferral import DeferralMiddleware
+
+    app.add_middleware(DeferralMiddleware, zone=region)
+    if os.environ.get("WATTSPAN_BUDGETS"):
+        from wattspan.budgets import BudgetMiddleware
+
+        app.add_middleware(BudgetMiddleware, budgets=os.environ["WATTSPAN_BUDGETS"])
     return app, meter, ledger
 
 
