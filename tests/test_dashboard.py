@@ -258,16 +258,15 @@ def test_browser_shows_the_demos_traffic_live_and_matches_the_ledger(tmp_path):
         assert drv.find_element("id", "banner").is_displayed()  # simulated power, said so
         # the endpoint table: one row per route, figures as the ledger aggregates them
         want = {a["route"]: a for a in aggregate(db, "route")}
-        seen = {}
-        for tr in drv.find_elements("css selector", "#tbl-route tr[data-name]"):
-            cells = {td.get_attribute("data-key"): td for td in tr.find_elements("css selector", "td[data-key]")}
-            seen[tr.get_attribute("data-name")] = cells
+        seen = {r["name"]: r["cells"] for r in drv.execute_script(  # one read of the table (it is redrawn every refresh)
+            "return [...document.querySelectorAll('#tbl-route tr[data-name]')].map(tr => ({name: tr.dataset.name, "
+            "cells: Object.fromEntries([...tr.querySelectorAll('td[data-key]')].map(td => [td.dataset.key, [td.dataset.value, td.textContent]]))}))")}
         assert seen.keys() == want.keys() == {"/v1/embeddings", "/v1/completions"}
         for route, cells in seen.items():
-            assert int(cells["requests"].text) == want[route]["requests"]
+            assert int(cells["requests"][1]) == want[route]["requests"]
             e = want[route]["energy_j"] + want[route]["host_j"]
-            assert float(cells["total_j"].get_attribute("data-value")) == pytest.approx(e, rel=1e-9)
-            assert _num(cells["total_j"].text) == pytest.approx(e, rel=1e-3)
+            assert float(cells["total_j"][0]) == pytest.approx(e, rel=1e-9)
+            assert _num(cells["total_j"][1]) == pytest.approx(e, rel=1e-3)
         # both charts drawn by plotly, with one bar trace per endpoint
         n_traces = drv.execute_script("return document.getElementById('chart-time').data.length")
         assert n_traces == 2
