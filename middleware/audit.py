@@ -517,12 +517,21 @@ def _png(fig) -> bytes:
 # ------------------------------------------------------------------------------ rendering
 
 
+_MD_SPECIAL = re.compile(r"([\\`*_\[\]<>#!])")
+
+
+def _cell(value) -> str:
+    """Text from the ledger or a command line, safe inside a Markdown table cell (no links, no markup)."""
+    s = " ".join(str(value).split())
+    return _MD_SPECIAL.sub(r"\\\1", s).replace("|", "/")
+
+
 def render_markdown(report: dict, chart_src: dict[str, str]) -> str:
     import jinja2
 
     env = jinja2.Environment(loader=jinja2.PackageLoader("wattspan", "templates"), autoescape=False,
                              trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined)
-    env.filters["cell"] = lambda s: str(s).replace("|", "/").replace("\n", " ")
+    env.filters["cell"] = _cell
     return env.get_template(_TEMPLATE).render(r=report, charts=chart_src)
 
 

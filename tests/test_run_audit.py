@@ -292,3 +292,30 @@ def test_audit_of_attribute_output_counts_the_unattributed_energy(tmp_path):
     assert "40.48 gCO2e/kWh" in p.stdout and "per 1k output tokens" in p.stdout
     recs = [json.loads(x) for x in out.read_text().splitlines()]
     assert f"| A. Accelerator energy | {g(sum(r['energy_j'] for r in recs))} J |" in p.stdout
+
+
+def test_a_foreign_ledger_file_is_refused_before_the_job_runs(tmp_path):
+    db = tmp_path / "other.sqlite"
+    conn = sqlite3.connect(db)
+    conn.execute("CREATE TABLE t (x)")
+    conn.commit()
+    conn.close()
+    marker = tmp_path / "ran"
+    p = cli("run", "--db", db, "--", sys.executable, "-c", f"open({str(marker)!r}, 'w')")
+    assert p.returncode == 2 and "not a wattspan ledger" in p.stderr
+    assert not marker.exists()
+
+
+def test_ledger_text_cannot_inject_markup_into_the_report(tmp_path):
+    db = tmp_path / "w.sqlite"
+    evil = "/v1/[click](http://evil.example)<script>x</script>|*"
+    with Ledger(db) as led:
+        led.write([RequestRecord(id="a", device="gpu0", start_ns=0, end_ns=1, energy_j=1.0, dynamic_j=1.0, idle_j=0.0,
+                                 device_s=0.1, route=evil, tenant="<b>t</b>")])
+        assert led.flush()
+    out = tmp_path / "a.html"
+    p = cli("audit", "--db", db, "--since", "1h", "--out", out)
+    assert p.returncode == 0, p.stderr
+    html = out.read_text()
+    assert "<script>" not in html and "<b>t</b>" not in html and 'href="http://evil.example"' not in html
+    assert "[click](http://evil.example)&lt;script&gt;" in html
