@@ -26,6 +26,7 @@ _fd_pid = 0
 _fd_path = ""
 _ids = itertools.count(1)
 _errors = 0
+_ENVIRON = os.environ
 
 
 def phase_errors() -> int:
@@ -34,6 +35,8 @@ def phase_errors() -> int:
 
 
 def _clean(name: object) -> str:
+    if type(name) is str and name.isprintable() and "\t" not in name and 0 < len(name) <= MAX_NAME and name.strip() == name:
+        return name  # the common case, without a loop per character
     s = str(name)
     s = "".join(c if c.isprintable() and c not in "\t" else " " for c in s).strip()
     return s[:MAX_NAME] or "(unnamed)"
@@ -70,12 +73,14 @@ class phase:
         self._id = ""
 
     def __enter__(self) -> "phase":
-        self._id = f"{os.getpid()}.{next(_ids)}"
-        _write(f"B\t{self._id}\t{time.monotonic_ns()}\t{self.name}\n")
+        if _ENVIRON.get(ENV):
+            self._id = f"{os.getpid()}.{next(_ids)}"
+            _write(f"B\t{self._id}\t{time.monotonic_ns()}\t{self.name}\n")
         return self
 
     def __exit__(self, *exc) -> None:
-        _write(f"E\t{self._id}\t{time.monotonic_ns()}\n")
+        if self._id:
+            _write(f"E\t{self._id}\t{time.monotonic_ns()}\n")
 
     def __call__(self, fn):
         import functools

@@ -395,3 +395,16 @@ def test_grafana_queries_return_data_from_a_real_prometheus(prometheus, otel_pro
         if not res:
             empty.append(expr)
     assert not empty, empty
+
+
+def test_the_refresh_cache_gives_what_a_full_read_gives(ledger):
+    from wattspan.dashboard import DataCache
+
+    cache = DataCache()
+    t = time.time()
+    for dt in (0.0, 40.0, 100.0, 400.0):  # records live, then in complete buckets held by the cache
+        a, b = data(ledger, 600, now=t + dt, cache=cache), data(ledger, 600, now=t + dt)
+        assert a["totals"] == pytest.approx(b["totals"]) and a["totals"]["requests"] == 30
+        assert a["by"] == b["by"] and a["series"] == b["series"]
+    assert cache.rows  # the last two reads came from held buckets
+    assert data(ledger, 600, now=t + 900, cache=cache)["totals"]["requests"] == 0  # and they leave with the window
