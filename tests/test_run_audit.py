@@ -319,3 +319,25 @@ def test_ledger_text_cannot_inject_markup_into_the_report(tmp_path):
     html = out.read_text()
     assert "<script>" not in html and "<b>t</b>" not in html and 'href="http://evil.example"' not in html
     assert "[click](http://evil.example)&lt;script&gt;" in html
+
+
+def test_run_on_a_gpu_reads_the_nvml_energy_counter(monkeypatch, tmp_path):
+    """The same path as on a GPU machine: run_sources() finds NVML (here a thin fake of
+    nvidia-ml-py playing a real A100 trace) and the run is charged the counter's energy."""
+    import pynvml
+
+    from tests.fakes.fake_nvml import ENERGY, USAGE, FakeGpu, FakeNvml
+    from tests.test_nvml import TRACE_S, TRACE_W
+
+    monkeypatch.delenv("WATTSPAN_SIMULATE", raising=False)
+    fake = FakeNvml([FakeGpu("NVIDIA A100-SXM4-40GB", pynvml.NVML_DEVICE_ARCH_AMPERE, TRACE_S, TRACE_W,
+                             supports=frozenset({ENERGY, USAGE}))]).install(monkeypatch)
+    s = measure([sys.executable, "-c", "import time; time.sleep(1.0)"], carbon=CarbonModel(intensity_g_per_kwh=300.0),
+                db=tmp_path / "w.sqlite", interval_s=0.02)
+    d = s["devices"]["gpu0"]
+    assert d["role"] == "accelerator" and d["sensor"].startswith("nvml") and not d["simulated"]
+    g = fake.gpus[0]
+    want = g.energy_j(int(s["ended_at"] * 1e9)) - g.energy_j(int(s["started_at"] * 1e9))
+    assert s["accelerator_j"] == pytest.approx(want, rel=0.05)
+    assert s["accelerator_j"] / s["duration_s"] == pytest.approx(d["mean_power_w"])
+    assert fake.initialised == 0  # NVML released when the run ended
