@@ -63,7 +63,9 @@ class phase:
     A context manager (``with wattspan.phase("evaluate"):``) and a decorator.
     Phases may nest and may overlap across threads; each is reported with the
     energy the metered devices used between its begin and end. Cost: two small
-    appends to a local file (a few microseconds); a no-op outside ``wattspan run``.
+    appends to a local file (about 20 us a block on a busy 2-core machine, see
+    ``benchmarks/results/run_dashboard_cost.md``): mark epochs and evaluations,
+    not single steps. A no-op outside ``wattspan run``.
     """
 
     __slots__ = ("name", "_id")
