@@ -148,7 +148,11 @@ def from_run(db: str | os.PathLike, run_id: str = "last") -> Basis:
     if s.get("job_cpu_s") is not None and s.get("host_busy_cpu_s"):
         share = s["job_cpu_s"] / s["host_busy_cpu_s"] if s["host_busy_cpu_s"] > 0 else float("nan")
         b.notes.append(f"the job used {s['job_cpu_s']:.1f} CPU-s of the host's {s['host_busy_cpu_s']:.1f} busy CPU-s "
-                       f"({share:.0%}); host energy is the whole host's, other processes included")
+                       f"({share:.1%}); host energy is the whole host's, other processes included")
+        if s["host_j"] > 0 and 0 < share < 0.95:
+            b.notes.append(f"on a shared host, the job's CPU-time share of host energy would be {share:.1%} x "
+                           f"{s['host_j']:.4g} J = {share * s['host_j']:.4g} J (an allocation, not a measurement; "
+                           "not used in the lines above)")
     # phases: grouped by name (epochs repeat "evaluate")
     rows: dict[str, dict] = {}
     for p in s["phases"]:
