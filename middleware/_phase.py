@@ -26,6 +26,7 @@ _fd_pid = 0
 _fd_path = ""
 _ids = itertools.count(1)
 _errors = 0
+_ENVIRON = os.environ
 
 
 def phase_errors() -> int:
@@ -34,6 +35,8 @@ def phase_errors() -> int:
 
 
 def _clean(name: object) -> str:
+    if type(name) is str and name.isprintable() and "\t" not in name and 0 < len(name) <= MAX_NAME and name.strip() == name:
+        return name  # the common case, without a loop per character
     s = str(name)
     s = "".join(c if c.isprintable() and c not in "\t" else " " for c in s).strip()
     return s[:MAX_NAME] or "(unnamed)"
@@ -60,7 +63,9 @@ class phase:
     A context manager (``with wattspan.phase("evaluate"):``) and a decorator.
     Phases may nest and may overlap across threads; each is reported with the
     energy the metered devices used between its begin and end. Cost: two small
-    appends to a local file (a few microseconds); a no-op outside ``wattspan run``.
+    appends to a local file (about 20 us a block on a busy 2-core machine, see
+    ``benchmarks/results/run_dashboard_cost.md``): mark epochs and evaluations,
+    not single steps. A no-op outside ``wattspan run``.
     """
 
     __slots__ = ("name", "_id")
@@ -70,12 +75,14 @@ class phase:
         self._id = ""
 
     def __enter__(self) -> "phase":
-        self._id = f"{os.getpid()}.{next(_ids)}"
-        _write(f"B\t{self._id}\t{time.monotonic_ns()}\t{self.name}\n")
+        if _ENVIRON.get(ENV):
+            self._id = f"{os.getpid()}.{next(_ids)}"
+            _write(f"B\t{self._id}\t{time.monotonic_ns()}\t{self.name}\n")
         return self
 
     def __exit__(self, *exc) -> None:
-        _write(f"E\t{self._id}\t{time.monotonic_ns()}\n")
+        if self._id:
+            _write(f"E\t{self._id}\t{time.monotonic_ns()}\n")
 
     def __call__(self, fn):
         import functools

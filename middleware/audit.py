@@ -148,7 +148,11 @@ def from_run(db: str | os.PathLike, run_id: str = "last") -> Basis:
     if s.get("job_cpu_s") is not None and s.get("host_busy_cpu_s"):
         share = s["job_cpu_s"] / s["host_busy_cpu_s"] if s["host_busy_cpu_s"] > 0 else float("nan")
         b.notes.append(f"the job used {s['job_cpu_s']:.1f} CPU-s of the host's {s['host_busy_cpu_s']:.1f} busy CPU-s "
-                       f"({share:.0%}); host energy is the whole host's, other processes included")
+                       f"({share:.1%}); host energy is the whole host's, other processes included")
+        if s["host_j"] > 0 and 0 < share < 0.95:
+            b.notes.append(f"on a shared host, the job's CPU-time share of host energy would be {share:.1%} x "
+                           f"{s['host_j']:.4g} J = {share * s['host_j']:.4g} J (an allocation, not a measurement; "
+                           "not used in the lines above)")
     # phases: grouped by name (epochs repeat "evaluate")
     rows: dict[str, dict] = {}
     for p in s["phases"]:
@@ -488,7 +492,8 @@ def charts(report: dict) -> dict[str, bytes]:
         ax.set_xlabel("time, UTC")
         ax.legend(handles=handles, fontsize=6, loc="lower right", ncol=2, framealpha=0.8)
         ax.grid(alpha=0.3)
-        ax.set_ylim(bottom=0)
+        top = max((max(ps) for _, ps in b.timeline.values() if ps), default=1.0)
+        ax.set_ylim(0, top * 1.25 if top > 0 else 1.0)
         fig.tight_layout()
         out["power"] = _png(fig)
         plt.close(fig)
@@ -516,12 +521,21 @@ def _png(fig) -> bytes:
 # ------------------------------------------------------------------------------ rendering
 
 
+_MD_SPECIAL = re.compile(r"([\\`*_\[\]<>#!])")
+
+
+def _cell(value) -> str:
+    """Text from the ledger or a command line, safe inside a Markdown table cell (no links, no markup)."""
+    s = " ".join(str(value).split())
+    return _MD_SPECIAL.sub(r"\\\1", s).replace("|", "/")
+
+
 def render_markdown(report: dict, chart_src: dict[str, str]) -> str:
     import jinja2
 
     env = jinja2.Environment(loader=jinja2.PackageLoader("wattspan", "templates"), autoescape=False,
                              trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined)
-    env.filters["cell"] = lambda s: str(s).replace("|", "/").replace("\n", " ")
+    env.filters["cell"] = _cell
     return env.get_template(_TEMPLATE).render(r=report, charts=chart_src)
 
 
@@ -555,6 +569,7 @@ def render_pdf(markdown: str, title: str, images: dict[str, str]) -> bytes:
     html = MarkdownIt("commonmark", {"html": False}).enable("table").render(markdown)
     # fpdf2 takes no inline tags inside a table cell: keep their text
     html = re.sub(r"<t([dh])([^>]*)>(.*?)</t\1>", lambda m: f"<t{m.group(1)}{m.group(2)}>" + re.sub(r"</?(strong|em|code)>", "", m.group(3)) + f"</t{m.group(1)}>", html, flags=re.S)
+    html = _pdf_layout(html)
     html = html.encode("latin-1", "replace").decode("latin-1")
     pdf = FPDF(format="A4")
     pdf.set_margins(12, 10, 12)
@@ -567,6 +582,28 @@ def render_pdf(markdown: str, title: str, images: dict[str, str]) -> bytes:
               "code": FontFace(family="Courier", size_pt=7)}
     pdf.write_html(html, image_map=lambda src: images.get(src, src), tag_styles=styles, table_line_separators=True)
     return bytes(pdf.output())
+
+
+_WIDTHS = {3: (24, 20, 56), 4: (40, 15, 20, 25), 5: (34, 12, 18, 18, 18), 6: (26, 10, 14, 14, 18, 18)}
+
+
+def _pdf_layout(html: str) -> str:
+    """Column widths and image sizes fpdf2 cannot infer: tables span the page, charts its width."""
+    def table(m):
+        t = m.group(0)
+        n = len(re.findall(r"<th[ >]", t.split("</tr>", 1)[0]))
+        widths = _WIDTHS.get(n)
+        if n == 6 and "Sensor" in t:
+            widths = (14, 10, 42, 12, 10, 12)
+        if widths:
+            it = iter(widths)
+            head, rest = t.split("</tr>", 1)
+            head = re.sub(r"<th(?=[ >])", lambda _: f'<th width="{next(it, 10)}%"', head)
+            t = head + "</tr>" + rest
+        return t.replace("<table>", '<table width="100%">', 1)
+
+    html = re.sub(r"<table>.*?</table>", table, html, flags=re.S)
+    return re.sub(r'<img src="([^"]+)" alt="([^"]*)"\s*/?>', r'<img src="\1" width="520">', html)
 
 
 def write(report: dict, out: Path | None, fmt: str) -> list[Path]:

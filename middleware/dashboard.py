@@ -25,11 +25,12 @@ import json
 import logging
 import math
 import os
+import threading
 import time
 from importlib import resources
 from pathlib import Path
 
-__all__ = ["create_app", "data", "cli_main"]
+__all__ = ["DataCache", "create_app", "data", "cli_main"]
 
 log = logging.getLogger("wattspan.dashboard")
 
@@ -66,73 +67,155 @@ def parse_window(text: str | float) -> float:
 # ------------------------------------------------------------------ the data the page shows
 
 
-def data(db: str | os.PathLike, window_s: float = 3600.0, *, now: float | None = None, metrics_url: str | None = None) -> dict:
-    """Everything the page shows, for records with ``recorded_at`` in ``[now - window_s, now]``.
+_KEYS = ("route", "model", "tenant", "method", "device", "sensor", "simulated")
+_COMPLETE_AFTER_S = 30.0  # a bucket this long past its end is taken as complete (its records committed)
+_REBUILD_S = 300.0  # and the cache is rebuilt from the file this often all the same
 
-    Energies in J (``energy_j`` accelerator, ``host_j`` host), carbon in g,
-    ``j_per_token`` = (accelerator + host J) / (prompt + output tokens).
+
+def _scan(conn, cols: set, lo: float, hi: float, bucket_s: float) -> list[tuple]:
+    """One pass over ``lo <= recorded_at < hi``: sums per (absolute bucket, route, model, tenant, method,
+    device, sensor, simulated[, quality])."""
+    extra = ", quality" if "quality" in cols else ", ''"
+    band = ", TOTAL(energy_j_low), TOTAL(energy_j_high)" if {"energy_j_low", "energy_j_high"} <= cols else ", NULL, NULL"
+    sql = (f"SELECT CAST(recorded_at / ? AS INTEGER), {', '.join(_KEYS)}{extra}, COUNT(*), TOTAL(energy_j), TOTAL(host_j), "
+           f"TOTAL(co2e_g), TOTAL(embodied_g), TOTAL(prompt_tokens), TOTAL(output_tokens), TOTAL(coverage < 0.9), "
+           f"MAX(recorded_at){band} FROM requests WHERE recorded_at >= ? AND recorded_at < ? GROUP BY 1, 2, 3, 4, 5, 6, 7, 8, 9")
+    return conn.execute(sql, (bucket_s, lo, hi)).fetchall()
+
+
+class DataCache:
+    """Sums of the complete buckets of one window, so that a refresh reads only the newest records.
+
+    Buckets are aligned to multiples of ``window_s / 60`` on the wall clock; one that ended more than
+    30 s ago is kept, and everything is re-read from the file every 5 minutes (a record committed late,
+    after a disk problem, is counted then).
     """
-    from ._ledger_db import _reading, aggregate
+
+    def __init__(self) -> None:
+        self.key = None
+        self.rows: dict[int, list[tuple]] = {}
+        self.complete_k = None  # buckets < this are held
+        self.built = -math.inf
+        self.lock = threading.Lock()
+
+
+def data(db: str | os.PathLike, window_s: float = 3600.0, *, now: float | None = None, metrics_url: str | None = None,
+         cache: DataCache | None = None) -> dict:
+    """Everything the page shows, for the last ``window_s`` (60 buckets of ``window_s / 60``, aligned on the clock;
+    the oldest may start up to one bucket earlier).
+
+    Energies in J (``energy_j`` accelerator, ``host_j`` host, ``total_j`` both), carbon in g,
+    ``j_per_token`` = total J / (prompt + output tokens). ``cache`` (a :class:`DataCache`) makes a refresh
+    read only the newest records.
+    """
+    from ._ledger_db import _reading
 
     now = time.time() if now is None else float(now)
-    since = now - window_s
-    out: dict = {"now": now, "window_s": window_s, "since": since, "ledger": Path(db).name}
     bucket = window_s / _BUCKETS
+    k_now = int(now // bucket)
+    k0 = k_now - _BUCKETS + 1
+    since = k0 * bucket
     with _reading(db) as conn:
         if conn is None:
-            rows = None
+            rows = []
         else:
             cols = {r[1] for r in conn.execute("PRAGMA table_info(requests)")}
-            w, a = " WHERE recorded_at >= ? AND recorded_at <= ?", [since, now]
-            rows = conn.execute(
-                "SELECT COUNT(*), TOTAL(energy_j), TOTAL(host_j), TOTAL(co2e_g), TOTAL(prompt_tokens), TOTAL(output_tokens), "
-                "TOTAL(simulated), TOTAL(coverage < 0.9), MAX(recorded_at), TOTAL(embodied_g) FROM requests" + w, a).fetchone()
-            groups = {}
-            for by in ("route", "model", "tenant"):
-                toks = conn.execute(f"SELECT {by}, TOTAL(prompt_tokens) + TOTAL(output_tokens), TOTAL(output_tokens) "
-                                    f"FROM requests{w} GROUP BY {by}", a).fetchall()
-                series = conn.execute(f"SELECT CAST((recorded_at - ?) / ? AS INTEGER) AS k, {by}, TOTAL(energy_j) + TOTAL(host_j), "
-                                      f"TOTAL(co2e_g) FROM requests{w} GROUP BY k, {by}", [since, bucket, *a]).fetchall()
-                groups[by] = (toks, series)
-            methods = dict(conn.execute(f"SELECT method, COUNT(*) FROM requests{w} GROUP BY method", a).fetchall())
-            sensors = [{"device": d, "sensor": s, "simulated": bool(m), "requests": n} for d, s, m, n in conn.execute(
-                f"SELECT device, sensor, MAX(simulated), COUNT(*) FROM requests{w} GROUP BY device, sensor", a).fetchall()]
-            flags = dict(conn.execute(f"SELECT quality, COUNT(*) FROM requests{w} GROUP BY quality", a).fetchall()) if "quality" in cols else {}
-            band = conn.execute(f"SELECT TOTAL(energy_j_low), TOTAL(energy_j_high) FROM requests{w}", a).fetchone() \
-                if {"energy_j_low", "energy_j_high"} <= cols else None
-    if rows is None:
-        rows = (0, 0.0, 0.0, 0.0, 0, 0, 0, 0, None, 0.0)
-        groups = {by: ([], []) for by in ("route", "model", "tenant")}
-        methods, sensors, flags, band = {}, [], {}, None
-    n, acc, host, co2, pt, ot, sim, lowcov, last, emb = rows
-    toks = pt + ot
-    out["totals"] = {"requests": int(n), "energy_j": acc, "host_j": host, "total_j": acc + host, "co2e_g": co2,
-                     "embodied_g": emb, "prompt_tokens": int(pt), "output_tokens": int(ot),
+            if cache is None:
+                rows = _scan(conn, cols, since, now + 1e-6, bucket)
+            else:
+                with cache.lock:
+                    rows = _cached_rows(conn, cols, cache, str(db), bucket, k0, now)
+    return _summarise(rows, db=db, now=now, window_s=window_s, since=since, k0=k0, bucket=bucket, metrics_url=metrics_url)
+
+
+def _cached_rows(conn, cols: set, cache: DataCache, db: str, bucket: float, k0: int, now: float) -> list[tuple]:
+    """The held sums of complete buckets, topped up, plus a fresh read of the rest."""
+    complete_k = max(k0, int((now - _COMPLETE_AFTER_S) // bucket))
+    key = (db, bucket, frozenset(cols))
+    if cache.key != key or time.monotonic() - cache.built > _REBUILD_S or cache.complete_k is None:
+        cache.key, cache.rows, cache.complete_k, cache.built = key, {}, k0, time.monotonic()
+    start_k = max(cache.complete_k, k0)
+    if complete_k > start_k:
+        for r in _scan(conn, cols, start_k * bucket, complete_k * bucket, bucket):
+            cache.rows.setdefault(int(r[0]), []).append(r)
+    cache.complete_k = max(cache.complete_k, complete_k)
+    for k in [k for k in cache.rows if k < k0]:
+        del cache.rows[k]
+    live_from = max(cache.complete_k, k0) * bucket
+    return [r for k in sorted(cache.rows) for r in cache.rows[k]] + _scan(conn, cols, live_from, now + 1e-6, bucket)
+
+
+def _summarise(rows, *, db, now, window_s, since, k0, bucket, metrics_url) -> dict:
+    zero = {"requests": 0, "energy_j": 0.0, "host_j": 0.0, "co2e_g": 0.0, "tokens": 0, "simulated": False, "methods": set()}
+    tot = {"n": 0, "acc": 0.0, "host": 0.0, "co2": 0.0, "emb": 0.0, "pt": 0, "ot": 0, "sim": 0, "low": 0, "last": None, "lo": 0.0, "hi": 0.0}
+    by = {b: {} for b in ("route", "model", "tenant")}
+    series = {b: {} for b in by}
+    methods, sensors, flags = {}, {}, {}
+    has_band = False
+    for (k, route, model, tenant, method, device, sensor, sim, quality, n, e, h, c, emb, pt, ot, low, last, lo, hi) in rows:
+        tot["n"] += n
+        tot["acc"] += e
+        tot["host"] += h
+        tot["co2"] += c
+        tot["emb"] += emb
+        tot["pt"] += pt
+        tot["ot"] += ot
+        tot["sim"] += n if sim else 0
+        tot["low"] += low
+        tot["last"] = last if tot["last"] is None else max(tot["last"], last)
+        if lo is not None:
+            has_band = True
+            tot["lo"] += lo
+            tot["hi"] += hi
+        methods[method] = methods.get(method, 0) + n
+        sk = (device, sensor)
+        sensors[sk] = (sensors.get(sk, (False, 0))[0] or bool(sim), sensors.get(sk, (False, 0))[1] + n)
+        if quality != "" or flags:
+            flags[str(quality or "ok")] = flags.get(str(quality or "ok"), 0) + n
+        i = min(max(int(k) - k0, 0), _BUCKETS - 1)
+        for b, name in (("route", route), ("model", model), ("tenant", tenant)):
+            g = by[b].get(name)
+            if g is None:
+                g = by[b][name] = {**zero, "methods": set()}
+            g["requests"] += n
+            g["energy_j"] += e
+            g["host_j"] += h
+            g["co2e_g"] += c
+            g["tokens"] += pt + ot
+            g["simulated"] = g["simulated"] or bool(sim)
+            g["methods"].add(method)
+            s = series[b].setdefault(name, ([0.0] * _BUCKETS, [0.0] * _BUCKETS))
+            s[0][i] += e + h
+            s[1][i] += c
+    n, acc, host = tot["n"], tot["acc"], tot["host"]
+    toks = tot["pt"] + tot["ot"]
+    out: dict = {"now": now, "window_s": window_s, "since": since, "ledger": Path(db).name}
+    out["totals"] = {"requests": int(n), "energy_j": acc, "host_j": host, "total_j": acc + host, "co2e_g": tot["co2"],
+                     "embodied_g": tot["emb"], "prompt_tokens": int(tot["pt"]), "output_tokens": int(tot["ot"]),
                      "j_per_token": (acc + host) / toks if toks else None,
-                     "j_per_output_token": (acc + host) / ot if ot else None,
-                     "last_record_at": last}
-    out["by"], out["series"] = {}, {"bucket_s": bucket, "t": [since + (k + 0.5) * bucket for k in range(_BUCKETS)]}
-    for by in ("route", "model", "tenant"):
-        agg = aggregate(db, by, since=since, until=math.nextafter(now, math.inf)) if n else []
-        tk = {k: (t, o) for k, t, o in groups[by][0]}
-        out["by"][by] = [{"name": r[by] or "(none)", "requests": r["requests"], "energy_j": r["energy_j"], "host_j": r["host_j"],
-                          "total_j": r["energy_j"] + r["host_j"], "co2e_g": r["co2e_g"], "j_per_request": (r["energy_j"] + r["host_j"]) / r["requests"],
-                          "j_per_token": (r["energy_j"] + r["host_j"]) / tk[r[by]][0] if tk.get(r[by], (0, 0))[0] else None,
-                          "simulated": r["simulated"], "methods": r["methods"]} for r in agg]
-        top = [r["name"] for r in out["by"][by][:_TOP]]
-        ser = {name: {"total_j": [0.0] * _BUCKETS, "co2e_g": [0.0] * _BUCKETS} for name in top}
-        for k, key, e, c in groups[by][1]:
-            name = key or "(none)"
-            if name not in ser:
-                name = "(other)"
-                ser.setdefault(name, {"total_j": [0.0] * _BUCKETS, "co2e_g": [0.0] * _BUCKETS})
-            k = min(max(int(k), 0), _BUCKETS - 1)
-            ser[name]["total_j"][k] += e
-            ser[name]["co2e_g"][k] += c
-        out["series"][by] = ser
-    out["quality"] = {"simulated_requests": int(sim), "low_coverage_requests": int(lowcov), "methods": methods,
-                      "sensors": sensors, "flags": {str(k or "ok"): v for k, v in flags.items()},
-                      "band_j": None if band is None else [band[0] + host, band[1] + host]}
+                     "j_per_output_token": (acc + host) / tot["ot"] if tot["ot"] else None,
+                     "last_record_at": tot["last"]}
+    out["by"] = {}
+    out["series"] = {"bucket_s": bucket, "t": [(k0 + i + 0.5) * bucket for i in range(_BUCKETS)]}
+    for b, groups in by.items():
+        ranked = sorted(groups.items(), key=lambda kv: (-kv[1]["energy_j"], str(kv[0])))
+        out["by"][b] = [{"name": name or "(none)", "requests": g["requests"], "energy_j": g["energy_j"], "host_j": g["host_j"],
+                         "total_j": g["energy_j"] + g["host_j"], "co2e_g": g["co2e_g"],
+                         "j_per_request": (g["energy_j"] + g["host_j"]) / g["requests"],
+                         "j_per_token": (g["energy_j"] + g["host_j"]) / g["tokens"] if g["tokens"] else None,
+                         "simulated": g["simulated"], "methods": sorted(m for m in g["methods"] if m)} for name, g in ranked]
+        top = [name for name, _ in ranked[:_TOP]]
+        ser = {}
+        for name, (e, c) in series[b].items():
+            label = (name or "(none)") if name in top else "(other)"
+            if label in ser:
+                ser[label] = {"total_j": [x + y for x, y in zip(ser[label]["total_j"], e)], "co2e_g": [x + y for x, y in zip(ser[label]["co2e_g"], c)]}
+            else:
+                ser[label] = {"total_j": list(e), "co2e_g": list(c)}
+        out["series"][b] = ser
+    out["quality"] = {"simulated_requests": int(tot["sim"]), "low_coverage_requests": int(tot["low"]), "methods": methods,
+                      "sensors": [{"device": d, "sensor": s, "simulated": sim, "requests": k} for (d, s), (sim, k) in sorted(sensors.items())],
+                      "flags": flags, "band_j": [tot["lo"] + host, tot["hi"] + host] if has_band else None}
     out["unattributed"] = _unattributed(metrics_url)
     out["budgets"] = _budgets(db)
     return out
@@ -233,6 +316,7 @@ def create_app(db: str | os.PathLike, *, token: str | None = None, window_s: flo
                "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
                                           "img-src 'self' data:; connect-src 'self'; frame-ancestors 'none'"}
     want = token.encode() if token else None
+    caches: dict[float, DataCache] = {}  # per window: sums of complete buckets (see DataCache)
 
     def allowed(request: Request) -> bool:
         if want is None:
@@ -271,7 +355,8 @@ def create_app(db: str | os.PathLike, *, token: str | None = None, window_s: flo
         except ValueError as exc:
             return JSONResponse({"error": str(exc)}, status_code=400, headers=headers)
         try:
-            body = await run_in_threadpool(data, db, w, metrics_url=metrics_url)
+            cache = caches.setdefault(w, DataCache()) if len(caches) < 16 else DataCache()
+            body = await run_in_threadpool(data, db, w, metrics_url=metrics_url, cache=cache)
         except FileNotFoundError as exc:
             return JSONResponse({"error": str(exc)}, status_code=404, headers=headers)
         except Exception as exc:  # a broken or foreign file: say so on the page

@@ -194,6 +194,16 @@ def measure(argv: list[str], *, carbon, db: str | os.PathLike | None = None, sou
 
     if not argv:
         raise ValueError("wattspan run needs a command: wattspan run -- python train.py")
+    if db is not None and Path(db).is_file():  # a foreign or too-new file is refused before the job runs, not after
+        import sqlite3
+
+        from ._ledger_db import schema_version
+
+        conn = sqlite3.connect(Path(db).resolve().as_uri() + "?mode=ro", uri=True)
+        try:
+            schema_version(conn, Path(db))
+        finally:
+            conn.close()
     srcs = run_sources() if sources is None else list(sources)
     sampler = Sampler(srcs, interval_s=interval_s)
     devices = {d.id: d for d in sampler.devices()}

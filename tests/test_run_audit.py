@@ -292,3 +292,52 @@ def test_audit_of_attribute_output_counts_the_unattributed_energy(tmp_path):
     assert "40.48 gCO2e/kWh" in p.stdout and "per 1k output tokens" in p.stdout
     recs = [json.loads(x) for x in out.read_text().splitlines()]
     assert f"| A. Accelerator energy | {g(sum(r['energy_j'] for r in recs))} J |" in p.stdout
+
+
+def test_a_foreign_ledger_file_is_refused_before_the_job_runs(tmp_path):
+    db = tmp_path / "other.sqlite"
+    conn = sqlite3.connect(db)
+    conn.execute("CREATE TABLE t (x)")
+    conn.commit()
+    conn.close()
+    marker = tmp_path / "ran"
+    p = cli("run", "--db", db, "--", sys.executable, "-c", f"open({str(marker)!r}, 'w')")
+    assert p.returncode == 2 and "not a wattspan ledger" in p.stderr
+    assert not marker.exists()
+
+
+def test_ledger_text_cannot_inject_markup_into_the_report(tmp_path):
+    db = tmp_path / "w.sqlite"
+    evil = "/v1/[click](http://evil.example)<script>x</script>|*"
+    with Ledger(db) as led:
+        led.write([RequestRecord(id="a", device="gpu0", start_ns=0, end_ns=1, energy_j=1.0, dynamic_j=1.0, idle_j=0.0,
+                                 device_s=0.1, route=evil, tenant="<b>t</b>")])
+        assert led.flush()
+    out = tmp_path / "a.html"
+    p = cli("audit", "--db", db, "--since", "1h", "--out", out)
+    assert p.returncode == 0, p.stderr
+    html = out.read_text()
+    assert "<script>" not in html and "<b>t</b>" not in html and 'href="http://evil.example"' not in html
+    assert "[click](http://evil.example)&lt;script&gt;" in html
+
+
+def test_run_on_a_gpu_reads_the_nvml_energy_counter(monkeypatch, tmp_path):
+    """The same path as on a GPU machine: run_sources() finds NVML (here a thin fake of
+    nvidia-ml-py playing a real A100 trace) and the run is charged the counter's energy."""
+    import pynvml
+
+    from tests.fakes.fake_nvml import ENERGY, USAGE, FakeGpu, FakeNvml
+    from tests.test_nvml import TRACE_S, TRACE_W
+
+    monkeypatch.delenv("WATTSPAN_SIMULATE", raising=False)
+    fake = FakeNvml([FakeGpu("NVIDIA A100-SXM4-40GB", pynvml.NVML_DEVICE_ARCH_AMPERE, TRACE_S, TRACE_W,
+                             supports=frozenset({ENERGY, USAGE}))]).install(monkeypatch)
+    s = measure([sys.executable, "-c", "import time; time.sleep(1.0)"], carbon=CarbonModel(intensity_g_per_kwh=300.0),
+                db=tmp_path / "w.sqlite", interval_s=0.02)
+    d = s["devices"]["gpu0"]
+    assert d["role"] == "accelerator" and d["sensor"].startswith("nvml") and not d["simulated"]
+    g = fake.gpus[0]
+    want = g.energy_j(int(s["ended_at"] * 1e9)) - g.energy_j(int(s["started_at"] * 1e9))
+    assert s["accelerator_j"] == pytest.approx(want, rel=0.05)
+    assert s["accelerator_j"] / s["duration_s"] == pytest.approx(d["mean_power_w"])
+    assert fake.initialised == 0  # NVML released when the run ended
