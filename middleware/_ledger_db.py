@@ -28,7 +28,12 @@ _FIELDS = (
     ("coverage", "REAL"), ("simulated", "INTEGER"), ("route", "TEXT"), ("http_method", "TEXT"),
     ("status_code", "INTEGER"), ("model", "TEXT"), ("tenant", "TEXT"), ("prompt_tokens", "INTEGER"),
     ("output_tokens", "INTEGER"), ("trace_id", "TEXT"), ("span_id", "TEXT"), ("host_j", "REAL"),
+    ("energy_j_low", "REAL"), ("energy_j_high", "REAL"), ("co2e_g_low", "REAL"), ("co2e_g_high", "REAL"),
+    ("quality", "TEXT"),
 )
+# Columns added after schema version 1 was written: older files gain them (with these
+# defaults) when a writer opens them, and readers fill them in for files that lack them.
+_ADDED = {"energy_j_low": "0.0", "energy_j_high": "0.0", "co2e_g_low": "0.0", "co2e_g_high": "0.0", "quality": "''"}
 NAMES = tuple(n for n, _ in _FIELDS)
 COLUMNS = (*NAMES, "recorded_at", "run_id")
 _SCHEMA = (
@@ -44,8 +49,10 @@ GROUP_BY = ("route", "tenant", "model", "device", "http_method", "run_id")
 
 
 def create_schema(conn: sqlite3.Connection, path: Path) -> None:
-    """Create the table and indexes in an empty file (autocommit ``conn``); no-op on a ledger."""
+    """Create the table and indexes in an empty file (autocommit ``conn``); on an existing
+    ledger, add the columns it lacks (see ``_ADDED``)."""
     if schema_version(conn, path):
+        _add_missing_columns(conn)
         return
     conn.execute("PRAGMA auto_vacuum=INCREMENTAL")  # takes only before the first table: lets retention shrink the file
     conn.execute("BEGIN IMMEDIATE")  # on failure the caller closes conn, which rolls back
@@ -55,6 +62,28 @@ def create_schema(conn: sqlite3.Connection, path: Path) -> None:
         conn.execute(f"PRAGMA application_id={_APP_ID}")
         conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
     conn.execute("COMMIT")
+
+
+def _table_columns(conn: sqlite3.Connection) -> set[str]:
+    return {r[1] for r in conn.execute("PRAGMA table_info(requests)")}
+
+
+def _add_missing_columns(conn: sqlite3.Connection) -> None:
+    have = _table_columns(conn)
+    types = dict(_FIELDS)
+    for name, default in _ADDED.items():
+        if have and name not in have:
+            try:
+                conn.execute(f"ALTER TABLE requests ADD COLUMN {name} {types[name]} NOT NULL DEFAULT {default}")
+            except sqlite3.OperationalError as exc:  # another writer added it first
+                if "duplicate column" not in str(exc):
+                    raise
+
+
+def _select_list(conn: sqlite3.Connection) -> str:
+    """COLUMNS for a SELECT, with the defaults of columns an older file lacks."""
+    have = _table_columns(conn)
+    return ", ".join(c if c in have or c not in _ADDED else f"{_ADDED[c]} AS {c}" for c in COLUMNS)
 
 
 def query(path: str | os.PathLike, *, since: float | None = None, until: float | None = None,
@@ -68,7 +97,7 @@ def query(path: str | os.PathLike, *, since: float | None = None, until: float |
     with _reading(path) as conn:
         if conn is None:
             return []
-        rows = conn.execute(f"SELECT {', '.join(COLUMNS)} FROM requests{where} ORDER BY recorded_at, rowid", args)
+        rows = conn.execute(f"SELECT {_select_list(conn)} FROM requests{where} ORDER BY recorded_at, rowid", args)
         out = [dict(zip(COLUMNS, r)) for r in rows]
     for d in out:
         d["simulated"], d["trace_id"], d["span_id"] = bool(d["simulated"]), int(d["trace_id"], 16), int(d["span_id"], 16)

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ._samples import DeviceTrace, SampleKind
-from ._stepmodel import BASIS, basis, correlation_lag, select_family, select_window
+from ._stepmodel import BASIS, basis, correlation_lag, group_errors, select_family, select_window
 
 __all__ = [
     "Requests",
@@ -250,6 +250,7 @@ class DeviceSummary:
     shift_s: float = 0.0  # how much earlier the trace was read to undo stale readings (chosen like the window)
     band_rel: float = math.nan  # 90 % relative error of one held-out reading's dynamic energy
     quality: str = ""  # good | coarse | misfit (batch-fit only)
+    noise: dict | None = None  # the held-out error model behind the bands (see _noise_model)
 
     def as_dict(self) -> dict:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "model"}
@@ -270,6 +271,9 @@ class Attribution:
     coverage: np.ndarray
     method: np.ndarray  # object array of str
     devices: dict[str, DeviceSummary] = field(default_factory=dict)
+    energy_j_low: np.ndarray | None = None  # 90 % band on energy_j (J)
+    energy_j_high: np.ndarray | None = None
+    quality: np.ndarray | None = None  # object array: good | coarse | misfit
 
     @property
     def measured_j(self) -> float:
@@ -284,7 +288,8 @@ class Attribution:
         return float(self.energy_j.sum())
 
     def records(self) -> list[dict]:
-        """One dict per request: ``id, gpu, energy_j, dynamic_j, idle_j, device_s, method, sensor, coverage``."""
+        """One dict per request: ``id, gpu, energy_j, dynamic_j, idle_j, device_s, method, sensor, coverage,
+        energy_j_low, energy_j_high, quality`` (plus ``route, model, tenant`` where given)."""
         r = self.requests
         out = []
         for i in range(len(r)):
@@ -301,6 +306,11 @@ class Attribution:
                 "simulated": bool(d.simulated) if d else False,
                 "coverage": float(self.coverage[i]),
             }
+            if self.energy_j_low is not None:
+                rec["energy_j_low"] = float(self.energy_j_low[i])
+                rec["energy_j_high"] = float(self.energy_j_high[i])
+            if self.quality is not None:
+                rec["quality"] = self.quality[i]
             for key in ("route", "model", "tenant"):
                 col = getattr(r, key)
                 if col is not None:
@@ -344,6 +354,12 @@ def attribute(
     dev_s = np.zeros(n)
     coverage = np.zeros(n)
     method = np.full(n, "no-trace", dtype=object)
+    dyn_sd = np.zeros(n)
+    dyn_dep = np.zeros(n)
+    dyn_s2 = np.zeros(n)
+    half_dyn = np.zeros(n)
+    half_idle = np.zeros(n)
+    quality = np.full(n, "misfit", dtype=object)
     summaries: dict[str, DeviceSummary] = {}
 
     req_dev = requests.device
@@ -399,12 +415,14 @@ def attribute(
                 idle_share, idle_un = seg.share_equal(idle_seg)
         if len(s_idx):
             model = models.get(dev) if models else None
-            dyn, dyn_un, summary_extra = _batch_fit(
+            dyn, dyn_un, summary_extra, spread = _batch_fit(
                 cum, trace, steps, s_idx, requests, ridx, seg, idle_curve, a, b, reconcile_s, model
             )
             in_steps = np.zeros(len(requests), dtype=bool)
             in_steps[steps.entry_request[np.isin(steps.entry_step, s_idx)]] = True
             meth = np.where(in_steps[ridx], "batch-fit", "time-share").astype(object)
+            dev_quality = _quality(summary_extra)
+            summary_extra["quality"] = dev_quality
         else:
             dyn, dyn_un = seg.share_weighted(meas_seg - idle_seg)
             meth = "time-share"
@@ -413,6 +431,19 @@ def attribute(
         # A share below zero (the meter read under the idle baseline: noise, or a
         # baseline set too high) is not a request's saving: it stays unattributed.
         dyn = np.maximum(dyn, 0.0)
+        if len(s_idx):
+            hd = _dyn_half_width(dyn, spread, starts, ends, summary_extra)
+            if dev_quality == "misfit":
+                # the model explains little of what the sensor saw: the split inside each
+                # window is uncertain by the share it leaves unexplained
+                r2 = summary_extra["model"].cv_r2 if summary_extra.get("model") is not None else math.nan
+                hd = np.maximum(hd, (1.0 - (max(r2, 0.0) if math.isfinite(r2) else 0.0)) * dyn)
+            half_dyn[ridx] = np.where(meth == "batch-fit", hd, dyn)
+            quality[ridx] = np.where(meth == "batch-fit", dev_quality, "coarse")
+        else:
+            half_dyn[ridx] = dyn  # a time-overlap split can be off by its whole dynamic share
+            quality[ridx] = "coarse"
+        half_idle[ridx] = _IDLE_REL * idle_share
         dynamic[ridx] += dyn
         idle[ridx] += idle_share
         dev_s[ridx] += dev_time
@@ -437,7 +468,10 @@ def attribute(
             **summary_extra,
         )
     energy[:] = dynamic + idle
-    return Attribution(requests, energy, dynamic, idle, dev_s, coverage, method, summaries)
+    half = _Z90 * np.sqrt(half_dyn**2 + half_idle**2)
+    low = np.maximum(energy - half, 0.0)
+    high = energy + half
+    return Attribution(requests, energy, dynamic, idle, dev_s, coverage, method, summaries, low, high, quality)
 
 
 def _describe_sensor(trace: DeviceTrace) -> str:
@@ -825,7 +859,7 @@ def _batch_fit(cum, trace, steps, s_idx, requests, ridx, seg, idle_curve, a, b, 
 
     # 1. Fit: every reading is a linear function of the steps it overlaps; the
     #    family of step terms is chosen by blocked cross-validation in time.
-    A, y, w_row, t_row, overlap = _fit_rows(cum, trace, feats, idle_curve, a, b, rel, with_weights=True)
+    A, y, w_row, t_row, overlap, len_row = _fit_rows(cum, trace, feats, idle_curve, a, b, rel, with_weights=True)
     shift_ns = 0
     sel = None
     if model is None:
@@ -843,7 +877,7 @@ def _batch_fit(cum, trace, steps, s_idx, requests, ridx, seg, idle_curve, a, b, 
                 # a shift must win clearly: by more than the held-out error's own noise
                 if sel_d is not None and sel_d.cv_error < sel.cv_error * (1 - max(0.03, 1 / math.sqrt(len(rows_d[1])))):
                     sel, shift_ns = sel_d, d_ns
-                    A, y, w_row, t_row, overlap = rows_d
+                    A, y, w_row, t_row, overlap, len_row = rows_d
             if shift_ns:
                 cum, trace = _shifted(cum, trace, shift_ns)
         if sel is not None and np.any(sel.coef):
@@ -857,6 +891,7 @@ def _batch_fit(cum, trace, steps, s_idx, requests, ridx, seg, idle_curve, a, b, 
     #    from the model scaled to what the rest of their window measured.
     window_why = "given"
     band_rel = math.nan
+    noise = None
     if reconcile_s is None:
         m_row = y * w_row
         p_row = (A @ coef) * w_row
@@ -876,6 +911,8 @@ def _batch_fit(cum, trace, steps, s_idx, requests, ridx, seg, idle_curve, a, b, 
             reconcile_s = L * _NS
             window_why = f"lowest held-out error of {len(scores)} window lengths"
             band_rel = _band_rel(m_row, pred, p_row)
+            noise = _noise_model(m_row - pred, p_row, t_row, len_row, m_row, x @ coef, feats, rel, a, L,
+                                 max(overlap, excess))
         else:
             reconcile_s = (b - a) * _NS
             window_why = "too few readings: the whole period"
@@ -916,6 +953,14 @@ def _batch_fit(cum, trace, steps, s_idx, requests, ridx, seg, idle_curve, a, b, 
     dyn = np.bincount(e_r[on_dev], weights=val[on_dev], minlength=len(ridx))
     lost = float(val[~on_dev].sum()) + float(e_step[tok_sum == 0].sum())  # steps naming requests of another device
 
+    # 4b. What the fit does not know: the same split under the bootstrap's coefficients
+    #     and under the other families, per request (for the error band).
+    spread = _dyn_spread(sel, coef, x, feats, edges, w_meas, e_rel, lo, hi, e_s, e_r, share, on_dev, len(ridx), rel)
+    # Per request: sum over its steps of (its share of the step's energy)^2, for the step-noise term.
+    s2 = np.bincount(e_r[on_dev], weights=(e_step[e_s[on_dev]] * share[on_dev]) ** 2, minlength=len(ridx))
+    spread = (*spread, s2, noise)
+    extra_noise = noise
+
     # 5. The residual, as a piecewise-constant power over windows, shared by time.
     res_rate = resid / np.diff(e_rel)
     res_curve_c = np.concatenate(([0.0], np.cumsum(resid)))
@@ -934,8 +979,9 @@ def _batch_fit(cum, trace, steps, s_idx, requests, ridx, seg, idle_curve, a, b, 
         "window_why": window_why,
         "band_rel": band_rel,
         "shift_s": shift_ns * _NS,
+        "noise": extra_noise,
     }
-    return dyn, un_t + lost, extra
+    return dyn, un_t + lost, extra, spread
 
 
 def _fit_idle(cum, trace, steps, s_idx, requests, a, b) -> float | None:
@@ -965,11 +1011,11 @@ def _fit_rows(cum, trace, feats, idle_curve, a, b, rel, with_time=False, with_we
             y = cum.energy(lo, hi) - idle_curve.integral(lo, hi)
             A = feats.mass(rel(hi)) - feats.mass(rel(lo))
             if with_weights:
-                return A, y, np.ones(len(y)), hi, 0
+                return A, y, np.ones(len(y)), hi, 0, (hi - lo).astype(np.float64)
             return (A, y, (hi - lo) * _NS) if with_time else (A, y)
     if trace.power_w is None:
         if with_weights:
-            return np.zeros((0, p)), np.zeros(0), np.zeros(0), np.zeros(0, dtype=np.int64), 0
+            return np.zeros((0, p)), np.zeros(0), np.zeros(0), np.zeros(0, dtype=np.int64), 0, np.zeros(0)
         empty = np.zeros((0, p)), np.zeros(0)
         return (*empty, np.zeros(0)) if with_time else empty
     t, pv, span = power_points(trace)
@@ -987,8 +1033,111 @@ def _fit_rows(cum, trace, feats, idle_curve, a, b, rel, with_time=False, with_we
     if with_weights:
         dt = _typical_interval(t) if len(t) > 2 else span
         overlap = int(math.ceil(span / dt)) - 1 if span and dt else 0
-        return A, y, np.full(len(y), max(span, dt) * _NS), t, max(overlap, 0)
+        return A, y, np.full(len(y), max(span, dt) * _NS), t, max(overlap, 0), np.full(len(y), float(max(span, dt)))
     return (A, y, np.ones(len(y))) if with_time else (A, y)
+
+
+def _dyn_spread(sel, coef, x, feats, edges, w_meas, e_rel, lo, hi, e_s, e_r, share, on_dev, n_req, rel):
+    """Per-request spread of dynamic energy across alternative step models:
+    ``(bootstrap sd, largest departure under another family)``, joules; zeros without a fit."""
+    if sel is None or sel.boot is None:
+        z = np.zeros(n_req)
+        return z, z
+    alts = [sel.boot]
+    fam = [v for f, v in (sel.fits or {}).items() if f != sel.family and np.any(v)
+           and sel.candidates.get(f, math.inf) <= 1.25 * sel.cv_error]
+    if fam:
+        alts.append(np.array(fam))
+    C = np.vstack(alts).T  # basis x K
+    dF = np.diff(feats.mass(rel(edges)), axis=0)
+    wp = dF @ C
+    okk = (wp > 1e-12) & (w_meas[:, None] > 0)
+    sc = np.where(okk, w_meas[:, None] / np.where(okk, wp, 1.0), 0.0)
+    dt = np.diff(e_rel)
+    cs = np.vstack((np.zeros((1, C.shape[1])), np.cumsum(sc * dt[:, None], axis=0)))
+
+    def si(t):
+        k = np.clip(np.searchsorted(e_rel, t, side="right") - 1, 0, len(dt) - 1)
+        return cs[k] + sc[k] * (t - e_rel[k])[:, None]
+
+    e_step = (x @ C) / feats.dur[:, None] * (si(hi) - si(lo))
+    val = e_step[e_s[on_dev]] * share[on_dev, None]
+    r = e_r[on_dev]
+    order = np.argsort(r, kind="stable")
+    r_o = r[order]
+    starts = np.flatnonzero(np.concatenate(([True], r_o[1:] != r_o[:-1]))) if len(r_o) else np.zeros(0, dtype=np.int64)
+    dynk = np.zeros((n_req, C.shape[1]))
+    if len(r_o):
+        dynk[r_o[starts]] = np.add.reduceat(val[order], starts, axis=0)
+    nb = len(sel.boot)
+    sd = dynk[:, :nb].std(axis=1)
+    if C.shape[1] > nb:
+        base = dynk[:, :nb].mean(axis=1)
+        dep = np.abs(dynk[:, nb:] - base[:, None]).max(axis=1)
+    else:
+        dep = np.zeros(n_req)
+    return sd, dep
+
+
+_Z90 = 1.6449  # two-sided 90 %: +-1.645 standard deviations
+_IDLE_REL = 0.015  # relative sd of a request's idle share: the baseline moves a few W over tens of s
+
+
+def _quality(extra: dict) -> str:
+    """``good``: the model predicts held-out readings well and the sensor resolves requests;
+    ``coarse``: it predicts them well but the readings are coarse (the band says how coarse);
+    ``misfit``: the model explains little of the held-out readings (or could not be fitted)."""
+    m = extra.get("model")
+    if m is None or not m.rows or not (m.cv_r2 >= 0.5):
+        return "misfit"
+    nz = extra.get("noise") or {}
+    return "coarse" if nz.get("reading_ns", 0.0) > 25e6 else "good"
+
+
+def _dyn_half_width(dyn, spread, starts, ends, extra) -> np.ndarray:
+    """One standard deviation (J) of each batch-fit request's dynamic energy (see the README)."""
+    sd, dep, s2, noise = spread
+    var = sd**2 + dep**2
+    if noise is None:
+        cv = extra["model"].cv_error if extra.get("model") is not None else math.nan
+        rel_sd = cv if math.isfinite(cv) else 0.25
+        return np.sqrt(var + (rel_sd * dyn) ** 2)
+    life = np.maximum((ends - starts).astype(np.float64), 1.0)
+    groups = noise["groups"]
+    if groups:
+        gs = np.array(sorted(groups), dtype=np.float64)
+        sig = np.array([groups[g] for g in sorted(groups)])
+        G = np.maximum(1.0, life / noise["spacing_ns"])
+        sig_i = np.interp(np.log2(G), np.log2(gs), sig)
+    else:
+        sig_i = np.full(len(dyn), 0.25)
+    # A request shorter than a reading is placed inside it by the model alone.
+    u = np.minimum(1.0, noise["reading_ns"] / life)
+    var = var + (sig_i * dyn) ** 2 + noise["step_var"] * s2 * u
+    return np.sqrt(var)
+
+
+def _noise_model(r, p, t, len_ns, m, e_mod, feats, rel, a, L, overlap):
+    """What the held-out readings say about each request's error.
+
+    ``groups``: {G readings: relative sigma} of a run of G readings predicted from the
+    rest of its window (see :func:`wattspan._stepmodel.group_errors`). ``step_var``: the
+    relative variance of one batch step's energy about the model, if all of a single
+    reading's held-out scatter is put on its steps (sum of squared step energies in it);
+    it matters for requests shorter than a reading, whose placement inside the reading no
+    reading can check. ``spacing_ns``: the readings' spacing."""
+    if len(r) < 8:
+        return None
+    spacing = float(np.median(np.diff(t))) if len(t) > 1 else 1.0
+    sizes = [1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096]
+    groups = group_errors(t, m, p, a, L, sizes, overlap)
+    sq = _StepFeatures((e_mod**2)[:, None], feats.st, feats.en)
+    t_rel = rel(t)
+    Q = (sq.mass(t_rel) - sq.mass(t_rel - len_ns * _NS))[:, 0]
+    w_typ = float(np.median(len_ns)) * _NS
+    ok = Q > 0
+    step_var = float(np.sum(r[ok] ** 2) / np.sum(Q[ok])) if ok.sum() >= 8 else 0.0
+    return {"groups": groups, "step_var": step_var, "spacing_ns": spacing, "reading_ns": max(w_typ * 1e9, spacing)}
 
 
 def _shifted(cum, trace, d_ns: int):
