@@ -369,7 +369,7 @@ def attribute(
             continue
         rmask = req_dev == dev
         ridx = np.flatnonzero(rmask)
-        tr_t0 = int(trace.t_ns[0])
+        tr_t0 = int(trace.t_ns[0]) - _lead_ns(trace)  # an averaged reading covers [t - window, t]
         tr_t1 = int(trace.t_ns[-1])
         a = tr_t0 if t0_ns is None else max(int(t0_ns), tr_t0)
         b = tr_t1 if t1_ns is None else min(int(t1_ns), tr_t1)
@@ -533,7 +533,12 @@ class _CumEnergy:
             t, e = counter_knots(trace.t_ns, trace.energy_j)
             if len(t) >= 2:
                 return cls(t, e - e[0], "energy-counter")
-        t, p, _ = _points_mid(trace)
+        t, p, span = _points_mid(trace)
+        lead = _lead_ns(trace)
+        if lead and len(t):
+            # the first reading's window reaches back to t0 - window, the last ends at its read
+            t = np.concatenate(([t[0] - span // 2], t, [t[-1] + span // 2]))
+            p = np.concatenate(([p[0]], p, [p[-1]]))
         dt = np.diff(t).astype(np.float64) * _NS
         e = np.concatenate(([0.0], np.cumsum(dt * (p[1:] + p[:-1]) * 0.5)))
         return cls(t, e, "power")
@@ -610,6 +615,13 @@ def _typical_interval(t: np.ndarray) -> int:
         return 0
     stride = max(1, len(t) // 100_000)
     return int(np.median(np.diff(t[::stride]))) // stride if stride > 1 else int(np.median(np.diff(t)))
+
+
+def _lead_ns(trace: DeviceTrace) -> int:
+    """How far before its first reading a power-only AVERAGE trace measures (its window)."""
+    if trace.energy_j is None and trace.power_kind == SampleKind.AVERAGE and trace.power_w is not None:
+        return max(int(trace.window_ns), 0)
+    return 0
 
 
 def _points_mid(trace: DeviceTrace) -> tuple[np.ndarray, np.ndarray, int]:
