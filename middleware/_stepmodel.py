@@ -243,6 +243,19 @@ def correlation_lag(r: np.ndarray, max_lag: int = 4096, level: float = 0.2) -> i
     return int(below[0]) if len(below) else len(ac)
 
 
+def _runs(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For a sorted array, each element's run of equal values as ``[first, last)`` indices."""
+    n = len(w)
+    idx = np.arange(n)
+    new = np.ones(n, dtype=bool)
+    new[1:] = w[1:] != w[:-1]
+    first = np.maximum.accumulate(np.where(new, idx, 0))
+    end = np.ones(n, dtype=bool)
+    end[:-1] = new[1:]
+    last = np.minimum.accumulate(np.where(end, idx + 1, n)[::-1])[::-1]
+    return first, last
+
+
 def select_window(t: np.ndarray, m: np.ndarray, p: np.ndarray, a: int, b: int, lengths_ns: np.ndarray,
                   overlap: int = 0) -> tuple[int, dict, np.ndarray]:
     """Choose a reconciliation window length by leave-out prediction of readings.
@@ -268,8 +281,7 @@ def select_window(t: np.ndarray, m: np.ndarray, p: np.ndarray, a: int, b: int, l
         if L <= 0:
             continue
         w = (t - a) // L
-        first = np.searchsorted(w, w, side="left")
-        last = np.searchsorted(w, w, side="right")
+        first, last = _runs(w)
         Mw = cm[last] - cm[first]
         Pw = cp[last] - cp[first]
         lo = np.maximum(idx - k, first)
@@ -306,8 +318,7 @@ def group_errors(t: np.ndarray, m: np.ndarray, p: np.ndarray, a: int, L: int, si
     cm = np.concatenate(([0.0], np.cumsum(m)))
     cp = np.concatenate(([0.0], np.cumsum(p)))
     w = (t - a) // max(int(L), 1)
-    first = np.searchsorted(w, w, side="left")
-    last = np.searchsorted(w, w, side="right")
+    first, last = _runs(w)
     total = max(float(p.sum()), 1e-30)
     g_all = float(m.sum()) / total
     for G in sizes:

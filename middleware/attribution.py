@@ -967,7 +967,8 @@ def _batch_fit(cum, trace, steps, s_idx, requests, ridx, seg, idle_curve, a, b, 
 
     # 4b. What the fit does not know: the same split under the bootstrap's coefficients
     #     and under the other families, per request (for the error band).
-    spread = _dyn_spread(sel, coef, x, feats, edges, w_meas, e_rel, lo, hi, e_s, e_r, share, on_dev, len(ridx), rel)
+    spread = _dyn_spread(sel, coef, x, np.where(feats.dur > 0, (scale_integral(hi) - scale_integral(lo)) / feats.dur, 0.0),
+                         e_s, e_r, share, on_dev, len(ridx))
     # Per request: sum over its steps of (its share of the step's energy)^2, for the step-noise term.
     s2 = np.bincount(e_r[on_dev], weights=(e_step[e_s[on_dev]] * share[on_dev]) ** 2, minlength=len(ridx))
     spread = (*spread, s2, noise)
@@ -1020,6 +1021,9 @@ def _fit_rows(cum, trace, feats, idle_curve, a, b, rel, with_time=False, with_we
         t = cum.t[(cum.t >= a) & (cum.t <= b)]
         if len(t) >= 3:
             lo, hi = t[:-1], t[1:]
+            if with_weights:
+                pick = _chunks(len(hi))
+                lo, hi = lo[pick], hi[pick]
             y = cum.energy(lo, hi) - idle_curve.integral(lo, hi)
             A = feats.mass(rel(hi)) - feats.mass(rel(lo))
             if with_weights:
@@ -1035,6 +1039,10 @@ def _fit_rows(cum, trace, feats, idle_curve, a, b, rel, with_time=False, with_we
     if span:
         ok &= t - span >= a
     t, pv = t[ok], pv[ok]
+    if with_weights:
+        dt_all = _typical_interval(t) if len(t) > 2 else span
+        pick = _chunks(len(t))
+        t, pv = t[pick], pv[pick]
     if span:
         lo = t - span
         A = (feats.mass(rel(t)) - feats.mass(rel(lo))) / (span * _NS)
@@ -1043,54 +1051,55 @@ def _fit_rows(cum, trace, feats, idle_curve, a, b, rel, with_time=False, with_we
         A = feats.density(rel(t))
         y = pv - idle_curve(t)
     if with_weights:
-        dt = _typical_interval(t) if len(t) > 2 else span
+        dt = dt_all
         overlap = int(math.ceil(span / dt)) - 1 if span and dt else 0
         return A, y, np.full(len(y), max(span, dt) * _NS), t, max(overlap, 0), np.full(len(y), float(max(span, dt)))
     return (A, y, np.ones(len(y))) if with_time else (A, y)
 
 
-def _dyn_spread(sel, coef, x, feats, edges, w_meas, e_rel, lo, hi, e_s, e_r, share, on_dev, n_req, rel):
+def _dyn_spread(sel, coef, x, scale_per_s, e_s, e_r, share, on_dev, n_req):
     """Per-request spread of dynamic energy across alternative step models:
-    ``(bootstrap sd, largest departure under another family)``, joules; zeros without a fit."""
-    if sel is None or sel.boot is None:
-        z = np.zeros(n_req)
+    ``(bootstrap sd, largest departure under a close family)``, joules; zeros without a fit.
+
+    Linear in the coefficients: each request's dynamic energy is ``B_i . c`` with ``B_i``
+    its token share of its steps' basis terms times their reconciliation scale. Each
+    alternative is renormalised to the same total (reconciliation keeps measured totals),
+    so what remains is how it would move energy between requests."""
+    z = np.zeros(n_req)
+    if sel is None or sel.boot is None or not len(e_s):
         return z, z
-    alts = [sel.boot]
+    w = share[on_dev]
+    r = e_r[on_dev]
+    s_on = e_s[on_dev]
+    xw = x * scale_per_s[:, None]  # per step, then gathered per entry: one pass per basis term
+    used = np.flatnonzero(np.any(sel.boot != 0, axis=0) | np.any(np.array([v for v in (sel.fits or {}).values()] or [coef]) != 0, axis=0))
+    B = np.zeros((n_req, x.shape[1]))
+    for j in used:
+        B[:, j] = np.bincount(r, weights=xw[s_on, j] * w, minlength=n_req)
+    tot = B.sum(0)
+    base = float(tot @ coef)
+    if base <= 0:
+        return z, z
+
+    def norm(C):
+        t = C @ tot
+        return C * np.where(t > 0, base / np.where(t > 0, t, 1.0), 0.0)[:, None]
+
+    boots = norm(sel.boot)
+    cov = np.cov(boots.T) if len(boots) > 1 else np.zeros((len(coef), len(coef)))
+    lam, vec = np.linalg.eigh(cov)
+    U = vec * np.sqrt(np.maximum(lam, 0.0))
+    sd = np.sqrt(((B @ U) ** 2).sum(axis=1))
     fam = [v for f, v in (sel.fits or {}).items() if f != sel.family and np.any(v)
            and sel.candidates.get(f, math.inf) <= 1.25 * sel.cv_error]
+    dep = z
     if fam:
-        alts.append(np.array(fam))
-    C = np.vstack(alts).T  # basis x K
-    dF = np.diff(feats.mass(rel(edges)), axis=0)
-    wp = dF @ C
-    okk = (wp > 1e-12) & (w_meas[:, None] > 0)
-    sc = np.where(okk, w_meas[:, None] / np.where(okk, wp, 1.0), 0.0)
-    dt = np.diff(e_rel)
-    cs = np.vstack((np.zeros((1, C.shape[1])), np.cumsum(sc * dt[:, None], axis=0)))
-
-    def si(t):
-        k = np.clip(np.searchsorted(e_rel, t, side="right") - 1, 0, len(dt) - 1)
-        return cs[k] + sc[k] * (t - e_rel[k])[:, None]
-
-    e_step = (x @ C) / feats.dur[:, None] * (si(hi) - si(lo))
-    val = e_step[e_s[on_dev]] * share[on_dev, None]
-    r = e_r[on_dev]
-    order = np.argsort(r, kind="stable")
-    r_o = r[order]
-    starts = np.flatnonzero(np.concatenate(([True], r_o[1:] != r_o[:-1]))) if len(r_o) else np.zeros(0, dtype=np.int64)
-    dynk = np.zeros((n_req, C.shape[1]))
-    if len(r_o):
-        dynk[r_o[starts]] = np.add.reduceat(val[order], starts, axis=0)
-    nb = len(sel.boot)
-    sd = dynk[:, :nb].std(axis=1)
-    if C.shape[1] > nb:
-        base = dynk[:, :nb].mean(axis=1)
-        dep = np.abs(dynk[:, nb:] - base[:, None]).max(axis=1)
-    else:
-        dep = np.zeros(n_req)
+        D = norm(np.array(fam)) - boots.mean(0)
+        dep = np.abs(B @ D.T).max(axis=1)
     return sd, dep
 
 
+_SELECT_ROWS = 200_000  # readings the window choice and the error model look at, at most
 _Z90 = 1.6449  # two-sided 90 %: +-1.645 standard deviations
 _IDLE_REL = 0.015  # relative sd of a request's idle share: the baseline moves a few W over tens of s
 
@@ -1156,6 +1165,18 @@ def _shifted(cum, trace, d_ns: int):
     """The cumulative energy and trace read ``d_ns`` earlier (a stale-reading correction)."""
     c = _CumEnergy(cum.t - d_ns, cum.e, cum.source)
     return c, dataclasses.replace(trace, t_ns=trace.t_ns - d_ns)
+
+
+def _chunks(n: int, limit: int | None = None) -> np.ndarray | slice:
+    """Rows to fit and choose on: all of them, or with millions of readings, 8 evenly spaced
+    stretches of consecutive ones (the fit needs a few thousand readings, the window choice
+    runs of consecutive ones; the reconciliation itself uses every reading)."""
+    limit = limit or _SELECT_ROWS
+    if n <= limit:
+        return slice(None)
+    size = limit // 8
+    starts = np.linspace(0, n - size, 8).astype(np.int64)
+    return (starts[:, None] + np.arange(size)[None, :]).ravel()
 
 
 def _band_rel(m: np.ndarray, pred: np.ndarray, p: np.ndarray) -> float:
