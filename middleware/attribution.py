@@ -1133,7 +1133,10 @@ def _dyn_half_width(dyn, spread, starts, ends, extra) -> np.ndarray:
     else:
         sig_i = np.full(len(dyn), 0.25)
     # A request shorter than a reading is placed inside it by the model alone.
-    u = np.minimum(1.0, noise["reading_ns"] / life)
+    # ... and a step inside a reconciliation window much longer than itself gets the model's
+    # share of the window, whatever the step really drew.
+    L, sd_ns = noise.get("window_ns", 0.0), noise.get("step_ns", 0.0)
+    u = np.maximum(np.minimum(1.0, noise["reading_ns"] / life), L / (L + sd_ns) if L + sd_ns > 0 else 0.0)
     var = var + (sig_i * dyn) ** 2 + noise["step_var"] * s2 * u
     return np.sqrt(var)
 
@@ -1157,8 +1160,26 @@ def _noise_model(r, p, t, len_ns, m, e_mod, feats, rel, a, L, overlap):
     Q = (sq.mass(t_rel) - sq.mass(t_rel - len_ns * _NS))[:, 0]
     w_typ = float(np.median(len_ns)) * _NS
     ok = Q > 0
-    step_var = float(np.sum(r[ok] ** 2) / np.sum(Q[ok])) if ok.sum() >= 8 else 0.0
-    return {"groups": groups, "step_var": step_var, "spacing_ns": spacing, "reading_ns": max(w_typ * 1e9, spacing)}
+    step_var = 0.0
+    if ok.sum() >= 8:
+        # squared held-out residuals = step noise x (sum of squared step energies) + sensor
+        # noise x (predicted energy)^2: non-negative least squares splits the two
+        A2 = np.column_stack((Q[ok], p[ok] ** 2))
+        sc = np.sqrt((A2**2).sum(0))
+        sc[sc == 0] = 1.0
+        As = A2 / sc
+        from ._stepmodel import nnls_gram
+
+        split = float(nnls_gram(As.T @ As, As.T @ (r[ok] ** 2))[0] / sc[0])
+        # When the two regressors move together (many similar steps per reading) the split
+        # is not identified: all of the scatter on the steps bounds it from above. Take the
+        # geometric mean of the split and that bound, weighted to the bound as they align.
+        upper = float(np.sum(r[ok] ** 2) / np.sum(Q[ok]))
+        rho = float(np.corrcoef(Q[ok], p[ok] ** 2)[0, 1]) if np.std(Q[ok]) > 0 and np.std(p[ok]) > 0 else 1.0
+        wgt = 0.5 + 0.5 * min(max(rho, 0.0), 1.0)
+        step_var = math.exp(wgt * math.log(max(upper, 1e-12)) + (1 - wgt) * math.log(max(split, 1e-12))) if upper > 0 else 0.0
+    return {"groups": groups, "step_var": step_var, "spacing_ns": spacing, "reading_ns": max(w_typ * 1e9, spacing),
+            "window_ns": float(L), "step_ns": float(np.median(feats.dur)) * 1e9}
 
 
 def _shifted(cum, trace, d_ns: int):
