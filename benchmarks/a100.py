@@ -26,14 +26,27 @@ import numpy as np
 
 from wattspan import DeviceTrace, SampleKind
 
-__all__ = ["A100Run", "RECORDINGS", "load_a100", "naive_pulse_errors", "piecewise_linear_energy_j", "write_a100_example"]
+__all__ = ["A100Run", "RECORDINGS", "STEP_RECORDINGS", "REFRESH_RECORDINGS", "Recording", "load_a100", "load_recording",
+           "naive_pulse_errors", "piecewise_linear_energy_j", "refresh_period_ms", "write_a100_example"]
 
 #: File-name prefixes of the recordings that have nvidia-smi data, meter data and load timing.
 RECORDINGS = {
     "5050": "GPU_Power_Benchmark_5050_A100_",
     "transient": "GPU_Power_Benchmark_Transient_Response_A100_TR_",
 }
+#: Step-response recordings of other GPUs beside the same external meter: one ~6 s load step.
+STEP_RECORDINGS = {
+    "A100 PCIe": "GPU_Power_Benchmark_Transient_Response_A100_TR_",
+    "RTX A5000": "GPU_Power_Benchmark_Transient_Response_A5000_TR_",
+    "Tesla K40m": "GPU_Power_Benchmark_Transient_Response_K40m_TR_",
+}
+#: nvidia-smi recordings without a meter, made to show how often the reported power changes.
+REFRESH_RECORDINGS = {
+    "A100 PCIe": "GPU_Power_Benchmark_pwr_update_freq_A100_gpudata.csv",
+    "Tesla V100": "GPU_Power_Benchmark_pwr_update_freq_V100_gpudata.csv",
+}
 _UTC_OFFSET_NS = 3600 * 10**9  # gpudata.csv is UK summer time (UTC+01:00)
+_POWER_COLUMNS = ("power.draw [W]", "power.draw.average [W]", "power.draw.instant [W]")
 
 
 def piecewise_linear_energy_j(t_ns: np.ndarray, power_w: np.ndarray, start_ns, end_ns) -> np.ndarray:
@@ -139,6 +152,70 @@ def load_a100(data_dir: str | Path, recording: str = "5050") -> A100Run:
     trace = DeviceTrace(device="0", t_ns=t_ns, power_w=instant_w, power_kind=SampleKind.INSTANT,
                         sensor="nvidia-smi:power.draw.instant", simulated=False)
     return A100Run(nvsmi=trace, nvsmi_power_draw_w=draw_w, meter_t_ns=meter_t, meter_power_w=meter_p, pulses=pulses)
+
+
+@dataclass(frozen=True, eq=False)
+class Recording:
+    """One recording of any GPU: every nvidia-smi power column as its own trace (keyed by the
+    column name without `` [W]``), the meter (may be empty), and the load ON/OFF times."""
+
+    gpu: str
+    traces: dict
+    meter_t_ns: np.ndarray
+    meter_power_w: np.ndarray
+    pulses: np.ndarray
+
+    def meter_energy_j(self, start_ns, end_ns) -> np.ndarray:
+        return piecewise_linear_energy_j(self.meter_t_ns, self.meter_power_w, start_ns, end_ns)
+
+
+def _read_power_columns(path: Path) -> tuple[np.ndarray, dict]:
+    lines = path.read_text().splitlines()
+    header = [h.strip() for h in lines[0].split(",")]
+    cols = {h: header.index(h) for h in _POWER_COLUMNS if h in header}
+    if not cols:
+        raise ValueError(f"{path}: no power column among {_POWER_COLUMNS}; got {header}")
+    rows = [[c.strip() for c in line.split(",")] for line in lines[1:] if line.strip()]
+    stamps = np.array([r[0].replace("/", "-").replace(" ", "T") for r in rows], dtype="datetime64[ns]")
+    t_ns = stamps.astype(np.int64) - _UTC_OFFSET_NS
+    return t_ns, {h.replace(" [W]", ""): np.array([float(r[i]) for r in rows]) for h, i in cols.items()}
+
+
+def _strictly_increasing(t: np.ndarray, *cols):
+    keep = np.concatenate(([True], np.diff(t) > 0))
+    return (t[keep], *(c[keep] for c in cols))
+
+
+def load_recording(data_dir: str | Path, gpu: str) -> Recording:
+    """A step-response recording of :data:`STEP_RECORDINGS` (``"RTX A5000"``...), every power
+    column as a trace: ``power.draw.average`` as an AVERAGE trace over 1 s (NVIDIA: the
+    one-second average), the others as INSTANT traces."""
+    if gpu not in STEP_RECORDINGS:
+        raise ValueError(f"unknown recording {gpu!r}; choose one of {sorted(STEP_RECORDINGS)}")
+    d = _traces_dir(data_dir)
+    prefix = STEP_RECORDINGS[gpu]
+    t_ns, cols = _read_power_columns(d / f"{prefix}gpudata.csv")
+    traces = {}
+    for name, p in cols.items():
+        t, v = _strictly_increasing(t_ns, p)
+        avg = name.endswith(".average")
+        traces[name] = DeviceTrace(device="0", t_ns=t, power_w=v, power_kind=SampleKind.AVERAGE if avg else SampleKind.INSTANT,
+                                   window_ns=10**9 if avg else 0, sensor=f"nvidia-smi:{name}", simulated=False)
+    meter_t, meter_p = _read_pmd(d / f"{prefix}PMD_data.csv")
+    return Recording(gpu, traces, meter_t, meter_p, _read_pulses(d / f"{prefix}timestamps.csv"))
+
+
+def refresh_period_ms(data_dir: str | Path, gpu: str) -> dict:
+    """How often each power column of a :data:`REFRESH_RECORDINGS` file actually changes:
+    ``{column: {"poll_ms", "change_ms"}}`` (median interval between polls, and between
+    changes of the reported value)."""
+    t_ns, cols = _read_power_columns(_traces_dir(data_dir) / REFRESH_RECORDINGS[gpu])
+    out = {}
+    for name, p in cols.items():
+        ch = np.flatnonzero(np.diff(p) != 0) + 1
+        out[name] = {"poll_ms": float(np.median(np.diff(t_ns))) / 1e6,
+                     "change_ms": float(np.median(np.diff(t_ns[ch]))) / 1e6 if len(ch) > 2 else float("nan")}
+    return out
 
 
 def naive_pulse_errors(run: A100Run) -> np.ndarray:

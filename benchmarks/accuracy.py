@@ -106,6 +106,58 @@ def a100(directory: Path = ROOT / "examples" / "a100") -> dict[str, np.ndarray]:
     }
 
 
+def _a100_bench():
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("a100_bench", ROOT / "benchmarks" / "a100.py")
+    mod = sys.modules.setdefault("a100_bench", importlib.util.module_from_spec(spec))
+    spec.loader.exec_module(mod)
+    return mod
+
+
+DATA = ROOT.parent / "shared" / "data"
+
+
+def real_steps(data: Path = DATA) -> list[dict]:
+    """Each step-response recording (one ~6 s load step beside an external meter), each of its
+    nvidia-smi power columns as the sensor: the load window as one request with one batch step.
+    Rows: gpu, column, whole-window error of batch-fit and of the time-overlap split, the
+    sensor's calibration offset against the meter (steady load and idle), and the error that
+    is left once that offset is taken out (what attribution itself adds)."""
+    bench = _a100_bench()
+    rows = []
+    for gpu in bench.STEP_RECORDINGS:
+        rec = bench.load_recording(data, gpu)
+        (on, off), = rec.pulses[:1]
+        truth = float(rec.meter_energy_j(on, off))
+        for name, tr in rec.traces.items():
+            req = Requests.from_records([{"id": "load", "start_ns": int(on), "end_ns": int(off), "gpu": "0"}])
+            steps = Steps.from_records([{"start_ns": int(on), "end_ns": int(off), "gpu": "0", "requests": {"load": 1}}], req)
+            fit = attribute({"0": tr}, req, steps)
+            naive = attribute({"0": tr}, req)
+            # calibration: sensor mean vs meter mean, steady load (1 s after the step) and idle (before it)
+            t = tr.t_ns
+            load = (t >= on + 10**9) & (t <= off)
+            idle = (t >= rec.meter_t_ns[0]) & (t < on)
+            m_load = float(rec.meter_energy_j(on + 10**9, off)) / ((off - on - 10**9) * 1e-9)
+            m_idle = float(rec.meter_energy_j(max(int(rec.meter_t_ns[0]), int(t[0])), on)) / ((on - max(int(rec.meter_t_ns[0]), int(t[0]))) * 1e-9)
+            off_load = float(tr.power_w[load].mean()) / m_load - 1
+            off_idle = float(tr.power_w[idle].mean()) / m_idle - 1 if idle.any() else float("nan")
+            e = float(fit.energy_j[0])
+            # the sensor's own bias, removed: scale the window's truth by the sensor's offset at load
+            rows.append({"gpu": gpu, "column": name, "truth_j": truth, "fit_err": e / truth - 1,
+                         "naive_err": float(naive.energy_j[0]) / truth - 1, "offset_load": off_load, "offset_idle": off_idle,
+                         "fit_err_offset_removed": e / (truth * (1 + off_load)) - 1,
+                         "band": (float(fit.energy_j_low[0]) / truth - 1, float(fit.energy_j_high[0]) / truth - 1)})
+    return rows
+
+
+def refresh(data: Path = DATA) -> dict:
+    bench = _a100_bench()
+    return {gpu: bench.refresh_period_ms(data, gpu) for gpu in bench.REFRESH_RECORDINGS}
+
+
 def _pct(x: np.ndarray, q: float) -> str:
     return f"{np.quantile(x, q) * 100:.1f} %"
 
@@ -195,6 +247,31 @@ def main() -> None:
         "",
         "Data: JimZeyuYang/GPU_Power_Benchmark (MIT), see `examples/a100/README.md`.",
     ]
+    if DATA.is_dir():
+        lines += [
+            "",
+            "## Real step responses: A100, RTX A5000, Tesla K40m (one ~6 s load step, external meter as truth)",
+            "",
+            "The load window as one request with one batch step; each nvidia-smi power column in turn as the sensor.",
+            "Whole-window energy error against the meter; the sensor's calibration offset (its mean against the meter's,",
+            "at steady load and at idle) reported apart: attribution cannot fix a sensor that reads 5 % low. \"after offset\"",
+            "divides the offset at load out: the part of the error the attribution itself adds (lag, averaging, idle).",
+            "",
+            "| GPU | sensor column | batch-fit error | time-overlap error | offset at load | offset at idle | batch-fit error after offset | 90 % band |",
+            "|---|---|---:|---:|---:|---:|---:|---|",
+        ]
+        for r in real_steps():
+            lines.append(f"| {r['gpu']} | `{r['column']}` | {r['fit_err'] * 100:+.1f} % | {r['naive_err'] * 100:+.1f} % | "
+                         f"{r['offset_load'] * 100:+.1f} % | {r['offset_idle'] * 100:+.1f} % | {r['fit_err_offset_removed'] * 100:+.1f} % | "
+                         f"{r['band'][0] * 100:+.1f} % .. {r['band'][1] * 100:+.1f} % |")
+        lines += ["", "### How often the reported power changes (refresh-rate recordings, no meter)", "",
+                  "| GPU | column | poll interval ms | value changes every ms |", "|---|---|---:|---:|"]
+        for gpu, cols in refresh().items():
+            for name, v in cols.items():
+                lines.append(f"| {gpu} | `{name}` | {v['poll_ms']:.0f} | {v['change_ms']:.0f} |")
+        lines += ["", "A value that changes every 100 ms is a part-time or averaged reading whatever the poll rate: the sensors",
+                  "`instant-100ms` / `nvml-poll-20ms` model the A100's, `average-20ms` the V100's 20 ms refresh.",
+                  "Data: JimZeyuYang/GPU_Power_Benchmark (MIT), the shared data folder's `traces/` (see its SOURCES.md)."]
     text = "\n".join(lines) + "\n"
     print(text)
     a.out.parent.mkdir(parents=True, exist_ok=True)

@@ -28,7 +28,10 @@ _FIELDS = (
     ("coverage", "REAL"), ("simulated", "INTEGER"), ("route", "TEXT"), ("http_method", "TEXT"),
     ("status_code", "INTEGER"), ("model", "TEXT"), ("tenant", "TEXT"), ("prompt_tokens", "INTEGER"),
     ("output_tokens", "INTEGER"), ("trace_id", "TEXT"), ("span_id", "TEXT"), ("host_j", "REAL"),
-    # issue 11: which intensity each record used (added to older files on open; read as defaults)
+    # added after schema 1 shipped (older files gain them on open; readers fill in defaults):
+    # the error band and quality flag, and which intensity each record used
+    ("energy_j_low", "REAL"), ("energy_j_high", "REAL"), ("co2e_g_low", "REAL"), ("co2e_g_high", "REAL"),
+    ("quality", "TEXT"),
     ("intensity_g_per_kwh", "REAL"), ("intensity_provider", "TEXT"), ("intensity_zone", "TEXT"),
     ("intensity_hour", "TEXT"), ("intensity_basis", "TEXT"), ("market_g_per_kwh", "REAL"),
     ("co2e_market_g", "REAL"), ("marginal_g_per_kwh", "REAL"), ("co2e_marginal_g", "REAL"),
@@ -50,7 +53,8 @@ GROUP_BY = ("route", "tenant", "model", "device", "http_method", "run_id")
 
 
 def create_schema(conn: sqlite3.Connection, path: Path) -> None:
-    """Create the table and indexes in an empty file (autocommit ``conn``); no-op on a ledger."""
+    """Create the table and indexes in an empty file (autocommit ``conn``); on an existing
+    ledger, add the columns it lacks (see ``_ADDED``)."""
     if schema_version(conn, path):
         upgrade_schema(conn)
         return

@@ -38,10 +38,12 @@ __all__ = ["Meter", "get_default_meter", "set_default_meter"]
 log = logging.getLogger("wattspan")
 
 _BEGIN, _END, _STEP, _MARK = 0, 1, 2, 3
+_QUALITY_RANK = {"good": 1, "coarse": 2, "misfit": 3}
 
 
 class _Inflight:
-    __slots__ = ("device", "start_ns", "end_ns", "meta", "dynamic_j", "idle_j", "device_s", "covered_ns", "host_j", "method", "peer")
+    __slots__ = ("device", "start_ns", "end_ns", "meta", "dynamic_j", "idle_j", "device_s", "covered_ns", "host_j", "method", "peer",
+                 "band_j", "quality")
 
     def __init__(self, device: str, start_ns: int, peer: int = 0) -> None:
         self.peer = peer  # pid of the peer process serving it; 0 = this process
@@ -55,6 +57,8 @@ class _Inflight:
         self.covered_ns = 0
         self.host_j = 0.0
         self.method = ""
+        self.band_j = 0.0  # half-width of the 90 % band, summed over periods
+        self.quality = ""
 
 
 class Meter:
@@ -585,8 +589,14 @@ class Meter:
                     self.counters["sink_errors"] += 1
                     log.exception("a device sink failed")
         lo, hi = d.t0_ns, d.t1_ns
-        for rid, dj, ij, ds, meth in zip(rids, res.dynamic_j.tolist(), res.idle_j.tolist(), res.device_s.tolist(), res.method.tolist()):
+        half = ((res.energy_j_high - res.energy_j_low) / 2).tolist() if res.energy_j_low is not None else [0.0] * len(rids)
+        qual = res.quality.tolist() if res.quality is not None else [""] * len(rids)
+        for rid, dj, ij, ds, meth, hj, q in zip(rids, res.dynamic_j.tolist(), res.idle_j.tolist(), res.device_s.tolist(),
+                                                res.method.tolist(), half, qual):
             r = self._inflight[rid]
+            r.band_j += hj  # a request's periods share one model: their errors add
+            if q and (r.quality == "" or _QUALITY_RANK.get(q, 0) > _QUALITY_RANK.get(r.quality, 0)):
+                r.quality = q  # the worst quality of its periods
             r.dynamic_j += dj
             r.idle_j += ij
             r.device_s += ds
@@ -664,6 +674,11 @@ class Meter:
         wall = np.fromiter(((r.start_ns + r.end_ns) * 0.5e-9 for _, r in done), float, len(done)) + (time.time() - time.monotonic())
         carbon = self.carbon.per_request(energy + host, dev_s, wall)
         op, emb, cfields = carbon.operational_g, carbon.embodied_g, carbon.fields()
+        band = np.fromiter((r.band_j for _, r in done), float, len(done))
+        e_lo, e_hi = np.maximum(energy - band, 0.0), energy + band
+        # the band's carbon at the same hourly intensity: operational grams scale with energy
+        per_j = np.divide(op, energy + host, out=np.zeros(len(done)), where=(energy + host) > 0)
+        op_lo, op_hi = per_j * (e_lo + host), per_j * (e_hi + host)
         batch: list[RequestRecord] = []
         for k, (rid, r) in enumerate(done):
             m = r.meta
@@ -693,6 +708,11 @@ class Meter:
                 trace_id=int(m.get("trace_id", 0) or 0),
                 span_id=int(m.get("span_id", 0) or 0),
                 host_j=r.host_j,
+                energy_j_low=float(e_lo[k]),
+                energy_j_high=float(e_hi[k]),
+                co2e_g_low=float(op_lo[k] + emb[k]),
+                co2e_g_high=float(op_hi[k] + emb[k]),
+                quality=r.quality,
                 **cfields[k],
             )
             self.counters["records"] += 1

@@ -22,6 +22,12 @@ class RequestRecord:
     instant), ``sensor`` which reading it rests on, ``coverage`` the fraction of
     the request's lifetime the trace covered (0..1), ``simulated`` whether the
     power came from the simulated source (never a measurement).
+
+    ``energy_j_low``/``energy_j_high`` bound a 90 % interval on ``energy_j`` from the
+    step model's held-out errors (``co2e_g_low``/``co2e_g_high`` the same carried to
+    carbon); both 0 when no band was computed. ``quality`` is ``good``, ``coarse``
+    (a coarse sensor: trust the band) or ``misfit`` (the model fits badly; the band is
+    wide), or empty.
     """
 
     id: str
@@ -48,6 +54,11 @@ class RequestRecord:
     trace_id: int = 0
     span_id: int = 0
     host_j: float = 0.0
+    energy_j_low: float = 0.0
+    energy_j_high: float = 0.0
+    co2e_g_low: float = 0.0
+    co2e_g_high: float = 0.0
+    quality: str = ""
     # Which intensity the carbon used (issue 11): gCO2e/kWh, the provider that said it
     # (``profile``, ``table``, ``electricitymaps``, ...; ``+fallback`` when a live one was
     # down), its zone, the hour (``YYYY-MM-DDTHH:MMZ``, UTC) and the basis (``location``).

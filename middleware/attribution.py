@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ._samples import DeviceTrace, SampleKind
-from ._stepmodel import BASIS, basis, correlation_lag, select_family, select_window
+from ._stepmodel import BASIS, basis, correlation_lag, group_errors, select_family, select_window
 
 __all__ = [
     "Requests",
@@ -250,6 +250,7 @@ class DeviceSummary:
     shift_s: float = 0.0  # how much earlier the trace was read to undo stale readings (chosen like the window)
     band_rel: float = math.nan  # 90 % relative error of one held-out reading's dynamic energy
     quality: str = ""  # good | coarse | misfit (batch-fit only)
+    noise: dict | None = None  # the held-out error model behind the bands (see _noise_model)
 
     def as_dict(self) -> dict:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "model"}
@@ -270,6 +271,9 @@ class Attribution:
     coverage: np.ndarray
     method: np.ndarray  # object array of str
     devices: dict[str, DeviceSummary] = field(default_factory=dict)
+    energy_j_low: np.ndarray | None = None  # 90 % band on energy_j (J)
+    energy_j_high: np.ndarray | None = None
+    quality: np.ndarray | None = None  # object array: good | coarse | misfit
 
     @property
     def measured_j(self) -> float:
@@ -284,7 +288,8 @@ class Attribution:
         return float(self.energy_j.sum())
 
     def records(self) -> list[dict]:
-        """One dict per request: ``id, gpu, energy_j, dynamic_j, idle_j, device_s, method, sensor, coverage``."""
+        """One dict per request: ``id, gpu, energy_j, dynamic_j, idle_j, device_s, method, sensor, coverage,
+        energy_j_low, energy_j_high, quality`` (plus ``route, model, tenant`` where given)."""
         r = self.requests
         out = []
         for i in range(len(r)):
@@ -301,6 +306,11 @@ class Attribution:
                 "simulated": bool(d.simulated) if d else False,
                 "coverage": float(self.coverage[i]),
             }
+            if self.energy_j_low is not None:
+                rec["energy_j_low"] = float(self.energy_j_low[i])
+                rec["energy_j_high"] = float(self.energy_j_high[i])
+            if self.quality is not None:
+                rec["quality"] = self.quality[i]
             for key in ("route", "model", "tenant"):
                 col = getattr(r, key)
                 if col is not None:
@@ -344,6 +354,12 @@ def attribute(
     dev_s = np.zeros(n)
     coverage = np.zeros(n)
     method = np.full(n, "no-trace", dtype=object)
+    dyn_sd = np.zeros(n)
+    dyn_dep = np.zeros(n)
+    dyn_s2 = np.zeros(n)
+    half_dyn = np.zeros(n)
+    half_idle = np.zeros(n)
+    quality = np.full(n, "misfit", dtype=object)
     summaries: dict[str, DeviceSummary] = {}
 
     req_dev = requests.device
@@ -353,7 +369,7 @@ def attribute(
             continue
         rmask = req_dev == dev
         ridx = np.flatnonzero(rmask)
-        tr_t0 = int(trace.t_ns[0])
+        tr_t0 = int(trace.t_ns[0]) - _lead_ns(trace)  # an averaged reading covers [t - window, t]
         tr_t1 = int(trace.t_ns[-1])
         a = tr_t0 if t0_ns is None else max(int(t0_ns), tr_t0)
         b = tr_t1 if t1_ns is None else min(int(t1_ns), tr_t1)
@@ -399,12 +415,14 @@ def attribute(
                 idle_share, idle_un = seg.share_equal(idle_seg)
         if len(s_idx):
             model = models.get(dev) if models else None
-            dyn, dyn_un, summary_extra = _batch_fit(
+            dyn, dyn_un, summary_extra, spread = _batch_fit(
                 cum, trace, steps, s_idx, requests, ridx, seg, idle_curve, a, b, reconcile_s, model
             )
             in_steps = np.zeros(len(requests), dtype=bool)
             in_steps[steps.entry_request[np.isin(steps.entry_step, s_idx)]] = True
             meth = np.where(in_steps[ridx], "batch-fit", "time-share").astype(object)
+            dev_quality = _quality(summary_extra)
+            summary_extra["quality"] = dev_quality
         else:
             dyn, dyn_un = seg.share_weighted(meas_seg - idle_seg)
             meth = "time-share"
@@ -414,6 +432,19 @@ def attribute(
         # baseline set too high) is not a request's saving: it stays unattributed.
         dyn = np.maximum(dyn, 0.0)
         dyn, idle_share = _conserve(measured, dyn, idle_share)
+        if len(s_idx):
+            hd = _dyn_half_width(dyn, spread, starts, ends, summary_extra)
+            if dev_quality == "misfit":
+                # the model explains little of what the sensor saw: the split inside each
+                # window is uncertain by the share it leaves unexplained
+                r2 = summary_extra["model"].cv_r2 if summary_extra.get("model") is not None else math.nan
+                hd = np.maximum(hd, (1.0 - (max(r2, 0.0) if math.isfinite(r2) else 0.0)) * dyn)
+            half_dyn[ridx] = np.where(meth == "batch-fit", hd, dyn)
+            quality[ridx] = np.where(meth == "batch-fit", dev_quality, "coarse")
+        else:
+            half_dyn[ridx] = dyn  # a time-overlap split can be off by its whole dynamic share
+            quality[ridx] = "coarse"
+        half_idle[ridx] = _IDLE_REL * idle_share
         dynamic[ridx] += dyn
         idle[ridx] += idle_share
         dev_s[ridx] += dev_time
@@ -438,7 +469,10 @@ def attribute(
             **summary_extra,
         )
     energy[:] = dynamic + idle
-    return Attribution(requests, energy, dynamic, idle, dev_s, coverage, method, summaries)
+    half = _Z90 * np.sqrt(half_dyn**2 + half_idle**2)
+    low = np.maximum(energy - half, 0.0)
+    high = energy + half
+    return Attribution(requests, energy, dynamic, idle, dev_s, coverage, method, summaries, low, high, quality)
 
 
 def _describe_sensor(trace: DeviceTrace) -> str:
@@ -500,7 +534,12 @@ class _CumEnergy:
             t, e = counter_knots(trace.t_ns, trace.energy_j)
             if len(t) >= 2:
                 return cls(t, e - e[0], "energy-counter")
-        t, p, _ = _points_mid(trace)
+        t, p, span = _points_mid(trace)
+        lead = _lead_ns(trace)
+        if lead and len(t):
+            # the first reading's window reaches back to t0 - window, the last ends at its read
+            t = np.concatenate(([t[0] - span // 2], t, [t[-1] + span // 2]))
+            p = np.concatenate(([p[0]], p, [p[-1]]))
         dt = np.diff(t).astype(np.float64) * _NS
         e = np.concatenate(([0.0], np.cumsum(dt * (p[1:] + p[:-1]) * 0.5)))
         return cls(t, e, "power")
@@ -577,6 +616,13 @@ def _typical_interval(t: np.ndarray) -> int:
         return 0
     stride = max(1, len(t) // 100_000)
     return int(np.median(np.diff(t[::stride]))) // stride if stride > 1 else int(np.median(np.diff(t)))
+
+
+def _lead_ns(trace: DeviceTrace) -> int:
+    """How far before its first reading a power-only AVERAGE trace measures (its window)."""
+    if trace.energy_j is None and trace.power_kind == SampleKind.AVERAGE and trace.power_w is not None:
+        return max(int(trace.window_ns), 0)
+    return 0
 
 
 def _points_mid(trace: DeviceTrace) -> tuple[np.ndarray, np.ndarray, int]:
@@ -826,7 +872,7 @@ def _batch_fit(cum, trace, steps, s_idx, requests, ridx, seg, idle_curve, a, b, 
 
     # 1. Fit: every reading is a linear function of the steps it overlaps; the
     #    family of step terms is chosen by blocked cross-validation in time.
-    A, y, w_row, t_row, overlap = _fit_rows(cum, trace, feats, idle_curve, a, b, rel, with_weights=True)
+    A, y, w_row, t_row, overlap, len_row = _fit_rows(cum, trace, feats, idle_curve, a, b, rel, with_weights=True)
     shift_ns = 0
     sel = None
     if model is None:
@@ -844,7 +890,7 @@ def _batch_fit(cum, trace, steps, s_idx, requests, ridx, seg, idle_curve, a, b, 
                 # a shift must win clearly: by more than the held-out error's own noise
                 if sel_d is not None and sel_d.cv_error < sel.cv_error * (1 - max(0.03, 1 / math.sqrt(len(rows_d[1])))):
                     sel, shift_ns = sel_d, d_ns
-                    A, y, w_row, t_row, overlap = rows_d
+                    A, y, w_row, t_row, overlap, len_row = rows_d
             if shift_ns:
                 cum, trace = _shifted(cum, trace, shift_ns)
         if sel is not None and np.any(sel.coef):
@@ -858,6 +904,7 @@ def _batch_fit(cum, trace, steps, s_idx, requests, ridx, seg, idle_curve, a, b, 
     #    from the model scaled to what the rest of their window measured.
     window_why = "given"
     band_rel = math.nan
+    noise = None
     if reconcile_s is None:
         m_row = y * w_row
         p_row = (A @ coef) * w_row
@@ -877,6 +924,8 @@ def _batch_fit(cum, trace, steps, s_idx, requests, ridx, seg, idle_curve, a, b, 
             reconcile_s = L * _NS
             window_why = f"lowest held-out error of {len(scores)} window lengths"
             band_rel = _band_rel(m_row, pred, p_row)
+            noise = _noise_model(m_row - pred, p_row, t_row, len_row, m_row, x @ coef, feats, rel, a, L,
+                                 max(overlap, excess))
         else:
             reconcile_s = (b - a) * _NS
             window_why = "too few readings: the whole period"
@@ -917,6 +966,15 @@ def _batch_fit(cum, trace, steps, s_idx, requests, ridx, seg, idle_curve, a, b, 
     dyn = np.bincount(e_r[on_dev], weights=val[on_dev], minlength=len(ridx))
     lost = float(val[~on_dev].sum()) + float(e_step[tok_sum == 0].sum())  # steps naming requests of another device
 
+    # 4b. What the fit does not know: the same split under the bootstrap's coefficients
+    #     and under the other families, per request (for the error band).
+    spread = _dyn_spread(sel, coef, x, np.where(feats.dur > 0, (scale_integral(hi) - scale_integral(lo)) / feats.dur, 0.0),
+                         e_s, e_r, share, on_dev, len(ridx))
+    # Per request: sum over its steps of (its share of the step's energy)^2, for the step-noise term.
+    s2 = np.bincount(e_r[on_dev], weights=(e_step[e_s[on_dev]] * share[on_dev]) ** 2, minlength=len(ridx))
+    spread = (*spread, s2, noise)
+    extra_noise = noise
+
     # 5. The residual, as a piecewise-constant power over windows, shared by time.
     res_rate = resid / np.diff(e_rel)
     res_curve_c = np.concatenate(([0.0], np.cumsum(resid)))
@@ -935,8 +993,9 @@ def _batch_fit(cum, trace, steps, s_idx, requests, ridx, seg, idle_curve, a, b, 
         "window_why": window_why,
         "band_rel": band_rel,
         "shift_s": shift_ns * _NS,
+        "noise": extra_noise,
     }
-    return dyn, un_t + lost, extra
+    return dyn, un_t + lost, extra, spread
 
 
 def _fit_idle(cum, trace, steps, s_idx, requests, a, b) -> float | None:
@@ -963,14 +1022,17 @@ def _fit_rows(cum, trace, feats, idle_curve, a, b, rel, with_time=False, with_we
         t = cum.t[(cum.t >= a) & (cum.t <= b)]
         if len(t) >= 3:
             lo, hi = t[:-1], t[1:]
+            if with_weights:
+                pick = _chunks(len(hi))
+                lo, hi = lo[pick], hi[pick]
             y = cum.energy(lo, hi) - idle_curve.integral(lo, hi)
             A = feats.mass(rel(hi)) - feats.mass(rel(lo))
             if with_weights:
-                return A, y, np.ones(len(y)), hi, 0
+                return A, y, np.ones(len(y)), hi, 0, (hi - lo).astype(np.float64)
             return (A, y, (hi - lo) * _NS) if with_time else (A, y)
     if trace.power_w is None:
         if with_weights:
-            return np.zeros((0, p)), np.zeros(0), np.zeros(0), np.zeros(0, dtype=np.int64), 0
+            return np.zeros((0, p)), np.zeros(0), np.zeros(0), np.zeros(0, dtype=np.int64), 0, np.zeros(0)
         empty = np.zeros((0, p)), np.zeros(0)
         return (*empty, np.zeros(0)) if with_time else empty
     t, pv, span = power_points(trace)
@@ -978,6 +1040,10 @@ def _fit_rows(cum, trace, feats, idle_curve, a, b, rel, with_time=False, with_we
     if span:
         ok &= t - span >= a
     t, pv = t[ok], pv[ok]
+    if with_weights:
+        dt_all = _typical_interval(t) if len(t) > 2 else span
+        pick = _chunks(len(t))
+        t, pv = t[pick], pv[pick]
     if span:
         lo = t - span
         A = (feats.mass(rel(t)) - feats.mass(rel(lo))) / (span * _NS)
@@ -986,16 +1052,153 @@ def _fit_rows(cum, trace, feats, idle_curve, a, b, rel, with_time=False, with_we
         A = feats.density(rel(t))
         y = pv - idle_curve(t)
     if with_weights:
-        dt = _typical_interval(t) if len(t) > 2 else span
+        dt = dt_all
         overlap = int(math.ceil(span / dt)) - 1 if span and dt else 0
-        return A, y, np.full(len(y), max(span, dt) * _NS), t, max(overlap, 0)
+        return A, y, np.full(len(y), max(span, dt) * _NS), t, max(overlap, 0), np.full(len(y), float(max(span, dt)))
     return (A, y, np.ones(len(y))) if with_time else (A, y)
+
+
+def _dyn_spread(sel, coef, x, scale_per_s, e_s, e_r, share, on_dev, n_req):
+    """Per-request spread of dynamic energy across alternative step models:
+    ``(bootstrap sd, largest departure under a close family)``, joules; zeros without a fit.
+
+    Linear in the coefficients: each request's dynamic energy is ``B_i . c`` with ``B_i``
+    its token share of its steps' basis terms times their reconciliation scale. Each
+    alternative is renormalised to the same total (reconciliation keeps measured totals),
+    so what remains is how it would move energy between requests."""
+    z = np.zeros(n_req)
+    if sel is None or sel.boot is None or not len(e_s):
+        return z, z
+    w = share[on_dev]
+    r = e_r[on_dev]
+    s_on = e_s[on_dev]
+    xw = x * scale_per_s[:, None]  # per step, then gathered per entry: one pass per basis term
+    used = np.flatnonzero(np.any(sel.boot != 0, axis=0) | np.any(np.array([v for v in (sel.fits or {}).values()] or [coef]) != 0, axis=0))
+    B = np.zeros((n_req, x.shape[1]))
+    for j in used:
+        B[:, j] = np.bincount(r, weights=xw[s_on, j] * w, minlength=n_req)
+    tot = B.sum(0)
+    base = float(tot @ coef)
+    if base <= 0:
+        return z, z
+
+    def norm(C):
+        t = C @ tot
+        return C * np.where(t > 0, base / np.where(t > 0, t, 1.0), 0.0)[:, None]
+
+    boots = norm(sel.boot)
+    cov = np.cov(boots.T) if len(boots) > 1 else np.zeros((len(coef), len(coef)))
+    lam, vec = np.linalg.eigh(cov)
+    U = vec * np.sqrt(np.maximum(lam, 0.0))
+    sd = np.sqrt(((B @ U) ** 2).sum(axis=1))
+    fam = [v for f, v in (sel.fits or {}).items() if f != sel.family and np.any(v)
+           and sel.candidates.get(f, math.inf) <= 1.25 * sel.cv_error]
+    dep = z
+    if fam:
+        D = norm(np.array(fam)) - boots.mean(0)
+        dep = np.abs(B @ D.T).max(axis=1)
+    return sd, dep
+
+
+_SELECT_ROWS = 200_000  # readings the window choice and the error model look at, at most
+_Z90 = 1.6449  # two-sided 90 %: +-1.645 standard deviations
+_IDLE_REL = 0.015  # relative sd of a request's idle share: the baseline moves a few W over tens of s
+
+
+def _quality(extra: dict) -> str:
+    """``good``: the model predicts held-out readings well and the sensor resolves requests;
+    ``coarse``: it predicts them well but the readings are coarse (the band says how coarse);
+    ``misfit``: the model explains little of the held-out readings (or could not be fitted)."""
+    m = extra.get("model")
+    if m is None or not m.rows or not (m.cv_r2 >= 0.5):
+        return "misfit"
+    nz = extra.get("noise") or {}
+    return "coarse" if nz.get("reading_ns", 0.0) > 25e6 else "good"
+
+
+def _dyn_half_width(dyn, spread, starts, ends, extra) -> np.ndarray:
+    """One standard deviation (J) of each batch-fit request's dynamic energy (see the README)."""
+    sd, dep, s2, noise = spread
+    var = sd**2 + dep**2
+    if noise is None:
+        cv = extra["model"].cv_error if extra.get("model") is not None else math.nan
+        rel_sd = cv if math.isfinite(cv) else 0.25
+        return np.sqrt(var + (rel_sd * dyn) ** 2)
+    life = np.maximum((ends - starts).astype(np.float64), 1.0)
+    groups = noise["groups"]
+    if groups:
+        gs = np.array(sorted(groups), dtype=np.float64)
+        sig = np.array([groups[g] for g in sorted(groups)])
+        G = np.maximum(1.0, life / noise["spacing_ns"])
+        sig_i = np.interp(np.log2(G), np.log2(gs), sig)
+    else:
+        sig_i = np.full(len(dyn), 0.25)
+    # A request shorter than a reading is placed inside it by the model alone.
+    # ... and a step inside a reconciliation window much longer than itself gets the model's
+    # share of the window, whatever the step really drew.
+    L, sd_ns = noise.get("window_ns", 0.0), noise.get("step_ns", 0.0)
+    u = np.maximum(np.minimum(1.0, noise["reading_ns"] / life), L / (L + sd_ns) if L + sd_ns > 0 else 0.0)
+    var = var + (sig_i * dyn) ** 2 + noise["step_var"] * s2 * u
+    return np.sqrt(var)
+
+
+def _noise_model(r, p, t, len_ns, m, e_mod, feats, rel, a, L, overlap):
+    """What the held-out readings say about each request's error.
+
+    ``groups``: {G readings: relative sigma} of a run of G readings predicted from the
+    rest of its window (see :func:`wattspan._stepmodel.group_errors`). ``step_var``: the
+    relative variance of one batch step's energy about the model, if all of a single
+    reading's held-out scatter is put on its steps (sum of squared step energies in it);
+    it matters for requests shorter than a reading, whose placement inside the reading no
+    reading can check. ``spacing_ns``: the readings' spacing."""
+    if len(r) < 8:
+        return None
+    spacing = float(np.median(np.diff(t))) if len(t) > 1 else 1.0
+    sizes = [1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096]
+    groups = group_errors(t, m, p, a, L, sizes, overlap)
+    sq = _StepFeatures((e_mod**2)[:, None], feats.st, feats.en)
+    t_rel = rel(t)
+    Q = (sq.mass(t_rel) - sq.mass(t_rel - len_ns * _NS))[:, 0]
+    w_typ = float(np.median(len_ns)) * _NS
+    ok = Q > 0
+    step_var = 0.0
+    if ok.sum() >= 8:
+        # squared held-out residuals = step noise x (sum of squared step energies) + sensor
+        # noise x (predicted energy)^2: non-negative least squares splits the two
+        A2 = np.column_stack((Q[ok], p[ok] ** 2))
+        sc = np.sqrt((A2**2).sum(0))
+        sc[sc == 0] = 1.0
+        As = A2 / sc
+        from ._stepmodel import nnls_gram
+
+        split = float(nnls_gram(As.T @ As, As.T @ (r[ok] ** 2))[0] / sc[0])
+        # When the two regressors move together (many similar steps per reading) the split
+        # is not identified: all of the scatter on the steps bounds it from above. Take the
+        # geometric mean of the split and that bound, weighted to the bound as they align.
+        upper = float(np.sum(r[ok] ** 2) / np.sum(Q[ok]))
+        rho = float(np.corrcoef(Q[ok], p[ok] ** 2)[0, 1]) if np.std(Q[ok]) > 0 and np.std(p[ok]) > 0 else 1.0
+        wgt = 0.5 + 0.5 * min(max(rho, 0.0), 1.0)
+        step_var = math.exp(wgt * math.log(max(upper, 1e-12)) + (1 - wgt) * math.log(max(split, 1e-12))) if upper > 0 else 0.0
+    return {"groups": groups, "step_var": step_var, "spacing_ns": spacing, "reading_ns": max(w_typ * 1e9, spacing),
+            "window_ns": float(L), "step_ns": float(np.median(feats.dur)) * 1e9}
 
 
 def _shifted(cum, trace, d_ns: int):
     """The cumulative energy and trace read ``d_ns`` earlier (a stale-reading correction)."""
     c = _CumEnergy(cum.t - d_ns, cum.e, cum.source)
     return c, dataclasses.replace(trace, t_ns=trace.t_ns - d_ns)
+
+
+def _chunks(n: int, limit: int | None = None) -> np.ndarray | slice:
+    """Rows to fit and choose on: all of them, or with millions of readings, 8 evenly spaced
+    stretches of consecutive ones (the fit needs a few thousand readings, the window choice
+    runs of consecutive ones; the reconciliation itself uses every reading)."""
+    limit = limit or _SELECT_ROWS
+    if n <= limit:
+        return slice(None)
+    size = limit // 8
+    starts = np.linspace(0, n - size, 8).astype(np.int64)
+    return (starts[:, None] + np.arange(size)[None, :]).ravel()
 
 
 def _band_rel(m: np.ndarray, pred: np.ndarray, p: np.ndarray) -> float:

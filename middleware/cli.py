@@ -260,8 +260,14 @@ def _cmd_attribute(args) -> int:
     per = carbon.per_request(result.energy_j, result.device_s, wall_times(result.requests.start_ns, result.requests.end_ns))
     co2e_op, emb = per.operational_g, per.embodied_g
     priced = carbon.carbon_price_per_tonne > 0
-    for rec, row, op, e, cf in zip(records, rows, co2e_op, emb, per.fields()):
+    e_j = np.asarray(result.energy_j, dtype=float)
+    per_j = np.divide(co2e_op, e_j, out=np.zeros(len(e_j)), where=e_j > 0)  # the hour's g/J for each request
+    co2e_lo = per_j * result.energy_j_low if result.energy_j_low is not None else co2e_op
+    co2e_hi = per_j * result.energy_j_high if result.energy_j_high is not None else co2e_op
+    for rec, row, op, e, lo, hi, cf in zip(records, rows, co2e_op, emb, co2e_lo, co2e_hi, per.fields()):
         rec["co2e_g"] = float(op + e)
+        rec["co2e_g_low"] = float(lo + e)
+        rec["co2e_g_high"] = float(hi + e)
         rec["embodied_g"] = float(e)
         rec.update(cf)
         if priced:  # the internal carbon price turns grams into money
@@ -291,7 +297,16 @@ def summarize(result, records: list[dict], carbon) -> dict:
         d["requests"] += 1
         d["energy_j"] += r["energy_j"]
         d["co2e_g"] += r["co2e_g"]
+        # 90 % bands: half-widths added in quadrature (requests' errors taken as independent;
+        # inside one reconciliation window they are anti-correlated, so this is conservative)
+        if "energy_j_low" in r:
+            d["_h2"] = d.get("_h2", 0.0) + ((r["energy_j_high"] - r["energy_j_low"]) / 2) ** 2
+            d["_c2"] = d.get("_c2", 0.0) + ((r.get("co2e_g_high", r["co2e_g"]) - r.get("co2e_g_low", r["co2e_g"])) / 2) ** 2
     for d in routes.values():
+        if "_h2" in d:
+            h, c = math.sqrt(d.pop("_h2")), math.sqrt(d.pop("_c2"))
+            d["energy_j_low"], d["energy_j_high"] = max(d["energy_j"] - h, 0.0), d["energy_j"] + h
+            d["co2e_g_low"], d["co2e_g_high"] = max(d["co2e_g"] - c, 0.0), d["co2e_g"] + c
         d["energy_j_per_1k"] = d["energy_j"] / d["requests"] * 1000
         d["co2e_g_per_1k"] = d["co2e_g"] / d["requests"] * 1000
         if carbon.carbon_price_per_tonne > 0:
@@ -348,6 +363,9 @@ def print_summary(summary: dict, file=sys.stdout) -> None:
     for dev, d in summary["devices"].items():
         m = d.get("model")
         fit = f", fit r2 {m['r2']:.2f} over {m['rows']} readings" if m else ""
+        if m and m.get("family"):
+            fit += (f"\n  step model {m['family']} (held-out error {m['cv_error'] * 100:.1f} %, r2 {m['cv_r2']:.2f}: {m['why']});"
+                    f" window {d.get('window_s', float('nan')):.3g} s; quality {d.get('quality') or '-'}")
         w(f"{dev}: {d['method']} via {d['sensor']}, idle {d['idle_w']:.1f} W ({d['idle_source']}){fit}\n")
     w(f"{'route':<28}{'requests':>9}{'energy J':>12}{'J/1k req':>12}{'gCO2e':>10}{'g/1k req':>10}\n")
     for route, d in sorted(summary["routes"].items()):

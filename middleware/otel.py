@@ -41,6 +41,11 @@ attribute                        type      meaning
                                            PUE x grid intensity) + embodied
 ``wattspan.co2e.embodied_g``     double    the embodied (manufacturing) part, g CO2e
 ``wattspan.device_s``            double    accelerator-seconds charged to the request
+``wattspan.energy_j.low``        double    lower end of the 90 % band on ``energy_j``, J
+                                           (when the attribution gave a band)
+``wattspan.energy_j.high``       double    upper end of that band, J
+``wattspan.quality``             string    ``good`` | ``coarse`` | ``misfit``: how well the
+                                           step model fits the sensor's readings
 ``wattspan.method``              string    ``batch-fit`` | ``time-share`` | ``no-trace``
 ``wattspan.sensor``              string    which reading the energy rests on
 ``wattspan.coverage``            double    fraction of the request's life the power trace
@@ -172,6 +177,11 @@ def record_attributes(record: RequestRecord) -> dict[str, Any]:
             a["wattspan.co2e.market_g"] = float(record.co2e_market_g)
         if record.marginal_g_per_kwh:
             a["wattspan.co2e.marginal_g"] = float(record.co2e_marginal_g)
+    if record.energy_j_high > 0:
+        a["wattspan.energy_j.low"] = float(record.energy_j_low)
+        a["wattspan.energy_j.high"] = float(record.energy_j_high)
+    if record.quality:
+        a["wattspan.quality"] = record.quality
     return a
 
 

@@ -44,3 +44,30 @@ def test_real_a100_pulses_within_a_few_percent_of_the_external_meter():
     assert np.median(errs["integrate"]) > 0.15  # the problem is real in this data
     assert np.quantile(errs["fit"], 0.95) < 0.05
     assert np.median(errs["fit"]) < np.median(errs["naive"]) / 5
+
+
+def test_every_law_with_fine_and_coarse_sensors_small_matrix():
+    """The benchmark's law x sensor matrix, small: every law, the sensors of the aims."""
+    sensors = ("ideal-1ms", "average-20ms", "counter-100ms", "average-1s")
+    sim = accuracy.simulated(1, 20.0, sensors=sensors)
+    assert {law for law, _ in sim} == {"saturating", "energy-linear", "power-linear", "capped"}
+    for (law, sensor), c in sim.items():
+        p95 = np.quantile(c["fit"], 0.95)
+        assert p95 <= (0.03 if sensor == "ideal-1ms" else 0.08), (law, sensor, p95)
+        assert p95 < np.quantile(c["naive"], 0.95) / 4, (law, sensor)
+        assert 0.6 <= c["inside"].mean() <= 1.0, (law, sensor, c["inside"].mean())
+    lines = accuracy.worst_table(sim)
+    assert len(lines) == 2 + len(sensors)
+
+
+@pytest.mark.skipif(not accuracy.DATA.is_dir(), reason="the shared recordings are absent")
+def test_real_step_responses_of_other_gpus():
+    rows = {(r["gpu"], r["column"]): r for r in accuracy.real_steps()}
+    assert {g for g, _ in rows} == {"A100 PCIe", "RTX A5000", "Tesla K40m"}
+    a100 = rows[("A100 PCIe", "power.draw.instant")]
+    assert -0.07 < a100["offset_load"] < -0.03  # this A100's sensor reads ~5 % low against the meter
+    for key in (("A100 PCIe", "power.draw.instant"), ("Tesla K40m", "power.draw"), ("RTX A5000", "power.draw.instant")):
+        assert abs(rows[key]["fit_err_offset_removed"]) < 0.02, key
+    refresh = accuracy.refresh()
+    assert 90 < refresh["A100 PCIe"]["power.draw.instant"]["change_ms"] < 110
+    assert 15 < refresh["Tesla V100"]["power.draw"]["change_ms"] < 25

@@ -234,3 +234,33 @@ class TestPieces:
         b = A @ np.array([2.0, -1.0, 1.0])
         sol = nnls(A, b)
         assert np.all(sol >= 0) and sol[1] == 0.0
+
+
+class TestTraceEdges:
+    """An averaged reading covers [t - window, t]: the trace starts a window before its first read."""
+
+    def _avg_trace(self, window_s=1.0):
+        t = np.arange(T0 + int(window_s * S), T0 + 10 * S + 1, int(window_s * S))
+        return DeviceTrace("gpu0", t, np.full(len(t), 200.0), power_kind=SampleKind.AVERAGE, window_ns=int(window_s * S))
+
+    def test_request_inside_the_first_window_is_covered(self):
+        tr = self._avg_trace()
+        r = reqs((0.2, 0.8), (0.5, 3.0))  # both start before the first read at +1 s
+        res = attribute([tr], r, idle_w=50.0)
+        np.testing.assert_allclose(res.coverage, [1.0, 1.0])
+        # 0.2..0.5 alone, 0.5..0.8 shared, 0.8..3.0 alone: 200 W throughout
+        np.testing.assert_allclose(res.energy_j, [200 * (0.3 + 0.15), 200 * (0.15 + 2.2)], rtol=1e-6)
+        d = res.devices["gpu0"]
+        assert d.t0_ns == T0 and d.measured_j == pytest.approx(2000.0)
+        assert res.energy_j.sum() + d.unattributed_j == pytest.approx(d.measured_j, rel=1e-12)
+
+    def test_request_before_the_first_window_is_not(self):
+        tr = self._avg_trace()
+        r = Requests.from_records([{"id": "x", "start_ns": T0 - 2 * S, "end_ns": T0 - S, "gpu": 0}])
+        res = attribute([tr], r, idle_w=50.0)
+        assert res.coverage[0] == 0.0 and res.energy_j[0] == 0.0
+
+    def test_instant_traces_still_start_at_their_first_read(self):
+        r = reqs((-1, 1))
+        res = attribute([flat_trace(100.0)], r, idle_w=100.0)
+        np.testing.assert_allclose(res.coverage, [0.5])
