@@ -116,7 +116,7 @@ def served(tiny_model, tmp_path_factory):
     server = subprocess.Popen(
         [str(VPY), "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_model), "--served-model-name", MODEL,
          "--dtype", "float32", "--max-model-len", "512", "--enforce-eager", "--host", "127.0.0.1", "--port", str(up_port),
-         "--max-num-seqs", "32", "--uvicorn-log-level", "warning"],
+         "--max-num-seqs", "32", "--uvicorn-log-level", "warning", "--enable-log-requests"],  # logs aborts
         stdout=vllm_log.open("wb"), stderr=subprocess.STDOUT,
         env=_env(WATTSPAN_VLLM_STEPS=f"127.0.0.1:{steps_port}", WATTSPAN_DEVICE="gpu0", WATTSPAN_LOG_LEVEL="INFO"), cwd=work,
     )
