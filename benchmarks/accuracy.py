@@ -14,7 +14,7 @@ Ground truth 2: the real A100 PCIe recording in ``examples/a100`` (nvidia-smi
 an external PMD meter at ~4.9 kHz gives each pulse's energy). Each ON pulse is
 a request and a one-token batch step.
 
-Writes ``benchmarks/results/accuracy.md``.
+Prints the results; ``--record`` writes ``benchmarks/results/accuracy.md``.
 """
 
 from __future__ import annotations
@@ -200,7 +200,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--duration", type=float, default=60.0, help="simulated seconds per seed")
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "accuracy.md")
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks._common import add_output_args, write_results
+
+    add_output_args(ap, "accuracy.md")
     a = ap.parse_args()
     t0 = time.perf_counter()
     sim = simulated(a.seeds, a.duration)
@@ -274,8 +279,7 @@ def main() -> None:
                   "Data: JimZeyuYang/GPU_Power_Benchmark (MIT), the shared data folder's `traces/` (see its SOURCES.md)."]
     text = "\n".join(lines) + "\n"
     print(text)
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(text)
+    write_results(a, "accuracy.md", text)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@
 The baseline is the plainest vectorised pass over the same arrays (one
 ``np.interp`` of the cumulative energy at every request's start and end): the
 ratio says what wattspan's bookkeeping costs on top of reading the trace.
-Writes ``benchmarks/results/attribution_speed.md``.
+Prints the results; ``--record`` writes ``benchmarks/results/attribution_speed.md``.
 """
 
 from __future__ import annotations
@@ -64,7 +64,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=1_000_000)
     ap.add_argument("--samples", type=int, default=10_000_000)
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "attribution_speed.md")
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks._common import add_output_args, write_results
+
+    add_output_args(ap, "attribution_speed.md")
     a = ap.parse_args()
     rows = []
     trace, req, _ = make(a.requests, a.samples)
@@ -91,8 +96,7 @@ def main() -> None:
     lines += ["", "Baseline: cumulative trapezoid of the trace and one `np.interp` at each request's start and end (no sharing, no idle, no conservation)."]
     text = "\n".join(lines) + "\n"
     print(text)
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(text)
+    write_results(a, "attribution_speed.md", text)
 
 
 if __name__ == "__main__":

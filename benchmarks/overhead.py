@@ -1,6 +1,6 @@
 """What wattspan costs the server it measures, side by side with a bare app and OpenTelemetry.
 
-    python benchmarks/overhead.py [--requests 20000] [--seconds 5]
+    python benchmarks/overhead.py [--requests 20000] [--seconds 5] [--record]
 
 1. CPU per request, in process: each variant of ``benchmarks/overhead_app.py``
    is called directly as an ASGI app ``--requests`` times; the CPU time of the
@@ -12,7 +12,8 @@
    about a millisecond of CPU work. Ratio = variant / bare within each round;
    the table gives the median and the range over rounds.
 
-Writes ``benchmarks/results/overhead.md``.
+Prints the table and its progress; ``--record`` writes ``benchmarks/results/overhead.md``
+(``--out PATH`` elsewhere). Without ``wrk`` the throughput columns are n/a, and it says so.
 """
 
 from __future__ import annotations
@@ -101,26 +102,34 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=20000)
     ap.add_argument("--seconds", type=int, default=5)
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "overhead.md")
+    from benchmarks._common import add_output_args, need_tool, progress, write_results
+
+    add_output_args(ap, "overhead.md")
     a = ap.parse_args()
     from benchmarks.overhead_app import VARIANTS
+
+    has_wrk = need_tool("wrk", "the throughput columns", "apt-get install wrk")
+    rounds = 5
+    est = len(VARIANTS) * (a.requests / 2000 + 3) + (rounds * len(VARIANTS) * 2 * (a.seconds + 3) if has_wrk else 0)
+    progress(f"{len(VARIANTS)} variants: CPU per request, then {rounds if has_wrk else 0} rounds of wrk; about {est / 60:.0f} min")
 
     cpu = {}
     for v in VARIANTS:  # each in a fresh interpreter: no state shared between variants
         out = subprocess.run([sys.executable, __file__, "--_cpu", v, "--requests", str(a.requests)], capture_output=True, text=True, cwd=ROOT, check=True)
         cpu[v] = float(out.stdout.strip().splitlines()[-1])
-    rounds = 5
+        progress(f"CPU per request, {v}: {cpu[v]:.1f} us")
     rps = {v: [] for v in VARIANTS}
     work = {v: [] for v in VARIANTS}
-    if shutil.which("wrk"):
-        for _ in range(rounds):  # interleaved, so drifts of a shared machine hit every variant alike
+    if has_wrk:
+        for r in range(rounds):  # interleaved, so drifts of a shared machine hit every variant alike
             for v in VARIANTS:
                 rps[v].append(throughput(v, a.seconds))
                 work[v].append(throughput(v, a.seconds, "/work"))
+                progress(f"round {r + 1}/{rounds}, {v}: {rps[v][-1]:,.0f} req/s trivial, {work[v][-1]:,.0f} req/s /work")
 
     def cell(d, v):
         if not d["bare"]:
-            return "n/a", "n/a"
+            return "n/a (no wrk)", "n/a"
         ratios = [x / b for x, b in zip(d[v], d["bare"])]
         med = statistics.median(ratios)
         return f"{statistics.median(d[v]):,.0f}", f"{med:.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"
@@ -128,7 +137,7 @@ def main() -> None:
     lines = [
         "# Overhead on the server being measured",
         "",
-        f"Command: `python benchmarks/overhead.py --requests {a.requests} --seconds {a.seconds}`",
+        f"Command: `python benchmarks/overhead.py --requests {a.requests} --seconds {a.seconds} --record`",
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; a trivial Starlette endpoint returning `ok`.",
         "",
         "| variant | CPU us/request | extra vs bare | trivial `/`: req/s (wrk -c16) | vs bare, median (range) | `/work` (~1 ms of Python): req/s | vs bare, median (range) |",
@@ -149,7 +158,7 @@ def main() -> None:
     ]
     text = "\n".join(lines) + "\n"
     print(text)
-    a.out.write_text(text)
+    write_results(a, "overhead.md", text)
 
 
 if __name__ == "__main__":

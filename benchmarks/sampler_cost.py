@@ -13,7 +13,7 @@
 * Memory: bytes per device at the default capacity, and how many seconds that
   holds at 100 Hz and 1 kHz; baseline the same rows as a list of tuples.
 
-Writes ``benchmarks/results/sampler_cost.md``.
+Prints the results; ``--record`` writes ``benchmarks/results/sampler_cost.md``.
 """
 
 from __future__ import annotations
@@ -196,6 +196,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--polls", type=int, default=20000, help="polls per timing (best of 5)")
     ap.add_argument("--seconds", type=float, default=2.0, help="seconds of background sampling per rate")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks._common import add_output_args, write_results
+
+    add_output_args(ap, "sampler_cost.md")
     args = ap.parse_args(argv)
 
     polls = poll_cases(args.polls)
@@ -264,9 +268,7 @@ def main(argv=None) -> int:
     ]
     text = "\n".join(lines)
     print(text)
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(text)
-    print(f"wrote {OUT.relative_to(Path(__file__).resolve().parents[1])}", file=sys.stderr)
+    write_results(args, "sampler_cost.md", text)
     return 0
 
 

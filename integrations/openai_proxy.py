@@ -52,13 +52,18 @@ only the model name, the token counts and the route template.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import math
 import re
-from collections.abc import Iterable
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from typing import Any
 from urllib.parse import urlsplit
 
-from wattspan._context import current_request_id, set_tokens
+from wattspan._context import _current, current_request_id, set_tokens
 
 __all__ = ["DEFAULT_FORWARD_HEADERS", "OpenAIProxy", "create_proxy", "run_proxy"]
 
@@ -83,7 +88,12 @@ _HOP_BY_HOP = frozenset(
     {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade"}
 )
 _NEVER_FORWARD = _HOP_BY_HOP | {"host", "content-length", "x-request-id", "accept-encoding", "expect"}
-_RESPONSE_DROP = _HOP_BY_HOP | {"date", "server"}  # uvicorn sets its own date and server
+# uvicorn sets its own date and server; the request id header is the proxy's own
+_RESPONSE_DROP = frozenset(n.encode() for n in _HOP_BY_HOP | {"date", "server", "x-wattspan-request-id"})
+_KEY_HEADERS = (b"authorization", b"api-key", b"x-api-key")
+_USAGE_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses"})
+_RECORDS_PATH = "/wattspan/requests/"
+_MAX_KEPT = 10_000  # final and provisional figures kept in memory for GET /wattspan/requests/{id}
 
 _ROUTES = {
     "/v1/chat/completions",
@@ -102,6 +112,11 @@ _STREAM_USAGE_PATHS = ("/v1/chat/completions", "/v1/completions")
 _MAX_JSON_USAGE = 256 << 10  # parse non-streamed responses up to this size; beyond (embeddings), scan the tail for usage
 _TAIL = 64 << 10
 _MAX_SSE_EVENT = 1 << 20
+_TOKEN = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]{1,64}")
+_RID_OK = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+_PUBLIC = ("energy_j", "co2e_g", "dynamic_j", "idle_j", "host_j", "embodied_g", "device_s", "method", "sensor", "coverage", "simulated", "device", "model", "route", "status_code", "prompt_tokens", "output_tokens",
+           "energy_j_low", "energy_j_high", "co2e_g_low", "co2e_g_high", "quality", "intensity_g_per_kwh",
+           "intensity_provider", "intensity_zone", "intensity_hour", "intensity_basis")
 # at most 19 digits (int() of a 5000-digit run raises); set_tokens bounds the value itself
 _PROMPT_RE = re.compile(rb'"prompt_tokens"\s*:\s*(\d{1,19})(?!\d)')
 _COMPLETION_RE = re.compile(rb'"completion_tokens"\s*:\s*(\d{1,19})(?!\d)')
@@ -177,16 +192,20 @@ class _Usage:
 class _SSEScanner:
     """Finds the usage in a server-sent-event stream; with ``strip``, drops the usage-only event.
 
-    Without ``strip`` the bytes are forwarded as they come and the scanner only
-    looks; with it, only complete events are forwarded (an event is of no use
-    to the client before its blank line anyway), so one can be left out.
+    Without ``strip`` or ``annotate`` the bytes are forwarded as they come and the
+    scanner only looks; with either, only complete events are forwarded (an
+    event is of no use to the client before its blank line anyway), so one can be
+    left out (``strip``) or rewritten: ``annotate(usage) -> dict`` gives fields to
+    add to the usage-only event's ``usage`` (the provisional energy).
     """
 
-    __slots__ = ("strip", "usage", "buf", "broken")
+    __slots__ = ("strip", "usage", "buf", "broken", "annotate", "buffered")
 
-    def __init__(self, strip: bool, usage: _Usage) -> None:
+    def __init__(self, strip: bool, usage: _Usage, annotate=None) -> None:
         self.strip = strip
         self.usage = usage
+        self.annotate = annotate
+        self.buffered = bool(strip or annotate is not None)
         self.buf = b""
         self.broken = False
 
@@ -201,38 +220,54 @@ class _SSEScanner:
             end = _event_end(buf, max(pos, start))
             if end < 0:
                 break
-            ev = buf[pos:end]
-            if self._keep(ev):
+            ev = self._event(buf[pos:end])
+            if ev:
                 out.append(ev)
             pos = end
             start = end
         self.buf = buf[pos:]
         if len(self.buf) > _MAX_SSE_EVENT:  # not SSE as we know it: stop looking, pass through
             self.broken = True
-            if self.strip:
+            if self.buffered:
                 out.append(self.buf)
             self.buf = b""
-        return b"".join(out) if self.strip else chunk
+        return b"".join(out) if self.buffered else chunk
 
     def finish(self) -> bytes:
         rest, self.buf = self.buf, b""
         if rest and not self.broken:
-            keep = self._keep(rest)
-            return rest if (self.strip and keep) else b""
+            ev = self._event(rest)
+            return ev if self.buffered else b""
         return b""
 
-    def _keep(self, ev: bytes) -> bool:
+    def _event(self, ev: bytes) -> bytes:
+        """The event to forward: ``ev``, rewritten, or ``b""`` (dropped)."""
         if b'"usage"' not in ev:
-            return True
-        data = b"\n".join(line[5:].strip() for line in ev.replace(b"\r", b"").split(b"\n") if line.startswith(b"data:"))
+            return ev
+        lines = ev.split(b"\n")
+        data_at = [i for i, line in enumerate(lines) if line.startswith(b"data:")]
+        data = b"\n".join(lines[i][5:].strip() for i in data_at)
         try:
             obj = json.loads(data)
         except ValueError:
-            return True
+            return ev
         if not isinstance(obj, dict):
-            return True
+            return ev
         found = self.usage.take(obj.get("usage"))
-        return not (self.strip and found and obj.get("choices") == [])
+        if not (found and obj.get("choices") == []):
+            return ev
+        if self.strip:
+            return b""
+        if self.annotate is not None and len(data_at) == 1:
+            i = data_at[0]
+            line = lines[i]
+            cr = line.endswith(b"\r")
+            payload = line[5:].strip()
+            spliced = _splice_usage(payload, self.annotate(obj["usage"]))
+            if spliced is not None:
+                lines[i] = b"data: " + spliced + (b"\r" if cr else b"")
+                return b"\n".join(lines)
+        return ev
 
 
 def _event_end(buf: bytes, start: int) -> int:
@@ -277,9 +312,14 @@ class OpenAIProxy:
         forward_headers: Iterable[str] = DEFAULT_FORWARD_HEADERS,
         include_usage: bool = True,
         max_connections: int = 512,
-        request_id_header: str | None = None,
+        request_id_header: str | None = "x-wattspan-request-id",
         tenant: str = "x-tenant-id",
+        tenant_from_key: bool = True,
+        model_header: str = "x-model",
         steps_listen: str | None = None,
+        ledger=None,
+        usage_energy: bool = True,
+        records_endpoint: bool = True,
     ) -> None:
         from wattspan._asgi import EnergyMiddleware
 
@@ -290,20 +330,71 @@ class OpenAIProxy:
             raise ValueError(f"max_body_bytes must be a positive number of bytes, got {max_body_bytes!r}")
         if not (isinstance(max_connections, int) and max_connections > 0):
             raise ValueError(f"max_connections must be a positive integer, got {max_connections!r}")
+        for what, name in (("request_id_header", request_id_header), ("tenant", tenant), ("model_header", model_header)):
+            if name is not None and not (isinstance(name, str) and _TOKEN.fullmatch(name)):
+                raise ValueError(f"{what} must be an HTTP header name (letters, digits, '-'), got {name!r}")
         self.timeout_s = float(timeout_s)
         self.connect_timeout_s = float(min(connect_timeout_s, timeout_s))
         self.max_body_bytes = max_body_bytes
         self.include_usage = bool(include_usage)
+        self.usage_energy = bool(usage_energy)
+        self.records_endpoint = bool(records_endpoint)
         self.max_connections = max_connections
+        self.request_id_header = request_id_header.lower() if request_id_header else None
         self._allow_exact, self._allow_prefix = _allow(forward_headers)
-        self.stats = {"requests": 0, "upstream_errors": 0, "timeouts": 0, "too_large": 0, "disconnects": 0, "usage_injected": 0, "usage_missing": 0}
+        self.stats = {"requests": 0, "upstream_errors": 0, "timeouts": 0, "too_large": 0, "disconnects": 0, "usage_injected": 0, "usage_missing": 0, "energy_annotated": 0}
         self._client = None
-        self.metered = EnergyMiddleware(self._proxy, meter=meter, device=device, tenant=tenant, request_id_header=request_id_header)
+        tenant_label = _tenant_label(tenant.lower().encode("latin-1") if tenant else None, bool(tenant_from_key))
+        self.metered = EnergyMiddleware(self._proxy, meter=meter, device=device, tenant=tenant_label, model=model_header or "x-model", request_id_header=self.request_id_header)
         self.steps = None
         if steps_listen:
             from ._relay import StepReceiver
 
             self.steps = StepReceiver(lambda: self.metered.meter, steps_listen)
+        self._ledger_arg = ledger
+        self.ledger = None
+        self.ledger_path = None
+        self._wired = False
+        self._wire_lock = threading.Lock()
+        self.provisional = None
+        self._final: OrderedDict[str, object] = OrderedDict()  # request id -> RequestRecord
+        self._prov: OrderedDict[str, dict] = OrderedDict()  # request id -> provisional figure
+        if ledger is not None:
+            self._open_ledger()
+
+    def _open_ledger(self) -> None:
+        from wattspan.ledger import Ledger
+
+        led = self._ledger_arg
+        if isinstance(led, Ledger):
+            self.ledger = led
+        else:
+            self.ledger = Ledger(led)  # raises InputError for a foreign or newer file
+        self.ledger_path = self.ledger.path
+
+    def _wire(self):
+        """Connect to the meter once, on first use: the ledger, the final-record cache, the provisional estimate."""
+        meter = self.metered.meter
+        if self._wired:
+            return meter
+        with self._wire_lock:
+            if not self._wired:
+                if self.ledger is not None:
+                    meter.batch_sinks.append(self.ledger.write)
+                meter.batch_sinks.append(self._keep_final)
+                if self.usage_energy:
+                    from wattspan._provisional import attach
+
+                    self.provisional = attach(meter)
+                self._wired = True
+        return meter
+
+    def _keep_final(self, records) -> None:
+        final = self._final
+        for r in records:
+            final[r.id] = r
+        while len(final) > _MAX_KEPT:
+            final.popitem(last=False)
 
     @property
     def meter(self):
@@ -322,7 +413,11 @@ class OpenAIProxy:
             return
         path = scope.get("path", "")
         if path.startswith("/v1/"):
+            if not self._wired:
+                self._wire()
             await self.metered(scope, receive, send)
+        elif path.startswith(_RECORDS_PATH) and self.records_endpoint and scope.get("method") in ("GET", "HEAD"):
+            await self._record_by_id(scope, send, path[len(_RECORDS_PATH) :])
         elif path == "/healthz" and scope.get("method") in ("GET", "HEAD"):
             body = b'{"status":"ok"}'
             await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
@@ -336,6 +431,7 @@ class OpenAIProxy:
             if msg["type"] == "lifespan.startup":
                 try:
                     self._http()
+                    self._wire()
                 except Exception as exc:  # pragma: no cover - httpx missing
                     await send({"type": "lifespan.startup.failed", "message": str(exc)})
                     return
@@ -360,12 +456,62 @@ class OpenAIProxy:
         return self._client
 
     async def aclose(self) -> None:
-        """Close the connection pool and the step receiver."""
+        """Close the connection pool and the step receiver; commit the ledger."""
         client, self._client = self._client, None
         if client is not None:
             await client.aclose()
         if self.steps is not None:
             self.steps.close()
+        if self.ledger is not None:
+            import anyio
+
+            await anyio.to_thread.run_sync(self._flush_ledger)
+
+    def _flush_ledger(self) -> None:
+        if self._wired:
+            self.metered.meter.flush(5.0)
+        if self.ledger is not self._ledger_arg:  # the proxy opened it: close it
+            self.ledger.close()
+        else:
+            self.ledger.flush()
+
+    # ------------------------------------------------------------------ GET /wattspan/requests/{id}
+
+    async def _record_by_id(self, scope, send, rid: str) -> None:
+        """A request's figures by id: final (200), only provisional (202), or unknown (404). Read-only."""
+        import anyio
+
+        rid = rid.strip("/")
+        if not _RID_OK.fullmatch(rid):
+            await _send_error(send, 404, "no such request id", "not_found_error")
+            return
+        rec = self._final.get(rid)
+        d = None
+        if rec is not None:
+            d = rec.to_dict()
+        elif self.ledger_path is not None:
+            from wattspan._ledger_db import find
+
+            try:
+                d = await anyio.to_thread.run_sync(find, self.ledger_path, rid)
+            except Exception as exc:  # a missing or unreadable file: say so, do not crash
+                log.warning("wattspan proxy: cannot read the ledger %s for %s (%s)", self.ledger_path, rid, exc)
+                d = None
+        prov = self._prov.get(rid)
+        if d is not None:
+            out = {"id": rid, "status": "final", **_public(d)}
+            if prov is not None:
+                out["provisional"] = prov
+            status = 200
+        elif prov is not None:
+            out, status = {"id": rid, "status": "pending", "provisional": prov}, 202
+        else:
+            await _send_error(send, 404, "no such request id (unknown, or older than this proxy remembers: see `wattspan report --id`)", "not_found_error")
+            return
+        body = json.dumps(out, separators=(",", ":")).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), (b"cache-control", b"no-store")]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body if scope.get("method") == "GET" else b""})
 
     # ------------------------------------------------------------------ one request
 
@@ -438,11 +584,24 @@ class OpenAIProxy:
         return body, model, False
 
     async def _proxy(self, scope, receive, send) -> None:
+        self.stats["requests"] += 1
+        scope["route"] = _route_for(scope.get("path", ""))
+        if self.provisional is not None:
+            rid = current_request_id()
+            if rid:
+                self.provisional.open(rid)
+        try:
+            await self._proxy_request(scope, receive, send)
+        finally:
+            if self.provisional is not None:
+                rid = current_request_id()
+                if rid:
+                    self.provisional.forget(rid)
+
+    async def _proxy_request(self, scope, receive, send) -> None:
         import anyio
         import httpx
 
-        self.stats["requests"] += 1
-        scope["route"] = _route_for(scope.get("path", ""))
         try:
             body = await self._read_body(scope, receive)
         except _TooLarge:
@@ -507,19 +666,43 @@ class OpenAIProxy:
             ctype = response.headers.get("content-type", "").lower()
             is_sse = ctype.startswith("text/event-stream")
             usage = _Usage()
-            scanner = _SSEScanner(strip=injected, usage=usage) if is_sse else None
-            headers = [
-                (k, v)
-                for k, v in response.headers.raw
-                if k.lower() not in _RESPONSE_DROP and not (is_sse and k.lower() == b"content-length")
-            ]
-            await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
-            state["started"] = True
-            ok_json = (not is_sse) and 200 <= response.status_code < 300 and "json" in ctype
+            ok = 200 <= response.status_code < 300
+            annotate = self._annotator(usage) if (self.usage_energy and ok and request.url.path.rstrip("/") in _USAGE_ROUTES) else None
+            scanner = _SSEScanner(strip=injected, usage=usage, annotate=annotate) if is_sse else None
+            headers = _response_headers(response.headers.raw, drop_length=is_sse)
+            ok_json = (not is_sse) and ok and "json" in ctype
+            chunks = response.aiter_raw().__aiter__()
             held: list[bytes] = []
             held_n = 0
+            if ok_json and annotate is not None:
+                # the usage is rewritten, so the body's length changes: hold it (up to a bound) before the headers
+                async for chunk in chunks:
+                    held.append(chunk)
+                    held_n += len(chunk)
+                    if held_n > _MAX_JSON_USAGE:
+                        break
+                else:
+                    body = b"".join(held)
+                    _json_usage(held, held_n, b"", usage)
+                    if usage.prompt is not None or usage.completion is not None:
+                        new = _splice_usage(body, annotate(None))
+                        if new is not None:
+                            body = new
+                    headers = [h for h in headers if h[0].lower() != b"content-length"]
+                    headers.append((b"content-length", str(len(body)).encode()))
+                    await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
+                    state["started"] = True
+                    self._report(usage, expected=True)
+                    state["done"] = True
+                    await send({"type": "http.response.body", "body": body, "more_body": False})
+                    return
+            await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
+            state["started"] = True
             tail = b""
-            async for chunk in response.aiter_raw():
+            if held:  # over the bound: forward what was held, then stream the rest as it comes
+                await send({"type": "http.response.body", "body": b"".join(held), "more_body": True})
+                tail = b"".join(held)[-_TAIL:]
+            async for chunk in chunks:
                 if scanner is not None:
                     out = scanner.feed(chunk)
                 else:
@@ -527,7 +710,7 @@ class OpenAIProxy:
                     if ok_json:
                         if held_n <= _MAX_JSON_USAGE:
                             held.append(chunk)
-                            held_n += len(chunk)
+                        held_n += len(chunk)
                         tail = (tail + chunk)[-_TAIL:]
                 if out:
                     await send({"type": "http.response.body", "body": out, "more_body": True})
@@ -538,11 +721,48 @@ class OpenAIProxy:
             elif ok_json:
                 _json_usage(held, held_n, tail, usage)
             self._report(usage, expected=ok_json or is_sse)
+            if annotate is not None and not annotate.done and (usage.prompt is not None or usage.completion is not None):
+                annotate(None)  # not shown to this client (it did not ask for usage), but kept for GET /wattspan/requests/{id}
+                self.stats["energy_annotated"] -= 1
             state["done"] = True
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             with anyio.CancelScope(shield=True):  # close the upstream request even when the client left
                 await response.aclose()
+
+    def _annotator(self, usage: _Usage):
+        """``annotate(usage_dict) -> fields``: the provisional energy of the request being served."""
+        window = _current.get()
+        if window is None:
+            return None
+        proxy = self
+
+        def annotate(_usage_obj) -> dict:
+            annotate.done = True
+            est = None
+            try:
+                prov = proxy.provisional
+                if prov is not None:
+                    est = prov.estimate(window.id, window.device, usage.prompt, usage.completion)
+            except Exception:  # the figure is a courtesy: never fail the response for it
+                log.exception("wattspan proxy: provisional energy estimate failed")
+            energy = _sig(est["energy_j"]) if est else None
+            co2e = _sig(est["co2e_g"]) if est else None
+            method = est["method"] if est else "none"
+            fig = {"energy_j": energy, "co2e_g": co2e, "method": method}
+            kept = proxy._prov
+            kept[window.id] = fig
+            while len(kept) > _MAX_KEPT:
+                kept.popitem(last=False)
+            proxy.stats["energy_annotated"] += 1
+            return {
+                "energy_j": energy,
+                "co2e_g": co2e,
+                "energy_details": {"provisional": True, "method": method, "request_id": window.id, "final": _RECORDS_PATH + window.id},
+            }
+
+        annotate.done = False
+        return annotate
 
     def _report(self, usage: _Usage, *, expected: bool) -> None:
         if usage.prompt is None and usage.completion is None:
@@ -564,6 +784,121 @@ def _json_usage(held: list[bytes], n: int, tail: bytes, usage: _Usage) -> None:
     p = _PROMPT_RE.findall(tail)
     c = _COMPLETION_RE.findall(tail)
     usage.take({"prompt_tokens": int(p[-1]) if p else None, "completion_tokens": int(c[-1]) if c else None})
+
+
+def _response_headers(raw, *, drop_length: bool) -> list[tuple[bytes, bytes]]:
+    """The upstream's response headers a client may see: no hop-by-hop ones (nor those its
+    ``Connection`` names), no ``date`` or ``server`` (uvicorn sends its own), no
+    ``content-length`` on a stream."""
+    named = set()
+    for k, v in raw:
+        if k.lower() == b"connection":
+            named.update(x.strip().lower().encode("latin-1") for x in v.decode("latin-1").split(","))
+    return [
+        (k, v)
+        for k, v in raw
+        if (kl := k.lower()) not in _RESPONSE_DROP and kl not in named and not (drop_length and kl == b"content-length")
+    ]
+
+
+def _tenant_label(header: bytes | None, from_key: bool):
+    """The tenant of a request: the ``header``'s value, else (``from_key``) a hash of its API key.
+
+    The key itself is never kept: the label is ``key-`` and 12 hex characters of
+    SHA-256 over it, a stable pseudonym per key.
+    """
+
+    def tenant(scope) -> str:
+        key = None
+        for k, v in scope.get("headers", ()):
+            if k == header:
+                return v.decode("latin-1")
+            if from_key and k in _KEY_HEADERS and key is None:
+                key = v
+        if key:
+            if key[:7].lower() == b"bearer ":
+                key = key[7:]
+            key = key.strip()
+            if key:
+                return "key-" + hashlib.sha256(b"wattspan-tenant\0" + key).hexdigest()[:12]
+        return ""
+
+    return tenant
+
+
+def _public(d: dict) -> dict:
+    out = {k: d[k] for k in _PUBLIC if k in d}
+    out["duration_s"] = (d["end_ns"] - d["start_ns"]) / 1e9
+    return out
+
+
+def _usage_object_span(raw: bytes) -> tuple[int, int] | None:
+    """``(start, end)`` of the top-level ``"usage": {...}`` object's braces in a JSON text, or None.
+
+    The usage object is found from the end (OpenAI-compatible servers put it last) and
+    checked by parsing just that slice; its keys and values hold no braces in strings
+    that matter, but strings are skipped properly anyway.
+    """
+    key = raw.rfind(b'"usage"')
+    while key >= 0:
+        i = key + 7
+        n = len(raw)
+        while i < n and raw[i] in b" \t\r\n":
+            i += 1
+        if i < n and raw[i] == 58:  # ':'
+            i += 1
+            while i < n and raw[i] in b" \t\r\n":
+                i += 1
+            if i < n and raw[i] == 123:  # '{'
+                start, depth, j, in_str = i, 0, i, False
+                while j < n:
+                    c = raw[j]
+                    if in_str:
+                        if c == 92:  # backslash
+                            j += 1
+                        elif c == 34:
+                            in_str = False
+                    elif c == 34:
+                        in_str = True
+                    elif c == 123:
+                        depth += 1
+                    elif c == 125:
+                        depth -= 1
+                        if depth == 0:
+                            return start, j + 1
+                    j += 1
+                return None
+        key = raw.rfind(b'"usage"', 0, key)
+    return None
+
+
+def _splice_usage(raw: bytes, extra: dict) -> bytes | None:
+    """``raw`` (a JSON object's text) with ``extra``'s fields added to its ``usage`` object.
+
+    Every other byte stays as the upstream wrote it. None if no usage object is found.
+    """
+    span = _usage_object_span(raw)
+    if span is None:
+        return None
+    a, b = span
+    try:
+        inner = json.loads(raw[a:b])
+    except ValueError:
+        return None
+    if not isinstance(inner, dict):
+        return None
+    add = json.dumps(extra, separators=(",", ":"), allow_nan=False)[1:-1].encode()
+    if not add:
+        return raw
+    sep = b"," if inner else b""
+    close = raw.rindex(b"}", a, b)
+    return raw[:close] + sep + add + raw[close:]
+
+
+def _sig(x: float | None, digits: int = 6) -> float | None:
+    if x is None or not math.isfinite(x):
+        return None
+    return float(f"{x:.{digits}g}")
 
 
 def _check_upstream(upstream: str) -> str:
@@ -598,11 +933,21 @@ def create_proxy(upstream: str, **options) -> OpenAIProxy:
     ``forward_headers``: request headers forwarded (allowlist, ``prefix*``
     allowed). ``include_usage``: ask streaming upstreams for usage (see the
     module's docstring). ``max_connections``: the upstream connection pool.
-    ``request_id_header``: also return wattspan's request id in this response
-    header. ``tenant``: the header naming the tenant. ``steps_listen``: listen
-    here for batch steps from the upstream's engine (``host:port`` or
-    ``unix:/path``; see :mod:`wattspan.integrations.vllm`).
-    Raises ``ValueError`` naming a bad argument.
+    ``request_id_header``: the response header that returns wattspan's request
+    id (default ``x-wattspan-request-id``; ``None``: none). ``tenant``: the
+    request header naming the tenant (default ``x-tenant-id``);
+    ``tenant_from_key``: without it, label the request ``key-<12 hex>``, a
+    SHA-256 pseudonym of its API key (``Authorization: Bearer``, ``api-key``,
+    ``x-api-key``; the key itself is never kept). ``model_header``: the model's
+    header when the body names none. ``steps_listen``: listen here for batch
+    steps from the upstream's engine (``host:port`` or ``unix:/path``; see
+    :mod:`wattspan.integrations.vllm`). ``ledger``: a path (or a
+    :class:`~wattspan.ledger.Ledger`): every final record is appended to that
+    SQLite file, for ``wattspan report``. ``usage_energy``: add the provisional
+    ``energy_j`` / ``co2e_g`` to OpenAI-style ``usage`` objects (default on).
+    ``records_endpoint``: serve ``GET /wattspan/requests/{id}`` (default on).
+    Raises ``ValueError`` naming a bad argument, :class:`~wattspan.InputError`
+    for a ledger file that is not one.
     """
     return OpenAIProxy(upstream, **options)
 
@@ -612,26 +957,24 @@ def run_proxy(
     host: str = "127.0.0.1",
     port: int = 8080,
     *,
-    meter=None,
-    device: str = "gpu0",
-    timeout_s: float = 600.0,
-    max_body_bytes: int = 8 << 20,
-    include_usage: bool = True,
-    steps_listen: str | None = None,
-    request_id_header: str | None = None,
     log_level: str = "info",
+    wrap: Callable[[Any], Any] | None = None,
+    **options,
 ) -> None:
-    """Serve the metering proxy with uvicorn until interrupted (``wattspan proxy --upstream URL``)."""
+    """Serve the metering proxy with uvicorn until interrupted (``wattspan proxy --upstream URL``).
+
+    ``options`` are :func:`create_proxy`'s (``ledger="wattspan.sqlite"``, ...); ``wrap``, if
+    given, wraps the proxy's ASGI app before it is served (e.g. in a ``BudgetMiddleware``).
+    """
     import uvicorn
 
-    app = create_proxy(
-        upstream,
-        meter=meter,
-        device=device,
-        timeout_s=timeout_s,
-        max_body_bytes=max_body_bytes,
-        include_usage=include_usage,
-        steps_listen=steps_listen,
-        request_id_header=request_id_header,
-    )
-    uvicorn.run(app, host=host, port=port, log_level=log_level, lifespan="on")
+    from wattspan._logging import setup_logging
+
+    setup_logging()
+    app = create_proxy(upstream, **options)
+    served = wrap(app) if wrap is not None else app
+    try:
+        uvicorn.run(served, host=host, port=port, log_level=log_level, lifespan="on")
+    finally:
+        if app.ledger is not None:
+            app._flush_ledger()

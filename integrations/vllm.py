@@ -1,11 +1,15 @@
 """vLLM: time every engine step and tell wattspan which requests it ran.
 
-Offline ``LLM``, with vLLM's EngineCore kept in this process
-(``VLLM_ENABLE_V1_MULTIPROCESSING=0`` in the environment before vLLM is imported)::
+Offline ``LLM``, with vLLM's EngineCore kept in this process: set
+``VLLM_ENABLE_V1_MULTIPROCESSING=0`` in the environment before vLLM is imported
+(by default vLLM runs the engine in a child process, out of reach)::
 
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    from vllm import LLM
     llm = LLM(model="Qwen/Qwen2.5-0.5B-Instruct")
-    hook = instrument_vllm(llm.llm_engine.engine_core.engine_core, meter=meter, track_requests=True)
-    llm.generate(prompts); meter.flush()     # one RequestRecord per prompt, split by batch-fit
+    hook = instrument_vllm(llm, meter=meter, track_requests=True)
+    outs = llm.generate(prompts); meter.flush()   # one RequestRecord per prompt, split by batch-fit
+    # each record's id is its RequestOutput's request_id (outs[i].request_id)
 
 ``vllm serve`` behind the metering proxy (the engine runs in a child process,
 so its steps travel to the proxy's meter over a local socket)::
@@ -41,15 +45,21 @@ which needs the GPU to have finished it. With several batches in flight
 (``step_with_batch_queue``) a step's start is moved to the previous step's end,
 so the steps tile the busy time rather than overlap.
 
-Request ids: vLLM's OpenAI server builds its engine ids from the
-``X-Request-Id`` header: ``chatcmpl-<id>``, ``cmpl-<id>-<prompt index>``,
-``embd-<id>`` and the like, since v0.11 followed by ``-<8 random hex>`` for
-uniqueness, and ``<n>_<id>`` for each of the ``n`` parallel samples. The metering
-proxy sends wattspan's request id (lowercase hex: an 8-character process
-prefix and a counter, 16 characters until the counter passes 2**32) as that
-header, so :func:`default_request_id_map` takes the first run of 16 to 24 hex
-characters out of vLLM's id (vLLM's own random ids are 32 characters, and its
-suffixes 8, so neither is mistaken for one); an id without one is used as is.
+Request ids (checked against vLLM 0.32): the engine's id of a request is the
+id its caller gave (``RequestOutput.request_id``, what users see) followed by
+``-<8 random hex>`` for uniqueness (``vllm/v1/engine/input_processor.py``);
+the hook drops that suffix first (:func:`user_request_id`), so offline records
+carry ``RequestOutput.request_id`` (``"0"``, ``"1"``, ... for ``LLM.generate``).
+vLLM's OpenAI server builds the caller's id from the ``X-Request-Id`` header:
+``chatcmpl-<id>``, ``cmpl-<id>-<prompt index>``, ``embd-<id>`` and the like, and
+``<n>_<id>`` for each of the ``n`` parallel samples. The metering proxy sends
+wattspan's request id (lowercase hex: an 8-character process prefix and a
+counter, 16 characters until the counter passes 2**32) as that header, so
+:func:`default_request_id_map` takes the first run of 16 to 24 hex characters
+out of it; an id without one is used as is. vLLM's own random ids (no
+``X-Request-Id``: a client that bypassed the proxy) are 16 hex characters too:
+they map to an id that no metering window has, and the meter leaves their
+tokens out of the split.
 
 The hook never raises into vLLM: a failure is logged once per kind and counted
 in :attr:`VllmHook.stats`; a vLLM whose objects lack the attributes named above
@@ -68,7 +78,7 @@ import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
 
-__all__ = ["VllmHook", "default_request_id_map", "instrument_vllm", "register", "uninstrument_vllm"]
+__all__ = ["VllmHook", "default_request_id_map", "instrument_vllm", "register", "uninstrument_vllm", "user_request_id"]
 
 log = logging.getLogger("wattspan")
 
@@ -88,6 +98,20 @@ def _warn_once(key: str, msg: str, *args) -> None:
             return
         _warned.add(key)
     log.warning("wattspan vLLM hook: " + msg, *args)
+
+
+_SUFFIX = re.compile(r"-[0-9a-f]{8}$")
+
+
+def user_request_id(engine_request_id: str) -> str:
+    """The caller's id of a request (``RequestOutput.request_id``) from the engine's.
+
+    vLLM 0.32 appends ``-<8 random hex>`` to the caller's id: ``"0-ac6c6db3"`` -> ``"0"``,
+    ``"chatcmpl-0123456789abcdef-1a2b3c4d"`` -> ``"chatcmpl-0123456789abcdef"``. (With
+    ``VLLM_DISABLE_REQUEST_ID_RANDOMIZATION`` there is no suffix; an id that itself ends
+    in ``-`` and 8 hex characters then loses them.)
+    """
+    return _SUFFIX.sub("", engine_request_id, count=1)
 
 
 def default_request_id_map(vllm_request_id: str) -> str:
@@ -323,7 +347,7 @@ class VllmHook:
             return cache[vid]
         except KeyError:
             pass
-        wid = self.map(vid)
+        wid = self.map(user_request_id(vid) if isinstance(vid, str) else vid)
         if wid is not None:
             wid = str(wid)
         if len(cache) >= _MAX_CACHE:
@@ -535,9 +559,10 @@ def instrument_vllm(
 ):
     """Meter every engine step of a vLLM V1 engine.
 
-    ``engine_core_or_class``: an ``EngineCore`` (``llm.llm_engine.engine_core.engine_core``
-    with ``VLLM_ENABLE_V1_MULTIPROCESSING=0``; an ``LLM``, ``LLMEngine`` or
-    ``InprocClient`` is followed down to it), or the class ``EngineCore`` /
+    ``engine_core_or_class``: an ``EngineCore`` (``llm.llm_engine.engine_core.engine_core``,
+    which exists only with ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` set before vLLM is
+    imported; an ``LLM``, ``LLMEngine`` or ``InprocClient`` is followed down to
+    it), or the class ``EngineCore`` /
     ``EngineCoreProc``, which is patched so every instance instruments itself
     at its first step (how the plugin reaches the engine process of ``vllm serve``).
 
@@ -546,9 +571,10 @@ def instrument_vllm(
     address string (``"127.0.0.1:8791"``) for a proxy's step receiver.
     ``device``: the device name the steps ran on (as the requests' windows name
     it), or a callable ``engine_core -> name``; tensor-parallel engines report
-    one name for the group. ``request_id_map``: vLLM request id -> wattspan
-    request id, ``None`` to leave a request out (default:
-    :func:`default_request_id_map`). ``track_requests``: also open and close a
+    one name for the group. ``request_id_map``: the caller's request id
+    (``RequestOutput.request_id``: the engine's id less vLLM's random suffix,
+    see :func:`user_request_id`) -> wattspan request id, ``None`` to leave a
+    request out (default: :func:`default_request_id_map`). ``track_requests``: also open and close a
     metering window per vLLM request, with its prompt and output token counts
     (offline use, where no HTTP middleware opens windows; needs a local Meter).
 
@@ -615,6 +641,10 @@ _registered = False
 def register() -> None:
     """vLLM general plugin: meter the engine of ``vllm serve`` when ``WATTSPAN_VLLM_STEPS`` is set.
 
+    It also gives wattspan's logger a handler in vLLM's processes (vLLM configures
+    only its own loggers), so wattspan's warnings show there; ``WATTSPAN_LOG_LEVEL``
+    sets the level.
+
     ``WATTSPAN_VLLM_STEPS``: the step receiver's address (``wattspan proxy
     --steps-listen``), ``WATTSPAN_DEVICE``: the device name (default ``gpu0``).
     vLLM calls plugins in each process it starts; only a process that has
@@ -623,6 +653,9 @@ def register() -> None:
     """
     global _registered
     try:
+        from wattspan._logging import setup_logging
+
+        setup_logging()
         address = os.environ.get("WATTSPAN_VLLM_STEPS", "").strip()
         if not address or _registered:
             return

@@ -15,7 +15,7 @@ from typing import Iterator
 
 from .errors import InputError
 
-__all__ = ["GROUP_BY", "SCHEMA_VERSION", "aggregate", "query"]
+__all__ = ["GROUP_BY", "SCHEMA_VERSION", "aggregate", "find", "query"]
 
 SCHEMA_VERSION = 1
 _APP_ID = 0x57415453  # "WATS": marks the file as a wattspan ledger
@@ -106,6 +106,19 @@ def query(path: str | os.PathLike, *, since: float | None = None, until: float |
     for d in out:
         d["simulated"], d["trace_id"], d["span_id"] = bool(d["simulated"]), int(d["trace_id"], 16), int(d["span_id"], 16)
     return out
+
+
+def find(path: str | os.PathLike, request_id: str) -> dict | None:
+    """The newest record with this ``id`` (a dict as :func:`query` gives), or ``None``."""
+    with _reading(path) as conn:
+        if conn is None:
+            return None
+        row = conn.execute(f"SELECT {', '.join(COLUMNS)} FROM requests WHERE id = ? ORDER BY rowid DESC LIMIT 1", (str(request_id),)).fetchone()
+    if row is None:
+        return None
+    d = dict(zip(COLUMNS, row))
+    d["simulated"], d["trace_id"], d["span_id"] = bool(d["simulated"]), int(d["trace_id"], 16), int(d["span_id"], 16)
+    return d
 
 
 def aggregate(path: str | os.PathLike, by: str = "route", *, since: float | None = None,

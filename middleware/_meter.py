@@ -100,6 +100,9 @@ class Meter:
     ) -> None:
         if not (period_s > 0 and max_delay_s > 0 and history_s > 0):
             raise ValueError("period_s, max_delay_s and history_s must be > 0")
+        from ._logging import setup_logging
+
+        setup_logging()  # the meter's warnings must be visible in a process with no log handler
         if idle_w is not None and not (math.isfinite(idle_w) and idle_w >= 0):
             raise ValueError(f"idle_w must be a finite number of watts >= 0, got {idle_w!r}")
         # The sources are opened (NVML initialised, GPUs probed) on the meter's own
@@ -139,6 +142,10 @@ class Meter:
         #: called after each pass per device: (device, kind, measured J total,
         #: latest power W or None, unattributed J total), e.g. for hw.* metrics
         self.device_sinks: list[Callable] = []
+        #: called with each batch step as record_step gets it (start_ns, end_ns,
+        #: device, tokens), on the reporting thread: e.g. wattspan's provisional
+        #: per-request estimate (wattspan._provisional); must be quick
+        self.step_observers: list[Callable] = []
         self.device_unattributed_j: dict[str, float] = {}
         self.span_processor = span_processor
         # True or a directory: join the peer group of the devices metered, once the
@@ -233,6 +240,11 @@ class Meter:
             return
         self._queued_step_ids += len(tokens)
         self._events.append((_STEP, start_ns, end_ns, device, tokens))
+        for obs in self.step_observers:
+            try:
+                obs(start_ns, end_ns, device, tokens)
+            except Exception:
+                self.counters["sink_errors"] += 1
         if self._activity:
             n = sum(tokens.values())
             prefill = sum(v for v in tokens.values() if v > 1)

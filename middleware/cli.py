@@ -73,6 +73,8 @@ def carbon_model_from_args(args):
 
 def _build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="wattspan", description="Per-request energy and CO2e for AI inference servers.")
+    p.add_argument("--version", action="version", version=f"wattspan {_version()}")
+    p.add_argument("--log-level", default=None, help="wattspan's log level: DEBUG, INFO, WARNING (default), ERROR")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     a = sub.add_parser("attribute", help="apportion a recorded power trace to requests (offline, reproducible)")
@@ -102,6 +104,7 @@ def _build_parser() -> argparse.ArgumentParser:
     r.add_argument("--format", default="table", choices=["table", "csv", "json"])
     r.add_argument("--since-s", type=float, default=None, help="only the last N seconds")
     r.add_argument("--budgets", type=Path, default=None, help="also show these carbon budgets: spent, limit, KPIs, when they run out (budget file, JSON or TOML)")
+    r.add_argument("--id", default=None, help="one request's final figures, by its id (the x-wattspan-request-id header)")
 
     x = sub.add_parser("proxy", help="a metering proxy in front of an OpenAI-compatible server (vllm serve, ...)")
     x.add_argument("--upstream", required=True, help="the server to forward /v1/* to, e.g. http://127.0.0.1:8000")
@@ -113,6 +116,13 @@ def _build_parser() -> argparse.ArgumentParser:
     x.add_argument("--steps-listen", default=None, help="host:port or unix:/path where the vLLM hook in the upstream sends its batch steps")
     x.add_argument("--no-include-usage", action="store_true", help="do not ask a streaming upstream for usage (for servers that reject stream_options)")
     x.add_argument("--budgets", type=Path, default=None, help="enforce the carbon budgets in this file (JSON or TOML): observe, warn, reject (429), defer")
+    x.add_argument("--db", type=Path, default=None, help="append every request's final record to this ledger file, for `wattspan report` (default: none)")
+    x.add_argument("--request-id-header", default="x-wattspan-request-id", help="response header returning wattspan's request id (default x-wattspan-request-id; 'none' for none)")
+    x.add_argument("--tenant-header", default="x-tenant-id", help="request header naming the tenant (default x-tenant-id)")
+    x.add_argument("--no-tenant-from-key", action="store_true", help="without a tenant header, do not label the request by a hash of its API key")
+    x.add_argument("--model-header", default="x-model", help="request header naming the model when the body names none (default x-model)")
+    x.add_argument("--no-usage-energy", action="store_true", help="do not add the provisional energy_j / co2e_g to responses' usage")
+    x.add_argument("--no-records-endpoint", action="store_true", help="do not serve GET /wattspan/requests/{id}")
 
     from .run_cli import add_arguments as _add_run_audit_dashboard
 
@@ -128,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = _build_parser()
     _apply_env_defaults(parser, argv)
     args = parser.parse_args(argv)
+    from ._logging import setup_logging
+
+    setup_logging(args.log_level)
     if args.command is None:
         parser.print_help()
         return 2
@@ -151,15 +164,27 @@ def main(argv: list[str] | None = None) -> int:
             _need("httpx", "uvicorn", "starlette", extra="serve")
             from wattspan.integrations.openai_proxy import run_proxy
 
-            if getattr(args, "budgets", None) is not None:
-                return _proxy_with_budgets(args)
-            run_proxy(args.upstream, host=args.host, port=int(args.port), device=args.device, timeout_s=float(args.timeout_s), max_body_bytes=int(args.max_body_bytes), include_usage=not args.no_include_usage, steps_listen=args.steps_listen)
+            rid_header = None if str(args.request_id_header).strip().lower() in ("", "none", "off") else args.request_id_header
+            from .errors import InputError
+
+            options = dict(
+                device=args.device, timeout_s=float(args.timeout_s), max_body_bytes=int(args.max_body_bytes),
+                include_usage=not args.no_include_usage, steps_listen=args.steps_listen, ledger=args.db,
+                request_id_header=rid_header, tenant=args.tenant_header, tenant_from_key=not args.no_tenant_from_key,
+                model_header=args.model_header, usage_energy=not args.no_usage_energy, records_endpoint=not args.no_records_endpoint,
+            )
+            try:
+                run_proxy(args.upstream, host=args.host, port=int(args.port), wrap=_budget_wrapper(args), **options)
+            except (ValueError, InputError) as exc:
+                raise _UsageError(str(exc)) from None
             return 0
         if args.command in ("run", "audit", "dashboard"):
             from .run_cli import dispatch
 
             return dispatch(args, carbon_model_from_args, _UsageError, _need)
         if args.command == "report":
+            if args.id is not None:
+                return _cmd_report_id(args)
             from ._report import run_report
 
             rc = run_report(args.db, by=args.by, fmt=args.format, since_s=args.since_s)
@@ -195,21 +220,56 @@ def _report_budgets(args) -> int:
     return 0
 
 
-def _proxy_with_budgets(args) -> int:
-    """``wattspan proxy --budgets FILE``: the metering proxy inside a BudgetMiddleware."""
-    import uvicorn
-
-    from wattspan.integrations.openai_proxy import create_proxy
-
+def _budget_wrapper(args):
+    """``wattspan proxy --budgets FILE``: the metering proxy inside a BudgetMiddleware (or None)."""
+    if getattr(args, "budgets", None) is None:
+        return None
     from .budgets import BudgetConfigError, BudgetMiddleware
 
-    proxy = create_proxy(args.upstream, device=args.device, timeout_s=float(args.timeout_s), max_body_bytes=int(args.max_body_bytes),
-                         include_usage=not args.no_include_usage, steps_listen=args.steps_listen)
+    def wrap(app):
+        try:
+            return BudgetMiddleware(app, budgets=args.budgets)
+        except BudgetConfigError as exc:
+            raise _UsageError(str(exc)) from None
+
+    return wrap
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _cmd_report_id(args) -> int:
+    """``wattspan report --id ID``: one request's final record from the ledger."""
+    from ._ledger_db import find
+    from .errors import InputError
+
     try:
-        app = BudgetMiddleware(proxy, budgets=args.budgets)
-    except BudgetConfigError as exc:
+        rec = find(args.db, args.id)
+    except (FileNotFoundError, InputError) as exc:
         raise _UsageError(str(exc)) from None
-    uvicorn.run(app, host=args.host, port=int(args.port), log_level="info", lifespan="on")
+    if rec is None:
+        print(f"wattspan: no request {args.id!r} in {args.db} (not final yet? records reach the ledger a second or so after the response)", file=sys.stderr)
+        return 1
+    rec["duration_s"] = (rec["end_ns"] - rec["start_ns"]) / 1e9
+    rec["trace_id"], rec["span_id"] = f"{rec['trace_id']:032x}", f"{rec['span_id']:016x}"
+    if args.format == "json":
+        print(json.dumps(rec, indent=2))
+    elif args.format == "csv":
+        import csv
+
+        w = csv.DictWriter(sys.stdout, fieldnames=list(rec))
+        w.writeheader()
+        w.writerow(rec)
+    else:
+        flag = "  [SIMULATED power: no sensor]" if rec["simulated"] else ""
+        print(f"request {rec['id']}: {rec['energy_j']:.4g} J, {rec['co2e_g']:.4g} gCO2e{flag}")
+        for k in ("dynamic_j", "idle_j", "host_j", "embodied_g", "device_s", "duration_s", "method", "sensor", "coverage",
+                  "device", "route", "model", "tenant", "status_code", "prompt_tokens", "output_tokens", "run_id"):
+            v = rec[k]
+            print(f"  {k:<14}{v:.6g}" if isinstance(v, float) else f"  {k:<14}{v}")
     return 0
 
 
@@ -252,6 +312,8 @@ def _cmd_attribute(args) -> int:
         steps = _io.read_batches_jsonl(args.batches, requests) if args.batches else None
     except InputError as exc:
         raise _UsageError(str(exc)) from None
+
+    import numpy as np
 
     result = attribute(traces, requests, steps, idle_w=idle)
     records = result.records()

@@ -1,0 +1,46 @@
+"""What every benchmark here shares: results written only when asked, progress, missing tools said.
+
+``--record`` writes the results file under ``benchmarks/results/`` (the one the README
+quotes); ``--out PATH`` writes them elsewhere; without either the results are only
+printed, so a trial run never overwrites the recorded figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+_T0 = time.monotonic()
+
+
+def add_output_args(ap: argparse.ArgumentParser, name: str) -> None:
+    ap.add_argument("--record", action="store_true", help=f"write the results to benchmarks/results/{name} (the file the README quotes)")
+    ap.add_argument("--out", type=Path, default=None, help="write the results to this file instead (default: print only)")
+
+
+def write_results(args, name: str, text: str) -> Path | None:
+    """Write ``text`` where ``--record`` / ``--out`` say; return the path, or None (printed only)."""
+    path = args.out if getattr(args, "out", None) is not None else (RESULTS / name if getattr(args, "record", False) else None)
+    if path is None:
+        progress(f"results printed only; --record writes benchmarks/results/{name}")
+        return None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    progress(f"wrote {path}")
+    return path
+
+
+def progress(msg: str) -> None:
+    print(f"[{time.monotonic() - _T0:6.1f} s] {msg}", file=sys.stderr, flush=True)
+
+
+def need_tool(name: str, what: str, install: str) -> bool:
+    """Whether ``name`` is on PATH; if not, warn on stderr (what is left out, and how to install it)."""
+    if shutil.which(name):
+        return True
+    print(f"WARNING: `{name}` not found on PATH: {what} is left out (n/a). Install it: {install}", file=sys.stderr, flush=True)
+    return False

@@ -1,0 +1,234 @@
+"""The proxy as a product: energy back to the caller, the ledger, labels, response headers.
+
+Real uvicorn servers over loopback (the upstream answers like vLLM's OpenAI server,
+see tests/test_openai_proxy.py), httpx clients, a live meter on a known power trace.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import httpx
+import numpy as np
+import pytest
+from fastapi.responses import JSONResponse, Response
+
+from wattspan import StepModel
+from wattspan._provisional import Provisional
+from wattspan.integrations.openai_proxy import _splice_usage, create_proxy
+
+from .conftest import serve
+from .test_openai_proxy import chat_body, make_upstream, records, stack, strip_energy
+
+
+def _events(raw: bytes) -> list:
+    out = []
+    for ev in raw.split(b"\n\n"):
+        if ev.startswith(b"data: {"):
+            out.append(json.loads(ev[6:]))
+    return out
+
+
+class TestEnergyInUsage:
+    def test_non_streamed_usage_carries_a_provisional_figure_and_the_final_one_is_retrievable(self, live_meter):
+        with stack(live_meter) as (up, proxy, url, up_url):
+            first = httpx.post(f"{url}/v1/chat/completions", json=chat_body())
+            assert live_meter.flush(10)
+            # the meter now knows this device's recent joules per token: the next figure is a number
+            second = httpx.post(f"{url}/v1/chat/completions", json=chat_body(max_tokens=8))
+            rid = second.headers["x-wattspan-request-id"]
+            u1, u2 = first.json()["usage"], second.json()["usage"]
+            assert u1["energy_details"]["method"] == "none" and u1["energy_j"] is None  # nothing known yet
+            assert u2["energy_details"]["method"] == "recent-rate"
+            assert u2["energy_j"] > 0 and u2["co2e_g"] > 0
+            # the OpenAI fields are untouched
+            assert (u2["prompt_tokens"], u2["completion_tokens"]) == (5, 8)
+            pending = httpx.get(f"{url}/wattspan/requests/{rid}")
+            assert pending.status_code in (200, 202)
+            assert pending.json()["provisional"]["energy_j"] == u2["energy_j"]
+            recs = records(live_meter, 2)
+            final = httpx.get(f"{url}/wattspan/requests/{rid}")
+            unknown = httpx.get(f"{url}/wattspan/requests/ffffffff00000000")
+            hostile = httpx.get(f"{url}/wattspan/requests/..%2F..%2Fetc")
+        assert final.status_code == 200 and unknown.status_code == 404 and hostile.status_code == 404
+        f = final.json()
+        rec = next(r for r in recs if r.id == rid)
+        assert f["status"] == "final" and f["energy_j"] == rec.energy_j and f["co2e_g"] == rec.co2e_g
+        assert (f["prompt_tokens"], f["output_tokens"], f["method"]) == (5, 8, rec.method)
+        assert "tenant" not in f and "trace_id" not in f  # one caller's id does not tell another's labels
+        # 100 W on a 40 W idle, one request at a time: its figure is its lifetime times 100 W, near enough
+        assert f["energy_j"] == pytest.approx(100.0 * f["duration_s"], rel=0.05)
+        # the provisional figure is the rate of the first request times this one's tokens
+        r1 = next(r for r in recs if r.id != rid)
+        assert u2["energy_j"] == pytest.approx(r1.energy_j / (r1.prompt_tokens + r1.output_tokens) * 13, rel=1e-5)
+
+    def test_streams_get_it_only_when_they_asked_for_usage(self, live_meter):
+        with stack(live_meter) as (up, proxy, url, up_url):
+            httpx.post(f"{url}/v1/chat/completions", json=chat_body())
+            assert live_meter.flush(10)
+            asked = httpx.post(f"{url}/v1/chat/completions", json=chat_body(stream=True, stream_options={"include_usage": True}))
+            plain = httpx.post(f"{url}/v1/chat/completions", json=chat_body(stream=True))
+            rid = plain.headers["x-wattspan-request-id"]
+            direct = httpx.post(f"{up_url}/v1/chat/completions", json=chat_body(stream=True), headers={"x-request-id": rid})
+            kept = httpx.get(f"{url}/wattspan/requests/{rid}")
+        usage = _events(asked.content)[-1]["usage"]
+        assert usage["energy_j"] > 0 and usage["energy_details"]["provisional"] is True
+        assert usage["energy_details"]["request_id"] == asked.headers["x-wattspan-request-id"]
+        # the client that did not ask gets exactly the upstream's stream; its figure is kept for GET
+        assert plain.content == direct.content
+        assert kept.status_code in (200, 202) and kept.json()["provisional"]["energy_j"] > 0
+        assert proxy.stats["energy_annotated"] == 2
+
+    def test_off_switches(self, live_meter):
+        with stack(live_meter, usage_energy=False, records_endpoint=False, request_id_header=None) as (up, proxy, url, up_url):
+            r = httpx.post(f"{url}/v1/chat/completions", json=chat_body())
+            direct = httpx.post(f"{up_url}/v1/chat/completions", json=chat_body(), headers={"x-request-id": up.state.seen[-1]["headers"]["x-request-id"]})
+            assert httpx.get(f"{url}/wattspan/requests/x").status_code == 404
+        assert r.content == direct.content and "x-wattspan-request-id" not in r.headers
+
+    def test_error_responses_are_not_touched(self, live_meter):
+        up = make_upstream()
+
+        @up.post("/v1/fake/error")
+        async def error():
+            return JSONResponse({"error": {"message": "bad"}, "usage": {"prompt_tokens": 1}}, status_code=400)
+
+        with serve(up) as up_url:
+            with serve(create_proxy(up_url, meter=live_meter)) as url:
+                r = httpx.post(f"{url}/v1/fake/error", json={})
+        assert r.status_code == 400 and b"energy" not in r.content
+
+
+def test_splice_keeps_every_other_byte():
+    raw = b'{"id":"x","choices":[{"text":"\\"usage\\": {not me}"}],"usage":{"prompt_tokens":3,"details":{"a":1}} }'
+    out = _splice_usage(raw, {"energy_j": 1.5})
+    assert out == raw.replace(b'{"a":1}}', b'{"a":1},"energy_j":1.5}')
+    assert json.loads(out)["usage"]["energy_j"] == 1.5
+    assert _splice_usage(b'{"usage":{}}', {"e": 1}) == b'{"usage":{"e":1}}'
+    assert _splice_usage(b'{"choices":[]}', {"e": 1}) is None
+    assert _splice_usage(b'{"usage": null}', {"e": 1}) is None
+    assert _splice_usage(b'{"usage":{"a":', {"e": 1}) is None
+
+
+class _FakeMeter:
+    """What Provisional reads from a Meter: its fitted step models, idle and carbon."""
+
+    def __init__(self, coef, idle_w):
+        from wattspan.carbon import CarbonModel
+
+        self._models = {"gpu0": StepModel(coef=np.asarray(coef, float), r2=1.0, rows=100)}
+        self.idle_w = idle_w
+        self._idle = {}
+        self.carbon = CarbonModel(intensity_g_per_kwh=360.0)
+
+
+def test_provisional_step_model_splits_steps_by_tokens_and_scales_the_missing_decode_steps():
+    # coef: W (duration), J per prefill token, J per decode token, J per decode ktoken of context
+    coef = [50.0, 0.01, 0.2, 0.5]
+    p = Provisional(_FakeMeter(coef, idle_w=30.0))
+    p.open("a")
+    p.open("b")
+    s = 1_000_000_000
+    # step 1: a's prefill (100 tokens) with b and another request decoding
+    p.observe_step(0, s // 10, "gpu0", {"a": 100, "b": 1, "other": 1})
+    # steps 2, 3: a decodes; b decodes once more
+    p.observe_step(s // 10, s // 5, "gpu0", {"a": 1, "b": 1})
+    p.observe_step(s // 5, 3 * s // 10, "gpu0", {"a": 1})
+    # features (as attribution.step_features makes them): duration, prefill tokens, decode tokens, and the
+    # decode entries' context (tokens of earlier steps + this one) in ktokens. Step 1: b and "other" are new.
+    x1 = np.array([0.1, 100, 2, (0 + 1 + 0 + 1) / 1000])
+    x2 = np.array([0.1, 0, 2, (100 + 1 + 1 + 1) / 1000])
+    x3 = np.array([0.1, 0, 1, (101 + 1) / 1000])
+    c = np.array(coef)
+    a_dyn_pre = (c @ x1) * 100 / 102
+    a_dec = (c @ x2) * 1 / 2 + (c @ x3)
+    # a reported 5 output tokens: 1 from the prefill step, 4 decode of which 2 seen -> decode phase x2
+    est = p.estimate("a", "gpu0", prompt_tokens=100, output_tokens=5)
+    idle_s = 0.1 / 3 + 2 * (0.1 / 2 + 0.1)
+    assert est["method"] == "step-model" and est["steps"] == 3
+    assert est["energy_j"] == pytest.approx(a_dyn_pre + 2 * a_dec + 30.0 * idle_s, rel=1e-9)
+    assert est["co2e_g"] == pytest.approx(est["energy_j"] / 3.6e6 * 360.0, rel=1e-9)
+    # estimating forgets the request; a step naming it later is ignored; a request never opened is not tallied
+    assert p.estimate("a", "gpu0", 100, 5)["method"] == "none"
+    p.observe_step(0, s, "gpu0", {"a": 1})
+    assert "a" not in p._tally and "other" not in p._tally
+    assert p.estimate("b", "gpu0", 10, 2)["method"] == "step-model"
+
+
+def test_provisional_memory_is_bounded():
+    p = Provisional(_FakeMeter([1, 0, 0, 0], 0.0), max_requests=100)
+    for i in range(1000):
+        p.open(f"r{i}")
+    assert len(p._tally) == 100 and p.stats["evicted"] == 900 and "r999" in p._tally
+
+
+class TestLedgerAndReport:
+    def test_db_ledger_report_and_report_id(self, live_meter, tmp_path, capsys):
+        from wattspan.cli import main
+
+        db = tmp_path / "proxy.sqlite"
+        with stack(live_meter, ledger=db) as (up, proxy, url, up_url):
+            ids = []
+            for tenant in ("acme", "acme", "globex"):
+                r = httpx.post(f"{url}/v1/chat/completions", json=chat_body(), headers={"x-tenant-id": tenant})
+                ids.append(r.headers["x-wattspan-request-id"])
+            assert live_meter.flush(10) and proxy.ledger.flush(10)
+            proxy._final.clear()  # older than the proxy remembers: the figure comes from the ledger
+            from_ledger = httpx.get(f"{url}/wattspan/requests/{ids[2]}")
+        assert from_ledger.status_code == 200 and from_ledger.json()["energy_j"] > 0
+        assert main(["report", "--db", str(db), "--by", "tenant", "--format", "json"]) == 0
+        rows = json.loads(capsys.readouterr().out)
+        by = {r["tenant"]: r for r in (rows if isinstance(rows, list) else rows["rows"])}
+        assert by["acme"]["requests"] == 2 and by["globex"]["requests"] == 1
+        assert main(["report", "--db", str(db), "--id", ids[0], "--format", "json"]) == 0
+        one = json.loads(capsys.readouterr().out)
+        assert one["id"] == ids[0] and one["tenant"] == "acme" and one["energy_j"] > 0
+        assert main(["report", "--db", str(db), "--id", "nope"]) == 1
+
+    def test_a_foreign_file_is_refused_with_a_clear_error(self, tmp_path, capsys):
+        from wattspan.cli import main
+
+        bad = tmp_path / "notes.sqlite"
+        bad.write_text("not a database")
+        assert main(["proxy", "--upstream", "http://127.0.0.1:9", "--db", str(bad)]) == 2
+        assert "not a wattspan ledger" in capsys.readouterr().err
+
+
+class TestLabelsAndHeaders:
+    def test_tenant_from_header_else_the_api_keys_hash_never_the_key(self, live_meter, caplog):
+        key = "sk-live-0123456789abcdef"
+        with stack(live_meter) as (up, proxy, url, up_url):
+            httpx.post(f"{url}/v1/chat/completions", json=chat_body(), headers={"authorization": f"Bearer {key}"})
+            httpx.post(f"{url}/v1/chat/completions", json=chat_body(), headers={"authorization": f"Bearer {key}", "x-tenant-id": "acme"})
+            httpx.post(f"{url}/v1/chat/completions", json=chat_body(), headers={"api-key": "other-key"})
+            httpx.post(f"{url}/v1/chat/completions", json=chat_body(model="m-from-body"), headers={"x-model": "ignored"})
+            httpx.post(f"{url}/v1/models", headers={"x-model": "m-from-header"})
+            assert up.state.seen[0]["headers"]["authorization"] == f"Bearer {key}"  # forwarded, not kept
+        recs = records(live_meter, 5)
+        expect = "key-" + hashlib.sha256(b"wattspan-tenant\0" + key.encode()).hexdigest()[:12]
+        assert [r.tenant for r in recs[:3]] == [expect, "acme", "key-" + hashlib.sha256(b"wattspan-tenant\0other-key").hexdigest()[:12]]
+        assert [r.model for r in recs[3:]] == ["m-from-body", "m-from-header"]
+        for r in recs:
+            assert key not in repr(r.to_dict())
+        assert key not in caplog.text
+
+    def test_response_headers_are_filtered_no_duplicates_no_hop_by_hop(self, live_meter):
+        up = make_upstream()
+
+        @up.get("/v1/fake/headers")
+        async def headers():
+            return Response(b"{}", media_type="application/json", headers={
+                "keep-alive": "timeout=5", "x-secret-hop": "1", "connection": "x-secret-hop",
+                "x-wattspan-request-id": "spoofed", "proxy-authenticate": "Basic", "x-kept": "yes",
+            })
+
+        with serve(up) as up_url:
+            with serve(create_proxy(up_url, meter=live_meter)) as url:
+                r = httpx.get(f"{url}/v1/fake/headers")
+        names = [k.lower() for k, _ in r.headers.raw]
+        assert names.count(b"date") == 1 and names.count(b"server") == 1
+        for gone in (b"keep-alive", b"x-secret-hop", b"proxy-authenticate"):
+            assert gone not in names
+        assert r.headers.get_list("x-wattspan-request-id") == [records(live_meter, 1)[0].id]
+        assert r.headers["x-kept"] == "yes"
