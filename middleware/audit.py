@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-__all__ = ["Basis", "build_report", "from_attribute", "from_ledger", "from_run", "parse_time", "render", "write"]
+__all__ = ["Basis", "build_report", "carbon_for", "from_attribute", "from_ledger", "from_run", "parse_time", "render_html",
+           "render_markdown", "render_pdf", "write"]
 
 _J_PER_KWH = 3.6e6
 _TEMPLATE = "audit.md.j2"
