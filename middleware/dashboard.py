@@ -14,7 +14,7 @@ read-only, from the threadpool, never on the event loop.
 Unattributed energy (device energy with no request in flight) is not in the
 ledger, which holds requests: ``--metrics-url`` points the page at the
 server's Prometheus exporter (``wattspan_unattributed_energy_joules_total``).
-Budgets come from ``wattspan.budgets.budget_status`` where that module exists.
+Budgets: the burn of a budget file (``--budgets`` or ``WATTSPAN_BUDGETS``) from ``wattspan.budgets.budget_status``.
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ class DataCache:
         self.lock = threading.Lock()
 
 
-def data(db: str | os.PathLike, window_s: float = 3600.0, *, now: float | None = None, metrics_url: str | None = None,
+def data(db: str | os.PathLike, window_s: float = 3600.0, *, now: float | None = None, metrics_url: str | None = None, budgets: str | os.PathLike | None = None,
          cache: DataCache | None = None) -> dict:
     """Everything the page shows, for the last ``window_s`` (60 buckets of ``window_s / 60``, aligned on the clock;
     the oldest may start up to one bucket earlier).
@@ -125,7 +125,7 @@ def data(db: str | os.PathLike, window_s: float = 3600.0, *, now: float | None =
             else:
                 with cache.lock:
                     rows = _cached_rows(conn, cols, cache, str(db), bucket, k0, now)
-    return _summarise(rows, db=db, now=now, window_s=window_s, since=since, k0=k0, bucket=bucket, metrics_url=metrics_url)
+    return _summarise(rows, db=db, now=now, window_s=window_s, since=since, k0=k0, bucket=bucket, metrics_url=metrics_url, budgets=budgets)
 
 
 def _cached_rows(conn, cols: set, cache: DataCache, db: str, bucket: float, k0: int, now: float) -> list[tuple]:
@@ -145,7 +145,7 @@ def _cached_rows(conn, cols: set, cache: DataCache, db: str, bucket: float, k0: 
     return [r for k in sorted(cache.rows) for r in cache.rows[k]] + _scan(conn, cols, live_from, now + 1e-6, bucket)
 
 
-def _summarise(rows, *, db, now, window_s, since, k0, bucket, metrics_url) -> dict:
+def _summarise(rows, *, db, now, window_s, since, k0, bucket, metrics_url, budgets=None) -> dict:
     zero = {"requests": 0, "energy_j": 0.0, "host_j": 0.0, "co2e_g": 0.0, "tokens": 0, "simulated": False, "methods": set()}
     tot = {"n": 0, "acc": 0.0, "host": 0.0, "co2": 0.0, "emb": 0.0, "pt": 0, "ot": 0, "sim": 0, "low": 0, "last": None, "lo": 0.0, "hi": 0.0}
     by = {b: {} for b in ("route", "model", "tenant")}
@@ -217,7 +217,7 @@ def _summarise(rows, *, db, now, window_s, since, k0, bucket, metrics_url) -> di
                       "sensors": [{"device": d, "sensor": s, "simulated": sim, "requests": k} for (d, s), (sim, k) in sorted(sensors.items())],
                       "flags": flags, "band_j": [tot["lo"] + host, tot["hi"] + host] if has_band else None}
     out["unattributed"] = _unattributed(metrics_url)
-    out["budgets"] = _budgets(db)
+    out["budgets"] = _budgets(db, budgets)
     return out
 
 
@@ -260,24 +260,23 @@ def _unattributed(metrics_url: str | None) -> dict:
             "note": "since the server started (counters of its exporter)"}
 
 
-def _budgets(db) -> dict:
-    """Budget burn from ``wattspan.budgets.budget_status`` (rows: name, used, limit, unit, fraction), if present."""
+def _budgets(db, path) -> dict:
+    """Budget burn from :func:`wattspan.budgets.budget_status` for the budget file ``path``
+    (spent against this ledger when the file's source is the ledger)."""
+    if not path:
+        return {"available": False, "rows": [], "note": "no budgets configured (--budgets FILE or WATTSPAN_BUDGETS)"}
+    from .budgets import BudgetConfig, budget_status, load_budgets
+
     try:
-        from . import budgets  # type: ignore[attr-defined]
-    except ImportError:
-        return {"available": False, "rows": [], "note": "no budgets configured"}
-    try:
-        fn = getattr(budgets, "budget_status")
-        try:
-            rows = fn(db=db)
-        except TypeError:
-            rows = fn()
-        rows = [dict(r) if not isinstance(r, dict) else r for r in (rows or [])]
-    except Exception as exc:
+        cfg = load_budgets(path)
+        if cfg.source == "ledger":
+            cfg = BudgetConfig(cfg.budgets, "ledger", str(db), cfg.prometheus_url, cfg.refresh_s)
+        rows = [s.to_dict() for s in budget_status(cfg)]
+    except Exception as exc:  # a broken file must not take the page down
         log.warning("budget status failed: %s", exc)
         return {"available": False, "rows": [], "note": f"budgets could not be read: {exc}"}
     if not rows:
-        return {"available": False, "rows": [], "note": "no budgets configured"}
+        return {"available": False, "rows": [], "note": "no budgets in the file"}
     return {"available": True, "rows": json.loads(json.dumps(rows, default=str))}
 
 
@@ -298,8 +297,8 @@ def _plotly_js() -> Path:
 
 
 def create_app(db: str | os.PathLike, *, token: str | None = None, window_s: float = 3600.0, refresh_s: float = 2.0,
-               metrics_url: str | None = None):
-    """The dashboard as an ASGI app (Starlette)."""
+               metrics_url: str | None = None, budgets: str | os.PathLike | None = None):
+    """The dashboard as an ASGI app (Starlette). ``budgets``: a budget file whose burn the page shows."""
     from starlette.applications import Starlette
     from starlette.concurrency import run_in_threadpool
     from starlette.requests import Request
@@ -356,7 +355,7 @@ def create_app(db: str | os.PathLike, *, token: str | None = None, window_s: flo
             return JSONResponse({"error": str(exc)}, status_code=400, headers=headers)
         try:
             cache = caches.setdefault(w, DataCache()) if len(caches) < 16 else DataCache()
-            body = await run_in_threadpool(data, db, w, metrics_url=metrics_url, cache=cache)
+            body = await run_in_threadpool(data, db, w, metrics_url=metrics_url, budgets=budgets, cache=cache)
         except FileNotFoundError as exc:
             return JSONResponse({"error": str(exc)}, status_code=404, headers=headers)
         except Exception as exc:  # a broken or foreign file: say so on the page
@@ -388,7 +387,8 @@ def cli_main(args) -> int:
     if not Path(args.db).is_file():
         raise FileNotFoundError(f"no wattspan ledger at {args.db} (start a metered server with a ledger, or `wattspan demo`)")
     app = create_app(args.db, token=token, window_s=parse_window(args.window), refresh_s=float(args.refresh_s),
-                     metrics_url=getattr(args, "metrics_url", None))
+                     metrics_url=getattr(args, "metrics_url", None),
+                     budgets=getattr(args, "budgets", None) or os.environ.get("WATTSPAN_BUDGETS") or None)
     config = uvicorn.Config(app, host=args.host, port=int(args.port), log_level="warning", server_header=False)
     server = uvicorn.Server(config)
     shown = f"[{args.host}]" if ":" in args.host else args.host

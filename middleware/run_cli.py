@@ -61,6 +61,7 @@ def add_arguments(sub, carbon_options) -> None:
     d.add_argument("--window", default="1h", help="how far back the page looks (default 1h)")
     d.add_argument("--refresh-s", type=float, default=2.0, help="how often the page refreshes, seconds (default 2)")
     d.add_argument("--metrics-url", default=None, help="the server's Prometheus exporter (http://127.0.0.1:9464/metrics): shows unattributed energy")
+    d.add_argument("--budgets", type=Path, default=None, help="a budget file (JSON or TOML, as for `wattspan proxy --budgets`): shows each budget's burn (env WATTSPAN_BUDGETS)")
 
 
 def dispatch(args, carbon_model_from_args, usage_error, need) -> int:

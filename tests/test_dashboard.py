@@ -14,7 +14,6 @@ import subprocess
 import sys
 import threading
 import time
-import types
 from pathlib import Path
 
 import httpx
@@ -70,7 +69,7 @@ class TestData:
         q = d["quality"]
         assert q["simulated_requests"] == sum(r["simulated"] for r in rows) and q["low_coverage_requests"] == 1
         assert q["methods"] == {"batch-fit": 30}
-        assert d["budgets"] == {"available": False, "rows": [], "note": "no budgets configured"}
+        assert d["budgets"]["available"] is False and "no budgets configured" in d["budgets"]["note"]
         assert d["unattributed"]["available"] is False and "--metrics-url" in d["unattributed"]["note"]
 
     def test_a_window_excludes_older_records_and_an_empty_ledger_reads_as_zero(self, ledger, tmp_path):
@@ -83,15 +82,18 @@ class TestData:
             with pytest.raises(ValueError):
                 parse_window(bad)
 
-    def test_budget_burn_plugs_in_where_a_budgets_module_exists(self, ledger, monkeypatch):
-        mod = types.ModuleType("wattspan.budgets")
-        mod.budget_status = lambda db=None: [{"name": "team-1 daily", "used": 3.0, "limit": 4.0, "unit": "gCO2e", "fraction": 0.75}]
-        monkeypatch.setitem(sys.modules, "wattspan.budgets", mod)
-        import wattspan
+    def test_budget_burn_is_the_ledgers_spend_against_the_budget_file(self, ledger, tmp_path):
+        import json
 
-        monkeypatch.setattr(wattspan, "budgets", mod, raising=False)
-        b = data(ledger, 3600)["budgets"]
-        assert b["available"] is True and b["rows"][0]["fraction"] == 0.75
+        f = tmp_path / "budgets.json"
+        f.write_text(json.dumps({"budget": [{"name": "team-1 daily", "match": {"tenant": "team-1"}, "limit_gco2e": 0.004, "period": "day"}]}))
+        b = data(ledger, 3600, budgets=f)["budgets"]
+        spent = sum(r["co2e_g"] for r in query(ledger) if r["tenant"] == "team-1")
+        assert b["available"] is True and b["rows"][0]["name"] == "team-1 daily"
+        assert b["rows"][0]["spent"] == pytest.approx(spent, rel=1e-9)
+        assert b["rows"][0]["fraction"] == pytest.approx(spent / 0.004, rel=1e-9)
+        f.write_text("{broken")
+        assert "could not be read" in data(ledger, 3600, budgets=f)["budgets"]["note"]
 
     def test_unattributed_energy_from_the_real_exporter(self, ledger):
         prometheus_client = pytest.importorskip("prometheus_client")
