@@ -49,8 +49,8 @@ class RequestRecord:
     span_id: int = 0
     host_j: float = 0.0
     # Which intensity the carbon used (issue 11): gCO2e/kWh, the provider that said it
-    # (``profile``, ``table``, ``electricitymaps``, ...; ``+fallback`` when a live one was
-    # down), its zone, the hour (``YYYY-MM-DDTHH:MMZ``, UTC) and the basis (``location``).
+    # (``profile``, ``table``, ``electricitymaps``, ...; ``electricitymaps:fallback-profile`` when
+    # a live one was down), its zone, the hour (``YYYY-MM-DDTHH:MMZ``, UTC) and the basis (``location``).
     # Market-based (a user's contract factor; 0 = none given) and marginal (0 = none) figures
     # are reported beside, operational only; ``co2e_g`` stays location-based.
     intensity_g_per_kwh: float = 0.0

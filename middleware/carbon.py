@@ -294,7 +294,8 @@ class CarbonModel:
                     try:
                         v = self.hourly.at(self.zone, t)
                         inten[idx] = v.g_per_kwh
-                        p = {"provider": v.provider + ("+fallback" if v.fallback else ""), "zone": v.zone,
+                        who = f"{getattr(self.hourly, 'name', 'provider')}:fallback-{v.provider}" if v.fallback else v.provider
+                        p = {"provider": who, "zone": v.zone,
                              "hour": v.hour, "basis": v.basis}
                     except Exception:
                         log.exception("hourly intensity lookup failed; using the yearly %g gCO2e/kWh", self.intensity_g_per_kwh)
