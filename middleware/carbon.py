@@ -5,6 +5,8 @@ device time in seconds (``_s``), intensity in gCO2e per kWh. The offline table
 (``data/grid_intensity.csv``, see ``data/GRID_SOURCES.md``) holds yearly, location-based
 averages per country, per Google Cloud region, and per AWS/Azure region (country
 average). ``HttpJsonProvider`` plugs in a live source and falls back on that table.
+``CarbonModel.with_hourly`` / ``per_request`` convert each request at the intensity of the hour
+it ran, from an hourly provider (:mod:`wattspan.intensity`), and say which one it used.
 """
 
 from __future__ import annotations
