@@ -102,6 +102,9 @@ def _build_parser() -> argparse.ArgumentParser:
     x.add_argument("--steps-listen", default=None, help="host:port or unix:/path where the vLLM hook in the upstream sends its batch steps")
     x.add_argument("--no-include-usage", action="store_true", help="do not ask a streaming upstream for usage (for servers that reject stream_options)")
     x.add_argument("--budgets", type=Path, default=None, help="enforce the carbon budgets in this file (JSON or TOML): observe, warn, reject (429), defer")
+    x.add_argument("--defer-path", dest="defer_paths", action="append", default=None, metavar="PATH",
+                   help="queue POSTs to PATH that carry x-wattspan-deadline-s for the cleanest hour before it (repeatable; zone: --region)")
+    x.add_argument("--region", default="world", help="grid region the deferral queue plans for (default: world)")
 
     b = sub.add_parser("bench", help="on demand or in batches? energy and CO2e per call, projected to a million calls")
     from .bench import add_bench_arguments
@@ -137,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             _need("httpx", "uvicorn", "starlette", extra="serve")
             from wattspan.integrations.openai_proxy import run_proxy
 
-            if getattr(args, "budgets", None) is not None:
+            if getattr(args, "budgets", None) is not None or getattr(args, "defer_paths", None):
                 return _proxy_with_budgets(args)
             run_proxy(args.upstream, host=args.host, port=int(args.port), device=args.device, timeout_s=float(args.timeout_s), max_body_bytes=int(args.max_body_bytes), include_usage=not args.no_include_usage, steps_listen=args.steps_listen)
             return 0
@@ -178,7 +181,8 @@ def _report_budgets(args) -> int:
 
 
 def _proxy_with_budgets(args) -> int:
-    """``wattspan proxy --budgets FILE``: the metering proxy inside a BudgetMiddleware."""
+    """``wattspan proxy --budgets FILE`` / ``--defer-path PATH``: the metering proxy inside a
+    BudgetMiddleware and/or a DeferralMiddleware (one queue for both)."""
     import uvicorn
 
     from wattspan.integrations.openai_proxy import create_proxy
@@ -187,9 +191,14 @@ def _proxy_with_budgets(args) -> int:
 
     proxy = create_proxy(args.upstream, device=args.device, timeout_s=float(args.timeout_s), max_body_bytes=int(args.max_body_bytes),
                          include_usage=not args.no_include_usage, steps_listen=args.steps_listen)
+    from .deferral import DeferralMiddleware, DeferralQueue
+
     try:
-        app = BudgetMiddleware(proxy, budgets=args.budgets)
-    except BudgetConfigError as exc:
+        queue = DeferralQueue(zone=args.region)
+        app = DeferralMiddleware(proxy, queue=queue, paths=tuple(args.defer_paths)) if args.defer_paths else proxy
+        if args.budgets is not None:
+            app = BudgetMiddleware(app, budgets=args.budgets, deferral=queue)
+    except (BudgetConfigError, ValueError) as exc:
         raise _UsageError(str(exc)) from None
     uvicorn.run(app, host=args.host, port=int(args.port), log_level="info", lifespan="on")
     return 0
