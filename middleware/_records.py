@@ -60,8 +60,8 @@ class RequestRecord:
     co2e_g_high: float = 0.0
     quality: str = ""
     # Which intensity the carbon used (issue 11): gCO2e/kWh, the provider that said it
-    # (``profile``, ``table``, ``electricitymaps``, ...; ``+fallback`` when a live one was
-    # down), its zone, the hour (``YYYY-MM-DDTHH:MMZ``, UTC) and the basis (``location``).
+    # (``profile``, ``table``, ``electricitymaps``, ...; ``electricitymaps:fallback-profile`` when
+    # a live one was down), its zone, the hour (``YYYY-MM-DDTHH:MMZ``, UTC) and the basis (``location``).
     # Market-based (a user's contract factor; 0 = none given) and marginal (0 = none) figures
     # are reported beside, operational only; ``co2e_g`` stays location-based.
     intensity_g_per_kwh: float = 0.0

@@ -466,10 +466,12 @@ class BudgetMiddleware:
     :class:`BudgetConfig`; ``source``: a spend source (default from the config);
     ``deferral``: a :class:`~wattspan.deferral.DeferralQueue` for ``defer`` budgets (default:
     one on the offline profile for ``WATTSPAN_REGION``); ``max_body_bytes``: the largest
-    request body a deferred job keeps."""
+    request body a deferred job keeps; ``status_path``: where the budgets' status is served
+    (None: nowhere; it names budgets and their owners)."""
 
     def __init__(self, app, *, budgets, source=None, tenant: str = "x-tenant-id", model: str = "x-model",
-                 deferral=None, max_body_bytes: int = 8 << 20, default_deadline_s: float = 86400.0) -> None:
+                 deferral=None, max_body_bytes: int = 8 << 20, default_deadline_s: float = 86400.0,
+                 status_path: str | None = "/wattspan/budgets") -> None:
         self.app = app
         self.config = budgets if isinstance(budgets, BudgetConfig) else load_budgets(budgets)
         self.state = _State(self.config, source or _source_for(self.config))
@@ -480,6 +482,7 @@ class BudgetMiddleware:
 
             self.deferral = DeferralQueue(zone=os.environ.get("WATTSPAN_REGION", "world"))
         self.max_body_bytes, self.default_deadline_s = int(max_body_bytes), float(default_deadline_s)
+        self.status_path = status_path  # None: do not serve the budgets' status
         self.counts: dict[str, int] = {a: 0 for a in ACTIONS}
         self._warned: dict[str, float] = {}
         self._runner: asyncio.Task | None = None
@@ -565,7 +568,7 @@ class BudgetMiddleware:
     async def _own(self, path: str, scope, send) -> bool:
         if scope.get("method") != "GET":
             return False
-        if path == "/wattspan/budgets":
+        if self.status_path is not None and path == self.status_path:
             with self.state.lock:
                 st = [s.to_dict() for s in self.state.statuses.values()]
             await _send_json(send, 200, {"budgets": st, "counts": self.counts})

@@ -5,6 +5,8 @@ device time in seconds (``_s``), intensity in gCO2e per kWh. The offline table
 (``data/grid_intensity.csv``, see ``data/GRID_SOURCES.md``) holds yearly, location-based
 averages per country, per Google Cloud region, and per AWS/Azure region (country
 average). ``HttpJsonProvider`` plugs in a live source and falls back on that table.
+``CarbonModel.with_hourly`` / ``per_request`` convert each request at the intensity of the hour
+it ran, from an hourly provider (:mod:`wattspan.intensity`), and say which one it used.
 """
 
 from __future__ import annotations
@@ -294,7 +296,8 @@ class CarbonModel:
                     try:
                         v = self.hourly.at(self.zone, t)
                         inten[idx] = v.g_per_kwh
-                        p = {"provider": v.provider + ("+fallback" if v.fallback else ""), "zone": v.zone,
+                        who = f"{getattr(self.hourly, 'name', 'provider')}:fallback-{v.provider}" if v.fallback else v.provider
+                        p = {"provider": who, "zone": v.zone,
                              "hour": v.hour, "basis": v.basis}
                     except Exception:
                         log.exception("hourly intensity lookup failed; using the yearly %g gCO2e/kWh", self.intensity_g_per_kwh)

@@ -123,6 +123,9 @@ def _build_parser() -> argparse.ArgumentParser:
     x.add_argument("--model-header", default="x-model", help="request header naming the model when the body names none (default x-model)")
     x.add_argument("--no-usage-energy", action="store_true", help="do not add the provisional energy_j / co2e_g to responses' usage")
     x.add_argument("--no-records-endpoint", action="store_true", help="do not serve GET /wattspan/requests/{id}")
+    x.add_argument("--defer-path", dest="defer_paths", action="append", default=None, metavar="PATH",
+                   help="queue POSTs to PATH that carry x-wattspan-deadline-s for the cleanest hour before it (repeatable; zone: --region)")
+    x.add_argument("--region", default="world", help="grid region the deferral queue plans for (default: world)")
 
     from .run_cli import add_arguments as _add_run_audit_dashboard
 
@@ -221,15 +224,23 @@ def _report_budgets(args) -> int:
 
 
 def _budget_wrapper(args):
-    """``wattspan proxy --budgets FILE``: the metering proxy inside a BudgetMiddleware (or None)."""
-    if getattr(args, "budgets", None) is None:
+    """``wattspan proxy --budgets FILE`` / ``--defer-path PATH``: wrap the metering proxy in a
+    BudgetMiddleware and/or a DeferralMiddleware (one queue for both); None when neither is asked."""
+    budgets, paths = getattr(args, "budgets", None), getattr(args, "defer_paths", None)
+    if budgets is None and not paths:
         return None
     from .budgets import BudgetConfigError, BudgetMiddleware
+    from .deferral import DeferralMiddleware, DeferralQueue
 
     def wrap(app):
         try:
-            return BudgetMiddleware(app, budgets=args.budgets)
-        except BudgetConfigError as exc:
+            queue = DeferralQueue(zone=args.region)
+            if paths:
+                app = DeferralMiddleware(app, queue=queue, paths=tuple(paths))
+            if budgets is not None:
+                app = BudgetMiddleware(app, budgets=budgets, deferral=queue)
+            return app
+        except (BudgetConfigError, ValueError) as exc:
             raise _UsageError(str(exc)) from None
 
     return wrap

@@ -28,6 +28,7 @@ import itertools
 import logging
 import math
 import os
+import secrets
 import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
@@ -133,7 +134,6 @@ class DeferralQueue:
         self.jobs: OrderedDict[str, Job] = OrderedDict()
         self.running = 0
         self._ids = itertools.count(1)
-        self._prefix = os.urandom(3).hex()
         self._wake: asyncio.Event | None = None
         self.counters = {"submitted": 0, "deferred": 0, "ran": 0, "failed": 0, "late": 0}
 
@@ -180,7 +180,7 @@ class DeferralQueue:
         pending = sum(1 for j in self.jobs.values() if j.status in ("planned", "running"))
         if pending >= self.max_jobs:
             raise DeferralFull(f"the deferral queue holds {pending} jobs already (max_jobs)")
-        jid = f"{self._prefix}-{next(self._ids):06d}"
+        jid = f"{next(self._ids):06d}-{secrets.token_urlsafe(12)}"  # unguessable: the id is what lets one read the result
         d = self.plan(deadline_s, duration_s, job_id=jid)
         job = Job(jid, fn, d, name)
         self.jobs[jid] = job
@@ -364,8 +364,14 @@ async def defer_request(queue: DeferralQueue, app, scope, receive, send, *, defa
 async def job_status(queue: DeferralQueue, path: str, send) -> None:
     """``GET /wattspan/jobs``: every kept decision; ``/wattspan/jobs/<id>``: one job (with its
     response once done)."""
-    if path.rstrip("/") == "/wattspan/jobs":
-        await send_json(send, 200, {"jobs": [j.to_dict() for j in queue.jobs.values()], "counters": queue.counters})
+    if path.rstrip("/") == "/wattspan/jobs":  # decisions only: no ids, so no one else's results
+        jobs = []
+        for j in queue.jobs.values():
+            d = j.to_dict()
+            d.pop("id")
+            d["decision"].pop("job_id")
+            jobs.append(d)
+        await send_json(send, 200, {"jobs": jobs, "counters": queue.counters})
         return
     job = queue.get(path.rsplit("/", 1)[1])
     if job is None:

@@ -376,8 +376,14 @@ class _Live:
         v = self.fallback.at(self._fallback_zone(zone), t_s)
         return replace(v, fallback=True, signal=f"{v.signal}; fallback: {why}")
 
+    #: the offline zone for a live zone the offline data does not know (set by provider_from_name
+    #: to the region, which was checked at start)
+    fallback_zone: str | None = None
+
     def _fallback_zone(self, zone: str) -> str:
-        return zone
+        if profile_zone(zone) is not None or self.fallback_zone is None:
+            return zone
+        return self.fallback_zone
 
     def _down(self) -> bool:
         return time.monotonic() < self._down_until
@@ -651,7 +657,9 @@ def provider_from_name(name: str, region: str, *, env: dict | None = None) -> tu
         p = ProfileProvider()
         return p, p.check_zone(zone)
     if name == "electricitymaps":
-        return ElectricityMapsProvider(), zone
+        p = ElectricityMapsProvider()
+        p.fallback_zone = ProfileProvider().check_zone(region)
+        return p, zone
     if name == "watttime":
         return WattTimeProvider(fallback_zone=region), zone
     p = GbCarbonIntensityProvider()

@@ -203,7 +203,8 @@ def test_batch_endpoint_defers_to_the_cleanest_hour_and_meters_the_deferred_run(
     assert rec["route"] == "/v1/batch" and rec["output_tokens"] == 4 and rec["energy_j"] > 0
     assert rec["intensity_provider"] == "table" and rec["intensity_zone"] == "world" and rec["intensity_hour"]
     listing = httpx.get(demo.url + "/wattspan/jobs", timeout=10).json()
-    assert any(j["id"] == job["job"] for j in listing["jobs"])
+    mine = [j for j in listing["jobs"] if j["decision"]["planned_start"] == job["planned_start"]]
+    assert mine and all("id" not in j and "job_id" not in j["decision"] for j in listing["jobs"])  # no one else's ids
 
 
 _ITEM = {"custom_id": "a", "url": "/v1/completions", "body": {"prompt": "hi", "max_tokens": 2}}

@@ -74,3 +74,29 @@ def test_bad_budget_file_or_provider_is_a_clear_error_at_start(tmp_path):
     p = _cli("attribute", "--trace", "examples/a100/trace.csv", "--requests", "examples/a100/requests.jsonl", "--region", "FR",
              "--intensity-provider", "profile", "--marginal-provider", "watttime", cwd=os.path.dirname(os.path.dirname(__file__)))
     assert p.returncode == 2 and "WATTTIME_USERNAME" in p.stderr
+
+
+def test_the_proxy_defers_marked_requests_and_meters_them_when_they_run(live_meter):
+    from wattspan.deferral import DeferralMiddleware, DeferralQueue
+
+    up = make_upstream()
+    with serve(up) as up_url:
+        q = DeferralQueue(zone="world", poll_s=0.05)
+        app = DeferralMiddleware(create_proxy(up_url, meter=live_meter), queue=q, paths=("/v1/chat/completions",))
+        with serve(app) as url, httpx.Client(base_url=url, timeout=10) as c:
+            body = {"model": "m", "messages": [{"role": "user", "content": "hi there"}]}
+            now = c.post("/v1/chat/completions", json=body)
+            assert now.status_code == 200  # no deadline header: served at once
+            r = c.post("/v1/chat/completions", json=body, headers={"x-wattspan-deadline-s": "7200", "x-tenant-id": "acme"})
+            assert r.status_code == 202 and r.headers["location"] == r.json()["status_url"]
+            done = _until(lambda: (lambda d: d if d["status"] == "done" else None)(c.get(r.json()["status_url"]).json()))
+            later = json.loads(done["response"]["body"])
+            assert done["response"]["status"] == 200 and later["choices"] == now.json()["choices"] and later["id"] != now.json()["id"]
+            assert live_meter.flush(10)
+            tenants = [x.tenant for x in live_meter.records]
+            assert tenants.count("acme") == 1  # the deferred run was metered, with its tenant
+
+
+def test_proxy_deferral_with_an_unknown_region_fails_at_start():
+    p = _cli("proxy", "--upstream", "http://127.0.0.1:9", "--port", "0", "--defer-path", "/v1/batch", "--region", "atlantis")
+    assert p.returncode == 2 and "atlantis" in p.stderr and "Traceback" not in p.stderr

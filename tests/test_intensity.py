@@ -235,3 +235,16 @@ def test_live_meter_config_from_the_environment(monkeypatch, wt):
     f = c.fields()[0]
     assert f["marginal_g_per_kwh"] == pytest.approx(453.6, rel=0.01) and f["co2e_marginal_g"] == pytest.approx(453.6, rel=0.01)
     assert f["intensity_provider"] == "profile" and f["intensity_basis"] == "location"
+
+
+def test_a_live_zone_the_offline_data_lacks_falls_back_to_the_region(em):
+    em.mode = "html"
+    p, zone = provider_from_name("electricitymaps", "aws:us-east-1", env={"WATTSPAN_INTENSITY_ZONE": "US-MIDA-PJM"})
+    assert zone == "US-MIDA-PJM"
+    p._base = em.url  # the fake, not the real host
+    v = p.at(zone, time.time())
+    assert v.fallback and v.zone == "aws:us-east-1" and v.provider == "table"
+    m = CarbonModel.for_region("aws:us-east-1").with_hourly("table")
+    m = type(m)(**{**m.__dict__, "hourly": p, "zone": zone})
+    f = m.per_request(np.array([1.0]), np.array([0.0]), np.array([time.time()])).fields()[0]
+    assert f["intensity_provider"] == "electricitymaps:fallback-table" and f["intensity_zone"] == "aws:us-east-1"

@@ -17,7 +17,6 @@ profile.
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import asdict, dataclass
 
