@@ -435,3 +435,22 @@ def test_a_500_raised_by_the_endpoint_carries_the_request_id(live_meter, capfd):
     by_id = {rec.id: rec for rec in live_meter.records}
     assert r.headers["x-request-id"] in by_id and by_id[r.headers["x-request-id"]].status_code == 500
     assert "the endpoint failed" in capfd.readouterr().err  # the server still logs it as the error it is
+
+
+def test_drain_flushes_the_sinks_that_buffer_within_the_timeout(live_meter, tmp_path):
+    import time
+
+    ledger = Ledger(tmp_path / "l.sqlite")
+    fh = open(tmp_path / "ids.txt", "w", buffering=1 << 20)
+    live_meter.batch_sinks.append(ledger.write)
+    live_meter.sinks.append(lambda rec: fh.write(rec.id + "\n"))
+    live_meter.batch_sinks.append(lambda recs: None)
+    t = time.monotonic_ns()
+    for i in range(50):
+        live_meter.begin(f"d{i}", "gpu0", t)
+        live_meter.end(f"d{i}", "gpu0", t + 1_000_000)
+    out = live_meter.drain(10)
+    assert out == {"unfinished": 0, "sinks_unflushed": 0}
+    assert len(ledger.query()) == 50  # committed, not just queued
+    ledger.close()
+    fh.close()
