@@ -331,7 +331,11 @@ class Meter:
             fl = getattr(target, "flush", None)
             if callable(fl):
                 try:
-                    if fl(max(0.1, deadline - time.monotonic())) is False:
+                    try:
+                        ok = fl(max(0.1, deadline - time.monotonic()))
+                    except TypeError:  # a flush() without a timeout (a file's)
+                        ok = fl()
+                    if ok is False:
                         unflushed += 1
                 except Exception:
                     unflushed += 1

@@ -16,10 +16,10 @@ each process's own) plus an optional group name (``WATTSPAN_PEER_GROUP``) - in
 (or their own simulated ones) never share; two apps on one real GPU do, unless
 they set different group names.
 
-The directories must belong to this user and be closed to others (mode 0700):
-one pre-created by another user, or opened to others, is refused with a log
-line naming it (the meter then runs without peers), and so are sockets in it
-that another user owns.
+The directories must belong to this user: one pre-created by another user (or
+a link) is refused with a log line naming it (the meter then runs without
+peers); one of ours that is open to others is closed to mode 0700 (logged).
+Sockets in it that another user owns are ignored.
 
 Messages are JSON ``{"q": sequence number, "e": [event tuples]}`` chunked under
 32 KiB; a full socket buffer drops the message and counts it (``dropped``),
@@ -78,9 +78,13 @@ def private_dir(path: Path, *, create_from: Path | None = None) -> Path:
         if hasattr(os, "getuid") and st.st_uid != _uid():
             raise PermissionError(f"{level} belongs to another user (uid {st.st_uid}, this is uid {_uid()}); "
                                   f"remove it or set WATTSPAN_PEER_DIR to a directory of your own")
-        if st.st_mode & 0o077:
-            raise PermissionError(f"{level} is open to other users (mode {stat.S_IMODE(st.st_mode):o}); "
-                                  f"chmod 700 it, or remove it")
+        if st.st_mode & 0o077:  # ours, but open to others (an older wattspan made it 0755): close it
+            try:
+                os.chmod(level, 0o700)
+            except OSError as exc:
+                raise PermissionError(f"{level} is open to other users (mode {stat.S_IMODE(st.st_mode):o}) and cannot "
+                                      f"be closed ({exc}); chmod 700 it, or remove it") from None
+            log.warning("wattspan: %s was open to other users (mode %o); closed it to mode 700", level, stat.S_IMODE(st.st_mode))
     return path
 
 

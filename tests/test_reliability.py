@@ -164,8 +164,9 @@ def test_lost_peer_messages_leave_no_phantom_request_and_the_stretch_is_flagged(
 # 11. a peer directory another user can reach is refused ----------------------------------------
 
 
-def test_a_peer_directory_open_to_others_or_of_another_user_is_refused(tmp_path, monkeypatch, caplog):
+def test_a_peer_directory_of_another_user_is_refused_and_an_open_one_of_ours_closed(tmp_path, monkeypatch, caplog):
     import os
+    import stat
 
     from wattspan import Meter, _peers
     from wattspan.sources.replay import ReplaySource
@@ -175,8 +176,8 @@ def test_a_peer_directory_open_to_others_or_of_another_user_is_refused(tmp_path,
     open_dir = tmp_path / "open"
     open_dir.mkdir()
     os.chmod(open_dir, 0o777)
-    with pytest.raises(PermissionError, match="open to other users"):
-        _peers.Peers(open_dir)
+    _peers.Peers(open_dir, name="4242").close()
+    assert stat.S_IMODE(os.stat(open_dir).st_mode) == 0o700 and "closed it to mode 700" in caplog.text
     theirs = tmp_path / "theirs"
     theirs.mkdir(mode=0o700)
     if os.getuid() == 0:
@@ -185,12 +186,15 @@ def test_a_peer_directory_open_to_others_or_of_another_user_is_refused(tmp_path,
         monkeypatch.setattr(_peers, "_uid", lambda: os.getuid() + 1)
     with pytest.raises(PermissionError, match="belongs to another user"):
         _peers.Peers(theirs)
-    monkeypatch.undo()
-    meter = Meter(sources=[ReplaySource([constant_trace(100.0)])], idle_w=40.0, peers=open_dir)
+    link = tmp_path / "link"
+    link.symlink_to(theirs)
+    with pytest.raises(PermissionError, match="not a directory"):
+        _peers.Peers(link)
+    meter = Meter(sources=[ReplaySource([constant_trace(100.0)])], idle_w=40.0, peers=theirs)
     try:
         assert meter.wait_ready(10)
         assert meter.peers is None and meter.counters["peers_refused"] == 1
-        assert "not sharing the device" in caplog.text and str(open_dir) in caplog.text
+        assert "not sharing the device" in caplog.text and str(theirs) in caplog.text
     finally:
         meter.close()
 
@@ -435,3 +439,22 @@ def test_a_500_raised_by_the_endpoint_carries_the_request_id(live_meter, capfd):
     by_id = {rec.id: rec for rec in live_meter.records}
     assert r.headers["x-request-id"] in by_id and by_id[r.headers["x-request-id"]].status_code == 500
     assert "the endpoint failed" in capfd.readouterr().err  # the server still logs it as the error it is
+
+
+def test_drain_flushes_the_sinks_that_buffer_within_the_timeout(live_meter, tmp_path):
+    import time
+
+    ledger = Ledger(tmp_path / "l.sqlite")
+    fh = open(tmp_path / "ids.txt", "w", buffering=1 << 20)
+    live_meter.batch_sinks.append(ledger.write)
+    live_meter.sinks.append(lambda rec: fh.write(rec.id + "\n"))
+    live_meter.batch_sinks.append(lambda recs: None)
+    t = time.monotonic_ns()
+    for i in range(50):
+        live_meter.begin(f"d{i}", "gpu0", t)
+        live_meter.end(f"d{i}", "gpu0", t + 1_000_000)
+    out = live_meter.drain(10)
+    assert out == {"unfinished": 0, "sinks_unflushed": 0}
+    assert len(ledger.query()) == 50  # committed, not just queued
+    ledger.close()
+    fh.close()
