@@ -1072,7 +1072,9 @@ def _dyn_spread(sel, coef, x, scale_per_s, e_s, e_r, share, on_dev, n_req):
     r = e_r[on_dev]
     s_on = e_s[on_dev]
     xw = x * scale_per_s[:, None]  # per step, then gathered per entry: one pass per basis term
-    used = np.flatnonzero(np.any(sel.boot != 0, axis=0) | np.any(np.array([v for v in (sel.fits or {}).values()] or [coef]) != 0, axis=0))
+    fam = [v for f, v in (sel.fits or {}).items() if f != sel.family and np.any(v)
+           and sel.candidates.get(f, math.inf) <= 1.25 * sel.cv_error]
+    used = np.flatnonzero(np.any(sel.boot != 0, axis=0) | np.any(np.array(fam or [coef]) != 0, axis=0))
     B = np.zeros((n_req, x.shape[1]))
     for j in used:
         B[:, j] = np.bincount(r, weights=xw[s_on, j] * w, minlength=n_req)
@@ -1090,8 +1092,6 @@ def _dyn_spread(sel, coef, x, scale_per_s, e_s, e_r, share, on_dev, n_req):
     lam, vec = np.linalg.eigh(cov)
     U = vec * np.sqrt(np.maximum(lam, 0.0))
     sd = np.sqrt(((B @ U) ** 2).sum(axis=1))
-    fam = [v for f, v in (sel.fits or {}).items() if f != sel.family and np.any(v)
-           and sel.candidates.get(f, math.inf) <= 1.25 * sel.cv_error]
     dep = z
     if fam:
         D = norm(np.array(fam)) - boots.mean(0)
