@@ -376,6 +376,15 @@ def attribute(
         if b <= a:
             continue
         cum = _CumEnergy.from_trace(trace)
+        if (trace.energy_j is not None and trace.power_w is not None and trace.power_kind == SampleKind.AVERAGE
+                and steps is not None and models is None):
+            # A counter read seldom (and late) can know less than the averaged power readings
+            # beside it (each the exact mean over its window, read on time): keep whichever
+            # predicts its own held-out readings clearly better (the counter on a tie).
+            s_pre = np.flatnonzero(step_dev == dev)
+            if len(s_pre) and _prefer_power(cum, trace, steps, s_pre, a, b):
+                trace = dataclasses.replace(trace, energy_j=None, sensor=(trace.sensor or "") + (" (power readings)" if trace.sensor else ""))
+                cum = _CumEnergy.from_trace(trace)
         starts = np.clip(requests.start_ns[ridx], a, b)
         ends = np.clip(requests.end_ns[ridx], a, b)
         life = (requests.end_ns[ridx] - requests.start_ns[ridx]).astype(np.float64)
@@ -995,6 +1004,23 @@ def _batch_fit(cum, trace, steps, s_idx, requests, ridx, seg, idle_curve, a, b, 
         "noise": extra_noise,
     }
     return dyn, un_t + lost, extra, spread
+
+
+def _prefer_power(cum, trace, steps, s_idx, a, b) -> bool:
+    """Whether a trace's power readings predict held-out readings clearly better than its
+    energy counter does (each fitted with the full basis and an idle intercept)."""
+    x, _ = basis(step_features(steps, s_idx))
+    rel = lambda t: (np.asarray(t, dtype=np.int64) - a).astype(np.float64) * _NS  # noqa: E731
+    feats = _StepFeatures(x, rel(steps.start_ns[s_idx]), rel(steps.end_ns[s_idx]))
+    zero = _Piecewise(np.array([a, b], dtype=np.int64), np.zeros(2))
+    fam = {"all": tuple(range(x.shape[1] + 1))}
+    scores = []
+    for c, tr in ((cum, trace), (_CumEnergy.from_trace(dataclasses.replace(trace, energy_j=None)), dataclasses.replace(trace, energy_j=None))):
+        A, y, one = _fit_rows(c, tr, feats, zero, a, b, rel, with_time=True)
+        pick = _chunks(len(y))
+        sel = select_family(np.column_stack((one, A))[pick], y[pick], families=fam) if len(y) >= 8 else None
+        scores.append(sel.cv_error if sel is not None else math.inf)
+    return scores[1] < 0.6 * scores[0]  # the counter has its stale-reading shift still to come
 
 
 def _fit_idle(cum, trace, steps, s_idx, requests, a, b) -> float | None:
