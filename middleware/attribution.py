@@ -369,6 +369,16 @@ def attribute(
             continue
         rmask = req_dev == dev
         ridx = np.flatnonzero(rmask)
+        if (trace.energy_j is not None and trace.power_w is not None and trace.power_kind == SampleKind.AVERAGE
+                and steps is not None and models is None):
+            # A counter read seldom (and late) can know less than the averaged power readings
+            # beside it (each the exact mean over its window, read on time): keep whichever
+            # predicts its own held-out readings clearly better (the counter on a tie).
+            s_pre = np.flatnonzero(step_dev == dev)
+            pa = int(trace.t_ns[0]) if t0_ns is None else max(int(t0_ns), int(trace.t_ns[0]))
+            pb = int(trace.t_ns[-1]) if t1_ns is None else min(int(t1_ns), int(trace.t_ns[-1]))
+            if len(s_pre) and pb > pa and _prefer_power(_CumEnergy.from_trace(trace), trace, steps, s_pre, pa, pb):
+                trace = dataclasses.replace(trace, energy_j=None, sensor=(trace.sensor or "") + (" (power readings)" if trace.sensor else ""))
         tr_t0 = int(trace.t_ns[0]) - _lead_ns(trace)  # an averaged reading covers [t - window, t]
         tr_t1 = int(trace.t_ns[-1])
         a = tr_t0 if t0_ns is None else max(int(t0_ns), tr_t0)
@@ -376,15 +386,6 @@ def attribute(
         if b <= a:
             continue
         cum = _CumEnergy.from_trace(trace)
-        if (trace.energy_j is not None and trace.power_w is not None and trace.power_kind == SampleKind.AVERAGE
-                and steps is not None and models is None):
-            # A counter read seldom (and late) can know less than the averaged power readings
-            # beside it (each the exact mean over its window, read on time): keep whichever
-            # predicts its own held-out readings clearly better (the counter on a tie).
-            s_pre = np.flatnonzero(step_dev == dev)
-            if len(s_pre) and _prefer_power(cum, trace, steps, s_pre, a, b):
-                trace = dataclasses.replace(trace, energy_j=None, sensor=(trace.sensor or "") + (" (power readings)" if trace.sensor else ""))
-                cum = _CumEnergy.from_trace(trace)
         starts = np.clip(requests.start_ns[ridx], a, b)
         ends = np.clip(requests.end_ns[ridx], a, b)
         life = (requests.end_ns[ridx] - requests.start_ns[ridx]).astype(np.float64)
@@ -1009,6 +1010,10 @@ def _batch_fit(cum, trace, steps, s_idx, requests, ridx, seg, idle_curve, a, b, 
 def _prefer_power(cum, trace, steps, s_idx, a, b) -> bool:
     """Whether a trace's power readings predict held-out readings clearly better than its
     energy counter does (each fitted with the full basis and an idle intercept)."""
+    if _typical_interval(cum.t) >= 0.9 * trace.window_ns > 0:
+        # the counter is read no more often than the averages cover: each average is the exact
+        # mean over its window, read on time; the counter value is as old as its last refresh
+        return True
     x, _ = basis(step_features(steps, s_idx))
     rel = lambda t: (np.asarray(t, dtype=np.int64) - a).astype(np.float64) * _NS  # noqa: E731
     feats = _StepFeatures(x, rel(steps.start_ns[s_idx]), rel(steps.end_ns[s_idx]))
@@ -1097,14 +1102,10 @@ def _dyn_spread(sel, coef, x, scale_per_s, e_s, e_r, share, on_dev, n_req):
     w = share[on_dev]
     r = e_r[on_dev]
     s_on = e_s[on_dev]
-    xw = x * scale_per_s[:, None]  # per step, then gathered per entry: one pass per basis term
+    xw = x * scale_per_s[:, None]  # each step's basis terms times its reconciliation scale
     fam = [v for f, v in (sel.fits or {}).items() if f != sel.family and np.any(v)
            and sel.candidates.get(f, math.inf) <= 1.25 * sel.cv_error]
-    used = np.flatnonzero(np.any(sel.boot != 0, axis=0) | np.any(np.array(fam or [coef]) != 0, axis=0))
-    B = np.zeros((n_req, x.shape[1]))
-    for j in used:
-        B[:, j] = np.bincount(r, weights=xw[s_on, j] * w, minlength=n_req)
-    tot = B.sum(0)
+    tot = np.bincount(s_on, weights=w, minlength=len(x)) @ xw  # basis totals over the requests
     base = float(tot @ coef)
     if base <= 0:
         return z, z
@@ -1113,15 +1114,19 @@ def _dyn_spread(sel, coef, x, scale_per_s, e_s, e_r, share, on_dev, n_req):
         t = C @ tot
         return C * np.where(t > 0, base / np.where(t > 0, t, 1.0), 0.0)[:, None]
 
+    def per_request(direction):  # B_i . direction, for every request, in one pass over the entries
+        return np.bincount(r, weights=(xw @ direction)[s_on] * w, minlength=n_req)
+
     boots = norm(sel.boot)
     cov = np.cov(boots.T) if len(boots) > 1 else np.zeros((len(coef), len(coef)))
     lam, vec = np.linalg.eigh(cov)
-    U = vec * np.sqrt(np.maximum(lam, 0.0))
-    sd = np.sqrt(((B @ U) ** 2).sum(axis=1))
+    keep = np.argsort(lam)[::-1][:3]  # the three main directions carry nearly all the spread
+    keep = keep[lam[keep] > 1e-6 * max(float(lam.max()), 1e-300)]
+    sd = np.sqrt(sum(per_request(vec[:, k] * math.sqrt(lam[k])) ** 2 for k in keep)) if len(keep) else z
     dep = z
     if fam:
         D = norm(np.array(fam)) - boots.mean(0)
-        dep = np.abs(B @ D.T).max(axis=1)
+        dep = np.max([np.abs(per_request(d)) for d in D[:3]], axis=0)
     return sd, dep
 
 
