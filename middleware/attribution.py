@@ -1161,13 +1161,18 @@ def _dyn_half_width(dyn, spread, starts, ends, extra) -> np.ndarray:
         sig = np.array([groups[g] for g in sorted(groups)])
         G = np.maximum(1.0, life / noise["spacing_ns"])
         sig_i = np.interp(np.log2(G), np.log2(gs), sig)
+        # longer than the longest group checked (half a window): the windows inside the
+        # request are measured, the errors of its parts average out
+        far = G > gs[-1]
+        sig_i[far] = sig[-1] * np.sqrt(gs[-1] / G[far])
     else:
         sig_i = np.full(len(dyn), 0.25)
     # A request shorter than a reading is placed inside it by the model alone.
     # ... and a step inside a reconciliation window much longer than itself gets the model's
     # share of the window, whatever the step really drew.
     L, sd_ns = noise.get("window_ns", 0.0), noise.get("step_ns", 0.0)
-    u = np.maximum(np.minimum(1.0, noise["reading_ns"] / life), L / (L + sd_ns) if L + sd_ns > 0 else 0.0)
+    u_w = max(0.0, 1.0 - sd_ns / L) if L > 0 else 0.0
+    u = np.maximum(np.minimum(1.0, noise["reading_ns"] / life), u_w)
     var = var + (sig_i * dyn) ** 2 + noise["step_var"] * s2 * u
     return np.sqrt(var)
 
