@@ -15,12 +15,14 @@ Real sensors are coarse: an NVML energy counter moves every 20-100 ms, instant
 power covers ~25 ms of each 100 ms, Hopper's power usage is a 1 s average. A
 5 ms batch step cannot be read off such a trace directly. So the
 ``batch-fit`` method (1) fits how a step's dynamic energy depends on its
-composition (duration, prefill tokens, decode tokens, decode context) by
-non-negative least squares over every reading the sensor gave, each reading
-being a linear function of the steps it overlaps; (2) cuts time into
-reconciliation windows the sensor measures well (between energy-counter
-updates, or a few readings long) and scales the fitted step energies in each
-window to what was measured there. Measurement sets the totals; the fit only
+composition by non-negative least squares over the sensor's readings, each
+reading being a linear function of the steps it overlaps, choosing the family
+of step terms (energy additive in tokens, power linear in composition,
+saturating, combinations: :mod:`wattspan._stepmodel`) by blocked
+cross-validation in time; (2) cuts time into reconciliation windows, of the
+length that best predicts held-out readings, and scales the fitted step
+energies in each window to what was measured there; (3) gives every request a
+90 % band from the held-out errors. Measurement sets the totals; the fit only
 decides how a window's energy is spread over its steps. What the fit cannot
 place (a window with energy but no step) is shared by time among the requests
 in flight, or unattributed.
@@ -1251,13 +1253,10 @@ def _band_rel(m: np.ndarray, pred: np.ndarray, p: np.ndarray) -> float:
 def _reconcile_edges(cum, trace, a, b, reconcile_s):
     """Window edges for reconciliation, always starting at ``a`` and ending at ``b``.
 
-    How long a window must be for its measured energy to be trusted depends on
-    the sensor (measured on the simulator and the A100 recording, see
-    ``benchmarks/accuracy.py``): a true instant sensor (readings under 5 ms
-    apart) reconciles every 8 readings; an energy counter every 0.5 s (or 5
-    updates); a part-time or averaged power reading only every 30 s - shorter
-    windows alias with periodic load (a ~100 ms square wave against a 100 ms
-    refresh) and the fitted model places energy better than they do.
+    ``reconcile_s`` is normally chosen by held-out readings (see ``_batch_fit``);
+    the fallbacks below (a counter every 0.5 s or 5 updates, a true instant
+    sensor every 8 readings, a part-time or averaged reading every 30 s) only
+    serve a caller that passes ``None`` directly.
     """
     if reconcile_s is None:
         if cum.source == "energy-counter":
