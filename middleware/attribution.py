@@ -1151,7 +1151,9 @@ def _quality(extra: dict) -> str:
 def _dyn_half_width(dyn, spread, starts, ends, extra) -> np.ndarray:
     """One standard deviation (J) of each batch-fit request's dynamic energy (see the README)."""
     sd, dep, s2, noise = spread
-    var = sd**2 + dep**2
+    # the truth could lie anywhere between the chosen model and a close runner-up: a
+    # uniform spread over +-dep has standard deviation dep / sqrt(3)
+    var = sd**2 + dep**2 / 3.0
     if noise is None:
         cv = extra["model"].cv_error if extra.get("model") is not None else math.nan
         rel_sd = cv if math.isfinite(cv) else 0.25
@@ -1175,7 +1177,9 @@ def _dyn_half_width(dyn, spread, starts, ends, extra) -> np.ndarray:
     L, sd_ns = noise.get("window_ns", 0.0), noise.get("step_ns", 0.0)
     u_w = max(0.0, 1.0 - sd_ns / L) if L > 0 else 0.0
     u = np.maximum(np.minimum(1.0, noise["reading_ns"] / life), u_w)
-    var = var + (sig_i * dyn) ** 2 + noise["step_var"] * s2 * u
+    # the held-out groups already hold the steps' scatter at their scale: the step term adds
+    # only where it says more (a request whose energy sits in a few steps)
+    var = var + np.maximum((sig_i * dyn) ** 2, noise["step_var"] * s2 * u)
     return np.sqrt(var)
 
 
