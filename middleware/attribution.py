@@ -1217,7 +1217,9 @@ def _noise_model(r, p, t, len_ns, m, e_mod, feats, rel, a, L, overlap):
         # is not identified: all of the scatter on the steps bounds it from above. Take the
         # geometric mean of the split and that bound, weighted to the bound as they align.
         upper = float(np.sum(r[ok] ** 2) / np.sum(Q[ok]))
-        rho = float(np.corrcoef(Q[ok], p[ok] ** 2)[0, 1]) if np.std(Q[ok]) > 0 and np.std(p[ok]) > 0 else 1.0
+        with np.errstate(all="ignore"):
+            rho = float(np.corrcoef(Q[ok], p[ok] ** 2)[0, 1]) if np.std(Q[ok]) > 0 and np.std(p[ok] ** 2) > 0 else 1.0
+        rho = rho if math.isfinite(rho) else 1.0
         wgt = 0.5 + 0.5 * min(max(rho, 0.0), 1.0)
         step_var = math.exp(wgt * math.log(max(upper, 1e-12)) + (1 - wgt) * math.log(max(split, 1e-12))) if upper > 0 else 0.0
     return {"groups": groups, "step_var": step_var, "spacing_ns": spacing, "reading_ns": max(w_typ * 1e9, spacing),
