@@ -321,10 +321,11 @@ def group_errors(t: np.ndarray, m: np.ndarray, p: np.ndarray, a: int, L: int, si
     first, last = _runs(w)
     total = max(float(p.sum()), 1e-30)
     g_all = float(m.sum()) / total
+    per_window = max(1.0, float(L) / max(float(np.median(np.diff(t))), 1.0))
     for G in sizes:
         G = int(G)
-        if G < 1 or G > n // 2:
-            continue
+        if G < 1 or G > n // 2 or (G > 1 and G > per_window / 2):
+            continue  # a group as long as its window is measured, not predicted: see the caller
         i = np.arange(0, n - G + 1, max(1, G // 2))
         j = i + G
         mg, pg = cm[j] - cm[i], cp[j] - cp[i]

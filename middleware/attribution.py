@@ -15,12 +15,14 @@ Real sensors are coarse: an NVML energy counter moves every 20-100 ms, instant
 power covers ~25 ms of each 100 ms, Hopper's power usage is a 1 s average. A
 5 ms batch step cannot be read off such a trace directly. So the
 ``batch-fit`` method (1) fits how a step's dynamic energy depends on its
-composition (duration, prefill tokens, decode tokens, decode context) by
-non-negative least squares over every reading the sensor gave, each reading
-being a linear function of the steps it overlaps; (2) cuts time into
-reconciliation windows the sensor measures well (between energy-counter
-updates, or a few readings long) and scales the fitted step energies in each
-window to what was measured there. Measurement sets the totals; the fit only
+composition by non-negative least squares over the sensor's readings, each
+reading being a linear function of the steps it overlaps, choosing the family
+of step terms (energy additive in tokens, power linear in composition,
+saturating, combinations: :mod:`wattspan._stepmodel`) by blocked
+cross-validation in time; (2) cuts time into reconciliation windows, of the
+length that best predicts held-out readings, and scales the fitted step
+energies in each window to what was measured there; (3) gives every request a
+90 % band from the held-out errors. Measurement sets the totals; the fit only
 decides how a window's energy is spread over its steps. What the fit cannot
 place (a window with energy but no step) is shared by time among the requests
 in flight, or unattributed.
@@ -369,6 +371,16 @@ def attribute(
             continue
         rmask = req_dev == dev
         ridx = np.flatnonzero(rmask)
+        if (trace.energy_j is not None and trace.power_w is not None and trace.power_kind == SampleKind.AVERAGE
+                and steps is not None and models is None):
+            # A counter read seldom (and late) can know less than the averaged power readings
+            # beside it (each the exact mean over its window, read on time): keep whichever
+            # predicts its own held-out readings clearly better (the counter on a tie).
+            s_pre = np.flatnonzero(step_dev == dev)
+            pa = int(trace.t_ns[0]) if t0_ns is None else max(int(t0_ns), int(trace.t_ns[0]))
+            pb = int(trace.t_ns[-1]) if t1_ns is None else min(int(t1_ns), int(trace.t_ns[-1]))
+            if len(s_pre) and pb > pa and _prefer_power(_CumEnergy.from_trace(trace), trace, steps, s_pre, pa, pb):
+                trace = dataclasses.replace(trace, energy_j=None, sensor=(trace.sensor or "") + (" (power readings)" if trace.sensor else ""))
         tr_t0 = int(trace.t_ns[0]) - _lead_ns(trace)  # an averaged reading covers [t - window, t]
         tr_t1 = int(trace.t_ns[-1])
         a = tr_t0 if t0_ns is None else max(int(t0_ns), tr_t0)
@@ -998,6 +1010,27 @@ def _batch_fit(cum, trace, steps, s_idx, requests, ridx, seg, idle_curve, a, b, 
     return dyn, un_t + lost, extra, spread
 
 
+def _prefer_power(cum, trace, steps, s_idx, a, b) -> bool:
+    """Whether a trace's power readings predict held-out readings clearly better than its
+    energy counter does (each fitted with the full basis and an idle intercept)."""
+    if _typical_interval(cum.t) >= 0.9 * trace.window_ns > 0:
+        # the counter is read no more often than the averages cover: each average is the exact
+        # mean over its window, read on time; the counter value is as old as its last refresh
+        return True
+    x, _ = basis(step_features(steps, s_idx))
+    rel = lambda t: (np.asarray(t, dtype=np.int64) - a).astype(np.float64) * _NS  # noqa: E731
+    feats = _StepFeatures(x, rel(steps.start_ns[s_idx]), rel(steps.end_ns[s_idx]))
+    zero = _Piecewise(np.array([a, b], dtype=np.int64), np.zeros(2))
+    fam = {"all": tuple(range(x.shape[1] + 1))}
+    scores = []
+    for c, tr in ((cum, trace), (_CumEnergy.from_trace(dataclasses.replace(trace, energy_j=None)), dataclasses.replace(trace, energy_j=None))):
+        A, y, one = _fit_rows(c, tr, feats, zero, a, b, rel, with_time=True)
+        pick = _chunks(len(y))
+        sel = select_family(np.column_stack((one, A))[pick], y[pick], families=fam) if len(y) >= 8 else None
+        scores.append(sel.cv_error if sel is not None else math.inf)
+    return scores[1] < 0.6 * scores[0]  # the counter has its stale-reading shift still to come
+
+
 def _fit_idle(cum, trace, steps, s_idx, requests, a, b) -> float | None:
     """The idle baseline (W) as the intercept of the step-model regression, or None."""
     x = step_features(steps, s_idx)
@@ -1072,12 +1105,10 @@ def _dyn_spread(sel, coef, x, scale_per_s, e_s, e_r, share, on_dev, n_req):
     w = share[on_dev]
     r = e_r[on_dev]
     s_on = e_s[on_dev]
-    xw = x * scale_per_s[:, None]  # per step, then gathered per entry: one pass per basis term
-    used = np.flatnonzero(np.any(sel.boot != 0, axis=0) | np.any(np.array([v for v in (sel.fits or {}).values()] or [coef]) != 0, axis=0))
-    B = np.zeros((n_req, x.shape[1]))
-    for j in used:
-        B[:, j] = np.bincount(r, weights=xw[s_on, j] * w, minlength=n_req)
-    tot = B.sum(0)
+    xw = x * scale_per_s[:, None]  # each step's basis terms times its reconciliation scale
+    fam = [v for f, v in (sel.fits or {}).items() if f != sel.family and np.any(v)
+           and sel.candidates.get(f, math.inf) <= 1.25 * sel.cv_error]
+    tot = np.bincount(s_on, weights=w, minlength=len(x)) @ xw  # basis totals over the requests
     base = float(tot @ coef)
     if base <= 0:
         return z, z
@@ -1086,17 +1117,19 @@ def _dyn_spread(sel, coef, x, scale_per_s, e_s, e_r, share, on_dev, n_req):
         t = C @ tot
         return C * np.where(t > 0, base / np.where(t > 0, t, 1.0), 0.0)[:, None]
 
+    def per_request(direction):  # B_i . direction, for every request, in one pass over the entries
+        return np.bincount(r, weights=(xw @ direction)[s_on] * w, minlength=n_req)
+
     boots = norm(sel.boot)
     cov = np.cov(boots.T) if len(boots) > 1 else np.zeros((len(coef), len(coef)))
     lam, vec = np.linalg.eigh(cov)
-    U = vec * np.sqrt(np.maximum(lam, 0.0))
-    sd = np.sqrt(((B @ U) ** 2).sum(axis=1))
-    fam = [v for f, v in (sel.fits or {}).items() if f != sel.family and np.any(v)
-           and sel.candidates.get(f, math.inf) <= 1.25 * sel.cv_error]
+    keep = np.argsort(lam)[::-1][:3]  # the three main directions carry nearly all the spread
+    keep = keep[lam[keep] > 1e-6 * max(float(lam.max()), 1e-300)]
+    sd = np.sqrt(sum(per_request(vec[:, k] * math.sqrt(lam[k])) ** 2 for k in keep)) if len(keep) else z
     dep = z
     if fam:
         D = norm(np.array(fam)) - boots.mean(0)
-        dep = np.abs(B @ D.T).max(axis=1)
+        dep = np.max([np.abs(per_request(d)) for d in D[:3]], axis=0)
     return sd, dep
 
 
@@ -1119,7 +1152,9 @@ def _quality(extra: dict) -> str:
 def _dyn_half_width(dyn, spread, starts, ends, extra) -> np.ndarray:
     """One standard deviation (J) of each batch-fit request's dynamic energy (see the README)."""
     sd, dep, s2, noise = spread
-    var = sd**2 + dep**2
+    # the truth could lie anywhere between the chosen model and a close runner-up: a
+    # uniform spread over +-dep has standard deviation dep / sqrt(3)
+    var = sd**2 + dep**2 / 3.0
     if noise is None:
         cv = extra["model"].cv_error if extra.get("model") is not None else math.nan
         rel_sd = cv if math.isfinite(cv) else 0.25
@@ -1131,14 +1166,21 @@ def _dyn_half_width(dyn, spread, starts, ends, extra) -> np.ndarray:
         sig = np.array([groups[g] for g in sorted(groups)])
         G = np.maximum(1.0, life / noise["spacing_ns"])
         sig_i = np.interp(np.log2(G), np.log2(gs), sig)
+        # longer than the longest group checked (half a window): the windows inside the
+        # request are measured, the errors of its parts average out
+        far = G > gs[-1]
+        sig_i[far] = sig[-1] * np.sqrt(gs[-1] / G[far])
     else:
         sig_i = np.full(len(dyn), 0.25)
     # A request shorter than a reading is placed inside it by the model alone.
     # ... and a step inside a reconciliation window much longer than itself gets the model's
     # share of the window, whatever the step really drew.
     L, sd_ns = noise.get("window_ns", 0.0), noise.get("step_ns", 0.0)
-    u = np.maximum(np.minimum(1.0, noise["reading_ns"] / life), L / (L + sd_ns) if L + sd_ns > 0 else 0.0)
-    var = var + (sig_i * dyn) ** 2 + noise["step_var"] * s2 * u
+    u_w = max(0.0, 1.0 - sd_ns / L) if L > 0 else 0.0
+    u = np.maximum(np.minimum(1.0, noise["reading_ns"] / life), u_w)
+    # the held-out groups already hold the steps' scatter at their scale: the step term adds
+    # only where it says more (a request whose energy sits in a few steps)
+    var = var + np.maximum((sig_i * dyn) ** 2, noise["step_var"] * s2 * u)
     return np.sqrt(var)
 
 
@@ -1176,7 +1218,9 @@ def _noise_model(r, p, t, len_ns, m, e_mod, feats, rel, a, L, overlap):
         # is not identified: all of the scatter on the steps bounds it from above. Take the
         # geometric mean of the split and that bound, weighted to the bound as they align.
         upper = float(np.sum(r[ok] ** 2) / np.sum(Q[ok]))
-        rho = float(np.corrcoef(Q[ok], p[ok] ** 2)[0, 1]) if np.std(Q[ok]) > 0 and np.std(p[ok]) > 0 else 1.0
+        with np.errstate(all="ignore"):
+            rho = float(np.corrcoef(Q[ok], p[ok] ** 2)[0, 1]) if np.std(Q[ok]) > 0 and np.std(p[ok] ** 2) > 0 else 1.0
+        rho = rho if math.isfinite(rho) else 1.0
         wgt = 0.5 + 0.5 * min(max(rho, 0.0), 1.0)
         step_var = math.exp(wgt * math.log(max(upper, 1e-12)) + (1 - wgt) * math.log(max(split, 1e-12))) if upper > 0 else 0.0
     return {"groups": groups, "step_var": step_var, "spacing_ns": spacing, "reading_ns": max(w_typ * 1e9, spacing),
@@ -1216,13 +1260,10 @@ def _band_rel(m: np.ndarray, pred: np.ndarray, p: np.ndarray) -> float:
 def _reconcile_edges(cum, trace, a, b, reconcile_s):
     """Window edges for reconciliation, always starting at ``a`` and ending at ``b``.
 
-    How long a window must be for its measured energy to be trusted depends on
-    the sensor (measured on the simulator and the A100 recording, see
-    ``benchmarks/accuracy.py``): a true instant sensor (readings under 5 ms
-    apart) reconciles every 8 readings; an energy counter every 0.5 s (or 5
-    updates); a part-time or averaged power reading only every 30 s - shorter
-    windows alias with periodic load (a ~100 ms square wave against a 100 ms
-    refresh) and the fitted model places energy better than they do.
+    ``reconcile_s`` is normally chosen by held-out readings (see ``_batch_fit``);
+    the fallbacks below (a counter every 0.5 s or 5 updates, a true instant
+    sensor every 8 readings, a part-time or averaged reading every 30 s) only
+    serve a caller that passes ``None`` directly.
     """
     if reconcile_s is None:
         if cum.source == "energy-counter":

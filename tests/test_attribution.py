@@ -211,6 +211,9 @@ def test_requests_plus_unattributed_equal_measured(sc):
     np.testing.assert_allclose(res.energy_j, res.dynamic_j + res.idle_j)
     assert np.all(res.idle_j >= -1e-9)
     assert np.all(res.dynamic_j >= 0.0)
+    # every request has a finite band around its estimate
+    assert np.all(np.isfinite(res.energy_j_low)) and np.all(np.isfinite(res.energy_j_high))
+    assert np.all(res.energy_j_low <= res.energy_j + 1e-9) and np.all(res.energy_j <= res.energy_j_high + 1e-9)
 
 
 class TestPieces:
