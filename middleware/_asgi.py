@@ -140,6 +140,13 @@ class EnergyMiddleware:
         return self._meter
 
     async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "lifespan" and self._meter is None:
+            # make the default meter (and its OpenTelemetry setup) at startup, not inside the
+            # first request: a tracer provider set up then would miss that request's server span
+            try:
+                self.meter
+            except Exception:
+                log.exception("could not create the default meter at startup; retrying at the first request")
         if scope["type"] != "http" or (self.exclude and scope.get("path", "").startswith(self.exclude)):
             await self.app(scope, receive, send)
             return
