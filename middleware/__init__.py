@@ -33,10 +33,11 @@ __all__ = sorted(
         "attribute",
         "current_request_id",
         "set_tokens",
+        "usage_energy",
     ]
 )
 
-_LAZY = {"EnergyMiddleware": "._asgi", "Meter": "._meter"}
+_LAZY = {"EnergyMiddleware": "._asgi", "Meter": "._meter", "usage_energy": "._provisional"}
 
 
 def __getattr__(name: str):
