@@ -12,6 +12,7 @@ import json
 import httpx
 import numpy as np
 import pytest
+from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from wattspan import StepModel
@@ -267,3 +268,21 @@ def test_middleware_endpoints_can_return_the_provisional_figure(live_meter):
     # 60 W dynamic + 40 W idle over its two 10 ms steps, the decode step scaled to the one decode token reported
     assert u2["energy_j"] == pytest.approx(100.0 * 0.02, rel=1e-6)
     assert live_meter.provisional._tally == {}  # forgotten once the responses ended
+
+
+def test_upstream_cookies_reach_their_caller_and_never_another(live_meter):
+    up = make_upstream()
+
+    @up.get("/v1/fake/cookie")
+    async def cookie(request: Request):
+        seen = request.headers.get("cookie")
+        r = JSONResponse({"cookie_seen": seen})
+        r.set_cookie("session", "tenant-a-secret")
+        return r
+
+    with serve(up) as up_url:
+        with serve(create_proxy(up_url, meter=live_meter)) as url:
+            a = httpx.get(f"{url}/v1/fake/cookie")
+            b = httpx.get(f"{url}/v1/fake/cookie")  # another caller, no cookie of its own
+    assert "tenant-a-secret" in a.headers["set-cookie"]
+    assert b.json() == {"cookie_seen": None}
