@@ -251,6 +251,14 @@ def main(argv=None) -> int:
     return 0
 
 
+def _stack() -> str:
+    import importlib.util
+
+    loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
+    http = "httptools" if importlib.util.find_spec("httptools") else "h11"
+    return f"{loop} event loop, {http} parser"
+
+
 def report(results: dict, levels: list[int], args) -> str:
     med = statistics.median
     cmd = f"python benchmarks/proxy_overhead.py --streams {args.streams} --seconds {args.seconds:g} --rounds {args.rounds} --tokens {args.tokens} --token-interval-ms {args.token_interval_ms:g} --record"
@@ -261,7 +269,7 @@ def report(results: dict, levels: list[int], args) -> str:
         "",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}, {platform.system()}; "
         "shared with other jobs while it ran (timings are noisy; ratios are taken within each round).",
-        "Upstream: raw ASGI under uvicorn (h11), one process; proxy: `wattspan proxy` defaults (request id header, "
+        f"Upstream: raw ASGI under uvicorn ({_stack()}), one process; proxy: `wattspan proxy` defaults under the same uvicorn (request id header, "
         "provisional energy in `usage`, simulated power, access log on), one process; client: one asyncio process, "
         "one keep-alive connection per stream. All on 127.0.0.1.",
         "",

@@ -12,7 +12,12 @@ thread: it only appends to the meter's queue)::
     record_step(t0, t1, {rid_a: 512, rid_b: 1, rid_c: 1}, device="gpu0")
 
 Tokens are what each request processed in that step: its prefill chunk, or 1
-for a decode token. Or time the step with :class:`step`::
+for a decode token. Requests are named by wattspan's request id, the one the
+middleware gave them (:func:`wattspan.current_request_id` in the request's
+context, also returned to the caller in ``x-wattspan-request-id`` when the
+middleware's ``request_id_header`` is set); tokens under an id that no
+metering window has are left out of the split. Or time the step with
+:class:`step`::
 
     with step("gpu0") as s:
         out = model.forward(batch)

@@ -448,6 +448,9 @@ class OpenAIProxy:
             except ImportError:  # pragma: no cover
                 raise RuntimeError("the metering proxy needs httpx: pip install 'wattspan[demo]' or pip install httpx") from None
             self._client = httpx.AsyncClient(
+                # one client serves every caller: it must never keep an upstream's Set-Cookie and send it
+                # on another caller's request (the response's Set-Cookie still reaches its own caller)
+                cookies=_no_cookies(),
                 timeout=httpx.Timeout(self.timeout_s, connect=self.connect_timeout_s),
                 limits=httpx.Limits(max_connections=self.max_connections, max_keepalive_connections=min(self.max_connections, 128)),
                 follow_redirects=False,
@@ -784,6 +787,19 @@ def _json_usage(held: list[bytes], n: int, tail: bytes, usage: _Usage) -> None:
     p = _PROMPT_RE.findall(tail)
     c = _COMPLETION_RE.findall(tail)
     usage.take({"prompt_tokens": int(p[-1]) if p else None, "completion_tokens": int(c[-1]) if c else None})
+
+
+def _no_cookies():
+    import http.cookiejar
+
+    class _NoJar(http.cookiejar.CookieJar):
+        def set_cookie(self, cookie) -> None:
+            pass
+
+        def extract_cookies(self, response, request) -> None:
+            pass
+
+    return _NoJar()  # httpx uses a CookieJar given as is
 
 
 def _response_headers(raw, *, drop_length: bool) -> list[tuple[bytes, bytes]]:

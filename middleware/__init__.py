@@ -35,10 +35,11 @@ __all__ = sorted(
         "current_request_id",
         "phase",
         "set_tokens",
+        "usage_energy",
     ]
 )
 
-_LAZY = {"EnergyMiddleware": "._asgi", "Meter": "._meter"}
+_LAZY = {"EnergyMiddleware": "._asgi", "Meter": "._meter", "usage_energy": "._provisional"}
 
 
 def __getattr__(name: str):

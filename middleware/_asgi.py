@@ -288,6 +288,9 @@ class _Window:
         if span is not None and meter.span_processor is not None:
             meter.span_processor.expect(self.span_id)
         meter.begin(self.id, self.device, _monotonic_ns())
+        prov = getattr(meter, "provisional", None)  # wattspan.usage_energy() is in use: tally this request's steps
+        if prov is not None:
+            prov.open(self.id)
 
     def wrap(self, send):
         rid_header = self.mw.request_id_header
@@ -332,6 +335,9 @@ class _Window:
                 "output_tokens": self.output_tokens,
             }
             mw.meter.end(self.id, self.device, t, meta)
+            prov = getattr(mw.meter, "provisional", None)
+            if prov is not None:
+                prov.forget(self.id)
         except Exception:
             self.mw.errors += 1
             log.exception("could not close a metering window")

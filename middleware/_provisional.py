@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 import threading
 
-__all__ = ["Provisional", "attach"]
+__all__ = ["Provisional", "attach", "usage_energy"]
 
 _EWMA = 0.1  # weight of the newest record in the recent J/token rate
 
@@ -199,3 +199,37 @@ def attach(meter) -> Provisional:
         meter.batch_sinks.append(p.observe_records)
         meter.provisional = p
         return p
+
+
+def usage_energy(prompt_tokens: int | None = None, completion_tokens: int | None = None) -> dict:
+    """The fields to add to an OpenAI-style ``usage`` for the request being served.
+
+    Call it from an endpoint behind :class:`~wattspan.EnergyMiddleware` when the
+    response's usage is known (its last chunk): ``usage.update(usage_energy(p, c))``.
+    Returns ``{"energy_j", "co2e_g", "energy_details": {"provisional": True, "method",
+    "request_id"}}`` (energy ``None`` while nothing is known), or ``{}`` outside a
+    metered request. The first call connects the estimate to the meter; requests that
+    began before it are priced by the recent rate, later ones by their steps.
+    """
+    from ._context import _current
+
+    w = _current.get()
+    if w is None:
+        return {}
+    try:
+        p = attach(w.mw.meter)
+        est = p.estimate(w.id, w.device, prompt_tokens, completion_tokens)
+    except Exception:  # a courtesy figure: never fail the response for it
+        import logging
+
+        logging.getLogger("wattspan").exception("provisional energy estimate failed")
+        est = {"energy_j": None, "co2e_g": None, "method": "none"}
+
+    def sig(x):
+        return None if x is None or not math.isfinite(x) else float(f"{x:.6g}")
+
+    return {
+        "energy_j": sig(est["energy_j"]),
+        "co2e_g": sig(est["co2e_g"]),
+        "energy_details": {"provisional": True, "method": est["method"], "request_id": w.id},
+    }

@@ -96,7 +96,8 @@ def _build_parser() -> argparse.ArgumentParser:
     d.add_argument("--db", type=Path, default=Path("wattspan.sqlite"), help="ledger file (default ./wattspan.sqlite)")
     d.add_argument("--serve", action="store_true", help="keep serving after the load (Ctrl-C to stop)")
     d.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default: a free one)")
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--seed", type=int, default=0, help="seed of the load: the same seed sends the same requests (default 0)")
+    d.add_argument("--repeat", type=int, default=3, help="send the same load this many times and show the spread per endpoint (default 3)")
 
     r = sub.add_parser("report", help="per-endpoint and per-tenant energy and CO2e from the ledger")
     r.add_argument("--db", type=Path, default=Path("wattspan.sqlite"), help="ledger file (default ./wattspan.sqlite)")
@@ -154,10 +155,10 @@ def main(argv: list[str] | None = None) -> int:
             _need("fastapi", "uvicorn", "httpx", "torch", "tqdm", extra="demo")
             from .demo.run import run_demo
 
-            for name in ("embeddings", "completions", "concurrency"):
+            for name in ("embeddings", "completions", "concurrency", "repeat"):
                 if int(getattr(args, name)) < 0 or int(getattr(args, name)) > 100_000:
                     raise _UsageError(f"--{name} must be between 0 and 100000")
-            return run_demo(embeds=int(args.embeddings), completions=int(args.completions), concurrency=max(1, int(args.concurrency)), region=args.region, db=args.db, serve=args.serve, port=int(args.port), seed=int(args.seed))
+            return run_demo(embeds=int(args.embeddings), completions=int(args.completions), concurrency=max(1, int(args.concurrency)), region=args.region, db=args.db, serve=args.serve, port=int(args.port), seed=int(args.seed), repeat=max(1, int(args.repeat)))
         if args.command == "bench":
             _need("httpx", "tqdm", "matplotlib", extra="bench")
             from .bench import run_bench

@@ -12,6 +12,7 @@ import json
 import httpx
 import numpy as np
 import pytest
+from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from wattspan import StepModel
@@ -232,3 +233,56 @@ class TestLabelsAndHeaders:
             assert gone not in names
         assert r.headers.get_list("x-wattspan-request-id") == [records(live_meter, 1)[0].id]
         assert r.headers["x-kept"] == "yes"
+
+
+def test_middleware_endpoints_can_return_the_provisional_figure(live_meter):
+    """An OpenAI-style endpoint behind EnergyMiddleware puts wattspan.usage_energy() in its usage."""
+    import time
+
+    from fastapi import FastAPI
+
+    from wattspan import EnergyMiddleware, current_request_id, usage_energy
+    from wattspan.integrations.batch import record_step
+
+    assert usage_energy(1, 1) == {}  # outside a metered request
+    app = FastAPI()
+
+    @app.post("/v1/completions")
+    async def complete(body: dict):
+        rid = current_request_id()
+        t = time.monotonic_ns()
+        record_step(t - 20_000_000, t - 10_000_000, {rid: 8}, meter=live_meter)  # the prefill
+        record_step(t - 10_000_000, t, {rid: 1}, meter=live_meter)  # one decode step
+        usage = {"prompt_tokens": 8, "completion_tokens": 2}
+        usage.update(usage_energy(8, 2))
+        return {"choices": [], "usage": usage}
+
+    app.add_middleware(EnergyMiddleware, meter=live_meter, request_id_header="x-wattspan-request-id")
+    with serve(app) as url:
+        first = httpx.post(f"{url}/v1/completions", json={})  # connects the estimate: nothing known yet
+        live_meter._models["gpu0"] = StepModel(coef=np.array([60.0, 0.0, 0.0, 0.0]), r2=1.0, rows=100)  # 60 W while a step runs
+        second = httpx.post(f"{url}/v1/completions", json={})
+    u1, u2 = first.json()["usage"], second.json()["usage"]
+    assert u1["energy_details"]["method"] in ("none", "recent-rate")
+    assert u2["energy_details"] == {"provisional": True, "method": "step-model", "request_id": second.headers["x-wattspan-request-id"]}
+    # 60 W dynamic + 40 W idle over its two 10 ms steps, the decode step scaled to the one decode token reported
+    assert u2["energy_j"] == pytest.approx(100.0 * 0.02, rel=1e-6)
+    assert live_meter.provisional._tally == {}  # forgotten once the responses ended
+
+
+def test_upstream_cookies_reach_their_caller_and_never_another(live_meter):
+    up = make_upstream()
+
+    @up.get("/v1/fake/cookie")
+    async def cookie(request: Request):
+        seen = request.headers.get("cookie")
+        r = JSONResponse({"cookie_seen": seen})
+        r.set_cookie("session", "tenant-a-secret")
+        return r
+
+    with serve(up) as up_url:
+        with serve(create_proxy(up_url, meter=live_meter)) as url:
+            a = httpx.get(f"{url}/v1/fake/cookie")
+            b = httpx.get(f"{url}/v1/fake/cookie")  # another caller, no cookie of its own
+    assert "tenant-a-secret" in a.headers["set-cookie"]
+    assert b.json() == {"cookie_seen": None}

@@ -344,7 +344,7 @@ def test_wattspan_report_reads_what_the_proxy_wrote(served):
     assert rows
     r = subprocess.run([sys.executable, "-m", "wattspan.cli", "report", "--db", str(db)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert "/v1/chat/completions" in r.stdout and "/v1/completions" in r.stdout and "batch-fit" in r.stdout
+    assert all(route in r.stdout for route in {x["route"] for x in rows}) and "batch-fit" in r.stdout
     one = rows[-1]
     r = subprocess.run([sys.executable, "-m", "wattspan.cli", "report", "--db", str(db), "--id", one["id"], "--format", "json"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr

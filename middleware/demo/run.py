@@ -120,24 +120,39 @@ class Server:
         self.thread.join(15)
 
 
-async def _drive(url: str, n_embed: int, n_complete: int, concurrency: int, seed: int, progress) -> list[float]:
-    import httpx
+def plan_load(n_embed: int, n_complete: int, seed: int) -> list[tuple[str, str, dict]]:
+    """The demo's load, fixed by ``seed`` before any request is sent: (kind, tenant, body) in sending order.
 
+    Every body is drawn here, not as requests are sent, so the same seed gives the same
+    requests whatever order the server answers in; completions carry their own seed,
+    so they generate the same tokens each run.
+    """
     rng = random.Random(seed)
     jobs = ["embed"] * n_embed + ["complete"] * n_complete
     rng.shuffle(jobs)
+    out = []
+    for i, kind in enumerate(jobs):
+        tenant = rng.choice(["search", "chat", "batch-jobs"])
+        if kind == "embed":
+            body = {"input": rng.sample(_TEXTS, rng.randint(1, 4)), "model": "all-MiniLM-L6-v2"}
+        else:
+            body = {"prompt": rng.choice(_TEXTS), "max_tokens": rng.randint(16, 64), "stream": True, "seed": seed * 100_003 + i}
+        out.append((kind, tenant, body))
+    return out
+
+
+async def _drive(url: str, n_embed: int, n_complete: int, concurrency: int, seed: int, progress) -> list[str]:
+    import httpx
+
     sem = asyncio.Semaphore(concurrency)
     failures = []
 
-    async def one(client, kind, i):
+    async def one(client, kind, tenant, body):
         async with sem:
-            tenant = rng.choice(["search", "chat", "batch-jobs"])
             if kind == "embed":
-                body = {"input": rng.sample(_TEXTS, rng.randint(1, 4)), "model": "all-MiniLM-L6-v2"}
                 r = await client.post("/v1/embeddings", json=body, headers={"x-tenant-id": tenant})
                 ok = r.status_code == 200
             else:
-                body = {"prompt": rng.choice(_TEXTS), "max_tokens": rng.randint(16, 64), "stream": True}
                 ok = False
                 async with client.stream("POST", "/v1/completions", json=body, headers={"x-tenant-id": tenant}) as r:
                     async for line in r.aiter_lines():
@@ -148,12 +163,45 @@ async def _drive(url: str, n_embed: int, n_complete: int, concurrency: int, seed
             progress.update(1)
 
     async with httpx.AsyncClient(base_url=url, timeout=60) as client:
-        await asyncio.gather(*(one(client, k, i) for i, k in enumerate(jobs)))
+        await asyncio.gather(*(one(client, k, t, b) for k, t, b in plan_load(n_embed, n_complete, seed)))
     return failures
 
 
-def summarize(records, meter) -> str:
-    """Per-endpoint energy and CO2e, with where each number comes from."""
+def spread(runs: list[list]) -> str:
+    """Per endpoint: mJ per request in each repeat of the same load, median and range.
+
+    Total (accelerator + host) and the accelerator's dynamic part alone: the idle share
+    follows each request's wall time, which on a shared CPU moves with the machine's
+    other load; the dynamic share follows the work (the batch steps) and moves less.
+    """
+    tot: dict[str, list[float]] = defaultdict(list)
+    dyn: dict[str, list[float]] = defaultdict(list)
+    for recs in runs:
+        per: dict[str, list] = defaultdict(list)
+        for r in recs:
+            per[r.route].append(r)
+        for route, rs in per.items():
+            tot[route].append(sum(r.energy_j + r.host_j for r in rs) / len(rs) * 1000)
+            dyn[route].append(sum(r.dynamic_j for r in rs) / len(rs) * 1000)
+
+    def cell(v):
+        med = statistics.median(v)
+        sp = (max(v) - min(v)) / med * 100 if med else 0.0
+        return f"{med:>9.1f} ({min(v):.1f}-{max(v):.1f}, {sp:.0f} %)"
+
+    out = [f"the same seeded load, {len(runs)} runs: mJ/req, median (min-max, spread)",
+           f"{'endpoint':<18}{'total':>36}{'accelerator dynamic':>40}"]
+    for route in sorted(tot):
+        out.append(f"{route:<18}{cell(tot[route]):>36}{cell(dyn[route]):>40}")
+    return "\n".join(out)
+
+
+def summarize(records, meter, since: tuple[float, float] = (0.0, 0.0)) -> str:
+    """Per-endpoint energy and CO2e, with where each number comes from.
+
+    ``since``: the meter's (measured, unattributed) joules before ``records`` began
+    (a warm-up left out), so the totals line adds up over the same stretch.
+    """
     by = defaultdict(list)
     for r in records:
         by[r.route].append(r)
@@ -175,13 +223,13 @@ def summarize(records, meter) -> str:
         lat = statistics.median(r.duration_s for r in rs) * 1000
         methods = "/".join(sorted({r.method for r in rs}))
         out.append(f"{route:<18}{len(rs):>9}{e:>10.2f}{h:>9.2f}{(e + h) / len(rs) * 1000:>9.1f}{g / len(rs) * 1000:>14.4f}{lat:>8.0f}  {methods}")
-    measured = sum(meter.device_energy_j.values())
+    measured = sum(meter.device_energy_j.values()) - since[0]
     out.append("")
-    out.append(f"accelerator energy measured {measured:.2f} J = requests {sum(r.energy_j for r in records):.2f} J + unattributed {meter.counters['unattributed_j']:.2f} J")
+    out.append(f"accelerator energy measured {measured:.2f} J = requests {sum(r.energy_j for r in records):.2f} J + unattributed {meter.counters['unattributed_j'] - since[1]:.2f} J")
     return "\n".join(out)
 
 
-def run_demo(*, embeds: int = 48, completions: int = 24, concurrency: int = 8, region: str = "world", db: Path | None = Path("wattspan.sqlite"), serve: bool = False, port: int = 0, seed: int = 0) -> int:
+def run_demo(*, embeds: int = 48, completions: int = 24, concurrency: int = 8, region: str = "world", db: Path | None = Path("wattspan.sqlite"), serve: bool = False, port: int = 0, seed: int = 0, repeat: int = 3) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from tqdm import tqdm
 
@@ -193,11 +241,24 @@ def run_demo(*, embeds: int = 48, completions: int = 24, concurrency: int = 8, r
     server = Server(app, port).start()
     print(f"serving on {server.url} (ready in {time.monotonic() - t0:.1f} s)", flush=True)
     try:
-        with tqdm(total=embeds + completions, desc="requests", unit="req", file=sys.stdout, dynamic_ncols=True) as bar:
-            failures = asyncio.run(_drive(server.url, embeds, completions, concurrency, seed, bar))
+        # a warm-up pass first (models, batchers and the meter's fit settle), not counted
+        with tqdm(total=min(8, embeds) + min(4, completions), desc="warm-up", unit="req", file=sys.stdout, dynamic_ncols=True) as bar:
+            asyncio.run(_drive(server.url, min(8, embeds), min(4, completions), concurrency, seed + 1, bar))
         meter.flush(15)
+        records.clear()
+        since = (sum(meter.device_energy_j.values()), meter.counters["unattributed_j"])
+        runs = []
+        failures = []
+        for k in range(max(1, repeat)):
+            with tqdm(total=embeds + completions, desc=f"run {k + 1}/{max(1, repeat)}", unit="req", file=sys.stdout, dynamic_ncols=True) as bar:
+                failures += asyncio.run(_drive(server.url, embeds, completions, concurrency, seed, bar))
+            meter.flush(15)
+            runs.append(list(records[sum(len(r) for r in runs):]))
         print()
-        print(summarize(records, meter))
+        print(summarize(records, meter, since))
+        if len(runs) > 1:
+            print()
+            print(spread(runs))
         if failures:
             print(f"\n{len(failures)} requests failed: {sorted(set(failures))}")
         if ledger is not None:
