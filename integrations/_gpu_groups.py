@@ -50,8 +50,8 @@ def nvml_uuids() -> list[str]:
 
 def _resolve(entry: str, uuids: Sequence[str], mig_parent: Mapping[str, str] | None) -> str:
     e = entry.strip()
-    if e.startswith("MIG-") and mig_parent and e in mig_parent:
-        e = mig_parent[e]
+    if e.startswith("MIG-"):
+        e = (mig_parent or {}).get(e) or _mig_parent_from_nvml(e) or e
     if e.startswith(("GPU-", "MIG-")):
         for i, u in enumerate(uuids):
             if u == e or (len(e) >= 8 and u.startswith(e)):  # CUDA accepts a unique UUID prefix
@@ -63,6 +63,22 @@ def _resolve(entry: str, uuids: Sequence[str], mig_parent: Mapping[str, str] | N
             raise ValueError(f"visible device {entry!r} is out of range: NVML has {len(uuids)} devices")
         return f"gpu{i}"
     raise ValueError(f"visible device {entry!r} is neither an index nor a GPU-/MIG- UUID")
+
+
+def _mig_parent_from_nvml(mig_uuid: str) -> str | None:
+    """The UUID of the physical GPU a MIG instance is on (NVML), or None."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            h = pynvml.nvmlDeviceGetDeviceHandleFromMigDeviceHandle(pynvml.nvmlDeviceGetHandleByUUID(mig_uuid))
+            u = pynvml.nvmlDeviceGetUUID(h)
+            return u.decode() if isinstance(u, bytes) else str(u)
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:
+        return None
 
 
 def engine_devices(tp: int, pp: int = 1, *, local_dp_rank: int = 0, visible: str | None = None,

@@ -663,7 +663,8 @@ def register() -> None:
     sets the level.
 
     ``WATTSPAN_VLLM_STEPS``: the step receiver's address (``wattspan proxy
-    --steps-listen``), ``WATTSPAN_DEVICE``: the device name (default ``gpu0``).
+    --steps-listen``), ``WATTSPAN_DEVICE``: the device name (default ``gpu0``), a
+    device group (``gpu0,gpu1``), or ``auto`` (each engine's own GPUs, see ``device``).
     vLLM calls plugins in each process it starts; only a process that has
     loaded ``vllm.v1.engine.core`` (the engine process loads plugins from
     ``EngineCore.__init__``) is patched, and only once. Never raises.

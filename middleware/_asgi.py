@@ -145,7 +145,8 @@ class EnergyMiddleware:
         if request_id_header is None:
             request_id_header = settings.request_id_header
         self.device = device if device is not None else settings.device
-        if isinstance(self.device, (list, tuple)):  # a device group, e.g. ["gpu0", "gpu1"] (see wattspan._groups)
+        if isinstance(self.device, (list, tuple)) or (isinstance(self.device, str) and ("," in self.device or "+" in self.device)):
+            # a device group, e.g. ["gpu0", "gpu1"] or "gpu0, gpu1" (see wattspan._groups)
             from ._groups import group_key
 
             self.device = group_key(self.device)

@@ -199,15 +199,19 @@ class Meter:
             return
         self._events.append((_BEGIN, request_id, device, t_ns))
         for s in self._activity:
-            s.on_request_start(device)
+            for d in (device.split(",") if "," in device else (device,)):  # a group: active on each member
+                s.on_request_start(d)
 
     def end(self, request_id: str, device: str, t_ns: int, meta: dict | None = None) -> None:
         """The request ended (last body chunk, error or disconnect). ``meta``:
         route, http_method, status_code, model, tenant, prompt_tokens,
         output_tokens, trace_id, span_id."""
         self._events.append((_END, request_id, t_ns, meta))
+        if self._activity and not isinstance(device, str):
+            device = _group_key(device)
         for s in self._activity:
-            s.on_request_end(device)
+            for d in (device.split(",") if "," in device else (device,)):
+                s.on_request_end(d)
 
     def record_step(self, start_ns: int, end_ns: int, device: str, tokens: Mapping[str, float]) -> None:
         """A batch step ran on ``device`` over ``[start_ns, end_ns)`` processing
@@ -256,7 +260,8 @@ class Meter:
             n = sum(tokens.values())
             prefill = sum(v for v in tokens.values() if v > 1)
             for s in self._activity:
-                s.on_step(device, start_ns, end_ns, int(n), int(prefill))
+                for d in (device.split(",") if "," in device else (device,)):
+                    s.on_step(d, start_ns, end_ns, int(n), int(prefill))
 
     def _drop_step(self, why: str) -> None:
         self.counters["dropped_steps"] += 1

@@ -29,7 +29,7 @@ import numpy as np
 from ._power_model import PowerModel
 from .simulate import SimulatedRun, _cum_at, _first_order, _make_run, simulate_server
 
-__all__ = ["ParallelRun", "simulate_parallel"]
+__all__ = ["ParallelRun", "simulate_parallel", "write_files"]
 
 _S = 1_000_000_000
 
@@ -163,3 +163,33 @@ def simulate_parallel(*, tp: int = 4, pp: int = 1, seed: int = 0, idle_w: float 
     return ParallelRun(tp=tp, pp=pp, gpus=gpus, runs=runs, requests=requests, steps=steps, group_steps=group_steps, truth=truth,
                        total_j=float(sum(r.total_j for r in runs.values())),
                        truth_unattributed_j=float(sum(r.truth_unattributed_j for r in runs.values())))
+
+
+def write_files(run: ParallelRun, sensor: str, directory, *, seed: int = 10) -> dict:
+    """Write ``trace.csv`` (every GPU's readings through ``sensor``, GPU ``k`` with seed ``seed + k``),
+    ``requests.jsonl`` (``"gpu"``: the group as a list), ``batches.jsonl`` (each stage's steps on its
+    GPUs, ``"gpu": "gpu0,gpu1,..."``) and ``truth.jsonl`` (as :func:`wattspan.simulate.write_files`)."""
+    import json
+    from pathlib import Path
+
+    from .simulate import sense
+
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for k, (g, r) in enumerate(run.runs.items()):
+        tr = sense(r, sensor, seed=seed + k)
+        p = tr.power_w if tr.power_w is not None else np.full(len(tr), np.nan)
+        e = tr.energy_j if tr.energy_j is not None else np.full(len(tr), np.nan)
+        for t, pw, ej in zip(tr.t_ns.tolist(), p.tolist(), e.tolist()):
+            rows.append((t, g, "" if pw != pw else f"{pw:.3f}", "" if ej != ej else f"{ej:.4f}"))
+    rows.sort()
+    paths = {k: out / f for k, f in (("trace", "trace.csv"), ("requests", "requests.jsonl"),
+                                      ("batches", "batches.jsonl"), ("truth", "truth.jsonl"))}
+    paths["trace"].write_text("time_ns,gpu,power_w,energy_j\n" + "".join(f"{t},{g},{p},{e}\n" for t, g, p, e in rows))
+    paths["requests"].write_text("".join(json.dumps(dict(r, gpu=run.gpus)) + "\n" for r in run.requests))
+    paths["batches"].write_text("".join(json.dumps(s, separators=(",", ":")) + "\n" for s in run.steps))
+    truth = [{"id": k, **v} for k, v in run.truth.items()]
+    truth.append({"id": None, "unattributed_j": run.truth_unattributed_j, "total_j": run.total_j})
+    paths["truth"].write_text("".join(json.dumps(t) + "\n" for t in truth))
+    return paths
