@@ -88,6 +88,75 @@ def simulated(seeds: int, duration_s: float, laws=None, sensors=SENSORS) -> dict
     return out
 
 
+#: Multi-GPU layouts: (label, tp, pp, which steps the engine reports, the device the requests and steps name)
+LAYOUTS = (
+    ("1 GPU", 1, 1, "steps", None),
+    ("TP-4 (4 GPUs, every step on all four)", 4, 1, "steps", None),
+    ("PP-2 (2 stages, each stage's steps at its own timing)", 1, 2, "steps", None),
+    ("PP-2, whole steps on the group (stage timing unknown)", 1, 2, "group_steps", None),
+    ("TP-2 x PP-2 (4 GPUs)", 2, 2, "steps", None),
+    ("TP-4 named as one GPU (`gpu0`, before device groups)", 4, 1, "steps", "gpu0"),
+)
+PARALLEL_SENSORS = ("counter-100ms", "hopper-nvml", "instant-100ms", "average-1s-counter")
+
+
+def parallel(seeds: int, duration_s: float, sensors=PARALLEL_SENSORS) -> list[dict]:
+    """Multi-GPU engines (``wattspan._sim_parallel``): per layout x sensor, the share of the engine's true
+    dynamic energy (all its GPUs) attributed to requests as dynamic, the share of its attributable energy
+    (true energy while requests were in flight) given to requests, and per-request errors, pooled over seeds."""
+    from wattspan._sim_parallel import simulate_parallel
+
+    rows = []
+    for label, tp, pp, which, single in LAYOUTS:
+        for name in sensors:
+            errs, dyn_got, dyn_true, e_got, e_true = [], 0.0, 0.0, 0.0, 0.0
+            for seed in range(seeds):
+                sc = SCENARIOS[seed % len(SCENARIOS)]
+                pm = dataclasses.replace(LAWS["saturating"], between_steps_w=sc["between_steps_w"], tau_s=sc["tau_s"])
+                run = simulate_parallel(tp=tp, pp=pp, seed=seed, duration_s=duration_s, bursty=sc["bursty"],
+                                        rate_per_s=sc["rate_per_s"], idle_drift_w=sc["idle_drift_w"], power_model=pm)
+                rq = [dict(r, gpu=single) for r in run.requests] if single else run.requests
+                st = [dict(s, gpu=single) for s in getattr(run, which)] if single else getattr(run, which)
+                req = Requests.from_records(rq)
+                steps = Steps.from_records(st, req)
+                traces = {g: sense(r, name, seed=100 + 10 * seed + k) for k, (g, r) in enumerate(run.runs.items())}
+                res = attribute(traces, req, steps)
+                truth = np.array([run.truth[i]["energy_j"] for i in req.ids])
+                errs.append(_err(res.energy_j, truth))
+                dyn_got += float(res.dynamic_j.sum())
+                dyn_true += sum(t["dynamic_j"] for t in run.truth.values())
+                e_got += float(res.energy_j.sum())
+                e_true += run.total_j - run.truth_unattributed_j
+            err = np.concatenate(errs)
+            rows.append({"layout": label, "sensor": name, "requests": len(err), "dynamic_share": dyn_got / dyn_true,
+                         "energy_share": e_got / e_true, "median": float(np.median(err)), "p95": float(np.quantile(err, 0.95))})
+    return rows
+
+
+def parallel_table(rows: list[dict]) -> list[str]:
+    lines = ["| engine | sensor | requests | dynamic energy to requests | energy to requests / true | median error | p95 error |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['layout']} | `{r['sensor']}` | {r['requests']:,} | {r['dynamic_share'] * 100:.1f} % | "
+                     f"{r['energy_share'] * 100:.1f} % | {r['median'] * 100:.1f} % | {r['p95'] * 100:.1f} % |")
+    return lines
+
+
+def parallel_section(rows: list[dict], seeds: int, duration_s: float) -> list[str]:
+    return [
+        f"## Multi-GPU engines: tensor and pipeline parallel ({seeds} scenarios x {duration_s:g} s each, `saturating` law)",
+        "",
+        "Ground truth from `wattspan._sim_parallel.simulate_parallel`: one engine's schedule played on every GPU of the",
+        "layout, each GPU with its own idle (+-5 %), power law scale (+-5 %), noise and sensor; pipeline stages run",
+        "consecutive slices of each step. \"dynamic energy to requests\": attributed dynamic joules over the engine's true",
+        "dynamic joules (all GPUs); \"energy to requests / true\": attributed joules over the true joules while requests",
+        "were in flight. The last row is what a multi-GPU engine got before device groups: its requests and steps named",
+        "`gpu0`, the other GPUs' energy unattributed.",
+        "",
+        *parallel_table(rows),
+    ]
+
+
 def a100(directory: Path = ROOT / "examples" / "a100") -> dict[str, np.ndarray]:
     traces = read_trace_csv(directory / "trace.csv")
     req, _ = read_requests_jsonl(directory / "requests.jsonl")
@@ -208,11 +277,22 @@ def main() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from benchmarks._common import add_output_args, write_results
 
+    ap.add_argument("--parallel", action="store_true", help="only the multi-GPU section (writes accuracy_parallel.md)")
     add_output_args(ap, "accuracy.md")
     a = ap.parse_args()
     t0 = time.perf_counter()
+    if a.parallel:
+        rows = parallel(a.seeds, a.duration)
+        text = "\n".join(["# Per-request accuracy: multi-GPU engines", "",
+                          f"Command: `python benchmarks/accuracy.py --parallel --seeds {a.seeds} --duration {a.duration:g}` "
+                          f"({time.perf_counter() - t0:.0f} s on a shared 2-core CPU).", "",
+                          *parallel_section(rows, a.seeds, a.duration)]) + "\n"
+        print(text)
+        write_results(a, "accuracy_parallel.md", text)
+        return
     sim = simulated(a.seeds, a.duration)
     real = a100()
+    par = parallel(a.seeds, a.duration)
     n_req = sum(len(c["fit"]) for c in sim.values())
     lines = [
         "# Per-request accuracy",
@@ -247,6 +327,8 @@ def main() -> None:
         "`nvml-poll-20ms` the same polled every 20 ms; `hopper-1s-average` a 1 s average polled every 100 ms; `energy-counter` a",
         "counter refreshed every ~50 ms, read every 10 ms; `hopper-nvml` a counter refreshed every 100 ms plus part-time power,",
         "polled every 20 ms.",
+        "",
+        *parallel_section(par, a.seeds, a.duration),
         "",
         f"## Real A100 recording ({len(real['fit'])} pulses of ~52 ms, external meter as truth)",
         "",

@@ -10,6 +10,7 @@ thread: it only appends to the meter's queue)::
     ...
     t0 = time.monotonic_ns(); model.step(batch); t1 = time.monotonic_ns()
     record_step(t0, t1, {rid_a: 512, rid_b: 1, rid_c: 1}, device="gpu0")
+    record_step(t0, t1, {rid_a: 1}, device=["gpu0", "gpu1", "gpu2", "gpu3"])  # tensor parallel
 
 Tokens are what each request processed in that step: its prefill chunk, or 1
 for a decode token. Requests are named by wattspan's request id, the one the
@@ -41,8 +42,11 @@ def _meter(meter):
     return get_default_meter()
 
 
-def record_step(start_ns: int, end_ns: int, tokens: Mapping[str, float], *, device: str = "gpu0", meter=None) -> None:
-    """Report one batch step on ``device`` over ``[start_ns, end_ns)`` (``time.monotonic_ns()``)."""
+def record_step(start_ns: int, end_ns: int, tokens: Mapping[str, float], *, device: str | list[str] = "gpu0", meter=None) -> None:
+    """Report one batch step on ``device`` over ``[start_ns, end_ns)`` (``time.monotonic_ns()``).
+
+    ``device``: one device (``"gpu0"``) or the device group the step ran on (``["gpu0", "gpu1"]``
+    or ``"gpu0,gpu1"``: a tensor-parallel step, or one pipeline stage's GPUs)."""
     _meter(meter).record_step(int(start_ns), int(end_ns), device, tokens)
 
 
@@ -51,7 +55,7 @@ class step:
 
     __slots__ = ("device", "meter", "tokens", "start_ns")
 
-    def __init__(self, device: str = "gpu0", *, meter=None) -> None:
+    def __init__(self, device: str | list[str] = "gpu0", *, meter=None) -> None:
         self.device = device
         self.meter = meter
         self.tokens: dict[str, float] = {}

@@ -458,12 +458,24 @@ def _model_name(core) -> str:
 
 
 def _check_device(device) -> None:
+    if isinstance(device, (list, tuple)) and device:
+        return
     if not (callable(device) or (isinstance(device, str) and device)):
         raise ValueError(f"device must be a device name such as 'gpu0' or a callable engine_core -> name, got {device!r}")
 
 
 def _device_for(core, device) -> str:
+    if device == "auto":  # the engine's GPUs from its parallel config and the visible devices (mapped by UUID)
+        from ._gpu_groups import engine_group
+
+        group, stages = engine_group(core.vllm_config)
+        log.info("wattspan: vLLM engine steps metered on %s (pipeline stages: %s)", group, " | ".join(stages))
+        return group
     d = device(core) if callable(device) else device
+    if isinstance(d, (list, tuple)):
+        from wattspan._groups import group_key
+
+        d = group_key(d)
     if not isinstance(d, str) or not d:
         raise ValueError(f"device callable returned {d!r}; it must return a device name such as 'gpu0'")
     return d
@@ -570,8 +582,13 @@ def instrument_vllm(
     process's), a :class:`wattspan.integrations._relay.StepSender`, or a relay
     address string (``"127.0.0.1:8791"``) for a proxy's step receiver.
     ``device``: the device name the steps ran on (as the requests' windows name
-    it), or a callable ``engine_core -> name``; tensor-parallel engines report
-    one name for the group. ``request_id_map``: the caller's request id
+    it), a device group (``["gpu0", "gpu1"]`` or ``"gpu0,gpu1"``), ``"auto"`` (the
+    engine's GPUs: ``tensor_parallel_size x pipeline_parallel_size`` devices from its
+    ``parallel_config``, its data-parallel replica's block of ``CUDA_VISIBLE_DEVICES``,
+    resolved to NVML devices by UUID; see :mod:`wattspan.integrations._gpu_groups`), or a
+    callable ``engine_core -> name``. A pipeline-parallel engine's steps are reported on
+    the whole group over the step's time (vLLM does not expose each stage's own timing to
+    the engine core): each stage's energy is placed by the step's timing. ``request_id_map``: the caller's request id
     (``RequestOutput.request_id``: the engine's id less vLLM's random suffix,
     see :func:`user_request_id`) -> wattspan request id, ``None`` to leave a
     request out (default: :func:`default_request_id_map`). ``track_requests``: also open and close a
@@ -646,7 +663,8 @@ def register() -> None:
     sets the level.
 
     ``WATTSPAN_VLLM_STEPS``: the step receiver's address (``wattspan proxy
-    --steps-listen``), ``WATTSPAN_DEVICE``: the device name (default ``gpu0``).
+    --steps-listen``), ``WATTSPAN_DEVICE``: the device name (default ``gpu0``), a
+    device group (``gpu0,gpu1``), or ``auto`` (each engine's own GPUs, see ``device``).
     vLLM calls plugins in each process it starts; only a process that has
     loaded ``vllm.v1.engine.core`` (the engine process loads plugins from
     ``EngineCore.__init__``) is patched, and only once. Never raises.

@@ -95,7 +95,8 @@ class EnergyMiddleware:
     ``WATTSPAN_*`` environment variables). Options, all keyword-only:
 
     * ``meter``: the :class:`~wattspan.Meter` to report to;
-    * ``device``: the accelerator that serves this app (``"gpu0"``), or a
+    * ``device``: the accelerator that serves this app (``"gpu0"``), the device
+      group of a multi-GPU engine (``["gpu0", "gpu1"]`` or ``"gpu0,gpu1"``), or a
       callable ``scope -> str``;
     * ``model``: a header name (default ``x-model``) or a callable ``scope -> str``;
     * ``tenant``: a header name (default ``x-tenant-id``) or a callable; values
@@ -144,6 +145,11 @@ class EnergyMiddleware:
         if request_id_header is None:
             request_id_header = settings.request_id_header
         self.device = device if device is not None else settings.device
+        if isinstance(self.device, (list, tuple)) or (isinstance(self.device, str) and ("," in self.device or "+" in self.device)):
+            # a device group, e.g. ["gpu0", "gpu1"] or "gpu0, gpu1" (see wattspan._groups)
+            from ._groups import group_key
+
+            self.device = group_key(self.device)
         self.model = model.lower().encode("latin-1") if isinstance(model, str) else model
         self.tenant = tenant.lower().encode("latin-1") if isinstance(tenant, str) else tenant
         self.tenants = Cardinality(max_tenants)

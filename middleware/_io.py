@@ -98,6 +98,19 @@ def _count(path, n, key, v) -> float:
     return float(v)
 
 
+def _gpu(path, n, gpu):
+    """A device (``0``, ``"gpu0"``) or a device group (``["gpu0", "gpu1"]`` or ``"gpu0,gpu1"``)."""
+    if isinstance(gpu, list):
+        if not gpu or len(gpu) > 1024 or not all(isinstance(g, (str, int)) and not isinstance(g, bool) and str(g).strip() for g in gpu):
+            raise InputError(path, n, "'gpu' as a list must name 1..1024 devices, e.g. [\"gpu0\", \"gpu1\"]")
+    elif gpu is None or isinstance(gpu, (dict, bool)) or str(gpu).strip() == "" or len(str(gpu)) > 4096:
+        raise InputError(path, n, "missing 'gpu' (the device index, e.g. 0, or a group, e.g. [\"gpu0\", \"gpu1\"])")
+    key = _device_key(gpu)
+    if not key or any(not m for m in key.split(",")):
+        raise InputError(path, n, f"'gpu' names no device: {_short(gpu)}")
+    return key
+
+
 def read_requests_jsonl(path) -> tuple[Requests, list[dict]]:
     """Requests from JSONL: ``{"id", "start_ns", "end_ns", "gpu"}`` plus optional
     ``route, model, tenant, prompt_tokens, output_tokens``.
@@ -117,9 +130,7 @@ def read_requests_jsonl(path) -> tuple[Requests, list[dict]]:
         end = _time(path, n, row, "end_ns")
         if end < start:
             raise InputError(path, n, f"request {rid!r} ends ({end}) before it starts ({start})")
-        gpu = row.get("gpu", row.get("device"))
-        if gpu is None or isinstance(gpu, (dict, list, bool)) or str(gpu).strip() == "":
-            raise InputError(path, n, "missing 'gpu' (the device index, e.g. 0)")
+        gpu = _gpu(path, n, row.get("gpu", row.get("device")))
         clean = {"id": rid, "start_ns": start, "end_ns": end, "gpu": _device_key(gpu)}
         for key in _OPTIONAL_TEXT:
             if key in row and row[key] is not None:
@@ -145,9 +156,7 @@ def read_batches_jsonl(path, requests: Requests) -> Steps:
         end = _time(path, n, row, "end_ns")
         if end <= start:
             raise InputError(path, n, f"batch step ends ({end}) at or before it starts ({start})")
-        gpu = row.get("gpu", row.get("device"))
-        if gpu is None or isinstance(gpu, (dict, list, bool)):
-            raise InputError(path, n, "missing 'gpu' (the device index, e.g. 0)")
+        gpu = _gpu(path, n, row.get("gpu", row.get("device")))
         reqs = row.get("requests")
         if not isinstance(reqs, dict) or not reqs:
             raise InputError(path, n, "'requests' must be a non-empty object {request id: tokens}")

@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
 
+from ._groups import group_key as _group_key
 from ._context import MAX_TOKENS
 from ._records import RequestRecord
 from ._samples import SampleKind
@@ -189,21 +190,28 @@ class Meter:
     # ------------------------------------------------------------------ hot path
 
     def begin(self, request_id: str, device: str, t_ns: int) -> None:
-        """A request started on ``device`` at ``t_ns`` (monotonic)."""
+        """A request started on ``device`` at ``t_ns`` (monotonic). ``device``: a name
+        (``"gpu0"``) or a device group (``"gpu0,gpu1"`` or a list, see wattspan._groups)."""
+        if not isinstance(device, str):
+            device = _group_key(device)
         if len(self._events) >= self.max_events:
             self.counters["dropped_events"] += 1
             return
         self._events.append((_BEGIN, request_id, device, t_ns))
         for s in self._activity:
-            s.on_request_start(device)
+            for d in (device.split(",") if "," in device else (device,)):  # a group: active on each member
+                s.on_request_start(d)
 
     def end(self, request_id: str, device: str, t_ns: int, meta: dict | None = None) -> None:
         """The request ended (last body chunk, error or disconnect). ``meta``:
         route, http_method, status_code, model, tenant, prompt_tokens,
         output_tokens, trace_id, span_id."""
         self._events.append((_END, request_id, t_ns, meta))
+        if self._activity and not isinstance(device, str):
+            device = _group_key(device)
         for s in self._activity:
-            s.on_request_end(device)
+            for d in (device.split(",") if "," in device else (device,)):
+                s.on_request_end(d)
 
     def record_step(self, start_ns: int, end_ns: int, device: str, tokens: Mapping[str, float]) -> None:
         """A batch step ran on ``device`` over ``[start_ns, end_ns)`` processing
@@ -212,9 +220,12 @@ class Meter:
         Bounded where steps enter: at most ``max_step_ids`` requests per step and
         ``max_steps_per_s`` steps per second (of step time); token counts must be
         finite numbers in ``0..MAX_TOKENS``. A step beyond a bound is dropped and
-        counted in ``counters["dropped_steps"]`` (logged once)."""
+        counted in ``counters["dropped_steps"]`` (logged once). ``device`` may be a
+        device group (``"gpu0,gpu1"`` or a list): the step ran on each member."""
         if end_ns <= start_ns or not tokens:
             return
+        if not isinstance(device, str):
+            device = _group_key(device)
         if len(self._events) >= self.max_events:
             self.counters["dropped_events"] += 1
             return
@@ -249,7 +260,8 @@ class Meter:
             n = sum(tokens.values())
             prefill = sum(v for v in tokens.values() if v > 1)
             for s in self._activity:
-                s.on_step(device, start_ns, end_ns, int(n), int(prefill))
+                for d in (device.split(",") if "," in device else (device,)):
+                    s.on_step(d, start_ns, end_ns, int(n), int(prefill))
 
     def _drop_step(self, why: str) -> None:
         self.counters["dropped_steps"] += 1
@@ -498,7 +510,12 @@ class Meter:
         infos = {d.id: d for d in self.sampler.devices()}
         by_dev: dict[str, list[str]] = {}
         for rid, r in self._inflight.items():
-            by_dev.setdefault(r.device, []).append(rid)
+            if "," in r.device:  # a device group: in flight on each member (see wattspan._groups)
+                for m in r.device.split(","):
+                    by_dev.setdefault(m, []).append(rid)
+            else:
+                by_dev.setdefault(r.device, []).append(rid)
+        self._metered = infos
         gpu_devs = [d for d, i in infos.items() if i.kind == "gpu"]
         host_devs = [d for d, i in infos.items() if i.kind != "gpu"]
         refit = (time.monotonic() - self._last_refit) >= self.refit_s
@@ -507,7 +524,8 @@ class Meter:
 
         if infos:  # requests on a device no source meters: settled at once with no energy, not held back
             for dev in [d for d in by_dev if d not in infos]:
-                self._unmetered(dev, by_dev.pop(dev), infos)
+                # a group's member no source meters adds nothing; its metered members settle it
+                self._unmetered(dev, [r for r in by_dev.pop(dev) if "," not in self._inflight[r].device], infos)
         for dev in gpu_devs + [d for d in by_dev if d not in infos]:
             info = infos.get(dev)
             latest = self.sampler.latest_ns(dev) if info is not None else None
@@ -574,10 +592,10 @@ class Meter:
             known = set(rids)
             srows = []
             for s, e, d, tok in self._steps:
-                if d == dev:
+                if d == dev or ("," in d and dev in d.split(",")):  # a group's step runs on each member
                     mine = {k: v for k, v in tok.items() if k in known}
                     if mine:
-                        srows.append({"start_ns": s, "end_ns": e, "device": d, "requests": mine})
+                        srows.append({"start_ns": s, "end_ns": e, "device": dev, "requests": mine})
             steps = Steps.from_records(srows, req) if srows else None
         return req, steps
 
@@ -617,7 +635,8 @@ class Meter:
             r.idle_j += ij
             r.device_s += ds
             end = r.end_ns if r.end_ns is not None else cut
-            r.covered_ns += max(0, min(end, hi) - max(r.start_ns, lo))
+            covered = max(0, min(end, hi) - max(r.start_ns, lo))
+            r.covered_ns += covered // (r.device.count(",") + 1) if "," in r.device else covered
             if r.method != "batch-fit":  # a request any of whose steps were fitted is batch-fit
                 r.method = meth
 
@@ -636,13 +655,14 @@ class Meter:
         trace = self.sampler.trace(dev, since_ns=lo)
         if len(trace) < 10:
             return
-        steps_rows = [s for s in self._hist_steps if s[2] == dev and s[1] > lo]
+        on = lambda d: d == dev or ("," in d and dev in d.split(","))  # noqa: E731 (a group runs on each member)
+        steps_rows = [s for s in self._hist_steps if on(s[2]) and s[1] > lo]
         span: dict[str, list[int]] = {}
         for rid, a, b, d in self._hist_reqs:
-            if d == dev and b > lo:
+            if on(d) and b > lo:
                 span[rid] = [a, b]
         for rid, r in self._inflight.items():
-            if r.device == dev and r.start_ns < cut:
+            if on(r.device) and r.start_ns < cut:
                 span[rid] = [r.start_ns, min(r.end_ns if r.end_ns is not None else cut, cut)]
         for s, e, _, tok in steps_rows:  # a step may name a request we never saw begin
             for k in tok:
@@ -654,7 +674,7 @@ class Meter:
         n = len(span)
         bounds = np.array(list(span.values()), dtype=np.int64).reshape(n, 2)
         req = Requests(np.array(list(span), dtype=object), bounds[:, 0], bounds[:, 1], np.full(n, dev, dtype=object), np.ones(n))
-        steps = Steps.from_records([{"start_ns": s, "end_ns": e, "device": d, "requests": tok} for (s, e, d, tok) in steps_rows], req) if steps_rows else None
+        steps = Steps.from_records([{"start_ns": s, "end_ns": e, "device": dev, "requests": tok} for (s, e, d, tok) in steps_rows], req) if steps_rows else None
         res = attribute({dev: trace}, req, steps, idle_w=self.idle_w, t0_ns=lo, t1_ns=cut)
         d = res.devices.get(dev)
         if d is None:
@@ -664,11 +684,17 @@ class Meter:
         if d.model is not None and d.model.rows >= 20:
             self._models[dev] = d.model
 
+    def _group_done(self, r) -> bool:
+        metered = getattr(self, "_metered", None) or {}
+        return all(self._cursor.get(m, r.end_ns - 1) >= r.end_ns for m in r.device.split(",") if m in metered)
+
     def _finalise(self, rids: list[str], cut: int, info, stalled: bool = False) -> None:
         done = []
         for rid in rids:
             r = self._inflight.get(rid)
             if r is not None and r.end_ns is not None and r.end_ns <= cut:
+                if "," in r.device and not self._group_done(r):
+                    continue  # a device group: final once every metered member has passed its end
                 self._hist_reqs.append((rid, r.start_ns, r.end_ns, r.device))
                 if r.peer:
                     del self._inflight[rid]

@@ -171,7 +171,12 @@ class Steps:
 
 
 def _device_key(value) -> str:
-    """Trace, request and batch files name a GPU by index (``0``) or by id (``gpu0``)."""
+    """Trace, request and batch files name a GPU by index (``0``) or by id (``gpu0``), and a
+    device group by a list or a comma-separated string (see :mod:`wattspan._groups`)."""
+    if isinstance(value, (list, tuple)) or "," in str(value) or "+" in str(value):
+        from ._groups import group_key
+
+        return group_key(value)
     s = str(value).strip()
     return f"gpu{s}" if s.isdigit() else s
 
@@ -276,6 +281,9 @@ class Attribution:
     energy_j_low: np.ndarray | None = None  # 90 % band on energy_j (J)
     energy_j_high: np.ndarray | None = None
     quality: np.ndarray | None = None  # object array: good | coarse | misfit
+    #: requests on device groups: each (request, member device)'s part, columnar
+    #: (``request`` index, ``device``, ``energy_j``, ``dynamic_j``, ``idle_j``, ``device_s``); see wattspan._groups
+    parts: dict | None = None
 
     @property
     def measured_j(self) -> float:
@@ -294,8 +302,11 @@ class Attribution:
         energy_j_low, energy_j_high, quality`` (plus ``route, model, tenant`` where given)."""
         r = self.requests
         out = []
+        from ._groups import device_parts, members
+
+        per_dev = device_parts(self.parts, len(r))
         for i in range(len(r)):
-            d = self.devices.get(r.device[i])
+            d = self.devices.get(r.device[i]) or self.devices.get(members(r.device[i])[0])
             rec = {
                 "id": r.ids[i],
                 "gpu": r.device[i],
@@ -313,6 +324,8 @@ class Attribution:
                 rec["energy_j_high"] = float(self.energy_j_high[i])
             if self.quality is not None:
                 rec["quality"] = self.quality[i]
+            if per_dev is not None and len(per_dev[i]) > 1:
+                rec["devices"] = per_dev[i]  # a device group: each member's joules
             for key in ("route", "model", "tenant"):
                 col = getattr(r, key)
                 if col is not None:
@@ -349,6 +362,11 @@ def attribute(
     if not isinstance(traces, Mapping):
         traces = {t.device: t for t in traces}
     traces = {_device_key(k): v for k, v in traces.items()}
+    from ._groups import any_group, attribute_grouped
+
+    if any_group(requests, steps):  # device groups: per member device, summed per request
+        return attribute_grouped(attribute, traces, requests, steps, idle_w=idle_w, t0_ns=t0_ns, t1_ns=t1_ns,
+                                 reconcile_s=reconcile_s, models=models)
     n = len(requests)
     energy = np.zeros(n)
     dynamic = np.zeros(n)

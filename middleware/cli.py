@@ -111,7 +111,7 @@ def _build_parser() -> argparse.ArgumentParser:
     x.add_argument("--upstream", required=True, help="the server to forward /v1/* to, e.g. http://127.0.0.1:8000")
     x.add_argument("--host", default="127.0.0.1")
     x.add_argument("--port", type=int, default=8080)
-    x.add_argument("--device", default="gpu0", help="the accelerator the upstream serves on (default gpu0)")
+    x.add_argument("--device", default="gpu0", help="the accelerator the upstream serves on (default gpu0), or its device group, e.g. gpu0,gpu1,gpu2,gpu3 for tensor parallel 4")
     x.add_argument("--timeout-s", type=float, default=600.0)
     x.add_argument("--max-body-bytes", type=int, default=8 << 20)
     x.add_argument("--steps-listen", default=None, help="host:port or unix:/path where the vLLM hook in the upstream sends its batch steps")

@@ -44,6 +44,7 @@ __all__ = ["Settings", "SettingsError", "get_settings"]
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off", "")
 _LABEL = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+_DEVICES = re.compile(r"[A-Za-z0-9_.:-]{1,64}(,[A-Za-z0-9_.:-]{1,64}){0,63}")  # a device or a device group
 _GROUP = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _HEADER = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}")  # an HTTP token (RFC 9110)
 MIN_SAMPLE_INTERVAL_S = 0.001
@@ -114,7 +115,8 @@ class Settings:
                 raise SettingsError("WATTSPAN_" + name, v, what)
             return v
 
-        device = pattern("DEVICE", _LABEL, "a device name of 1..64 characters [A-Za-z0-9_.:-], e.g. gpu0") or "gpu0"
+        device = pattern("DEVICE", _DEVICES, "a device name of 1..64 characters [A-Za-z0-9_.:-], e.g. gpu0, or a group "
+                         "of up to 64 such names joined by commas, e.g. gpu0,gpu1,gpu2,gpu3") or "gpu0"
         region = get("REGION") or "world"
         pue = number("PUE", 1.0, 3.0, "power usage effectiveness: facility energy / IT energy, e.g. 1.1")
         interval = number("SAMPLE_INTERVAL_S", MIN_SAMPLE_INTERVAL_S, MAX_SAMPLE_INTERVAL_S, "seconds between sensor polls")

@@ -33,6 +33,7 @@ FUNCTIONS = (
     "nvmlDeviceGetFieldValues",
     "nvmlDeviceGetSamples",
     "nvmlDeviceGetPowerUsage",
+    "nvmlDeviceGetUUID",
 )
 
 # what each API needs from the hardware (a GPU that lacks it raises NOT_SUPPORTED, as the driver does)
@@ -59,6 +60,7 @@ class FakeGpu:
     usage_window_s: float = 0.0
     sample_buffer: int = 120
     lost: bool = False
+    uuid: str = ""  # "" -> GPU-00000000-0000-0000-0000-<index> (a MIG instance reports its parent GPU's)
     calls: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -162,6 +164,9 @@ class FakeNvml:
         if not 0 <= index < len(self.gpus):
             raise _err(pynvml.NVML_ERROR_INVALID_ARGUMENT)
         return _Handle(index)
+
+    def nvmlDeviceGetUUID(self, handle):
+        return self._gpu(handle).uuid or f"GPU-00000000-0000-0000-0000-{handle.index:012d}"
 
     def nvmlDeviceGetName(self, handle):
         return self._gpu(handle).name  # pynvml decodes to str on Python 3

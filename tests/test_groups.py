@@ -1,0 +1,214 @@
+"""Device groups: tensor/pipeline-parallel engines on several GPUs, offline and live (fake NVML of 4 GPUs)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from wattspan import Requests, Steps, attribute
+from wattspan._groups import group_key, members
+from wattspan._sim_parallel import simulate_parallel
+from wattspan.simulate import sense
+
+
+def _attribute(run, which="steps", sensor="counter-100ms", device=None):
+    rq = [dict(r, gpu=device) for r in run.requests] if device else run.requests
+    st = [dict(s, gpu=device) for s in getattr(run, which)] if device else getattr(run, which)
+    req = Requests.from_records(rq)
+    traces = {g: sense(r, sensor, seed=7 + k) for k, (g, r) in enumerate(run.runs.items())}
+    return req, traces, attribute(traces, req, Steps.from_records(st, req))
+
+
+def _err(res, run):
+    truth = np.array([run.truth[i]["energy_j"] for i in res.requests.ids])
+    return np.abs(res.energy_j - truth) / truth
+
+
+def test_group_names():
+    assert group_key(["gpu0", 1, "gpu1"]) == "gpu0,gpu1"
+    assert group_key("gpu2, gpu3") == group_key("gpu2+gpu3") == "gpu2,gpu3"
+    assert group_key(0) == "gpu0" and members("gpu0") == ("gpu0",)
+    assert members("gpu0,gpu1") == ("gpu0", "gpu1")
+
+
+@pytest.fixture(scope="module")
+def tp4():
+    run = simulate_parallel(tp=4, pp=1, seed=3, duration_s=12)
+    return run, *_attribute(run)
+
+
+def test_tensor_parallel_books_close_per_device_and_in_total(tp4):
+    run, req, traces, res = tp4
+    assert set(res.devices) == {"gpu0", "gpu1", "gpu2", "gpu3"}
+    for d in res.devices.values():  # every GPU's own books
+        assert d.attributed_j + d.unattributed_j == pytest.approx(d.measured_j, rel=1e-9)
+        assert d.method == "batch-fit" and d.steps == len(run.steps)
+    assert res.energy_j.sum() + res.unattributed_j == pytest.approx(res.measured_j, rel=1e-9)
+    # the per-device parts add up to each request's energy, and name each member (hw.id)
+    parts = np.bincount(res.parts["request"], weights=res.parts["energy_j"], minlength=len(req))
+    np.testing.assert_allclose(parts, res.energy_j, rtol=1e-12)
+    rec = res.records()[0]
+    assert rec["gpu"] == "gpu0,gpu1,gpu2,gpu3" and set(rec["devices"]) == {"gpu0", "gpu1", "gpu2", "gpu3"}
+    assert sum(rec["devices"].values()) == pytest.approx(rec["energy_j"])
+    assert rec["sensor"] != "none" and rec["method"] == "batch-fit"
+
+
+def test_tensor_parallel_is_as_accurate_as_one_gpu_and_bills_all_four(tp4):
+    run, _, _, res = tp4
+    err = _err(res, run)
+    one = simulate_parallel(tp=1, pp=1, seed=3, duration_s=12)
+    err1 = _err(_attribute(one)[2], one)
+    assert np.median(err) < 0.03 and np.median(err) < 2 * np.median(err1) + 0.005
+    true_dyn = sum(t["dynamic_j"] for t in run.truth.values())
+    assert res.dynamic_j.sum() / true_dyn > 0.97
+    # before device groups: the engine named as gpu0 bills about a quarter
+    legacy = _attribute(run, device="gpu0")[2]
+    assert legacy.energy_j.sum() < 0.35 * res.energy_j.sum()
+
+
+def test_pipeline_stages_each_on_their_own_gpu_and_timing():
+    run = simulate_parallel(tp=1, pp=2, seed=4, duration_s=12)
+    assert {s["gpu"] for s in run.steps} == {"gpu0", "gpu1"}  # stage steps on the stage's GPU
+    _, _, res = _attribute(run)
+    assert res.requests.device[0] == "gpu0,gpu1"
+    assert np.median(_err(res, run)) < 0.06
+    for d in res.devices.values():
+        assert d.attributed_j + d.unattributed_j == pytest.approx(d.measured_j, rel=1e-9)
+    # the whole step reported on the group (stage timing unknown) still closes the books
+    _, _, whole = _attribute(run, which="group_steps")
+    assert whole.energy_j.sum() + whole.unattributed_j == pytest.approx(whole.measured_j, rel=1e-9)
+    assert np.median(_err(whole, run)) < 0.08
+
+
+def _write(tmp_path, run, traces, req_gpu, step_gpu):
+    lines = ["time_ns,gpu,power_w,energy_j"]
+    for g, tr in traces.items():
+        e = tr.energy_j if tr.energy_j is not None else np.full(len(tr), np.nan)
+        p = tr.power_w if tr.power_w is not None else np.full(len(tr), np.nan)
+        for t, pw, ej in zip(tr.t_ns.tolist(), p.tolist(), e.tolist()):
+            lines.append(f"{t},{g},{'' if pw != pw else f'{pw:.6f}'},{'' if ej != ej else f'{ej:.6f}'}")
+    (tmp_path / "trace.csv").write_text("\n".join(lines) + "\n")
+    (tmp_path / "requests.jsonl").write_text("".join(json.dumps(dict(r, gpu=req_gpu)) + "\n" for r in run.requests))
+    (tmp_path / "batches.jsonl").write_text("".join(json.dumps(dict(s, gpu=step_gpu)) + "\n" for s in run.steps))
+
+
+def _cli(tmp_path, *extra):
+    return subprocess.run([sys.executable, "-m", "wattspan.cli", "attribute", "--trace", str(tmp_path / "trace.csv"),
+                           "--requests", str(tmp_path / "requests.jsonl"), "--batches", str(tmp_path / "batches.jsonl"),
+                           *extra], capture_output=True, text=True, timeout=300)
+
+
+def test_offline_files_take_a_group_as_a_list_or_a_string(tmp_path):
+    run = simulate_parallel(tp=2, pp=1, seed=5, duration_s=6)
+    traces = {g: sense(r, "counter-100ms", seed=1) for g, r in run.runs.items()}
+    _write(tmp_path, run, traces, ["gpu0", "gpu1"], "gpu0,gpu1")
+    p = _cli(tmp_path)
+    assert p.returncode == 0, p.stderr
+    recs = [json.loads(line) for line in p.stdout.splitlines() if line.strip()]
+    assert recs[0]["gpu"] == "gpu0,gpu1" and set(recs[0]["devices"]) == {"gpu0", "gpu1"}
+    truth = np.array([run.truth[r["id"]]["energy_j"] for r in recs])
+    got = np.array([r["energy_j"] for r in recs])
+    assert np.median(np.abs(got - truth) / truth) < 0.05
+    # an empty group is a clear error on its line, not a crash
+    (tmp_path / "requests.jsonl").write_text(json.dumps(dict(run.requests[0], gpu=[])) + "\n")
+    p = _cli(tmp_path)
+    assert p.returncode != 0 and "requests.jsonl" in p.stderr and "gpu" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_live_meter_on_four_fake_gpus_bills_each_gpu_of_the_group(monkeypatch):
+    """A TP-4 engine on a fake NVML of 4 GPUs (each its own trace): records carry all four GPUs' energy."""
+    from tests.fakes.fake_nvml import FakeGpu, FakeNvml
+
+    from wattspan import Meter
+    from wattspan.carbon import CarbonModel
+    from wattspan.integrations.batch import record_step
+    from wattspan.sources.nvml import NvmlSource
+
+    watts = (200.0, 220.0, 240.0, 260.0)
+    FakeNvml([FakeGpu("NVIDIA H100 80GB HBM3", 9, np.array([0.0]), np.array([w])) for w in watts]).install(monkeypatch)
+    records = []
+    meter = Meter(sources=[NvmlSource()], idle_w=100.0, carbon=CarbonModel(intensity_g_per_kwh=400.0), sinks=[records.append],
+                  period_s=0.05, lag_s=0.05, autostart=False)
+    meter.start()
+    assert meter.wait_ready(10)
+    group = ["gpu0", "gpu1", "gpu2", "gpu3"]
+    t = time.monotonic_ns()
+    for i in range(8):
+        a = t + i * 50_000_000
+        meter.begin(f"r{i}", group, a)
+        record_step(a, a + 40_000_000, {f"r{i}": 16}, device=group, meter=meter)
+        meter.end(f"r{i}", group, a + 50_000_000)
+    time.sleep(1.0)
+    assert meter.flush(10)
+    meter.close()
+    assert len(records) == 8 and all(r.device == "gpu0,gpu1,gpu2,gpu3" for r in records)
+    billed = sum(r.energy_j for r in records)
+    measured = sum(meter.device_energy_j[g] for g in group)
+    assert all(meter.device_energy_j[g] > 0 for g in group)
+    assert billed + sum(meter.device_unattributed_j[g] for g in group) == pytest.approx(measured, rel=1e-6)
+    # 8 x 50 ms back to back at 920 W in all: ~368 J; one GPU alone would bill ~80 J
+    assert billed == pytest.approx(sum(watts) * 0.4, rel=0.25)
+
+
+def test_vllm_engine_devices_are_mapped_by_uuid_not_index():
+    from wattspan.integrations._gpu_groups import engine_devices, engine_group
+
+    uuids = [f"GPU-aaaa000{i}-0000-0000-0000-000000000000" for i in range(4)]
+    # CUDA lists the GPUs in another order than NVML: UUIDs say which is which
+    vis = ",".join(uuids[i] for i in (2, 3, 0, 1))
+    assert engine_devices(2, 1, visible=vis, uuids=uuids) == [["gpu2", "gpu3"]]
+    assert engine_devices(2, 1, visible=vis, uuids=uuids, local_dp_rank=1) == [["gpu0", "gpu1"]]  # a data-parallel replica
+    assert engine_devices(1, 2, visible="1,3", uuids=uuids) == [["gpu1"], ["gpu3"]]  # pipeline stages
+    assert engine_devices(2, 1, visible="GPU-aaaa0003,GPU-aaaa0001", uuids=uuids) == [["gpu3", "gpu1"]]  # UUID prefixes
+    mig = {"MIG-1111": uuids[2]}
+    assert engine_devices(1, 1, visible="MIG-1111", uuids=uuids, mig_parent=mig) == [["gpu2"]]  # MIG: its parent GPU
+    with pytest.raises(ValueError, match="not among NVML"):
+        engine_devices(1, 1, visible="GPU-ffff", uuids=uuids)
+    with pytest.raises(ValueError, match="visible"):
+        engine_devices(4, 2, visible="0,1,2,3", uuids=uuids)
+
+    class PC:
+        tensor_parallel_size, pipeline_parallel_size, data_parallel_rank_local = 2, 2, 0
+
+    class Cfg:
+        parallel_config = PC()
+
+    assert engine_group(Cfg(), visible="0,1,2,3", uuids=uuids) == ("gpu0,gpu1,gpu2,gpu3", ["gpu0,gpu1", "gpu2,gpu3"])
+
+
+def test_uuids_are_read_from_nvml(monkeypatch):
+    from tests.fakes.fake_nvml import FakeGpu, FakeNvml
+
+    from wattspan.integrations._gpu_groups import engine_devices, nvml_uuids
+
+    gpus = [FakeGpu("NVIDIA H100 80GB HBM3", 9, np.array([0.0]), np.array([100.0]), uuid=f"GPU-bbbb{i}") for i in range(4)]
+    FakeNvml(gpus).install(monkeypatch)
+    assert nvml_uuids() == [f"GPU-bbbb{i}" for i in range(4)]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-bbbb3,GPU-bbbb1")
+    assert engine_devices(2) == [["gpu3", "gpu1"]]
+
+
+def test_servers_sharing_one_physical_gpu_share_one_peer_group(monkeypatch):
+    """MIG instances and several servers on one GPU: NVML meters the physical GPU, so they join one
+    peer group keyed by its UUID (their requests share its one trace); other GPUs are apart."""
+    from tests.fakes.fake_nvml import FakeGpu, FakeNvml
+
+    from wattspan._peers import group_key as peer_key
+    from wattspan.sources.nvml import NvmlSource
+
+    mk = lambda u: FakeGpu("NVIDIA A100-SXM4-80GB", 7, np.array([0.0]), np.array([100.0]), uuid=u)  # noqa: E731
+    FakeNvml([mk("GPU-cccc0"), mk("GPU-cccc1")]).install(monkeypatch)
+
+    def key(index):
+        src = NvmlSource(indices=[index])
+        try:
+            return peer_key([i.extra["identity"] for i in src.devices()], None)
+        finally:
+            src.close()
+
+    assert key(0) == key(0) != key(1)

