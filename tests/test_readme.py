@@ -6,9 +6,11 @@ The rules, so that a new snippet cannot slip by untested:
   export configured but the console); if it defines ``app``, one request is served through it;
 * in any other block, each line that starts with ``wattspan `` is a command: it is run (in a
   scratch folder holding the repository's ``examples/``) and must exit 0;
-* a block right after ``<!-- tested: PATH ... -->`` is one that needs what the suite runs
-  elsewhere (a server, real vLLM): PATH must be a test file of this repository that
-  exists and mentions the block's commands;
+* a block right after ``<!-- tested: PATH [PATH ...] ... -->`` is one that needs what the suite
+  runs elsewhere (a server, real vLLM, a command that runs until stopped): each PATH must be a
+  test file of this repository, and each of the block's commands must be run by one of them;
+* a ```toml block must parse; one whose first line is ``# NAME.toml`` is written to NAME.toml
+  in the python snippets' scratch folder (a budget file is loaded as one, so it must be valid);
 * lines starting with ``make`` are the quick start (CI runs ``make test``), other lines
   (output, curl, JSON) are illustrations.
 """
@@ -27,7 +29,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 _FENCE = re.compile(r"^(\s*)```(\w*)\s*$")
-_TESTED = re.compile(r"<!--\s*tested:\s*(\S+)")
+_TESTED = re.compile(r"<!--\s*tested:(.*?)-->")
+_TEST_PATH = re.compile(r"\btests/[\w/]+\.py\b")
 
 
 def snippets() -> list[dict]:
@@ -46,7 +49,9 @@ def snippets() -> list[dict]:
         body = "\n".join(line[len(indent) :] if line.startswith(indent) else line for line in lines[start:j])
         prev = next((lines[k] for k in range(i - 1, -1, -1) if lines[k].strip()), "")
         t = _TESTED.search(prev)
-        out.append({"line": i + 1, "lang": lang, "body": body, "tested": t.group(1) if t else None})
+        tested = _TEST_PATH.findall(t.group(1)) if t else None
+        assert tested is None or tested, f"README.md:{i}: a tested marker names no tests/*.py file"
+        out.append({"line": i + 1, "lang": lang, "body": body, "tested": tested})
         i = j + 1
     return out
 
@@ -68,14 +73,15 @@ def _commands(body: str) -> list[str]:
 
 ALL = snippets()
 PYTHON = [s for s in ALL if s["lang"] == "python" and not s["tested"]]
-COMMANDS = [(s, c) for s in ALL if s["lang"] != "python" and not s["tested"] for c in _commands(s["body"])]
+TOML = [s for s in ALL if s["lang"] == "toml"]
+COMMANDS = [(s, c) for s in ALL if s["lang"] not in ("python", "toml") and not s["tested"] for c in _commands(s["body"])]
 ELSEWHERE = [s for s in ALL if s["tested"]]
 
 
 def test_the_readme_has_snippets_and_each_is_classified():
     assert len(PYTHON) >= 3 and COMMANDS and ELSEWHERE
     for s in ALL:
-        assert s["lang"] in ("", "python", "bash", "sh", "console", "text"), f"README.md:{s['line']}: unknown fence language {s['lang']!r}"
+        assert s["lang"] in ("", "python", "toml", "bash", "sh", "console", "text"), f"README.md:{s['line']}: unknown fence language {s['lang']!r}"
 
 
 def _env() -> dict:
@@ -103,8 +109,28 @@ print("OK")
 """
 
 
+def _toml_name(snippet: dict) -> str | None:
+    m = re.match(r"#\s*([\w.-]+\.toml)\b", snippet["body"])
+    return m.group(1) if m else None
+
+
+@pytest.mark.parametrize("snippet", TOML, ids=[f"toml-line-{s['line']}" for s in TOML])
+def test_toml_snippet_parses(snippet, tmp_path):
+    tomllib = pytest.importorskip("tomllib")
+    doc = tomllib.loads(snippet["body"])
+    if "budget" in doc:  # a budget file: it must load as one
+        from wattspan.budgets import load_budgets
+
+        path = tmp_path / (_toml_name(snippet) or "budgets.toml")
+        path.write_text(snippet["body"], encoding="utf-8")
+        assert load_budgets(path).budgets
+
+
 @pytest.mark.parametrize("snippet", PYTHON, ids=[f"python-line-{s['line']}" for s in PYTHON])
 def test_python_snippet_runs(snippet, tmp_path):
+    for t in TOML:  # the files the README shows are there, as a reader following it would have them
+        if _toml_name(t):
+            (tmp_path / _toml_name(t)).write_text(t["body"], encoding="utf-8")
     src = tmp_path / "snippet.py"
     src.write_text(snippet["body"], encoding="utf-8")
     runner = tmp_path / "runner.py"
@@ -126,12 +152,15 @@ def test_command_snippet_runs(snippet, command, tmp_path):
 
 @pytest.mark.parametrize("snippet", ELSEWHERE, ids=[f"line-{s['line']}" for s in ELSEWHERE])
 def test_snippets_tested_elsewhere_name_a_test_that_runs_them(snippet):
-    path = ROOT / snippet["tested"]
-    assert path.is_file() and path.parent.name == "tests", f"README.md:{snippet['line']}: no test file {snippet['tested']}"
-    text = path.read_text(encoding="utf-8")
+    texts = []
+    for rel in snippet["tested"]:
+        path = ROOT / rel
+        assert path.is_file() and path.parent.name == "tests", f"README.md:{snippet['line']}: no test file {rel}"
+        texts.append(path.read_text(encoding="utf-8"))
+    names = ", ".join(snippet["tested"])
     for cmd in _commands(snippet["body"]):
         sub = cmd.split()[1]
-        assert sub in text, f"README.md:{snippet['line']}: {snippet['tested']} never runs `wattspan {sub}`"
+        assert any(f'"{sub}"' in t or f"wattspan {sub}" in t for t in texts), f"README.md:{snippet['line']}: none of {names} runs `wattspan {sub}`"
     if snippet["lang"] == "python":
         for name in re.findall(r"\b(instrument_vllm|track_requests|VLLM_ENABLE_V1_MULTIPROCESSING)\b", snippet["body"]):
-            assert name in text, f"README.md:{snippet['line']}: {snippet['tested']} never uses {name}"
+            assert any(name in t for t in texts), f"README.md:{snippet['line']}: none of {names} uses {name}"
