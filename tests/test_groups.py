@@ -212,3 +212,37 @@ def test_servers_sharing_one_physical_gpu_share_one_peer_group(monkeypatch):
             src.close()
 
     assert key(0) == key(0) != key(1)
+
+
+def test_two_servers_on_one_host_each_bill_their_own_gpus(monkeypatch):
+    """Several servers on one host, one meter (proxy) each, `--device` naming its GPUs: each bills its own."""
+    from tests.fakes.fake_nvml import FakeGpu, FakeNvml
+
+    from wattspan import Meter
+    from wattspan.carbon import CarbonModel
+    from wattspan.sources.nvml import NvmlSource
+
+    watts = (150.0, 150.0, 400.0, 400.0)
+    FakeNvml([FakeGpu("NVIDIA H100 80GB HBM3", 9, np.array([0.0]), np.array([w])) for w in watts]).install(monkeypatch)
+    out = {}
+    meters = {}
+    for name, group in (("a", "gpu0,gpu1"), ("b", "gpu2,gpu3")):
+        out[name] = []
+        meters[name] = Meter(sources=[NvmlSource()], idle_w=100.0, carbon=CarbonModel(intensity_g_per_kwh=400.0),
+                             sinks=[out[name].append], period_s=0.05, lag_s=0.05, autostart=False)
+        meters[name].start()
+        assert meters[name].wait_ready(10)
+    t = time.monotonic_ns()
+    for i in range(6):
+        a = t + i * 50_000_000
+        for name, group in (("a", "gpu0,gpu1"), ("b", "gpu2,gpu3")):
+            meters[name].begin(f"{name}{i}", group, a)
+            meters[name].end(f"{name}{i}", group, a + 50_000_000)
+    time.sleep(1.0)
+    for m in meters.values():
+        assert m.flush(10)
+        m.close()
+    ea, eb = (sum(r.energy_j for r in out[n]) for n in ("a", "b"))
+    assert len(out["a"]) == len(out["b"]) == 6
+    assert ea == pytest.approx(300.0 * 0.3, rel=0.25) and eb == pytest.approx(800.0 * 0.3, rel=0.25)
+    assert {r.device for r in out["b"]} == {"gpu2,gpu3"}
