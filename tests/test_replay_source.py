@@ -76,6 +76,8 @@ HEAD = "time_ns,gpu,power_w\n"
         (HEAD + "1,0,5\n2,0,inf\n", 3, "power_w is inf"),
         (HEAD + "1,0,-3.5\n", 2, "power_w is negative (-3.5)"),
         (HEAD + "1,0,5\n2,0,5 W\n", 3, "power_w '5 W' is not a number"),
+        (HEAD + "1,0,5\n2,0,9223372036854775808\n", 3, "power_w is 9.22337e+18, above the plausible 1e+06"),
+        ("time_ns,gpu,power_w,energy_j\n1,0,5,1\n2,0,5,1e20\n", 3, "energy_j is 1e+20, above the plausible 1e+15"),
         (HEAD + "1,0,5\n2,0,\n", 3, "power_w is empty"),
         (HEAD + "1,0,5\n2.5,0,5\n", 3, "time_ns '2.5' is not an integer number of nanoseconds"),
         (HEAD + "1,0,5\n99999999999999999999,0,5\n", 3, "outside 0..2**63-1"),

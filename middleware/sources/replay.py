@@ -195,6 +195,11 @@ def _parse_times(p: Path, col: list[str], n: int, line_of) -> np.ndarray:
     return t
 
 
+#: the largest reading a trace may hold: far above any accelerator (about 1 kW today) or its
+#: lifetime's energy, below what would overflow the arithmetic downstream
+_MAX_READING = {"power_w": 1e6, "energy_j": 1e15}
+
+
 def _parse_floats(p: Path, name: str, col: list[str], n: int, line_of, *, allow_empty: bool):
     """Values (NaN where empty) and the mask of empty cells (None when there are none)."""
     empty = None
@@ -223,6 +228,10 @@ def _parse_floats(p: Path, name: str, col: list[str], n: int, line_of, *, allow_
         what = "NaN" if math.isnan(x) else ("inf" if x > 0 else "-inf") if math.isinf(x) else f"negative ({x:g})"
         hint = " (leave the cell empty when the counter was not read)" if name == "energy_j" and math.isnan(x) else ""
         raise InputError(p, line_of(i), f"{name} is {what}{hint}")
+    big = v > _MAX_READING.get(name, math.inf)
+    if big.any():
+        i = int(np.argmax(big))
+        raise InputError(p, line_of(i), f"{name} is {v[i]:g}, above the plausible {_MAX_READING[name]:g} (check the unit: watts, joules)")
     return v, empty
 
 
