@@ -431,7 +431,9 @@ def attribute(
                 cum, trace, steps, s_idx, requests, ridx, seg, idle_curve, a, b, reconcile_s, model
             )
             in_steps = np.zeros(len(requests), dtype=bool)
-            in_steps[steps.entry_request[np.isin(steps.entry_step, s_idx)]] = True
+            on_this = np.zeros(len(steps), dtype=bool)
+            on_this[s_idx] = True
+            in_steps[steps.entry_request[on_this[steps.entry_step]]] = True
             meth = np.where(in_steps[ridx], "batch-fit", "time-share").astype(object)
             dev_quality = _quality(summary_extra)
             summary_extra["quality"] = dev_quality
