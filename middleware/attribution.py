@@ -449,7 +449,9 @@ def attribute(
                 cum, trace, steps, s_idx, requests, ridx, seg, idle_curve, a, b, reconcile_s, model
             )
             in_steps = np.zeros(len(requests), dtype=bool)
-            in_steps[steps.entry_request[np.isin(steps.entry_step, s_idx)]] = True
+            on_this = np.zeros(len(steps), dtype=bool)
+            on_this[s_idx] = True
+            in_steps[steps.entry_request[on_this[steps.entry_step]]] = True
             meth = np.where(in_steps[ridx], "batch-fit", "time-share").astype(object)
             dev_quality = _quality(summary_extra)
             summary_extra["quality"] = dev_quality
@@ -790,6 +792,14 @@ class _Segments:
 # --------------------------------------------------------------------------- batch-fit
 
 
+def _prefix(a: np.ndarray) -> np.ndarray:
+    """Prefix sums along axis 0 with a leading row of zeros, written in place (no stacking copy)."""
+    out = np.empty((a.shape[0] + 1, a.shape[1]))
+    out[0] = 0.0
+    np.cumsum(a, axis=0, out=out[1:])
+    return out
+
+
 class _StepFeatures:
     """Cumulative feature mass F(t) = sum_s x_s * clip((t - start_s) / dur_s, 0, 1).
 
@@ -803,14 +813,19 @@ class _StepFeatures:
         self.x, self.st, self.en = x, st, en
         self.dur = en - st
         rate = x / self.dur[:, None]
-        os_, oe = np.argsort(st, kind="stable"), np.argsort(en, kind="stable")
+        # steps usually come in time order: skip the sorts and gathers then
+        s_ok = len(st) < 2 or bool(np.all(st[1:] >= st[:-1]))
+        e_ok = len(en) < 2 or bool(np.all(en[1:] >= en[:-1]))
+        os_ = slice(None) if s_ok else np.argsort(st, kind="stable")
+        oe = slice(None) if e_ok else np.argsort(en, kind="stable")
         self._st_sorted, self._en_sorted = st[os_], en[oe]
-        z = np.zeros((1, x.shape[1]))
-        self._cs_rate = np.vstack((z, np.cumsum(rate[os_], axis=0)))
-        self._cs_rate_st = np.vstack((z, np.cumsum(rate[os_] * st[os_, None], axis=0)))
-        self._ce_rate = np.vstack((z, np.cumsum(rate[oe], axis=0)))
-        self._ce_rate_st = np.vstack((z, np.cumsum(rate[oe] * st[oe, None], axis=0)))
-        self._ce_x = np.vstack((z, np.cumsum(x[oe], axis=0)))
+        rate_s = rate[os_]
+        rate_e = rate_s if (s_ok and e_ok) else rate[oe]
+        self._cs_rate = _prefix(rate_s)
+        self._cs_rate_st = _prefix(rate_s * self._st_sorted[:, None])
+        self._ce_rate = self._cs_rate if (s_ok and e_ok) else _prefix(rate_e)
+        self._ce_rate_st = self._cs_rate_st if (s_ok and e_ok) else _prefix(rate_e * st[oe, None])
+        self._ce_x = _prefix(x[oe])
 
     def mass(self, t: np.ndarray) -> np.ndarray:
         """F(t): shape (len(t), n_features)."""
