@@ -263,7 +263,7 @@ class _SSEScanner:
             line = lines[i]
             cr = line.endswith(b"\r")
             payload = line[5:].strip()
-            spliced = _splice_usage(payload, self.annotate(obj["usage"]))
+            spliced = _splice_usage(payload, self.annotate(obj["usage"]), obj["usage"])
             if spliced is not None:
                 lines[i] = b"data: " + spliced + (b"\r" if cr else b"")
                 return b"\n".join(lines)
@@ -686,9 +686,9 @@ class OpenAIProxy:
                         break
                 else:
                     body = b"".join(held)
-                    _json_usage(held, held_n, b"", usage)
+                    top = _json_usage(held, held_n, b"", usage)
                     if usage.prompt is not None or usage.completion is not None:
-                        new = _splice_usage(body, annotate(None))
+                        new = _splice_usage(body, annotate(None), top)
                         if new is not None:
                             body = new
                     headers = [h for h in headers if h[0].lower() != b"content-length"]
@@ -775,15 +775,18 @@ class OpenAIProxy:
         set_tokens(prompt_tokens=usage.prompt, output_tokens=usage.completion)
 
 
-def _json_usage(held: list[bytes], n: int, tail: bytes, usage: _Usage) -> None:
+def _json_usage(held: list[bytes], n: int, tail: bytes, usage: _Usage) -> dict | None:
+    """Take the token counts; return the parsed top-level ``usage`` object (bodies within the bound)."""
     if n <= _MAX_JSON_USAGE:
         try:
             obj = json.loads(b"".join(held))
-        except ValueError:
-            return
+        except (ValueError, RecursionError):
+            return None
         if isinstance(obj, dict):
             usage.take(obj.get("usage"))
-        return
+            u = obj.get("usage")
+            return u if isinstance(u, dict) else None
+        return None
     p = _PROMPT_RE.findall(tail)
     c = _COMPLETION_RE.findall(tail)
     usage.take({"prompt_tokens": int(p[-1]) if p else None, "completion_tokens": int(c[-1]) if c else None})
@@ -888,10 +891,11 @@ def _usage_object_span(raw: bytes) -> tuple[int, int] | None:
     return None
 
 
-def _splice_usage(raw: bytes, extra: dict) -> bytes | None:
+def _splice_usage(raw: bytes, extra: dict, expected: dict | None = None) -> bytes | None:
     """``raw`` (a JSON object's text) with ``extra``'s fields added to its ``usage`` object.
 
-    Every other byte stays as the upstream wrote it. None if no usage object is found.
+    Every other byte stays as the upstream wrote it. None if no usage object is found, or
+    (``expected``: the parsed top-level usage) if the one found is not it.
     """
     span = _usage_object_span(raw)
     if span is None:
@@ -901,7 +905,7 @@ def _splice_usage(raw: bytes, extra: dict) -> bytes | None:
         inner = json.loads(raw[a:b])
     except ValueError:
         return None
-    if not isinstance(inner, dict):
+    if not isinstance(inner, dict) or (expected is not None and inner != expected):
         return None
     add = json.dumps(extra, separators=(",", ":"), allow_nan=False)[1:-1].encode()
     if not add:

@@ -110,6 +110,10 @@ def test_splice_keeps_every_other_byte():
     assert _splice_usage(b'{"choices":[]}', {"e": 1}) is None
     assert _splice_usage(b'{"usage": null}', {"e": 1}) is None
     assert _splice_usage(b'{"usage":{"a":', {"e": 1}) is None
+    # a nested "usage" object after the top-level one is not mistaken for it: then nothing is added
+    odd = b'{"usage":{"prompt_tokens":1},"choices":[{"usage":{"x":2}}]}'
+    assert _splice_usage(odd, {"e": 1}, {"prompt_tokens": 1}) is None
+    assert _splice_usage(raw, {"e": 1}, {"prompt_tokens": 3, "details": {"a": 1}}) is not None
 
 
 class _FakeMeter:
