@@ -166,9 +166,13 @@ class Ledger:
                 if batch:
                     conn = self._connection()
                     conn.execute("BEGIN IMMEDIATE")
+                    conn.execute("SAVEPOINT batch")
                     try:
                         conn.executemany(INSERT, batch)
                     except _DATA_ERRORS:  # a bad record, not a bad disk: insert row by row, clipping
+                        # executemany stops at the bad row with the rows before it inserted: undo them
+                        # first, or they would be stored twice
+                        conn.execute("ROLLBACK TO batch")
                         self._insert_rows(conn, batch)
                     conn.execute("COMMIT")
             except Exception as exc:  # the writer must outlive any disk trouble

@@ -69,6 +69,19 @@ def test_the_ledger_stores_a_record_the_database_refuses_clipped_and_keeps_going
     assert bad["id"] == "r0" and bad["prompt_tokens"] == 2**63 - 1 and bad["energy_j"] == 0.0
 
 
+def test_a_refused_record_inside_a_batch_stores_each_record_once(tmp_path):
+    # executemany stops at the bad row with the rows before it already inserted: the
+    # row-by-row retry must not store those a second time
+    ledger = Ledger(tmp_path / "l.sqlite")
+    ledger.write([_rec(0), _rec(1), _rec(2, prompt_tokens=2**70), _rec(3)])
+    assert ledger.flush(30)
+    st = ledger.stats()
+    rows = ledger.query()
+    ledger.close()
+    assert [r["id"] for r in rows] == ["r0", "r1", "r2", "r3"]
+    assert st["written"] == 4 and st["sanitized"] == 1 and st["dropped"] == 0
+
+
 # 10. NaN or inf token counts must never turn a response into a 500 -----------------------------
 
 
