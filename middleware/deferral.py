@@ -269,6 +269,7 @@ class DeferralQueue:
 # ----------------------------------------------------------------------------- serving layer
 
 MAX_DEADLINE_S = 366 * 86400.0
+CAPTURE_BYTES = 1 << 20  # of a deferred job's response body kept for its status page
 
 
 def _header(scope, name: bytes) -> str:
@@ -293,6 +294,7 @@ async def capture(app, scope: dict, body: bytes) -> dict:
     sent = False
     out: dict = {"status": 0, "headers": {}, "body": ""}
     parts: list[bytes] = []
+    kept = 0  # bytes in parts: a job keeps at most CAPTURE_BYTES of its response in memory
 
     async def receive():
         nonlocal sent
@@ -303,14 +305,17 @@ async def capture(app, scope: dict, body: bytes) -> dict:
         return {"type": "http.disconnect"}
 
     async def send(m):
+        nonlocal kept
         if m["type"] == "http.response.start":
             out["status"] = m["status"]
             out["headers"] = {k.decode("latin-1"): v.decode("latin-1") for k, v in m.get("headers", ())}
-        elif m["type"] == "http.response.body":
-            parts.append(m.get("body", b""))
+        elif m["type"] == "http.response.body" and kept < CAPTURE_BYTES:
+            b = m.get("body", b"")[: CAPTURE_BYTES - kept]
+            parts.append(b)
+            kept += len(b)
 
     await app(dict(scope), receive, send)
-    out["body"] = b"".join(parts)[: 1 << 20].decode("utf-8", "replace")
+    out["body"] = b"".join(parts).decode("utf-8", "replace")
     if out["status"] >= 500:
         raise RuntimeError(f"the deferred request answered HTTP {out['status']}")
     return out

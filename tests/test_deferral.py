@@ -128,3 +128,27 @@ def test_a_failing_forecast_or_job_is_recorded_not_raised():
     assert j.decision.planned_start_s == T0 and "no forecast" in j.decision.reason
     asyncio.run(q.run_until_idle(timeout_s=5))
     assert j.status == "failed" and "bad batch" in j.error and q.counters["failed"] == 1
+
+
+def test_a_deferred_jobs_captured_response_keeps_at_most_capture_bytes_in_memory():
+    import tracemalloc
+
+    from wattspan.deferral import CAPTURE_BYTES, capture
+
+    chunk = 1 << 20
+
+    async def app(scope, receive, send):  # streams 24 MiB, a fresh chunk each time
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+        for _ in range(24):
+            await send({"type": "http.response.body", "body": b"x" * chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    tracemalloc.start()
+    try:
+        out = asyncio.run(capture(app, {"type": "http", "method": "POST", "path": "/v1/batch", "headers": []}, b"{}"))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert out["status"] == 200 and len(out["body"]) == CAPTURE_BYTES
+    assert peak < 8 * chunk  # the whole stream kept would be 24 MiB
