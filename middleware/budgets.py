@@ -65,6 +65,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from .deferral import _header, send_json
+
 __all__ = [
     "Budget", "BudgetConfig", "BudgetConfigError", "BudgetStatus", "LedgerSpend", "PrometheusSpend",
     "Spend", "BudgetMiddleware", "budget_status", "load_budgets",
@@ -447,20 +449,6 @@ class _State:
         self._stop.set()
 
 
-def _header(scope, name: bytes) -> str:
-    for k, v in scope.get("headers", ()):
-        if k == name:
-            return v.decode("latin-1")
-    return ""
-
-
-async def _send_json(send, status: int, body: dict, extra: list | None = None) -> None:
-    raw = json.dumps(body).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode()), *(extra or [])]})
-    await send({"type": "http.response.body", "body": raw})
-
-
 class BudgetMiddleware:
     """Enforces carbon budgets (see the module doc). ``budgets``: a path or a
     :class:`BudgetConfig`; ``source``: a spend source (default from the config);
@@ -556,7 +544,7 @@ class BudgetMiddleware:
                           "resets_at": _iso(s.period_end_s),
                           "message": f"carbon budget {s.name!r} ({s.owner}) is spent: {s.spent:.4g} of {s.limit:.4g} {unit} "
                                      f"this {s.period}; it resets at {_iso(s.period_end_s)}.{hint}"}}
-        await _send_json(send, 429, body, [(b"retry-after", str(retry).encode()), (b"x-wattspan-budget", _budget_header(s).encode())])
+        await send_json(send, 429, body, [(b"retry-after", str(retry).encode()), (b"x-wattspan-budget", _budget_header(s).encode())])
 
     async def _defer(self, scope, receive, send, s: BudgetStatus) -> None:
         from .deferral import defer_request
@@ -571,7 +559,7 @@ class BudgetMiddleware:
         if self.status_path is not None and path == self.status_path:
             with self.state.lock:
                 st = [s.to_dict() for s in self.state.statuses.values()]
-            await _send_json(send, 200, {"budgets": st, "counts": self.counts})
+            await send_json(send, 200, {"budgets": st, "counts": self.counts})
             return True
         if path.startswith("/wattspan/jobs") and self.deferral is not None:
             from .deferral import job_status
