@@ -314,6 +314,45 @@ def test_the_tcp_step_relay_takes_only_authenticated_bounded_steps():
         rx.close()
 
 
+def test_the_tcp_step_relay_bounds_silent_and_surplus_connections():
+    # a local user who opens connections and never authenticates holds no thread for long,
+    # and no more than max_connections at once
+    import socket
+
+    from wattspan.integrations._relay import StepReceiver, StepSender, parse_address
+
+    got = []
+
+    class Sink:
+        def record_step(self, s, e, d, t):
+            got.append((s, e, d, t))
+
+    rx = StepReceiver(Sink(), "127.0.0.1:0")
+    rx.max_connections, rx.auth_timeout_s = 2, 0.3
+    try:
+        addr = parse_address(rx.address)[1]
+        silent = [socket.create_connection(addr) for _ in range(2)]
+        assert _wait(lambda: len(rx._conns) == 2)
+        with socket.create_connection(addr) as third:  # over the cap: closed at once
+            assert _closed(third)
+        for s in silent:  # said nothing within auth_timeout_s: closed
+            assert _closed(s)
+            s.close()
+        assert _wait(lambda: rx.counters["auth_failures"] == 3 and not rx._conns)
+        tx = StepSender(rx.address)  # an authenticated sender is served, and may stay idle
+        tx.record_step(10, 20, "gpu0", {"a": 3})
+        assert tx.flush() and _wait(lambda: got == [(10, 20, "gpu0", {"a": 3})])
+        import time
+
+        time.sleep(0.6)
+        tx.record_step(30, 40, "gpu0", {"b": 1})
+        assert tx.flush() and _wait(lambda: len(got) == 2)
+        assert rx.counters["auth_failures"] == 3 and rx.counters["connections"] == 3
+        tx.close()
+    finally:
+        rx.close()
+
+
 def test_the_unix_step_relay_is_owner_only(tmp_path):
     import os
     import socket
