@@ -31,6 +31,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -246,19 +247,31 @@ def measure(argv: list[str], *, carbon, db: str | os.PathLike | None = None, sou
             forwarded[sig] = signal.signal(sig, forward)
         except ValueError:  # not the main thread
             pass
-    status, usage = 0, None
+    # A thread waits for the child and notes the moment it ends, so the run ends when the job
+    # does (not at the next tick of the ingest loop, up to a second later); the loop folds in
+    # the readings once a tick meanwhile.
+    ended: dict = {}
+
+    def reap() -> None:
+        try:
+            _, st, ru = os.wait4(child.pid, 0)
+            ended.update(status=st, usage=ru)
+        except ChildProcessError:  # reaped elsewhere: no status
+            ended.update(status=0, usage=None)
+        ended["mono"], ended["wall"] = time.monotonic_ns(), time.time()
+
+    waiter = threading.Thread(target=reap, name="wattspan-run-wait", daemon=True)
+    waiter.start()
     try:
-        while True:
-            pid, status, usage = os.wait4(child.pid, os.WNOHANG)
-            if pid:
-                break
-            time.sleep(min(_TICK_S, 0.05 if time.monotonic_ns() - mono0 < 2e9 else _TICK_S))
+        while waiter.is_alive():
+            waiter.join(min(_TICK_S, 0.05 if time.monotonic_ns() - mono0 < 2e9 else _TICK_S))
             ingest()
     finally:
         for sig, old in forwarded.items():
             signal.signal(sig, old)
+    status, usage = ended["status"], ended["usage"]
     child.returncode = os.waitstatus_to_exitcode(status)
-    mono1, wall1 = time.monotonic_ns(), time.time()
+    mono1, wall1 = ended["mono"], ended["wall"]
     busy1 = _host_busy_cpu_s()
     time.sleep(min(1.0, 2 * interval_s))  # one more reading after the end
     sampler.close()
