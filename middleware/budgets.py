@@ -447,6 +447,9 @@ class _State:
 
     def stop(self) -> None:
         self._stop.set()
+        t = self._thread
+        if t is not None and t is not threading.current_thread():
+            t.join(5.0)
 
 
 class BudgetMiddleware:
@@ -479,7 +482,13 @@ class BudgetMiddleware:
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "lifespan":
-            await self.app(scope, receive, send)
+            async def recv():  # at the server's shutdown, the refresh thread and the deferral runner stop
+                m = await receive()
+                if m.get("type") == "lifespan.shutdown":
+                    self.close()
+                return m
+
+            await self.app(scope, recv, send)
             return
         if scope["type"] != "http":
             await self.app(scope, receive, send)
@@ -569,6 +578,7 @@ class BudgetMiddleware:
         return False
 
     def close(self) -> None:
+        """Stop the refresh thread (and the deferral runner); the server's lifespan shutdown calls it."""
         self.state.stop()
         if self._runner is not None:
             self._runner.cancel()
