@@ -100,6 +100,15 @@ def test_set_tokens_with_a_non_number_never_breaks_the_request(live_meter, value
     assert rec.prompt_tokens == rec.output_tokens == 0 and rec.model == "m"
 
 
+def test_a_huge_integer_token_count_is_clipped_and_logged_without_a_logging_error(monkeypatch, caplog):
+    # str() of an integer beyond 4300 digits raises: the log line must not try it
+    monkeypatch.setitem(_context.counters, "tokens_clipped", 0)
+    with caplog.at_level("WARNING", logger="wattspan"):
+        assert _context.bound_tokens(10**5000) == _context.MAX_TOKENS
+        assert _context.bound_tokens(-(10**5000)) == 0
+    assert any("clipped" in m and "bits" in m for m in caplog.messages)
+
+
 # 3. unrelated apps of one user must not merge -------------------------------------------------
 
 
