@@ -52,28 +52,17 @@ _TICK_S = 1.0
 
 def run_sources() -> list:
     """NVML GPUs (unless ``WATTSPAN_SIMULATE=1``), RAPL, else the labelled CPU estimate."""
+    from ._meter import measured_sources
     from .sources import SourceUnavailable
 
-    found = []
-    if os.environ.get("WATTSPAN_SIMULATE", "").lower() not in ("1", "true", "yes"):
-        try:
-            from .sources.nvml import NvmlSource
-
-            found.append(NvmlSource())
-        except SourceUnavailable as exc:
-            log.info("no NVML GPU (%s)", exc)
-    try:
-        from .sources.rapl import RaplSource
-
-        found.append(RaplSource())
-    except SourceUnavailable as exc:
-        log.info("no RAPL (%s)", exc)
+    found = measured_sources()
+    if not any(getattr(s, "name", "") == "rapl" for s in found):
         from .sources.cpu_estimate import CpuEstimateSource
 
         try:
             found.append(CpuEstimateSource())
-        except SourceUnavailable as exc2:
-            log.warning("no host power source at all (%s)", exc2)
+        except SourceUnavailable as exc:
+            log.warning("no host power source at all (%s)", exc)
     if not found:
         raise RuntimeError("no power source can run here: no NVML GPU, no readable RAPL, no /proc/stat")
     return found
