@@ -82,6 +82,20 @@ def test_a_refused_record_inside_a_batch_stores_each_record_once(tmp_path):
     assert st["written"] == 4 and st["sanitized"] == 1 and st["dropped"] == 0
 
 
+def test_a_record_that_cannot_be_stored_is_counted_dropped_not_written(tmp_path, monkeypatch):
+    import wattspan.ledger as ledger_mod
+
+    monkeypatch.setattr(ledger_mod, "_sanitize", lambda row: row)  # as if clipping could not mend it
+    ledger = Ledger(tmp_path / "l.sqlite")
+    ledger.write([_rec(0), _rec(1, prompt_tokens=2**70), _rec(2)])
+    assert ledger.flush(30)
+    st = ledger.stats()
+    rows = ledger.query()
+    ledger.close()
+    assert [r["id"] for r in rows] == ["r0", "r2"]
+    assert (st["written"], st["dropped"], st["sanitized"]) == (2, 1, 0)  # written + dropped = what was given
+
+
 # 10. NaN or inf token counts must never turn a response into a 500 -----------------------------
 
 
