@@ -277,13 +277,6 @@ class _HttpError(Exception):
         self.status, self.retry_after_s = status, retry_after_s
 
 
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    """A redirect is an HTTP error (counted ``http``), never followed with the provider's key."""
-
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        return None
-
-
 _FETCH_ERRORS = (OSError, http.client.HTTPException, ValueError, KeyError, IndexError, TypeError,
                  ArithmeticError, RecursionError, _HttpError)
 
@@ -309,7 +302,9 @@ class _Live:
         self.timeout_s, self.ttl_s, self.backoff_s = float(timeout_s), float(ttl_s), float(backoff_s)
         self.fallback = fallback or ProfileProvider()
         # redirects are not followed: urllib would send the key headers on to wherever one points
-        self._opener = urllib.request.build_opener(_NoRedirect)
+        from . import carbon as _carbon  # its no-redirect handler (one copy)
+
+        self._opener = urllib.request.build_opener(_carbon._NoRedirect)
         self._cache: dict[tuple[str, float], tuple[float, IntensityValue]] = {}
         self._lock = threading.Lock()
         self._down_until = 0.0
