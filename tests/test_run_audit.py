@@ -258,9 +258,11 @@ class TestAuditLedger:
 
     def test_a_ledger_without_runs_audits_its_requests_and_newer_columns_show(self, ledger):
         assert list_runs(ledger) == []
-        conn = sqlite3.connect(ledger)  # what a newer writer adds (error bounds, quality)
+        conn = sqlite3.connect(ledger)  # the error bounds and quality (added after schema 1; this ledger has them)
+        have = {r[1] for r in conn.execute("PRAGMA table_info(requests)")}
         for col in ("energy_j_low REAL", "energy_j_high REAL", "quality TEXT"):
-            conn.execute(f"ALTER TABLE requests ADD COLUMN {col}")
+            if col.split()[0] not in have:
+                conn.execute(f"ALTER TABLE requests ADD COLUMN {col}")
         conn.execute("UPDATE requests SET energy_j_low = energy_j * 0.9, energy_j_high = energy_j * 1.1, quality = 'ok'")
         conn.commit()
         conn.close()
