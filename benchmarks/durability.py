@@ -49,6 +49,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--trials", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=3.0)
+    from benchmarks._common import add_output_args, write_results
+
+    add_output_args(ap, "durability.md")
     args = ap.parse_args()
     rows = []
     for name, sig in (("SIGTERM", signal.SIGTERM), ("SIGINT", signal.SIGINT), ("kill -9", signal.SIGKILL)):
@@ -56,7 +59,6 @@ def main() -> None:
             n, lost, window = trial(sig, args.seconds)
             rows.append((name, t + 1, n, lost, window))
             print(f"{name:8} trial {t + 1}: {n} answered, {lost} not in the ledger, oldest lost answered {window:.2f} s before the signal", flush=True)
-    out = ROOT / "benchmarks" / "results" / "durability.md"
     lines = [
         "# Records lost when a metered server is stopped under load",
         "",
@@ -69,8 +71,7 @@ def main() -> None:
         *[f"| {a} | {b} | {c} | {d} | {e:.2f} |" for a, b, c, d, e in rows],
         "",
     ]
-    out.write_text("\n".join(lines))
-    print(f"wrote {out}")
+    write_results(args, "durability.md", "\n".join(lines))
 
 
 if __name__ == "__main__":

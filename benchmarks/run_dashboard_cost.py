@@ -29,7 +29,6 @@ from wattspan.audit import build_report, carbon_for, from_ledger, render_markdow
 from wattspan.dashboard import DataCache, data
 from wattspan.ledger import Ledger, aggregate
 
-OUT = Path(__file__).resolve().parent / "results" / "run_dashboard_cost.md"
 
 
 def best(fn, n=3):
@@ -87,6 +86,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="10000,100000,500000")
     ap.add_argument("--phases", type=int, default=20000)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks._common import add_output_args, write_results
+
+    add_output_args(ap, "run_dashboard_cost.md")
     args = ap.parse_args(argv)
     sizes = [int(x) for x in args.sizes.split(",")]
     lines = ["# Cost of phase markers, the dashboard's data and the audit", "",
@@ -123,8 +126,8 @@ def main(argv=None) -> int:
               "sensor), in SQLite, in the server's threadpool. The page's cache keeps the sums of buckets that ended more "
               "than 30 s ago (re-read every 5 minutes), so a refresh reads only the newest records: its cost follows the "
               "request rate, not the window. The first load of a large window costs the full pass.", ""]
-    OUT.write_text("\n".join(lines), encoding="utf-8")
     print("\n".join(lines))
+    write_results(args, "run_dashboard_cost.md", "\n".join(lines))
     return 0
 
 

@@ -266,8 +266,15 @@ class StepReceiver:
     default meter can be created lazily). ``address``: where to listen;
     ``host:0`` picks a free port (see :attr:`address`). Malformed lines are
     counted in :attr:`counters` and skipped; a connection that sends a line
-    longer than 4 MiB is closed.
+    longer than 1 MiB is closed. At most :attr:`max_connections` connections are
+    served at once, and one must send its token within :attr:`auth_timeout_s`
+    (both refusals counted in ``auth_failures``).
     """
+
+    #: connections served at once (each has a thread); more are closed and counted
+    max_connections = 64
+    #: seconds a TCP connection has to send its token
+    auth_timeout_s = 10.0
 
     def __init__(self, meter, address: str = "127.0.0.1:8791", *, token: str | None = None) -> None:
         family, sockaddr = parse_address(address, allow_port_zero=True)
@@ -334,12 +341,20 @@ class StepReceiver:
                 continue
             except OSError:
                 return
-            conn.settimeout(None)
+            # an unauthenticated connection has auth_timeout_s to send its token: a local
+            # user who opens connections and says nothing must not hold threads for ever
+            conn.settimeout(self.auth_timeout_s if self.token is not None else None)
             with self._lock:
                 if self._closed:
                     conn.close()
                     return
-                self._conns.add(conn)
+                full = len(self._conns) >= self.max_connections
+                if not full:
+                    self._conns.add(conn)
+            if full:
+                conn.close()
+                self._refuse(f"more than {self.max_connections} connections at once")
+                continue
             self.counters["connections"] += 1
             threading.Thread(target=self._serve, args=(conn,), name="wattspan-step-conn", daemon=True).start()
 
@@ -368,6 +383,9 @@ class StepReceiver:
             while True:
                 try:
                     data = conn.recv(65536)
+                except socket.timeout:
+                    self._refuse(f"no token within {self.auth_timeout_s:g} s")
+                    return
                 except OSError:
                     return
                 if not data:
@@ -385,6 +403,7 @@ class StepReceiver:
                             self._refuse("no valid token: set the same WATTSPAN_STEPS_TOKEN on both sides")
                             return
                         authed = True
+                        conn.settimeout(None)  # a sender may stay idle between steps
                     elif line.strip():
                         self._line(line)
         finally:

@@ -64,7 +64,8 @@ def bound_tokens(value) -> int | None:
         return n
     counters["tokens_clipped"] += 1
     if counters["tokens_clipped"] == 1:
-        log.warning("wattspan: token count %.40r is outside 0..%d; clipped (further ones are only counted)", n, MAX_TOKENS)
+        shown = str(n) if abs(n) < 10**40 else f"{'-' if n < 0 else ''}an integer of {n.bit_length()} bits"  # str() of a huge int raises
+        log.warning("wattspan: token count %s is outside 0..%d; clipped (further ones are only counted)", shown, MAX_TOKENS)
     return 0 if n < 0 else MAX_TOKENS
 
 

@@ -102,10 +102,14 @@ def query(path: str | os.PathLike, *, since: float | None = None, until: float |
         if conn is None:
             return []
         rows = conn.execute(f"SELECT {_select(conn)} FROM requests{where} ORDER BY recorded_at, rowid", args)
-        out = [dict(zip(COLUMNS, r)) for r in rows]
-    for d in out:
-        d["simulated"], d["trace_id"], d["span_id"] = bool(d["simulated"]), int(d["trace_id"], 16), int(d["span_id"], 16)
-    return out
+        return [_as_dict(r) for r in rows]
+
+
+def _as_dict(row: tuple) -> dict:
+    """A row of :data:`COLUMNS` as the dict :func:`query` gives (flags as bool, ids as ints)."""
+    d = dict(zip(COLUMNS, row))
+    d["simulated"], d["trace_id"], d["span_id"] = bool(d["simulated"]), int(d["trace_id"], 16), int(d["span_id"], 16)
+    return d
 
 
 def find(path: str | os.PathLike, request_id: str) -> dict | None:
@@ -113,12 +117,9 @@ def find(path: str | os.PathLike, request_id: str) -> dict | None:
     with _reading(path) as conn:
         if conn is None:
             return None
-        row = conn.execute(f"SELECT {', '.join(COLUMNS)} FROM requests WHERE id = ? ORDER BY rowid DESC LIMIT 1", (str(request_id),)).fetchone()
-    if row is None:
-        return None
-    d = dict(zip(COLUMNS, row))
-    d["simulated"], d["trace_id"], d["span_id"] = bool(d["simulated"]), int(d["trace_id"], 16), int(d["span_id"], 16)
-    return d
+        # an older file's missing columns read as their defaults, as in query()
+        row = conn.execute(f"SELECT {_select(conn)} FROM requests WHERE id = ? ORDER BY rowid DESC LIMIT 1", (str(request_id),)).fetchone()
+    return None if row is None else _as_dict(row)
 
 
 def aggregate(path: str | os.PathLike, by: str = "route", *, since: float | None = None,

@@ -786,13 +786,12 @@ class Meter:
                 log.exception("a record sink failed")
 
 
-def default_sources() -> list:
-    """NVML if a GPU answers; RAPL if readable; else the labelled simulated GPU."""
+def measured_sources() -> list:
+    """The real sensors that answer: NVML (unless ``WATTSPAN_SIMULATE``), then RAPL."""
+    from .settings import get_settings
     from .sources import SourceUnavailable
 
     found = []
-    from .settings import get_settings
-
     if not get_settings().simulate:
         try:
             from .sources.nvml import NvmlSource
@@ -806,6 +805,12 @@ def default_sources() -> list:
         found.append(RaplSource())
     except SourceUnavailable as exc:
         log.info("no RAPL (%s)", exc)
+    return found
+
+
+def default_sources() -> list:
+    """NVML if a GPU answers; RAPL if readable; else the labelled simulated GPU."""
+    found = measured_sources()
     if not any(getattr(s, "name", "") == "nvml" for s in found):
         from .sources.simulated import SimulatedSource
 

@@ -65,6 +65,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from .deferral import _header, send_json
+
 __all__ = [
     "Budget", "BudgetConfig", "BudgetConfigError", "BudgetStatus", "LedgerSpend", "PrometheusSpend",
     "Spend", "BudgetMiddleware", "budget_status", "load_budgets",
@@ -445,20 +447,9 @@ class _State:
 
     def stop(self) -> None:
         self._stop.set()
-
-
-def _header(scope, name: bytes) -> str:
-    for k, v in scope.get("headers", ()):
-        if k == name:
-            return v.decode("latin-1")
-    return ""
-
-
-async def _send_json(send, status: int, body: dict, extra: list | None = None) -> None:
-    raw = json.dumps(body).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode()), *(extra or [])]})
-    await send({"type": "http.response.body", "body": raw})
+        t = self._thread
+        if t is not None and t is not threading.current_thread():
+            t.join(5.0)
 
 
 class BudgetMiddleware:
@@ -491,7 +482,13 @@ class BudgetMiddleware:
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "lifespan":
-            await self.app(scope, receive, send)
+            async def recv():  # at the server's shutdown, the refresh thread and the deferral runner stop
+                m = await receive()
+                if m.get("type") == "lifespan.shutdown":
+                    self.close()
+                return m
+
+            await self.app(scope, recv, send)
             return
         if scope["type"] != "http":
             await self.app(scope, receive, send)
@@ -556,7 +553,7 @@ class BudgetMiddleware:
                           "resets_at": _iso(s.period_end_s),
                           "message": f"carbon budget {s.name!r} ({s.owner}) is spent: {s.spent:.4g} of {s.limit:.4g} {unit} "
                                      f"this {s.period}; it resets at {_iso(s.period_end_s)}.{hint}"}}
-        await _send_json(send, 429, body, [(b"retry-after", str(retry).encode()), (b"x-wattspan-budget", _budget_header(s).encode())])
+        await send_json(send, 429, body, [(b"retry-after", str(retry).encode()), (b"x-wattspan-budget", _budget_header(s).encode())])
 
     async def _defer(self, scope, receive, send, s: BudgetStatus) -> None:
         from .deferral import defer_request
@@ -571,7 +568,7 @@ class BudgetMiddleware:
         if self.status_path is not None and path == self.status_path:
             with self.state.lock:
                 st = [s.to_dict() for s in self.state.statuses.values()]
-            await _send_json(send, 200, {"budgets": st, "counts": self.counts})
+            await send_json(send, 200, {"budgets": st, "counts": self.counts})
             return True
         if path.startswith("/wattspan/jobs") and self.deferral is not None:
             from .deferral import job_status
@@ -581,6 +578,7 @@ class BudgetMiddleware:
         return False
 
     def close(self) -> None:
+        """Stop the refresh thread (and the deferral runner); the server's lifespan shutdown calls it."""
         self.state.stop()
         if self._runner is not None:
             self._runner.cancel()

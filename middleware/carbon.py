@@ -397,6 +397,14 @@ class StaticProvider:
 
 
 # Everything a dead, slow or misbehaving server can provoke (ValueError covers bad JSON).
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """A redirect is a failed fetch, never followed: urllib would send the request's
+    headers (an API key) on to wherever it points."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
 _FETCH_ERRORS = (OSError, http.client.HTTPException, ValueError, KeyError, IndexError, TypeError,
                  ArithmeticError, RecursionError)
 
@@ -432,7 +440,7 @@ class HttpJsonProvider:
         self._headers = {"Accept": "application/json", **dict(headers or {})}
         self._fallback = None if fallback_region is None else grid_intensity(fallback_region).zone
         self._where = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}"  # no userinfo, no query
-        self._opener = urllib.request.build_opener()
+        self._opener = urllib.request.build_opener(_NoRedirect)
         self._cache: dict[str, tuple[float, GridIntensity]] = {}
         self._lock = threading.Lock()
         self._warned = False

@@ -97,7 +97,7 @@ class Decision:
 @dataclass
 class Job:
     id: str
-    fn: Callable[[], Any]
+    fn: Callable[[], Any] | None
     decision: Decision
     name: str = ""
     status: str = "planned"  # planned | running | done | failed
@@ -114,11 +114,12 @@ class DeferralQueue:
     """Carbon-aware batch queue (see the module doc). ``provider``: an hourly provider
     (default :class:`~wattspan.intensity.ProfileProvider`); ``zone``: its zone; ``period_s``:
     the forecast step the plan uses (3600: hourly). ``clock``: unix seconds (``time.time``).
-    Finished jobs are kept (bounded: ``keep_done``) so their decisions can be read."""
+    Finished jobs are kept (bounded: ``keep_done``) so their decisions can be read, without what
+    they held; deferred requests' bodies waiting to run hold at most ``max_held_bytes`` in all."""
 
     def __init__(self, provider=None, *, zone: str = "world", max_concurrency: int = 2, period_s: float = 3600.0,
                  max_jobs: int = 10_000, keep_done: int = 1000, clock: Callable[[], float] = time.time,
-                 poll_s: float = 1.0) -> None:
+                 poll_s: float = 1.0, max_held_bytes: int = 256 << 20) -> None:
         from .intensity import ProfileProvider
 
         if not (isinstance(max_concurrency, int) and max_concurrency >= 1):
@@ -133,6 +134,8 @@ class DeferralQueue:
         self.max_jobs, self.keep_done, self.clock, self.poll_s = max_jobs, keep_done, clock, float(poll_s)
         self.jobs: OrderedDict[str, Job] = OrderedDict()
         self.running = 0
+        #: request bodies held by deferred requests waiting to run (bounded by max_held_bytes)
+        self.held_bytes, self.max_held_bytes = 0, int(max_held_bytes)
         self._ids = itertools.count(1)
         self._wake: asyncio.Event | None = None
         self.counters = {"submitted": 0, "deferred": 0, "ran": 0, "failed": 0, "late": 0}
@@ -226,6 +229,7 @@ class DeferralQueue:
             self.counters["failed"] += 1
             log.warning("deferred job %s failed: %s", job.id, job.error)
         finally:
+            job.fn = None  # what it held (a deferred request's body) is not kept with the finished job
             job.decision.finished_s = self.clock()
             self.running -= 1
             if self._wake is not None:
@@ -269,6 +273,7 @@ class DeferralQueue:
 # ----------------------------------------------------------------------------- serving layer
 
 MAX_DEADLINE_S = 366 * 86400.0
+CAPTURE_BYTES = 1 << 20  # of a deferred job's response body kept for its status page
 
 
 def _header(scope, name: bytes) -> str:
@@ -293,6 +298,7 @@ async def capture(app, scope: dict, body: bytes) -> dict:
     sent = False
     out: dict = {"status": 0, "headers": {}, "body": ""}
     parts: list[bytes] = []
+    kept = 0  # bytes in parts: a job keeps at most CAPTURE_BYTES of its response in memory
 
     async def receive():
         nonlocal sent
@@ -303,14 +309,17 @@ async def capture(app, scope: dict, body: bytes) -> dict:
         return {"type": "http.disconnect"}
 
     async def send(m):
+        nonlocal kept
         if m["type"] == "http.response.start":
             out["status"] = m["status"]
             out["headers"] = {k.decode("latin-1"): v.decode("latin-1") for k, v in m.get("headers", ())}
-        elif m["type"] == "http.response.body":
-            parts.append(m.get("body", b""))
+        elif m["type"] == "http.response.body" and kept < CAPTURE_BYTES:
+            b = m.get("body", b"")[: CAPTURE_BYTES - kept]
+            parts.append(b)
+            kept += len(b)
 
     await app(dict(scope), receive, send)
-    out["body"] = b"".join(parts)[: 1 << 20].decode("utf-8", "replace")
+    out["body"] = b"".join(parts).decode("utf-8", "replace")
     if out["status"] >= 500:
         raise RuntimeError(f"the deferred request answered HTTP {out['status']}")
     return out
@@ -343,11 +352,18 @@ async def defer_request(queue: DeferralQueue, app, scope, receive, send, *, defa
         await send_json(send, 400, {"error": {"type": "bad_request", "message": f"x-wattspan-deadline-s must be seconds from now, 0 to {MAX_DEADLINE_S:.0f}; x-wattspan-duration-s at most that"}})
         return
     body = b"".join(chunks)
+    if queue.held_bytes + len(body) > queue.max_held_bytes:  # the bodies waiting to run are bounded in all
+        await send_json(send, 503, {"error": {"type": "deferral_queue_full", "message": f"the deferred requests waiting "
+                                              f"hold {queue.held_bytes} bytes already (max_held_bytes)"}}, [(b"retry-after", b"60")])
+        return
     job_scope = {k: v for k, v in scope.items() if k not in ("route", "endpoint", "path_params")}  # set again by the router
     job_scope["headers"] = [(k, v) for k, v in scope.get("headers", ()) if not k.startswith(b"x-wattspan-")]
 
     async def run_it() -> dict:
-        return await capture(app, job_scope, body)
+        try:
+            return await capture(app, job_scope, body)
+        finally:
+            queue.held_bytes -= len(body)
 
     try:
         job = queue.submit(run_it, deadline_s=queue.clock() + deadline_in, duration_s=duration,
@@ -355,6 +371,7 @@ async def defer_request(queue: DeferralQueue, app, scope, receive, send, *, defa
     except DeferralFull as exc:
         await send_json(send, 503, {"error": {"type": "deferral_queue_full", "message": str(exc)}}, [(b"retry-after", b"60")])
         return
+    queue.held_bytes += len(body)
     d = job.decision
     await send_json(send, 202, {"job": job.id, "status": job.status, "status_url": f"/wattspan/jobs/{job.id}",
                                 "planned_start": _iso(d.planned_start_s), "reason": d.reason, "decision": d.to_dict(), **(extra or {})},

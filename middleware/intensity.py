@@ -301,7 +301,10 @@ class _Live:
         self._where = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}"
         self.timeout_s, self.ttl_s, self.backoff_s = float(timeout_s), float(ttl_s), float(backoff_s)
         self.fallback = fallback or ProfileProvider()
-        self._opener = urllib.request.build_opener()
+        # redirects are not followed: urllib would send the key headers on to wherever one points
+        from . import carbon as _carbon  # its no-redirect handler (one copy)
+
+        self._opener = urllib.request.build_opener(_carbon._NoRedirect)
         self._cache: dict[tuple[str, float], tuple[float, IntensityValue]] = {}
         self._lock = threading.Lock()
         self._down_until = 0.0

@@ -166,10 +166,15 @@ class Ledger:
                 if batch:
                     conn = self._connection()
                     conn.execute("BEGIN IMMEDIATE")
+                    conn.execute("SAVEPOINT batch")
+                    refused = 0
                     try:
                         conn.executemany(INSERT, batch)
                     except _DATA_ERRORS:  # a bad record, not a bad disk: insert row by row, clipping
-                        self._insert_rows(conn, batch)
+                        # executemany stops at the bad row with the rows before it inserted: undo them
+                        # first, or they would be stored twice
+                        conn.execute("ROLLBACK TO batch")
+                        refused = self._insert_rows(conn, batch)
                     conn.execute("COMMIT")
             except Exception as exc:  # the writer must outlive any disk trouble
                 self._failed(exc)
@@ -180,7 +185,7 @@ class Ledger:
             with self._cv:
                 for _ in batch:
                     self._pending.popleft()
-                self._written += len(batch)
+                self._written += len(batch) - refused  # a refused row is counted in dropped, not here
                 self._cv.notify_all()
         with self._cv:
             lost = len(self._pending)
@@ -191,9 +196,10 @@ class Ledger:
             log.error("wattspan ledger %s: closed with the disk still failing; %d records lost", self.path, lost)
         self._disconnect()
 
-    def _insert_rows(self, conn: sqlite3.Connection, batch: list[tuple]) -> None:
+    def _insert_rows(self, conn: sqlite3.Connection, batch: list[tuple]) -> int:
         """Insert ``batch`` one row at a time (inside the open transaction); a row the
-        database refuses is stored sanitized (counted, logged)."""
+        database refuses is stored sanitized (counted, logged). Returns the rows dropped."""
+        dropped = 0
         for row in batch:
             try:
                 conn.execute(INSERT, row)
@@ -203,6 +209,7 @@ class Ledger:
                 except _DATA_ERRORS:  # cannot happen for a RequestRecord's row; never block the rest
                     with self._cv:
                         self._dropped += 1
+                    dropped += 1
                     log.error("wattspan ledger %s: record %.64s cannot be stored (%s); dropped", self.path, row[0], exc)
                     continue
                 with self._cv:
@@ -210,6 +217,7 @@ class Ledger:
                     n = self._sanitized
                 self._warn("sanitize", "wattspan ledger %s: record %.64s had values the database refuses (%s); stored "
                            "with them clipped (%d records so far)", self.path, row[0], exc, n)
+        return dropped
 
     def _connection(self) -> sqlite3.Connection:
         """The writer's connection, (re)opened and checked to still be the file at ``path``.

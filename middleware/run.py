@@ -31,6 +31,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -51,28 +52,17 @@ _TICK_S = 1.0
 
 def run_sources() -> list:
     """NVML GPUs (unless ``WATTSPAN_SIMULATE=1``), RAPL, else the labelled CPU estimate."""
+    from ._meter import measured_sources
     from .sources import SourceUnavailable
 
-    found = []
-    if os.environ.get("WATTSPAN_SIMULATE", "").lower() not in ("1", "true", "yes"):
-        try:
-            from .sources.nvml import NvmlSource
-
-            found.append(NvmlSource())
-        except SourceUnavailable as exc:
-            log.info("no NVML GPU (%s)", exc)
-    try:
-        from .sources.rapl import RaplSource
-
-        found.append(RaplSource())
-    except SourceUnavailable as exc:
-        log.info("no RAPL (%s)", exc)
+    found = measured_sources()
+    if not any(getattr(s, "name", "") == "rapl" for s in found):
         from .sources.cpu_estimate import CpuEstimateSource
 
         try:
             found.append(CpuEstimateSource())
-        except SourceUnavailable as exc2:
-            log.warning("no host power source at all (%s)", exc2)
+        except SourceUnavailable as exc:
+            log.warning("no host power source at all (%s)", exc)
     if not found:
         raise RuntimeError("no power source can run here: no NVML GPU, no readable RAPL, no /proc/stat")
     return found
@@ -246,19 +236,31 @@ def measure(argv: list[str], *, carbon, db: str | os.PathLike | None = None, sou
             forwarded[sig] = signal.signal(sig, forward)
         except ValueError:  # not the main thread
             pass
-    status, usage = 0, None
+    # A thread waits for the child and notes the moment it ends, so the run ends when the job
+    # does (not at the next tick of the ingest loop, up to a second later); the loop folds in
+    # the readings once a tick meanwhile.
+    ended: dict = {}
+
+    def reap() -> None:
+        try:
+            _, st, ru = os.wait4(child.pid, 0)
+            ended.update(status=st, usage=ru)
+        except ChildProcessError:  # reaped elsewhere: no status
+            ended.update(status=0, usage=None)
+        ended["mono"], ended["wall"] = time.monotonic_ns(), time.time()
+
+    waiter = threading.Thread(target=reap, name="wattspan-run-wait", daemon=True)
+    waiter.start()
     try:
-        while True:
-            pid, status, usage = os.wait4(child.pid, os.WNOHANG)
-            if pid:
-                break
-            time.sleep(min(_TICK_S, 0.05 if time.monotonic_ns() - mono0 < 2e9 else _TICK_S))
+        while waiter.is_alive():
+            waiter.join(min(_TICK_S, 0.05 if time.monotonic_ns() - mono0 < 2e9 else _TICK_S))
             ingest()
     finally:
         for sig, old in forwarded.items():
             signal.signal(sig, old)
+    status, usage = ended["status"], ended["usage"]
     child.returncode = os.waitstatus_to_exitcode(status)
-    mono1, wall1 = time.monotonic_ns(), time.time()
+    mono1, wall1 = ended["mono"], ended["wall"]
     busy1 = _host_busy_cpu_s()
     time.sleep(min(1.0, 2 * interval_s))  # one more reading after the end
     sampler.close()

@@ -197,6 +197,22 @@ def test_warn_then_reject_at_the_limit_in_a_real_server(tmp_path, caplog):
         led.close()
 
 
+def test_the_servers_shutdown_stops_the_budget_refresh_thread(tmp_path):
+    mw, meter, led, db = _server(tmp_path, [
+        {"name": "acme-day", "match": {"tenant": "acme"}, "limit_gco2e": 1.0, "period": "day", "action": "warn"}])
+    try:
+        with serve(mw, lifespan="on") as url:
+            assert httpx.post(f"{url}/v1/chat", headers={"x-tenant-id": "acme"}, content=b"{}").status_code == 200
+            thread = mw.state._thread
+            assert thread is not None and thread.is_alive()
+        thread.join(10)
+        assert not thread.is_alive(), "the refresh thread outlived the server"
+    finally:
+        mw.close()
+        meter.close()
+        led.close()
+
+
 class _NowIsCleanest:
     """A forecast where now is the cleanest hour (so a deferred job runs at once)."""
 

@@ -327,6 +327,12 @@ class _Handler(BaseHTTPRequestHandler):
         route = self.path.split("?")[0].split("/")[1]
         if route == "slow":
             time.sleep(1.5)
+        if route == "redirect":  # to another path of this server: a follower would send the key there
+            self.send_response(302)
+            self.send_header("Location", "/ok/elsewhere")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         if route == "error" or (route == "flaky" and srv.failing):
             self.send_error(500)
             return
@@ -390,6 +396,13 @@ def test_live_value_headers_and_cache(server):
     assert len(server.hits) == 1
     assert p.current("FR").gco2e_per_kwh == 99.0  # another zone, another request
     assert len(server.hits) == 2
+
+
+def test_a_redirect_is_a_failure_and_the_key_is_not_sent_on(server):
+    p = HttpJsonProvider(_url(server, "redirect"), value_path="data.0.intensity", headers={"X-Api-Key": "k-123"})
+    gi = p.current("FR")
+    assert gi.source == "offline-fallback" and p.failures == 1
+    assert [path for path, _ in server.hits] == ["/redirect/FR"]  # the redirect's target never asked
 
 
 def test_ttl_expiry_refetches(server):

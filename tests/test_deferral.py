@@ -128,3 +128,63 @@ def test_a_failing_forecast_or_job_is_recorded_not_raised():
     assert j.decision.planned_start_s == T0 and "no forecast" in j.decision.reason
     asyncio.run(q.run_until_idle(timeout_s=5))
     assert j.status == "failed" and "bad batch" in j.error and q.counters["failed"] == 1
+
+
+def test_a_deferred_jobs_captured_response_keeps_at_most_capture_bytes_in_memory():
+    import tracemalloc
+
+    from wattspan.deferral import CAPTURE_BYTES, capture
+
+    chunk = 1 << 20
+
+    async def app(scope, receive, send):  # streams 24 MiB, a fresh chunk each time
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+        for _ in range(24):
+            await send({"type": "http.response.body", "body": b"x" * chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    tracemalloc.start()
+    try:
+        out = asyncio.run(capture(app, {"type": "http", "method": "POST", "path": "/v1/batch", "headers": []}, b"{}"))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert out["status"] == 200 and len(out["body"]) == CAPTURE_BYTES
+    assert peak < 8 * chunk  # the whole stream kept would be 24 MiB
+
+
+def test_deferred_request_bodies_are_bounded_in_all_and_not_kept_after_the_run():
+    from wattspan.deferral import defer_request
+
+    q = DeferralQueue(zone="FR", max_held_bytes=1000, poll_s=0.01)
+    seen = []
+
+    async def app(scope, receive, send):
+        seen.append((await receive())["body"])
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"done"})
+
+    async def post(body: bytes) -> int:
+        msgs = iter([{"type": "http.request", "body": body, "more_body": False}])
+        out = []
+
+        async def receive():
+            return next(msgs)
+
+        async def send(m):
+            out.append(m)
+
+        scope = {"type": "http", "method": "POST", "path": "/v1/batch", "headers": [(b"x-wattspan-deadline-s", b"0")]}
+        await defer_request(q, app, scope, receive, send)
+        return out[0]["status"]
+
+    async def main():
+        first, second = await post(b"a" * 600), await post(b"b" * 600)  # 1200 bytes would wait: the second is refused
+        assert (first, second) == (202, 503) and q.held_bytes == 600
+        await q.run_until_idle(timeout_s=30)
+        assert seen == [b"a" * 600] and q.held_bytes == 0
+        assert all(j.fn is None and j.status == "done" for j in q.jobs.values())  # the body is not kept
+        assert await post(b"c" * 600) == 202  # room again
+
+    asyncio.run(main())

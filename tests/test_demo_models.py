@@ -186,21 +186,43 @@ def test_generator_refuses_bad_requests(gen: TinyGenerator) -> None:
     assert small.free_slots == 1
 
 
-def test_decode_step_for_8_sequences_takes_a_few_ms(gen: TinyGenerator) -> None:
+def test_decode_step_for_8_sequences_is_one_packed_forward(gen: TinyGenerator, monkeypatch) -> None:
+    """The step's cost does not grow with one forward per sequence: its linear layers run
+    on the 8 sequences' tokens packed together, as many calls as for one sequence (a
+    count, not a time: how fast the step is belongs to a benchmark, not to a loaded CI box)."""
+    import torch.nn.functional as F
+
+    real_linear, rows = F.linear, []
+
+    def counting(x, *a, **kw):
+        rows.append(x.shape[0] if x.dim() > 1 else 1)
+        return real_linear(x, *a, **kw)
+
+    def linear_rows(seqs) -> list[int]:
+        rows.clear()
+        monkeypatch.setattr(F, "linear", counting)
+        try:
+            out = gen.step([(s, 1) for s in seqs])
+        finally:
+            monkeypatch.setattr(F, "linear", real_linear)
+        assert all(isinstance(t, int) for t in out)  # each sequence got its next token
+        return list(rows)
+
     seqs = [gen.start(gen.encode(f"sequence {i}: " * 6), max_tokens=80) for i in range(8)]
     try:
         t0 = time.perf_counter()
         gen.step([(s, s.pending) for s in seqs])
         prefill_ms = (time.perf_counter() - t0) * 1e3
+        one, eight = linear_rows(seqs[:1]), linear_rows(seqs)
         lat = []
-        for _ in range(60):
+        for _ in range(20):
             t0 = time.perf_counter()
             gen.step([(s, 1) for s in seqs])
             lat.append((time.perf_counter() - t0) * 1e3)
     finally:
         for s in seqs:
             gen.release(s)
-    med = statistics.median(lat)
     print(f"\nprefill 8x{len(seqs[0].prompt_ids)} tokens: {prefill_ms:.1f} ms; "
-          f"decode step, 8 sequences: median {med:.2f} ms, max {max(lat):.2f} ms; load {gen.load_s:.3f} s")
-    assert med < 25.0, f"decode step for 8 sequences took {med:.1f} ms (median); expected a few ms"
+          f"decode step, 8 sequences: median {statistics.median(lat):.2f} ms (not asserted); load {gen.load_s:.3f} s")
+    assert one and len(eight) == len(one), f"{len(eight)} linear calls for 8 sequences, {len(one)} for one"
+    assert max(eight) == 8 and max(one) == 1  # the 8 decode tokens go through each layer together

@@ -248,3 +248,50 @@ def test_a_live_zone_the_offline_data_lacks_falls_back_to_the_region(em):
     m = type(m)(**{**m.__dict__, "hourly": p, "zone": zone})
     f = m.per_request(np.array([1.0]), np.array([0.0]), np.array([time.time()])).fields()[0]
     assert f["intensity_provider"] == "electricitymaps:fallback-table" and f["intensity_zone"] == "aws:us-east-1"
+
+
+def test_a_redirect_is_not_followed_with_the_key(monkeypatch):
+    # urllib sends a request's headers on to a redirect's target: the key must not go there
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    import threading
+
+    seen = []
+
+    class Elsewhere(BaseHTTPRequestHandler):
+        def do_GET(self):
+            seen.append(dict(self.headers))
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *a):
+            pass
+
+    other = ThreadingHTTPServer(("127.0.0.1", 0), Elsewhere)
+    target = f"http://127.0.0.1:{other.server_address[1]}/steal"
+
+    class Redirect(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(302)
+            self.send_header("location", target)
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        def log_message(self, *a):
+            pass
+
+    api = ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+    threads = [threading.Thread(target=s.serve_forever, daemon=True) for s in (other, api)]
+    for t in threads:
+        t.start()
+    try:
+        monkeypatch.setenv("ELECTRICITYMAPS_API_TOKEN", EM_TOKEN)
+        p = ElectricityMapsProvider(base_url=f"http://127.0.0.1:{api.server_address[1]}", timeout_s=2.0)
+        v = p.at("DE", time.time())
+        assert v.fallback and p.failures == {"http": 1}
+        assert seen == []  # the redirect's target never heard from us
+    finally:
+        for s in (other, api):
+            s.shutdown()
+            s.server_close()

@@ -32,6 +32,10 @@ def test_an_older_ledger_file_opens_reads_and_is_upgraded(tmp_path):
     conn.close()
     old = query(path)  # read-only, before any upgrade: new columns read as defaults
     assert len(old) == 1 and old[0]["intensity_provider"] == "" and old[0]["intensity_g_per_kwh"] == 0
+    from wattspan._ledger_db import find
+
+    one = find(path, "x")  # `wattspan report --id` on the same file, read-only too
+    assert one is not None and one["run_id"] == "old-run" and one["intensity_provider"] == ""
     rec = _rec(1, intensity_g_per_kwh=40.0, intensity_provider="profile", intensity_zone="FR",
                intensity_hour="2023-07-14T09:00Z", intensity_basis="location", market_g_per_kwh=20.0, co2e_market_g=20.0)
     with Ledger(path) as led:

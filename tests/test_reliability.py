@@ -69,6 +69,33 @@ def test_the_ledger_stores_a_record_the_database_refuses_clipped_and_keeps_going
     assert bad["id"] == "r0" and bad["prompt_tokens"] == 2**63 - 1 and bad["energy_j"] == 0.0
 
 
+def test_a_refused_record_inside_a_batch_stores_each_record_once(tmp_path):
+    # executemany stops at the bad row with the rows before it already inserted: the
+    # row-by-row retry must not store those a second time
+    ledger = Ledger(tmp_path / "l.sqlite")
+    ledger.write([_rec(0), _rec(1), _rec(2, prompt_tokens=2**70), _rec(3)])
+    assert ledger.flush(30)
+    st = ledger.stats()
+    rows = ledger.query()
+    ledger.close()
+    assert [r["id"] for r in rows] == ["r0", "r1", "r2", "r3"]
+    assert st["written"] == 4 and st["sanitized"] == 1 and st["dropped"] == 0
+
+
+def test_a_record_that_cannot_be_stored_is_counted_dropped_not_written(tmp_path, monkeypatch):
+    import wattspan.ledger as ledger_mod
+
+    monkeypatch.setattr(ledger_mod, "_sanitize", lambda row: row)  # as if clipping could not mend it
+    ledger = Ledger(tmp_path / "l.sqlite")
+    ledger.write([_rec(0), _rec(1, prompt_tokens=2**70), _rec(2)])
+    assert ledger.flush(30)
+    st = ledger.stats()
+    rows = ledger.query()
+    ledger.close()
+    assert [r["id"] for r in rows] == ["r0", "r2"]
+    assert (st["written"], st["dropped"], st["sanitized"]) == (2, 1, 0)  # written + dropped = what was given
+
+
 # 10. NaN or inf token counts must never turn a response into a 500 -----------------------------
 
 
@@ -85,6 +112,15 @@ def test_set_tokens_with_a_non_number_never_breaks_the_request(live_meter, value
     assert live_meter.flush(10)
     (rec,) = live_meter.records
     assert rec.prompt_tokens == rec.output_tokens == 0 and rec.model == "m"
+
+
+def test_a_huge_integer_token_count_is_clipped_and_logged_without_a_logging_error(monkeypatch, caplog):
+    # str() of an integer beyond 4300 digits raises: the log line must not try it
+    monkeypatch.setitem(_context.counters, "tokens_clipped", 0)
+    with caplog.at_level("WARNING", logger="wattspan"):
+        assert _context.bound_tokens(10**5000) == _context.MAX_TOKENS
+        assert _context.bound_tokens(-(10**5000)) == 0
+    assert any("clipped" in m and "bits" in m for m in caplog.messages)
 
 
 # 3. unrelated apps of one user must not merge -------------------------------------------------
@@ -296,6 +332,45 @@ def test_the_tcp_step_relay_takes_only_authenticated_bounded_steps():
         tx = StepSender(rx.address)  # the same user's sender finds the token on its own
         tx.record_step(10, 20, "gpu0", {"a": 3})
         assert tx.flush() and _wait(lambda: got == [(10, 20, "gpu0", {"a": 3})])
+        tx.close()
+    finally:
+        rx.close()
+
+
+def test_the_tcp_step_relay_bounds_silent_and_surplus_connections():
+    # a local user who opens connections and never authenticates holds no thread for long,
+    # and no more than max_connections at once
+    import socket
+
+    from wattspan.integrations._relay import StepReceiver, StepSender, parse_address
+
+    got = []
+
+    class Sink:
+        def record_step(self, s, e, d, t):
+            got.append((s, e, d, t))
+
+    rx = StepReceiver(Sink(), "127.0.0.1:0")
+    rx.max_connections, rx.auth_timeout_s = 2, 0.3
+    try:
+        addr = parse_address(rx.address)[1]
+        silent = [socket.create_connection(addr) for _ in range(2)]
+        assert _wait(lambda: len(rx._conns) == 2)
+        with socket.create_connection(addr) as third:  # over the cap: closed at once
+            assert _closed(third)
+        for s in silent:  # said nothing within auth_timeout_s: closed
+            assert _closed(s)
+            s.close()
+        assert _wait(lambda: rx.counters["auth_failures"] == 3 and not rx._conns)
+        tx = StepSender(rx.address)  # an authenticated sender is served, and may stay idle
+        tx.record_step(10, 20, "gpu0", {"a": 3})
+        assert tx.flush() and _wait(lambda: got == [(10, 20, "gpu0", {"a": 3})])
+        import time
+
+        time.sleep(0.6)
+        tx.record_step(30, 40, "gpu0", {"b": 1})
+        assert tx.flush() and _wait(lambda: len(got) == 2)
+        assert rx.counters["auth_failures"] == 3 and rx.counters["connections"] == 3
         tx.close()
     finally:
         rx.close()

@@ -339,3 +339,43 @@ def test_run_on_a_gpu_reads_the_nvml_energy_counter(monkeypatch, tmp_path):
     assert s["accelerator_j"] == pytest.approx(want, rel=0.05)
     assert s["accelerator_j"] / s["duration_s"] == pytest.approx(d["mean_power_w"])
     assert fake.initialised == 0  # NVML released when the run ended
+
+
+def test_the_run_ends_when_the_job_ends_not_at_the_next_tick(tmp_path, monkeypatch):
+    # the ingest loop ticks rarely here: the run's end must still be the job's own end
+    import wattspan.run as run_mod
+
+    monkeypatch.setattr(run_mod, "_TICK_S", 30.0)
+    mark = tmp_path / "end"
+    job = f"import time, pathlib; time.sleep(2.5); pathlib.Path({str(mark)!r}).write_text(repr(time.time()))"
+    s = measure([sys.executable, "-c", job], carbon=CarbonModel(intensity_g_per_kwh=100.0), db=None,
+                sources=[ConstantGpu(50.0)], interval_s=0.02)
+    job_end = float(mark.read_text())
+    assert s["exit_code"] == 0
+    assert 0 <= s["ended_at"] - job_end < 10, "the run ended at a tick of the loop, long after the job"
+    assert s["accelerator_j"] == pytest.approx(50.0 * s["duration_s"], rel=0.02)
+
+
+def test_run_reads_wattspan_simulate_through_the_settings(monkeypatch):
+    # the same sources and the same reading of WATTSPAN_SIMULATE as the meter ("on" included)
+    import wattspan.sources.nvml as nvml
+    from wattspan.run import run_sources
+    from wattspan.sources import SourceUnavailable
+
+    tried = []
+
+    class NoGpu:
+        def __init__(self, *a, **kw):
+            tried.append(1)
+            raise SourceUnavailable("no GPU in this test")
+
+    monkeypatch.setattr(nvml, "NvmlSource", NoGpu)
+    monkeypatch.setenv("WATTSPAN_SIMULATE", "on")
+    found = run_sources()
+    assert tried == [] and found and all(s.name != "nvml" for s in found)
+    monkeypatch.setenv("WATTSPAN_SIMULATE", "0")
+    run_sources()
+    assert tried == [1]
+    monkeypatch.setenv("WATTSPAN_SIMULATE", "maybe")
+    with pytest.raises(ValueError, match="WATTSPAN_SIMULATE"):
+        run_sources()
