@@ -1011,7 +1011,8 @@ def _batch_fit(cum, trace, steps, s_idx, requests, ridx, seg, idle_curve, a, b, 
     lo = np.clip(rel(st_ns), e_rel[0], e_rel[-1])
     hi = np.clip(rel(en_ns), e_rel[0], e_rel[-1])
     step_power = (x @ coef) / feats.dur  # W at scale 1
-    e_step = step_power * (scale_integral(hi) - scale_integral(lo))
+    scale_span = scale_integral(hi) - scale_integral(lo)  # integrated scale over each step (s)
+    e_step = step_power * scale_span
 
     # 4. Steps to requests by tokens; entries' request indices map into ridx order.
     local = np.full(len(requests), -1, dtype=np.int64)
@@ -1031,7 +1032,7 @@ def _batch_fit(cum, trace, steps, s_idx, requests, ridx, seg, idle_curve, a, b, 
 
     # 4b. What the fit does not know: the same split under the bootstrap's coefficients
     #     and under the other families, per request (for the error band).
-    spread = _dyn_spread(sel, coef, x, np.where(feats.dur > 0, (scale_integral(hi) - scale_integral(lo)) / feats.dur, 0.0),
+    spread = _dyn_spread(sel, coef, x, np.where(feats.dur > 0, scale_span / np.where(feats.dur > 0, feats.dur, 1.0), 0.0),
                          e_s, e_r, share, on_dev, len(ridx))
     # Per request: sum over its steps of (its share of the step's energy)^2, for the step-noise term.
     s2 = np.bincount(e_r[on_dev], weights=(e_step[e_s[on_dev]] * share[on_dev]) ** 2, minlength=len(ridx))
