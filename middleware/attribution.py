@@ -425,8 +425,8 @@ def attribute(
 
         # Time boundaries of the in-flight segments.
         seg = _Segments(starts, ends, requests.weight[ridx], a, b)
-        idle_seg = idle_curve.integral(seg.edges[:-1], seg.edges[1:])
-        meas_seg = cum.energy(seg.edges[:-1], seg.edges[1:])
+        idle_seg = idle_curve.over(seg.edges)
+        meas_seg = cum.over(seg.edges)
         idle_share, idle_un = seg.share_equal(idle_seg)
         dev_time, _ = seg.share_equal(np.diff(seg.edges).astype(np.float64) * _NS)
 
@@ -441,7 +441,7 @@ def attribute(
             if v is not None:
                 idle_curve = _Piecewise(np.array([a, b], dtype=np.int64), np.array([v, v]))
                 idle_source = "fit-intercept"
-                idle_seg = idle_curve.integral(seg.edges[:-1], seg.edges[1:])
+                idle_seg = idle_curve.over(seg.edges)
                 idle_share, idle_un = seg.share_equal(idle_seg)
         if len(s_idx):
             model = models.get(dev) if models else None
@@ -551,6 +551,10 @@ class _Piecewise:
     def integral(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return self.cumulative(b) - self.cumulative(a)
 
+    def over(self, edges: np.ndarray) -> np.ndarray:
+        """``integral(edges[:-1], edges[1:])``, the same numbers, one look-up per edge."""
+        return np.diff(self.cumulative(edges))
+
 
 class _CumEnergy:
     """The device's cumulative energy E(t), piecewise linear between knots.
@@ -587,6 +591,10 @@ class _CumEnergy:
 
     def energy(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return self.at(b) - self.at(a)
+
+    def over(self, edges: np.ndarray) -> np.ndarray:
+        """``energy(edges[:-1], edges[1:])``, the same numbers, one look-up per edge."""
+        return np.diff(self.at(edges))
 
 
 def counter_knots(t_ns: np.ndarray, energy_j: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -993,7 +1001,7 @@ def _batch_fit(cum, trace, steps, s_idx, requests, ridx, seg, idle_curve, a, b, 
             reconcile_s = (b - a) * _NS
             window_why = "too few readings: the whole period"
     edges = _reconcile_edges(cum, trace, a, b, reconcile_s)
-    w_meas = cum.energy(edges[:-1], edges[1:]) - idle_curve.integral(edges[:-1], edges[1:])
+    w_meas = cum.over(edges) - idle_curve.over(edges)
     F = feats.mass(rel(edges))
     w_pred = np.diff(F, axis=0) @ coef
     ok = (w_pred > 1e-12) & (w_meas > 0)
