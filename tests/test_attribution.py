@@ -267,3 +267,26 @@ class TestTraceEdges:
         r = reqs((-1, 1))
         res = attribute([flat_trace(100.0)], r, idle_w=100.0)
         np.testing.assert_allclose(res.coverage, [0.5])
+
+
+def test_fast_paths_give_the_same_numbers():
+    """The speed paths (sorted look-up of unsorted ends, one look-up per edge, the object
+    columns by repeat) return exactly what the plain numpy calls do."""
+    from wattspan.attribution import _CumEnergy, _obj_full, _prefix, _search_sorted
+
+    rng = np.random.default_rng(3)
+    hay = np.unique(rng.integers(0, 10**9, 20_000))
+    q = rng.integers(-10, 10**9 + 10, 10_000)
+    np.testing.assert_array_equal(_search_sorted(hay, q), np.searchsorted(hay, q))
+    np.testing.assert_array_equal(_search_sorted(hay, np.sort(q)), np.searchsorted(hay, np.sort(q)))
+    pw = _Piecewise(np.array([0, 5 * 10**8, 10**9]), np.array([50.0, 80.0, 60.0]))
+    edges = np.sort(rng.integers(-10**8, 11 * 10**8, 5_000))
+    np.testing.assert_array_equal(pw.over(edges), pw.integral(edges[:-1], edges[1:]))
+    cum = _CumEnergy(hay, np.cumsum(rng.random(len(hay))), "power")
+    np.testing.assert_array_equal(cum.over(edges), cum.energy(edges[:-1], edges[1:]))
+    a = rng.random((1000, 9))
+    np.testing.assert_allclose(_prefix(a), np.vstack((np.zeros((1, 9)), np.cumsum(a, axis=0))), rtol=1e-12)
+    m = _obj_full(4, "x")
+    assert m.dtype == object and list(m) == ["x"] * 4
+    m[0] = "y"
+    assert list(m) == ["y", "x", "x", "x"]
