@@ -179,12 +179,29 @@ class DeferralQueue:
 
     # ------------------------------------------------------------- queue
     def submit(self, fn: Callable[[], Any], *, deadline_s: float, duration_s: float = 0.0, name: str = "") -> Job:
-        """Plan ``fn`` (a coroutine function or a plain callable) and queue it."""
+        """Plan ``fn`` (a coroutine function or a plain callable) and queue it. The plan may ask a
+        live provider for its forecast: on an event loop, use :meth:`submit_async`."""
+        self._check_room()
+        jid = self._new_id()
+        return self._enqueue(jid, fn, self.plan(deadline_s, duration_s, job_id=jid), name)
+
+    async def submit_async(self, fn: Callable[[], Any], *, deadline_s: float, duration_s: float = 0.0, name: str = "") -> Job:
+        """:meth:`submit`, with the plan (a live forecast: up to the provider's timeout) off the event loop."""
+        self._check_room()
+        jid = self._new_id()
+        d = await asyncio.to_thread(self.plan, deadline_s, duration_s, job_id=jid)
+        return self._enqueue(jid, fn, d, name)
+
+    def _check_room(self) -> None:
         pending = sum(1 for j in self.jobs.values() if j.status in ("planned", "running"))
         if pending >= self.max_jobs:
             raise DeferralFull(f"the deferral queue holds {pending} jobs already (max_jobs)")
-        jid = f"{next(self._ids):06d}-{secrets.token_urlsafe(12)}"  # unguessable: the id is what lets one read the result
-        d = self.plan(deadline_s, duration_s, job_id=jid)
+
+    def _new_id(self) -> str:
+        return f"{next(self._ids):06d}-{secrets.token_urlsafe(12)}"  # unguessable: the id is what lets one read the result
+
+    def _enqueue(self, jid: str, fn: Callable[[], Any], d: Decision, name: str) -> Job:
+        self._check_room()  # again: others may have queued while this one was planned
         job = Job(jid, fn, d, name)
         self.jobs[jid] = job
         self.counters["submitted"] += 1
@@ -366,7 +383,7 @@ async def defer_request(queue: DeferralQueue, app, scope, receive, send, *, defa
             queue.held_bytes -= len(body)
 
     try:
-        job = queue.submit(run_it, deadline_s=queue.clock() + deadline_in, duration_s=duration,
+        job = await queue.submit_async(run_it, deadline_s=queue.clock() + deadline_in, duration_s=duration,
                            name=f"{scope.get('method', '')} {scope.get('path', '')}")
     except DeferralFull as exc:
         await send_json(send, 503, {"error": {"type": "deferral_queue_full", "message": str(exc)}}, [(b"retry-after", b"60")])

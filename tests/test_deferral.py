@@ -188,3 +188,26 @@ def test_deferred_request_bodies_are_bounded_in_all_and_not_kept_after_the_run()
         assert await post(b"c" * 600) == 202  # room again
 
     asyncio.run(main())
+
+
+def test_submit_async_plans_off_the_event_loop():
+    """A live provider's forecast (up to its timeout) must not run on the server's event loop."""
+    import threading
+
+    seen = []
+
+    class Slow(Forecast):
+        def forecast(self, zone, start_s, end_s):
+            seen.append(threading.get_ident())
+            return super().forecast(zone, start_s, end_s)
+
+    q = DeferralQueue(Slow([300, 120]), zone="GB", clock=lambda: T0)
+
+    async def main():
+        loop_thread = threading.get_ident()
+        job = await q.submit_async(lambda: None, deadline_s=T0 + 3 * H, name="batch")
+        return loop_thread, job
+
+    loop_thread, job = asyncio.run(main())
+    assert seen and all(t != loop_thread for t in seen)
+    assert q.get(job.id) is job and job.decision.intensity_planned_g_per_kwh == 120
