@@ -477,14 +477,22 @@ class BudgetMiddleware:
         self.counts: dict[str, int] = {a: 0 for a in ACTIONS}
         self._warned: dict[str, float] = {}
         self._runner: asyncio.Task | None = None
-        self.state.refresh()  # at start: the first requests see the spend too
+        self._refreshed = False  # the first refresh runs off the event loop, at startup or the first request
         _register_metrics(self)
+
+    async def _first_refresh(self) -> None:
+        """The spend so far (a ledger scan, a PromQL query: up to its timeout), off the event loop."""
+        if not self._refreshed:
+            self._refreshed = True
+            await asyncio.to_thread(self.state.refresh)
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "lifespan":
             async def recv():  # at the server's shutdown, the refresh thread and the deferral runner stop
                 m = await receive()
-                if m.get("type") == "lifespan.shutdown":
+                if m.get("type") == "lifespan.startup":
+                    await self._first_refresh()  # the first requests see the spend too
+                elif m.get("type") == "lifespan.shutdown":
                     self.close()
                 return m
 
@@ -493,6 +501,8 @@ class BudgetMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        if not self._refreshed:
+            await self._first_refresh()
         if self.state._thread is None:
             self.state.start()
         path = scope.get("path", "")
