@@ -219,6 +219,31 @@ def _ledger_rows(db, since, until):
     return tot, band, gband, sensors, methods, quality, (t0, bucket, buckets)
 
 
+def _ledger_intensity(db, since, until) -> dict | None:
+    """The intensity the records themselves used (each at the hour it ran), energy-weighted, with its
+    provenance; the PUE they imply. None for a ledger whose records carry no intensity."""
+    from ._ledger_db import _reading, _where
+
+    where, args = _where(since, until, None)
+    with _reading(db) as conn:
+        if conn is None or "intensity_g_per_kwh" not in {r[1] for r in conn.execute("PRAGMA table_info(requests)")}:
+            return None
+        sel = " AND ".join(x for x in (where.replace(" WHERE ", "", 1), "intensity_g_per_kwh > 0") if x)
+        row = conn.execute(
+            "SELECT TOTAL((energy_j + host_j) * intensity_g_per_kwh), TOTAL(energy_j + host_j), TOTAL(co2e_g - embodied_g), "
+            "MIN(intensity_g_per_kwh), MAX(intensity_g_per_kwh), MIN(intensity_hour), MAX(intensity_hour), "
+            "GROUP_CONCAT(DISTINCT intensity_provider), GROUP_CONCAT(DISTINCT intensity_zone), GROUP_CONCAT(DISTINCT intensity_basis), "
+            f"COUNT(*) FROM requests WHERE {sel}", args).fetchone()
+    ei, e, op, lo, hi, h0, h1, providers, zones, bases, n = row
+    if not n or e <= 0 or ei <= 0:
+        return None
+    weighted = ei / e  # gCO2e/kWh, energy-weighted over the records' own hours
+    return {"region": zones or "", "intensity_g_per_kwh": weighted, "pue": round(op * 3.6e6 / ei, 3) if op > 0 else 1.0,
+            "intensity_source": (f"the records' own intensity at the hour each ran ({bases or 'location'}-based; provider "
+                                 f"{providers}; zone {zones}; hours {h0} to {h1}; {lo:.4g}-{hi:.4g} gCO2e/kWh), "
+                                 f"energy-weighted over {n} requests")}
+
+
 def from_ledger(db: str | os.PathLike, since: float | None = None, until: float | None = None) -> Basis:
     from ._ledger_db import aggregate
 
@@ -243,6 +268,7 @@ def from_ledger(db: str | os.PathLike, since: float | None = None, until: float 
     if gband:
         b.band_g = (rest[0], rest[1])
     b.notes.append(f"{n} requests recorded {_utc(first)} to {_utc(last)}; dynamic {dyn:.4g} J + idle share {idle:.4g} J of accelerator energy")
+    b.recorded_carbon = _ledger_intensity(db, since, until)  # --region overrides it
     for dev, sensor, s, cnt, e, cm in sensors:
         b.devices.append({"id": dev, "role": "accelerator", "sensor": sensor, "simulated": bool(s), "energy_j": e,
                           "coverage": cm, "readings": None, "requests": cnt})
@@ -380,9 +406,11 @@ def carbon_for(basis: Basis, *, region=None, intensity=None, intensity_source=No
             out["intensity_source"] += "; no --region given: the world average"
     else:
         out = {"region": rec.get("region", ""), "intensity": rec["intensity_g_per_kwh"], "intensity_source": rec.get("intensity_source", ""),
-               "intensity_year": None, "pue": rec.get("pue", 1.0),
-               "pue_source": "as recorded with the " + ("run" if basis.kind == "run" else "input")}
+               "intensity_year": None, "pue": rec.get("pue", 1.0), "hourly": basis.kind == "ledger",
+               "pue_source": {"run": "as recorded with the run", "ledger": "implied by the records' own operational CO2e"}.get(basis.kind, "as recorded with the input")}
+    out.setdefault("hourly", False)
     if intensity is not None:
+        out["hourly"] = False
         out["intensity"] = float(intensity)
         out["intensity_source"] = intensity_source or "given on the command line"
     if pue is not None:

@@ -379,3 +379,27 @@ def test_run_reads_wattspan_simulate_through_the_settings(monkeypatch):
     monkeypatch.setenv("WATTSPAN_SIMULATE", "maybe")
     with pytest.raises(ValueError, match="WATTSPAN_SIMULATE"):
         run_sources()
+
+
+def test_a_ledger_audit_uses_the_intensity_each_record_ran_at(tmp_path):
+    """Records carry the hour's intensity (issue 11): the audit weighs those, says so, and its
+    operational CO2e is the records' own; the PUE is the one their CO2e implies."""
+    pue, recs = 1.2, []
+    for i, (e, intensity, hour) in enumerate([(3.0, 100.0, "2023-07-14T02:00Z"), (1.0, 300.0, "2023-07-14T18:00Z")] * 5):
+        op = (e + 0.5) * pue * intensity / 3.6e6
+        recs.append(RequestRecord(id=f"h{i}", device="gpu0", start_ns=i, end_ns=i + 10**8, energy_j=e, dynamic_j=e, idle_j=0.0,
+                                  device_s=0.1, co2e_g=op, method="batch-fit", sensor="nvml:energy-counter", host_j=0.5,
+                                  intensity_g_per_kwh=intensity, intensity_provider="profile", intensity_zone="GB",
+                                  intensity_hour=hour, intensity_basis="location"))
+    db = tmp_path / "h.sqlite"
+    with Ledger(db) as led:
+        led.write(recs)
+        assert led.flush()
+    b = from_ledger(db)
+    c = carbon_for(b)
+    want = sum((r.energy_j + r.host_j) * r.intensity_g_per_kwh for r in recs) / sum(r.energy_j + r.host_j for r in recs)
+    assert c["intensity"] == pytest.approx(want) and c["pue"] == pytest.approx(pue, abs=1e-3) and c["hourly"]
+    assert "GB" in c["intensity_source"] and "2023-07-14T02:00Z" in c["intensity_source"] and "profile" in c["intensity_source"]
+    r = build_report(b, c)
+    assert r["operational_g"] == pytest.approx(sum(x.co2e_g for x in recs), rel=1e-3)
+    assert carbon_for(b, region="FR")["hourly"] is False  # --region overrides with the yearly table
