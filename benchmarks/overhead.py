@@ -24,7 +24,6 @@ import importlib
 import os
 import platform
 import re
-import shutil
 import socket
 import statistics
 import subprocess

@@ -471,7 +471,7 @@ class BudgetMiddleware:
         if self.deferral is None and any(b.action == "defer" for b in self.config.budgets):
             from .deferral import DeferralQueue
 
-            self.deferral = DeferralQueue(zone=os.environ.get("WATTSPAN_REGION", "world"))
+            self.deferral = DeferralQueue(zone=_settings_region())
         self.max_body_bytes, self.default_deadline_s = int(max_body_bytes), float(default_deadline_s)
         self.status_path = status_path  # None: do not serve the budgets' status
         self.counts: dict[str, int] = {a: 0 for a in ACTIONS}
@@ -634,3 +634,10 @@ def budget_middleware_from_env(app):
     """``app`` wrapped in a BudgetMiddleware when ``$WATTSPAN_BUDGETS`` names a budget file."""
     path = os.environ.get("WATTSPAN_BUDGETS", "").strip()
     return BudgetMiddleware(app, budgets=path) if path else app
+
+
+def _settings_region() -> str:
+    """``WATTSPAN_REGION``, read and checked once with the other settings."""
+    from .settings import get_settings
+
+    return get_settings().region

@@ -27,7 +27,6 @@ import asyncio
 import itertools
 import logging
 import math
-import os
 import secrets
 import time
 from collections import OrderedDict
@@ -428,7 +427,7 @@ class DeferralMiddleware:
     def __init__(self, app, *, queue: DeferralQueue | None = None, zone: str | None = None,
                  paths: tuple[str, ...] | list[str] = ("/v1/batch",), max_body_bytes: int = 16 << 20) -> None:
         self.app = app
-        self.queue = queue or DeferralQueue(zone=zone or os.environ.get("WATTSPAN_REGION", "world"))
+        self.queue = queue or DeferralQueue(zone=zone or _settings_region())
         self.paths = tuple(paths)
         self.max_body_bytes = int(max_body_bytes)
         self._runner: asyncio.Task | None = None
@@ -447,3 +446,10 @@ class DeferralMiddleware:
             await defer_request(self.queue, self.app, scope, receive, send, max_body_bytes=self.max_body_bytes)
             return
         await self.app(scope, receive, send)
+
+
+def _settings_region() -> str:
+    """``WATTSPAN_REGION``, read and checked once with the other settings."""
+    from .settings import get_settings
+
+    return get_settings().region
