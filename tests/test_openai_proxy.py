@@ -310,7 +310,6 @@ class TestFailures:
     def test_client_hanging_up_closes_the_upstream_stream(self, live_meter):
         body = chat_body(stream=True, max_tokens=40, fake_delay_s=0.05)
         with stack(live_meter) as (up, proxy, url, up_url):
-            t0 = time.monotonic()
             with httpx.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
                 for _ in r.iter_raw():
                     break
@@ -318,7 +317,7 @@ class TestFailures:
             while not up.state.unfinished and time.monotonic() < deadline:
                 time.sleep(0.02)
             assert up.state.unfinished, "the upstream stream ran to its end after the client left"
-            assert time.monotonic() - t0 < 1.8  # the full stream takes 2 s
+            assert proxy.stats["disconnects"] == 1
         (rec,) = records(live_meter, 1)
         assert rec.duration_s < 1.8
 
