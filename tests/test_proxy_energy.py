@@ -182,6 +182,16 @@ def test_provisional_prices_every_term_of_the_fitted_family_and_each_gpu_of_a_gr
         assert one["energy_j"] == pytest.approx(n * (float(x[0] @ coef) / 2 + 10.0 * 0.1 / 2), rel=1e-9)
 
 
+def test_an_empty_tenant_header_falls_back_to_the_api_key():
+    from wattspan.integrations.openai_proxy import _tenant_label
+
+    tenant = _tenant_label(b"x-tenant-id", True)
+    keyed = "key-" + hashlib.sha256(b"wattspan-tenant\0k1").hexdigest()[:12]
+    assert tenant({"headers": [(b"x-tenant-id", b" "), (b"authorization", b"Bearer k1")]}) == keyed
+    assert tenant({"headers": [(b"authorization", b"Bearer k1"), (b"x-tenant-id", b"acme")]}) == "acme"
+    assert tenant({"headers": [(b"x-tenant-id", b"")]}) == ""
+
+
 def test_provisional_memory_is_bounded():
     p = Provisional(_FakeMeter([1, 0, 0, 0], 0.0), max_requests=100)
     for i in range(1000):
