@@ -831,7 +831,9 @@ def _tenant_label(header: bytes | None, from_key: bool):
         key = None
         for k, v in scope.get("headers", ()):
             if k == header:
-                return v.decode("latin-1")
+                if v.strip():
+                    return v.decode("latin-1")
+                continue  # an empty tenant header: fall back to the key
             if from_key and k in _KEY_HEADERS and key is None:
                 key = v
         if key:

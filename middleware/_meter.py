@@ -18,6 +18,7 @@ enough readings.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -29,6 +30,13 @@ from collections.abc import Callable, Iterable, Mapping
 import numpy as np
 
 from ._groups import group_key as _group_key
+
+_str_group_key = functools.lru_cache(maxsize=1024)(_group_key)
+
+
+def _device_key(device) -> str:
+    """The canonical device or group name (``"gpu0, gpu1"`` and ``"gpu0+gpu1"`` -> ``"gpu0,gpu1"``)."""
+    return _str_group_key(device) if isinstance(device, str) else _group_key(device)
 from ._context import MAX_TOKENS
 from ._records import RequestRecord
 from ._samples import SampleKind
@@ -192,8 +200,8 @@ class Meter:
     def begin(self, request_id: str, device: str, t_ns: int) -> None:
         """A request started on ``device`` at ``t_ns`` (monotonic). ``device``: a name
         (``"gpu0"``) or a device group (``"gpu0,gpu1"`` or a list, see wattspan._groups)."""
-        if not isinstance(device, str):
-            device = _group_key(device)
+        if not isinstance(device, str) or "+" in device or " " in device:
+            device = _device_key(device)
         if len(self._events) >= self.max_events:
             self.counters["dropped_events"] += 1
             return
@@ -207,8 +215,8 @@ class Meter:
         route, http_method, status_code, model, tenant, prompt_tokens,
         output_tokens, trace_id, span_id."""
         self._events.append((_END, request_id, t_ns, meta))
-        if self._activity and not isinstance(device, str):
-            device = _group_key(device)
+        if self._activity and (not isinstance(device, str) or "+" in device or " " in device):
+            device = _device_key(device)
         for s in self._activity:
             for d in (device.split(",") if "," in device else (device,)):
                 s.on_request_end(d)
@@ -224,8 +232,8 @@ class Meter:
         device group (``"gpu0,gpu1"`` or a list): the step ran on each member."""
         if end_ns <= start_ns or not tokens:
             return
-        if not isinstance(device, str):
-            device = _group_key(device)
+        if not isinstance(device, str) or "+" in device or " " in device:
+            device = _device_key(device)
         if len(self._events) >= self.max_events:
             self.counters["dropped_events"] += 1
             return

@@ -35,6 +35,7 @@ import threading
 __all__ = ["Provisional", "attach", "usage_energy"]
 
 _EWMA = 0.1  # weight of the newest record in the recent J/token rate
+_NB = 9  # terms of the step basis (wattspan._stepmodel.BASIS)
 
 
 class Provisional:
@@ -50,7 +51,8 @@ class Provisional:
         self.meter = meter
         self.max_requests = int(max_requests)
         # request id -> [context tokens so far, steps, prefill tokens, decode tokens,
-        #                prefill-phase share (dur, pre, dec, ctxk), decode-phase share (4), idle s pre, idle s dec]
+        #                prefill-phase share of the step basis (9: wattspan._stepmodel.BASIS),
+        #                decode-phase share (9), idle s pre, idle s dec]
         self._tally: dict[str, list] = {}
         self._rate: dict[str, float] = {}  # device -> recent J per token
         self._lock = threading.Lock()
@@ -60,7 +62,7 @@ class Provisional:
         """Start tallying the steps of a request (call it when the request arrives)."""
         tally = self._tally
         with self._lock:
-            tally[request_id] = [0.0, 0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+            tally[request_id] = [0.0, 0, 0.0, 0.0] + [0.0] * (2 * _NB + 2)
             while len(tally) > self.max_requests:
                 del tally[next(iter(tally))]
                 self.stats["evicted"] += 1
@@ -97,15 +99,23 @@ class Provisional:
         if not rows:
             return
         idle_each = dur / len(items)
+        # the step's basis (as wattspan._stepmodel.basis makes it); the saturating terms take the
+        # throughputs of the device's fitted model (a group's: its first member's), 0 before there is one
+        model = getattr(self.meter, "_models", {}).get(device.split(",", 1)[0])
+        rates = getattr(model, "rates", None)
+        if rates:
+            r = (pre + dec) / dur
+            sat = (-math.expm1(-r / rates[0]) * dur, -math.expm1(-r / rates[1]) * dur)
+        else:
+            sat = (0.0, 0.0)
+        feats = (dur, pre, dec, ctxk, pre * dur, dec * dur, ctxk * dur, *sat)
         with self._lock:
             for rid, n, t in rows:
                 w = n / total
-                base = 4 if n > 1.0 else 8  # which phase's share vector
-                t[base] += dur * w
-                t[base + 1] += pre * w
-                t[base + 2] += dec * w
-                t[base + 3] += ctxk * w
-                t[12 if n > 1.0 else 13] += idle_each
+                base = 4 if n > 1.0 else 4 + _NB  # which phase's share vector
+                for j, f in enumerate(feats):
+                    t[base + j] += f * w
+                t[4 + 2 * _NB if n > 1.0 else 5 + 2 * _NB] += idle_each
                 t[0] += n
                 t[1] += 1
                 if n > 1.0:
@@ -138,22 +148,29 @@ class Provisional:
         device_s = 0.0
         method = "none"
         steps = 0
-        model = getattr(meter, "_models", {}).get(device)
-        if t is not None and model is not None:
+        # a device group ran every step on each member: each member's model prices its own part
+        on = device.split(",") if "," in device else (device,)
+        fitted = getattr(meter, "_models", {})
+        models = [fitted.get(d) for d in on]
+        if t is not None and all(m is not None for m in models):
             steps = t[1]
-            coef = model.coef
-            pre_share = t[4:8]
-            dec_share = t[8:12]
-            idle_pre, idle_dec = t[12], t[13]
+            pre_share = t[4 : 4 + _NB]
+            dec_share = t[4 + _NB : 4 + 2 * _NB]
+            idle_pre, idle_dec = t[4 + 2 * _NB], t[5 + 2 * _NB]
             # the decode steps still on their way: scale the decode phase to the tokens the server reported
             # (the first output token comes from the prefill step)
             scale = 1.0
             if output_tokens and t[3] > 0:
                 scale = max(1.0, (output_tokens - 1) / t[3])
-            dyn = sum(c * x for c, x in zip(coef, pre_share)) + scale * sum(c * x for c, x in zip(coef, dec_share))
-            idle_w = meter.idle_w if meter.idle_w is not None else getattr(meter, "_idle", {}).get(device, 0.0)
-            device_s = idle_pre + scale * idle_dec
-            energy = max(0.0, float(dyn)) + float(idle_w or 0.0) * device_s
+            dyn = 0.0
+            for m in models:
+                coef = m.full_coef
+                dyn += sum(c * x for c, x in zip(coef, pre_share)) + scale * sum(c * x for c, x in zip(coef, dec_share))
+            idles = getattr(meter, "_idle", {})
+            idle_w = sum(float((meter.idle_w if meter.idle_w is not None else idles.get(d, 0.0)) or 0.0) for d in on)
+            life_s = idle_pre + scale * idle_dec
+            device_s = life_s * len(on)  # device-seconds: each member for the request's share of time
+            energy = max(0.0, float(dyn)) + idle_w * life_s
             method = "step-model"
         else:
             rate = self._rate.get(device)

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ._samples import DeviceTrace, SampleKind
-from ._stepmodel import BASIS, basis, correlation_lag, group_errors, select_family, select_window
+from ._stepmodel import BASIS, basis, correlation_lag, group_errors, nnls_gram, select_family, select_window
 
 __all__ = [
     "Requests",
@@ -899,33 +899,10 @@ def nnls(A: np.ndarray, b: np.ndarray, max_iter: int = 100) -> np.ndarray:
     of readings and four features, one pass over the data builds the 4x4 Gram
     matrix and everything after is tiny.
     """
-    n = A.shape[1]
     scale = np.linalg.norm(A, axis=0)
     scale[scale == 0] = 1.0
     As = A / scale
-    G = As.T @ As
-    c = As.T @ b
-    x = np.zeros(n)
-    passive = np.zeros(n, dtype=bool)
-    w = c - G @ x
-    it = 0
-    while it < max_iter and (~passive).any() and (w[~passive] > 1e-10 * max(1.0, np.abs(w).max())).any():
-        it += 1
-        j = np.flatnonzero(~passive)[np.argmax(w[~passive])]
-        passive[j] = True
-        while True:
-            z = np.zeros(n)
-            P = np.flatnonzero(passive)
-            z[P] = np.linalg.lstsq(G[np.ix_(P, P)], c[P], rcond=None)[0]
-            if (z[passive] > 0).all():
-                x = z
-                break
-            neg = passive & (z <= 0)
-            alpha = np.min(x[neg] / (x[neg] - z[neg]))
-            x = x + alpha * (z - x)
-            passive &= x > 1e-15
-            x[~passive] = 0.0
-        w = c - G @ x
+    x = nnls_gram(As.T @ As, As.T @ b, max_iter)
     return x / scale
 
 
@@ -1265,12 +1242,7 @@ def _noise_model(r, p, t, len_ns, m, e_mod, feats, rel, a, L, overlap):
         # squared held-out residuals = step noise x (sum of squared step energies) + sensor
         # noise x (predicted energy)^2: non-negative least squares splits the two
         A2 = np.column_stack((Q[ok], p[ok] ** 2))
-        sc = np.sqrt((A2**2).sum(0))
-        sc[sc == 0] = 1.0
-        As = A2 / sc
-        from ._stepmodel import nnls_gram
-
-        split = float(nnls_gram(As.T @ As, As.T @ (r[ok] ** 2))[0] / sc[0])
+        split = float(nnls(A2, r[ok] ** 2)[0])
         # When the two regressors move together (many similar steps per reading) the split
         # is not identified: all of the scatter on the steps bounds it from above. Take the
         # geometric mean of the split and that bound, weighted to the bound as they align.

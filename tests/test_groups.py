@@ -246,3 +246,20 @@ def test_two_servers_on_one_host_each_bill_their_own_gpus(monkeypatch):
     assert len(out["a"]) == len(out["b"]) == 6
     assert ea == pytest.approx(300.0 * 0.3, rel=0.25) and eb == pytest.approx(800.0 * 0.3, rel=0.25)
     assert {r.device for r in out["b"]} == {"gpu2,gpu3"}
+
+
+def test_live_meter_takes_a_group_written_with_plus_or_spaces():
+    """``"gpu0+gpu1"`` and ``"gpu0, gpu1"`` name the same group as ``"gpu0,gpu1"`` (as the middleware reads them)."""
+    from wattspan import Meter
+
+    seen = []
+    meter = Meter(sources=[], idle_w=0.0, autostart=False)
+    meter.step_observers.append(lambda a, b, d, tok: seen.append(d))
+    t = time.monotonic_ns()
+    meter.begin("r0", "gpu0+gpu1", t)
+    meter.record_step(t, t + 1000, "gpu0, gpu1", {"r0": 4})
+    meter.record_step(t, t + 1000, "gpu0+gpu1", {"r0": 1})
+    meter.record_step(t, t + 1000, "gpu0", {"r0": 1})
+    assert seen == ["gpu0,gpu1", "gpu0,gpu1", "gpu0"]
+    assert meter._events[0][1:3] == ("r0", "gpu0,gpu1")  # the begin event
+    meter.close()

@@ -280,13 +280,14 @@ class TestFailures:
 
     def test_slow_upstream_is_504_within_the_timeout(self, live_meter):
         with stack(live_meter, timeout_s=0.3) as (up, proxy, url, up_url):
-            t0 = time.monotonic()
             r = httpx.post(f"{url}/v1/chat/completions", json=chat_body(fake_wait_s=1.5))
-            took = time.monotonic() - t0
+            # the proxy's own timeout fired (not the client's, not the upstream finishing)
+            timeouts = proxy.stats["timeouts"]
             # the proxy still serves after a timeout
             assert httpx.post(f"{url}/v1/chat/completions", json=chat_body()).status_code == 200
         assert r.status_code == 504 and r.json()["error"]["type"] == "upstream_timeout"
-        assert took < 1.2
+        assert "0.3 s" in r.json()["error"]["message"]
+        assert timeouts == 1 and proxy.stats["timeouts"] == 1
         assert sorted(rec.status_code for rec in records(live_meter, 2)) == [200, 504]
 
     def test_oversize_body_is_413_and_never_reaches_upstream(self, live_meter):
@@ -309,7 +310,6 @@ class TestFailures:
     def test_client_hanging_up_closes_the_upstream_stream(self, live_meter):
         body = chat_body(stream=True, max_tokens=40, fake_delay_s=0.05)
         with stack(live_meter) as (up, proxy, url, up_url):
-            t0 = time.monotonic()
             with httpx.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
                 for _ in r.iter_raw():
                     break
@@ -317,7 +317,7 @@ class TestFailures:
             while not up.state.unfinished and time.monotonic() < deadline:
                 time.sleep(0.02)
             assert up.state.unfinished, "the upstream stream ran to its end after the client left"
-            assert time.monotonic() - t0 < 1.8  # the full stream takes 2 s
+            assert proxy.stats["disconnects"] == 1
         (rec,) = records(live_meter, 1)
         assert rec.duration_s < 1.8
 

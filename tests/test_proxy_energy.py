@@ -161,6 +161,37 @@ def test_provisional_step_model_splits_steps_by_tokens_and_scales_the_missing_de
     assert p.estimate("b", "gpu0", 10, 2)["method"] == "step-model"
 
 
+def test_provisional_prices_every_term_of_the_fitted_family_and_each_gpu_of_a_group():
+    """A 'power' or 'saturating' family's terms (basis 4..8) count, and a group is priced on each member."""
+    from wattspan._stepmodel import basis
+
+    coef = np.zeros(9)
+    coef[[0, 5, 7]] = (40.0, 3.0, 20.0)  # W; W per decode token; W at saturation
+    rates = (50.0, 200.0)
+    meter = _FakeMeter(coef, idle_w=10.0)
+    meter._models = {g: StepModel(coef=coef, r2=1.0, rows=100, family="all", rates=rates) for g in ("gpu0", "gpu1")}
+    p = Provisional(meter)
+    s = 1_000_000_000
+    for dev in ("gpu0", "gpu0,gpu1"):
+        p.open("a")
+        p.observe_step(0, s // 10, dev, {"a": 1, "b": 1})  # a decodes beside b
+        one = p.estimate("a", dev, prompt_tokens=1, output_tokens=None)
+        x, _ = basis(np.array([[0.1, 0.0, 2.0, 2 / 1000]]), rates)
+        n = dev.count(",") + 1
+        assert one["method"] == "step-model"
+        assert one["energy_j"] == pytest.approx(n * (float(x[0] @ coef) / 2 + 10.0 * 0.1 / 2), rel=1e-9)
+
+
+def test_an_empty_tenant_header_falls_back_to_the_api_key():
+    from wattspan.integrations.openai_proxy import _tenant_label
+
+    tenant = _tenant_label(b"x-tenant-id", True)
+    keyed = "key-" + hashlib.sha256(b"wattspan-tenant\0k1").hexdigest()[:12]
+    assert tenant({"headers": [(b"x-tenant-id", b" "), (b"authorization", b"Bearer k1")]}) == keyed
+    assert tenant({"headers": [(b"authorization", b"Bearer k1"), (b"x-tenant-id", b"acme")]}) == "acme"
+    assert tenant({"headers": [(b"x-tenant-id", b"")]}) == ""
+
+
 def test_provisional_memory_is_bounded():
     p = Provisional(_FakeMeter([1, 0, 0, 0], 0.0), max_requests=100)
     for i in range(1000):
