@@ -53,6 +53,7 @@ only the model name, the token counts and the route template.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import logging
 import math
@@ -345,6 +346,7 @@ class OpenAIProxy:
         self.stats = {"requests": 0, "upstream_errors": 0, "timeouts": 0, "too_large": 0, "disconnects": 0, "usage_injected": 0, "usage_missing": 0, "energy_annotated": 0}
         self._client = None
         tenant_label = _tenant_label(tenant.lower().encode("latin-1") if tenant else None, bool(tenant_from_key))
+        self._tenant_of = tenant_label  # who may read a request's figures back: its own tenant only
         self.metered = EnergyMiddleware(self._proxy, meter=meter, device=device, tenant=tenant_label, model=model_header or "x-model", request_id_header=self.request_id_header)
         self.steps = None
         if steps_listen:
@@ -501,6 +503,11 @@ class OpenAIProxy:
                 log.warning("wattspan proxy: cannot read the ledger %s for %s (%s)", self.ledger_path, rid, exc)
                 d = None
         prov = self._prov.get(rid)
+        owner = (prov or {}).get("_owner", d.get("tenant", "") if d is not None else "")
+        if (d is not None or prov is not None) and not hmac.compare_digest(owner, self._tenant_of(scope)):
+            d = prov = None  # another tenant's request: as unknown as one that never was
+        if prov is not None:
+            prov = {k: v for k, v in prov.items() if k != "_owner"}
         if d is not None:
             out = {"id": rid, "status": "final", **_public(d)}
             if prov is not None:
@@ -754,7 +761,7 @@ class OpenAIProxy:
             method = est["method"] if est else "none"
             fig = {"energy_j": energy, "co2e_g": co2e, "method": method}
             kept = proxy._prov
-            kept[window.id] = fig
+            kept[window.id] = {**fig, "_owner": proxy._tenant_of(window.scope)}
             while len(kept) > _MAX_KEPT:
                 kept.popitem(last=False)
             proxy.stats["energy_annotated"] += 1

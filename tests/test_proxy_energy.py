@@ -64,6 +64,22 @@ class TestEnergyInUsage:
         r1 = next(r for r in recs if r.id != rid)
         assert u2["energy_j"] == pytest.approx(r1.energy_j / (r1.prompt_tokens + r1.output_tokens) * 13, rel=1e-5)
 
+    def test_a_request_s_figures_are_read_back_by_its_own_tenant_only(self, live_meter):
+        mine, theirs = {"authorization": "Bearer sk-mine-0123456789"}, {"authorization": "Bearer sk-theirs-9876543210"}
+        with stack(live_meter) as (up, proxy, url, up_url):
+            httpx.post(f"{url}/v1/chat/completions", json=chat_body(), headers=mine)
+            assert live_meter.flush(10)
+            r = httpx.post(f"{url}/v1/chat/completions", json=chat_body(max_tokens=8), headers=mine)
+            rid = r.headers["x-wattspan-request-id"]
+            pending_other = httpx.get(f"{url}/wattspan/requests/{rid}", headers=theirs)
+            records(live_meter, 2)
+            own = httpx.get(f"{url}/wattspan/requests/{rid}", headers=mine)
+            other = httpx.get(f"{url}/wattspan/requests/{rid}", headers=theirs)
+            anonymous = httpx.get(f"{url}/wattspan/requests/{rid}")
+        assert own.status_code == 200 and own.json()["status"] == "final" and "_owner" not in own.json().get("provisional", {})
+        # ids are sequential: another caller must not read this one's model, tokens or energy by counting
+        assert pending_other.status_code == other.status_code == anonymous.status_code == 404
+
     def test_streams_get_it_only_when_they_asked_for_usage(self, live_meter):
         with stack(live_meter) as (up, proxy, url, up_url):
             httpx.post(f"{url}/v1/chat/completions", json=chat_body())
@@ -211,7 +227,7 @@ class TestLedgerAndReport:
                 ids.append(r.headers["x-wattspan-request-id"])
             assert live_meter.flush(10) and proxy.ledger.flush(10)
             proxy._final.clear()  # older than the proxy remembers: the figure comes from the ledger
-            from_ledger = httpx.get(f"{url}/wattspan/requests/{ids[2]}")
+            from_ledger = httpx.get(f"{url}/wattspan/requests/{ids[2]}", headers={"x-tenant-id": "globex"})  # its own tenant
         assert from_ledger.status_code == 200 and from_ledger.json()["energy_j"] > 0
         assert main(["report", "--db", str(db), "--by", "tenant", "--format", "json"]) == 0
         rows = json.loads(capsys.readouterr().out)

@@ -302,7 +302,7 @@ def test_served_requests_get_batch_fit_records_with_their_tokens_and_energy_in_u
 
     # the final figure by id, from the proxy's endpoint
     x = shown[0]
-    final = httpx.get(f"{url}/wattspan/requests/{x['rid']}").json()
+    final = httpx.get(f"{url}/wattspan/requests/{x['rid']}", headers={"x-tenant-id": f"team-{x['i'] % 3}"}).json()  # its own tenant
     assert final["status"] == "final" and final["energy_j"] == pytest.approx(recs[x["rid"]]["energy_j"])
     assert final["provisional"]["energy_j"] == x["usage"]["energy_j"]
 
