@@ -99,10 +99,12 @@ def test_two_replicas_share_one_budget_through_prometheus(fleet):
         assert all(c[0] == 200 for c in codes) and all(429 in c for c in codes), codes
         err = first_429.json()["error"]
         assert err["budget"] == "fleet-acme" and err["spent"] >= LIMIT_G and int(first_429.headers["retry-after"]) > 0
-        # what each replica spent by its own ledger: neither alone reached the limit; together they did
+        # what each replica spent by its own ledger: together they reached the limit, and at least one was
+        # refused while its own spend was under it (the fleet's spend, not its own, stopped it; the other may
+        # overshoot by what it served during the scrape and refresh lag)
         time.sleep(1.0)
         local = [sum(x["co2e_g"] for x in query(p) if x["tenant"] == "acme") for p in ledgers]
-        assert all(0 < g < LIMIT_G for g in local), local
+        assert all(g > 0 for g in local) and min(local) < LIMIT_G <= sum(local), local
         assert sum(local) >= LIMIT_G
         # the fleet's view is Prometheus's: close to the sum of both ledgers
         assert err["spent"] == pytest.approx(sum(local), rel=0.5)
