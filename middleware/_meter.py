@@ -11,9 +11,18 @@ stops (a lost GPU) cannot hold records back for ever: after ``max_delay_s``
 the cut moves on with the clock, and the record's ``coverage`` says how much of
 the request the trace covered.
 
-Every ``refit_s`` the idle baseline and the batch-step model are re-estimated
-over the last ``history_s`` of trace, so short passes use a model fitted on
-enough readings.
+The idle baseline and the batch-step model are re-estimated over the last
+``history_s`` of trace, so short passes (and the provisional per-request figure,
+:mod:`wattspan._provisional`) use a model fitted on enough readings. When: a
+device's first model as soon as the sensor's readings cover ``min_fit_steps``
+(20) of its batch steps, retried at most once a second while new steps arrive
+until one is accepted; then every ``refit_s`` (5 s) while the device has new
+steps or requests in flight. The model is fitted over the stretch the steps
+span (with as much time before them; the idle baseline over the whole
+history), and accepted when it used at least 20 readings and ``min_fit_steps``
+steps and predicts held-out readings better than their mean (``cv_r2 > 0``);
+otherwise the device keeps the model it had. ``counters["step_model_fits"]``
+and ``["step_model_rejected"]`` count the outcomes.
 """
 
 from __future__ import annotations
@@ -175,7 +184,14 @@ class Meter:
         self._models: dict[str, StepModel] = {}
         self._peer_marks: dict[int, int] = {}  # pid -> time up to which that peer's events have arrived
         self._idle: dict[str, float] = {}
-        self._last_refit = 0.0
+        #: batch steps (with sensor readings over them) a step-model fit needs to be used
+        self.min_fit_steps = 20
+        # per device: batch steps seen, steps seen at its last refit, when that was (monotonic s),
+        # and the end of its min_fit_steps-th step (the first fit waits for the cut to pass it)
+        self._dev_steps: dict[str, int] = {}
+        self._fit_steps: dict[str, int] = {}
+        self._fit_at: dict[str, float] = {}
+        self._first_fit_ns: dict[str, int] = {}
         self._stop = threading.Event()
         self._idle_pass = threading.Event()
         self._thread: threading.Thread | None = None
@@ -190,6 +206,8 @@ class Meter:
             "dropped_steps": 0,  # batch steps beyond the bounds (ids per step, steps per second, token counts)
             "peer_requests": 0,
             "unattributed_j": 0.0,
+            "step_model_fits": 0,  # refits whose step model was accepted (see _refit)
+            "step_model_rejected": 0,  # refits on steps whose model was not (too few steps or readings, cv_r2 <= 0)
         }
         self.device_energy_j: dict[str, float] = {}
         if autostart:
@@ -477,6 +495,12 @@ class Meter:
             self._hist_ids -= len(h[0][3])
         h.append(step)
         self._hist_ids += len(step[3])
+        d = step[2]
+        for m in d.split(",") if "," in d else (d,):  # a group's step ran on each member
+            n = self._dev_steps.get(m, 0) + 1
+            self._dev_steps[m] = n
+            if n == self.min_fit_steps:
+                self._first_fit_ns[m] = step[1]
         while self._hist_ids > self.max_history_ids and h:
             self._hist_ids -= len(h.popleft()[3])
 
@@ -526,9 +550,6 @@ class Meter:
         self._metered = infos
         gpu_devs = [d for d, i in infos.items() if i.kind == "gpu"]
         host_devs = [d for d, i in infos.items() if i.kind != "gpu"]
-        refit = (time.monotonic() - self._last_refit) >= self.refit_s
-        if refit:
-            self._last_refit = time.monotonic()
 
         if infos:  # requests on a device no source meters: settled at once with no energy, not held back
             for dev in [d for d in by_dev if d not in infos]:
@@ -553,7 +574,7 @@ class Meter:
                 continue
             rids = [r for r in rids if self._inflight[r].start_ns < cut]
             if info is not None:
-                if refit and rids:
+                if self._refit_due(dev, cut, bool(rids)):
                     self._refit(dev, cut)
                 # with nothing in flight too: the measured energy is then all unattributed,
                 # and the device's totals reach the device sinks on every pass
@@ -657,6 +678,22 @@ class Meter:
         for i, rid in enumerate(rids):
             self._inflight[rid].host_j += float(res.energy_j[i])
 
+    def _refit_due(self, dev: str, cut: int, busy: bool) -> bool:
+        """Whether to refit ``dev`` in this pass (the rule is in the module's docstring); notes it if so."""
+        now = time.monotonic()
+        last = self._fit_at.get(dev)
+        seen = self._dev_steps.get(dev, 0)
+        new_steps = seen > self._fit_steps.get(dev, 0)
+        if dev not in self._models and new_steps and seen >= self.min_fit_steps:
+            # no model yet: as soon as the readings cover enough steps, then at most once a second
+            due = cut >= self._first_fit_ns.get(dev, cut) and (last is None or now - last >= min(1.0, self.refit_s))
+        else:
+            due = (new_steps or busy) and (last is None or now - last >= self.refit_s)
+        if due:
+            self._fit_at[dev] = now
+            self._fit_steps[dev] = seen
+        return due
+
     def _refit(self, dev: str, cut: int) -> None:
         """Re-estimate idle and the step model over the recent history."""
         lo = cut - int(self.history_s * 1e9)
@@ -683,14 +720,34 @@ class Meter:
         bounds = np.array(list(span.values()), dtype=np.int64).reshape(n, 2)
         req = Requests(np.array(list(span), dtype=object), bounds[:, 0], bounds[:, 1], np.full(n, dev, dtype=object), np.ones(n))
         steps = Steps.from_records([{"start_ns": s, "end_ns": e, "device": dev, "requests": tok} for (s, e, d, tok) in steps_rows], req) if steps_rows else None
-        res = attribute({dev: trace}, req, steps, idle_w=self.idle_w, t0_ns=lo, t1_ns=cut)
+        # The step model over the stretch the steps span, with as much time before them: readings far
+        # from any step say nothing about the step terms, yet in a mostly idle history they would fill
+        # the cross-validation's time blocks (a burst in one block: its held-out error is meaningless).
+        # The idle baseline is still estimated over the whole history.
+        first = min(s[0] for s in steps_rows) if steps_rows else lo
+        fit_lo = max(lo, 2 * first - cut)
+        idle_w = self.idle_w
+        if fit_lo > lo and idle_w is None:
+            d0 = attribute({dev: trace}, req, None, t0_ns=lo, t1_ns=cut).devices.get(dev)
+            if d0 is not None and d0.idle_source == "idle-periods":
+                self._idle[dev] = d0.idle_w
+            idle_w = self._idle.get(dev)
+        res = attribute({dev: trace}, req, steps, idle_w=idle_w, t0_ns=fit_lo, t1_ns=cut)
         d = res.devices.get(dev)
         if d is None:
             return
         if self.idle_w is None and (d.idle_source == "idle-periods" or (d.idle_source == "fit-intercept" and dev not in self._idle)):
             self._idle[dev] = d.idle_w
-        if d.model is not None and d.model.rows >= 20:
+        if d.model is None:
+            return  # no steps here: nothing to model
+        used = sum(1 for s in steps_rows if s[1] <= cut)  # steps the readings cover
+        # cv_r2 <= 0: held-out readings predicted no better than by their mean, so its family was not
+        # chosen on evidence (a burst or two in a mostly idle window); the current model stays
+        if d.model.rows >= 20 and used >= self.min_fit_steps and d.model.cv_r2 > 0:
             self._models[dev] = d.model
+            self.counters["step_model_fits"] += 1
+        else:
+            self.counters["step_model_rejected"] += 1
 
     def _group_done(self, r) -> bool:
         metered = getattr(self, "_metered", None) or {}

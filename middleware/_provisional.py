@@ -8,12 +8,17 @@ figure at the response's end from what is already known:
 * ``step-model``: the batch steps the request ran (reported by the engine hook
   through :meth:`wattspan.Meter.record_step`) priced with the step-energy model
   the meter last fitted on this device (:class:`wattspan.StepModel`, dynamic
-  joules from step duration, prefill tokens, decode tokens and decode context).
+  joules from step duration, prefill tokens, decode tokens and decode context;
+  the meter fits the first one as soon as the sensor covers 20 batch steps, see
+  :mod:`wattspan._meter`).
   Each step's predicted energy is split among its requests by their tokens, as
   ``batch-fit`` does; the idle baseline is shared equally by the requests of
   each step. Steps still on their way when the response ends (the last few
   decode steps) are accounted for by scaling the request's decode share to the
-  ``completion_tokens`` the server reported.
+  ``completion_tokens`` the server reported. A request whose steps began before
+  the device had a model is priced by its steps only if that model has no
+  saturating terms (those need the model's throughputs for each step);
+  otherwise, as with no model:
 * ``recent-rate``: no steps, or no fitted model yet: the device's recent final
   records' joules per token (prompt + output, exponentially weighted) times
   this request's tokens.
@@ -36,6 +41,13 @@ __all__ = ["Provisional", "attach", "usage_energy"]
 
 _EWMA = 0.1  # weight of the newest record in the recent J/token rate
 _NB = 9  # terms of the step basis (wattspan._stepmodel.BASIS)
+_SAT = (7, 8)  # its saturating terms: they need the model's throughputs when the step is seen
+_UNPRICED = 6 + 2 * _NB  # tally slot: steps seen before the device had a model
+
+
+def _saturates(model) -> bool:
+    coef = model.full_coef
+    return any(len(coef) > j and coef[j] != 0 for j in _SAT)
 
 
 class Provisional:
@@ -52,7 +64,8 @@ class Provisional:
         self.max_requests = int(max_requests)
         # request id -> [context tokens so far, steps, prefill tokens, decode tokens,
         #                prefill-phase share of the step basis (9: wattspan._stepmodel.BASIS),
-        #                decode-phase share (9), idle s pre, idle s dec]
+        #                decode-phase share (9), idle s pre, idle s dec,
+        #                steps seen before the device had a model (their saturating terms are 0)]
         self._tally: dict[str, list] = {}
         self._rate: dict[str, float] = {}  # device -> recent J per token
         self._lock = threading.Lock()
@@ -62,7 +75,7 @@ class Provisional:
         """Start tallying the steps of a request (call it when the request arrives)."""
         tally = self._tally
         with self._lock:
-            tally[request_id] = [0.0, 0, 0.0, 0.0] + [0.0] * (2 * _NB + 2)
+            tally[request_id] = [0.0, 0, 0.0, 0.0] + [0.0] * (2 * _NB + 3)
             while len(tally) > self.max_requests:
                 del tally[next(iter(tally))]
                 self.stats["evicted"] += 1
@@ -109,8 +122,10 @@ class Provisional:
         else:
             sat = (0.0, 0.0)
         feats = (dur, pre, dec, ctxk, pre * dur, dec * dur, ctxk * dur, *sat)
+        unpriced = 0 if rates else 1
         with self._lock:
             for rid, n, t in rows:
+                t[_UNPRICED] += unpriced
                 w = n / total
                 base = 4 if n > 1.0 else 4 + _NB  # which phase's share vector
                 for j, f in enumerate(feats):
@@ -152,7 +167,7 @@ class Provisional:
         on = device.split(",") if "," in device else (device,)
         fitted = getattr(meter, "_models", {})
         models = [fitted.get(d) for d in on]
-        if t is not None and all(m is not None for m in models):
+        if t is not None and all(m is not None for m in models) and not (t[_UNPRICED] and any(_saturates(m) for m in models)):
             steps = t[1]
             pre_share = t[4 : 4 + _NB]
             dec_share = t[4 + _NB : 4 + 2 * _NB]

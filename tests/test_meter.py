@@ -105,3 +105,60 @@ def test_a_failing_sink_is_counted_and_others_still_run():
 def test_bad_configuration_is_refused_when_built(kw):
     with pytest.raises(ValueError):
         Meter(sources=[ReplaySource([constant_trace()])], autostart=False, **kw)
+
+
+def _run_steps(m, ids, n, step_ms=10, first_prefill=False):
+    """``n`` batch steps of ``step_ms`` in real time (the simulated source wants them as they end)."""
+    for k in range(n):
+        s = time.monotonic_ns()
+        time.sleep(step_ms / 1000)
+        m.record_step(s, time.monotonic_ns(), "gpu0", {r: (12 if first_prefill and k == 0 else 1) for r in ids})
+
+
+def test_the_first_step_model_comes_from_the_first_20_steps_not_from_a_timer():
+    """After an idle start, a burst's own steps give the device its model as soon as the readings
+    cover 20 of them (refit_s is an hour here), fitted over the burst rather than the idle history,
+    so that it predicts the next request's energy (the provisional figure) near its final record."""
+    from wattspan._provisional import attach
+    from wattspan.sources.simulated import SimulatedSource
+
+    records = []
+    m = Meter(sources=[SimulatedSource()], carbon=CarbonModel(intensity_g_per_kwh=400.0), sinks=[records.append], period_s=0.05, refit_s=3600.0)
+    prov = attach(m)
+    try:
+        assert m.wait_ready(30)
+        time.sleep(12.0)  # a history of idle readings first (about 30x the burst)
+        ids = [f"a{i}" for i in range(8)]
+        for r in ids:
+            m.begin(r, "gpu0", time.monotonic_ns())
+        _run_steps(m, ids, 19, first_prefill=True)
+        time.sleep(1.0)  # the readings now cover all 19
+        assert "gpu0" not in m._models  # fewer than min_fit_steps: no model yet
+        _run_steps(m, ids, 21)
+        for r in ids:
+            m.end(r, "gpu0", time.monotonic_ns(), {"prompt_tokens": 12, "output_tokens": 40})
+        deadline = time.monotonic() + 30
+        while "gpu0" not in m._models and time.monotonic() < deadline:
+            time.sleep(0.05)
+        model = m._models.get("gpu0")
+        assert model is not None, m.counters
+        # it predicts held-out readings (one fitted over the whole, mostly idle history scores <= 0 here:
+        # its time blocks hold the burst in one or two, every family's held-out error is the readings' RMS)
+        assert m.counters["step_model_fits"] >= 1 and model.cv_r2 > 0.25, (model.as_dict(), m.counters)
+        # the next requests are priced by it; their final records agree
+        later = [f"b{i}" for i in range(8)]
+        for r in later:
+            m.begin(r, "gpu0", time.monotonic_ns())
+            prov.open(r)
+        _run_steps(m, later, 20, first_prefill=True)
+        est = {}
+        for r in later:
+            est[r] = prov.estimate(r, "gpu0", 12, 20)
+            m.end(r, "gpu0", time.monotonic_ns(), {"prompt_tokens": 12, "output_tokens": 20})
+        assert m.flush(30)
+    finally:
+        m.close()
+    final = {r.id: r.energy_j for r in records}
+    assert {e["method"] for e in est.values()} == {"step-model"}
+    ratios = sorted(e["energy_j"] / final[r] for r, e in est.items())
+    assert 0.7 < ratios[len(ratios) // 2] < 1.4, ratios

@@ -198,6 +198,28 @@ def test_provisional_prices_every_term_of_the_fitted_family_and_each_gpu_of_a_gr
         assert one["energy_j"] == pytest.approx(n * (float(x[0] @ coef) / 2 + 10.0 * 0.1 / 2), rel=1e-9)
 
 
+def test_steps_seen_before_the_first_model_are_priced_by_it_only_without_saturating_terms():
+    """A saturating term needs the model's throughputs when the step is seen: a request whose steps
+    began before the device had a model gets the recent rate (here: none yet) from such a model."""
+    s = 1_000_000_000
+    meter = _FakeMeter([40.0, 0.0, 0.0, 0.0], idle_w=10.0)
+    meter._models = {}
+    p = Provisional(meter)
+    for r in ("a", "b", "c"):
+        p.open(r)
+    p.observe_step(0, s // 10, "gpu0", {"a": 1, "b": 1})  # no model yet
+    sat = np.zeros(9)
+    sat[[0, 8]] = (40.0, 20.0)
+    meter._models = {"gpu0": StepModel(coef=sat, r2=1.0, rows=100, family="saturating", rates=(50.0, 200.0))}
+    p.observe_step(s // 10, s // 5, "gpu0", {"a": 1, "b": 1, "c": 1})
+    assert p.estimate("a", "gpu0", 1, 2)["method"] == "none"
+    assert p.estimate("c", "gpu0", 1, 1)["method"] == "step-model"  # all its steps seen with the model
+    # a model without saturating terms prices them exactly: b's share of each step (1/2, 1/3) at 40 W + 10 W idle
+    meter._models = {"gpu0": StepModel(coef=np.array([40.0, 0.0, 0.0, 0.0]), r2=1.0, rows=100)}
+    b = p.estimate("b", "gpu0", 1, 2)
+    assert b["method"] == "step-model" and b["energy_j"] == pytest.approx((40.0 + 10.0) * (0.1 / 2 + 0.1 / 3), rel=1e-9)
+
+
 def test_an_empty_tenant_header_falls_back_to_the_api_key():
     from wattspan.integrations.openai_proxy import _tenant_label
 
