@@ -308,7 +308,7 @@ class TestFailures:
         assert proxy.stats["too_large"] == 2
 
     def test_client_hanging_up_closes_the_upstream_stream(self, live_meter):
-        body = chat_body(stream=True, max_tokens=40, fake_delay_s=0.05)
+        body = chat_body(stream=True, max_tokens=400, fake_delay_s=0.05)  # 20 s to its end
         with stack(live_meter) as (up, proxy, url, up_url):
             with httpx.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
                 for _ in r.iter_raw():
@@ -319,7 +319,9 @@ class TestFailures:
             assert up.state.unfinished, "the upstream stream ran to its end after the client left"
             assert proxy.stats["disconnects"] == 1
         (rec,) = records(live_meter, 1)
-        assert rec.duration_s < 1.8
+        # the record ends where the client left, not where the stream would have (at 20 s): a margin
+        # that a loaded machine's slower disconnect handling does not eat, and it costs no time
+        assert rec.duration_s < 10.0, rec.duration_s
 
     def test_upstream_failing_mid_stream_breaks_the_client_response_only(self, live_meter):
         with stack(live_meter) as (up, proxy, url, up_url):
