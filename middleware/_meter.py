@@ -15,9 +15,9 @@ The idle baseline and the batch-step model are re-estimated over the last
 ``history_s`` of trace, so short passes (and the provisional per-request figure,
 :mod:`wattspan._provisional`) use a model fitted on enough readings. When: a
 device's first model as soon as the sensor's readings cover ``min_fit_steps``
-(20) of its batch steps, retried at most once a second while new steps arrive
-until one is accepted; then every ``refit_s`` (5 s) while the device has new
-steps or requests in flight. The model is fitted over the stretch the steps
+(20) of its batch steps, retried while new steps arrive until one is accepted
+(after 1 s, then 2, 4, ... up to ``refit_s``); then every ``refit_s`` (5 s)
+while the device has new steps or requests in flight. The model is fitted over the stretch the steps
 span (with as much time before them; the idle baseline over the whole
 history), and accepted when it used at least 20 readings and ``min_fit_steps``
 steps and predicts held-out readings better than their mean (``cv_r2 > 0``);
@@ -192,6 +192,7 @@ class Meter:
         self._fit_steps: dict[str, int] = {}
         self._fit_at: dict[str, float] = {}
         self._first_fit_ns: dict[str, int] = {}
+        self._fit_wait: dict[str, float] = {}  # device -> seconds before its next try at a first model
         self._stop = threading.Event()
         self._idle_pass = threading.Event()
         self._thread: threading.Thread | None = None
@@ -685,8 +686,12 @@ class Meter:
         seen = self._dev_steps.get(dev, 0)
         new_steps = seen > self._fit_steps.get(dev, 0)
         if dev not in self._models and new_steps and seen >= self.min_fit_steps:
-            # no model yet: as soon as the readings cover enough steps, then at most once a second
-            due = cut >= self._first_fit_ns.get(dev, cut) and (last is None or now - last >= min(1.0, self.refit_s))
+            # no model yet: as soon as the readings cover enough steps; a rejected fit is retried after
+            # 1 s, then 2, 4, ... up to refit_s (a sensor that never resolves the steps costs no more)
+            wait = self._fit_wait.get(dev, 0.0)
+            due = cut >= self._first_fit_ns.get(dev, cut) and (last is None or now - last >= wait)
+            if due:
+                self._fit_wait[dev] = min(self.refit_s, max(1.0, 2 * wait))
         else:
             due = (new_steps or busy) and (last is None or now - last >= self.refit_s)
         if due:

@@ -162,3 +162,39 @@ def test_the_first_step_model_comes_from_the_first_20_steps_not_from_a_timer():
     assert {e["method"] for e in est.values()} == {"step-model"}
     ratios = sorted(e["energy_j"] / final[r] for r, e in est.items())
     assert 0.7 < ratios[len(ratios) // 2] < 1.4, ratios
+
+
+def test_the_refit_schedule(monkeypatch):
+    """First model: once the readings cover 20 steps, retried after 1, 2, 4 ... s; then every refit_s."""
+    import types
+
+    import wattspan._meter as core
+
+    m = Meter(sources=[ReplaySource([constant_trace()])], autostart=False, refit_s=5.0)
+    now = [100.0]
+    monkeypatch.setattr(core, "time", types.SimpleNamespace(monotonic=lambda: now[0], monotonic_ns=time.monotonic_ns))
+
+    def steps(k0, k1):
+        for k in range(k0, k1):
+            m._hist_add((k * 10 * MS, k * 10 * MS + 5 * MS, "gpu0", {"a": 1}))
+
+    def due(t, cut=10**12, busy=False):
+        now[0] = t
+        return m._refit_due("gpu0", cut, busy)
+
+    steps(0, 19)
+    assert due(100.0)  # a device's first refit (idle baseline; its model would have too few steps)
+    assert not due(100.5)  # nothing new
+    steps(19, 20)  # the 20th step ends at 195 ms
+    assert not due(100.6, cut=190 * MS)  # the readings do not cover it yet
+    assert due(100.6, cut=195 * MS)
+    steps(20, 21)
+    assert not due(101.0) and due(101.7)  # no model came of it: again after 1 s
+    steps(21, 22)
+    assert not due(103.0) and due(103.8)  # ... then 2 s
+    m._models["gpu0"] = object()  # a model was accepted
+    steps(22, 23)
+    assert not due(105.0) and due(108.9)  # then every refit_s
+    assert not due(120.0)  # no new steps and nothing in flight: nothing to refit
+    assert due(120.0, busy=True)
+    m.close()
