@@ -464,7 +464,7 @@ def attribute(
         dyn, idle_share = _conserve(measured, dyn, idle_share)
         if len(s_idx):
             hd = _dyn_half_width(dyn, spread, starts, ends, summary_extra)
-            if dev_quality == "misfit":
+            if dev_quality == "misfit" and "misfit_var" not in (summary_extra.get("noise") or {}):
                 # the model explains little of what the sensor saw: the split inside each
                 # window is uncertain by the share it leaves unexplained
                 r2 = summary_extra["model"].cv_r2 if summary_extra.get("model") is not None else math.nan
@@ -971,6 +971,7 @@ def _batch_fit(cum, trace, steps, s_idx, requests, ridx, seg, idle_curve, a, b, 
             band_rel = _band_rel(m_row, pred, p_row)
             noise = _noise_model(m_row - pred, p_row, t_row, len_row, m_row, x @ coef, feats, rel, a, L,
                                  max(overlap, excess))
+            noise["resid"] = m_row - pred
         else:
             reconcile_s = (b - a) * _NS
             window_why = "too few readings: the whole period"
@@ -1018,8 +1019,11 @@ def _batch_fit(cum, trace, steps, s_idx, requests, ridx, seg, idle_curve, a, b, 
                          e_s, e_r, share, on_dev, len(ridx))
     # Per request: sum over its steps of (its share of the step's energy)^2, for the step-noise term.
     s2 = np.bincount(e_r[on_dev], weights=(e_step[e_s[on_dev]] * share[on_dev]) ** 2, minlength=len(ridx))
+    if noise is not None and "resid" in noise:
+        noise = dict(noise, **_request_components(noise.pop("resid"), p_row, t_row, len_row, rel, feats, e_step, e_s,
+                                                  e_r, share, on_dev, e_rel, w_meas, w_pred, len(ridx)))
     spread = (*spread, s2, noise)
-    extra_noise = noise
+    extra_noise = {k: v for k, v in noise.items() if k != "exposure"} if noise is not None else None
 
     # 5. The residual, as a piecewise-constant power over windows, shared by time.
     res_rate = resid / np.diff(e_rel)
@@ -1193,6 +1197,8 @@ def _dyn_half_width(dyn, spread, starts, ends, extra) -> np.ndarray:
         cv = extra["model"].cv_error if extra.get("model") is not None else math.nan
         rel_sd = cv if math.isfinite(cv) else 0.25
         return np.sqrt(var + (rel_sd * dyn) ** 2)
+    if noise.get("exposure") is not None:
+        return _dyn_sd_components(dyn, var, noise)
     life = np.maximum((ends - starts).astype(np.float64), 1.0)
     groups = noise["groups"]
     if groups:
@@ -1216,6 +1222,15 @@ def _dyn_half_width(dyn, spread, starts, ends, extra) -> np.ndarray:
     # only where it says more (a request whose energy sits in a few steps)
     var = var + np.maximum((sig_i * dyn) ** 2, noise["step_var"] * s2 * u)
     return np.sqrt(var)
+
+
+def _dyn_sd_components(dyn, var, noise) -> np.ndarray:
+    """One standard deviation (J) of each request's dynamic energy from the separated components
+    (see :func:`_unit_components` and :func:`_exposure`); ``var``: the coefficients' own spread."""
+    ex = noise["exposure"]
+    step = noise["step_var_req"] * ex["s2phi"]
+    misfit = noise["misfit_var"] * (dyn * (1.0 - ex["psi"])) ** 2
+    return np.sqrt(var + step + misfit + ex["v_req"])
 
 
 def _noise_model(r, p, t, len_ns, m, e_mod, feats, rel, a, L, overlap):
@@ -1254,6 +1269,97 @@ def _noise_model(r, p, t, len_ns, m, e_mod, feats, rel, a, L, overlap):
         step_var = math.exp(wgt * math.log(max(upper, 1e-12)) + (1 - wgt) * math.log(max(split, 1e-12))) if upper > 0 else 0.0
     return {"groups": groups, "step_var": step_var, "spacing_ns": spacing, "reading_ns": max(w_typ * 1e9, spacing),
             "window_ns": float(L), "step_ns": float(np.median(feats.dur)) * 1e9}
+
+
+_FIT_REQUESTS = 20_000  # requests the band's components are fitted on, at most
+
+
+def _request_components(r, p, t, len_ns, rel, feats, e_step, e_s, e_r, share, on_dev, e_rel, w_meas, w_pred, n_req) -> dict:
+    """The error band's components, estimated on the unit it is for: a request.
+
+    Each reading's held-out residual ``r`` (the reading predicted from the model scaled by the
+    rest of its reconciliation window) is spread over the steps it covers as a relative error,
+    and each request sums its steps' parts with those errors: ``R`` is what its energy would
+    be off by had its steps' energies come from held-out readings. Over all requests (as
+    relative errors, one row each) the expected ``R^2`` is split by non-negative least squares
+    into
+
+    * ``misfit``: a share of the request's whole dynamic energy squared: the step family
+      wrong in a way that persists over the request's steps (a prompt-heavy request's chunks
+      all over- or under-predicted); it does not average out, it scales with the energy;
+    * ``step``: a share of its steps' squared parts: each step (and the sensor's reading of
+      it) off independently; it averages out over a request's many steps, and is what is
+      left for a request made of one prefill chunk.
+
+    Then the reconciliation: the windows are measured, so a step's own error counts less the
+    more of its window's energy it is, and a request's persistent misfit less the more of its
+    windows' energy it holds (``s2phi``, ``psi``)."""
+    out: dict = {}
+    nw = len(w_pred)
+    if len(t) < 8 or not len(e_step) or nw < 1 or n_req == 0 or not np.any(on_dev):
+        return out
+    lo_t = rel(t - np.asarray(len_ns, dtype=np.int64))
+    hi_t = rel(t)
+    lo_t = np.maximum.accumulate(lo_t)
+    cr = np.concatenate(([0.0], np.cumsum(r)))
+    cp = np.concatenate(([0.0], np.cumsum(p)))
+    # readings overlapping each step (at least the one holding its middle)
+    mid = 0.5 * (feats.st + feats.en)
+    j0 = np.minimum(np.searchsorted(hi_t, feats.st, side="right"), np.searchsorted(hi_t, mid, side="left"))
+    j1 = np.maximum(np.searchsorted(lo_t, feats.en, side="left"), j0 + 1)
+    j0 = np.clip(j0, 0, len(t) - 1)
+    j1 = np.clip(j1, j0 + 1, len(t))
+    ps = cp[j1] - cp[j0]
+    rho = np.where(ps > 0, (cr[j1] - cr[j0]) / np.where(ps > 0, ps, 1.0), 0.0)
+    part = e_step[e_s[on_dev]] * share[on_dev]
+    r_on = e_r[on_dev]
+    dyn = np.bincount(r_on, weights=part, minlength=n_req)
+    # the fit needs a few thousand requests, not millions: every k-th one
+    stride = max(1, n_req // _FIT_REQUESTS)
+    fe = (r_on % stride) == 0 if stride > 1 else slice(None)
+    e_fit, r_fit, part_fit = e_s[on_dev][fe], r_on[fe], part[fe]
+    R = np.bincount(r_fit, weights=part_fit * rho[e_fit], minlength=n_req)
+    # exposures of R: a reading's white sensor noise enters as the request's part of that
+    # reading squared; the steps' own scatter as that part squared times the reading's sum of
+    # squared step energies over its energy squared (1 for one step, 1/n for n equal ones)
+    sq = _StepFeatures((e_step**2)[:, None], feats.st, feats.en)
+    Qj = (sq.mass(hi_t) - sq.mass(lo_t))[:, 0]
+    pj = np.maximum(p, 1e-12 * max(float(np.max(np.abs(p))), 1e-30))
+    jm = np.clip(np.searchsorted(hi_t, mid, side="left"), 0, len(t) - 1)  # the reading holding each step's middle
+    key = r_fit.astype(np.int64) * len(t) + jm[e_fit]
+    uk, inv = np.unique(key, return_inverse=True)
+    pr = np.bincount(inv, weights=part_fit)  # each (request, reading) part
+    u_req, u_j = uk // len(t), uk % len(t)
+    sens = np.bincount(u_req, weights=pr**2, minlength=n_req)
+    stepx = np.bincount(u_req, weights=pr**2 * np.minimum(Qj[u_j] / pj[u_j] ** 2, 1.0), minlength=n_req)
+    ok = dyn > 1e-9 * max(float(dyn.max()), 1e-30)
+    if stride > 1:
+        ok &= (np.arange(n_req) % stride) == 0
+    if ok.sum() < 20:
+        return out
+    yv = (R[ok] / dyn[ok]) ** 2
+    yv = np.minimum(yv, float(np.quantile(yv, 0.99)))  # a burst the model never saw widens, not sets, the band
+    d2 = dyn[ok] ** 2
+    X = np.column_stack((np.ones(int(ok.sum())), stepx[ok] / d2, sens[ok] / d2))
+    v = nnls(X, yv)
+    # reconciliation's reach: each step's share of its window, each request's of its windows
+    k_step = np.clip(np.searchsorted(e_rel, feats.st, side="right") - 1, 0, nw - 1)
+    wp = np.where(w_pred > 0, w_pred, np.inf)
+    phi = np.minimum(1.0, np.maximum(e_step, 0.0) / wp[k_step])
+    s2phi = np.bincount(r_on, weights=part**2 * (1.0 - phi[e_s[on_dev]]), minlength=n_req)
+    k_e = k_step[e_s[on_dev]]
+    wsum = np.bincount(r_on, weights=part * np.maximum(w_meas, 0.0)[k_e], minlength=n_req)
+    win_e = np.where(dyn > 0, wsum / np.where(dyn > 0, dyn, 1.0), 0.0)
+    psi = np.where(win_e > 0, np.minimum(1.0, dyn / np.where(win_e > 0, win_e, 1.0)), 1.0)
+    # the sensor's noise reaches a request through its windows' measured totals
+    kw = np.clip(np.searchsorted(e_rel, hi_t, side="left") - 1, 0, nw - 1)
+    Nw = np.bincount(kw, weights=p**2, minlength=nw)
+    Pw = np.bincount(kw, weights=p, minlength=nw)
+    vw = np.where(Pw > 0, v[2] * Nw / np.where(Pw > 0, Pw, 1.0) ** 2, 0.0)
+    v_req = np.bincount(r_on, weights=part**2 * vw[k_e], minlength=n_req) if nw > 1 else np.zeros(n_req)
+    out = {"requests_used": int(ok.sum()), "misfit_var": float(v[0]), "step_var_req": float(v[1]),
+           "sensor_var": float(v[2]), "exposure": {"s2phi": s2phi, "psi": psi, "v_req": v_req}}
+    return out
 
 
 def _shifted(cum, trace, d_ns: int):
