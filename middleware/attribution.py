@@ -972,6 +972,7 @@ def _batch_fit(cum, trace, steps, s_idx, requests, ridx, seg, idle_curve, a, b, 
             noise = _noise_model(m_row - pred, p_row, t_row, len_row, m_row, x @ coef, feats, rel, a, L,
                                  max(overlap, excess))
             noise["resid"] = m_row - pred
+            noise["overlap"] = int(max(overlap, excess))
         else:
             reconcile_s = (b - a) * _NS
             window_why = "too few readings: the whole period"
@@ -1021,7 +1022,9 @@ def _batch_fit(cum, trace, steps, s_idx, requests, ridx, seg, idle_curve, a, b, 
     s2 = np.bincount(e_r[on_dev], weights=(e_step[e_s[on_dev]] * share[on_dev]) ** 2, minlength=len(ridx))
     if noise is not None and "resid" in noise:
         noise = dict(noise, **_request_components(noise.pop("resid"), p_row, t_row, len_row, rel, feats, e_step, e_s,
-                                                  e_r, share, on_dev, e_rel, w_meas, w_pred, len(ridx)))
+                                                  e_r, share, on_dev, e_rel, w_meas, w_pred, len(ridx),
+                                                  (rel(np.clip(requests.start_ns[ridx], a, b)),
+                                                   rel(np.clip(requests.end_ns[ridx], a, b)))))
     spread = (*spread, s2, noise)
     extra_noise = {k: v for k, v in noise.items() if k != "exposure"} if noise is not None else None
 
@@ -1229,7 +1232,7 @@ def _dyn_sd_components(dyn, var, noise) -> np.ndarray:
     (see :func:`_unit_components` and :func:`_exposure`); ``var``: the coefficients' own spread."""
     ex = noise["exposure"]
     step = noise["step_var_req"] * ex["s2phi"]
-    misfit = noise["misfit_var"] * (dyn * (1.0 - ex["psi"])) ** 2
+    misfit = (noise["misfit_var"] + noise["request_var"]) * (dyn * (1.0 - ex["psi"])) ** 2
     return np.sqrt(var + step + misfit + ex["v_req"])
 
 
@@ -1271,77 +1274,100 @@ def _noise_model(r, p, t, len_ns, m, e_mod, feats, rel, a, L, overlap):
             "window_ns": float(L), "step_ns": float(np.median(feats.dur)) * 1e9}
 
 
-_FIT_REQUESTS = 20_000  # requests the band's components are fitted on, at most
+_UNITS = 2_000  # requests whose lifetimes the band's components are fitted on, at most
+_PAIRS = 200_000  # (lifetime, request in flight) pairs the fit looks at, at most
 
 
-def _request_components(r, p, t, len_ns, rel, feats, e_step, e_s, e_r, share, on_dev, e_rel, w_meas, w_pred, n_req) -> dict:
-    """The error band's components, estimated on the unit it is for: a request.
+def _request_components(r, p, t, len_ns, rel, feats, e_step, e_s, e_r, share, on_dev, e_rel, w_meas, w_pred, n_req,
+                        life) -> dict:
+    """The error band's components, estimated on the unit it is for: a request's lifetime.
 
-    Each reading's held-out residual ``r`` (the reading predicted from the model scaled by the
-    rest of its reconciliation window) is spread over the steps it covers as a relative error,
-    and each request sums its steps' parts with those errors: ``R`` is what its energy would
-    be off by had its steps' energies come from held-out readings. Over all requests (as
-    relative errors, one row each) the expected ``R^2`` is split by non-negative least squares
-    into
+    Over each request's lifetime the readings (or counter windows) that overlap it have
+    held-out residuals ``r`` (each reading predicted from the model scaled by the rest of its
+    reconciliation window) summing to ``R``: how far off the model is over that stretch of
+    time, for all the requests in flight together. Its expected square is split, by
+    non-negative least squares over many such lifetimes (as relative errors, one row each),
+    into what each source would add:
 
-    * ``misfit``: a share of the request's whole dynamic energy squared: the step family
-      wrong in a way that persists over the request's steps (a prompt-heavy request's chunks
-      all over- or under-predicted); it does not average out, it scales with the energy;
-    * ``step``: a share of its steps' squared parts: each step (and the sensor's reading of
-      it) off independently; it averages out over a request's many steps, and is what is
-      left for a request made of one prefill chunk.
+    * ``misfit_var``: the step family wrong in a way common to everything in flight
+      (exposure: the total, squared; it does not average out);
+    * ``request_var``: each request's own persistent misfit (a prompt-heavy request's chunks
+      all over-predicted), independent between requests (exposure: the sum of the squared
+      energies of the requests in flight: it averages out over concurrency in the total, but
+      not in any one request);
+    * ``step_var``: each step off independently (exposure: the sum of squared step energies;
+      it averages out over a request's many steps);
+    * ``sensor_var``, ``edge_var``: white noise on each reading (the sum of squared reading
+      energies) and a reading window placed early or late (the two end readings' squared
+      energies): the sensor's, credited only as far as the data tell it apart from the
+      steps' scatter (see :func:`_credited_split`).
 
-    Then the reconciliation: the windows are measured, so a step's own error counts less the
-    more of its window's energy it is, and a request's persistent misfit less the more of its
-    windows' energy it holds (``s2phi``, ``psi``)."""
+    Then each request's exposure once reconciled: the windows are measured, so a step's own
+    error counts less the more of its window's energy it is, a request's misfit less the more
+    of its windows' energy it holds (``s2phi``, ``psi``), and the sensor's noise reaches it
+    only through its windows' measured totals (``v_req``)."""
     out: dict = {}
     nw = len(w_pred)
     if len(t) < 8 or not len(e_step) or nw < 1 or n_req == 0 or not np.any(on_dev):
         return out
-    lo_t = rel(t - np.asarray(len_ns, dtype=np.int64))
+    len_ns = np.asarray(len_ns, dtype=np.int64)
+    spacing = float(np.median(np.diff(t)))
+    k_over = int(round(float(np.median(len_ns)) / spacing)) if spacing > 0 else 1
+    if k_over > 1:
+        # readings that overlap (a 1 s average polled every 100 ms): every k-th one tiles time,
+        # so sums over a lifetime count each joule once, as the requests' parts do
+        t, r, p, len_ns = t[::k_over], r[::k_over], p[::k_over], len_ns[::k_over]
+        if len(t) < 8:
+            return out
+    lo_t = np.maximum.accumulate(rel(t - len_ns))
     hi_t = rel(t)
-    lo_t = np.maximum.accumulate(lo_t)
-    cr = np.concatenate(([0.0], np.cumsum(r)))
-    cp = np.concatenate(([0.0], np.cumsum(p)))
-    # readings overlapping each step (at least the one holding its middle)
-    mid = 0.5 * (feats.st + feats.en)
-    j0 = np.minimum(np.searchsorted(hi_t, feats.st, side="right"), np.searchsorted(hi_t, mid, side="left"))
-    j1 = np.maximum(np.searchsorted(lo_t, feats.en, side="left"), j0 + 1)
-    j0 = np.clip(j0, 0, len(t) - 1)
-    j1 = np.clip(j1, j0 + 1, len(t))
-    ps = cp[j1] - cp[j0]
-    rho = np.where(ps > 0, (cr[j1] - cr[j0]) / np.where(ps > 0, ps, 1.0), 0.0)
+    c = lambda v: np.concatenate(([0.0], np.cumsum(v)))  # noqa: E731
+    sq = _StepFeatures((e_step**2)[:, None], feats.st, feats.en)
+    Qj = (sq.mass(hi_t) - sq.mass(lo_t))[:, 0]
+    cr, cp, cp2, cq = c(r), c(p), c(p**2), c(Qj)
     part = e_step[e_s[on_dev]] * share[on_dev]
     r_on = e_r[on_dev]
     dyn = np.bincount(r_on, weights=part, minlength=n_req)
-    # the fit needs a few thousand requests, not millions: every k-th one
-    stride = max(1, n_req // _FIT_REQUESTS)
-    fe = (r_on % stride) == 0 if stride > 1 else slice(None)
-    e_fit, r_fit, part_fit = e_s[on_dev][fe], r_on[fe], part[fe]
-    R = np.bincount(r_fit, weights=part_fit * rho[e_fit], minlength=n_req)
-    # exposures of R: a reading's white sensor noise enters as the request's part of that
-    # reading squared; the steps' own scatter as that part squared times the reading's sum of
-    # squared step energies over its energy squared (1 for one step, 1/n for n equal ones)
-    sq = _StepFeatures((e_step**2)[:, None], feats.st, feats.en)
-    Qj = (sq.mass(hi_t) - sq.mass(lo_t))[:, 0]
-    pj = np.maximum(p, 1e-12 * max(float(np.max(np.abs(p))), 1e-30))
-    jm = np.clip(np.searchsorted(hi_t, mid, side="left"), 0, len(t) - 1)  # the reading holding each step's middle
-    key = r_fit.astype(np.int64) * len(t) + jm[e_fit]
-    uk, inv = np.unique(key, return_inverse=True)
-    pr = np.bincount(inv, weights=part_fit)  # each (request, reading) part
-    u_req, u_j = uk // len(t), uk % len(t)
-    sens = np.bincount(u_req, weights=pr**2, minlength=n_req)
-    stepx = np.bincount(u_req, weights=pr**2 * np.minimum(Qj[u_j] / pj[u_j] ** 2, 1.0), minlength=n_req)
-    ok = dyn > 1e-9 * max(float(dyn.max()), 1e-30)
-    if stride > 1:
-        ok &= (np.arange(n_req) % stride) == 0
-    if ok.sum() < 20:
+    s2 = np.bincount(r_on, weights=part**2, minlength=n_req)
+    ls, le = life
+    cand = np.flatnonzero((dyn > 0) & (le > ls))
+    if len(cand) < 20:
         return out
-    yv = (R[ok] / dyn[ok]) ** 2
+    units = cand[np.linspace(0, len(cand) - 1, min(_UNITS, len(cand))).astype(np.int64)]
+    j0 = np.searchsorted(hi_t, ls[units], side="right")
+    j1 = np.searchsorted(lo_t, le[units], side="left")
+    ok = j1 > j0
+    units, j0, j1 = units[ok], j0[ok], j1[ok]
+    if len(units) < 20:
+        return out
+    R, P = cr[j1] - cr[j0], cp[j1] - cp[j0]
+    N, S = cp2[j1] - cp2[j0], cq[j1] - cq[j0]
+    E = p[j0] ** 2 + np.where(j1 - 1 > j0, p[j1 - 1] ** 2, 0.0)
+    A_u, B_u = lo_t[j0], hi_t[j1 - 1]
+    # the requests in flight over each unit, and their energy inside it (at their mean rate)
+    o = np.argsort(ls, kind="stable")
+    ls_o, le_o, dyn_o = ls[o], le[o], dyn[o]
+    span = np.maximum(le_o - ls_o, 1e-9)
+    longest = float(np.quantile(span, 0.99)) if len(span) else 0.0
+    k0 = np.searchsorted(ls_o, A_u - longest, side="left")
+    k1 = np.searchsorted(ls_o, B_u, side="left")
+    cnt = np.maximum(k1 - k0, 0)
+    if int(cnt.sum()) > _PAIRS:  # thousands in flight: fewer lifetimes do (the fit has five terms)
+        keep = np.arange(0, len(units), int(math.ceil(cnt.sum() / _PAIRS)))
+        units, j0, j1, k0, cnt = units[keep], j0[keep], j1[keep], k0[keep], cnt[keep]
+        R, P, N, S, E, A_u, B_u = R[keep], P[keep], N[keep], S[keep], E[keep], A_u[keep], B_u[keep]
+    u_of = np.repeat(np.arange(len(units)), cnt)
+    k = np.arange(int(cnt.sum())) - np.repeat(np.cumsum(cnt) - cnt, cnt) + np.repeat(k0, cnt)
+    ov = np.clip(np.minimum(le_o[k], B_u[u_of]) - np.maximum(ls_o[k], A_u[u_of]), 0.0, None)
+    Xreq = np.bincount(u_of, weights=(dyn_o[k] * ov / span[k]) ** 2, minlength=len(units))
+    pos = P > 1e-9 * max(float(np.median(np.abs(P))), 1e-30)
+    if pos.sum() < 20:
+        return out
+    P2 = P[pos] ** 2
+    X = np.column_stack((np.ones(int(pos.sum())), Xreq[pos] / P2, S[pos] / P2, N[pos] / P2, E[pos] / P2))
+    yv = (R[pos] / P[pos]) ** 2
     yv = np.minimum(yv, float(np.quantile(yv, 0.99)))  # a burst the model never saw widens, not sets, the band
-    d2 = dyn[ok] ** 2
-    X = np.column_stack((np.ones(int(ok.sum())), stepx[ok] / d2, sens[ok] / d2))
-    v = nnls(X, yv)
+    v = _credited_split(X, yv, sensor=(3, 4))
     # reconciliation's reach: each step's share of its window, each request's of its windows
     k_step = np.clip(np.searchsorted(e_rel, feats.st, side="right") - 1, 0, nw - 1)
     wp = np.where(w_pred > 0, w_pred, np.inf)
@@ -1351,15 +1377,49 @@ def _request_components(r, p, t, len_ns, rel, feats, e_step, e_s, e_r, share, on
     wsum = np.bincount(r_on, weights=part * np.maximum(w_meas, 0.0)[k_e], minlength=n_req)
     win_e = np.where(dyn > 0, wsum / np.where(dyn > 0, dyn, 1.0), 0.0)
     psi = np.where(win_e > 0, np.minimum(1.0, dyn / np.where(win_e > 0, win_e, 1.0)), 1.0)
-    # the sensor's noise reaches a request through its windows' measured totals
     kw = np.clip(np.searchsorted(e_rel, hi_t, side="left") - 1, 0, nw - 1)
     Nw = np.bincount(kw, weights=p**2, minlength=nw)
     Pw = np.bincount(kw, weights=p, minlength=nw)
-    vw = np.where(Pw > 0, v[2] * Nw / np.where(Pw > 0, Pw, 1.0) ** 2, 0.0)
-    v_req = np.bincount(r_on, weights=part**2 * vw[k_e], minlength=n_req) if nw > 1 else np.zeros(n_req)
-    out = {"requests_used": int(ok.sum()), "misfit_var": float(v[0]), "step_var_req": float(v[1]),
-           "sensor_var": float(v[2]), "exposure": {"s2phi": s2phi, "psi": psi, "v_req": v_req}}
+    first = np.concatenate(([True], kw[1:] != kw[:-1]))
+    last = np.concatenate((kw[1:] != kw[:-1], [True]))
+    Ew = np.bincount(kw, weights=p**2 * (first | last), minlength=nw)
+    vw = np.where(Pw > 0, (v[3] * Nw + v[4] * Ew) / np.where(Pw > 0, Pw, 1.0) ** 2, 0.0)
+    v_req = np.bincount(r_on, weights=part**2 * vw[k_e], minlength=n_req)
+    out = {"units": int(pos.sum()), "misfit_var": float(v[0]), "request_var": float(v[1]), "step_var_req": float(v[2]),
+           "sensor_var": float(v[3]), "edge_var": float(v[4]), "exposure": {"s2phi": s2phi, "psi": psi, "v_req": v_req}}
     return out
+
+
+def _credited_split(X: np.ndarray, y: np.ndarray, sensor=(3, 4)) -> np.ndarray:
+    """Non-negative split of ``y`` over the exposures ``X``, crediting the sensor's columns only
+    with what the data identify: where a reading holds about as many steps as any other, the
+    steps' scatter and the sensor's noise have the same exposure and no fit can tell them
+    apart. The sensor keeps the 10 % quantile of its share over a block bootstrap (contiguous blocks
+    of lifetimes, in time order), never more than the full fit gives it; the rest is refitted
+    on the other columns, which do reach the request."""
+    v = nnls(X, y)
+    n = len(y)
+    kb = min(20, n // 5)
+    sensor = list(sensor)
+    if kb < 4 or not np.any(v[sensor] > 0):
+        return v
+    blk = np.minimum((np.arange(n) * kb) // max(n, 1), kb - 1)
+    rng = np.random.default_rng(7)
+    boots = []
+    for _ in range(_SPLIT_BOOT):
+        sw = np.sqrt(np.bincount(rng.integers(0, kb, kb), minlength=kb)[blk].astype(np.float64))
+        boots.append(nnls(X * sw[:, None], y * sw)[sensor])
+    lo = np.minimum(np.quantile(np.array(boots), _SENSOR_Q, axis=0), v[sensor])
+    keep = [i for i in range(X.shape[1]) if i not in sensor]
+    rest = nnls(X[:, keep], y - X[:, sensor] @ lo)
+    out = np.zeros(X.shape[1])
+    out[keep] = rest
+    out[sensor] = lo
+    return out
+
+
+_SPLIT_BOOT = 40  # block-bootstrap resamples of the split
+_SENSOR_Q = 0.1  # the sensor keeps what 9 in 10 resamples give it at least
 
 
 def _shifted(cum, trace, d_ns: int):
