@@ -981,7 +981,6 @@ def _batch_fit(cum, trace, steps, s_idx, requests, ridx, seg, idle_curve, a, b, 
             noise = _noise_model(m_row - pred, p_row, t_row, len_row, m_row, x @ coef, feats, rel, a, L,
                                  max(overlap, excess))
             noise["resid"] = m_row - pred
-            noise["overlap"] = int(max(overlap, excess))
         else:
             reconcile_s = (b - a) * _NS
             window_why = "too few readings: the whole period"
@@ -1238,7 +1237,7 @@ def _dyn_half_width(dyn, spread, starts, ends, extra) -> np.ndarray:
 
 def _dyn_sd_components(dyn, var, noise) -> np.ndarray:
     """One standard deviation (J) of each request's dynamic energy from the separated components
-    (see :func:`_unit_components` and :func:`_exposure`); ``var``: the coefficients' own spread."""
+    (see :func:`_request_components`); ``var``: the coefficients' own spread."""
     ex = noise["exposure"]
     misfit = (noise["misfit_var"] + noise["request_var"]) * (dyn * (1.0 - ex["psi"])) ** 2
     return np.sqrt(var + misfit + ex["white"])
