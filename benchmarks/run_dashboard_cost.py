@@ -27,7 +27,7 @@ import wattspan
 from wattspan import RequestRecord
 from wattspan.audit import build_report, carbon_for, from_ledger, render_markdown
 from wattspan.dashboard import DataCache, data
-from wattspan.ledger import Ledger, aggregate
+from wattspan.export.ledger import Ledger, aggregate
 
 
 

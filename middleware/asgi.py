@@ -18,7 +18,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ._context import _current
+from .meter.context import _current
+from .records import Cardinality
 
 __all__ = ["EnergyMiddleware"]
 
@@ -59,32 +60,6 @@ try:  # OpenTelemetry is optional: with it, the record is tied to the request's 
 
 except ImportError:  # pragma: no cover - exercised without the otel extra
     pass
-
-
-class Cardinality:
-    """Admits at most ``limit`` distinct values; the rest become ``overflow`` (counted).
-
-    Bounds label cardinality: the middleware's tenants, the metrics' labels.
-    """
-
-    __slots__ = ("limit", "seen", "overflow", "overflowed", "_lock")
-
-    def __init__(self, limit: int, overflow: str = "other") -> None:
-        self.limit = limit
-        self.seen: set[str] = set()
-        self.overflow = overflow
-        self.overflowed = 0
-        self._lock = threading.Lock()
-
-    def __call__(self, value: str) -> str:
-        if value in self.seen:
-            return value
-        with self._lock:
-            if len(self.seen) < self.limit:
-                self.seen.add(value)
-                return value
-            self.overflowed += 1
-        return self.overflow
 
 
 class EnergyMiddleware:
@@ -146,8 +121,8 @@ class EnergyMiddleware:
             request_id_header = settings.request_id_header
         self.device = device if device is not None else settings.device
         if isinstance(self.device, (list, tuple)) or (isinstance(self.device, str) and ("," in self.device or "+" in self.device)):
-            # a device group, e.g. ["gpu0", "gpu1"] or "gpu0, gpu1" (see wattspan._groups)
-            from ._groups import group_key
+            # a device group, e.g. ["gpu0", "gpu1"] or "gpu0, gpu1" (see wattspan.attribution.groups)
+            from .devices import group_key
 
             self.device = group_key(self.device)
         self.model = model.lower().encode("latin-1") if isinstance(model, str) else model
@@ -164,7 +139,7 @@ class EnergyMiddleware:
     @property
     def meter(self):
         if self._meter is None:
-            from ._meter import get_default_meter
+            from .defaults import get_default_meter
 
             self._meter = get_default_meter()
         return self._meter
@@ -291,10 +266,10 @@ class _Window:
         self.root = scope.get("root_path", "")
         self.trace_id, self.span_id, span = _span_ids()
         meter = mw.meter
-        if span is not None and meter.span_processor is not None:
-            meter.span_processor.expect(self.span_id)
+        if span is not None and meter.holds_spans:
+            meter.expect_span(self.span_id)
         meter.begin(self.id, self.device, _monotonic_ns())
-        prov = getattr(meter, "provisional", None)  # wattspan.usage_energy() is in use: tally this request's steps
+        prov = meter.provisional  # wattspan.usage_energy() is in use: tally this request's steps
         if prov is not None:
             prov.open(self.id)
 
@@ -341,7 +316,7 @@ class _Window:
                 "output_tokens": self.output_tokens,
             }
             mw.meter.end(self.id, self.device, t, meta)
-            prov = getattr(mw.meter, "provisional", None)
+            prov = mw.meter.provisional
             if prov is not None:
                 prov.forget(self.id)
         except Exception:

@@ -119,7 +119,7 @@ class DeferralQueue:
     def __init__(self, provider=None, *, zone: str = "world", max_concurrency: int = 2, period_s: float = 3600.0,
                  max_jobs: int = 10_000, keep_done: int = 1000, clock: Callable[[], float] = time.time,
                  poll_s: float = 1.0, max_held_bytes: int = 256 << 20) -> None:
-        from .intensity import ProfileProvider
+        from .carbon.intensity import ProfileProvider
 
         if not (isinstance(max_concurrency, int) and max_concurrency >= 1):
             raise ValueError(f"max_concurrency must be an integer >= 1, got {max_concurrency!r}")

@@ -1,10 +1,14 @@
-"""The per-request record: what wattspan says one request cost, and how it knows."""
+"""The per-request record: what wattspan says one request cost, and how it knows.
+
+And :class:`Cardinality`, the bound on the distinct label values records carry.
+"""
 
 from __future__ import annotations
 
+import threading
 from dataclasses import asdict, dataclass
 
-__all__ = ["RequestRecord"]
+__all__ = ["Cardinality", "RequestRecord"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,3 +84,29 @@ class RequestRecord:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+class Cardinality:
+    """Admits at most ``limit`` distinct values; the rest become ``overflow`` (counted).
+
+    Bounds label cardinality: the middleware's tenants, the metrics' labels.
+    """
+
+    __slots__ = ("limit", "seen", "overflow", "overflowed", "_lock")
+
+    def __init__(self, limit: int, overflow: str = "other") -> None:
+        self.limit = limit
+        self.seen: set[str] = set()
+        self.overflow = overflow
+        self.overflowed = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, value: str) -> str:
+        if value in self.seen:
+            return value
+        with self._lock:
+            if len(self.seen) < self.limit:
+                self.seen.add(value)
+                return value
+            self.overflowed += 1
+        return self.overflow

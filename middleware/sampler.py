@@ -19,9 +19,9 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from ._samples import DeviceInfo, DeviceTrace, RingBuffer, SampleBatch, SampleKind
+from .samples import DeviceInfo, DeviceTrace, RingBuffer, SampleBatch, SampleKind
 
-__all__ = ["Sampler", "get_default_sampler"]
+__all__ = ["Sampler"]
 
 log = logging.getLogger(__name__)
 
@@ -293,7 +293,7 @@ class Sampler:
         st = self._st
         if st.pid != os.getpid():
             raise RuntimeError("this Sampler was created in the parent process: after fork, create a new one "
-                               "(get_default_sampler() does)")
+                               "(wattspan.defaults.get_default_sampler() does)")
         with st.lock:
             if st.closed:
                 raise RuntimeError("Sampler is closed: create a new one")
@@ -398,44 +398,3 @@ class Sampler:
 
 
 # --------------------------------------------------------------------------- the process's sampler
-
-_default: Sampler | None = None
-_default_kw: dict | None = None
-_default_lock = threading.Lock()
-
-
-def get_default_sampler(**kw) -> Sampler:
-    """The process's sampler, created and started on first use.
-
-    ``kw``: ``sources`` (default: whatever answers here, see
-    ``wattspan._meter.default_sources``), ``interval_s``, ``capacity``. Later
-    calls return the same sampler; passing different ``kw`` then is an error.
-    A forked child gets its own on its first call.
-    """
-    global _default, _default_kw
-    with _default_lock:
-        if _default is not None and not _default.closed:
-            if kw and kw != _default_kw:
-                raise ValueError(f"the default sampler already exists with {_default_kw or 'the defaults'}; "
-                                 f"cannot re-create it with {kw}")
-            return _default
-        opts = dict(kw)
-        sources = opts.pop("sources", None)
-        if sources is None:
-            from ._meter import default_sources
-
-            sources = default_sources()
-        _default = Sampler(sources, **opts).start()
-        _default_kw = dict(kw)
-        return _default
-
-
-def _reset_after_fork() -> None:
-    global _default, _default_kw, _default_lock
-    _default = None
-    _default_kw = None
-    _default_lock = threading.Lock()  # another thread may have held it at fork time
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_reset_after_fork)

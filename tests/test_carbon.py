@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from wattspan import carbon
+from wattspan.carbon import model as carbon
 from wattspan.carbon import (
     EMBODIED_A100_SERVER_SHARE,
     CarbonModel,

@@ -130,7 +130,7 @@ def served(tiny_model, tmp_path_factory):
 
 
 def _ledger_records(db: Path, ids, timeout: float = 60) -> dict:
-    from wattspan.ledger import query
+    from wattspan.export.ledger import query
 
     want = set(ids)
     deadline = time.monotonic() + timeout
@@ -204,9 +204,10 @@ from wattspan import Meter
 from wattspan.carbon import CarbonModel
 from wattspan.sources.simulated import SimulatedSource
 from wattspan.integrations.vllm import instrument_vllm
+from wattspan.meter import RecordCallback
 
 records = []
-meter = Meter(sources=[SimulatedSource()], carbon=CarbonModel(intensity_g_per_kwh=400.0), sinks=[records.append], period_s=0.1)
+meter = Meter(sources=[SimulatedSource()], carbon=CarbonModel(intensity_g_per_kwh=400.0), sinks=[RecordCallback(records.append)], period_s=0.1)
 llm = LLM(model=sys.argv[1], dtype="float32", max_model_len=512, enforce_eager=True, max_num_seqs=16)
 hook = instrument_vllm(llm, meter=meter, track_requests=True)
 prompts = [("the battery " * (1 + i % 6)).strip() for i in range(12)]
@@ -340,7 +341,7 @@ def test_a_client_that_hangs_up_aborts_the_vllm_request(served):
 
 
 def test_wattspan_report_reads_what_the_proxy_wrote(served):
-    from wattspan.ledger import query
+    from wattspan.export.ledger import query
 
     db = served["db"]
     rows = query(db)

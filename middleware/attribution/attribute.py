@@ -40,8 +40,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ._samples import DeviceTrace, SampleKind
-from ._stepmodel import BASIS, basis, correlation_lag, group_errors, nnls_gram, select_family, select_window
+from ..devices import device_key
+from ..samples import DeviceTrace, SampleKind
+from .family import BASIS, basis, correlation_lag, group_errors, nnls_gram, select_family, select_window
 
 __all__ = [
     "Requests",
@@ -96,7 +97,7 @@ class Requests:
         optional ``weight, route, model, tenant``."""
         rows = list(rows)
         ids = np.array([str(r["id"]) for r in rows], dtype=object)
-        dev = np.array([_device_key(r.get("device", r.get("gpu", "0"))) for r in rows], dtype=object)
+        dev = np.array([device_key(r.get("device", r.get("gpu", "0"))) for r in rows], dtype=object)
 
         def col(key):
             if not any(key in r for r in rows):
@@ -152,7 +153,7 @@ class Steps:
         for s, r in enumerate(rows):
             starts.append(int(r["start_ns"]))
             ends.append(int(r["end_ns"]))
-            devs.append(_device_key(r.get("device", r.get("gpu", "0"))))
+            devs.append(device_key(r.get("device", r.get("gpu", "0"))))
             for rid, tok in r["requests"].items():
                 try:
                     e_req.append(index[str(rid)])
@@ -168,17 +169,6 @@ class Steps:
             entry_request=np.array(e_req, dtype=np.int64),
             entry_tokens=np.array(e_tok, dtype=np.float64),
         )
-
-
-def _device_key(value) -> str:
-    """Trace, request and batch files name a GPU by index (``0``) or by id (``gpu0``), and a
-    device group by a list or a comma-separated string (see :mod:`wattspan._groups`)."""
-    if isinstance(value, (list, tuple)) or "," in str(value) or "+" in str(value):
-        from ._groups import group_key
-
-        return group_key(value)
-    s = str(value).strip()
-    return f"gpu{s}" if s.isdigit() else s
 
 
 # --------------------------------------------------------------------------- outputs
@@ -282,7 +272,7 @@ class Attribution:
     energy_j_high: np.ndarray | None = None
     quality: np.ndarray | None = None  # object array: good | coarse | misfit
     #: requests on device groups: each (request, member device)'s part, columnar
-    #: (``request`` index, ``device``, ``energy_j``, ``dynamic_j``, ``idle_j``, ``device_s``); see wattspan._groups
+    #: (``request`` index, ``device``, ``energy_j``, ``dynamic_j``, ``idle_j``, ``device_s``); see wattspan.attribution.groups
     parts: dict | None = None
 
     @property
@@ -302,7 +292,7 @@ class Attribution:
         energy_j_low, energy_j_high, quality`` (plus ``route, model, tenant`` where given)."""
         r = self.requests
         out = []
-        from ._groups import device_parts, members
+        from .groups import device_parts, members
 
         per_dev = device_parts(self.parts, len(r))
         for i in range(len(r)):
@@ -361,8 +351,8 @@ def attribute(
     """
     if not isinstance(traces, Mapping):
         traces = {t.device: t for t in traces}
-    traces = {_device_key(k): v for k, v in traces.items()}
-    from ._groups import any_group, attribute_grouped
+    traces = {device_key(k): v for k, v in traces.items()}
+    from .groups import any_group, attribute_grouped
 
     if any_group(requests, steps):  # device groups: per member device, summed per request
         return attribute_grouped(attribute, traces, requests, steps, idle_w=idle_w, t0_ns=t0_ns, t1_ns=t1_ns,

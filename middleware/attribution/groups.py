@@ -29,38 +29,9 @@ from collections.abc import Iterable
 
 import numpy as np
 
-__all__ = ["SEP", "group_key", "members", "is_group", "attribute_grouped"]
+from ..devices import SEP, group_key, is_group, members
 
-SEP = ","
-
-
-def _one(value) -> str:
-    s = str(value).strip()
-    return f"gpu{s}" if s.isdigit() else s
-
-
-def group_key(value) -> str:
-    """The canonical name of a device or a group: ``0`` -> ``gpu0``; ``["gpu0", 1]`` or
-    ``"gpu0, gpu1"`` or ``"gpu0+gpu1"`` -> ``"gpu0,gpu1"`` (order kept, repeats dropped)."""
-    if isinstance(value, (list, tuple)):
-        parts: Iterable = value
-    else:
-        s = str(value).strip()
-        if SEP not in s and "+" not in s:
-            return _one(s)
-        parts = s.replace("+", SEP).split(SEP)
-    out = list(dict.fromkeys(p for p in (_one(v) for v in parts) if p))
-    return SEP.join(out)
-
-
-def members(key: str) -> tuple[str, ...]:
-    """The devices of a (canonical) device or group name."""
-    return tuple(key.split(SEP)) if SEP in key else (key,)
-
-
-def is_group(key: str) -> bool:
-    return SEP in key
-
+__all__ = ["SEP", "any_group", "attribute_grouped", "group_key", "is_group", "members"]
 
 def any_group(requests, steps) -> bool:
     """Whether any request or step names a group (the fast path checks this)."""
@@ -77,7 +48,7 @@ def attribute_grouped(attribute, traces, requests, steps=None, **kw):
     """:func:`wattspan.attribution.attribute` over device groups (see the module docstring).
 
     ``attribute`` is the single-device function (passed in: this module sits below it)."""
-    from .attribution import Attribution, Requests, Steps
+    from . import Attribution, Requests, Steps
 
     n = len(requests)
     req_members = [members(d) for d in requests.device.tolist()]

@@ -6,8 +6,8 @@ import json
 import math
 from pathlib import Path
 
-from .attribution import Requests, Steps, _device_key
-from .errors import InputError
+from .attribute import Requests, Steps, device_key
+from ..errors import InputError
 
 __all__ = ["read_requests_jsonl", "read_batches_jsonl"]
 
@@ -105,7 +105,7 @@ def _gpu(path, n, gpu):
             raise InputError(path, n, "'gpu' as a list must name 1..1024 devices, e.g. [\"gpu0\", \"gpu1\"]")
     elif gpu is None or isinstance(gpu, (dict, bool)) or str(gpu).strip() == "" or len(str(gpu)) > 4096:
         raise InputError(path, n, "missing 'gpu' (the device index, e.g. 0, or a group, e.g. [\"gpu0\", \"gpu1\"])")
-    key = _device_key(gpu)
+    key = device_key(gpu)
     if not key or any(not m for m in key.split(",")):
         raise InputError(path, n, f"'gpu' names no device: {_short(gpu)}")
     return key
@@ -131,7 +131,7 @@ def read_requests_jsonl(path) -> tuple[Requests, list[dict]]:
         if end < start:
             raise InputError(path, n, f"request {rid!r} ends ({end}) before it starts ({start})")
         gpu = _gpu(path, n, row.get("gpu", row.get("device")))
-        clean = {"id": rid, "start_ns": start, "end_ns": end, "gpu": _device_key(gpu)}
+        clean = {"id": rid, "start_ns": start, "end_ns": end, "gpu": device_key(gpu)}
         for key in _OPTIONAL_TEXT:
             if key in row and row[key] is not None:
                 if not isinstance(row[key], str):

@@ -43,7 +43,7 @@ class Deployment:
 
 
 def _cells(zone: str) -> np.ndarray | None:
-    from ..intensity import _profiles, profile_zone
+    from ..carbon.intensity import _profiles, profile_zone
 
     pz = profile_zone(zone)
     if pz is None:
@@ -102,7 +102,7 @@ def hours_curve(region: str) -> list[float]:
 def parse_deploy(spec: str, *, pue: float | None = None) -> Deployment:
     """``MODE=REGION[@HOURS]`` -> a :class:`Deployment`; ValueError says what is wrong."""
     from ..carbon import default_pue, grid_intensity
-    from ..intensity import profile_zone
+    from ..carbon.intensity import profile_zone
 
     m = re.fullmatch(r"\s*([a-z-]+)\s*=\s*([^@\s]+)\s*(?:@\s*(\S+))?\s*", str(spec))
     if not m:

@@ -376,7 +376,7 @@ def wait_for_records(db: str | Path, ids: set[str], *, since_unix: float, timeou
     """Ledger records for ``ids``, polling until all are there or ``timeout_s`` passed."""
     from tqdm import tqdm
 
-    from ..ledger import query
+    from ..export.ledger import query
 
     deadline = time.monotonic() + timeout_s
     found: dict[str, dict] = {}

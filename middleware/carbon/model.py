@@ -89,7 +89,7 @@ def _parse_table(text: str) -> _Table:
 
 @functools.cache
 def _table() -> _Table:
-    return _parse_table(resources.files(__package__).joinpath("data/grid_intensity.csv").read_text("utf-8"))
+    return _parse_table(resources.files("wattspan").joinpath("data/grid_intensity.csv").read_text("utf-8"))
 
 
 def grid_intensity(region: str) -> GridIntensity:

@@ -67,7 +67,7 @@ def add_arguments(sub, carbon_options) -> None:
 def dispatch(args, carbon_model_from_args, usage_error, need) -> int:
     try:
         if args.command == "run":
-            from .run import cli_main
+            from ..run import cli_main
 
             try:
                 carbon = carbon_model_from_args(args)
@@ -76,12 +76,12 @@ def dispatch(args, carbon_model_from_args, usage_error, need) -> int:
             return cli_main(args, carbon)
         if args.command == "audit":
             need("jinja2", "markdown_it", "matplotlib", extra="audit")
-            from .audit import cli_main
+            from ..audit import cli_main
 
             return cli_main(args)
         if args.command == "dashboard":
             need("starlette", "uvicorn", "plotly", extra="dashboard")
-            from .dashboard import cli_main
+            from ..dashboard import cli_main
 
             return cli_main(args)
     except (ValueError, FileNotFoundError) as exc:

@@ -55,7 +55,7 @@ def _carbon_options(p: argparse.ArgumentParser) -> None:
 
 
 def carbon_model_from_args(args):
-    from .carbon import CarbonModel, Embodied
+    from ..carbon import CarbonModel, Embodied
 
     embodied = None
     if args.embodied_kg is not None:
@@ -128,11 +128,11 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="queue POSTs to PATH that carry x-wattspan-deadline-s for the cleanest hour before it (repeatable; zone: --region)")
     x.add_argument("--region", default="world", help="grid region the deferral queue plans for (default: world)")
 
-    from .run_cli import add_arguments as _add_run_audit_dashboard
+    from .apps import add_arguments as _add_run_audit_dashboard
 
     _add_run_audit_dashboard(sub, _carbon_options)
     b = sub.add_parser("bench", help="on demand or in batches? energy and CO2e per call, projected to a million calls")
-    from .bench import add_bench_arguments
+    from ..bench import add_bench_arguments
 
     add_bench_arguments(b)
     return p
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = _build_parser()
     _apply_env_defaults(parser, argv)
     args = parser.parse_args(argv)
-    from ._logging import setup_logging
+    from .._logging import setup_logging
 
     setup_logging(args.log_level)
     if args.command is None:
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_attribute(args)
         if args.command == "demo":
             _need("fastapi", "uvicorn", "httpx", "torch", "tqdm", extra="demo")
-            from .demo.run import run_demo
+            from ..demo.run import run_demo
 
             for name in ("embeddings", "completions", "concurrency", "repeat"):
                 if int(getattr(args, name)) < 0 or int(getattr(args, name)) > 100_000:
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
             return run_demo(embeds=int(args.embeddings), completions=int(args.completions), concurrency=max(1, int(args.concurrency)), region=args.region, db=args.db, serve=args.serve, port=int(args.port), seed=int(args.seed), repeat=max(1, int(args.repeat)))
         if args.command == "bench":
             _need("httpx", "tqdm", "matplotlib", extra="bench")
-            from .bench import run_bench
+            from ..bench import run_bench
 
             return run_bench(args)
         if args.command == "proxy":
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
             from wattspan.integrations.openai_proxy import run_proxy
 
             rid_header = None if str(args.request_id_header).strip().lower() in ("", "none", "off") else args.request_id_header
-            from .errors import InputError
+            from ..errors import InputError
 
             options = dict(
                 device=args.device, timeout_s=float(args.timeout_s), max_body_bytes=int(args.max_body_bytes),
@@ -183,13 +183,13 @@ def main(argv: list[str] | None = None) -> int:
                 raise _UsageError(str(exc)) from None
             return 0
         if args.command in ("run", "audit", "dashboard"):
-            from .run_cli import dispatch
+            from .apps import dispatch
 
             return dispatch(args, carbon_model_from_args, _UsageError, _need)
         if args.command == "report":
             if args.id is not None:
                 return _cmd_report_id(args)
-            from ._report import run_report
+            from .report import run_report
 
             rc = run_report(args.db, by=args.by, fmt=args.format, since_s=args.since_s)
             if getattr(args, "budgets", None) is not None and rc == 0:
@@ -208,7 +208,7 @@ class _UsageError(Exception):
 
 def _report_budgets(args) -> int:
     """``wattspan report --budgets FILE``: each budget's spend, KPIs and burn (issue 11)."""
-    from .budgets import BudgetConfig, BudgetConfigError, budget_status, format_status, load_budgets
+    from ..budgets import BudgetConfig, BudgetConfigError, budget_status, format_status, load_budgets
 
     try:
         cfg = load_budgets(args.budgets)
@@ -230,8 +230,8 @@ def _budget_wrapper(args):
     budgets, paths = getattr(args, "budgets", None), getattr(args, "defer_paths", None)
     if budgets is None and not paths:
         return None
-    from .budgets import BudgetConfigError, BudgetMiddleware
-    from .deferral import DeferralMiddleware, DeferralQueue
+    from ..budgets import BudgetConfigError, BudgetMiddleware
+    from ..deferral import DeferralMiddleware, DeferralQueue
 
     def wrap(app):
         try:
@@ -248,15 +248,15 @@ def _budget_wrapper(args):
 
 
 def _version() -> str:
-    from . import __version__
+    from .. import __version__
 
     return __version__
 
 
 def _cmd_report_id(args) -> int:
     """``wattspan report --id ID``: one request's final record from the ledger."""
-    from ._ledger_db import find
-    from .errors import InputError
+    from ..export.ledger.schema import find
+    from ..errors import InputError
 
     try:
         rec = find(args.db, args.id)
@@ -295,11 +295,11 @@ def _need(*modules: str, extra: str) -> None:
 
 
 def _cmd_attribute(args) -> int:
-    from . import _io
-    from ._samples import SampleKind
-    from .attribution import attribute
-    from .errors import InputError
-    from .sources.replay import read_trace_csv
+    from ..attribution import jsonl as _io
+    from ..samples import SampleKind
+    from ..attribution import attribute
+    from ..errors import InputError
+    from ..sources.replay import read_trace_csv
 
     try:
         idle = None if str(args.idle).strip().lower() == "estimate" else float(args.idle)
@@ -329,7 +329,7 @@ def _cmd_attribute(args) -> int:
 
     result = attribute(traces, requests, steps, idle_w=idle)
     records = result.records()
-    from .carbon import wall_times
+    from ..carbon import wall_times
 
     per = carbon.per_request(result.energy_j, result.device_s, wall_times(result.requests.start_ns, result.requests.end_ns))
     co2e_op, emb = per.operational_g, per.embodied_g

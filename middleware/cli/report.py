@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-from ._ledger_db import GROUP_BY, aggregate
-from .errors import InputError
+from ..export.ledger.schema import GROUP_BY, aggregate
+from ..errors import InputError
 
 __all__ = ["run_report", "FORMATS"]
 

@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from .._context import set_tokens
+from ..meter.context import set_tokens
 from .batcher import BatcherClosed, BatcherOverloaded, DynamicBatcher, EmbeddingBatcher, OnStep
 from .models import EMBEDDING_MODEL, Embedder, TinyGenerator
 

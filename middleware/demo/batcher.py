@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .._context import current_request_id
+from ..meter.context import current_request_id
 from .models import Embedder, TinyGenerator
 
 __all__ = [

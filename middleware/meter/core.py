@@ -5,8 +5,9 @@ no lock, no I/O). One background thread drains those events, and every
 ``period_s`` attributes the stretch of time the sensors have covered since the
 last pass (``[cursor, latest sample - lag]``) with :func:`wattspan.attribute`,
 adding each request's share to its running total. A request whose end lies
-before the cut is final: its :class:`RequestRecord` goes to the sinks (the span
-processor, metrics, the ledger, callbacks) from that thread. A sensor that
+before the cut is final: its :class:`RequestRecord` goes to the sinks
+(:class:`~wattspan.meter.sinks.RecordSink`: the span processor, metrics, the
+ledger, a user's callbacks) from that thread; the meter knows no exporter. A sensor that
 stops (a lost GPU) cannot hold records back for ever: after ``max_delay_s``
 the cut moves on with the clock, and the record's ``coverage`` says how much of
 the request the trace covered.
@@ -25,11 +26,11 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from ._groups import group_key as _group_key
+from ..devices import group_key as _group_key
 
 _str_group_key = functools.lru_cache(maxsize=1024)(_group_key)
 
@@ -37,12 +38,13 @@ _str_group_key = functools.lru_cache(maxsize=1024)(_group_key)
 def _device_key(device) -> str:
     """The canonical device or group name (``"gpu0, gpu1"`` and ``"gpu0+gpu1"`` -> ``"gpu0,gpu1"``)."""
     return _str_group_key(device) if isinstance(device, str) else _group_key(device)
-from ._context import MAX_TOKENS
-from ._records import RequestRecord
-from ._samples import SampleKind
-from .attribution import Requests, StepModel, Steps, attribute
+from ..attribution import Requests, StepModel, Steps, attribute
+from ..records import RequestRecord
+from ..samples import SampleKind
+from .context import MAX_TOKENS
+from .sinks import DeviceFigures, FlushableSink, RecordSink, SpanSink
 
-__all__ = ["Meter", "get_default_meter", "set_default_meter"]
+__all__ = ["Meter"]
 
 log = logging.getLogger("wattspan")
 
@@ -71,17 +73,17 @@ class _Inflight:
 
 
 class Meter:
-    """Meters a serving process: one per process (see :func:`get_default_meter`).
+    """Meters a serving process: one per process (see :func:`wattspan.defaults.get_default_meter`).
 
     ``sources``: power sources to sample (default: NVML if a GPU answers, RAPL
     if readable, otherwise the labelled simulated source). ``carbon``: a
     :class:`wattspan.carbon.CarbonModel` (default: from ``WATTSPAN_REGION`` /
     ``WATTSPAN_PUE``, else the world average). ``idle_w``: a fixed idle
-    baseline in watts (default: estimated and tracked). ``sinks``: callables
-    given each final :class:`RequestRecord` (from the meter's thread; they must
-    be quick and must not raise - if one does it is logged and counted);
-    ``batch_sinks`` are given each pass's final records as one list (the ledger's
-    ``write``, the metrics' ``observe_many``).
+    baseline in watts (default: estimated and tracked). ``sinks``:
+    :class:`~wattspan.meter.sinks.RecordSink` s given each pass's final records
+    and each device's figures (from the meter's thread; they must be quick and
+    should not raise - if one does it is logged and counted); more with
+    :meth:`add_sink`.
     """
 
     def __init__(
@@ -100,16 +102,14 @@ class Meter:
         max_events: int = 1_000_000,
         max_step_ids: int = 4096,
         max_steps_per_s: int = 2000,
-        sinks: Iterable[Callable[[RequestRecord], None]] = (),
-        batch_sinks: Iterable[Callable[[list[RequestRecord]], None]] = (),
-        span_processor=None,
+        sinks: Iterable[RecordSink] = (),
         peers=None,
         sample_interval_s: float | None = None,
         autostart: bool = True,
     ) -> None:
         if not (period_s > 0 and max_delay_s > 0 and history_s > 0):
             raise ValueError("period_s, max_delay_s and history_s must be > 0")
-        from ._logging import setup_logging
+        from .._logging import setup_logging
 
         setup_logging()  # the meter's warnings must be visible in a process with no log handler
         if idle_w is not None and not (math.isfinite(idle_w) and idle_w >= 0):
@@ -119,7 +119,7 @@ class Meter:
         # the middleware, on the event loop.
         self.sampler = sampler
         self._sources = list(sources) if sources is not None else None
-        from .settings import MAX_SAMPLE_INTERVAL_S, MIN_SAMPLE_INTERVAL_S, get_settings
+        from ..settings import MAX_SAMPLE_INTERVAL_S, MIN_SAMPLE_INTERVAL_S, get_settings
 
         if sample_interval_s is None:
             sample_interval_s = get_settings().sample_interval_s
@@ -144,19 +144,17 @@ class Meter:
         self.max_history_ids = 2_000_000
         self._hist_ids = 0
         self._queued_step_ids = 0  # ids in steps not yet attributed (approximate: two threads update it)
-        self.sinks: list[Callable[[RequestRecord], None]] = list(sinks)
-        #: called once per pass with the list of records it made final (cheaper
-        #: than a call per record for sinks that can batch: metrics, the ledger)
-        self.batch_sinks: list[Callable[[list[RequestRecord]], None]] = list(batch_sinks)
-        #: called after each pass per device: (device, kind, measured J total,
-        #: latest power W or None, unattributed J total), e.g. for hw.* metrics
-        self.device_sinks: list[Callable] = []
+        self._sinks: list[RecordSink] = []
+        self._span_sinks: list[SpanSink] = []
+        for sink in sinks:
+            self.add_sink(sink)
         #: called with each batch step as record_step gets it (start_ns, end_ns,
         #: device, tokens), on the reporting thread: e.g. wattspan's provisional
-        #: per-request estimate (wattspan._provisional); must be quick
-        self.step_observers: list[Callable] = []
+        #: per-request estimate (wattspan.meter.provisional); must be quick
+        self.step_observers: list[Callable[[int, int, str, Mapping[str, float]], None]] = []
+        #: the provisional estimate, once wattspan.usage_energy() attached one
+        self.provisional = None
         self.device_unattributed_j: dict[str, float] = {}
-        self.span_processor = span_processor
         # True or a directory: join the peer group of the devices metered, once the
         # sources are open (see _join_peers); a Peers-like object is used as it is
         self._peer_conf = peers if peers not in (None, False) and not hasattr(peers, "broadcast") else None
@@ -195,11 +193,56 @@ class Meter:
         if autostart:
             self.start()
 
+    # ------------------------------------------------------------------ sinks
+
+    def add_sink(self, sink: RecordSink) -> None:
+        """Give ``sink`` (a :class:`~wattspan.meter.sinks.RecordSink`) every final record and device figure from now on."""
+        if not isinstance(sink, RecordSink):
+            raise TypeError(
+                f"a meter sink implements on_records(records) and on_device(figures), got {type(sink).__name__}; "
+                "wrap a function in wattspan.meter.RecordCallback or BatchCallback"
+            )
+        self._sinks = [*self._sinks, sink]  # copy on write: the meter's thread iterates without a lock
+        if isinstance(sink, SpanSink):
+            self._span_sinks = [*self._span_sinks, sink]
+
+    def remove_sink(self, sink: RecordSink) -> None:
+        """Stop giving ``sink`` records (no error if it was not added)."""
+        self._sinks = [s for s in self._sinks if s is not sink]
+        self._span_sinks = [s for s in self._span_sinks if s is not sink]
+
+    @property
+    def sinks(self) -> tuple[RecordSink, ...]:
+        """The sinks, in the order they get each pass's records."""
+        return tuple(self._sinks)
+
+    @property
+    def holds_spans(self) -> bool:
+        """True when a sink holds tracing spans until their record (see :meth:`expect_span`)."""
+        return bool(self._span_sinks)
+
+    def expect_span(self, span_id: int) -> None:
+        """At request start: tell the span-holding sinks that span ``span_id`` will get a record."""
+        for sink in self._span_sinks:
+            try:
+                sink.expect(span_id)
+            except Exception:
+                self.counters["sink_errors"] += 1
+                log.exception("a span sink failed to mark a span")
+
+    def _to_sinks(self, records: Sequence[RequestRecord]) -> None:
+        for sink in self._sinks:
+            try:
+                sink.on_records(records)
+            except Exception:
+                self.counters["sink_errors"] += 1
+                log.exception("a record sink failed")
+
     # ------------------------------------------------------------------ hot path
 
     def begin(self, request_id: str, device: str, t_ns: int) -> None:
         """A request started on ``device`` at ``t_ns`` (monotonic). ``device``: a name
-        (``"gpu0"``) or a device group (``"gpu0,gpu1"`` or a list, see wattspan._groups)."""
+        (``"gpu0"``) or a device group (``"gpu0,gpu1"`` or a list, see wattspan.attribution.groups)."""
         if not isinstance(device, str) or "+" in device or " " in device:
             device = _device_key(device)
         if len(self._events) >= self.max_events:
@@ -285,7 +328,8 @@ class Meter:
         self._thread.start()
 
     def _setup(self) -> None:
-        from ._sampler import Sampler
+        from ..sampler import Sampler
+        from ..sources.discovery import default_sources
 
         try:
             if self.sampler is None:
@@ -299,8 +343,8 @@ class Meter:
 
     def _join_peers(self) -> None:
         """Share with the meters of the same physical devices (see :mod:`wattspan._peers`)."""
-        from ._peers import Peers, group_key
-        from .settings import get_settings
+        from .peers import Peers, group_key
+        from ..settings import get_settings
 
         infos = self.sampler.devices()
         main = [i for i in infos if i.kind == "gpu"] or infos
@@ -334,8 +378,8 @@ class Meter:
 
     def drain(self, timeout: float = 10.0) -> dict:
         """Make every ended request's record final and hand it to the sinks, then flush
-        the sinks that buffer (a bound method of an object with ``flush(timeout)``,
-        such as ``Ledger.write``; the span processor), all within ``timeout`` s.
+        the sinks that buffer (:class:`~wattspan.meter.sinks.FlushableSink`: the
+        ledger, the span processor), all within ``timeout`` s.
 
         Called at server shutdown (the middleware does it on the ASGI lifespan's
         shutdown). What could not be finished in time is counted
@@ -346,25 +390,14 @@ class Meter:
         self.flush(timeout)
         unfinished = len(self._events) + sum(1 for r in list(self._inflight.values()) if r.end_ns is not None and not r.peer)
         unflushed = 0
-        for sink in [*self.sinks, *self.batch_sinks]:
-            target = getattr(sink, "__self__", None)
-            fl = getattr(target, "flush", None)
-            if callable(fl):
+        for sink in self._sinks:
+            if isinstance(sink, FlushableSink):
                 try:
-                    try:
-                        ok = fl(max(0.1, deadline - time.monotonic()))
-                    except TypeError:  # a flush() without a timeout (a file's)
-                        ok = fl()
-                    if ok is False:
+                    if sink.flush(max(0.1, deadline - time.monotonic())) is False:
                         unflushed += 1
                 except Exception:
                     unflushed += 1
                     log.exception("a sink failed to flush at shutdown")
-        if self.span_processor is not None and hasattr(self.span_processor, "force_flush"):
-            try:
-                self.span_processor.force_flush(int(max(0.1, deadline - time.monotonic()) * 1000))
-            except Exception:
-                log.exception("the span processor failed to flush at shutdown")
         if unfinished:
             self.counters["shutdown_unfinished"] = self.counters.get("shutdown_unfinished", 0) + unfinished
             log.error("wattspan: at shutdown %d ended requests were not final within %.1f s; their records are lost "
@@ -518,7 +551,7 @@ class Meter:
         infos = {d.id: d for d in self.sampler.devices()}
         by_dev: dict[str, list[str]] = {}
         for rid, r in self._inflight.items():
-            if "," in r.device:  # a device group: in flight on each member (see wattspan._groups)
+            if "," in r.device:  # a device group: in flight on each member (see wattspan.attribution.groups)
                 for m in r.device.split(","):
                     by_dev.setdefault(m, []).append(rid)
             else:
@@ -621,12 +654,13 @@ class Meter:
         self.counters["unattributed_j"] += d.unattributed_j
         self.device_energy_j[dev] = self.device_energy_j.get(dev, 0.0) + d.measured_j
         self.device_unattributed_j[dev] = self.device_unattributed_j.get(dev, 0.0) + d.unattributed_j
-        if self.device_sinks:
+        if self._sinks:
             p = trace.power_w
             power = float(p[np.isfinite(p)][-1]) if p is not None and np.isfinite(p).any() else None
-            for sink in self.device_sinks:
+            fig = DeviceFigures(dev, info.kind, self.device_energy_j[dev], power, self.device_unattributed_j[dev])
+            for sink in self._sinks:
                 try:
-                    sink(dev, info.kind, self.device_energy_j[dev], power, self.device_unattributed_j[dev])
+                    sink.on_device(fig)
                 except Exception:
                     self.counters["sink_errors"] += 1
                     log.exception("a device sink failed")
@@ -765,143 +799,17 @@ class Meter:
                 quality=r.quality,
                 **cfields[k],
             )
-            self.counters["records"] += 1
-            self._emit(rec)
             batch.append(rec)
-        for sink in self.batch_sinks:
-            try:
-                sink(batch)
-            except Exception:
-                self.counters["sink_errors"] += 1
-                log.exception("a record batch sink failed")
+        self.counters["records"] += len(batch)
+        self._to_sinks(batch)
         for rid, _ in done:  # removed only now, so flush() waits for every sink
             del self._inflight[rid]
 
-    def _emit(self, rec: RequestRecord) -> None:
-        if self.span_processor is not None and rec.span_id:
-            try:
-                from .otel import record_attributes
-
-                self.span_processor.resolve(rec.span_id, record_attributes(rec))
-            except Exception:
-                self.counters["sink_errors"] += 1
-                log.exception("span processor failed for a record")
-        for sink in self.sinks:
-            try:
-                sink(rec)
-            except Exception:
-                self.counters["sink_errors"] += 1
-                log.exception("a record sink failed")
-
-
-def measured_sources() -> list:
-    """The real sensors that answer: NVML (unless ``WATTSPAN_SIMULATE``), then RAPL."""
-    from .settings import get_settings
-    from .sources import SourceUnavailable
-
-    found = []
-    if not get_settings().simulate:
-        try:
-            from .sources.nvml import NvmlSource
-
-            found.append(NvmlSource())
-        except SourceUnavailable as exc:
-            log.info("no NVML GPU (%s)", exc)
-    try:
-        from .sources.rapl import RaplSource
-
-        found.append(RaplSource())
-    except SourceUnavailable as exc:
-        log.info("no RAPL (%s)", exc)
-    return found
-
-
-def default_sources() -> list:
-    """NVML if a GPU answers; RAPL if readable; else the labelled simulated GPU."""
-    found = measured_sources()
-    if not any(getattr(s, "name", "") == "nvml" for s in found):
-        from .sources.simulated import SimulatedSource
-
-        log.warning("no GPU power sensor: using the SIMULATED source (labelled 'simulated' in every output)")
-        found.insert(0, SimulatedSource())
-    return found
-
 
 def _carbon_from_env():
-    from .carbon import CarbonModel
-    from .intensity import hourly_from_env
-    from .settings import get_settings
+    from ..carbon import CarbonModel
+    from ..carbon.intensity import hourly_from_env
+    from ..settings import get_settings
 
     s = get_settings()
     return hourly_from_env(CarbonModel.for_region(s.region, pue=s.pue))
-
-
-_default: Meter | None = None
-_default_lock = threading.Lock()
-
-
-def get_default_meter(**kw) -> Meter:
-    """The process's meter, created on first use with ``kw`` (or the defaults).
-
-    It shares what it serves with the other worker processes of this user on
-    this host (``peers``), unless ``WATTSPAN_PEERS=0``; with ``WATTSPAN_LEDGER``
-    set it writes every record to that ledger. Raises
-    :class:`wattspan.settings.SettingsError` for a bad ``WATTSPAN_*`` variable.
-    """
-    global _default
-    from .settings import get_settings
-
-    with _default_lock:
-        if _default is None:
-            s = get_settings()
-            kw.setdefault("peers", s.peers)
-            if s.ledger and "batch_sinks" not in kw:
-                from .ledger import Ledger
-
-                kw["batch_sinks"] = [Ledger(s.ledger).write]
-            _default = Meter(**kw)
-            _auto_otel(_default)
-        return _default
-
-
-_OTEL_VARS = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_TRACES_EXPORTER", "OTEL_METRICS_EXPORTER")
-
-
-def _auto_otel(meter: Meter) -> None:
-    """Export the default meter's records through OpenTelemetry when the app uses it.
-
-    An SDK TracerProvider the application set up itself gets wattspan's span
-    processor in front of its own processors (``wattspan.otel.wrap_provider``),
-    and energy metrics go to the global MeterProvider; with no provider but
-    ``OTEL_*`` exporter variables set, wattspan configures both from them.
-    ``WATTSPAN_OTEL=0`` turns this off. Failures are logged, never raised.
-    """
-    from .settings import get_settings
-
-    if not get_settings().otel:
-        return
-    try:
-        from opentelemetry import trace as trace_api
-
-        from . import otel
-    except ImportError:
-        return
-    try:
-        provider = trace_api.get_tracer_provider()
-        if hasattr(provider, "_active_span_processor"):
-            otel.wrap_provider(provider, meter=meter)
-            otel.connect_metrics(meter, otel.EnergyMetrics(health=lambda: meter.sampler.health() if meter.sampler else {}))
-        elif any(os.environ.get(v) for v in _OTEL_VARS):
-            otel.configure_from_env(meter=meter)
-    except Exception:
-        log.exception("could not set up OpenTelemetry export; records still go to the other sinks")
-
-
-def set_default_meter(meter: Meter | None) -> None:
-    global _default
-    with _default_lock:
-        _default = meter
-
-
-if hasattr(os, "register_at_fork"):  # a forked worker gets its own meter
-    os.register_at_fork(after_in_child=lambda: set_default_meter(None))

@@ -51,7 +51,7 @@ def _uid() -> int:
 
 
 def default_peer_dir() -> Path:
-    from .settings import get_settings
+    from ..settings import get_settings
 
     base = get_settings().peer_dir
     if base:
@@ -103,7 +103,7 @@ class Peers:
     directory is not this user's alone."""
 
     def __init__(self, directory: str | os.PathLike | None = None, *, key: str | None = None, name: str | None = None) -> None:
-        from .settings import get_settings
+        from ..settings import get_settings
 
         base = Path(directory) if directory is not None else default_peer_dir()
         default = directory is None and not get_settings().peer_dir

@@ -125,6 +125,13 @@ class Provisional:
             self.stats["steps"] += 1
 
     # -- the meter's thread: final records keep the recent rate current ------------------
+    def on_device(self, figures) -> None:
+        """RecordSink: per-device figures are not used."""
+
+    def on_records(self, records) -> None:
+        """RecordSink: the final records update each device's recent joules per token."""
+        self.observe_records(records)
+
     def observe_records(self, records) -> None:
         rate = self._rate
         for r in records:
@@ -210,10 +217,8 @@ def attach(meter) -> Provisional:
         if isinstance(p, Provisional):
             return p
         p = Provisional(meter)
-        observers = getattr(meter, "step_observers", None)
-        if observers is not None:
-            observers.append(p.observe_step)
-        meter.batch_sinks.append(p.observe_records)
+        meter.step_observers.append(p.observe_step)
+        meter.add_sink(p)
         meter.provisional = p
         return p
 
@@ -228,7 +233,7 @@ def usage_energy(prompt_tokens: int | None = None, completion_tokens: int | None
     metered request. The first call connects the estimate to the meter; requests that
     began before it are priced by the recent rate, later ones by their steps.
     """
-    from ._context import _current
+    from .context import _current
 
     w = _current.get()
     if w is None:

@@ -25,7 +25,7 @@ import time
 import numpy as np
 import pynvml
 
-from .._samples import DeviceInfo, SampleBatch, SampleKind
+from ..samples import DeviceInfo, SampleBatch, SampleKind
 from ._base import SourceUnavailable
 
 __all__ = ["NvmlSource", "POWER_PROBES"]

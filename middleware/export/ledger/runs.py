@@ -18,7 +18,7 @@ import os
 import sqlite3
 from pathlib import Path
 
-from ._ledger_db import _reading, create_schema
+from .schema import _reading, create_schema
 
 __all__ = ["get_run", "list_runs", "run_trace", "write_run"]
 

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from .errors import InputError
+from ...errors import InputError
 
 __all__ = ["GROUP_BY", "SCHEMA_VERSION", "aggregate", "find", "query"]
 

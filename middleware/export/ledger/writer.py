@@ -30,10 +30,11 @@ from collections import deque
 from itertools import islice
 from operator import attrgetter
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
-from ._ledger_db import GROUP_BY, INSERT, NAMES, SCHEMA_VERSION, aggregate, create_schema, query
-from ._records import RequestRecord
+from .schema import GROUP_BY, INSERT, NAMES, SCHEMA_VERSION, aggregate, create_schema, query
+from ...meter.sinks import DeviceFigures
+from ...records import RequestRecord
 
 __all__ = ["Ledger", "query", "aggregate", "GROUP_BY", "SCHEMA_VERSION"]
 
@@ -107,6 +108,13 @@ class Ledger:
         if lost:
             why = "closed" if self._closing else f"queue full ({queued} records waiting for the disk)"
             self._warn("drop", "wattspan ledger %s: %s; dropped %d records (%d in all)", self.path, why, lost, dropped)
+
+    def on_records(self, records: Sequence[RequestRecord]) -> None:
+        """RecordSink: queue a meter pass's final records (see :meth:`write`)."""
+        self.write(records)
+
+    def on_device(self, figures: DeviceFigures) -> None:
+        """RecordSink: the ledger keeps records only."""
 
     def flush(self, timeout: float | None = 5.0) -> bool:
         """Wait until every queued record is committed; False if ``timeout`` (s) passed first."""

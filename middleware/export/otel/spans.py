@@ -1,4 +1,4 @@
-"""OpenTelemetry export: each request's energy on its server span, and energy metrics.
+"""Each request's energy on its own server span: :class:`EnergySpanProcessor`.
 
 A request's energy is known only some time (up to a second or two) after its
 HTTP server span has ended, because power sensors lag; the OpenTelemetry SDK
@@ -15,75 +15,18 @@ Quick start (the SDK's usual setup, one line changed)::
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
     from wattspan import Meter
-    from wattspan.otel import EnergySpanProcessor, EnergyMetrics
+    from wattspan.export.otel import EnergySpanProcessor, EnergyMetrics
 
     provider = TracerProvider()
     spans = EnergySpanProcessor(BatchSpanProcessor(OTLPSpanExporter()))
     provider.add_span_processor(spans)          # instead of the BatchSpanProcessor itself
     trace.set_tracer_provider(provider)
     metrics = EnergyMetrics()                   # the global MeterProvider
-    meter = Meter(span_processor=spans, sinks=[metrics.observe])
+    meter = Meter(sinks=[spans, metrics])       # both are wattspan.RecordSink
 
 or, from the standard ``OTEL_*`` environment variables, :func:`configure_from_env`.
 
-Span attributes (:func:`record_attributes`; names from the OpenTelemetry
-semantic conventions where one exists: ``hw.*``, ``gen_ai.*``):
-
-===============================  ========  ==============================================
-attribute                        type      meaning
-===============================  ========  ==============================================
-``wattspan.energy_j``            double    the request's accelerator energy, joules
-                                           (dynamic + idle share)
-``wattspan.energy.dynamic_j``    double    energy above the idle baseline, J
-``wattspan.energy.idle_j``       double    the request's share of the idle baseline, J
-``wattspan.energy.host_j``       double    the request's share of host (CPU package) energy, J
-``wattspan.co2e_g``              double    grams CO2e: operational (accelerator + host energy x
-                                           PUE x grid intensity) + embodied
-``wattspan.co2e.embodied_g``     double    the embodied (manufacturing) part, g CO2e
-``wattspan.device_s``            double    accelerator-seconds charged to the request
-``wattspan.energy_j.low``        double    lower end of the 90 % band on ``energy_j``, J
-                                           (when the attribution gave a band)
-``wattspan.energy_j.high``       double    upper end of that band, J
-``wattspan.quality``             string    ``good`` | ``coarse`` | ``misfit``: how well the
-                                           step model fits the sensor's readings
-``wattspan.method``              string    ``batch-fit`` | ``time-share`` | ``no-trace``
-``wattspan.sensor``              string    which reading the energy rests on
-``wattspan.coverage``            double    fraction of the request's life the power trace
-                                           covered (0..1)
-``wattspan.simulated``           boolean   true when the power came from the simulated
-                                           source - never a measurement
-``wattspan.status``              string    ``final`` (energy attached) | ``pending``
-                                           (record not final in time; no energy)
-``wattspan.request_id``          string    wattspan's request id (the ledger's key)
-``wattspan.tenant``              string    the tenant, when known
-``wattspan.intensity.*``         mixed     the intensity the carbon used: ``g_per_kwh``,
-                                           ``provider``, ``zone``, ``hour`` (UTC), ``basis``
-``wattspan.co2e.market_g``       double    market-based operational g CO2e, when a factor is set
-``wattspan.co2e.marginal_g``     double    marginal operational g CO2e, when a provider is set
-``hw.id``                        string    the device the request ran on (``gpu0``)
-``hw.type``                      string    ``gpu``
-``gen_ai.request.model``         string    the model, when known
-``gen_ai.usage.input_tokens``    int       prompt tokens, when known
-``gen_ai.usage.output_tokens``   int       output tokens, when known
-===============================  ========  ==============================================
-
-Metrics (:class:`EnergyMetrics`; OTel names, units UCUM; a Prometheus
-exporter turns ``wattspan.energy`` in ``J`` into ``wattspan_energy_joules_total``):
-
-================================  ===============  =====  =========================================
-instrument                        kind             unit   attributes
-================================  ===============  =====  =========================================
-``wattspan.energy``               counter          J      ``http.route``, ``http.request.method``,
-``wattspan.co2e``                 counter          g      ``wattspan.status_class`` (``2xx``...),
-``wattspan.request.energy``       histogram        J      ``gen_ai.request.model``, ``wattspan.tenant``
-``wattspan.request.co2e``         histogram        g      (capped), ``hw.id``, ``wattspan.simulated``
-``hw.energy``                     counter (obs.)   J      ``hw.id``, ``hw.type``
-``hw.power``                      gauge (obs.)     W      ``hw.id``, ``hw.type``
-``wattspan.unattributed.energy``  counter (obs.)   J      ``hw.id``
-``wattspan.sampler.poll_errors``  gauge (obs.)     1      ``wattspan.source``
-``wattspan.sampler.dropped``      gauge (obs.)     1      ``hw.id`` (readings overwritten, buffer full)
-``wattspan.sampler.poll_age``     gauge (obs.)     s      (seconds since the sampler's last poll)
-================================  ===============  =====  =========================================
+The attributes it adds: :mod:`wattspan.export.otel.attributes`.
 
 Nothing here raises into the request path or the meter's thread: failures are
 logged once, counted (``stats()``), and the span goes on unchanged.
@@ -97,7 +40,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -109,100 +52,19 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised without the otel extra
     raise ImportError("wattspan.otel needs the OpenTelemetry SDK: pip install 'wattspan[otel]'") from exc
 
-from ._asgi import Cardinality
-from ._records import RequestRecord
+from ...meter.sinks import DeviceFigures
+from ...records import RequestRecord
+from ._faults import _Faults
+from .attributes import record_attributes
 
-__all__ = [
-    "EnergyMetrics",
-    "EnergySpanProcessor",
-    "OTelSetup",
-    "configure_from_env",
-    "connect_metrics",
-    "install",
-    "record_attributes",
-    "wrap_provider",
-]
+__all__ = ["EnergySpanProcessor"]
 
 log = logging.getLogger("wattspan")
 
 _monotonic = time.monotonic
 
-#: Histogram bucket bounds: per-request accelerator energy spans ~10 mJ (an
-#: embedding) to kJ (a long generation on a big GPU).
-ENERGY_BUCKETS_J = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0, 3000.0, 10000.0)
-#: ... and its carbon, micrograms to grams.
-CO2E_BUCKETS_G = (1e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
-
-
-# ---------------------------------------------------------------------------- span attributes
-
-
-def record_attributes(record: RequestRecord) -> dict[str, Any]:
-    """The span attributes for one final record (see the module's table).
-
-    Optional values (model, tenant, token counts) are left out when unknown.
-    """
-    a: dict[str, Any] = {
-        "wattspan.energy_j": float(record.energy_j),
-        "wattspan.energy.dynamic_j": float(record.dynamic_j),
-        "wattspan.energy.idle_j": float(record.idle_j),
-        "wattspan.energy.host_j": float(record.host_j),
-        "wattspan.co2e_g": float(record.co2e_g),
-        "wattspan.co2e.embodied_g": float(record.embodied_g),
-        "wattspan.device_s": float(record.device_s),
-        "wattspan.method": record.method,
-        "wattspan.sensor": record.sensor,
-        "wattspan.coverage": float(record.coverage),
-        "wattspan.simulated": bool(record.simulated),
-        "wattspan.status": "final",
-        "wattspan.request_id": record.id,
-        "hw.id": record.device,
-        "hw.type": "gpu",
-    }
-    if record.model:
-        a["gen_ai.request.model"] = record.model
-    if record.prompt_tokens:
-        a["gen_ai.usage.input_tokens"] = int(record.prompt_tokens)
-    if record.output_tokens:
-        a["gen_ai.usage.output_tokens"] = int(record.output_tokens)
-    if record.tenant:
-        a["wattspan.tenant"] = record.tenant
-    if record.intensity_provider:  # which intensity the carbon used (issue 11)
-        a["wattspan.intensity.g_per_kwh"] = float(record.intensity_g_per_kwh)
-        a["wattspan.intensity.provider"] = record.intensity_provider
-        a["wattspan.intensity.zone"] = record.intensity_zone
-        a["wattspan.intensity.hour"] = record.intensity_hour
-        a["wattspan.intensity.basis"] = record.intensity_basis
-        if record.market_g_per_kwh:
-            a["wattspan.co2e.market_g"] = float(record.co2e_market_g)
-        if record.marginal_g_per_kwh:
-            a["wattspan.co2e.marginal_g"] = float(record.co2e_marginal_g)
-    if record.energy_j_high > 0:
-        a["wattspan.energy_j.low"] = float(record.energy_j_low)
-        a["wattspan.energy_j.high"] = float(record.energy_j_high)
-    if record.quality:
-        a["wattspan.quality"] = record.quality
-    return a
-
 
 _PENDING = {"wattspan.status": "pending"}
-
-
-class _Faults:
-    """Counts failures; logs each kind with its traceback the first time only (a broken
-    exporter must not flood the log once per span)."""
-
-    __slots__ = ("counts", "_seen")
-
-    def __init__(self, counts: dict) -> None:
-        self.counts = counts
-        self._seen: set[str] = set()
-
-    def __call__(self, what: str, counter: str = "errors") -> None:
-        self.counts[counter] += 1
-        if what not in self._seen:
-            self._seen.add(what)
-            log.exception("wattspan: %s (logged once; counted in stats())", what)
 
 
 def _with_attributes(span: ReadableSpan, extra: Mapping[str, Any]) -> ReadableSpan:
@@ -369,6 +231,27 @@ class EnergySpanProcessor(SpanProcessor):
             self._fault("EnergySpanProcessor.resolve failed")
         self._forward(out)
 
+    # -------------------------------------------------------------- wattspan.RecordSink
+
+    def on_records(self, records: Sequence[RequestRecord]) -> None:
+        """RecordSink: resolve the held span of each final record that has one."""
+        for rec in records:
+            if rec.span_id:
+                try:
+                    attrs = record_attributes(rec)
+                except Exception:
+                    self._fault("record_attributes failed for a record")
+                    continue
+                self.resolve(rec.span_id, attrs)
+
+    def on_device(self, figures: DeviceFigures) -> None:
+        """RecordSink: spans carry no per-device figures."""
+
+    def flush(self, timeout: float) -> None:
+        """FlushableSink (the meter's drain at shutdown): :meth:`force_flush` within ``timeout`` s.
+        Its outcome is in :meth:`stats`; the meter does not count it as a sink left unwritten."""
+        self.force_flush(int(max(0.1, timeout) * 1000))
+
     # -------------------------------------------------------------- SpanProcessor
 
     def on_start(self, span, parent_context=None) -> None:
@@ -519,483 +402,3 @@ class EnergySpanProcessor(SpanProcessor):
                 except Exception:  # pragma: no cover - defensive: never let the timer die
                     self._fault("span hold timer failed")
             self._forward(out)
-
-
-# ---------------------------------------------------------------------------- metrics
-
-
-def _status_class(code: int) -> str:
-    return f"{code // 100}xx" if 100 <= code <= 599 else "unknown"
-
-
-def _per_key(value, key: str) -> list[tuple[float, dict]]:
-    """Observations from a health() entry: a number, or a mapping name -> number."""
-    if value is None:
-        return []
-    if isinstance(value, Mapping):
-        return [(float(v), {key: str(k)}) for k, v in value.items() if v is not None]
-    return [(float(value), {})]
-
-
-class EnergyMetrics:
-    """Energy and carbon metrics from final records and device readings.
-
-    ``meter_provider``: where the instruments live (default: the global one).
-    ``max_tenants``: distinct ``wattspan.tenant`` values admitted; later new
-    tenants are reported as ``"other"`` (counted in :meth:`stats`).
-    ``health``: a callable returning the sampler's ``health()`` dict
-    (``poll_errors`` per source, ``dropped_rows`` per device,
-    ``last_poll_age_s``), read at each collection.
-
-    :meth:`observe` takes each final :class:`~wattspan.RequestRecord` (give it
-    to the meter as a sink); :meth:`observe_device` the devices' running
-    totals. Neither raises: bad input and failures are counted in :meth:`stats`.
-    """
-
-    def __init__(
-        self,
-        meter_provider=None,
-        *,
-        max_tenants: int = 100,
-        health: Callable[[], Mapping] | None = None,
-        max_devices: int = 256,
-    ) -> None:
-        if not (isinstance(max_tenants, int) and max_tenants >= 1):
-            raise ValueError(f"max_tenants must be an integer >= 1, got {max_tenants!r}")
-        if not (isinstance(max_devices, int) and max_devices >= 1):
-            raise ValueError(f"max_devices must be an integer >= 1, got {max_devices!r}")
-        if health is not None and not callable(health):
-            raise TypeError("health must be a callable returning the sampler's health() dict, e.g. meter.sampler.health")
-        from . import __version__
-
-        mp = meter_provider if meter_provider is not None else _metrics_api.get_meter_provider()
-        m = mp.get_meter("wattspan", __version__)
-        self.health = health
-        self.max_devices = max_devices
-        self._tenants = Cardinality(max_tenants)
-        self._models = Cardinality(max_tenants)  # any client can name a model: bounded like tenants
-        self._lock = threading.Lock()
-        self._devices: dict[str, tuple[str, float | None, float | None, float | None]] = {}
-        self._counts = {"observed": 0, "invalid": 0, "errors": 0, "devices_dropped": 0}
-        self._fault = _Faults(self._counts)
-        self._energy = m.create_counter("wattspan.energy", unit="J", description="Accelerator energy of finished requests")
-        self._co2e = m.create_counter("wattspan.co2e", unit="g", description="CO2e of finished requests (operational + embodied)")
-        self._req_energy = m.create_histogram(
-            "wattspan.request.energy",
-            unit="J",
-            description="Accelerator energy per request",
-            explicit_bucket_boundaries_advisory=ENERGY_BUCKETS_J,
-        )
-        self._req_co2e = m.create_histogram(
-            "wattspan.request.co2e",
-            unit="g",
-            description="CO2e per request",
-            explicit_bucket_boundaries_advisory=CO2E_BUCKETS_G,
-        )
-        m.create_observable_counter("hw.energy", callbacks=[self._cb_hw_energy], unit="J", description="Energy consumed by the component")
-        m.create_observable_gauge("hw.power", callbacks=[self._cb_hw_power], unit="W", description="Instantaneous power consumed by the component")
-        m.create_observable_counter(
-            "wattspan.unattributed.energy",
-            callbacks=[self._cb_unattributed],
-            unit="J",
-            description="Measured device energy not charged to any request",
-        )
-        m.create_observable_gauge(
-            "wattspan.sampler.poll_errors", callbacks=[self._cb_poll_errors], unit="1", description="Failed sensor polls, per source"
-        )
-        m.create_observable_gauge(
-            "wattspan.sampler.dropped",
-            callbacks=[self._cb_dropped],
-            unit="1",
-            description="Power readings overwritten before use (buffer full), per device",
-        )
-        m.create_observable_gauge(
-            "wattspan.sampler.poll_age", callbacks=[self._cb_poll_age], unit="s", description="Seconds since the sampler's last poll"
-        )
-
-    # -------------------------------------------------------------- feeding
-
-    def _attrs(self, record: RequestRecord) -> dict[str, Any] | None:
-        e, c = float(record.energy_j), float(record.co2e_g)
-        if not (math.isfinite(e) and math.isfinite(c) and e >= 0 and c >= 0):
-            self._counts["invalid"] += 1
-            return None
-        attrs: dict[str, Any] = {
-            "http.route": record.route or "(unknown)",
-            "http.request.method": record.http_method or "_OTHER",
-            "wattspan.status_class": _status_class(int(record.status_code)),
-            "hw.id": record.device,
-            "wattspan.simulated": bool(record.simulated),
-        }
-        if record.model:
-            attrs["gen_ai.request.model"] = self._models(record.model)
-        if record.tenant:
-            attrs["wattspan.tenant"] = self._tenants(record.tenant)
-        return attrs
-
-    def observe(self, record: RequestRecord) -> None:
-        """Count one final record (a :class:`~wattspan.Meter` sink)."""
-        self.observe_many((record,))
-
-    def observe_many(self, records) -> None:
-        """Count a batch of final records (the meter hands over each pass's at once).
-
-        The counters get one addition per distinct label set of the batch; the
-        histograms one measurement per record. Same totals as ``observe`` on
-        each, at a fraction of the SDK calls.
-        """
-        try:
-            sums: dict[tuple, list] = {}
-            for record in records:
-                attrs = self._attrs(record)
-                if attrs is None:
-                    continue
-                e, c = float(record.energy_j), float(record.co2e_g)
-                self._req_energy.record(e, attrs)
-                self._req_co2e.record(c, attrs)
-                key = tuple(attrs.items())
-                acc = sums.get(key)
-                if acc is None:
-                    sums[key] = [e, c, attrs]
-                else:
-                    acc[0] += e
-                    acc[1] += c
-                self._counts["observed"] += 1
-            for e, c, attrs in sums.values():
-                self._energy.add(e, attrs)
-                self._co2e.add(c, attrs)
-        except Exception:
-            self._fault("EnergyMetrics.observe failed")
-
-    __call__ = observe
-
-    def observe_device(
-        self,
-        device_id: str,
-        energy_j_total: float | None,
-        power_w: float | None = None,
-        *,
-        unattributed_j_total: float | None = None,
-        device_type: str = "gpu",
-    ) -> None:
-        """The latest running totals of one device: energy since start (J), power now (W),
-        and measured energy charged to no request (J). ``None`` leaves a value unreported."""
-        try:
-            vals = []
-            for v in (energy_j_total, power_w, unattributed_j_total):
-                if v is not None:
-                    v = float(v)
-                    if not (math.isfinite(v) and v >= 0):
-                        self._counts["invalid"] += 1
-                        v = None
-                vals.append(v)
-            key = str(device_id)
-            with self._lock:
-                if key not in self._devices and len(self._devices) >= self.max_devices:
-                    self._counts["devices_dropped"] += 1
-                    return
-                self._devices[key] = (str(device_type), *vals)
-        except Exception:
-            self._fault("EnergyMetrics.observe_device failed")
-
-    def stats(self) -> dict[str, int]:
-        """``observed``, ``invalid``, ``errors``, ``devices_dropped``, ``tenants_overflowed``."""
-        return dict(self._counts, tenants_overflowed=self._tenants.overflowed, models_overflowed=self._models.overflowed)
-
-    # -------------------------------------------------------------- callbacks
-
-    def _device_obs(self, i: int, with_type: bool):
-        from opentelemetry.metrics import Observation
-
-        with self._lock:
-            items = list(self._devices.items())
-        out = []
-        for dev, row in items:
-            v = row[i]
-            if v is None:
-                continue
-            attrs = {"hw.id": dev, "hw.type": row[0]} if with_type else {"hw.id": dev}
-            out.append(Observation(v, attrs))
-        return out
-
-    def _cb_hw_energy(self, options):
-        return self._safe(lambda: self._device_obs(1, True))
-
-    def _cb_hw_power(self, options):
-        return self._safe(lambda: self._device_obs(2, True))
-
-    def _cb_unattributed(self, options):
-        return self._safe(lambda: self._device_obs(3, False))
-
-    def _health_obs(self, entry: str, key: str):
-        from opentelemetry.metrics import Observation
-
-        if self.health is None:
-            return []
-        h = self.health() or {}
-        return [Observation(v, a) for v, a in _per_key(h.get(entry), key)]
-
-    def _cb_poll_errors(self, options):
-        return self._safe(lambda: self._health_obs("poll_errors", "wattspan.source"))
-
-    def _cb_dropped(self, options):
-        return self._safe(lambda: self._health_obs("dropped_rows", "hw.id"))
-
-    def _cb_poll_age(self, options):
-        return self._safe(lambda: self._health_obs("last_poll_age_s", "hw.id"))
-
-    def _safe(self, fn):
-        try:
-            return fn()
-        except Exception:
-            self._fault("a metrics callback failed")
-            return []
-
-
-# ---------------------------------------------------------------------------- setup helpers
-
-_TRUE = ("1", "true", "yes", "on")
-
-
-def _exporter_names(signal: str) -> list[str]:
-    """Exporter entry-point names for ``signal`` from ``OTEL_{TRACES,METRICS}_EXPORTER``
-    (default ``otlp``), ``otlp`` resolved by ``OTEL_EXPORTER_OTLP[_SIGNAL]_PROTOCOL``
-    exactly as the SDK's auto-configuration does (``grpc`` when unset)."""
-    var = f"OTEL_{signal.upper()}_EXPORTER"
-    raw = os.environ.get(var, "otlp")
-    names = [n.strip().lower() for n in raw.split(",") if n.strip()]
-    if not names or names == ["none"]:
-        return []
-    if "none" in names:
-        raise ValueError(f"{var}={raw!r}: 'none' cannot be combined with other exporters")
-    pvar = f"OTEL_EXPORTER_OTLP_{signal.upper()}_PROTOCOL"
-    protocol = (os.environ.get(pvar) or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "grpc").strip().lower()
-    by_protocol = {"grpc": "otlp_proto_grpc", "http/protobuf": "otlp_proto_http"}
-    out = []
-    for n in names:
-        if n == "otlp":
-            if protocol not in by_protocol:
-                raise ValueError(
-                    f"{pvar} / OTEL_EXPORTER_OTLP_PROTOCOL={protocol!r} is not supported: use 'grpc' or 'http/protobuf'"
-                )
-            n = by_protocol[protocol]
-        out.append(n)
-    return out
-
-
-def _load_exporter(group: str, name: str, var: str):
-    from importlib.metadata import entry_points
-
-    found = list(entry_points(group=group, name=name))
-    if not found:
-        known = sorted({e.name for e in entry_points(group=group)} | {"otlp", "none"})
-        hint = {
-            "otlp_proto_grpc": "pip install opentelemetry-exporter-otlp-proto-grpc",
-            "otlp_proto_http": "pip install opentelemetry-exporter-otlp-proto-http",
-            "prometheus": "pip install opentelemetry-exporter-prometheus",
-        }.get(name, f"choose one of {', '.join(known)}")
-        raise ValueError(f"{var}: no exporter named {name!r} is installed ({hint})")
-    return found[0].load()
-
-
-def _span_exporters_from_env() -> list:
-    if os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() in _TRUE:
-        return []
-    return [_load_exporter("opentelemetry_traces_exporter", n, "OTEL_TRACES_EXPORTER")() for n in _exporter_names("traces")]
-
-
-def install(
-    tracer_provider=None,
-    *,
-    exporter=None,
-    hold_timeout_s: float = 5.0,
-    max_held: int = 10_000,
-    meter=None,
-) -> EnergySpanProcessor:
-    """Add an :class:`EnergySpanProcessor` exporting to ``exporter`` to a TracerProvider.
-
-    ``tracer_provider``: an SDK ``TracerProvider`` (default: the global one,
-    which must be an SDK provider). ``exporter``: a ``SpanExporter`` (default:
-    the ones ``OTEL_TRACES_EXPORTER`` / ``OTEL_EXPORTER_OTLP_*`` name). Each is
-    wrapped ``EnergySpanProcessor(BatchSpanProcessor(exporter))``; do not add
-    the same exporter to the provider yourself, or every span goes out twice.
-    ``meter``: a :class:`wattspan.Meter` whose records resolve the spans
-    (its ``span_processor`` is set). Returns the processor.
-    """
-    from opentelemetry.sdk.trace import SynchronousMultiSpanProcessor
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor
-
-    provider = tracer_provider if tracer_provider is not None else _trace_api.get_tracer_provider()
-    if not callable(getattr(provider, "add_span_processor", None)):
-        raise TypeError(
-            f"install() needs an SDK TracerProvider, got {type(provider).__name__}: create one "
-            "(opentelemetry.sdk.trace.TracerProvider), set it with trace.set_tracer_provider(), "
-            "or use wattspan.otel.configure_from_env()"
-        )
-    exporters = [exporter] if exporter is not None else _span_exporters_from_env()
-    if not exporters:
-        raise ValueError("install(): no exporter given and OTEL_TRACES_EXPORTER=none (or OTEL_SDK_DISABLED): nothing to export to")
-    if len(exporters) == 1:
-        downstream = BatchSpanProcessor(exporters[0])
-    else:
-        downstream = SynchronousMultiSpanProcessor()
-        for e in exporters:
-            downstream.add_span_processor(BatchSpanProcessor(e))
-    proc = EnergySpanProcessor(downstream, hold_timeout_s=hold_timeout_s, max_held=max_held)
-    provider.add_span_processor(proc)
-    if meter is not None:
-        meter.span_processor = proc
-    return proc
-
-
-@dataclass(frozen=True)
-class OTelSetup:
-    """What :func:`configure_from_env` built. ``span_processor`` is ``None`` when traces
-    are off; ``prometheus_address`` is ``(host, port)`` when the Prometheus endpoint
-    serves. :meth:`shutdown` flushes and stops everything it started."""
-
-    tracer_provider: Any
-    meter_provider: Any
-    span_processor: EnergySpanProcessor | None
-    metrics: EnergyMetrics
-    prometheus_address: tuple[str, int] | None = None
-    _servers: tuple = field(default=(), repr=False)
-
-    def shutdown(self) -> None:
-        for fn in (self.tracer_provider.shutdown, self.meter_provider.shutdown):
-            try:
-                fn()
-            except Exception:
-                log.exception("wattspan: OpenTelemetry shutdown failed")
-        for server, thread in self._servers:
-            server.shutdown()
-            server.server_close()
-            thread.join(5.0)
-
-
-def configure_from_env(
-    *,
-    set_global: bool = True,
-    resource=None,
-    hold_timeout_s: float = 5.0,
-    max_tenants: int = 100,
-    health: Callable[[], Mapping] | None = None,
-    meter=None,
-) -> OTelSetup:
-    """A TracerProvider and a MeterProvider configured by the standard ``OTEL_*`` variables.
-
-    * ``OTEL_SERVICE_NAME``, ``OTEL_RESOURCE_ATTRIBUTES``: the resource (unless ``resource``);
-    * ``OTEL_TRACES_EXPORTER``: comma list of ``otlp`` (default), ``console``, ``none``;
-      each exports through ``EnergySpanProcessor(BatchSpanProcessor(...))``;
-    * ``OTEL_METRICS_EXPORTER``: ``otlp`` (default), ``prometheus``, ``console``, ``none``;
-      ``prometheus`` serves ``/metrics`` on ``OTEL_EXPORTER_PROMETHEUS_HOST``
-      (default ``localhost``) : ``OTEL_EXPORTER_PROMETHEUS_PORT`` (default 9464);
-    * ``OTEL_EXPORTER_OTLP[_TRACES|_METRICS]_PROTOCOL``: ``grpc`` (the Python SDK's
-      default) or ``http/protobuf``; ``OTEL_EXPORTER_OTLP[_TRACES|_METRICS]_ENDPOINT``,
-      ``_HEADERS``, ``_TIMEOUT`` and the ``OTEL_BSP_*``, ``OTEL_METRIC_EXPORT_*``,
-      ``OTEL_TRACES_SAMPLER*`` variables are read by the SDK itself;
-    * ``OTEL_SDK_DISABLED=true``: no exporters.
-
-    ``set_global`` installs both providers as the process's globals (only the
-    first call in a process can). ``health``, ``max_tenants``: see
-    :class:`EnergyMetrics`; ``meter``: a :class:`wattspan.Meter` to wire
-    (span processor and the metrics sink).
-    """
-    from opentelemetry.sdk.metrics import MeterProvider
-    from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
-    from opentelemetry.sdk.resources import Resource
-    from opentelemetry.sdk.trace import SynchronousMultiSpanProcessor, TracerProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor
-
-    res = resource if resource is not None else Resource.create()
-    disabled = os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() in _TRUE
-    span_exporters = _span_exporters_from_env()
-    readers = []
-    servers = []
-    prom_addr = None
-    try:
-        for name in [] if disabled else _exporter_names("metrics"):
-            if name == "prometheus":
-                from opentelemetry.exporter.prometheus import PrometheusMetricReader
-                from prometheus_client import start_http_server
-
-                host = os.environ.get("OTEL_EXPORTER_PROMETHEUS_HOST", "localhost")
-                raw_port = os.environ.get("OTEL_EXPORTER_PROMETHEUS_PORT", "9464")
-                try:
-                    port = int(raw_port)
-                except ValueError:
-                    raise ValueError(f"OTEL_EXPORTER_PROMETHEUS_PORT={raw_port!r} is not a port number") from None
-                reader = PrometheusMetricReader()
-                readers.append(reader)
-                servers.append(start_http_server(port, addr=host))
-                prom_addr = (host, servers[-1][0].server_port)
-            else:
-                cls = _load_exporter("opentelemetry_metrics_exporter", name, "OTEL_METRICS_EXPORTER")
-                readers.append(cls() if isinstance(cls, type) and issubclass(cls, MetricReader) else PeriodicExportingMetricReader(cls()))
-    except BaseException:
-        for server, thread in servers:
-            server.shutdown()
-            server.server_close()
-        raise
-
-    tp = TracerProvider(resource=res)
-    proc = None
-    if span_exporters:
-        if len(span_exporters) == 1:
-            downstream = BatchSpanProcessor(span_exporters[0])
-        else:
-            downstream = SynchronousMultiSpanProcessor()
-            for e in span_exporters:
-                downstream.add_span_processor(BatchSpanProcessor(e))
-        proc = EnergySpanProcessor(downstream, hold_timeout_s=hold_timeout_s)
-        tp.add_span_processor(proc)
-    mp = MeterProvider(resource=res, metric_readers=readers)
-    if health is None and meter is not None:
-        health = lambda: meter.sampler.health() if meter.sampler is not None else {}  # noqa: E731
-    em = EnergyMetrics(mp, max_tenants=max_tenants, health=health)
-    if set_global:
-        _trace_api.set_tracer_provider(tp)
-        _metrics_api.set_meter_provider(mp)
-    if meter is not None:
-        meter.span_processor = proc
-        connect_metrics(meter, em)
-    return OTelSetup(tp, mp, proc, em, prom_addr, tuple(servers))
-
-
-def connect_metrics(meter, metrics: "EnergyMetrics") -> None:
-    """Feed ``metrics`` from ``meter``: every final record, and each device's
-    measured and unattributed energy and power after every attribution pass."""
-    meter.batch_sinks.append(metrics.observe_many)
-    meter.device_sinks.append(
-        lambda dev, kind, energy_j, power_w, unattributed_j: metrics.observe_device(
-            dev, energy_j, power_w, unattributed_j_total=unattributed_j, device_type=kind
-        )
-    )
-
-
-def wrap_provider(tracer_provider=None, *, meter=None, hold_timeout_s: float = 5.0, max_held: int = 10_000) -> EnergySpanProcessor:
-    """Put an :class:`EnergySpanProcessor` in front of the span processors a
-    TracerProvider already has (the user's own exporters), so the server spans
-    wattspan meters reach them with energy attached, once.
-
-    For an application that set up its own ``TracerProvider`` (and, say,
-    ``FastAPIInstrumentor``): call it once after that setup. It reaches into the
-    SDK's ``_active_span_processor`` (stable across SDK 1.x); a provider without
-    it raises ``TypeError``, and then :func:`install` with an exporter is the way.
-    """
-    from opentelemetry.sdk.trace import SynchronousMultiSpanProcessor
-
-    provider = tracer_provider if tracer_provider is not None else _trace_api.get_tracer_provider()
-    multi = getattr(provider, "_active_span_processor", None)
-    if multi is None or not hasattr(multi, "_span_processors"):
-        raise TypeError(f"wrap_provider() needs an SDK TracerProvider, got {type(provider).__name__}")
-    with multi._lock:
-        existing = tuple(multi._span_processors)
-        inner = SynchronousMultiSpanProcessor()
-        for p in existing:
-            inner.add_span_processor(p)
-        proc = EnergySpanProcessor(inner, hold_timeout_s=hold_timeout_s, max_held=max_held)
-        multi._span_processors = (proc,)
-    if meter is not None:
-        meter.span_processor = proc
-    return proc
