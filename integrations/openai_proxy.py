@@ -999,7 +999,7 @@ def run_proxy(
     """
     import uvicorn
 
-    from wattspan._logging import setup_logging
+    from wattspan.logs import setup_logging
 
     setup_logging()
     app = create_proxy(upstream, **options)

@@ -671,7 +671,7 @@ def register() -> None:
     """
     global _registered
     try:
-        from wattspan._logging import setup_logging
+        from wattspan.logs import setup_logging
 
         setup_logging()
         address = os.environ.get("WATTSPAN_VLLM_STEPS", "").strip()

@@ -21,7 +21,7 @@ import threading
 
 from .meter import Meter
 from .sampler import Sampler
-from .sources.discovery import default_sources, measured_sources
+from .meter.discovery import default_sources, measured_sources
 
 __all__ = ["default_sources", "get_default_meter", "get_default_sampler", "measured_sources", "set_default_meter"]
 

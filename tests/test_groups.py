@@ -230,7 +230,7 @@ def test_two_servers_on_one_host_each_bill_their_own_gpus(monkeypatch):
     for name, group in (("a", "gpu0,gpu1"), ("b", "gpu2,gpu3")):
         out[name] = []
         meters[name] = Meter(sources=[NvmlSource()], idle_w=100.0, carbon=CarbonModel(intensity_g_per_kwh=400.0),
-                             sinks=[RecordCallback(out[name)].append], period_s=0.05, lag_s=0.05, autostart=False)
+                             sinks=[RecordCallback(out[name].append)], period_s=0.05, lag_s=0.05, autostart=False)
         meters[name].start()
         assert meters[name].wait_ready(10)
     t = time.monotonic_ns()

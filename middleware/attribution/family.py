@@ -33,6 +33,7 @@ import numpy as np
 
 __all__ = ["BASIS", "FAMILIES", "Selection", "basis", "select_family", "select_window", "nnls_gram"]
 
+
 #: The basis of step terms; units in the names (s, tokens, ktokens; "_s" terms are x seconds).
 BASIS = (
     "duration_s",

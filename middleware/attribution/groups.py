@@ -33,6 +33,7 @@ from ..devices import SEP, group_key, is_group, members
 
 __all__ = ["SEP", "any_group", "attribute_grouped", "group_key", "is_group", "members"]
 
+
 def any_group(requests, steps) -> bool:
     """Whether any request or step names a group (the fast path checks this)."""
     for arr in (requests.device, steps.device if steps is not None else None):
@@ -48,7 +49,8 @@ def attribute_grouped(attribute, traces, requests, steps=None, **kw):
     """:func:`wattspan.attribution.attribute` over device groups (see the module docstring).
 
     ``attribute`` is the single-device function (passed in: this module sits below it)."""
-    from . import Attribution, Requests, Steps
+    from .inputs import Requests, Steps
+    from .results import Attribution
 
     n = len(requests)
     req_members = [members(d) for d in requests.device.tolist()]
@@ -122,13 +124,3 @@ def attribute_grouped(attribute, traces, requests, steps=None, **kw):
              "idle_j": res.idle_j, "device_s": res.device_s}
     out = Attribution(requests, energy, dynamic, idle, dev_s, coverage, method, res.devices, low, high, quality)
     return dataclasses.replace(out, parts=parts)
-
-
-def device_parts(parts: dict | None, n: int) -> list[dict[str, float]] | None:
-    """``parts`` as one ``{device: energy_j}`` per request (for records)."""
-    if parts is None:
-        return None
-    out: list[dict[str, float]] = [{} for _ in range(n)]
-    for i, d, e in zip(parts["request"].tolist(), parts["device"].tolist(), parts["energy_j"].tolist()):
-        out[i][d] = out[i].get(d, 0.0) + e
-    return out

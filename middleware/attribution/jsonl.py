@@ -11,6 +11,7 @@ from ..errors import InputError
 
 __all__ = ["read_requests_jsonl", "read_batches_jsonl"]
 
+
 _INT64_MAX = 2**63 - 1
 _OPTIONAL_TEXT = ("route", "model", "tenant")
 _OPTIONAL_COUNTS = ("prompt_tokens", "output_tokens")

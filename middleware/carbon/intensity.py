@@ -177,7 +177,7 @@ class ProfileProvider:
         pz = profile_zone(zone)
         if pz is not None:
             return pz
-        from . import grid_intensity
+        from .grid import grid_intensity
 
         try:
             return grid_intensity(zone).zone
@@ -194,7 +194,7 @@ class ProfileProvider:
             credit = _NESO_CREDIT if pz == "GB-NESO" else _EM_CREDIT
             return IntensityValue(cells[(dt.month - 1) * 24 + dt.hour], "profile", pz, start, "location",
                                   f"month-hour-mean-2023 ({factor})", _HOUR_S, False, credit)
-        from . import grid_intensity
+        from .grid import grid_intensity
 
         try:
             gi = grid_intensity(zone)
@@ -302,7 +302,7 @@ class _Live:
         self.timeout_s, self.ttl_s, self.backoff_s = float(timeout_s), float(ttl_s), float(backoff_s)
         self.fallback = fallback or ProfileProvider()
         # redirects are not followed: urllib would send the key headers on to wherever one points
-        from . import model as _carbon  # its no-redirect handler (one copy)
+        from . import grid as _carbon  # its no-redirect handler (one copy)
 
         self._opener = urllib.request.build_opener(_carbon._NoRedirect)
         self._cache: dict[tuple[str, float], tuple[float, IntensityValue]] = {}

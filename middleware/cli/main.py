@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = _build_parser()
     _apply_env_defaults(parser, argv)
     args = parser.parse_args(argv)
-    from .._logging import setup_logging
+    from ..logs import setup_logging
 
     setup_logging(args.log_level)
     if args.command is None:

@@ -109,7 +109,7 @@ class Meter:
     ) -> None:
         if not (period_s > 0 and max_delay_s > 0 and history_s > 0):
             raise ValueError("period_s, max_delay_s and history_s must be > 0")
-        from .._logging import setup_logging
+        from ..logs import setup_logging
 
         setup_logging()  # the meter's warnings must be visible in a process with no log handler
         if idle_w is not None and not (math.isfinite(idle_w) and idle_w >= 0):
@@ -329,7 +329,7 @@ class Meter:
 
     def _setup(self) -> None:
         from ..sampler import Sampler
-        from ..sources.discovery import default_sources
+        from .discovery import default_sources
 
         try:
             if self.sampler is None:

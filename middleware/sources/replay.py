@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ..samples import DeviceInfo, DeviceTrace, SampleBatch, SampleKind
-from ..attribution import device_key
+from ..devices import device_key
 from ..errors import InputError
 
 __all__ = ["ReplaySource", "read_trace_csv"]

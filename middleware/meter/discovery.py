@@ -12,18 +12,18 @@ log = logging.getLogger("wattspan")
 def measured_sources() -> list:
     """The real sensors that answer: NVML (unless ``WATTSPAN_SIMULATE``), then RAPL."""
     from ..settings import get_settings
-    from ._base import SourceUnavailable
+    from ..sources import SourceUnavailable
 
     found = []
     if not get_settings().simulate:
         try:
-            from .nvml import NvmlSource
+            from ..sources.nvml import NvmlSource
 
             found.append(NvmlSource())
         except SourceUnavailable as exc:
             log.info("no NVML GPU (%s)", exc)
     try:
-        from .rapl import RaplSource
+        from ..sources.rapl import RaplSource
 
         found.append(RaplSource())
     except SourceUnavailable as exc:
@@ -35,7 +35,7 @@ def default_sources() -> list:
     """NVML if a GPU answers; RAPL if readable; else the labelled simulated GPU."""
     found = measured_sources()
     if not any(getattr(s, "name", "") == "nvml" for s in found):
-        from .simulated import SimulatedSource
+        from ..sources.simulated import SimulatedSource
 
         log.warning("no GPU power sensor: using the SIMULATED source (labelled 'simulated' in every output)")
         found.insert(0, SimulatedSource())
