@@ -973,7 +973,7 @@ def create_proxy(upstream: str, **options) -> OpenAIProxy:
     header when the body names none. ``steps_listen``: listen here for batch
     steps from the upstream's engine (``host:port`` or ``unix:/path``; see
     :mod:`wattspan.integrations.vllm`). ``ledger``: a path (or a
-    :class:`~wattspan.ledger.Ledger`): every final record is appended to that
+    :class:`~wattspan.export.ledger.Ledger`): every final record is appended to that
     SQLite file, for ``wattspan report``. ``usage_energy``: add the provisional
     ``energy_j`` / ``co2e_g`` to OpenAI-style ``usage`` objects (default on).
     ``records_endpoint``: serve ``GET /wattspan/requests/{id}`` (default on).

@@ -326,7 +326,7 @@ def from_attribute(records: str | os.PathLike, summary: str | os.PathLike | None
     b.methods = [f"{m or '(none)'}: {c} requests" for m, c in sorted(methods.items(), key=lambda x: -x[1])]
     devs: dict[str, dict] = {}
     for r in recs:
-        d = devs.setdefault(str(r.get("gpu", r.get("device", ""))), {"id": str(r.get("gpu", r.get("device", ""))), "role": "accelerator",
+        d = devs.setdefault(str(r.get("device", r.get("gpu", ""))), {"id": str(r.get("device", r.get("gpu", ""))), "role": "accelerator",
                                                                        "sensor": r.get("sensor", ""), "simulated": bool(r.get("simulated")),
                                                                        "energy_j": 0.0, "coverage": 1.0, "readings": None})
         d["energy_j"] += float(r["energy_j"])

@@ -16,7 +16,7 @@ sets with :class:`wattspan.phase` arrive through a file named in
 ``WATTSPAN_RUN_PHASES``; each phase gets the energy between its begin and end.
 
 When the job ends, the summary and the trace go to the ledger (tables ``runs``
-and ``run_trace``, see :mod:`wattspan._runs_db`) and a short result is printed.
+and ``run_trace``, see :mod:`wattspan.export.ledger.runs`) and a short result is printed.
 ``wattspan audit`` turns a run into a one-page report.
 """
 

@@ -54,7 +54,7 @@ def test_tensor_parallel_books_close_per_device_and_in_total(tp4):
     parts = np.bincount(res.parts["request"], weights=res.parts["energy_j"], minlength=len(req))
     np.testing.assert_allclose(parts, res.energy_j, rtol=1e-12)
     rec = res.records()[0]
-    assert rec["gpu"] == "gpu0,gpu1,gpu2,gpu3" and set(rec["devices"]) == {"gpu0", "gpu1", "gpu2", "gpu3"}
+    assert rec["device"] == "gpu0,gpu1,gpu2,gpu3" and set(rec["devices"]) == {"gpu0", "gpu1", "gpu2", "gpu3"}
     assert sum(rec["devices"].values()) == pytest.approx(rec["energy_j"])
     assert rec["sensor"] != "none" and rec["method"] == "batch-fit"
 
@@ -111,7 +111,7 @@ def test_offline_files_take_a_group_as_a_list_or_a_string(tmp_path):
     p = _cli(tmp_path)
     assert p.returncode == 0, p.stderr
     recs = [json.loads(line) for line in p.stdout.splitlines() if line.strip()]
-    assert recs[0]["gpu"] == "gpu0,gpu1" and set(recs[0]["devices"]) == {"gpu0", "gpu1"}
+    assert recs[0]["device"] == "gpu0,gpu1" and set(recs[0]["devices"]) == {"gpu0", "gpu1"}
     truth = np.array([run.truth[r["id"]]["energy_j"] for r in recs])
     got = np.array([r["energy_j"] for r in recs])
     assert np.median(np.abs(got - truth) / truth) < 0.05

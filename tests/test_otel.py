@@ -1,4 +1,4 @@
-"""wattspan.otel in-process: real SDK pipelines (InMemory exporters and readers), a real
+"""wattspan.export.otel in-process: real SDK pipelines (InMemory exporters and readers), a real
 Starlette app under real uvicorn with the real ASGI instrumentation, and the real Meter."""
 
 from __future__ import annotations

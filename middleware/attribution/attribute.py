@@ -18,7 +18,7 @@ power covers ~25 ms of each 100 ms, Hopper's power usage is a 1 s average. A
 composition by non-negative least squares over the sensor's readings, each
 reading being a linear function of the steps it overlaps, choosing the family
 of step terms (energy additive in tokens, power linear in composition,
-saturating, combinations: :mod:`wattspan._stepmodel`) by blocked
+saturating, combinations: :mod:`wattspan.attribution.family`) by blocked
 cross-validation in time; (2) cuts time into reconciliation windows, of the
 length that best predicts held-out readings, and scales the fitted step
 energies in each window to what was measured there; (3) gives every request a

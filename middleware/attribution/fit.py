@@ -482,7 +482,7 @@ def _noise_model(r, p, t, len_ns, m, e_mod, feats, rel, a, L, overlap):
     """What the held-out readings say about each request's error.
 
     ``groups``: {G readings: relative sigma} of a run of G readings predicted from the
-    rest of its window (see :func:`wattspan._stepmodel.group_errors`). ``step_var``: the
+    rest of its window (see :func:`wattspan.attribution.family.group_errors`). ``step_var``: the
     relative variance of one batch step's energy about the model, if all of a single
     reading's held-out scatter is put on its steps (sum of squared step energies in it);
     it matters for requests shorter than a reading, whose placement inside the reading no

@@ -18,7 +18,7 @@ __all__ = ["Attribution", "DeviceSummary", "StepModel", "device_parts"]
 class StepModel:
     """Fitted dynamic energy of a batch step: ``coef . basis`` joules.
 
-    ``coef`` is over :data:`wattspan._stepmodel.BASIS` (its first four entries
+    ``coef`` is over :data:`wattspan.attribution.family.BASIS` (its first four entries
     follow :data:`FEATURES`: W, J/token, J/token, J/ktoken; then W/token,
     W/token, W/ktoken, W, W); a four-entry ``coef`` is read as :data:`FEATURES`
     alone. ``family`` is the candidate family that won the blocked time
@@ -128,7 +128,7 @@ class Attribution:
         return float(self.energy_j.sum())
 
     def records(self) -> list[dict]:
-        """One dict per request: ``id, gpu, energy_j, dynamic_j, idle_j, device_s, method, sensor, coverage,
+        """One dict per request: ``id, device, energy_j, dynamic_j, idle_j, device_s, method, sensor, coverage,
         energy_j_low, energy_j_high, quality`` (plus ``route, model, tenant`` where given)."""
         r = self.requests
         out = []
@@ -138,7 +138,7 @@ class Attribution:
             d = self.devices.get(r.device[i]) or self.devices.get(members(r.device[i])[0])
             rec = {
                 "id": r.ids[i],
-                "gpu": r.device[i],
+                "device": r.device[i],
                 "energy_j": float(self.energy_j[i]),
                 "dynamic_j": float(self.dynamic_j[i]),
                 "idle_j": float(self.idle_j[i]),

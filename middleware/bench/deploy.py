@@ -9,7 +9,7 @@ wrapping past midnight: ``22-06``).
 
 Effective intensity: for DE, FR, GB and US-CAL-CISO (and their ISO codes), the mean of the
 2023 (month, hour) profile cells the hours select, each month weighted by its days
-(:mod:`wattspan.intensity`, Electricity Maps, ODbL); for any other region the yearly table
+(:mod:`wattspan.carbon.intensity`, Electricity Maps, ODbL); for any other region the yearly table
 value, the same at every hour (the report says so). PUE: the provider's published value
 (``default_pue``), 1.0 on-prem, or ``--pue``. Pure arithmetic, no I/O beyond the shipped
 profile.

@@ -195,7 +195,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         raise BenchError("--load-only and --merge exclude each other: send load first, then merge the files")
     if (url is not None or merge) and not args.load_only and not args.db:
         raise BenchError("give --db: the ledger file your server writes (wattspan's records are where per-request "
-                         "energy comes from; see EnergyMiddleware and wattspan.ledger.Ledger)")
+                         "energy comes from; see EnergyMiddleware and wattspan.export.ledger.Ledger)")
     if url is None and not merge and args.db and Path(args.db).exists() and not Path(args.db).is_file():
         raise BenchError(f"--db {args.db} exists and is not a file")
     for f in merge:

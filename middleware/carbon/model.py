@@ -6,7 +6,7 @@ device time in seconds (``_s``), intensity in gCO2e per kWh. The offline table
 averages per country, per Google Cloud region, and per AWS/Azure region (country
 average). ``HttpJsonProvider`` plugs in a live source and falls back on that table.
 ``CarbonModel.with_hourly`` / ``per_request`` convert each request at the intensity of the hour
-it ran, from an hourly provider (:mod:`wattspan.intensity`), and say which one it used.
+it ran, from an hourly provider (:mod:`wattspan.carbon.intensity`), and say which one it used.
 """
 
 from __future__ import annotations
@@ -149,7 +149,7 @@ class CarbonModel:
     currency: str = "USD"
     region: str = ""
     intensity_source: str = ""
-    #: an :class:`wattspan.intensity.HourlyIntensityProvider`: each request gets the intensity of
+    #: an :class:`wattspan.carbon.intensity.HourlyIntensityProvider`: each request gets the intensity of
     #: the hour it ran (None: ``intensity_g_per_kwh`` at every hour)
     hourly: object = None
     #: the provider's zone (``FR``, a WattTime region, a GB postcode)
@@ -189,7 +189,7 @@ class CarbonModel:
     def with_hourly(self, provider_name: str = "auto", *, market_g_per_kwh: float = 0.0,
                     marginal_provider: str | None = None, env: dict | None = None) -> CarbonModel:
         """This model with an hourly provider for its region (see
-        :func:`wattspan.intensity.provider_from_name`); raises ValueError on bad config."""
+        :func:`wattspan.carbon.intensity.provider_from_name`); raises ValueError on bad config."""
         from .intensity import provider_from_name
 
         hourly, zone = provider_from_name(provider_name, self.region, env=env)

@@ -342,7 +342,7 @@ class Meter:
             self._ready.set()
 
     def _join_peers(self) -> None:
-        """Share with the meters of the same physical devices (see :mod:`wattspan._peers`)."""
+        """Share with the meters of the same physical devices (see :mod:`wattspan.meter.peers`)."""
         from .peers import Peers, group_key
         from ..settings import get_settings
 
@@ -467,7 +467,7 @@ class Meter:
             self._take_peer_events()
 
     def _take_peer_events(self) -> None:
-        """What the other worker processes on this host serve (see :mod:`wattspan._peers`)."""
+        """What the other worker processes on this host serve (see :mod:`wattspan.meter.peers`)."""
         inflight = self._inflight
         for pid, events, lost in self.peers.receive():
             if lost:

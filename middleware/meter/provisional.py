@@ -35,7 +35,7 @@ import threading
 __all__ = ["Provisional", "attach", "usage_energy"]
 
 _EWMA = 0.1  # weight of the newest record in the recent J/token rate
-_NB = 9  # terms of the step basis (wattspan._stepmodel.BASIS)
+_NB = 9  # terms of the step basis (wattspan.attribution.family.BASIS)
 
 
 class Provisional:
@@ -51,7 +51,7 @@ class Provisional:
         self.meter = meter
         self.max_requests = int(max_requests)
         # request id -> [context tokens so far, steps, prefill tokens, decode tokens,
-        #                prefill-phase share of the step basis (9: wattspan._stepmodel.BASIS),
+        #                prefill-phase share of the step basis (9: wattspan.attribution.family.BASIS),
         #                decode-phase share (9), idle s pre, idle s dec]
         self._tally: dict[str, list] = {}
         self._rate: dict[str, float] = {}  # device -> recent J per token
@@ -99,7 +99,7 @@ class Provisional:
         if not rows:
             return
         idle_each = dur / len(items)
-        # the step's basis (as wattspan._stepmodel.basis makes it); the saturating terms take the
+        # the step's basis (as wattspan.attribution.family.basis makes it); the saturating terms take the
         # throughputs of the device's fitted model (a group's: its first member's), 0 before there is one
         model = getattr(self.meter, "_models", {}).get(device.split(",", 1)[0])
         rates = getattr(model, "rates", None)

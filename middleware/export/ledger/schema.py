@@ -1,7 +1,7 @@
 """The ledger's file format (SQLite, schema versioned) and its read side.
 
 Readers open the file read-only, from any process, while a server writes to it.
-Public through :mod:`wattspan.ledger`.
+Public through :mod:`wattspan.export.ledger`.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ try:
     from opentelemetry.attributes import BoundedAttributes
     from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
 except ImportError as exc:  # pragma: no cover - exercised without the otel extra
-    raise ImportError("wattspan.otel needs the OpenTelemetry SDK: pip install 'wattspan[otel]'") from exc
+    raise ImportError("wattspan.export.otel needs the OpenTelemetry SDK: pip install 'wattspan[otel]'") from exc
 
 from .metrics import EnergyMetrics
 from .spans import EnergySpanProcessor
@@ -109,7 +109,7 @@ def install(
         raise TypeError(
             f"install() needs an SDK TracerProvider, got {type(provider).__name__}: create one "
             "(opentelemetry.sdk.trace.TracerProvider), set it with trace.set_tracer_provider(), "
-            "or use wattspan.otel.configure_from_env()"
+            "or use wattspan.export.otel.configure_from_env()"
         )
     exporters = [exporter] if exporter is not None else _span_exporters_from_env()
     if not exporters:

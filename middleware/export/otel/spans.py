@@ -50,7 +50,7 @@ try:
     from opentelemetry.attributes import BoundedAttributes
     from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
 except ImportError as exc:  # pragma: no cover - exercised without the otel extra
-    raise ImportError("wattspan.otel needs the OpenTelemetry SDK: pip install 'wattspan[otel]'") from exc
+    raise ImportError("wattspan.export.otel needs the OpenTelemetry SDK: pip install 'wattspan[otel]'") from exc
 
 from ...meter.sinks import DeviceFigures
 from ...records import RequestRecord
