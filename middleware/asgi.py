@@ -13,7 +13,6 @@ import itertools
 import logging
 import os
 import re
-import threading
 import time
 from collections.abc import Callable
 from typing import Any

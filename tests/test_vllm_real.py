@@ -197,8 +197,16 @@ def _drive(url: str, n: int, concurrency: int) -> list[dict]:
 
 
 OFFLINE = r"""
-import json, os, sys
+import importlib.util, json, os, sys
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"   # the EngineCore in this process: instrument_vllm needs it
+ROOT = sys.argv[2]
+# this checkout's wattspan, whichever checkout the vLLM venv's editable install points at
+for name, sub in (("wattspan", "middleware"), ("wattspan.integrations", "integrations")):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, sub, "__init__.py"),
+                                                  submodule_search_locations=[os.path.join(ROOT, sub)])
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
 from vllm import LLM, SamplingParams
 from wattspan import Meter
 from wattspan.carbon import CarbonModel
@@ -228,7 +236,7 @@ meter.close()
 def test_offline_llm_with_instrument_vllm(tiny_model, tmp_path):
     script = tmp_path / "offline.py"
     script.write_text(OFFLINE)
-    r = subprocess.run([str(VPY), str(script), str(tiny_model)], capture_output=True, text=True, timeout=600, env=_env(WATTSPAN_PEERS="0"), cwd=tmp_path)
+    r = subprocess.run([str(VPY), str(script), str(tiny_model), str(ROOT)], capture_output=True, text=True, timeout=600, env=_env(WATTSPAN_PEERS="0"), cwd=tmp_path)
     line = next((ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")), None)
     assert r.returncode == 0 and line, (r.stdout[-2000:], r.stderr[-4000:])
     res = json.loads(line[7:])

@@ -25,7 +25,6 @@ in total and only approximate inside a window.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
 
 import numpy as np
 

@@ -11,11 +11,7 @@ it ran, from an hourly provider (:mod:`wattspan.carbon.intensity`), and say whic
 
 from __future__ import annotations
 
-import csv
-import difflib
-import functools
 import http.client
-import io
 import json
 import logging
 import math
@@ -25,12 +21,11 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
-from importlib import resources
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from .grid import GridIntensity, _NoRedirect, _table, grid_intensity
+from .grid import GridIntensity, _NoRedirect, grid_intensity
 
 __all__ = [
     "GridIntensity", "grid_intensity", "Pue", "default_pue", "Embodied", "EMBODIED_A100_SERVER_SHARE",

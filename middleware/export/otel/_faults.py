@@ -3,14 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
-import os
-import threading
-import time
-from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
 
 log = logging.getLogger("wattspan")
 

@@ -44,14 +44,6 @@ attribute                        type      meaning
 
 from __future__ import annotations
 
-import logging
-import math
-import os
-import threading
-import time
-from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from ...records import RequestRecord

@@ -7,20 +7,14 @@
 from __future__ import annotations
 
 import logging
-import math
 import os
-import threading
-import time
-from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 try:
     from opentelemetry import metrics as _metrics_api
     from opentelemetry import trace as _trace_api
-    from opentelemetry.attributes import BoundedAttributes
-    from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
 except ImportError as exc:  # pragma: no cover - exercised without the otel extra
     raise ImportError("wattspan.export.otel needs the OpenTelemetry SDK: pip install 'wattspan[otel]'") from exc
 
