@@ -7,11 +7,11 @@ Every option can also come from an environment variable ``WATTSPAN_<OPTION>``
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import os
 import sys
 from pathlib import Path
+
+from .common import UsageError, carbon_model_from_args, carbon_options, need
 
 __all__ = ["main"]
 
@@ -40,37 +40,6 @@ def _apply_env_defaults(parser: argparse.ArgumentParser, argv: list[str] | None 
                 action.required = False
 
 
-def _carbon_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("carbon")
-    g.add_argument("--region", default="world", help="grid region: aws:us-east-1, gcp:europe-west1, azure:westeurope, FR, ... (default: world)")
-    g.add_argument("--intensity", type=float, default=None, help="grid intensity in gCO2e/kWh (overrides --region's table value)")
-    g.add_argument("--pue", type=float, default=None, help="power usage effectiveness (default: the provider's published fleet value, else 1.0)")
-    g.add_argument("--embodied-kg", type=float, default=None, help="embodied kgCO2e per device (enables the embodied share)")
-    g.add_argument("--lifetime-years", type=float, default=4.0, help="device lifetime for the embodied share (default 4)")
-    g.add_argument("--utilisation", type=float, default=1.0, help="fraction of its lifetime the device serves (default 1)")
-    g.add_argument("--carbon-price", type=float, default=0.0, help="internal carbon price per tonne CO2e (default 0)")
-    g.add_argument("--intensity-provider", default="auto", help="hourly intensity: auto (the 2023 hourly profile for DE, FR, GB, US-CAL-CISO, else the yearly table), table, profile, electricitymaps, watttime, gb-carbon-intensity")
-    g.add_argument("--market-g-per-kwh", type=float, default=0.0, help="market-based gCO2e/kWh (your contract's or supplier's), reported beside the location-based figure")
-    g.add_argument("--marginal-provider", default=None, help="a provider of marginal intensity reported beside (watttime)")
-
-
-def carbon_model_from_args(args):
-    from ..carbon import CarbonModel, Embodied
-
-    embodied = None
-    if args.embodied_kg is not None:
-        embodied = Embodied(kgco2e_per_device=float(args.embodied_kg), lifetime_years=float(args.lifetime_years), utilisation=float(args.utilisation))
-    pue = None if args.pue is None else float(args.pue)
-    model = CarbonModel.for_region(args.region, pue=pue, embodied=embodied, carbon_price_per_tonne=float(args.carbon_price))
-    if args.intensity is not None:
-        from dataclasses import replace
-
-        model = replace(model, intensity_g_per_kwh=float(args.intensity), intensity_source="given on the command line")
-    # hourly intensity (issue 11); a fixed --intensity is one value at every hour
-    return model.with_hourly("table" if args.intensity is not None else args.intensity_provider,
-                             market_g_per_kwh=float(args.market_g_per_kwh), marginal_provider=args.marginal_provider)
-
-
 def _build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="wattspan", description="Per-request energy and CO2e for AI inference servers.")
     p.add_argument("--version", action="version", version=f"wattspan {_version()}")
@@ -86,7 +55,7 @@ def _build_parser() -> argparse.ArgumentParser:
     a.add_argument("--idle", default="estimate", help="idle baseline in watts, or 'estimate' (default)")
     a.add_argument("--power-kind", choices=["instant", "average"], default="instant", help="what power_w is: an instant reading (default) or an average over --power-window-s")
     a.add_argument("--power-window-s", type=float, default=1.0, help="averaging window of power_w when --power-kind average (default 1.0 s)")
-    _carbon_options(a)
+    carbon_options(a)
 
     d = sub.add_parser("demo", help="serve a real model on the CPU, meter it, drive a short load, print per-endpoint energy and CO2e")
     d.add_argument("--embeddings", type=int, default=48, help="embedding requests to send (default 48)")
@@ -130,7 +99,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
     from .apps import add_arguments as _add_run_audit_dashboard
 
-    _add_run_audit_dashboard(sub, _carbon_options)
+    _add_run_audit_dashboard(sub, carbon_options)
     b = sub.add_parser("bench", help="on demand or in batches? energy and CO2e per call, projected to a million calls")
     from ..bench import add_bench_arguments
 
@@ -150,22 +119,24 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         if args.command == "attribute":
-            return _cmd_attribute(args)
+            from .attribute import cmd_attribute
+
+            return cmd_attribute(args)
         if args.command == "demo":
-            _need("fastapi", "uvicorn", "httpx", "torch", "tqdm", extra="demo")
+            need("fastapi", "uvicorn", "httpx", "torch", "tqdm", extra="demo")
             from ..demo.run import run_demo
 
             for name in ("embeddings", "completions", "concurrency", "repeat"):
                 if int(getattr(args, name)) < 0 or int(getattr(args, name)) > 100_000:
-                    raise _UsageError(f"--{name} must be between 0 and 100000")
+                    raise UsageError(f"--{name} must be between 0 and 100000")
             return run_demo(embeds=int(args.embeddings), completions=int(args.completions), concurrency=max(1, int(args.concurrency)), region=args.region, db=args.db, serve=args.serve, port=int(args.port), seed=int(args.seed), repeat=max(1, int(args.repeat)))
         if args.command == "bench":
-            _need("httpx", "tqdm", "matplotlib", extra="bench")
+            need("httpx", "tqdm", "matplotlib", extra="bench")
             from ..bench import run_bench
 
             return run_bench(args)
         if args.command == "proxy":
-            _need("httpx", "uvicorn", "starlette", extra="serve")
+            need("httpx", "uvicorn", "starlette", extra="serve")
             from wattspan.integrations.openai_proxy import run_proxy
 
             rid_header = None if str(args.request_id_header).strip().lower() in ("", "none", "off") else args.request_id_header
@@ -180,270 +151,42 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 run_proxy(args.upstream, host=args.host, port=int(args.port), wrap=_budget_wrapper(args), **options)
             except (ValueError, InputError) as exc:
-                raise _UsageError(str(exc)) from None
+                raise UsageError(str(exc)) from None
             return 0
         if args.command in ("run", "audit", "dashboard"):
             from .apps import dispatch
 
-            return dispatch(args, carbon_model_from_args, _UsageError, _need)
+            return dispatch(args, carbon_model_from_args, UsageError, need)
         if args.command == "report":
             if args.id is not None:
-                return _cmd_report_id(args)
+                from .report import cmd_report_id
+
+                return cmd_report_id(args)
             from .report import run_report
 
             rc = run_report(args.db, by=args.by, fmt=args.format, since_s=args.since_s)
             if getattr(args, "budgets", None) is not None and rc == 0:
-                return _report_budgets(args)
+                from .budgets import report_budgets
+
+                return report_budgets(args)
             return rc
-    except _UsageError as exc:
+    except UsageError as exc:
         print(f"wattspan: error: {exc}", file=sys.stderr)
         return 2
     parser.error(f"unknown command {args.command!r}")
     return 2
 
 
-class _UsageError(Exception):
-    pass
-
-
-def _report_budgets(args) -> int:
-    """``wattspan report --budgets FILE``: each budget's spend, KPIs and burn (issue 11)."""
-    from ..budgets import BudgetConfig, BudgetConfigError, budget_status, format_status, load_budgets
-
-    try:
-        cfg = load_budgets(args.budgets)
-    except BudgetConfigError as exc:
-        raise _UsageError(str(exc)) from None
-    if cfg.source == "ledger":  # the report's --db is the ledger to read
-        cfg = BudgetConfig(cfg.budgets, "ledger", str(args.db), cfg.prometheus_url, cfg.refresh_s)
-    st = budget_status(cfg)
-    if args.format == "json":
-        print(json.dumps({"budgets": [s.to_dict() for s in st]}, indent=2))
-    else:
-        sys.stdout.write("\ncarbon budgets (" + cfg.source + ")\n" + format_status(st))
-    return 0
-
-
 def _budget_wrapper(args):
-    """``wattspan proxy --budgets FILE`` / ``--defer-path PATH``: wrap the metering proxy in a
-    BudgetMiddleware and/or a DeferralMiddleware (one queue for both); None when neither is asked."""
-    budgets, paths = getattr(args, "budgets", None), getattr(args, "defer_paths", None)
-    if budgets is None and not paths:
-        return None
-    from ..budgets import BudgetConfigError, BudgetMiddleware
-    from ..deferral import DeferralMiddleware, DeferralQueue
+    from .budgets import budget_wrapper
 
-    def wrap(app):
-        try:
-            queue = DeferralQueue(zone=args.region)
-            if paths:
-                app = DeferralMiddleware(app, queue=queue, paths=tuple(paths))
-            if budgets is not None:
-                app = BudgetMiddleware(app, budgets=budgets, deferral=queue)
-            return app
-        except (BudgetConfigError, ValueError) as exc:
-            raise _UsageError(str(exc)) from None
-
-    return wrap
+    return budget_wrapper(args)
 
 
 def _version() -> str:
     from .. import __version__
 
     return __version__
-
-
-def _cmd_report_id(args) -> int:
-    """``wattspan report --id ID``: one request's final record from the ledger."""
-    from ..export.ledger.schema import find
-    from ..errors import InputError
-
-    try:
-        rec = find(args.db, args.id)
-    except (FileNotFoundError, InputError) as exc:
-        raise _UsageError(str(exc)) from None
-    if rec is None:
-        print(f"wattspan: no request {args.id!r} in {args.db} (not final yet? records reach the ledger a second or so after the response)", file=sys.stderr)
-        return 1
-    rec["duration_s"] = (rec["end_ns"] - rec["start_ns"]) / 1e9
-    rec["trace_id"], rec["span_id"] = f"{rec['trace_id']:032x}", f"{rec['span_id']:016x}"
-    if args.format == "json":
-        print(json.dumps(rec, indent=2))
-    elif args.format == "csv":
-        import csv
-
-        w = csv.DictWriter(sys.stdout, fieldnames=list(rec))
-        w.writeheader()
-        w.writerow(rec)
-    else:
-        flag = "  [SIMULATED power: no sensor]" if rec["simulated"] else ""
-        print(f"request {rec['id']}: {rec['energy_j']:.4g} J, {rec['co2e_g']:.4g} gCO2e{flag}")
-        for k in ("dynamic_j", "idle_j", "host_j", "embodied_g", "device_s", "duration_s", "method", "sensor", "coverage",
-                  "device", "route", "model", "tenant", "status_code", "prompt_tokens", "output_tokens", "run_id"):
-            v = rec[k]
-            print(f"  {k:<14}{v:.6g}" if isinstance(v, float) else f"  {k:<14}{v}")
-    return 0
-
-
-def _need(*modules: str, extra: str) -> None:
-    """Optional parts print the exact install line when their dependencies are missing."""
-    import importlib.util
-
-    missing = [m for m in modules if importlib.util.find_spec(m) is None]
-    if missing:
-        raise _UsageError(f"this command needs {', '.join(missing)}: pip install 'wattspan[{extra}]'")
-
-
-def _cmd_attribute(args) -> int:
-    from ..attribution import jsonl as _io
-    from ..samples import SampleKind
-    from ..attribution import attribute
-    from ..errors import InputError
-    from ..sources.replay import read_trace_csv
-
-    try:
-        idle = None if str(args.idle).strip().lower() == "estimate" else float(args.idle)
-        if idle is not None and (not math.isfinite(idle) or idle < 0):
-            raise ValueError
-    except ValueError:
-        raise _UsageError(f"--idle must be a number of watts >= 0 or 'estimate', got {args.idle!r}") from None
-    try:
-        carbon = carbon_model_from_args(args)
-    except ValueError as exc:
-        raise _UsageError(str(exc)) from None
-    try:
-        traces = read_trace_csv(args.trace)
-        if args.power_kind == "average":
-            window = float(args.power_window_s)
-            if not (math.isfinite(window) and window > 0):
-                raise _UsageError("--power-window-s must be > 0")
-            for tr in traces.values():
-                tr.power_kind = SampleKind.AVERAGE
-                tr.window_ns = int(window * 1e9)
-        requests, rows = _io.read_requests_jsonl(args.requests)
-        steps = _io.read_batches_jsonl(args.batches, requests) if args.batches else None
-    except InputError as exc:
-        raise _UsageError(str(exc)) from None
-
-    import numpy as np
-
-    result = attribute(traces, requests, steps, idle_w=idle)
-    records = result.records()
-    from ..carbon import wall_times
-
-    per = carbon.per_request(result.energy_j, result.device_s, wall_times(result.requests.start_ns, result.requests.end_ns))
-    co2e_op, emb = per.operational_g, per.embodied_g
-    priced = carbon.carbon_price_per_tonne > 0
-    e_j = np.asarray(result.energy_j, dtype=float)
-    per_j = np.divide(co2e_op, e_j, out=np.zeros(len(e_j)), where=e_j > 0)  # the hour's g/J for each request
-    co2e_lo = per_j * result.energy_j_low if result.energy_j_low is not None else co2e_op
-    co2e_hi = per_j * result.energy_j_high if result.energy_j_high is not None else co2e_op
-    for rec, row, op, e, lo, hi, cf in zip(records, rows, co2e_op, emb, co2e_lo, co2e_hi, per.fields()):
-        rec["co2e_g"] = float(op + e)
-        rec["co2e_g_low"] = float(lo + e)
-        rec["co2e_g_high"] = float(hi + e)
-        rec["embodied_g"] = float(e)
-        rec.update(cf)
-        if priced:  # the internal carbon price turns grams into money
-            rec[f"carbon_cost_{carbon.currency.lower()}"] = float(carbon.cost(op + e))
-        for key in ("prompt_tokens", "output_tokens"):
-            if key in row:
-                rec[key] = row[key]
-
-    summary = summarize(result, records, carbon)
-    lines = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records)
-    if args.out is None:
-        sys.stdout.write(lines)
-    else:
-        args.out.write_text(lines, encoding="utf-8")
-    if args.summary is not None:
-        args.summary.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    print_summary(summary, file=sys.stderr if args.out is None else sys.stdout)
-    return 0
-
-
-def summarize(result, records: list[dict], carbon) -> dict:
-    """Totals, per device and per route, with the carbon model's provenance."""
-    routes: dict[str, dict] = {}
-    for r in records:
-        k = r.get("route") or "(none)"
-        d = routes.setdefault(k, {"requests": 0, "energy_j": 0.0, "co2e_g": 0.0})
-        d["requests"] += 1
-        d["energy_j"] += r["energy_j"]
-        d["co2e_g"] += r["co2e_g"]
-        # 90 % bands: half-widths added in quadrature (requests' errors taken as independent;
-        # inside one reconciliation window they are anti-correlated, so this is conservative)
-        if "energy_j_low" in r:
-            d["_h2"] = d.get("_h2", 0.0) + ((r["energy_j_high"] - r["energy_j_low"]) / 2) ** 2
-            d["_c2"] = d.get("_c2", 0.0) + ((r.get("co2e_g_high", r["co2e_g"]) - r.get("co2e_g_low", r["co2e_g"])) / 2) ** 2
-    for d in routes.values():
-        if "_h2" in d:
-            h, c = math.sqrt(d.pop("_h2")), math.sqrt(d.pop("_c2"))
-            d["energy_j_low"], d["energy_j_high"] = max(d["energy_j"] - h, 0.0), d["energy_j"] + h
-            d["co2e_g_low"], d["co2e_g_high"] = max(d["co2e_g"] - c, 0.0), d["co2e_g"] + c
-        d["energy_j_per_1k"] = d["energy_j"] / d["requests"] * 1000
-        d["co2e_g_per_1k"] = d["co2e_g"] / d["requests"] * 1000
-        if carbon.carbon_price_per_tonne > 0:
-            d[f"carbon_cost_{carbon.currency.lower()}_per_1k"] = float(carbon.cost(d["co2e_g_per_1k"]))
-    measured = result.measured_j
-    un = result.unattributed_j
-    return {
-        "measured_j": measured,
-        "attributed_j": result.attributed_j,
-        "unattributed_j": un,
-        "unattributed_co2e_g": float(carbon.operational_g(un)),
-        "requests": len(records),
-        "simulated": any(d.simulated for d in result.devices.values()),
-        "carbon": {
-            "region": carbon.region,
-            "intensity_g_per_kwh": carbon.intensity_g_per_kwh,
-            "intensity_source": carbon.intensity_source,
-            "pue": carbon.pue,
-            "carbon_price_per_tonne": carbon.carbon_price_per_tonne,
-            "currency": carbon.currency,
-            "embodied": None if carbon.embodied is None else vars(carbon.embodied) if hasattr(carbon.embodied, "__dict__") else str(carbon.embodied),
-        },
-        "devices": {k: v.as_dict() for k, v in result.devices.items()},
-        "routes": routes,
-        "intensity": _intensity_summary(records),
-    }
-
-
-def _intensity_summary(records: list[dict]) -> dict:
-    """Which intensities the records used: providers, zones, hours, basis; market and marginal totals."""
-    e = sum(r["energy_j"] for r in records) or 1.0
-    return {
-        "providers": sorted({r.get("intensity_provider", "") for r in records}),
-        "zones": sorted({r.get("intensity_zone", "") for r in records}),
-        "hours": len({r.get("intensity_hour", "") for r in records}),
-        "basis": sorted({r.get("intensity_basis", "") for r in records}),
-        "energy_weighted_g_per_kwh": sum(r["energy_j"] * r.get("intensity_g_per_kwh", 0.0) for r in records) / e,
-        "market_g_per_kwh": max((r.get("market_g_per_kwh", 0.0) for r in records), default=0.0),
-        "co2e_market_g": sum(r.get("co2e_market_g", 0.0) for r in records),
-        "co2e_marginal_g": sum(r.get("co2e_marginal_g", 0.0) for r in records),
-    }
-
-
-def print_summary(summary: dict, file=sys.stdout) -> None:
-    w = file.write
-    c = summary["carbon"]
-    flag = "  [SIMULATED power: no sensor]" if summary["simulated"] else ""
-    w(f"measured {summary['measured_j']:.1f} J = attributed {summary['attributed_j']:.1f} J + unattributed {summary['unattributed_j']:.1f} J{flag}\n")
-    w(f"carbon: {c['intensity_g_per_kwh']:.0f} gCO2e/kWh ({c['region']}; {c['intensity_source']}), PUE {c['pue']:.2f}\n")
-    i = summary.get("intensity")
-    if i and i["hours"]:
-        w(f"per request: {i['energy_weighted_g_per_kwh']:.0f} gCO2e/kWh energy-weighted over {i['hours']} hour(s) from {', '.join(i['providers'])} ({', '.join(i['zones'])}), basis {', '.join(i['basis'])}")
-        w(f"; market-based {i['co2e_market_g']:.4g} g at {i['market_g_per_kwh']:g} g/kWh\n" if i["market_g_per_kwh"] else "\n")
-    for dev, d in summary["devices"].items():
-        m = d.get("model")
-        fit = f", fit r2 {m['r2']:.2f} over {m['rows']} readings" if m else ""
-        if m and m.get("family"):
-            fit += (f"\n  step model {m['family']} (held-out error {m['cv_error'] * 100:.1f} %, r2 {m['cv_r2']:.2f}: {m['why']});"
-                    f" window {d.get('window_s', float('nan')):.3g} s; quality {d.get('quality') or '-'}")
-        w(f"{dev}: {d['method']} via {d['sensor']}, idle {d['idle_w']:.1f} W ({d['idle_source']}){fit}\n")
-    w(f"{'route':<28}{'requests':>9}{'energy J':>12}{'J/1k req':>12}{'gCO2e':>10}{'g/1k req':>10}\n")
-    for route, d in sorted(summary["routes"].items()):
-        w(f"{route[:27]:<28}{d['requests']:>9}{d['energy_j']:>12.2f}{d['energy_j_per_1k']:>12.1f}{d['co2e_g']:>10.4f}{d['co2e_g_per_1k']:>10.3f}\n")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -11,10 +11,11 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-from ..export.ledger.schema import GROUP_BY, aggregate
+from ..export.ledger import GROUP_BY, aggregate
 from ..errors import InputError
+from .common import UsageError
 
-__all__ = ["run_report", "FORMATS"]
+__all__ = ["FORMATS", "cmd_report_id", "run_report"]
 
 FORMATS = ("table", "csv", "json")
 BANNER = "SIMULATED power (no sensor): these figures come from wattspan's simulated source, not a measurement"
@@ -120,3 +121,35 @@ def _column(values: list, sig: int) -> list[str]:
     """One column, every cell with the decimals its largest value needs for ``sig`` digits."""
     d = _decimals(max((abs(v) for v in values), default=0.0), sig)
     return [f"{v:,.{d}f}" for v in values]
+
+
+def cmd_report_id(args) -> int:
+    """``wattspan report --id ID``: one request's final record from the ledger."""
+    from ..export.ledger import find
+    from ..errors import InputError
+
+    try:
+        rec = find(args.db, args.id)
+    except (FileNotFoundError, InputError) as exc:
+        raise UsageError(str(exc)) from None
+    if rec is None:
+        print(f"wattspan: no request {args.id!r} in {args.db} (not final yet? records reach the ledger a second or so after the response)", file=sys.stderr)
+        return 1
+    rec["duration_s"] = (rec["end_ns"] - rec["start_ns"]) / 1e9
+    rec["trace_id"], rec["span_id"] = f"{rec['trace_id']:032x}", f"{rec['span_id']:016x}"
+    if args.format == "json":
+        print(json.dumps(rec, indent=2))
+    elif args.format == "csv":
+        import csv
+
+        w = csv.DictWriter(sys.stdout, fieldnames=list(rec))
+        w.writeheader()
+        w.writerow(rec)
+    else:
+        flag = "  [SIMULATED power: no sensor]" if rec["simulated"] else ""
+        print(f"request {rec['id']}: {rec['energy_j']:.4g} J, {rec['co2e_g']:.4g} gCO2e{flag}")
+        for k in ("dynamic_j", "idle_j", "host_j", "embodied_g", "device_s", "duration_s", "method", "sensor", "coverage",
+                  "device", "route", "model", "tenant", "status_code", "prompt_tokens", "output_tokens", "run_id"):
+            v = rec[k]
+            print(f"  {k:<14}{v:.6g}" if isinstance(v, float) else f"  {k:<14}{v}")
+    return 0
