@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from wattspan import Requests, Steps, attribute
-from wattspan._io import read_batches_jsonl, read_requests_jsonl
+from wattspan.attribution.jsonl import read_batches_jsonl, read_requests_jsonl
 from wattspan.simulate import LAWS, sense, simulate_server
 from wattspan.sources.replay import read_trace_csv
 
@@ -307,7 +307,10 @@ def main() -> None:
         "or at raised clocks (0 / 30 / 80 W), electrical lag (2 / 4 / 8 ms), idle drift (3-10 W), steady or bursty arrivals",
         "(3-8 requests/s). Error: `|attributed - true| / true` of each request's energy. `naive`: the time-overlap split",
         "(`attribute` without batch steps). Band coverage: share of requests whose true energy lies in `[energy_j_low, energy_j_high]`",
-        "(a 90 % band).",
+        "(a 90 % band). The band's parts are fitted on each run's own held-out readings over request lifetimes (a misfit common",
+        "to all in flight, each request's own, the steps' scatter, the sensor's noise and edges; see the README); where every",
+        "reading holds about as many steps as any other (100 ms counters and part-time power) the sensor's noise and the steps'",
+        "scatter cannot be told apart, and the band takes the side that reaches the request: wider than it needs to be.",
         "",
         "### Worst cell per sensor",
         "",

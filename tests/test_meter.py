@@ -10,6 +10,7 @@ import pytest
 from wattspan import DeviceTrace, Meter
 from wattspan.carbon import CarbonModel
 from wattspan.sources.replay import ReplaySource
+from wattspan.meter import RecordCallback
 
 from .conftest import constant_trace
 
@@ -25,7 +26,7 @@ def make_meter(trace=None, **kw):
 
     kw.setdefault("idle_w", 40.0)
     kw.setdefault("period_s", 0.05)
-    m = Meter(sources=[ReplaySource([trace or constant_trace(100.0)], loop=True)], carbon=CarbonModel(intensity_g_per_kwh=400.0), sinks=[sink], **kw)
+    m = Meter(sources=[ReplaySource([trace or constant_trace(100.0)], loop=True)], carbon=CarbonModel(intensity_g_per_kwh=400.0), sinks=[RecordCallback(sink)], **kw)
     assert not m.sinks or kw.get("autostart") is False or m.wait_ready(30)
     return m, records, seen_at
 
@@ -90,7 +91,7 @@ def test_a_failing_sink_is_counted_and_others_still_run():
     def bad(rec):
         raise RuntimeError("sink down")
 
-    m = Meter(sources=[ReplaySource([constant_trace()], loop=True)], idle_w=40.0, carbon=CarbonModel(intensity_g_per_kwh=100.0), sinks=[bad, got.append], period_s=0.05, lag_s=0.05)
+    m = Meter(sources=[ReplaySource([constant_trace()], loop=True)], idle_w=40.0, carbon=CarbonModel(intensity_g_per_kwh=100.0), sinks=[RecordCallback(bad), RecordCallback(got.append)], period_s=0.05, lag_s=0.05)
     try:
         now = time.monotonic_ns()
         m.begin("x", "gpu0", now)
@@ -119,11 +120,11 @@ def test_the_first_step_model_comes_from_the_first_20_steps_not_from_a_timer():
     """After an idle start, a burst's own steps give the device its model as soon as the readings
     cover 20 of them (refit_s is an hour here), fitted over the burst rather than the idle history,
     so that it predicts the next request's energy (the provisional figure) near its final record."""
-    from wattspan._provisional import attach
+    from wattspan.meter.provisional import attach
     from wattspan.sources.simulated import SimulatedSource
 
     records = []
-    m = Meter(sources=[SimulatedSource()], carbon=CarbonModel(intensity_g_per_kwh=400.0), sinks=[records.append], period_s=0.05, refit_s=3600.0)
+    m = Meter(sources=[SimulatedSource()], carbon=CarbonModel(intensity_g_per_kwh=400.0), sinks=[RecordCallback(records.append)], period_s=0.05, refit_s=3600.0)
     prov = attach(m)
     try:
         assert m.wait_ready(30)
@@ -168,7 +169,7 @@ def test_the_refit_schedule(monkeypatch):
     """First model: once the readings cover 20 steps, retried after 1, 2, 4 ... s; then every refit_s."""
     import types
 
-    import wattspan._meter as core
+    import wattspan.meter.core as core
 
     m = Meter(sources=[ReplaySource([constant_trace()])], autostart=False, refit_s=5.0)
     now = [100.0]
