@@ -1,16 +1,21 @@
 """What wattspan costs the server it measures, side by side with a bare app and OpenTelemetry.
 
-    python benchmarks/overhead.py [--requests 20000] [--seconds 5] [--record]
+    python benchmarks/overhead.py [--requests 20000] [--seconds 5] [--rounds 5] [--record]
 
 1. CPU per request, in process: each variant of ``benchmarks/overhead_app.py``
-   is called directly as an ASGI app ``--requests`` times; the CPU time of the
-   whole process (the meter's background thread included, until every record
-   is final) is divided by the requests. Extra = variant minus bare.
+   is called directly as an ASGI app ``--requests`` times, in a fresh
+   interpreter; the CPU time of the whole process (every thread: the meter's
+   background attribution and the exporters included, until every record is
+   final and handed to its sinks) is divided by the requests, and so is the CPU
+   time of the thread running the event loop alone. ``--rounds`` interleaved
+   rounds (every variant once per round, the order rotated); extra = variant
+   minus its baseline within each round; the table gives the median and the
+   range over rounds.
 2. Throughput on loopback: each variant served by uvicorn (one worker) in its
    own process (BLAS on one thread), loaded by ``wrk`` (Debian's package) from
-   another; five interleaved rounds, on the trivial endpoint and on one doing
-   about a millisecond of CPU work. Ratio = variant / bare within each round;
-   the table gives the median and the range over rounds.
+   another; ``--rounds`` interleaved rounds, on the trivial endpoint and on one
+   doing about a millisecond of CPU work. Ratio = variant / baseline within
+   each round; the table gives the median and the range over rounds.
 
 Prints the table and its progress; ``--record`` writes ``benchmarks/results/overhead.md``
 (``--out PATH`` elsewhere). Without ``wrk`` the throughput columns are n/a, and it says so.
@@ -57,15 +62,20 @@ def cpu_per_request(variant: str, n: int) -> float:
     meter = app.state.meter
     if meter is not None:
         meter.flush(10)
-    c0 = time.process_time()
+    c0, l0 = time.process_time(), time.thread_time()
     asyncio.run(run(n))
+    l1 = time.thread_time()  # this thread ran the event loop: its CPU is what the loop paid
     if meter is not None:
-        meter.flush(30)
+        meter.drain(30)  # every record final and handed to the sinks, the buffering ones flushed
     c1 = time.process_time()
     if meter is not None:
         assert meter.counters["records"] >= n, meter.counters
         meter.close()
-    return (c1 - c0) / n * 1e6
+    provider = getattr(app.state, "tracer_provider", None)
+    if provider is not None and meter is None:  # OpenTelemetry alone: its batch export finished too
+        provider.force_flush(30_000)
+        c1 = time.process_time()
+    return (c1 - c0) / n * 1e6, (l1 - l0) / n * 1e6
 
 
 def _free_port() -> int:
@@ -101,6 +111,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=20000)
     ap.add_argument("--seconds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds (CPU and throughput)")
     from benchmarks._common import add_output_args, need_tool, progress, write_results
 
     add_output_args(ap, "overhead.md")
@@ -108,15 +119,18 @@ def main() -> None:
     from benchmarks.overhead_app import VARIANTS
 
     has_wrk = need_tool("wrk", "the throughput columns", "apt-get install wrk")
-    rounds = 5
-    est = len(VARIANTS) * (a.requests / 2000 + 3) + (rounds * len(VARIANTS) * 2 * (a.seconds + 3) if has_wrk else 0)
-    progress(f"{len(VARIANTS)} variants: CPU per request, then {rounds if has_wrk else 0} rounds of wrk; about {est / 60:.0f} min")
+    rounds = a.rounds
+    est = rounds * len(VARIANTS) * (a.requests / 2000 + 3) + (rounds * len(VARIANTS) * 2 * (a.seconds + 3) if has_wrk else 0)
+    progress(f"{len(VARIANTS)} variants: {rounds} rounds of CPU per request, then {rounds if has_wrk else 0} rounds of wrk; about {est / 60:.0f} min")
 
-    cpu = {}
-    for v in VARIANTS:  # each in a fresh interpreter: no state shared between variants
-        out = subprocess.run([sys.executable, __file__, "--_cpu", v, "--requests", str(a.requests)], capture_output=True, text=True, cwd=ROOT, check=True)
-        cpu[v] = float(out.stdout.strip().splitlines()[-1])
-        progress(f"CPU per request, {v}: {cpu[v]:.1f} us")
+    cpu = {v: [] for v in VARIANTS}  # per round: (process us/request, event-loop us/request)
+    for r in range(rounds):  # interleaved, each in a fresh interpreter, the order rotated each round
+        order = VARIANTS[r % len(VARIANTS):] + VARIANTS[: r % len(VARIANTS)]
+        for v in order:
+            out = subprocess.run([sys.executable, __file__, "--_cpu", v, "--requests", str(a.requests)], capture_output=True, text=True, cwd=ROOT, check=True)
+            proc_us, loop_us = map(float, out.stdout.strip().splitlines()[-1].split())
+            cpu[v].append((proc_us, loop_us))
+            progress(f"CPU round {r + 1}/{rounds}, {v}: {proc_us:.1f} us/request, {loop_us:.1f} on the event loop")
     rps = {v: [] for v in VARIANTS}
     work = {v: [] for v in VARIANTS}
     if has_wrk:
@@ -126,34 +140,55 @@ def main() -> None:
                 work[v].append(throughput(v, a.seconds, "/work"))
                 progress(f"round {r + 1}/{rounds}, {v}: {rps[v][-1]:,.0f} req/s trivial, {work[v][-1]:,.0f} req/s /work")
 
-    def cell(d, v):
+    base = {"bare": None, "otel": "bare", "wattspan": "bare", "otel+wattspan": "otel"}  # what each variant adds to
+
+    def med_range(xs, fmt):
+        return f"{fmt(statistics.median(xs))} ({fmt(min(xs))} to {fmt(max(xs))})"
+
+    def extra(v, i):
+        """Per round: variant minus its baseline (i = 0: whole process, 1: event loop), us/request."""
+        return [x[i] - y[i] for x, y in zip(cpu[v], cpu[base[v]])]
+
+    def ratio(d, v):
         if not d["bare"]:
             return "n/a (no wrk)", "n/a"
-        ratios = [x / b for x, b in zip(d[v], d["bare"])]
-        med = statistics.median(ratios)
-        return f"{statistics.median(d[v]):,.0f}", f"{med:.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"
+        if base[v] is None:
+            return f"{statistics.median(d[v]):,.0f}", "1.00x"
+        rs = [x / y for x, y in zip(d[v], d[base[v]])]
+        return f"{statistics.median(d[v]):,.0f}", f"{statistics.median(rs):.2f}x ({min(rs):.2f}-{max(rs):.2f})"
 
+    us = lambda x: f"{x:+.1f}"  # noqa: E731
+    load = os.getloadavg()
     lines = [
         "# Overhead on the server being measured",
         "",
-        f"Command: `python benchmarks/overhead.py --requests {a.requests} --seconds {a.seconds} --record`",
-        f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; a trivial Starlette endpoint returning `ok`.",
+        f"Command: `python benchmarks/overhead.py --requests {a.requests} --seconds {a.seconds} --rounds {rounds} --record`",
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; load average at the end "
+        f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1 / 5 / 15 min); a Starlette app (`benchmarks/overhead_app.py`).",
         "",
-        "| variant | CPU us/request | extra vs bare | trivial `/`: req/s (wrk -c16) | vs bare, median (range) | `/work` (~1 ms of Python): req/s | vs bare, median (range) |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        f"CPU per request: {a.requests:,} requests in process per variant and round, {rounds} interleaved rounds; the extra is the",
+        "variant minus its baseline within each round, median (range over rounds), microseconds. Throughput: uvicorn (one",
+        f"worker) under `wrk -t1 -c16 -d{a.seconds}s`, the ratio to the baseline within each round, median (range).",
+        "",
+        "| variant | baseline | CPU us/request | extra vs baseline | of which on the event loop | trivial `/`: req/s | vs baseline | `/work` (~1 ms of Python): req/s | vs baseline |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for v in VARIANTS:
-        r, ratio = cell(rps, v)
-        w, wratio = cell(work, v)
-        lines.append(f"| {v} | {cpu[v]:.1f} | {cpu[v] - cpu['bare']:+.1f} | {r} | {ratio} | {w} | {wratio} |")
-    w = cpu["wattspan"] - cpu["bare"]
-    wx = cpu["otel+wattspan"] - cpu["otel"]
-    o = cpu["otel"] - cpu["bare"]
+        r, rr = ratio(rps, v)
+        w, wr = ratio(work, v)
+        proc = statistics.median(x[0] for x in cpu[v])
+        if base[v] is None:
+            lines.append(f"| {v} | - | {proc:.1f} | - | - | {r} | {rr} | {w} | {wr} |")
+        else:
+            lines.append(f"| {v} | {base[v]} | {proc:.1f} | {med_range(extra(v, 0), us)} | {med_range(extra(v, 1), us)} | {r} | {rr} | {w} | {wr} |")
+    w, wl = statistics.median(extra("wattspan", 0)), statistics.median(extra("wattspan", 1))
+    wx, o = statistics.median(extra("otel+wattspan", 0)), statistics.median(extra("otel", 0))
     lines += [
         "",
-        f"wattspan adds {w:.1f} us of CPU per request without export and {wx:.1f} us with export (spans held and completed,",
-        f"metrics, ledger) on top of OpenTelemetry's ASGI instrumentation, which itself adds {o:.1f} us.",
-        "CPU is the whole process's (`time.process_time`), the meter's background attribution included.",
+        f"wattspan alone adds {w:.1f} us of CPU per request ({wl:.1f} us of it on the event loop); with export (spans held and",
+        f"completed, OTel metrics, the SQLite ledger) it adds {wx:.1f} us on top of OpenTelemetry's ASGI instrumentation,",
+        f"which itself adds {o:.1f} us. CPU is the whole process's (`time.process_time`: the meter's attribution, the span,",
+        "metrics and ledger threads included, until every record is written); the event loop's is its thread's (`time.thread_time`).",
     ]
     text = "\n".join(lines) + "\n"
     print(text)
@@ -163,6 +198,6 @@ def main() -> None:
 if __name__ == "__main__":
     if len(sys.argv) > 2 and sys.argv[1] == "--_cpu":
         n = int(sys.argv[sys.argv.index("--requests") + 1])
-        print(cpu_per_request(sys.argv[2], n))
+        print(*cpu_per_request(sys.argv[2], n))
     else:
         main()
