@@ -760,11 +760,13 @@ class Meter:
             del self._inflight[rid]
 
     def _emit(self, rec: RequestRecord) -> None:
-        if self.span_processor is not None and rec.span_id:
+        sp = self.span_processor
+        if sp is not None and rec.span_id:
             try:
                 from .otel import record_attributes
 
-                self.span_processor.resolve(rec.span_id, record_attributes(rec))
+                # the processor's own entry when it has one: the fresh dict is not copied again
+                getattr(sp, "_resolve", sp.resolve)(rec.span_id, record_attributes(rec))
             except Exception:
                 self.counters["sink_errors"] += 1
                 log.exception("span processor failed for a record")

@@ -205,6 +205,9 @@ class _Faults:
             log.exception("wattspan: %s (logged once; counted in stats())", what)
 
 
+_new = object.__new__
+
+
 def _with_attributes(span: ReadableSpan, extra: Mapping[str, Any]) -> ReadableSpan:
     """A copy of the ended ``span`` with ``extra`` merged into its attributes.
 
@@ -212,13 +215,30 @@ def _with_attributes(span: ReadableSpan, extra: Mapping[str, Any]) -> ReadableSp
     counts; the attribute dropped count carries over). The copy's attributes
     are not subject to the span's attribute limit: wattspan's are added even
     to a span that was full.
+
+    The SDK's own ReadableSpan (what ``Span.end`` hands the processors) is
+    copied by its fields: one dict copy, no constructor, no re-reading of every
+    attribute through the read-only mapping. Other span classes go through the
+    public constructor.
     """
-    merged = dict(span.attributes or {})
-    merged.update(extra)  # the span's own values are clean already; ours are primitives
+    src = getattr(span, "_attributes", None)
+    if isinstance(src, BoundedAttributes):
+        merged = dict(src._dict)  # the span's own values, cleaned by the SDK already
+        dropped = src.dropped
+    else:
+        merged = dict(span.attributes or {})
+        dropped = span.dropped_attributes
+    merged.update(extra)  # ours are primitives
     attrs: Mapping[str, Any] = merged
-    if span.dropped_attributes:  # keep the count, at the cost of re-validating every value
+    if dropped:  # keep the count, at the cost of re-validating every value
         attrs = BoundedAttributes(None, merged, immutable=True)
-        attrs.dropped = span.dropped_attributes
+        attrs.dropped = dropped
+    if type(span) is ReadableSpan:
+        copy = _new(ReadableSpan)
+        d = copy.__dict__
+        d.update(span.__dict__)
+        d["_attributes"] = attrs
+        return copy
     return ReadableSpan(
         name=span.name,
         context=span.context,
@@ -329,28 +349,35 @@ class EnergySpanProcessor(SpanProcessor):
         except TypeError:
             self._fault("EnergySpanProcessor.expect got a bad argument")
             return
-        if not sid:
+        if not sid or self._closed:
             return
-        with self._cond:
-            if self._closed:
-                return
-            exp = self._expected
-            exp[sid] = None
-            if len(exp) > self.max_expected:
-                exp.popitem(last=False)
-                self._counts["expect_evicted"] += 1
+        # No lock: one insertion into an ordered dict is atomic (called on the event
+        # loop at every request start); only evicting the oldest marks takes the lock.
+        exp = self._expected
+        exp[sid] = None
+        if len(exp) > self.max_expected:
+            with self._cond:
+                while len(exp) > self.max_expected:
+                    exp.popitem(last=False)
+                    self._counts["expect_evicted"] += 1
 
     def resolve(self, span_id: int, attributes: Mapping[str, Any]) -> None:
         """The record of span ``span_id`` is final: pass the span on with ``attributes``."""
+        attrs = dict(attributes)
+        attrs.setdefault("wattspan.status", "final")
+        self._resolve(span_id, attrs)
+
+    def _resolve(self, span_id: int, attrs: dict[str, Any]) -> None:
+        """:meth:`resolve` with ``attrs`` this processor's own to keep (the meter's
+        fresh dict from :func:`record_attributes`: not copied again)."""
         out: list[ReadableSpan] = []
+        held = None
         try:
-            attrs = dict(attributes)
-            attrs.setdefault("wattspan.status", "final")
             now = _monotonic()
             with self._cond:
                 item = self._held.pop(span_id, None)
                 if item is not None:
-                    out.append(_with_attributes(item[0], attrs))
+                    held = item[0]
                     self._counts["final"] += 1
                 elif span_id in self._expected and not self._closed:
                     early = self._early
@@ -365,8 +392,12 @@ class EnergySpanProcessor(SpanProcessor):
                 else:
                     self._counts["unmatched"] += 1
                 self._expire_locked(now, out)
+            if held is not None:  # copied outside the lock: the event loop's on_end never waits for it
+                out.append(_with_attributes(held, attrs))
         except Exception:
             self._fault("EnergySpanProcessor.resolve failed")
+            if held is not None and not any(s is held for s in out):
+                out.append(held)  # never lose the span: on as it is
         self._forward(out)
 
     # -------------------------------------------------------------- SpanProcessor
@@ -394,6 +425,12 @@ class EnergySpanProcessor(SpanProcessor):
         try:
             ctx = span.context
             sid = ctx.span_id if ctx is not None else 0
+            if sid not in self._expected:  # not metered (inner spans): straight on, no lock, no copy
+                try:
+                    self.downstream.on_end(span)
+                except Exception:
+                    self._fault("downstream on_end failed")
+                return
             now = _monotonic()
             with self._cond:
                 if sid in self._expected:
