@@ -316,7 +316,8 @@ class EnergySpanProcessor(SpanProcessor):
         self.max_held = max_held
         self.max_expected = max_expected
         self._early_ttl_s = max(60.0, self.hold_timeout_s)
-        self._cond = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)  # the timer thread waits on it; everything else takes the lock itself
         self._expected: OrderedDict[int, None] = OrderedDict()
         self._held: OrderedDict[int, tuple[ReadableSpan, float]] = OrderedDict()  # deadline order
         self._early: OrderedDict[int, tuple[dict, float]] = OrderedDict()
@@ -356,7 +357,7 @@ class EnergySpanProcessor(SpanProcessor):
         exp = self._expected
         exp[sid] = None
         if len(exp) > self.max_expected:
-            with self._cond:
+            with self._lock:
                 while len(exp) > self.max_expected:
                     exp.popitem(last=False)
                     self._counts["expect_evicted"] += 1
@@ -374,7 +375,7 @@ class EnergySpanProcessor(SpanProcessor):
         held = None
         try:
             now = _monotonic()
-            with self._cond:
+            with self._lock:
                 item = self._held.pop(span_id, None)
                 if item is not None:
                     held = item[0]
@@ -432,7 +433,7 @@ class EnergySpanProcessor(SpanProcessor):
                     self._fault("downstream on_end failed")
                 return
             now = _monotonic()
-            with self._cond:
+            with self._lock:
                 if sid in self._expected:
                     del self._expected[sid]
                     early = self._early.pop(sid, None)
@@ -443,14 +444,15 @@ class EnergySpanProcessor(SpanProcessor):
                         out.append(self._pending(sid, span, "pending_flush"))
                     else:
                         held = self._held
-                        if not held:
-                            self._cond.notify()
+                        if not held:  # the timer sleeps until the first held span: wake it (or start it)
+                            if self._thread is None or not self._thread.is_alive():
+                                self._start_thread()
+                            else:
+                                self._cond.notify()
                         held[sid] = (span, now + self.hold_timeout_s)
                         if len(held) > self.max_held:
                             osid, (ospan, _) = held.popitem(last=False)
                             out.append(self._pending(osid, ospan, "pending_overflow"))
-                        if self._thread is None or not self._thread.is_alive():
-                            self._start_thread()
                 else:
                     out.append(span)
                 self._expire_locked(now, out)
@@ -471,7 +473,7 @@ class EnergySpanProcessor(SpanProcessor):
 
     def shutdown(self) -> None:
         """Pass on every held span (``pending``), stop the timer, shut ``downstream`` down."""
-        with self._cond:
+        with self._lock:
             self._closed = True
             self._expected.clear()
             self._early.clear()
@@ -489,7 +491,7 @@ class EnergySpanProcessor(SpanProcessor):
 
     def stats(self) -> dict[str, int]:
         """Counters (see ``__init__``) and the current ``held``, ``expected`` and ``early`` sizes."""
-        with self._cond:
+        with self._lock:
             return dict(self._counts, held=len(self._held), expected=len(self._expected), early=len(self._early))
 
     # -------------------------------------------------------------- internals
@@ -519,7 +521,7 @@ class EnergySpanProcessor(SpanProcessor):
             self._counts["early_expired"] += 1
 
     def _take_all(self) -> list[ReadableSpan]:
-        with self._cond:
+        with self._lock:
             out = [self._pending(sid, span, "pending_flush") for sid, (span, _) in self._held.items()]
             self._held.clear()
             return out
