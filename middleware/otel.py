@@ -256,6 +256,24 @@ def _with_attributes(span: ReadableSpan, extra: Mapping[str, Any]) -> ReadableSp
     )
 
 
+def _empty_hooks() -> frozenset:
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
+
+    return frozenset(f for cls in (SpanProcessor, BatchSpanProcessor, SimpleSpanProcessor)
+                     for f in (cls.__dict__.get("on_start"), cls.__dict__.get("_on_ending")) if f is not None)
+
+
+_EMPTY_HOOKS = _empty_hooks()  # the SDK's processors' hooks that do nothing
+
+
+def _hook(proc, name: str):
+    """``proc``'s bound ``name`` method, or None when it has none or it is one of the SDK's empty ones."""
+    fn = getattr(proc, name, None)
+    if fn is None or getattr(fn, "__func__", None) in _EMPTY_HOOKS:
+        return None
+    return fn
+
+
 def _span_id_of(span_or_context) -> int:
     """The span id of an int, a SpanContext or a Span (0 when there is none to wait for)."""
     if isinstance(span_or_context, int):
@@ -403,8 +421,20 @@ class EnergySpanProcessor(SpanProcessor):
 
     # -------------------------------------------------------------- SpanProcessor
 
+    @property
+    def downstream(self) -> SpanProcessor:
+        return self._downstream
+
+    @downstream.setter
+    def downstream(self, proc: SpanProcessor) -> None:
+        self._downstream = proc
+        # its start and ending hooks looked up once, and not called at all when they are the SDK's
+        # empty ones (a BatchSpanProcessor's): every span of the process passes through here
+        self._down_on_start = _hook(proc, "on_start")
+        self._down_on_ending = _hook(proc, "_on_ending")
+
     def on_start(self, span, parent_context=None) -> None:
-        fn = getattr(self.downstream, "on_start", None)
+        fn = self._down_on_start
         if fn is None:
             return
         try:
@@ -413,7 +443,7 @@ class EnergySpanProcessor(SpanProcessor):
             self._fault("downstream on_start failed")
 
     def _on_ending(self, span) -> None:
-        fn = getattr(self.downstream, "_on_ending", None)
+        fn = self._down_on_ending
         if fn is None:
             return
         try:
@@ -428,7 +458,7 @@ class EnergySpanProcessor(SpanProcessor):
             sid = ctx.span_id if ctx is not None else 0
             if sid not in self._expected:  # not metered (inner spans): straight on, no lock, no copy
                 try:
-                    self.downstream.on_end(span)
+                    self._downstream.on_end(span)
                 except Exception:
                     self._fault("downstream on_end failed")
                 return
@@ -527,7 +557,7 @@ class EnergySpanProcessor(SpanProcessor):
             return out
 
     def _forward(self, spans: list[ReadableSpan]) -> None:
-        on_end = self.downstream.on_end
+        on_end = self._downstream.on_end
         for s in spans:
             try:
                 on_end(s)
