@@ -734,7 +734,7 @@ class Meter:
         cols = zip(energy.tolist(), (op + emb).tolist(), emb.tolist(), e_lo.tolist(), e_hi.tolist(),
                    (op_lo + emb).tolist(), (op_hi + emb).tolist(), *carbon.columns())
         batch: list[RequestRecord] = []
-        emit = self._emit if (self.span_processor is not None or self.sinks) else None
+        emit = self._emitter()
         for (rid, r), (e, co2, eg, elo, ehi, clo, chi, *intensity) in zip(done, cols):
             m = r.meta
             life = r.end_ns - r.start_ns
@@ -759,23 +759,35 @@ class Meter:
         for rid, _ in done:  # removed only now, so flush() waits for every sink
             del self._inflight[rid]
 
-    def _emit(self, rec: RequestRecord) -> None:
-        sp = self.span_processor
-        if sp is not None and rec.span_id:
-            try:
-                from .otel import record_attributes
+    def _emitter(self):
+        """This pass's per-record hand-off (the span processor, then the per-record sinks), or
+        None when there is nothing to hand each record to; the lookups are made once per pass."""
+        sp, sinks = self.span_processor, list(self.sinks)
+        if sp is None and not sinks:
+            return None
+        resolve = attributes = None
+        if sp is not None:
+            from .otel import record_attributes as attributes
 
-                # the processor's own entry when it has one: the fresh dict is not copied again
-                getattr(sp, "_resolve", sp.resolve)(rec.span_id, record_attributes(rec))
-            except Exception:
-                self.counters["sink_errors"] += 1
-                log.exception("span processor failed for a record")
-        for sink in self.sinks:
-            try:
-                sink(rec)
-            except Exception:
-                self.counters["sink_errors"] += 1
-                log.exception("a record sink failed")
+            # the processor's own entry when it has one: the fresh dict is not copied again
+            resolve = getattr(sp, "_resolve", None) or sp.resolve
+        counters = self.counters
+
+        def emit(rec: RequestRecord) -> None:
+            if resolve is not None and rec.span_id:
+                try:
+                    resolve(rec.span_id, attributes(rec))
+                except Exception:
+                    counters["sink_errors"] += 1
+                    log.exception("span processor failed for a record")
+            for sink in sinks:
+                try:
+                    sink(rec)
+                except Exception:
+                    counters["sink_errors"] += 1
+                    log.exception("a record sink failed")
+
+        return emit
 
 
 def measured_sources() -> list:
