@@ -473,7 +473,7 @@ def _device_for(core, device) -> str:
         return group
     d = device(core) if callable(device) else device
     if isinstance(d, (list, tuple)):
-        from wattspan._groups import group_key
+        from wattspan.devices import group_key
 
         d = group_key(d)
     if not isinstance(d, str) or not d:
@@ -671,7 +671,7 @@ def register() -> None:
     """
     global _registered
     try:
-        from wattspan._logging import setup_logging
+        from wattspan.logs import setup_logging
 
         setup_logging()
         address = os.environ.get("WATTSPAN_VLLM_STEPS", "").strip()

@@ -108,7 +108,7 @@ def data(db: str | os.PathLike, window_s: float = 3600.0, *, now: float | None =
     ``j_per_token`` = total J / (prompt + output tokens). ``cache`` (a :class:`DataCache`) makes a refresh
     read only the newest records.
     """
-    from ._ledger_db import _reading
+    from .export.ledger.schema import _reading
 
     now = time.time() if now is None else float(now)
     bucket = window_s / _BUCKETS

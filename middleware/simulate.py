@@ -32,8 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ._power_model import LAWS, PowerModel
-from ._samples import DeviceTrace, SampleKind
+from .sources.power_model import LAWS, PowerModel
+from .samples import DeviceTrace, SampleKind
 
 __all__ = [
     "LAWS",

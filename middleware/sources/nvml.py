@@ -25,7 +25,7 @@ import time
 import numpy as np
 import pynvml
 
-from .._samples import DeviceInfo, SampleBatch, SampleKind
+from ..samples import DeviceInfo, SampleBatch, SampleKind
 from ._base import SourceUnavailable
 
 __all__ = ["NvmlSource", "POWER_PROBES"]
@@ -117,7 +117,7 @@ class NvmlSource:
 
     NVML calls block while the driver answers (usually microseconds, longer on a
     troubled GPU): construct the source outside the event loop, and let the
-    :class:`~wattspan._sampler.Sampler`'s thread do all polling.
+    :class:`~wattspan.sampler.Sampler`'s thread do all polling.
     """
 
     name = "nvml"
@@ -237,7 +237,7 @@ class NvmlSource:
         if g.power == "power-usage" and g.power_kind == SampleKind.AVERAGE:
             parts[-1] = "power-usage-avg1s"
         extra["power"] = g.power
-        try:  # the physical GPU's identity: the peer group key (see wattspan._peers)
+        try:  # the physical GPU's identity: the peer group key (see wattspan.meter.peers)
             uuid = pynvml.nvmlDeviceGetUUID(g.handle)
             extra["identity"] = "nvml:" + (uuid.decode() if isinstance(uuid, bytes) else str(uuid))
         except Exception:
