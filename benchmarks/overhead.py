@@ -1,16 +1,24 @@
 """What wattspan costs the server it measures, side by side with a bare app and OpenTelemetry.
 
-    python benchmarks/overhead.py [--requests 20000] [--seconds 5] [--record]
+    python benchmarks/overhead.py [--requests 20000] [--seconds 5] [--rounds 5] [--record]
 
 1. CPU per request, in process: each variant of ``benchmarks/overhead_app.py``
-   is called directly as an ASGI app ``--requests`` times; the CPU time of the
-   whole process (the meter's background thread included, until every record
-   is final) is divided by the requests. Extra = variant minus bare.
+   is called directly as an ASGI app ``--requests`` times, in a fresh
+   interpreter; the CPU time of the whole process (every thread: the meter's
+   background attribution and the exporters included, until every record is
+   final and handed to its sinks) is divided by the requests, and so is the CPU
+   time of the thread running the event loop alone. The same for the endpoint
+   doing about a millisecond of CPU work (``--requests`` / 5 requests), whose
+   baseline CPU over the variant's is the capacity left to a CPU-bound server.
+   ``--rounds`` interleaved rounds (every variant once per round, the order
+   rotated); extra = variant minus its baseline (bare; OpenTelemetry for
+   OpenTelemetry + wattspan) within each round; the table gives the median and
+   the range over rounds.
 2. Throughput on loopback: each variant served by uvicorn (one worker) in its
    own process (BLAS on one thread), loaded by ``wrk`` (Debian's package) from
-   another; five interleaved rounds, on the trivial endpoint and on one doing
-   about a millisecond of CPU work. Ratio = variant / bare within each round;
-   the table gives the median and the range over rounds.
+   another; ``--rounds`` interleaved rounds, on the trivial endpoint and on one
+   doing about a millisecond of CPU work. Ratio = variant / baseline within
+   each round; the table gives the median and the range over rounds.
 
 Prints the table and its progress; ``--record`` writes ``benchmarks/results/overhead.md``
 (``--out PATH`` elsewhere). Without ``wrk`` the throughput columns are n/a, and it says so.
@@ -35,12 +43,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def cpu_per_request(variant: str, n: int) -> float:
+def cpu_per_request(variant: str, n: int, path: str = "/") -> tuple[float, float]:
     os.environ["WATTSPAN_BENCH_VARIANT"] = variant
     mod = importlib.import_module("benchmarks.overhead_app")
     app = mod.create(variant)
     scope_base = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "scheme": "http",
-                  "path": "/", "raw_path": b"/", "query_string": b"", "root_path": "", "headers": [(b"host", b"127.0.0.1")],
+                  "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "", "headers": [(b"host", b"127.0.0.1")],
                   "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8000)}
 
     async def receive():
@@ -53,19 +61,24 @@ def cpu_per_request(variant: str, n: int) -> float:
         for _ in range(k):
             await app(dict(scope_base), receive, send)
 
-    asyncio.run(run(500))  # warm up (and start the meter)
+    asyncio.run(run(min(500, n)))  # warm up (and start the meter)
     meter = app.state.meter
     if meter is not None:
         meter.flush(10)
-    c0 = time.process_time()
+    c0, l0 = time.process_time(), time.thread_time()
     asyncio.run(run(n))
+    l1 = time.thread_time()  # this thread ran the event loop: its CPU is what the loop paid
     if meter is not None:
-        meter.flush(30)
+        meter.drain(30)  # every record final and handed to the sinks, the buffering ones flushed
     c1 = time.process_time()
     if meter is not None:
         assert meter.counters["records"] >= n, meter.counters
         meter.close()
-    return (c1 - c0) / n * 1e6
+    provider = getattr(app.state, "tracer_provider", None)
+    if provider is not None and meter is None:  # OpenTelemetry alone: its batch export finished too
+        provider.force_flush(30_000)
+        c1 = time.process_time()
+    return (c1 - c0) / n * 1e6, (l1 - l0) / n * 1e6
 
 
 def _free_port() -> int:
@@ -101,6 +114,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=20000)
     ap.add_argument("--seconds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds (CPU and throughput)")
     from benchmarks._common import add_output_args, need_tool, progress, write_results
 
     add_output_args(ap, "overhead.md")
@@ -108,15 +122,22 @@ def main() -> None:
     from benchmarks.overhead_app import VARIANTS
 
     has_wrk = need_tool("wrk", "the throughput columns", "apt-get install wrk")
-    rounds = 5
-    est = len(VARIANTS) * (a.requests / 2000 + 3) + (rounds * len(VARIANTS) * 2 * (a.seconds + 3) if has_wrk else 0)
-    progress(f"{len(VARIANTS)} variants: CPU per request, then {rounds if has_wrk else 0} rounds of wrk; about {est / 60:.0f} min")
+    rounds = a.rounds
+    est = rounds * len(VARIANTS) * (a.requests / 2000 + 3 + max(200, a.requests // 5) / 700 + 3) + (rounds * len(VARIANTS) * 2 * (a.seconds + 3) if has_wrk else 0)
+    progress(f"{len(VARIANTS)} variants: {rounds} rounds of CPU per request, then {rounds if has_wrk else 0} rounds of wrk; about {est / 60:.0f} min")
 
-    cpu = {}
-    for v in VARIANTS:  # each in a fresh interpreter: no state shared between variants
-        out = subprocess.run([sys.executable, __file__, "--_cpu", v, "--requests", str(a.requests)], capture_output=True, text=True, cwd=ROOT, check=True)
-        cpu[v] = float(out.stdout.strip().splitlines()[-1])
-        progress(f"CPU per request, {v}: {cpu[v]:.1f} us")
+    cpu = {v: [] for v in VARIANTS}  # per round: (process us/request, event-loop us/request)
+    cpu_work = {v: [] for v in VARIANTS}  # per round: process us/request on /work
+    n_work = max(200, a.requests // 5)
+    for r in range(rounds):  # interleaved, each in a fresh interpreter, the order rotated each round
+        order = VARIANTS[r % len(VARIANTS):] + VARIANTS[: r % len(VARIANTS)]
+        for v in order:
+            for path, n, into in (("/", a.requests, cpu), ("/work", n_work, cpu_work)):
+                out = subprocess.run([sys.executable, __file__, "--_cpu", v, "--requests", str(n), "--path", path],
+                                     capture_output=True, text=True, cwd=ROOT, check=True)
+                proc_us, loop_us = map(float, out.stdout.strip().splitlines()[-1].split())
+                into[v].append((proc_us, loop_us))
+                progress(f"CPU round {r + 1}/{rounds}, {v} {path}: {proc_us:.1f} us/request, {loop_us:.1f} on the event loop")
     rps = {v: [] for v in VARIANTS}
     work = {v: [] for v in VARIANTS}
     if has_wrk:
@@ -126,34 +147,84 @@ def main() -> None:
                 work[v].append(throughput(v, a.seconds, "/work"))
                 progress(f"round {r + 1}/{rounds}, {v}: {rps[v][-1]:,.0f} req/s trivial, {work[v][-1]:,.0f} req/s /work")
 
-    def cell(d, v):
+    base = {"bare": None, "otel": "bare", "wattspan": "bare", "otel+wattspan": "otel"}  # what each variant adds to
+
+    def med_range(xs, fmt):
+        return f"{fmt(statistics.median(xs))} ({fmt(min(xs))} to {fmt(max(xs))})"
+
+    def extra(v, i):
+        """Per round: variant minus its baseline (i = 0: whole process, 1: event loop), us/request."""
+        return [x[i] - y[i] for x, y in zip(cpu[v], cpu[base[v]])]
+
+    def capacity(v):
+        """Per round, on /work: baseline CPU / variant CPU (the throughput ratio of a CPU-bound server)."""
+        return [y[0] / x[0] for x, y in zip(cpu_work[v], cpu_work[base[v]])]
+
+    def ratio(d, v):
         if not d["bare"]:
             return "n/a (no wrk)", "n/a"
-        ratios = [x / b for x, b in zip(d[v], d["bare"])]
-        med = statistics.median(ratios)
-        return f"{statistics.median(d[v]):,.0f}", f"{med:.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"
+        if base[v] is None:
+            return f"{statistics.median(d[v]):,.0f}", "1.00x"
+        rs = [x / y for x, y in zip(d[v], d[base[v]])]
+        return f"{statistics.median(d[v]):,.0f}", f"{statistics.median(rs):.2f}x ({min(rs):.2f}-{max(rs):.2f})"
 
+    us = lambda x: f"{x:+.1f}"  # noqa: E731
+    times = lambda x: f"{x:.3f}x"  # noqa: E731
+    load = os.getloadavg()
     lines = [
         "# Overhead on the server being measured",
         "",
-        f"Command: `python benchmarks/overhead.py --requests {a.requests} --seconds {a.seconds} --record`",
-        f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; a trivial Starlette endpoint returning `ok`.",
+        f"Command: `python benchmarks/overhead.py --requests {a.requests} --seconds {a.seconds} --rounds {rounds} --record`",
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; load average at the end "
+        f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1 / 5 / 15 min); a Starlette app (`benchmarks/overhead_app.py`).",
         "",
-        "| variant | CPU us/request | extra vs bare | trivial `/`: req/s (wrk -c16) | vs bare, median (range) | `/work` (~1 ms of Python): req/s | vs bare, median (range) |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        f"CPU per request, in process: {a.requests:,} requests to the trivial `/` and {n_work:,} to `/work` (~1 ms of Python)",
+        f"per variant and round, {rounds} interleaved rounds, each run in a fresh interpreter. Extra: the variant minus its",
+        "baseline within each round, median (range over rounds), microseconds; capacity: the baseline's CPU per `/work`",
+        "request over the variant's, within each round (the throughput ratio of a server bound by its CPU).",
+        "",
+        "| variant | baseline | `/`: CPU us/request | extra vs baseline | of which on the event loop | `/work`: CPU us/request | capacity vs baseline |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
     for v in VARIANTS:
-        r, ratio = cell(rps, v)
-        w, wratio = cell(work, v)
-        lines.append(f"| {v} | {cpu[v]:.1f} | {cpu[v] - cpu['bare']:+.1f} | {r} | {ratio} | {w} | {wratio} |")
-    w = cpu["wattspan"] - cpu["bare"]
-    wx = cpu["otel+wattspan"] - cpu["otel"]
-    o = cpu["otel"] - cpu["bare"]
+        proc = statistics.median(x[0] for x in cpu[v])
+        wproc = statistics.median(x[0] for x in cpu_work[v])
+        if base[v] is None:
+            lines.append(f"| {v} | - | {proc:.1f} | - | - | {wproc:,.0f} | - |")
+        else:
+            lines.append(f"| {v} | {base[v]} | {proc:.1f} | {med_range(extra(v, 0), us)} | {med_range(extra(v, 1), us)} | "
+                         f"{wproc:,.0f} | {med_range(capacity(v), times)} |")
     lines += [
         "",
-        f"wattspan adds {w:.1f} us of CPU per request without export and {wx:.1f} us with export (spans held and completed,",
-        f"metrics, ledger) on top of OpenTelemetry's ASGI instrumentation, which itself adds {o:.1f} us.",
-        "CPU is the whole process's (`time.process_time`), the meter's background attribution included.",
+        f"Throughput on loopback: uvicorn (one worker) under `wrk -t1 -c16 -d{a.seconds}s` from another process, {rounds if has_wrk else 0}",
+        "interleaved rounds, the ratio to the baseline within each round, median (range).",
+        "",
+        "| variant | baseline | trivial `/`: req/s | vs baseline | `/work`: req/s | vs baseline |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for v in VARIANTS:
+        r, rr = ratio(rps, v)
+        w, wr = ratio(work, v)
+        lines.append(f"| {v} | {base[v] or '-'} | {r} | {rr} | {w} | {wr} |")
+    w, wl = statistics.median(extra("wattspan", 0)), statistics.median(extra("wattspan", 1))
+    wx, o = statistics.median(extra("otel+wattspan", 0)), statistics.median(extra("otel", 0))
+    cw, cx = statistics.median(capacity("wattspan")), statistics.median(capacity("otel+wattspan"))
+    lines += [
+        "",
+        f"wattspan alone adds {w:.1f} us of CPU per request ({wl:.1f} us of it on the event loop); with export (spans held and",
+        f"completed, OTel metrics, the SQLite ledger) it adds {wx:.1f} us on top of OpenTelemetry's ASGI instrumentation,",
+        f"which itself adds {o:.1f} us. On `/work`, wattspan alone leaves {cw:.3f}x of bare's capacity and OpenTelemetry +",
+        f"wattspan exporting {cx:.3f}x of OpenTelemetry's. CPU is the whole process's (`time.process_time`: the meter's",
+        "attribution, the sampler, the span, metrics and ledger threads included, until every record is written); the event",
+        "loop's is its thread's (`time.thread_time`).",
+        "",
+        "| target | measured (median) | met |",
+        "|---|---:|---|",
+        f"| wattspan alone, event-loop CPU <= 6 us/request | {wl:.1f} us | {'yes' if wl <= 6 else 'no'} |",
+        f"| wattspan alone, CPU <= 12 us/request | {w:.1f} us | {'yes' if w <= 12 else 'no'} |",
+        f"| exporting, on top of OpenTelemetry <= 40 us/request | {wx:.1f} us | {'yes' if wx <= 40 else 'no'} |",
+        f"| `/work`, wattspan alone >= 0.97x bare (CPU capacity) | {cw:.3f}x | {'yes' if cw >= 0.97 else 'no'} |",
+        f"| `/work`, OpenTelemetry + wattspan exporting >= 0.9x OpenTelemetry (CPU capacity) | {cx:.3f}x | {'yes' if cx >= 0.9 else 'no'} |",
     ]
     text = "\n".join(lines) + "\n"
     print(text)
@@ -163,6 +234,7 @@ def main() -> None:
 if __name__ == "__main__":
     if len(sys.argv) > 2 and sys.argv[1] == "--_cpu":
         n = int(sys.argv[sys.argv.index("--requests") + 1])
-        print(cpu_per_request(sys.argv[2], n))
+        path = sys.argv[sys.argv.index("--path") + 1] if "--path" in sys.argv else "/"
+        print(*cpu_per_request(sys.argv[2], n, path))
     else:
         main()

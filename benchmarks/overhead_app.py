@@ -77,7 +77,7 @@ def create(variant: str):
     if variant not in VARIANTS:
         raise SystemExit(f"WATTSPAN_BENCH_VARIANT must be one of {VARIANTS}, got {variant!r}")
     app = Starlette(routes=[Route("/", hello), Route("/work", work)])
-    meter = None
+    meter = provider = None
     if variant == "wattspan":
         from wattspan import EnergyMiddleware
 
@@ -86,7 +86,8 @@ def create(variant: str):
     elif variant == "otel":
         from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
 
-        app.add_middleware(OpenTelemetryMiddleware, tracer_provider=_tracer_provider(False))
+        provider = _tracer_provider(False)
+        app.add_middleware(OpenTelemetryMiddleware, tracer_provider=provider)
     elif variant == "otel+wattspan":
         from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
 
@@ -97,6 +98,7 @@ def create(variant: str):
         app.add_middleware(EnergyMiddleware, meter=meter)
         app.add_middleware(OpenTelemetryMiddleware, tracer_provider=provider)  # outermost: the server span
     app.state.meter = meter
+    app.state.tracer_provider = provider
     return app
 
 

@@ -32,11 +32,27 @@ _monotonic_ns = time.monotonic_ns
 # a random draw per request); the prefix is renewed in a forked child.
 _ids = itertools.count(1)
 _prefix = os.urandom(4).hex()
+# f"{_prefix}{n:08x}" without formatting an int per request: the id's last three hex
+# digits come from a table, the rest (prefix and n >> 12) is formatted once per 4096 ids.
+_LOW = tuple(f"{i:03x}" for i in range(4096))
+_head = (0, f"{_prefix}00000")  # (n >> 12, its formatted head), read and replaced as one tuple
+
+
+def _next_id() -> str:
+    global _head
+    n = next(_ids)
+    key, head = _head
+    if key != n >> 12:
+        key = n >> 12
+        head = f"{_prefix}{key:05x}"
+        _head = (key, head)
+    return head + _LOW[n & 0xFFF]
 
 
 def _renew_prefix() -> None:
-    global _prefix, _ids
+    global _prefix, _ids, _head
     _prefix, _ids = os.urandom(4).hex(), itertools.count(1)
+    _head = (0, f"{_prefix}00000")
 
 
 if hasattr(os, "register_at_fork"):
@@ -50,8 +66,13 @@ def _span_ids() -> tuple[int, int, Any]:
 try:  # OpenTelemetry is optional: with it, the record is tied to the request's server span.
     from opentelemetry import trace as _otel_trace
 
+    _get_current_span = _otel_trace.get_current_span
+    _NO_SPAN = _otel_trace.INVALID_SPAN
+
     def _span_ids() -> tuple[int, int, Any]:  # noqa: F811
-        span = _otel_trace.get_current_span()
+        span = _get_current_span()
+        if span is _NO_SPAN:  # no tracing in this request (the common case without OpenTelemetry)
+            return 0, 0, None
         ctx = span.get_span_context()
         if ctx.is_valid and span.is_recording():
             return ctx.trace_id, ctx.span_id, span
@@ -133,6 +154,8 @@ class EnergyMiddleware:
         #: seconds the lifespan shutdown waits for the last records to be final and written
         self.shutdown_timeout_s = float(shutdown_timeout_s)
         self._header_names = frozenset(h for h in (self.model, self.tenant) if isinstance(h, bytes))
+        #: model and tenant both come from headers (no callables): a request without those headers has no labels
+        self._by_header = isinstance(self.model, bytes) and isinstance(self.tenant, bytes)
         self.errors = 0
 
     @property
@@ -144,10 +167,11 @@ class EnergyMiddleware:
         return self._meter
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "lifespan":
+        kind = scope["type"]
+        if kind == "lifespan":
             await self._lifespan(scope, receive, send)
             return
-        if scope["type"] != "http" or (self.exclude and scope.get("path", "").startswith(self.exclude)) or self.config_error is not None:
+        if kind != "http" or (self.exclude and scope.get("path", "").startswith(self.exclude)) or self.config_error is not None:
             if self.config_error is not None and scope["type"] == "http" and not self.errors:
                 self.errors += 1
                 log.error("wattspan: %s; serving unmetered", self.config_error)
@@ -255,7 +279,7 @@ class _Window:
     def __init__(self, mw: EnergyMiddleware, scope) -> None:
         self.mw = mw
         self.scope = scope
-        self.id = f"{_prefix}{next(_ids):08x}"
+        self.id = _next_id()
         self.device = mw.device(scope) if callable(mw.device) else mw.device
         self.status = 0
         self.closed = False
@@ -264,7 +288,7 @@ class _Window:
         self.model = ""
         self.root = scope.get("root_path", "")
         self.trace_id, self.span_id, span = _span_ids()
-        meter = mw.meter
+        meter = mw._meter or mw.meter
         if span is not None and meter.holds_spans:
             meter.expect_span(self.span_id)
         meter.begin(self.id, self.device, _monotonic_ns())
@@ -303,9 +327,15 @@ class _Window:
             mw = self.mw
             scope = self.scope
             model, tenant = self._labels()
-            meta = {
-                "route": self._route(),
-                "http_method": _method(scope.get("method", "")),
+            route = scope.get("route")
+            path = getattr(route, "path", None)  # the route template (/items/{id}), never the raw path
+            if path is not None:
+                path = (scope.get("root_path", "")[len(self.root):] + path)[:256]
+            m = scope.get("method", "")
+            meter = mw._meter or mw.meter
+            meter.end(self.id, self.device, t, {
+                "route": "(unmatched)" if path is None else path,
+                "http_method": m if m in _METHODS else "_OTHER",
                 "status_code": 500 if (error and not self.status) else self.status,
                 "model": model,
                 "tenant": tenant,
@@ -313,24 +343,13 @@ class _Window:
                 "span_id": self.span_id,
                 "prompt_tokens": self.prompt_tokens,
                 "output_tokens": self.output_tokens,
-            }
-            mw.meter.end(self.id, self.device, t, meta)
-            prov = mw.meter.provisional
+            })
+            prov = meter.provisional
             if prov is not None:
                 prov.forget(self.id)
         except Exception:
             self.mw.errors += 1
             log.exception("could not close a metering window")
-
-    def _route(self) -> str:
-        """The route template (``/items/{id}``), never the raw path: bounded cardinality."""
-        scope = self.scope
-        route = scope.get("route")
-        path = getattr(route, "path", None)
-        if path is None:
-            return "(unmatched)"
-        prefix = scope.get("root_path", "")[len(self.root) :]
-        return (prefix + path)[:256]
 
     def _value(self, source, limit: int, headers: dict) -> str:
         if callable(source):
@@ -347,11 +366,19 @@ class _Window:
         """Model and tenant, from one pass over the request headers."""
         mw = self.mw
         wanted = mw._header_names
-        headers = {}
+        headers = None
         if wanted:
             for k, v in self.scope.get("headers", ()):
                 if k in wanted:
+                    if headers is None:
+                        headers = {}
                     headers[k] = v.decode("latin-1")
+        if headers is None and mw._by_header:  # no label header in this request: no tenant, no model header
+            model = self.model
+            if model:
+                model = mw.models(_NOT_PRINTABLE.sub("", model)[:128] or "invalid")
+            return model, ""
+        headers = headers or {}
         model = self.model or self._value(mw.model, 512, headers)
         if model:
             model = mw.models(_NOT_PRINTABLE.sub("", model)[:128] or "invalid")
@@ -369,8 +396,3 @@ async def _send_500(send, header: bytes, request_id: str) -> None:
         await send({"type": "http.response.body", "body": body, "more_body": False})
     except Exception:  # the connection is gone: nothing to answer
         pass
-
-
-def _method(m: str) -> str:
-    """The request method as a bounded label: the standard ones, else ``"_OTHER"`` (as OpenTelemetry says)."""
-    return m if m in _METHODS else "_OTHER"

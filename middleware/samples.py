@@ -180,15 +180,30 @@ class RingBuffer:
                 self._n += 1
 
     def snapshot(self, since_ns: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Copies of the held rows in time order, optionally only those at or after ``since_ns``."""
+        """Copies of the held rows in time order, optionally only those at or after ``since_ns``.
+
+        Only the rows asked for are copied: the held rows are at most two time-ordered runs
+        of the ring, searched for ``since_ns`` before anything is copied.
+        """
         with self._lock:
-            start = (self._head - self._n) % self.capacity
-            idx = (start + np.arange(self._n)) % self.capacity
-            t, p, e = self._t[idx], self._p[idx], self._e[idx]
-        if since_ns is not None and t.shape[0]:
-            i = int(np.searchsorted(t, since_ns, side="left"))
-            t, p, e = t[i:], p[i:], e[i:]
-        return t, p, e
+            n, cap = self._n, self.capacity
+            start = (self._head - n) % cap
+            end = start + n
+            runs = [(start, end)] if end <= cap else [(start, cap), (0, end - cap)]
+            if since_ns is not None:
+                kept: list[tuple[int, int]] = []
+                for a, b in runs:
+                    if not kept:  # every row of a later run is newer than the first kept one
+                        a += int(np.searchsorted(self._t[a:b], since_ns, side="left"))
+                    if a < b:
+                        kept.append((a, b))
+                runs = kept
+            if len(runs) == 1:
+                a, b = runs[0]
+                return self._t[a:b].copy(), self._p[a:b].copy(), self._e[a:b].copy()
+            if not runs:
+                return np.empty(0, dtype=np.int64), np.empty(0), np.empty(0)
+            return tuple(np.concatenate([col[a:b] for a, b in runs]) for col in (self._t, self._p, self._e))  # type: ignore[return-value]
 
     def last_time(self) -> int | None:
         with self._lock:

@@ -295,9 +295,19 @@ class RequestCarbon:
         """One dict per request: provider, zone, hour, basis."""
         out: list[dict] = [{}] * len(self.intensity_g_per_kwh)
         for idx, p in self.groups:
-            for i in idx:
-                out[int(i)] = p
+            for i in idx.tolist():
+                out[i] = p
         return out
+
+    def columns(self) -> list[list]:
+        """The RequestRecord intensity fields (``fields()``'s keys, in that order), one list per
+        field with a value per request: what the meter builds records from, without a dict each."""
+        n = len(self.intensity_g_per_kwh)
+        prov = self.provenance()
+        return [self.intensity_g_per_kwh.tolist(), [p["provider"] for p in prov], [p["zone"] for p in prov],
+                [p["hour"] for p in prov], [p["basis"] for p in prov], [float(self.market_g_per_kwh)] * n,
+                np.asarray(self.market_g, dtype=np.float64).tolist(), np.asarray(self.marginal_g_per_kwh, dtype=np.float64).tolist(),
+                np.asarray(self.marginal_g, dtype=np.float64).tolist()]
 
     def fields(self) -> list[dict]:
         """Per request, the RequestRecord fields that say which intensity it used."""

@@ -47,7 +47,7 @@ def _device_key(device) -> str:
     """The canonical device or group name (``"gpu0, gpu1"`` and ``"gpu0+gpu1"`` -> ``"gpu0,gpu1"``)."""
     return _str_group_key(device) if isinstance(device, str) else _group_key(device)
 from ..attribution import Requests, StepModel, Steps, attribute
-from ..records import RequestRecord
+from ..records import RequestRecord, _record
 from ..samples import SampleKind
 from .context import MAX_TOKENS
 from .sinks import DeviceFigures, FlushableSink, RecordSink, SpanSink
@@ -818,48 +818,28 @@ class Meter:
         # each request at the intensity of the hour it ran (its mid-point on the wall clock)
         wall = np.fromiter(((r.start_ns + r.end_ns) * 0.5e-9 for _, r in done), float, len(done)) + (time.time() - time.monotonic())
         carbon = self.carbon.per_request(energy + host, dev_s, wall)
-        op, emb, cfields = carbon.operational_g, carbon.embodied_g, carbon.fields()
+        op, emb = carbon.operational_g, carbon.embodied_g
         band = np.fromiter((r.band_j for _, r in done), float, len(done))
         e_lo, e_hi = np.maximum(energy - band, 0.0), energy + band
         # the band's carbon at the same hourly intensity: operational grams scale with energy
         per_j = np.divide(op, energy + host, out=np.zeros(len(done)), where=(energy + host) > 0)
         op_lo, op_hi = per_j * (e_lo + host), per_j * (e_hi + host)
+        # every column as Python values at once (tolist), then one tuple per record in
+        # RequestRecord's field order (_record: no per-field __init__ work)
+        cols = zip(energy.tolist(), (op + emb).tolist(), emb.tolist(), e_lo.tolist(), e_hi.tolist(),
+                   (op_lo + emb).tolist(), (op_hi + emb).tolist(), *carbon.columns())
         batch: list[RequestRecord] = []
-        for k, (rid, r) in enumerate(done):
+        for (rid, r), (e, co2, eg, elo, ehi, clo, chi, *intensity) in zip(done, cols):
             m = r.meta
             life = r.end_ns - r.start_ns
-            rec = RequestRecord(
-                id=rid,
-                device=r.device,
-                start_ns=r.start_ns,
-                end_ns=r.end_ns,
-                energy_j=float(energy[k]),
-                dynamic_j=r.dynamic_j,
-                idle_j=r.idle_j,
-                device_s=r.device_s,
-                co2e_g=float(op[k] + emb[k]),
-                embodied_g=float(emb[k]),
-                method=r.method or "no-trace",
-                sensor=sensor,
-                coverage=min(1.0, r.covered_ns / life) if life > 0 else 1.0,
-                simulated=simulated,
-                route=m.get("route", ""),
-                http_method=m.get("http_method", ""),
-                status_code=int(m.get("status_code", 0) or 0),
-                model=m.get("model", ""),
-                tenant=m.get("tenant", ""),
-                prompt_tokens=int(m.get("prompt_tokens", 0) or 0),
-                output_tokens=int(m.get("output_tokens", 0) or 0),
-                trace_id=int(m.get("trace_id", 0) or 0),
-                span_id=int(m.get("span_id", 0) or 0),
-                host_j=r.host_j,
-                energy_j_low=float(e_lo[k]),
-                energy_j_high=float(e_hi[k]),
-                co2e_g_low=float(op_lo[k] + emb[k]),
-                co2e_g_high=float(op_hi[k] + emb[k]),
-                quality=r.quality,
-                **cfields[k],
-            )
+            rec = _record((
+                rid, r.device, r.start_ns, r.end_ns, e, r.dynamic_j, r.idle_j, r.device_s, co2, eg,
+                r.method or "no-trace", sensor, min(1.0, r.covered_ns / life) if life > 0 else 1.0, simulated,
+                m.get("route", ""), m.get("http_method", ""), int(m.get("status_code", 0) or 0), m.get("model", ""),
+                m.get("tenant", ""), int(m.get("prompt_tokens", 0) or 0), int(m.get("output_tokens", 0) or 0),
+                int(m.get("trace_id", 0) or 0), int(m.get("span_id", 0) or 0), r.host_j, elo, ehi, clo, chi, r.quality,
+                *intensity,
+            ))
             batch.append(rec)
         self.counters["records"] += len(batch)
         self._to_sinks(batch)

@@ -144,11 +144,8 @@ class EnergyMetrics:
 
     # -------------------------------------------------------------- feeding
 
-    def _attrs(self, record: RequestRecord) -> dict[str, Any] | None:
-        e, c = float(record.energy_j), float(record.co2e_g)
-        if not (math.isfinite(e) and math.isfinite(c) and e >= 0 and c >= 0):
-            self._counts["invalid"] += 1
-            return None
+    def _attrs(self, record: RequestRecord) -> dict[str, Any]:
+        """The label set of ``record`` (model and tenant capped)."""
         attrs: dict[str, Any] = {
             "http.route": record.route or "(unknown)",
             "http.request.method": record.http_method or "_OTHER",
@@ -170,27 +167,31 @@ class EnergyMetrics:
         """Count a batch of final records (the meter hands over each pass's at once).
 
         The counters get one addition per distinct label set of the batch; the
-        histograms one measurement per record. Same totals as ``observe`` on
-        each, at a fraction of the SDK calls.
+        histograms one measurement per record, all the records of a label set
+        sharing one attribute dict (built once per batch). Same totals as
+        ``observe`` on each, at a fraction of the work.
         """
         try:
-            sums: dict[tuple, list] = {}
+            groups: dict[tuple, list] = {}  # the batch's label sets: raw labels -> [J, g, attributes]
+            record_energy, record_co2e = self._req_energy.record, self._req_co2e.record
+            isfinite = math.isfinite
+            counts = self._counts
             for record in records:
-                attrs = self._attrs(record)
-                if attrs is None:
-                    continue
                 e, c = float(record.energy_j), float(record.co2e_g)
-                self._req_energy.record(e, attrs)
-                self._req_co2e.record(c, attrs)
-                key = tuple(attrs.items())
-                acc = sums.get(key)
+                if not (isfinite(e) and isfinite(c) and e >= 0 and c >= 0):
+                    counts["invalid"] += 1
+                    continue
+                key = (record.route, record.http_method, record.status_code, record.device, record.simulated, record.model, record.tenant)
+                acc = groups.get(key)
                 if acc is None:
-                    sums[key] = [e, c, attrs]
-                else:
-                    acc[0] += e
-                    acc[1] += c
-                self._counts["observed"] += 1
-            for e, c, attrs in sums.values():
+                    acc = groups[key] = [0.0, 0.0, self._attrs(record)]
+                attrs = acc[2]
+                record_energy(e, attrs)
+                record_co2e(c, attrs)
+                acc[0] += e
+                acc[1] += c
+                counts["observed"] += 1
+            for e, c, attrs in groups.values():
                 self._energy.add(e, attrs)
                 self._co2e.add(c, attrs)
         except Exception:

@@ -64,6 +64,9 @@ _monotonic = time.monotonic
 _PENDING = {"wattspan.status": "pending"}
 
 
+_new = object.__new__
+
+
 def _with_attributes(span: ReadableSpan, extra: Mapping[str, Any]) -> ReadableSpan:
     """A copy of the ended ``span`` with ``extra`` merged into its attributes.
 
@@ -71,13 +74,30 @@ def _with_attributes(span: ReadableSpan, extra: Mapping[str, Any]) -> ReadableSp
     counts; the attribute dropped count carries over). The copy's attributes
     are not subject to the span's attribute limit: wattspan's are added even
     to a span that was full.
+
+    The SDK's own ReadableSpan (what ``Span.end`` hands the processors) is
+    copied by its fields: one dict copy, no constructor, no re-reading of every
+    attribute through the read-only mapping. Other span classes go through the
+    public constructor.
     """
-    merged = dict(span.attributes or {})
-    merged.update(extra)  # the span's own values are clean already; ours are primitives
+    src = getattr(span, "_attributes", None)
+    if isinstance(src, BoundedAttributes):
+        merged = dict(src._dict)  # the span's own values, cleaned by the SDK already
+        dropped = src.dropped
+    else:
+        merged = dict(span.attributes or {})
+        dropped = span.dropped_attributes
+    merged.update(extra)  # ours are primitives
     attrs: Mapping[str, Any] = merged
-    if span.dropped_attributes:  # keep the count, at the cost of re-validating every value
+    if dropped:  # keep the count, at the cost of re-validating every value
         attrs = BoundedAttributes(None, merged, immutable=True)
-        attrs.dropped = span.dropped_attributes
+        attrs.dropped = dropped
+    if type(span) is ReadableSpan:
+        copy = _new(ReadableSpan)
+        d = copy.__dict__
+        d.update(span.__dict__)
+        d["_attributes"] = attrs
+        return copy
     return ReadableSpan(
         name=span.name,
         context=span.context,
@@ -93,6 +113,24 @@ def _with_attributes(span: ReadableSpan, extra: Mapping[str, Any]) -> ReadableSp
         end_time=span.end_time,
         instrumentation_scope=span.instrumentation_scope,
     )
+
+
+def _empty_hooks() -> frozenset:
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
+
+    return frozenset(f for cls in (SpanProcessor, BatchSpanProcessor, SimpleSpanProcessor)
+                     for f in (cls.__dict__.get("on_start"), cls.__dict__.get("_on_ending")) if f is not None)
+
+
+_EMPTY_HOOKS = _empty_hooks()  # the SDK's processors' hooks that do nothing
+
+
+def _hook(proc, name: str):
+    """``proc``'s bound ``name`` method, or None when it has none or it is one of the SDK's empty ones."""
+    fn = getattr(proc, name, None)
+    if fn is None or getattr(fn, "__func__", None) in _EMPTY_HOOKS:
+        return None
+    return fn
 
 
 def _span_id_of(span_or_context) -> int:
@@ -155,7 +193,8 @@ class EnergySpanProcessor(SpanProcessor):
         self.max_held = max_held
         self.max_expected = max_expected
         self._early_ttl_s = max(60.0, self.hold_timeout_s)
-        self._cond = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)  # the timer thread waits on it; everything else takes the lock itself
         self._expected: OrderedDict[int, None] = OrderedDict()
         self._held: OrderedDict[int, tuple[ReadableSpan, float]] = OrderedDict()  # deadline order
         self._early: OrderedDict[int, tuple[dict, float]] = OrderedDict()
@@ -188,28 +227,35 @@ class EnergySpanProcessor(SpanProcessor):
         except TypeError:
             self._fault("EnergySpanProcessor.expect got a bad argument")
             return
-        if not sid:
+        if not sid or self._closed:
             return
-        with self._cond:
-            if self._closed:
-                return
-            exp = self._expected
-            exp[sid] = None
-            if len(exp) > self.max_expected:
-                exp.popitem(last=False)
-                self._counts["expect_evicted"] += 1
+        # No lock: one insertion into an ordered dict is atomic (called on the event
+        # loop at every request start); only evicting the oldest marks takes the lock.
+        exp = self._expected
+        exp[sid] = None
+        if len(exp) > self.max_expected:
+            with self._lock:
+                while len(exp) > self.max_expected:
+                    exp.popitem(last=False)
+                    self._counts["expect_evicted"] += 1
 
     def resolve(self, span_id: int, attributes: Mapping[str, Any]) -> None:
         """The record of span ``span_id`` is final: pass the span on with ``attributes``."""
+        attrs = dict(attributes)
+        attrs.setdefault("wattspan.status", "final")
+        self._resolve(span_id, attrs)
+
+    def _resolve(self, span_id: int, attrs: dict[str, Any]) -> None:
+        """:meth:`resolve` with ``attrs`` this processor's own to keep (the meter's
+        fresh dict from :func:`record_attributes`: not copied again)."""
         out: list[ReadableSpan] = []
+        held = None
         try:
-            attrs = dict(attributes)
-            attrs.setdefault("wattspan.status", "final")
             now = _monotonic()
-            with self._cond:
+            with self._lock:
                 item = self._held.pop(span_id, None)
                 if item is not None:
-                    out.append(_with_attributes(item[0], attrs))
+                    held = item[0]
                     self._counts["final"] += 1
                 elif span_id in self._expected and not self._closed:
                     early = self._early
@@ -224,8 +270,12 @@ class EnergySpanProcessor(SpanProcessor):
                 else:
                     self._counts["unmatched"] += 1
                 self._expire_locked(now, out)
+            if held is not None:  # copied outside the lock: the event loop's on_end never waits for it
+                out.append(_with_attributes(held, attrs))
         except Exception:
             self._fault("EnergySpanProcessor.resolve failed")
+            if held is not None and not any(s is held for s in out):
+                out.append(held)  # never lose the span: on as it is
         self._forward(out)
 
     # -------------------------------------------------------------- wattspan.RecordSink
@@ -239,7 +289,7 @@ class EnergySpanProcessor(SpanProcessor):
                 except Exception:
                     self._fault("record_attributes failed for a record")
                     continue
-                self.resolve(rec.span_id, attrs)
+                self._resolve(rec.span_id, attrs)  # our fresh dict: not copied again
 
     def on_device(self, figures: DeviceFigures) -> None:
         """RecordSink: spans carry no per-device figures."""
@@ -251,8 +301,20 @@ class EnergySpanProcessor(SpanProcessor):
 
     # -------------------------------------------------------------- SpanProcessor
 
+    @property
+    def downstream(self) -> SpanProcessor:
+        return self._downstream
+
+    @downstream.setter
+    def downstream(self, proc: SpanProcessor) -> None:
+        self._downstream = proc
+        # its start and ending hooks looked up once, and not called at all when they are the SDK's
+        # empty ones (a BatchSpanProcessor's): every span of the process passes through here
+        self._down_on_start = _hook(proc, "on_start")
+        self._down_on_ending = _hook(proc, "_on_ending")
+
     def on_start(self, span, parent_context=None) -> None:
-        fn = getattr(self.downstream, "on_start", None)
+        fn = self._down_on_start
         if fn is None:
             return
         try:
@@ -261,7 +323,7 @@ class EnergySpanProcessor(SpanProcessor):
             self._fault("downstream on_start failed")
 
     def _on_ending(self, span) -> None:
-        fn = getattr(self.downstream, "_on_ending", None)
+        fn = self._down_on_ending
         if fn is None:
             return
         try:
@@ -274,8 +336,14 @@ class EnergySpanProcessor(SpanProcessor):
         try:
             ctx = span.context
             sid = ctx.span_id if ctx is not None else 0
+            if sid not in self._expected:  # not metered (inner spans): straight on, no lock, no copy
+                try:
+                    self._downstream.on_end(span)
+                except Exception:
+                    self._fault("downstream on_end failed")
+                return
             now = _monotonic()
-            with self._cond:
+            with self._lock:
                 if sid in self._expected:
                     del self._expected[sid]
                     early = self._early.pop(sid, None)
@@ -286,14 +354,15 @@ class EnergySpanProcessor(SpanProcessor):
                         out.append(self._pending(sid, span, "pending_flush"))
                     else:
                         held = self._held
-                        if not held:
-                            self._cond.notify()
+                        if not held:  # the timer sleeps until the first held span: wake it (or start it)
+                            if self._thread is None or not self._thread.is_alive():
+                                self._start_thread()
+                            else:
+                                self._cond.notify()
                         held[sid] = (span, now + self.hold_timeout_s)
                         if len(held) > self.max_held:
                             osid, (ospan, _) = held.popitem(last=False)
                             out.append(self._pending(osid, ospan, "pending_overflow"))
-                        if self._thread is None or not self._thread.is_alive():
-                            self._start_thread()
                 else:
                     out.append(span)
                 self._expire_locked(now, out)
@@ -314,7 +383,7 @@ class EnergySpanProcessor(SpanProcessor):
 
     def shutdown(self) -> None:
         """Pass on every held span (``pending``), stop the timer, shut ``downstream`` down."""
-        with self._cond:
+        with self._lock:
             self._closed = True
             self._expected.clear()
             self._early.clear()
@@ -332,7 +401,7 @@ class EnergySpanProcessor(SpanProcessor):
 
     def stats(self) -> dict[str, int]:
         """Counters (see ``__init__``) and the current ``held``, ``expected`` and ``early`` sizes."""
-        with self._cond:
+        with self._lock:
             return dict(self._counts, held=len(self._held), expected=len(self._expected), early=len(self._early))
 
     # -------------------------------------------------------------- internals
@@ -362,13 +431,13 @@ class EnergySpanProcessor(SpanProcessor):
             self._counts["early_expired"] += 1
 
     def _take_all(self) -> list[ReadableSpan]:
-        with self._cond:
+        with self._lock:
             out = [self._pending(sid, span, "pending_flush") for sid, (span, _) in self._held.items()]
             self._held.clear()
             return out
 
     def _forward(self, spans: list[ReadableSpan]) -> None:
-        on_end = self.downstream.on_end
+        on_end = self._downstream.on_end
         for s in spans:
             try:
                 on_end(s)
