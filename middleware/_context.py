@@ -42,7 +42,7 @@ def current_request_id() -> str | None:
     return None if w is None else w.id
 
 
-def bound_tokens(value) -> int | None:
+def bound_tokens(value: Any) -> int | None:
     """``value`` as a token count in ``0..MAX_TOKENS`` (clipped, counted), or ``None``
     (counted) when it is not a finite number."""
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Any
 
 __all__ = ["RequestRecord"]
 
@@ -78,5 +79,5 @@ class RequestRecord:
     def duration_s(self) -> float:
         return (self.end_ns - self.start_ns) / 1e9
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
