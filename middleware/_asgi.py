@@ -121,9 +121,9 @@ class EnergyMiddleware:
         app,
         *,
         meter=None,
-        device: str | Callable[[dict], str] | None = None,
-        model: str | Callable[[dict], str] = "x-model",
-        tenant: str | Callable[[dict], str] = "x-tenant-id",
+        device: str | Callable[[dict[str, Any]], str] | None = None,
+        model: str | Callable[[dict[str, Any]], str] = "x-model",
+        tenant: str | Callable[[dict[str, Any]], str] = "x-tenant-id",
         max_tenants: int = 100,
         max_models: int = 100,
         request_id_header: str | None = None,
@@ -358,7 +358,7 @@ class _Window:
         prefix = scope.get("root_path", "")[len(self.root) :]
         return (prefix + path)[:256]
 
-    def _value(self, source, limit: int, headers: dict) -> str:
+    def _value(self, source, limit: int, headers: dict[str, Any]) -> str:
         if callable(source):
             try:
                 v = source(self.scope)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 
@@ -153,7 +154,7 @@ def attribute_grouped(attribute, traces, requests, steps=None, **kw):
     return dataclasses.replace(out, parts=parts)
 
 
-def device_parts(parts: dict | None, n: int) -> list[dict[str, float]] | None:
+def device_parts(parts: dict[str, Any] | None, n: int) -> list[dict[str, float]] | None:
     """``parts`` as one ``{device: energy_j}`` per request (for records)."""
     if parts is None:
         return None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 from .attribution import Requests, Steps, _device_key
 from .errors import InputError
@@ -111,7 +112,7 @@ def _gpu(path, n, gpu):
     return key
 
 
-def read_requests_jsonl(path) -> tuple[Requests, list[dict]]:
+def read_requests_jsonl(path) -> tuple[Requests, list[dict[str, Any]]]:
     """Requests from JSONL: ``{"id", "start_ns", "end_ns", "gpu"}`` plus optional
     ``route, model, tenant, prompt_tokens, output_tokens``.
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import threading
+from typing import Any
 
 __all__ = ["Provisional", "attach", "usage_energy"]
 
@@ -135,7 +136,7 @@ class Provisional:
                 rate[r.device] = x if old is None else old + _EWMA * (x - old)
 
     # -- the event loop, when a response ends --------------------------------------------
-    def estimate(self, request_id: str, device: str, prompt_tokens: int | None, output_tokens: int | None) -> dict:
+    def estimate(self, request_id: str, device: str, prompt_tokens: int | None, output_tokens: int | None) -> dict[str, Any]:
         """``{"energy_j", "co2e_g", "method", "steps"}`` for the request (energy None if unknown).
 
         Forgets the request's step tally: call it once, when the response ends.
@@ -218,7 +219,7 @@ def attach(meter) -> Provisional:
         return p
 
 
-def usage_energy(prompt_tokens: int | None = None, completion_tokens: int | None = None) -> dict:
+def usage_energy(prompt_tokens: int | None = None, completion_tokens: int | None = None) -> dict[str, Any]:
     """The fields to add to an OpenAI-style ``usage`` for the request being served.
 
     Call it from an endpoint behind :class:`~wattspan.EnergyMiddleware` when the
