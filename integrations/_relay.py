@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import hmac
 import json
-import logging
 import math
 import os
 import secrets
@@ -44,9 +43,11 @@ from collections import deque
 from collections.abc import Mapping
 from pathlib import Path
 
+from wattspan._logging import LogOnce, get_logger
+
 __all__ = ["StepReceiver", "StepSender", "parse_address"]
 
-log = logging.getLogger("wattspan")
+log = get_logger(__name__)
 
 _MAX_LINE = 1 << 20  # one step's JSON; MAX_STEP_IDS requests of 64-character ids fit
 _MAX_DEVICE = 64
@@ -176,7 +177,7 @@ class StepSender:
     def _run(self) -> None:
         q = self._q
         next_try = 0.0
-        warned = False
+        unreachable = LogOnce(log)  # one warning per outage
         while not self._stop.is_set():
             self._wake.wait(0.5)
             self._wake.clear()
@@ -186,15 +187,14 @@ class StepSender:
                         break
                     try:
                         self._sock = self._connect()
-                        warned = False
+                        unreachable.forget()
                     except OSError as exc:
                         next_try = time.monotonic() + self.retry_s
                         n = len(q)
                         q.clear()
                         self.counters["dropped"] += n
-                        if not warned:
-                            log.warning("wattspan: cannot reach the step receiver at %s (%s); dropping steps until it answers", self.address, exc)
-                            warned = True
+                        unreachable.warning("down", "wattspan: cannot reach the step receiver at %s (%s); dropping steps "
+                                            "until it answers", self.address, exc)
                         break
                 self._busy = True
                 lines = []
@@ -324,7 +324,7 @@ class StepReceiver:
         self._conns: set[socket.socket] = set()
         self._lock = threading.Lock()
         self._closed = False
-        self._warned = False
+        self._once = LogOnce(log)
         self._thread = threading.Thread(target=self._accept, name="wattspan-step-receiver", daemon=True)
         self._thread.start()
 
@@ -423,9 +423,7 @@ class StepReceiver:
 
     def _bad(self, why: str) -> None:
         self.counters["bad_lines"] += 1
-        if not self._warned:
-            self._warned = True
-            log.warning("wattspan: ignoring a malformed batch step from the relay (%s); further ones are only counted", why)
+        self._once.warning("bad-line", "wattspan: ignoring a malformed batch step from the relay (%s); further ones are only counted", why)
 
     def _line(self, line: bytes) -> None:
         try:

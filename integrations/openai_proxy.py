@@ -55,7 +55,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import logging
 import math
 import re
 import threading
@@ -65,10 +64,11 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from wattspan._context import _current, current_request_id, set_tokens
+from wattspan._logging import get_logger
 
 __all__ = ["DEFAULT_FORWARD_HEADERS", "OpenAIProxy", "create_proxy", "run_proxy"]
 
-log = logging.getLogger("wattspan")
+log = get_logger(__name__)
 
 DEFAULT_FORWARD_HEADERS: tuple[str, ...] = (
     "authorization",

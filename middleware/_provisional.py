@@ -31,7 +31,11 @@ from __future__ import annotations
 
 import math
 import threading
-from typing import Any
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._records import RequestRecord
 
 __all__ = ["Provisional", "attach", "usage_energy"]
 
@@ -54,7 +58,7 @@ class Provisional:
         # request id -> [context tokens so far, steps, prefill tokens, decode tokens,
         #                prefill-phase share of the step basis (9: wattspan._stepmodel.BASIS),
         #                decode-phase share (9), idle s pre, idle s dec]
-        self._tally: dict[str, list] = {}
+        self._tally: dict[str, list[float]] = {}
         self._rate: dict[str, float] = {}  # device -> recent J per token
         self._lock = threading.Lock()
         self.stats = {"steps": 0, "estimates": 0, "step-model": 0, "recent-rate": 0, "none": 0, "evicted": 0}
@@ -74,7 +78,7 @@ class Provisional:
             self._tally.pop(request_id, None)
 
     # -- the thread that reports steps ---------------------------------------------------
-    def observe_step(self, start_ns: int, end_ns: int, device: str, tokens) -> None:
+    def observe_step(self, start_ns: int, end_ns: int, device: str, tokens: Mapping[str, float]) -> None:
         """A batch step (as :meth:`wattspan.Meter.record_step` gets it)."""
         try:
             items = [(k, float(v)) for k, v in tokens.items() if v and v > 0]
@@ -86,7 +90,7 @@ class Provisional:
         dur = (end_ns - start_ns) * 1e-9
         total = 0.0
         pre = dec = ctxk = 0.0
-        rows = []
+        rows: list[tuple[str, float, list[float]]] = []
         for rid, n in items:
             total += n
             t = tally.get(rid)  # None: not a request being served here (or already answered)
@@ -126,7 +130,7 @@ class Provisional:
             self.stats["steps"] += 1
 
     # -- the meter's thread: final records keep the recent rate current ------------------
-    def observe_records(self, records) -> None:
+    def observe_records(self, records: Iterable[RequestRecord]) -> None:
         rate = self._rate
         for r in records:
             tok = r.prompt_tokens + r.output_tokens
@@ -238,12 +242,12 @@ def usage_energy(prompt_tokens: int | None = None, completion_tokens: int | None
         p = attach(w.mw.meter)
         est = p.estimate(w.id, w.device, prompt_tokens, completion_tokens)
     except Exception:  # a courtesy figure: never fail the response for it
-        import logging
+        from ._logging import get_logger
 
-        logging.getLogger("wattspan").exception("provisional energy estimate failed")
+        get_logger(__name__).exception("provisional energy estimate failed")
         est = {"energy_j": None, "co2e_g": None, "method": "none"}
 
-    def sig(x):
+    def sig(x: float | None) -> float | None:
         return None if x is None or not math.isfinite(x) else float(f"{x:.6g}")
 
     return {

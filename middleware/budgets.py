@@ -52,7 +52,6 @@ from __future__ import annotations
 import asyncio
 import calendar
 import json
-import logging
 import math
 import os
 import sqlite3
@@ -65,6 +64,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from ._logging import LogOnce, get_logger
 from .deferral import _header, send_json
 
 __all__ = [
@@ -72,7 +72,7 @@ __all__ = [
     "Spend", "BudgetMiddleware", "budget_status", "load_budgets",
 ]
 
-log = logging.getLogger("wattspan.budgets")
+log = get_logger(__name__)
 
 PERIODS = ("day", "month", "year")
 ACTIONS = ("observe", "warn", "reject", "defer")
@@ -475,7 +475,7 @@ class BudgetMiddleware:
         self.max_body_bytes, self.default_deadline_s = int(max_body_bytes), float(default_deadline_s)
         self.status_path = status_path  # None: do not serve the budgets' status
         self.counts: dict[str, int] = {a: 0 for a in ACTIONS}
-        self._warned: dict[str, float] = {}
+        self._once = LogOnce(log, every_s=60.0)  # per budget: at most one warning a minute
         self._runner: asyncio.Task | None = None
         self._refreshed = False  # the first refresh runs off the event loop, at startup or the first request
         _register_metrics(self)
@@ -548,12 +548,9 @@ class BudgetMiddleware:
         await self.app(scope, receive, send_with_header)
 
     def _log_warn(self, s: BudgetStatus) -> None:
-        now = time.monotonic()
-        if now - self._warned.get(s.name, -1e9) >= 60.0:
-            self._warned[s.name] = now
-            log.warning("carbon budget %r (%s) at %.0f%%: %.4g of %.4g %s this %s; at this rate it runs out %s",
-                        s.name, s.owner, s.fraction * 100, s.spent, s.limit, s.unit, s.period,
-                        s.burn["exhausts_at"] or "after the period ends")
+        self._once.warning(s.name, "carbon budget %r (%s) at %.0f%%: %.4g of %.4g %s this %s; at this rate it runs out %s",
+                           s.name, s.owner, s.fraction * 100, s.spent, s.limit, s.unit, s.period,
+                           s.burn["exhausts_at"] or "after the period ends")
 
     async def _reject(self, send, s: BudgetStatus, hint: str = "") -> None:
         retry = max(1, int(math.ceil(s.period_end_s - time.time())))

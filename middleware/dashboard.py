@@ -22,7 +22,6 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import json
-import logging
 import math
 import os
 import threading
@@ -30,9 +29,11 @@ import time
 from importlib import resources
 from pathlib import Path
 
+from ._logging import get_logger
+
 __all__ = ["DataCache", "create_app", "data", "cli_main"]
 
-log = logging.getLogger("wattspan.dashboard")
+log = get_logger(__name__)
 
 _LOOPBACK = {"localhost", "127.0.0.1", "::1"}
 _TOP = 8  # series per chart; the rest are summed into "(other)"

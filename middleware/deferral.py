@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import logging
 import math
 import secrets
 import time
@@ -36,9 +35,11 @@ from typing import Any, Callable
 
 import numpy as np
 
+from ._logging import get_logger
+
 __all__ = ["Decision", "Job", "DeferralQueue", "DeferralMiddleware", "choose_start", "DeferralFull", "defer_request"]
 
-log = logging.getLogger("wattspan.deferral")
+log = get_logger(__name__)
 
 
 class DeferralFull(RuntimeError):

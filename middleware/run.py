@@ -23,7 +23,6 @@ and ``run_trace``, see :mod:`wattspan._runs_db`) and a short result is printed.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import platform
 import shlex
@@ -38,12 +37,13 @@ from pathlib import Path
 
 import numpy as np
 
+from ._logging import get_logger
 from ._phase import ENV as PHASES_ENV
 from ._phase import read_phases
 
 __all__ = ["measure", "run_sources", "print_result"]
 
-log = logging.getLogger("wattspan.run")
+log = get_logger(__name__)
 
 _MAX_KNOTS = 200_000  # per device in memory; thinned by half when exceeded
 _STORED_KNOTS = 4000  # per device in the ledger

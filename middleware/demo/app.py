@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import math
 import time
 import uuid
@@ -47,12 +46,13 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from .._context import set_tokens
+from .._logging import get_logger
 from .batcher import BatcherClosed, BatcherOverloaded, DynamicBatcher, EmbeddingBatcher, OnStep
 from .models import EMBEDDING_MODEL, Embedder, TinyGenerator
 
 __all__ = ["COMPLETION_MODEL", "DemoSettings", "create_app"]
 
-log = logging.getLogger("wattspan.demo")
+log = get_logger(__name__)
 
 COMPLETION_MODEL = "wattspan-tiny-random"
 

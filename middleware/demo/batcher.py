@@ -21,7 +21,6 @@ submits it (the middleware sets it), or a fresh ``uuid4().hex`` when there is no
 from __future__ import annotations
 
 import asyncio
-import logging
 import math
 import queue
 import threading
@@ -33,6 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .._context import current_request_id
+from .._logging import get_logger
 from .models import Embedder, TinyGenerator
 
 __all__ = [
@@ -44,7 +44,7 @@ __all__ = [
     "OnStep",
 ]
 
-log = logging.getLogger("wattspan.demo")
+log = get_logger(__name__)
 
 OnStep = Callable[[int, int, str, dict[str, int]], None]
 """``on_step(start_ns, end_ns, device, {request_id: tokens})``."""
