@@ -171,8 +171,8 @@ def select_family(A: np.ndarray, y: np.ndarray, *, folds: int = 10, families: di
     ridge = _RIDGE * n / max(n, 1)
     scores: dict[str, float] = {}
     fits: dict[str, np.ndarray] = {}
-    for name, cols in families.items():
-        cols = np.array(cols)
+    for name, family_cols in families.items():
+        cols = np.array(family_cols)
         if n < 3 * len(cols):
             continue
         sse = 0.0
@@ -208,15 +208,15 @@ def select_family(A: np.ndarray, y: np.ndarray, *, folds: int = 10, families: di
     cv_r2 = 1.0 - cv_sse / ss_tot if ss_tot > 0 else 0.0
     # Block bootstrap of the chosen family: how far its coefficients move when the run's
     # stretches of time are resampled (the spread feeds each request's error band).
-    cols = np.array(families[chosen])
+    chosen_cols = np.array(families[chosen])
     rng = np.random.default_rng(12345)
     wts = rng.multinomial(kb, np.full(kb, 1.0 / kb), size=_BOOT)
     boot = np.zeros((_BOOT, p))
-    eye = ridge * np.eye(len(cols))
+    eye = ridge * np.eye(len(chosen_cols))
     for i in range(_BOOT):
         Gs = np.tensordot(wts[i], Gf, axes=1)
         cs = wts[i] @ cf
-        boot[i, cols] = nnls_gram(Gs[np.ix_(cols, cols)] + eye, cs[cols])
+        boot[i, chosen_cols] = nnls_gram(Gs[np.ix_(chosen_cols, chosen_cols)] + eye, cs[chosen_cols])
     if chosen == best:
         why = f"lowest held-out error of {len(scores)} families over {k} time blocks"
     else:

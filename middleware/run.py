@@ -94,6 +94,7 @@ class _Cumulative:
             cum = self._total + np.cumsum(np.clip(d, 0.0, None))  # counters are unwrapped; a reset adds nothing
             self._last_counter = float(e[-1])
         else:
+            assert p is not None, "a trace without energy readings has power readings"
             ok = np.isfinite(p)
             t, p = t[ok], p[ok]
             if t.shape[0] == 0:

@@ -152,7 +152,7 @@ def read_trace_csv(path: str | os.PathLike[str], *, power_kind: SampleKind = Sam
                                              f"({energy[j]:g} on line {line_of(j)}): energy_j must be a cumulative counter"))
                 continue
         pd: np.ndarray | None = power[idx]
-        if not np.isfinite(pd).any():
+        if not np.isfinite(power[idx]).any():
             pd = None
         out[name] = DeviceTrace(name, td, power_w=pd, energy_j=ed, power_kind=SampleKind(power_kind),
                                 window_ns=int(window_ns), sensor=f"trace:{p.name}")
