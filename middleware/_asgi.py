@@ -15,7 +15,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from ._context import _current
@@ -400,3 +400,12 @@ async def _send_500(send, header: bytes, request_id: str) -> None:
 def _method(m: str) -> str:
     """The request method as a bounded label: the standard ones, else ``"_OTHER"`` (as OpenTelemetry says)."""
     return m if m in _METHODS else "_OTHER"
+
+
+# The ASGI interface (https://asgi.readthedocs.io), as wattspan's middleware and apps see it.
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+Headers = list[tuple[bytes, bytes]]
