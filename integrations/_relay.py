@@ -72,7 +72,7 @@ def _auth_line(token: str) -> bytes:
     return json.dumps({"auth": token}).encode() + b"\n"
 
 
-def parse_address(address: str, *, allow_port_zero: bool = False) -> tuple[int, object]:
+def parse_address(address: str, *, allow_port_zero: bool = False) -> tuple[int, str | tuple[str, int]]:
     """``"host:port"`` / ``"[v6]:port"`` / ``"unix:/path"`` -> ``(family, sockaddr)``; ``ValueError`` naming the problem."""
     if not isinstance(address, str) or not address.strip():
         raise ValueError(f"step relay address must be 'host:port' or 'unix:/path', got {address!r}")
@@ -164,6 +164,7 @@ class StepSender:
                 token = self.token or _configured_token()
                 if token is None:
                     try:
+                        assert isinstance(self.sockaddr, tuple)  # (host, port): not a unix socket here
                         token = _token_file(self.sockaddr[1]).read_text().strip()
                     except OSError as exc:
                         raise OSError(f"no relay token: set WATTSPAN_STEPS_TOKEN on both sides ({exc})") from None
@@ -280,7 +281,7 @@ class StepReceiver:
         family, sockaddr = parse_address(address, allow_port_zero=True)
         self._meter = meter
         self.counters = {"steps": 0, "bad_lines": 0, "connections": 0, "meter_errors": 0, "auth_failures": 0}
-        self._unix_path = sockaddr if family == getattr(socket, "AF_UNIX", None) else None
+        self._unix_path = sockaddr if isinstance(sockaddr, str) else None  # a unix socket's path
         srv = socket.socket(family, socket.SOCK_STREAM)
         try:
             if self._unix_path is not None:
@@ -419,7 +420,8 @@ class StepReceiver:
             got = json.loads(line)["auth"]
         except (ValueError, KeyError, TypeError, RecursionError):
             return False
-        return isinstance(got, str) and hmac.compare_digest(got.encode(), self.token.encode())
+        want = self.token
+        return isinstance(got, str) and want is not None and hmac.compare_digest(got.encode(), want.encode())
 
     def _bad(self, why: str) -> None:
         self.counters["bad_lines"] += 1

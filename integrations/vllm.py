@@ -229,7 +229,7 @@ class VllmHook:
                     hook._fail("execute_model")
             return original(*args, **kwargs)
 
-        execute_model.__wrapped__ = original
+        execute_model.__wrapped__ = original  # type: ignore[attr-defined]  # a function takes attributes; mypy's callable types have none
         return execute_model
 
     def _wrap_output(self, original):
@@ -251,7 +251,7 @@ class VllmHook:
                     hook._fail("request tracking")
             return result
 
-        update_from_output.__wrapped__ = original
+        update_from_output.__wrapped__ = original  # type: ignore[attr-defined]  # a function takes attributes; mypy's callable types have none
         return update_from_output
 
     def _wrap_execute(self, original):
@@ -277,7 +277,7 @@ class VllmHook:
                 hook._fail("execute_model result")
             return result
 
-        execute_model.__wrapped__ = original
+        execute_model.__wrapped__ = original  # type: ignore[attr-defined]  # a function takes attributes; mypy's callable types have none
         return execute_model
 
     def _safe_output(self, so, t: int) -> None:
@@ -297,7 +297,7 @@ class VllmHook:
                     hook._fail("add_request")
             return original(*args, **kwargs)
 
-        add_request.__wrapped__ = original
+        add_request.__wrapped__ = original  # type: ignore[attr-defined]  # a function takes attributes; mypy's callable types have none
         return add_request
 
     def _wrap_abort(self, original):
@@ -315,7 +315,7 @@ class VllmHook:
                     hook._fail("abort_requests")
             return result
 
-        abort_requests.__wrapped__ = original
+        abort_requests.__wrapped__ = original  # type: ignore[attr-defined]  # a function takes attributes; mypy's callable types have none
         return abort_requests
 
     # ------------------------------------------------------------------ steps
@@ -403,8 +403,8 @@ class VllmHook:
         for eco in groups:
             for out in getattr(eco, "outputs", None) or ():
                 vid = getattr(out, "request_id", None)
-                entry = self._open.get(vid)
-                if entry is None:
+                entry = self._open.get(vid) if vid is not None else None
+                if vid is None or entry is None:
                     continue
                 new = getattr(out, "new_token_ids", None)
                 if new:
@@ -536,7 +536,7 @@ def _instrument_class(cls, opts: dict) -> _ClassPatch:
                             pass
                 return original(self, *args, **kwargs)
 
-            shim.__wrapped__ = original
+            shim.__wrapped__ = original  # type: ignore[attr-defined]  # a function takes attributes; mypy's callable types have none
             shim.__name__ = getattr(original, "__name__", "step")
             return shim
 
