@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from wattspan import Requests, Steps, attribute
-from wattspan._io import read_batches_jsonl, read_requests_jsonl
+from wattspan.attribution.jsonl import read_batches_jsonl, read_requests_jsonl
 from wattspan.simulate import LAWS, sense, simulate_server
 from wattspan.sources.replay import read_trace_csv
 

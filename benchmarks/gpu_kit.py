@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from wattspan.meter import RecordCallback
 
 ROOT = Path(__file__).resolve().parents[1]
 PATHS = ("energy", "field-instant", "samples", "usage")
@@ -255,7 +256,7 @@ def run_kit(out: Path, *, seconds: float = 6.0, sizes=(2048, 4096), duties=(0.25
         ok_paths = [p for p, v in probes.items() if v.get("status") == "ok"]
         rec = Recorder(pynvml, h, ok_paths)
         records: list = []
-        meter = Meter(sources=[NvmlSource(indices=[index])], sinks=[records.append], period_s=0.25, autostart=True)
+        meter = Meter(sources=[NvmlSource(indices=[index])], sinks=[RecordCallback(records.append)], period_s=0.25, autostart=True)
         meter.wait_ready(30.0)
         dev = meter.sampler.devices()[0].id
 

@@ -37,19 +37,19 @@ def _meter(export: bool, tracer_provider=None):
 
     t = np.arange(0, 3600 * 10**9, 5 * 10**6, dtype=np.int64)
     trace = DeviceTrace("gpu0", t, np.full(len(t), 300.0), energy_j=300.0 * t * 1e-9, sensor="constant")
-    sinks, processor = [], None
+    sinks = []
     if export:
         from opentelemetry.sdk.metrics import MeterProvider
         from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
-        from wattspan import otel
-        from wattspan.ledger import Ledger
+        from wattspan.export import otel
+        from wattspan.export.ledger import Ledger
 
         metrics = otel.EnergyMetrics(MeterProvider(metric_readers=[InMemoryMetricReader()]))
         ledger = Ledger(os.path.join(tempfile.mkdtemp(), "bench.sqlite"))
-        sinks = [metrics.observe_many, ledger.write]
         processor = tracer_provider._wattspan_processor if tracer_provider is not None else None
-    return Meter(sources=[ReplaySource([trace], loop=True)], carbon=CarbonModel(intensity_g_per_kwh=400.0), idle_w=100.0, batch_sinks=sinks, span_processor=processor)
+        sinks = [*([processor] if processor is not None else []), metrics, ledger]
+    return Meter(sources=[ReplaySource([trace], loop=True)], carbon=CarbonModel(intensity_g_per_kwh=400.0), idle_w=100.0, sinks=sinks)
 
 
 def _tracer_provider(with_wattspan: bool):
@@ -63,7 +63,7 @@ def _tracer_provider(with_wattspan: bool):
     provider = TracerProvider()
     downstream = BatchSpanProcessor(Nowhere())
     if with_wattspan:
-        from wattspan.otel import EnergySpanProcessor
+        from wattspan.export.otel import EnergySpanProcessor
 
         proc = EnergySpanProcessor(downstream)
         provider.add_span_processor(proc)

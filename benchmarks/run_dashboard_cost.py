@@ -6,7 +6,7 @@
   to the marker file) and outside one (no-op), against an empty class-based context manager.
 * Dashboard data: ``wattspan.dashboard.data(db, 3600)`` (what the page fetches every
   refresh) on ledgers of N requests all in the window, against the plainest read of
-  the same rows (``wattspan.ledger.aggregate(db, "route")``, what ``wattspan report``
+  the same rows (``wattspan.export.ledger.aggregate(db, "route")``, what ``wattspan report``
   runs), best of 3.
 * Audit: ``from_ledger`` + ``build_report`` + Markdown (no charts) on the same ledgers.
 
@@ -27,7 +27,7 @@ import wattspan
 from wattspan import RequestRecord
 from wattspan.audit import build_report, carbon_for, from_ledger, render_markdown
 from wattspan.dashboard import DataCache, data
-from wattspan.ledger import Ledger, aggregate
+from wattspan.export.ledger import Ledger, aggregate
 
 
 

@@ -31,7 +31,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 
 from wattspan import DeviceInfo, RingBuffer, SampleBatch, SampleKind  # noqa: E402
-from wattspan._sampler import Sampler  # noqa: E402
+from wattspan.sampler import Sampler  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results" / "sampler_cost.md"
 CAPACITY = 65536

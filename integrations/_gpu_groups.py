@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 
-from wattspan._logging import get_logger
+from wattspan.logs import get_logger
 
 log = get_logger(__name__)
 

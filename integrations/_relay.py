@@ -43,7 +43,7 @@ from collections import deque
 from collections.abc import Mapping
 from pathlib import Path
 
-from wattspan._logging import LogOnce, get_logger
+from wattspan.logs import LogOnce, get_logger
 
 __all__ = ["StepReceiver", "StepSender", "parse_address"]
 
@@ -56,7 +56,7 @@ _MAX_ID = 128
 
 
 def _token_file(port: int) -> Path:
-    from wattspan._peers import private_dir
+    from wattspan.meter.peers import private_dir
 
     uid = os.getuid() if hasattr(os, "getuid") else 0
     return private_dir(Path(tempfile.gettempdir()) / f"wattspan-{uid}") / f"steps-{port}.token"
@@ -500,7 +500,7 @@ def _is_meter_like(obj) -> bool:
 def resolve_step_sink(meter) -> object:
     """``None`` -> the default meter; a relay address string -> a :class:`StepSender`; else the object itself."""
     if meter is None:
-        from wattspan._meter import get_default_meter
+        from wattspan.defaults import get_default_meter
 
         return get_default_meter()
     if isinstance(meter, str):

@@ -37,7 +37,7 @@ __all__ = ["record_step", "step"]
 def _meter(meter):
     if meter is not None:
         return meter
-    from wattspan._meter import get_default_meter
+    from wattspan.defaults import get_default_meter
 
     return get_default_meter()
 

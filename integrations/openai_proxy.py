@@ -63,8 +63,8 @@ from collections.abc import Callable, Iterable
 from typing import Any
 from urllib.parse import urlsplit
 
-from wattspan._context import _current, current_request_id, set_tokens
-from wattspan._logging import get_logger
+from wattspan.logs import get_logger
+from wattspan.meter.context import _current, current_request_id, set_tokens
 
 __all__ = ["DEFAULT_FORWARD_HEADERS", "OpenAIProxy", "create_proxy", "run_proxy"]
 
@@ -322,7 +322,7 @@ class OpenAIProxy:
         usage_energy: bool = True,
         records_endpoint: bool = True,
     ) -> None:
-        from wattspan._asgi import EnergyMiddleware
+        from wattspan import EnergyMiddleware
 
         self.upstream = _check_upstream(upstream)
         if not (timeout_s > 0 and connect_timeout_s > 0):
@@ -365,7 +365,7 @@ class OpenAIProxy:
             self._open_ledger()
 
     def _open_ledger(self) -> None:
-        from wattspan.ledger import Ledger
+        from wattspan.export.ledger import Ledger
 
         led = self._ledger_arg
         if isinstance(led, Ledger):
@@ -381,11 +381,13 @@ class OpenAIProxy:
             return meter
         with self._wire_lock:
             if not self._wired:
+                from wattspan.meter import BatchCallback
+
                 if self.ledger is not None:
-                    meter.batch_sinks.append(self.ledger.write)
-                meter.batch_sinks.append(self._keep_final)
+                    meter.add_sink(self.ledger)
+                meter.add_sink(BatchCallback(self._keep_final))
                 if self.usage_energy:
-                    from wattspan._provisional import attach
+                    from wattspan.meter.provisional import attach
 
                     self.provisional = attach(meter)
                 self._wired = True
@@ -495,7 +497,7 @@ class OpenAIProxy:
         if rec is not None:
             d = rec.to_dict()
         elif self.ledger_path is not None:
-            from wattspan._ledger_db import find
+            from wattspan.export.ledger import find
 
             try:
                 d = await anyio.to_thread.run_sync(find, self.ledger_path, rid)
@@ -971,7 +973,7 @@ def create_proxy(upstream: str, **options) -> OpenAIProxy:
     header when the body names none. ``steps_listen``: listen here for batch
     steps from the upstream's engine (``host:port`` or ``unix:/path``; see
     :mod:`wattspan.integrations.vllm`). ``ledger``: a path (or a
-    :class:`~wattspan.ledger.Ledger`): every final record is appended to that
+    :class:`~wattspan.export.ledger.Ledger`): every final record is appended to that
     SQLite file, for ``wattspan report``. ``usage_energy``: add the provisional
     ``energy_j`` / ``co2e_g`` to OpenAI-style ``usage`` objects (default on).
     ``records_endpoint``: serve ``GET /wattspan/requests/{id}`` (default on).
@@ -997,7 +999,7 @@ def run_proxy(
     """
     import uvicorn
 
-    from wattspan._logging import setup_logging
+    from wattspan.logs import setup_logging
 
     setup_logging()
     app = create_proxy(upstream, **options)

@@ -77,7 +77,7 @@ import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from wattspan._logging import LogOnce, get_logger
+from wattspan.logs import LogOnce, get_logger
 
 __all__ = ["VllmHook", "default_request_id_map", "instrument_vllm", "register", "uninstrument_vllm", "user_request_id"]
 
@@ -466,7 +466,7 @@ def _device_for(core, device) -> str:
         return group
     d = device(core) if callable(device) else device
     if isinstance(d, (list, tuple)):
-        from wattspan._groups import group_key
+        from wattspan.devices import group_key
 
         d = group_key(d)
     if not isinstance(d, str) or not d:
@@ -664,7 +664,7 @@ def register() -> None:
     """
     global _registered
     try:
-        from wattspan._logging import setup_logging
+        from wattspan.logs import setup_logging
 
         setup_logging()
         address = os.environ.get("WATTSPAN_VLLM_STEPS", "").strip()

@@ -1,15 +1,24 @@
-"""wattspan: how much energy, and how much CO2e, every single inference request costs."""
+"""wattspan: how much energy, and how much CO2e, every single inference request costs.
+
+The public API (see ``__all__``): the meter and its sinks, the ASGI middleware,
+records, the carbon model, the ledger, power sources, the batch-step API and
+offline attribution. The pipeline runs one way:
+:mod:`wattspan.sources` -> :mod:`wattspan.sampler` -> :mod:`wattspan.meter` ->
+:mod:`wattspan.attribution` -> :mod:`wattspan.carbon` -> sinks
+(:mod:`wattspan.export.otel`, :mod:`wattspan.export.ledger`); the process's
+default meter and its wiring live in :mod:`wattspan.defaults`.
+"""
 
 from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
-from ._context import current_request_id, set_tokens
-from ._phase import phase
-from ._records import RequestRecord
-from ._samples import DeviceInfo, DeviceTrace, RingBuffer, SampleBatch, SampleKind
 from .attribution import Attribution, Requests, StepModel, Steps, attribute
 from .errors import InputError
+from .meter.context import current_request_id, set_tokens
+from .phases import phase
+from .records import RequestRecord
+from .samples import DeviceInfo, DeviceTrace, RingBuffer, SampleBatch, SampleKind
 
 try:
     __version__ = version("wattspan")
@@ -18,33 +27,64 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
 
 __all__ = sorted(
     [
-        "Attribution",
+        # the live meter, its sinks and the middleware
+        "Meter",
+        "RecordSink",
+        "DeviceFigures",
+        "RecordCallback",
+        "BatchCallback",
+        "EnergyMiddleware",
+        "get_default_meter",
+        # records
+        "RequestRecord",
+        "InputError",
+        # the batch-step API and request context
+        "current_request_id",
+        "set_tokens",
+        "usage_energy",
+        "phase",
+        # carbon
+        "CarbonModel",
+        "Embodied",
+        # the ledger
+        "Ledger",
+        # power sources and samples
+        "PowerSource",
+        "SourceUnavailable",
         "DeviceInfo",
         "DeviceTrace",
-        "EnergyMiddleware",
-        "InputError",
-        "Meter",
-        "RequestRecord",
-        "Requests",
         "RingBuffer",
         "SampleBatch",
         "SampleKind",
+        # offline attribution
+        "Attribution",
+        "Requests",
         "StepModel",
         "Steps",
         "attribute",
-        "current_request_id",
-        "phase",
-        "set_tokens",
-        "usage_energy",
     ]
 )
 
-_LAZY = {"EnergyMiddleware": "._asgi", "Meter": "._meter", "usage_energy": "._provisional"}
+# The middleware, the live meter, exporters and the rest pull in threads, SQLite
+# and optional dependencies: imported only when asked for.
+_LAZY = {
+    "Meter": ".meter",
+    "RecordSink": ".meter.sinks",
+    "DeviceFigures": ".meter.sinks",
+    "RecordCallback": ".meter.sinks",
+    "BatchCallback": ".meter.sinks",
+    "EnergyMiddleware": ".asgi",
+    "get_default_meter": ".defaults",
+    "usage_energy": ".meter.provisional",
+    "CarbonModel": ".carbon",
+    "Embodied": ".carbon",
+    "Ledger": ".export.ledger",
+    "PowerSource": ".sources",
+    "SourceUnavailable": ".sources",
+}
 
 
 def __getattr__(name: str):
-    # The middleware and the live meter pull in threads and optional exporters:
-    # import them only when asked for.
     if name in _LAZY:
         import importlib
 

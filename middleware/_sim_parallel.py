@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from ._power_model import PowerModel
+from .sources.power_model import PowerModel
 from .simulate import SimulatedRun, _cum_at, _first_order, _make_run, simulate_server
 
 __all__ = ["ParallelRun", "simulate_parallel", "write_files"]

@@ -128,7 +128,7 @@ def parse_time(text: str | None, *, now: float | None = None) -> float | None:
 
 
 def from_run(db: str | os.PathLike, run_id: str = "last") -> Basis:
-    from ._runs_db import get_run, run_trace
+    from .export.ledger.runs import get_run, run_trace
 
     s = get_run(db, run_id)
     if s is None:
@@ -190,7 +190,7 @@ def from_run(db: str | os.PathLike, run_id: str = "last") -> Basis:
 
 def _ledger_rows(db, since, until):
     """Totals, per-bucket energy and quality from the ledger, in SQL (bounded memory)."""
-    from ._ledger_db import _reading, _where
+    from .export.ledger.schema import _reading, _where
 
     where, args = _where(since, until, None)
     with _reading(db) as conn:
@@ -223,7 +223,7 @@ def _ledger_rows(db, since, until):
 def _ledger_intensity(db, since, until) -> dict | None:
     """The intensity the records themselves used (each at the hour it ran), energy-weighted, with its
     provenance; the PUE they imply. None for a ledger whose records carry no intensity."""
-    from ._ledger_db import _reading, _where
+    from .export.ledger.schema import _reading, _where
 
     where, args = _where(since, until, None)
     with _reading(db) as conn:
@@ -246,7 +246,7 @@ def _ledger_intensity(db, since, until) -> dict | None:
 
 
 def from_ledger(db: str | os.PathLike, since: float | None = None, until: float | None = None) -> Basis:
-    from ._ledger_db import aggregate
+    from .export.ledger.schema import aggregate
 
     got = _ledger_rows(db, since, until)
     if got is None or got[0][0] == 0:
@@ -327,7 +327,7 @@ def from_attribute(records: str | os.PathLike, summary: str | os.PathLike | None
     b.methods = [f"{m or '(none)'}: {c} requests" for m, c in sorted(methods.items(), key=lambda x: -x[1])]
     devs: dict[str, dict] = {}
     for r in recs:
-        d = devs.setdefault(str(r.get("gpu", r.get("device", ""))), {"id": str(r.get("gpu", r.get("device", ""))), "role": "accelerator",
+        d = devs.setdefault(str(r.get("device", r.get("gpu", ""))), {"id": str(r.get("device", r.get("gpu", ""))), "role": "accelerator",
                                                                        "sensor": r.get("sensor", ""), "simulated": bool(r.get("simulated")),
                                                                        "energy_j": 0.0, "coverage": 1.0, "readings": None})
         d["energy_j"] += float(r["energy_j"])
@@ -696,7 +696,7 @@ def cli_main(args) -> int:
             raise ValueError("give either --run or --since/--until, not both")
         basis = from_ledger(args.db, parse_time(args.since), parse_time(args.until))
     else:
-        from ._runs_db import list_runs
+        from .export.ledger.runs import list_runs
 
         if args.run or list_runs(args.db):
             basis = from_run(args.db, args.run or "last")

@@ -66,11 +66,11 @@ from pathlib import Path
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
-from ._logging import LogOnce, get_logger
+from .logs import LogOnce, get_logger
 from .deferral import _header, send_json
 
 if TYPE_CHECKING:
-    from ._asgi import ASGIApp, Message, Receive, Scope, Send
+    from .asgi import ASGIApp, Message, Receive, Scope, Send
     from .deferral import DeferralQueue
 
 __all__ = [

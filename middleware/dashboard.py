@@ -30,7 +30,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from ._logging import get_logger
+from .logs import get_logger
 
 __all__ = ["DataCache", "create_app", "data", "cli_main"]
 
@@ -110,7 +110,7 @@ def data(db: str | os.PathLike, window_s: float = 3600.0, *, now: float | None =
     ``j_per_token`` = total J / (prompt + output tokens). ``cache`` (a :class:`DataCache`) makes a refresh
     read only the newest records.
     """
-    from ._ledger_db import _reading
+    from .export.ledger.schema import _reading
 
     now = time.time() if now is None else float(now)
     bucket = window_s / _BUCKETS

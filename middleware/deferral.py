@@ -4,7 +4,7 @@ A job says how long it takes (``duration_s``) and by when it must be done (``dea
 unix seconds). :func:`choose_start` (pure) picks, among the period starts from now to the last
 one that still finishes by the deadline, the one whose forecast mean over the job's duration is
 lowest (ties: the earliest). :class:`DeferralQueue` applies it to each submitted job with the
-forecast of an :class:`~wattspan.intensity.HourlyIntensityProvider` (default: the offline
+forecast of an :class:`~wattspan.carbon.intensity.HourlyIntensityProvider` (default: the offline
 profile), starts jobs at their planned time with at most ``max_concurrency`` at once, and keeps
 a :class:`Decision` per job: what it chose, the intensity it expected then and now, the
 provider and why. A job whose deadline leaves no choice, or whose forecast cannot be had, runs
@@ -35,11 +35,11 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
-from ._logging import get_logger
+from .logs import get_logger
 
 if TYPE_CHECKING:
-    from ._asgi import ASGIApp, Headers, Message, Receive, Scope, Send
-    from .intensity import HourlyIntensityProvider
+    from .asgi import ASGIApp, Headers, Message, Receive, Scope, Send
+    from .carbon.intensity import HourlyIntensityProvider
 
 __all__ = ["Decision", "Job", "DeferralQueue", "DeferralMiddleware", "choose_start", "DeferralFull", "defer_request"]
 
@@ -116,7 +116,7 @@ class Job:
 
 class DeferralQueue:
     """Carbon-aware batch queue (see the module doc). ``provider``: an hourly provider
-    (default :class:`~wattspan.intensity.ProfileProvider`); ``zone``: its zone; ``period_s``:
+    (default :class:`~wattspan.carbon.intensity.ProfileProvider`); ``zone``: its zone; ``period_s``:
     the forecast step the plan uses (3600: hourly). ``clock``: unix seconds (``time.time``).
     Finished jobs are kept (bounded: ``keep_done``) so their decisions can be read, without what
     they held; deferred requests' bodies waiting to run hold at most ``max_held_bytes`` in all."""
@@ -124,7 +124,7 @@ class DeferralQueue:
     def __init__(self, provider: HourlyIntensityProvider | None = None, *, zone: str = "world", max_concurrency: int = 2, period_s: float = 3600.0,
                  max_jobs: int = 10_000, keep_done: int = 1000, clock: Callable[[], float] = time.time,
                  poll_s: float = 1.0, max_held_bytes: int = 256 << 20) -> None:
-        from .intensity import ProfileProvider
+        from .carbon.intensity import ProfileProvider
 
         if not (isinstance(max_concurrency, int) and max_concurrency >= 1):
             raise ValueError(f"max_concurrency must be an integer >= 1, got {max_concurrency!r}")

@@ -16,7 +16,7 @@ sets with :class:`wattspan.phase` arrive through a file named in
 ``WATTSPAN_RUN_PHASES``; each phase gets the energy between its begin and end.
 
 When the job ends, the summary and the trace go to the ledger (tables ``runs``
-and ``run_trace``, see :mod:`wattspan._runs_db`) and a short result is printed.
+and ``run_trace``, see :mod:`wattspan.export.ledger.runs`) and a short result is printed.
 ``wattspan audit`` turns a run into a one-page report.
 """
 
@@ -37,9 +37,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ._logging import get_logger
-from ._phase import ENV as PHASES_ENV
-from ._phase import read_phases
+from .logs import get_logger
+from .phases import ENV as PHASES_ENV
+from .phases import read_phases
 
 __all__ = ["measure", "run_sources", "print_result"]
 
@@ -52,7 +52,7 @@ _TICK_S = 1.0
 
 def run_sources() -> list:
     """NVML GPUs (unless ``WATTSPAN_SIMULATE=1``), RAPL, else the labelled CPU estimate."""
-    from ._meter import measured_sources
+    from .defaults import measured_sources
     from .sources import SourceUnavailable
 
     found = measured_sources()
@@ -181,14 +181,14 @@ def measure(argv: list[str], *, carbon, db: str | os.PathLike | None = None, sou
     duration_s, energy_j, accelerator_j, host_j, co2e_g``), ``job_cpu_s``,
     ``host_busy_cpu_s``, ``sample_interval_s``, ``versions``, ``git_commit``.
     """
-    from ._sampler import Sampler
+    from .sampler import Sampler
 
     if not argv:
         raise ValueError("wattspan run needs a command: wattspan run -- python train.py")
     if db is not None and Path(db).is_file():  # a foreign or too-new file is refused before the job runs, not after
         import sqlite3
 
-        from ._ledger_db import schema_version
+        from .export.ledger.schema import schema_version
 
         conn = sqlite3.connect(Path(db).resolve().as_uri() + "?mode=ro", uri=True)
         try:
@@ -348,7 +348,7 @@ def measure(argv: list[str], *, carbon, db: str | os.PathLike | None = None, sou
         "versions": _versions(), "git_commit": _git_commit(os.getcwd()),
     }
     if db is not None:
-        from ._runs_db import write_run
+        from .export.ledger.runs import write_run
 
         try:
             write_run(db, summary, trace)

@@ -34,8 +34,8 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike
 
-from ._power_model import LAWS, PowerModel
-from ._samples import DeviceTrace, SampleKind
+from .sources.power_model import LAWS, PowerModel
+from .samples import DeviceTrace, SampleKind
 
 __all__ = [
     "LAWS",

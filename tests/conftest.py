@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from wattspan import DeviceTrace
+from wattspan.meter import RecordCallback
 
 
 def free_port() -> int:
@@ -54,7 +55,7 @@ def live_meter():
     from wattspan.sources.replay import ReplaySource
 
     records = []
-    meter = Meter(sources=[ReplaySource([constant_trace(100.0)])], idle_w=40.0, carbon=CarbonModel(intensity_g_per_kwh=400.0), sinks=[records.append], period_s=0.05, lag_s=0.05)
+    meter = Meter(sources=[ReplaySource([constant_trace(100.0)])], idle_w=40.0, carbon=CarbonModel(intensity_g_per_kwh=400.0), sinks=[RecordCallback(records.append)], period_s=0.05, lag_s=0.05)
     meter.records = records
     yield meter
     meter.close()

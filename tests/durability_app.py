@@ -29,7 +29,7 @@ async def stats(request):
     """What this process's meter has seen (for the peer-group test)."""
     from starlette.responses import JSONResponse
 
-    from wattspan._meter import get_default_meter
+    from wattspan.defaults import get_default_meter
 
     m = get_default_meter()
     m.flush(5)

@@ -20,8 +20,8 @@ from starlette.routing import Route
 from wattspan import EnergyMiddleware, Meter
 from wattspan.budgets import BudgetMiddleware
 from wattspan.carbon import CarbonModel
-from wattspan.ledger import Ledger
-from wattspan.otel import EnergyMetrics, connect_metrics
+from wattspan.export.ledger import Ledger
+from wattspan.export.otel import EnergyMetrics, connect_metrics
 from wattspan.sources.replay import ReplaySource
 
 from tests.conftest import constant_trace
@@ -32,7 +32,7 @@ start_http_server(int(os.environ["WATTSPAN_TEST_METRICS_PORT"]), addr="127.0.0.1
 
 ledger = Ledger(os.environ["WATTSPAN_TEST_LEDGER"])
 meter = Meter(sources=[ReplaySource([constant_trace(300.0)], loop=True)], idle_w=40.0,
-              carbon=CarbonModel(intensity_g_per_kwh=400.0), batch_sinks=[ledger.write], period_s=0.05, lag_s=0.05)
+              carbon=CarbonModel(intensity_g_per_kwh=400.0), sinks=[ledger], period_s=0.05, lag_s=0.05)
 connect_metrics(meter, EnergyMetrics(meter_provider=provider))
 
 

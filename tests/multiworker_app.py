@@ -14,6 +14,7 @@ from starlette.routing import Route
 from wattspan import EnergyMiddleware, Meter
 from wattspan.carbon import CarbonModel
 from wattspan.sources.replay import ReplaySource
+from wattspan.meter import RecordCallback
 
 from tests.conftest import constant_trace
 
@@ -36,7 +37,7 @@ def _lifespan(app):
 
     @asynccontextmanager
     async def span(app):
-        meter = Meter(sources=[ReplaySource([constant_trace(100.0)], loop=True)], idle_w=40.0, carbon=CarbonModel(intensity_g_per_kwh=400.0), sinks=[_sink], period_s=0.05, peers=PEERS)
+        meter = Meter(sources=[ReplaySource([constant_trace(100.0)], loop=True)], idle_w=40.0, carbon=CarbonModel(intensity_g_per_kwh=400.0), sinks=[RecordCallback(_sink)], period_s=0.05, peers=PEERS)
         app.state.meter = meter
         yield
         meter.close()

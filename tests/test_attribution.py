@@ -8,7 +8,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from wattspan import DeviceTrace, Requests, SampleKind, Steps, attribute
-from wattspan.attribution import _Piecewise, counter_knots, nnls, step_features
+from wattspan.attribution.energy import _Piecewise, counter_knots
+from wattspan.attribution.fit import nnls, step_features
 
 T0 = 10**12
 MS = 10**6
@@ -272,7 +273,9 @@ class TestTraceEdges:
 def test_fast_paths_give_the_same_numbers():
     """The speed paths (sorted look-up of unsorted ends, one look-up per edge, the object
     columns by repeat) return exactly what the plain numpy calls do."""
-    from wattspan.attribution import _CumEnergy, _obj_full, _prefix, _search_sorted
+    from wattspan.attribution.attribute import _obj_full
+    from wattspan.attribution.energy import _CumEnergy
+    from wattspan.attribution.fit import _prefix, _search_sorted
 
     rng = np.random.default_rng(3)
     hay = np.unique(rng.integers(0, 10**9, 20_000))

@@ -20,8 +20,9 @@ from starlette.routing import Route  # noqa: E402
 
 from wattspan import EnergyMiddleware, Meter, RequestRecord  # noqa: E402
 from wattspan.carbon import CarbonModel  # noqa: E402
-from wattspan.otel import EnergyMetrics, configure_from_env  # noqa: E402
+from wattspan.export.otel import EnergyMetrics, configure_from_env  # noqa: E402
 from wattspan.sources.replay import ReplaySource  # noqa: E402
+from wattspan.meter import RecordCallback
 
 from .backends import otel_prometheus, phoenix, prometheus  # noqa: E402, F401 - fixtures
 from .conftest import constant_trace, serve  # noqa: E402
@@ -85,8 +86,8 @@ def test_phoenix_stores_energy_on_server_spans(phoenix, protocol, monkeypatch): 
     setup = configure_from_env(set_global=False, hold_timeout_s=20)
     proc = setup.span_processor
     records: list[RequestRecord] = []
-    meter = replay_meter(sinks=[records.append])
-    meter.span_processor = proc
+    meter = replay_meter(sinks=[RecordCallback(records.append)])
+    meter.add_sink(proc)
     try:
         with serve(app_for(meter, setup.tracer_provider)) as url:
             n = send_traffic(url)
@@ -118,7 +119,7 @@ def test_phoenix_stores_energy_on_server_spans(phoenix, protocol, monkeypatch): 
 def test_prometheus_sums_energy_per_route(prometheus, otel_prometheus):  # noqa: F811
     metrics = EnergyMetrics(otel_prometheus.meter_provider)
     records: list[RequestRecord] = []
-    meter = replay_meter(sinks=[records.append, metrics.observe])
+    meter = replay_meter(sinks=[RecordCallback(records.append), metrics])
     try:
         with serve(app_for(meter)) as url:
             n = send_traffic(url)

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from wattspan import DeviceTrace, RequestRecord, Requests, Steps, attribute
-from wattspan._ledger_db import COLUMNS, NAMES
-from wattspan.ledger import Ledger, query
-from wattspan.otel import record_attributes
+from wattspan.export.ledger.schema import COLUMNS, NAMES
+from wattspan.export.ledger import Ledger, query
+from wattspan.export.otel import record_attributes
 from wattspan.simulate import LAWS, sense, simulate_server, write_files
 
 S = 10**9

@@ -12,7 +12,7 @@ from wattspan.bench.load import ClientResult, PhaseResult, PhaseSpec
 from wattspan.bench.projection import resolve_regions
 from wattspan.bench.report import CHARTS, build_blocks, write_report
 from wattspan.carbon import grid_intensity
-from wattspan.intensity import ProfileProvider
+from wattspan.carbon.intensity import ProfileProvider
 
 from .test_bench_projection import _rec
 

@@ -24,7 +24,7 @@ from wattspan.bench import add_bench_arguments, config_from_args, run_bench  # n
 from wattspan.bench.report import fmt_sig  # noqa: E402
 from wattspan.bench.runner import DemoServer  # noqa: E402
 from wattspan.carbon import EMBODIED_A100_SERVER_SHARE, grid_intensity  # noqa: E402
-from wattspan.ledger import query  # noqa: E402
+from wattspan.export.ledger import query  # noqa: E402
 
 
 def _parser() -> argparse.ArgumentParser:

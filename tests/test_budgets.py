@@ -20,7 +20,7 @@ from wattspan.budgets import (
 )
 from wattspan.carbon import CarbonModel
 from wattspan.deferral import DeferralQueue
-from wattspan.ledger import Ledger, query
+from wattspan.export.ledger import Ledger, query
 from wattspan.sources.replay import ReplaySource
 
 from .conftest import constant_trace, serve
@@ -129,7 +129,7 @@ def _server(tmp_path, budgets: list, queue=None):
     db = tmp_path / "ledger.sqlite"
     led = Ledger(db)
     meter = Meter(sources=[ReplaySource([constant_trace(300.0)], loop=True)], idle_w=40.0,
-                  carbon=CarbonModel(intensity_g_per_kwh=400.0), batch_sinks=[led.write], period_s=0.05, lag_s=0.05)
+                  carbon=CarbonModel(intensity_g_per_kwh=400.0), sinks=[led], period_s=0.05, lag_s=0.05)
     app = Starlette(routes=[Route("/v1/chat", chat, methods=["POST"])])
     cfg = parse_budgets({"ledger": str(db), "refresh_s": 0.1, "budget": budgets})
     mw = BudgetMiddleware(EnergyMiddleware(app, meter=meter), budgets=cfg, deferral=queue)
@@ -219,7 +219,7 @@ class _NowIsCleanest:
     name = "test-forecast"
 
     def forecast(self, zone, start_s, end_s):
-        from wattspan.intensity import IntensityValue
+        from wattspan.carbon.intensity import IntensityValue
 
         n = max(1, int((end_s - start_s) // 3600) + 1)
         return [IntensityValue(100.0 + 10 * i, self.name, zone, start_s + 3600 * i) for i in range(n)]

@@ -11,7 +11,7 @@ import httpx
 
 from wattspan.budgets import BudgetMiddleware, parse_budgets
 from wattspan.integrations.openai_proxy import create_proxy
-from wattspan.ledger import Ledger
+from wattspan.export.ledger import Ledger
 
 from .conftest import serve
 from .test_budgets import _rec, _until
@@ -26,7 +26,7 @@ def _cli(*args, cwd=None):
 def test_the_proxy_enforces_a_budget_with_the_real_ledger(tmp_path, live_meter):
     db = tmp_path / "l.sqlite"
     led = Ledger(db)
-    live_meter.batch_sinks.append(led.write)
+    live_meter.add_sink(led)
     cfg = parse_budgets({"ledger": str(db), "refresh_s": 0.1, "budget": [
         {"name": "acme", "match": {"tenant": "acme", "route": "/v1/chat"}, "limit_gco2e": 1e-7, "period": "month", "action": "reject"}]})
     up = make_upstream()

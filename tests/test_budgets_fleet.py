@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from wattspan.ledger import query
+from wattspan.export.ledger import query
 
 from .backends import free_port, prometheus_bin, start_prometheus
 

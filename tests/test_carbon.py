@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from wattspan import carbon
+from wattspan.carbon import grid
+from wattspan.carbon import model as carbon
 from wattspan.carbon import (
     EMBODIED_A100_SERVER_SHARE,
     CarbonModel,
@@ -160,15 +161,15 @@ def test_empty_or_non_string_region_is_rejected(bad):
 
 def test_a_bare_id_two_providers_share_is_ambiguous(monkeypatch):
     head = "zone,kind,name,year,gco2e_per_kwh,source,licence,maps_to\n"
-    table = carbon._parse_table(head + "gcp:r-1,gcp,A,2024,10,s,l,\naws:r-1,aws,B,2024,20,s,l,\n")
-    monkeypatch.setattr(carbon, "_table", lambda: table)
+    table = grid._parse_table(head + "gcp:r-1,gcp,A,2024,10,s,l,\naws:r-1,aws,B,2024,20,s,l,\n")
+    monkeypatch.setattr(grid, "_table", lambda: table)
     with pytest.raises(ValueError, match="ambiguous.*gcp:r-1.*aws:r-1"):
         grid_intensity("r-1")
     assert grid_intensity("aws:r-1").gco2e_per_kwh == 20.0
 
 
 def test_committed_table_has_no_ambiguous_bare_ids():
-    assert carbon._table().ambiguous == {}
+    assert grid._table().ambiguous == {}
 
 
 REQUIRED_AWS = """us-east-1 us-east-2 us-west-1 us-west-2 ca-central-1 ca-west-1 sa-east-1 eu-west-1 eu-west-2

@@ -21,7 +21,7 @@ import pytest
 
 from wattspan import RequestRecord
 from wattspan.dashboard import create_app, data, parse_window
-from wattspan.ledger import Ledger, aggregate, query
+from wattspan.export.ledger import Ledger, aggregate, query
 
 from .backends import otel_prometheus, prometheus  # noqa: F401 - fixtures
 from .backends import _unavailable
@@ -100,7 +100,7 @@ class TestData:
         from opentelemetry.exporter.prometheus import PrometheusMetricReader
         from opentelemetry.sdk.metrics import MeterProvider
 
-        from wattspan.otel import EnergyMetrics
+        from wattspan.export.otel import EnergyMetrics
 
         from .conftest import free_port
 
@@ -321,7 +321,7 @@ def _emitted() -> dict[str, set[str]]:
     from opentelemetry.exporter.prometheus import PrometheusMetricReader
     from opentelemetry.sdk.metrics import MeterProvider
 
-    from wattspan.otel import EnergyMetrics
+    from wattspan.export.otel import EnergyMetrics
 
     reg = prometheus_client.CollectorRegistry()
     mp = MeterProvider(metric_readers=[PrometheusMetricReader(registry=reg)])
@@ -368,7 +368,7 @@ def test_grafana_dashboard_queries_only_metrics_and_labels_the_exporter_emits():
 
 @pytest.mark.backend
 def test_grafana_queries_return_data_from_a_real_prometheus(prometheus, otel_prometheus):  # noqa: F811
-    from wattspan.otel import EnergyMetrics
+    from wattspan.export.otel import EnergyMetrics
 
     m = EnergyMetrics(otel_prometheus.meter_provider, health=lambda: {"poll_errors": {"nvml": 0}, "dropped_rows": {"gpu0": 0}, "last_poll_age_s": 0.1})
     for i in range(12):

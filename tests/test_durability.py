@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from wattspan.ledger import query
+from wattspan.export.ledger import query
 
 from .conftest import free_port
 

@@ -11,6 +11,7 @@ import httpx
 import numpy as np
 
 from .conftest import serve
+from wattspan.meter import RecordCallback
 
 ROOT = Path(__file__).resolve().parents[1]
 SIM = ROOT / "examples" / "simulated"
@@ -30,7 +31,7 @@ def test_fastapi_example_serves_and_meters_with_the_default_meter(tmp_path, monk
     monkeypatch.setenv("WATTSPAN_PEER_DIR", str(tmp_path / "peers"))
     monkeypatch.setenv("WATTSPAN_SIMULATE", "1")
     monkeypatch.setenv("WATTSPAN_OTEL", "0")
-    from wattspan._meter import get_default_meter, set_default_meter
+    from wattspan.defaults import get_default_meter, set_default_meter
 
     set_default_meter(None)
     from examples.fastapi.app import app
@@ -43,7 +44,7 @@ def test_fastapi_example_serves_and_meters_with_the_default_meter(tmp_path, monk
             assert httpx.get(f"{url}/healthz").status_code == 200
         meter = get_default_meter()
         recs = []
-        meter.sinks.append(recs.append)
+        meter.add_sink(RecordCallback(recs.append))
         assert meter.flush(15)
         assert meter.counters["records"] == 5  # /healthz is excluded
         assert meter.counters["requests"] == 5

@@ -32,7 +32,7 @@ FastAPIInstrumentor.instrument_app(app)
 with TestClient(app) as client:
     for i in range(2):
         assert client.get(f"/items/{i}").status_code == 200
-    from wattspan._meter import get_default_meter
+    from wattspan.defaults import get_default_meter
     assert get_default_meter().flush(10)
 from opentelemetry import trace
 trace.get_tracer_provider().force_flush()

@@ -47,7 +47,7 @@ def test_kit_probes_records_crosschecks_and_meters(monkeypatch, tmp_path):
     recs = [json.loads(x) for x in (tmp_path / "meter_records.jsonl").read_text().splitlines()]
     assert len(recs) == len(steps) and all(r["method"] == "batch-fit" for r in recs)
     assert all(r["energy_j_low"] <= r["energy_j"] <= r["energy_j_high"] for r in recs)
-    from wattspan._io import read_batches_jsonl, read_requests_jsonl
+    from wattspan.attribution.jsonl import read_batches_jsonl, read_requests_jsonl
     from wattspan.sources.replay import read_trace_csv
 
     traces = read_trace_csv(tmp_path / "trace.csv")

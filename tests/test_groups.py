@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 
 from wattspan import Requests, Steps, attribute
-from wattspan._groups import group_key, members
+from wattspan.devices import group_key, members
 from wattspan._sim_parallel import simulate_parallel
 from wattspan.simulate import sense
+from wattspan.meter import RecordCallback
 
 
 def _attribute(run, which="steps", sensor="counter-100ms", device=None):
@@ -53,7 +54,7 @@ def test_tensor_parallel_books_close_per_device_and_in_total(tp4):
     parts = np.bincount(res.parts["request"], weights=res.parts["energy_j"], minlength=len(req))
     np.testing.assert_allclose(parts, res.energy_j, rtol=1e-12)
     rec = res.records()[0]
-    assert rec["gpu"] == "gpu0,gpu1,gpu2,gpu3" and set(rec["devices"]) == {"gpu0", "gpu1", "gpu2", "gpu3"}
+    assert rec["device"] == "gpu0,gpu1,gpu2,gpu3" and set(rec["devices"]) == {"gpu0", "gpu1", "gpu2", "gpu3"}
     assert sum(rec["devices"].values()) == pytest.approx(rec["energy_j"])
     assert rec["sensor"] != "none" and rec["method"] == "batch-fit"
 
@@ -110,7 +111,7 @@ def test_offline_files_take_a_group_as_a_list_or_a_string(tmp_path):
     p = _cli(tmp_path)
     assert p.returncode == 0, p.stderr
     recs = [json.loads(line) for line in p.stdout.splitlines() if line.strip()]
-    assert recs[0]["gpu"] == "gpu0,gpu1" and set(recs[0]["devices"]) == {"gpu0", "gpu1"}
+    assert recs[0]["device"] == "gpu0,gpu1" and set(recs[0]["devices"]) == {"gpu0", "gpu1"}
     truth = np.array([run.truth[r["id"]]["energy_j"] for r in recs])
     got = np.array([r["energy_j"] for r in recs])
     assert np.median(np.abs(got - truth) / truth) < 0.05
@@ -132,7 +133,7 @@ def test_live_meter_on_four_fake_gpus_bills_each_gpu_of_the_group(monkeypatch):
     watts = (200.0, 220.0, 240.0, 260.0)
     FakeNvml([FakeGpu("NVIDIA H100 80GB HBM3", 9, np.array([0.0]), np.array([w])) for w in watts]).install(monkeypatch)
     records = []
-    meter = Meter(sources=[NvmlSource()], idle_w=100.0, carbon=CarbonModel(intensity_g_per_kwh=400.0), sinks=[records.append],
+    meter = Meter(sources=[NvmlSource()], idle_w=100.0, carbon=CarbonModel(intensity_g_per_kwh=400.0), sinks=[RecordCallback(records.append)],
                   period_s=0.05, lag_s=0.05, autostart=False)
     meter.start()
     assert meter.wait_ready(10)
@@ -198,7 +199,7 @@ def test_servers_sharing_one_physical_gpu_share_one_peer_group(monkeypatch):
     peer group keyed by its UUID (their requests share its one trace); other GPUs are apart."""
     from tests.fakes.fake_nvml import FakeGpu, FakeNvml
 
-    from wattspan._peers import group_key as peer_key
+    from wattspan.meter.peers import group_key as peer_key
     from wattspan.sources.nvml import NvmlSource
 
     mk = lambda u: FakeGpu("NVIDIA A100-SXM4-80GB", 7, np.array([0.0]), np.array([100.0]), uuid=u)  # noqa: E731
@@ -229,7 +230,7 @@ def test_two_servers_on_one_host_each_bill_their_own_gpus(monkeypatch):
     for name, group in (("a", "gpu0,gpu1"), ("b", "gpu2,gpu3")):
         out[name] = []
         meters[name] = Meter(sources=[NvmlSource()], idle_w=100.0, carbon=CarbonModel(intensity_g_per_kwh=400.0),
-                             sinks=[out[name].append], period_s=0.05, lag_s=0.05, autostart=False)
+                             sinks=[RecordCallback(out[name].append)], period_s=0.05, lag_s=0.05, autostart=False)
         meters[name].start()
         assert meters[name].wait_ready(10)
     t = time.monotonic_ns()

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from wattspan.carbon import CarbonModel
-from wattspan.intensity import (
+from wattspan.carbon.intensity import (
     LBS_PER_MWH_TO_G_PER_KWH, ElectricityMapsProvider, FileProvider, GbCarbonIntensityProvider, ProfileProvider,
     ProviderConfigError, WattTimeProvider, hourly_from_env, provider_from_name,
 )

@@ -7,9 +7,10 @@ import sqlite3
 import pytest
 
 from wattspan import RequestRecord
-from wattspan._ledger_db import _ADDED, _FIELDS
-from wattspan.ledger import Ledger, query
-from wattspan.otel import record_attributes
+from wattspan.export.ledger.schema import _ADDED, _FIELDS
+from wattspan.export.ledger import Ledger, query
+from wattspan.export.otel import record_attributes
+from wattspan.meter import RecordCallback
 
 OLD = [(n, t) for n, t in _FIELDS if n not in _ADDED]  # the schema-1 columns as first shipped
 
@@ -32,7 +33,7 @@ def test_an_older_ledger_file_opens_reads_and_is_upgraded(tmp_path):
     conn.close()
     old = query(path)  # read-only, before any upgrade: new columns read as defaults
     assert len(old) == 1 and old[0]["intensity_provider"] == "" and old[0]["intensity_g_per_kwh"] == 0
-    from wattspan._ledger_db import find
+    from wattspan.export.ledger.schema import find
 
     one = find(path, "x")  # `wattspan report --id` on the same file, read-only too
     assert one is not None and one["run_id"] == "old-run" and one["intensity_provider"] == ""
@@ -66,7 +67,7 @@ def test_the_live_meter_converts_each_request_at_the_hour_it_ran():
 
     from wattspan import EnergyMiddleware, Meter
     from wattspan.carbon import CarbonModel
-    from wattspan.intensity import ProfileProvider
+    from wattspan.carbon.intensity import ProfileProvider
     from wattspan.sources.replay import ReplaySource
 
     from .conftest import constant_trace, serve
@@ -77,7 +78,7 @@ def test_the_live_meter_converts_each_request_at_the_hour_it_ran():
     got = []
     carbon = CarbonModel.for_region("GB").with_hourly("profile", market_g_per_kwh=10.0)
     meter = Meter(sources=[ReplaySource([constant_trace(200.0)], loop=True)], idle_w=40.0, carbon=carbon,
-                  sinks=[got.append], period_s=0.05, lag_s=0.05)
+                  sinks=[RecordCallback(got.append)], period_s=0.05, lag_s=0.05)
     try:
         with serve(EnergyMiddleware(Starlette(routes=[Route("/w", work)]), meter=meter)) as url:
             assert httpx.get(url + "/w").status_code == 200

@@ -20,8 +20,8 @@ from collections import defaultdict
 import pytest
 
 from wattspan import InputError, RequestRecord
-from wattspan._report import run_report
-from wattspan.ledger import GROUP_BY, SCHEMA_VERSION, Ledger, aggregate, query
+from wattspan.cli.report import run_report
+from wattspan.export.ledger import GROUP_BY, SCHEMA_VERSION, Ledger, aggregate, query
 
 FIELDS = [f.name for f in dataclasses.fields(RequestRecord)]
 ROUTES = ["/v1/chat/completions", "/v1/embeddings", "/health"]
@@ -269,7 +269,7 @@ def test_another_process_reads_while_a_server_writes(tmp_path):
     with Ledger(path) as led:
         led.write(make_records(25))
         assert led.flush()
-        code = "import sys; from wattspan.ledger import query; print(len(query(sys.argv[1])))"
+        code = "import sys; from wattspan.export.ledger import query; print(len(query(sys.argv[1])))"
         out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr
         assert int(out.stdout) == 25

@@ -10,6 +10,7 @@ import pytest
 from wattspan import DeviceTrace, Meter
 from wattspan.carbon import CarbonModel
 from wattspan.sources.replay import ReplaySource
+from wattspan.meter import RecordCallback
 
 from .conftest import constant_trace
 
@@ -25,7 +26,7 @@ def make_meter(trace=None, **kw):
 
     kw.setdefault("idle_w", 40.0)
     kw.setdefault("period_s", 0.05)
-    m = Meter(sources=[ReplaySource([trace or constant_trace(100.0)], loop=True)], carbon=CarbonModel(intensity_g_per_kwh=400.0), sinks=[sink], **kw)
+    m = Meter(sources=[ReplaySource([trace or constant_trace(100.0)], loop=True)], carbon=CarbonModel(intensity_g_per_kwh=400.0), sinks=[RecordCallback(sink)], **kw)
     assert not m.sinks or kw.get("autostart") is False or m.wait_ready(30)
     return m, records, seen_at
 
@@ -90,7 +91,7 @@ def test_a_failing_sink_is_counted_and_others_still_run():
     def bad(rec):
         raise RuntimeError("sink down")
 
-    m = Meter(sources=[ReplaySource([constant_trace()], loop=True)], idle_w=40.0, carbon=CarbonModel(intensity_g_per_kwh=100.0), sinks=[bad, got.append], period_s=0.05, lag_s=0.05)
+    m = Meter(sources=[ReplaySource([constant_trace()], loop=True)], idle_w=40.0, carbon=CarbonModel(intensity_g_per_kwh=100.0), sinks=[RecordCallback(bad), RecordCallback(got.append)], period_s=0.05, lag_s=0.05)
     try:
         now = time.monotonic_ns()
         m.begin("x", "gpu0", now)

@@ -346,7 +346,7 @@ def test_close_releases_nvml_once_and_poll_after_close_is_empty(nvml):
 
 
 def test_through_the_sampler_both_columns_are_collected(nvml):
-    from wattspan._sampler import Sampler
+    from wattspan.sampler import Sampler
 
     nvml(gpu("NVIDIA H100 80GB HBM3", A.NVML_DEVICE_ARCH_HOPPER, {ENERGY, FIELD_INSTANT}, 1.0))
     s = Sampler([NvmlSource()], interval_s=0.005).start()

@@ -1,4 +1,4 @@
-"""wattspan.otel in-process: real SDK pipelines (InMemory exporters and readers), a real
+"""wattspan.export.otel in-process: real SDK pipelines (InMemory exporters and readers), a real
 Starlette app under real uvicorn with the real ASGI instrumentation, and the real Meter."""
 
 from __future__ import annotations
@@ -36,13 +36,14 @@ from starlette.responses import JSONResponse, StreamingResponse  # noqa: E402
 from starlette.routing import Route  # noqa: E402
 
 from wattspan import RequestRecord  # noqa: E402
-from wattspan.otel import (  # noqa: E402
+from wattspan.export.otel import (  # noqa: E402
     EnergyMetrics,
     EnergySpanProcessor,
     configure_from_env,
     install,
     record_attributes,
 )
+from wattspan.meter import RecordCallback
 
 ENERGY_KEYS = ("wattspan.energy_j", "wattspan.energy.dynamic_j", "wattspan.energy.idle_j", "wattspan.co2e_g")
 
@@ -415,7 +416,7 @@ def test_real_meter_resolves_server_spans_through_energy_middleware():
 
     exporter, proc, tp, _ = pipeline(hold_timeout_s=30)
     records: list[RequestRecord] = []
-    meter = replay_meter(sinks=[records.append], span_processor=proc)
+    meter = replay_meter(sinks=[proc, RecordCallback(records.append)])
     app = asgi.OpenTelemetryMiddleware(EnergyMiddleware(starlette_app(), meter=meter, device="gpu0"), tracer_provider=tp)
     try:
         with serve(app) as url, httpx.Client(base_url=url, timeout=10) as client:
@@ -448,7 +449,7 @@ def test_install_adds_a_batching_energy_processor():
     tp = TracerProvider()
     meter = Meter(sources=[ReplaySource([constant_trace(100.0)])], autostart=False)
     proc = install(tp, exporter=exporter, hold_timeout_s=60, meter=meter)
-    assert isinstance(proc, EnergySpanProcessor) and meter.span_processor is proc
+    assert isinstance(proc, EnergySpanProcessor) and proc in meter.sinks
     s = tp.get_tracer("t").start_span("GET /", kind=SpanKind.SERVER)
     proc.expect(s)
     s.end()

@@ -10,7 +10,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from wattspan import EnergyMiddleware
-from wattspan.otel import wrap_provider
+from wattspan.export.otel import wrap_provider
 
 from .conftest import serve
 

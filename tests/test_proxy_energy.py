@@ -16,7 +16,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from wattspan import StepModel
-from wattspan._provisional import Provisional
+from wattspan.meter.provisional import Provisional
 from wattspan.integrations.openai_proxy import _splice_usage, create_proxy
 
 from .conftest import serve
@@ -179,7 +179,7 @@ def test_provisional_step_model_splits_steps_by_tokens_and_scales_the_missing_de
 
 def test_provisional_prices_every_term_of_the_fitted_family_and_each_gpu_of_a_group():
     """A 'power' or 'saturating' family's terms (basis 4..8) count, and a group is priced on each member."""
-    from wattspan._stepmodel import basis
+    from wattspan.attribution.family import basis
 
     coef = np.zeros(9)
     coef[[0, 5, 7]] = (40.0, 3.0, 20.0)  # W; W per decode token; W at saturation

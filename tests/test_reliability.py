@@ -14,8 +14,9 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
 from wattspan import EnergyMiddleware, RequestRecord, set_tokens
-from wattspan import _context
-from wattspan.ledger import Ledger
+from wattspan.meter import context as _context
+from wattspan.export.ledger import Ledger
+from wattspan.meter import BatchCallback, RecordCallback
 
 from .conftest import serve
 
@@ -30,7 +31,7 @@ def _rec(i: int, **kw) -> RequestRecord:
 
 def test_a_huge_token_count_is_clipped_where_it_enters_and_the_ledger_keeps_committing(live_meter, tmp_path):
     ledger = Ledger(tmp_path / "l.sqlite")
-    live_meter.batch_sinks.append(ledger.write)
+    live_meter.add_sink(ledger)
 
     async def huge(request):
         set_tokens(prompt_tokens=1e30, output_tokens=2**70)
@@ -83,7 +84,7 @@ def test_a_refused_record_inside_a_batch_stores_each_record_once(tmp_path):
 
 
 def test_a_record_that_cannot_be_stored_is_counted_dropped_not_written(tmp_path, monkeypatch):
-    import wattspan.ledger as ledger_mod
+    import wattspan.export.ledger.writer as ledger_mod
 
     monkeypatch.setattr(ledger_mod, "_sanitize", lambda row: row)  # as if clipping could not mend it
     ledger = Ledger(tmp_path / "l.sqlite")
@@ -130,7 +131,7 @@ def test_two_unrelated_apps_on_one_host_do_not_share_their_devices(tmp_path):
     """Two servers on different ports, each metering its own simulated gpu0, one peer directory."""
     import asyncio
 
-    from wattspan.ledger import query
+    from wattspan.export.ledger import query
 
     from .test_durability import _start
 
@@ -163,7 +164,7 @@ def test_lost_peer_messages_leave_no_phantom_request_and_the_stretch_is_flagged(
     import time
 
     from wattspan import Meter
-    from wattspan._peers import Peers
+    from wattspan.meter.peers import Peers
     from wattspan.carbon import CarbonModel
     from wattspan.sources.replay import ReplaySource
 
@@ -171,7 +172,7 @@ def test_lost_peer_messages_leave_no_phantom_request_and_the_stretch_is_flagged(
 
     records = []
     meter = Meter(sources=[ReplaySource([constant_trace(100.0)], loop=True)], idle_w=40.0, carbon=CarbonModel(intensity_g_per_kwh=400.0),
-                  sinks=[records.append], period_s=1.0, lag_s=0.05, max_delay_s=1.0, peers=tmp_path / "peers")
+                  sinks=[RecordCallback(records.append)], period_s=1.0, lag_s=0.05, max_delay_s=1.0, peers=tmp_path / "peers")
     try:
         assert meter.wait_ready(10) and meter.peers is not None
         worker = Peers(meter.peers.dir, name="999001")  # another worker on the same GPU, flooding its peer
@@ -204,7 +205,8 @@ def test_a_peer_directory_of_another_user_is_refused_and_an_open_one_of_ours_clo
     import os
     import stat
 
-    from wattspan import Meter, _peers
+    from wattspan import Meter
+    from wattspan.meter import peers as _peers
     from wattspan.sources.replay import ReplaySource
 
     from .conftest import constant_trace
@@ -239,7 +241,7 @@ def test_sockets_of_another_user_in_the_peer_directory_are_ignored_and_kept(tmp_
     import os
     import socket
 
-    from wattspan._peers import Peers
+    from wattspan.meter.peers import Peers
 
     if os.getuid() != 0:
         pytest.skip("needs to chown a socket to another user")
@@ -419,14 +421,14 @@ def test_client_set_models_are_capped_and_printable_in_records_metrics_and_the_r
     from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
-    from wattspan._report import run_report
-    from wattspan.otel import EnergyMetrics
+    from wattspan.cli.report import run_report
+    from wattspan.export.otel import EnergyMetrics
 
     reader = InMemoryMetricReader()
     metrics = EnergyMetrics(MeterProvider(metric_readers=[reader]))
-    live_meter.batch_sinks.append(metrics.observe_many)
+    live_meter.add_sink(metrics)
     ledger = Ledger(tmp_path / "l.sqlite")
-    live_meter.batch_sinks.append(ledger.write)
+    live_meter.add_sink(ledger)
 
     async def ep(request):
         return PlainTextResponse("ok")
@@ -522,9 +524,9 @@ def test_drain_flushes_the_sinks_that_buffer_within_the_timeout(live_meter, tmp_
 
     ledger = Ledger(tmp_path / "l.sqlite")
     fh = open(tmp_path / "ids.txt", "w", buffering=1 << 20)
-    live_meter.batch_sinks.append(ledger.write)
-    live_meter.sinks.append(lambda rec: fh.write(rec.id + "\n"))
-    live_meter.batch_sinks.append(lambda recs: None)
+    live_meter.add_sink(ledger)
+    live_meter.add_sink(RecordCallback(lambda rec: fh.write(rec.id + "\n")))
+    live_meter.add_sink(BatchCallback(lambda recs: None))
     t = time.monotonic_ns()
     for i in range(50):
         live_meter.begin(f"d{i}", "gpu0", t)

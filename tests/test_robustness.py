@@ -15,7 +15,7 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
 from wattspan import EnergyMiddleware
-from wattspan.otel import EnergySpanProcessor
+from wattspan.export.otel import EnergySpanProcessor
 
 from .conftest import free_port, serve
 
@@ -29,7 +29,7 @@ def test_a_dead_otlp_exporter_costs_no_request_and_no_record(live_meter):
     provider = TracerProvider()
     proc = EnergySpanProcessor(BatchSpanProcessor(OTLPSpanExporter(endpoint=dead, timeout=1)))
     provider.add_span_processor(proc)
-    live_meter.span_processor = proc
+    live_meter.add_sink(proc)
     app = Starlette(routes=[Route("/x", ok)])
     app.add_middleware(EnergyMiddleware, meter=live_meter)
     app.add_middleware(OpenTelemetryMiddleware, tracer_provider=provider)

@@ -16,12 +16,12 @@ import pytest
 
 import wattspan
 from wattspan import RequestRecord
-from wattspan._phase import read_phases
-from wattspan._runs_db import get_run, list_runs, run_trace
-from wattspan._samples import DeviceInfo, SampleBatch, SampleKind
+from wattspan.phases import read_phases
+from wattspan.export.ledger.runs import get_run, list_runs, run_trace
+from wattspan.samples import DeviceInfo, SampleBatch, SampleKind
 from wattspan.audit import build_report, carbon_for, from_ledger, g, parse_time
 from wattspan.carbon import CarbonModel
-from wattspan.ledger import Ledger
+from wattspan.export.ledger import Ledger
 from wattspan.run import measure
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,7 +79,7 @@ class TestPhase:
         assert p.name == "epoch 1"
 
     def test_a_marker_that_cannot_be_written_is_counted_not_raised(self, monkeypatch, tmp_path):
-        from wattspan._phase import phase_errors
+        from wattspan.phases import phase_errors
 
         monkeypatch.setenv("WATTSPAN_RUN_PHASES", str(tmp_path / "no" / "such" / "dir" / "f"))
         before = phase_errors()

@@ -20,8 +20,9 @@ import pytest
 
 from tests.fakes import A100_TRACE
 from wattspan import DeviceInfo, SampleBatch, SampleKind
-from wattspan import _sampler
-from wattspan._sampler import Sampler, get_default_sampler
+from wattspan import defaults
+from wattspan.defaults import get_default_sampler
+from wattspan.sampler import Sampler
 from wattspan.sources.replay import ReplaySource
 
 REPO = Path(__file__).resolve().parents[1]
@@ -270,7 +271,7 @@ def test_does_not_keep_the_interpreter_alive(tmp_path):
         """
         import time
         from wattspan import DeviceInfo
-        from wattspan._sampler import Sampler
+        from wattspan.sampler import Sampler
 
         class Slow:
             name, errors = "slow", 0
@@ -328,11 +329,11 @@ def test_replayed_trace_end_to_end():
 
 @pytest.fixture
 def fresh_default():
-    _sampler._reset_after_fork()  # as a new process would start
+    defaults._reset_after_fork()  # as a new process would start
     yield
-    if _sampler._default is not None:
-        _sampler._default.close()
-    _sampler._reset_after_fork()
+    if defaults._sampler is not None:
+        defaults._sampler.close()
+    defaults._reset_after_fork()
 
 
 def test_default_sampler_is_one_per_process(fresh_default):
@@ -366,7 +367,7 @@ def test_forked_child_gets_its_own_default_sampler(fresh_default):
         code = 1
         try:
             os.close(r)
-            reset = _sampler._default is None
+            reset = defaults._sampler is None
             child = get_default_sampler(sources=[TickSource()], interval_s=0.005)
             polled = wait_for(lambda: child.health()["polls"] >= 3, timeout=5)
             try:

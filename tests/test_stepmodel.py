@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from wattspan import Requests, Steps, attribute
-from wattspan._power_model import LAWS, PowerModel
-from wattspan._stepmodel import BASIS, FAMILIES, basis, correlation_lag, nnls_gram, select_family, select_window
+from wattspan.sources.power_model import LAWS, PowerModel
+from wattspan.attribution.family import BASIS, FAMILIES, basis, correlation_lag, nnls_gram, select_family, select_window
 from wattspan.simulate import sense, simulate_server
 
 

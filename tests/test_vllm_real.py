@@ -130,7 +130,7 @@ def served(tiny_model, tmp_path_factory):
 
 
 def _ledger_records(db: Path, ids, timeout: float = 60) -> dict:
-    from wattspan.ledger import query
+    from wattspan.export.ledger import query
 
     want = set(ids)
     deadline = time.monotonic() + timeout
@@ -197,16 +197,25 @@ def _drive(url: str, n: int, concurrency: int) -> list[dict]:
 
 
 OFFLINE = r"""
-import json, os, sys
+import importlib.util, json, os, sys
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"   # the EngineCore in this process: instrument_vllm needs it
+ROOT = sys.argv[2]
+# this checkout's wattspan, whichever checkout the vLLM venv's editable install points at
+for name, sub in (("wattspan", "middleware"), ("wattspan.integrations", "integrations")):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, sub, "__init__.py"),
+                                                  submodule_search_locations=[os.path.join(ROOT, sub)])
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
 from vllm import LLM, SamplingParams
 from wattspan import Meter
 from wattspan.carbon import CarbonModel
 from wattspan.sources.simulated import SimulatedSource
 from wattspan.integrations.vllm import instrument_vllm
+from wattspan.meter import RecordCallback
 
 records = []
-meter = Meter(sources=[SimulatedSource()], carbon=CarbonModel(intensity_g_per_kwh=400.0), sinks=[records.append], period_s=0.1)
+meter = Meter(sources=[SimulatedSource()], carbon=CarbonModel(intensity_g_per_kwh=400.0), sinks=[RecordCallback(records.append)], period_s=0.1)
 llm = LLM(model=sys.argv[1], dtype="float32", max_model_len=512, enforce_eager=True, max_num_seqs=16)
 hook = instrument_vllm(llm, meter=meter, track_requests=True)
 prompts = [("the battery " * (1 + i % 6)).strip() for i in range(12)]
@@ -227,7 +236,7 @@ meter.close()
 def test_offline_llm_with_instrument_vllm(tiny_model, tmp_path):
     script = tmp_path / "offline.py"
     script.write_text(OFFLINE)
-    r = subprocess.run([str(VPY), str(script), str(tiny_model)], capture_output=True, text=True, timeout=600, env=_env(WATTSPAN_PEERS="0"), cwd=tmp_path)
+    r = subprocess.run([str(VPY), str(script), str(tiny_model), str(ROOT)], capture_output=True, text=True, timeout=600, env=_env(WATTSPAN_PEERS="0"), cwd=tmp_path)
     line = next((ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")), None)
     assert r.returncode == 0 and line, (r.stdout[-2000:], r.stderr[-4000:])
     res = json.loads(line[7:])
@@ -340,7 +349,7 @@ def test_a_client_that_hangs_up_aborts_the_vllm_request(served):
 
 
 def test_wattspan_report_reads_what_the_proxy_wrote(served):
-    from wattspan.ledger import query
+    from wattspan.export.ledger import query
 
     db = served["db"]
     rows = query(db)

@@ -36,12 +36,13 @@ def main():
     from vllm import LLM, SamplingParams
     from wattspan import Meter
     from wattspan.carbon import CarbonModel
+    from wattspan.meter import RecordCallback
     from wattspan.sources.simulated import SimulatedSource
     from wattspan.integrations.vllm import instrument_vllm
 
     records = []
     meter = Meter(sources=[SimulatedSource(devices=("gpu2", "gpu3"))], carbon=CarbonModel(intensity_g_per_kwh=400.0),
-                  sinks=[records.append], period_s=0.1)
+                  sinks=[RecordCallback(records.append)], period_s=0.1)
     llm = LLM(model=sys.argv[1], dtype="float32", max_model_len=512, enforce_eager=True, max_num_seqs=8,
               pipeline_parallel_size=2, distributed_executor_backend="mp")
     hook = instrument_vllm(llm, meter=meter, device="auto", track_requests=True)

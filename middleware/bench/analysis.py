@@ -123,7 +123,7 @@ def _measure(recs: list[dict], items: list[int]) -> ModeMeasure:
 def analyse(phases: Sequence[PhaseResult], records: Mapping[str, dict], a: Assumptions) -> dict:
     """Every number of a bench report (see the module docstring).
 
-    ``records``: ledger records by request id (``wattspan.ledger.query`` rows); requests
+    ``records``: ledger records by request id (``wattspan.export.ledger.query`` rows); requests
     whose id has no record are counted as ``missing`` and left out of the energy figures.
     """
     if a.basis not in BASES:

@@ -9,7 +9,7 @@ wrapping past midnight: ``22-06``).
 
 Effective intensity: for DE, FR, GB and US-CAL-CISO (and their ISO codes), the mean of the
 2023 (month, hour) profile cells the hours select, each month weighted by its days
-(:mod:`wattspan.intensity`, Electricity Maps, ODbL); for any other region the yearly table
+(:mod:`wattspan.carbon.intensity`, Electricity Maps, ODbL); for any other region the yearly table
 value, the same at every hour (the report says so). PUE: the provider's published value
 (``default_pue``), 1.0 on-prem, or ``--pue``. Pure arithmetic, no I/O beyond the shipped
 profile.
@@ -43,7 +43,7 @@ class Deployment:
 
 
 def _cells(zone: str) -> np.ndarray | None:
-    from ..intensity import _profiles, profile_zone
+    from ..carbon.intensity import _profiles, profile_zone
 
     pz = profile_zone(zone)
     if pz is None:
@@ -102,7 +102,7 @@ def hours_curve(region: str) -> list[float]:
 def parse_deploy(spec: str, *, pue: float | None = None) -> Deployment:
     """``MODE=REGION[@HOURS]`` -> a :class:`Deployment`; ValueError says what is wrong."""
     from ..carbon import default_pue, grid_intensity
-    from ..intensity import profile_zone
+    from ..carbon.intensity import profile_zone
 
     m = re.fullmatch(r"\s*([a-z-]+)\s*=\s*([^@\s]+)\s*(?:@\s*(\S+))?\s*", str(spec))
     if not m:

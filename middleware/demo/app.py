@@ -26,7 +26,7 @@ Batchers start (models load) in the app's lifespan and stop at shutdown; they ar
 ``app.state.embedding_batcher`` / ``app.state.generate_batcher`` while it runs. Bad
 input gets 422 (413 for a body over ``max_body_bytes``), a full queue 503, all with an
 OpenAI-style ``{"error": {"message", "type", "param", "code"}}`` body that does not
-echo the input. Endpoints report their token counts with ``wattspan._context.set_tokens``
+echo the input. Endpoints report their token counts with ``wattspan.meter.context.set_tokens``
 (a no-op outside a metered request). The app adds no headers of its own beyond content type and, for
 streams, ``cache-control: no-cache``.
 """
@@ -46,8 +46,8 @@ from dataclasses import dataclass
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from .._context import set_tokens
-from .._logging import get_logger
+from ..logs import get_logger
+from ..meter.context import set_tokens
 from .batcher import BatcherClosed, BatcherOverloaded, DynamicBatcher, EmbeddingBatcher, OnStep
 from .models import EMBEDDING_MODEL, Embedder, TinyGenerator
 

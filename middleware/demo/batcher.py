@@ -14,7 +14,7 @@ what the step processed for that request (a prefill chunk's length, 1 per decode
 token, or the text tokens of an embedding request). An exception in ``on_step`` is
 logged and counted (``stats.on_step_errors``) and never affects serving.
 
-A request's id is ``wattspan._context.current_request_id()`` in the context that
+A request's id is ``wattspan.meter.context.current_request_id()`` in the context that
 submits it (the middleware sets it), or a fresh ``uuid4().hex`` when there is none.
 """
 
@@ -31,8 +31,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .._context import current_request_id
-from .._logging import get_logger
+from ..logs import get_logger
+from ..meter.context import current_request_id
 from .models import Embedder, GenSequence, TinyGenerator
 
 __all__ = [

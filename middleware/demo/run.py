@@ -41,9 +41,10 @@ def _free_port() -> int:
 
 def build(*, region: str = "world", db: Path | None = None, otel: bool = False):
     """The metered demo app and its meter (also used by the tests and ``wattspan bench``)."""
-    from wattspan._asgi import EnergyMiddleware
-    from wattspan._meter import Meter, default_sources
+    from wattspan import EnergyMiddleware
+    from wattspan import Meter
     from wattspan.carbon import CarbonModel
+    from wattspan.defaults import default_sources
     from wattspan.demo.app import create_app
     from wattspan.sources import SourceUnavailable
 
@@ -55,21 +56,20 @@ def build(*, region: str = "world", db: Path | None = None, otel: bool = False):
             sources.append(CpuEstimateSource())
         except SourceUnavailable:
             pass
-    batch_sinks = []
+    sinks = []
     ledger = None
     if db is not None:
-        from wattspan.ledger import Ledger
+        from wattspan.export.ledger import Ledger
 
         ledger = Ledger(db)
-        batch_sinks.append(ledger.write)
-    span_processor = None
+        sinks.append(ledger)
+    from wattspan.carbon.intensity import hourly_from_env
+
+    meter = Meter(sources=sources, carbon=hourly_from_env(CarbonModel.for_region(region)), sinks=sinks)
     if otel:
-        from wattspan import otel as wotel
+        from wattspan.export import otel as wotel
 
-        span_processor = wotel.configure_from_env()
-    from wattspan.intensity import hourly_from_env
-
-    meter = Meter(sources=sources, carbon=hourly_from_env(CarbonModel.for_region(region)), batch_sinks=batch_sinks, span_processor=span_processor)
+        wotel.configure_from_env(meter=meter)
     app = create_app(on_step=meter.record_step, device="gpu0")
     app.add_middleware(EnergyMiddleware, meter=meter, exclude=("/healthz",), request_id_header="x-wattspan-request-id")
     # outside the meter, so deferred work is metered when it runs: POST /v1/batch with
@@ -237,7 +237,9 @@ def run_demo(*, embeds: int = 48, completions: int = 24, concurrency: int = 8, r
     print("wattspan demo: loading the models (all-MiniLM-L6-v2, a tiny random-weight generator) on the CPU ...", flush=True)
     app, meter, ledger = build(region=region, db=db)
     records = []
-    meter.sinks.append(records.append)
+    from wattspan.meter import RecordCallback
+
+    meter.add_sink(RecordCallback(records.append))
     server = Server(app, port).start()
     print(f"serving on {server.url} (ready in {time.monotonic() - t0:.1f} s)", flush=True)
     try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
 
-from .._samples import DeviceInfo, SampleBatch
+from ..samples import DeviceInfo, SampleBatch
 
 __all__ = ["PowerSource", "SourceUnavailable"]
 

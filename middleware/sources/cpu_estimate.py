@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from .._samples import DeviceInfo, SampleBatch, SampleKind
+from ..samples import DeviceInfo, SampleBatch, SampleKind
 from ._base import SourceUnavailable
 
 __all__ = ["CpuEstimateSource"]

@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 import pynvml
 
-from .._logging import LogOnce, get_logger
-from .._samples import DeviceInfo, SampleBatch, SampleKind
+from ..logs import LogOnce, get_logger
+from ..samples import DeviceInfo, SampleBatch, SampleKind
 from ._base import SourceUnavailable
 
 __all__ = ["NvmlSource", "POWER_PROBES"]
@@ -119,7 +119,7 @@ class NvmlSource:
 
     NVML calls block while the driver answers (usually microseconds, longer on a
     troubled GPU): construct the source outside the event loop, and let the
-    :class:`~wattspan._sampler.Sampler`'s thread do all polling.
+    :class:`~wattspan.sampler.Sampler`'s thread do all polling.
     """
 
     name = "nvml"
@@ -241,7 +241,7 @@ class NvmlSource:
         if g.power == "power-usage" and g.power_kind == SampleKind.AVERAGE:
             parts[-1] = "power-usage-avg1s"
         extra["power"] = g.power
-        try:  # the physical GPU's identity: the peer group key (see wattspan._peers)
+        try:  # the physical GPU's identity: the peer group key (see wattspan.meter.peers)
             uuid = pynvml.nvmlDeviceGetUUID(g.handle)
             extra["identity"] = "nvml:" + (uuid.decode() if isinstance(uuid, bytes) else str(uuid))
         except Exception:

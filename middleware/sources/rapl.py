@@ -15,8 +15,8 @@ import time
 
 import numpy as np
 
-from .._logging import LogOnce, get_logger
-from .._samples import DeviceInfo, SampleBatch, SampleKind
+from ..logs import LogOnce, get_logger
+from ..samples import DeviceInfo, SampleBatch, SampleKind
 from ._base import SourceUnavailable
 
 __all__ = ["RaplSource"]

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .._samples import DeviceInfo, DeviceTrace, SampleBatch, SampleKind
-from ..attribution import _device_key
+from ..samples import DeviceInfo, DeviceTrace, SampleBatch, SampleKind
+from ..devices import device_key
 from ..errors import InputError
 
 __all__ = ["ReplaySource", "read_trace_csv"]
@@ -115,7 +115,7 @@ def read_trace_csv(path: str | os.PathLike[str], *, power_kind: SampleKind = Sam
     names: dict[str, int] = {}
     remap = {}
     for f in uniq_first.tolist():
-        name = _device_key(cols["gpu"][f])
+        name = device_key(cols["gpu"][f])
         if not name:
             raise InputError(p, line_of(f), "gpu is empty: name the device by index (0) or id (gpu0)")
         remap[f] = names.setdefault(name, len(names))

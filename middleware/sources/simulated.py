@@ -16,8 +16,8 @@ from typing import TypeAlias
 
 import numpy as np
 
-from .._power_model import PowerModel
-from .._samples import DeviceInfo, SampleBatch, SampleKind
+from .power_model import PowerModel
+from ..samples import DeviceInfo, SampleBatch, SampleKind
 
 __all__ = ["SimulatedSource"]
 

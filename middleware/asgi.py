@@ -1,0 +1,385 @@
+"""``EnergyMiddleware``: pure ASGI, one window per HTTP request.
+
+A request's window opens when the request arrives and closes at the final
+response body chunk (streaming and SSE included), on an exception, or on a
+client disconnect - in one place, :func:`_Window.close`, whichever way the
+request ends. All per-request state lives in that small window object; the
+middleware object only holds configuration.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from .logs import get_logger
+from .meter.context import _current
+from .records import Cardinality
+
+__all__ = ["EnergyMiddleware"]
+
+log = get_logger(__name__)
+
+_TENANT_OK = re.compile(r"[^A-Za-z0-9_.:-]")
+_NOT_PRINTABLE = re.compile(r"[^\x20-\x7e]")  # labels keep printable ASCII only: no control bytes reach a terminal
+_METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH", "QUERY"))
+_monotonic_ns = time.monotonic_ns
+# Request ids: a random per-process prefix and a counter (unique, and cheaper than
+# a random draw per request); the prefix is renewed in a forked child.
+_ids = itertools.count(1)
+_prefix = os.urandom(4).hex()
+
+
+def _renew_prefix() -> None:
+    global _prefix, _ids
+    _prefix, _ids = os.urandom(4).hex(), itertools.count(1)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_renew_prefix)
+
+
+def _span_ids() -> tuple[int, int, Any]:
+    return 0, 0, None
+
+
+try:  # OpenTelemetry is optional: with it, the record is tied to the request's server span.
+    from opentelemetry import trace as _otel_trace
+
+    def _span_ids() -> tuple[int, int, Any]:  # noqa: F811
+        span = _otel_trace.get_current_span()
+        ctx = span.get_span_context()
+        if ctx.is_valid and span.is_recording():
+            return ctx.trace_id, ctx.span_id, span
+        return 0, 0, None
+
+except ImportError:  # pragma: no cover - exercised without the otel extra
+    pass
+
+
+class EnergyMiddleware:
+    """Meters each HTTP request's energy and CO2e.
+
+    ``app.add_middleware(EnergyMiddleware)`` is enough: the process's default
+    :class:`~wattspan.Meter` is created on first use (configured from
+    ``WATTSPAN_*`` environment variables). Options, all keyword-only:
+
+    * ``meter``: the :class:`~wattspan.Meter` to report to;
+    * ``device``: the accelerator that serves this app (``"gpu0"``), the device
+      group of a multi-GPU engine (``["gpu0", "gpu1"]`` or ``"gpu0,gpu1"``), or a
+      callable ``scope -> str``;
+    * ``model``: a header name (default ``x-model``) or a callable ``scope -> str``;
+    * ``tenant``: a header name (default ``x-tenant-id``) or a callable; values
+      are cut to ``[A-Za-z0-9_.:-]``, 64 characters, and at most
+      ``max_tenants`` distinct values (then ``"other"``); the model likewise to
+      printable ASCII, 128 characters and ``max_models`` distinct values, and
+      an HTTP method outside the standard ones is ``"_OTHER"``;
+    * ``request_id_header``: echo wattspan's request id in this response
+      header (off by default);
+    * ``exclude``: path prefixes not to meter (health checks: ``("/healthz",)``);
+    * ``shutdown_timeout_s``: at the ASGI lifespan shutdown, wait up to this
+      long for the last records to be final and written (default 10).
+
+    Websocket scopes pass straight through. Lifespan scopes pass through too,
+    but a bad ``WATTSPAN_*`` variable (or a meter that cannot be built) makes
+    the startup fail with a message naming it, and the shutdown waits for the
+    meter and the ledger to write every ended request's record.
+    """
+
+    def __init__(
+        self,
+        app,
+        *,
+        meter=None,
+        device: str | Callable[[dict[str, Any]], str] | None = None,
+        model: str | Callable[[dict[str, Any]], str] = "x-model",
+        tenant: str | Callable[[dict[str, Any]], str] = "x-tenant-id",
+        max_tenants: int = 100,
+        max_models: int = 100,
+        request_id_header: str | None = None,
+        exclude: tuple[str, ...] | list[str] = (),
+        shutdown_timeout_s: float = 10.0,
+    ) -> None:
+        if max_tenants < 1 or max_models < 1:
+            raise ValueError("max_tenants and max_models must be at least 1")
+        from .settings import Settings, SettingsError, get_settings
+
+        self.app = app
+        self._meter = meter
+        try:
+            settings = get_settings()
+            #: a bad WATTSPAN_* variable: the server refuses to start (lifespan), requests are served unmetered
+            self.config_error: SettingsError | None = None
+        except SettingsError as exc:
+            settings, self.config_error = Settings(), exc
+        if request_id_header is None:
+            request_id_header = settings.request_id_header
+        self.device = device if device is not None else settings.device
+        if isinstance(self.device, (list, tuple)) or (isinstance(self.device, str) and ("," in self.device or "+" in self.device)):
+            # a device group, e.g. ["gpu0", "gpu1"] or "gpu0, gpu1" (see wattspan.attribution.groups)
+            from .devices import group_key
+
+            self.device = group_key(self.device)
+        self.model = model.lower().encode("latin-1") if isinstance(model, str) else model
+        self.tenant = tenant.lower().encode("latin-1") if isinstance(tenant, str) else tenant
+        self.tenants = Cardinality(max_tenants)
+        self.models = Cardinality(max_models)
+        self.request_id_header = request_id_header.lower().encode("latin-1") if request_id_header else None
+        self.exclude = tuple(exclude)
+        #: seconds the lifespan shutdown waits for the last records to be final and written
+        self.shutdown_timeout_s = float(shutdown_timeout_s)
+        self._header_names = frozenset(h for h in (self.model, self.tenant) if isinstance(h, bytes))
+        self.errors = 0
+
+    @property
+    def meter(self):
+        if self._meter is None:
+            from .defaults import get_default_meter
+
+            self._meter = get_default_meter()
+        return self._meter
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(scope, receive, send)
+            return
+        if scope["type"] != "http" or (self.exclude and scope.get("path", "").startswith(self.exclude)) or self.config_error is not None:
+            if self.config_error is not None and scope["type"] == "http" and not self.errors:
+                self.errors += 1
+                log.error("wattspan: %s; serving unmetered", self.config_error)
+            await self.app(scope, receive, send)
+            return
+        try:
+            window = _Window(self, scope)
+        except Exception:  # telemetry must never break a request
+            self.errors += 1
+            log.exception("could not open a metering window; serving unmetered")
+            await self.app(scope, receive, send)
+            return
+        token = _current.set(window)
+        send_wrapper = window.wrap(send)
+        try:
+            await self.app(scope, receive, send_wrapper)
+        except BaseException as exc:
+            window.close(error=True)
+            if self.request_id_header is not None and not window.status and isinstance(exc, Exception):
+                # The framework's error handler is outside this middleware: answer the 500
+                # here, so it carries the request id too; the exception still propagates
+                # (and is logged by the server as before).
+                await _send_500(send, self.request_id_header, window.id)
+            raise
+        finally:
+            window.close()
+            _current.reset(token)
+
+
+    def _startup_error(self) -> BaseException | None:
+        """Why the server must not start (a bad ``WATTSPAN_*`` variable, a meter that cannot be built), or None."""
+        if self.config_error is not None:
+            return self.config_error
+        try:
+            self.meter  # the default meter is built now, at startup, not on the first request
+        except Exception as exc:
+            return exc
+        return None
+
+    async def _drain(self) -> None:
+        """At shutdown: every ended request's record final and written, bounded in time."""
+        meter = self._meter
+        if meter is None or not hasattr(meter, "drain"):
+            return
+        import asyncio
+
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, meter.drain, self.shutdown_timeout_s)
+        except Exception:
+            log.exception("wattspan: flushing the meter at shutdown failed")
+
+    async def _lifespan(self, scope, receive, send) -> None:
+        """Pass the lifespan through, refusing to start on bad configuration and
+        draining the meter before the server is told shutdown is complete (so a
+        SIGTERM or SIGINT loses no record: uvicorn re-raises those signals after
+        the lifespan shutdown, when ``atexit`` would never run)."""
+        first = await receive()
+        if first.get("type") == "lifespan.startup":
+            err = self._startup_error()
+            if err is not None:
+                log.error("wattspan: refusing to start: %s", err)
+                await send({"type": "lifespan.startup.failed", "message": f"wattspan: {err}"})
+                return
+        pending = [first]
+        state = {"received": False, "drained": False, "answered": False}
+
+        async def recv():
+            state["received"] = True
+            if pending:
+                return pending.pop()
+            return await receive()
+
+        async def snd(message) -> None:
+            t = message.get("type", "")
+            if t.startswith("lifespan.startup."):
+                state["answered"] = True
+            if t in ("lifespan.shutdown.complete", "lifespan.shutdown.failed") and not state["drained"]:
+                state["drained"] = True
+                await self._drain()
+            await send(message)
+
+        try:
+            await self.app(scope, recv, snd)
+        except Exception:
+            if state["received"] or state["answered"]:
+                if not state["drained"]:
+                    state["drained"] = True
+                    await self._drain()
+                raise
+            # the app does not speak the lifespan protocol: speak it for the meter's sake
+            if first.get("type") != "lifespan.startup":
+                raise
+            await send({"type": "lifespan.startup.complete"})
+            while (await receive()).get("type") != "lifespan.shutdown":
+                pass
+            await self._drain()
+            await send({"type": "lifespan.shutdown.complete"})
+
+
+class _Window:
+    """One request's metering window: opened on arrival, closed exactly once."""
+
+    __slots__ = ("mw", "scope", "id", "device", "status", "closed", "root", "trace_id", "span_id", "prompt_tokens", "output_tokens", "model")
+
+    def __init__(self, mw: EnergyMiddleware, scope) -> None:
+        self.mw = mw
+        self.scope = scope
+        self.id = f"{_prefix}{next(_ids):08x}"
+        self.device = mw.device(scope) if callable(mw.device) else mw.device
+        self.status = 0
+        self.closed = False
+        self.prompt_tokens = 0
+        self.output_tokens = 0
+        self.model = ""
+        self.root = scope.get("root_path", "")
+        self.trace_id, self.span_id, span = _span_ids()
+        meter = mw.meter
+        if span is not None and meter.holds_spans:
+            meter.expect_span(self.span_id)
+        meter.begin(self.id, self.device, _monotonic_ns())
+        prov = meter.provisional  # wattspan.usage_energy() is in use: tally this request's steps
+        if prov is not None:
+            prov.open(self.id)
+
+    def wrap(self, send):
+        rid_header = self.mw.request_id_header
+
+        async def send_wrapper(message) -> None:
+            t = message["type"]
+            if t == "http.response.start":
+                self.status = message["status"]
+                if rid_header is not None:
+                    message = dict(message)
+                    message["headers"] = [*message.get("headers", ()), (rid_header, self.id.encode())]
+                await send(message)
+            elif t == "http.response.body" and not message.get("more_body", False):
+                try:
+                    await send(message)
+                finally:
+                    self.close()
+            else:
+                await send(message)
+
+        return send_wrapper
+
+    def close(self, error: bool = False) -> None:
+        """The one place a request's window closes: last body chunk, exception or disconnect."""
+        if self.closed:
+            return
+        self.closed = True
+        t = _monotonic_ns()
+        try:
+            mw = self.mw
+            scope = self.scope
+            model, tenant = self._labels()
+            meta = {
+                "route": self._route(),
+                "http_method": _method(scope.get("method", "")),
+                "status_code": 500 if (error and not self.status) else self.status,
+                "model": model,
+                "tenant": tenant,
+                "trace_id": self.trace_id,
+                "span_id": self.span_id,
+                "prompt_tokens": self.prompt_tokens,
+                "output_tokens": self.output_tokens,
+            }
+            mw.meter.end(self.id, self.device, t, meta)
+            prov = mw.meter.provisional
+            if prov is not None:
+                prov.forget(self.id)
+        except Exception:
+            self.mw.errors += 1
+            log.exception("could not close a metering window")
+
+    def _route(self) -> str:
+        """The route template (``/items/{id}``), never the raw path: bounded cardinality."""
+        scope = self.scope
+        route = scope.get("route")
+        path = getattr(route, "path", None)
+        if path is None:
+            return "(unmatched)"
+        prefix = scope.get("root_path", "")[len(self.root) :]
+        return (prefix + path)[:256]
+
+    def _value(self, source, limit: int, headers: dict[str, Any]) -> str:
+        if callable(source):
+            try:
+                v = source(self.scope)
+            except Exception:
+                self.mw.errors += 1
+                return ""
+        else:
+            v = headers.get(source)
+        return str(v)[:limit] if v else ""
+
+    def _labels(self) -> tuple[str, str]:
+        """Model and tenant, from one pass over the request headers."""
+        mw = self.mw
+        wanted = mw._header_names
+        headers = {}
+        if wanted:
+            for k, v in self.scope.get("headers", ()):
+                if k in wanted:
+                    headers[k] = v.decode("latin-1")
+        model = self.model or self._value(mw.model, 512, headers)
+        if model:
+            model = mw.models(_NOT_PRINTABLE.sub("", model)[:128] or "invalid")
+        tenant = self._value(mw.tenant, 256, headers)
+        if tenant:
+            tenant = mw.tenants(_TENANT_OK.sub("", tenant)[:64] or "invalid")
+        return model, tenant
+
+
+async def _send_500(send, header: bytes, request_id: str) -> None:
+    body = b"Internal Server Error"
+    headers = [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", str(len(body)).encode()), (header, request_id.encode())]
+    try:
+        await send({"type": "http.response.start", "status": 500, "headers": headers})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+    except Exception:  # the connection is gone: nothing to answer
+        pass
+
+
+def _method(m: str) -> str:
+    """The request method as a bounded label: the standard ones, else ``"_OTHER"`` (as OpenTelemetry says)."""
+    return m if m in _METHODS else "_OTHER"
+
+
+# The ASGI interface (https://asgi.readthedocs.io), as wattspan's middleware and apps see it.
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+Headers = list[tuple[bytes, bytes]]

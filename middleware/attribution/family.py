@@ -1,0 +1,350 @@
+"""Step-energy model selection for batch-fit: candidate families, blocked time cross-validation,
+and the choice of the reconciliation window.
+
+A batch step's dynamic energy is modelled as a non-negative combination of basis terms of its
+composition. Real GPUs differ in which terms matter, so there is no single feature set:
+
+* **energy** terms (the step's energy is additive in what it does): duration (s), prefill tokens,
+  decode tokens, decode context (ktokens);
+* **power** terms (the step's *power* is linear in its composition, so its energy is that power
+  times the duration): prefill tokens x s, decode tokens x s, decode context x s;
+* **saturating** terms (power saturates with token throughput, as compute does once a step is
+  compute-bound): ``duration * (1 - exp(-rate / r))`` at two rates ``r`` set from the run's own
+  steps (its median throughput and 4x that), so the fit needs no constants from us.
+
+Families are column subsets of one basis. Every sensor reading is a linear function of the steps
+it overlaps, so one pass over the readings builds per-block Gram matrices; each family and fold
+is then a tiny non-negative least squares on the normal equations. Folds are contiguous blocks of
+time; the blocks next to a held-out block are left out of its training set too (averaged
+readings overlap their neighbours). The family with the lowest held-out error wins unless a
+simpler one is within 2 % of it. A small ridge keeps short runs from overfitting.
+
+The reconciliation window is chosen the same way: for each candidate length, each reading is
+predicted from the fitted model scaled by what the *other* readings of its window measured
+(its own and overlapping neighbours left out); the length with the lowest held-out error wins.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from collections.abc import Iterable
+
+import numpy as np
+
+__all__ = ["BASIS", "FAMILIES", "Selection", "basis", "select_family", "select_window", "nnls_gram"]
+
+
+#: The basis of step terms; units in the names (s, tokens, ktokens; "_s" terms are x seconds).
+BASIS = (
+    "duration_s",
+    "prefill_tokens",
+    "decode_tokens",
+    "decode_context_ktokens",
+    "prefill_tokens_s",
+    "decode_tokens_s",
+    "decode_context_ktokens_s",
+    "saturating_lo_s",
+    "saturating_hi_s",
+)
+
+#: Candidate families, simplest first: name -> basis column indices.
+FAMILIES: dict[str, tuple[int, ...]] = {
+    "energy": (0, 1, 2, 3),
+    "power": (0, 4, 5, 6),
+    "saturating": (0, 7, 8, 6),
+    "energy+power": (0, 1, 2, 3, 4, 5, 6),
+    "power+saturating": (0, 4, 5, 6, 7, 8),
+    "all": tuple(range(9)),
+}
+
+_RIDGE = 1e-6  # relative to the (unit) diagonal of the scaled Gram matrix
+_PARSIMONY = 1.02  # a simpler family within 2 % of the best held-out error wins
+_BOOT_BLOCKS = 40  # time blocks the bootstrap resamples
+_BOOT = 24  # bootstrap resamples
+
+
+def basis(x4: np.ndarray, rates: tuple[float, float] | None = None) -> tuple[np.ndarray, tuple[float, float]]:
+    """Expand the four step features (duration s, prefill, decode, decode context ktokens) to
+    :data:`BASIS`. ``rates`` (tokens/s) for the saturating terms; ``None`` takes them from
+    these steps (median throughput, and 4x it). Returns the basis and the rates used."""
+    d = x4[:, 0]
+    tokens = x4[:, 1] + x4[:, 2]
+    rate = tokens / np.where(d > 0, d, 1.0)
+    if rates is None:
+        pos = rate[rate > 0]
+        r = float(np.median(pos)) if len(pos) else 1.0
+        rates = (max(r, 1e-9), max(4.0 * r, 1e-9))
+    out = np.empty((len(x4), 9))
+    out[:, :4] = x4
+    out[:, 4:7] = x4[:, 1:4] * d[:, None]
+    out[:, 7] = -np.expm1(-rate / rates[0]) * d
+    out[:, 8] = -np.expm1(-rate / rates[1]) * d
+    return out, rates
+
+
+def nnls_gram(G: np.ndarray, c: np.ndarray, max_iter: int = 60) -> np.ndarray:
+    """Non-negative least squares (Lawson-Hanson) on normal equations ``G x = c``."""
+    n = len(c)
+    x = np.zeros(n)
+    passive = np.zeros(n, dtype=bool)
+    w = c.copy()
+    tol = 1e-12 * max(1.0, float(np.abs(c).max()) if n else 1.0)
+    it = 0
+    while it < max_iter and (~passive).any() and (w[~passive] > tol).any():
+        it += 1
+        j = np.flatnonzero(~passive)[np.argmax(w[~passive])]
+        passive[j] = True
+        for _ in range(3 * n + 3):
+            z = np.zeros(n)
+            P = np.flatnonzero(passive)
+            try:
+                z[P] = np.linalg.solve(G[np.ix_(P, P)], c[P])
+            except np.linalg.LinAlgError:
+                z[P] = np.linalg.lstsq(G[np.ix_(P, P)], c[P], rcond=None)[0]
+            if (z[passive] > 0).all():
+                x = z
+                break
+            neg = passive & (z <= 0)
+            alpha = np.min(x[neg] / (x[neg] - z[neg]))
+            x = x + alpha * (z - x)
+            passive &= x > 1e-15
+            x[~passive] = 0.0
+        else:
+            break
+        w = c - G @ x
+    return x
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The winning family, its coefficients over :data:`BASIS`, and how it was chosen.
+
+    ``cv_error``: held-out RMS error of the readings relative to their RMS (0 is perfect);
+    ``cv_r2``: held-out coefficient of determination; ``candidates``: family -> cv_error;
+    ``why``: one line for the reader."""
+
+    family: str
+    coef: np.ndarray
+    cv_error: float
+    cv_r2: float
+    r2: float
+    rows: int
+    candidates: dict[str, float]
+    why: str
+    boot: np.ndarray | None = None  # bootstrap coefficients of the chosen family (resamples x basis)
+    fits: dict[str, np.ndarray] | None = None  # every family's coefficients over the basis
+
+
+def _blocks(n: int, k: int) -> np.ndarray:
+    return np.minimum((np.arange(n) * k) // max(n, 1), k - 1)
+
+
+def select_family(A: np.ndarray, y: np.ndarray, *, folds: int = 10, families: dict[str, tuple[int, ...]] | None = None) -> Selection | None:
+    """Fit every family on rows ``A`` (readings x basis, in time order) against ``y`` and pick one
+    by blocked cross-validation. ``None`` when there are too few rows."""
+    families = families or FAMILIES
+    n, p = A.shape
+    if n < 8 or not np.any(A):
+        return None
+    scale = np.sqrt(np.einsum("ij,ij->j", A, A))
+    scale[scale == 0] = 1.0
+    As = A / scale
+    k = int(min(folds, max(3, n // 6)))
+    kb = int(min(_BOOT_BLOCKS, max(k, n // 4)))  # fine blocks: k folds of them, and the bootstrap's units
+    blk = _blocks(n, kb)
+    Gf = np.zeros((kb, p, p))
+    cf = np.zeros((kb, p))
+    yf = np.zeros(kb)
+    for b in range(kb):  # a few dozen small matrix products
+        lo, hi = np.searchsorted(blk, b), np.searchsorted(blk, b, side="right")
+        Ab, yb = As[lo:hi], y[lo:hi]
+        Gf[b] = Ab.T @ Ab
+        cf[b] = Ab.T @ yb
+        yf[b] = yb @ yb
+    fold = (np.arange(kb) * k) // kb
+    Gb = np.stack([Gf[fold == f].sum(0) for f in range(k)])
+    cb = np.stack([cf[fold == f].sum(0) for f in range(k)])
+    yy = np.array([yf[fold == f].sum() for f in range(k)])
+    G, c = Gb.sum(0), cb.sum(0)
+    ss_tot = float(((y - y.mean()) ** 2).sum())
+    ms = float(yy.sum())
+    ridge = _RIDGE * n / max(n, 1)
+    scores: dict[str, float] = {}
+    fits: dict[str, np.ndarray] = {}
+    for name, family_cols in families.items():
+        cols = np.array(family_cols)
+        if n < 3 * len(cols):
+            continue
+        sse = 0.0
+        for b in range(k):
+            excl = [b] + ([b - 1] if b > 0 else []) + ([b + 1] if b + 1 < k else [])
+            if k < 5:
+                excl = [b]
+            Gt = G - Gb[excl].sum(0)
+            ct = c - cb[excl].sum(0)
+            Gs = Gt[np.ix_(cols, cols)] + ridge * np.eye(len(cols))
+            xb = nnls_gram(Gs, ct[cols])
+            xf = np.zeros(p)
+            xf[cols] = xb
+            sse += float(yy[b] - 2 * xf @ cb[b] + xf @ Gb[b] @ xf)
+        scores[name] = math.sqrt(max(sse, 0.0) / ms) if ms > 0 else math.inf
+        xf = np.zeros(p)
+        xf[cols] = nnls_gram(G[np.ix_(cols, cols)] + ridge * np.eye(len(cols)), c[cols])
+        fits[name] = xf
+    if not scores:
+        return None
+    best = min(scores, key=scores.__getitem__)
+    order = list(families)
+    chosen = best
+    for name in order:  # simplest first
+        if name in scores and scores[name] <= scores[best] * _PARSIMONY:
+            chosen = name
+            break
+    coef_s = fits[chosen]
+    scores_chosen = scores[chosen]
+    sse_in = float(ms - 2 * coef_s @ c + coef_s @ G @ coef_s)
+    r2 = 1.0 - sse_in / ss_tot if ss_tot > 0 else 0.0
+    cv_sse = scores_chosen**2 * ms
+    cv_r2 = 1.0 - cv_sse / ss_tot if ss_tot > 0 else 0.0
+    # Block bootstrap of the chosen family: how far its coefficients move when the run's
+    # stretches of time are resampled (the spread feeds each request's error band).
+    chosen_cols = np.array(families[chosen])
+    rng = np.random.default_rng(12345)
+    wts = rng.multinomial(kb, np.full(kb, 1.0 / kb), size=_BOOT)
+    boot = np.zeros((_BOOT, p))
+    eye = ridge * np.eye(len(chosen_cols))
+    for i in range(_BOOT):
+        Gs = np.tensordot(wts[i], Gf, axes=1)
+        cs = wts[i] @ cf
+        boot[i, chosen_cols] = nnls_gram(Gs[np.ix_(chosen_cols, chosen_cols)] + eye, cs[chosen_cols])
+    if chosen == best:
+        why = f"lowest held-out error of {len(scores)} families over {k} time blocks"
+    else:
+        why = f"simplest family within {(_PARSIMONY - 1) * 100:.0f} % of the best ({best}) held-out error over {k} time blocks"
+    return Selection(chosen, coef_s / scale, scores_chosen, cv_r2, r2, n, dict(scores), why,
+                     boot / scale, {f: v / scale for f, v in fits.items()})
+
+
+def correlation_lag(r: np.ndarray, max_lag: int = 4096, level: float = 0.2) -> int:
+    """First lag (in readings) at which the autocorrelation of ``r`` falls below ``level``."""
+    n = len(r)
+    if n < 16:
+        return 0
+    r = r - r.mean()
+    if n > 200_000:
+        r = r[:200_000]
+        n = len(r)
+    m = 1 << int(np.ceil(np.log2(2 * n)))
+    f = np.fft.rfft(r, m)
+    ac = np.fft.irfft(f * np.conj(f), m)[: min(max_lag, n // 2) + 1]
+    if ac[0] <= 0:
+        return 0
+    ac = ac / ac[0]
+    below = np.flatnonzero(ac < level)
+    return int(below[0]) if len(below) else len(ac)
+
+
+def _runs(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For a sorted array, each element's run of equal values as ``[first, last)`` indices."""
+    n = len(w)
+    idx = np.arange(n)
+    new = np.ones(n, dtype=bool)
+    new[1:] = w[1:] != w[:-1]
+    first = np.maximum.accumulate(np.where(new, idx, 0))
+    end = np.ones(n, dtype=bool)
+    end[:-1] = new[1:]
+    last = np.minimum.accumulate(np.where(end, idx + 1, n)[::-1])[::-1]
+    return first, last
+
+
+def select_window(t: np.ndarray, m: np.ndarray, p: np.ndarray, a: int, b: int, lengths_ns: np.ndarray,
+                  overlap: int = 0) -> tuple[int, dict[int, float], np.ndarray | None]:
+    """Choose a reconciliation window length by leave-out prediction of readings.
+
+    ``t``: each reading's end time (ns, sorted); ``m``: its measured dynamic energy; ``p``: the
+    model's prediction of it. For each length L in ``lengths_ns`` (and the whole period), each
+    reading is predicted as ``p_i`` times ``(M - m_near) / (P - p_near)`` over its window,
+    leaving out the readings within ``overlap`` positions of it (they share its information).
+    Returns the best length (ns; ``b - a`` for the whole period), ``{L: error}`` and the
+    held-out relative residuals ``(m - pred) / max(pred, floor)`` of the winner.
+    """
+    n = len(t)
+    total_m, total_p = float(m.sum()), float(p.sum())
+    g = total_m / total_p if total_p > 0 else 1.0
+    cm = np.concatenate(([0.0], np.cumsum(m)))
+    cp = np.concatenate(([0.0], np.cumsum(p)))
+    idx = np.arange(n)
+    k = max(int(overlap), 0)
+    best_L, best_err = b - a, math.inf
+    best_pred: np.ndarray | None = None
+    scores: dict[int, float] = {}
+    for L in list(lengths_ns) + [b - a]:
+        L = int(L)
+        if L <= 0:
+            continue
+        w = (t - a) // L
+        first, last = _runs(w)
+        Mw = cm[last] - cm[first]
+        Pw = cp[last] - cp[first]
+        lo = np.maximum(idx - k, first)
+        hi = np.minimum(idx + k + 1, last)
+        Mo = Mw - (cm[hi] - cm[lo])
+        Po = Pw - (cp[hi] - cp[lo])
+        others = (last - first) - (hi - lo)
+        if L < b - a and np.mean(others >= 1) < 0.9:
+            continue  # most windows would hold no reading but the left-out ones: no honest estimate
+        ok = Po > 1e-9 * max(abs(total_p), 1e-30)
+        s = np.where(ok, Mo / np.where(ok, Po, 1.0), g)
+        s = np.clip(s, 0.0, 10.0 * max(g, 1e-9))
+        pred = s * p
+        err = float(np.sqrt(np.mean((m - pred) ** 2)))
+        scores[L] = err
+        if err < best_err * (1 - 1e-3):
+            best_L, best_err, best_pred = L, err, pred
+    return best_L, scores, best_pred
+
+
+def group_errors(t: np.ndarray, m: np.ndarray, p: np.ndarray, a: int, L: int, sizes: Iterable[int],
+                 overlap: int = 0) -> dict[int, float]:
+    """Held-out relative error of groups of consecutive readings, by group size.
+
+    For each size G (readings) every run of G readings is predicted from the model scaled by
+    what the rest of its reconciliation window (length ``L`` ns) measured, leaving out the
+    group and ``overlap`` readings either side. Returns ``{G: sigma}``: a robust standard
+    deviation (the 90 % quantile of |relative error| / 1.645) over the groups that carry at
+    least the median predicted energy. This is what a request spanning G readings can expect
+    from the sensor, its noise and its aliasing included."""
+    n = len(t)
+    out: dict[int, float] = {}
+    if n < 8:
+        return out
+    cm = np.concatenate(([0.0], np.cumsum(m)))
+    cp = np.concatenate(([0.0], np.cumsum(p)))
+    w = (t - a) // max(int(L), 1)
+    first, last = _runs(w)
+    total = max(float(p.sum()), 1e-30)
+    g_all = float(m.sum()) / total
+    per_window = max(1.0, float(L) / max(float(np.median(np.diff(t))), 1.0))
+    for G in sizes:
+        G = int(G)
+        if G < 1 or G > n // 2 or (G > 1 and G > per_window / 2):
+            continue  # a group as long as its window is measured, not predicted: see the caller
+        i = np.arange(0, n - G + 1, max(1, G // 2))
+        j = i + G
+        mg, pg = cm[j] - cm[i], cp[j] - cp[i]
+        f, l = first[i], last[j - 1]
+        lo = np.maximum(i - overlap, f)
+        hi = np.minimum(j + overlap, l)
+        Mo = (cm[l] - cm[f]) - (cm[hi] - cm[lo]) + 0.0
+        Po = (cp[l] - cp[f]) - (cp[hi] - cp[lo])
+        ok = Po > 1e-9 * total
+        scale = np.where(ok, Mo / np.where(ok, Po, 1.0), g_all)
+        pred = scale * pg
+        heavy = pg >= np.median(pg)
+        heavy &= pred > 0
+        if heavy.sum() < 5:
+            continue
+        rel = np.abs(mg[heavy] - pred[heavy]) / pred[heavy]
+        out[G] = float(np.quantile(rel, 0.9) / 1.645)
+    return out

@@ -1,0 +1,125 @@
+"""Device groups: a request or a batch step that runs on several devices at once.
+
+A tensor-parallel engine runs every step on all its GPUs; a pipeline-parallel one runs
+each stage of a step on the stage's GPUs; a data-parallel replica is its own group. A
+group is named by its members joined with commas (``"gpu0,gpu1,gpu2,gpu3"``, the
+canonical form), written in the offline files as a list (``"gpu": ["gpu0", "gpu1"]``)
+or as that string; a single device stays what it was (``"gpu0"`` or ``0``).
+
+Attribution of groups (:func:`attribute_grouped`) expands every grouped request into one
+request per member device and every grouped step into one step per member (the same
+tokens: each member ran its share of the same step), runs the single-device
+attribution on each member's own trace, and sums the members' parts per request.
+So each device's books close on their own (requests + unattributed = measured, per
+device) and the total is their sum; the per-device parts are kept in
+``Attribution.parts`` for spans and metrics (``hw.id`` per device).
+
+Pipeline stages: a step reported on the whole group is apportioned on every member
+over the step's whole ``[start, end)``. Where the stages' own timings are known, report
+one step per stage on the stage's devices instead (the vLLM hook does where vLLM exposes
+them); otherwise the stage's energy in the step is placed by the whole step's timing,
+which the reconciliation windows (tens of ms to seconds, longer than a step) make good
+in total and only approximate inside a window.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from ..devices import SEP, group_key, is_group, members
+
+__all__ = ["SEP", "any_group", "attribute_grouped", "group_key", "is_group", "members"]
+
+
+def any_group(requests, steps) -> bool:
+    """Whether any request or step names a group (the fast path checks this)."""
+    for arr in (requests.device, steps.device if steps is not None else None):
+        if arr is not None and len(arr) and any(SEP in d for d in set(arr.tolist())):
+            return True
+    return False
+
+
+_QUALITY = {"good": 0, "coarse": 1, "misfit": 2}
+
+
+def attribute_grouped(attribute, traces, requests, steps=None, **kw):
+    """:func:`wattspan.attribution.attribute` over device groups (see the module docstring).
+
+    ``attribute`` is the single-device function (passed in: this module sits below it)."""
+    from .inputs import Requests, Steps
+    from .results import Attribution
+
+    n = len(requests)
+    req_members = [members(d) for d in requests.device.tolist()]
+    # (request, device) pairs: each request on each member of its group, and on each
+    # device a step naming it ran on (a step's group may be wider than the request's)
+    pair: dict[tuple[int, str], int] = {}
+    orig, pdev = [], []
+
+    def row(i: int, d: str) -> int:
+        k = pair.get((i, d))
+        if k is None:
+            k = pair[(i, d)] = len(orig)
+            orig.append(i)
+            pdev.append(d)
+        return k
+
+    for i, ms in enumerate(req_members):
+        for d in ms:
+            row(i, d)
+    s_start, s_end, s_dev, e_step, e_req, e_tok = [], [], [], [], [], []
+    if steps is not None and len(steps):
+        # entries grouped by step (CSR), expanded once per member device
+        order = np.argsort(steps.entry_step, kind="stable")
+        es, er, et = steps.entry_step[order], steps.entry_request[order], steps.entry_tokens[order]
+        cuts = np.searchsorted(es, np.arange(len(steps) + 1))
+        er_l, et_l = er.tolist(), et.tolist()
+        starts, ends = steps.start_ns.tolist(), steps.end_ns.tolist()
+        for s, d_key in enumerate(steps.device.tolist()):
+            lo, hi = int(cuts[s]), int(cuts[s + 1])
+            for d in members(d_key):
+                k = len(s_start)
+                s_start.append(starts[s])
+                s_end.append(ends[s])
+                s_dev.append(d)
+                for j in range(lo, hi):
+                    e_step.append(k)
+                    e_req.append(row(er_l[j], d))
+                    e_tok.append(et_l[j])
+    orig_a = np.array(orig, dtype=np.int64)
+    col = lambda c: None if c is None else c[orig_a]  # noqa: E731
+    ids = requests.ids[orig_a]
+    ex_req = Requests(ids=ids, start_ns=requests.start_ns[orig_a], end_ns=requests.end_ns[orig_a],
+                      device=np.array(pdev, dtype=object), weight=requests.weight[orig_a],
+                      route=col(requests.route), model=col(requests.model), tenant=col(requests.tenant))
+    ex_steps = None
+    if s_start:
+        ex_steps = Steps(start_ns=np.array(s_start, dtype=np.int64), end_ns=np.array(s_end, dtype=np.int64),
+                         device=np.array(s_dev, dtype=object), entry_step=np.array(e_step, dtype=np.int64),
+                         entry_request=np.array(e_req, dtype=np.int64), entry_tokens=np.array(e_tok, dtype=np.float64))
+    res = attribute(traces, ex_req, ex_steps, **kw)
+
+    def fold(x):
+        return np.bincount(orig_a, weights=x, minlength=n)
+
+    energy, dynamic, idle, dev_s = fold(res.energy_j), fold(res.dynamic_j), fold(res.idle_j), fold(res.device_s)
+    # a member the traces lack gives no energy and coverage 0: the group's coverage is its lowest member's
+    coverage = np.ones(n)
+    np.minimum.at(coverage, orig_a, res.coverage)
+    # the group's errors are correlated (the same steps on every member): the bands add
+    low = fold(res.energy_j_low) if res.energy_j_low is not None else None
+    high = fold(res.energy_j_high) if res.energy_j_high is not None else None
+    method = np.full(n, "no-trace", dtype=object)
+    quality = np.full(n, "good", dtype=object) if res.quality is not None else None
+    for k, i in enumerate(orig):
+        m = res.method[k]
+        if m == "batch-fit" or method[i] == "no-trace":
+            method[i] = m
+        if quality is not None and _QUALITY.get(res.quality[k], 2) > _QUALITY.get(quality[i], 0):
+            quality[i] = res.quality[k]
+    parts = {"request": orig_a, "device": ex_req.device, "energy_j": res.energy_j, "dynamic_j": res.dynamic_j,
+             "idle_j": res.idle_j, "device_s": res.device_s}
+    out = Attribution(requests, energy, dynamic, idle, dev_s, coverage, method, res.devices, low, high, quality)
+    return dataclasses.replace(out, parts=parts)

@@ -1,0 +1,129 @@
+"""What ran when: :class:`Requests` (each request's device and lifetime) and :class:`Steps` (batch steps and their requests' tokens)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..devices import device_key
+
+__all__ = ["FEATURES", "Requests", "Steps"]
+
+
+#: The step features the batch-fit model uses; a step's dynamic energy is their
+#: non-negative combination. Units: seconds, tokens, tokens, thousands of tokens.
+FEATURES = ("duration_s", "prefill_tokens", "decode_tokens", "decode_context_ktokens")
+
+_NS = 1e-9
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+@dataclass(frozen=True)
+class Requests:
+    """Request lifetimes, columnar. ``start_ns``/``end_ns`` on the trace's clock."""
+
+    ids: np.ndarray  # object array of str
+    start_ns: np.ndarray  # int64
+    end_ns: np.ndarray  # int64
+    device: np.ndarray  # object array of str
+    weight: np.ndarray  # float64, time-share weight (default 1)
+    route: np.ndarray | None = None
+    model: np.ndarray | None = None
+    tenant: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        n = len(self.ids)
+        for name in ("start_ns", "end_ns", "device", "weight"):
+            if len(getattr(self, name)) != n:
+                raise ValueError(f"Requests.{name} has {len(getattr(self, name))} rows for {n} ids")
+        if n and np.any(self.end_ns < self.start_ns):
+            bad = int(np.argmax(self.end_ns < self.start_ns))
+            raise ValueError(f"request {self.ids[bad]!r} ends before it starts")
+        if n and (not np.all(np.isfinite(self.weight)) or np.any(self.weight < 0)):
+            raise ValueError("request weights must be finite and >= 0")
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @classmethod
+    def from_records(cls, rows: Iterable[Mapping]) -> "Requests":
+        """Build from dicts with ``id, start_ns, end_ns, gpu`` (or ``device``) and
+        optional ``weight, route, model, tenant``."""
+        rows = list(rows)
+        ids = np.array([str(r["id"]) for r in rows], dtype=object)
+        dev = np.array([device_key(r.get("device", r.get("gpu", "0"))) for r in rows], dtype=object)
+
+        def col(key):
+            if not any(key in r for r in rows):
+                return None
+            return np.array([str(r.get(key) or "") for r in rows], dtype=object)
+
+        return cls(
+            ids=ids,
+            start_ns=np.array([int(r["start_ns"]) for r in rows], dtype=np.int64),
+            end_ns=np.array([int(r["end_ns"]) for r in rows], dtype=np.int64),
+            device=dev,
+            weight=np.array([float(r.get("weight", 1.0)) for r in rows], dtype=np.float64),
+            route=col("route"),
+            model=col("model"),
+            tenant=col("tenant"),
+        )
+
+
+@dataclass(frozen=True)
+class Steps:
+    """Batch steps, columnar, with their (request, tokens) entries in CSR form.
+
+    ``entry_step[i]`` is the step of entry ``i``, ``entry_request[i]`` an index
+    into the :class:`Requests` it was built against, ``entry_tokens[i]`` the
+    tokens that request processed in that step.
+    """
+
+    start_ns: np.ndarray
+    end_ns: np.ndarray
+    device: np.ndarray
+    entry_step: np.ndarray
+    entry_request: np.ndarray
+    entry_tokens: np.ndarray
+
+    def __post_init__(self) -> None:
+        if len(self.start_ns) and np.any(self.end_ns <= self.start_ns):
+            bad = int(np.argmax(self.end_ns <= self.start_ns))
+            raise ValueError(f"batch step {bad} does not end after it starts")
+        if len(self.entry_tokens) and (not np.all(np.isfinite(self.entry_tokens)) or np.any(self.entry_tokens < 0)):
+            raise ValueError("batch step token counts must be finite and >= 0")
+
+    def __len__(self) -> int:
+        return len(self.start_ns)
+
+    @classmethod
+    def from_records(cls, rows: Iterable[Mapping], requests: Requests) -> "Steps":
+        """Build from dicts ``{start_ns, end_ns, gpu, requests: {id: tokens}}``.
+
+        Raises ``KeyError`` naming the first request id not in ``requests``.
+        """
+        index = {rid: i for i, rid in enumerate(requests.ids)}
+        starts, ends, devs, e_step, e_req, e_tok = [], [], [], [], [], []
+        for s, r in enumerate(rows):
+            starts.append(int(r["start_ns"]))
+            ends.append(int(r["end_ns"]))
+            devs.append(device_key(r.get("device", r.get("gpu", "0"))))
+            for rid, tok in r["requests"].items():
+                try:
+                    e_req.append(index[str(rid)])
+                except KeyError:
+                    raise KeyError(f"batch step {s} names unknown request {rid!r}") from None
+                e_step.append(s)
+                e_tok.append(float(tok))
+        return cls(
+            start_ns=np.array(starts, dtype=np.int64),
+            end_ns=np.array(ends, dtype=np.int64),
+            device=np.array(devs, dtype=object),
+            entry_step=np.array(e_step, dtype=np.int64),
+            entry_request=np.array(e_req, dtype=np.int64),
+            entry_tokens=np.array(e_tok, dtype=np.float64),
+        )

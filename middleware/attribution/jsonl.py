@@ -1,0 +1,170 @@
+"""Reading request and batch-step files, refusing bad rows with file and line."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from .attribute import Requests, Steps, device_key
+from ..errors import InputError
+
+__all__ = ["read_requests_jsonl", "read_batches_jsonl"]
+
+
+_INT64_MAX = 2**63 - 1
+_OPTIONAL_TEXT = ("route", "model", "tenant")
+_OPTIONAL_COUNTS = ("prompt_tokens", "output_tokens")
+
+
+_MAX_DEPTH = 32  # nesting deeper than any row of these files needs
+
+
+def _rows(path: Path):
+    try:
+        fh = open(path, "rb")
+    except OSError as exc:
+        raise InputError(path, 0, f"cannot open: {exc.strerror or exc}") from None
+    with fh:
+        seen = False
+        for n, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise InputError(path, n, f"is not UTF-8 text (byte 0x{raw[exc.start]:02x} at column {exc.start + 1})") from None
+            if not line.strip():
+                continue
+            seen = True
+            if _too_deep(line):
+                raise InputError(path, n, f"JSON nested more than {_MAX_DEPTH} levels deep")
+            try:
+                row = json.loads(line, parse_constant=lambda c: float("nan"))
+            except json.JSONDecodeError as exc:
+                raise InputError(path, n, f"not valid JSON ({exc.msg})") from None
+            except (RecursionError, ValueError) as exc:  # ValueError: an integer of more than 4300 digits
+                raise InputError(path, n, f"not usable JSON ({exc})") from None
+            if not isinstance(row, dict):
+                raise InputError(path, n, "each line must be a JSON object")
+            yield n, row
+        if not seen:
+            raise InputError(path, 0, "is empty: expected one JSON object per line")
+
+
+def _short(v) -> str:
+    r = repr(v) if not isinstance(v, int) or v.bit_length() < 200 else f"an integer of about {int(v.bit_length() * 0.30103) + 1} digits"
+    return r if len(r) <= 60 else r[:57] + "..."
+
+
+def _too_deep(line: str) -> bool:
+    """More than ``_MAX_DEPTH`` open brackets at once (strings aside)? Cheap, no recursion."""
+    if line.count("[") + line.count("{") <= _MAX_DEPTH:
+        return False
+    depth, in_str, esc = 0, False, False
+    for ch in line:
+        if in_str:
+            if esc:
+                esc = False
+            elif ch == "\\":
+                esc = True
+            elif ch == '"':
+                in_str = False
+        elif ch == '"':
+            in_str = True
+        elif ch in "[{":
+            depth += 1
+            if depth > _MAX_DEPTH:
+                return True
+        elif ch in "]}":
+            depth -= 1
+    return False
+
+
+def _time(path, n, row, key) -> int:
+    if key not in row:
+        raise InputError(path, n, f"missing {key!r}")
+    v = row[key]
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (isinstance(v, float) and not math.isfinite(v)):
+        raise InputError(path, n, f"{key} must be an integer of nanoseconds, got {_short(v)}")
+    if isinstance(v, float) and not v.is_integer():
+        raise InputError(path, n, f"{key} must be an integer of nanoseconds, got {_short(v)}")
+    v = int(v)
+    if not 0 <= v <= _INT64_MAX:
+        raise InputError(path, n, f"{key} = {_short(v)} is outside 0..2**63-1")
+    return v
+
+
+def _count(path, n, key, v) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1e12 or not math.isfinite(v):
+        raise InputError(path, n, f"{key} must be a finite number between 0 and 1e12, got {_short(v)}")
+    return float(v)
+
+
+def _gpu(path, n, gpu):
+    """A device (``0``, ``"gpu0"``) or a device group (``["gpu0", "gpu1"]`` or ``"gpu0,gpu1"``)."""
+    if isinstance(gpu, list):
+        if not gpu or len(gpu) > 1024 or not all(isinstance(g, (str, int)) and not isinstance(g, bool) and str(g).strip() for g in gpu):
+            raise InputError(path, n, "'gpu' as a list must name 1..1024 devices, e.g. [\"gpu0\", \"gpu1\"]")
+    elif gpu is None or isinstance(gpu, (dict, bool)) or str(gpu).strip() == "" or len(str(gpu)) > 4096:
+        raise InputError(path, n, "missing 'gpu' (the device index, e.g. 0, or a group, e.g. [\"gpu0\", \"gpu1\"])")
+    key = device_key(gpu)
+    if not key or any(not m for m in key.split(",")):
+        raise InputError(path, n, f"'gpu' names no device: {_short(gpu)}")
+    return key
+
+
+def read_requests_jsonl(path) -> tuple[Requests, list[dict[str, Any]]]:
+    """Requests from JSONL: ``{"id", "start_ns", "end_ns", "gpu"}`` plus optional
+    ``route, model, tenant, prompt_tokens, output_tokens``.
+
+    Returns the columnar :class:`Requests` and the rows as read (for output).
+    """
+    path = Path(path)
+    rows, ids = [], {}
+    for n, row in _rows(path):
+        if "id" not in row or not isinstance(row["id"], (str, int)) or isinstance(row["id"], bool) or str(row["id"]) == "":
+            raise InputError(path, n, "missing 'id' (a non-empty string)")
+        rid = str(row["id"])
+        if rid in ids:
+            raise InputError(path, n, f"duplicate id {rid!r} (first on line {ids[rid]})")
+        ids[rid] = n
+        start = _time(path, n, row, "start_ns")
+        end = _time(path, n, row, "end_ns")
+        if end < start:
+            raise InputError(path, n, f"request {rid!r} ends ({end}) before it starts ({start})")
+        gpu = _gpu(path, n, row.get("gpu", row.get("device")))
+        clean = {"id": rid, "start_ns": start, "end_ns": end, "gpu": device_key(gpu)}
+        for key in _OPTIONAL_TEXT:
+            if key in row and row[key] is not None:
+                if not isinstance(row[key], str):
+                    raise InputError(path, n, f"{key} must be a string")
+                clean[key] = row[key][:256]
+        for key in _OPTIONAL_COUNTS:
+            if key in row and row[key] is not None:
+                clean[key] = int(_count(path, n, key, row[key]))
+        if "weight" in row:
+            clean["weight"] = _count(path, n, "weight", row["weight"])
+        rows.append(clean)
+    return Requests.from_records(rows), rows
+
+
+def read_batches_jsonl(path, requests: Requests) -> Steps:
+    """Batch steps from JSONL: ``{"start_ns", "end_ns", "gpu", "requests": {"<id>": <tokens>}}``."""
+    path = Path(path)
+    known = set(requests.ids.tolist())
+    rows = []
+    for n, row in _rows(path):
+        start = _time(path, n, row, "start_ns")
+        end = _time(path, n, row, "end_ns")
+        if end <= start:
+            raise InputError(path, n, f"batch step ends ({end}) at or before it starts ({start})")
+        gpu = _gpu(path, n, row.get("gpu", row.get("device")))
+        reqs = row.get("requests")
+        if not isinstance(reqs, dict) or not reqs:
+            raise InputError(path, n, "'requests' must be a non-empty object {request id: tokens}")
+        for rid, tok in reqs.items():
+            if rid not in known:
+                raise InputError(path, n, f"batch step names unknown request {rid!r} (not in the requests file)")
+            _count(path, n, f"tokens of {rid!r}", tok)
+        rows.append({"start_ns": start, "end_ns": end, "gpu": gpu, "requests": reqs})
+    return Steps.from_records(rows, requests)

@@ -1,0 +1,90 @@
+"""The offline grid-intensity table: gCO2e per kWh by region (sources in ``data/GRID_SOURCES.md``)."""
+
+from __future__ import annotations
+
+import csv
+import difflib
+import functools
+import io
+import urllib.request
+from dataclasses import dataclass
+from importlib import resources
+
+__all__ = ["GridIntensity", "grid_intensity"]
+
+_KINDS_WITH_PREFIX = ("gcp", "aws", "azure")
+
+
+@dataclass(frozen=True)
+class GridIntensity:
+    """One zone's grid carbon intensity in gCO2e per kWh, the year it describes, and its
+    provenance. ``maps_to`` names the row the value was borrowed from, with caveats."""
+
+    zone: str
+    gco2e_per_kwh: float
+    year: int
+    source: str
+    licence: str
+    name: str = ""
+    maps_to: str = ""
+
+
+@dataclass(frozen=True)
+class _Table:
+    rows: dict[str, GridIntensity]  # lower-case zone -> row
+    keys: dict[str, str]  # lower-case bare cloud id or country name -> lower-case zone
+    ambiguous: dict[str, tuple[str, ...]]  # bare id -> the zones it could mean
+    shown: dict[str, str]  # every lower-case lookup key -> how to show it in a hint
+
+
+def _parse_table(text: str) -> _Table:
+    rows, keys, shown, bare = {}, {}, {}, {}
+    for r in csv.DictReader(io.StringIO(text)):
+        zone = r["zone"].lower()
+        rows[zone] = GridIntensity(r["zone"], float(r["gco2e_per_kwh"]), int(r["year"]),
+                                   r["source"], r["licence"], r["name"], r["maps_to"])
+        shown[zone] = r["zone"]
+        if r["kind"] in _KINDS_WITH_PREFIX:
+            bare.setdefault(zone.split(":", 1)[1], []).append(zone)
+        elif not r["maps_to"]:  # a country name leads to the alpha-3 row, not the alias
+            keys[r["name"].lower()], shown[r["name"].lower()] = zone, r["name"]
+    ambiguous = {b: tuple(rows[z].zone for z in zs) for b, zs in bare.items() if len(zs) > 1}
+    keys.update({b: zs[0] for b, zs in bare.items() if len(zs) == 1})
+    shown.update({b: b for b in bare})
+    return _Table(rows, keys, ambiguous, shown)
+
+
+@functools.cache
+def _table() -> _Table:
+    return _parse_table(resources.files("wattspan").joinpath("data/grid_intensity.csv").read_text("utf-8"))
+
+
+def grid_intensity(region: str) -> GridIntensity:
+    """Look up the offline table.
+
+    ``region`` may be ``aws:us-east-1``, ``gcp:europe-west1``, ``azure:westeurope``, a bare
+    cloud region id when only one provider uses it (``us-central1``, ``eu-west-1``), an ISO
+    3166-1 alpha-2 or alpha-3 code (``FR``, ``FRA``), a country name (any case), or
+    ``world``. Raises ValueError naming close matches when nothing fits.
+    """
+    if not isinstance(region, str) or not region.strip():
+        raise ValueError(f"region must be a non-empty string such as 'aws:us-east-1' or 'FR', got {region!r}")
+    t, key = _table(), region.strip().lower()
+    if key in t.rows:
+        return t.rows[key]
+    if key in t.ambiguous:
+        raise ValueError(f"region {region!r} is ambiguous; say which one: {', '.join(t.ambiguous[key])}")
+    if key in t.keys:
+        return t.rows[t.keys[key]]
+    close = [t.shown[m] for m in difflib.get_close_matches(key, list(t.shown), n=5, cutoff=0.6)]
+    hint = f"; close matches: {', '.join(close)}" if close else ""
+    raise ValueError(f"unknown region {region!r}{hint}. Use 'aws:<region>', 'gcp:<region>', "
+                     "'azure:<region>', an ISO country code ('FR' or 'FRA'), a country name or 'world'")
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """A redirect is a failed fetch, never followed: urllib would send the request's
+    headers (an API key) on to wherever it points."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None

@@ -1,0 +1,163 @@
+"""``wattspan attribute``: per-request energy and CO2e from a power trace and request / batch files."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+from .common import UsageError, carbon_model_from_args
+
+__all__ = ["cmd_attribute", "print_summary", "summarize"]
+
+
+def cmd_attribute(args) -> int:
+    from ..attribution import jsonl as _io
+    from ..samples import SampleKind
+    from ..attribution import attribute
+    from ..errors import InputError
+    from ..sources.replay import read_trace_csv
+
+    try:
+        idle = None if str(args.idle).strip().lower() == "estimate" else float(args.idle)
+        if idle is not None and (not math.isfinite(idle) or idle < 0):
+            raise ValueError
+    except ValueError:
+        raise UsageError(f"--idle must be a number of watts >= 0 or 'estimate', got {args.idle!r}") from None
+    try:
+        carbon = carbon_model_from_args(args)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    try:
+        traces = read_trace_csv(args.trace)
+        if args.power_kind == "average":
+            window = float(args.power_window_s)
+            if not (math.isfinite(window) and window > 0):
+                raise UsageError("--power-window-s must be > 0")
+            for tr in traces.values():
+                tr.power_kind = SampleKind.AVERAGE
+                tr.window_ns = int(window * 1e9)
+        requests, rows = _io.read_requests_jsonl(args.requests)
+        steps = _io.read_batches_jsonl(args.batches, requests) if args.batches else None
+    except InputError as exc:
+        raise UsageError(str(exc)) from None
+
+    import numpy as np
+
+    result = attribute(traces, requests, steps, idle_w=idle)
+    records = result.records()
+    from ..carbon import wall_times
+
+    per = carbon.per_request(result.energy_j, result.device_s, wall_times(result.requests.start_ns, result.requests.end_ns))
+    co2e_op, emb = per.operational_g, per.embodied_g
+    priced = carbon.carbon_price_per_tonne > 0
+    e_j = np.asarray(result.energy_j, dtype=float)
+    per_j = np.divide(co2e_op, e_j, out=np.zeros(len(e_j)), where=e_j > 0)  # the hour's g/J for each request
+    co2e_lo = per_j * result.energy_j_low if result.energy_j_low is not None else co2e_op
+    co2e_hi = per_j * result.energy_j_high if result.energy_j_high is not None else co2e_op
+    for rec, row, op, e, lo, hi, cf in zip(records, rows, co2e_op, emb, co2e_lo, co2e_hi, per.fields()):
+        rec["co2e_g"] = float(op + e)
+        rec["co2e_g_low"] = float(lo + e)
+        rec["co2e_g_high"] = float(hi + e)
+        rec["embodied_g"] = float(e)
+        rec.update(cf)
+        if priced:  # the internal carbon price turns grams into money
+            rec[f"carbon_cost_{carbon.currency.lower()}"] = float(carbon.cost(op + e))
+        for key in ("prompt_tokens", "output_tokens"):
+            if key in row:
+                rec[key] = row[key]
+
+    summary = summarize(result, records, carbon)
+    lines = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records)
+    if args.out is None:
+        sys.stdout.write(lines)
+    else:
+        args.out.write_text(lines, encoding="utf-8")
+    if args.summary is not None:
+        args.summary.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    print_summary(summary, file=sys.stderr if args.out is None else sys.stdout)
+    return 0
+
+
+def summarize(result, records: list[dict], carbon) -> dict:
+    """Totals, per device and per route, with the carbon model's provenance."""
+    routes: dict[str, dict] = {}
+    for r in records:
+        k = r.get("route") or "(none)"
+        d = routes.setdefault(k, {"requests": 0, "energy_j": 0.0, "co2e_g": 0.0})
+        d["requests"] += 1
+        d["energy_j"] += r["energy_j"]
+        d["co2e_g"] += r["co2e_g"]
+        # 90 % bands: half-widths added in quadrature (requests' errors taken as independent;
+        # inside one reconciliation window they are anti-correlated, so this is conservative)
+        if "energy_j_low" in r:
+            d["_h2"] = d.get("_h2", 0.0) + ((r["energy_j_high"] - r["energy_j_low"]) / 2) ** 2
+            d["_c2"] = d.get("_c2", 0.0) + ((r.get("co2e_g_high", r["co2e_g"]) - r.get("co2e_g_low", r["co2e_g"])) / 2) ** 2
+    for d in routes.values():
+        if "_h2" in d:
+            h, c = math.sqrt(d.pop("_h2")), math.sqrt(d.pop("_c2"))
+            d["energy_j_low"], d["energy_j_high"] = max(d["energy_j"] - h, 0.0), d["energy_j"] + h
+            d["co2e_g_low"], d["co2e_g_high"] = max(d["co2e_g"] - c, 0.0), d["co2e_g"] + c
+        d["energy_j_per_1k"] = d["energy_j"] / d["requests"] * 1000
+        d["co2e_g_per_1k"] = d["co2e_g"] / d["requests"] * 1000
+        if carbon.carbon_price_per_tonne > 0:
+            d[f"carbon_cost_{carbon.currency.lower()}_per_1k"] = float(carbon.cost(d["co2e_g_per_1k"]))
+    measured = result.measured_j
+    un = result.unattributed_j
+    return {
+        "measured_j": measured,
+        "attributed_j": result.attributed_j,
+        "unattributed_j": un,
+        "unattributed_co2e_g": float(carbon.operational_g(un)),
+        "requests": len(records),
+        "simulated": any(d.simulated for d in result.devices.values()),
+        "carbon": {
+            "region": carbon.region,
+            "intensity_g_per_kwh": carbon.intensity_g_per_kwh,
+            "intensity_source": carbon.intensity_source,
+            "pue": carbon.pue,
+            "carbon_price_per_tonne": carbon.carbon_price_per_tonne,
+            "currency": carbon.currency,
+            "embodied": None if carbon.embodied is None else vars(carbon.embodied) if hasattr(carbon.embodied, "__dict__") else str(carbon.embodied),
+        },
+        "devices": {k: v.as_dict() for k, v in result.devices.items()},
+        "routes": routes,
+        "intensity": _intensity_summary(records),
+    }
+
+
+def _intensity_summary(records: list[dict]) -> dict:
+    """Which intensities the records used: providers, zones, hours, basis; market and marginal totals."""
+    e = sum(r["energy_j"] for r in records) or 1.0
+    return {
+        "providers": sorted({r.get("intensity_provider", "") for r in records}),
+        "zones": sorted({r.get("intensity_zone", "") for r in records}),
+        "hours": len({r.get("intensity_hour", "") for r in records}),
+        "basis": sorted({r.get("intensity_basis", "") for r in records}),
+        "energy_weighted_g_per_kwh": sum(r["energy_j"] * r.get("intensity_g_per_kwh", 0.0) for r in records) / e,
+        "market_g_per_kwh": max((r.get("market_g_per_kwh", 0.0) for r in records), default=0.0),
+        "co2e_market_g": sum(r.get("co2e_market_g", 0.0) for r in records),
+        "co2e_marginal_g": sum(r.get("co2e_marginal_g", 0.0) for r in records),
+    }
+
+
+def print_summary(summary: dict, file=sys.stdout) -> None:
+    w = file.write
+    c = summary["carbon"]
+    flag = "  [SIMULATED power: no sensor]" if summary["simulated"] else ""
+    w(f"measured {summary['measured_j']:.1f} J = attributed {summary['attributed_j']:.1f} J + unattributed {summary['unattributed_j']:.1f} J{flag}\n")
+    w(f"carbon: {c['intensity_g_per_kwh']:.0f} gCO2e/kWh ({c['region']}; {c['intensity_source']}), PUE {c['pue']:.2f}\n")
+    i = summary.get("intensity")
+    if i and i["hours"]:
+        w(f"per request: {i['energy_weighted_g_per_kwh']:.0f} gCO2e/kWh energy-weighted over {i['hours']} hour(s) from {', '.join(i['providers'])} ({', '.join(i['zones'])}), basis {', '.join(i['basis'])}")
+        w(f"; market-based {i['co2e_market_g']:.4g} g at {i['market_g_per_kwh']:g} g/kWh\n" if i["market_g_per_kwh"] else "\n")
+    for dev, d in summary["devices"].items():
+        m = d.get("model")
+        fit = f", fit r2 {m['r2']:.2f} over {m['rows']} readings" if m else ""
+        if m and m.get("family"):
+            fit += (f"\n  step model {m['family']} (held-out error {m['cv_error'] * 100:.1f} %, r2 {m['cv_r2']:.2f}: {m['why']});"
+                    f" window {d.get('window_s', float('nan')):.3g} s; quality {d.get('quality') or '-'}")
+        w(f"{dev}: {d['method']} via {d['sensor']}, idle {d['idle_w']:.1f} W ({d['idle_source']}){fit}\n")
+    w(f"{'route':<28}{'requests':>9}{'energy J':>12}{'J/1k req':>12}{'gCO2e':>10}{'g/1k req':>10}\n")
+    for route, d in sorted(summary["routes"].items()):
+        w(f"{route[:27]:<28}{d['requests']:>9}{d['energy_j']:>12.2f}{d['energy_j_per_1k']:>12.1f}{d['co2e_g']:>10.4f}{d['co2e_g_per_1k']:>10.3f}\n")

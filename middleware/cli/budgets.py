@@ -1,0 +1,51 @@
+"""``wattspan report --budgets`` and the budget / deferral wrapper of ``wattspan proxy``."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from .common import UsageError
+
+__all__ = ["budget_wrapper", "report_budgets"]
+
+
+def report_budgets(args) -> int:
+    """``wattspan report --budgets FILE``: each budget's spend, KPIs and burn (issue 11)."""
+    from ..budgets import BudgetConfig, BudgetConfigError, budget_status, format_status, load_budgets
+
+    try:
+        cfg = load_budgets(args.budgets)
+    except BudgetConfigError as exc:
+        raise UsageError(str(exc)) from None
+    if cfg.source == "ledger":  # the report's --db is the ledger to read
+        cfg = BudgetConfig(cfg.budgets, "ledger", str(args.db), cfg.prometheus_url, cfg.refresh_s)
+    st = budget_status(cfg)
+    if args.format == "json":
+        print(json.dumps({"budgets": [s.to_dict() for s in st]}, indent=2))
+    else:
+        sys.stdout.write("\ncarbon budgets (" + cfg.source + ")\n" + format_status(st))
+    return 0
+
+
+def budget_wrapper(args):
+    """``wattspan proxy --budgets FILE`` / ``--defer-path PATH``: wrap the metering proxy in a
+    BudgetMiddleware and/or a DeferralMiddleware (one queue for both); None when neither is asked."""
+    budgets, paths = getattr(args, "budgets", None), getattr(args, "defer_paths", None)
+    if budgets is None and not paths:
+        return None
+    from ..budgets import BudgetConfigError, BudgetMiddleware
+    from ..deferral import DeferralMiddleware, DeferralQueue
+
+    def wrap(app):
+        try:
+            queue = DeferralQueue(zone=args.region)
+            if paths:
+                app = DeferralMiddleware(app, queue=queue, paths=tuple(paths))
+            if budgets is not None:
+                app = BudgetMiddleware(app, budgets=budgets, deferral=queue)
+            return app
+        except (BudgetConfigError, ValueError) as exc:
+            raise UsageError(str(exc)) from None
+
+    return wrap

@@ -1,0 +1,193 @@
+"""The ``wattspan`` command line.
+
+Every option can also come from an environment variable ``WATTSPAN_<OPTION>``
+(``--region`` from ``WATTSPAN_REGION``); a flag on the command line wins.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from .common import UsageError, carbon_model_from_args, carbon_options, need
+
+__all__ = ["main"]
+
+
+def _apply_env_defaults(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> None:
+    """Let ``WATTSPAN_<DEST>`` set the default of the options of the subcommand being run
+    (the first word of ``argv`` that names one), and of no other; a value the option's
+    type refuses ends in a usage error naming the variable, the value and the option."""
+    words = sys.argv[1:] if argv is None else list(argv)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            chosen = next((w for w in words if w in action.choices), None)
+            if chosen is not None:
+                _apply_env_defaults(action.choices[chosen], [])
+        elif action.option_strings and action.dest != "help":
+            env = "WATTSPAN_" + action.dest.upper()
+            if env in os.environ and action.nargs in (None, "?") and not isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse._AppendAction)):
+                raw = os.environ[env]
+                try:
+                    action.default = action.type(raw) if callable(action.type) else raw
+                except (TypeError, ValueError, argparse.ArgumentTypeError):
+                    what = getattr(action.type, "__name__", "a valid value")
+                    parser.error(f"{env}={raw!r} is not valid for {action.option_strings[-1]} (expects {what})")
+                if action.choices is not None and action.default not in action.choices:
+                    parser.error(f"{env}={raw!r} is not valid for {action.option_strings[-1]} (choose from {', '.join(map(str, action.choices))})")
+                action.required = False
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="wattspan", description="Per-request energy and CO2e for AI inference servers.")
+    p.add_argument("--version", action="version", version=f"wattspan {_version()}")
+    p.add_argument("--log-level", default=None, help="wattspan's log level: DEBUG, INFO, WARNING (default), ERROR")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    a = sub.add_parser("attribute", help="apportion a recorded power trace to requests (offline, reproducible)")
+    a.add_argument("--trace", required=True, type=Path, help="CSV: time_ns,gpu,power_w[,energy_j]")
+    a.add_argument("--requests", required=True, type=Path, help="JSONL: id,start_ns,end_ns,gpu[,route,model,tenant,prompt_tokens,output_tokens]")
+    a.add_argument("--batches", type=Path, default=None, help="JSONL: start_ns,end_ns,gpu,requests{id:tokens} (enables batch-fit)")
+    a.add_argument("--out", type=Path, default=None, help="write one JSON line per request here (default: stdout)")
+    a.add_argument("--summary", type=Path, default=None, help="also write the summary as JSON here")
+    a.add_argument("--idle", default="estimate", help="idle baseline in watts, or 'estimate' (default)")
+    a.add_argument("--power-kind", choices=["instant", "average"], default="instant", help="what power_w is: an instant reading (default) or an average over --power-window-s")
+    a.add_argument("--power-window-s", type=float, default=1.0, help="averaging window of power_w when --power-kind average (default 1.0 s)")
+    carbon_options(a)
+
+    d = sub.add_parser("demo", help="serve a real model on the CPU, meter it, drive a short load, print per-endpoint energy and CO2e")
+    d.add_argument("--embeddings", type=int, default=48, help="embedding requests to send (default 48)")
+    d.add_argument("--completions", type=int, default=24, help="streaming completion requests to send (default 24)")
+    d.add_argument("--concurrency", type=int, default=8, help="requests in flight at once (default 8)")
+    d.add_argument("--region", default="world", help="grid region for CO2e (default: world)")
+    d.add_argument("--db", type=Path, default=Path("wattspan.sqlite"), help="ledger file (default ./wattspan.sqlite)")
+    d.add_argument("--serve", action="store_true", help="keep serving after the load (Ctrl-C to stop)")
+    d.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default: a free one)")
+    d.add_argument("--seed", type=int, default=0, help="seed of the load: the same seed sends the same requests (default 0)")
+    d.add_argument("--repeat", type=int, default=3, help="send the same load this many times and show the spread per endpoint (default 3)")
+
+    r = sub.add_parser("report", help="per-endpoint and per-tenant energy and CO2e from the ledger")
+    r.add_argument("--db", type=Path, default=Path("wattspan.sqlite"), help="ledger file (default ./wattspan.sqlite)")
+    r.add_argument("--by", default="route", help="route (default), tenant, model, device, http_method or run_id")
+    r.add_argument("--format", default="table", choices=["table", "csv", "json"])
+    r.add_argument("--since-s", type=float, default=None, help="only the last N seconds")
+    r.add_argument("--budgets", type=Path, default=None, help="also show these carbon budgets: spent, limit, KPIs, when they run out (budget file, JSON or TOML)")
+    r.add_argument("--id", default=None, help="one request's final figures, by its id (the x-wattspan-request-id header)")
+
+    x = sub.add_parser("proxy", help="a metering proxy in front of an OpenAI-compatible server (vllm serve, ...)")
+    x.add_argument("--upstream", required=True, help="the server to forward /v1/* to, e.g. http://127.0.0.1:8000")
+    x.add_argument("--host", default="127.0.0.1")
+    x.add_argument("--port", type=int, default=8080)
+    x.add_argument("--device", default="gpu0", help="the accelerator the upstream serves on (default gpu0), or its device group, e.g. gpu0,gpu1,gpu2,gpu3 for tensor parallel 4")
+    x.add_argument("--timeout-s", type=float, default=600.0)
+    x.add_argument("--max-body-bytes", type=int, default=8 << 20)
+    x.add_argument("--steps-listen", default=None, help="host:port or unix:/path where the vLLM hook in the upstream sends its batch steps")
+    x.add_argument("--no-include-usage", action="store_true", help="do not ask a streaming upstream for usage (for servers that reject stream_options)")
+    x.add_argument("--budgets", type=Path, default=None, help="enforce the carbon budgets in this file (JSON or TOML): observe, warn, reject (429), defer")
+    x.add_argument("--db", type=Path, default=None, help="append every request's final record to this ledger file, for `wattspan report` (default: none)")
+    x.add_argument("--request-id-header", default="x-wattspan-request-id", help="response header returning wattspan's request id (default x-wattspan-request-id; 'none' for none)")
+    x.add_argument("--tenant-header", default="x-tenant-id", help="request header naming the tenant (default x-tenant-id)")
+    x.add_argument("--no-tenant-from-key", action="store_true", help="without a tenant header, do not label the request by a hash of its API key")
+    x.add_argument("--model-header", default="x-model", help="request header naming the model when the body names none (default x-model)")
+    x.add_argument("--no-usage-energy", action="store_true", help="do not add the provisional energy_j / co2e_g to responses' usage")
+    x.add_argument("--no-records-endpoint", action="store_true", help="do not serve GET /wattspan/requests/{id}")
+    x.add_argument("--defer-path", dest="defer_paths", action="append", default=None, metavar="PATH",
+                   help="queue POSTs to PATH that carry x-wattspan-deadline-s for the cleanest hour before it (repeatable; zone: --region)")
+    x.add_argument("--region", default="world", help="grid region the deferral queue plans for (default: world)")
+
+    from .apps import add_arguments as _add_run_audit_dashboard
+
+    _add_run_audit_dashboard(sub, carbon_options)
+    b = sub.add_parser("bench", help="on demand or in batches? energy and CO2e per call, projected to a million calls")
+    from ..bench import add_bench_arguments
+
+    add_bench_arguments(b)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _build_parser()
+    _apply_env_defaults(parser, argv)
+    args = parser.parse_args(argv)
+    from ..logs import setup_logging
+
+    setup_logging(args.log_level)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        if args.command == "attribute":
+            from .attribute import cmd_attribute
+
+            return cmd_attribute(args)
+        if args.command == "demo":
+            need("fastapi", "uvicorn", "httpx", "torch", "tqdm", extra="demo")
+            from ..demo.run import run_demo
+
+            for name in ("embeddings", "completions", "concurrency", "repeat"):
+                if int(getattr(args, name)) < 0 or int(getattr(args, name)) > 100_000:
+                    raise UsageError(f"--{name} must be between 0 and 100000")
+            return run_demo(embeds=int(args.embeddings), completions=int(args.completions), concurrency=max(1, int(args.concurrency)), region=args.region, db=args.db, serve=args.serve, port=int(args.port), seed=int(args.seed), repeat=max(1, int(args.repeat)))
+        if args.command == "bench":
+            need("httpx", "tqdm", "matplotlib", extra="bench")
+            from ..bench import run_bench
+
+            return run_bench(args)
+        if args.command == "proxy":
+            need("httpx", "uvicorn", "starlette", extra="serve")
+            from wattspan.integrations.openai_proxy import run_proxy
+
+            rid_header = None if str(args.request_id_header).strip().lower() in ("", "none", "off") else args.request_id_header
+            from ..errors import InputError
+
+            options = dict(
+                device=args.device, timeout_s=float(args.timeout_s), max_body_bytes=int(args.max_body_bytes),
+                include_usage=not args.no_include_usage, steps_listen=args.steps_listen, ledger=args.db,
+                request_id_header=rid_header, tenant=args.tenant_header, tenant_from_key=not args.no_tenant_from_key,
+                model_header=args.model_header, usage_energy=not args.no_usage_energy, records_endpoint=not args.no_records_endpoint,
+            )
+            try:
+                run_proxy(args.upstream, host=args.host, port=int(args.port), wrap=_budget_wrapper(args), **options)
+            except (ValueError, InputError) as exc:
+                raise UsageError(str(exc)) from None
+            return 0
+        if args.command in ("run", "audit", "dashboard"):
+            from .apps import dispatch
+
+            return dispatch(args, carbon_model_from_args, UsageError, need)
+        if args.command == "report":
+            if args.id is not None:
+                from .report import cmd_report_id
+
+                return cmd_report_id(args)
+            from .report import run_report
+
+            rc = run_report(args.db, by=args.by, fmt=args.format, since_s=args.since_s)
+            if getattr(args, "budgets", None) is not None and rc == 0:
+                from .budgets import report_budgets
+
+                return report_budgets(args)
+            return rc
+    except UsageError as exc:
+        print(f"wattspan: error: {exc}", file=sys.stderr)
+        return 2
+    parser.error(f"unknown command {args.command!r}")
+    return 2
+
+
+def _budget_wrapper(args):
+    from .budgets import budget_wrapper
+
+    return budget_wrapper(args)
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,155 @@
+"""``wattspan report``: what the ledger says requests cost, per endpoint and per tenant."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sqlite3
+import sys
+import time
+from pathlib import Path
+from typing import TextIO
+
+from ..export.ledger import GROUP_BY, aggregate
+from ..errors import InputError
+from .common import UsageError
+
+__all__ = ["FORMATS", "cmd_report_id", "run_report"]
+
+FORMATS = ("table", "csv", "json")
+BANNER = "SIMULATED power (no sensor): these figures come from wattspan's simulated source, not a measurement"
+# (aggregate key, table header with its unit, significant digits); CSV/JSON use the keys,
+# whose suffixes are the units: _j joules, _g grams CO2e, _per_1k per 1000 requests, _s seconds.
+_TABLE = (
+    ("requests", "requests", 0),
+    ("energy_j", "energy J", 4),
+    ("dynamic_j", "dynamic J", 4),
+    ("idle_j", "idle J", 4),
+    ("host_j", "host J", 4),
+    ("energy_j_per_1k", "J / 1k req", 4),
+    ("co2e_g", "gCO2e", 3),
+    ("co2e_g_per_1k", "gCO2e / 1k req", 3),
+    ("mean_duration_s", "mean latency s", 3),
+)
+
+
+def run_report(db: Path, *, by: str = "route", fmt: str = "table", since_s: float | None = None,
+               out: TextIO | None = None) -> int:
+    """Print the ledger at ``db`` grouped by ``by``; return an exit status (0 ok, 2 bad input).
+
+    ``fmt="table"``: aligned tables for people (by ``by``; with ``by="route"`` also by
+    tenant). ``"csv"`` / ``"json"``: the aggregate rows for ``by``, full precision.
+    ``since_s``: only records from the last ``since_s`` seconds. ``out``: default stdout;
+    problems and, for csv/json, the simulated-power warning go to stderr.
+    """
+    out = sys.stdout if out is None else out
+    err = sys.stderr
+    if by not in GROUP_BY:
+        print(f"wattspan report: cannot group by {by!r}; choose one of {', '.join(GROUP_BY)}", file=err)
+        return 2
+    if fmt not in FORMATS:
+        print(f"wattspan report: unknown format {fmt!r}; choose one of {', '.join(FORMATS)}", file=err)
+        return 2
+    if since_s is not None and not (isinstance(since_s, (int, float)) and math.isfinite(since_s) and since_s > 0):
+        print(f"wattspan report: --since must be a number of seconds > 0, got {since_s!r}", file=err)
+        return 2
+    since = None if since_s is None else time.time() - since_s
+    try:
+        tables = [(b, aggregate(db, b, since=since)) for b in ((by, "tenant") if by == "route" and fmt == "table" else (by,))]
+    except FileNotFoundError as exc:
+        print(f"wattspan report: {exc}", file=err)
+        return 2
+    except (InputError, sqlite3.Error) as exc:
+        print(f"wattspan report: cannot read {db}: {exc}", file=err)
+        return 2
+
+    rows = tables[0][1]
+    simulated = any(r["simulated"] for r in rows)
+    if fmt == "json":
+        json.dump(rows, out, indent=2)
+        out.write("\n")
+    elif fmt == "csv":
+        w = csv.writer(out, lineterminator="\n")
+        w.writerow([by, *(k for k, _, _ in _TABLE), "simulated", "methods"])
+        for r in rows:
+            w.writerow([r[by], *(r[k] for k, _, _ in _TABLE), str(r["simulated"]).lower(), ";".join(r["methods"])])
+    else:
+        _print_tables(db, tables, since_s, simulated, out)
+    if simulated and fmt != "table":
+        print(f"wattspan report: {BANNER}", file=err)
+    return 0
+
+
+def _print_tables(db: Path, tables: list[tuple[str, list[dict]]], since_s, simulated: bool, out: TextIO) -> None:
+    rows = tables[0][1]
+    n = sum(r["requests"] for r in rows)
+    window = "" if since_s is None else f" in the last {since_s:g} s"
+    if simulated:
+        bar = "!" * (len(BANNER) + 4)
+        out.write(f"{bar}\n! {BANNER} !\n{bar}\n")
+    if not n:
+        out.write(f"ledger {db}: no requests recorded{window}\n")
+        return
+    energy, co2e = sum(r["energy_j"] for r in rows), sum(r["co2e_g"] for r in rows)
+    out.write(f"ledger {db}: {n} requests{window}, {_num(energy, 4)} J ({_num(energy / 3600, 4)} Wh), "
+              f"{_num(co2e, 3)} gCO2e\n")
+    for by, rows in tables:
+        header = [by, *(h for _, h, _ in _TABLE), "method"]
+        cols = [[r[by] or "(none)" for r in rows], *(_column([r[k] for r in rows], d) for k, _, d in _TABLE),
+                [",".join(r["methods"]) + (" SIMULATED" if r["simulated"] else "") for r in rows]]
+        body = list(zip(*cols))
+        widths = [max(len(c) for c in col) for col in zip(header, *body)]
+        out.write(f"\nby {by}\n")
+        for line in (header, *body):
+            cells = [c.ljust(w) if i in (0, len(line) - 1) else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))]
+            out.write("  ".join(cells).rstrip() + "\n")
+
+
+def _decimals(x: float, sig: int) -> int:
+    """Decimals that show ``x`` to ``sig`` significant digits (0 for integers, at most 9)."""
+    if sig == 0 or x == 0 or not math.isfinite(x):
+        return 0
+    return max(0, min(9, sig - 1 - math.floor(math.log10(abs(x)))))
+
+
+def _num(x: float, sig: int) -> str:
+    return f"{x:,.{_decimals(x, sig)}f}"
+
+
+def _column(values: list, sig: int) -> list[str]:
+    """One column, every cell with the decimals its largest value needs for ``sig`` digits."""
+    d = _decimals(max((abs(v) for v in values), default=0.0), sig)
+    return [f"{v:,.{d}f}" for v in values]
+
+
+def cmd_report_id(args) -> int:
+    """``wattspan report --id ID``: one request's final record from the ledger."""
+    from ..export.ledger import find
+    from ..errors import InputError
+
+    try:
+        rec = find(args.db, args.id)
+    except (FileNotFoundError, InputError) as exc:
+        raise UsageError(str(exc)) from None
+    if rec is None:
+        print(f"wattspan: no request {args.id!r} in {args.db} (not final yet? records reach the ledger a second or so after the response)", file=sys.stderr)
+        return 1
+    rec["duration_s"] = (rec["end_ns"] - rec["start_ns"]) / 1e9
+    rec["trace_id"], rec["span_id"] = f"{rec['trace_id']:032x}", f"{rec['span_id']:016x}"
+    if args.format == "json":
+        print(json.dumps(rec, indent=2))
+    elif args.format == "csv":
+        import csv
+
+        w = csv.DictWriter(sys.stdout, fieldnames=list(rec))
+        w.writeheader()
+        w.writerow(rec)
+    else:
+        flag = "  [SIMULATED power: no sensor]" if rec["simulated"] else ""
+        print(f"request {rec['id']}: {rec['energy_j']:.4g} J, {rec['co2e_g']:.4g} gCO2e{flag}")
+        for k in ("dynamic_j", "idle_j", "host_j", "embodied_g", "device_s", "duration_s", "method", "sensor", "coverage",
+                  "device", "route", "model", "tenant", "status_code", "prompt_tokens", "output_tokens", "run_id"):
+            v = rec[k]
+            print(f"  {k:<14}{v:.6g}" if isinstance(v, float) else f"  {k:<14}{v}")
+    return 0

@@ -1,0 +1,192 @@
+"""The ledger's file format (SQLite, schema versioned) and its read side.
+
+Readers open the file read-only, from any process, while a server writes to it.
+Public through :mod:`wattspan.export.ledger`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sqlite3
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from ...errors import InputError
+
+__all__ = ["GROUP_BY", "SCHEMA_VERSION", "aggregate", "find", "query"]
+
+SCHEMA_VERSION = 1
+_APP_ID = 0x57415453  # "WATS": marks the file as a wattspan ledger
+# One column per RequestRecord field (tests check they match). trace_id/span_id are
+# 128/64-bit: stored as hex text, as OpenTelemetry writes them.
+_FIELDS = (
+    ("id", "TEXT"), ("device", "TEXT"), ("start_ns", "INTEGER"), ("end_ns", "INTEGER"),
+    ("energy_j", "REAL"), ("dynamic_j", "REAL"), ("idle_j", "REAL"), ("device_s", "REAL"),
+    ("co2e_g", "REAL"), ("embodied_g", "REAL"), ("method", "TEXT"), ("sensor", "TEXT"),
+    ("coverage", "REAL"), ("simulated", "INTEGER"), ("route", "TEXT"), ("http_method", "TEXT"),
+    ("status_code", "INTEGER"), ("model", "TEXT"), ("tenant", "TEXT"), ("prompt_tokens", "INTEGER"),
+    ("output_tokens", "INTEGER"), ("trace_id", "TEXT"), ("span_id", "TEXT"), ("host_j", "REAL"),
+    # added after schema 1 shipped (older files gain them on open; readers fill in defaults):
+    # the error band and quality flag, and which intensity each record used
+    ("energy_j_low", "REAL"), ("energy_j_high", "REAL"), ("co2e_g_low", "REAL"), ("co2e_g_high", "REAL"),
+    ("quality", "TEXT"),
+    ("intensity_g_per_kwh", "REAL"), ("intensity_provider", "TEXT"), ("intensity_zone", "TEXT"),
+    ("intensity_hour", "TEXT"), ("intensity_basis", "TEXT"), ("market_g_per_kwh", "REAL"),
+    ("co2e_market_g", "REAL"), ("marginal_g_per_kwh", "REAL"), ("co2e_marginal_g", "REAL"),
+)
+#: columns added after schema 1 shipped: ``ALTER TABLE ... ADD COLUMN`` with this default
+_ADDED = {n: ("''" if t == "TEXT" else "0") for n, t in _FIELDS[_FIELDS.index(("host_j", "REAL")) + 1:]}
+NAMES = tuple(n for n, _ in _FIELDS)
+COLUMNS = (*NAMES, "recorded_at", "run_id")
+_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS requests ("
+    + ", ".join(f"{n} {t} NOT NULL" for n, t in _FIELDS)
+    + ", recorded_at REAL NOT NULL, run_id TEXT NOT NULL)",
+    "CREATE INDEX IF NOT EXISTS requests_recorded_at ON requests (recorded_at)",
+    "CREATE INDEX IF NOT EXISTS requests_route ON requests (route)",
+    "CREATE INDEX IF NOT EXISTS requests_tenant ON requests (tenant)",
+)
+INSERT = f"INSERT INTO requests ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
+GROUP_BY = ("route", "tenant", "model", "device", "http_method", "run_id")
+
+
+def create_schema(conn: sqlite3.Connection, path: Path) -> None:
+    """Create the table and indexes in an empty file (autocommit ``conn``); on an existing
+    ledger, add the columns it lacks (see ``_ADDED``)."""
+    if schema_version(conn, path):
+        upgrade_schema(conn)
+        return
+    conn.execute("PRAGMA auto_vacuum=INCREMENTAL")  # takes only before the first table: lets retention shrink the file
+    conn.execute("BEGIN IMMEDIATE")  # on failure the caller closes conn, which rolls back
+    if schema_version(conn, path) == 0:  # another process may have won the race
+        for stmt in _SCHEMA:
+            conn.execute(stmt)
+        conn.execute(f"PRAGMA application_id={_APP_ID}")
+        conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+    conn.execute("COMMIT")
+
+
+def _present(conn: sqlite3.Connection) -> set[str]:
+    return {r[1] for r in conn.execute("PRAGMA table_info(requests)")}
+
+
+def upgrade_schema(conn: sqlite3.Connection) -> None:
+    """Add the columns a file written by an older wattspan lacks (autocommit ``conn``)."""
+    missing = [n for n in _ADDED if n not in _present(conn)]
+    for n in missing:
+        t = dict(_FIELDS)[n]
+        try:
+            conn.execute(f"ALTER TABLE requests ADD COLUMN {n} {t} NOT NULL DEFAULT {_ADDED[n]}")
+        except sqlite3.OperationalError as exc:
+            if "duplicate column" not in str(exc):  # another process added it first
+                raise
+
+
+def _select(conn: sqlite3.Connection) -> str:
+    """The select list: an older file's missing columns read as their defaults."""
+    have = _present(conn)
+    return ", ".join(c if (c in have or c not in _ADDED) else f"{_ADDED[c]} AS {c}" for c in COLUMNS)
+
+
+def query(path: str | os.PathLike[str], *, since: float | None = None, until: float | None = None,
+          run_id: str | None = None) -> list[dict[str, Any]]:
+    """Records with ``since <= recorded_at < until`` (unix seconds), oldest first.
+
+    Each dict has the RequestRecord fields (same types: ``RequestRecord(**{f: d[f] ...})``
+    rebuilds it) plus ``recorded_at`` and ``run_id``.
+    """
+    where, args = _where(since, until, run_id)
+    with _reading(path) as conn:
+        if conn is None:
+            return []
+        rows = conn.execute(f"SELECT {_select(conn)} FROM requests{where} ORDER BY recorded_at, rowid", args)
+        return [_as_dict(r) for r in rows]
+
+
+def _as_dict(row: tuple[Any, ...]) -> dict[str, Any]:
+    """A row of :data:`COLUMNS` as the dict :func:`query` gives (flags as bool, ids as ints)."""
+    d = dict(zip(COLUMNS, row))
+    d["simulated"], d["trace_id"], d["span_id"] = bool(d["simulated"]), int(d["trace_id"], 16), int(d["span_id"], 16)
+    return d
+
+
+def find(path: str | os.PathLike[str], request_id: str) -> dict[str, Any] | None:
+    """The newest record with this ``id`` (a dict as :func:`query` gives), or ``None``."""
+    with _reading(path) as conn:
+        if conn is None:
+            return None
+        # an older file's missing columns read as their defaults, as in query()
+        row = conn.execute(f"SELECT {_select(conn)} FROM requests WHERE id = ? ORDER BY rowid DESC LIMIT 1", (str(request_id),)).fetchone()
+    return None if row is None else _as_dict(row)
+
+
+def aggregate(path: str | os.PathLike[str], by: str = "route", *, since: float | None = None,
+              until: float | None = None) -> list[dict[str, Any]]:
+    """Totals per value of ``by`` (one of :data:`GROUP_BY`), most energy first.
+
+    Each row: ``{by: value, requests, energy_j, dynamic_j, idle_j, host_j, co2e_g,
+    energy_j_per_1k, co2e_g_per_1k`` (per 1000 requests), ``mean_duration_s``,
+    ``simulated`` (any record simulated), ``methods`` (sorted list)``}``.
+    """
+    if by not in GROUP_BY:
+        raise ValueError(f"cannot aggregate by {by!r}: choose one of {', '.join(GROUP_BY)}")
+    where, args = _where(since, until, None)
+    sql = (f"SELECT {by}, COUNT(*), SUM(energy_j), SUM(dynamic_j), SUM(idle_j), SUM(host_j), SUM(co2e_g), "  # by is whitelisted
+           f"AVG((end_ns - start_ns) / 1e9), MAX(simulated), GROUP_CONCAT(DISTINCT method) "
+           f"FROM requests{where} GROUP BY {by} ORDER BY SUM(energy_j) DESC, {by}")
+    with _reading(path) as conn:
+        rows = [] if conn is None else conn.execute(sql, args).fetchall()
+    return [
+        {by: key, "requests": n, "energy_j": e, "dynamic_j": dyn, "idle_j": idle, "host_j": host, "co2e_g": c,
+         "energy_j_per_1k": e / n * 1000, "co2e_g_per_1k": c / n * 1000, "mean_duration_s": dur,
+         "simulated": bool(sim), "methods": sorted(m for m in (methods or "").split(",") if m)}
+        for key, n, e, dyn, idle, host, c, dur, sim, methods in rows
+    ]
+
+
+def _where(since: float | None, until: float | None, run_id: str | None) -> tuple[str, list[float | str]]:
+    terms: list[str] = []
+    args: list[float | str] = []
+    for name, value, op in (("since", since, ">="), ("until", until, "<")):
+        if value is not None:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be unix seconds (a finite number), got {value!r}")
+            terms.append(f"recorded_at {op} ?")
+            args.append(float(value))
+    if run_id is not None:
+        terms.append("run_id = ?")
+        args.append(str(run_id))
+    return (" WHERE " + " AND ".join(terms)) if terms else "", args
+
+
+@contextmanager
+def _reading(path: str | os.PathLike[str]) -> Iterator[sqlite3.Connection | None]:
+    """A read-only connection, or None for a file with no ledger table yet."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no wattspan ledger at {path} (is the path right? has a server written to it yet?)")
+    conn = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True)
+    try:
+        yield conn if schema_version(conn, path) else None
+    finally:
+        conn.close()
+
+
+def schema_version(conn: sqlite3.Connection, path: Path) -> int:
+    """The ledger schema version of ``conn``'s file (0: empty file); refuse foreign or newer files."""
+    try:
+        app = conn.execute("PRAGMA application_id").fetchone()[0]
+        version: int = conn.execute("PRAGMA user_version").fetchone()[0]
+        tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+    except sqlite3.DatabaseError as exc:
+        if isinstance(exc, sqlite3.OperationalError):  # I/O, locking: the caller retries
+            raise
+        raise InputError(path, 0, f"is not a wattspan ledger ({exc}); give a new path or remove the file") from None
+    if app != _APP_ID and (app or version or tables):
+        raise InputError(path, 0, "is a SQLite database but not a wattspan ledger; give a new path")
+    if version > SCHEMA_VERSION:
+        raise InputError(path, 0, f"ledger schema version {version} is newer than this wattspan reads "
+                                  f"({SCHEMA_VERSION}); upgrade wattspan, or give a new path")
+    return version

@@ -1,0 +1,303 @@
+"""A durable local record of every request's cost: one SQLite file, appended across restarts.
+
+``Ledger(path).write(records)`` hands :class:`~wattspan.RequestRecord` s to one
+writer thread that commits them in batches; the caller never waits for the disk.
+When the disk misbehaves (full, read-only, file deleted) the writer logs, counts
+``errors``, keeps the records in memory (up to ``max_queue``) and retries; when
+the queue is full the overflow is counted in ``dropped`` and logged. A record the
+database refuses (an integer beyond 64 bits, a NaN in a NOT NULL column) is not a
+disk problem: it is stored with the offending values clipped (integers into the
+64-bit range, non-finite numbers as 0), counted in ``sanitized`` and logged, and
+never holds back the records after it. Nothing is lost without a count and a log line.
+
+The read side (:func:`query`, :func:`aggregate`, or the same methods on a
+``Ledger``) opens the file read-only, from any process, while a server writes.
+Times in the file are ``recorded_at``: unix seconds (wall clock) when the record
+was handed to :meth:`Ledger.write`; a *run* is one ``Ledger`` lifetime (``run_id``).
+"""
+
+from __future__ import annotations
+
+import atexit
+import math
+import os
+import sqlite3
+import threading
+import time
+import uuid
+from collections import deque
+from itertools import islice
+from operator import attrgetter
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from ...logs import LogOnce, get_logger
+from ...meter.sinks import DeviceFigures
+from ...records import RequestRecord
+from .schema import GROUP_BY, INSERT, NAMES, SCHEMA_VERSION, aggregate, create_schema, query
+
+__all__ = ["Ledger", "query", "aggregate", "GROUP_BY", "SCHEMA_VERSION"]
+
+_Row = tuple[Any, ...]  # one requests-table row, in the order of the INSERT
+log = get_logger(__name__)
+
+_GET = attrgetter(*NAMES)
+_SIM, _TRACE, _SPAN = (NAMES.index(n) for n in ("simulated", "trace_id", "span_id"))
+_BATCH = 2000  # rows per transaction
+_RETRY_S = (0.05, 2.0)  # first and longest wait between attempts on a failing disk
+_PRUNE_EVERY_S = 3600.0
+_LOG_EVERY_S = 60.0  # at most one log line per kind of trouble per minute
+_I64 = (-(2**63), 2**63 - 1)
+# what a bad value (not a bad disk) raises from sqlite3's executemany
+_DATA_ERRORS = (OverflowError, ValueError, TypeError, sqlite3.IntegrityError, sqlite3.InterfaceError, sqlite3.DataError)
+
+
+class Ledger:
+    """Append :class:`RequestRecord` s to the SQLite file at ``path`` from a writer thread.
+
+    ``max_queue``: records held in memory, waiting for the disk, before new ones are
+    dropped (counted). ``retention_days``: delete records older than this, on open and
+    hourly (``None`` keeps everything). ``run_id``: this run's id (default: a uuid4 hex).
+
+    Raises :class:`~wattspan.InputError` at construction if the file is not a wattspan
+    ledger or was written by a newer wattspan. I/O trouble never raises: it is logged,
+    counted in ``stats()["errors"]`` and retried.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, max_queue: int = 100_000,
+                 retention_days: float | None = None, run_id: str | None = None) -> None:
+        if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 1:
+            raise ValueError(f"max_queue must be an int >= 1 (records held in memory), got {max_queue!r}")
+        if retention_days is not None and not (math.isfinite(retention_days) and retention_days > 0):
+            raise ValueError(f"retention_days must be > 0 days, or None to keep everything; got {retention_days!r}")
+        self.path = Path(path)
+        self.run_id = run_id or uuid.uuid4().hex
+        self.max_queue, self.retention_days = max_queue, retention_days
+        self._pending: deque[_Row] = deque()  # committed rows leave it only after COMMIT
+        self._cv = threading.Condition()
+        self._written = self._dropped = self._errors = self._sanitized = 0
+        self._closing, self._deadline = False, math.inf
+        self._conn: sqlite3.Connection | None = None
+        self._inode: tuple[int, int] | None = None
+        self._next_prune = math.inf if retention_days is None else 0.0
+        self._once = LogOnce(log, every_s=_LOG_EVERY_S)  # per kind of trouble
+        try:  # open now, so a foreign or too-new file is refused here, not in a log line
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._connection()
+            self._prune_if_due()
+        except (OSError, sqlite3.Error) as exc:
+            self._failed(exc)
+        self._thread = threading.Thread(target=self._run, name=f"wattspan-ledger-{self.path.name}", daemon=True)
+        self._thread.start()
+        atexit.register(self.close)
+
+    # -- caller side: never waits for the disk -----------------------------------------
+    def write(self, records: Iterable[RequestRecord]) -> None:
+        """Queue ``records`` for the writer thread; returns at once.
+
+        Raises ``TypeError`` (before queueing any) if an item is not a RequestRecord.
+        """
+        now = time.time()
+        rows = [self._row(r, now) for r in records]
+        with self._cv:
+            room = 0 if self._closing else max(0, self.max_queue - len(self._pending))
+            self._pending.extend(rows[:room])
+            lost = max(0, len(rows) - room)
+            self._dropped += lost
+            self._cv.notify_all()
+            dropped, queued = self._dropped, len(self._pending)
+        if lost:
+            why = "closed" if self._closing else f"queue full ({queued} records waiting for the disk)"
+            self._warn("drop", "wattspan ledger %s: %s; dropped %d records (%d in all)", self.path, why, lost, dropped)
+
+    def on_records(self, records: Sequence[RequestRecord]) -> None:
+        """RecordSink: queue a meter pass's final records (see :meth:`write`)."""
+        self.write(records)
+
+    def on_device(self, figures: DeviceFigures) -> None:
+        """RecordSink: the ledger keeps records only."""
+
+    def flush(self, timeout: float | None = 5.0) -> bool:
+        """Wait until every queued record is committed; False if ``timeout`` (s) passed first."""
+        with self._cv:
+            return self._cv.wait_for(lambda: not self._pending, timeout)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Commit what is queued (trying for up to ``timeout`` s), then stop. Idempotent."""
+        with self._cv:
+            if not self._closing:
+                self._closing, self._deadline = True, time.monotonic() + timeout
+            self._cv.notify_all()
+        if self._thread is not threading.current_thread():
+            self._thread.join()
+        atexit.unregister(self.close)
+
+    def stats(self) -> dict[str, int]:
+        """Counts since open: ``written`` (committed), ``dropped``, ``errors`` (failed attempts), ``queued``,
+        ``sanitized`` (records stored with out-of-range values clipped)."""
+        with self._cv:
+            return {"written": self._written, "dropped": self._dropped, "errors": self._errors, "queued": len(self._pending),
+                    "sanitized": self._sanitized}
+
+    def query(self, *, since: float | None = None, until: float | None = None, run_id: str | None = None) -> list[dict[str, Any]]:
+        """Committed records (see :func:`query`); call :meth:`flush` first to include queued ones."""
+        return query(self.path, since=since, until=until, run_id=run_id)
+
+    def aggregate(self, by: str = "route", *, since: float | None = None, until: float | None = None) -> list[dict[str, Any]]:
+        """Committed totals per ``by`` (see :func:`aggregate`)."""
+        return aggregate(self.path, by, since=since, until=until)
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- writer thread -------------------------------------------------------------------
+    def _row(self, rec: RequestRecord, now: float) -> _Row:
+        if not isinstance(rec, RequestRecord):
+            raise TypeError(f"Ledger.write takes RequestRecord objects, got {type(rec).__name__}")
+        v = list(_GET(rec))
+        v[_SIM], v[_TRACE], v[_SPAN] = int(v[_SIM]), f"{v[_TRACE]:032x}", f"{v[_SPAN]:016x}"
+        return (*v, now, self.run_id)
+
+    def _run(self) -> None:
+        wait = _RETRY_S[0]
+        while True:
+            with self._cv:
+                while not (self._pending or self._closing or time.monotonic() >= self._next_prune):
+                    self._cv.wait(min(self._next_prune - time.monotonic(), _PRUNE_EVERY_S))
+                if self._closing and (not self._pending or time.monotonic() >= self._deadline):
+                    break
+                batch = list(islice(self._pending, _BATCH))
+            try:
+                self._prune_if_due()
+                if batch:
+                    conn = self._connection()
+                    conn.execute("BEGIN IMMEDIATE")
+                    conn.execute("SAVEPOINT batch")
+                    refused = 0
+                    try:
+                        conn.executemany(INSERT, batch)
+                    except _DATA_ERRORS:  # a bad record, not a bad disk: insert row by row, clipping
+                        # executemany stops at the bad row with the rows before it inserted: undo them
+                        # first, or they would be stored twice
+                        conn.execute("ROLLBACK TO batch")
+                        refused = self._insert_rows(conn, batch)
+                    conn.execute("COMMIT")
+            except Exception as exc:  # the writer must outlive any disk trouble
+                self._failed(exc)
+                time.sleep(min(wait, max(0.0, self._deadline - time.monotonic())))
+                wait = min(2 * wait, _RETRY_S[1])
+                continue
+            wait = _RETRY_S[0]
+            with self._cv:
+                for _ in batch:
+                    self._pending.popleft()
+                self._written += len(batch) - refused  # a refused row is counted in dropped, not here
+                self._cv.notify_all()
+        with self._cv:
+            lost = len(self._pending)
+            self._pending.clear()
+            self._dropped += lost
+            self._cv.notify_all()
+        if lost:
+            log.error("wattspan ledger %s: closed with the disk still failing; %d records lost", self.path, lost)
+        self._disconnect()
+
+    def _insert_rows(self, conn: sqlite3.Connection, batch: list[_Row]) -> int:
+        """Insert ``batch`` one row at a time (inside the open transaction); a row the
+        database refuses is stored sanitized (counted, logged). Returns the rows dropped."""
+        dropped = 0
+        for row in batch:
+            try:
+                conn.execute(INSERT, row)
+            except _DATA_ERRORS as exc:
+                try:
+                    conn.execute(INSERT, _sanitize(row))
+                except _DATA_ERRORS:  # cannot happen for a RequestRecord's row; never block the rest
+                    with self._cv:
+                        self._dropped += 1
+                    dropped += 1
+                    log.error("wattspan ledger %s: record %.64s cannot be stored (%s); dropped", self.path, row[0], exc)
+                    continue
+                with self._cv:
+                    self._sanitized += 1
+                    n = self._sanitized
+                self._warn("sanitize", "wattspan ledger %s: record %.64s had values the database refuses (%s); stored "
+                           "with them clipped (%d records so far)", self.path, row[0], exc, n)
+        return dropped
+
+    def _connection(self) -> sqlite3.Connection:
+        """The writer's connection, (re)opened and checked to still be the file at ``path``.
+
+        SQLite keeps writing to a deleted file without complaint: compare inodes.
+        """
+        if self._conn is not None:
+            st = os.stat(self.path)
+            if (st.st_dev, st.st_ino) != self._inode:
+                raise OSError(f"{self.path} was deleted or replaced while open")
+            return self._conn
+        conn = sqlite3.connect(self.path, timeout=5.0, isolation_level=None, check_same_thread=False)
+        try:
+            create_schema(conn, self.path)
+            if conn.execute("PRAGMA journal_mode=WAL").fetchone()[0].lower() != "wal":
+                self._warn("wal", "wattspan ledger %s: WAL mode unavailable here; readers may wait for the writer", self.path)
+            conn.execute("PRAGMA synchronous=NORMAL")
+            st = os.stat(self.path)
+        except BaseException:
+            conn.close()
+            raise
+        self._conn, self._inode = conn, (st.st_dev, st.st_ino)
+        return conn
+
+    def _prune_if_due(self) -> None:
+        days = self.retention_days
+        if days is None or time.monotonic() < self._next_prune:
+            return
+        cutoff = time.time() - days * 86400.0
+        conn = self._connection()
+        n = conn.execute("DELETE FROM requests WHERE recorded_at < ?", (cutoff,)).rowcount
+        conn.execute("PRAGMA incremental_vacuum").fetchall()  # give the freed pages back to the disk
+        self._next_prune = time.monotonic() + _PRUNE_EVERY_S
+        if n:
+            log.info("wattspan ledger %s: retention %g days removed %d records", self.path, self.retention_days, n)
+
+    def _failed(self, exc: BaseException) -> None:
+        self._disconnect()
+        with self._cv:
+            self._errors += 1
+            errors, queued = self._errors, len(self._pending)
+        self._warn("io", "wattspan ledger %s: cannot write (%s); %d records kept in memory, retrying (%d errors so far)",
+                   self.path, exc, queued, errors)
+
+    def _disconnect(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.close()  # rolls back an open transaction
+            except sqlite3.Error:
+                pass
+
+    def _warn(self, kind: str, msg: str, *args: object) -> None:
+        self._once.warning(kind, msg, *args)
+
+
+def _sanitize(row: _Row) -> _Row:
+    """``row`` with integers clipped to 64 bits, non-finite floats as 0.0 and other values as text."""
+    out: list[object] = []
+    for v in row:
+        if isinstance(v, bool):
+            v = int(v)
+        elif isinstance(v, int):
+            v = min(max(v, _I64[0]), _I64[1])
+        elif isinstance(v, float):
+            v = v if math.isfinite(v) else 0.0
+        elif isinstance(v, str):
+            v = v.encode("utf-8", "backslashreplace").decode("utf-8")  # lone surrogates
+        elif v is None:
+            v = ""
+        else:
+            v = str(v)[:256]
+        out.append(v)
+    return tuple(out)

@@ -1,0 +1,99 @@
+"""The span attributes of a final record (:func:`record_attributes`).
+
+Span attributes (:func:`record_attributes`; names from the OpenTelemetry
+semantic conventions where one exists: ``hw.*``, ``gen_ai.*``):
+
+===============================  ========  ==============================================
+attribute                        type      meaning
+===============================  ========  ==============================================
+``wattspan.energy_j``            double    the request's accelerator energy, joules
+                                           (dynamic + idle share)
+``wattspan.energy.dynamic_j``    double    energy above the idle baseline, J
+``wattspan.energy.idle_j``       double    the request's share of the idle baseline, J
+``wattspan.energy.host_j``       double    the request's share of host (CPU package) energy, J
+``wattspan.co2e_g``              double    grams CO2e: operational (accelerator + host energy x
+                                           PUE x grid intensity) + embodied
+``wattspan.co2e.embodied_g``     double    the embodied (manufacturing) part, g CO2e
+``wattspan.device_s``            double    accelerator-seconds charged to the request
+``wattspan.energy_j.low``        double    lower end of the 90 % band on ``energy_j``, J
+                                           (when the attribution gave a band)
+``wattspan.energy_j.high``       double    upper end of that band, J
+``wattspan.quality``             string    ``good`` | ``coarse`` | ``misfit``: how well the
+                                           step model fits the sensor's readings
+``wattspan.method``              string    ``batch-fit`` | ``time-share`` | ``no-trace``
+``wattspan.sensor``              string    which reading the energy rests on
+``wattspan.coverage``            double    fraction of the request's life the power trace
+                                           covered (0..1)
+``wattspan.simulated``           boolean   true when the power came from the simulated
+                                           source - never a measurement
+``wattspan.status``              string    ``final`` (energy attached) | ``pending``
+                                           (record not final in time; no energy)
+``wattspan.request_id``          string    wattspan's request id (the ledger's key)
+``wattspan.tenant``              string    the tenant, when known
+``wattspan.intensity.*``         mixed     the intensity the carbon used: ``g_per_kwh``,
+                                           ``provider``, ``zone``, ``hour`` (UTC), ``basis``
+``wattspan.co2e.market_g``       double    market-based operational g CO2e, when a factor is set
+``wattspan.co2e.marginal_g``     double    marginal operational g CO2e, when a provider is set
+``hw.id``                        string    the device the request ran on (``gpu0``)
+``hw.type``                      string    ``gpu``
+``gen_ai.request.model``         string    the model, when known
+``gen_ai.usage.input_tokens``    int       prompt tokens, when known
+``gen_ai.usage.output_tokens``   int       output tokens, when known
+===============================  ========  ==============================================
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ...records import RequestRecord
+
+__all__ = ["record_attributes"]
+
+
+def record_attributes(record: RequestRecord) -> dict[str, Any]:
+    """The span attributes for one final record (see the module's table).
+
+    Optional values (model, tenant, token counts) are left out when unknown.
+    """
+    a: dict[str, Any] = {
+        "wattspan.energy_j": float(record.energy_j),
+        "wattspan.energy.dynamic_j": float(record.dynamic_j),
+        "wattspan.energy.idle_j": float(record.idle_j),
+        "wattspan.energy.host_j": float(record.host_j),
+        "wattspan.co2e_g": float(record.co2e_g),
+        "wattspan.co2e.embodied_g": float(record.embodied_g),
+        "wattspan.device_s": float(record.device_s),
+        "wattspan.method": record.method,
+        "wattspan.sensor": record.sensor,
+        "wattspan.coverage": float(record.coverage),
+        "wattspan.simulated": bool(record.simulated),
+        "wattspan.status": "final",
+        "wattspan.request_id": record.id,
+        "hw.id": record.device,
+        "hw.type": "gpu",
+    }
+    if record.model:
+        a["gen_ai.request.model"] = record.model
+    if record.prompt_tokens:
+        a["gen_ai.usage.input_tokens"] = int(record.prompt_tokens)
+    if record.output_tokens:
+        a["gen_ai.usage.output_tokens"] = int(record.output_tokens)
+    if record.tenant:
+        a["wattspan.tenant"] = record.tenant
+    if record.intensity_provider:  # which intensity the carbon used (issue 11)
+        a["wattspan.intensity.g_per_kwh"] = float(record.intensity_g_per_kwh)
+        a["wattspan.intensity.provider"] = record.intensity_provider
+        a["wattspan.intensity.zone"] = record.intensity_zone
+        a["wattspan.intensity.hour"] = record.intensity_hour
+        a["wattspan.intensity.basis"] = record.intensity_basis
+        if record.market_g_per_kwh:
+            a["wattspan.co2e.market_g"] = float(record.co2e_market_g)
+        if record.marginal_g_per_kwh:
+            a["wattspan.co2e.marginal_g"] = float(record.co2e_marginal_g)
+    if record.energy_j_high > 0:
+        a["wattspan.energy_j.low"] = float(record.energy_j_low)
+        a["wattspan.energy_j.high"] = float(record.energy_j_high)
+    if record.quality:
+        a["wattspan.quality"] = record.quality
+    return a

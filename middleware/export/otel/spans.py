@@ -1,0 +1,401 @@
+"""Each request's energy on its own server span: :class:`EnergySpanProcessor`.
+
+A request's energy is known only some time (up to a second or two) after its
+HTTP server span has ended, because power sensors lag; the OpenTelemetry SDK
+ignores attributes set on an ended span. :class:`EnergySpanProcessor` therefore
+sits in front of the exporting processor: it holds back the server spans that
+wattspan meters until their record is final, adds the energy attributes, and
+passes them on; a span whose record does not come within ``hold_timeout_s``
+goes on without energy, marked ``wattspan.status="pending"``.
+
+Quick start (the SDK's usual setup, one line changed)::
+
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from wattspan import Meter
+    from wattspan.export.otel import EnergySpanProcessor, EnergyMetrics
+
+    provider = TracerProvider()
+    spans = EnergySpanProcessor(BatchSpanProcessor(OTLPSpanExporter()))
+    provider.add_span_processor(spans)          # instead of the BatchSpanProcessor itself
+    trace.set_tracer_provider(provider)
+    metrics = EnergyMetrics()                   # the global MeterProvider
+    meter = Meter(sinks=[spans, metrics])       # both are wattspan.RecordSink
+
+or, from the standard ``OTEL_*`` environment variables, :func:`configure_from_env`.
+
+The attributes it adds: :mod:`wattspan.export.otel.attributes`.
+
+Nothing here raises into the request path or the meter's thread: failures are
+logged once, counted (``stats()``), and the span goes on unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+try:
+    from opentelemetry import trace as _trace_api
+    from opentelemetry.attributes import BoundedAttributes
+    from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
+except ImportError as exc:  # pragma: no cover - exercised without the otel extra
+    raise ImportError("wattspan.export.otel needs the OpenTelemetry SDK: pip install 'wattspan[otel]'") from exc
+
+from ...logs import get_logger
+from ...meter.sinks import DeviceFigures
+from ...records import RequestRecord
+from ._faults import _Faults
+from .attributes import record_attributes
+
+__all__ = ["EnergySpanProcessor"]
+
+log = get_logger(__name__)
+
+_monotonic = time.monotonic
+
+
+_PENDING = {"wattspan.status": "pending"}
+
+
+def _with_attributes(span: ReadableSpan, extra: Mapping[str, Any]) -> ReadableSpan:
+    """A copy of the ended ``span`` with ``extra`` merged into its attributes.
+
+    Everything else is the original's (events and links keep their dropped
+    counts; the attribute dropped count carries over). The copy's attributes
+    are not subject to the span's attribute limit: wattspan's are added even
+    to a span that was full.
+    """
+    merged = dict(span.attributes or {})
+    merged.update(extra)  # the span's own values are clean already; ours are primitives
+    attrs: Mapping[str, Any] = merged
+    if span.dropped_attributes:  # keep the count, at the cost of re-validating every value
+        attrs = BoundedAttributes(None, merged, immutable=True)
+        attrs.dropped = span.dropped_attributes
+    return ReadableSpan(
+        name=span.name,
+        context=span.context,
+        parent=span.parent,
+        resource=span.resource,
+        attributes=attrs,
+        events=getattr(span, "_events", None) or span.events,
+        links=getattr(span, "_links", None) or span.links,
+        kind=span.kind,
+        instrumentation_info=getattr(span, "_instrumentation_info", None),
+        status=span.status,
+        start_time=span.start_time,
+        end_time=span.end_time,
+        instrumentation_scope=span.instrumentation_scope,
+    )
+
+
+def _span_id_of(span_or_context) -> int:
+    """The span id of an int, a SpanContext or a Span (0 when there is none to wait for)."""
+    if isinstance(span_or_context, int):
+        return span_or_context
+    if hasattr(span_or_context, "get_span_context"):
+        if not span_or_context.is_recording():  # on_end is never called for it
+            return 0
+        span_or_context = span_or_context.get_span_context()
+    if isinstance(span_or_context, _trace_api.SpanContext):
+        return span_or_context.span_id if span_or_context.is_valid else 0
+    raise TypeError(f"expect() takes a span id (int), a SpanContext or a Span, not {type(span_or_context).__name__}")
+
+
+# ---------------------------------------------------------------------------- the span processor
+
+
+class EnergySpanProcessor(SpanProcessor):
+    """Holds metered server spans until their energy is known, then passes them on.
+
+    ``downstream``: the processor that exports (``BatchSpanProcessor(exporter)``).
+    Add this processor to the ``TracerProvider`` *instead of* ``downstream``.
+
+    * :meth:`expect` at request start marks a span as one wattspan meters;
+    * :meth:`on_end` passes unmarked spans straight on, and holds marked ones;
+    * :meth:`resolve` (any thread) merges the record's attributes into the held
+      span and passes it on; a record that comes before its span ends is kept
+      and applied when it ends.
+
+    A span held longer than ``hold_timeout_s`` seconds goes on marked
+    ``wattspan.status="pending"`` (a background thread wakes at each deadline),
+    as does the oldest held span when more than ``max_held`` are held. At most
+    ``max_expected`` spans are marked at once (spans still running); beyond
+    that the oldest mark is forgotten and that span goes on without energy.
+    ``force_flush`` and ``shutdown`` pass on every held span (pending) and then
+    delegate. All operations are O(1) per span and thread-safe; none raises:
+    failures are counted in :meth:`stats` and logged.
+    """
+
+    def __init__(
+        self,
+        downstream: SpanProcessor,
+        *,
+        hold_timeout_s: float = 5.0,
+        max_held: int = 10_000,
+        max_expected: int = 100_000,
+    ) -> None:
+        if not callable(getattr(downstream, "on_end", None)):
+            raise TypeError(
+                f"downstream must be a SpanProcessor (e.g. BatchSpanProcessor(exporter)), not {type(downstream).__name__}"
+            )
+        if not (isinstance(hold_timeout_s, (int, float)) and math.isfinite(hold_timeout_s) and hold_timeout_s > 0):
+            raise ValueError(f"hold_timeout_s must be a finite number of seconds > 0, got {hold_timeout_s!r}")
+        for name, v in (("max_held", max_held), ("max_expected", max_expected)):
+            if not (isinstance(v, int) and v >= 1):
+                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        self.downstream = downstream
+        self.hold_timeout_s = float(hold_timeout_s)
+        self.max_held = max_held
+        self.max_expected = max_expected
+        self._early_ttl_s = max(60.0, self.hold_timeout_s)
+        self._cond = threading.Condition(threading.Lock())
+        self._expected: OrderedDict[int, None] = OrderedDict()
+        self._held: OrderedDict[int, tuple[ReadableSpan, float]] = OrderedDict()  # deadline order
+        self._early: OrderedDict[int, tuple[dict, float]] = OrderedDict()
+        self._gone: OrderedDict[int, None] = OrderedDict()  # recently passed on as pending
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._counts = dict.fromkeys(
+            (
+                "final",  # passed on with energy
+                "pending_timeout",  # passed on without: hold_timeout_s ran out
+                "pending_overflow",  # ... more than max_held held
+                "pending_flush",  # ... force_flush or shutdown
+                "expect_evicted",  # marks forgotten: more than max_expected spans running
+                "early",  # records that came before their span ended
+                "early_expired",  # ... whose span never ended in time
+                "late",  # records for spans already passed on as pending
+                "unmatched",  # records for spans never marked
+                "errors",
+            ),
+            0,
+        )
+        self._fault = _Faults(self._counts)
+
+    # -------------------------------------------------------------- marks and records
+
+    def expect(self, span_or_context) -> None:
+        """Mark a server span (its id, SpanContext or the Span) as metered: hold it at its end."""
+        try:
+            sid = _span_id_of(span_or_context)
+        except TypeError:
+            self._fault("EnergySpanProcessor.expect got a bad argument")
+            return
+        if not sid:
+            return
+        with self._cond:
+            if self._closed:
+                return
+            exp = self._expected
+            exp[sid] = None
+            if len(exp) > self.max_expected:
+                exp.popitem(last=False)
+                self._counts["expect_evicted"] += 1
+
+    def resolve(self, span_id: int, attributes: Mapping[str, Any]) -> None:
+        """The record of span ``span_id`` is final: pass the span on with ``attributes``."""
+        out: list[ReadableSpan] = []
+        try:
+            attrs = dict(attributes)
+            attrs.setdefault("wattspan.status", "final")
+            now = _monotonic()
+            with self._cond:
+                item = self._held.pop(span_id, None)
+                if item is not None:
+                    out.append(_with_attributes(item[0], attrs))
+                    self._counts["final"] += 1
+                elif span_id in self._expected and not self._closed:
+                    early = self._early
+                    early[span_id] = (attrs, now + self._early_ttl_s)
+                    early.move_to_end(span_id)
+                    self._counts["early"] += 1
+                    if len(early) > self.max_held:
+                        early.popitem(last=False)
+                        self._counts["early_expired"] += 1
+                elif span_id in self._gone:
+                    self._counts["late"] += 1
+                else:
+                    self._counts["unmatched"] += 1
+                self._expire_locked(now, out)
+        except Exception:
+            self._fault("EnergySpanProcessor.resolve failed")
+        self._forward(out)
+
+    # -------------------------------------------------------------- wattspan.RecordSink
+
+    def on_records(self, records: Sequence[RequestRecord]) -> None:
+        """RecordSink: resolve the held span of each final record that has one."""
+        for rec in records:
+            if rec.span_id:
+                try:
+                    attrs = record_attributes(rec)
+                except Exception:
+                    self._fault("record_attributes failed for a record")
+                    continue
+                self.resolve(rec.span_id, attrs)
+
+    def on_device(self, figures: DeviceFigures) -> None:
+        """RecordSink: spans carry no per-device figures."""
+
+    def flush(self, timeout: float) -> None:
+        """FlushableSink (the meter's drain at shutdown): :meth:`force_flush` within ``timeout`` s.
+        Its outcome is in :meth:`stats`; the meter does not count it as a sink left unwritten."""
+        self.force_flush(int(max(0.1, timeout) * 1000))
+
+    # -------------------------------------------------------------- SpanProcessor
+
+    def on_start(self, span, parent_context=None) -> None:
+        fn = getattr(self.downstream, "on_start", None)
+        if fn is None:
+            return
+        try:
+            fn(span, parent_context=parent_context)
+        except Exception:
+            self._fault("downstream on_start failed")
+
+    def _on_ending(self, span) -> None:
+        fn = getattr(self.downstream, "_on_ending", None)
+        if fn is None:
+            return
+        try:
+            fn(span)
+        except Exception:
+            self._fault("downstream _on_ending failed")
+
+    def on_end(self, span: ReadableSpan) -> None:
+        out: list[ReadableSpan] = []
+        try:
+            ctx = span.context
+            sid = ctx.span_id if ctx is not None else 0
+            now = _monotonic()
+            with self._cond:
+                if sid in self._expected:
+                    del self._expected[sid]
+                    early = self._early.pop(sid, None)
+                    if early is not None:
+                        out.append(_with_attributes(span, early[0]))
+                        self._counts["final"] += 1
+                    elif self._closed:
+                        out.append(self._pending(sid, span, "pending_flush"))
+                    else:
+                        held = self._held
+                        if not held:
+                            self._cond.notify()
+                        held[sid] = (span, now + self.hold_timeout_s)
+                        if len(held) > self.max_held:
+                            osid, (ospan, _) = held.popitem(last=False)
+                            out.append(self._pending(osid, ospan, "pending_overflow"))
+                        if self._thread is None or not self._thread.is_alive():
+                            self._start_thread()
+                else:
+                    out.append(span)
+                self._expire_locked(now, out)
+        except Exception:
+            self._fault("EnergySpanProcessor.on_end failed; passing the span on as it is")
+            if not out:
+                out.append(span)
+        self._forward(out)
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        """Pass on every held span (``pending``), then flush ``downstream``."""
+        self._forward(self._take_all())
+        try:
+            return bool(self.downstream.force_flush(timeout_millis))
+        except Exception:
+            self._fault("downstream force_flush failed")
+            return False
+
+    def shutdown(self) -> None:
+        """Pass on every held span (``pending``), stop the timer, shut ``downstream`` down."""
+        with self._cond:
+            self._closed = True
+            self._expected.clear()
+            self._early.clear()
+            self._cond.notify_all()
+        self._forward(self._take_all())
+        th = self._thread
+        if th is not None and th is not threading.current_thread():
+            th.join(5.0)
+        try:
+            self.downstream.shutdown()
+        except Exception:
+            self._fault("downstream shutdown failed")
+
+    # -------------------------------------------------------------- introspection
+
+    def stats(self) -> dict[str, int]:
+        """Counters (see ``__init__``) and the current ``held``, ``expected`` and ``early`` sizes."""
+        with self._cond:
+            return dict(self._counts, held=len(self._held), expected=len(self._expected), early=len(self._early))
+
+    # -------------------------------------------------------------- internals
+
+    def _pending(self, sid: int, span: ReadableSpan, why: str) -> ReadableSpan:
+        self._counts[why] += 1
+        gone = self._gone
+        gone[sid] = None
+        if len(gone) > self.max_held:
+            gone.popitem(last=False)
+        return _with_attributes(span, _PENDING)
+
+    def _expire_locked(self, now: float, out: list) -> None:
+        held = self._held
+        while held:
+            sid, (span, deadline) = next(iter(held.items()))
+            if deadline > now:
+                break
+            del held[sid]
+            out.append(self._pending(sid, span, "pending_timeout"))
+        early = self._early
+        while early:
+            sid, (_, deadline) = next(iter(early.items()))
+            if deadline > now:
+                break
+            del early[sid]
+            self._counts["early_expired"] += 1
+
+    def _take_all(self) -> list[ReadableSpan]:
+        with self._cond:
+            out = [self._pending(sid, span, "pending_flush") for sid, (span, _) in self._held.items()]
+            self._held.clear()
+            return out
+
+    def _forward(self, spans: list[ReadableSpan]) -> None:
+        on_end = self.downstream.on_end
+        for s in spans:
+            try:
+                on_end(s)
+            except Exception:
+                self._fault("downstream on_end failed")
+
+    def _start_thread(self) -> None:
+        th = threading.Thread(target=self._run, name="wattspan-span-hold", daemon=True)
+        self._thread = th
+        th.start()
+
+    def _run(self) -> None:
+        cond = self._cond
+        while True:
+            out: list[ReadableSpan] = []
+            with cond:
+                if self._closed:
+                    return
+                if not self._held:
+                    cond.wait()
+                    continue
+                delay = next(iter(self._held.values()))[1] - _monotonic()
+                if delay > 0:
+                    cond.wait(delay)
+                    continue
+                try:
+                    self._expire_locked(_monotonic(), out)
+                except Exception:  # pragma: no cover - defensive: never let the timer die
+                    self._fault("span hold timer failed")
+            self._forward(out)

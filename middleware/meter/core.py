@@ -1,0 +1,814 @@
+"""The live meter: requests and batch steps in, final per-request records out.
+
+The request path only appends a tuple to a deque (a few hundred nanoseconds,
+no lock, no I/O). One background thread drains those events, and every
+``period_s`` attributes the stretch of time the sensors have covered since the
+last pass (``[cursor, latest sample - lag]``) with :func:`wattspan.attribute`,
+adding each request's share to its running total. A request whose end lies
+before the cut is final: its :class:`RequestRecord` goes to the sinks
+(:class:`~wattspan.meter.sinks.RecordSink`: the span processor, metrics, the
+ledger, a user's callbacks) from that thread; the meter knows no exporter. A sensor that
+stops (a lost GPU) cannot hold records back for ever: after ``max_delay_s``
+the cut moves on with the clock, and the record's ``coverage`` says how much of
+the request the trace covered.
+
+Every ``refit_s`` the idle baseline and the batch-step model are re-estimated
+over the last ``history_s`` of trace, so short passes use a model fitted on
+enough readings.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from ..logs import get_logger
+from ..devices import group_key as _group_key
+
+_str_group_key = functools.lru_cache(maxsize=1024)(_group_key)
+
+
+def _device_key(device) -> str:
+    """The canonical device or group name (``"gpu0, gpu1"`` and ``"gpu0+gpu1"`` -> ``"gpu0,gpu1"``)."""
+    return _str_group_key(device) if isinstance(device, str) else _group_key(device)
+from ..attribution import Requests, StepModel, Steps, attribute
+from ..records import RequestRecord
+from ..samples import SampleKind
+from .context import MAX_TOKENS
+from .sinks import DeviceFigures, FlushableSink, RecordSink, SpanSink
+
+__all__ = ["Meter"]
+
+log = get_logger(__name__)
+
+_BEGIN, _END, _STEP, _MARK = 0, 1, 2, 3
+_QUALITY_RANK = {"good": 1, "coarse": 2, "misfit": 3}
+
+
+class _Inflight:
+    __slots__ = ("device", "start_ns", "end_ns", "meta", "dynamic_j", "idle_j", "device_s", "covered_ns", "host_j", "method", "peer",
+                 "band_j", "quality")
+
+    def __init__(self, device: str, start_ns: int, peer: int = 0) -> None:
+        self.peer = peer  # pid of the peer process serving it; 0 = this process
+        self.device = device
+        self.start_ns = start_ns
+        self.end_ns: int | None = None
+        self.meta: dict = {}
+        self.dynamic_j = 0.0
+        self.idle_j = 0.0
+        self.device_s = 0.0
+        self.covered_ns = 0
+        self.host_j = 0.0
+        self.method = ""
+        self.band_j = 0.0  # half-width of the 90 % band, summed over periods
+        self.quality = ""
+
+
+class Meter:
+    """Meters a serving process: one per process (see :func:`wattspan.defaults.get_default_meter`).
+
+    ``sources``: power sources to sample (default: NVML if a GPU answers, RAPL
+    if readable, otherwise the labelled simulated source). ``carbon``: a
+    :class:`wattspan.carbon.CarbonModel` (default: from ``WATTSPAN_REGION`` /
+    ``WATTSPAN_PUE``, else the world average). ``idle_w``: a fixed idle
+    baseline in watts (default: estimated and tracked). ``sinks``:
+    :class:`~wattspan.meter.sinks.RecordSink` s given each pass's final records
+    and each device's figures (from the meter's thread; they must be quick and
+    should not raise - if one does it is logged and counted); more with
+    :meth:`add_sink`.
+    """
+
+    def __init__(
+        self,
+        *,
+        sources=None,
+        sampler=None,
+        carbon=None,
+        idle_w: float | None = None,
+        period_s: float = 0.25,
+        lag_s: float | None = None,
+        max_delay_s: float = 5.0,
+        history_s: float = 60.0,
+        refit_s: float = 5.0,
+        max_inflight: int = 100_000,
+        max_events: int = 1_000_000,
+        max_step_ids: int = 4096,
+        max_steps_per_s: int = 2000,
+        sinks: Iterable[RecordSink] = (),
+        peers=None,
+        sample_interval_s: float | None = None,
+        autostart: bool = True,
+    ) -> None:
+        if not (period_s > 0 and max_delay_s > 0 and history_s > 0):
+            raise ValueError("period_s, max_delay_s and history_s must be > 0")
+        from ..logs import setup_logging
+
+        setup_logging()  # the meter's warnings must be visible in a process with no log handler
+        if idle_w is not None and not (math.isfinite(idle_w) and idle_w >= 0):
+            raise ValueError(f"idle_w must be a finite number of watts >= 0, got {idle_w!r}")
+        # The sources are opened (NVML initialised, GPUs probed) on the meter's own
+        # thread, never on the caller's: the default meter is created lazily by
+        # the middleware, on the event loop.
+        self.sampler = sampler
+        self._sources = list(sources) if sources is not None else None
+        from ..settings import MAX_SAMPLE_INTERVAL_S, MIN_SAMPLE_INTERVAL_S, get_settings
+
+        if sample_interval_s is None:
+            sample_interval_s = get_settings().sample_interval_s
+        if not (math.isfinite(sample_interval_s) and MIN_SAMPLE_INTERVAL_S <= sample_interval_s <= MAX_SAMPLE_INTERVAL_S):
+            raise ValueError(f"sample_interval_s must be between {MIN_SAMPLE_INTERVAL_S:g} and {MAX_SAMPLE_INTERVAL_S:g} seconds, got {sample_interval_s!r}")
+        self.sample_interval_s = float(sample_interval_s)
+        self._ready = threading.Event()
+        self.carbon = carbon if carbon is not None else _carbon_from_env()
+        self.idle_w = idle_w
+        self.period_s = float(period_s)
+        self.lag_s = lag_s
+        self.max_delay_s = float(max_delay_s)
+        self.history_s = float(history_s)
+        self.refit_s = float(refit_s)
+        self.max_inflight = int(max_inflight)
+        self.max_events = int(max_events)
+        #: requests one batch step may name, and batch steps per second (beyond: dropped, counted)
+        self.max_step_ids = int(max_step_ids)
+        self.max_steps_per_s = int(max_steps_per_s)
+        self._step_sec, self._step_n = -1, 0
+        #: ids held in the step history at most (memory bound: about 100 bytes each)
+        self.max_history_ids = 2_000_000
+        self._hist_ids = 0
+        self._queued_step_ids = 0  # ids in steps not yet attributed (approximate: two threads update it)
+        self._sinks: list[RecordSink] = []
+        self._span_sinks: list[SpanSink] = []
+        for sink in sinks:
+            self.add_sink(sink)
+        #: called with each batch step as record_step gets it (start_ns, end_ns,
+        #: device, tokens), on the reporting thread: e.g. wattspan's provisional
+        #: per-request estimate (wattspan.meter.provisional); must be quick
+        self.step_observers: list[Callable[[int, int, str, Mapping[str, float]], None]] = []
+        #: the provisional estimate, once wattspan.usage_energy() attached one
+        self.provisional = None
+        self.device_unattributed_j: dict[str, float] = {}
+        # True or a directory: join the peer group of the devices metered, once the
+        # sources are open (see _join_peers); a Peers-like object is used as it is
+        self._peer_conf = peers if peers not in (None, False) and not hasattr(peers, "broadcast") else None
+        self.peers = peers if hasattr(peers, "broadcast") else None
+        #: (peer pid, from ns, to ns, datagrams lost): stretches where a peer's messages went missing
+        self.peer_gaps: deque = deque(maxlen=100)
+
+        self._events: deque = deque()
+        self._activity: list = []
+        self._inflight: dict[str, _Inflight] = {}
+        self._steps: list[tuple[int, int, str, dict]] = []
+        # bounded history for re-estimating idle and the step model (see _refit)
+        self._hist_steps: deque = deque(maxlen=200_000)
+        self._hist_reqs: deque = deque(maxlen=100_000)
+        self._cursor: dict[str, int] = {}
+        self._models: dict[str, StepModel] = {}
+        self._peer_marks: dict[int, int] = {}  # pid -> time up to which that peer's events have arrived
+        self._idle: dict[str, float] = {}
+        self._last_refit = 0.0
+        self._stop = threading.Event()
+        self._idle_pass = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.counters = {
+            "requests": 0,
+            "records": 0,
+            "dropped_events": 0,
+            "dropped_inflight": 0,
+            "sink_errors": 0,
+            "pass_errors": 0,
+            "late_records": 0,  # made final by the clock: the sensor had stalled (a lost GPU)
+            "dropped_steps": 0,  # batch steps beyond the bounds (ids per step, steps per second, token counts)
+            "peer_requests": 0,
+            "unattributed_j": 0.0,
+        }
+        self.device_energy_j: dict[str, float] = {}
+        if autostart:
+            self.start()
+
+    # ------------------------------------------------------------------ sinks
+
+    def add_sink(self, sink: RecordSink) -> None:
+        """Give ``sink`` (a :class:`~wattspan.meter.sinks.RecordSink`) every final record and device figure from now on."""
+        if not isinstance(sink, RecordSink):
+            raise TypeError(
+                f"a meter sink implements on_records(records) and on_device(figures), got {type(sink).__name__}; "
+                "wrap a function in wattspan.meter.RecordCallback or BatchCallback"
+            )
+        self._sinks = [*self._sinks, sink]  # copy on write: the meter's thread iterates without a lock
+        if isinstance(sink, SpanSink):
+            self._span_sinks = [*self._span_sinks, sink]
+
+    def remove_sink(self, sink: RecordSink) -> None:
+        """Stop giving ``sink`` records (no error if it was not added)."""
+        self._sinks = [s for s in self._sinks if s is not sink]
+        self._span_sinks = [s for s in self._span_sinks if s is not sink]
+
+    @property
+    def sinks(self) -> tuple[RecordSink, ...]:
+        """The sinks, in the order they get each pass's records."""
+        return tuple(self._sinks)
+
+    @property
+    def holds_spans(self) -> bool:
+        """True when a sink holds tracing spans until their record (see :meth:`expect_span`)."""
+        return bool(self._span_sinks)
+
+    def expect_span(self, span_id: int) -> None:
+        """At request start: tell the span-holding sinks that span ``span_id`` will get a record."""
+        for sink in self._span_sinks:
+            try:
+                sink.expect(span_id)
+            except Exception:
+                self.counters["sink_errors"] += 1
+                log.exception("a span sink failed to mark a span")
+
+    def _to_sinks(self, records: Sequence[RequestRecord]) -> None:
+        for sink in self._sinks:
+            try:
+                sink.on_records(records)
+            except Exception:
+                self.counters["sink_errors"] += 1
+                log.exception("a record sink failed")
+
+    # ------------------------------------------------------------------ hot path
+
+    def begin(self, request_id: str, device: str, t_ns: int) -> None:
+        """A request started on ``device`` at ``t_ns`` (monotonic). ``device``: a name
+        (``"gpu0"``) or a device group (``"gpu0,gpu1"`` or a list, see wattspan.attribution.groups)."""
+        if not isinstance(device, str) or "+" in device or " " in device:
+            device = _device_key(device)
+        if len(self._events) >= self.max_events:
+            self.counters["dropped_events"] += 1
+            return
+        self._events.append((_BEGIN, request_id, device, t_ns))
+        for s in self._activity:
+            for d in (device.split(",") if "," in device else (device,)):  # a group: active on each member
+                s.on_request_start(d)
+
+    def end(self, request_id: str, device: str, t_ns: int, meta: dict | None = None) -> None:
+        """The request ended (last body chunk, error or disconnect). ``meta``:
+        route, http_method, status_code, model, tenant, prompt_tokens,
+        output_tokens, trace_id, span_id."""
+        self._events.append((_END, request_id, t_ns, meta))
+        if self._activity and (not isinstance(device, str) or "+" in device or " " in device):
+            device = _device_key(device)
+        for s in self._activity:
+            for d in (device.split(",") if "," in device else (device,)):
+                s.on_request_end(d)
+
+    def record_step(self, start_ns: int, end_ns: int, device: str, tokens: Mapping[str, float]) -> None:
+        """A batch step ran on ``device`` over ``[start_ns, end_ns)`` processing
+        ``tokens[request_id]`` tokens for each request in it.
+
+        Bounded where steps enter: at most ``max_step_ids`` requests per step and
+        ``max_steps_per_s`` steps per second (of step time); token counts must be
+        finite numbers in ``0..MAX_TOKENS``. A step beyond a bound is dropped and
+        counted in ``counters["dropped_steps"]`` (logged once). ``device`` may be a
+        device group (``"gpu0,gpu1"`` or a list): the step ran on each member."""
+        if end_ns <= start_ns or not tokens:
+            return
+        if not isinstance(device, str) or "+" in device or " " in device:
+            device = _device_key(device)
+        if len(self._events) >= self.max_events:
+            self.counters["dropped_events"] += 1
+            return
+        if len(tokens) > self.max_step_ids:
+            self._drop_step(f"{len(tokens)} requests in one step (at most {self.max_step_ids})")
+            return
+        sec = end_ns // 1_000_000_000
+        if sec != self._step_sec:
+            self._step_sec, self._step_n = sec, 0
+        self._step_n += 1
+        if self._step_n > self.max_steps_per_s:
+            self._drop_step(f"more than {self.max_steps_per_s} steps in one second")
+            return
+        if self._queued_step_ids > self.max_history_ids:
+            self._drop_step(f"more than {self.max_history_ids} request ids in steps waiting for attribution")
+            return
+        try:
+            tokens = dict(tokens)
+            if not all(0 <= v <= MAX_TOKENS for v in tokens.values()):  # NaN fails too
+                raise ValueError
+        except (TypeError, ValueError):
+            self._drop_step(f"token counts must be numbers in 0..{MAX_TOKENS}")
+            return
+        self._queued_step_ids += len(tokens)
+        self._events.append((_STEP, start_ns, end_ns, device, tokens))
+        for obs in self.step_observers:
+            try:
+                obs(start_ns, end_ns, device, tokens)
+            except Exception:
+                self.counters["sink_errors"] += 1
+        if self._activity:
+            n = sum(tokens.values())
+            prefill = sum(v for v in tokens.values() if v > 1)
+            for s in self._activity:
+                for d in (device.split(",") if "," in device else (device,)):
+                    s.on_step(d, start_ns, end_ns, int(n), int(prefill))
+
+    def _drop_step(self, why: str) -> None:
+        self.counters["dropped_steps"] += 1
+        if self.counters["dropped_steps"] in (1, 100, 10_000):
+            log.warning("wattspan: batch step dropped: %s (%d dropped so far)", why, self.counters["dropped_steps"])
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._run, name="wattspan-meter", daemon=True)
+        self._thread.start()
+
+    def _setup(self) -> None:
+        from ..sampler import Sampler
+        from .discovery import default_sources
+
+        try:
+            if self.sampler is None:
+                self.sampler = Sampler(self._sources if self._sources is not None else default_sources(), interval_s=self.sample_interval_s)
+            self._activity = [s for s in self.sampler.sources if hasattr(s, "on_step")]
+            self.sampler.start()
+            if self._peer_conf is not None:
+                self._join_peers()
+        finally:
+            self._ready.set()
+
+    def _join_peers(self) -> None:
+        """Share with the meters of the same physical devices (see :mod:`wattspan.meter.peers`)."""
+        from .peers import Peers, group_key
+        from ..settings import get_settings
+
+        infos = self.sampler.devices()
+        main = [i for i in infos if i.kind == "gpu"] or infos
+        ids = [i.extra.get("identity") or f"{i.sensor}:{i.id}" for i in main]
+        conf = self._peer_conf
+        try:
+            group = get_settings().peer_group
+        except ValueError:
+            group = None
+        try:
+            self.peers = Peers(None if conf is True else conf, key=group_key(ids, group))
+        except OSError as exc:  # PermissionError: a directory another user can reach
+            self.counters["peers_refused"] = 1
+            log.error("wattspan: not sharing the device with other worker processes: %s. Each worker now counts "
+                      "the whole device's energy; fix the directory or set WATTSPAN_PEERS=0", exc)
+
+    def wait_ready(self, timeout: float = 30.0) -> bool:
+        """Wait until the power sources are open and sampling."""
+        return self._ready.wait(timeout)
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until every request that has ended has its final record (or ``timeout`` s)."""
+        deadline = time.monotonic() + timeout
+        self._ready.wait(timeout)
+        while time.monotonic() < deadline:
+            self._idle_pass.clear()
+            if not self._events and all(r.end_ns is None or r.peer for r in list(self._inflight.values())):
+                return True
+            self._idle_pass.wait(self.period_s * 2)
+        return False
+
+    def drain(self, timeout: float = 10.0) -> dict:
+        """Make every ended request's record final and hand it to the sinks, then flush
+        the sinks that buffer (:class:`~wattspan.meter.sinks.FlushableSink`: the
+        ledger, the span processor), all within ``timeout`` s.
+
+        Called at server shutdown (the middleware does it on the ASGI lifespan's
+        shutdown). What could not be finished in time is counted
+        (``counters["shutdown_unfinished"]``) and logged, never silently lost.
+        Returns ``{"unfinished": n, "sinks_unflushed": m}``.
+        """
+        deadline = time.monotonic() + timeout
+        self.flush(timeout)
+        unfinished = len(self._events) + sum(1 for r in list(self._inflight.values()) if r.end_ns is not None and not r.peer)
+        unflushed = 0
+        for sink in self._sinks:
+            if isinstance(sink, FlushableSink):
+                try:
+                    if sink.flush(max(0.1, deadline - time.monotonic())) is False:
+                        unflushed += 1
+                except Exception:
+                    unflushed += 1
+                    log.exception("a sink failed to flush at shutdown")
+        if unfinished:
+            self.counters["shutdown_unfinished"] = self.counters.get("shutdown_unfinished", 0) + unfinished
+            log.error("wattspan: at shutdown %d ended requests were not final within %.1f s; their records are lost "
+                      "(the power sensor or a peer did not answer)", unfinished, timeout)
+        if unflushed:
+            log.error("wattspan: at shutdown %d sinks had not written everything within %.1f s (see their own counts)", unflushed, timeout)
+        return {"unfinished": unfinished, "sinks_unflushed": unflushed}
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Finalise what can be, stop the thread and the sampler."""
+        self.flush(timeout)
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        if self.sampler is not None:
+            self.sampler.close()
+        if self.peers is not None:
+            self.peers.close()
+
+    def stats(self) -> dict:
+        return dict(self.counters, inflight=len(self._inflight), queued_events=len(self._events), sampler=self.sampler.health() if self.sampler is not None else None,
+                    peers=self.peers.stats() if self.peers is not None and hasattr(self.peers, "stats") else None)
+
+    # ------------------------------------------------------------------ the pass
+
+    def _run(self) -> None:
+        try:
+            self._setup()
+        except Exception:
+            log.exception("could not open the power sources; requests are not metered")
+            return
+        while not self._stop.wait(self.period_s):
+            try:
+                self._pass()
+            except Exception:  # never let the meter thread die
+                self.counters["pass_errors"] += 1
+                log.exception("attribution pass failed; records will be retried")
+            self._idle_pass.set()
+
+    def _drain(self) -> None:
+        ev = self._events
+        inflight = self._inflight
+        out = [] if self.peers is not None else None
+        while ev:
+            e = ev.popleft()
+            if e[0] == _BEGIN:
+                if len(inflight) >= self.max_inflight:
+                    self.counters["dropped_inflight"] += 1
+                    log.warning("more than %d requests in flight; request %s not metered", self.max_inflight, e[1])
+                    continue
+                inflight[e[1]] = _Inflight(e[2], e[3])
+                self.counters["requests"] += 1
+            elif e[0] == _END:
+                r = inflight.get(e[1])
+                if r is not None:
+                    r.end_ns = max(e[2], r.start_ns)
+                    r.meta = e[3] or {}
+            else:
+                self._steps.append(e[1:])
+                self._hist_add(e[1:])
+            if out is not None:
+                out.append(e[:3] if e[0] == _END else e)
+        if self.peers is not None:
+            # a watermark: every event of ours up to this time is in this message
+            out.append((_MARK, time.monotonic_ns()))
+            self.peers.broadcast(out)
+            self._take_peer_events()
+
+    def _take_peer_events(self) -> None:
+        """What the other worker processes on this host serve (see :mod:`wattspan.meter.peers`)."""
+        inflight = self._inflight
+        for pid, events, lost in self.peers.receive():
+            if lost:
+                self._peer_lost(pid, lost)
+            for e in events:
+                try:
+                    kind = e[0]
+                    if kind == _BEGIN:
+                        if len(inflight) < self.max_inflight:
+                            inflight[str(e[1])] = _Inflight(str(e[2]), int(e[3]), peer=pid or -1)
+                            self.counters["peer_requests"] += 1
+                    elif kind == _END:
+                        r = inflight.get(str(e[1]))
+                        if r is not None and r.peer:
+                            r.end_ns = max(int(e[2]), r.start_ns)
+                    elif kind == _MARK:
+                        self._peer_marks[pid] = int(e[1])
+                    elif kind == _STEP:
+                        if len(e[4]) > self.max_step_ids:
+                            self._drop_step(f"a peer's step names {len(e[4])} requests")
+                            continue
+                        st = (int(e[1]), int(e[2]), str(e[3]), {str(k): float(v) for k, v in e[4].items()})
+                        if not all(0 <= v <= MAX_TOKENS for v in st[3].values()):
+                            raise ValueError
+                        self._steps.append(st)
+                        self._hist_add(st)
+                except (IndexError, TypeError, ValueError, AttributeError):
+                    self.counters["pass_errors"] += 1
+        gone = self.peers.take_gone()
+        for pid in gone:
+            self._peer_marks.pop(pid, None)
+        if gone:  # a dead worker's requests no longer share the device
+            for rid in [rid for rid, r in inflight.items() if r.peer in gone]:
+                del inflight[rid]
+
+    def _hist_add(self, step: tuple) -> None:
+        """Keep ``step`` for re-estimation, within the history's id budget."""
+        h = self._hist_steps
+        if len(h) == h.maxlen:
+            self._hist_ids -= len(h[0][3])
+        h.append(step)
+        self._hist_ids += len(step[3])
+        while self._hist_ids > self.max_history_ids and h:
+            self._hist_ids -= len(h.popleft()[3])
+
+    def _peer_lost(self, pid: int, lost: int) -> None:
+        """Messages of peer ``pid`` went missing: an END among them would leave a
+        phantom request in flight for ever. Forget what that peer had in flight
+        (its requests no longer share the device) and flag the stretch."""
+        inflight = self._inflight
+        gone = [rid for rid, r in inflight.items() if r.peer == pid]
+        for rid in gone:
+            del inflight[rid]
+        now = time.monotonic_ns()
+        self.counters["peer_gaps"] = self.counters.get("peer_gaps", 0) + 1
+        self.counters["peer_messages_lost"] = self.counters.get("peer_messages_lost", 0) + lost
+        self.peer_gaps.append((pid, self._peer_marks.get(pid, now), now, lost))
+        if self.counters["peer_gaps"] in (1, 10, 100) or self.counters["peer_gaps"] % 1000 == 0:
+            log.warning("wattspan: %d messages from worker %d were lost (its socket buffer was full); its %d requests in "
+                        "flight are no longer shared with (the records overlapping this stretch may be over-billed); "
+                        "%d such gaps so far", lost, pid, len(gone), self.counters["peer_gaps"])
+
+    def _peer_watermark(self, now: int) -> int:
+        """The time up to which every live peer's events have arrived. A peer
+        silent for ``max_delay_s`` (hung, or gone) no longer holds the cut back."""
+        floor = now - int(self.max_delay_s * 1e9)
+        marks = [t for t in self._peer_marks.values() if t > floor]
+        return min(marks) if marks else now - int(2 * self.period_s * 1e9)
+
+    def _lag_ns(self, info) -> int:
+        if self.lag_s is not None:
+            return int(self.lag_s * 1e9)
+        lag = 0.3
+        if info is not None and info.power_kind == SampleKind.AVERAGE:
+            lag = max(lag, info.window_ns / 1e9 * 0.5)
+        return int(lag * 1e9)
+
+    def _pass(self) -> None:
+        self._drain()
+        now = time.monotonic_ns()
+        infos = {d.id: d for d in self.sampler.devices()}
+        by_dev: dict[str, list[str]] = {}
+        for rid, r in self._inflight.items():
+            if "," in r.device:  # a device group: in flight on each member (see wattspan.attribution.groups)
+                for m in r.device.split(","):
+                    by_dev.setdefault(m, []).append(rid)
+            else:
+                by_dev.setdefault(r.device, []).append(rid)
+        self._metered = infos
+        gpu_devs = [d for d, i in infos.items() if i.kind == "gpu"]
+        host_devs = [d for d, i in infos.items() if i.kind != "gpu"]
+        refit = (time.monotonic() - self._last_refit) >= self.refit_s
+        if refit:
+            self._last_refit = time.monotonic()
+
+        if infos:  # requests on a device no source meters: settled at once with no energy, not held back
+            for dev in [d for d in by_dev if d not in infos]:
+                # a group's member no source meters adds nothing; its metered members settle it
+                self._unmetered(dev, [r for r in by_dev.pop(dev) if "," not in self._inflight[r].device], infos)
+        for dev in gpu_devs + [d for d in by_dev if d not in infos]:
+            info = infos.get(dev)
+            latest = self.sampler.latest_ns(dev) if info is not None else None
+            cut_sensor = (latest - self._lag_ns(info)) if latest is not None else None
+            cut_clock = now - int(self.max_delay_s * 1e9)
+            cut = max(cut_sensor or cut_clock, cut_clock)
+            stalled = cut_sensor is None or cut_clock > cut_sensor
+            if self.peers is not None:  # wait for what the peers served up to the cut
+                cut = min(cut, self._peer_watermark(now))
+            cur = self._cursor.get(dev)
+            rids = by_dev.get(dev, [])
+            if cur is None:
+                starts = [self._inflight[r].start_ns for r in rids]
+                cur = min(starts) if starts else (latest or now)
+                self._cursor[dev] = cur
+            if cut <= cur:
+                continue
+            rids = [r for r in rids if self._inflight[r].start_ns < cut]
+            if info is not None:
+                if refit and rids:
+                    self._refit(dev, cut)
+                # with nothing in flight too: the measured energy is then all unattributed,
+                # and the device's totals reach the device sinks on every pass
+                self._attribute(dev, info, cur, cut, rids)
+                for host in host_devs if rids else ():
+                    self._attribute_host(host, cur, cut, rids)
+            self._cursor[dev] = cut
+            self._finalise(rids, cut, info, stalled)
+        # drop steps wholly before every cursor
+        if self._steps and self._cursor:
+            low = min(self._cursor.values())
+            self._steps = [s for s in self._steps if s[1] > low]
+        self._queued_step_ids = sum(len(s[3]) for s in self._steps)
+
+    def _unmetered(self, dev: str, rids: list[str], infos: dict) -> None:
+        """Requests on ``dev``, which none of the sources meters (a wrong ``WATTSPAN_DEVICE``):
+        each ended one gets its record now (no energy, sensor ``none``, coverage 0), counted
+        in ``counters["unmetered_device"]``; one log line per such device."""
+        done = [rid for rid in rids if self._inflight[rid].end_ns is not None]
+        if not done:
+            return
+        warned = self.__dict__.setdefault("_unmetered_warned", set())
+        if dev not in warned and len(warned) < 100:
+            warned.add(dev)
+            log.error("wattspan: requests run on device %r, which no power source meters (metered: %s); their records "
+                      "carry no energy. Set the middleware's device (or WATTSPAN_DEVICE) to one of those.", dev, ", ".join(sorted(infos)))
+        self.counters["unmetered_device"] = self.counters.get("unmetered_device", 0) + sum(1 for rid in done if not self._inflight[rid].peer)
+        self._finalise(done, max(self._inflight[rid].end_ns for rid in done), None)
+
+    def _period_inputs(self, dev: str, rids: list[str], cut: int):
+        """The requests (clipped to ``cut``) and batch steps of one pass, columnar."""
+        objs = [self._inflight[rid] for rid in rids]
+        n = len(objs)
+        end = np.fromiter((cut if o.end_ns is None else o.end_ns for o in objs), np.int64, n)
+        req = Requests(
+            ids=np.array(rids, dtype=object),
+            start_ns=np.fromiter((o.start_ns for o in objs), np.int64, n),
+            end_ns=np.minimum(end, cut),
+            device=np.full(n, dev, dtype=object),
+            weight=np.ones(n),
+        )
+        steps = None
+        if self._steps:
+            known = set(rids)
+            srows = []
+            for s, e, d, tok in self._steps:
+                if d == dev or ("," in d and dev in d.split(",")):  # a group's step runs on each member
+                    mine = {k: v for k, v in tok.items() if k in known}
+                    if mine:
+                        srows.append({"start_ns": s, "end_ns": e, "device": dev, "requests": mine})
+            steps = Steps.from_records(srows, req) if srows else None
+        return req, steps
+
+    def _attribute(self, dev: str, info, cur: int, cut: int, rids: list[str]) -> None:
+        trace = self.sampler.trace(dev, since_ns=cur - 2_000_000_000)
+        if len(trace) < 2:
+            return
+        req, steps = self._period_inputs(dev, rids, cut)
+        idle = self.idle_w if self.idle_w is not None else self._idle.get(dev)
+        models = {dev: self._models[dev]} if dev in self._models else None
+        res = attribute({dev: trace}, req, steps, idle_w=idle, t0_ns=cur, t1_ns=cut, models=models)
+        d = res.devices.get(dev)
+        if d is None:
+            return
+        self.counters["unattributed_j"] += d.unattributed_j
+        self.device_energy_j[dev] = self.device_energy_j.get(dev, 0.0) + d.measured_j
+        self.device_unattributed_j[dev] = self.device_unattributed_j.get(dev, 0.0) + d.unattributed_j
+        if self._sinks:
+            p = trace.power_w
+            power = float(p[np.isfinite(p)][-1]) if p is not None and np.isfinite(p).any() else None
+            fig = DeviceFigures(dev, info.kind, self.device_energy_j[dev], power, self.device_unattributed_j[dev])
+            for sink in self._sinks:
+                try:
+                    sink.on_device(fig)
+                except Exception:
+                    self.counters["sink_errors"] += 1
+                    log.exception("a device sink failed")
+        lo, hi = d.t0_ns, d.t1_ns
+        half = ((res.energy_j_high - res.energy_j_low) / 2).tolist() if res.energy_j_low is not None else [0.0] * len(rids)
+        qual = res.quality.tolist() if res.quality is not None else [""] * len(rids)
+        for rid, dj, ij, ds, meth, hj, q in zip(rids, res.dynamic_j.tolist(), res.idle_j.tolist(), res.device_s.tolist(),
+                                                res.method.tolist(), half, qual):
+            r = self._inflight[rid]
+            r.band_j += hj  # a request's periods share one model: their errors add
+            if q and (r.quality == "" or _QUALITY_RANK.get(q, 0) > _QUALITY_RANK.get(r.quality, 0)):
+                r.quality = q  # the worst quality of its periods
+            r.dynamic_j += dj
+            r.idle_j += ij
+            r.device_s += ds
+            end = r.end_ns if r.end_ns is not None else cut
+            covered = max(0, min(end, hi) - max(r.start_ns, lo))
+            r.covered_ns += covered // (r.device.count(",") + 1) if "," in r.device else covered
+            if r.method != "batch-fit":  # a request any of whose steps were fitted is batch-fit
+                r.method = meth
+
+    def _attribute_host(self, host: str, cur: int, cut: int, rids: list[str]) -> None:
+        trace = self.sampler.trace(host, since_ns=cur - 2_000_000_000)
+        if len(trace) < 2:
+            return
+        req, _ = self._period_inputs(host, rids, cut)
+        res = attribute({host: trace}, req, None, t0_ns=cur, t1_ns=cut, idle_w=self._idle.get(host))
+        for i, rid in enumerate(rids):
+            self._inflight[rid].host_j += float(res.energy_j[i])
+
+    def _refit(self, dev: str, cut: int) -> None:
+        """Re-estimate idle and the step model over the recent history."""
+        lo = cut - int(self.history_s * 1e9)
+        trace = self.sampler.trace(dev, since_ns=lo)
+        if len(trace) < 10:
+            return
+        on = lambda d: d == dev or ("," in d and dev in d.split(","))  # noqa: E731 (a group runs on each member)
+        steps_rows = [s for s in self._hist_steps if on(s[2]) and s[1] > lo]
+        span: dict[str, list[int]] = {}
+        for rid, a, b, d in self._hist_reqs:
+            if on(d) and b > lo:
+                span[rid] = [a, b]
+        for rid, r in self._inflight.items():
+            if on(r.device) and r.start_ns < cut:
+                span[rid] = [r.start_ns, min(r.end_ns if r.end_ns is not None else cut, cut)]
+        for s, e, _, tok in steps_rows:  # a step may name a request we never saw begin
+            for k in tok:
+                if k not in span:
+                    span[k] = [s, e]
+                else:
+                    b = span[k]
+                    b[0], b[1] = min(b[0], s), max(b[1], e)
+        n = len(span)
+        bounds = np.array(list(span.values()), dtype=np.int64).reshape(n, 2)
+        req = Requests(np.array(list(span), dtype=object), bounds[:, 0], bounds[:, 1], np.full(n, dev, dtype=object), np.ones(n))
+        steps = Steps.from_records([{"start_ns": s, "end_ns": e, "device": dev, "requests": tok} for (s, e, d, tok) in steps_rows], req) if steps_rows else None
+        res = attribute({dev: trace}, req, steps, idle_w=self.idle_w, t0_ns=lo, t1_ns=cut)
+        d = res.devices.get(dev)
+        if d is None:
+            return
+        if self.idle_w is None and (d.idle_source == "idle-periods" or (d.idle_source == "fit-intercept" and dev not in self._idle)):
+            self._idle[dev] = d.idle_w
+        if d.model is not None and d.model.rows >= 20:
+            self._models[dev] = d.model
+
+    def _group_done(self, r) -> bool:
+        metered = getattr(self, "_metered", None) or {}
+        return all(self._cursor.get(m, r.end_ns - 1) >= r.end_ns for m in r.device.split(",") if m in metered)
+
+    def _finalise(self, rids: list[str], cut: int, info, stalled: bool = False) -> None:
+        done = []
+        for rid in rids:
+            r = self._inflight.get(rid)
+            if r is not None and r.end_ns is not None and r.end_ns <= cut:
+                if "," in r.device and not self._group_done(r):
+                    continue  # a device group: final once every metered member has passed its end
+                self._hist_reqs.append((rid, r.start_ns, r.end_ns, r.device))
+                if r.peer:
+                    del self._inflight[rid]
+                else:
+                    done.append((rid, r))  # removed once emitted, so flush() waits for the sinks
+        if not done:
+            return
+        if stalled:
+            if not self.counters["late_records"]:
+                log.warning("the power sensor stopped answering; records are made final on the clock, with coverage < 1")
+            self.counters["late_records"] += len(done)
+        sensor = info.sensor if info is not None else "none"
+        simulated = bool(info.simulated) if info is not None else False
+        # carbon for the whole batch of records at once (vectorised)
+        energy = np.fromiter((r.dynamic_j + r.idle_j for _, r in done), float, len(done))
+        host = np.fromiter((r.host_j for _, r in done), float, len(done))
+        dev_s = np.fromiter((r.device_s for _, r in done), float, len(done))
+        # each request at the intensity of the hour it ran (its mid-point on the wall clock)
+        wall = np.fromiter(((r.start_ns + r.end_ns) * 0.5e-9 for _, r in done), float, len(done)) + (time.time() - time.monotonic())
+        carbon = self.carbon.per_request(energy + host, dev_s, wall)
+        op, emb, cfields = carbon.operational_g, carbon.embodied_g, carbon.fields()
+        band = np.fromiter((r.band_j for _, r in done), float, len(done))
+        e_lo, e_hi = np.maximum(energy - band, 0.0), energy + band
+        # the band's carbon at the same hourly intensity: operational grams scale with energy
+        per_j = np.divide(op, energy + host, out=np.zeros(len(done)), where=(energy + host) > 0)
+        op_lo, op_hi = per_j * (e_lo + host), per_j * (e_hi + host)
+        batch: list[RequestRecord] = []
+        for k, (rid, r) in enumerate(done):
+            m = r.meta
+            life = r.end_ns - r.start_ns
+            rec = RequestRecord(
+                id=rid,
+                device=r.device,
+                start_ns=r.start_ns,
+                end_ns=r.end_ns,
+                energy_j=float(energy[k]),
+                dynamic_j=r.dynamic_j,
+                idle_j=r.idle_j,
+                device_s=r.device_s,
+                co2e_g=float(op[k] + emb[k]),
+                embodied_g=float(emb[k]),
+                method=r.method or "no-trace",
+                sensor=sensor,
+                coverage=min(1.0, r.covered_ns / life) if life > 0 else 1.0,
+                simulated=simulated,
+                route=m.get("route", ""),
+                http_method=m.get("http_method", ""),
+                status_code=int(m.get("status_code", 0) or 0),
+                model=m.get("model", ""),
+                tenant=m.get("tenant", ""),
+                prompt_tokens=int(m.get("prompt_tokens", 0) or 0),
+                output_tokens=int(m.get("output_tokens", 0) or 0),
+                trace_id=int(m.get("trace_id", 0) or 0),
+                span_id=int(m.get("span_id", 0) or 0),
+                host_j=r.host_j,
+                energy_j_low=float(e_lo[k]),
+                energy_j_high=float(e_hi[k]),
+                co2e_g_low=float(op_lo[k] + emb[k]),
+                co2e_g_high=float(op_hi[k] + emb[k]),
+                quality=r.quality,
+                **cfields[k],
+            )
+            batch.append(rec)
+        self.counters["records"] += len(batch)
+        self._to_sinks(batch)
+        for rid, _ in done:  # removed only now, so flush() waits for every sink
+            del self._inflight[rid]
+
+
+def _carbon_from_env():
+    from ..carbon import CarbonModel
+    from ..carbon.intensity import hourly_from_env
+    from ..settings import get_settings
+
+    s = get_settings()
+    return hourly_from_env(CarbonModel.for_region(s.region, pue=s.pue))

@@ -1,0 +1,113 @@
+"""The per-request record: what wattspan says one request cost, and how it knows.
+
+And :class:`Cardinality`, the bound on the distinct label values records carry.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import asdict, dataclass
+from typing import Any
+
+__all__ = ["Cardinality", "RequestRecord"]
+
+
+@dataclass(frozen=True, slots=True)
+class RequestRecord:
+    """One request's final energy and carbon.
+
+    Units are in the names: joules (``_j``), grams of CO2e (``_g``), seconds
+    (``_s``), nanoseconds on the monotonic clock (``_ns``).
+
+    ``energy_j = dynamic_j + idle_j`` is the request's share of what the meter
+    measured on its device. ``co2e_g`` is operational (energy x PUE x grid
+    intensity) plus ``embodied_g``. ``method`` says how the energy was split
+    (``"batch-fit"``: batch steps and a fitted step-energy model reconciled with
+    the meter; ``"time-share"``: shared with the requests in flight at each
+    instant), ``sensor`` which reading it rests on, ``coverage`` the fraction of
+    the request's lifetime the trace covered (0..1), ``simulated`` whether the
+    power came from the simulated source (never a measurement).
+
+    ``energy_j_low``/``energy_j_high`` bound a 90 % interval on ``energy_j`` from the
+    step model's held-out errors (``co2e_g_low``/``co2e_g_high`` the same carried to
+    carbon); both 0 when no band was computed. ``quality`` is ``good``, ``coarse``
+    (a coarse sensor: trust the band) or ``misfit`` (the model fits badly; the band is
+    wide), or empty.
+    """
+
+    id: str
+    device: str
+    start_ns: int
+    end_ns: int
+    energy_j: float
+    dynamic_j: float
+    idle_j: float
+    device_s: float
+    co2e_g: float = 0.0
+    embodied_g: float = 0.0
+    method: str = ""
+    sensor: str = ""
+    coverage: float = 1.0
+    simulated: bool = False
+    route: str = ""
+    http_method: str = ""
+    status_code: int = 0
+    model: str = ""
+    tenant: str = ""
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    trace_id: int = 0
+    span_id: int = 0
+    host_j: float = 0.0
+    energy_j_low: float = 0.0
+    energy_j_high: float = 0.0
+    co2e_g_low: float = 0.0
+    co2e_g_high: float = 0.0
+    quality: str = ""
+    # Which intensity the carbon used (issue 11): gCO2e/kWh, the provider that said it
+    # (``profile``, ``table``, ``electricitymaps``, ...; ``electricitymaps:fallback-profile`` when
+    # a live one was down), its zone, the hour (``YYYY-MM-DDTHH:MMZ``, UTC) and the basis (``location``).
+    # Market-based (a user's contract factor; 0 = none given) and marginal (0 = none) figures
+    # are reported beside, operational only; ``co2e_g`` stays location-based.
+    intensity_g_per_kwh: float = 0.0
+    intensity_provider: str = ""
+    intensity_zone: str = ""
+    intensity_hour: str = ""
+    intensity_basis: str = ""
+    market_g_per_kwh: float = 0.0
+    co2e_market_g: float = 0.0
+    marginal_g_per_kwh: float = 0.0
+    co2e_marginal_g: float = 0.0
+
+    @property
+    def duration_s(self) -> float:
+        return (self.end_ns - self.start_ns) / 1e9
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Cardinality:
+    """Admits at most ``limit`` distinct values; the rest become ``overflow`` (counted).
+
+    Bounds label cardinality: the middleware's tenants, the metrics' labels.
+    """
+
+    __slots__ = ("limit", "seen", "overflow", "overflowed", "_lock")
+
+    def __init__(self, limit: int, overflow: str = "other") -> None:
+        self.limit = limit
+        self.seen: set[str] = set()
+        self.overflow = overflow
+        self.overflowed = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, value: str) -> str:
+        if value in self.seen:
+            return value
+        with self._lock:
+            if len(self.seen) < self.limit:
+                self.seen.add(value)
+                return value
+            self.overflowed += 1
+        return self.overflow

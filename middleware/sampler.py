@@ -1,0 +1,402 @@
+"""The one background thread that polls every power source into per-device ring buffers.
+
+Sources are polled only from this thread (never from an asyncio event loop),
+every ``interval_s``. Each device's readings go into a :class:`RingBuffer`:
+one row per timestamp, NaN in the column (power or energy) that a reading
+lacks; rows that do not move time forward for their device are rejected, so
+:meth:`Sampler.trace` always gives strictly increasing timestamps.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+import weakref
+from collections.abc import Iterable
+from typing import Any, cast
+
+import numpy as np
+
+from .logs import LogOnce, get_logger
+from .samples import DeviceInfo, DeviceTrace, RingBuffer, SampleBatch, SampleKind
+from .sources._base import PowerSource
+
+__all__ = ["Sampler"]
+
+log = get_logger(__name__)
+
+_ENERGY = SampleKind.ENERGY
+
+
+class _Device:
+    __slots__ = ("info", "buf", "last_t", "rejected")
+
+    def __init__(self, info: DeviceInfo, capacity: int) -> None:
+        self.info = info
+        self.buf = RingBuffer(capacity)
+        self.last_t = -(2**63)
+        self.rejected = 0  # rows that did not move time forward
+
+
+class _State:
+    """Everything the thread touches; the thread holds this, never the Sampler, so the
+    Sampler can be garbage-collected (its finaliser then stops the thread)."""
+
+    def __init__(self, sources: list[PowerSource], names: list[str], devices: dict[str, _Device], interval_ns: int) -> None:
+        self.sources = sources
+        self.names = names
+        self.devices = devices
+        self.interval_ns = interval_ns
+        self.pid = os.getpid()
+        self.stop = threading.Event()
+        self.thread: threading.Thread | None = None
+        self.lock = threading.Lock()  # start/stop/close
+        self.close_sources = False
+        self.sources_closed = False
+        self.closed = False
+        self.polls = 0
+        self.overruns = 0
+        self.poll_errors = dict.fromkeys(names, 0)
+        self.once = LogOnce(log, max_keys=1000)  # bounds the memory a flood of distinct messages can take
+        self.cost_sum_ns = 0
+        self.cost_max_ns = 0
+        self.cpu_sum_ns = 0
+        self.last_poll_ns: int | None = None
+
+
+_Rows = tuple[np.ndarray, "np.ndarray | None", "np.ndarray | None"]
+
+
+def _rows(batches: list[SampleBatch]) -> _Rows:
+    """Merge one device's batches into time-ordered rows ``(t, power, energy)``, one row per timestamp."""
+    if len(batches) == 1:
+        b = batches[0]
+        t = b.t_ns
+        if t.shape[0] < 2 or (np.diff(t) > 0).all():
+            v = b.value
+            return (t, None, v) if b.kind is _ENERGY else (t, v, None)
+    elif len(batches) == 2:
+        a, b = batches
+        if (a.kind is _ENERGY) != (b.kind is _ENERGY) and np.array_equal(a.t_ns, b.t_ns):
+            t = a.t_ns
+            if t.shape[0] < 2 or (np.diff(t) > 0).all():
+                return (t, b.value, a.value) if a.kind is _ENERGY else (t, a.value, b.value)
+    t_all = np.concatenate([np.asarray(b.t_ns, dtype=np.int64) for b in batches])
+    t, inv = np.unique(t_all, return_inverse=True)
+    p = np.full(t.shape[0], np.nan)
+    e = np.full(t.shape[0], np.nan)
+    i = 0
+    for b in batches:
+        k = b.t_ns.shape[0]
+        (e if b.kind is _ENERGY else p)[inv[i : i + k]] = b.value
+        i += k
+    return t, p, e
+
+
+def _ingest(st: _State, src_name: str, batches: list[SampleBatch]) -> None:
+    groups: dict[str, list[SampleBatch]]
+    if len(batches) == 1:
+        groups = {batches[0].device: batches}
+    else:
+        groups = {}
+        for b in batches:
+            groups.setdefault(b.device, []).append(b)
+    for device, bs in groups.items():
+        dev = st.devices.get(device)
+        if dev is None:
+            st.poll_errors[src_name] += 1
+            st.once.warning((src_name, "unknown", device), "wattspan: source %s returned readings for %r, which its "
+                      "devices() does not list; ignored", src_name, device)
+            continue
+        if all(b.t_ns.shape[0] == 1 for b in bs):  # the common case: one reading of each kind
+            if len(bs) == 1:
+                b = bs[0]
+                t = int(b.t_ns[0])
+                v = float(b.value[0])
+                if t <= dev.last_t or v != v:
+                    dev.rejected += 1
+                    continue
+                if b.kind is _ENERGY:
+                    dev.buf.append(t, math.nan, v)
+                else:
+                    dev.buf.append(t, v, math.nan)
+                dev.last_t = t
+                continue
+            rows: dict[int, list[float]] = {}
+            for b in bs:
+                v = float(b.value[0])
+                if v != v:
+                    dev.rejected += 1
+                    continue
+                r = rows.setdefault(int(b.t_ns[0]), [math.nan, math.nan])
+                r[1 if b.kind is _ENERGY else 0] = v
+            for t in sorted(rows):
+                if t <= dev.last_t:
+                    dev.rejected += 1
+                    continue
+                p, e = rows[t]
+                dev.buf.append(t, p, e)
+                dev.last_t = t
+            continue
+        ts, ps, es = _rows(bs)
+        if ps is not None and es is not None:
+            ok = np.isfinite(ps) | np.isfinite(es)
+        else:
+            col = ps if ps is not None else es
+            assert col is not None  # _rows gives a power or an energy column, or both
+            ok = np.isfinite(col)
+        ok &= ts > dev.last_t
+        if not ok.all():
+            dev.rejected += int(ok.shape[0] - np.count_nonzero(ok))
+            ts = ts[ok]
+            ps = None if ps is None else ps[ok]
+            es = None if es is None else es[ok]
+        if ts.shape[0]:
+            dev.buf.extend(ts, ps, es)
+            dev.last_t = int(ts[-1])
+
+
+def _poll_once(st: _State) -> None:
+    w0 = time.perf_counter_ns()
+    c0 = time.thread_time_ns()
+    for src, name in zip(st.sources, st.names):
+        try:
+            batches = src.poll()
+        except Exception as exc:
+            st.poll_errors[name] += 1
+            st.once.warning((name, type(exc).__name__, str(exc)), "wattspan: polling %s failed: %s: %s "
+                      "(counted in health()['poll_errors']; logged once)", name, type(exc).__name__, exc)
+            continue
+        if not batches:
+            continue
+        try:
+            _ingest(st, name, batches)
+        except Exception as exc:  # a malformed batch from a buggy source
+            st.poll_errors[name] += 1
+            st.once.warning((name, "ingest", type(exc).__name__, str(exc)), "wattspan: readings from %s could not "
+                      "be stored: %s: %s", name, type(exc).__name__, exc)
+    cost = time.perf_counter_ns() - w0
+    st.cpu_sum_ns += time.thread_time_ns() - c0
+    st.cost_sum_ns += cost
+    if cost > st.cost_max_ns:
+        st.cost_max_ns = cost
+    st.polls += 1
+    st.last_poll_ns = time.monotonic_ns()
+
+
+def _run(st: _State) -> None:
+    interval = st.interval_ns
+    next_t = time.monotonic_ns()
+    try:
+        while True:
+            try:
+                _poll_once(st)
+            except Exception:  # never let the thread die
+                log.exception("wattspan: sampler poll failed")
+            next_t += interval
+            now = time.monotonic_ns()
+            if next_t <= now:  # the poll overran: skip the missed ticks rather than catch up
+                st.overruns += 1
+                next_t = now + interval
+            if st.stop.wait((next_t - now) / 1e9):
+                break
+    finally:
+        if st.close_sources:
+            _close_sources(st)
+
+
+def _close_sources(st: _State) -> None:
+    with st.lock:
+        if st.sources_closed:
+            return
+        st.sources_closed = True
+    for src, name in zip(st.sources, st.names):
+        try:
+            src.close()
+        except Exception as exc:
+            log.warning("wattspan: closing %s failed: %s: %s", name, type(exc).__name__, exc)
+
+
+def _shutdown(st: _State, timeout: float) -> bool:
+    """Stop the thread and close the sources (from the thread, so that NVML is only ever
+    called from there). True when both are done within ``timeout`` seconds."""
+    if st.pid != os.getpid():  # a forked child: the thread is not here, the drivers belong to the parent
+        st.closed = True
+        return True
+    with st.lock:
+        st.closed = True
+        st.close_sources = True
+        th = st.thread
+        st.stop.set()
+    if th is not None and th.is_alive() and th is not threading.current_thread():
+        th.join(timeout)
+        if th.is_alive():
+            log.warning("wattspan: the sampler thread did not stop within %.1f s (a source is blocking)", timeout)
+            return False
+    _close_sources(st)  # no-op when the thread already did it
+    return True
+
+
+class Sampler:
+    """Polls ``sources`` every ``interval_s`` seconds from one daemon thread.
+
+    Each device keeps its last ``capacity`` readings in a :class:`RingBuffer`
+    (24 bytes a row: 1.5 MiB per device for the default 65536 rows, which is
+    about 11 minutes at 100 Hz or 65 s at 1 kHz). The thread never keeps the
+    interpreter alive: it is a daemon, and a finaliser stops it and closes the
+    sources when the Sampler is garbage-collected or at exit.
+
+    A source whose ``poll()`` raises is logged once per distinct error, counted
+    in ``health()["poll_errors"]``, and polled again next time.
+    """
+
+    def __init__(self, sources: PowerSource | Iterable[PowerSource], *, interval_s: float = 0.01, capacity: int = 65536) -> None:
+        if not (isinstance(interval_s, (int, float)) and math.isfinite(interval_s) and interval_s > 0):
+            raise ValueError(f"Sampler interval_s must be a number of seconds > 0, got {interval_s!r}")
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 2:
+            raise ValueError(f"Sampler capacity must be an integer >= 2 rows, got {capacity!r}")
+        srcs: list[PowerSource]
+        if hasattr(sources, "poll"):
+            srcs = [cast(PowerSource, sources)]  # duck-typed: checked method by method below
+        elif isinstance(sources, Iterable):
+            srcs = list(sources)
+        else:
+            raise TypeError("Sampler needs a power source or a list of them")
+        if not srcs:
+            raise ValueError("Sampler needs at least one power source")
+        names: list[str] = []
+        devices: dict[str, _Device] = {}
+        for src in srcs:
+            for attr in ("poll", "devices", "close"):
+                if not callable(getattr(src, attr, None)):
+                    raise TypeError(f"{src!r} is not a power source: it has no {attr}() method")
+            base = str(getattr(src, "name", type(src).__name__))
+            name, k = base, 2
+            while name in names:
+                name, k = f"{base}#{k}", k + 1
+            names.append(name)
+            for info in src.devices():
+                if info.id in devices:
+                    raise ValueError(f"device {info.id!r} is metered by two sources ({devices[info.id].info.sensor} "
+                                     f"and {info.sensor}): give each source distinct devices")
+                devices[info.id] = _Device(info, capacity)
+        self.sources: tuple[PowerSource, ...] = tuple(srcs)
+        self.interval_s = float(interval_s)
+        self.capacity = int(capacity)
+        self._st = _State(srcs, names, devices, max(1, int(round(interval_s * 1e9))))
+        self._finalizer = weakref.finalize(self, _shutdown, self._st, 1.0)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> "Sampler":
+        """Start the thread (no-op if running). Returns self."""
+        st = self._st
+        if st.pid != os.getpid():
+            raise RuntimeError("this Sampler was created in the parent process: after fork, create a new one "
+                               "(wattspan.defaults.get_default_sampler() does)")
+        with st.lock:
+            if st.closed:
+                raise RuntimeError("Sampler is closed: create a new one")
+            if st.thread is not None and st.thread.is_alive():
+                return self
+            st.stop.clear()
+            st.thread = threading.Thread(target=_run, args=(st,), name="wattspan-sampler", daemon=True)
+            st.thread.start()
+        return self
+
+    def stop(self, timeout: float = 5.0) -> bool:
+        """Stop polling (the sources stay open; :meth:`start` resumes). True if the thread ended in time."""
+        st = self._st
+        with st.lock:
+            th = st.thread
+            st.stop.set()
+        if th is None or th is threading.current_thread():
+            return True
+        th.join(timeout)
+        return not th.is_alive()
+
+    def close(self, timeout: float = 5.0) -> bool:
+        """Stop the thread and close every source (idempotent). True if done within ``timeout`` s."""
+        return _shutdown(self._st, timeout)
+
+    @property
+    def running(self) -> bool:
+        th = self._st.thread
+        return th is not None and th.is_alive() and not self._st.stop.is_set()
+
+    @property
+    def closed(self) -> bool:
+        return self._st.closed
+
+    def __enter__(self) -> "Sampler":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ reading
+
+    def devices(self) -> list[DeviceInfo]:
+        """Every metered device, in source order."""
+        return [d.info for d in self._st.devices.values()]
+
+    def _device(self, device: str) -> _Device:
+        try:
+            return self._st.devices[device]
+        except KeyError:
+            raise KeyError(f"unknown device {device!r}: this sampler meters {list(self._st.devices)}") from None
+
+    def trace(self, device: str, since_ns: int | None = None) -> DeviceTrace:
+        """A copy of ``device``'s held readings (at or after ``since_ns``, monotonic ns).
+
+        ``power_w`` is ``None`` when the device only gives energy; NaN marks a row
+        without that reading. Kind, window, sensor and simulated come from its DeviceInfo.
+        """
+        d = self._device(device)
+        t, p, e = d.buf.snapshot(since_ns)
+        power: np.ndarray | None = p
+        if t.shape[0] and not np.isfinite(p).any() and np.isfinite(e).any():
+            power = None
+        info = d.info
+        return DeviceTrace(device, t, power_w=power, energy_j=e, power_kind=info.power_kind,
+                           window_ns=info.window_ns, sensor=info.sensor, simulated=info.simulated)
+
+    def latest_ns(self, device: str) -> int | None:
+        """Time of ``device``'s newest reading (monotonic ns), or None before the first."""
+        return self._device(device).buf.last_time()
+
+    def poll_now(self) -> None:
+        """Poll every source once in the calling thread (for tests and tools; not while running)."""
+        if self.running:
+            raise RuntimeError("poll_now() is for a stopped sampler; the thread is polling")
+        _poll_once(self._st)
+
+    def health(self) -> dict[str, Any]:
+        """Counters: ``running``, ``interval_s``, ``polls``, ``overruns`` (polls that took longer
+        than the interval), ``poll_errors`` and ``source_errors`` (the sources' own ``errors``) per
+        source, per device ``rows``, ``dropped_rows`` (overwritten when the buffer was full) and
+        ``rejected_rows`` (not after the previous reading), ``poll_cost_mean_us``/``poll_cost_max_us``
+        (wall time of a poll), ``poll_cpu_mean_us`` (CPU time of a poll), and ``last_poll_age_s``."""
+        st = self._st
+        n = st.polls
+        last = st.last_poll_ns
+        return {
+            "running": self.running,
+            "interval_s": self.interval_s,
+            "polls": n,
+            "overruns": st.overruns,
+            "poll_errors": dict(st.poll_errors),
+            "source_errors": {name: int(getattr(s, "errors", 0)) for s, name in zip(st.sources, st.names)},
+            "rows": {k: len(d.buf) for k, d in st.devices.items()},
+            "dropped_rows": {k: d.buf.dropped for k, d in st.devices.items()},
+            "rejected_rows": {k: d.rejected for k, d in st.devices.items()},
+            "poll_cost_mean_us": st.cost_sum_ns / n / 1e3 if n else 0.0,
+            "poll_cost_max_us": st.cost_max_ns / 1e3,
+            "poll_cpu_mean_us": st.cpu_sum_ns / n / 1e3 if n else 0.0,
+            "last_poll_age_s": (time.monotonic_ns() - last) / 1e9 if last is not None else None,
+        }
+
+
+# --------------------------------------------------------------------------- the process's sampler

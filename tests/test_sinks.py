@@ -1,0 +1,104 @@
+"""The meter's one way out: every sink implements wattspan.RecordSink (records and device figures)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from wattspan import BatchCallback, DeviceFigures, Meter, RecordCallback, RecordSink, RequestRecord
+from wattspan.carbon import CarbonModel
+from wattspan.sources.replay import ReplaySource
+
+from .conftest import constant_trace
+
+MS = 1_000_000
+
+
+class UserSink:
+    """A user's own sink: two methods, no base class."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[RequestRecord]] = []
+        self.figures: list[DeviceFigures] = []
+
+    def on_records(self, records):
+        self.batches.append(list(records))
+
+    def on_device(self, figures):
+        self.figures.append(figures)
+
+
+def _meter(**kw) -> Meter:
+    return Meter(sources=[ReplaySource([constant_trace(100.0)], loop=True)], idle_w=40.0, carbon=CarbonModel(intensity_g_per_kwh=400.0),
+                 period_s=0.05, lag_s=0.05, **kw)
+
+
+def test_a_users_sink_gets_the_records_and_each_devices_figures():
+    user, per_record, per_pass = UserSink(), [], []
+    m = _meter(sinks=[user, RecordCallback(per_record.append)])
+    m.add_sink(BatchCallback(per_pass.append))
+    try:
+        assert isinstance(user, RecordSink) and m.sinks[0] is user and len(m.sinks) == 3
+        now = time.monotonic_ns()
+        for i in range(3):
+            m.begin(f"r{i}", "gpu0", now)
+            m.end(f"r{i}", "gpu0", now + 30 * MS, {"route": "/x"})
+        assert m.flush(10)
+    finally:
+        m.close()
+    got = [r.id for b in user.batches for r in b]
+    assert sorted(got) == ["r0", "r1", "r2"] and sorted(r.id for r in per_record) == sorted(got)
+    assert sorted(r.id for b in per_pass for r in b) == sorted(got)
+    assert all(r.route == "/x" and r.energy_j > 0 for b in user.batches for r in b)
+    # device figures: running totals, measured energy never less than what requests got
+    assert user.figures and all(f.device == "gpu0" for f in user.figures)
+    last = user.figures[-1]
+    assert last.energy_j > 0 and last.unattributed_j >= 0 and last.power_w == pytest.approx(100.0)
+    assert last.energy_j + 1e-9 >= sum(r.energy_j for r in per_record)
+    with pytest.raises(AttributeError):
+        last.energy_j = 0.0  # frozen
+
+
+def test_a_sink_that_raises_is_counted_and_the_others_still_get_everything():
+    class Broken(UserSink):
+        def on_records(self, records):
+            raise RuntimeError("down")
+
+        def on_device(self, figures):
+            raise RuntimeError("down")
+
+    ok = UserSink()
+    m = _meter(sinks=[Broken(), ok])
+    try:
+        now = time.monotonic_ns()
+        m.begin("a", "gpu0", now)
+        m.end("a", "gpu0", now + 20 * MS, {})
+        assert m.flush(10)
+    finally:
+        m.close()
+    assert [r.id for b in ok.batches for r in b] == ["a"]
+    assert m.counters["sink_errors"] >= 2  # its records and its device figures, each counted
+
+
+def test_something_that_is_not_a_sink_is_refused_with_the_way_to_wrap_it():
+    m = _meter(autostart=False)
+    with pytest.raises(TypeError, match="RecordCallback"):
+        m.add_sink(print)
+    with pytest.raises(TypeError, match="on_records"):
+        _meter(sinks=[[].append], autostart=False)
+
+
+def test_remove_sink_stops_delivery():
+    a, b = UserSink(), UserSink()
+    m = _meter(sinks=[a, b])
+    try:
+        m.remove_sink(a)
+        assert m.sinks == (b,)
+        now = time.monotonic_ns()
+        m.begin("z", "gpu0", now)
+        m.end("z", "gpu0", now + 20 * MS, {})
+        assert m.flush(10)
+    finally:
+        m.close()
+    assert a.batches == [] and [r.id for x in b.batches for r in x] == ["z"]
