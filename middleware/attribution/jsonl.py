@@ -7,8 +7,9 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .attribute import Requests, Steps, device_key
+from ..devices import device_key
 from ..errors import InputError
+from .inputs import Requests, Steps
 
 __all__ = ["read_requests_jsonl", "read_batches_jsonl"]
 
@@ -120,7 +121,8 @@ def read_requests_jsonl(path) -> tuple[Requests, list[dict[str, Any]]]:
     Returns the columnar :class:`Requests` and the rows as read (for output).
     """
     path = Path(path)
-    rows, ids = [], {}
+    rows: list[dict[str, Any]] = []
+    ids: dict[str, int] = {}
     for n, row in _rows(path):
         if "id" not in row or not isinstance(row["id"], (str, int)) or isinstance(row["id"], bool) or str(row["id"]) == "":
             raise InputError(path, n, "missing 'id' (a non-empty string)")

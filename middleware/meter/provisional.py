@@ -166,7 +166,7 @@ class Provisional:
         fitted = getattr(meter, "_models", {})
         models = [fitted.get(d) for d in on]
         if t is not None and all(m is not None for m in models):
-            steps = t[1]
+            steps = int(t[1])
             pre_share = t[4 : 4 + _NB]
             dec_share = t[4 + _NB : 4 + 2 * _NB]
             idle_pre, idle_dec = t[4 + 2 * _NB], t[5 + 2 * _NB]
@@ -177,6 +177,7 @@ class Provisional:
                 scale = max(1.0, (output_tokens - 1) / t[3])
             dyn = 0.0
             for m in models:
+                assert m is not None  # all fitted: checked above
                 coef = m.full_coef
                 dyn += sum(c * x for c, x in zip(coef, pre_share)) + scale * sum(c * x for c, x in zip(coef, dec_share))
             idles = getattr(meter, "_idle", {})
@@ -192,7 +193,7 @@ class Provisional:
                 energy = rate * tok
                 method = "recent-rate"
             if t is not None:
-                steps = t[1]
+                steps = int(t[1])
         self.stats[method] += 1
         co2e = None
         if energy is not None:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 try:
     from opentelemetry import metrics as _metrics_api
@@ -210,7 +210,7 @@ class EnergyMetrics:
         """The latest running totals of one device: energy since start (J), power now (W),
         and measured energy charged to no request (J). ``None`` leaves a value unreported."""
         try:
-            vals = []
+            vals: list[float | None] = []
             for v in (energy_j_total, power_w, unattributed_j_total):
                 if v is not None:
                     v = float(v)
@@ -223,7 +223,7 @@ class EnergyMetrics:
                 if key not in self._devices and len(self._devices) >= self.max_devices:
                     self._counts["devices_dropped"] += 1
                     return
-                self._devices[key] = (str(device_type), *vals)
+                self._devices[key] = (str(device_type), vals[0], vals[1], vals[2])
         except Exception:
             self._fault("EnergyMetrics.observe_device failed")
 
@@ -255,7 +255,7 @@ class EnergyMetrics:
             if v is None:
                 continue
             attrs = {"hw.id": dev, "hw.type": row[0]} if with_type else {"hw.id": dev}
-            out.append(Observation(v, attrs))
+            out.append(Observation(cast(float, v), attrs))  # columns after the first (the type) are numbers
         return out
 
     def _cb_hw_energy(self, options):
