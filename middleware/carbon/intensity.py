@@ -49,12 +49,9 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from ..logs import LogOnce, get_logger
-
-if TYPE_CHECKING:
-    from .model import CarbonModel
 
 __all__ = [
     "IntensityValue", "HourlyIntensityProvider", "ProfileProvider", "FileProvider",
@@ -684,7 +681,7 @@ def provider_from_name(name: str, region: str, *, env: Mapping[str, str] | None 
     return gb, zone
 
 
-def hourly_from_env(model: CarbonModel, env: Mapping[str, str] | None = None) -> CarbonModel:
+def hourly_from_env(model: Any, env: Mapping[str, str] | None = None) -> Any:  # a CarbonModel (model imports this module)
     """``model`` with the hourly intensity the environment asks for (the live meter's default):
 
     * ``WATTSPAN_INTENSITY_PROVIDER``: ``auto`` (default), ``table``, ``profile``,
