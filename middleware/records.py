@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import asdict, dataclass, fields
+from typing import Any
 
 __all__ = ["Cardinality", "RequestRecord"]
 
@@ -84,7 +85,7 @@ class RequestRecord:
     def duration_s(self) -> float:
         return (self.end_ns - self.start_ns) / 1e9
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 

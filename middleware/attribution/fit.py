@@ -235,7 +235,9 @@ def _batch_fit(cum, trace, steps, s_idx, requests, ridx, seg, idle_curve, a, b, 
             step_ns = float(np.median(en_ns - st_ns))
             spacing = max(float(np.median(np.diff(t_row))), 1.0)
             excess = max(0, lag - int(math.ceil(2 * step_ns / spacing)))
-            L, scores, pred = select_window(t_row, m_row, p_row, a, b, lengths, max(overlap, excess))
+            L, scores, best_pred = select_window(t_row, m_row, p_row, a, b, lengths, max(overlap, excess))
+            # the whole period is always a candidate: a prediction comes back unless every error was NaN
+            pred = best_pred if best_pred is not None else p_row * (m_row.sum() / p_row.sum() if p_row.sum() > 0 else 1.0)
             reconcile_s = L * _NS
             window_why = f"lowest held-out error of {len(scores)} window lengths"
             band_rel = _band_rel(m_row, pred, p_row)

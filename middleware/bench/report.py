@@ -332,7 +332,7 @@ def _charts(rep: dict, out: Path) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    made = []
+    made: list[str] = []
     phases = [p for p in rep["phases"] if p["per_request"]]
     sim = " (SIMULATED power)" if rep["simulated"] else ""
     if not phases:

@@ -29,15 +29,16 @@ and ``["step_model_rejected"]`` count the outcomes.
 from __future__ import annotations
 
 import functools
-import logging
 import math
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
+from ..logs import get_logger
 from ..devices import group_key as _group_key
 
 _str_group_key = functools.lru_cache(maxsize=1024)(_group_key)
@@ -54,10 +55,16 @@ from .sinks import DeviceFigures, FlushableSink, RecordSink, SpanSink
 
 __all__ = ["Meter"]
 
-log = logging.getLogger("wattspan")
+log = get_logger(__name__)
 
 _BEGIN, _END, _STEP, _MARK = 0, 1, 2, 3
 _QUALITY_RANK = {"good": 1, "coarse": 2, "misfit": 3}
+
+
+def _ended(r: _Inflight) -> int:
+    """The end of a request that has ended (only those are finalised)."""
+    assert r.end_ns is not None
+    return r.end_ns
 
 
 class _Inflight:
@@ -458,7 +465,8 @@ class Meter:
     def _drain(self) -> None:
         ev = self._events
         inflight = self._inflight
-        out = [] if self.peers is not None else None
+        peers = self.peers
+        out: list[Any] | None = [] if peers is not None else None
         while ev:
             e = ev.popleft()
             if e[0] == _BEGIN:
@@ -478,16 +486,19 @@ class Meter:
                 self._hist_add(e[1:])
             if out is not None:
                 out.append(e[:3] if e[0] == _END else e)
-        if self.peers is not None:
+        if peers is not None and out is not None:
             # a watermark: every event of ours up to this time is in this message
             out.append((_MARK, time.monotonic_ns()))
-            self.peers.broadcast(out)
+            peers.broadcast(out)
             self._take_peer_events()
 
     def _take_peer_events(self) -> None:
         """What the other worker processes on this host serve (see :mod:`wattspan.meter.peers`)."""
         inflight = self._inflight
-        for pid, events, lost in self.peers.receive():
+        peers = self.peers
+        if peers is None:
+            return
+        for pid, events, lost in peers.receive():
             if lost:
                 self._peer_lost(pid, lost)
             for e in events:
@@ -514,7 +525,7 @@ class Meter:
                         self._hist_add(st)
                 except (IndexError, TypeError, ValueError, AttributeError):
                     self.counters["pass_errors"] += 1
-        gone = self.peers.take_gone()
+        gone = peers.take_gone()
         for pid in gone:
             self._peer_marks.pop(pid, None)
         if gone:  # a dead worker's requests no longer share the device
@@ -635,7 +646,7 @@ class Meter:
             log.error("wattspan: requests run on device %r, which no power source meters (metered: %s); their records "
                       "carry no energy. Set the middleware's device (or WATTSPAN_DEVICE) to one of those.", dev, ", ".join(sorted(infos)))
         self.counters["unmetered_device"] = self.counters.get("unmetered_device", 0) + sum(1 for rid in done if not self._inflight[rid].peer)
-        self._finalise(done, max(self._inflight[rid].end_ns for rid in done), None)
+        self._finalise(done, max(_ended(self._inflight[rid]) for rid in done), None)
 
     def _period_inputs(self, dev: str, rids: list[str], cut: int):
         """The requests (clipped to ``cut``) and batch steps of one pass, columnar."""
@@ -816,7 +827,7 @@ class Meter:
         host = np.fromiter((r.host_j for _, r in done), float, len(done))
         dev_s = np.fromiter((r.device_s for _, r in done), float, len(done))
         # each request at the intensity of the hour it ran (its mid-point on the wall clock)
-        wall = np.fromiter(((r.start_ns + r.end_ns) * 0.5e-9 for _, r in done), float, len(done)) + (time.time() - time.monotonic())
+        wall = np.fromiter(((r.start_ns + _ended(r)) * 0.5e-9 for _, r in done), np.float64, len(done)) + (time.time() - time.monotonic())
         carbon = self.carbon.per_request(energy + host, dev_s, wall)
         op, emb = carbon.operational_g, carbon.embodied_g
         band = np.fromiter((r.band_j for _, r in done), float, len(done))
@@ -831,9 +842,10 @@ class Meter:
         batch: list[RequestRecord] = []
         for (rid, r), (e, co2, eg, elo, ehi, clo, chi, *intensity) in zip(done, cols):
             m = r.meta
-            life = r.end_ns - r.start_ns
+            end_ns = _ended(r)
+            life = end_ns - r.start_ns
             rec = _record((
-                rid, r.device, r.start_ns, r.end_ns, e, r.dynamic_j, r.idle_j, r.device_s, co2, eg,
+                rid, r.device, r.start_ns, end_ns, e, r.dynamic_j, r.idle_j, r.device_s, co2, eg,
                 r.method or "no-trace", sensor, min(1.0, r.covered_ns / life) if life > 0 else 1.0, simulated,
                 m.get("route", ""), m.get("http_method", ""), int(m.get("status_code", 0) or 0), m.get("model", ""),
                 m.get("tenant", ""), int(m.get("prompt_tokens", 0) or 0), int(m.get("output_tokens", 0) or 0),

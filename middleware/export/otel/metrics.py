@@ -24,24 +24,24 @@ logged once, counted (``stats()``), and the span goes on unchanged.
 
 from __future__ import annotations
 
-import logging
 import math
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 try:
     from opentelemetry import metrics as _metrics_api
 except ImportError as exc:  # pragma: no cover - exercised without the otel extra
     raise ImportError("wattspan.export.otel needs the OpenTelemetry SDK: pip install 'wattspan[otel]'") from exc
 
+from ...logs import get_logger
 from ...meter.sinks import DeviceFigures
 from ...records import Cardinality, RequestRecord
 from ._faults import _Faults
 
 __all__ = ["EnergyMetrics", "ENERGY_BUCKETS_J", "CO2E_BUCKETS_G"]
 
-log = logging.getLogger("wattspan")
+log = get_logger(__name__)
 
 #: Histogram bucket bounds: per-request accelerator energy spans ~10 mJ (an
 #: embedding) to kJ (a long generation on a big GPU).
@@ -211,7 +211,7 @@ class EnergyMetrics:
         """The latest running totals of one device: energy since start (J), power now (W),
         and measured energy charged to no request (J). ``None`` leaves a value unreported."""
         try:
-            vals = []
+            vals: list[float | None] = []
             for v in (energy_j_total, power_w, unattributed_j_total):
                 if v is not None:
                     v = float(v)
@@ -224,7 +224,7 @@ class EnergyMetrics:
                 if key not in self._devices and len(self._devices) >= self.max_devices:
                     self._counts["devices_dropped"] += 1
                     return
-                self._devices[key] = (str(device_type), *vals)
+                self._devices[key] = (str(device_type), vals[0], vals[1], vals[2])
         except Exception:
             self._fault("EnergyMetrics.observe_device failed")
 
@@ -256,7 +256,7 @@ class EnergyMetrics:
             if v is None:
                 continue
             attrs = {"hw.id": dev, "hw.type": row[0]} if with_type else {"hw.id": dev}
-            out.append(Observation(v, attrs))
+            out.append(Observation(cast(float, v), attrs))  # columns after the first (the type) are numbers
         return out
 
     def _cb_hw_energy(self, options):
