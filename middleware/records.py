@@ -6,6 +6,7 @@ And :class:`Cardinality`, the bound on the distinct label values records carry.
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -120,7 +121,7 @@ FIELDS = tuple(f.name for f in fields(RequestRecord))
 _new = object.__new__
 
 
-def _record(values) -> RequestRecord:
+def _record(values: Iterable[Any]) -> RequestRecord:
     """A RequestRecord from all its field values in :data:`FIELDS` order, of the
     right types already (the meter's hot path: no per-field ``__init__`` work)."""
     rec = _new(RequestRecord)
