@@ -38,7 +38,8 @@ def _device_key(device) -> str:
     """The canonical device or group name (``"gpu0, gpu1"`` and ``"gpu0+gpu1"`` -> ``"gpu0,gpu1"``)."""
     return _str_group_key(device) if isinstance(device, str) else _group_key(device)
 from ..attribution import Requests, StepModel, Steps, attribute
-from ..records import RequestRecord
+from ..carbon.records import request_records
+from ..records import RequestLabels, RequestRecord
 from ..samples import SampleKind
 from .context import MAX_TOKENS
 from .sinks import DeviceFigures, FlushableSink, RecordSink, SpanSink
@@ -60,7 +61,7 @@ class _Inflight:
         self.device = device
         self.start_ns = start_ns
         self.end_ns: int | None = None
-        self.meta: dict = {}
+        self.meta: RequestLabels | Mapping | None = None
         self.dynamic_j = 0.0
         self.idle_j = 0.0
         self.device_s = 0.0
@@ -252,10 +253,11 @@ class Meter:
             for d in (device.split(",") if "," in device else (device,)):  # a group: active on each member
                 s.on_request_start(d)
 
-    def end(self, request_id: str, device: str, t_ns: int, meta: dict | None = None) -> None:
-        """The request ended (last body chunk, error or disconnect). ``meta``:
+    def end(self, request_id: str, device: str, t_ns: int, meta: RequestLabels | Mapping | None = None) -> None:
+        """The request ended (last body chunk, error or disconnect). ``meta``: its
+        :class:`~wattspan.records.RequestLabels` (or a dict with those field names:
         route, http_method, status_code, model, tenant, prompt_tokens,
-        output_tokens, trace_id, span_id."""
+        output_tokens, trace_id, span_id), read on the meter's thread."""
         self._events.append((_END, request_id, t_ns, meta))
         if self._activity and (not isinstance(device, str) or "+" in device or " " in device):
             device = _device_key(device)
@@ -453,7 +455,7 @@ class Meter:
                 r = inflight.get(e[1])
                 if r is not None:
                     r.end_ns = max(e[2], r.start_ns)
-                    r.meta = e[3] or {}
+                    r.meta = e[3]
             else:
                 self._steps.append(e[1:])
                 self._hist_add(e[1:])
@@ -749,56 +751,27 @@ class Meter:
             self.counters["late_records"] += len(done)
         sensor = info.sensor if info is not None else "none"
         simulated = bool(info.simulated) if info is not None else False
-        # carbon for the whole batch of records at once (vectorised)
-        energy = np.fromiter((r.dynamic_j + r.idle_j for _, r in done), float, len(done))
-        host = np.fromiter((r.host_j for _, r in done), float, len(done))
-        dev_s = np.fromiter((r.device_s for _, r in done), float, len(done))
+        rs = [r for _, r in done]
+        n = len(rs)
+        energy = np.fromiter((r.dynamic_j + r.idle_j for r in rs), float, n)
+        band = np.fromiter((r.band_j for r in rs), float, n)
+        start = np.fromiter((r.start_ns for r in rs), np.int64, n)
+        end = np.fromiter((r.end_ns for r in rs), np.int64, n)
         # each request at the intensity of the hour it ran (its mid-point on the wall clock)
-        wall = np.fromiter(((r.start_ns + r.end_ns) * 0.5e-9 for _, r in done), float, len(done)) + (time.time() - time.monotonic())
-        carbon = self.carbon.per_request(energy + host, dev_s, wall)
-        op, emb, cfields = carbon.operational_g, carbon.embodied_g, carbon.fields()
-        band = np.fromiter((r.band_j for _, r in done), float, len(done))
-        e_lo, e_hi = np.maximum(energy - band, 0.0), energy + band
-        # the band's carbon at the same hourly intensity: operational grams scale with energy
-        per_j = np.divide(op, energy + host, out=np.zeros(len(done)), where=(energy + host) > 0)
-        op_lo, op_hi = per_j * (e_lo + host), per_j * (e_hi + host)
-        batch: list[RequestRecord] = []
-        for k, (rid, r) in enumerate(done):
-            m = r.meta
-            life = r.end_ns - r.start_ns
-            rec = RequestRecord(
-                id=rid,
-                device=r.device,
-                start_ns=r.start_ns,
-                end_ns=r.end_ns,
-                energy_j=float(energy[k]),
-                dynamic_j=r.dynamic_j,
-                idle_j=r.idle_j,
-                device_s=r.device_s,
-                co2e_g=float(op[k] + emb[k]),
-                embodied_g=float(emb[k]),
-                method=r.method or "no-trace",
-                sensor=sensor,
-                coverage=min(1.0, r.covered_ns / life) if life > 0 else 1.0,
-                simulated=simulated,
-                route=m.get("route", ""),
-                http_method=m.get("http_method", ""),
-                status_code=int(m.get("status_code", 0) or 0),
-                model=m.get("model", ""),
-                tenant=m.get("tenant", ""),
-                prompt_tokens=int(m.get("prompt_tokens", 0) or 0),
-                output_tokens=int(m.get("output_tokens", 0) or 0),
-                trace_id=int(m.get("trace_id", 0) or 0),
-                span_id=int(m.get("span_id", 0) or 0),
-                host_j=r.host_j,
-                energy_j_low=float(e_lo[k]),
-                energy_j_high=float(e_hi[k]),
-                co2e_g_low=float(op_lo[k] + emb[k]),
-                co2e_g_high=float(op_hi[k] + emb[k]),
-                quality=r.quality,
-                **cfields[k],
-            )
-            batch.append(rec)
+        wall = (start + end) * 0.5e-9 + (time.time() - time.monotonic())
+        life = end - start
+        covered = np.fromiter((r.covered_ns for r in rs), float, n)
+        # carbon once, for the whole batch (see wattspan.carbon.records for the host rule)
+        batch = request_records(
+            self.carbon, ids=[rid for rid, _ in done], device=[r.device for r in rs], start_ns=start, end_ns=end,
+            dynamic_j=np.fromiter((r.dynamic_j for r in rs), float, n), idle_j=np.fromiter((r.idle_j for r in rs), float, n),
+            device_s=np.fromiter((r.device_s for r in rs), float, n), host_j=np.fromiter((r.host_j for r in rs), float, n),
+            wall_s=wall, energy_j_low=np.maximum(energy - band, 0.0), energy_j_high=energy + band,
+            method=[r.method or "no-trace" for r in rs], sensor=sensor,
+            coverage=np.minimum(1.0, np.divide(covered, life, out=np.ones(n), where=life > 0)),
+            simulated=simulated, quality=[r.quality for r in rs],
+            labels=[r.meta if type(r.meta) is RequestLabels else RequestLabels.from_mapping(r.meta) for r in rs],
+        )
         self.counters["records"] += len(batch)
         self._to_sinks(batch)
         for rid, _ in done:  # removed only now, so flush() waits for every sink
