@@ -51,3 +51,19 @@ def test_a_column_of_the_wrong_length_is_refused():
     with pytest.raises(ValueError, match="rows for 2 requests"):
         request_records(model(), ids=["a", "b"], device="gpu0", start_ns=[0, 0], end_ns=[1, 1], dynamic_j=[1.0],
                         idle_j=[0.0, 0.0], device_s=[0.0, 0.0])
+
+
+def test_steps_from_batches_match_steps_from_records():
+    """The meter's columns-first build of a pass's steps equals the dict route it replaced."""
+    from wattspan.attribution import BatchStep, Requests, Steps
+
+    req = Requests(np.array(["a", "b", "c"], dtype=object), np.array([0, 0, 5]), np.array([50, 50, 50]),
+                   np.full(3, "gpu1", dtype=object), np.ones(3))
+    batches = [BatchStep(0, 10, "gpu1", {"a": 3, "b": 1, "z": 9}), BatchStep(10, 20, "gpu0", {"a": 2}),
+               BatchStep(20, 30, "gpu0,gpu1", {"c": 4.0}), BatchStep(30, 40, "gpu1", {"z": 1})]
+    got = Steps.from_batches(batches, req, "gpu1")
+    want = Steps.from_records([{"start_ns": 0, "end_ns": 10, "device": "gpu1", "requests": {"a": 3, "b": 1}},
+                               {"start_ns": 20, "end_ns": 30, "device": "gpu1", "requests": {"c": 4.0}}], req)
+    for f in ("start_ns", "end_ns", "device", "entry_step", "entry_request", "entry_tokens"):
+        assert getattr(got, f).tolist() == getattr(want, f).tolist(), f
+    assert Steps.from_batches(batches[3:], req, "gpu1") is None

@@ -37,7 +37,7 @@ _str_group_key = functools.lru_cache(maxsize=1024)(_group_key)
 def _device_key(device) -> str:
     """The canonical device or group name (``"gpu0, gpu1"`` and ``"gpu0+gpu1"`` -> ``"gpu0,gpu1"``)."""
     return _str_group_key(device) if isinstance(device, str) else _group_key(device)
-from ..attribution import Requests, StepModel, Steps, attribute
+from ..attribution import BatchStep, Requests, StepModel, Steps, attribute
 from ..carbon.records import request_records
 from ..records import RequestLabels, RequestRecord
 from ..samples import SampleKind
@@ -165,7 +165,7 @@ class Meter:
         self._events: deque = deque()
         self._activity: list = []
         self._inflight: dict[str, _Inflight] = {}
-        self._steps: list[tuple[int, int, str, dict]] = []
+        self._steps: list[BatchStep] = []
         # bounded history for re-estimating idle and the step model (see _refit)
         self._hist_steps: deque = deque(maxlen=200_000)
         self._hist_reqs: deque = deque(maxlen=100_000)
@@ -457,8 +457,9 @@ class Meter:
                     r.end_ns = max(e[2], r.start_ns)
                     r.meta = e[3]
             else:
-                self._steps.append(e[1:])
-                self._hist_add(e[1:])
+                st = BatchStep(e[1], e[2], e[3], e[4])
+                self._steps.append(st)
+                self._hist_add(st)
             if out is not None:
                 out.append(e[:3] if e[0] == _END else e)
         if self.peers is not None:
@@ -490,7 +491,7 @@ class Meter:
                         if len(e[4]) > self.max_step_ids:
                             self._drop_step(f"a peer's step names {len(e[4])} requests")
                             continue
-                        st = (int(e[1]), int(e[2]), str(e[3]), {str(k): float(v) for k, v in e[4].items()})
+                        st = BatchStep(int(e[1]), int(e[2]), str(e[3]), {str(k): float(v) for k, v in e[4].items()})
                         if not all(0 <= v <= MAX_TOKENS for v in st[3].values()):
                             raise ValueError
                         self._steps.append(st)
@@ -629,16 +630,7 @@ class Meter:
             device=np.full(n, dev, dtype=object),
             weight=np.ones(n),
         )
-        steps = None
-        if self._steps:
-            known = set(rids)
-            srows = []
-            for s, e, d, tok in self._steps:
-                if d == dev or ("," in d and dev in d.split(",")):  # a group's step runs on each member
-                    mine = {k: v for k, v in tok.items() if k in known}
-                    if mine:
-                        srows.append({"start_ns": s, "end_ns": e, "device": dev, "requests": mine})
-            steps = Steps.from_records(srows, req) if srows else None
+        steps = Steps.from_batches(self._steps, req, dev) if self._steps else None
         return req, steps
 
     def _attribute(self, dev: str, info, cur: int, cut: int, rids: list[str]) -> None:
@@ -717,7 +709,7 @@ class Meter:
         n = len(span)
         bounds = np.array(list(span.values()), dtype=np.int64).reshape(n, 2)
         req = Requests(np.array(list(span), dtype=object), bounds[:, 0], bounds[:, 1], np.full(n, dev, dtype=object), np.ones(n))
-        steps = Steps.from_records([{"start_ns": s, "end_ns": e, "device": dev, "requests": tok} for (s, e, d, tok) in steps_rows], req) if steps_rows else None
+        steps = Steps.from_batches(steps_rows, req, dev) if steps_rows else None
         res = attribute({dev: trace}, req, steps, idle_w=self.idle_w, t0_ns=lo, t1_ns=cut)
         d = res.devices.get(dev)
         if d is None:
