@@ -181,7 +181,7 @@ def attribute(
         dyn, idle_share = _conserve(measured, dyn, idle_share)
         if len(s_idx):
             hd = _dyn_half_width(dyn, spread, starts, ends, summary_extra)
-            if dev_quality == "misfit":
+            if dev_quality == "misfit" and "misfit_var" not in (summary_extra.get("noise") or {}):
                 # the model explains little of what the sensor saw: the split inside each
                 # window is uncertain by the share it leaves unexplained
                 r2 = summary_extra["model"].cv_r2 if summary_extra.get("model") is not None else math.nan

@@ -16,6 +16,16 @@ from .results import StepModel
 __all__ = ["nnls", "step_features"]
 
 
+def _sorted_union(a: int, b: int, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """``np.sort([a, b, *starts, *ends])``, the same array: requests usually come in order of
+    their start and end soon after, so a stable (merging) sort of the already sorted runs
+    does in one pass what a quicksort of everything does in several."""
+    st = starts if len(starts) < 2 or bool(np.all(starts[1:] >= starts[:-1])) else np.sort(starts)
+    parts = (np.array([a], dtype=np.int64), st.astype(np.int64, copy=False), np.sort(ends, kind="stable").astype(np.int64, copy=False),
+             np.array([b], dtype=np.int64))
+    return np.sort(np.concatenate(parts), kind="stable")
+
+
 class _Segments:
     """Elementary time segments between request starts and ends on one device.
 
@@ -28,7 +38,7 @@ class _Segments:
     __slots__ = ("edges", "si", "ei", "n", "w", "weights")
 
     def __init__(self, starts, ends, weights, a: int, b: int) -> None:
-        edges = np.sort(np.concatenate(([a, b], starts, ends)))
+        edges = _sorted_union(a, b, starts, ends)
         edges = edges[np.concatenate(([True], edges[1:] != edges[:-1]))]
         self.edges = edges
         self.si = _search_sorted(edges, starts)
@@ -231,6 +241,7 @@ def _batch_fit(cum, trace, steps, s_idx, requests, ridx, seg, idle_curve, a, b, 
             band_rel = _band_rel(m_row, pred, p_row)
             noise = _noise_model(m_row - pred, p_row, t_row, len_row, m_row, x @ coef, feats, rel, a, L,
                                  max(overlap, excess))
+            noise["resid"] = m_row - pred
         else:
             reconcile_s = (b - a) * _NS
             window_why = "too few readings: the whole period"
@@ -278,8 +289,13 @@ def _batch_fit(cum, trace, steps, s_idx, requests, ridx, seg, idle_curve, a, b, 
                          e_s, e_r, share, on_dev, len(ridx))
     # Per request: sum over its steps of (its share of the step's energy)^2, for the step-noise term.
     s2 = np.bincount(e_r[on_dev], weights=(e_step[e_s[on_dev]] * share[on_dev]) ** 2, minlength=len(ridx))
+    if noise is not None and "resid" in noise:
+        noise = dict(noise, **_request_components(noise.pop("resid"), p_row, t_row, len_row, rel, feats, e_step, e_s,
+                                                  e_r, share, on_dev, e_rel, w_meas, w_pred, len(ridx), dyn, s2,
+                                                  (rel(np.clip(requests.start_ns[ridx], a, b)),
+                                                   rel(np.clip(requests.end_ns[ridx], a, b)))))
     spread = (*spread, s2, noise)
-    extra_noise = noise
+    extra_noise = {k: v for k, v in noise.items() if k != "exposure"} if noise is not None else None
 
     # 5. The residual, as a piecewise-constant power over windows, shared by time.
     res_rate = resid / np.diff(e_rel)
@@ -453,6 +469,8 @@ def _dyn_half_width(dyn, spread, starts, ends, extra) -> np.ndarray:
         cv = extra["model"].cv_error if extra.get("model") is not None else math.nan
         rel_sd = cv if math.isfinite(cv) else 0.25
         return np.sqrt(var + (rel_sd * dyn) ** 2)
+    if noise.get("exposure") is not None:
+        return _dyn_sd_components(dyn, var, noise)
     life = np.maximum((ends - starts).astype(np.float64), 1.0)
     groups = noise["groups"]
     if groups:
@@ -476,6 +494,14 @@ def _dyn_half_width(dyn, spread, starts, ends, extra) -> np.ndarray:
     # only where it says more (a request whose energy sits in a few steps)
     var = var + np.maximum((sig_i * dyn) ** 2, noise["step_var"] * s2 * u)
     return np.sqrt(var)
+
+
+def _dyn_sd_components(dyn, var, noise) -> np.ndarray:
+    """One standard deviation (J) of each request's dynamic energy from the separated components
+    (see :func:`_request_components`); ``var``: the coefficients' own spread."""
+    ex = noise["exposure"]
+    misfit = (noise["misfit_var"] + noise["request_var"]) * (dyn * (1.0 - ex["psi"])) ** 2
+    return np.sqrt(var + misfit + ex["white"])
 
 
 def _noise_model(r, p, t, len_ns, m, e_mod, feats, rel, a, L, overlap):
@@ -514,6 +540,161 @@ def _noise_model(r, p, t, len_ns, m, e_mod, feats, rel, a, L, overlap):
         step_var = math.exp(wgt * math.log(max(upper, 1e-12)) + (1 - wgt) * math.log(max(split, 1e-12))) if upper > 0 else 0.0
     return {"groups": groups, "step_var": step_var, "spacing_ns": spacing, "reading_ns": max(w_typ * 1e9, spacing),
             "window_ns": float(L), "step_ns": float(np.median(feats.dur)) * 1e9}
+
+
+_UNITS = 2_000  # requests whose lifetimes the band's components are fitted on, at most
+_PAIRS = 200_000  # (lifetime, request in flight) pairs the fit looks at, at most
+
+
+def _request_components(r, p, t, len_ns, rel, feats, e_step, e_s, e_r, share, on_dev, e_rel, w_meas, w_pred, n_req,
+                        dyn, s2, life) -> dict:
+    """The error band's components, estimated on the unit it is for: a request's lifetime.
+
+    Over each request's lifetime the readings (or counter windows) that overlap it have
+    held-out residuals ``r`` (each reading predicted from the model scaled by the rest of its
+    reconciliation window) summing to ``R``: how far off the model is over that stretch of
+    time, for all the requests in flight together. Its expected square is split, by
+    non-negative least squares over many such lifetimes (as relative errors, one row each),
+    into what each source would add:
+
+    * ``misfit_var``: the step family wrong in a way common to everything in flight
+      (exposure: the total, squared; it does not average out);
+    * ``request_var``: each request's own persistent misfit (a prompt-heavy request's chunks
+      all over-predicted), independent between requests (exposure: the sum of the squared
+      energies of the requests in flight: it averages out over concurrency in the total, but
+      not in any one request);
+    * ``step_var``: each step off independently (exposure: the sum of squared step energies;
+      it averages out over a request's many steps);
+    * ``sensor_var``, ``edge_var``: white noise on each reading (the sum of squared reading
+      energies) and a reading window placed early or late (the two end readings' squared
+      energies): the sensor's, credited only as far as the data tell it apart from the
+      steps' scatter (see :func:`_credited_split`).
+
+    Then each request's exposure once reconciled: the windows are measured, so a step's own
+    error counts less the more of its window's energy it is, a request's misfit less the more
+    of its windows' energy it holds (``s2phi``, ``psi``), and the sensor's noise reaches it
+    only through its windows' measured totals (``v_req``)."""
+    out: dict = {}
+    nw = len(w_pred)
+    if len(t) < 8 or not len(e_step) or nw < 1 or n_req == 0 or not np.any(on_dev):
+        return out
+    len_ns = np.asarray(len_ns, dtype=np.int64)
+    spacing = float(np.median(np.diff(t)))
+    k_over = int(round(float(np.median(len_ns)) / spacing)) if spacing > 0 else 1
+    if k_over > 1:
+        # readings that overlap (a 1 s average polled every 100 ms): every k-th one tiles time,
+        # so sums over a lifetime count each joule once, as the requests' parts do
+        t, r, p, len_ns = t[::k_over], r[::k_over], p[::k_over], len_ns[::k_over]
+        if len(t) < 8:
+            return out
+    lo_t = np.maximum.accumulate(rel(t - len_ns))
+    hi_t = rel(t)
+    c = lambda v: np.concatenate(([0.0], np.cumsum(v)))  # noqa: E731
+    cr, cp, cp2 = c(r), c(p), c(p**2)
+    ls, le = life
+    cand = np.flatnonzero((dyn > 0) & (le > ls))
+    if len(cand) < 20:
+        return out
+    units = cand[np.linspace(0, len(cand) - 1, min(_UNITS, len(cand))).astype(np.int64)]
+    j0 = np.searchsorted(hi_t, ls[units], side="right")
+    j1 = np.searchsorted(lo_t, le[units], side="left")
+    ok = j1 > j0
+    units, j0, j1 = units[ok], j0[ok], j1[ok]
+    if len(units) < 20:
+        return out
+    R, P = cr[j1] - cr[j0], cp[j1] - cp[j0]
+    N = cp2[j1] - cp2[j0]
+    # the steps' squared energies over each lifetime's readings (steps by their middle)
+    mid = 0.5 * (feats.st + feats.en)
+    o_m = None if len(mid) < 2 or bool(np.all(mid[1:] >= mid[:-1])) else np.argsort(mid, kind="stable")
+    mid_s = mid if o_m is None else mid[o_m]
+    cq = c(e_step**2 if o_m is None else e_step[o_m] ** 2)
+    S = cq[np.searchsorted(mid_s, hi_t[j1 - 1], side="right")] - cq[np.searchsorted(mid_s, lo_t[j0], side="left")]
+    E = p[j0] ** 2 + np.where(j1 - 1 > j0, p[j1 - 1] ** 2, 0.0)
+    A_u, B_u = lo_t[j0], hi_t[j1 - 1]
+    # the requests in flight over each unit, and their energy inside it (at their mean rate)
+    if len(ls) < 2 or bool(np.all(ls[1:] >= ls[:-1])):
+        ls_o, le_o, dyn_o = ls, le, dyn
+    else:
+        o = np.argsort(ls, kind="stable")
+        ls_o, le_o, dyn_o = ls[o], le[o], dyn[o]
+    span = np.maximum(le_o - ls_o, 1e-9)
+    longest = float(np.quantile(span[:: max(1, len(span) // 100_000)], 0.99)) if len(span) else 0.0  # a typical bound
+    k0 = np.searchsorted(ls_o, A_u - longest, side="left")
+    k1 = np.searchsorted(ls_o, B_u, side="left")
+    cnt = np.maximum(k1 - k0, 0)
+    if int(cnt.sum()) > _PAIRS:  # thousands in flight: fewer lifetimes do (the fit has five terms)
+        keep = np.arange(0, len(units), int(math.ceil(cnt.sum() / _PAIRS)))
+        units, j0, j1, k0, cnt = units[keep], j0[keep], j1[keep], k0[keep], cnt[keep]
+        R, P, N, S, E, A_u, B_u = R[keep], P[keep], N[keep], S[keep], E[keep], A_u[keep], B_u[keep]
+    u_of = np.repeat(np.arange(len(units)), cnt)
+    k = np.arange(int(cnt.sum())) - np.repeat(np.cumsum(cnt) - cnt, cnt) + np.repeat(k0, cnt)
+    ov = np.clip(np.minimum(le_o[k], B_u[u_of]) - np.maximum(ls_o[k], A_u[u_of]), 0.0, None)
+    Xreq = np.bincount(u_of, weights=(dyn_o[k] * ov / span[k]) ** 2, minlength=len(units))
+    pos = P > 1e-9 * max(float(np.median(np.abs(P))), 1e-30)
+    if pos.sum() < 20:
+        return out
+    P2 = P[pos] ** 2
+    X = np.column_stack((np.ones(int(pos.sum())), Xreq[pos] / P2, S[pos] / P2, N[pos] / P2, E[pos] / P2))
+    yv = (R[pos] / P[pos]) ** 2
+    yv = np.minimum(yv, float(np.quantile(yv, 0.99)))  # a burst the model never saw widens, not sets, the band
+    v = _credited_split(X, yv, sensor=(3, 4))
+    # reconciliation's reach: each step's share of its window, each request's of its windows
+    k_step = np.clip(np.searchsorted(e_rel, feats.st, side="right") - 1, 0, nw - 1)
+    wp = np.where(w_pred > 0, w_pred, np.inf)
+    phi = np.minimum(1.0, np.maximum(e_step, 0.0) / wp[k_step])
+    kw = np.clip(np.searchsorted(e_rel, hi_t, side="left") - 1, 0, nw - 1)
+    Nw = np.bincount(kw, weights=p**2, minlength=nw)
+    Pw = np.bincount(kw, weights=p, minlength=nw)
+    first = np.concatenate(([True], kw[1:] != kw[:-1]))
+    last = np.concatenate((kw[1:] != kw[:-1], [True]))
+    Ew = np.bincount(kw, weights=p**2 * (first | last), minlength=nw)
+    vw = np.where(Pw > 0, (v[3] * Nw + v[4] * Ew) / np.where(Pw > 0, Pw, 1.0) ** 2, 0.0)
+    # per step, then gathered once per entry: the step term (its own scatter where its window
+    # does not measure it) and the sensor's through the window; the window's energy for psi
+    es, sh = (e_s, share) if bool(np.all(on_dev)) else (e_s[on_dev], share[on_dev])
+    r_on = e_r if es is e_s else e_r[on_dev]
+    e2 = e_step**2
+    var_step = e2 * (v[2] * (1.0 - phi) + vw[k_step])
+    white = np.bincount(r_on, weights=sh**2 * var_step[es], minlength=n_req)
+    wsum = np.bincount(r_on, weights=sh * (e_step * np.maximum(w_meas, 0.0)[k_step])[es], minlength=n_req)
+    win_e = np.where(dyn > 0, wsum / np.where(dyn > 0, dyn, 1.0), 0.0)
+    psi = np.where(win_e > 0, np.minimum(1.0, dyn / np.where(win_e > 0, win_e, 1.0)), 1.0)
+    out = {"units": int(pos.sum()), "misfit_var": float(v[0]), "request_var": float(v[1]), "step_var_req": float(v[2]),
+           "sensor_var": float(v[3]), "edge_var": float(v[4]), "exposure": {"white": white, "psi": psi}}
+    return out
+
+
+def _credited_split(X: np.ndarray, y: np.ndarray, sensor=(3, 4)) -> np.ndarray:
+    """Non-negative split of ``y`` over the exposures ``X``, crediting the sensor's columns only
+    with what the data identify: where a reading holds about as many steps as any other, the
+    steps' scatter and the sensor's noise have the same exposure and no fit can tell them
+    apart. The sensor keeps the 10 % quantile of its share over a block bootstrap (contiguous blocks
+    of lifetimes, in time order), never more than the full fit gives it; the rest is refitted
+    on the other columns, which do reach the request."""
+    v = nnls(X, y)
+    n = len(y)
+    kb = min(20, n // 5)
+    sensor = list(sensor)
+    if kb < 4 or not np.any(v[sensor] > 0):
+        return v
+    blk = np.minimum((np.arange(n) * kb) // max(n, 1), kb - 1)
+    rng = np.random.default_rng(7)
+    boots = []
+    for _ in range(_SPLIT_BOOT):
+        sw = np.sqrt(np.bincount(rng.integers(0, kb, kb), minlength=kb)[blk].astype(np.float64))
+        boots.append(nnls(X * sw[:, None], y * sw)[sensor])
+    lo = np.minimum(np.quantile(np.array(boots), _SENSOR_Q, axis=0), v[sensor])
+    keep = [i for i in range(X.shape[1]) if i not in sensor]
+    rest = nnls(X[:, keep], y - X[:, sensor] @ lo)
+    out = np.zeros(X.shape[1])
+    out[keep] = rest
+    out[sensor] = lo
+    return out
+
+
+_SPLIT_BOOT = 40  # block-bootstrap resamples of the split
+_SENSOR_Q = 0.1  # the sensor keeps what 9 in 10 resamples give it at least
 
 
 def _shifted(cum, trace, d_ns: int):

@@ -36,7 +36,14 @@ __all__ = ["SEP", "any_group", "attribute_grouped", "group_key", "is_group", "me
 def any_group(requests, steps) -> bool:
     """Whether any request or step names a group (the fast path checks this)."""
     for arr in (requests.device, steps.device if steps is not None else None):
-        if arr is not None and len(arr) and any(SEP in d for d in set(arr.tolist())):
+        if arr is None or not len(arr):
+            continue
+        first = arr[0]
+        if bool(np.all(arr == first)):  # one device named throughout: one look, not a set of millions
+            if SEP in str(first):
+                return True
+            continue
+        if any(SEP in d for d in set(arr.tolist())):
             return True
     return False
 

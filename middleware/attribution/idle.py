@@ -22,10 +22,9 @@ def _busy_intervals(starts, ends, steps: Steps | None, dev: str) -> tuple[np.nda
     o = np.argsort(s, kind="stable")
     s, e = s[o], np.maximum.accumulate(e[o])
     new = np.concatenate(([True], s[1:] > e[:-1]))
-    grp = np.cumsum(new) - 1
     ms = s[new]
-    me = np.zeros(len(ms), dtype=np.int64)
-    np.maximum.at(me, grp, e)
+    # e is a running maximum: each merged interval ends where its last member's running end is
+    me = e[np.concatenate((new[1:], [True]))].astype(np.int64, copy=False)
     return ms, me
 
 
