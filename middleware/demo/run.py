@@ -231,6 +231,8 @@ def summarize(records, meter, since: tuple[float, float] = (0.0, 0.0)) -> str:
     measured = sum(meter.device_energy_j.values()) - since[0]
     out.append("")
     out.append(f"accelerator energy measured {measured:.2f} J = requests {sum(r.energy_j for r in records):.2f} J + unattributed {meter.counters['unattributed_j'] - since[1]:.2f} J")
+    out.append("mJ/req and gCO2e cover accelerator + host energy (host J kept apart in the records' host_j; "
+               "gCO2e = (accel + host J) x PUE x grid intensity + embodied), as in every wattspan record")
     return "\n".join(out)
 
 

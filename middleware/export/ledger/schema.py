@@ -127,8 +127,10 @@ def aggregate(path: str | os.PathLike[str], by: str = "route", *, since: float |
     """Totals per value of ``by`` (one of :data:`GROUP_BY`), most energy first.
 
     Each row: ``{by: value, requests, energy_j, dynamic_j, idle_j, host_j, co2e_g,
-    energy_j_per_1k, co2e_g_per_1k`` (per 1000 requests), ``mean_duration_s``,
+    energy_j_per_1k, total_j_per_1k, co2e_g_per_1k`` (per 1000 requests), ``mean_duration_s``,
     ``simulated`` (any record simulated), ``methods`` (sorted list)``}``.
+    ``energy_j`` is the accelerator's, ``host_j`` the host's (kept apart), ``total_j_per_1k``
+    both: the energy ``co2e_g`` prices (see :mod:`wattspan.carbon.records`).
     """
     if by not in GROUP_BY:
         raise ValueError(f"cannot aggregate by {by!r}: choose one of {', '.join(GROUP_BY)}")
@@ -140,7 +142,8 @@ def aggregate(path: str | os.PathLike[str], by: str = "route", *, since: float |
         rows = [] if conn is None else conn.execute(sql, args).fetchall()
     return [
         {by: key, "requests": n, "energy_j": e, "dynamic_j": dyn, "idle_j": idle, "host_j": host, "co2e_g": c,
-         "energy_j_per_1k": e / n * 1000, "co2e_g_per_1k": c / n * 1000, "mean_duration_s": dur,
+         "energy_j_per_1k": e / n * 1000,
+         "total_j_per_1k": (e + (host or 0.0)) / n * 1000, "co2e_g_per_1k": c / n * 1000, "mean_duration_s": dur,
          "simulated": bool(sim), "methods": sorted(m for m in (methods or "").split(",") if m)}
         for key, n, e, dyn, idle, host, c, dur, sim, methods in rows
     ]

@@ -18,6 +18,10 @@ instrument                        kind             unit   attributes
 ``wattspan.sampler.poll_age``     gauge (obs.)     s      (seconds since the sampler's last poll)
 ================================  ===============  =====  =========================================
 
+``wattspan.energy`` / ``wattspan.request.energy`` count the accelerator's energy (the record's
+``energy_j``); ``wattspan.co2e`` / ``wattspan.request.co2e`` the record's ``co2e_g``, which prices
+accelerator + host energy (host where a host source was metered; see :mod:`wattspan.carbon.records`).
+
 Nothing here raises into the request path or the meter's thread: failures are
 logged once, counted (``stats()``), and the span goes on unchanged.
 """
@@ -108,7 +112,7 @@ class EnergyMetrics:
         self._counts = {"observed": 0, "invalid": 0, "errors": 0, "devices_dropped": 0}
         self._fault = _Faults(self._counts)
         self._energy = m.create_counter("wattspan.energy", unit="J", description="Accelerator energy of finished requests")
-        self._co2e = m.create_counter("wattspan.co2e", unit="g", description="CO2e of finished requests (operational + embodied)")
+        self._co2e = m.create_counter("wattspan.co2e", unit="g", description="CO2e of finished requests (operational over accelerator + host energy, + embodied)")
         self._req_energy = m.create_histogram(
             "wattspan.request.energy",
             unit="J",
