@@ -31,7 +31,7 @@ class RequestLabels(NamedTuple):
     span_id: int = 0
 
     @classmethod
-    def from_mapping(cls, m) -> "RequestLabels":
+    def from_mapping(cls, m: Any) -> "RequestLabels":
         """From a dict with (some of) the field names; missing or empty values read as the defaults."""
         if not m:
             return _NO_LABELS

@@ -24,6 +24,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from typing import Any
 from contextlib import contextmanager
 
 import numpy as np
@@ -98,7 +99,7 @@ def constant_trace(watts: float = 100.0, seconds: float = 3600.0, dt_ms: int = 5
 
 
 @contextmanager
-def metered(source=None, *, collector: RecordCollector | None = None, **meter_kw) -> Iterator[tuple[Meter, RecordCollector]]:
+def metered(source: Any = None, *, collector: RecordCollector | None = None, **meter_kw: Any) -> Iterator[tuple[Meter, RecordCollector]]:
     """A started :class:`~wattspan.Meter` on ``source`` with a :class:`RecordCollector`; closed on exit.
 
     ``source``: a power source, a :class:`~wattspan.DeviceTrace` (replayed, looping) or None (a constant

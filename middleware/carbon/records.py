@@ -16,11 +16,16 @@ host source was metered (``wattspan attribute`` meters no host). ``co2e_g`` pric
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 from ..records import FIELDS, RequestLabels, RequestRecord, _record
+
+if TYPE_CHECKING:
+    from ..attribution import Attribution
+    from .model import CarbonModel
 
 __all__ = ["attribution_records", "request_records"]
 
@@ -35,7 +40,7 @@ if FIELDS[: len(_ORDER)] != _ORDER:  # pragma: no cover - a field added to Reque
     raise ImportError("RequestRecord's fields are not in the order wattspan.carbon.records builds them")
 
 
-def _column(x: Any, n: int, dtype=float) -> np.ndarray:
+def _column(x: Any, n: int, dtype: Any = float) -> NDArray[Any]:
     a = np.asarray(x, dtype=dtype)
     if a.ndim == 0:
         return np.full(n, a.item(), dtype=dtype)
@@ -44,7 +49,7 @@ def _column(x: Any, n: int, dtype=float) -> np.ndarray:
     return a
 
 
-def _values(x: Any, n: int, default: Any) -> list:
+def _values(x: Any, n: int, default: Any) -> list[Any]:
     """A per-request column (sequence) or one value for every request, as a list."""
     if x is None:
         return [default] * n
@@ -57,7 +62,7 @@ def _values(x: Any, n: int, default: Any) -> list:
 
 
 def request_records(
-    carbon,
+    carbon: CarbonModel,
     *,
     ids: Sequence[str],
     device: Sequence[str] | str,
@@ -118,7 +123,7 @@ def request_records(
     ]
 
 
-def attribution_records(result, carbon, *, host_j: Any = 0.0, wall_s: Any = None,
+def attribution_records(result: Attribution, carbon: CarbonModel, *, host_j: Any = 0.0, wall_s: Any = None,
                         labels: Sequence[RequestLabels] | None = None) -> list[RequestRecord]:
     """The records of an offline :class:`~wattspan.attribution.Attribution`, through :func:`request_records`.
 
