@@ -21,7 +21,10 @@ from .backends import free_port, prometheus_bin, start_prometheus
 
 pytestmark = pytest.mark.backend
 REPO = Path(__file__).resolve().parents[1]
-LIMIT_G = 0.03  # ~1.7 mg a request (300 W, ~50 ms, 400 g/kWh): ~18 requests across the fleet
+# ~1.7 mg a request (300 W, ~50 ms, 400 g/kWh): ~70 requests across the fleet. Large beside what
+# the scrape and refresh lag lets through (0.02-0.04 g seen on a loaded 2-core machine), so each
+# replica's own spend stays under the limit when the fleet's stops it.
+LIMIT_G = 0.12
 
 
 def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout_s: float = 60.0) -> None:
