@@ -60,7 +60,10 @@ attribute                        type      meaning
                                            ``provider``, ``zone``, ``hour`` (UTC), ``basis``
 ``wattspan.co2e.market_g``       double    market-based operational g CO2e, when a factor is set
 ``wattspan.co2e.marginal_g``     double    marginal operational g CO2e, when a provider is set
-``hw.id``                        string    the device the request ran on (``gpu0``)
+``hw.id``                        string    the device the request ran on (``gpu0``), or its
+                                           device group (``gpu0,gpu1``)
+``wattspan.device.ids``          string[]  a device group's members, when a group
+``wattspan.device.energy_j``     double[]  the request's J on each of them, same order
 ``hw.type``                      string    ``gpu``
 ``gen_ai.request.model``         string    the model, when known
 ``gen_ai.usage.input_tokens``    int       prompt tokens, when known
@@ -77,6 +80,8 @@ instrument                        kind             unit   attributes
 ``wattspan.co2e``                 counter          g      ``wattspan.status_class`` (``2xx``...),
 ``wattspan.request.energy``       histogram        J      ``gen_ai.request.model``, ``wattspan.tenant``
 ``wattspan.request.co2e``         histogram        g      (capped), ``hw.id``, ``wattspan.simulated``
+                                                          (a group's request adds to the counters
+                                                          once per member, ``hw.id`` that member's)
 ``hw.energy``                     counter (obs.)   J      ``hw.id``, ``hw.type``
 ``hw.power``                      gauge (obs.)     W      ``hw.id``, ``hw.type``
 ``wattspan.unattributed.energy``  counter (obs.)   J      ``hw.id``
@@ -159,6 +164,10 @@ def record_attributes(record: RequestRecord) -> dict[str, Any]:
         "hw.id": record.device,
         "hw.type": "gpu",
     }
+    if record.device_energy:  # a device group: each member's id and energy, in the same order
+        parts = record.device_energy_j
+        a["wattspan.device.ids"] = list(parts)
+        a["wattspan.device.energy_j"] = [float(v) for v in parts.values()]
     if record.model:
         a["gen_ai.request.model"] = record.model
     if record.prompt_tokens:
@@ -653,13 +662,22 @@ class EnergyMetrics:
                 e, c = float(record.energy_j), float(record.co2e_g)
                 self._req_energy.record(e, attrs)
                 self._req_co2e.record(c, attrs)
-                key = tuple(attrs.items())
-                acc = sums.get(key)
-                if acc is None:
-                    sums[key] = [e, c, attrs]
-                else:
-                    acc[0] += e
-                    acc[1] += c
+                # the counters per device: a device group's request adds each member's part
+                # under its own hw.id (its host energy and the carbon in proportion)
+                split = [(attrs, e, c)]
+                if record.device_energy:
+                    parts = record.device_energy_j
+                    tot = sum(parts.values())
+                    if parts and tot > 0 and all(math.isfinite(v) and v >= 0 for v in parts.values()):
+                        split = [({**attrs, "hw.id": d}, e * v / tot, c * v / tot) for d, v in parts.items()]
+                for at, ei, ci in split:
+                    key = tuple(at.items())
+                    acc = sums.get(key)
+                    if acc is None:
+                        sums[key] = [ei, ci, at]
+                    else:
+                        acc[0] += ei
+                        acc[1] += ci
                 self._counts["observed"] += 1
             for e, c, attrs in sums.values():
                 self._energy.add(e, attrs)
