@@ -94,10 +94,27 @@ LAYOUTS = (
     ("TP-4 (4 GPUs, every step on all four)", 4, 1, "steps", None),
     ("PP-2 (2 stages, each stage's steps at its own timing)", 1, 2, "steps", None),
     ("PP-2, whole steps on the group (stage timing unknown)", 1, 2, "group_steps", None),
+    ("PP-2, stage windows modelled from whole steps (the vLLM hook's `device=\"auto\"`)", 1, 2, "hook_steps", None),
     ("TP-2 x PP-2 (4 GPUs)", 2, 2, "steps", None),
     ("TP-4 named as one GPU (`gpu0`, before device groups)", 4, 1, "steps", "gpu0"),
 )
 PARALLEL_SENSORS = ("counter-100ms", "hopper-nvml", "instant-100ms", "average-1s-counter")
+
+
+def hook_steps(run) -> list[dict]:
+    """The stage steps the vLLM hook reports for a pipeline-parallel engine (``device="auto"``): each
+    whole step's stage windows as :func:`wattspan.integrations._gpu_groups.stage_windows` models
+    them from the step's start, its end and the previous step's end, on each stage's GPUs."""
+    from wattspan.integrations._gpu_groups import stage_windows
+
+    stages = [",".join(run.gpus[k * run.tp:(k + 1) * run.tp]) for k in range(run.pp)]
+    out, prev = [], -(1 << 62)
+    for s in sorted(run.group_steps, key=lambda r: r["start_ns"]):
+        for g, (a, b) in zip(stages, stage_windows(s["start_ns"], s["end_ns"], prev, run.pp)):
+            if b > a:
+                out.append({"start_ns": a, "end_ns": b, "gpu": g, "requests": s["requests"]})
+        prev = s["end_ns"]
+    return out
 
 
 def parallel(seeds: int, duration_s: float, sensors=PARALLEL_SENSORS) -> list[dict]:
@@ -116,7 +133,8 @@ def parallel(seeds: int, duration_s: float, sensors=PARALLEL_SENSORS) -> list[di
                 run = simulate_parallel(tp=tp, pp=pp, seed=seed, duration_s=duration_s, bursty=sc["bursty"],
                                         rate_per_s=sc["rate_per_s"], idle_drift_w=sc["idle_drift_w"], power_model=pm)
                 rq = [dict(r, gpu=single) for r in run.requests] if single else run.requests
-                st = [dict(s, gpu=single) for s in getattr(run, which)] if single else getattr(run, which)
+                steps_of = hook_steps(run) if which == "hook_steps" else getattr(run, which)
+                st = [dict(s, gpu=single) for s in steps_of] if single else steps_of
                 req = Requests.from_records(rq)
                 steps = Steps.from_records(st, req)
                 traces = {g: sense(r, name, seed=100 + 10 * seed + k) for k, (g, r) in enumerate(run.runs.items())}
@@ -150,8 +168,10 @@ def parallel_section(rows: list[dict], seeds: int, duration_s: float) -> list[st
         "layout, each GPU with its own idle (+-5 %), power law scale (+-5 %), noise and sensor; pipeline stages run",
         "consecutive slices of each step. \"dynamic energy to requests\": attributed dynamic joules over the engine's true",
         "dynamic joules (all GPUs); \"energy to requests / true\": attributed joules over the true joules while requests",
-        "were in flight. The last row is what a multi-GPU engine got before device groups: its requests and steps named",
-        "`gpu0`, the other GPUs' energy unattributed.",
+        "were in flight. \"stage windows modelled\": the whole steps turned into each stage's window by the vLLM hook's",
+        "balanced-pipeline model (exact here, where the simulated pipeline is balanced and not overlapped). The last row",
+        "is what a multi-GPU engine got before device groups: its requests and steps named `gpu0`, the other GPUs'",
+        "energy unattributed.",
         "",
         *parallel_table(rows),
     ]
