@@ -1006,7 +1006,8 @@ def _batch_fit(cum, trace, steps, s_idx, requests, ridx, seg, idle_curve, a, b, 
             rows_w = _fit_rows(cum, trace, fit_feats, idle_curve, a, b, rel, with_weights=True)
             busy_s = float(np.diff(seg.edges)[seg.n > 0].sum())
             stage = not shift_ns and float((w_en - w_st).sum()) >= _WAIT_SHARE * busy_s
-            fam_w = {k: v for k, v in families.items() if k.endswith("+wait")} if stage else families
+            fam_w = ({k: v for k, v in families.items() if k.endswith("+wait")} if stage
+                     else {f"{sel.family}+wait": families[f"{sel.family}+wait"]})
             sel_w = select_family(rows_w[0], rows_w[1], families=fam_w) if len(rows_w[1]) else None
             if sel_w is not None and np.any(sel_w.coef[nb:]) and (
                     stage or sel_w.cv_error < sel.cv_error * (1 - max(0.03, 1 / math.sqrt(len(rows_w[1]))))):
