@@ -60,9 +60,17 @@ _BEGIN, _END, _STEP, _MARK = 0, 1, 2, 3
 _QUALITY_RANK = {"good": 1, "coarse": 2, "misfit": 3}
 
 
+def _parts_json(r) -> str:
+    """A group request's energy per member device, every member named (0 J where none was metered)."""
+    import json
+
+    parts = r.parts or {}
+    return json.dumps({m: float(parts.get(m, 0.0)) for m in r.device.split(",")}, separators=(",", ":"))
+
+
 class _Inflight:
     __slots__ = ("device", "start_ns", "end_ns", "meta", "dynamic_j", "idle_j", "device_s", "covered_ns", "host_j", "method", "peer",
-                 "band_j", "quality")
+                 "band_j", "quality", "parts")
 
     def __init__(self, device: str, start_ns: int, peer: int = 0) -> None:
         self.peer = peer  # pid of the peer process serving it; 0 = this process
@@ -78,6 +86,7 @@ class _Inflight:
         self.method = ""
         self.band_j = 0.0  # half-width of the 90 % band, summed over periods
         self.quality = ""
+        self.parts: dict[str, float] | None = None  # a device group's energy per member device (J)
 
 
 class Meter:
@@ -697,6 +706,10 @@ class Meter:
             r.dynamic_j += dj
             r.idle_j += ij
             r.device_s += ds
+            if "," in r.device:  # a device group: keep each member's part (hw.id per device)
+                parts = r.parts if r.parts is not None else {}
+                parts[dev] = parts.get(dev, 0.0) + dj + ij
+                r.parts = parts
             end = r.end_ns if r.end_ns is not None else cut
             covered = max(0, min(end, hi) - max(r.start_ns, lo))
             r.covered_ns += covered // (r.device.count(",") + 1) if "," in r.device else covered
@@ -838,7 +851,7 @@ class Meter:
                 m.get("route", ""), m.get("http_method", ""), int(m.get("status_code", 0) or 0), m.get("model", ""),
                 m.get("tenant", ""), int(m.get("prompt_tokens", 0) or 0), int(m.get("output_tokens", 0) or 0),
                 int(m.get("trace_id", 0) or 0), int(m.get("span_id", 0) or 0), r.host_j, elo, ehi, clo, chi, r.quality,
-                *intensity,
+                *intensity, _parts_json(r) if "," in r.device else "",
             ))
             batch.append(rec)
         self.counters["records"] += len(batch)
