@@ -15,11 +15,12 @@ A MIG instance meters as its parent GPU (NVML reports power per physical GPU).
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Mapping, Sequence
 
-log = logging.getLogger("wattspan.vllm")
+from wattspan.logs import get_logger
+
+log = get_logger(__name__)
 
 __all__ = ["nvml_uuids", "engine_devices", "engine_group", "stage_windows"]
 

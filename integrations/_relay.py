@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import hmac
 import json
-import logging
 import math
 import os
 import secrets
@@ -44,9 +43,11 @@ from collections import deque
 from collections.abc import Mapping
 from pathlib import Path
 
+from wattspan.logs import LogOnce, get_logger
+
 __all__ = ["StepReceiver", "StepSender", "parse_address"]
 
-log = logging.getLogger("wattspan")
+log = get_logger(__name__)
 
 _MAX_LINE = 1 << 20  # one step's JSON; MAX_STEP_IDS requests of 64-character ids fit
 _MAX_DEVICE = 64
@@ -71,7 +72,7 @@ def _auth_line(token: str) -> bytes:
     return json.dumps({"auth": token}).encode() + b"\n"
 
 
-def parse_address(address: str, *, allow_port_zero: bool = False) -> tuple[int, object]:
+def parse_address(address: str, *, allow_port_zero: bool = False) -> tuple[int, str | tuple[str, int]]:
     """``"host:port"`` / ``"[v6]:port"`` / ``"unix:/path"`` -> ``(family, sockaddr)``; ``ValueError`` naming the problem."""
     if not isinstance(address, str) or not address.strip():
         raise ValueError(f"step relay address must be 'host:port' or 'unix:/path', got {address!r}")
@@ -163,6 +164,7 @@ class StepSender:
                 token = self.token or _configured_token()
                 if token is None:
                     try:
+                        assert isinstance(self.sockaddr, tuple)  # (host, port): not a unix socket here
                         token = _token_file(self.sockaddr[1]).read_text().strip()
                     except OSError as exc:
                         raise OSError(f"no relay token: set WATTSPAN_STEPS_TOKEN on both sides ({exc})") from None
@@ -176,7 +178,7 @@ class StepSender:
     def _run(self) -> None:
         q = self._q
         next_try = 0.0
-        warned = False
+        unreachable = LogOnce(log)  # one warning per outage
         while not self._stop.is_set():
             self._wake.wait(0.5)
             self._wake.clear()
@@ -186,15 +188,14 @@ class StepSender:
                         break
                     try:
                         self._sock = self._connect()
-                        warned = False
+                        unreachable.forget()
                     except OSError as exc:
                         next_try = time.monotonic() + self.retry_s
                         n = len(q)
                         q.clear()
                         self.counters["dropped"] += n
-                        if not warned:
-                            log.warning("wattspan: cannot reach the step receiver at %s (%s); dropping steps until it answers", self.address, exc)
-                            warned = True
+                        unreachable.warning("down", "wattspan: cannot reach the step receiver at %s (%s); dropping steps "
+                                            "until it answers", self.address, exc)
                         break
                 self._busy = True
                 lines = []
@@ -280,7 +281,7 @@ class StepReceiver:
         family, sockaddr = parse_address(address, allow_port_zero=True)
         self._meter = meter
         self.counters = {"steps": 0, "bad_lines": 0, "connections": 0, "meter_errors": 0, "auth_failures": 0}
-        self._unix_path = sockaddr if family == getattr(socket, "AF_UNIX", None) else None
+        self._unix_path = sockaddr if isinstance(sockaddr, str) else None  # a unix socket's path
         srv = socket.socket(family, socket.SOCK_STREAM)
         try:
             if self._unix_path is not None:
@@ -324,7 +325,7 @@ class StepReceiver:
         self._conns: set[socket.socket] = set()
         self._lock = threading.Lock()
         self._closed = False
-        self._warned = False
+        self._once = LogOnce(log)
         self._thread = threading.Thread(target=self._accept, name="wattspan-step-receiver", daemon=True)
         self._thread.start()
 
@@ -419,13 +420,12 @@ class StepReceiver:
             got = json.loads(line)["auth"]
         except (ValueError, KeyError, TypeError, RecursionError):
             return False
-        return isinstance(got, str) and hmac.compare_digest(got.encode(), self.token.encode())
+        want = self.token
+        return isinstance(got, str) and want is not None and hmac.compare_digest(got.encode(), want.encode())
 
     def _bad(self, why: str) -> None:
         self.counters["bad_lines"] += 1
-        if not self._warned:
-            self._warned = True
-            log.warning("wattspan: ignoring a malformed batch step from the relay (%s); further ones are only counted", why)
+        self._once.warning("bad-line", "wattspan: ignoring a malformed batch step from the relay (%s); further ones are only counted", why)
 
     def _line(self, line: bytes) -> None:
         try:

@@ -55,20 +55,28 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import logging
 import math
 import re
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from wattspan.logs import get_logger
 from wattspan.meter.context import _current, current_request_id, set_tokens
+
+if TYPE_CHECKING:
+    import httpx
+
+    from wattspan.export.ledger import Ledger
+    from wattspan.meter.provisional import Provisional
+    from wattspan.records import RequestRecord
 
 __all__ = ["DEFAULT_FORWARD_HEADERS", "OpenAIProxy", "create_proxy", "run_proxy"]
 
-log = logging.getLogger("wattspan")
+log = get_logger(__name__)
 
 DEFAULT_FORWARD_HEADERS: tuple[str, ...] = (
     "authorization",
@@ -357,7 +365,7 @@ class OpenAIProxy:
         self.request_id_header = request_id_header.lower() if request_id_header else None
         self._allow_exact, self._allow_prefix = _allow(forward_headers)
         self.stats = {"requests": 0, "unrouted": 0, "upstream_errors": 0, "timeouts": 0, "too_large": 0, "disconnects": 0, "usage_injected": 0, "usage_missing": 0, "energy_annotated": 0}
-        self._client = None
+        self._client: httpx.AsyncClient | None = None
         tenant_label = _tenant_label(tenant.lower().encode("latin-1") if tenant else None, bool(tenant_from_key))
         self._tenant_of = tenant_label  # who may read a request's figures back: its own tenant only
         self._model_header = model_header.lower().encode("latin-1") if model_header else None
@@ -368,12 +376,12 @@ class OpenAIProxy:
 
             self.steps = StepReceiver(lambda: self.metered.meter, steps_listen)
         self._ledger_arg = ledger
-        self.ledger = None
-        self.ledger_path = None
+        self.ledger: Ledger | None = None
+        self.ledger_path: Path | None = None
         self._wired = False
         self._wire_lock = threading.Lock()
-        self.provisional = None
-        self._final: OrderedDict[str, object] = OrderedDict()  # request id -> RequestRecord
+        self.provisional: Provisional | None = None
+        self._final: OrderedDict[str, RequestRecord] = OrderedDict()  # request id -> its final record
         self._prov: OrderedDict[str, dict] = OrderedDict()  # request id -> provisional figure
         if ledger is not None:
             self._open_ledger()
@@ -386,7 +394,7 @@ class OpenAIProxy:
             self.ledger = led
         else:
             self.ledger = Ledger(led)  # raises InputError for a foreign or newer file
-        self.ledger_path = self.ledger.path
+        self.ledger_path = Path(self.ledger.path)
 
     def _wire(self):
         """Connect to the meter once, on first use: the ledger, the final-record cache, the provisional estimate."""
@@ -494,10 +502,13 @@ class OpenAIProxy:
     def _flush_ledger(self) -> None:
         if self._wired:
             self.metered.meter.flush(5.0)
-        if self.ledger is not self._ledger_arg:  # the proxy opened it: close it
-            self.ledger.close()
+        led = self.ledger
+        if led is None:
+            return
+        if led is not self._ledger_arg:  # the proxy opened it: close it
+            led.close()
         else:
-            self.ledger.flush()
+            led.flush()
 
     # ------------------------------------------------------------------ GET /wattspan/requests/{id}
 
@@ -823,7 +834,7 @@ class OpenAIProxy:
         proxy = self
 
         def annotate(_usage_obj) -> dict:
-            annotate.done = True
+            annotate.done = True  # type: ignore[attr-defined]  # a function takes attributes; mypy's callable types have none
             est = None
             try:
                 prov = proxy.provisional
@@ -846,7 +857,7 @@ class OpenAIProxy:
                 "energy_details": {"provisional": True, "method": method, "request_id": window.id, "final": _RECORDS_PATH + window.id},
             }
 
-        annotate.done = False
+        annotate.done = False  # type: ignore[attr-defined]  # a function takes attributes; mypy's callable types have none
         return annotate
 
     def _report(self, usage: _Usage, *, expected: bool) -> None:
@@ -872,6 +883,7 @@ def _json_usage(held: list[bytes], n: int, tail: bytes, usage: _Usage) -> dict |
     p = _PROMPT_RE.findall(tail)
     c = _COMPLETION_RE.findall(tail)
     usage.take({"prompt_tokens": int(p[-1]) if p else None, "completion_tokens": int(c[-1]) if c else None})
+    return None
 
 
 def _no_cookies():
@@ -891,7 +903,7 @@ def _response_headers(raw, *, drop_length: bool) -> list[tuple[bytes, bytes]]:
     """The upstream's response headers a client may see: no hop-by-hop ones (nor those its
     ``Connection`` names), no ``date`` or ``server`` (uvicorn sends its own), no
     ``content-length`` on a stream."""
-    named = set()
+    named: set[bytes] = set()
     for k, v in raw:
         if k.lower() == b"connection":
             named.update(x.strip().lower().encode("latin-1") for x in v.decode("latin-1").split(","))
@@ -1065,7 +1077,7 @@ def _check_routes(routes) -> dict[str, _Upstream]:
             url, dev = target, None
         if dev is not None and not _group_key(dev):
             raise ValueError(f"route {model!r}: device {dev!r} names no device")
-        out[model.strip()] = _Upstream(_check_upstream(url), _group_key(dev) if dev is not None else None)
+        out[model.strip()] = _Upstream(_check_upstream(url if isinstance(url, str) else ""), _group_key(dev) if dev is not None else None)
     return out
 
 

@@ -68,7 +68,6 @@ is left alone (a warning, ``hook.active`` is ``False``).
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 import sys
@@ -78,9 +77,11 @@ import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from wattspan.logs import LogOnce, get_logger
+
 __all__ = ["VllmHook", "default_request_id_map", "instrument_vllm", "register", "uninstrument_vllm", "user_request_id"]
 
-log = logging.getLogger("wattspan")
+log = get_logger(__name__)
 
 _now = time.monotonic_ns
 _WS_ID = re.compile(r"(?<![0-9a-f])[0-9a-f]{16,24}(?![0-9a-f])")
@@ -88,16 +89,11 @@ _ATTR = "_wattspan_vllm_hook"
 _MAX_PENDING = 64  # batches dispatched and not yet back; vLLM keeps at most a few
 _MAX_OPEN = 200_000  # requests tracked at once (track_requests)
 _MAX_CACHE = 65_536
-_warned: set[str] = set()
-_warn_lock = threading.Lock()
+_once = LogOnce(log)  # one line per kind of trouble, for the whole process
 
 
-def _warn_once(key: str, msg: str, *args) -> None:
-    with _warn_lock:
-        if key in _warned:
-            return
-        _warned.add(key)
-    log.warning("wattspan vLLM hook: " + msg, *args)
+def _warn_once(key: str, msg: str, *args: object) -> None:
+    _once.warning(key, "wattspan vLLM hook: " + msg, *args)
 
 
 _SUFFIX = re.compile(r"-[0-9a-f]{8}$")
@@ -220,11 +216,8 @@ class VllmHook:
 
     def _fail(self, where: str) -> None:
         self.stats["errors"] += 1
-        with _warn_lock:
-            first = ("fail:" + where) not in _warned
-            _warned.add("fail:" + where)
-        if first:
-            log.exception("wattspan vLLM hook failed in %s (vLLM carries on; further failures are only counted)", where)
+        _once.error("fail:" + where, "wattspan vLLM hook failed in %s (vLLM carries on; further failures are only counted)",
+                    where, exc_info=True)
 
     def _wrap_dispatch(self, original):
         hook = self
@@ -238,7 +231,7 @@ class VllmHook:
                     hook._fail("execute_model")
             return original(*args, **kwargs)
 
-        execute_model.__wrapped__ = original
+        execute_model.__wrapped__ = original  # type: ignore[attr-defined]  # a function takes attributes; mypy's callable types have none
         return execute_model
 
     def _wrap_output(self, original):
@@ -260,7 +253,7 @@ class VllmHook:
                     hook._fail("request tracking")
             return result
 
-        update_from_output.__wrapped__ = original
+        update_from_output.__wrapped__ = original  # type: ignore[attr-defined]  # a function takes attributes; mypy's callable types have none
         return update_from_output
 
     def _wrap_execute(self, original):
@@ -286,7 +279,7 @@ class VllmHook:
                 hook._fail("execute_model result")
             return result
 
-        execute_model.__wrapped__ = original
+        execute_model.__wrapped__ = original  # type: ignore[attr-defined]  # a function takes attributes; mypy's callable types have none
         return execute_model
 
     def _safe_output(self, so, t: int) -> None:
@@ -306,7 +299,7 @@ class VllmHook:
                     hook._fail("add_request")
             return original(*args, **kwargs)
 
-        add_request.__wrapped__ = original
+        add_request.__wrapped__ = original  # type: ignore[attr-defined]  # a function takes attributes; mypy's callable types have none
         return add_request
 
     def _wrap_abort(self, original):
@@ -324,7 +317,7 @@ class VllmHook:
                     hook._fail("abort_requests")
             return result
 
-        abort_requests.__wrapped__ = original
+        abort_requests.__wrapped__ = original  # type: ignore[attr-defined]  # a function takes attributes; mypy's callable types have none
         return abort_requests
 
     # ------------------------------------------------------------------ steps
@@ -421,8 +414,8 @@ class VllmHook:
         for eco in groups:
             for out in getattr(eco, "outputs", None) or ():
                 vid = getattr(out, "request_id", None)
-                entry = self._open.get(vid)
-                if entry is None:
+                entry = self._open.get(vid) if vid is not None else None
+                if vid is None or entry is None:
                     continue
                 new = getattr(out, "new_token_ids", None)
                 if new:
@@ -564,7 +557,7 @@ def _instrument_class(cls, opts: dict) -> _ClassPatch:
                             pass
                 return original(self, *args, **kwargs)
 
-            shim.__wrapped__ = original
+            shim.__wrapped__ = original  # type: ignore[attr-defined]  # a function takes attributes; mypy's callable types have none
             shim.__name__ = getattr(original, "__name__", "step")
             return shim
 

@@ -17,7 +17,7 @@ from .attribution import Attribution, Requests, StepModel, Steps, attribute
 from .errors import InputError
 from .meter.context import current_request_id, set_tokens
 from .phases import phase
-from .records import RequestRecord
+from .records import RequestLabels, RequestRecord
 from .samples import DeviceInfo, DeviceTrace, RingBuffer, SampleBatch, SampleKind
 
 try:
@@ -37,6 +37,8 @@ __all__ = sorted(
         "get_default_meter",
         # records
         "RequestRecord",
+        "RequestLabels",
+        "request_records",
         "InputError",
         # the batch-step API and request context
         "current_request_id",
@@ -78,6 +80,7 @@ _LAZY = {
     "usage_energy": ".meter.provisional",
     "CarbonModel": ".carbon",
     "Embodied": ".carbon",
+    "request_records": ".carbon.records",
     "Ledger": ".export.ledger",
     "PowerSource": ".sources",
     "SourceUnavailable": ".sources",

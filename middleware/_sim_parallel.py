@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -45,9 +47,9 @@ class ParallelRun:
     pp: int
     gpus: list[str]
     runs: dict[str, SimulatedRun]
-    requests: list[dict]
-    steps: list[dict]
-    group_steps: list[dict]
+    requests: list[dict[str, Any]]
+    steps: list[dict[str, Any]]
+    group_steps: list[dict[str, Any]]
     truth: dict[str, dict[str, float]]
     total_j: float
     truth_unattributed_j: float
@@ -71,8 +73,9 @@ def _features(base: SimulatedRun) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return pre, dec, ctx
 
 
-def _play(gpu: str, base: SimulatedRun, s_start, s_end, s_pre, s_dec, s_ctx, step_rows, pm: PowerModel,
-          idle_w: float, idle_drift_w: float, rng) -> SimulatedRun:
+def _play(gpu: str, base: SimulatedRun, s_start: np.ndarray, s_end: np.ndarray, s_pre: np.ndarray, s_dec: np.ndarray,
+          s_ctx: np.ndarray, step_rows: list[dict[str, Any]], pm: PowerModel, idle_w: float, idle_drift_w: float,
+          rng: np.random.Generator) -> SimulatedRun:
     """One GPU's true power for the given steps, and its truth by the conventions."""
     grid_ns = base.grid_ns
     cell_t = base.true_t_ns
@@ -123,7 +126,7 @@ def _play(gpu: str, base: SimulatedRun, s_start, s_end, s_pre, s_dec, s_ctx, ste
 
 
 def simulate_parallel(*, tp: int = 4, pp: int = 1, seed: int = 0, idle_w: float = 90.0, idle_drift_w: float = 6.0,
-                      power_model: PowerModel | None = None, board_spread: float = 0.05, **server) -> ParallelRun:
+                      power_model: PowerModel | None = None, board_spread: float = 0.05, **server: Any) -> ParallelRun:
     """Simulate one engine on ``tp * pp`` GPUs named ``gpu0..``, stage ``s`` on
     ``gpu{s*tp}..gpu{s*tp+tp-1}``. ``server``: the arguments of :func:`simulate_server`
     (``duration_s``, ``rate_per_s``, ``bursty``, ``timing``...) for the engine's schedule.
@@ -140,7 +143,7 @@ def simulate_parallel(*, tp: int = 4, pp: int = 1, seed: int = 0, idle_w: float 
     s_end = np.array([s["end_ns"] for s in base.steps], dtype=np.int64)
     pre, dec, ctx = _features(base)
     runs: dict[str, SimulatedRun] = {}
-    steps: list[dict] = []
+    steps: list[dict[str, Any]] = []
     for stage in range(pp):
         a = s_start + (s_end - s_start) * stage // pp
         b = s_start + (s_end - s_start) * (stage + 1) // pp
@@ -165,12 +168,11 @@ def simulate_parallel(*, tp: int = 4, pp: int = 1, seed: int = 0, idle_w: float 
                        truth_unattributed_j=float(sum(r.truth_unattributed_j for r in runs.values())))
 
 
-def write_files(run: ParallelRun, sensor: str, directory, *, seed: int = 10) -> dict:
+def write_files(run: ParallelRun, sensor: str, directory: str | Path, *, seed: int = 10) -> dict[str, Path]:
     """Write ``trace.csv`` (every GPU's readings through ``sensor``, GPU ``k`` with seed ``seed + k``),
     ``requests.jsonl`` (``"gpu"``: the group as a list), ``batches.jsonl`` (each stage's steps on its
     GPUs, ``"gpu": "gpu0,gpu1,..."``) and ``truth.jsonl`` (as :func:`wattspan.simulate.write_files`)."""
     import json
-    from pathlib import Path
 
     from .simulate import sense
 

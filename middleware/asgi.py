@@ -10,19 +10,19 @@ middleware object only holds configuration.
 from __future__ import annotations
 
 import itertools
-import logging
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+from .logs import get_logger
 from .meter.context import _current
 from .records import Cardinality
 
 __all__ = ["EnergyMiddleware"]
 
-log = logging.getLogger("wattspan")
+log = get_logger(__name__)
 
 _TENANT_OK = re.compile(r"[^A-Za-z0-9_.:-]")
 _NOT_PRINTABLE = re.compile(r"[^\x20-\x7e]")  # labels keep printable ASCII only: no control bytes reach a terminal
@@ -116,9 +116,9 @@ class EnergyMiddleware:
         app,
         *,
         meter=None,
-        device: str | Callable[[dict], str] | None = None,
-        model: str | Callable[[dict], str] = "x-model",
-        tenant: str | Callable[[dict], str] = "x-tenant-id",
+        device: str | Callable[[dict[str, Any]], str] | None = None,
+        model: str | Callable[[dict[str, Any]], str] = "x-model",
+        tenant: str | Callable[[dict[str, Any]], str] = "x-tenant-id",
         max_tenants: int = 100,
         max_models: int = 100,
         request_id_header: str | None = None,
@@ -351,7 +351,7 @@ class _Window:
             self.mw.errors += 1
             log.exception("could not close a metering window")
 
-    def _value(self, source, limit: int, headers: dict) -> str:
+    def _value(self, source, limit: int, headers: dict[str, Any]) -> str:
         if callable(source):
             try:
                 v = source(self.scope)
@@ -396,3 +396,12 @@ async def _send_500(send, header: bytes, request_id: str) -> None:
         await send({"type": "http.response.body", "body": body, "more_body": False})
     except Exception:  # the connection is gone: nothing to answer
         pass
+
+
+# The ASGI interface (https://asgi.readthedocs.io), as wattspan's middleware and apps see it.
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+Headers = list[tuple[bytes, bytes]]

@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 __all__ = ["Basis", "build_report", "carbon_for", "from_attribute", "from_ledger", "from_run", "parse_time", "render_html",
            "render_markdown", "render_pdf", "write"]
@@ -399,7 +400,7 @@ def carbon_for(basis: Basis, *, region=None, intensity=None, intensity_source=No
     if region is not None or not rec:
         model = CarbonModel.for_region(region or "world")
         gi = grid_intensity(region or "world")
-        out = {"region": model.region, "intensity": model.intensity_g_per_kwh, "intensity_source": model.intensity_source,
+        out: dict[str, Any] = {"region": model.region, "intensity": model.intensity_g_per_kwh, "intensity_source": model.intensity_source,
                "intensity_year": gi.year, "pue": model.pue,
                "pue_source": "the cloud provider's published fleet average" if model.pue != 1.0 else "none given: 1.0 (no facility overhead assumed)"}
         if region is None:
@@ -506,12 +507,14 @@ def charts(report: dict) -> dict[str, bytes]:
     if b.timeline:
         fig, ax = plt.subplots(figsize=(7.2, 2.3), dpi=110)
         for label, (ts, ps) in b.timeline.items():
-            ax.plot([datetime.fromtimestamp(t, timezone.utc) for t in ts], ps, lw=1.0, label=label)
+            # datetimes go through matplotlib's date converter; its stubs accept only numbers here
+            ax.plot([datetime.fromtimestamp(t, timezone.utc) for t in ts], ps, lw=1.0, label=label)  # type: ignore[arg-type]
         colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
         names = sorted({n for n, _, _ in b.phases})
         for name, s, e in b.phases:
             c = colours[(names.index(name) + 3) % len(colours)]
-            ax.axvspan(datetime.fromtimestamp(s, timezone.utc), datetime.fromtimestamp(e, timezone.utc), color=c, alpha=0.18, lw=0)
+            ax.axvspan(datetime.fromtimestamp(s, timezone.utc), datetime.fromtimestamp(e, timezone.utc),  # type: ignore[arg-type]
+                       color=c, alpha=0.18, lw=0)
         from matplotlib.patches import Patch
 
         handles, _ = ax.get_legend_handles_labels()

@@ -52,27 +52,33 @@ from __future__ import annotations
 import asyncio
 import calendar
 import json
-import logging
 import math
 import os
 import sqlite3
 import threading
+import sys
 import time
 import urllib.parse
 import urllib.request
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
 
+from .logs import LogOnce, get_logger
 from .deferral import _header, send_json
+
+if TYPE_CHECKING:
+    from .asgi import ASGIApp, Message, Receive, Scope, Send
+    from .deferral import DeferralQueue
 
 __all__ = [
     "Budget", "BudgetConfig", "BudgetConfigError", "BudgetStatus", "LedgerSpend", "PrometheusSpend",
     "Spend", "BudgetMiddleware", "budget_status", "load_budgets",
 ]
 
-log = logging.getLogger("wattspan.budgets")
+log = get_logger(__name__)
 
 PERIODS = ("day", "month", "year")
 ACTIONS = ("observe", "warn", "reject", "defer")
@@ -92,7 +98,7 @@ class Budget:
     unit: str  # "gco2e" | "kwh"
     period: str
     action: str = "observe"
-    match: dict = field(default_factory=dict)
+    match: dict[str, str] = field(default_factory=dict)
     warn_at: float = 0.8
 
     def matches(self, tenant: str, path: str, model: str) -> bool:
@@ -187,7 +193,7 @@ def parse_budgets(doc: Any, where: str = "budgets") -> BudgetConfig:
     return BudgetConfig(tuple(out), source, str(doc.get("ledger", "wattspan.sqlite")), prom, refresh)
 
 
-def load_budgets(path: str | os.PathLike) -> BudgetConfig:
+def load_budgets(path: str | os.PathLike[str]) -> BudgetConfig:
     """Read a budget file (``.json``, or ``.toml`` on Python 3.11+)."""
     p = Path(path)
     try:
@@ -196,11 +202,12 @@ def load_budgets(path: str | os.PathLike) -> BudgetConfig:
         raise BudgetConfigError(f"cannot read budget file {p}: {exc.strerror or exc}") from None
     try:
         if p.suffix.lower() == ".toml":
-            try:
+            if sys.version_info >= (3, 11):
                 import tomllib
-            except ImportError:  # Python 3.10
-                raise BudgetConfigError(f"{p}: TOML needs Python 3.11+; write the budgets as JSON") from None
-            doc = tomllib.loads(text)
+
+                doc = tomllib.loads(text)
+            else:
+                raise BudgetConfigError(f"{p}: TOML needs Python 3.11+; write the budgets as JSON")
         else:
             doc = json.loads(text)
     except BudgetConfigError:
@@ -230,13 +237,14 @@ class LedgerSpend:
 
     name = "ledger"
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
 
     def spent(self, budget: Budget, since: float, until: float) -> Spend:
         if not self.path.is_file():
             return Spend()
-        terms, args = ["recorded_at >= ?", "recorded_at < ?"], [since, until]
+        terms = ["recorded_at >= ?", "recorded_at < ?"]
+        args: list[float | str] = [since, until]
         m = budget.match
         if m.get("tenant"):
             terms.append("tenant = ?")
@@ -320,8 +328,8 @@ class BudgetStatus:
     action: str
     state: str  # ok | warn | over
     requests: int
-    kpis: dict
-    burn: dict
+    kpis: dict[str, float | None]
+    burn: dict[str, Any]
     source: str
     error: str = ""
 
@@ -329,7 +337,7 @@ class BudgetStatus:
     def fraction(self) -> float:
         return self.spent / self.limit if self.limit > 0 else math.inf if self.spent > 0 else 0.0
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["fraction"] = self.fraction if math.isfinite(self.fraction) else None
         d["period_start"] = _iso(self.period_start_s)
@@ -369,18 +377,25 @@ def status_of(budget: Budget, spend: Spend, now: float, source: str, error: str 
                         budget.action, state, spend.requests, kpis, burn, source, error)
 
 
-def _source_for(cfg: BudgetConfig):
+class SpendSource(Protocol):
+    """Where a budget's spend comes from: :class:`LedgerSpend`, :class:`PrometheusSpend`, or your own."""
+
+    def spent(self, budget: Budget, since: float, until: float) -> Spend: ...
+
+
+def _source_for(cfg: BudgetConfig) -> SpendSource:
     return PrometheusSpend(cfg.prometheus_url) if cfg.source == "prometheus" else LedgerSpend(cfg.ledger)
 
 
-def budget_status(config: BudgetConfig | str | os.PathLike, *, source=None, now: float | None = None) -> list[BudgetStatus]:
+def budget_status(config: BudgetConfig | str | os.PathLike[str], *, source: SpendSource | None = None,
+                  now: float | None = None) -> list[BudgetStatus]:
     """Every budget's spent, limit, period, KPIs and burn forecast (the read API for
     dashboards and ``wattspan report --budgets``). A source that fails gives the status with
     ``error`` set and nothing spent, never an exception."""
     cfg = config if isinstance(config, BudgetConfig) else load_budgets(config)
     src = source or _source_for(cfg)
     now = time.time() if now is None else float(now)
-    out = []
+    out: list[BudgetStatus] = []
     for b in cfg.budgets:
         start, _ = b.bounds(now)
         try:
@@ -397,7 +412,7 @@ def format_status(statuses: list[BudgetStatus]) -> str:
     for s in statuses:
         k = s.kpis
 
-        def f(v, fmt):
+        def f(v: float | None, fmt: str) -> str:
             return format(v, fmt) if v is not None else "-"
 
         unit = "g" if s.unit == "gco2e" else "kWh"
@@ -414,7 +429,7 @@ def format_status(statuses: list[BudgetStatus]) -> str:
 class _State:
     """The statuses, refreshed by a background thread; read without blocking per request."""
 
-    def __init__(self, cfg: BudgetConfig, source) -> None:
+    def __init__(self, cfg: BudgetConfig, source: SpendSource) -> None:
         self.cfg, self.source = cfg, source
         self.statuses: dict[str, BudgetStatus] = {}
         self.lock = threading.Lock()
@@ -460,8 +475,9 @@ class BudgetMiddleware:
     request body a deferred job keeps; ``status_path``: where the budgets' status is served
     (None: nowhere; it names budgets and their owners)."""
 
-    def __init__(self, app, *, budgets, source=None, tenant: str = "x-tenant-id", model: str = "x-model",
-                 deferral=None, max_body_bytes: int = 8 << 20, default_deadline_s: float = 86400.0,
+    def __init__(self, app: ASGIApp, *, budgets: BudgetConfig | str | os.PathLike[str], source: SpendSource | None = None,
+                 tenant: str = "x-tenant-id", model: str = "x-model",
+                 deferral: DeferralQueue | None = None, max_body_bytes: int = 8 << 20, default_deadline_s: float = 86400.0,
                  status_path: str | None = "/wattspan/budgets") -> None:
         self.app = app
         self.config = budgets if isinstance(budgets, BudgetConfig) else load_budgets(budgets)
@@ -475,8 +491,8 @@ class BudgetMiddleware:
         self.max_body_bytes, self.default_deadline_s = int(max_body_bytes), float(default_deadline_s)
         self.status_path = status_path  # None: do not serve the budgets' status
         self.counts: dict[str, int] = {a: 0 for a in ACTIONS}
-        self._warned: dict[str, float] = {}
-        self._runner: asyncio.Task | None = None
+        self._once = LogOnce(log, every_s=60.0)  # per budget: at most one warning a minute
+        self._runner: asyncio.Task[None] | None = None
         self._refreshed = False  # the first refresh runs off the event loop, at startup or the first request
         _register_metrics(self)
 
@@ -486,9 +502,9 @@ class BudgetMiddleware:
             self._refreshed = True
             await asyncio.to_thread(self.state.refresh)
 
-    async def __call__(self, scope, receive, send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            async def recv():  # at the server's shutdown, the refresh thread and the deferral runner stop
+            async def recv() -> Message:  # at the server's shutdown, the refresh thread and the deferral runner stop
                 m = await receive()
                 if m.get("type") == "lifespan.startup":
                     await self._first_refresh()  # the first requests see the spend too
@@ -539,7 +555,7 @@ class BudgetMiddleware:
             await self.app(scope, receive, send)
             return
 
-        async def send_with_header(message):
+        async def send_with_header(message: Message) -> None:
             if message["type"] == "http.response.start":
                 message = dict(message)
                 message["headers"] = [*message.get("headers", ()), *extra]
@@ -548,14 +564,11 @@ class BudgetMiddleware:
         await self.app(scope, receive, send_with_header)
 
     def _log_warn(self, s: BudgetStatus) -> None:
-        now = time.monotonic()
-        if now - self._warned.get(s.name, -1e9) >= 60.0:
-            self._warned[s.name] = now
-            log.warning("carbon budget %r (%s) at %.0f%%: %.4g of %.4g %s this %s; at this rate it runs out %s",
-                        s.name, s.owner, s.fraction * 100, s.spent, s.limit, s.unit, s.period,
-                        s.burn["exhausts_at"] or "after the period ends")
+        self._once.warning(s.name, "carbon budget %r (%s) at %.0f%%: %.4g of %.4g %s this %s; at this rate it runs out %s",
+                           s.name, s.owner, s.fraction * 100, s.spent, s.limit, s.unit, s.period,
+                           s.burn["exhausts_at"] or "after the period ends")
 
-    async def _reject(self, send, s: BudgetStatus, hint: str = "") -> None:
+    async def _reject(self, send: Send, s: BudgetStatus, hint: str = "") -> None:
         retry = max(1, int(math.ceil(s.period_end_s - time.time())))
         unit = "gCO2e" if s.unit == "gco2e" else "kWh"
         body = {"error": {"type": "carbon_budget_exceeded", "code": "carbon_budget_exceeded", "budget": s.name,
@@ -565,14 +578,16 @@ class BudgetMiddleware:
                                      f"this {s.period}; it resets at {_iso(s.period_end_s)}.{hint}"}}
         await send_json(send, 429, body, [(b"retry-after", str(retry).encode()), (b"x-wattspan-budget", _budget_header(s).encode())])
 
-    async def _defer(self, scope, receive, send, s: BudgetStatus) -> None:
+    async def _defer(self, scope: Scope, receive: Receive, send: Send, s: BudgetStatus) -> None:
         from .deferral import defer_request
+
+        assert self.deferral is not None  # made at start when a budget defers
 
         await defer_request(self.deferral, self.app, scope, receive, send, default_deadline_s=self.default_deadline_s,
                             max_body_bytes=self.max_body_bytes, extra={"budget": s.name},
                             extra_headers=[(b"x-wattspan-budget", _budget_header(s).encode())])
 
-    async def _own(self, path: str, scope, send) -> bool:
+    async def _own(self, path: str, scope: Scope, send: Send) -> bool:
         if scope.get("method") != "GET":
             return False
         if self.status_path is not None and path == self.status_path:
@@ -605,15 +620,15 @@ def _register_metrics(mw: BudgetMiddleware) -> None:
     ``wattspan.budget`` (the budget's name; bounded by the config) and ``wattspan.budget.unit``."""
     try:
         from opentelemetry import metrics
-        from opentelemetry.metrics import Observation
+        from opentelemetry.metrics import CallbackOptions, Observation
     except ImportError:
         return
 
-    def obs(key):
-        def cb(_options):
+    def obs(key: str) -> Callable[[CallbackOptions], list[Observation]]:
+        def cb(_options: CallbackOptions) -> list[Observation]:
             with mw.state.lock:
                 st = list(mw.state.statuses.values())
-            out = []
+            out: list[Observation] = []
             for s in st:
                 v = {"spent": s.spent, "limit": s.limit, "projected": s.burn["projected_at_period_end"],
                      "used": s.fraction if math.isfinite(s.fraction) else 0.0}[key]
@@ -630,7 +645,7 @@ def _register_metrics(mw: BudgetMiddleware) -> None:
         m.create_observable_gauge(f"wattspan.budget.{key}", callbacks=[obs(key)], unit="1", description=desc)
 
 
-def budget_middleware_from_env(app):
+def budget_middleware_from_env(app: ASGIApp) -> ASGIApp:
     """``app`` wrapped in a BudgetMiddleware when ``$WATTSPAN_BUDGETS`` names a budget file."""
     path = os.environ.get("WATTSPAN_BUDGETS", "").strip()
     return BudgetMiddleware(app, budgets=path) if path else app

@@ -22,17 +22,19 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import json
-import logging
 import math
 import os
 import threading
 import time
 from importlib import resources
 from pathlib import Path
+from typing import Any
+
+from .logs import get_logger
 
 __all__ = ["DataCache", "create_app", "data", "cli_main"]
 
-log = logging.getLogger("wattspan.dashboard")
+log = get_logger(__name__)
 
 _LOOPBACK = {"localhost", "127.0.0.1", "::1"}
 _TOP = 8  # series per chart; the rest are summed into "(other)"
@@ -92,9 +94,9 @@ class DataCache:
     """
 
     def __init__(self) -> None:
-        self.key = None
-        self.rows: dict[int, list[tuple]] = {}
-        self.complete_k = None  # buckets < this are held
+        self.key: tuple[str, float, frozenset[str]] | None = None
+        self.rows: dict[int, list[tuple[Any, ...]]] = {}
+        self.complete_k: int | None = None  # buckets < this are held
         self.built = -math.inf
         self.lock = threading.Lock()
 
@@ -132,25 +134,29 @@ def _cached_rows(conn, cols: set, cache: DataCache, db: str, bucket: float, k0: 
     """The held sums of complete buckets, topped up, plus a fresh read of the rest."""
     complete_k = max(k0, int((now - _COMPLETE_AFTER_S) // bucket))
     key = (db, bucket, frozenset(cols))
-    if cache.key != key or time.monotonic() - cache.built > _REBUILD_S or cache.complete_k is None:
-        cache.key, cache.rows, cache.complete_k, cache.built = key, {}, k0, time.monotonic()
-    start_k = max(cache.complete_k, k0)
+    held = cache.complete_k
+    if cache.key != key or time.monotonic() - cache.built > _REBUILD_S or held is None:
+        cache.key, cache.rows, cache.built = key, {}, time.monotonic()
+        held = cache.complete_k = k0
+    start_k = max(held, k0)
     if complete_k > start_k:
         for r in _scan(conn, cols, start_k * bucket, complete_k * bucket, bucket):
             cache.rows.setdefault(int(r[0]), []).append(r)
-    cache.complete_k = max(cache.complete_k, complete_k)
+    held = cache.complete_k = max(held, complete_k)
     for k in [k for k in cache.rows if k < k0]:
         del cache.rows[k]
-    live_from = max(cache.complete_k, k0) * bucket
+    live_from = max(held, k0) * bucket
     return [r for k in sorted(cache.rows) for r in cache.rows[k]] + _scan(conn, cols, live_from, now + 1e-6, bucket)
 
 
 def _summarise(rows, *, db, now, window_s, since, k0, bucket, metrics_url, budgets=None) -> dict:
     zero = {"requests": 0, "energy_j": 0.0, "host_j": 0.0, "co2e_g": 0.0, "tokens": 0, "simulated": False, "methods": set()}
-    tot = {"n": 0, "acc": 0.0, "host": 0.0, "co2": 0.0, "emb": 0.0, "pt": 0, "ot": 0, "sim": 0, "low": 0, "last": None, "lo": 0.0, "hi": 0.0}
-    by = {b: {} for b in ("route", "model", "tenant")}
-    series = {b: {} for b in by}
-    methods, sensors, flags = {}, {}, {}
+    tot: dict[str, Any] = {"n": 0, "acc": 0.0, "host": 0.0, "co2": 0.0, "emb": 0.0, "pt": 0, "ot": 0, "sim": 0, "low": 0, "last": None, "lo": 0.0, "hi": 0.0}
+    by: dict[str, dict[str, dict[str, Any]]] = {b: {} for b in ("route", "model", "tenant")}
+    series: dict[str, dict[str, tuple[list[float], list[float]]]] = {b: {} for b in by}
+    methods: dict[str, int] = {}
+    sensors: dict[tuple[str, str], tuple[bool, int]] = {}
+    flags: dict[str, int] = {}
     has_band = False
     for (k, route, model, tenant, method, device, sensor, sim, quality, n, e, h, c, emb, pt, ot, low, last, lo, hi) in rows:
         tot["n"] += n
@@ -205,7 +211,7 @@ def _summarise(rows, *, db, now, window_s, since, k0, bucket, metrics_url, budge
                          "j_per_token": (g["energy_j"] + g["host_j"]) / g["tokens"] if g["tokens"] else None,
                          "simulated": g["simulated"], "methods": sorted(m for m in g["methods"] if m)} for name, g in ranked]
         top = [name for name, _ in ranked[:_TOP]]
-        ser = {}
+        ser: dict[str, dict[str, list[float]]] = {}
         for name, (e, c) in series[b].items():
             label = (name or "(none)") if name in top else "(other)"
             if label in ser:
@@ -232,7 +238,9 @@ def _unattributed(metrics_url: str | None) -> dict:
             text = r.read(4 << 20).decode("utf-8", "replace")
     except Exception as exc:  # a dead exporter is shown, not raised
         return {"available": False, "note": f"could not read {metrics_url}: {exc}"}
-    un, hw, power = {}, {}, {}
+    un: dict[str, float] = {}
+    hw: dict[str, float] = {}
+    power: dict[str, float] = {}
     for line in text.splitlines():
         if line.startswith("#") or not line.strip():
             continue
@@ -284,7 +292,7 @@ def _budgets(db, path) -> dict:
 
 
 def _static(name: str) -> bytes:
-    return resources.files(__package__).joinpath("static", name).read_bytes()
+    return resources.files(__package__).joinpath("static").joinpath(name).read_bytes()
 
 
 def _plotly_js() -> Path:
@@ -337,7 +345,7 @@ def create_app(db: str | os.PathLike, *, token: str | None = None, window_s: flo
     async def index(request: Request):
         resp = Response(page, media_type="text/html; charset=utf-8", headers=headers)
         if want is not None:  # the page's own requests (scripts, API) carry it from here on
-            resp.set_cookie(_COOKIE, token, httponly=True, samesite="strict", path="/")
+            resp.set_cookie(_COOKIE, token or "", httponly=True, samesite="strict", path="/")
         return resp
 
     async def static(request: Request):

@@ -15,17 +15,17 @@ where the records go:
 
 from __future__ import annotations
 
-import logging
 import os
 import threading
 
+from .logs import get_logger
 from .meter import Meter
 from .sampler import Sampler
 from .meter.discovery import default_sources, measured_sources
 
 __all__ = ["default_sources", "get_default_meter", "get_default_sampler", "measured_sources", "set_default_meter"]
 
-log = logging.getLogger("wattspan")
+log = get_logger(__name__)
 
 
 _default: Meter | None = None

@@ -25,20 +25,25 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import logging
 import math
 import secrets
 import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
+from .logs import get_logger
+
+if TYPE_CHECKING:
+    from .asgi import ASGIApp, Headers, Message, Receive, Scope, Send
+    from .carbon.intensity import HourlyIntensityProvider
+
 __all__ = ["Decision", "Job", "DeferralQueue", "DeferralMiddleware", "choose_start", "DeferralFull", "defer_request"]
 
-log = logging.getLogger("wattspan.deferral")
+log = get_logger(__name__)
 
 
 class DeferralFull(RuntimeError):
@@ -86,7 +91,7 @@ class Decision:
         now = self.intensity_now_g_per_kwh
         return 0.0 if now <= 0 else 1.0 - self.intensity_planned_g_per_kwh / now
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.update(planned_start=_iso(self.planned_start_s), deadline=_iso(self.deadline_s),
                  expected_saving=round(self.expected_saving, 4))
@@ -104,7 +109,7 @@ class Job:
     error: str = ""
     _done: asyncio.Event | None = field(default=None, repr=False)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {"id": self.id, "name": self.name, "status": self.status, "error": self.error,
                 "decision": self.decision.to_dict()}
 
@@ -116,7 +121,7 @@ class DeferralQueue:
     Finished jobs are kept (bounded: ``keep_done``) so their decisions can be read, without what
     they held; deferred requests' bodies waiting to run hold at most ``max_held_bytes`` in all."""
 
-    def __init__(self, provider=None, *, zone: str = "world", max_concurrency: int = 2, period_s: float = 3600.0,
+    def __init__(self, provider: HourlyIntensityProvider | None = None, *, zone: str = "world", max_concurrency: int = 2, period_s: float = 3600.0,
                  max_jobs: int = 10_000, keep_done: int = 1000, clock: Callable[[], float] = time.time,
                  poll_s: float = 1.0, max_held_bytes: int = 256 << 20) -> None:
         from .carbon.intensity import ProfileProvider
@@ -215,7 +220,7 @@ class DeferralQueue:
     def get(self, job_id: str) -> Job | None:
         return self.jobs.get(job_id)
 
-    def decisions(self) -> list[dict]:
+    def decisions(self) -> list[dict[str, Any]]:
         return [j.decision.to_dict() for j in self.jobs.values()]
 
     def _trim(self) -> None:
@@ -234,10 +239,13 @@ class DeferralQueue:
         if job.decision.started_s > job.decision.deadline_s - job.decision.duration_s + self.poll_s:
             self.counters["late"] += 1
         try:
-            if asyncio.iscoroutinefunction(job.fn):
-                job.result = await job.fn()
+            fn = job.fn
+            if fn is None:
+                raise RuntimeError("the job has already run")
+            if asyncio.iscoroutinefunction(fn):
+                job.result = await fn()
             else:
-                job.result = await asyncio.to_thread(job.fn)
+                job.result = await asyncio.to_thread(fn)
             job.status = "done"
             self.counters["ran"] += 1
         except Exception as exc:
@@ -260,7 +268,7 @@ class DeferralQueue:
     async def run(self) -> None:
         """Start due jobs forever (cancel the task to stop)."""
         self._wake = asyncio.Event()
-        tasks: set[asyncio.Task] = set()
+        tasks: set[asyncio.Task[None]] = set()
         while True:
             for job in self._due():
                 self.running += 1
@@ -292,14 +300,15 @@ MAX_DEADLINE_S = 366 * 86400.0
 CAPTURE_BYTES = 1 << 20  # of a deferred job's response body kept for its status page
 
 
-def _header(scope, name: bytes) -> str:
+def _header(scope: Scope, name: bytes) -> str:
     for k, v in scope.get("headers", ()):
         if k == name:
-            return v.decode("latin-1")
+            value: str = v.decode("latin-1")
+            return value
     return ""
 
 
-async def send_json(send, status: int, body: dict, extra: list | None = None) -> None:
+async def send_json(send: Send, status: int, body: dict[str, Any], extra: Headers | None = None) -> None:
     import json
 
     raw = json.dumps(body).encode()
@@ -308,15 +317,15 @@ async def send_json(send, status: int, body: dict, extra: list | None = None) ->
     await send({"type": "http.response.body", "body": raw})
 
 
-async def capture(app, scope: dict, body: bytes) -> dict:
+async def capture(app: ASGIApp, scope: Scope, body: bytes) -> dict[str, Any]:
     """Run ``app`` on a recorded request; return its response (status, headers, body text).
     A 5xx answer fails the job."""
     sent = False
-    out: dict = {"status": 0, "headers": {}, "body": ""}
+    out: dict[str, Any] = {"status": 0, "headers": {}, "body": ""}
     parts: list[bytes] = []
     kept = 0  # bytes in parts: a job keeps at most CAPTURE_BYTES of its response in memory
 
-    async def receive():
+    async def receive() -> Message:
         nonlocal sent
         if not sent:
             sent = True
@@ -324,7 +333,7 @@ async def capture(app, scope: dict, body: bytes) -> dict:
         await asyncio.sleep(3600)
         return {"type": "http.disconnect"}
 
-    async def send(m):
+    async def send(m: Message) -> None:
         nonlocal kept
         if m["type"] == "http.response.start":
             out["status"] = m["status"]
@@ -341,12 +350,14 @@ async def capture(app, scope: dict, body: bytes) -> dict:
     return out
 
 
-async def defer_request(queue: DeferralQueue, app, scope, receive, send, *, default_deadline_s: float = 86400.0,
-                        max_body_bytes: int = 8 << 20, extra_headers: list | None = None, extra: dict | None = None) -> None:
+async def defer_request(queue: DeferralQueue, app: ASGIApp, scope: Scope, receive: Receive, send: Send, *,
+                        default_deadline_s: float = 86400.0, max_body_bytes: int = 8 << 20,
+                        extra_headers: Headers | None = None, extra: dict[str, Any] | None = None) -> None:
     """Read the request, queue it on ``queue`` to run through ``app`` later, answer 202 with the
     job (``status_url``: ``/wattspan/jobs/<id>``). ``x-wattspan-deadline-s``: seconds from now
     (default ``default_deadline_s``); ``x-wattspan-duration-s``: how long it runs (default 0)."""
-    chunks, size = [], 0
+    chunks: list[bytes] = []
+    size = 0
     while True:
         m = await receive()
         if m["type"] == "http.disconnect":
@@ -375,7 +386,7 @@ async def defer_request(queue: DeferralQueue, app, scope, receive, send, *, defa
     job_scope = {k: v for k, v in scope.items() if k not in ("route", "endpoint", "path_params")}  # set again by the router
     job_scope["headers"] = [(k, v) for k, v in scope.get("headers", ()) if not k.startswith(b"x-wattspan-")]
 
-    async def run_it() -> dict:
+    async def run_it() -> dict[str, Any]:
         try:
             return await capture(app, job_scope, body)
         finally:
@@ -394,7 +405,7 @@ async def defer_request(queue: DeferralQueue, app, scope, receive, send, *, defa
                     [(b"location", f"/wattspan/jobs/{job.id}".encode()), *(extra_headers or [])])
 
 
-async def job_status(queue: DeferralQueue, path: str, send) -> None:
+async def job_status(queue: DeferralQueue, path: str, send: Send) -> None:
     """``GET /wattspan/jobs``: every kept decision; ``/wattspan/jobs/<id>``: one job (with its
     response once done)."""
     if path.rstrip("/") == "/wattspan/jobs":  # decisions only: no ids, so no one else's results
@@ -424,15 +435,15 @@ class DeferralMiddleware:
     when it runs. ``queue`` default: a :class:`DeferralQueue` on the offline profile for ``zone``
     (default ``$WATTSPAN_REGION``)."""
 
-    def __init__(self, app, *, queue: DeferralQueue | None = None, zone: str | None = None,
+    def __init__(self, app: ASGIApp, *, queue: DeferralQueue | None = None, zone: str | None = None,
                  paths: tuple[str, ...] | list[str] = ("/v1/batch",), max_body_bytes: int = 16 << 20) -> None:
         self.app = app
         self.queue = queue or DeferralQueue(zone=zone or _settings_region())
         self.paths = tuple(paths)
         self.max_body_bytes = int(max_body_bytes)
-        self._runner: asyncio.Task | None = None
+        self._runner: asyncio.Task[None] | None = None
 
-    async def __call__(self, scope, receive, send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return

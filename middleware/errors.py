@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 __all__ = ["InputError"]
 
 
@@ -11,7 +13,7 @@ class InputError(ValueError):
     ``line`` is 0 when the problem is the file as a whole (missing, empty).
     """
 
-    def __init__(self, path, line: int, message: str) -> None:
+    def __init__(self, path: str | os.PathLike[str], line: int, message: str) -> None:
         self.path = str(path)
         self.line = int(line)
         self.message = message

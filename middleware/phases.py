@@ -14,6 +14,10 @@ import itertools
 import os
 import threading
 import time
+from typing import Callable, ParamSpec, TypeVar
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 __all__ = ["phase", "phase_errors"]
 
@@ -80,22 +84,22 @@ class phase:
             _write(f"B\t{self._id}\t{time.monotonic_ns()}\t{self.name}\n")
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         if self._id:
             _write(f"E\t{self._id}\t{time.monotonic_ns()}\n")
 
-    def __call__(self, fn):
+    def __call__(self, fn: Callable[P, R]) -> Callable[P, R]:
         import functools
 
         @functools.wraps(fn)
-        def wrapped(*a, **kw):
+        def wrapped(*a: P.args, **kw: P.kwargs) -> R:
             with phase(self.name):
                 return fn(*a, **kw)
 
         return wrapped
 
 
-def read_phases(path: str | os.PathLike, end_ns: int) -> list[tuple[str, int, int]]:
+def read_phases(path: str | os.PathLike[str], end_ns: int) -> list[tuple[str, int, int]]:
     """``(name, begin_ns, end_ns)`` of every phase in the marker file, in order of begin.
 
     A phase the job never closed (it crashed, it was killed) ends at ``end_ns``;

@@ -23,7 +23,6 @@ and ``run_trace``, see :mod:`wattspan.export.ledger.runs`) and a short result is
 from __future__ import annotations
 
 import json
-import logging
 import os
 import platform
 import shlex
@@ -38,12 +37,13 @@ from pathlib import Path
 
 import numpy as np
 
+from .logs import get_logger
 from .phases import ENV as PHASES_ENV
 from .phases import read_phases
 
 __all__ = ["measure", "run_sources", "print_result"]
 
-log = logging.getLogger("wattspan.run")
+log = get_logger(__name__)
 
 _MAX_KNOTS = 200_000  # per device in memory; thinned by half when exceeded
 _STORED_KNOTS = 4000  # per device in the ledger
@@ -94,6 +94,7 @@ class _Cumulative:
             cum = self._total + np.cumsum(np.clip(d, 0.0, None))  # counters are unwrapped; a reset adds nothing
             self._last_counter = float(e[-1])
         else:
+            assert p is not None, "a trace without energy readings has power readings"
             ok = np.isfinite(p)
             t, p = t[ok], p[ok]
             if t.shape[0] == 0:

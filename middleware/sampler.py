@@ -9,21 +9,23 @@ lacks; rows that do not move time forward for their device are rejected, so
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import threading
 import time
 import weakref
 from collections.abc import Iterable
+from typing import Any, cast
 
 import numpy as np
 
+from .logs import LogOnce, get_logger
 from .samples import DeviceInfo, DeviceTrace, RingBuffer, SampleBatch, SampleKind
+from .sources._base import PowerSource
 
 __all__ = ["Sampler"]
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 _ENERGY = SampleKind.ENERGY
 
@@ -42,7 +44,7 @@ class _State:
     """Everything the thread touches; the thread holds this, never the Sampler, so the
     Sampler can be garbage-collected (its finaliser then stops the thread)."""
 
-    def __init__(self, sources: list, names: list[str], devices: dict[str, _Device], interval_ns: int) -> None:
+    def __init__(self, sources: list[PowerSource], names: list[str], devices: dict[str, _Device], interval_ns: int) -> None:
         self.sources = sources
         self.names = names
         self.devices = devices
@@ -57,22 +59,17 @@ class _State:
         self.polls = 0
         self.overruns = 0
         self.poll_errors = dict.fromkeys(names, 0)
-        self.logged: set = set()
+        self.once = LogOnce(log, max_keys=1000)  # bounds the memory a flood of distinct messages can take
         self.cost_sum_ns = 0
         self.cost_max_ns = 0
         self.cpu_sum_ns = 0
         self.last_poll_ns: int | None = None
 
 
-def _log_once(st: _State, key: tuple, msg: str, *args) -> None:
-    if key not in st.logged:
-        st.logged.add(key)
-        if len(st.logged) > 1000:  # bound the memory a flood of distinct messages can take
-            st.logged.clear()
-        log.warning(msg, *args)
+_Rows = tuple[np.ndarray, "np.ndarray | None", "np.ndarray | None"]
 
 
-def _rows(batches: list[SampleBatch]):
+def _rows(batches: list[SampleBatch]) -> _Rows:
     """Merge one device's batches into time-ordered rows ``(t, power, energy)``, one row per timestamp."""
     if len(batches) == 1:
         b = batches[0]
@@ -99,17 +96,18 @@ def _rows(batches: list[SampleBatch]):
 
 
 def _ingest(st: _State, src_name: str, batches: list[SampleBatch]) -> None:
+    groups: dict[str, list[SampleBatch]]
     if len(batches) == 1:
         groups = {batches[0].device: batches}
     else:
-        groups: dict[str, list[SampleBatch]] = {}
+        groups = {}
         for b in batches:
             groups.setdefault(b.device, []).append(b)
     for device, bs in groups.items():
         dev = st.devices.get(device)
         if dev is None:
             st.poll_errors[src_name] += 1
-            _log_once(st, (src_name, "unknown", device), "wattspan: source %s returned readings for %r, which its "
+            st.once.warning((src_name, "unknown", device), "wattspan: source %s returned readings for %r, which its "
                       "devices() does not list; ignored", src_name, device)
             continue
         if all(b.t_ns.shape[0] == 1 for b in bs):  # the common case: one reading of each kind
@@ -142,20 +140,22 @@ def _ingest(st: _State, src_name: str, batches: list[SampleBatch]) -> None:
                 dev.buf.append(t, p, e)
                 dev.last_t = t
             continue
-        t, p, e = _rows(bs)
-        if p is not None and e is not None:
-            ok = np.isfinite(p) | np.isfinite(e)
+        ts, ps, es = _rows(bs)
+        if ps is not None and es is not None:
+            ok = np.isfinite(ps) | np.isfinite(es)
         else:
-            ok = np.isfinite(p if p is not None else e)
-        ok &= t > dev.last_t
+            col = ps if ps is not None else es
+            assert col is not None  # _rows gives a power or an energy column, or both
+            ok = np.isfinite(col)
+        ok &= ts > dev.last_t
         if not ok.all():
             dev.rejected += int(ok.shape[0] - np.count_nonzero(ok))
-            t = t[ok]
-            p = None if p is None else p[ok]
-            e = None if e is None else e[ok]
-        if t.shape[0]:
-            dev.buf.extend(t, p, e)
-            dev.last_t = int(t[-1])
+            ts = ts[ok]
+            ps = None if ps is None else ps[ok]
+            es = None if es is None else es[ok]
+        if ts.shape[0]:
+            dev.buf.extend(ts, ps, es)
+            dev.last_t = int(ts[-1])
 
 
 def _poll_once(st: _State) -> None:
@@ -166,7 +166,7 @@ def _poll_once(st: _State) -> None:
             batches = src.poll()
         except Exception as exc:
             st.poll_errors[name] += 1
-            _log_once(st, (name, type(exc).__name__, str(exc)), "wattspan: polling %s failed: %s: %s "
+            st.once.warning((name, type(exc).__name__, str(exc)), "wattspan: polling %s failed: %s: %s "
                       "(counted in health()['poll_errors']; logged once)", name, type(exc).__name__, exc)
             continue
         if not batches:
@@ -175,7 +175,7 @@ def _poll_once(st: _State) -> None:
             _ingest(st, name, batches)
         except Exception as exc:  # a malformed batch from a buggy source
             st.poll_errors[name] += 1
-            _log_once(st, (name, "ingest", type(exc).__name__, str(exc)), "wattspan: readings from %s could not "
+            st.once.warning((name, "ingest", type(exc).__name__, str(exc)), "wattspan: readings from %s could not "
                       "be stored: %s: %s", name, type(exc).__name__, exc)
     cost = time.perf_counter_ns() - w0
     st.cpu_sum_ns += time.thread_time_ns() - c0
@@ -252,21 +252,23 @@ class Sampler:
     in ``health()["poll_errors"]``, and polled again next time.
     """
 
-    def __init__(self, sources, *, interval_s: float = 0.01, capacity: int = 65536) -> None:
+    def __init__(self, sources: PowerSource | Iterable[PowerSource], *, interval_s: float = 0.01, capacity: int = 65536) -> None:
         if not (isinstance(interval_s, (int, float)) and math.isfinite(interval_s) and interval_s > 0):
             raise ValueError(f"Sampler interval_s must be a number of seconds > 0, got {interval_s!r}")
         if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 2:
             raise ValueError(f"Sampler capacity must be an integer >= 2 rows, got {capacity!r}")
+        srcs: list[PowerSource]
         if hasattr(sources, "poll"):
-            sources = [sources]
-        elif not isinstance(sources, Iterable):
+            srcs = [cast(PowerSource, sources)]  # duck-typed: checked method by method below
+        elif isinstance(sources, Iterable):
+            srcs = list(sources)
+        else:
             raise TypeError("Sampler needs a power source or a list of them")
-        sources = list(sources)
-        if not sources:
+        if not srcs:
             raise ValueError("Sampler needs at least one power source")
         names: list[str] = []
         devices: dict[str, _Device] = {}
-        for src in sources:
+        for src in srcs:
             for attr in ("poll", "devices", "close"):
                 if not callable(getattr(src, attr, None)):
                     raise TypeError(f"{src!r} is not a power source: it has no {attr}() method")
@@ -280,10 +282,10 @@ class Sampler:
                     raise ValueError(f"device {info.id!r} is metered by two sources ({devices[info.id].info.sensor} "
                                      f"and {info.sensor}): give each source distinct devices")
                 devices[info.id] = _Device(info, capacity)
-        self.sources: tuple = tuple(sources)
+        self.sources: tuple[PowerSource, ...] = tuple(srcs)
         self.interval_s = float(interval_s)
         self.capacity = int(capacity)
-        self._st = _State(sources, names, devices, max(1, int(round(interval_s * 1e9))))
+        self._st = _State(srcs, names, devices, max(1, int(round(interval_s * 1e9))))
         self._finalizer = weakref.finalize(self, _shutdown, self._st, 1.0)
 
     # ------------------------------------------------------------------ lifecycle
@@ -331,7 +333,7 @@ class Sampler:
     def __enter__(self) -> "Sampler":
         return self.start()
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     # ------------------------------------------------------------------ reading
@@ -354,7 +356,7 @@ class Sampler:
         """
         d = self._device(device)
         t, p, e = d.buf.snapshot(since_ns)
-        power = p
+        power: np.ndarray | None = p
         if t.shape[0] and not np.isfinite(p).any() and np.isfinite(e).any():
             power = None
         info = d.info
@@ -371,7 +373,7 @@ class Sampler:
             raise RuntimeError("poll_now() is for a stopped sampler; the thread is polling")
         _poll_once(self._st)
 
-    def health(self) -> dict:
+    def health(self) -> dict[str, Any]:
         """Counters: ``running``, ``interval_s``, ``polls``, ``overruns`` (polls that took longer
         than the interval), ``poll_errors`` and ``source_errors`` (the sources' own ``errors``) per
         source, per device ``rows``, ``dropped_rows`` (overwritten when the buffer was full) and

@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import threading
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -69,7 +70,7 @@ class DeviceInfo:
     simulated: bool = False
     power_kind: SampleKind = SampleKind.INSTANT
     window_ns: int = 0
-    extra: dict = field(default_factory=dict, compare=False)
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
 
 @dataclass

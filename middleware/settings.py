@@ -107,7 +107,7 @@ class Settings:
                 raise SettingsError("WATTSPAN_" + name, v, f"a number from {lo:g} to {hi:g} ({what})")
             return f
 
-        def pattern(name: str, rx: re.Pattern, what: str) -> str | None:
+        def pattern(name: str, rx: re.Pattern[str], what: str) -> str | None:
             v = get(name)
             if v is None or v == "":
                 return None
@@ -149,7 +149,7 @@ class Settings:
         )
 
 
-_cache: tuple[tuple, Settings] | None = None
+_cache: tuple[tuple[tuple[str, str], ...], Settings] | None = None
 _lock = threading.Lock()
 
 

@@ -29,8 +29,10 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from .sources.power_model import LAWS, PowerModel
 from .samples import DeviceTrace, SampleKind
@@ -114,8 +116,8 @@ class SimulatedRun:
     true_t_ns: np.ndarray
     true_power_w: np.ndarray
     idle_w: np.ndarray
-    requests: list[dict]
-    steps: list[dict]
+    requests: list[dict[str, Any]]  # as in requests.jsonl
+    steps: list[dict[str, Any]]  # as in batches.jsonl
     truth: dict[str, dict[str, float]]
     truth_unattributed_j: float
     total_j: float
@@ -132,12 +134,12 @@ class SimulatedRun:
         """End of the grid (ns, exclusive)."""
         return int(self.true_t_ns[-1]) + self.grid_ns
 
-    def energy_j(self, start_ns, end_ns, *, dynamic: bool = False) -> np.ndarray:
+    def energy_j(self, start_ns: ArrayLike, end_ns: ArrayLike, *, dynamic: bool = False) -> np.ndarray:
         """Exact true energy (J) over ``[start_ns, end_ns)``, vectorised over arrays of windows;
         ``dynamic=True`` subtracts the idle baseline. Windows are clipped to the grid."""
         a = _cum_at(self, np.asarray(start_ns, dtype=np.int64))
         b = _cum_at(self, np.asarray(end_ns, dtype=np.int64))
-        e = b[0] - a[0]
+        e: np.ndarray = b[0] - a[0]
         return e - (b[1] - a[1]) if dynamic else e
 
 
@@ -151,7 +153,7 @@ def _cum_at(run: SimulatedRun, t_ns: np.ndarray) -> tuple[np.ndarray, np.ndarray
 
 
 def _make_run(gpu: str, grid_ns: int, cell_t: np.ndarray, power: np.ndarray, idle: np.ndarray,
-              requests: list[dict], steps: list[dict]) -> SimulatedRun:
+              requests: list[dict[str, Any]], steps: list[dict[str, Any]]) -> SimulatedRun:
     dt_s = grid_ns * 1e-9
     cum = np.concatenate([[0.0], np.cumsum(power) * dt_s])
     cum_idle = np.concatenate([[0.0], np.cumsum(idle) * dt_s])
@@ -217,7 +219,7 @@ def _schedule(
     max_batch_tokens: int,
     max_batch_size: int,
     timing: StepTiming,
-):
+) -> tuple[np.ndarray, tuple[np.ndarray, ...], tuple[np.ndarray, ...]]:
     """Run the continuous-batching scheduler. Returns request end times and per-step arrays."""
     n = arrival_ns.shape[0]
     prompt_l = prompt.tolist()
@@ -232,8 +234,14 @@ def _schedule(
         g = min(max(rng.lognormal(gap_mu, 0.6), timing.host_gap_min_ms), timing.host_gap_max_ms)
         return int(g * _MS)
 
-    st_start, st_end, st_prefill, st_decode, st_ctx = [], [], [], [], []
-    flat_step, flat_req, flat_tok = [], [], []
+    st_start: list[int] = []
+    st_end: list[int] = []
+    st_prefill: list[int] = []
+    st_decode: list[int] = []
+    st_ctx: list[int] = []
+    flat_step: list[int] = []
+    flat_req: list[int] = []
+    flat_tok: list[int] = []
     running: list[int] = []
     waiting: list[int] = []
     nxt = 0
@@ -310,7 +318,8 @@ def _first_order(bounds: np.ndarray, target: np.ndarray, tau_s: float, cell_mid:
         p0[k] = p
         p = tk + (p - tk) * ak
     p0a = np.array(p0)
-    return target[seg] + (p0a[seg] - target[seg]) * np.exp(-(cell_mid - bounds[seg]) * 1e-9 / tau_s)
+    out: np.ndarray = target[seg] + (p0a[seg] - target[seg]) * np.exp(-(cell_mid - bounds[seg]) * 1e-9 / tau_s)
+    return out
 
 
 def simulate_server(
@@ -409,7 +418,7 @@ def simulate_server(
         for i in range(n)
     ]
     ids = [r["id"] for r in requests]
-    steps: list[dict] = [{"start_ns": int(a), "end_ns": int(b), "gpu": gpu, "requests": {}} for a, b in zip(s_start.tolist(), s_end.tolist())]
+    steps: list[dict[str, Any]] = [{"start_ns": int(a), "end_ns": int(b), "gpu": gpu, "requests": {}} for a, b in zip(s_start.tolist(), s_end.tolist())]
     for s, r, k in zip(f_step.tolist(), f_req.tolist(), f_tok.tolist()):
         steps[s]["requests"][ids[r]] = k
 
@@ -496,7 +505,7 @@ class SensorSpec:
             raise ValueError("SensorSpec noise_rel, energy_noise_rel and jitter_ns must be >= 0")
 
 
-_PART_TIME = dict(power="part-time", refresh_ns=100 * _MS, coverage_ns=25 * _MS)
+_PART_TIME: dict[str, Any] = dict(power="part-time", refresh_ns=100 * _MS, coverage_ns=25 * _MS)
 
 PRESETS: dict[str, SensorSpec] = {
     s.name: s
@@ -531,7 +540,8 @@ PRESETS: dict[str, SensorSpec] = {
 
 
 def _mean_power(run: SimulatedRun, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return run.energy_j(a, b) / ((b - a) * 1e-9)
+    out: np.ndarray = run.energy_j(a, b) / ((b - a) * 1e-9)
+    return out
 
 
 def sense(run: SimulatedRun, sensor: str | SensorSpec, *, seed: int = 0) -> DeviceTrace:
@@ -555,7 +565,8 @@ def sense(run: SimulatedRun, sensor: str | SensorSpec, *, seed: int = 0) -> Devi
     rng = np.random.default_rng(seed)
     g0, g1 = run.start_ns, run.end_ns
     first = g0 + spec.period_ns
-    refresh_t = refresh_v = None
+    refresh_t: np.ndarray | None = None
+    refresh_v: np.ndarray | None = None
     if spec.power == "part-time":
         refresh_t = g0 + spec.refresh_ns + int(rng.integers(0, spec.refresh_ns)) + spec.refresh_ns * np.arange(
             max(0, (g1 - g0) // spec.refresh_ns), dtype=np.int64)
@@ -575,6 +586,7 @@ def sense(run: SimulatedRun, sensor: str | SensorSpec, *, seed: int = 0) -> Devi
     if spec.power == "instant":
         power = run.true_power_w[(t - g0) // run.grid_ns] * (1.0 + spec.noise_rel * rng.standard_normal(t.shape[0]))
     elif spec.power == "part-time":
+        assert refresh_t is not None and refresh_v is not None  # made above for a part-time sensor
         power = refresh_v[np.searchsorted(refresh_t, t, side="right") - 1]
     elif spec.power == "average":
         power = _mean_power(run, t - spec.window_ns, t) * (1.0 + spec.noise_rel * rng.standard_normal(t.shape[0]))
@@ -628,5 +640,5 @@ def write_files(run: SimulatedRun, trace: DeviceTrace, directory: str | Path) ->
     return paths
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
+def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     path.write_text("".join(json.dumps(r, separators=(",", ":")) + "\n" for r in rows))

@@ -7,11 +7,9 @@ import threading
 import time
 from contextlib import contextmanager
 
-import numpy as np
 import pytest
 
-from wattspan import DeviceTrace
-from wattspan.meter import RecordCallback
+from wattspan.testing import RecordCollector, constant_trace  # noqa: F401 (constant_trace: the tests' own trace)
 
 
 def free_port() -> int:
@@ -42,11 +40,6 @@ def serve(app, **kw):
         th.join(10)
 
 
-def constant_trace(watts: float = 100.0, seconds: float = 3600.0, dt_ms: int = 5, device: str = "gpu0") -> DeviceTrace:
-    t = np.arange(0, int(seconds * 1e9), dt_ms * 1_000_000, dtype=np.int64)
-    return DeviceTrace(device, t, np.full(len(t), watts), energy_j=watts * t * 1e-9, sensor="constant")
-
-
 @pytest.fixture
 def live_meter():
     """A started Meter replaying a constant 100 W GPU (idle configured at 40 W)."""
@@ -54,8 +47,8 @@ def live_meter():
     from wattspan.carbon import CarbonModel
     from wattspan.sources.replay import ReplaySource
 
-    records = []
-    meter = Meter(sources=[ReplaySource([constant_trace(100.0)])], idle_w=40.0, carbon=CarbonModel(intensity_g_per_kwh=400.0), sinks=[RecordCallback(records.append)], period_s=0.05, lag_s=0.05)
-    meter.records = records
+    collector = RecordCollector()
+    meter = Meter(sources=[ReplaySource([constant_trace(100.0)])], idle_w=40.0, carbon=CarbonModel(intensity_g_per_kwh=400.0), sinks=[collector], period_s=0.05, lag_s=0.05)
+    meter.records = collector.records
     yield meter
     meter.close()

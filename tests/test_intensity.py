@@ -88,7 +88,7 @@ def test_electricitymaps_latest_history_forecast_and_cache(em):
 def test_electricitymaps_auth_failure_falls_back_and_never_logs_the_key(em, caplog, monkeypatch):
     monkeypatch.setenv("ELECTRICITYMAPS_API_TOKEN", "wrong-token-xyz")
     p = ElectricityMapsProvider(base_url=em.url, timeout_s=1.0)
-    with caplog.at_level(logging.DEBUG, logger="wattspan.intensity"):
+    with caplog.at_level(logging.DEBUG, logger="wattspan.carbon.intensity"):
         v = p.at("DE", time.time())
     assert v.fallback and v.provider == "profile" and v.zone == "DE"
     assert p.failures == {"auth": 1}

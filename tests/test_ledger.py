@@ -168,7 +168,7 @@ def test_queue_overflow_is_counted_logged_and_recovers(tmp_path, caplog):
     blocker = tmp_path / "notadir"
     blocker.write_text("a file where the ledger's directory should be")
     path = blocker / "l.db"
-    with caplog.at_level(logging.WARNING, logger="wattspan.ledger"):
+    with caplog.at_level(logging.WARNING, logger="wattspan.export.ledger"):
         led = Ledger(path, max_queue=50)  # unopenable: must not raise
         led.write(make_records(80))  # nothing can drain: 50 kept, 30 dropped
         led.write(make_records(5, prefix="x"))
@@ -208,7 +208,7 @@ def test_close_on_a_failing_disk_counts_what_is_lost(tmp_path, caplog):
     (tmp_path / "f").write_text("")
     led = Ledger(tmp_path / "f" / "l.db")
     led.write(make_records(5))
-    with caplog.at_level(logging.ERROR, logger="wattspan.ledger"):
+    with caplog.at_level(logging.ERROR, logger="wattspan.export.ledger"):
         led.close(timeout=0.2)
     s = led.stats()
     assert (s["written"], s["dropped"], s["queued"]) == (0, 5, 0) and s["errors"] >= 1

@@ -11,6 +11,7 @@ from wattspan import DeviceTrace, Meter
 from wattspan.carbon import CarbonModel
 from wattspan.sources.replay import ReplaySource
 from wattspan.meter import RecordCallback
+from wattspan.testing import metered
 
 from .conftest import constant_trace
 
@@ -86,20 +87,15 @@ def test_event_overflow_is_counted_not_silent():
 
 
 def test_a_failing_sink_is_counted_and_others_still_run():
-    got = []
-
     def bad(rec):
         raise RuntimeError("sink down")
 
-    m = Meter(sources=[ReplaySource([constant_trace()], loop=True)], idle_w=40.0, carbon=CarbonModel(intensity_g_per_kwh=100.0), sinks=[RecordCallback(bad), RecordCallback(got.append)], period_s=0.05, lag_s=0.05)
-    try:
+    with metered(constant_trace(), idle_w=40.0, carbon=CarbonModel(intensity_g_per_kwh=100.0), sinks=[RecordCallback(bad)]) as (m, got):
         now = time.monotonic_ns()
         m.begin("x", "gpu0", now)
         m.end("x", "gpu0", now + 20 * MS, {})
         assert m.flush(5)
-    finally:
-        m.close()
-    assert len(got) == 1 and m.counters["sink_errors"] == 1
+    assert len(got.records) == 1 and m.counters["sink_errors"] == 1
 
 
 @pytest.mark.parametrize("kw", [{"period_s": 0}, {"idle_w": -1.0}, {"idle_w": float("nan")}, {"max_delay_s": -2}])

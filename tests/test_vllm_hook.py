@@ -236,7 +236,7 @@ class TestNeverRaisesIntoVllm:
 
     def test_missing_attributes_leave_vllm_alone(self, make_core, caplog):
         caplog.set_level(logging.WARNING)
-        vhook._warned.clear()
+        vhook._once.forget()
         # a SchedulerOutput without num_scheduled_tokens
         core = make_core()
         real = core.scheduler.schedule

@@ -1,6 +1,6 @@
 """Offline and live attribution: a power trace plus what ran when, to each request's energy.
 
-* :mod:`.inputs`: :class:`Requests`, :class:`Steps` (what ran when);
+* :mod:`.inputs`: :class:`Requests`, :class:`Steps`, :class:`BatchStep` (what ran when);
 * :mod:`.attribute`: :func:`attribute`, the engine that puts the pieces together;
 * :mod:`.results`: what it returns (:class:`Attribution`, :class:`DeviceSummary`, :class:`StepModel`);
 * :mod:`.energy`: a device's cumulative energy from power readings or an energy counter;
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from ..devices import device_key
 from .attribute import attribute
-from .inputs import FEATURES, Requests, Steps
+from .inputs import FEATURES, BatchStep, Requests, Steps
 from .results import Attribution, DeviceSummary, StepModel
 
-__all__ = ["FEATURES", "Attribution", "DeviceSummary", "Requests", "StepModel", "Steps", "attribute", "device_key"]
+__all__ = ["FEATURES", "Attribution", "BatchStep", "DeviceSummary", "Requests", "StepModel", "Steps", "attribute", "device_key"]

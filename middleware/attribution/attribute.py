@@ -151,19 +151,20 @@ def attribute(
         if len(s_idx) and idle_source == "low-quantile":
             # Never idle: a low quantile of the readings still holds dynamic power.
             # Fit the baseline as the intercept of the step model instead.
-            v = _fit_idle(cum, trace, steps, s_idx, requests, a, b)
-            if v is not None:
-                idle_curve = _Piecewise(np.array([a, b], dtype=np.int64), np.array([v, v]))
+            fit_w = _fit_idle(cum, trace, steps, s_idx, requests, a, b)
+            if fit_w is not None:
+                idle_curve = _Piecewise(np.array([a, b], dtype=np.int64), np.array([fit_w, fit_w]))
                 idle_source = "fit-intercept"
                 idle_seg = idle_curve.over(seg.edges)
                 idle_share, idle_un = seg.share_equal(idle_seg)
-        if len(s_idx):
+        meth: np.ndarray | str
+        if len(s_idx) and steps is not None:
             model = models.get(dev) if models else None
             dyn, dyn_un, summary_extra, spread = _batch_fit(
                 cum, trace, steps, s_idx, requests, ridx, seg, idle_curve, a, b, reconcile_s, model
             )
-            in_steps = np.zeros(len(requests), dtype=bool)
-            on_this = np.zeros(len(steps), dtype=bool)
+            in_steps = np.zeros(len(requests), dtype=np.bool_)
+            on_this = np.zeros(len(steps), dtype=np.bool_)
             on_this[s_idx] = True
             in_steps[steps.entry_request[on_this[steps.entry_step]]] = True
             is_fit = in_steps[ridx]

@@ -121,6 +121,7 @@ def power_points(trace: DeviceTrace) -> tuple[np.ndarray, np.ndarray, int]:
     it), else as a true instant (``span_ns`` 0).
     """
     p = trace.power_w
+    assert p is not None, "a power curve needs power readings"
     ok = np.isfinite(p)
     t, p = trace.t_ns[ok], p[ok]
     if trace.power_kind == SampleKind.AVERAGE:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -129,17 +130,17 @@ class Selection:
     cv_r2: float
     r2: float
     rows: int
-    candidates: dict
+    candidates: dict[str, float]
     why: str
     boot: np.ndarray | None = None  # bootstrap coefficients of the chosen family (resamples x basis)
-    fits: dict | None = None  # every family's coefficients over the basis
+    fits: dict[str, np.ndarray] | None = None  # every family's coefficients over the basis
 
 
 def _blocks(n: int, k: int) -> np.ndarray:
     return np.minimum((np.arange(n) * k) // max(n, 1), k - 1)
 
 
-def select_family(A: np.ndarray, y: np.ndarray, *, folds: int = 10, families: dict | None = None) -> Selection | None:
+def select_family(A: np.ndarray, y: np.ndarray, *, folds: int = 10, families: dict[str, tuple[int, ...]] | None = None) -> Selection | None:
     """Fit every family on rows ``A`` (readings x basis, in time order) against ``y`` and pick one
     by blocked cross-validation. ``None`` when there are too few rows."""
     families = families or FAMILIES
@@ -171,8 +172,8 @@ def select_family(A: np.ndarray, y: np.ndarray, *, folds: int = 10, families: di
     ridge = _RIDGE * n / max(n, 1)
     scores: dict[str, float] = {}
     fits: dict[str, np.ndarray] = {}
-    for name, cols in families.items():
-        cols = np.array(cols)
+    for name, family_cols in families.items():
+        cols = np.array(family_cols)
         if n < 3 * len(cols):
             continue
         sse = 0.0
@@ -193,7 +194,7 @@ def select_family(A: np.ndarray, y: np.ndarray, *, folds: int = 10, families: di
         fits[name] = xf
     if not scores:
         return None
-    best = min(scores, key=scores.get)
+    best = min(scores, key=scores.__getitem__)
     order = list(families)
     chosen = best
     for name in order:  # simplest first
@@ -208,15 +209,15 @@ def select_family(A: np.ndarray, y: np.ndarray, *, folds: int = 10, families: di
     cv_r2 = 1.0 - cv_sse / ss_tot if ss_tot > 0 else 0.0
     # Block bootstrap of the chosen family: how far its coefficients move when the run's
     # stretches of time are resampled (the spread feeds each request's error band).
-    cols = np.array(families[chosen])
+    chosen_cols = np.array(families[chosen])
     rng = np.random.default_rng(12345)
     wts = rng.multinomial(kb, np.full(kb, 1.0 / kb), size=_BOOT)
     boot = np.zeros((_BOOT, p))
-    eye = ridge * np.eye(len(cols))
+    eye = ridge * np.eye(len(chosen_cols))
     for i in range(_BOOT):
         Gs = np.tensordot(wts[i], Gf, axes=1)
         cs = wts[i] @ cf
-        boot[i, cols] = nnls_gram(Gs[np.ix_(cols, cols)] + eye, cs[cols])
+        boot[i, chosen_cols] = nnls_gram(Gs[np.ix_(chosen_cols, chosen_cols)] + eye, cs[chosen_cols])
     if chosen == best:
         why = f"lowest held-out error of {len(scores)} families over {k} time blocks"
     else:
@@ -258,7 +259,7 @@ def _runs(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def select_window(t: np.ndarray, m: np.ndarray, p: np.ndarray, a: int, b: int, lengths_ns: np.ndarray,
-                  overlap: int = 0) -> tuple[int, dict, np.ndarray]:
+                  overlap: int = 0) -> tuple[int, dict[int, float], np.ndarray | None]:
     """Choose a reconciliation window length by leave-out prediction of readings.
 
     ``t``: each reading's end time (ns, sorted); ``m``: its measured dynamic energy; ``p``: the
@@ -275,7 +276,8 @@ def select_window(t: np.ndarray, m: np.ndarray, p: np.ndarray, a: int, b: int, l
     cp = np.concatenate(([0.0], np.cumsum(p)))
     idx = np.arange(n)
     k = max(int(overlap), 0)
-    best_L, best_err, best_pred = b - a, math.inf, None
+    best_L, best_err = b - a, math.inf
+    best_pred: np.ndarray | None = None
     scores: dict[int, float] = {}
     for L in list(lengths_ns) + [b - a]:
         L = int(L)
@@ -303,7 +305,8 @@ def select_window(t: np.ndarray, m: np.ndarray, p: np.ndarray, a: int, b: int, l
     return best_L, scores, best_pred
 
 
-def group_errors(t: np.ndarray, m: np.ndarray, p: np.ndarray, a: int, L: int, sizes, overlap: int = 0) -> dict:
+def group_errors(t: np.ndarray, m: np.ndarray, p: np.ndarray, a: int, L: int, sizes: Iterable[int],
+                 overlap: int = 0) -> dict[int, float]:
     """Held-out relative error of groups of consecutive readings, by group size.
 
     For each size G (readings) every run of G readings is predicted from the model scaled by
@@ -313,7 +316,7 @@ def group_errors(t: np.ndarray, m: np.ndarray, p: np.ndarray, a: int, L: int, si
     least the median predicted energy. This is what a request spanning G readings can expect
     from the sensor, its noise and its aliasing included."""
     n = len(t)
-    out: dict = {}
+    out: dict[int, float] = {}
     if n < 8:
         return out
     cm = np.concatenate(([0.0], np.cumsum(m)))

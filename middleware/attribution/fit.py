@@ -313,7 +313,9 @@ def _batch_fit(cum, trace, steps, s_idx, requests, ridx, seg, idle_curve, a, b, 
             step_ns = float(np.median(en_ns - st_ns))
             spacing = max(float(np.median(np.diff(t_row))), 1.0)
             excess = max(0, lag - int(math.ceil(2 * step_ns / spacing)))
-            L, scores, pred = select_window(t_row, m_row, p_row, a, b, lengths, max(overlap, excess))
+            L, scores, best_pred = select_window(t_row, m_row, p_row, a, b, lengths, max(overlap, excess))
+            # the whole period is always a candidate: a prediction comes back unless every error was NaN
+            pred = best_pred if best_pred is not None else p_row * (m_row.sum() / p_row.sum() if p_row.sum() > 0 else 1.0)
             reconcile_s = L * _NS
             window_why = f"lowest held-out error of {len(scores)} window lengths"
             band_rel = _band_rel(m_row, pred, p_row)
@@ -364,14 +366,15 @@ def _batch_fit(cum, trace, steps, s_idx, requests, ridx, seg, idle_curve, a, b, 
     # 4b. What the fit does not know: the same split under the bootstrap's coefficients
     #     and under the other families, per request (for the error band).
     if sel is not None and sel.boot is not None and sel.boot.shape[1] > nb:  # the steps' terms only
+        boot = sel.boot[:, :nb]
         cut = lambda f: f[: -len("+wait")] if f.endswith("+wait") else f  # noqa: E731
         fits = {cut(f): v[:nb] for f, v in (sel.fits or {}).items()}
         if sel_steps is not None and len(fits) < 2:
             # the waits' terms were tried beside the chosen family only: the close families
             # (the band's departures) are those of the steps-only selection, on its own scores
-            sel = dataclasses.replace(sel_steps, boot=sel.boot[:, :nb])
+            sel = dataclasses.replace(sel_steps, boot=boot)
         else:
-            sel = dataclasses.replace(sel, family=cut(sel.family), boot=sel.boot[:, :nb], fits=fits,
+            sel = dataclasses.replace(sel, family=cut(sel.family), boot=boot, fits=fits,
                                       candidates={cut(f): v for f, v in (sel.candidates or {}).items()})
     spread = _dyn_spread(sel, coef, x, np.where(feats.dur > 0, scale_span / np.where(feats.dur > 0, feats.dur, 1.0), 0.0),
                          e_s, e_r, share, on_dev, len(ridx))

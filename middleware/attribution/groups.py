@@ -63,7 +63,8 @@ def attribute_grouped(attribute, traces, requests, steps=None, **kw):
     # (request, device) pairs: each request on each member of its group, and on each
     # device a step naming it ran on (a step's group may be wider than the request's)
     pair: dict[tuple[int, str], int] = {}
-    orig, pdev = [], []
+    orig: list[int] = []
+    pdev: list[str] = []
 
     def row(i: int, d: str) -> int:
         k = pair.get((i, d))
@@ -76,7 +77,12 @@ def attribute_grouped(attribute, traces, requests, steps=None, **kw):
     for i, ms in enumerate(req_members):
         for d in ms:
             row(i, d)
-    s_start, s_end, s_dev, e_step, e_req, e_tok = [], [], [], [], [], []
+    s_start: list[int] = []
+    s_end: list[int] = []
+    s_dev: list[str] = []
+    e_step: list[int] = []
+    e_req: list[int] = []
+    e_tok: list[float] = []
     if steps is not None and len(steps):
         # entries grouped by step (CSR), expanded once per member device
         order = np.argsort(steps.entry_step, kind="stable")

@@ -10,13 +10,13 @@ from .inputs import Steps, _NS
 
 def _busy_intervals(starts, ends, steps: Steps | None, dev: str) -> tuple[np.ndarray, np.ndarray]:
     """Merged intervals when anything is in flight or running on ``dev``."""
-    s, e = [starts], [ends]
+    s_parts, e_parts = [starts], [ends]
     if steps is not None and len(steps):
         m = steps.device == dev
-        s.append(steps.start_ns[m])
-        e.append(steps.end_ns[m])
-    s = np.concatenate(s)
-    e = np.concatenate(e)
+        s_parts.append(steps.start_ns[m])
+        e_parts.append(steps.end_ns[m])
+    s = np.concatenate(s_parts)
+    e = np.concatenate(e_parts)
     if not len(s):
         return s, e
     o = np.argsort(s, kind="stable")

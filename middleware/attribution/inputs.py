@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
 from ..devices import device_key
 
-__all__ = ["FEATURES", "Requests", "Steps"]
+__all__ = ["FEATURES", "BatchStep", "Requests", "Steps"]
 
 
 #: The step features the batch-fit model uses; a step's dynamic energy is their
@@ -20,6 +21,16 @@ _NS = 1e-9
 
 
 # --------------------------------------------------------------------------- inputs
+
+
+class BatchStep(NamedTuple):
+    """One batch step as the meter gets it: ``[start_ns, end_ns)`` on ``device`` (a name or a
+    group ``"gpu0,gpu1"``), ``tokens[request_id]`` tokens for each request in it."""
+
+    start_ns: int
+    end_ns: int
+    device: str
+    tokens: Mapping[str, float]
 
 
 @dataclass(frozen=True)
@@ -123,6 +134,42 @@ class Steps:
             start_ns=np.array(starts, dtype=np.int64),
             end_ns=np.array(ends, dtype=np.int64),
             device=np.array(devs, dtype=object),
+            entry_step=np.array(e_step, dtype=np.int64),
+            entry_request=np.array(e_req, dtype=np.int64),
+            entry_tokens=np.array(e_tok, dtype=np.float64),
+        )
+
+    @classmethod
+    def from_batches(cls, batches: Iterable[BatchStep], requests: Requests, device: str) -> "Steps | None":
+        """The steps of ``batches`` that ran on ``device`` (a group's step runs on each member),
+        built straight into columns; entries naming a request not in ``requests`` are left out,
+        and a step left with none is dropped. None when no step remains."""
+        index = {rid: i for i, rid in enumerate(requests.ids.tolist())}
+        starts: list[int] = []
+        ends: list[int] = []
+        e_step: list[int] = []
+        e_req: list[int] = []
+        e_tok: list[float] = []
+        for s, e, d, tok in batches:
+            if d != device and not ("," in d and device in d.split(",")):
+                continue
+            k = len(starts)
+            n0 = len(e_req)
+            for rid, v in tok.items():
+                i = index.get(rid)
+                if i is not None:
+                    e_req.append(i)
+                    e_tok.append(float(v))
+            if len(e_req) > n0:
+                e_step.extend([k] * (len(e_req) - n0))
+                starts.append(s)
+                ends.append(e)
+        if not starts:
+            return None
+        return cls(
+            start_ns=np.array(starts, dtype=np.int64),
+            end_ns=np.array(ends, dtype=np.int64),
+            device=np.full(len(starts), device, dtype=object),
             entry_step=np.array(e_step, dtype=np.int64),
             entry_request=np.array(e_req, dtype=np.int64),
             entry_tokens=np.array(e_tok, dtype=np.float64),

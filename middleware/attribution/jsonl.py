@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
-from .attribute import Requests, Steps, device_key
+from ..devices import device_key
 from ..errors import InputError
+from .inputs import Requests, Steps
 
 __all__ = ["read_requests_jsonl", "read_batches_jsonl"]
 
@@ -112,14 +114,15 @@ def _gpu(path, n, gpu):
     return key
 
 
-def read_requests_jsonl(path) -> tuple[Requests, list[dict]]:
+def read_requests_jsonl(path) -> tuple[Requests, list[dict[str, Any]]]:
     """Requests from JSONL: ``{"id", "start_ns", "end_ns", "gpu"}`` plus optional
     ``route, model, tenant, prompt_tokens, output_tokens``.
 
     Returns the columnar :class:`Requests` and the rows as read (for output).
     """
     path = Path(path)
-    rows, ids = [], {}
+    rows: list[dict[str, Any]] = []
+    ids: dict[str, int] = {}
     for n, row in _rows(path):
         if "id" not in row or not isinstance(row["id"], (str, int)) or isinstance(row["id"], bool) or str(row["id"]) == "":
             raise InputError(path, n, "missing 'id' (a non-empty string)")

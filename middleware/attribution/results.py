@@ -156,7 +156,7 @@ class Attribution:
                 "simulated": bool(d.simulated) if d else False,
                 "coverage": float(self.coverage[i]),
             }
-            if self.energy_j_low is not None:
+            if self.energy_j_low is not None and self.energy_j_high is not None:
                 rec["energy_j_low"] = float(self.energy_j_low[i])
                 rec["energy_j_high"] = float(self.energy_j_high[i])
             if self.quality is not None:

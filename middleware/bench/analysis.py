@@ -11,6 +11,7 @@ import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 
@@ -75,7 +76,7 @@ def _client_stats(ph: PhaseResult) -> dict:
     sent = np.array([r.sent_s for r in res], dtype=np.float64)
     done = np.array([r.sent_s + (r.latency_s if math.isfinite(r.latency_s) else 0.0) for r in res])
     wall = float(done.max() - sent.min()) if res else 0.0
-    out = {
+    out: dict[str, Any] = {
         "calls": calls, "calls_ok": ok_calls, "http_requests": len(res), "http_ok": len(ok),
         "errors": dict(Counter(r.error for r in res if r.error)),
         "wall_s": wall,
@@ -133,7 +134,7 @@ def analyse(phases: Sequence[PhaseResult], records: Mapping[str, dict], a: Assum
     for ph in phases:
         recs, items, missing = _phase_records(ph, records)
         all_recs += recs
-        entry = {"name": ph.spec.name, "label": ph.spec.label, "mode": ph.spec.mode, "value": ph.spec.value,
+        entry: dict[str, Any] = {"name": ph.spec.name, "label": ph.spec.label, "mode": ph.spec.mode, "value": ph.spec.value,
                  "client": _client_stats(ph), "missing_records": missing}
         if recs:
             m = _measure(recs, items)
@@ -169,7 +170,7 @@ def analyse(phases: Sequence[PhaseResult], records: Mapping[str, dict], a: Assum
                              "high_g": proj.operational_g * (1 + band) + proj.embodied_g})
 
     sens = _sensitivity(measured, a, g_s)
-    quality = {
+    quality: dict[str, Any] = {
         "records": len(all_recs),
         "missing_records": sum(p["missing_records"] for p in out_phases),
         "simulated_records": sum(bool(r["simulated"]) for r in all_recs),

@@ -129,6 +129,8 @@ def build_blocks(rep: dict) -> list[tuple]:
     b.append(("p", "Energy of the accelerator"
                    + (" plus the host's attributed energy" if a["include_host"] else
                       " (the host's estimated CPU energy is shown apart and left out; `--include-host` adds it)")
+                   + "; this comparison's CO2e prices that energy (wattspan's own records, spans and ledger price "
+                     "accelerator + host energy, the host kept apart in `host_j`)"
                    + ". Three ways of counting idle: *dynamic* is only what the requests added above the idle "
                      "baseline; *+ idle in flight* is what wattspan bills (each request's share of idle power while it "
                      "runs); *+ all idle amortised* also spreads the idle energy of the gaps with nothing in flight "
@@ -332,7 +334,7 @@ def _charts(rep: dict, out: Path) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    made = []
+    made: list[str] = []
     phases = [p for p in rep["phases"] if p["per_request"]]
     sim = " (SIMULATED power)" if rep["simulated"] else ""
     if not phases:

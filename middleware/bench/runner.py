@@ -25,6 +25,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 __all__ = ["BenchConfig", "BenchError", "add_bench_arguments", "config_from_args", "run_bench"]
 
@@ -262,6 +263,7 @@ class DemoServer:
         self.db, self.log_path, self.timeout_s = Path(db), Path(log_path), float(timeout_s)
         self.port = _free_port()
         self.proc: subprocess.Popen | None = None
+        self._log: BinaryIO | None = None  # the server's output, while it runs
         self.ready_s = math.nan
 
     @property
@@ -309,7 +311,7 @@ class DemoServer:
                 except subprocess.TimeoutExpired:
                     p.kill()
                     p.wait()
-        if getattr(self, "_log", None) is not None:
+        if self._log is not None:
             self._log.close()
             self._log = None
 
@@ -509,6 +511,7 @@ def _run(cfg: BenchConfig) -> int:
     with tempfile.TemporaryDirectory(prefix="wattspan-bench-") as tmp:
         if cfg.merge:
             phases, _ = merge_load_files(cfg.merge)
+            assert cfg.db is not None  # --merge needs --db (checked with the arguments)
             url, db, desc = None, cfg.db, f"load merged from {len(cfg.merge)} files (ledger {cfg.db})"
             ids = {r.rid for p in phases for r in p.results if r.rid}
             since = min(p.started_unix for p in phases) - 60.0

@@ -1,7 +1,9 @@
 """Carbon: joules to grams CO2e (grid intensity, PUE, embodied emissions).
 
 * :mod:`.model`: the grid intensity table, :class:`Pue`, :class:`Embodied`, :class:`CarbonModel`;
-* :mod:`.intensity`: hourly intensity providers (profiles, files, live services).
+* :mod:`.intensity`: hourly intensity providers (profiles, files, live services);
+* :mod:`.records`: :func:`request_records`, the one place joules become grams on a
+  :class:`~wattspan.records.RequestRecord` (host energy kept apart, priced with the accelerator's).
 
 Budgets (:mod:`wattspan.budgets`) and deferral (:mod:`wattspan.deferral`) act on these figures.
 """

@@ -38,7 +38,10 @@ class _Table:
 
 
 def _parse_table(text: str) -> _Table:
-    rows, keys, shown, bare = {}, {}, {}, {}
+    rows: dict[str, GridIntensity] = {}
+    keys: dict[str, str] = {}
+    shown: dict[str, str] = {}
+    bare: dict[str, list[str]] = {}
     for r in csv.DictReader(io.StringIO(text)):
         zone = r["zone"].lower()
         rows[zone] = GridIntensity(r["zone"], float(r["gco2e_per_kwh"]), int(r["year"]),

@@ -44,11 +44,14 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
+
+from ..logs import LogOnce, get_logger
 
 __all__ = [
     "IntensityValue", "HourlyIntensityProvider", "ProfileProvider", "FileProvider",
@@ -56,7 +59,7 @@ __all__ = [
     "ProviderConfigError", "profile_zone", "provider_from_name", "LBS_PER_MWH_TO_G_PER_KWH",
 ]
 
-log = logging.getLogger("wattspan.intensity")
+log = get_logger(__name__)
 
 #: 1 lb = 453.59237 g; per MWh -> per kWh divides by 1000.
 LBS_PER_MWH_TO_G_PER_KWH = 0.45359237
@@ -204,7 +207,8 @@ class ProfileProvider:
                               _HOUR_S, False, f"{gi.source} ({gi.licence})")
 
     def forecast(self, zone: str, start_s: float, end_s: float) -> list[IntensityValue]:
-        t, out = _hour_floor(start_s), []
+        t = _hour_floor(start_s)
+        out: list[IntensityValue] = []
         while t < end_s and len(out) < 24 * 400:
             out.append(self.at(zone, t))
             t += _HOUR_S
@@ -218,7 +222,7 @@ class FileProvider:
 
     name = "file"
 
-    def __init__(self, path: str | os.PathLike, *, factor: str = "lifecycle", fallback: ProfileProvider | None = None) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, factor: str = "lifecycle", fallback: ProfileProvider | None = None) -> None:
         self.path = Path(path)
         self.fallback = fallback or ProfileProvider(factor if factor in ("lifecycle", "direct") else "lifecycle")
         series: dict[str, dict[float, float]] = {}
@@ -256,13 +260,14 @@ class FileProvider:
             v = s.get(start)
             if v is not None:
                 return IntensityValue(v, "file", z, start, "location", self.factor, p, False, self.path.name)
-        v = self.fallback.at(zone, t_s)
-        return replace(v, fallback=True, signal=f"{v.signal}; not in {self.path.name}")
+        fb = self.fallback.at(zone, t_s)
+        return replace(fb, fallback=True, signal=f"{fb.signal}; not in {self.path.name}")
 
     def forecast(self, zone: str, start_s: float, end_s: float) -> list[IntensityValue]:
         z = zone.upper()
         p = self._periods.get(z, _HOUR_S)
-        t, out = math.floor(start_s / p) * p, []
+        t = math.floor(start_s / p) * p
+        out: list[IntensityValue] = []
         while t < end_s and len(out) < 100_000:
             out.append(self.at(zone, t))
             t += p
@@ -286,6 +291,7 @@ class _Live:
 
     name = "live"
     basis = "location"
+    key_hint = ""  # where the credentials come from, shown when they are refused
 
     def __init__(self, base_url: str, *, timeout_s: float, ttl_s: float, backoff_s: float,
                  fallback: ProfileProvider | None) -> None:
@@ -308,7 +314,7 @@ class _Live:
         self._cache: dict[tuple[str, float], tuple[float, IntensityValue]] = {}
         self._lock = threading.Lock()
         self._down_until = 0.0
-        self._warned = False
+        self._once = LogOnce(log)  # one warning per outage
         #: failures by kind: ``auth``, ``rate-limited``, ``timeout``, ``http``, ``malformed``, ``network``
         self.failures: dict[str, int] = {}
         self.requests = 0
@@ -317,7 +323,8 @@ class _Live:
         return f"{type(self).__name__}({self._where!r}, timeout_s={self.timeout_s:g}, key=<from env, redacted>)"
 
     # -- HTTP
-    def _get(self, path: str, params: dict | None = None, headers: dict | None = None) -> object:
+    def _get(self, path: str, params: dict[str, str] | None = None, headers: dict[str, str] | None = None) -> Any:
+        """The reply's JSON (any shape: each provider's parser checks it)."""
         url = self._base + path + (("?" + urllib.parse.urlencode(params)) if params else "")
         req = urllib.request.Request(url, headers={"Accept": "application/json", **(headers or {})})
         self.requests += 1
@@ -352,7 +359,7 @@ class _Live:
             if len(self._cache) > 20_000:  # bounded: drop the oldest entries
                 for k in sorted(self._cache, key=lambda k: self._cache[k][0])[: len(self._cache) - 10_000]:
                     del self._cache[k]
-            self._warned = False
+        self._once.forget()  # the next failure starts a new outage: warn again
 
     def _failed(self, zone: str, exc: BaseException) -> None:
         if isinstance(exc, _HttpError):
@@ -369,11 +376,10 @@ class _Live:
         with self._lock:
             self.failures[kind] = self.failures.get(kind, 0) + 1
             self._down_until = time.monotonic() + wait
-            first, self._warned = not self._warned, True
-        hint = f" (check {self.key_hint})" if kind == "auth" and getattr(self, "key_hint", "") else ""
-        log.log(logging.WARNING if first else logging.DEBUG,
-                "%s intensity for %r from %s failed: %s%s%s; using the offline profile for %.0f s",
-                self.name, zone, self._where, kind, f" ({type(exc).__name__}: {exc})" if kind != "auth" else "", hint, wait)
+        hint = f" (check {self.key_hint})" if kind == "auth" and self.key_hint else ""
+        self._once.warning("outage", "%s intensity for %r from %s failed: %s%s%s; using the offline profile for %.0f s",
+                           self.name, zone, self._where, kind, f" ({type(exc).__name__}: {exc})" if kind != "auth" else "",
+                           hint, wait, then=logging.DEBUG)
 
     def _fallback(self, zone: str, t_s: float, why: str) -> IntensityValue:
         v = self.fallback.at(self._fallback_zone(zone), t_s)
@@ -391,7 +397,10 @@ class _Live:
     def _down(self) -> bool:
         return time.monotonic() < self._down_until
 
-    def _lookup(self, zone: str, t_s: float, fetch) -> IntensityValue:
+    def at(self, zone: str, t_s: float) -> IntensityValue:
+        raise NotImplementedError  # each provider's own
+
+    def _lookup(self, zone: str, t_s: float, fetch: Callable[[], list[IntensityValue]]) -> IntensityValue:
         start = self._period_start(t_s)
         hit = self._cached(zone, start)
         if hit is not None:
@@ -442,7 +451,7 @@ class ElectricityMapsProvider(_Live):
     def _parse(self, zone: str, entries: object, signal: str) -> list[IntensityValue]:
         if not isinstance(entries, list):
             raise ValueError("expected a list of entries")
-        out = []
+        out: list[IntensityValue] = []
         for e in entries:
             if not isinstance(e, dict) or e.get("carbonIntensity") is None:
                 continue
@@ -452,7 +461,7 @@ class ElectricityMapsProvider(_Live):
                                       _HOUR_S, False, "Electricity Maps API v3"))
         return out
 
-    def _params(self, zone: str) -> dict:
+    def _params(self, zone: str) -> dict[str, str]:
         return {"zone": zone, "emissionFactorType": self.factor}
 
     def latest(self, zone: str) -> list[IntensityValue]:
@@ -509,7 +518,8 @@ class WattTimeProvider(_Live):
         self.logins = 0
 
     def _fallback_zone(self, zone: str) -> str:
-        return self.fallback_zone
+        fz = self.fallback_zone  # set from the region at start
+        return zone if fz is None else fz
 
     def _login(self) -> str:
         body = self._get("/login", None, {"Authorization": self.__basic})
@@ -520,7 +530,7 @@ class WattTimeProvider(_Live):
         self.__token, self.__token_at = token, time.monotonic()
         return token
 
-    def _authed(self, path: str, params: dict) -> object:
+    def _authed(self, path: str, params: dict[str, str]) -> Any:
         if self.__token is None or time.monotonic() - self.__token_at > self.token_ttl_s:
             self._login()
         try:
@@ -531,14 +541,14 @@ class WattTimeProvider(_Live):
             self._login()  # expired: one new token, one retry
             return self._get(path, params, {"Authorization": f"Bearer {self.__token}"})
 
-    def _parse(self, zone: str, body: object, signal: str) -> list[IntensityValue]:
+    def _parse(self, zone: str, body: Any, signal: str) -> list[IntensityValue]:
         data, meta = body["data"], body.get("meta", {})
         units = str(meta.get("units", "lbs_co2_per_mwh"))
         factor = LBS_PER_MWH_TO_G_PER_KWH if units.startswith("lbs") else 1.0 if units in ("g_co2_per_kwh", "kg_co2_per_mwh") else None
         if factor is None:
             raise ValueError(f"unknown units {units!r}")
         period = float(meta.get("data_point_period_seconds", 300) or 300)
-        out = []
+        out: list[IntensityValue] = []
         for p in data:
             v = _check_value(float(p["value"]) * factor, "value")
             out.append(IntensityValue(v, self.name, str(meta.get("region", zone)), _parse_time(p["point_time"]),
@@ -593,7 +603,7 @@ class GbCarbonIntensityProvider(_Live):
     def _parse(self, zone: str, periods: object) -> list[IntensityValue]:
         if not isinstance(periods, list):
             raise ValueError("expected a list of periods")
-        out = []
+        out: list[IntensityValue] = []
         for p in periods:
             i = p["intensity"]
             actual = i.get("actual")
@@ -631,14 +641,15 @@ class GbCarbonIntensityProvider(_Live):
 
 def _series(p: _Live, zone: str, start_s: float, end_s: float, step: float) -> list[IntensityValue]:
     """``at`` for each period in [start, end): one fetch fills the cache for the rest."""
-    out, t = [], math.floor(start_s / step) * step
+    out: list[IntensityValue] = []
+    t = math.floor(start_s / step) * step
     while t < end_s and len(out) < 10_000:
         out.append(p.at(zone, max(t, start_s)))
         t += step
     return out
 
 
-def provider_from_name(name: str, region: str, *, env: dict | None = None) -> tuple[HourlyIntensityProvider | None, str]:
+def provider_from_name(name: str, region: str, *, env: Mapping[str, str] | None = None) -> tuple[HourlyIntensityProvider | None, str]:
     """``(provider, zone)`` for a ``--intensity-provider`` name; ``(None, region)`` for ``table``.
 
     ``auto``: the offline profile when ``region`` has one (DE, FR, GB, US-CAL-CISO), else the
@@ -660,17 +671,17 @@ def provider_from_name(name: str, region: str, *, env: dict | None = None) -> tu
         p = ProfileProvider()
         return p, p.check_zone(zone)
     if name == "electricitymaps":
-        p = ElectricityMapsProvider()
-        p.fallback_zone = ProfileProvider().check_zone(region)
-        return p, zone
+        em = ElectricityMapsProvider()
+        em.fallback_zone = ProfileProvider().check_zone(region)
+        return em, zone
     if name == "watttime":
         return WattTimeProvider(fallback_zone=region), zone
-    p = GbCarbonIntensityProvider()
-    p._postcode(zone if zone.lower() not in ("gbr", "united kingdom") else "GB")
-    return p, zone
+    gb = GbCarbonIntensityProvider()
+    gb._postcode(zone if zone.lower() not in ("gbr", "united kingdom") else "GB")
+    return gb, zone
 
 
-def hourly_from_env(model, env: dict | None = None):
+def hourly_from_env(model: Any, env: Mapping[str, str] | None = None) -> Any:  # a CarbonModel (model imports this module)
     """``model`` with the hourly intensity the environment asks for (the live meter's default):
 
     * ``WATTSPAN_INTENSITY_PROVIDER``: ``auto`` (default), ``table``, ``profile``,

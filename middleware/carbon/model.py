@@ -21,9 +21,16 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
-from typing import Protocol, runtime_checkable
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
+from numpy.typing import ArrayLike
+
+from ..logs import LogOnce, get_logger
+
+if TYPE_CHECKING:
+    from .intensity import HourlyIntensityProvider
 
 from .grid import GridIntensity, _NoRedirect, grid_intensity
 
@@ -32,7 +39,7 @@ __all__ = [
     "CarbonModel", "IntensityProvider", "StaticProvider", "HttpJsonProvider", "RequestCarbon",
 ]
 
-log = logging.getLogger("wattspan.carbon")
+log = get_logger(__name__)
 
 _J_PER_KWH = 3.6e6
 _S_PER_YEAR = 365.25 * 86400.0
@@ -146,14 +153,14 @@ class CarbonModel:
     intensity_source: str = ""
     #: an :class:`wattspan.carbon.intensity.HourlyIntensityProvider`: each request gets the intensity of
     #: the hour it ran (None: ``intensity_g_per_kwh`` at every hour)
-    hourly: object = None
+    hourly: HourlyIntensityProvider | None = None
     #: the provider's zone (``FR``, a WattTime region, a GB postcode)
     zone: str = ""
     #: market-based factor (a contract's or supplier's gCO2e/kWh), reported beside the
     #: location-based figure; 0 = not given
     market_g_per_kwh: float = 0.0
     #: a provider of marginal intensity (WattTime), reported beside; None = not given
-    marginal: object = None
+    marginal: HourlyIntensityProvider | None = None
     marginal_zone: str = ""
 
     def __post_init__(self) -> None:
@@ -182,7 +189,7 @@ class CarbonModel:
                    region=gi.zone, intensity_source=f"{gi.source}, {gi.year} ({gi.licence}){note}")
 
     def with_hourly(self, provider_name: str = "auto", *, market_g_per_kwh: float = 0.0,
-                    marginal_provider: str | None = None, env: dict | None = None) -> CarbonModel:
+                    marginal_provider: str | None = None, env: Mapping[str, str] | None = None) -> CarbonModel:
         """This model with an hourly provider for its region (see
         :func:`wattspan.carbon.intensity.provider_from_name`); raises ValueError on bad config."""
         from .intensity import provider_from_name
@@ -198,7 +205,7 @@ class CarbonModel:
         return replace(self, hourly=hourly, zone=zone if hourly is not None else self.region,
                        market_g_per_kwh=float(market_g_per_kwh), marginal=marginal, marginal_zone=mzone)
 
-    def per_request(self, energy_j, device_s, wall_s=None) -> RequestCarbon:
+    def per_request(self, energy_j: ArrayLike, device_s: ArrayLike, wall_s: ArrayLike | None = None) -> RequestCarbon:
         """Carbon of a batch of requests, each at the intensity of the hour it ran.
 
         ``energy_j``, ``device_s``: arrays of one shape; ``wall_s``: each request's (mid) time in
@@ -212,7 +219,7 @@ class CarbonModel:
         inten = np.full(n, float(self.intensity_g_per_kwh))
         marg = np.zeros(n)
         prov = {"provider": "table", "zone": self.region, "hour": "", "basis": "location"}
-        groups: list[tuple[np.ndarray, dict]] = []
+        groups: list[tuple[np.ndarray, dict[str, Any]]] = []
         if wall_s is not None and n:
             w = np.atleast_1d(np.asarray(wall_s, dtype=np.float64))
             keys = np.floor(w / 1800.0)
@@ -266,7 +273,7 @@ class CarbonModel:
         return _out(g / 1e6 * self.carbon_price_per_tonne)
 
 
-def wall_times(start_ns, end_ns) -> np.ndarray | None:
+def wall_times(start_ns: ArrayLike, end_ns: ArrayLike) -> np.ndarray | None:
     """Each request's mid-point in unix seconds, when ``start_ns``/``end_ns`` are on the unix
     clock (after 2001); None for other clocks (monotonic, simulated from 0): then no hour is
     known and the yearly value applies."""
@@ -289,17 +296,17 @@ class RequestCarbon:
     marginal_g_per_kwh: np.ndarray
     marginal_g: np.ndarray
     market_g_per_kwh: float
-    groups: list
+    groups: list[tuple[np.ndarray, dict[str, Any]]]  # (request indices, their provenance)
 
-    def provenance(self) -> list[dict]:
+    def provenance(self) -> list[dict[str, Any]]:
         """One dict per request: provider, zone, hour, basis."""
-        out: list[dict] = [{}] * len(self.intensity_g_per_kwh)
+        out: list[dict[str, Any]] = [{}] * len(self.intensity_g_per_kwh)
         for idx, p in self.groups:
             for i in idx.tolist():
                 out[i] = p
         return out
 
-    def columns(self) -> list[list]:
+    def columns(self) -> list[list[Any]]:
         """The RequestRecord intensity fields (``fields()``'s keys, in that order), one list per
         field with a value per request: what the meter builds records from, without a dict each."""
         n = len(self.intensity_g_per_kwh)
@@ -309,7 +316,7 @@ class RequestCarbon:
                 np.asarray(self.market_g, dtype=np.float64).tolist(), np.asarray(self.marginal_g_per_kwh, dtype=np.float64).tolist(),
                 np.asarray(self.marginal_g, dtype=np.float64).tolist()]
 
-    def fields(self) -> list[dict]:
+    def fields(self) -> list[dict[str, Any]]:
         """Per request, the RequestRecord fields that say which intensity it used."""
         prov = self.provenance()
         return [{"intensity_g_per_kwh": float(self.intensity_g_per_kwh[k]), "intensity_provider": p["provider"],
@@ -374,7 +381,7 @@ class HttpJsonProvider:
         self._opener = urllib.request.build_opener(_NoRedirect)
         self._cache: dict[str, tuple[float, GridIntensity]] = {}
         self._lock = threading.Lock()
-        self._warned = False
+        self._once = LogOnce(log)  # one warning per outage
         self.failures = 0
 
     def __repr__(self) -> str:
@@ -396,8 +403,7 @@ class HttpJsonProvider:
         else:
             result = GridIntensity(zone, value, datetime.now(timezone.utc).year, f"live: {self._where}",
                                    "see the provider's terms", "" if self._fallback else offline.name)
-            with self._lock:
-                self._warned = False  # the next failure starts a new outage: warn again
+            self._once.forget()  # the next failure starts a new outage: warn again
         with self._lock:
             self._cache[zone] = (now, result)
         return result
@@ -421,7 +427,5 @@ class HttpJsonProvider:
     def _failed(self, zone: str, exc: BaseException) -> None:
         with self._lock:
             self.failures += 1
-            first, self._warned = not self._warned, True
-        level = logging.WARNING if first else logging.DEBUG
-        log.log(level, "live grid intensity for %r from %s failed (%s: %s); using the offline table "
-                "until it recovers", zone, self._where, type(exc).__name__, exc)
+        self._once.warning("outage", "live grid intensity for %r from %s failed (%s: %s); using the offline table "
+                           "until it recovers", zone, self._where, type(exc).__name__, exc, then=logging.DEBUG)

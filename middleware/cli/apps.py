@@ -76,14 +76,14 @@ def dispatch(args, carbon_model_from_args, usage_error, need) -> int:
             return cli_main(args, carbon)
         if args.command == "audit":
             need("jinja2", "markdown_it", "matplotlib", extra="audit")
-            from ..audit import cli_main
+            from ..audit import cli_main as audit_main
 
-            return cli_main(args)
+            return audit_main(args)
         if args.command == "dashboard":
             need("starlette", "uvicorn", "plotly", extra="dashboard")
-            from ..dashboard import cli_main
+            from ..dashboard import cli_main as dashboard_main
 
-            return cli_main(args)
+            return dashboard_main(args)
     except (ValueError, FileNotFoundError) as exc:
         raise usage_error(str(exc)) from None
     raise usage_error(f"unknown command {args.command!r}")

@@ -10,6 +10,10 @@ from .common import UsageError, carbon_model_from_args
 
 __all__ = ["cmd_attribute", "print_summary", "summarize"]
 
+#: the record fields that say which intensity a request's carbon used (as in RequestRecord)
+_INTENSITY_FIELDS = ("intensity_g_per_kwh", "intensity_provider", "intensity_zone", "intensity_hour", "intensity_basis",
+                     "market_g_per_kwh", "co2e_market_g", "marginal_g_per_kwh", "co2e_marginal_g")
+
 
 def cmd_attribute(args) -> int:
     from ..attribution import jsonl as _io
@@ -42,27 +46,23 @@ def cmd_attribute(args) -> int:
     except InputError as exc:
         raise UsageError(str(exc)) from None
 
-    import numpy as np
-
     result = attribute(traces, requests, steps, idle_w=idle)
     records = result.records()
     from ..carbon import wall_times
+    from ..carbon.records import attribution_records
 
-    per = carbon.per_request(result.energy_j, result.device_s, wall_times(result.requests.start_ns, result.requests.end_ns))
-    co2e_op, emb = per.operational_g, per.embodied_g
+    # carbon applied by the one function the live meter uses too (no host is metered offline: host_j = 0)
     priced = carbon.carbon_price_per_tonne > 0
-    e_j = np.asarray(result.energy_j, dtype=float)
-    per_j = np.divide(co2e_op, e_j, out=np.zeros(len(e_j)), where=e_j > 0)  # the hour's g/J for each request
-    co2e_lo = per_j * result.energy_j_low if result.energy_j_low is not None else co2e_op
-    co2e_hi = per_j * result.energy_j_high if result.energy_j_high is not None else co2e_op
-    for rec, row, op, e, lo, hi, cf in zip(records, rows, co2e_op, emb, co2e_lo, co2e_hi, per.fields()):
-        rec["co2e_g"] = float(op + e)
-        rec["co2e_g_low"] = float(lo + e)
-        rec["co2e_g_high"] = float(hi + e)
-        rec["embodied_g"] = float(e)
-        rec.update(cf)
+    recs = attribution_records(result, carbon, wall_s=wall_times(result.requests.start_ns, result.requests.end_ns))
+    band = result.energy_j_low is not None
+    for rec, row, rr in zip(records, rows, recs):
+        rec["co2e_g"] = rr.co2e_g
+        rec["co2e_g_low"] = rr.co2e_g_low if band else rr.co2e_g
+        rec["co2e_g_high"] = rr.co2e_g_high if band else rr.co2e_g
+        rec["embodied_g"] = rr.embodied_g
+        rec.update({k: getattr(rr, k) for k in _INTENSITY_FIELDS})
         if priced:  # the internal carbon price turns grams into money
-            rec[f"carbon_cost_{carbon.currency.lower()}"] = float(carbon.cost(op + e))
+            rec[f"carbon_cost_{carbon.currency.lower()}"] = float(carbon.cost(rr.co2e_g))
         for key in ("prompt_tokens", "output_tokens"):
             if key in row:
                 rec[key] = row[key]

@@ -21,13 +21,17 @@ FORMATS = ("table", "csv", "json")
 BANNER = "SIMULATED power (no sensor): these figures come from wattspan's simulated source, not a measurement"
 # (aggregate key, table header with its unit, significant digits); CSV/JSON use the keys,
 # whose suffixes are the units: _j joules, _g grams CO2e, _per_1k per 1000 requests, _s seconds.
+# energy_j (and its columns) are the accelerator's; host_j the host's, apart; gCO2e prices both.
+HOST_RULE = ("energy J, dynamic J, idle J: the accelerator's; host J: the host's share, kept apart (0 where no host "
+             "sensor was metered); gCO2e prices accelerator + host energy (x PUE x grid intensity) + embodied")
 _TABLE = (
     ("requests", "requests", 0),
     ("energy_j", "energy J", 4),
     ("dynamic_j", "dynamic J", 4),
     ("idle_j", "idle J", 4),
     ("host_j", "host J", 4),
-    ("energy_j_per_1k", "J / 1k req", 4),
+    ("energy_j_per_1k", "accel J / 1k req", 4),
+    ("total_j_per_1k", "accel+host J / 1k req", 4),
     ("co2e_g", "gCO2e", 3),
     ("co2e_g_per_1k", "gCO2e / 1k req", 3),
     ("mean_duration_s", "mean latency s", 3),
@@ -92,8 +96,10 @@ def _print_tables(db: Path, tables: list[tuple[str, list[dict]]], since_s, simul
         out.write(f"ledger {db}: no requests recorded{window}\n")
         return
     energy, co2e = sum(r["energy_j"] for r in rows), sum(r["co2e_g"] for r in rows)
-    out.write(f"ledger {db}: {n} requests{window}, {_num(energy, 4)} J ({_num(energy / 3600, 4)} Wh), "
-              f"{_num(co2e, 3)} gCO2e\n")
+    host = sum(r["host_j"] or 0.0 for r in rows)
+    total = energy + host  # what co2e prices: the same rule as every record's
+    out.write(f"ledger {db}: {n} requests{window}, accelerator {_num(energy, 4)} J + host {_num(host, 4)} J = "
+              f"{_num(total, 4)} J ({_num(total / 3600, 4)} Wh), {_num(co2e, 3)} gCO2e\n")
     for by, rows in tables:
         header = [by, *(h for _, h, _ in _TABLE), "method"]
         cols = [[r[by] or "(none)" for r in rows], *(_column([r[k] for r in rows], d) for k, _, d in _TABLE),
@@ -104,6 +110,7 @@ def _print_tables(db: Path, tables: list[tuple[str, list[dict]]], since_s, simul
         for line in (header, *body):
             cells = [c.ljust(w) if i in (0, len(line) - 1) else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))]
             out.write("  ".join(cells).rstrip() + "\n")
+    out.write(f"\n{HOST_RULE}\n")
 
 
 def _decimals(x: float, sig: int) -> int:

@@ -35,24 +35,25 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import math
 import time
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any, overload
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from ..logs import get_logger
 from ..meter.context import set_tokens
 from .batcher import BatcherClosed, BatcherOverloaded, DynamicBatcher, EmbeddingBatcher, OnStep
 from .models import EMBEDDING_MODEL, Embedder, TinyGenerator
 
 __all__ = ["COMPLETION_MODEL", "DemoSettings", "create_app"]
 
-log = logging.getLogger("wattspan.demo")
+log = get_logger(__name__)
 
 COMPLETION_MODEL = "wattspan-tiny-random"
 
@@ -135,6 +136,10 @@ async def _read_json(request: Request, limit: int) -> dict:
     return body
 
 
+@overload
+def _int_field(body: dict, name: str, default: int, lo: int, hi: int | None) -> int: ...
+@overload
+def _int_field(body: dict, name: str, default: None, lo: int, hi: int | None) -> int | None: ...
 def _int_field(body: dict, name: str, default: int | None, lo: int, hi: int | None) -> int | None:
     v = body.get(name, default)
     if v is None:
@@ -284,7 +289,7 @@ def create_app(*, on_step: OnStep | None = None, device: str = "gpu0", embedder:
         eb: EmbeddingBatcher = request.app.state.embedding_batcher
         gb: DynamicBatcher = request.app.state.generate_batcher
         # validate every item before any model work: a bad item rejects the whole batch
-        jobs = []
+        jobs: list[tuple[str, str, tuple[str, list[str]] | _Completion]] = []
         for i, (custom_id, url, body) in enumerate(items):
             try:
                 if url == "/v1/embeddings":
@@ -468,7 +473,7 @@ def _parse_batch(raw: bytes, content_type: str, s: DemoSettings) -> list[tuple[s
             text = raw.decode("utf-8")
         except UnicodeDecodeError:
             raise _BadRequest(422, "batch body is not valid UTF-8") from None
-        items = []
+        items: list[Any] = []
         for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue

@@ -21,19 +21,19 @@ submits it (the middleware sets it), or a fresh ``uuid4().hex`` when there is no
 from __future__ import annotations
 
 import asyncio
-import logging
 import math
 import queue
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from ..logs import get_logger
 from ..meter.context import current_request_id
-from .models import Embedder, TinyGenerator
+from .models import Embedder, GenSequence, TinyGenerator
 
 __all__ = [
     "BatcherClosed",
@@ -44,7 +44,7 @@ __all__ = [
     "OnStep",
 ]
 
-log = logging.getLogger("wattspan.demo")
+log = get_logger(__name__)
 
 OnStep = Callable[[int, int, str, dict[str, int]], None]
 """``on_step(start_ns, end_ns, device, {request_id: tokens})``."""
@@ -299,7 +299,12 @@ class _GenRequest:
         self.loop = loop
         self.out: asyncio.Queue = asyncio.Queue()  # at most max_tokens + 1 items
         self.cancelled = False
-        self.seq = None
+        self.seq: GenSequence | None = None  # while admitted
+
+    def held(self) -> GenSequence:
+        """The sequence of an admitted request (it holds one until it ends or is withdrawn)."""
+        assert self.seq is not None, "the request is not admitted"
+        return self.seq
 
 
 class DynamicBatcher(_Worker):
@@ -357,7 +362,7 @@ class DynamicBatcher(_Worker):
         return n
 
     async def generate(self, prompt: str, max_tokens: int, *, temperature: float = 0.0,
-                       seed: int | None = None, request_id: str | None = None) -> AsyncIterator[str]:
+                       seed: int | None = None, request_id: str | None = None) -> AsyncGenerator[str, None]:
         """Yield the text of each generated token as the worker produces it.
 
         The request is submitted when iteration starts (the request id is read from
@@ -448,7 +453,7 @@ class DynamicBatcher(_Worker):
             keep = []
             for r in active:
                 if r.cancelled:
-                    gen.release(r.seq)
+                    gen.release(r.held())
                     r.seq = None
                 else:
                     keep.append(r)
@@ -460,18 +465,18 @@ class DynamicBatcher(_Worker):
             budget = self.max_batch_tokens
             items: list[tuple[_GenRequest, int]] = []
             for r in active:
-                if not r.seq.in_prefill:
+                if not r.held().in_prefill:
                     items.append((r, 1))
                     budget -= 1
             for r in active:
-                if r.seq.in_prefill and budget > 0:
-                    n = min(r.seq.pending, budget)
+                if r.held().in_prefill and budget > 0:
+                    n = min(r.held().pending, budget)
                     items.append((r, n))
                     budget -= n
 
             t0 = time.monotonic_ns()
             try:
-                toks = gen.step([(r.seq, n) for r, n in items])
+                toks = gen.step([(r.held(), n) for r, n in items])
             except Exception as exc:
                 log.exception("generator step failed; failing the %d requests in it", len(items))
                 stepped = {id(r) for r, _ in items}
@@ -485,7 +490,7 @@ class DynamicBatcher(_Worker):
             c = self._c
             for r, n in items:
                 per_req[r.rid] = per_req.get(r.rid, 0) + n
-                if n == 1 and r.seq.pos > len(r.seq.prompt_ids):
+                if n == 1 and r.held().pos > len(r.held().prompt_ids):
                     c["decode_tokens"] += 1
                 else:
                     c["prefill_tokens"] += n
@@ -500,9 +505,9 @@ class DynamicBatcher(_Worker):
                     continue
                 q = out.setdefault(r.loop, [])
                 q.append((r.out.put_nowait, gen.decode([tok])))
-                if r.seq.done:
+                if r.held().done:
                     q.append((r.out.put_nowait, _END))
-                    gen.release(r.seq)
+                    gen.release(r.held())
                     r.seq = None
                     c["requests_done"] += 1
                     done_ids.add(id(r))

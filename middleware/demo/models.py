@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -80,8 +81,8 @@ class Embedder:
         self.num_threads = num_threads
         self.load_s: float | None = None
         self._lock = threading.Lock()
-        self._tokenizer = None
-        self._model = None
+        self._tokenizer: Any = None  # a transformers tokenizer, after load()
+        self._model: Any = None  # the torch model, after load()
 
     @property
     def loaded(self) -> bool:

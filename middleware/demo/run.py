@@ -20,6 +20,10 @@ import threading
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..records import RequestRecord
 
 __all__ = ["run_demo"]
 
@@ -133,6 +137,7 @@ def plan_load(n_embed: int, n_complete: int, seed: int) -> list[tuple[str, str, 
     out = []
     for i, kind in enumerate(jobs):
         tenant = rng.choice(["search", "chat", "batch-jobs"])
+        body: dict[str, Any]
         if kind == "embed":
             body = {"input": rng.sample(_TEXTS, rng.randint(1, 4)), "model": "all-MiniLM-L6-v2"}
         else:
@@ -226,6 +231,8 @@ def summarize(records, meter, since: tuple[float, float] = (0.0, 0.0)) -> str:
     measured = sum(meter.device_energy_j.values()) - since[0]
     out.append("")
     out.append(f"accelerator energy measured {measured:.2f} J = requests {sum(r.energy_j for r in records):.2f} J + unattributed {meter.counters['unattributed_j'] - since[1]:.2f} J")
+    out.append("mJ/req and gCO2e cover accelerator + host energy (host J kept apart in the records' host_j; "
+               "gCO2e = (accel + host J) x PUE x grid intensity + embodied), as in every wattspan record")
     return "\n".join(out)
 
 
@@ -236,7 +243,7 @@ def run_demo(*, embeds: int = 48, completions: int = 24, concurrency: int = 8, r
     t0 = time.monotonic()
     print("wattspan demo: loading the models (all-MiniLM-L6-v2, a tiny random-weight generator) on the CPU ...", flush=True)
     app, meter, ledger = build(region=region, db=db)
-    records = []
+    records: list[RequestRecord] = []
     from wattspan.meter import RecordCallback
 
     meter.add_sink(RecordCallback(records.append))
@@ -249,8 +256,8 @@ def run_demo(*, embeds: int = 48, completions: int = 24, concurrency: int = 8, r
         meter.flush(15)
         records.clear()
         since = (sum(meter.device_energy_j.values()), meter.counters["unattributed_j"])
-        runs = []
-        failures = []
+        runs: list[list[RequestRecord]] = []
+        failures: list[str] = []
         for k in range(max(1, repeat)):
             with tqdm(total=embeds + completions, desc=f"run {k + 1}/{max(1, repeat)}", unit="req", file=sys.stdout, dynamic_ncols=True) as bar:
                 failures += asyncio.run(_drive(server.url, embeds, completions, concurrency, seed, bar))

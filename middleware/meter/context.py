@@ -12,14 +12,15 @@ in :data:`counters` and logged once. :func:`set_tokens` never raises.
 
 from __future__ import annotations
 
-import logging
 import math
 from contextvars import ContextVar
 from typing import Any
 
+from ..logs import get_logger
+
 __all__ = ["MAX_TOKENS", "current_request_id", "set_tokens"]
 
-log = logging.getLogger("wattspan")
+log = get_logger(__name__)
 
 #: the largest token count one request can report (10**9): far above any
 #: context window, far below the ledger's 64-bit integers
@@ -42,7 +43,7 @@ def current_request_id() -> str | None:
     return None if w is None else w.id
 
 
-def bound_tokens(value) -> int | None:
+def bound_tokens(value: Any) -> int | None:
     """``value`` as a token count in ``0..MAX_TOKENS`` (clipped, counted), or ``None``
     (counted) when it is not a finite number."""
     try:

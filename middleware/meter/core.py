@@ -29,15 +29,16 @@ and ``["step_model_rejected"]`` count the outcomes.
 from __future__ import annotations
 
 import functools
-import logging
 import math
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
+from ..logs import get_logger
 from ..devices import group_key as _group_key
 
 _str_group_key = functools.lru_cache(maxsize=1024)(_group_key)
@@ -46,15 +47,16 @@ _str_group_key = functools.lru_cache(maxsize=1024)(_group_key)
 def _device_key(device) -> str:
     """The canonical device or group name (``"gpu0, gpu1"`` and ``"gpu0+gpu1"`` -> ``"gpu0,gpu1"``)."""
     return _str_group_key(device) if isinstance(device, str) else _group_key(device)
-from ..attribution import Requests, StepModel, Steps, attribute
-from ..records import RequestRecord, _record
+from ..attribution import BatchStep, Requests, StepModel, Steps, attribute
+from ..carbon.records import request_records
+from ..records import RequestLabels, RequestRecord
 from ..samples import SampleKind
 from .context import MAX_TOKENS
 from .sinks import DeviceFigures, FlushableSink, RecordSink, SpanSink
 
 __all__ = ["Meter"]
 
-log = logging.getLogger("wattspan")
+log = get_logger(__name__)
 
 _BEGIN, _END, _STEP, _MARK = 0, 1, 2, 3
 _QUALITY_RANK = {"good": 1, "coarse": 2, "misfit": 3}
@@ -68,6 +70,12 @@ def _parts_json(r) -> str:
     return json.dumps({m: float(parts.get(m, 0.0)) for m in r.device.split(",")}, separators=(",", ":"))
 
 
+def _ended(r: _Inflight) -> int:
+    """The end of a request that has ended (only those are finalised)."""
+    assert r.end_ns is not None
+    return r.end_ns
+
+
 class _Inflight:
     __slots__ = ("device", "start_ns", "end_ns", "meta", "dynamic_j", "idle_j", "device_s", "covered_ns", "host_j", "method", "peer",
                  "band_j", "quality", "parts")
@@ -77,7 +85,7 @@ class _Inflight:
         self.device = device
         self.start_ns = start_ns
         self.end_ns: int | None = None
-        self.meta: dict = {}
+        self.meta: RequestLabels | Mapping | None = None
         self.dynamic_j = 0.0
         self.idle_j = 0.0
         self.device_s = 0.0
@@ -182,7 +190,7 @@ class Meter:
         self._events: deque = deque()
         self._activity: list = []
         self._inflight: dict[str, _Inflight] = {}
-        self._steps: list[tuple[int, int, str, dict]] = []
+        self._steps: list[BatchStep] = []
         # bounded history for re-estimating idle and the step model (see _refit)
         self._hist_steps: deque = deque(maxlen=200_000)
         self._hist_reqs: deque = deque(maxlen=100_000)
@@ -280,10 +288,11 @@ class Meter:
             for d in (device.split(",") if "," in device else (device,)):  # a group: active on each member
                 s.on_request_start(d)
 
-    def end(self, request_id: str, device: str, t_ns: int, meta: dict | None = None) -> None:
-        """The request ended (last body chunk, error or disconnect). ``meta``:
+    def end(self, request_id: str, device: str, t_ns: int, meta: RequestLabels | Mapping | None = None) -> None:
+        """The request ended (last body chunk, error or disconnect). ``meta``: its
+        :class:`~wattspan.records.RequestLabels` (or a dict with those field names:
         route, http_method, status_code, model, tenant, prompt_tokens,
-        output_tokens, trace_id, span_id."""
+        output_tokens, trace_id, span_id), read on the meter's thread."""
         self._events.append((_END, request_id, t_ns, meta))
         if self._activity and (not isinstance(device, str) or "+" in device or " " in device):
             device = _device_key(device)
@@ -467,7 +476,8 @@ class Meter:
     def _drain(self) -> None:
         ev = self._events
         inflight = self._inflight
-        out = [] if self.peers is not None else None
+        peers = self.peers
+        out: list[Any] | None = [] if peers is not None else None
         while ev:
             e = ev.popleft()
             if e[0] == _BEGIN:
@@ -481,22 +491,26 @@ class Meter:
                 r = inflight.get(e[1])
                 if r is not None:
                     r.end_ns = max(e[2], r.start_ns)
-                    r.meta = e[3] or {}
+                    r.meta = e[3]
             else:
-                self._steps.append(e[1:])
-                self._hist_add(e[1:])
+                st = BatchStep(e[1], e[2], e[3], e[4])
+                self._steps.append(st)
+                self._hist_add(st)
             if out is not None:
                 out.append(e[:3] if e[0] == _END else e)
-        if self.peers is not None:
+        if peers is not None and out is not None:
             # a watermark: every event of ours up to this time is in this message
             out.append((_MARK, time.monotonic_ns()))
-            self.peers.broadcast(out)
+            peers.broadcast(out)
             self._take_peer_events()
 
     def _take_peer_events(self) -> None:
         """What the other worker processes on this host serve (see :mod:`wattspan.meter.peers`)."""
         inflight = self._inflight
-        for pid, events, lost in self.peers.receive():
+        peers = self.peers
+        if peers is None:
+            return
+        for pid, events, lost in peers.receive():
             if lost:
                 self._peer_lost(pid, lost)
             for e in events:
@@ -516,14 +530,14 @@ class Meter:
                         if len(e[4]) > self.max_step_ids:
                             self._drop_step(f"a peer's step names {len(e[4])} requests")
                             continue
-                        st = (int(e[1]), int(e[2]), str(e[3]), {str(k): float(v) for k, v in e[4].items()})
+                        st = BatchStep(int(e[1]), int(e[2]), str(e[3]), {str(k): float(v) for k, v in e[4].items()})
                         if not all(0 <= v <= MAX_TOKENS for v in st[3].values()):
                             raise ValueError
                         self._steps.append(st)
                         self._hist_add(st)
                 except (IndexError, TypeError, ValueError, AttributeError):
                     self.counters["pass_errors"] += 1
-        gone = self.peers.take_gone()
+        gone = peers.take_gone()
         for pid in gone:
             self._peer_marks.pop(pid, None)
         if gone:  # a dead worker's requests no longer share the device
@@ -644,7 +658,7 @@ class Meter:
             log.error("wattspan: requests run on device %r, which no power source meters (metered: %s); their records "
                       "carry no energy. Set the middleware's device (or WATTSPAN_DEVICE) to one of those.", dev, ", ".join(sorted(infos)))
         self.counters["unmetered_device"] = self.counters.get("unmetered_device", 0) + sum(1 for rid in done if not self._inflight[rid].peer)
-        self._finalise(done, max(self._inflight[rid].end_ns for rid in done), None)
+        self._finalise(done, max(_ended(self._inflight[rid]) for rid in done), None)
 
     def _period_inputs(self, dev: str, rids: list[str], cut: int):
         """The requests (clipped to ``cut``) and batch steps of one pass, columnar."""
@@ -658,16 +672,7 @@ class Meter:
             device=np.full(n, dev, dtype=object),
             weight=np.ones(n),
         )
-        steps = None
-        if self._steps:
-            known = set(rids)
-            srows = []
-            for s, e, d, tok in self._steps:
-                if d == dev or ("," in d and dev in d.split(",")):  # a group's step runs on each member
-                    mine = {k: v for k, v in tok.items() if k in known}
-                    if mine:
-                        srows.append({"start_ns": s, "end_ns": e, "device": dev, "requests": mine})
-            steps = Steps.from_records(srows, req) if srows else None
+        steps = Steps.from_batches(self._steps, req, dev) if self._steps else None
         return req, steps
 
     def _attribute(self, dev: str, info, cur: int, cut: int, rids: list[str]) -> None:
@@ -770,7 +775,7 @@ class Meter:
         n = len(span)
         bounds = np.array(list(span.values()), dtype=np.int64).reshape(n, 2)
         req = Requests(np.array(list(span), dtype=object), bounds[:, 0], bounds[:, 1], np.full(n, dev, dtype=object), np.ones(n))
-        steps = Steps.from_records([{"start_ns": s, "end_ns": e, "device": dev, "requests": tok} for (s, e, d, tok) in steps_rows], req) if steps_rows else None
+        steps = Steps.from_batches(steps_rows, req, dev) if steps_rows else None
         # The step model over the stretch the steps span, with as much time before them: readings far
         # from any step say nothing about the step terms, yet in a mostly idle history they would fill
         # the cross-validation's time blocks (a burst in one block: its held-out error is meaningless).
@@ -824,36 +829,28 @@ class Meter:
             self.counters["late_records"] += len(done)
         sensor = info.sensor if info is not None else "none"
         simulated = bool(info.simulated) if info is not None else False
-        # carbon for the whole batch of records at once (vectorised)
-        energy = np.fromiter((r.dynamic_j + r.idle_j for _, r in done), float, len(done))
-        host = np.fromiter((r.host_j for _, r in done), float, len(done))
-        dev_s = np.fromiter((r.device_s for _, r in done), float, len(done))
+        rs = [r for _, r in done]
+        n = len(rs)
+        energy = np.fromiter((r.dynamic_j + r.idle_j for r in rs), float, n)
+        band = np.fromiter((r.band_j for r in rs), float, n)
+        start = np.fromiter((r.start_ns for r in rs), np.int64, n)
+        end = np.fromiter((_ended(r) for r in rs), np.int64, n)
         # each request at the intensity of the hour it ran (its mid-point on the wall clock)
-        wall = np.fromiter(((r.start_ns + r.end_ns) * 0.5e-9 for _, r in done), float, len(done)) + (time.time() - time.monotonic())
-        carbon = self.carbon.per_request(energy + host, dev_s, wall)
-        op, emb = carbon.operational_g, carbon.embodied_g
-        band = np.fromiter((r.band_j for _, r in done), float, len(done))
-        e_lo, e_hi = np.maximum(energy - band, 0.0), energy + band
-        # the band's carbon at the same hourly intensity: operational grams scale with energy
-        per_j = np.divide(op, energy + host, out=np.zeros(len(done)), where=(energy + host) > 0)
-        op_lo, op_hi = per_j * (e_lo + host), per_j * (e_hi + host)
-        # every column as Python values at once (tolist), then one tuple per record in
-        # RequestRecord's field order (_record: no per-field __init__ work)
-        cols = zip(energy.tolist(), (op + emb).tolist(), emb.tolist(), e_lo.tolist(), e_hi.tolist(),
-                   (op_lo + emb).tolist(), (op_hi + emb).tolist(), *carbon.columns())
-        batch: list[RequestRecord] = []
-        for (rid, r), (e, co2, eg, elo, ehi, clo, chi, *intensity) in zip(done, cols):
-            m = r.meta
-            life = r.end_ns - r.start_ns
-            rec = _record((
-                rid, r.device, r.start_ns, r.end_ns, e, r.dynamic_j, r.idle_j, r.device_s, co2, eg,
-                r.method or "no-trace", sensor, min(1.0, r.covered_ns / life) if life > 0 else 1.0, simulated,
-                m.get("route", ""), m.get("http_method", ""), int(m.get("status_code", 0) or 0), m.get("model", ""),
-                m.get("tenant", ""), int(m.get("prompt_tokens", 0) or 0), int(m.get("output_tokens", 0) or 0),
-                int(m.get("trace_id", 0) or 0), int(m.get("span_id", 0) or 0), r.host_j, elo, ehi, clo, chi, r.quality,
-                *intensity, _parts_json(r) if "," in r.device else "",
-            ))
-            batch.append(rec)
+        wall = (start + end) * 0.5e-9 + (time.time() - time.monotonic())
+        life = end - start
+        covered = np.fromiter((r.covered_ns for r in rs), float, n)
+        # carbon once, for the whole batch (see wattspan.carbon.records for the host rule)
+        batch = request_records(
+            self.carbon, ids=[rid for rid, _ in done], device=[r.device for r in rs], start_ns=start, end_ns=end,
+            dynamic_j=np.fromiter((r.dynamic_j for r in rs), float, n), idle_j=np.fromiter((r.idle_j for r in rs), float, n),
+            device_s=np.fromiter((r.device_s for r in rs), float, n), host_j=np.fromiter((r.host_j for r in rs), float, n),
+            wall_s=wall, energy_j_low=np.maximum(energy - band, 0.0), energy_j_high=energy + band,
+            method=[r.method or "no-trace" for r in rs], sensor=sensor,
+            coverage=np.minimum(1.0, np.divide(covered, life, out=np.ones(n), where=life > 0)),
+            simulated=simulated, quality=[r.quality for r in rs],
+            labels=[r.meta if type(r.meta) is RequestLabels else RequestLabels.from_mapping(r.meta) for r in rs],
+            device_energy=[_parts_json(r) if "," in r.device else "" for r in rs],
+        )
         self.counters["records"] += len(batch)
         self._to_sinks(batch)
         for rid, _ in done:  # removed only now, so flush() waits for every sink

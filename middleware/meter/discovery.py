@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
-import logging
 
 __all__ = ["default_sources", "measured_sources"]
 
-log = logging.getLogger("wattspan")
+from typing import TYPE_CHECKING
+
+from ..logs import get_logger
+
+if TYPE_CHECKING:
+    from ..sources import PowerSource
+
+log = get_logger(__name__)
 
 
-def measured_sources() -> list:
+def measured_sources() -> list[PowerSource]:
     """The real sensors that answer: NVML (unless ``WATTSPAN_SIMULATE``), then RAPL."""
     from ..settings import get_settings
-    from ..sources import SourceUnavailable
+    from ..sources import PowerSource, SourceUnavailable
 
-    found = []
+    found: list[PowerSource] = []
     if not get_settings().simulate:
         try:
             from ..sources.nvml import NvmlSource

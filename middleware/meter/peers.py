@@ -31,17 +31,20 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import socket
 import stat
 import tempfile
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
+
+from ..logs import get_logger
 
 __all__ = ["Peers", "default_peer_dir", "group_key", "private_dir"]
 
-log = logging.getLogger("wattspan")
+log = get_logger(__name__)
 
 _MAX_DATAGRAM = 32 * 1024
 
@@ -88,7 +91,7 @@ def private_dir(path: Path, *, create_from: Path | None = None) -> Path:
     return path
 
 
-def group_key(identities, group: str | None = None) -> str:
+def group_key(identities: Iterable[object], group: str | None = None) -> str:
     """The peer group of the devices named by ``identities`` (+ ``group``): a short hash."""
     h = hashlib.sha256()
     for ident in sorted(set(map(str, identities))):
@@ -102,7 +105,7 @@ class Peers:
     when given), and the addresses of the others. ``PermissionError`` when the
     directory is not this user's alone."""
 
-    def __init__(self, directory: str | os.PathLike | None = None, *, key: str | None = None, name: str | None = None) -> None:
+    def __init__(self, directory: str | os.PathLike[str] | None = None, *, key: str | None = None, name: str | None = None) -> None:
         from ..settings import get_settings
 
         base = Path(directory) if directory is not None else default_peer_dir()
@@ -150,7 +153,7 @@ class Peers:
             self._peers = found
         return self._peers
 
-    def broadcast(self, events: list) -> None:
+    def broadcast(self, events: list[Any]) -> None:
         """Send ``events`` (JSON-able tuples) to every live peer (each message
         ends with the sender's watermark, so peers know what has arrived)."""
         peers = self.peers()
@@ -172,10 +175,10 @@ class Peers:
         self._seq += 1
         return self._seq
 
-    def receive(self, limit: int = 10000) -> list[tuple[int, list, int]]:
+    def receive(self, limit: int = 10000) -> list[tuple[int, list[Any], int]]:
         """``(sender pid, events, lost)`` for every message waiting, in order; ``lost``:
         how many of that sender's messages went missing just before this one."""
-        out = []
+        out: list[tuple[int, list[Any], int]] = []
         for _ in range(limit):
             try:
                 data, addr = self.sock.recvfrom(_MAX_DATAGRAM * 2)
@@ -230,7 +233,7 @@ class Peers:
                 pass
 
 
-def _chunks(events: list, peers: Peers):
+def _chunks(events: list[Any], peers: Peers) -> Iterator[bytes]:
     """JSON-encode ``events`` in numbered pieces that fit one datagram."""
     start = 0
     n = len(events)

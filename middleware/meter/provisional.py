@@ -36,6 +36,12 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..records import RequestRecord
+    from .sinks import DeviceFigures
 
 __all__ = ["Provisional", "attach", "usage_energy"]
 
@@ -66,7 +72,7 @@ class Provisional:
         #                prefill-phase share of the step basis (9: wattspan.attribution.family.BASIS),
         #                decode-phase share (9), idle s pre, idle s dec,
         #                steps seen before the device had a model (their saturating terms are 0)]
-        self._tally: dict[str, list] = {}
+        self._tally: dict[str, list[float]] = {}
         self._rate: dict[str, float] = {}  # device -> recent J per token
         self._lock = threading.Lock()
         self.stats = {"steps": 0, "estimates": 0, "step-model": 0, "recent-rate": 0, "none": 0, "evicted": 0}
@@ -86,7 +92,7 @@ class Provisional:
             self._tally.pop(request_id, None)
 
     # -- the thread that reports steps ---------------------------------------------------
-    def observe_step(self, start_ns: int, end_ns: int, device: str, tokens) -> None:
+    def observe_step(self, start_ns: int, end_ns: int, device: str, tokens: Mapping[str, float]) -> None:
         """A batch step (as :meth:`wattspan.Meter.record_step` gets it)."""
         try:
             items = [(k, float(v)) for k, v in tokens.items() if v and v > 0]
@@ -98,7 +104,7 @@ class Provisional:
         dur = (end_ns - start_ns) * 1e-9
         total = 0.0
         pre = dec = ctxk = 0.0
-        rows = []
+        rows: list[tuple[str, float, list[float]]] = []
         for rid, n in items:
             total += n
             t = tally.get(rid)  # None: not a request being served here (or already answered)
@@ -140,14 +146,14 @@ class Provisional:
             self.stats["steps"] += 1
 
     # -- the meter's thread: final records keep the recent rate current ------------------
-    def on_device(self, figures) -> None:
+    def on_device(self, figures: DeviceFigures) -> None:
         """RecordSink: per-device figures are not used."""
 
-    def on_records(self, records) -> None:
+    def on_records(self, records: Sequence[RequestRecord]) -> None:
         """RecordSink: the final records update each device's recent joules per token."""
         self.observe_records(records)
 
-    def observe_records(self, records) -> None:
+    def observe_records(self, records: Iterable[RequestRecord]) -> None:
         rate = self._rate
         for r in records:
             tok = r.prompt_tokens + r.output_tokens
@@ -157,7 +163,7 @@ class Provisional:
                 rate[r.device] = x if old is None else old + _EWMA * (x - old)
 
     # -- the event loop, when a response ends --------------------------------------------
-    def estimate(self, request_id: str, device: str, prompt_tokens: int | None, output_tokens: int | None) -> dict:
+    def estimate(self, request_id: str, device: str, prompt_tokens: int | None, output_tokens: int | None) -> dict[str, Any]:
         """``{"energy_j", "co2e_g", "method", "steps"}`` for the request (energy None if unknown).
 
         Forgets the request's step tally: call it once, when the response ends.
@@ -175,7 +181,7 @@ class Provisional:
         fitted = getattr(meter, "_models", {})
         models = [fitted.get(d) for d in on]
         if t is not None and all(m is not None for m in models) and not (t[_UNPRICED] and any(_saturates(m) for m in models)):
-            steps = t[1]
+            steps = int(t[1])
             pre_share = t[4 : 4 + _NB]
             dec_share = t[4 + _NB : 4 + 2 * _NB]
             idle_pre, idle_dec = t[4 + 2 * _NB], t[5 + 2 * _NB]
@@ -186,6 +192,7 @@ class Provisional:
                 scale = max(1.0, (output_tokens - 1) / t[3])
             dyn = 0.0
             for m in models:
+                assert m is not None  # all fitted: checked above
                 coef = m.full_coef
                 dyn += sum(c * x for c, x in zip(coef, pre_share)) + scale * sum(c * x for c, x in zip(coef, dec_share))
             idles = getattr(meter, "_idle", {})
@@ -201,7 +208,7 @@ class Provisional:
                 energy = rate * tok
                 method = "recent-rate"
             if t is not None:
-                steps = t[1]
+                steps = int(t[1])
         self.stats[method] += 1
         co2e = None
         if energy is not None:
@@ -238,7 +245,7 @@ def attach(meter) -> Provisional:
         return p
 
 
-def usage_energy(prompt_tokens: int | None = None, completion_tokens: int | None = None) -> dict:
+def usage_energy(prompt_tokens: int | None = None, completion_tokens: int | None = None) -> dict[str, Any]:
     """The fields to add to an OpenAI-style ``usage`` for the request being served.
 
     Call it from an endpoint behind :class:`~wattspan.EnergyMiddleware` when the
@@ -257,12 +264,12 @@ def usage_energy(prompt_tokens: int | None = None, completion_tokens: int | None
         p = attach(w.mw.meter)
         est = p.estimate(w.id, w.device, prompt_tokens, completion_tokens)
     except Exception:  # a courtesy figure: never fail the response for it
-        import logging
+        from ..logs import get_logger
 
-        logging.getLogger("wattspan").exception("provisional energy estimate failed")
+        get_logger(__name__).exception("provisional energy estimate failed")
         est = {"energy_j": None, "co2e_g": None, "method": "none"}
 
-    def sig(x):
+    def sig(x: float | None) -> float | None:
         return None if x is None or not math.isfinite(x) else float(f"{x:.6g}")
 
     return {

@@ -1,6 +1,8 @@
 """Power sources: each turns one kind of sensor into :class:`~wattspan.SampleBatch` readings
 on the monotonic nanosecond clock."""
 
+from typing import Any
+
 from ._base import PowerSource, SourceUnavailable
 
 __all__ = ["NvmlSource", "PowerSource", "RaplSource", "ReplaySource", "SourceUnavailable", "read_trace_csv"]
@@ -9,7 +11,7 @@ __all__ = ["NvmlSource", "PowerSource", "RaplSource", "ReplaySource", "SourceUna
 _LAZY = {"NvmlSource": ".nvml", "RaplSource": ".rapl", "ReplaySource": ".replay", "read_trace_csv": ".replay"}
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     if name in _LAZY:
         import importlib
 

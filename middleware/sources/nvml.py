@@ -17,20 +17,21 @@ For each GPU two readings are probed at start-up and the best that works is kept
 
 from __future__ import annotations
 
-import logging
 import re
 import threading
 import time
+from typing import Any
 
 import numpy as np
 import pynvml
 
+from ..logs import LogOnce, get_logger
 from ..samples import DeviceInfo, SampleBatch, SampleKind
 from ._base import SourceUnavailable
 
 __all__ = ["NvmlSource", "POWER_PROBES"]
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 ENERGY_PROBE = "energy-counter"
 POWER_PROBES = ("power-instant", "power-samples", "power-usage")
@@ -61,7 +62,7 @@ _VALUE_FIELD = {
 }
 
 
-def _value(value_type: int, value) -> float:
+def _value(value_type: int, value: object) -> float:
     """A ``c_nvmlValue_t`` union read as the member its type names."""
     return float(getattr(value, _VALUE_FIELD.get(int(value_type), "uiVal")))
 
@@ -79,11 +80,12 @@ def _wall_offset_ns() -> int:
 
 
 class _Gpu:
-    __slots__ = ("index", "handle", "info", "energy", "power", "power_kind", "window_ns",
+    __slots__ = ("index", "id", "handle", "info", "energy", "power", "power_kind", "window_ns",
                  "last_mj", "offset_mj", "samples_last_us", "field_last_us", "lost")
 
-    def __init__(self, index: int, handle) -> None:
+    def __init__(self, index: int, handle: Any) -> None:  # an NVML device handle
         self.index = index
+        self.id = f"gpu{index}"  # the device id, as in its DeviceInfo
         self.handle = handle
         self.info: DeviceInfo | None = None
         self.energy = False
@@ -132,7 +134,7 @@ class NvmlSource:
         self.prefer = prefer
         self.errors = 0
         self._lock = threading.Lock()
-        self._logged: set = set()
+        self._once = LogOnce(log)
         self._closed = False
         try:
             pynvml.nvmlInit()
@@ -152,7 +154,7 @@ class NvmlSource:
 
     # ------------------------------------------------------------------ start-up
 
-    def _open(self, indices) -> list[_Gpu]:
+    def _open(self, indices: list[int] | None) -> list[_Gpu]:
         count = pynvml.nvmlDeviceGetCount()
         if count == 0:
             raise SourceUnavailable("NVML found no GPU (nvmlDeviceGetCount() is 0): check `nvidia-smi`")
@@ -166,7 +168,8 @@ class NvmlSource:
                     f"NvmlSource indices {indices!r} must be distinct NVML indices in 0..{count - 1} "
                     f"({count} GPU{'s' if count != 1 else ''} here; see `nvidia-smi -L`)"
                 )
-        gpus, failed = [], {}
+        gpus: list[_Gpu] = []
+        failed: dict[str, str] = {}
         for i in indices:
             try:
                 g = _Gpu(i, pynvml.nvmlDeviceGetHandleByIndex(i))
@@ -193,7 +196,8 @@ class NvmlSource:
         if isinstance(name, bytes):
             name = name.decode(errors="replace")
         probes: dict[str, str] = {}
-        extra: dict = {"index": g.index, "probes": probes}
+        arch: int | None
+        extra: dict[str, Any] = {"index": g.index, "probes": probes}
         try:
             arch = int(pynvml.nvmlDeviceGetArchitecture(h))
             extra["architecture"] = _ARCH_NAMES.get(arch, str(arch))
@@ -245,7 +249,7 @@ class NvmlSource:
         extra["energy"] = g.energy
         extra["lost"] = False
         g.info = DeviceInfo(
-            id=f"gpu{g.index}",
+            id=g.id,
             name=name,
             kind="gpu",
             sensor="nvml:" + "+".join(parts),
@@ -255,7 +259,7 @@ class NvmlSource:
             extra=extra,
         )
 
-    def _probe_power_instant(self, g: _Gpu, name, arch, extra) -> str | None:
+    def _probe_power_instant(self, g: _Gpu, name: str, arch: int | None, extra: dict[str, Any]) -> str | None:
         v = pynvml.nvmlDeviceGetFieldValues(g.handle, [(pynvml.NVML_FI_DEV_POWER_INSTANT, 0)])[0]
         if v.nvmlReturn != pynvml.NVML_SUCCESS:
             return _why(pynvml.NVMLError(v.nvmlReturn))
@@ -265,7 +269,7 @@ class NvmlSource:
         g.power_kind, g.window_ns = SampleKind.INSTANT, 0
         return None
 
-    def _probe_power_samples(self, g: _Gpu, name, arch, extra) -> str | None:
+    def _probe_power_samples(self, g: _Gpu, name: str, arch: int | None, extra: dict[str, Any]) -> str | None:
         try:
             _, samples = pynvml.nvmlDeviceGetSamples(g.handle, pynvml.NVML_TOTAL_POWER_SAMPLES, 0)
         except pynvml.NVMLError_NotFound:
@@ -277,7 +281,7 @@ class NvmlSource:
         g.power_kind, g.window_ns = SampleKind.INSTANT, 0
         return None
 
-    def _probe_power_usage(self, g: _Gpu, name, arch, extra) -> str | None:
+    def _probe_power_usage(self, g: _Gpu, name: str, arch: int | None, extra: dict[str, Any]) -> str | None:
         mw = pynvml.nvmlDeviceGetPowerUsage(g.handle)
         if not mw > 0:
             return f"nvmlDeviceGetPowerUsage read {mw} mW"
@@ -297,7 +301,7 @@ class NvmlSource:
     # ------------------------------------------------------------------ PowerSource
 
     def devices(self) -> list[DeviceInfo]:
-        return [g.info for g in self._gpus]
+        return [g.info for g in self._gpus if g.info is not None]  # only probed GPUs are kept
 
     def poll(self) -> list[SampleBatch]:
         """The readings since the previous poll, for every GPU not lost; never raises."""
@@ -306,7 +310,8 @@ class NvmlSource:
             if self._closed:
                 return out
             for g in self._gpus:
-                if g.lost:
+                info = g.info
+                if g.lost or info is None:
                     continue
                 for read in (self._read_energy, self._read_power):
                     try:
@@ -315,14 +320,14 @@ class NvmlSource:
                         self.errors += 1
                         if exc.value in _LOST_CODES:
                             g.lost = True
-                            g.info.extra["lost"] = True
+                            info.extra["lost"] = True
                             log.error("wattspan: %s (%s) is lost (%s): no more readings from it this run",
-                                      g.info.id, g.info.name, _why(exc))
+                                      info.id, info.name, _why(exc))
                             break
-                        self._log_once(g, exc)
+                        self._log_once(g, info, exc)
                     except Exception as exc:  # a poll never raises
                         self.errors += 1
-                        self._log_once(g, exc)
+                        self._log_once(g, info, exc)
         return out
 
     def close(self) -> None:
@@ -341,15 +346,13 @@ class NvmlSource:
         except Exception as exc:  # already shut down, or the driver went away
             log.debug("wattspan: nvmlShutdown: %s", exc)
 
-    def _log_once(self, g: _Gpu, exc: BaseException) -> None:
-        key = (g.index, type(exc).__name__, str(exc))
-        if key not in self._logged:
-            self._logged.add(key)
-            log.warning("wattspan: reading %s failed: %s (counted in errors; logged once)", g.info.id, _why(exc))
+    def _log_once(self, g: _Gpu, info: DeviceInfo, exc: BaseException) -> None:
+        self._once.warning((g.index, type(exc).__name__, str(exc)),
+                           "wattspan: reading %s failed: %s (counted in errors; logged once)", info.id, _why(exc))
 
     def _read_energy(self, g: _Gpu, out: list[SampleBatch]) -> None:
         if g.energy:
-            h, dev = g.handle, g.info.id
+            h, dev = g.handle, g.id
             t0 = time.monotonic_ns()
             mj = int(pynvml.nvmlDeviceGetTotalEnergyConsumption(h))
             t = (t0 + time.monotonic_ns()) // 2
@@ -360,7 +363,7 @@ class NvmlSource:
                                    np.array([(mj + g.offset_mj) * 1e-3])))
 
     def _read_power(self, g: _Gpu, out: list[SampleBatch]) -> None:
-        h, dev, p = g.handle, g.info.id, g.power
+        h, dev, p = g.handle, g.id, g.power
         if p == "power-instant":
             t0 = time.monotonic_ns()
             v = pynvml.nvmlDeviceGetFieldValues(h, [(pynvml.NVML_FI_DEV_POWER_INSTANT, 0)])[0]

@@ -8,7 +8,6 @@ whole platform, overlapping the others) are not metered.
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 import threading
@@ -16,12 +15,13 @@ import time
 
 import numpy as np
 
+from ..logs import LogOnce, get_logger
 from ..samples import DeviceInfo, SampleBatch, SampleKind
 from ._base import SourceUnavailable
 
 __all__ = ["RaplSource"]
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 _ZONE = re.compile(r"^(intel-rapl|amd-rapl):(\d+)(?::(\d+))?$")
 
@@ -87,7 +87,7 @@ class RaplSource:
         self.root = str(root)
         self.errors = 0
         self._lock = threading.Lock()
-        self._logged: set = set()
+        self._once = LogOnce(log)
         self._closed = False
         self._zones = self._discover()
 
@@ -213,10 +213,8 @@ class RaplSource:
                     raw = _read_int(z.path)
                 except (OSError, ValueError) as exc:
                     self.errors += 1
-                    key = (z.info.id, type(exc).__name__, str(exc))
-                    if key not in self._logged:
-                        self._logged.add(key)
-                        log.warning("wattspan: RAPL read of %s failed: %s (counted in errors, will retry)", z.path, exc)
+                    self._once.warning((z.info.id, type(exc).__name__, str(exc)),
+                                       "wattspan: RAPL read of %s failed: %s (counted in errors, will retry)", z.path, exc)
                     continue
                 t = (t0 + time.monotonic_ns()) // 2
                 delta = raw - z.last_uj

@@ -16,7 +16,7 @@ import operator
 import os
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +38,7 @@ _MAX_LAPS = 1000  # a poll that is further behind than this many laps jumps to t
 # --------------------------------------------------------------------------- reading
 
 
-def read_trace_csv(path, *, power_kind: SampleKind = SampleKind.INSTANT, window_ns: int = 0) -> dict[str, DeviceTrace]:
+def read_trace_csv(path: str | os.PathLike[str], *, power_kind: SampleKind = SampleKind.INSTANT, window_ns: int = 0) -> dict[str, DeviceTrace]:
     """Read and validate a trace CSV into one :class:`DeviceTrace` per device, in order of first appearance.
 
     ``power_kind``/``window_ns`` say what ``power_w`` means (default: INSTANT
@@ -99,7 +99,8 @@ def read_trace_csv(path, *, power_kind: SampleKind = SampleKind.INSTANT, window_
 
     t = _parse_times(p, cols["time_ns"], n, line_of)
     power, p_empty = _parse_floats(p, "power_w", cols["power_w"], n, line_of, allow_empty="energy_j" in cols)
-    energy = e_empty = None
+    energy: np.ndarray | None = None
+    e_empty: np.ndarray | None = None
     if "energy_j" in cols:
         energy, e_empty = _parse_floats(p, "energy_j", cols["energy_j"], n, line_of, allow_empty=True)
         if p_empty is not None:
@@ -108,7 +109,8 @@ def read_trace_csv(path, *, power_kind: SampleKind = SampleKind.INSTANT, window_
                 raise InputError(p, line_of(int(np.argmax(both))), "has neither power_w nor energy_j: every row needs a reading")
 
     # devices, in order of first appearance; "0", " 0" and "gpu0" are one device
-    first = np.fromiter(map({}.setdefault, cols["gpu"], itertools.count()), dtype=np.int64, count=n)
+    seen: dict[str, int] = {}
+    first = np.fromiter(map(seen.setdefault, cols["gpu"], itertools.count()), dtype=np.int64, count=n)
     uniq_first = np.unique(first)
     names: dict[str, int] = {}
     remap = {}
@@ -139,7 +141,7 @@ def read_trace_csv(path, *, power_kind: SampleKind = SampleKind.INSTANT, window_
                        f"({int(t[j])} on line {line_of(j)}): sort each device's rows by time")
             problems.append((line_of(i), msg))
             continue
-        ed = None
+        ed: np.ndarray | None = None
         if energy is not None:
             ed = energy[idx]
             fin = np.flatnonzero(np.isfinite(ed))
@@ -149,8 +151,8 @@ def read_trace_csv(path, *, power_kind: SampleKind = SampleKind.INSTANT, window_
                 problems.append((line_of(i), f"energy_j {energy[i]:g} for {name} is less than the previous reading "
                                              f"({energy[j]:g} on line {line_of(j)}): energy_j must be a cumulative counter"))
                 continue
-        pd = power[idx]
-        if not np.isfinite(pd).any():
+        pd: np.ndarray | None = power[idx]
+        if not np.isfinite(power[idx]).any():
             pd = None
         out[name] = DeviceTrace(name, td, power_w=pd, energy_j=ed, power_kind=SampleKind(power_kind),
                                 window_ns=int(window_ns), sensor=f"trace:{p.name}")
@@ -177,7 +179,7 @@ def _check_header(p: Path, header: list[str]) -> None:
         raise InputError(p, 1, f"{'; '.join(parts)}: the header must be {_FORMAT} (found {','.join(header)!r})")
 
 
-def _parse_times(p: Path, col: list[str], n: int, line_of) -> np.ndarray:
+def _parse_times(p: Path, col: list[str], n: int, line_of: Callable[[int], int]) -> np.ndarray:
     try:
         t = np.fromiter(map(int, col), dtype=np.int64, count=n)
     except (ValueError, OverflowError):
@@ -200,9 +202,10 @@ def _parse_times(p: Path, col: list[str], n: int, line_of) -> np.ndarray:
 _MAX_READING = {"power_w": 1e6, "energy_j": 1e15}
 
 
-def _parse_floats(p: Path, name: str, col: list[str], n: int, line_of, *, allow_empty: bool):
+def _parse_floats(p: Path, name: str, col: list[str], n: int, line_of: Callable[[int], int], *,
+                  allow_empty: bool) -> tuple[np.ndarray, np.ndarray | None]:
     """Values (NaN where empty) and the mask of empty cells (None when there are none)."""
-    empty = None
+    empty: np.ndarray | None = None
     try:
         v = np.fromiter(map(float, col), dtype=np.float64, count=n)
     except ValueError:
@@ -243,7 +246,8 @@ class _Track:
 
     __slots__ = ("info", "rel", "power", "energy", "lap", "i", "energy_per_lap")
 
-    def __init__(self, info: DeviceInfo, rel: np.ndarray, power, energy, energy_per_lap: float) -> None:
+    def __init__(self, info: DeviceInfo, rel: np.ndarray, power: np.ndarray | None, energy: np.ndarray | None,
+                 energy_per_lap: float) -> None:
         self.info = info
         self.rel = rel
         self.power = power
@@ -268,7 +272,8 @@ class ReplaySource:
 
     name = "replay"
 
-    def __init__(self, path_or_traces, *, speed: float = 1.0, loop: bool = False) -> None:
+    def __init__(self, path_or_traces: str | os.PathLike[str] | DeviceTrace | Mapping[str, DeviceTrace] | Iterable[DeviceTrace],
+                 *, speed: float = 1.0, loop: bool = False) -> None:
         if not (isinstance(speed, (int, float)) and math.isfinite(speed) and speed > 0):
             raise ValueError(f"ReplaySource speed must be a finite number > 0 (1.0 = real time), got {speed!r}")
         origin = ""
@@ -379,7 +384,9 @@ class ReplaySource:
 
     def _due(self, tr: _Track, start: int, due: int) -> list[SampleBatch]:
         n = tr.rel.shape[0]
-        parts_t, parts_p, parts_e = [], [], []
+        parts_t: list[np.ndarray] = []
+        parts_p: list[np.ndarray] = []
+        parts_e: list[np.ndarray] = []
         if self.loop and due // self.period_ns - tr.lap > _MAX_LAPS:  # far behind (a huge speed): skip laps
             tr.lap, tr.i = due // self.period_ns - 1, 0
             self.skipped_laps += 1
@@ -389,8 +396,10 @@ class ReplaySource:
             if k > tr.i:
                 sl = slice(tr.i, k)
                 parts_t.append(tr.rel[sl] + base)
-                parts_p.append(None if tr.power is None else tr.power[sl])
-                parts_e.append(None if tr.energy is None else tr.energy[sl] + tr.lap * tr.energy_per_lap)
+                if tr.power is not None:
+                    parts_p.append(tr.power[sl])
+                if tr.energy is not None:
+                    parts_e.append(tr.energy[sl] + tr.lap * tr.energy_per_lap)
                 tr.i = k
             if tr.i >= n and self.loop and due >= base + self.period_ns:
                 tr.lap += 1

@@ -12,6 +12,7 @@ import os
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from typing import TypeAlias
 
 import numpy as np
 
@@ -23,6 +24,9 @@ __all__ = ["SimulatedSource"]
 _M64 = (1 << 64) - 1
 
 
+_Event: TypeAlias = "tuple[int, int] | tuple[int, int, int, int]"  # a request (t_ns, +1/-1) or a step
+
+
 class _Device:
     """One simulated device: reported activity not yet turned into samples, and the signal's state."""
 
@@ -31,7 +35,7 @@ class _Device:
     def __init__(self, info: DeviceInfo, index: int, max_events: int) -> None:
         self.info = info
         self.index = index
-        self.events: deque = deque(maxlen=max_events)
+        self.events: deque[_Event] = deque(maxlen=max_events)
         self.pending_req: list[tuple[int, int]] = []  # (t_ns, +1/-1)
         self.pending_steps: list[tuple[int, int, int, int]] = []  # (start_ns, end_ns, tokens, prefill_tokens)
         self.in_flight = 0
@@ -105,7 +109,7 @@ class SimulatedSource:
         except KeyError:
             raise ValueError(f"unknown device {device!r}: this SimulatedSource meters {list(self._devices)}") from None
 
-    def _push(self, dev: _Device, item: tuple) -> None:
+    def _push(self, dev: _Device, item: _Event) -> None:
         if len(dev.events) == dev.events.maxlen:
             self.dropped += 1
         dev.events.append(item)
@@ -161,7 +165,10 @@ class SimulatedSource:
                 item = dev.events.popleft()
             except IndexError:
                 break
-            (dev.pending_req if len(item) == 2 else dev.pending_steps).append(item)
+            if len(item) == 2:
+                dev.pending_req.append(item)
+            else:
+                dev.pending_steps.append(item)
         if dev.next_k is None:
             dev.next_k = last_k
         if last_k < dev.next_k:
@@ -209,10 +216,10 @@ class SimulatedSource:
         p, e = dev.power_w, dev.energy_j
         power, energy = [], []
         for tg, z in zip(target.tolist(), (self.model.noise_w * _normal(self.seed, dev.index, k)).tolist()):
-            w = max(0.0, idle + p + z)
-            power.append(w)
+            pw = max(0.0, idle + p + z)
+            power.append(pw)
             energy.append(e)
-            e += w * dt_s
+            e += pw * dt_s
             p = tg + (p - tg) * a
         dev.power_w, dev.energy_j = p, e
         dev.next_k = last_k + 1
@@ -226,7 +233,8 @@ def _normal(seed: int, device: int, k: np.ndarray) -> np.ndarray:
     x = (k.astype(np.uint64) << np.uint64(1)) + base
     u1 = _unit(x)
     u2 = _unit(x + np.uint64(1))
-    return np.sqrt(-2.0 * np.log1p(-u1)) * np.cos(2.0 * np.pi * u2)
+    out: np.ndarray = np.sqrt(-2.0 * np.log1p(-u1)) * np.cos(2.0 * np.pi * u2)
+    return out
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -234,4 +242,5 @@ def _unit(x: np.ndarray) -> np.ndarray:
     z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
     z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
     z = z ^ (z >> np.uint64(31))
-    return (z >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+    out: np.ndarray = (z >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+    return out

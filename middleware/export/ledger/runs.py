@@ -17,6 +17,7 @@ import json
 import os
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 from .schema import _reading, create_schema
 
@@ -31,7 +32,7 @@ _SCHEMA = (
 )
 
 
-def write_run(path: str | os.PathLike, summary: dict, trace: dict[str, tuple[list[float], list[float]]]) -> None:
+def write_run(path: str | os.PathLike[str], summary: dict[str, Any], trace: dict[str, tuple[list[float], list[float]]]) -> None:
     """Store one run (``summary`` as made by ``wattspan run``) and its per-device ``trace``
     (``device -> (unix seconds, cumulative J)``) in one transaction."""
     path = Path(path)
@@ -59,7 +60,7 @@ def _has_runs(conn: sqlite3.Connection) -> bool:
     return conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='runs'").fetchone() is not None
 
 
-def list_runs(path: str | os.PathLike) -> list[dict]:
+def list_runs(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """Every run in the ledger, oldest first: ``run_id, started_at, ended_at, command, exit_code``."""
     with _reading(path) as conn:
         if conn is None or not _has_runs(conn):
@@ -68,7 +69,7 @@ def list_runs(path: str | os.PathLike) -> list[dict]:
     return [{"run_id": r, "started_at": s, "ended_at": e, "command": json.loads(c), "exit_code": x} for r, s, e, c, x in rows]
 
 
-def get_run(path: str | os.PathLike, run_id: str = "last") -> dict | None:
+def get_run(path: str | os.PathLike[str], run_id: str = "last") -> dict[str, Any] | None:
     """One run's summary (``"last"``: the newest; a unique prefix of a run id works), or None."""
     with _reading(path) as conn:
         if conn is None or not _has_runs(conn):
@@ -84,7 +85,7 @@ def get_run(path: str | os.PathLike, run_id: str = "last") -> dict | None:
     return None if row is None else json.loads(row[0])
 
 
-def run_trace(path: str | os.PathLike, run_id: str) -> dict[str, tuple[list[float], list[float]]]:
+def run_trace(path: str | os.PathLike[str], run_id: str) -> dict[str, tuple[list[float], list[float]]]:
     """``device -> (unix seconds, cumulative J since the run began)`` for one run."""
     out: dict[str, tuple[list[float], list[float]]] = {}
     with _reading(path) as conn:

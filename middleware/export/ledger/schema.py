@@ -11,7 +11,7 @@ import os
 import sqlite3
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from ...errors import InputError
 
@@ -91,8 +91,8 @@ def _select(conn: sqlite3.Connection) -> str:
     return ", ".join(c if (c in have or c not in _ADDED) else f"{_ADDED[c]} AS {c}" for c in COLUMNS)
 
 
-def query(path: str | os.PathLike, *, since: float | None = None, until: float | None = None,
-          run_id: str | None = None) -> list[dict]:
+def query(path: str | os.PathLike[str], *, since: float | None = None, until: float | None = None,
+          run_id: str | None = None) -> list[dict[str, Any]]:
     """Records with ``since <= recorded_at < until`` (unix seconds), oldest first.
 
     Each dict has the RequestRecord fields (same types: ``RequestRecord(**{f: d[f] ...})``
@@ -106,14 +106,14 @@ def query(path: str | os.PathLike, *, since: float | None = None, until: float |
         return [_as_dict(r) for r in rows]
 
 
-def _as_dict(row: tuple) -> dict:
+def _as_dict(row: tuple[Any, ...]) -> dict[str, Any]:
     """A row of :data:`COLUMNS` as the dict :func:`query` gives (flags as bool, ids as ints)."""
     d = dict(zip(COLUMNS, row))
     d["simulated"], d["trace_id"], d["span_id"] = bool(d["simulated"]), int(d["trace_id"], 16), int(d["span_id"], 16)
     return d
 
 
-def find(path: str | os.PathLike, request_id: str) -> dict | None:
+def find(path: str | os.PathLike[str], request_id: str) -> dict[str, Any] | None:
     """The newest record with this ``id`` (a dict as :func:`query` gives), or ``None``."""
     with _reading(path) as conn:
         if conn is None:
@@ -123,13 +123,15 @@ def find(path: str | os.PathLike, request_id: str) -> dict | None:
     return None if row is None else _as_dict(row)
 
 
-def aggregate(path: str | os.PathLike, by: str = "route", *, since: float | None = None,
-              until: float | None = None) -> list[dict]:
+def aggregate(path: str | os.PathLike[str], by: str = "route", *, since: float | None = None,
+              until: float | None = None) -> list[dict[str, Any]]:
     """Totals per value of ``by`` (one of :data:`GROUP_BY`), most energy first.
 
     Each row: ``{by: value, requests, energy_j, dynamic_j, idle_j, host_j, co2e_g,
-    energy_j_per_1k, co2e_g_per_1k`` (per 1000 requests), ``mean_duration_s``,
+    energy_j_per_1k, total_j_per_1k, co2e_g_per_1k`` (per 1000 requests), ``mean_duration_s``,
     ``simulated`` (any record simulated), ``methods`` (sorted list)``}``.
+    ``energy_j`` is the accelerator's, ``host_j`` the host's (kept apart), ``total_j_per_1k``
+    both: the energy ``co2e_g`` prices (see :mod:`wattspan.carbon.records`).
     """
     if by not in GROUP_BY:
         raise ValueError(f"cannot aggregate by {by!r}: choose one of {', '.join(GROUP_BY)}")
@@ -141,14 +143,16 @@ def aggregate(path: str | os.PathLike, by: str = "route", *, since: float | None
         rows = [] if conn is None else conn.execute(sql, args).fetchall()
     return [
         {by: key, "requests": n, "energy_j": e, "dynamic_j": dyn, "idle_j": idle, "host_j": host, "co2e_g": c,
-         "energy_j_per_1k": e / n * 1000, "co2e_g_per_1k": c / n * 1000, "mean_duration_s": dur,
+         "energy_j_per_1k": e / n * 1000,
+         "total_j_per_1k": (e + (host or 0.0)) / n * 1000, "co2e_g_per_1k": c / n * 1000, "mean_duration_s": dur,
          "simulated": bool(sim), "methods": sorted(m for m in (methods or "").split(",") if m)}
         for key, n, e, dyn, idle, host, c, dur, sim, methods in rows
     ]
 
 
-def _where(since, until, run_id) -> tuple[str, list]:
-    terms, args = [], []
+def _where(since: float | None, until: float | None, run_id: str | None) -> tuple[str, list[float | str]]:
+    terms: list[str] = []
+    args: list[float | str] = []
     for name, value, op in (("since", since, ">="), ("until", until, "<")):
         if value is not None:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -162,7 +166,7 @@ def _where(since, until, run_id) -> tuple[str, list]:
 
 
 @contextmanager
-def _reading(path) -> Iterator[sqlite3.Connection | None]:
+def _reading(path: str | os.PathLike[str]) -> Iterator[sqlite3.Connection | None]:
     """A read-only connection, or None for a file with no ledger table yet."""
     path = Path(path)
     if not path.is_file():
@@ -178,7 +182,7 @@ def schema_version(conn: sqlite3.Connection, path: Path) -> int:
     """The ledger schema version of ``conn``'s file (0: empty file); refuse foreign or newer files."""
     try:
         app = conn.execute("PRAGMA application_id").fetchone()[0]
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        version: int = conn.execute("PRAGMA user_version").fetchone()[0]
         tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
     except sqlite3.DatabaseError as exc:
         if isinstance(exc, sqlite3.OperationalError):  # I/O, locking: the caller retries

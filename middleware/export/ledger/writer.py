@@ -19,7 +19,6 @@ was handed to :meth:`Ledger.write`; a *run* is one ``Ledger`` lifetime (``run_id
 from __future__ import annotations
 
 import atexit
-import logging
 import math
 import os
 import sqlite3
@@ -30,15 +29,17 @@ from collections import deque
 from itertools import islice
 from operator import attrgetter
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
-from .schema import GROUP_BY, INSERT, NAMES, SCHEMA_VERSION, aggregate, create_schema, query
+from ...logs import LogOnce, get_logger
 from ...meter.sinks import DeviceFigures
 from ...records import RequestRecord
+from .schema import GROUP_BY, INSERT, NAMES, SCHEMA_VERSION, aggregate, create_schema, query
 
 __all__ = ["Ledger", "query", "aggregate", "GROUP_BY", "SCHEMA_VERSION"]
 
-log = logging.getLogger("wattspan.ledger")
+_Row = tuple[Any, ...]  # one requests-table row, in the order of the INSERT
+log = get_logger(__name__)
 
 _GET = attrgetter(*NAMES)
 _SIM, _TRACE, _SPAN = (NAMES.index(n) for n in ("simulated", "trace_id", "span_id"))
@@ -63,7 +64,7 @@ class Ledger:
     counted in ``stats()["errors"]`` and retried.
     """
 
-    def __init__(self, path: str | os.PathLike, *, max_queue: int = 100_000,
+    def __init__(self, path: str | os.PathLike[str], *, max_queue: int = 100_000,
                  retention_days: float | None = None, run_id: str | None = None) -> None:
         if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 1:
             raise ValueError(f"max_queue must be an int >= 1 (records held in memory), got {max_queue!r}")
@@ -72,14 +73,14 @@ class Ledger:
         self.path = Path(path)
         self.run_id = run_id or uuid.uuid4().hex
         self.max_queue, self.retention_days = max_queue, retention_days
-        self._pending: deque[tuple] = deque()  # committed rows leave it only after COMMIT
+        self._pending: deque[_Row] = deque()  # committed rows leave it only after COMMIT
         self._cv = threading.Condition()
         self._written = self._dropped = self._errors = self._sanitized = 0
         self._closing, self._deadline = False, math.inf
         self._conn: sqlite3.Connection | None = None
         self._inode: tuple[int, int] | None = None
         self._next_prune = math.inf if retention_days is None else 0.0
-        self._last_log: dict[str, float] = {}
+        self._once = LogOnce(log, every_s=_LOG_EVERY_S)  # per kind of trouble
         try:  # open now, so a foreign or too-new file is refused here, not in a log line
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._connection()
@@ -138,22 +139,22 @@ class Ledger:
             return {"written": self._written, "dropped": self._dropped, "errors": self._errors, "queued": len(self._pending),
                     "sanitized": self._sanitized}
 
-    def query(self, *, since: float | None = None, until: float | None = None, run_id: str | None = None) -> list[dict]:
+    def query(self, *, since: float | None = None, until: float | None = None, run_id: str | None = None) -> list[dict[str, Any]]:
         """Committed records (see :func:`query`); call :meth:`flush` first to include queued ones."""
         return query(self.path, since=since, until=until, run_id=run_id)
 
-    def aggregate(self, by: str = "route", *, since: float | None = None, until: float | None = None) -> list[dict]:
+    def aggregate(self, by: str = "route", *, since: float | None = None, until: float | None = None) -> list[dict[str, Any]]:
         """Committed totals per ``by`` (see :func:`aggregate`)."""
         return aggregate(self.path, by, since=since, until=until)
 
     def __enter__(self) -> Ledger:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     # -- writer thread -------------------------------------------------------------------
-    def _row(self, rec: RequestRecord, now: float) -> tuple:
+    def _row(self, rec: RequestRecord, now: float) -> _Row:
         if not isinstance(rec, RequestRecord):
             raise TypeError(f"Ledger.write takes RequestRecord objects, got {type(rec).__name__}")
         v = list(_GET(rec))
@@ -204,7 +205,7 @@ class Ledger:
             log.error("wattspan ledger %s: closed with the disk still failing; %d records lost", self.path, lost)
         self._disconnect()
 
-    def _insert_rows(self, conn: sqlite3.Connection, batch: list[tuple]) -> int:
+    def _insert_rows(self, conn: sqlite3.Connection, batch: list[_Row]) -> int:
         """Insert ``batch`` one row at a time (inside the open transaction); a row the
         database refuses is stored sanitized (counted, logged). Returns the rows dropped."""
         dropped = 0
@@ -251,9 +252,10 @@ class Ledger:
         return conn
 
     def _prune_if_due(self) -> None:
-        if time.monotonic() < self._next_prune:
+        days = self.retention_days
+        if days is None or time.monotonic() < self._next_prune:
             return
-        cutoff = time.time() - self.retention_days * 86400.0
+        cutoff = time.time() - days * 86400.0
         conn = self._connection()
         n = conn.execute("DELETE FROM requests WHERE recorded_at < ?", (cutoff,)).rowcount
         conn.execute("PRAGMA incremental_vacuum").fetchall()  # give the freed pages back to the disk
@@ -277,16 +279,13 @@ class Ledger:
             except sqlite3.Error:
                 pass
 
-    def _warn(self, kind: str, msg: str, *args) -> None:
-        now = time.monotonic()
-        if now - self._last_log.get(kind, -math.inf) >= _LOG_EVERY_S:
-            self._last_log[kind] = now
-            log.warning(msg, *args)
+    def _warn(self, kind: str, msg: str, *args: object) -> None:
+        self._once.warning(kind, msg, *args)
 
 
-def _sanitize(row: tuple) -> tuple:
+def _sanitize(row: _Row) -> _Row:
     """``row`` with integers clipped to 64 bits, non-finite floats as 0.0 and other values as text."""
-    out = []
+    out: list[object] = []
     for v in row:
         if isinstance(v, bool):
             v = int(v)

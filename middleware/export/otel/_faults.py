@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import logging
 
-log = logging.getLogger("wattspan")
+from ...logs import get_logger
+
+log = get_logger(__name__)
 
 
 class _Faults:

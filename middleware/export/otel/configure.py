@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -18,12 +17,13 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised without the otel extra
     raise ImportError("wattspan.export.otel needs the OpenTelemetry SDK: pip install 'wattspan[otel]'") from exc
 
+from ...logs import get_logger
 from .metrics import EnergyMetrics
 from .spans import EnergySpanProcessor
 
 __all__ = ["OTelSetup", "configure_from_env", "connect_metrics", "install", "is_sdk_provider", "wrap_provider"]
 
-log = logging.getLogger("wattspan")
+log = get_logger(__name__)
 
 # ---------------------------------------------------------------------------- setup helpers
 
@@ -95,10 +95,10 @@ def install(
     ``meter``: a :class:`wattspan.Meter` whose records resolve the spans
     (the processor becomes one of its sinks). Returns the processor.
     """
-    from opentelemetry.sdk.trace import SynchronousMultiSpanProcessor
+    from opentelemetry.sdk.trace import SpanProcessor, SynchronousMultiSpanProcessor
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-    provider = tracer_provider if tracer_provider is not None else _trace_api.get_tracer_provider()
+    provider: Any = tracer_provider if tracer_provider is not None else _trace_api.get_tracer_provider()  # an SDK one: checked
     if not callable(getattr(provider, "add_span_processor", None)):
         raise TypeError(
             f"install() needs an SDK TracerProvider, got {type(provider).__name__}: create one "
@@ -109,13 +109,13 @@ def install(
     if not exporters:
         raise ValueError("install(): no exporter given and OTEL_TRACES_EXPORTER=none (or OTEL_SDK_DISABLED): nothing to export to")
     if len(exporters) == 1:
-        downstream = BatchSpanProcessor(exporters[0])
+        downstream: SpanProcessor = BatchSpanProcessor(exporters[0])
     else:
-        downstream = SynchronousMultiSpanProcessor()
+        multi = downstream = SynchronousMultiSpanProcessor()
         for e in exporters:
-            downstream.add_span_processor(BatchSpanProcessor(e))
+            multi.add_span_processor(BatchSpanProcessor(e))
     proc = EnergySpanProcessor(downstream, hold_timeout_s=hold_timeout_s, max_held=max_held)
-    provider.add_span_processor(proc)
+    provider.add_span_processor(proc)  # an SDK TracerProvider: checked above
     if meter is not None:
         meter.add_sink(proc)
     return proc
@@ -177,13 +177,13 @@ def configure_from_env(
     from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
     from opentelemetry.sdk.resources import Resource
-    from opentelemetry.sdk.trace import SynchronousMultiSpanProcessor, TracerProvider
+    from opentelemetry.sdk.trace import SpanProcessor, SynchronousMultiSpanProcessor, TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
     res = resource if resource is not None else Resource.create()
     disabled = os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() in _TRUE
     span_exporters = _span_exporters_from_env()
-    readers = []
+    readers: list[MetricReader] = []
     servers = []
     prom_addr = None
     try:
@@ -215,11 +215,11 @@ def configure_from_env(
     proc = None
     if span_exporters:
         if len(span_exporters) == 1:
-            downstream = BatchSpanProcessor(span_exporters[0])
+            downstream: SpanProcessor = BatchSpanProcessor(span_exporters[0])
         else:
-            downstream = SynchronousMultiSpanProcessor()
+            multi = downstream = SynchronousMultiSpanProcessor()
             for e in span_exporters:
-                downstream.add_span_processor(BatchSpanProcessor(e))
+                multi.add_span_processor(BatchSpanProcessor(e))
         proc = EnergySpanProcessor(downstream, hold_timeout_s=hold_timeout_s)
         tp.add_span_processor(proc)
     mp = MeterProvider(resource=res, metric_readers=readers)

@@ -20,30 +20,34 @@ instrument                        kind             unit   attributes
 ``wattspan.sampler.poll_age``     gauge (obs.)     s      (seconds since the sampler's last poll)
 ================================  ===============  =====  =========================================
 
+``wattspan.energy`` / ``wattspan.request.energy`` count the accelerator's energy (the record's
+``energy_j``); ``wattspan.co2e`` / ``wattspan.request.co2e`` the record's ``co2e_g``, which prices
+accelerator + host energy (host where a host source was metered; see :mod:`wattspan.carbon.records`).
+
 Nothing here raises into the request path or the meter's thread: failures are
 logged once, counted (``stats()``), and the span goes on unchanged.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 try:
     from opentelemetry import metrics as _metrics_api
 except ImportError as exc:  # pragma: no cover - exercised without the otel extra
     raise ImportError("wattspan.export.otel needs the OpenTelemetry SDK: pip install 'wattspan[otel]'") from exc
 
+from ...logs import get_logger
 from ...meter.sinks import DeviceFigures
 from ...records import Cardinality, RequestRecord
 from ._faults import _Faults
 
 __all__ = ["EnergyMetrics", "ENERGY_BUCKETS_J", "CO2E_BUCKETS_G"]
 
-log = logging.getLogger("wattspan")
+log = get_logger(__name__)
 
 #: Histogram bucket bounds: per-request accelerator energy spans ~10 mJ (an
 #: embedding) to kJ (a long generation on a big GPU).
@@ -110,7 +114,7 @@ class EnergyMetrics:
         self._counts = {"observed": 0, "invalid": 0, "errors": 0, "devices_dropped": 0}
         self._fault = _Faults(self._counts)
         self._energy = m.create_counter("wattspan.energy", unit="J", description="Accelerator energy of finished requests")
-        self._co2e = m.create_counter("wattspan.co2e", unit="g", description="CO2e of finished requests (operational + embodied)")
+        self._co2e = m.create_counter("wattspan.co2e", unit="g", description="CO2e of finished requests (operational over accelerator + host energy, + embodied)")
         self._req_energy = m.create_histogram(
             "wattspan.request.energy",
             unit="J",
@@ -229,7 +233,7 @@ class EnergyMetrics:
         """The latest running totals of one device: energy since start (J), power now (W),
         and measured energy charged to no request (J). ``None`` leaves a value unreported."""
         try:
-            vals = []
+            vals: list[float | None] = []
             for v in (energy_j_total, power_w, unattributed_j_total):
                 if v is not None:
                     v = float(v)
@@ -242,7 +246,7 @@ class EnergyMetrics:
                 if key not in self._devices and len(self._devices) >= self.max_devices:
                     self._counts["devices_dropped"] += 1
                     return
-                self._devices[key] = (str(device_type), *vals)
+                self._devices[key] = (str(device_type), vals[0], vals[1], vals[2])
         except Exception:
             self._fault("EnergyMetrics.observe_device failed")
 
@@ -274,7 +278,7 @@ class EnergyMetrics:
             if v is None:
                 continue
             attrs = {"hw.id": dev, "hw.type": row[0]} if with_type else {"hw.id": dev}
-            out.append(Observation(v, attrs))
+            out.append(Observation(cast(float, v), attrs))  # columns after the first (the type) are numbers
         return out
 
     def _cb_hw_energy(self, options):

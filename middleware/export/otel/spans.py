@@ -34,7 +34,6 @@ logged once, counted (``stats()``), and the span goes on unchanged.
 
 from __future__ import annotations
 
-import logging
 import math
 import threading
 import time
@@ -49,6 +48,7 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised without the otel extra
     raise ImportError("wattspan.export.otel needs the OpenTelemetry SDK: pip install 'wattspan[otel]'") from exc
 
+from ...logs import get_logger
 from ...meter.sinks import DeviceFigures
 from ...records import RequestRecord
 from ._faults import _Faults
@@ -56,7 +56,7 @@ from .attributes import record_attributes
 
 __all__ = ["EnergySpanProcessor"]
 
-log = logging.getLogger("wattspan")
+log = get_logger(__name__)
 
 _monotonic = time.monotonic
 
