@@ -22,7 +22,7 @@ from wattspan.logs import get_logger
 
 log = get_logger(__name__)
 
-__all__ = ["nvml_uuids", "engine_devices", "engine_group"]
+__all__ = ["nvml_uuids", "engine_devices", "engine_group", "stage_windows"]
 
 
 def nvml_uuids() -> list[str]:
@@ -111,3 +111,22 @@ def engine_group(vllm_config, **kw) -> tuple[str, list[str]]:
     dp_local = int(getattr(pc, "data_parallel_rank_local", 0) or 0)
     stages = engine_devices(tp, pp, local_dp_rank=dp_local, **kw)
     return ",".join(n for s in stages for n in s), [",".join(s) for s in stages]
+
+
+def stage_windows(submit_ns: int, done_ns: int, prev_done_ns: int, pp: int) -> list[tuple[int, int]]:
+    """When each pipeline stage ran one micro-batch, from what the engine core sees of it: when it
+    was handed to the workers (``submit_ns``), when its output came back (``done_ns``, the last
+    stage's end) and when the micro-batch before it came back (``prev_done_ns``).
+
+    The stages are taken as balanced (vLLM splits the layers evenly), each running the micro-batch
+    for ``d`` after the stage before it: stage ``k`` over ``[done - (pp - k) d, done - (pp - 1 - k) d)``.
+    ``d`` is the smaller of ``(done - submit) / pp`` (a lone micro-batch goes through the stages
+    one after another) and ``done - max(prev_done, submit)`` (in a full pipeline the micro-batches
+    come out one stage-time apart, each stage already busy with the next one). Approximate where
+    the stages are not balanced or a micro-batch queued for the first stage."""
+    total = done_ns - submit_ns
+    if pp <= 1 or total <= 0:
+        return [(submit_ns, done_ns)] * max(pp, 1)
+    d = min(total / pp, float(done_ns - max(prev_done_ns, submit_ns)))
+    d = max(d, 1.0)
+    return [(max(submit_ns, int(done_ns - (pp - k) * d)), int(done_ns - (pp - 1 - k) * d)) for k in range(pp)]

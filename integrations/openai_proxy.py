@@ -59,7 +59,7 @@ import math
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -311,8 +311,9 @@ class OpenAIProxy:
 
     def __init__(
         self,
-        upstream: str,
+        upstream: str | None = None,
         *,
+        routes: Mapping[str, Any] | None = None,
         meter=None,
         device="gpu0",
         timeout_s: float = 600.0,
@@ -332,7 +333,19 @@ class OpenAIProxy:
     ) -> None:
         from wattspan import EnergyMiddleware
 
-        self.upstream = _check_upstream(upstream)
+        self.upstream = _check_upstream(upstream) if upstream is not None else None
+        self.routes = _check_routes(routes)
+        if self.upstream is None and not self.routes:
+            raise ValueError("give the upstream server's URL, or routes: model name -> URL (or (URL, device))")
+        if self.routes:
+            # one upstream per model: the request's device is its upstream's GPUs
+            dflt = device
+            self._default_route = _Upstream(self.upstream, None) if self.upstream is not None else None
+            if callable(dflt):
+                device = lambda scope: (scope.get(_ROUTE_KEY) or _NO_ROUTE).device or dflt(scope)  # noqa: E731
+            else:
+                dkey = _group_key(dflt) if dflt is not None else None
+                device = lambda scope: (scope.get(_ROUTE_KEY) or _NO_ROUTE).device or dkey  # noqa: E731
         if not (timeout_s > 0 and connect_timeout_s > 0):
             raise ValueError(f"timeout_s and connect_timeout_s must be > 0 seconds, got {timeout_s!r} and {connect_timeout_s!r}")
         if not (isinstance(max_body_bytes, int) and max_body_bytes > 0):
@@ -351,10 +364,11 @@ class OpenAIProxy:
         self.max_connections = max_connections
         self.request_id_header = request_id_header.lower() if request_id_header else None
         self._allow_exact, self._allow_prefix = _allow(forward_headers)
-        self.stats = {"requests": 0, "upstream_errors": 0, "timeouts": 0, "too_large": 0, "disconnects": 0, "usage_injected": 0, "usage_missing": 0, "energy_annotated": 0}
+        self.stats = {"requests": 0, "unrouted": 0, "upstream_errors": 0, "timeouts": 0, "too_large": 0, "disconnects": 0, "usage_injected": 0, "usage_missing": 0, "energy_annotated": 0}
         self._client: httpx.AsyncClient | None = None
         tenant_label = _tenant_label(tenant.lower().encode("latin-1") if tenant else None, bool(tenant_from_key))
         self._tenant_of = tenant_label  # who may read a request's figures back: its own tenant only
+        self._model_header = model_header.lower().encode("latin-1") if model_header else None
         self.metered = EnergyMiddleware(self._proxy, meter=meter, device=device, tenant=tenant_label, model=model_header or "x-model", request_id_header=self.request_id_header)
         self.steps = None
         if steps_listen:
@@ -427,7 +441,10 @@ class OpenAIProxy:
         if path.startswith("/v1/"):
             if not self._wired:
                 self._wire()
-            await self.metered(scope, receive, send)
+            if self.routes:
+                await self._routed(scope, receive, send)
+            else:
+                await self.metered(scope, receive, send)
         elif path.startswith(_RECORDS_PATH) and self.records_endpoint and scope.get("method") in ("GET", "HEAD"):
             await self._record_by_id(scope, send, path[len(_RECORDS_PATH) :])
         elif path == "/healthz" and scope.get("method") in ("GET", "HEAD"):
@@ -538,6 +555,60 @@ class OpenAIProxy:
 
     # ------------------------------------------------------------------ one request
 
+    async def _routed(self, scope, receive, send) -> None:
+        """Several upstreams: read the body, pick the upstream by the model it names (or the
+        model header), then meter the request on that upstream's devices."""
+        try:
+            body = await self._read_body(scope, receive)
+        except _TooLarge:
+            self.stats["too_large"] += 1
+            await _send_error(send, 413, f"request body larger than {self.max_body_bytes} bytes", "invalid_request_error")
+            return
+        except _Disconnected:
+            self.stats["disconnects"] += 1
+            return
+        model = await self._model_of(scope, body)
+        route = self.routes.get(model) if model is not None else None
+        if route is None:
+            route = self._default_route
+        if route is None:
+            if model is None and scope.get("method") == "GET":
+                route = next(iter(self.routes.values()))  # GET /v1/models and the like: the first upstream
+            else:
+                self.stats["unrouted"] += 1
+                what = f"model {model!r}" if model is not None else "a request that names no model"
+                await _send_error(send, 404, f"no upstream serves {what}; this proxy routes: {', '.join(sorted(self.routes))}", "model_not_found")
+                return
+        sent = False
+
+        async def replay():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.metered({**scope, _ROUTE_KEY: route}, replay, send)
+
+    async def _model_of(self, scope, body: bytes) -> str | None:
+        if body.lstrip()[:1] == b"{":
+            try:
+                if len(body) > (1 << 20):
+                    import anyio
+
+                    obj = await anyio.to_thread.run_sync(json.loads, body)
+                else:
+                    obj = json.loads(body)
+            except (ValueError, RecursionError):
+                obj = None
+            if isinstance(obj, dict) and isinstance(obj.get("model"), str):
+                return obj["model"][:128]
+        if self._model_header:
+            for k, v in scope.get("headers", ()):
+                if k == self._model_header:
+                    return v.decode("latin-1")[:128]
+        return None
+
     async def _read_body(self, scope, receive) -> bytes:
         limit = self.max_body_bytes
         for k, v in scope.get("headers", ()):
@@ -639,7 +710,9 @@ class OpenAIProxy:
             set_tokens(model=model)
 
         raw_path = scope.get("raw_path")  # still percent-encoded: /v1/models/org%2Fname stays one segment
-        url = self.upstream + (raw_path.decode("latin-1") if raw_path else scope.get("path", ""))
+        route = scope.get(_ROUTE_KEY)
+        base = route.url if route is not None else self.upstream
+        url = base + (raw_path.decode("latin-1") if raw_path else scope.get("path", ""))
         if scope.get("query_string"):
             url += "?" + scope["query_string"].decode("latin-1")
         client = self._http()
@@ -962,13 +1035,78 @@ def _check_upstream(upstream: str) -> str:
     return u
 
 
-def create_proxy(upstream: str, **options) -> OpenAIProxy:
+_ROUTE_KEY = "wattspan.upstream"
+
+
+class _Upstream:
+    """One upstream server and the devices its requests are metered on (``None``: the proxy's)."""
+
+    __slots__ = ("url", "device")
+
+    def __init__(self, url: str | None, device: str | None) -> None:
+        self.url, self.device = url, device
+
+    def __repr__(self) -> str:
+        return f"_Upstream({self.url!r}, {self.device!r})"
+
+
+_NO_ROUTE = _Upstream(None, None)
+
+
+def _group_key(device) -> str:
+    from wattspan.devices import group_key
+
+    return group_key(device)
+
+
+def _check_routes(routes) -> dict[str, _Upstream]:
+    """``{model: URL or (URL, device) or {"url": URL, "device": device}}`` -> ``{model: _Upstream}``."""
+    if not routes:
+        return {}
+    if not isinstance(routes, Mapping):
+        raise ValueError("routes must map model names to upstream URLs, e.g. {'llama-70b': ('http://127.0.0.1:8000', 'gpu0,gpu1')}")
+    out = {}
+    for model, target in routes.items():
+        if not isinstance(model, str) or not model.strip():
+            raise ValueError(f"a route's model name must be a non-empty string, got {model!r}")
+        if isinstance(target, Mapping):
+            url, dev = target.get("url"), target.get("device")
+        elif isinstance(target, (tuple, list)) and len(target) == 2:
+            url, dev = target
+        else:
+            url, dev = target, None
+        if dev is not None and not _group_key(dev):
+            raise ValueError(f"route {model!r}: device {dev!r} names no device")
+        out[model.strip()] = _Upstream(_check_upstream(url if isinstance(url, str) else ""), _group_key(dev) if dev is not None else None)
+    return out
+
+
+def parse_route(text: str) -> tuple[str, str, str | None]:
+    """``MODEL=URL`` or ``MODEL=URL@DEVICES`` (``wattspan proxy --route``; devices as
+    ``gpu0+gpu1`` or ``gpu0,gpu1``) -> ``(model, url, devices or None)``."""
+    model, sep, rest = str(text).partition("=")
+    if not sep or not model.strip() or not rest.strip():
+        raise ValueError(f"--route {text!r}: write it MODEL=URL or MODEL=URL@DEVICES, e.g. llama-70b=http://127.0.0.1:8000@gpu0+gpu1")
+    url, dev = rest, None
+    head, at, tail = rest.rpartition("@")
+    if at and tail.strip() and not any(c in tail for c in "/:"):  # not a URL's user@host:port
+        url, dev = head, tail.strip()
+    return model.strip(), url.strip(), dev
+
+
+def create_proxy(upstream: str | None = None, **options) -> OpenAIProxy:
     """An ASGI app that meters every ``/v1/*`` request it forwards to ``upstream``.
 
     The options are :class:`OpenAIProxy`'s (all keyword-only):
 
     ``upstream``: the OpenAI-compatible server's base URL (``http://host:port``;
-    a trailing ``/v1`` is dropped). ``meter``: the :class:`~wattspan.Meter`
+    a trailing ``/v1`` is dropped). ``routes``: several upstreams behind one proxy,
+    ``{model: URL}`` or ``{model: (URL, device)}``: a request goes to the upstream serving
+    the model its body (or ``model_header``) names and is metered on that upstream's
+    device or device group (``"gpu0,gpu1"``); a model no route names goes to
+    ``upstream`` if given (on ``device``), else gets 404 (``model_not_found``, counted as
+    ``stats["unrouted"]``); a GET naming no model (``/v1/models``) goes to the first
+    route. ``meter``: the :class:`~wattspan.Meter`
     (default: the process's). ``device``: the device the upstream runs on, or a
     callable ``scope -> name``. ``timeout_s``: the most seconds to wait for the
     upstream's headers or its next body chunk (then 504); ``connect_timeout_s``
@@ -996,7 +1134,7 @@ def create_proxy(upstream: str, **options) -> OpenAIProxy:
 
 
 def run_proxy(
-    upstream: str,
+    upstream: str | None,
     host: str = "127.0.0.1",
     port: int = 8080,
     *,

@@ -130,10 +130,12 @@ class VllmHook:
     ``closed`` (``track_requests``).
     """
 
-    def __init__(self, core, *, meter, device: str, request_id_map: Callable[[str], str | None], track_requests: bool, model: str = "") -> None:
+    def __init__(self, core, *, meter, device: str, request_id_map: Callable[[str], str | None], track_requests: bool, model: str = "",
+                 stages: list[str] | None = None) -> None:
         self.core = core
         self.meter = meter
         self.device = device
+        self.stages = stages if stages and len(stages) > 1 else None  # pipeline stages' groups (device="auto")
         self.map = request_id_map
         self.track = track_requests
         self.model = model
@@ -353,7 +355,8 @@ class VllmHook:
         if entry is None or entry[0] is not so:
             self.stats["unmatched"] += 1
             return
-        start = entry[1]
+        submit = start = entry[1]
+        prev_end = self._last_end
         if start < self._last_end:
             start = self._last_end
         nst = getattr(so, "num_scheduled_tokens", None)
@@ -372,7 +375,15 @@ class VllmHook:
             self.stats["empty"] += 1
             return
         self._last_end = t_end
-        self.meter.record_step(start, t_end, self.device, tokens)
+        if self.stages is not None:
+            # pipeline parallel: each stage's step on its own GPUs, at its own (modelled) time
+            from ._gpu_groups import stage_windows
+
+            for stage, (a, b) in zip(self.stages, stage_windows(submit, t_end, prev_end, len(self.stages))):
+                if b > a:
+                    self.meter.record_step(a, b, stage, tokens)
+        else:
+            self.meter.record_step(start, t_end, self.device, tokens)
         self.stats["steps"] += 1
         self.stats["tokens"] += total
 
@@ -457,6 +468,15 @@ def _check_device(device) -> None:
         raise ValueError(f"device must be a device name such as 'gpu0' or a callable engine_core -> name, got {device!r}")
 
 
+def _stages_for(core, device) -> list[str] | None:
+    """Each pipeline stage's device group, where the hook maps the engine itself (``device="auto"``)."""
+    if device != "auto":
+        return None
+    from ._gpu_groups import engine_group
+
+    return engine_group(core.vllm_config)[1]
+
+
 def _device_for(core, device) -> str:
     if device == "auto":  # the engine's GPUs from its parallel config and the visible devices (mapped by UUID)
         from ._gpu_groups import engine_group
@@ -505,6 +525,7 @@ def _instrument_instance(core, *, meter, device, request_id_map, track_requests)
         request_id_map=request_id_map or default_request_id_map,
         track_requests=track_requests,
         model=_model_name(core),
+        stages=_stages_for(core, device),
     )
     hook.install()
     try:
@@ -579,9 +600,11 @@ def instrument_vllm(
     engine's GPUs: ``tensor_parallel_size x pipeline_parallel_size`` devices from its
     ``parallel_config``, its data-parallel replica's block of ``CUDA_VISIBLE_DEVICES``,
     resolved to NVML devices by UUID; see :mod:`wattspan.integrations._gpu_groups`), or a
-    callable ``engine_core -> name``. A pipeline-parallel engine's steps are reported on
-    the whole group over the step's time (vLLM does not expose each stage's own timing to
-    the engine core): each stage's energy is placed by the step's timing. ``request_id_map``: the caller's request id
+    callable ``engine_core -> name``. vLLM does not expose each pipeline stage's own timing
+    to the engine core; with ``"auto"`` a pipeline-parallel engine's steps are reported per
+    stage, on the stage's GPUs, at the times a balanced pipeline runs them (see
+    :func:`wattspan.integrations._gpu_groups.stage_windows`); with a group given, on the whole
+    group over the step's time. ``request_id_map``: the caller's request id
     (``RequestOutput.request_id``: the engine's id less vLLM's random suffix,
     see :func:`user_request_id`) -> wattspan request id, ``None`` to leave a
     request out (default: :func:`default_request_id_map`). ``track_requests``: also open and close a

@@ -115,6 +115,22 @@ class RequestRecord:
     co2e_market_g: float = 0.0
     marginal_g_per_kwh: float = 0.0
     co2e_marginal_g: float = 0.0
+    # A device group's request: its energy on each member device, as JSON ``{"gpu0": J, ...}``
+    # (``device_energy_j`` reads it); empty on one device.
+    device_energy: str = ""
+
+    @property
+    def device_energy_j(self) -> dict[str, float]:
+        """The energy (J) on each device of the request's group: ``{device: J}`` (one device: all of it)."""
+        if not self.device_energy:
+            return {self.device: self.energy_j - self.host_j}
+        import json
+
+        try:
+            d = json.loads(self.device_energy)
+            return {str(k): float(v) for k, v in d.items()} if isinstance(d, dict) else {}
+        except (ValueError, TypeError, AttributeError):
+            return {}
 
     @property
     def duration_s(self) -> float:

@@ -104,6 +104,36 @@ class TestSteps:
         else:
             assert all(t >= 0.95 * g for t, g in zip(took_s, gpu_s))
 
+    def test_a_pipeline_parallel_engine_reports_each_stage_on_its_gpus(self, make_core, monkeypatch):
+        """device="auto" on a PP-2 engine (a batch queue of 2, as vLLM runs pipeline parallel):
+        every step becomes one step per stage, on the stage's GPU, inside the step's window."""
+        from types import SimpleNamespace
+
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1,0")
+        monkeypatch.setattr("wattspan.integrations._gpu_groups.nvml_uuids", lambda: [])
+        core = make_core(base_s=0.003, per_token_s=0.00005, batch_queue_size=2)
+        core.vllm_config.parallel_config = SimpleNamespace(tensor_parallel_size=1, pipeline_parallel_size=2, data_parallel_rank_local=0)
+        log = StepLog()
+        hook = instrument_vllm(core, meter=log, device="auto")
+        add_requests(core, SHAPES)
+        core.run_until_done()
+        assert hook.device == "gpu1,gpu0" and hook.stats["errors"] == 0
+        by_stage = {d: [st for st in log.steps if st[2] == d] for d in ("gpu1", "gpu0")}
+        assert len(by_stage["gpu1"]) == len(by_stage["gpu0"]) == hook.stats["steps"] > 0
+        for (a0, b0, _, t0), (a1, b1, _, t1) in zip(by_stage["gpu1"], by_stage["gpu0"]):
+            assert a0 < b0 <= a1 < b1 and t0 == t1  # stage 0 then stage 1, the same tokens
+        # each stage's tokens are every request's tokens (each stage ran every step's batch)
+        assert log.tokens_by_request() == {ws_id(i + 1): 2 * (p + m - 1) for i, (p, m) in enumerate(SHAPES)}
+
+    def test_stage_windows_follow_a_lone_or_a_full_pipeline(self):
+        from wattspan.integrations._gpu_groups import stage_windows
+
+        # a lone micro-batch: the stages one after another over its whole window
+        assert stage_windows(1000, 1300, 0, 3) == [(1000, 1100), (1100, 1200), (1200, 1300)]
+        # a full pipeline: out one stage-time (50) after the one before, each stage one slot earlier
+        assert stage_windows(1000, 1200, 1150, 2) == [(1100, 1150), (1150, 1200)]
+        assert stage_windows(1000, 1200, 0, 1) == [(1000, 1200)]
+
     def test_parallel_samples_and_prompt_indices_map_to_one_request(self, make_core):
         core = make_core()
         log = StepLog()

@@ -8,7 +8,7 @@ import math
 import numpy as np
 
 from .energy import _CumEnergy, _Piecewise, _typical_interval, power_points
-from .family import BASIS, basis, correlation_lag, group_errors, nnls_gram, select_family, select_window
+from .family import BASIS, FAMILIES, basis, correlation_lag, group_errors, nnls_gram, select_family, select_window
 from .inputs import Steps, _NS
 from .reconcile import _reconcile_edges
 from .results import StepModel
@@ -176,6 +176,37 @@ def nnls(A: np.ndarray, b: np.ndarray, max_iter: int = 100) -> np.ndarray:
     return x / scale
 
 
+def _waits(seg: "_Segments", st_ns: np.ndarray, en_ns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The device's waits: stretches with requests in flight but none of its own steps
+    running (``[start, end)`` in ns, merged). A pipeline stage waits while the other
+    stages run its micro-batch; a lone GPU waits for the host between steps."""
+    if not len(st_ns) or len(seg.edges) < 2:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    o = np.argsort(st_ns, kind="stable")
+    ss, se = st_ns[o], np.maximum.accumulate(en_ns[o])
+    new = np.concatenate(([True], ss[1:] > se[:-1]))
+    ms = ss[new]
+    me = np.maximum.reduceat(se, np.flatnonzero(new))
+    lo, hi = seg.edges[0], seg.edges[-1]
+    e = np.unique(np.concatenate((seg.edges, np.clip(ms, lo, hi), np.clip(me, lo, hi))))
+    left = e[:-1]
+    inflight = seg.n[np.clip(np.searchsorted(seg.edges, left, side="right") - 1, 0, len(seg.n) - 1)] > 0
+    k = np.searchsorted(ms, left, side="right") - 1
+    in_step = (k >= 0) & (me[np.maximum(k, 0)] > left)
+    flag = inflight & ~in_step
+    if not flag.any():
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    d = np.diff(np.concatenate(([0], flag.astype(np.int8), [0])))
+    return e[np.flatnonzero(d == 1)], e[np.flatnonzero(d == -1)]
+
+
+#: The wait terms, fitted beside the step terms: W while the device waits with requests in
+#: flight (a pipeline bubble, clocks held between steps) and J per wait (the electrical tail
+#: of the step before it: power decays over milliseconds, not at the step's end).
+WAIT_TERMS = ("wait_s", "waits")
+_WAIT_SHARE = 0.1  # waits this share of the in-flight time or more: the device is a pipeline stage
+
+
 def _batch_fit(cum, trace, steps, s_idx, requests, ridx, seg, idle_curve, a, b, reconcile_s, model):
     """Dynamic energy per request of one device by the batch-fit method."""
     st_ns = steps.start_ns[s_idx]
@@ -184,12 +215,30 @@ def _batch_fit(cum, trace, steps, s_idx, requests, ridx, seg, idle_curve, a, b, 
     rel = lambda t: (np.asarray(t, dtype=np.int64) - a).astype(np.float64) * _NS  # noqa: E731
     x, rates = basis(x4, model.rates if model is not None else None)
     feats = _StepFeatures(x, rel(st_ns), rel(en_ns))
+    # The waits between the device's own steps, as rows of two more terms: what the sensor
+    # reads there is explained by them, and their energy is shared by time among the
+    # requests in flight (no step ran), not by the tokens of the steps next to them.
+    w_st, w_en = _waits(seg, st_ns, en_ns)
+    nb, nw = x.shape[1], len(WAIT_TERMS)
+    if len(w_st):
+        xw = np.zeros((len(w_st), nb + nw))
+        xw[:, nb] = (w_en - w_st) * _NS
+        xw[:, nb + 1] = 1.0
+        fit_feats = _StepFeatures(np.vstack((np.hstack((x, np.zeros((len(x), nw)))), xw)),
+                                  np.concatenate((rel(st_ns), rel(w_st))), np.concatenate((rel(en_ns), rel(w_en))))
+        families = dict(FAMILIES)
+        families.update({f"{k}+wait": v + tuple(range(nb, nb + nw)) for k, v in FAMILIES.items()})
+    else:
+        fit_feats = feats
+        families = FAMILIES
 
     # 1. Fit: every reading is a linear function of the steps it overlaps; the
     #    family of step terms is chosen by blocked cross-validation in time.
     A, y, w_row, t_row, overlap, len_row = _fit_rows(cum, trace, feats, idle_curve, a, b, rel, with_weights=True)
     shift_ns = 0
     sel = None
+    with_waits = False
+    sel_steps = None  # the steps-only selection, when the waits' terms were chosen beside it
     if model is None:
         sel = select_family(A, y) if len(y) else None
         # A coarse sensor's reading may be stale (a counter read some time after the driver
@@ -208,12 +257,41 @@ def _batch_fit(cum, trace, steps, s_idx, requests, ridx, seg, idle_curve, a, b, 
                     A, y, w_row, t_row, overlap, len_row = rows_d
             if shift_ns:
                 cum, trace = _shifted(cum, trace, shift_ns)
+        if sel is not None and len(w_st):
+            # The same readings with the waits' terms beside the steps'. A device that waits
+            # a material part of its busy time (a pipeline stage: the other stages run its
+            # micro-batch) always gets them, read on time: its wait energy (the electrical
+            # tail of each step, clocks held in the bubble) is a large share of its dynamic
+            # energy and is no step's. Elsewhere (a lone GPU's host gaps) and where the
+            # readings' timing had to be corrected (a stale counter: a shift of a quarter
+            # interval is wider than a stage's slice, so steps and waits blur), only when
+            # they predict held-out readings clearly better.
+            rows_w = _fit_rows(cum, trace, fit_feats, idle_curve, a, b, rel, with_weights=True)
+            busy_s = float(np.diff(seg.edges)[seg.n > 0].sum())
+            stage = not shift_ns and float((w_en - w_st).sum()) >= _WAIT_SHARE * busy_s
+            fam_w = ({k: v for k, v in families.items() if k.endswith("+wait")} if stage
+                     else {f"{sel.family}+wait": families[f"{sel.family}+wait"]})
+            sel_w = select_family(rows_w[0], rows_w[1], families=fam_w) if len(rows_w[1]) else None
+            if sel_w is not None and np.any(sel_w.coef[nb:]) and (
+                    stage or sel_w.cv_error < sel.cv_error * (1 - max(0.03, 1 / math.sqrt(len(rows_w[1]))))):
+                sel_steps, sel, with_waits = sel, sel_w, True
+                A, y, w_row, t_row, overlap, len_row = rows_w
         if sel is not None and np.any(sel.coef):
-            model = StepModel(sel.coef, sel.r2, sel.rows, sel.family, sel.cv_error, sel.cv_r2, sel.why, sel.candidates, rates)
+            family, why = sel.family, sel.why
+            if with_waits:  # the steps' family, the wait terms beside it (StepModel.wait_coef)
+                family, why = family[: -len("+wait")], why + "; with the waits' terms (W while waiting, J per wait)"
+            model = StepModel(sel.coef, sel.r2, sel.rows, family, sel.cv_error, sel.cv_r2, why, sel.candidates, rates)
         else:
             # Too little to fit: every step costs in proportion to its duration.
             model = StepModel(np.eye(len(BASIS))[0], math.nan, 0, "duration", why="too few readings to fit: energy by step duration", rates=rates)
     coef = model.full_coef
+    if model is not None and sel is None and len(w_st) and np.any(model.wait_coef):
+        with_waits = True  # a given model (a live period) with wait terms
+        A, y, w_row, t_row, overlap, len_row = _fit_rows(cum, trace, fit_feats, idle_curve, a, b, rel, with_weights=True)
+    if not with_waits:
+        fit_feats = feats
+    coef_w = model.wait_coef if with_waits else np.zeros(0)
+    coef_fit = np.concatenate((coef, coef_w))
 
     # 2. Reconcile: the window length is chosen by predicting held-out readings
     #    from the model scaled to what the rest of their window measured.
@@ -222,7 +300,7 @@ def _batch_fit(cum, trace, steps, s_idx, requests, ridx, seg, idle_curve, a, b, 
     noise = None
     if reconcile_s is None:
         m_row = y * w_row
-        p_row = (A @ coef) * w_row
+        p_row = (A @ coef_fit) * w_row
         base = max(_typical_interval(t_row), 1_000_000) if len(t_row) > 2 else (b - a)
         lengths = base * (2 ** np.arange(0, 40))
         lengths = lengths[lengths < (b - a)]
@@ -249,8 +327,8 @@ def _batch_fit(cum, trace, steps, s_idx, requests, ridx, seg, idle_curve, a, b, 
             window_why = "too few readings: the whole period"
     edges = _reconcile_edges(cum, trace, a, b, reconcile_s)
     w_meas = cum.over(edges) - idle_curve.over(edges)
-    F = feats.mass(rel(edges))
-    w_pred = np.diff(F, axis=0) @ coef
+    F = fit_feats.mass(rel(edges))
+    w_pred = np.diff(F, axis=0) @ coef_fit
     ok = (w_pred > 1e-12) & (w_meas > 0)
     scale = np.where(ok, w_meas / np.where(ok, w_pred, 1.0), 0.0)
     resid = w_meas - scale * w_pred  # nonzero only where nothing was predicted, or measured <= idle
@@ -287,6 +365,17 @@ def _batch_fit(cum, trace, steps, s_idx, requests, ridx, seg, idle_curve, a, b, 
 
     # 4b. What the fit does not know: the same split under the bootstrap's coefficients
     #     and under the other families, per request (for the error band).
+    if sel is not None and sel.boot is not None and sel.boot.shape[1] > nb:  # the steps' terms only
+        boot = sel.boot[:, :nb]
+        cut = lambda f: f[: -len("+wait")] if f.endswith("+wait") else f  # noqa: E731
+        fits = {cut(f): v[:nb] for f, v in (sel.fits or {}).items()}
+        if sel_steps is not None and len(fits) < 2:
+            # the waits' terms were tried beside the chosen family only: the close families
+            # (the band's departures) are those of the steps-only selection, on its own scores
+            sel = dataclasses.replace(sel_steps, boot=boot)
+        else:
+            sel = dataclasses.replace(sel, family=cut(sel.family), boot=boot, fits=fits,
+                                      candidates={cut(f): v for f, v in (sel.candidates or {}).items()})
     spread = _dyn_spread(sel, coef, x, np.where(feats.dur > 0, scale_span / np.where(feats.dur > 0, feats.dur, 1.0), 0.0),
                          e_s, e_r, share, on_dev, len(ridx))
     # Per request: sum over its steps of (its share of the step's energy)^2, for the step-noise term.
@@ -307,6 +396,18 @@ def _batch_fit(cum, trace, steps, s_idx, requests, ridx, seg, idle_curve, a, b, 
     cres = res_curve_c[k] + res_rate[k] * np.clip(seg_rel - e_rel[k], 0, e_rel[k + 1] - e_rel[k])
     dyn_t, un_t = seg.share_weighted(np.diff(cres))
     dyn = dyn + dyn_t
+    wait_j = 0.0
+    if with_waits and np.any(coef_w):
+        # 5b. The waits' fitted energy, scaled like the steps', shared by time.
+        w_lo = np.clip(rel(w_st), e_rel[0], e_rel[-1])
+        w_hi = np.clip(rel(w_en), e_rel[0], e_rel[-1])
+        w_dur = np.maximum(w_hi - w_lo, 1e-12)
+        e_wait = (coef_w[0] + coef_w[1] / w_dur) * (scale_integral(w_hi) - scale_integral(w_lo))
+        wf = _StepFeatures(e_wait[:, None], w_lo, w_lo + w_dur)
+        dyn_w, un_w = seg.share_weighted(np.diff(wf.mass(seg_rel)[:, 0]))
+        dyn = dyn + dyn_w
+        un_t = un_t + un_w
+        wait_j = float(e_wait.sum())
     extra = {
         "steps": int(len(s_idx)),
         "model": model,
@@ -318,6 +419,7 @@ def _batch_fit(cum, trace, steps, s_idx, requests, ridx, seg, idle_curve, a, b, 
         "band_rel": band_rel,
         "shift_s": shift_ns * _NS,
         "noise": extra_noise,
+        "wait_j": wait_j,
     }
     return dyn, un_t + lost, extra, spread
 

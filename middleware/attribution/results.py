@@ -40,6 +40,12 @@ class StepModel:
     rates: tuple[float, float] | None = None
 
     @property
+    def wait_coef(self) -> np.ndarray:
+        """The wait terms' coefficients (W, J per wait; zeros when the model has none)."""
+        c = np.asarray(self.coef, dtype=np.float64)
+        return c[len(BASIS):len(BASIS) + 2] if len(c) >= len(BASIS) + 2 else np.zeros(2)
+
+    @property
     def full_coef(self) -> np.ndarray:
         c = np.asarray(self.coef, dtype=np.float64)
         if len(c) >= len(BASIS):
@@ -54,6 +60,7 @@ class StepModel:
             "family": self.family,
             "features": list(BASIS),
             "coef": self.full_coef.tolist(),
+            "wait_coef": dict(zip(("wait_w", "j_per_wait"), self.wait_coef.tolist())),
             "r2": self.r2,
             "cv_error": self.cv_error,
             "cv_r2": self.cv_r2,
@@ -88,6 +95,7 @@ class DeviceSummary:
     band_rel: float = math.nan  # 90 % relative error of one held-out reading's dynamic energy
     quality: str = ""  # good | coarse | misfit (batch-fit only)
     noise: dict | None = None  # the held-out error model behind the bands (see _noise_model)
+    wait_j: float = 0.0  # fitted dynamic energy while waiting between the device's steps (shared by time)
 
     def as_dict(self) -> dict:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "model"}

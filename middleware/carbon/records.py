@@ -81,6 +81,7 @@ def request_records(
     simulated: Sequence[bool] | bool = False,
     quality: Sequence[str] | str = "",
     labels: Sequence[RequestLabels] | None = None,
+    device_energy: Sequence[str] | str = "",
 ) -> list[RequestRecord]:
     """One :class:`RequestRecord` per request, carbon applied once, vectorised over the batch.
 
@@ -91,7 +92,8 @@ def request_records(
     carbon model's yearly value). ``energy_j_low``/``energy_j_high``: the 90 % band on the
     accelerator energy (None: no band, both equal ``energy_j``). ``labels``: each request's
     :class:`~wattspan.records.RequestLabels` (route, method, status, model, tenant, tokens,
-    trace and span ids), or None.
+    trace and span ids), or None. ``device_energy``: a device group's request's energy per
+    member device as JSON (see :attr:`RequestRecord.device_energy`), "" on one device.
 
     ``co2e_g`` covers ``energy_j + host_j`` (see the module's host rule) plus embodied carbon.
     """
@@ -114,12 +116,12 @@ def request_records(
         _values(method, n, ""), _values(sensor, n, ""), _column(coverage, n).tolist(), _values(simulated, n, False),
         host.tolist(), np.asarray(e_lo, dtype=float).tolist(), np.asarray(e_hi, dtype=float).tolist(),
         (per_j * (e_lo + host) + emb).tolist(), (per_j * (e_hi + host) + emb).tolist(),
-        _values(quality, n, ""), _values(labels, n, _NO_LABELS), zip(*per.columns()),
+        _values(quality, n, ""), _values(labels, n, _NO_LABELS), zip(*per.columns()), _values(device_energy, n, ""),
     )
     # one tuple per record in RequestRecord's field order (_record: no per-field __init__ work)
     return [
-        _record((rid, dev, s, e, ej, dj, ij, ds, co2, eg, meth, sens, cov, bool(sim), *lab, hj, elo, ehi, clo, chi, q, *cf))
-        for (rid, dev, s, e, ej, dj, ij, ds, co2, eg, meth, sens, cov, sim, hj, elo, ehi, clo, chi, q, lab, cf) in cols
+        _record((rid, dev, s, e, ej, dj, ij, ds, co2, eg, meth, sens, cov, bool(sim), *lab, hj, elo, ehi, clo, chi, q, *cf, de))
+        for (rid, dev, s, e, ej, dj, ij, ds, co2, eg, meth, sens, cov, sim, hj, elo, ehi, clo, chi, q, lab, cf, de) in cols
     ]
 
 

@@ -77,7 +77,10 @@ def _build_parser() -> argparse.ArgumentParser:
     r.add_argument("--id", default=None, help="one request's final figures, by its id (the x-wattspan-request-id header)")
 
     x = sub.add_parser("proxy", help="a metering proxy in front of an OpenAI-compatible server (vllm serve, ...)")
-    x.add_argument("--upstream", required=True, help="the server to forward /v1/* to, e.g. http://127.0.0.1:8000")
+    x.add_argument("--upstream", default=None, help="the server to forward /v1/* to, e.g. http://127.0.0.1:8000 (with --route: where models no route names go)")
+    x.add_argument("--route", dest="routes", action="append", default=None, metavar="MODEL=URL[@DEVICES]",
+                   help="several upstreams behind one proxy: requests naming MODEL go to URL and are metered on DEVICES "
+                        "(e.g. llama-70b=http://127.0.0.1:8000@gpu0+gpu1+gpu2+gpu3; default: --device); repeatable")
     x.add_argument("--host", default="127.0.0.1")
     x.add_argument("--port", type=int, default=8080)
     x.add_argument("--device", default="gpu0", help="the accelerator the upstream serves on (default gpu0), or its device group, e.g. gpu0,gpu1,gpu2,gpu3 for tensor parallel 4")
@@ -148,6 +151,18 @@ def main(argv: list[str] | None = None) -> int:
                 request_id_header=rid_header, tenant=args.tenant_header, tenant_from_key=not args.no_tenant_from_key,
                 model_header=args.model_header, usage_energy=not args.no_usage_energy, records_endpoint=not args.no_records_endpoint,
             )
+            if args.upstream is None and not args.routes:
+                raise UsageError("proxy needs --upstream URL, or one --route MODEL=URL[@DEVICES] per upstream")
+            if args.routes:
+                from wattspan.integrations.openai_proxy import parse_route
+
+                try:
+                    parsed = [parse_route(r) for r in args.routes]
+                except ValueError as exc:
+                    raise UsageError(str(exc)) from None
+                if len({m for m, _, _ in parsed}) != len(parsed):
+                    raise UsageError("--route: each model may be routed once")
+                options["routes"] = {m: (u, d) for m, u, d in parsed}
             try:
                 run_proxy(args.upstream, host=args.host, port=int(args.port), wrap=_budget_wrapper(args), **options)
             except (ValueError, InputError) as exc:

@@ -62,6 +62,14 @@ _BEGIN, _END, _STEP, _MARK = 0, 1, 2, 3
 _QUALITY_RANK = {"good": 1, "coarse": 2, "misfit": 3}
 
 
+def _parts_json(r) -> str:
+    """A group request's energy per member device, every member named (0 J where none was metered)."""
+    import json
+
+    parts = r.parts or {}
+    return json.dumps({m: float(parts.get(m, 0.0)) for m in r.device.split(",")}, separators=(",", ":"))
+
+
 def _ended(r: _Inflight) -> int:
     """The end of a request that has ended (only those are finalised)."""
     assert r.end_ns is not None
@@ -70,7 +78,7 @@ def _ended(r: _Inflight) -> int:
 
 class _Inflight:
     __slots__ = ("device", "start_ns", "end_ns", "meta", "dynamic_j", "idle_j", "device_s", "covered_ns", "host_j", "method", "peer",
-                 "band_j", "quality")
+                 "band_j", "quality", "parts")
 
     def __init__(self, device: str, start_ns: int, peer: int = 0) -> None:
         self.peer = peer  # pid of the peer process serving it; 0 = this process
@@ -86,6 +94,7 @@ class _Inflight:
         self.method = ""
         self.band_j = 0.0  # half-width of the 90 % band, summed over periods
         self.quality = ""
+        self.parts: dict[str, float] | None = None  # a device group's energy per member device (J)
 
 
 class Meter:
@@ -702,6 +711,10 @@ class Meter:
             r.dynamic_j += dj
             r.idle_j += ij
             r.device_s += ds
+            if "," in r.device:  # a device group: keep each member's part (hw.id per device)
+                parts = r.parts if r.parts is not None else {}
+                parts[dev] = parts.get(dev, 0.0) + dj + ij
+                r.parts = parts
             end = r.end_ns if r.end_ns is not None else cut
             covered = max(0, min(end, hi) - max(r.start_ns, lo))
             r.covered_ns += covered // (r.device.count(",") + 1) if "," in r.device else covered
@@ -836,6 +849,7 @@ class Meter:
             coverage=np.minimum(1.0, np.divide(covered, life, out=np.ones(n), where=life > 0)),
             simulated=simulated, quality=[r.quality for r in rs],
             labels=[r.meta if type(r.meta) is RequestLabels else RequestLabels.from_mapping(r.meta) for r in rs],
+            device_energy=[_parts_json(r) if "," in r.device else "" for r in rs],
         )
         self.counters["records"] += len(batch)
         self._to_sinks(batch)

@@ -35,6 +35,7 @@ _FIELDS = (
     ("intensity_g_per_kwh", "REAL"), ("intensity_provider", "TEXT"), ("intensity_zone", "TEXT"),
     ("intensity_hour", "TEXT"), ("intensity_basis", "TEXT"), ("market_g_per_kwh", "REAL"),
     ("co2e_market_g", "REAL"), ("marginal_g_per_kwh", "REAL"), ("co2e_marginal_g", "REAL"),
+    ("device_energy", "TEXT"),  # a device group's energy per member device (JSON)
 )
 #: columns added after schema 1 shipped: ``ALTER TABLE ... ADD COLUMN`` with this default
 _ADDED = {n: ("''" if t == "TEXT" else "0") for n, t in _FIELDS[_FIELDS.index(("host_j", "REAL")) + 1:]}

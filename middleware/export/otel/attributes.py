@@ -34,7 +34,10 @@ attribute                        type      meaning
                                            ``provider``, ``zone``, ``hour`` (UTC), ``basis``
 ``wattspan.co2e.market_g``       double    market-based operational g CO2e, when a factor is set
 ``wattspan.co2e.marginal_g``     double    marginal operational g CO2e, when a provider is set
-``hw.id``                        string    the device the request ran on (``gpu0``)
+``hw.id``                        string    the device the request ran on (``gpu0``), or its
+                                           device group (``gpu0,gpu1``)
+``wattspan.device.ids``          string[]  a device group's members, when a group
+``wattspan.device.energy_j``     double[]  the request's J on each of them, same order
 ``hw.type``                      string    ``gpu``
 ``gen_ai.request.model``         string    the model, when known
 ``gen_ai.usage.input_tokens``    int       prompt tokens, when known
@@ -73,6 +76,10 @@ def record_attributes(record: RequestRecord) -> dict[str, Any]:
         "hw.id": record.device,
         "hw.type": "gpu",
     }
+    if record.device_energy:  # a device group: each member's id and energy, in the same order
+        parts = record.device_energy_j
+        a["wattspan.device.ids"] = list(parts)
+        a["wattspan.device.energy_j"] = [float(v) for v in parts.values()]
     if record.model:
         a["gen_ai.request.model"] = record.model
     if record.prompt_tokens:

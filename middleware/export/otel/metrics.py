@@ -10,6 +10,8 @@ instrument                        kind             unit   attributes
 ``wattspan.co2e``                 counter          g      ``wattspan.status_class`` (``2xx``...),
 ``wattspan.request.energy``       histogram        J      ``gen_ai.request.model``, ``wattspan.tenant``
 ``wattspan.request.co2e``         histogram        g      (capped), ``hw.id``, ``wattspan.simulated``
+                                                          (a group's request adds to the counters
+                                                          once per member, ``hw.id`` that member's)
 ``hw.energy``                     counter (obs.)   J      ``hw.id``, ``hw.type``
 ``hw.power``                      gauge (obs.)     W      ``hw.id``, ``hw.type``
 ``wattspan.unattributed.energy``  counter (obs.)   J      ``hw.id``
@@ -188,16 +190,32 @@ class EnergyMetrics:
                 key = (record.route, record.http_method, record.status_code, record.device, record.simulated, record.model, record.tenant)
                 acc = groups.get(key)
                 if acc is None:
-                    acc = groups[key] = [0.0, 0.0, self._attrs(record)]
+                    acc = groups[key] = [0.0, 0.0, self._attrs(record), False]
                 attrs = acc[2]
                 record_energy(e, attrs)
                 record_co2e(c, attrs)
-                acc[0] += e
-                acc[1] += c
+                # the counters per device: a device group's request adds each member's part
+                # under its own hw.id (its host energy and the carbon in proportion)
+                parts = record.device_energy_j if record.device_energy else None
+                tot = sum(parts.values()) if parts else 0.0
+                if parts and tot > 0 and all(isfinite(v) and v >= 0 for v in parts.values()):
+                    for d, v in parts.items():
+                        mkey = key[:3] + (d,) + key[4:]
+                        macc = groups.get(mkey)
+                        if macc is None:
+                            macc = groups[mkey] = [0.0, 0.0, {**attrs, "hw.id": d}, False]
+                        macc[0] += e * v / tot
+                        macc[1] += c * v / tot
+                        macc[3] = True
+                else:
+                    acc[0] += e
+                    acc[1] += c
+                    acc[3] = True
                 counts["observed"] += 1
-            for e, c, attrs in groups.values():
-                self._energy.add(e, attrs)
-                self._co2e.add(c, attrs)
+            for e, c, attrs, counted in groups.values():
+                if counted:  # a group's own label set only carries its histograms
+                    self._energy.add(e, attrs)
+                    self._co2e.add(c, attrs)
         except Exception:
             self._fault("EnergyMetrics.observe failed")
 
