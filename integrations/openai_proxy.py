@@ -555,17 +555,23 @@ class OpenAIProxy:
 
     # ------------------------------------------------------------------ one request
 
-    async def _routed(self, scope, receive, send) -> None:
-        """Several upstreams: read the body, pick the upstream by the model it names (or the
-        model header), then meter the request on that upstream's devices."""
+    async def _body_or_answer(self, scope, receive, send) -> bytes | None:
+        """The request body, or None once a too-large body has been answered 413 (counted) or
+        the client has gone (counted)."""
         try:
-            body = await self._read_body(scope, receive)
+            return await self._read_body(scope, receive)
         except _TooLarge:
             self.stats["too_large"] += 1
             await _send_error(send, 413, f"request body larger than {self.max_body_bytes} bytes", "invalid_request_error")
-            return
         except _Disconnected:
             self.stats["disconnects"] += 1
+        return None
+
+    async def _routed(self, scope, receive, send) -> None:
+        """Several upstreams: read the body, pick the upstream by the model it names (or the
+        model header), then meter the request on that upstream's devices."""
+        body = await self._body_or_answer(scope, receive, send)
+        if body is None:
             return
         model = await self._model_of(scope, body)
         route = self.routes.get(model) if model is not None else None
@@ -696,14 +702,8 @@ class OpenAIProxy:
         import anyio
         import httpx
 
-        try:
-            body = await self._read_body(scope, receive)
-        except _TooLarge:
-            self.stats["too_large"] += 1
-            await _send_error(send, 413, f"request body larger than {self.max_body_bytes} bytes", "invalid_request_error")
-            return
-        except _Disconnected:
-            self.stats["disconnects"] += 1
+        body = await self._body_or_answer(scope, receive, send)
+        if body is None:
             return
         body, model, injected = await self._inspect(scope, body)
         if model:
