@@ -225,8 +225,7 @@ assert meter.flush(60)
 print("RESULT " + json.dumps({
     "outputs": [{"id": o.request_id, "prompt": len(o.prompt_token_ids), "output": len(o.outputs[0].token_ids)} for o in outs],
     "records": [r.to_dict() for r in records],
-    "measured_j": sum(meter.device_energy_j.values()),
-    "unattributed_j": meter.counters["unattributed_j"],
+    "balance": meter.balance()._asdict(),
     "hook": hook.stats,
 }))
 meter.close()
@@ -249,8 +248,9 @@ def test_offline_llm_with_instrument_vllm(tiny_model, tmp_path):
         assert rec["method"] == "batch-fit" and rec["energy_j"] > 0 and rec["simulated"] is True
     assert res["hook"]["errors"] == 0 and res["hook"]["steps"] > 0 and res["hook"]["requests"] == res["hook"]["closed"] == 12
     # conservation: what the meter measured is what the records got plus what it left unattributed
-    total = sum(x["energy_j"] for x in res["records"])
-    assert total + res["unattributed_j"] == pytest.approx(res["measured_j"], rel=1e-6)
+    b = res["balance"]
+    assert sum(x["energy_j"] for x in res["records"]) == pytest.approx(b["attributed_j"], rel=1e-6)
+    assert b["attributed_j"] + b["pending_j"] + b["unattributed_j"] == pytest.approx(b["measured_j"], rel=1e-6)
     # longer generations cost more: the batch-fit split follows the tokens
     by_out = sorted(res["outputs"], key=lambda o: o["output"])
     assert recs[by_out[-1]["id"]]["dynamic_j"] > recs[by_out[0]["id"]]["dynamic_j"]

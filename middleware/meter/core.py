@@ -34,7 +34,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -54,7 +54,7 @@ from ..samples import SampleKind
 from .context import MAX_TOKENS
 from .sinks import DeviceFigures, FlushableSink, RecordSink, SpanSink
 
-__all__ = ["Meter"]
+__all__ = ["Balance", "Meter"]
 
 log = get_logger(__name__)
 
@@ -74,6 +74,20 @@ def _ended(r: _Inflight) -> int:
     """The end of a request that has ended (only those are finalised)."""
     assert r.end_ns is not None
     return r.end_ns
+
+
+class Balance(NamedTuple):
+    """Where the energy the meter measured has gone, in joules, as of one attribution pass.
+
+    ``measured_j == attributed_j + pending_j + peers_j + unattributed_j`` up to float
+    rounding, on the accelerators this meter's sources read (host energy is apart).
+    """
+
+    measured_j: float  #: read from the sensors over every pass so far
+    attributed_j: float  #: carried by this process's final records (handed to the sinks)
+    pending_j: float  #: carried by requests not final yet (in flight, or waiting for the sensor)
+    peers_j: float  #: carried by requests of other worker processes sharing the device (their records are theirs)
+    unattributed_j: float  #: what no request could carry
 
 
 class _Inflight:
@@ -225,6 +239,9 @@ class Meter:
             "step_model_rejected": 0,  # refits on steps whose model was not (too few steps or readings, cv_r2 <= 0)
         }
         self.device_energy_j: dict[str, float] = {}
+        self._final_j = 0.0  # energy of the records handed to the sinks
+        self._peers_j = 0.0  # energy of peers' requests no longer in flight here
+        self._balance = Balance(0.0, 0.0, 0.0, 0.0, 0.0)
         if autostart:
             self.start()
 
@@ -453,6 +470,24 @@ class Meter:
         if self.peers is not None:
             self.peers.close()
 
+    def balance(self) -> Balance:
+        """Where the measured energy went (a :class:`Balance`), as of the last pass.
+
+        One consistent view, published by the meter's thread at the end of each pass:
+        reading ``device_energy_j`` and ``counters`` one after the other can straddle a pass.
+        """
+        return self._balance
+
+    def _publish_balance(self) -> None:
+        pending = peers = 0.0
+        for r in list(self._inflight.values()):
+            if r.peer:
+                peers += r.dynamic_j + r.idle_j
+            else:
+                pending += r.dynamic_j + r.idle_j
+        self._balance = Balance(sum(self.device_energy_j.values()), self._final_j, pending, self._peers_j + peers,
+                                self.counters["unattributed_j"])
+
     def stats(self) -> dict:
         return dict(self.counters, inflight=len(self._inflight), queued_events=len(self._events), sampler=self.sampler.health() if self.sampler is not None else None,
                     peers=self.peers.stats() if self.peers is not None and hasattr(self.peers, "stats") else None)
@@ -471,6 +506,7 @@ class Meter:
             except Exception:  # never let the meter thread die
                 self.counters["pass_errors"] += 1
                 log.exception("attribution pass failed; records will be retried")
+            self._publish_balance()
             self._idle_pass.set()
 
     def _drain(self) -> None:
@@ -542,7 +578,7 @@ class Meter:
             self._peer_marks.pop(pid, None)
         if gone:  # a dead worker's requests no longer share the device
             for rid in [rid for rid, r in inflight.items() if r.peer in gone]:
-                del inflight[rid]
+                self._forget_peer(rid)
 
     def _hist_add(self, step: tuple) -> None:
         """Keep ``step`` for re-estimation, within the history's id budget."""
@@ -567,7 +603,7 @@ class Meter:
         inflight = self._inflight
         gone = [rid for rid, r in inflight.items() if r.peer == pid]
         for rid in gone:
-            del inflight[rid]
+            self._forget_peer(rid)
         now = time.monotonic_ns()
         self.counters["peer_gaps"] = self.counters.get("peer_gaps", 0) + 1
         self.counters["peer_messages_lost"] = self.counters.get("peer_messages_lost", 0) + lost
@@ -576,6 +612,10 @@ class Meter:
             log.warning("wattspan: %d messages from worker %d were lost (its socket buffer was full); its %d requests in "
                         "flight are no longer shared with (the records overlapping this stretch may be over-billed); "
                         "%d such gaps so far", lost, pid, len(gone), self.counters["peer_gaps"])
+
+    def _forget_peer(self, rid: str) -> None:
+        r = self._inflight.pop(rid)
+        self._peers_j += r.dynamic_j + r.idle_j
 
     def _peer_watermark(self, now: int) -> int:
         """The time up to which every live peer's events have arrived. A peer
@@ -818,7 +858,7 @@ class Meter:
                     continue  # a device group: final once every metered member has passed its end
                 self._hist_reqs.append((rid, r.start_ns, r.end_ns, r.device))
                 if r.peer:
-                    del self._inflight[rid]
+                    self._forget_peer(rid)
                 else:
                     done.append((rid, r))  # removed once emitted, so flush() waits for the sinks
         if not done:
@@ -852,6 +892,7 @@ class Meter:
             device_energy=[_parts_json(r) if "," in r.device else "" for r in rs],
         )
         self.counters["records"] += len(batch)
+        self._final_j += float(energy.sum())
         self._to_sinks(batch)
         for rid, _ in done:  # removed only now, so flush() waits for every sink
             del self._inflight[rid]
