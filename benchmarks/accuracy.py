@@ -89,50 +89,59 @@ def simulated(seeds: int, duration_s: float, laws=None, sensors=SENSORS) -> dict
     return out
 
 
-#: Multi-GPU layouts: (label, tp, pp, which steps the engine reports, the device the requests and steps name)
+#: An overlapped, unbalanced pipeline (vLLM's pipeline parallelism): micro-batches overlap across
+#: stages, and the last stage (the LM head and sampling) does 55 % of a step's work.
+OVERLAPPED = dict(overlap=True, stage_weights=(0.45, 0.55))
+
+#: Multi-GPU layouts: (label, tp, pp, which steps the engine reports, the device the requests and steps
+#: name, simulate_parallel's pipeline options)
 LAYOUTS = (
-    ("1 GPU", 1, 1, "steps", None),
-    ("TP-4 (4 GPUs, every step on all four)", 4, 1, "steps", None),
-    ("PP-2 (2 stages, each stage's steps at its own timing)", 1, 2, "steps", None),
-    ("PP-2, whole steps on the group (stage timing unknown)", 1, 2, "group_steps", None),
-    ("PP-2, stage windows modelled from whole steps (the vLLM hook's `device=\"auto\"`)", 1, 2, "hook_steps", None),
-    ("TP-2 x PP-2 (4 GPUs)", 2, 2, "steps", None),
-    ("TP-4 named as one GPU (`gpu0`, before device groups)", 4, 1, "steps", "gpu0"),
+    ("1 GPU", 1, 1, "steps", None, {}),
+    ("TP-4 (4 GPUs, every step on all four)", 4, 1, "steps", None, {}),
+    ("PP-2 (2 stages, each stage's steps at its own timing)", 1, 2, "steps", None, {}),
+    ("PP-2, whole steps on the group (stage timing unknown)", 1, 2, "group_steps", None, {}),
+    ("PP-2, stage windows modelled from whole steps (the vLLM hook's `device=\"auto\"`)", 1, 2, "hook_steps", None, {}),
+    ("PP-2 overlapped, unbalanced (45/55 %), each stage's steps at its own timing", 1, 2, "steps", None, OVERLAPPED),
+    ("PP-2 overlapped, unbalanced, whole micro-batches on the group", 1, 2, "group_steps", None, OVERLAPPED),
+    ("PP-2 overlapped, unbalanced, stage windows modelled (the vLLM hook's `device=\"auto\"`)", 1, 2, "hook_steps", None, OVERLAPPED),
+    ("TP-2 x PP-2 (4 GPUs)", 2, 2, "steps", None, {}),
+    ("TP-4 named as one GPU (`gpu0`, before device groups)", 4, 1, "steps", "gpu0", {}),
 )
 PARALLEL_SENSORS = ("counter-100ms", "hopper-nvml", "instant-100ms", "average-1s-counter")
 
 
 def hook_steps(run) -> list[dict]:
     """The stage steps the vLLM hook reports for a pipeline-parallel engine (``device="auto"``): each
-    whole step's stage windows as :func:`wattspan.integrations._gpu_groups.stage_windows` models
-    them from the step's start, its end and the previous step's end, on each stage's GPUs."""
+    (micro-)batch's stage windows as :func:`wattspan.integrations._gpu_groups.stage_windows` models
+    them from when it was handed over, when it came back and when the one before came back, on each
+    stage's GPUs (the engine core's view: ``run.engine_steps``)."""
     from wattspan.integrations._gpu_groups import stage_windows
 
     stages = [",".join(run.gpus[k * run.tp:(k + 1) * run.tp]) for k in range(run.pp)]
     out, prev = [], -(1 << 62)
-    for s in sorted(run.group_steps, key=lambda r: r["start_ns"]):
-        for g, (a, b) in zip(stages, stage_windows(s["start_ns"], s["end_ns"], prev, run.pp)):
+    for submit, done, toks in run.engine_steps:
+        for g, (a, b) in zip(stages, stage_windows(submit, done, prev, run.pp)):
             if b > a:
-                out.append({"start_ns": a, "end_ns": b, "gpu": g, "requests": s["requests"]})
-        prev = s["end_ns"]
+                out.append({"start_ns": a, "end_ns": b, "gpu": g, "requests": toks})
+        prev = done
     return out
 
 
-def parallel(seeds: int, duration_s: float, sensors=PARALLEL_SENSORS) -> list[dict]:
+def parallel(seeds: int, duration_s: float, sensors=PARALLEL_SENSORS, layouts=LAYOUTS) -> list[dict]:
     """Multi-GPU engines (``wattspan._sim_parallel``): per layout x sensor, the share of the engine's true
     dynamic energy (all its GPUs) attributed to requests as dynamic, the share of its attributable energy
     (true energy while requests were in flight) given to requests, and per-request errors, pooled over seeds."""
     from wattspan._sim_parallel import simulate_parallel
 
     rows = []
-    for label, tp, pp, which, single in LAYOUTS:
+    for label, tp, pp, which, single, opts in layouts:
         for name in sensors:
             errs, dyn_got, dyn_true, e_got, e_true, wait_true = [], 0.0, 0.0, 0.0, 0.0, 0.0
             for seed in range(seeds):
                 sc = SCENARIOS[seed % len(SCENARIOS)]
                 pm = dataclasses.replace(LAWS["saturating"], between_steps_w=sc["between_steps_w"], tau_s=sc["tau_s"])
                 run = simulate_parallel(tp=tp, pp=pp, seed=seed, duration_s=duration_s, bursty=sc["bursty"],
-                                        rate_per_s=sc["rate_per_s"], idle_drift_w=sc["idle_drift_w"], power_model=pm)
+                                        rate_per_s=sc["rate_per_s"], idle_drift_w=sc["idle_drift_w"], power_model=pm, **opts)
                 rq = [dict(r, gpu=single) for r in run.requests] if single else run.requests
                 steps_of = hook_steps(run) if which == "hook_steps" else getattr(run, which)
                 st = [dict(s, gpu=single) for s in steps_of] if single else steps_of

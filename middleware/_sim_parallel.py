@@ -9,14 +9,28 @@
 * **pipeline parallel** (``pp``): a step's time is cut into ``pp`` consecutive stage
   slices (stage ``s`` runs ``[start + s d / pp, start + (s+1) d / pp)``), each stage doing
   ``1/pp`` of the step's work; between its slices a stage GPU waits at host-gap power.
-  This is the simple, non-overlapped pipeline of one engine step (vLLM's virtual engines
-  overlap micro-batches; the books work the same way per stage).
+  This is the simple, non-overlapped pipeline of one engine step. ``stage_weights`` makes
+  the stages unbalanced (stage ``s`` does that share of the step's work, over that share of
+  its time: the first stage also embeds, the last runs the LM head and sampling);
+* **overlapped pipeline** (``overlap=True``, as vLLM's pipeline parallelism runs): the
+  requests are split over ``pp`` virtual engines (request ``i`` on engine ``i % pp``) and
+  each step into one micro-batch per engine. A micro-batch enters stage 0 when the engine
+  schedules it (the step's start in the one-GPU schedule) and its engine's previous
+  micro-batch has left the last stage; each stage runs one micro-batch at a time, in
+  order, so stage 0 runs micro-batch ``k + 1`` while stage 1 runs ``k``. A stage's time
+  for a micro-batch is its weight over the largest weight, times the micro-batch's share
+  of the step's tokens, times the step's one-GPU duration (the slowest stage is as busy
+  as the one GPU was); its power follows the step's token rate. A request ends as much
+  after its last micro-batch as it did after its last step.
 
 Each GPU's truth follows wattspan's conventions on that GPU (its own steps, the requests
 in flight), and a request's truth is the sum over GPUs. ``steps`` are reported two ways:
 ``steps`` names each stage's own slice on the stage's GPUs (stage timing known), and
-``group_steps`` names the whole step on all GPUs (stage timing unknown). Everything here
-is simulated: nothing is a measurement.
+``group_steps`` names the whole step on all GPUs (stage timing unknown: from when the
+engine could hand it over, or the previous step came back, to when it came back; what the
+vLLM hook reports with a group given). ``engine_steps`` is what the engine core sees of
+each (micro-)batch: ``(handed over, came back, tokens)``. Everything here is simulated:
+nothing is a measurement.
 """
 
 from __future__ import annotations
@@ -24,6 +38,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -41,7 +56,8 @@ class ParallelRun:
     """``runs``: one :class:`SimulatedRun` per GPU (its true power, its own truth, its steps);
     ``requests`` (``gpu`` = the whole group), ``steps`` (per stage slice, on the stage's GPUs),
     ``group_steps`` (whole steps on the whole group) as rows of wattspan's files; ``truth``
-    per request summed over GPUs."""
+    per request summed over GPUs; ``engine_steps``: ``(submit_ns, done_ns, requests)`` of each
+    (micro-)batch as the engine core sees it (the vLLM hook's input)."""
 
     tp: int
     pp: int
@@ -53,6 +69,9 @@ class ParallelRun:
     truth: dict[str, dict[str, float]]
     total_j: float
     truth_unattributed_j: float
+    engine_steps: list[tuple[int, int, dict[str, float]]] = dataclasses.field(default_factory=list)
+    overlap: bool = False
+    stage_weights: tuple[float, ...] = ()
 
 
 def _features(base: SimulatedRun) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -73,15 +92,15 @@ def _features(base: SimulatedRun) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return pre, dec, ctx
 
 
-def _play(gpu: str, base: SimulatedRun, s_start: np.ndarray, s_end: np.ndarray, s_pre: np.ndarray, s_dec: np.ndarray,
+def _play(gpu: str, base: SimulatedRun, base_requests: list[dict[str, Any]], s_start: np.ndarray, s_end: np.ndarray, s_pre: np.ndarray, s_dec: np.ndarray,
           s_ctx: np.ndarray, step_rows: list[dict[str, Any]], pm: PowerModel, idle_w: float, idle_drift_w: float,
           rng: np.random.Generator) -> SimulatedRun:
     """One GPU's true power for the given steps, and its truth by the conventions."""
     grid_ns = base.grid_ns
     cell_t = base.true_t_ns
     t0, g_end = base.start_ns, base.end_ns
-    arrival = np.array([r["start_ns"] for r in base.requests], dtype=np.int64)
-    end = np.array([r["end_ns"] for r in base.requests], dtype=np.int64)
+    arrival = np.array([r["start_ns"] for r in base_requests], dtype=np.int64)
+    end = np.array([r["end_ns"] for r in base_requests], dtype=np.int64)
     cell_mid = cell_t + grid_ns // 2
     bounds = np.unique(np.concatenate([[t0, g_end], s_start, s_end, arrival, end]))
     seg_start = bounds[:-1]
@@ -98,7 +117,7 @@ def _play(gpu: str, base: SimulatedRun, s_start: np.ndarray, s_end: np.ndarray, 
     theta = _first_order(bounds, target / (pm.cap_w - idle_w - idle_drift_w), pm.thermal_tau_s, cell_mid, seg_of_cell)
     idle = idle_w + idle_drift_w * theta
     power = np.maximum(idle + dyn + pm.noise_w * rng.standard_normal(cell_t.shape[0]), 0.0)
-    requests = [dict(r, gpu=gpu) for r in base.requests]
+    requests = [dict(r, gpu=gpu) for r in base_requests]
     run = _make_run(gpu, grid_ns, cell_t, power, idle, requests, step_rows)
 
     c_tot, c_idle = _cum_at(run, bounds)
@@ -109,7 +128,7 @@ def _play(gpu: str, base: SimulatedRun, s_start: np.ndarray, s_end: np.ndarray, 
     k0, k1 = np.searchsorted(bounds, arrival), np.searchsorted(bounds, end)
     cs_i, cs_g = np.concatenate([[0.0], np.cumsum(idle_share)]), np.concatenate([[0.0], np.cumsum(gap_share)])
     r_idle, r_dyn = cs_i[k1] - cs_i[k0], cs_g[k1] - cs_g[k0]
-    ids = [r["id"] for r in base.requests]
+    ids = [r["id"] for r in base_requests]
     index = {rid: i for i, rid in enumerate(ids)}
     f_step = np.array([s for s, st in enumerate(step_rows) for _ in st["requests"]], dtype=np.int64)
     f_req = np.array([index[rid] for st in step_rows for rid in st["requests"]], dtype=np.int64)
@@ -125,15 +144,70 @@ def _play(gpu: str, base: SimulatedRun, s_start: np.ndarray, s_end: np.ndarray, 
     return run
 
 
+def _entry_features(base: SimulatedRun) -> list[dict[str, tuple[float, float, float]]]:
+    """Per step, each request's (prefill, decode, context) tokens in it (the parts of :func:`_features`)."""
+    prompt = {r["id"]: r["prompt_tokens"] for r in base.requests}
+    done: dict[str, int] = {}
+    out = []
+    for st in base.steps:
+        row = {}
+        for rid, tok in st["requests"].items():
+            k = done.get(rid, 0)
+            row[rid] = (float(tok), 0.0, 0.0) if k < prompt[rid] else (0.0, float(tok), float(k))
+            done[rid] = k + tok
+        out.append(row)
+    return out
+
+
+def _overlapped(base: SimulatedRun, weights: np.ndarray) -> tuple[list[list[tuple[int, int, int, dict[str, float]]]], list[tuple[int, int, int, dict[str, float]]]]:
+    """The overlapped pipeline's schedule (see the module docstring).
+
+    Returns, per stage, ``(start_ns, end_ns, base step, tokens)`` of each micro-batch it ran,
+    and per micro-batch ``(submit_ns, done_ns, base step, tokens)`` in the order it was handed over."""
+    pp = len(weights)
+    engine_of = {r["id"]: i % pp for i, r in enumerate(base.requests)}
+    rel = weights / weights.max()
+    free = [-(1 << 62)] * pp
+    left = [-(1 << 62)] * pp  # when each virtual engine's last micro-batch left the last stage
+    stages: list[list[tuple[int, int, int, dict[str, float]]]] = [[] for _ in range(pp)]
+    micro: list[tuple[int, int, int, dict[str, float]]] = []
+    for k, st in enumerate(base.steps):
+        total = float(sum(st["requests"].values()))
+        d = st["end_ns"] - st["start_ns"]
+        if total <= 0 or d <= 0:
+            continue
+        parts: dict[int, dict[str, float]] = {}
+        for rid, tok in st["requests"].items():
+            parts.setdefault(engine_of[rid], {})[rid] = tok
+        for v in sorted(parts):
+            toks = parts[v]
+            share = sum(toks.values()) / total
+            submit = max(st["start_ns"], left[v])
+            t = submit
+            for s in range(pp):
+                a = max(t, free[s])
+                b = a + max(int(round(rel[s] * share * d)), 1)
+                stages[s].append((a, b, k, toks))
+                free[s] = t = b
+            left[v] = t
+            micro.append((submit, t, k, toks))
+    return stages, micro
+
+
 def simulate_parallel(*, tp: int = 4, pp: int = 1, seed: int = 0, idle_w: float = 90.0, idle_drift_w: float = 6.0,
-                      power_model: PowerModel | None = None, board_spread: float = 0.05, **server: Any) -> ParallelRun:
+                      power_model: PowerModel | None = None, board_spread: float = 0.05, overlap: bool = False,
+                      stage_weights: Sequence[float] | None = None, **server: Any) -> ParallelRun:
     """Simulate one engine on ``tp * pp`` GPUs named ``gpu0..``, stage ``s`` on
     ``gpu{s*tp}..gpu{s*tp+tp-1}``. ``server``: the arguments of :func:`simulate_server`
     (``duration_s``, ``rate_per_s``, ``bursty``, ``timing``...) for the engine's schedule.
     ``board_spread``: GPUs' power laws differ by up to this fraction (and their idle by
-    up to ``idle_w * board_spread``). Deterministic given ``seed``."""
+    up to ``idle_w * board_spread``). ``overlap``: micro-batches overlap across stages (vLLM's
+    pipeline parallelism); ``stage_weights``: each stage's share of a step's work (default:
+    balanced). Deterministic given ``seed``."""
     if tp < 1 or pp < 1 or tp * pp > 64:
         raise ValueError(f"tp and pp must be >= 1 with tp * pp <= 64, got {tp!r}, {pp!r}")
+    if stage_weights is not None and (len(stage_weights) != pp or not all(w > 0 for w in stage_weights)):
+        raise ValueError(f"stage_weights must be {pp} positive numbers, got {stage_weights!r}")
     pm = power_model or PowerModel()
     base = simulate_server(seed=seed, idle_w=idle_w, idle_drift_w=idle_drift_w, power_model=pm, **server)
     rng = np.random.default_rng([seed, tp, pp])
@@ -142,30 +216,82 @@ def simulate_parallel(*, tp: int = 4, pp: int = 1, seed: int = 0, idle_w: float 
     s_start = np.array([s["start_ns"] for s in base.steps], dtype=np.int64)
     s_end = np.array([s["end_ns"] for s in base.steps], dtype=np.int64)
     pre, dec, ctx = _features(base)
+    weights = np.full(pp, 1.0 / pp) if stage_weights is None else np.asarray(stage_weights, dtype=np.float64) / float(sum(stage_weights))
+    base_requests = base.requests
+    # per stage: step windows, features, step rows
+    plan: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[dict[str, Any]]]] = []
+    engine_steps: list[tuple[int, int, dict[str, float]]] = []
+    if overlap and pp > 1:
+        stages, micro = _overlapped(base, weights)
+        ef = _entry_features(base)
+        for stage, mbs in enumerate(stages):
+            stage_gpus = ",".join(gpus[stage * tp:(stage + 1) * tp])
+            a = np.array([m[0] for m in mbs], dtype=np.int64)
+            b = np.array([m[1] for m in mbs], dtype=np.int64)
+            f = np.zeros((len(mbs), 3))
+            rows = []
+            for n, (x, y, k, toks) in enumerate(mbs):
+                # the step's token rate: the micro-batch's features per token at the step's tokens per
+                # second, over the stage's time
+                frac = (y - x) / max(int(s_end[k] - s_start[k]), 1)
+                per_tok = np.sum([ef[k][rid] for rid in toks], axis=0) / sum(toks.values())
+                f[n] = per_tok * sum(base.steps[k]["requests"].values()) * frac
+                rows.append({"start_ns": int(x), "end_ns": int(y), "gpu": stage_gpus, "requests": toks})
+            plan.append((a, b, f[:, 0], f[:, 1], f[:, 2], rows))
+        # a request ends as long after its last micro-batch as it did after its last step
+        last_step: dict[str, int] = {}
+        for st in base.steps:
+            for rid in st["requests"]:
+                last_step[rid] = st["end_ns"]
+        last_mb: dict[str, int] = {}
+        for sub, done, _, toks in micro:
+            for rid in toks:
+                last_mb[rid] = max(last_mb.get(rid, 0), done)
+        base_requests = [dict(r, end_ns=int(r["end_ns"] + max(0, last_mb.get(r["id"], 0) - last_step.get(r["id"], 0))))
+                         for r in base.requests]
+        engine_steps = [(sub, done, toks) for sub, done, _, toks in micro]
+    else:
+        cum = np.concatenate(([0.0], np.cumsum(weights)))
+        for stage in range(pp):
+            if stage_weights is None:
+                a = s_start + (s_end - s_start) * stage // pp
+                b = s_start + (s_end - s_start) * (stage + 1) // pp
+            else:
+                a = s_start + np.round((s_end - s_start) * cum[stage]).astype(np.int64)
+                b = s_start + np.round((s_end - s_start) * cum[stage + 1]).astype(np.int64)
+            keep = b > a
+            a, b = a[keep], b[keep]
+            stage_gpus = ",".join(gpus[stage * tp:(stage + 1) * tp])
+            rows = [{"start_ns": int(x), "end_ns": int(y), "gpu": stage_gpus, "requests": st["requests"]}
+                    for x, y, st in zip(a.tolist(), b.tolist(), (s for s, k in zip(base.steps, keep.tolist()) if k))]
+            w = weights[stage]
+            plan.append((a, b, pre[keep] * w, dec[keep] * w, ctx[keep] * w, rows))
+        engine_steps = [(int(s["start_ns"]), int(s["end_ns"]), s["requests"]) for s in base.steps]
     runs: dict[str, SimulatedRun] = {}
     steps: list[dict[str, Any]] = []
-    for stage in range(pp):
-        a = s_start + (s_end - s_start) * stage // pp
-        b = s_start + (s_end - s_start) * (stage + 1) // pp
-        keep = b > a
-        a, b = a[keep], b[keep]
-        stage_gpus = gpus[stage * tp:(stage + 1) * tp]
-        rows = [{"start_ns": int(x), "end_ns": int(y), "gpu": ",".join(stage_gpus), "requests": st["requests"]}
-                for x, y, st in zip(a.tolist(), b.tolist(), (s for s, k in zip(base.steps, keep.tolist()) if k))]
+    for stage, (a, b, f_pre, f_dec, f_ctx, rows) in enumerate(plan):
         steps.extend(rows)
-        for g in stage_gpus:
+        for g in gpus[stage * tp:(stage + 1) * tp]:
             scale = 1.0 + board_spread * (2 * rng.random() - 1)
             law = dataclasses.replace(pm, active_w=pm.active_w * scale, compute_w=pm.compute_w * scale, memory_w=pm.memory_w * scale)
             idle_g = idle_w * (1.0 + board_spread * (2 * rng.random() - 1))
-            runs[g] = _play(g, base, a, b, pre[keep] / pp, dec[keep] / pp, ctx[keep] / pp, rows, law, idle_g, idle_drift_w, rng)
+            runs[g] = _play(g, base, base_requests, a, b, f_pre, f_dec, f_ctx, rows, law, idle_g, idle_drift_w, rng)
     steps.sort(key=lambda r: r["start_ns"])
-    requests = [dict(r, gpu=group) for r in base.requests]
-    group_steps = [dict(s, gpu=group) for s in base.steps]
+    requests = [dict(r, gpu=group) for r in base_requests]
+    # whole steps on the group, as the hook reports them with a group given: from when the step
+    # was handed over (or the one before came back, if later) to when it came back
+    group_steps, prev = [], -(1 << 62)
+    for sub, done, toks in engine_steps:
+        a0 = max(sub, prev)
+        if done > a0:
+            group_steps.append({"start_ns": int(a0), "end_ns": int(done), "gpu": group, "requests": toks})
+            prev = done
     truth = {r["id"]: {k: float(sum(run.truth[r["id"]][k] for run in runs.values())) for k in ("energy_j", "dynamic_j", "idle_j")}
-             for r in base.requests}
+             for r in base_requests}
     return ParallelRun(tp=tp, pp=pp, gpus=gpus, runs=runs, requests=requests, steps=steps, group_steps=group_steps, truth=truth,
                        total_j=float(sum(r.total_j for r in runs.values())),
-                       truth_unattributed_j=float(sum(r.truth_unattributed_j for r in runs.values())))
+                       truth_unattributed_j=float(sum(r.truth_unattributed_j for r in runs.values())),
+                       engine_steps=engine_steps, overlap=bool(overlap and pp > 1), stage_weights=tuple(float(w) for w in weights))
 
 
 def write_files(run: ParallelRun, sensor: str, directory: str | Path, *, seed: int = 10) -> dict[str, Path]:
