@@ -86,6 +86,33 @@ def test_pipeline_stages_each_on_their_own_gpu_and_timing():
     assert np.median(_err(whole, run)) < 0.08
 
 
+def test_an_overlapped_unbalanced_pipeline_has_its_own_truth():
+    """vLLM's pipeline: stage 0 runs micro-batch k+1 while stage 1 runs k, the last stage slower."""
+    run = simulate_parallel(tp=1, pp=2, seed=2, duration_s=8, overlap=True, stage_weights=(0.4, 0.6))
+    assert run.overlap and run.stage_weights == pytest.approx((0.4, 0.6))
+    by_gpu = {g: sorted((s["start_ns"], s["end_ns"]) for s in run.steps if s["gpu"] == g) for g in run.gpus}
+    for spans in by_gpu.values():  # a stage runs one micro-batch at a time
+        assert all(b0 <= a1 for (_, b0), (a1, _) in zip(spans, spans[1:]))
+    # the stages overlap in time (different micro-batches), and the last stage is busier
+    s0, s1 = (np.array(by_gpu[g]) for g in run.gpus)
+    k = np.searchsorted(s1[:, 0], s0[:, 0], side="right") - 1
+    assert np.mean((k >= 0) & (s1[np.maximum(k, 0), 1] > s0[:, 0])) > 0.2
+    busy = [float(np.sum(x[:, 1] - x[:, 0])) for x in (s0, s1)]
+    assert busy[1] / busy[0] == pytest.approx(1.5, rel=0.02)
+    # a micro-batch holds one virtual engine's requests; each request contains its micro-batches
+    rq = {r["id"]: r for r in run.requests}
+    for s in run.steps:
+        assert len({int(i.split("-")[1]) % 2 for i in s["requests"]}) == 1
+        assert all(rq[i]["start_ns"] <= s["start_ns"] and s["end_ns"] <= rq[i]["end_ns"] for i in s["requests"])
+    # the engine's view: handed over no later than stage 0 starts it, back when the last stage ends it
+    assert all(a < b for a, b, _ in run.engine_steps)
+    for r in run.runs.values():  # truth closes per GPU
+        assert sum(t["energy_j"] for t in r.truth.values()) + r.truth_unattributed_j == pytest.approx(r.total_j, rel=1e-6)
+    _, _, res = _attribute(run, sensor="hopper-nvml")
+    assert res.dynamic_j.sum() / sum(t["dynamic_j"] for t in run.truth.values()) == pytest.approx(1.0, abs=0.03)
+    assert np.median(_err(res, run)) < 0.06
+
+
 def test_a_pipeline_stage_s_waits_are_fitted_and_shared_by_time():
     """A stage waits about half its busy time (the other stage runs the step); the GPU does not
     drop to idle then (the electrical tail of its slice, clocks held). That energy is no step's:
