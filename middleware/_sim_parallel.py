@@ -14,14 +14,13 @@
   its time: the first stage also embeds, the last runs the LM head and sampling);
 * **overlapped pipeline** (``overlap=True``, as vLLM's pipeline parallelism runs): the
   requests are split over ``pp`` virtual engines (request ``i`` on engine ``i % pp``) and
-  each step into one micro-batch per engine. A micro-batch enters stage 0 when the engine
-  schedules it (the step's start in the one-GPU schedule) and its engine's previous
-  micro-batch has left the last stage; each stage runs one micro-batch at a time, in
-  order, so stage 0 runs micro-batch ``k + 1`` while stage 1 runs ``k``. A stage's time
-  for a micro-batch is its weight over the largest weight, times the micro-batch's share
-  of the step's tokens, times the step's one-GPU duration (the slowest stage is as busy
-  as the one GPU was); its power follows the step's token rate. A request ends as much
-  after its last micro-batch as it did after its last step.
+  each step of the one-GPU schedule into one micro-batch per engine. An engine hands its
+  next micro-batch over as soon as its previous one has left the last stage and the
+  micro-batch's requests have arrived; each stage runs one micro-batch at a time, in order,
+  so stage 0 runs micro-batch ``k + 1`` while stage 1 runs ``k``. A stage's time for a
+  micro-batch is its weight times the micro-batch's share of the step's tokens times the
+  step's one-GPU duration (its share of the work at the one GPU's speed), its power the
+  step's. A request ends as long after its last micro-batch as it did after its last step.
 
 Each GPU's truth follows wattspan's conventions on that GPU (its own steps, the requests
 in flight), and a request's truth is the sum over GPUs. ``steps`` are reported two ways:
@@ -166,7 +165,7 @@ def _overlapped(base: SimulatedRun, weights: np.ndarray) -> tuple[list[list[tupl
     and per micro-batch ``(submit_ns, done_ns, base step, tokens)`` in the order it was handed over."""
     pp = len(weights)
     engine_of = {r["id"]: i % pp for i, r in enumerate(base.requests)}
-    rel = weights / weights.max()
+    arrival = {r["id"]: r["start_ns"] for r in base.requests}
     free = [-(1 << 62)] * pp
     left = [-(1 << 62)] * pp  # when each virtual engine's last micro-batch left the last stage
     stages: list[list[tuple[int, int, int, dict[str, float]]]] = [[] for _ in range(pp)]
@@ -182,11 +181,11 @@ def _overlapped(base: SimulatedRun, weights: np.ndarray) -> tuple[list[list[tupl
         for v in sorted(parts):
             toks = parts[v]
             share = sum(toks.values()) / total
-            submit = max(st["start_ns"], left[v])
+            submit = max(left[v], max(arrival[rid] for rid in toks))
             t = submit
             for s in range(pp):
                 a = max(t, free[s])
-                b = a + max(int(round(rel[s] * share * d)), 1)
+                b = a + max(int(round(weights[s] * share * d)), 1)
                 stages[s].append((a, b, k, toks))
                 free[s] = t = b
             left[v] = t
@@ -247,8 +246,10 @@ def simulate_parallel(*, tp: int = 4, pp: int = 1, seed: int = 0, idle_w: float 
         for sub, done, _, toks in micro:
             for rid in toks:
                 last_mb[rid] = max(last_mb.get(rid, 0), done)
-        base_requests = [dict(r, end_ns=int(r["end_ns"] + max(0, last_mb.get(r["id"], 0) - last_step.get(r["id"], 0))))
+        base_requests = [dict(r, end_ns=int(r["end_ns"] + last_mb[r["id"]] - last_step[r["id"]])) if r["id"] in last_mb else r
                          for r in base.requests]
+        if base_requests and max(r["end_ns"] for r in base_requests) > base.end_ns:
+            raise RuntimeError("the overlapped pipeline fell behind the simulated period")
         engine_steps = [(sub, done, toks) for sub, done, _, toks in micro]
     else:
         cum = np.concatenate(([0.0], np.cumsum(weights)))
