@@ -20,6 +20,15 @@ one step per stage on the stage's devices instead (the vLLM hook does where vLLM
 them); otherwise the stage's energy in the step is placed by the whole step's timing,
 which the reconciliation windows (tens of ms to seconds, longer than a step) make good
 in total and only approximate inside a window.
+
+What stays approximate on a stage, with its timing known: a reading that spans many of
+the stage's slices (a 100 ms counter, an "instant" value that covers an unknown 25 ms of
+each 100 ms, a 1 s average) sees the stage's waits in step with its own slices (in a busy
+pipeline a stage waits about as long as it runs), so its fit cannot tell the waits'
+energy (shared by time) from the steps' (shared by tokens) as well as one GPU's fit
+tells steps from host gaps; and in an overlapped pipeline consecutive slices on a stage
+belong to different micro-batches, so the electrical tail of one lands on the next's
+requests. ``benchmarks/results/accuracy_parallel.md`` measures both.
 """
 
 from __future__ import annotations
