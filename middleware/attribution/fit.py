@@ -376,8 +376,9 @@ def _batch_fit(cum, trace, steps, s_idx, requests, ridx, seg, idle_curve, a, b, 
         else:
             sel = dataclasses.replace(sel, family=cut(sel.family), boot=boot, fits=fits,
                                       candidates={cut(f): v for f, v in (sel.candidates or {}).items()})
+    k_win = np.clip(np.searchsorted(e_rel, feats.st, side="right") - 1, 0, len(scale) - 1)  # each step's window
     spread = _dyn_spread(sel, coef, x, np.where(feats.dur > 0, scale_span / np.where(feats.dur > 0, feats.dur, 1.0), 0.0),
-                         e_s, e_r, share, on_dev, len(ridx))
+                         e_s, e_r, share, on_dev, len(ridx), k_win)
     # Per request: sum over its steps of (its share of the step's energy)^2, for the step-noise term.
     s2 = np.bincount(e_r[on_dev], weights=(e_step[e_s[on_dev]] * share[on_dev]) ** 2, minlength=len(ridx))
     if noise is not None and "resid" in noise:
@@ -505,14 +506,16 @@ def _fit_rows(cum, trace, feats, idle_curve, a, b, rel, with_time=False, with_we
     return (A, y, np.ones(len(y))) if with_time else (A, y)
 
 
-def _dyn_spread(sel, coef, x, scale_per_s, e_s, e_r, share, on_dev, n_req):
+def _dyn_spread(sel, coef, x, scale_per_s, e_s, e_r, share, on_dev, n_req, k_win=None):
     """Per-request spread of dynamic energy across alternative step models:
     ``(bootstrap sd, largest departure under a close family)``, joules; zeros without a fit.
 
     Linear in the coefficients: each request's dynamic energy is ``B_i . c`` with ``B_i``
     its token share of its steps' basis terms times their reconciliation scale. Each
-    alternative is renormalised to the same total (reconciliation keeps measured totals),
-    so what remains is how it would move energy between requests."""
+    alternative is renormalised to the same total in every reconciliation window
+    (``k_win``: each step's window; reconciliation keeps each window's measured total), so
+    what remains is how it would move energy between the requests of one window: nothing
+    where a window holds one step (a fine sensor), the global split where it holds the run."""
     z = np.zeros(n_req)
     if sel is None or sel.boot is None or not len(e_s):
         return z, z
@@ -531,8 +534,16 @@ def _dyn_spread(sel, coef, x, scale_per_s, e_s, e_r, share, on_dev, n_req):
         t = C @ tot
         return C * np.where(t > 0, base / np.where(t > 0, t, 1.0), 0.0)[:, None]
 
+    e0 = xw @ coef  # each step's energy under the chosen model (J)
+    nwin = int(k_win.max()) + 1 if k_win is not None and len(k_win) else 0
+    e0_w = np.bincount(k_win, weights=e0, minlength=nwin) if nwin else None
+
     def per_request(direction):  # B_i . direction, for every request, in one pass over the entries
-        return np.bincount(r, weights=(xw @ direction)[s_on] * w, minlength=n_req)
+        d = xw @ direction
+        if e0_w is not None:  # the window's measured total is kept: only the split inside it moves
+            d_w = np.bincount(k_win, weights=d, minlength=nwin)
+            d = d - e0 * np.where(e0_w > 0, d_w / np.where(e0_w > 0, e0_w, 1.0), 0.0)[k_win]
+        return np.bincount(r, weights=d[s_on] * w, minlength=n_req)
 
     boots = norm(sel.boot)
     cov = np.cov(boots.T) if len(boots) > 1 else np.zeros((len(coef), len(coef)))
