@@ -248,6 +248,38 @@ def test_copy_keeps_everything_of_the_original_span_and_encodes_as_otlp():
     tp.shutdown()
 
 
+@pytest.mark.parametrize("outcome", ["final", "pending"])
+def test_a_plain_span_held_slimmed_exports_as_the_sdk_would(outcome):
+    """A span without events or links is held as a lighter copy (less for the GC to scan): what comes
+    out is field for field the original, its attributes plus ours, and the OTLP encoder takes it."""
+    exporter = InMemorySpanExporter()
+    proc = EnergySpanProcessor(SimpleSpanProcessor(exporter), hold_timeout_s=60)
+    seen = InMemorySpanExporter()  # a second processor on the provider: gets the SDK's original
+    tp = TracerProvider(resource=Resource.create({"service.name": "svc"}))
+    tp.add_span_processor(SimpleSpanProcessor(seen))
+    tp.add_span_processor(proc)
+    span = tp.get_tracer("scope", "1.0").start_span("GET /x", kind=SpanKind.SERVER, attributes={"http.route": "/x", "n": 3})
+    proc.expect(span)
+    span.set_status(Status(StatusCode.OK))
+    span.end()
+    rec = make_record(span.context.span_id, seed=8)
+    if outcome == "final":
+        proc.resolve(span.context.span_id, record_attributes(rec))
+    else:
+        proc.force_flush()
+    (orig,), (s,) = seen.get_finished_spans(), exporter.get_finished_spans()
+    for field in ("name", "context", "parent", "kind", "start_time", "end_time", "resource", "instrumentation_scope",
+                  "events", "links", "dropped_events", "dropped_links", "dropped_attributes"):
+        assert getattr(s, field) == getattr(orig, field), field
+    assert s.status.status_code == StatusCode.OK
+    extra = {k: v for k, v in s.attributes.items() if k not in orig.attributes}
+    assert {k: s.attributes[k] for k in orig.attributes} == dict(orig.attributes) == {"http.route": "/x", "n": 3}
+    assert extra == (record_attributes(rec) if outcome == "final" else {"wattspan.status": "pending"})
+    (pspan,) = encode_spans([s]).resource_spans[0].scope_spans[0].spans
+    assert {kv.key for kv in pspan.attributes} == set(s.attributes) and pspan.name == "GET /x"
+    tp.shutdown()
+
+
 def test_force_flush_and_shutdown_forward_held_spans_as_pending():
     exporter, proc, tp, tracer = pipeline(hold_timeout_s=60)
     for name in ("a", "b"):
