@@ -91,7 +91,7 @@ class BulkHistogram:
                 return False  # record() would sample an exemplar from this span
         elif type(filt) is not AlwaysOffExemplarFilter:
             return False
-        matches = []
+        matches: list[Any] = []
         for storage in consumer._reader_storages.values():
             for m in storage._get_or_init_view_instrument_match(inst):
                 template = m._aggregation
@@ -105,10 +105,10 @@ class BulkHistogram:
         key = _hash_attributes(attrs)
         total, low, high = sum(values), min(values), max(values)
         with ExitStack() as held:
-            aggs = []
+            aggs: list[tuple[Any, Any, Any, Any, Any]] = []
             for m in matches:  # each held until its values are in: collect() swaps or discards them under it
                 held.enter_context(m._lock)
-                agg = m._get_or_create_aggregation(key, attrs)  # made from the template: the same type
+                agg: Any = m._get_or_create_aggregation(key, attrs)  # made from the template: the same type
                 _ = (agg._sum, agg._min, agg._max, agg._value)  # each there, or AttributeError before any is added
                 aggs.append((agg, agg._lock, agg._boundaries, agg._record_min_max, agg._get_empty_bucket_counts))
             for agg, lock, bounds, min_max, empty in aggs:  # every attribute read: from here on nothing can fail
