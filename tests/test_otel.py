@@ -248,6 +248,38 @@ def test_copy_keeps_everything_of_the_original_span_and_encodes_as_otlp():
     tp.shutdown()
 
 
+@pytest.mark.parametrize("outcome", ["final", "pending"])
+def test_a_plain_span_held_slimmed_exports_as_the_sdk_would(outcome):
+    """A span without events or links is held as a lighter copy (less for the GC to scan): what comes
+    out is field for field the original, its attributes plus ours, and the OTLP encoder takes it."""
+    exporter = InMemorySpanExporter()
+    proc = EnergySpanProcessor(SimpleSpanProcessor(exporter), hold_timeout_s=60)
+    seen = InMemorySpanExporter()  # a second processor on the provider: gets the SDK's original
+    tp = TracerProvider(resource=Resource.create({"service.name": "svc"}))
+    tp.add_span_processor(SimpleSpanProcessor(seen))
+    tp.add_span_processor(proc)
+    span = tp.get_tracer("scope", "1.0").start_span("GET /x", kind=SpanKind.SERVER, attributes={"http.route": "/x", "n": 3})
+    proc.expect(span)
+    span.set_status(Status(StatusCode.OK))
+    span.end()
+    rec = make_record(span.context.span_id, seed=8)
+    if outcome == "final":
+        proc.resolve(span.context.span_id, record_attributes(rec))
+    else:
+        proc.force_flush()
+    (orig,), (s,) = seen.get_finished_spans(), exporter.get_finished_spans()
+    for field in ("name", "context", "parent", "kind", "start_time", "end_time", "resource", "instrumentation_scope",
+                  "events", "links", "dropped_events", "dropped_links", "dropped_attributes"):
+        assert getattr(s, field) == getattr(orig, field), field
+    assert s.status.status_code == StatusCode.OK
+    extra = {k: v for k, v in s.attributes.items() if k not in orig.attributes}
+    assert {k: s.attributes[k] for k in orig.attributes} == dict(orig.attributes) == {"http.route": "/x", "n": 3}
+    assert extra == (record_attributes(rec) if outcome == "final" else {"wattspan.status": "pending"})
+    (pspan,) = encode_spans([s]).resource_spans[0].scope_spans[0].spans
+    assert {kv.key for kv in pspan.attributes} == set(s.attributes) and pspan.name == "GET /x"
+    tp.shutdown()
+
+
 def test_force_flush_and_shutdown_forward_held_spans_as_pending():
     exporter, proc, tp, tracer = pipeline(hold_timeout_s=60)
     for name in ("a", "b"):
@@ -516,6 +548,57 @@ def test_metrics_sum_per_route_cap_tenants_and_report_devices():
     assert [(p.attributes["hw.id"], p.value) for p in pts["wattspan.sampler.dropped"]] == [("gpu0", 7)]
     assert [p.value for p in pts["wattspan.sampler.poll_age"]] == [0.25]
     mp.shutdown()
+
+
+def _histograms(reader: InMemoryMetricReader) -> dict:
+    """Every histogram point of the reader's latest collection: (name, attributes) -> its figures."""
+    out = {}
+    for rm in reader.get_metrics_data().resource_metrics:
+        for sm in rm.scope_metrics:
+            for m in sm.metrics:
+                for p in m.data.data_points:
+                    if hasattr(p, "bucket_counts"):
+                        out[m.name, tuple(sorted(p.attributes.items()))] = (p.count, p.sum, tuple(p.bucket_counts), p.min, p.max)
+    return out
+
+
+@pytest.mark.parametrize("temporality", ["cumulative", "delta"])
+def test_histograms_fed_per_label_set_equal_the_sdks_own_record_per_value(temporality):
+    """The bulk path (a label set's values into the SDK's aggregation at once) exports exactly what
+    Histogram.record per value does: counts, buckets, min, max, sums to rounding, over passes."""
+    from opentelemetry.sdk.metrics import Histogram
+    from opentelemetry.sdk.metrics.export import AggregationTemporality
+    from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
+
+    pref = {Histogram: AggregationTemporality.DELTA} if temporality == "delta" else {}
+    readers = [InMemoryMetricReader(preferred_temporality=pref) for _ in range(2)]
+    fast, slow = EnergyMetrics(MeterProvider(metric_readers=[readers[0]])), EnergyMetrics(MeterProvider(metric_readers=[readers[1]]))
+    for h in (slow._req_energy, slow._req_co2e):
+        h._usable = False  # the public path: Histogram.record, one value at a time
+    rng = random.Random(5)
+    for p in range(3):  # passes, collected in between (delta resets, cumulative adds up)
+        recs = [make_record(seed=rng.randrange(10**6), route=rng.choice(["/a", "/b"]), tenant=rng.choice(["x", "y", None]),
+                            model="m", energy_j=rng.choice([0.01, 0.03, 2.0, rng.uniform(0, 50)]), co2e_g=rng.uniform(0, 0.2))
+                for _ in range(300)]
+        fast.observe_many(recs)
+        slow.observe_many(recs)
+        assert fast._req_energy.bulk and fast._req_co2e.bulk and not slow._req_energy.bulk
+        got, want = _histograms(readers[0]), _histograms(readers[1])
+        assert got.keys() == want.keys() and len(got) >= 8
+        for k, (n, total, buckets, low, high) in want.items():
+            assert got[k][0] == n and got[k][2] == buckets and got[k][3:] == (low, high), k
+            assert got[k][1] == pytest.approx(total, rel=1e-12), k
+        assert sum(v[0] for (name, _), v in got.items() if name == "wattspan.request.energy") == (300 if temporality == "delta" else 300 * (p + 1))
+
+    # a View that filters the attributes (or changes the aggregation) is the SDK's to apply: value by value
+    reader = InMemoryMetricReader()
+    view = View(instrument_name="wattspan.request.energy", attribute_keys={"http.route"},
+                aggregation=ExplicitBucketHistogramAggregation((1.0, 10.0)))
+    em = EnergyMetrics(MeterProvider(metric_readers=[reader], views=[view]))
+    em.observe_many([make_record(seed=i, route="/a", energy_j=float(i)) for i in range(20)])
+    assert not em._req_energy.bulk and em._req_co2e.bulk
+    (pt,) = [v for (name, _), v in _histograms(reader).items() if name == "wattspan.request.energy"]
+    assert pt[0] == 20 and pt[2] == (2, 9, 9) and pt[1] == sum(range(20))
 
 
 def test_metrics_never_raise_a_failing_health_provider_is_counted():

@@ -81,7 +81,10 @@ def _with_attributes(span: ReadableSpan, extra: Mapping[str, Any]) -> ReadableSp
     public constructor.
     """
     src = getattr(span, "_attributes", None)
-    if isinstance(src, BoundedAttributes):
+    if type(src) is dict:  # a span held by _slim
+        merged = dict(src)
+        dropped = 0
+    elif isinstance(src, BoundedAttributes):
         merged = dict(src._dict)  # the span's own values, cleaned by the SDK already
         dropped = src.dropped
     else:
@@ -113,6 +116,40 @@ def _with_attributes(span: ReadableSpan, extra: Mapping[str, Any]) -> ReadableSp
         end_time=span.end_time,
         instrumentation_scope=span.instrumentation_scope,
     )
+
+
+_NO_ITEMS: tuple[Any, ...] = ()
+
+
+def _slim(span: ReadableSpan) -> ReadableSpan:
+    """``span`` to hold until its record comes, with less for the garbage collector to scan.
+
+    The SDK's ReadableSpan shares the ended span's event and link lists (a
+    BoundedList each: a deque and a lock) and its attributes (a
+    BoundedAttributes: a lock and a dict). When the lists are empty and nothing
+    was dropped, a shallow copy holds empty tuples and a plain dict of the
+    attributes instead, and is all that is held: the objects the cyclic GC
+    tracks per held span go from 12 to 5 (about 3,000 spans are held at 3,000
+    requests/s, and every full collection scans them). What the copy reads
+    back is the same (``events``, ``links``, ``attributes``, their dropped
+    counts: 0); other spans are held as they are.
+    """
+    if type(span) is not ReadableSpan:
+        return span
+    d = span.__dict__
+    ev, ln = d.get("_events"), d.get("_links")
+    if ev or ln or getattr(ev, "dropped", 0) or getattr(ln, "dropped", 0):
+        return span
+    copy = _new(ReadableSpan)
+    cd = copy.__dict__
+    cd.update(d)
+    cd["_events"] = cd["_links"] = _NO_ITEMS
+    attrs = d.get("_attributes")
+    if type(attrs) is BoundedAttributes and not attrs.dropped:
+        cd["_attributes"] = dict(attrs._dict)  # the values cleaned by the SDK already
+    return copy
+
+
 
 
 def _empty_hooks() -> frozenset:
@@ -246,50 +283,60 @@ class EnergySpanProcessor(SpanProcessor):
         self._resolve(span_id, attrs)
 
     def _resolve(self, span_id: int, attrs: dict[str, Any]) -> None:
-        """:meth:`resolve` with ``attrs`` this processor's own to keep (the meter's
-        fresh dict from :func:`record_attributes`: not copied again)."""
+        """:meth:`resolve` with ``attrs`` this processor's own to keep (not copied again)."""
+        self._resolve_many(((span_id, attrs),))
+
+    def _resolve_many(self, items: Sequence[tuple[int, dict[str, Any]]]) -> None:
+        """:meth:`resolve` for each (span id, attributes) of a pass, under one lock; the
+        attribute dicts are this processor's own to keep (the fresh ones of
+        :func:`record_attributes`: not copied again)."""
         out: list[ReadableSpan] = []
-        held = None
+        found: list[tuple[ReadableSpan, dict[str, Any]]] = []
         try:
             now = _monotonic()
             with self._lock:
-                item = self._held.pop(span_id, None)
-                if item is not None:
-                    held = item[0]
-                    self._counts["final"] += 1
-                elif span_id in self._expected and not self._closed:
-                    early = self._early
-                    early[span_id] = (attrs, now + self._early_ttl_s)
-                    early.move_to_end(span_id)
-                    self._counts["early"] += 1
-                    if len(early) > self.max_held:
-                        early.popitem(last=False)
-                        self._counts["early_expired"] += 1
-                elif span_id in self._gone:
-                    self._counts["late"] += 1
-                else:
-                    self._counts["unmatched"] += 1
+                pop, expected, early, gone, counts = self._held.pop, self._expected, self._early, self._gone, self._counts
+                closed, ttl = self._closed, now + self._early_ttl_s
+                for span_id, attrs in items:
+                    item = pop(span_id, None)
+                    if item is not None:
+                        found.append((item[0], attrs))
+                    elif span_id in expected and not closed:
+                        early[span_id] = (attrs, ttl)
+                        early.move_to_end(span_id)
+                        counts["early"] += 1
+                        if len(early) > self.max_held:
+                            early.popitem(last=False)
+                            counts["early_expired"] += 1
+                    elif span_id in gone:
+                        counts["late"] += 1
+                    else:
+                        counts["unmatched"] += 1
+                counts["final"] += len(found)
                 self._expire_locked(now, out)
-            if held is not None:  # copied outside the lock: the event loop's on_end never waits for it
-                out.append(_with_attributes(held, attrs))
         except Exception:
             self._fault("EnergySpanProcessor.resolve failed")
-            if held is not None and not any(s is held for s in out):
-                out.append(held)  # never lose the span: on as it is
+        for span, attrs in found:  # copied outside the lock: the event loop's on_end never waits for them
+            try:
+                out.append(_with_attributes(span, attrs))
+            except Exception:
+                self._fault("EnergySpanProcessor.resolve failed to copy a span")
+                out.append(span)  # never lose the span: on as it is
         self._forward(out)
 
     # -------------------------------------------------------------- wattspan.RecordSink
 
     def on_records(self, records: Sequence[RequestRecord]) -> None:
         """RecordSink: resolve the held span of each final record that has one."""
+        items: list[tuple[int, dict[str, Any]]] = []
         for rec in records:
             if rec.span_id:
                 try:
-                    attrs = record_attributes(rec)
+                    items.append((rec.span_id, record_attributes(rec)))  # our fresh dict: not copied again
                 except Exception:
                     self._fault("record_attributes failed for a record")
-                    continue
-                self._resolve(rec.span_id, attrs)  # our fresh dict: not copied again
+        if items:
+            self._resolve_many(items)
 
     def on_device(self, figures: DeviceFigures) -> None:
         """RecordSink: spans carry no per-device figures."""
@@ -359,7 +406,7 @@ class EnergySpanProcessor(SpanProcessor):
                                 self._start_thread()
                             else:
                                 self._cond.notify()
-                        held[sid] = (span, now + self.hold_timeout_s)
+                        held[sid] = (_slim(span), now + self.hold_timeout_s)
                         if len(held) > self.max_held:
                             osid, (ospan, _) = held.popitem(last=False)
                             out.append(self._pending(osid, ospan, "pending_overflow"))
