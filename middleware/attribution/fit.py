@@ -206,13 +206,18 @@ def _waits(seg: "_Segments", st_ns: np.ndarray, en_ns: np.ndarray) -> tuple[np.n
     ms = ss[new]
     me = np.maximum.reduceat(se, np.flatnonzero(new))
     lo, hi = seg.edges[0], seg.edges[-1]
-    # np.unique, spelled out: three sorted runs merge in one stable sort, where numpy 2's
-    # hash-based unique takes seconds for millions of int64 edges
-    e = np.sort(np.concatenate((seg.edges, np.clip(ms, lo, hi), np.clip(me, lo, hi))), kind="stable")
-    e = e[np.concatenate(([True], e[1:] != e[:-1]))]
+    # The union of the segment edges and the merged steps' bounds, and at each of its times
+    # how many edges and step starts lie at or before it (np.unique and two searchsorted):
+    # one stable sort of the three sorted runs, each time tagged with its run in its two low
+    # bits (times relative to the period, so the shift cannot overflow).
+    tagged = np.concatenate(((seg.edges - lo) * 4, (np.clip(ms, lo, hi) - lo) * 4 + 1, (np.clip(me, lo, hi) - lo) * 4 + 2))
+    tagged.sort(kind="stable")
+    v, tag = tagged >> 2, tagged & 3
+    last = np.concatenate((v[1:] != v[:-1], [True]))  # each time's last copy
+    e = v[last] + lo
     left = e[:-1]
-    inflight = seg.n[np.clip(np.searchsorted(seg.edges, left, side="right") - 1, 0, len(seg.n) - 1)] > 0
-    k = np.searchsorted(ms, left, side="right") - 1
+    inflight = seg.n[np.cumsum(tag == 0)[last][:-1] - 1] > 0  # the segment each left edge opens
+    k = np.cumsum(tag == 1)[last][:-1] - 1  # the merged step that started last at or before it
     in_step = (k >= 0) & (me[np.maximum(k, 0)] > left)
     flag = inflight & ~in_step
     if not flag.any():
