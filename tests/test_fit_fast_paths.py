@@ -67,3 +67,19 @@ def test_masses_side_by_side_equal_the_stacked_rows(seed):
     assert beside.x.shape[1] == stacked.x.shape[1]
     np.testing.assert_array_equal(beside.mass(t), stacked.mass(t))
     np.testing.assert_array_equal(beside.density(t), stacked.density(t))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_segments_index_their_edges_as_searchsorted_does(seed):
+    rng = np.random.default_rng(seed)
+    n = [1, 7, 500][seed % 3]
+    a, b = 10**12, 10**12 + 10**6
+    start = rng.integers(a, b, n) // 1000 * 1000  # ties between starts, ends and the period's ends
+    end = np.minimum(start + rng.integers(0, 50, n) * 1000, b)
+    if seed >= 3:
+        start, end = np.sort(start), end[np.argsort(start, kind="stable")]  # the usual order
+    seg = _Segments(start, end, np.ones(n), a, b)
+    edges = np.unique(np.concatenate(([a, b], start, end)))
+    np.testing.assert_array_equal(seg.edges, edges)
+    np.testing.assert_array_equal(seg.si, np.searchsorted(edges, start))
+    np.testing.assert_array_equal(seg.ei, np.searchsorted(edges, end))

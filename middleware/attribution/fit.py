@@ -16,16 +16,6 @@ from .results import StepModel
 __all__ = ["nnls", "step_features"]
 
 
-def _sorted_union(a: int, b: int, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
-    """``np.sort([a, b, *starts, *ends])``, the same array: requests usually come in order of
-    their start and end soon after, so a stable (merging) sort of the already sorted runs
-    does in one pass what a quicksort of everything does in several."""
-    st = starts if len(starts) < 2 or bool(np.all(starts[1:] >= starts[:-1])) else np.sort(starts)
-    parts = (np.array([a], dtype=np.int64), st.astype(np.int64, copy=False), np.sort(ends, kind="stable").astype(np.int64, copy=False),
-             np.array([b], dtype=np.int64))
-    return np.sort(np.concatenate(parts), kind="stable")
-
-
 class _Segments:
     """Elementary time segments between request starts and ends on one device.
 
@@ -38,11 +28,24 @@ class _Segments:
     __slots__ = ("edges", "si", "ei", "n", "w", "weights")
 
     def __init__(self, starts, ends, weights, a: int, b: int) -> None:
-        edges = _sorted_union(a, b, starts, ends)
-        edges = edges[np.concatenate(([True], edges[1:] != edges[:-1]))]
-        self.edges = edges
-        self.si = _search_sorted(edges, starts)
-        self.ei = _search_sorted(edges, ends)
+        # The sorted distinct times of [a, starts, ends, b] and each start's and end's index
+        # among them, from one stable sort: requests usually come in order of their start and
+        # end soon after, so the sort merges a few sorted runs. Each time carries its run in
+        # two low bits (times relative to a); a run's times come out in its own sorted order,
+        # so the index of each is the count of distinct times before it.
+        os_ = _order(starts)
+        oe = _order(ends)
+        ss = starts if os_ is None else starts[os_]
+        es = ends if oe is None else ends[oe]
+        tagged = np.concatenate((np.zeros(1, dtype=np.int64), (ss.astype(np.int64) - a) * 4 + 1,
+                                 (es.astype(np.int64) - a) * 4 + 2, np.array([(b - a) * 4 + 3], dtype=np.int64)))
+        tagged.sort(kind="stable")
+        v, tag = tagged >> 2, tagged & 3
+        first = np.concatenate(([True], v[1:] != v[:-1]))
+        rank = np.cumsum(first) - 1
+        self.edges = edges = v[first] + a
+        self.si = _unsort(rank[tag == 1], os_)
+        self.ei = _unsort(rank[tag == 2], oe)
         m = len(edges) - 1
         live = self.ei > self.si
         cnt = np.bincount(self.si[live], minlength=m + 1)[: m + 1] - np.bincount(self.ei[live], minlength=m + 1)[: m + 1]
@@ -82,14 +85,17 @@ def _prefix(a: np.ndarray) -> np.ndarray:
     return out
 
 
-def _search_sorted(hay: np.ndarray, q: np.ndarray) -> np.ndarray:
-    """``np.searchsorted(hay, q)`` (left); unsorted queries are looked up in sorted order and put
-    back (cache-friendly: about 2x faster for millions of request ends)."""
-    if len(q) < 4096 or bool(np.all(q[1:] >= q[:-1])):
-        return np.searchsorted(hay, q)
-    o = np.argsort(q, kind="stable")
-    out = np.empty(len(q), dtype=np.intp)
-    out[o] = np.searchsorted(hay, q[o])
+def _order(q: np.ndarray) -> np.ndarray | None:
+    """A stable sorting order of ``q``, or None when it is sorted already."""
+    return None if len(q) < 2 or bool(np.all(q[1:] >= q[:-1])) else np.argsort(q, kind="stable")
+
+
+def _unsort(v: np.ndarray, order: np.ndarray | None) -> np.ndarray:
+    """Values computed in sorted order, put back in the original order."""
+    if order is None:
+        return v
+    out = np.empty_like(v)
+    out[order] = v
     return out
 
 
