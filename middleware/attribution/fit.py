@@ -99,6 +99,9 @@ def _unsort(v: np.ndarray, order: np.ndarray | None) -> np.ndarray:
     return out
 
 
+_MEMO_SIZE = 1 << 22  # feature masses a _StepFeatures keeps for reuse, at most (values: 32 MiB)
+
+
 class _StepFeatures:
     """Cumulative feature mass F(t) = sum_s x_s * clip((t - start_s) / dur_s, 0, 1).
 
@@ -106,7 +109,8 @@ class _StepFeatures:
     and by end. Times are seconds relative to the period start (float64).
     """
 
-    __slots__ = ("x", "st", "en", "dur", "_os", "_oe", "_st_sorted", "_en_sorted", "_cs_rate", "_cs_rate_st", "_ce_rate", "_ce_rate_st", "_ce_x")
+    __slots__ = ("x", "st", "en", "dur", "_os", "_oe", "_st_sorted", "_en_sorted", "_cs_rate", "_cs_rate_st", "_ce_rate", "_ce_rate_st", "_ce_x",
+                 "_memo")
 
     def __init__(self, x: np.ndarray, st: np.ndarray, en: np.ndarray) -> None:
         self.x, self.st, self.en = x, st, en
@@ -125,13 +129,22 @@ class _StepFeatures:
         self._ce_rate = self._cs_rate if (s_ok and e_ok) else _prefix(rate_e)
         self._ce_rate_st = self._cs_rate_st if (s_ok and e_ok) else _prefix(rate_e * st[oe, None])
         self._ce_x = _prefix(x[oe])
+        self._memo: list[tuple[np.ndarray, np.ndarray]] = []
 
     def mass(self, t: np.ndarray) -> np.ndarray:
-        """F(t): shape (len(t), n_features)."""
+        """F(t): shape (len(t), n_features), read-only. The last two are kept: the fit reads
+        the steps' mass at the same readings' ends and starts again with the waits' beside."""
+        for t_m, f_m in self._memo:
+            if len(t_m) == len(t) and np.array_equal(t_m, t):
+                return f_m
         i = np.searchsorted(self._st_sorted, t, side="right")  # steps started by t
         j = np.searchsorted(self._en_sorted, t, side="right")  # steps ended by t
         running = t[:, None] * (self._cs_rate[i] - self._ce_rate[j]) - (self._cs_rate_st[i] - self._ce_rate_st[j])
-        return self._ce_x[j] + running
+        out = self._ce_x[j] + running
+        out.flags.writeable = False
+        if out.size <= _MEMO_SIZE:
+            self._memo = [(np.array(t, copy=True), out), *self._memo[:1]]
+        return out
 
     def density(self, t: np.ndarray) -> np.ndarray:
         """dF/dt at t: the feature rate of the steps running at that instant."""
