@@ -14,6 +14,7 @@ import argparse
 import os
 import platform
 import time
+import tracemalloc
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # one core
@@ -54,6 +55,19 @@ def best_of(fn, repeat=3):
     return best
 
 
+def cpu_and_peak(fn):
+    """CPU seconds of one more call (this process's, so other jobs on the machine count less than
+    in the wall time) and the peak MiB it allocated (tracemalloc, in a further call)."""
+    c0 = time.process_time()
+    fn()
+    cpu = time.process_time() - c0
+    tracemalloc.start()
+    fn()
+    peak = tracemalloc.get_traced_memory()[1] / 2**20
+    tracemalloc.stop()
+    return cpu, peak
+
+
 def baseline(trace, req):
     e = np.concatenate(([0.0], np.cumsum((trace.power_w[1:] + trace.power_w[:-1]) * 0.5 * np.diff(trace.t_ns) * 1e-9)))
     tf = trace.t_ns.astype(np.float64)
@@ -76,31 +90,35 @@ def main() -> None:
     rows = []
     trace, req, _ = make(a.requests, a.samples)
     tb = best_of(lambda: baseline(trace, req))
-    tw = best_of(lambda: attribute([trace], req, idle_w=90.0))
-    rows.append(("time-share, idle given", a.requests, a.samples, tw, tb))
-    tw = best_of(lambda: attribute([trace], req))
-    rows.append(("time-share, idle estimated", a.requests, a.samples, tw, tb))
+    fn = lambda: attribute([trace], req, idle_w=90.0)  # noqa: E731
+    rows.append(("time-share, idle given", a.requests, a.samples, best_of(fn), tb, *cpu_and_peak(fn)))
+    fn = lambda: attribute([trace], req)  # noqa: E731
+    rows.append(("time-share, idle estimated", a.requests, a.samples, best_of(fn), tb, *cpu_and_peak(fn)))
     # batch-fit: 2 steps per request (4 requests a step), the step model chosen by cross-validation,
     # the window by held-out readings, a 90 % band per request; a sensor read every 10 ms
     n_bf = a.batch_requests
     trace, req, steps = make(n_bf, a.batch_samples, steps_per_req=2)
     tb2 = best_of(lambda: baseline(trace, req))
-    tw = best_of(lambda: attribute([trace], req, steps, idle_w=90.0), repeat=2)
-    rows.append((f"batch-fit, {len(steps):,} steps, model selection + bands", len(req), len(trace), tw, tb2))
-    tw = best_of(lambda: attribute([trace], req, steps), repeat=2)
-    rows.append((f"batch-fit, {len(steps):,} steps, idle estimated too", len(req), len(trace), tw, tb2))
+    fn = lambda: attribute([trace], req, steps, idle_w=90.0)  # noqa: E731
+    rows.append((f"batch-fit, {len(steps):,} steps, model selection + bands", len(req), len(trace), best_of(fn, repeat=2), tb2,
+                 *cpu_and_peak(fn)))
+    fn = lambda: attribute([trace], req, steps)  # noqa: E731
+    rows.append((f"batch-fit, {len(steps):,} steps, idle estimated too", len(req), len(trace), best_of(fn, repeat=2), tb2,
+                 *cpu_and_peak(fn)))
     lines = [
         "# Attribution throughput",
         "",
         f"Command: `python benchmarks/attribution_speed.py --requests {a.requests} --samples {a.samples} --batch-requests {a.batch_requests} --batch-samples {a.batch_samples}`",
         f"Machine: {platform.machine()}, {os.cpu_count()} cores ({platform.processor() or 'cpu'}), Python {platform.python_version()}, numpy {np.__version__}, OMP_NUM_THREADS=1. Best of 3 (batch-fit: of 2). The machine was shared with other jobs while this ran.",
         "",
-        "| case | requests | samples | wattspan s | requests/s | samples/s | baseline s | ratio |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| case | requests | samples | wattspan s | requests/s | samples/s | baseline s | ratio | CPU s | peak MiB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for name, nr, nsamp, tw, tb in rows:
-        lines.append(f"| {name} | {nr:,} | {nsamp:,} | {tw:.3f} | {nr / tw:,.0f} | {nsamp / tw:,.0f} | {tb:.3f} | {tw / tb:.1f}x |")
-    lines += ["", "Baseline: cumulative trapezoid of the trace and one `np.interp` at each request's start and end (no sharing, no idle, no conservation)."]
+    for name, nr, nsamp, tw, tb, cpu, peak in rows:
+        lines.append(f"| {name} | {nr:,} | {nsamp:,} | {tw:.3f} | {nr / tw:,.0f} | {nsamp / tw:,.0f} | {tb:.3f} | {tw / tb:.1f}x | {cpu:.3f} | {peak:,.0f} |")
+    lines += ["", "Baseline: cumulative trapezoid of the trace and one `np.interp` at each request's start and end (no sharing, no idle, no conservation).",
+              "CPU s: this process's CPU time for one more call (`time.process_time`; other jobs on the machine inflate it less than the wall time). "
+              "Peak MiB: the most memory that call held at once beyond its inputs (`tracemalloc`, numpy's arrays included)."]
     text = "\n".join(lines) + "\n"
     print(text)
     write_results(a, "attribution_speed.md", text)

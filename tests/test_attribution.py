@@ -271,17 +271,14 @@ class TestTraceEdges:
 
 
 def test_fast_paths_give_the_same_numbers():
-    """The speed paths (sorted look-up of unsorted ends, one look-up per edge, the object
-    columns by repeat) return exactly what the plain numpy calls do."""
+    """The speed paths (one look-up per edge, the object columns by repeat) return exactly
+    what the plain numpy calls do (the batch fit's: tests/test_fit_fast_paths.py)."""
     from wattspan.attribution.attribute import _obj_full
     from wattspan.attribution.energy import _CumEnergy
-    from wattspan.attribution.fit import _prefix, _search_sorted
+    from wattspan.attribution.fit import _prefix
 
     rng = np.random.default_rng(3)
     hay = np.unique(rng.integers(0, 10**9, 20_000))
-    q = rng.integers(-10, 10**9 + 10, 10_000)
-    np.testing.assert_array_equal(_search_sorted(hay, q), np.searchsorted(hay, q))
-    np.testing.assert_array_equal(_search_sorted(hay, np.sort(q)), np.searchsorted(hay, np.sort(q)))
     pw = _Piecewise(np.array([0, 5 * 10**8, 10**9]), np.array([50.0, 80.0, 60.0]))
     edges = np.sort(rng.integers(-10**8, 11 * 10**8, 5_000))
     np.testing.assert_array_equal(pw.over(edges), pw.integral(edges[:-1], edges[1:]))

@@ -1,0 +1,85 @@
+"""The batch fit's fast paths against the plain code they replaced (same numbers, not just close)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from wattspan.attribution.fit import _Beside, _Segments, _StepFeatures, _waits
+
+
+def _waits_plain(seg, st_ns, en_ns):
+    """The device's waits as first written: np.unique of the edges and two searchsorted."""
+    o = np.argsort(st_ns, kind="stable")
+    ss, se = st_ns[o], np.maximum.accumulate(en_ns[o])
+    new = np.concatenate(([True], ss[1:] > se[:-1]))
+    ms = ss[new]
+    me = np.maximum.reduceat(se, np.flatnonzero(new))
+    lo, hi = seg.edges[0], seg.edges[-1]
+    e = np.unique(np.concatenate((seg.edges, np.clip(ms, lo, hi), np.clip(me, lo, hi))))
+    left = e[:-1]
+    inflight = seg.n[np.clip(np.searchsorted(seg.edges, left, side="right") - 1, 0, len(seg.n) - 1)] > 0
+    k = np.searchsorted(ms, left, side="right") - 1
+    in_step = (k >= 0) & (me[np.maximum(k, 0)] > left)
+    flag = inflight & ~in_step
+    d = np.diff(np.concatenate(([0], flag.astype(np.int8), [0])))
+    return e[np.flatnonzero(d == 1)], e[np.flatnonzero(d == -1)]
+
+
+def _case(seed: int, n_req: int, n_steps: int, grid: int):
+    """Requests and steps on a coarse time grid (so edges, step bounds and the period's ends
+    coincide often), steps overlapping, touching and reaching outside the period."""
+    rng = np.random.default_rng(seed)
+    a, b = 1_000, 1_000 + 200 * grid
+    start = np.sort(rng.integers(a - 5 * grid, b, n_req) // grid * grid)
+    end = start + rng.integers(0, 30, n_req) * grid
+    seg = _Segments(np.clip(start, a, b), np.clip(end, a, b), np.ones(n_req), a, b)
+    st = rng.integers(a - 10 * grid, b + 10 * grid, n_steps) // grid * grid
+    en = st + rng.integers(1, 6, n_steps) * grid
+    return seg, st.astype(np.int64), en.astype(np.int64)
+
+
+def test_waits_are_those_of_the_plain_version():
+    with_waits = 0
+    for seed in range(18):
+        seg, st, en = _case(seed, n_req=[3, 40, 400][seed % 3], n_steps=[1, 25, 300][(seed // 3) % 3], grid=[1, 7][seed % 2])
+        got, want = _waits(seg, st, en), _waits_plain(seg, st, en)
+        with_waits += len(want[0]) > 0
+        for g, w in zip(got, want):
+            np.testing.assert_array_equal(g, w)
+    assert with_waits >= 9  # the cases compare waits, not only empty results
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_masses_side_by_side_equal_the_stacked_rows(seed):
+    rng = np.random.default_rng(seed)
+    n, m = 300, 120
+    st = np.sort(rng.random(n) * 10)
+    en = st + rng.random(n) * 0.2
+    wst = np.sort(rng.random(m) * 10)
+    wen = wst + rng.random(m) * 0.05
+    x = rng.random((n, 5))
+    xw = np.column_stack((wen - wst, np.ones(m)))
+    stacked = _StepFeatures(np.vstack((np.hstack((x, np.zeros((n, 2)))), np.hstack((np.zeros((m, 5)), xw)))),
+                            np.concatenate((st, wst)), np.concatenate((en, wen)))
+    beside = _Beside(_StepFeatures(x, st, en), _StepFeatures(xw, wst, wen))
+    t = np.sort(rng.random(500) * 11 - 0.5)
+    assert beside.x.shape[1] == stacked.x.shape[1]
+    np.testing.assert_array_equal(beside.mass(t), stacked.mass(t))
+    np.testing.assert_array_equal(beside.density(t), stacked.density(t))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_segments_index_their_edges_as_searchsorted_does(seed):
+    rng = np.random.default_rng(seed)
+    n = [1, 7, 500][seed % 3]
+    a, b = 10**12, 10**12 + 10**6
+    start = rng.integers(a, b, n) // 1000 * 1000  # ties between starts, ends and the period's ends
+    end = np.minimum(start + rng.integers(0, 50, n) * 1000, b)
+    if seed >= 3:
+        start, end = np.sort(start), end[np.argsort(start, kind="stable")]  # the usual order
+    seg = _Segments(start, end, np.ones(n), a, b)
+    edges = np.unique(np.concatenate(([a, b], start, end)))
+    np.testing.assert_array_equal(seg.edges, edges)
+    np.testing.assert_array_equal(seg.si, np.searchsorted(edges, start))
+    np.testing.assert_array_equal(seg.ei, np.searchsorted(edges, end))
