@@ -267,7 +267,7 @@ def _batch_fit(cum, trace, steps, s_idx, requests, ridx, seg, idle_curve, a, b, 
     nb, nw = x.shape[1], len(WAIT_TERMS)
     if len(w_st):
         xw = np.column_stack(((w_en - w_st) * _NS, np.ones(len(w_st))))  # the WAIT_TERMS
-        fit_feats = _Beside(feats, _StepFeatures(xw, rel(w_st), rel(w_en)))
+        fit_feats: _Beside | _StepFeatures = _Beside(feats, _StepFeatures(xw, rel(w_st), rel(w_en)))
         families = dict(FAMILIES)
         families.update({f"{k}+wait": v + tuple(range(nb, nb + nw)) for k, v in FAMILIES.items()})
     else:
