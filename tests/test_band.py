@@ -227,3 +227,20 @@ def test_a_request_s_own_persistent_misfit_is_seen_and_widens_its_band():
             assert 0.75 <= inside.mean() <= 1.0, inside.mean()
     assert found[0.2] > 10 * max(found[0.0], 1e-6)
     assert widths[0.2] > 3 * widths[0.0]
+
+
+def test_a_counter_s_edge_errors_are_told_from_white_scatter_by_consecutive_readings():
+    """An energy counter value read early or late moves energy between the two deltas it bounds:
+    consecutive residuals are anticorrelated, and their products measure the edge's variance;
+    independent scatter (a step's own) leaves them uncorrelated and is credited no edge."""
+    from wattspan.attribution.fit import _edge_var
+
+    rng = np.random.default_rng(3)
+    p = 50.0 + 10.0 * rng.random(4000)  # each delta's predicted energy, J
+    sigma_e = 0.08  # each counter value off by 8 % of the energy either side of it
+    c = sigma_e * np.sqrt(np.concatenate(([p[0] ** 2], p[1:] * p[:-1], [p[-1] ** 2]))) * rng.standard_normal(len(p) + 1)
+    white = 0.03 * p * rng.standard_normal(len(p))
+    edge = _edge_var(np.diff(c) + white, p)
+    assert 0.7 * sigma_e**2 <= edge <= 1.3 * sigma_e**2, edge
+    assert _edge_var(white, p) == 0.0
+    assert _edge_var(white + 0.05 * p * np.repeat(rng.standard_normal(len(p) // 4), 4), p) == 0.0  # correlated, not anticorrelated

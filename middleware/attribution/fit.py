@@ -427,7 +427,8 @@ def _batch_fit(cum, trace, steps, s_idx, requests, ridx, seg, idle_curve, a, b, 
         noise = dict(noise, **_request_components(noise.pop("resid"), p_row, t_row, len_row, rel, feats, e_step, e_s,
                                                   e_r, share, on_dev, e_rel, w_meas, w_pred, len(ridx), dyn, s2,
                                                   (rel(np.clip(requests.start_ns[ridx], a, b)),
-                                                   rel(np.clip(requests.end_ns[ridx], a, b)))))
+                                                   rel(np.clip(requests.end_ns[ridx], a, b))),
+                                                  cum.source == "energy-counter"))
     spread = (*spread, s2, noise)
     extra_noise = {k: v for k, v in noise.items() if k != "exposure"} if noise is not None else None
 
@@ -704,7 +705,7 @@ _PAIRS = 200_000  # (lifetime, request in flight) pairs the fit looks at, at mos
 
 
 def _request_components(r, p, t, len_ns, rel, feats, e_step, e_s, e_r, share, on_dev, e_rel, w_meas, w_pred, n_req,
-                        dyn, s2, life) -> dict:
+                        dyn, s2, life, counter: bool = False) -> dict:
     """The error band's components, estimated on the unit it is for: a request's lifetime.
 
     Over each request's lifetime the readings (or counter windows) that overlap it have
@@ -730,7 +731,9 @@ def _request_components(r, p, t, len_ns, rel, feats, e_step, e_s, e_r, share, on
     Then each request's exposure once reconciled: the windows are measured, so a step's own
     error counts less the more of its window's energy it is, a request's misfit less the more
     of its windows' energy it holds (``s2phi``, ``psi``), and the sensor's noise reaches it
-    only through its windows' measured totals (``v_req``)."""
+    only through its windows' measured totals (``v_req``). ``counter``: the readings are an
+    energy counter's deltas, whose edge errors the consecutive residuals identify (see
+    :func:`_edge_var`)."""
     out: dict = {}
     nw = len(w_pred)
     if len(t) < 8 or not len(e_step) or nw < 1 or n_req == 0 or not np.any(on_dev):
@@ -795,7 +798,13 @@ def _request_components(r, p, t, len_ns, rel, feats, e_step, e_s, e_r, share, on
     X = np.column_stack((np.ones(int(pos.sum())), Xreq[pos] / P2, S[pos] / P2, N[pos] / P2, E[pos] / P2))
     yv = (R[pos] / P[pos]) ** 2
     yv = np.minimum(yv, float(np.quantile(yv, 0.99)))  # a burst the model never saw widens, not sets, the band
-    v = _credited_split(X, yv, sensor=(3, 4))
+    edge = _edge_var(r, p) if counter else 0.0
+    if edge > 0:
+        # the edges' share is identified by the readings themselves (see _edge_var): fixed,
+        # the rest split as before
+        v = np.insert(_credited_split(X[:, :4], np.maximum(yv - edge * X[:, 4], 0.0), sensor=(3,)), 4, edge)
+    else:
+        v = _credited_split(X, yv, sensor=(3, 4))
     # reconciliation's reach: each step's share of its window, each request's of its windows
     k_step = np.clip(np.searchsorted(e_rel, feats.st, side="right") - 1, 0, nw - 1)
     wp = np.where(w_pred > 0, w_pred, np.inf)
@@ -820,6 +829,28 @@ def _request_components(r, p, t, len_ns, rel, feats, e_step, e_s, e_r, share, on
     out = {"units": int(pos.sum()), "misfit_var": float(v[0]), "request_var": float(v[1]), "step_var_req": float(v[2]),
            "sensor_var": float(v[3]), "edge_var": float(v[4]), "exposure": {"white": white, "psi": psi}}
     return out
+
+
+def _edge_var(r: np.ndarray, p: np.ndarray) -> float:
+    """Relative variance of an energy counter's edge error, from the held-out residuals of
+    consecutive deltas: 0 unless they are clearly anticorrelated.
+
+    Every counter value ends one delta and starts the next: a value that is stale, refreshed
+    early or late, or quantised moves energy from one reading into the next, so reading ``j``
+    errs by ``d_j - d_(j-1)``: consecutive residuals share one edge with opposite signs, ``E[r_j r_(j+1)] = -var(d_j)``,
+    and over any run of readings the edges inside cancel (only the two ends remain). A
+    step's own scatter is independent between readings (or positively shared, when a step
+    straddles two), so it cannot make consecutive residuals anticorrelated. ``var(d_j)``
+    relative to ``p_j p_(j+1)`` (the energies either side of the edge); applied only where the
+    sum of the products is more than two of its standard errors below zero."""
+    if len(r) < 8:
+        return 0.0
+    rr = r[1:] * r[:-1]
+    pp = p[1:] * p[:-1]
+    s, se = float(rr.sum()), math.sqrt(float(np.sum(rr**2)))
+    if not (se > 0 and s < -2.0 * se) or float(pp.sum()) <= 0:
+        return 0.0
+    return -s / float(pp.sum())
 
 
 def _credited_split(X: np.ndarray, y: np.ndarray, sensor=(3, 4)) -> np.ndarray:
