@@ -999,6 +999,7 @@ def _tenant_label(header: bytes | None, from_key: bool, key_secret: bytes | None
     """
     if from_key and not key_secret:
         raise ValueError("a pseudonym of the API key needs a secret key")
+    secret: bytes = key_secret or b""
 
     def tenant(scope) -> str:
         key = None
@@ -1014,7 +1015,7 @@ def _tenant_label(header: bytes | None, from_key: bool, key_secret: bytes | None
                 key = key[7:]
             key = key.strip()
             if key:
-                return "key-" + hmac.new(key_secret, b"wattspan-tenant\0" + key, hashlib.sha256).hexdigest()[:12]
+                return "key-" + hmac.new(secret, b"wattspan-tenant\0" + key, hashlib.sha256).hexdigest()[:12]
         return ""
 
     return tenant
