@@ -47,7 +47,11 @@ without completing the response. A client that disconnects closes the
 upstream request (vLLM then aborts it).
 
 Privacy: the proxy never logs or stores a request or response body: it keeps
-only the model name, the token counts and the route template.
+only the model name, the token counts and the route template. A request
+without a tenant header is labelled by a keyed pseudonym of its API key
+(HMAC-SHA-256 under a secret: ``WATTSPAN_PSEUDONYM_KEY``, else a key file
+beside the ledger, else one per process); neither the API key nor that
+secret is logged, stored in a record or exported.
 """
 
 from __future__ import annotations
@@ -56,8 +60,11 @@ import hashlib
 import hmac
 import json
 import math
+import os
 import re
+import secrets
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -325,6 +332,7 @@ class OpenAIProxy:
         request_id_header: str | None = "x-wattspan-request-id",
         tenant: str = "x-tenant-id",
         tenant_from_key: bool = True,
+        pseudonym_key: bytes | str | None = None,
         model_header: str = "x-model",
         steps_listen: str | None = None,
         ledger=None,
@@ -355,6 +363,8 @@ class OpenAIProxy:
         for what, name in (("request_id_header", request_id_header), ("tenant", tenant), ("model_header", model_header)):
             if name is not None and not (isinstance(name, str) and _TOKEN.fullmatch(name)):
                 raise ValueError(f"{what} must be an HTTP header name (letters, digits, '-'), got {name!r}")
+        if pseudonym_key is not None and len(pseudonym_key.encode("utf-8") if isinstance(pseudonym_key, str) else pseudonym_key) < 32:
+            raise ValueError("pseudonym_key must be a secret of at least 32 bytes")
         self.timeout_s = float(timeout_s)
         self.connect_timeout_s = float(min(connect_timeout_s, timeout_s))
         self.max_body_bytes = max_body_bytes
@@ -366,7 +376,16 @@ class OpenAIProxy:
         self._allow_exact, self._allow_prefix = _allow(forward_headers)
         self.stats = {"requests": 0, "unrouted": 0, "upstream_errors": 0, "timeouts": 0, "too_large": 0, "disconnects": 0, "usage_injected": 0, "usage_missing": 0, "energy_annotated": 0}
         self._client: httpx.AsyncClient | None = None
-        tenant_label = _tenant_label(tenant.lower().encode("latin-1") if tenant else None, bool(tenant_from_key))
+        self._ledger_arg = ledger
+        self.ledger: Ledger | None = None
+        self.ledger_path: Path | None = None
+        if ledger is not None:
+            self._open_ledger()  # first: a foreign file is refused before a key file is made beside it
+        self.pseudonym_source = "off"  # where the API-key pseudonyms' key came from (never the key itself)
+        pkey = None
+        if tenant_from_key:
+            pkey, self.pseudonym_source = _pseudonym_key(pseudonym_key, self.ledger_path)
+        tenant_label = _tenant_label(tenant.lower().encode("latin-1") if tenant else None, bool(tenant_from_key), pkey)
         self._tenant_of = tenant_label  # who may read a request's figures back: its own tenant only
         self._model_header = model_header.lower().encode("latin-1") if model_header else None
         self.metered = EnergyMiddleware(self._proxy, meter=meter, device=device, tenant=tenant_label, model=model_header or "x-model", request_id_header=self.request_id_header)
@@ -375,16 +394,11 @@ class OpenAIProxy:
             from ._relay import StepReceiver
 
             self.steps = StepReceiver(lambda: self.metered.meter, steps_listen)
-        self._ledger_arg = ledger
-        self.ledger: Ledger | None = None
-        self.ledger_path: Path | None = None
         self._wired = False
         self._wire_lock = threading.Lock()
         self.provisional: Provisional | None = None
         self._final: OrderedDict[str, RequestRecord] = OrderedDict()  # request id -> its final record
         self._prov: OrderedDict[str, dict] = OrderedDict()  # request id -> provisional figure
-        if ledger is not None:
-            self._open_ledger()
 
     def _open_ledger(self) -> None:
         from wattspan.export.ledger import Ledger
@@ -914,12 +928,78 @@ def _response_headers(raw, *, drop_length: bool) -> list[tuple[bytes, bytes]]:
     ]
 
 
-def _tenant_label(header: bytes | None, from_key: bool):
-    """The tenant of a request: the ``header``'s value, else (``from_key``) a hash of its API key.
+_KEY_FILE_SUFFIX = ".pseudonym-key"
 
-    The key itself is never kept: the label is ``key-`` and 12 hex characters of
-    SHA-256 over it, a stable pseudonym per key.
+
+def _pseudonym_key(given: bytes | str | None, ledger: Path | None) -> tuple[bytes, str]:
+    """The secret key of the API-key pseudonyms, and where it came from.
+
+    In order: ``given``; ``WATTSPAN_PSEUDONYM_KEY``; the key file beside the
+    ledger (``<ledger>.pseudonym-key``, created once with 32 random bytes, mode
+    0600, so the pseudonyms stay the same across restarts); else 32 random
+    bytes for this process only (its pseudonyms change at the next start).
     """
+    if given is not None:
+        key = given.encode("utf-8") if isinstance(given, str) else bytes(given)
+        if len(key) < 32:
+            raise ValueError("pseudonym_key must be a secret of at least 32 bytes")
+        return key, "argument"
+    from wattspan.settings import get_settings
+
+    env = get_settings().pseudonym_key
+    if env:
+        return env.encode("utf-8"), "WATTSPAN_PSEUDONYM_KEY"
+    path = ledger
+    if path is not None and str(path) != ":memory:":
+        kf = Path(path).with_name(Path(path).name + _KEY_FILE_SUFFIX)
+        try:
+            return _key_file(kf), "key-file"
+        except OSError as exc:
+            log.warning("wattspan proxy: cannot read or create the pseudonym key file %s (%s); API-key pseudonyms "
+                        "use a key of this process only and change at the next start", kf, exc.strerror or exc)
+    return secrets.token_bytes(32), "process"
+
+
+def _key_file(path: Path) -> bytes:
+    """The key in ``path``, made once (32 random bytes, hex, mode 0600) if there is none; the first writer wins."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        pass
+    else:
+        try:
+            os.write(fd, (secrets.token_hex(32) + "\n").encode("ascii"))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    for _ in range(50):  # another process may have created it an instant ago and not yet written it
+        text = path.read_text("ascii").strip()
+        if text:
+            break
+        time.sleep(0.01)
+    try:
+        key = bytes.fromhex(text)
+    except ValueError:
+        key = b""
+    if len(key) < 32:
+        raise OSError(0, "not a pseudonym key file (64 hex characters)")
+    if os.stat(path).st_mode & 0o077:
+        log.warning("wattspan proxy: the pseudonym key file %s can be read by other users; chmod 600 it", path)
+    return key
+
+
+def _tenant_label(header: bytes | None, from_key: bool, key_secret: bytes | None = None):
+    """The tenant of a request: the ``header``'s value, else (``from_key``) a pseudonym of its API key.
+
+    The API key itself is never kept: the label is ``key-`` and 12 hex
+    characters of HMAC-SHA-256 of it under ``key_secret`` (see
+    :func:`_pseudonym_key`), a stable pseudonym per key that no one without
+    the secret can compute from a guessed key or match across deployments.
+    """
+    if from_key and not key_secret:
+        raise ValueError("a pseudonym of the API key needs a secret key")
+    secret: bytes = key_secret or b""
 
     def tenant(scope) -> str:
         key = None
@@ -935,7 +1015,7 @@ def _tenant_label(header: bytes | None, from_key: bool):
                 key = key[7:]
             key = key.strip()
             if key:
-                return "key-" + hashlib.sha256(b"wattspan-tenant\0" + key).hexdigest()[:12]
+                return "key-" + hmac.new(secret, b"wattspan-tenant\0" + key, hashlib.sha256).hexdigest()[:12]
         return ""
 
     return tenant
@@ -1117,9 +1197,12 @@ def create_proxy(upstream: str | None = None, **options) -> OpenAIProxy:
     ``request_id_header``: the response header that returns wattspan's request
     id (default ``x-wattspan-request-id``; ``None``: none). ``tenant``: the
     request header naming the tenant (default ``x-tenant-id``);
-    ``tenant_from_key``: without it, label the request ``key-<12 hex>``, a
-    SHA-256 pseudonym of its API key (``Authorization: Bearer``, ``api-key``,
-    ``x-api-key``; the key itself is never kept). ``model_header``: the model's
+    ``tenant_from_key``: without it, label the request ``key-<12 hex>``, an
+    HMAC-SHA-256 pseudonym of its API key (``Authorization: Bearer``, ``api-key``,
+    ``x-api-key``; the key itself is never kept). ``pseudonym_key``: that
+    HMAC's secret (32 bytes or more; default ``WATTSPAN_PSEUDONYM_KEY``, else
+    the key file ``<ledger>.pseudonym-key``, made once with mode 0600, else a
+    random key of this process, whose pseudonyms change at each start). ``model_header``: the model's
     header when the body names none. ``steps_listen``: listen here for batch
     steps from the upstream's engine (``host:port`` or ``unix:/path``; see
     :mod:`wattspan.integrations.vllm`). ``ledger``: a path (or a

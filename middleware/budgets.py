@@ -485,9 +485,11 @@ class BudgetMiddleware:
         self.tenant, self.model = tenant.lower().encode("latin-1"), model.lower().encode("latin-1")
         self.deferral = deferral
         if self.deferral is None and any(b.action == "defer" for b in self.config.budgets):
-            from .deferral import DeferralQueue
+            from .deferral import DeferralQueue, _default_store
 
-            self.deferral = DeferralQueue(zone=_settings_region())
+            self.deferral = DeferralQueue(zone=_settings_region(), store=_default_store())
+        if self.deferral is not None:
+            self.deferral.resume(app, "budgets")  # the deferred requests a previous run left
         self.max_body_bytes, self.default_deadline_s = int(max_body_bytes), float(default_deadline_s)
         self.status_path = status_path  # None: do not serve the budgets' status
         self.counts: dict[str, int] = {a: 0 for a in ACTIONS}
@@ -584,7 +586,7 @@ class BudgetMiddleware:
         assert self.deferral is not None  # made at start when a budget defers
 
         await defer_request(self.deferral, self.app, scope, receive, send, default_deadline_s=self.default_deadline_s,
-                            max_body_bytes=self.max_body_bytes, extra={"budget": s.name},
+                            max_body_bytes=self.max_body_bytes, extra={"budget": s.name}, origin="budgets",
                             extra_headers=[(b"x-wattspan-budget", _budget_header(s).encode())])
 
     async def _own(self, path: str, scope: Scope, send: Send) -> bool:

@@ -24,6 +24,7 @@ import ipaddress
 import json
 import math
 import os
+import re
 import threading
 import time
 from importlib import resources
@@ -241,31 +242,83 @@ def _unattributed(metrics_url: str | None) -> dict:
     un: dict[str, float] = {}
     hw: dict[str, float] = {}
     power: dict[str, float] = {}
-    for line in text.splitlines():
-        if line.startswith("#") or not line.strip():
-            continue
-        name, _, rest = line.partition("{")
-        labels, _, value = rest.rpartition("}") if rest else ("", "", line.split()[-1])
-        name = name.split()[0]
-        try:
-            v = float(value.split()[0]) if value.strip() else float(line.split()[-1])
-        except (ValueError, IndexError):
-            continue
-        dev = "?"
-        for part in labels.split(","):
-            k, _, val = part.partition("=")
-            if k.strip() == "hw_id":
-                dev = val.strip().strip('"')
+    samples, skipped = parse_exposition(text)
+    for name, labels, v in samples:
+        dev = labels.get("hw_id", "?")
         if name == "wattspan_unattributed_energy_joules_total":
             un[dev] = un.get(dev, 0.0) + v
         elif name == "hw_energy_joules_total":
             hw[dev] = hw.get(dev, 0.0) + v
         elif name == "hw_power_watts":
             power[dev] = v
+    if skipped:
+        log.warning("wattspan dashboard: %d malformed line(s) in %s skipped", skipped, metrics_url)
     if not un and not hw:
         return {"available": False, "note": f"{metrics_url} has no wattspan device metrics yet"}
     return {"available": True, "source": metrics_url, "unattributed_j": un, "measured_j": hw, "power_w": power,
-            "note": "since the server started (counters of its exporter)"}
+            "skipped_lines": skipped, "note": "since the server started (counters of its exporter)"}
+
+
+_METRIC_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
+_LABEL_PAIR = re.compile(r'\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*=\s*"((?:[^"\\\n]|\\.)*)"\s*')
+_LABEL_END = re.compile(r"\s*\}")
+_ESCAPE = re.compile(r"\\(.)")
+
+
+def _unescape(value: str) -> str:
+    return _ESCAPE.sub(lambda m: "\n" if m[1] == "n" else m[1], value)
+
+
+def parse_exposition(text: str) -> tuple[list[tuple[str, dict[str, str], float]], int]:
+    """The samples of a Prometheus (or OpenMetrics) text exposition: ``([(name, labels, value)], skipped)``.
+
+    Label values may hold any character, escaped as the format says (``\\\\``, ``\\"``,
+    ``\\n``): commas, braces and equals signs inside quotes are part of the value. A line that
+    is not a sample (a comment, ``# EOF``, a blank) is passed over; a malformed one is counted in
+    ``skipped`` and left out, never guessed at.
+    """
+    out: list[tuple[str, dict[str, str], float]] = []
+    skipped = 0
+    for line in text.splitlines():
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        m = _METRIC_NAME.match(stripped)
+        if m is None:
+            skipped += 1
+            continue
+        name, pos = m.group(), m.end()
+        labels: dict[str, str] = {}
+        ok = True
+        if stripped.startswith("{", pos):
+            pos += 1
+            while True:
+                end = _LABEL_END.match(stripped, pos)
+                if end is not None:
+                    pos = end.end()
+                    break
+                pair = _LABEL_PAIR.match(stripped, pos)
+                if pair is None:
+                    ok = False
+                    break
+                labels[pair[1]] = _unescape(pair[2])
+                pos = pair.end()
+                if stripped.startswith(",", pos):
+                    pos += 1
+                elif _LABEL_END.match(stripped, pos) is None:
+                    ok = False
+                    break
+        rest = stripped[pos:].partition(" # ")[0].split()  # value [timestamp] [# an OpenMetrics exemplar]
+        if not ok or not rest or not stripped[pos:pos + 1].isspace() or len(rest) > 2:
+            skipped += 1
+            continue
+        try:
+            value = float(rest[0])  # also NaN, +Inf, -Inf
+        except ValueError:
+            skipped += 1
+            continue
+        out.append((name, labels, value))
+    return out, skipped
 
 
 def _budgets(db, path) -> dict:

@@ -19,14 +19,27 @@ Library use::
     job.decision.reason, job.result
 
 Synchronous callables run in a worker thread (``asyncio.to_thread``).
+
+Deferred *requests* (:func:`defer_request`, :class:`DeferralMiddleware`, a budget's ``defer``)
+survive a restart when the queue has a ``store``: a :class:`DeferralStore` (SQLite; by default
+``<ledger>.deferral.sqlite`` beside ``WATTSPAN_LEDGER`` or the proxy's ``--db``). Each is written
+there (its decision, the request's method, path, headers and body) before the 202 answer, and
+its outcome (status, response) when it has run; the middleware that queued it reloads the
+pending ones at its start (:meth:`DeferralQueue.resume`) and runs them at their planned time,
+or at once when that has passed. One that was running when the process stopped runs again
+(at least once). Library jobs (plain callables) cannot be written down: they stay in memory.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import math
+import os
 import secrets
+import sqlite3
+import threading
 import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
@@ -41,7 +54,8 @@ if TYPE_CHECKING:
     from .asgi import ASGIApp, Headers, Message, Receive, Scope, Send
     from .carbon.intensity import HourlyIntensityProvider
 
-__all__ = ["Decision", "Job", "DeferralQueue", "DeferralMiddleware", "choose_start", "DeferralFull", "defer_request"]
+__all__ = ["Decision", "Job", "DeferralQueue", "DeferralMiddleware", "DeferralStore", "choose_start", "DeferralFull",
+           "defer_request", "store_beside"]
 
 log = get_logger(__name__)
 
@@ -114,16 +128,128 @@ class Job:
                 "decision": self.decision.to_dict()}
 
 
+_SCOPE_KEYS = ("type", "asgi", "http_version", "method", "scheme", "path", "root_path", "client", "server")
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS deferred_jobs (
+    id TEXT PRIMARY KEY,
+    origin TEXT NOT NULL,
+    name TEXT NOT NULL,
+    status TEXT NOT NULL,
+    decision TEXT NOT NULL,
+    request TEXT NOT NULL,
+    body BLOB,
+    result TEXT,
+    error TEXT NOT NULL DEFAULT '',
+    updated_s REAL NOT NULL
+)"""
+
+
+def _scope_to_json(scope: Scope) -> str:
+    """What a deferred request needs to run again: the HTTP scope's plain fields (bytes as latin-1)."""
+    out: dict[str, Any] = {k: scope[k] for k in _SCOPE_KEYS if k in scope and scope[k] is not None}
+    out["raw_path"] = (scope.get("raw_path") or b"").decode("latin-1")
+    out["query_string"] = (scope.get("query_string") or b"").decode("latin-1")
+    out["headers"] = [[k.decode("latin-1"), v.decode("latin-1")] for k, v in scope.get("headers", ())]
+    return json.dumps(out)
+
+
+def _scope_from_json(text: str) -> dict[str, Any]:
+    d: dict[str, Any] = json.loads(text)
+    d["raw_path"] = d.get("raw_path", "").encode("latin-1") or None
+    d["query_string"] = d.get("query_string", "").encode("latin-1")
+    d["headers"] = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in d.get("headers", [])]
+    for k in ("client", "server"):
+        if isinstance(d.get(k), list):
+            d[k] = tuple(d[k])
+    if d["raw_path"] is None:
+        del d["raw_path"]
+    return d
+
+
+class DeferralStore:
+    """The deferred requests of a :class:`DeferralQueue`, in a SQLite file, so a restart resumes them.
+
+    One row per job: its decision, the request (method, path, query, headers; JSON) and body
+    while it waits, then its outcome (status, response, error) without the request or its body.
+    The file is made with mode 0600: a waiting request's headers include its credentials. ``keep_done``
+    finished rows are kept for their status pages. Thread-safe; every call is short, and the
+    queue makes them off the event loop.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, keep_done: int = 1000) -> None:
+        self.path = os.fspath(path)
+        self.keep_done = int(keep_done)
+        parent = os.path.dirname(os.path.abspath(self.path))
+        os.makedirs(parent, exist_ok=True)
+        self._lock = threading.Lock()
+        try:  # it holds the waiting requests' headers (their credentials too): this user's alone
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
+        except OSError as exc:
+            raise ValueError(f"cannot create the deferral store {self.path}: {exc.strerror or exc}") from None
+        try:
+            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute(_SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            raise ValueError(f"{self.path} is not a wattspan deferral store ({exc})") from None
+
+    def __repr__(self) -> str:
+        return f"DeferralStore({self.path!r})"
+
+    def save(self, job: Job, origin: str, scope: Scope, body: bytes) -> None:
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO deferred_jobs VALUES (?,?,?,?,?,?,?,?,?,?)",
+                             (job.id, origin, job.name, job.status, json.dumps(asdict(job.decision)),
+                              _scope_to_json(scope), body, None, "", time.time()))
+
+    def finish(self, job: Job) -> None:
+        with self._lock:
+            self._db.execute("UPDATE deferred_jobs SET status=?, decision=?, result=?, error=?, body=NULL, request='{}', "
+                             "updated_s=? "
+                             "WHERE id=?", (job.status, json.dumps(asdict(job.decision)), json.dumps(job.result),
+                                            job.error, time.time(), job.id))
+            self._db.execute("DELETE FROM deferred_jobs WHERE id IN (SELECT id FROM deferred_jobs WHERE status IN "
+                             "('done', 'failed') ORDER BY updated_s DESC LIMIT -1 OFFSET ?)", (self.keep_done,))
+
+    def load(self, origin: str) -> list[tuple[str, str, str, dict[str, Any], dict[str, Any], bytes | None, Any, str]]:
+        """``(id, name, status, decision, scope, body, result, error)`` of ``origin``'s jobs, oldest first."""
+        with self._lock:
+            rows = self._db.execute("SELECT id, name, status, decision, request, body, result, error FROM deferred_jobs "
+                                    "WHERE origin=? ORDER BY rowid", (origin,)).fetchall()
+        return [(r[0], r[1], r[2], json.loads(r[3]), _scope_from_json(r[4]), r[5],
+                 json.loads(r[6]) if r[6] is not None else None, r[7]) for r in rows]
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+def store_beside(ledger: str | os.PathLike[str] | None) -> DeferralStore | None:
+    """The deferral store beside a ledger file (``<ledger>.deferral.sqlite``), or None without a ledger."""
+    if ledger is None or os.fspath(ledger) in ("", ":memory:"):
+        return None
+    return DeferralStore(os.fspath(ledger) + ".deferral.sqlite")
+
+
+def _default_store() -> DeferralStore | None:
+    """Beside ``WATTSPAN_LEDGER`` when it is set."""
+    from .settings import get_settings
+
+    return store_beside(get_settings().ledger)
+
+
 class DeferralQueue:
     """Carbon-aware batch queue (see the module doc). ``provider``: an hourly provider
     (default :class:`~wattspan.carbon.intensity.ProfileProvider`); ``zone``: its zone; ``period_s``:
     the forecast step the plan uses (3600: hourly). ``clock``: unix seconds (``time.time``).
     Finished jobs are kept (bounded: ``keep_done``) so their decisions can be read, without what
-    they held; deferred requests' bodies waiting to run hold at most ``max_held_bytes`` in all."""
+    they held; deferred requests' bodies waiting to run hold at most ``max_held_bytes`` in all.
+    ``store``: a :class:`DeferralStore` (or its path) that keeps deferred requests across restarts."""
 
     def __init__(self, provider: HourlyIntensityProvider | None = None, *, zone: str = "world", max_concurrency: int = 2, period_s: float = 3600.0,
                  max_jobs: int = 10_000, keep_done: int = 1000, clock: Callable[[], float] = time.time,
-                 poll_s: float = 1.0, max_held_bytes: int = 256 << 20) -> None:
+                 poll_s: float = 1.0, max_held_bytes: int = 256 << 20,
+                 store: DeferralStore | str | os.PathLike[str] | None = None) -> None:
         from .carbon.intensity import ProfileProvider
 
         if not (isinstance(max_concurrency, int) and max_concurrency >= 1):
@@ -142,7 +268,11 @@ class DeferralQueue:
         self.held_bytes, self.max_held_bytes = 0, int(max_held_bytes)
         self._ids = itertools.count(1)
         self._wake: asyncio.Event | None = None
-        self.counters = {"submitted": 0, "deferred": 0, "ran": 0, "failed": 0, "late": 0}
+        self.counters = {"submitted": 0, "deferred": 0, "ran": 0, "failed": 0, "late": 0, "resumed": 0, "store_errors": 0}
+        self.store = store if isinstance(store, DeferralStore) or store is None else DeferralStore(store, keep_done=keep_done)
+        self._persisted: set[str] = set()  # ids of the jobs in the store
+        self._saving: set[str] = set()  # ids of the jobs being written to the store: they start once written
+        self._resumed: set[str] = set()  # origins already reloaded
 
     # ------------------------------------------------------------- planning
     def plan(self, deadline_s: float, duration_s: float = 0.0, now: float | None = None, job_id: str = "") -> Decision:
@@ -230,7 +360,8 @@ class DeferralQueue:
 
     def _due(self) -> list[Job]:
         now = self.clock()
-        due = [j for j in self.jobs.values() if j.status == "planned" and j.decision.planned_start_s <= now]
+        due = [j for j in self.jobs.values() if j.status == "planned" and j.decision.planned_start_s <= now
+               and j.id not in self._saving]
         due.sort(key=lambda j: (j.decision.deadline_s, j.decision.planned_start_s))
         return due[: max(0, self.max_concurrency - self.running)]
 
@@ -256,8 +387,59 @@ class DeferralQueue:
             job.fn = None  # what it held (a deferred request's body) is not kept with the finished job
             job.decision.finished_s = self.clock()
             self.running -= 1
+            if self.store is not None and job.id in self._persisted:
+                self._persisted.discard(job.id)
+                await self._store_call(self.store.finish, job)
             if self._wake is not None:
                 self._wake.set()
+
+    async def _store_call(self, fn: Callable[..., None], *args: Any) -> bool:
+        """A store write off the event loop; a failure is logged and counted, never raised into the server."""
+        try:
+            await asyncio.to_thread(fn, *args)
+            return True
+        except (sqlite3.Error, OSError, TypeError, ValueError) as exc:
+            self.counters["store_errors"] += 1
+            log.warning("deferral store %s: %s (%s)", getattr(self.store, "path", "?"), type(exc).__name__, exc)
+            return False
+
+    def resume(self, app: ASGIApp, origin: str = "deferral") -> int:
+        """Reload ``origin``'s deferred requests from the store, to run through ``app``; the number pending.
+
+        Finished ones come back with their outcome (for their status pages); pending ones (and one
+        that was running when the process stopped) run at their planned time, or at once if it has
+        passed. Once per origin; without a store, 0.
+        """
+        if self.store is None or origin in self._resumed:
+            return 0
+        self._resumed.add(origin)
+        try:
+            rows = self.store.load(origin)
+        except (sqlite3.Error, ValueError) as exc:
+            self.counters["store_errors"] += 1
+            log.warning("deferral store %s: cannot read the deferred jobs (%s)", self.store.path, exc)
+            return 0
+        pending = 0
+        for jid, name, status, dec, scope, body, result, error in rows:
+            if jid in self.jobs:
+                continue
+            d = Decision(**{k: dec[k] for k in Decision.__dataclass_fields__ if k in dec})
+            if status in ("done", "failed"):
+                self.jobs[jid] = Job(jid, None, d, name, status, result, error)
+                continue
+            raw = body or b""
+            d.started_s = None
+            self.jobs[jid] = Job(jid, _replay(self, app, scope, raw), d, name)
+            self.held_bytes += len(raw)
+            self._persisted.add(jid)
+            pending += 1
+        self.counters["resumed"] += pending
+        if pending:
+            log.info("deferral store %s: resumed %d deferred request(s)", self.store.path, pending)
+        self._trim()
+        if self._wake is not None:
+            self._wake.set()
+        return pending
 
     def _next_wait(self) -> float:
         planned = [j.decision.planned_start_s for j in self.jobs.values() if j.status == "planned"]
@@ -350,12 +532,27 @@ async def capture(app: ASGIApp, scope: Scope, body: bytes) -> dict[str, Any]:
     return out
 
 
+def _replay(queue: DeferralQueue, app: ASGIApp, job_scope: Scope, body: bytes) -> Callable[[], Any]:
+    """The job that runs a recorded request through ``app`` and then frees its body's share of ``held_bytes``."""
+
+    async def run_it() -> dict[str, Any]:
+        try:
+            return await capture(app, job_scope, body)
+        finally:
+            queue.held_bytes -= len(body)
+
+    return run_it
+
+
 async def defer_request(queue: DeferralQueue, app: ASGIApp, scope: Scope, receive: Receive, send: Send, *,
                         default_deadline_s: float = 86400.0, max_body_bytes: int = 8 << 20,
-                        extra_headers: Headers | None = None, extra: dict[str, Any] | None = None) -> None:
+                        extra_headers: Headers | None = None, extra: dict[str, Any] | None = None,
+                        origin: str = "deferral") -> None:
     """Read the request, queue it on ``queue`` to run through ``app`` later, answer 202 with the
     job (``status_url``: ``/wattspan/jobs/<id>``). ``x-wattspan-deadline-s``: seconds from now
-    (default ``default_deadline_s``); ``x-wattspan-duration-s``: how long it runs (default 0)."""
+    (default ``default_deadline_s``); ``x-wattspan-duration-s``: how long it runs (default 0).
+    With a store, the job is written there before the answer, under ``origin`` (the middleware
+    whose ``app`` runs it after a restart: :meth:`DeferralQueue.resume`)."""
     chunks: list[bytes] = []
     size = 0
     while True:
@@ -386,19 +583,22 @@ async def defer_request(queue: DeferralQueue, app: ASGIApp, scope: Scope, receiv
     job_scope = {k: v for k, v in scope.items() if k not in ("route", "endpoint", "path_params")}  # set again by the router
     job_scope["headers"] = [(k, v) for k, v in scope.get("headers", ()) if not k.startswith(b"x-wattspan-")]
 
-    async def run_it() -> dict[str, Any]:
-        try:
-            return await capture(app, job_scope, body)
-        finally:
-            queue.held_bytes -= len(body)
-
     try:
-        job = await queue.submit_async(run_it, deadline_s=queue.clock() + deadline_in, duration_s=duration,
-                           name=f"{scope.get('method', '')} {scope.get('path', '')}")
+        job = await queue.submit_async(_replay(queue, app, job_scope, body), deadline_s=queue.clock() + deadline_in,
+                                       duration_s=duration, name=f"{scope.get('method', '')} {scope.get('path', '')}")
     except DeferralFull as exc:
         await send_json(send, 503, {"error": {"type": "deferral_queue_full", "message": str(exc)}}, [(b"retry-after", b"60")])
         return
     queue.held_bytes += len(body)
+    if queue.store is not None:
+        queue._saving.add(job.id)  # no await since it was queued: it cannot have started; it starts once written
+        try:
+            if await queue._store_call(queue.store.save, job, origin, job_scope, body):
+                queue._persisted.add(job.id)  # else kept in memory only (logged, counted)
+        finally:
+            queue._saving.discard(job.id)
+            if queue._wake is not None:
+                queue._wake.set()
     d = job.decision
     await send_json(send, 202, {"job": job.id, "status": job.status, "status_url": f"/wattspan/jobs/{job.id}",
                                 "planned_start": _iso(d.planned_start_s), "reason": d.reason, "decision": d.to_dict(), **(extra or {})},
@@ -433,12 +633,14 @@ class DeferralMiddleware:
     window before its deadline (answer 202 + ``/wattspan/jobs/<id>``); anything else passes
     through. Put it outside :class:`~wattspan.EnergyMiddleware` so the deferred run is metered
     when it runs. ``queue`` default: a :class:`DeferralQueue` on the offline profile for ``zone``
-    (default ``$WATTSPAN_REGION``)."""
+    (default ``$WATTSPAN_REGION``), stored beside ``$WATTSPAN_LEDGER`` when that is set; the
+    queue's stored requests are resumed at once."""
 
     def __init__(self, app: ASGIApp, *, queue: DeferralQueue | None = None, zone: str | None = None,
                  paths: tuple[str, ...] | list[str] = ("/v1/batch",), max_body_bytes: int = 16 << 20) -> None:
         self.app = app
-        self.queue = queue or DeferralQueue(zone=zone or _settings_region())
+        self.queue = queue or DeferralQueue(zone=zone or _settings_region(), store=_default_store())
+        self.queue.resume(app, "deferral")  # the deferred requests a previous run left
         self.paths = tuple(paths)
         self.max_body_bytes = int(max_body_bytes)
         self._runner: asyncio.Task[None] | None = None

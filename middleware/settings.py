@@ -27,6 +27,9 @@ variable                         meaning                                      de
                                  ledger to this SQLite file
 ``WATTSPAN_REQUEST_ID_HEADER``   echo the request id in this response header  (none)
 ``WATTSPAN_STEPS_TOKEN``         shared secret of the batch-step relay        (a per-user file)
+``WATTSPAN_PSEUDONYM_KEY``       the proxy's secret key of the API-key        (a key file beside
+                                 pseudonyms (HMAC-SHA-256)                    the ledger, else
+                                                                              per process)
 ===============================  ===========================================  =================
 """
 
@@ -36,7 +39,7 @@ import math
 import os
 import re
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping
 
 __all__ = ["Settings", "SettingsError", "get_settings"]
@@ -74,7 +77,8 @@ class Settings:
     otel: bool = True
     ledger: str | None = None
     request_id_header: str | None = None
-    steps_token: str | None = None
+    steps_token: str | None = field(default=None, repr=False)  # secrets: never in a repr, a log or a traceback
+    pseudonym_key: str | None = field(default=None, repr=False)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
@@ -133,6 +137,10 @@ class Settings:
         token = get("STEPS_TOKEN") or None
         if token is not None and len(token) < 16:
             raise SettingsError("WATTSPAN_STEPS_TOKEN", "*" * len(token), "a secret of at least 16 characters")
+        pkey = get("PSEUDONYM_KEY") or None
+        if pkey is not None and len(pkey.encode("utf-8")) < 32:
+            raise SettingsError("WATTSPAN_PSEUDONYM_KEY", "*" * len(pkey), "a secret of at least 32 characters "
+                                "(e.g. python -c 'import secrets; print(secrets.token_hex(32))')")
         return cls(
             device=device,
             region=region,
@@ -146,6 +154,7 @@ class Settings:
             ledger=ledger,
             request_id_header=pattern("REQUEST_ID_HEADER", _HEADER, "an HTTP header name such as x-request-id"),
             steps_token=token,
+            pseudonym_key=pkey,
         )
 
 

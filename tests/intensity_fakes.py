@@ -38,11 +38,13 @@ def _z(dt: datetime, ms: bool = True) -> str:
 
 
 class Fake:
-    """State shared with the handler: ``mode`` = ok | auth | ratelimit | slow | malformed | html."""
+    """State shared with the handler: ``mode`` = ok | auth | ratelimit | slow | malformed | html | hold
+    (``hold``: each request waits until ``gate`` is set, then is answered as ``ok``)."""
 
     def __init__(self, kind: str) -> None:
         self.kind, self.mode, self.hits, self.paths = kind, "ok", 0, []
         self.retry_after = "2"
+        self.gate = threading.Event()
         self.value = 123.0  # EM and GB: gCO2e/kWh; WattTime: lbs/MWh
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -56,6 +58,7 @@ class Fake:
         return self
 
     def __exit__(self, *exc) -> None:
+        self.gate.set()  # let any held request go
         self.server.shutdown()
         self.server.server_close()
 
@@ -81,6 +84,8 @@ class Fake:
                 fake.paths.append(self.path)
                 if fake.mode == "slow":
                     time.sleep(1.5)
+                if fake.mode == "hold":
+                    fake.gate.wait(30)
                 if fake.mode == "ratelimit":
                     return self._send(429, {"message": "Too many requests"}, {"Retry-After": fake.retry_after})
                 if fake.mode == "malformed":

@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from wattspan import RequestRecord
-from wattspan.dashboard import create_app, data, parse_window
+from wattspan.dashboard import create_app, data, parse_exposition, parse_window
 from wattspan.export.ledger import Ledger, aggregate, query
 
 from .backends import otel_prometheus, prometheus  # noqa: F401 - fixtures
@@ -120,6 +120,49 @@ class TestData:
         assert u["unattributed_j"] == {"gpu0": 42.5} and u["measured_j"] == {"gpu0": 500.0} and u["power_w"] == {"gpu0": 120.0}
         dead = data(ledger, 3600, metrics_url=f"http://127.0.0.1:{free_port()}/metrics")["unattributed"]
         assert dead["available"] is False and "could not read" in dead["note"]
+
+
+HOSTILE = ['a,hw_id="evil"', 'x}', "back\\slash", "new\nline", ",", '"', "hw_id=gpu9,", "{}=,\\\""]
+
+
+class TestExposition:
+    """The dashboard reads the server's Prometheus exposition; a label value may hold any character."""
+
+    def test_hostile_label_values_are_read_as_the_exporter_wrote_them(self, ledger, tmp_path):
+        prometheus_client = pytest.importorskip("prometheus_client")
+        from prometheus_client.parser import text_string_to_metric_families
+
+        reg = prometheus_client.CollectorRegistry()
+        c = prometheus_client.Counter("hw_energy_joules", "J", ["model", "hw_id"], registry=reg)
+        g = prometheus_client.Gauge("hw_power_watts", "W", ["hw_id", "model"], registry=reg)
+        for i, evil in enumerate(HOSTILE):
+            c.labels(model=evil, hw_id=f"gpu{i}").inc(10.0 + i)
+            g.labels(hw_id=f"gpu{i}", model=evil).set(100.0 + i)
+        text = prometheus_client.generate_latest(reg).decode()
+        samples, skipped = parse_exposition(text)
+        reference = [(s.name, s.labels, s.value) for f in text_string_to_metric_families(text) for s in f.samples]
+        assert skipped == 0 and sorted(samples, key=repr) == sorted(reference, key=repr)
+        f = tmp_path / "metrics.txt"
+        f.write_text(text)
+        u = data(ledger, 3600, metrics_url=f.as_uri())["unattributed"]
+        assert u["measured_j"] == {f"gpu{i}": 10.0 + i for i in range(len(HOSTILE))}
+        assert u["power_w"] == {f"gpu{i}": 100.0 + i for i in range(len(HOSTILE))}
+
+    def test_malformed_lines_are_counted_never_guessed(self):
+        text = "\n".join([
+            "# HELP hw_power_watts W", "# TYPE hw_power_watts gauge",
+            'hw_power_watts{hw_id="gpu0",} 120 1700000000000',  # a trailing comma and a timestamp are allowed
+            'hw_power_watts{hw_id="gpu1} 5',  # an unclosed quote
+            'hw_power_watts{hw_id=gpu2} 5',  # an unquoted value
+            'hw_power_watts{hw_id="gpu3"}5',  # no space before the value
+            'hw_power_watts{hw_id="gpu4"} five',
+            'wattspan_unattributed_energy_joules_total{hw_id="g\\"5\\\\"} 7 # {trace_id="x"} 1',  # an exemplar
+            "# EOF",
+        ])
+        samples, skipped = parse_exposition(text)
+        assert skipped == 4
+        assert samples == [("hw_power_watts", {"hw_id": "gpu0"}, 120.0),
+                           ("wattspan_unattributed_energy_joules_total", {"hw_id": 'g"5\\'}, 7.0)]
 
 
 class TestServing:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
+import sqlite3
+import stat
 import threading
 
 import numpy as np
@@ -211,3 +214,98 @@ def test_submit_async_plans_off_the_event_loop():
     loop_thread, job = asyncio.run(main())
     assert seen and all(t != loop_thread for t in seen)
     assert q.get(job.id) is job and job.decision.intensity_planned_g_per_kwh == 120
+
+
+def _asgi_call(app, method: str, path: str, body: bytes = b"", headers=(), query: bytes = b""):
+    """One request through an ASGI app, in the running loop: (status, parsed JSON body)."""
+    import json
+
+    msgs = iter([{"type": "http.request", "body": body, "more_body": False}])
+    out: list = []
+
+    async def receive():
+        return next(msgs, {"type": "http.disconnect"})
+
+    async def send(m):
+        out.append(m)
+
+    async def go():
+        scope = {"type": "http", "method": method, "path": path, "raw_path": path.encode(), "query_string": query,
+                 "headers": list(headers), "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8000), "state": {}}
+        await app(scope, receive, send)
+        return out[0]["status"], json.loads(b"".join(m.get("body", b"") for m in out[1:]) or b"null")
+
+    return go()
+
+
+def test_deferred_requests_survive_a_restart(tmp_path):
+    """A deferred request is written to the store before its 202: a restart before its hour resumes it, with
+    its method, path, query, headers and body; it runs once, and its outcome is still readable after another restart."""
+    from wattspan.deferral import DeferralMiddleware, DeferralStore
+
+    store = tmp_path / "w.sqlite.deferral.sqlite"
+    clock = [T0]
+    seen = []
+
+    async def app(scope, receive, send):
+        seen.append((scope["method"], scope["path"], scope["query_string"], dict(scope["headers"]).get(b"x-team"),
+                     (await receive())["body"]))
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+        await send({"type": "http.response.body", "body": b"ran"})
+
+    def life():
+        q = DeferralQueue(Forecast([300, 100]), zone="GB", clock=lambda: clock[0], poll_s=0.01, store=store)
+        return q, DeferralMiddleware(app, queue=q)
+
+    async def first():
+        q, mw = life()
+        status, body = await _asgi_call(mw, "POST", "/v1/batch", b'{"n": 1}', [(b"x-wattspan-deadline-s", b"7200"),
+                                        (b"x-team", b"a,b")], b"x=1&y=%22")
+        assert status == 202 and q.get(body["job"]).decision.planned_start_s == T0 + 1800  # 10:00, the cleaner hour
+        mw._runner.cancel()
+        q.store.close()  # the process stops before 10:00
+        return body["job"]
+
+    jid = asyncio.run(first())
+    assert seen == [] and stat.S_IMODE(os.stat(store).st_mode) == 0o600
+
+    async def second():
+        q, mw = life()
+        job = q.get(jid)
+        assert q.counters["resumed"] == 1 and job.status == "planned" and job.decision.planned_start_s == T0 + 1800
+        assert q.held_bytes == len(b'{"n": 1}')
+        clock[0] = T0 + 1800
+        await q.run_until_idle(timeout_s=30)
+        assert job.status == "done" and job.result["body"] == "ran" and q.held_bytes == 0
+        q.store.close()
+
+    asyncio.run(second())
+    assert seen == [("POST", "/v1/batch", b"x=1&y=%22", b"a,b", b'{"n": 1}')]
+    with sqlite3.connect(store) as db:  # once run, neither the request's headers nor its body are kept
+        assert db.execute("SELECT request, body FROM deferred_jobs").fetchall() == [("{}", None)]
+
+    async def third():
+        q, mw = life()
+        assert q.counters["resumed"] == 0  # done: not run again
+        status, body = await _asgi_call(mw, "GET", f"/wattspan/jobs/{jid}")
+        assert status == 200 and body["status"] == "done" and body["response"]["body"] == "ran"
+        q.store.close()
+
+    asyncio.run(third())
+    assert len(seen) == 1
+    with pytest.raises(ValueError, match="not a wattspan deferral store"):
+        bad = tmp_path / "notes.sqlite"
+        bad.write_text("not a database " * 100)
+        DeferralStore(bad)
+
+
+def test_a_queue_without_a_store_keeps_jobs_in_memory_only(tmp_path, monkeypatch):
+    from wattspan.deferral import DeferralMiddleware, store_beside
+
+    monkeypatch.delenv("WATTSPAN_LEDGER", raising=False)
+    assert DeferralMiddleware(lambda *a: None, zone="GB").queue.store is None
+    monkeypatch.setenv("WATTSPAN_LEDGER", str(tmp_path / "w.sqlite"))
+    mw = DeferralMiddleware(lambda *a: None, zone="GB")
+    assert mw.queue.store is not None and mw.queue.store.path == str(tmp_path / "w.sqlite") + ".deferral.sqlite"
+    mw.queue.store.close()
+    assert store_beside(None) is None

@@ -112,6 +112,54 @@ def test_electricitymaps_failures_are_counted_by_kind(em, mode, kind):
     em.mode = "ok"
 
 
+def test_background_mode_never_waits_on_a_slow_api_and_says_what_answered(em):
+    """The live meter's mode: a cache miss answers at once (offline, or the last known value), flagged and
+    counted, while one fetch runs in a background thread; the API's value is used once it has arrived."""
+    em.mode = "hold"  # the fake answers no request until the gate opens
+    p = ElectricityMapsProvider(base_url=em.url, timeout_s=20.0, background=True)
+    now = time.time()
+    first = p.at("DE", now)
+    assert not em.gate.is_set()  # so at() returned without the API's answer
+    assert first.fallback and first.provider == "profile" and "fetch under way" in first.signal
+    assert p.at("DE", now).fallback and p.misses == {"offline": 2} and p.background_fetches == 1  # one fetch in flight
+    em.gate.set()
+    assert p.settle(20)
+    live = p.at("DE", now)
+    assert (live.g_per_kwh, live.provider, live.fallback) == (123.0, "electricitymaps", False) and p.failures == {}
+    # expired: the last known value answers, flagged with its hour, while the refresh runs
+    em.gate.clear()
+    em.value = 150.0
+    p.ttl_s = 0.0
+    stale = p.at("DE", now)
+    assert not em.gate.is_set()
+    assert (stale.g_per_kwh, stale.provider, stale.fallback) == (123.0, "electricitymaps", True)
+    assert "last known value" in stale.signal and live.hour in stale.signal and p.misses["stale"] == 1
+    em.gate.set()
+    assert p.settle(20)
+    p.ttl_s = 900.0
+    assert p.at("DE", now).g_per_kwh == 150.0
+
+
+def test_background_mode_refreshes_ahead_of_expiry(em):
+    p = ElectricityMapsProvider(base_url=em.url, timeout_s=5.0, ttl_s=900.0, background=True)
+    now = time.time()
+    p.at("DE", now)
+    assert p.settle(10) and p.at("DE", now).g_per_kwh == 123.0 and em.hits == 1
+    with p._lock:  # the cached value is 85 % through its ttl
+        p._cache = {k: (t - 0.85 * 900.0, v) for k, (t, v) in p._cache.items()}
+    em.value = 130.0
+    v = p.at("DE", now)
+    assert (v.g_per_kwh, v.fallback) == (123.0, False)  # still valid: served, not waited on
+    assert p.settle(10) and em.hits == 2 and p.at("DE", now).g_per_kwh == 130.0 and "stale" not in p.misses
+
+
+def test_the_live_meters_providers_are_in_background_mode(monkeypatch):
+    monkeypatch.setenv("ELECTRICITYMAPS_API_TOKEN", EM_TOKEN)
+    m = hourly_from_env(CarbonModel.for_region("DE"), env={"WATTSPAN_INTENSITY_PROVIDER": "electricitymaps"})
+    assert isinstance(m.hourly, ElectricityMapsProvider) and m.hourly.background
+    assert not ElectricityMapsProvider().background  # a batch job (wattspan attribute) waits for the API
+
+
 def test_electricitymaps_missing_key_is_a_clear_error_at_start(monkeypatch):
     monkeypatch.delenv("ELECTRICITYMAPS_API_TOKEN", raising=False)
     with pytest.raises(ProviderConfigError, match=r"\$ELECTRICITYMAPS_API_TOKEN"):

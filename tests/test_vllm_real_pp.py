@@ -10,7 +10,7 @@ with ``enforce_eager=True`` fails a pipeline-parallel generation inside vLLM, wi
 wattspan: its CPU warm-up, skipped when eager, is what allocates the later stage's
 intermediate-tensor buffer, so stage 1 fails ``assert self.intermediate_tensors is not None``
 and the scheduler then a ``KeyError`` in ``update_from_output``; so the engine here compiles.)
-Skipped like tests/test_vllm_real.py where vLLM is not installed.
+Skipped like tests/test_vllm_real.py where vLLM is not installed (tests/vllm_venv.py).
 """
 
 from __future__ import annotations
@@ -18,20 +18,11 @@ from __future__ import annotations
 import json
 import subprocess
 
-import pytest
 
-from .test_vllm_real import ROOT, VPY, _env, tiny_model  # noqa: F401 (the fixture)
+from .vllm_venv import ROOT, VPY, tiny_model, vllm_env, vllm_script  # noqa: F401 (the fixture)
 
-SCRIPT = r"""
-import importlib.util, json, os, sys
-ROOT = sys.argv[2]
-# this checkout's wattspan, whichever checkout the vLLM venv's editable install points at
-for name, sub in (("wattspan", "middleware"), ("wattspan.integrations", "integrations")):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, sub, "__init__.py"),
-                                                  submodule_search_locations=[os.path.join(ROOT, sub)])
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
+SCRIPT = vllm_script(r"""
+import json
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"   # the EngineCore in this process
 
 
@@ -67,14 +58,14 @@ def main():
 
 if __name__ == "__main__":
     main()
-"""
+""")
 
 
 def test_pipeline_parallel_engine_reports_steps_on_its_device_group(tiny_model, tmp_path):  # noqa: F811
     script = tmp_path / "pp.py"
     script.write_text(SCRIPT)
     r = subprocess.run([str(VPY), str(script), str(tiny_model), str(ROOT)], capture_output=True, text=True, timeout=600,
-                       env=_env(WATTSPAN_PEERS="0", CUDA_VISIBLE_DEVICES="3,2"), cwd=tmp_path)
+                       env=vllm_env(WATTSPAN_PEERS="0", CUDA_VISIBLE_DEVICES="3,2"), cwd=tmp_path)
     line = next((ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")), None)
     assert line, (r.returncode, r.stdout[-2000:], r.stderr[-4000:])
     res = json.loads(line[7:])

@@ -24,7 +24,12 @@ A live provider caches each period it has seen, gives up on a request after ``ti
 backs off after a failure (longer after HTTP 429, honouring ``Retry-After``), and answers from
 its offline ``fallback`` (a :class:`ProfileProvider`) meanwhile, with ``fallback=True`` and the
 reason in ``signal``. Keys come only from the environment and are never logged or shown.
-A cache miss blocks for up to ``timeout_s``: call live providers off the event loop.
+By default a cache miss blocks for up to ``timeout_s`` (right for a batch job such as
+``wattspan attribute``). With ``background=True`` (what :func:`hourly_from_env`, the live
+meter's default, sets) a lookup never waits on the network: a miss starts one fetch in a
+background thread and is answered at once by the last value known for the zone (within an
+hour) or else the offline fallback, flagged ``fallback=True`` with the reason in ``signal``
+and counted in ``misses``; a cached value is refreshed in the background before it expires.
 """
 
 from __future__ import annotations
@@ -66,6 +71,8 @@ LBS_PER_MWH_TO_G_PER_KWH = 0.45359237
 _MAX_INTENSITY = 2500.0  # gCO2e/kWh
 _MAX_BODY_BYTES = 4 << 20
 _HOUR_S = 3600.0
+_REFRESH_AHEAD = 0.8  # background mode: refetch a cached value once it is this far into its ttl
+_MAX_BACKGROUND = 4  # background mode: fetches in flight at once, per provider
 PROVIDERS = ("auto", "table", "profile", "electricitymaps", "watttime", "gb-carbon-intensity")
 
 
@@ -294,7 +301,7 @@ class _Live:
     key_hint = ""  # where the credentials come from, shown when they are refused
 
     def __init__(self, base_url: str, *, timeout_s: float, ttl_s: float, backoff_s: float,
-                 fallback: ProfileProvider | None) -> None:
+                 fallback: ProfileProvider | None, background: bool = False) -> None:
         parts = urllib.parse.urlsplit(str(base_url))
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise ProviderConfigError(f"base_url must be an http(s) URL, got {base_url!r}")
@@ -318,6 +325,14 @@ class _Live:
         #: failures by kind: ``auth``, ``rate-limited``, ``timeout``, ``http``, ``malformed``, ``network``
         self.failures: dict[str, int] = {}
         self.requests = 0
+        #: background mode (see the module doc): never wait on the network in :meth:`at`
+        self.background = bool(background)
+        #: background mode: lookups answered while their fetch ran, by what answered them:
+        #: ``stale`` (the last value known for the zone), ``offline`` (the offline fallback)
+        self.misses: dict[str, int] = {}
+        self.background_fetches = 0
+        self._pending: set[tuple[str, float]] = set()
+        self._idle = threading.Condition(self._lock)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self._where!r}, timeout_s={self.timeout_s:g}, key=<from env, redacted>)"
@@ -402,6 +417,8 @@ class _Live:
 
     def _lookup(self, zone: str, t_s: float, fetch: Callable[[], list[IntensityValue]]) -> IntensityValue:
         start = self._period_start(t_s)
+        if self.background:
+            return self._lookup_nowait(zone, t_s, start, fetch)
         hit = self._cached(zone, start)
         if hit is not None:
             return hit
@@ -417,6 +434,79 @@ class _Live:
         if best is None:
             return self._fallback(zone, t_s, f"{self.name} has no value for {_iso(t_s)}")
         return best
+
+    # -- background mode
+    def _lookup_nowait(self, zone: str, t_s: float, start: float,
+                       fetch: Callable[[], list[IntensityValue]]) -> IntensityValue:
+        now = time.monotonic()
+        with self._lock:
+            hit = self._cache.get((zone, start))
+        if hit is not None and now - hit[0] < self.ttl_s:
+            if now - hit[0] >= self.ttl_s * _REFRESH_AHEAD and not self._down():
+                self._spawn(zone, start, fetch)  # ahead of expiry: the next lookups still hit
+            return hit[1]
+        if self._down():
+            return self._fallback(zone, t_s, f"{self.name} unavailable")
+        self._spawn(zone, start, fetch)
+        last = self._last_known(zone, t_s)
+        if last is not None:
+            with self._lock:
+                self.misses["stale"] = self.misses.get("stale", 0) + 1
+            return replace(last, fallback=True, signal=f"{last.signal}; last known value ({last.hour}), "
+                                                       f"{self.name} fetch under way".lstrip("; "))
+        with self._lock:
+            self.misses["offline"] = self.misses.get("offline", 0) + 1
+        return self._fallback(zone, t_s, f"{self.name} fetch under way")
+
+    def _last_known(self, zone: str, t_s: float) -> IntensityValue | None:
+        """The cached value for ``zone`` (even expired) whose period is nearest before ``t_s``, within an hour."""
+        best: IntensityValue | None = None
+        with self._lock:
+            for (z, st), (_, v) in self._cache.items():
+                if z == zone and t_s - _HOUR_S <= st <= t_s and (best is None or st > best.start_s):
+                    best = v
+        return best
+
+    def _spawn(self, zone: str, start: float, fetch: Callable[[], list[IntensityValue]]) -> None:
+        """Fetch in a daemon thread, once per (zone, period) at a time and at most a few at once."""
+        key = (zone, start)
+        with self._lock:
+            if key in self._pending or len(self._pending) >= _MAX_BACKGROUND:
+                return
+            self._pending.add(key)
+            self.background_fetches += 1
+
+        def run() -> None:
+            try:
+                values = fetch()
+            except _FETCH_ERRORS as exc:
+                self._failed(zone, exc)
+            except Exception as exc:  # never let a provider's bug kill the thread silently
+                log.debug("%s background intensity fetch failed", self.name, exc_info=True)
+                self._failed(zone, exc)
+            else:
+                self._store(values)
+            finally:
+                with self._lock:
+                    self._pending.discard(key)
+                    self._idle.notify_all()
+
+        try:
+            threading.Thread(target=run, name=f"wattspan-intensity-{self.name}", daemon=True).start()
+        except RuntimeError:  # no thread to be had (interpreter shutting down): the next lookup tries again
+            with self._lock:
+                self._pending.discard(key)
+
+    def settle(self, timeout_s: float = 10.0) -> bool:
+        """Wait until no background fetch is in flight (tests, shutdown); True if none is."""
+        deadline = time.monotonic() + timeout_s
+        with self._lock:
+            while self._pending:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._idle.wait(left)
+        return True
 
     def _period_start(self, t_s: float) -> float:
         return _hour_floor(t_s)
@@ -437,8 +527,8 @@ class ElectricityMapsProvider(_Live):
 
     def __init__(self, *, token_env: str = "ELECTRICITYMAPS_API_TOKEN", base_url: str = "https://api.electricitymap.org",
                  emission_factor: str = "lifecycle", timeout_s: float = 3.0, ttl_s: float = 900.0,
-                 backoff_s: float = 60.0, fallback: ProfileProvider | None = None) -> None:
-        super().__init__(base_url, timeout_s=timeout_s, ttl_s=ttl_s, backoff_s=backoff_s,
+                 backoff_s: float = 60.0, fallback: ProfileProvider | None = None, background: bool = False) -> None:
+        super().__init__(base_url, timeout_s=timeout_s, ttl_s=ttl_s, backoff_s=backoff_s, background=background,
                          fallback=fallback or ProfileProvider(emission_factor if emission_factor in ("lifecycle", "direct") else "lifecycle"))
         token = os.environ.get(token_env, "").strip()
         if not token:
@@ -504,8 +594,9 @@ class WattTimeProvider(_Live):
     def __init__(self, *, user_env: str = "WATTTIME_USERNAME", password_env: str = "WATTTIME_PASSWORD",
                  base_url: str = "https://api.watttime.org", timeout_s: float = 3.0, ttl_s: float = 900.0,
                  backoff_s: float = 60.0, token_ttl_s: float = 1500.0, fallback_zone: str = "world",
-                 fallback: ProfileProvider | None = None) -> None:
-        super().__init__(base_url, timeout_s=timeout_s, ttl_s=ttl_s, backoff_s=backoff_s, fallback=fallback)
+                 fallback: ProfileProvider | None = None, background: bool = False) -> None:
+        super().__init__(base_url, timeout_s=timeout_s, ttl_s=ttl_s, backoff_s=backoff_s, fallback=fallback,
+                         background=background)
         user, pw = os.environ.get(user_env, ""), os.environ.get(password_env, "")
         if not user or not pw:
             raise ProviderConfigError(f"WattTime needs ${user_env} and ${password_env}")
@@ -580,8 +671,9 @@ class GbCarbonIntensityProvider(_Live):
     name = "gb-carbon-intensity"
 
     def __init__(self, *, base_url: str = "https://api.carbonintensity.org.uk", timeout_s: float = 3.0,
-                 ttl_s: float = 900.0, backoff_s: float = 60.0, fallback: ProfileProvider | None = None) -> None:
-        super().__init__(base_url, timeout_s=timeout_s, ttl_s=ttl_s, backoff_s=backoff_s,
+                 ttl_s: float = 900.0, backoff_s: float = 60.0, fallback: ProfileProvider | None = None,
+                 background: bool = False) -> None:
+        super().__init__(base_url, timeout_s=timeout_s, ttl_s=ttl_s, backoff_s=backoff_s, background=background,
                          fallback=fallback or ProfileProvider("direct"))
 
     def _fallback_zone(self, zone: str) -> str:
@@ -691,6 +783,8 @@ def hourly_from_env(model: Any, env: Mapping[str, str] | None = None) -> Any:  #
     * ``WATTSPAN_MARGINAL_PROVIDER``: e.g. ``watttime``, reported beside;
       ``WATTSPAN_MARGINAL_ZONE``: its zone (a WattTime region such as ``CAISO_NORTH``).
 
+    Live providers are put in background mode: the meter's pass never waits on an API.
+
     Raises ProviderConfigError (a ValueError) naming the variable on bad values.
     """
     env = os.environ if env is None else env
@@ -701,5 +795,9 @@ def hourly_from_env(model: Any, env: Mapping[str, str] | None = None) -> Any:  #
             raise ValueError
     except ValueError:
         raise ProviderConfigError(f"WATTSPAN_MARKET_G_PER_KWH must be gCO2e/kWh in [0, {_MAX_INTENSITY:g}], got {raw!r}") from None
-    return model.with_hourly(env.get("WATTSPAN_INTENSITY_PROVIDER", "auto"), market_g_per_kwh=market,
-                             marginal_provider=env.get("WATTSPAN_MARGINAL_PROVIDER") or None, env=env)
+    out = model.with_hourly(env.get("WATTSPAN_INTENSITY_PROVIDER", "auto"), market_g_per_kwh=market,
+                            marginal_provider=env.get("WATTSPAN_MARGINAL_PROVIDER") or None, env=env)
+    for p in (out.hourly, out.marginal):  # the live meter converts on its own thread: never wait on the network
+        if isinstance(p, _Live):
+            p.background = True
+    return out

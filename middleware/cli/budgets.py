@@ -35,11 +35,11 @@ def budget_wrapper(args):
     if budgets is None and not paths:
         return None
     from ..budgets import BudgetConfigError, BudgetMiddleware
-    from ..deferral import DeferralMiddleware, DeferralQueue
+    from ..deferral import DeferralMiddleware, DeferralQueue, store_beside
 
     def wrap(app):
         try:
-            queue = DeferralQueue(zone=args.region)
+            queue = DeferralQueue(zone=args.region, store=store_beside(getattr(args, "db", None)))  # resumed after a restart
             if paths:
                 app = DeferralMiddleware(app, queue=queue, paths=tuple(paths))
             if budgets is not None:
