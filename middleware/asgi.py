@@ -18,7 +18,7 @@ from typing import Any
 
 from .logs import get_logger
 from .meter.context import _current
-from .records import Cardinality
+from .records import Cardinality, RequestLabels
 
 __all__ = ["EnergyMiddleware"]
 
@@ -28,6 +28,7 @@ _TENANT_OK = re.compile(r"[^A-Za-z0-9_.:-]")
 _NOT_PRINTABLE = re.compile(r"[^\x20-\x7e]")  # labels keep printable ASCII only: no control bytes reach a terminal
 _METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH", "QUERY"))
 _monotonic_ns = time.monotonic_ns
+_new_labels = tuple.__new__  # _new_labels(RequestLabels, values): a RequestLabels from its nine fields in order
 # Request ids: a random per-process prefix and a counter (unique, and cheaper than
 # a random draw per request); the prefix is renewed in a forked child.
 _ids = itertools.count(1)
@@ -178,16 +179,15 @@ class EnergyMiddleware:
             await self.app(scope, receive, send)
             return
         try:
-            window = _Window(self, scope)
+            window = _Window(self, scope, send)
         except Exception:  # telemetry must never break a request
             self.errors += 1
             log.exception("could not open a metering window; serving unmetered")
             await self.app(scope, receive, send)
             return
         token = _current.set(window)
-        send_wrapper = window.wrap(send)
         try:
-            await self.app(scope, receive, send_wrapper)
+            await self.app(scope, receive, window.send)
         except BaseException as exc:
             window.close(error=True)
             if self.request_id_header is not None and not window.status and isinstance(exc, Exception):
@@ -274,13 +274,16 @@ class EnergyMiddleware:
 class _Window:
     """One request's metering window: opened on arrival, closed exactly once."""
 
-    __slots__ = ("mw", "scope", "id", "device", "status", "closed", "root", "trace_id", "span_id", "prompt_tokens", "output_tokens", "model")
+    __slots__ = ("mw", "meter", "scope", "id", "device", "status", "closed", "root", "trace_id", "span_id", "prompt_tokens",
+                 "output_tokens", "model", "_send")
 
-    def __init__(self, mw: EnergyMiddleware, scope) -> None:
+    def __init__(self, mw: EnergyMiddleware, scope: Scope, send: Send) -> None:
         self.mw = mw
         self.scope = scope
+        self._send = send
         self.id = _next_id()
-        self.device = mw.device(scope) if callable(mw.device) else mw.device
+        device = mw.device
+        self.device = device(scope) if callable(device) else device
         self.status = 0
         self.closed = False
         self.prompt_tokens = 0
@@ -288,7 +291,7 @@ class _Window:
         self.model = ""
         self.root = scope.get("root_path", "")
         self.trace_id, self.span_id, span = _span_ids()
-        meter = mw._meter or mw.meter
+        meter = self.meter = mw._meter or mw.meter
         if span is not None and meter.holds_spans:
             meter.expect_span(self.span_id)
         meter.begin(self.id, self.device, _monotonic_ns())
@@ -296,26 +299,23 @@ class _Window:
         if prov is not None:
             prov.open(self.id)
 
-    def wrap(self, send):
-        rid_header = self.mw.request_id_header
-
-        async def send_wrapper(message) -> None:
-            t = message["type"]
-            if t == "http.response.start":
-                self.status = message["status"]
-                if rid_header is not None:
-                    message = dict(message)
-                    message["headers"] = [*message.get("headers", ()), (rid_header, self.id.encode())]
-                await send(message)
-            elif t == "http.response.body" and not message.get("more_body", False):
+    async def send(self, message: Message) -> None:
+        """The app's ``send``: notes the status, adds the request-id header if asked, closes at the last body chunk."""
+        t = message["type"]
+        if t == "http.response.body":
+            if not message.get("more_body", False):
                 try:
-                    await send(message)
+                    await self._send(message)
                 finally:
                     self.close()
-            else:
-                await send(message)
-
-        return send_wrapper
+                return
+        elif t == "http.response.start":
+            self.status = message["status"]
+            rid_header = self.mw.request_id_header
+            if rid_header is not None:
+                message = dict(message)
+                message["headers"] = [*message.get("headers", ()), (rid_header, self.id.encode())]
+        await self._send(message)
 
     def close(self, error: bool = False) -> None:
         """The one place a request's window closes: last body chunk, exception or disconnect."""
@@ -324,7 +324,6 @@ class _Window:
         self.closed = True
         t = _monotonic_ns()
         try:
-            mw = self.mw
             scope = self.scope
             model, tenant = self._labels()
             route = scope.get("route")
@@ -332,18 +331,19 @@ class _Window:
             if path is not None:
                 path = (scope.get("root_path", "")[len(self.root):] + path)[:256]
             m = scope.get("method", "")
-            meter = mw._meter or mw.meter
-            meter.end(self.id, self.device, t, {
-                "route": "(unmatched)" if path is None else path,
-                "http_method": m if m in _METHODS else "_OTHER",
-                "status_code": 500 if (error and not self.status) else self.status,
-                "model": model,
-                "tenant": tenant,
-                "trace_id": self.trace_id,
-                "span_id": self.span_id,
-                "prompt_tokens": self.prompt_tokens,
-                "output_tokens": self.output_tokens,
-            })
+            meter = self.meter
+            # the labels as one RequestLabels, built without keyword handling (the field order of records.RequestLabels)
+            meter.end(self.id, self.device, t, _new_labels(RequestLabels, (
+                "(unmatched)" if path is None else path,
+                m if m in _METHODS else "_OTHER",
+                500 if (error and not self.status) else self.status,
+                model,
+                tenant,
+                self.prompt_tokens,
+                self.output_tokens,
+                self.trace_id,
+                self.span_id,
+            )))
             prov = meter.provisional
             if prov is not None:
                 prov.forget(self.id)
