@@ -14,11 +14,14 @@ import os
 import re
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .logs import get_logger
 from .meter.context import _current
 from .records import Cardinality, RequestLabels
+
+if TYPE_CHECKING:
+    from .meter.core import Meter
 
 __all__ = ["EnergyMiddleware"]
 
@@ -114,10 +117,10 @@ class EnergyMiddleware:
 
     def __init__(
         self,
-        app,
+        app: ASGIApp,
         *,
-        meter=None,
-        device: str | Callable[[dict[str, Any]], str] | None = None,
+        meter: Meter | None = None,
+        device: str | list[str] | tuple[str, ...] | Callable[[dict[str, Any]], str] | None = None,
         model: str | Callable[[dict[str, Any]], str] = "x-model",
         tenant: str | Callable[[dict[str, Any]], str] = "x-tenant-id",
         max_tenants: int = 100,
@@ -140,14 +143,15 @@ class EnergyMiddleware:
             settings, self.config_error = Settings(), exc
         if request_id_header is None:
             request_id_header = settings.request_id_header
-        self.device = device if device is not None else settings.device
-        if isinstance(self.device, (list, tuple)) or (isinstance(self.device, str) and ("," in self.device or "+" in self.device)):
+        dev = device if device is not None else settings.device
+        if isinstance(dev, (list, tuple)) or (isinstance(dev, str) and ("," in dev or "+" in dev)):
             # a device group, e.g. ["gpu0", "gpu1"] or "gpu0, gpu1" (see wattspan.attribution.groups)
             from .devices import group_key
 
-            self.device = group_key(self.device)
-        self.model = model.lower().encode("latin-1") if isinstance(model, str) else model
-        self.tenant = tenant.lower().encode("latin-1") if isinstance(tenant, str) else tenant
+            dev = group_key(dev)
+        self.device: str | Callable[[Any], str] = dev
+        self.model: bytes | Callable[[Any], str] = model.lower().encode("latin-1") if isinstance(model, str) else model
+        self.tenant: bytes | Callable[[Any], str] = tenant.lower().encode("latin-1") if isinstance(tenant, str) else tenant
         self.tenants = Cardinality(max_tenants)
         self.models = Cardinality(max_models)
         self.request_id_header = request_id_header.lower().encode("latin-1") if request_id_header else None
@@ -160,14 +164,14 @@ class EnergyMiddleware:
         self.errors = 0
 
     @property
-    def meter(self):
+    def meter(self) -> Meter:
         if self._meter is None:
             from .defaults import get_default_meter
 
             self._meter = get_default_meter()
         return self._meter
 
-    async def __call__(self, scope, receive, send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind == "lifespan":
             await self._lifespan(scope, receive, send)
@@ -223,7 +227,7 @@ class EnergyMiddleware:
         except Exception:
             log.exception("wattspan: flushing the meter at shutdown failed")
 
-    async def _lifespan(self, scope, receive, send) -> None:
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Pass the lifespan through, refusing to start on bad configuration and
         draining the meter before the server is told shutdown is complete (so a
         SIGTERM or SIGINT loses no record: uvicorn re-raises those signals after
@@ -238,13 +242,13 @@ class EnergyMiddleware:
         pending = [first]
         state = {"received": False, "drained": False, "answered": False}
 
-        async def recv():
+        async def recv() -> Message:
             state["received"] = True
             if pending:
                 return pending.pop()
             return await receive()
 
-        async def snd(message) -> None:
+        async def snd(message: Message) -> None:
             t = message.get("type", "")
             if t.startswith("lifespan.startup."):
                 state["answered"] = True
@@ -351,7 +355,8 @@ class _Window:
             self.mw.errors += 1
             log.exception("could not close a metering window")
 
-    def _value(self, source, limit: int, headers: dict[str, Any]) -> str:
+    def _value(self, source: bytes | Callable[[Any], str], limit: int, headers: dict[bytes, str]) -> str:
+        v: Any
         if callable(source):
             try:
                 v = source(self.scope)
@@ -388,7 +393,7 @@ class _Window:
         return model, tenant
 
 
-async def _send_500(send, header: bytes, request_id: str) -> None:
+async def _send_500(send: Send, header: bytes, request_id: str) -> None:
     body = b"Internal Server Error"
     headers = [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", str(len(body)).encode()), (header, request_id.encode())]
     try:

@@ -312,8 +312,10 @@ class Sampler:
         every_ns = []
         for src in srcs:
             own = getattr(src, "poll_every_s", None)
-            ok = isinstance(own, (int, float)) and not isinstance(own, bool) and math.isfinite(own) and own > 0
-            every_ns.append(max(interval_ns, int(round(float(own) * 1e9))) if ok else interval_ns)
+            every = interval_ns
+            if isinstance(own, (int, float)) and not isinstance(own, bool) and math.isfinite(own) and own > 0:
+                every = max(interval_ns, int(round(own * 1e9)))
+            every_ns.append(every)
         self._st = _State(srcs, names, devices, interval_ns, every_ns)
         self._finalizer = weakref.finalize(self, _shutdown, self._st, 1.0)
 
