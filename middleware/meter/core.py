@@ -514,32 +514,26 @@ class Meter:
         inflight = self._inflight
         peers = self.peers
         out: list[Any] | None = [] if peers is not None else None
-        begun = 0
-        max_inflight = self.max_inflight
-        popleft = ev.popleft
         while ev:
-            e = popleft()
-            kind = e[0]
-            if kind == _BEGIN:
-                if len(inflight) >= max_inflight:
+            e = ev.popleft()
+            if e[0] == _BEGIN:
+                if len(inflight) >= self.max_inflight:
                     self.counters["dropped_inflight"] += 1
                     log.warning("more than %d requests in flight; request %s not metered", self.max_inflight, e[1])
                     continue
                 inflight[e[1]] = _Inflight(e[2], e[3])
-                begun += 1
-            elif kind == _END:
+                self.counters["requests"] += 1
+            elif e[0] == _END:
                 r = inflight.get(e[1])
                 if r is not None:
-                    t = e[2]
-                    r.end_ns = t if t > r.start_ns else r.start_ns
+                    r.end_ns = max(e[2], r.start_ns)
                     r.meta = e[3]
             else:
                 st = BatchStep(e[1], e[2], e[3], e[4])
                 self._steps.append(st)
                 self._hist_add(st)
             if out is not None:
-                out.append(e[:3] if kind == _END else e)
-        self.counters["requests"] += begun
+                out.append(e[:3] if e[0] == _END else e)
         if peers is not None and out is not None:
             # a watermark: every event of ours up to this time is in this message
             out.append((_MARK, time.monotonic_ns()))
@@ -748,30 +742,22 @@ class Meter:
         lo, hi = d.t0_ns, d.t1_ns
         half = ((res.energy_j_high - res.energy_j_low) / 2).tolist() if res.energy_j_low is not None else [0.0] * len(rids)
         qual = res.quality.tolist() if res.quality is not None else [""] * len(rids)
-        inflight = self._inflight
         for rid, dj, ij, ds, meth, hj, q in zip(rids, res.dynamic_j.tolist(), res.idle_j.tolist(), res.device_s.tolist(),
                                                 res.method.tolist(), half, qual):
-            r = inflight[rid]
+            r = self._inflight[rid]
             r.band_j += hj  # a request's periods share one model: their errors add
-            if q and q != r.quality and (r.quality == "" or _QUALITY_RANK.get(q, 0) > _QUALITY_RANK.get(r.quality, 0)):
+            if q and (r.quality == "" or _QUALITY_RANK.get(q, 0) > _QUALITY_RANK.get(r.quality, 0)):
                 r.quality = q  # the worst quality of its periods
             r.dynamic_j += dj
             r.idle_j += ij
             r.device_s += ds
-            end = r.end_ns
-            if end is None:
-                end = cut
-            if end > hi:
-                end = hi
-            start = r.start_ns if r.start_ns > lo else lo
             if "," in r.device:  # a device group: keep each member's part (hw.id per device)
                 parts = r.parts if r.parts is not None else {}
                 parts[dev] = parts.get(dev, 0.0) + dj + ij
                 r.parts = parts
-                if end > start:
-                    r.covered_ns += (end - start) // (r.device.count(",") + 1)
-            elif end > start:
-                r.covered_ns += end - start
+            end = r.end_ns if r.end_ns is not None else cut
+            covered = max(0, min(end, hi) - max(r.start_ns, lo))
+            r.covered_ns += covered // (r.device.count(",") + 1) if "," in r.device else covered
             if r.method != "batch-fit":  # a request any of whose steps were fitted is batch-fit
                 r.method = meth
 
@@ -885,19 +871,19 @@ class Meter:
         simulated = bool(info.simulated) if info is not None else False
         rs = [r for _, r in done]
         n = len(rs)
-        # the numeric columns in one pass over the requests (not one generator per column)
-        num = np.array([(r.dynamic_j, r.idle_j, r.band_j, r.device_s, r.host_j, r.covered_ns) for r in rs], dtype=float).reshape(n, 6)
-        dyn, idle, band, dev_s, host, covered = (np.ascontiguousarray(num[:, k]) for k in range(6))
-        se = np.array([(r.start_ns, _ended(r)) for r in rs], dtype=np.int64).reshape(n, 2)
-        start, end = np.ascontiguousarray(se[:, 0]), np.ascontiguousarray(se[:, 1])
-        energy = dyn + idle
+        energy = np.fromiter((r.dynamic_j + r.idle_j for r in rs), float, n)
+        band = np.fromiter((r.band_j for r in rs), float, n)
+        start = np.fromiter((r.start_ns for r in rs), np.int64, n)
+        end = np.fromiter((_ended(r) for r in rs), np.int64, n)
         # each request at the intensity of the hour it ran (its mid-point on the wall clock)
         wall = (start + end) * 0.5e-9 + (time.time() - time.monotonic())
         life = end - start
+        covered = np.fromiter((r.covered_ns for r in rs), float, n)
         # carbon once, for the whole batch (see wattspan.carbon.records for the host rule)
         batch = request_records(
             self.carbon, ids=[rid for rid, _ in done], device=[r.device for r in rs], start_ns=start, end_ns=end,
-            dynamic_j=dyn, idle_j=idle, device_s=dev_s, host_j=host,
+            dynamic_j=np.fromiter((r.dynamic_j for r in rs), float, n), idle_j=np.fromiter((r.idle_j for r in rs), float, n),
+            device_s=np.fromiter((r.device_s for r in rs), float, n), host_j=np.fromiter((r.host_j for r in rs), float, n),
             wall_s=wall, energy_j_low=np.maximum(energy - band, 0.0), energy_j_high=energy + band,
             method=[r.method or "no-trace" for r in rs], sensor=sensor,
             coverage=np.minimum(1.0, np.divide(covered, life, out=np.ones(n), where=life > 0)),
