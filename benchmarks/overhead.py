@@ -1,6 +1,6 @@
 """What wattspan costs the server it measures, side by side with a bare app and OpenTelemetry.
 
-    python benchmarks/overhead.py [--requests 20000] [--seconds 5] [--rounds 5] [--record]
+    python benchmarks/overhead.py [--requests 20000] [--seconds 5] [--rounds 5] [--variants bare,wattspan] [--record]
 
 1. CPU per request, in process: each variant of ``benchmarks/overhead_app.py``
    is called directly as an ASGI app ``--requests`` times, in a fresh
@@ -20,8 +20,9 @@
    doing about a millisecond of CPU work. Ratio = variant / baseline within
    each round; the table gives the median and the range over rounds.
 
-Prints the table and its progress; ``--record`` writes ``benchmarks/results/overhead.md``
-(``--out PATH`` elsewhere). Without ``wrk`` the throughput columns are n/a, and it says so.
+``--variants`` runs only those (each with its baseline: bare for wattspan,
+OpenTelemetry for OpenTelemetry + wattspan). Prints the table and its progress; ``--record`` writes ``benchmarks/results/overhead.md``
+(``--out PATH`` elsewhere; with ``--variants bare,wattspan``: ``overhead_alone.md``). Without ``wrk`` the throughput columns are n/a, and it says so.
 """
 
 from __future__ import annotations
@@ -115,12 +116,22 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=20000)
     ap.add_argument("--seconds", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds (CPU and throughput)")
+    ap.add_argument("--variants", default="", help="comma-separated subset of the variants (their baselines are added)")
     from benchmarks._common import add_output_args, need_tool, progress, write_results
 
     add_output_args(ap, "overhead.md")
     a = ap.parse_args()
     from benchmarks.overhead_app import VARIANTS
 
+    base = {"bare": None, "otel": "bare", "wattspan": "bare", "otel+wattspan": "otel"}  # what each variant adds to
+    if a.variants:
+        wanted = {v.strip() for v in a.variants.split(",") if v.strip()}
+        unknown = wanted - set(VARIANTS)
+        if unknown:
+            raise SystemExit(f"--variants: unknown {sorted(unknown)}; known: {', '.join(VARIANTS)}")
+        wanted |= {base[v] for v in wanted if base[v] is not None}
+        wanted |= {base[v] for v in wanted if base[v] is not None}
+        VARIANTS = tuple(v for v in VARIANTS if v in wanted)
     has_wrk = need_tool("wrk", "the throughput columns", "apt-get install wrk")
     rounds = a.rounds
     est = rounds * len(VARIANTS) * (a.requests / 2000 + 3 + max(200, a.requests // 5) / 700 + 3) + (rounds * len(VARIANTS) * 2 * (a.seconds + 3) if has_wrk else 0)
@@ -147,8 +158,6 @@ def main() -> None:
                 work[v].append(throughput(v, a.seconds, "/work"))
                 progress(f"round {r + 1}/{rounds}, {v}: {rps[v][-1]:,.0f} req/s trivial, {work[v][-1]:,.0f} req/s /work")
 
-    base = {"bare": None, "otel": "bare", "wattspan": "bare", "otel+wattspan": "otel"}  # what each variant adds to
-
     def med_range(xs, fmt):
         return f"{fmt(statistics.median(xs))} ({fmt(min(xs))} to {fmt(max(xs))})"
 
@@ -174,7 +183,8 @@ def main() -> None:
     lines = [
         "# Overhead on the server being measured",
         "",
-        f"Command: `python benchmarks/overhead.py --requests {a.requests} --seconds {a.seconds} --rounds {rounds} --record`",
+        f"Command: `python benchmarks/overhead.py --requests {a.requests} --seconds {a.seconds} --rounds {rounds}"
+        f"{' --variants ' + a.variants if a.variants else ''} --record`",
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; load average at the end "
         f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1 / 5 / 15 min); a Starlette app (`benchmarks/overhead_app.py`).",
         "",
@@ -206,29 +216,51 @@ def main() -> None:
         r, rr = ratio(rps, v)
         w, wr = ratio(work, v)
         lines.append(f"| {v} | {base[v] or '-'} | {r} | {rr} | {w} | {wr} |")
-    w, wl = statistics.median(extra("wattspan", 0)), statistics.median(extra("wattspan", 1))
-    wx, o = statistics.median(extra("otel+wattspan", 0)), statistics.median(extra("otel", 0))
-    cw, cx = statistics.median(capacity("wattspan")), statistics.median(capacity("otel+wattspan"))
+    med = lambda v, f: statistics.median(f(v)) if v in VARIANTS else None  # noqa: E731
+    w, wl = med("wattspan", lambda v: extra(v, 0)), med("wattspan", lambda v: extra(v, 1))
+    wx, o = med("otel+wattspan", lambda v: extra(v, 0)), med("otel", lambda v: extra(v, 0))
+    cw, cx = med("wattspan", capacity), med("otel+wattspan", capacity)
+    lines.append("")
+    if w is not None:
+        lines.append(f"wattspan alone adds {w:.1f} us of CPU per request ({wl:.1f} us of it on the event loop); on `/work` it leaves "
+                     f"{cw:.3f}x of bare's capacity.")
+    if wx is not None:
+        lines.append(f"With export (spans held and completed, OTel metrics, the SQLite ledger) wattspan adds {wx:.1f} us on top of "
+                     f"OpenTelemetry's ASGI instrumentation, which itself adds {o:.1f} us; on `/work` OpenTelemetry + wattspan "
+                     f"exporting leaves {cx:.3f}x of OpenTelemetry's capacity.")
     lines += [
-        "",
-        f"wattspan alone adds {w:.1f} us of CPU per request ({wl:.1f} us of it on the event loop); with export (spans held and",
-        f"completed, OTel metrics, the SQLite ledger) it adds {wx:.1f} us on top of OpenTelemetry's ASGI instrumentation,",
-        f"which itself adds {o:.1f} us. On `/work`, wattspan alone leaves {cw:.3f}x of bare's capacity and OpenTelemetry +",
-        f"wattspan exporting {cx:.3f}x of OpenTelemetry's. CPU is the whole process's (`time.process_time`: the meter's",
+        "CPU is the whole process's (`time.process_time`: the meter's",
         "attribution, the sampler, the span, metrics and ledger threads included, until every record is written); the event",
         "loop's is its thread's (`time.thread_time`).",
         "",
         "| target | measured (median) | met |",
         "|---|---:|---|",
-        f"| wattspan alone, event-loop CPU <= 6 us/request | {wl:.1f} us | {'yes' if wl <= 6 else 'no'} |",
-        f"| wattspan alone, CPU <= 12 us/request | {w:.1f} us | {'yes' if w <= 12 else 'no'} |",
-        f"| exporting, on top of OpenTelemetry <= 40 us/request | {wx:.1f} us | {'yes' if wx <= 40 else 'no'} |",
-        f"| `/work`, wattspan alone >= 0.97x bare (CPU capacity) | {cw:.3f}x | {'yes' if cw >= 0.97 else 'no'} |",
-        f"| `/work`, OpenTelemetry + wattspan exporting >= 0.9x OpenTelemetry (CPU capacity) | {cx:.3f}x | {'yes' if cx >= 0.9 else 'no'} |",
     ]
+    if w is not None:
+        lines += [
+            f"| wattspan alone, event-loop CPU <= 6 us/request | {wl:.1f} us | {'yes' if wl <= 6 else 'no'} |",
+            f"| wattspan alone, CPU <= 12 us/request | {w:.1f} us | {'yes' if w <= 12 else 'no'} |",
+        ]
+    if wx is not None:
+        lines.append(f"| exporting, on top of OpenTelemetry <= 40 us/request | {wx:.1f} us | {'yes' if wx <= 40 else 'no'} |")
+    if cw is not None:
+        lines.append(f"| `/work`, wattspan alone >= 0.97x bare (CPU capacity) | {cw:.3f}x | {'yes' if cw >= 0.97 else 'no'} |")
+    if cx is not None:
+        lines.append(f"| `/work`, OpenTelemetry + wattspan exporting >= 0.9x OpenTelemetry (CPU capacity) | {cx:.3f}x | {'yes' if cx >= 0.9 else 'no'} |")
     text = "\n".join(lines) + "\n"
     print(text)
-    write_results(a, "overhead.md", text)
+    write_results(a, _record_name(VARIANTS), text)
+
+
+def _record_name(variants: tuple[str, ...]) -> str:
+    """Where --record writes: overhead.md for every variant, overhead_alone.md for bare and wattspan only."""
+    from benchmarks.overhead_app import VARIANTS as ALL
+
+    if set(variants) == set(ALL):
+        return "overhead.md"
+    if set(variants) == {"bare", "wattspan"}:
+        return "overhead_alone.md"
+    return "overhead_" + "_".join(v.replace("+", "-") for v in variants) + ".md"
 
 
 if __name__ == "__main__":

@@ -14,11 +14,14 @@ import os
 import re
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .logs import get_logger
 from .meter.context import _current
-from .records import Cardinality
+from .records import Cardinality, RequestLabels
+
+if TYPE_CHECKING:
+    from .meter.core import Meter
 
 __all__ = ["EnergyMiddleware"]
 
@@ -28,6 +31,7 @@ _TENANT_OK = re.compile(r"[^A-Za-z0-9_.:-]")
 _NOT_PRINTABLE = re.compile(r"[^\x20-\x7e]")  # labels keep printable ASCII only: no control bytes reach a terminal
 _METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH", "QUERY"))
 _monotonic_ns = time.monotonic_ns
+_new_labels = tuple.__new__  # _new_labels(RequestLabels, values): a RequestLabels from its nine fields in order
 # Request ids: a random per-process prefix and a counter (unique, and cheaper than
 # a random draw per request); the prefix is renewed in a forked child.
 _ids = itertools.count(1)
@@ -113,10 +117,10 @@ class EnergyMiddleware:
 
     def __init__(
         self,
-        app,
+        app: ASGIApp,
         *,
-        meter=None,
-        device: str | Callable[[dict[str, Any]], str] | None = None,
+        meter: Meter | None = None,
+        device: str | list[str] | tuple[str, ...] | Callable[[dict[str, Any]], str] | None = None,
         model: str | Callable[[dict[str, Any]], str] = "x-model",
         tenant: str | Callable[[dict[str, Any]], str] = "x-tenant-id",
         max_tenants: int = 100,
@@ -139,14 +143,15 @@ class EnergyMiddleware:
             settings, self.config_error = Settings(), exc
         if request_id_header is None:
             request_id_header = settings.request_id_header
-        self.device = device if device is not None else settings.device
-        if isinstance(self.device, (list, tuple)) or (isinstance(self.device, str) and ("," in self.device or "+" in self.device)):
+        dev = device if device is not None else settings.device
+        if isinstance(dev, (list, tuple)) or (isinstance(dev, str) and ("," in dev or "+" in dev)):
             # a device group, e.g. ["gpu0", "gpu1"] or "gpu0, gpu1" (see wattspan.attribution.groups)
             from .devices import group_key
 
-            self.device = group_key(self.device)
-        self.model = model.lower().encode("latin-1") if isinstance(model, str) else model
-        self.tenant = tenant.lower().encode("latin-1") if isinstance(tenant, str) else tenant
+            dev = group_key(dev)
+        self.device: str | Callable[[Any], str] = dev
+        self.model: bytes | Callable[[Any], str] = model.lower().encode("latin-1") if isinstance(model, str) else model
+        self.tenant: bytes | Callable[[Any], str] = tenant.lower().encode("latin-1") if isinstance(tenant, str) else tenant
         self.tenants = Cardinality(max_tenants)
         self.models = Cardinality(max_models)
         self.request_id_header = request_id_header.lower().encode("latin-1") if request_id_header else None
@@ -159,14 +164,14 @@ class EnergyMiddleware:
         self.errors = 0
 
     @property
-    def meter(self):
+    def meter(self) -> Meter:
         if self._meter is None:
             from .defaults import get_default_meter
 
             self._meter = get_default_meter()
         return self._meter
 
-    async def __call__(self, scope, receive, send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind == "lifespan":
             await self._lifespan(scope, receive, send)
@@ -178,16 +183,15 @@ class EnergyMiddleware:
             await self.app(scope, receive, send)
             return
         try:
-            window = _Window(self, scope)
+            window = _Window(self, scope, send)
         except Exception:  # telemetry must never break a request
             self.errors += 1
             log.exception("could not open a metering window; serving unmetered")
             await self.app(scope, receive, send)
             return
         token = _current.set(window)
-        send_wrapper = window.wrap(send)
         try:
-            await self.app(scope, receive, send_wrapper)
+            await self.app(scope, receive, window.send)
         except BaseException as exc:
             window.close(error=True)
             if self.request_id_header is not None and not window.status and isinstance(exc, Exception):
@@ -223,7 +227,7 @@ class EnergyMiddleware:
         except Exception:
             log.exception("wattspan: flushing the meter at shutdown failed")
 
-    async def _lifespan(self, scope, receive, send) -> None:
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Pass the lifespan through, refusing to start on bad configuration and
         draining the meter before the server is told shutdown is complete (so a
         SIGTERM or SIGINT loses no record: uvicorn re-raises those signals after
@@ -238,13 +242,13 @@ class EnergyMiddleware:
         pending = [first]
         state = {"received": False, "drained": False, "answered": False}
 
-        async def recv():
+        async def recv() -> Message:
             state["received"] = True
             if pending:
                 return pending.pop()
             return await receive()
 
-        async def snd(message) -> None:
+        async def snd(message: Message) -> None:
             t = message.get("type", "")
             if t.startswith("lifespan.startup."):
                 state["answered"] = True
@@ -274,13 +278,16 @@ class EnergyMiddleware:
 class _Window:
     """One request's metering window: opened on arrival, closed exactly once."""
 
-    __slots__ = ("mw", "scope", "id", "device", "status", "closed", "root", "trace_id", "span_id", "prompt_tokens", "output_tokens", "model")
+    __slots__ = ("mw", "meter", "scope", "id", "device", "status", "closed", "root", "trace_id", "span_id", "prompt_tokens",
+                 "output_tokens", "model", "_send")
 
-    def __init__(self, mw: EnergyMiddleware, scope) -> None:
+    def __init__(self, mw: EnergyMiddleware, scope: Scope, send: Send) -> None:
         self.mw = mw
         self.scope = scope
+        self._send = send
         self.id = _next_id()
-        self.device = mw.device(scope) if callable(mw.device) else mw.device
+        device = mw.device
+        self.device = device(scope) if callable(device) else device
         self.status = 0
         self.closed = False
         self.prompt_tokens = 0
@@ -288,7 +295,7 @@ class _Window:
         self.model = ""
         self.root = scope.get("root_path", "")
         self.trace_id, self.span_id, span = _span_ids()
-        meter = mw._meter or mw.meter
+        meter = self.meter = mw._meter or mw.meter
         if span is not None and meter.holds_spans:
             meter.expect_span(self.span_id)
         meter.begin(self.id, self.device, _monotonic_ns())
@@ -296,26 +303,23 @@ class _Window:
         if prov is not None:
             prov.open(self.id)
 
-    def wrap(self, send):
-        rid_header = self.mw.request_id_header
-
-        async def send_wrapper(message) -> None:
-            t = message["type"]
-            if t == "http.response.start":
-                self.status = message["status"]
-                if rid_header is not None:
-                    message = dict(message)
-                    message["headers"] = [*message.get("headers", ()), (rid_header, self.id.encode())]
-                await send(message)
-            elif t == "http.response.body" and not message.get("more_body", False):
+    async def send(self, message: Message) -> None:
+        """The app's ``send``: notes the status, adds the request-id header if asked, closes at the last body chunk."""
+        t = message["type"]
+        if t == "http.response.body":
+            if not message.get("more_body", False):
                 try:
-                    await send(message)
+                    await self._send(message)
                 finally:
                     self.close()
-            else:
-                await send(message)
-
-        return send_wrapper
+                return
+        elif t == "http.response.start":
+            self.status = message["status"]
+            rid_header = self.mw.request_id_header
+            if rid_header is not None:
+                message = dict(message)
+                message["headers"] = [*message.get("headers", ()), (rid_header, self.id.encode())]
+        await self._send(message)
 
     def close(self, error: bool = False) -> None:
         """The one place a request's window closes: last body chunk, exception or disconnect."""
@@ -324,7 +328,6 @@ class _Window:
         self.closed = True
         t = _monotonic_ns()
         try:
-            mw = self.mw
             scope = self.scope
             model, tenant = self._labels()
             route = scope.get("route")
@@ -332,18 +335,19 @@ class _Window:
             if path is not None:
                 path = (scope.get("root_path", "")[len(self.root):] + path)[:256]
             m = scope.get("method", "")
-            meter = mw._meter or mw.meter
-            meter.end(self.id, self.device, t, {
-                "route": "(unmatched)" if path is None else path,
-                "http_method": m if m in _METHODS else "_OTHER",
-                "status_code": 500 if (error and not self.status) else self.status,
-                "model": model,
-                "tenant": tenant,
-                "trace_id": self.trace_id,
-                "span_id": self.span_id,
-                "prompt_tokens": self.prompt_tokens,
-                "output_tokens": self.output_tokens,
-            })
+            meter = self.meter
+            # the labels as one RequestLabels, built without keyword handling (the field order of records.RequestLabels)
+            meter.end(self.id, self.device, t, _new_labels(RequestLabels, (
+                "(unmatched)" if path is None else path,
+                m if m in _METHODS else "_OTHER",
+                500 if (error and not self.status) else self.status,
+                model,
+                tenant,
+                self.prompt_tokens,
+                self.output_tokens,
+                self.trace_id,
+                self.span_id,
+            )))
             prov = meter.provisional
             if prov is not None:
                 prov.forget(self.id)
@@ -351,7 +355,8 @@ class _Window:
             self.mw.errors += 1
             log.exception("could not close a metering window")
 
-    def _value(self, source, limit: int, headers: dict[str, Any]) -> str:
+    def _value(self, source: bytes | Callable[[Any], str], limit: int, headers: dict[bytes, str]) -> str:
+        v: Any
         if callable(source):
             try:
                 v = source(self.scope)
@@ -388,7 +393,7 @@ class _Window:
         return model, tenant
 
 
-async def _send_500(send, header: bytes, request_id: str) -> None:
+async def _send_500(send: Send, header: bytes, request_id: str) -> None:
     body = b"Internal Server Error"
     headers = [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", str(len(body)).encode()), (header, request_id.encode())]
     try:

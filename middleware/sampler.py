@@ -1,7 +1,10 @@
 """The one background thread that polls every power source into per-device ring buffers.
 
 Sources are polled only from this thread (never from an asyncio event loop),
-every ``interval_s``. Each device's readings go into a :class:`RingBuffer`:
+every ``interval_s``; a source whose readings carry their own times on a grid of
+its own (a replayed trace, the simulator, a driver's sample buffer) says so with
+``poll_every_s`` and is polled that rarely instead, which gives the same readings
+with fewer wakeups (see :class:`Sampler`). Each device's readings go into a :class:`RingBuffer`:
 one row per timestamp, NaN in the column (power or energy) that a reading
 lacks; rows that do not move time forward for their device are rejected, so
 :meth:`Sampler.trace` always gives strictly increasing timestamps.
@@ -44,11 +47,17 @@ class _State:
     """Everything the thread touches; the thread holds this, never the Sampler, so the
     Sampler can be garbage-collected (its finaliser then stops the thread)."""
 
-    def __init__(self, sources: list[PowerSource], names: list[str], devices: dict[str, _Device], interval_ns: int) -> None:
+    def __init__(self, sources: list[PowerSource], names: list[str], devices: dict[str, _Device], interval_ns: int,
+                 every_ns: list[int] | None = None) -> None:
         self.sources = sources
         self.names = names
         self.devices = devices
         self.interval_ns = interval_ns
+        #: per source: poll it every this many ns (interval_ns, or the source's own poll_every_s when longer)
+        self.every_ns = every_ns if every_ns is not None else [interval_ns] * len(sources)
+        #: the thread's wakeup period: the shortest of the sources' periods
+        self.tick_ns = min(self.every_ns)
+        self.due_ns = [0] * len(sources)  # per source: monotonic ns of its next poll (0: at once)
         self.pid = os.getpid()
         self.stop = threading.Event()
         self.thread: threading.Thread | None = None
@@ -158,10 +167,16 @@ def _ingest(st: _State, src_name: str, batches: list[SampleBatch]) -> None:
             dev.last_t = int(ts[-1])
 
 
-def _poll_once(st: _State) -> None:
+def _poll_once(st: _State, now_ns: int | None = None) -> None:
+    """Poll every source once (``now_ns`` None), or only those due at ``now_ns`` (the thread's ticks)."""
     w0 = time.perf_counter_ns()
     c0 = time.thread_time_ns()
-    for src, name in zip(st.sources, st.names):
+    for i, (src, name) in enumerate(zip(st.sources, st.names)):
+        if now_ns is not None:
+            if now_ns < st.due_ns[i]:
+                continue
+            # its next poll a period on, less half a tick: it lands on the tick nearest its period
+            st.due_ns[i] = now_ns + st.every_ns[i] - st.tick_ns // 2
         try:
             batches = src.poll()
         except Exception as exc:
@@ -187,12 +202,12 @@ def _poll_once(st: _State) -> None:
 
 
 def _run(st: _State) -> None:
-    interval = st.interval_ns
+    interval = st.tick_ns
     next_t = time.monotonic_ns()
     try:
         while True:
             try:
-                _poll_once(st)
+                _poll_once(st, time.monotonic_ns())
             except Exception:  # never let the thread die
                 log.exception("wattspan: sampler poll failed")
             next_t += interval
@@ -250,6 +265,14 @@ class Sampler:
 
     A source whose ``poll()`` raises is logged once per distinct error, counted
     in ``health()["poll_errors"]``, and polled again next time.
+
+    ``interval_s`` is the sampling interval of the sources that read a sensor
+    when polled (RAPL, NVML's instant power): each poll is one reading. A source
+    with a ``poll_every_s`` attribute (seconds, > ``interval_s``) times its own
+    readings on a grid of its own and returns every reading since the last poll
+    (the replayed trace, the simulator's 1 ms grid, NVML's sample buffer), so it is
+    polled only every ``poll_every_s``: the same readings, from fewer wakeups. The
+    thread wakes at the shortest period among its sources (``health()["tick_s"]``).
     """
 
     def __init__(self, sources: PowerSource | Iterable[PowerSource], *, interval_s: float = 0.01, capacity: int = 65536) -> None:
@@ -285,7 +308,15 @@ class Sampler:
         self.sources: tuple[PowerSource, ...] = tuple(srcs)
         self.interval_s = float(interval_s)
         self.capacity = int(capacity)
-        self._st = _State(srcs, names, devices, max(1, int(round(interval_s * 1e9))))
+        interval_ns = max(1, int(round(interval_s * 1e9)))
+        every_ns = []
+        for src in srcs:
+            own = getattr(src, "poll_every_s", None)
+            every = interval_ns
+            if isinstance(own, (int, float)) and not isinstance(own, bool) and math.isfinite(own) and own > 0:
+                every = max(interval_ns, int(round(own * 1e9)))
+            every_ns.append(every)
+        self._st = _State(srcs, names, devices, interval_ns, every_ns)
         self._finalizer = weakref.finalize(self, _shutdown, self._st, 1.0)
 
     # ------------------------------------------------------------------ lifecycle
@@ -385,6 +416,7 @@ class Sampler:
         return {
             "running": self.running,
             "interval_s": self.interval_s,
+            "tick_s": st.tick_ns / 1e9,
             "polls": n,
             "overruns": st.overruns,
             "poll_errors": dict(st.poll_errors),

@@ -387,3 +387,45 @@ def test_forked_child_gets_its_own_default_sampler(fresh_default):
     assert os.waitstatus_to_exitcode(status) == 0
     assert out == "True True True True"
     assert parent.running  # the parent's sampler is untouched
+
+
+class _Counting:
+    """A source that counts its polls (readings: none needed here)."""
+
+    def __init__(self, name, device, poll_every_s=None):
+        self.name, self.errors, self.polls = name, 0, 0
+        self._info = DeviceInfo(id=device, name=name, kind="gpu", sensor="test")
+        if poll_every_s is not None:
+            self.poll_every_s = poll_every_s
+
+    def devices(self):
+        return [self._info]
+
+    def poll(self):
+        self.polls += 1
+        return []
+
+    def close(self):
+        pass
+
+
+def test_a_source_with_its_own_grid_is_polled_at_its_own_period():
+    """poll_every_s: the thread ticks at the shortest period; a slower source is polled only when due."""
+    from wattspan import sampler as S
+
+    fast, slow = _Counting("fast", "gpu0"), _Counting("slow", "gpu1", poll_every_s=0.05)
+    s = Sampler([fast, slow], interval_s=0.01)
+    st = s._st
+    assert st.tick_ns == 10_000_000 and st.every_ns == [10_000_000, 50_000_000]
+    for k in range(100):  # one simulated second of ticks, 10 ms apart
+        S._poll_once(st, 1_000_000_000 + k * 10_000_000)
+    assert fast.polls == 100
+    assert slow.polls == 20
+    assert s.health()["tick_s"] == 0.01
+    # every source slower than interval_s: the thread wakes at the fastest of them
+    only_slow = Sampler([_Counting("a", "gpu0", poll_every_s=0.1), _Counting("b", "gpu1", poll_every_s=0.2)], interval_s=0.01)
+    assert only_slow._st.tick_ns == 100_000_000
+    # a bad or shorter poll_every_s falls back to interval_s
+    odd = Sampler([_Counting("c", "gpu0", poll_every_s=float("nan")), _Counting("d", "gpu1", poll_every_s=0.001)], interval_s=0.01)
+    assert odd._st.every_ns == [10_000_000, 10_000_000]
+    s.close(); only_slow.close(); odd.close()

@@ -271,6 +271,9 @@ class ReplaySource:
     """
 
     name = "replay"
+    #: its readings carry the trace's (or grid's) own times and every one since the last poll comes back:
+    #: the sampler may poll it this rarely (seconds) and get the same readings (see wattspan.sampler.Sampler)
+    poll_every_s = 0.1
 
     def __init__(self, path_or_traces: str | os.PathLike[str] | DeviceTrace | Mapping[str, DeviceTrace] | Iterable[DeviceTrace],
                  *, speed: float = 1.0, loop: bool = False) -> None:

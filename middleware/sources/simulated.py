@@ -61,6 +61,9 @@ class SimulatedSource:
     """
 
     name = "simulated"
+    #: its readings carry the trace's (or grid's) own times and every one since the last poll comes back:
+    #: the sampler may poll it this rarely (seconds) and get the same readings (see wattspan.sampler.Sampler)
+    poll_every_s = 0.1
 
     def __init__(
         self,
