@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import threading
+from typing import Any
 
 from .logs import get_logger
 from .meter import Meter
@@ -32,7 +33,7 @@ _default: Meter | None = None
 _default_lock = threading.Lock()
 
 
-def get_default_meter(**kw) -> Meter:
+def get_default_meter(**kw: Any) -> Meter:
     """The process's meter, created on first use with ``kw`` (or the defaults).
 
     It shares what it serves with the other worker processes of this user on
@@ -96,11 +97,11 @@ def set_default_meter(meter: Meter | None) -> None:
 
 
 _sampler: Sampler | None = None
-_sampler_kw: dict | None = None
+_sampler_kw: dict[str, Any] | None = None
 _sampler_lock = threading.Lock()
 
 
-def get_default_sampler(**kw) -> Sampler:
+def get_default_sampler(**kw: Any) -> Sampler:
     """The process's sampler, created and started on first use.
 
     ``kw``: ``sources`` (default: whatever answers here, see

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import csv
 import difflib
+import email.message
 import functools
 import io
 import urllib.request
 from dataclasses import dataclass
 from importlib import resources
+from typing import IO
 
 __all__ = ["GridIntensity", "grid_intensity"]
 
@@ -89,5 +91,6 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
     """A redirect is a failed fetch, never followed: urllib would send the request's
     headers (an API key) on to wherever it points."""
 
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
+    def redirect_request(self, req: urllib.request.Request, fp: IO[bytes], code: int, msg: str,
+                         headers: email.message.Message, newurl: str) -> urllib.request.Request | None:
         return None
