@@ -7,12 +7,14 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 __all__ = ["add_arguments", "dispatch"]
 
 
-def add_arguments(sub, carbon_options) -> None:
+def add_arguments(sub: Any, carbon_options: Callable[[argparse.ArgumentParser], None]) -> None:
     r = sub.add_parser("run", help="meter any command from start to end (a training job, a batch job) and store it in the ledger",
                        description="Meter COMMAND from start to end with NVML, RAPL or the labelled CPU estimate; "
                                    "mark phases from the job with `with wattspan.phase('epoch 3'):`.")
@@ -64,7 +66,8 @@ def add_arguments(sub, carbon_options) -> None:
     d.add_argument("--budgets", type=Path, default=None, help="a budget file (JSON or TOML, as for `wattspan proxy --budgets`): shows each budget's burn (env WATTSPAN_BUDGETS)")
 
 
-def dispatch(args, carbon_model_from_args, usage_error, need) -> int:
+def dispatch(args: argparse.Namespace, carbon_model_from_args: Callable[[argparse.Namespace], Any],
+             usage_error: type[Exception], need: Callable[..., Any]) -> int:
     try:
         if args.command == "run":
             from ..run import cli_main

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import sys
+from typing import Any, TextIO
 
 from .common import UsageError, carbon_model_from_args
 
@@ -15,7 +17,7 @@ _INTENSITY_FIELDS = ("intensity_g_per_kwh", "intensity_provider", "intensity_zon
                      "market_g_per_kwh", "co2e_market_g", "marginal_g_per_kwh", "co2e_marginal_g")
 
 
-def cmd_attribute(args) -> int:
+def cmd_attribute(args: argparse.Namespace) -> int:
     from ..attribution import jsonl as _io
     from ..samples import SampleKind
     from ..attribution import attribute
@@ -79,9 +81,9 @@ def cmd_attribute(args) -> int:
     return 0
 
 
-def summarize(result, records: list[dict], carbon) -> dict:
+def summarize(result: Any, records: list[dict[str, Any]], carbon: Any) -> dict[str, Any]:
     """Totals, per device and per route, with the carbon model's provenance."""
-    routes: dict[str, dict] = {}
+    routes: dict[str, dict[str, Any]] = {}
     for r in records:
         k = r.get("route") or "(none)"
         d = routes.setdefault(k, {"requests": 0, "energy_j": 0.0, "co2e_g": 0.0})
@@ -126,7 +128,7 @@ def summarize(result, records: list[dict], carbon) -> dict:
     }
 
 
-def _intensity_summary(records: list[dict]) -> dict:
+def _intensity_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
     """Which intensities the records used: providers, zones, hours, basis; market and marginal totals."""
     e = sum(r["energy_j"] for r in records) or 1.0
     return {
@@ -141,7 +143,7 @@ def _intensity_summary(records: list[dict]) -> dict:
     }
 
 
-def print_summary(summary: dict, file=sys.stdout) -> None:
+def print_summary(summary: dict[str, Any], file: TextIO = sys.stdout) -> None:
     w = file.write
     c = summary["carbon"]
     flag = "  [SIMULATED power: no sensor]" if summary["simulated"] else ""

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
+from collections.abc import Callable
+from typing import Any
 
 from .common import UsageError
 
 __all__ = ["budget_wrapper", "report_budgets"]
 
 
-def report_budgets(args) -> int:
+def report_budgets(args: argparse.Namespace) -> int:
     """``wattspan report --budgets FILE``: each budget's spend, KPIs and burn (issue 11)."""
     from ..budgets import BudgetConfig, BudgetConfigError, budget_status, format_status, load_budgets
 
@@ -28,7 +31,7 @@ def report_budgets(args) -> int:
     return 0
 
 
-def budget_wrapper(args):
+def budget_wrapper(args: argparse.Namespace) -> Callable[[Any], Any] | None:
     """``wattspan proxy --budgets FILE`` / ``--defer-path PATH``: wrap the metering proxy in a
     BudgetMiddleware and/or a DeferralMiddleware (one queue for both); None when neither is asked."""
     budgets, paths = getattr(args, "budgets", None), getattr(args, "defer_paths", None)
@@ -37,7 +40,7 @@ def budget_wrapper(args):
     from ..budgets import BudgetConfigError, BudgetMiddleware
     from ..deferral import DeferralMiddleware, DeferralQueue, store_beside
 
-    def wrap(app):
+    def wrap(app: Any) -> Any:
         try:
             queue = DeferralQueue(zone=args.region, store=store_beside(getattr(args, "db", None)))  # resumed after a restart
             if paths:

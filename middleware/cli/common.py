@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 __all__ = ["UsageError", "carbon_model_from_args", "carbon_options", "need"]
 
@@ -34,7 +35,7 @@ def carbon_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--marginal-provider", default=None, help="a provider of marginal intensity reported beside (watttime)")
 
 
-def carbon_model_from_args(args):
+def carbon_model_from_args(args: argparse.Namespace) -> Any:
     from ..carbon import CarbonModel, Embodied
 
     embodied = None

@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from .common import UsageError, carbon_model_from_args, carbon_options, need
 
@@ -192,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     return 2
 
 
-def _budget_wrapper(args):
+def _budget_wrapper(args: argparse.Namespace) -> Any:
     from .budgets import budget_wrapper
 
     return budget_wrapper(args)

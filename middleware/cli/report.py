@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import math
@@ -9,7 +10,7 @@ import sqlite3
 import sys
 import time
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from ..export.ledger import GROUP_BY, aggregate
 from ..errors import InputError
@@ -85,7 +86,7 @@ def run_report(db: Path, *, by: str = "route", fmt: str = "table", since_s: floa
     return 0
 
 
-def _print_tables(db: Path, tables: list[tuple[str, list[dict]]], since_s, simulated: bool, out: TextIO) -> None:
+def _print_tables(db: Path, tables: list[tuple[str, list[dict[str, Any]]]], since_s: float | None, simulated: bool, out: TextIO) -> None:
     rows = tables[0][1]
     n = sum(r["requests"] for r in rows)
     window = "" if since_s is None else f" in the last {since_s:g} s"
@@ -124,13 +125,13 @@ def _num(x: float, sig: int) -> str:
     return f"{x:,.{_decimals(x, sig)}f}"
 
 
-def _column(values: list, sig: int) -> list[str]:
+def _column(values: list[Any], sig: int) -> list[str]:
     """One column, every cell with the decimals its largest value needs for ``sig`` digits."""
     d = _decimals(max((abs(v) for v in values), default=0.0), sig)
     return [f"{v:,.{d}f}" for v in values]
 
 
-def cmd_report_id(args) -> int:
+def cmd_report_id(args: argparse.Namespace) -> int:
     """``wattspan report --id ID``: one request's final record from the ledger."""
     from ..export.ledger import find
     from ..errors import InputError
