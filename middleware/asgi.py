@@ -32,6 +32,9 @@ _NOT_PRINTABLE = re.compile(r"[^\x20-\x7e]")  # labels keep printable ASCII only
 _METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH", "QUERY"))
 _monotonic_ns = time.monotonic_ns
 _new_labels = tuple.__new__  # _new_labels(RequestLabels, values): a RequestLabels from its nine fields in order
+_LABEL_ORDER = ("route", "http_method", "status_code", "model", "tenant", "prompt_tokens", "output_tokens", "trace_id", "span_id")
+if RequestLabels._fields != _LABEL_ORDER:  # _Window.close builds them positionally: fail at import, never mislabel
+    raise ImportError(f"wattspan.asgi builds RequestLabels in the order {_LABEL_ORDER}, but its fields are {RequestLabels._fields}")
 # Request ids: a random per-process prefix and a counter (unique, and cheaper than
 # a random draw per request); the prefix is renewed in a forked child.
 _ids = itertools.count(1)
