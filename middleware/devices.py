@@ -13,16 +13,16 @@ __all__ = ["SEP", "device_key", "group_key", "is_group", "members"]
 SEP = ","
 
 
-def _one(value) -> str:
+def _one(value: object) -> str:
     s = str(value).strip()
     return f"gpu{s}" if s.isdigit() else s
 
 
-def group_key(value) -> str:
+def group_key(value: object) -> str:
     """The canonical name of a device or a group: ``0`` -> ``gpu0``; ``["gpu0", 1]`` or
     ``"gpu0, gpu1"`` or ``"gpu0+gpu1"`` -> ``"gpu0,gpu1"`` (order kept, repeats dropped)."""
     if isinstance(value, (list, tuple)):
-        parts: Iterable = value
+        parts: Iterable[object] = value
     else:
         s = str(value).strip()
         if SEP not in s and "+" not in s:
@@ -41,7 +41,7 @@ def is_group(key: str) -> bool:
     return SEP in key
 
 
-def device_key(value) -> str:
+def device_key(value: object) -> str:
     """Trace, request and batch files name a GPU by index (``0``) or by id (``gpu0``), and a
     device group by a list or a comma-separated string (see :mod:`wattspan.attribution.groups`)."""
     if isinstance(value, (list, tuple)) or "," in str(value) or "+" in str(value):

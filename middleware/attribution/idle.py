@@ -8,7 +8,7 @@ from ..samples import DeviceTrace
 from .energy import _Piecewise, _points_mid, counter_knots
 from .inputs import Steps, _NS
 
-def _busy_intervals(starts, ends, steps: Steps | None, dev: str) -> tuple[np.ndarray, np.ndarray]:
+def _busy_intervals(starts: np.ndarray, ends: np.ndarray, steps: Steps | None, dev: str) -> tuple[np.ndarray, np.ndarray]:
     """Merged intervals when anything is in flight or running on ``dev``."""
     s_parts, e_parts = [starts], [ends]
     if steps is not None and len(steps):
@@ -28,7 +28,7 @@ def _busy_intervals(starts, ends, steps: Steps | None, dev: str) -> tuple[np.nda
     return ms, me
 
 
-def _estimate_idle(trace: DeviceTrace, busy, a: int, b: int, bin_s: float = 30.0) -> tuple[_Piecewise, str]:
+def _estimate_idle(trace: DeviceTrace, busy: tuple[np.ndarray, np.ndarray], a: int, b: int, bin_s: float = 30.0) -> tuple[_Piecewise, str]:
     """Idle baseline from readings taken when nothing was in flight, per 30 s bin.
 
     The energy counter is tried first; where it saw no idle time (a counter read
@@ -53,7 +53,7 @@ def _estimate_idle(trace: DeviceTrace, busy, a: int, b: int, bin_s: float = 30.0
     return _Piecewise(np.array([a, b]), np.array([v, v])), "low-quantile"
 
 
-def _idle_from(mid, half, pw, busy, a: int, b: int, bin_s: float) -> _Piecewise | None:
+def _idle_from(mid: np.ndarray, half: np.ndarray, pw: np.ndarray, busy: tuple[np.ndarray, np.ndarray], a: int, b: int, bin_s: float) -> _Piecewise | None:
     # guard: readings within a sensor window (and 50 ms of settling) of activity are not idle
     guard = half + 50_000_000
     bs, be = busy

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -61,14 +61,14 @@ class Requests:
         return len(self.ids)
 
     @classmethod
-    def from_records(cls, rows: Iterable[Mapping]) -> "Requests":
+    def from_records(cls, rows: Iterable[Mapping[str, Any]]) -> "Requests":
         """Build from dicts with ``id, start_ns, end_ns, gpu`` (or ``device``) and
         optional ``weight, route, model, tenant``."""
         rows = list(rows)
         ids = np.array([str(r["id"]) for r in rows], dtype=object)
         dev = np.array([device_key(r.get("device", r.get("gpu", "0"))) for r in rows], dtype=object)
 
-        def col(key):
+        def col(key: str) -> np.ndarray | None:
             if not any(key in r for r in rows):
                 return None
             return np.array([str(r.get(key) or "") for r in rows], dtype=object)
@@ -112,7 +112,7 @@ class Steps:
         return len(self.start_ns)
 
     @classmethod
-    def from_records(cls, rows: Iterable[Mapping], requests: Requests) -> "Steps":
+    def from_records(cls, rows: Iterable[Mapping[str, Any]], requests: Requests) -> "Steps":
         """Build from dicts ``{start_ns, end_ns, gpu, requests: {id: tokens}}``.
 
         Raises ``KeyError`` naming the first request id not in ``requests``.

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
+from os import PathLike
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,7 @@ _OPTIONAL_COUNTS = ("prompt_tokens", "output_tokens")
 _MAX_DEPTH = 32  # nesting deeper than any row of these files needs
 
 
-def _rows(path: Path):
+def _rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     try:
         fh = open(path, "rb")
     except OSError as exc:
@@ -52,7 +54,7 @@ def _rows(path: Path):
             raise InputError(path, 0, "is empty: expected one JSON object per line")
 
 
-def _short(v) -> str:
+def _short(v: object) -> str:
     r = repr(v) if not isinstance(v, int) or v.bit_length() < 200 else f"an integer of about {int(v.bit_length() * 0.30103) + 1} digits"
     return r if len(r) <= 60 else r[:57] + "..."
 
@@ -81,7 +83,7 @@ def _too_deep(line: str) -> bool:
     return False
 
 
-def _time(path, n, row, key) -> int:
+def _time(path: Path, n: int, row: dict[str, Any], key: str) -> int:
     if key not in row:
         raise InputError(path, n, f"missing {key!r}")
     v = row[key]
@@ -95,13 +97,13 @@ def _time(path, n, row, key) -> int:
     return v
 
 
-def _count(path, n, key, v) -> float:
+def _count(path: Path, n: int, key: str, v: Any) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1e12 or not math.isfinite(v):
         raise InputError(path, n, f"{key} must be a finite number between 0 and 1e12, got {_short(v)}")
     return float(v)
 
 
-def _gpu(path, n, gpu):
+def _gpu(path: Path, n: int, gpu: object) -> str:
     """A device (``0``, ``"gpu0"``) or a device group (``["gpu0", "gpu1"]`` or ``"gpu0,gpu1"``)."""
     if isinstance(gpu, list):
         if not gpu or len(gpu) > 1024 or not all(isinstance(g, (str, int)) and not isinstance(g, bool) and str(g).strip() for g in gpu):
@@ -114,7 +116,7 @@ def _gpu(path, n, gpu):
     return key
 
 
-def read_requests_jsonl(path) -> tuple[Requests, list[dict[str, Any]]]:
+def read_requests_jsonl(path: str | PathLike[str]) -> tuple[Requests, list[dict[str, Any]]]:
     """Requests from JSONL: ``{"id", "start_ns", "end_ns", "gpu"}`` plus optional
     ``route, model, tenant, prompt_tokens, output_tokens``.
 
@@ -150,7 +152,7 @@ def read_requests_jsonl(path) -> tuple[Requests, list[dict[str, Any]]]:
     return Requests.from_records(rows), rows
 
 
-def read_batches_jsonl(path, requests: Requests) -> Steps:
+def read_batches_jsonl(path: str | PathLike[str], requests: Requests) -> Steps:
     """Batch steps from JSONL: ``{"start_ns", "end_ns", "gpu", "requests": {"<id>": <tokens>}}``."""
     path = Path(path)
     known = set(requests.ids.tolist())

@@ -6,10 +6,11 @@ import math
 
 import numpy as np
 
-from .energy import _typical_interval, power_points
+from ..samples import DeviceTrace
+from .energy import _CumEnergy, _typical_interval, power_points
 from .inputs import _NS
 
-def _reconcile_edges(cum, trace, a, b, reconcile_s):
+def _reconcile_edges(cum: _CumEnergy, trace: DeviceTrace, a: int, b: int, reconcile_s: float | None) -> np.ndarray:
     """Window edges for reconciliation, always starting at ``a`` and ending at ``b``.
 
     ``reconcile_s`` is normally chosen by held-out readings (see ``_batch_fit``);

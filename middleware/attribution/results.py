@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -36,7 +37,7 @@ class StepModel:
     cv_error: float = math.nan
     cv_r2: float = math.nan
     why: str = ""
-    candidates: dict | None = None
+    candidates: dict[str, float] | None = None
     rates: tuple[float, float] | None = None
 
     @property
@@ -53,9 +54,10 @@ class StepModel:
         return np.concatenate((c, np.zeros(len(BASIS) - len(c))))
 
     def predict(self, features: np.ndarray) -> np.ndarray:
-        return features[:, : len(self.coef)] @ self.coef[: features.shape[1]]
+        out: np.ndarray = features[:, : len(self.coef)] @ self.coef[: features.shape[1]]
+        return out
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return {
             "family": self.family,
             "features": list(BASIS),
@@ -94,10 +96,10 @@ class DeviceSummary:
     shift_s: float = 0.0  # how much earlier the trace was read to undo stale readings (chosen like the window)
     band_rel: float = math.nan  # 90 % relative error of one held-out reading's dynamic energy
     quality: str = ""  # good | coarse | misfit (batch-fit only)
-    noise: dict | None = None  # the held-out error model behind the bands (see _noise_model)
+    noise: dict[str, Any] | None = None  # the held-out error model behind the bands (see _noise_model)
     wait_j: float = 0.0  # fitted dynamic energy while waiting between the device's steps (shared by time)
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "model"}
         if self.model is not None:
             d["model"] = self.model.as_dict()
@@ -121,7 +123,7 @@ class Attribution:
     quality: np.ndarray | None = None  # object array: good | coarse | misfit
     #: requests on device groups: each (request, member device)'s part, columnar
     #: (``request`` index, ``device``, ``energy_j``, ``dynamic_j``, ``idle_j``, ``device_s``); see wattspan.attribution.groups
-    parts: dict | None = None
+    parts: dict[str, np.ndarray] | None = None
 
     @property
     def measured_j(self) -> float:
@@ -135,7 +137,7 @@ class Attribution:
     def attributed_j(self) -> float:
         return float(self.energy_j.sum())
 
-    def records(self) -> list[dict]:
+    def records(self) -> list[dict[str, Any]]:
         """One dict per request: ``id, device, energy_j, dynamic_j, idle_j, device_s, method, sensor, coverage,
         energy_j_low, energy_j_high, quality`` (plus ``route, model, tenant`` where given)."""
         r = self.requests
@@ -171,7 +173,7 @@ class Attribution:
         return out
 
 
-def device_parts(parts: dict | None, n: int) -> list[dict[str, float]] | None:
+def device_parts(parts: dict[str, np.ndarray] | None, n: int) -> list[dict[str, float]] | None:
     """``parts`` as one ``{device: energy_j}`` per request (for records)."""
     if parts is None:
         return None

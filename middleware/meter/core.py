@@ -192,7 +192,7 @@ class Meter:
         #: per-request estimate (wattspan.meter.provisional); must be quick
         self.step_observers: list[Callable[[int, int, str, Mapping[str, float]], None]] = []
         #: the provisional estimate, once wattspan.usage_energy() attached one
-        self.provisional = None
+        self.provisional: Any = None  # a wattspan.meter.provisional.Provisional (typed loosely: no import cycle)
         self.device_unattributed_j: dict[str, float] = {}
         # True or a directory: join the peer group of the devices metered, once the
         # sources are open (see _join_peers); a Peers-like object is used as it is

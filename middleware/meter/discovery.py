@@ -37,7 +37,7 @@ def measured_sources() -> list[PowerSource]:
     return found
 
 
-def default_sources() -> list:
+def default_sources() -> list[PowerSource]:
     """NVML if a GPU answers; RAPL if readable; else the labelled simulated GPU."""
     found = measured_sources()
     if not any(getattr(s, "name", "") == "nvml" for s in found):

@@ -41,6 +41,8 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ..records import RequestRecord
+    from ..attribution import StepModel
+    from .core import Meter
     from .sinks import DeviceFigures
 
 __all__ = ["Provisional", "attach", "usage_energy"]
@@ -51,7 +53,7 @@ _SAT = (7, 8)  # its saturating terms: they need the model's throughputs when th
 _UNPRICED = 6 + 2 * _NB  # tally slot: steps seen before the device had a model
 
 
-def _saturates(model) -> bool:
+def _saturates(model: StepModel) -> bool:
     coef = model.full_coef
     return any(len(coef) > j and coef[j] != 0 for j in _SAT)
 
@@ -65,7 +67,7 @@ class Provisional:
 
     __slots__ = ("meter", "max_requests", "_tally", "_rate", "_lock", "stats")
 
-    def __init__(self, meter, *, max_requests: int = 100_000) -> None:
+    def __init__(self, meter: Meter, *, max_requests: int = 100_000) -> None:
         self.meter = meter
         self.max_requests = int(max_requests)
         # request id -> [context tokens so far, steps, prefill tokens, decode tokens,
@@ -180,7 +182,7 @@ class Provisional:
         on = device.split(",") if "," in device else (device,)
         fitted = getattr(meter, "_models", {})
         models = [fitted.get(d) for d in on]
-        if t is not None and all(m is not None for m in models) and not (t[_UNPRICED] and any(_saturates(m) for m in models)):
+        if t is not None and all(m is not None for m in models) and not (t[_UNPRICED] and any(m is not None and _saturates(m) for m in models)):
             steps = int(t[1])
             pre_share = t[4 : 4 + _NB]
             dec_share = t[4 + _NB : 4 + 2 * _NB]
@@ -216,7 +218,7 @@ class Provisional:
         return {"energy_j": energy, "co2e_g": co2e, "method": method, "steps": steps}
 
 
-def _co2e(meter, energy_j: float, device_s: float) -> float | None:
+def _co2e(meter: Meter, energy_j: float, device_s: float) -> float | None:
     carbon = getattr(meter, "carbon", None)
     if carbon is None:
         return None
@@ -232,7 +234,7 @@ def _co2e(meter, energy_j: float, device_s: float) -> float | None:
 _attach_lock = threading.Lock()
 
 
-def attach(meter) -> Provisional:
+def attach(meter: Meter) -> Provisional:
     """The meter's :class:`Provisional` (made and connected on first call)."""
     with _attach_lock:
         p = getattr(meter, "provisional", None)
