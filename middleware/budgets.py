@@ -67,7 +67,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .logs import LogOnce, get_logger
-from .deferral import _header, send_json
+from .deferral import _header, _on_startup, send_json
 
 if TYPE_CHECKING:
     from .asgi import ASGIApp, Message, Receive, Scope, Send
@@ -498,6 +498,11 @@ class BudgetMiddleware:
         self._refreshed = False  # the first refresh runs off the event loop, at startup or the first request
         _register_metrics(self)
 
+    def _start_deferral(self) -> None:
+        """Run the deferral queue (resumed requests included) from the server's startup, or its first request."""
+        if self.deferral is not None and self._runner is None:
+            self._runner = asyncio.get_running_loop().create_task(self.deferral.run())
+
     async def _first_refresh(self) -> None:
         """The spend so far (a ledger scan, a PromQL query: up to its timeout), off the event loop."""
         if not self._refreshed:
@@ -514,7 +519,11 @@ class BudgetMiddleware:
                     self.close()
                 return m
 
-            await self.app(scope, recv, send)
+            if self.deferral is not None:
+                self.deferral.note_state(scope)
+                await self.app(scope, recv, _on_startup(send, self._start_deferral))
+            else:
+                await self.app(scope, recv, send)
             return
         if scope["type"] != "http":
             await self.app(scope, receive, send)
@@ -528,7 +537,8 @@ class BudgetMiddleware:
             if await self._own(path, scope, send):
                 return
         if self.deferral is not None and self._runner is None:
-            self._runner = asyncio.get_running_loop().create_task(self.deferral.run())
+            self.deferral.note_state(scope)
+            self._start_deferral()
         tenant, model = _header(scope, self.tenant), _header(scope, self.model)
         with self.state.lock:
             statuses = self.state.statuses

@@ -273,6 +273,14 @@ class DeferralQueue:
         self._persisted: set[str] = set()  # ids of the jobs in the store
         self._saving: set[str] = set()  # ids of the jobs being written to the store: they start once written
         self._resumed: set[str] = set()  # origins already reloaded
+        #: the server's lifespan state (what the app's startup put in ``scope["state"]``): a request
+        #: resumed from the store gets a shallow copy, as the server gives every live request
+        self.lifespan_state: dict[str, Any] | None = None
+
+    def note_state(self, scope: Scope) -> None:
+        """Keep the server's lifespan state from a lifespan (or the first HTTP) scope, for resumed requests."""
+        if self.lifespan_state is None and isinstance(scope.get("state"), dict):
+            self.lifespan_state = scope["state"]
 
     # ------------------------------------------------------------- planning
     def plan(self, deadline_s: float, duration_s: float = 0.0, now: float | None = None, job_id: str = "") -> Decision:
@@ -536,8 +544,11 @@ def _replay(queue: DeferralQueue, app: ASGIApp, job_scope: Scope, body: bytes) -
     """The job that runs a recorded request through ``app`` and then frees its body's share of ``held_bytes``."""
 
     async def run_it() -> dict[str, Any]:
+        scope = job_scope
+        if "state" not in scope and queue.lifespan_state is not None:  # resumed: the state of this run's startup
+            scope = {**scope, "state": dict(queue.lifespan_state)}
         try:
-            return await capture(app, job_scope, body)
+            return await capture(app, scope, body)
         finally:
             queue.held_bytes -= len(body)
 
@@ -646,12 +657,17 @@ class DeferralMiddleware:
         self._runner: asyncio.Task[None] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            self.queue.note_state(scope)
+            await self.app(scope, receive, _on_startup(send, self._start))
+            return
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         path = scope.get("path", "")
         if self._runner is None:
-            self._runner = asyncio.get_running_loop().create_task(self.queue.run())
+            self.queue.note_state(scope)
+            self._start()
         if path.startswith("/wattspan/jobs") and scope.get("method") == "GET":
             await job_status(self.queue, path, send)
             return
@@ -659,6 +675,23 @@ class DeferralMiddleware:
             await defer_request(self.queue, self.app, scope, receive, send, max_body_bytes=self.max_body_bytes)
             return
         await self.app(scope, receive, send)
+
+
+    def _start(self) -> None:
+        """Run the queue (resumed requests included) from the server's startup, or its first request."""
+        if self._runner is None:
+            self._runner = asyncio.get_running_loop().create_task(self.queue.run())
+
+
+def _on_startup(send: Send, start: Callable[[], None]) -> Send:
+    """The lifespan's ``send``, calling ``start`` once the app's startup has completed."""
+
+    async def wrapped(message: Message) -> None:
+        await send(message)
+        if message.get("type") == "lifespan.startup.complete":
+            start()
+
+    return wrapped
 
 
 def _settings_region() -> str:

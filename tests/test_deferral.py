@@ -309,3 +309,55 @@ def test_a_queue_without_a_store_keeps_jobs_in_memory_only(tmp_path, monkeypatch
     assert mw.queue.store is not None and mw.queue.store.path == str(tmp_path / "w.sqlite") + ".deferral.sqlite"
     mw.queue.store.close()
     assert store_beside(None) is None
+
+
+def test_a_resumed_request_runs_at_startup_with_the_lifespan_state(tmp_path):
+    """After a restart, a stored deferred request runs once the server has started, with no request needed to
+    wake the queue, and its endpoint sees the app's lifespan state (``request.state``) as a live request would."""
+    import contextlib
+    import time
+
+    import httpx
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    from .conftest import serve
+    from wattspan.deferral import DeferralMiddleware
+
+    store = tmp_path / "w.sqlite.deferral.sqlite"
+    clock = [T0]
+    seen: list = []
+
+    async def batch(request: Request) -> JSONResponse:
+        seen.append(getattr(request.state, "model", None))
+        return JSONResponse({"model": getattr(request.state, "model", None)})
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield {"model": "loaded at startup"}
+
+    def life():
+        q = DeferralQueue(Forecast([300, 100]), zone="GB", clock=lambda: clock[0], poll_s=0.01, store=store)
+        app = Starlette(routes=[Route("/v1/batch", batch, methods=["POST"])], lifespan=lifespan)
+        return q, DeferralMiddleware(app, queue=q)
+
+    q, mw = life()
+    with serve(mw) as url:
+        r = httpx.post(f"{url}/v1/batch", content=b"{}", headers={"x-wattspan-deadline-s": "7200"})
+        assert r.status_code == 202
+        jid = r.json()["job"]
+    q.store.close()
+    assert seen == []  # planned for the cleaner hour: the process stopped before it
+
+    clock[0] = T0 + 1800  # the restart comes after the planned start
+    q, mw = life()
+    assert q.get(jid).status == "planned"
+    with serve(mw):
+        deadline = time.monotonic() + 20
+        while q.get(jid).status != "done" and time.monotonic() < deadline:
+            time.sleep(0.02)
+    q.store.close()
+    assert q.get(jid).status == "done", q.get(jid).to_dict()
+    assert seen == ["loaded at startup"]
