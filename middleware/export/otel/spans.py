@@ -164,13 +164,14 @@ def _slim(span: ReadableSpan) -> ReadableSpan:
 # allocated, mostly the event loop. A plain span (an SDK ReadableSpan without events, links or
 # dropped attributes, whose resource and scope are among a few) is therefore held *packed*: one
 # flat tuple of numbers, strings, None and the span's own attribute dict (the SDK's, not copied:
-# nothing writes to an ended span's attributes), which the GC stops tracking at its first look.
+# nothing writes to an ended span's attributes; untracked by the GC while its values are plain).
 # Its record then builds the finished span once (attributes merged, no copy of a copy) for the
 # exporter. Other spans are held as they are (a ``(deadline, span)`` pair).
 #
-# Packed layout: (deadline, name, trace_id, span_id, is_remote, flags, trace_state or None,
-# parent (None or (trace_id, span_id, is_remote, flags, trace_state or None)), kind index,
-# status (None: unset), start_time, end_time, attributes, index of (resource, scope, info)).
+# Packed layout: (deadline, name, trace_id, span_id, is_remote, flags, trace_state or None, is_valid,
+# parent (None or its context packed alike), kind index, status (None: unset), start_time, end_time,
+# attributes, index of (resource, scope, info)). The tuple holds the attribute dict, so the GC keeps
+# tracking it: one object per held span instead of seven.
 
 _KINDS = tuple(SpanKind)
 _KIND_INDEX = {k: i for i, k in enumerate(_KINDS)}
@@ -186,16 +187,27 @@ def _flags(v: int):
     return f
 
 
+_SpanContext = _trace_api.SpanContext
+_DEFAULT_TS = _trace_api.DEFAULT_TRACE_STATE
+_tuple_new = tuple.__new__
+
+
 def _pack_context(ctx) -> tuple | None:
-    """A SpanContext as (trace_id, span_id, is_remote, flags, trace_state or None); None if it is none."""
-    if type(ctx) is not _trace_api.SpanContext:
+    """A SpanContext (a tuple: trace_id, span_id, is_remote, trace_flags, trace_state, is_valid) as
+    (trace_id, span_id, is_remote, flags as an int, trace_state or None when empty, is_valid);
+    None if it is no SpanContext."""
+    if type(ctx) is not _SpanContext:
         return None
-    ts = ctx.trace_state
-    return (ctx.trace_id, ctx.span_id, ctx.is_remote, int(ctx.trace_flags), ts if len(ts) else None)
+    tid, sid, remote, flags, ts, valid = ctx
+    return (tid, sid, remote, int(flags), None if ts is _DEFAULT_TS or not len(ts) else ts, valid)
 
 
-def _context(tid: int, sid: int, remote: bool, flags: int, ts) -> Any:
-    return _trace_api.SpanContext(tid, sid, remote, _flags(flags), ts)
+def _context(tid: int, sid: int, remote: bool, flags: int, ts, valid: bool) -> Any:
+    """The SpanContext :func:`_pack_context` packed (the constructor's tuple, built as it builds it:
+    checked at import)."""
+    f = _FLAGS.get(flags)
+    return _tuple_new(_SpanContext, (tid, sid, remote, f if f is not None else _flags(flags),
+                                     _DEFAULT_TS if ts is None else ts, valid))
 
 
 def _build(name, context, kind, info, scope, parent, start, end, attributes, resource, status) -> ReadableSpan:
@@ -224,14 +236,17 @@ def _fast_build_ok() -> bool:
         from opentelemetry.sdk.resources import Resource
 
         res = Resource.create({})
-        ctx = _context(1, 2, False, 1, None)
-        args = dict(name="n", context=ctx, parent=None, resource=res, attributes={"a": 1}, events=_NO_ITEMS,
+        ctx = _trace_api.SpanContext(1, 2, False, _trace_api.TraceFlags(1))
+        args: dict[str, Any] = dict(name="n", context=ctx, parent=None, resource=res, attributes={"a": 1}, events=_NO_ITEMS,
                     links=_NO_ITEMS, kind=SpanKind.SERVER, instrumentation_info=None, status=_UNSET,
                     start_time=1, end_time=2, instrumentation_scope=None)
         ref = ReadableSpan(**args)
         got = _build("n", ctx, SpanKind.SERVER, None, None, None, 1, 2, {"a": 1}, res, _UNSET)
-        return (vars(ref) == vars(got) and _pack_context(ctx) == (1, 2, False, 1, None)
-                and _context(*_pack_context(ctx)) == ctx)  # type: ignore[misc]
+        packed = _pack_context(ctx)
+        again = _context(*packed)  # type: ignore[misc]
+        return (vars(ref) == vars(got) and packed == (1, 2, False, 1, None, True) and again == ctx
+                and (again.trace_id, again.span_id, again.is_remote, again.trace_flags, again.trace_state, again.is_valid)
+                == (1, 2, False, 1, _DEFAULT_TS, True) and type(again) is _SpanContext)
     except Exception:  # pragma: no cover - another SDK
         return False
 
@@ -593,16 +608,17 @@ class EnergySpanProcessor(SpanProcessor):
 
     # -------------------------------------------------------------- internals
 
-    def _pack(self, span: ReadableSpan, deadline: float) -> tuple[Any, ...]:
+    def _pack(self, span: Any, deadline: float) -> tuple[Any, ...]:
         """What to hold of the ended ``span`` until ``deadline``: packed (see the layout above the
         class) where it is a plain SDK span, else ``(deadline, span)`` (slimmed where it can be)."""
         if not _FAST or type(span) is not ReadableSpan:
-            return (deadline, span)
+            return (deadline, _slim(span))
         try:
-            ev, ln = span._events, span._links
+            ev: Any = span._events
+            ln: Any = span._links
             if ev or ln or getattr(ev, "dropped", 0) or getattr(ln, "dropped", 0):
                 return (deadline, span)
-            attrs = span._attributes
+            attrs: Any = span._attributes
             if type(attrs) is BoundedAttributes:
                 if attrs.dropped:
                     return (deadline, span)
@@ -613,12 +629,12 @@ class EnergySpanProcessor(SpanProcessor):
                 return (deadline, span)
             kind = _KIND_INDEX.get(span._kind)
             ctx = _pack_context(span._context)
-            parent = span._parent
+            parent: Any = span._parent
             if parent is not None:
                 parent = _pack_context(parent)
                 if parent is None:
                     return (deadline, _slim(span))
-            status = span._status
+            status: Any = span._status
             if status is None or (status._status_code is StatusCode.UNSET and status._description is None):
                 status = None
             res, scope, info = span._resource, span._instrumentation_scope, span._instrumentation_info
@@ -642,9 +658,9 @@ class EnergySpanProcessor(SpanProcessor):
         """The finished span of a held ``entry`` with ``extra`` merged into its attributes."""
         if len(entry) == 2:
             return _with_attributes(entry[1], extra)
-        _, name, tid, sid, remote, flags, ts, parent, kind, status, start, end, attrs, k = entry
+        _, name, tid, sid, remote, flags, ts, valid, parent, kind, status, start, end, attrs, k = entry
         res, scope, info = self._shared[k]
-        return _build(name, _context(tid, sid, remote, flags, ts), _KINDS[kind], info, scope,
+        return _build(name, _context(tid, sid, remote, flags, ts, valid), _KINDS[kind], info, scope,
                       None if parent is None else _context(*parent), start, end, {**attrs, **extra}, res,
                       _UNSET if status is None else status)
 
@@ -716,7 +732,7 @@ class EnergySpanProcessor(SpanProcessor):
         if bp._shutdown or bp._pid != os.getpid():
             return spans
         queue = bp._queue
-        new = [s for s in spans if s._context.trace_flags.sampled]  # what BatchSpanProcessor.on_end drops
+        new = [s for s in spans if s.context and s.context.trace_flags.sampled]  # what BatchSpanProcessor.on_end drops
         with self._out_lock:
             box = self._outbox
             if box and not retry:
