@@ -7,6 +7,7 @@ field and as OTLP bytes."""
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 
@@ -161,6 +162,9 @@ def test_plain_held_spans_are_packed_and_others_held_as_they_are():
     # packed: no SDK object of the span left to keep alive (only the resource/scope index)
     assert not any(isinstance(x, (ReadableSpan, trace.SpanContext, Status)) for x in packed)
     assert len(kept) == 2 and isinstance(kept[1], ReadableSpan)
+    gc.collect()  # the collector stops tracking the packed entry's tuples, then the entry: nothing left to scan
+    gc.collect()
+    assert not gc.is_tracked(packed) and gc.is_tracked(kept)
     tp.shutdown()
 
 

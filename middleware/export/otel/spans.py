@@ -163,15 +163,17 @@ def _slim(span: ReadableSpan) -> ReadableSpan:
 # oldest generation brought those collections on sooner; the collections ran on whichever thread
 # allocated, mostly the event loop. A plain span (an SDK ReadableSpan without events, links or
 # dropped attributes, whose resource and scope are among a few) is therefore held *packed*: one
-# flat tuple of numbers, strings, None and the span's own attribute dict (the SDK's, not copied:
-# nothing writes to an ended span's attributes; untracked by the GC while its values are plain).
+# flat tuple of numbers, strings and None, and the span's own attribute dict (the SDK's, not copied:
+# nothing writes to an ended span's attributes).
 # Its record then builds the finished span once (attributes merged, no copy of a copy) for the
 # exporter. Other spans are held as they are (a ``(deadline, span)`` pair).
 #
 # Packed layout: (deadline, name, trace_id, span_id, is_remote, flags, trace_state or None, is_valid,
 # parent (None or its context packed alike), kind index, status (None: unset), start_time, end_time,
-# attributes, index of (resource, scope, info)). The tuple holds the attribute dict, so the GC keeps
-# tracking it: one object per held span instead of seven.
+# index of (resource, scope, info)); the attribute dict is kept apart, by span id (a tuple holding a
+# dict is never untracked). Nothing in the entry is tracked (in the common case), so the GC stops
+# tracking it at its first look: held spans no longer fill the oldest generation that every full
+# collection scans.
 
 _KINDS = tuple(SpanKind)
 _KIND_INDEX = {k: i for i, k in enumerate(_KINDS)}
@@ -371,6 +373,9 @@ class EnergySpanProcessor(SpanProcessor):
         self._expected: OrderedDict[int, None] = OrderedDict()
         # deadline order; each (deadline, ...): packed (see _pack) or (deadline, span)
         self._held: OrderedDict[int, tuple[Any, ...]] = OrderedDict()
+        # the attribute dicts of the packed ones, by span id: kept out of the entries, which the GC
+        # then stops tracking (one container for all instead of one tracked tuple per held span)
+        self._held_attrs: dict[int, dict[str, Any]] = {}
         self._early: OrderedDict[int, tuple[dict, float]] = OrderedDict()
         self._gone: OrderedDict[int, None] = OrderedDict()  # recently passed on as pending
         self._thread: threading.Thread | None = None
@@ -438,7 +443,7 @@ class EnergySpanProcessor(SpanProcessor):
         attribute dicts are this processor's own to keep (the fresh ones of
         :func:`record_attributes`: not copied again)."""
         out: list[ReadableSpan] = []
-        found: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+        found: list[tuple[int, tuple[Any, ...], dict[str, Any]]] = []
         try:
             now = _monotonic()
             with self._lock:
@@ -447,7 +452,7 @@ class EnergySpanProcessor(SpanProcessor):
                 for span_id, attrs in items:
                     item = pop(span_id, None)
                     if item is not None:
-                        found.append((item, attrs))
+                        found.append((span_id, item, attrs))
                     elif span_id in expected and not closed:
                         early[span_id] = (attrs, ttl)
                         early.move_to_end(span_id)
@@ -464,12 +469,12 @@ class EnergySpanProcessor(SpanProcessor):
         except Exception:
             self._fault("EnergySpanProcessor.resolve failed")
         finish = self._finish
-        for item, attrs in found:  # built outside the lock: the event loop's on_end never waits for them
+        for span_id, item, attrs in found:  # built outside the lock: the event loop's on_end never waits for them
             try:
-                out.append(finish(item, attrs))
+                out.append(finish(span_id, item, attrs))
             except Exception:
                 self._fault("EnergySpanProcessor.resolve failed to build a span")
-                out.append(self._original(item))  # never lose the span: on as it is
+                out.append(self._original(span_id, item))  # never lose the span: on as it is
         self._forward(out)
 
     # -------------------------------------------------------------- wattspan.RecordSink
@@ -539,7 +544,7 @@ class EnergySpanProcessor(SpanProcessor):
                     self._fault("downstream on_end failed")
                 return
             now = _monotonic()
-            entry = self._pack(span, now + self.hold_timeout_s)  # before the lock: nothing shared is read
+            entry, attrs = self._pack(span, now + self.hold_timeout_s)  # before the lock: nothing shared is read
             with self._lock:
                 if sid in self._expected:
                     del self._expected[sid]
@@ -547,19 +552,22 @@ class EnergySpanProcessor(SpanProcessor):
                     if early is not None:
                         out.append(_with_attributes(span, early[0]))
                         self._counts["final"] += 1
-                    elif self._closed:
-                        out.append(self._pending(sid, entry, "pending_flush"))
                     else:
-                        held = self._held
-                        if not held:  # the timer sleeps until the first held span: wake it (or start it)
-                            if self._thread is None or not self._thread.is_alive():
-                                self._start_thread()
-                            else:
-                                self._cond.notify()
-                        held[sid] = entry
-                        if len(held) > self.max_held:
-                            osid, oentry = held.popitem(last=False)
-                            out.append(self._pending(osid, oentry, "pending_overflow"))
+                        if attrs is not None:
+                            self._held_attrs[sid] = attrs
+                        if self._closed:
+                            out.append(self._pending(sid, entry, "pending_flush"))
+                        else:
+                            held = self._held
+                            if not held:  # the timer sleeps until the first held span: wake it (or start it)
+                                if self._thread is None or not self._thread.is_alive():
+                                    self._start_thread()
+                                else:
+                                    self._cond.notify()
+                            held[sid] = entry
+                            if len(held) > self.max_held:
+                                osid, oentry = held.popitem(last=False)
+                                out.append(self._pending(osid, oentry, "pending_overflow"))
                 else:
                     out.append(span)
                 self._expire_locked(now, out)
@@ -608,32 +616,33 @@ class EnergySpanProcessor(SpanProcessor):
 
     # -------------------------------------------------------------- internals
 
-    def _pack(self, span: Any, deadline: float) -> tuple[Any, ...]:
+    def _pack(self, span: Any, deadline: float) -> tuple[tuple[Any, ...], dict[str, Any] | None]:
         """What to hold of the ended ``span`` until ``deadline``: packed (see the layout above the
-        class) where it is a plain SDK span, else ``(deadline, span)`` (slimmed where it can be)."""
+        class) and its attribute dict where it is a plain SDK span, else ``(deadline, span)``
+        (slimmed where it can be) and None."""
         if not _FAST or type(span) is not ReadableSpan:
-            return (deadline, _slim(span))
+            return (deadline, _slim(span)), None
         try:
             ev: Any = span._events
             ln: Any = span._links
             if ev or ln or getattr(ev, "dropped", 0) or getattr(ln, "dropped", 0):
-                return (deadline, span)
+                return (deadline, span), None
             attrs: Any = span._attributes
             if type(attrs) is BoundedAttributes:
                 if attrs.dropped:
-                    return (deadline, span)
+                    return (deadline, span), None
                 attrs = attrs._dict  # the SDK's values, cleaned already; never written to after the end
             elif attrs is None:
                 attrs = {}
             elif type(attrs) is not dict:
-                return (deadline, span)
+                return (deadline, span), None
             kind = _KIND_INDEX.get(span._kind)
             ctx = _pack_context(span._context)
             parent: Any = span._parent
             if parent is not None:
                 parent = _pack_context(parent)
                 if parent is None:
-                    return (deadline, _slim(span))
+                    return (deadline, _slim(span)), None
             status: Any = span._status
             if status is None or (status._status_code is StatusCode.UNSET and status._description is None):
                 status = None
@@ -645,28 +654,32 @@ class EnergySpanProcessor(SpanProcessor):
                     k = self._shared_index.get(key)
                     if k is None:
                         if len(self._shared) >= _MAX_SHARED:
-                            return (deadline, _slim(span))
+                            return (deadline, _slim(span)), None
                         k = self._shared_index[key] = len(self._shared)
                         self._shared.append((res, scope, info))  # kept: their ids stay theirs
             if kind is None or ctx is None:
-                return (deadline, _slim(span))
-            return (deadline, span._name, *ctx, parent, kind, status, span._start_time, span._end_time, attrs, k)
+                return (deadline, _slim(span)), None
+            # the attribute dict apart (see _held_attrs): a tuple holding a dict, even an untracked one,
+            # is never untracked itself
+            return (deadline, span._name, *ctx, parent, kind, status, span._start_time, span._end_time, k), attrs
         except AttributeError:  # pragma: no cover - the SDK's span is not what it was
-            return (deadline, span)
+            return (deadline, span), None
 
-    def _finish(self, entry: tuple[Any, ...], extra: Mapping[str, Any]) -> ReadableSpan:
-        """The finished span of a held ``entry`` with ``extra`` merged into its attributes."""
+    def _finish(self, span_id: int, entry: tuple[Any, ...], extra: Mapping[str, Any]) -> ReadableSpan:
+        """The finished span of the held ``entry`` of ``span_id`` with ``extra`` merged into its attributes."""
         if len(entry) == 2:
             return _with_attributes(entry[1], extra)
-        _, name, tid, sid, remote, flags, ts, valid, parent, kind, status, start, end, attrs, k = entry
+        _, name, tid, sid, remote, flags, ts, valid, parent, kind, status, start, end, k = entry
         res, scope, info = self._shared[k]
+        attrs = self._held_attrs.pop(span_id, None)
+        attrs = {**attrs, **extra} if attrs is not None else dict(extra)
         return _build(name, _context(tid, sid, remote, flags, ts, valid), _KINDS[kind], info, scope,
-                      None if parent is None else _context(*parent), start, end, {**attrs, **extra}, res,
+                      None if parent is None else _context(*parent), start, end, attrs, res,
                       _UNSET if status is None else status)
 
-    def _original(self, entry: tuple[Any, ...]) -> ReadableSpan:
+    def _original(self, span_id: int, entry: tuple[Any, ...]) -> ReadableSpan:
         """The held span as it ended (no attributes of ours): the fallback when building fails."""
-        return entry[1] if len(entry) == 2 else self._finish(entry, {})
+        return entry[1] if len(entry) == 2 else self._finish(span_id, entry, {})
 
     def _pending(self, sid: int, entry: tuple[Any, ...], why: str) -> ReadableSpan:
         self._counts[why] += 1
@@ -674,7 +687,7 @@ class EnergySpanProcessor(SpanProcessor):
         gone[sid] = None
         if len(gone) > self.max_held:
             gone.popitem(last=False)
-        return self._finish(entry, _PENDING)
+        return self._finish(sid, entry, _PENDING)
 
     def _expire_locked(self, now: float, out: list) -> None:
         held = self._held
@@ -696,6 +709,7 @@ class EnergySpanProcessor(SpanProcessor):
         with self._lock:
             out = [self._pending(sid, entry, "pending_flush") for sid, entry in self._held.items()]
             self._held.clear()
+            self._held_attrs.clear()
             return out
 
     def _forward(self, spans: list[ReadableSpan], retry: bool = True) -> None:
