@@ -23,7 +23,9 @@ share after the requests: waiting for and flushing the sinks), ``other`` (any ot
 thread, and threads that ended during the run: the process's CPU minus the threads
 seen). ``total`` is the process's CPU (``time.process_time``); ``gc`` the part of the
 loop's CPU spent in the cyclic garbage collector (``gc.callbacks``), ``cs`` the loop
-thread's context switches per request (voluntary + involuntary: a GIL hand-off is one).
+thread's context switches per request (voluntary + involuntary: a GIL hand-off is one); ``tracked``
+the objects the garbage collector tracks as the last request ends (thousands: what every full
+collection scans, at that moment).
 The metrics are read by an in-memory reader (no reader thread), as in overhead_app.
 
 ``--base REV`` also runs the ``otel+wattspan`` variant on the wattspan package of git
@@ -185,6 +187,7 @@ def child(variant: str, n: int, profile: bool, sinks: str | None = None) -> dict
         prof.disable()
     l1, cs1, gcl = time.thread_time_ns(), _switches(main), gc_ns[0]
     gc.callbacks.remove(on_gc)
+    tracked = len(gc.get_objects())  # what a full collection scans, as the last request ended (counted in drain)
     if meter is not None:
         meter.drain(60)
         assert meter.counters["records"] >= n, meter.counters
@@ -205,6 +208,7 @@ def child(variant: str, n: int, profile: bool, sinks: str | None = None) -> dict
     out["total"] = (p1 - p0) / n / 1e3
     out["gc"] = gcl / n / 1e3
     out["cs"] = (cs1 - cs0) / n
+    out["tracked"] = tracked / 1e3
     out["gc_gen"] = [[c, ns / n / 1e3] for c, ns in gc_gen]
     out["sinks"] = {k: v / n / 1e3 for k, v in sink_ns.items()}
     out["wattspan"] = __import__("wattspan").__file__
@@ -280,7 +284,7 @@ def main() -> None:
                      f"meter {x['meter']:.1f}, bsp {x['bsp']:.1f}, ledger {x['ledger']:.1f}")
     if base_dir and "middleware" not in res["base"][0]["wattspan"].replace(base_dir, "middleware"):
         raise SystemExit("the base run did not import the base tree's wattspan")
-    cols = (*GROUPS, "total", "gc", "cs")
+    cols = (*GROUPS, "total", "gc", "cs", "tracked")
     med = lambda k, c: statistics.median(x[c] for x in res[k])  # noqa: E731
     names = {"otel": "otel (OpenTelemetry alone)", "this": "otel+wattspan, this tree", "base": f"otel+wattspan, {a.base}"}
     lines = [
@@ -291,13 +295,15 @@ def main() -> None:
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; load average at the end "
         f"{os.getloadavg()[0]:.1f} (1 min). Per-thread CPU from `/proc/self/task/*/schedstat` (see the script's docstring);",
         f"{a.requests:,} requests to the trivial `/` of `benchmarks/overhead_app.py` per run, {a.rounds} interleaved rounds,",
-        "each run in a fresh interpreter; median over rounds, us of CPU per request (`cs`: the loop's context switches per request).",
+        "each run in a fresh interpreter; median over rounds, us of CPU per request (`gc`: the part of `loop` spent in the",
+        "cyclic garbage collector; `cs`: the loop's context switches per request; `tracked`: thousands of objects the",
+        "garbage collector tracks as the last request ends, what each full collection scans).",
         "",
         "| run | " + " | ".join(cols) + " |",
         "|---|" + "---:|" * len(cols),
     ]
     for k in keys:
-        lines.append(f"| {names[k]} | " + " | ".join(f"{med(k, c):.1f}" if c != "cs" else f"{med(k, c):.2f}" for c in cols) + " |")
+        lines.append(f"| {names[k]} | " + " | ".join(f"{med(k, c):.2f}" if c == "cs" else f"{med(k, c):.1f}" for c in cols) + " |")
     lines += ["", "wattspan's part (the otel+wattspan run minus the otel run of the same round), median (range), us per request:", "",
               "| run | " + " | ".join(("loop", "meter", "bsp", "ledger", "total", "total less sampler")) + " |",
               "|---|" + "---:|" * 6]
@@ -314,7 +320,7 @@ def main() -> None:
         lines.append(f"| {names[k]} | " + " | ".join(cells) + " |")
     if a.base:
         lines += ["", f"This tree over {a.base}, within each round (CPU per request, otel+wattspan runs), median (range):", ""]
-        for c in ("loop", "meter", "bsp", "ledger", "total"):
+        for c in ("loop", "gc", "meter", "bsp", "ledger", "total", "tracked"):
             rs = [x[c] / y[c] for x, y in zip(res["this"], res["base"]) if y[c] > 0]
             if rs:
                 lines.append(f"* {c}: {statistics.median(rs):.2f}x ({min(rs):.2f}x to {max(rs):.2f}x)")

@@ -344,6 +344,13 @@ class EnergySpanProcessor(SpanProcessor):
     ``force_flush`` and ``shutdown`` pass on every held span (pending) and then
     delegate. All operations are O(1) per span and thread-safe; none raises:
     failures are counted in :meth:`stats` and logged.
+
+    With the SDK's own ``BatchSpanProcessor`` downstream, a pass's finished spans go
+    into its queue in one step; what its bounded queue has no room for (a burst: a
+    pass can finish more than its 2,048) waits here and is handed over as the
+    exporter catches up (``export_deferred``), never pushing queued spans out; past
+    ``max_held`` waiting, the oldest are dropped, counted (``export_dropped``) and
+    logged. Any other downstream gets each span through its ``on_end``.
     """
 
     def __init__(
