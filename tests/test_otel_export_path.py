@@ -25,7 +25,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode, TraceFlags, TraceS
 from wattspan.export.otel import EnergySpanProcessor, record_attributes  # noqa: E402
 from wattspan.export.otel import spans as spans_mod  # noqa: E402
 
-from .test_otel import make_record  # noqa: E402
+from .test_otel import make_record, wait_until  # noqa: E402
 
 
 class Collect(SpanExporter):
@@ -194,6 +194,27 @@ def test_a_pass_bigger_than_the_exporters_queue_is_deferred_not_dropped(caplog):
     assert sorted(got) == sorted(s.context.span_id for s in spans)  # every span exactly once
     assert all(s.attributes["wattspan.status"] == "final" for s in exporter.spans)
     assert "Queue full" not in caplog.text  # the SDK never had to push a span out
+    tp.shutdown()
+
+
+def test_deferred_spans_reach_the_exporter_without_a_flush_when_a_batch_fills_the_queue():
+    """max_export_batch_size == max_queue_size: the exporter's thread exports only full batches when woken,
+    so the spans handed over must fill the queue to the batch size, and the timer hands over the rest."""
+    exporter = Collect()
+    bsp = BatchSpanProcessor(exporter, max_queue_size=64, max_export_batch_size=64, schedule_delay_millis=60_000)
+    proc = EnergySpanProcessor(bsp, hold_timeout_s=60)
+    tp = TracerProvider()
+    tp.add_span_processor(proc)
+    tracer = tp.get_tracer("t")
+    spans = []
+    for i in range(320):  # five full batches
+        s = tracer.start_span(f"r{i}", kind=SpanKind.SERVER)
+        proc.expect(s)
+        s.end()
+        spans.append(s)
+    proc.on_records([make_record(s.context.span_id, seed=i) for i, s in enumerate(spans)])
+    assert wait_until(lambda: len(exporter.spans) == 320, timeout=10.0)  # no force_flush: the timer and the worker
+    assert proc.stats()["export_waiting"] == 0 and proc.stats()["export_dropped"] == 0
     tp.shutdown()
 
 

@@ -766,7 +766,10 @@ class EnergySpanProcessor(SpanProcessor):
                 else:
                     spans = new
                 cap = queue.maxlen
-                room = max(0, cap - cap // 8 - len(queue)) if cap is not None else len(spans)
+                # keep an eighth free for the loop's spans, but never so much that the queue cannot reach
+                # the export batch size (the exporter's thread exports only full batches when woken)
+                keep = min(cap // 8, cap - bp._max_export_batch_size) if cap is not None else 0
+                room = max(0, cap - keep - len(queue)) if cap is not None else len(spans)
                 queue.extendleft(spans[:room])  # newest at the left, as appendleft does
                 rest = spans[room:]
             if rest:
