@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import logging
 import threading
+import time
 
 import pytest
 
@@ -262,3 +263,28 @@ def test_another_span_processor_downstream_gets_each_span_through_on_end():
     proc.on_records([make_record(s.context.span_id)])
     assert [x.name for x in got] == ["x"] and got[0].attributes["wattspan.status"] == "final"
     tp.shutdown()
+
+
+def test_spans_waiting_when_the_exporter_shuts_down_go_to_its_on_end_and_flush_does_not_spin():
+    gate = threading.Event()
+    exporter = Collect(gate)
+    bsp = BatchSpanProcessor(exporter, max_queue_size=64, max_export_batch_size=16, schedule_delay_millis=60_000)
+    proc = EnergySpanProcessor(bsp, hold_timeout_s=60)
+    tp = TracerProvider()
+    tp.add_span_processor(proc)
+    tracer = tp.get_tracer("t")
+    spans = []
+    for i in range(200):
+        s = tracer.start_span(f"r{i}", kind=SpanKind.SERVER)
+        proc.expect(s)
+        s.end()
+        spans.append(s)
+    proc.on_records([make_record(s.context.span_id, seed=i) for i, s in enumerate(spans)])
+    assert proc.stats()["export_waiting"] > 0
+    gate.set()
+    bsp.shutdown()  # the exporter goes away first (a user's order of shutdown)
+    t0 = time.monotonic()
+    proc.force_flush(2_000)
+    assert time.monotonic() - t0 < 1.5  # no busy wait for the whole timeout
+    assert proc.stats()["export_waiting"] == 0  # handed to the SDK's on_end, which refuses them after shutdown
+    proc.shutdown()

@@ -750,8 +750,11 @@ class EnergySpanProcessor(SpanProcessor):
         So only what fits is queued, leaving room for the spans the event loop ends meanwhile; the
         exporter's thread is woken, and the rest waits in the outbox, retried by the timer thread.
         """
-        if bp._shutdown or bp._pid != os.getpid():
-            return spans
+        if bp._shutdown or bp._pid != os.getpid():  # the SDK's on_end handles these (and the outbox's)
+            with self._out_lock:
+                waiting = list(self._outbox)
+                self._outbox.clear()
+            return waiting + list(spans)
         queue = bp._queue
         new = [s for s in spans if s.context and s.context.trace_flags.sampled]  # what BatchSpanProcessor.on_end drops
         with self._out_lock:
@@ -801,12 +804,14 @@ class EnergySpanProcessor(SpanProcessor):
             self._forward([])
             if not self._outbox:
                 break
-            try:
+            before = len(self._outbox)
+            try:  # the exporter empties its queue now
                 self._downstream.force_flush(int(max(0.0, end - _monotonic()) * 1000))
             except Exception:
                 self._fault("downstream force_flush failed")
                 return
-            if _monotonic() >= end:
+            self._forward([])
+            if len(self._outbox) >= before or _monotonic() >= end:  # no room made, or out of time: still counted
                 return
 
     def _start_thread(self) -> None:
