@@ -150,8 +150,17 @@ def child(variant: str, n: int, profile: bool, sinks: str | None = None) -> dict
     gc_at = [0]
     gc_gen = [[0, 0], [0, 0], [0, 0]]  # per generation: collections on the loop, their ns
 
-    def on_gc(phase, info):  # the collector's CPU on the loop's thread only
-        if threading.get_native_id() != main:
+    gc_other: dict[str, int] = {}  # the collector's CPU on the other threads, by group
+    gc_other_at: dict[int, int] = {}
+
+    def on_gc(phase, info):  # the collector's CPU, by the thread it ran on
+        tid = threading.get_native_id()
+        if tid != main:
+            if phase == "start":
+                gc_other_at[tid] = time.thread_time_ns()
+            elif tid in gc_other_at:
+                g = _group(threading.current_thread().name)
+                gc_other[g] = gc_other.get(g, 0) + time.thread_time_ns() - gc_other_at.pop(tid)
             return
         if phase == "start":
             gc_at[0] = time.thread_time_ns()
@@ -210,6 +219,7 @@ def child(variant: str, n: int, profile: bool, sinks: str | None = None) -> dict
     out["cs"] = (cs1 - cs0) / n
     out["tracked"] = tracked / 1e3
     out["gc_gen"] = [[c, ns / n / 1e3] for c, ns in gc_gen]
+    out["gc_threads"] = {k: v / n / 1e3 for k, v in gc_other.items()}
     out["sinks"] = {k: v / n / 1e3 for k, v in sink_ns.items()}
     out["wattspan"] = __import__("wattspan").__file__
     proc = getattr(provider, "_wattspan_processor", None)
