@@ -34,16 +34,22 @@ from typing import Any, Iterable, Sequence
 from ...logs import LogOnce, get_logger
 from ...meter.sinks import DeviceFigures
 from ...records import RequestRecord
-from .schema import GROUP_BY, INSERT, NAMES, SCHEMA_VERSION, aggregate, create_schema, query
+from .schema import GROUP_BY, NAMES, SCHEMA_VERSION, aggregate, create_schema, query
 
 __all__ = ["Ledger", "query", "aggregate", "GROUP_BY", "SCHEMA_VERSION"]
 
-_Row = tuple[Any, ...]  # one requests-table row, in the order of the INSERT
+_Row = tuple[Any, ...]  # one requests-table row, in the order of _INSERT
 log = get_logger(__name__)
 
-_GET = attrgetter(*NAMES)
-_ITEMS = itemgetter(*NAMES)
-_SIM, _TRACE, _SPAN = (NAMES.index(n) for n in ("simulated", "trace_id", "span_id"))
+# A row is the record's fields that go in as they are (read with one itemgetter), then the three
+# that are converted (the flag as 0/1, the 128/64-bit ids as hex text), recorded_at and run_id: the
+# INSERT names its columns in that order, so a row is one tuple concatenation, no list in between.
+_CONVERTED = ("simulated", "trace_id", "span_id")
+_PLAIN = tuple(n for n in NAMES if n not in _CONVERTED)
+_INSERT = (f"INSERT INTO requests ({', '.join((*_PLAIN, *_CONVERTED, 'recorded_at', 'run_id'))}) "
+           f"VALUES ({', '.join('?' * (len(NAMES) + 2))})")
+_ITEMS = itemgetter(*_PLAIN)
+_GET = attrgetter(*_PLAIN)
 _BATCH = 2000  # rows per transaction
 _RETRY_S = (0.05, 2.0)  # first and longest wait between attempts on a failing disk
 _PRUNE_EVERY_S = 3600.0
@@ -98,8 +104,7 @@ class Ledger:
 
         Raises ``TypeError`` (before queueing any) if an item is not a RequestRecord.
         """
-        now = time.time()
-        rows = [self._row(r, now) for r in records]
+        rows = self._rows(records, time.time())
         with self._cv:
             room = 0 if self._closing else max(0, self.max_queue - len(self._pending))
             self._pending.extend(rows[:room])
@@ -155,16 +160,22 @@ class Ledger:
         self.close()
 
     # -- writer thread -------------------------------------------------------------------
-    def _row(self, rec: RequestRecord, now: float) -> _Row:
-        if not isinstance(rec, RequestRecord):
-            raise TypeError(f"Ledger.write takes RequestRecord objects, got {type(rec).__name__}")
-        try:  # the fields straight from the instance dict: ~25 % quicker than 39 attribute lookups
-            v = list(_ITEMS(rec.__dict__))
-        except (AttributeError, KeyError):  # a record with a field left to its class default
-            v = list(_GET(rec))
-        v[_SIM], v[_TRACE], v[_SPAN] = int(v[_SIM]), f"{v[_TRACE]:032x}", f"{v[_SPAN]:016x}"
-        v += (now, self.run_id)
-        return tuple(v)
+    def _rows(self, records: Iterable[RequestRecord], now: float) -> list[_Row]:
+        """The rows of ``records`` (in _INSERT's column order), all stamped ``now``; TypeError
+        before any is queued if one is not a RequestRecord."""
+        tail = (now, self.run_id)
+        get, rec_type = _ITEMS, RequestRecord
+        rows: list[_Row] = []
+        append = rows.append
+        for rec in records:
+            if type(rec) is not rec_type and not isinstance(rec, rec_type):
+                raise TypeError(f"Ledger.write takes RequestRecord objects, got {type(rec).__name__}")
+            try:  # the fields straight from the instance dict: quicker than 39 attribute lookups
+                d = rec.__dict__
+                append(get(d) + (int(d["simulated"]), f"{d['trace_id']:032x}", f"{d['span_id']:016x}") + tail)
+            except (AttributeError, KeyError):  # a record with a field left to its class default
+                append(_GET(rec) + (int(rec.simulated), f"{rec.trace_id:032x}", f"{rec.span_id:016x}") + tail)
+        return rows
 
     def _run(self) -> None:
         wait = _RETRY_S[0]
@@ -183,7 +194,7 @@ class Ledger:
                     conn.execute("SAVEPOINT batch")
                     refused = 0
                     try:
-                        conn.executemany(INSERT, batch)
+                        conn.executemany(_INSERT, batch)
                     except _DATA_ERRORS:  # a bad record, not a bad disk: insert row by row, clipping
                         # executemany stops at the bad row with the rows before it inserted: undo them
                         # first, or they would be stored twice
@@ -216,10 +227,10 @@ class Ledger:
         dropped = 0
         for row in batch:
             try:
-                conn.execute(INSERT, row)
+                conn.execute(_INSERT, row)
             except _DATA_ERRORS as exc:
                 try:
-                    conn.execute(INSERT, _sanitize(row))
+                    conn.execute(_INSERT, _sanitize(row))
                 except _DATA_ERRORS:  # cannot happen for a RequestRecord's row; never block the rest
                     with self._cv:
                         self._dropped += 1

@@ -35,9 +35,10 @@ logged once, counted (``stats()``), and the span goes on unchanged.
 from __future__ import annotations
 
 import math
+import os
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -45,10 +46,11 @@ try:
     from opentelemetry import trace as _trace_api
     from opentelemetry.attributes import BoundedAttributes
     from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
+    from opentelemetry.trace import SpanKind, Status, StatusCode
 except ImportError as exc:  # pragma: no cover - exercised without the otel extra
     raise ImportError("wattspan.export.otel needs the OpenTelemetry SDK: pip install 'wattspan[otel]'") from exc
 
-from ...logs import get_logger
+from ...logs import LogOnce, get_logger
 from ...meter.sinks import DeviceFigures
 from ...records import RequestRecord
 from ._faults import _Faults
@@ -152,6 +154,107 @@ def _slim(span: ReadableSpan) -> ReadableSpan:
 
 
 
+# ---------------------------------------------------------------------------- held spans, packed
+
+# A held span waits about half a second (the meter's lag and a pass) for its record: thousands at
+# once on a busy server. As the SDK's objects (ReadableSpan, its attribute dict, SpanContext,
+# TraceFlags, TraceState, Status and the holding tuple: 7 objects the cyclic GC tracks per span)
+# they made up a third of the heap every full collection scanned, and their promotion into the
+# oldest generation brought those collections on sooner; the collections ran on whichever thread
+# allocated, mostly the event loop. A plain span (an SDK ReadableSpan without events, links or
+# dropped attributes, whose resource and scope are among a few) is therefore held *packed*: one
+# flat tuple of numbers, strings and None, and the span's own attribute dict (the SDK's, not copied:
+# nothing writes to an ended span's attributes).
+# Its record then builds the finished span once (attributes merged, no copy of a copy) for the
+# exporter. Other spans are held as they are (a ``(deadline, span)`` pair).
+#
+# Packed layout: (deadline, name, trace_id, span_id, is_remote, flags, trace_state or None, is_valid,
+# parent (None or its context packed alike), kind index, status (None: unset), start_time, end_time,
+# index of (resource, scope, info)); the attribute dict is kept apart, by span id (a tuple holding a
+# dict is never untracked). Nothing in the entry is tracked (in the common case), so the GC stops
+# tracking it at its first look: held spans no longer fill the oldest generation that every full
+# collection scans.
+
+_KINDS = tuple(SpanKind)
+_KIND_INDEX = {k: i for i, k in enumerate(_KINDS)}
+_UNSET = Status(StatusCode.UNSET)
+_FLAGS: dict[int, Any] = {}  # flags value -> one shared TraceFlags (immutable ints)
+_MAX_SHARED = 64  # distinct (resource, scope) held packed; beyond, spans are held as they are
+
+
+def _flags(v: int):
+    f = _FLAGS.get(v)
+    if f is None:
+        f = _FLAGS[v] = _trace_api.TraceFlags(v)
+    return f
+
+
+_SpanContext = _trace_api.SpanContext
+_DEFAULT_TS = _trace_api.DEFAULT_TRACE_STATE
+_tuple_new = tuple.__new__
+
+
+def _pack_context(ctx) -> tuple | None:
+    """A SpanContext (a tuple: trace_id, span_id, is_remote, trace_flags, trace_state, is_valid) as
+    (trace_id, span_id, is_remote, flags as an int, trace_state or None when empty, is_valid);
+    None if it is no SpanContext."""
+    if type(ctx) is not _SpanContext:
+        return None
+    tid, sid, remote, flags, ts, valid = ctx
+    return (tid, sid, remote, int(flags), None if ts is _DEFAULT_TS or not len(ts) else ts, valid)
+
+
+def _context(tid: int, sid: int, remote: bool, flags: int, ts, valid: bool) -> Any:
+    """The SpanContext :func:`_pack_context` packed (the constructor's tuple, built as it builds it:
+    checked at import)."""
+    f = _FLAGS.get(flags)
+    return _tuple_new(_SpanContext, (tid, sid, remote, f if f is not None else _flags(flags),
+                                     _DEFAULT_TS if ts is None else ts, valid))
+
+
+def _build(name, context, kind, info, scope, parent, start, end, attributes, resource, status) -> ReadableSpan:
+    """A finished SDK ReadableSpan with these fields, as its constructor would make it (checked at import)."""
+    span = _new(ReadableSpan)
+    span._name = name  # in the constructor's order: the instances share one key table
+    span._context = context
+    span._kind = kind
+    span._instrumentation_info = info
+    span._instrumentation_scope = scope
+    span._parent = parent
+    span._start_time = start
+    span._end_time = end
+    span._attributes = attributes
+    span._events = _NO_ITEMS
+    span._links = _NO_ITEMS
+    span._resource = resource
+    span._status = status
+    return span
+
+
+def _fast_build_ok() -> bool:
+    """Whether :func:`_build` makes what ReadableSpan's constructor makes, and SpanContexts
+    unpack as expected, in the SDK installed (else spans are held and copied as they are)."""
+    try:
+        from opentelemetry.sdk.resources import Resource
+
+        res = Resource.create({})
+        ctx = _trace_api.SpanContext(1, 2, False, _trace_api.TraceFlags(1))
+        args: dict[str, Any] = dict(name="n", context=ctx, parent=None, resource=res, attributes={"a": 1}, events=_NO_ITEMS,
+                    links=_NO_ITEMS, kind=SpanKind.SERVER, instrumentation_info=None, status=_UNSET,
+                    start_time=1, end_time=2, instrumentation_scope=None)
+        ref = ReadableSpan(**args)
+        got = _build("n", ctx, SpanKind.SERVER, None, None, None, 1, 2, {"a": 1}, res, _UNSET)
+        packed = _pack_context(ctx)
+        again = _context(*packed)  # type: ignore[misc]
+        return (vars(ref) == vars(got) and packed == (1, 2, False, 1, None, True) and again == ctx
+                and (again.trace_id, again.span_id, again.is_remote, again.trace_flags, again.trace_state, again.is_valid)
+                == (1, 2, False, 1, _DEFAULT_TS, True) and type(again) is _SpanContext)
+    except Exception:  # pragma: no cover - another SDK
+        return False
+
+
+_FAST = _fast_build_ok()
+
 def _empty_hooks() -> frozenset:
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
 
@@ -183,6 +286,41 @@ def _span_id_of(span_or_context) -> int:
     raise TypeError(f"expect() takes a span id (int), a SpanContext or a Span, not {type(span_or_context).__name__}")
 
 
+_RETRY_S = 0.02  # how soon spans waiting for room in the exporter's queue are tried again
+
+
+def _batch_processor(proc: Any) -> Any:
+    """The SDK BatchSpanProcessor ``proc``'s internal BatchProcessor, where it is as expected (a bounded
+    queue, its wake-up event, batch size, shutdown flag and pid), else None: spans then go through
+    ``proc.on_end`` one at a time. Checked once here; a failure later also falls back (see _forward)."""
+    try:
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    except ImportError:  # pragma: no cover
+        return None
+    if type(proc) is not BatchSpanProcessor or type(proc).on_end is not _BSP_ON_END:
+        return None
+    bp = getattr(proc, "_batch_processor", None)
+    try:
+        q = bp._queue  # type: ignore[union-attr]
+        ok = (isinstance(q, deque) and isinstance(bp._max_export_batch_size, int) and isinstance(bp._shutdown, bool)  # type: ignore[union-attr]
+              and isinstance(bp._pid, int) and isinstance(bp._worker_awaken, threading.Event))  # type: ignore[union-attr]
+    except AttributeError:
+        return None
+    return bp if ok else None
+
+
+def _bsp_on_end() -> Any:
+    try:
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+        return BatchSpanProcessor.on_end
+    except ImportError:  # pragma: no cover
+        return None
+
+
+_BSP_ON_END = _bsp_on_end()  # a subclass overriding on_end gets its own on_end called
+
+
 # ---------------------------------------------------------------------------- the span processor
 
 
@@ -206,6 +344,13 @@ class EnergySpanProcessor(SpanProcessor):
     ``force_flush`` and ``shutdown`` pass on every held span (pending) and then
     delegate. All operations are O(1) per span and thread-safe; none raises:
     failures are counted in :meth:`stats` and logged.
+
+    With the SDK's own ``BatchSpanProcessor`` downstream, a pass's finished spans go
+    into its queue in one step; what its bounded queue has no room for (a burst: a
+    pass can finish more than its 2,048) waits here and is handed over as the
+    exporter catches up (``export_deferred``), never pushing queued spans out; past
+    ``max_held`` waiting, the oldest are dropped, counted (``export_dropped``) and
+    logged. Any other downstream gets each span through its ``on_end``.
     """
 
     def __init__(
@@ -233,11 +378,23 @@ class EnergySpanProcessor(SpanProcessor):
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)  # the timer thread waits on it; everything else takes the lock itself
         self._expected: OrderedDict[int, None] = OrderedDict()
-        self._held: OrderedDict[int, tuple[ReadableSpan, float]] = OrderedDict()  # deadline order
+        # deadline order; each (deadline, ...): packed (see _pack) or (deadline, span)
+        self._held: OrderedDict[int, tuple[Any, ...]] = OrderedDict()
+        # the attribute dicts of the packed ones, by span id: kept out of the entries, which the GC
+        # then stops tracking (one container for all instead of one tracked tuple per held span)
+        self._held_attrs: dict[int, dict[str, Any]] = {}
         self._early: OrderedDict[int, tuple[dict, float]] = OrderedDict()
         self._gone: OrderedDict[int, None] = OrderedDict()  # recently passed on as pending
         self._thread: threading.Thread | None = None
         self._closed = False
+        # packed spans' resource, scope and instrumentation info, by identity (see _pack)
+        self._shared: list[tuple[Any, Any, Any]] = []
+        self._shared_index: dict[tuple[int, int, int], int] = {}
+        # finished spans the downstream BatchSpanProcessor's queue had no room for: retried by the
+        # timer thread (it wakes the exporter first), at most max_held, beyond that dropped, counted
+        self._outbox: deque[ReadableSpan] = deque()
+        self._out_lock = threading.Lock()
+        self._once = LogOnce(log, every_s=60.0)
         self._counts = dict.fromkeys(
             (
                 "final",  # passed on with energy
@@ -249,6 +406,8 @@ class EnergySpanProcessor(SpanProcessor):
                 "early_expired",  # ... whose span never ended in time
                 "late",  # records for spans already passed on as pending
                 "unmatched",  # records for spans never marked
+                "export_deferred",  # finished spans the exporter's queue had no room for at once (sent later)
+                "export_dropped",  # ... that waited beyond max_held: lost, logged
                 "errors",
             ),
             0,
@@ -291,7 +450,7 @@ class EnergySpanProcessor(SpanProcessor):
         attribute dicts are this processor's own to keep (the fresh ones of
         :func:`record_attributes`: not copied again)."""
         out: list[ReadableSpan] = []
-        found: list[tuple[ReadableSpan, dict[str, Any]]] = []
+        found: list[tuple[int, tuple[Any, ...], dict[str, Any]]] = []
         try:
             now = _monotonic()
             with self._lock:
@@ -300,7 +459,7 @@ class EnergySpanProcessor(SpanProcessor):
                 for span_id, attrs in items:
                     item = pop(span_id, None)
                     if item is not None:
-                        found.append((item[0], attrs))
+                        found.append((span_id, item, attrs))
                     elif span_id in expected and not closed:
                         early[span_id] = (attrs, ttl)
                         early.move_to_end(span_id)
@@ -316,12 +475,13 @@ class EnergySpanProcessor(SpanProcessor):
                 self._expire_locked(now, out)
         except Exception:
             self._fault("EnergySpanProcessor.resolve failed")
-        for span, attrs in found:  # copied outside the lock: the event loop's on_end never waits for them
+        finish = self._finish
+        for span_id, item, attrs in found:  # built outside the lock: the event loop's on_end never waits for them
             try:
-                out.append(_with_attributes(span, attrs))
+                out.append(finish(span_id, item, attrs))
             except Exception:
-                self._fault("EnergySpanProcessor.resolve failed to copy a span")
-                out.append(span)  # never lose the span: on as it is
+                self._fault("EnergySpanProcessor.resolve failed to build a span")
+                out.append(self._original(span_id, item))  # never lose the span: on as it is
         self._forward(out)
 
     # -------------------------------------------------------------- wattspan.RecordSink
@@ -359,6 +519,7 @@ class EnergySpanProcessor(SpanProcessor):
         # empty ones (a BatchSpanProcessor's): every span of the process passes through here
         self._down_on_start = _hook(proc, "on_start")
         self._down_on_ending = _hook(proc, "_on_ending")
+        self._batch = _batch_processor(proc)
 
     def on_start(self, span, parent_context=None) -> None:
         fn = self._down_on_start
@@ -390,6 +551,7 @@ class EnergySpanProcessor(SpanProcessor):
                     self._fault("downstream on_end failed")
                 return
             now = _monotonic()
+            entry, attrs = self._pack(span, now + self.hold_timeout_s)  # before the lock: nothing shared is read
             with self._lock:
                 if sid in self._expected:
                     del self._expected[sid]
@@ -397,19 +559,22 @@ class EnergySpanProcessor(SpanProcessor):
                     if early is not None:
                         out.append(_with_attributes(span, early[0]))
                         self._counts["final"] += 1
-                    elif self._closed:
-                        out.append(self._pending(sid, span, "pending_flush"))
                     else:
-                        held = self._held
-                        if not held:  # the timer sleeps until the first held span: wake it (or start it)
-                            if self._thread is None or not self._thread.is_alive():
-                                self._start_thread()
-                            else:
-                                self._cond.notify()
-                        held[sid] = (_slim(span), now + self.hold_timeout_s)
-                        if len(held) > self.max_held:
-                            osid, (ospan, _) = held.popitem(last=False)
-                            out.append(self._pending(osid, ospan, "pending_overflow"))
+                        if attrs is not None:
+                            self._held_attrs[sid] = attrs
+                        if self._closed:
+                            out.append(self._pending(sid, entry, "pending_flush"))
+                        else:
+                            held = self._held
+                            if not held:  # the timer sleeps until the first held span: wake it (or start it)
+                                if self._thread is None or not self._thread.is_alive():
+                                    self._start_thread()
+                                else:
+                                    self._cond.notify()
+                            held[sid] = entry
+                            if len(held) > self.max_held:
+                                osid, oentry = held.popitem(last=False)
+                                out.append(self._pending(osid, oentry, "pending_overflow"))
                 else:
                     out.append(span)
                 self._expire_locked(now, out)
@@ -417,11 +582,13 @@ class EnergySpanProcessor(SpanProcessor):
             self._fault("EnergySpanProcessor.on_end failed; passing the span on as it is")
             if not out:
                 out.append(span)
-        self._forward(out)
+        if out:
+            self._forward(out, retry=False)
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         """Pass on every held span (``pending``), then flush ``downstream``."""
         self._forward(self._take_all())
+        self._drain_outbox(timeout_millis / 1000)
         try:
             return bool(self.downstream.force_flush(timeout_millis))
         except Exception:
@@ -436,6 +603,7 @@ class EnergySpanProcessor(SpanProcessor):
             self._early.clear()
             self._cond.notify_all()
         self._forward(self._take_all())
+        self._drain_outbox(5.0)
         th = self._thread
         if th is not None and th is not threading.current_thread():
             th.join(5.0)
@@ -447,28 +615,95 @@ class EnergySpanProcessor(SpanProcessor):
     # -------------------------------------------------------------- introspection
 
     def stats(self) -> dict[str, int]:
-        """Counters (see ``__init__``) and the current ``held``, ``expected`` and ``early`` sizes."""
+        """Counters (see ``__init__``) and the current ``held``, ``expected``, ``early`` and
+        ``export_waiting`` (finished spans waiting for room in the exporter's queue) sizes."""
         with self._lock:
-            return dict(self._counts, held=len(self._held), expected=len(self._expected), early=len(self._early))
+            return dict(self._counts, held=len(self._held), expected=len(self._expected), early=len(self._early),
+                        export_waiting=len(self._outbox))
 
     # -------------------------------------------------------------- internals
 
-    def _pending(self, sid: int, span: ReadableSpan, why: str) -> ReadableSpan:
+    def _pack(self, span: Any, deadline: float) -> tuple[tuple[Any, ...], dict[str, Any] | None]:
+        """What to hold of the ended ``span`` until ``deadline``: packed (see the layout above the
+        class) and its attribute dict where it is a plain SDK span, else ``(deadline, span)``
+        (slimmed where it can be) and None."""
+        if not _FAST or type(span) is not ReadableSpan:
+            return (deadline, _slim(span)), None
+        try:
+            ev: Any = span._events
+            ln: Any = span._links
+            if ev or ln or getattr(ev, "dropped", 0) or getattr(ln, "dropped", 0):
+                return (deadline, span), None
+            attrs: Any = span._attributes
+            if type(attrs) is BoundedAttributes:
+                if attrs.dropped:
+                    return (deadline, span), None
+                attrs = attrs._dict  # the SDK's values, cleaned already; never written to after the end
+            elif attrs is None:
+                attrs = {}
+            elif type(attrs) is not dict:
+                return (deadline, span), None
+            kind = _KIND_INDEX.get(span._kind)
+            ctx = _pack_context(span._context)
+            parent: Any = span._parent
+            if parent is not None:
+                parent = _pack_context(parent)
+                if parent is None:
+                    return (deadline, _slim(span)), None
+            status: Any = span._status
+            if status is None or (status._status_code is StatusCode.UNSET and status._description is None):
+                status = None
+            res, scope, info = span._resource, span._instrumentation_scope, span._instrumentation_info
+            key = (id(res), id(scope), id(info))
+            k = self._shared_index.get(key)
+            if k is None:
+                with self._lock:
+                    k = self._shared_index.get(key)
+                    if k is None:
+                        if len(self._shared) >= _MAX_SHARED:
+                            return (deadline, _slim(span)), None
+                        k = self._shared_index[key] = len(self._shared)
+                        self._shared.append((res, scope, info))  # kept: their ids stay theirs
+            if kind is None or ctx is None:
+                return (deadline, _slim(span)), None
+            # the attribute dict apart (see _held_attrs): a tuple holding a dict, even an untracked one,
+            # is never untracked itself
+            return (deadline, span._name, *ctx, parent, kind, status, span._start_time, span._end_time, k), attrs
+        except AttributeError:  # pragma: no cover - the SDK's span is not what it was
+            return (deadline, span), None
+
+    def _finish(self, span_id: int, entry: tuple[Any, ...], extra: Mapping[str, Any]) -> ReadableSpan:
+        """The finished span of the held ``entry`` of ``span_id`` with ``extra`` merged into its attributes."""
+        if len(entry) == 2:
+            return _with_attributes(entry[1], extra)
+        _, name, tid, sid, remote, flags, ts, valid, parent, kind, status, start, end, k = entry
+        res, scope, info = self._shared[k]
+        attrs = self._held_attrs.pop(span_id, None)
+        attrs = {**attrs, **extra} if attrs is not None else dict(extra)
+        return _build(name, _context(tid, sid, remote, flags, ts, valid), _KINDS[kind], info, scope,
+                      None if parent is None else _context(*parent), start, end, attrs, res,
+                      _UNSET if status is None else status)
+
+    def _original(self, span_id: int, entry: tuple[Any, ...]) -> ReadableSpan:
+        """The held span as it ended (no attributes of ours): the fallback when building fails."""
+        return entry[1] if len(entry) == 2 else self._finish(span_id, entry, {})
+
+    def _pending(self, sid: int, entry: tuple[Any, ...], why: str) -> ReadableSpan:
         self._counts[why] += 1
         gone = self._gone
         gone[sid] = None
         if len(gone) > self.max_held:
             gone.popitem(last=False)
-        return _with_attributes(span, _PENDING)
+        return self._finish(sid, entry, _PENDING)
 
     def _expire_locked(self, now: float, out: list) -> None:
         held = self._held
         while held:
-            sid, (span, deadline) = next(iter(held.items()))
-            if deadline > now:
+            sid, entry = next(iter(held.items()))
+            if entry[0] > now:
                 break
             del held[sid]
-            out.append(self._pending(sid, span, "pending_timeout"))
+            out.append(self._pending(sid, entry, "pending_timeout"))
         early = self._early
         while early:
             sid, (_, deadline) = next(iter(early.items()))
@@ -479,17 +714,105 @@ class EnergySpanProcessor(SpanProcessor):
 
     def _take_all(self) -> list[ReadableSpan]:
         with self._lock:
-            out = [self._pending(sid, span, "pending_flush") for sid, (span, _) in self._held.items()]
+            out = [self._pending(sid, entry, "pending_flush") for sid, entry in self._held.items()]
             self._held.clear()
+            self._held_attrs.clear()
             return out
 
-    def _forward(self, spans: list[ReadableSpan]) -> None:
+    def _forward(self, spans: list[ReadableSpan], retry: bool = True) -> None:
+        """Hand finished spans to ``downstream``: a BatchSpanProcessor's queue at once (see
+        :func:`_batch_processor`), any other processor span by span through ``on_end``.
+        ``retry=False`` (the event loop's on_end): while spans wait in the outbox, new ones
+        join them there rather than retrying the whole outbox on the loop."""
+        batch = self._batch
+        if batch is not None and (spans or (retry and self._outbox)):
+            try:
+                spans = self._to_queue(batch, spans, retry)
+            except Exception:  # the SDK's insides are not what they were: its public on_end from now on
+                self._batch = None
+                self._fault("EnergySpanProcessor: handing spans to the BatchSpanProcessor's queue failed; using on_end")
+        if not spans:
+            return
         on_end = self._downstream.on_end
         for s in spans:
             try:
                 on_end(s)
             except Exception:
                 self._fault("downstream on_end failed")
+
+    def _to_queue(self, bp: Any, spans: list[ReadableSpan], retry: bool = True) -> list[ReadableSpan]:
+        """Put ``spans`` (and those waiting in the outbox first) into the BatchProcessor ``bp``'s queue
+        in one step, what ``on_end`` would do one span at a time; returns the spans for ``on_end``
+        instead (all of them when ``bp`` is shut down or the process forked: the SDK's own handling).
+
+        The SDK's queue is a bounded deque that, when full, silently pushes out its oldest span for
+        each new one (``on_end`` logs a warning each time): a pass can finish more spans than it holds.
+        So only what fits is queued, leaving room for the spans the event loop ends meanwhile; the
+        exporter's thread is woken, and the rest waits in the outbox, retried by the timer thread.
+        """
+        if bp._shutdown or bp._pid != os.getpid():  # the SDK's on_end handles these (and the outbox's)
+            with self._out_lock:
+                waiting = list(self._outbox)
+                self._outbox.clear()
+            return waiting + list(spans)
+        queue = bp._queue
+        new = [s for s in spans if s.context and s.context.trace_flags.sampled]  # what BatchSpanProcessor.on_end drops
+        with self._out_lock:
+            box = self._outbox
+            if box and not retry:
+                rest = new
+            else:
+                if box:
+                    box.extend(new)
+                    spans = list(box)
+                    box.clear()
+                else:
+                    spans = new
+                cap = queue.maxlen
+                # keep an eighth free for the loop's spans, but never so much that the queue cannot reach
+                # the export batch size (the exporter's thread exports only full batches when woken)
+                keep = min(cap // 8, cap - bp._max_export_batch_size) if cap is not None else 0
+                room = max(0, cap - keep - len(queue)) if cap is not None else len(spans)
+                queue.extendleft(spans[:room])  # newest at the left, as appendleft does
+                rest = spans[room:]
+            if rest:
+                self._counts["export_deferred"] += min(len(rest), len(new))  # each span counted once
+                box.extend(rest)
+                over = len(box) - self.max_held
+                if over > 0:
+                    for _ in range(over):
+                        box.popleft()
+                    self._counts["export_dropped"] += over
+                    self._once.warning("export_dropped", "wattspan: the span exporter's queue stayed full (it exports "
+                                       "more slowly than spans end); dropped the %d oldest finished spans (%d in all)",
+                                       over, self._counts["export_dropped"])
+        if len(queue) >= bp._max_export_batch_size or rest:
+            bp._worker_awaken.set()
+        if rest:
+            with self._cond:  # the timer retries soon (it starts if it has not)
+                if self._thread is None or not self._thread.is_alive():
+                    self._start_thread()
+                else:
+                    self._cond.notify()
+        return []
+
+    def _drain_outbox(self, timeout_s: float) -> None:
+        """At a flush: hand every span waiting in the outbox to the exporter, flushing it in
+        between, for up to ``timeout_s`` seconds (what is left is still counted in stats())."""
+        end = _monotonic() + max(0.0, timeout_s)
+        while self._outbox and self._batch is not None:
+            self._forward([])
+            if not self._outbox:
+                break
+            before = len(self._outbox)
+            try:  # the exporter empties its queue now
+                self._downstream.force_flush(int(max(0.0, end - _monotonic()) * 1000))
+            except Exception:
+                self._fault("downstream force_flush failed")
+                return
+            self._forward([])
+            if len(self._outbox) >= before or _monotonic() >= end:  # no room made, or out of time: still counted
+                return
 
     def _start_thread(self) -> None:
         th = threading.Thread(target=self._run, name="wattspan-span-hold", daemon=True)
@@ -503,15 +826,19 @@ class EnergySpanProcessor(SpanProcessor):
             with cond:
                 if self._closed:
                     return
-                if not self._held:
+                retry = bool(self._outbox)
+                if not self._held and not retry:
                     cond.wait()
                     continue
-                delay = next(iter(self._held.values()))[1] - _monotonic()
+                delay = next(iter(self._held.values()))[0] - _monotonic() if self._held else math.inf
+                if retry:  # finished spans wait for room in the exporter's queue: try again soon
+                    delay = min(delay, _RETRY_S)
                 if delay > 0:
                     cond.wait(delay)
-                    continue
+                    if not retry:
+                        continue
                 try:
                     self._expire_locked(_monotonic(), out)
                 except Exception:  # pragma: no cover - defensive: never let the timer die
                     self._fault("span hold timer failed")
-            self._forward(out)
+            self._forward(out)  # the outbox too, if any
