@@ -200,7 +200,7 @@ class _Lagged:
         return self.inner.mass(t) - self.tau * self.density(t)
 
 
-_LAG_SPAN = 250.0  # edges of one closed-form block lie within this many lags of its first (exp stays finite)
+_LAG_SPAN = 600.0  # edges of one closed-form block lie within this many lags of its first (exp stays finite)
 
 
 def _lag_states(b: np.ndarray, u: np.ndarray, tau: float) -> np.ndarray:
@@ -212,7 +212,7 @@ def _lag_states(b: np.ndarray, u: np.ndarray, tau: float) -> np.ndarray:
     s = 0
     while s < n - 1:
         e = min(max(int(np.searchsorted(b, b[s] + _LAG_SPAN * tau, side="right")), s + 2), n)
-        E = np.exp(np.minimum((b[s:e] - b[s]) / tau, 300.0))
+        E = np.exp(np.minimum((b[s:e] - b[s]) / tau, 650.0))
         acc = np.empty((e - s, u.shape[1]))
         acc[0] = y[s]
         np.cumsum(u[s:e - 1] * np.diff(E)[:, None], axis=0, out=acc[1:])
@@ -252,13 +252,14 @@ def _choose_lag(cum, trace, base, idle_curve, a, b, rel, sel, fams, t_row):
     if len(t_row) < 16 or _typical_interval(t_row) > _LAG_READING_NS:
         return 0.0, None, scores
     fam = {sel.family: fams[sel.family]}
-    rows_of: dict[float, tuple] = {}
+    best: list = [math.inf, None]  # the best score so far and its rows (only those are kept)
 
     def score(tau: float) -> float:
         rows = _fit_rows(cum, trace, _with_lag(base, tau), idle_curve, a, b, rel, with_weights=True)
         s = select_family(rows[0], rows[1], families=fam) if len(rows[1]) else None
         scores[tau] = s.cv_error if s is not None else math.inf
-        rows_of[tau] = rows
+        if scores[tau] < best[0]:
+            best[:] = [scores[tau], rows]
         return scores[tau]
 
     vals = [score(t) for t in _LAGS_S]
@@ -279,9 +280,8 @@ def _choose_lag(cum, trace, base, idle_curve, a, b, rel, sel, fams, t_row):
                 d = lo + g * (hi - lo)
                 fd = score(2.0**d)
     tau = min(scores, key=lambda t: scores[t])
-    n = len(rows_of[tau][1])
-    if scores[tau] < sel.cv_error * (1 - max(0.03, 1 / math.sqrt(max(n, 1)))):
-        return tau, rows_of[tau], scores
+    if best[1] is not None and scores[tau] < sel.cv_error * (1 - max(0.03, 1 / math.sqrt(max(len(best[1][1]), 1)))):
+        return tau, best[1], scores
     return 0.0, None, scores
 
 
