@@ -108,3 +108,16 @@ def test_coarse_readings_keep_no_lag_and_a_given_model_brings_its_own():
     for d in given.devices.values():
         assert d.attributed_j + d.unattributed_j == pytest.approx(d.measured_j, rel=1e-9)
     assert np.quantile(err_given, 0.95) < 0.8 * np.quantile(err_own, 0.95)
+
+
+def test_a_lag_still_falling_at_the_longest_tried_is_left_to_the_sensor():
+    """A reading that trails the load by 100 ms is a sensor's smoothing (the A5000's `power.draw`),
+    not a board's electrical lag: it delays the readings, not the energy, so no lag is fitted."""
+    from wattspan.simulate import simulate_server
+
+    pm = dataclasses.replace(LAWS["saturating"], tau_s=0.1)
+    run = simulate_server(seed=3, duration_s=10, power_model=pm)
+    req = Requests.from_records(run.requests)
+    res = attribute([sense(run, "ideal-1ms", seed=5)], req, Steps.from_records(run.steps, req))
+    d = next(iter(res.devices.values()))
+    assert d.model.lag_tau_s == 0.0 and "lag" not in d.model.why

@@ -238,8 +238,8 @@ def _sequential(st_ns: np.ndarray, en_ns: np.ndarray) -> bool:
 
 
 #: Electrical lags tried (s): 0.25 ms to 32 ms by factors of 2, then refined between the best's
-#: neighbours; only on readings spaced ``_LAG_READING_NS`` or closer (a lag of milliseconds moves
-#: energy between readings only that fine).
+#: neighbours (a best at 32 ms is no lag found); only on readings spaced ``_LAG_READING_NS`` or
+#: closer (a lag of milliseconds moves energy between readings only that fine).
 _LAGS_S = tuple(0.00025 * 2.0**k for k in range(8))
 _LAG_READING_NS = 50_000_000
 _LAG_REFINE = 6  # golden-section steps after the grid (the bracket shrinks to 2 x 0.618^8 of a factor 2)
@@ -264,6 +264,10 @@ def _choose_lag(cum, trace, base, idle_curve, a, b, rel, sel, fams, t_row):
 
     vals = [score(t) for t in _LAGS_S]
     k = int(np.argmin(vals))
+    if k == len(_LAGS_S) - 1:
+        # still falling at the longest: not a board's electrical lag (milliseconds) but the sensor's
+        # own smoothing, which delays the readings, not the energy: left to the window choice
+        return 0.0, None, scores
     if math.isfinite(vals[k]):
         # golden-section search in log tau between the best's neighbours on the grid
         lo, hi = math.log2(_LAGS_S[max(k - 1, 0)]), math.log2(_LAGS_S[min(k + 1, len(_LAGS_S) - 1)])
