@@ -679,11 +679,20 @@ def _prefer_power(cum, trace, steps, s_idx, a, b) -> bool:
     return scores[1] < 0.6 * scores[0]  # the counter has its stale-reading shift still to come
 
 
-def _fit_idle(cum, trace, steps, s_idx, requests, a, b) -> float | None:
-    """The idle baseline (W) as the intercept of the step-model regression, or None."""
+def _fit_idle(cum, trace, steps, s_idx, requests, a, b, seg=None) -> float | None:
+    """The idle baseline (W) as the intercept of the step-model regression, or None. With the
+    in-flight segments ``seg``, a device that waits a material part of its busy time (a pipeline
+    stage) has its waits' terms beside the steps' (held clocks in the bubble are no idle power)."""
     x = step_features(steps, s_idx)
     rel = lambda t: (np.asarray(t, dtype=np.int64) - a).astype(np.float64) * _NS  # noqa: E731
-    feats = _StepFeatures(x, rel(steps.start_ns[s_idx]), rel(steps.end_ns[s_idx]))
+    steps_f = _StepFeatures(x, rel(steps.start_ns[s_idx]), rel(steps.end_ns[s_idx]))
+    feats: _StepFeatures | _Beside = steps_f
+    if seg is not None:
+        w_st, w_en = _waits(seg, steps.start_ns[s_idx], steps.end_ns[s_idx])
+        busy_s = float(np.diff(seg.edges)[seg.n > 0].sum())
+        if len(w_st) and float((w_en - w_st).sum()) >= _WAIT_SHARE * busy_s:
+            xw = np.column_stack(((w_en - w_st) * _NS, np.ones(len(w_st))))
+            feats = _Beside(steps_f, _StepFeatures(xw, rel(w_st), rel(w_en)))
     zero = _Piecewise(np.array([a, b], dtype=np.int64), np.zeros(2))
     A, y, one = _fit_rows(cum, trace, feats, zero, a, b, rel, with_time=True)
     if len(y) < 4 * (x.shape[1] + 1):
