@@ -151,7 +151,7 @@ def attribute(
         if len(s_idx) and idle_source == "low-quantile":
             # Never idle: a low quantile of the readings still holds dynamic power.
             # Fit the baseline as the intercept of the step model instead.
-            fit_w = _fit_idle(cum, trace, steps, s_idx, requests, a, b)
+            fit_w = _fit_idle(cum, trace, steps, s_idx, requests, a, b, seg)
             if fit_w is not None:
                 idle_curve = _Piecewise(np.array([a, b], dtype=np.int64), np.array([fit_w, fit_w]))
                 idle_source = "fit-intercept"

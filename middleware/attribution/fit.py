@@ -171,6 +171,148 @@ class _Beside:
         return np.hstack((self.left.density(t), self.right.density(t)))
 
 
+class _Lagged:
+    """The feature mass seen through a first-order electrical lag ``tau`` (s): a step's
+    power rises towards its level and decays after it over ``tau`` (voltage regulators, clock
+    ramps), so the same energy is drawn later. With ``u`` the steps' feature rate (piecewise
+    constant) and ``Y`` its response to ``Y' = (u - Y) / tau``, the mass is
+    ``G(t) = F(t) - tau * Y(t)``: exact, ``Y`` at every step edge by the recurrence (in closed
+    form over blocks of edges, see :func:`_lag_states`), in between by the exponential."""
+
+    __slots__ = ("inner", "tau", "x", "_b", "_u", "_y")
+
+    def __init__(self, inner: "_StepFeatures | _Beside", tau: float, edges: np.ndarray) -> None:
+        self.inner, self.tau, self.x = inner, float(tau), inner.x
+        self._b = np.unique(edges)
+        self._u = inner.density(self._b)  # the rate on [b_i, b_i+1)
+        self._y = _lag_states(self._b, self._u, self.tau)
+
+    def density(self, t: np.ndarray) -> np.ndarray:
+        i = np.searchsorted(self._b, t, side="right") - 1
+        ic = np.maximum(i, 0)
+        z = np.maximum(t - self._b[ic], 0.0) / self.tau
+        d = np.where(z < 50.0, np.exp(-np.minimum(z, 50.0)), 0.0)[:, None]  # a tail 50 lags on is nothing (e^-50)
+        out = self._u[ic] + (self._y[ic] - self._u[ic]) * d
+        out[i < 0] = 0.0
+        return out
+
+    def mass(self, t: np.ndarray) -> np.ndarray:
+        return self.inner.mass(t) - self.tau * self.density(t)
+
+
+_LAG_SPAN = 600.0  # edges of one closed-form block lie within this many lags of its first (exp stays finite)
+
+
+def _lag_states(b: np.ndarray, u: np.ndarray, tau: float) -> np.ndarray:
+    """``Y(b_i)`` of the lag's recurrence ``Y(b_i+1) = u_i + (Y(b_i) - u_i) exp(-(b_i+1 - b_i) / tau)``,
+    ``Y(b_0) = 0``: over a block of edges from ``c``, ``Y_i = (Y_c + sum_j<i u_j (E_j+1 - E_j)) / E_i``
+    with ``E_j = exp((b_j - c) / tau)``; a new block where that would overflow."""
+    n = len(b)
+    y = np.zeros_like(u)
+    s = 0
+    while s < n - 1:
+        e = min(max(int(np.searchsorted(b, b[s] + _LAG_SPAN * tau, side="right")), s + 2), n)
+        E = np.exp(np.minimum((b[s:e] - b[s]) / tau, 650.0))
+        acc = np.empty((e - s, u.shape[1]))
+        acc[0] = y[s]
+        np.cumsum(u[s:e - 1] * np.diff(E)[:, None], axis=0, out=acc[1:])
+        acc[1:] += y[s]
+        y[s:e] = acc / E[:, None]
+        s = e - 1
+    return y
+
+
+def _with_lag(f, tau: float) -> _Lagged:
+    """``f`` (the steps' features, or the steps' and the waits' side by side) seen through the lag
+    (all of the device's power goes through it: a wait's held clocks ramp too)."""
+    parts = (f.left, f.right) if isinstance(f, _Beside) else (f,)
+    return _Lagged(f, tau, np.concatenate([e for p in parts for e in (p.st, p.en)]))
+
+
+def _sequential(st_ns: np.ndarray, en_ns: np.ndarray) -> bool:
+    """Whether the device's steps never overlap (the lag's energy in each step is then that step's)."""
+    if len(st_ns) < 2:
+        return True
+    o = np.argsort(st_ns, kind="stable")
+    return bool(np.all(st_ns[o][1:] >= np.maximum.accumulate(en_ns[o])[:-1]))
+
+
+#: Electrical lags tried (s): 0.25 ms to 32 ms by factors of 2, then refined between the best's
+#: neighbours (a best at 32 ms is no lag found); only on readings spaced ``_LAG_READING_NS`` or
+#: closer (a lag of milliseconds moves energy between readings only that fine).
+_LAGS_S = tuple(0.00025 * 2.0**k for k in range(8))
+_LAG_READING_NS = 50_000_000
+_LAG_REFINE = 6  # golden-section steps after the grid (the bracket shrinks to 2 x 0.618^8 of a factor 2)
+
+
+def _choose_lag(cum, trace, base, idle_curve, a, b, rel, sel, fams, t_row):
+    """The electrical lag whose rows predict held-out readings clearly best for the chosen family,
+    ``(tau, rows, scores)``, or ``(0.0, None, scores)``."""
+    scores: dict[float, float] = {}
+    if len(t_row) < 16 or _typical_interval(t_row) > _LAG_READING_NS:
+        return 0.0, None, scores
+    fam = {sel.family: fams[sel.family]}
+    best: list = [math.inf, None]  # the best score so far and its rows (only those are kept)
+
+    def score(tau: float) -> float:
+        rows = _fit_rows(cum, trace, _with_lag(base, tau), idle_curve, a, b, rel, with_weights=True)
+        s = select_family(rows[0], rows[1], families=fam) if len(rows[1]) else None
+        scores[tau] = s.cv_error if s is not None else math.inf
+        if scores[tau] < best[0]:
+            best[:] = [scores[tau], rows]
+        return scores[tau]
+
+    vals = [score(t) for t in _LAGS_S]
+    k = int(np.argmin(vals))
+    if k == len(_LAGS_S) - 1:
+        # still falling at the longest: not a board's electrical lag (milliseconds) but the sensor's
+        # own smoothing, which delays the readings, not the energy: left to the window choice
+        return 0.0, None, scores
+    if math.isfinite(vals[k]):
+        # golden-section search in log tau between the best's neighbours on the grid
+        lo, hi = math.log2(_LAGS_S[max(k - 1, 0)]), math.log2(_LAGS_S[min(k + 1, len(_LAGS_S) - 1)])
+        g = (math.sqrt(5) - 1) / 2
+        c, d = hi - g * (hi - lo), lo + g * (hi - lo)
+        fc, fd = score(2.0**c), score(2.0**d)
+        for _ in range(_LAG_REFINE):
+            if fc < fd:
+                hi, d, fd = d, c, fc
+                c = hi - g * (hi - lo)
+                fc = score(2.0**c)
+            else:
+                lo, c, fc = c, d, fd
+                d = lo + g * (hi - lo)
+                fd = score(2.0**d)
+    tau = min(scores, key=lambda t: scores[t])
+    if best[1] is not None and scores[tau] < sel.cv_error * (1 - max(0.03, 1 / math.sqrt(max(len(best[1][1]), 1)))):
+        return tau, best[1], scores
+    return 0.0, None, scores
+
+
+def _lag_free_excess(cum, trace, inner, coef_fit, idle_curve, a, b, rel, step_ns, spacing) -> int:
+    """The readings' error correlation beyond two steps (readings), with the model's residuals
+    read without the lag (see the window choice in :func:`_batch_fit`)."""
+    A0, y0, w0 = _fit_rows(cum, trace, inner, idle_curve, a, b, rel, with_weights=True)[:3]
+    m0, p0 = y0 * w0, (A0 @ coef_fit) * w0
+    g0 = m0.sum() / p0.sum() if p0.sum() > 0 else 1.0
+    return max(0, correlation_lag(m0 - g0 * p0) - int(math.ceil(2 * step_ns / spacing)))
+
+
+def _lag_split(fit_feats, coef, e_rel, scale, lo, hi, w_lo, w_hi):
+    """Through the lag, the modelled energy (steps' and waits' terms, reconciled) inside each step
+    (``[lo, hi)``) and inside each wait (``[w_lo, w_hi)``), and the whole of it (J): the integral
+    of the window's scale x the lagged power, exact per reconciliation window."""
+    g = lambda t: fit_feats.mass(t) @ coef  # noqa: E731
+    ge = g(e_rel)
+    cum_h = np.concatenate(([0.0], np.cumsum(scale * np.diff(ge))))
+
+    def h(t):
+        k = np.clip(np.searchsorted(e_rel, t, side="right") - 1, 0, len(scale) - 1)
+        return cum_h[k] + scale[k] * (g(t) - ge[k])
+
+    return h(hi) - h(lo), h(w_hi) - h(w_lo), float(cum_h[-1])
+
+
 def step_features(steps: Steps, s_idx: np.ndarray) -> np.ndarray:
     """Per-step features (see :data:`FEATURES`) for the steps ``s_idx``.
 
@@ -267,7 +409,7 @@ def _batch_fit(cum, trace, steps, s_idx, requests, ridx, seg, idle_curve, a, b, 
     nb, nw = x.shape[1], len(WAIT_TERMS)
     if len(w_st):
         xw = np.column_stack(((w_en - w_st) * _NS, np.ones(len(w_st))))  # the WAIT_TERMS
-        fit_feats: _Beside | _StepFeatures = _Beside(feats, _StepFeatures(xw, rel(w_st), rel(w_en)))
+        fit_feats: _Beside | _StepFeatures | _Lagged = _Beside(feats, _StepFeatures(xw, rel(w_st), rel(w_en)))
         families = dict(FAMILIES)
         families.update({f"{k}+wait": v + tuple(range(nb, nb + nw)) for k, v in FAMILIES.items()})
     else:
@@ -281,6 +423,8 @@ def _batch_fit(cum, trace, steps, s_idx, requests, ridx, seg, idle_curve, a, b, 
     sel = None
     with_waits = False
     sel_steps = None  # the steps-only selection, when the waits' terms were chosen beside it
+    sel_fams = None  # the families the selection chose among (None: FAMILIES)
+    lag_tau = 0.0  # the electrical lag the readings are fitted through (s)
     if model is None:
         sel = select_family(A, y) if len(y) else None
         # A coarse sensor's reading may be stale (a counter read some time after the driver
@@ -318,11 +462,30 @@ def _batch_fit(cum, trace, steps, s_idx, requests, ridx, seg, idle_curve, a, b, 
                     stage or sel_w.cv_error < sel.cv_error * (1 - max(0.03, 1 / math.sqrt(len(rows_w[1]))))):
                 sel_steps, sel, with_waits = sel, sel_w, True
                 A, y, w_row, t_row, overlap, len_row = rows_w
+                sel_fams = fam_w
+        if sel is not None and np.any(sel.coef) and _sequential(st_ns, en_ns):
+            # The electrical lag, where the readings are fine enough to show it: the family
+            # chosen is refitted through each lag tried, one that predicts held-out readings
+            # clearly better is kept and the family chosen again through it.
+            tau, rows_l, _ = _choose_lag(cum, trace, fit_feats if with_waits else feats, idle_curve, a, b, rel, sel,
+                                         sel_fams or families, t_row)
+            sel_l = select_family(rows_l[0], rows_l[1], families=sel_fams or FAMILIES) if rows_l is not None else None
+            if sel_l is not None and with_waits and not np.any(sel_l.coef[nb:]):
+                # through the lag the waits need no terms of their own (they were the steps' tails)
+                rows_l = _fit_rows(cum, trace, _with_lag(feats, tau), idle_curve, a, b, rel, with_weights=True)
+                sel_l = select_family(rows_l[0], rows_l[1]) if len(rows_l[1]) else None
+                if sel_l is not None:
+                    with_waits, sel_steps, sel_fams = False, None, None
+            if sel_l is not None and np.any(sel_l.coef):
+                sel, lag_tau = sel_l, tau
+                A, y, w_row, t_row, overlap, len_row = rows_l
         if sel is not None and np.any(sel.coef):
             family, why = sel.family, sel.why
             if with_waits:  # the steps' family, the wait terms beside it (StepModel.wait_coef)
                 family, why = family[: -len("+wait")], why + "; with the waits' terms (W while waiting, J per wait)"
-            model = StepModel(sel.coef, sel.r2, sel.rows, family, sel.cv_error, sel.cv_r2, why, sel.candidates, rates)
+            if lag_tau > 0:
+                why += f"; through a {lag_tau * 1e3:.2g} ms electrical lag"
+            model = StepModel(sel.coef, sel.r2, sel.rows, family, sel.cv_error, sel.cv_r2, why, sel.candidates, rates, lag_tau)
         else:
             # Too little to fit: every step costs in proportion to its duration.
             model = StepModel(np.eye(len(BASIS))[0], math.nan, 0, "duration", why="too few readings to fit: energy by step duration", rates=rates)
@@ -332,6 +495,11 @@ def _batch_fit(cum, trace, steps, s_idx, requests, ridx, seg, idle_curve, a, b, 
         A, y, w_row, t_row, overlap, len_row = _fit_rows(cum, trace, fit_feats, idle_curve, a, b, rel, with_weights=True)
     if not with_waits:
         fit_feats = feats
+    lag_tau = float(model.lag_tau_s) if model.lag_tau_s > 0 and _sequential(st_ns, en_ns) else 0.0
+    if lag_tau > 0:
+        fit_feats = _with_lag(fit_feats, lag_tau)
+        if sel is None:  # a given model: the readings through its lag
+            A, y, w_row, t_row, overlap, len_row = _fit_rows(cum, trace, fit_feats, idle_curve, a, b, rel, with_weights=True)
     coef_w = model.wait_coef if with_waits else np.zeros(0)
     coef_fit = np.concatenate((coef, coef_w))
 
@@ -355,6 +523,11 @@ def _batch_fit(cum, trace, steps, s_idx, requests, ridx, seg, idle_curve, a, b, 
             step_ns = float(np.median(en_ns - st_ns))
             spacing = max(float(np.median(np.diff(t_row))), 1.0)
             excess = max(0, lag - int(math.ceil(2 * step_ns / spacing)))
+            if lag_tau > 0 and isinstance(fit_feats, _Lagged):
+                # the sensor's own correlation is no longer than the residuals' without the lag
+                # show (a closer model leaves the slow misfit, which short windows do correct)
+                excess = min(excess, _lag_free_excess(cum, trace, fit_feats.inner, coef_fit, idle_curve, a, b, rel,
+                                                      step_ns, spacing))
             L, scores, best_pred = select_window(t_row, m_row, p_row, a, b, lengths, max(overlap, excess))
             # the whole period is always a candidate: a prediction comes back unless every error was NaN
             pred = best_pred if best_pred is not None else p_row * (m_row.sum() / p_row.sum() if p_row.sum() > 0 else 1.0)
@@ -388,6 +561,11 @@ def _batch_fit(cum, trace, steps, s_idx, requests, ridx, seg, idle_curve, a, b, 
     step_power = (x @ coef) / feats.dur  # W at scale 1
     scale_span = scale_integral(hi) - scale_integral(lo)  # integrated scale over each step (s)
     e_step = step_power * scale_span
+    if lag_tau > 0:
+        # through the lag each step's power is drawn partly in the next step or wait: what
+        # falls inside a step is that step's, what falls in a wait is shared by time (5c)
+        e_step, e_tail, lag_total = _lag_split(fit_feats, coef_fit, e_rel, scale, lo, hi,
+                                               np.clip(rel(w_st), e_rel[0], e_rel[-1]), np.clip(rel(w_en), e_rel[0], e_rel[-1]))
 
     # 4. Steps to requests by tokens; entries' request indices map into ridx order.
     local = np.full(len(requests), -1, dtype=np.int64)
@@ -441,7 +619,7 @@ def _batch_fit(cum, trace, steps, s_idx, requests, ridx, seg, idle_curve, a, b, 
     dyn_t, un_t = seg.share_weighted(np.diff(cres))
     dyn = dyn + dyn_t
     wait_j = 0.0
-    if with_waits and np.any(coef_w):
+    if with_waits and np.any(coef_w) and not lag_tau > 0:  # through a lag, the waits' terms are in 5c
         # 5b. The waits' fitted energy, scaled like the steps', shared by time.
         w_lo = np.clip(rel(w_st), e_rel[0], e_rel[-1])
         w_hi = np.clip(rel(w_en), e_rel[0], e_rel[-1])
@@ -452,6 +630,18 @@ def _batch_fit(cum, trace, steps, s_idx, requests, ridx, seg, idle_curve, a, b, 
         dyn = dyn + dyn_w
         un_t = un_t + un_w
         wait_j = float(e_wait.sum())
+    if lag_tau > 0:
+        # 5c. The modelled energy in the waits (the steps' tails, the waits' own terms, through the
+        #     lag), shared by time; where nothing is in flight (the tail after the last step before
+        #     idle) it is nobody's.
+        if len(w_st):
+            w_lo = np.clip(rel(w_st), e_rel[0], e_rel[-1])
+            tf = _StepFeatures(e_tail[:, None], w_lo, w_lo + np.maximum(np.clip(rel(w_en), e_rel[0], e_rel[-1]) - w_lo, 1e-12))
+            dyn_l, un_l = seg.share_weighted(np.diff(tf.mass(seg_rel)[:, 0]))
+            dyn = dyn + dyn_l
+            un_t = un_t + un_l
+        un_t = un_t + (lag_total - float(e_step.sum()) - float(e_tail.sum()))
+        wait_j += float(e_tail.sum())
     extra = {
         "steps": int(len(s_idx)),
         "model": model,
@@ -489,11 +679,20 @@ def _prefer_power(cum, trace, steps, s_idx, a, b) -> bool:
     return scores[1] < 0.6 * scores[0]  # the counter has its stale-reading shift still to come
 
 
-def _fit_idle(cum, trace, steps, s_idx, requests, a, b) -> float | None:
-    """The idle baseline (W) as the intercept of the step-model regression, or None."""
+def _fit_idle(cum, trace, steps, s_idx, requests, a, b, seg=None) -> float | None:
+    """The idle baseline (W) as the intercept of the step-model regression, or None. With the
+    in-flight segments ``seg``, a device that waits a material part of its busy time (a pipeline
+    stage) has its waits' terms beside the steps' (held clocks in the bubble are no idle power)."""
     x = step_features(steps, s_idx)
     rel = lambda t: (np.asarray(t, dtype=np.int64) - a).astype(np.float64) * _NS  # noqa: E731
-    feats = _StepFeatures(x, rel(steps.start_ns[s_idx]), rel(steps.end_ns[s_idx]))
+    steps_f = _StepFeatures(x, rel(steps.start_ns[s_idx]), rel(steps.end_ns[s_idx]))
+    feats: _StepFeatures | _Beside = steps_f
+    if seg is not None:
+        w_st, w_en = _waits(seg, steps.start_ns[s_idx], steps.end_ns[s_idx])
+        busy_s = float(np.diff(seg.edges)[seg.n > 0].sum())
+        if len(w_st) and float((w_en - w_st).sum()) >= _WAIT_SHARE * busy_s:
+            xw = np.column_stack(((w_en - w_st) * _NS, np.ones(len(w_st))))
+            feats = _Beside(steps_f, _StepFeatures(xw, rel(w_st), rel(w_en)))
     zero = _Piecewise(np.array([a, b], dtype=np.int64), np.zeros(2))
     A, y, one = _fit_rows(cum, trace, feats, zero, a, b, rel, with_time=True)
     if len(y) < 4 * (x.shape[1] + 1):

@@ -27,8 +27,11 @@ each 100 ms, a 1 s average) sees the stage's waits in step with its own slices (
 pipeline a stage waits about as long as it runs), so its fit cannot tell the waits'
 energy (shared by time) from the steps' (shared by tokens) as well as one GPU's fit
 tells steps from host gaps; and in an overlapped pipeline consecutive slices on a stage
-belong to different micro-batches, so the electrical tail of one lands on the next's
-requests. ``benchmarks/results/accuracy_parallel.md`` measures both.
+belong to different micro-batches, so the electrical lag moves part of one slice's energy
+into the next (another micro-batch's requests, by the conventions). The fit models that
+lag where the readings can show it (50 ms apart or closer; ``StepModel.lag_tau_s``); a
+coarser sensor cannot, and gets it only from a model fitted on fine readings of the same
+GPU (``models=``). ``benchmarks/results/accuracy_parallel.md`` measures both.
 """
 
 from __future__ import annotations

@@ -27,7 +27,10 @@ class StepModel:
     readings' RMS, ``cv_r2`` its held-out r2, ``why`` why it won and
     ``candidates`` every family's held-out error. ``r2`` is the in-sample
     coefficient of determination over the sensor readings it used (``rows``).
-    ``rates`` are the throughputs (tokens/s) of the saturating terms.
+    ``rates`` are the throughputs (tokens/s) of the saturating terms. ``lag_tau_s``: the
+    electrical lag (first-order time constant, s) the readings were fitted through, 0 when
+    none was chosen: a step's power rises and decays over it, so part of each step's
+    energy is drawn in the next step or wait (see :class:`wattspan.attribution.fit._Lagged`).
     """
 
     coef: np.ndarray
@@ -39,6 +42,7 @@ class StepModel:
     why: str = ""
     candidates: dict[str, float] | None = None
     rates: tuple[float, float] | None = None
+    lag_tau_s: float = 0.0
 
     @property
     def wait_coef(self) -> np.ndarray:
@@ -69,6 +73,7 @@ class StepModel:
             "why": self.why,
             "candidates": dict(self.candidates or {}),
             "rows": self.rows,
+            "lag_tau_s": self.lag_tau_s,
         }
 
 
