@@ -230,7 +230,8 @@ def configure_from_env(
         _trace_api.set_tracer_provider(tp)
         _metrics_api.set_meter_provider(mp)
     if meter is not None:
-        meter.add_sink(proc)
+        if proc is not None:  # None when traces are off (OTEL_TRACES_EXPORTER=none, OTEL_SDK_DISABLED)
+            meter.add_sink(proc)
         connect_metrics(meter, em)
     return OTelSetup(tp, mp, proc, em, prom_addr, tuple(servers))
 
