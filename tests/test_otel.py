@@ -656,6 +656,24 @@ def test_configure_from_env_rejects_bad_settings_by_name(monkeypatch, env, match
         configure_from_env(set_global=False)
 
 
+def test_configure_from_env_with_traces_off_wires_the_meter_to_the_metrics_only(monkeypatch):
+    # metrics without traces (a Prometheus-only setup): the meter gets the metrics sink and no span
+    # processor (there is none); it used to be handed None, which add_sink rejects with TypeError
+    from wattspan import Meter
+    from wattspan.sources.replay import ReplaySource
+
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "none")
+    monkeypatch.setenv("OTEL_METRICS_EXPORTER", "none")
+    meter = Meter(sources=[ReplaySource([constant_trace(100.0)])], autostart=False)
+    setup = configure_from_env(set_global=False, meter=meter)
+    try:
+        assert setup.span_processor is None
+        assert meter.sinks == (setup.metrics,)
+        assert not meter.holds_spans
+    finally:
+        setup.shutdown()
+
+
 def test_configure_from_env_disabled_sdk_exports_nothing(monkeypatch):
     monkeypatch.setenv("OTEL_SDK_DISABLED", "true")
     monkeypatch.delenv("OTEL_TRACES_EXPORTER", raising=False)

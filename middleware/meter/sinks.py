@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Generic, Protocol, TypeVar, runtime_checkable
 
 from ..records import RequestRecord
 
@@ -73,10 +73,15 @@ class FlushableSink(RecordSink, Protocol):
     def flush(self, timeout: float) -> bool | None: ...
 
 
-class _Callback:
+_T = TypeVar("_T")
+
+
+class _Callback(Generic[_T]):
+    """A function taking one ``_T`` (a record, a pass's records, a device's figures) as a sink."""
+
     __slots__ = ("fn",)
 
-    def __init__(self, fn: Callable) -> None:
+    def __init__(self, fn: Callable[[_T], object]) -> None:
         self.fn = fn
 
     def on_records(self, records: Sequence[RequestRecord]) -> None:
@@ -87,7 +92,8 @@ class _Callback:
 
     def flush(self, timeout: float) -> bool | None:
         """Flush the object ``fn`` is a bound method of, if it has ``flush`` (``Ledger.write``'s ledger)."""
-        fl = getattr(getattr(self.fn, "__self__", None), "flush", None)
+        # the bound method's owner's flush: a ledger's flush(timeout) -> bool, a file's flush() -> None
+        fl: Callable[..., bool | None] | None = getattr(getattr(self.fn, "__self__", None), "flush", None)
         if not callable(fl):
             return None
         try:
@@ -99,7 +105,7 @@ class _Callback:
         return f"{type(self).__name__}({self.fn!r})"
 
 
-class RecordCallback(_Callback):
+class RecordCallback(_Callback[RequestRecord]):
     """A sink calling ``fn(record)`` for each final record."""
 
     __slots__ = ()
@@ -110,7 +116,7 @@ class RecordCallback(_Callback):
             fn(rec)
 
 
-class BatchCallback(_Callback):
+class BatchCallback(_Callback[list[RequestRecord]]):
     """A sink calling ``fn(records)`` once per pass with that pass's final records (a list)."""
 
     __slots__ = ()
@@ -119,7 +125,7 @@ class BatchCallback(_Callback):
         self.fn(records if isinstance(records, list) else list(records))
 
 
-class DeviceCallback(_Callback):
+class DeviceCallback(_Callback[DeviceFigures]):
     """A sink calling ``fn(figures)`` with each device's :class:`DeviceFigures`."""
 
     __slots__ = ()
