@@ -20,6 +20,7 @@ sink::
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar, runtime_checkable
@@ -76,6 +77,20 @@ class FlushableSink(RecordSink, Protocol):
 _T = TypeVar("_T")
 
 
+def _takes_timeout(fn: Callable[..., object]) -> bool:
+    """Whether ``fn`` accepts one positional argument (a flush's timeout), from its signature: a
+    ``TypeError`` raised inside a flush is the flush's own failure, not a sign to call it again."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):  # a builtin without a signature (io's flush() takes none)
+        return False
+    try:
+        sig.bind(0.0)
+    except TypeError:
+        return False
+    return True
+
+
 class _Callback(Generic[_T]):
     """A function taking one ``_T`` (a record, a pass's records, a device's figures) as a sink."""
 
@@ -96,10 +111,9 @@ class _Callback(Generic[_T]):
         fl: Callable[..., bool | None] | None = getattr(getattr(self.fn, "__self__", None), "flush", None)
         if not callable(fl):
             return None
-        try:
+        if _takes_timeout(fl):
             return fl(timeout)
-        except TypeError:  # a flush() without a timeout (a file's)
-            return fl()
+        return fl()  # a flush() without a timeout (a file's)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.fn!r})"
