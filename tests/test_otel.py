@@ -682,6 +682,28 @@ def test_configure_from_env_disabled_sdk_exports_nothing(monkeypatch):
     setup.shutdown()
 
 
+def test_configure_from_env_that_fails_after_prometheus_started_stops_it(monkeypatch):
+    """A setup that fails once the /metrics server is up (here: the meter refuses the sinks) raises, and the
+    server it started is shut down, not left serving a half set-up provider."""
+    pytest.importorskip("opentelemetry.exporter.prometheus")
+    port = free_port()
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "none")
+    monkeypatch.setenv("OTEL_METRICS_EXPORTER", "prometheus")
+    monkeypatch.setenv("OTEL_EXPORTER_PROMETHEUS_HOST", "127.0.0.1")
+    monkeypatch.setenv("OTEL_EXPORTER_PROMETHEUS_PORT", str(port))
+
+    class Refusing:
+        sampler = None
+
+        def add_sink(self, sink):
+            raise RuntimeError("no sinks here")
+
+    with pytest.raises(RuntimeError, match="no sinks here"):
+        configure_from_env(set_global=False, meter=Refusing())
+    with pytest.raises((urllib.error.URLError, ConnectionError, socket.timeout)):
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)
+
+
 def test_configure_from_env_prometheus_serves_and_stops(monkeypatch):
     pytest.importorskip("opentelemetry.exporter.prometheus")
     port = free_port()

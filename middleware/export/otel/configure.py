@@ -223,34 +223,42 @@ def configure_from_env(
                 cls = _load_exporter("opentelemetry_metrics_exporter", name, "OTEL_METRICS_EXPORTER")
                 readers.append(cls() if isinstance(cls, type) and issubclass(cls, MetricReader) else PeriodicExportingMetricReader(cls()))
     except BaseException:
-        for server, thread in servers:
-            server.shutdown()
-            server.server_close()
+        _close_servers(servers)
         raise
 
-    tp = TracerProvider(resource=res)
-    proc = None
-    if span_exporters:
-        if len(span_exporters) == 1:
-            downstream: SpanProcessor = BatchSpanProcessor(span_exporters[0])
-        else:
-            multi = downstream = SynchronousMultiSpanProcessor()  # type: ignore[no-untyped-call]  # as in install()
-            for e in span_exporters:
-                multi.add_span_processor(BatchSpanProcessor(e))
-        proc = EnergySpanProcessor(downstream, hold_timeout_s=hold_timeout_s)
-        tp.add_span_processor(proc)
-    mp = MeterProvider(resource=res, metric_readers=readers)
-    if health is None and meter is not None:
-        health = lambda: meter.sampler.health() if meter.sampler is not None else {}  # noqa: E731
-    em = EnergyMetrics(mp, max_tenants=max_tenants, health=health)
-    if set_global:
-        _trace_api.set_tracer_provider(tp)
-        _metrics_api.set_meter_provider(mp)
-    if meter is not None:
-        if proc is not None:  # None when traces are off (OTEL_TRACES_EXPORTER=none, OTEL_SDK_DISABLED)
-            meter.add_sink(proc)
-        connect_metrics(meter, em)
+    try:
+        tp = TracerProvider(resource=res)
+        proc = None
+        if span_exporters:
+            if len(span_exporters) == 1:
+                downstream: SpanProcessor = BatchSpanProcessor(span_exporters[0])
+            else:
+                multi = downstream = SynchronousMultiSpanProcessor()  # type: ignore[no-untyped-call]  # as in install()
+                for e in span_exporters:
+                    multi.add_span_processor(BatchSpanProcessor(e))
+            proc = EnergySpanProcessor(downstream, hold_timeout_s=hold_timeout_s)
+            tp.add_span_processor(proc)
+        mp = MeterProvider(resource=res, metric_readers=readers)
+        if health is None and meter is not None:
+            health = lambda: meter.sampler.health() if meter.sampler is not None else {}  # noqa: E731
+        em = EnergyMetrics(mp, max_tenants=max_tenants, health=health)
+        if set_global:
+            _trace_api.set_tracer_provider(tp)
+            _metrics_api.set_meter_provider(mp)
+        if meter is not None:
+            if proc is not None:  # None when traces are off (OTEL_TRACES_EXPORTER=none, OTEL_SDK_DISABLED)
+                meter.add_sink(proc)
+            connect_metrics(meter, em)
+    except BaseException:  # nothing half set up keeps serving /metrics
+        _close_servers(servers)
+        raise
     return OTelSetup(tp, mp, proc, em, prom_addr, tuple(servers))
+
+
+def _close_servers(servers: list[tuple[WSGIServer, threading.Thread]]) -> None:
+    for server, _thread in servers:
+        server.shutdown()
+        server.server_close()
 
 
 def connect_metrics(meter: Meter, metrics: EnergyMetrics) -> None:
