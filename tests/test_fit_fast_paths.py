@@ -83,3 +83,20 @@ def test_segments_index_their_edges_as_searchsorted_does(seed):
     np.testing.assert_array_equal(seg.edges, edges)
     np.testing.assert_array_equal(seg.si, np.searchsorted(edges, start))
     np.testing.assert_array_equal(seg.ei, np.searchsorted(edges, end))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_order_is_the_stable_argsort(seed):
+    from wattspan.attribution.fit import _order
+
+    rng = np.random.default_rng(seed)
+    n = [2, 17, 5000][seed % 3]
+    q = rng.integers(0, [3, 1000, 2**40][seed // 2], n)  # many ties, few, none
+    if seed == 5:
+        q = q.astype(np.int64) - 2**41  # negative values, a wide span
+    got = _order(q)
+    assert got is not None
+    np.testing.assert_array_equal(got, np.argsort(q, kind="stable"))
+    assert _order(np.sort(q)) is None
+    wide = np.array([0, 2**62, -(2**62), 5, 5], dtype=np.int64)  # keys that would not fit: the argsort
+    np.testing.assert_array_equal(_order(wide), np.argsort(wide, kind="stable"))

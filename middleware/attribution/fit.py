@@ -44,14 +44,19 @@ class _Segments:
         first = np.concatenate(([True], v[1:] != v[:-1]))
         rank = np.cumsum(first) - 1
         self.edges = edges = v[first] + a
-        self.si = _unsort(rank[tag == 1], os_)
-        self.ei = _unsort(rank[tag == 2], oe)
+        # np.compress, not a boolean index: starts and ends interleave, a mask's branches mispredict
+        self.si = _unsort(np.compress(tag == 1, rank), os_)
+        self.ei = _unsort(np.compress(tag == 2, rank), oe)
         m = len(edges) - 1
         live = self.ei > self.si
-        cnt = np.bincount(self.si[live], minlength=m + 1)[: m + 1] - np.bincount(self.ei[live], minlength=m + 1)[: m + 1]
+        if bool(live.all()):  # the usual case: no empty lifetime, nothing to leave out
+            si_l, ei_l, w_l = self.si, self.ei, weights
+        else:
+            si_l, ei_l, w_l = np.compress(live, self.si), np.compress(live, self.ei), np.compress(live, weights)
+        cnt = np.bincount(si_l, minlength=m + 1)[: m + 1] - np.bincount(ei_l, minlength=m + 1)[: m + 1]
         self.n = np.cumsum(cnt)[:m].astype(np.float64)
-        wd = np.bincount(self.si[live], weights=weights[live], minlength=m + 1)[: m + 1] - np.bincount(
-            self.ei[live], weights=weights[live], minlength=m + 1
+        wd = np.bincount(si_l, weights=w_l, minlength=m + 1)[: m + 1] - np.bincount(
+            ei_l, weights=w_l, minlength=m + 1
         )[: m + 1]
         self.w = np.cumsum(wd)[:m]
         self.w[np.abs(self.w) < 1e-12] = 0.0
@@ -60,8 +65,11 @@ class _Segments:
     def _share(self, x: np.ndarray, denom: np.ndarray, mult: np.ndarray | None):
         has = denom > 0
         per = np.where(has, x / np.where(has, denom, 1.0), 0.0)
-        c = np.concatenate(([0.0], np.cumsum(per)))
-        out = c[self.ei] - c[self.si]
+        c = np.empty(len(per) + 1)
+        c[0] = 0.0
+        np.cumsum(per, out=c[1:])
+        out = np.take(c, self.ei)
+        out -= np.take(c, self.si)
         if mult is not None:
             out = out * mult
         return out, float(x[~has].sum())
@@ -87,7 +95,21 @@ def _prefix(a: np.ndarray) -> np.ndarray:
 
 def _order(q: np.ndarray) -> np.ndarray | None:
     """A stable sorting order of ``q``, or None when it is sorted already."""
-    return None if len(q) < 2 or bool(np.all(q[1:] >= q[:-1])) else np.argsort(q, kind="stable")
+    if len(q) < 2 or bool(np.all(q[1:] >= q[:-1])):
+        return None
+    if q.dtype.kind == "i":
+        # Integers: each value with its index in the low bits, sorted as plain int64 (a
+        # vectorised sort, ~6x faster than a stable argsort): the keys are distinct, so their
+        # order is (value, index), the stable order, exactly. Only where the keys fit 63 bits.
+        nb = int(len(q)).bit_length()
+        lo, hi = int(q.min()), int(q.max())
+        if hi - lo < (1 << (62 - nb)):
+            key = (q.astype(np.int64) - lo) << nb
+            key |= np.arange(len(q), dtype=np.int64)
+            key.sort()
+            key &= (1 << nb) - 1
+            return key
+    return np.argsort(q, kind="stable")
 
 
 def _unsort(v: np.ndarray, order: np.ndarray | None) -> np.ndarray:
@@ -115,10 +137,26 @@ class _StepFeatures:
     def __init__(self, x: np.ndarray, st: np.ndarray, en: np.ndarray) -> None:
         self.x, self.st, self.en = x, st, en
         self.dur = en - st
-        rate = x / self.dur[:, None]
         # steps usually come in time order: skip the sorts and gathers then
         s_ok = len(st) < 2 or bool(np.all(st[1:] >= st[:-1]))
         e_ok = len(en) < 2 or bool(np.all(en[1:] >= en[:-1]))
+        if s_ok and e_ok:
+            # the same prefix sums, each written straight into its buffer (no rate, rate x start
+            # or copy temporaries of steps x features)
+            self._st_sorted, self._en_sorted = st, en
+            n, p = x.shape
+            cs, cs_st = np.empty((n + 1, p)), np.empty((n + 1, p))
+            cs[0] = cs_st[0] = 0.0
+            np.divide(x, self.dur[:, None], out=cs[1:])  # the rates
+            np.multiply(cs[1:], st[:, None], out=cs_st[1:])  # rate x start
+            np.add.accumulate(cs[1:], axis=0, out=cs[1:])
+            np.add.accumulate(cs_st[1:], axis=0, out=cs_st[1:])
+            self._cs_rate, self._cs_rate_st = cs, cs_st
+            self._ce_rate, self._ce_rate_st = self._cs_rate, self._cs_rate_st
+            self._ce_x = _prefix(x)
+            self._memo = []
+            return
+        rate = x / self.dur[:, None]
         os_ = slice(None) if s_ok else np.argsort(st, kind="stable")
         oe = slice(None) if e_ok else np.argsort(en, kind="stable")
         self._st_sorted, self._en_sorted = st[os_], en[oe]
@@ -139,8 +177,16 @@ class _StepFeatures:
                 return f_m
         i = np.searchsorted(self._st_sorted, t, side="right")  # steps started by t
         j = np.searchsorted(self._en_sorted, t, side="right")  # steps ended by t
-        running = t[:, None] * (self._cs_rate[i] - self._ce_rate[j]) - (self._cs_rate_st[i] - self._ce_rate_st[j])
-        out = self._ce_x[j] + running
+        # t * (cs_rate[i] - ce_rate[j]) - (cs_rate_st[i] - ce_rate_st[j]) + ce_x[j], the same
+        # operations in place on np.take's rows (a row gather ~3x faster than fancy indexing)
+        running = np.take(self._cs_rate, i, axis=0)
+        running -= np.take(self._ce_rate, j, axis=0)
+        running *= t[:, None]
+        st_part = np.take(self._cs_rate_st, i, axis=0)
+        st_part -= np.take(self._ce_rate_st, j, axis=0)
+        running -= st_part
+        out = np.take(self._ce_x, j, axis=0)
+        out += running
         out.flags.writeable = False
         if out.size <= _MEMO_SIZE:
             self._memo = [(np.array(t, copy=True), out), *self._memo[:1]]
@@ -150,7 +196,9 @@ class _StepFeatures:
         """dF/dt at t: the feature rate of the steps running at that instant."""
         i = np.searchsorted(self._st_sorted, t, side="right")
         j = np.searchsorted(self._en_sorted, t, side="right")
-        return self._cs_rate[i] - self._ce_rate[j]
+        out = np.take(self._cs_rate, i, axis=0)
+        out -= np.take(self._ce_rate, j, axis=0)
+        return out
 
 
 class _Beside:
@@ -572,16 +620,23 @@ def _batch_fit(cum, trace, steps, s_idx, requests, ridx, seg, idle_curve, a, b, 
     local[ridx] = np.arange(len(ridx))
     step_pos = np.full(len(steps), -1, dtype=np.int64)
     step_pos[s_idx] = np.arange(len(s_idx))
-    em = step_pos[steps.entry_step] >= 0
-    e_s = step_pos[steps.entry_step[em]]
-    e_r = local[steps.entry_request[em]]
-    e_t = steps.entry_tokens[em]
+    e_s = step_pos[steps.entry_step]
+    em = e_s >= 0
+    if bool(em.all()):  # every entry is of this device's steps (one device): no copies
+        e_r = local[steps.entry_request]
+        e_t = steps.entry_tokens
+    else:
+        e_s = np.compress(em, e_s)
+        e_r = local[np.compress(em, steps.entry_request)]
+        e_t = np.compress(em, steps.entry_tokens)
     tok_sum = np.bincount(e_s, weights=e_t, minlength=len(s_idx))
-    share = np.where(tok_sum[e_s] > 0, e_t / np.where(tok_sum[e_s] > 0, tok_sum[e_s], 1.0), 0.0)
+    ts = tok_sum[e_s]
+    share = np.where(ts > 0, e_t / np.where(ts > 0, ts, 1.0), 0.0)
     val = e_step[e_s] * share
     on_dev = e_r >= 0
-    dyn = np.bincount(e_r[on_dev], weights=val[on_dev], minlength=len(ridx))
-    lost = float(val[~on_dev].sum()) + float(e_step[tok_sum == 0].sum())  # steps naming requests of another device
+    all_on = bool(on_dev.all())
+    dyn = np.bincount(e_r if all_on else e_r[on_dev], weights=val if all_on else val[on_dev], minlength=len(ridx))
+    lost = (0.0 if all_on else float(val[~on_dev].sum())) + float(e_step[tok_sum == 0].sum())  # steps naming requests of another device
 
     # 4b. What the fit does not know: the same split under the bootstrap's coefficients
     #     and under the other families, per request (for the error band).
@@ -600,7 +655,8 @@ def _batch_fit(cum, trace, steps, s_idx, requests, ridx, seg, idle_curve, a, b, 
     spread = _dyn_spread(sel, coef, x, np.where(feats.dur > 0, scale_span / np.where(feats.dur > 0, feats.dur, 1.0), 0.0),
                          e_s, e_r, share, on_dev, len(ridx), k_win)
     # Per request: sum over its steps of (its share of the step's energy)^2, for the step-noise term.
-    s2 = np.bincount(e_r[on_dev], weights=(e_step[e_s[on_dev]] * share[on_dev]) ** 2, minlength=len(ridx))
+    s2 = np.bincount(e_r, weights=val**2, minlength=len(ridx)) if all_on else np.bincount(
+        e_r[on_dev], weights=(e_step[e_s[on_dev]] * share[on_dev]) ** 2, minlength=len(ridx))
     if noise is not None and "resid" in noise:
         noise = dict(noise, **_request_components(noise.pop("resid"), p_row, t_row, len_row, rel, feats, e_step, e_s,
                                                   e_r, share, on_dev, e_rel, w_meas, w_pred, len(ridx), dyn, s2,
@@ -761,9 +817,10 @@ def _dyn_spread(sel, coef, x, scale_per_s, e_s, e_r, share, on_dev, n_req, k_win
     z = np.zeros(n_req)
     if sel is None or sel.boot is None or not len(e_s):
         return z, z
-    w = share[on_dev]
-    r = e_r[on_dev]
-    s_on = e_s[on_dev]
+    if bool(on_dev.all()):
+        w, r, s_on = share, e_r, e_s
+    else:
+        w, r, s_on = share[on_dev], e_r[on_dev], e_s[on_dev]
     xw = x * scale_per_s[:, None]  # each step's basis terms times its reconciliation scale
     fam = [v for f, v in (sel.fits or {}).items() if f != sel.family and np.any(v)
            and sel.candidates.get(f, math.inf) <= 1.25 * sel.cv_error]
