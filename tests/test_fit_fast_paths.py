@@ -100,3 +100,63 @@ def test_order_is_the_stable_argsort(seed):
     assert _order(np.sort(q)) is None
     wide = np.array([0, 2**62, -(2**62), 5, 5], dtype=np.int64)  # keys that would not fit: the argsort
     np.testing.assert_array_equal(_order(wide), np.argsort(wide, kind="stable"))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_tiled_steps_find_their_ends_as_searchsorted_does(seed):
+    rng = np.random.default_rng(seed)
+    n = [1, 40, 3000][seed % 3]
+    gap = rng.integers(0, 3, n) * (seed % 2)  # back to back (seed even) or with gaps
+    dur = rng.integers(1, 4, n)
+    st = np.cumsum(np.concatenate(([0], (dur + gap)[:-1]))).astype(np.float64)
+    en = st + dur
+    x = rng.random((n, 3))
+    tiled = _StepFeatures(x, st, en)
+    assert tiled._tiled
+    plain = _StepFeatures(x, st, en)
+    plain._tiled = False  # the binary search over the ends
+    t = np.sort(np.concatenate((st, en, rng.random(500) * (en[-1] + 4) - 2)))  # on the bounds and between
+    i = np.searchsorted(st, t, side="right")
+    np.testing.assert_array_equal(tiled._ended(t, i), np.searchsorted(en, t, side="right"))
+    np.testing.assert_array_equal(tiled.mass(t), plain.mass(t))
+    np.testing.assert_array_equal(tiled.density(t), plain.density(t))
+    overlapping = _StepFeatures(x, st, en + 1.5)
+    assert n < 2 or not overlapping._tiled
+
+
+def _features_lexsort(steps, s_idx):
+    """step_features' context as first written: a lexsort by request, then step start."""
+    from wattspan.attribution.fit import _NS
+
+    ns, st, tok = len(steps), steps.entry_step, steps.entry_tokens
+    order = np.lexsort((steps.start_ns[st], steps.entry_request))
+    tok_o, req_o = tok[order], steps.entry_request[order]
+    before = np.cumsum(tok_o) - tok_o
+    first = np.concatenate(([True], req_o[1:] != req_o[:-1]))
+    group = np.cumsum(first) - 1
+    ctx = np.empty_like(tok)
+    ctx[order] = before - before[first][group]
+    decode = tok <= 1.0
+    prefill_tok = np.bincount(st, weights=np.where(decode, 0.0, tok), minlength=ns)
+    decode_tok = np.bincount(st, weights=np.where(decode, tok, 0.0), minlength=ns)
+    decode_ctx = np.bincount(st, weights=np.where(decode, ctx + tok, 0.0), minlength=ns) / 1000.0
+    dur = (steps.end_ns - steps.start_ns).astype(np.float64) * _NS
+    return np.column_stack((dur, prefill_tok, decode_tok, decode_ctx))[s_idx]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_step_features_match_the_lexsort_version(seed):
+    from wattspan.attribution.fit import step_features
+    from wattspan.attribution.inputs import Steps
+
+    rng = np.random.default_rng(seed)
+    ns, n_req = 300, 120
+    start = np.sort(rng.integers(0, 10**9, ns))
+    if seed % 2:
+        start = rng.permutation(start)  # steps out of time order: the lexsort path
+    e_step = np.repeat(np.arange(ns), 3)
+    e_req = rng.integers(0, n_req, len(e_step))
+    tok = np.where(rng.random(len(e_step)) < 0.2, rng.integers(2, 300, len(e_step)), 1).astype(np.float64)
+    steps = Steps(start, start + rng.integers(1, 10**6, ns), np.full(ns, "gpu0", dtype=object), e_step, e_req, tok)
+    s_idx = np.arange(ns)
+    np.testing.assert_array_equal(step_features(steps, s_idx), _features_lexsort(steps, s_idx))
