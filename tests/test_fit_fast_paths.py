@@ -160,3 +160,21 @@ def test_step_features_match_the_lexsort_version(seed):
     steps = Steps(start, start + rng.integers(1, 10**6, ns), np.full(ns, "gpu0", dtype=object), e_step, e_req, tok)
     s_idx = np.arange(ns)
     np.testing.assert_array_equal(step_features(steps, s_idx), _features_lexsort(steps, s_idx))
+
+
+@pytest.mark.parametrize("v", [0.0, 90.0, 123.456789])
+def test_constant_curve_reads_as_the_interpolation_does(v):
+    from wattspan.attribution.energy import _Piecewise
+
+    rng = np.random.default_rng(3)
+    a, b = 10**12, 10**12 + 3600 * 10**9
+    x = np.sort(rng.integers(a - 10**9, b + 10**9, 5000))  # inside, on the knots and beyond them
+    x[:3] = (a, b, a - 1)
+    const = _Piecewise(np.array([a, b], dtype=np.int64), np.array([v, v]))
+    assert const._const
+    plain = _Piecewise(np.array([a, b], dtype=np.int64), np.array([v, v]))
+    plain._const = False
+    np.testing.assert_array_equal(const(x), plain(x))
+    np.testing.assert_array_equal(const.cumulative(x), plain.cumulative(x))
+    np.testing.assert_array_equal(const.over(x), plain.over(x))
+    assert not _Piecewise(np.array([a, b], dtype=np.int64), np.array([v, v + 1]))._const

@@ -389,8 +389,7 @@ def step_features(steps: Steps, s_idx: np.ndarray) -> np.ndarray:
     st_start = steps.start_ns[st]
     if len(st) < 2 or bool(np.all(st_start[1:] >= st_start[:-1])):
         # entries in time order already: the lexsort's order is the stable order by request
-        order = _order(steps.entry_request)
-        order = np.arange(len(st)) if order is None else order
+        order = np.argsort(steps.entry_request, kind="stable")
     else:
         order = np.lexsort((st_start, steps.entry_request))
     tok_o = tok[order]
