@@ -40,9 +40,14 @@ class _Segments:
         tagged = np.concatenate((np.zeros(1, dtype=np.int64), (ss.astype(np.int64) - a) * 4 + 1,
                                  (es.astype(np.int64) - a) * 4 + 2, np.array([(b - a) * 4 + 3], dtype=np.int64)))
         tagged.sort(kind="stable")
-        v, tag = tagged >> 2, tagged & 3
-        first = np.concatenate(([True], v[1:] != v[:-1]))
-        rank = np.cumsum(first) - 1
+        tag = tagged & 3
+        tagged >>= 2  # the times, in place
+        v = tagged
+        first = np.empty(len(v), dtype=bool)
+        first[0] = True
+        np.not_equal(v[1:], v[:-1], out=first[1:])
+        rank = np.cumsum(first)
+        rank -= 1
         self.edges = edges = v[first] + a
         # np.compress, not a boolean index: starts and ends interleave, a mask's branches mispredict
         self.si = _unsort(np.compress(tag == 1, rank), os_)
@@ -440,12 +445,21 @@ def _waits(seg: "_Segments", st_ns: np.ndarray, en_ns: np.ndarray) -> tuple[np.n
     # bits (times relative to the period, so the shift cannot overflow).
     tagged = np.concatenate(((seg.edges - lo) * 4, (np.clip(ms, lo, hi) - lo) * 4 + 1, (np.clip(me, lo, hi) - lo) * 4 + 2))
     tagged.sort(kind="stable")
-    v, tag = tagged >> 2, tagged & 3
-    last = np.concatenate((v[1:] != v[:-1], [True]))  # each time's last copy
-    e = v[last] + lo
+    tag = tagged & 3
+    tagged >>= 2  # the times, in place
+    v = tagged
+    last = np.empty(len(v), dtype=bool)
+    np.not_equal(v[1:], v[:-1], out=last[:-1])
+    last[-1] = True  # each time's last copy
+    li = np.flatnonzero(last)
+    e = np.take(v, li)
+    e += lo
     left = e[:-1]
-    inflight = seg.n[np.cumsum(tag == 0)[last][:-1] - 1] > 0  # the segment each left edge opens
-    k = np.cumsum(tag == 1)[last][:-1] - 1  # the merged step that started last at or before it
+    li = li[:-1]
+    # the segment each left edge opens (in flight there?); the merged step that started last
+    # at or before it: counts of the runs' members up to each time's last copy
+    inflight = np.take(seg.n > 0, np.take(np.cumsum(tag == 0), li) - 1)
+    k = np.take(np.cumsum(tag == 1), li) - 1
     in_step = (k >= 0) & (me[np.maximum(k, 0)] > left)
     flag = inflight & ~in_step
     if not flag.any():
