@@ -168,7 +168,8 @@ def attribute(
             on_this[s_idx] = True
             in_steps[steps.entry_request[on_this[steps.entry_step]]] = True
             is_fit = in_steps[ridx]
-            meth = np.array(["time-share", "batch-fit"], dtype=object)[is_fit.astype(np.intp)]
+            all_fit = bool(is_fit.all())  # every request in some step: one value for all, no gather
+            meth = "batch-fit" if all_fit else np.array(["time-share", "batch-fit"], dtype=object)[is_fit.astype(np.intp)]
             dev_quality = _quality(summary_extra)
             summary_extra["quality"] = dev_quality
         else:
@@ -187,8 +188,8 @@ def attribute(
                 # window is uncertain by the share it leaves unexplained
                 r2 = summary_extra["model"].cv_r2 if summary_extra.get("model") is not None else math.nan
                 hd = np.maximum(hd, (1.0 - (max(r2, 0.0) if math.isfinite(r2) else 0.0)) * dyn)
-            half_dyn[ridx] = np.where(is_fit, hd, dyn)
-            quality[ridx] = np.array(["coarse", dev_quality], dtype=object)[is_fit.astype(np.intp)]
+            half_dyn[ridx] = hd if all_fit else np.where(is_fit, hd, dyn)
+            quality[ridx] = dev_quality if all_fit else np.array(["coarse", dev_quality], dtype=object)[is_fit.astype(np.intp)]
         else:
             half_dyn[ridx] = dyn  # a time-overlap split can be off by its whole dynamic share
             quality[ridx] = "coarse"

@@ -634,8 +634,13 @@ def _batch_fit(cum, trace, steps, s_idx, requests, ridx, seg, idle_curve, a, b, 
     cum_scale = np.concatenate(([0.0], np.cumsum(scale * np.diff(e_rel))))
 
     def scale_integral(t):  # t already clipped to [e_rel[0], e_rel[-1]]
-        k = np.clip(np.searchsorted(e_rel, t, side="right") - 1, 0, len(scale) - 1)
-        return cum_scale[k] + scale[k] * (t - e_rel[k])
+        k = np.searchsorted(e_rel, t, side="right")
+        k -= 1
+        np.clip(k, 0, len(scale) - 1, out=k)
+        out = t - np.take(e_rel, k)  # cum_scale[k] + scale[k] * (t - e_rel[k]), in place
+        out *= np.take(scale, k)
+        out += np.take(cum_scale, k)
+        return out
 
     lo = np.clip(rel(st_ns), e_rel[0], e_rel[-1])
     hi = np.clip(rel(en_ns), e_rel[0], e_rel[-1])
@@ -700,11 +705,18 @@ def _batch_fit(cum, trace, steps, s_idx, requests, ridx, seg, idle_curve, a, b, 
     extra_noise = {k: v for k, v in noise.items() if k != "exposure"} if noise is not None else None
 
     # 5. The residual, as a piecewise-constant power over windows, shared by time.
-    res_rate = resid / np.diff(e_rel)
+    widths = np.diff(e_rel)
+    res_rate = resid / widths
     res_curve_c = np.concatenate(([0.0], np.cumsum(resid)))
     seg_rel = rel(seg.edges)
-    k = np.clip(np.searchsorted(e_rel, seg_rel, side="right") - 1, 0, len(resid) - 1)
-    cres = res_curve_c[k] + res_rate[k] * np.clip(seg_rel - e_rel[k], 0, e_rel[k + 1] - e_rel[k])
+    k = np.searchsorted(e_rel, seg_rel, side="right")
+    k -= 1
+    np.clip(k, 0, len(resid) - 1, out=k)
+    # res_curve_c[k] + res_rate[k] * clip(seg_rel - e_rel[k], 0, e_rel[k + 1] - e_rel[k]), in place
+    cres = seg_rel - np.take(e_rel, k)
+    np.clip(cres, 0, np.take(widths, k), out=cres)
+    cres *= np.take(res_rate, k)
+    cres += np.take(res_curve_c, k)
     dyn_t, un_t = seg.share_weighted(np.diff(cres))
     dyn = dyn + dyn_t
     wait_j = 0.0
@@ -874,8 +886,8 @@ def _dyn_spread(sel, coef, x, scale_per_s, e_s, e_r, share, on_dev, n_req, k_win
         d = xw @ direction
         if e0_w is not None:  # the window's measured total is kept: only the split inside it moves
             d_w = np.bincount(k_win, weights=d, minlength=nwin)
-            d = d - e0 * np.where(e0_w > 0, d_w / np.where(e0_w > 0, e0_w, 1.0), 0.0)[k_win]
-        return np.bincount(r, weights=d[s_on] * w, minlength=n_req)
+            d = d - e0 * np.take(np.where(e0_w > 0, d_w / np.where(e0_w > 0, e0_w, 1.0), 0.0), k_win)
+        return np.bincount(r, weights=np.take(d, s_on) * w, minlength=n_req)
 
     boots = norm(sel.boot)
     cov = np.cov(boots.T) if len(boots) > 1 else np.zeros((len(coef), len(coef)))
