@@ -159,7 +159,7 @@ class _StepFeatures:
             self._cs_rate, self._cs_rate_st = cs, cs_st
             self._ce_rate, self._ce_rate_st = self._cs_rate, self._cs_rate_st
             self._ce_x = _prefix(x)
-            self._memo = []
+            self._memo: list[tuple[np.ndarray, np.ndarray]] = []
             # one after another, none overlapping the next (a device's own steps, its waits)
             self._tiled = bool(np.all(self.dur >= 0)) and (len(st) < 2 or bool(np.all(en[:-1] <= st[1:])))
             return
@@ -175,7 +175,7 @@ class _StepFeatures:
         self._ce_rate = self._cs_rate if (s_ok and e_ok) else _prefix(rate_e)
         self._ce_rate_st = self._cs_rate_st if (s_ok and e_ok) else _prefix(rate_e * st[oe, None])
         self._ce_x = _prefix(x[oe])
-        self._memo: list[tuple[np.ndarray, np.ndarray]] = []
+        self._memo = []
 
     def mass(self, t: np.ndarray) -> np.ndarray:
         """F(t): shape (len(t), n_features), read-only. The last two are kept: the fit reads
