@@ -69,14 +69,15 @@ class _Segments:
 
     def _share(self, x: np.ndarray, denom: np.ndarray, mult: np.ndarray | None):
         has = denom > 0
-        per = np.where(has, x / np.where(has, denom, 1.0), 0.0)
+        per = np.zeros(len(x))
+        np.divide(x, denom, out=per, where=has)  # x / denom where anything is in flight, else 0
         c = np.empty(len(per) + 1)
         c[0] = 0.0
         np.cumsum(per, out=c[1:])
         out = np.take(c, self.ei)
         out -= np.take(c, self.si)
         if mult is not None:
-            out = out * mult
+            out *= mult
         return out, float(x[~has].sum())
 
     def share_equal(self, x: np.ndarray):
