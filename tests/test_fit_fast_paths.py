@@ -178,3 +178,21 @@ def test_constant_curve_reads_as_the_interpolation_does(v):
     np.testing.assert_array_equal(const.cumulative(x), plain.cumulative(x))
     np.testing.assert_array_equal(const.over(x), plain.over(x))
     assert not _Piecewise(np.array([a, b], dtype=np.int64), np.array([v, v + 1]))._const
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_unit_weights_count_as_the_weighted_sums_do(seed):
+    rng = np.random.default_rng(seed)
+    n = [5, 300, 4000, 50][seed]
+    a, b = 0, 10**6
+    start = np.sort(rng.integers(a, b, n)) // 100 * 100
+    end = np.minimum(start + rng.integers(0 if seed == 3 else 1, 300, n) * 100, b)  # seed 3: empty lifetimes too
+    seg = _Segments(start, end, np.ones(n), a, b)
+    m = len(seg.edges) - 1
+    live = seg.ei > seg.si
+    wd = np.bincount(seg.si[live], weights=np.ones(n)[live], minlength=m + 1)[: m + 1] - np.bincount(
+        seg.ei[live], weights=np.ones(n)[live], minlength=m + 1)[: m + 1]
+    want = np.cumsum(wd)[:m]
+    want[np.abs(want) < 1e-12] = 0.0
+    np.testing.assert_array_equal(seg.w, want)
+    assert np.signbit(seg.w).sum() == np.signbit(want).sum() == 0

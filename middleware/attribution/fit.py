@@ -60,11 +60,15 @@ class _Segments:
             si_l, ei_l, w_l = np.compress(live, self.si), np.compress(live, self.ei), np.compress(live, weights)
         cnt = np.bincount(si_l, minlength=m + 1)[: m + 1] - np.bincount(ei_l, minlength=m + 1)[: m + 1]
         self.n = np.cumsum(cnt)[:m].astype(np.float64)
-        wd = np.bincount(si_l, weights=w_l, minlength=m + 1)[: m + 1] - np.bincount(
-            ei_l, weights=w_l, minlength=m + 1
-        )[: m + 1]
-        self.w = np.cumsum(wd)[:m]
-        self.w[np.abs(self.w) < 1e-12] = 0.0
+        if len(w_l) and bool(np.all(w_l == 1.0)):
+            # unit weights (the default): the weighted counts are the counts, summed exactly
+            self.w = self.n.copy()
+        else:
+            wd = np.bincount(si_l, weights=w_l, minlength=m + 1)[: m + 1] - np.bincount(
+                ei_l, weights=w_l, minlength=m + 1
+            )[: m + 1]
+            self.w = np.cumsum(wd)[:m]
+            self.w[np.abs(self.w) < 1e-12] = 0.0
         self.weights = weights
 
     def _share(self, x: np.ndarray, denom: np.ndarray, mult: np.ndarray | None):
