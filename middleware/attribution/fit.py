@@ -253,10 +253,12 @@ class _Lagged:
 
     __slots__ = ("inner", "tau", "x", "_b", "_u", "_y")
 
-    def __init__(self, inner: "_StepFeatures | _Beside", tau: float, edges: np.ndarray) -> None:
+    def __init__(self, inner: "_StepFeatures | _Beside", tau: float, edges: np.ndarray,
+                 rates: tuple[np.ndarray, np.ndarray] | None = None) -> None:
         self.inner, self.tau, self.x = inner, float(tau), inner.x
-        self._b = np.unique(edges)
-        self._u = inner.density(self._b)  # the rate on [b_i, b_i+1)
+        # ``rates``: (the distinct edges, the rate after each), as _lag_rates gives them: they do
+        # not depend on tau, so a search over lags computes them once (read-only here)
+        self._b, self._u = rates if rates is not None else _lag_rates(inner, edges)
         self._y = _lag_states(self._b, self._u, self.tau)
 
     def density(self, t: np.ndarray) -> np.ndarray:
@@ -294,10 +296,19 @@ def _lag_states(b: np.ndarray, u: np.ndarray, tau: float) -> np.ndarray:
     return y
 
 
-def _with_lag(f, tau: float) -> _Lagged:
+def _lag_rates(inner, edges: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct edges and the feature rate on ``[b_i, b_i+1)``: what a lag acts on."""
+    b = np.unique(edges)
+    return b, inner.density(b)
+
+
+def _with_lag(f, tau: float, rates: tuple[np.ndarray, np.ndarray] | None = None) -> _Lagged:
     """``f`` (the steps' features, or the steps' and the waits' side by side) seen through the lag
-    (all of the device's power goes through it: a wait's held clocks ramp too)."""
+    (all of the device's power goes through it: a wait's held clocks ramp too). ``rates``: the
+    edges' and rates of an earlier ``_lag_rates`` of the same ``f``."""
     parts = (f.left, f.right) if isinstance(f, _Beside) else (f,)
+    if rates is not None:
+        return _Lagged(f, tau, rates[0], rates)
     return _Lagged(f, tau, np.concatenate([e for p in parts for e in (p.st, p.en)]))
 
 
@@ -325,9 +336,11 @@ def _choose_lag(cum, trace, base, idle_curve, a, b, rel, sel, fams, t_row):
         return 0.0, None, scores
     fam = {sel.family: fams[sel.family]}
     best: list = [math.inf, None]  # the best score so far and its rows (only those are kept)
+    parts = (base.left, base.right) if isinstance(base, _Beside) else (base,)
+    rates = _lag_rates(base, np.concatenate([e for p in parts for e in (p.st, p.en)]))  # once for every lag tried
 
     def score(tau: float) -> float:
-        rows = _fit_rows(cum, trace, _with_lag(base, tau), idle_curve, a, b, rel, with_weights=True)
+        rows = _fit_rows(cum, trace, _with_lag(base, tau, rates), idle_curve, a, b, rel, with_weights=True)
         s = select_family(rows[0], rows[1], families=fam) if len(rows[1]) else None
         scores[tau] = s.cv_error if s is not None else math.inf
         if scores[tau] < best[0]:
