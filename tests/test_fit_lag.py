@@ -121,3 +121,18 @@ def test_a_lag_still_falling_at_the_longest_tried_is_left_to_the_sensor():
     res = attribute([sense(run, "ideal-1ms", seed=5)], req, Steps.from_records(run.steps, req))
     d = next(iter(res.devices.values()))
     assert d.model.lag_tau_s == 0.0 and "lag" not in d.model.why
+
+
+def test_a_lag_from_rates_computed_once_is_the_same():
+    from wattspan.attribution.fit import _lag_rates
+
+    rng = np.random.default_rng(5)
+    st = np.sort(rng.random(200) * 5)
+    en = st + rng.random(200) * 0.01 + 1e-4
+    feats = _StepFeatures(rng.random((200, 3)), st, en)
+    rates = _lag_rates(feats, np.concatenate((st, en)))
+    t = np.sort(rng.random(400) * 5.2)
+    for tau in (0.00025, 0.004, 0.032):
+        fresh, reused = _with_lag(feats, tau), _with_lag(feats, tau, rates)
+        np.testing.assert_array_equal(reused.mass(t), fresh.mass(t))
+        np.testing.assert_array_equal(reused.density(t), fresh.density(t))
