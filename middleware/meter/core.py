@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 import threading
 import time
 from collections import deque
@@ -59,6 +60,14 @@ __all__ = ["Balance", "Meter"]
 log = get_logger(__name__)
 
 _BEGIN, _END, _STEP, _MARK = 0, 1, 2, 3
+_START_NS, _END_NS = operator.attrgetter("start_ns"), operator.attrgetter("end_ns")
+# what a pass's final records are built from, one tuple per request (columns after a transpose)
+_FINAL_FIELDS = operator.attrgetter("start_ns", "end_ns", "dynamic_j", "idle_j", "device_s", "host_j", "band_j", "covered_ns",
+                                    "device", "method", "quality", "meta")
+
+
+def _zeros(n: int) -> list[float]:
+    return [0.0] * n
 _QUALITY_RANK = {"good": 1, "coarse": 2, "misfit": 3}
 
 
@@ -514,26 +523,34 @@ class Meter:
         inflight = self._inflight
         peers = self.peers
         out: list[Any] | None = [] if peers is not None else None
-        while ev:
-            e = ev.popleft()
-            if e[0] == _BEGIN:
+        popleft = ev.popleft
+        begun = 0
+        for _ in range(len(ev)):  # what is there now; later events wait for the next pass
+            e = popleft()
+            kind = e[0]
+            if kind == _END:
+                r = inflight.get(e[1])
+                if r is not None:
+                    t = e[2]
+                    r.end_ns = t if t > r.start_ns else r.start_ns
+                    r.meta = e[3]
+                if out is not None:
+                    out.append(e[:3])
+                continue
+            if kind == _BEGIN:
                 if len(inflight) >= self.max_inflight:
                     self.counters["dropped_inflight"] += 1
                     log.warning("more than %d requests in flight; request %s not metered", self.max_inflight, e[1])
                     continue
                 inflight[e[1]] = _Inflight(e[2], e[3])
-                self.counters["requests"] += 1
-            elif e[0] == _END:
-                r = inflight.get(e[1])
-                if r is not None:
-                    r.end_ns = max(e[2], r.start_ns)
-                    r.meta = e[3]
+                begun += 1
             else:
                 st = BatchStep(e[1], e[2], e[3], e[4])
                 self._steps.append(st)
                 self._hist_add(st)
             if out is not None:
-                out.append(e[:3] if e[0] == _END else e)
+                out.append(e)
+        self.counters["requests"] += begun
         if peers is not None and out is not None:
             # a watermark: every event of ours up to this time is in this message
             out.append((_MARK, time.monotonic_ns()))
@@ -701,25 +718,27 @@ class Meter:
         self._finalise(done, max(_ended(self._inflight[rid]) for rid in done), None)
 
     def _period_inputs(self, dev: str, rids: list[str], cut: int):
-        """The requests (clipped to ``cut``) and batch steps of one pass, columnar."""
-        objs = [self._inflight[rid] for rid in rids]
+        """The requests (clipped to ``cut``) and batch steps of one pass, columnar; and the
+        requests' ``_Inflight`` objects and their ends (``cut`` for those in flight), unclipped."""
+        inflight = self._inflight
+        objs = [inflight[rid] for rid in rids]
         n = len(objs)
-        end = np.fromiter((cut if o.end_ns is None else o.end_ns for o in objs), np.int64, n)
+        end = np.array([cut if e is None else e for e in map(_END_NS, objs)], dtype=np.int64) if n else np.zeros(0, np.int64)
         req = Requests(
             ids=np.array(rids, dtype=object),
-            start_ns=np.fromiter((o.start_ns for o in objs), np.int64, n),
+            start_ns=np.array(list(map(_START_NS, objs)), dtype=np.int64) if n else np.zeros(0, np.int64),
             end_ns=np.minimum(end, cut),
             device=np.full(n, dev, dtype=object),
             weight=np.ones(n),
         )
         steps = Steps.from_batches(self._steps, req, dev) if self._steps else None
-        return req, steps
+        return req, steps, objs, end
 
     def _attribute(self, dev: str, info, cur: int, cut: int, rids: list[str]) -> None:
         trace = self.sampler.trace(dev, since_ns=cur - 2_000_000_000)
         if len(trace) < 2:
             return
-        req, steps = self._period_inputs(dev, rids, cut)
+        req, steps, objs, end = self._period_inputs(dev, rids, cut)
         idle = self.idle_w if self.idle_w is not None else self._idle.get(dev)
         models = {dev: self._models[dev]} if dev in self._models else None
         res = attribute({dev: trace}, req, steps, idle_w=idle, t0_ns=cur, t1_ns=cut, models=models)
@@ -740,32 +759,36 @@ class Meter:
                     self.counters["sink_errors"] += 1
                     log.exception("a device sink failed")
         lo, hi = d.t0_ns, d.t1_ns
-        half = ((res.energy_j_high - res.energy_j_low) / 2).tolist() if res.energy_j_low is not None else [0.0] * len(rids)
-        qual = res.quality.tolist() if res.quality is not None else [""] * len(rids)
-        for rid, dj, ij, ds, meth, hj, q in zip(rids, res.dynamic_j.tolist(), res.idle_j.tolist(), res.device_s.tolist(),
-                                                res.method.tolist(), half, qual):
-            r = self._inflight[rid]
+        n = len(rids)
+        half = ((res.energy_j_high - res.energy_j_low) / 2).tolist() if res.energy_j_low is not None else _zeros(n)
+        qual = res.quality.tolist() if res.quality is not None else None
+        # the stretch of each request the trace covered in this pass (a group's request: its share on this member)
+        covered = np.maximum(np.minimum(end, hi) - np.maximum(req.start_ns, lo), 0).tolist()
+        for r, dj, ij, ds, meth, hj, cov in zip(objs, res.dynamic_j.tolist(), res.idle_j.tolist(), res.device_s.tolist(),
+                                                res.method.tolist(), half, covered):
             r.band_j += hj  # a request's periods share one model: their errors add
-            if q and (r.quality == "" or _QUALITY_RANK.get(q, 0) > _QUALITY_RANK.get(r.quality, 0)):
-                r.quality = q  # the worst quality of its periods
             r.dynamic_j += dj
             r.idle_j += ij
             r.device_s += ds
-            if "," in r.device:  # a device group: keep each member's part (hw.id per device)
+            if r.device != dev:  # a device group: keep each member's part (hw.id per device)
                 parts = r.parts if r.parts is not None else {}
                 parts[dev] = parts.get(dev, 0.0) + dj + ij
                 r.parts = parts
-            end = r.end_ns if r.end_ns is not None else cut
-            covered = max(0, min(end, hi) - max(r.start_ns, lo))
-            r.covered_ns += covered // (r.device.count(",") + 1) if "," in r.device else covered
+                r.covered_ns += cov // (r.device.count(",") + 1)
+            else:
+                r.covered_ns += cov
             if r.method != "batch-fit":  # a request any of whose steps were fitted is batch-fit
                 r.method = meth
+        if qual is not None:
+            for r, q in zip(objs, qual):
+                if q and (r.quality == "" or _QUALITY_RANK.get(q, 0) > _QUALITY_RANK.get(r.quality, 0)):
+                    r.quality = q  # the worst quality of its periods
 
     def _attribute_host(self, host: str, cur: int, cut: int, rids: list[str]) -> None:
         trace = self.sampler.trace(host, since_ns=cur - 2_000_000_000)
         if len(trace) < 2:
             return
-        req, _ = self._period_inputs(host, rids, cut)
+        req = self._period_inputs(host, rids, cut)[0]
         res = attribute({host: trace}, req, None, t0_ns=cur, t1_ns=cut, idle_w=self._idle.get(host))
         for i, rid in enumerate(rids):
             self._inflight[rid].host_j += float(res.energy_j[i])
@@ -869,33 +892,36 @@ class Meter:
             self.counters["late_records"] += len(done)
         sensor = info.sensor if info is not None else "none"
         simulated = bool(info.simulated) if info is not None else False
-        rs = [r for _, r in done]
-        n = len(rs)
-        energy = np.fromiter((r.dynamic_j + r.idle_j for r in rs), float, n)
-        band = np.fromiter((r.band_j for r in rs), float, n)
-        start = np.fromiter((r.start_ns for r in rs), np.int64, n)
-        end = np.fromiter((_ended(r) for r in rs), np.int64, n)
+        n = len(done)
+        start_t, end_t, dyn_t, idle_t, dev_s_t, host_t, band_t, cov_t, devices, methods, quality, metas = zip(
+            *map(_FINAL_FIELDS, [r for _, r in done]))
+        dyn = np.array(dyn_t, dtype=float)
+        idle = np.array(idle_t, dtype=float)
+        energy = dyn + idle
+        band = np.array(band_t, dtype=float)
+        start = np.array(start_t, dtype=np.int64)
+        end = np.array(end_t, dtype=np.int64)
         # each request at the intensity of the hour it ran (its mid-point on the wall clock)
         wall = (start + end) * 0.5e-9 + (time.time() - time.monotonic())
         life = end - start
-        covered = np.fromiter((r.covered_ns for r in rs), float, n)
+        covered = np.array(cov_t, dtype=float)
         # carbon once, for the whole batch (see wattspan.carbon.records for the host rule)
         batch = request_records(
-            self.carbon, ids=[rid for rid, _ in done], device=[r.device for r in rs], start_ns=start, end_ns=end,
-            dynamic_j=np.fromiter((r.dynamic_j for r in rs), float, n), idle_j=np.fromiter((r.idle_j for r in rs), float, n),
-            device_s=np.fromiter((r.device_s for r in rs), float, n), host_j=np.fromiter((r.host_j for r in rs), float, n),
+            self.carbon, ids=[rid for rid, _ in done], device=devices, start_ns=start, end_ns=end,
+            dynamic_j=dyn, idle_j=idle, device_s=np.array(dev_s_t, dtype=float), host_j=np.array(host_t, dtype=float),
             wall_s=wall, energy_j_low=np.maximum(energy - band, 0.0), energy_j_high=energy + band,
-            method=[r.method or "no-trace" for r in rs], sensor=sensor,
+            method=[m or "no-trace" for m in methods], sensor=sensor,
             coverage=np.minimum(1.0, np.divide(covered, life, out=np.ones(n), where=life > 0)),
-            simulated=simulated, quality=[r.quality for r in rs],
-            labels=[r.meta if type(r.meta) is RequestLabels else RequestLabels.from_mapping(r.meta) for r in rs],
-            device_energy=[_parts_json(r) if "," in r.device else "" for r in rs],
+            simulated=simulated, quality=quality,
+            labels=[m if type(m) is RequestLabels else RequestLabels.from_mapping(m) for m in metas],
+            device_energy=[_parts_json(r) if "," in r.device else "" for _, r in done] if any("," in d for d in devices) else "",
         )
         self.counters["records"] += len(batch)
         self._final_j += float(energy.sum())
         self._to_sinks(batch)
+        inflight = self._inflight
         for rid, _ in done:  # removed only now, so flush() waits for every sink
-            del self._inflight[rid]
+            del inflight[rid]
 
 
 def _carbon_from_env():
