@@ -60,6 +60,11 @@ __all__ = ["Balance", "Meter"]
 log = get_logger(__name__)
 
 _BEGIN, _END, _STEP, _MARK = 0, 1, 2, 3
+_END_FIELDS = 4  # an end whose labels follow as plain values (Meter.end_fields); sent to peers as an _END
+_new_tuple = tuple.__new__  # _new_tuple(RequestLabels, values): the labels from their nine fields in order, no keyword handling
+_LABEL_ORDER = ("route", "http_method", "status_code", "model", "tenant", "prompt_tokens", "output_tokens", "trace_id", "span_id")
+if RequestLabels._fields != _LABEL_ORDER:  # end_fields' values are taken positionally: fail at import, never mislabel
+    raise ImportError(f"wattspan.meter builds RequestLabels in the order {_LABEL_ORDER}, but its fields are {RequestLabels._fields}")
 _START_NS, _END_NS = operator.attrgetter("start_ns"), operator.attrgetter("end_ns")
 # what a pass's final records are built from, one tuple per request (columns after a transpose)
 _FINAL_FIELDS = operator.attrgetter("start_ns", "end_ns", "dynamic_j", "idle_j", "device_s", "host_j", "band_j", "covered_ns",
@@ -131,7 +136,11 @@ class Meter:
     :class:`~wattspan.meter.sinks.RecordSink` s given each pass's final records
     and each device's figures (from the meter's thread; they must be quick and
     should not raise - if one does it is logged and counted); more with
-    :meth:`add_sink`.
+    :meth:`add_sink`. ``period_s``: seconds between attribution passes while
+    requests are in flight; ``idle_period_s``: between passes while none is and
+    none ended (a request's begin is seen at the next ``period_s`` tick).
+    With no sink, a pass counts its final requests and their energy
+    (``counters``, :meth:`balance`) and builds no record.
     """
 
     def __init__(
@@ -153,6 +162,7 @@ class Meter:
         sinks: Iterable[RecordSink] = (),
         peers=None,
         sample_interval_s: float | None = None,
+        idle_period_s: float = 2.0,
         autostart: bool = True,
     ) -> None:
         if not (period_s > 0 and max_delay_s > 0 and history_s > 0):
@@ -178,6 +188,9 @@ class Meter:
         self.carbon = carbon if carbon is not None else _carbon_from_env()
         self.idle_w = idle_w
         self.period_s = float(period_s)
+        #: with nothing in flight and no event since the last pass, passes come this rarely (s); the device
+        #: totals (``device_energy_j``, the sinks' ``on_device``, :meth:`balance`) then move at this pace
+        self.idle_period_s = max(float(idle_period_s), self.period_s)
         self.lag_s = lag_s
         self.max_delay_s = float(max_delay_s)
         self.history_s = float(history_s)
@@ -325,6 +338,21 @@ class Meter:
         for s in self._activity:
             for d in (device.split(",") if "," in device else (device,)):
                 s.on_request_end(d)
+
+    def end_fields(self, request_id: str, device: str, t_ns: int, route: str, http_method: str, status_code: int, model: str,
+                   tenant: str, prompt_tokens: int, output_tokens: int, trace_id: int, span_id: int) -> None:
+        """:meth:`end` with the :class:`~wattspan.records.RequestLabels` fields given one by one, in
+        their order: the middleware's hand-off. One flat tuple of plain values goes to the meter's
+        thread (which builds the labels only if a sink takes records): the event loop allocates one
+        object per request end, and the cyclic GC stops tracking it at its first look."""
+        self._events.append((_END_FIELDS, request_id, t_ns, route, http_method, status_code, model, tenant, prompt_tokens,
+                             output_tokens, trace_id, span_id))
+        if self._activity:
+            if not isinstance(device, str) or "+" in device or " " in device:
+                device = _device_key(device)
+            for s in self._activity:
+                for d in (device.split(",") if "," in device else (device,)):
+                    s.on_request_end(d)
 
     def record_step(self, start_ns: int, end_ns: int, device: str, tokens: Mapping[str, float]) -> None:
         """A batch step ran on ``device`` over ``[start_ns, end_ns)`` processing
@@ -509,7 +537,13 @@ class Meter:
         except Exception:
             log.exception("could not open the power sources; requests are not metered")
             return
+        last = time.monotonic()
         while not self._stop.wait(self.period_s):
+            if (not self._events and not self._inflight and not self._steps and self.peers is None
+                    and time.monotonic() - last < self.idle_period_s):
+                self._idle_pass.set()  # nothing in flight, nothing arrived: the pass can wait (a begin is seen next tick)
+                continue
+            last = time.monotonic()
             try:
                 self._pass()
             except Exception:  # never let the meter thread die
@@ -525,17 +559,17 @@ class Meter:
         out: list[Any] | None = [] if peers is not None else None
         popleft = ev.popleft
         begun = 0
-        for _ in range(len(ev)):  # what is there now; later events wait for the next pass
+        for _ in range(len(ev)):  # what is there now; later events wait for the next pass (only this thread pops)
             e = popleft()
             kind = e[0]
-            if kind == _END:
+            if kind == _END_FIELDS or kind == _END:
                 r = inflight.get(e[1])
                 if r is not None:
                     t = e[2]
                     r.end_ns = t if t > r.start_ns else r.start_ns
-                    r.meta = e[3]
+                    r.meta = e if kind == _END_FIELDS else e[3]  # the flat event itself: labels built in _finalise
                 if out is not None:
-                    out.append(e[:3])
+                    out.append((_END, e[1], e[2]))
                 continue
             if kind == _BEGIN:
                 if len(inflight) >= self.max_inflight:
@@ -890,6 +924,13 @@ class Meter:
             if not self.counters["late_records"]:
                 log.warning("the power sensor stopped answering; records are made final on the clock, with coverage < 1")
             self.counters["late_records"] += len(done)
+        inflight = self._inflight
+        if not self._sinks:  # nobody takes records: count them and their energy, build none
+            self.counters["records"] += len(done)
+            self._final_j += math.fsum(r.dynamic_j + r.idle_j for _, r in done)
+            for rid, _ in done:
+                del inflight[rid]
+            return
         sensor = info.sensor if info is not None else "none"
         simulated = bool(info.simulated) if info is not None else False
         n = len(done)
@@ -913,15 +954,21 @@ class Meter:
             method=[m or "no-trace" for m in methods], sensor=sensor,
             coverage=np.minimum(1.0, np.divide(covered, life, out=np.ones(n), where=life > 0)),
             simulated=simulated, quality=quality,
-            labels=[m if type(m) is RequestLabels else RequestLabels.from_mapping(m) for m in metas],
+            labels=[m if type(m) is RequestLabels else _labels(m) for m in metas],
             device_energy=[_parts_json(r) if "," in r.device else "" for _, r in done] if any("," in d for d in devices) else "",
         )
         self.counters["records"] += len(batch)
         self._final_j += float(energy.sum())
         self._to_sinks(batch)
-        inflight = self._inflight
         for rid, _ in done:  # removed only now, so flush() waits for every sink
             del inflight[rid]
+
+
+def _labels(meta: Any) -> RequestLabels:
+    """A request's labels from what its end event carried: the flat event of :meth:`Meter.end_fields`, or a mapping (or None)."""
+    if type(meta) is tuple and meta and meta[0] == _END_FIELDS:
+        return _new_tuple(RequestLabels, meta[3:])
+    return RequestLabels.from_mapping(meta)
 
 
 def _carbon_from_env():
