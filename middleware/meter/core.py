@@ -176,6 +176,7 @@ class Meter:
         # thread, never on the caller's: the default meter is created lazily by
         # the middleware, on the event loop.
         self.sampler = sampler
+        self._own_sampler = False  # True once _setup made the sampler (then the meter sets its idle pace)
         self._sources = list(sources) if sources is not None else None
         from ..settings import MAX_SAMPLE_INTERVAL_S, MIN_SAMPLE_INTERVAL_S, get_settings
 
@@ -423,6 +424,7 @@ class Meter:
 
         try:
             if self.sampler is None:
+                self._own_sampler = True
                 self.sampler = Sampler(self._sources if self._sources is not None else default_sources(), interval_s=self.sample_interval_s)
             self._activity = [s for s in self.sampler.sources if hasattr(s, "on_step")]
             self.sampler.start()
@@ -538,11 +540,20 @@ class Meter:
             log.exception("could not open the power sources; requests are not metered")
             return
         last = time.monotonic()
+        # the sampler this meter made (not one handed in, maybe shared) polls rarely while the meter idles
+        pace = getattr(self.sampler, "set_idle", None) if self._own_sampler else None
+        idle = False
         while not self._stop.wait(self.period_s):
-            if (not self._events and not self._inflight and not self._steps and self.peers is None
-                    and time.monotonic() - last < self.idle_period_s):
-                self._idle_pass.set()  # nothing in flight, nothing arrived: the pass can wait (a begin is seen next tick)
-                continue
+            if not self._events and not self._inflight and not self._steps and self.peers is None:
+                if not idle and pace is not None:
+                    idle = True
+                    pace(True)
+                if time.monotonic() - last < self.idle_period_s:
+                    self._idle_pass.set()  # nothing in flight, nothing arrived: the pass can wait (a begin is seen next tick)
+                    continue
+            elif idle and pace is not None:
+                idle = False
+                pace(False)  # a request: fresh readings from now (the sampler polls at once)
             last = time.monotonic()
             try:
                 self._pass()
