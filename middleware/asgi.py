@@ -340,14 +340,16 @@ class _Window:
             m = scope.get("method", "")
             meter = self.meter
             # the labels as plain values, in the field order of records.RequestLabels (the meter checks it)
-            labels = ("(unmatched)" if path is None else path, m if m in _METHODS else "_OTHER",
-                      500 if (error and not self.status) else self.status, model, tenant, self.prompt_tokens,
-                      self.output_tokens, self.trace_id, self.span_id)
+            route = "(unmatched)" if path is None else path
+            method = m if m in _METHODS else "_OTHER"
+            status = 500 if (error and not self.status) else self.status
             end = getattr(meter, "end_fields", None)
             if end is not None:
-                end(self.id, self.device, t, *labels)
+                end(self.id, self.device, t, route, method, status, model, tenant, self.prompt_tokens, self.output_tokens,
+                    self.trace_id, self.span_id)
             else:  # a meter-like object of the user's with only Meter.end
-                meter.end(self.id, self.device, t, RequestLabels(*labels))
+                meter.end(self.id, self.device, t, RequestLabels(route, method, status, model, tenant, self.prompt_tokens,
+                                                                 self.output_tokens, self.trace_id, self.span_id))
             prov = meter.provisional
             if prov is not None:
                 prov.forget(self.id)

@@ -318,15 +318,17 @@ class Meter:
     def begin(self, request_id: str, device: str, t_ns: int) -> None:
         """A request started on ``device`` at ``t_ns`` (monotonic). ``device``: a name
         (``"gpu0"``) or a device group (``"gpu0,gpu1"`` or a list, see wattspan.attribution.groups)."""
-        if not isinstance(device, str) or "+" in device or " " in device:
+        if type(device) is not str or "+" in device or " " in device:
             device = _device_key(device)
-        if len(self._events) >= self.max_events:
+        ev = self._events
+        if len(ev) >= self.max_events:
             self.counters["dropped_events"] += 1
             return
-        self._events.append((_BEGIN, request_id, device, t_ns))
-        for s in self._activity:
-            for d in (device.split(",") if "," in device else (device,)):  # a group: active on each member
-                s.on_request_start(d)
+        ev.append((_BEGIN, request_id, device, t_ns))
+        if self._activity:
+            for s in self._activity:
+                for d in (device.split(",") if "," in device else (device,)):  # a group: active on each member
+                    s.on_request_start(d)
 
     def end(self, request_id: str, device: str, t_ns: int, meta: RequestLabels | Mapping | None = None) -> None:
         """The request ended (last body chunk, error or disconnect). ``meta``: its
