@@ -111,11 +111,11 @@ def request_records(
     # the band at the same hourly intensity: operational grams scale with energy
     per_j = np.divide(op, it, out=np.zeros(n), where=it > 0)
     labs = _values(labels, n, _NO_LABELS)
-    sims = _values(simulated, n, False)
+    sims = [bool(simulated)] * n if isinstance(simulated, (bool, int, float, np.bool_)) else [bool(x) for x in _values(simulated, n, False)]
     columns = [
         list(ids), _values(device, n, ""), _column(start_ns, n, np.int64), _column(end_ns, n, np.int64), energy, dyn, idle, dev_s,
         op + emb, emb, _values(method, n, ""), _values(sensor, n, ""), _column(coverage, n),
-        sims if all(type(x) is bool for x in sims) else [bool(x) for x in sims],
+        sims,
         *(zip(*labs) if n else [[]] * len(RequestLabels._fields)),
         host, np.asarray(e_lo, dtype=float), np.asarray(e_hi, dtype=float), per_j * (e_lo + host) + emb, per_j * (e_hi + host) + emb,
         _values(quality, n, ""), *per.columns(), _values(device_energy, n, ""),

@@ -65,7 +65,7 @@ _new_tuple = tuple.__new__  # _new_tuple(RequestLabels, values): the labels from
 _LABEL_ORDER = ("route", "http_method", "status_code", "model", "tenant", "prompt_tokens", "output_tokens", "trace_id", "span_id")
 if RequestLabels._fields != _LABEL_ORDER:  # end_fields' values are taken positionally: fail at import, never mislabel
     raise ImportError(f"wattspan.meter builds RequestLabels in the order {_LABEL_ORDER}, but its fields are {RequestLabels._fields}")
-_START_NS, _END_NS = operator.attrgetter("start_ns"), operator.attrgetter("end_ns")
+_START_NS, _END_NS, _DEVICE = operator.attrgetter("start_ns"), operator.attrgetter("end_ns"), operator.attrgetter("device")
 # what a pass's final records are built from, one tuple per request (columns after a transpose)
 _FINAL_FIELDS = operator.attrgetter("start_ns", "end_ns", "dynamic_j", "idle_j", "device_s", "host_j", "band_j", "covered_ns",
                                     "device", "method", "quality", "meta")
@@ -701,12 +701,17 @@ class Meter:
         now = time.monotonic_ns()
         infos = {d.id: d for d in self.sampler.devices()}
         by_dev: dict[str, list[str]] = {}
-        for rid, r in self._inflight.items():
-            if "," in r.device:  # a device group: in flight on each member (see wattspan.attribution.groups)
-                for m in r.device.split(","):
-                    by_dev.setdefault(m, []).append(rid)
-            else:
-                by_dev.setdefault(r.device, []).append(rid)
+        inflight = self._inflight
+        devices = set(map(_DEVICE, inflight.values()))
+        if len(devices) == 1 and "," not in next(iter(devices)):  # one device (a server's usual case): no loop
+            by_dev[devices.pop()] = list(inflight)
+        else:
+            for rid, r in inflight.items():
+                if "," in r.device:  # a device group: in flight on each member (see wattspan.attribution.groups)
+                    for m in r.device.split(","):
+                        by_dev.setdefault(m, []).append(rid)
+                else:
+                    by_dev.setdefault(r.device, []).append(rid)
         self._metered = infos
         gpu_devs = [d for d, i in infos.items() if i.kind == "gpu"]
         host_devs = [d for d, i in infos.items() if i.kind != "gpu"]
@@ -920,24 +925,30 @@ class Meter:
         return all(self._cursor.get(m, r.end_ns - 1) >= r.end_ns for m in r.device.split(",") if m in metered)
 
     def _finalise(self, rids: list[str], cut: int, info, stalled: bool = False) -> None:
-        done = []
-        for rid in rids:
-            r = self._inflight.get(rid)
-            if r is not None and r.end_ns is not None and r.end_ns <= cut:
+        inflight = self._inflight
+        get = inflight.get
+        ended = [(rid, r) for rid, r in zip(rids, map(get, rids)) if r is not None and r.end_ns is not None and r.end_ns <= cut]
+        if not ended:
+            return
+        self._hist_reqs.extend([(rid, r.start_ns, r.end_ns, r.device) for rid, r in ended
+                                if "," not in r.device or self._group_done(r)])
+        if any(r.peer or "," in r.device for _, r in ended):
+            done = []
+            for rid, r in ended:
                 if "," in r.device and not self._group_done(r):
                     continue  # a device group: final once every metered member has passed its end
-                self._hist_reqs.append((rid, r.start_ns, r.end_ns, r.device))
                 if r.peer:
                     self._forget_peer(rid)
                 else:
                     done.append((rid, r))  # removed once emitted, so flush() waits for the sinks
-        if not done:
-            return
+            if not done:
+                return
+        else:
+            done = ended
         if stalled:
             if not self.counters["late_records"]:
                 log.warning("the power sensor stopped answering; records are made final on the clock, with coverage < 1")
             self.counters["late_records"] += len(done)
-        inflight = self._inflight
         if not self._sinks:  # nobody takes records: count them and their energy, build none
             self.counters["records"] += len(done)
             self._final_j += math.fsum(r.dynamic_j + r.idle_j for _, r in done)
@@ -968,7 +979,7 @@ class Meter:
             coverage=np.minimum(1.0, np.divide(covered, life, out=np.ones(n), where=life > 0)),
             simulated=simulated, quality=quality,
             labels=[m if type(m) is RequestLabels else _labels(m) for m in metas],
-            device_energy=[_parts_json(r) if "," in r.device else "" for _, r in done] if any("," in d for d in devices) else "",
+            device_energy=[_parts_json(r) if "," in r.device else "" for _, r in done] if any("," in d for d in set(devices)) else "",
         )
         self.counters["records"] += len(batch)
         self._final_j += float(energy.sum())
