@@ -35,7 +35,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -45,15 +45,20 @@ from ..devices import group_key as _group_key
 _str_group_key = functools.lru_cache(maxsize=1024)(_group_key)
 
 
-def _device_key(device) -> str:
+def _device_key(device: str | int | Sequence[str | int]) -> str:
     """The canonical device or group name (``"gpu0, gpu1"`` and ``"gpu0+gpu1"`` -> ``"gpu0,gpu1"``)."""
     return _str_group_key(device) if isinstance(device, str) else _group_key(device)
 from ..attribution import BatchStep, Requests, StepModel, Steps, attribute
 from ..carbon.records import request_records
 from ..records import RequestLabels, RequestRecord
-from ..samples import SampleKind
+from ..samples import DeviceInfo, SampleKind
 from .context import MAX_TOKENS
 from .sinks import DeviceFigures, FlushableSink, RecordSink, SpanSink
+
+if TYPE_CHECKING:
+    from ..carbon.model import CarbonModel
+    from ..sampler import Sampler
+    from ..sources._base import PowerSource
 
 __all__ = ["Balance", "Meter"]
 
@@ -76,7 +81,7 @@ def _zeros(n: int) -> list[float]:
 _QUALITY_RANK = {"good": 1, "coarse": 2, "misfit": 3}
 
 
-def _parts_json(r) -> str:
+def _parts_json(r: _Inflight) -> str:
     """A group request's energy per member device, every member named (0 J where none was metered)."""
     import json
 
@@ -113,7 +118,7 @@ class _Inflight:
         self.device = device
         self.start_ns = start_ns
         self.end_ns: int | None = None
-        self.meta: RequestLabels | Mapping | None = None
+        self.meta: RequestLabels | Mapping[str, Any] | tuple[Any, ...] | None = None
         self.dynamic_j = 0.0
         self.idle_j = 0.0
         self.device_s = 0.0
@@ -146,9 +151,9 @@ class Meter:
     def __init__(
         self,
         *,
-        sources=None,
-        sampler=None,
-        carbon=None,
+        sources: Iterable[PowerSource] | None = None,
+        sampler: Sampler | None = None,
+        carbon: CarbonModel | None = None,
         idle_w: float | None = None,
         period_s: float = 0.25,
         lag_s: float | None = None,
@@ -160,7 +165,7 @@ class Meter:
         max_step_ids: int = 4096,
         max_steps_per_s: int = 2000,
         sinks: Iterable[RecordSink] = (),
-        peers=None,
+        peers: Any = None,
         sample_interval_s: float | None = None,
         idle_period_s: float = 2.0,
         autostart: bool = True,
@@ -222,15 +227,15 @@ class Meter:
         self._peer_conf = peers if peers not in (None, False) and not hasattr(peers, "broadcast") else None
         self.peers = peers if hasattr(peers, "broadcast") else None
         #: (peer pid, from ns, to ns, datagrams lost): stretches where a peer's messages went missing
-        self.peer_gaps: deque = deque(maxlen=100)
+        self.peer_gaps: deque[tuple[int, int, int, int]] = deque(maxlen=100)
 
-        self._events: deque = deque()
-        self._activity: list = []
+        self._events: deque[tuple[Any, ...]] = deque()
+        self._activity: list[Any] = []  # sources that follow the load (on_step, on_request_start/end)
         self._inflight: dict[str, _Inflight] = {}
         self._steps: list[BatchStep] = []
         # bounded history for re-estimating idle and the step model (see _refit)
-        self._hist_steps: deque = deque(maxlen=200_000)
-        self._hist_reqs: deque = deque(maxlen=100_000)
+        self._hist_steps: deque[BatchStep] = deque(maxlen=200_000)
+        self._hist_reqs: deque[tuple[str, int, int, str]] = deque(maxlen=100_000)
         self._cursor: dict[str, int] = {}
         self._models: dict[str, StepModel] = {}
         self._peer_marks: dict[int, int] = {}  # pid -> time up to which that peer's events have arrived
@@ -330,7 +335,7 @@ class Meter:
                 for d in (device.split(",") if "," in device else (device,)):  # a group: active on each member
                     s.on_request_start(d)
 
-    def end(self, request_id: str, device: str, t_ns: int, meta: RequestLabels | Mapping | None = None) -> None:
+    def end(self, request_id: str, device: str, t_ns: int, meta: RequestLabels | Mapping[str, Any] | None = None) -> None:
         """The request ended (last body chunk, error or disconnect). ``meta``: its
         :class:`~wattspan.records.RequestLabels` (or a dict with those field names:
         route, http_method, status_code, model, tenant, prompt_tokens,
@@ -440,7 +445,7 @@ class Meter:
         from .peers import Peers, group_key
         from ..settings import get_settings
 
-        infos = self.sampler.devices()
+        infos = self._live().devices()
         main = [i for i in infos if i.kind == "gpu"] or infos
         ids = [i.extra.get("identity") or f"{i.sensor}:{i.id}" for i in main]
         conf = self._peer_conf
@@ -470,7 +475,7 @@ class Meter:
             self._idle_pass.wait(self.period_s * 2)
         return False
 
-    def drain(self, timeout: float = 10.0) -> dict:
+    def drain(self, timeout: float = 10.0) -> dict[str, int]:
         """Make every ended request's record final and hand it to the sinks, then flush
         the sinks that buffer (:class:`~wattspan.meter.sinks.FlushableSink`: the
         ledger, the span processor), all within ``timeout`` s.
@@ -529,7 +534,7 @@ class Meter:
         self._balance = Balance(sum(self.device_energy_j.values()), self._final_j, pending, self._peers_j + peers,
                                 self.counters["unattributed_j"])
 
-    def stats(self) -> dict:
+    def stats(self) -> dict[str, Any]:
         return dict(self.counters, inflight=len(self._inflight), queued_events=len(self._events), sampler=self.sampler.health() if self.sampler is not None else None,
                     peers=self.peers.stats() if self.peers is not None and hasattr(self.peers, "stats") else None)
 
@@ -644,7 +649,7 @@ class Meter:
             for rid in [rid for rid, r in inflight.items() if r.peer in gone]:
                 self._forget_peer(rid)
 
-    def _hist_add(self, step: tuple) -> None:
+    def _hist_add(self, step: BatchStep) -> None:
         """Keep ``step`` for re-estimation, within the history's id budget."""
         h = self._hist_steps
         if len(h) == h.maxlen:
@@ -688,7 +693,13 @@ class Meter:
         marks = [t for t in self._peer_marks.values() if t > floor]
         return min(marks) if marks else now - int(2 * self.period_s * 1e9)
 
-    def _lag_ns(self, info) -> int:
+    def _live(self) -> Sampler:
+        """The sampler, on the meter's thread once :meth:`_setup` has made or started it."""
+        sampler = self.sampler
+        assert sampler is not None, "the meter's sampler is set up before its first pass"
+        return sampler
+
+    def _lag_ns(self, info: DeviceInfo | None) -> int:
         if self.lag_s is not None:
             return int(self.lag_s * 1e9)
         lag = 0.3
@@ -699,7 +710,8 @@ class Meter:
     def _pass(self) -> None:
         self._drain()
         now = time.monotonic_ns()
-        infos = {d.id: d for d in self.sampler.devices()}
+        sampler = self._live()
+        infos = {d.id: d for d in sampler.devices()}
         by_dev: dict[str, list[str]] = {}
         inflight = self._inflight
         devices = set(map(_DEVICE, inflight.values()))
@@ -722,7 +734,7 @@ class Meter:
                 self._unmetered(dev, [r for r in by_dev.pop(dev) if "," not in self._inflight[r].device], infos)
         for dev in gpu_devs + [d for d in by_dev if d not in infos]:
             info = infos.get(dev)
-            latest = self.sampler.latest_ns(dev) if info is not None else None
+            latest = sampler.latest_ns(dev) if info is not None else None
             cut_sensor = (latest - self._lag_ns(info)) if latest is not None else None
             cut_clock = now - int(self.max_delay_s * 1e9)
             cut = max(cut_sensor or cut_clock, cut_clock)
@@ -754,7 +766,7 @@ class Meter:
             self._steps = [s for s in self._steps if s[1] > low]
         self._queued_step_ids = sum(len(s[3]) for s in self._steps)
 
-    def _unmetered(self, dev: str, rids: list[str], infos: dict) -> None:
+    def _unmetered(self, dev: str, rids: list[str], infos: dict[str, DeviceInfo]) -> None:
         """Requests on ``dev``, which none of the sources meters (a wrong ``WATTSPAN_DEVICE``):
         each ended one gets its record now (no energy, sensor ``none``, coverage 0), counted
         in ``counters["unmetered_device"]``; one log line per such device."""
@@ -769,7 +781,7 @@ class Meter:
         self.counters["unmetered_device"] = self.counters.get("unmetered_device", 0) + sum(1 for rid in done if not self._inflight[rid].peer)
         self._finalise(done, max(_ended(self._inflight[rid]) for rid in done), None)
 
-    def _period_inputs(self, dev: str, rids: list[str], cut: int):
+    def _period_inputs(self, dev: str, rids: list[str], cut: int) -> tuple[Requests, Steps | None, list[_Inflight], np.ndarray]:
         """The requests (clipped to ``cut``) and batch steps of one pass, columnar; and the
         requests' ``_Inflight`` objects and their ends (``cut`` for those in flight), unclipped."""
         inflight = self._inflight
@@ -786,8 +798,8 @@ class Meter:
         steps = Steps.from_batches(self._steps, req, dev) if self._steps else None
         return req, steps, objs, end
 
-    def _attribute(self, dev: str, info, cur: int, cut: int, rids: list[str]) -> None:
-        trace = self.sampler.trace(dev, since_ns=cur - 2_000_000_000)
+    def _attribute(self, dev: str, info: DeviceInfo, cur: int, cut: int, rids: list[str]) -> None:
+        trace = self._live().trace(dev, since_ns=cur - 2_000_000_000)
         if len(trace) < 2:
             return
         req, steps, objs, end = self._period_inputs(dev, rids, cut)
@@ -837,7 +849,7 @@ class Meter:
                     r.quality = q  # the worst quality of its periods
 
     def _attribute_host(self, host: str, cur: int, cut: int, rids: list[str]) -> None:
-        trace = self.sampler.trace(host, since_ns=cur - 2_000_000_000)
+        trace = self._live().trace(host, since_ns=cur - 2_000_000_000)
         if len(trace) < 2:
             return
         req = self._period_inputs(host, rids, cut)[0]
@@ -868,15 +880,17 @@ class Meter:
     def _refit(self, dev: str, cut: int) -> None:
         """Re-estimate idle and the step model over the recent history."""
         lo = cut - int(self.history_s * 1e9)
-        trace = self.sampler.trace(dev, since_ns=lo)
+        trace = self._live().trace(dev, since_ns=lo)
         if len(trace) < 10:
             return
-        on = lambda d: d == dev or ("," in d and dev in d.split(","))  # noqa: E731 (a group runs on each member)
+        def on(d: str) -> bool:  # a group runs on each member
+            return d == dev or ("," in d and dev in d.split(","))
+
         steps_rows = [s for s in self._hist_steps if on(s[2]) and s[1] > lo]
         span: dict[str, list[int]] = {}
-        for rid, a, b, d in self._hist_reqs:
-            if on(d) and b > lo:
-                span[rid] = [a, b]
+        for rid, a, b_ns, dname in self._hist_reqs:
+            if on(dname) and b_ns > lo:
+                span[rid] = [a, b_ns]
         for rid, r in self._inflight.items():
             if on(r.device) and r.start_ns < cut:
                 span[rid] = [r.start_ns, min(r.end_ns if r.end_ns is not None else cut, cut)]
@@ -885,8 +899,8 @@ class Meter:
                 if k not in span:
                     span[k] = [s, e]
                 else:
-                    b = span[k]
-                    b[0], b[1] = min(b[0], s), max(b[1], e)
+                    ab = span[k]
+                    ab[0], ab[1] = min(ab[0], s), max(ab[1], e)
         n = len(span)
         bounds = np.array(list(span.values()), dtype=np.int64).reshape(n, 2)
         req = Requests(np.array(list(span), dtype=object), bounds[:, 0], bounds[:, 1], np.full(n, dev, dtype=object), np.ones(n))
@@ -920,17 +934,18 @@ class Meter:
         else:
             self.counters["step_model_rejected"] += 1
 
-    def _group_done(self, r) -> bool:
+    def _group_done(self, r: _Inflight) -> bool:
         metered = getattr(self, "_metered", None) or {}
-        return all(self._cursor.get(m, r.end_ns - 1) >= r.end_ns for m in r.device.split(",") if m in metered)
+        end = _ended(r)
+        return all(self._cursor.get(m, end - 1) >= end for m in r.device.split(",") if m in metered)
 
-    def _finalise(self, rids: list[str], cut: int, info, stalled: bool = False) -> None:
+    def _finalise(self, rids: list[str], cut: int, info: DeviceInfo | None, stalled: bool = False) -> None:
         inflight = self._inflight
         get = inflight.get
         ended = [(rid, r) for rid, r in zip(rids, map(get, rids)) if r is not None and r.end_ns is not None and r.end_ns <= cut]
         if not ended:
             return
-        self._hist_reqs.extend([(rid, r.start_ns, r.end_ns, r.device) for rid, r in ended
+        self._hist_reqs.extend([(rid, r.start_ns, r.end_ns or 0, r.device) for rid, r in ended  # (ended: end_ns is set)
                                 if "," not in r.device or self._group_done(r)])
         if any(r.peer or "," in r.device for _, r in ended):
             done = []
@@ -995,10 +1010,11 @@ def _labels(meta: Any) -> RequestLabels:
     return RequestLabels.from_mapping(meta)
 
 
-def _carbon_from_env():
+def _carbon_from_env() -> CarbonModel:
     from ..carbon import CarbonModel
     from ..carbon.intensity import hourly_from_env
     from ..settings import get_settings
 
     s = get_settings()
-    return hourly_from_env(CarbonModel.for_region(s.region, pue=s.pue))
+    model: CarbonModel = hourly_from_env(CarbonModel.for_region(s.region, pue=s.pue))
+    return model
