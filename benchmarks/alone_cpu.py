@@ -1,6 +1,6 @@
 """wattspan alone (middleware + meter, no exporter): CPU per request of each thread, A/B against a base revision.
 
-    python benchmarks/alone_cpu.py [--requests 5000] [--work-requests 500] [--rounds 5] [--base REV] [--record]
+    python benchmarks/alone_cpu.py [--requests 5000] [--work-requests 500] [--rounds 5] [--base REV] [--with-sink] [--record]
 
 Per-thread CPU time (``time.pthread_getcpuclockid``), so a loaded machine moves the
 figures much less than wall time or the whole-process benchmark (``overhead.py``) do:
@@ -13,6 +13,10 @@ thread CPU over the requests; the meter's and the sampler's thread CPU from befo
 the first request until every record is final (``Meter.drain``); the whole process's
 (``time.process_time``) over the same stretch; all divided by the requests. Then each
 thread's CPU per wall-second over 1 s with nothing in flight (the idle cost).
+
+``--with-sink``: also ``wattspan+sink``, the same meter with a sink that takes the records and
+drops them (``BatchCallback``): the records are built (without a sink the meter counts the final
+requests and their energy and builds none).
 
 ``--base REV``: the same runs with the ``wattspan`` package of git revision ``REV``
 (``git archive``d into a temporary directory), interleaved with this tree's; the
@@ -50,7 +54,11 @@ def _thread_clock(name: str):
 def child(variant: str, n: int, path: str) -> dict:
     from benchmarks.overhead_app import create
 
-    app = create(variant)
+    app = create("wattspan" if variant == "wattspan+sink" else variant)
+    if variant == "wattspan+sink":
+        from wattspan.meter import BatchCallback
+
+        app.state.meter.add_sink(BatchCallback(lambda records: None))
     scope_base = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "scheme": "http",
                   "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
                   "headers": [(b"host", b"127.0.0.1"), (b"user-agent", b"bench"), (b"accept", b"*/*")],
@@ -106,6 +114,7 @@ def main() -> None:
     ap.add_argument("--work-requests", type=int, default=500)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--base", default=None, help="git revision to compare this tree's wattspan with")
+    ap.add_argument("--with-sink", action="store_true", help="also the meter with a sink that takes the records")
     sys.path.insert(0, str(ROOT))
     from benchmarks._common import add_output_args, progress, write_results
 
@@ -114,7 +123,7 @@ def main() -> None:
     trees = {"this": None}
     if a.base:
         trees["base"] = _base_tree(a.base)
-    runs = [("bare", None)] + [("wattspan", t) for t in trees]
+    runs = [("bare", None)] + [("wattspan", t) for t in trees] + ([("wattspan+sink", t) for t in trees] if a.with_sink else [])
     res: dict = {(v, t, p): [] for v, t in runs for p in ("/", "/work")}
     for r in range(a.rounds):
         order = runs[r % len(runs):] + runs[: r % len(runs)]
@@ -133,7 +142,7 @@ def main() -> None:
     med = statistics.median
     lines = ["# wattspan alone: CPU per request by thread", "",
              f"Command: `python benchmarks/alone_cpu.py --requests {a.requests} --work-requests {a.work_requests} --rounds {a.rounds}"
-             f"{' --base ' + a.base if a.base else ''} --record`",
+             f"{' --base ' + a.base if a.base else ''}{' --with-sink' if a.with_sink else ''} --record`",
              f"Machine: {os.cpu_count()} cores, load average at the end {os.getloadavg()[0]:.1f}. Each run in a fresh interpreter, "
              "interleaved rounds; medians over rounds. us/request: thread CPU (`pthread_getcpuclockid`) over the requests "
              "(event loop) or until every record is final (meter, sampler, whole process); idle: CPU per wall-second with "
@@ -145,7 +154,7 @@ def main() -> None:
         bare = res[("bare", None, p)]
         for v, t in runs:
             xs = res[(v, t, p)]
-            name = v if v == "bare" else f"wattspan ({t} tree)"
+            name = v if v == "bare" else f"{v} ({t} tree)"
             ex = "-" if v == "bare" else f"{med(x['process_us'] - b['process_us'] for x, b in zip(xs, bare)):+.1f}"
             exl = "-" if v == "bare" else f"{med(x['loop_us'] - b['loop_us'] for x, b in zip(xs, bare)):+.1f}"
             lines.append(f"| {name} | {med(x['loop_us'] for x in xs):.1f} | {med(x['meter_us'] for x in xs):.1f} | "
@@ -154,20 +163,20 @@ def main() -> None:
         if p == "/work":
             for v, t in runs[1:]:
                 cap = [b["process_us"] / x["process_us"] for x, b in zip(res[(v, t, p)], bare)]
-                lines.append(f"\n`/work` capacity, wattspan ({t} tree) vs bare (bare's process CPU over the variant's, "
+                lines.append(f"\n`/work` capacity, {v} ({t} tree) vs bare (bare's process CPU over the variant's, "
                              f"per round): {med(cap):.3f}x ({min(cap):.3f}x to {max(cap):.3f}x)")
         lines.append("")
-        if a.base:
-            lines += [f"This tree over the base, `{p}`, within each round (median, range):", ""]
-            this, base = res[("wattspan", "this", p)], res[("wattspan", "base", p)]
+        for v in (("wattspan", "wattspan+sink") if a.with_sink else ("wattspan",)) if a.base else ():
+            lines += [f"{v}: this tree over the base, `{p}`, within each round (median, range):", ""]
+            this, base = res[(v, "this", p)], res[(v, "base", p)]
             for k in ("loop_us", "meter_us", "sampler_us", "process_us"):
                 rs = [x[k] / y[k] for x, y in zip(this, base) if y[k] > 0]
                 if rs:
                     lines.append(f"- {k}: {med(rs):.2f}x ({min(rs):.2f}x to {max(rs):.2f}x)")
-            lb = [(x["loop_us"] - b["loop_us"]) / (y["loop_us"] - b["loop_us"])
-                  for x, y, b in zip(this, base, bare) if y["loop_us"] - b["loop_us"] > 0]
-            if lb:
-                lines.append(f"- event-loop extra over bare: {med(lb):.2f}x ({min(lb):.2f}x to {max(lb):.2f}x)")
+            for k, name in (("process_us", "whole-process"), ("loop_us", "event-loop")):
+                xb = [(x[k] - b[k]) / (y[k] - b[k]) for x, y, b in zip(this, base, bare) if y[k] - b[k] > 0]
+                if xb:
+                    lines.append(f"- {name} extra over bare: {med(xb):.2f}x ({min(xb):.2f}x to {max(xb):.2f}x)")
             lines.append("")
     text = "\n".join(lines) + "\n"
     print(text)
