@@ -551,7 +551,9 @@ class Meter:
         pace = getattr(self.sampler, "set_idle", None) if self._own_sampler else None
         idle = False
         while not self._stop.wait(self.period_s):
-            if not self._events and not self._inflight and not self._steps and self.peers is None:
+            # idle: nothing queued or in flight here, nor in the other workers sharing the device (their events are
+            # taken and our watermark sent on every tick all the same); passes then come every idle_period_s
+            if not self._events and not self._inflight and not self._steps and self._peers_quiet():
                 if not idle and pace is not None:
                     idle = True
                     pace(True)
@@ -569,6 +571,19 @@ class Meter:
                 log.exception("attribution pass failed; records will be retried")
             self._publish_balance()
             self._idle_pass.set()
+
+    def _peers_quiet(self) -> bool:
+        """No peer has anything in flight on the device: true without peers; with them, after taking
+        their events and sending our watermark (what a pass's drain does), no peer request is in flight."""
+        if self.peers is None:
+            return True
+        try:
+            self._drain()
+        except Exception:
+            self.counters["pass_errors"] += 1
+            log.exception("taking the peers' events failed")
+            return False
+        return not self._inflight and not self._steps and not self._events
 
     def _drain(self) -> None:
         ev = self._events
