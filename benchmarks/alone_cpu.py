@@ -12,7 +12,11 @@ rounds (order rotated). ``--requests`` requests to the trivial ``/`` and
 thread CPU over the requests; the meter's and the sampler's thread CPU from before
 the first request until every record is final (``Meter.drain``); the whole process's
 (``time.process_time``) over the same stretch; all divided by the requests. Then each
-thread's CPU per wall-second over 1 s with nothing in flight (the idle cost).
+thread's CPU per wall-second over 1 s with nothing in flight (the idle cost). The ``/work``
+capacity is given measured (bare's process CPU over the variant's, within each round: blurred by
+the endpoint's own CPU, which varies by several per cent between runs on a shared machine) and
+from the threads' figures (bare's ``/work`` CPU over itself plus the event loop's extra per
+request on ``/`` and the meter's and the sampler's CPU per ``/work`` request).
 
 ``--with-sink``: also ``wattspan+sink``, the same meter with a sink that takes the records and
 drops them (``BatchCallback``): the records are built (without a sink the meter counts the final
@@ -163,8 +167,14 @@ def main() -> None:
         if p == "/work":
             for v, t in runs[1:]:
                 cap = [b["process_us"] / x["process_us"] for x, b in zip(res[(v, t, p)], bare)]
+                # the same from the per-thread figures, which the 1 ms endpoint's own CPU (varying by several
+                # per cent from run to run on a shared machine) does not blur: bare's /work CPU over it plus the
+                # event loop's extra per request on / and the meter's and sampler's CPU per /work request
+                est = [b["process_us"] / (b["process_us"] + (xs["loop_us"] - bs["loop_us"]) + x["meter_us"] + x["sampler_us"])
+                       for x, b, xs, bs in zip(res[(v, t, p)], bare, res[(v, t, "/")], res[("bare", None, "/")])]
                 lines.append(f"\n`/work` capacity, {v} ({t} tree) vs bare (bare's process CPU over the variant's, "
-                             f"per round): {med(cap):.3f}x ({min(cap):.3f}x to {max(cap):.3f}x)")
+                             f"per round): measured {med(cap):.3f}x ({min(cap):.3f}x to {max(cap):.3f}x); from the threads' "
+                             f"figures {med(est):.3f}x ({min(est):.3f}x to {max(est):.3f}x)")
         lines.append("")
         for v in (("wattspan", "wattspan+sink") if a.with_sink else ("wattspan",)) if a.base else ():
             lines += [f"{v}: this tree over the base, `{p}`, within each round (median, range):", ""]
