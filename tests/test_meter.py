@@ -216,14 +216,21 @@ def test_end_fields_carries_the_labels_and_a_meter_without_sinks_still_counts_an
             meter.end_fields("a", "gpu0", t0 + 30 * MS, "/x", "POST", 201, "m1", "t1", 5, 7, 11, 13)
             meter.end("b", "gpu0", t0 + 30 * MS, RequestLabels("/x", "POST", 201, "m1", "t1", 5, 7, 11, 13))
             assert meter.flush(5)
+        t0 = time.monotonic_ns()  # a pass whose requests all ended by end_fields: its labels taken as columns
+        for rid, status in (("c", 200), ("d", 404)):
+            m.begin(rid, "gpu0", t0)
+            m.end_fields(rid, "gpu0", t0 + 30 * MS, "/y", "GET", status, "", "t2", 1, 2, 3, 4)
+        assert m.flush(5)
     finally:
         m.close()
         lonely.close()
-    a, b = sorted(records, key=lambda r: r.id)
+    a, b, c, d = sorted(records, key=lambda r: r.id)
     fields = RequestLabels._fields
     assert [getattr(a, f) for f in fields] == [getattr(b, f) for f in fields] == ["/x", "POST", 201, "m1", "t1", 5, 7, 11, 13]
+    assert [getattr(c, f) for f in fields] == ["/y", "GET", 200, "", "t2", 1, 2, 3, 4]
+    assert [getattr(d, f) for f in fields] == ["/y", "GET", 404, "", "t2", 1, 2, 3, 4]
     assert a.energy_j == pytest.approx(b.energy_j) and a.energy_j > 0
-    assert lonely.counters["records"] == 2 == m.counters["records"]
+    assert lonely.counters["records"] == 2 and m.counters["records"] == 4
     bal = lonely.balance()
     assert bal.attributed_j == pytest.approx(a.energy_j + b.energy_j, rel=1e-6)  # the same split, no record built
     assert bal.measured_j == pytest.approx(bal.attributed_j + bal.pending_j + bal.peers_j + bal.unattributed_j, rel=1e-9)

@@ -82,6 +82,7 @@ def request_records(
     quality: Sequence[str] | str = "",
     labels: Sequence[RequestLabels] | None = None,
     device_energy: Sequence[str] | str = "",
+    label_columns: Sequence[Sequence[Any]] | None = None,
 ) -> list[RequestRecord]:
     """One :class:`RequestRecord` per request, carbon applied once, vectorised over the batch.
 
@@ -94,6 +95,8 @@ def request_records(
     :class:`~wattspan.records.RequestLabels` (route, method, status, model, tenant, tokens,
     trace and span ids), or None. ``device_energy``: a device group's request's energy per
     member device as JSON (see :attr:`RequestRecord.device_energy`), "" on one device.
+    ``label_columns``: instead of ``labels``, the nine RequestLabels fields as columns (in
+    that order, a value per request each): no RequestLabels built per request.
 
     ``co2e_g`` covers ``energy_j + host_j`` (see the module's host rule) plus embodied carbon.
     """
@@ -110,13 +113,15 @@ def request_records(
     e_hi = energy if energy_j_high is None else _column(energy_j_high, n)
     # the band at the same hourly intensity: operational grams scale with energy
     per_j = np.divide(op, it, out=np.zeros(n), where=it > 0)
-    labs = _values(labels, n, _NO_LABELS)
+    if label_columns is not None and (len(label_columns) != len(RequestLabels._fields) or any(len(c) != n for c in label_columns)):
+        raise ValueError(f"label_columns must be {len(RequestLabels._fields)} columns of {n} values")
+    labs = _values(labels, n, _NO_LABELS) if label_columns is None else []
     sims = [bool(simulated)] * n if isinstance(simulated, (bool, int, float, np.bool_)) else [bool(x) for x in _values(simulated, n, False)]
     columns = [
         list(ids), _values(device, n, ""), _column(start_ns, n, np.int64), _column(end_ns, n, np.int64), energy, dyn, idle, dev_s,
         op + emb, emb, _values(method, n, ""), _values(sensor, n, ""), _column(coverage, n),
         sims,
-        *(zip(*labs) if n else [[]] * len(RequestLabels._fields)),
+        *(label_columns if label_columns is not None else zip(*labs) if n else [[]] * len(RequestLabels._fields)),
         host, np.asarray(e_lo, dtype=float), np.asarray(e_hi, dtype=float), per_j * (e_lo + host) + emb, per_j * (e_hi + host) + emb,
         _values(quality, n, ""), *per.columns(), _values(device_energy, n, ""),
     ]

@@ -1000,6 +1000,12 @@ class Meter:
         wall = (start + end) * 0.5e-9 + (time.time() - time.monotonic())
         life = end - start
         covered = np.array(cov_t, dtype=float)
+        # the labels: straight from the columns of the middleware's flat end events when every request has one
+        label_columns = None
+        if set(map(type, metas)) == {tuple} and set(map(len, metas)) == {len(_LABEL_ORDER) + 3}:
+            cols = list(zip(*metas))
+            if cols[0].count(_END_FIELDS) == n:
+                label_columns = cols[3:]
         # carbon once, for the whole batch (see wattspan.carbon.records for the host rule)
         batch = request_records(
             self.carbon, ids=[rid for rid, _ in done], device=devices, start_ns=start, end_ns=end,
@@ -1008,7 +1014,8 @@ class Meter:
             method=[m or "no-trace" for m in methods], sensor=sensor,
             coverage=np.minimum(1.0, np.divide(covered, life, out=np.ones(n), where=life > 0)),
             simulated=simulated, quality=quality,
-            labels=[m if type(m) is RequestLabels else _labels(m) for m in metas],
+            labels=None if label_columns is not None else [m if type(m) is RequestLabels else _labels(m) for m in metas],
+            label_columns=label_columns,
             device_energy=[_parts_json(r) if "," in r.device else "" for _, r in done] if any("," in d for d in set(devices)) else "",
         )
         self.counters["records"] += len(batch)
