@@ -874,6 +874,8 @@ class Meter:
 
     def _refit_due(self, dev: str, cut: int, busy: bool) -> bool:
         """Whether to refit ``dev`` in this pass (the rule is in the module's docstring); notes it if so."""
+        if self.idle_w is not None and not self._dev_steps.get(dev):
+            return False  # a fixed idle baseline and no batch step ever on this device: a refit could change nothing
         now = time.monotonic()
         last = self._fit_at.get(dev)
         seen = self._dev_steps.get(dev, 0)
