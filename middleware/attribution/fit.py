@@ -280,7 +280,7 @@ def _with_lag(f, tau: float, windows: tuple[np.ndarray, np.ndarray] | None = Non
     window's lag state starts from its start's rate, and is right once its margin has decayed).
     With ``cols`` (the lag choice's), only those features, their unlagged mass kept for other lags."""
     parts = (f.left, f.right) if isinstance(f, _Beside) else (f,)
-    kept = None if cols is None else []
+    kept: list | None = None if cols is None else []
     cols = None if cols is None else list(cols)
     if windows is None:
         return _Lagged(f, tau, np.concatenate([e for p in parts for e in (p.st, p.en)]), kept=kept, cols=cols)
@@ -304,7 +304,6 @@ def _sequential(st_ns: np.ndarray, en_ns: np.ndarray) -> bool:
 _LAGS_S = tuple(0.00025 * 2.0**k for k in range(8))
 _LAG_READING_NS = 50_000_000
 _LAG_REFINE = 6  # golden-section steps after the grid (the bracket shrinks to 2 x 0.618^8 of a factor 2)
-_LAG_FLAT = 1e-3  # the refinement stops where the bracket's two scores are this close (relative)
 _LAG_ROWS = 32_000  # readings the lag is chosen on, at most (8 stretches of consecutive ones)
 _LAG_MARGIN_NS = 1_000_000_000  # the steps this long before a stretch set its lag state (31 of the longest lags)
 
@@ -397,7 +396,8 @@ def _choose_lag(cum, trace, base, idle_curve, a, b, rel, sel, fams, t_row):
             r = [_fit_rows(c, tr, f, idle_curve, lo, hi, rel) for c, tr, lo, hi in parts]
             return np.vstack([x[0] for x in r]), np.concatenate([x[1] for x in r])
 
-        ref = _cv_error(*rows_at(base), cols)  # no lag, on the same readings
+        A0, y0 = rows_at(base)
+        ref = _cv_error(A0, y0, cols)  # no lag, on the same readings
         lagged = _with_lag(base, _LAGS_S[0], (rel(np.array([p[2] for p in parts]) - _LAG_MARGIN_NS),
                                               rel(np.array([p[3] for p in parts]))), cols)
 
@@ -421,8 +421,6 @@ def _choose_lag(cum, trace, base, idle_curve, a, b, rel, sel, fams, t_row):
         c, d = hi - g * (hi - lo), lo + g * (hi - lo)
         fc, fd = score(2.0**c), score(2.0**d)
         for _ in range(_LAG_REFINE):
-            if abs(fc - fd) <= _LAG_FLAT * min(fc, fd):
-                break  # flat across the bracket: any lag in it predicts the readings alike
             if fc < fd:
                 hi, d, fd = d, c, fc
                 c = hi - g * (hi - lo)
