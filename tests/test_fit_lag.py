@@ -175,3 +175,35 @@ def test_the_lag_choice_scores_a_family_as_the_selection_does(n):
         s = select_family(A, y, families={name: cols})
         ref = s.cv_error if s is not None else np.inf
         assert _cv_error(A, y, cols) == pytest.approx(ref, rel=1e-12), name
+
+
+@pytest.mark.parametrize("sensor", ["ideal-1ms", "average-20ms", "energy-counter"])
+def test_the_lag_choice_stretches_read_what_every_reading_does(sensor, monkeypatch):
+    """The stretches the lag is chosen on (their own slice of the trace or counter, the lagged
+    features only around them) give the very rows every reading's fit has at those readings."""
+    from wattspan.attribution import fit
+    from wattspan.simulate import simulate_server
+
+    got = []
+    real = fit._choose_lag
+    monkeypatch.setattr(fit, "_choose_lag", lambda *a: got.append(a) or real(*a))
+    run = simulate_server(seed=2, duration_s=20, power_model=LAWS["saturating"])
+    req = Requests.from_records(run.requests)
+    attribute([sense(run, sensor, seed=3)], req, Steps.from_records(run.steps, req))
+    cum, trace, base, idle, a, b, rel, sel, fams, t_row = got[0]
+    monkeypatch.setattr(fit, "_LAG_ROWS", 400)
+    parts = fit._lag_stretches(cum, trace, t_row, a)
+    assert parts is not None and len(parts) == 8
+    cols = list(fams[sel.family])
+    win = (rel(np.array([p[2] for p in parts]) - fit._LAG_MARGIN_NS), rel(np.array([p[3] for p in parts])))
+    part = fit._with_lag(base, 0.004, win, cols)
+    full = fit._fit_rows(cum, trace, fit._with_lag(base, 0.004), idle, a, b, rel, with_weights=True)
+    n = 0
+    for c, tr, lo, hi in parts:
+        A, y, _, t = fit._fit_rows(c, tr, part, idle, lo, hi, rel, with_weights=True)[:4]
+        i = np.searchsorted(full[3], t)
+        assert len(t) >= 20 and np.array_equal(full[3][i], t)
+        np.testing.assert_allclose(y, full[1][i], rtol=1e-12, atol=1e-9)
+        np.testing.assert_allclose(A, full[0][i][:, cols], rtol=1e-9, atol=1e-9 * np.abs(full[0]).max())
+        n += len(t)
+    assert n <= 400 + 8 * 2

@@ -304,7 +304,7 @@ def _sequential(st_ns: np.ndarray, en_ns: np.ndarray) -> bool:
 _LAGS_S = tuple(0.00025 * 2.0**k for k in range(8))
 _LAG_READING_NS = 50_000_000
 _LAG_REFINE = 6  # golden-section steps after the grid (the bracket shrinks to 2 x 0.618^8 of a factor 2)
-_LAG_ROWS = 32_000  # readings the lag is chosen on, at most (8 stretches of consecutive ones)
+_LAG_ROWS = 24_000  # readings the lag is chosen on, at most (8 stretches of consecutive ones)
 _LAG_MARGIN_NS = 1_000_000_000  # the steps this long before a stretch set its lag state (31 of the longest lags)
 
 
