@@ -12,7 +12,7 @@ default meter and its wiring live in :mod:`wattspan.defaults`.
 from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any
+import typing as _typing
 
 from .attribution import Attribution, Requests, StepModel, Steps, attribute
 from .errors import InputError
@@ -88,7 +88,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> _typing.Any:
     if name in _LAZY:
         import importlib
 

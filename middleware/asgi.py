@@ -31,10 +31,6 @@ _TENANT_OK = re.compile(r"[^A-Za-z0-9_.:-]")
 _NOT_PRINTABLE = re.compile(r"[^\x20-\x7e]")  # labels keep printable ASCII only: no control bytes reach a terminal
 _METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH", "QUERY"))
 _monotonic_ns = time.monotonic_ns
-_new_labels = tuple.__new__  # _new_labels(RequestLabels, values): a RequestLabels from its nine fields in order
-_LABEL_ORDER = ("route", "http_method", "status_code", "model", "tenant", "prompt_tokens", "output_tokens", "trace_id", "span_id")
-if RequestLabels._fields != _LABEL_ORDER:  # _Window.close builds them positionally: fail at import, never mislabel
-    raise ImportError(f"wattspan.asgi builds RequestLabels in the order {_LABEL_ORDER}, but its fields are {RequestLabels._fields}")
 # Request ids: a random per-process prefix and a counter (unique, and cheaper than
 # a random draw per request); the prefix is renewed in a forked child.
 _ids = itertools.count(1)
@@ -306,23 +302,28 @@ class _Window:
         if prov is not None:
             prov.open(self.id)
 
-    async def send(self, message: Message) -> None:
-        """The app's ``send``: notes the status, adds the request-id header if asked, closes at the last body chunk."""
+    def send(self, message: Message) -> Awaitable[None]:
+        """The app's ``send``: notes the status, adds the request-id header if asked, closes at the last body chunk.
+
+        A plain method returning the server's awaitable (no coroutine of its own per message),
+        except for the last body chunk, whose window closes once the server has taken it."""
         t = message["type"]
         if t == "http.response.body":
             if not message.get("more_body", False):
-                try:
-                    await self._send(message)
-                finally:
-                    self.close()
-                return
+                return self._last(message)
         elif t == "http.response.start":
             self.status = message["status"]
             rid_header = self.mw.request_id_header
             if rid_header is not None:
                 message = dict(message)
                 message["headers"] = [*message.get("headers", ()), (rid_header, self.id.encode())]
-        await self._send(message)
+        return self._send(message)
+
+    async def _last(self, message: Message) -> None:
+        try:
+            await self._send(message)
+        finally:
+            self.close()
 
     def close(self, error: bool = False) -> None:
         """The one place a request's window closes: last body chunk, exception or disconnect."""
@@ -333,24 +334,22 @@ class _Window:
         try:
             scope = self.scope
             model, tenant = self._labels()
-            route = scope.get("route")
-            path = getattr(route, "path", None)  # the route template (/items/{id}), never the raw path
+            path = getattr(scope.get("route"), "path", None)  # the route template (/items/{id}), never the raw path
             if path is not None:
                 path = (scope.get("root_path", "")[len(self.root):] + path)[:256]
             m = scope.get("method", "")
             meter = self.meter
-            # the labels as one RequestLabels, built without keyword handling (the field order of records.RequestLabels)
-            meter.end(self.id, self.device, t, _new_labels(RequestLabels, (
-                "(unmatched)" if path is None else path,
-                m if m in _METHODS else "_OTHER",
-                500 if (error and not self.status) else self.status,
-                model,
-                tenant,
-                self.prompt_tokens,
-                self.output_tokens,
-                self.trace_id,
-                self.span_id,
-            )))
+            # the labels as plain values, in the field order of records.RequestLabels (the meter checks it)
+            route = "(unmatched)" if path is None else path
+            method = m if m in _METHODS else "_OTHER"
+            status = 500 if (error and not self.status) else self.status
+            end = getattr(meter, "end_fields", None)
+            if end is not None:
+                end(self.id, self.device, t, route, method, status, model, tenant, self.prompt_tokens, self.output_tokens,
+                    self.trace_id, self.span_id)
+            else:  # a meter-like object of the user's with only Meter.end
+                meter.end(self.id, self.device, t, RequestLabels(route, method, status, model, tenant, self.prompt_tokens,
+                                                                 self.output_tokens, self.trace_id, self.span_id))
             prov = meter.provisional
             if prov is not None:
                 prov.forget(self.id)

@@ -31,6 +31,9 @@ __all__ = ["Sampler"]
 log = get_logger(__name__)
 
 _ENERGY = SampleKind.ENERGY
+#: seconds between polls of a source that times its own readings while the sampler is idle (Sampler.set_idle)
+IDLE_EVERY_S = 1.0
+_IDLE_EVERY_NS = int(IDLE_EVERY_S * 1e9)
 
 
 class _Device:
@@ -57,9 +60,16 @@ class _State:
         self.every_ns = every_ns if every_ns is not None else [interval_ns] * len(sources)
         #: the thread's wakeup period: the shortest of the sources' periods
         self.tick_ns = min(self.every_ns)
+        #: while idle (Sampler.set_idle): a source that times its own readings is polled every IDLE_EVERY_S at most
+        own = [e > interval_ns for e in self.every_ns]
+        self.idle_every_ns = [max(e, _IDLE_EVERY_NS) if o else e for e, o in zip(self.every_ns, own)]
+        self.idle_tick_ns = min(self.idle_every_ns)
+        self.idle = False
+        self.kick = False  # leaving idle: poll every source at once
         self.due_ns = [0] * len(sources)  # per source: monotonic ns of its next poll (0: at once)
         self.pid = os.getpid()
         self.stop = threading.Event()
+        self.wake = threading.Event()  # set with stop, and to end an idle wait early
         self.thread: threading.Thread | None = None
         self.lock = threading.Lock()  # start/stop/close
         self.close_sources = False
@@ -171,12 +181,13 @@ def _poll_once(st: _State, now_ns: int | None = None) -> None:
     """Poll every source once (``now_ns`` None), or only those due at ``now_ns`` (the thread's ticks)."""
     w0 = time.perf_counter_ns()
     c0 = time.thread_time_ns()
+    every, tick = (st.idle_every_ns, st.idle_tick_ns) if st.idle else (st.every_ns, st.tick_ns)
     for i, (src, name) in enumerate(zip(st.sources, st.names)):
         if now_ns is not None:
             if now_ns < st.due_ns[i]:
                 continue
             # its next poll a period on, less half a tick: it lands on the tick nearest its period
-            st.due_ns[i] = now_ns + st.every_ns[i] - st.tick_ns // 2
+            st.due_ns[i] = now_ns + every[i] - tick // 2
         try:
             batches = src.poll()
         except Exception as exc:
@@ -202,21 +213,27 @@ def _poll_once(st: _State, now_ns: int | None = None) -> None:
 
 
 def _run(st: _State) -> None:
-    interval = st.tick_ns
     next_t = time.monotonic_ns()
     try:
         while True:
+            if st.kick:  # out of idle: every source is due now
+                st.kick = False
+                st.due_ns = [0] * len(st.sources)
             try:
                 _poll_once(st, time.monotonic_ns())
             except Exception:  # never let the thread die
                 log.exception("wattspan: sampler poll failed")
+            interval = st.idle_tick_ns if st.idle else st.tick_ns
             next_t += interval
             now = time.monotonic_ns()
             if next_t <= now:  # the poll overran: skip the missed ticks rather than catch up
                 st.overruns += 1
                 next_t = now + interval
-            if st.stop.wait((next_t - now) / 1e9):
-                break
+            if st.wake.wait((next_t - now) / 1e9):
+                if st.stop.is_set():
+                    break
+                st.wake.clear()
+                next_t = time.monotonic_ns()  # woken (out of idle): poll now, ticks from here
     finally:
         if st.close_sources:
             _close_sources(st)
@@ -245,6 +262,7 @@ def _shutdown(st: _State, timeout: float) -> bool:
         st.close_sources = True
         th = st.thread
         st.stop.set()
+        st.wake.set()
     if th is not None and th.is_alive() and th is not threading.current_thread():
         th.join(timeout)
         if th.is_alive():
@@ -333,6 +351,7 @@ class Sampler:
             if st.thread is not None and st.thread.is_alive():
                 return self
             st.stop.clear()
+            st.wake.clear()
             st.thread = threading.Thread(target=_run, args=(st,), name="wattspan-sampler", daemon=True)
             st.thread.start()
         return self
@@ -343,6 +362,7 @@ class Sampler:
         with st.lock:
             th = st.thread
             st.stop.set()
+            st.wake.set()
         if th is None or th is threading.current_thread():
             return True
         th.join(timeout)
@@ -398,6 +418,21 @@ class Sampler:
         """Time of ``device``'s newest reading (monotonic ns), or None before the first."""
         return self._device(device).buf.last_time()
 
+    def set_idle(self, idle: bool) -> None:
+        """Whether fresh readings are wanted (the meter says so: nothing in flight). While idle, a
+        source that times its own readings (``poll_every_s``) is polled every ``IDLE_EVERY_S``
+        (1 s) at most: the same readings, arriving later, from fewer wakeups. Sources read when
+        polled (RAPL, NVML's instant power) keep ``interval_s``. ``set_idle(False)`` polls every
+        source at once."""
+        st = self._st
+        idle = bool(idle)
+        if idle == st.idle:
+            return
+        st.idle = idle
+        if not idle:
+            st.kick = True
+            st.wake.set()
+
     def poll_now(self) -> None:
         """Poll every source once in the calling thread (for tests and tools; not while running)."""
         if self.running:
@@ -416,7 +451,8 @@ class Sampler:
         return {
             "running": self.running,
             "interval_s": self.interval_s,
-            "tick_s": st.tick_ns / 1e9,
+            "tick_s": (st.idle_tick_ns if st.idle else st.tick_ns) / 1e9,
+            "idle": st.idle,
             "polls": n,
             "overruns": st.overruns,
             "poll_errors": dict(st.poll_errors),

@@ -157,11 +157,16 @@ class RingBuffer:
             if k > self.capacity:
                 self.dropped += k - self.capacity
                 t_ns, p, e, k = t_ns[-self.capacity :], p[-self.capacity :], e[-self.capacity :], self.capacity
-            idx = (self._head + np.arange(k)) % self.capacity
-            self._t[idx] = t_ns
-            self._p[idx] = p
-            self._e[idx] = e
-            self._head = (self._head + k) % self.capacity
+            h, cap = self._head, self.capacity
+            first = min(k, cap - h)  # up to the ring's end, then the rest from its start (slices, no index array)
+            self._t[h : h + first] = t_ns[:first]
+            self._p[h : h + first] = p[:first]
+            self._e[h : h + first] = e[:first]
+            if first < k:
+                self._t[: k - first] = t_ns[first:]
+                self._p[: k - first] = p[first:]
+                self._e[: k - first] = e[first:]
+            self._head = (h + k) % cap
             over = self._n + k - self.capacity
             if over > 0:
                 self.dropped += over

@@ -83,7 +83,7 @@ def test_the_live_meter_on_the_nvml_fake_never_bills_more_than_measured(monkeypa
     FakeNvml([FakeGpu("NVIDIA A100-SXM4-40GB", 7, np.array([0.0, 0.5]), np.array([100.0, 300.0]))]).install(monkeypatch)
     records, totals = [], []
     meter = Meter(sources=[NvmlSource()], idle_w=500.0, carbon=CarbonModel(intensity_g_per_kwh=400.0), sinks=[RecordCallback(records.append)],
-                  period_s=0.05, lag_s=0.05, autostart=False)
+                  period_s=0.05, lag_s=0.05, idle_period_s=0.05, autostart=False)  # idle passes as often as busy ones
     meter.add_sink(DeviceCallback(lambda f: totals.append((f.energy_j, f.unattributed_j))))
     meter.start()
     assert meter.wait_ready(10)

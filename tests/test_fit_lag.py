@@ -151,7 +151,7 @@ def test_lagged_features_on_windows_match_the_whole_run_inside_them():
     feats = _StepFeatures(rng.uniform(0.0, 4.0, (n, 4)), st, np.maximum(en, st + 1e-4))
     lo, hi = np.array([5.0, 30.0]), np.array([12.0, 33.0])
     cols = (3, 1)
-    part = _with_lag(feats, 0.004, (lo, hi), cols)
+    part = _with_lag(feats, 0.004, windows=(lo, hi), cols=cols)
     t = np.concatenate([rng.uniform(l + 1.0, h, 200) for l, h in zip(lo, hi)])
     for tau in (0.004, 0.0005, 0.03):
         whole, seen = _with_lag(feats, tau), part if tau == 0.004 else part.at(tau)
@@ -196,7 +196,7 @@ def test_the_lag_choice_stretches_read_what_every_reading_does(sensor, monkeypat
     assert parts is not None and len(parts) == 8
     cols = list(fams[sel.family])
     win = (rel(np.array([p[2] for p in parts]) - fit._LAG_MARGIN_NS), rel(np.array([p[3] for p in parts])))
-    part = fit._with_lag(base, 0.004, win, cols)
+    part = fit._with_lag(base, 0.004, windows=win, cols=cols)
     full = fit._fit_rows(cum, trace, fit._with_lag(base, 0.004), idle, a, b, rel, with_weights=True)
     n = 0
     for c, tr, lo, hi in parts:
@@ -207,3 +207,18 @@ def test_the_lag_choice_stretches_read_what_every_reading_does(sensor, monkeypat
         np.testing.assert_allclose(A, full[0][i][:, cols], rtol=1e-9, atol=1e-9 * np.abs(full[0]).max())
         n += len(t)
     assert n <= 400 + 8 * 2
+
+
+def test_a_lag_from_rates_computed_once_is_the_same():
+    from wattspan.attribution.fit import _lag_rates
+
+    rng = np.random.default_rng(5)
+    st = np.sort(rng.random(200) * 5)
+    en = st + rng.random(200) * 0.01 + 1e-4
+    feats = _StepFeatures(rng.random((200, 3)), st, en)
+    rates = _lag_rates(feats, np.concatenate((st, en)))
+    t = np.sort(rng.random(400) * 5.2)
+    for tau in (0.00025, 0.004, 0.032):
+        fresh, reused = _with_lag(feats, tau), _with_lag(feats, tau, rates)
+        np.testing.assert_array_equal(reused.mass(t), fresh.mass(t))
+        np.testing.assert_array_equal(reused.density(t), fresh.density(t))

@@ -197,3 +197,61 @@ def test_the_refit_schedule(monkeypatch):
     assert not due(120.0)  # no new steps and nothing in flight: nothing to refit
     assert due(120.0, busy=True)
     m.close()
+
+
+def test_end_fields_carries_the_labels_and_a_meter_without_sinks_still_counts_and_balances():
+    """The middleware's flat hand-off (Meter.end_fields) gives the same labels as end(meta=RequestLabels);
+    with no sink the pass builds no record, yet counts the requests and their energy in the balance."""
+    from wattspan.records import RequestLabels
+
+    m, records, _ = make_meter(lag_s=0.05)
+    lonely = Meter(sources=[ReplaySource([constant_trace(100.0)], loop=True)], carbon=CarbonModel(intensity_g_per_kwh=400.0),
+                   idle_w=40.0, period_s=0.05, lag_s=0.05)
+    try:
+        assert lonely.wait_ready(30)
+        for meter in (m, lonely):
+            t0 = time.monotonic_ns()
+            meter.begin("a", "gpu0", t0)
+            meter.begin("b", "gpu0", t0)
+            meter.end_fields("a", "gpu0", t0 + 30 * MS, "/x", "POST", 201, "m1", "t1", 5, 7, 11, 13)
+            meter.end("b", "gpu0", t0 + 30 * MS, RequestLabels("/x", "POST", 201, "m1", "t1", 5, 7, 11, 13))
+            assert meter.flush(5)
+        t0 = time.monotonic_ns()  # a pass whose requests all ended by end_fields: its labels taken as columns
+        for rid, status in (("c", 200), ("d", 404)):
+            m.begin(rid, "gpu0", t0)
+            m.end_fields(rid, "gpu0", t0 + 30 * MS, "/y", "GET", status, "", "t2", 1, 2, 3, 4)
+        assert m.flush(5)
+    finally:
+        m.close()
+        lonely.close()
+    a, b, c, d = sorted(records, key=lambda r: r.id)
+    fields = RequestLabels._fields
+    assert [getattr(a, f) for f in fields] == [getattr(b, f) for f in fields] == ["/x", "POST", 201, "m1", "t1", 5, 7, 11, 13]
+    assert [getattr(c, f) for f in fields] == ["/y", "GET", 200, "", "t2", 1, 2, 3, 4]
+    assert [getattr(d, f) for f in fields] == ["/y", "GET", 404, "", "t2", 1, 2, 3, 4]
+    assert a.energy_j == pytest.approx(b.energy_j) and a.energy_j > 0
+    assert lonely.counters["records"] == 2 and m.counters["records"] == 4
+    bal = lonely.balance()
+    assert bal.attributed_j == pytest.approx(a.energy_j + b.energy_j, rel=1e-6)  # the same split, no record built
+    assert bal.measured_j == pytest.approx(bal.attributed_j + bal.pending_j + bal.peers_j + bal.unattributed_j, rel=1e-9)
+
+
+def test_an_idle_meter_passes_at_its_idle_period_and_a_begin_wakes_it():
+    """Nothing in flight: no pass until idle_period_s; a request's begin is taken at the next period_s tick."""
+    from wattspan.meter import DeviceCallback
+
+    figures = []
+    m, records, _ = make_meter(lag_s=0.05, idle_period_s=30.0, autostart=False)
+    m.add_sink(DeviceCallback(figures.append))
+    m.start()
+    try:
+        assert m.wait_ready(30)
+        time.sleep(0.5)  # ten busy periods, far less than the idle one
+        assert figures == []
+        t0 = time.monotonic_ns()
+        m.begin("a", "gpu0", t0)
+        m.end("a", "gpu0", t0 + 20 * MS)
+        assert m.flush(10)
+    finally:
+        m.close()
+    assert [r.id for r in records] == ["a"] and records[0].energy_j > 0 and figures

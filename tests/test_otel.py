@@ -656,12 +656,52 @@ def test_configure_from_env_rejects_bad_settings_by_name(monkeypatch, env, match
         configure_from_env(set_global=False)
 
 
+def test_configure_from_env_with_traces_off_wires_the_meter_to_the_metrics_only(monkeypatch):
+    # metrics without traces (a Prometheus-only setup): the meter gets the metrics sink and no span
+    # processor (there is none); it used to be handed None, which add_sink rejects with TypeError
+    from wattspan import Meter
+    from wattspan.sources.replay import ReplaySource
+
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "none")
+    monkeypatch.setenv("OTEL_METRICS_EXPORTER", "none")
+    meter = Meter(sources=[ReplaySource([constant_trace(100.0)])], autostart=False)
+    setup = configure_from_env(set_global=False, meter=meter)
+    try:
+        assert setup.span_processor is None
+        assert meter.sinks == (setup.metrics,)
+        assert not meter.holds_spans
+    finally:
+        setup.shutdown()
+
+
 def test_configure_from_env_disabled_sdk_exports_nothing(monkeypatch):
     monkeypatch.setenv("OTEL_SDK_DISABLED", "true")
     monkeypatch.delenv("OTEL_TRACES_EXPORTER", raising=False)
     setup = configure_from_env(set_global=False)
     assert setup.span_processor is None
     setup.shutdown()
+
+
+def test_configure_from_env_that_fails_after_prometheus_started_stops_it(monkeypatch):
+    """A setup that fails once the /metrics server is up (here: the meter refuses the sinks) raises, and the
+    server it started is shut down, not left serving a half set-up provider."""
+    pytest.importorskip("opentelemetry.exporter.prometheus")
+    port = free_port()
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "none")
+    monkeypatch.setenv("OTEL_METRICS_EXPORTER", "prometheus")
+    monkeypatch.setenv("OTEL_EXPORTER_PROMETHEUS_HOST", "127.0.0.1")
+    monkeypatch.setenv("OTEL_EXPORTER_PROMETHEUS_PORT", str(port))
+
+    class Refusing:
+        sampler = None
+
+        def add_sink(self, sink):
+            raise RuntimeError("no sinks here")
+
+    with pytest.raises(RuntimeError, match="no sinks here"):
+        configure_from_env(set_global=False, meter=Refusing())
+    with pytest.raises((urllib.error.URLError, ConnectionError, socket.timeout)):
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)
 
 
 def test_configure_from_env_prometheus_serves_and_stops(monkeypatch):

@@ -429,3 +429,36 @@ def test_a_source_with_its_own_grid_is_polled_at_its_own_period():
     odd = Sampler([_Counting("c", "gpu0", poll_every_s=float("nan")), _Counting("d", "gpu1", poll_every_s=0.001)], interval_s=0.01)
     assert odd._st.every_ns == [10_000_000, 10_000_000]
     s.close(); only_slow.close(); odd.close()
+
+
+def test_an_idle_sampler_polls_self_timed_sources_rarely_and_set_idle_false_polls_at_once():
+    """set_idle(True): a source with its own grid (poll_every_s) is polled every IDLE_EVERY_S; one read when
+    polled keeps interval_s. set_idle(False): the thread wakes and polls every source at once."""
+    from wattspan import sampler as S
+
+    fast, slow = _Counting("fast", "gpu0"), _Counting("slow", "gpu1", poll_every_s=0.05)
+    s = Sampler([fast, slow], interval_s=0.01)
+    st = s._st
+    s.set_idle(True)
+    assert s.health()["idle"] and st.idle_every_ns == [10_000_000, S._IDLE_EVERY_NS]
+    for k in range(300):  # three simulated seconds of 10 ms ticks
+        S._poll_once(st, 1_000_000_000 + k * 10_000_000)
+    assert fast.polls == 300 and slow.polls == 3
+    s.close()
+
+    only_own = _Counting("own", "gpu0", poll_every_s=0.05)
+    s = Sampler([only_own], interval_s=0.01)
+    s.set_idle(True)
+    s.start()
+    try:
+        deadline = time.monotonic() + 10
+        while only_own.polls < 1 and time.monotonic() < deadline:  # the first poll comes at once
+            time.sleep(0.01)
+        n = only_own.polls
+        assert s.health()["tick_s"] == S.IDLE_EVERY_S
+        s.set_idle(False)  # woken: polled again (at once rather than at the next idle tick)
+        while only_own.polls == n and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert only_own.polls > n and not s.health()["idle"]
+    finally:
+        s.close()

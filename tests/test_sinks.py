@@ -102,3 +102,30 @@ def test_remove_sink_stops_delivery():
     finally:
         m.close()
     assert a.batches == [] and [r.id for x in b.batches for r in x] == ["z"]
+
+
+def test_a_callbacks_flush_passes_the_timeout_only_where_it_is_taken_and_is_called_once():
+    """A bound method's owner is flushed with the timeout when its flush takes one, without when it does not
+    (a file's); a ``TypeError`` raised inside a flush is its own failure: it is not called a second time."""
+    import io
+
+    class Timed:
+        def __init__(self):
+            self.calls = []
+
+        def write(self, rec):
+            pass
+
+        def flush(self, timeout):
+            self.calls.append(timeout)
+            if timeout < 0:
+                raise TypeError("the ledger's own bug")
+            return True
+
+    t = Timed()
+    assert RecordCallback(t.write).flush(2.5) is True and t.calls == [2.5]
+    with pytest.raises(TypeError, match="own bug"):
+        RecordCallback(t.write).flush(-1.0)
+    assert t.calls == [2.5, -1.0]  # once, not retried without the timeout
+    buf = io.StringIO()
+    assert RecordCallback(buf.write).flush(1.0) is None  # io's flush() takes no timeout

@@ -103,6 +103,8 @@ def attribute(
             continue
         rmask = req_dev == dev
         ridx = np.flatnonzero(rmask)
+        # every request on this device (one device): a slice, not a gather and scatter of each column
+        rsel = slice(None) if len(ridx) == n else ridx
         if (trace.energy_j is not None and trace.power_w is not None and trace.power_kind == SampleKind.AVERAGE
                 and steps is not None and models is None):
             # A counter read seldom (and late) can know less than the averaged power readings
@@ -120,11 +122,11 @@ def attribute(
         if b <= a:
             continue
         cum = _CumEnergy.from_trace(trace)
-        starts = np.clip(requests.start_ns[ridx], a, b)
-        ends = np.clip(requests.end_ns[ridx], a, b)
-        life = (requests.end_ns[ridx] - requests.start_ns[ridx]).astype(np.float64)
-        cov_num = (np.clip(requests.end_ns[ridx], tr_t0, tr_t1) - np.clip(requests.start_ns[ridx], tr_t0, tr_t1)).astype(np.float64)
-        coverage[ridx] = np.where(life > 0, cov_num / np.where(life > 0, life, 1), 1.0)
+        starts = np.clip(requests.start_ns[rsel], a, b)
+        ends = np.clip(requests.end_ns[rsel], a, b)
+        life = (requests.end_ns[rsel] - requests.start_ns[rsel]).astype(np.float64)
+        cov_num = (np.clip(requests.end_ns[rsel], tr_t0, tr_t1) - np.clip(requests.start_ns[rsel], tr_t0, tr_t1)).astype(np.float64)
+        coverage[rsel] = np.where(life > 0, cov_num / np.where(life > 0, life, 1), 1.0)
 
         # Idle baseline, as a piecewise-linear power curve.
         busy = _busy_intervals(starts, ends, steps, dev)
@@ -138,7 +140,7 @@ def attribute(
             idle_curve, idle_source = _estimate_idle(trace, busy, a, b)
 
         # Time boundaries of the in-flight segments.
-        seg = _Segments(starts, ends, requests.weight[ridx], a, b)
+        seg = _Segments(starts, ends, requests.weight[rsel], a, b)
         idle_seg = idle_curve.over(seg.edges)
         meas_seg = cum.over(seg.edges)
         idle_share, idle_un = seg.share_equal(idle_seg)
@@ -167,8 +169,9 @@ def attribute(
             on_this = np.zeros(len(steps), dtype=np.bool_)
             on_this[s_idx] = True
             in_steps[steps.entry_request[on_this[steps.entry_step]]] = True
-            is_fit = in_steps[ridx]
-            meth = np.array(["time-share", "batch-fit"], dtype=object)[is_fit.astype(np.intp)]
+            is_fit = in_steps[rsel]
+            all_fit = bool(is_fit.all())  # every request in some step: one value for all, no gather
+            meth = "batch-fit" if all_fit else np.array(["time-share", "batch-fit"], dtype=object)[is_fit.astype(np.intp)]
             dev_quality = _quality(summary_extra)
             summary_extra["quality"] = dev_quality
         else:
@@ -187,16 +190,16 @@ def attribute(
                 # window is uncertain by the share it leaves unexplained
                 r2 = summary_extra["model"].cv_r2 if summary_extra.get("model") is not None else math.nan
                 hd = np.maximum(hd, (1.0 - (max(r2, 0.0) if math.isfinite(r2) else 0.0)) * dyn)
-            half_dyn[ridx] = np.where(is_fit, hd, dyn)
-            quality[ridx] = np.array(["coarse", dev_quality], dtype=object)[is_fit.astype(np.intp)]
+            half_dyn[rsel] = hd if all_fit else np.where(is_fit, hd, dyn)
+            quality[rsel] = dev_quality if all_fit else np.array(["coarse", dev_quality], dtype=object)[is_fit.astype(np.intp)]
         else:
-            half_dyn[ridx] = dyn  # a time-overlap split can be off by its whole dynamic share
-            quality[ridx] = "coarse"
-        half_idle[ridx] = _IDLE_REL * idle_share
-        dynamic[ridx] += dyn
-        idle[ridx] += idle_share
-        dev_s[ridx] += dev_time
-        method[ridx] = meth
+            half_dyn[rsel] = dyn  # a time-overlap split can be off by its whole dynamic share
+            quality[rsel] = "coarse"
+        half_idle[rsel] = _IDLE_REL * idle_share
+        dynamic[rsel] += dyn
+        idle[rsel] += idle_share
+        dev_s[rsel] += dev_time
+        method[rsel] = meth
         # Conservation: whatever float rounding left goes to unattributed, so the
         # books close exactly.
         attributed = float(dyn.sum() + idle_share.sum())

@@ -13,15 +13,19 @@ __all__ = ["counter_knots", "power_points"]
 class _Piecewise:
     """A piecewise-linear function of time (ns), constant beyond its knots."""
 
-    __slots__ = ("t", "v", "_c")
+    __slots__ = ("t", "v", "_c", "_const")
 
     def __init__(self, t: np.ndarray, v: np.ndarray) -> None:
         self.t = t.astype(np.int64)
         self.v = v.astype(np.float64)
         dt = np.diff(self.t).astype(np.float64) * _NS
         self._c = np.concatenate(([0.0], np.cumsum(dt * (self.v[1:] + self.v[:-1]) * 0.5)))
+        # one finite value throughout (a configured baseline): what np.interp returns at every time
+        self._const = len(self.v) > 0 and bool(np.isfinite(self.v[0])) and bool(np.all(self.v == self.v[0]))
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
+        if self._const and x.dtype.kind in "iu":
+            return np.full(x.shape, self.v[0])
         return np.interp(x.astype(np.float64), self.t.astype(np.float64), self.v)
 
     def cumulative(self, x: np.ndarray) -> np.ndarray:
@@ -29,9 +33,11 @@ class _Piecewise:
         t, v, c = self.t, self.v, self._c
         x = np.asarray(x, dtype=np.int64)
         k = np.clip(np.searchsorted(t, x, side="right") - 1, 0, len(t) - 1)
-        vx = self(x)
         dx = (x - t[k]).astype(np.float64) * _NS
         # beyond the last knot (or before the first) the value is held constant
+        if self._const:  # v[k] + self(x) is the same sum at every time
+            return c[k] + dx * (v[0] + v[0]) * 0.5
+        vx = self(x)
         return c[k] + dx * (v[k] + vx) * 0.5
 
     def integral(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -247,15 +247,20 @@ def correlation_lag(r: np.ndarray, max_lag: int = 4096, level: float = 0.2) -> i
 
 def _runs(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """For a sorted array, each element's run of equal values as ``[first, last)`` indices."""
+    starts, ends, lens = _run_bounds(w)
+    return np.repeat(starts, lens), np.repeat(ends, lens)
+
+
+def _run_bounds(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For a sorted array, its runs of equal values: ``[start, end)`` indices and lengths."""
     n = len(w)
-    idx = np.arange(n)
     new = np.ones(n, dtype=bool)
     new[1:] = w[1:] != w[:-1]
-    first = np.maximum.accumulate(np.where(new, idx, 0))
-    end = np.ones(n, dtype=bool)
-    end[:-1] = new[1:]
-    last = np.minimum.accumulate(np.where(end, idx + 1, n)[::-1])[::-1]
-    return first, last
+    starts = np.flatnonzero(new)
+    ends = np.empty_like(starts)
+    ends[:-1] = starts[1:]
+    ends[-1:] = n
+    return starts, ends, ends - starts
 
 
 def select_window(t: np.ndarray, m: np.ndarray, p: np.ndarray, a: int, b: int, lengths_ns: np.ndarray,
@@ -279,20 +284,31 @@ def select_window(t: np.ndarray, m: np.ndarray, p: np.ndarray, a: int, b: int, l
     best_L, best_err = b - a, math.inf
     best_pred: np.ndarray | None = None
     scores: dict[int, float] = {}
+    if k == 0:  # each reading leaves out itself only: the same differences for every length
+        m_own, p_own = cm[1:] - cm[:-1], cp[1:] - cp[:-1]
     for L in list(lengths_ns) + [b - a]:
         L = int(L)
         if L <= 0:
             continue
         w = (t - a) // L
-        first, last = _runs(w)
-        Mw = cm[last] - cm[first]
-        Pw = cp[last] - cp[first]
-        lo = np.maximum(idx - k, first)
-        hi = np.minimum(idx + k + 1, last)
-        Mo = Mw - (cm[hi] - cm[lo])
-        Po = Pw - (cp[hi] - cp[lo])
-        others = (last - first) - (hi - lo)
-        if L < b - a and np.mean(others >= 1) < 0.9:
+        # per run of readings in one window, then repeated over its readings (the same numbers
+        # as indexing the prefix sums at each reading's run bounds)
+        r0, r1, rl = _run_bounds(w)
+        Mw = np.repeat(cm[r1] - cm[r0], rl)
+        Pw = np.repeat(cp[r1] - cp[r0], rl)
+        if k == 0:
+            Mo = Mw - m_own
+            Po = Pw - p_own
+            mostly = float(rl[rl >= 2].sum()) / n if n else math.nan  # the share of readings with others in their window
+        else:
+            first, last = np.repeat(r0, rl), np.repeat(r1, rl)
+            lo = np.maximum(idx - k, first)
+            hi = np.minimum(idx + k + 1, last)
+            Mo = Mw - (cm[hi] - cm[lo])
+            Po = Pw - (cp[hi] - cp[lo])
+            others = (last - first) - (hi - lo)
+            mostly = float(np.mean(others >= 1))
+        if L < b - a and mostly < 0.9:
             continue  # most windows would hold no reading but the left-out ones: no honest estimate
         ok = Po > 1e-9 * max(abs(total_p), 1e-30)
         s = np.where(ok, Mo / np.where(ok, Po, 1.0), g)

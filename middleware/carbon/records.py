@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from numpy.typing import NDArray
 
-from ..records import FIELDS, RequestLabels, RequestRecord, _record
+from ..records import FIELDS, RequestLabels, RequestRecord
 
 if TYPE_CHECKING:
     from ..attribution import Attribution
@@ -82,6 +82,7 @@ def request_records(
     quality: Sequence[str] | str = "",
     labels: Sequence[RequestLabels] | None = None,
     device_energy: Sequence[str] | str = "",
+    label_columns: Sequence[Sequence[Any]] | None = None,
 ) -> list[RequestRecord]:
     """One :class:`RequestRecord` per request, carbon applied once, vectorised over the batch.
 
@@ -94,6 +95,8 @@ def request_records(
     :class:`~wattspan.records.RequestLabels` (route, method, status, model, tenant, tokens,
     trace and span ids), or None. ``device_energy``: a device group's request's energy per
     member device as JSON (see :attr:`RequestRecord.device_energy`), "" on one device.
+    ``label_columns``: instead of ``labels``, the nine RequestLabels fields as columns (in
+    that order, a value per request each): no RequestLabels built per request.
 
     ``co2e_g`` covers ``energy_j + host_j`` (see the module's host rule) plus embodied carbon.
     """
@@ -110,19 +113,60 @@ def request_records(
     e_hi = energy if energy_j_high is None else _column(energy_j_high, n)
     # the band at the same hourly intensity: operational grams scale with energy
     per_j = np.divide(op, it, out=np.zeros(n), where=it > 0)
-    cols = zip(
-        list(ids), _values(device, n, ""), _column(start_ns, n, np.int64).tolist(), _column(end_ns, n, np.int64).tolist(),
-        energy.tolist(), dyn.tolist(), idle.tolist(), dev_s.tolist(), (op + emb).tolist(), emb.tolist(),
-        _values(method, n, ""), _values(sensor, n, ""), _column(coverage, n).tolist(), _values(simulated, n, False),
-        host.tolist(), np.asarray(e_lo, dtype=float).tolist(), np.asarray(e_hi, dtype=float).tolist(),
-        (per_j * (e_lo + host) + emb).tolist(), (per_j * (e_hi + host) + emb).tolist(),
-        _values(quality, n, ""), _values(labels, n, _NO_LABELS), zip(*per.columns()), _values(device_energy, n, ""),
-    )
-    # one tuple per record in RequestRecord's field order (_record: no per-field __init__ work)
-    return [
-        _record((rid, dev, s, e, ej, dj, ij, ds, co2, eg, meth, sens, cov, bool(sim), *lab, hj, elo, ehi, clo, chi, q, *cf, de))
-        for (rid, dev, s, e, ej, dj, ij, ds, co2, eg, meth, sens, cov, sim, hj, elo, ehi, clo, chi, q, lab, cf, de) in cols
+    if label_columns is not None and (len(label_columns) != len(RequestLabels._fields) or any(len(c) != n for c in label_columns)):
+        raise ValueError(f"label_columns must be {len(RequestLabels._fields)} columns of {n} values")
+    labs = _values(labels, n, _NO_LABELS) if label_columns is None else []
+    sims = [bool(simulated)] * n if isinstance(simulated, (bool, int, float, np.bool_)) else [bool(x) for x in _values(simulated, n, False)]
+    columns = [
+        list(ids), _values(device, n, ""), _column(start_ns, n, np.int64), _column(end_ns, n, np.int64), energy, dyn, idle, dev_s,
+        op + emb, emb, _values(method, n, ""), _values(sensor, n, ""), _column(coverage, n),
+        sims,
+        *(label_columns if label_columns is not None else zip(*labs) if n else [[]] * len(RequestLabels._fields)),
+        host, np.asarray(e_lo, dtype=float), np.asarray(e_hi, dtype=float), per_j * (e_lo + host) + emb, per_j * (e_hi + host) + emb,
+        _values(quality, n, ""), *per.columns(), _values(device_energy, n, ""),
     ]
+    return _records(n, columns)
+
+
+def _records(n: int, columns: Sequence[Any]) -> list[RequestRecord]:
+    """``n`` RequestRecords from one column per field (:data:`FIELDS` order): an array or a sequence of ``n`` values.
+
+    A column with one value throughout (the sensor, the intensity, most labels on a busy
+    endpoint) goes into a template dict once; each record's instance dict is that template
+    updated with the varying columns only (no per-field ``__init__`` work, no tuple of every field)."""
+    if len(columns) != len(FIELDS):  # pragma: no cover - a field added to RequestRecord and not here
+        raise ValueError(f"{len(columns)} columns for RequestRecord's {len(FIELDS)} fields")
+    tpl: dict[str, Any] = {}
+    names: list[str] = []
+    varying: list[Sequence[Any]] = []
+    for name, col in zip(FIELDS, columns):
+        if isinstance(col, np.ndarray):
+            if n and bool((col == col[0]).all()):  # NaN is never equal: such a column stays per record
+                tpl[name] = col[:1].tolist()[0]
+                continue
+            col = col.tolist()
+        elif n and col.count(col[0]) == n:
+            tpl[name] = col[0]
+            continue
+        tpl[name] = None  # its place in the field order; each record's value replaces it
+        names.append(name)
+        varying.append(col)
+    new, cls = object.__new__, RequestRecord
+    out: list[RequestRecord] = []
+    append = out.append
+    if not names:
+        for _ in range(n):
+            rec = new(cls)
+            rec.__dict__.update(tpl)
+            append(rec)
+        return out
+    for row in zip(*varying):
+        rec = new(cls)
+        d = rec.__dict__
+        d.update(tpl)
+        d.update(zip(names, row))
+        append(rec)
+    return out
 
 
 def attribution_records(result: Attribution, carbon: CarbonModel, *, host_j: Any = 0.0, wall_s: Any = None,

@@ -30,11 +30,12 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -44,25 +45,43 @@ from ..devices import group_key as _group_key
 _str_group_key = functools.lru_cache(maxsize=1024)(_group_key)
 
 
-def _device_key(device) -> str:
+def _device_key(device: str | int | Sequence[str | int]) -> str:
     """The canonical device or group name (``"gpu0, gpu1"`` and ``"gpu0+gpu1"`` -> ``"gpu0,gpu1"``)."""
     return _str_group_key(device) if isinstance(device, str) else _group_key(device)
 from ..attribution import BatchStep, Requests, StepModel, Steps, attribute
 from ..carbon.records import request_records
 from ..records import RequestLabels, RequestRecord
-from ..samples import SampleKind
+from ..samples import DeviceInfo, SampleKind
 from .context import MAX_TOKENS
 from .sinks import DeviceFigures, FlushableSink, RecordSink, SpanSink
+
+if TYPE_CHECKING:
+    from ..carbon.model import CarbonModel
+    from ..sampler import Sampler
+    from ..sources._base import PowerSource
 
 __all__ = ["Balance", "Meter"]
 
 log = get_logger(__name__)
 
 _BEGIN, _END, _STEP, _MARK = 0, 1, 2, 3
+_END_FIELDS = 4  # an end whose labels follow as plain values (Meter.end_fields); sent to peers as an _END
+_new_tuple = tuple.__new__  # _new_tuple(RequestLabels, values): the labels from their nine fields in order, no keyword handling
+_LABEL_ORDER = ("route", "http_method", "status_code", "model", "tenant", "prompt_tokens", "output_tokens", "trace_id", "span_id")
+if RequestLabels._fields != _LABEL_ORDER:  # end_fields' values are taken positionally: fail at import, never mislabel
+    raise ImportError(f"wattspan.meter builds RequestLabels in the order {_LABEL_ORDER}, but its fields are {RequestLabels._fields}")
+_START_NS, _END_NS, _DEVICE = operator.attrgetter("start_ns"), operator.attrgetter("end_ns"), operator.attrgetter("device")
+# what a pass's final records are built from, one tuple per request (columns after a transpose)
+_FINAL_FIELDS = operator.attrgetter("start_ns", "end_ns", "dynamic_j", "idle_j", "device_s", "host_j", "band_j", "covered_ns",
+                                    "device", "method", "quality", "meta")
+
+
+def _zeros(n: int) -> list[float]:
+    return [0.0] * n
 _QUALITY_RANK = {"good": 1, "coarse": 2, "misfit": 3}
 
 
-def _parts_json(r) -> str:
+def _parts_json(r: _Inflight) -> str:
     """A group request's energy per member device, every member named (0 J where none was metered)."""
     import json
 
@@ -99,7 +118,7 @@ class _Inflight:
         self.device = device
         self.start_ns = start_ns
         self.end_ns: int | None = None
-        self.meta: RequestLabels | Mapping | None = None
+        self.meta: RequestLabels | Mapping[str, Any] | tuple[Any, ...] | None = None
         self.dynamic_j = 0.0
         self.idle_j = 0.0
         self.device_s = 0.0
@@ -122,15 +141,19 @@ class Meter:
     :class:`~wattspan.meter.sinks.RecordSink` s given each pass's final records
     and each device's figures (from the meter's thread; they must be quick and
     should not raise - if one does it is logged and counted); more with
-    :meth:`add_sink`.
+    :meth:`add_sink`. ``period_s``: seconds between attribution passes while
+    requests are in flight; ``idle_period_s``: between passes while none is and
+    none ended (a request's begin is seen at the next ``period_s`` tick).
+    With no sink, a pass counts its final requests and their energy
+    (``counters``, :meth:`balance`) and builds no record.
     """
 
     def __init__(
         self,
         *,
-        sources=None,
-        sampler=None,
-        carbon=None,
+        sources: Iterable[PowerSource] | None = None,
+        sampler: Sampler | None = None,
+        carbon: CarbonModel | None = None,
         idle_w: float | None = None,
         period_s: float = 0.25,
         lag_s: float | None = None,
@@ -142,8 +165,9 @@ class Meter:
         max_step_ids: int = 4096,
         max_steps_per_s: int = 2000,
         sinks: Iterable[RecordSink] = (),
-        peers=None,
+        peers: Any = None,
         sample_interval_s: float | None = None,
+        idle_period_s: float = 2.0,
         autostart: bool = True,
     ) -> None:
         if not (period_s > 0 and max_delay_s > 0 and history_s > 0):
@@ -157,6 +181,7 @@ class Meter:
         # thread, never on the caller's: the default meter is created lazily by
         # the middleware, on the event loop.
         self.sampler = sampler
+        self._own_sampler = False  # True once _setup made the sampler (then the meter sets its idle pace)
         self._sources = list(sources) if sources is not None else None
         from ..settings import MAX_SAMPLE_INTERVAL_S, MIN_SAMPLE_INTERVAL_S, get_settings
 
@@ -169,6 +194,9 @@ class Meter:
         self.carbon = carbon if carbon is not None else _carbon_from_env()
         self.idle_w = idle_w
         self.period_s = float(period_s)
+        #: with nothing in flight and no event since the last pass, passes come this rarely (s); the device
+        #: totals (``device_energy_j``, the sinks' ``on_device``, :meth:`balance`) then move at this pace
+        self.idle_period_s = max(float(idle_period_s), self.period_s)
         self.lag_s = lag_s
         self.max_delay_s = float(max_delay_s)
         self.history_s = float(history_s)
@@ -199,15 +227,15 @@ class Meter:
         self._peer_conf = peers if peers not in (None, False) and not hasattr(peers, "broadcast") else None
         self.peers = peers if hasattr(peers, "broadcast") else None
         #: (peer pid, from ns, to ns, datagrams lost): stretches where a peer's messages went missing
-        self.peer_gaps: deque = deque(maxlen=100)
+        self.peer_gaps: deque[tuple[int, int, int, int]] = deque(maxlen=100)
 
-        self._events: deque = deque()
-        self._activity: list = []
+        self._events: deque[tuple[Any, ...]] = deque()
+        self._activity: list[Any] = []  # sources that follow the load (on_step, on_request_start/end)
         self._inflight: dict[str, _Inflight] = {}
         self._steps: list[BatchStep] = []
         # bounded history for re-estimating idle and the step model (see _refit)
-        self._hist_steps: deque = deque(maxlen=200_000)
-        self._hist_reqs: deque = deque(maxlen=100_000)
+        self._hist_steps: deque[BatchStep] = deque(maxlen=200_000)
+        self._hist_reqs: deque[tuple[str, int, int, str]] = deque(maxlen=100_000)
         self._cursor: dict[str, int] = {}
         self._models: dict[str, StepModel] = {}
         self._peer_marks: dict[int, int] = {}  # pid -> time up to which that peer's events have arrived
@@ -295,17 +323,19 @@ class Meter:
     def begin(self, request_id: str, device: str, t_ns: int) -> None:
         """A request started on ``device`` at ``t_ns`` (monotonic). ``device``: a name
         (``"gpu0"``) or a device group (``"gpu0,gpu1"`` or a list, see wattspan.attribution.groups)."""
-        if not isinstance(device, str) or "+" in device or " " in device:
+        if type(device) is not str or "+" in device or " " in device:
             device = _device_key(device)
-        if len(self._events) >= self.max_events:
+        ev = self._events
+        if len(ev) >= self.max_events:
             self.counters["dropped_events"] += 1
             return
-        self._events.append((_BEGIN, request_id, device, t_ns))
-        for s in self._activity:
-            for d in (device.split(",") if "," in device else (device,)):  # a group: active on each member
-                s.on_request_start(d)
+        ev.append((_BEGIN, request_id, device, t_ns))
+        if self._activity:
+            for s in self._activity:
+                for d in (device.split(",") if "," in device else (device,)):  # a group: active on each member
+                    s.on_request_start(d)
 
-    def end(self, request_id: str, device: str, t_ns: int, meta: RequestLabels | Mapping | None = None) -> None:
+    def end(self, request_id: str, device: str, t_ns: int, meta: RequestLabels | Mapping[str, Any] | None = None) -> None:
         """The request ended (last body chunk, error or disconnect). ``meta``: its
         :class:`~wattspan.records.RequestLabels` (or a dict with those field names:
         route, http_method, status_code, model, tenant, prompt_tokens,
@@ -316,6 +346,21 @@ class Meter:
         for s in self._activity:
             for d in (device.split(",") if "," in device else (device,)):
                 s.on_request_end(d)
+
+    def end_fields(self, request_id: str, device: str, t_ns: int, route: str, http_method: str, status_code: int, model: str,
+                   tenant: str, prompt_tokens: int, output_tokens: int, trace_id: int, span_id: int) -> None:
+        """:meth:`end` with the :class:`~wattspan.records.RequestLabels` fields given one by one, in
+        their order: the middleware's hand-off. One flat tuple of plain values goes to the meter's
+        thread (which builds the labels only if a sink takes records): the event loop allocates one
+        object per request end, and the cyclic GC stops tracking it at its first look."""
+        self._events.append((_END_FIELDS, request_id, t_ns, route, http_method, status_code, model, tenant, prompt_tokens,
+                             output_tokens, trace_id, span_id))
+        if self._activity:
+            if not isinstance(device, str) or "+" in device or " " in device:
+                device = _device_key(device)
+            for s in self._activity:
+                for d in (device.split(",") if "," in device else (device,)):
+                    s.on_request_end(d)
 
     def record_step(self, start_ns: int, end_ns: int, device: str, tokens: Mapping[str, float]) -> None:
         """A batch step ran on ``device`` over ``[start_ns, end_ns)`` processing
@@ -386,6 +431,7 @@ class Meter:
 
         try:
             if self.sampler is None:
+                self._own_sampler = True
                 self.sampler = Sampler(self._sources if self._sources is not None else default_sources(), interval_s=self.sample_interval_s)
             self._activity = [s for s in self.sampler.sources if hasattr(s, "on_step")]
             self.sampler.start()
@@ -399,7 +445,7 @@ class Meter:
         from .peers import Peers, group_key
         from ..settings import get_settings
 
-        infos = self.sampler.devices()
+        infos = self._live().devices()
         main = [i for i in infos if i.kind == "gpu"] or infos
         ids = [i.extra.get("identity") or f"{i.sensor}:{i.id}" for i in main]
         conf = self._peer_conf
@@ -429,7 +475,7 @@ class Meter:
             self._idle_pass.wait(self.period_s * 2)
         return False
 
-    def drain(self, timeout: float = 10.0) -> dict:
+    def drain(self, timeout: float = 10.0) -> dict[str, int]:
         """Make every ended request's record final and hand it to the sinks, then flush
         the sinks that buffer (:class:`~wattspan.meter.sinks.FlushableSink`: the
         ledger, the span processor), all within ``timeout`` s.
@@ -488,7 +534,7 @@ class Meter:
         self._balance = Balance(sum(self.device_energy_j.values()), self._final_j, pending, self._peers_j + peers,
                                 self.counters["unattributed_j"])
 
-    def stats(self) -> dict:
+    def stats(self) -> dict[str, Any]:
         return dict(self.counters, inflight=len(self._inflight), queued_events=len(self._events), sampler=self.sampler.health() if self.sampler is not None else None,
                     peers=self.peers.stats() if self.peers is not None and hasattr(self.peers, "stats") else None)
 
@@ -500,7 +546,24 @@ class Meter:
         except Exception:
             log.exception("could not open the power sources; requests are not metered")
             return
+        last = time.monotonic()
+        # the sampler this meter made (not one handed in, maybe shared) polls rarely while the meter idles
+        pace = getattr(self.sampler, "set_idle", None) if self._own_sampler else None
+        idle = False
         while not self._stop.wait(self.period_s):
+            # idle: nothing queued or in flight here, nor in the other workers sharing the device (their events are
+            # taken and our watermark sent on every tick all the same); passes then come every idle_period_s
+            if not self._events and not self._inflight and not self._steps and self._peers_quiet():
+                if not idle and pace is not None:
+                    idle = True
+                    pace(True)
+                if time.monotonic() - last < self.idle_period_s:
+                    self._idle_pass.set()  # nothing in flight, nothing arrived: the pass can wait (a begin is seen next tick)
+                    continue
+            elif idle and pace is not None:
+                idle = False
+                pace(False)  # a request: fresh readings from now (the sampler polls at once)
+            last = time.monotonic()
             try:
                 self._pass()
             except Exception:  # never let the meter thread die
@@ -509,31 +572,52 @@ class Meter:
             self._publish_balance()
             self._idle_pass.set()
 
+    def _peers_quiet(self) -> bool:
+        """No peer has anything in flight on the device: true without peers; with them, after taking
+        their events and sending our watermark (what a pass's drain does), no peer request is in flight."""
+        if self.peers is None:
+            return True
+        try:
+            self._drain()
+        except Exception:
+            self.counters["pass_errors"] += 1
+            log.exception("taking the peers' events failed")
+            return False
+        return not self._inflight and not self._steps and not self._events
+
     def _drain(self) -> None:
         ev = self._events
         inflight = self._inflight
         peers = self.peers
         out: list[Any] | None = [] if peers is not None else None
-        while ev:
-            e = ev.popleft()
-            if e[0] == _BEGIN:
+        popleft = ev.popleft
+        begun = 0
+        for _ in range(len(ev)):  # what is there now; later events wait for the next pass (only this thread pops)
+            e = popleft()
+            kind = e[0]
+            if kind == _END_FIELDS or kind == _END:
+                r = inflight.get(e[1])
+                if r is not None:
+                    t = e[2]
+                    r.end_ns = t if t > r.start_ns else r.start_ns
+                    r.meta = e if kind == _END_FIELDS else e[3]  # the flat event itself: labels built in _finalise
+                if out is not None:
+                    out.append((_END, e[1], e[2]))
+                continue
+            if kind == _BEGIN:
                 if len(inflight) >= self.max_inflight:
                     self.counters["dropped_inflight"] += 1
                     log.warning("more than %d requests in flight; request %s not metered", self.max_inflight, e[1])
                     continue
                 inflight[e[1]] = _Inflight(e[2], e[3])
-                self.counters["requests"] += 1
-            elif e[0] == _END:
-                r = inflight.get(e[1])
-                if r is not None:
-                    r.end_ns = max(e[2], r.start_ns)
-                    r.meta = e[3]
+                begun += 1
             else:
                 st = BatchStep(e[1], e[2], e[3], e[4])
                 self._steps.append(st)
                 self._hist_add(st)
             if out is not None:
-                out.append(e[:3] if e[0] == _END else e)
+                out.append(e)
+        self.counters["requests"] += begun
         if peers is not None and out is not None:
             # a watermark: every event of ours up to this time is in this message
             out.append((_MARK, time.monotonic_ns()))
@@ -580,7 +664,7 @@ class Meter:
             for rid in [rid for rid, r in inflight.items() if r.peer in gone]:
                 self._forget_peer(rid)
 
-    def _hist_add(self, step: tuple) -> None:
+    def _hist_add(self, step: BatchStep) -> None:
         """Keep ``step`` for re-estimation, within the history's id budget."""
         h = self._hist_steps
         if len(h) == h.maxlen:
@@ -624,7 +708,13 @@ class Meter:
         marks = [t for t in self._peer_marks.values() if t > floor]
         return min(marks) if marks else now - int(2 * self.period_s * 1e9)
 
-    def _lag_ns(self, info) -> int:
+    def _live(self) -> Sampler:
+        """The sampler, on the meter's thread once :meth:`_setup` has made or started it."""
+        sampler = self.sampler
+        assert sampler is not None, "the meter's sampler is set up before its first pass"
+        return sampler
+
+    def _lag_ns(self, info: DeviceInfo | None) -> int:
         if self.lag_s is not None:
             return int(self.lag_s * 1e9)
         lag = 0.3
@@ -635,14 +725,20 @@ class Meter:
     def _pass(self) -> None:
         self._drain()
         now = time.monotonic_ns()
-        infos = {d.id: d for d in self.sampler.devices()}
+        sampler = self._live()
+        infos = {d.id: d for d in sampler.devices()}
         by_dev: dict[str, list[str]] = {}
-        for rid, r in self._inflight.items():
-            if "," in r.device:  # a device group: in flight on each member (see wattspan.attribution.groups)
-                for m in r.device.split(","):
-                    by_dev.setdefault(m, []).append(rid)
-            else:
-                by_dev.setdefault(r.device, []).append(rid)
+        inflight = self._inflight
+        devices = set(map(_DEVICE, inflight.values()))
+        if len(devices) == 1 and "," not in next(iter(devices)):  # one device (a server's usual case): no loop
+            by_dev[devices.pop()] = list(inflight)
+        else:
+            for rid, r in inflight.items():
+                if "," in r.device:  # a device group: in flight on each member (see wattspan.attribution.groups)
+                    for m in r.device.split(","):
+                        by_dev.setdefault(m, []).append(rid)
+                else:
+                    by_dev.setdefault(r.device, []).append(rid)
         self._metered = infos
         gpu_devs = [d for d, i in infos.items() if i.kind == "gpu"]
         host_devs = [d for d, i in infos.items() if i.kind != "gpu"]
@@ -653,7 +749,7 @@ class Meter:
                 self._unmetered(dev, [r for r in by_dev.pop(dev) if "," not in self._inflight[r].device], infos)
         for dev in gpu_devs + [d for d in by_dev if d not in infos]:
             info = infos.get(dev)
-            latest = self.sampler.latest_ns(dev) if info is not None else None
+            latest = sampler.latest_ns(dev) if info is not None else None
             cut_sensor = (latest - self._lag_ns(info)) if latest is not None else None
             cut_clock = now - int(self.max_delay_s * 1e9)
             cut = max(cut_sensor or cut_clock, cut_clock)
@@ -685,7 +781,7 @@ class Meter:
             self._steps = [s for s in self._steps if s[1] > low]
         self._queued_step_ids = sum(len(s[3]) for s in self._steps)
 
-    def _unmetered(self, dev: str, rids: list[str], infos: dict) -> None:
+    def _unmetered(self, dev: str, rids: list[str], infos: dict[str, DeviceInfo]) -> None:
         """Requests on ``dev``, which none of the sources meters (a wrong ``WATTSPAN_DEVICE``):
         each ended one gets its record now (no energy, sensor ``none``, coverage 0), counted
         in ``counters["unmetered_device"]``; one log line per such device."""
@@ -700,26 +796,28 @@ class Meter:
         self.counters["unmetered_device"] = self.counters.get("unmetered_device", 0) + sum(1 for rid in done if not self._inflight[rid].peer)
         self._finalise(done, max(_ended(self._inflight[rid]) for rid in done), None)
 
-    def _period_inputs(self, dev: str, rids: list[str], cut: int):
-        """The requests (clipped to ``cut``) and batch steps of one pass, columnar."""
-        objs = [self._inflight[rid] for rid in rids]
+    def _period_inputs(self, dev: str, rids: list[str], cut: int) -> tuple[Requests, Steps | None, list[_Inflight], np.ndarray]:
+        """The requests (clipped to ``cut``) and batch steps of one pass, columnar; and the
+        requests' ``_Inflight`` objects and their ends (``cut`` for those in flight), unclipped."""
+        inflight = self._inflight
+        objs = [inflight[rid] for rid in rids]
         n = len(objs)
-        end = np.fromiter((cut if o.end_ns is None else o.end_ns for o in objs), np.int64, n)
+        end = np.array([cut if e is None else e for e in map(_END_NS, objs)], dtype=np.int64) if n else np.zeros(0, np.int64)
         req = Requests(
             ids=np.array(rids, dtype=object),
-            start_ns=np.fromiter((o.start_ns for o in objs), np.int64, n),
+            start_ns=np.array(list(map(_START_NS, objs)), dtype=np.int64) if n else np.zeros(0, np.int64),
             end_ns=np.minimum(end, cut),
             device=np.full(n, dev, dtype=object),
             weight=np.ones(n),
         )
         steps = Steps.from_batches(self._steps, req, dev) if self._steps else None
-        return req, steps
+        return req, steps, objs, end
 
-    def _attribute(self, dev: str, info, cur: int, cut: int, rids: list[str]) -> None:
-        trace = self.sampler.trace(dev, since_ns=cur - 2_000_000_000)
+    def _attribute(self, dev: str, info: DeviceInfo, cur: int, cut: int, rids: list[str]) -> None:
+        trace = self._live().trace(dev, since_ns=cur - 2_000_000_000)
         if len(trace) < 2:
             return
-        req, steps = self._period_inputs(dev, rids, cut)
+        req, steps, objs, end = self._period_inputs(dev, rids, cut)
         idle = self.idle_w if self.idle_w is not None else self._idle.get(dev)
         models = {dev: self._models[dev]} if dev in self._models else None
         res = attribute({dev: trace}, req, steps, idle_w=idle, t0_ns=cur, t1_ns=cut, models=models)
@@ -740,38 +838,44 @@ class Meter:
                     self.counters["sink_errors"] += 1
                     log.exception("a device sink failed")
         lo, hi = d.t0_ns, d.t1_ns
-        half = ((res.energy_j_high - res.energy_j_low) / 2).tolist() if res.energy_j_low is not None else [0.0] * len(rids)
-        qual = res.quality.tolist() if res.quality is not None else [""] * len(rids)
-        for rid, dj, ij, ds, meth, hj, q in zip(rids, res.dynamic_j.tolist(), res.idle_j.tolist(), res.device_s.tolist(),
-                                                res.method.tolist(), half, qual):
-            r = self._inflight[rid]
+        n = len(rids)
+        half = ((res.energy_j_high - res.energy_j_low) / 2).tolist() if res.energy_j_low is not None else _zeros(n)
+        qual = res.quality.tolist() if res.quality is not None else None
+        # the stretch of each request the trace covered in this pass (a group's request: its share on this member)
+        covered = np.maximum(np.minimum(end, hi) - np.maximum(req.start_ns, lo), 0).tolist()
+        for r, dj, ij, ds, meth, hj, cov in zip(objs, res.dynamic_j.tolist(), res.idle_j.tolist(), res.device_s.tolist(),
+                                                res.method.tolist(), half, covered):
             r.band_j += hj  # a request's periods share one model: their errors add
-            if q and (r.quality == "" or _QUALITY_RANK.get(q, 0) > _QUALITY_RANK.get(r.quality, 0)):
-                r.quality = q  # the worst quality of its periods
             r.dynamic_j += dj
             r.idle_j += ij
             r.device_s += ds
-            if "," in r.device:  # a device group: keep each member's part (hw.id per device)
+            if r.device != dev:  # a device group: keep each member's part (hw.id per device)
                 parts = r.parts if r.parts is not None else {}
                 parts[dev] = parts.get(dev, 0.0) + dj + ij
                 r.parts = parts
-            end = r.end_ns if r.end_ns is not None else cut
-            covered = max(0, min(end, hi) - max(r.start_ns, lo))
-            r.covered_ns += covered // (r.device.count(",") + 1) if "," in r.device else covered
+                r.covered_ns += cov // (r.device.count(",") + 1)
+            else:
+                r.covered_ns += cov
             if r.method != "batch-fit":  # a request any of whose steps were fitted is batch-fit
                 r.method = meth
+        if qual is not None:
+            for r, q in zip(objs, qual):
+                if q and (r.quality == "" or _QUALITY_RANK.get(q, 0) > _QUALITY_RANK.get(r.quality, 0)):
+                    r.quality = q  # the worst quality of its periods
 
     def _attribute_host(self, host: str, cur: int, cut: int, rids: list[str]) -> None:
-        trace = self.sampler.trace(host, since_ns=cur - 2_000_000_000)
+        trace = self._live().trace(host, since_ns=cur - 2_000_000_000)
         if len(trace) < 2:
             return
-        req, _ = self._period_inputs(host, rids, cut)
+        req = self._period_inputs(host, rids, cut)[0]
         res = attribute({host: trace}, req, None, t0_ns=cur, t1_ns=cut, idle_w=self._idle.get(host))
         for i, rid in enumerate(rids):
             self._inflight[rid].host_j += float(res.energy_j[i])
 
     def _refit_due(self, dev: str, cut: int, busy: bool) -> bool:
         """Whether to refit ``dev`` in this pass (the rule is in the module's docstring); notes it if so."""
+        if self.idle_w is not None and not self._dev_steps.get(dev):
+            return False  # a fixed idle baseline and no batch step ever on this device: a refit could change nothing
         now = time.monotonic()
         last = self._fit_at.get(dev)
         seen = self._dev_steps.get(dev, 0)
@@ -793,15 +897,17 @@ class Meter:
     def _refit(self, dev: str, cut: int) -> None:
         """Re-estimate idle and the step model over the recent history."""
         lo = cut - int(self.history_s * 1e9)
-        trace = self.sampler.trace(dev, since_ns=lo)
+        trace = self._live().trace(dev, since_ns=lo)
         if len(trace) < 10:
             return
-        on = lambda d: d == dev or ("," in d and dev in d.split(","))  # noqa: E731 (a group runs on each member)
+        def on(d: str) -> bool:  # a group runs on each member
+            return d == dev or ("," in d and dev in d.split(","))
+
         steps_rows = [s for s in self._hist_steps if on(s[2]) and s[1] > lo]
         span: dict[str, list[int]] = {}
-        for rid, a, b, d in self._hist_reqs:
-            if on(d) and b > lo:
-                span[rid] = [a, b]
+        for rid, a, b_ns, dname in self._hist_reqs:
+            if on(dname) and b_ns > lo:
+                span[rid] = [a, b_ns]
         for rid, r in self._inflight.items():
             if on(r.device) and r.start_ns < cut:
                 span[rid] = [r.start_ns, min(r.end_ns if r.end_ns is not None else cut, cut)]
@@ -810,8 +916,8 @@ class Meter:
                 if k not in span:
                     span[k] = [s, e]
                 else:
-                    b = span[k]
-                    b[0], b[1] = min(b[0], s), max(b[1], e)
+                    ab = span[k]
+                    ab[0], ab[1] = min(ab[0], s), max(ab[1], e)
         n = len(span)
         bounds = np.array(list(span.values()), dtype=np.int64).reshape(n, 2)
         req = Requests(np.array(list(span), dtype=object), bounds[:, 0], bounds[:, 1], np.full(n, dev, dtype=object), np.ones(n))
@@ -845,63 +951,94 @@ class Meter:
         else:
             self.counters["step_model_rejected"] += 1
 
-    def _group_done(self, r) -> bool:
+    def _group_done(self, r: _Inflight) -> bool:
         metered = getattr(self, "_metered", None) or {}
-        return all(self._cursor.get(m, r.end_ns - 1) >= r.end_ns for m in r.device.split(",") if m in metered)
+        end = _ended(r)
+        return all(self._cursor.get(m, end - 1) >= end for m in r.device.split(",") if m in metered)
 
-    def _finalise(self, rids: list[str], cut: int, info, stalled: bool = False) -> None:
-        done = []
-        for rid in rids:
-            r = self._inflight.get(rid)
-            if r is not None and r.end_ns is not None and r.end_ns <= cut:
+    def _finalise(self, rids: list[str], cut: int, info: DeviceInfo | None, stalled: bool = False) -> None:
+        inflight = self._inflight
+        get = inflight.get
+        ended = [(rid, r) for rid, r in zip(rids, map(get, rids)) if r is not None and r.end_ns is not None and r.end_ns <= cut]
+        if not ended:
+            return
+        self._hist_reqs.extend([(rid, r.start_ns, r.end_ns or 0, r.device) for rid, r in ended  # (ended: end_ns is set)
+                                if "," not in r.device or self._group_done(r)])
+        if any(r.peer or "," in r.device for _, r in ended):
+            done = []
+            for rid, r in ended:
                 if "," in r.device and not self._group_done(r):
                     continue  # a device group: final once every metered member has passed its end
-                self._hist_reqs.append((rid, r.start_ns, r.end_ns, r.device))
                 if r.peer:
                     self._forget_peer(rid)
                 else:
                     done.append((rid, r))  # removed once emitted, so flush() waits for the sinks
-        if not done:
-            return
+            if not done:
+                return
+        else:
+            done = ended
         if stalled:
             if not self.counters["late_records"]:
                 log.warning("the power sensor stopped answering; records are made final on the clock, with coverage < 1")
             self.counters["late_records"] += len(done)
+        if not self._sinks:  # nobody takes records: count them and their energy, build none
+            self.counters["records"] += len(done)
+            self._final_j += math.fsum(r.dynamic_j + r.idle_j for _, r in done)
+            for rid, _ in done:
+                del inflight[rid]
+            return
         sensor = info.sensor if info is not None else "none"
         simulated = bool(info.simulated) if info is not None else False
-        rs = [r for _, r in done]
-        n = len(rs)
-        energy = np.fromiter((r.dynamic_j + r.idle_j for r in rs), float, n)
-        band = np.fromiter((r.band_j for r in rs), float, n)
-        start = np.fromiter((r.start_ns for r in rs), np.int64, n)
-        end = np.fromiter((_ended(r) for r in rs), np.int64, n)
+        n = len(done)
+        start_t, end_t, dyn_t, idle_t, dev_s_t, host_t, band_t, cov_t, devices, methods, quality, metas = zip(
+            *map(_FINAL_FIELDS, [r for _, r in done]))
+        dyn = np.array(dyn_t, dtype=float)
+        idle = np.array(idle_t, dtype=float)
+        energy = dyn + idle
+        band = np.array(band_t, dtype=float)
+        start = np.array(start_t, dtype=np.int64)
+        end = np.array(end_t, dtype=np.int64)
         # each request at the intensity of the hour it ran (its mid-point on the wall clock)
         wall = (start + end) * 0.5e-9 + (time.time() - time.monotonic())
         life = end - start
-        covered = np.fromiter((r.covered_ns for r in rs), float, n)
+        covered = np.array(cov_t, dtype=float)
+        # the labels: straight from the columns of the middleware's flat end events when every request has one
+        label_columns = None
+        if set(map(type, metas)) == {tuple} and set(map(len, metas)) == {len(_LABEL_ORDER) + 3}:
+            cols = list(zip(*metas))
+            if cols[0].count(_END_FIELDS) == n:
+                label_columns = cols[3:]
         # carbon once, for the whole batch (see wattspan.carbon.records for the host rule)
         batch = request_records(
-            self.carbon, ids=[rid for rid, _ in done], device=[r.device for r in rs], start_ns=start, end_ns=end,
-            dynamic_j=np.fromiter((r.dynamic_j for r in rs), float, n), idle_j=np.fromiter((r.idle_j for r in rs), float, n),
-            device_s=np.fromiter((r.device_s for r in rs), float, n), host_j=np.fromiter((r.host_j for r in rs), float, n),
+            self.carbon, ids=[rid for rid, _ in done], device=devices, start_ns=start, end_ns=end,
+            dynamic_j=dyn, idle_j=idle, device_s=np.array(dev_s_t, dtype=float), host_j=np.array(host_t, dtype=float),
             wall_s=wall, energy_j_low=np.maximum(energy - band, 0.0), energy_j_high=energy + band,
-            method=[r.method or "no-trace" for r in rs], sensor=sensor,
+            method=[m or "no-trace" for m in methods], sensor=sensor,
             coverage=np.minimum(1.0, np.divide(covered, life, out=np.ones(n), where=life > 0)),
-            simulated=simulated, quality=[r.quality for r in rs],
-            labels=[r.meta if type(r.meta) is RequestLabels else RequestLabels.from_mapping(r.meta) for r in rs],
-            device_energy=[_parts_json(r) if "," in r.device else "" for r in rs],
+            simulated=simulated, quality=quality,
+            labels=None if label_columns is not None else [m if type(m) is RequestLabels else _labels(m) for m in metas],
+            label_columns=label_columns,
+            device_energy=[_parts_json(r) if "," in r.device else "" for _, r in done] if any("," in d for d in set(devices)) else "",
         )
         self.counters["records"] += len(batch)
         self._final_j += float(energy.sum())
         self._to_sinks(batch)
         for rid, _ in done:  # removed only now, so flush() waits for every sink
-            del self._inflight[rid]
+            del inflight[rid]
 
 
-def _carbon_from_env():
+def _labels(meta: Any) -> RequestLabels:
+    """A request's labels from what its end event carried: the flat event of :meth:`Meter.end_fields`, or a mapping (or None)."""
+    if type(meta) is tuple and meta and meta[0] == _END_FIELDS:
+        return _new_tuple(RequestLabels, meta[3:])
+    return RequestLabels.from_mapping(meta)
+
+
+def _carbon_from_env() -> CarbonModel:
     from ..carbon import CarbonModel
     from ..carbon.intensity import hourly_from_env
     from ..settings import get_settings
 
     s = get_settings()
-    return hourly_from_env(CarbonModel.for_region(s.region, pue=s.pue))
+    model: CarbonModel = hourly_from_env(CarbonModel.for_region(s.region, pue=s.pue))
+    return model

@@ -20,9 +20,10 @@ sink::
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Generic, Protocol, TypeVar, runtime_checkable
 
 from ..records import RequestRecord
 
@@ -73,10 +74,29 @@ class FlushableSink(RecordSink, Protocol):
     def flush(self, timeout: float) -> bool | None: ...
 
 
-class _Callback:
+_T = TypeVar("_T")
+
+
+def _takes_timeout(fn: Callable[..., object]) -> bool:
+    """Whether ``fn`` accepts one positional argument (a flush's timeout), from its signature: a
+    ``TypeError`` raised inside a flush is the flush's own failure, not a sign to call it again."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):  # a builtin without a signature (io's flush() takes none)
+        return False
+    try:
+        sig.bind(0.0)
+    except TypeError:
+        return False
+    return True
+
+
+class _Callback(Generic[_T]):
+    """A function taking one ``_T`` (a record, a pass's records, a device's figures) as a sink."""
+
     __slots__ = ("fn",)
 
-    def __init__(self, fn: Callable) -> None:
+    def __init__(self, fn: Callable[[_T], object]) -> None:
         self.fn = fn
 
     def on_records(self, records: Sequence[RequestRecord]) -> None:
@@ -87,19 +107,19 @@ class _Callback:
 
     def flush(self, timeout: float) -> bool | None:
         """Flush the object ``fn`` is a bound method of, if it has ``flush`` (``Ledger.write``'s ledger)."""
-        fl = getattr(getattr(self.fn, "__self__", None), "flush", None)
+        # the bound method's owner's flush: a ledger's flush(timeout) -> bool, a file's flush() -> None
+        fl: Callable[..., bool | None] | None = getattr(getattr(self.fn, "__self__", None), "flush", None)
         if not callable(fl):
             return None
-        try:
+        if _takes_timeout(fl):
             return fl(timeout)
-        except TypeError:  # a flush() without a timeout (a file's)
-            return fl()
+        return fl()  # a flush() without a timeout (a file's)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.fn!r})"
 
 
-class RecordCallback(_Callback):
+class RecordCallback(_Callback[RequestRecord]):
     """A sink calling ``fn(record)`` for each final record."""
 
     __slots__ = ()
@@ -110,7 +130,7 @@ class RecordCallback(_Callback):
             fn(rec)
 
 
-class BatchCallback(_Callback):
+class BatchCallback(_Callback[list[RequestRecord]]):
     """A sink calling ``fn(records)`` once per pass with that pass's final records (a list)."""
 
     __slots__ = ()
@@ -119,7 +139,7 @@ class BatchCallback(_Callback):
         self.fn(records if isinstance(records, list) else list(records))
 
 
-class DeviceCallback(_Callback):
+class DeviceCallback(_Callback[DeviceFigures]):
     """A sink calling ``fn(figures)`` with each device's :class:`DeviceFigures`."""
 
     __slots__ = ()

@@ -14,7 +14,7 @@ class _Faults:
 
     __slots__ = ("counts", "_seen")
 
-    def __init__(self, counts: dict) -> None:
+    def __init__(self, counts: dict[str, int]) -> None:
         self.counts = counts
         self._seen: set[str] = set()
 

@@ -47,19 +47,22 @@ attribute                        type      meaning
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from ...records import RequestRecord
+
+if TYPE_CHECKING:
+    from opentelemetry.util.types import AttributeValue
 
 __all__ = ["record_attributes"]
 
 
-def record_attributes(record: RequestRecord) -> dict[str, Any]:
+def record_attributes(record: RequestRecord) -> dict[str, AttributeValue]:
     """The span attributes for one final record (see the module's table).
 
     Optional values (model, tenant, token counts) are left out when unknown.
     """
-    a: dict[str, Any] = {
+    a: dict[str, AttributeValue] = {
         "wattspan.energy_j": float(record.energy_j),
         "wattspan.energy.dynamic_j": float(record.dynamic_j),
         "wattspan.energy.idle_j": float(record.idle_j),

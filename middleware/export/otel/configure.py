@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 try:
     from opentelemetry import metrics as _metrics_api
@@ -20,6 +20,17 @@ except ImportError as exc:  # pragma: no cover - exercised without the otel extr
 from ...logs import get_logger
 from .metrics import EnergyMetrics
 from .spans import EnergySpanProcessor
+
+if TYPE_CHECKING:
+    import threading
+    from wsgiref.simple_server import WSGIServer
+
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SpanExporter
+
+    from ...meter import Meter
 
 __all__ = ["OTelSetup", "configure_from_env", "connect_metrics", "install", "is_sdk_provider", "wrap_provider"]
 
@@ -56,7 +67,9 @@ def _exporter_names(signal: str) -> list[str]:
     return out
 
 
-def _load_exporter(group: str, name: str, var: str):
+def _load_exporter(group: str, name: str, var: str) -> Any:
+    """The object the entry point ``name`` of ``group`` names (a SpanExporter class for traces;
+    a MetricExporter or MetricReader class for metrics): Any, as EntryPoint.load() gives it."""
     from importlib.metadata import entry_points
 
     found = list(entry_points(group=group, name=name))
@@ -71,19 +84,19 @@ def _load_exporter(group: str, name: str, var: str):
     return found[0].load()
 
 
-def _span_exporters_from_env() -> list:
+def _span_exporters_from_env() -> list[SpanExporter]:
     if os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() in _TRUE:
         return []
     return [_load_exporter("opentelemetry_traces_exporter", n, "OTEL_TRACES_EXPORTER")() for n in _exporter_names("traces")]
 
 
 def install(
-    tracer_provider=None,
+    tracer_provider: _trace_api.TracerProvider | None = None,
     *,
-    exporter=None,
+    exporter: SpanExporter | None = None,
     hold_timeout_s: float = 5.0,
     max_held: int = 10_000,
-    meter=None,
+    meter: Meter | None = None,
 ) -> EnergySpanProcessor:
     """Add an :class:`EnergySpanProcessor` exporting to ``exporter`` to a TracerProvider.
 
@@ -98,8 +111,10 @@ def install(
     from opentelemetry.sdk.trace import SpanProcessor, SynchronousMultiSpanProcessor
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-    provider: Any = tracer_provider if tracer_provider is not None else _trace_api.get_tracer_provider()  # an SDK one: checked
-    if not callable(getattr(provider, "add_span_processor", None)):
+    provider = tracer_provider if tracer_provider is not None else _trace_api.get_tracer_provider()
+    # an SDK TracerProvider's (the API's has none): checked here, called below
+    add_span_processor: Callable[[SpanProcessor], None] | None = getattr(provider, "add_span_processor", None)
+    if not callable(add_span_processor):
         raise TypeError(
             f"install() needs an SDK TracerProvider, got {type(provider).__name__}: create one "
             "(opentelemetry.sdk.trace.TracerProvider), set it with trace.set_tracer_provider(), "
@@ -111,11 +126,12 @@ def install(
     if len(exporters) == 1:
         downstream: SpanProcessor = BatchSpanProcessor(exporters[0])
     else:
-        multi = downstream = SynchronousMultiSpanProcessor()
+        # the SDK's __init__ has no "-> None", so mypy takes it for an untyped function
+        multi = downstream = SynchronousMultiSpanProcessor()  # type: ignore[no-untyped-call]
         for e in exporters:
             multi.add_span_processor(BatchSpanProcessor(e))
     proc = EnergySpanProcessor(downstream, hold_timeout_s=hold_timeout_s, max_held=max_held)
-    provider.add_span_processor(proc)  # an SDK TracerProvider: checked above
+    add_span_processor(proc)
     if meter is not None:
         meter.add_sink(proc)
     return proc
@@ -127,15 +143,16 @@ class OTelSetup:
     are off; ``prometheus_address`` is ``(host, port)`` when the Prometheus endpoint
     serves. :meth:`shutdown` flushes and stops everything it started."""
 
-    tracer_provider: Any
-    meter_provider: Any
+    tracer_provider: TracerProvider
+    meter_provider: MeterProvider
     span_processor: EnergySpanProcessor | None
     metrics: EnergyMetrics
     prometheus_address: tuple[str, int] | None = None
-    _servers: tuple = field(default=(), repr=False)
+    _servers: tuple[tuple[WSGIServer, threading.Thread], ...] = field(default=(), repr=False)
 
     def shutdown(self) -> None:
-        for fn in (self.tracer_provider.shutdown, self.meter_provider.shutdown):
+        shutdowns: tuple[Callable[[], object], ...] = (self.tracer_provider.shutdown, self.meter_provider.shutdown)
+        for fn in shutdowns:
             try:
                 fn()
             except Exception:
@@ -149,11 +166,11 @@ class OTelSetup:
 def configure_from_env(
     *,
     set_global: bool = True,
-    resource=None,
+    resource: Resource | None = None,
     hold_timeout_s: float = 5.0,
     max_tenants: int = 100,
-    health: Callable[[], Mapping] | None = None,
-    meter=None,
+    health: Callable[[], Mapping[str, Any]] | None = None,
+    meter: Meter | None = None,
 ) -> OTelSetup:
     """A TracerProvider and a MeterProvider configured by the standard ``OTEL_*`` variables.
 
@@ -184,8 +201,8 @@ def configure_from_env(
     disabled = os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() in _TRUE
     span_exporters = _span_exporters_from_env()
     readers: list[MetricReader] = []
-    servers = []
-    prom_addr = None
+    servers: list[tuple[WSGIServer, threading.Thread]] = []
+    prom_addr: tuple[str, int] | None = None
     try:
         for name in [] if disabled else _exporter_names("metrics"):
             if name == "prometheus":
@@ -206,47 +223,62 @@ def configure_from_env(
                 cls = _load_exporter("opentelemetry_metrics_exporter", name, "OTEL_METRICS_EXPORTER")
                 readers.append(cls() if isinstance(cls, type) and issubclass(cls, MetricReader) else PeriodicExportingMetricReader(cls()))
     except BaseException:
-        for server, thread in servers:
-            server.shutdown()
-            server.server_close()
+        _close_servers(servers)
         raise
 
-    tp = TracerProvider(resource=res)
-    proc = None
-    if span_exporters:
-        if len(span_exporters) == 1:
-            downstream: SpanProcessor = BatchSpanProcessor(span_exporters[0])
-        else:
-            multi = downstream = SynchronousMultiSpanProcessor()
-            for e in span_exporters:
-                multi.add_span_processor(BatchSpanProcessor(e))
-        proc = EnergySpanProcessor(downstream, hold_timeout_s=hold_timeout_s)
-        tp.add_span_processor(proc)
-    mp = MeterProvider(resource=res, metric_readers=readers)
-    if health is None and meter is not None:
-        health = lambda: meter.sampler.health() if meter.sampler is not None else {}  # noqa: E731
-    em = EnergyMetrics(mp, max_tenants=max_tenants, health=health)
-    if set_global:
-        _trace_api.set_tracer_provider(tp)
-        _metrics_api.set_meter_provider(mp)
-    if meter is not None:
-        meter.add_sink(proc)
-        connect_metrics(meter, em)
+    try:
+        tp = TracerProvider(resource=res)
+        proc = None
+        if span_exporters:
+            if len(span_exporters) == 1:
+                downstream: SpanProcessor = BatchSpanProcessor(span_exporters[0])
+            else:
+                multi = downstream = SynchronousMultiSpanProcessor()  # type: ignore[no-untyped-call]  # as in install()
+                for e in span_exporters:
+                    multi.add_span_processor(BatchSpanProcessor(e))
+            proc = EnergySpanProcessor(downstream, hold_timeout_s=hold_timeout_s)
+            tp.add_span_processor(proc)
+        mp = MeterProvider(resource=res, metric_readers=readers)
+        if health is None and meter is not None:
+            health = lambda: meter.sampler.health() if meter.sampler is not None else {}  # noqa: E731
+        em = EnergyMetrics(mp, max_tenants=max_tenants, health=health)
+        if set_global:
+            _trace_api.set_tracer_provider(tp)
+            _metrics_api.set_meter_provider(mp)
+        if meter is not None:
+            if proc is not None:  # None when traces are off (OTEL_TRACES_EXPORTER=none, OTEL_SDK_DISABLED)
+                meter.add_sink(proc)
+            connect_metrics(meter, em)
+    except BaseException:  # nothing half set up keeps serving /metrics
+        _close_servers(servers)
+        raise
     return OTelSetup(tp, mp, proc, em, prom_addr, tuple(servers))
 
 
-def connect_metrics(meter, metrics: "EnergyMetrics") -> None:
+def _close_servers(servers: list[tuple[WSGIServer, threading.Thread]]) -> None:
+    for server, _thread in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def connect_metrics(meter: Meter, metrics: EnergyMetrics) -> None:
     """Feed ``metrics`` from ``meter``: every final record, and each device's
     measured and unattributed energy and power after every attribution pass."""
     meter.add_sink(metrics)
 
 
-def is_sdk_provider(provider) -> bool:
+def is_sdk_provider(provider: object) -> bool:
     """True for an OpenTelemetry SDK ``TracerProvider`` that :func:`wrap_provider` can wrap."""
     return hasattr(provider, "_active_span_processor")
 
 
-def wrap_provider(tracer_provider=None, *, meter=None, hold_timeout_s: float = 5.0, max_held: int = 10_000) -> EnergySpanProcessor:
+def wrap_provider(
+    tracer_provider: _trace_api.TracerProvider | None = None,
+    *,
+    meter: Meter | None = None,
+    hold_timeout_s: float = 5.0,
+    max_held: int = 10_000,
+) -> EnergySpanProcessor:
     """Put an :class:`EnergySpanProcessor` in front of the span processors a
     TracerProvider already has (the user's own exporters), so the server spans
     wattspan meters reach them with energy attached, once.
@@ -259,12 +291,13 @@ def wrap_provider(tracer_provider=None, *, meter=None, hold_timeout_s: float = 5
     from opentelemetry.sdk.trace import SynchronousMultiSpanProcessor
 
     provider = tracer_provider if tracer_provider is not None else _trace_api.get_tracer_provider()
-    multi = getattr(provider, "_active_span_processor", None)
+    # the SDK's private SynchronousMultiSpanProcessor (its _lock, _span_processors): Any
+    multi: Any = getattr(provider, "_active_span_processor", None)
     if multi is None or not hasattr(multi, "_span_processors"):
         raise TypeError(f"wrap_provider() needs an SDK TracerProvider, got {type(provider).__name__}")
     with multi._lock:
         existing = tuple(multi._span_processors)
-        inner = SynchronousMultiSpanProcessor()
+        inner = SynchronousMultiSpanProcessor()  # type: ignore[no-untyped-call]  # as in install()
         for p in existing:
             inner.add_span_processor(p)
         proc = EnergySpanProcessor(inner, hold_timeout_s=hold_timeout_s, max_held=max_held)

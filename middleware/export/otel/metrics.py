@@ -37,6 +37,8 @@ from typing import Any, cast
 
 try:
     from opentelemetry import metrics as _metrics_api
+    from opentelemetry.metrics import CallbackOptions, MeterProvider, Observation
+    from opentelemetry.util.types import AttributeValue
 except ImportError as exc:  # pragma: no cover - exercised without the otel extra
     raise ImportError("wattspan.export.otel needs the OpenTelemetry SDK: pip install 'wattspan[otel]'") from exc
 
@@ -64,7 +66,7 @@ def _status_class(code: int) -> str:
     return f"{code // 100}xx" if 100 <= code <= 599 else "unknown"
 
 
-def _per_key(value, key: str) -> list[tuple[float, dict]]:
+def _per_key(value: float | Mapping[str, float | None] | None, key: str) -> list[tuple[float, dict[str, str]]]:
     """Observations from a health() entry: a number, or a mapping name -> number."""
     if value is None:
         return []
@@ -90,10 +92,10 @@ class EnergyMetrics:
 
     def __init__(
         self,
-        meter_provider=None,
+        meter_provider: MeterProvider | None = None,
         *,
         max_tenants: int = 100,
-        health: Callable[[], Mapping] | None = None,
+        health: Callable[[], Mapping[str, Any]] | None = None,
         max_devices: int = 256,
     ) -> None:
         if not (isinstance(max_tenants, int) and max_tenants >= 1):
@@ -152,9 +154,9 @@ class EnergyMetrics:
     # -------------------------------------------------------------- feeding
 
     def _labels(self, route: str | None, method: str | None, status: int, device: str, simulated: bool,
-                model: str | None, tenant: str | None) -> dict[str, Any]:
+                model: str | None, tenant: str | None) -> dict[str, AttributeValue]:
         """The label set of a record with these fields (model and tenant capped)."""
-        attrs: dict[str, Any] = {
+        attrs: dict[str, AttributeValue] = {
             "http.route": route or "(unknown)",
             "http.request.method": method or "_OTHER",
             "wattspan.status_class": _status_class(int(status)),
@@ -276,12 +278,10 @@ class EnergyMetrics:
 
     # -------------------------------------------------------------- callbacks
 
-    def _device_obs(self, i: int, with_type: bool):
-        from opentelemetry.metrics import Observation
-
+    def _device_obs(self, i: int, with_type: bool) -> list[Observation]:
         with self._lock:
             items = list(self._devices.items())
-        out = []
+        out: list[Observation] = []
         for dev, row in items:
             v = row[i]
             if v is None:
@@ -290,33 +290,31 @@ class EnergyMetrics:
             out.append(Observation(cast(float, v), attrs))  # columns after the first (the type) are numbers
         return out
 
-    def _cb_hw_energy(self, options):
+    def _cb_hw_energy(self, options: CallbackOptions) -> Iterable[Observation]:
         return self._safe(lambda: self._device_obs(1, True))
 
-    def _cb_hw_power(self, options):
+    def _cb_hw_power(self, options: CallbackOptions) -> Iterable[Observation]:
         return self._safe(lambda: self._device_obs(2, True))
 
-    def _cb_unattributed(self, options):
+    def _cb_unattributed(self, options: CallbackOptions) -> Iterable[Observation]:
         return self._safe(lambda: self._device_obs(3, False))
 
-    def _health_obs(self, entry: str, key: str):
-        from opentelemetry.metrics import Observation
-
+    def _health_obs(self, entry: str, key: str) -> list[Observation]:
         if self.health is None:
             return []
         h = self.health() or {}
         return [Observation(v, a) for v, a in _per_key(h.get(entry), key)]
 
-    def _cb_poll_errors(self, options):
+    def _cb_poll_errors(self, options: CallbackOptions) -> Iterable[Observation]:
         return self._safe(lambda: self._health_obs("poll_errors", "wattspan.source"))
 
-    def _cb_dropped(self, options):
+    def _cb_dropped(self, options: CallbackOptions) -> Iterable[Observation]:
         return self._safe(lambda: self._health_obs("dropped_rows", "hw.id"))
 
-    def _cb_poll_age(self, options):
+    def _cb_poll_age(self, options: CallbackOptions) -> Iterable[Observation]:
         return self._safe(lambda: self._health_obs("last_poll_age_s", "hw.id"))
 
-    def _safe(self, fn):
+    def _safe(self, fn: Callable[[], list[Observation]]) -> list[Observation]:
         try:
             return fn()
         except Exception:

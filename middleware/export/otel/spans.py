@@ -39,14 +39,15 @@ import os
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 try:
     from opentelemetry import trace as _trace_api
     from opentelemetry.attributes import BoundedAttributes
     from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
     from opentelemetry.trace import SpanKind, Status, StatusCode
+    from opentelemetry.util.types import AttributeValue
 except ImportError as exc:  # pragma: no cover - exercised without the otel extra
     raise ImportError("wattspan.export.otel needs the OpenTelemetry SDK: pip install 'wattspan[otel]'") from exc
 
@@ -56,6 +57,12 @@ from ...records import RequestRecord
 from ._faults import _Faults
 from .attributes import record_attributes
 
+if TYPE_CHECKING:
+    from opentelemetry.context import Context
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import Span
+    from opentelemetry.sdk.util.instrumentation import InstrumentationInfo, InstrumentationScope
+
 __all__ = ["EnergySpanProcessor"]
 
 log = get_logger(__name__)
@@ -63,13 +70,13 @@ log = get_logger(__name__)
 _monotonic = time.monotonic
 
 
-_PENDING = {"wattspan.status": "pending"}
+_PENDING: dict[str, AttributeValue] = {"wattspan.status": "pending"}
 
 
 _new = object.__new__
 
 
-def _with_attributes(span: ReadableSpan, extra: Mapping[str, Any]) -> ReadableSpan:
+def _with_attributes(span: ReadableSpan, extra: Mapping[str, AttributeValue]) -> ReadableSpan:
     """A copy of the ended ``span`` with ``extra`` merged into its attributes.
 
     Everything else is the original's (events and links keep their dropped
@@ -178,11 +185,11 @@ def _slim(span: ReadableSpan) -> ReadableSpan:
 _KINDS = tuple(SpanKind)
 _KIND_INDEX = {k: i for i, k in enumerate(_KINDS)}
 _UNSET = Status(StatusCode.UNSET)
-_FLAGS: dict[int, Any] = {}  # flags value -> one shared TraceFlags (immutable ints)
+_FLAGS: dict[int, _trace_api.TraceFlags] = {}  # flags value -> one shared TraceFlags (immutable ints)
 _MAX_SHARED = 64  # distinct (resource, scope) held packed; beyond, spans are held as they are
 
 
-def _flags(v: int):
+def _flags(v: int) -> _trace_api.TraceFlags:
     f = _FLAGS.get(v)
     if f is None:
         f = _FLAGS[v] = _trace_api.TraceFlags(v)
@@ -193,8 +200,11 @@ _SpanContext = _trace_api.SpanContext
 _DEFAULT_TS = _trace_api.DEFAULT_TRACE_STATE
 _tuple_new = tuple.__new__
 
+# a SpanContext packed: (trace_id, span_id, is_remote, flags, trace_state or None, is_valid)
+_PackedContext = tuple[int, int, bool, int, "_trace_api.TraceState | None", bool]
 
-def _pack_context(ctx) -> tuple | None:
+
+def _pack_context(ctx: object) -> _PackedContext | None:
     """A SpanContext (a tuple: trace_id, span_id, is_remote, trace_flags, trace_state, is_valid) as
     (trace_id, span_id, is_remote, flags as an int, trace_state or None when empty, is_valid);
     None if it is no SpanContext."""
@@ -204,7 +214,7 @@ def _pack_context(ctx) -> tuple | None:
     return (tid, sid, remote, int(flags), None if ts is _DEFAULT_TS or not len(ts) else ts, valid)
 
 
-def _context(tid: int, sid: int, remote: bool, flags: int, ts, valid: bool) -> Any:
+def _context(tid: int, sid: int, remote: bool, flags: int, ts: _trace_api.TraceState | None, valid: bool) -> _trace_api.SpanContext:
     """The SpanContext :func:`_pack_context` packed (the constructor's tuple, built as it builds it:
     checked at import)."""
     f = _FLAGS.get(flags)
@@ -212,7 +222,10 @@ def _context(tid: int, sid: int, remote: bool, flags: int, ts, valid: bool) -> A
                                      _DEFAULT_TS if ts is None else ts, valid))
 
 
-def _build(name, context, kind, info, scope, parent, start, end, attributes, resource, status) -> ReadableSpan:
+def _build(name: str, context: _trace_api.SpanContext, kind: SpanKind, info: InstrumentationInfo | None,
+           scope: InstrumentationScope | None, parent: _trace_api.SpanContext | None, start: int | None,
+           end: int | None, attributes: Mapping[str, AttributeValue], resource: Resource,
+           status: Status) -> ReadableSpan:
     """A finished SDK ReadableSpan with these fields, as its constructor would make it (checked at import)."""
     span = _new(ReadableSpan)
     span._name = name  # in the constructor's order: the instances share one key table
@@ -245,7 +258,9 @@ def _fast_build_ok() -> bool:
         ref = ReadableSpan(**args)
         got = _build("n", ctx, SpanKind.SERVER, None, None, None, 1, 2, {"a": 1}, res, _UNSET)
         packed = _pack_context(ctx)
-        again = _context(*packed)  # type: ignore[misc]
+        if packed is None:
+            return False
+        again = _context(*packed)
         return (vars(ref) == vars(got) and packed == (1, 2, False, 1, None, True) and again == ctx
                 and (again.trace_id, again.span_id, again.is_remote, again.trace_flags, again.trace_state, again.is_valid)
                 == (1, 2, False, 1, _DEFAULT_TS, True) and type(again) is _SpanContext)
@@ -255,7 +270,7 @@ def _fast_build_ok() -> bool:
 
 _FAST = _fast_build_ok()
 
-def _empty_hooks() -> frozenset:
+def _empty_hooks() -> frozenset[object]:
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
 
     return frozenset(f for cls in (SpanProcessor, BatchSpanProcessor, SimpleSpanProcessor)
@@ -265,19 +280,19 @@ def _empty_hooks() -> frozenset:
 _EMPTY_HOOKS = _empty_hooks()  # the SDK's processors' hooks that do nothing
 
 
-def _hook(proc, name: str):
+def _hook(proc: SpanProcessor, name: str) -> Callable[..., None] | None:
     """``proc``'s bound ``name`` method, or None when it has none or it is one of the SDK's empty ones."""
-    fn = getattr(proc, name, None)
+    fn: Callable[..., None] | None = getattr(proc, name, None)  # on_start(span, parent_context=), _on_ending(span)
     if fn is None or getattr(fn, "__func__", None) in _EMPTY_HOOKS:
         return None
     return fn
 
 
-def _span_id_of(span_or_context) -> int:
+def _span_id_of(span_or_context: int | _trace_api.SpanContext | _trace_api.Span) -> int:
     """The span id of an int, a SpanContext or a Span (0 when there is none to wait for)."""
     if isinstance(span_or_context, int):
         return span_or_context
-    if hasattr(span_or_context, "get_span_context"):
+    if not isinstance(span_or_context, _trace_api.SpanContext) and hasattr(span_or_context, "get_span_context"):
         if not span_or_context.is_recording():  # on_end is never called for it
             return 0
         span_or_context = span_or_context.get_span_context()
@@ -382,8 +397,8 @@ class EnergySpanProcessor(SpanProcessor):
         self._held: OrderedDict[int, tuple[Any, ...]] = OrderedDict()
         # the attribute dicts of the packed ones, by span id: kept out of the entries, which the GC
         # then stops tracking (one container for all instead of one tracked tuple per held span)
-        self._held_attrs: dict[int, dict[str, Any]] = {}
-        self._early: OrderedDict[int, tuple[dict, float]] = OrderedDict()
+        self._held_attrs: dict[int, dict[str, AttributeValue]] = {}
+        self._early: OrderedDict[int, tuple[dict[str, AttributeValue], float]] = OrderedDict()
         self._gone: OrderedDict[int, None] = OrderedDict()  # recently passed on as pending
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -416,7 +431,7 @@ class EnergySpanProcessor(SpanProcessor):
 
     # -------------------------------------------------------------- marks and records
 
-    def expect(self, span_or_context) -> None:
+    def expect(self, span_or_context: int | _trace_api.SpanContext | _trace_api.Span) -> None:
         """Mark a server span (its id, SpanContext or the Span) as metered: hold it at its end."""
         try:
             sid = _span_id_of(span_or_context)
@@ -435,22 +450,22 @@ class EnergySpanProcessor(SpanProcessor):
                     exp.popitem(last=False)
                     self._counts["expect_evicted"] += 1
 
-    def resolve(self, span_id: int, attributes: Mapping[str, Any]) -> None:
+    def resolve(self, span_id: int, attributes: Mapping[str, AttributeValue]) -> None:
         """The record of span ``span_id`` is final: pass the span on with ``attributes``."""
         attrs = dict(attributes)
         attrs.setdefault("wattspan.status", "final")
         self._resolve(span_id, attrs)
 
-    def _resolve(self, span_id: int, attrs: dict[str, Any]) -> None:
+    def _resolve(self, span_id: int, attrs: dict[str, AttributeValue]) -> None:
         """:meth:`resolve` with ``attrs`` this processor's own to keep (not copied again)."""
         self._resolve_many(((span_id, attrs),))
 
-    def _resolve_many(self, items: Sequence[tuple[int, dict[str, Any]]]) -> None:
+    def _resolve_many(self, items: Sequence[tuple[int, dict[str, AttributeValue]]]) -> None:
         """:meth:`resolve` for each (span id, attributes) of a pass, under one lock; the
         attribute dicts are this processor's own to keep (the fresh ones of
         :func:`record_attributes`: not copied again)."""
         out: list[ReadableSpan] = []
-        found: list[tuple[int, tuple[Any, ...], dict[str, Any]]] = []
+        found: list[tuple[int, tuple[Any, ...], dict[str, AttributeValue]]] = []
         try:
             now = _monotonic()
             with self._lock:
@@ -488,7 +503,7 @@ class EnergySpanProcessor(SpanProcessor):
 
     def on_records(self, records: Sequence[RequestRecord]) -> None:
         """RecordSink: resolve the held span of each final record that has one."""
-        items: list[tuple[int, dict[str, Any]]] = []
+        items: list[tuple[int, dict[str, AttributeValue]]] = []
         for rec in records:
             if rec.span_id:
                 try:
@@ -521,7 +536,7 @@ class EnergySpanProcessor(SpanProcessor):
         self._down_on_ending = _hook(proc, "_on_ending")
         self._batch = _batch_processor(proc)
 
-    def on_start(self, span, parent_context=None) -> None:
+    def on_start(self, span: Span, parent_context: Context | None = None) -> None:
         fn = self._down_on_start
         if fn is None:
             return
@@ -530,7 +545,7 @@ class EnergySpanProcessor(SpanProcessor):
         except Exception:
             self._fault("downstream on_start failed")
 
-    def _on_ending(self, span) -> None:
+    def _on_ending(self, span: Span) -> None:
         fn = self._down_on_ending
         if fn is None:
             return
@@ -623,7 +638,7 @@ class EnergySpanProcessor(SpanProcessor):
 
     # -------------------------------------------------------------- internals
 
-    def _pack(self, span: Any, deadline: float) -> tuple[tuple[Any, ...], dict[str, Any] | None]:
+    def _pack(self, span: ReadableSpan, deadline: float) -> tuple[tuple[Any, ...], dict[str, AttributeValue] | None]:
         """What to hold of the ended ``span`` until ``deadline``: packed (see the layout above the
         class) and its attribute dict where it is a plain SDK span, else ``(deadline, span)``
         (slimmed where it can be) and None."""
@@ -672,7 +687,7 @@ class EnergySpanProcessor(SpanProcessor):
         except AttributeError:  # pragma: no cover - the SDK's span is not what it was
             return (deadline, span), None
 
-    def _finish(self, span_id: int, entry: tuple[Any, ...], extra: Mapping[str, Any]) -> ReadableSpan:
+    def _finish(self, span_id: int, entry: tuple[Any, ...], extra: Mapping[str, AttributeValue]) -> ReadableSpan:
         """The finished span of the held ``entry`` of ``span_id`` with ``extra`` merged into its attributes."""
         if len(entry) == 2:
             return _with_attributes(entry[1], extra)
@@ -696,7 +711,7 @@ class EnergySpanProcessor(SpanProcessor):
             gone.popitem(last=False)
         return self._finish(sid, entry, _PENDING)
 
-    def _expire_locked(self, now: float, out: list) -> None:
+    def _expire_locked(self, now: float, out: list[ReadableSpan]) -> None:
         held = self._held
         while held:
             sid, entry = next(iter(held.items()))
