@@ -298,7 +298,7 @@ class _Lagged:
 
 
 def _scan_blocks(x: np.ndarray, s: np.ndarray) -> None:
-    """In place, ``s`` (M, blocks, k) holding the inputs ``c``, block ``j`` its steps ``s[:, j]`` in time
+    """In place, ``s`` (M, blocks, k) holding the inputs ``c``, block ``b`` its M steps ``s[:, b]`` in time
     order: ``s_i = exp(-x_i) s_i-1 + c_i`` from a zero state. Each block runs from zero, all blocks side
     by side; then the state at each block's end (the same recurrence over the blocks) is carried into
     the next by its decay so far. A decay past e^-40 is taken as complete (below rounding)."""
