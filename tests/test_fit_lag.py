@@ -123,6 +123,92 @@ def test_a_lag_still_falling_at_the_longest_tried_is_left_to_the_sensor():
     assert d.model.lag_tau_s == 0.0 and "lag" not in d.model.why
 
 
+@pytest.mark.parametrize("n", [2, 33, 5_000, 70_000])
+def test_lag_states_in_blocks_are_the_recurrence_step_by_step(n):
+    """The vectorised blocks (and blocks of blocks) give the recurrence's states, edges close and
+    thousands of lags apart alike."""
+    from wattspan.attribution.fit import _lag_states
+
+    rng = np.random.default_rng(n)
+    b = np.cumsum(rng.exponential(0.002, n) * np.where(rng.random(n) < 0.01, 1000.0, 1.0))
+    u = rng.uniform(0.0, 3.0, (n, 2)) * (rng.random((n, 1)) < 0.8)
+    tau = 0.003
+    y = np.zeros_like(u)
+    a = np.exp(-np.diff(b) / tau)
+    for i in range(n - 1):
+        y[i + 1] = u[i] + (y[i] - u[i]) * a[i]
+    np.testing.assert_allclose(_lag_states(b, u, tau), y, rtol=1e-10, atol=1e-12)
+
+
+def test_lagged_features_on_windows_match_the_whole_run_inside_them():
+    """The lag choice's features (edges inside stretches and a margin before them, the chosen
+    family's columns) read inside the stretches what the whole run's do, for every lag tried."""
+    rng = np.random.default_rng(7)
+    n = 6_000
+    st = np.cumsum(rng.uniform(0.002, 0.02, n))
+    en = st + rng.uniform(0.001, 0.01, n) * (rng.random(n) < 0.9)
+    en = np.minimum(en, np.append(st[1:], st[-1] + 1))
+    feats = _StepFeatures(rng.uniform(0.0, 4.0, (n, 4)), st, np.maximum(en, st + 1e-4))
+    lo, hi = np.array([5.0, 30.0]), np.array([12.0, 33.0])
+    cols = (3, 1)
+    part = _with_lag(feats, 0.004, windows=(lo, hi), cols=cols)
+    t = np.concatenate([rng.uniform(l + 1.0, h, 200) for l, h in zip(lo, hi)])
+    for tau in (0.004, 0.0005, 0.03):
+        whole, seen = _with_lag(feats, tau), part if tau == 0.004 else part.at(tau)
+        np.testing.assert_allclose(seen.density(t), whole.density(t)[:, cols], rtol=1e-9, atol=1e-9)
+        np.testing.assert_allclose(seen.mass(t), whole.mass(t)[:, cols], rtol=1e-9, atol=1e-9)
+        assert seen.x.shape[1] == len(cols)
+
+
+@pytest.mark.parametrize("n", [9, 60, 3_000])
+def test_the_lag_choice_scores_a_family_as_the_selection_does(n):
+    """The lag's held-out score of the chosen family is select_family's (without its bootstrap),
+    families with coefficients held at zero too."""
+    from wattspan.attribution.family import FAMILIES, select_family
+    from wattspan.attribution.fit import _cv_error
+
+    rng = np.random.default_rng(n)
+    A = np.abs(rng.normal(size=(n, 9)))
+    A[:, 3] = 0.0
+    y = A @ np.array([1.0, 2.0, 0.0, 0.0, 0.5, 0.0, 0.0, 3.0, 0.2]) + rng.normal(size=n)
+    for name, cols in FAMILIES.items():
+        s = select_family(A, y, families={name: cols})
+        ref = s.cv_error if s is not None else np.inf
+        assert _cv_error(A, y, cols) == pytest.approx(ref, rel=1e-12), name
+
+
+@pytest.mark.parametrize("sensor", ["ideal-1ms", "average-20ms", "energy-counter"])
+def test_the_lag_choice_stretches_read_what_every_reading_does(sensor, monkeypatch):
+    """The stretches the lag is chosen on (their own slice of the trace or counter, the lagged
+    features only around them) give the very rows every reading's fit has at those readings."""
+    from wattspan.attribution import fit
+    from wattspan.simulate import simulate_server
+
+    got = []
+    real = fit._choose_lag
+    monkeypatch.setattr(fit, "_choose_lag", lambda *a: got.append(a) or real(*a))
+    run = simulate_server(seed=2, duration_s=20, power_model=LAWS["saturating"])
+    req = Requests.from_records(run.requests)
+    attribute([sense(run, sensor, seed=3)], req, Steps.from_records(run.steps, req))
+    cum, trace, base, idle, a, b, rel, sel, fams, t_row = got[0]
+    monkeypatch.setattr(fit, "_LAG_ROWS", 400)
+    parts = fit._lag_stretches(cum, trace, t_row, a)
+    assert parts is not None and len(parts) == 8
+    cols = list(fams[sel.family])
+    win = (rel(np.array([p[2] for p in parts]) - fit._LAG_MARGIN_NS), rel(np.array([p[3] for p in parts])))
+    part = fit._with_lag(base, 0.004, windows=win, cols=cols)
+    full = fit._fit_rows(cum, trace, fit._with_lag(base, 0.004), idle, a, b, rel, with_weights=True)
+    n = 0
+    for c, tr, lo, hi in parts:
+        A, y, _, t = fit._fit_rows(c, tr, part, idle, lo, hi, rel, with_weights=True)[:4]
+        i = np.searchsorted(full[3], t)
+        assert len(t) >= 20 and np.array_equal(full[3][i], t)
+        np.testing.assert_allclose(y, full[1][i], rtol=1e-12, atol=1e-9)
+        np.testing.assert_allclose(A, full[0][i][:, cols], rtol=1e-9, atol=1e-9 * np.abs(full[0]).max())
+        n += len(t)
+    assert n <= 400 + 8 * 2
+
+
 def test_a_lag_from_rates_computed_once_is_the_same():
     from wattspan.attribution.fit import _lag_rates
 

@@ -8,7 +8,8 @@ import math
 import numpy as np
 
 from .energy import _CumEnergy, _Piecewise, _typical_interval, power_points
-from .family import BASIS, FAMILIES, basis, correlation_lag, group_errors, nnls_gram, select_family, select_window
+from .family import (_BOOT_BLOCKS, _RIDGE, BASIS, FAMILIES, _blocks, basis, correlation_lag, group_errors, nnls_gram, select_family,
+                     select_window)
 from .inputs import Steps, _NS
 from .reconcile import _reconcile_edges
 from .results import StepModel
@@ -248,51 +249,102 @@ class _Lagged:
     power rises towards its level and decays after it over ``tau`` (voltage regulators, clock
     ramps), so the same energy is drawn later. With ``u`` the steps' feature rate (piecewise
     constant) and ``Y`` its response to ``Y' = (u - Y) / tau``, the mass is
-    ``G(t) = F(t) - tau * Y(t)``: exact, ``Y`` at every step edge by the recurrence (in closed
-    form over blocks of edges, see :func:`_lag_states`), in between by the exponential."""
+    ``G(t) = F(t) - tau * Y(t)``: exact, ``Y`` at every step edge by the recurrence (see
+    :func:`_lag_states`), in between by the exponential. With ``cols``, only those features."""
 
-    __slots__ = ("inner", "tau", "x", "_b", "_u", "_y")
+    __slots__ = ("inner", "tau", "x", "cols", "_b", "_u", "_y", "_yu", "_kept")
 
     def __init__(self, inner: "_StepFeatures | _Beside", tau: float, edges: np.ndarray,
-                 rates: tuple[np.ndarray, np.ndarray] | None = None) -> None:
-        self.inner, self.tau, self.x = inner, float(tau), inner.x
-        # ``rates``: (the distinct edges, the rate after each), as _lag_rates gives them: they do
-        # not depend on tau, so a search over lags computes them once (read-only here)
-        self._b, self._u = rates if rates is not None else _lag_rates(inner, edges)
+                 rates: tuple[np.ndarray, np.ndarray] | None = None, kept: list | None = None,
+                 cols: list[int] | None = None) -> None:
+        self.inner, self.tau, self.cols = inner, float(tau), cols
+        self.x = inner.x if cols is None else np.empty((0, len(cols)))  # the shape callers read
+        self._kept = kept  # with a list: every unlagged mass read, kept for the other lags (a few thousand times)
+        # ``rates``: (the distinct edges, the rate after each), as _lag_rates gives them (of ``cols``
+        # only, with them): they do not depend on tau, so a search over lags computes them once
+        # (read-only here)
+        if rates is None:
+            b, u = _lag_rates(inner, edges)
+            rates = (b, u if cols is None else u[:, cols])
+        self._b, self._u = rates
         self._y = _lag_states(self._b, self._u, self.tau)
+        self._yu = self._y - self._u
+
+    def at(self, tau: float) -> "_Lagged":
+        """The same features through another lag (the edges and their rates are kept)."""
+        return _Lagged(self.inner, tau, self._b, (self._b, self._u), self._kept, self.cols)
 
     def density(self, t: np.ndarray) -> np.ndarray:
         i = np.searchsorted(self._b, t, side="right") - 1
         ic = np.maximum(i, 0)
         z = np.maximum(t - self._b[ic], 0.0) / self.tau
-        d = np.where(z < 50.0, np.exp(-np.minimum(z, 50.0)), 0.0)[:, None]  # a tail 50 lags on is nothing (e^-50)
-        out = self._u[ic] + (self._y[ic] - self._u[ic]) * d
+        d = np.where(z < 50.0, np.exp(-np.minimum(z, 50.0)), 0.0)  # a tail 50 lags on is nothing (e^-50)
+        out = self._yu[ic]
+        out *= d[:, None]
+        out += self._u[ic]
         out[i < 0] = 0.0
         return out
 
     def mass(self, t: np.ndarray) -> np.ndarray:
-        return self.inner.mass(t) - self.tau * self.density(t)
+        f = None
+        if self._kept is not None:
+            f = next((f for t_k, f in self._kept if len(t_k) == len(t) and np.array_equal(t_k, t)), None)
+        if f is None:
+            f = self.inner.mass(t)
+            f = f if self.cols is None else f[:, self.cols]
+            if self._kept is not None:
+                self._kept.append((np.array(t), f))
+        return f - self.tau * self.density(t)
 
 
-_LAG_SPAN = 600.0  # edges of one closed-form block lie within this many lags of its first (exp stays finite)
+def _scan_blocks(x: np.ndarray, s: np.ndarray) -> None:
+    """In place, ``s`` (M, blocks, k) holding the inputs ``c``, block ``b`` its M steps ``s[:, b]`` in time
+    order: ``s_i = exp(-x_i) s_i-1 + c_i`` from a zero state. Each block runs from zero, all blocks side
+    by side; then the state at each block's end (the same recurrence over the blocks) is carried into
+    the next by its decay so far. A decay past e^-40 is taken as complete (below rounding)."""
+    M, nb, k = s.shape
+    a = np.exp(-np.minimum(x, 40.0))
+    a[x >= 40.0] = 0.0
+    tmp = np.empty((nb, k))
+    for j in range(1, M):
+        np.multiply(s[j - 1], a[j][:, None], out=tmp)
+        s[j] += tmp
+    if nb > 1:
+        X = np.cumsum(x, axis=0)
+        P = np.exp(-np.minimum(X, 40.0))
+        P[X >= 40.0] = 0.0
+        end = _blocked_scan(X[-1], s[-1], M)  # the state at each block's end
+        s[:, 1:] += P[:, 1:, None] * end[None, :-1]
+
+
+def _blocked_scan(x: np.ndarray, c: np.ndarray, M: int) -> np.ndarray:
+    """``s_i = exp(-x_i) s_i-1 + c_i`` from ``s_-1 = 0`` (``x``: (m,), ``c``: (m, k)), in blocks of ``M``."""
+    m, k = c.shape
+    nb, r = -(-m // M), m % M
+    X = np.full((M, nb), np.inf)  # the padding: a full decay, no input
+    S = np.zeros((M, nb, k))
+    f = m - r  # the full blocks' steps
+    X.T[: f // M] = x[:f].reshape(-1, M)
+    S.transpose(1, 0, 2)[: f // M] = c[:f].reshape(-1, M, k)
+    if r:
+        X[:r, -1], S[:r, -1] = x[f:], c[f:]
+    _scan_blocks(X, S)
+    out = np.empty((m, k))
+    out[:f].reshape(-1, M, k)[...] = S.transpose(1, 0, 2)[: f // M]
+    if r:
+        out[f:] = S[:r, -1]
+    return out
 
 
 def _lag_states(b: np.ndarray, u: np.ndarray, tau: float) -> np.ndarray:
     """``Y(b_i)`` of the lag's recurrence ``Y(b_i+1) = u_i + (Y(b_i) - u_i) exp(-(b_i+1 - b_i) / tau)``,
-    ``Y(b_0) = 0``: over a block of edges from ``c``, ``Y_i = (Y_c + sum_j<i u_j (E_j+1 - E_j)) / E_i``
-    with ``E_j = exp((b_j - c) / tau)``; a new block where that would overflow."""
-    n = len(b)
+    ``Y(b_0) = 0`` (every factor at most 1: nothing overflows however far apart the edges are)."""
+    n, k = u.shape
     y = np.zeros_like(u)
-    s = 0
-    while s < n - 1:
-        e = min(max(int(np.searchsorted(b, b[s] + _LAG_SPAN * tau, side="right")), s + 2), n)
-        E = np.exp(np.minimum((b[s:e] - b[s]) / tau, 650.0))
-        acc = np.empty((e - s, u.shape[1]))
-        acc[0] = y[s]
-        np.cumsum(u[s:e - 1] * np.diff(E)[:, None], axis=0, out=acc[1:])
-        acc[1:] += y[s]
-        y[s:e] = acc / E[:, None]
-        s = e - 1
+    if n > 1:
+        x = np.diff(b) / tau
+        M = 1 << max(5, min(8, round(math.log2(n) / 2) - 2))  # block length: ~sqrt(n) / 4 (fewest passes), 32-256
+        y[1:] = _blocked_scan(x, u[:-1] * -np.expm1(-x)[:, None], M)
     return y
 
 
@@ -302,14 +354,25 @@ def _lag_rates(inner, edges: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return b, inner.density(b)
 
 
-def _with_lag(f, tau: float, rates: tuple[np.ndarray, np.ndarray] | None = None) -> _Lagged:
+def _with_lag(f, tau: float, rates: tuple[np.ndarray, np.ndarray] | None = None,
+              windows: tuple[np.ndarray, np.ndarray] | None = None, cols=None) -> _Lagged:
     """``f`` (the steps' features, or the steps' and the waits' side by side) seen through the lag
     (all of the device's power goes through it: a wait's held clocks ramp too). ``rates``: the
-    edges' and rates of an earlier ``_lag_rates`` of the same ``f``."""
+    edges' and rates of an earlier ``_lag_rates`` of the same ``f``. With ``windows`` (starts,
+    ends; s, in time order), only there: the edges inside them and their starts (each window's
+    lag state starts from its start's rate, and is right once its margin has decayed). With
+    ``cols`` (the lag choice's), only those features, their unlagged mass kept for other lags."""
     parts = (f.left, f.right) if isinstance(f, _Beside) else (f,)
+    kept: list | None = None if cols is None else []
+    cols = None if cols is None else list(cols)
     if rates is not None:
-        return _Lagged(f, tau, rates[0], rates)
-    return _Lagged(f, tau, np.concatenate([e for p in parts for e in (p.st, p.en)]))
+        return _Lagged(f, tau, rates[0], rates, kept, cols)
+    if windows is None:
+        return _Lagged(f, tau, np.concatenate([e for p in parts for e in (p.st, p.en)]), kept=kept, cols=cols)
+    lo, hi = windows
+    cut = [e[i:j] for p in parts for e in (p._st_sorted, p._en_sorted)
+           for i, j in zip(np.searchsorted(e, lo), np.searchsorted(e, hi, side="right"))]
+    return _Lagged(f, tau, np.concatenate([lo, hi, *cut]), kept=kept, cols=cols)
 
 
 def _sequential(st_ns: np.ndarray, en_ns: np.ndarray) -> bool:
@@ -326,25 +389,108 @@ def _sequential(st_ns: np.ndarray, en_ns: np.ndarray) -> bool:
 _LAGS_S = tuple(0.00025 * 2.0**k for k in range(8))
 _LAG_READING_NS = 50_000_000
 _LAG_REFINE = 6  # golden-section steps after the grid (the bracket shrinks to 2 x 0.618^8 of a factor 2)
+_LAG_ROWS = 24_000  # readings the lag is chosen on, at most (8 stretches of consecutive ones)
+_LAG_MARGIN_NS = 1_000_000_000  # the steps this long before a stretch set its lag state (31 of the longest lags)
+
+
+def _lag_stretches(cum, trace, t_row, a):
+    """With more than ``_LAG_ROWS`` readings, 8 evenly spaced stretches of consecutive ones to choose
+    the lag on, ``(cum, trace, start, end)`` each (ns; the counter's knots or the trace's readings
+    from a margin before the start); else ``None`` (every reading)."""
+    n = len(t_row)
+    if n <= _LAG_ROWS:
+        return None
+    size = _LAG_ROWS // 8
+    span = _typical_interval(t_row) * size
+    out = []
+    for i in np.linspace(0, n - size, 8).astype(np.int64):
+        lo = int(t_row[i - 1]) if i > 0 else int(a)
+        hi = lo + span
+        c, tr = cum, trace
+        if cum.source == "energy-counter":
+            j0, j1 = np.searchsorted(cum.t, [lo - _LAG_MARGIN_NS, hi], side="right")
+            c = _CumEnergy(cum.t[max(j0 - 1, 0):j1 + 1], cum.e[max(j0 - 1, 0):j1 + 1], cum.source)
+        elif trace.power_w is not None:
+            j0, j1 = np.searchsorted(trace.t_ns, [lo - _LAG_MARGIN_NS, hi], side="right")
+            tr = dataclasses.replace(trace, t_ns=trace.t_ns[j0:j1], power_w=trace.power_w[j0:j1], energy_j=None)
+        out.append((c, tr, lo, hi))
+    return out
+
+
+def _cv_error(A: np.ndarray, y: np.ndarray, cols: tuple[int, ...], folds: int = 10) -> float:
+    """The held-out error of one family on rows ``(A, y)`` as :func:`select_family` scores it (the
+    same blocked folds, ridge and non-negative fit), without the bootstrap it runs after; ``inf``
+    where it would choose nothing."""
+    n = len(y)
+    c_ = np.array(cols)
+    if n < 8 or not np.any(A) or n < 3 * len(c_):
+        return math.inf
+    A = A[:, c_]
+    scale = np.sqrt(np.einsum("ij,ij->j", A, A))
+    scale[scale == 0] = 1.0
+    As = A / scale
+    k = int(min(folds, max(3, n // 6)))
+    kb = int(min(_BOOT_BLOCKS, max(k, n // 4)))
+    cut = np.searchsorted(_blocks(n, kb), np.arange(kb + 1))
+    fold = (np.arange(kb) * k) // kb
+    Gf = np.stack([As[i:j].T @ As[i:j] for i, j in zip(cut[:-1], cut[1:])])
+    cf = np.stack([As[i:j].T @ y[i:j] for i, j in zip(cut[:-1], cut[1:])])
+    yf = np.array([y[i:j] @ y[i:j] for i, j in zip(cut[:-1], cut[1:])])
+    Gb = np.stack([Gf[fold == f].sum(0) for f in range(k)])
+    cb = np.stack([cf[fold == f].sum(0) for f in range(k)])
+    yy = np.array([yf[fold == f].sum() for f in range(k)])
+    G, c = Gb.sum(0), cb.sum(0)
+    ms = float(yy.sum())
+    eye = _RIDGE * n / max(n, 1) * np.eye(len(c_))
+    P = np.flatnonzero(nnls_gram(G + eye, c) > 0)  # the coefficients every fold's fit most likely keeps
+    Q = np.setdiff1d(np.arange(len(c_)), P)
+    sse = 0.0
+    for f in range(k):
+        excl = [f] if k < 5 else [f] + ([f - 1] if f > 0 else []) + ([f + 1] if f + 1 < k else [])
+        Gt, ct = G - Gb[excl].sum(0) + eye, c - cb[excl].sum(0)
+        xf = np.zeros(len(c_))
+        try:
+            xf[P] = np.linalg.solve(Gt[np.ix_(P, P)], ct[P]) if len(P) else 0.0
+        except np.linalg.LinAlgError:
+            xf[P] = -1.0
+        # the non-negative fit itself where those coefficients stay positive and no other would grow
+        # (its optimality conditions, at nnls_gram's tolerance); else nnls_gram from the start
+        if not (np.all(xf[P] > 0) and np.all((ct - Gt @ xf)[Q] <= 1e-12 * max(1.0, float(np.abs(ct).max())))):
+            xf = nnls_gram(Gt, ct)
+        sse += float(yy[f] - 2 * xf @ cb[f] + xf @ Gb[f] @ xf)
+    return math.sqrt(max(sse, 0.0) / ms) if ms > 0 else math.inf
 
 
 def _choose_lag(cum, trace, base, idle_curve, a, b, rel, sel, fams, t_row):
     """The electrical lag whose rows predict held-out readings clearly best for the chosen family,
-    ``(tau, rows, scores)``, or ``(0.0, None, scores)``."""
+    ``(tau, rows, scores)``, or ``(0.0, None, scores)``. Chosen on the family's features and at most
+    ``_LAG_ROWS`` readings (:func:`_lag_stretches`), then held to the same test on every reading."""
     scores: dict[float, float] = {}
     if len(t_row) < 16 or _typical_interval(t_row) > _LAG_READING_NS:
         return 0.0, None, scores
-    fam = {sel.family: fams[sel.family]}
-    best: list = [math.inf, None]  # the best score so far and its rows (only those are kept)
-    parts = (base.left, base.right) if isinstance(base, _Beside) else (base,)
-    rates = _lag_rates(base, np.concatenate([e for p in parts for e in (p.st, p.en)]))  # once for every lag tried
+    cols = fams[sel.family]
+    own = tuple(range(len(cols)))  # the lagged rows' columns: the family's only
+    best = [math.inf, 0]  # the best score so far and its rows' count
+    parts = _lag_stretches(cum, trace, t_row, a)
+    if parts is None:
+        ref = sel.cv_error
+        lagged = _with_lag(base, _LAGS_S[0], cols=cols)
+        rows_at = lambda f: _fit_rows(cum, trace, f, idle_curve, a, b, rel)  # noqa: E731
+    else:
+        def rows_at(f):
+            r = [_fit_rows(c, tr, f, idle_curve, lo, hi, rel) for c, tr, lo, hi in parts]
+            return np.vstack([x[0] for x in r]), np.concatenate([x[1] for x in r])
+
+        A0, y0 = rows_at(base)
+        ref = _cv_error(A0, y0, cols)  # no lag, on the same readings
+        lagged = _with_lag(base, _LAGS_S[0], windows=(rel(np.array([p[2] for p in parts]) - _LAG_MARGIN_NS),
+                                                      rel(np.array([p[3] for p in parts]))), cols=cols)
 
     def score(tau: float) -> float:
-        rows = _fit_rows(cum, trace, _with_lag(base, tau, rates), idle_curve, a, b, rel, with_weights=True)
-        s = select_family(rows[0], rows[1], families=fam) if len(rows[1]) else None
-        scores[tau] = s.cv_error if s is not None else math.inf
+        A, y = rows_at(lagged if tau == lagged.tau else lagged.at(tau))
+        scores[tau] = _cv_error(A, y, own)
         if scores[tau] < best[0]:
-            best[:] = [scores[tau], rows]
+            best[:] = [scores[tau], len(y)]
         return scores[tau]
 
     vals = [score(t) for t in _LAGS_S]
@@ -369,8 +515,12 @@ def _choose_lag(cum, trace, base, idle_curve, a, b, rel, sel, fams, t_row):
                 d = lo + g * (hi - lo)
                 fd = score(2.0**d)
     tau = min(scores, key=lambda t: scores[t])
-    if best[1] is not None and scores[tau] < sel.cv_error * (1 - max(0.03, 1 / math.sqrt(max(len(best[1][1]), 1)))):
-        return tau, best[1], scores
+    if not scores[tau] < ref * (1 - max(0.03, 1 / math.sqrt(max(best[1], 1)))):
+        return 0.0, None, scores
+    # every reading and feature through it, held to the same test
+    rows = _fit_rows(cum, trace, _with_lag(base, tau), idle_curve, a, b, rel, with_weights=True)
+    if _cv_error(rows[0], rows[1], cols) < sel.cv_error * (1 - max(0.03, 1 / math.sqrt(max(len(rows[1]), 1)))):
+        return tau, rows, scores
     return 0.0, None, scores
 
 
