@@ -73,8 +73,28 @@ def test_schema_has_a_column_per_record_field(tmp_path):
     assert con.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     indexed = {r[0] for r in con.execute("SELECT sql FROM sqlite_master WHERE type = 'index'")}
-    assert {s.rsplit("(", 1)[1].strip(" )") for s in indexed} == {"recorded_at", "route", "tenant"}
+    assert {s.rsplit("(", 1)[1].strip(" )") for s in indexed} == {"recorded_at"}
     con.close()
+
+
+def test_opening_an_older_ledger_drops_the_indexes_no_query_uses(tmp_path):
+    # Files written before export15 have indexes on route and tenant: each insert paid for them.
+    with Ledger(tmp_path / "l.db") as led:
+        led.write(make_records(3))
+        assert led.flush()
+    con = sqlite3.connect(tmp_path / "l.db")
+    con.execute("CREATE INDEX requests_route ON requests (route)")
+    con.execute("CREATE INDEX requests_tenant ON requests (tenant)")
+    con.commit()
+    con.close()
+    with Ledger(tmp_path / "l.db") as led:
+        led.write(make_records(2))
+        assert led.flush()
+        assert len(led.query()) == 5
+    con = sqlite3.connect(tmp_path / "l.db")
+    names = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    con.close()
+    assert names == {"requests_recorded_at"}
 
 
 def test_concurrent_writers_read_back_exactly(tmp_path):

@@ -332,6 +332,40 @@ def test_bad_arguments_are_rejected_clearly_and_runtime_faults_never_raise(caplo
     tp.shutdown()
 
 
+def test_a_record_whose_attributes_fail_sends_its_span_on_pending_with_its_own_attributes():
+    # on_records merges a record's attributes as the span is built: a record that cannot give them
+    # (here a non-number energy) must neither lose the span nor its own attributes, nor raise
+    exporter, proc, tp, tracer = pipeline(hold_timeout_s=60)
+    bad = tracer.start_span("GET /bad", kind=SpanKind.SERVER, attributes={"http.route": "/bad"})
+    good = tracer.start_span("GET /good", kind=SpanKind.SERVER, attributes={"http.route": "/good"})
+    for s in (bad, good):
+        proc.expect(s)
+        s.end()
+    early = tracer.start_span("GET /early", kind=SpanKind.SERVER, attributes={"http.route": "/early"})
+    proc.expect(early)  # its record comes before it ends
+    proc.on_records([make_record(bad.context.span_id, energy_j="lots"), make_record(good.context.span_id, seed=2),
+                     make_record(early.context.span_id, seed=3)])
+    early.end()
+    got = {s.name: s.attributes for s in exporter.get_finished_spans()}
+    assert set(got) == {"GET /bad", "GET /good", "GET /early"}
+    assert got["GET /bad"]["wattspan.status"] == "pending" and got["GET /bad"]["http.route"] == "/bad"
+    assert not any(k in got["GET /bad"] for k in ENERGY_KEYS)
+    for name, seed in (("GET /good", 2), ("GET /early", 3)):
+        want = record_attributes(make_record(0, seed=seed))
+        assert dict(got[name]) == {"http.route": name[4:], **want}
+        assert list(got[name])[0] == "http.route"  # the span's own attributes first, then ours
+    assert proc.stats()["errors"] == 1 and proc.stats()["held"] == 0
+    tp.shutdown()
+
+
+def test_record_attributes_into_a_dict_is_the_merge():
+    base = {"http.route": "/x", "wattspan.status": "pending"}
+    for rec in (make_record(1, seed=1), make_record(2, seed=2, model="", tenant="", prompt_tokens=0)):
+        into = dict(base)
+        assert record_attributes(rec, into) is into
+        assert list(into.items()) == list({**base, **record_attributes(rec)}.items())
+
+
 def test_many_threads_each_span_exported_once_with_its_own_energy():
     exporter, proc, tp, tracer = pipeline(hold_timeout_s=60)
     n_threads, per = 4, 300

@@ -57,28 +57,31 @@ if TYPE_CHECKING:
 __all__ = ["record_attributes"]
 
 
-def record_attributes(record: RequestRecord) -> dict[str, AttributeValue]:
+def record_attributes(record: RequestRecord, into: dict[str, AttributeValue] | None = None) -> dict[str, AttributeValue]:
     """The span attributes for one final record (see the module's table).
 
     Optional values (model, tenant, token counts) are left out when unknown.
+    ``into``: a dict to add them to (and return), after its own keys (one of them
+    already there takes the record's value in its place), as ``{**into, **attrs}``
+    would but without building a second dict: the span processor merges a
+    record into a copy of its span's attributes this way.
     """
-    a: dict[str, AttributeValue] = {
-        "wattspan.energy_j": float(record.energy_j),
-        "wattspan.energy.dynamic_j": float(record.dynamic_j),
-        "wattspan.energy.idle_j": float(record.idle_j),
-        "wattspan.energy.host_j": float(record.host_j),
-        "wattspan.co2e_g": float(record.co2e_g),
-        "wattspan.co2e.embodied_g": float(record.embodied_g),
-        "wattspan.device_s": float(record.device_s),
-        "wattspan.method": record.method,
-        "wattspan.sensor": record.sensor,
-        "wattspan.coverage": float(record.coverage),
-        "wattspan.simulated": bool(record.simulated),
-        "wattspan.status": "final",
-        "wattspan.request_id": record.id,
-        "hw.id": record.device,
-        "hw.type": "gpu",
-    }
+    a: dict[str, AttributeValue] = {} if into is None else into
+    a["wattspan.energy_j"] = float(record.energy_j)
+    a["wattspan.energy.dynamic_j"] = float(record.dynamic_j)
+    a["wattspan.energy.idle_j"] = float(record.idle_j)
+    a["wattspan.energy.host_j"] = float(record.host_j)
+    a["wattspan.co2e_g"] = float(record.co2e_g)
+    a["wattspan.co2e.embodied_g"] = float(record.embodied_g)
+    a["wattspan.device_s"] = float(record.device_s)
+    a["wattspan.method"] = record.method
+    a["wattspan.sensor"] = record.sensor
+    a["wattspan.coverage"] = float(record.coverage)
+    a["wattspan.simulated"] = bool(record.simulated)
+    a["wattspan.status"] = "final"
+    a["wattspan.request_id"] = record.id
+    a["hw.id"] = record.device
+    a["hw.type"] = "gpu"
     if record.device_energy:  # a device group: each member's id and energy, in the same order
         parts = record.device_energy_j
         a["wattspan.device.ids"] = list(parts)

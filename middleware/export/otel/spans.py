@@ -40,7 +40,7 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 try:
     from opentelemetry import trace as _trace_api
@@ -74,6 +74,9 @@ _PENDING: dict[str, AttributeValue] = {"wattspan.status": "pending"}
 
 
 _new = object.__new__
+
+# what a held span's record adds: attributes (resolve(), pending), or the record to take them from
+_Extra: TypeAlias = "Mapping[str, AttributeValue] | RequestRecord"
 
 
 def _with_attributes(span: ReadableSpan, extra: Mapping[str, AttributeValue]) -> ReadableSpan:
@@ -460,12 +463,12 @@ class EnergySpanProcessor(SpanProcessor):
         """:meth:`resolve` with ``attrs`` this processor's own to keep (not copied again)."""
         self._resolve_many(((span_id, attrs),))
 
-    def _resolve_many(self, items: Sequence[tuple[int, dict[str, AttributeValue]]]) -> None:
-        """:meth:`resolve` for each (span id, attributes) of a pass, under one lock; the
-        attribute dicts are this processor's own to keep (the fresh ones of
-        :func:`record_attributes`: not copied again)."""
+    def _resolve_many(self, items: Sequence[tuple[int, _Extra]]) -> None:
+        """:meth:`resolve` for each (span id, attributes or the RequestRecord to take them
+        from) of a pass, under one lock; attribute dicts are this processor's own to keep
+        (not copied again)."""
         out: list[ReadableSpan] = []
-        found: list[tuple[int, tuple[Any, ...], dict[str, AttributeValue]]] = []
+        found: list[tuple[int, tuple[Any, ...], _Extra]] = []
         try:
             now = _monotonic()
             with self._lock:
@@ -476,7 +479,13 @@ class EnergySpanProcessor(SpanProcessor):
                     if item is not None:
                         found.append((span_id, item, attrs))
                     elif span_id in expected and not closed:
-                        early[span_id] = (attrs, ttl)
+                        if isinstance(attrs, RequestRecord):  # a record before its span ended (rare): its attributes kept
+                            try:
+                                attrs = record_attributes(attrs)
+                            except Exception:
+                                self._fault("record_attributes failed for a record")
+                                continue
+                        early[span_id] = (dict(attrs) if type(attrs) is not dict else attrs, ttl)
                         early.move_to_end(span_id)
                         counts["early"] += 1
                         if len(early) > self.max_held:
@@ -495,6 +504,13 @@ class EnergySpanProcessor(SpanProcessor):
             try:
                 out.append(finish(span_id, item, attrs))
             except Exception:
+                if isinstance(attrs, RequestRecord):  # the record's attributes failed: the span goes on pending
+                    self._fault("record_attributes failed for a record")
+                    try:
+                        out.append(finish(span_id, item, _PENDING))
+                        continue
+                    except Exception:
+                        pass
                 self._fault("EnergySpanProcessor.resolve failed to build a span")
                 out.append(self._original(span_id, item))  # never lose the span: on as it is
         self._forward(out)
@@ -503,13 +519,9 @@ class EnergySpanProcessor(SpanProcessor):
 
     def on_records(self, records: Sequence[RequestRecord]) -> None:
         """RecordSink: resolve the held span of each final record that has one."""
-        items: list[tuple[int, dict[str, AttributeValue]]] = []
-        for rec in records:
-            if rec.span_id:
-                try:
-                    items.append((rec.span_id, record_attributes(rec)))  # our fresh dict: not copied again
-                except Exception:
-                    self._fault("record_attributes failed for a record")
+        # the records themselves: a held span's attributes are merged with its record's in one dict
+        # as the span is built (see _finish), not built apart and merged into a copy
+        items = [(rec.span_id, rec) for rec in records if rec.span_id]
         if items:
             self._resolve_many(items)
 
@@ -687,17 +699,25 @@ class EnergySpanProcessor(SpanProcessor):
         except AttributeError:  # pragma: no cover - the SDK's span is not what it was
             return (deadline, span), None
 
-    def _finish(self, span_id: int, entry: tuple[Any, ...], extra: Mapping[str, AttributeValue]) -> ReadableSpan:
-        """The finished span of the held ``entry`` of ``span_id`` with ``extra`` merged into its attributes."""
+    def _finish(self, span_id: int, entry: tuple[Any, ...], extra: _Extra) -> ReadableSpan:
+        """The finished span of the held ``entry`` of ``span_id`` with ``extra`` (attributes, or a
+        RequestRecord's: :func:`record_attributes`) merged into its attributes."""
         if len(entry) == 2:
-            return _with_attributes(entry[1], extra)
+            return _with_attributes(entry[1], record_attributes(extra) if isinstance(extra, RequestRecord) else extra)
         _, name, tid, sid, remote, flags, ts, valid, parent, kind, status, start, end, k = entry
         res, scope, info = self._shared[k]
-        attrs = self._held_attrs.pop(span_id, None)
-        attrs = {**attrs, **extra} if attrs is not None else dict(extra)
-        return _build(name, _context(tid, sid, remote, flags, ts, valid), _KINDS[kind], info, scope,
+        held_attrs = self._held_attrs
+        held = held_attrs.get(span_id)
+        attrs: dict[str, AttributeValue] = held.copy() if held is not None else {}
+        if isinstance(extra, RequestRecord):
+            record_attributes(extra, attrs)  # into the copy: one dict, the span's keys first
+        else:
+            attrs.update(extra)
+        span = _build(name, _context(tid, sid, remote, flags, ts, valid), _KINDS[kind], info, scope,
                       None if parent is None else _context(*parent), start, end, attrs, res,
                       _UNSET if status is None else status)
+        held_attrs.pop(span_id, None)  # only now: a record that failed leaves them for the pending span
+        return span
 
     def _original(self, span_id: int, entry: tuple[Any, ...]) -> ReadableSpan:
         """The held span as it ended (no attributes of ours): the fallback when building fails."""
