@@ -757,3 +757,32 @@ def test_configure_from_env_prometheus_serves_and_stops(monkeypatch):
         setup.shutdown()
     with pytest.raises((urllib.error.URLError, ConnectionError, socket.timeout)):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)
+
+
+def test_force_flush_during_a_resolve_keeps_the_resolved_spans_own_attributes():
+    # resolve() takes a held span under the lock and builds it outside; a force_flush (another
+    # thread) in between must not drop the span's own attributes (it cleared every held dict)
+    exporter, proc, tp, tracer = pipeline(hold_timeout_s=60)
+    s = tracer.start_span("a", kind=SpanKind.SERVER, attributes={"user.key": "kept"})
+    proc.expect(s)
+    s.end()
+    other = tracer.start_span("b", kind=SpanKind.SERVER)
+    proc.expect(other)
+    other.end()
+    finish = proc._finish
+    flushed = []
+
+    def finish_after_a_flush(span_id, entry, extra):
+        if not flushed:
+            flushed.append(1)
+            t = threading.Thread(target=proc.force_flush)
+            t.start()
+            t.join()
+        return finish(span_id, entry, extra)
+
+    proc._finish = finish_after_a_flush
+    proc.on_records([make_record(s.get_span_context().span_id)])
+    (got,) = [x for x in exporter.get_finished_spans() if x.name == "a"]
+    assert got.attributes["wattspan.status"] == "final"
+    assert got.attributes["user.key"] == "kept"
+    tp.shutdown()

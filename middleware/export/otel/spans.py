@@ -750,8 +750,8 @@ class EnergySpanProcessor(SpanProcessor):
     def _take_all(self) -> list[ReadableSpan]:
         with self._lock:
             out = [self._pending(sid, entry, "pending_flush") for sid, entry in self._held.items()]
-            self._held.clear()
-            self._held_attrs.clear()
+            self._held.clear()  # (each taken span's attribute dict went with it, in _finish; not the
+            # others': a resolve builds the spans it took outside the lock, from theirs)
             return out
 
     def _forward(self, spans: list[ReadableSpan], retry: bool = True) -> None:
