@@ -230,9 +230,9 @@ def _run(st: _State) -> None:
                 st.overruns += 1
                 next_t = now + interval
             if st.wake.wait((next_t - now) / 1e9):
+                st.wake.clear()  # before the look at stop: a stop() after it sets wake again, never lost
                 if st.stop.is_set():
                     break
-                st.wake.clear()
                 next_t = time.monotonic_ns()  # woken (out of idle): poll now, ticks from here
     finally:
         if st.close_sources:

@@ -462,3 +462,36 @@ def test_an_idle_sampler_polls_self_timed_sources_rarely_and_set_idle_false_poll
         assert only_own.polls > n and not s.health()["idle"]
     finally:
         s.close()
+
+
+def test_a_stop_arriving_while_the_thread_handles_a_wake_is_not_lost():
+    """set_idle(False) wakes the thread; a stop() landing between the thread's look at ``stop`` and its
+    ``wake.clear()`` (forced here: the clear runs the stop first) must still end the thread."""
+    src = _Counting("own", "gpu0", poll_every_s=0.05)
+    s = Sampler([src], interval_s=0.01)
+    st = s._st
+    raced = threading.Event()
+
+    class RacyWake(threading.Event):
+        def clear(self) -> None:
+            if st.kick and not raced.is_set():  # the wake of set_idle(False): stop() arrives right now
+                raced.set()
+                st.stop.set()
+                threading.Event.set(self)
+            super().clear()
+
+    st.wake = RacyWake()
+    s.set_idle(True)
+    s.start()
+    try:
+        deadline = time.monotonic() + 10
+        while src.polls < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        s.set_idle(False)
+        assert raced.wait(10)
+        th = st.thread
+        assert th is not None
+        th.join(5)  # idle ticks are 1 s: a thread that missed the stop keeps polling
+        assert not th.is_alive(), "the sampler thread missed a stop that came with a wake"
+    finally:
+        s.close()
