@@ -280,7 +280,9 @@ class DeferralQueue:
     def note_state(self, scope: Scope) -> None:
         """Keep the server's lifespan state from a lifespan (or the first HTTP) scope, for resumed requests."""
         if self.lifespan_state is None and isinstance(scope.get("state"), dict):
-            self.lifespan_state = scope["state"]
+            # the lifespan's own dict (the app fills it at startup); a request's is its own copy, which the
+            # request may write to: keep a copy of that, not the request's dict
+            self.lifespan_state = scope["state"] if scope["type"] == "lifespan" else dict(scope["state"])
 
     # ------------------------------------------------------------- planning
     def plan(self, deadline_s: float, duration_s: float = 0.0, now: float | None = None, job_id: str = "") -> Decision:

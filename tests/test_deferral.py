@@ -361,3 +361,18 @@ def test_a_resumed_request_runs_at_startup_with_the_lifespan_state(tmp_path):
     q.store.close()
     assert q.get(jid).status == "done", q.get(jid).to_dict()
     assert seen == ["loaded at startup"]
+
+
+def test_the_state_kept_for_resumed_requests_is_the_lifespans_not_a_requests():
+    """The lifespan's state dict is kept by reference (the app fills it at startup); without a lifespan, the
+    first request's state is copied, so what that request writes to ``request.state`` reaches no resumed one."""
+    q = DeferralQueue(Forecast([100]), zone="GB")
+    own = {"model": "m"}
+    q.note_state({"type": "http", "state": own})
+    own["user"] = "set by that request"
+    assert q.lifespan_state == {"model": "m"}
+    q2 = DeferralQueue(Forecast([100]), zone="GB")
+    life: dict = {}
+    q2.note_state({"type": "lifespan", "state": life})
+    life["model"] = "loaded at startup"
+    assert q2.lifespan_state is life
