@@ -169,7 +169,9 @@ def test_plain_held_spans_are_packed_and_others_held_as_they_are():
     tp.shutdown()
 
 
-def test_a_pass_bigger_than_the_exporters_queue_is_deferred_not_dropped(caplog):
+def _held_behind_a_small_queue(n):
+    """``n`` ended server spans held by an EnergySpanProcessor in front of a BatchSpanProcessor whose queue holds
+    64 and whose exporter waits for ``gate``: (gate, exporter, bsp, proc, tp, spans)."""
     gate = threading.Event()
     exporter = Collect(gate)
     bsp = BatchSpanProcessor(exporter, max_queue_size=64, max_export_batch_size=16, schedule_delay_millis=60_000)
@@ -178,11 +180,16 @@ def test_a_pass_bigger_than_the_exporters_queue_is_deferred_not_dropped(caplog):
     tp.add_span_processor(proc)
     tracer = tp.get_tracer("t")
     spans = []
-    for i in range(500):
+    for i in range(n):
         s = tracer.start_span(f"r{i}", kind=SpanKind.SERVER)
         proc.expect(s)
         s.end()
         spans.append(s)
+    return gate, exporter, bsp, proc, tp, spans
+
+
+def test_a_pass_bigger_than_the_exporters_queue_is_deferred_not_dropped(caplog):
+    gate, exporter, bsp, proc, tp, spans = _held_behind_a_small_queue(500)
     with caplog.at_level(logging.WARNING):
         proc.on_records([make_record(s.context.span_id, seed=i) for i, s in enumerate(spans)])  # one pass: 500 spans
         st = proc.stats()
@@ -266,19 +273,7 @@ def test_another_span_processor_downstream_gets_each_span_through_on_end():
 
 
 def test_spans_waiting_when_the_exporter_shuts_down_go_to_its_on_end_and_flush_does_not_spin():
-    gate = threading.Event()
-    exporter = Collect(gate)
-    bsp = BatchSpanProcessor(exporter, max_queue_size=64, max_export_batch_size=16, schedule_delay_millis=60_000)
-    proc = EnergySpanProcessor(bsp, hold_timeout_s=60)
-    tp = TracerProvider()
-    tp.add_span_processor(proc)
-    tracer = tp.get_tracer("t")
-    spans = []
-    for i in range(200):
-        s = tracer.start_span(f"r{i}", kind=SpanKind.SERVER)
-        proc.expect(s)
-        s.end()
-        spans.append(s)
+    gate, exporter, bsp, proc, tp, spans = _held_behind_a_small_queue(200)
     proc.on_records([make_record(s.context.span_id, seed=i) for i, s in enumerate(spans)])
     assert proc.stats()["export_waiting"] > 0
     gate.set()
