@@ -151,7 +151,7 @@ def attribute(
         summary_extra: dict[str, Any] = {}
 
         s_idx = np.flatnonzero(step_dev == dev) if steps is not None else np.empty(0, dtype=np.int64)
-        if len(s_idx) and idle_source == "low-quantile":
+        if len(s_idx) and steps is not None and idle_source == "low-quantile":
             # Never idle: a low quantile of the readings still holds dynamic power.
             # Fit the baseline as the intercept of the step model instead.
             fit_w = _fit_idle(cum, trace, steps, s_idx, requests, a, b, seg)
