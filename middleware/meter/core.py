@@ -49,7 +49,7 @@ def _device_key(device: str | int | Sequence[str | int]) -> str:
     """The canonical device or group name (``"gpu0, gpu1"`` and ``"gpu0+gpu1"`` -> ``"gpu0,gpu1"``)."""
     return _str_group_key(device) if isinstance(device, str) else _group_key(device)
 from ..attribution import BatchStep, Requests, StepModel, Steps, attribute
-from ..carbon.records import request_records
+from ..carbon.records import request_batch
 from ..records import RequestLabels, RequestRecord
 from ..samples import DeviceInfo, SampleKind
 from .context import MAX_TOKENS
@@ -1009,7 +1009,7 @@ class Meter:
             if cols[0].count(_END_FIELDS) == n:
                 label_columns = cols[3:]
         # carbon once, for the whole batch (see wattspan.carbon.records for the host rule)
-        batch = request_records(
+        batch = request_batch(
             self.carbon, ids=[rid for rid, _ in done], device=devices, start_ns=start, end_ns=end,
             dynamic_j=dyn, idle_j=idle, device_s=np.array(dev_s_t, dtype=float), host_j=np.array(host_t, dtype=float),
             wall_s=wall, energy_j_low=np.maximum(energy - band, 0.0), energy_j_high=energy + band,

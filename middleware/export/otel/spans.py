@@ -39,7 +39,7 @@ import os
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 try:
@@ -53,9 +53,9 @@ except ImportError as exc:  # pragma: no cover - exercised without the otel extr
 
 from ...logs import LogOnce, get_logger
 from ...meter.sinks import DeviceFigures
-from ...records import RequestRecord
+from ...records import RecordBatch, RequestRecord
 from ._faults import _Faults
-from .attributes import record_attributes
+from .attributes import batch_attributes, record_attributes
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context
@@ -75,11 +75,12 @@ _PENDING: dict[str, AttributeValue] = {"wattspan.status": "pending"}
 
 _new = object.__new__
 
-# what a held span's record adds: attributes (resolve(), pending), or the record to take them from
-_Extra: TypeAlias = "Mapping[str, AttributeValue] | RequestRecord"
+# what a held span's record adds: attributes (resolve(), pending), the record to take them from, or
+# (a RecordBatch's) its attributes as (name, value) pairs, in record_attributes' order (a zip, used once)
+_Extra: TypeAlias = "Mapping[str, AttributeValue] | RequestRecord | zip[tuple[str, AttributeValue]]"
 
 
-def _with_attributes(span: ReadableSpan, extra: Mapping[str, AttributeValue]) -> ReadableSpan:
+def _with_attributes(span: ReadableSpan, extra: Mapping[str, AttributeValue] | Iterable[tuple[str, AttributeValue]]) -> ReadableSpan:
     """A copy of the ended ``span`` with ``extra`` merged into its attributes.
 
     Everything else is the original's (events and links keep their dropped
@@ -504,7 +505,7 @@ class EnergySpanProcessor(SpanProcessor):
             try:
                 out.append(finish(span_id, item, attrs))
             except Exception:
-                if isinstance(attrs, RequestRecord):  # the record's attributes failed: the span goes on pending
+                if not isinstance(attrs, Mapping):  # the record's attributes failed: the span goes on pending
                     self._fault("record_attributes failed for a record")
                     try:
                         out.append(finish(span_id, item, _PENDING))
@@ -521,6 +522,21 @@ class EnergySpanProcessor(SpanProcessor):
         """RecordSink: resolve the held span of each final record that has one."""
         # the records themselves: a held span's attributes are merged with its record's in one dict
         # as the span is built (see _finish), not built apart and merged into a copy
+        items: list[tuple[int, _Extra]]
+        if type(records) is RecordBatch:  # a meter pass's: the attributes straight from its columns
+            sids = records.column("span_id")
+            if not any(sids):
+                return
+            try:
+                got = batch_attributes(records)
+            except Exception:
+                self._fault("batch_attributes failed; taking each record's attributes")
+                got = None
+            if got is not None:
+                names, rows = got
+                items = [(sid, zip(k, row)) for sid, k, row in zip(sids, names, rows) if sid]
+                self._resolve_many(items)
+                return
         items = [(rec.span_id, rec) for rec in records if rec.span_id]
         if items:
             self._resolve_many(items)
