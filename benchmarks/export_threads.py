@@ -236,7 +236,13 @@ def child(variant: str, n: int, profile: bool, sinks: str | None = None, profile
         prof.disable()
     l1, cs1, gcl = time.thread_time_ns(), _switches(main), gc_ns[0]
     gc.callbacks.remove(on_gc)
-    tracked = len(gc.get_objects())  # what a full collection scans, as the last request ended (counted in drain)
+    objs = gc.get_objects()
+    tracked = len(objs)  # what a full collection scans, as the last request ended (counted in drain)
+    if os.environ.get("EXPORT_THREADS_TYPES"):  # which types those are (the most common 15)
+        from collections import Counter
+
+        types = Counter(type(o).__qualname__ for o in objs).most_common(15)
+    del objs
     if meter is not None:
         meter.drain(60)
         assert meter.counters["records"] >= n, meter.counters
@@ -258,6 +264,8 @@ def child(variant: str, n: int, profile: bool, sinks: str | None = None, profile
     out["gc"] = gcl / n / 1e3
     out["cs"] = (cs1 - cs0) / n
     out["tracked"] = tracked / 1e3
+    if os.environ.get("EXPORT_THREADS_TYPES"):
+        out["types"] = types
     out["gc_gen"] = [[c, ns / n / 1e3] for c, ns in gc_gen]
     out["gc_threads"] = {k: v / n / 1e3 for k, v in gc_other.items()}
     out["gc_threads_gen"] = {k: [c, ns / n / 1e3] for k, (c, ns) in gc_other_gen.items()}

@@ -77,6 +77,33 @@ def test_schema_has_a_column_per_record_field(tmp_path):
     con.close()
 
 
+def test_new_files_get_16k_pages_and_an_older_file_keeps_its_own(tmp_path):
+    with Ledger(tmp_path / "new.db") as led:
+        led.write(make_records(2))
+        assert led.flush()
+    con = sqlite3.connect(tmp_path / "new.db")
+    assert con.execute("PRAGMA page_size").fetchone()[0] == 16384
+    assert con.execute("PRAGMA auto_vacuum").fetchone()[0] == 2  # incremental, as before
+    con.close()
+    # a file made with SQLite's default pages (an older wattspan's) is appended to as it is
+    with Ledger(tmp_path / "old.db") as led:
+        led.write(make_records(3))
+        assert led.flush()
+    con = sqlite3.connect(tmp_path / "old.db", isolation_level=None)
+    con.execute("PRAGMA journal_mode=DELETE")
+    con.execute("PRAGMA page_size=4096")
+    con.execute("VACUUM")
+    assert con.execute("PRAGMA page_size").fetchone()[0] == 4096
+    con.close()
+    with Ledger(tmp_path / "old.db") as led:
+        led.write(make_records(4, seed=1, prefix="b"))
+        assert led.flush()
+        assert len(led.query()) == 7
+    con = sqlite3.connect(tmp_path / "old.db")
+    assert con.execute("PRAGMA page_size").fetchone()[0] == 4096
+    con.close()
+
+
 def test_opening_an_older_ledger_drops_the_indexes_no_query_uses(tmp_path):
     # Files written before export15 have indexes on route and tenant: each insert paid for them.
     with Ledger(tmp_path / "l.db") as led:
