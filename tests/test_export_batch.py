@@ -16,6 +16,7 @@ from wattspan.records import FIELDS, RecordBatch, RequestRecord
 
 pytest.importorskip("opentelemetry.sdk")
 
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans  # noqa: E402
 from opentelemetry.sdk.metrics import MeterProvider  # noqa: E402
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader  # noqa: E402
 from opentelemetry.sdk.resources import Resource  # noqa: E402
@@ -170,3 +171,9 @@ def test_spans_from_the_columns_equal_the_records_path(mixed):
         assert a.name == b.name and (a.start_time, a.end_time) == (b.start_time, b.end_time)
         assert list(a.attributes.items()) == list(b.attributes.items())
         assert a.attributes["wattspan.status"] == "final" and a.attributes["n"] == b.attributes["n"]
+        # the span built inline (_resolve_rows) is what _finish builds: the same fields, in order, of the same types
+        assert list(vars(a)) == list(vars(b)) and [type(v) for v in vars(a).values()] == [type(v) for v in vars(b).values()]
+        assert (a.kind, a.status.status_code, a.parent, a.context.trace_flags, a.context.trace_state, a.context.is_remote) == (
+            b.kind, b.status.status_code, b.parent, b.context.trace_flags, b.context.trace_state, b.context.is_remote)
+        assert a.resource.attributes == b.resource.attributes and a.instrumentation_scope == b.instrumentation_scope
+    assert encode_spans(got).SerializeToString() and len(encode_spans(got).resource_spans[0].scope_spans[0].spans) == 100
