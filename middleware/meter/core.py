@@ -666,8 +666,10 @@ class Meter:
     def _drain(self) -> None:
         ev = self._events
         table = self._table
-        row_of = table.row.get
-        set_end, meta = table.set_end, table.meta
+        row = table.row
+        row_of, free = row.get, table.free
+        rid_of, dev_of, start_of, end_of, meta, method_of, quality_of, peer_of = (
+            table.rid, table.device, table.start, table.end, table.meta, table.method, table.quality, table.peer)
         peers = self.peers
         out: list[Any] | None = [] if peers is not None else None
         popleft = ev.popleft
@@ -677,8 +679,11 @@ class Meter:
             kind = e[0]
             if kind == _END_FIELDS or kind == _END:
                 r = row_of(e[1])
-                if r is not None:
-                    set_end(r, e[2])
+                if r is not None:  # table.set_end, inline
+                    if end_of[r] is None and not peer_of[r]:
+                        table.ended += 1
+                    t, s = e[2], start_of[r]
+                    end_of[r] = t if t > s else s
                     meta[r] = e if kind == _END_FIELDS else e[3]  # the flat event itself: labels built in _finalise
                 if out is not None:
                     out.append((_END, e[1], e[2]))
@@ -688,7 +693,18 @@ class Meter:
                     self.counters["dropped_inflight"] += 1
                     log.warning("more than %d requests in flight; request %s not metered", self.max_inflight, e[1])
                     continue
-                table.add(e[1], e[2], e[3])
+                rid = e[1]
+                if free and rid not in row:  # table.add, inline (a free row's meta and parts are None already)
+                    r = free.pop()
+                    row[rid] = r
+                    rid_of[r] = rid
+                    dev_of[r] = e[2]
+                    start_of[r] = e[3]
+                    end_of[r] = None
+                    method_of[r] = quality_of[r] = ""
+                    peer_of[r] = 0
+                else:
+                    table.add(rid, e[2], e[3])
                 begun += 1
             else:
                 st = BatchStep(e[1], e[2], e[3], e[4])
