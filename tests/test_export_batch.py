@@ -177,3 +177,32 @@ def test_spans_from_the_columns_equal_the_records_path(mixed):
             b.kind, b.status.status_code, b.parent, b.context.trace_flags, b.context.trace_state, b.context.is_remote)
         assert a.resource.attributes == b.resource.attributes and a.instrumentation_scope == b.instrumentation_scope
     assert encode_spans(got).SerializeToString() and len(encode_spans(got).resource_spans[0].scope_spans[0].spans) == 100
+
+
+def test_large_label_sets_bucket_counts_equal_the_sdks_record_per_value():
+    """A label set with many values in a pass (its bucket counts found at once) exports what the SDK's
+    Histogram.record gives value by value: counts per bucket (values on the bounds too), min, max, sum."""
+    readers = [InMemoryMetricReader() for _ in range(2)]
+    fast, slow = (EnergyMetrics(MeterProvider(metric_readers=[r])) for r in readers)
+    for h in (slow._req_energy, slow._req_co2e):
+        h._usable = False  # the public path: Histogram.record, one value at a time
+    rng = random.Random(11)
+    from wattspan.export.otel.metrics import CO2E_BUCKETS_G, ENERGY_BUCKETS_J
+    for p in range(2):
+        batch = _batch(400, 20 + p, False)
+        e = batch.columns["energy_j"]
+        for i in range(0, 400, 7):  # values exactly on bucket bounds, and beyond the last
+            e[i] = rng.choice([*ENERGY_BUCKETS_J, 0.0, 5e4])
+        batch.columns["co2e_g"] = [rng.choice([*CO2E_BUCKETS_G, rng.uniform(0, 20)]) for _ in range(400)]
+        batch.const.pop("co2e_g", None)
+        fast.on_records(batch)
+        slow.on_records(batch)
+    assert fast._req_energy.bulk and not slow._req_energy.bulk
+    got, want = _points(readers[0]), _points(readers[1])
+    assert got.keys() == want.keys()
+    for k, v in want.items():
+        if isinstance(v, tuple):
+            assert got[k][0] == v[0] == 800 and got[k][2] == v[2] and got[k][3:] == v[3:], k
+            assert got[k][1] == pytest.approx(v[1], rel=1e-12)
+        else:
+            assert got[k] == pytest.approx(v, rel=1e-12)
