@@ -688,7 +688,7 @@ class EnergySpanProcessor(SpanProcessor):
                         if attrs is not None:
                             self._held_attrs[sid] = attrs
                         if self._closed:
-                            out.append(self._pending(sid, entry, "pending_flush"))
+                            self._pending(sid, entry, "pending_flush", out)
                         else:
                             held = self._held
                             if not held:  # the timer sleeps until the first held span: wake it (or start it)
@@ -699,7 +699,7 @@ class EnergySpanProcessor(SpanProcessor):
                             held[sid] = entry
                             if len(held) > self.max_held:
                                 osid, oentry = held.popitem(last=False)
-                                out.append(self._pending(osid, oentry, "pending_overflow"))
+                                self._pending(osid, oentry, "pending_overflow", out)
                 else:
                     out.append(span)
                 self._expire_locked(now, out)
@@ -821,13 +821,24 @@ class EnergySpanProcessor(SpanProcessor):
         """The held span as it ended (no attributes of ours): the fallback when building fails."""
         return entry[1] if len(entry) == 2 else self._finish(span_id, entry, {})
 
-    def _pending(self, sid: int, entry: tuple[Any, ...], why: str) -> ReadableSpan:
+    def _pending(self, sid: int, entry: tuple[Any, ...], why: str, out: list[ReadableSpan]) -> None:
+        """Append the held ``entry``'s span, marked pending, to ``out``. Never raises: a span that
+        cannot be built so goes on as it ended (counted in ``errors``, logged once), so that one
+        span's failure loses none of the others a flush, a shutdown or the timer takes with it."""
         self._counts[why] += 1
         gone = self._gone
         gone[sid] = None
         if len(gone) > self.max_held:
             gone.popitem(last=False)
-        return self._finish(sid, entry, _PENDING)
+        try:
+            out.append(self._finish(sid, entry, _PENDING))
+            return
+        except Exception:
+            self._fault("EnergySpanProcessor: building a pending span failed; passing it on as it ended")
+        try:
+            out.append(self._original(sid, entry))
+        except Exception:  # pragma: no cover - an entry that cannot be rebuilt at all (counted again)
+            self._fault("EnergySpanProcessor: a held span could not be rebuilt; it is lost")
 
     def _expire_locked(self, now: float, out: list[ReadableSpan]) -> None:
         held = self._held
@@ -836,7 +847,7 @@ class EnergySpanProcessor(SpanProcessor):
             if entry[0] > now:
                 break
             del held[sid]
-            out.append(self._pending(sid, entry, "pending_timeout"))
+            self._pending(sid, entry, "pending_timeout", out)
         early = self._early
         while early:
             sid, (_, deadline) = next(iter(early.items()))
@@ -847,7 +858,9 @@ class EnergySpanProcessor(SpanProcessor):
 
     def _take_all(self) -> list[ReadableSpan]:
         with self._lock:
-            out = [self._pending(sid, entry, "pending_flush") for sid, entry in self._held.items()]
+            out: list[ReadableSpan] = []
+            for sid, entry in self._held.items():  # one by one: a span that fails loses none of the others
+                self._pending(sid, entry, "pending_flush", out)
             self._held.clear()  # (each taken span's attribute dict went with it, in _finish; not the
             # others': a resolve builds the spans it took outside the lock, from theirs)
             return out
