@@ -323,3 +323,19 @@ def test_one_held_span_failing_to_build_loses_no_other(how, monkeypatch, caplog)
     assert proc.stats()["errors"] == 1 and not proc._held
     if how != "shutdown":
         tp.shutdown()
+
+
+def test_spans_still_waiting_for_the_exporter_at_shutdown_are_counted_and_logged_never_sent_twice(monkeypatch, caplog):
+    gate, exporter, bsp, proc, tp, spans = _held_behind_a_small_queue(200)
+    proc.on_records([make_record(s.context.span_id, seed=i) for i, s in enumerate(spans)])
+    waiting = proc.stats()["export_waiting"]
+    assert waiting > 0
+    monkeypatch.setattr(proc, "_drain_outbox", lambda timeout_s: None)  # the exporter too slow: no room made in time
+    threading.Timer(0.3, gate.set).start()  # ... until the SDK's own shutdown exports its queue
+    with caplog.at_level(logging.ERROR):
+        proc.shutdown()
+    st = proc.stats()
+    assert st["export_waiting"] == 0 and 0 < st["export_dropped"] <= waiting  # (the timer may have handed some over)
+    assert "still waiting for room" in caplog.text
+    got = [s.context.span_id for s in exporter.spans]
+    assert len(got) == len(set(got)) and len(got) + st["export_dropped"] == 200  # each span sent once, or counted

@@ -736,6 +736,14 @@ class EnergySpanProcessor(SpanProcessor):
             self.downstream.shutdown()
         except Exception:
             self._fault("downstream shutdown failed")
+        with self._out_lock:  # what the exporter never had room for by now cannot reach it any more
+            left = len(self._outbox)
+            self._outbox.clear()
+            if left:
+                self._counts["export_dropped"] += left
+        if left:
+            log.error("wattspan: at shutdown %d finished spans were still waiting for room in the exporter's queue "
+                      "(it exported too slowly); they are lost (%d dropped in all)", left, self._counts["export_dropped"])
 
     # -------------------------------------------------------------- introspection
 
