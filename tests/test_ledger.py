@@ -450,3 +450,41 @@ def test_report_problems_exit_2(tmp_path, capsys):
     Ledger(empty).close()
     buf = io.StringIO()
     assert run_report(empty, out=buf) == 0 and "no requests recorded" in buf.getvalue()
+
+
+def test_several_writers_opening_an_older_file_at_once_all_write_and_the_indexes_go(tmp_path):
+    path = tmp_path / "l.db"
+    with Ledger(path) as led:
+        led.write(make_records(3))
+        assert led.flush()
+    con = sqlite3.connect(path)
+    con.execute("CREATE INDEX requests_route ON requests (route)")
+    con.execute("CREATE INDEX requests_tenant ON requests (tenant)")
+    con.commit()
+    con.close()
+    ledgers, start = [], threading.Barrier(6)
+
+    def open_and_write(t: int) -> None:
+        start.wait()
+        led = Ledger(path)
+        ledgers.append(led)
+        for k in range(5):
+            led.write(make_records(40, seed=t * 10 + k, prefix=f"t{t}k{k}-"))
+
+    threads = [threading.Thread(target=open_and_write, args=(t,)) for t in range(6)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(30)
+    assert len(ledgers) == 6
+    for led in ledgers:
+        assert led.flush(30)
+    stats = [led.stats() for led in ledgers]
+    for led in ledgers:
+        led.close()
+    assert all(s["written"] == 200 and s["dropped"] == 0 and s["errors"] == 0 for s in stats), stats
+    con = sqlite3.connect(path)
+    names = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    n = con.execute("SELECT count(*), count(DISTINCT id) FROM requests").fetchone()
+    con.close()
+    assert names == {"requests_recorded_at"} and n == (3 + 6 * 200, 3 + 6 * 200)
