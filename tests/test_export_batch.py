@@ -206,3 +206,43 @@ def test_large_label_sets_bucket_counts_equal_the_sdks_record_per_value():
             assert got[k][1] == pytest.approx(v[1], rel=1e-12)
         else:
             assert got[k] == pytest.approx(v, rel=1e-12)
+
+
+def test_ledger_chunks_of_columns_split_into_transactions_and_bounded_by_max_queue(tmp_path, monkeypatch):
+    import wattspan.export.ledger.writer as writer
+
+    monkeypatch.setattr(writer, "_BATCH", 700)  # a pass bigger than a transaction
+    begins = []
+    with Ledger(tmp_path / "a.sqlite", max_queue=2500) as led:
+        real = led._connection
+
+        def counting():
+            conn = real()
+            return _Counting(conn, begins)
+
+        monkeypatch.setattr(led, "_connection", counting)
+        big, small = _batch(3000, 5), _batch(0, 6)
+        led.write(small)  # nothing to queue
+        led.write(big)  # 2,500 queued (max_queue), 500 dropped
+        assert led.flush(20)
+        st = led.stats()
+        rows = led.query()
+    assert st["written"] == 2500 and st["dropped"] == 500 and st["queued"] == 0 and st["errors"] == 0
+    assert [r["id"] for r in rows] == big.column("id")[:2500]  # in order, each once
+    assert rows[7]["span_id"] == big.column("span_id")[7] and rows[7]["trace_id"] == big.column("trace_id")[7]
+    assert len(begins) == 4  # 700 + 700 + 700 + 400 rows
+
+
+class _Counting:
+    """A connection that notes each transaction begun."""
+
+    def __init__(self, conn, begins):
+        self._conn, self._begins = conn, begins
+
+    def execute(self, sql, *args):
+        if sql.startswith("BEGIN"):
+            self._begins.append(sql)
+        return self._conn.execute(sql, *args)
+
+    def __getattr__(self, name):
+        return getattr(self._conn, name)
