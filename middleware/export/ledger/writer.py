@@ -26,8 +26,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterator
-from itertools import repeat
+from itertools import islice
 from operator import attrgetter, itemgetter
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -51,65 +50,13 @@ _INSERT = (f"INSERT INTO requests ({', '.join((*_PLAIN, *_CONVERTED, 'recorded_a
            f"VALUES ({', '.join('?' * (len(NAMES) + 2))})")
 _ITEMS = itemgetter(*_PLAIN)
 _GET = attrgetter(*_PLAIN)
-_BATCH = 2000  # rows per transaction (at most)
+_BATCH = 2000  # rows per transaction
 _RETRY_S = (0.05, 2.0)  # first and longest wait between attempts on a failing disk
 _PRUNE_EVERY_S = 3600.0
 _LOG_EVERY_S = 60.0  # at most one log line per kind of trouble per minute
 _I64 = (-(2**63), 2**63 - 1)
 # what a bad value (not a bad disk) raises from sqlite3's executemany
 _DATA_ERRORS = (OverflowError, ValueError, TypeError, sqlite3.IntegrityError, sqlite3.InterfaceError, sqlite3.DataError)
-
-
-class _Const:
-    """A column with one value in every row of a chunk."""
-
-    __slots__ = ("value",)
-
-    def __init__(self, value: Any) -> None:
-        self.value = value
-
-
-class _Chunk:
-    """Rows waiting for the disk: ``rows`` (tuples in _INSERT's order), or the columns of a meter
-    pass's :class:`~wattspan.records.RecordBatch` (``parts``, one per column in that order: a list,
-    or a :class:`_Const`), whose rows are made only as ``executemany`` reads them (``rows()``: a
-    ``zip``, one tuple reused, nothing kept per row) - on the writer's thread, not the meter's."""
-
-    __slots__ = ("n", "_rows", "_parts")
-
-    def __init__(self, n: int, rows: list[_Row] | None = None, parts: list[Any] | None = None) -> None:
-        self.n = n
-        self._rows = rows
-        self._parts = parts
-
-    def rows(self) -> Iterator[_Row] | list[_Row]:
-        """The chunk's rows, from the first (a fresh iterator each call)."""
-        if self._rows is not None:
-            return self._rows
-        n, parts = self.n, self._parts or []
-        cols = [repeat(p.value, n) if type(p) is _Const else p for p in parts]
-        cols[_TRACE] = map("{:032x}".format, cols[_TRACE])  # the ids as hex text: formatted as they are read
-        cols[_SPAN] = map("{:016x}".format, cols[_SPAN])
-        return zip(*cols)
-
-    def head(self, k: int) -> _Chunk:
-        """The chunk of this one's first ``k`` rows."""
-        if k >= self.n:
-            return self
-        if self._rows is not None:
-            return _Chunk(k, rows=self._rows[:k])
-        return _Chunk(k, parts=[p if type(p) is _Const else p[:k] for p in self._parts or []])
-
-    def split(self, k: int) -> tuple[_Chunk, _Chunk]:
-        """This chunk's first ``k`` rows and the rest."""
-        if self._rows is not None:
-            return _Chunk(k, rows=self._rows[:k]), _Chunk(self.n - k, rows=self._rows[k:])
-        parts = self._parts or []
-        return (_Chunk(k, parts=[p if type(p) is _Const else p[:k] for p in parts]),
-                _Chunk(self.n - k, parts=[p if type(p) is _Const else p[k:] for p in parts]))
-
-
-_TRACE, _SPAN = len(_PLAIN) + 1, len(_PLAIN) + 2  # where a chunk's parts hold the trace and span ids (ints)
 
 
 class Ledger:
@@ -133,8 +80,7 @@ class Ledger:
         self.path = Path(path)
         self.run_id = run_id or uuid.uuid4().hex
         self.max_queue, self.retention_days = max_queue, retention_days
-        self._pending: deque[_Chunk] = deque()  # committed rows leave it only after COMMIT
-        self._queued = 0  # rows in _pending
+        self._pending: deque[_Row] = deque()  # committed rows leave it only after COMMIT
         self._cv = threading.Condition()
         self._written = self._dropped = self._errors = self._sanitized = 0
         self._closing, self._deadline = False, math.inf
@@ -159,21 +105,14 @@ class Ledger:
         Raises ``TypeError`` (before queueing any) if an item is not a RequestRecord.
         """
         now = time.time()
-        if type(records) is RecordBatch:
-            chunk = self._batch_chunk(records, now)
-        else:
-            rows = self._rows(records, now)
-            chunk = _Chunk(len(rows), rows=rows)
+        rows = self._batch_rows(records, now) if type(records) is RecordBatch else self._rows(records, now)
         with self._cv:
-            room = 0 if self._closing else max(0, self.max_queue - self._queued)
-            kept = chunk.head(room)
-            if kept.n:
-                self._pending.append(kept)
-                self._queued += kept.n
-            lost = chunk.n - kept.n
+            room = 0 if self._closing else max(0, self.max_queue - len(self._pending))
+            self._pending.extend(rows[:room])
+            lost = max(0, len(rows) - room)
             self._dropped += lost
             self._cv.notify_all()
-            dropped, queued = self._dropped, self._queued
+            dropped, queued = self._dropped, len(self._pending)
         if lost:
             why = "closed" if self._closing else f"queue full ({queued} records waiting for the disk)"
             self._warn("drop", "wattspan ledger %s: %s; dropped %d records (%d in all)", self.path, why, lost, dropped)
@@ -188,7 +127,7 @@ class Ledger:
     def flush(self, timeout: float | None = 5.0) -> bool:
         """Wait until every queued record is committed; False if ``timeout`` (s) passed first."""
         with self._cv:
-            return self._cv.wait_for(lambda: not self._queued, timeout)
+            return self._cv.wait_for(lambda: not self._pending, timeout)
 
     def close(self, timeout: float = 5.0) -> None:
         """Commit what is queued (trying for up to ``timeout`` s), then stop. Idempotent."""
@@ -204,7 +143,7 @@ class Ledger:
         """Counts since open: ``written`` (committed), ``dropped``, ``errors`` (failed attempts), ``queued``,
         ``sanitized`` (records stored with out-of-range values clipped)."""
         with self._cv:
-            return {"written": self._written, "dropped": self._dropped, "errors": self._errors, "queued": self._queued,
+            return {"written": self._written, "dropped": self._dropped, "errors": self._errors, "queued": len(self._pending),
                     "sanitized": self._sanitized}
 
     def query(self, *, since: float | None = None, until: float | None = None, run_id: str | None = None) -> list[dict[str, Any]]:
@@ -239,24 +178,23 @@ class Ledger:
                 append(_GET(rec) + (int(rec.simulated), f"{rec.trace_id:032x}", f"{rec.span_id:016x}") + tail)
         return rows
 
-    def _batch_chunk(self, batch: RecordBatch, now: float) -> _Chunk:
-        """A meter pass's :class:`~wattspan.records.RecordBatch` as a chunk of its columns (rows made
-        on the writer's thread as they are inserted: :meth:`_Chunk.rows`, what :meth:`_rows` gives);
-        no record object read or built, no row tuple kept."""
-        const, columns = batch.const, batch.columns
-        parts: list[Any] = [col if (col := columns.get(name)) is not None else _Const(const[name]) for name in _PLAIN]
-        sim = columns.get("simulated")
-        parts.append([int(x) for x in sim] if sim is not None else _Const(int(const["simulated"])))
-        for name in ("trace_id", "span_id"):  # formatted as hex when read (see _Chunk.rows)
-            col = columns.get(name)
-            parts.append(col if col is not None else [const[name]] * len(batch))
-        parts.append(_Const(now))
-        parts.append(_Const(self.run_id))
-        return _Chunk(len(batch), parts=parts)
-
     def _batch_rows(self, batch: RecordBatch, now: float) -> list[_Row]:
-        """The rows of a batch's chunk (what :meth:`_rows` gives for its records)."""
-        return list(self._batch_chunk(batch, now).rows())
+        """:meth:`_rows` of a meter pass's :class:`~wattspan.records.RecordBatch`, from its columns:
+        one ``zip`` of the columns (a constant field repeated), no record object read or built."""
+        n = len(batch)
+        const, columns = batch.const, batch.columns
+        parts: list[Sequence[Any]] = []
+        for name in _PLAIN:
+            col = columns.get(name)
+            parts.append(col if col is not None else [const[name]] * n)
+        sim = columns.get("simulated")
+        parts.append([int(x) for x in sim] if sim is not None else [int(const["simulated"])] * n)
+        for name, fmt in (("trace_id", "{:032x}"), ("span_id", "{:016x}")):
+            col = columns.get(name)
+            parts.append(list(map(fmt.format, col)) if col is not None else [fmt.format(const[name])] * n)
+        parts.append([now] * n)
+        parts.append([self.run_id] * n)
+        return list(zip(*parts))
 
     def _run(self) -> None:
         wait = _RETRY_S[0]
@@ -266,7 +204,7 @@ class Ledger:
                     self._cv.wait(min(self._next_prune - time.monotonic(), _PRUNE_EVERY_S))
                 if self._closing and (not self._pending or time.monotonic() >= self._deadline):
                     break
-                batch = self._take()
+                batch = list(islice(self._pending, _BATCH))
             try:
                 self._prune_if_due()
                 if batch:
@@ -275,13 +213,12 @@ class Ledger:
                     conn.execute("SAVEPOINT batch")
                     refused = 0
                     try:
-                        for chunk in batch:
-                            conn.executemany(_INSERT, chunk.rows())
+                        conn.executemany(_INSERT, batch)
                     except _DATA_ERRORS:  # a bad record, not a bad disk: insert row by row, clipping
                         # executemany stops at the bad row with the rows before it inserted: undo them
                         # first, or they would be stored twice
                         conn.execute("ROLLBACK TO batch")
-                        refused = self._insert_rows(conn, [row for chunk in batch for row in chunk.rows()])
+                        refused = self._insert_rows(conn, batch)
                     conn.execute("COMMIT")
             except Exception as exc:  # the writer must outlive any disk trouble
                 self._failed(exc)
@@ -290,40 +227,18 @@ class Ledger:
                 continue
             wait = _RETRY_S[0]
             with self._cv:
-                done = 0
                 for _ in batch:
-                    done += self._pending.popleft().n
-                self._queued -= done
-                self._written += done - refused  # a refused row is counted in dropped, not here
+                    self._pending.popleft()
+                self._written += len(batch) - refused  # a refused row is counted in dropped, not here
                 self._cv.notify_all()
         with self._cv:
-            lost = self._queued
+            lost = len(self._pending)
             self._pending.clear()
-            self._queued = 0
             self._dropped += lost
             self._cv.notify_all()
         if lost:
             log.error("wattspan ledger %s: closed with the disk still failing; %d records lost", self.path, lost)
         self._disconnect()
-
-    def _take(self) -> list[_Chunk]:
-        """The chunks of the next transaction, at most _BATCH rows (the first chunk split if it has more);
-        under ``_cv``. They leave ``_pending`` only once committed."""
-        pending = self._pending
-        out: list[_Chunk] = []
-        rows = 0
-        while len(out) < len(pending):
-            chunk = pending[len(out)]
-            if rows + chunk.n > _BATCH:
-                if out:
-                    break
-                first, rest = chunk.split(_BATCH)  # one transaction's worth, the rest stays first in line
-                pending[0] = rest
-                pending.appendleft(first)
-                chunk = first
-            out.append(chunk)
-            rows += chunk.n
-        return out
 
     def _insert_rows(self, conn: sqlite3.Connection, batch: list[_Row]) -> int:
         """Insert ``batch`` one row at a time (inside the open transaction); a row the
@@ -387,7 +302,7 @@ class Ledger:
         self._disconnect()
         with self._cv:
             self._errors += 1
-            errors, queued = self._errors, self._queued
+            errors, queued = self._errors, len(self._pending)
         self._warn("io", "wattspan ledger %s: cannot write (%s); %d records kept in memory, retrying (%d errors so far)",
                    self.path, exc, queued, errors)
 
