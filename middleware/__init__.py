@@ -18,7 +18,7 @@ from .attribution import Attribution, Requests, StepModel, Steps, attribute
 from .errors import InputError
 from .meter.context import current_request_id, set_tokens
 from .phases import phase
-from .records import RequestLabels, RequestRecord
+from .records import RecordBatch, RequestLabels, RequestRecord
 from .samples import DeviceInfo, DeviceTrace, RingBuffer, SampleBatch, SampleKind
 
 try:
@@ -38,6 +38,7 @@ __all__ = sorted(
         "get_default_meter",
         # records
         "RequestRecord",
+        "RecordBatch",
         "RequestLabels",
         "request_records",
         "InputError",
