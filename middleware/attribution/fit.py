@@ -1096,21 +1096,10 @@ def _dyn_half_width(dyn, spread, starts, ends, extra) -> np.ndarray:
         cv = extra["model"].cv_error if extra.get("model") is not None else math.nan
         rel_sd = cv if math.isfinite(cv) else 0.25
         return np.sqrt(var + (rel_sd * dyn) ** 2)
+    sig_i = _group_sigma(dyn, starts, ends, noise)
     if noise.get("exposure") is not None:
-        return _dyn_sd_components(dyn, var, noise)
+        return _dyn_sd_components(dyn, var, noise, sig_i)
     life = np.maximum((ends - starts).astype(np.float64), 1.0)
-    groups = noise["groups"]
-    if groups:
-        gs = np.array(sorted(groups), dtype=np.float64)
-        sig = np.array([groups[g] for g in sorted(groups)])
-        G = np.maximum(1.0, life / noise["spacing_ns"])
-        sig_i = np.interp(np.log2(G), np.log2(gs), sig)
-        # longer than the longest group checked (half a window): the windows inside the
-        # request are measured, the errors of its parts average out
-        far = G > gs[-1]
-        sig_i[far] = sig[-1] * np.sqrt(gs[-1] / G[far])
-    else:
-        sig_i = np.full(len(dyn), 0.25)
     # A request shorter than a reading is placed inside it by the model alone.
     # ... and a step inside a reconciliation window much longer than itself gets the model's
     # share of the window, whatever the step really drew.
@@ -1123,12 +1112,36 @@ def _dyn_half_width(dyn, spread, starts, ends, extra) -> np.ndarray:
     return np.sqrt(var)
 
 
-def _dyn_sd_components(dyn, var, noise) -> np.ndarray:
+def _group_sigma(dyn: np.ndarray, starts: np.ndarray, ends: np.ndarray, noise: dict) -> np.ndarray:
+    """Relative sigma of each request's dynamic energy from the held-out groups of readings
+    as long as its lifetime (see :func:`_noise_model`); 0.25 without any."""
+    life = np.maximum((ends - starts).astype(np.float64), 1.0)
+    groups = noise["groups"]
+    if not groups:
+        return np.full(len(dyn), 0.25)
+    gs = np.array(sorted(groups), dtype=np.float64)
+    sig = np.array([groups[g] for g in sorted(groups)])
+    G = np.maximum(1.0, life / noise["spacing_ns"])
+    sig_i: np.ndarray = np.interp(np.log2(G), np.log2(gs), sig)
+    # longer than the longest group checked (half a window): the windows inside the
+    # request are measured, the errors of its parts average out
+    far = G > gs[-1]
+    sig_i[far] = sig[-1] * np.sqrt(gs[-1] / G[far])
+    return sig_i
+
+
+def _dyn_sd_components(dyn, var, noise, sig_i: np.ndarray | None = None) -> np.ndarray:
     """One standard deviation (J) of each request's dynamic energy from the separated components
     (see :func:`_request_components`); ``var``: the coefficients' own spread."""
     ex = noise["exposure"]
     misfit = (noise["misfit_var"] + noise["request_var"]) * (dyn * (1.0 - ex["psi"])) ** 2
-    return np.sqrt(var + misfit + ex["white"])
+    comp = misfit + ex["white"]
+    if sig_i is not None:
+        # what the held-out groups of readings as long as the request say its stretch of
+        # the sensor's readings is off by, the split inside each reading included: the
+        # components above are fitted on whole readings and miss the within-reading part
+        comp = comp + (sig_i * dyn) ** 2
+    return np.sqrt(var + comp)
 
 
 def _noise_model(r, p, t, len_ns, m, e_mod, feats, rel, a, L, overlap):
