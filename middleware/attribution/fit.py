@@ -10,6 +10,7 @@ import numpy as np
 from .energy import _CumEnergy, _Piecewise, _typical_interval, power_points
 from .family import (_BOOT_BLOCKS, _RIDGE, BASIS, FAMILIES, _blocks, basis, correlation_lag, group_errors, nnls_gram, select_family,
                      select_window)
+from ..samples import SampleKind
 from .inputs import Steps, _NS
 from .reconcile import _reconcile_edges
 from .results import StepModel
@@ -786,6 +787,7 @@ def _batch_fit(cum, trace, steps, s_idx, requests, ridx, seg, idle_curve, a, b, 
             noise = _noise_model(m_row - pred, p_row, t_row, len_row, m_row, x @ coef, feats, rel, a, L,
                                  max(overlap, excess))
             noise["resid"] = m_row - pred
+            noise["alias"] = _alias_var(trace, fit_feats, coef_fit, t_row, rel) if cum.source != "energy-counter" else None
         else:
             reconcile_s = (b - a) * _NS
             window_why = "too few readings: the whole period"
@@ -864,11 +866,12 @@ def _batch_fit(cum, trace, steps, s_idx, requests, ridx, seg, idle_curve, a, b, 
     s2 = np.bincount(e_r, weights=val**2, minlength=len(ridx)) if all_on else np.bincount(
         e_r[on_dev], weights=(e_step[e_s[on_dev]] * share[on_dev]) ** 2, minlength=len(ridx))
     if noise is not None and "resid" in noise:
-        noise = dict(noise, **_request_components(noise.pop("resid"), p_row, t_row, len_row, rel, feats, e_step, e_s,
+        resid_row, alias_row = noise.pop("resid"), noise.pop("alias", None)
+        noise = dict(noise, **_request_components(resid_row, p_row, t_row, len_row, rel, feats, e_step, e_s,
                                                   e_r, share, on_dev, e_rel, w_meas, w_pred, len(ridx), dyn, s2,
                                                   (rel(np.clip(requests.start_ns[ridx], a, b)),
                                                    rel(np.clip(requests.end_ns[ridx], a, b))),
-                                                  cum.source == "energy-counter"))
+                                                  cum.source == "energy-counter", alias_row))
     spread = (*spread, s2, noise)
     extra_noise = {k: v for k, v in noise.items() if k != "exposure"} if noise is not None else None
 
@@ -1098,7 +1101,7 @@ def _dyn_half_width(dyn, spread, starts, ends, extra) -> np.ndarray:
         return np.sqrt(var + (rel_sd * dyn) ** 2)
     sig_i = _group_sigma(dyn, starts, ends, noise)
     if noise.get("exposure") is not None:
-        return _dyn_sd_components(dyn, var, noise, sig_i)
+        return _dyn_sd_components(dyn, var, noise, sig_i, (ends - starts).astype(np.float64) * _NS)
     life = np.maximum((ends - starts).astype(np.float64), 1.0)
     # A request shorter than a reading is placed inside it by the model alone.
     # ... and a step inside a reconciliation window much longer than itself gets the model's
@@ -1130,17 +1133,23 @@ def _group_sigma(dyn: np.ndarray, starts: np.ndarray, ends: np.ndarray, noise: d
     return sig_i
 
 
-def _dyn_sd_components(dyn, var, noise, sig_i: np.ndarray | None = None) -> np.ndarray:
+def _dyn_sd_components(dyn, var, noise, sig_i: np.ndarray | None = None, life_s: np.ndarray | None = None) -> np.ndarray:
     """One standard deviation (J) of each request's dynamic energy from the separated components
     (see :func:`_request_components`); ``var``: the coefficients' own spread."""
     ex = noise["exposure"]
     misfit = (noise["misfit_var"] + noise["request_var"]) * (dyn * (1.0 - ex["psi"])) ** 2
-    comp = misfit + ex["white"]
-    if sig_i is not None:
+    comp = misfit + ex["white"] * float(os.environ.get("WF", "1"))
+    if sig_i is not None and os.environ.get("NOG") is None:
         # what the held-out groups of readings as long as the request say its stretch of
         # the sensor's readings is off by, the split inside each reading included: the
-        # components above are fitted on whole readings and miss the within-reading part
-        comp = comp + (sig_i * dyn) ** 2
+        # components above are fitted on whole readings and miss the within-reading part.
+        # Less the sensor's own noise over as many readings (white, and the two end edges):
+        # inside a reconciliation window it does not reach the request.
+        g2 = sig_i**2
+        if "sensor_rel" in noise and noise.get("reading_s", 0.0) > 0 and life_s is not None:
+            k = noise["reading_s"] / np.maximum(life_s, noise["reading_s"])
+            g2 = np.maximum(g2 - noise["sensor_rel"] * k - 2.0 * noise["edge_rel"] * k**2, 0.0)
+        comp = comp + g2 * dyn**2
     return np.sqrt(var + comp)
 
 
@@ -1187,7 +1196,7 @@ _PAIRS = 200_000  # (lifetime, request in flight) pairs the fit looks at, at mos
 
 
 def _request_components(r, p, t, len_ns, rel, feats, e_step, e_s, e_r, share, on_dev, e_rel, w_meas, w_pred, n_req,
-                        dyn, s2, life, counter: bool = False) -> dict:
+                        dyn, s2, life, counter: bool = False, alias: np.ndarray | None = None) -> dict:
     """The error band's components, estimated on the unit it is for: a request's lifetime.
 
     Over each request's lifetime the readings (or counter windows) that overlap it have
@@ -1227,12 +1236,14 @@ def _request_components(r, p, t, len_ns, rel, feats, e_step, e_s, e_r, share, on
         # readings that overlap (a 1 s average polled every 100 ms): every k-th one tiles time,
         # so sums over a lifetime count each joule once, as the requests' parts do
         t, r, p, len_ns = t[::k_over], r[::k_over], p[::k_over], len_ns[::k_over]
+        alias = alias[::k_over] if alias is not None else None
         if len(t) < 8:
             return out
     lo_t = np.maximum.accumulate(rel(t - len_ns))
     hi_t = rel(t)
     c = lambda v: np.concatenate(([0.0], np.cumsum(v)))  # noqa: E731
-    cr, cp, cp2 = c(r), c(p), c(p**2)
+    cr, cp, cp2, cr2 = c(r), c(p), c(p**2), c(r**2)
+    ca = c(alias) if alias is not None and len(alias) == len(r) and bool(np.any(alias > 0)) else None
     ls, le = life
     cand = np.flatnonzero((dyn > 0) & (le > ls))
     if len(cand) < 20:
@@ -1253,6 +1264,7 @@ def _request_components(r, p, t, len_ns, rel, feats, e_step, e_s, e_r, share, on
     cq = c(e_step**2 if o_m is None else e_step[o_m] ** 2)
     S = cq[np.searchsorted(mid_s, hi_t[j1 - 1], side="right")] - cq[np.searchsorted(mid_s, lo_t[j0], side="left")]
     E = p[j0] ** 2 + np.where(j1 - 1 > j0, p[j1 - 1] ** 2, 0.0)
+    V = ca[j1] - ca[j0] if ca is not None else np.zeros(len(units))
     A_u, B_u = lo_t[j0], hi_t[j1 - 1]
     # the requests in flight over each unit, and their energy inside it (at their mean rate)
     if len(ls) < 2 or bool(np.all(ls[1:] >= ls[:-1])):
@@ -1268,7 +1280,7 @@ def _request_components(r, p, t, len_ns, rel, feats, e_step, e_s, e_r, share, on
     if int(cnt.sum()) > _PAIRS:  # thousands in flight: fewer lifetimes do (the fit has five terms)
         keep = np.arange(0, len(units), int(math.ceil(cnt.sum() / _PAIRS)))
         units, j0, j1, k0, cnt = units[keep], j0[keep], j1[keep], k0[keep], cnt[keep]
-        R, P, N, S, E, A_u, B_u = R[keep], P[keep], N[keep], S[keep], E[keep], A_u[keep], B_u[keep]
+        R, P, N, S, E, V, A_u, B_u = R[keep], P[keep], N[keep], S[keep], E[keep], V[keep], A_u[keep], B_u[keep]
     u_of = np.repeat(np.arange(len(units)), cnt)
     k = np.arange(int(cnt.sum())) - np.repeat(np.cumsum(cnt) - cnt, cnt) + np.repeat(k0, cnt)
     ov = np.clip(np.minimum(le_o[k], B_u[u_of]) - np.maximum(ls_o[k], A_u[u_of]), 0.0, None)
@@ -1277,16 +1289,29 @@ def _request_components(r, p, t, len_ns, rel, feats, e_step, e_s, e_r, share, on
     if pos.sum() < 20:
         return out
     P2 = P[pos] ** 2
-    X = np.column_stack((np.ones(int(pos.sum())), Xreq[pos] / P2, S[pos] / P2, N[pos] / P2, E[pos] / P2))
+    X = np.column_stack((np.ones(int(pos.sum())), Xreq[pos] / P2, S[pos] / P2, N[pos] / P2, E[pos] / P2, V[pos] / P2))
     yv = (R[pos] / P[pos]) ** 2
     yv = np.minimum(yv, float(np.quantile(yv, 0.99)))  # a burst the model never saw widens, not sets, the band
     edge = _edge_var(r, p) if counter else 0.0
     if edge > 0:
         # the edges' share is identified by the readings themselves (see _edge_var): fixed,
         # the rest split as before
-        v = np.insert(_credited_split(X[:, :4], np.maximum(yv - edge * X[:, 4], 0.0), sensor=(3,)), 4, edge)
+        v = np.insert(_credited_split(X[:, [0, 1, 2, 3, 5]], np.maximum(yv - edge * X[:, 4], 0.0), sensor=(3,)), 4, edge)
     else:
         v = _credited_split(X, yv, sensor=(3, 4))
+    # What persists over a lifetime shows in the products of its readings' residuals with
+    # each other; white noise (the sensor's, a step's own, a counter's edges) in their squares
+    # alone. So the cross products alone identify the persistent terms (misfit, request):
+    W = (cr2[j1] - cr2[j0])[pos]
+    cross = np.clip((R[pos] ** 2 - W) / P2, -float(np.quantile(yv, 0.99)), float(np.quantile(yv, 0.99)))
+    v01 = nnls(X[:, :2], cross)
+    if _CROSS_MODE == 1 or (_CROSS_MODE == 2 and float(X[:, :2].mean(0) @ v01) < float(X[:, :2].mean(0) @ v[:2])):
+        v[:2] = v01
+        y_rest = np.maximum(yv - X[:, :2] @ v[:2] - (edge * X[:, 4] if edge > 0 else 0.0), 0.0)
+        if edge > 0:
+            v[[2, 3, 5]] = _credited_split(X[:, [2, 3, 5]], y_rest, sensor=(1,))
+        else:
+            v[2:] = _credited_split(X[:, 2:], y_rest, sensor=(1, 2))
     # reconciliation's reach: each step's share of its window, each request's of its windows
     k_step = np.clip(np.searchsorted(e_rel, feats.st, side="right") - 1, 0, nw - 1)
     wp = np.where(w_pred > 0, w_pred, np.inf)
@@ -1297,7 +1322,8 @@ def _request_components(r, p, t, len_ns, rel, feats, e_step, e_s, e_r, share, on
     first = np.concatenate(([True], kw[1:] != kw[:-1]))
     last = np.concatenate((kw[1:] != kw[:-1], [True]))
     Ew = np.bincount(kw, weights=p**2 * (first | last), minlength=nw)
-    vw = np.where(Pw > 0, (v[3] * Nw + v[4] * Ew) / np.where(Pw > 0, Pw, 1.0) ** 2, 0.0)
+    Vw = np.bincount(kw, weights=np.diff(ca), minlength=nw) if ca is not None else 0.0
+    vw = np.where(Pw > 0, (v[3] * Nw + v[4] * Ew + v[5] * Vw) / np.where(Pw > 0, Pw, 1.0) ** 2, 0.0)
     # per step, then gathered once per entry: the step term (its own scatter where its window
     # does not measure it) and the sensor's through the window; the window's energy for psi
     es, sh = (e_s, share) if bool(np.all(on_dev)) else (e_s[on_dev], share[on_dev])
@@ -1309,7 +1335,75 @@ def _request_components(r, p, t, len_ns, rel, feats, e_step, e_s, e_r, share, on
     win_e = np.where(dyn > 0, wsum / np.where(dyn > 0, dyn, 1.0), 0.0)
     psi = np.where(win_e > 0, np.minimum(1.0, dyn / np.where(win_e > 0, win_e, 1.0)), 1.0)
     out = {"units": int(pos.sum()), "misfit_var": float(v[0]), "request_var": float(v[1]), "step_var_req": float(v[2]),
-           "sensor_var": float(v[3]), "edge_var": float(v[4]), "exposure": {"white": white, "psi": psi}}
+           "sensor_var": float(v[3]), "edge_var": float(v[4]), "alias_share": float(v[5]),
+           "exposure": {"white": white, "psi": psi}}
+    # the sensor's part of a held-out run of readings (see _dyn_sd_components): per reading,
+    # relative to its mean energy squared, and the reading's length (s)
+    mp = float(np.mean(p))
+    if mp > 0:
+        out["sensor_rel"] = float((v[3] * np.mean(p**2) + (v[5] * float(np.mean(np.diff(ca))) if ca is not None else 0.0)) / mp**2)
+        out["edge_rel"] = float(v[4] * np.mean(p**2) / mp**2)
+        out["reading_s"] = spacing * max(k_over, 1) * _NS
+    return out
+
+
+import os
+_CROSS_MODE = int(os.environ.get("CM", "1"))
+
+
+def _persistent_cap(r: np.ndarray, p: np.ndarray, t: np.ndarray, dyn: np.ndarray, ls: np.ndarray, le: np.ndarray,
+                    misfit_var: float, request_var: float) -> float:
+    """Factor (at most 1) that brings the misfit the split calls persistent down to what the
+    held-out residuals of readings two apart share.
+
+    A misfit common to all in flight (relative variance ``misfit_var`` of the total) and each
+    request's own (``request_var`` of its energy) persist from one reading to the next but
+    one: they predict ``E[r_j r_(j+2)]`` = ``misfit_var p_j p_(j+2)`` plus ``request_var``
+    times the products of the energies each request has in both (at its mean rate). A
+    sensor's noise, a step's own scatter and a counter's edges share nothing two readings
+    apart. Where the prediction exceeds the observed lag-2 sum by more than two of its
+    standard errors, the split has put white noise on terms that persist (their exposures
+    are alike where every reading holds about as many steps as any other)."""
+    n = len(r)
+    if n < 16 or not (misfit_var > 0 or request_var > 0):
+        return 1.0
+    rr = r[2:] * r[:-2]
+    obs = float(rr.sum())
+    bound = max(obs, 0.0) + 2.0 * math.sqrt(float(np.sum(rr**2)))
+    dt = float(np.median(np.diff(t)))
+    if not dt > 0:
+        return 1.0
+    span = np.maximum(le - ls, dt)
+    rate = np.where(le > ls, dyn / span, 0.0)
+    pred = misfit_var * float(np.sum(p[2:] * p[:-2]))
+    pred += request_var * float(np.sum((rate * dt) ** 2 * np.maximum(span / dt - 2.0, 0.0)))
+    if not pred > bound:
+        return 1.0
+    return bound / pred
+
+
+_ALIAS_POINTS = 8  # instants per reading the predicted power's spread inside it is taken at
+
+
+def _alias_var(trace, feats, coef: np.ndarray, t_row: np.ndarray, rel) -> np.ndarray | None:
+    """Per reading (J^2): the variance of what a part-time instant reading could report about
+    the energy of the interval it stands for, from the model's own power curve inside it.
+
+    A part-time "instant" value (see :func:`wattspan.attribution.energy.power_points`) covers
+    an unknown part of its interval: read at a uniformly random instant, it errs about the
+    interval's mean power by the curve's variance over the interval (times its length
+    squared, in joules); a reading that averages over part of it, by less. The band's fit
+    decides how much of this the readings show (see :func:`_request_components`). ``None``
+    for other readings (an average is exact over its window; a counter's edges are apart)."""
+    if trace.power_kind != SampleKind.INSTANT or trace.power_w is None or not len(t_row):
+        return None
+    span = power_points(trace)[2]
+    if not span > 0:
+        return None
+    offs = (np.arange(_ALIAS_POINTS) + 0.5) / _ALIAS_POINTS * span
+    u = (t_row[:, None] - offs[None, :].astype(np.int64)).ravel()
+    d = (feats.density(rel(u)) @ coef).reshape(len(t_row), _ALIAS_POINTS)
+    out: np.ndarray = np.var(d, axis=1) * (span * _NS) ** 2
     return out
 
 
