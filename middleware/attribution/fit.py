@@ -1138,8 +1138,8 @@ def _dyn_sd_components(dyn, var, noise, sig_i: np.ndarray | None = None, life_s:
     (see :func:`_request_components`); ``var``: the coefficients' own spread."""
     ex = noise["exposure"]
     misfit = (noise["misfit_var"] + noise["request_var"]) * (dyn * (1.0 - ex["psi"])) ** 2
-    comp = misfit + ex["white"] * float(os.environ.get("WF", "1"))
-    if sig_i is not None and os.environ.get("NOG") is None:
+    comp = misfit + ex["white"]
+    if sig_i is not None:
         # what the held-out groups of readings as long as the request say its stretch of
         # the sensor's readings is off by, the split inside each reading included: the
         # components above are fitted on whole readings and miss the within-reading part.
@@ -1217,7 +1217,15 @@ def _request_components(r, p, t, len_ns, rel, feats, e_step, e_s, e_r, share, on
     * ``sensor_var``, ``edge_var``: white noise on each reading (the sum of squared reading
       energies) and a reading window placed early or late (the two end readings' squared
       energies): the sensor's, credited only as far as the data tell it apart from the
-      steps' scatter (see :func:`_credited_split`).
+      steps' scatter (see :func:`_credited_split`);
+    * ``alias_share``: for part-time instant readings, the share of the model's own power
+      spread inside each reading that the readings show (see :func:`_alias_var`): the
+      sensor's, identified by how that spread varies from reading to reading.
+
+    The persistent terms (misfit, request) are fitted on the cross products of each
+    lifetime's residuals (its squared sum less its readings' squares), where white noise has
+    no part; so are a counter's edges, which cancel inside a lifetime. What is left of the
+    squares is white and split over the steps' scatter and the sensor's.
 
     Then each request's exposure once reconciled: the windows are measured, so a step's own
     error counts less the more of its window's energy it is, a request's misfit less the more
@@ -1292,26 +1300,29 @@ def _request_components(r, p, t, len_ns, rel, feats, e_step, e_s, e_r, share, on
     X = np.column_stack((np.ones(int(pos.sum())), Xreq[pos] / P2, S[pos] / P2, N[pos] / P2, E[pos] / P2, V[pos] / P2))
     yv = (R[pos] / P[pos]) ** 2
     yv = np.minimum(yv, float(np.quantile(yv, 0.99)))  # a burst the model never saw widens, not sets, the band
-    edge = _edge_var(r, p) if counter else 0.0
-    if edge > 0:
-        # the edges' share is identified by the readings themselves (see _edge_var): fixed,
-        # the rest split as before
-        v = np.insert(_credited_split(X[:, [0, 1, 2, 3, 5]], np.maximum(yv - edge * X[:, 4], 0.0), sensor=(3,)), 4, edge)
-    else:
-        v = _credited_split(X, yv, sensor=(3, 4))
-    # What persists over a lifetime shows in the products of its readings' residuals with
-    # each other; white noise (the sensor's, a step's own, a counter's edges) in their squares
-    # alone. So the cross products alone identify the persistent terms (misfit, request):
+    # What persists over a lifetime (a misfit common to all in flight, each request's own)
+    # shows in the products of its readings' residuals with each other; white noise (the
+    # sensor's, a step's own) in their squares alone, and a counter's edges in both: each
+    # value ends one delta and starts the next, so inside a lifetime they cancel (the
+    # products carry -2 x their squares) and only the two ends remain. The cross products
+    # identify the persistent terms and the edges; the squares left over are white.
     W = (cr2[j1] - cr2[j0])[pos]
-    cross = np.clip((R[pos] ** 2 - W) / P2, -float(np.quantile(yv, 0.99)), float(np.quantile(yv, 0.99)))
-    v01 = nnls(X[:, :2], cross)
-    if _CROSS_MODE == 1 or (_CROSS_MODE == 2 and float(X[:, :2].mean(0) @ v01) < float(X[:, :2].mean(0) @ v[:2])):
-        v[:2] = v01
-        y_rest = np.maximum(yv - X[:, :2] @ v[:2] - (edge * X[:, 4] if edge > 0 else 0.0), 0.0)
-        if edge > 0:
-            v[[2, 3, 5]] = _credited_split(X[:, [2, 3, 5]], y_rest, sensor=(1,))
-        else:
-            v[2:] = _credited_split(X[:, 2:], y_rest, sensor=(1, 2))
+    hi_y = float(np.quantile(yv, 0.99))
+    cross = np.clip((R[pos] ** 2 - W) / P2, -hi_y, hi_y)
+    Xc = X[:, :2] if not counter else np.column_stack((X[:, :2], X[:, 4] - 2.0 * X[:, 3]))
+    vc = nnls(Xc, cross)
+    edge = max(_edge_var(r, p), float(vc[2])) if counter else 0.0
+    v = np.zeros(X.shape[1])
+    v[:2] = vc[:2]
+    v[4] = edge
+    y_rest = np.maximum(yv - X[:, :2] @ v[:2] - edge * X[:, 4], 0.0)
+    # the white part between the steps' scatter and the sensor's (where every reading holds
+    # about as many steps as any other the two are not told apart: see _credited_split);
+    # other readings' ends (an average's window reaching past the lifetime) with the sensor
+    if counter:
+        v[[2, 3, 5]] = _credited_split(X[:, [2, 3, 5]], y_rest, sensor=(1,))
+    else:
+        v[2:] = _credited_split(X[:, 2:], y_rest, sensor=(1, 2))
     # reconciliation's reach: each step's share of its window, each request's of its windows
     k_step = np.clip(np.searchsorted(e_rel, feats.st, side="right") - 1, 0, nw - 1)
     wp = np.where(w_pred > 0, w_pred, np.inf)
@@ -1345,41 +1356,6 @@ def _request_components(r, p, t, len_ns, rel, feats, e_step, e_s, e_r, share, on
         out["edge_rel"] = float(v[4] * np.mean(p**2) / mp**2)
         out["reading_s"] = spacing * max(k_over, 1) * _NS
     return out
-
-
-import os
-_CROSS_MODE = int(os.environ.get("CM", "1"))
-
-
-def _persistent_cap(r: np.ndarray, p: np.ndarray, t: np.ndarray, dyn: np.ndarray, ls: np.ndarray, le: np.ndarray,
-                    misfit_var: float, request_var: float) -> float:
-    """Factor (at most 1) that brings the misfit the split calls persistent down to what the
-    held-out residuals of readings two apart share.
-
-    A misfit common to all in flight (relative variance ``misfit_var`` of the total) and each
-    request's own (``request_var`` of its energy) persist from one reading to the next but
-    one: they predict ``E[r_j r_(j+2)]`` = ``misfit_var p_j p_(j+2)`` plus ``request_var``
-    times the products of the energies each request has in both (at its mean rate). A
-    sensor's noise, a step's own scatter and a counter's edges share nothing two readings
-    apart. Where the prediction exceeds the observed lag-2 sum by more than two of its
-    standard errors, the split has put white noise on terms that persist (their exposures
-    are alike where every reading holds about as many steps as any other)."""
-    n = len(r)
-    if n < 16 or not (misfit_var > 0 or request_var > 0):
-        return 1.0
-    rr = r[2:] * r[:-2]
-    obs = float(rr.sum())
-    bound = max(obs, 0.0) + 2.0 * math.sqrt(float(np.sum(rr**2)))
-    dt = float(np.median(np.diff(t)))
-    if not dt > 0:
-        return 1.0
-    span = np.maximum(le - ls, dt)
-    rate = np.where(le > ls, dyn / span, 0.0)
-    pred = misfit_var * float(np.sum(p[2:] * p[:-2]))
-    pred += request_var * float(np.sum((rate * dt) ** 2 * np.maximum(span / dt - 2.0, 0.0)))
-    if not pred > bound:
-        return 1.0
-    return bound / pred
 
 
 _ALIAS_POINTS = 8  # instants per reading the predicted power's spread inside it is taken at
