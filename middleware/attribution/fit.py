@@ -787,7 +787,7 @@ def _batch_fit(cum, trace, steps, s_idx, requests, ridx, seg, idle_curve, a, b, 
             noise = _noise_model(m_row - pred, p_row, t_row, len_row, m_row, x @ coef, feats, rel, a, L,
                                  max(overlap, excess))
             noise["resid"] = m_row - pred
-            noise["alias"] = _alias_var(trace, fit_feats, coef_fit, t_row, rel) if cum.source != "energy-counter" else None
+            noise["alias"] = _alias_var(trace, feats, x @ coef, t_row, rel) if cum.source != "energy-counter" else None
         else:
             reconcile_s = (b - a) * _NS
             window_why = "too few readings: the whole period"
@@ -1358,28 +1358,29 @@ def _request_components(r, p, t, len_ns, rel, feats, e_step, e_s, e_r, share, on
     return out
 
 
-_ALIAS_POINTS = 8  # instants per reading the predicted power's spread inside it is taken at
-
-
-def _alias_var(trace, feats, coef: np.ndarray, t_row: np.ndarray, rel) -> np.ndarray | None:
+def _alias_var(trace, feats: "_StepFeatures", e_mod: np.ndarray, t_row: np.ndarray, rel) -> np.ndarray | None:
     """Per reading (J^2): the variance of what a part-time instant reading could report about
     the energy of the interval it stands for, from the model's own power curve inside it.
 
     A part-time "instant" value (see :func:`wattspan.attribution.energy.power_points`) covers
     an unknown part of its interval: read at a uniformly random instant, it errs about the
     interval's mean power by the curve's variance over the interval (times its length
-    squared, in joules); a reading that averages over part of it, by less. The band's fit
-    decides how much of this the readings show (see :func:`_request_components`). ``None``
-    for other readings (an average is exact over its window; a counter's edges are apart)."""
-    if trace.power_kind != SampleKind.INSTANT or trace.power_w is None or not len(t_row):
+    squared, in joules); a reading that averages over part of it, by less. The curve is the
+    steps' modelled power (``e_mod`` J over each step's duration, one step at a time): its
+    mean and mean square over the interval are two feature masses. The band's fit decides
+    how much of this the readings show (see :func:`_request_components`). ``None`` for other
+    readings (an average is exact over its window; a counter's edges are apart)."""
+    if trace.power_kind != SampleKind.INSTANT or trace.power_w is None or not len(t_row) or not len(e_mod):
         return None
     span = power_points(trace)[2]
     if not span > 0:
         return None
-    offs = (np.arange(_ALIAS_POINTS) + 0.5) / _ALIAS_POINTS * span
-    u = (t_row[:, None] - offs[None, :].astype(np.int64)).ravel()
-    d = (feats.density(rel(u)) @ coef).reshape(len(t_row), _ALIAS_POINTS)
-    out: np.ndarray = np.var(d, axis=1) * (span * _NS) ** 2
+    pw = e_mod / np.maximum(feats.dur, 1e-12)
+    f = _StepFeatures(np.column_stack((e_mod, pw * e_mod)), feats.st, feats.en)  # each step's J and W^2 s
+    hi = rel(t_row)
+    m = f.mass(hi) - f.mass(hi - span * _NS)
+    L = span * _NS
+    out: np.ndarray = np.maximum(m[:, 1] * L - m[:, 0] ** 2, 0.0)  # L^2 (mean of P^2 - mean of P, squared)
     return out
 
 
