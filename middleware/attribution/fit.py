@@ -785,9 +785,8 @@ def _batch_fit(cum, trace, steps, s_idx, requests, ridx, seg, idle_curve, a, b, 
             window_why = f"lowest held-out error of {len(scores)} window lengths"
             band_rel = _band_rel(m_row, pred, p_row)
             noise = _noise_model(m_row - pred, p_row, t_row, len_row, m_row, x @ coef, feats, rel, a, L,
-                                 max(overlap, excess))
+                                 max(overlap, excess), cum.source != "energy-counter" and _part_time(trace, len_row))
             noise["resid"] = m_row - pred
-            noise["alias"] = _alias_var(trace, feats, x @ coef, t_row, rel) if cum.source != "energy-counter" else None
         else:
             reconcile_s = (b - a) * _NS
             window_why = "too few readings: the whole period"
@@ -1099,9 +1098,9 @@ def _dyn_half_width(dyn, spread, starts, ends, extra) -> np.ndarray:
         cv = extra["model"].cv_error if extra.get("model") is not None else math.nan
         rel_sd = cv if math.isfinite(cv) else 0.25
         return np.sqrt(var + (rel_sd * dyn) ** 2)
-    sig_i = _group_sigma(dyn, starts, ends, noise)
     if noise.get("exposure") is not None:
-        return _dyn_sd_components(dyn, var, noise, sig_i, (ends - starts).astype(np.float64) * _NS)
+        return _dyn_sd_components(dyn, var, noise, _group_var(noise, ends - starts))
+    sig_i = _group_sigma(dyn, starts, ends, noise)
     life = np.maximum((ends - starts).astype(np.float64), 1.0)
     # A request shorter than a reading is placed inside it by the model alone.
     # ... and a step inside a reconciliation window much longer than itself gets the model's
@@ -1124,36 +1123,67 @@ def _group_sigma(dyn: np.ndarray, starts: np.ndarray, ends: np.ndarray, noise: d
         return np.full(len(dyn), 0.25)
     gs = np.array(sorted(groups), dtype=np.float64)
     sig = np.array([groups[g] for g in sorted(groups)])
-    G = np.maximum(1.0, life / noise["spacing_ns"])
-    sig_i: np.ndarray = np.interp(np.log2(G), np.log2(gs), sig)
+    lg = np.log2(np.maximum(1.0, life / noise["spacing_ns"]))
+    # piecewise linear in log2(G) between the sizes (powers of two): a table at every integer
+    # log2 up to the longest, then one gather and a blend per request (np.interp is 3x slower)
+    top = float(np.log2(gs[-1]))
+    tbl = np.interp(np.arange(int(top) + 2, dtype=np.float64), np.log2(gs), sig)
+    x = np.minimum(lg, top)
+    i = x.astype(np.int64)
+    f = x - i
+    sig_i: np.ndarray = np.take(tbl, i) * (1.0 - f) + np.take(tbl, i + 1) * f
     # longer than the longest group checked (half a window): the windows inside the
     # request are measured, the errors of its parts average out
-    far = G > gs[-1]
-    sig_i[far] = sig[-1] * np.sqrt(gs[-1] / G[far])
+    far = lg > top
+    if far.any():
+        sig_i[far] = sig[-1] * np.exp2(0.5 * (top - lg[far]))
     return sig_i
 
 
-def _dyn_sd_components(dyn, var, noise, sig_i: np.ndarray | None = None, life_s: np.ndarray | None = None) -> np.ndarray:
+def _group_var(noise: dict, life_ns: np.ndarray) -> np.ndarray | None:
+    """Relative variance of each request's dynamic energy that the held-out groups of
+    readings as long as its lifetime show (:func:`_group_sigma`), less what the separated
+    components call the sensor's own noise over as many readings (white, and the two end
+    edges; see :func:`_request_components`), which inside a reconciliation window does not
+    reach the request. A function of the lifetime alone: tabulated at 64 points an octave
+    and looked up (a million requests in a few ms)."""
+    groups = noise.get("groups")
+    spacing = float(noise.get("spacing_ns", 0.0))
+    if not groups or not spacing > 0 or not len(life_ns):
+        return None
+    lg = np.log2(np.maximum(life_ns.astype(np.float64) / spacing, 1.0))
+    top = float(lg.max())
+    u = np.arange(int(math.ceil(top * _PER_OCTAVE)) + 2, dtype=np.float64) / _PER_OCTAVE
+    life_u = np.exp2(u) * spacing
+    g2 = _group_sigma(u, np.zeros(len(u)), life_u, noise) ** 2
+    rs = float(noise.get("reading_s", 0.0))
+    if "sensor_rel" in noise and rs > 0:
+        k = rs / np.maximum(life_u * _NS, rs)
+        g2 = np.maximum(g2 - noise["sensor_rel"] * k - 2.0 * noise["edge_rel"] * k**2, 0.0)
+    idx = (lg * _PER_OCTAVE + 0.5).astype(np.int64)
+    out: np.ndarray = np.take(g2, idx)
+    return out
+
+
+_PER_OCTAVE = 64  # the group term's table: points per doubling of a lifetime
+
+
+def _dyn_sd_components(dyn, var, noise, g2: np.ndarray | None = None) -> np.ndarray:
     """One standard deviation (J) of each request's dynamic energy from the separated components
     (see :func:`_request_components`); ``var``: the coefficients' own spread."""
     ex = noise["exposure"]
     misfit = (noise["misfit_var"] + noise["request_var"]) * (dyn * (1.0 - ex["psi"])) ** 2
     comp = misfit + ex["white"]
-    if sig_i is not None:
+    if g2 is not None:
         # what the held-out groups of readings as long as the request say its stretch of
-        # the sensor's readings is off by, the split inside each reading included: the
-        # components above are fitted on whole readings and miss the within-reading part.
-        # Less the sensor's own noise over as many readings (white, and the two end edges):
-        # inside a reconciliation window it does not reach the request.
-        g2 = sig_i**2
-        if "sensor_rel" in noise and noise.get("reading_s", 0.0) > 0 and life_s is not None:
-            k = noise["reading_s"] / np.maximum(life_s, noise["reading_s"])
-            g2 = np.maximum(g2 - noise["sensor_rel"] * k - 2.0 * noise["edge_rel"] * k**2, 0.0)
+        # the sensor's readings is off by, the split inside each reading included (the
+        # components above are fitted on whole readings and miss the within-reading part),
+        # less the sensor's own part (see _group_var)
         comp = comp + g2 * dyn**2
     return np.sqrt(var + comp)
 
 
-def _noise_model(r, p, t, len_ns, m, e_mod, feats, rel, a, L, overlap):
+def _noise_model(r, p, t, len_ns, m, e_mod, feats, rel, a, L, overlap, part_time: bool = False):
     """What the held-out readings say about each request's error.
 
     ``groups``: {G readings: relative sigma} of a run of G readings predicted from the
@@ -1167,9 +1197,15 @@ def _noise_model(r, p, t, len_ns, m, e_mod, feats, rel, a, L, overlap):
     spacing = float(np.median(np.diff(t))) if len(t) > 1 else 1.0
     sizes = [1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096]
     groups = group_errors(t, m, p, a, L, sizes, overlap)
-    sq = _StepFeatures((e_mod**2)[:, None], feats.st, feats.en)
+    # per reading: the steps' squared energies in it; for part-time readings also the steps'
+    # modelled J and W^2 s in it (the aliasing exposure, see _part_time)
+    cols = [e_mod**2] if not part_time else [e_mod**2, e_mod, e_mod**2 / np.maximum(feats.dur, 1e-12)]
+    sq = _StepFeatures(np.column_stack(cols), feats.st, feats.en)
     t_rel = rel(t)
-    Q = (sq.mass(t_rel) - sq.mass(t_rel - len_ns * _NS))[:, 0]
+    mq = sq.mass(t_rel) - sq.mass(t_rel - len_ns * _NS)
+    Q = mq[:, 0]
+    # L^2 (mean of P^2 - (mean of P)^2) over each reading's interval of length L
+    alias = np.maximum(mq[:, 2] * (len_ns * _NS) - mq[:, 1] ** 2, 0.0) if part_time else None
     w_typ = float(np.median(len_ns)) * _NS
     ok = Q > 0
     step_var = 0.0
@@ -1188,7 +1224,7 @@ def _noise_model(r, p, t, len_ns, m, e_mod, feats, rel, a, L, overlap):
         wgt = 0.5 + 0.5 * min(max(rho, 0.0), 1.0)
         step_var = math.exp(wgt * math.log(max(upper, 1e-12)) + (1 - wgt) * math.log(max(split, 1e-12))) if upper > 0 else 0.0
     return {"groups": groups, "step_var": step_var, "spacing_ns": spacing, "reading_ns": max(w_typ * 1e9, spacing),
-            "window_ns": float(L), "step_ns": float(np.median(feats.dur)) * 1e9}
+            "window_ns": float(L), "step_ns": float(np.median(feats.dur)) * 1e9, "alias": alias}
 
 
 _UNITS = 2_000  # requests whose lifetimes the band's components are fitted on, at most
@@ -1219,7 +1255,7 @@ def _request_components(r, p, t, len_ns, rel, feats, e_step, e_s, e_r, share, on
       energies): the sensor's, credited only as far as the data tell it apart from the
       steps' scatter (see :func:`_credited_split`);
     * ``alias_share``: for part-time instant readings, the share of the model's own power
-      spread inside each reading that the readings show (see :func:`_alias_var`): the
+      spread inside each reading that the readings show (see :func:`_part_time`): the
       sensor's, identified by how that spread varies from reading to reading.
 
     The persistent terms (misfit, request) are fitted on the cross products of each
@@ -1358,30 +1394,22 @@ def _request_components(r, p, t, len_ns, rel, feats, e_step, e_s, e_r, share, on
     return out
 
 
-def _alias_var(trace, feats: "_StepFeatures", e_mod: np.ndarray, t_row: np.ndarray, rel) -> np.ndarray | None:
-    """Per reading (J^2): the variance of what a part-time instant reading could report about
-    the energy of the interval it stands for, from the model's own power curve inside it.
+_PART_TIME_NS = 5_000_000  # as power_points: instant values further apart stand for their interval
 
-    A part-time "instant" value (see :func:`wattspan.attribution.energy.power_points`) covers
-    an unknown part of its interval: read at a uniformly random instant, it errs about the
-    interval's mean power by the curve's variance over the interval (times its length
-    squared, in joules); a reading that averages over part of it, by less. The curve is the
-    steps' modelled power (``e_mod`` J over each step's duration, one step at a time): its
-    mean and mean square over the interval are two feature masses. The band's fit decides
-    how much of this the readings show (see :func:`_request_components`). ``None`` for other
-    readings (an average is exact over its window; a counter's edges are apart)."""
-    if trace.power_kind != SampleKind.INSTANT or trace.power_w is None or not len(t_row) or not len(e_mod):
-        return None
-    span = power_points(trace)[2]
-    if not span > 0:
-        return None
-    pw = e_mod / np.maximum(feats.dur, 1e-12)
-    f = _StepFeatures(np.column_stack((e_mod, pw * e_mod)), feats.st, feats.en)  # each step's J and W^2 s
-    hi = rel(t_row)
-    m = f.mass(hi) - f.mass(hi - span * _NS)
-    L = span * _NS
-    out: np.ndarray = np.maximum(m[:, 1] * L - m[:, 0] ** 2, 0.0)  # L^2 (mean of P^2 - mean of P, squared)
-    return out
+
+def _part_time(trace, len_row: np.ndarray) -> bool:
+    """Whether the readings are part-time "instant" values (see
+    :func:`wattspan.attribution.energy.power_points`): each stands for the interval since the
+    one before but covers an unknown part of it. Read at a uniformly random instant, such a
+    value errs about the interval's mean power by the variance of the power inside the
+    interval (times its length squared, in joules): from the model's own step power, the
+    aliasing exposure of each reading (see :func:`_noise_model`); a value that averages over
+    part of the interval errs by less, and the band's fit decides how much of it the readings
+    show (see :func:`_request_components`). An average is exact over its window; a counter's
+    errors sit at its edges. ``len_row``: the rows' lengths (ns), which for instant readings
+    are their spacing: power_points' test (fresh values more than 5 ms apart) without its cost."""
+    return (trace.power_kind == SampleKind.INSTANT and trace.power_w is not None and len(len_row) > 0
+            and float(np.median(len_row[:: max(1, len(len_row) // 10_000)])) > _PART_TIME_NS)
 
 
 def _edge_var(r: np.ndarray, p: np.ndarray) -> float:
