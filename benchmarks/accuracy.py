@@ -165,28 +165,39 @@ def parallel(seeds: int, duration_s: float, sensors=PARALLEL_SENSORS, layouts=LA
 
 def given_models(seeds: int, duration_s: float, sensors=PARALLEL_SENSORS) -> list[dict]:
     """A diagnostic of the pipeline rows: per-request errors with each GPU's own fit (as in the table) and
-    with each GPU's step model fitted on 1 ms readings of the same run (``models=``), the rest unchanged."""
+    with each GPU's step model fitted on 1 ms readings of the same run (``models=``), the rest unchanged:
+    the model as fitted (its electrical lag with it) and fitted with the lag search off."""
     from wattspan._sim_parallel import simulate_parallel
 
     rows = []
     for label, opts in (("PP-2, balanced, not overlapped", {}), ("PP-2 overlapped, unbalanced (45/55 %)", OVERLAPPED)):
+        fine: dict = {}  # seed -> (run, requests, steps, truth, 1 ms models with the lag, without it)
+        for seed in range(seeds):
+            sc = SCENARIOS[seed % len(SCENARIOS)]
+            pm = dataclasses.replace(LAWS["saturating"], between_steps_w=sc["between_steps_w"], tau_s=sc["tau_s"])
+            run = simulate_parallel(tp=1, pp=2, seed=seed, duration_s=duration_s, bursty=sc["bursty"],
+                                    rate_per_s=sc["rate_per_s"], idle_drift_w=sc["idle_drift_w"], power_model=pm, **opts)
+            req = Requests.from_records(run.requests)
+            steps = Steps.from_records(run.steps, req)
+            truth = np.array([run.truth[i]["energy_j"] for i in req.ids])
+            ms = []
+            for on in (True, False):
+                _lag_search(on)
+                res = attribute({g: sense(r, "ideal-1ms", seed=100 + 10 * seed + k) for k, (g, r) in enumerate(run.runs.items())}, req, steps)
+                ms.append({g: d.model for g, d in res.devices.items() if d.model is not None})
+            _lag_search(True)
+            fine[seed] = (run, req, steps, truth, ms[0], ms[1])
         for name in sensors:
-            own, given = [], []
+            own, given, given_nolag = [], [], []
             for seed in range(seeds):
-                sc = SCENARIOS[seed % len(SCENARIOS)]
-                pm = dataclasses.replace(LAWS["saturating"], between_steps_w=sc["between_steps_w"], tau_s=sc["tau_s"])
-                run = simulate_parallel(tp=1, pp=2, seed=seed, duration_s=duration_s, bursty=sc["bursty"],
-                                        rate_per_s=sc["rate_per_s"], idle_drift_w=sc["idle_drift_w"], power_model=pm, **opts)
-                req = Requests.from_records(run.requests)
-                steps = Steps.from_records(run.steps, req)
-                truth = np.array([run.truth[i]["energy_j"] for i in req.ids])
-                fine = attribute({g: sense(r, "ideal-1ms", seed=100 + 10 * seed + k) for k, (g, r) in enumerate(run.runs.items())}, req, steps)
+                run, req, steps, truth, models, models_nolag = fine[seed]
                 traces = {g: sense(r, name, seed=100 + 10 * seed + k) for k, (g, r) in enumerate(run.runs.items())}
                 own.append(_err(attribute(traces, req, steps).energy_j, truth))
-                models = {g: d.model for g, d in fine.devices.items() if d.model is not None}
                 given.append(_err(attribute(traces, req, steps, models=models).energy_j, truth))
+                given_nolag.append(_err(attribute(traces, req, steps, models=models_nolag).energy_j, truth))
             rows.append({"layout": label, "sensor": name, "own": float(np.quantile(np.concatenate(own), 0.95)),
-                         "given": float(np.quantile(np.concatenate(given), 0.95))})
+                         "given": float(np.quantile(np.concatenate(given), 0.95)),
+                         "given_nolag": float(np.quantile(np.concatenate(given_nolag), 0.95))})
     return rows
 
 
@@ -195,13 +206,14 @@ def given_table(rows: list[dict], seeds: int, duration_s: float) -> list[str]:
              "",
              "p95 per-request error with each GPU's step model fitted on its own coarse readings (the table above) and with",
              "the model fitted on 1 ms readings of the same GPU (its electrical lag and wait terms with it), then reconciled",
-             "to the coarse readings as usual. Where the second is lower, the coarse readings could not show what the fine",
-             "ones do: the lag (which moves each slice's tail into the next slice, another micro-batch's on the overlapped",
-             "pipeline) and the split of the stage's waits from its slices.",
+             "to the coarse readings as usual; the last column is that model fitted on the 1 ms readings with the lag search",
+             "off (each step's energy inside its own window). Where the 1 ms model does better, the coarse readings could not",
+             "show what the fine ones do; where it does so only with its lag, what they miss is the lag (which moves each",
+             "slice's tail into the next slice, another micro-batch's on the overlapped pipeline), not the step and wait terms.",
              "",
-             "| engine | sensor | own fit | model from 1 ms readings |", "|---|---|---:|---:|"]
+             "| engine | sensor | own fit | model from 1 ms readings | the same without its lag |", "|---|---|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['layout']} | `{r['sensor']}` | {r['own'] * 100:.1f} % | {r['given'] * 100:.1f} % |")
+        lines.append(f"| {r['layout']} | `{r['sensor']}` | {r['own'] * 100:.1f} % | {r['given'] * 100:.1f} % | {r['given_nolag'] * 100:.1f} % |")
     return lines
 
 
@@ -267,6 +279,114 @@ def lag_table(rows: list[dict], seeds: int, duration_s: float) -> list[str]:
         lo, hi = r["found"]
         lines.append(f"| {r['layout']} | `{r['sensor']}` | {r['off']['median'] * 100:.2f} % | {r['off']['p95'] * 100:.2f} % | "
                      f"{r['on']['median'] * 100:.2f} % | {r['on']['p95'] * 100:.2f} % | {lo:.2f}-{hi:.2f} |")
+    return lines
+
+
+def _given_lag(rule):
+    """Replace the fit's lag choice by ``rule(cum, trace, base, ...) -> tau`` (s; 0: none), the coefficients then
+    fitted through that lag on the sensor's own readings; ``None`` restores the fit's own choice."""
+    import importlib
+
+    mod = importlib.import_module("wattspan.attribution.fit")
+    if not hasattr(mod, "_own_choose_lag"):
+        mod._own_choose_lag = mod._choose_lag
+    if rule is None:
+        mod._choose_lag = mod._own_choose_lag
+        return
+
+    def choose(cum, trace, base, idle_curve, a, b, rel, sel, fams, t_row):
+        tau = rule(cum, trace, base, idle_curve, a, b, rel, sel, fams, t_row)
+        if not tau > 0:
+            return 0.0, None, {}
+        return tau, mod._fit_rows(cum, trace, mod._with_lag(base, tau), idle_curve, a, b, rel, with_weights=True), {}
+
+    mod._choose_lag = choose
+
+
+def _lag_scores(log: list):
+    """A lag choice that records each device's held-out scores of every lag tried on its own readings (the
+    fit's search run at any reading interval) and then chooses no lag: ``log`` gets ``(no-lag score, scores)``."""
+    import importlib
+
+    mod = importlib.import_module("wattspan.attribution.fit")
+
+    def rule(cum, trace, base, idle_curve, a, b, rel, sel, fams, t_row):
+        old = mod._LAG_READING_NS
+        mod._LAG_READING_NS = 1 << 62
+        try:
+            log.append((sel.cv_error, mod._own_choose_lag(cum, trace, base, idle_curve, a, b, rel, sel, fams, t_row)[2]))
+        finally:
+            mod._LAG_READING_NS = old
+        return 0.0
+
+    return rule
+
+
+#: The lags given to the coarse fit in :func:`lag_given_rows`: (label, the simulator's lag times this)
+LAG_GIVEN = (("own fit", None), ("the true lag", 1.0), ("half of it", 0.5), ("twice it", 2.0))
+
+
+def lag_given_rows(seeds: int, duration_s: float, sensors=PARALLEL_SENSORS) -> list[dict]:
+    """A diagnostic of the pipeline rows on coarse sensors: p95 per-request errors with the simulator's electrical
+    lag (times 1, 1/2, 2) given to each GPU's fit, its coefficients still fitted on the coarse readings through it,
+    and with the lag chosen on the coarse readings by the fit's own search, its held-out scores summed over the
+    group's GPUs (one board model, one lag; the best lag on the grid, no margin), each stage's true timing."""
+    import importlib
+
+    from wattspan._sim_parallel import simulate_parallel
+
+    fit = importlib.import_module("wattspan.attribution.fit")
+    rows = []
+    for label, opts in (("PP-2, balanced, not overlapped", {}), ("PP-2 overlapped, unbalanced (45/55 %)", OVERLAPPED)):
+        for name in sensors:
+            errs: dict = {}
+            chosen = []
+            for seed in range(seeds):
+                sc = SCENARIOS[seed % len(SCENARIOS)]
+                pm = dataclasses.replace(LAWS["saturating"], between_steps_w=sc["between_steps_w"], tau_s=sc["tau_s"])
+                run = simulate_parallel(tp=1, pp=2, seed=seed, duration_s=duration_s, bursty=sc["bursty"],
+                                        rate_per_s=sc["rate_per_s"], idle_drift_w=sc["idle_drift_w"], power_model=pm, **opts)
+                req = Requests.from_records(run.requests)
+                steps = Steps.from_records(run.steps, req)
+                truth = np.array([run.truth[i]["energy_j"] for i in req.ids])
+                traces = {g: sense(r, name, seed=100 + 10 * seed + k) for k, (g, r) in enumerate(run.runs.items())}
+                try:
+                    for key, mult in LAG_GIVEN:
+                        _given_lag(None if mult is None else (lambda *_, t=sc["tau_s"] * mult: t))
+                        errs.setdefault(key, []).append(_err(attribute(traces, req, steps).energy_j, truth))
+                    log: list = []
+                    _given_lag(_lag_scores(log))
+                    attribute(traces, req, steps)
+                    total = {t: sum(s.get(t, math.inf) for _, s in log) for t in fit._LAGS_S}
+                    best = min(fit._LAGS_S, key=lambda t: total[t])
+                    tau = best if math.isfinite(total[best]) and total[best] < sum(c for c, _ in log) and best != fit._LAGS_S[-1] else 0.0
+                    chosen.append(tau / sc["tau_s"])
+                    _given_lag(lambda *_, t=tau: t)
+                    errs.setdefault("pooled", []).append(_err(attribute(traces, req, steps).energy_j, truth))
+                finally:
+                    _given_lag(None)
+            row = {"layout": label, "sensor": name, "chosen": (min(chosen), max(chosen))}
+            row.update({k: float(np.quantile(np.concatenate(v), 0.95)) for k, v in errs.items()})
+            rows.append(row)
+    return rows
+
+
+def lag_given_table(rows: list[dict], seeds: int, duration_s: float) -> list[str]:
+    cols = [k for k, _ in LAG_GIVEN]
+    lines = [f"### The electrical lag on coarse readings ({seeds} scenarios x {duration_s:g} s, each stage's true timing)",
+             "",
+             "p95 per-request error with the simulator's lag (2, 4 or 8 ms) given to each GPU's fit, its step and wait",
+             "coefficients still fitted on the coarse readings through that lag (a diagnostic: the fit has no such input),",
+             "and with the lag chosen on the coarse readings themselves by the fit's own search, the held-out scores of",
+             "each lag summed over the stages' GPUs (one board model, one lag) and the best kept with no margin.",
+             "\"chosen / true\": that lag over the simulator's, lowest and highest over the scenarios (0: none).",
+             "",
+             "| engine | sensor | " + " | ".join(cols) + " | chosen on the coarse readings | chosen / true |",
+             "|---|---|" + "---:|" * (len(cols) + 2)]
+    for r in rows:
+        lo, hi = r["chosen"]
+        lines.append(f"| {r['layout']} | `{r['sensor']}` | " + " | ".join(f"{r[k] * 100:.1f} %" for k in cols)
+                     + f" | {r['pooled'] * 100:.1f} % | {lo:.2g}-{hi:.2g} |")
     return lines
 
 
@@ -494,13 +614,15 @@ def main() -> None:
         idle_rows = waits_at_idle(a.seeds, a.duration)
         given_rows = given_models(a.seeds, a.duration)
         lag = lag_rows(a.seeds, a.duration)
+        lag_given = lag_given_rows(a.seeds, a.duration)
         text = "\n".join(["# Per-request accuracy: multi-GPU engines", "",
                           f"Command: `python benchmarks/accuracy.py --parallel --seeds {a.seeds} --duration {a.duration:g}` "
                           f"({time.perf_counter() - t0:.0f} s on a shared 2-core CPU).", "",
                           *parallel_section(rows, a.seeds, a.duration), "",
                           *waits_table(idle_rows, a.seeds, a.duration), "",
                           *given_table(given_rows, a.seeds, a.duration), "",
-                          *lag_table(lag, a.seeds, a.duration)]) + "\n"
+                          *lag_table(lag, a.seeds, a.duration), "",
+                          *lag_given_table(lag_given, a.seeds, a.duration)]) + "\n"
         print(text)
         write_results(a, "accuracy_parallel.md", text)
         return

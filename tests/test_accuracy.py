@@ -71,3 +71,26 @@ def test_real_step_responses_of_other_gpus():
     refresh = accuracy.refresh()
     assert 90 < refresh["A100 PCIe"]["power.draw.instant"]["change_ms"] < 110
     assert 15 < refresh["Tesla V100"]["power.draw"]["change_ms"] < 25
+
+
+def test_lag_given_diagnostic_restores_the_fits_own_lag_choice():
+    """The coarse-readings lag diagnostic swaps the fit's lag choice per variant and puts it back; its rows
+    hold every variant and the lag it chose on the readings."""
+    import wattspan.attribution.fit as fit
+
+    own = fit._choose_lag
+    rows = accuracy.lag_given_rows(1, 6.0, sensors=("hopper-nvml",))
+    assert fit._choose_lag is own
+    assert [r["layout"] for r in rows] == ["PP-2, balanced, not overlapped", "PP-2 overlapped, unbalanced (45/55 %)"]
+    for r in rows:
+        for key in [k for k, _ in accuracy.LAG_GIVEN] + ["pooled"]:
+            assert 0.0 < r[key] < 1.0, (r["layout"], key, r[key])
+        assert 0.0 <= r["chosen"][0] <= r["chosen"][1]
+    lines = accuracy.lag_given_table(rows, 1, 6.0)
+    assert len(lines) == 10 + len(rows) and lines[-1].count("|") == lines[-3].count("|")
+    accuracy._given_lag(lambda *_: 0.004)
+    try:
+        assert fit._choose_lag is not own
+    finally:
+        accuracy._given_lag(None)
+    assert fit._choose_lag is own

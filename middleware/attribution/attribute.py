@@ -36,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -147,10 +148,10 @@ def attribute(
         dev_time, _ = seg.share_equal(np.diff(seg.edges).astype(np.float64) * _NS)
 
         measured = float(cum.energy(np.array([a]), np.array([b]))[0])
-        summary_extra: dict = {}
+        summary_extra: dict[str, Any] = {}
 
         s_idx = np.flatnonzero(step_dev == dev) if steps is not None else np.empty(0, dtype=np.int64)
-        if len(s_idx) and idle_source == "low-quantile":
+        if len(s_idx) and steps is not None and idle_source == "low-quantile":
             # Never idle: a low quantile of the readings still holds dynamic power.
             # Fit the baseline as the intercept of the step model instead.
             fit_w = _fit_idle(cum, trace, steps, s_idx, requests, a, b, seg)

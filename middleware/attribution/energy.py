@@ -35,13 +35,17 @@ class _Piecewise:
         k = np.clip(np.searchsorted(t, x, side="right") - 1, 0, len(t) - 1)
         dx = (x - t[k]).astype(np.float64) * _NS
         # beyond the last knot (or before the first) the value is held constant
+        out: np.ndarray
         if self._const:  # v[k] + self(x) is the same sum at every time
-            return c[k] + dx * (v[0] + v[0]) * 0.5
+            out = c[k] + dx * (v[0] + v[0]) * 0.5
+            return out
         vx = self(x)
-        return c[k] + dx * (v[k] + vx) * 0.5
+        out = c[k] + dx * (v[k] + vx) * 0.5
+        return out
 
     def integral(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        return self.cumulative(b) - self.cumulative(a)
+        out: np.ndarray = self.cumulative(b) - self.cumulative(a)
+        return out
 
     def over(self, edges: np.ndarray) -> np.ndarray:
         """``integral(edges[:-1], edges[1:])``, the same numbers, one look-up per edge."""
@@ -79,10 +83,12 @@ class _CumEnergy:
         return cls(t, e, "power")
 
     def at(self, x: np.ndarray) -> np.ndarray:
-        return np.interp(np.asarray(x, dtype=np.float64), self._tf, self.e)
+        out: np.ndarray = np.interp(np.asarray(x, dtype=np.float64), self._tf, self.e)
+        return out
 
     def energy(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        return self.at(b) - self.at(a)
+        out: np.ndarray = self.at(b) - self.at(a)
+        return out
 
     def over(self, edges: np.ndarray) -> np.ndarray:
         """``energy(edges[:-1], edges[1:])``, the same numbers, one look-up per edge."""

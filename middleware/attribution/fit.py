@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias, cast, overload
 
 import numpy as np
 
@@ -14,6 +16,18 @@ from ..samples import SampleKind
 from .inputs import Steps, _NS
 from .reconcile import _reconcile_edges
 from .results import StepModel
+
+if TYPE_CHECKING:
+    from ..samples import DeviceTrace
+    from .family import Selection
+    from .inputs import Requests
+
+    _Features: TypeAlias = "_StepFeatures | _Beside | _Lagged"  # what the fit's rows are read from
+    _Rel: TypeAlias = Callable[[np.ndarray], np.ndarray]  # times (ns) to seconds from the period start
+    # _fit_rows(with_weights=True): A, y, each row's length (s), end (ns), overlap, length (ns)
+    _Rows: TypeAlias = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int, np.ndarray]
+    # _batch_fit's spread: bootstrap sd, close family's departure, squared step shares, noise model
+    _Spread: TypeAlias = "tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any] | None]"
 
 __all__ = ["nnls", "step_features"]
 
@@ -29,7 +43,7 @@ class _Segments:
 
     __slots__ = ("edges", "si", "ei", "n", "w", "weights")
 
-    def __init__(self, starts, ends, weights, a: int, b: int) -> None:
+    def __init__(self, starts: np.ndarray, ends: np.ndarray, weights: np.ndarray, a: int, b: int) -> None:
         # The sorted distinct times of [a, starts, ends, b] and each start's and end's index
         # among them, from one stable sort: requests usually come in order of their start and
         # end soon after, so the sort merges a few sorted runs. Each time carries its run in
@@ -73,7 +87,7 @@ class _Segments:
             self.w[np.abs(self.w) < 1e-12] = 0.0
         self.weights = weights
 
-    def _share(self, x: np.ndarray, denom: np.ndarray, mult: np.ndarray | None):
+    def _share(self, x: np.ndarray, denom: np.ndarray, mult: np.ndarray | None) -> tuple[np.ndarray, float]:
         has = denom > 0
         per = np.zeros(len(x))
         np.divide(x, denom, out=per, where=has)  # x / denom where anything is in flight, else 0
@@ -86,10 +100,10 @@ class _Segments:
             out *= mult
         return out, float(x[~has].sum())
 
-    def share_equal(self, x: np.ndarray):
+    def share_equal(self, x: np.ndarray) -> tuple[np.ndarray, float]:
         return self._share(x, self.n, None)
 
-    def share_weighted(self, x: np.ndarray):
+    def share_weighted(self, x: np.ndarray) -> tuple[np.ndarray, float]:
         return self._share(x, self.w, self.weights)
 
 
@@ -216,7 +230,8 @@ class _StepFeatures:
         last = np.maximum(i - 1, 0)
         running = np.take(self._en_sorted, last) > t
         running &= i > 0
-        return i - running
+        out: np.ndarray = i - running
+        return out
 
     def density(self, t: np.ndarray) -> np.ndarray:
         """dF/dt at t: the feature rate of the steps running at that instant."""
@@ -256,7 +271,7 @@ class _Lagged:
     __slots__ = ("inner", "tau", "x", "cols", "_b", "_u", "_y", "_yu", "_kept")
 
     def __init__(self, inner: "_StepFeatures | _Beside", tau: float, edges: np.ndarray,
-                 rates: tuple[np.ndarray, np.ndarray] | None = None, kept: list | None = None,
+                 rates: tuple[np.ndarray, np.ndarray] | None = None, kept: list[tuple[np.ndarray, np.ndarray]] | None = None,
                  cols: list[int] | None = None) -> None:
         self.inner, self.tau, self.cols = inner, float(tau), cols
         self.x = inner.x if cols is None else np.empty((0, len(cols)))  # the shape callers read
@@ -280,7 +295,7 @@ class _Lagged:
         ic = np.maximum(i, 0)
         z = np.maximum(t - self._b[ic], 0.0) / self.tau
         d = np.where(z < 50.0, np.exp(-np.minimum(z, 50.0)), 0.0)  # a tail 50 lags on is nothing (e^-50)
-        out = self._yu[ic]
+        out: np.ndarray = self._yu[ic]
         out *= d[:, None]
         out += self._u[ic]
         out[i < 0] = 0.0
@@ -349,14 +364,14 @@ def _lag_states(b: np.ndarray, u: np.ndarray, tau: float) -> np.ndarray:
     return y
 
 
-def _lag_rates(inner, edges: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _lag_rates(inner: _StepFeatures | _Beside, edges: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The distinct edges and the feature rate on ``[b_i, b_i+1)``: what a lag acts on."""
     b = np.unique(edges)
     return b, inner.density(b)
 
 
-def _with_lag(f, tau: float, rates: tuple[np.ndarray, np.ndarray] | None = None,
-              windows: tuple[np.ndarray, np.ndarray] | None = None, cols=None) -> _Lagged:
+def _with_lag(f: _StepFeatures | _Beside, tau: float, rates: tuple[np.ndarray, np.ndarray] | None = None,
+              windows: tuple[np.ndarray, np.ndarray] | None = None, cols: Sequence[int] | None = None) -> _Lagged:
     """``f`` (the steps' features, or the steps' and the waits' side by side) seen through the lag
     (all of the device's power goes through it: a wait's held clocks ramp too). ``rates``: the
     edges' and rates of an earlier ``_lag_rates`` of the same ``f``. With ``windows`` (starts,
@@ -364,7 +379,7 @@ def _with_lag(f, tau: float, rates: tuple[np.ndarray, np.ndarray] | None = None,
     lag state starts from its start's rate, and is right once its margin has decayed). With
     ``cols`` (the lag choice's), only those features, their unlagged mass kept for other lags."""
     parts = (f.left, f.right) if isinstance(f, _Beside) else (f,)
-    kept: list | None = None if cols is None else []
+    kept: list[tuple[np.ndarray, np.ndarray]] | None = None if cols is None else []
     cols = None if cols is None else list(cols)
     if rates is not None:
         return _Lagged(f, tau, rates[0], rates, kept, cols)
@@ -394,7 +409,8 @@ _LAG_ROWS = 24_000  # readings the lag is chosen on, at most (8 stretches of con
 _LAG_MARGIN_NS = 1_000_000_000  # the steps this long before a stretch set its lag state (31 of the longest lags)
 
 
-def _lag_stretches(cum, trace, t_row, a):
+def _lag_stretches(cum: _CumEnergy, trace: DeviceTrace, t_row: np.ndarray, a: int
+                   ) -> list[tuple[_CumEnergy, DeviceTrace, int, int]] | None:
     """With more than ``_LAG_ROWS`` readings, 8 evenly spaced stretches of consecutive ones to choose
     the lag on, ``(cum, trace, start, end)`` each (ns; the counter's knots or the trace's readings
     from a margin before the start); else ``None`` (every reading)."""
@@ -462,7 +478,9 @@ def _cv_error(A: np.ndarray, y: np.ndarray, cols: tuple[int, ...], folds: int = 
     return math.sqrt(max(sse, 0.0) / ms) if ms > 0 else math.inf
 
 
-def _choose_lag(cum, trace, base, idle_curve, a, b, rel, sel, fams, t_row):
+def _choose_lag(cum: _CumEnergy, trace: DeviceTrace, base: _StepFeatures | _Beside, idle_curve: _Piecewise, a: int, b: int,
+                rel: _Rel, sel: Selection, fams: dict[str, tuple[int, ...]], t_row: np.ndarray
+                ) -> tuple[float, _Rows | None, dict[float, float]]:
     """The electrical lag whose rows predict held-out readings clearly best for the chosen family,
     ``(tau, rows, scores)``, or ``(0.0, None, scores)``. Chosen on the family's features and at most
     ``_LAG_ROWS`` readings (:func:`_lag_stretches`), then held to the same test on every reading."""
@@ -476,9 +494,9 @@ def _choose_lag(cum, trace, base, idle_curve, a, b, rel, sel, fams, t_row):
     if parts is None:
         ref = sel.cv_error
         lagged = _with_lag(base, _LAGS_S[0], cols=cols)
-        rows_at = lambda f: _fit_rows(cum, trace, f, idle_curve, a, b, rel)  # noqa: E731
+        rows_at: Callable[[_Features], tuple[np.ndarray, np.ndarray]] = lambda f: _fit_rows(cum, trace, f, idle_curve, a, b, rel)  # noqa: E731
     else:
-        def rows_at(f):
+        def rows_at(f: _Features) -> tuple[np.ndarray, np.ndarray]:
             r = [_fit_rows(c, tr, f, idle_curve, lo, hi, rel) for c, tr, lo, hi in parts]
             return np.vstack([x[0] for x in r]), np.concatenate([x[1] for x in r])
 
@@ -525,7 +543,8 @@ def _choose_lag(cum, trace, base, idle_curve, a, b, rel, sel, fams, t_row):
     return 0.0, None, scores
 
 
-def _lag_free_excess(cum, trace, inner, coef_fit, idle_curve, a, b, rel, step_ns, spacing) -> int:
+def _lag_free_excess(cum: _CumEnergy, trace: DeviceTrace, inner: _Features, coef_fit: np.ndarray, idle_curve: _Piecewise,
+                     a: int, b: int, rel: _Rel, step_ns: float, spacing: float) -> int:
     """The readings' error correlation beyond two steps (readings), with the model's residuals
     read without the lag (see the window choice in :func:`_batch_fit`)."""
     A0, y0, w0 = _fit_rows(cum, trace, inner, idle_curve, a, b, rel, with_weights=True)[:3]
@@ -534,17 +553,19 @@ def _lag_free_excess(cum, trace, inner, coef_fit, idle_curve, a, b, rel, step_ns
     return max(0, correlation_lag(m0 - g0 * p0) - int(math.ceil(2 * step_ns / spacing)))
 
 
-def _lag_split(fit_feats, coef, e_rel, scale, lo, hi, w_lo, w_hi):
+def _lag_split(fit_feats: _Features, coef: np.ndarray, e_rel: np.ndarray, scale: np.ndarray, lo: np.ndarray, hi: np.ndarray,
+               w_lo: np.ndarray, w_hi: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
     """Through the lag, the modelled energy (steps' and waits' terms, reconciled) inside each step
     (``[lo, hi)``) and inside each wait (``[w_lo, w_hi)``), and the whole of it (J): the integral
     of the window's scale x the lagged power, exact per reconciliation window."""
-    g = lambda t: fit_feats.mass(t) @ coef  # noqa: E731
+    g: _Rel = lambda t: fit_feats.mass(t) @ coef  # noqa: E731
     ge = g(e_rel)
     cum_h = np.concatenate(([0.0], np.cumsum(scale * np.diff(ge))))
 
-    def h(t):
+    def h(t: np.ndarray) -> np.ndarray:
         k = np.clip(np.searchsorted(e_rel, t, side="right") - 1, 0, len(scale) - 1)
-        return cum_h[k] + scale[k] * (g(t) - ge[k])
+        out: np.ndarray = cum_h[k] + scale[k] * (g(t) - ge[k])
+        return out
 
     return h(hi) - h(lo), h(w_hi) - h(w_lo), float(cum_h[-1])
 
@@ -579,7 +600,8 @@ def step_features(steps: Steps, s_idx: np.ndarray) -> np.ndarray:
     decode_ctx = np.bincount(st, weights=np.where(decode, ctx + tok, 0.0), minlength=ns) / 1000.0
     dur = (steps.end_ns - steps.start_ns).astype(np.float64) * _NS
     x = np.column_stack((dur, prefill_tok, decode_tok, decode_ctx))
-    return x[s_idx]
+    out: np.ndarray = x[s_idx]
+    return out
 
 
 def nnls(A: np.ndarray, b: np.ndarray, max_iter: int = 100) -> np.ndarray:
@@ -593,7 +615,8 @@ def nnls(A: np.ndarray, b: np.ndarray, max_iter: int = 100) -> np.ndarray:
     scale[scale == 0] = 1.0
     As = A / scale
     x = nnls_gram(As.T @ As, As.T @ b, max_iter)
-    return x / scale
+    out: np.ndarray = x / scale
+    return out
 
 
 def _waits(seg: "_Segments", st_ns: np.ndarray, en_ns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -644,12 +667,14 @@ WAIT_TERMS = ("wait_s", "waits")
 _WAIT_SHARE = 0.1  # waits this share of the in-flight time or more: the device is a pipeline stage
 
 
-def _batch_fit(cum, trace, steps, s_idx, requests, ridx, seg, idle_curve, a, b, reconcile_s, model):
+def _batch_fit(cum: _CumEnergy, trace: DeviceTrace, steps: Steps, s_idx: np.ndarray, requests: Requests, ridx: np.ndarray,
+               seg: _Segments, idle_curve: _Piecewise, a: int, b: int, reconcile_s: float | None, model: StepModel | None
+               ) -> tuple[np.ndarray, float, dict[str, Any], _Spread]:
     """Dynamic energy per request of one device by the batch-fit method."""
     st_ns = steps.start_ns[s_idx]
     en_ns = steps.end_ns[s_idx]
     x4 = step_features(steps, s_idx)
-    rel = lambda t: (np.asarray(t, dtype=np.int64) - a).astype(np.float64) * _NS  # noqa: E731
+    rel: _Rel = lambda t: (np.asarray(t, dtype=np.int64) - a).astype(np.float64) * _NS  # noqa: E731
     x, rates = basis(x4, model.rates if model is not None else None)
     feats = _StepFeatures(x, rel(st_ns), rel(en_ns))
     # The waits between the device's own steps, as rows of two more terms: what the sensor
@@ -657,9 +682,10 @@ def _batch_fit(cum, trace, steps, s_idx, requests, ridx, seg, idle_curve, a, b, 
     # requests in flight (no step ran), not by the tokens of the steps next to them.
     w_st, w_en = _waits(seg, st_ns, en_ns)
     nb, nw = x.shape[1], len(WAIT_TERMS)
+    fit_feats: _Features
     if len(w_st):
         xw = np.column_stack(((w_en - w_st) * _NS, np.ones(len(w_st))))  # the WAIT_TERMS
-        fit_feats: _Beside | _StepFeatures | _Lagged = _Beside(feats, _StepFeatures(xw, rel(w_st), rel(w_en)))
+        fit_feats = _Beside(feats, _StepFeatures(xw, rel(w_st), rel(w_en)))
         families = dict(FAMILIES)
         families.update({f"{k}+wait": v + tuple(range(nb, nb + nw)) for k, v in FAMILIES.items()})
     else:
@@ -726,7 +752,7 @@ def _batch_fit(cum, trace, steps, s_idx, requests, ridx, seg, idle_curve, a, b, 
                 sel_l = select_family(rows_l[0], rows_l[1]) if len(rows_l[1]) else None
                 if sel_l is not None:
                     with_waits, sel_steps, sel_fams = False, None, None
-            if sel_l is not None and np.any(sel_l.coef):
+            if sel_l is not None and rows_l is not None and np.any(sel_l.coef):
                 sel, lag_tau = sel_l, tau
                 A, y, w_row, t_row, overlap, len_row = rows_l
         if sel is not None and np.any(sel.coef):
@@ -784,8 +810,10 @@ def _batch_fit(cum, trace, steps, s_idx, requests, ridx, seg, idle_curve, a, b, 
             reconcile_s = L * _NS
             window_why = f"lowest held-out error of {len(scores)} window lengths"
             band_rel = _band_rel(m_row, pred, p_row)
-            noise = _noise_model(m_row - pred, p_row, t_row, len_row, m_row, x @ coef, feats, rel, a, L,
-                                 max(overlap, excess), cum.source != "energy-counter" and _part_time(trace, len_row))
+            noise = cast("dict[str, Any]", _noise_model(m_row - pred, p_row, t_row, len_row, m_row, x @ coef, feats, rel, a, L,
+                                                        max(overlap, excess),
+                                                        cum.source != "energy-counter" and _part_time(trace, len_row)))
+            # >= 8 readings here: never None
             noise["resid"] = m_row - pred
         else:
             reconcile_s = (b - a) * _NS
@@ -802,11 +830,11 @@ def _batch_fit(cum, trace, steps, s_idx, requests, ridx, seg, idle_curve, a, b, 
     e_rel = rel(edges)
     cum_scale = np.concatenate(([0.0], np.cumsum(scale * np.diff(e_rel))))
 
-    def scale_integral(t):  # t already clipped to [e_rel[0], e_rel[-1]]
+    def scale_integral(t: np.ndarray) -> np.ndarray:  # t already clipped to [e_rel[0], e_rel[-1]]
         k = np.searchsorted(e_rel, t, side="right")
         k -= 1
         np.clip(k, 0, len(scale) - 1, out=k)
-        out = t - np.take(e_rel, k)  # cum_scale[k] + scale[k] * (t - e_rel[k]), in place
+        out: np.ndarray = t - np.take(e_rel, k)  # cum_scale[k] + scale[k] * (t - e_rel[k]), in place
         out *= np.take(scale, k)
         out += np.take(cum_scale, k)
         return out
@@ -849,7 +877,7 @@ def _batch_fit(cum, trace, steps, s_idx, requests, ridx, seg, idle_curve, a, b, 
     #     and under the other families, per request (for the error band).
     if sel is not None and sel.boot is not None and sel.boot.shape[1] > nb:  # the steps' terms only
         boot = sel.boot[:, :nb]
-        cut = lambda f: f[: -len("+wait")] if f.endswith("+wait") else f  # noqa: E731
+        cut: Callable[[str], str] = lambda f: f[: -len("+wait")] if f.endswith("+wait") else f  # noqa: E731
         fits = {cut(f): v[:nb] for f, v in (sel.fits or {}).items()}
         if sel_steps is not None and len(fits) < 2:
             # the waits' terms were tried beside the chosen family only: the close families
@@ -859,7 +887,7 @@ def _batch_fit(cum, trace, steps, s_idx, requests, ridx, seg, idle_curve, a, b, 
             sel = dataclasses.replace(sel, family=cut(sel.family), boot=boot, fits=fits,
                                       candidates={cut(f): v for f, v in (sel.candidates or {}).items()})
     k_win = np.clip(np.searchsorted(e_rel, feats.st, side="right") - 1, 0, len(scale) - 1)  # each step's window
-    spread = _dyn_spread(sel, coef, x, np.where(feats.dur > 0, scale_span / np.where(feats.dur > 0, feats.dur, 1.0), 0.0),
+    spread: tuple[Any, ...] = _dyn_spread(sel, coef, x, np.where(feats.dur > 0, scale_span / np.where(feats.dur > 0, feats.dur, 1.0), 0.0),
                          e_s, e_r, share, on_dev, len(ridx), k_win)
     # Per request: sum over its steps of (its share of the step's energy)^2, for the step-noise term.
     s2 = np.bincount(e_r, weights=val**2, minlength=len(ridx)) if all_on else np.bincount(
@@ -913,7 +941,7 @@ def _batch_fit(cum, trace, steps, s_idx, requests, ridx, seg, idle_curve, a, b, 
             un_t = un_t + un_l
         un_t = un_t + (lag_total - float(e_step.sum()) - float(e_tail.sum()))
         wait_j += float(e_tail.sum())
-    extra = {
+    extra: dict[str, Any] = {
         "steps": int(len(s_idx)),
         "model": model,
         "windows": int(len(scale)),
@@ -929,7 +957,7 @@ def _batch_fit(cum, trace, steps, s_idx, requests, ridx, seg, idle_curve, a, b, 
     return dyn, un_t + lost, extra, spread
 
 
-def _prefer_power(cum, trace, steps, s_idx, a, b) -> bool:
+def _prefer_power(cum: _CumEnergy, trace: DeviceTrace, steps: Steps, s_idx: np.ndarray, a: int, b: int) -> bool:
     """Whether a trace's power readings predict held-out readings clearly better than its
     energy counter does (each fitted with the full basis and an idle intercept)."""
     if _typical_interval(cum.t) >= 0.9 * trace.window_ns > 0:
@@ -937,7 +965,7 @@ def _prefer_power(cum, trace, steps, s_idx, a, b) -> bool:
         # mean over its window, read on time; the counter value is as old as its last refresh
         return True
     x, _ = basis(step_features(steps, s_idx))
-    rel = lambda t: (np.asarray(t, dtype=np.int64) - a).astype(np.float64) * _NS  # noqa: E731
+    rel: _Rel = lambda t: (np.asarray(t, dtype=np.int64) - a).astype(np.float64) * _NS  # noqa: E731
     feats = _StepFeatures(x, rel(steps.start_ns[s_idx]), rel(steps.end_ns[s_idx]))
     zero = _Piecewise(np.array([a, b], dtype=np.int64), np.zeros(2))
     fam = {"all": tuple(range(x.shape[1] + 1))}
@@ -950,12 +978,13 @@ def _prefer_power(cum, trace, steps, s_idx, a, b) -> bool:
     return scores[1] < 0.6 * scores[0]  # the counter has its stale-reading shift still to come
 
 
-def _fit_idle(cum, trace, steps, s_idx, requests, a, b, seg=None) -> float | None:
+def _fit_idle(cum: _CumEnergy, trace: DeviceTrace, steps: Steps, s_idx: np.ndarray, requests: Requests, a: int, b: int,
+              seg: _Segments | None = None) -> float | None:
     """The idle baseline (W) as the intercept of the step-model regression, or None. With the
     in-flight segments ``seg``, a device that waits a material part of its busy time (a pipeline
     stage) has its waits' terms beside the steps' (held clocks in the bubble are no idle power)."""
     x = step_features(steps, s_idx)
-    rel = lambda t: (np.asarray(t, dtype=np.int64) - a).astype(np.float64) * _NS  # noqa: E731
+    rel: _Rel = lambda t: (np.asarray(t, dtype=np.int64) - a).astype(np.float64) * _NS  # noqa: E731
     steps_f = _StepFeatures(x, rel(steps.start_ns[s_idx]), rel(steps.end_ns[s_idx]))
     feats: _StepFeatures | _Beside = steps_f
     if seg is not None:
@@ -972,7 +1001,18 @@ def _fit_idle(cum, trace, steps, s_idx, requests, a, b, seg=None) -> float | Non
     return float(coef[0]) if coef[0] > 0 else None
 
 
-def _fit_rows(cum, trace, feats, idle_curve, a, b, rel, with_time=False, with_weights=False):
+@overload
+def _fit_rows(cum: _CumEnergy, trace: DeviceTrace, feats: _Features, idle_curve: _Piecewise, a: int, b: int, rel: _Rel,
+              with_time: bool = ..., *, with_weights: Literal[True]) -> _Rows: ...
+@overload
+def _fit_rows(cum: _CumEnergy, trace: DeviceTrace, feats: _Features, idle_curve: _Piecewise, a: int, b: int, rel: _Rel,
+              with_time: Literal[True], with_weights: Literal[False] = ...) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
+@overload
+def _fit_rows(cum: _CumEnergy, trace: DeviceTrace, feats: _Features, idle_curve: _Piecewise, a: int, b: int, rel: _Rel,
+              with_time: Literal[False] = ..., with_weights: Literal[False] = ...) -> tuple[np.ndarray, np.ndarray]: ...
+def _fit_rows(cum: _CumEnergy, trace: DeviceTrace, feats: _Features, idle_curve: _Piecewise, a: int, b: int, rel: _Rel,
+              with_time: bool = False, with_weights: bool = False
+              ) -> _Rows | tuple[np.ndarray, np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray]:
     """Regression rows (A, y): one per sensor reading inside the period.
 
     ``with_weights`` also returns each row's length in seconds (rows times it are
@@ -1019,7 +1059,9 @@ def _fit_rows(cum, trace, feats, idle_curve, a, b, rel, with_time=False, with_we
     return (A, y, np.ones(len(y))) if with_time else (A, y)
 
 
-def _dyn_spread(sel, coef, x, scale_per_s, e_s, e_r, share, on_dev, n_req, k_win=None):
+def _dyn_spread(sel: Selection | None, coef: np.ndarray, x: np.ndarray, scale_per_s: np.ndarray, e_s: np.ndarray,
+                e_r: np.ndarray, share: np.ndarray, on_dev: np.ndarray, n_req: int, k_win: np.ndarray | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:
     """Per-request spread of dynamic energy across alternative step models:
     ``(bootstrap sd, largest departure under a close family)``, joules; zeros without a fit.
 
@@ -1044,17 +1086,17 @@ def _dyn_spread(sel, coef, x, scale_per_s, e_s, e_r, share, on_dev, n_req, k_win
     if base <= 0:
         return z, z
 
-    def norm(C):
+    def norm(C: np.ndarray) -> np.ndarray:
         t = C @ tot
         return C * np.where(t > 0, base / np.where(t > 0, t, 1.0), 0.0)[:, None]
 
     e0 = xw @ coef  # each step's energy under the chosen model (J)
     nwin = int(k_win.max()) + 1 if k_win is not None and len(k_win) else 0
-    e0_w = np.bincount(k_win, weights=e0, minlength=nwin) if nwin else None
+    e0_w = np.bincount(k_win, weights=e0, minlength=nwin) if nwin and k_win is not None else None
 
-    def per_request(direction):  # B_i . direction, for every request, in one pass over the entries
+    def per_request(direction: np.ndarray) -> np.ndarray:  # B_i . direction, for every request, in one pass over the entries
         d = xw @ direction
-        if e0_w is not None:  # the window's measured total is kept: only the split inside it moves
+        if e0_w is not None and k_win is not None:  # the window's measured total is kept: only the split inside it moves
             d_w = np.bincount(k_win, weights=d, minlength=nwin)
             d = d - e0 * np.take(np.where(e0_w > 0, d_w / np.where(e0_w > 0, e0_w, 1.0), 0.0), k_win)
         return np.bincount(r, weights=np.take(d, s_on) * w, minlength=n_req)
@@ -1077,7 +1119,7 @@ _Z90 = 1.6449  # two-sided 90 %: +-1.645 standard deviations
 _IDLE_REL = 0.015  # relative sd of a request's idle share: the baseline moves a few W over tens of s
 
 
-def _quality(extra: dict) -> str:
+def _quality(extra: dict[str, Any]) -> str:
     """``good``: the model predicts held-out readings well and the sensor resolves requests;
     ``coarse``: it predicts them well but the readings are coarse (the band says how coarse);
     ``misfit``: the model explains little of the held-out readings (or could not be fitted)."""
@@ -1088,7 +1130,7 @@ def _quality(extra: dict) -> str:
     return "coarse" if nz.get("reading_ns", 0.0) > 25e6 else "good"
 
 
-def _dyn_half_width(dyn, spread, starts, ends, extra) -> np.ndarray:
+def _dyn_half_width(dyn: np.ndarray, spread: _Spread, starts: np.ndarray, ends: np.ndarray, extra: dict[str, Any]) -> np.ndarray:
     """One standard deviation (J) of each batch-fit request's dynamic energy (see the README)."""
     sd, dep, s2, noise = spread
     # the truth could lie anywhere between the chosen model and a close runner-up: a
@@ -1111,10 +1153,11 @@ def _dyn_half_width(dyn, spread, starts, ends, extra) -> np.ndarray:
     # the held-out groups already hold the steps' scatter at their scale: the step term adds
     # only where it says more (a request whose energy sits in a few steps)
     var = var + np.maximum((sig_i * dyn) ** 2, noise["step_var"] * s2 * u)
-    return np.sqrt(var)
+    out: np.ndarray = np.sqrt(var)
+    return out
 
 
-def _group_sigma(dyn: np.ndarray, starts: np.ndarray, ends: np.ndarray, noise: dict) -> np.ndarray:
+def _group_sigma(dyn: np.ndarray, starts: np.ndarray, ends: np.ndarray, noise: dict[str, Any]) -> np.ndarray:
     """Relative sigma of each request's dynamic energy from the held-out groups of readings
     as long as its lifetime (see :func:`_noise_model`); 0.25 without any."""
     life = np.maximum((ends - starts).astype(np.float64), 1.0)
@@ -1140,7 +1183,7 @@ def _group_sigma(dyn: np.ndarray, starts: np.ndarray, ends: np.ndarray, noise: d
     return sig_i
 
 
-def _group_var(noise: dict, life_ns: np.ndarray) -> np.ndarray | None:
+def _group_var(noise: dict[str, Any], life_ns: np.ndarray) -> np.ndarray | None:
     """Relative variance of each request's dynamic energy that the held-out groups of
     readings as long as its lifetime show (:func:`_group_sigma`), less what the separated
     components call the sensor's own noise over as many readings (white, and the two end
@@ -1168,7 +1211,7 @@ def _group_var(noise: dict, life_ns: np.ndarray) -> np.ndarray | None:
 _PER_OCTAVE = 64  # the group term's table: points per doubling of a lifetime
 
 
-def _dyn_sd_components(dyn, var, noise, g2: np.ndarray | None = None) -> np.ndarray:
+def _dyn_sd_components(dyn: np.ndarray, var: np.ndarray, noise: dict[str, Any], g2: np.ndarray | None = None) -> np.ndarray:
     """One standard deviation (J) of each request's dynamic energy from the separated components
     (see :func:`_request_components`); ``var``: the coefficients' own spread."""
     ex = noise["exposure"]
@@ -1180,10 +1223,12 @@ def _dyn_sd_components(dyn, var, noise, g2: np.ndarray | None = None) -> np.ndar
         # components above are fitted on whole readings and miss the within-reading part),
         # less the sensor's own part (see _group_var)
         comp = comp + g2 * dyn**2
-    return np.sqrt(var + comp)
+    out: np.ndarray = np.sqrt(var + comp)
+    return out
 
 
-def _noise_model(r, p, t, len_ns, m, e_mod, feats, rel, a, L, overlap, part_time: bool = False):
+def _noise_model(r: np.ndarray, p: np.ndarray, t: np.ndarray, len_ns: np.ndarray, m: np.ndarray, e_mod: np.ndarray,
+                 feats: _StepFeatures, rel: _Rel, a: int, L: int, overlap: int, part_time: bool = False) -> dict[str, Any] | None:
     """What the held-out readings say about each request's error.
 
     ``groups``: {G readings: relative sigma} of a run of G readings predicted from the
@@ -1231,8 +1276,11 @@ _UNITS = 2_000  # requests whose lifetimes the band's components are fitted on, 
 _PAIRS = 200_000  # (lifetime, request in flight) pairs the fit looks at, at most
 
 
-def _request_components(r, p, t, len_ns, rel, feats, e_step, e_s, e_r, share, on_dev, e_rel, w_meas, w_pred, n_req,
-                        dyn, s2, life, counter: bool = False, alias: np.ndarray | None = None) -> dict:
+def _request_components(r: np.ndarray, p: np.ndarray, t: np.ndarray, len_ns: np.ndarray, rel: _Rel, feats: _StepFeatures,
+                        e_step: np.ndarray, e_s: np.ndarray, e_r: np.ndarray, share: np.ndarray, on_dev: np.ndarray,
+                        e_rel: np.ndarray, w_meas: np.ndarray, w_pred: np.ndarray, n_req: int, dyn: np.ndarray,
+                        s2: np.ndarray, life: tuple[np.ndarray, np.ndarray], counter: bool = False,
+                        alias: np.ndarray | None = None) -> dict[str, Any]:
     """The error band's components, estimated on the unit it is for: a request's lifetime.
 
     Over each request's lifetime the readings (or counter windows) that overlap it have
@@ -1269,7 +1317,7 @@ def _request_components(r, p, t, len_ns, rel, feats, e_step, e_s, e_r, share, on
     only through its windows' measured totals (``v_req``). ``counter``: the readings are an
     energy counter's deltas, whose edge errors the consecutive residuals identify (see
     :func:`_edge_var`)."""
-    out: dict = {}
+    out: dict[str, Any] = {}
     nw = len(w_pred)
     if len(t) < 8 or not len(e_step) or nw < 1 or n_req == 0 or not np.any(on_dev):
         return out
@@ -1285,7 +1333,7 @@ def _request_components(r, p, t, len_ns, rel, feats, e_step, e_s, e_r, share, on
             return out
     lo_t = np.maximum.accumulate(rel(t - len_ns))
     hi_t = rel(t)
-    c = lambda v: np.concatenate(([0.0], np.cumsum(v)))  # noqa: E731
+    c: Callable[[np.ndarray], np.ndarray] = lambda v: np.concatenate(([0.0], np.cumsum(v)))  # noqa: E731
     cr, cp, cp2, cr2 = c(r), c(p), c(p**2), c(r**2)
     ca = c(alias) if alias is not None and len(alias) == len(r) and bool(np.any(alias > 0)) else None
     ls, le = life
@@ -1397,7 +1445,7 @@ def _request_components(r, p, t, len_ns, rel, feats, e_step, e_s, e_r, share, on
 _PART_TIME_NS = 5_000_000  # as power_points: instant values further apart stand for their interval
 
 
-def _part_time(trace, len_row: np.ndarray) -> bool:
+def _part_time(trace: DeviceTrace, len_row: np.ndarray) -> bool:
     """Whether the readings are part-time "instant" values (see
     :func:`wattspan.attribution.energy.power_points`): each stands for the interval since the
     one before but covers an unknown part of it. Read at a uniformly random instant, such a
@@ -1434,7 +1482,7 @@ def _edge_var(r: np.ndarray, p: np.ndarray) -> float:
     return -s / float(pp.sum())
 
 
-def _credited_split(X: np.ndarray, y: np.ndarray, sensor=(3, 4)) -> np.ndarray:
+def _credited_split(X: np.ndarray, y: np.ndarray, sensor: Sequence[int] = (3, 4)) -> np.ndarray:
     """Non-negative split of ``y`` over the exposures ``X``, crediting the sensor's columns only
     with what the data identify: where a reading holds about as many steps as any other, the
     steps' scatter and the sensor's noise have the same exposure and no fit can tell them
@@ -1466,7 +1514,7 @@ _SPLIT_BOOT = 40  # block-bootstrap resamples of the split
 _SENSOR_Q = 0.1  # the sensor keeps what 9 in 10 resamples give it at least
 
 
-def _shifted(cum, trace, d_ns: int):
+def _shifted(cum: _CumEnergy, trace: DeviceTrace, d_ns: int) -> tuple[_CumEnergy, DeviceTrace]:
     """The cumulative energy and trace read ``d_ns`` earlier (a stale-reading correction)."""
     c = _CumEnergy(cum.t - d_ns, cum.e, cum.source)
     return c, dataclasses.replace(trace, t_ns=trace.t_ns - d_ns)

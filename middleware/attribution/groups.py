@@ -37,15 +37,22 @@ GPU (``models=``). ``benchmarks/results/accuracy_parallel.md`` measures both.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..devices import SEP, group_key, is_group, members
 
+if TYPE_CHECKING:
+    from ..samples import DeviceTrace
+    from .inputs import Requests, Steps
+    from .results import Attribution
+
 __all__ = ["SEP", "any_group", "attribute_grouped", "group_key", "is_group", "members"]
 
 
-def any_group(requests, steps) -> bool:
+def any_group(requests: Requests, steps: Steps | None) -> bool:
     """Whether any request or step names a group (the fast path checks this)."""
     for arr in (requests.device, steps.device if steps is not None else None):
         if arr is None or not len(arr):
@@ -63,7 +70,10 @@ def any_group(requests, steps) -> bool:
 _QUALITY = {"good": 0, "coarse": 1, "misfit": 2}
 
 
-def attribute_grouped(attribute, traces, requests, steps=None, **kw):
+def attribute_grouped(
+    attribute: Callable[..., Attribution], traces: Mapping[str, DeviceTrace], requests: Requests,
+    steps: Steps | None = None, **kw: Any,
+) -> Attribution:
     """:func:`wattspan.attribution.attribute` over device groups (see the module docstring).
 
     ``attribute`` is the single-device function (passed in: this module sits below it)."""
@@ -114,7 +124,7 @@ def attribute_grouped(attribute, traces, requests, steps=None, **kw):
                     e_req.append(row(er_l[j], d))
                     e_tok.append(et_l[j])
     orig_a = np.array(orig, dtype=np.int64)
-    col = lambda c: None if c is None else c[orig_a]  # noqa: E731
+    col: Callable[[np.ndarray | None], np.ndarray | None] = lambda c: None if c is None else c[orig_a]  # noqa: E731
     ids = requests.ids[orig_a]
     ex_req = Requests(ids=ids, start_ns=requests.start_ns[orig_a], end_ns=requests.end_ns[orig_a],
                       device=np.array(pdev, dtype=object), weight=requests.weight[orig_a],
@@ -126,7 +136,7 @@ def attribute_grouped(attribute, traces, requests, steps=None, **kw):
                          entry_request=np.array(e_req, dtype=np.int64), entry_tokens=np.array(e_tok, dtype=np.float64))
     res = attribute(traces, ex_req, ex_steps, **kw)
 
-    def fold(x):
+    def fold(x: np.ndarray) -> np.ndarray:
         return np.bincount(orig_a, weights=x, minlength=n)
 
     energy, dynamic, idle, dev_s = fold(res.energy_j), fold(res.dynamic_j), fold(res.idle_j), fold(res.device_s)
@@ -142,7 +152,7 @@ def attribute_grouped(attribute, traces, requests, steps=None, **kw):
         m = res.method[k]
         if m == "batch-fit" or method[i] == "no-trace":
             method[i] = m
-        if quality is not None and _QUALITY.get(res.quality[k], 2) > _QUALITY.get(quality[i], 0):
+        if quality is not None and res.quality is not None and _QUALITY.get(res.quality[k], 2) > _QUALITY.get(quality[i], 0):
             quality[i] = res.quality[k]
     parts = {"request": orig_a, "device": ex_req.device, "energy_j": res.energy_j, "dynamic_j": res.dynamic_j,
              "idle_j": res.idle_j, "device_s": res.device_s}
