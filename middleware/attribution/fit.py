@@ -1116,7 +1116,7 @@ def _dyn_spread(sel: Selection | None, coef: np.ndarray, x: np.ndarray, scale_pe
 
 _SELECT_ROWS = 200_000  # readings the window choice and the error model look at, at most
 _Z90 = 1.6449  # two-sided 90 %: +-1.645 standard deviations
-_IDLE_REL = 0.015  # relative sd of a request's idle share: the baseline moves a few W over tens of s
+_IDLE_REL = 0.015  # the idle baseline's relative sd where fewer than two idle stretches show its drift (a prior: a few W over tens of s)
 
 
 def _quality(extra: dict[str, Any]) -> str:
