@@ -325,3 +325,22 @@ def test_group_term_table_matches_the_interpolation_it_replaces():
     # the sensor's own part over as many readings comes off (never below zero)
     sub = _group_var(dict(noise, sensor_rel=0.005, edge_rel=0.0, reading_s=0.01), life)
     assert sub is not None and np.all(sub <= got + 1e-15) and np.all(sub >= 0.0) and np.any(sub < got)
+
+
+def test_interval_mass_of_steps_one_after_another_matches_the_general_masses():
+    from wattspan.attribution.fit import _StepFeatures, _interval_mass
+
+    rng = np.random.default_rng(3)
+    st = np.cumsum(rng.uniform(0.001, 0.02, 4000))
+    en = np.minimum(st + rng.uniform(0.0005, 0.01, 4000), np.append(st[1:], st[-1] + 1.0))
+    x = rng.random((4000, 3))
+    feats = _StepFeatures(x[:, :1], st, en)
+    hi = np.sort(rng.uniform(-1.0, st[-1] + 1.0, 2000))
+    lo = hi - rng.uniform(0.0, 0.3, 2000)
+    ref = _StepFeatures(x, st, en)
+    assert np.allclose(_interval_mass(feats, x, lo, hi), ref.mass(hi) - ref.mass(lo), rtol=1e-7, atol=1e-7)
+    # overlapping steps take the general path
+    en2 = st + 0.05
+    f2 = _StepFeatures(x[:, :1], st, en2)
+    ref2 = _StepFeatures(x, st, en2)
+    assert np.allclose(_interval_mass(f2, x, lo, hi), ref2.mass(hi) - ref2.mass(lo))
