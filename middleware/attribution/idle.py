@@ -105,7 +105,9 @@ def idle_rel_sd(trace: DeviceTrace, busy: tuple[np.ndarray, np.ndarray], t_ns: n
         bridge = np.where(inner, (t - ta) * (tb - t) / np.maximum(tb - ta, 1.0), 0.0) * _NS
         outer = np.where(k == 0, tg[0] - t, np.where(k >= len(tg), t - tg[-1], 0.0)) * _NS
         se_lvl = float(np.mean(se2))
-        return np.sqrt(s2 * (bridge + np.maximum(outer, 0.0)) + se_lvl) / level
+        # at most the whole baseline: a baseline read too low by more than itself would be negative
+        out: np.ndarray = np.minimum(np.sqrt(s2 * (bridge + np.maximum(outer, 0.0)) + se_lvl) / level, 1.0)
+        return out
     return None
 
 
