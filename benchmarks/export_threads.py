@@ -33,7 +33,8 @@ revision ``REV`` (its ``middleware/`` extracted with ``git archive`` into a temp
 directory, imported ahead of this checkout's), interleaved in the same rounds with the
 same app, so that before and after come out of one run, as a ratio within each round.
 ``--profile N`` profiles the event loop's thread (cProfile) in one ``otel+wattspan``
-run of ``N`` requests and prints its top functions. ``--record`` writes
+run of ``N`` requests and prints its top functions; ``--profile-meter N`` does the same
+for the meter's passes (attribution and the sinks' ``on_records``, on its thread). ``--record`` writes
 ``benchmarks/results/export_threads.md``.
 """
 
@@ -119,7 +120,7 @@ def _app_with(sinks: set[str]):
     return app
 
 
-def child(variant: str, n: int, profile: bool, sinks: str | None = None) -> dict:
+def child(variant: str, n: int, profile: bool, sinks: str | None = None, profile_meter: bool = False) -> dict:
     sys.path.insert(0, str(ROOT))
     import benchmarks.overhead_app as mod
 
@@ -152,6 +153,7 @@ def child(variant: str, n: int, profile: bool, sinks: str | None = None) -> dict
 
     gc_other: dict[str, int] = {}  # the collector's CPU on the other threads, by group
     gc_other_at: dict[int, int] = {}
+    gc_other_gen: dict[str, list[int]] = {}
 
     def on_gc(phase, info):  # the collector's CPU, by the thread it ran on
         tid = threading.get_native_id()
@@ -160,7 +162,12 @@ def child(variant: str, n: int, profile: bool, sinks: str | None = None) -> dict
                 gc_other_at[tid] = time.thread_time_ns()
             elif tid in gc_other_at:
                 g = _group(threading.current_thread().name)
-                gc_other[g] = gc_other.get(g, 0) + time.thread_time_ns() - gc_other_at.pop(tid)
+                d = time.thread_time_ns() - gc_other_at.pop(tid)
+                gc_other[g] = gc_other.get(g, 0) + d
+                gk = f"{g}.gen{info['generation']}"  # collections of each generation on that thread, and their CPU
+                c_ns = gc_other_gen.setdefault(gk, [0, 0])
+                c_ns[0] += 1
+                c_ns[1] += d
             return
         if phase == "start":
             gc_at[0] = time.thread_time_ns()
@@ -182,6 +189,39 @@ def child(variant: str, n: int, profile: bool, sinks: str | None = None) -> dict
                     sink_ns[_name] = sink_ns.get(_name, 0) + time.thread_time_ns() - t
             sink.on_records = timed
 
+    part_ns: dict[str, int] = {}
+    if meter is not None:  # the meter pass's parts, timed on its thread (instance attributes over the methods)
+        import wattspan.meter.core as core
+
+        def timer(name, fn):
+            def timed_part(*args, _fn=fn, **kw):
+                t = time.thread_time_ns()
+                try:
+                    return _fn(*args, **kw)
+                finally:
+                    part_ns[name] = part_ns.get(name, 0) + time.thread_time_ns() - t
+            return timed_part
+        for name in ("_pass", "_drain", "_attribute", "_finalise", "_to_sinks", "_publish_balance"):
+            if hasattr(meter, name):
+                setattr(meter, name, timer(name, getattr(meter, name)))
+        for name in ("request_records", "request_batch"):  # building the records (or their columns)
+            if hasattr(core, name):
+                setattr(core, name, timer("request_records", getattr(core, name)))
+
+    mprof = None
+    if profile_meter and meter is not None:  # cProfile of the meter's passes, on its own thread
+        import cProfile
+
+        mprof = cProfile.Profile(time.thread_time_ns, 1e-9)  # CPU of the meter thread, not wall (the GIL waits)
+
+        def profiled_pass(_fn=meter._pass):
+            mprof.enable()
+            try:
+                _fn()
+            finally:
+                mprof.disable()
+        meter._pass = profiled_pass
+
     gc.callbacks.append(on_gc)
     prof = None
     if profile:
@@ -196,7 +236,13 @@ def child(variant: str, n: int, profile: bool, sinks: str | None = None) -> dict
         prof.disable()
     l1, cs1, gcl = time.thread_time_ns(), _switches(main), gc_ns[0]
     gc.callbacks.remove(on_gc)
-    tracked = len(gc.get_objects())  # what a full collection scans, as the last request ended (counted in drain)
+    objs = gc.get_objects()
+    tracked = len(objs)  # what a full collection scans, as the last request ended (counted in drain)
+    if os.environ.get("EXPORT_THREADS_TYPES"):  # which types those are (the most common 15)
+        from collections import Counter
+
+        types = Counter(type(o).__qualname__ for o in objs).most_common(15)
+    del objs
     if meter is not None:
         meter.drain(60)
         assert meter.counters["records"] >= n, meter.counters
@@ -218,9 +264,13 @@ def child(variant: str, n: int, profile: bool, sinks: str | None = None) -> dict
     out["gc"] = gcl / n / 1e3
     out["cs"] = (cs1 - cs0) / n
     out["tracked"] = tracked / 1e3
+    if os.environ.get("EXPORT_THREADS_TYPES"):
+        out["types"] = types
     out["gc_gen"] = [[c, ns / n / 1e3] for c, ns in gc_gen]
     out["gc_threads"] = {k: v / n / 1e3 for k, v in gc_other.items()}
+    out["gc_threads_gen"] = {k: [c, ns / n / 1e3] for k, (c, ns) in gc_other_gen.items()}
     out["sinks"] = {k: v / n / 1e3 for k, v in sink_ns.items()}
+    out["meter_parts"] = {k: v / n / 1e3 for k, v in part_ns.items()}
     out["wattspan"] = __import__("wattspan").__file__
     proc = getattr(provider, "_wattspan_processor", None)
     if proc is not None:
@@ -239,6 +289,15 @@ def child(variant: str, n: int, profile: bool, sinks: str | None = None) -> dict
         st.sort_stats("tottime").print_stats(30)
         st.sort_stats("cumtime").print_stats("wattspan|middleware/", 30)  # wattspan's own functions
         out["profile"] = buf.getvalue()
+    if mprof is not None:
+        import io
+        import pstats
+
+        buf = io.StringIO()
+        st = pstats.Stats(mprof, stream=buf)
+        st.sort_stats("tottime").print_stats(40)
+        st.sort_stats("cumtime").print_stats(40)
+        out["profile"] = buf.getvalue()
     return out
 
 
@@ -251,12 +310,13 @@ def _extract(rev: str) -> str:
     return d
 
 
-def _run(variant: str, n: int, tree: str | None, profile: bool = False, sinks: str | None = None) -> dict:
+def _run(variant: str, n: int, tree: str | None, profile: bool = False, sinks: str | None = None,
+         profile_meter: bool = False) -> dict:
     env = dict(os.environ)
     if tree:
         env["PYTHONPATH"] = tree + os.pathsep + env.get("PYTHONPATH", "")
     args = [sys.executable, __file__, "--_child", variant, "--requests", str(n)] + (["--_profile"] if profile else []) + (
-        ["--_sinks", sinks] if sinks is not None else [])
+        ["--_sinks", sinks] if sinks is not None else []) + (["--_profile_meter"] if profile_meter else [])
     out = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, env=env)
     if out.returncode:
         raise SystemExit(f"{variant} failed:\n{out.stderr[-3000:]}")
@@ -269,6 +329,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--base", default="", help="a git revision whose wattspan runs beside this checkout's (before/after)")
     ap.add_argument("--profile", type=int, default=0, help="profile the event loop in one otel+wattspan run of N requests")
+    ap.add_argument("--profile-meter", type=int, default=0,
+                    help="profile the meter's thread (its passes: attribution and the sinks) in one otel+wattspan run of N requests")
     sys.path.insert(0, str(ROOT))
     from benchmarks._common import add_output_args, progress, write_results
 
@@ -276,6 +338,9 @@ def main() -> None:
     a = ap.parse_args()
     if a.profile:
         print(_run("otel+wattspan", a.profile, None, profile=True)["profile"])
+        return
+    if a.profile_meter:
+        print(_run("otel+wattspan", a.profile_meter, None, profile_meter=True)["profile"])
         return
     runs: dict[str, tuple[str, str | None]] = {"otel": ("otel", None), "this": ("otel+wattspan", None)}
     base_dir = None
@@ -351,6 +416,6 @@ if __name__ == "__main__":
     if len(sys.argv) > 2 and sys.argv[1] == "--_child":
         n = int(sys.argv[sys.argv.index("--requests") + 1])
         sinks = sys.argv[sys.argv.index("--_sinks") + 1] if "--_sinks" in sys.argv else None
-        print(json.dumps(child(sys.argv[2], n, "--_profile" in sys.argv, sinks)))
+        print(json.dumps(child(sys.argv[2], n, "--_profile" in sys.argv, sinks, "--_profile_meter" in sys.argv)))
     else:
         main()

@@ -6,11 +6,11 @@ And :class:`Cardinality`, the bound on the distinct label values records carry.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, overload
 
-__all__ = ["Cardinality", "RequestLabels", "RequestRecord"]
+__all__ = ["Cardinality", "RecordBatch", "RequestLabels", "RequestRecord"]
 
 
 class RequestLabels(NamedTuple):
@@ -177,3 +177,91 @@ def _record(values: Iterable[Any]) -> RequestRecord:
     rec = _new(RequestRecord)
     rec.__dict__.update(zip(FIELDS, values))
     return rec
+
+
+class RecordBatch(Sequence[RequestRecord]):
+    """A batch of final records (a meter pass's) held as columns: a ``Sequence[RequestRecord]``
+    whose records are built on first use, once.
+
+    ``const``: the fields whose value is the same in every record (name -> that value);
+    ``columns``: the others (name -> a list of one value per record, in record order). Every
+    field of :class:`RequestRecord` is in exactly one of them. Iterating, indexing or
+    :meth:`records` builds the :class:`RequestRecord` objects (the same objects on every later
+    use); wattspan's own sinks (spans, metrics, ledger) read the columns instead, so a pass
+    whose sinks are only those builds no record object at all.
+
+    Values are of the record's field types already (numbers as Python ``float``/``int``, not
+    numpy scalars): made by :func:`wattspan.carbon.records.request_batch`.
+    """
+
+    __slots__ = ("_n", "const", "columns", "_built")
+
+    _lock = threading.Lock()  # one build per batch, should sinks on several threads share it
+
+    def __init__(self, n: int, const: dict[str, Any], columns: dict[str, list[Any]]) -> None:
+        if set(const) | set(columns) != set(FIELDS) or set(const) & set(columns):
+            raise ValueError("a RecordBatch needs every RequestRecord field, each either constant or a column")
+        if any(len(c) != n for c in columns.values()):
+            raise ValueError(f"every column of a RecordBatch of {n} records has {n} values")
+        self._n = n
+        self.const = const
+        self.columns = columns
+        self._built: list[RequestRecord] | None = None
+
+    def __len__(self) -> int:
+        return self._n
+
+    @overload
+    def __getitem__(self, i: int) -> RequestRecord: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[RequestRecord]: ...
+
+    def __getitem__(self, i: int | slice) -> RequestRecord | list[RequestRecord]:
+        built = self._built
+        return (built if built is not None else self.records())[i]
+
+    def __iter__(self) -> Iterator[RequestRecord]:
+        built = self._built
+        return iter(built if built is not None else self.records())
+
+    def column(self, name: str) -> list[Any]:
+        """Field ``name``'s value for each record, in record order (a new list for a constant field)."""
+        col = self.columns.get(name)
+        return col if col is not None else [self.const[name]] * self._n
+
+    def records(self) -> list[RequestRecord]:
+        """The records, built on the first call (a list: the same objects on every call)."""
+        built = self._built
+        if built is not None:
+            return built
+        with self._lock:
+            if self._built is None:
+                self._built = self._build()
+            return self._built
+
+    def _build(self) -> list[RequestRecord]:
+        # each record's instance dict: a template of every field in order (the varying ones as None,
+        # their places kept), updated with its own values; no per-field __init__ work
+        const, columns = self.const, self.columns
+        tpl = {name: const.get(name) for name in FIELDS}
+        names = [name for name in FIELDS if name in columns]
+        new, cls = object.__new__, RequestRecord
+        out: list[RequestRecord] = []
+        append = out.append
+        if not names:
+            for _ in range(self._n):
+                rec = new(cls)
+                rec.__dict__.update(tpl)
+                append(rec)
+            return out
+        for row in zip(*(columns[name] for name in names)):
+            rec = new(cls)
+            d = rec.__dict__
+            d.update(tpl)
+            d.update(zip(names, row))
+            append(rec)
+        return out
+
+    def __repr__(self) -> str:
+        return f"RecordBatch({self._n} records, {len(self.columns)} varying fields)"

@@ -77,6 +77,33 @@ def test_schema_has_a_column_per_record_field(tmp_path):
     con.close()
 
 
+def test_new_files_get_16k_pages_and_an_older_file_keeps_its_own(tmp_path):
+    with Ledger(tmp_path / "new.db") as led:
+        led.write(make_records(2))
+        assert led.flush()
+    con = sqlite3.connect(tmp_path / "new.db")
+    assert con.execute("PRAGMA page_size").fetchone()[0] == 16384
+    assert con.execute("PRAGMA auto_vacuum").fetchone()[0] == 2  # incremental, as before
+    con.close()
+    # a file made with SQLite's default pages (an older wattspan's) is appended to as it is
+    with Ledger(tmp_path / "old.db") as led:
+        led.write(make_records(3))
+        assert led.flush()
+    con = sqlite3.connect(tmp_path / "old.db", isolation_level=None)
+    con.execute("PRAGMA journal_mode=DELETE")
+    con.execute("PRAGMA page_size=4096")
+    con.execute("VACUUM")
+    assert con.execute("PRAGMA page_size").fetchone()[0] == 4096
+    con.close()
+    with Ledger(tmp_path / "old.db") as led:
+        led.write(make_records(4, seed=1, prefix="b"))
+        assert led.flush()
+        assert len(led.query()) == 7
+    con = sqlite3.connect(tmp_path / "old.db")
+    assert con.execute("PRAGMA page_size").fetchone()[0] == 4096
+    con.close()
+
+
 def test_opening_an_older_ledger_drops_the_indexes_no_query_uses(tmp_path):
     # Files written before export15 have indexes on route and tenant: each insert paid for them.
     with Ledger(tmp_path / "l.db") as led:
@@ -423,3 +450,41 @@ def test_report_problems_exit_2(tmp_path, capsys):
     Ledger(empty).close()
     buf = io.StringIO()
     assert run_report(empty, out=buf) == 0 and "no requests recorded" in buf.getvalue()
+
+
+def test_several_writers_opening_an_older_file_at_once_all_write_and_the_indexes_go(tmp_path):
+    path = tmp_path / "l.db"
+    with Ledger(path) as led:
+        led.write(make_records(3))
+        assert led.flush()
+    con = sqlite3.connect(path)
+    con.execute("CREATE INDEX requests_route ON requests (route)")
+    con.execute("CREATE INDEX requests_tenant ON requests (tenant)")
+    con.commit()
+    con.close()
+    ledgers, start = [], threading.Barrier(6)
+
+    def open_and_write(t: int) -> None:
+        start.wait()
+        led = Ledger(path)
+        ledgers.append(led)
+        for k in range(5):
+            led.write(make_records(40, seed=t * 10 + k, prefix=f"t{t}k{k}-"))
+
+    threads = [threading.Thread(target=open_and_write, args=(t,)) for t in range(6)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(30)
+    assert len(ledgers) == 6
+    for led in ledgers:
+        assert led.flush(30)
+    stats = [led.stats() for led in ledgers]
+    for led in ledgers:
+        led.close()
+    assert all(s["written"] == 200 and s["dropped"] == 0 and s["errors"] == 0 for s in stats), stats
+    con = sqlite3.connect(path)
+    names = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    n = con.execute("SELECT count(*), count(DISTINCT id) FROM requests").fetchone()
+    con.close()
+    assert names == {"requests_recorded_at"} and n == (3 + 6 * 200, 3 + 6 * 200)

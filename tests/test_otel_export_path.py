@@ -283,3 +283,59 @@ def test_spans_waiting_when_the_exporter_shuts_down_go_to_its_on_end_and_flush_d
     assert time.monotonic() - t0 < 1.5  # no busy wait for the whole timeout
     assert proc.stats()["export_waiting"] == 0  # handed to the SDK's on_end, which refuses them after shutdown
     proc.shutdown()
+
+
+@pytest.mark.parametrize("how", ["force_flush", "shutdown", "timeout"])
+def test_one_held_span_failing_to_build_loses_no_other(how, monkeypatch, caplog):
+    """Flushing, shutting down or timing out several held spans: one whose pending span cannot be built
+    goes on as it ended (counted, logged), the others as pending; nothing raises, none is sent twice."""
+    exporter = Collect()
+    proc = EnergySpanProcessor(BatchSpanProcessor(exporter, schedule_delay_millis=60_000),
+                               hold_timeout_s=0.2 if how == "timeout" else 60)
+    tp = TracerProvider()
+    tp.add_span_processor(proc)
+    tracer = tp.get_tracer("t")
+    spans = []
+    for i in range(5):
+        s = tracer.start_span(f"s{i}", kind=SpanKind.SERVER, attributes={"i": i})
+        proc.expect(s)
+        s.end()
+        spans.append(s)
+    bad = spans[2].context.span_id
+    finish = proc._finish
+
+    def failing(span_id, entry, extra):
+        if span_id == bad and extra is spans_mod._PENDING:
+            raise RuntimeError("boom")
+        return finish(span_id, entry, extra)
+
+    monkeypatch.setattr(proc, "_finish", failing)
+    if how == "force_flush":
+        assert proc.force_flush() is True
+    elif how == "shutdown":
+        proc.shutdown()
+    else:
+        assert wait_until(lambda: not proc._held, 10)
+        proc.force_flush()
+    got = {s.name: s.attributes.get("wattspan.status") for s in exporter.spans}
+    assert len(exporter.spans) == 5 and set(got) == {f"s{i}" for i in range(5)}  # each once
+    assert got["s2"] is None and all(got[f"s{i}"] == "pending" for i in (0, 1, 3, 4))
+    assert proc.stats()["errors"] == 1 and not proc._held
+    if how != "shutdown":
+        tp.shutdown()
+
+
+def test_spans_still_waiting_for_the_exporter_at_shutdown_are_counted_and_logged_never_sent_twice(monkeypatch, caplog):
+    gate, exporter, bsp, proc, tp, spans = _held_behind_a_small_queue(200)
+    proc.on_records([make_record(s.context.span_id, seed=i) for i, s in enumerate(spans)])
+    waiting = proc.stats()["export_waiting"]
+    assert waiting > 0
+    monkeypatch.setattr(proc, "_drain_outbox", lambda timeout_s: None)  # the exporter too slow: no room made in time
+    threading.Timer(0.3, gate.set).start()  # ... until the SDK's own shutdown exports its queue
+    with caplog.at_level(logging.ERROR):
+        proc.shutdown()
+    st = proc.stats()
+    assert st["export_waiting"] == 0 and 0 < st["export_dropped"] <= waiting  # (the timer may have handed some over)
+    assert "still waiting for room" in caplog.text
+    got = [s.context.span_id for s in exporter.spans]
+    assert len(got) == len(set(got)) and len(got) + st["export_dropped"] == 200  # each span sent once, or counted

@@ -21,13 +21,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from numpy.typing import NDArray
 
-from ..records import FIELDS, RequestLabels, RequestRecord
+from ..records import FIELDS, RecordBatch, RequestLabels, RequestRecord
 
 if TYPE_CHECKING:
     from ..attribution import Attribution
     from .model import CarbonModel
 
-__all__ = ["attribution_records", "request_records"]
+__all__ = ["attribution_records", "request_batch", "request_records"]
 
 _NO_LABELS = RequestLabels()
 
@@ -84,7 +84,41 @@ def request_records(
     device_energy: Sequence[str] | str = "",
     label_columns: Sequence[Sequence[Any]] | None = None,
 ) -> list[RequestRecord]:
-    """One :class:`RequestRecord` per request, carbon applied once, vectorised over the batch.
+    """One :class:`RequestRecord` per request, carbon applied once, vectorised over the batch:
+    :func:`request_batch`'s records, built (see there for the columns)."""
+    return request_batch(
+        carbon, ids=ids, device=device, start_ns=start_ns, end_ns=end_ns, dynamic_j=dynamic_j, idle_j=idle_j,
+        device_s=device_s, host_j=host_j, wall_s=wall_s, energy_j_low=energy_j_low, energy_j_high=energy_j_high,
+        method=method, sensor=sensor, coverage=coverage, simulated=simulated, quality=quality, labels=labels,
+        device_energy=device_energy, label_columns=label_columns,
+    ).records()
+
+
+def request_batch(
+    carbon: CarbonModel,
+    *,
+    ids: Sequence[str],
+    device: Sequence[str] | str,
+    start_ns: Any,
+    end_ns: Any,
+    dynamic_j: Any,
+    idle_j: Any,
+    device_s: Any,
+    host_j: Any = 0.0,
+    wall_s: Any = None,
+    energy_j_low: Any = None,
+    energy_j_high: Any = None,
+    method: Sequence[str] | str = "",
+    sensor: Sequence[str] | str = "",
+    coverage: Any = 1.0,
+    simulated: Sequence[bool] | bool = False,
+    quality: Sequence[str] | str = "",
+    labels: Sequence[RequestLabels] | None = None,
+    device_energy: Sequence[str] | str = "",
+    label_columns: Sequence[Sequence[Any]] | None = None,
+) -> RecordBatch:
+    """The records of a batch of requests, carbon applied once, vectorised over the batch: a
+    :class:`~wattspan.records.RecordBatch` (columns; its records built on first use).
 
     Columns are arrays (or sequences) with one row per request; ``device``, ``method``,
     ``sensor``, ``coverage``, ``simulated``, ``quality`` and ``host_j`` may also be one value
@@ -128,45 +162,29 @@ def request_records(
     return _records(n, columns)
 
 
-def _records(n: int, columns: Sequence[Any]) -> list[RequestRecord]:
-    """``n`` RequestRecords from one column per field (:data:`FIELDS` order): an array or a sequence of ``n`` values.
+def _records(n: int, columns: Sequence[Any]) -> RecordBatch:
+    """The :class:`~wattspan.records.RecordBatch` of ``n`` records from one column per field
+    (:data:`FIELDS` order): an array or a sequence of ``n`` values.
 
     A column with one value throughout (the sensor, the intensity, most labels on a busy
-    endpoint) goes into a template dict once; each record's instance dict is that template
-    updated with the varying columns only (no per-field ``__init__`` work, no tuple of every field)."""
+    endpoint) is kept as that one value (``const``); the others as lists of Python values."""
     if len(columns) != len(FIELDS):  # pragma: no cover - a field added to RequestRecord and not here
         raise ValueError(f"{len(columns)} columns for RequestRecord's {len(FIELDS)} fields")
-    tpl: dict[str, Any] = {}
-    names: list[str] = []
-    varying: list[Sequence[Any]] = []
+    const: dict[str, Any] = {}
+    varying: dict[str, list[Any]] = {}
     for name, col in zip(FIELDS, columns):
         if isinstance(col, np.ndarray):
             if n and bool((col == col[0]).all()):  # NaN is never equal: such a column stays per record
-                tpl[name] = col[:1].tolist()[0]
+                const[name] = col[:1].tolist()[0]
                 continue
             col = col.tolist()
         elif n and col.count(col[0]) == n:
-            tpl[name] = col[0]
+            const[name] = col[0]
             continue
-        tpl[name] = None  # its place in the field order; each record's value replaces it
-        names.append(name)
-        varying.append(col)
-    new, cls = object.__new__, RequestRecord
-    out: list[RequestRecord] = []
-    append = out.append
-    if not names:
-        for _ in range(n):
-            rec = new(cls)
-            rec.__dict__.update(tpl)
-            append(rec)
-        return out
-    for row in zip(*varying):
-        rec = new(cls)
-        d = rec.__dict__
-        d.update(tpl)
-        d.update(zip(names, row))
-        append(rec)
-    return out
+        elif not n:
+            col = []
+        varying[name] = col if type(col) is list else list(col)
+    return RecordBatch(n, const, varying)
 
 
 def attribution_records(result: Attribution, carbon: CarbonModel, *, host_j: Any = 0.0, wall_s: Any = None,

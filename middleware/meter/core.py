@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import functools
 import math
-import operator
 import threading
 import time
 from collections import deque
@@ -49,7 +48,7 @@ def _device_key(device: str | int | Sequence[str | int]) -> str:
     """The canonical device or group name (``"gpu0, gpu1"`` and ``"gpu0+gpu1"`` -> ``"gpu0,gpu1"``)."""
     return _str_group_key(device) if isinstance(device, str) else _group_key(device)
 from ..attribution import BatchStep, Requests, StepModel, Steps, attribute
-from ..carbon.records import request_records
+from ..carbon.records import request_batch
 from ..records import RequestLabels, RequestRecord
 from ..samples import DeviceInfo, SampleKind
 from .context import MAX_TOKENS
@@ -70,29 +69,15 @@ _new_tuple = tuple.__new__  # _new_tuple(RequestLabels, values): the labels from
 _LABEL_ORDER = ("route", "http_method", "status_code", "model", "tenant", "prompt_tokens", "output_tokens", "trace_id", "span_id")
 if RequestLabels._fields != _LABEL_ORDER:  # end_fields' values are taken positionally: fail at import, never mislabel
     raise ImportError(f"wattspan.meter builds RequestLabels in the order {_LABEL_ORDER}, but its fields are {RequestLabels._fields}")
-_START_NS, _END_NS, _DEVICE = operator.attrgetter("start_ns"), operator.attrgetter("end_ns"), operator.attrgetter("device")
-# what a pass's final records are built from, one tuple per request (columns after a transpose)
-_FINAL_FIELDS = operator.attrgetter("start_ns", "end_ns", "dynamic_j", "idle_j", "device_s", "host_j", "band_j", "covered_ns",
-                                    "device", "method", "quality", "meta")
-
-
-def _zeros(n: int) -> list[float]:
-    return [0.0] * n
 _QUALITY_RANK = {"good": 1, "coarse": 2, "misfit": 3}
 
 
-def _parts_json(r: _Inflight) -> str:
+def _parts_json(device: str, parts: dict[str, float] | None) -> str:
     """A group request's energy per member device, every member named (0 J where none was metered)."""
     import json
 
-    parts = r.parts or {}
-    return json.dumps({m: float(parts.get(m, 0.0)) for m in r.device.split(",")}, separators=(",", ":"))
-
-
-def _ended(r: _Inflight) -> int:
-    """The end of a request that has ended (only those are finalised)."""
-    assert r.end_ns is not None
-    return r.end_ns
+    parts = parts or {}
+    return json.dumps({m: float(parts.get(m, 0.0)) for m in device.split(",")}, separators=(",", ":"))
 
 
 class Balance(NamedTuple):
@@ -109,25 +94,113 @@ class Balance(NamedTuple):
     unattributed_j: float  #: what no request could carry
 
 
-class _Inflight:
-    __slots__ = ("device", "start_ns", "end_ns", "meta", "dynamic_j", "idle_j", "device_s", "covered_ns", "host_j", "method", "peer",
-                 "band_j", "quality", "parts")
+class _Table:
+    """The requests in flight, as columns: one row per request, the rows of final requests reused.
 
-    def __init__(self, device: str, start_ns: int, peer: int = 0) -> None:
-        self.peer = peer  # pid of the peer process serving it; 0 = this process
-        self.device = device
-        self.start_ns = start_ns
-        self.end_ns: int | None = None
-        self.meta: RequestLabels | Mapping[str, Any] | tuple[Any, ...] | None = None
-        self.dynamic_j = 0.0
-        self.idle_j = 0.0
-        self.device_s = 0.0
-        self.covered_ns = 0
-        self.host_j = 0.0
-        self.method = ""
-        self.band_j = 0.0  # half-width of the 90 % band, summed over periods
-        self.quality = ""
-        self.parts: dict[str, float] | None = None  # a device group's energy per member device (J)
+    Per request nothing the cyclic garbage collector tracks (an object per request, alive the half
+    second or so a request waits for the sensor, was one more for every collection to scan and
+    promote), and a pass adds its requests' shares to whole columns at once (numpy). Only the
+    meter's thread writes; :meth:`Meter.flush` (any thread) reads the ``ended`` count alone.
+
+    Per row: ``rid`` (None: a free row), ``device``, ``start``/``end`` (monotonic ns; end None
+    while in flight), ``meta`` (what its end event carried), ``method``, ``quality``, ``parts``
+    (a device group's energy per member device, J), ``peer`` (pid of the peer process serving it;
+    0 = this process); and the sums ``dyn``, ``idle``, ``dev_s``, ``host``, ``band`` (J, s; band:
+    the half-width of the 90 % band, summed over periods) and ``cov`` (ns covered by the trace).
+    """
+
+    __slots__ = ("row", "free", "rid", "device", "start", "end", "meta", "method", "quality", "parts", "peer",
+                 "dyn", "idle", "dev_s", "host", "band", "cov", "ended", "peers")
+
+    def __init__(self) -> None:
+        self.row: dict[str, int] = {}  # request id -> its row
+        self.free: list[int] = []
+        self.rid: list[str | None] = []
+        self.device: list[str] = []
+        self.start: list[int] = []
+        self.end: list[int | None] = []
+        self.meta: list[RequestLabels | Mapping[str, Any] | tuple[Any, ...] | None] = []
+        self.method: list[str] = []
+        self.quality: list[str] = []
+        self.parts: list[dict[str, float] | None] = []
+        self.peer: list[int] = []
+        self.dyn = self.idle = self.dev_s = self.host = self.band = np.zeros(0)
+        self.cov = np.zeros(0, dtype=np.int64)
+        self.ended = 0  # rows of this process whose request has ended (not final yet)
+        self.peers = 0  # rows of peers' requests
+
+    def __len__(self) -> int:
+        return len(self.row)
+
+    def _grow(self) -> None:
+        n = len(self.rid)
+        k = max(1024, n)
+        self.free.extend(range(n + k - 1, n - 1, -1))  # the lowest rows first
+        for col in (self.device, self.method, self.quality):
+            col.extend([""] * k)
+        for ocol in (self.rid, self.end, self.meta, self.parts):
+            ocol.extend([None] * k)
+        for icol in (self.start, self.peer):
+            icol.extend([0] * k)
+        z = np.zeros(k)
+        self.dyn, self.idle, self.dev_s, self.host, self.band = (np.concatenate((a, z)) for a in
+                                                                  (self.dyn, self.idle, self.dev_s, self.host, self.band))
+        self.cov = np.concatenate((self.cov, np.zeros(k, dtype=np.int64)))
+
+    def add(self, rid: str, device: str, start: int, peer: int = 0) -> None:
+        """A request begins (one already in flight under ``rid`` is replaced)."""
+        old = self.row.get(rid)
+        if old is not None:
+            self.remove((old,))
+        free = self.free
+        if not free:
+            self._grow()
+        r = free.pop()
+        self.row[rid] = r
+        self.rid[r] = rid
+        self.device[r] = device
+        self.start[r] = start
+        self.end[r] = None
+        self.meta[r] = None
+        self.method[r] = ""
+        self.quality[r] = ""
+        self.parts[r] = None
+        self.peer[r] = peer
+        if peer:
+            self.peers += 1
+
+    def set_end(self, r: int, t: int) -> None:
+        """Row ``r``'s request ended at ``t`` (never before it began)."""
+        if self.end[r] is None and not self.peer[r]:
+            self.ended += 1
+        s = self.start[r]
+        self.end[r] = t if t > s else s
+
+    def remove(self, rows: Sequence[int]) -> None:
+        """Forget these rows' requests (final, or a peer's gone); their rows are free again."""
+        if not rows:
+            return
+        row, rid, end, peer, meta, parts = self.row, self.rid, self.end, self.peer, self.meta, self.parts
+        for r in rows:
+            k = rid[r]
+            if k is None:
+                continue
+            del row[k]
+            rid[r] = None
+            if peer[r]:
+                self.peers -= 1
+            elif end[r] is not None:
+                self.ended -= 1
+            meta[r] = None
+            parts[r] = None
+        idx = np.asarray(rows, dtype=np.intp)
+        for a in (self.dyn, self.idle, self.dev_s, self.host, self.band, self.cov):
+            a[idx] = 0
+        self.free.extend(rows)
+
+    def energy(self, r: int) -> float:
+        """Row ``r``'s energy so far (J)."""
+        return float(self.dyn[r]) + float(self.idle[r])
 
 
 class Meter:
@@ -231,7 +304,7 @@ class Meter:
 
         self._events: deque[tuple[Any, ...]] = deque()
         self._activity: list[Any] = []  # sources that follow the load (on_step, on_request_start/end)
-        self._inflight: dict[str, _Inflight] = {}
+        self._table = _Table()  # the requests in flight
         self._steps: list[BatchStep] = []
         # bounded history for re-estimating idle and the step model (see _refit)
         self._hist_steps: deque[BatchStep] = deque(maxlen=200_000)
@@ -470,7 +543,7 @@ class Meter:
         self._ready.wait(timeout)
         while time.monotonic() < deadline:
             self._idle_pass.clear()
-            if not self._events and all(r.end_ns is None or r.peer for r in list(self._inflight.values())):
+            if not self._events and not self._table.ended:
                 return True
             self._idle_pass.wait(self.period_s * 2)
         return False
@@ -487,7 +560,7 @@ class Meter:
         """
         deadline = time.monotonic() + timeout
         self.flush(timeout)
-        unfinished = len(self._events) + sum(1 for r in list(self._inflight.values()) if r.end_ns is not None and not r.peer)
+        unfinished = len(self._events) + self._table.ended
         unflushed = 0
         for sink in self._sinks:
             if isinstance(sink, FlushableSink):
@@ -526,16 +599,21 @@ class Meter:
 
     def _publish_balance(self) -> None:
         pending = peers = 0.0
-        for r in list(self._inflight.values()):
-            if r.peer:
-                peers += r.dynamic_j + r.idle_j
+        t = self._table
+        if t.row:
+            rows = np.fromiter(t.row.values(), dtype=np.intp, count=len(t.row))
+            e = t.dyn[rows] + t.idle[rows]
+            if t.peers:
+                mask = np.array([t.peer[r] != 0 for r in rows.tolist()], dtype=bool)
+                peers = float(e[mask].sum())
+                pending = float(e[~mask].sum())
             else:
-                pending += r.dynamic_j + r.idle_j
+                pending = float(e.sum())
         self._balance = Balance(sum(self.device_energy_j.values()), self._final_j, pending, self._peers_j + peers,
                                 self.counters["unattributed_j"])
 
     def stats(self) -> dict[str, Any]:
-        return dict(self.counters, inflight=len(self._inflight), queued_events=len(self._events), sampler=self.sampler.health() if self.sampler is not None else None,
+        return dict(self.counters, inflight=len(self._table), queued_events=len(self._events), sampler=self.sampler.health() if self.sampler is not None else None,
                     peers=self.peers.stats() if self.peers is not None and hasattr(self.peers, "stats") else None)
 
     # ------------------------------------------------------------------ the pass
@@ -553,7 +631,7 @@ class Meter:
         while not self._stop.wait(self.period_s):
             # idle: nothing queued or in flight here, nor in the other workers sharing the device (their events are
             # taken and our watermark sent on every tick all the same); passes then come every idle_period_s
-            if not self._events and not self._inflight and not self._steps and self._peers_quiet():
+            if not self._events and not self._table.row and not self._steps and self._peers_quiet():
                 if not idle and pace is not None:
                     idle = True
                     pace(True)
@@ -583,11 +661,15 @@ class Meter:
             self.counters["pass_errors"] += 1
             log.exception("taking the peers' events failed")
             return False
-        return not self._inflight and not self._steps and not self._events
+        return not self._table.row and not self._steps and not self._events
 
     def _drain(self) -> None:
         ev = self._events
-        inflight = self._inflight
+        table = self._table
+        row = table.row
+        row_of, free = row.get, table.free
+        rid_of, dev_of, start_of, end_of, meta, method_of, quality_of, peer_of = (
+            table.rid, table.device, table.start, table.end, table.meta, table.method, table.quality, table.peer)
         peers = self.peers
         out: list[Any] | None = [] if peers is not None else None
         popleft = ev.popleft
@@ -596,20 +678,33 @@ class Meter:
             e = popleft()
             kind = e[0]
             if kind == _END_FIELDS or kind == _END:
-                r = inflight.get(e[1])
-                if r is not None:
-                    t = e[2]
-                    r.end_ns = t if t > r.start_ns else r.start_ns
-                    r.meta = e if kind == _END_FIELDS else e[3]  # the flat event itself: labels built in _finalise
+                r = row_of(e[1])
+                if r is not None:  # table.set_end, inline
+                    if end_of[r] is None and not peer_of[r]:
+                        table.ended += 1
+                    t, s = e[2], start_of[r]
+                    end_of[r] = t if t > s else s
+                    meta[r] = e if kind == _END_FIELDS else e[3]  # the flat event itself: labels built in _finalise
                 if out is not None:
                     out.append((_END, e[1], e[2]))
                 continue
             if kind == _BEGIN:
-                if len(inflight) >= self.max_inflight:
+                if len(table.row) >= self.max_inflight:
                     self.counters["dropped_inflight"] += 1
                     log.warning("more than %d requests in flight; request %s not metered", self.max_inflight, e[1])
                     continue
-                inflight[e[1]] = _Inflight(e[2], e[3])
+                rid = e[1]
+                if free and rid not in row:  # table.add, inline (a free row's meta and parts are None already)
+                    r = free.pop()
+                    row[rid] = r
+                    rid_of[r] = rid
+                    dev_of[r] = e[2]
+                    start_of[r] = e[3]
+                    end_of[r] = None
+                    method_of[r] = quality_of[r] = ""
+                    peer_of[r] = 0
+                else:
+                    table.add(rid, e[2], e[3])
                 begun += 1
             else:
                 st = BatchStep(e[1], e[2], e[3], e[4])
@@ -626,7 +721,7 @@ class Meter:
 
     def _take_peer_events(self) -> None:
         """What the other worker processes on this host serve (see :mod:`wattspan.meter.peers`)."""
-        inflight = self._inflight
+        table = self._table
         peers = self.peers
         if peers is None:
             return
@@ -637,13 +732,13 @@ class Meter:
                 try:
                     kind = e[0]
                     if kind == _BEGIN:
-                        if len(inflight) < self.max_inflight:
-                            inflight[str(e[1])] = _Inflight(str(e[2]), int(e[3]), peer=pid or -1)
+                        if len(table.row) < self.max_inflight:
+                            table.add(str(e[1]), str(e[2]), int(e[3]), peer=pid or -1)
                             self.counters["peer_requests"] += 1
                     elif kind == _END:
-                        r = inflight.get(str(e[1]))
-                        if r is not None and r.peer:
-                            r.end_ns = max(int(e[2]), r.start_ns)
+                        r = table.row.get(str(e[1]))
+                        if r is not None and table.peer[r]:
+                            table.set_end(r, int(e[2]))
                     elif kind == _MARK:
                         self._peer_marks[pid] = int(e[1])
                     elif kind == _STEP:
@@ -661,7 +756,7 @@ class Meter:
         for pid in gone:
             self._peer_marks.pop(pid, None)
         if gone:  # a dead worker's requests no longer share the device
-            for rid in [rid for rid, r in inflight.items() if r.peer in gone]:
+            for rid in [rid for rid, r in table.row.items() if table.peer[r] in gone]:
                 self._forget_peer(rid)
 
     def _hist_add(self, step: BatchStep) -> None:
@@ -684,8 +779,8 @@ class Meter:
         """Messages of peer ``pid`` went missing: an END among them would leave a
         phantom request in flight for ever. Forget what that peer had in flight
         (its requests no longer share the device) and flag the stretch."""
-        inflight = self._inflight
-        gone = [rid for rid, r in inflight.items() if r.peer == pid]
+        table = self._table
+        gone = [rid for rid, r in table.row.items() if table.peer[r] == pid]
         for rid in gone:
             self._forget_peer(rid)
         now = time.monotonic_ns()
@@ -698,8 +793,10 @@ class Meter:
                         "%d such gaps so far", lost, pid, len(gone), self.counters["peer_gaps"])
 
     def _forget_peer(self, rid: str) -> None:
-        r = self._inflight.pop(rid)
-        self._peers_j += r.dynamic_j + r.idle_j
+        table = self._table
+        r = table.row[rid]
+        self._peers_j += table.energy(r)
+        table.remove((r,))
 
     def _peer_watermark(self, now: int) -> int:
         """The time up to which every live peer's events have arrived. A peer
@@ -727,18 +824,21 @@ class Meter:
         now = time.monotonic_ns()
         sampler = self._live()
         infos = {d.id: d for d in sampler.devices()}
-        by_dev: dict[str, list[str]] = {}
-        inflight = self._inflight
-        devices = set(map(_DEVICE, inflight.values()))
+        by_dev: dict[str, list[int]] = {}  # device -> the rows of the requests in flight on it
+        table = self._table
+        rows_all = list(table.row.values())
+        dev_of = table.device
+        devices = set(map(dev_of.__getitem__, rows_all))
         if len(devices) == 1 and "," not in next(iter(devices)):  # one device (a server's usual case): no loop
-            by_dev[devices.pop()] = list(inflight)
+            by_dev[devices.pop()] = rows_all
         else:
-            for rid, r in inflight.items():
-                if "," in r.device:  # a device group: in flight on each member (see wattspan.attribution.groups)
-                    for m in r.device.split(","):
-                        by_dev.setdefault(m, []).append(rid)
+            for r in rows_all:
+                d = dev_of[r]
+                if "," in d:  # a device group: in flight on each member (see wattspan.attribution.groups)
+                    for m in d.split(","):
+                        by_dev.setdefault(m, []).append(r)
                 else:
-                    by_dev.setdefault(r.device, []).append(rid)
+                    by_dev.setdefault(d, []).append(r)
         self._metered = infos
         gpu_devs = [d for d, i in infos.items() if i.kind == "gpu"]
         host_devs = [d for d, i in infos.items() if i.kind != "gpu"]
@@ -746,7 +846,7 @@ class Meter:
         if infos:  # requests on a device no source meters: settled at once with no energy, not held back
             for dev in [d for d in by_dev if d not in infos]:
                 # a group's member no source meters adds nothing; its metered members settle it
-                self._unmetered(dev, [r for r in by_dev.pop(dev) if "," not in self._inflight[r].device], infos)
+                self._unmetered(dev, [r for r in by_dev.pop(dev) if "," not in dev_of[r]], infos)
         for dev in gpu_devs + [d for d in by_dev if d not in infos]:
             info = infos.get(dev)
             latest = sampler.latest_ns(dev) if info is not None else None
@@ -757,35 +857,38 @@ class Meter:
             if self.peers is not None:  # wait for what the peers served up to the cut
                 cut = min(cut, self._peer_watermark(now))
             cur = self._cursor.get(dev)
-            rids = by_dev.get(dev, [])
+            rows = by_dev.get(dev, [])
+            start_of = table.start
             if cur is None:
-                starts = [self._inflight[r].start_ns for r in rids]
+                starts = [start_of[r] for r in rows]
                 cur = min(starts) if starts else (latest or now)
                 self._cursor[dev] = cur
             if cut <= cur:
                 continue
-            rids = [r for r in rids if self._inflight[r].start_ns < cut]
+            rows = [r for r in rows if start_of[r] < cut]
             if info is not None:
-                if self._refit_due(dev, cut, bool(rids)):
+                if self._refit_due(dev, cut, bool(rows)):
                     self._refit(dev, cut)
                 # with nothing in flight too: the measured energy is then all unattributed,
                 # and the device's totals reach the device sinks on every pass
-                self._attribute(dev, info, cur, cut, rids)
-                for host in host_devs if rids else ():
-                    self._attribute_host(host, cur, cut, rids)
+                self._attribute(dev, info, cur, cut, rows)
+                for host in host_devs if rows else ():
+                    self._attribute_host(host, cur, cut, rows)
             self._cursor[dev] = cut
-            self._finalise(rids, cut, info, stalled)
+            self._finalise(rows, cut, info, stalled)
         # drop steps wholly before every cursor
         if self._steps and self._cursor:
             low = min(self._cursor.values())
             self._steps = [s for s in self._steps if s[1] > low]
         self._queued_step_ids = sum(len(s[3]) for s in self._steps)
 
-    def _unmetered(self, dev: str, rids: list[str], infos: dict[str, DeviceInfo]) -> None:
+    def _unmetered(self, dev: str, rows: list[int], infos: dict[str, DeviceInfo]) -> None:
         """Requests on ``dev``, which none of the sources meters (a wrong ``WATTSPAN_DEVICE``):
         each ended one gets its record now (no energy, sensor ``none``, coverage 0), counted
         in ``counters["unmetered_device"]``; one log line per such device."""
-        done = [rid for rid in rids if self._inflight[rid].end_ns is not None]
+        table = self._table
+        end_of = table.end
+        done = [r for r in rows if end_of[r] is not None]
         if not done:
             return
         warned = self.__dict__.setdefault("_unmetered_warned", set())
@@ -793,31 +896,31 @@ class Meter:
             warned.add(dev)
             log.error("wattspan: requests run on device %r, which no power source meters (metered: %s); their records "
                       "carry no energy. Set the middleware's device (or WATTSPAN_DEVICE) to one of those.", dev, ", ".join(sorted(infos)))
-        self.counters["unmetered_device"] = self.counters.get("unmetered_device", 0) + sum(1 for rid in done if not self._inflight[rid].peer)
-        self._finalise(done, max(_ended(self._inflight[rid]) for rid in done), None)
+        self.counters["unmetered_device"] = self.counters.get("unmetered_device", 0) + sum(1 for r in done if not table.peer[r])
+        self._finalise(done, max(end_of[r] or 0 for r in done), None)
 
-    def _period_inputs(self, dev: str, rids: list[str], cut: int) -> tuple[Requests, Steps | None, list[_Inflight], np.ndarray]:
-        """The requests (clipped to ``cut``) and batch steps of one pass, columnar; and the
-        requests' ``_Inflight`` objects and their ends (``cut`` for those in flight), unclipped."""
-        inflight = self._inflight
-        objs = [inflight[rid] for rid in rids]
-        n = len(objs)
-        end = np.array([cut if e is None else e for e in map(_END_NS, objs)], dtype=np.int64) if n else np.zeros(0, np.int64)
+    def _period_inputs(self, dev: str, rows: list[int], cut: int) -> tuple[Requests, Steps | None, np.ndarray]:
+        """The requests (clipped to ``cut``) of these rows and the batch steps of one pass, columnar;
+        and the requests' ends (``cut`` for those in flight), unclipped."""
+        table = self._table
+        n = len(rows)
+        end = (np.array([cut if e is None else e for e in map(table.end.__getitem__, rows)], dtype=np.int64) if n
+               else np.zeros(0, np.int64))
         req = Requests(
-            ids=np.array(rids, dtype=object),
-            start_ns=np.array(list(map(_START_NS, objs)), dtype=np.int64) if n else np.zeros(0, np.int64),
+            ids=np.array(list(map(table.rid.__getitem__, rows)), dtype=object),
+            start_ns=np.fromiter(map(table.start.__getitem__, rows), dtype=np.int64, count=n),
             end_ns=np.minimum(end, cut),
             device=np.full(n, dev, dtype=object),
             weight=np.ones(n),
         )
         steps = Steps.from_batches(self._steps, req, dev) if self._steps else None
-        return req, steps, objs, end
+        return req, steps, end
 
-    def _attribute(self, dev: str, info: DeviceInfo, cur: int, cut: int, rids: list[str]) -> None:
+    def _attribute(self, dev: str, info: DeviceInfo, cur: int, cut: int, rows: list[int]) -> None:
         trace = self._live().trace(dev, since_ns=cur - 2_000_000_000)
         if len(trace) < 2:
             return
-        req, steps, objs, end = self._period_inputs(dev, rids, cut)
+        req, steps, end = self._period_inputs(dev, rows, cut)
         idle = self.idle_w if self.idle_w is not None else self._idle.get(dev)
         models = {dev: self._models[dev]} if dev in self._models else None
         res = attribute({dev: trace}, req, steps, idle_w=idle, t0_ns=cur, t1_ns=cut, models=models)
@@ -838,39 +941,50 @@ class Meter:
                     self.counters["sink_errors"] += 1
                     log.exception("a device sink failed")
         lo, hi = d.t0_ns, d.t1_ns
-        n = len(rids)
-        half = ((res.energy_j_high - res.energy_j_low) / 2).tolist() if res.energy_j_low is not None else _zeros(n)
-        qual = res.quality.tolist() if res.quality is not None else None
+        if not rows:
+            return
+        table = self._table
+        idx = np.asarray(rows, dtype=np.intp)  # each row once: the sums add column-wise
+        if res.energy_j_low is not None and res.energy_j_high is not None:
+            table.band[idx] += (res.energy_j_high - res.energy_j_low) / 2  # a request's periods share one model: errors add
+        table.dyn[idx] += res.dynamic_j
+        table.idle[idx] += res.idle_j
+        table.dev_s[idx] += res.device_s
         # the stretch of each request the trace covered in this pass (a group's request: its share on this member)
-        covered = np.maximum(np.minimum(end, hi) - np.maximum(req.start_ns, lo), 0).tolist()
-        for r, dj, ij, ds, meth, hj, cov in zip(objs, res.dynamic_j.tolist(), res.idle_j.tolist(), res.device_s.tolist(),
-                                                res.method.tolist(), half, covered):
-            r.band_j += hj  # a request's periods share one model: their errors add
-            r.dynamic_j += dj
-            r.idle_j += ij
-            r.device_s += ds
-            if r.device != dev:  # a device group: keep each member's part (hw.id per device)
-                parts = r.parts if r.parts is not None else {}
-                parts[dev] = parts.get(dev, 0.0) + dj + ij
-                r.parts = parts
-                r.covered_ns += cov // (r.device.count(",") + 1)
-            else:
-                r.covered_ns += cov
-            if r.method != "batch-fit":  # a request any of whose steps were fitted is batch-fit
-                r.method = meth
-        if qual is not None:
-            for r, q in zip(objs, qual):
-                if q and (r.quality == "" or _QUALITY_RANK.get(q, 0) > _QUALITY_RANK.get(r.quality, 0)):
-                    r.quality = q  # the worst quality of its periods
+        covered = np.maximum(np.minimum(end, hi) - np.maximum(req.start_ns, lo), 0)
+        dev_of = table.device
+        groups = [i for i, r in enumerate(rows) if dev_of[r] != dev]  # device groups: each member's part kept
+        if groups:
+            members = np.ones(len(rows), dtype=np.int64)
+            dyn_l, idle_l = res.dynamic_j.tolist(), res.idle_j.tolist()
+            parts_of = table.parts
+            for i in groups:
+                r = rows[i]
+                parts = parts_of[r]
+                if parts is None:
+                    parts = parts_of[r] = {}
+                parts[dev] = parts.get(dev, 0.0) + dyn_l[i] + idle_l[i]  # hw.id per device
+                members[i] = dev_of[r].count(",") + 1
+            covered = covered // members
+        table.cov[idx] += covered
+        method_of = table.method
+        for r, meth in zip(rows, res.method.tolist()):
+            if method_of[r] != "batch-fit":  # a request any of whose steps were fitted is batch-fit
+                method_of[r] = meth
+        if res.quality is not None:
+            quality_of = table.quality
+            for r, q in zip(rows, res.quality.tolist()):
+                if q and (quality_of[r] == "" or _QUALITY_RANK.get(q, 0) > _QUALITY_RANK.get(quality_of[r], 0)):
+                    quality_of[r] = q  # the worst quality of its periods
 
-    def _attribute_host(self, host: str, cur: int, cut: int, rids: list[str]) -> None:
+    def _attribute_host(self, host: str, cur: int, cut: int, rows: list[int]) -> None:
         trace = self._live().trace(host, since_ns=cur - 2_000_000_000)
         if len(trace) < 2:
             return
-        req = self._period_inputs(host, rids, cut)[0]
+        req = self._period_inputs(host, rows, cut)[0]
         res = attribute({host: trace}, req, None, t0_ns=cur, t1_ns=cut, idle_w=self._idle.get(host))
-        for i, rid in enumerate(rids):
-            self._inflight[rid].host_j += float(res.energy_j[i])
+        if rows:
+            self._table.host[np.asarray(rows, dtype=np.intp)] += res.energy_j
 
     def _refit_due(self, dev: str, cut: int, busy: bool) -> bool:
         """Whether to refit ``dev`` in this pass (the rule is in the module's docstring); notes it if so."""
@@ -908,9 +1022,11 @@ class Meter:
         for rid, a, b_ns, dname in self._hist_reqs:
             if on(dname) and b_ns > lo:
                 span[rid] = [a, b_ns]
-        for rid, r in self._inflight.items():
-            if on(r.device) and r.start_ns < cut:
-                span[rid] = [r.start_ns, min(r.end_ns if r.end_ns is not None else cut, cut)]
+        table = self._table
+        for rid, r in table.row.items():
+            a, b = table.start[r], table.end[r]
+            if on(table.device[r]) and a < cut:
+                span[rid] = [a, min(b if b is not None else cut, cut)]
         for s, e, _, tok in steps_rows:  # a step may name a request we never saw begin
             for k in tok:
                 if k not in span:
@@ -951,28 +1067,30 @@ class Meter:
         else:
             self.counters["step_model_rejected"] += 1
 
-    def _group_done(self, r: _Inflight) -> bool:
+    def _group_done(self, r: int) -> bool:
+        """Whether every metered member of row ``r``'s device group has passed its (set) end."""
         metered = getattr(self, "_metered", None) or {}
-        end = _ended(r)
-        return all(self._cursor.get(m, end - 1) >= end for m in r.device.split(",") if m in metered)
+        end = self._table.end[r] or 0
+        return all(self._cursor.get(m, end - 1) >= end for m in self._table.device[r].split(",") if m in metered)
 
-    def _finalise(self, rids: list[str], cut: int, info: DeviceInfo | None, stalled: bool = False) -> None:
-        inflight = self._inflight
-        get = inflight.get
-        ended = [(rid, r) for rid, r in zip(rids, map(get, rids)) if r is not None and r.end_ns is not None and r.end_ns <= cut]
+    def _finalise(self, rows: list[int], cut: int, info: DeviceInfo | None, stalled: bool = False) -> None:
+        table = self._table
+        rid_of, end_of, dev_of, start_of = table.rid, table.end, table.device, table.start
+        ended = [r for r in rows if rid_of[r] is not None and (e := end_of[r]) is not None and e <= cut]
         if not ended:
             return
-        self._hist_reqs.extend([(rid, r.start_ns, r.end_ns or 0, r.device) for rid, r in ended  # (ended: end_ns is set)
-                                if "," not in r.device or self._group_done(r)])
-        if any(r.peer or "," in r.device for _, r in ended):
+        self._hist_reqs.extend([(rid_of[r] or "", start_of[r], end_of[r] or 0, dev_of[r]) for r in ended  # (ended: both set)
+                                if "," not in dev_of[r] or self._group_done(r)])
+        peer_of = table.peer
+        if (table.peers and any(peer_of[r] for r in ended)) or any("," in dev_of[r] for r in ended):
             done = []
-            for rid, r in ended:
-                if "," in r.device and not self._group_done(r):
+            for r in ended:
+                if "," in dev_of[r] and not self._group_done(r):
                     continue  # a device group: final once every metered member has passed its end
-                if r.peer:
-                    self._forget_peer(rid)
+                if peer_of[r]:
+                    self._forget_peer(rid_of[r] or "")
                 else:
-                    done.append((rid, r))  # removed once emitted, so flush() waits for the sinks
+                    done.append(r)  # removed once emitted, so flush() waits for the sinks
             if not done:
                 return
         else:
@@ -981,50 +1099,51 @@ class Meter:
             if not self.counters["late_records"]:
                 log.warning("the power sensor stopped answering; records are made final on the clock, with coverage < 1")
             self.counters["late_records"] += len(done)
+        idx = np.asarray(done, dtype=np.intp)
+        dyn = table.dyn[idx]
+        idle = table.idle[idx]
+        energy = dyn + idle
         if not self._sinks:  # nobody takes records: count them and their energy, build none
             self.counters["records"] += len(done)
-            self._final_j += math.fsum(r.dynamic_j + r.idle_j for _, r in done)
-            for rid, _ in done:
-                del inflight[rid]
+            self._final_j += math.fsum(energy.tolist())
+            table.remove(done)
             return
         sensor = info.sensor if info is not None else "none"
         simulated = bool(info.simulated) if info is not None else False
         n = len(done)
-        start_t, end_t, dyn_t, idle_t, dev_s_t, host_t, band_t, cov_t, devices, methods, quality, metas = zip(
-            *map(_FINAL_FIELDS, [r for _, r in done]))
-        dyn = np.array(dyn_t, dtype=float)
-        idle = np.array(idle_t, dtype=float)
-        energy = dyn + idle
-        band = np.array(band_t, dtype=float)
-        start = np.array(start_t, dtype=np.int64)
-        end = np.array(end_t, dtype=np.int64)
+        band = table.band[idx]
+        start = np.fromiter(map(start_of.__getitem__, done), dtype=np.int64, count=n)
+        end = np.array([end_of[r] for r in done], dtype=np.int64)
         # each request at the intensity of the hour it ran (its mid-point on the wall clock)
         wall = (start + end) * 0.5e-9 + (time.time() - time.monotonic())
         life = end - start
-        covered = np.array(cov_t, dtype=float)
+        covered = table.cov[idx].astype(float)
+        devices = [dev_of[r] for r in done]
+        metas = [table.meta[r] for r in done]
         # the labels: straight from the columns of the middleware's flat end events when every request has one
         label_columns = None
-        if set(map(type, metas)) == {tuple} and set(map(len, metas)) == {len(_LABEL_ORDER) + 3}:
+        if set(map(type, metas)) == {tuple} and set(map(len, metas)) == {len(_LABEL_ORDER) + 3}:  # type: ignore[arg-type]
             cols = list(zip(*metas))
             if cols[0].count(_END_FIELDS) == n:
                 label_columns = cols[3:]
+        method_of, quality_of = table.method, table.quality
         # carbon once, for the whole batch (see wattspan.carbon.records for the host rule)
-        batch = request_records(
-            self.carbon, ids=[rid for rid, _ in done], device=devices, start_ns=start, end_ns=end,
-            dynamic_j=dyn, idle_j=idle, device_s=np.array(dev_s_t, dtype=float), host_j=np.array(host_t, dtype=float),
+        batch = request_batch(
+            self.carbon, ids=[rid_of[r] or "" for r in done], device=devices, start_ns=start, end_ns=end,
+            dynamic_j=dyn, idle_j=idle, device_s=table.dev_s[idx], host_j=table.host[idx],
             wall_s=wall, energy_j_low=np.maximum(energy - band, 0.0), energy_j_high=energy + band,
-            method=[m or "no-trace" for m in methods], sensor=sensor,
+            method=[method_of[r] or "no-trace" for r in done], sensor=sensor,
             coverage=np.minimum(1.0, np.divide(covered, life, out=np.ones(n), where=life > 0)),
-            simulated=simulated, quality=quality,
+            simulated=simulated, quality=[quality_of[r] for r in done],
             labels=None if label_columns is not None else [m if type(m) is RequestLabels else _labels(m) for m in metas],
             label_columns=label_columns,
-            device_energy=[_parts_json(r) if "," in r.device else "" for _, r in done] if any("," in d for d in set(devices)) else "",
+            device_energy=([_parts_json(dev_of[r], table.parts[r]) if "," in dev_of[r] else "" for r in done]
+                           if any("," in d for d in set(devices)) else ""),
         )
         self.counters["records"] += len(batch)
         self._final_j += float(energy.sum())
         self._to_sinks(batch)
-        for rid, _ in done:  # removed only now, so flush() waits for every sink
-            del inflight[rid]
+        table.remove(done)  # removed only now, so flush() waits for every sink
 
 
 def _labels(meta: Any) -> RequestLabels:

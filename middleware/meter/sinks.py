@@ -6,7 +6,9 @@ processor (:mod:`wattspan.export.otel.spans`), the metrics
 (:mod:`wattspan.export.ledger`) and a user's own code - implements the same
 two calls, given on the meter's thread after each attribution pass:
 
-* ``on_records(records)``: the pass's final :class:`~wattspan.RequestRecord` s;
+* ``on_records(records)``: the pass's final :class:`~wattspan.RequestRecord` s (a
+  :class:`~wattspan.records.RecordBatch`: a sequence of them, held as columns, its records
+  built on first use; wattspan's own sinks read the columns);
 * ``on_device(figures)``: one device's running totals (:class:`DeviceFigures`).
 
 Both must be quick and should not raise: a sink that raises is logged and

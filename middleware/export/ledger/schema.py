@@ -18,6 +18,7 @@ from ...errors import InputError
 __all__ = ["GROUP_BY", "SCHEMA_VERSION", "aggregate", "find", "query"]
 
 SCHEMA_VERSION = 1
+PAGE_SIZE = 16384  # bytes per page of a new ledger file (see create_schema)
 _APP_ID = 0x57415453  # "WATS": marks the file as a wattspan ledger
 # One column per RequestRecord field (tests check they match). trace_id/span_id are
 # 128/64-bit: stored as hex text, as OpenTelemetry writes them.
@@ -65,7 +66,11 @@ def create_schema(conn: sqlite3.Connection, path: Path) -> None:
     if schema_version(conn, path):
         upgrade_schema(conn)
         return
-    conn.execute("PRAGMA auto_vacuum=INCREMENTAL")  # takes only before the first table: lets retention shrink the file
+    # both take only before the first table: larger pages (16 KiB, SQLite's default is 4) cut the writer's
+    # CPU per row by about 15 % (fewer pages to fill, split and log: ``python benchmarks/ledger_indexes.py``
+    # rows, 4.5 -> 3.8 us); incremental vacuum lets retention shrink the file. An older file keeps its own.
+    conn.execute(f"PRAGMA page_size={PAGE_SIZE}")
+    conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
     conn.execute("BEGIN IMMEDIATE")  # on failure the caller closes conn, which rolls back
     if schema_version(conn, path) == 0:  # another process may have won the race
         for stmt in _SCHEMA:

@@ -33,7 +33,7 @@ from typing import Any, Iterable, Sequence
 
 from ...logs import LogOnce, get_logger
 from ...meter.sinks import DeviceFigures
-from ...records import RequestRecord
+from ...records import RecordBatch, RequestRecord
 from .schema import GROUP_BY, NAMES, SCHEMA_VERSION, aggregate, create_schema, query
 
 __all__ = ["Ledger", "query", "aggregate", "GROUP_BY", "SCHEMA_VERSION"]
@@ -104,7 +104,8 @@ class Ledger:
 
         Raises ``TypeError`` (before queueing any) if an item is not a RequestRecord.
         """
-        rows = self._rows(records, time.time())
+        now = time.time()
+        rows = self._batch_rows(records, now) if type(records) is RecordBatch else self._rows(records, now)
         with self._cv:
             room = 0 if self._closing else max(0, self.max_queue - len(self._pending))
             self._pending.extend(rows[:room])
@@ -176,6 +177,24 @@ class Ledger:
             except (AttributeError, KeyError):  # a record with a field left to its class default
                 append(_GET(rec) + (int(rec.simulated), f"{rec.trace_id:032x}", f"{rec.span_id:016x}") + tail)
         return rows
+
+    def _batch_rows(self, batch: RecordBatch, now: float) -> list[_Row]:
+        """:meth:`_rows` of a meter pass's :class:`~wattspan.records.RecordBatch`, from its columns:
+        one ``zip`` of the columns (a constant field repeated), no record object read or built."""
+        n = len(batch)
+        const, columns = batch.const, batch.columns
+        parts: list[Sequence[Any]] = []
+        for name in _PLAIN:
+            col = columns.get(name)
+            parts.append(col if col is not None else [const[name]] * n)
+        sim = columns.get("simulated")
+        parts.append([int(x) for x in sim] if sim is not None else [int(const["simulated"])] * n)
+        for name, fmt in (("trace_id", "{:032x}"), ("span_id", "{:016x}")):
+            col = columns.get(name)
+            parts.append(list(map(fmt.format, col)) if col is not None else [fmt.format(const[name])] * n)
+        parts.append([now] * n)
+        parts.append([self.run_id] * n)
+        return list(zip(*parts))
 
     def _run(self) -> None:
         wait = _RETRY_S[0]

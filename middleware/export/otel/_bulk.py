@@ -26,9 +26,12 @@ from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
 from typing import Any
 
+import numpy as np
 from opentelemetry.metrics import Histogram
 
 __all__ = ["BulkHistogram"]
+
+_VECTOR_MIN = 16  # values from which a label set's bucket counts are found with numpy, not one bisect each
 
 try:  # the SDK's internals this relies on (absent or moved: the public path only)
     from opentelemetry.sdk.metrics import AlwaysOffExemplarFilter, TraceBasedExemplarFilter
@@ -111,13 +114,26 @@ class BulkHistogram:
                 agg: Any = m._get_or_create_aggregation(key, attrs)  # made from the template: the same type
                 _ = (agg._sum, agg._min, agg._max, agg._value)  # each there, or AttributeError before any is added
                 aggs.append((agg, agg._lock, agg._boundaries, agg._record_min_max, agg._get_empty_bucket_counts))
+            binned: dict[tuple[float, ...], list[int]] = {}
+            if len(values) >= _VECTOR_MIN:  # each bucket's count at once (what bisect_left per value gives)
+                for _, _, bounds, _, _ in aggs:
+                    key_b = tuple(bounds)
+                    if key_b not in binned:
+                        idx = np.searchsorted(np.asarray(key_b, dtype=float), np.asarray(values, dtype=float), side="left")
+                        binned[key_b] = np.bincount(idx, minlength=len(key_b) + 1).tolist()
             for agg, lock, bounds, min_max, empty in aggs:  # every attribute read: from here on nothing can fail
                 with lock:
                     if agg._value is None:
                         agg._value = empty()
                     counts = agg._value
-                    for v in values:
-                        counts[bisect_left(bounds, v)] += 1
+                    per = binned.get(tuple(bounds)) if binned else None
+                    if per is not None and len(per) == len(counts):
+                        for i, c in enumerate(per):
+                            if c:
+                                counts[i] += c
+                    else:
+                        for v in values:
+                            counts[bisect_left(bounds, v)] += 1
                     agg._sum += total
                     if min_max:
                         agg._min = min(agg._min, low)

@@ -47,14 +47,15 @@ attribute                        type      meaning
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from operator import itemgetter
+from typing import TYPE_CHECKING, Any, Callable
 
-from ...records import RequestRecord
+from ...records import RecordBatch, RequestRecord
 
 if TYPE_CHECKING:
     from opentelemetry.util.types import AttributeValue
 
-__all__ = ["record_attributes"]
+__all__ = ["batch_attributes", "record_attributes"]
 
 
 def record_attributes(record: RequestRecord, into: dict[str, AttributeValue] | None = None) -> dict[str, AttributeValue]:
@@ -110,3 +111,104 @@ def record_attributes(record: RequestRecord, into: dict[str, AttributeValue] | N
     if record.quality:
         a["wattspan.quality"] = record.quality
     return a
+
+
+# record_attributes as a plan, in its order: (attribute, field, conversion, the fields that must all be
+# set for it to be there: truthy, or > 0 for energy_j_high). A device group's attributes are not here:
+# a batch with one takes record_attributes per record.
+_ConditionField = str
+_PLAN: tuple[tuple[str, str, Callable[[Any], Any] | None, tuple[_ConditionField, ...]], ...] = (
+    ("wattspan.energy_j", "energy_j", float, ()),
+    ("wattspan.energy.dynamic_j", "dynamic_j", float, ()),
+    ("wattspan.energy.idle_j", "idle_j", float, ()),
+    ("wattspan.energy.host_j", "host_j", float, ()),
+    ("wattspan.co2e_g", "co2e_g", float, ()),
+    ("wattspan.co2e.embodied_g", "embodied_g", float, ()),
+    ("wattspan.device_s", "device_s", float, ()),
+    ("wattspan.method", "method", None, ()),
+    ("wattspan.sensor", "sensor", None, ()),
+    ("wattspan.coverage", "coverage", float, ()),
+    ("wattspan.simulated", "simulated", bool, ()),
+    ("wattspan.status", "", None, ()),  # "final"
+    ("wattspan.request_id", "id", None, ()),
+    ("hw.id", "device", None, ()),
+    ("hw.type", "", None, ()),  # "gpu"
+    ("gen_ai.request.model", "model", None, ("model",)),
+    ("gen_ai.usage.input_tokens", "prompt_tokens", int, ("prompt_tokens",)),
+    ("gen_ai.usage.output_tokens", "output_tokens", int, ("output_tokens",)),
+    ("wattspan.tenant", "tenant", None, ("tenant",)),
+    ("wattspan.intensity.g_per_kwh", "intensity_g_per_kwh", float, ("intensity_provider",)),
+    ("wattspan.intensity.provider", "intensity_provider", None, ("intensity_provider",)),
+    ("wattspan.intensity.zone", "intensity_zone", None, ("intensity_provider",)),
+    ("wattspan.intensity.hour", "intensity_hour", None, ("intensity_provider",)),
+    ("wattspan.intensity.basis", "intensity_basis", None, ("intensity_provider",)),
+    ("wattspan.co2e.market_g", "co2e_market_g", float, ("intensity_provider", "market_g_per_kwh")),
+    ("wattspan.co2e.marginal_g", "co2e_marginal_g", float, ("intensity_provider", "marginal_g_per_kwh")),
+    ("wattspan.energy_j.low", "energy_j_low", float, ("energy_j_high",)),
+    ("wattspan.energy_j.high", "energy_j_high", float, ("energy_j_high",)),
+    ("wattspan.quality", "quality", None, ("quality",)),
+)
+_FIXED = {"wattspan.status": "final", "hw.type": "gpu"}
+# columns whose values record_attributes converts and a RecordBatch may hold as given (labels); the
+# others are Python floats, bools and strings already (RecordBatch: of the record's field types)
+_CONVERT_COLUMNS = frozenset(("prompt_tokens", "output_tokens"))
+
+
+def _present(value: Any, field: str) -> bool:
+    return bool(value > 0) if field == "energy_j_high" else bool(value)
+
+
+def batch_attributes(batch: RecordBatch) -> tuple[list[tuple[str, ...]], list[tuple[Any, ...]]] | None:
+    """:func:`record_attributes` of every record of ``batch``, from its columns: per record, the
+    attribute names and their values (``dict(zip(names[i], values[i]))`` is
+    ``record_attributes(batch[i])``: the same keys, order, values and types). None when a record is
+    a device group's (take :func:`record_attributes` per record then)."""
+    const, columns = batch.const, batch.columns
+    if "device_energy" in columns or const["device_energy"]:
+        return None
+    n = len(batch)
+    # each condition field: one answer for the whole batch, or one per record
+    fixed: dict[str, bool] = {}
+    masks: dict[str, list[bool]] = {}
+    for field in {f for *_, cond in _PLAN for f in cond}:
+        col = columns.get(field)
+        if col is None:
+            fixed[field] = _present(const[field], field)
+            continue
+        mask = [v > 0 for v in col] if field == "energy_j_high" else list(map(bool, col))
+        if all(mask) or not any(mask):
+            fixed[field] = bool(mask[0]) if mask else False
+        else:
+            masks[field] = mask
+    plan = [entry for entry in _PLAN if all(fixed.get(f, True) for f in entry[3])]  # those never there: out
+    names = tuple(entry[0] for entry in plan)
+    cols: list[list[Any]] = []
+    for attr, field, conv, _ in plan:
+        if not field:
+            cols.append([_FIXED[attr]] * n)
+            continue
+        col = columns.get(field)
+        if col is None:
+            v = const[field]
+            cols.append([conv(v) if conv is not None else v] * n)
+        elif conv is not None and field in _CONVERT_COLUMNS:
+            cols.append(list(map(conv, col)))
+        else:
+            cols.append(col)
+    rows = list(zip(*cols))
+    if not masks:
+        return [names] * n, rows
+    # records of several shapes (some have a model, some not, ...): each shape's names, and a getter of its values
+    mixed = list(masks)
+    shapes: dict[tuple[bool, ...], tuple[tuple[str, ...], Callable[[tuple[Any, ...]], tuple[Any, ...]]]] = {}
+    out_names: list[tuple[str, ...]] = []
+    out_rows: list[tuple[Any, ...]] = []
+    for shape, row in zip(zip(*(masks[f] for f in mixed)), rows):
+        got = shapes.get(shape)
+        if got is None:
+            on = dict(zip(mixed, shape))
+            keep = [i for i, entry in enumerate(plan) if all(on.get(f, True) for f in entry[3])]
+            got = shapes[shape] = (tuple(names[i] for i in keep), itemgetter(*keep))  # >= 15 kept: a tuple
+        out_names.append(got[0])
+        out_rows.append(got[1](row))
+    return out_names, out_rows

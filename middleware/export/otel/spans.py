@@ -39,7 +39,7 @@ import os
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 try:
@@ -53,9 +53,9 @@ except ImportError as exc:  # pragma: no cover - exercised without the otel extr
 
 from ...logs import LogOnce, get_logger
 from ...meter.sinks import DeviceFigures
-from ...records import RequestRecord
+from ...records import RecordBatch, RequestRecord
 from ._faults import _Faults
-from .attributes import record_attributes
+from .attributes import batch_attributes, record_attributes
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context
@@ -75,11 +75,12 @@ _PENDING: dict[str, AttributeValue] = {"wattspan.status": "pending"}
 
 _new = object.__new__
 
-# what a held span's record adds: attributes (resolve(), pending), or the record to take them from
-_Extra: TypeAlias = "Mapping[str, AttributeValue] | RequestRecord"
+# what a held span's record adds: attributes (resolve(), pending), the record to take them from, or
+# (a RecordBatch's) its attributes as (name, value) pairs, in record_attributes' order (a zip, used once)
+_Extra: TypeAlias = "Mapping[str, AttributeValue] | RequestRecord | zip[tuple[str, AttributeValue]]"
 
 
-def _with_attributes(span: ReadableSpan, extra: Mapping[str, AttributeValue]) -> ReadableSpan:
+def _with_attributes(span: ReadableSpan, extra: Mapping[str, AttributeValue] | Iterable[tuple[str, AttributeValue]]) -> ReadableSpan:
     """A copy of the ended ``span`` with ``extra`` merged into its attributes.
 
     Everything else is the original's (events and links keep their dropped
@@ -504,7 +505,7 @@ class EnergySpanProcessor(SpanProcessor):
             try:
                 out.append(finish(span_id, item, attrs))
             except Exception:
-                if isinstance(attrs, RequestRecord):  # the record's attributes failed: the span goes on pending
+                if not isinstance(attrs, Mapping):  # the record's attributes failed: the span goes on pending
                     self._fault("record_attributes failed for a record")
                     try:
                         out.append(finish(span_id, item, _PENDING))
@@ -515,12 +516,109 @@ class EnergySpanProcessor(SpanProcessor):
                 out.append(self._original(span_id, item))  # never lose the span: on as it is
         self._forward(out)
 
+    def _resolve_rows(self, sids: Sequence[int], names: Sequence[tuple[str, ...]], rows: Sequence[tuple[Any, ...]]) -> None:
+        """:meth:`_resolve_many` of a RecordBatch's records from their attribute columns
+        (:func:`~wattspan.export.otel.attributes.batch_attributes`): record ``i`` (span ``sids[i]``, 0 for
+        none) has the attributes ``zip(names[i], rows[i])``. The same outcome, counts and spans, with
+        the plain held spans built in one loop (no call per span) and, when every span built is sampled,
+        handed to the exporter's queue without looking at each again."""
+        out: list[ReadableSpan] = []
+        found: list[int] = []  # the records whose span was held
+        entries: list[tuple[Any, ...]] = []
+        try:
+            now = _monotonic()
+            with self._lock:
+                pop, expected, early, gone, counts = self._held.pop, self._expected, self._early, self._gone, self._counts
+                closed, ttl = self._closed, now + self._early_ttl_s
+                for i, span_id in enumerate(sids):
+                    if not span_id:
+                        continue
+                    item = pop(span_id, None)
+                    if item is not None:
+                        found.append(i)
+                        entries.append(item)
+                    elif span_id in expected and not closed:  # a record before its span ended (rare): its attributes kept
+                        early[span_id] = (dict(zip(names[i], rows[i])), ttl)
+                        early.move_to_end(span_id)
+                        counts["early"] += 1
+                        if len(early) > self.max_held:
+                            early.popitem(last=False)
+                            counts["early_expired"] += 1
+                    elif span_id in gone:
+                        counts["late"] += 1
+                    else:
+                        counts["unmatched"] += 1
+                counts["final"] += len(found)
+                self._expire_locked(now, out)
+        except Exception:
+            self._fault("EnergySpanProcessor.resolve failed")
+        built: list[ReadableSpan] = []
+        sampled = not out  # the spans timed out meanwhile (in out) are the exporter's to check
+        shared, held_attrs, flags_of = self._shared, self._held_attrs, _FLAGS
+        for i, entry in zip(found, entries):  # built outside the lock: the event loop's on_end never waits for them
+            span_id = sids[i]
+            try:
+                if len(entry) != 14 or not _FAST:
+                    span = self._finish(span_id, entry, zip(names[i], rows[i]))
+                    sampled = False
+                else:  # _finish, _build and _context inline (what they make: test_export_batch compares)
+                    _, name, tid, sid, remote, flags, ts, valid, parent, kind, status, start, end, k = entry
+                    res, scope, info = shared[k]
+                    held = held_attrs.get(span_id)
+                    attrs: dict[str, AttributeValue] = held.copy() if held is not None else {}
+                    attrs.update(zip(names[i], rows[i]))
+                    f = flags_of.get(flags)
+                    span = _new(ReadableSpan)
+                    span._name = name  # in the constructor's order, as _build
+                    span._context = _tuple_new(_SpanContext, (tid, sid, remote, f if f is not None else _flags(flags),
+                                                              _DEFAULT_TS if ts is None else ts, valid))
+                    span._kind = _KINDS[kind]
+                    span._instrumentation_info = info
+                    span._instrumentation_scope = scope
+                    span._parent = None if parent is None else _context(*parent)
+                    span._start_time = start
+                    span._end_time = end
+                    span._attributes = attrs
+                    span._events = _NO_ITEMS
+                    span._links = _NO_ITEMS
+                    span._resource = res
+                    span._status = _UNSET if status is None else status
+                    held_attrs.pop(span_id, None)
+                    if not flags & 1:
+                        sampled = False
+                built.append(span)
+            except Exception:
+                self._fault("record_attributes failed for a record")  # the span goes on pending, as _resolve_many's
+                sampled = False
+                try:
+                    built.append(self._finish(span_id, entry, _PENDING))
+                    continue
+                except Exception:
+                    pass
+                self._fault("EnergySpanProcessor.resolve failed to build a span")
+                built.append(self._original(span_id, entry))  # never lose the span: on as it is
+        out.extend(built)
+        self._forward(out, sampled=sampled)
+
     # -------------------------------------------------------------- wattspan.RecordSink
 
     def on_records(self, records: Sequence[RequestRecord]) -> None:
         """RecordSink: resolve the held span of each final record that has one."""
         # the records themselves: a held span's attributes are merged with its record's in one dict
         # as the span is built (see _finish), not built apart and merged into a copy
+        items: list[tuple[int, _Extra]]
+        if type(records) is RecordBatch:  # a meter pass's: the attributes straight from its columns
+            sids = records.column("span_id")
+            if not any(sids):
+                return
+            try:
+                got = batch_attributes(records)
+            except Exception:
+                self._fault("batch_attributes failed; taking each record's attributes")
+                got = None
+            if got is not None:
+                self._resolve_rows(sids, *got)
+                return
         items = [(rec.span_id, rec) for rec in records if rec.span_id]
         if items:
             self._resolve_many(items)
@@ -590,7 +688,7 @@ class EnergySpanProcessor(SpanProcessor):
                         if attrs is not None:
                             self._held_attrs[sid] = attrs
                         if self._closed:
-                            out.append(self._pending(sid, entry, "pending_flush"))
+                            self._pending(sid, entry, "pending_flush", out)
                         else:
                             held = self._held
                             if not held:  # the timer sleeps until the first held span: wake it (or start it)
@@ -601,7 +699,7 @@ class EnergySpanProcessor(SpanProcessor):
                             held[sid] = entry
                             if len(held) > self.max_held:
                                 osid, oentry = held.popitem(last=False)
-                                out.append(self._pending(osid, oentry, "pending_overflow"))
+                                self._pending(osid, oentry, "pending_overflow", out)
                 else:
                     out.append(span)
                 self._expire_locked(now, out)
@@ -638,6 +736,14 @@ class EnergySpanProcessor(SpanProcessor):
             self.downstream.shutdown()
         except Exception:
             self._fault("downstream shutdown failed")
+        with self._out_lock:  # what the exporter never had room for by now cannot reach it any more
+            left = len(self._outbox)
+            self._outbox.clear()
+            if left:
+                self._counts["export_dropped"] += left
+        if left:
+            log.error("wattspan: at shutdown %d finished spans were still waiting for room in the exporter's queue "
+                      "(it exported too slowly); they are lost (%d dropped in all)", left, self._counts["export_dropped"])
 
     # -------------------------------------------------------------- introspection
 
@@ -723,13 +829,24 @@ class EnergySpanProcessor(SpanProcessor):
         """The held span as it ended (no attributes of ours): the fallback when building fails."""
         return entry[1] if len(entry) == 2 else self._finish(span_id, entry, {})
 
-    def _pending(self, sid: int, entry: tuple[Any, ...], why: str) -> ReadableSpan:
+    def _pending(self, sid: int, entry: tuple[Any, ...], why: str, out: list[ReadableSpan]) -> None:
+        """Append the held ``entry``'s span, marked pending, to ``out``. Never raises: a span that
+        cannot be built so goes on as it ended (counted in ``errors``, logged once), so that one
+        span's failure loses none of the others a flush, a shutdown or the timer takes with it."""
         self._counts[why] += 1
         gone = self._gone
         gone[sid] = None
         if len(gone) > self.max_held:
             gone.popitem(last=False)
-        return self._finish(sid, entry, _PENDING)
+        try:
+            out.append(self._finish(sid, entry, _PENDING))
+            return
+        except Exception:
+            self._fault("EnergySpanProcessor: building a pending span failed; passing it on as it ended")
+        try:
+            out.append(self._original(sid, entry))
+        except Exception:  # pragma: no cover - an entry that cannot be rebuilt at all (counted again)
+            self._fault("EnergySpanProcessor: a held span could not be rebuilt; it is lost")
 
     def _expire_locked(self, now: float, out: list[ReadableSpan]) -> None:
         held = self._held
@@ -738,7 +855,7 @@ class EnergySpanProcessor(SpanProcessor):
             if entry[0] > now:
                 break
             del held[sid]
-            out.append(self._pending(sid, entry, "pending_timeout"))
+            self._pending(sid, entry, "pending_timeout", out)
         early = self._early
         while early:
             sid, (_, deadline) = next(iter(early.items()))
@@ -749,12 +866,14 @@ class EnergySpanProcessor(SpanProcessor):
 
     def _take_all(self) -> list[ReadableSpan]:
         with self._lock:
-            out = [self._pending(sid, entry, "pending_flush") for sid, entry in self._held.items()]
+            out: list[ReadableSpan] = []
+            for sid, entry in self._held.items():  # one by one: a span that fails loses none of the others
+                self._pending(sid, entry, "pending_flush", out)
             self._held.clear()  # (each taken span's attribute dict went with it, in _finish; not the
             # others': a resolve builds the spans it took outside the lock, from theirs)
             return out
 
-    def _forward(self, spans: list[ReadableSpan], retry: bool = True) -> None:
+    def _forward(self, spans: list[ReadableSpan], retry: bool = True, sampled: bool = False) -> None:
         """Hand finished spans to ``downstream``: a BatchSpanProcessor's queue at once (see
         :func:`_batch_processor`), any other processor span by span through ``on_end``.
         ``retry=False`` (the event loop's on_end): while spans wait in the outbox, new ones
@@ -762,7 +881,7 @@ class EnergySpanProcessor(SpanProcessor):
         batch = self._batch
         if batch is not None and (spans or (retry and self._outbox)):
             try:
-                spans = self._to_queue(batch, spans, retry)
+                spans = self._to_queue(batch, spans, retry, sampled)
             except Exception:  # the SDK's insides are not what they were: its public on_end from now on
                 self._batch = None
                 self._fault("EnergySpanProcessor: handing spans to the BatchSpanProcessor's queue failed; using on_end")
@@ -775,7 +894,7 @@ class EnergySpanProcessor(SpanProcessor):
             except Exception:
                 self._fault("downstream on_end failed")
 
-    def _to_queue(self, bp: Any, spans: list[ReadableSpan], retry: bool = True) -> list[ReadableSpan]:
+    def _to_queue(self, bp: Any, spans: list[ReadableSpan], retry: bool = True, sampled: bool = False) -> list[ReadableSpan]:
         """Put ``spans`` (and those waiting in the outbox first) into the BatchProcessor ``bp``'s queue
         in one step, what ``on_end`` would do one span at a time; returns the spans for ``on_end``
         instead (all of them when ``bp`` is shut down or the process forked: the SDK's own handling).
@@ -791,7 +910,8 @@ class EnergySpanProcessor(SpanProcessor):
                 self._outbox.clear()
             return waiting + list(spans)
         queue = bp._queue
-        new = [s for s in spans if s.context and s.context.trace_flags.sampled]  # what BatchSpanProcessor.on_end drops
+        # what BatchSpanProcessor.on_end drops (sampled: the caller built these spans and knows them all sampled)
+        new = spans if sampled else [s for s in spans if s.context and s.context.trace_flags.sampled]
         with self._out_lock:
             box = self._outbox
             if box and not retry:
