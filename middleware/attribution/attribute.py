@@ -44,7 +44,7 @@ from ..devices import device_key
 from ..samples import DeviceTrace, SampleKind
 from .energy import _CumEnergy, _Piecewise, _lead_ns
 from .fit import _IDLE_REL, _Segments, _Z90, _batch_fit, _dyn_half_width, _fit_idle, _prefer_power, _quality
-from .idle import _busy_intervals, _estimate_idle
+from .idle import _busy_intervals, _estimate_idle, idle_rel_sd
 from .inputs import Requests, Steps, _NS
 from .reconcile import _conserve
 from .results import Attribution, DeviceSummary, StepModel
@@ -196,7 +196,12 @@ def attribute(
         else:
             half_dyn[rsel] = dyn  # a time-overlap split can be off by its whole dynamic share
             quality[rsel] = "coarse"
-        half_idle[rsel] = _IDLE_REL * idle_share
+        # The idle baseline's error moves joules between idle and dynamic inside each measured
+        # window: a request gains the idle it was given and loses its dynamic share of the
+        # same joules, net: its time share less its dynamic share of the window's idle.
+        rel_idle = idle_rel_sd(trace, busy, (starts + ends) // 2) if idle_source == "idle-periods" else None
+        k_id = float(idle_share.sum() / dyn.sum()) if len(s_idx) and float(dyn.sum()) > 0 else 0.0
+        half_idle[rsel] = (_IDLE_REL if rel_idle is None else rel_idle) * np.abs(idle_share - k_id * dyn)
         dynamic[rsel] += dyn
         idle[rsel] += idle_share
         dev_s[rsel] += dev_time

@@ -12,6 +12,7 @@ import numpy as np
 from .energy import _CumEnergy, _Piecewise, _typical_interval, power_points
 from .family import (_BOOT_BLOCKS, _RIDGE, BASIS, FAMILIES, _blocks, basis, correlation_lag, group_errors, nnls_gram, select_family,
                      select_window)
+from ..samples import SampleKind
 from .inputs import Steps, _NS
 from .reconcile import _reconcile_edges
 from .results import StepModel
@@ -810,7 +811,9 @@ def _batch_fit(cum: _CumEnergy, trace: DeviceTrace, steps: Steps, s_idx: np.ndar
             window_why = f"lowest held-out error of {len(scores)} window lengths"
             band_rel = _band_rel(m_row, pred, p_row)
             noise = cast("dict[str, Any]", _noise_model(m_row - pred, p_row, t_row, len_row, m_row, x @ coef, feats, rel, a, L,
-                                                        max(overlap, excess)))  # >= 8 readings here: never None
+                                                        max(overlap, excess),
+                                                        cum.source != "energy-counter" and _part_time(trace, len_row)))
+            # >= 8 readings here: never None
             noise["resid"] = m_row - pred
         else:
             reconcile_s = (b - a) * _NS
@@ -890,11 +893,12 @@ def _batch_fit(cum: _CumEnergy, trace: DeviceTrace, steps: Steps, s_idx: np.ndar
     s2 = np.bincount(e_r, weights=val**2, minlength=len(ridx)) if all_on else np.bincount(
         e_r[on_dev], weights=(e_step[e_s[on_dev]] * share[on_dev]) ** 2, minlength=len(ridx))
     if noise is not None and "resid" in noise:
-        noise = dict(noise, **_request_components(noise.pop("resid"), p_row, t_row, len_row, rel, feats, e_step, e_s,
+        resid_row, alias_row = noise.pop("resid"), noise.pop("alias", None)
+        noise = dict(noise, **_request_components(resid_row, p_row, t_row, len_row, rel, feats, e_step, e_s,
                                                   e_r, share, on_dev, e_rel, w_meas, w_pred, len(ridx), dyn, s2,
                                                   (rel(np.clip(requests.start_ns[ridx], a, b)),
                                                    rel(np.clip(requests.end_ns[ridx], a, b))),
-                                                  cum.source == "energy-counter"))
+                                                  cum.source == "energy-counter", alias_row))
     spread = (*spread, s2, noise)
     extra_noise = {k: v for k, v in noise.items() if k != "exposure"} if noise is not None else None
 
@@ -1112,7 +1116,7 @@ def _dyn_spread(sel: Selection | None, coef: np.ndarray, x: np.ndarray, scale_pe
 
 _SELECT_ROWS = 200_000  # readings the window choice and the error model look at, at most
 _Z90 = 1.6449  # two-sided 90 %: +-1.645 standard deviations
-_IDLE_REL = 0.015  # relative sd of a request's idle share: the baseline moves a few W over tens of s
+_IDLE_REL = 0.015  # the idle baseline's relative sd where fewer than two idle stretches show its drift (a prior: a few W over tens of s)
 
 
 def _quality(extra: dict[str, Any]) -> str:
@@ -1137,20 +1141,9 @@ def _dyn_half_width(dyn: np.ndarray, spread: _Spread, starts: np.ndarray, ends: 
         rel_sd = cv if math.isfinite(cv) else 0.25
         return np.sqrt(var + (rel_sd * dyn) ** 2)
     if noise.get("exposure") is not None:
-        return _dyn_sd_components(dyn, var, noise)
+        return _dyn_sd_components(dyn, var, noise, _group_var(noise, ends - starts))
+    sig_i = _group_sigma(dyn, starts, ends, noise)
     life = np.maximum((ends - starts).astype(np.float64), 1.0)
-    groups = noise["groups"]
-    if groups:
-        gs = np.array(sorted(groups), dtype=np.float64)
-        sig = np.array([groups[g] for g in sorted(groups)])
-        G = np.maximum(1.0, life / noise["spacing_ns"])
-        sig_i = np.interp(np.log2(G), np.log2(gs), sig)
-        # longer than the longest group checked (half a window): the windows inside the
-        # request are measured, the errors of its parts average out
-        far = G > gs[-1]
-        sig_i[far] = sig[-1] * np.sqrt(gs[-1] / G[far])
-    else:
-        sig_i = np.full(len(dyn), 0.25)
     # A request shorter than a reading is placed inside it by the model alone.
     # ... and a step inside a reconciliation window much longer than itself gets the model's
     # share of the window, whatever the step really drew.
@@ -1164,17 +1157,103 @@ def _dyn_half_width(dyn: np.ndarray, spread: _Spread, starts: np.ndarray, ends: 
     return out
 
 
-def _dyn_sd_components(dyn: np.ndarray, var: np.ndarray, noise: dict[str, Any]) -> np.ndarray:
+def _group_sigma(dyn: np.ndarray, starts: np.ndarray, ends: np.ndarray, noise: dict[str, Any]) -> np.ndarray:
+    """Relative sigma of each request's dynamic energy from the held-out groups of readings
+    as long as its lifetime (see :func:`_noise_model`); 0.25 without any."""
+    life = np.maximum((ends - starts).astype(np.float64), 1.0)
+    groups = noise["groups"]
+    if not groups:
+        return np.full(len(dyn), 0.25)
+    gs = np.array(sorted(groups), dtype=np.float64)
+    sig = np.array([groups[g] for g in sorted(groups)])
+    lg = np.log2(np.maximum(1.0, life / noise["spacing_ns"]))
+    # piecewise linear in log2(G) between the sizes (powers of two): a table at every integer
+    # log2 up to the longest, then one gather and a blend per request (np.interp is 3x slower)
+    top = float(np.log2(gs[-1]))
+    tbl = np.interp(np.arange(int(top) + 2, dtype=np.float64), np.log2(gs), sig)
+    x = np.minimum(lg, top)
+    i = x.astype(np.int64)
+    f = x - i
+    sig_i: np.ndarray = np.take(tbl, i) * (1.0 - f) + np.take(tbl, i + 1) * f
+    # longer than the longest group checked (half a window): the windows inside the
+    # request are measured, the errors of its parts average out
+    far = lg > top
+    if far.any():
+        sig_i[far] = sig[-1] * np.exp2(0.5 * (top - lg[far]))
+    return sig_i
+
+
+def _group_var(noise: dict[str, Any], life_ns: np.ndarray) -> np.ndarray | None:
+    """Relative variance of each request's dynamic energy that the held-out groups of
+    readings as long as its lifetime show (:func:`_group_sigma`), less what the separated
+    components call the sensor's own noise over as many readings (white, and the two end
+    edges; see :func:`_request_components`), which inside a reconciliation window does not
+    reach the request. A function of the lifetime alone: tabulated at 64 points an octave
+    and looked up (a million requests in a few ms)."""
+    groups = noise.get("groups")
+    spacing = float(noise.get("spacing_ns", 0.0))
+    if not groups or not spacing > 0 or not len(life_ns):
+        return None
+    lg = np.log2(np.maximum(life_ns.astype(np.float64) / spacing, 1.0))
+    top = float(lg.max())
+    u = np.arange(int(math.ceil(top * _PER_OCTAVE)) + 2, dtype=np.float64) / _PER_OCTAVE
+    life_u = np.exp2(u) * spacing
+    g2 = _group_sigma(u, np.zeros(len(u)), life_u, noise) ** 2
+    rs = float(noise.get("reading_s", 0.0))
+    if "sensor_rel" in noise and rs > 0:
+        k = rs / np.maximum(life_u * _NS, rs)
+        g2 = np.maximum(g2 - noise["sensor_rel"] * k - 2.0 * noise["edge_rel"] * k**2, 0.0)
+    idx = (lg * _PER_OCTAVE + 0.5).astype(np.int64)
+    out: np.ndarray = np.take(g2, idx)
+    return out
+
+
+_PER_OCTAVE = 64  # the group term's table: points per doubling of a lifetime
+
+
+def _dyn_sd_components(dyn: np.ndarray, var: np.ndarray, noise: dict[str, Any], g2: np.ndarray | None = None) -> np.ndarray:
     """One standard deviation (J) of each request's dynamic energy from the separated components
     (see :func:`_request_components`); ``var``: the coefficients' own spread."""
     ex = noise["exposure"]
     misfit = (noise["misfit_var"] + noise["request_var"]) * (dyn * (1.0 - ex["psi"])) ** 2
-    out: np.ndarray = np.sqrt(var + misfit + ex["white"])
+    comp = misfit + ex["white"]
+    if g2 is not None:
+        # what the held-out groups of readings as long as the request say its stretch of
+        # the sensor's readings is off by, the split inside each reading included (the
+        # components above are fitted on whole readings and miss the within-reading part),
+        # less the sensor's own part (see _group_var)
+        comp = comp + g2 * dyn**2
+    out: np.ndarray = np.sqrt(var + comp)
+    return out
+
+
+def _interval_mass(feats: _StepFeatures, x: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """Per interval ``[lo, hi]`` (s), the sum over steps of ``x`` (steps x columns, each spread
+    evenly over its step) times the share of the step inside: :class:`_StepFeatures`' mass
+    difference. Steps one after another (the usual case) take one prefix sum and one search
+    per end instead of its five prefix sums and two searches."""
+    st, dur = feats.st, feats.dur
+    if not feats._tiled or not len(st) or bool(np.any(dur <= 0)):
+        f = _StepFeatures(x, feats.st, feats.en)
+        out: np.ndarray = f.mass(hi) - f.mass(lo)
+        return out
+    cum = np.zeros((len(st) + 1, x.shape[1]))
+    np.cumsum(x, axis=0, out=cum[1:])
+
+    def at(t: np.ndarray) -> np.ndarray:
+        i = np.searchsorted(st, t, side="right") - 1  # the last step started by t (-1: none)
+        k = np.maximum(i, 0)
+        frac = np.clip((t - np.take(st, k)) / np.take(dur, k), 0.0, 1.0)
+        frac[i < 0] = 0.0
+        v: np.ndarray = np.take(cum, k, axis=0) + np.take(x, k, axis=0) * frac[:, None]
+        return v
+
+    out = at(hi) - at(lo)
     return out
 
 
 def _noise_model(r: np.ndarray, p: np.ndarray, t: np.ndarray, len_ns: np.ndarray, m: np.ndarray, e_mod: np.ndarray,
-                 feats: _StepFeatures, rel: _Rel, a: int, L: int, overlap: int) -> dict[str, Any] | None:
+                 feats: _StepFeatures, rel: _Rel, a: int, L: int, overlap: int, part_time: bool = False) -> dict[str, Any] | None:
     """What the held-out readings say about each request's error.
 
     ``groups``: {G readings: relative sigma} of a run of G readings predicted from the
@@ -1188,9 +1267,14 @@ def _noise_model(r: np.ndarray, p: np.ndarray, t: np.ndarray, len_ns: np.ndarray
     spacing = float(np.median(np.diff(t))) if len(t) > 1 else 1.0
     sizes = [1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096]
     groups = group_errors(t, m, p, a, L, sizes, overlap)
-    sq = _StepFeatures((e_mod**2)[:, None], feats.st, feats.en)
+    # per reading: the steps' squared energies in it; for part-time readings also the steps'
+    # modelled J and W^2 s in it (the aliasing exposure, see _part_time)
+    cols = [e_mod**2] if not part_time else [e_mod**2, e_mod, e_mod**2 / np.maximum(feats.dur, 1e-12)]
     t_rel = rel(t)
-    Q = (sq.mass(t_rel) - sq.mass(t_rel - len_ns * _NS))[:, 0]
+    mq = _interval_mass(feats, np.column_stack(cols), t_rel - len_ns * _NS, t_rel)
+    Q = mq[:, 0]
+    # L^2 (mean of P^2 - (mean of P)^2) over each reading's interval of length L
+    alias = np.maximum(mq[:, 2] * (len_ns * _NS) - mq[:, 1] ** 2, 0.0) if part_time else None
     w_typ = float(np.median(len_ns)) * _NS
     ok = Q > 0
     step_var = 0.0
@@ -1209,7 +1293,7 @@ def _noise_model(r: np.ndarray, p: np.ndarray, t: np.ndarray, len_ns: np.ndarray
         wgt = 0.5 + 0.5 * min(max(rho, 0.0), 1.0)
         step_var = math.exp(wgt * math.log(max(upper, 1e-12)) + (1 - wgt) * math.log(max(split, 1e-12))) if upper > 0 else 0.0
     return {"groups": groups, "step_var": step_var, "spacing_ns": spacing, "reading_ns": max(w_typ * 1e9, spacing),
-            "window_ns": float(L), "step_ns": float(np.median(feats.dur)) * 1e9}
+            "window_ns": float(L), "step_ns": float(np.median(feats.dur)) * 1e9, "alias": alias}
 
 
 _UNITS = 2_000  # requests whose lifetimes the band's components are fitted on, at most
@@ -1219,7 +1303,8 @@ _PAIRS = 200_000  # (lifetime, request in flight) pairs the fit looks at, at mos
 def _request_components(r: np.ndarray, p: np.ndarray, t: np.ndarray, len_ns: np.ndarray, rel: _Rel, feats: _StepFeatures,
                         e_step: np.ndarray, e_s: np.ndarray, e_r: np.ndarray, share: np.ndarray, on_dev: np.ndarray,
                         e_rel: np.ndarray, w_meas: np.ndarray, w_pred: np.ndarray, n_req: int, dyn: np.ndarray,
-                        s2: np.ndarray, life: tuple[np.ndarray, np.ndarray], counter: bool = False) -> dict[str, Any]:
+                        s2: np.ndarray, life: tuple[np.ndarray, np.ndarray], counter: bool = False,
+                        alias: np.ndarray | None = None) -> dict[str, Any]:
     """The error band's components, estimated on the unit it is for: a request's lifetime.
 
     Over each request's lifetime the readings (or counter windows) that overlap it have
@@ -1240,7 +1325,15 @@ def _request_components(r: np.ndarray, p: np.ndarray, t: np.ndarray, len_ns: np.
     * ``sensor_var``, ``edge_var``: white noise on each reading (the sum of squared reading
       energies) and a reading window placed early or late (the two end readings' squared
       energies): the sensor's, credited only as far as the data tell it apart from the
-      steps' scatter (see :func:`_credited_split`).
+      steps' scatter (see :func:`_credited_split`);
+    * ``alias_share``: for part-time instant readings, the share of the model's own power
+      spread inside each reading that the readings show (see :func:`_part_time`): the
+      sensor's, identified by how that spread varies from reading to reading.
+
+    The persistent terms (misfit, request) are fitted on the cross products of each
+    lifetime's residuals (its squared sum less its readings' squares), where white noise has
+    no part; so are a counter's edges, which cancel inside a lifetime. What is left of the
+    squares is white and split over the steps' scatter and the sensor's.
 
     Then each request's exposure once reconciled: the windows are measured, so a step's own
     error counts less the more of its window's energy it is, a request's misfit less the more
@@ -1259,12 +1352,14 @@ def _request_components(r: np.ndarray, p: np.ndarray, t: np.ndarray, len_ns: np.
         # readings that overlap (a 1 s average polled every 100 ms): every k-th one tiles time,
         # so sums over a lifetime count each joule once, as the requests' parts do
         t, r, p, len_ns = t[::k_over], r[::k_over], p[::k_over], len_ns[::k_over]
+        alias = alias[::k_over] if alias is not None else None
         if len(t) < 8:
             return out
     lo_t = np.maximum.accumulate(rel(t - len_ns))
     hi_t = rel(t)
     c: Callable[[np.ndarray], np.ndarray] = lambda v: np.concatenate(([0.0], np.cumsum(v)))  # noqa: E731
-    cr, cp, cp2 = c(r), c(p), c(p**2)
+    cr, cp, cp2, cr2 = c(r), c(p), c(p**2), c(r**2)
+    ca = c(alias) if alias is not None and len(alias) == len(r) and bool(np.any(alias > 0)) else None
     ls, le = life
     cand = np.flatnonzero((dyn > 0) & (le > ls))
     if len(cand) < 20:
@@ -1285,6 +1380,7 @@ def _request_components(r: np.ndarray, p: np.ndarray, t: np.ndarray, len_ns: np.
     cq = c(e_step**2 if o_m is None else e_step[o_m] ** 2)
     S = cq[np.searchsorted(mid_s, hi_t[j1 - 1], side="right")] - cq[np.searchsorted(mid_s, lo_t[j0], side="left")]
     E = p[j0] ** 2 + np.where(j1 - 1 > j0, p[j1 - 1] ** 2, 0.0)
+    V = ca[j1] - ca[j0] if ca is not None else np.zeros(len(units))
     A_u, B_u = lo_t[j0], hi_t[j1 - 1]
     # the requests in flight over each unit, and their energy inside it (at their mean rate)
     if len(ls) < 2 or bool(np.all(ls[1:] >= ls[:-1])):
@@ -1300,7 +1396,7 @@ def _request_components(r: np.ndarray, p: np.ndarray, t: np.ndarray, len_ns: np.
     if int(cnt.sum()) > _PAIRS:  # thousands in flight: fewer lifetimes do (the fit has five terms)
         keep = np.arange(0, len(units), int(math.ceil(cnt.sum() / _PAIRS)))
         units, j0, j1, k0, cnt = units[keep], j0[keep], j1[keep], k0[keep], cnt[keep]
-        R, P, N, S, E, A_u, B_u = R[keep], P[keep], N[keep], S[keep], E[keep], A_u[keep], B_u[keep]
+        R, P, N, S, E, V, A_u, B_u = R[keep], P[keep], N[keep], S[keep], E[keep], V[keep], A_u[keep], B_u[keep]
     u_of = np.repeat(np.arange(len(units)), cnt)
     k = np.arange(int(cnt.sum())) - np.repeat(np.cumsum(cnt) - cnt, cnt) + np.repeat(k0, cnt)
     ov = np.clip(np.minimum(le_o[k], B_u[u_of]) - np.maximum(ls_o[k], A_u[u_of]), 0.0, None)
@@ -1309,16 +1405,32 @@ def _request_components(r: np.ndarray, p: np.ndarray, t: np.ndarray, len_ns: np.
     if pos.sum() < 20:
         return out
     P2 = P[pos] ** 2
-    X = np.column_stack((np.ones(int(pos.sum())), Xreq[pos] / P2, S[pos] / P2, N[pos] / P2, E[pos] / P2))
+    X = np.column_stack((np.ones(int(pos.sum())), Xreq[pos] / P2, S[pos] / P2, N[pos] / P2, E[pos] / P2, V[pos] / P2))
     yv = (R[pos] / P[pos]) ** 2
     yv = np.minimum(yv, float(np.quantile(yv, 0.99)))  # a burst the model never saw widens, not sets, the band
-    edge = _edge_var(r, p) if counter else 0.0
-    if edge > 0:
-        # the edges' share is identified by the readings themselves (see _edge_var): fixed,
-        # the rest split as before
-        v = np.insert(_credited_split(X[:, :4], np.maximum(yv - edge * X[:, 4], 0.0), sensor=(3,)), 4, edge)
+    # What persists over a lifetime (a misfit common to all in flight, each request's own)
+    # shows in the products of its readings' residuals with each other; white noise (the
+    # sensor's, a step's own) in their squares alone, and a counter's edges in both: each
+    # value ends one delta and starts the next, so inside a lifetime they cancel (the
+    # products carry -2 x their squares) and only the two ends remain. The cross products
+    # identify the persistent terms and the edges; the squares left over are white.
+    W = (cr2[j1] - cr2[j0])[pos]
+    hi_y = float(np.quantile(yv, 0.99))
+    cross = np.clip((R[pos] ** 2 - W) / P2, -hi_y, hi_y)
+    Xc = X[:, :2] if not counter else np.column_stack((X[:, :2], X[:, 4] - 2.0 * X[:, 3]))
+    vc = nnls(Xc, cross)
+    edge = max(_edge_var(r, p), float(vc[2])) if counter else 0.0
+    v = np.zeros(X.shape[1])
+    v[:2] = vc[:2]
+    v[4] = edge
+    y_rest = np.maximum(yv - X[:, :2] @ v[:2] - edge * X[:, 4], 0.0)
+    # the white part between the steps' scatter and the sensor's (where every reading holds
+    # about as many steps as any other the two are not told apart: see _credited_split);
+    # other readings' ends (an average's window reaching past the lifetime) with the sensor
+    if counter:
+        v[[2, 3, 5]] = _credited_split(X[:, [2, 3, 5]], y_rest, sensor=(1,))
     else:
-        v = _credited_split(X, yv, sensor=(3, 4))
+        v[2:] = _credited_split(X[:, 2:], y_rest, sensor=(1, 2))
     # reconciliation's reach: each step's share of its window, each request's of its windows
     k_step = np.clip(np.searchsorted(e_rel, feats.st, side="right") - 1, 0, nw - 1)
     wp = np.where(w_pred > 0, w_pred, np.inf)
@@ -1329,7 +1441,8 @@ def _request_components(r: np.ndarray, p: np.ndarray, t: np.ndarray, len_ns: np.
     first = np.concatenate(([True], kw[1:] != kw[:-1]))
     last = np.concatenate((kw[1:] != kw[:-1], [True]))
     Ew = np.bincount(kw, weights=p**2 * (first | last), minlength=nw)
-    vw = np.where(Pw > 0, (v[3] * Nw + v[4] * Ew) / np.where(Pw > 0, Pw, 1.0) ** 2, 0.0)
+    Vw = np.bincount(kw, weights=np.diff(ca), minlength=nw) if ca is not None else 0.0
+    vw = np.where(Pw > 0, (v[3] * Nw + v[4] * Ew + v[5] * Vw) / np.where(Pw > 0, Pw, 1.0) ** 2, 0.0)
     # per step, then gathered once per entry: the step term (its own scatter where its window
     # does not measure it) and the sensor's through the window; the window's energy for psi
     es, sh = (e_s, share) if bool(np.all(on_dev)) else (e_s[on_dev], share[on_dev])
@@ -1341,8 +1454,34 @@ def _request_components(r: np.ndarray, p: np.ndarray, t: np.ndarray, len_ns: np.
     win_e = np.where(dyn > 0, wsum / np.where(dyn > 0, dyn, 1.0), 0.0)
     psi = np.where(win_e > 0, np.minimum(1.0, dyn / np.where(win_e > 0, win_e, 1.0)), 1.0)
     out = {"units": int(pos.sum()), "misfit_var": float(v[0]), "request_var": float(v[1]), "step_var_req": float(v[2]),
-           "sensor_var": float(v[3]), "edge_var": float(v[4]), "exposure": {"white": white, "psi": psi}}
+           "sensor_var": float(v[3]), "edge_var": float(v[4]), "alias_share": float(v[5]),
+           "exposure": {"white": white, "psi": psi}}
+    # the sensor's part of a held-out run of readings (see _dyn_sd_components): per reading,
+    # relative to its mean energy squared, and the reading's length (s)
+    mp = float(np.mean(p))
+    if mp > 0:
+        out["sensor_rel"] = float((v[3] * np.mean(p**2) + (v[5] * float(np.mean(np.diff(ca))) if ca is not None else 0.0)) / mp**2)
+        out["edge_rel"] = float(v[4] * np.mean(p**2) / mp**2)
+        out["reading_s"] = spacing * max(k_over, 1) * _NS
     return out
+
+
+_PART_TIME_NS = 5_000_000  # as power_points: instant values further apart stand for their interval
+
+
+def _part_time(trace: DeviceTrace, len_row: np.ndarray) -> bool:
+    """Whether the readings are part-time "instant" values (see
+    :func:`wattspan.attribution.energy.power_points`): each stands for the interval since the
+    one before but covers an unknown part of it. Read at a uniformly random instant, such a
+    value errs about the interval's mean power by the variance of the power inside the
+    interval (times its length squared, in joules): from the model's own step power, the
+    aliasing exposure of each reading (see :func:`_noise_model`); a value that averages over
+    part of the interval errs by less, and the band's fit decides how much of it the readings
+    show (see :func:`_request_components`). An average is exact over its window; a counter's
+    errors sit at its edges. ``len_row``: the rows' lengths (ns), which for instant readings
+    are their spacing: power_points' test (fresh values more than 5 ms apart) without its cost."""
+    return (trace.power_kind == SampleKind.INSTANT and trace.power_w is not None and len(len_row) > 0
+            and float(np.median(len_row[:: max(1, len(len_row) // 10_000)])) > _PART_TIME_NS)
 
 
 def _edge_var(r: np.ndarray, p: np.ndarray) -> float:

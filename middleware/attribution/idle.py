@@ -34,15 +34,7 @@ def _estimate_idle(trace: DeviceTrace, busy: tuple[np.ndarray, np.ndarray], a: i
     The energy counter is tried first; where it saw no idle time (a counter read
     once a second starts with the trace), the power readings, whose averaging
     window can reach back before the first read."""
-    sources = []
-    if trace.energy_j is not None:
-        tk, ek = counter_knots(trace.t_ns, trace.energy_j)
-        mid = (tk[1:] + tk[:-1]) // 2
-        half = (tk[1:] - tk[:-1]) // 2
-        sources.append((mid, half, np.diff(ek) / (np.diff(tk).astype(np.float64) * _NS)))
-    if trace.power_w is not None:
-        mid, pw, span = _points_mid(trace)
-        sources.append((mid, np.full(len(mid), span // 2, dtype=np.int64), pw))
+    sources = _idle_sources(trace)
     pw_all = sources[0][2]
     for mid, half, pw in sources:
         got = _idle_from(mid, half, pw, busy, a, b, bin_s)
@@ -53,8 +45,75 @@ def _estimate_idle(trace: DeviceTrace, busy: tuple[np.ndarray, np.ndarray], a: i
     return _Piecewise(np.array([a, b]), np.array([v, v])), "low-quantile"
 
 
-def _idle_from(mid: np.ndarray, half: np.ndarray, pw: np.ndarray, busy: tuple[np.ndarray, np.ndarray], a: int, b: int, bin_s: float) -> _Piecewise | None:
-    # guard: readings within a sensor window (and 50 ms of settling) of activity are not idle
+def _idle_sources(trace: DeviceTrace) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """``(middle, half-width, watts)`` of each reading: the counter's deltas first, then the power readings."""
+    sources = []
+    if trace.energy_j is not None:
+        tk, ek = counter_knots(trace.t_ns, trace.energy_j)
+        mid = (tk[1:] + tk[:-1]) // 2
+        half = (tk[1:] - tk[:-1]) // 2
+        sources.append((mid, half, np.diff(ek) / (np.diff(tk).astype(np.float64) * _NS)))
+    if trace.power_w is not None:
+        mid, pw, span = _points_mid(trace)
+        sources.append((mid, np.full(len(mid), span // 2, dtype=np.int64), pw))
+    return sources
+
+
+def idle_rel_sd(trace: DeviceTrace, busy: tuple[np.ndarray, np.ndarray], t_ns: np.ndarray) -> np.ndarray | None:
+    """Relative standard deviation of the idle baseline at each time ``t_ns``, from the idle
+    stretches themselves; ``None`` where fewer than two stretches were seen (no drift to measure).
+
+    Each stretch with nothing in flight (readings between two busy intervals) measures the
+    baseline's level there. Between stretches the baseline is unseen: taken as a random walk,
+    its variance grows by ``s2`` per second, estimated from how far consecutive stretches'
+    levels moved apart over the time between them (less what their own readings' scatter
+    explains). At a time between two stretches the curve drawn through them is off by a
+    Brownian bridge's variance ``s2 (t - t_a)(t_b - t) / (t_b - t_a)``, beyond the first or
+    last by ``s2`` times the distance; plus the level's own standard error."""
+    bs = busy[0]
+    for mid, half, pw in _idle_sources(trace):
+        is_idle = _idle_mask(mid, half, pw, busy)
+        if is_idle.sum() < 2:
+            continue
+        ti, pi = mid[is_idle].astype(np.float64), pw[is_idle]
+        g = np.searchsorted(bs, mid[is_idle])  # the busy intervals before each: one stretch per value
+        _, gi, n = np.unique(g, return_inverse=True, return_counts=True)
+        if len(n) < 2:
+            return None
+        lvl = np.bincount(gi, weights=pi) / n
+        tg = np.bincount(gi, weights=ti) / n
+        dev2 = np.bincount(gi, weights=(pi - lvl[gi]) ** 2)
+        # a stretch's level: its readings' mean, standard error from the readings' scatter
+        # (pooled over the stretches with more than one reading; one reading: the pooled value)
+        dof = int(np.sum(n - 1))
+        w2 = float(dev2.sum() / dof) if dof > 0 else 0.0
+        se2 = w2 / n
+        dt = np.diff(tg) * _NS
+        ok = dt > 0
+        if not ok.any():
+            return None
+        move2 = np.maximum(np.diff(lvl) ** 2 - se2[1:] - se2[:-1], 0.0)
+        s2 = float(move2[ok].sum() / dt[ok].sum())
+        level = float(np.mean(lvl))
+        if not level > 0:
+            return None
+        t = np.asarray(t_ns, dtype=np.float64)
+        k = np.searchsorted(tg, t)
+        inner = (k > 0) & (k < len(tg))
+        kk = np.clip(k, 1, len(tg) - 1)
+        ta, tb = tg[kk - 1], tg[kk]
+        bridge = np.where(inner, (t - ta) * (tb - t) / np.maximum(tb - ta, 1.0), 0.0) * _NS
+        outer = np.where(k == 0, tg[0] - t, np.where(k >= len(tg), t - tg[-1], 0.0)) * _NS
+        se_lvl = float(np.mean(se2))
+        # at most the whole baseline: a baseline read too low by more than itself would be negative
+        out: np.ndarray = np.minimum(np.sqrt(s2 * (bridge + np.maximum(outer, 0.0)) + se_lvl) / level, 1.0)
+        return out
+    return None
+
+
+def _idle_mask(mid: np.ndarray, half: np.ndarray, pw: np.ndarray, busy: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """Readings that are idle: ``[t - guard, t + guard]`` misses every busy interval (guard:
+    half the sensor's window and 50 ms of settling), with a finite value."""
     guard = half + 50_000_000
     bs, be = busy
     if len(bs):
@@ -67,6 +126,11 @@ def _idle_from(mid: np.ndarray, half: np.ndarray, pw: np.ndarray, busy: tuple[np
     else:
         is_idle = np.ones(len(mid), dtype=bool)
     is_idle &= np.isfinite(pw)
+    return is_idle
+
+
+def _idle_from(mid: np.ndarray, half: np.ndarray, pw: np.ndarray, busy: tuple[np.ndarray, np.ndarray], a: int, b: int, bin_s: float) -> _Piecewise | None:
+    is_idle = _idle_mask(mid, half, pw, busy)
     if is_idle.sum() >= 5:
         ti, pi = mid[is_idle], pw[is_idle]
         edges = np.arange(a, b + 1, int(bin_s * 1e9), dtype=np.int64)
