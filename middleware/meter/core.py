@@ -181,10 +181,12 @@ class _Table:
         if not rows:
             return
         row, rid, end, peer, meta, parts = self.row, self.rid, self.end, self.peer, self.meta, self.parts
+        freed: list[int] = []
         for r in rows:
             k = rid[r]
             if k is None:
-                continue
+                continue  # free already (or named twice): freeing it again would hand it to two requests
+            freed.append(r)
             del row[k]
             rid[r] = None
             if peer[r]:
@@ -193,10 +195,10 @@ class _Table:
                 self.ended -= 1
             meta[r] = None
             parts[r] = None
-        idx = np.asarray(rows, dtype=np.intp)
+        idx = np.asarray(freed, dtype=np.intp)
         for a in (self.dyn, self.idle, self.dev_s, self.host, self.band, self.cov):
             a[idx] = 0
-        self.free.extend(rows)
+        self.free.extend(freed)
 
     def energy(self, r: int) -> float:
         """Row ``r``'s energy so far (J)."""
@@ -396,8 +398,8 @@ class Meter:
     def begin(self, request_id: str, device: str, t_ns: int) -> None:
         """A request started on ``device`` at ``t_ns`` (monotonic). ``device``: a name
         (``"gpu0"``) or a device group (``"gpu0,gpu1"`` or a list, see wattspan.attribution.groups)."""
-        if type(device) is not str or "+" in device or " " in device:
-            device = _device_key(device)
+        if type(device) is not str or "," in device or "+" in device or " " in device:
+            device = _device_key(device)  # a group's members once each (a repeat would be a row twice in a pass)
         ev = self._events
         if len(ev) >= self.max_events:
             self.counters["dropped_events"] += 1
