@@ -154,3 +154,26 @@ def test_a_group_naming_a_device_twice_makes_one_record_and_frees_its_row_once()
     assert got[0].energy_j == pytest.approx(200.0)  # 100 W for its 2 s, alone on the device
     assert len(m._table.free) == len(set(m._table.free))
     assert m.counters["records"] == 1
+
+
+def test_a_group_request_made_final_on_one_member_is_not_in_the_next_members_turn():
+    S = 10**9
+    base = time.monotonic_ns() + 1000 * S
+    sampler = _FakeSampler(["gpu0", "gpu1"], base)
+    got = []
+    m = Meter(sampler=sampler, autostart=False, idle_w=20.0, lag_s=0.0, carbon=CarbonModel(intensity_g_per_kwh=400.0),
+              sinks=[RecordCallback(got.append)])
+    m.begin("g", "gpu0,gpu1", base)
+    m.begin("b", "gpu1", base + S // 2)
+    m.end("g", "gpu0,gpu1", base + 2 * S)
+    sampler.latest.update(gpu0=base + 1 * S, gpu1=base + 3 * S)  # gpu1 passes g's end first
+    m._pass()
+    row = m._table.row["g"]
+    sampler.latest.update(gpu0=base + 4 * S, gpu1=base + 5 * S)
+    m._pass()  # gpu0's turn makes g final and frees its row; gpu1's turn comes after, in the same pass
+    assert [r.id for r in got] == ["g"]
+    t = m._table
+    assert t.rid[row] is None and row in t.free
+    # a free row is clean (the begin that reuses it relies on it): gpu1's turn had written g's part into it
+    assert t.parts[row] is None and t.dyn[row] == 0 and t.cov[row] == 0
+    assert m.counters.get("pass_errors", 0) == 0

@@ -860,14 +860,15 @@ class Meter:
                 cut = min(cut, self._peer_watermark(now))
             cur = self._cursor.get(dev)
             rows = by_dev.get(dev, [])
-            start_of = table.start
+            start_of, rid_of = table.start, table.rid
             if cur is None:
                 starts = [start_of[r] for r in rows]
                 cur = min(starts) if starts else (latest or now)
                 self._cursor[dev] = cur
             if cut <= cur:
                 continue
-            rows = [r for r in rows if start_of[r] < cut]
+            # (a group's row another member's turn made final this pass is free now: not in it)
+            rows = [r for r in rows if start_of[r] < cut and rid_of[r] is not None]
             if info is not None:
                 if self._refit_due(dev, cut, bool(rows)):
                     self._refit(dev, cut)
