@@ -177,3 +177,23 @@ def test_a_group_request_made_final_on_one_member_is_not_in_the_next_members_tur
     # a free row is clean (the begin that reuses it relies on it): gpu1's turn had written g's part into it
     assert t.parts[row] is None and t.dyn[row] == 0 and t.cov[row] == 0
     assert m.counters.get("pass_errors", 0) == 0
+
+
+def test_a_group_none_of_whose_devices_is_metered_is_settled_not_left_in_flight():
+    S = 10**9
+    base = time.monotonic_ns() + 1000 * S
+    sampler = _FakeSampler(["gpu0"], base)
+    got = []
+    m = Meter(sampler=sampler, autostart=False, idle_w=20.0, lag_s=0.0, carbon=CarbonModel(intensity_g_per_kwh=400.0),
+              sinks=[RecordCallback(got.append)])
+    m.begin("g", "gpu5,gpu6", base)  # a wrong WATTSPAN_DEVICE naming a group: was in flight for ever (flush never true)
+    m.begin("h", "gpu5", base)
+    m.end("g", "gpu5,gpu6", base + S)
+    m.end("h", "gpu5", base + S)
+    for k in (2, 3):
+        sampler.latest["gpu0"] = base + k * S
+        m._pass()
+    assert sorted(r.id for r in got) == ["g", "h"]  # each once, with no energy
+    assert all(r.energy_j == 0 and r.sensor == "none" for r in got)
+    assert len(m._table) == 0 and m._table.ended == 0
+    assert m.counters["unmetered_device"] == 2

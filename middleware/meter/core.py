@@ -847,8 +847,10 @@ class Meter:
 
         if infos:  # requests on a device no source meters: settled at once with no energy, not held back
             for dev in [d for d in by_dev if d not in infos]:
-                # a group's member no source meters adds nothing; its metered members settle it
-                self._unmetered(dev, [r for r in by_dev.pop(dev) if "," not in dev_of[r]], infos)
+                # a group's member no source meters adds nothing; its metered members settle it (a group
+                # with none metered: settled here, on its first member's turn, or it were in flight for ever)
+                self._unmetered(dev, [r for r in by_dev.pop(dev) if "," not in (d := dev_of[r])
+                                      or (d.startswith(dev + ",") and not any(m in infos for m in d.split(",")))], infos)
         for dev in gpu_devs + [d for d in by_dev if d not in infos]:
             info = infos.get(dev)
             latest = sampler.latest_ns(dev) if info is not None else None
