@@ -87,3 +87,113 @@ def test_records_from_the_table_carry_each_requests_own_sums():
     # longer requests carry more of the idle baseline (40 W shared among those in flight)
     assert by["r39"].idle_j > by["r0"].idle_j > 0
     assert sum(r.energy_j for r in got) == pytest.approx(m.balance().attributed_j, rel=1e-9)
+
+
+def test_a_row_named_twice_in_a_removal_is_freed_once():
+    t = _Table()
+    t.add("a", "gpu0", 100)
+    r = t.row["a"]
+    t.remove([r, r])  # twice: was put on the free list twice, then handed to two requests
+    assert t.free.count(r) == 1
+    t.add("b", "gpu0", 200)
+    t.add("c", "gpu0", 300)
+    assert t.row["b"] != t.row["c"]
+
+
+class _FakeSampler:
+    """Two or more 100 W devices whose newest reading the test sets (deterministic passes)."""
+
+    sources: list[object] = []
+
+    def __init__(self, devices: list[str], base: int) -> None:
+        import numpy as np
+
+        from wattspan.samples import DeviceInfo, DeviceTrace
+
+        self.latest = {d: base for d in devices}
+        t = np.arange(base - 5 * 10**9, base + 100 * 10**9, 5 * MS, dtype=np.int64)
+        self._traces = {d: DeviceTrace(d, t, np.full(len(t), 100.0), energy_j=100.0 * (t - t[0]) * 1e-9, sensor="c")
+                        for d in devices}
+        self._infos = [DeviceInfo(d, d, sensor="c") for d in devices]
+        self._make = DeviceTrace
+
+    def devices(self):
+        return self._infos
+
+    def latest_ns(self, d):
+        return self.latest[d]
+
+    def trace(self, d, since_ns=None):
+        tr = self._traces[d]
+        keep = (tr.t_ns >= (since_ns or 0)) & (tr.t_ns <= self.latest[d])
+        return self._make(d, tr.t_ns[keep], tr.power_w[keep], energy_j=tr.energy_j[keep], sensor="c")
+
+    def start(self):
+        pass
+
+    def close(self):
+        pass
+
+    def health(self):
+        return {}
+
+
+def test_a_group_naming_a_device_twice_makes_one_record_and_frees_its_row_once():
+    S = 10**9
+    base = time.monotonic_ns() + 1000 * S  # ahead of the clock: the cut is the sensor's
+    sampler = _FakeSampler(["gpu0"], base)
+    got = []
+    m = Meter(sampler=sampler, autostart=False, idle_w=20.0, lag_s=0.0, carbon=CarbonModel(intensity_g_per_kwh=400.0),
+              sinks=[RecordCallback(got.append)])
+    m.begin("g", "gpu0,gpu0", base)  # a repeated member: was a row twice in gpu0's pass
+    m.end("g", "gpu0", base + 2 * S)
+    sampler.latest["gpu0"] = base + 3 * S
+    m._pass()
+    assert [r.id for r in got] == ["g"]  # was two records of one request
+    assert got[0].device == "gpu0"
+    assert got[0].energy_j == pytest.approx(200.0)  # 100 W for its 2 s, alone on the device
+    assert len(m._table.free) == len(set(m._table.free))
+    assert m.counters["records"] == 1
+
+
+def test_a_group_request_made_final_on_one_member_is_not_in_the_next_members_turn():
+    S = 10**9
+    base = time.monotonic_ns() + 1000 * S
+    sampler = _FakeSampler(["gpu0", "gpu1"], base)
+    got = []
+    m = Meter(sampler=sampler, autostart=False, idle_w=20.0, lag_s=0.0, carbon=CarbonModel(intensity_g_per_kwh=400.0),
+              sinks=[RecordCallback(got.append)])
+    m.begin("g", "gpu0,gpu1", base)
+    m.begin("b", "gpu1", base + S // 2)
+    m.end("g", "gpu0,gpu1", base + 2 * S)
+    sampler.latest.update(gpu0=base + 1 * S, gpu1=base + 3 * S)  # gpu1 passes g's end first
+    m._pass()
+    row = m._table.row["g"]
+    sampler.latest.update(gpu0=base + 4 * S, gpu1=base + 5 * S)
+    m._pass()  # gpu0's turn makes g final and frees its row; gpu1's turn comes after, in the same pass
+    assert [r.id for r in got] == ["g"]
+    t = m._table
+    assert t.rid[row] is None and row in t.free
+    # a free row is clean (the begin that reuses it relies on it): gpu1's turn had written g's part into it
+    assert t.parts[row] is None and t.dyn[row] == 0 and t.cov[row] == 0
+    assert m.counters.get("pass_errors", 0) == 0
+
+
+def test_a_group_none_of_whose_devices_is_metered_is_settled_not_left_in_flight():
+    S = 10**9
+    base = time.monotonic_ns() + 1000 * S
+    sampler = _FakeSampler(["gpu0"], base)
+    got = []
+    m = Meter(sampler=sampler, autostart=False, idle_w=20.0, lag_s=0.0, carbon=CarbonModel(intensity_g_per_kwh=400.0),
+              sinks=[RecordCallback(got.append)])
+    m.begin("g", "gpu5,gpu6", base)  # a wrong WATTSPAN_DEVICE naming a group: was in flight for ever (flush never true)
+    m.begin("h", "gpu5", base)
+    m.end("g", "gpu5,gpu6", base + S)
+    m.end("h", "gpu5", base + S)
+    for k in (2, 3):
+        sampler.latest["gpu0"] = base + k * S
+        m._pass()
+    assert sorted(r.id for r in got) == ["g", "h"]  # each once, with no energy
+    assert all(r.energy_j == 0 and r.sensor == "none" for r in got)
+    assert len(m._table) == 0 and m._table.ended == 0
+    assert m.counters["unmetered_device"] == 2

@@ -181,10 +181,12 @@ class _Table:
         if not rows:
             return
         row, rid, end, peer, meta, parts = self.row, self.rid, self.end, self.peer, self.meta, self.parts
+        freed: list[int] = []
         for r in rows:
             k = rid[r]
             if k is None:
-                continue
+                continue  # free already (or named twice): freeing it again would hand it to two requests
+            freed.append(r)
             del row[k]
             rid[r] = None
             if peer[r]:
@@ -193,10 +195,10 @@ class _Table:
                 self.ended -= 1
             meta[r] = None
             parts[r] = None
-        idx = np.asarray(rows, dtype=np.intp)
+        idx = np.asarray(freed, dtype=np.intp)
         for a in (self.dyn, self.idle, self.dev_s, self.host, self.band, self.cov):
             a[idx] = 0
-        self.free.extend(rows)
+        self.free.extend(freed)
 
     def energy(self, r: int) -> float:
         """Row ``r``'s energy so far (J)."""
@@ -396,8 +398,8 @@ class Meter:
     def begin(self, request_id: str, device: str, t_ns: int) -> None:
         """A request started on ``device`` at ``t_ns`` (monotonic). ``device``: a name
         (``"gpu0"``) or a device group (``"gpu0,gpu1"`` or a list, see wattspan.attribution.groups)."""
-        if type(device) is not str or "+" in device or " " in device:
-            device = _device_key(device)
+        if type(device) is not str or "," in device or "+" in device or " " in device:
+            device = _device_key(device)  # a group's members once each (a repeat would be a row twice in a pass)
         ev = self._events
         if len(ev) >= self.max_events:
             self.counters["dropped_events"] += 1
@@ -845,8 +847,10 @@ class Meter:
 
         if infos:  # requests on a device no source meters: settled at once with no energy, not held back
             for dev in [d for d in by_dev if d not in infos]:
-                # a group's member no source meters adds nothing; its metered members settle it
-                self._unmetered(dev, [r for r in by_dev.pop(dev) if "," not in dev_of[r]], infos)
+                # a group's member no source meters adds nothing; its metered members settle it (a group
+                # with none metered: settled here, on its first member's turn, or it were in flight for ever)
+                self._unmetered(dev, [r for r in by_dev.pop(dev) if "," not in (d := dev_of[r])
+                                      or (d.startswith(dev + ",") and not any(m in infos for m in d.split(",")))], infos)
         for dev in gpu_devs + [d for d in by_dev if d not in infos]:
             info = infos.get(dev)
             latest = sampler.latest_ns(dev) if info is not None else None
@@ -858,14 +862,15 @@ class Meter:
                 cut = min(cut, self._peer_watermark(now))
             cur = self._cursor.get(dev)
             rows = by_dev.get(dev, [])
-            start_of = table.start
+            start_of, rid_of = table.start, table.rid
             if cur is None:
                 starts = [start_of[r] for r in rows]
                 cur = min(starts) if starts else (latest or now)
                 self._cursor[dev] = cur
             if cut <= cur:
                 continue
-            rows = [r for r in rows if start_of[r] < cut]
+            # (a group's row another member's turn made final this pass is free now: not in it)
+            rows = [r for r in rows if start_of[r] < cut and rid_of[r] is not None]
             if info is not None:
                 if self._refit_due(dev, cut, bool(rows)):
                     self._refit(dev, cut)
