@@ -197,3 +197,37 @@ def test_a_group_none_of_whose_devices_is_metered_is_settled_not_left_in_flight(
     assert all(r.energy_j == 0 and r.sensor == "none" for r in got)
     assert len(m._table) == 0 and m._table.ended == 0
     assert m.counters["unmetered_device"] == 2
+
+
+@pytest.mark.parametrize("devices", [("gpu0", "gpu1"), ("gpu0,gpu1",)])
+def test_the_hosts_energy_is_billed_once_across_gpus(devices):
+    """The host (CPU package) is one meter shared by every GPU's requests: with requests on two
+    GPUs over the same second, or one request on a group of both, the host's 50 J are split once,
+    not once per GPU (before: each GPU's turn split all of them among its own requests, 100 J)."""
+    from wattspan.records import RequestLabels
+    from wattspan.testing import RecordCollector
+
+    src = ReplaySource([constant_trace(300.0, device="gpu0"), constant_trace(300.0, device="gpu1"),
+                        constant_trace(50.0, device="cpu0-package")], loop=True)
+    col = RecordCollector()
+    m = Meter(sources=[src], idle_w=100.0, period_s=0.05, lag_s=0.05, sinks=[col])
+    try:
+        time.sleep(0.2)
+        t0 = time.monotonic_ns()
+        for i, d in enumerate(devices):
+            m.begin(f"r{i}", d, t0)
+        time.sleep(0.6)
+        t1 = time.monotonic_ns()
+        labels = RequestLabels("/", "GET", 200, "", "", 0, 0, 0, 0)
+        for i, d in enumerate(devices):
+            m.end(f"r{i}", d, t1, labels)
+        assert m.flush(10)
+    finally:
+        m.close()
+    host = sum(r.host_j for r in col.records)
+    expected = 50.0 * (t1 - t0) / 1e9
+    assert len(col.records) == len(devices)
+    assert host == pytest.approx(expected, rel=0.03)
+    if len(devices) == 2:
+        a, b = (r.host_j for r in col.records)
+        assert a == pytest.approx(b, rel=0.02)

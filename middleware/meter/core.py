@@ -844,6 +844,8 @@ class Meter:
         self._metered = infos
         gpu_devs = [d for d, i in infos.items() if i.kind == "gpu"]
         host_devs = [d for d, i in infos.items() if i.kind != "gpu"]
+        one_device = len(by_dev) == 1
+        live_rows = rows_all if host_devs and not one_device else []  # the host's split: every request in flight
 
         if infos:  # requests on a device no source meters: settled at once with no energy, not held back
             for dev in [d for d in by_dev if d not in infos]:
@@ -877,8 +879,19 @@ class Meter:
                 # with nothing in flight too: the measured energy is then all unattributed,
                 # and the device's totals reach the device sinks on every pass
                 self._attribute(dev, info, cur, cut, rows)
-                for host in host_devs if rows else ():
-                    self._attribute_host(host, cur, cut, rows)
+                if host_devs and rows:
+                    # The host is one meter shared by every device's requests: its energy over this
+                    # stretch is split among all requests in flight on any device, and each request
+                    # takes its part on one device's turn only (a group's, its first member's).
+                    # Before: split among this device's requests alone, on every device's turn, so
+                    # with requests on two GPUs the host's joules were counted twice.
+                    if one_device:
+                        everyone, mine = rows, rows
+                    else:
+                        everyone = [r for r in live_rows if start_of[r] < cut]
+                        mine = [r for r in rows if "," not in (d := dev_of[r]) or d.startswith(dev + ",")]
+                    for host in host_devs if mine else ():
+                        self._attribute_host(host, cur, cut, everyone, mine)
             self._cursor[dev] = cut
             self._finalise(rows, cut, info, stalled)
         # drop steps wholly before every cursor
@@ -982,14 +995,32 @@ class Meter:
                 if q and (quality_of[r] == "" or _QUALITY_RANK.get(q, 0) > _QUALITY_RANK.get(quality_of[r], 0)):
                     quality_of[r] = q  # the worst quality of its periods
 
-    def _attribute_host(self, host: str, cur: int, cut: int, rows: list[int]) -> None:
+    def _attribute_host(self, host: str, cur: int, cut: int, everyone: list[int], mine: list[int]) -> None:
+        """The host's energy over ``[cur, cut)`` split among ``everyone`` in flight; the parts of
+        ``mine`` (a subset) added to their rows."""
         trace = self._live().trace(host, since_ns=cur - 2_000_000_000)
         if len(trace) < 2:
             return
-        req = self._period_inputs(host, rows, cut)[0]
+        table, n = self._table, len(everyone)
+        # ids by position: a row another device's turn made final this pass (free now, no id) was in
+        # flight over this stretch all the same, and keeps its place in the split
+        req = Requests(
+            ids=np.arange(n).astype(object),
+            start_ns=np.fromiter(map(table.start.__getitem__, everyone), dtype=np.int64, count=n),
+            end_ns=np.fromiter((cut if e is None else min(e, cut) for e in map(table.end.__getitem__, everyone)),
+                               dtype=np.int64, count=n),
+            device=np.full(n, host, dtype=object),
+            weight=np.ones(n),
+        )
         res = attribute({host: trace}, req, None, t0_ns=cur, t1_ns=cut, idle_w=self._idle.get(host))
-        if rows:
-            self._table.host[np.asarray(rows, dtype=np.intp)] += res.energy_j
+        if not mine:
+            return
+        if mine is everyone:
+            self._table.host[np.asarray(mine, dtype=np.intp)] += res.energy_j
+        else:
+            at = {r: i for i, r in enumerate(everyone)}
+            idx = [at[r] for r in mine if r in at]
+            self._table.host[np.asarray([r for r in mine if r in at], dtype=np.intp)] += res.energy_j[np.asarray(idx, dtype=np.intp)]
 
     def _refit_due(self, dev: str, cut: int, busy: bool) -> bool:
         """Whether to refit ``dev`` in this pass (the rule is in the module's docstring); notes it if so."""
