@@ -344,3 +344,19 @@ def test_interval_mass_of_steps_one_after_another_matches_the_general_masses():
     f2 = _StepFeatures(x[:, :1], st, en2)
     ref2 = _StepFeatures(x, st, en2)
     assert np.allclose(_interval_mass(f2, x, lo, hi), ref2.mass(hi) - ref2.mass(lo))
+
+
+def test_idle_drift_band_is_the_same_on_a_clock_past_2_62_ns():
+    # a trace's clock may run up to 2**63 - 1 ns (the CLI accepts it): the requests' midpoints, where the
+    # idle drift is read, must not wrap around (start + end overflowed int64 past 2**62 ns and put every
+    # request far beyond the last idle stretch: the idle term at its cap, the whole baseline)
+    trace, busy = _idle_trace([88.0, 92.0, 87.0, 93.0, 89.0], noise=0.001)
+    bands = []
+    for off in (10**12, 5 * 10**18):
+        tr = DeviceTrace("gpu0", trace.t_ns + off, trace.power_w, power_kind=SampleKind.INSTANT)
+        req = Requests.from_records([{"id": f"r{i}", "start_ns": int(s) + off, "end_ns": int(e) + off, "gpu": 0}
+                                     for i, (s, e) in enumerate(zip(*busy))])
+        res = attribute([tr], req)
+        assert res.devices["gpu0"].idle_source == "idle-periods"
+        bands.append(res.energy_j_high - res.energy_j)
+    assert np.allclose(bands[1], bands[0], rtol=1e-4)
