@@ -292,7 +292,7 @@ def test_idle_error_reaches_a_request_only_net_of_what_it_moves_into_dynamic(sim
     attr_mod = importlib.import_module("wattspan.attribution.attribute")  # the module, not the function
     run, req, steps, truth = sim
     trace = sense(run, "ideal-1ms", seed=2)
-    monkeypatch.setattr(attr_mod, "idle_rel_sd", lambda tr, busy, t: np.full(len(t), 0.5))
+    monkeypatch.setattr(attr_mod, "idle_rel_sd", lambda tr, busy, t, *period: np.full(len(t), 0.5))
     res = attribute([trace], req, steps)
     half = res.energy_j_high - res.energy_j
     k = res.idle_j.sum() / res.dynamic_j.sum()
@@ -344,3 +344,43 @@ def test_interval_mass_of_steps_one_after_another_matches_the_general_masses():
     f2 = _StepFeatures(x[:, :1], st, en2)
     ref2 = _StepFeatures(x, st, en2)
     assert np.allclose(_interval_mass(f2, x, lo, hi), ref2.mass(hi) - ref2.mass(lo))
+
+
+def test_idle_drift_band_is_the_same_on_a_clock_past_2_62_ns():
+    # a trace's clock may run up to 2**63 - 1 ns (the CLI accepts it): the requests' midpoints, where the
+    # idle drift is read, must not wrap around (start + end overflowed int64 past 2**62 ns and put every
+    # request far beyond the last idle stretch: the idle term at its cap, the whole baseline)
+    trace, busy = _idle_trace([88.0, 92.0, 87.0, 93.0, 89.0], noise=0.001)
+    bands = []
+    for off in (10**12, 5 * 10**18):
+        tr = DeviceTrace("gpu0", trace.t_ns + off, trace.power_w, power_kind=SampleKind.INSTANT)
+        req = Requests.from_records([{"id": f"r{i}", "start_ns": int(s) + off, "end_ns": int(e) + off, "gpu": 0}
+                                     for i, (s, e) in enumerate(zip(*busy))])
+        res = attribute([tr], req)
+        assert res.devices["gpu0"].idle_source == "idle-periods"
+        bands.append(res.energy_j_high - res.energy_j)
+    assert np.allclose(bands[1], bands[0], rtol=1e-4)
+
+
+def test_idle_drift_leaves_out_readings_before_the_period_whose_requests_were_clipped(monkeypatch):
+    # The live meter attributes a pass [t0, t1] from a trace that starts 2 s earlier, with the requests
+    # clipped to the pass: readings before t0 (here at 300 W, a request running) are not known to be idle.
+    # Taken as an idle stretch they made the baseline look as if it had moved by 210 W: a relative sd of
+    # ~0.5 where the pass holds a single idle stretch (no drift to measure: the prior).
+    import importlib
+
+    from wattspan.attribution.idle import idle_rel_sd
+
+    attr_mod = importlib.import_module("wattspan.attribution.attribute")
+    seen = []
+    monkeypatch.setattr(attr_mod, "idle_rel_sd", lambda *a: seen.append(idle_rel_sd(*a)) or seen[-1])
+    t0 = 10**12
+    t = t0 + np.arange(0, 3 * S, 10_000_000)
+    p = np.where(t < t0 + 23 * S // 10, 300.0, 90.0) + np.where(t > t0 + 28 * S // 10, 210.0, 0.0)
+    req = Requests.from_records([{"id": "a", "start_ns": t0, "end_ns": t0 + 23 * S // 10, "gpu": 0},
+                                 {"id": "b", "start_ns": t0 + 28 * S // 10, "end_ns": t0 + 3 * S, "gpu": 0}])
+    res = attribute([DeviceTrace("gpu0", t, p)], req, t0_ns=t0 + 2 * S)
+    assert res.devices["gpu0"].idle_source == "idle-periods" and len(seen) == 1
+    assert seen[0] is None or np.all(seen[0] < 0.05), seen[0]
+    attribute([DeviceTrace("gpu0", t, p)], req)  # the whole trace: the same single idle stretch
+    assert seen[1] is None

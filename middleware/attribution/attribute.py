@@ -199,7 +199,7 @@ def attribute(
         # The idle baseline's error moves joules between idle and dynamic inside each measured
         # window: a request gains the idle it was given and loses its dynamic share of the
         # same joules, net: its time share less its dynamic share of the window's idle.
-        rel_idle = idle_rel_sd(trace, busy, (starts + ends) // 2) if idle_source == "idle-periods" else None
+        rel_idle = idle_rel_sd(trace, busy, starts + (ends - starts) // 2, (a, b)) if idle_source == "idle-periods" else None  # no int64 overflow
         k_id = float(idle_share.sum() / dyn.sum()) if len(s_idx) and float(dyn.sum()) > 0 else 0.0
         half_idle[rsel] = (_IDLE_REL if rel_idle is None else rel_idle) * np.abs(idle_share - k_id * dyn)
         dynamic[rsel] += dyn

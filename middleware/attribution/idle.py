@@ -59,7 +59,8 @@ def _idle_sources(trace: DeviceTrace) -> list[tuple[np.ndarray, np.ndarray, np.n
     return sources
 
 
-def idle_rel_sd(trace: DeviceTrace, busy: tuple[np.ndarray, np.ndarray], t_ns: np.ndarray) -> np.ndarray | None:
+def idle_rel_sd(trace: DeviceTrace, busy: tuple[np.ndarray, np.ndarray], t_ns: np.ndarray,
+                period: tuple[int, int] | None = None) -> np.ndarray | None:
     """Relative standard deviation of the idle baseline at each time ``t_ns``, from the idle
     stretches themselves; ``None`` where fewer than two stretches were seen (no drift to measure).
 
@@ -69,10 +70,16 @@ def idle_rel_sd(trace: DeviceTrace, busy: tuple[np.ndarray, np.ndarray], t_ns: n
     levels moved apart over the time between them (less what their own readings' scatter
     explains). At a time between two stretches the curve drawn through them is off by a
     Brownian bridge's variance ``s2 (t - t_a)(t_b - t) / (t_b - t_a)``, beyond the first or
-    last by ``s2`` times the distance; plus the level's own standard error."""
+    last by ``s2`` times the distance; plus the level's own standard error.
+
+    ``period``: ``(a, b)``, the stretch ``busy`` describes; a reading wholly outside it (a
+    live pass's trace starts before the pass, whose requests are clipped to it) is not
+    known to be idle and is left out."""
     bs = busy[0]
     for mid, half, pw in _idle_sources(trace):
         is_idle = _idle_mask(mid, half, pw, busy)
+        if period is not None:
+            is_idle &= (mid + half >= period[0]) & (mid - half <= period[1])
         if is_idle.sum() < 2:
             continue
         ti, pi = mid[is_idle].astype(np.float64), pw[is_idle]
