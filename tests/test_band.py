@@ -384,3 +384,20 @@ def test_idle_drift_leaves_out_readings_before_the_period_whose_requests_were_cl
     assert seen[0] is None or np.all(seen[0] < 0.05), seen[0]
     attribute([DeviceTrace("gpu0", t, p)], req)  # the whole trace: the same single idle stretch
     assert seen[1] is None
+
+
+def test_an_energy_counter_trace_attributes_the_same_on_a_clock_past_2_62_ns():
+    # the counter's knots and the idle readings' middles were (a + b) // 2 of int64 times: past 2**62 ns
+    # the sum wrapped negative (a knot before the trace, energy moved to the wrong time)
+    t = np.arange(0, 20 * S, 100_000_000, dtype=np.int64)
+    p = np.where((t // S) % 4 < 2, 300.0, 90.0)
+    e = np.concatenate([[0.0], np.cumsum(p[:-1] * 0.1)])
+    out = []
+    for off in (10**12, 5 * 10**18):
+        tr = DeviceTrace("gpu0", t + off, None, energy_j=e, power_kind=SampleKind.INSTANT)
+        req = Requests.from_records([{"id": f"r{k}", "start_ns": int(k * 4 * S + off), "end_ns": int(k * 4 * S + 2 * S + off),
+                                      "gpu": 0} for k in range(5)])
+        res = attribute([tr], req)
+        out.append((res.energy_j.copy(), res.energy_j_high.copy()))
+    assert np.allclose(out[1][0], out[0][0], rtol=1e-6)
+    assert np.allclose(out[1][1], out[0][1], rtol=1e-4)

@@ -113,7 +113,7 @@ def counter_knots(t_ns: np.ndarray, energy_j: np.ndarray) -> tuple[np.ndarray, n
     tk = t[idx].copy()
     if repeats > 0.3:
         prev = np.maximum(idx - 1, 0)
-        tk[1:] = (t[prev[1:]] + t[idx[1:]]) // 2
+        tk[1:] = t[prev[1:]] + (t[idx[1:]] - t[prev[1:]]) // 2  # no int64 overflow on a clock past 2**62 ns
     ek = e[idx]
     if idx[-1] != len(t) - 1:  # keep the last read so the trace's end is covered
         tk = np.append(tk, t[-1])

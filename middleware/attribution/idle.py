@@ -50,7 +50,7 @@ def _idle_sources(trace: DeviceTrace) -> list[tuple[np.ndarray, np.ndarray, np.n
     sources = []
     if trace.energy_j is not None:
         tk, ek = counter_knots(trace.t_ns, trace.energy_j)
-        mid = (tk[1:] + tk[:-1]) // 2
+        mid = tk[:-1] + (tk[1:] - tk[:-1]) // 2  # no int64 overflow on a clock past 2**62 ns
         half = (tk[1:] - tk[:-1]) // 2
         sources.append((mid, half, np.diff(ek) / (np.diff(tk).astype(np.float64) * _NS)))
     if trace.power_w is not None:
