@@ -88,6 +88,22 @@ def test_event_overflow_is_counted_not_silent():
     m.close(timeout=1)
 
 
+def test_ends_queued_by_a_stalled_meter_are_bounded_too():
+    # begins stop at max_events; every begun request's end is still taken (or it stayed in flight for
+    # ever), but a stalled thread's queue does not grow without end on the ends of dropped begins
+    m, records, _ = make_meter(max_events=10, autostart=False)
+    t = time.monotonic_ns()
+    for i in range(25):
+        m.begin(str(i), "gpu0", t)
+    for i in range(25):
+        m.end(str(i), "gpu0", t + MS)
+    for i in range(25):
+        m.end_fields(str(i), "gpu0", t + MS, "/", "GET", 200, "", "", 0, 0, 0, 0)
+    assert len(m._events) == 20  # the 10 begins and the 10 ends the cap leaves room for
+    assert m.counters["dropped_events"] == 15 + 40
+    m.close(timeout=1)
+
+
 def test_a_failing_sink_is_counted_and_others_still_run():
     def bad(rec):
         raise RuntimeError("sink down")

@@ -278,6 +278,9 @@ class Meter:
         self.refit_s = float(refit_s)
         self.max_inflight = int(max_inflight)
         self.max_events = int(max_events)
+        # ends are taken past max_events (each begun request's end must arrive, or it stayed in flight
+        # for ever), up to twice it: beyond that a stalled thread's queue holds only ends of dropped begins
+        self._max_queued = 2 * self.max_events
         #: requests one batch step may name, and batch steps per second (beyond: dropped, counted)
         self.max_step_ids = int(max_step_ids)
         self.max_steps_per_s = int(max_steps_per_s)
@@ -415,7 +418,11 @@ class Meter:
         :class:`~wattspan.records.RequestLabels` (or a dict with those field names:
         route, http_method, status_code, model, tenant, prompt_tokens,
         output_tokens, trace_id, span_id), read on the meter's thread."""
-        self._events.append((_END, request_id, t_ns, meta))
+        ev = self._events
+        if len(ev) >= self._max_queued:  # the meter's thread stalled: bounded all the same (see begin)
+            self.counters["dropped_events"] += 1
+            return
+        ev.append((_END, request_id, t_ns, meta))
         if self._activity and (not isinstance(device, str) or "+" in device or " " in device):
             device = _device_key(device)
         for s in self._activity:
@@ -428,8 +435,12 @@ class Meter:
         their order: the middleware's hand-off. One flat tuple of plain values goes to the meter's
         thread (which builds the labels only if a sink takes records): the event loop allocates one
         object per request end, and the cyclic GC stops tracking it at its first look."""
-        self._events.append((_END_FIELDS, request_id, t_ns, route, http_method, status_code, model, tenant, prompt_tokens,
-                             output_tokens, trace_id, span_id))
+        ev = self._events
+        if len(ev) >= self._max_queued:  # the meter's thread stalled: bounded all the same (see begin)
+            self.counters["dropped_events"] += 1
+            return
+        ev.append((_END_FIELDS, request_id, t_ns, route, http_method, status_code, model, tenant, prompt_tokens,
+                   output_tokens, trace_id, span_id))
         if self._activity:
             if not isinstance(device, str) or "+" in device or " " in device:
                 device = _device_key(device)
