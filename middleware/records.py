@@ -32,12 +32,38 @@ class RequestLabels(NamedTuple):
 
     @classmethod
     def from_mapping(cls, m: Any) -> "RequestLabels":
-        """From a dict with (some of) the field names; missing or empty values read as the defaults."""
+        """From a dict with (some of) the field names; missing or empty values read as the defaults.
+
+        What a caller's dict holds is not trusted: a value that is not a number in its field's range
+        (a status of ``"abc"``, a trace id of ``-5``, a token count of ``1e300``) reads as the default,
+        and text is cut to the middleware's lengths (route 256, model 128, tenant 64 characters), so
+        one bad end event cannot fail the meter's pass, and with it every other request's record."""
         if not m:
             return _NO_LABELS
-        return cls(str(m.get("route", "") or ""), str(m.get("http_method", "") or ""), int(m.get("status_code", 0) or 0),
-                   str(m.get("model", "") or ""), str(m.get("tenant", "") or ""), int(m.get("prompt_tokens", 0) or 0),
-                   int(m.get("output_tokens", 0) or 0), int(m.get("trace_id", 0) or 0), int(m.get("span_id", 0) or 0))
+        g = m.get
+        return cls(_text(g("route"), 256), _text(g("http_method"), 16), _int(g("status_code"), 999),
+                   _text(g("model"), 128), _text(g("tenant"), 64), _int(g("prompt_tokens"), _MAX_TOKENS),
+                   _int(g("output_tokens"), _MAX_TOKENS), _int(g("trace_id"), _MAX_TRACE), _int(g("span_id"), _MAX_SPAN))
+
+
+_MAX_TOKENS = 10**12
+_MAX_TRACE = 2**128 - 1
+_MAX_SPAN = 2**64 - 1
+
+
+def _text(v: Any, limit: int) -> str:
+    return str(v)[:limit] if v else ""
+
+
+def _int(v: Any, hi: int) -> int:
+    """``v`` as an int in ``[0, hi]``, else 0 (never raises)."""
+    if not v:
+        return 0
+    try:
+        i = int(v)
+    except (TypeError, ValueError, OverflowError):
+        return 0
+    return i if 0 <= i <= hi else 0
 
 
 _NO_LABELS = RequestLabels()

@@ -271,3 +271,23 @@ def test_an_idle_meter_passes_at_its_idle_period_and_a_begin_wakes_it():
     finally:
         m.close()
     assert [r.id for r in records] == ["a"] and records[0].energy_j > 0 and figures
+
+
+def test_a_hostile_end_mapping_gets_default_labels_and_blocks_no_other_record():
+    # meter.end(..., meta) takes a caller's dict: a status of "abc" made int() raise on the meter's
+    # thread, the pass failed and was retried for ever, and no request's record was ever made
+    with metered(constant_trace(), idle_w=40.0) as (m, got):
+        now = time.monotonic_ns()
+        m.begin("good", "gpu0", now)
+        m.begin("bad", "gpu0", now)
+        m.end("good", "gpu0", now + 20 * MS, {"route": "/a", "status_code": 200, "trace_id": 7})
+        m.end("bad", "gpu0", now + 20 * MS, {"route": "x" * 10_000, "status_code": "abc", "trace_id": -5,
+                                             "span_id": 2**80, "prompt_tokens": 1e300, "output_tokens": "many",
+                                             "model": ["not", "text"]})
+        assert m.flush(5)
+    recs = {r.id: r for r in got.records}
+    assert set(recs) == {"good", "bad"} and m.counters["pass_errors"] == 0
+    assert (recs["good"].status_code, recs["good"].trace_id) == (200, 7)
+    bad = recs["bad"]
+    assert (bad.status_code, bad.trace_id, bad.span_id, bad.prompt_tokens, bad.output_tokens) == (0, 0, 0, 0, 0)
+    assert len(bad.route) == 256
