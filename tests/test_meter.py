@@ -291,3 +291,30 @@ def test_a_hostile_end_mapping_gets_default_labels_and_blocks_no_other_record():
     bad = recs["bad"]
     assert (bad.status_code, bad.trace_id, bad.span_id, bad.prompt_tokens, bad.output_tokens) == (0, 0, 0, 0, 0)
     assert len(bad.route) == 256
+
+
+def test_a_pass_that_keeps_failing_settles_the_ended_requests_instead_of_holding_them_for_ever(monkeypatch):
+    # an attribution bug (or a reading the pass cannot handle) failed every pass and was retried for
+    # ever: no record was ever made again. After a streak of failures the ended requests are made
+    # final (with the energy attributed so far: none here), counted and logged; the meter goes on.
+    from wattspan.meter import core
+
+    with metered(constant_trace(), idle_w=40.0) as (m, got):
+        def broken(*a, **k):
+            raise RuntimeError("attribution bug")
+
+        monkeypatch.setattr(m, "_attribute", broken)
+        now = time.monotonic_ns()
+        m.begin("a", "gpu0", now)
+        m.end("a", "gpu0", now + 20 * MS, {"route": "/a"})
+        assert m.flush(10)
+        assert m.counters["pass_errors"] >= core._PASS_RETRIES
+        assert m.counters["settled_on_errors"] == 1 and m.counters.get("dropped_on_errors", 0) == 0
+        monkeypatch.undo()  # repaired: the next request is attributed as usual
+        now = time.monotonic_ns()
+        m.begin("b", "gpu0", now)
+        m.end("b", "gpu0", now + 20 * MS, {"route": "/b"})
+        assert m.flush(10)
+    recs = {r.id: r for r in got.records}
+    assert set(recs) == {"a", "b"}
+    assert recs["a"].energy_j == 0.0 and recs["b"].energy_j > 0

@@ -641,6 +641,7 @@ class Meter:
         # the sampler this meter made (not one handed in, maybe shared) polls rarely while the meter idles
         pace = getattr(self.sampler, "set_idle", None) if self._own_sampler else None
         idle = False
+        failed = 0  # passes failed in a row
         while not self._stop.wait(self.period_s):
             # idle: nothing queued or in flight here, nor in the other workers sharing the device (their events are
             # taken and our watermark sent on every tick all the same); passes then come every idle_period_s
@@ -657,11 +658,40 @@ class Meter:
             last = time.monotonic()
             try:
                 self._pass()
+                failed = 0
             except Exception:  # never let the meter thread die
                 self.counters["pass_errors"] += 1
-                log.exception("attribution pass failed; records will be retried")
+                failed += 1
+                if failed == 1 or failed % 100 == 0:  # a streak of failures is logged at its start, then rarely
+                    log.exception("attribution pass failed; records will be retried")
+                if failed % _PASS_RETRIES == 0:
+                    self._settle_on_errors()
             self._publish_balance()
             self._idle_pass.set()
+
+    def _settle_on_errors(self) -> None:
+        """After ``_PASS_RETRIES`` failed passes in a row: the requests that have ended are made
+        final with the energy attributed to them so far (counted in ``counters["settled_on_errors"]``), and where
+        even that fails they are dropped (``counters["dropped_on_errors"]``), each logged: one request
+        or reading the pass cannot handle must not hold every other record back for ever."""
+        table = self._table
+        done = [r for r in table.row.values() if table.end[r] is not None and not table.peer[r]]
+        if not done:
+            return
+        counters = self.counters
+        before = counters["records"]
+        try:
+            self._finalise([r for r in done if "," not in table.device[r]], max(table.end[r] or 0 for r in done), None)
+        except Exception:
+            log.exception("wattspan: settling requests after failed passes failed too")
+        settled = counters["records"] - before
+        left = [r for r in done if table.rid[r] is not None]
+        counters["settled_on_errors"] = counters.get("settled_on_errors", 0) + settled
+        if left:
+            table.remove(left)
+            counters["dropped_on_errors"] = counters.get("dropped_on_errors", 0) + len(left)
+        log.error("wattspan: %d attribution passes failed in a row; %d ended requests made final with the energy so far, "
+                  "%d dropped (counters settled_on_errors, dropped_on_errors)", _PASS_RETRIES, settled, len(left))
 
     def _peers_quiet(self) -> bool:
         """No peer has anything in flight on the device: true without peers; with them, after taking
@@ -1191,6 +1221,9 @@ class Meter:
         self._final_j += float(energy.sum())
         self._to_sinks(batch)
         table.remove(done)  # removed only now, so flush() waits for every sink
+
+
+_PASS_RETRIES = 8  # failed passes in a row (2 s at the default period) before the ended requests are settled
 
 
 def _labels(meta: Any) -> RequestLabels:
