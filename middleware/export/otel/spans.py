@@ -473,7 +473,7 @@ class EnergySpanProcessor(SpanProcessor):
         try:
             now = _monotonic()
             with self._lock:
-                pop, expected, early, gone, counts = self._held.pop, self._expected, self._early, self._gone, self._counts
+                pop, expected, gone, counts = self._held.pop, self._expected, self._gone, self._counts
                 closed, ttl = self._closed, now + self._early_ttl_s
                 for span_id, attrs in items:
                     item = pop(span_id, None)
@@ -486,12 +486,7 @@ class EnergySpanProcessor(SpanProcessor):
                             except Exception:
                                 self._fault("record_attributes failed for a record")
                                 continue
-                        early[span_id] = (dict(attrs) if type(attrs) is not dict else attrs, ttl)
-                        early.move_to_end(span_id)
-                        counts["early"] += 1
-                        if len(early) > self.max_held:
-                            early.popitem(last=False)
-                            counts["early_expired"] += 1
+                        self._keep_early_locked(span_id, dict(attrs) if type(attrs) is not dict else attrs, ttl)
                     elif span_id in gone:
                         counts["late"] += 1
                     else:
@@ -516,6 +511,17 @@ class EnergySpanProcessor(SpanProcessor):
                 out.append(self._original(span_id, item))  # never lose the span: on as it is
         self._forward(out)
 
+    def _keep_early_locked(self, span_id: int, attrs: dict[str, Any], ttl: float) -> None:
+        """A record that came before its span ended (rare): its attributes kept until the span ends or
+        ``ttl``; the oldest dropped past ``max_held`` (counted). Called with the lock held."""
+        early = self._early
+        early[span_id] = (attrs, ttl)
+        early.move_to_end(span_id)
+        self._counts["early"] += 1
+        if len(early) > self.max_held:
+            early.popitem(last=False)
+            self._counts["early_expired"] += 1
+
     def _resolve_rows(self, sids: Sequence[int], names: Sequence[tuple[str, ...]], rows: Sequence[tuple[Any, ...]]) -> None:
         """:meth:`_resolve_many` of a RecordBatch's records from their attribute columns
         (:func:`~wattspan.export.otel.attributes.batch_attributes`): record ``i`` (span ``sids[i]``, 0 for
@@ -528,7 +534,7 @@ class EnergySpanProcessor(SpanProcessor):
         try:
             now = _monotonic()
             with self._lock:
-                pop, expected, early, gone, counts = self._held.pop, self._expected, self._early, self._gone, self._counts
+                pop, expected, gone, counts = self._held.pop, self._expected, self._gone, self._counts
                 closed, ttl = self._closed, now + self._early_ttl_s
                 for i, span_id in enumerate(sids):
                     if not span_id:
@@ -538,12 +544,7 @@ class EnergySpanProcessor(SpanProcessor):
                         found.append(i)
                         entries.append(item)
                     elif span_id in expected and not closed:  # a record before its span ended (rare): its attributes kept
-                        early[span_id] = (dict(zip(names[i], rows[i])), ttl)
-                        early.move_to_end(span_id)
-                        counts["early"] += 1
-                        if len(early) > self.max_held:
-                            early.popitem(last=False)
-                            counts["early_expired"] += 1
+                        self._keep_early_locked(span_id, dict(zip(names[i], rows[i])), ttl)
                     elif span_id in gone:
                         counts["late"] += 1
                     else:
