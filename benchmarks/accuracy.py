@@ -170,19 +170,11 @@ def given_models(seeds: int, duration_s: float, sensors=PARALLEL_SENSORS) -> lis
     """A diagnostic of the pipeline rows: per-request errors with each GPU's own fit (as in the table) and
     with each GPU's step model fitted on 1 ms readings of the same run (``models=``), the rest unchanged:
     the model as fitted (its electrical lag with it) and fitted with the lag search off."""
-    from wattspan._sim_parallel import simulate_parallel
-
     rows = []
     for label, opts in (("PP-2, balanced, not overlapped", {}), ("PP-2 overlapped, unbalanced (45/55 %)", OVERLAPPED)):
         fine: dict = {}  # seed -> (run, requests, steps, truth, 1 ms models with the lag, without it)
         for seed in range(seeds):
-            sc = SCENARIOS[seed % len(SCENARIOS)]
-            pm = dataclasses.replace(LAWS["saturating"], between_steps_w=sc["between_steps_w"], tau_s=sc["tau_s"])
-            run = simulate_parallel(tp=1, pp=2, seed=seed, duration_s=duration_s, bursty=sc["bursty"],
-                                    rate_per_s=sc["rate_per_s"], idle_drift_w=sc["idle_drift_w"], power_model=pm, **opts)
-            req = Requests.from_records(run.requests)
-            steps = Steps.from_records(run.steps, req)
-            truth = np.array([run.truth[i]["energy_j"] for i in req.ids])
+            _, run, req, steps, truth = _pp2_run(seed, duration_s, opts)
             ms = []
             for on in (True, False):
                 _lag_search(on)
@@ -202,6 +194,19 @@ def given_models(seeds: int, duration_s: float, sensors=PARALLEL_SENSORS) -> lis
                          "given": float(np.quantile(np.concatenate(given), 0.95)),
                          "given_nolag": float(np.quantile(np.concatenate(given_nolag), 0.95))})
     return rows
+
+
+def _pp2_run(seed: int, duration_s: float, opts: dict):
+    """One PP-2 run of the ``saturating`` law in scenario ``seed``: (scenario, run, requests, steps, true J)."""
+    from wattspan._sim_parallel import simulate_parallel
+
+    sc = SCENARIOS[seed % len(SCENARIOS)]
+    pm = dataclasses.replace(LAWS["saturating"], between_steps_w=sc["between_steps_w"], tau_s=sc["tau_s"])
+    run = simulate_parallel(tp=1, pp=2, seed=seed, duration_s=duration_s, bursty=sc["bursty"],
+                            rate_per_s=sc["rate_per_s"], idle_drift_w=sc["idle_drift_w"], power_model=pm, **opts)
+    req = Requests.from_records(run.requests)
+    steps = Steps.from_records(run.steps, req)
+    return sc, run, req, steps, np.array([run.truth[i]["energy_j"] for i in req.ids])
 
 
 def given_table(rows: list[dict], seeds: int, duration_s: float) -> list[str]:
@@ -336,8 +341,6 @@ def lag_given_rows(seeds: int, duration_s: float, sensors=PARALLEL_SENSORS) -> l
     group's GPUs (one board model, one lag; the best lag on the grid, no margin), each stage's true timing."""
     import importlib
 
-    from wattspan._sim_parallel import simulate_parallel
-
     fit = importlib.import_module("wattspan.attribution.fit")
     rows = []
     for label, opts in (("PP-2, balanced, not overlapped", {}), ("PP-2 overlapped, unbalanced (45/55 %)", OVERLAPPED)):
@@ -345,13 +348,7 @@ def lag_given_rows(seeds: int, duration_s: float, sensors=PARALLEL_SENSORS) -> l
             errs: dict = {}
             chosen = []
             for seed in range(seeds):
-                sc = SCENARIOS[seed % len(SCENARIOS)]
-                pm = dataclasses.replace(LAWS["saturating"], between_steps_w=sc["between_steps_w"], tau_s=sc["tau_s"])
-                run = simulate_parallel(tp=1, pp=2, seed=seed, duration_s=duration_s, bursty=sc["bursty"],
-                                        rate_per_s=sc["rate_per_s"], idle_drift_w=sc["idle_drift_w"], power_model=pm, **opts)
-                req = Requests.from_records(run.requests)
-                steps = Steps.from_records(run.steps, req)
-                truth = np.array([run.truth[i]["energy_j"] for i in req.ids])
+                sc, run, req, steps, truth = _pp2_run(seed, duration_s, opts)
                 traces = {g: sense(r, name, seed=100 + 10 * seed + k) for k, (g, r) in enumerate(run.runs.items())}
                 try:
                     for key, mult in LAG_GIVEN:
