@@ -930,7 +930,8 @@ class Meter:
                         everyone, mine = rows, rows
                     else:
                         everyone = [r for r in live_rows if start_of[r] < cut]
-                        mine = [r for r in rows if "," not in (d := dev_of[r]) or d.startswith(dev + ",")]
+                        mine = [r for r in rows if "," not in (d := dev_of[r])
+                                or next((m for m in d.split(",") if m in infos), None) == dev]  # a group: its first metered member
                     for host in host_devs if mine else ():
                         self._attribute_host(host, cur, cut, everyone, mine)
             self._cursor[dev] = cut
@@ -1058,10 +1059,9 @@ class Meter:
             return
         if mine is everyone:
             self._table.host[np.asarray(mine, dtype=np.intp)] += res.energy_j
-        else:
+        else:  # mine is a subset of everyone (both: rows begun before the cut)
             at = {r: i for i, r in enumerate(everyone)}
-            idx = [at[r] for r in mine if r in at]
-            self._table.host[np.asarray([r for r in mine if r in at], dtype=np.intp)] += res.energy_j[np.asarray(idx, dtype=np.intp)]
+            self._table.host[np.asarray(mine, dtype=np.intp)] += res.energy_j[np.asarray([at[r] for r in mine], dtype=np.intp)]
 
     def _refit_due(self, dev: str, cut: int, busy: bool) -> bool:
         """Whether to refit ``dev`` in this pass (the rule is in the module's docstring); notes it if so."""
