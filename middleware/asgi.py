@@ -72,9 +72,25 @@ try:  # OpenTelemetry is optional: with it, the record is tied to the request's 
     _get_current_span = _otel_trace.get_current_span
     _NO_SPAN = _otel_trace.INVALID_SPAN
 
+    try:  # the SDK's span classes (the tracer makes its private subclass _Span), matched exactly
+        from opentelemetry.sdk import trace as _sdk_trace
+
+        _SDK_SPANS = frozenset({_sdk_trace.Span, getattr(_sdk_trace, "_Span", _sdk_trace.Span)})
+    except ImportError:  # pragma: no cover - the API without the SDK
+        _SDK_SPANS = frozenset()
+
     def _span_ids() -> tuple[int, int, Any]:  # noqa: F811
         span = _get_current_span()
         if span is _NO_SPAN:  # no tracing in this request (the common case without OpenTelemetry)
+            return 0, 0, None
+        if type(span) in _SDK_SPANS:
+            # The SDK's span, read as its own methods do (is_recording: no end time yet;
+            # get_span_context: its SpanContext, a tuple (trace_id, span_id, ..., is_valid)):
+            # one request start pays no property calls for it.
+            sdk_span: Any = span
+            ctx = sdk_span._context
+            if ctx[5] and sdk_span._end_time is None:
+                return ctx[0], ctx[1], span
             return 0, 0, None
         ctx = span.get_span_context()
         if ctx.is_valid and span.is_recording():
@@ -295,8 +311,8 @@ class _Window:
         self.root = scope.get("root_path", "")
         self.trace_id, self.span_id, span = _span_ids()
         meter = self.meter = mw._meter or mw.meter
-        if span is not None and meter.holds_spans:
-            meter.expect_span(self.span_id)
+        if span is not None:
+            meter.expect_span(self.span_id)  # nothing to do unless a sink holds spans
         meter.begin(self.id, self.device, _monotonic_ns())
         prov = meter.provisional  # wattspan.usage_energy() is in use: tally this request's steps
         if prov is not None:

@@ -339,3 +339,34 @@ def test_spans_still_waiting_for_the_exporter_at_shutdown_are_counted_and_logged
     assert "still waiting for room" in caplog.text
     got = [s.context.span_id for s in exporter.spans]
     assert len(got) == len(set(got)) and len(got) + st["export_dropped"] == 200  # each span sent once, or counted
+
+
+def test_the_middleware_reads_the_current_spans_ids_on_every_kind_of_span():
+    """The window's span lookup (a fast path for the SDK's own span classes, the API's methods
+    for any other span): the same ids, and none for a span that records nothing."""
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+
+    from wattspan.asgi import _span_ids
+
+    tracer = TracerProvider().get_tracer("t")
+    span = tracer.start_span("GET /")
+    ctx = span.get_span_context()
+    with trace.use_span(span, end_on_exit=False):
+        assert _span_ids() == (ctx.trace_id, ctx.span_id, span)
+    span.end()
+    with trace.use_span(span, end_on_exit=False):
+        assert _span_ids() == (0, 0, None)  # ended: on_end has run already, nothing to hold
+    remote = NonRecordingSpan(SpanContext(0x1234, 0x56, is_remote=True, trace_flags=TraceFlags(1)))
+    with trace.use_span(remote):
+        assert _span_ids() == (0, 0, None)  # not recording: no span of this process will end
+
+    class Mine(NonRecordingSpan):  # a span of another implementation, recording
+        def is_recording(self) -> bool:
+            return True
+
+    mine = Mine(SpanContext(0xABC, 0xDEF, is_remote=False))
+    with trace.use_span(mine):
+        assert _span_ids() == (0xABC, 0xDEF, mine)
+    assert _span_ids() == (0, 0, None)

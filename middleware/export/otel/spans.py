@@ -437,11 +437,14 @@ class EnergySpanProcessor(SpanProcessor):
 
     def expect(self, span_or_context: int | _trace_api.SpanContext | _trace_api.Span) -> None:
         """Mark a server span (its id, SpanContext or the Span) as metered: hold it at its end."""
-        try:
-            sid = _span_id_of(span_or_context)
-        except TypeError:
-            self._fault("EnergySpanProcessor.expect got a bad argument")
-            return
+        if type(span_or_context) is int:  # what the middleware passes, once per request
+            sid = span_or_context
+        else:
+            try:
+                sid = _span_id_of(span_or_context)
+            except TypeError:
+                self._fault("EnergySpanProcessor.expect got a bad argument")
+                return
         if not sid or self._closed:
             return
         # No lock: one insertion into an ordered dict is atomic (called on the event
@@ -668,8 +671,11 @@ class EnergySpanProcessor(SpanProcessor):
     def on_end(self, span: ReadableSpan) -> None:
         out: list[ReadableSpan] = []
         try:
-            ctx = span.context
-            sid = ctx.span_id if ctx is not None else 0
+            try:  # an SDK span's SpanContext tuple (trace_id, span_id, ...), read without its two properties
+                sid = span._context[1]  # type: ignore[index]
+            except (AttributeError, TypeError, IndexError):
+                ctx = span.context
+                sid = ctx.span_id if ctx is not None else 0
             if sid not in self._expected:  # not metered (inner spans): straight on, no lock, no copy
                 try:
                     self._downstream.on_end(span)
@@ -703,7 +709,7 @@ class EnergySpanProcessor(SpanProcessor):
                                 self._pending(osid, oentry, "pending_overflow", out)
                 else:
                     out.append(span)
-                self._expire_locked(now, out)
+                # (held spans past their deadline are the timer thread's to pass on: not the event loop's)
         except Exception:
             self._fault("EnergySpanProcessor.on_end failed; passing the span on as it is")
             if not out:
