@@ -107,6 +107,13 @@ LAYOUTS = (
     ("PP-2 overlapped, unbalanced (45/55 %), each stage's steps at its own timing", 1, 2, "steps", None, OVERLAPPED),
     ("PP-2 overlapped, unbalanced, whole micro-batches on the group", 1, 2, "group_steps", None, OVERLAPPED),
     ("PP-2 overlapped, unbalanced, stage windows modelled (the vLLM hook's `device=\"auto\"`)", 1, 2, "hook_steps", None, OVERLAPPED),
+    ("1 GPU, the board's lag given (`lag_s`, measured once on 1 ms readings)", 1, 1, "steps", None, {"lag": "measured"}),
+    ("PP-2, the board's lag given, each stage's steps at its own timing", 1, 2, "steps", None, {"lag": "measured"}),
+    ("PP-2, the board's lag given, stage windows modelled (`device=\"auto\"`)", 1, 2, "hook_steps", None, {"lag": "measured"}),
+    ("PP-2 overlapped, unbalanced, the board's lag given, each stage's steps at its own timing", 1, 2, "steps", None,
+     dict(OVERLAPPED, lag="measured")),
+    ("PP-2 overlapped, unbalanced, the board's lag given, stage windows modelled (`device=\"auto\"`)", 1, 2, "hook_steps", None,
+     dict(OVERLAPPED, lag="measured")),
     ("TP-2 x PP-2 (4 GPUs)", 2, 2, "steps", None, {}),
     ("TP-4 named as one GPU (`gpu0`, before device groups)", 4, 1, "steps", "gpu0", {}),
 )
@@ -130,6 +137,25 @@ def hook_steps(run) -> list[dict]:
     return out
 
 
+_BOARD_LAG: dict = {}
+
+
+def board_lag(seed: int) -> float:
+    """The electrical lag (s) of scenario ``seed``'s board as a user measures it once: the lag the fit finds on
+    1 ms readings (``ideal-1ms``) of a separate 10 s calibration run of one such GPU (another seed, steady load),
+    ``StepModel.lag_tau_s``; not the simulator's own value."""
+    if seed not in _BOARD_LAG:
+        sc = SCENARIOS[seed % len(SCENARIOS)]
+        pm = dataclasses.replace(LAWS["saturating"], between_steps_w=sc["between_steps_w"], tau_s=sc["tau_s"])
+        cal = simulate_server(seed=1000 + seed, duration_s=10.0, rate_per_s=sc["rate_per_s"], idle_drift_w=sc["idle_drift_w"],
+                              power_model=pm)
+        req = Requests.from_records(cal.requests)
+        res = attribute([sense(cal, "ideal-1ms", seed=2000 + seed)], req, Steps.from_records(cal.steps, req))
+        m = next(iter(res.devices.values())).model
+        _BOARD_LAG[seed] = float(m.lag_tau_s) if m is not None else 0.0
+    return _BOARD_LAG[seed]
+
+
 def parallel(seeds: int, duration_s: float, sensors=PARALLEL_SENSORS, layouts=LAYOUTS) -> list[dict]:
     """Multi-GPU engines (``wattspan._sim_parallel``): per layout x sensor, the share of the engine's true
     dynamic energy (all its GPUs) attributed to requests as dynamic, the share of its attributable energy
@@ -138,6 +164,8 @@ def parallel(seeds: int, duration_s: float, sensors=PARALLEL_SENSORS, layouts=LA
 
     rows = []
     for label, tp, pp, which, single, opts in layouts:
+        opts = dict(opts)
+        lag = opts.pop("lag", None)  # "measured": each GPU's fit given its board's lag (board_lag)
         for name in sensors:
             errs, dyn_got, dyn_true, e_got, e_true, wait_true = [], 0.0, 0.0, 0.0, 0.0, 0.0
             for seed in range(seeds):
@@ -151,7 +179,7 @@ def parallel(seeds: int, duration_s: float, sensors=PARALLEL_SENSORS, layouts=LA
                 req = Requests.from_records(rq)
                 steps = Steps.from_records(st, req)
                 traces = {g: sense(r, name, seed=100 + 10 * seed + k) for k, (g, r) in enumerate(run.runs.items())}
-                res = attribute(traces, req, steps)
+                res = attribute(traces, req, steps, lag_s=board_lag(seed) if lag else None)
                 truth = np.array([run.truth[i]["energy_j"] for i in req.ids])
                 errs.append(_err(res.energy_j, truth))
                 dyn_got += float(res.dynamic_j.sum())
