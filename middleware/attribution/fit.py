@@ -546,8 +546,8 @@ def _choose_lag(cum: _CumEnergy, trace: DeviceTrace, base: _StepFeatures | _Besi
 def _given_lag_fit(cum: _CumEnergy, trace: DeviceTrace, base: _StepFeatures | _Beside, idle_curve: _Piecewise, a: int, b: int,
                    rel: _Rel, fams: dict[str, tuple[int, ...]], tau: float, wait_col: int | None
                    ) -> tuple[float, _Rows | None, Selection | None]:
-    """The step model fitted through a given electrical lag ``tau`` (s), on readings at any interval:
-    ``(tau, rows, selection)``, or ``(0.0, None, None)`` for none.
+    """The step model fitted through a given electrical lag ``tau`` (s; 0: none, each step's energy
+    inside its window), on readings at any interval: ``(tau, rows, selection)``.
 
     A lag measured once on fine readings of the board (it is the board's, not the load's) where the
     device's own readings are too coarse to choose one (:func:`_choose_lag`). With the waits' terms
@@ -556,9 +556,7 @@ def _given_lag_fit(cum: _CumEnergy, trace: DeviceTrace, base: _StepFeatures | _B
     the steps' own duration term (a board waiting with clocks held draws no more than when it runs:
     the fit's column for it covers the steps' time too, so the steps' W is that plus what is left):
     where a stage waits about as long as it runs, coarse readings cannot split the two otherwise."""
-    if not tau > 0:
-        return 0.0, None, None
-    rows = _fit_rows(cum, trace, _with_lag(base, tau), idle_curve, a, b, rel, with_weights=True)
+    rows = _fit_rows(cum, trace, _with_lag(base, tau) if tau > 0 else base, idle_curve, a, b, rel, with_weights=True)
     if not len(rows[1]):
         return 0.0, None, None
     if wait_col is None:
@@ -789,7 +787,7 @@ def _batch_fit(cum: _CumEnergy, trace: DeviceTrace, steps: Steps, s_idx: np.ndar
                 sel_l = select_family(rows_l[0], rows_l[1], families=sel_fams or FAMILIES) if rows_l is not None else None
             if sel_l is not None and with_waits and not np.any(sel_l.coef[nb:]):
                 # through the lag the waits need no terms of their own (they were the steps' tails)
-                rows_l = _fit_rows(cum, trace, _with_lag(feats, tau), idle_curve, a, b, rel, with_weights=True)
+                rows_l = _fit_rows(cum, trace, _with_lag(feats, tau) if tau > 0 else feats, idle_curve, a, b, rel, with_weights=True)
                 sel_l = select_family(rows_l[0], rows_l[1]) if len(rows_l[1]) else None
                 if sel_l is not None:
                     with_waits, sel_steps, sel_fams = False, None, None
@@ -802,6 +800,8 @@ def _batch_fit(cum: _CumEnergy, trace: DeviceTrace, steps: Steps, s_idx: np.ndar
                 family, why = family[: -len("+wait")], why + "; with the waits' terms (W while waiting, J per wait)"
             if lag_tau > 0:
                 why += f"; through a {lag_tau * 1e3:.2g} ms electrical lag" + (" (given)" if lag_s is not None else "")
+            elif lag_s is not None:
+                why += "; no electrical lag (given)"
             model = StepModel(sel.coef, sel.r2, sel.rows, family, sel.cv_error, sel.cv_r2, why, sel.candidates, rates, lag_tau)
         else:
             # Too little to fit: every step costs in proportion to its duration.
