@@ -68,3 +68,34 @@ def test_a_bad_lag_is_refused(overlapped, bad):
         attribute(traces, req, steps, lag_s=bad)
     with pytest.raises(ValueError, match="lag_s"):
         attribute(traces, req, steps, lag_s={"gpu0": bad})
+
+
+def _cli(*args):
+    import os
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "wattspan.cli", *map(str, args)], capture_output=True, text=True,
+                          env=dict(os.environ), timeout=120)
+
+
+def test_the_command_line_takes_the_lag_in_ms(tmp_path, overlapped):
+    import json
+
+    from wattspan._sim_parallel import write_files
+
+    run = overlapped[0]
+    f = write_files(run, "counter-100ms", tmp_path)
+    base = ("attribute", "--trace", f["trace"], "--requests", f["requests"], "--batches", f["batches"], "--out", tmp_path / "out.jsonl")
+    p = _cli(*base, "--summary", tmp_path / "s.json", "--lag-ms", "4")
+    assert p.returncode == 0, p.stderr
+    devs = json.loads((tmp_path / "s.json").read_text())["devices"]
+    assert {g: d["model"]["lag_tau_s"] for g, d in devs.items()} == {"gpu0": pytest.approx(TAU), "gpu1": pytest.approx(TAU)}
+    assert "4 ms electrical lag (given)" in p.stderr + p.stdout
+    p = _cli(*base, "--summary", tmp_path / "s2.json", "--lag-ms", "gpu0=4, gpu1=0")
+    assert p.returncode == 0, p.stderr
+    devs = json.loads((tmp_path / "s2.json").read_text())["devices"]
+    assert devs["gpu0"]["model"]["lag_tau_s"] == pytest.approx(TAU) and devs["gpu1"]["model"]["lag_tau_s"] == 0
+    for bad in ("-1", "4ms", "gpu0=", "=4", "5000"):
+        p = _cli(*base, "--lag-ms", bad)
+        assert p.returncode == 2 and "--lag-ms" in p.stderr, (bad, p.stderr)
