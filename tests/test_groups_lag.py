@@ -99,3 +99,12 @@ def test_the_command_line_takes_the_lag_in_ms(tmp_path, overlapped):
     for bad in ("-1", "4ms", "gpu0=", "=4", "5000"):
         p = _cli(*base, "--lag-ms", bad)
         assert p.returncode == 2 and "--lag-ms" in p.stderr, (bad, p.stderr)
+
+
+def test_a_given_model_keeps_its_own_lag(overlapped):
+    run, req, steps, traces = overlapped
+    fitted = attribute(traces, req, steps, lag_s=TAU)
+    models = {g: d.model for g, d in fitted.devices.items()}
+    again = attribute(traces, req, steps, models=models, lag_s=2 * TAU)
+    assert all(again.devices[g].model.lag_tau_s == TAU for g in models)
+    np.testing.assert_allclose(again.energy_j, attribute(traces, req, steps, models=models).energy_j)

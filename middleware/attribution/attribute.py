@@ -80,7 +80,8 @@ def attribute(
     device's board (first-order time constant, s; one value, or per device), measured
     once on fine readings of the same GPU model: the step model is then fitted through
     it on the device's own readings, at any interval, instead of the lag being searched
-    (readings over 50 ms apart cannot show one); 0 for none.
+    (readings over 50 ms apart cannot show one); 0 for none. A device given a model
+    keeps that model's lag.
     """
     if lag_s is not None:
         for v in (lag_s.values() if isinstance(lag_s, Mapping) else (lag_s,)):
