@@ -406,8 +406,9 @@ def lag_given_table(rows: list[dict], seeds: int, duration_s: float) -> list[str
     cols = [k for k, _ in LAG_GIVEN]
     lines = [f"### The electrical lag on coarse readings ({seeds} scenarios x {duration_s:g} s, each stage's true timing)",
              "",
-             "p95 per-request error with the simulator's lag (2, 4 or 8 ms) given to each GPU's fit, its step and wait",
-             "coefficients still fitted on the coarse readings through that lag (a diagnostic: the fit has no such input),",
+             "p95 per-request error with the simulator's lag (2, 4 or 8 ms) put in place of the fit's own lag choice, its step and",
+             "both wait terms still fitted on the coarse readings through that lag (a diagnostic; `attribute(..., lag_s=...)`",
+             "instead leaves the J-per-wait term to the lag and bounds the waits' held power: the main table's \"lag given\" rows),",
              "and with the lag chosen on the coarse readings themselves by the fit's own search, the held-out scores of",
              "each lag summed over the stages' GPUs (one board model, one lag) and the best kept with no margin.",
              "\"chosen / true\": that lag over the simulator's, lowest and highest over the scenarios (0: none).",
