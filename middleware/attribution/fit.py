@@ -543,6 +543,40 @@ def _choose_lag(cum: _CumEnergy, trace: DeviceTrace, base: _StepFeatures | _Besi
     return 0.0, None, scores
 
 
+def _given_lag_fit(cum: _CumEnergy, trace: DeviceTrace, base: _StepFeatures | _Beside, idle_curve: _Piecewise, a: int, b: int,
+                   rel: _Rel, fams: dict[str, tuple[int, ...]], tau: float, wait_col: int | None
+                   ) -> tuple[float, _Rows | None, Selection | None]:
+    """The step model fitted through a given electrical lag ``tau`` (s; 0: none, each step's energy
+    inside its window), on readings at any interval: ``(tau, rows, selection)``.
+
+    A lag measured once on fine readings of the board (it is the board's, not the load's) where the
+    device's own readings are too coarse to choose one (:func:`_choose_lag`). With the waits' terms
+    (``wait_col``: the first, W while waiting), the J-per-wait term is left out (it stands for each
+    step's electrical tail, which the lag now places) and the power held in a wait is bounded by
+    the steps' own duration term (a board waiting with clocks held draws no more than when it runs:
+    the fit's column for it covers the steps' time too, so the steps' W is that plus what is left):
+    where a stage waits about as long as it runs, coarse readings cannot split the two otherwise."""
+    rows = _fit_rows(cum, trace, _with_lag(base, tau) if tau > 0 else base, idle_curve, a, b, rel, with_weights=True)
+    if not len(rows[1]):
+        return 0.0, None, None
+    if wait_col is None:
+        return tau, rows, select_family(rows[0], rows[1], families=fams)
+    fams = {k: tuple(c for c in v if c != wait_col + 1) for k, v in fams.items()}
+    A2 = rows[0].copy()
+    A2[:, wait_col] += A2[:, 0]  # the held power is drawn under the steps too (BASIS[0]: duration)
+    sel = select_family(A2, rows[1], families=fams)
+    if sel is None:
+        return tau, rows, None
+
+    def back(v: np.ndarray) -> np.ndarray:  # to the rows' own columns: the steps' W is both
+        out = np.array(v, dtype=np.float64, copy=True)
+        out[..., 0] += out[..., wait_col]
+        return out
+
+    return tau, rows, dataclasses.replace(sel, coef=back(sel.coef), boot=None if sel.boot is None else back(sel.boot),
+                                          fits=None if sel.fits is None else {k: back(v) for k, v in sel.fits.items()})
+
+
 def _lag_free_excess(cum: _CumEnergy, trace: DeviceTrace, inner: _Features, coef_fit: np.ndarray, idle_curve: _Piecewise,
                      a: int, b: int, rel: _Rel, step_ns: float, spacing: float) -> int:
     """The readings' error correlation beyond two steps (readings), with the model's residuals
@@ -668,9 +702,10 @@ _WAIT_SHARE = 0.1  # waits this share of the in-flight time or more: the device 
 
 
 def _batch_fit(cum: _CumEnergy, trace: DeviceTrace, steps: Steps, s_idx: np.ndarray, requests: Requests, ridx: np.ndarray,
-               seg: _Segments, idle_curve: _Piecewise, a: int, b: int, reconcile_s: float | None, model: StepModel | None
-               ) -> tuple[np.ndarray, float, dict[str, Any], _Spread]:
-    """Dynamic energy per request of one device by the batch-fit method."""
+               seg: _Segments, idle_curve: _Piecewise, a: int, b: int, reconcile_s: float | None, model: StepModel | None,
+               lag_s: float | None = None) -> tuple[np.ndarray, float, dict[str, Any], _Spread]:
+    """Dynamic energy per request of one device by the batch-fit method. ``lag_s``: the board's
+    electrical lag (s), measured elsewhere, fitted through instead of searched (:func:`_given_lag_fit`)."""
     st_ns = steps.start_ns[s_idx]
     en_ns = steps.end_ns[s_idx]
     x4 = step_features(steps, s_idx)
@@ -743,12 +778,16 @@ def _batch_fit(cum: _CumEnergy, trace: DeviceTrace, steps: Steps, s_idx: np.ndar
             # The electrical lag, where the readings are fine enough to show it: the family
             # chosen is refitted through each lag tried, one that predicts held-out readings
             # clearly better is kept and the family chosen again through it.
-            tau, rows_l, _ = _choose_lag(cum, trace, fit_feats if with_waits else feats, idle_curve, a, b, rel, sel,
-                                         sel_fams or families, t_row)
-            sel_l = select_family(rows_l[0], rows_l[1], families=sel_fams or FAMILIES) if rows_l is not None else None
+            if lag_s is not None:
+                tau, rows_l, sel_l = _given_lag_fit(cum, trace, fit_feats if with_waits else feats, idle_curve, a, b, rel,
+                                                    sel_fams or FAMILIES, lag_s, nb if with_waits else None)
+            else:
+                tau, rows_l, _ = _choose_lag(cum, trace, fit_feats if with_waits else feats, idle_curve, a, b, rel, sel,
+                                             sel_fams or families, t_row)
+                sel_l = select_family(rows_l[0], rows_l[1], families=sel_fams or FAMILIES) if rows_l is not None else None
             if sel_l is not None and with_waits and not np.any(sel_l.coef[nb:]):
                 # through the lag the waits need no terms of their own (they were the steps' tails)
-                rows_l = _fit_rows(cum, trace, _with_lag(feats, tau), idle_curve, a, b, rel, with_weights=True)
+                rows_l = _fit_rows(cum, trace, _with_lag(feats, tau) if tau > 0 else feats, idle_curve, a, b, rel, with_weights=True)
                 sel_l = select_family(rows_l[0], rows_l[1]) if len(rows_l[1]) else None
                 if sel_l is not None:
                     with_waits, sel_steps, sel_fams = False, None, None
@@ -760,7 +799,9 @@ def _batch_fit(cum: _CumEnergy, trace: DeviceTrace, steps: Steps, s_idx: np.ndar
             if with_waits:  # the steps' family, the wait terms beside it (StepModel.wait_coef)
                 family, why = family[: -len("+wait")], why + "; with the waits' terms (W while waiting, J per wait)"
             if lag_tau > 0:
-                why += f"; through a {lag_tau * 1e3:.2g} ms electrical lag"
+                why += f"; through a {lag_tau * 1e3:.2g} ms electrical lag" + (" (given)" if lag_s is not None else "")
+            elif lag_s is not None:
+                why += "; no electrical lag (given)"
             model = StepModel(sel.coef, sel.r2, sel.rows, family, sel.cv_error, sel.cv_r2, why, sel.candidates, rates, lag_tau)
         else:
             # Too little to fit: every step costs in proportion to its duration.

@@ -56,6 +56,9 @@ def _build_parser() -> argparse.ArgumentParser:
     a.add_argument("--idle", default="estimate", help="idle baseline in watts, or 'estimate' (default)")
     a.add_argument("--power-kind", choices=["instant", "average"], default="instant", help="what power_w is: an instant reading (default) or an average over --power-window-s")
     a.add_argument("--power-window-s", type=float, default=1.0, help="averaging window of power_w when --power-kind average (default 1.0 s)")
+    a.add_argument("--lag-ms", default=None,
+                   help="the boards' electrical lag in ms, measured once on fine readings (one value, or gpu0=4,gpu1=4; 0: none): "
+                        "the step model is fitted through it instead of searching one (default: searched where readings are 50 ms apart or closer)")
     carbon_options(a)
 
     d = sub.add_parser("demo", help="serve a real model on the CPU, meter it, drive a short load, print per-endpoint energy and CO2e")
