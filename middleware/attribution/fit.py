@@ -755,6 +755,19 @@ def _batch_fit(cum: _CumEnergy, trace: DeviceTrace, steps: Steps, s_idx: np.ndar
             if sel_l is not None and rows_l is not None and np.any(sel_l.coef):
                 sel, lag_tau = sel_l, tau
                 A, y, w_row, t_row, overlap, len_row = rows_l
+        if (sel is not None and np.any(sel.coef) and cum.source != "energy-counter" and _part_time(trace, len_row)
+                and len(y) >= 40):
+            # Part-time readings err by the spread of the power inside their interval (where
+            # the covered slice fell is unknown): a reading across a prefill's edge says far
+            # less than one inside steady decoding. Refit by weighted least squares, each
+            # reading by the inverse of its expected squared error (its modelled power's
+            # spread inside the interval, and a share of its level), both fitted on the first
+            # fit's residuals.
+            sw = _part_time_weights(A, y, sel.coef, x, feats, rel, t_row, len_row)
+            if sw is not None:
+                sel_g = select_family(A * sw[:, None], y * sw, families=sel_fams or FAMILIES)
+                if sel_g is not None and np.any(sel_g.coef):
+                    sel = sel_g
         if sel is not None and np.any(sel.coef):
             family, why = sel.family, sel.why
             if with_waits:  # the steps' family, the wait terms beside it (StepModel.wait_coef)
@@ -1482,6 +1495,35 @@ def _part_time(trace: DeviceTrace, len_row: np.ndarray) -> bool:
     are their spacing: power_points' test (fresh values more than 5 ms apart) without its cost."""
     return (trace.power_kind == SampleKind.INSTANT and trace.power_w is not None and len(len_row) > 0
             and float(np.median(len_row[:: max(1, len(len_row) // 10_000)])) > _PART_TIME_NS)
+
+
+def _part_time_weights(A: np.ndarray, y: np.ndarray, coef: np.ndarray, x: np.ndarray, feats: _StepFeatures, rel: _Rel,
+                       t_row: np.ndarray, len_row: np.ndarray) -> np.ndarray | None:
+    """Square roots of the least-squares weights of part-time readings (see :func:`_part_time`),
+    or None. A reading covering an unknown slice of its interval errs about the interval's mean
+    power by the spread of the power inside it: its expected squared error is taken as
+    ``a + b * P^2 + c * V``, ``P`` the modelled mean power over the interval and ``V`` the
+    modelled power's variance inside it (W^2), the three fitted (non-negative) on the squared
+    residuals of the unweighted fit ``coef``. Weights are the inverse, floored at a tenth of the
+    median error (no reading counts more than ten typical ones)."""
+    nb = x.shape[1]
+    p = A @ coef
+    r2 = (y - p) ** 2
+    e_mod = x @ coef[:nb]
+    t_rel = rel(t_row)
+    span = np.maximum(len_row * _NS, 1e-12)
+    mq = _interval_mass(feats, np.column_stack((e_mod, e_mod**2 / np.maximum(feats.dur, 1e-12))), t_rel - span, t_rel)
+    mean_p = mq[:, 0] / span
+    var_p = np.maximum(mq[:, 1] / span - mean_p**2, 0.0)
+    X = np.column_stack((np.ones(len(y)), p**2, var_p))
+    keep = r2 <= np.quantile(r2, 0.99)  # a burst the model never saw sets no weight
+    v = nnls(X[keep], r2[keep])
+    s2 = X @ v
+    med = float(np.median(s2))
+    if not med > 0 or not v[2] > 0:
+        return None
+    out: np.ndarray = 1.0 / np.sqrt(np.maximum(s2, 0.1 * med))
+    return out * math.sqrt(med)
 
 
 def _edge_var(r: np.ndarray, p: np.ndarray) -> float:
