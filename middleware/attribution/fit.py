@@ -694,6 +694,7 @@ def _batch_fit(cum: _CumEnergy, trace: DeviceTrace, steps: Steps, s_idx: np.ndar
 
     # 1. Fit: every reading is a linear function of the steps it overlaps; the
     #    family of step terms is chosen by blocked cross-validation in time.
+    cum_in, trace_in = cum, trace  # as read (before any stale-reading shift of the counter)
     A, y, w_row, t_row, overlap, len_row = _fit_rows(cum, trace, feats, idle_curve, a, b, rel, with_weights=True)
     shift_ns = 0
     sel = None
@@ -768,6 +769,16 @@ def _batch_fit(cum: _CumEnergy, trace: DeviceTrace, steps: Steps, s_idx: np.ndar
                 sel_g = select_family(A * sw[:, None], y * sw, families=sel_fams or FAMILIES)
                 if sel_g is not None and np.any(sel_g.coef):
                     sel = sel_g
+        if (sel is not None and np.any(sel.coef) and cum.source == "energy-counter" and trace_in.power_w is not None
+                and trace_in.power_kind == SampleKind.INSTANT and len(y) >= 40 and _STACK):
+            # A counter with part-time power beside it: the counter's deltas hold every joule
+            # but their edges sit at refreshes of unknown, drifting phase; the power readings
+            # are on time but each covers an unknown slice of its interval. Both are linear in
+            # the same step terms: fit on both, in time order, each reading weighted by the
+            # inverse of its expected squared error (the counter's from its residuals, the
+            # power readings' as above). The counter alone still reconciles the windows.
+            sel = _with_power_rows(sel, A, y, t_row, cum_in, trace_in, feats, fit_feats if with_waits else feats,
+                                   lag_tau, idle_curve, a, b, rel, x, sel_fams or FAMILIES)
         if sel is not None and np.any(sel.coef):
             family, why = sel.family, sel.why
             if with_waits:  # the steps' family, the wait terms beside it (StepModel.wait_coef)
@@ -1498,7 +1509,7 @@ def _part_time(trace: DeviceTrace, len_row: np.ndarray) -> bool:
 
 
 def _part_time_weights(A: np.ndarray, y: np.ndarray, coef: np.ndarray, x: np.ndarray, feats: _StepFeatures, rel: _Rel,
-                       t_row: np.ndarray, len_row: np.ndarray) -> np.ndarray | None:
+                       t_row: np.ndarray, len_row: np.ndarray, normalise: bool = True) -> np.ndarray | None:
     """Square roots of the least-squares weights of part-time readings (see :func:`_part_time`),
     or None. A reading covering an unknown slice of its interval errs about the interval's mean
     power by the spread of the power inside it: its expected squared error is taken as
@@ -1523,7 +1534,34 @@ def _part_time_weights(A: np.ndarray, y: np.ndarray, coef: np.ndarray, x: np.nda
     if not med > 0 or not v[2] > 0:
         return None
     out: np.ndarray = 1.0 / np.sqrt(np.maximum(s2, 0.1 * med))
-    return out * math.sqrt(med)
+    return out * math.sqrt(med) if normalise else out
+
+
+_STACK = True
+
+
+def _with_power_rows(sel: Selection, A: np.ndarray, y: np.ndarray, t_row: np.ndarray, cum: _CumEnergy, trace: DeviceTrace,
+                     feats: _StepFeatures, base: _StepFeatures | _Beside, lag_tau: float, idle_curve: _Piecewise, a: int, b: int,
+                     rel: _Rel, x: np.ndarray, families: dict[str, tuple[int, ...]]) -> Selection:
+    """The selection refitted on a counter's rows and the part-time power readings beside it
+    (see the caller), or ``sel`` unchanged where the power readings are not part-time."""
+    tr_p = dataclasses.replace(trace, energy_j=None)
+    cum_p = _CumEnergy.from_trace(tr_p)
+    f_p: _Features = _with_lag(base, lag_tau) if lag_tau > 0 else base
+    A_p, y_p, _, t_p, _, len_p = _fit_rows(cum_p, tr_p, f_p, idle_curve, a, b, rel, with_weights=True)
+    if len(y_p) < 40 or not _part_time(tr_p, len_p):
+        return sel
+    sw = _part_time_weights(A_p, y_p, sel.coef, x, feats, rel, t_p, len_p, normalise=False)
+    r_c = y - A @ sel.coef
+    var_c = float(np.mean(np.minimum(r_c**2, np.quantile(r_c**2, 0.99))))
+    if sw is None or not var_c > 0:
+        return sel
+    t_all = np.concatenate((t_row, t_p))
+    o = np.argsort(t_all, kind="stable")
+    A_s = np.vstack((A / math.sqrt(var_c), A_p * sw[:, None]))[o]
+    y_s = np.concatenate((y / math.sqrt(var_c), y_p * sw))[o]
+    sel_s = select_family(A_s, y_s, families=families)
+    return sel_s if sel_s is not None and np.any(sel_s.coef) else sel
 
 
 def _edge_var(r: np.ndarray, p: np.ndarray) -> float:
