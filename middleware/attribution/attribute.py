@@ -163,11 +163,13 @@ def attribute(
         summary_extra: dict[str, Any] = {}
 
         s_idx = np.flatnonzero(step_dev == dev) if steps is not None else np.empty(0, dtype=np.int64)
+        fit_rel = _IDLE_REL
         if len(s_idx) and steps is not None and idle_source == "low-quantile":
             # Never idle: a low quantile of the readings still holds dynamic power.
             # Fit the baseline as the intercept of the step model instead.
-            fit_w = _fit_idle(cum, trace, steps, s_idx, requests, a, b, seg)
-            if fit_w is not None:
+            fitted = _fit_idle(cum, trace, steps, s_idx, requests, a, b, seg)
+            if fitted is not None:
+                fit_w, fit_rel = fitted
                 idle_curve = _Piecewise(np.array([a, b], dtype=np.int64), np.array([fit_w, fit_w]))
                 idle_source = "fit-intercept"
                 idle_seg = idle_curve.over(seg.edges)
@@ -213,7 +215,11 @@ def attribute(
         # The idle baseline's error moves joules between idle and dynamic inside each measured
         # window: a request gains the idle it was given and loses its dynamic share of the
         # same joules, net: its time share less its dynamic share of the window's idle.
-        rel_idle = idle_rel_sd(trace, busy, starts + (ends - starts) // 2, (a, b)) if idle_source == "idle-periods" else None  # no int64 overflow
+        rel_idle: np.ndarray | float | None = None
+        if idle_source == "idle-periods":
+            rel_idle = idle_rel_sd(trace, busy, starts + (ends - starts) // 2, (a, b))  # no int64 overflow
+        elif idle_source == "fit-intercept":
+            rel_idle = fit_rel  # the intercept's own spread: the device never idled
         k_id = float(idle_share.sum() / dyn.sum()) if len(s_idx) and float(dyn.sum()) > 0 else 0.0
         half_idle[rsel] = (_IDLE_REL if rel_idle is None else rel_idle) * np.abs(idle_share - k_id * dyn)
         dynamic[rsel] += dyn

@@ -604,6 +604,36 @@ def _lag_split(fit_feats: _Features, coef: np.ndarray, e_rel: np.ndarray, scale:
     return h(hi) - h(lo), h(w_hi) - h(w_lo), float(cum_h[-1])
 
 
+#: The electrical lag the band allows for where the readings are too coarse to show one (s): a
+#: board's response of a few ms (voltage regulators, clock ramps; the H100 figure of
+#: :class:`wattspan.sources.power_model.PowerModel`). The truth is taken to lie anywhere
+#: between the split without a lag and the split through this one.
+_UNSEEN_LAG_S = 0.004
+
+
+def _lag_departure(feats: _StepFeatures, coef: np.ndarray, e_rel: np.ndarray, edges: np.ndarray, w_meas: np.ndarray,
+                   lo: np.ndarray, hi: np.ndarray, w_st: np.ndarray, w_en: np.ndarray, rel: _Rel, r0: float, r1: float,
+                   e_s: np.ndarray, e_r: np.ndarray, share: np.ndarray, on_dev: np.ndarray, n_req: int, dyn: np.ndarray,
+                   seg: _Segments) -> np.ndarray:
+    """Per request, how far its steps' dynamic energy (J) moves when the same model is read through
+    a first-order lag of ``_UNSEEN_LAG_S`` and reconciled over the same windows: each step's energy
+    inside its own span is its requests', what falls in a wait is shared by time among those in
+    flight (as :func:`_lag_split` and step 5c do). ``dyn``: the requests' energy without the lag."""
+    lagged = _with_lag(feats, _UNSEEN_LAG_S)
+    w_pred = np.diff(lagged.mass(rel(edges)), axis=0) @ coef
+    ok = (w_pred > 1e-12) & (w_meas > 0)
+    scale = np.where(ok, w_meas / np.where(ok, w_pred, 1.0), 0.0)
+    w_lo, w_hi = np.clip(rel(w_st), r0, r1), np.clip(rel(w_en), r0, r1)
+    e_step, e_tail, _ = _lag_split(lagged, coef, e_rel, scale, lo, hi, w_lo, w_hi)
+    w, r, s = (share, e_r, e_s) if bool(on_dev.all()) else (share[on_dev], e_r[on_dev], e_s[on_dev])
+    got = np.bincount(r, weights=e_step[s] * w, minlength=n_req)
+    if len(w_st):
+        tf = _StepFeatures(e_tail[:, None], w_lo, w_lo + np.maximum(w_hi - w_lo, 1e-12))
+        got = got + seg.share_weighted(np.diff(tf.mass(rel(seg.edges))[:, 0]))[0]
+    out: np.ndarray = np.abs(got - dyn)
+    return out
+
+
 def step_features(steps: Steps, s_idx: np.ndarray) -> np.ndarray:
     """Per-step features (see :data:`FEATURES`) for the steps ``s_idx``.
 
@@ -729,6 +759,7 @@ def _batch_fit(cum: _CumEnergy, trace: DeviceTrace, steps: Steps, s_idx: np.ndar
 
     # 1. Fit: every reading is a linear function of the steps it overlaps; the
     #    family of step terms is chosen by blocked cross-validation in time.
+    cum_in, trace_in = cum, trace  # as read (before any stale-reading shift of the counter)
     A, y, w_row, t_row, overlap, len_row = _fit_rows(cum, trace, feats, idle_curve, a, b, rel, with_weights=True)
     shift_ns = 0
     sel = None
@@ -794,6 +825,29 @@ def _batch_fit(cum: _CumEnergy, trace: DeviceTrace, steps: Steps, s_idx: np.ndar
             if sel_l is not None and rows_l is not None and np.any(sel_l.coef):
                 sel, lag_tau = sel_l, tau
                 A, y, w_row, t_row, overlap, len_row = rows_l
+        if (sel is not None and np.any(sel.coef) and cum.source != "energy-counter" and _part_time(trace, len_row)
+                and len(y) >= 40):
+            # Part-time readings err by the spread of the power inside their interval (where
+            # the covered slice fell is unknown): a reading across a prefill's edge says far
+            # less than one inside steady decoding. Refit by weighted least squares, each
+            # reading by the inverse of its expected squared error (its modelled power's
+            # spread inside the interval, and a share of its level), both fitted on the first
+            # fit's residuals.
+            sw = _part_time_weights(A, y, sel.coef, x, feats, rel, t_row, len_row)
+            if sw is not None:
+                sel_g = select_family(A * sw[:, None], y * sw, families=sel_fams or FAMILIES)
+                if sel_g is not None and np.any(sel_g.coef):
+                    sel = sel_g
+        if (sel is not None and np.any(sel.coef) and cum.source == "energy-counter" and trace_in.power_w is not None
+                and trace_in.power_kind == SampleKind.INSTANT and len(y) >= 40 and _STACK):
+            # A counter with part-time power beside it: the counter's deltas hold every joule
+            # but their edges sit at refreshes of unknown, drifting phase; the power readings
+            # are on time but each covers an unknown slice of its interval. Both are linear in
+            # the same step terms: fit on both, in time order, each reading weighted by the
+            # inverse of its expected squared error (the counter's from its residuals, the
+            # power readings' as above). The counter alone still reconciles the windows.
+            sel = _with_power_rows(sel, A, y, t_row, cum_in, trace_in, feats, fit_feats if with_waits else feats,
+                                   lag_tau, idle_curve, a, b, rel, x, sel_fams or FAMILIES)
         if sel is not None and np.any(sel.coef):
             family, why = sel.family, sel.why
             if with_waits:  # the steps' family, the wait terms beside it (StepModel.wait_coef)
@@ -930,6 +984,15 @@ def _batch_fit(cum: _CumEnergy, trace: DeviceTrace, steps: Steps, s_idx: np.ndar
     k_win = np.clip(np.searchsorted(e_rel, feats.st, side="right") - 1, 0, len(scale) - 1)  # each step's window
     spread: tuple[Any, ...] = _dyn_spread(sel, coef, x, np.where(feats.dur > 0, scale_span / np.where(feats.dur > 0, feats.dur, 1.0), 0.0),
                          e_s, e_r, share, on_dev, len(ridx), k_win)
+    if (not lag_tau > 0 and len(t_row) > 2 and _typical_interval(t_row) > _LAG_READING_NS
+            and _sequential(st_ns, en_ns)):
+        # 4c. An electrical lag the readings are too coarse to show (see _choose_lag) moves part of
+        #     each step's energy into the next step or wait: the truth may lie anywhere between the
+        #     split without one and the split through one as long as a board's lag can be.
+        d_lag = _lag_departure(feats, coef, e_rel, edges, w_meas, lo, hi, w_st, w_en, rel, e_rel[0], e_rel[-1],
+                               e_s, e_r, share, on_dev, len(ridx), dyn, seg)
+    else:
+        d_lag = None
     # Per request: sum over its steps of (its share of the step's energy)^2, for the step-noise term.
     s2 = np.bincount(e_r, weights=val**2, minlength=len(ridx)) if all_on else np.bincount(
         e_r[on_dev], weights=(e_step[e_s[on_dev]] * share[on_dev]) ** 2, minlength=len(ridx))
@@ -940,6 +1003,11 @@ def _batch_fit(cum: _CumEnergy, trace: DeviceTrace, steps: Steps, s_idx: np.ndar
                                                   (rel(np.clip(requests.start_ns[ridx], a, b)),
                                                    rel(np.clip(requests.end_ns[ridx], a, b))),
                                                   cum.source == "energy-counter", alias_row))
+    if d_lag is not None:
+        if noise is not None and noise.get("exposure") is not None:
+            noise["exposure"]["lag"] = d_lag
+        else:
+            spread = (spread[0], np.sqrt(spread[1] ** 2 + d_lag**2))
     spread = (*spread, s2, noise)
     extra_noise = {k: v for k, v in noise.items() if k != "exposure"} if noise is not None else None
 
@@ -1020,7 +1088,7 @@ def _prefer_power(cum: _CumEnergy, trace: DeviceTrace, steps: Steps, s_idx: np.n
 
 
 def _fit_idle(cum: _CumEnergy, trace: DeviceTrace, steps: Steps, s_idx: np.ndarray, requests: Requests, a: int, b: int,
-              seg: _Segments | None = None) -> float | None:
+              seg: _Segments | None = None) -> tuple[float, float] | None:
     """The idle baseline (W) as the intercept of the step-model regression, or None. With the
     in-flight segments ``seg``, a device that waits a material part of its busy time (a pipeline
     stage) has its waits' terms beside the steps' (held clocks in the bubble are no idle power)."""
@@ -1038,8 +1106,49 @@ def _fit_idle(cum: _CumEnergy, trace: DeviceTrace, steps: Steps, s_idx: np.ndarr
     A, y, one = _fit_rows(cum, trace, feats, zero, a, b, rel, with_time=True)
     if len(y) < 4 * (x.shape[1] + 1):
         return None
-    coef = nnls(np.column_stack((one, A)), y)
-    return float(coef[0]) if coef[0] > 0 else None
+    X = np.column_stack((one, A))
+    coef = nnls(X, y)
+    if not coef[0] > 0:
+        return None
+    w = float(coef[0])
+    rel_sd = _intercept_rel_sd(X, y, coef)
+    # The intercept is told apart from the steps' watts only through the step terms: a law the
+    # four terms miss moves it. The same intercept under the other step families that predict
+    # held-out readings about as well: the truth may lie anywhere between them.
+    x9, _ = basis(x)
+    A9, y9, one9 = _fit_rows(cum, trace, _StepFeatures(x9, steps_f.st, steps_f.en), zero, a, b, rel, with_time=True)
+    X9 = np.column_stack((one9, A9))
+    got: dict[str, tuple[float, float]] = {}
+    for name, cols in FAMILIES.items():
+        c9 = (0, *(1 + c for c in cols))
+        cv = _cv_error(X9, y9, c9)
+        if math.isfinite(cv):
+            got[name] = (cv, float(nnls(X9[:, list(c9)], y9)[0]))
+    if got:
+        best = min(v[0] for v in got.values())
+        ws = [v[1] for v in got.values() if v[0] <= 1.25 * best] + [w]
+        dep = max(ws) - min(ws)
+        rel_sd = min(1.0, math.sqrt(rel_sd**2 + (dep / w) ** 2 / 3.0))
+    return w, rel_sd
+
+
+def _intercept_rel_sd(X: np.ndarray, y: np.ndarray, coef: np.ndarray) -> float:
+    """Relative standard error of the fitted idle intercept (``coef[0]``, column 0 of ``X``): the
+    least-squares standard error over the terms the non-negative fit kept. Where the device
+    never idles the intercept is told apart from the steps' own watts only by how their mix
+    varies, and it can be off by far more than the baseline drifts."""
+    P = np.flatnonzero(coef > 0)
+    n = len(y)
+    if coef[0] <= 0 or n <= len(P) + 2:
+        return _IDLE_REL
+    Xp = X[:, P]
+    rss = float(np.sum((y - X @ coef) ** 2))
+    try:
+        inv = np.linalg.inv(Xp.T @ Xp)
+    except np.linalg.LinAlgError:
+        return 1.0
+    se = math.sqrt(max(rss / (n - len(P)), 0.0) * max(float(inv[0, 0]), 0.0))
+    return float(max(_IDLE_REL, min(1.0, se / float(coef[0]))))
 
 
 @overload
@@ -1257,7 +1366,9 @@ def _dyn_sd_components(dyn: np.ndarray, var: np.ndarray, noise: dict[str, Any], 
     (see :func:`_request_components`); ``var``: the coefficients' own spread."""
     ex = noise["exposure"]
     misfit = (noise["misfit_var"] + noise["request_var"]) * (dyn * (1.0 - ex["psi"])) ** 2
-    comp = misfit + ex["white"]
+    # an unseen electrical lag moves a request's energy to and from its neighbours' steps, as
+    # the steps' scatter does at the readings' edges: the larger of the two holds the other
+    comp = misfit + (np.maximum(ex["white"], ex["lag"] ** 2 / 3.0) if "lag" in ex else ex["white"])
     if g2 is not None:
         # what the held-out groups of readings as long as the request say its stretch of
         # the sensor's readings is off by, the split inside each reading included (the
@@ -1523,6 +1634,62 @@ def _part_time(trace: DeviceTrace, len_row: np.ndarray) -> bool:
     are their spacing: power_points' test (fresh values more than 5 ms apart) without its cost."""
     return (trace.power_kind == SampleKind.INSTANT and trace.power_w is not None and len(len_row) > 0
             and float(np.median(len_row[:: max(1, len(len_row) // 10_000)])) > _PART_TIME_NS)
+
+
+def _part_time_weights(A: np.ndarray, y: np.ndarray, coef: np.ndarray, x: np.ndarray, feats: _StepFeatures, rel: _Rel,
+                       t_row: np.ndarray, len_row: np.ndarray, normalise: bool = True) -> np.ndarray | None:
+    """Square roots of the least-squares weights of part-time readings (see :func:`_part_time`),
+    or None. A reading covering an unknown slice of its interval errs about the interval's mean
+    power by the spread of the power inside it: its expected squared error is taken as
+    ``a + b * P^2 + c * V``, ``P`` the modelled mean power over the interval and ``V`` the
+    modelled power's variance inside it (W^2), the three fitted (non-negative) on the squared
+    residuals of the unweighted fit ``coef``. Weights are the inverse, floored at a tenth of the
+    median error (no reading counts more than ten typical ones)."""
+    nb = x.shape[1]
+    p = A @ coef
+    r2 = (y - p) ** 2
+    e_mod = x @ coef[:nb]
+    t_rel = rel(t_row)
+    span = np.maximum(len_row * _NS, 1e-12)
+    mq = _interval_mass(feats, np.column_stack((e_mod, e_mod**2 / np.maximum(feats.dur, 1e-12))), t_rel - span, t_rel)
+    mean_p = mq[:, 0] / span
+    var_p = np.maximum(mq[:, 1] / span - mean_p**2, 0.0)
+    X = np.column_stack((np.ones(len(y)), p**2, var_p))
+    keep = r2 <= np.quantile(r2, 0.99)  # a burst the model never saw sets no weight
+    v = nnls(X[keep], r2[keep])
+    s2 = X @ v
+    med = float(np.median(s2))
+    if not med > 0 or not v[2] > 0:
+        return None
+    out: np.ndarray = 1.0 / np.sqrt(np.maximum(s2, 0.1 * med))
+    return out * math.sqrt(med) if normalise else out
+
+
+_STACK = True
+
+
+def _with_power_rows(sel: Selection, A: np.ndarray, y: np.ndarray, t_row: np.ndarray, cum: _CumEnergy, trace: DeviceTrace,
+                     feats: _StepFeatures, base: _StepFeatures | _Beside, lag_tau: float, idle_curve: _Piecewise, a: int, b: int,
+                     rel: _Rel, x: np.ndarray, families: dict[str, tuple[int, ...]]) -> Selection:
+    """The selection refitted on a counter's rows and the part-time power readings beside it
+    (see the caller), or ``sel`` unchanged where the power readings are not part-time."""
+    tr_p = dataclasses.replace(trace, energy_j=None)
+    cum_p = _CumEnergy.from_trace(tr_p)
+    f_p: _Features = _with_lag(base, lag_tau) if lag_tau > 0 else base
+    A_p, y_p, _, t_p, _, len_p = _fit_rows(cum_p, tr_p, f_p, idle_curve, a, b, rel, with_weights=True)
+    if len(y_p) < 40 or not _part_time(tr_p, len_p):
+        return sel
+    sw = _part_time_weights(A_p, y_p, sel.coef, x, feats, rel, t_p, len_p, normalise=False)
+    r_c = y - A @ sel.coef
+    var_c = float(np.mean(np.minimum(r_c**2, np.quantile(r_c**2, 0.99))))
+    if sw is None or not var_c > 0:
+        return sel
+    t_all = np.concatenate((t_row, t_p))
+    o = np.argsort(t_all, kind="stable")
+    A_s = np.vstack((A / math.sqrt(var_c), A_p * sw[:, None]))[o]
+    y_s = np.concatenate((y / math.sqrt(var_c), y_p * sw))[o]
+    sel_s = select_family(A_s, y_s, families=families)
+    return sel_s if sel_s is not None and np.any(sel_s.coef) else sel
 
 
 def _edge_var(r: np.ndarray, p: np.ndarray) -> float:
