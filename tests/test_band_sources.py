@@ -104,3 +104,14 @@ def test_a_lag_the_readings_cannot_show_widens_the_band_of_coarse_readings_only(
         assert np.array_equal(with_lag.energy_j, without.energy_j)  # the band only, not the estimate
     assert widths["instant-100ms"] > 0.2
     assert widths["ideal-1ms"] == 0.0  # fine readings choose their own lag
+
+
+def test_a_given_lag_of_zero_drops_the_unseen_lag_allowance(saturating_run, monkeypatch):
+    """The board's lag given as 0 (measured: none) is known, not unseen: the band allows for no lag."""
+    run, req, steps, truth = saturating_run
+    trace = sense(run, "instant-100ms", seed=102)
+    given = attribute([trace], req, steps, lag_s=0.0)
+    monkeypatch.setattr(fitmod, "_UNSEEN_LAG_S", 1e-9)  # the allowance made too short to move anything
+    without = attribute([trace], req, steps, lag_s=0.0)
+    assert np.array_equal(given.energy_j_high, without.energy_j_high)
+    assert np.array_equal(given.energy_j_low, without.energy_j_low)

@@ -604,10 +604,12 @@ def _lag_split(fit_feats: _Features, coef: np.ndarray, e_rel: np.ndarray, scale:
     return h(hi) - h(lo), h(w_hi) - h(w_lo), float(cum_h[-1])
 
 
-#: The electrical lag the band allows for where the readings are too coarse to show one (s): a
-#: board's response of a few ms (voltage regulators, clock ramps; the H100 figure of
-#: :class:`wattspan.sources.power_model.PowerModel`). The truth is taken to lie anywhere
-#: between the split without a lag and the split through this one.
+#: The electrical lag the band allows for where the readings are too coarse to show one and none
+#: was given (s): the power model's figure (:class:`wattspan.sources.power_model.PowerModel`,
+#: voltage regulators and clock ramps), not a measurement. The boards measured at their power
+#: inputs respond within 0.25 ms (``benchmarks/board_lag.py``): there the band is wider than it
+#: needs to be, and giving the measured lag (``lag_s``) drops this allowance. The truth is taken
+#: to lie anywhere between the split without a lag and the split through this one.
 _UNSEEN_LAG_S = 0.004
 
 
@@ -984,11 +986,12 @@ def _batch_fit(cum: _CumEnergy, trace: DeviceTrace, steps: Steps, s_idx: np.ndar
     k_win = np.clip(np.searchsorted(e_rel, feats.st, side="right") - 1, 0, len(scale) - 1)  # each step's window
     spread: tuple[Any, ...] = _dyn_spread(sel, coef, x, np.where(feats.dur > 0, scale_span / np.where(feats.dur > 0, feats.dur, 1.0), 0.0),
                          e_s, e_r, share, on_dev, len(ridx), k_win)
-    if (not lag_tau > 0 and len(t_row) > 2 and _typical_interval(t_row) > _LAG_READING_NS
+    if (lag_s is None and not lag_tau > 0 and len(t_row) > 2 and _typical_interval(t_row) > _LAG_READING_NS
             and _sequential(st_ns, en_ns)):
         # 4c. An electrical lag the readings are too coarse to show (see _choose_lag) moves part of
         #     each step's energy into the next step or wait: the truth may lie anywhere between the
-        #     split without one and the split through one as long as a board's lag can be.
+        #     split without one and the split through one as long as a board's lag can be. Not
+        #     where the board's lag was given (lag_s, 0 included): then it is known, not unseen.
         d_lag = _lag_departure(feats, coef, e_rel, edges, w_meas, lo, hi, w_st, w_en, rel, e_rel[0], e_rel[-1],
                                e_s, e_r, share, on_dev, len(ridx), dyn, seg)
     else:
