@@ -308,6 +308,9 @@ class Meter:
         self.peer_gaps: deque[tuple[int, int, int, int]] = deque(maxlen=100)
 
         self._events: deque[tuple[Any, ...]] = deque()
+        # True while the meter's thread drains the queue: an end taken off it is counted in
+        # table.ended a moment later, and flush() must see it in one place or the other
+        self._draining = False
         self._activity: list[Any] = []  # sources that follow the load (on_step, on_request_start/end)
         self._table = _Table()  # the requests in flight
         self._steps: list[BatchStep] = []
@@ -556,7 +559,8 @@ class Meter:
         self._ready.wait(timeout)
         while time.monotonic() < deadline:
             self._idle_pass.clear()
-            if not self._events and not self._table.ended:
+            # in this order: an end is in the queue, or being drained, or counted in ended (see _drain)
+            if not self._events and not self._draining and not self._table.ended:
                 return True
             self._idle_pass.wait(self.period_s * 2)
         return False
@@ -707,14 +711,27 @@ class Meter:
         return not self._table.row and not self._steps and not self._events
 
     def _drain(self) -> None:
+        peers = self.peers
+        out: list[Any] | None = [] if peers is not None else None
+        self._draining = True  # before the first pop, cleared once the last end taken is counted (flush() reads it)
+        try:
+            self._take_events(out)
+        finally:
+            self._draining = False
+        if peers is not None and out is not None:
+            # a watermark: every event of ours up to this time is in this message
+            out.append((_MARK, time.monotonic_ns()))
+            peers.broadcast(out)
+            self._take_peer_events()
+
+    def _take_events(self, out: list[Any] | None) -> None:
+        """The queued events into the table and the steps (and ``out``, for the peers)."""
         ev = self._events
         table = self._table
         row = table.row
         row_of, free = row.get, table.free
         rid_of, dev_of, start_of, end_of, meta, method_of, quality_of, peer_of = (
             table.rid, table.device, table.start, table.end, table.meta, table.method, table.quality, table.peer)
-        peers = self.peers
-        out: list[Any] | None = [] if peers is not None else None
         popleft = ev.popleft
         begun = 0
         for _ in range(len(ev)):  # what is there now; later events wait for the next pass (only this thread pops)
@@ -756,11 +773,6 @@ class Meter:
             if out is not None:
                 out.append(e)
         self.counters["requests"] += begun
-        if peers is not None and out is not None:
-            # a watermark: every event of ours up to this time is in this message
-            out.append((_MARK, time.monotonic_ns()))
-            peers.broadcast(out)
-            self._take_peer_events()
 
     def _take_peer_events(self) -> None:
         """What the other worker processes on this host serve (see :mod:`wattspan.meter.peers`)."""

@@ -1,0 +1,95 @@
+"""Reliability review 17: faults found in review and left, each pinned by a test that failed before its fix.
+
+The meter is driven by hand here (``autostart=False``, ``_drain``/``_pass`` called directly, a fake
+sampler whose newest reading the test sets), so each race or failure is hit deterministically."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+
+import numpy as np
+import pytest
+
+from wattspan import Meter
+from wattspan.carbon import CarbonModel
+from wattspan.meter import RecordCallback
+from wattspan.meter.core import _END, _END_FIELDS
+from wattspan.samples import DeviceInfo, DeviceTrace
+
+MS = 1_000_000
+S = 1_000_000_000
+
+
+class _Sampler:
+    """Devices whose readings the test gives as functions of time (5 ms apart), cut at ``latest``."""
+
+    sources: list[object] = []
+
+    def __init__(self, power: dict[str, object], base: int, kinds: dict[str, str] | None = None, span_s: float = 100.0) -> None:
+        self.latest = dict.fromkeys(power, base)
+        t = np.arange(base - 10 * S, base + int(span_s * S), 5 * MS, dtype=np.int64)
+        self.t = t
+        self.power = {d: (np.asarray(f(t - base), dtype=float) if callable(f) else np.full(len(t), float(f)))  # type: ignore[arg-type]
+                      for d, f in power.items()}
+        self.start_at = dict.fromkeys(power, base - 10 * S)
+        kinds = kinds or {}
+        self.infos = [DeviceInfo(d, d, kind=kinds.get(d, "gpu"), sensor="fake") for d in power]
+        self.fail: dict[str, int] = {}  # device -> trace() calls left that raise
+
+    def devices(self):
+        return self.infos
+
+    def latest_ns(self, d):
+        return self.latest[d]
+
+    def trace(self, d, since_ns=None):
+        if self.fail.get(d):
+            self.fail[d] -= 1
+            raise RuntimeError(f"sensor {d} failed")
+        lo = max(since_ns or 0, self.start_at[d])
+        keep = (self.t >= lo) & (self.t <= self.latest[d])
+        return DeviceTrace(d, self.t[keep], self.power[d][keep], sensor="fake")
+
+    def start(self):
+        pass
+
+    def close(self):
+        pass
+
+    def health(self):
+        return {}
+
+
+def _meter(sampler, **kw):
+    got: list = []
+    kw.setdefault("idle_w", 20.0)
+    m = Meter(sampler=sampler, autostart=False, lag_s=0.0, carbon=CarbonModel(intensity_g_per_kwh=400.0),
+              sinks=[RecordCallback(got.append)], **kw)
+    m._ready.set()  # as _setup does once the sources are open
+    return m, got
+
+
+# ------------------------------------------------------------------ 1. flush() and the end being drained
+
+
+def test_flush_is_not_true_while_an_end_is_taken_off_the_queue_but_not_yet_counted():
+    m = Meter(sampler=_Sampler({"gpu0": 100.0}, 0), autostart=False)
+    m._ready.set()
+    seen: list[bool] = []
+
+    class Spy(deque):
+        def popleft(self):  # the meter's thread between taking an end and counting it: flush() looks
+            e = super().popleft()
+            if e[0] in (_END, _END_FIELDS):
+                seen.append(m.flush(timeout=0.05))
+            return e
+
+    m._events = Spy()
+    t = time.monotonic_ns()
+    m.begin("a", "gpu0", t)
+    m._drain()
+    m.end("a", "gpu0", t + MS)
+    m._drain()
+    assert seen == [False]  # was True: the end was in neither the queue nor the ended count
+    assert m._table.ended == 1
