@@ -93,3 +93,25 @@ def test_flush_is_not_true_while_an_end_is_taken_off_the_queue_but_not_yet_count
     m._drain()
     assert seen == [False]  # was True: the end was in neither the queue nor the ended count
     assert m._table.ended == 1
+
+
+# ------------------------------------------------------------------ 2. drain()'s unfinished count
+
+
+def test_drain_counts_ended_requests_not_final_not_queued_begins_and_steps():
+    m, got = _meter(_Sampler({"gpu0": 100.0}, 0))
+    t = time.monotonic_ns()
+    m.begin("c", "gpu0", t)
+    m.end("c", "gpu0", t + MS)
+    m._drain()  # c: ended, in the table, not final (no pass ran)
+    m.begin("a", "gpu0", t)
+    m.begin("b", "gpu0", t)  # in flight: not ended, not "unfinished"
+    m.record_step(t, t + MS, "gpu0", {"a": 1, "b": 1})
+    m.end("a", "gpu0", t + 2 * MS)  # ended, still queued
+    m.end("a", "gpu0", t + 3 * MS)  # its end twice: one request
+    m.end("c", "gpu0", t + 4 * MS)  # a second end of c (counted in the table already)
+    m.end("x", "gpu0", t + MS)  # the end of a request never begun (its begin dropped): no record to lose
+    out = m.drain(timeout=0.05)
+    assert out["unfinished"] == 2  # c and a; was 8 (every queued event, begins and steps too, + 1)
+    assert m.counters["shutdown_unfinished"] == 2
+    assert not got

@@ -573,11 +573,12 @@ class Meter:
         Called at server shutdown (the middleware does it on the ASGI lifespan's
         shutdown). What could not be finished in time is counted
         (``counters["shutdown_unfinished"]``) and logged, never silently lost.
-        Returns ``{"unfinished": n, "sinks_unflushed": m}``.
+        Returns ``{"unfinished": n, "sinks_unflushed": m}``: ``n`` ended requests of this process
+        whose record was not made, ``m`` sinks that had not written everything.
         """
         deadline = time.monotonic() + timeout
         self.flush(timeout)
-        unfinished = len(self._events) + self._table.ended
+        unfinished = self._unfinished()
         unflushed = 0
         for sink in self._sinks:
             if isinstance(sink, FlushableSink):
@@ -594,6 +595,29 @@ class Meter:
         if unflushed:
             log.error("wattspan: at shutdown %d sinks had not written everything within %.1f s (see their own counts)", unflushed, timeout)
         return {"unfinished": unfinished, "sinks_unflushed": unflushed}
+
+    def _unfinished(self) -> int:
+        """Requests of this process that have ended and have no record yet: those the table holds
+        ended, and those whose end is still queued (each once; a queued begin or step, or the end of a
+        request never begun, is none). Any thread: the queue is copied first (the meter's may pop)."""
+        table = self._table
+        queued: tuple[tuple[Any, ...], ...] = ()
+        for _ in range(10):
+            try:
+                queued = tuple(self._events)
+                break
+            except RuntimeError:  # "deque mutated during iteration": the meter's thread popped meanwhile
+                continue
+        begun = {e[1] for e in queued if e[0] == _BEGIN}
+        row_of, end_of, peer_of = table.row.get, table.end, table.peer
+        ended: set[Any] = set()
+        for e in queued:
+            if e[0] == _END or e[0] == _END_FIELDS:
+                rid = e[1]
+                r = row_of(rid)
+                if rid in begun or (r is not None and end_of[r] is None and not peer_of[r]):
+                    ended.add(rid)
+        return table.ended + len(ended)
 
     def close(self, timeout: float = 10.0) -> None:
         """Finalise what can be, stop the thread and the sampler."""
