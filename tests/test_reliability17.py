@@ -115,3 +115,38 @@ def test_drain_counts_ended_requests_not_final_not_queued_begins_and_steps():
     assert out["unfinished"] == 2  # c and a; was 8 (every queued event, begins and steps too, + 1)
     assert m.counters["shutdown_unfinished"] == 2
     assert not got
+
+
+# ------------------------------------------------------------------ 3. a pass failing in the host step
+
+
+def _run_pass(m):
+    """One pass as the meter's thread runs it: a failure is counted, the pass retried next tick."""
+    try:
+        m._pass()
+    except Exception:
+        m.counters["pass_errors"] += 1
+    m._publish_balance()
+
+
+def test_a_host_step_that_fails_after_the_device_step_does_not_attribute_the_stretch_twice():
+    base = time.monotonic_ns() + 1000 * S  # ahead of the clock: the cut is the sensor's
+    sampler = _Sampler({"gpu0": 100.0, "cpu0-package": 50.0}, base, kinds={"cpu0-package": "cpu"})
+    m, got = _meter(sampler)
+    m.begin("r", "gpu0", base)
+    m.end("r", "gpu0", base + 2 * S)
+    m.begin("s", "gpu0", base + 3 * S)  # still in flight: its stretch so far must be counted once too
+    sampler.latest.update({"gpu0": base + 4 * S, "cpu0-package": base + 4 * S})
+    sampler.fail["cpu0-package"] = 1  # the host's reading fails once, after gpu0's stretch is attributed
+    _run_pass(m)
+    _run_pass(m)  # the retry (nothing new from the sensor)
+    sampler.latest.update({"gpu0": base + 5 * S, "cpu0-package": base + 5 * S})
+    _run_pass(m)
+    (rec,) = got
+    assert rec.energy_j == pytest.approx(200.0, rel=1e-3)  # 100 W for its 2 s; was 400 J, attributed twice
+    b = m.balance()
+    assert b.measured_j == pytest.approx(500.0, rel=1e-3)  # 5 s at 100 W; was 900 J
+    assert b.measured_j == pytest.approx(b.attributed_j + b.pending_j + b.unattributed_j, rel=1e-9)
+    # the host's failure is counted and contained: the pass went on and made r's record (no host part)
+    assert m.counters.get("host_errors") == 1 and m.counters["pass_errors"] == 0
+    assert rec.host_j == 0.0

@@ -956,6 +956,8 @@ class Meter:
                 # with nothing in flight too: the measured energy is then all unattributed,
                 # and the device's totals reach the device sinks on every pass
                 self._attribute(dev, info, cur, cut, rows)
+                # the stretch is attributed: from here on nothing may have a retried pass attribute it again
+                self._cursor[dev] = cut
                 if host_devs and rows:
                     # The host is one meter shared by every device's requests: its energy over this
                     # stretch is split among all requests in flight on any device, and each request
@@ -969,7 +971,13 @@ class Meter:
                         mine = [r for r in rows if "," not in (d := dev_of[r])
                                 or next((m for m in d.split(",") if m in infos), None) == dev]  # a group: its first metered member
                     for host in host_devs if mine else ():
-                        self._attribute_host(host, cur, cut, everyone, mine)
+                        try:
+                            self._attribute_host(host, cur, cut, everyone, mine)
+                        except Exception:  # the device's share stands: its records are made, without this host part
+                            n = self.counters["host_errors"] = self.counters.get("host_errors", 0) + 1
+                            if n == 1 or n % 100 == 0:
+                                log.exception("wattspan: the host's energy over a pass could not be split (%d such "
+                                              "passes; counters host_errors); those requests' host_j leave it out", n)
             self._cursor[dev] = cut
             self._finalise(rows, cut, info, stalled)
         # drop steps wholly before every cursor
