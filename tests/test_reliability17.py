@@ -150,3 +150,32 @@ def test_a_host_step_that_fails_after_the_device_step_does_not_attribute_the_str
     # the host's failure is counted and contained: the pass went on and made r's record (no host part)
     assert m.counters.get("host_errors") == 1 and m.counters["pass_errors"] == 0
     assert rec.host_j == 0.0
+
+
+# ------------------------------------------------------------------ 4. the per-pass idle before the first refit
+
+
+def test_the_idle_estimate_before_the_first_refit_does_not_take_the_busy_readings_before_the_pass():
+    # 200 W while a runs [0, 2 s) and b runs [2.5 s, 3.5 s), 40 W idle otherwise; the sensor starts with a
+    # (no idle reading before it, so the first refit finds no idle baseline)
+    def watts(rel):
+        busy = ((rel >= 0) & (rel < 2 * S)) | ((rel >= 2500 * MS) & (rel < 3500 * MS))
+        return np.where(busy, 200.0, 40.0)
+
+    base = time.monotonic_ns() + 1000 * S
+    sampler = _Sampler({"gpu0": watts}, base)
+    sampler.start_at["gpu0"] = base
+    m, got = _meter(sampler, idle_w=None, refit_s=1000.0)
+    m.begin("a", "gpu0", base)
+    m.end("a", "gpu0", base + 2 * S)
+    sampler.latest["gpu0"] = base + 2 * S
+    m._pass()
+    assert [r.id for r in got] == ["a"] and "gpu0" not in m._idle  # no idle baseline known yet
+    m.begin("b", "gpu0", base + 2500 * MS)
+    m.end("b", "gpu0", base + 3500 * MS)
+    sampler.latest["gpu0"] = base + 4 * S
+    m._pass()  # its trace reaches 2 s back, over a's busy readings, which no request of this pass covers
+    b = got[1]
+    assert b.id == "b"
+    assert b.idle_j == pytest.approx(40.0, rel=0.05)  # 40 W for 1 s; was 200 J (a's 200 W taken for idle)
+    assert b.dynamic_j == pytest.approx(160.0, rel=0.05)
