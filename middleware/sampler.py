@@ -31,19 +31,28 @@ __all__ = ["Sampler"]
 log = get_logger(__name__)
 
 _ENERGY = SampleKind.ENERGY
+_isfinite = math.isfinite
 #: seconds between polls of a source that times its own readings while the sampler is idle (Sampler.set_idle)
 IDLE_EVERY_S = 1.0
 _IDLE_EVERY_NS = int(IDLE_EVERY_S * 1e9)
 
 
 class _Device:
-    __slots__ = ("info", "buf", "last_t", "rejected")
+    __slots__ = ("info", "buf", "last_t", "rejected", "clamped")
 
     def __init__(self, info: DeviceInfo, capacity: int) -> None:
         self.info = info
         self.buf = RingBuffer(capacity)
         self.last_t = -(2**63)
-        self.rejected = 0  # rows that did not move time forward
+        self.rejected = 0  # rows that did not move time forward, or had no finite reading
+        self.clamped = 0  # negative power readings stored as 0 W
+
+
+def _clamp(st: "_State", src_name: str, dev: _Device, k: int, v: float) -> None:
+    """``k`` negative power readings of ``dev`` (the first ``v`` W) are stored as 0 W: counted, logged once per device."""
+    dev.clamped += k
+    st.once.warning((src_name, "negative", dev.info.id), "wattspan: source %s gave negative power for %s (%g W); "
+                    "such readings are stored as 0 W (counted in health()['clamped_rows']; logged once)", src_name, dev.info.id, v)
 
 
 class _State:
@@ -134,21 +143,27 @@ def _ingest(st: _State, src_name: str, batches: list[SampleBatch]) -> None:
                 b = bs[0]
                 t = int(b.t_ns[0])
                 v = float(b.value[0])
-                if t <= dev.last_t or v != v:
+                if t <= dev.last_t or not _isfinite(v):
                     dev.rejected += 1
                     continue
                 if b.kind is _ENERGY:
                     dev.buf.append(t, math.nan, v)
                 else:
+                    if v < 0.0:
+                        _clamp(st, src_name, dev, 1, v)
+                        v = 0.0
                     dev.buf.append(t, v, math.nan)
                 dev.last_t = t
                 continue
             rows: dict[int, list[float]] = {}
             for b in bs:
                 v = float(b.value[0])
-                if v != v:
+                if not _isfinite(v):
                     dev.rejected += 1
                     continue
+                if v < 0.0 and b.kind is not _ENERGY:
+                    _clamp(st, src_name, dev, 1, v)
+                    v = 0.0
                 r = rows.setdefault(int(b.t_ns[0]), [math.nan, math.nan])
                 r[1 if b.kind is _ENERGY else 0] = v
             for t in sorted(rows):
@@ -160,6 +175,16 @@ def _ingest(st: _State, src_name: str, batches: list[SampleBatch]) -> None:
                 dev.last_t = t
             continue
         ts, ps, es = _rows(bs)
+        # inf is no reading (NaN: the row may still hold the other kind); negative watts are stored as 0 W
+        if ps is not None:
+            if np.isinf(ps).any():
+                ps = np.where(np.isinf(ps), np.nan, ps)
+            neg = ps < 0
+            if neg.any():
+                _clamp(st, src_name, dev, int(np.count_nonzero(neg)), float(ps[np.argmax(neg)]))
+                ps = np.where(neg, 0.0, ps)
+        if es is not None and np.isinf(es).any():
+            es = np.where(np.isinf(es), np.nan, es)
         if ps is not None and es is not None:
             ok = np.isfinite(ps) | np.isfinite(es)
         else:
@@ -443,7 +468,8 @@ class Sampler:
         """Counters: ``running``, ``interval_s``, ``polls``, ``overruns`` (polls that took longer
         than the interval), ``poll_errors`` and ``source_errors`` (the sources' own ``errors``) per
         source, per device ``rows``, ``dropped_rows`` (overwritten when the buffer was full) and
-        ``rejected_rows`` (not after the previous reading), ``poll_cost_mean_us``/``poll_cost_max_us``
+        ``rejected_rows`` (not after the previous reading, or no finite value), ``clamped_rows`` (negative
+        watts, stored as 0 W), ``poll_cost_mean_us``/``poll_cost_max_us``
         (wall time of a poll), ``poll_cpu_mean_us`` (CPU time of a poll), and ``last_poll_age_s``."""
         st = self._st
         n = st.polls
@@ -460,6 +486,7 @@ class Sampler:
             "rows": {k: len(d.buf) for k, d in st.devices.items()},
             "dropped_rows": {k: d.buf.dropped for k, d in st.devices.items()},
             "rejected_rows": {k: d.rejected for k, d in st.devices.items()},
+            "clamped_rows": {k: d.clamped for k, d in st.devices.items()},
             "poll_cost_mean_us": st.cost_sum_ns / n / 1e3 if n else 0.0,
             "poll_cost_max_us": st.cost_max_ns / 1e3,
             "poll_cpu_mean_us": st.cpu_sum_ns / n / 1e3 if n else 0.0,

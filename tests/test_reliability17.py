@@ -179,3 +179,135 @@ def test_the_idle_estimate_before_the_first_refit_does_not_take_the_busy_reading
     assert b.id == "b"
     assert b.idle_j == pytest.approx(40.0, rel=0.05)  # 40 W for 1 s; was 200 J (a's 200 W taken for idle)
     assert b.dynamic_j == pytest.approx(160.0, rel=0.05)
+
+
+# ------------------------------------------------------------------ 5. negative power
+
+
+def _one_request(device="gpu0"):
+    from wattspan.attribution import Requests
+
+    return Requests(np.array(["a"], dtype=object), np.array([100 * MS]), np.array([900 * MS]),
+                    np.array([device], dtype=object), np.ones(1))
+
+
+def _cli(monkeypatch, tmp_path, capsys, trace):
+    import wattspan.sources.replay as replay
+    from wattspan.cli.main import main
+
+    monkeypatch.setattr(replay, "read_trace_csv", lambda *a, **k: {"gpu0": trace})  # a trace the CSV reader never makes
+    (tmp_path / "t.csv").write_text("time_ns,gpu,power_w\n0,0,1\n")
+    (tmp_path / "r.jsonl").write_text('{"id": "a", "start_ns": 100000000, "end_ns": 900000000, "gpu": 0}\n')
+    rc = main(["attribute", "--trace", str(tmp_path / "t.csv"), "--requests", str(tmp_path / "r.jsonl")])
+    return rc, capsys.readouterr().err.strip().splitlines()
+
+
+@pytest.mark.parametrize("power, energy, what", [
+    (-50.0, None, "power_w is negative"),
+    (np.inf, None, "power_w is inf"),
+    (100.0, "down", "energy_j goes back"),
+    (100.0, "inf", "energy_j is inf"),
+])
+def test_attribute_rejects_negative_or_infinite_watts_and_a_counter_going_back(power, energy, what):
+    from wattspan.attribution import attribute
+    from wattspan.attribution.inputs import TraceError
+
+    t = np.arange(0, 2 * S, 10 * MS, dtype=np.int64)
+    p = np.full(len(t), power)
+    p[0] = 100.0
+    e = None
+    if energy == "down":
+        e = 100.0 * t * 1e-9
+        e[50:] -= 30.0  # a reset: the energies were negative
+    elif energy == "inf":
+        e = 100.0 * t * 1e-9
+        e[10] = np.inf
+    with pytest.raises(TraceError, match=what) as err:
+        attribute({"gpu0": DeviceTrace("gpu0", t, p, energy_j=e)}, _one_request())
+    assert "'gpu0'" in str(err.value) and isinstance(err.value, ValueError)
+
+
+def test_wattspan_attribute_gives_one_line_naming_a_negative_reading(monkeypatch, tmp_path, capsys):
+    t = np.arange(0, 2 * S, 10 * MS, dtype=np.int64)
+    rc, err = _cli(monkeypatch, tmp_path, capsys, DeviceTrace("gpu0", t, np.full(len(t), -5.0)))
+    assert rc == 2
+    assert len(err) == 1 and err[0].startswith("wattspan: error: ") and "negative" in err[0] and "gpu0" in err[0]
+
+
+def test_the_sampler_clamps_negative_watts_to_zero_counts_and_logs_them(caplog):
+    from wattspan.samples import SampleBatch, SampleKind
+    from wattspan.sampler import Sampler
+
+    I, E = SampleKind.INSTANT, SampleKind.ENERGY
+
+    def b(kind, t, v):
+        return SampleBatch("gpu0", kind, np.asarray(t, dtype=np.int64), np.asarray(v, dtype=float))
+
+    script = deque([
+        [b(I, [10], [-3.0])],  # one reading (the sampler's fast path)
+        [b(I, [20], [-1.0]), b(E, [20], [5.0])],  # one of each kind
+        [b(I, [30, 40, 50], [100.0, -2.0, 120.0])],  # a batch
+        [b(I, [60, 70], [-4.0, 90.0]), b(E, [60, 70], [6.0, 7.0])],  # power and energy batches
+    ])
+
+    class Src:
+        name, errors = "neg", 0
+
+        def devices(self):
+            return [DeviceInfo("gpu0", "g", sensor="neg")]
+
+        def poll(self):
+            return script.popleft() if script else []
+
+        def close(self):
+            pass
+
+    s = Sampler(Src())
+    with caplog.at_level("WARNING"):
+        for _ in range(4):
+            s.poll_now()
+    tr = s.trace("gpu0")
+    assert tr.t_ns.tolist() == [10, 20, 30, 40, 50, 60, 70]  # kept (a reading was taken), not dropped
+    assert tr.power_w.tolist() == [0.0, 0.0, 100.0, 0.0, 120.0, 0.0, 90.0]  # were negative watts
+    assert s.health()["clamped_rows"] == {"gpu0": 4}
+    assert sum("negative" in r.getMessage() for r in caplog.records) == 1  # logged once per device
+    s.close()
+
+
+def test_the_sampler_takes_inf_for_no_reading_on_every_path():
+    from wattspan.samples import SampleBatch, SampleKind
+    from wattspan.sampler import Sampler
+
+    I, E = SampleKind.INSTANT, SampleKind.ENERGY
+
+    def b(kind, t, v):
+        return SampleBatch("gpu0", kind, np.asarray(t, dtype=np.int64), np.asarray(v, dtype=float))
+
+    script = deque([
+        [b(I, [10], [np.inf])],  # the fast path stored it: energies of inf joules
+        [b(I, [20], [100.0]), b(E, [20], [5.0])],
+        [b(I, [30, 40], [np.inf, 100.0]), b(E, [30, 40], [6.0, 7.0])],  # the row stays, for its counter
+        [b(E, [50, 60], [np.inf, 8.0])],
+    ])
+
+    class Src:
+        name, errors = "inf", 0
+
+        def devices(self):
+            return [DeviceInfo("gpu0", "g", sensor="inf")]
+
+        def poll(self):
+            return script.popleft() if script else []
+
+        def close(self):
+            pass
+
+    s = Sampler(Src())
+    for _ in range(4):
+        s.poll_now()
+    tr = s.trace("gpu0")
+    assert tr.t_ns.tolist() == [20, 30, 40, 60]
+    assert np.array_equal(tr.power_w, [100.0, np.nan, 100.0, np.nan], equal_nan=True)
+    assert tr.energy_j.tolist() == [5.0, 6.0, 7.0, 8.0]
+    assert s.health()["rejected_rows"] == {"gpu0": 2}
+    s.close()

@@ -9,8 +9,9 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from ..devices import device_key
+from ..samples import DeviceTrace
 
-__all__ = ["FEATURES", "BatchStep", "Requests", "Steps"]
+__all__ = ["FEATURES", "BatchStep", "Requests", "Steps", "TraceError", "check_trace"]
 
 
 #: The step features the batch-fit model uses; a step's dynamic energy is their
@@ -21,6 +22,44 @@ _NS = 1e-9
 
 
 # --------------------------------------------------------------------------- inputs
+
+
+class TraceError(ValueError):
+    """A power trace that cannot be attributed (negative or infinite readings, a counter that goes
+    back); the message names the device and the problem."""
+
+
+def check_trace(trace: DeviceTrace) -> None:
+    """Raise :class:`TraceError` unless ``trace`` can be attributed: power readings are watts >= 0
+    (NaN: not read), the energy counter finite and never decreasing.
+    Readings the sensor could not give (NaN) are left to the engine."""
+    dev = trace.device
+    p, e = trace.power_w, trace.energy_j
+    n_power = n_energy = 0
+    if p is not None:
+        fin = np.isfinite(p)
+        n_power = int(np.count_nonzero(fin))
+        bad = np.flatnonzero(~fin & ~np.isnan(p))
+        if bad.size:
+            i = int(bad[0])
+            raise TraceError(f"trace {dev!r}: power_w is {p[i]:g} at t_ns={int(trace.t_ns[i])}: power readings must be finite watts")
+        neg = np.flatnonzero(p < 0)
+        if neg.size:
+            i = int(neg[0])
+            raise TraceError(f"trace {dev!r}: power_w is negative ({p[i]:g} W at t_ns={int(trace.t_ns[i])}, {neg.size} such "
+                             "readings): power readings must be watts >= 0")
+    if e is not None:
+        fin = np.flatnonzero(np.isfinite(e))
+        n_energy = int(fin.size)
+        bad = np.flatnonzero(np.isinf(e))
+        if bad.size:
+            i = int(bad[0])
+            raise TraceError(f"trace {dev!r}: energy_j is {e[i]:g} at t_ns={int(trace.t_ns[i])}: counter readings must be finite joules")
+        dec = np.flatnonzero(np.diff(e[fin]) < 0)
+        if dec.size:
+            i, j = int(fin[dec[0]]), int(fin[dec[0] + 1])
+            raise TraceError(f"trace {dev!r}: energy_j goes back from {e[i]:g} J to {e[j]:g} J at t_ns={int(trace.t_ns[j])}: "
+                             "it must be a cumulative counter (unwrapped, never reset)")
 
 
 class BatchStep(NamedTuple):
