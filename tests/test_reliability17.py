@@ -311,3 +311,45 @@ def test_the_sampler_takes_inf_for_no_reading_on_every_path():
     assert tr.energy_j.tolist() == [5.0, 6.0, 7.0, 8.0]
     assert s.health()["rejected_rows"] == {"gpu0": 2}
     s.close()
+
+
+# ------------------------------------------------------------------ 6. a trace with no reading at all
+
+
+def _nan_trace():
+    t = np.arange(0, 2 * S, 10 * MS, dtype=np.int64)
+    return DeviceTrace("gpu0", t, np.full(len(t), np.nan))
+
+
+def test_attribute_on_an_all_nan_power_trace_without_a_counter_says_so():
+    from wattspan.attribution import attribute
+    from wattspan.attribution.inputs import TraceError
+
+    with pytest.raises(TraceError, match="'gpu0' has all 200 power_w readings NaN and 0 energy_j"):
+        attribute({"gpu0": _nan_trace()}, _one_request())  # was numpy's "array of sample points is empty"
+
+
+def test_wattspan_attribute_gives_one_line_naming_an_all_nan_trace(monkeypatch, tmp_path, capsys):
+    rc, err = _cli(monkeypatch, tmp_path, capsys, _nan_trace())
+    assert rc == 2
+    assert len(err) == 1 and "power_w readings NaN" in err[0] and "gpu0" in err[0] and "t.csv" in err[0]
+
+
+def test_the_live_meter_degrades_on_a_trace_it_cannot_use(caplog):
+    base = time.monotonic_ns() + 1000 * S
+    sampler = _Sampler({"gpu0": np.nan}, base)
+    m, got = _meter(sampler, idle_w=None)  # the idle baseline estimated: the refit reads the trace too
+    m.begin("r", "gpu0", base)
+    m.end("r", "gpu0", base + S)
+    sampler.latest["gpu0"] = base + 2 * S
+    with caplog.at_level("WARNING"):
+        _run_pass(m)
+        sampler.latest["gpu0"] = base + 3 * S
+        _run_pass(m)
+    assert m.counters["pass_errors"] == 0  # the pass went on (was a ValueError, every pass)
+    assert m.counters["bad_traces"] == 2 and m.counters.get("refit_errors", 0) >= 1
+    (rec,) = got  # made, with nothing measured over it (coverage 0), not held back by failing passes
+    assert rec.energy_j == 0.0 and rec.coverage == 0.0
+    assert sum("could not be attributed" in r.getMessage() for r in caplog.records) == 1  # logged, not per pass
+    b = m.balance()
+    assert b.measured_j == 0.0 and b.attributed_j == 0.0

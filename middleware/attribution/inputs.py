@@ -26,13 +26,13 @@ _NS = 1e-9
 
 class TraceError(ValueError):
     """A power trace that cannot be attributed (negative or infinite readings, a counter that goes
-    back); the message names the device and the problem."""
+    back, no reading at all); the message names the device and the problem."""
 
 
 def check_trace(trace: DeviceTrace) -> None:
     """Raise :class:`TraceError` unless ``trace`` can be attributed: power readings are watts >= 0
-    (NaN: not read), the energy counter finite and never decreasing.
-    Readings the sensor could not give (NaN) are left to the engine."""
+    (NaN: not read), the energy counter finite and never decreasing, and at least one power reading
+    or two counter readings. Readings the sensor could not give (NaN) are left to the engine."""
     dev = trace.device
     p, e = trace.power_w, trace.energy_j
     n_power = n_energy = 0
@@ -60,6 +60,10 @@ def check_trace(trace: DeviceTrace) -> None:
             i, j = int(fin[dec[0]]), int(fin[dec[0] + 1])
             raise TraceError(f"trace {dev!r}: energy_j goes back from {e[i]:g} J to {e[j]:g} J at t_ns={int(trace.t_ns[j])}: "
                              "it must be a cumulative counter (unwrapped, never reset)")
+    if n_power == 0 and n_energy < 2:
+        what = "no power_w readings" if p is None else f"all {len(p)} power_w readings NaN"
+        raise TraceError(f"trace {dev!r} has {what} and {n_energy} energy_j counter readings: nothing to attribute "
+                         "(one finite power reading or two counter readings are needed)")
 
 
 class BatchStep(NamedTuple):

@@ -48,6 +48,7 @@ def _device_key(device: str | int | Sequence[str | int]) -> str:
     """The canonical device or group name (``"gpu0, gpu1"`` and ``"gpu0+gpu1"`` -> ``"gpu0,gpu1"``)."""
     return _str_group_key(device) if isinstance(device, str) else _group_key(device)
 from ..attribution import BatchStep, Requests, StepModel, Steps, attribute
+from ..attribution.inputs import TraceError
 from ..carbon.records import request_batch
 from ..records import RequestLabels, RequestRecord
 from ..samples import DeviceInfo, SampleKind
@@ -952,7 +953,13 @@ class Meter:
             rows = [r for r in rows if start_of[r] < cut and rid_of[r] is not None]
             if info is not None:
                 if self._refit_due(dev, cut, bool(rows)):
-                    self._refit(dev, cut)
+                    try:
+                        self._refit(dev, cut)
+                    except Exception:  # the model is an improvement: without a new one, the device keeps what it had
+                        n = self.counters["refit_errors"] = self.counters.get("refit_errors", 0) + 1
+                        if n == 1 or n % 100 == 0:
+                            log.exception("wattspan: re-estimating %s's idle baseline and step model failed (%d times; "
+                                          "counters refit_errors); it keeps the ones it had", dev, n)
                 # with nothing in flight too: the measured energy is then all unattributed,
                 # and the device's totals reach the device sinks on every pass
                 self._attribute(dev, info, cur, cut, rows)
@@ -1027,7 +1034,14 @@ class Meter:
         req, steps, end = self._period_inputs(dev, rows, cut)
         idle = self.idle_w if self.idle_w is not None else self._idle.get(dev)
         models = {dev: self._models[dev]} if dev in self._models else None
-        res = attribute({dev: trace}, req, steps, idle_w=idle, t0_ns=cur, t1_ns=cut, models=models)
+        try:
+            res = attribute({dev: trace}, req, steps, idle_w=idle, t0_ns=cur, t1_ns=cut, models=models)
+        except TraceError as exc:  # readings it cannot use (none finite, a counter going back): like no trace
+            n = self.counters["bad_traces"] = self.counters.get("bad_traces", 0) + 1
+            if n == 1 or n % 100 == 0:
+                log.warning("wattspan: %s's readings over a pass could not be attributed (%d such passes; counters "
+                            "bad_traces); that stretch is not measured and its requests' coverage says so: %s", dev, n, exc)
+            return
         d = res.devices.get(dev)
         if d is None:
             return
