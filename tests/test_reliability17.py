@@ -353,3 +353,73 @@ def test_the_live_meter_degrades_on_a_trace_it_cannot_use(caplog):
     assert sum("could not be attributed" in r.getMessage() for r in caplog.records) == 1  # logged, not per pass
     b = m.balance()
     assert b.measured_j == 0.0 and b.attributed_j == 0.0
+
+
+# ------------------------------------------------------------------ review: hostile timestamps
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 2**70, -(2**70), "12", None])
+@pytest.mark.parametrize("where", ["begin", "end"])
+def test_a_request_with_a_timestamp_that_is_not_a_time_still_gets_its_record(bad, where):
+    base = time.monotonic_ns() - 10 * S  # the meter's clock replaces a bad time: the sensor has covered it
+    sampler = _Sampler({"gpu0": 100.0}, base)
+    m, got = _meter(sampler)
+    m.begin("ok", "gpu0", base)
+    m.begin("r", "gpu0", bad if where == "begin" else base)
+    m.end("r", "gpu0", bad if where == "end" else base + S)
+    m.end("ok", "gpu0", base + S)
+    m._drain()
+    sampler.latest["gpu0"] = time.monotonic_ns() + S
+    _run_pass(m)
+    _run_pass(m)
+    # was: NaN or 2**70 kept r in flight for ever (flush() never true), None or "12" failed every pass
+    assert m.counters["pass_errors"] == 0
+    assert sorted(r.id for r in got) == ["ok", "r"]
+    assert m.counters["bad_times"] == 1
+    assert m.flush(0.05)
+
+
+@pytest.mark.parametrize("start, end", [(float("nan"), 1), (0, float("nan")), (0, 2**70), ("0", "1"), (None, 5)])
+def test_a_batch_step_with_a_timestamp_that_is_not_a_time_is_dropped_and_counted_not_raised(start, end):
+    base = time.monotonic_ns() + 1000 * S
+    sampler = _Sampler({"gpu0": 100.0}, base)
+    m, got = _meter(sampler)
+    m.begin("a", "gpu0", base)
+    m.record_step(start if start is None or isinstance(start, str) else base + start,
+                  end if isinstance(end, str) else base + end, "gpu0", {"a": 1})  # was a TypeError in the caller, or
+    m.end("a", "gpu0", base + S)                                                  # every pass failing
+    sampler.latest["gpu0"] = base + 2 * S
+    _run_pass(m)
+    assert m.counters["dropped_steps"] == 1 and m.counters["pass_errors"] == 0
+    assert [r.id for r in got] == ["a"]
+
+
+def test_a_peers_message_with_a_time_that_is_not_one_is_skipped_and_counted_not_kept():
+    from wattspan.meter.core import _BEGIN, _STEP
+
+    base = time.monotonic_ns() - 10 * S
+    sampler = _Sampler({"gpu0": 100.0}, base)
+    m, got = _meter(sampler)
+
+    class Peers:
+        inbox = [(4242, [(_BEGIN, "p1", "gpu0", float("nan")), (_STEP, base, base + 2**70, "gpu0", {"p1": 1.0}),
+                         (_STEP, base + S, base + S, "gpu0", {"p1": 1.0}), (_BEGIN, "p2", "gpu0", base)], 0)]
+
+        def broadcast(self, out):
+            pass
+
+        def receive(self):
+            got, self.inbox = self.inbox, []
+            return got
+
+        def take_gone(self):
+            return []
+
+    m.peers = Peers()
+    m.begin("a", "gpu0", base)
+    m.end("a", "gpu0", base + S)
+    sampler.latest["gpu0"] = time.monotonic_ns()
+    m._pass()  # was: the step ending at 2**70 kept, and every pass failing on it (int64 overflow)
+    assert [r.id for r in got] == ["a"]
+    assert m.counters["pass_errors"] == 3  # the three bad messages, each skipped
+    assert "p2" in m._table.row and "p1" not in m._table.row and not m._steps

@@ -71,6 +71,21 @@ _LABEL_ORDER = ("route", "http_method", "status_code", "model", "tenant", "promp
 if RequestLabels._fields != _LABEL_ORDER:  # end_fields' values are taken positionally: fail at import, never mislabel
     raise ImportError(f"wattspan.meter builds RequestLabels in the order {_LABEL_ORDER}, but its fields are {RequestLabels._fields}")
 _QUALITY_RANK = {"good": 1, "coarse": 2, "misfit": 3}
+_NS_MIN, _NS_MAX = -(2**63) + 1, 2**63 - 1  # a time the columns (int64) hold
+
+
+def _as_ns(t: Any) -> int | None:
+    """``t`` as an int of nanoseconds when it is a time: an integer (numpy's too) or a finite real
+    number, in int64's range; otherwise None (NaN, inf, 2**70, a string, None)."""
+    if type(t) is int:
+        return t if _NS_MIN <= t <= _NS_MAX else None
+    if isinstance(t, bool) or not isinstance(t, (int, float, np.integer, np.floating)):
+        return None
+    try:
+        v = int(t)
+    except (ValueError, OverflowError):  # NaN, inf
+        return None
+    return v if _NS_MIN <= v <= _NS_MAX else None
 
 
 def _parts_json(device: str, parts: dict[str, float] | None) -> str:
@@ -459,8 +474,15 @@ class Meter:
         Bounded where steps enter: at most ``max_step_ids`` requests per step and
         ``max_steps_per_s`` steps per second (of step time); token counts must be
         finite numbers in ``0..MAX_TOKENS``. A step beyond a bound is dropped and
-        counted in ``counters["dropped_steps"]`` (logged once). ``device`` may be a
+        counted in ``counters["dropped_steps"]`` (logged once), as is one whose times are
+        not integers of nanoseconds. ``device`` may be a
         device group (``"gpu0,gpu1"`` or a list): the step ran on each member."""
+        if type(start_ns) is not int or type(end_ns) is not int or not (_NS_MIN <= start_ns and end_ns <= _NS_MAX):
+            a, b = _as_ns(start_ns), _as_ns(end_ns)
+            if a is None or b is None:
+                self._drop_step(f"its times ({start_ns!r}, {end_ns!r}) are not integers of ns (time.monotonic_ns())")
+                return
+            start_ns, end_ns = a, b
         if end_ns <= start_ns or not tokens:
             return
         if not isinstance(device, str) or "+" in device or " " in device:
@@ -759,19 +781,23 @@ class Meter:
             table.rid, table.device, table.start, table.end, table.meta, table.method, table.quality, table.peer)
         popleft = ev.popleft
         begun = 0
+        lo, hi, int_ = _NS_MIN, _NS_MAX, int  # a time's check, on locals (a look-up per event less)
         for _ in range(len(ev)):  # what is there now; later events wait for the next pass (only this thread pops)
             e = popleft()
             kind = e[0]
             if kind == _END_FIELDS or kind == _END:
                 r = row_of(e[1])
+                t = e[2]
+                if type(t) is not int_ or not lo <= t <= hi:
+                    t = self._event_time(t, e[1])
                 if r is not None:  # table.set_end, inline
                     if end_of[r] is None and not peer_of[r]:
                         table.ended += 1
-                    t, s = e[2], start_of[r]
+                    s = start_of[r]
                     end_of[r] = t if t > s else s
                     meta[r] = e if kind == _END_FIELDS else e[3]  # the flat event itself: labels built in _finalise
                 if out is not None:
-                    out.append((_END, e[1], e[2]))
+                    out.append((_END, e[1], t))
                 continue
             if kind == _BEGIN:
                 if len(table.row) >= self.max_inflight:
@@ -779,17 +805,21 @@ class Meter:
                     log.warning("more than %d requests in flight; request %s not metered", self.max_inflight, e[1])
                     continue
                 rid = e[1]
+                t = e[3]
+                if type(t) is not int_ or not lo <= t <= hi:
+                    t = self._event_time(t, rid)
+                    e = (_BEGIN, rid, e[2], t)
                 if free and rid not in row:  # table.add, inline (a free row's meta and parts are None already)
                     r = free.pop()
                     row[rid] = r
                     rid_of[r] = rid
                     dev_of[r] = e[2]
-                    start_of[r] = e[3]
+                    start_of[r] = t
                     end_of[r] = None
                     method_of[r] = quality_of[r] = ""
                     peer_of[r] = 0
                 else:
-                    table.add(rid, e[2], e[3])
+                    table.add(rid, e[2], t)
                 begun += 1
             else:
                 st = BatchStep(e[1], e[2], e[3], e[4])
@@ -798,6 +828,19 @@ class Meter:
             if out is not None:
                 out.append(e)
         self.counters["requests"] += begun
+
+    def _event_time(self, t: Any, rid: Any) -> int:
+        """A request's begin or end time as an int: a number converted; what is not a time (NaN, inf,
+        2**70, a string) is replaced by the meter's clock now (counted in ``counters["bad_times"]``,
+        logged at the first and every 100th), so the request still gets its record."""
+        v = _as_ns(t)
+        if v is not None:
+            return v
+        n = self.counters["bad_times"] = self.counters.get("bad_times", 0) + 1
+        if n == 1 or n % 100 == 0:
+            log.warning("wattspan: request %r was given the time %r, not an integer of ns on time.monotonic_ns()'s clock; "
+                        "the meter's clock is used instead (%d such times; counters bad_times)", rid, t, n)
+        return time.monotonic_ns()
 
     def _take_peer_events(self) -> None:
         """What the other worker processes on this host serve (see :mod:`wattspan.meter.peers`)."""
@@ -813,20 +856,20 @@ class Meter:
                     kind = e[0]
                     if kind == _BEGIN:
                         if len(table.row) < self.max_inflight:
-                            table.add(str(e[1]), str(e[2]), int(e[3]), peer=pid or -1)
+                            table.add(str(e[1]), str(e[2]), _peer_ns(e[3]), peer=pid or -1)
                             self.counters["peer_requests"] += 1
                     elif kind == _END:
                         r = table.row.get(str(e[1]))
                         if r is not None and table.peer[r]:
-                            table.set_end(r, int(e[2]))
+                            table.set_end(r, _peer_ns(e[2]))
                     elif kind == _MARK:
-                        self._peer_marks[pid] = int(e[1])
+                        self._peer_marks[pid] = _peer_ns(e[1])
                     elif kind == _STEP:
                         if len(e[4]) > self.max_step_ids:
                             self._drop_step(f"a peer's step names {len(e[4])} requests")
                             continue
-                        st = BatchStep(int(e[1]), int(e[2]), str(e[3]), {str(k): float(v) for k, v in e[4].items()})
-                        if not all(0 <= v <= MAX_TOKENS for v in st[3].values()):
+                        st = BatchStep(_peer_ns(e[1]), _peer_ns(e[2]), str(e[3]), {str(k): float(v) for k, v in e[4].items()})
+                        if st[1] <= st[0] or not all(0 <= v <= MAX_TOKENS for v in st[3].values()):
                             raise ValueError
                         self._steps.append(st)
                         self._hist_add(st)
@@ -1282,6 +1325,14 @@ class Meter:
 
 
 _PASS_RETRIES = 8  # failed passes in a row (2 s at the default period) before the ended requests are settled
+
+
+def _peer_ns(t: Any) -> int:
+    """A time in a peer's message: ValueError unless it is one (the message is then counted as a pass error, skipped)."""
+    v = _as_ns(t)
+    if v is None:
+        raise ValueError(f"not a time: {t!r}")
+    return v
 
 
 def _labels(meta: Any) -> RequestLabels:
