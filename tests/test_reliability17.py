@@ -423,3 +423,79 @@ def test_a_peers_message_with_a_time_that_is_not_one_is_skipped_and_counted_not_
     assert [r.id for r in got] == ["a"]
     assert m.counters["pass_errors"] == 3  # the three bad messages, each skipped
     assert "p2" in m._table.row and "p1" not in m._table.row and not m._steps
+
+
+# ------------------------------------------------------------------ review: the sampler and hostile sources
+
+
+class _Scripted:
+    """A source returning the next scripted list of batches per poll."""
+
+    name, errors = "scripted", 0
+
+    def __init__(self, script):
+        self.script = deque(script)
+
+    def devices(self):
+        return [DeviceInfo("gpu0", "g", sensor="scripted")]
+
+    def poll(self):
+        return self.script.popleft() if self.script else []
+
+    def close(self):
+        pass
+
+
+def _b(kind, t, v):
+    from wattspan.samples import SampleBatch
+
+    return SampleBatch("gpu0", kind, np.asarray(t, dtype=np.int64), np.asarray(v, dtype=float))
+
+
+def test_a_reading_far_ahead_of_the_monotonic_clock_does_not_shut_the_device_out(caplog):
+    from wattspan.sampler import Sampler
+    from wattspan.samples import SampleKind
+
+    I = SampleKind.INSTANT
+    now = time.monotonic_ns()
+    wall = time.time_ns()  # a source stamping wall-clock time by mistake
+    s = Sampler(_Scripted([
+        [_b(I, [now], [100.0])],
+        [_b(I, [wall], [100.0])],  # one reading: was stored, and every later reading rejected as "not after it"
+        [_b(I, [now + 1 * MS, wall + MS], [110.0, 100.0])],
+        [_b(I, [now + 2 * MS], [120.0]), _b(SampleKind.ENERGY, [now + 2 * MS], [5.0])],
+    ]))
+    with caplog.at_level("WARNING"):
+        for _ in range(4):
+            s.poll_now()
+    tr = s.trace("gpu0")
+    assert tr.t_ns.tolist() == [now, now + MS, now + 2 * MS]
+    assert s.latest_ns("gpu0") == now + 2 * MS  # the meter's cut: was 2026's wall clock, decades ahead
+    assert s.health()["rejected_rows"] == {"gpu0": 2}
+    assert sum("ahead of" in r.getMessage() for r in caplog.records) == 1
+    s.close()
+
+
+def test_an_energy_counter_that_goes_back_is_carried_on_not_stored_backwards(caplog):
+    from wattspan.attribution.inputs import check_trace
+    from wattspan.sampler import Sampler
+    from wattspan.samples import SampleKind
+
+    I, E = SampleKind.INSTANT, SampleKind.ENERGY
+    s = Sampler(_Scripted([
+        [_b(E, [10], [100.0])],
+        [_b(E, [20], [101.0])],
+        [_b(E, [30], [0.5])],  # a driver reset: the counter starts again (one reading, the fast path)
+        [_b(E, [40], [1.5]), _b(I, [40], [90.0])],  # one of each kind
+        [_b(E, [50, 60, 70], [2.5, 0.25, 1.25])],  # a batch, with a second reset in it
+    ]))
+    with caplog.at_level("WARNING"):
+        for _ in range(5):
+            s.poll_now()
+    tr = s.trace("gpu0")
+    # the counter carried on from where it was (the reset's interval counted as 0 J): was 101 -> 0.5 J, energies < 0
+    assert tr.energy_j.tolist() == [100.0, 101.0, 101.0, 102.0, 103.0, 103.0, 104.0]
+    check_trace(tr)  # the engine takes it (a counter going back is refused there)
+    assert s.health()["counter_resets"] == {"gpu0": 2}
+    assert sum("went back" in r.getMessage() for r in caplog.records) == 1
+    s.close()
