@@ -499,3 +499,27 @@ def test_an_energy_counter_that_goes_back_is_carried_on_not_stored_backwards(cap
     assert s.health()["counter_resets"] == {"gpu0": 2}
     assert sum("went back" in r.getMessage() for r in caplog.records) == 1
     s.close()
+
+
+def test_a_source_hook_that_raises_never_reaches_the_servers_request():
+    # the simulated source (the fallback where no sensor answers) follows the load through hooks, and raises
+    # for a device it does not simulate: begin() on WATTSPAN_DEVICE=gpu5 raised ValueError into the request
+    from wattspan.sources.simulated import SimulatedSource
+
+    got: list = []
+    m = Meter(sources=[SimulatedSource()], idle_w=40.0, period_s=0.05, carbon=CarbonModel(intensity_g_per_kwh=400.0),
+              sinks=[RecordCallback(got.append)])
+    try:
+        assert m.wait_ready(30)
+        t = time.monotonic_ns()
+        m.begin("a", "gpu5", t)
+        m.record_step(t, t + MS, "gpu5", {"a": 1})
+        m.end("a", "gpu5", t + 2 * MS)
+        m.begin("b", "gpu5", t)
+        m.end_fields("b", "gpu5", t + 2 * MS, "/", "GET", 200, "", "", 0, 0, 0, 0)
+        assert m.flush(10)
+    finally:
+        m.close()
+    assert sorted(r.id for r in got) == ["a", "b"]  # settled as requests on an unmetered device
+    assert all(r.sensor == "none" for r in got)
+    assert m.counters["source_hook_errors"] == 5

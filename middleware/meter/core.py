@@ -428,9 +428,12 @@ class Meter:
             return
         ev.append((_BEGIN, request_id, device, t_ns))
         if self._activity:
-            for s in self._activity:
-                for d in (device.split(",") if "," in device else (device,)):  # a group: active on each member
-                    s.on_request_start(d)
+            try:
+                for s in self._activity:
+                    for d in (device.split(",") if "," in device else (device,)):  # a group: active on each member
+                        s.on_request_start(d)
+            except Exception:  # a source's hook never reaches the server's request
+                self._hook_failed()
 
     def end(self, request_id: str, device: str, t_ns: int, meta: RequestLabels | Mapping[str, Any] | None = None) -> None:
         """The request ended (last body chunk, error or disconnect). ``meta``: its
@@ -442,11 +445,15 @@ class Meter:
             self.counters["dropped_events"] += 1
             return
         ev.append((_END, request_id, t_ns, meta))
-        if self._activity and (not isinstance(device, str) or "+" in device or " " in device):
-            device = _device_key(device)
-        for s in self._activity:
-            for d in (device.split(",") if "," in device else (device,)):
-                s.on_request_end(d)
+        if self._activity:
+            try:
+                if not isinstance(device, str) or "+" in device or " " in device:
+                    device = _device_key(device)
+                for s in self._activity:
+                    for d in (device.split(",") if "," in device else (device,)):
+                        s.on_request_end(d)
+            except Exception:
+                self._hook_failed()
 
     def end_fields(self, request_id: str, device: str, t_ns: int, route: str, http_method: str, status_code: int, model: str,
                    tenant: str, prompt_tokens: int, output_tokens: int, trace_id: int, span_id: int) -> None:
@@ -461,11 +468,14 @@ class Meter:
         ev.append((_END_FIELDS, request_id, t_ns, route, http_method, status_code, model, tenant, prompt_tokens,
                    output_tokens, trace_id, span_id))
         if self._activity:
-            if not isinstance(device, str) or "+" in device or " " in device:
-                device = _device_key(device)
-            for s in self._activity:
-                for d in (device.split(",") if "," in device else (device,)):
-                    s.on_request_end(d)
+            try:
+                if not isinstance(device, str) or "+" in device or " " in device:
+                    device = _device_key(device)
+                for s in self._activity:
+                    for d in (device.split(",") if "," in device else (device,)):
+                        s.on_request_end(d)
+            except Exception:
+                self._hook_failed()
 
     def record_step(self, start_ns: int, end_ns: int, device: str, tokens: Mapping[str, float]) -> None:
         """A batch step ran on ``device`` over ``[start_ns, end_ns)`` processing
@@ -518,11 +528,21 @@ class Meter:
             except Exception:
                 self.counters["sink_errors"] += 1
         if self._activity:
-            n = sum(tokens.values())
-            prefill = sum(v for v in tokens.values() if v > 1)
-            for s in self._activity:
-                for d in (device.split(",") if "," in device else (device,)):
-                    s.on_step(d, start_ns, end_ns, int(n), int(prefill))
+            try:
+                n = sum(tokens.values())
+                prefill = sum(v for v in tokens.values() if v > 1)
+                for s in self._activity:
+                    for d in (device.split(",") if "," in device else (device,)):
+                        s.on_step(d, start_ns, end_ns, int(n), int(prefill))
+            except Exception:
+                self._hook_failed()
+
+    def _hook_failed(self) -> None:
+        """A source's load hook (on_request_start/end, on_step) raised: counted in
+        ``counters["source_hook_errors"]``, logged at the first and every 1000th, never raised to the caller."""
+        n = self.counters["source_hook_errors"] = self.counters.get("source_hook_errors", 0) + 1
+        if n == 1 or n % 1000 == 0:
+            log.exception("wattspan: a power source's load hook failed (%d times; counters source_hook_errors)", n)
 
     def _drop_step(self, why: str) -> None:
         self.counters["dropped_steps"] += 1
