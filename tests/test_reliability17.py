@@ -523,3 +523,31 @@ def test_a_source_hook_that_raises_never_reaches_the_servers_request():
     assert sorted(r.id for r in got) == ["a", "b"]  # settled as requests on an unmetered device
     assert all(r.sensor == "none" for r in got)
     assert m.counters["source_hook_errors"] == 5
+
+
+def test_a_meter_whose_sources_cannot_open_does_not_queue_events_for_ever():
+    class Broken:
+        name, errors = "broken", 0
+
+        def devices(self):
+            raise OSError("driver gone")
+
+        def poll(self):
+            return []
+
+        def close(self):
+            pass
+
+    m = Meter(sources=[Broken()], idle_w=40.0, period_s=0.05)
+    try:
+        assert m.wait_ready(30)
+        m._thread.join(5)  # it logged that requests are not metered, and ended
+        t = time.monotonic_ns()
+        for i in range(100):
+            m.begin(f"r{i}", "gpu0", t)
+            m.end(f"r{i}", "gpu0", t + MS)
+        # was: every event queued for a thread that is gone, up to 2 million of them (hundreds of MB)
+        assert len(m._events) == 0
+        assert m.counters["dropped_events"] == 200
+    finally:
+        m.close(timeout=1)

@@ -707,6 +707,14 @@ class Meter:
             self._setup()
         except Exception:
             log.exception("could not open the power sources; requests are not metered")
+            # nothing will take the events: from now on they are dropped (counted), never queued for a thread gone
+            self.max_events = self._max_queued = 0
+            ev = self._events
+            n = 0
+            while ev:
+                ev.popleft()
+                n += 1
+            self.counters["dropped_events"] += n
             return
         last = time.monotonic()
         # the sampler this meter made (not one handed in, maybe shared) polls rarely while the meter idles
