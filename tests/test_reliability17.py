@@ -551,3 +551,15 @@ def test_a_meter_whose_sources_cannot_open_does_not_queue_events_for_ever():
         assert m.counters["dropped_events"] == 200
     finally:
         m.close(timeout=1)
+
+
+def test_requests_beyond_max_inflight_are_counted_and_logged_rarely_not_once_each(caplog):
+    m, got = _meter(_Sampler({"gpu0": 100.0}, 0), max_inflight=10)
+    t = time.monotonic_ns()
+    for i in range(2010):
+        m.begin(f"r{i}", "gpu0", t)
+    with caplog.at_level("WARNING"):
+        m._drain()
+    assert m.counters["dropped_inflight"] == 2000
+    lines = [r for r in caplog.records if "in flight" in r.getMessage()]
+    assert 1 <= len(lines) <= 3  # the first, then every 1000th; was one line per request (2000)

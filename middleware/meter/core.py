@@ -829,8 +829,10 @@ class Meter:
                 continue
             if kind == _BEGIN:
                 if len(table.row) >= self.max_inflight:
-                    self.counters["dropped_inflight"] += 1
-                    log.warning("more than %d requests in flight; request %s not metered", self.max_inflight, e[1])
+                    n = self.counters["dropped_inflight"] = self.counters["dropped_inflight"] + 1
+                    if n == 1 or n % 1000 == 0:  # an overload must not turn into a flood of log lines
+                        log.warning("more than %d requests in flight; request %s not metered (%d so far; counters "
+                                    "dropped_inflight)", self.max_inflight, e[1], n)
                     continue
                 rid = e[1]
                 t = e[3]
