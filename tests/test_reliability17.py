@@ -563,3 +563,30 @@ def test_requests_beyond_max_inflight_are_counted_and_logged_rarely_not_once_eac
     assert m.counters["dropped_inflight"] == 2000
     lines = [r for r in caplog.records if "in flight" in r.getMessage()]
     assert 1 <= len(lines) <= 3  # the first, then every 1000th; was one line per request (2000)
+
+
+def test_nvml_samples_never_come_stamped_after_the_poll_when_the_wall_clock_stepped_back(monkeypatch):
+    pynvml = pytest.importorskip("pynvml")
+    from tests.fakes.fake_nvml import ENERGY, SAMPLES, USAGE, FakeNvml
+    from tests.test_nvml import by_kind, gpu
+    import wattspan.sources.nvml as nvml_mod
+    from wattspan.samples import SampleKind
+
+    FakeNvml([gpu("Tesla V100-SXM2-16GB", pynvml.NVML_DEVICE_ARCH_VOLTA, {ENERGY, SAMPLES, USAGE})]).install(monkeypatch)
+    src = nvml_mod.NvmlSource()
+    try:
+        assert src.devices()[0].sensor.endswith("power-samples")
+        real = nvml_mod._wall_offset_ns
+        # the wall clock stepped 30 s back after the driver stamped its buffered samples (an NTP correction)
+        monkeypatch.setattr(nvml_mod, "_wall_offset_ns", lambda: real() - 30 * S)
+        seen = 0
+        for _ in range(5):
+            time.sleep(0.03)
+            batches = src.poll()
+            polled = time.monotonic_ns()
+            for b in by_kind(batches, "gpu0").get(SampleKind.INSTANT, []):
+                seen += len(b.t_ns)
+                assert int(b.t_ns.max()) <= polled  # was 30 s ahead: the sampler's last time, and the meter's cut
+        assert seen
+    finally:
+        src.close()
