@@ -590,3 +590,13 @@ def test_nvml_samples_never_come_stamped_after_the_poll_when_the_wall_clock_step
         assert seen
     finally:
         src.close()
+
+
+def test_a_batch_step_that_ends_before_it_starts_is_counted_not_silently_ignored(caplog):
+    m, _ = _meter(_Sampler({"gpu0": 100.0}, 0))
+    t = time.monotonic_ns()
+    m.record_step(t, t - 5 * MS, "gpu0", {"a": 1})  # a hook with its times swapped: every step was lost unseen
+    m.record_step(t, t, "gpu0", {"a": 1})
+    m.record_step(t, t + MS, "gpu0", {})  # a step that served no request: nothing to record, nothing lost
+    assert m.counters["dropped_steps"] == 2 and not m._events
+    assert "does not end after it starts" in caplog.text

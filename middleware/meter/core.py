@@ -493,7 +493,10 @@ class Meter:
                 self._drop_step(f"its times ({start_ns!r}, {end_ns!r}) are not integers of ns (time.monotonic_ns())")
                 return
             start_ns, end_ns = a, b
-        if end_ns <= start_ns or not tokens:
+        if not tokens:
+            return  # a step that served no request: nothing to split
+        if end_ns <= start_ns:
+            self._drop_step(f"it does not end after it starts ({start_ns} .. {end_ns} ns)")
             return
         if not isinstance(device, str) or "+" in device or " " in device:
             device = _device_key(device)
