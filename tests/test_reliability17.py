@@ -600,3 +600,24 @@ def test_a_batch_step_that_ends_before_it_starts_is_counted_not_silently_ignored
     m.record_step(t, t + MS, "gpu0", {})  # a step that served no request: nothing to record, nothing lost
     assert m.counters["dropped_steps"] == 2 and not m._events
     assert "does not end after it starts" in caplog.text
+
+
+def test_a_record_callback_failing_on_one_record_still_gets_the_passs_others():
+    base = time.monotonic_ns() + 1000 * S
+    sampler = _Sampler({"gpu0": 100.0}, base)
+    seen: list[str] = []
+
+    def fn(rec):
+        if rec.id == "a":
+            raise RuntimeError("this one record cannot be written")
+        seen.append(rec.id)
+
+    m = Meter(sampler=sampler, autostart=False, idle_w=20.0, lag_s=0.0, carbon=CarbonModel(intensity_g_per_kwh=400.0),
+              sinks=[RecordCallback(fn)])
+    for rid in ("a", "b", "c"):
+        m.begin(rid, "gpu0", base)
+        m.end(rid, "gpu0", base + S)
+    sampler.latest["gpu0"] = base + 2 * S
+    m._pass()
+    assert sorted(seen) == ["b", "c"]  # was []: the records after the failing one were never given
+    assert m.counters["sink_errors"] == 1
