@@ -621,3 +621,21 @@ def test_a_record_callback_failing_on_one_record_still_gets_the_passs_others():
     m._pass()
     assert sorted(seen) == ["b", "c"]  # was []: the records after the failing one were never given
     assert m.counters["sink_errors"] == 1
+
+
+def test_times_on_the_wall_clock_are_told_not_silently_kept_in_flight_for_ever(caplog):
+    base = time.monotonic_ns() - 10 * S
+    sampler = _Sampler({"gpu0": 100.0}, base)
+    m, got = _meter(sampler)
+    wall = time.time_ns()  # an integration stamping time.time_ns() instead of time.monotonic_ns()
+    m.begin("w", "gpu0", wall)
+    m.record_step(wall, wall + MS, "gpu0", {"w": 1})
+    m.end("w", "gpu0", wall + 2 * MS)
+    m._drain()
+    sampler.latest["gpu0"] = time.monotonic_ns() + S
+    _run_pass(m)
+    # was: never attributed nor final (its times lie decades past every cut), the step kept for ever, no word said
+    assert [r.id for r in got] == ["w"]
+    assert m.counters["bad_times"] == 2 and m.counters["dropped_steps"] == 1
+    assert not m._steps and m.flush(0.05)
+    assert "time.monotonic_ns()" in caplog.text

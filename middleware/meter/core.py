@@ -72,6 +72,8 @@ if RequestLabels._fields != _LABEL_ORDER:  # end_fields' values are taken positi
     raise ImportError(f"wattspan.meter builds RequestLabels in the order {_LABEL_ORDER}, but its fields are {RequestLabels._fields}")
 _QUALITY_RANK = {"good": 1, "coarse": 2, "misfit": 3}
 _NS_MIN, _NS_MAX = -(2**63) + 1, 2**63 - 1  # a time the columns (int64) hold
+#: a time further ahead of time.monotonic_ns() than this is on another clock (time.time_ns(): decades ahead)
+_AHEAD_NS = 86_400 * 1_000_000_000
 
 
 def _as_ns(t: Any) -> int | None:
@@ -493,6 +495,9 @@ class Meter:
                 self._drop_step(f"its times ({start_ns!r}, {end_ns!r}) are not integers of ns (time.monotonic_ns())")
                 return
             start_ns, end_ns = a, b
+        if end_ns > time.monotonic_ns() + _AHEAD_NS:  # would wait for the sensor for ever
+            self._drop_step(f"it ends more than a day ahead of time.monotonic_ns() ({end_ns} ns: another clock?)")
+            return
         if not tokens:
             return  # a step that served no request: nothing to split
         if end_ns <= start_ns:
@@ -812,7 +817,8 @@ class Meter:
             table.rid, table.device, table.start, table.end, table.meta, table.method, table.quality, table.peer)
         popleft = ev.popleft
         begun = 0
-        lo, hi, int_ = _NS_MIN, _NS_MAX, int  # a time's check, on locals (a look-up per event less)
+        # a time's check, on locals (a look-up per event less): an int in int64's range, not a day ahead of now
+        lo, hi, int_ = _NS_MIN, min(_NS_MAX, time.monotonic_ns() + _AHEAD_NS), int
         for _ in range(len(ev)):  # what is there now; later events wait for the next pass (only this thread pops)
             e = popleft()
             kind = e[0]
@@ -820,7 +826,7 @@ class Meter:
                 r = row_of(e[1])
                 t = e[2]
                 if type(t) is not int_ or not lo <= t <= hi:
-                    t = self._event_time(t, e[1])
+                    t = self._event_time(t, e[1], hi)
                 if r is not None:  # table.set_end, inline
                     if end_of[r] is None and not peer_of[r]:
                         table.ended += 1
@@ -840,7 +846,7 @@ class Meter:
                 rid = e[1]
                 t = e[3]
                 if type(t) is not int_ or not lo <= t <= hi:
-                    t = self._event_time(t, rid)
+                    t = self._event_time(t, rid, hi)
                     e = (_BEGIN, rid, e[2], t)
                 if free and rid not in row:  # table.add, inline (a free row's meta and parts are None already)
                     r = free.pop()
@@ -862,12 +868,13 @@ class Meter:
                 out.append(e)
         self.counters["requests"] += begun
 
-    def _event_time(self, t: Any, rid: Any) -> int:
-        """A request's begin or end time as an int: a number converted; what is not a time (NaN, inf,
-        2**70, a string) is replaced by the meter's clock now (counted in ``counters["bad_times"]``,
-        logged at the first and every 100th), so the request still gets its record."""
+    def _event_time(self, t: Any, rid: Any, hi: int) -> int:
+        """A request's begin or end time as an int: a number converted; what is not a time on the
+        monotonic clock (NaN, inf, 2**70, a string, or more than a day ahead of it: ``time.time_ns()``)
+        is replaced by the meter's clock now (counted in ``counters["bad_times"]``, logged at the first
+        and every 100th), so the request still gets its record."""
         v = _as_ns(t)
-        if v is not None:
+        if v is not None and v <= hi:
             return v
         n = self.counters["bad_times"] = self.counters.get("bad_times", 0) + 1
         if n == 1 or n % 100 == 0:
