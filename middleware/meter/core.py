@@ -74,6 +74,7 @@ _QUALITY_RANK = {"good": 1, "coarse": 2, "misfit": 3}
 _NS_MIN, _NS_MAX = -(2**63) + 1, 2**63 - 1  # a time the columns (int64) hold
 #: a time further ahead of time.monotonic_ns() than this is on another clock (time.time_ns(): decades ahead)
 _AHEAD_NS = 86_400 * 1_000_000_000
+_MAX_SECONDS = 1e6  # the meter's periods and delays (s) at most: 11 days
 
 
 def _as_ns(t: Any) -> int | None:
@@ -263,8 +264,19 @@ class Meter:
         idle_period_s: float = 2.0,
         autostart: bool = True,
     ) -> None:
-        if not (period_s > 0 and max_delay_s > 0 and history_s > 0):
-            raise ValueError("period_s, max_delay_s and history_s must be > 0")
+        # finite and bounded: inf or NaN here failed every pass (int(inf * 1e9)) or ended the meter's thread (wait(inf))
+        for name, v, least in (("period_s", period_s, 0.0), ("max_delay_s", max_delay_s, 0.0), ("history_s", history_s, 0.0),
+                               ("refit_s", refit_s, None), ("idle_period_s", idle_period_s, 0.0), ("lag_s", lag_s, None)):
+            if v is None and name == "lag_s":
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not (
+                    0 <= v <= _MAX_SECONDS and (least is None or v > least)):
+                raise ValueError(f"{name} must be a number of seconds {'> 0' if least is not None else '>= 0'} and at most "
+                                 f"{_MAX_SECONDS:g}, got {v!r}")
+        for name, n in (("max_inflight", max_inflight), ("max_events", max_events), ("max_step_ids", max_step_ids),
+                        ("max_steps_per_s", max_steps_per_s)):
+            if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {n!r}")
         from ..logs import setup_logging
 
         setup_logging()  # the meter's warnings must be visible in a process with no log handler
