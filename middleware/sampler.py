@@ -269,6 +269,18 @@ def _counters(st: _State, src_name: str, dev: _Device, es: np.ndarray) -> np.nda
     return es
 
 
+def _check_info(src_name: str, info: Any) -> None:
+    """A device a source lists, checked where it enters: ``TypeError``/``ValueError`` naming the source (one
+    the sampler cannot serve would fail every trace of it later, far from the cause)."""
+    if not isinstance(info, DeviceInfo):
+        raise TypeError(f"source {src_name} listed {info!r} among its devices(); each must be a DeviceInfo")
+    if not isinstance(info.id, str) or not info.id:
+        raise ValueError(f"source {src_name} listed a device whose id is {info.id!r}; an id is a non-empty string like 'gpu0'")
+    if info.power_kind == SampleKind.AVERAGE and not info.window_ns > 0:
+        raise ValueError(f"source {src_name}: device {info.id!r} gives AVERAGE power readings, which need window_ns > 0 "
+                         f"(the averaging window), got {info.window_ns!r}")
+
+
 def _poll_once(st: _State, now_ns: int | None = None) -> None:
     """Poll every source once (``now_ns`` None), or only those due at ``now_ns`` (the thread's ticks)."""
     w0 = time.perf_counter_ns()
@@ -411,6 +423,7 @@ class Sampler:
                 name, k = f"{base}#{k}", k + 1
             names.append(name)
             for info in src.devices():
+                _check_info(name, info)
                 if info.id in devices:
                     raise ValueError(f"device {info.id!r} is metered by two sources ({devices[info.id].info.sensor} "
                                      f"and {info.sensor}): give each source distinct devices")

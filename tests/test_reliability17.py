@@ -15,7 +15,7 @@ from wattspan import Meter
 from wattspan.carbon import CarbonModel
 from wattspan.meter import RecordCallback
 from wattspan.meter.core import _END, _END_FIELDS
-from wattspan.samples import DeviceInfo, DeviceTrace
+from wattspan.samples import DeviceInfo, DeviceTrace, SampleKind
 
 MS = 1_000_000
 S = 1_000_000_000
@@ -639,3 +639,29 @@ def test_times_on_the_wall_clock_are_told_not_silently_kept_in_flight_for_ever(c
     assert m.counters["bad_times"] == 2 and m.counters["dropped_steps"] == 1
     assert not m._steps and m.flush(0.05)
     assert "time.monotonic_ns()" in caplog.text
+
+
+@pytest.mark.parametrize("info, what", [
+    (DeviceInfo("gpu0", "g", power_kind=SampleKind.AVERAGE, window_ns=0), "window_ns"),
+    (DeviceInfo("", "g"), "id"),
+    ("gpu0", "DeviceInfo"),
+])
+def test_a_source_listing_a_device_the_sampler_cannot_serve_is_refused_when_built(info, what):
+    from wattspan.sampler import Sampler
+
+    class Src:
+        name, errors = "odd", 0
+
+        def devices(self):
+            return [info]
+
+        def poll(self):
+            return []
+
+        def close(self):
+            pass
+
+    # was: built, and every trace() of it raised (each meter pass failed), or an AttributeError deep inside
+    with pytest.raises((TypeError, ValueError), match=what) as err:
+        Sampler(Src())
+    assert "odd" in str(err.value)
