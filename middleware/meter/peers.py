@@ -47,6 +47,9 @@ __all__ = ["Peers", "default_peer_dir", "group_key", "private_dir"]
 log = get_logger(__name__)
 
 _MAX_DATAGRAM = 32 * 1024
+#: what one receive takes: more than the 32 KiB chunks, since one event may not fit one (a batch step naming
+#: thousands of requests is sent whole, ~100 kB); a Unix datagram socket sends at most its buffer (~208 KiB)
+_MAX_RECV = 256 * 1024
 
 
 def _uid() -> int:
@@ -181,7 +184,7 @@ class Peers:
         out: list[tuple[int, list[Any], int]] = []
         for _ in range(limit):
             try:
-                data, addr = self.sock.recvfrom(_MAX_DATAGRAM * 2)
+                data, addr = self.sock.recvfrom(_MAX_RECV)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError:
