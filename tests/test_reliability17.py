@@ -689,3 +689,25 @@ def test_a_batch_step_naming_thousands_of_requests_reaches_the_peers_whole(tmp_p
     finally:
         a.close()
         b.close()
+
+
+def test_a_sensor_failing_to_open_in_an_unforeseen_way_is_skipped_not_the_whole_meter(monkeypatch, caplog):
+    import wattspan.sources.nvml as nvml_mod
+    import wattspan.sources.rapl as rapl_mod
+    from wattspan.meter.discovery import default_sources
+    from wattspan.sources import SourceUnavailable
+
+    class Odd:
+        def __init__(self, *a, **k):
+            raise RuntimeError("NVML: nvmlDeviceGetCount failed with an error the source does not expect")
+
+    class NoRapl:
+        def __init__(self, *a, **k):
+            raise SourceUnavailable("no RAPL here")
+
+    monkeypatch.setattr(nvml_mod, "NvmlSource", Odd)
+    monkeypatch.setattr(rapl_mod, "RaplSource", NoRapl)
+    with caplog.at_level("ERROR"):
+        found = default_sources()  # was the RuntimeError: the meter opened no source at all, RAPL and simulated untried
+    assert [s.name for s in found] == ["simulated"]
+    assert "nvmlDeviceGetCount" in caplog.text
