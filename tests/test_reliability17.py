@@ -711,3 +711,70 @@ def test_a_sensor_failing_to_open_in_an_unforeseen_way_is_skipped_not_the_whole_
         found = default_sources()  # was the RuntimeError: the meter opened no source at all, RAPL and simulated untried
     assert [s.name for s in found] == ["simulated"]
     assert "nvmlDeviceGetCount" in caplog.text
+
+
+# ------------------------------------------------------------------ review: the books close whatever the ids
+
+
+def _books_close(m):
+    b = m.balance()
+    assert b.measured_j == pytest.approx(b.attributed_j + b.pending_j + b.peers_j + b.unattributed_j, rel=1e-9, abs=1e-9)
+    return b
+
+
+def test_an_id_begun_again_after_its_end_gets_both_records():
+    base = time.monotonic_ns() + 1000 * S
+    sampler = _Sampler({"gpu0": 100.0}, base)
+    m, got = _meter(sampler)
+    m.begin("a", "gpu0", base)
+    m.end("a", "gpu0", base + S)
+    m._drain()  # ended, waiting for the sensor
+    m.begin("a", "gpu0", base + 1500 * MS)  # the caller reuses its id for the next request
+    m.end("a", "gpu0", base + 2500 * MS)
+    sampler.latest["gpu0"] = base + 3 * S
+    _run_pass(m)
+    # was one record: the first request's row was replaced by the second's, its 100 J gone from the books
+    assert [(r.id, round(r.energy_j, 6)) for r in got] == [("a", 100.0), ("a", 100.0)]
+    assert sorted(r.start_ns for r in got) == [base, base + 1500 * MS]
+    assert _books_close(m).measured_j == pytest.approx(300.0)
+    assert not m._table.alias and m.flush(0.05)
+
+
+def test_an_id_begun_again_while_in_flight_is_counted_and_its_energy_stays_in_the_books():
+    base = time.monotonic_ns() + 1000 * S
+    sampler = _Sampler({"gpu0": 100.0}, base)
+    m, got = _meter(sampler)
+    m.begin("a", "gpu0", base)
+    sampler.latest["gpu0"] = base + 2 * S
+    _run_pass(m)  # 200 J on a so far
+    m.begin("a", "gpu0", base + 3 * S)  # a second begin under the id of a request in flight: it replaces it
+    m.end("a", "gpu0", base + 4 * S)
+    sampler.latest["gpu0"] = base + 5 * S
+    _run_pass(m)
+    assert [r.start_ns for r in got] == [base + 3 * S]
+    assert m.counters["replaced_requests"] == 1
+    assert _books_close(m).measured_j == pytest.approx(500.0)  # was 500 J measured, 300 J accounted for
+
+
+def test_requests_dropped_after_failing_passes_leave_their_energy_in_the_books():
+    base = time.monotonic_ns() + 1000 * S
+    sampler = _Sampler({"gpu0": 100.0}, base)
+    m, got = _meter(sampler)
+
+    class Broken:  # a carbon model whose every use fails: no record can be built
+        def __getattr__(self, name):
+            raise RuntimeError("carbon model down")
+
+    m.carbon = Broken()
+    m.begin("a", "gpu0", base)
+    m.end("a", "gpu0", base + S)
+    sampler.latest["gpu0"] = base + 2 * S
+    for _ in range(8):  # as the meter's thread runs them: the 8th failure in a row settles the ended requests
+        try:
+            m._pass()
+        except Exception:
+            m.counters["pass_errors"] += 1
+    m._settle_on_errors()
+    m._publish_balance()
+    assert m.counters["dropped_on_errors"] == 1 and not got
+    assert _books_close(m).measured_j == pytest.approx(200.0)  # was 200 J measured, 100 J accounted for

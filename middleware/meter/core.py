@@ -129,7 +129,7 @@ class _Table:
     """
 
     __slots__ = ("row", "free", "rid", "device", "start", "end", "meta", "method", "quality", "parts", "peer",
-                 "dyn", "idle", "dev_s", "host", "band", "cov", "ended", "peers")
+                 "dyn", "idle", "dev_s", "host", "band", "cov", "ended", "peers", "alias")
 
     def __init__(self) -> None:
         self.row: dict[str, int] = {}  # request id -> its row
@@ -147,6 +147,8 @@ class _Table:
         self.cov = np.zeros(0, dtype=np.int64)
         self.ended = 0  # rows of this process whose request has ended (not final yet)
         self.peers = 0  # rows of peers' requests
+        #: row key -> the caller's id, for an ended request kept under another key: its id was begun again
+        self.alias: dict[str, str] = {}
 
     def __len__(self) -> int:
         return len(self.row)
@@ -208,6 +210,8 @@ class _Table:
             freed.append(r)
             del row[k]
             rid[r] = None
+            if self.alias:
+                self.alias.pop(k, None)
             if peer[r]:
                 self.peers -= 1
             elif end[r] is not None:
@@ -222,6 +226,17 @@ class _Table:
     def energy(self, r: int) -> float:
         """Row ``r``'s energy so far (J)."""
         return float(self.dyn[r]) + float(self.idle[r])
+
+    def rename(self, r: int) -> None:
+        """Keep row ``r`` under a key of its own (its id is begun again before its record is made):
+        the caller's id is given back to its record (``alias``)."""
+        k = self.rid[r]
+        assert k is not None
+        key = f"{k}\x00{r}"  # the row's index: no other row in the table has it
+        del self.row[k]
+        self.row[key] = r
+        self.rid[r] = key
+        self.alias[key] = self.alias.pop(k, k)
 
 
 class Meter:
@@ -787,6 +802,7 @@ class Meter:
         left = [r for r in done if table.rid[r] is not None]
         counters["settled_on_errors"] = counters.get("settled_on_errors", 0) + settled
         if left:
+            self._unbook(left)
             table.remove(left)
             counters["dropped_on_errors"] = counters.get("dropped_on_errors", 0) + len(left)
         log.error("wattspan: %d attribution passes failed in a row; %d ended requests made final with the energy so far, "
@@ -870,6 +886,8 @@ class Meter:
                     method_of[r] = quality_of[r] = ""
                     peer_of[r] = 0
                 else:
+                    if rid in row:
+                        self._begin_again(row[rid])
                     table.add(rid, e[2], t)
                 begun += 1
             else:
@@ -879,6 +897,38 @@ class Meter:
             if out is not None:
                 out.append(e)
         self.counters["requests"] += begun
+
+    def _begin_again(self, r: int) -> None:
+        """A begin under the id of row ``r``'s request, not final yet. Ended (the caller reuses its ids): the
+        row is kept under a key of its own and gets its record. In flight: it is replaced (counted in
+        ``counters["replaced_requests"]``, logged at the first and every 100th), its energy so far
+        unattributed, so the books still close."""
+        table = self._table
+        if table.end[r] is not None and not table.peer[r]:
+            table.rename(r)
+            return
+        if table.peer[r]:
+            self._peers_j += table.energy(r)
+        else:
+            self._unbook([r])
+            n = self.counters["replaced_requests"] = self.counters.get("replaced_requests", 0) + 1
+            if n == 1 or n % 100 == 0:
+                log.warning("wattspan: request id %r was begun again while in flight; the earlier request under it has "
+                            "no record (%d such; counters replaced_requests): give each request its own id",
+                            table.alias.get(table.rid[r] or "", table.rid[r]), n)
+        table.remove((r,))
+
+    def _unbook(self, rows: Sequence[int]) -> None:
+        """Rows of this process forgotten without a record: their energy so far becomes unattributed."""
+        table = self._table
+        for r in rows:
+            e = table.energy(r)
+            if not e:
+                continue
+            self.counters["unattributed_j"] += e
+            parts = table.parts[r] if "," in table.device[r] else {table.device[r]: e}
+            for d, j in (parts or {}).items():
+                self.device_unattributed_j[d] = self.device_unattributed_j.get(d, 0.0) + j
 
     def _event_time(self, t: Any, rid: Any, hi: int) -> int:
         """A request's begin or end time as an int: a number converted; what is not a time on the
@@ -908,7 +958,10 @@ class Meter:
                     kind = e[0]
                     if kind == _BEGIN:
                         if len(table.row) < self.max_inflight:
-                            table.add(str(e[1]), str(e[2]), _peer_ns(e[3]), peer=pid or -1)
+                            rid = str(e[1])
+                            if rid in table.row:
+                                self._begin_again(table.row[rid])
+                            table.add(rid, str(e[2]), _peer_ns(e[3]), peer=pid or -1)
                             self.counters["peer_requests"] += 1
                     elif kind == _END:
                         r = table.row.get(str(e[1]))
@@ -1358,8 +1411,12 @@ class Meter:
                 label_columns = cols[3:]
         method_of, quality_of = table.method, table.quality
         # carbon once, for the whole batch (see wattspan.carbon.records for the host rule)
+        ids = [rid_of[r] or "" for r in done]
+        if table.alias:  # an ended request kept under a key of its own: its record has the caller's id
+            alias = table.alias
+            ids = [alias.get(k, k) for k in ids]
         batch = request_batch(
-            self.carbon, ids=[rid_of[r] or "" for r in done], device=devices, start_ns=start, end_ns=end,
+            self.carbon, ids=ids, device=devices, start_ns=start, end_ns=end,
             dynamic_j=dyn, idle_j=idle, device_s=table.dev_s[idx], host_j=table.host[idx],
             wall_s=wall, energy_j_low=np.maximum(energy - band, 0.0), energy_j_high=energy + band,
             method=[method_of[r] or "no-trace" for r in done], sensor=sensor,
