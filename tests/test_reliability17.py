@@ -806,3 +806,37 @@ def test_four_workers_at_a_thousand_requests_a_second_each_lose_no_peer_message(
         logging.disable(logging.NOTSET)
         for p in ps:
             p.close()
+
+
+def test_a_request_id_that_is_not_a_string_still_gets_its_record():
+    base = time.monotonic_ns() - 10 * S
+    sampler = _Sampler({"gpu0": 100.0}, base)
+    m, got = _meter(sampler)
+    for rid in (["x", 1], {"k": "v"}, 7):
+        m.begin(rid, "gpu0", base)
+        m.end(rid, "gpu0", base + S)
+    m.begin("ok", "gpu0", base)
+    m.end("ok", "gpu0", base + S)
+    sampler.latest["gpu0"] = time.monotonic_ns()
+    for _ in range(3):
+        _run_pass(m)
+    # was: an unhashable id failed the pass that took it, its end the next one, and so on (a stream of them: every pass)
+    assert m.counters["pass_errors"] == 0
+    assert sorted(r.id for r in got) == sorted(["['x', 1]", "{'k': 'v'}", "7", "ok"])
+
+
+def test_a_batch_step_naming_ids_that_are_not_strings_still_reaches_their_requests():
+    base = time.monotonic_ns() + 1000 * S
+    sampler = _Sampler({"gpu0": 100.0}, base)
+    m, got = _meter(sampler)
+    m.begin(7, "gpu0", base)
+    m.begin("b", "gpu0", base)
+    for k in range(40):
+        m.record_step(base + k * 20 * MS, base + (k + 1) * 20 * MS, "gpu0", {7: 3, "b": 1})
+    m.end(7, "gpu0", base + S)
+    m.end("b", "gpu0", base + S)
+    sampler.latest["gpu0"] = base + 2 * S
+    _run_pass(m)
+    assert m._steps == [] or all(isinstance(k, str) for s in m._steps for k in s[3])
+    by = {r.id: r for r in got}
+    assert by["7"].method == "batch-fit" and by["b"].method == "batch-fit"  # 7's steps found it under its text

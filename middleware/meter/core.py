@@ -552,6 +552,10 @@ class Meter:
             tokens = dict(tokens)
             if not all(0 <= v <= MAX_TOKENS for v in tokens.values()):  # NaN fails too
                 raise ValueError
+            try:
+                "".join(tokens)  # every key a string (in C: a TypeError names the first that is not)
+            except TypeError:
+                tokens = {k if type(k) is str else _as_id(k): v for k, v in tokens.items()}  # ids as the drain takes them
         except (TypeError, ValueError):
             self._drop_step(f"token counts must be numbers in 0..{MAX_TOKENS}")
             return
@@ -851,10 +855,13 @@ class Meter:
             e = popleft()
             kind = e[0]
             if kind == _END_FIELDS or kind == _END:
-                r = row_of(e[1])
+                rid = e[1]
+                if type(rid) is not str:
+                    rid = _as_id(rid)
+                r = row_of(rid)
                 t = e[2]
                 if type(t) is not int_ or not lo <= t <= hi:
-                    t = self._event_time(t, e[1], hi)
+                    t = self._event_time(t, rid, hi)
                 if r is not None:  # table.set_end, inline
                     if end_of[r] is None and not peer_of[r]:
                         table.ended += 1
@@ -862,7 +869,7 @@ class Meter:
                     end_of[r] = t if t > s else s
                     meta[r] = e if kind == _END_FIELDS else e[3]  # the flat event itself: labels built in _finalise
                 if out is not None:
-                    out.append((_END, e[1], t))
+                    out.append((_END, rid, t))
                 continue
             if kind == _BEGIN:
                 if len(table.row) >= self.max_inflight:
@@ -873,8 +880,11 @@ class Meter:
                     continue
                 rid = e[1]
                 t = e[3]
-                if type(t) is not int_ or not lo <= t <= hi:
-                    t = self._event_time(t, rid, hi)
+                if type(rid) is not str or type(t) is not int_ or not lo <= t <= hi:
+                    if type(rid) is not str:  # an id of another type (an int, a list): its text, one key for begin and end
+                        rid = _as_id(rid)
+                    if type(t) is not int_ or not lo <= t <= hi:
+                        t = self._event_time(t, rid, hi)
                     e = (_BEGIN, rid, e[2], t)
                 if free and rid not in row:  # table.add, inline (a free row's meta and parts are None already)
                     r = free.pop()
@@ -1434,6 +1444,14 @@ class Meter:
 
 
 _PASS_RETRIES = 8  # failed passes in a row (2 s at the default period) before the ended requests are settled
+
+
+def _as_id(rid: Any) -> str:
+    """A request id that is not a string, as one (its ``str``; a type name if even that fails)."""
+    try:
+        return str(rid)
+    except Exception:
+        return f"<{type(rid).__name__} id>"
 
 
 def _peer_ns(t: Any) -> int:
