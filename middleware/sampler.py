@@ -7,7 +7,11 @@ its own (a replayed trace, the simulator, a driver's sample buffer) says so with
 with fewer wakeups (see :class:`Sampler`). Each device's readings go into a :class:`RingBuffer`:
 one row per timestamp, NaN in the column (power or energy) that a reading
 lacks; rows that do not move time forward for their device are rejected, so
-:meth:`Sampler.trace` always gives strictly increasing timestamps.
+:meth:`Sampler.trace` always gives strictly increasing timestamps. What a source
+gets wrong is counted and logged once, never stored as it came: a reading stamped
+more than a minute ahead of the monotonic clock, or with no finite value, is
+refused; negative watts are stored as 0 W; an energy counter that goes back is
+carried on from its last value (see :meth:`Sampler.health`).
 """
 
 from __future__ import annotations
@@ -31,19 +35,60 @@ __all__ = ["Sampler"]
 log = get_logger(__name__)
 
 _ENERGY = SampleKind.ENERGY
+_isfinite = math.isfinite
 #: seconds between polls of a source that times its own readings while the sampler is idle (Sampler.set_idle)
 IDLE_EVERY_S = 1.0
 _IDLE_EVERY_NS = int(IDLE_EVERY_S * 1e9)
 
 
+#: a reading stamped further ahead of time.monotonic_ns() than this is refused (a source on another clock, the
+#: wall clock's ns: stored, it would have shut out every later reading as "not after it")
+MAX_AHEAD_NS = 60 * 1_000_000_000
+
+
 class _Device:
-    __slots__ = ("info", "buf", "last_t", "rejected")
+    __slots__ = ("info", "buf", "last_t", "rejected", "clamped", "e_last", "e_offset", "resets")
 
     def __init__(self, info: DeviceInfo, capacity: int) -> None:
         self.info = info
         self.buf = RingBuffer(capacity)
         self.last_t = -(2**63)
-        self.rejected = 0  # rows that did not move time forward
+        self.rejected = 0  # rows that did not move time forward, were stamped far ahead, or had no finite reading
+        self.clamped = 0  # negative power readings stored as 0 W
+        self.e_last = -math.inf  # the last counter value stored (J, carried on over resets)
+        self.e_offset = 0.0  # added to the source's counter: what it lost going back
+        self.resets = 0  # times the counter went back
+
+
+def _ahead(st: "_State", src_name: str, dev: _Device, t: int) -> None:
+    st.once.warning((src_name, "ahead", dev.info.id), "wattspan: source %s stamped a reading of %s %.3g s ahead of "
+                    "time.monotonic_ns() (timestamps must be on that clock); such readings are refused (counted in "
+                    "health()['rejected_rows']; logged once)", src_name, dev.info.id, (t - time.monotonic_ns()) / 1e9)
+
+
+def _counter(st: "_State", src_name: str, dev: _Device, v: float) -> float:
+    """One counter reading to store: carried on from the last one where the source's counter went back."""
+    v += dev.e_offset
+    if v < dev.e_last:
+        _reset(st, src_name, dev, 1, dev.e_last - v)
+        v = dev.e_last
+    dev.e_last = v
+    return v
+
+
+def _reset(st: "_State", src_name: str, dev: _Device, k: int, lost: float) -> None:
+    dev.e_offset += lost
+    dev.resets += k
+    st.once.warning((src_name, "reset", dev.info.id), "wattspan: the energy counter of %s (source %s) went back by %g J "
+                    "(a driver reset?); it is carried on from its last value, the interval counted as 0 J (counted in "
+                    "health()['counter_resets']; logged once)", dev.info.id, src_name, lost)
+
+
+def _clamp(st: "_State", src_name: str, dev: _Device, k: int, v: float) -> None:
+    """``k`` negative power readings of ``dev`` (the first ``v`` W) are stored as 0 W: counted, logged once per device."""
+    dev.clamped += k
+    st.once.warning((src_name, "negative", dev.info.id), "wattspan: source %s gave negative power for %s (%g W); "
+                    "such readings are stored as 0 W (counted in health()['clamped_rows']; logged once)", src_name, dev.info.id, v)
 
 
 class _State:
@@ -115,6 +160,7 @@ def _rows(batches: list[SampleBatch]) -> _Rows:
 
 
 def _ingest(st: _State, src_name: str, batches: list[SampleBatch]) -> None:
+    horizon = time.monotonic_ns() + MAX_AHEAD_NS
     groups: dict[str, list[SampleBatch]]
     if len(batches) == 1:
         groups = {batches[0].device: batches}
@@ -134,32 +180,54 @@ def _ingest(st: _State, src_name: str, batches: list[SampleBatch]) -> None:
                 b = bs[0]
                 t = int(b.t_ns[0])
                 v = float(b.value[0])
-                if t <= dev.last_t or v != v:
+                if t <= dev.last_t or not _isfinite(v) or t > horizon:
+                    if t > horizon:
+                        _ahead(st, src_name, dev, t)
                     dev.rejected += 1
                     continue
                 if b.kind is _ENERGY:
-                    dev.buf.append(t, math.nan, v)
+                    dev.buf.append(t, math.nan, _counter(st, src_name, dev, v))
                 else:
+                    if v < 0.0:
+                        _clamp(st, src_name, dev, 1, v)
+                        v = 0.0
                     dev.buf.append(t, v, math.nan)
                 dev.last_t = t
                 continue
             rows: dict[int, list[float]] = {}
             for b in bs:
                 v = float(b.value[0])
-                if v != v:
+                if not _isfinite(v):
                     dev.rejected += 1
                     continue
+                if v < 0.0 and b.kind is not _ENERGY:
+                    _clamp(st, src_name, dev, 1, v)
+                    v = 0.0
                 r = rows.setdefault(int(b.t_ns[0]), [math.nan, math.nan])
                 r[1 if b.kind is _ENERGY else 0] = v
             for t in sorted(rows):
-                if t <= dev.last_t:
+                if t <= dev.last_t or t > horizon:
+                    if t > horizon:
+                        _ahead(st, src_name, dev, t)
                     dev.rejected += 1
                     continue
                 p, e = rows[t]
+                if e == e:
+                    e = _counter(st, src_name, dev, e)
                 dev.buf.append(t, p, e)
                 dev.last_t = t
             continue
         ts, ps, es = _rows(bs)
+        # inf is no reading (NaN: the row may still hold the other kind); negative watts are stored as 0 W
+        if ps is not None:
+            if np.isinf(ps).any():
+                ps = np.where(np.isinf(ps), np.nan, ps)
+            neg = ps < 0
+            if neg.any():
+                _clamp(st, src_name, dev, int(np.count_nonzero(neg)), float(ps[np.argmax(neg)]))
+                ps = np.where(neg, 0.0, ps)
+        if es is not None and np.isinf(es).any():
+            es = np.where(np.isinf(es), np.nan, es)
         if ps is not None and es is not None:
             ok = np.isfinite(ps) | np.isfinite(es)
         else:
@@ -167,14 +235,50 @@ def _ingest(st: _State, src_name: str, batches: list[SampleBatch]) -> None:
             assert col is not None  # _rows gives a power or an energy column, or both
             ok = np.isfinite(col)
         ok &= ts > dev.last_t
+        if ts.shape[0] and ts[-1] > horizon:
+            _ahead(st, src_name, dev, int(ts[-1]))
+            ok &= ts <= horizon
         if not ok.all():
             dev.rejected += int(ok.shape[0] - np.count_nonzero(ok))
             ts = ts[ok]
             ps = None if ps is None else ps[ok]
             es = None if es is None else es[ok]
+        if es is not None and ts.shape[0]:
+            es = _counters(st, src_name, dev, es)
         if ts.shape[0]:
             dev.buf.extend(ts, ps, es)
             dev.last_t = int(ts[-1])
+
+
+def _counters(st: _State, src_name: str, dev: _Device, es: np.ndarray) -> np.ndarray:
+    """A batch's counter column (NaN: not read) to store: carried on wherever the source's counter went back."""
+    fin = np.flatnonzero(np.isfinite(es))
+    if not fin.size:
+        return es
+    v = es[fin] + dev.e_offset
+    drop = np.maximum(np.concatenate(([dev.e_last], v[:-1])) - v, 0.0)  # what each reading lost (0: none)
+    back = int(np.count_nonzero(drop))
+    if back or dev.e_offset:
+        if back:
+            lost = np.cumsum(drop)
+            v = v + lost
+            _reset(st, src_name, dev, back, float(lost[-1]))
+        es = es.copy()
+        es[fin] = v
+    dev.e_last = float(v[-1])
+    return es
+
+
+def _check_info(src_name: str, info: Any) -> None:
+    """A device a source lists, checked where it enters: ``TypeError``/``ValueError`` naming the source (one
+    the sampler cannot serve would fail every trace of it later, far from the cause)."""
+    if not isinstance(info, DeviceInfo):
+        raise TypeError(f"source {src_name} listed {info!r} among its devices(); each must be a DeviceInfo")
+    if not isinstance(info.id, str) or not info.id:
+        raise ValueError(f"source {src_name} listed a device whose id is {info.id!r}; an id is a non-empty string like 'gpu0'")
+    if info.power_kind == SampleKind.AVERAGE and not info.window_ns > 0:
+        raise ValueError(f"source {src_name}: device {info.id!r} gives AVERAGE power readings, which need window_ns > 0 "
+                         f"(the averaging window), got {info.window_ns!r}")
 
 
 def _poll_once(st: _State, now_ns: int | None = None) -> None:
@@ -319,6 +423,7 @@ class Sampler:
                 name, k = f"{base}#{k}", k + 1
             names.append(name)
             for info in src.devices():
+                _check_info(name, info)
                 if info.id in devices:
                     raise ValueError(f"device {info.id!r} is metered by two sources ({devices[info.id].info.sensor} "
                                      f"and {info.sensor}): give each source distinct devices")
@@ -443,7 +548,9 @@ class Sampler:
         """Counters: ``running``, ``interval_s``, ``polls``, ``overruns`` (polls that took longer
         than the interval), ``poll_errors`` and ``source_errors`` (the sources' own ``errors``) per
         source, per device ``rows``, ``dropped_rows`` (overwritten when the buffer was full) and
-        ``rejected_rows`` (not after the previous reading), ``poll_cost_mean_us``/``poll_cost_max_us``
+        ``rejected_rows`` (not after the previous reading, stamped more than ``MAX_AHEAD_NS`` ahead of the
+        monotonic clock, or no finite value), ``clamped_rows`` (negative watts, stored as 0 W),
+        ``counter_resets`` (times the energy counter went back: it is carried on from its last value), ``poll_cost_mean_us``/``poll_cost_max_us``
         (wall time of a poll), ``poll_cpu_mean_us`` (CPU time of a poll), and ``last_poll_age_s``."""
         st = self._st
         n = st.polls
@@ -460,6 +567,8 @@ class Sampler:
             "rows": {k: len(d.buf) for k, d in st.devices.items()},
             "dropped_rows": {k: d.buf.dropped for k, d in st.devices.items()},
             "rejected_rows": {k: d.rejected for k, d in st.devices.items()},
+            "clamped_rows": {k: d.clamped for k, d in st.devices.items()},
+            "counter_resets": {k: d.resets for k, d in st.devices.items()},
             "poll_cost_mean_us": st.cost_sum_ns / n / 1e3 if n else 0.0,
             "poll_cost_max_us": st.cost_max_ns / 1e3,
             "poll_cpu_mean_us": st.cpu_sum_ns / n / 1e3 if n else 0.0,

@@ -116,7 +116,12 @@ def test_a_failing_sink_is_counted_and_others_still_run():
     assert len(got.records) == 1 and m.counters["sink_errors"] == 1
 
 
-@pytest.mark.parametrize("kw", [{"period_s": 0}, {"idle_w": -1.0}, {"idle_w": float("nan")}, {"max_delay_s": -2}])
+@pytest.mark.parametrize("kw", [{"period_s": 0}, {"idle_w": -1.0}, {"idle_w": float("nan")}, {"max_delay_s": -2},
+                                # accepted before: inf ended the meter's thread or failed every pass, NaN too
+                                {"period_s": float("inf")}, {"max_delay_s": float("inf")}, {"history_s": float("inf")},
+                                {"lag_s": -1.0}, {"lag_s": float("nan")}, {"refit_s": float("nan")},
+                                {"idle_period_s": float("nan")}, {"period_s": "0.25"}, {"max_events": -5},
+                                {"max_inflight": 0}, {"max_step_ids": 1.5}])
 def test_bad_configuration_is_refused_when_built(kw):
     with pytest.raises(ValueError):
         Meter(sources=[ReplaySource([constant_trace()])], autostart=False, **kw)

@@ -45,7 +45,7 @@ from ..samples import DeviceTrace, SampleKind
 from .energy import _CumEnergy, _Piecewise, _lead_ns
 from .fit import _IDLE_REL, _Segments, _Z90, _batch_fit, _dyn_half_width, _fit_idle, _prefer_power, _quality
 from .idle import _busy_intervals, _estimate_idle, idle_rel_sd
-from .inputs import Requests, Steps, _NS
+from .inputs import Requests, Steps, _NS, check_trace
 from .reconcile import _conserve
 from .results import Attribution, DeviceSummary, StepModel
 
@@ -114,6 +114,7 @@ def attribute(
     for dev, trace in traces.items():
         if len(trace) < 2:
             continue
+        check_trace(trace)  # negative or infinite watts, a counter going back, no reading: a TraceError naming it
         rmask = req_dev == dev
         ridx = np.flatnonzero(rmask)
         # every request on this device (one device): a slice, not a gather and scatter of each column

@@ -138,6 +138,9 @@ def _idle_mask(mid: np.ndarray, half: np.ndarray, pw: np.ndarray, busy: tuple[np
 
 def _idle_from(mid: np.ndarray, half: np.ndarray, pw: np.ndarray, busy: tuple[np.ndarray, np.ndarray], a: int, b: int, bin_s: float) -> _Piecewise | None:
     is_idle = _idle_mask(mid, half, pw, busy)
+    # a reading wholly outside [a, b] is not known to be idle: the requests are clipped to the period (a live
+    # pass's trace reaches back before it, over the busy readings of requests already final)
+    is_idle &= (mid + half >= a) & (mid - half <= b)
     if is_idle.sum() >= 5:
         ti, pi = mid[is_idle], pw[is_idle]
         edges = np.arange(a, b + 1, int(bin_s * 1e9), dtype=np.int64)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -9,8 +10,9 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from ..devices import device_key
+from ..samples import DeviceTrace
 
-__all__ = ["FEATURES", "BatchStep", "Requests", "Steps"]
+__all__ = ["FEATURES", "BatchStep", "Requests", "Steps", "TraceError", "check_trace"]
 
 
 #: The step features the batch-fit model uses; a step's dynamic energy is their
@@ -21,6 +23,61 @@ _NS = 1e-9
 
 
 # --------------------------------------------------------------------------- inputs
+
+
+class TraceError(ValueError):
+    """A power trace that cannot be attributed (negative or infinite readings, a counter that goes
+    back, no reading at all); the message names the device and the problem."""
+
+
+def check_trace(trace: DeviceTrace) -> None:
+    """Raise :class:`TraceError` unless ``trace`` can be attributed: power readings are watts >= 0
+    (NaN: not read), the energy counter finite and never decreasing, and at least one power reading
+    or two counter readings. Readings the sensor could not give (NaN) are left to the engine.
+
+    A clean trace costs a min and a max per column (and one comparison pass for the counter)."""
+    dev = trace.device
+    p, e = trace.power_w, trace.energy_j
+    n_power = n_energy = 0
+    if p is not None and len(p):
+        lo, hi = float(p.min()), float(p.max())  # NaN anywhere makes both NaN
+        if lo >= 0.0 and hi < math.inf:
+            n_power = len(p)
+        else:
+            fin = np.isfinite(p)
+            n_power = int(np.count_nonzero(fin))
+            bad = np.flatnonzero(np.isinf(p))
+            if bad.size:
+                i = int(bad[0])
+                raise TraceError(f"trace {dev!r}: power_w is {p[i]:g} at t_ns={int(trace.t_ns[i])}: power readings must be finite watts")
+            neg = np.flatnonzero(p < 0)
+            if neg.size:
+                i = int(neg[0])
+                raise TraceError(f"trace {dev!r}: power_w is negative ({p[i]:g} W at t_ns={int(trace.t_ns[i])}, {neg.size} such "
+                                 "readings): power readings must be watts >= 0")
+    if e is not None and len(e):
+        lo, hi = float(e.min()), float(e.max())
+        if -math.inf < lo and hi < math.inf:  # no NaN, no inf: every row read
+            n_energy = len(e)
+            idx = None
+            back = e[1:] < e[:-1]
+        else:
+            bad = np.flatnonzero(np.isinf(e))
+            if bad.size:
+                i = int(bad[0])
+                raise TraceError(f"trace {dev!r}: energy_j is {e[i]:g} at t_ns={int(trace.t_ns[i])}: counter readings must be finite joules")
+            idx = np.flatnonzero(np.isfinite(e))
+            n_energy = int(idx.size)
+            back = e[idx[1:]] < e[idx[:-1]]
+        if back.any():
+            k = int(np.argmax(back))
+            i, j = (k, k + 1) if idx is None else (int(idx[k]), int(idx[k + 1]))
+            raise TraceError(f"trace {dev!r}: energy_j goes back from {e[i]:g} J to {e[j]:g} J at t_ns={int(trace.t_ns[j])}: "
+                             "it must be a cumulative counter (unwrapped, never reset)")
+    if n_power == 0 and n_energy < 2:
+        what = "no power_w readings" if p is None else f"all {len(p)} power_w readings NaN"
+        raise TraceError(f"trace {dev!r} has {what} and {n_energy} energy_j counter readings: nothing to attribute "
+                         "(one finite power reading or two counter readings are needed)")
 
 
 class BatchStep(NamedTuple):

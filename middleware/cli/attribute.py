@@ -48,6 +48,7 @@ def cmd_attribute(args: argparse.Namespace) -> int:
     from ..attribution import jsonl as _io
     from ..samples import SampleKind
     from ..attribution import attribute
+    from ..attribution.inputs import TraceError
     from ..errors import InputError
     from ..sources.replay import read_trace_csv
 
@@ -76,7 +77,10 @@ def cmd_attribute(args: argparse.Namespace) -> int:
     except InputError as exc:
         raise UsageError(str(exc)) from None
 
-    result = attribute(traces, requests, steps, idle_w=idle, lag_s=lag)
+    try:
+        result = attribute(traces, requests, steps, idle_w=idle, lag_s=lag)
+    except TraceError as exc:  # a trace the engine cannot use: one line naming the file, device and reading
+        raise UsageError(f"{args.trace}: {exc}") from None
     records = result.records()
     from ..carbon import wall_times
     from ..carbon.records import attribution_records

@@ -48,6 +48,7 @@ def _device_key(device: str | int | Sequence[str | int]) -> str:
     """The canonical device or group name (``"gpu0, gpu1"`` and ``"gpu0+gpu1"`` -> ``"gpu0,gpu1"``)."""
     return _str_group_key(device) if isinstance(device, str) else _group_key(device)
 from ..attribution import BatchStep, Requests, StepModel, Steps, attribute
+from ..attribution.inputs import TraceError
 from ..carbon.records import request_batch
 from ..records import RequestLabels, RequestRecord
 from ..samples import DeviceInfo, SampleKind
@@ -70,6 +71,24 @@ _LABEL_ORDER = ("route", "http_method", "status_code", "model", "tenant", "promp
 if RequestLabels._fields != _LABEL_ORDER:  # end_fields' values are taken positionally: fail at import, never mislabel
     raise ImportError(f"wattspan.meter builds RequestLabels in the order {_LABEL_ORDER}, but its fields are {RequestLabels._fields}")
 _QUALITY_RANK = {"good": 1, "coarse": 2, "misfit": 3}
+_NS_MIN, _NS_MAX = -(2**63) + 1, 2**63 - 1  # a time the columns (int64) hold
+#: a time further ahead of time.monotonic_ns() than this is on another clock (time.time_ns(): decades ahead)
+_AHEAD_NS = 86_400 * 1_000_000_000
+_MAX_SECONDS = 1e6  # the meter's periods and delays (s) at most: 11 days
+
+
+def _as_ns(t: Any) -> int | None:
+    """``t`` as an int of nanoseconds when it is a time: an integer (numpy's too) or a finite real
+    number, in int64's range; otherwise None (NaN, inf, 2**70, a string, None)."""
+    if type(t) is int:
+        return t if _NS_MIN <= t <= _NS_MAX else None
+    if isinstance(t, bool) or not isinstance(t, (int, float, np.integer, np.floating)):
+        return None
+    try:
+        v = int(t)
+    except (ValueError, OverflowError):  # NaN, inf
+        return None
+    return v if _NS_MIN <= v <= _NS_MAX else None
 
 
 def _parts_json(device: str, parts: dict[str, float] | None) -> str:
@@ -110,7 +129,7 @@ class _Table:
     """
 
     __slots__ = ("row", "free", "rid", "device", "start", "end", "meta", "method", "quality", "parts", "peer",
-                 "dyn", "idle", "dev_s", "host", "band", "cov", "ended", "peers")
+                 "dyn", "idle", "dev_s", "host", "band", "cov", "ended", "peers", "alias")
 
     def __init__(self) -> None:
         self.row: dict[str, int] = {}  # request id -> its row
@@ -128,6 +147,8 @@ class _Table:
         self.cov = np.zeros(0, dtype=np.int64)
         self.ended = 0  # rows of this process whose request has ended (not final yet)
         self.peers = 0  # rows of peers' requests
+        #: row key -> the caller's id, for an ended request kept under another key: its id was begun again
+        self.alias: dict[str, str] = {}
 
     def __len__(self) -> int:
         return len(self.row)
@@ -189,6 +210,8 @@ class _Table:
             freed.append(r)
             del row[k]
             rid[r] = None
+            if self.alias:
+                self.alias.pop(k, None)
             if peer[r]:
                 self.peers -= 1
             elif end[r] is not None:
@@ -203,6 +226,17 @@ class _Table:
     def energy(self, r: int) -> float:
         """Row ``r``'s energy so far (J)."""
         return float(self.dyn[r]) + float(self.idle[r])
+
+    def rename(self, r: int) -> None:
+        """Keep row ``r`` under a key of its own (its id is begun again before its record is made):
+        the caller's id is given back to its record (``alias``)."""
+        k = self.rid[r]
+        assert k is not None
+        key = f"{k}\x00{r}"  # the row's index: no other row in the table has it
+        del self.row[k]
+        self.row[key] = r
+        self.rid[r] = key
+        self.alias[key] = self.alias.pop(k, k)
 
 
 class Meter:
@@ -245,8 +279,19 @@ class Meter:
         idle_period_s: float = 2.0,
         autostart: bool = True,
     ) -> None:
-        if not (period_s > 0 and max_delay_s > 0 and history_s > 0):
-            raise ValueError("period_s, max_delay_s and history_s must be > 0")
+        # finite and bounded: inf or NaN here failed every pass (int(inf * 1e9)) or ended the meter's thread (wait(inf))
+        for name, v, least in (("period_s", period_s, 0.0), ("max_delay_s", max_delay_s, 0.0), ("history_s", history_s, 0.0),
+                               ("refit_s", refit_s, None), ("idle_period_s", idle_period_s, 0.0), ("lag_s", lag_s, None)):
+            if v is None and name == "lag_s":
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not (
+                    0 <= v <= _MAX_SECONDS and (least is None or v > least)):
+                raise ValueError(f"{name} must be a number of seconds {'> 0' if least is not None else '>= 0'} and at most "
+                                 f"{_MAX_SECONDS:g}, got {v!r}")
+        for name, n in (("max_inflight", max_inflight), ("max_events", max_events), ("max_step_ids", max_step_ids),
+                        ("max_steps_per_s", max_steps_per_s)):
+            if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {n!r}")
         from ..logs import setup_logging
 
         setup_logging()  # the meter's warnings must be visible in a process with no log handler
@@ -308,6 +353,9 @@ class Meter:
         self.peer_gaps: deque[tuple[int, int, int, int]] = deque(maxlen=100)
 
         self._events: deque[tuple[Any, ...]] = deque()
+        # True while the meter's thread drains the queue: an end taken off it is counted in
+        # table.ended a moment later, and flush() must see it in one place or the other
+        self._draining = False
         self._activity: list[Any] = []  # sources that follow the load (on_step, on_request_start/end)
         self._table = _Table()  # the requests in flight
         self._steps: list[BatchStep] = []
@@ -409,9 +457,12 @@ class Meter:
             return
         ev.append((_BEGIN, request_id, device, t_ns))
         if self._activity:
-            for s in self._activity:
-                for d in (device.split(",") if "," in device else (device,)):  # a group: active on each member
-                    s.on_request_start(d)
+            try:
+                for s in self._activity:
+                    for d in (device.split(",") if "," in device else (device,)):  # a group: active on each member
+                        s.on_request_start(d)
+            except Exception:  # a source's hook never reaches the server's request
+                self._hook_failed()
 
     def end(self, request_id: str, device: str, t_ns: int, meta: RequestLabels | Mapping[str, Any] | None = None) -> None:
         """The request ended (last body chunk, error or disconnect). ``meta``: its
@@ -423,11 +474,15 @@ class Meter:
             self.counters["dropped_events"] += 1
             return
         ev.append((_END, request_id, t_ns, meta))
-        if self._activity and (not isinstance(device, str) or "+" in device or " " in device):
-            device = _device_key(device)
-        for s in self._activity:
-            for d in (device.split(",") if "," in device else (device,)):
-                s.on_request_end(d)
+        if self._activity:
+            try:
+                if not isinstance(device, str) or "+" in device or " " in device:
+                    device = _device_key(device)
+                for s in self._activity:
+                    for d in (device.split(",") if "," in device else (device,)):
+                        s.on_request_end(d)
+            except Exception:
+                self._hook_failed()
 
     def end_fields(self, request_id: str, device: str, t_ns: int, route: str, http_method: str, status_code: int, model: str,
                    tenant: str, prompt_tokens: int, output_tokens: int, trace_id: int, span_id: int) -> None:
@@ -442,11 +497,14 @@ class Meter:
         ev.append((_END_FIELDS, request_id, t_ns, route, http_method, status_code, model, tenant, prompt_tokens,
                    output_tokens, trace_id, span_id))
         if self._activity:
-            if not isinstance(device, str) or "+" in device or " " in device:
-                device = _device_key(device)
-            for s in self._activity:
-                for d in (device.split(",") if "," in device else (device,)):
-                    s.on_request_end(d)
+            try:
+                if not isinstance(device, str) or "+" in device or " " in device:
+                    device = _device_key(device)
+                for s in self._activity:
+                    for d in (device.split(",") if "," in device else (device,)):
+                        s.on_request_end(d)
+            except Exception:
+                self._hook_failed()
 
     def record_step(self, start_ns: int, end_ns: int, device: str, tokens: Mapping[str, float]) -> None:
         """A batch step ran on ``device`` over ``[start_ns, end_ns)`` processing
@@ -455,9 +513,22 @@ class Meter:
         Bounded where steps enter: at most ``max_step_ids`` requests per step and
         ``max_steps_per_s`` steps per second (of step time); token counts must be
         finite numbers in ``0..MAX_TOKENS``. A step beyond a bound is dropped and
-        counted in ``counters["dropped_steps"]`` (logged once). ``device`` may be a
+        counted in ``counters["dropped_steps"]`` (logged once), as is one whose times are
+        not integers of nanoseconds. ``device`` may be a
         device group (``"gpu0,gpu1"`` or a list): the step ran on each member."""
-        if end_ns <= start_ns or not tokens:
+        if type(start_ns) is not int or type(end_ns) is not int or not (_NS_MIN <= start_ns and end_ns <= _NS_MAX):
+            a, b = _as_ns(start_ns), _as_ns(end_ns)
+            if a is None or b is None:
+                self._drop_step(f"its times ({start_ns!r}, {end_ns!r}) are not integers of ns (time.monotonic_ns())")
+                return
+            start_ns, end_ns = a, b
+        if end_ns > time.monotonic_ns() + _AHEAD_NS:  # would wait for the sensor for ever
+            self._drop_step(f"it ends more than a day ahead of time.monotonic_ns() ({end_ns} ns: another clock?)")
+            return
+        if not tokens:
+            return  # a step that served no request: nothing to split
+        if end_ns <= start_ns:
+            self._drop_step(f"it does not end after it starts ({start_ns} .. {end_ns} ns)")
             return
         if not isinstance(device, str) or "+" in device or " " in device:
             device = _device_key(device)
@@ -481,6 +552,10 @@ class Meter:
             tokens = dict(tokens)
             if not all(0 <= v <= MAX_TOKENS for v in tokens.values()):  # NaN fails too
                 raise ValueError
+            try:
+                "".join(tokens)  # every key a string (in C: a TypeError names the first that is not)
+            except TypeError:
+                tokens = {k if type(k) is str else _as_id(k): v for k, v in tokens.items()}  # ids as the drain takes them
         except (TypeError, ValueError):
             self._drop_step(f"token counts must be numbers in 0..{MAX_TOKENS}")
             return
@@ -492,11 +567,21 @@ class Meter:
             except Exception:
                 self.counters["sink_errors"] += 1
         if self._activity:
-            n = sum(tokens.values())
-            prefill = sum(v for v in tokens.values() if v > 1)
-            for s in self._activity:
-                for d in (device.split(",") if "," in device else (device,)):
-                    s.on_step(d, start_ns, end_ns, int(n), int(prefill))
+            try:
+                n = sum(tokens.values())
+                prefill = sum(v for v in tokens.values() if v > 1)
+                for s in self._activity:
+                    for d in (device.split(",") if "," in device else (device,)):
+                        s.on_step(d, start_ns, end_ns, int(n), int(prefill))
+            except Exception:
+                self._hook_failed()
+
+    def _hook_failed(self) -> None:
+        """A source's load hook (on_request_start/end, on_step) raised: counted in
+        ``counters["source_hook_errors"]``, logged at the first and every 1000th, never raised to the caller."""
+        n = self.counters["source_hook_errors"] = self.counters.get("source_hook_errors", 0) + 1
+        if n == 1 or n % 1000 == 0:
+            log.exception("wattspan: a power source's load hook failed (%d times; counters source_hook_errors)", n)
 
     def _drop_step(self, why: str) -> None:
         self.counters["dropped_steps"] += 1
@@ -556,7 +641,8 @@ class Meter:
         self._ready.wait(timeout)
         while time.monotonic() < deadline:
             self._idle_pass.clear()
-            if not self._events and not self._table.ended:
+            # in this order: an end is in the queue, or being drained, or counted in ended (see _drain)
+            if not self._events and not self._draining and not self._table.ended:
                 return True
             self._idle_pass.wait(self.period_s * 2)
         return False
@@ -569,11 +655,12 @@ class Meter:
         Called at server shutdown (the middleware does it on the ASGI lifespan's
         shutdown). What could not be finished in time is counted
         (``counters["shutdown_unfinished"]``) and logged, never silently lost.
-        Returns ``{"unfinished": n, "sinks_unflushed": m}``.
+        Returns ``{"unfinished": n, "sinks_unflushed": m}``: ``n`` ended requests of this process
+        whose record was not made, ``m`` sinks that had not written everything.
         """
         deadline = time.monotonic() + timeout
         self.flush(timeout)
-        unfinished = len(self._events) + self._table.ended
+        unfinished = self._unfinished()
         unflushed = 0
         for sink in self._sinks:
             if isinstance(sink, FlushableSink):
@@ -590,6 +677,29 @@ class Meter:
         if unflushed:
             log.error("wattspan: at shutdown %d sinks had not written everything within %.1f s (see their own counts)", unflushed, timeout)
         return {"unfinished": unfinished, "sinks_unflushed": unflushed}
+
+    def _unfinished(self) -> int:
+        """Requests of this process that have ended and have no record yet: those the table holds
+        ended, and those whose end is still queued (each once; a queued begin or step, or the end of a
+        request never begun, is none). Any thread: the queue is copied first (the meter's may pop)."""
+        table = self._table
+        queued: tuple[tuple[Any, ...], ...] = ()
+        for _ in range(10):
+            try:
+                queued = tuple(self._events)
+                break
+            except RuntimeError:  # "deque mutated during iteration": the meter's thread popped meanwhile
+                continue
+        begun = {e[1] for e in queued if e[0] == _BEGIN}
+        row_of, end_of, peer_of = table.row.get, table.end, table.peer
+        ended: set[Any] = set()
+        for e in queued:
+            if e[0] == _END or e[0] == _END_FIELDS:
+                rid = e[1]
+                r = row_of(rid)
+                if rid in begun or (r is not None and end_of[r] is None and not peer_of[r]):
+                    ended.add(rid)
+        return table.ended + len(ended)
 
     def close(self, timeout: float = 10.0) -> None:
         """Finalise what can be, stop the thread and the sampler."""
@@ -636,6 +746,14 @@ class Meter:
             self._setup()
         except Exception:
             log.exception("could not open the power sources; requests are not metered")
+            # nothing will take the events: from now on they are dropped (counted), never queued for a thread gone
+            self.max_events = self._max_queued = 0
+            ev = self._events
+            n = 0
+            while ev:
+                ev.popleft()
+                n += 1
+            self.counters["dropped_events"] += n
             return
         last = time.monotonic()
         # the sampler this meter made (not one handed in, maybe shared) polls rarely while the meter idles
@@ -688,6 +806,7 @@ class Meter:
         left = [r for r in done if table.rid[r] is not None]
         counters["settled_on_errors"] = counters.get("settled_on_errors", 0) + settled
         if left:
+            self._unbook(left)
             table.remove(left)
             counters["dropped_on_errors"] = counters.get("dropped_on_errors", 0) + len(left)
         log.error("wattspan: %d attribution passes failed in a row; %d ended requests made final with the energy so far, "
@@ -707,47 +826,79 @@ class Meter:
         return not self._table.row and not self._steps and not self._events
 
     def _drain(self) -> None:
+        peers = self.peers
+        out: list[Any] | None = [] if peers is not None else None
+        self._draining = True  # before the first pop, cleared once the last end taken is counted (flush() reads it)
+        try:
+            self._take_events(out)
+        finally:
+            self._draining = False
+        if peers is not None and out is not None:
+            # a watermark: every event of ours up to this time is in this message
+            out.append((_MARK, time.monotonic_ns()))
+            peers.broadcast(out)
+            self._take_peer_events()
+
+    def _take_events(self, out: list[Any] | None) -> None:
+        """The queued events into the table and the steps (and ``out``, for the peers)."""
         ev = self._events
         table = self._table
         row = table.row
         row_of, free = row.get, table.free
         rid_of, dev_of, start_of, end_of, meta, method_of, quality_of, peer_of = (
             table.rid, table.device, table.start, table.end, table.meta, table.method, table.quality, table.peer)
-        peers = self.peers
-        out: list[Any] | None = [] if peers is not None else None
         popleft = ev.popleft
         begun = 0
+        # a time's check, on locals (a look-up per event less): an int in int64's range, not a day ahead of now
+        lo, hi, int_ = _NS_MIN, min(_NS_MAX, time.monotonic_ns() + _AHEAD_NS), int
         for _ in range(len(ev)):  # what is there now; later events wait for the next pass (only this thread pops)
             e = popleft()
             kind = e[0]
             if kind == _END_FIELDS or kind == _END:
-                r = row_of(e[1])
+                rid = e[1]
+                if type(rid) is not str:
+                    rid = _as_id(rid)
+                r = row_of(rid)
+                t = e[2]
+                if type(t) is not int_ or not lo <= t <= hi:
+                    t = self._event_time(t, rid, hi)
                 if r is not None:  # table.set_end, inline
                     if end_of[r] is None and not peer_of[r]:
                         table.ended += 1
-                    t, s = e[2], start_of[r]
+                    s = start_of[r]
                     end_of[r] = t if t > s else s
                     meta[r] = e if kind == _END_FIELDS else e[3]  # the flat event itself: labels built in _finalise
                 if out is not None:
-                    out.append((_END, e[1], e[2]))
+                    out.append((_END, rid, t))
                 continue
             if kind == _BEGIN:
                 if len(table.row) >= self.max_inflight:
-                    self.counters["dropped_inflight"] += 1
-                    log.warning("more than %d requests in flight; request %s not metered", self.max_inflight, e[1])
+                    n = self.counters["dropped_inflight"] = self.counters["dropped_inflight"] + 1
+                    if n == 1 or n % 1000 == 0:  # an overload must not turn into a flood of log lines
+                        log.warning("more than %d requests in flight; request %s not metered (%d so far; counters "
+                                    "dropped_inflight)", self.max_inflight, e[1], n)
                     continue
                 rid = e[1]
+                t = e[3]
+                if type(rid) is not str or type(t) is not int_ or not lo <= t <= hi:
+                    if type(rid) is not str:  # an id of another type (an int, a list): its text, one key for begin and end
+                        rid = _as_id(rid)
+                    if type(t) is not int_ or not lo <= t <= hi:
+                        t = self._event_time(t, rid, hi)
+                    e = (_BEGIN, rid, e[2], t)
                 if free and rid not in row:  # table.add, inline (a free row's meta and parts are None already)
                     r = free.pop()
                     row[rid] = r
                     rid_of[r] = rid
                     dev_of[r] = e[2]
-                    start_of[r] = e[3]
+                    start_of[r] = t
                     end_of[r] = None
                     method_of[r] = quality_of[r] = ""
                     peer_of[r] = 0
                 else:
-                    table.add(rid, e[2], e[3])
+                    if rid in row:
+                        self._begin_again(row[rid])
+                    table.add(rid, e[2], t)
                 begun += 1
             else:
                 st = BatchStep(e[1], e[2], e[3], e[4])
@@ -756,11 +907,52 @@ class Meter:
             if out is not None:
                 out.append(e)
         self.counters["requests"] += begun
-        if peers is not None and out is not None:
-            # a watermark: every event of ours up to this time is in this message
-            out.append((_MARK, time.monotonic_ns()))
-            peers.broadcast(out)
-            self._take_peer_events()
+
+    def _begin_again(self, r: int) -> None:
+        """A begin under the id of row ``r``'s request, not final yet. Ended (the caller reuses its ids): the
+        row is kept under a key of its own and gets its record. In flight: it is replaced (counted in
+        ``counters["replaced_requests"]``, logged at the first and every 100th), its energy so far
+        unattributed, so the books still close."""
+        table = self._table
+        if table.end[r] is not None and not table.peer[r]:
+            table.rename(r)
+            return
+        if table.peer[r]:
+            self._peers_j += table.energy(r)
+        else:
+            self._unbook([r])
+            n = self.counters["replaced_requests"] = self.counters.get("replaced_requests", 0) + 1
+            if n == 1 or n % 100 == 0:
+                log.warning("wattspan: request id %r was begun again while in flight; the earlier request under it has "
+                            "no record (%d such; counters replaced_requests): give each request its own id",
+                            table.alias.get(table.rid[r] or "", table.rid[r]), n)
+        table.remove((r,))
+
+    def _unbook(self, rows: Sequence[int]) -> None:
+        """Rows of this process forgotten without a record: their energy so far becomes unattributed."""
+        table = self._table
+        for r in rows:
+            e = table.energy(r)
+            if not e:
+                continue
+            self.counters["unattributed_j"] += e
+            parts = table.parts[r] if "," in table.device[r] else {table.device[r]: e}
+            for d, j in (parts or {}).items():
+                self.device_unattributed_j[d] = self.device_unattributed_j.get(d, 0.0) + j
+
+    def _event_time(self, t: Any, rid: Any, hi: int) -> int:
+        """A request's begin or end time as an int: a number converted; what is not a time on the
+        monotonic clock (NaN, inf, 2**70, a string, or more than a day ahead of it: ``time.time_ns()``)
+        is replaced by the meter's clock now (counted in ``counters["bad_times"]``, logged at the first
+        and every 100th), so the request still gets its record."""
+        v = _as_ns(t)
+        if v is not None and v <= hi:
+            return v
+        n = self.counters["bad_times"] = self.counters.get("bad_times", 0) + 1
+        if n == 1 or n % 100 == 0:
+            log.warning("wattspan: request %r was given the time %r, not an integer of ns on time.monotonic_ns()'s clock; "
+                        "the meter's clock is used instead (%d such times; counters bad_times)", rid, t, n)
+        return time.monotonic_ns()
 
     def _take_peer_events(self) -> None:
         """What the other worker processes on this host serve (see :mod:`wattspan.meter.peers`)."""
@@ -776,20 +968,23 @@ class Meter:
                     kind = e[0]
                     if kind == _BEGIN:
                         if len(table.row) < self.max_inflight:
-                            table.add(str(e[1]), str(e[2]), int(e[3]), peer=pid or -1)
+                            rid = str(e[1])
+                            if rid in table.row:
+                                self._begin_again(table.row[rid])
+                            table.add(rid, str(e[2]), _peer_ns(e[3]), peer=pid or -1)
                             self.counters["peer_requests"] += 1
                     elif kind == _END:
                         r = table.row.get(str(e[1]))
                         if r is not None and table.peer[r]:
-                            table.set_end(r, int(e[2]))
+                            table.set_end(r, _peer_ns(e[2]))
                     elif kind == _MARK:
-                        self._peer_marks[pid] = int(e[1])
+                        self._peer_marks[pid] = _peer_ns(e[1])
                     elif kind == _STEP:
                         if len(e[4]) > self.max_step_ids:
                             self._drop_step(f"a peer's step names {len(e[4])} requests")
                             continue
-                        st = BatchStep(int(e[1]), int(e[2]), str(e[3]), {str(k): float(v) for k, v in e[4].items()})
-                        if not all(0 <= v <= MAX_TOKENS for v in st[3].values()):
+                        st = BatchStep(_peer_ns(e[1]), _peer_ns(e[2]), str(e[3]), {str(k): float(v) for k, v in e[4].items()})
+                        if st[1] <= st[0] or not all(0 <= v <= MAX_TOKENS for v in st[3].values()):
                             raise ValueError
                         self._steps.append(st)
                         self._hist_add(st)
@@ -916,10 +1111,18 @@ class Meter:
             rows = [r for r in rows if start_of[r] < cut and rid_of[r] is not None]
             if info is not None:
                 if self._refit_due(dev, cut, bool(rows)):
-                    self._refit(dev, cut)
+                    try:
+                        self._refit(dev, cut)
+                    except Exception:  # the model is an improvement: without a new one, the device keeps what it had
+                        n = self.counters["refit_errors"] = self.counters.get("refit_errors", 0) + 1
+                        if n == 1 or n % 100 == 0:
+                            log.exception("wattspan: re-estimating %s's idle baseline and step model failed (%d times; "
+                                          "counters refit_errors); it keeps the ones it had", dev, n)
                 # with nothing in flight too: the measured energy is then all unattributed,
                 # and the device's totals reach the device sinks on every pass
                 self._attribute(dev, info, cur, cut, rows)
+                # the stretch is attributed: from here on nothing may have a retried pass attribute it again
+                self._cursor[dev] = cut
                 if host_devs and rows:
                     # The host is one meter shared by every device's requests: its energy over this
                     # stretch is split among all requests in flight on any device, and each request
@@ -933,7 +1136,13 @@ class Meter:
                         mine = [r for r in rows if "," not in (d := dev_of[r])
                                 or next((m for m in d.split(",") if m in infos), None) == dev]  # a group: its first metered member
                     for host in host_devs if mine else ():
-                        self._attribute_host(host, cur, cut, everyone, mine)
+                        try:
+                            self._attribute_host(host, cur, cut, everyone, mine)
+                        except Exception:  # the device's share stands: its records are made, without this host part
+                            n = self.counters["host_errors"] = self.counters.get("host_errors", 0) + 1
+                            if n == 1 or n % 100 == 0:
+                                log.exception("wattspan: the host's energy over a pass could not be split (%d such "
+                                              "passes; counters host_errors); those requests' host_j leave it out", n)
             self._cursor[dev] = cut
             self._finalise(rows, cut, info, stalled)
         # drop steps wholly before every cursor
@@ -983,7 +1192,14 @@ class Meter:
         req, steps, end = self._period_inputs(dev, rows, cut)
         idle = self.idle_w if self.idle_w is not None else self._idle.get(dev)
         models = {dev: self._models[dev]} if dev in self._models else None
-        res = attribute({dev: trace}, req, steps, idle_w=idle, t0_ns=cur, t1_ns=cut, models=models)
+        try:
+            res = attribute({dev: trace}, req, steps, idle_w=idle, t0_ns=cur, t1_ns=cut, models=models)
+        except TraceError as exc:  # readings it cannot use (none finite, a counter going back): like no trace
+            n = self.counters["bad_traces"] = self.counters.get("bad_traces", 0) + 1
+            if n == 1 or n % 100 == 0:
+                log.warning("wattspan: %s's readings over a pass could not be attributed (%d such passes; counters "
+                            "bad_traces); that stretch is not measured and its requests' coverage says so: %s", dev, n, exc)
+            return
         d = res.devices.get(dev)
         if d is None:
             return
@@ -1205,8 +1421,12 @@ class Meter:
                 label_columns = cols[3:]
         method_of, quality_of = table.method, table.quality
         # carbon once, for the whole batch (see wattspan.carbon.records for the host rule)
+        ids = [rid_of[r] or "" for r in done]
+        if table.alias:  # an ended request kept under a key of its own: its record has the caller's id
+            alias = table.alias
+            ids = [alias.get(k, k) for k in ids]
         batch = request_batch(
-            self.carbon, ids=[rid_of[r] or "" for r in done], device=devices, start_ns=start, end_ns=end,
+            self.carbon, ids=ids, device=devices, start_ns=start, end_ns=end,
             dynamic_j=dyn, idle_j=idle, device_s=table.dev_s[idx], host_j=table.host[idx],
             wall_s=wall, energy_j_low=np.maximum(energy - band, 0.0), energy_j_high=energy + band,
             method=[method_of[r] or "no-trace" for r in done], sensor=sensor,
@@ -1224,6 +1444,22 @@ class Meter:
 
 
 _PASS_RETRIES = 8  # failed passes in a row (2 s at the default period) before the ended requests are settled
+
+
+def _as_id(rid: Any) -> str:
+    """A request id that is not a string, as one (its ``str``; a type name if even that fails)."""
+    try:
+        return str(rid)
+    except Exception:
+        return f"<{type(rid).__name__} id>"
+
+
+def _peer_ns(t: Any) -> int:
+    """A time in a peer's message: ValueError unless it is one (the message is then counted as a pass error, skipped)."""
+    v = _as_ns(t)
+    if v is None:
+        raise ValueError(f"not a time: {t!r}")
+    return v
 
 
 def _labels(meta: Any) -> RequestLabels:

@@ -28,12 +28,16 @@ def measured_sources() -> list[PowerSource]:
             found.append(NvmlSource())
         except SourceUnavailable as exc:
             log.info("no NVML GPU (%s)", exc)
+        except Exception:  # a failure the source did not foresee: this sensor is skipped, not every other one
+            log.exception("wattspan: opening the NVML source failed; GPUs are not metered through NVML")
     try:
         from ..sources.rapl import RaplSource
 
         found.append(RaplSource())
     except SourceUnavailable as exc:
         log.info("no RAPL (%s)", exc)
+    except Exception:
+        log.exception("wattspan: opening the RAPL source failed; the CPU is not metered through RAPL")
     return found
 
 

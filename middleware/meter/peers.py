@@ -47,6 +47,9 @@ __all__ = ["Peers", "default_peer_dir", "group_key", "private_dir"]
 log = get_logger(__name__)
 
 _MAX_DATAGRAM = 32 * 1024
+#: what one receive takes: more than the 32 KiB chunks, since one event may not fit one (a batch step naming
+#: thousands of requests is sent whole, ~100 kB); a Unix datagram socket sends at most its buffer (~208 KiB)
+_MAX_RECV = 256 * 1024
 
 
 def _uid() -> int:
@@ -181,7 +184,7 @@ class Peers:
         out: list[tuple[int, list[Any], int]] = []
         for _ in range(limit):
             try:
-                data, addr = self.sock.recvfrom(_MAX_DATAGRAM * 2)
+                data, addr = self.sock.recvfrom(_MAX_RECV)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError:
@@ -235,13 +238,16 @@ class Peers:
 
 def _chunks(events: list[Any], peers: Peers) -> Iterator[bytes]:
     """JSON-encode ``events`` in numbered pieces that fit one datagram."""
+    # as many events as fit one datagram: a receiver's socket queues 10 datagrams (Linux's net.unix.max_dgram_qlen)
+    # from all its peers between two passes; 200 events a datagram overflowed it at a few hundred requests a second
     start = 0
     n = len(events)
-    step = max(1, min(n, 200))
+    step = n
+    limit = _MAX_DATAGRAM - 32
     while start < n:
         body = json.dumps(events[start : start + step], separators=(",", ":"))
-        if len(body) > _MAX_DATAGRAM - 32 and step > 1:
-            step //= 2
+        if len(body) > limit and step > 1:
+            step = max(1, min(step // 2, int(step * limit / len(body) * 0.95)))  # the events' size, scaled down
             continue
         yield f'{{"q":{peers.next_seq()},"e":{body}}}'.encode()
         start += step

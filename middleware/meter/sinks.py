@@ -122,14 +122,22 @@ class _Callback(Generic[_T]):
 
 
 class RecordCallback(_Callback[RequestRecord]):
-    """A sink calling ``fn(record)`` for each final record."""
+    """A sink calling ``fn(record)`` for each final record. A call that raises does not keep
+    the pass's other records from ``fn``: the first error is raised once all were given."""
 
     __slots__ = ()
 
     def on_records(self, records: Sequence[RequestRecord]) -> None:
         fn = self.fn
+        failed: Exception | None = None
         for rec in records:
-            fn(rec)
+            try:
+                fn(rec)
+            except Exception as exc:
+                if failed is None:
+                    failed = exc
+        if failed is not None:
+            raise failed  # the meter counts and logs it (sink_errors)
 
 
 class BatchCallback(_Callback[list[RequestRecord]]):

@@ -401,7 +401,11 @@ class NvmlSource:
                 ts, first = np.unique(ts, return_index=True)
                 mw = mw[first]
             g.samples_last_us = int(ts[-1])
-            out.append(SampleBatch(dev, SampleKind.INSTANT, ts * 1000 - offset, mw * 1e-3))
+            mono = ts * 1000 - offset
+            ahead = int(mono[-1]) - time.monotonic_ns()
+            if ahead > 0:  # the wall clock stepped back since the driver stamped them: the newest is taken as read now
+                mono = mono - ahead
+            out.append(SampleBatch(dev, SampleKind.INSTANT, mono, mw * 1e-3))
         elif p == "power-usage":
             t0 = time.monotonic_ns()
             mw = pynvml.nvmlDeviceGetPowerUsage(h)
