@@ -13,7 +13,17 @@
    ``--rounds`` interleaved rounds (every variant once per round, the order
    rotated); extra = variant minus its baseline (bare; OpenTelemetry for
    OpenTelemetry + wattspan) within each round; the table gives the median and
-   the range over rounds.
+   the range over rounds. After each request the driver lets the event loop
+   turn once (``await asyncio.sleep(0)``: the loop polls its selector, as a
+   server's loop does between requests, and in that poll the thread lets go
+   of the GIL). Called back to back instead (``--no-poll``, the driver before),
+   the loop never lets go of the GIL, and every background thread waits the
+   interpreter's switch interval (5 ms) each time it let go itself: for every
+   numpy call over a large array, for every row SQLite writes. The meter's
+   passes then took 160-615 ms of wall time for 17-53 ms of CPU, fell a second
+   and more behind, and thousands of held spans and queued rows piled up,
+   which the event loop then paid for in cache misses and garbage collection.
+   No server runs so: it polls its sockets between requests.
 2. Throughput on loopback: each variant served by uvicorn (one worker) in its
    own process (BLAS on one thread), loaded by ``wrk`` (Debian's package) from
    another; ``--rounds`` interleaved rounds, on the trivial endpoint and on one
@@ -44,7 +54,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def cpu_per_request(variant: str, n: int, path: str = "/") -> tuple[float, float]:
+def cpu_per_request(variant: str, n: int, path: str = "/", poll: bool = True) -> tuple[float, float]:
     os.environ["WATTSPAN_BENCH_VARIANT"] = variant
     mod = importlib.import_module("benchmarks.overhead_app")
     app = mod.create(variant)
@@ -61,6 +71,8 @@ def cpu_per_request(variant: str, n: int, path: str = "/") -> tuple[float, float
     async def run(k):
         for _ in range(k):
             await app(dict(scope_base), receive, send)
+            if poll:  # one turn of the event loop, as a server's loop takes one (its selector polled) per request
+                await asyncio.sleep(0)
 
     asyncio.run(run(min(500, n)))  # warm up (and start the meter)
     meter = app.state.meter
@@ -116,6 +128,8 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=20000)
     ap.add_argument("--seconds", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds (CPU and throughput)")
+    ap.add_argument("--no-poll", action="store_true",
+                    help="call the app back to back, the event loop never turning (the driver before: see the docstring)")
     ap.add_argument("--variants", default="", help="comma-separated subset of the variants (their baselines are added)")
     from benchmarks._common import add_output_args, need_tool, progress, write_results
 
@@ -144,7 +158,8 @@ def main() -> None:
         order = VARIANTS[r % len(VARIANTS):] + VARIANTS[: r % len(VARIANTS)]
         for v in order:
             for path, n, into in (("/", a.requests, cpu), ("/work", n_work, cpu_work)):
-                out = subprocess.run([sys.executable, __file__, "--_cpu", v, "--requests", str(n), "--path", path],
+                out = subprocess.run([sys.executable, __file__, "--_cpu", v, "--requests", str(n), "--path", path]
+                                     + (["--no-poll"] if a.no_poll else []),
                                      capture_output=True, text=True, cwd=ROOT, check=True)
                 proc_us, loop_us = map(float, out.stdout.strip().splitlines()[-1].split())
                 into[v].append((proc_us, loop_us))
@@ -184,7 +199,7 @@ def main() -> None:
         "# Overhead on the server being measured",
         "",
         f"Command: `python benchmarks/overhead.py --requests {a.requests} --seconds {a.seconds} --rounds {rounds}"
-        f"{' --variants ' + a.variants if a.variants else ''} --record`",
+        f"{' --variants ' + a.variants if a.variants else ''}{' --no-poll' if a.no_poll else ''} --record`",
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; load average at the end "
         f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1 / 5 / 15 min); a Starlette app (`benchmarks/overhead_app.py`).",
         "",
@@ -192,6 +207,8 @@ def main() -> None:
         f"per variant and round, {rounds} interleaved rounds, each run in a fresh interpreter. Extra: the variant minus its",
         "baseline within each round, median (range over rounds), microseconds; capacity: the baseline's CPU per `/work`",
         "request over the variant's, within each round (the throughput ratio of a server bound by its CPU).",
+        ("The app is called back to back, the event loop never turning (`--no-poll`: see the script's docstring)." if a.no_poll
+         else "After each request the event loop turns once, its selector polled, as a server's does (see the script's docstring)."),
         "",
         "| variant | baseline | `/`: CPU us/request | extra vs baseline | of which on the event loop | `/work`: CPU us/request | capacity vs baseline |",
         "|---|---|---:|---:|---:|---:|---:|",
@@ -267,6 +284,6 @@ if __name__ == "__main__":
     if len(sys.argv) > 2 and sys.argv[1] == "--_cpu":
         n = int(sys.argv[sys.argv.index("--requests") + 1])
         path = sys.argv[sys.argv.index("--path") + 1] if "--path" in sys.argv else "/"
-        print(*cpu_per_request(sys.argv[2], n, path))
+        print(*cpu_per_request(sys.argv[2], n, path, poll="--no-poll" not in sys.argv))
     else:
         main()
