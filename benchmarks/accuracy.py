@@ -107,7 +107,7 @@ LAYOUTS = (
     ("PP-2 overlapped, unbalanced (45/55 %), each stage's steps at its own timing", 1, 2, "steps", None, OVERLAPPED),
     ("PP-2 overlapped, unbalanced, whole micro-batches on the group", 1, 2, "group_steps", None, OVERLAPPED),
     ("PP-2 overlapped, unbalanced, stage windows modelled (the vLLM hook's `device=\"auto\"`)", 1, 2, "hook_steps", None, OVERLAPPED),
-    ("1 GPU, the board's lag given (`lag_s`, measured once on 1 ms readings)", 1, 1, "steps", None, {"lag": "measured"}),
+    ("1 GPU, the board's lag given (`board_lag_s`, measured once on 1 ms readings)", 1, 1, "steps", None, {"lag": "measured"}),
     ("PP-2, the board's lag given, each stage's steps at its own timing", 1, 2, "steps", None, {"lag": "measured"}),
     ("PP-2, the board's lag given, stage windows modelled (`device=\"auto\"`)", 1, 2, "hook_steps", None, {"lag": "measured"}),
     ("PP-2 overlapped, unbalanced, the board's lag given, each stage's steps at its own timing", 1, 2, "steps", None,
@@ -182,7 +182,7 @@ def parallel(seeds: int, duration_s: float, sensors=PARALLEL_SENSORS, layouts=LA
                 req = Requests.from_records(rq)
                 steps = Steps.from_records(st, req)
                 traces = {g: sense(r, name, seed=100 + 10 * seed + k) for k, (g, r) in enumerate(run.runs.items())}
-                res = attribute(traces, req, steps, lag_s=board_lag(seed) if lag else None)
+                res = attribute(traces, req, steps, board_lag_s=board_lag(seed) if lag else None)
                 truth = np.array([run.truth[i]["energy_j"] for i in req.ids])
                 errs.append(_err(res.energy_j, truth))
                 dyn_got += float(res.dynamic_j.sum())
@@ -407,7 +407,7 @@ def lag_given_table(rows: list[dict], seeds: int, duration_s: float) -> list[str
     lines = [f"### The electrical lag on coarse readings ({seeds} scenarios x {duration_s:g} s, each stage's true timing)",
              "",
              "p95 per-request error with the simulator's lag (2, 4 or 8 ms) put in place of the fit's own lag choice, its step and",
-             "both wait terms still fitted on the coarse readings through that lag (a diagnostic; `attribute(..., lag_s=...)`",
+             "both wait terms still fitted on the coarse readings through that lag (a diagnostic; `attribute(..., board_lag_s=...)`",
              "instead leaves the J-per-wait term to the lag and bounds the waits' held power: the main table's \"lag given\" rows),",
              "and with the lag chosen on the coarse readings themselves by the fit's own search, the held-out scores of",
              "each lag summed over the stages' GPUs (one board model, one lag) and the best kept with no margin.",
@@ -463,7 +463,7 @@ def waits_at_idle(seeds: int, duration_s: float, sensors=("hopper-nvml", "instan
                                         rate_per_s=sc["rate_per_s"], idle_drift_w=sc["idle_drift_w"], power_model=pm)
                 req = Requests.from_records(run.requests)
                 traces = {g: sense(r, name, seed=100 + 10 * seed + k) for k, (g, r) in enumerate(run.runs.items())}
-                res = attribute(traces, req, Steps.from_records(run.steps, req), lag_s=board_lag(seed, pm) if on == "lag" else None)
+                res = attribute(traces, req, Steps.from_records(run.steps, req), board_lag_s=board_lag(seed, pm) if on == "lag" else None)
                 truth = np.array([run.truth[i]["energy_j"] for i in req.ids])
                 errs.append(_err(res.energy_j, truth))
             err = np.concatenate(errs)
@@ -480,7 +480,7 @@ SHORT_LAG_S = 0.00025
 def short_lag_rows(seeds: int, duration_s: float, sensors=PARALLEL_SENSORS) -> list[dict]:
     """PP-2 on boards whose electrical lag is short (``SHORT_LAG_S``), each stage's true timing, otherwise the
     scenarios of the main table: p95 per-request error of each GPU's own fit and with its board's lag given
-    (``lag_s``, measured once on 1 ms readings: :func:`board_lag`)."""
+    (``board_lag_s``, measured once on 1 ms readings: :func:`board_lag`)."""
     from wattspan._sim_parallel import simulate_parallel
 
     rows = []
@@ -499,7 +499,7 @@ def short_lag_rows(seeds: int, duration_s: float, sensors=PARALLEL_SENSORS) -> l
                 traces = {g: sense(r, name, seed=100 + 10 * seed + k) for k, (g, r) in enumerate(run.runs.items())}
                 own.append(_err(attribute(traces, req, steps).energy_j, truth))
                 found.append(board_lag(seed, pm))
-                given.append(_err(attribute(traces, req, steps, lag_s=found[-1]).energy_j, truth))
+                given.append(_err(attribute(traces, req, steps, board_lag_s=found[-1]).energy_j, truth))
             rows.append({"layout": label, "sensor": name, "own": float(np.quantile(np.concatenate(own), 0.95)),
                          "given": float(np.quantile(np.concatenate(given), 0.95)), "found": (min(found), max(found))})
     return rows
@@ -510,7 +510,7 @@ def short_lag_table(rows: list[dict], seeds: int, duration_s: float) -> list[str
              "",
              "The A100 PCIe, RTX A5000 and K40m rise to a load's power within one 0.2 ms reading of an external meter",
              "(`python benchmarks/board_lag.py`), far faster than the simulator's 2-8 ms. p95 per-request error of each GPU's",
-             "own fit and with its board's lag given (`lag_s`; measured on 1 ms readings of a separate calibration run, as in",
+             "own fit and with its board's lag given (`board_lag_s`; measured on 1 ms readings of a separate calibration run, as in",
              "the main table's \"lag given\" rows): where the lag is short the waits' energy is the power held in them, and the",
              "given lag drops the J-per-wait term and bounds that power by the steps' own.",
              "",
@@ -543,7 +543,7 @@ def other_laws_rows(seeds: int, duration_s: float, sensors=PARALLEL_SENSORS, fir
                 for seed, pm, run, req, steps, truth in data:
                     traces = {g: sense(r, name, seed=100 + 10 * seed + k) for k, (g, r) in enumerate(run.runs.items())}
                     own.append(_err(attribute(traces, req, steps).energy_j, truth))
-                    given.append(_err(attribute(traces, req, steps, lag_s=board_lag(seed, pm)).energy_j, truth))
+                    given.append(_err(attribute(traces, req, steps, board_lag_s=board_lag(seed, pm)).energy_j, truth))
                 rows.append({"law": law, "layout": label, "sensor": name, "own": float(np.quantile(np.concatenate(own), 0.95)),
                              "given": float(np.quantile(np.concatenate(given), 0.95))})
     return rows
@@ -580,7 +580,7 @@ def waits_table(rows: list[dict], seeds: int, duration_s: float) -> list[str]:
              "",
              "| sensor | wait terms on stages | median error | p95 error |", "|---|---|---:|---:|"]
     for r in rows:
-        rule = {True: "always (default)", False: "off", "lag": "always, the board's lag given (`lag_s`, measured on 1 ms readings)"}[r["rule"]]
+        rule = {True: "always (default)", False: "off", "lag": "always, the board's lag given (`board_lag_s`, measured on 1 ms readings)"}[r["rule"]]
         lines.append(f"| `{r['sensor']}` | {rule} | {r['median'] * 100:.1f} % | {r['p95'] * 100:.1f} % |")
     return lines
 

@@ -1,10 +1,10 @@
-"""The electrical lag of real GPU boards, from external-meter recordings (the input of ``attribute(..., lag_s=...)``).
+"""The electrical lag of real GPU boards, from external-meter recordings (the input of ``attribute(..., board_lag_s=...)``).
 
     python benchmarks/board_lag.py [--data ../shared/data] [--record]
 
 A board's power follows its load with a lag: the fit models it as a first-order time constant
 (``StepModel.lag_tau_s``) where readings are 50 ms apart or closer, and takes it as given
-(``attribute(..., lag_s=...)``, ``wattspan attribute --lag-ms``) where they are coarser. It is a
+(``attribute(..., board_lag_s=...)``, ``wattspan attribute --board-lag-ms``) where they are coarser. It is a
 property of the board, so it is measured once, on fine readings of one such GPU under a load
 with known steps. Here: the GPU_Power_Benchmark recordings in the shared data (an ElmorLabs PMD
 meter on the PCIe slot and cables, a reading every ~0.205 ms; ``SOURCES.md``), a square-wave
@@ -122,7 +122,7 @@ def main() -> None:
     lines += ["", f"The fit's own lag on the pulsed A100's meter readings, the pulses as batch steps: {lag * 1e3:.2g} ms"
               + (" (none found: its search starts at 0.25 ms)." if lag == 0 else "."), "",
               "So these boards follow a load within a fraction of a millisecond at their power inputs: give them",
-              "`lag_s=0.00025` (`--lag-ms 0.25`) or 0, not the simulator's 2 to 8 ms.", "",
+              "`board_lag_s=0.00025` (`--board-lag-ms 0.25`) or 0, not the simulator's 2 to 8 ms.", "",
               "## What an A100 `power.draw.instant` value covers", "",
               "Each fresh value of the pulsed A100's nvidia-smi trace (`examples/a100`, read every ~13 ms, a new value every",
               "~100 ms) against the meter's mean power over a window before the read that first saw it: the readings' rms",

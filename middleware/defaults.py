@@ -38,7 +38,8 @@ def get_default_meter(**kw: Any) -> Meter:
 
     It shares what it serves with the other worker processes of this user on
     this host (``peers``), unless ``WATTSPAN_PEERS=0``; with ``WATTSPAN_LEDGER``
-    set it writes every record to that ledger. Raises
+    set it writes every record to that ledger; with ``WATTSPAN_BOARD_LAG_MS`` it
+    fits the step models through that electrical lag (``board_lag_s``). Raises
     :class:`wattspan.settings.SettingsError` for a bad ``WATTSPAN_*`` variable.
     """
     global _default
@@ -48,6 +49,8 @@ def get_default_meter(**kw: Any) -> Meter:
         if _default is None:
             s = get_settings()
             kw.setdefault("peers", s.peers)
+            if s.board_lag_s is not None:
+                kw.setdefault("board_lag_s", s.board_lag_s)  # WATTSPAN_BOARD_LAG_MS
             if s.ledger and "sinks" not in kw:
                 from .export.ledger import Ledger
 

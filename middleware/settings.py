@@ -30,6 +30,10 @@ variable                         meaning                                      de
 ``WATTSPAN_PSEUDONYM_KEY``       the proxy's secret key of the API-key        (a key file beside
                                  pseudonyms (HMAC-SHA-256)                    the ledger, else
                                                                               per process)
+``WATTSPAN_BOARD_LAG_MS``        the boards' electrical lag (power trails     (searched where
+                                 the work), ms, measured once on fine         the readings are
+                                 readings: ``4``, or ``gpu0=4,gpu1=4``        50 ms apart or
+                                                                              closer)
 ===============================  ===========================================  =================
 """
 
@@ -42,7 +46,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Mapping
 
-__all__ = ["Settings", "SettingsError", "get_settings"]
+__all__ = ["Settings", "SettingsError", "get_settings", "parse_board_lag_ms"]
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off", "")
@@ -52,6 +56,39 @@ _GROUP = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _HEADER = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}")  # an HTTP token (RFC 9110)
 MIN_SAMPLE_INTERVAL_S = 0.001
 MAX_SAMPLE_INTERVAL_S = 10.0
+
+
+#: what ``WATTSPAN_BOARD_LAG_MS`` / ``--board-lag-ms`` take
+BOARD_LAG_MS_ALLOWED = ("milliseconds from 0 to 1000 (the boards' electrical lag; 0: none), "
+                        "or device=ms pairs joined by commas, e.g. gpu0=4,gpu1=4")
+
+
+def parse_board_lag_ms(text: str | None) -> float | dict[str, float] | None:
+    """The boards' electrical lag written in ms (``"4"``, or ``"gpu0=4, gpu1=0"``), in seconds:
+    one value, or one per device (as ``attribute(..., board_lag_s=...)`` and ``Meter(board_lag_s=...)``
+    take it); ``None`` for none given (empty). :class:`ValueError` (``BOARD_LAG_MS_ALLOWED``) otherwise."""
+    if text is None or not text.strip():
+        return None
+
+    def ms(v: str) -> float:
+        try:
+            x = float(v)
+        except ValueError:
+            x = math.nan
+        if not (math.isfinite(x) and 0 <= x <= 1000):
+            raise ValueError(BOARD_LAG_MS_ALLOWED)
+        return x / 1000.0
+
+    text = text.strip()
+    if "=" not in text:
+        return ms(text)
+    out: dict[str, float] = {}
+    for part in text.split(","):
+        dev, sep, v = (x.strip() for x in part.partition("="))
+        if not sep or not _LABEL.fullmatch(dev) or dev in out:
+            raise ValueError(BOARD_LAG_MS_ALLOWED)
+        out[dev] = ms(v)
+    return out
 
 
 class SettingsError(ValueError):
@@ -79,6 +116,8 @@ class Settings:
     request_id_header: str | None = None
     steps_token: str | None = field(default=None, repr=False)  # secrets: never in a repr, a log or a traceback
     pseudonym_key: str | None = field(default=None, repr=False)
+    #: the boards' electrical lag in s (one value, or per device), for ``Meter(board_lag_s=...)``
+    board_lag_s: float | Mapping[str, float] | None = field(default=None, hash=False)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
@@ -141,6 +180,10 @@ class Settings:
         if pkey is not None and len(pkey.encode("utf-8")) < 32:
             raise SettingsError("WATTSPAN_PSEUDONYM_KEY", "*" * len(pkey), "a secret of at least 32 characters "
                                 "(e.g. python -c 'import secrets; print(secrets.token_hex(32))')")
+        try:
+            board_lag_s = parse_board_lag_ms(get("BOARD_LAG_MS"))
+        except ValueError as exc:
+            raise SettingsError("WATTSPAN_BOARD_LAG_MS", get("BOARD_LAG_MS") or "", str(exc)) from None
         return cls(
             device=device,
             region=region,
@@ -155,6 +198,7 @@ class Settings:
             request_id_header=pattern("REQUEST_ID_HEADER", _HEADER, "an HTTP header name such as x-request-id"),
             steps_token=token,
             pseudonym_key=pkey,
+            board_lag_s=board_lag_s,
         )
 
 

@@ -110,8 +110,8 @@ def test_a_given_lag_of_zero_drops_the_unseen_lag_allowance(saturating_run, monk
     """The board's lag given as 0 (measured: none) is known, not unseen: the band allows for no lag."""
     run, req, steps, truth = saturating_run
     trace = sense(run, "instant-100ms", seed=102)
-    given = attribute([trace], req, steps, lag_s=0.0)
+    given = attribute([trace], req, steps, board_lag_s=0.0)
     monkeypatch.setattr(fitmod, "_UNSEEN_LAG_S", 1e-9)  # the allowance made too short to move anything
-    without = attribute([trace], req, steps, lag_s=0.0)
+    without = attribute([trace], req, steps, board_lag_s=0.0)
     assert np.array_equal(given.energy_j_high, without.energy_j_high)
     assert np.array_equal(given.energy_j_low, without.energy_j_low)

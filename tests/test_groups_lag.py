@@ -1,4 +1,4 @@
-"""A board's electrical lag given to the fit (``attribute(..., lag_s=...)``): pipeline stages on coarse readings."""
+"""A board's electrical lag given to the fit (``attribute(..., board_lag_s=...)``): pipeline stages on coarse readings."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def _p95(res, run):
 def test_a_given_lag_is_fitted_through_where_the_readings_cannot_choose_one(overlapped):
     run, req, steps, traces = overlapped
     own = attribute(traces, req, steps)
-    given = attribute(traces, req, steps, lag_s=TAU)
+    given = attribute(traces, req, steps, board_lag_s=TAU)
     for g, d in given.devices.items():
         assert own.devices[g].model.lag_tau_s == 0  # readings 100 ms apart: no lag searched
         m = d.model
@@ -51,10 +51,10 @@ def test_a_given_lag_is_fitted_through_where_the_readings_cannot_choose_one(over
 
 def test_a_lag_per_device_and_none(overlapped):
     run, req, steps, traces = overlapped
-    res = attribute(traces, req, steps, lag_s={"gpu0": TAU, "gpu1": 0.0})
+    res = attribute(traces, req, steps, board_lag_s={"gpu0": TAU, "gpu1": 0.0})
     assert res.devices["gpu0"].model.lag_tau_s == TAU
     assert res.devices["gpu1"].model.lag_tau_s == 0  # 0: no lag, and none searched
-    alone = attribute(traces, req, steps, lag_s={"gpu0": TAU})  # a device the mapping lacks: as without it
+    alone = attribute(traces, req, steps, board_lag_s={"gpu0": TAU})  # a device the mapping lacks: as without it
     assert alone.devices["gpu1"].model.lag_tau_s == 0
     assert alone.devices["gpu0"].model.lag_tau_s == TAU
     np.testing.assert_allclose(alone.parts["energy_j"][alone.parts["device"] == "gpu1"],
@@ -64,19 +64,19 @@ def test_a_lag_per_device_and_none(overlapped):
 @pytest.mark.parametrize("bad", [-0.001, float("nan"), 2.0, "4ms"])
 def test_a_bad_lag_is_refused(overlapped, bad):
     run, req, steps, traces = overlapped
-    with pytest.raises(ValueError, match="lag_s"):
-        attribute(traces, req, steps, lag_s=bad)
-    with pytest.raises(ValueError, match="lag_s"):
-        attribute(traces, req, steps, lag_s={"gpu0": bad})
+    with pytest.raises(ValueError, match="board_lag_s"):
+        attribute(traces, req, steps, board_lag_s=bad)
+    with pytest.raises(ValueError, match="board_lag_s"):
+        attribute(traces, req, steps, board_lag_s={"gpu0": bad})
 
 
-def _cli(*args):
+def _cli(*args, env=None):
     import os
     import subprocess
     import sys
 
     return subprocess.run([sys.executable, "-m", "wattspan.cli", *map(str, args)], capture_output=True, text=True,
-                          env=dict(os.environ), timeout=120)
+                          env={**os.environ, **(env or {})}, timeout=120)
 
 
 def test_the_command_line_takes_the_lag_in_ms(tmp_path, overlapped):
@@ -87,24 +87,37 @@ def test_the_command_line_takes_the_lag_in_ms(tmp_path, overlapped):
     run = overlapped[0]
     f = write_files(run, "counter-100ms", tmp_path)
     base = ("attribute", "--trace", f["trace"], "--requests", f["requests"], "--batches", f["batches"], "--out", tmp_path / "out.jsonl")
-    p = _cli(*base, "--summary", tmp_path / "s.json", "--lag-ms", "4")
+    p = _cli(*base, "--summary", tmp_path / "s.json", "--board-lag-ms", "4")
     assert p.returncode == 0, p.stderr
     devs = json.loads((tmp_path / "s.json").read_text())["devices"]
     assert {g: d["model"]["lag_tau_s"] for g, d in devs.items()} == {"gpu0": pytest.approx(TAU), "gpu1": pytest.approx(TAU)}
     assert "4 ms electrical lag (given)" in p.stderr + p.stdout
-    p = _cli(*base, "--summary", tmp_path / "s2.json", "--lag-ms", "gpu0=4, gpu1=0")
+    p = _cli(*base, "--summary", tmp_path / "s2.json", "--board-lag-ms", "gpu0=4, gpu1=0")
     assert p.returncode == 0, p.stderr
     devs = json.loads((tmp_path / "s2.json").read_text())["devices"]
     assert devs["gpu0"]["model"]["lag_tau_s"] == pytest.approx(TAU) and devs["gpu1"]["model"]["lag_tau_s"] == 0
     for bad in ("-1", "4ms", "gpu0=", "=4", "5000"):
-        p = _cli(*base, "--lag-ms", bad)
-        assert p.returncode == 2 and "--lag-ms" in p.stderr, (bad, p.stderr)
+        p = _cli(*base, "--board-lag-ms", bad)
+        assert p.returncode == 2 and "--board-lag-ms" in p.stderr, (bad, p.stderr)
+    # or from WATTSPAN_BOARD_LAG_MS (the flag wins); a bad value names the variable
+    p = _cli(*base, "--summary", tmp_path / "s3.json", env={"WATTSPAN_BOARD_LAG_MS": "gpu0=4"})
+    assert p.returncode == 0, p.stderr
+    devs = json.loads((tmp_path / "s3.json").read_text())["devices"]
+    assert devs["gpu0"]["model"]["lag_tau_s"] == pytest.approx(TAU) and devs["gpu1"]["model"]["lag_tau_s"] == 0
+    p = _cli(*base, "--board-lag-ms", "4ms", env={"WATTSPAN_BOARD_LAG_MS": "4"})
+    assert p.returncode == 2 and "argument --board-lag-ms" in p.stderr and "WATTSPAN" not in p.stderr
+    p = _cli(*base, env={"WATTSPAN_BOARD_LAG_MS": "4ms"})
+    assert p.returncode == 2 and "WATTSPAN_BOARD_LAG_MS='4ms' is not valid for --board-lag-ms" in p.stderr, p.stderr
+    assert "milliseconds from 0 to 1000" in p.stderr and "Traceback" not in p.stderr
+    # the old spelling is gone (it read as the live meter's lag_s, another lag)
+    p = _cli(*base, "--lag-ms", "4")
+    assert p.returncode == 2 and "--lag-ms" in p.stderr
 
 
 def test_a_given_model_keeps_its_own_lag(overlapped):
     run, req, steps, traces = overlapped
-    fitted = attribute(traces, req, steps, lag_s=TAU)
+    fitted = attribute(traces, req, steps, board_lag_s=TAU)
     models = {g: d.model for g, d in fitted.devices.items()}
-    again = attribute(traces, req, steps, models=models, lag_s=2 * TAU)
+    again = attribute(traces, req, steps, models=models, board_lag_s=2 * TAU)
     assert all(again.devices[g].model.lag_tau_s == TAU for g in models)
     np.testing.assert_allclose(again.energy_j, attribute(traces, req, steps, models=models).energy_j)

@@ -27,6 +27,12 @@ BAD = [
     ("WATTSPAN_PEERS", "maybe"),
     ("WATTSPAN_REQUEST_ID_HEADER", "bad header"),
     ("WATTSPAN_DEVICE", "gpu 0\n"),
+    ("WATTSPAN_BOARD_LAG_MS", "4ms"),
+    ("WATTSPAN_BOARD_LAG_MS", "-1"),
+    ("WATTSPAN_BOARD_LAG_MS", "5000"),
+    ("WATTSPAN_BOARD_LAG_MS", "gpu0=4,gpu0=5"),
+    ("WATTSPAN_BOARD_LAG_MS", "gpu 0=4"),
+    ("WATTSPAN_BOARD_LAG_MS", "=4"),
 ]
 
 
@@ -53,6 +59,10 @@ def test_good_variables_are_read_into_one_frozen_object():
     with pytest.raises(Exception):
         s.pue = 2.0  # frozen
     assert Settings.from_env({}) == Settings()
+    # the boards' electrical lag, in ms, read in seconds: one value or per device (empty: none)
+    assert Settings.from_env({"WATTSPAN_BOARD_LAG_MS": "0.25"}).board_lag_s == 0.00025
+    assert Settings.from_env({"WATTSPAN_BOARD_LAG_MS": " gpu0=4, gpu1=0 "}).board_lag_s == {"gpu0": 0.004, "gpu1": 0.0}
+    assert Settings.from_env({"WATTSPAN_BOARD_LAG_MS": ""}).board_lag_s is None
 
 
 def test_the_meter_refuses_a_sample_interval_below_one_millisecond():
@@ -62,7 +72,7 @@ def test_the_meter_refuses_a_sample_interval_below_one_millisecond():
         Meter(sample_interval_s=1e-7, autostart=False)
 
 
-@pytest.mark.parametrize("var,value", [BAD[0], BAD[3], BAD[5]])
+@pytest.mark.parametrize("var,value", [BAD[0], BAD[3], BAD[5], ("WATTSPAN_BOARD_LAG_MS", "4ms")])
 def test_the_server_refuses_to_start_with_one_clear_message(var, value):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "WATTSPAN_SIMULATE": "1", "WATTSPAN_OTEL": "0", "WATTSPAN_PEERS": "0", var: value}
     t0 = time.monotonic()

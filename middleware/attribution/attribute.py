@@ -65,7 +65,7 @@ def attribute(
     t1_ns: int | None = None,
     reconcile_s: float | None = None,
     models: Mapping[str, StepModel] | None = None,
-    lag_s: float | Mapping[str, float] | None = None,
+    board_lag_s: float | Mapping[str, float] | None = None,
 ) -> Attribution:
     """Apportion each device's measured energy over ``[t0_ns, t1_ns]`` to ``requests``.
 
@@ -76,19 +76,20 @@ def attribute(
     requests are clipped to the period (the live meter attributes period by
     period and sums). ``reconcile_s`` overrides the reconciliation window for
     power-only sensors. ``models`` gives a step model per device to use instead
-    of fitting one (for short live periods). ``lag_s``: the electrical lag of each
+    of fitting one (for short live periods). ``board_lag_s``: the electrical lag of each
     device's board (first-order time constant, s; one value, or per device), measured
     once on fine readings of the same GPU model: the step model is then fitted through
     it on the device's own readings, at any interval, instead of the lag being searched
     (readings over 50 ms apart cannot show one); 0 for none. A device given a model
-    keeps that model's lag.
+    keeps that model's lag. (Not the live meter's ``lag_s``: how long it waits for a
+    sensor's readings.)
     """
-    if lag_s is not None:
-        for v in (lag_s.values() if isinstance(lag_s, Mapping) else (lag_s,)):
+    if board_lag_s is not None:
+        for v in (board_lag_s.values() if isinstance(board_lag_s, Mapping) else (board_lag_s,)):
             if isinstance(v, bool) or not (isinstance(v, (int, float)) and math.isfinite(v) and 0 <= v <= 1):
-                raise ValueError(f"lag_s must be seconds from 0 to 1 (one value, or per device), got {v!r}")
-        if isinstance(lag_s, Mapping):
-            lag_s = {device_key(k): float(v) for k, v in lag_s.items()}
+                raise ValueError(f"board_lag_s must be seconds from 0 to 1 (one value, or per device), got {v!r}")
+        if isinstance(board_lag_s, Mapping):
+            board_lag_s = {device_key(k): float(v) for k, v in board_lag_s.items()}
     if not isinstance(traces, Mapping):
         traces = {t.device: t for t in traces}
     traces = {device_key(k): v for k, v in traces.items()}
@@ -96,7 +97,7 @@ def attribute(
 
     if any_group(requests, steps):  # device groups: per member device, summed per request
         return attribute_grouped(attribute, traces, requests, steps, idle_w=idle_w, t0_ns=t0_ns, t1_ns=t1_ns,
-                                 reconcile_s=reconcile_s, models=models, lag_s=lag_s)
+                                 reconcile_s=reconcile_s, models=models, board_lag_s=board_lag_s)
     n = len(requests)
     energy = np.zeros(n)
     dynamic = np.zeros(n)
@@ -178,7 +179,7 @@ def attribute(
         meth: np.ndarray | str
         if len(s_idx) and steps is not None:
             model = models.get(dev) if models else None
-            lag = lag_s.get(dev) if isinstance(lag_s, Mapping) else lag_s
+            lag = board_lag_s.get(dev) if isinstance(board_lag_s, Mapping) else board_lag_s
             dyn, dyn_un, summary_extra, spread = _batch_fit(
                 cum, trace, steps, s_idx, requests, ridx, seg, idle_curve, a, b, reconcile_s, model,
                 None if lag is None else float(lag)

@@ -608,7 +608,7 @@ def _lag_split(fit_feats: _Features, coef: np.ndarray, e_rel: np.ndarray, scale:
 #: was given (s): the power model's figure (:class:`wattspan.sources.power_model.PowerModel`,
 #: voltage regulators and clock ramps), not a measurement. The boards measured at their power
 #: inputs respond within 0.25 ms (``benchmarks/board_lag.py``): there the band is wider than it
-#: needs to be, and giving the measured lag (``lag_s``) drops this allowance. The truth is taken
+#: needs to be, and giving the measured lag (``board_lag_s``) drops this allowance. The truth is taken
 #: to lie anywhere between the split without a lag and the split through this one.
 _UNSEEN_LAG_S = 0.004
 

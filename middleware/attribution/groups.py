@@ -31,7 +31,7 @@ belong to different micro-batches, so the electrical lag moves part of one slice
 into the next (another micro-batch's requests, by the conventions). The fit models that
 lag where the readings can show it (50 ms apart or closer; ``StepModel.lag_tau_s``); a
 coarser sensor cannot, and gets it as an input: the board's lag measured once on fine
-readings (``attribute(..., lag_s=...)``, per member device or one value; through it the
+readings (``attribute(..., board_lag_s=...)``, per member device or one value; through it the
 waits' held power is bounded by the steps' and their J-per-wait term left to the lag), or
 a model fitted on fine readings of the same GPU (``models=``). Both pass through here to
 each member's fit unchanged. ``benchmarks/results/accuracy_parallel.md`` measures them.

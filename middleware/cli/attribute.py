@@ -17,33 +17,6 @@ _INTENSITY_FIELDS = ("intensity_g_per_kwh", "intensity_provider", "intensity_zon
                      "market_g_per_kwh", "co2e_market_g", "marginal_g_per_kwh", "co2e_marginal_g")
 
 
-def _lag_arg(raw: str | None) -> float | dict[str, float] | None:
-    """``--lag-ms``: one value in ms, or ``device=ms`` pairs joined by commas; in seconds."""
-    if raw is None or not str(raw).strip():
-        return None
-    msg = f"--lag-ms must be milliseconds from 0 to 1000, or device=ms pairs joined by commas, got {raw!r}"
-
-    def ms(v: str) -> float:
-        try:
-            x = float(v)
-        except ValueError:
-            raise UsageError(msg) from None
-        if not (math.isfinite(x) and 0 <= x <= 1000):
-            raise UsageError(msg)
-        return x / 1000.0
-
-    text = str(raw).strip()
-    if "=" not in text:
-        return ms(text)
-    out: dict[str, float] = {}
-    for part in text.split(","):
-        dev, sep, v = part.partition("=")
-        if not sep or not dev.strip():
-            raise UsageError(msg)
-        out[dev.strip()] = ms(v.strip())
-    return out
-
-
 def cmd_attribute(args: argparse.Namespace) -> int:
     from ..attribution import jsonl as _io
     from ..samples import SampleKind
@@ -58,7 +31,7 @@ def cmd_attribute(args: argparse.Namespace) -> int:
             raise ValueError
     except ValueError:
         raise UsageError(f"--idle must be a number of watts >= 0 or 'estimate', got {args.idle!r}") from None
-    lag = _lag_arg(getattr(args, "lag_ms", None))
+    lag = getattr(args, "board_lag_ms", None)  # in s: parsed by the option's type (wattspan.settings.parse_board_lag_ms)
     try:
         carbon = carbon_model_from_args(args)
     except ValueError as exc:
@@ -78,7 +51,7 @@ def cmd_attribute(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from None
 
     try:
-        result = attribute(traces, requests, steps, idle_w=idle, lag_s=lag)
+        result = attribute(traces, requests, steps, idle_w=idle, board_lag_s=lag)
     except TraceError as exc:  # a trace the engine cannot use: one line naming the file, device and reading
         raise UsageError(f"{args.trace}: {exc}") from None
     records = result.records()

@@ -33,12 +33,22 @@ def _apply_env_defaults(parser: argparse.ArgumentParser, argv: list[str] | None 
                 raw = os.environ[env]
                 try:
                     action.default = action.type(raw) if callable(action.type) else raw
-                except (TypeError, ValueError, argparse.ArgumentTypeError):
-                    what = getattr(action.type, "__name__", "a valid value")
+                except (TypeError, ValueError, argparse.ArgumentTypeError) as exc:
+                    what = str(exc) if isinstance(exc, argparse.ArgumentTypeError) else getattr(action.type, "__name__", "a valid value")
                     parser.error(f"{env}={raw!r} is not valid for {action.option_strings[-1]} (expects {what})")
                 if action.choices is not None and action.default not in action.choices:
                     parser.error(f"{env}={raw!r} is not valid for {action.option_strings[-1]} (choose from {', '.join(map(str, action.choices))})")
                 action.required = False
+
+
+def _board_lag_ms(raw: str) -> float | dict[str, float] | None:
+    """``--board-lag-ms`` / ``WATTSPAN_BOARD_LAG_MS``: in seconds, one value or per device."""
+    from ..settings import parse_board_lag_ms
+
+    try:
+        return parse_board_lag_ms(raw)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -56,8 +66,8 @@ def _build_parser() -> argparse.ArgumentParser:
     a.add_argument("--idle", default="estimate", help="idle baseline in watts, or 'estimate' (default)")
     a.add_argument("--power-kind", choices=["instant", "average"], default="instant", help="what power_w is: an instant reading (default) or an average over --power-window-s")
     a.add_argument("--power-window-s", type=float, default=1.0, help="averaging window of power_w when --power-kind average (default 1.0 s)")
-    a.add_argument("--lag-ms", default=None,
-                   help="the boards' electrical lag in ms, measured once on fine readings (one value, or gpu0=4,gpu1=4; 0: none): "
+    a.add_argument("--board-lag-ms", default=None, type=_board_lag_ms,
+                   help="the boards' electrical lag in ms (power trails the work), measured once on fine readings (one value, or gpu0=4,gpu1=4; 0: none): "
                         "the step model is fitted through it instead of searching one (default: searched where readings are 50 ms apart or closer)")
     carbon_options(a)
 

@@ -254,7 +254,14 @@ class Meter:
     requests are in flight; ``idle_period_s``: between passes while none is and
     none ended (a request's begin is seen at the next ``period_s`` tick).
     With no sink, a pass counts its final requests and their energy
-    (``counters``, :meth:`balance`) and builds no record.
+    (``counters``, :meth:`balance`) and builds no record. ``lag_s``: how far
+    behind a sensor's newest reading each pass stops, for its readings still to
+    come (default 0.3 s, or half an averaging sensor's window). ``board_lag_s``:
+    the boards' electrical lag (power trails the work; s from 0 to 1, one value or
+    per device), measured once on fine readings: the step models are fitted
+    through it, as ``attribute(..., board_lag_s=...)`` does (the default meter
+    reads ``WATTSPAN_BOARD_LAG_MS``; none given: searched where the readings are
+    50 ms apart or closer).
     """
 
     def __init__(
@@ -266,6 +273,7 @@ class Meter:
         idle_w: float | None = None,
         period_s: float = 0.25,
         lag_s: float | None = None,
+        board_lag_s: float | Mapping[str, float] | None = None,
         max_delay_s: float = 5.0,
         history_s: float = 60.0,
         refit_s: float = 5.0,
@@ -318,6 +326,15 @@ class Meter:
         #: totals (``device_energy_j``, the sinks' ``on_device``, :meth:`balance`) then move at this pace
         self.idle_period_s = max(float(idle_period_s), self.period_s)
         self.lag_s = lag_s
+        #: the boards' electrical lag (s; one value, or per device), measured once on fine readings: each
+        #: device's step model is fitted through it (``attribute(..., board_lag_s=...)``), not searched
+        if board_lag_s is not None:
+            for v in (board_lag_s.values() if isinstance(board_lag_s, Mapping) else (board_lag_s,)):
+                if isinstance(v, bool) or not (isinstance(v, (int, float)) and math.isfinite(v) and 0 <= v <= 1):
+                    raise ValueError(f"board_lag_s must be seconds from 0 to 1 (one value, or per device), got {v!r}")
+            if isinstance(board_lag_s, Mapping):
+                board_lag_s = {_device_key(k): float(v) for k, v in board_lag_s.items()}
+        self.board_lag_s = board_lag_s
         self.max_delay_s = float(max_delay_s)
         self.history_s = float(history_s)
         self.refit_s = float(refit_s)
@@ -1193,7 +1210,8 @@ class Meter:
         idle = self.idle_w if self.idle_w is not None else self._idle.get(dev)
         models = {dev: self._models[dev]} if dev in self._models else None
         try:
-            res = attribute({dev: trace}, req, steps, idle_w=idle, t0_ns=cur, t1_ns=cut, models=models)
+            res = attribute({dev: trace}, req, steps, idle_w=idle, t0_ns=cur, t1_ns=cut, models=models,
+                             board_lag_s=self.board_lag_s)
         except TraceError as exc:  # readings it cannot use (none finite, a counter going back): like no trace
             n = self.counters["bad_traces"] = self.counters.get("bad_traces", 0) + 1
             if n == 1 or n % 100 == 0:
@@ -1343,7 +1361,7 @@ class Meter:
             if d0 is not None and d0.idle_source == "idle-periods":
                 self._idle[dev] = d0.idle_w
             idle_w = self._idle.get(dev)
-        res = attribute({dev: trace}, req, steps, idle_w=idle_w, t0_ns=fit_lo, t1_ns=cut)
+        res = attribute({dev: trace}, req, steps, idle_w=idle_w, t0_ns=fit_lo, t1_ns=cut, board_lag_s=self.board_lag_s)
         d = res.devices.get(dev)
         if d is None:
             return
