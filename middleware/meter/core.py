@@ -492,14 +492,7 @@ class Meter:
             return
         ev.append((_END, request_id, t_ns, meta))
         if self._activity:
-            try:
-                if not isinstance(device, str) or "+" in device or " " in device:
-                    device = _device_key(device)
-                for s in self._activity:
-                    for d in (device.split(",") if "," in device else (device,)):
-                        s.on_request_end(d)
-            except Exception:
-                self._hook_failed()
+            self._ended_on(device)
 
     def end_fields(self, request_id: str, device: str, t_ns: int, route: str, http_method: str, status_code: int, model: str,
                    tenant: str, prompt_tokens: int, output_tokens: int, trace_id: int, span_id: int) -> None:
@@ -514,14 +507,19 @@ class Meter:
         ev.append((_END_FIELDS, request_id, t_ns, route, http_method, status_code, model, tenant, prompt_tokens,
                    output_tokens, trace_id, span_id))
         if self._activity:
-            try:
-                if not isinstance(device, str) or "+" in device or " " in device:
-                    device = _device_key(device)
-                for s in self._activity:
-                    for d in (device.split(",") if "," in device else (device,)):
-                        s.on_request_end(d)
-            except Exception:
-                self._hook_failed()
+            self._ended_on(device)
+
+    def _ended_on(self, device: str) -> None:
+        """Tell the sources that follow the load (the simulator) that a request ended on ``device``
+        (each member of a group); a hook that raises never reaches the server's request."""
+        try:
+            if not isinstance(device, str) or "+" in device or " " in device:
+                device = _device_key(device)
+            for s in self._activity:
+                for d in (device.split(",") if "," in device else (device,)):
+                    s.on_request_end(d)
+        except Exception:
+            self._hook_failed()
 
     def record_step(self, start_ns: int, end_ns: int, device: str, tokens: Mapping[str, float]) -> None:
         """A batch step ran on ``device`` over ``[start_ns, end_ns)`` processing
