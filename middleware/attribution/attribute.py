@@ -45,7 +45,7 @@ from ..samples import DeviceTrace, SampleKind
 from .energy import _CumEnergy, _Piecewise, _lead_ns
 from .fit import _IDLE_REL, _Segments, _Z90, _batch_fit, _dyn_half_width, _fit_idle, _prefer_power, _quality
 from .idle import _busy_intervals, _estimate_idle, idle_rel_sd
-from .inputs import Requests, Steps, _NS, check_trace
+from .inputs import Requests, Steps, _NS, check_board_lag, check_trace
 from .reconcile import _conserve
 from .results import Attribution, DeviceSummary, StepModel
 
@@ -84,12 +84,7 @@ def attribute(
     keeps that model's lag. (Not the live meter's ``lag_s``: how long it waits for a
     sensor's readings.)
     """
-    if board_lag_s is not None:
-        for v in (board_lag_s.values() if isinstance(board_lag_s, Mapping) else (board_lag_s,)):
-            if isinstance(v, bool) or not (isinstance(v, (int, float)) and math.isfinite(v) and 0 <= v <= 1):
-                raise ValueError(f"board_lag_s must be seconds from 0 to 1 (one value, or per device), got {v!r}")
-        if isinstance(board_lag_s, Mapping):
-            board_lag_s = {device_key(k): float(v) for k, v in board_lag_s.items()}
+    board_lag_s = check_board_lag(board_lag_s)
     if not isinstance(traces, Mapping):
         traces = {t.device: t for t in traces}
     traces = {device_key(k): v for k, v in traces.items()}

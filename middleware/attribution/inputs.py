@@ -231,3 +231,16 @@ class Steps:
             entry_request=np.array(e_req, dtype=np.int64),
             entry_tokens=np.array(e_tok, dtype=np.float64),
         )
+
+
+def check_board_lag(board_lag_s: Any) -> Any:
+    """``board_lag_s`` (a board's electrical lag, s: one value or per device) checked, a mapping's
+    devices as device keys; ``ValueError`` naming it unless every value is seconds from 0 to 1."""
+    if board_lag_s is None:
+        return None
+    for v in (board_lag_s.values() if isinstance(board_lag_s, Mapping) else (board_lag_s,)):
+        if isinstance(v, bool) or not (isinstance(v, (int, float)) and math.isfinite(v) and 0 <= v <= 1):
+            raise ValueError(f"board_lag_s must be seconds from 0 to 1 (one value, or per device), got {v!r}")
+    if isinstance(board_lag_s, Mapping):
+        return {device_key(k): float(v) for k, v in board_lag_s.items()}
+    return board_lag_s

@@ -48,7 +48,7 @@ def _device_key(device: str | int | Sequence[str | int]) -> str:
     """The canonical device or group name (``"gpu0, gpu1"`` and ``"gpu0+gpu1"`` -> ``"gpu0,gpu1"``)."""
     return _str_group_key(device) if isinstance(device, str) else _group_key(device)
 from ..attribution import BatchStep, Requests, StepModel, Steps, attribute
-from ..attribution.inputs import TraceError
+from ..attribution.inputs import TraceError, check_board_lag
 from ..carbon.records import request_batch
 from ..records import RequestLabels, RequestRecord
 from ..samples import DeviceInfo, SampleKind
@@ -328,13 +328,7 @@ class Meter:
         self.lag_s = lag_s
         #: the boards' electrical lag (s; one value, or per device), measured once on fine readings: each
         #: device's step model is fitted through it (``attribute(..., board_lag_s=...)``), not searched
-        if board_lag_s is not None:
-            for v in (board_lag_s.values() if isinstance(board_lag_s, Mapping) else (board_lag_s,)):
-                if isinstance(v, bool) or not (isinstance(v, (int, float)) and math.isfinite(v) and 0 <= v <= 1):
-                    raise ValueError(f"board_lag_s must be seconds from 0 to 1 (one value, or per device), got {v!r}")
-            if isinstance(board_lag_s, Mapping):
-                board_lag_s = {_device_key(k): float(v) for k, v in board_lag_s.items()}
-        self.board_lag_s = board_lag_s
+        self.board_lag_s = check_board_lag(board_lag_s)
         self.max_delay_s = float(max_delay_s)
         self.history_s = float(history_s)
         self.refit_s = float(refit_s)
