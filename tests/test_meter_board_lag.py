@@ -14,8 +14,9 @@ import pytest
 from wattspan import Meter, Requests, Steps, attribute
 from wattspan.carbon import CarbonModel
 from wattspan.meter import RecordCallback
-from wattspan.samples import DeviceInfo, DeviceTrace
 from wattspan.simulate import LAWS, sense, simulate_server
+
+from .fakes.sampler import CutSampler
 
 TAU = 0.004  # the simulated board's electrical lag (s)
 IDLE_W = 90.0
@@ -34,45 +35,12 @@ def served():
     return run, trace, req, steps
 
 
-class _ReplaySampler:
-    """The trace as a sampler whose newest reading the test moves (deterministic passes), its times
-    shifted to just ahead of the meter's clock."""
-
-    sources: list[object] = []
-
-    def __init__(self, trace: DeviceTrace, shift: int) -> None:
-        self.tr = dataclasses.replace(trace, t_ns=trace.t_ns + shift)
-        self.latest = int(self.tr.t_ns[0])
-        self._infos = [DeviceInfo(trace.device, trace.device, sensor=trace.sensor, power_kind=trace.power_kind,
-                                  window_ns=trace.window_ns)]
-
-    def devices(self):
-        return self._infos
-
-    def latest_ns(self, d):
-        return self.latest
-
-    def trace(self, d, since_ns=None):
-        tr = self.tr
-        k = (tr.t_ns >= (since_ns or 0)) & (tr.t_ns <= self.latest)
-        return dataclasses.replace(tr, t_ns=tr.t_ns[k], power_w=None if tr.power_w is None else tr.power_w[k],
-                                   energy_j=None if tr.energy_j is None else tr.energy_j[k])
-
-    def start(self):
-        pass
-
-    def close(self):
-        pass
-
-    def health(self):
-        return {}
-
-
 def _live(run, trace, first_s=20, **kw):
     """The run's requests and batch steps fed to a live meter, then its passes: the first over
     ``first_s`` (its step model fitted there, once: refit_s is out of reach), then one a second to the end."""
     shift = time.monotonic_ns() + 1000 * S - int(trace.t_ns[0])
-    sampler = _ReplaySampler(trace, shift)
+    moved = dataclasses.replace(trace, t_ns=trace.t_ns + shift)
+    sampler = CutSampler([moved], latest=int(moved.t_ns[0]))
     got = []
     m = Meter(sampler=sampler, autostart=False, idle_w=IDLE_W, lag_s=0.0, refit_s=1e5,
               carbon=CarbonModel(intensity_g_per_kwh=400.0), sinks=[RecordCallback(got.append)], **kw)
@@ -85,10 +53,10 @@ def _live(run, trace, first_s=20, **kw):
             m.record_step(r["start_ns"] + shift, r["end_ns"] + shift, "gpu0", r["requests"])
         else:
             m.end(r["id"], "gpu0", r["end_ns"] + shift)
-    t0, t1 = int(sampler.tr.t_ns[0]), int(sampler.tr.t_ns[-1])
+    t0, t1 = int(moved.t_ns[0]), int(moved.t_ns[-1])
     k = first_s
-    while sampler.latest < t1:
-        sampler.latest = min(t0 + k * S, t1)
+    while sampler.latest["gpu0"] < t1:
+        sampler.latest["gpu0"] = min(t0 + k * S, t1)
         m._pass()
         k += 1
     m.close(0)  # never started: nothing to wait for

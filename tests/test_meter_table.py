@@ -15,6 +15,7 @@ from wattspan.meter.core import _Table
 from wattspan.sources.replay import ReplaySource
 
 from .conftest import constant_trace
+from .fakes.sampler import CutSampler
 
 MS = 1_000_000
 
@@ -100,48 +101,21 @@ def test_a_row_named_twice_in_a_removal_is_freed_once():
     assert t.row["b"] != t.row["c"]
 
 
-class _FakeSampler:
+def _fake_sampler(devices: list[str], base: int) -> CutSampler:
     """Two or more 100 W devices whose newest reading the test sets (deterministic passes)."""
+    import numpy as np
 
-    sources: list[object] = []
+    from wattspan.samples import DeviceTrace
 
-    def __init__(self, devices: list[str], base: int) -> None:
-        import numpy as np
-
-        from wattspan.samples import DeviceInfo, DeviceTrace
-
-        self.latest = {d: base for d in devices}
-        t = np.arange(base - 5 * 10**9, base + 100 * 10**9, 5 * MS, dtype=np.int64)
-        self._traces = {d: DeviceTrace(d, t, np.full(len(t), 100.0), energy_j=100.0 * (t - t[0]) * 1e-9, sensor="c")
-                        for d in devices}
-        self._infos = [DeviceInfo(d, d, sensor="c") for d in devices]
-        self._make = DeviceTrace
-
-    def devices(self):
-        return self._infos
-
-    def latest_ns(self, d):
-        return self.latest[d]
-
-    def trace(self, d, since_ns=None):
-        tr = self._traces[d]
-        keep = (tr.t_ns >= (since_ns or 0)) & (tr.t_ns <= self.latest[d])
-        return self._make(d, tr.t_ns[keep], tr.power_w[keep], energy_j=tr.energy_j[keep], sensor="c")
-
-    def start(self):
-        pass
-
-    def close(self):
-        pass
-
-    def health(self):
-        return {}
+    t = np.arange(base - 5 * 10**9, base + 100 * 10**9, 5 * MS, dtype=np.int64)
+    return CutSampler([DeviceTrace(d, t, np.full(len(t), 100.0), energy_j=100.0 * (t - t[0]) * 1e-9, sensor="c")
+                       for d in devices], latest=base)
 
 
 def test_a_group_naming_a_device_twice_makes_one_record_and_frees_its_row_once():
     S = 10**9
     base = time.monotonic_ns() + 1000 * S  # ahead of the clock: the cut is the sensor's
-    sampler = _FakeSampler(["gpu0"], base)
+    sampler = _fake_sampler(["gpu0"], base)
     got = []
     m = Meter(sampler=sampler, autostart=False, idle_w=20.0, lag_s=0.0, carbon=CarbonModel(intensity_g_per_kwh=400.0),
               sinks=[RecordCallback(got.append)])
@@ -159,7 +133,7 @@ def test_a_group_naming_a_device_twice_makes_one_record_and_frees_its_row_once()
 def test_a_group_request_made_final_on_one_member_is_not_in_the_next_members_turn():
     S = 10**9
     base = time.monotonic_ns() + 1000 * S
-    sampler = _FakeSampler(["gpu0", "gpu1"], base)
+    sampler = _fake_sampler(["gpu0", "gpu1"], base)
     got = []
     m = Meter(sampler=sampler, autostart=False, idle_w=20.0, lag_s=0.0, carbon=CarbonModel(intensity_g_per_kwh=400.0),
               sinks=[RecordCallback(got.append)])
@@ -182,7 +156,7 @@ def test_a_group_request_made_final_on_one_member_is_not_in_the_next_members_tur
 def test_a_group_none_of_whose_devices_is_metered_is_settled_not_left_in_flight():
     S = 10**9
     base = time.monotonic_ns() + 1000 * S
-    sampler = _FakeSampler(["gpu0"], base)
+    sampler = _fake_sampler(["gpu0"], base)
     got = []
     m = Meter(sampler=sampler, autostart=False, idle_w=20.0, lag_s=0.0, carbon=CarbonModel(intensity_g_per_kwh=400.0),
               sinks=[RecordCallback(got.append)])

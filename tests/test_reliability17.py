@@ -17,48 +17,18 @@ from wattspan.meter import RecordCallback
 from wattspan.meter.core import _END, _END_FIELDS
 from wattspan.samples import DeviceInfo, DeviceTrace, SampleKind
 
+from .fakes.sampler import CutSampler
+
 MS = 1_000_000
 S = 1_000_000_000
 
 
-class _Sampler:
+def _sampler(power: dict[str, object], base: int, kinds: dict[str, str] | None = None, span_s: float = 100.0) -> CutSampler:
     """Devices whose readings the test gives as functions of time (5 ms apart), cut at ``latest``."""
-
-    sources: list[object] = []
-
-    def __init__(self, power: dict[str, object], base: int, kinds: dict[str, str] | None = None, span_s: float = 100.0) -> None:
-        self.latest = dict.fromkeys(power, base)
-        t = np.arange(base - 10 * S, base + int(span_s * S), 5 * MS, dtype=np.int64)
-        self.t = t
-        self.power = {d: (np.asarray(f(t - base), dtype=float) if callable(f) else np.full(len(t), float(f)))  # type: ignore[arg-type]
-                      for d, f in power.items()}
-        self.start_at = dict.fromkeys(power, base - 10 * S)
-        kinds = kinds or {}
-        self.infos = [DeviceInfo(d, d, kind=kinds.get(d, "gpu"), sensor="fake") for d in power]
-        self.fail: dict[str, int] = {}  # device -> trace() calls left that raise
-
-    def devices(self):
-        return self.infos
-
-    def latest_ns(self, d):
-        return self.latest[d]
-
-    def trace(self, d, since_ns=None):
-        if self.fail.get(d):
-            self.fail[d] -= 1
-            raise RuntimeError(f"sensor {d} failed")
-        lo = max(since_ns or 0, self.start_at[d])
-        keep = (self.t >= lo) & (self.t <= self.latest[d])
-        return DeviceTrace(d, self.t[keep], self.power[d][keep], sensor="fake")
-
-    def start(self):
-        pass
-
-    def close(self):
-        pass
-
-    def health(self):
-        return {}
+    t = np.arange(base - 10 * S, base + int(span_s * S), 5 * MS, dtype=np.int64)
+    watts = {d: (np.asarray(f(t - base), dtype=float) if callable(f) else np.full(len(t), float(f)))  # type: ignore[arg-type]
+             for d, f in power.items()}
+    return CutSampler([DeviceTrace(d, t, w, sensor="fake") for d, w in watts.items()], latest=base, kinds=kinds)
 
 
 def _meter(sampler, **kw):
@@ -74,7 +44,7 @@ def _meter(sampler, **kw):
 
 
 def test_flush_is_not_true_while_an_end_is_taken_off_the_queue_but_not_yet_counted():
-    m = Meter(sampler=_Sampler({"gpu0": 100.0}, 0), autostart=False)
+    m = Meter(sampler=_sampler({"gpu0": 100.0}, 0), autostart=False)
     m._ready.set()
     seen: list[bool] = []
 
@@ -99,7 +69,7 @@ def test_flush_is_not_true_while_an_end_is_taken_off_the_queue_but_not_yet_count
 
 
 def test_drain_counts_ended_requests_not_final_not_queued_begins_and_steps():
-    m, got = _meter(_Sampler({"gpu0": 100.0}, 0))
+    m, got = _meter(_sampler({"gpu0": 100.0}, 0))
     t = time.monotonic_ns()
     m.begin("c", "gpu0", t)
     m.end("c", "gpu0", t + MS)
@@ -131,7 +101,7 @@ def _run_pass(m):
 
 def test_a_host_step_that_fails_after_the_device_step_does_not_attribute_the_stretch_twice():
     base = time.monotonic_ns() + 1000 * S  # ahead of the clock: the cut is the sensor's
-    sampler = _Sampler({"gpu0": 100.0, "cpu0-package": 50.0}, base, kinds={"cpu0-package": "cpu"})
+    sampler = _sampler({"gpu0": 100.0, "cpu0-package": 50.0}, base, kinds={"cpu0-package": "cpu"})
     m, got = _meter(sampler)
     m.begin("r", "gpu0", base)
     m.end("r", "gpu0", base + 2 * S)
@@ -163,7 +133,7 @@ def test_the_idle_estimate_before_the_first_refit_does_not_take_the_busy_reading
         return np.where(busy, 200.0, 40.0)
 
     base = time.monotonic_ns() + 1000 * S
-    sampler = _Sampler({"gpu0": watts}, base)
+    sampler = _sampler({"gpu0": watts}, base)
     sampler.start_at["gpu0"] = base
     m, got = _meter(sampler, idle_w=None, refit_s=1000.0)
     m.begin("a", "gpu0", base)
@@ -337,7 +307,7 @@ def test_wattspan_attribute_gives_one_line_naming_an_all_nan_trace(monkeypatch, 
 
 def test_the_live_meter_degrades_on_a_trace_it_cannot_use(caplog):
     base = time.monotonic_ns() + 1000 * S
-    sampler = _Sampler({"gpu0": np.nan}, base)
+    sampler = _sampler({"gpu0": np.nan}, base)
     m, got = _meter(sampler, idle_w=None)  # the idle baseline estimated: the refit reads the trace too
     m.begin("r", "gpu0", base)
     m.end("r", "gpu0", base + S)
@@ -362,7 +332,7 @@ def test_the_live_meter_degrades_on_a_trace_it_cannot_use(caplog):
 @pytest.mark.parametrize("where", ["begin", "end"])
 def test_a_request_with_a_timestamp_that_is_not_a_time_still_gets_its_record(bad, where):
     base = time.monotonic_ns() - 10 * S  # the meter's clock replaces a bad time: the sensor has covered it
-    sampler = _Sampler({"gpu0": 100.0}, base)
+    sampler = _sampler({"gpu0": 100.0}, base)
     m, got = _meter(sampler)
     m.begin("ok", "gpu0", base)
     m.begin("r", "gpu0", bad if where == "begin" else base)
@@ -382,7 +352,7 @@ def test_a_request_with_a_timestamp_that_is_not_a_time_still_gets_its_record(bad
 @pytest.mark.parametrize("start, end", [(float("nan"), 1), (0, float("nan")), (0, 2**70), ("0", "1"), (None, 5)])
 def test_a_batch_step_with_a_timestamp_that_is_not_a_time_is_dropped_and_counted_not_raised(start, end):
     base = time.monotonic_ns() + 1000 * S
-    sampler = _Sampler({"gpu0": 100.0}, base)
+    sampler = _sampler({"gpu0": 100.0}, base)
     m, got = _meter(sampler)
     m.begin("a", "gpu0", base)
     m.record_step(start if start is None or isinstance(start, str) else base + start,
@@ -398,7 +368,7 @@ def test_a_peers_message_with_a_time_that_is_not_one_is_skipped_and_counted_not_
     from wattspan.meter.core import _BEGIN, _STEP
 
     base = time.monotonic_ns() - 10 * S
-    sampler = _Sampler({"gpu0": 100.0}, base)
+    sampler = _sampler({"gpu0": 100.0}, base)
     m, got = _meter(sampler)
 
     class Peers:
@@ -554,7 +524,7 @@ def test_a_meter_whose_sources_cannot_open_does_not_queue_events_for_ever():
 
 
 def test_requests_beyond_max_inflight_are_counted_and_logged_rarely_not_once_each(caplog):
-    m, got = _meter(_Sampler({"gpu0": 100.0}, 0), max_inflight=10)
+    m, got = _meter(_sampler({"gpu0": 100.0}, 0), max_inflight=10)
     t = time.monotonic_ns()
     for i in range(2010):
         m.begin(f"r{i}", "gpu0", t)
@@ -593,7 +563,7 @@ def test_nvml_samples_never_come_stamped_after_the_poll_when_the_wall_clock_step
 
 
 def test_a_batch_step_that_ends_before_it_starts_is_counted_not_silently_ignored(caplog):
-    m, _ = _meter(_Sampler({"gpu0": 100.0}, 0))
+    m, _ = _meter(_sampler({"gpu0": 100.0}, 0))
     t = time.monotonic_ns()
     m.record_step(t, t - 5 * MS, "gpu0", {"a": 1})  # a hook with its times swapped: every step was lost unseen
     m.record_step(t, t, "gpu0", {"a": 1})
@@ -604,7 +574,7 @@ def test_a_batch_step_that_ends_before_it_starts_is_counted_not_silently_ignored
 
 def test_a_record_callback_failing_on_one_record_still_gets_the_passs_others():
     base = time.monotonic_ns() + 1000 * S
-    sampler = _Sampler({"gpu0": 100.0}, base)
+    sampler = _sampler({"gpu0": 100.0}, base)
     seen: list[str] = []
 
     def fn(rec):
@@ -625,7 +595,7 @@ def test_a_record_callback_failing_on_one_record_still_gets_the_passs_others():
 
 def test_times_on_the_wall_clock_are_told_not_silently_kept_in_flight_for_ever(caplog):
     base = time.monotonic_ns() - 10 * S
-    sampler = _Sampler({"gpu0": 100.0}, base)
+    sampler = _sampler({"gpu0": 100.0}, base)
     m, got = _meter(sampler)
     wall = time.time_ns()  # an integration stamping time.time_ns() instead of time.monotonic_ns()
     m.begin("w", "gpu0", wall)
@@ -724,7 +694,7 @@ def _books_close(m):
 
 def test_an_id_begun_again_after_its_end_gets_both_records():
     base = time.monotonic_ns() + 1000 * S
-    sampler = _Sampler({"gpu0": 100.0}, base)
+    sampler = _sampler({"gpu0": 100.0}, base)
     m, got = _meter(sampler)
     m.begin("a", "gpu0", base)
     m.end("a", "gpu0", base + S)
@@ -742,7 +712,7 @@ def test_an_id_begun_again_after_its_end_gets_both_records():
 
 def test_an_id_begun_again_while_in_flight_is_counted_and_its_energy_stays_in_the_books():
     base = time.monotonic_ns() + 1000 * S
-    sampler = _Sampler({"gpu0": 100.0}, base)
+    sampler = _sampler({"gpu0": 100.0}, base)
     m, got = _meter(sampler)
     m.begin("a", "gpu0", base)
     sampler.latest["gpu0"] = base + 2 * S
@@ -758,7 +728,7 @@ def test_an_id_begun_again_while_in_flight_is_counted_and_its_energy_stays_in_th
 
 def test_requests_dropped_after_failing_passes_leave_their_energy_in_the_books():
     base = time.monotonic_ns() + 1000 * S
-    sampler = _Sampler({"gpu0": 100.0}, base)
+    sampler = _sampler({"gpu0": 100.0}, base)
     m, got = _meter(sampler)
 
     class Broken:  # a carbon model whose every use fails: no record can be built
@@ -810,7 +780,7 @@ def test_four_workers_at_a_thousand_requests_a_second_each_lose_no_peer_message(
 
 def test_a_request_id_that_is_not_a_string_still_gets_its_record():
     base = time.monotonic_ns() - 10 * S
-    sampler = _Sampler({"gpu0": 100.0}, base)
+    sampler = _sampler({"gpu0": 100.0}, base)
     m, got = _meter(sampler)
     for rid in (["x", 1], {"k": "v"}, 7):
         m.begin(rid, "gpu0", base)
@@ -827,7 +797,7 @@ def test_a_request_id_that_is_not_a_string_still_gets_its_record():
 
 def test_a_batch_step_naming_ids_that_are_not_strings_still_reaches_their_requests():
     base = time.monotonic_ns() + 1000 * S
-    sampler = _Sampler({"gpu0": 100.0}, base)
+    sampler = _sampler({"gpu0": 100.0}, base)
     m, got = _meter(sampler)
     m.begin(7, "gpu0", base)
     m.begin("b", "gpu0", base)
