@@ -246,6 +246,20 @@ def test_a_counter_s_edge_errors_are_told_from_white_scatter_by_consecutive_read
     assert _edge_var(white + 0.05 * p * np.repeat(rng.standard_normal(len(p) // 4), 4), p) == 0.0  # correlated, not anticorrelated
 
 
+@pytest.mark.parametrize("seed", [1, 2, 4])
+def test_a_counter_whose_refresh_phase_drifts_gets_its_whole_edge_error_at_a_lifetime_s_ends(seed):
+    """counter-100ms refreshes every 100 +- 10 ms and is read every 100 ms: the refresh phase
+    random-walks, so how stale a value is drifts from read to read (uniform over the interval,
+    sd 29 ms of each 100 ms: 0.083 of a delta's energy squared) while consecutive deltas err
+    only by the change between their edges. The lifetimes' ends show the edges' whole variance;
+    fitted as if the edges were independent (tied to the deltas' own) it came out 0.004-0.02."""
+    run = simulate_server(seed=seed, duration_s=20.0, power_model=LAWS["power-linear"])
+    req = Requests.from_records(run.requests)
+    res = attribute([sense(run, "counter-100ms", seed=seed)], req, Steps.from_records(run.steps, req))
+    edge = res.devices["gpu0"].noise["edge_var"]
+    assert 0.03 <= edge <= 0.12, edge
+
+
 def _idle_trace(levels, stretch_s=2.0, busy_s=8.0, dt_ns=10_000_000, noise=0.0, seed=0):
     """Instant readings every 10 ms: idle stretches at ``levels`` W between busy stretches at 300 W."""
     rng = np.random.default_rng(seed)

@@ -1566,13 +1566,18 @@ def _request_components(r: np.ndarray, p: np.ndarray, t: np.ndarray, len_ns: np.
     # What persists over a lifetime (a misfit common to all in flight, each request's own)
     # shows in the products of its readings' residuals with each other; white noise (the
     # sensor's, a step's own) in their squares alone, and a counter's edges in both: each
-    # value ends one delta and starts the next, so inside a lifetime they cancel (the
-    # products carry -2 x their squares) and only the two ends remain. The cross products
-    # identify the persistent terms and the edges; the squares left over are white.
+    # value ends one delta and starts the next, so inside a lifetime they cancel and only the
+    # two ends remain. The cross products identify the persistent terms and the edges; the
+    # squares left over are white. A counter's edge errors need not be independent: where its
+    # refresh phase drifts against the reads (a refresh interval that is not the read
+    # interval), consecutive edges share most of their error, each delta errs by the change
+    # between its two edges, far less than an edge does. So the two ends' variance (the
+    # lifetime's R) and a delta's (the products inside it: -2 x their squares) are fitted
+    # apart; independent edges make them equal.
     W = (cr2[j1] - cr2[j0])[pos]
     hi_y = float(np.quantile(yv, 0.99))
     cross = np.clip((R[pos] ** 2 - W) / P2, -hi_y, hi_y)
-    Xc = X[:, :2] if not counter else np.column_stack((X[:, :2], X[:, 4] - 2.0 * X[:, 3]))
+    Xc = X[:, :2] if not counter else np.column_stack((X[:, :2], X[:, 4], -2.0 * X[:, 3]))
     vc = nnls(Xc, cross)
     edge = max(_edge_var(r, p), float(vc[2])) if counter else 0.0
     v = np.zeros(X.shape[1])
