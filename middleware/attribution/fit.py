@@ -561,20 +561,29 @@ def _given_lag_fit(cum: _CumEnergy, trace: DeviceTrace, base: _StepFeatures | _B
         return 0.0, None, None
     if wait_col is None:
         return tau, rows, select_family(rows[0], rows[1], families=fams)
+    return tau, rows, _held_wait_select(rows[0], rows[1], fams, wait_col)
+
+
+def _held_wait_select(A: np.ndarray, y: np.ndarray, fams: dict[str, tuple[int, ...]], wait_col: int) -> Selection | None:
+    """:func:`select_family` under a given lag's constraints on the waits' terms (see
+    :func:`_given_lag_fit`): no J-per-wait column (``wait_col + 1``), and the W held in a wait
+    drawn under the steps too (the steps' W is that plus what is left). Every refit of a model
+    fitted through a given lag (the part-time readings' weights, a counter's stacked power
+    readings) goes through here, so none brings back what the given lag took out."""
     fams = {k: tuple(c for c in v if c != wait_col + 1) for k, v in fams.items()}
-    A2 = rows[0].copy()
+    A2 = A.copy()
     A2[:, wait_col] += A2[:, 0]  # the held power is drawn under the steps too (BASIS[0]: duration)
-    sel = select_family(A2, rows[1], families=fams)
+    sel = select_family(A2, y, families=fams)
     if sel is None:
-        return tau, rows, None
+        return None
 
     def back(v: np.ndarray) -> np.ndarray:  # to the rows' own columns: the steps' W is both
         out = np.array(v, dtype=np.float64, copy=True)
         out[..., 0] += out[..., wait_col]
         return out
 
-    return tau, rows, dataclasses.replace(sel, coef=back(sel.coef), boot=None if sel.boot is None else back(sel.boot),
-                                          fits=None if sel.fits is None else {k: back(v) for k, v in sel.fits.items()})
+    return dataclasses.replace(sel, coef=back(sel.coef), boot=None if sel.boot is None else back(sel.boot),
+                               fits=None if sel.fits is None else {k: back(v) for k, v in sel.fits.items()})
 
 
 def _lag_free_excess(cum: _CumEnergy, trace: DeviceTrace, inner: _Features, coef_fit: np.ndarray, idle_curve: _Piecewise,
@@ -769,6 +778,7 @@ def _batch_fit(cum: _CumEnergy, trace: DeviceTrace, steps: Steps, s_idx: np.ndar
     sel_steps = None  # the steps-only selection, when the waits' terms were chosen beside it
     sel_fams = None  # the families the selection chose among (None: FAMILIES)
     lag_tau = 0.0  # the electrical lag the readings are fitted through (s)
+    held_wait = False  # the waits' terms under a given lag's constraints (_held_wait_select)
     if model is None:
         sel = select_family(A, y) if len(y) else None
         # A coarse sensor's reading may be stale (a counter read some time after the driver
@@ -827,6 +837,8 @@ def _batch_fit(cum: _CumEnergy, trace: DeviceTrace, steps: Steps, s_idx: np.ndar
             if sel_l is not None and rows_l is not None and np.any(sel_l.coef):
                 sel, lag_tau = sel_l, tau
                 A, y, w_row, t_row, overlap, len_row = rows_l
+                # fitted through a given lag with the waits' terms: the refits below keep its constraints
+                held_wait = lag_s is not None and with_waits
         if (sel is not None and np.any(sel.coef) and cum.source != "energy-counter" and _part_time(trace, len_row)
                 and len(y) >= 40):
             # Part-time readings err by the spread of the power inside their interval (where
@@ -837,7 +849,8 @@ def _batch_fit(cum: _CumEnergy, trace: DeviceTrace, steps: Steps, s_idx: np.ndar
             # fit's residuals.
             sw = _part_time_weights(A, y, sel.coef, x, feats, rel, t_row, len_row)
             if sw is not None:
-                sel_g = select_family(A * sw[:, None], y * sw, families=sel_fams or FAMILIES)
+                sel_g = (_held_wait_select(A * sw[:, None], y * sw, sel_fams or FAMILIES, nb) if held_wait
+                         else select_family(A * sw[:, None], y * sw, families=sel_fams or FAMILIES))
                 if sel_g is not None and np.any(sel_g.coef):
                     sel = sel_g
         if (sel is not None and np.any(sel.coef) and cum.source == "energy-counter" and trace_in.power_w is not None
@@ -849,7 +862,7 @@ def _batch_fit(cum: _CumEnergy, trace: DeviceTrace, steps: Steps, s_idx: np.ndar
             # inverse of its expected squared error (the counter's from its residuals, the
             # power readings' as above). The counter alone still reconciles the windows.
             sel = _with_power_rows(sel, A, y, t_row, cum_in, trace_in, feats, fit_feats if with_waits else feats,
-                                   lag_tau, idle_curve, a, b, rel, x, sel_fams or FAMILIES)
+                                   lag_tau, idle_curve, a, b, rel, x, sel_fams or FAMILIES, nb if held_wait else None)
         if sel is not None and np.any(sel.coef):
             family, why = sel.family, sel.why
             if with_waits:  # the steps' family, the wait terms beside it (StepModel.wait_coef)
@@ -1678,9 +1691,11 @@ _STACK = True
 
 def _with_power_rows(sel: Selection, A: np.ndarray, y: np.ndarray, t_row: np.ndarray, cum: _CumEnergy, trace: DeviceTrace,
                      feats: _StepFeatures, base: _StepFeatures | _Beside, lag_tau: float, idle_curve: _Piecewise, a: int, b: int,
-                     rel: _Rel, x: np.ndarray, families: dict[str, tuple[int, ...]]) -> Selection:
+                     rel: _Rel, x: np.ndarray, families: dict[str, tuple[int, ...]], held_wait: int | None = None) -> Selection:
     """The selection refitted on a counter's rows and the part-time power readings beside it
-    (see the caller), or ``sel`` unchanged where the power readings are not part-time."""
+    (see the caller), or ``sel`` unchanged where the power readings are not part-time.
+    ``held_wait``: the waits' first column where the model was fitted through a given lag
+    (the refit keeps its constraints: :func:`_held_wait_select`)."""
     tr_p = dataclasses.replace(trace, energy_j=None)
     cum_p = _CumEnergy.from_trace(tr_p)
     f_p: _Features = _with_lag(base, lag_tau) if lag_tau > 0 else base
@@ -1696,7 +1711,7 @@ def _with_power_rows(sel: Selection, A: np.ndarray, y: np.ndarray, t_row: np.nda
     o = np.argsort(t_all, kind="stable")
     A_s = np.vstack((A / math.sqrt(var_c), A_p * sw[:, None]))[o]
     y_s = np.concatenate((y / math.sqrt(var_c), y_p * sw))[o]
-    sel_s = select_family(A_s, y_s, families=families)
+    sel_s = _held_wait_select(A_s, y_s, families, held_wait) if held_wait is not None else select_family(A_s, y_s, families=families)
     return sel_s if sel_s is not None and np.any(sel_s.coef) else sel
 
 
