@@ -319,11 +319,11 @@ def main() -> None:
         own = meter_us + sampler_us + statistics.median(extra(v, 1))
         lines.append(f"`/work`, {v}, per request (medians over pairs): the meter's thread {meter_us:.1f} us, the sampler's "
                      f"{sampler_us:.1f} us; the event loop's CPU minus its baseline's {statistics.median(loop_d):+.1f} us "
-                     f"({min(loop_d):+.1f} to {max(loop_d):+.1f}: the endpoint's own CPU moves by several per cent from one "
-                     f"interpreter to the next, which is what blurs the measured capacity); the pairs' ratios "
-                     f"{min(caps):.3f}x to {max(caps):.3f}x. From the threads alone (the meter's and the sampler's thread on "
-                     f"`/work` and the event loop's extra on `/`, {own:.1f} us on {bw:,.0f}) the capacity would be "
-                     f"{bw / (bw + own):.3f}x.")
+                     f"({min(loop_d):+.1f} to {max(loop_d):+.1f}), of which the middleware's own work is about its extra on "
+                     f"`/`; the pairs' ratios {min(caps):.3f}x to {max(caps):.3f}x. The threads' own CPU and the loop's extra "
+                     f"on `/` ({own:.1f} us on {bw:,.0f}) would leave {bw / (bw + own):.3f}x: the rest of the measured gap, if "
+                     f"any, is the event loop running slower beside wattspan's threads (their wake-ups and data in the "
+                     f"caches it shares), and the endpoint's own CPU moving by several per cent between interpreters.")
     lines += [
         "CPU is the whole process's (`time.process_time`: the meter's",
         "attribution, the sampler, the span, metrics and ledger threads included, until every record is written); the event",
