@@ -1,19 +1,29 @@
 """What wattspan costs the server it measures, side by side with a bare app and OpenTelemetry.
 
-    python benchmarks/overhead.py [--requests 20000] [--seconds 5] [--rounds 5] [--variants bare,wattspan] [--record]
+    python benchmarks/overhead.py [--requests 20000] [--seconds 5] [--rounds 5] [--work-requests N] [--work-pairs 2]
+                                  [--variants bare,wattspan] [--record]
 
 1. CPU per request, in process: each variant of ``benchmarks/overhead_app.py``
    is called directly as an ASGI app ``--requests`` times, in a fresh
    interpreter; the CPU time of the whole process (every thread: the meter's
    background attribution and the exporters included, until every record is
    final and handed to its sinks) is divided by the requests, and so is the CPU
-   time of the thread running the event loop alone. The same for the endpoint
-   doing about a millisecond of CPU work (``--requests`` / 5 requests), whose
-   baseline CPU over the variant's is the capacity left to a CPU-bound server.
-   ``--rounds`` interleaved rounds (every variant once per round, the order
-   rotated); extra = variant minus its baseline (bare; OpenTelemetry for
-   OpenTelemetry + wattspan) within each round; the table gives the median and
-   the range over rounds. After each request the driver lets the event loop
+   time of the thread running the event loop alone. ``--rounds`` interleaved
+   rounds (every variant once per round, the order rotated); extra = variant
+   minus its baseline (bare; OpenTelemetry for OpenTelemetry + wattspan) within
+   each round; the table gives the median and the range over rounds. Then the
+   endpoint doing about a millisecond of CPU work (``--work-requests``, default
+   ``--requests`` / 10), whose baseline CPU over the variant's is the capacity
+   left to a CPU-bound server: each variant in ``--work-pairs`` pairs a round,
+   its run and its baseline's back to back (which first alternating), one ratio
+   per pair; the table gives the median over pairs and the sign-test interval of
+   the median (order statistics: distribution-free). The endpoint's own CPU
+   moves by several per cent from one interpreter to the next and with the
+   machine's load, far more than wattspan's share: adjacent pairs put both runs
+   of a ratio on the same machine state, and the interval says how sure the
+   median is. The meter's and the sampler's thread CPU on ``/work`` (from
+   ``/proc/self/task/*/schedstat``) is printed too, and the capacity those
+   threads and the event loop's extra on ``/`` alone would give. After each request the driver lets the event loop
    turn once (``await asyncio.sleep(0)``: the loop polls its selector, as a
    server's loop does between requests, and in that poll the thread lets go
    of the GIL). Called back to back instead (``--no-poll``, the driver before),
@@ -40,6 +50,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
+import math
 import os
 import platform
 import re
@@ -54,7 +65,23 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def cpu_per_request(variant: str, n: int, path: str = "/", poll: bool = True) -> tuple[float, float]:
+def _thread_ns() -> dict[str, int]:
+    """CPU ns of each named thread of this process so far (``/proc/self/task/<tid>/schedstat``; empty elsewhere)."""
+    import threading
+
+    out: dict[str, int] = {}
+    for t in threading.enumerate():
+        try:
+            with open(f"/proc/self/task/{t.native_id}/schedstat") as f:
+                out[t.name] = out.get(t.name, 0) + int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            pass
+    return out
+
+
+def cpu_per_request(variant: str, n: int, path: str = "/", poll: bool = True) -> tuple[float, float, float, float]:
+    """us per request: the whole process, the event loop's thread, the meter's thread and the sampler's thread
+    (the last two from before the first request until every record is final; 0 where absent)."""
     os.environ["WATTSPAN_BENCH_VARIANT"] = variant
     mod = importlib.import_module("benchmarks.overhead_app")
     app = mod.create(variant)
@@ -78,12 +105,14 @@ def cpu_per_request(variant: str, n: int, path: str = "/", poll: bool = True) ->
     meter = app.state.meter
     if meter is not None:
         meter.flush(10)
+    t0 = _thread_ns()
     c0, l0 = time.process_time(), time.thread_time()
     asyncio.run(run(n))
     l1 = time.thread_time()  # this thread ran the event loop: its CPU is what the loop paid
     if meter is not None:
         meter.drain(30)  # every record final and handed to the sinks, the buffering ones flushed
     c1 = time.process_time()
+    t1 = _thread_ns()
     if meter is not None:
         assert meter.counters["records"] >= n, meter.counters
         meter.close()
@@ -91,7 +120,8 @@ def cpu_per_request(variant: str, n: int, path: str = "/", poll: bool = True) ->
     if provider is not None and meter is None:  # OpenTelemetry alone: its batch export finished too
         provider.force_flush(30_000)
         c1 = time.process_time()
-    return (c1 - c0) / n * 1e6, (l1 - l0) / n * 1e6
+    meter_us, sampler_us = ((t1.get(k, 0) - t0.get(k, 0)) / n / 1e3 for k in ("wattspan-meter", "wattspan-sampler"))
+    return (c1 - c0) / n * 1e6, (l1 - l0) / n * 1e6, meter_us, sampler_us
 
 
 def _free_port() -> int:
@@ -130,6 +160,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds (CPU and throughput)")
     ap.add_argument("--no-poll", action="store_true",
                     help="call the app back to back, the event loop never turning (the driver before: see the docstring)")
+    ap.add_argument("--work-requests", type=int, default=None, help="requests to /work per run (default --requests / 10)")
+    ap.add_argument("--work-pairs", type=int, default=2,
+                    help="adjacent (baseline, variant) pairs of /work runs per variant and round")
     ap.add_argument("--variants", default="", help="comma-separated subset of the variants (their baselines are added)")
     from benchmarks._common import add_output_args, need_tool, progress, write_results
 
@@ -148,22 +181,38 @@ def main() -> None:
         VARIANTS = tuple(v for v in VARIANTS if v in wanted)
     has_wrk = need_tool("wrk", "the throughput columns", "apt-get install wrk")
     rounds = a.rounds
-    est = rounds * len(VARIANTS) * (a.requests / 2000 + 3 + max(200, a.requests // 5) / 700 + 3) + (rounds * len(VARIANTS) * 2 * (a.seconds + 3) if has_wrk else 0)
+    n_work = a.work_requests if a.work_requests is not None else max(200, a.requests // 10)
+    work_runs = sum(2 * a.work_pairs if base[v] is not None else (0 if any(base[u] == v for u in VARIANTS) else 1) for v in VARIANTS)
+    est = rounds * (len(VARIANTS) * (a.requests / 2000 + 3) + work_runs * (n_work / 700 + 3)) + (rounds * len(VARIANTS) * 2 * (a.seconds + 3) if has_wrk else 0)
     progress(f"{len(VARIANTS)} variants: {rounds} rounds of CPU per request, then {rounds if has_wrk else 0} rounds of wrk; about {est / 60:.0f} min")
 
-    cpu = {v: [] for v in VARIANTS}  # per round: (process us/request, event-loop us/request)
-    cpu_work = {v: [] for v in VARIANTS}  # per round: process us/request on /work
-    n_work = max(200, a.requests // 5)
+    cpu = {v: [] for v in VARIANTS}  # per round: (process, event loop, meter thread, sampler thread) us/request on /
+    cpu_work = {v: [] for v in VARIANTS}  # per run: the same on /work (a baseline runs once per pair it is in)
+    pairs_work = {v: [] for v in VARIANTS}  # per adjacent (baseline, variant) pair on /work: (baseline's run, variant's run)
+
+    def child(v: str, n: int, path: str) -> tuple[float, ...]:
+        out = subprocess.run([sys.executable, __file__, "--_cpu", v, "--requests", str(n), "--path", path]
+                             + (["--no-poll"] if a.no_poll else []), capture_output=True, text=True, cwd=ROOT, check=True)
+        got = tuple(map(float, out.stdout.strip().splitlines()[-1].split()))
+        progress(f"CPU round {r + 1}/{rounds}, {v} {path}: {got[0]:.1f} us/request, {got[1]:.1f} on the event loop")
+        return got
+
     for r in range(rounds):  # interleaved, each in a fresh interpreter, the order rotated each round
         order = VARIANTS[r % len(VARIANTS):] + VARIANTS[: r % len(VARIANTS)]
         for v in order:
-            for path, n, into in (("/", a.requests, cpu), ("/work", n_work, cpu_work)):
-                out = subprocess.run([sys.executable, __file__, "--_cpu", v, "--requests", str(n), "--path", path]
-                                     + (["--no-poll"] if a.no_poll else []),
-                                     capture_output=True, text=True, cwd=ROOT, check=True)
-                proc_us, loop_us = map(float, out.stdout.strip().splitlines()[-1].split())
-                into[v].append((proc_us, loop_us))
-                progress(f"CPU round {r + 1}/{rounds}, {v} {path}: {proc_us:.1f} us/request, {loop_us:.1f} on the event loop")
+            cpu[v].append(child(v, a.requests, "/"))
+        for v in order:  # /work: adjacent pairs, baseline and variant back to back, which runs first alternating
+            if base[v] is None:
+                if not any(base[u] == v for u in VARIANTS):  # a baseline with no variant here: once a round
+                    cpu_work[v].append(child(v, n_work, "/work"))
+                continue
+            for k in range(a.work_pairs):
+                first_base = (r + k) % 2 == 0
+                got = {}
+                for u in ((base[v], v) if first_base else (v, base[v])):
+                    got[u] = child(u, n_work, "/work")
+                    cpu_work[u].append(got[u])
+                pairs_work[v].append((got[base[v]], got[v]))
     rps = {v: [] for v in VARIANTS}
     work = {v: [] for v in VARIANTS}
     if has_wrk:
@@ -181,8 +230,16 @@ def main() -> None:
         return [x[i] - y[i] for x, y in zip(cpu[v], cpu[base[v]])]
 
     def capacity(v):
-        """Per round, on /work: baseline CPU / variant CPU (the throughput ratio of a CPU-bound server)."""
-        return [y[0] / x[0] for x, y in zip(cpu_work[v], cpu_work[base[v]])]
+        """Per adjacent pair on /work: baseline CPU / variant CPU (the throughput ratio of a CPU-bound server)."""
+        return [b[0] / x[0] for b, x in pairs_work[v]]
+
+    def cap_cell(v):
+        """The /work capacity: median of the pairs' ratios and its distribution-free interval (or the range, too few pairs)."""
+        xs = capacity(v)
+        ci = median_interval(xs)
+        if ci is None:
+            return med_range(xs, times) + f", {len(xs)} pairs"
+        return f"{times(statistics.median(xs))} ({times(ci[0])} to {times(ci[1])}, {ci[2]:.0%}; {len(xs)} pairs)"
 
     def ratio(d, v):
         if not d["bare"]:
@@ -199,14 +256,20 @@ def main() -> None:
         "# Overhead on the server being measured",
         "",
         f"Command: `python benchmarks/overhead.py --requests {a.requests} --seconds {a.seconds} --rounds {rounds}"
+        f"{'' if a.work_requests is None else f' --work-requests {a.work_requests}'}"
+        f"{'' if a.work_pairs == 2 else f' --work-pairs {a.work_pairs}'}"
         f"{' --variants ' + a.variants if a.variants else ''}{' --no-poll' if a.no_poll else ''} --record`",
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; load average at the end "
         f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1 / 5 / 15 min); a Starlette app (`benchmarks/overhead_app.py`).",
         "",
         f"CPU per request, in process: {a.requests:,} requests to the trivial `/` and {n_work:,} to `/work` (~1 ms of Python)",
         f"per variant and round, {rounds} interleaved rounds, each run in a fresh interpreter. Extra: the variant minus its",
-        "baseline within each round, median (range over rounds), microseconds; capacity: the baseline's CPU per `/work`",
-        "request over the variant's, within each round (the throughput ratio of a server bound by its CPU).",
+        "baseline within each round, median (range over rounds), microseconds. `/work`: each variant in "
+        f"{a.work_pairs} adjacent pairs a round",
+        "with its baseline (run back to back, which first alternating), so both of a pair see the same machine; capacity: the",
+        "baseline's CPU per `/work` request over the variant's, within each pair (the throughput ratio of a server bound by",
+        "its CPU): the median over pairs, with the order-statistic interval that holds the true median with at least the",
+        "probability given (distribution-free: the pairs' ratios are only assumed independent).",
         ("The app is called back to back, the event loop never turning (`--no-poll`: see the script's docstring)." if a.no_poll
          else "After each request the event loop turns once, its selector polled, as a server's does (see the script's docstring)."),
         "",
@@ -220,7 +283,7 @@ def main() -> None:
             lines.append(f"| {v} | - | {proc:.1f} | - | - | {wproc:,.0f} | - |")
         else:
             lines.append(f"| {v} | {base[v]} | {proc:.1f} | {med_range(extra(v, 0), us)} | {med_range(extra(v, 1), us)} | "
-                         f"{wproc:,.0f} | {med_range(capacity(v), times)} |")
+                         f"{wproc:,.0f} | {cap_cell(v)} |")
     lines += [
         "",
         f"Throughput on loopback: uvicorn (one worker) under `wrk -t1 -c16 -d{a.seconds}s` from another process, {rounds if has_wrk else 0}",
@@ -245,6 +308,22 @@ def main() -> None:
         lines.append(f"With export (spans held and completed, OTel metrics, the SQLite ledger) wattspan adds {wx:.1f} us on top of "
                      f"OpenTelemetry's ASGI instrumentation, which itself adds {o:.1f} us; on `/work` OpenTelemetry + wattspan "
                      f"exporting leaves {cx:.3f}x of OpenTelemetry's capacity.")
+    for v in VARIANTS:
+        if base[v] is None or not any(x[2] or x[3] for _, x in pairs_work[v]):
+            continue
+        caps = capacity(v)
+        meter_us = statistics.median(x[2] for _, x in pairs_work[v])
+        sampler_us = statistics.median(x[3] for _, x in pairs_work[v])
+        loop_d = [x[1] - b[1] for b, x in pairs_work[v]]
+        bw = statistics.median(b[0] for b, _ in pairs_work[v])
+        own = meter_us + sampler_us + statistics.median(extra(v, 1))
+        lines.append(f"`/work`, {v}, per request (medians over pairs): the meter's thread {meter_us:.1f} us, the sampler's "
+                     f"{sampler_us:.1f} us; the event loop's CPU minus its baseline's {statistics.median(loop_d):+.1f} us "
+                     f"({min(loop_d):+.1f} to {max(loop_d):+.1f}), of which the middleware's own work is about its extra on "
+                     f"`/`; the pairs' ratios {min(caps):.3f}x to {max(caps):.3f}x. The threads' own CPU and the loop's extra "
+                     f"on `/` ({own:.1f} us on {bw:,.0f}) would leave {bw / (bw + own):.3f}x: the rest of the measured gap, if "
+                     f"any, is the event loop running slower beside wattspan's threads (their wake-ups and data in the "
+                     f"caches it shares), and the endpoint's own CPU moving by several per cent between interpreters.")
     lines += [
         "CPU is the whole process's (`time.process_time`: the meter's",
         "attribution, the sampler, the span, metrics and ledger threads included, until every record is written); the event",
@@ -261,12 +340,44 @@ def main() -> None:
     if wx is not None:
         lines.append(f"| exporting, on top of OpenTelemetry <= 40 us/request | {wx:.1f} us | {'yes' if wx <= 40 else 'no'} |")
     if cw is not None:
-        lines.append(f"| `/work`, wattspan alone >= 0.97x bare (CPU capacity) | {cw:.3f}x | {'yes' if cw >= 0.97 else 'no'} |")
+        lines.append(f"| `/work`, wattspan alone >= 0.97x bare (CPU capacity) | {cap_cell('wattspan')} | {met(capacity('wattspan'), 0.97)} |")
     if cx is not None:
-        lines.append(f"| `/work`, OpenTelemetry + wattspan exporting >= 0.9x OpenTelemetry (CPU capacity) | {cx:.3f}x | {'yes' if cx >= 0.9 else 'no'} |")
+        lines.append(f"| `/work`, OpenTelemetry + wattspan exporting >= 0.9x OpenTelemetry (CPU capacity) | {cap_cell('otel+wattspan')} | "
+                     f"{met(capacity('otel+wattspan'), 0.9)} |")
     text = "\n".join(lines) + "\n"
     print(text)
     write_results(a, _record_name(VARIANTS), text)
+
+
+def median_interval(xs: list[float], level: float = 0.95) -> tuple[float, float, float] | None:
+    """``(lo, hi, coverage)``: order statistics ``x(k)``, ``x(n+1-k)`` of ``xs`` that hold the true median with
+    probability ``coverage >= level`` (the binomial sign-test interval: distribution-free, for independent
+    draws); None when ``xs`` has too few values for that level (fewer than 6 at 95 %)."""
+    ys = sorted(xs)
+    n = len(ys)
+    tail, k = 0.0, 0  # tail = P(Bin(n, 1/2) <= k - 1): the chance the median lies below x(k)
+    while k < n:
+        p = math.comb(n, k) / 2**n
+        if tail + p > (1 - level) / 2:
+            break
+        tail += p
+        k += 1
+    if k == 0:
+        return None
+    return ys[k - 1], ys[n - k], 1 - 2 * tail
+
+
+def met(xs: list[float], target: float) -> str:
+    """Whether the median of ``xs`` reaches ``target``, and whether its interval says so beyond the noise."""
+    m = statistics.median(xs)
+    ci = median_interval(xs)
+    if ci is None:
+        return "yes" if m >= target else "no"
+    if ci[0] >= target:
+        return "yes"
+    if ci[1] < target:
+        return "no"
+    return f"{'yes' if m >= target else 'no'} (median; the interval spans {target}x)"
 
 
 def _record_name(variants: tuple[str, ...]) -> str:

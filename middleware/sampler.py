@@ -143,7 +143,7 @@ def _rows(batches: list[SampleBatch]) -> _Rows:
             return (t, None, v) if b.kind is _ENERGY else (t, v, None)
     elif len(batches) == 2:
         a, b = batches
-        if (a.kind is _ENERGY) != (b.kind is _ENERGY) and np.array_equal(a.t_ns, b.t_ns):
+        if (a.kind is _ENERGY) != (b.kind is _ENERGY) and (a.t_ns is b.t_ns or np.array_equal(a.t_ns, b.t_ns)):
             t = a.t_ns
             if t.shape[0] < 2 or (np.diff(t) > 0).all():
                 return (t, b.value, a.value) if a.kind is _ENERGY else (t, a.value, b.value)

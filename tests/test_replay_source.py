@@ -208,6 +208,32 @@ def test_loop_repeats_with_increasing_time_and_energy():
     assert not src.done
 
 
+def test_a_poll_hands_out_copies_and_masks_only_traces_with_gaps():
+    t = np.arange(0, 100_000_000, 10_000_000)  # 10 readings, 10 ms apart
+    p = np.full(10, 100.0)
+    e = np.arange(10) * 1.0
+    src = ReplaySource([DeviceTrace("gpu0", t, p, e)])
+    start = time.monotonic_ns() - S  # everything due
+    src.start(at_ns=start)
+    power, energy = src.poll()
+    assert power.kind == SampleKind.INSTANT and energy.kind == SampleKind.ENERGY
+    assert np.array_equal(power.t_ns, start + t) and np.array_equal(energy.t_ns, start + t)
+    assert np.array_equal(power.value, p) and np.array_equal(energy.value, e)
+    power.value[:] = -1.0  # a batch is the poll's own: writing into it leaves the trace as it was
+    energy.value[:] = -1.0
+    power.t_ns[:] = 0
+    assert (p == 100.0).all() and np.array_equal(e, np.arange(10) * 1.0) and np.array_equal(t, np.arange(0, 100_000_000, 10_000_000))
+    # a trace with gaps (NaN: no reading) still drops them, from each kind apart
+    p2, e2 = p.copy(), e.copy()
+    p2[3] = np.nan
+    e2[[5, 6]] = np.nan
+    src = ReplaySource([DeviceTrace("gpu0", t, p2, e2)])
+    src.start(at_ns=start)
+    power, energy = src.poll()
+    assert np.array_equal(power.t_ns, start + np.delete(t, 3)) and np.array_equal(power.value, np.delete(p2, 3))
+    assert np.array_equal(energy.t_ns, start + np.delete(t, [5, 6])) and np.array_equal(energy.value, np.delete(e2, [5, 6]))
+
+
 def test_traces_in_memory_keep_their_kind_and_window():
     t = np.arange(5) * S
     avg = DeviceTrace("gpu3", t, np.full(5, 300.0), power_kind=SampleKind.AVERAGE, window_ns=S, sensor="nvidia-smi")

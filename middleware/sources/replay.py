@@ -244,7 +244,7 @@ def _parse_floats(p: Path, name: str, col: list[str], n: int, line_of: Callable[
 class _Track:
     """One device's trace on the replay clock: times relative to the trace start, ns."""
 
-    __slots__ = ("info", "rel", "power", "energy", "lap", "i", "energy_per_lap")
+    __slots__ = ("info", "rel", "power", "energy", "lap", "i", "energy_per_lap", "power_finite", "energy_finite")
 
     def __init__(self, info: DeviceInfo, rel: np.ndarray, power: np.ndarray | None, energy: np.ndarray | None,
                  energy_per_lap: float) -> None:
@@ -255,6 +255,9 @@ class _Track:
         self.lap = 0
         self.i = 0
         self.energy_per_lap = energy_per_lap
+        #: every reading finite: a poll's batch needs no mask (and power and energy share one time array)
+        self.power_finite = power is None or bool(np.isfinite(power).all())
+        self.energy_finite = energy is None or bool(np.isfinite(energy).all())
 
 
 class ReplaySource:
@@ -411,23 +414,32 @@ class ReplaySource:
             break
         if not parts_t:
             return []
-        rel = np.concatenate(parts_t)
+        # one stretch of one lap, as a rule: no concatenation; every reading finite: no masks, and the power and the
+        # energy batch share one time array (the sampler then merges them without comparing their times)
+        rel = parts_t[0] if len(parts_t) == 1 else np.concatenate(parts_t)  # a fresh array either way
         if self.speed == 1.0:
-            t = rel + start
+            rel += start
+            t = rel
         else:
             t = (rel.astype(np.float64) / self.speed).astype(np.int64) + start
         info = tr.info
         out = []
         if tr.power is not None:
-            p = np.concatenate(parts_p)
-            ok = np.isfinite(p)
-            if ok.any():
-                out.append(SampleBatch(info.id, info.power_kind, t[ok], p[ok], info.window_ns))
+            p = parts_p[0].copy() if len(parts_p) == 1 else np.concatenate(parts_p)  # never a view of the trace
+            if tr.power_finite:
+                out.append(SampleBatch(info.id, info.power_kind, t, p, info.window_ns))
+            else:
+                ok = np.isfinite(p)
+                if ok.any():
+                    out.append(SampleBatch(info.id, info.power_kind, t[ok], p[ok], info.window_ns))
         if tr.energy is not None:
-            e = np.concatenate(parts_e)
-            ok = np.isfinite(e)
-            if ok.any():
-                out.append(SampleBatch(info.id, SampleKind.ENERGY, t[ok], e[ok]))
+            e = parts_e[0] if len(parts_e) == 1 else np.concatenate(parts_e)
+            if tr.energy_finite:
+                out.append(SampleBatch(info.id, SampleKind.ENERGY, t, e))
+            else:
+                ok = np.isfinite(e)
+                if ok.any():
+                    out.append(SampleBatch(info.id, SampleKind.ENERGY, t[ok], e[ok]))
         return out
 
 
