@@ -370,3 +370,33 @@ def test_the_middleware_reads_the_current_spans_ids_on_every_kind_of_span():
     with trace.use_span(mine):
         assert _span_ids() == (0xABC, 0xDEF, mine)
     assert _span_ids() == (0, 0, None)
+
+
+def test_only_spans_without_events_links_or_drops_are_held_packed():
+    """_pack reads the SDK's BoundedList deques directly: a span with an event, a link, or an event
+    dropped by the limits (an empty list with a count) is held as it is, so nothing of it is lost."""
+    from opentelemetry.sdk.trace import SpanLimits
+
+    assert spans_mod._BoundedList is not None  # the SDK installed is the one the fast check expects
+    proc = EnergySpanProcessor(BatchSpanProcessor(Collect()), hold_timeout_s=60)
+    tp = TracerProvider(span_limits=SpanLimits(max_events=0))
+    tracer = tp.get_tracer("scope")
+    link = trace.SpanContext(5, 6, is_remote=False, trace_flags=TraceFlags(TraceFlags.SAMPLED))
+
+    def ended(event=False, links=()):
+        s = tracer.start_span("s", kind=SpanKind.SERVER, links=[trace.Link(c) for c in links], attributes={"a": 1})
+        if event:
+            s.add_event("e")  # max_events=0: dropped, counted
+        s.end()
+        return s._readable_span()
+
+    plain = ended()
+    entry, attrs = proc._pack(plain, 1.0)
+    assert len(entry) == 14 and entry[0] == 1.0 and attrs == {"a": 1}
+    assert spans_mod._KINDS[entry[9]] is SpanKind.SERVER
+    for span in (ended(event=True), ended(links=[link])):
+        entry, attrs = proc._pack(span, 1.0)
+        assert entry == (1.0, span) and attrs is None
+    dropped = ended(event=True)
+    assert dropped.dropped_events == 1 and not dropped.events
+    tp.shutdown()

@@ -187,7 +187,9 @@ def _slim(span: ReadableSpan) -> ReadableSpan:
 # collection scans.
 
 _KINDS = tuple(SpanKind)
-_KIND_INDEX = {k: i for i, k in enumerate(_KINDS)}
+# a SpanKind's index by the member's identity (its hash is Enum.__hash__: a Python call per held span)
+_KIND_BY_ID = {id(k): i for i, k in enumerate(_KINDS)}
+_UNSET_CODE = StatusCode.UNSET
 _UNSET = Status(StatusCode.UNSET)
 _FLAGS: dict[int, _trace_api.TraceFlags] = {}  # flags value -> one shared TraceFlags (immutable ints)
 _MAX_SHARED = 64  # distinct (resource, scope) held packed; beyond, spans are held as they are
@@ -273,6 +275,27 @@ def _fast_build_ok() -> bool:
 
 
 _FAST = _fast_build_ok()
+
+
+def _bounded_list_ok() -> bool:
+    """Whether the SDK's BoundedList (an ended span's events and links) keeps its items in a deque
+    ``_dq`` beside its ``dropped`` count, as :meth:`EnergySpanProcessor._pack` reads them."""
+    try:
+        from opentelemetry.sdk.util import BoundedList
+
+        full: Any = BoundedList(1)
+        full.extend((1, 2))
+        empty: Any = BoundedList(1)
+        return type(empty._dq) is deque and list(full._dq) == [2] and full.dropped == 1 and len(full) == 1
+    except Exception:  # pragma: no cover - another SDK
+        return False
+
+
+_BoundedList: Any = None  # another SDK's: every span's lists are read through their public length
+if _bounded_list_ok():
+    from opentelemetry.sdk.util import BoundedList
+
+    _BoundedList = BoundedList
 
 def _empty_hooks() -> frozenset[object]:
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
@@ -772,7 +795,10 @@ class EnergySpanProcessor(SpanProcessor):
         try:
             ev: Any = span._events
             ln: Any = span._links
-            if ev or ln or getattr(ev, "dropped", 0) or getattr(ln, "dropped", 0):
+            if type(ev) is _BoundedList and type(ln) is _BoundedList:  # the SDK's: their deques read, not
+                if ev._dq or ln._dq or ev.dropped or ln.dropped:  # two calls of BoundedList.__len__
+                    return (deadline, span), None
+            elif ev or ln or getattr(ev, "dropped", 0) or getattr(ln, "dropped", 0):
                 return (deadline, span), None
             attrs: Any = span._attributes
             if type(attrs) is BoundedAttributes:
@@ -783,7 +809,7 @@ class EnergySpanProcessor(SpanProcessor):
                 attrs = {}
             elif type(attrs) is not dict:
                 return (deadline, span), None
-            kind = _KIND_INDEX.get(span._kind)
+            kind = _KIND_BY_ID.get(id(span._kind))
             ctx = _pack_context(span._context)
             parent: Any = span._parent
             if parent is not None:
@@ -791,7 +817,7 @@ class EnergySpanProcessor(SpanProcessor):
                 if parent is None:
                     return (deadline, _slim(span)), None
             status: Any = span._status
-            if status is None or (status._status_code is StatusCode.UNSET and status._description is None):
+            if status is None or (status._status_code is _UNSET_CODE and status._description is None):
                 status = None
             res, scope, info = span._resource, span._instrumentation_scope, span._instrumentation_info
             key = (id(res), id(scope), id(info))
