@@ -271,7 +271,7 @@ class Meter:
         sampler: Sampler | None = None,
         carbon: CarbonModel | None = None,
         idle_w: float | None = None,
-        period_s: float = 0.25,
+        period_s: float = 0.5,
         lag_s: float | None = None,
         board_lag_s: float | Mapping[str, float] | None = None,
         max_delay_s: float = 5.0,

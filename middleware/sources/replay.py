@@ -276,7 +276,7 @@ class ReplaySource:
     name = "replay"
     #: its readings carry the trace's (or grid's) own times and every one since the last poll comes back:
     #: the sampler may poll it this rarely (seconds) and get the same readings (see wattspan.sampler.Sampler)
-    poll_every_s = 0.25  # the meter's default period: a pass finds the readings of the last poll at most a period old
+    poll_every_s = 0.5  # the meter's default period: a pass finds the readings of the last poll at most a period old
 
     def __init__(self, path_or_traces: str | os.PathLike[str] | DeviceTrace | Mapping[str, DeviceTrace] | Iterable[DeviceTrace],
                  *, speed: float = 1.0, loop: bool = False) -> None:
