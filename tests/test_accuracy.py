@@ -60,6 +60,20 @@ def test_every_law_with_fine_and_coarse_sensors_small_matrix():
     assert len(lines) == 2 + len(sensors)
 
 
+def test_scenario_table_splits_a_cell_by_scenario():
+    sim = accuracy.simulated(3, 8.0, laws=["energy-linear", "capped"], sensors=("ideal-1ms", "average-1s"))
+    for c in sim.values():
+        assert sorted(c["by_scenario"]) == [0, 1, 2]
+        # the per-scenario flags are the cell's, regrouped
+        assert sum(len(v) for v in c["by_scenario"].values()) == len(c["inside"])
+        assert sum(int(v.sum()) for v in c["by_scenario"].values()) == int(c["inside"].sum())
+    lines = accuracy.scenario_table(sim)
+    assert len(lines) == 2 + 2 and lines[2].startswith("| `ideal-1ms` |")
+    cov = {(law, sc): v.mean() for (law, s), c in sim.items() if s == "ideal-1ms" for sc, v in c["by_scenario"].items()}
+    lo = min(cov, key=cov.__getitem__)
+    assert f"{cov[lo] * 100:.0f} % ({lo[0]}, " in lines[2]
+
+
 @pytest.mark.skipif(not accuracy.DATA.is_dir(), reason="the shared recordings are absent")
 def test_real_step_responses_of_other_gpus():
     rows = {(r["gpu"], r["column"]): r for r in accuracy.real_steps()}
