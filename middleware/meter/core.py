@@ -588,9 +588,14 @@ class Meter:
     def _hook_failed(self) -> None:
         """A source's load hook (on_request_start/end, on_step) raised: counted in
         ``counters["source_hook_errors"]``, logged at the first and every 1000th, never raised to the caller."""
-        n = self.counters["source_hook_errors"] = self.counters.get("source_hook_errors", 0) + 1
-        if n == 1 or n % 1000 == 0:
+        if (n := self._tally("source_hook_errors", every=1000)):
             log.exception("wattspan: a power source's load hook failed (%d times; counters source_hook_errors)", n)
+
+    def _tally(self, key: str, every: int = 100) -> int:
+        """One more ``key`` in ``counters``: its new count when it is to be logged (the first and every
+        ``every``-th, so a fault that repeats does not flood the log), else 0."""
+        n = self.counters[key] = int(self.counters.get(key, 0)) + 1
+        return n if n == 1 or n % every == 0 else 0
 
     def _drop_step(self, why: str) -> None:
         self.counters["dropped_steps"] += 1
@@ -882,8 +887,7 @@ class Meter:
                 continue
             if kind == _BEGIN:
                 if len(table.row) >= self.max_inflight:
-                    n = self.counters["dropped_inflight"] = self.counters["dropped_inflight"] + 1
-                    if n == 1 or n % 1000 == 0:  # an overload must not turn into a flood of log lines
+                    if (n := self._tally("dropped_inflight", every=1000)):  # an overload: no flood of log lines
                         log.warning("more than %d requests in flight; request %s not metered (%d so far; counters "
                                     "dropped_inflight)", self.max_inflight, e[1], n)
                     continue
@@ -930,8 +934,7 @@ class Meter:
             self._peers_j += table.energy(r)
         else:
             self._unbook([r])
-            n = self.counters["replaced_requests"] = self.counters.get("replaced_requests", 0) + 1
-            if n == 1 or n % 100 == 0:
+            if (n := self._tally("replaced_requests")):
                 log.warning("wattspan: request id %r was begun again while in flight; the earlier request under it has "
                             "no record (%d such; counters replaced_requests): give each request its own id",
                             table.alias.get(table.rid[r] or "", table.rid[r]), n)
@@ -957,8 +960,7 @@ class Meter:
         v = _as_ns(t)
         if v is not None and v <= hi:
             return v
-        n = self.counters["bad_times"] = self.counters.get("bad_times", 0) + 1
-        if n == 1 or n % 100 == 0:
+        if (n := self._tally("bad_times")):
             log.warning("wattspan: request %r was given the time %r, not an integer of ns on time.monotonic_ns()'s clock; "
                         "the meter's clock is used instead (%d such times; counters bad_times)", rid, t, n)
         return time.monotonic_ns()
@@ -1123,8 +1125,7 @@ class Meter:
                     try:
                         self._refit(dev, cut)
                     except Exception:  # the model is an improvement: without a new one, the device keeps what it had
-                        n = self.counters["refit_errors"] = self.counters.get("refit_errors", 0) + 1
-                        if n == 1 or n % 100 == 0:
+                        if (n := self._tally("refit_errors")):
                             log.exception("wattspan: re-estimating %s's idle baseline and step model failed (%d times; "
                                           "counters refit_errors); it keeps the ones it had", dev, n)
                 # with nothing in flight too: the measured energy is then all unattributed,
@@ -1148,8 +1149,7 @@ class Meter:
                         try:
                             self._attribute_host(host, cur, cut, everyone, mine)
                         except Exception:  # the device's share stands: its records are made, without this host part
-                            n = self.counters["host_errors"] = self.counters.get("host_errors", 0) + 1
-                            if n == 1 or n % 100 == 0:
+                            if (n := self._tally("host_errors")):
                                 log.exception("wattspan: the host's energy over a pass could not be split (%d such "
                                               "passes; counters host_errors); those requests' host_j leave it out", n)
             self._cursor[dev] = cut
@@ -1205,8 +1205,7 @@ class Meter:
             res = attribute({dev: trace}, req, steps, idle_w=idle, t0_ns=cur, t1_ns=cut, models=models,
                              board_lag_s=self.board_lag_s)
         except TraceError as exc:  # readings it cannot use (none finite, a counter going back): like no trace
-            n = self.counters["bad_traces"] = self.counters.get("bad_traces", 0) + 1
-            if n == 1 or n % 100 == 0:
+            if (n := self._tally("bad_traces")):
                 log.warning("wattspan: %s's readings over a pass could not be attributed (%d such passes; counters "
                             "bad_traces); that stretch is not measured and its requests' coverage says so: %s", dev, n, exc)
             return
@@ -1453,7 +1452,7 @@ class Meter:
         table.remove(done)  # removed only now, so flush() waits for every sink
 
 
-_PASS_RETRIES = 8  # failed passes in a row (2 s at the default period) before the ended requests are settled
+_PASS_RETRIES = 8  # failed passes in a row (4 s at the default 0.5 s period) before the ended requests are settled
 
 
 def _as_id(rid: Any) -> str:
