@@ -163,10 +163,11 @@ def board_lag(seed: int, pm=None) -> float:
     return _BOARD_LAG[key]
 
 
-def parallel(seeds: int, duration_s: float, sensors=PARALLEL_SENSORS, layouts=LAYOUTS) -> list[dict]:
+def parallel(seeds: int, duration_s: float, sensors=PARALLEL_SENSORS, layouts=LAYOUTS, seed_offset: int = 0) -> list[dict]:
     """Multi-GPU engines (``wattspan._sim_parallel``): per layout x sensor, the share of the engine's true
     dynamic energy (all its GPUs) attributed to requests as dynamic, the share of its attributable energy
-    (true energy while requests were in flight) given to requests, and per-request errors, pooled over seeds."""
+    (true energy while requests were in flight) given to requests, and per-request errors, pooled over seeds
+    (``seed_offset`` .. ``seed_offset + seeds - 1``: an offset checks on runs the record does not use)."""
     from wattspan._sim_parallel import simulate_parallel
 
     rows = []
@@ -175,7 +176,7 @@ def parallel(seeds: int, duration_s: float, sensors=PARALLEL_SENSORS, layouts=LA
         lag = opts.pop("lag", None)  # "measured": each GPU's fit given its board's lag (board_lag)
         for name in sensors:
             errs, dyn_got, dyn_true, e_got, e_true, wait_true = [], 0.0, 0.0, 0.0, 0.0, 0.0
-            for seed in range(seeds):
+            for seed in range(seed_offset, seed_offset + seeds):
                 sc = SCENARIOS[seed % len(SCENARIOS)]
                 pm = dataclasses.replace(LAWS["saturating"], between_steps_w=sc["between_steps_w"], tau_s=sc["tau_s"])
                 run = simulate_parallel(tp=tp, pp=pp, seed=seed, duration_s=duration_s, bursty=sc["bursty"],
@@ -853,6 +854,18 @@ def main() -> None:
     add_output_args(ap, "accuracy.md")
     a = ap.parse_args()
     t0 = time.perf_counter()
+    if a.parallel and a.seed_offset:
+        # a check on seeds the record does not use: the main table only
+        rows = parallel(a.seeds, a.duration, seed_offset=a.seed_offset)
+        text = "\n".join(["# Per-request accuracy: multi-GPU engines, other seeds", "",
+                          f"Command: `python benchmarks/accuracy.py --parallel --seeds {a.seeds} --duration {a.duration:g} "
+                          f"--seed-offset {a.seed_offset}` ({time.perf_counter() - t0:.0f} s on a shared 2-core CPU): the main "
+                          f"table of `accuracy_parallel.md` on scenarios {a.seed_offset} to {a.seed_offset + a.seeds - 1} "
+                          "(the same three kinds of load, other runs and noise).", "",
+                          *parallel_table(rows)]) + "\n"
+        print(text)
+        write_results(a, f"accuracy_parallel_seeds{a.seed_offset}.md", text)
+        return
     if a.parallel:
         rows = parallel(a.seeds, a.duration)
         idle_rows = waits_at_idle(a.seeds, a.duration)
