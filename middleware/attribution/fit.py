@@ -847,8 +847,7 @@ def _batch_fit(cum: _CumEnergy, trace: DeviceTrace, steps: Steps, s_idx: np.ndar
             # reading by the inverse of its expected squared error (its modelled power's
             # spread inside the interval, and a share of its level), both fitted on the first
             # fit's residuals.
-            sw = _part_time_weights(A, y, sel.coef, x, feats, rel, t_row, len_row,
-                                    waits=fit_feats.right if with_waits and isinstance(fit_feats, _Beside) else None)
+            sw = _part_time_weights(A, y, sel.coef, x, feats, rel, t_row, len_row)
             if sw is not None:
                 sel_g = (_held_wait_select(A * sw[:, None], y * sw, sel_fams or FAMILIES, nb) if held_wait
                          else select_family(A * sw[:, None], y * sw, families=sel_fams or FAMILIES))
@@ -1658,46 +1657,24 @@ def _part_time(trace: DeviceTrace, len_row: np.ndarray) -> bool:
             and float(np.median(len_row[:: max(1, len(len_row) // 10_000)])) > _PART_TIME_NS)
 
 
-def _interval_power(feats: _StepFeatures, e_mod: np.ndarray, lo: np.ndarray, hi: np.ndarray, waits: _StepFeatures | None = None,
-                    coef_w: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """The modelled dynamic power's mean and variance (W, W^2) over each interval ``[lo, hi]`` (s): the
-    steps' (``e_mod`` J each, spread evenly over the step) and, with ``waits`` and their coefficients
-    ``coef_w``, the waits' (a pipeline stage's power alternates between its slices and its waits, where
-    it is the waits' modelled power, not zero: between a slice and a wait holding as much, nothing varies)."""
-    if waits is not None and coef_w is not None and len(waits.st):
-        e_w = waits.x @ coef_w
-        st_c, en_c = np.concatenate((feats.st, waits.st)), np.concatenate((feats.en, waits.en))
-        o = np.argsort(st_c, kind="stable")
-        e = np.concatenate((e_mod, e_w))[o]
-        f = _StepFeatures(np.zeros((len(o), 1)), st_c[o], en_c[o])
-    else:
-        e, f = e_mod, feats
-    span = np.maximum(hi - lo, 1e-12)
-    mq = _interval_mass(f, np.column_stack((e, e**2 / np.maximum(f.dur, 1e-12))), lo, hi)
-    mean_p = mq[:, 0] / span
-    return mean_p, np.maximum(mq[:, 1] / span - mean_p**2, 0.0)
-
-
 def _part_time_weights(A: np.ndarray, y: np.ndarray, coef: np.ndarray, x: np.ndarray, feats: _StepFeatures, rel: _Rel,
-                       t_row: np.ndarray, len_row: np.ndarray, normalise: bool = True,
-                       waits: _StepFeatures | None = None) -> np.ndarray | None:
+                       t_row: np.ndarray, len_row: np.ndarray, normalise: bool = True) -> np.ndarray | None:
     """Square roots of the least-squares weights of part-time readings (see :func:`_part_time`),
     or None. A reading covering an unknown slice of its interval errs about the interval's mean
     power by the spread of the power inside it: its expected squared error is taken as
     ``a + b * P^2 + c * V``, ``P`` the modelled mean power over the interval and ``V`` the
     modelled power's variance inside it (W^2), the three fitted (non-negative) on the squared
     residuals of the unweighted fit ``coef``. Weights are the inverse, floored at a tenth of the
-    median error (no reading counts more than ten typical ones). ``waits``: the device's waits
-    (a pipeline stage's), whose terms are ``coef``'s after the steps': the power inside an
-    interval is then the steps' and the waits' (see :func:`_interval_power`)."""
+    median error (no reading counts more than ten typical ones)."""
     nb = x.shape[1]
     p = A @ coef
     r2 = (y - p) ** 2
     e_mod = x @ coef[:nb]
     t_rel = rel(t_row)
     span = np.maximum(len_row * _NS, 1e-12)
-    _, var_p = _interval_power(feats, e_mod, t_rel - span, t_rel, waits,
-                               coef[nb:] if waits is not None and len(coef) == nb + waits.x.shape[1] else None)
+    mq = _interval_mass(feats, np.column_stack((e_mod, e_mod**2 / np.maximum(feats.dur, 1e-12))), t_rel - span, t_rel)
+    mean_p = mq[:, 0] / span
+    var_p = np.maximum(mq[:, 1] / span - mean_p**2, 0.0)
     X = np.column_stack((np.ones(len(y)), p**2, var_p))
     keep = r2 <= np.quantile(r2, 0.99)  # a burst the model never saw sets no weight
     v = nnls(X[keep], r2[keep])
@@ -1725,8 +1702,7 @@ def _with_power_rows(sel: Selection, A: np.ndarray, y: np.ndarray, t_row: np.nda
     A_p, y_p, _, t_p, _, len_p = _fit_rows(cum_p, tr_p, f_p, idle_curve, a, b, rel, with_weights=True)
     if len(y_p) < 40 or not _part_time(tr_p, len_p):
         return sel
-    sw = _part_time_weights(A_p, y_p, sel.coef, x, feats, rel, t_p, len_p, normalise=False,
-                            waits=base.right if isinstance(base, _Beside) and f_p is base else None)
+    sw = _part_time_weights(A_p, y_p, sel.coef, x, feats, rel, t_p, len_p, normalise=False)
     r_c = y - A @ sel.coef
     var_c = float(np.mean(np.minimum(r_c**2, np.quantile(r_c**2, 0.99))))
     if sw is None or not var_c > 0:
