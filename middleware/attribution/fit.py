@@ -1596,7 +1596,16 @@ def _request_components(r: np.ndarray, p: np.ndarray, t: np.ndarray, len_ns: np.
     v = np.zeros(X.shape[1])
     v[:2] = vc[:2]
     v[4] = edge
-    y_rest = np.maximum(yv - X[:, :2] @ v[:2] - edge * X[:, 4], 0.0)
+    if counter:
+        # A counter's edges touch adjacent deltas only, so the products of deltas at least two
+        # apart hold the persistent terms and no edge. Where the refresh phase drifts (a random
+        # walk against the reads) the adjacent products are not what the two edge variances
+        # model, and the fit above lets the persistent terms take up the difference; a request
+        # is given only what both sets of products show. What only the adjacent ones show is
+        # the counter's: it comes out of the squares with the rest of the persistent fit below,
+        # not left for the steps' scatter (it reaches a request only through its windows' edges).
+        v[:2] = np.minimum(vc[:2], _apart_persistent(r, p, j0, j1, pos, R, W, N, P2, X[:, 1], hi_y))
+    y_rest = np.maximum(yv - X[:, :2] @ vc[:2] - edge * X[:, 4], 0.0)
     # the white part between the steps' scatter and the sensor's (where every reading holds
     # about as many steps as any other the two are not told apart: see _credited_split);
     # other readings' ends (an average's window reaching past the lifetime) with the sensor
@@ -1713,6 +1722,24 @@ def _with_power_rows(sel: Selection, A: np.ndarray, y: np.ndarray, t_row: np.nda
     y_s = np.concatenate((y / math.sqrt(var_c), y_p * sw))[o]
     sel_s = _held_wait_select(A_s, y_s, families, held_wait) if held_wait is not None else select_family(A_s, y_s, families=families)
     return sel_s if sel_s is not None and np.any(sel_s.coef) else sel
+
+
+def _apart_persistent(r: np.ndarray, p: np.ndarray, j0: np.ndarray, j1: np.ndarray, pos: np.ndarray, R: np.ndarray,
+                      W: np.ndarray, N: np.ndarray, P2: np.ndarray, h: np.ndarray, hi_y: float) -> np.ndarray:
+    """The persistent terms of :func:`_request_components` (a misfit common to all in flight,
+    each request's own) from the products of each lifetime's counter deltas at least two
+    apart: its squared residual sum less the squares (``W``) and twice the adjacent
+    products, against the exposures left once the same pairs are taken out (``h``: the
+    requests' squared energies over the lifetime's, ``N``: the squared predicted deltas',
+    ``P2``: the predicted total's squared; rows ``pos`` of lifetimes ``j0:j1``)."""
+    cm: Callable[[np.ndarray], np.ndarray] = lambda v: np.concatenate(([0.0], np.cumsum(v)))  # noqa: E731
+    ca, cq = cm(r[1:] * r[:-1]), cm(p[1:] * p[:-1])
+    jl = np.maximum(j1 - 1, j0)
+    adj, adj_p = (ca[jl] - ca[j0])[pos], (cq[jl] - cq[j0])[pos]
+    y = np.clip((R[pos] ** 2 - W - 2.0 * adj) / P2, -hi_y, hi_y)
+    g = np.clip(1.0 - (N[pos] + 2.0 * adj_p) / P2, 0.0, 1.0)
+    out: np.ndarray = nnls(np.column_stack((g, h * g)), y)
+    return out
 
 
 def _edge_var(r: np.ndarray, p: np.ndarray) -> float:
