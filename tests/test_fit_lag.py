@@ -164,13 +164,13 @@ def test_lagged_features_on_windows_match_the_whole_run_inside_them():
 def test_the_lag_choice_scores_a_family_as_the_selection_does(n):
     """The lag's held-out score of the chosen family is select_family's (without its bootstrap),
     families with coefficients held at zero too."""
-    from wattspan.attribution.family import FAMILIES, select_family
+    from wattspan.attribution.family import BASIS, FAMILIES, select_family
     from wattspan.attribution.fit import _cv_error
 
     rng = np.random.default_rng(n)
-    A = np.abs(rng.normal(size=(n, 9)))
+    A = np.abs(rng.normal(size=(n, len(BASIS))))
     A[:, 3] = 0.0
-    y = A @ np.array([1.0, 2.0, 0.0, 0.0, 0.5, 0.0, 0.0, 3.0, 0.2]) + rng.normal(size=n)
+    y = A @ np.array([1.0, 2.0, 0.0, 0.0, 0.5, 0.0, 0.0, 3.0, 0.2, 0.0, 0.7, 0.0, 0.0, 0.4]) + rng.normal(size=n)
     for name, cols in FAMILIES.items():
         s = select_family(A, y, families={name: cols})
         ref = s.cv_error if s is not None else np.inf

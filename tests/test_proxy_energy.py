@@ -181,12 +181,12 @@ def test_provisional_step_model_splits_steps_by_tokens_and_scales_the_missing_de
 
 
 def test_provisional_prices_every_term_of_the_fitted_family_and_each_gpu_of_a_group():
-    """A 'power' or 'saturating' family's terms (basis 4..8) count, and a group is priced on each member."""
-    from wattspan.attribution.family import basis
+    """A 'power', 'saturating' or knees family's terms (basis 4..12) count, and a group is priced on each member."""
+    from wattspan.attribution.family import BASIS, basis
 
-    coef = np.zeros(9)
-    coef[[0, 5, 7]] = (40.0, 3.0, 20.0)  # W; W per decode token; W at saturation
-    rates = (50.0, 200.0)
+    coef = np.zeros(len(BASIS))
+    coef[[0, 5, 7, 10]] = (40.0, 3.0, 20.0, 0.5)  # W; W per decode token; W at saturation; W per token of work to a knee
+    rates = (50.0, 200.0, 4.0, 1.0, 3.0, 8.0, 20.0)  # throughputs; the knees' decode weight and work
     meter = _FakeMeter(coef, idle_w=10.0)
     meter._models = {g: StepModel(coef=coef, r2=1.0, rows=100, family="all", rates=rates) for g in ("gpu0", "gpu1")}
     p = Provisional(meter)

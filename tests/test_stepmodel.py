@@ -7,7 +7,7 @@ import pytest
 
 from wattspan import Requests, Steps, attribute
 from wattspan.sources.power_model import LAWS, PowerModel
-from wattspan.attribution.family import BASIS, FAMILIES, basis, correlation_lag, nnls_gram, select_family, select_window
+from wattspan.attribution.family import BASIS, FAMILIES, KNEES, basis, correlation_lag, nnls_gram, select_family, select_window
 from wattspan.simulate import sense, simulate_server
 
 
@@ -18,7 +18,41 @@ def test_basis_holds_energy_power_and_saturating_terms():
     np.testing.assert_allclose(X[:, :4], x4)
     np.testing.assert_allclose(X[:, 4:7], x4[:, 1:4] * x4[:, :1])
     assert rates[1] == pytest.approx(4 * rates[0])
-    assert np.all((X[:, 7:] > 0) & (X[:, 7:] <= x4[:, :1]))
+    assert np.all((X[:, 7:9] > 0) & (X[:, 7:9] <= x4[:, :1]))
+
+
+def test_knees_are_a_concave_monotone_function_of_weighted_work():
+    # the knees' terms are duration x min(prefill + w x decode, k): power that rises with the step's
+    # work and bends at each knee; the weight counts a decoding request as w prefill tokens
+    x4 = np.array([[0.01, 0.0, n, 0.0] for n in (1.0, 2.0, 4.0, 8.0, 16.0)] + [[0.02, p, 0.0, 0.0] for p in (50.0, 400.0, 2000.0)])
+    X, rates = basis(x4, weight=4.0)
+    assert rates[2] == 4.0 and len(rates) == 3 + len(KNEES)
+    knees = np.array(rates[3:])
+    assert np.all(np.diff(knees) > 0)
+    work = x4[:, 1] + 4.0 * x4[:, 2]
+    np.testing.assert_allclose(X[:, list(KNEES)], np.minimum(work[:, None], knees[None, :]) * x4[:, :1])
+    # a heavier weight moves the decode steps' work up the knees; the same parameters give the same basis
+    X16, r16 = basis(x4, weight=16.0)
+    assert not np.allclose(X16[:5, list(KNEES)] / X16[:5, :1], X[:5, list(KNEES)] / X[:5, :1])
+    np.testing.assert_allclose(basis(x4, rates)[0], X)
+    # a model's parameters from before the knees (two throughputs) leave the knees' terms at 0
+    assert not np.any(basis(x4, rates[:2])[0][:, list(KNEES)])
+
+
+def test_knee_families_fit_a_square_root_power_law_better():
+    # power = 40 W + 18 W x sqrt(work): concave in the step's work; the knees follow it
+    rng = np.random.default_rng(3)
+    n = 600
+    dec = rng.integers(1, 40, n).astype(float)
+    pre = np.where(rng.random(n) < 0.2, rng.integers(16, 1500, n), 0).astype(float)
+    d = 0.006 + 3e-5 * pre + 5e-5 * dec
+    x4 = np.column_stack((d, pre, dec, dec * 0.3))
+    e = (40 + 18 * np.sqrt(pre + 4 * dec)) * d
+    X, _ = basis(x4, weight=4.0)
+    A, y = X, e * (1 + rng.normal(0, 0.002, n))  # a fine sensor: one reading per step
+    sel = select_family(A, y)
+    assert sel is not None and "knees" in sel.family
+    assert sel.candidates[sel.family] < 0.8 * min(v for k, v in sel.candidates.items() if "knees" not in k)
 
 
 def test_nnls_gram_clips_negative_coefficients():

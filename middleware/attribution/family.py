@@ -10,7 +10,15 @@ composition. Real GPUs differ in which terms matter, so there is no single featu
   times the duration): prefill tokens x s, decode tokens x s, decode context x s;
 * **saturating** terms (power saturates with token throughput, as compute does once a step is
   compute-bound): ``duration * (1 - exp(-rate / r))`` at two rates ``r`` set from the run's own
-  steps (its median throughput and 4x that), so the fit needs no constants from us.
+  steps (its median throughput and 4x that), so the fit needs no constants from us;
+* **knee** terms (power concave in the step's work, as a square root or a board's power cap
+  bends it): ``duration * min(prefill + w x decode, k)`` at four knees ``k`` spaced
+  geometrically between the 10th and 99th percentiles of the run's steps' work; with
+  non-negative coefficients, power is any monotone concave piecewise-linear function of the
+  work. ``w`` (decoding requests counted as that many prefill tokens) is the one of
+  :data:`KNEE_WEIGHTS` whose fit predicts held-out readings best (``fit._knee_weight``);
+* a **step** term: a fixed energy per step (weights read once per step, launch overhead), which
+  the duration and token terms can express only with negative coefficients.
 
 Families are column subsets of one basis. Every sensor reading is a linear function of the steps
 it overlaps, so one pass over the readings builds per-block Gram matrices; each family and fold
@@ -32,7 +40,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-__all__ = ["BASIS", "FAMILIES", "Selection", "basis", "select_family", "select_window", "nnls_gram"]
+__all__ = ["BASIS", "FAMILIES", "KNEES", "KNEE_WEIGHTS", "Selection", "basis", "select_family", "select_window", "nnls_gram"]
 
 
 #: The basis of step terms; units in the names (s, tokens, ktokens; "_s" terms are x seconds).
@@ -46,7 +54,19 @@ BASIS = (
     "decode_context_ktokens_s",
     "saturating_lo_s",
     "saturating_hi_s",
+    "work_knee_1_s",
+    "work_knee_2_s",
+    "work_knee_3_s",
+    "work_knee_4_s",
+    "steps",
 )
+
+#: The knees' columns in :data:`BASIS`, and the quantiles of the steps' work they sit at.
+KNEES = (9, 10, 11, 12)
+_KNEE_Q = (0.1, 0.99)
+#: Decode weights tried for the knees' work (decoding requests counted as this many prefill tokens):
+#: factors of 2 over a wide range, the one whose fit predicts held-out readings best is kept.
+KNEE_WEIGHTS = tuple(2.0**k for k in range(-1, 7))
 
 #: Candidate families, simplest first: name -> basis column indices.
 FAMILIES: dict[str, tuple[int, ...]] = {
@@ -56,6 +76,9 @@ FAMILIES: dict[str, tuple[int, ...]] = {
     "energy+power": (0, 1, 2, 3, 4, 5, 6),
     "power+saturating": (0, 4, 5, 6, 7, 8),
     "all": tuple(range(9)),
+    "energy+steps": (0, 1, 2, 3, 13),
+    "power+knees": (0, 4, 5, 6, *KNEES),
+    "all+knees": tuple(range(14)),
 }
 
 _RIDGE = 1e-6  # relative to the (unit) diagonal of the scaled Gram matrix
@@ -64,22 +87,39 @@ _BOOT_BLOCKS = 40  # time blocks the bootstrap resamples
 _BOOT = 24  # bootstrap resamples
 
 
-def basis(x4: np.ndarray, rates: tuple[float, float] | None = None) -> tuple[np.ndarray, tuple[float, float]]:
+def basis(x4: np.ndarray, rates: tuple[float, ...] | None = None, weight: float | None = None
+          ) -> tuple[np.ndarray, tuple[float, ...]]:
     """Expand the four step features (duration s, prefill, decode, decode context ktokens) to
-    :data:`BASIS`. ``rates`` (tokens/s) for the saturating terms; ``None`` takes them from
-    these steps (median throughput, and 4x it). Returns the basis and the rates used."""
+    :data:`BASIS`. ``rates``: the basis's parameters from an earlier call (the saturating terms'
+    throughputs, tokens/s; then the decode weight and the knees' work, when it had them); ``None``
+    takes them from these steps (median throughput and 4x it; the knees at quantiles of the
+    steps' work ``prefill + weight x decode``, ``weight`` 1 unless given). Returns the basis
+    and the parameters used."""
     d = x4[:, 0]
     tokens = x4[:, 1] + x4[:, 2]
     rate = tokens / np.where(d > 0, d, 1.0)
     if rates is None:
         pos = rate[rate > 0]
         r = float(np.median(pos)) if len(pos) else 1.0
-        rates = (max(r, 1e-9), max(4.0 * r, 1e-9))
-    out = np.empty((len(x4), 9))
+        w = 1.0 if weight is None else float(weight)
+        work = x4[:, 1] + w * x4[:, 2]
+        wp = work[work > 0]
+        knees: tuple[float, ...] = ()
+        if len(wp):
+            lo, hi = (float(v) for v in np.quantile(wp, _KNEE_Q))
+            if hi > lo > 0:
+                knees = tuple(lo * (hi / lo) ** (j / (len(KNEES) + 1)) for j in range(1, len(KNEES) + 1))
+        rates = (max(r, 1e-9), max(4.0 * r, 1e-9), *((w, *knees) if len(knees) == len(KNEES) else ()))
+    out = np.zeros((len(x4), len(BASIS)))
     out[:, :4] = x4
     out[:, 4:7] = x4[:, 1:4] * d[:, None]
     out[:, 7] = -np.expm1(-rate / rates[0]) * d
     out[:, 8] = -np.expm1(-rate / rates[1]) * d
+    if len(rates) >= 3 + len(KNEES):
+        work = x4[:, 1] + rates[2] * x4[:, 2]
+        for j, k in zip(KNEES, rates[3:3 + len(KNEES)]):
+            out[:, j] = np.minimum(work, k) * d
+    out[:, 13] = 1.0
     return out, rates
 
 

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeAlias, cast, overload
 import numpy as np
 
 from .energy import _CumEnergy, _Piecewise, _typical_interval, power_points
-from .family import (_BOOT_BLOCKS, _RIDGE, BASIS, FAMILIES, _blocks, basis, correlation_lag, group_errors, nnls_gram, select_family,
+from .family import (_BOOT_BLOCKS, _RIDGE, BASIS, FAMILIES, KNEE_WEIGHTS, _blocks, basis, correlation_lag, group_errors, nnls_gram, select_family,
                      select_window)
 from ..samples import SampleKind
 from .inputs import Steps, _NS
@@ -742,6 +742,26 @@ WAIT_TERMS = ("wait_s", "waits")
 _WAIT_SHARE = 0.1  # waits this share of the in-flight time or more: the device is a pipeline stage
 
 
+def _knee_weight(cum: _CumEnergy, trace: DeviceTrace, x4: np.ndarray, st: np.ndarray, en: np.ndarray, idle_curve: _Piecewise,
+                 a: int, b: int, rel: _Rel) -> float:
+    """The decode weight of the knees' work (:data:`KNEE_WEIGHTS`) whose full basis predicts held-out
+    readings best (on the readings as read, at most ``_LAG_ROWS`` of them); 1 where none can be scored."""
+    knees = FAMILIES["all+knees"]
+    best, best_w = math.inf, 1.0
+    if not len(x4):
+        return best_w
+    pick: np.ndarray | slice | None = None
+    for w in KNEE_WEIGHTS:
+        xw, _ = basis(x4, weight=w)
+        A, y = _fit_rows(cum, trace, _StepFeatures(xw, st, en), idle_curve, a, b, rel)
+        if pick is None:
+            pick = slice(None) if len(y) <= _LAG_ROWS else slice(0, len(y), int(math.ceil(len(y) / _LAG_ROWS)))
+        err = _cv_error(A[pick], y[pick], knees)
+        if err < best:
+            best, best_w = err, w
+    return best_w
+
+
 def _batch_fit(cum: _CumEnergy, trace: DeviceTrace, steps: Steps, s_idx: np.ndarray, requests: Requests, ridx: np.ndarray,
                seg: _Segments, idle_curve: _Piecewise, a: int, b: int, reconcile_s: float | None, model: StepModel | None,
                lag_s: float | None = None) -> tuple[np.ndarray, float, dict[str, Any], _Spread]:
@@ -751,7 +771,8 @@ def _batch_fit(cum: _CumEnergy, trace: DeviceTrace, steps: Steps, s_idx: np.ndar
     en_ns = steps.end_ns[s_idx]
     x4 = step_features(steps, s_idx)
     rel: _Rel = lambda t: (np.asarray(t, dtype=np.int64) - a).astype(np.float64) * _NS  # noqa: E731
-    x, rates = basis(x4, model.rates if model is not None else None)
+    x, rates = basis(x4, model.rates if model is not None else None,
+                     weight=None if model is not None else _knee_weight(cum, trace, x4, rel(st_ns), rel(en_ns), idle_curve, a, b, rel))
     feats = _StepFeatures(x, rel(st_ns), rel(en_ns))
     # The waits between the device's own steps, as rows of two more terms: what the sensor
     # reads there is explained by them, and their energy is shared by time among the
@@ -786,6 +807,7 @@ def _batch_fit(cum: _CumEnergy, trace: DeviceTrace, steps: Steps, s_idx: np.ndar
         # predicts held-out readings best.
         interval = _typical_interval(t_row) if len(t_row) > 2 else 0
         if sel is not None and interval >= 20_000_000:
+            sel0, rows0 = sel, (A, y, w_row, t_row, overlap, len_row)
             for frac in (0.25, 0.5):
                 d_ns = int(interval * frac)
                 cum_d, trace_d = _shifted(cum, trace, d_ns)
@@ -795,6 +817,16 @@ def _batch_fit(cum: _CumEnergy, trace: DeviceTrace, steps: Steps, s_idx: np.ndar
                 if sel_d is not None and sel_d.cv_error < sel.cv_error * (1 - max(0.03, 1 / math.sqrt(len(rows_d[1])))):
                     sel, shift_ns = sel_d, d_ns
                     A, y, w_row, t_row, overlap, len_row = rows_d
+            if (shift_ns and cum.source != "energy-counter" and interval <= _LAG_READING_NS and np.any(sel0.coef)
+                    and _sequential(st_ns, en_ns)):
+                # Readings late against the steps may be a board's electrical lag rather than stale
+                # ones (a first-order lag delays the energy, a shift the readings): where the readings
+                # are fine enough to show a lag, the lag read on time is kept when it predicts
+                # held-out readings at least as well as the shift.
+                tau0, rows_l0, _ = _choose_lag(cum, trace, feats, idle_curve, a, b, rel, sel0, FAMILIES, rows0[3])
+                if tau0 > 0 and rows_l0 is not None and _cv_error(rows_l0[0], rows_l0[1], FAMILIES[sel0.family]) <= sel.cv_error:
+                    sel, shift_ns = sel0, 0
+                    A, y, w_row, t_row, overlap, len_row = rows0
             if shift_ns:
                 cum, trace = _shifted(cum, trace, shift_ns)
         if sel is not None and len(w_st):

@@ -21,13 +21,14 @@ class StepModel:
 
     ``coef`` is over :data:`wattspan.attribution.family.BASIS` (its first four entries
     follow :data:`FEATURES`: W, J/token, J/token, J/ktoken; then W/token,
-    W/token, W/ktoken, W, W); a four-entry ``coef`` is read as :data:`FEATURES`
+    W/token, W/ktoken, W, W, W/token for each of the four knees, J per step); a four-entry ``coef`` is read as :data:`FEATURES`
     alone. ``family`` is the candidate family that won the blocked time
     cross-validation, ``cv_error`` its held-out RMS error relative to the
     readings' RMS, ``cv_r2`` its held-out r2, ``why`` why it won and
     ``candidates`` every family's held-out error. ``r2`` is the in-sample
     coefficient of determination over the sensor readings it used (``rows``).
-    ``rates`` are the throughputs (tokens/s) of the saturating terms. ``lag_tau_s``: the
+    ``rates`` are the throughputs (tokens/s) of the saturating terms, then the knees' decode
+    weight (prefill tokens per decoding request) and their work (tokens). ``lag_tau_s``: the
     electrical lag (first-order time constant, s) the readings were fitted through, 0 when
     none was chosen: a step's power rises and decays over it, so part of each step's
     energy is drawn in the next step or wait (see :class:`wattspan.attribution.fit._Lagged`).
@@ -41,7 +42,7 @@ class StepModel:
     cv_r2: float = math.nan
     why: str = ""
     candidates: dict[str, float] | None = None
-    rates: tuple[float, float] | None = None
+    rates: tuple[float, ...] | None = None
     lag_tau_s: float = 0.0
 
     @property

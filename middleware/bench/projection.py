@@ -56,11 +56,11 @@ BASES = ("dynamic", "attributed", "amortised")
 #: column (a time-overlap split). ``tests`` check these numbers against that file.
 ERROR_BANDS: Mapping[str, Mapping[str, float]] = {
     "ideal-1ms": {"batch-fit": 0.003, "time-share": 0.776},
-    "instant-100ms": {"batch-fit": 0.056, "time-share": 0.778},
-    "nvml-poll-20ms": {"batch-fit": 0.056, "time-share": 0.778},
-    "hopper-1s-average": {"batch-fit": 0.047, "time-share": 0.778},
-    "energy-counter": {"batch-fit": 0.045, "time-share": 0.776},
-    "hopper-nvml": {"batch-fit": 0.045, "time-share": 0.775},
+    "instant-100ms": {"batch-fit": 0.044, "time-share": 0.778},
+    "nvml-poll-20ms": {"batch-fit": 0.044, "time-share": 0.778},
+    "hopper-1s-average": {"batch-fit": 0.044, "time-share": 0.778},
+    "energy-counter": {"batch-fit": 0.038, "time-share": 0.776},
+    "hopper-nvml": {"batch-fit": 0.044, "time-share": 0.775},
 }
 _NO_TRACE_ERROR = 1.0  # a record with no power trace behind it: +-100 %
 

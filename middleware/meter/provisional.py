@@ -48,8 +48,9 @@ if TYPE_CHECKING:
 __all__ = ["Provisional", "attach", "usage_energy"]
 
 _EWMA = 0.1  # weight of the newest record in the recent J/token rate
-_NB = 9  # terms of the step basis (wattspan.attribution.family.BASIS)
-_SAT = (7, 8)  # its saturating terms: they need the model's throughputs when the step is seen
+_NB = 14  # terms of the step basis (wattspan.attribution.family.BASIS)
+_KNEES = 4  # its knee terms (9-12): they need the model's decode weight and knees, as
+_SAT = (7, 8, 9, 10, 11, 12)  # the saturating terms need its throughputs, when the step is seen
 _UNPRICED = 6 + 2 * _NB  # tally slot: steps seen before the device had a model
 
 
@@ -71,8 +72,8 @@ class Provisional:
         self.meter = meter
         self.max_requests = int(max_requests)
         # request id -> [context tokens so far, steps, prefill tokens, decode tokens,
-        #                prefill-phase share of the step basis (9: wattspan.attribution.family.BASIS),
-        #                decode-phase share (9), idle s pre, idle s dec,
+        #                prefill-phase share of the step basis (14: wattspan.attribution.family.BASIS),
+        #                decode-phase share (14), idle s pre, idle s dec,
         #                steps seen before the device had a model (their saturating terms are 0)]
         self._tally: dict[str, list[float]] = {}
         self._rate: dict[str, float] = {}  # device -> recent J per token
@@ -121,15 +122,20 @@ class Provisional:
             return
         idle_each = dur / len(items)
         # the step's basis (as wattspan.attribution.family.basis makes it); the saturating terms take the
-        # throughputs of the device's fitted model (a group's: its first member's), 0 before there is one
+        # throughputs of the device's fitted model (a group's: its first member's), the knees its decode
+        # weight and knees' work, 0 before there is one
         model = getattr(self.meter, "_models", {}).get(device.split(",", 1)[0])
         rates = getattr(model, "rates", None)
+        knees = (0.0,) * _KNEES
         if rates:
             r = (pre + dec) / dur
             sat = (-math.expm1(-r / rates[0]) * dur, -math.expm1(-r / rates[1]) * dur)
+            if len(rates) >= 3 + _KNEES:
+                work = pre + rates[2] * dec
+                knees = tuple(min(work, k) * dur for k in rates[3:3 + _KNEES])
         else:
             sat = (0.0, 0.0)
-        feats = (dur, pre, dec, ctxk, pre * dur, dec * dur, ctxk * dur, *sat)
+        feats = (dur, pre, dec, ctxk, pre * dur, dec * dur, ctxk * dur, *sat, *knees, 1.0)  # 1.0: the step itself
         unpriced = 0 if rates else 1
         with self._lock:
             for rid, n, t in rows:
