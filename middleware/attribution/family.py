@@ -64,6 +64,7 @@ BASIS = (
 #: The knees' columns in :data:`BASIS`, and the quantiles of the steps' work they sit at.
 KNEES = (9, 10, 11, 12)
 _KNEE_Q = (0.1, 0.99)
+_KNEE_SAMPLE = 50_000  # steps the knees' percentiles are taken on, at most (evenly spaced)
 #: Decode weights tried for the knees' work (decoding requests counted as this many prefill tokens):
 #: factors of 2 over a wide range, the one whose fit predicts held-out readings best is kept.
 KNEE_WEIGHTS = tuple(2.0**k for k in range(-1, 7))
@@ -99,17 +100,7 @@ def basis(x4: np.ndarray, rates: tuple[float, ...] | None = None, weight: float 
     tokens = x4[:, 1] + x4[:, 2]
     rate = tokens / np.where(d > 0, d, 1.0)
     if rates is None:
-        pos = rate[rate > 0]
-        r = float(np.median(pos)) if len(pos) else 1.0
-        w = 1.0 if weight is None else float(weight)
-        work = x4[:, 1] + w * x4[:, 2]
-        wp = work[work > 0]
-        knees: tuple[float, ...] = ()
-        if len(wp):
-            lo, hi = (float(v) for v in np.quantile(wp, _KNEE_Q))
-            if hi > lo > 0:
-                knees = tuple(lo * (hi / lo) ** (j / (len(KNEES) + 1)) for j in range(1, len(KNEES) + 1))
-        rates = (max(r, 1e-9), max(4.0 * r, 1e-9), *((w, *knees) if len(knees) == len(KNEES) else ()))
+        rates = basis_rates(x4, weight, rate)
     out = np.zeros((len(x4), len(BASIS)))
     out[:, :4] = x4
     out[:, 4:7] = x4[:, 1:4] * d[:, None]
@@ -121,6 +112,33 @@ def basis(x4: np.ndarray, rates: tuple[float, ...] | None = None, weight: float 
             out[:, j] = np.minimum(work, k) * d
     out[:, 13] = 1.0
     return out, rates
+
+
+def basis_rates(x4: np.ndarray, weight: float | None = None, rate: np.ndarray | None = None) -> tuple[float, ...]:
+    """The parameters :func:`basis` takes from the steps themselves (see there), without the basis."""
+    if rate is None:
+        d = x4[:, 0]
+        rate = (x4[:, 1] + x4[:, 2]) / np.where(d > 0, d, 1.0)
+    pos = rate[rate > 0]
+    r = float(np.median(pos)) if len(pos) else 1.0
+    w = 1.0 if weight is None else float(weight)
+    knees = knee_points(x4, w)
+    return (max(r, 1e-9), max(4.0 * r, 1e-9), *((w, *knees) if knees else ()))
+
+
+def knee_points(x4: np.ndarray, weight: float) -> tuple[float, ...]:
+    """Where the knees sit on the steps' work ``prefill + weight x decode``: spaced geometrically
+    between its 10th and 99th percentiles over the steps that do any; ``()`` where that span is empty."""
+    if len(x4) > _KNEE_SAMPLE:  # percentiles of a long run from an even sample of its steps
+        x4 = x4[:: -(-len(x4) // _KNEE_SAMPLE)]
+    work = x4[:, 1] + weight * x4[:, 2]
+    wp = work[work > 0]
+    if not len(wp):
+        return ()
+    lo, hi = (float(v) for v in np.quantile(wp, _KNEE_Q))
+    if not hi > lo > 0:
+        return ()
+    return tuple(lo * (hi / lo) ** (j / (len(KNEES) + 1)) for j in range(1, len(KNEES) + 1))
 
 
 def nnls_gram(G: np.ndarray, c: np.ndarray, max_iter: int = 60) -> np.ndarray:

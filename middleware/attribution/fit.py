@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeAlias, cast, overload
 import numpy as np
 
 from .energy import _CumEnergy, _Piecewise, _typical_interval, power_points
-from .family import (_BOOT_BLOCKS, _RIDGE, BASIS, FAMILIES, KNEE_WEIGHTS, _blocks, basis, correlation_lag, group_errors, nnls_gram, select_family,
+from .family import (_BOOT_BLOCKS, _RIDGE, BASIS, FAMILIES, KNEE_WEIGHTS, KNEES, _blocks, basis, basis_rates, knee_points, correlation_lag, group_errors, nnls_gram, select_family,
                      select_window)
 from ..samples import SampleKind
 from .inputs import Steps, _NS
@@ -745,21 +745,60 @@ _WAIT_SHARE = 0.1  # waits this share of the in-flight time or more: the device 
 def _knee_weight(cum: _CumEnergy, trace: DeviceTrace, x4: np.ndarray, st: np.ndarray, en: np.ndarray, idle_curve: _Piecewise,
                  a: int, b: int, rel: _Rel) -> float:
     """The decode weight of the knees' work (:data:`KNEE_WEIGHTS`) whose full basis predicts held-out
-    readings best (on the readings as read, at most ``_LAG_ROWS`` of them); 1 where none can be scored."""
+    readings best, on at most ``_LAG_ROWS`` readings (the lag search's stretches, :func:`_lag_stretches`,
+    and the steps they see); 1 where none can be scored. Every other weight of the grid is scored, then
+    the best one's two neighbours. The rows are linear in the basis's columns: those that do not depend
+    on the weight are built once, only the knees' again for each weight."""
     knees = FAMILIES["all+knees"]
-    best, best_w = math.inf, 1.0
     if not len(x4):
-        return best_w
-    pick: np.ndarray | slice | None = None
-    for w in KNEE_WEIGHTS:
-        xw, _ = basis(x4, weight=w)
-        A, y = _fit_rows(cum, trace, _StepFeatures(xw, st, en), idle_curve, a, b, rel)
-        if pick is None:
-            pick = slice(None) if len(y) <= _LAG_ROWS else slice(0, len(y), int(math.ceil(len(y) / _LAG_ROWS)))
-        err = _cv_error(A[pick], y[pick], knees)
-        if err < best:
-            best, best_w = err, w
-    return best_w
+        return 1.0
+    x4_all = x4
+    t_read = cum.t if cum.source == "energy-counter" else trace.t_ns
+    parts = _lag_stretches(cum, trace, t_read[(t_read >= a) & (t_read <= b)], a)
+
+    def rows(f: _StepFeatures) -> tuple[np.ndarray, np.ndarray]:
+        if parts is None:
+            return _fit_rows(cum, trace, f, idle_curve, a, b, rel)
+        r = [_fit_rows(c, tr, f, idle_curve, lo, hi, rel) for c, tr, lo, hi in parts]
+        return np.vstack([x[0] for x in r]), np.concatenate([x[1] for x in r])
+
+    kcols = list(KNEES)
+    rates1 = basis_rates(x4, 1.0)  # the saturating terms' throughputs, from every step
+    if parts is not None:  # the steps the stretches' readings can see, and only those
+        keep = np.zeros(len(st), dtype=bool)
+        for _, _, lo, hi in parts:
+            r0, r1 = rel(np.array([lo - _LAG_MARGIN_NS, hi]))
+            keep |= (en > r0) & (st < r1)
+        x4, st, en = x4[keep], st[keep], en[keep]
+    x1, _ = basis(x4, rates1)
+    A1, y = rows(_StepFeatures(x1, st, en))
+    d, pre, dec = x4[:, 0], x4[:, 1], x4[:, 2]
+    errs: dict[float, float] = {}
+
+    def err_at(w: float) -> float:
+        if w not in errs:
+            pts = () if w == 1.0 else knee_points(x4_all, w)
+            if w == 1.0:
+                errs[w] = _cv_error(A1, y, knees)
+            elif not pts:
+                errs[w] = math.inf
+            else:
+                cols = np.minimum((pre + w * dec)[:, None], np.array(pts)[None, :]) * d[:, None]
+                A = A1.copy()
+                A[:, kcols] = rows(_StepFeatures(cols, st, en))[0]
+                errs[w] = _cv_error(A, y, knees)
+        return errs[w]
+
+    # every other weight of the grid, then the best one's neighbours on it
+    grid = KNEE_WEIGHTS
+    for w in grid[1::2]:
+        err_at(w)
+    i = grid.index(min(errs, key=lambda w: errs[w]))
+    for j in (i - 1, i + 1):
+        if 0 <= j < len(grid):
+            err_at(grid[j])
+    best_w = min(errs, key=lambda w: (errs[w], w))
+    return best_w if math.isfinite(errs[best_w]) else 1.0
 
 
 def _batch_fit(cum: _CumEnergy, trace: DeviceTrace, steps: Steps, s_idx: np.ndarray, requests: Requests, ridx: np.ndarray,
