@@ -249,22 +249,29 @@ def _pp2_run(seed: int, duration_s: float, opts: dict):
 STAGE_DRAWS = (0, 1000, 2000)
 
 
-def stage_rows(seeds: int, duration_s: float, sensors=PARALLEL_SENSORS, draws=STAGE_DRAWS) -> list[dict]:
-    """A diagnostic of the balanced PP-2 rows: per sensor, with each GPU's own fit and with its board's lag given,
-    each stage GPU's per-request error (its parts against its own truth), the pair's (the main table's, draw 0),
-    the shortest fifth of the requests' mean signed error on each stage, and the pair's and one GPU's p95 over
-    other draws of the sensors' noise (each draw's p95 pooled over the scenarios)."""
+def _one_gpu_runs(seeds: int, duration_s: float) -> list[tuple]:
+    """One GPU on the parallel table's scenarios (``saturating`` law): per seed, the run, its requests and
+    steps, and each request's true energy (J)."""
     from wattspan._sim_parallel import simulate_parallel
 
-    runs = [_pp2_run(seed, duration_s, {}) for seed in range(seeds)]
-    ones = []
+    out = []
     for seed in range(seeds):
         sc = SCENARIOS[seed % len(SCENARIOS)]
         pm = dataclasses.replace(LAWS["saturating"], between_steps_w=sc["between_steps_w"], tau_s=sc["tau_s"])
         one = simulate_parallel(tp=1, pp=1, seed=seed, duration_s=duration_s, bursty=sc["bursty"],
                                 rate_per_s=sc["rate_per_s"], idle_drift_w=sc["idle_drift_w"], power_model=pm)
         r1 = Requests.from_records(one.requests)
-        ones.append((one, r1, Steps.from_records(one.steps, r1), np.array([one.truth[i]["energy_j"] for i in r1.ids])))
+        out.append((one, r1, Steps.from_records(one.steps, r1), np.array([one.truth[i]["energy_j"] for i in r1.ids])))
+    return out
+
+
+def stage_rows(seeds: int, duration_s: float, sensors=PARALLEL_SENSORS, draws=STAGE_DRAWS) -> list[dict]:
+    """A diagnostic of the balanced PP-2 rows: per sensor, with each GPU's own fit and with its board's lag given,
+    each stage GPU's per-request error (its parts against its own truth), the pair's (the main table's, draw 0),
+    the shortest fifth of the requests' mean signed error on each stage, and the pair's and one GPU's p95 over
+    other draws of the sensors' noise (each draw's p95 pooled over the scenarios)."""
+    runs = [_pp2_run(seed, duration_s, {}) for seed in range(seeds)]
+    ones = _one_gpu_runs(seeds, duration_s)
     rows = []
     for name in sensors:
         for lag in (False, True):
@@ -364,17 +371,8 @@ def coverage_rows(seeds: int, duration_s: float, draws=STAGE_DRAWS) -> list[dict
     """A diagnostic of the pipeline's ``instant-100ms`` rows: p95 per-request error of one GPU and of the balanced
     PP-2 (each stage's true timing) with the part-time readings covering more of each interval, or their 25 ms at a
     known place, and of the PP-2 with each stage given the pair's mean model (``_pooled_models``), over noise draws."""
-    from wattspan._sim_parallel import simulate_parallel
-
     pp2 = [_pp2_run(seed, duration_s, {}) for seed in range(seeds)]
-    ones = []
-    for seed in range(seeds):
-        sc = SCENARIOS[seed % len(SCENARIOS)]
-        pm = dataclasses.replace(LAWS["saturating"], between_steps_w=sc["between_steps_w"], tau_s=sc["tau_s"])
-        one = simulate_parallel(tp=1, pp=1, seed=seed, duration_s=duration_s, bursty=sc["bursty"],
-                                rate_per_s=sc["rate_per_s"], idle_drift_w=sc["idle_drift_w"], power_model=pm)
-        r1 = Requests.from_records(one.requests)
-        ones.append((None, one, r1, Steps.from_records(one.steps, r1), np.array([one.truth[i]["energy_j"] for i in r1.ids])))
+    ones = [(None, *one) for one in _one_gpu_runs(seeds, duration_s)]
     rows = []
     for label, spec in _coverage_sensors():
         row: dict = {"sensor": label}
