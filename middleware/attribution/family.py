@@ -63,6 +63,8 @@ BASIS = (
 
 #: The knees' columns in :data:`BASIS`, and the quantiles of the steps' work they sit at.
 KNEES = (9, 10, 11, 12)
+#: The per-step term's column in :data:`BASIS`.
+STEP = BASIS.index("steps")
 _KNEE_Q = (0.1, 0.99)
 _KNEE_SAMPLE = 50_000  # steps the knees' percentiles are taken on, at most (evenly spaced)
 #: Decode weights tried for the knees' work (decoding requests counted as this many prefill tokens):
@@ -77,7 +79,7 @@ FAMILIES: dict[str, tuple[int, ...]] = {
     "energy+power": (0, 1, 2, 3, 4, 5, 6),
     "power+saturating": (0, 4, 5, 6, 7, 8),
     "all": tuple(range(9)),
-    "energy+steps": (0, 1, 2, 3, 13),
+    "energy+steps": (0, 1, 2, 3, STEP),
     "power+knees": (0, 4, 5, 6, *KNEES),
     "all+knees": tuple(range(14)),
 }
@@ -110,7 +112,7 @@ def basis(x4: np.ndarray, rates: tuple[float, ...] | None = None, weight: float 
         work = x4[:, 1] + rates[2] * x4[:, 2]
         for j, k in zip(KNEES, rates[3:3 + len(KNEES)]):
             out[:, j] = np.minimum(work, k) * d
-    out[:, 13] = 1.0
+    out[:, STEP] = 1.0
     return out, rates
 
 

@@ -775,28 +775,26 @@ def _knee_weight(cum: _CumEnergy, trace: DeviceTrace, x4: np.ndarray, st: np.nda
     d, pre, dec = x4[:, 0], x4[:, 1], x4[:, 2]
     errs: dict[float, float] = {}
 
-    def err_at(w: float) -> float:
-        if w not in errs:
-            pts = () if w == 1.0 else knee_points(x4_all, w)
-            if w == 1.0:
-                errs[w] = _cv_error(A1, y, knees)
-            elif not pts:
-                errs[w] = math.inf
-            else:
-                cols = np.minimum((pre + w * dec)[:, None], np.array(pts)[None, :]) * d[:, None]
-                A = A1.copy()
-                A[:, kcols] = rows(_StepFeatures(cols, st, en))[0]
-                errs[w] = _cv_error(A, y, knees)
-        return errs[w]
+    def score(w: float) -> None:
+        if w == 1.0:  # A1's own weight
+            errs[w] = _cv_error(A1, y, knees)
+            return
+        pts = knee_points(x4_all, w)
+        if not pts:  # no span of work to put knees on
+            errs[w] = math.inf
+            return
+        A = A1.copy()
+        A[:, kcols] = rows(_StepFeatures(np.minimum((pre + w * dec)[:, None], np.array(pts)) * d[:, None], st, en))[0]
+        errs[w] = _cv_error(A, y, knees)
 
-    # every other weight of the grid, then the best one's neighbours on it
+    # every other weight of the grid, then the best one's neighbours on it (not scored yet: the odd ones)
     grid = KNEE_WEIGHTS
     for w in grid[1::2]:
-        err_at(w)
+        score(w)
     i = grid.index(min(errs, key=lambda w: errs[w]))
     for j in (i - 1, i + 1):
         if 0 <= j < len(grid):
-            err_at(grid[j])
+            score(grid[j])
     best_w = min(errs, key=lambda w: (errs[w], w))
     return best_w if math.isfinite(errs[best_w]) else 1.0
 
