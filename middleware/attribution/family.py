@@ -323,6 +323,9 @@ def _run_bounds(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return starts, ends, ends - starts
 
 
+_WINDOW_Z = 1.0  # a shorter reconciliation window must predict held-out readings better by this many standard errors
+
+
 def select_window(t: np.ndarray, m: np.ndarray, p: np.ndarray, a: int, b: int, lengths_ns: np.ndarray,
                   overlap: int = 0) -> tuple[int, dict[int, float], np.ndarray | None]:
     """Choose a reconciliation window length by leave-out prediction of readings.
@@ -331,7 +334,13 @@ def select_window(t: np.ndarray, m: np.ndarray, p: np.ndarray, a: int, b: int, l
     model's prediction of it. For each length L in ``lengths_ns`` (and the whole period), each
     reading is predicted as ``p_i`` times ``(M - m_near) / (P - p_near)`` over its window,
     leaving out the readings within ``overlap`` positions of it (they share its information).
-    Returns the best length (ns; ``b - a`` for the whole period), ``{L: error}`` and the
+    The whole period (one scale) is the default; a shorter length, which fits a scale per
+    window, is taken only where it predicts clearly better than the best so far: its squared
+    errors less than the best's, reading by reading, by more than ``_WINDOW_Z`` standard errors
+    of that difference (over contiguous blocks of readings, whose errors are correlated). On
+    readings that each err by much (part-time power) the lengths score within a per cent of each
+    other, and the shortest of them would scale every second by its few readings' noise.
+    Returns the chosen length (ns; ``b - a`` for the whole period), ``{L: error}`` and the
     held-out relative residuals ``(m - pred) / max(pred, floor)`` of the winner.
     """
     n = len(t)
@@ -341,15 +350,11 @@ def select_window(t: np.ndarray, m: np.ndarray, p: np.ndarray, a: int, b: int, l
     cp = np.concatenate(([0.0], np.cumsum(p)))
     idx = np.arange(n)
     k = max(int(overlap), 0)
-    best_L, best_err = b - a, math.inf
-    best_pred: np.ndarray | None = None
     scores: dict[int, float] = {}
     if k == 0:  # each reading leaves out itself only: the same differences for every length
         m_own, p_own = cm[1:] - cm[:-1], cp[1:] - cp[:-1]
-    for L in list(lengths_ns) + [b - a]:
-        L = int(L)
-        if L <= 0:
-            continue
+
+    def predict(L: int) -> np.ndarray | None:
         w = (t - a) // L
         # per run of readings in one window, then repeated over its readings (the same numbers
         # as indexing the prefix sums at each reading's run bounds)
@@ -369,16 +374,36 @@ def select_window(t: np.ndarray, m: np.ndarray, p: np.ndarray, a: int, b: int, l
             others = (last - first) - (hi - lo)
             mostly = float(np.mean(others >= 1))
         if L < b - a and mostly < 0.9:
-            continue  # most windows would hold no reading but the left-out ones: no honest estimate
+            return None  # most windows would hold no reading but the left-out ones: no honest estimate
         ok = Po > 1e-9 * max(abs(total_p), 1e-30)
         s = np.where(ok, Mo / np.where(ok, Po, 1.0), g)
         s = np.clip(s, 0.0, 10.0 * max(g, 1e-9))
-        pred = s * p
-        err = float(np.sqrt(np.mean((m - pred) ** 2)))
+        return s * p
+
+    nb = int(min(_BOOT_BLOCKS, n))
+    cut = np.searchsorted(_blocks(n, nb), np.arange(nb + 1)) if n else np.zeros(1, dtype=np.int64)
+    best_L, best_err, best_sq = b - a, math.inf, None
+    for L in [b - a] + sorted((int(x) for x in lengths_ns if 0 < int(x) < b - a), reverse=True):
+        pred = predict(L)
+        if pred is None:
+            continue
+        sq = (m - pred) ** 2
+        err = float(np.sqrt(np.mean(sq)))
         scores[L] = err
-        if err < best_err * (1 - 1e-3):
-            best_L, best_err, best_pred = L, err, pred
-    return best_L, scores, best_pred
+        if not math.isfinite(err):
+            continue
+        if best_sq is None:
+            best_L, best_err, best_sq = L, err, sq
+            continue
+        # paired with the best so far, reading by reading, over contiguous blocks of them
+        # (neighbours' errors are correlated): better by more than its standard error
+        dsum = np.add.reduceat(sq - best_sq, cut[:-1]) if nb > 1 else np.array([float((sq - best_sq).sum())])
+        se = math.sqrt(nb * float(np.var(dsum, ddof=1))) if nb > 1 else math.inf
+        if float(dsum.sum()) < -_WINDOW_Z * se:
+            best_L, best_err, best_sq = L, err, sq
+    if best_sq is None:
+        return b - a, scores, None
+    return best_L, scores, predict(best_L)
 
 
 def group_errors(t: np.ndarray, m: np.ndarray, p: np.ndarray, a: int, L: int, sizes: Iterable[int],
