@@ -378,7 +378,8 @@ def select_window(t: np.ndarray, m: np.ndarray, p: np.ndarray, a: int, b: int, l
         ok = Po > 1e-9 * max(abs(total_p), 1e-30)
         s = np.where(ok, Mo / np.where(ok, Po, 1.0), g)
         s = np.clip(s, 0.0, 10.0 * max(g, 1e-9))
-        return s * p
+        out: np.ndarray = s * p
+        return out
 
     nb = int(min(_BOOT_BLOCKS, n))
     cut = np.searchsorted(_blocks(n, nb), np.arange(nb + 1)) if n else np.zeros(1, dtype=np.int64)
