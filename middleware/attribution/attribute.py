@@ -214,7 +214,7 @@ def attribute(
         # same joules, net: its time share less its dynamic share of the window's idle.
         rel_idle: np.ndarray | float | None = None
         if idle_source == "idle-periods":
-            rel_idle = idle_rel_sd(trace, busy, starts + (ends - starts) // 2, (a, b))  # no int64 overflow
+            rel_idle = idle_rel_sd(trace, busy, starts + (ends - starts) // 2, (a, b), idle_curve)  # no int64 overflow
         elif idle_source == "fit-intercept":
             rel_idle = fit_rel  # the intercept's own spread: the device never idled
         k_id = float(idle_share.sum() / dyn.sum()) if len(s_idx) and float(dyn.sum()) > 0 else 0.0
