@@ -1119,7 +1119,8 @@ def _batch_fit(cum: _CumEnergy, trace: DeviceTrace, steps: Steps, s_idx: np.ndar
         #     each step's energy into the next step or wait: the truth may lie anywhere between the
         #     split without one and the split through one as long as a board's lag can be. Not
         #     where the board's lag was given (lag_s, 0 included): then it is known, not unseen.
-        d_lag = _lag_departure(fit_feats, coef_fit, e_rel, edges, w_meas, lo, hi, w_st, w_en, rel, e_rel[0], e_rel[-1],
+        unlagged = fit_feats.inner if isinstance(fit_feats, _Lagged) else fit_feats  # (never lagged here: no lag was fitted)
+        d_lag = _lag_departure(unlagged, coef_fit, e_rel, edges, w_meas, lo, hi, w_st, w_en, rel, e_rel[0], e_rel[-1],
                                e_s, e_r, share, on_dev, len(ridx), dyn_split, seg)
         if noise is not None and noise.get("exposure") is not None:
             noise["exposure"]["lag"] = d_lag
