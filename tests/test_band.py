@@ -494,3 +494,18 @@ def test_idle_band_holds_how_far_the_baseline_passes_from_the_idle_stretches():
     through = _Piecewise(np.array([0, int(busy[1][-1])]), np.array([90.0, 90.0]))
     assert np.all(idle_rel_sd(flat, busy, mid, None, curve) >= 3.0 / 90.0 - 1e-9)
     assert np.all(idle_rel_sd(flat, busy, mid, None, through) < 0.002)  # a curve through them adds nothing
+
+
+def test_idle_band_takes_the_fit_s_slow_residual_where_only_two_stretches_were_seen():
+    # idle only at a run's two ends: a drift that comes back between them shows in no idle reading,
+    # so the power the step fit leaves unexplained over the lifetime stands for it; with more
+    # stretches the walk between them is measured and that stays out
+    from wattspan.attribution.idle import idle_rel_sd
+
+    two, busy2 = _idle_trace([90.0, 90.0], noise=0.001)
+    mid = np.array([busy2[0][1] - 4 * S])
+    slow = np.array([2.7])  # W
+    assert idle_rel_sd(two, busy2, mid)[0] < 0.002
+    assert idle_rel_sd(two, busy2, mid, None, None, slow)[0] == pytest.approx(2.7 / 90.0, rel=0.01)
+    five, busy5 = _idle_trace([90.0] * 5, noise=0.001)
+    assert idle_rel_sd(five, busy5, mid, None, None, slow)[0] < 0.002

@@ -966,6 +966,7 @@ def _batch_fit(cum: _CumEnergy, trace: DeviceTrace, steps: Steps, s_idx: np.ndar
     window_why = "given"
     band_rel = math.nan
     noise = None
+    slow_w: np.ndarray | None = None  # the fit's slow residual over each request's lifetime (W)
     if reconcile_s is None:
         m_row = y * w_row
         p_row = (A @ coef_fit) * w_row
@@ -997,6 +998,17 @@ def _batch_fit(cum: _CumEnergy, trace: DeviceTrace, steps: Steps, s_idx: np.ndar
                                                         cum.source != "energy-counter" and _part_time(trace, len_row)))
             # >= 8 readings here: never None
             noise["resid"] = m_row - pred
+            # The fit's own slow residual: over each request's lifetime, the power (W) that no step
+            # term explains, beyond what its readings' own squares hold (overlapping readings: every
+            # k-th tiles time). Reconciliation takes it out of the split, but where it is the idle
+            # baseline's drift it moves joules between idle and dynamic (see idle_rel_sd's ``unseen_w``).
+            k_ov = max(1, int(round(float(np.median(len_row)) / spacing)))
+            r_slow, t_slow = (m_row - g * p_row)[::k_ov], t_row[::k_ov]
+            c_r = np.concatenate(([0.0], np.cumsum(r_slow)))
+            c_q = np.concatenate(([0.0], np.cumsum(r_slow**2)))
+            l0, l1 = np.clip(requests.start_ns[ridx], a, b), np.clip(requests.end_ns[ridx], a, b)
+            j0, j1 = np.searchsorted(t_slow, l0, side="left"), np.searchsorted(t_slow, l1, side="right")
+            slow_w = np.sqrt(np.maximum((c_r[j1] - c_r[j0]) ** 2 - (c_q[j1] - c_q[j0]), 0.0)) / np.maximum((l1 - l0) * _NS, 1e-9)
         else:
             reconcile_s = (b - a) * _NS
             window_why = "too few readings: the whole period"
@@ -1152,6 +1164,8 @@ def _batch_fit(cum: _CumEnergy, trace: DeviceTrace, steps: Steps, s_idx: np.ndar
         "noise": extra_noise,
         "wait_j": wait_j,
     }
+    if slow_w is not None:
+        extra["idle_slow_w"] = slow_w  # for the idle band (attribute takes it out of the summary)
     return dyn, un_t + lost, extra, spread
 
 
