@@ -172,6 +172,7 @@ def attribute(
                 idle_seg = idle_curve.over(seg.edges)
                 idle_share, idle_un = seg.share_equal(idle_seg)
         meth: np.ndarray | str
+        slow_w: np.ndarray | None = None
         if len(s_idx) and steps is not None:
             model = models.get(dev) if models else None
             lag = board_lag_s.get(dev) if isinstance(board_lag_s, Mapping) else board_lag_s
@@ -179,6 +180,7 @@ def attribute(
                 cum, trace, steps, s_idx, requests, ridx, seg, idle_curve, a, b, reconcile_s, model,
                 None if lag is None else float(lag)
             )
+            slow_w = summary_extra.pop("idle_slow_w", None)
             in_steps = np.zeros(len(requests), dtype=np.bool_)
             on_this = np.zeros(len(steps), dtype=np.bool_)
             on_this[s_idx] = True
@@ -214,7 +216,7 @@ def attribute(
         # same joules, net: its time share less its dynamic share of the window's idle.
         rel_idle: np.ndarray | float | None = None
         if idle_source == "idle-periods":
-            rel_idle = idle_rel_sd(trace, busy, starts + (ends - starts) // 2, (a, b))  # no int64 overflow
+            rel_idle = idle_rel_sd(trace, busy, starts + (ends - starts) // 2, (a, b), idle_curve, slow_w)  # no int64 overflow
         elif idle_source == "fit-intercept":
             rel_idle = fit_rel  # the intercept's own spread: the device never idled
         k_id = float(idle_share.sum() / dyn.sum()) if len(s_idx) and float(dyn.sum()) > 0 else 0.0

@@ -634,14 +634,17 @@ def _lag_split(fit_feats: _Features, coef: np.ndarray, e_rel: np.ndarray, scale:
 _UNSEEN_LAG_S = 0.004
 
 
-def _lag_departure(feats: _StepFeatures, coef: np.ndarray, e_rel: np.ndarray, edges: np.ndarray, w_meas: np.ndarray,
+def _lag_departure(feats: _StepFeatures | _Beside, coef: np.ndarray, e_rel: np.ndarray, edges: np.ndarray, w_meas: np.ndarray,
                    lo: np.ndarray, hi: np.ndarray, w_st: np.ndarray, w_en: np.ndarray, rel: _Rel, r0: float, r1: float,
                    e_s: np.ndarray, e_r: np.ndarray, share: np.ndarray, on_dev: np.ndarray, n_req: int, dyn: np.ndarray,
                    seg: _Segments) -> np.ndarray:
-    """Per request, how far its steps' dynamic energy (J) moves when the same model is read through
+    """Per request, how far its dynamic energy (J) moves when the same model is read through
     a first-order lag of ``_UNSEEN_LAG_S`` and reconciled over the same windows: each step's energy
     inside its own span is its requests', what falls in a wait is shared by time among those in
-    flight (as :func:`_lag_split` and step 5c do). ``dyn``: the requests' energy without the lag."""
+    flight (as :func:`_lag_split` and step 5c do). ``feats``, ``coef``: the model as fitted, the
+    waits' terms included where it has them (both splits then put the same modelled energy in the
+    waits: the lag moves only what it moves). ``dyn``: the requests' energy without the lag, split
+    alike (the steps' and, where the model has them, the waits' terms, step 5b)."""
     lagged = _with_lag(feats, _UNSEEN_LAG_S)
     w_pred = np.diff(lagged.mass(rel(edges)), axis=0) @ coef
     ok = (w_pred > 1e-12) & (w_meas > 0)
@@ -975,6 +978,7 @@ def _batch_fit(cum: _CumEnergy, trace: DeviceTrace, steps: Steps, s_idx: np.ndar
     window_why = "given"
     band_rel = math.nan
     noise = None
+    slow_w: np.ndarray | None = None  # the fit's slow residual over each request's lifetime (W)
     if reconcile_s is None:
         m_row = y * w_row
         p_row = (A @ coef_fit) * w_row
@@ -1006,6 +1010,17 @@ def _batch_fit(cum: _CumEnergy, trace: DeviceTrace, steps: Steps, s_idx: np.ndar
                                                         cum.source != "energy-counter" and _part_time(trace, len_row)))
             # >= 8 readings here: never None
             noise["resid"] = m_row - pred
+            # The fit's own slow residual: over each request's lifetime, the power (W) that no step
+            # term explains, beyond what its readings' own squares hold (overlapping readings: every
+            # k-th tiles time). Reconciliation takes it out of the split, but where it is the idle
+            # baseline's drift it moves joules between idle and dynamic (see idle_rel_sd's ``unseen_w``).
+            k_ov = max(1, int(round(float(np.median(len_row)) / spacing)))
+            r_slow, t_slow = (m_row - g * p_row)[::k_ov], t_row[::k_ov]
+            c_r = np.concatenate(([0.0], np.cumsum(r_slow)))
+            c_q = np.concatenate(([0.0], np.cumsum(r_slow**2)))
+            l0, l1 = np.clip(requests.start_ns[ridx], a, b), np.clip(requests.end_ns[ridx], a, b)
+            j0, j1 = np.searchsorted(t_slow, l0, side="left"), np.searchsorted(t_slow, l1, side="right")
+            slow_w = np.sqrt(np.maximum((c_r[j1] - c_r[j0]) ** 2 - (c_q[j1] - c_q[j0]), 0.0)) / np.maximum((l1 - l0) * _NS, 1e-9)
         else:
             reconcile_s = (b - a) * _NS
             window_why = "too few readings: the whole period"
@@ -1080,16 +1095,8 @@ def _batch_fit(cum: _CumEnergy, trace: DeviceTrace, steps: Steps, s_idx: np.ndar
     k_win = np.clip(np.searchsorted(e_rel, feats.st, side="right") - 1, 0, len(scale) - 1)  # each step's window
     spread: tuple[Any, ...] = _dyn_spread(sel, coef, x, np.where(feats.dur > 0, scale_span / np.where(feats.dur > 0, feats.dur, 1.0), 0.0),
                          e_s, e_r, share, on_dev, len(ridx), k_win)
-    if (lag_s is None and not lag_tau > 0 and len(t_row) > 2 and _typical_interval(t_row) > _LAG_READING_NS
-            and _sequential(st_ns, en_ns)):
-        # 4c. An electrical lag the readings are too coarse to show (see _choose_lag) moves part of
-        #     each step's energy into the next step or wait: the truth may lie anywhere between the
-        #     split without one and the split through one as long as a board's lag can be. Not
-        #     where the board's lag was given (lag_s, 0 included): then it is known, not unseen.
-        d_lag = _lag_departure(feats, coef, e_rel, edges, w_meas, lo, hi, w_st, w_en, rel, e_rel[0], e_rel[-1],
-                               e_s, e_r, share, on_dev, len(ridx), dyn, seg)
-    else:
-        d_lag = None
+    unseen_lag = (lag_s is None and not lag_tau > 0 and len(t_row) > 2 and _typical_interval(t_row) > _LAG_READING_NS
+                  and _sequential(st_ns, en_ns))
     # Per request: sum over its steps of (its share of the step's energy)^2, for the step-noise term.
     s2 = np.bincount(e_r, weights=val**2, minlength=len(ridx)) if all_on else np.bincount(
         e_r[on_dev], weights=(e_step[e_s[on_dev]] * share[on_dev]) ** 2, minlength=len(ridx))
@@ -1100,12 +1107,6 @@ def _batch_fit(cum: _CumEnergy, trace: DeviceTrace, steps: Steps, s_idx: np.ndar
                                                   (rel(np.clip(requests.start_ns[ridx], a, b)),
                                                    rel(np.clip(requests.end_ns[ridx], a, b))),
                                                   cum.source == "energy-counter", alias_row))
-    if d_lag is not None:
-        if noise is not None and noise.get("exposure") is not None:
-            noise["exposure"]["lag"] = d_lag
-        else:
-            spread = (spread[0], np.sqrt(spread[1] ** 2 + d_lag**2))
-    spread = (*spread, s2, noise)
     extra_noise = {k: v for k, v in noise.items() if k != "exposure"} if noise is not None else None
 
     # 5. The residual, as a piecewise-constant power over windows, shared by time.
@@ -1121,6 +1122,7 @@ def _batch_fit(cum: _CumEnergy, trace: DeviceTrace, steps: Steps, s_idx: np.ndar
     np.clip(cres, 0, np.take(widths, k), out=cres)
     cres *= np.take(res_rate, k)
     cres += np.take(res_curve_c, k)
+    dyn_split = dyn  # the steps' (and below the waits' terms') split, without the residual
     dyn_t, un_t = seg.share_weighted(np.diff(cres))
     dyn = dyn + dyn_t
     wait_j = 0.0
@@ -1135,6 +1137,20 @@ def _batch_fit(cum: _CumEnergy, trace: DeviceTrace, steps: Steps, s_idx: np.ndar
         dyn = dyn + dyn_w
         un_t = un_t + un_w
         wait_j = float(e_wait.sum())
+        dyn_split = dyn_split + dyn_w
+    if unseen_lag:
+        # 4c. An electrical lag the readings are too coarse to show (see _choose_lag) moves part of
+        #     each step's energy into the next step or wait: the truth may lie anywhere between the
+        #     split without one and the split through one as long as a board's lag can be. Not
+        #     where the board's lag was given (lag_s, 0 included): then it is known, not unseen.
+        unlagged = fit_feats.inner if isinstance(fit_feats, _Lagged) else fit_feats  # (never lagged here: no lag was fitted)
+        d_lag = _lag_departure(unlagged, coef_fit, e_rel, edges, w_meas, lo, hi, w_st, w_en, rel, e_rel[0], e_rel[-1],
+                               e_s, e_r, share, on_dev, len(ridx), dyn_split, seg)
+        if noise is not None and noise.get("exposure") is not None:
+            noise["exposure"]["lag"] = d_lag
+        else:
+            spread = (spread[0], np.sqrt(spread[1] ** 2 + d_lag**2))
+    spread = (*spread, s2, noise)
     if lag_tau > 0:
         # 5c. The modelled energy in the waits (the steps' tails, the waits' own terms, through the
         #     lag), shared by time; where nothing is in flight (the tail after the last step before
@@ -1160,6 +1176,8 @@ def _batch_fit(cum: _CumEnergy, trace: DeviceTrace, steps: Steps, s_idx: np.ndar
         "noise": extra_noise,
         "wait_j": wait_j,
     }
+    if slow_w is not None:
+        extra["idle_slow_w"] = slow_w  # for the idle band (attribute takes it out of the summary)
     return dyn, un_t + lost, extra, spread
 
 

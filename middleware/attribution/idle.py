@@ -60,7 +60,8 @@ def _idle_sources(trace: DeviceTrace) -> list[tuple[np.ndarray, np.ndarray, np.n
 
 
 def idle_rel_sd(trace: DeviceTrace, busy: tuple[np.ndarray, np.ndarray], t_ns: np.ndarray,
-                period: tuple[int, int] | None = None) -> np.ndarray | None:
+                period: tuple[int, int] | None = None, curve: _Piecewise | None = None,
+                unseen_w: np.ndarray | None = None) -> np.ndarray | None:
     """Relative standard deviation of the idle baseline at each time ``t_ns``, from the idle
     stretches themselves; ``None`` where fewer than two stretches were seen (no drift to measure).
 
@@ -74,7 +75,13 @@ def idle_rel_sd(trace: DeviceTrace, busy: tuple[np.ndarray, np.ndarray], t_ns: n
 
     ``period``: ``(a, b)``, the stretch ``busy`` describes; a reading wholly outside it (a
     live pass's trace starts before the pass, whose requests are clipped to it) is not
-    known to be idle and is left out."""
+    known to be idle and is left out. ``curve``: the baseline as estimated; where it is not
+    drawn through the stretches (one knot per 30 s bin), it is off by at least how far it
+    passes from the line through their levels, which adds in square. ``unseen_w``: per time, the
+    power (W) the step model's fit leaves unexplained over the request's lifetime; where only two
+    stretches were seen (a run idle only at its ends) the walk's rate rests on one difference and
+    a drift that comes back between them shows in no idle reading, so the baseline is taken to be
+    off by at least that much (a model misfit there is read as drift: the band errs wide)."""
     bs = busy[0]
     for mid, half, pw in _idle_sources(trace):
         is_idle = _idle_mask(mid, half, pw, busy)
@@ -113,7 +120,10 @@ def idle_rel_sd(trace: DeviceTrace, busy: tuple[np.ndarray, np.ndarray], t_ns: n
         outer = np.where(k == 0, tg[0] - t, np.where(k >= len(tg), t - tg[-1], 0.0)) * _NS
         se_lvl = float(np.mean(se2))
         # at most the whole baseline: a baseline read too low by more than itself would be negative
-        out: np.ndarray = np.minimum(np.sqrt(s2 * (bridge + np.maximum(outer, 0.0)) + se_lvl) / level, 1.0)
+        off2 = (curve(np.asarray(t_ns)) - np.interp(t, tg, lvl)) ** 2 if curve is not None else 0.0
+        out: np.ndarray = np.minimum(np.sqrt(s2 * (bridge + np.maximum(outer, 0.0)) + se_lvl + off2) / level, 1.0)
+        if unseen_w is not None and len(n) < 3:
+            out = np.minimum(np.maximum(out, unseen_w / level), 1.0)
         return out
     return None
 
