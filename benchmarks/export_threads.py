@@ -97,6 +97,11 @@ def _snapshot() -> dict[int, tuple[str, int]]:
     return {t.native_id: (t.name, _task_ns(t.native_id)) for t in threading.enumerate() if t.native_id is not None}
 
 
+def _switch_counts() -> dict[int, tuple[str, int]]:
+    """Each thread's context switches so far (voluntary + involuntary: its wake-ups, and the times it was put off a core)."""
+    return {t.native_id: (t.name, _switches(t.native_id)) for t in threading.enumerate() if t.native_id is not None}
+
+
 def _app_with(sinks: set[str]):
     """The otel+wattspan app of overhead_app with only these of wattspan's sinks (spans, metrics, ledger)."""
     import benchmarks.overhead_app as mod
@@ -228,6 +233,7 @@ def child(variant: str, n: int, profile: bool, sinks: str | None = None, profile
         import cProfile
 
         prof = cProfile.Profile()
+    w0 = _switch_counts()
     s0, p0, l0, cs0 = _snapshot(), time.process_time_ns(), time.thread_time_ns(), _switches(main)
     if prof is not None:
         prof.enable()
@@ -235,6 +241,7 @@ def child(variant: str, n: int, profile: bool, sinks: str | None = None, profile
     if prof is not None:
         prof.disable()
     l1, cs1, gcl = time.thread_time_ns(), _switches(main), gc_ns[0]
+    w1 = _switch_counts()
     gc.callbacks.remove(on_gc)
     objs = gc.get_objects()
     tracked = len(objs)  # what a full collection scans, as the last request ended (counted in drain)
@@ -266,6 +273,11 @@ def child(variant: str, n: int, profile: bool, sinks: str | None = None, profile
     out["tracked"] = tracked / 1e3
     if os.environ.get("EXPORT_THREADS_TYPES"):
         out["types"] = types
+    cs_threads: dict[str, int] = {}  # context switches per thread group while the requests ran (per 1,000 requests)
+    for tid, (name, c) in w1.items():
+        g = "loop" if tid == main else _group(name)
+        cs_threads[g] = cs_threads.get(g, 0) + c - w0.get(tid, (name, 0))[1]
+    out["cs_threads"] = {k: v / n * 1e3 for k, v in cs_threads.items()}
     out["gc_gen"] = [[c, ns / n / 1e3] for c, ns in gc_gen]
     out["gc_threads"] = {k: v / n / 1e3 for k, v in gc_other.items()}
     out["gc_threads_gen"] = {k: [c, ns / n / 1e3] for k, (c, ns) in gc_other_gen.items()}

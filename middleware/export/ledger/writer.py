@@ -264,11 +264,11 @@ class Ledger:
                 col = columns.get(name)
                 v = None if col is not None else const[name]
             if name in _CONVERTED:
-                fmt = "{:032x}" if name == "trace_id" else "{:016x}" if name == "span_id" else None
+                fmt = "%032x" if name == "trace_id" else "%016x" if name == "span_id" else None  # what f"{v:032x}" gives
                 if col is not None:
-                    col = [int(x) for x in col] if fmt is None else list(map(fmt.format, col))
+                    col = [int(x) for x in col] if fmt is None else list(map(fmt.__mod__, col))  # (quicker than str.format)
                 else:
-                    v = int(v) if fmt is None else fmt.format(v)
+                    v = int(v) if fmt is None else fmt % v
             if col is None:
                 lit = _literal(v)
                 if lit is not None:
