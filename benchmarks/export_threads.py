@@ -97,9 +97,25 @@ def _snapshot() -> dict[int, tuple[str, int]]:
     return {t.native_id: (t.name, _task_ns(t.native_id)) for t in threading.enumerate() if t.native_id is not None}
 
 
-def _switch_counts() -> dict[int, tuple[str, int]]:
-    """Each thread's context switches so far (voluntary + involuntary: its wake-ups, and the times it was put off a core)."""
-    return {t.native_id: (t.name, _switches(t.native_id)) for t in threading.enumerate() if t.native_id is not None}
+def _switches_split(tid: int) -> tuple[int, int]:
+    """A thread's (voluntary, involuntary) context switches so far: it waited (a lock, the GIL, I/O), or
+    it was put off its core."""
+    vol = inv = 0
+    try:
+        with open(f"/proc/self/task/{tid}/status") as f:
+            for line in f:
+                if line.startswith("voluntary_ctxt_switches"):
+                    vol = int(line.split()[1])
+                elif line.startswith("nonvoluntary_ctxt_switches"):
+                    inv = int(line.split()[1])
+    except OSError:
+        pass
+    return vol, inv
+
+
+def _switch_counts() -> dict[int, tuple[str, tuple[int, int]]]:
+    """Each thread's (voluntary, involuntary) context switches so far."""
+    return {t.native_id: (t.name, _switches_split(t.native_id)) for t in threading.enumerate() if t.native_id is not None}
 
 
 def _app_with(sinks: set[str]):
@@ -273,10 +289,14 @@ def child(variant: str, n: int, profile: bool, sinks: str | None = None, profile
     out["tracked"] = tracked / 1e3
     if os.environ.get("EXPORT_THREADS_TYPES"):
         out["types"] = types
-    cs_threads: dict[str, int] = {}  # context switches per thread group while the requests ran (per 1,000 requests)
-    for tid, (name, c) in w1.items():
+    # context switches per thread group while the requests ran (per 1,000 requests): "<group>" voluntary
+    # (it waited: the GIL, a lock, a condition), "<group>.inv" involuntary (put off its core)
+    cs_threads: dict[str, int] = {}
+    for tid, (name, (vol, inv)) in w1.items():
         g = "loop" if tid == main else _group(name)
-        cs_threads[g] = cs_threads.get(g, 0) + c - w0.get(tid, (name, 0))[1]
+        v0, i0 = w0.get(tid, (name, (0, 0)))[1]
+        cs_threads[g] = cs_threads.get(g, 0) + vol - v0
+        cs_threads[g + ".inv"] = cs_threads.get(g + ".inv", 0) + inv - i0
     out["cs_threads"] = {k: v / n * 1e3 for k, v in cs_threads.items()}
     out["gc_gen"] = [[c, ns / n / 1e3] for c, ns in gc_gen]
     out["gc_threads"] = {k: v / n / 1e3 for k, v in gc_other.items()}

@@ -235,3 +235,24 @@ def test_large_label_sets_bucket_counts_equal_the_sdks_record_per_value():
             assert got[k][1] == pytest.approx(v[1], rel=1e-12)
         else:
             assert got[k] == pytest.approx(v, rel=1e-12)
+
+
+def test_a_pass_goes_in_many_rows_a_statement_in_order_and_a_bad_one_is_stored_once(tmp_path):
+    # a pass's rows go in per_statement rows an INSERT (the rest one by one), in order; a value the
+    # database refuses inside one of those statements sends the batch row by row: each record once
+    batch = _batch(250, 4, mixed=True)
+    bad = 130
+    batch.columns["prompt_tokens"] = [2**70 if i == bad else 0 for i in range(250)]
+    batch.const.pop("prompt_tokens", None)
+    with Ledger(tmp_path / "a.sqlite") as led:
+        shape, rows = led._batch_rows(batch, time.time())
+        assert 1 < shape.per_statement < 250 and 250 % shape.per_statement  # whole statements and a rest
+        led.write(batch)
+        good = request_batch(CarbonModel.for_region("FR"), **_columns(250, 5, True))
+        led.write(good)
+        assert led.flush(10)
+        st = led.stats()
+        rows = led.query()
+    assert [r["id"] for r in rows] == batch.column("id") + good.column("id")
+    assert st["written"] == 500 and st["sanitized"] == 1 and st["dropped"] == 0
+    assert rows[bad]["prompt_tokens"] == 2**63 - 1 and rows[bad + 1]["prompt_tokens"] == 0

@@ -26,6 +26,7 @@ import threading
 import time
 import uuid
 from collections import deque
+from itertools import chain
 from operator import attrgetter, itemgetter
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -59,6 +60,8 @@ _DATA_ERRORS = (OverflowError, ValueError, TypeError, sqlite3.IntegrityError, sq
 _LITERAL_INT = 2**62  # integers below this in magnitude are written into a statement as they are
 _LITERAL_STR = 256  # characters at most of a string written into a statement
 _SHAPES_KEPT = 64  # statements kept for a pass's constants (a few distinct ones on a server)
+_MAX_PARAMS = 999  # parameters one statement may bind (SQLite's limit before 3.32; 32,766 since)
+_ROWS_PER_STATEMENT = 100  # rows at most one INSERT carries
 
 
 def _literal(v: Any) -> str | None:
@@ -89,7 +92,7 @@ class _Shape:
     value) as literals. A meter pass's constant fields (device, sensor, route, run id, ...) are
     thus given to SQLite once per statement, not once per row: what is stored is the same."""
 
-    __slots__ = ("sql", "bound", "const")
+    __slots__ = ("sql", "bound", "const", "per_statement", "multi_sql")
 
     def __init__(self, literals: dict[int, tuple[Any, str]]) -> None:
         """``literals``: column index -> (value, its literal, from :func:`_literal`)."""
@@ -97,6 +100,21 @@ class _Shape:
         self.bound = tuple(i for i in range(len(_ORDER)) if i not in literals)
         values = ", ".join(literals[i][1] if i in literals else "?" for i in range(len(_ORDER)))
         self.sql = f"INSERT INTO requests ({', '.join(_ORDER)}) VALUES ({values})"
+        #: rows one statement of ``multi_sql`` inserts: within the 999 parameters any SQLite takes
+        self.per_statement = max(1, min(_ROWS_PER_STATEMENT, _MAX_PARAMS // max(1, len(self.bound))))
+        self.multi_sql = f"INSERT INTO requests ({', '.join(_ORDER)}) VALUES " + ", ".join([f"({values})"] * self.per_statement)
+
+    def insert(self, conn: sqlite3.Connection, rows: list[_Row]) -> None:
+        """Insert ``rows`` (bound values) in order: ``per_statement`` rows a statement, the rest one a
+        statement. sqlite3 lets go of the GIL around each statement it runs: one statement per row
+        handed it to the event loop and back for every row."""
+        k = self.per_statement
+        n = len(rows) // k * k if k > 1 else 0
+        if n:
+            flat = chain.from_iterable
+            conn.executemany(self.multi_sql, (tuple(flat(rows[i:i + k])) for i in range(0, n, k)))
+        if n < len(rows):
+            conn.executemany(self.sql, rows[n:] if n else rows)
 
     def full(self, row: _Row) -> _Row:
         """The whole row (in ``_ORDER``) of a row of bound values."""
@@ -304,7 +322,7 @@ class Ledger:
                     refused = 0
                     try:
                         for shape, rows in batch:
-                            conn.executemany(shape.sql, rows)
+                            shape.insert(conn, rows)
                     except _DATA_ERRORS:  # a bad record, not a bad disk: insert row by row, clipping
                         # executemany stops at the bad row with the rows before it inserted: undo them
                         # first, or they would be stored twice
