@@ -95,8 +95,8 @@ def test_fine_readings_find_the_lag_of_an_overlapped_pipeline():
 
 
 def test_coarse_readings_keep_no_lag_and_a_given_model_brings_its_own():
-    """A 100 ms counter cannot show a lag of milliseconds (tried, one of 32 ms stood in for the
-    counter's staleness): it fits none; a model fitted on 1 ms readings of the same board carries
+    """This 100 ms counter (jittered refreshes, part-time power beside it) shows no lag of milliseconds
+    on a pipeline stage (tried, one of 32 ms stood in for the counter's staleness): it fits none; a model fitted on 1 ms readings of the same board carries
     its lag to them, and its split of each stretch of time follows the lag."""
     run = _overlapped(0.004, seed=1)
     own, err_own = _attribute(run, "counter-100ms")
@@ -108,6 +108,37 @@ def test_coarse_readings_keep_no_lag_and_a_given_model_brings_its_own():
     for d in given.devices.values():
         assert d.attributed_j + d.unattributed_j == pytest.approx(d.measured_j, rel=1e-9)
     assert np.quantile(err_given, 0.95) < 0.8 * np.quantile(err_own, 0.95)
+
+
+@pytest.mark.parametrize("tau_s", [0.0, 0.006])
+def test_a_coarse_counter_finds_the_lag_through_where_each_step_s_tail_falls(tau_s, monkeypatch):
+    """Readings 100 ms apart cannot place a lag of milliseconds in time, but a whole-window reading
+    (a counter's delta) still sees where each step's tail falls: in the next step or the wait after
+    it, which changes how the window's energy follows its steps. So the search runs on them too: it
+    finds the lag there is, none where there is none, and the split through it is truer."""
+    from wattspan.attribution import fit
+    from wattspan.simulate import SensorSpec, simulate_server
+
+    pm = dataclasses.replace(LAWS["saturating"], between_steps_w=0.0, tau_s=max(tau_s, 1e-6))
+    run = simulate_server(seed=4, duration_s=30, power_model=pm, rate_per_s=5.0)
+    req = Requests.from_records(run.requests)
+    steps = Steps.from_records(run.steps, req)
+    truth = np.array([run.truth[i]["energy_j"] for i in req.ids])
+    spec = SensorSpec("counter-only-100ms", 100_000_000, power="none", energy=True, energy_refresh_ns=100_000_000,
+                      energy_refresh_jitter_ns=0)
+    trace = sense(run, spec, seed=7)
+    res = attribute([trace], req, steps)
+    d = next(iter(res.devices.values()))
+    p95 = np.quantile(np.abs(res.energy_j - truth) / truth, 0.95)
+    assert d.attributed_j + d.unattributed_j == pytest.approx(d.measured_j, rel=1e-9)
+    if tau_s == 0.0:
+        assert d.model.lag_tau_s == 0.0, d.model.why
+        return
+    assert d.model.lag_tau_s == pytest.approx(tau_s, rel=0.2), d.model.why
+    monkeypatch.setattr(fit, "_whole_windows", lambda *a: False)  # the search as it was: readings 50 ms apart or closer
+    blind = attribute([trace], req, steps)
+    assert next(iter(blind.devices.values())).model.lag_tau_s == 0.0
+    assert p95 < 0.6 * np.quantile(np.abs(blind.energy_j - truth) / truth, 0.95)
 
 
 def test_a_lag_still_falling_at_the_longest_tried_is_left_to_the_sensor():

@@ -400,8 +400,10 @@ def _sequential(st_ns: np.ndarray, en_ns: np.ndarray) -> bool:
 
 
 #: Electrical lags tried (s): 0.25 ms to 32 ms by factors of 2, then refined between the best's
-#: neighbours (a best at 32 ms is no lag found); only on readings spaced ``_LAG_READING_NS`` or
-#: closer (a lag of milliseconds moves energy between readings only that fine).
+#: neighbours (a best at 32 ms is no lag found); on readings spaced ``_LAG_READING_NS`` or closer
+#: (a lag of milliseconds moves energy between readings that fine), and on whole-window readings
+#: at any spacing (:func:`_whole_windows`: a lag also moves each step's tail into the wait after
+#: it, which changes how a window's energy follows its steps and waits).
 _LAGS_S = tuple(0.00025 * 2.0**k for k in range(8))
 _LAG_READING_NS = 50_000_000
 _LAG_REFINE = 6  # golden-section steps after the grid (the bracket shrinks to 2 x 0.618^8 of a factor 2)
@@ -478,6 +480,16 @@ def _cv_error(A: np.ndarray, y: np.ndarray, cols: tuple[int, ...], folds: int = 
     return math.sqrt(max(sse, 0.0) / ms) if ms > 0 else math.inf
 
 
+def _whole_windows(cum: _CumEnergy, trace: DeviceTrace, t_row: np.ndarray) -> bool:
+    """Whether each reading holds every joule of its interval: an energy counter's deltas, or average
+    power over a window at least as long as the spacing. A part-time reading (an instant value, a
+    short average) covers an unknown slice of its interval: where it fell blurs a lag's few
+    milliseconds beyond telling at coarse spacing."""
+    if cum.source == "energy-counter":
+        return True
+    return trace.power_kind == SampleKind.AVERAGE and trace.window_ns >= 0.9 * _typical_interval(t_row)
+
+
 def _choose_lag(cum: _CumEnergy, trace: DeviceTrace, base: _StepFeatures | _Beside, idle_curve: _Piecewise, a: int, b: int,
                 rel: _Rel, sel: Selection, fams: dict[str, tuple[int, ...]], t_row: np.ndarray
                 ) -> tuple[float, _Rows | None, dict[float, float]]:
@@ -485,7 +497,7 @@ def _choose_lag(cum: _CumEnergy, trace: DeviceTrace, base: _StepFeatures | _Besi
     ``(tau, rows, scores)``, or ``(0.0, None, scores)``. Chosen on the family's features and at most
     ``_LAG_ROWS`` readings (:func:`_lag_stretches`), then held to the same test on every reading."""
     scores: dict[float, float] = {}
-    if len(t_row) < 16 or _typical_interval(t_row) > _LAG_READING_NS:
+    if len(t_row) < 16 or (_typical_interval(t_row) > _LAG_READING_NS and not _whole_windows(cum, trace, t_row)):
         return 0.0, None, scores
     cols = fams[sel.family]
     own = tuple(range(len(cols)))  # the lagged rows' columns: the family's only
