@@ -435,6 +435,25 @@ def main() -> None:
         if xs:
             lines.append(f"* wattspan's part (total less sampler, minus otel): {statistics.median(xs):.2f}x "
                          f"({min(xs):.2f}x to {max(xs):.2f}x)")
+    # the meter thread's pass, part by part (the child's timers on that thread), and each thread's context switches
+    parts = ("_pass", "_drain", "_attribute", "request_records", "_to_sinks")
+    sink_names = ("EnergySpanProcessor", "Ledger", "EnergyMetrics")
+    lines += ["", "The meter's pass on its thread (the child's timers; `_pass` is all of it; `request_records`: building the",
+              "records' columns; `_to_sinks`: the sinks' `on_records`, then each sink's), median over rounds, us per request:", "",
+              "| run | " + " | ".join((*parts, *sink_names)) + " |", "|---|" + "---:|" * (len(parts) + len(sink_names))]
+    for k in keys[1:]:
+        cells = [statistics.median(x.get("meter_parts", {}).get(c, 0.0) for x in res[k]) for c in parts]
+        cells += [statistics.median(x.get("sinks", {}).get(c, 0.0) for x in res[k]) for c in sink_names]
+        lines.append(f"| {names[k]} | " + " | ".join(f"{v:.2f}" for v in cells) + " |")
+    groups = [g for g in ("loop", "meter", "ledger", "bsp", "hold", "sampler") if any(g in x.get("cs_threads", {}) for k in keys for x in res[k])]
+    if groups:
+        lines += ["", "Context switches per 1,000 requests while the requests ran, by thread: voluntary (it waited: the GIL, a",
+                  "lock) / involuntary (put off its core: the machine's other jobs), median over rounds:", "",
+                  "| run | " + " | ".join(groups) + " |", "|---|" + "---:|" * len(groups)]
+        for k in keys:
+            cs = [f"{statistics.median(x.get('cs_threads', {}).get(g, 0.0) for x in res[k]):.1f} / "
+                  f"{statistics.median(x.get('cs_threads', {}).get(g + '.inv', 0.0) for x in res[k]):.1f}" for g in groups]
+            lines.append(f"| {names[k]} | " + " | ".join(cs) + " |")
     spans = res["this"][-1].get("spans")
     if spans:
         lines += ["", "The span processor's counters in the last run of this tree: "
