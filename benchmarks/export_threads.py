@@ -398,7 +398,7 @@ def main() -> None:
         "# Exporting: CPU per request, thread by thread",
         "",
         f"Command: `python benchmarks/export_threads.py --requests {a.requests} --rounds {a.rounds}"
-        f"{' --base ' + a.base if a.base else ''} --record`",
+        f"{' --base ' + a.base if a.base else ''} {'--out ' + str(a.out) if a.out is not None else '--record'}`",
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; load average at the end "
         f"{os.getloadavg()[0]:.1f} (1 min). Per-thread CPU from `/proc/self/task/*/schedstat` (see the script's docstring);",
         f"{a.requests:,} requests to the trivial `/` of `benchmarks/overhead_app.py` per run, {a.rounds} interleaved rounds,",
