@@ -102,21 +102,45 @@ def test_a_pass_constant_stores_what_binding_it_stores(tmp_path, field, value):
     # type, and are bound otherwise: the rows read back equal the plain list path's, field by field
     import math
 
-    batch = _batch(50, 3, mixed=False)
+    batch = _batch(100, 3, mixed=False)  # (a pass of 64 records or more: smaller ones bind every value)
     batch.columns.pop(field, None)
     batch.const[field] = value
     with Ledger(tmp_path / "a.sqlite") as led:
         led.write(batch)
+        led.write(batch)  # the second with the many-rows statement of the first's constants
         led.write(batch.records())
         assert led.flush(10)
         rows = led.query()
-    assert len(rows) == 100
-    for a, b in zip(rows[:50], rows[50:]):
-        del a["recorded_at"], b["recorded_at"]
-        assert a == b
-        assert [type(x) for x in a.values()] == [type(x) for x in b.values()]
-        assert math.copysign(1.0, a["host_j"]) == math.copysign(1.0, b["host_j"])
+    assert len(rows) == 300
+    for a, b, c in zip(rows[:100], rows[100:200], rows[200:]):  # one row a statement, many, the list's
+        for r in (a, b, c):
+            del r["recorded_at"]
+        assert a == c and b == c
+        assert [type(x) for x in a.values()] == [type(x) for x in b.values()] == [type(x) for x in c.values()]
+        assert math.copysign(1.0, a["host_j"]) == math.copysign(1.0, b["host_j"]) == math.copysign(1.0, c["host_j"])
     assert rows[0][field] == value
+
+
+def test_a_small_pass_binds_every_value_and_a_new_set_of_constants_gets_no_many_rows_statement(tmp_path):
+    # statements are compiled per set of a pass's constants: a small pass binds everything (the one
+    # statement all such passes share), and a set of constants seen once is inserted one row a statement
+    with Ledger(tmp_path / "a.sqlite") as led:
+        shape, rows = led._batch_rows(_batch(20, 1), time.time())
+        assert not shape.const and len(rows[0]) == 41
+        big = _batch(300, 2)
+        shape, _ = led._batch_rows(big, time.time())
+        assert shape.const and shape.used == 0
+        inserts: list[str] = []
+        assert led._conn is not None
+        led._conn.set_trace_callback(lambda sql: inserts.append(sql) if sql.startswith("INSERT") else None)
+        led.write(big)
+        assert led.flush(10) and shape.used == 1
+        first = len(inserts)
+        led.write(big)
+        assert led.flush(10) and shape.used == 2
+        k = shape.per_statement
+        assert first == 300 and len(inserts) - first == 300 // k + 300 % k  # one a row, then k a statement
+        assert [r["id"] for r in led.query()] == big.column("id") * 2
 
 
 def test_ledger_rows_from_the_columns_are_the_records_rows(tmp_path):
@@ -247,6 +271,7 @@ def test_a_pass_goes_in_many_rows_a_statement_in_order_and_a_bad_one_is_stored_o
     with Ledger(tmp_path / "a.sqlite") as led:
         shape, rows = led._batch_rows(batch, time.time())
         assert 1 < shape.per_statement < 250 and 250 % shape.per_statement  # whole statements and a rest
+        shape.used = 1  # its constants seen before: the many-rows statement from the first write
         led.write(batch)
         good = request_batch(CarbonModel.for_region("FR"), **_columns(250, 5, True))
         led.write(good)

@@ -62,6 +62,10 @@ _LITERAL_STR = 256  # characters at most of a string written into a statement
 _SHAPES_KEPT = 64  # statements kept for a pass's constants (a few distinct ones on a server)
 _MAX_PARAMS = 999  # parameters one statement may bind (SQLite's limit before 3.32; 32,766 since)
 _ROWS_PER_STATEMENT = 100  # rows at most one INSERT carries
+# A statement of its own is compiled for each new set of a pass's constants (~30 us one row a statement,
+# ~0.7 ms a hundred): smaller passes bind every value, with the one statement every such pass shares,
+# and the many-rows statement is made only for a set of constants seen before
+_LITERAL_MIN_ROWS = 64
 
 
 def _literal(v: Any) -> str | None:
@@ -92,7 +96,7 @@ class _Shape:
     value) as literals. A meter pass's constant fields (device, sensor, route, run id, ...) are
     thus given to SQLite once per statement, not once per row: what is stored is the same."""
 
-    __slots__ = ("sql", "bound", "const", "per_statement", "multi_sql")
+    __slots__ = ("sql", "bound", "const", "per_statement", "multi_sql", "used")
 
     def __init__(self, literals: dict[int, tuple[Any, str]]) -> None:
         """``literals``: column index -> (value, its literal, from :func:`_literal`)."""
@@ -103,13 +107,17 @@ class _Shape:
         #: rows one statement of ``multi_sql`` inserts: within the 999 parameters any SQLite takes
         self.per_statement = max(1, min(_ROWS_PER_STATEMENT, _MAX_PARAMS // max(1, len(self.bound))))
         self.multi_sql = f"INSERT INTO requests ({', '.join(_ORDER)}) VALUES " + ", ".join([f"({values})"] * self.per_statement)
+        self.used = 0  # batches inserted with it (by the writer thread)
 
     def insert(self, conn: sqlite3.Connection, rows: list[_Row]) -> None:
         """Insert ``rows`` (bound values) in order: ``per_statement`` rows a statement, the rest one a
         statement. sqlite3 lets go of the GIL around each statement it runs: one statement per row
         handed it to the event loop and back for every row."""
         k = self.per_statement
-        n = len(rows) // k * k if k > 1 else 0
+        # (one set of constants seen once, as a pass whose labels all differ from the last ones': its one-row
+        # statement only, not a many-rows statement compiled for it alone)
+        n = len(rows) // k * k if k > 1 and (self.used or not self.const) else 0
+        self.used += 1
         if n:
             flat = chain.from_iterable
             conn.executemany(self.multi_sql, (tuple(flat(rows[i:i + k])) for i in range(0, n, k)))
@@ -269,6 +277,7 @@ class Ledger:
         n = len(batch)
         const, columns = batch.const, batch.columns
         literals: dict[int, tuple[Any, str]] = {}
+        few = n < _LITERAL_MIN_ROWS  # every value bound (_ALL_BOUND's statement)
         parts: list[Sequence[Any]] = []
         col: Sequence[Any] | None
         v: Any
@@ -288,12 +297,14 @@ class Ledger:
                 else:
                     v = int(v) if fmt is None else fmt % v
             if col is None:
-                lit = _literal(v)
+                lit = None if few else _literal(v)
                 if lit is not None:
                     literals[i] = (v, lit)
                     continue
                 col = [v] * n
             parts.append(col)
+        if few:
+            return _ALL_BOUND, list(zip(*parts))
         key = tuple((i, lit) for i, (_, lit) in literals.items())
         shape = self._shapes.get(key)
         if shape is None:
