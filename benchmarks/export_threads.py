@@ -97,6 +97,27 @@ def _snapshot() -> dict[int, tuple[str, int]]:
     return {t.native_id: (t.name, _task_ns(t.native_id)) for t in threading.enumerate() if t.native_id is not None}
 
 
+def _switches_split(tid: int) -> tuple[int, int]:
+    """A thread's (voluntary, involuntary) context switches so far: it waited (a lock, the GIL, I/O), or
+    it was put off its core."""
+    vol = inv = 0
+    try:
+        with open(f"/proc/self/task/{tid}/status") as f:
+            for line in f:
+                if line.startswith("voluntary_ctxt_switches"):
+                    vol = int(line.split()[1])
+                elif line.startswith("nonvoluntary_ctxt_switches"):
+                    inv = int(line.split()[1])
+    except OSError:
+        pass
+    return vol, inv
+
+
+def _switch_counts() -> dict[int, tuple[str, tuple[int, int]]]:
+    """Each thread's (voluntary, involuntary) context switches so far."""
+    return {t.native_id: (t.name, _switches_split(t.native_id)) for t in threading.enumerate() if t.native_id is not None}
+
+
 def _app_with(sinks: set[str]):
     """The otel+wattspan app of overhead_app with only these of wattspan's sinks (spans, metrics, ledger)."""
     import benchmarks.overhead_app as mod
@@ -228,6 +249,7 @@ def child(variant: str, n: int, profile: bool, sinks: str | None = None, profile
         import cProfile
 
         prof = cProfile.Profile()
+    w0 = _switch_counts()
     s0, p0, l0, cs0 = _snapshot(), time.process_time_ns(), time.thread_time_ns(), _switches(main)
     if prof is not None:
         prof.enable()
@@ -235,6 +257,7 @@ def child(variant: str, n: int, profile: bool, sinks: str | None = None, profile
     if prof is not None:
         prof.disable()
     l1, cs1, gcl = time.thread_time_ns(), _switches(main), gc_ns[0]
+    w1 = _switch_counts()
     gc.callbacks.remove(on_gc)
     objs = gc.get_objects()
     tracked = len(objs)  # what a full collection scans, as the last request ended (counted in drain)
@@ -266,6 +289,15 @@ def child(variant: str, n: int, profile: bool, sinks: str | None = None, profile
     out["tracked"] = tracked / 1e3
     if os.environ.get("EXPORT_THREADS_TYPES"):
         out["types"] = types
+    # context switches per thread group while the requests ran (per 1,000 requests): "<group>" voluntary
+    # (it waited: the GIL, a lock, a condition), "<group>.inv" involuntary (put off its core)
+    cs_threads: dict[str, int] = {}
+    for tid, (name, (vol, inv)) in w1.items():
+        g = "loop" if tid == main else _group(name)
+        v0, i0 = w0.get(tid, (name, (0, 0)))[1]
+        cs_threads[g] = cs_threads.get(g, 0) + vol - v0
+        cs_threads[g + ".inv"] = cs_threads.get(g + ".inv", 0) + inv - i0
+    out["cs_threads"] = {k: v / n * 1e3 for k, v in cs_threads.items()}
     out["gc_gen"] = [[c, ns / n / 1e3] for c, ns in gc_gen]
     out["gc_threads"] = {k: v / n / 1e3 for k, v in gc_other.items()}
     out["gc_threads_gen"] = {k: [c, ns / n / 1e3] for k, (c, ns) in gc_other_gen.items()}
@@ -366,7 +398,7 @@ def main() -> None:
         "# Exporting: CPU per request, thread by thread",
         "",
         f"Command: `python benchmarks/export_threads.py --requests {a.requests} --rounds {a.rounds}"
-        f"{' --base ' + a.base if a.base else ''} --record`",
+        f"{' --base ' + a.base if a.base else ''} {'--out ' + str(a.out) if a.out is not None else '--record'}`",
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; load average at the end "
         f"{os.getloadavg()[0]:.1f} (1 min). Per-thread CPU from `/proc/self/task/*/schedstat` (see the script's docstring);",
         f"{a.requests:,} requests to the trivial `/` of `benchmarks/overhead_app.py` per run, {a.rounds} interleaved rounds,",
@@ -403,6 +435,25 @@ def main() -> None:
         if xs:
             lines.append(f"* wattspan's part (total less sampler, minus otel): {statistics.median(xs):.2f}x "
                          f"({min(xs):.2f}x to {max(xs):.2f}x)")
+    # the meter thread's pass, part by part (the child's timers on that thread), and each thread's context switches
+    parts = ("_pass", "_drain", "_attribute", "request_records", "_to_sinks")
+    sink_names = ("EnergySpanProcessor", "Ledger", "EnergyMetrics")
+    lines += ["", "The meter's pass on its thread (the child's timers; `_pass` is all of it; `request_records`: building the",
+              "records' columns; `_to_sinks`: the sinks' `on_records`, then each sink's), median over rounds, us per request:", "",
+              "| run | " + " | ".join((*parts, *sink_names)) + " |", "|---|" + "---:|" * (len(parts) + len(sink_names))]
+    for k in keys[1:]:
+        cells = [statistics.median(x.get("meter_parts", {}).get(c, 0.0) for x in res[k]) for c in parts]
+        cells += [statistics.median(x.get("sinks", {}).get(c, 0.0) for x in res[k]) for c in sink_names]
+        lines.append(f"| {names[k]} | " + " | ".join(f"{v:.2f}" for v in cells) + " |")
+    groups = [g for g in ("loop", "meter", "ledger", "bsp", "hold", "sampler") if any(g in x.get("cs_threads", {}) for k in keys for x in res[k])]
+    if groups:
+        lines += ["", "Context switches per 1,000 requests while the requests ran, by thread: voluntary (it waited: the GIL, a",
+                  "lock) / involuntary (put off its core: the machine's other jobs), median over rounds:", "",
+                  "| run | " + " | ".join(groups) + " |", "|---|" + "---:|" * len(groups)]
+        for k in keys:
+            cs = [f"{statistics.median(x.get('cs_threads', {}).get(g, 0.0) for x in res[k]):.1f} / "
+                  f"{statistics.median(x.get('cs_threads', {}).get(g + '.inv', 0.0) for x in res[k]):.1f}" for g in groups]
+            lines.append(f"| {names[k]} | " + " | ".join(cs) + " |")
     spans = res["this"][-1].get("spans")
     if spans:
         lines += ["", "The span processor's counters in the last run of this tree: "

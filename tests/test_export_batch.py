@@ -92,11 +92,64 @@ def test_batch_attributes_are_record_attributes_in_order_and_type(mixed):
     assert batch_attributes(batch) is None
 
 
+@pytest.mark.parametrize("field, value", [
+    ("route", "/it's \"quoted\"; --"), ("route", "/" + "x" * 300), ("model", "naïve-模型"), ("host_j", -0.0),
+    ("host_j", 1e300), ("intensity_g_per_kwh", 436.7), ("coverage", 1.0), ("prompt_tokens", 2**62),
+    ("prompt_tokens", -(2**63)), ("status_code", -1), ("tenant", ""), ("energy_j_high", 2.0**53), ("quality", "a\nb"),
+])
+def test_a_pass_constant_stores_what_binding_it_stores(tmp_path, field, value):
+    # a pass's constant fields go into the statement as literals where that stores the same value and
+    # type, and are bound otherwise: the rows read back equal the plain list path's, field by field
+    import math
+
+    batch = _batch(100, 3, mixed=False)  # (a pass of 64 records or more: smaller ones bind every value)
+    batch.columns.pop(field, None)
+    batch.const[field] = value
+    with Ledger(tmp_path / "a.sqlite") as led:
+        led.write(batch)
+        led.write(batch)  # the second with the many-rows statement of the first's constants
+        led.write(batch.records())
+        assert led.flush(10)
+        rows = led.query()
+    assert len(rows) == 300
+    for a, b, c in zip(rows[:100], rows[100:200], rows[200:]):  # one row a statement, many, the list's
+        for r in (a, b, c):
+            del r["recorded_at"]
+        assert a == c and b == c
+        assert [type(x) for x in a.values()] == [type(x) for x in b.values()] == [type(x) for x in c.values()]
+        assert math.copysign(1.0, a["host_j"]) == math.copysign(1.0, b["host_j"]) == math.copysign(1.0, c["host_j"])
+    assert rows[0][field] == value
+
+
+def test_a_small_pass_binds_every_value_and_a_new_set_of_constants_gets_no_many_rows_statement(tmp_path):
+    # statements are compiled per set of a pass's constants: a small pass binds everything (the one
+    # statement all such passes share), and a set of constants seen once is inserted one row a statement
+    with Ledger(tmp_path / "a.sqlite") as led:
+        shape, rows = led._batch_rows(_batch(20, 1), time.time())
+        assert not shape.const and len(rows[0]) == 41
+        big = _batch(300, 2)
+        shape, _ = led._batch_rows(big, time.time())
+        assert shape.const and shape.used == 0
+        inserts: list[str] = []
+        assert led._conn is not None
+        led._conn.set_trace_callback(lambda sql: inserts.append(sql) if sql.startswith("INSERT") else None)
+        led.write(big)
+        assert led.flush(10) and shape.used == 1
+        first = len(inserts)
+        led.write(big)
+        assert led.flush(10) and shape.used == 2
+        k = shape.per_statement
+        assert first == 300 and len(inserts) - first == 300 // k + 300 % k  # one a row, then k a statement
+        assert [r["id"] for r in led.query()] == big.column("id") * 2
+
+
 def test_ledger_rows_from_the_columns_are_the_records_rows(tmp_path):
     batch = _batch(120, 2)
     with Ledger(tmp_path / "a.sqlite") as led:
         now = time.time()
-        assert led._batch_rows(batch, now) == led._rows(batch.records(), now)
+        shape, rows = led._batch_rows(batch, now)
+        assert [shape.full(r) for r in rows] == led._rows(batch.records(), now)
+        assert shape.const and shape.sql.count("?") == len(shape.bound) == len(rows[0])  # constants in the statement
         led.write(batch)
         led.write(batch.records())
         assert led.flush(10)
@@ -206,3 +259,25 @@ def test_large_label_sets_bucket_counts_equal_the_sdks_record_per_value():
             assert got[k][1] == pytest.approx(v[1], rel=1e-12)
         else:
             assert got[k] == pytest.approx(v, rel=1e-12)
+
+
+def test_a_pass_goes_in_many_rows_a_statement_in_order_and_a_bad_one_is_stored_once(tmp_path):
+    # a pass's rows go in per_statement rows an INSERT (the rest one by one), in order; a value the
+    # database refuses inside one of those statements sends the batch row by row: each record once
+    batch = _batch(250, 4, mixed=True)
+    bad = 130
+    batch.columns["prompt_tokens"] = [2**70 if i == bad else 0 for i in range(250)]
+    batch.const.pop("prompt_tokens", None)
+    with Ledger(tmp_path / "a.sqlite") as led:
+        shape, rows = led._batch_rows(batch, time.time())
+        assert 1 < shape.per_statement < 250 and 250 % shape.per_statement  # whole statements and a rest
+        shape.used = 1  # its constants seen before: the many-rows statement from the first write
+        led.write(batch)
+        good = request_batch(CarbonModel.for_region("FR"), **_columns(250, 5, True))
+        led.write(good)
+        assert led.flush(10)
+        st = led.stats()
+        rows = led.query()
+    assert [r["id"] for r in rows] == batch.column("id") + good.column("id")
+    assert st["written"] == 500 and st["sanitized"] == 1 and st["dropped"] == 0
+    assert rows[bad]["prompt_tokens"] == 2**63 - 1 and rows[bad + 1]["prompt_tokens"] == 0

@@ -400,3 +400,31 @@ def test_only_spans_without_events_links_or_drops_are_held_packed():
     dropped = ended(event=True)
     assert dropped.dropped_events == 1 and not dropped.events
     tp.shutdown()
+
+
+def test_held_spans_of_several_providers_and_scopes_keep_their_own_resource_and_scope():
+    # one processor behind two tracer providers (two resources) and two tracers each (two scopes), their
+    # server spans interleaved: each packed span is rebuilt with its own resource and scope (the
+    # processor remembers the last span's and must not hand it to the next one of another)
+    exporter = Collect()
+    proc = EnergySpanProcessor(BatchSpanProcessor(exporter, schedule_delay_millis=60_000), hold_timeout_s=60)
+    tracers = []
+    for svc in ("a", "b"):
+        tp = TracerProvider(resource=Resource.create({"service.name": svc}))
+        tp.add_span_processor(proc)
+        tracers += [(svc, scope, tp.get_tracer(scope)) for scope in ("s1", "s2")]
+    made = []
+    for i in range(12):
+        svc, scope, tracer = tracers[(i * 3) % 4]
+        s = tracer.start_span(f"{svc}-{scope}-{i}", kind=SpanKind.SERVER)
+        proc.expect(s)
+        s.end()
+        made.append(s)
+    assert len(proc._held) == 12 and len(proc._shared) == 4  # all held packed
+    proc.on_records([make_record(s.context.span_id, seed=i) for i, s in enumerate(made)])
+    proc.force_flush()
+    assert len(exporter.spans) == 12
+    for s in exporter.spans:
+        svc, scope, _ = s.name.split("-")
+        assert s.resource.attributes["service.name"] == svc and s.instrumentation_scope.name == scope
+        assert s.attributes["wattspan.status"] == "final"

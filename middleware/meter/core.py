@@ -1381,10 +1381,13 @@ class Meter:
         ended = [r for r in rows if rid_of[r] is not None and (e := end_of[r]) is not None and e <= cut]
         if not ended:
             return
+        # (a pass's requests are on one device, as a rule: one look at each distinct device, not at each request)
+        grouped = any("," in d for d in set(map(dev_of.__getitem__, ended)))
         self._hist_reqs.extend([(rid_of[r] or "", start_of[r], end_of[r] or 0, dev_of[r]) for r in ended  # (ended: both set)
-                                if "," not in dev_of[r] or self._group_done(r)])
+                                if "," not in dev_of[r] or self._group_done(r)] if grouped else
+                               [(rid_of[r] or "", start_of[r], end_of[r] or 0, dev_of[r]) for r in ended])
         peer_of = table.peer
-        if (table.peers and any(peer_of[r] for r in ended)) or any("," in dev_of[r] for r in ended):
+        if (table.peers and any(map(peer_of.__getitem__, ended))) or grouped:
             done = []
             for r in ended:
                 if "," in dev_of[r] and not self._group_done(r):
@@ -1444,7 +1447,7 @@ class Meter:
             labels=None if label_columns is not None else [m if type(m) is RequestLabels else _labels(m) for m in metas],
             label_columns=label_columns,
             device_energy=([_parts_json(dev_of[r], table.parts[r]) if "," in dev_of[r] else "" for r in done]
-                           if any("," in d for d in set(devices)) else ""),
+                           if grouped else ""),
         )
         self.counters["records"] += len(batch)
         self._final_j += float(energy.sum())

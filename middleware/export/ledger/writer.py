@@ -26,7 +26,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from itertools import islice
+from itertools import chain
 from operator import attrgetter, itemgetter
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -38,7 +38,7 @@ from .schema import GROUP_BY, NAMES, SCHEMA_VERSION, aggregate, create_schema, q
 
 __all__ = ["Ledger", "query", "aggregate", "GROUP_BY", "SCHEMA_VERSION"]
 
-_Row = tuple[Any, ...]  # one requests-table row, in the order of _INSERT
+_Row = tuple[Any, ...]  # one requests-table row, in the order of _INSERT (or a _Shape's bound values)
 log = get_logger(__name__)
 
 # A row is the record's fields that go in as they are (read with one itemgetter), then the three
@@ -46,8 +46,8 @@ log = get_logger(__name__)
 # INSERT names its columns in that order, so a row is one tuple concatenation, no list in between.
 _CONVERTED = ("simulated", "trace_id", "span_id")
 _PLAIN = tuple(n for n in NAMES if n not in _CONVERTED)
-_INSERT = (f"INSERT INTO requests ({', '.join((*_PLAIN, *_CONVERTED, 'recorded_at', 'run_id'))}) "
-           f"VALUES ({', '.join('?' * (len(NAMES) + 2))})")
+_ORDER = (*_PLAIN, *_CONVERTED, "recorded_at", "run_id")
+_INSERT = f"INSERT INTO requests ({', '.join(_ORDER)}) VALUES ({', '.join('?' * len(_ORDER))})"
 _ITEMS = itemgetter(*_PLAIN)
 _GET = attrgetter(*_PLAIN)
 _BATCH = 2000  # rows per transaction
@@ -57,6 +57,86 @@ _LOG_EVERY_S = 60.0  # at most one log line per kind of trouble per minute
 _I64 = (-(2**63), 2**63 - 1)
 # what a bad value (not a bad disk) raises from sqlite3's executemany
 _DATA_ERRORS = (OverflowError, ValueError, TypeError, sqlite3.IntegrityError, sqlite3.InterfaceError, sqlite3.DataError)
+_LITERAL_INT = 2**62  # integers below this in magnitude are written into a statement as they are
+_LITERAL_STR = 256  # characters at most of a string written into a statement
+_SHAPES_KEPT = 64  # statements kept for a pass's constants (a few distinct ones on a server)
+_MAX_PARAMS = 999  # parameters one statement may bind (SQLite's limit before 3.32; 32,766 since)
+_ROWS_PER_STATEMENT = 100  # rows at most one INSERT carries
+# A statement of its own is compiled for each new set of a pass's constants (~30 us one row a statement,
+# ~0.7 ms a hundred): smaller passes bind every value, with the one statement every such pass shares,
+# and the many-rows statement is made only for a set of constants seen before
+_LITERAL_MIN_ROWS = 64
+
+
+def _literal(v: Any) -> str | None:
+    """``v`` as an SQL literal that stores exactly what binding ``v`` stores, or None where that is
+    not certain (then it is bound): text without NUL or lone surrogates (short), an int well inside
+    64 bits, a float that is a whole number below 2**53 (parsed exactly: 1.0, 0.0, 400.0; not -0.0)."""
+    if type(v) is str:  # (a subclass is bound: its str() may differ)
+        if len(v) > _LITERAL_STR or "\x00" in v:
+            return None
+        if not v.isascii():
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:  # a lone surrogate: sqlite3 refuses it, the row goes the sanitising way
+                return None
+        return "'" + v.replace("'", "''") + "'"
+    if type(v) is int:
+        return str(v) if -_LITERAL_INT < v < _LITERAL_INT else None
+    if type(v) is float:
+        if v.is_integer() and abs(v) < 2.0**53 and not (v == 0.0 and math.copysign(1.0, v) < 0):
+            return repr(v)
+        return None
+    return None
+
+
+class _Shape:
+    """How a queued row goes in: ``sql`` binds the columns at ``bound`` (indexes into ``_ORDER``;
+    a row holds their values, in that order) and carries the others' values (``const``: index ->
+    value) as literals. A meter pass's constant fields (device, sensor, route, run id, ...) are
+    thus given to SQLite once per statement, not once per row: what is stored is the same."""
+
+    __slots__ = ("sql", "bound", "const", "per_statement", "multi_sql", "used")
+
+    def __init__(self, literals: dict[int, tuple[Any, str]]) -> None:
+        """``literals``: column index -> (value, its literal, from :func:`_literal`)."""
+        self.const = {i: v for i, (v, _) in literals.items()}
+        self.bound = tuple(i for i in range(len(_ORDER)) if i not in literals)
+        values = ", ".join(literals[i][1] if i in literals else "?" for i in range(len(_ORDER)))
+        self.sql = f"INSERT INTO requests ({', '.join(_ORDER)}) VALUES ({values})"
+        #: rows one statement of ``multi_sql`` inserts: within the 999 parameters any SQLite takes
+        self.per_statement = max(1, min(_ROWS_PER_STATEMENT, _MAX_PARAMS // max(1, len(self.bound))))
+        self.multi_sql = f"INSERT INTO requests ({', '.join(_ORDER)}) VALUES " + ", ".join([f"({values})"] * self.per_statement)
+        self.used = 0  # batches inserted with it (by the writer thread)
+
+    def insert(self, conn: sqlite3.Connection, rows: list[_Row]) -> None:
+        """Insert ``rows`` (bound values) in order: ``per_statement`` rows a statement, the rest one a
+        statement. sqlite3 lets go of the GIL around each statement it runs: one statement per row
+        handed it to the event loop and back for every row."""
+        k = self.per_statement
+        # (one set of constants seen once, as a pass whose labels all differ from the last ones': its one-row
+        # statement only, not a many-rows statement compiled for it alone)
+        n = len(rows) // k * k if k > 1 and (self.used or not self.const) else 0
+        self.used += 1
+        if n:
+            flat = chain.from_iterable
+            conn.executemany(self.multi_sql, (tuple(flat(rows[i:i + k])) for i in range(0, n, k)))
+        if n < len(rows):
+            conn.executemany(self.sql, rows[n:] if n else rows)
+
+    def full(self, row: _Row) -> _Row:
+        """The whole row (in ``_ORDER``) of a row of bound values."""
+        if not self.const:
+            return row
+        out: list[Any] = [None] * len(_ORDER)
+        for i, v in zip(self.bound, row):
+            out[i] = v
+        for i, v in self.const.items():
+            out[i] = v
+        return tuple(out)
+
+
+_ALL_BOUND = _Shape({})  # rows given whole (Ledger.write of a list of records)
 
 
 class Ledger:
@@ -80,7 +160,11 @@ class Ledger:
         self.path = Path(path)
         self.run_id = run_id or uuid.uuid4().hex
         self.max_queue, self.retention_days = max_queue, retention_days
-        self._pending: deque[_Row] = deque()  # committed rows leave it only after COMMIT
+        # queued rows, a write's at a time: [shape, rows, how many of them are committed]; committed rows
+        # leave it only after COMMIT (the writer thread alone takes them)
+        self._pending: deque[list[Any]] = deque()
+        self._queued = 0  # rows in _pending not yet committed
+        self._shapes: dict[tuple[tuple[int, str], ...], _Shape] = {}  # by the literals a pass's constants give
         self._cv = threading.Condition()
         self._written = self._dropped = self._errors = self._sanitized = 0
         self._closing, self._deadline = False, math.inf
@@ -105,14 +189,21 @@ class Ledger:
         Raises ``TypeError`` (before queueing any) if an item is not a RequestRecord.
         """
         now = time.time()
-        rows = self._batch_rows(records, now) if type(records) is RecordBatch else self._rows(records, now)
+        if type(records) is RecordBatch:
+            shape, rows = self._batch_rows(records, now)
+        else:
+            shape, rows = _ALL_BOUND, self._rows(records, now)
         with self._cv:
-            room = 0 if self._closing else max(0, self.max_queue - len(self._pending))
-            self._pending.extend(rows[:room])
-            lost = max(0, len(rows) - room)
+            room = 0 if self._closing else max(0, self.max_queue - self._queued)
+            kept = rows if room >= len(rows) else rows[:room]
+            if kept:
+                self._pending.append([shape, kept, 0])
+                self._queued += len(kept)
+            lost = len(rows) - len(kept)
             self._dropped += lost
-            self._cv.notify_all()
-            dropped, queued = self._dropped, len(self._pending)
+            if kept:
+                self._cv.notify_all()
+            dropped, queued = self._dropped, self._queued
         if lost:
             why = "closed" if self._closing else f"queue full ({queued} records waiting for the disk)"
             self._warn("drop", "wattspan ledger %s: %s; dropped %d records (%d in all)", self.path, why, lost, dropped)
@@ -143,7 +234,7 @@ class Ledger:
         """Counts since open: ``written`` (committed), ``dropped``, ``errors`` (failed attempts), ``queued``,
         ``sanitized`` (records stored with out-of-range values clipped)."""
         with self._cv:
-            return {"written": self._written, "dropped": self._dropped, "errors": self._errors, "queued": len(self._pending),
+            return {"written": self._written, "dropped": self._dropped, "errors": self._errors, "queued": self._queued,
                     "sanitized": self._sanitized}
 
     def query(self, *, since: float | None = None, until: float | None = None, run_id: str | None = None) -> list[dict[str, Any]]:
@@ -178,23 +269,49 @@ class Ledger:
                 append(_GET(rec) + (int(rec.simulated), f"{rec.trace_id:032x}", f"{rec.span_id:016x}") + tail)
         return rows
 
-    def _batch_rows(self, batch: RecordBatch, now: float) -> list[_Row]:
-        """:meth:`_rows` of a meter pass's :class:`~wattspan.records.RecordBatch`, from its columns:
-        one ``zip`` of the columns (a constant field repeated), no record object read or built."""
+    def _batch_rows(self, batch: RecordBatch, now: float) -> tuple[_Shape, list[_Row]]:
+        """A meter pass's :class:`~wattspan.records.RecordBatch` as rows, from its columns: its
+        constant fields in the statement (a :class:`_Shape`, as literals where that stores the same),
+        the others one ``zip`` of the columns; no record object read or built. ``shape.full(row)`` is
+        :meth:`_rows`' row of the same record."""
         n = len(batch)
         const, columns = batch.const, batch.columns
+        literals: dict[int, tuple[Any, str]] = {}
+        few = n < _LITERAL_MIN_ROWS  # every value bound (_ALL_BOUND's statement)
         parts: list[Sequence[Any]] = []
-        for name in _PLAIN:
-            col = columns.get(name)
-            parts.append(col if col is not None else [const[name]] * n)
-        sim = columns.get("simulated")
-        parts.append([int(x) for x in sim] if sim is not None else [int(const["simulated"])] * n)
-        for name, fmt in (("trace_id", "{:032x}"), ("span_id", "{:016x}")):
-            col = columns.get(name)
-            parts.append(list(map(fmt.format, col)) if col is not None else [fmt.format(const[name])] * n)
-        parts.append([now] * n)
-        parts.append([self.run_id] * n)
-        return list(zip(*parts))
+        col: Sequence[Any] | None
+        v: Any
+        for i, name in enumerate(_ORDER):
+            if name == "recorded_at":
+                parts.append([now] * n)
+                continue
+            if name == "run_id":
+                col, v = None, self.run_id
+            else:
+                col = columns.get(name)
+                v = None if col is not None else const[name]
+            if name in _CONVERTED:
+                fmt = "%032x" if name == "trace_id" else "%016x" if name == "span_id" else None  # what f"{v:032x}" gives
+                if col is not None:
+                    col = [int(x) for x in col] if fmt is None else list(map(fmt.__mod__, col))  # (quicker than str.format)
+                else:
+                    v = int(v) if fmt is None else fmt % v
+            if col is None:
+                lit = None if few else _literal(v)
+                if lit is not None:
+                    literals[i] = (v, lit)
+                    continue
+                col = [v] * n
+            parts.append(col)
+        if few:
+            return _ALL_BOUND, list(zip(*parts))
+        key = tuple((i, lit) for i, (_, lit) in literals.items())
+        shape = self._shapes.get(key)
+        if shape is None:
+            if len(self._shapes) >= _SHAPES_KEPT:
+                self._shapes.clear()
+            shape = self._shapes[key] = _Shape(literals)
+        return shape, list(zip(*parts))
 
     def _run(self) -> None:
         wait = _RETRY_S[0]
@@ -204,7 +321,9 @@ class Ledger:
                     self._cv.wait(min(self._next_prune - time.monotonic(), _PRUNE_EVERY_S))
                 if self._closing and (not self._pending or time.monotonic() >= self._deadline):
                     break
-                batch = list(islice(self._pending, _BATCH))
+                batch = self._take(_BATCH)
+            taken = sum(len(rows) for _, rows in batch)
+            refused = 0
             try:
                 self._prune_if_due()
                 if batch:
@@ -213,12 +332,13 @@ class Ledger:
                     conn.execute("SAVEPOINT batch")
                     refused = 0
                     try:
-                        conn.executemany(_INSERT, batch)
+                        for shape, rows in batch:
+                            shape.insert(conn, rows)
                     except _DATA_ERRORS:  # a bad record, not a bad disk: insert row by row, clipping
                         # executemany stops at the bad row with the rows before it inserted: undo them
                         # first, or they would be stored twice
                         conn.execute("ROLLBACK TO batch")
-                        refused = self._insert_rows(conn, batch)
+                        refused = self._insert_rows(conn, [shape.full(row) for shape, rows in batch for row in rows])
                     conn.execute("COMMIT")
             except Exception as exc:  # the writer must outlive any disk trouble
                 self._failed(exc)
@@ -227,18 +347,43 @@ class Ledger:
                 continue
             wait = _RETRY_S[0]
             with self._cv:
-                for _ in batch:
-                    self._pending.popleft()
-                self._written += len(batch) - refused  # a refused row is counted in dropped, not here
+                self._committed(taken)
+                self._written += taken - refused  # a refused row is counted in dropped, not here
                 self._cv.notify_all()
         with self._cv:
-            lost = len(self._pending)
+            lost = self._queued
             self._pending.clear()
+            self._queued = 0
             self._dropped += lost
             self._cv.notify_all()
         if lost:
             log.error("wattspan ledger %s: closed with the disk still failing; %d records lost", self.path, lost)
         self._disconnect()
+
+    def _take(self, most: int) -> list[tuple[_Shape, list[_Row]]]:
+        """Up to ``most`` of the oldest queued rows, each write's with its shape (left queued; with the lock held)."""
+        out: list[tuple[_Shape, list[_Row]]] = []
+        for shape, rows, done in self._pending:
+            if most <= 0:
+                break
+            part = rows[done:done + most] if done or len(rows) > most else rows
+            out.append((shape, part))
+            most -= len(part)
+        return out
+
+    def _committed(self, n: int) -> None:
+        """The oldest ``n`` queued rows are in the file: off the queue (with the lock held)."""
+        pending = self._pending
+        self._queued -= n
+        while n and pending:
+            seg = pending[0]
+            left = len(seg[1]) - seg[2]
+            if left <= n:
+                pending.popleft()
+                n -= left
+            else:
+                seg[2] += n
+                n = 0
 
     def _insert_rows(self, conn: sqlite3.Connection, batch: list[_Row]) -> int:
         """Insert ``batch`` one row at a time (inside the open transaction); a row the
@@ -302,7 +447,7 @@ class Ledger:
         self._disconnect()
         with self._cv:
             self._errors += 1
-            errors, queued = self._errors, len(self._pending)
+            errors, queued = self._errors, self._queued
         self._warn("io", "wattspan ledger %s: cannot write (%s); %d records kept in memory, retrying (%d errors so far)",
                    self.path, exc, queued, errors)
 

@@ -192,6 +192,7 @@ _KIND_BY_ID = {id(k): i for i, k in enumerate(_KINDS)}
 _UNSET_CODE = StatusCode.UNSET
 _UNSET = Status(StatusCode.UNSET)
 _FLAGS: dict[int, _trace_api.TraceFlags] = {}  # flags value -> one shared TraceFlags (immutable ints)
+_NOTHING = object()  # matches no resource, scope or info
 _MAX_SHARED = 64  # distinct (resource, scope) held packed; beyond, spans are held as they are
 
 
@@ -432,6 +433,7 @@ class EnergySpanProcessor(SpanProcessor):
         # packed spans' resource, scope and instrumentation info, by identity (see _pack)
         self._shared: list[tuple[Any, Any, Any]] = []
         self._shared_index: dict[tuple[int, int, int], int] = {}
+        self._last_shared: tuple[Any, Any, Any, int] = (_NOTHING, _NOTHING, _NOTHING, -1)  # the last span's, and its index
         # finished spans the downstream BatchSpanProcessor's queue had no room for: retried by the
         # timer thread (it wakes the exporter first), at most max_held, beyond that dropped, counted
         self._outbox: deque[ReadableSpan] = deque()
@@ -810,7 +812,10 @@ class EnergySpanProcessor(SpanProcessor):
             elif type(attrs) is not dict:
                 return (deadline, span), None
             kind = _KIND_BY_ID.get(id(span._kind))
-            ctx = _pack_context(span._context)
+            ctx: Any = span._context
+            if kind is None or type(ctx) is not _SpanContext:
+                return (deadline, _slim(span)), None
+            tid, sid, remote, flags, ts, valid = ctx  # _pack_context, inline (one call less per span)
             parent: Any = span._parent
             if parent is not None:
                 parent = _pack_context(parent)
@@ -820,21 +825,26 @@ class EnergySpanProcessor(SpanProcessor):
             if status is None or (status._status_code is _UNSET_CODE and status._description is None):
                 status = None
             res, scope, info = span._resource, span._instrumentation_scope, span._instrumentation_info
-            key = (id(res), id(scope), id(info))
-            k = self._shared_index.get(key)
-            if k is None:
-                with self._lock:
-                    k = self._shared_index.get(key)
-                    if k is None:
-                        if len(self._shared) >= _MAX_SHARED:
-                            return (deadline, _slim(span)), None
-                        k = self._shared_index[key] = len(self._shared)
-                        self._shared.append((res, scope, info))  # kept: their ids stay theirs
-            if kind is None or ctx is None:
-                return (deadline, _slim(span)), None
+            last = self._last_shared  # the (resource, scope, info) of the span before: almost always this one's
+            k: int | None
+            if last[0] is res and last[1] is scope and last[2] is info:
+                k = last[3]
+            else:
+                key = (id(res), id(scope), id(info))
+                k = self._shared_index.get(key)
+                if k is None:
+                    with self._lock:
+                        k = self._shared_index.get(key)
+                        if k is None:
+                            if len(self._shared) >= _MAX_SHARED:
+                                return (deadline, _slim(span)), None
+                            k = self._shared_index[key] = len(self._shared)
+                            self._shared.append((res, scope, info))  # kept: their ids stay theirs
+                self._last_shared = (res, scope, info, k)
             # the attribute dict apart (see _held_attrs): a tuple holding a dict, even an untracked one,
             # is never untracked itself
-            return (deadline, span._name, *ctx, parent, kind, status, span._start_time, span._end_time, k), attrs
+            return (deadline, span._name, tid, sid, remote, int(flags), None if ts is _DEFAULT_TS or not len(ts) else ts,
+                    valid, parent, kind, status, span._start_time, span._end_time, k), attrs
         except AttributeError:  # pragma: no cover - the SDK's span is not what it was
             return (deadline, span), None
 
