@@ -57,7 +57,7 @@ BASES = ("dynamic", "attributed", "amortised")
 ERROR_BANDS: Mapping[str, Mapping[str, float]] = {
     "ideal-1ms": {"batch-fit": 0.003, "time-share": 0.776},
     "instant-100ms": {"batch-fit": 0.044, "time-share": 0.778},
-    "nvml-poll-20ms": {"batch-fit": 0.044, "time-share": 0.778},
+    "nvml-poll-20ms": {"batch-fit": 0.043, "time-share": 0.778},
     "hopper-1s-average": {"batch-fit": 0.044, "time-share": 0.778},
     "energy-counter": {"batch-fit": 0.038, "time-share": 0.776},
     "hopper-nvml": {"batch-fit": 0.044, "time-share": 0.775},
