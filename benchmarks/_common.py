@@ -44,3 +44,36 @@ def need_tool(name: str, what: str, install: str) -> bool:
         return True
     print(f"WARNING: `{name}` not found on PATH: {what} is left out (n/a). Install it: {install}", file=sys.stderr, flush=True)
     return False
+
+
+def http_scope(path: str = "/", headers: tuple[tuple[bytes, bytes], ...] = ()) -> dict:
+    """A plain HTTP GET's ASGI scope on loopback, for driving an app in process (copy it per request)."""
+    return {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "scheme": "http",
+            "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
+            "headers": [(b"host", b"127.0.0.1"), *headers], "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8000)}
+
+
+async def empty_receive() -> dict:
+    """ASGI ``receive``: a request with no body."""
+    return {"type": "http.request", "body": b"", "more_body": False}
+
+
+async def ignore_send(message: dict) -> None:
+    """ASGI ``send`` that drops what the app sends."""
+
+
+def time_sinks(meter) -> dict[str, int]:
+    """Wrap each of ``meter``'s sinks' ``on_records`` (an instance attribute over the method) to add
+    its thread CPU time to the returned dict, ns by sink class name."""
+    import time
+
+    sink_ns: dict[str, int] = {}
+    for sink in meter.sinks:
+        def timed(records, _fn=sink.on_records, _name=type(sink).__name__):
+            t = time.thread_time_ns()
+            try:
+                _fn(records)
+            finally:
+                sink_ns[_name] = sink_ns.get(_name, 0) + time.thread_time_ns() - t
+        sink.on_records = timed
+    return sink_ns

@@ -63,16 +63,9 @@ def child(variant: str, n: int, path: str) -> dict:
         from wattspan.meter import BatchCallback
 
         app.state.meter.add_sink(BatchCallback(lambda records: None))
-    scope_base = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "scheme": "http",
-                  "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
-                  "headers": [(b"host", b"127.0.0.1"), (b"user-agent", b"bench"), (b"accept", b"*/*")],
-                  "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8000)}
+    from benchmarks._common import empty_receive as receive, http_scope, ignore_send as send
 
-    async def receive():
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    async def send(message):
-        pass
+    scope_base = http_scope(path, headers=((b"user-agent", b"bench"), (b"accept", b"*/*")))
 
     async def run(k):
         for _ in range(k):

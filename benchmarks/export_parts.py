@@ -85,29 +85,17 @@ def _passes() -> list[dict[str, float]]:
     app = mod.create("bare")
     app.add_middleware(EnergyMiddleware, meter=m)
     app.add_middleware(OpenTelemetryMiddleware, tracer_provider=provider)
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "scheme": "http",
-             "path": "/", "raw_path": b"/", "query_string": b"", "root_path": "", "headers": [(b"host", b"127.0.0.1")],
-             "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8000)}
+    from benchmarks._common import empty_receive as receive, http_scope, ignore_send as send
 
-    async def receive():
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    async def send(message):
-        pass
+    scope = http_scope()
 
     async def run(k):
         for _ in range(k):
             await app(dict(scope), receive, send)
 
-    sink_ns: dict[str, int] = {}
-    for sink in m.sinks:
-        def timed(records, _fn=sink.on_records, _name=type(sink).__name__):
-            t0 = time.thread_time_ns()
-            try:
-                _fn(records)
-            finally:
-                sink_ns[_name] = sink_ns.get(_name, 0) + time.thread_time_ns() - t0
-        sink.on_records = timed
+    from benchmarks._common import time_sinks
+
+    sink_ns = time_sinks(m)
     out = []
     for rep in range(4):
         asyncio.run(run(N))
@@ -171,15 +159,9 @@ def _window(otel: bool, reps: int = 12, n: int = 1000) -> float:
 
             app.add_middleware(OpenTelemetryMiddleware, tracer_provider=mod._tracer_provider(False))
         apps.append(app)
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "scheme": "http",
-             "path": "/", "raw_path": b"/", "query_string": b"", "root_path": "", "headers": [(b"host", b"127.0.0.1")],
-             "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8000)}
+    from benchmarks._common import empty_receive as receive, http_scope, ignore_send as send
 
-    async def receive():
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    async def send(message):
-        pass
+    scope = http_scope()
 
     async def run(app, k):
         for _ in range(k):

@@ -146,15 +146,9 @@ def child(variant: str, n: int, profile: bool, sinks: str | None = None, profile
     import benchmarks.overhead_app as mod
 
     app = mod.create(variant) if sinks is None else _app_with(set(sinks.split(",")) - {""})
-    scope_base = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "scheme": "http",
-                  "path": "/", "raw_path": b"/", "query_string": b"", "root_path": "", "headers": [(b"host", b"127.0.0.1")],
-                  "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8000)}
+    from benchmarks._common import empty_receive as receive, http_scope, ignore_send as send
 
-    async def receive():
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    async def send(message):
-        pass
+    scope_base = http_scope()
 
     async def run(k):
         for _ in range(k):
@@ -199,16 +193,10 @@ def child(variant: str, n: int, profile: bool, sinks: str | None = None, profile
             g[0] += 1
             g[1] += d
 
-    sink_ns: dict[str, int] = {}
-    if meter is not None:  # each sink's on_records timed on the meter's thread (an instance attribute over the method)
-        for sink in meter.sinks:
-            def timed(records, _fn=sink.on_records, _name=type(sink).__name__):
-                t = time.thread_time_ns()
-                try:
-                    _fn(records)
-                finally:
-                    sink_ns[_name] = sink_ns.get(_name, 0) + time.thread_time_ns() - t
-            sink.on_records = timed
+    from benchmarks._common import time_sinks
+
+    # each sink's on_records timed on the meter's thread
+    sink_ns: dict[str, int] = time_sinks(meter) if meter is not None else {}
 
     part_ns: dict[str, int] = {}
     if meter is not None:  # the meter pass's parts, timed on its thread (instance attributes over the methods)

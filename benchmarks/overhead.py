@@ -85,15 +85,9 @@ def cpu_per_request(variant: str, n: int, path: str = "/", poll: bool = True) ->
     os.environ["WATTSPAN_BENCH_VARIANT"] = variant
     mod = importlib.import_module("benchmarks.overhead_app")
     app = mod.create(variant)
-    scope_base = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "scheme": "http",
-                  "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "", "headers": [(b"host", b"127.0.0.1")],
-                  "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8000)}
+    from benchmarks._common import empty_receive as receive, http_scope, ignore_send as send
 
-    async def receive():
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    async def send(message):
-        pass
+    scope_base = http_scope(path)
 
     async def run(k):
         for _ in range(k):
