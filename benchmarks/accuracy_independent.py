@@ -117,7 +117,8 @@ def main() -> None:
     lines = [
         "# Per-request accuracy on an independent simulator",
         "",
-        f"Command: `python benchmarks/accuracy_independent.py --seeds {a.seeds} --duration {a.duration:g}` "
+        f"Command: `python benchmarks/accuracy_independent.py --seeds {a.seeds} --duration {a.duration:g}"
+        f"{f' --seed-offset {a.seed_offset}' if a.seed_offset != 1 else ''}` "
         f"({took:.0f} s; {platform.machine()}, Python {platform.python_version()}).",
         "",
         "`benchmarks/independent_sim.py` imports nothing from wattspan: its own scheduler, power laws (`roofline`,",

@@ -341,7 +341,7 @@ def select_window(t: np.ndarray, m: np.ndarray, p: np.ndarray, a: int, b: int, l
     readings that each err by much (part-time power) the lengths score within a per cent of each
     other, and the shortest of them would scale every second by its few readings' noise.
     Returns the chosen length (ns; ``b - a`` for the whole period), ``{L: error}`` and the
-    held-out relative residuals ``(m - pred) / max(pred, floor)`` of the winner.
+    winner's held-out predictions of the readings (``None`` where no length gave a finite error).
     """
     n = len(t)
     total_m, total_p = float(m.sum()), float(p.sum())
@@ -383,7 +383,7 @@ def select_window(t: np.ndarray, m: np.ndarray, p: np.ndarray, a: int, b: int, l
 
     nb = int(min(_BOOT_BLOCKS, n))
     cut = np.searchsorted(_blocks(n, nb), np.arange(nb + 1)) if n else np.zeros(1, dtype=np.int64)
-    best_L, best_err, best_sq = b - a, math.inf, None
+    best_L, best_sq = b - a, None
     for L in [b - a] + sorted((int(x) for x in lengths_ns if 0 < int(x) < b - a), reverse=True):
         pred = predict(L)
         if pred is None:
@@ -394,14 +394,14 @@ def select_window(t: np.ndarray, m: np.ndarray, p: np.ndarray, a: int, b: int, l
         if not math.isfinite(err):
             continue
         if best_sq is None:
-            best_L, best_err, best_sq = L, err, sq
+            best_L, best_sq = L, sq
             continue
         # paired with the best so far, reading by reading, over contiguous blocks of them
         # (neighbours' errors are correlated): better by more than its standard error
         dsum = np.add.reduceat(sq - best_sq, cut[:-1]) if nb > 1 else np.array([float((sq - best_sq).sum())])
         se = math.sqrt(nb * float(np.var(dsum, ddof=1))) if nb > 1 else math.inf
         if float(dsum.sum()) < -_WINDOW_Z * se:
-            best_L, best_err, best_sq = L, err, sq
+            best_L, best_sq = L, sq
     if best_sq is None:
         return b - a, scores, None
     return best_L, scores, predict(best_L)
