@@ -376,6 +376,24 @@ def test_group_term_table_matches_the_interpolation_it_replaces():
     assert sub is not None and np.all(sub <= got + 1e-15) and np.all(sub >= 0.0) and np.any(sub < got)
 
 
+def test_held_out_groups_and_the_components_hold_each_other_not_add():
+    """The groups' held-out error and the components are fitted on the same held-out residuals:
+    a request gets the larger of the two (never their sum), and an unseen lag only what it adds
+    beyond the steps' white scatter."""
+    from wattspan.attribution.fit import _dyn_sd_components
+
+    dyn = np.array([10.0, 10.0, 10.0])
+    ex = {"white": np.array([1.0, 0.0, 1.0]), "psi": np.zeros(3)}
+    noise = {"misfit_var": 0.01, "request_var": 0.0, "exposure": ex}  # misfit: 0.01 x 10^2 = 1 J^2
+    g2 = np.array([0.001, 0.05, 0.0])  # x 10^2: 0.1, 5, 0 J^2
+    var = np.full(3, 0.5)
+    got = _dyn_sd_components(dyn, var, noise, g2) ** 2
+    assert np.allclose(got, var + np.array([2.0, 5.0, 2.0]))  # max(1 + white, g2 dyn^2)
+    assert np.allclose(_dyn_sd_components(dyn, var, noise) ** 2, var + np.array([2.0, 1.0, 2.0]))
+    lagged = dict(noise, exposure=dict(ex, lag=np.array([3.0, 0.0, 0.0])))  # lag^2 / 3 = 3 J^2 > white 1
+    assert np.allclose(_dyn_sd_components(dyn, var, lagged, g2) ** 2, var + np.array([4.0, 5.0, 2.0]))
+
+
 def test_interval_mass_of_steps_one_after_another_matches_the_general_masses():
     from wattspan.attribution.fit import _StepFeatures, _interval_mass
 

@@ -1480,16 +1480,20 @@ def _dyn_sd_components(dyn: np.ndarray, var: np.ndarray, noise: dict[str, Any], 
     """One standard deviation (J) of each request's dynamic energy from the separated components
     (see :func:`_request_components`); ``var``: the coefficients' own spread."""
     ex = noise["exposure"]
-    misfit = (noise["misfit_var"] + noise["request_var"]) * (dyn * (1.0 - ex["psi"])) ** 2
-    # an unseen electrical lag moves a request's energy to and from its neighbours' steps, as
-    # the steps' scatter does at the readings' edges: the larger of the two holds the other
-    comp = misfit + (np.maximum(ex["white"], ex["lag"] ** 2 / 3.0) if "lag" in ex else ex["white"])
+    white = ex["white"]
+    comp = (noise["misfit_var"] + noise["request_var"]) * (dyn * (1.0 - ex["psi"])) ** 2 + white
     if g2 is not None:
         # what the held-out groups of readings as long as the request say its stretch of
-        # the sensor's readings is off by, the split inside each reading included (the
-        # components above are fitted on whole readings and miss the within-reading part),
-        # less the sensor's own part (see _group_var)
-        comp = comp + g2 * dyn**2
+        # the sensor's readings is off by, the split inside each reading included, less the
+        # sensor's own part (see _group_var). Those groups' errors are the same held-out
+        # residuals the components above are fitted on (a misfit common to all in flight, the
+        # requests' own, the steps' scatter), summed over whole readings; the groups add the
+        # split inside each reading. Each measures the other's part: the larger holds the other.
+        comp = np.maximum(comp, g2 * dyn**2)
+    if "lag" in ex:
+        # an unseen electrical lag moves a request's energy to and from its neighbours' steps, as
+        # the steps' scatter does at the readings' edges: the larger of the two holds the other
+        comp = comp + np.maximum(ex["lag"] ** 2 / 3.0 - white, 0.0)
     out: np.ndarray = np.sqrt(var + comp)
     return out
 
