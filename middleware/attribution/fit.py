@@ -745,11 +745,15 @@ def _waits(seg: "_Segments", st_ns: np.ndarray, en_ns: np.ndarray) -> tuple[np.n
     ms = ss[new]
     me = np.maximum.reduceat(se, np.flatnonzero(new))
     lo, hi = seg.edges[0], seg.edges[-1]
-    # The union of the segment edges and the merged steps' bounds, and at each of its times
-    # how many edges and step starts lie at or before it (np.unique and two searchsorted):
+    # The stretches with anything in flight (maximal runs of busy segments: a few, where
+    # requests overlap), by their bounds: starts at even positions, ends at odd ones.
+    d = np.diff(np.concatenate(([0], (seg.n > 0).astype(np.int8), [0])))
+    fe = np.take(seg.edges, np.flatnonzero(d))
+    # The union of those bounds and the merged steps' bounds, and at each of its times how
+    # many flight bounds and step starts lie at or before it (np.unique and two searchsorted):
     # one stable sort of the three sorted runs, each time tagged with its run in its two low
     # bits (times relative to the period, so the shift cannot overflow).
-    tagged = np.concatenate(((seg.edges - lo) * 4, (np.clip(ms, lo, hi) - lo) * 4 + 1, (np.clip(me, lo, hi) - lo) * 4 + 2))
+    tagged = np.concatenate(((fe - lo) * 4, (np.clip(ms, lo, hi) - lo) * 4 + 1, (np.clip(me, lo, hi) - lo) * 4 + 2))
     tagged.sort(kind="stable")
     tag = tagged & 3
     tagged >>= 2  # the times, in place
@@ -762,9 +766,10 @@ def _waits(seg: "_Segments", st_ns: np.ndarray, en_ns: np.ndarray) -> tuple[np.n
     e += lo
     left = e[:-1]
     li = li[:-1]
-    # the segment each left edge opens (in flight there?); the merged step that started last
-    # at or before it: counts of the runs' members up to each time's last copy
-    inflight = np.take(seg.n > 0, np.take(np.cumsum(tag == 0), li) - 1)
+    # in flight there (the last flight bound at or before it a start?); the merged step that
+    # started last at or before it: counts of the runs' members up to each time's last copy
+    q = np.take(np.cumsum(tag == 0), li)
+    inflight = (q & 1) == 1
     k = np.take(np.cumsum(tag == 1), li) - 1
     in_step = (k >= 0) & (me[np.maximum(k, 0)] > left)
     flag = inflight & ~in_step
@@ -1003,6 +1008,7 @@ def _batch_fit(cum: _CumEnergy, trace: DeviceTrace, steps: Steps, s_idx: np.ndar
     band_rel = math.nan
     noise = None
     slow_w: np.ndarray | None = None  # the fit's slow residual over each request's lifetime (W)
+    life_rel: tuple[np.ndarray, np.ndarray] | None = None  # each request's lifetime clipped to the period (s from a)
     if reconcile_s is None:
         m_row = y * w_row
         p_row = (A @ coef_fit) * w_row
@@ -1042,8 +1048,12 @@ def _batch_fit(cum: _CumEnergy, trace: DeviceTrace, steps: Steps, s_idx: np.ndar
             r_slow, t_slow = (m_row - g * p_row)[::k_ov], t_row[::k_ov]
             c_r = np.concatenate(([0.0], np.cumsum(r_slow)))
             c_q = np.concatenate(([0.0], np.cumsum(r_slow**2)))
-            l0, l1 = np.clip(requests.start_ns[ridx], a, b), np.clip(requests.end_ns[ridx], a, b)
-            j0, j1 = np.searchsorted(t_slow, l0, side="left"), np.searchsorted(t_slow, l1, side="right")
+            # the lifetimes clipped to the period: seg's starts and ends (its edges, by index). The ends
+            # are not in order: searched as the sorted edges, then gathered (a third of the time)
+            l0, l1 = np.take(seg.edges, seg.si), np.take(seg.edges, seg.ei)
+            j0 = np.searchsorted(t_slow, l0, side="left")
+            j1 = np.take(np.searchsorted(t_slow, seg.edges, side="right"), seg.ei)
+            life_rel = (rel(l0), rel(l1))
             slow_w = np.sqrt(np.maximum((c_r[j1] - c_r[j0]) ** 2 - (c_q[j1] - c_q[j0]), 0.0)) / np.maximum((l1 - l0) * _NS, 1e-9)
         else:
             reconcile_s = (b - a) * _NS
@@ -1081,18 +1091,31 @@ def _batch_fit(cum: _CumEnergy, trace: DeviceTrace, steps: Steps, s_idx: np.ndar
                                                np.clip(rel(w_st), e_rel[0], e_rel[-1]), np.clip(rel(w_en), e_rel[0], e_rel[-1]))
 
     # 4. Steps to requests by tokens; entries' request indices map into ridx order.
-    local = np.full(len(requests), -1, dtype=np.int64)
-    local[ridx] = np.arange(len(ridx))
-    step_pos = np.full(len(steps), -1, dtype=np.int64)
-    step_pos[s_idx] = np.arange(len(s_idx))
-    e_s = step_pos[steps.entry_step]
-    em = e_s >= 0
-    if bool(em.all()):  # every entry is of this device's steps (one device): no copies
-        e_r = local[steps.entry_request]
+    # (one device: every request and step is this device's, in order, so the maps are the identity
+    # where the entries' indices are too: none negative, which the maps would wrap)
+    def _identity(idx: np.ndarray, n: int, refs: np.ndarray) -> bool:
+        return len(idx) == n and (not n or (int(idx[0]) == 0 and bool(np.all(np.diff(idx) == 1)))) and (
+            not len(refs) or int(refs.min()) >= 0)
+
+    all_req = _identity(ridx, len(requests), steps.entry_request)
+    all_steps = _identity(s_idx, len(steps), steps.entry_step)
+    if not all_req:
+        local = np.full(len(requests), -1, dtype=np.int64)
+        local[ridx] = np.arange(len(ridx))
+    if all_steps:
+        e_s = steps.entry_step
+        em = None
+    else:
+        step_pos = np.full(len(steps), -1, dtype=np.int64)
+        step_pos[s_idx] = np.arange(len(s_idx))
+        e_s = step_pos[steps.entry_step]
+        em = e_s >= 0
+    if em is None or bool(em.all()):  # every entry is of this device's steps (one device): no copies
+        e_r = steps.entry_request if all_req else local[steps.entry_request]
         e_t = steps.entry_tokens
     else:
         e_s = np.compress(em, e_s)
-        e_r = local[np.compress(em, steps.entry_request)]
+        e_r = np.compress(em, steps.entry_request) if all_req else local[np.compress(em, steps.entry_request)]
         e_t = np.compress(em, steps.entry_tokens)
     tok_sum = np.bincount(e_s, weights=e_t, minlength=len(s_idx))
     ts = tok_sum[e_s]
@@ -1128,8 +1151,8 @@ def _batch_fit(cum: _CumEnergy, trace: DeviceTrace, steps: Steps, s_idx: np.ndar
         resid_row, alias_row = noise.pop("resid"), noise.pop("alias", None)
         noise = dict(noise, **_request_components(resid_row, p_row, t_row, len_row, rel, feats, e_step, e_s,
                                                   e_r, share, on_dev, e_rel, w_meas, w_pred, len(ridx), dyn, s2,
-                                                  (rel(np.clip(requests.start_ns[ridx], a, b)),
-                                                   rel(np.clip(requests.end_ns[ridx], a, b))),
+                                                  life_rel if life_rel is not None else
+                                                  (rel(np.clip(requests.start_ns[ridx], a, b)), rel(np.clip(requests.end_ns[ridx], a, b))),
                                                   cum.source == "energy-counter", alias_row))
     extra_noise = {k: v for k, v in noise.items() if k != "exposure"} if noise is not None else None
 
