@@ -88,17 +88,23 @@ class _Segments:
         self.weights = weights
 
     def _share(self, x: np.ndarray, denom: np.ndarray, mult: np.ndarray | None) -> tuple[np.ndarray, float]:
-        has = denom > 0
-        per = np.zeros(len(x))
-        np.divide(x, denom, out=per, where=has)  # x / denom where anything is in flight, else 0
-        c = np.empty(len(per) + 1)
+        c = np.empty(len(x) + 1)
         c[0] = 0.0
-        np.cumsum(per, out=c[1:])
+        per = c[1:]
+        has = denom > 0
+        if bool(has.all()):  # something in flight in every segment (the usual busy period)
+            np.divide(x, denom, out=per)
+            unshared = 0.0
+        else:
+            per[:] = 0.0
+            np.divide(x, denom, out=per, where=has)  # x / denom where anything is in flight, else 0
+            unshared = float(x[~has].sum())
+        np.cumsum(per, out=per)
         out = np.take(c, self.ei)
         out -= np.take(c, self.si)
         if mult is not None:
             out *= mult
-        return out, float(x[~has].sum())
+        return out, unshared
 
     def share_equal(self, x: np.ndarray) -> tuple[np.ndarray, float]:
         return self._share(x, self.n, None)
@@ -1119,7 +1125,8 @@ def _batch_fit(cum: _CumEnergy, trace: DeviceTrace, steps: Steps, s_idx: np.ndar
         e_t = np.compress(em, steps.entry_tokens)
     tok_sum = np.bincount(e_s, weights=e_t, minlength=len(s_idx))
     ts = tok_sum[e_s]
-    share = np.where(ts > 0, e_t / np.where(ts > 0, ts, 1.0), 0.0)
+    tok_any = ts > 0
+    share = e_t / ts if bool(tok_any.all()) else np.where(tok_any, e_t / np.where(tok_any, ts, 1.0), 0.0)
     val = e_step[e_s] * share
     on_dev = e_r >= 0
     all_on = bool(on_dev.all())
