@@ -533,15 +533,18 @@ def _choose_lag(cum: _CumEnergy, trace: DeviceTrace, base: _StepFeatures | _Besi
     own = tuple(range(len(cols)))  # the lagged rows' columns: the family's only
     best = [math.inf, 0]  # the best score so far and its rows' count
     parts = _lag_stretches(cum, trace, t_row, a)
+    # the readings (every one, or the stretches') read once for every lag tried
+    plans = ([_RowPlan(cum, trace, idle_curve, a, b, rel)] if parts is None
+             else [_RowPlan(c, tr, idle_curve, lo, hi, rel) for c, tr, lo, hi in parts])
+    y_all = plans[0].y if len(plans) == 1 else np.concatenate([pl.y for pl in plans])
+
+    def rows_at(f: _Features) -> tuple[np.ndarray, np.ndarray]:
+        return (plans[0].rows(f) if len(plans) == 1 else np.vstack([pl.rows(f) for pl in plans])), y_all
+
     if parts is None:
         ref = sel.cv_error
         lagged = _with_lag(base, _LAGS_S[0], cols=cols)
-        rows_at: Callable[[_Features], tuple[np.ndarray, np.ndarray]] = lambda f: _fit_rows(cum, trace, f, idle_curve, a, b, rel)  # noqa: E731
     else:
-        def rows_at(f: _Features) -> tuple[np.ndarray, np.ndarray]:
-            r = [_fit_rows(c, tr, f, idle_curve, lo, hi, rel) for c, tr, lo, hi in parts]
-            return np.vstack([x[0] for x in r]), np.concatenate([x[1] for x in r])
-
         A0, y0 = rows_at(base)
         ref = _cv_error(A0, y0, cols)  # no lag, on the same readings
         lagged = _with_lag(base, _LAGS_S[0], windows=(rel(np.array([p[2] for p in parts]) - _LAG_MARGIN_NS),
@@ -806,11 +809,13 @@ def _knee_weight(cum: _CumEnergy, trace: DeviceTrace, x4: np.ndarray, st: np.nda
     t_read = cum.t if cum.source == "energy-counter" else trace.t_ns
     parts = _lag_stretches(cum, trace, t_read[(t_read >= a) & (t_read <= b)], a)
 
+    # the readings (every one, or the stretches') read once for every weight tried
+    plans = ([_RowPlan(cum, trace, idle_curve, a, b, rel)] if parts is None
+             else [_RowPlan(c, tr, idle_curve, lo, hi, rel) for c, tr, lo, hi in parts])
+    y_all = plans[0].y if len(plans) == 1 else np.concatenate([pl.y for pl in plans])
+
     def rows(f: _StepFeatures) -> tuple[np.ndarray, np.ndarray]:
-        if parts is None:
-            return _fit_rows(cum, trace, f, idle_curve, a, b, rel)
-        r = [_fit_rows(c, tr, f, idle_curve, lo, hi, rel) for c, tr, lo, hi in parts]
-        return np.vstack([x[0] for x in r]), np.concatenate([x[1] for x in r])
+        return (plans[0].rows(f) if len(plans) == 1 else np.vstack([pl.rows(f) for pl in plans])), y_all
 
     kcols = list(KNEES)
     rates1 = basis_rates(x4, 1.0)  # the saturating terms' throughputs, from every step
@@ -1320,6 +1325,51 @@ def _intercept_rel_sd(X: np.ndarray, y: np.ndarray, coef: np.ndarray) -> float:
     return float(max(_IDLE_REL, min(1.0, se / float(coef[0]))))
 
 
+class _RowPlan:
+    """The readings of ``_fit_rows(cum, trace, feats, idle_curve, a, b, rel)`` (plain rows: ``A``, ``y``)
+    read once, for the rows of many features on the same readings (the lag's and the knees' searches):
+    ``y`` and the times each row reads the features at; :meth:`rows` then gives ``A``, the same
+    numbers as ``_fit_rows`` (which reads its plain rows through this)."""
+
+    __slots__ = ("y", "_hi", "_lo", "_div")
+
+    def __init__(self, cum: _CumEnergy, trace: DeviceTrace, idle_curve: _Piecewise, a: int, b: int, rel: _Rel) -> None:
+        self._hi: np.ndarray | None = None  # the times of the rows' mass (their ends), or of their density
+        self._lo: np.ndarray | None = None  # the rows' starts (None: a density)
+        self._div: float | None = None  # the rows' span (s) where they are mean powers
+        if cum.source == "energy-counter":
+            t = cum.t[(cum.t >= a) & (cum.t <= b)]
+            if len(t) >= 3:
+                lo, hi = t[:-1], t[1:]
+                self.y = cum.energy(lo, hi) - idle_curve.integral(lo, hi)
+                self._hi, self._lo = rel(hi), rel(lo)
+                return
+        if trace.power_w is None:
+            self.y = np.zeros(0)
+            return
+        t, pv, span = power_points(trace)
+        ok = (t >= a) & (t <= b)
+        if span:
+            ok &= t - span >= a
+        t, pv = t[ok], pv[ok]
+        if span:
+            lo = t - span
+            self._hi, self._lo, self._div = rel(t), rel(lo), span * _NS
+            self.y = pv - idle_curve.integral(lo, t) / (span * _NS)
+        else:
+            self._hi = rel(t)
+            self.y = pv - idle_curve(t)
+
+    def rows(self, feats: _Features) -> np.ndarray:
+        if self._hi is None:
+            return np.zeros((0, feats.x.shape[1]))
+        if self._lo is None:
+            out: np.ndarray = feats.density(self._hi)
+            return out
+        A = feats.mass(self._hi) - feats.mass(self._lo)
+        return A if self._div is None else A / self._div
+
+
 @overload
 def _fit_rows(cum: _CumEnergy, trace: DeviceTrace, feats: _Features, idle_curve: _Piecewise, a: int, b: int, rel: _Rel,
               with_time: bool = ..., *, with_weights: Literal[True]) -> _Rows: ...
@@ -1337,6 +1387,9 @@ def _fit_rows(cum: _CumEnergy, trace: DeviceTrace, feats: _Features, idle_curve:
     ``with_weights`` also returns each row's length in seconds (rows times it are
     energies), its end time (ns) and how many neighbouring rows overlap it.
     """
+    if not with_time and not with_weights:
+        plan = _RowPlan(cum, trace, idle_curve, a, b, rel)
+        return plan.rows(feats), plan.y
     p = feats.x.shape[1]
     if cum.source == "energy-counter":
         t = cum.t[(cum.t >= a) & (cum.t <= b)]
