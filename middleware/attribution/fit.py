@@ -1065,7 +1065,17 @@ def _batch_fit(cum: _CumEnergy, trace: DeviceTrace, steps: Steps, s_idx: np.ndar
             j0 = np.searchsorted(t_slow, l0, side="left")
             j1 = np.take(np.searchsorted(t_slow, seg.edges, side="right"), seg.ei)
             life_rel = (rel(l0), rel(l1))
-            slow_w = np.sqrt(np.maximum((c_r[j1] - c_r[j0]) ** 2 - (c_q[j1] - c_q[j0]), 0.0)) / np.maximum((l1 - l0) * _NS, 1e-9)
+            # sqrt(max((c_r[j1] - c_r[j0])^2 - (c_q[j1] - c_q[j0]), 0)) / max(life, 1e-9), in place
+            slow_w = np.take(c_r, j1)
+            slow_w -= np.take(c_r, j0)
+            slow_w *= slow_w
+            dq = np.take(c_q, j1)
+            dq -= np.take(c_q, j0)
+            slow_w -= dq
+            np.maximum(slow_w, 0.0, out=slow_w)
+            np.sqrt(slow_w, out=slow_w)
+            life_s = (l1 - l0) * _NS
+            slow_w /= np.maximum(life_s, 1e-9, out=life_s)
         else:
             reconcile_s = (b - a) * _NS
             window_why = "too few readings: the whole period"
