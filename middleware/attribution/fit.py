@@ -1376,8 +1376,10 @@ class _RowPlan:
         if self._lo is None:
             out: np.ndarray = feats.density(self._hi)
             return out
-        A = feats.mass(self._hi) - feats.mass(self._lo)
-        return A if self._div is None else A / self._div
+        A: np.ndarray = feats.mass(self._hi) - feats.mass(self._lo)
+        if self._div is not None:
+            A /= self._div
+        return A
 
 
 @overload
