@@ -103,17 +103,19 @@ def basis(x4: np.ndarray, rates: tuple[float, ...] | None = None, weight: float 
     rate = tokens / np.where(d > 0, d, 1.0)
     if rates is None:
         rates = basis_rates(x4, weight, rate)
-    out = np.zeros((len(x4), len(BASIS)))
+    # column by column into a column-major buffer (each write contiguous), then one transposing copy
+    # to the row-major basis the fit reads by rows
+    out = np.zeros((len(x4), len(BASIS)), order="F")
     out[:, :4] = x4
-    out[:, 4:7] = x4[:, 1:4] * d[:, None]
+    np.multiply(x4[:, 1:4], d[:, None], out=out[:, 4:7])
     out[:, 7] = -np.expm1(-rate / rates[0]) * d
     out[:, 8] = -np.expm1(-rate / rates[1]) * d
     if len(rates) >= 3 + len(KNEES):
         work = x4[:, 1] + rates[2] * x4[:, 2]
         for j, k in zip(KNEES, rates[3:3 + len(KNEES)]):
-            out[:, j] = np.minimum(work, k) * d
+            np.multiply(np.minimum(work, k), d, out=out[:, j])
     out[:, STEP] = 1.0
-    return out, rates
+    return np.ascontiguousarray(out), rates
 
 
 def basis_rates(x4: np.ndarray, weight: float | None = None, rate: np.ndarray | None = None) -> tuple[float, ...]:
