@@ -103,17 +103,19 @@ def basis(x4: np.ndarray, rates: tuple[float, ...] | None = None, weight: float 
     rate = tokens / np.where(d > 0, d, 1.0)
     if rates is None:
         rates = basis_rates(x4, weight, rate)
-    out = np.zeros((len(x4), len(BASIS)))
+    # column by column into a column-major buffer (each write contiguous), then one transposing copy
+    # to the row-major basis the fit reads by rows
+    out = np.zeros((len(x4), len(BASIS)), order="F")
     out[:, :4] = x4
-    out[:, 4:7] = x4[:, 1:4] * d[:, None]
+    np.multiply(x4[:, 1:4], d[:, None], out=out[:, 4:7])
     out[:, 7] = -np.expm1(-rate / rates[0]) * d
     out[:, 8] = -np.expm1(-rate / rates[1]) * d
     if len(rates) >= 3 + len(KNEES):
         work = x4[:, 1] + rates[2] * x4[:, 2]
         for j, k in zip(KNEES, rates[3:3 + len(KNEES)]):
-            out[:, j] = np.minimum(work, k) * d
+            np.multiply(np.minimum(work, k), d, out=out[:, j])
     out[:, STEP] = 1.0
-    return out, rates
+    return np.ascontiguousarray(out), rates
 
 
 def basis_rates(x4: np.ndarray, weight: float | None = None, rate: np.ndarray | None = None) -> tuple[float, ...]:
@@ -176,6 +178,27 @@ def nnls_gram(G: np.ndarray, c: np.ndarray, max_iter: int = 60) -> np.ndarray:
     return x
 
 
+def _nnls_from(G: np.ndarray, c: np.ndarray, P: np.ndarray) -> np.ndarray:
+    """``nnls_gram(G, c)``, given a guess ``P`` (sorted) of the coefficients its solution keeps (another
+    fit's, on nearly the same rows): nnls_gram ends on the solve over the coefficients it keeps, once
+    they are positive and no other's gradient is above its tolerance. Where that one solve over ``P``
+    meets those conditions it is nnls_gram's answer, in the same arithmetic; else nnls_gram itself."""
+    n = len(c)
+    if len(P):
+        x = np.zeros(n)
+        try:
+            x[P] = np.linalg.solve(G[np.ix_(P, P)], c[P])
+        except np.linalg.LinAlgError:
+            return nnls_gram(G, c)
+        if (x[P] > 0).all():
+            w = c - G @ x
+            free = np.ones(n, dtype=bool)
+            free[P] = False
+            if not (w[free] > 1e-12 * max(1.0, float(np.abs(c).max()))).any():
+                return x
+    return nnls_gram(G, c)
+
+
 @dataclass(frozen=True)
 class Selection:
     """The winning family, its coefficients over :data:`BASIS`, and how it was chosen.
@@ -236,6 +259,9 @@ def select_family(A: np.ndarray, y: np.ndarray, *, folds: int = 10, families: di
         cols = np.array(family_cols)
         if n < 3 * len(cols):
             continue
+        # the fit on every row first: the coefficients it keeps are each fold's first guess
+        x_all = nnls_gram(G[np.ix_(cols, cols)] + ridge * np.eye(len(cols)), c[cols])
+        keep = np.flatnonzero(x_all > 0)
         sse = 0.0
         for b in range(k):
             excl = [b] + ([b - 1] if b > 0 else []) + ([b + 1] if b + 1 < k else [])
@@ -244,13 +270,13 @@ def select_family(A: np.ndarray, y: np.ndarray, *, folds: int = 10, families: di
             Gt = G - Gb[excl].sum(0)
             ct = c - cb[excl].sum(0)
             Gs = Gt[np.ix_(cols, cols)] + ridge * np.eye(len(cols))
-            xb = nnls_gram(Gs, ct[cols])
+            xb = _nnls_from(Gs, ct[cols], keep)
             xf = np.zeros(p)
             xf[cols] = xb
             sse += float(yy[b] - 2 * xf @ cb[b] + xf @ Gb[b] @ xf)
         scores[name] = math.sqrt(max(sse, 0.0) / ms) if ms > 0 else math.inf
         xf = np.zeros(p)
-        xf[cols] = nnls_gram(G[np.ix_(cols, cols)] + ridge * np.eye(len(cols)), c[cols])
+        xf[cols] = x_all
         fits[name] = xf
     if not scores:
         return None
@@ -274,10 +300,11 @@ def select_family(A: np.ndarray, y: np.ndarray, *, folds: int = 10, families: di
     wts = rng.multinomial(kb, np.full(kb, 1.0 / kb), size=_BOOT)
     boot = np.zeros((_BOOT, p))
     eye = ridge * np.eye(len(chosen_cols))
+    keep = np.flatnonzero(coef_s[chosen_cols] > 0)  # each resample's first guess: the full fit's coefficients
     for i in range(_BOOT):
         Gs = np.tensordot(wts[i], Gf, axes=1)
         cs = wts[i] @ cf
-        boot[i, chosen_cols] = nnls_gram(Gs[np.ix_(chosen_cols, chosen_cols)] + eye, cs[chosen_cols])
+        boot[i, chosen_cols] = _nnls_from(Gs[np.ix_(chosen_cols, chosen_cols)] + eye, cs[chosen_cols], keep)
     if chosen == best:
         why = f"lowest held-out error of {len(scores)} families over {k} time blocks"
     else:

@@ -88,17 +88,23 @@ class _Segments:
         self.weights = weights
 
     def _share(self, x: np.ndarray, denom: np.ndarray, mult: np.ndarray | None) -> tuple[np.ndarray, float]:
-        has = denom > 0
-        per = np.zeros(len(x))
-        np.divide(x, denom, out=per, where=has)  # x / denom where anything is in flight, else 0
-        c = np.empty(len(per) + 1)
+        c = np.empty(len(x) + 1)
         c[0] = 0.0
-        np.cumsum(per, out=c[1:])
+        per = c[1:]
+        has = denom > 0
+        if bool(has.all()):  # something in flight in every segment (the usual busy period)
+            np.divide(x, denom, out=per)
+            unshared = 0.0
+        else:
+            per[:] = 0.0
+            np.divide(x, denom, out=per, where=has)  # x / denom where anything is in flight, else 0
+            unshared = float(x[~has].sum())
+        np.cumsum(per, out=per)
         out = np.take(c, self.ei)
         out -= np.take(c, self.si)
         if mult is not None:
             out *= mult
-        return out, float(x[~has].sum())
+        return out, unshared
 
     def share_equal(self, x: np.ndarray) -> tuple[np.ndarray, float]:
         return self._share(x, self.n, None)
@@ -154,22 +160,32 @@ class _StepFeatures:
     """Cumulative feature mass F(t) = sum_s x_s * clip((t - start_s) / dur_s, 0, 1).
 
     Exact for overlapping steps too: two prefix sums, over steps sorted by start
-    and by end. Times are seconds relative to the period start (float64).
+    and by end. Steps one after another (tiled: the usual case) take one prefix sum:
+    at most one runs at any instant. Times are seconds relative to the period start (float64).
     """
 
     __slots__ = ("x", "st", "en", "dur", "_os", "_oe", "_st_sorted", "_en_sorted", "_cs_rate", "_cs_rate_st", "_ce_rate", "_ce_rate_st", "_ce_x",
                  "_memo", "_tiled")
 
-    def __init__(self, x: np.ndarray, st: np.ndarray, en: np.ndarray) -> None:
+    def __init__(self, x: np.ndarray, st: np.ndarray, en: np.ndarray, tiled: bool = True) -> None:
+        """``tiled=False``: the general prefix sums even where the steps tile (for checks)."""
         self.x, self.st, self.en = x, st, en
         self.dur = en - st
         # steps usually come in time order: skip the sorts and gathers then
         s_ok = len(st) < 2 or bool(np.all(st[1:] >= st[:-1]))
         e_ok = len(en) < 2 or bool(np.all(en[1:] >= en[:-1]))
         if s_ok and e_ok:
+            self._st_sorted, self._en_sorted = st, en
+            self._memo: list[tuple[np.ndarray, np.ndarray]] = []
+            # one after another, none overlapping the next (a device's own steps, its waits)
+            self._tiled = tiled and len(st) > 0 and bool(np.all(self.dur > 0)) and (len(st) < 2 or bool(np.all(en[:-1] <= st[1:])))
+            if self._tiled:
+                # at most one step runs at any instant: the mass is the ended steps' prefix sum
+                # plus the running one's share of its own features (no running-rate prefix sums)
+                self._ce_x = _prefix(x)
+                return
             # the same prefix sums, each written straight into its buffer (no rate, rate x start
             # or copy temporaries of steps x features)
-            self._st_sorted, self._en_sorted = st, en
             n, p = x.shape
             cs, cs_st = np.empty((n + 1, p)), np.empty((n + 1, p))
             cs[0] = cs_st[0] = 0.0
@@ -180,9 +196,6 @@ class _StepFeatures:
             self._cs_rate, self._cs_rate_st = cs, cs_st
             self._ce_rate, self._ce_rate_st = self._cs_rate, self._cs_rate_st
             self._ce_x = _prefix(x)
-            self._memo: list[tuple[np.ndarray, np.ndarray]] = []
-            # one after another, none overlapping the next (a device's own steps, its waits)
-            self._tiled = bool(np.all(self.dur >= 0)) and (len(st) < 2 or bool(np.all(en[:-1] <= st[1:])))
             return
         self._tiled = False
         rate = x / self.dur[:, None]
@@ -204,8 +217,14 @@ class _StepFeatures:
         for t_m, f_m in self._memo:
             if len(t_m) == len(t) and np.array_equal(t_m, t):
                 return f_m
+        if self._tiled:
+            out = self._tiled_at(t, False)
+            out.flags.writeable = False
+            if out.size <= _MEMO_SIZE:
+                self._memo = [(np.array(t, copy=True), out), *self._memo[:1]]
+            return out
         i = np.searchsorted(self._st_sorted, t, side="right")  # steps started by t
-        j = self._ended(t, i)  # steps ended by t
+        j = np.searchsorted(self._en_sorted, t, side="right")  # steps ended by t
         # t * (cs_rate[i] - ce_rate[j]) - (cs_rate_st[i] - ce_rate_st[j]) + ce_x[j], the same
         # operations in place on np.take's rows (a row gather ~3x faster than fancy indexing)
         running = np.take(self._cs_rate, i, axis=0)
@@ -221,22 +240,33 @@ class _StepFeatures:
             self._memo = [(np.array(t, copy=True), out), *self._memo[:1]]
         return out
 
-    def _ended(self, t: np.ndarray, i: np.ndarray) -> np.ndarray:
-        """``searchsorted(en_sorted, t, side="right")`` (the steps ended by t), given ``i`` (those
-        started by t). Tiled steps: every step before the last started one has ended, none after
-        it has begun, so only that one's end is to look at (one gather, not a binary search)."""
-        if not self._tiled or not len(self._en_sorted):
-            return np.searchsorted(self._en_sorted, t, side="right")
-        last = np.maximum(i - 1, 0)
-        running = np.take(self._en_sorted, last) > t
+    def _tiled_at(self, t: np.ndarray, density: bool) -> np.ndarray:
+        """Tiled steps: F(t) (or dF/dt) from the one step running at t, if any (the last started by
+        t, while it has not ended): the ended steps' features, plus its own times the share of it
+        done by t (its rate, for the density)."""
+        i = np.searchsorted(self._st_sorted, t, side="right")  # steps started by t
+        k = i - 1
+        np.maximum(k, 0, out=k)
+        running = np.take(self._en_sorted, k) > t
         running &= i > 0
-        out: np.ndarray = i - running
+        # the running step's share done by t (its 1 / duration for the density), 0 where none runs
+        f = np.reciprocal(np.take(self.dur, k)) if density else (t - np.take(self._st_sorted, k)) / np.take(self.dur, k)
+        f *= running
+        part = np.take(self.x, k, axis=0)
+        part *= f[:, None]
+        if density:
+            return part
+        i -= running  # the steps ended by t
+        out = np.take(self._ce_x, i, axis=0)
+        out += part
         return out
 
     def density(self, t: np.ndarray) -> np.ndarray:
         """dF/dt at t: the feature rate of the steps running at that instant."""
+        if self._tiled:
+            return self._tiled_at(t, True)
         i = np.searchsorted(self._st_sorted, t, side="right")
-        j = self._ended(t, i)
+        j = np.searchsorted(self._en_sorted, t, side="right")
         out = np.take(self._cs_rate, i, axis=0)
         out -= np.take(self._ce_rate, j, axis=0)
         return out
@@ -503,15 +533,18 @@ def _choose_lag(cum: _CumEnergy, trace: DeviceTrace, base: _StepFeatures | _Besi
     own = tuple(range(len(cols)))  # the lagged rows' columns: the family's only
     best = [math.inf, 0]  # the best score so far and its rows' count
     parts = _lag_stretches(cum, trace, t_row, a)
+    # the readings (every one, or the stretches') read once for every lag tried
+    plans = ([_RowPlan(cum, trace, idle_curve, a, b, rel)] if parts is None
+             else [_RowPlan(c, tr, idle_curve, lo, hi, rel) for c, tr, lo, hi in parts])
+    y_all = plans[0].y if len(plans) == 1 else np.concatenate([pl.y for pl in plans])
+
+    def rows_at(f: _Features) -> tuple[np.ndarray, np.ndarray]:
+        return (plans[0].rows(f) if len(plans) == 1 else np.vstack([pl.rows(f) for pl in plans])), y_all
+
     if parts is None:
         ref = sel.cv_error
         lagged = _with_lag(base, _LAGS_S[0], cols=cols)
-        rows_at: Callable[[_Features], tuple[np.ndarray, np.ndarray]] = lambda f: _fit_rows(cum, trace, f, idle_curve, a, b, rel)  # noqa: E731
     else:
-        def rows_at(f: _Features) -> tuple[np.ndarray, np.ndarray]:
-            r = [_fit_rows(c, tr, f, idle_curve, lo, hi, rel) for c, tr, lo, hi in parts]
-            return np.vstack([x[0] for x in r]), np.concatenate([x[1] for x in r])
-
         A0, y0 = rows_at(base)
         ref = _cv_error(A0, y0, cols)  # no lag, on the same readings
         lagged = _with_lag(base, _LAGS_S[0], windows=(rel(np.array([p[2] for p in parts]) - _LAG_MARGIN_NS),
@@ -721,11 +754,15 @@ def _waits(seg: "_Segments", st_ns: np.ndarray, en_ns: np.ndarray) -> tuple[np.n
     ms = ss[new]
     me = np.maximum.reduceat(se, np.flatnonzero(new))
     lo, hi = seg.edges[0], seg.edges[-1]
-    # The union of the segment edges and the merged steps' bounds, and at each of its times
-    # how many edges and step starts lie at or before it (np.unique and two searchsorted):
+    # The stretches with anything in flight (maximal runs of busy segments: a few, where
+    # requests overlap), by their bounds: starts at even positions, ends at odd ones.
+    d = np.diff(np.concatenate(([0], (seg.n > 0).astype(np.int8), [0])))
+    fe = np.take(seg.edges, np.flatnonzero(d))
+    # The union of those bounds and the merged steps' bounds, and at each of its times how
+    # many flight bounds and step starts lie at or before it (np.unique and two searchsorted):
     # one stable sort of the three sorted runs, each time tagged with its run in its two low
     # bits (times relative to the period, so the shift cannot overflow).
-    tagged = np.concatenate(((seg.edges - lo) * 4, (np.clip(ms, lo, hi) - lo) * 4 + 1, (np.clip(me, lo, hi) - lo) * 4 + 2))
+    tagged = np.concatenate(((fe - lo) * 4, (np.clip(ms, lo, hi) - lo) * 4 + 1, (np.clip(me, lo, hi) - lo) * 4 + 2))
     tagged.sort(kind="stable")
     tag = tagged & 3
     tagged >>= 2  # the times, in place
@@ -738,9 +775,10 @@ def _waits(seg: "_Segments", st_ns: np.ndarray, en_ns: np.ndarray) -> tuple[np.n
     e += lo
     left = e[:-1]
     li = li[:-1]
-    # the segment each left edge opens (in flight there?); the merged step that started last
-    # at or before it: counts of the runs' members up to each time's last copy
-    inflight = np.take(seg.n > 0, np.take(np.cumsum(tag == 0), li) - 1)
+    # in flight there (the last flight bound at or before it a start?); the merged step that
+    # started last at or before it: counts of the runs' members up to each time's last copy
+    q = np.take(np.cumsum(tag == 0), li)
+    inflight = (q & 1) == 1
     k = np.take(np.cumsum(tag == 1), li) - 1
     in_step = (k >= 0) & (me[np.maximum(k, 0)] > left)
     flag = inflight & ~in_step
@@ -771,11 +809,13 @@ def _knee_weight(cum: _CumEnergy, trace: DeviceTrace, x4: np.ndarray, st: np.nda
     t_read = cum.t if cum.source == "energy-counter" else trace.t_ns
     parts = _lag_stretches(cum, trace, t_read[(t_read >= a) & (t_read <= b)], a)
 
+    # the readings (every one, or the stretches') read once for every weight tried
+    plans = ([_RowPlan(cum, trace, idle_curve, a, b, rel)] if parts is None
+             else [_RowPlan(c, tr, idle_curve, lo, hi, rel) for c, tr, lo, hi in parts])
+    y_all = plans[0].y if len(plans) == 1 else np.concatenate([pl.y for pl in plans])
+
     def rows(f: _StepFeatures) -> tuple[np.ndarray, np.ndarray]:
-        if parts is None:
-            return _fit_rows(cum, trace, f, idle_curve, a, b, rel)
-        r = [_fit_rows(c, tr, f, idle_curve, lo, hi, rel) for c, tr, lo, hi in parts]
-        return np.vstack([x[0] for x in r]), np.concatenate([x[1] for x in r])
+        return (plans[0].rows(f) if len(plans) == 1 else np.vstack([pl.rows(f) for pl in plans])), y_all
 
     kcols = list(KNEES)
     rates1 = basis_rates(x4, 1.0)  # the saturating terms' throughputs, from every step
@@ -979,6 +1019,7 @@ def _batch_fit(cum: _CumEnergy, trace: DeviceTrace, steps: Steps, s_idx: np.ndar
     band_rel = math.nan
     noise = None
     slow_w: np.ndarray | None = None  # the fit's slow residual over each request's lifetime (W)
+    life_rel: tuple[np.ndarray, np.ndarray] | None = None  # each request's lifetime clipped to the period (s from a)
     if reconcile_s is None:
         m_row = y * w_row
         p_row = (A @ coef_fit) * w_row
@@ -1018,9 +1059,23 @@ def _batch_fit(cum: _CumEnergy, trace: DeviceTrace, steps: Steps, s_idx: np.ndar
             r_slow, t_slow = (m_row - g * p_row)[::k_ov], t_row[::k_ov]
             c_r = np.concatenate(([0.0], np.cumsum(r_slow)))
             c_q = np.concatenate(([0.0], np.cumsum(r_slow**2)))
-            l0, l1 = np.clip(requests.start_ns[ridx], a, b), np.clip(requests.end_ns[ridx], a, b)
-            j0, j1 = np.searchsorted(t_slow, l0, side="left"), np.searchsorted(t_slow, l1, side="right")
-            slow_w = np.sqrt(np.maximum((c_r[j1] - c_r[j0]) ** 2 - (c_q[j1] - c_q[j0]), 0.0)) / np.maximum((l1 - l0) * _NS, 1e-9)
+            # the lifetimes clipped to the period: seg's starts and ends (its edges, by index). The ends
+            # are not in order: searched as the sorted edges, then gathered (a third of the time)
+            l0, l1 = np.take(seg.edges, seg.si), np.take(seg.edges, seg.ei)
+            j0 = np.searchsorted(t_slow, l0, side="left")
+            j1 = np.take(np.searchsorted(t_slow, seg.edges, side="right"), seg.ei)
+            life_rel = (rel(l0), rel(l1))
+            # sqrt(max((c_r[j1] - c_r[j0])^2 - (c_q[j1] - c_q[j0]), 0)) / max(life, 1e-9), in place
+            slow_w = np.take(c_r, j1)
+            slow_w -= np.take(c_r, j0)
+            slow_w *= slow_w
+            dq = np.take(c_q, j1)
+            dq -= np.take(c_q, j0)
+            slow_w -= dq
+            np.maximum(slow_w, 0.0, out=slow_w)
+            np.sqrt(slow_w, out=slow_w)
+            life_s = (l1 - l0) * _NS
+            slow_w /= np.maximum(life_s, 1e-9, out=life_s)
         else:
             reconcile_s = (b - a) * _NS
             window_why = "too few readings: the whole period"
@@ -1057,22 +1112,36 @@ def _batch_fit(cum: _CumEnergy, trace: DeviceTrace, steps: Steps, s_idx: np.ndar
                                                np.clip(rel(w_st), e_rel[0], e_rel[-1]), np.clip(rel(w_en), e_rel[0], e_rel[-1]))
 
     # 4. Steps to requests by tokens; entries' request indices map into ridx order.
-    local = np.full(len(requests), -1, dtype=np.int64)
-    local[ridx] = np.arange(len(ridx))
-    step_pos = np.full(len(steps), -1, dtype=np.int64)
-    step_pos[s_idx] = np.arange(len(s_idx))
-    e_s = step_pos[steps.entry_step]
-    em = e_s >= 0
-    if bool(em.all()):  # every entry is of this device's steps (one device): no copies
-        e_r = local[steps.entry_request]
+    # (one device: every request and step is this device's, in order, so the maps are the identity
+    # where the entries' indices are too: none negative, which the maps would wrap)
+    def _identity(idx: np.ndarray, n: int, refs: np.ndarray) -> bool:
+        return len(idx) == n and (not n or (int(idx[0]) == 0 and bool(np.all(np.diff(idx) == 1)))) and (
+            not len(refs) or int(refs.min()) >= 0)
+
+    all_req = _identity(ridx, len(requests), steps.entry_request)
+    all_steps = _identity(s_idx, len(steps), steps.entry_step)
+    if not all_req:
+        local = np.full(len(requests), -1, dtype=np.int64)
+        local[ridx] = np.arange(len(ridx))
+    if all_steps:
+        e_s = steps.entry_step
+        em = None
+    else:
+        step_pos = np.full(len(steps), -1, dtype=np.int64)
+        step_pos[s_idx] = np.arange(len(s_idx))
+        e_s = step_pos[steps.entry_step]
+        em = e_s >= 0
+    if em is None or bool(em.all()):  # every entry is of this device's steps (one device): no copies
+        e_r = steps.entry_request if all_req else local[steps.entry_request]
         e_t = steps.entry_tokens
     else:
         e_s = np.compress(em, e_s)
-        e_r = local[np.compress(em, steps.entry_request)]
+        e_r = np.compress(em, steps.entry_request) if all_req else local[np.compress(em, steps.entry_request)]
         e_t = np.compress(em, steps.entry_tokens)
     tok_sum = np.bincount(e_s, weights=e_t, minlength=len(s_idx))
     ts = tok_sum[e_s]
-    share = np.where(ts > 0, e_t / np.where(ts > 0, ts, 1.0), 0.0)
+    tok_any = ts > 0
+    share = e_t / ts if bool(tok_any.all()) else np.where(tok_any, e_t / np.where(tok_any, ts, 1.0), 0.0)
     val = e_step[e_s] * share
     on_dev = e_r >= 0
     all_on = bool(on_dev.all())
@@ -1104,8 +1173,8 @@ def _batch_fit(cum: _CumEnergy, trace: DeviceTrace, steps: Steps, s_idx: np.ndar
         resid_row, alias_row = noise.pop("resid"), noise.pop("alias", None)
         noise = dict(noise, **_request_components(resid_row, p_row, t_row, len_row, rel, feats, e_step, e_s,
                                                   e_r, share, on_dev, e_rel, w_meas, w_pred, len(ridx), dyn, s2,
-                                                  (rel(np.clip(requests.start_ns[ridx], a, b)),
-                                                   rel(np.clip(requests.end_ns[ridx], a, b))),
+                                                  life_rel if life_rel is not None else
+                                                  (rel(np.clip(requests.start_ns[ridx], a, b)), rel(np.clip(requests.end_ns[ridx], a, b))),
                                                   cum.source == "energy-counter", alias_row))
     extra_noise = {k: v for k, v in noise.items() if k != "exposure"} if noise is not None else None
 
@@ -1266,6 +1335,53 @@ def _intercept_rel_sd(X: np.ndarray, y: np.ndarray, coef: np.ndarray) -> float:
     return float(max(_IDLE_REL, min(1.0, se / float(coef[0]))))
 
 
+class _RowPlan:
+    """The readings of ``_fit_rows(cum, trace, feats, idle_curve, a, b, rel)`` (plain rows: ``A``, ``y``)
+    read once, for the rows of many features on the same readings (the lag's and the knees' searches):
+    ``y`` and the times each row reads the features at; :meth:`rows` then gives ``A``, the same
+    numbers as ``_fit_rows`` (which reads its plain rows through this)."""
+
+    __slots__ = ("y", "_hi", "_lo", "_div")
+
+    def __init__(self, cum: _CumEnergy, trace: DeviceTrace, idle_curve: _Piecewise, a: int, b: int, rel: _Rel) -> None:
+        self._hi: np.ndarray | None = None  # the times of the rows' mass (their ends), or of their density
+        self._lo: np.ndarray | None = None  # the rows' starts (None: a density)
+        self._div: float | None = None  # the rows' span (s) where they are mean powers
+        if cum.source == "energy-counter":
+            t = cum.t[(cum.t >= a) & (cum.t <= b)]
+            if len(t) >= 3:
+                lo, hi = t[:-1], t[1:]
+                self.y = cum.energy(lo, hi) - idle_curve.integral(lo, hi)
+                self._hi, self._lo = rel(hi), rel(lo)
+                return
+        if trace.power_w is None:
+            self.y = np.zeros(0)
+            return
+        t, pv, span = power_points(trace)
+        ok = (t >= a) & (t <= b)
+        if span:
+            ok &= t - span >= a
+        t, pv = t[ok], pv[ok]
+        if span:
+            lo = t - span
+            self._hi, self._lo, self._div = rel(t), rel(lo), span * _NS
+            self.y = pv - idle_curve.integral(lo, t) / (span * _NS)
+        else:
+            self._hi = rel(t)
+            self.y = pv - idle_curve(t)
+
+    def rows(self, feats: _Features) -> np.ndarray:
+        if self._hi is None:
+            return np.zeros((0, feats.x.shape[1]))
+        if self._lo is None:
+            out: np.ndarray = feats.density(self._hi)
+            return out
+        A: np.ndarray = feats.mass(self._hi) - feats.mass(self._lo)
+        if self._div is not None:
+            A /= self._div
+        return A
+
+
 @overload
 def _fit_rows(cum: _CumEnergy, trace: DeviceTrace, feats: _Features, idle_curve: _Piecewise, a: int, b: int, rel: _Rel,
               with_time: bool = ..., *, with_weights: Literal[True]) -> _Rows: ...
@@ -1283,6 +1399,9 @@ def _fit_rows(cum: _CumEnergy, trace: DeviceTrace, feats: _Features, idle_curve:
     ``with_weights`` also returns each row's length in seconds (rows times it are
     energies), its end time (ns) and how many neighbouring rows overlap it.
     """
+    if not with_time and not with_weights:
+        plan = _RowPlan(cum, trace, idle_curve, a, b, rel)
+        return plan.rows(feats), plan.y
     p = feats.x.shape[1]
     if cum.source == "energy-counter":
         t = cum.t[(cum.t >= a) & (cum.t <= b)]
