@@ -1316,6 +1316,16 @@ def _fit_idle(cum: _CumEnergy, trace: DeviceTrace, steps: Steps, s_idx: np.ndarr
     return w, rel_sd
 
 
+def _power_points_in(trace: DeviceTrace, a: int, b: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """The trace's power points (:func:`power_points`) whose interval lies inside ``[a, b]`` (ns):
+    a point's time in it and, for averaged readings (``span`` ns), its window's start too."""
+    t, pv, span = power_points(trace)
+    ok = (t >= a) & (t <= b)
+    if span:
+        ok &= t - span >= a
+    return t[ok], pv[ok], span
+
+
 def _intercept_rel_sd(X: np.ndarray, y: np.ndarray, coef: np.ndarray) -> float:
     """Relative standard error of the fitted idle intercept (``coef[0]``, column 0 of ``X``): the
     least-squares standard error over the terms the non-negative fit kept. Where the device
@@ -1357,11 +1367,7 @@ class _RowPlan:
         if trace.power_w is None:
             self.y = np.zeros(0)
             return
-        t, pv, span = power_points(trace)
-        ok = (t >= a) & (t <= b)
-        if span:
-            ok &= t - span >= a
-        t, pv = t[ok], pv[ok]
+        t, pv, span = _power_points_in(trace, a, b)
         if span:
             lo = t - span
             self._hi, self._lo, self._div = rel(t), rel(lo), span * _NS
@@ -1420,11 +1426,7 @@ def _fit_rows(cum: _CumEnergy, trace: DeviceTrace, feats: _Features, idle_curve:
             return np.zeros((0, p)), np.zeros(0), np.zeros(0), np.zeros(0, dtype=np.int64), 0, np.zeros(0)
         empty = np.zeros((0, p)), np.zeros(0)
         return (*empty, np.zeros(0)) if with_time else empty
-    t, pv, span = power_points(trace)
-    ok = (t >= a) & (t <= b)
-    if span:
-        ok &= t - span >= a
-    t, pv = t[ok], pv[ok]
+    t, pv, span = _power_points_in(trace, a, b)
     if with_weights:
         dt_all = _typical_interval(t) if len(t) > 2 else span
         pick = _chunks(len(t))
