@@ -125,3 +125,22 @@ def test_attribution_picks_the_law_it_sees(law, family):
     assert m.family == family and m.cv_r2 > 0.7
     truth = np.array([run.truth[i]["energy_j"] for i in req.ids])
     assert np.quantile(np.abs(res.energy_j - truth) / truth, 0.95) < 0.02
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_nnls_from_a_guessed_set_is_nnls_gram_whatever_the_guess(seed):
+    """The folds' and resamples' warm start: with the full fit's kept set, a wrong set or none,
+    the answer is nnls_gram's own."""
+    from wattspan.attribution.family import _nnls_from
+
+    rng = np.random.default_rng(seed)
+    for _ in range(200):
+        n = int(rng.integers(2, 8))
+        A = rng.normal(size=(40, n))
+        y = A @ (rng.normal(size=n)) + rng.normal(scale=0.3, size=40)
+        G, c = A.T @ A + 1e-9 * np.eye(n), A.T @ y
+        want = nnls_gram(G, c)
+        kept = np.flatnonzero(want > 0)
+        wrong = np.flatnonzero(want <= 0)
+        for guess in (kept, wrong, np.arange(n), np.zeros(0, dtype=np.int64)):
+            np.testing.assert_allclose(_nnls_from(G, c, guess), want, rtol=1e-9, atol=1e-12)

@@ -145,13 +145,18 @@ def knee_points(x4: np.ndarray, weight: float) -> tuple[float, ...]:
     return tuple(lo * (hi / lo) ** (j / (len(KNEES) + 1)) for j in range(1, len(KNEES) + 1))
 
 
+def _nnls_tol(c: np.ndarray) -> float:
+    """The gradient below which :func:`nnls_gram` (and :func:`_nnls_from`'s check) lets a coefficient stay at 0."""
+    return 1e-12 * max(1.0, float(np.abs(c).max()) if len(c) else 1.0)
+
+
 def nnls_gram(G: np.ndarray, c: np.ndarray, max_iter: int = 60) -> np.ndarray:
     """Non-negative least squares (Lawson-Hanson) on normal equations ``G x = c``."""
     n = len(c)
     x = np.zeros(n)
     passive = np.zeros(n, dtype=bool)
     w = c.copy()
-    tol = 1e-12 * max(1.0, float(np.abs(c).max()) if n else 1.0)
+    tol = _nnls_tol(c)
     it = 0
     while it < max_iter and (~passive).any() and (w[~passive] > tol).any():
         it += 1
@@ -194,7 +199,7 @@ def _nnls_from(G: np.ndarray, c: np.ndarray, P: np.ndarray) -> np.ndarray:
             w = c - G @ x
             free = np.ones(n, dtype=bool)
             free[P] = False
-            if not (w[free] > 1e-12 * max(1.0, float(np.abs(c).max()))).any():
+            if not (w[free] > _nnls_tol(c)).any():
                 return x
     return nnls_gram(G, c)
 
