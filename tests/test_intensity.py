@@ -140,6 +140,22 @@ def test_background_mode_never_waits_on_a_slow_api_and_says_what_answered(em):
     assert p.at("DE", now).g_per_kwh == 150.0
 
 
+def test_a_background_fetch_that_lands_at_once_is_served_fresh_not_counted_stale(em):
+    # a fast API can answer before the lookup that started the fetch looks again (CI saw it):
+    # the value is then fresh, not "the last known value", and no miss is counted against it
+    p = ElectricityMapsProvider(base_url=em.url, timeout_s=5.0, ttl_s=900.0, background=True)
+    spawn = p._spawn
+
+    def spawn_and_land(*a):
+        spawn(*a)
+        assert p.settle(10)
+
+    p._spawn = spawn_and_land
+    now = time.time()
+    v = p.at("DE", now)
+    assert (v.g_per_kwh, v.provider, v.fallback) == (123.0, "electricitymaps", False) and p.misses == {}
+
+
 def test_background_mode_refreshes_ahead_of_expiry(em):
     p = ElectricityMapsProvider(base_url=em.url, timeout_s=5.0, ttl_s=900.0, background=True)
     now = time.time()

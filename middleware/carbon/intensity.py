@@ -447,8 +447,12 @@ class _Live:
             return hit[1]
         if self._down():
             return self._fallback(zone, t_s, f"{self.name} unavailable")
+        last = self._last_known(zone, t_s)  # before the fetch starts: it may land before we look again
         self._spawn(zone, start, fetch)
-        last = self._last_known(zone, t_s)
+        with self._lock:
+            hit = self._cache.get((zone, start))
+        if hit is not None and time.monotonic() - hit[0] < self.ttl_s:
+            return hit[1]  # the fetch already answered (a fast API): a fresh value, not a miss
         if last is not None:
             with self._lock:
                 self.misses["stale"] = self.misses.get("stale", 0) + 1
