@@ -33,7 +33,7 @@ def _rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
         seen = False
         for n, raw in enumerate(fh, 1):
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")  # a byte-order mark, as the trace reader allows
             except UnicodeDecodeError as exc:
                 raise InputError(path, n, f"is not UTF-8 text (byte 0x{raw[exc.start]:02x} at column {exc.start + 1})") from None
             if not line.strip():

@@ -16,6 +16,11 @@ __all__ = ["cmd_attribute", "print_summary", "summarize"]
 _INTENSITY_FIELDS = ("intensity_g_per_kwh", "intensity_provider", "intensity_zone", "intensity_hour", "intensity_basis",
                      "market_g_per_kwh", "co2e_market_g", "marginal_g_per_kwh", "co2e_marginal_g")
 
+#: the largest --idle: the trace reader's bound on a reading (wattspan.sources.replay)
+_MAX_WATTS = 1e6
+#: the longest --power-window-s: a day (facility meters average over 15 minutes at most)
+_MAX_WINDOW_S = 86400.0
+
 
 def cmd_attribute(args: argparse.Namespace) -> int:
     from ..attribution import jsonl as _io
@@ -27,10 +32,10 @@ def cmd_attribute(args: argparse.Namespace) -> int:
 
     try:
         idle = None if str(args.idle).strip().lower() == "estimate" else float(args.idle)
-        if idle is not None and (not math.isfinite(idle) or idle < 0):
+        if idle is not None and not (math.isfinite(idle) and 0 <= idle <= _MAX_WATTS):
             raise ValueError
     except ValueError:
-        raise UsageError(f"--idle must be a number of watts >= 0 or 'estimate', got {args.idle!r}") from None
+        raise UsageError(f"--idle must be a number of watts from 0 to {_MAX_WATTS:g} or 'estimate', got {args.idle!r}") from None
     lag = getattr(args, "board_lag_ms", None)  # in s: parsed by the option's type (wattspan.settings.parse_board_lag_ms)
     try:
         carbon = carbon_model_from_args(args)
@@ -40,8 +45,8 @@ def cmd_attribute(args: argparse.Namespace) -> int:
         traces = read_trace_csv(args.trace)
         if args.power_kind == "average":
             window = float(args.power_window_s)
-            if not (math.isfinite(window) and window > 0):
-                raise UsageError("--power-window-s must be > 0")
+            if not (math.isfinite(window) and 0 < window <= _MAX_WINDOW_S):
+                raise UsageError(f"--power-window-s must be > 0 and <= {_MAX_WINDOW_S:g} seconds, got {args.power_window_s!r}")
             for tr in traces.values():
                 tr.power_kind = SampleKind.AVERAGE
                 tr.window_ns = int(window * 1e9)
@@ -50,6 +55,8 @@ def cmd_attribute(args: argparse.Namespace) -> int:
     except InputError as exc:
         raise UsageError(str(exc)) from None
 
+    for line in _untraced(traces, requests, steps, args.trace):
+        print(f"wattspan: warning: {line}", file=sys.stderr)
     try:
         result = attribute(traces, requests, steps, idle_w=idle, board_lag_s=lag)
     except TraceError as exc:  # a trace the engine cannot use: one line naming the file, device and reading
@@ -79,11 +86,57 @@ def cmd_attribute(args: argparse.Namespace) -> int:
     if args.out is None:
         sys.stdout.write(lines)
     else:
-        args.out.write_text(lines, encoding="utf-8")
+        _write(args.out, lines, "--out")
     if args.summary is not None:
-        args.summary.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        _write(args.summary, json.dumps(summary, indent=2) + "\n", "--summary")
     print_summary(summary, file=sys.stderr if args.out is None else sys.stdout)
     return 0
+
+
+def _untraced(traces: Any, requests: Any, steps: Any, trace_path: Any) -> list[str]:
+    """What the trace cannot meter, one line each: requests on a device (or a group's member) it has no
+    readings of (two or more), which get no energy of that device (method ``no-trace``); batch steps on such
+    a device; steps naming a request that does not run on every device of the step, whose energy on the
+    others goes only to the requests that do."""
+    import numpy as np
+
+    from ..devices import members
+
+    traced = {k for k, v in traces.items() if len(v) >= 2}
+    have = ", ".join(sorted(traced)) or "no device"
+    out = []
+    rdev, rcode = np.unique(requests.device.astype(str), return_inverse=True)
+    rcode = rcode.ravel()
+    missing: dict[str, int] = {}
+    for d, c in zip(rdev.tolist(), np.bincount(rcode, minlength=len(rdev)).tolist()):
+        for m in members(d):
+            if m not in traced:
+                missing[m] = missing.get(m, 0) + int(c)
+    for m, c in sorted(missing.items()):
+        out.append(f"{c} request(s) run on {m}, which {trace_path} does not meter (it meters {have}): "
+                   "no energy of that device is attributed to them")
+    if steps is not None and len(steps):
+        sdev, scode = np.unique(steps.device.astype(str), return_inverse=True)
+        scode = scode.ravel()
+        for d, c in zip(sdev.tolist(), np.bincount(scode, minlength=len(sdev)).tolist()):
+            absent = [m for m in members(d) if m not in traced]
+            if absent:
+                out.append(f"{c} batch step(s) run on {d}; {trace_path} does not meter {', '.join(absent)}")
+        pairs, counts = np.unique(scode[steps.entry_step] * len(rdev) + rcode[steps.entry_request], return_counts=True)
+        wrong = sum(int(c) for code, c in zip(pairs.tolist(), counts.tolist())
+                    if not set(members(str(sdev[code // len(rdev)]))) <= set(members(str(rdev[code % len(rdev)]))))
+        if wrong:
+            out.append(f"{wrong} batch step entr{'y names' if wrong == 1 else 'ies name'} a request that does not run on every device "
+                       "of its step: the step's energy on those devices goes only to the requests that do")
+    return out
+
+
+def _write(path: Any, text: str, option: str) -> None:
+    """Write an output file; a path that cannot be written (a missing folder, a directory) is a usage error."""
+    try:
+        path.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"{option} {path}: cannot write: {exc.strerror or exc}") from None
 
 
 def summarize(result: Any, records: list[dict[str, Any]], carbon: Any) -> dict[str, Any]:

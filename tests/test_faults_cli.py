@@ -1,0 +1,94 @@
+"""Faults at the command line: outputs that cannot be written, out-of-range options, input that meters nothing.
+
+Each is a clear one-line error (exit 2, no traceback) or a result with a warning saying what was not metered.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+A100 = ROOT / "examples" / "a100"
+
+
+def wattspan(*args, cwd=None, env=None):
+    return subprocess.run([sys.executable, "-m", "wattspan.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, env={**os.environ, **(env or {})}, timeout=120)
+
+
+def _small(tmp_path: Path, *, trace_gpu: str = "0", req_gpu: object = 0, step_gpu: object = None, bom: bool = False):
+    t = tmp_path / "trace.csv"
+    t.write_text("time_ns,gpu,power_w\n" + "".join(f"{1000 + 100 * i},{trace_gpu},{60 + (i % 3) * 40}\n" for i in range(40)))
+    r = tmp_path / "requests.jsonl"
+    rows = [{"id": f"r{k}", "start_ns": 1200 + 400 * k, "end_ns": 1500 + 400 * k, "gpu": req_gpu} for k in range(8)]
+    r.write_text(("\ufeff" if bom else "") + "".join(json.dumps(x) + "\n" for x in rows), encoding="utf-8")
+    args = ["attribute", "--trace", t, "--requests", r]
+    if step_gpu is not None:
+        b = tmp_path / "batches.jsonl"
+        b.write_text("".join(json.dumps({"start_ns": x["start_ns"], "end_ns": x["end_ns"], "gpu": step_gpu, "requests": {x["id"]: 1}}) + "\n" for x in rows))
+        args += ["--batches", b]
+    return args
+
+
+@pytest.mark.parametrize("where", ["missing-folder", "a-directory"])
+@pytest.mark.parametrize("option", ["--out", "--summary"])
+def test_an_output_that_cannot_be_written_is_a_usage_error(tmp_path, option, where):
+    path = tmp_path / "no" / "such" / "x.json" if where == "missing-folder" else tmp_path
+    p = wattspan(*_small(tmp_path), option, path)
+    assert p.returncode == 2, p.stderr
+    assert "Traceback" not in p.stderr
+    assert f"wattspan: error: {option} {path}: cannot write" in p.stderr
+
+
+@pytest.mark.parametrize(("option", "value"), [("--idle", "1e308"), ("--idle", "2e6"), ("--power-window-s", "1e300"), ("--power-window-s", "1e10")])
+def test_huge_idle_or_averaging_window_is_refused_not_a_traceback(tmp_path, option, value):
+    extra = ["--power-kind", "average"] if option == "--power-window-s" else []
+    p = wattspan(*_small(tmp_path), *extra, option, value)
+    assert p.returncode == 2, p.stderr
+    assert "Traceback" not in p.stderr and option in p.stderr
+
+
+def test_a_day_long_averaging_window_still_runs(tmp_path):
+    p = wattspan(*_small(tmp_path), "--power-kind", "average", "--power-window-s", "86400", "--out", tmp_path / "o.jsonl")
+    assert p.returncode == 0, p.stderr
+
+
+def test_a_byte_order_mark_on_the_requests_file_is_read_as_on_the_trace(tmp_path):
+    out = tmp_path / "o.jsonl"
+    p = wattspan(*_small(tmp_path, bom=True), "--out", out)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(out.read_text().splitlines()[0])["id"] == "r0"
+
+
+def test_requests_on_a_device_the_trace_does_not_meter_are_kept_and_warned_about(tmp_path):
+    out, summ = tmp_path / "o.jsonl", tmp_path / "s.json"
+    p = wattspan(*_small(tmp_path, trace_gpu="gpu7", step_gpu=0), "--out", out, "--summary", summ)
+    assert p.returncode == 0, p.stderr
+    recs = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(recs) == 8 and all(r["method"] == "no-trace" and r["energy_j"] == 0 for r in recs)
+    s = json.loads(summ.read_text())
+    assert s["unattributed_j"] == pytest.approx(s["measured_j"]) and s["measured_j"] > 0
+    assert "wattspan: warning: 8 request(s) run on gpu0, which" in p.stderr and "it meters gpu7" in p.stderr
+    assert "8 batch step(s) run on gpu0;" in p.stderr
+
+
+def test_a_group_member_without_readings_and_steps_on_other_devices_are_warned_about(tmp_path):
+    p = wattspan(*_small(tmp_path, req_gpu=["gpu0", "gpu5"], step_gpu="gpu1"), "--out", tmp_path / "o.jsonl")
+    assert p.returncode == 0, p.stderr
+    assert "8 request(s) run on gpu5" in p.stderr
+    assert "8 batch step(s) run on gpu1;" in p.stderr
+    assert "8 batch step entries name a request that does not run on every device of its step" in p.stderr
+
+
+def test_the_shipped_examples_give_no_warning(tmp_path):
+    for ex in ("a100", "tp4"):
+        d = ROOT / "examples" / ex
+        p = wattspan("attribute", "--trace", d / "trace.csv", "--requests", d / "requests.jsonl", "--batches", d / "batches.jsonl", "--out", tmp_path / "o.jsonl")
+        assert p.returncode == 0, p.stderr
+        assert "warning" not in p.stderr
