@@ -292,23 +292,50 @@ def from_ledger(db: str | os.PathLike, since: float | None = None, until: float 
     return b
 
 
+#: the numbers of an attribute record the audit adds up (each finite and >= 0 where present)
+_RECORD_NUMBERS = ("energy_j", "host_j", "device_s", "embodied_g", "co2e_g", "coverage", "prompt_tokens", "output_tokens")
+
+
+def _is_number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
 def from_attribute(records: str | os.PathLike, summary: str | os.PathLike | None = None) -> Basis:
     from .errors import InputError
 
     recs = []
-    with open(records, encoding="utf-8") as fh:
-        for i, line in enumerate(fh, 1):
-            if line.strip():
-                try:
-                    recs.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise InputError(records, i, f"not JSON ({exc.msg}); give `wattspan attribute --out` output") from None
+    try:
+        fh = open(records, encoding="utf-8")
+    except OSError as exc:
+        raise InputError(records, 0, f"cannot open: {exc.strerror or exc}") from None
+    with fh:
+        i = 0
+        try:
+            for i, line in enumerate(fh, 1):
+                if line.strip():
+                    try:
+                        recs.append(json.loads(line))
+                    except json.JSONDecodeError as exc:
+                        raise InputError(records, i, f"not JSON ({exc.msg}); give `wattspan attribute --out` output") from None
+        except (UnicodeDecodeError, OSError) as exc:
+            raise InputError(records, i + 1, f"cannot be read as UTF-8 text ({exc}); give `wattspan attribute --out` output") from None
     if not recs:
         raise InputError(records, 0, "holds no records")
     for i, r in enumerate(recs, 1):
         if not isinstance(r, dict) or "energy_j" not in r:
             raise InputError(records, i, "has no energy_j: give `wattspan attribute --out` output")
-    s = json.loads(Path(summary).read_text("utf-8")) if summary else None
+        for key in _RECORD_NUMBERS:
+            v = r.get(key, 0.0)
+            if not _is_number(v) or not math.isfinite(v) or v < 0:
+                raise InputError(records, i, f"{key} must be a finite number >= 0, got {str(v)[:40]!r}: give `wattspan attribute --out` output")
+    s = None
+    if summary:
+        try:
+            s = json.loads(Path(summary).read_text("utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise InputError(summary, 0, f"cannot be read as JSON ({getattr(exc, 'strerror', None) or exc}); give `wattspan attribute --summary` output") from None
+        if not isinstance(s, dict):
+            raise InputError(summary, 0, "is not a JSON object: give `wattspan attribute --summary` output")
     acc = sum(float(r["energy_j"]) for r in recs)
     b = Basis(kind="attribute", subject=f"wattspan attribute output {Path(records).name}", accelerator_j=acc,
               host_j=sum(float(r.get("host_j", 0.0)) for r in recs), device_s=sum(float(r.get("device_s", 0.0)) for r in recs),
@@ -334,16 +361,22 @@ def from_attribute(records: str | os.PathLike, summary: str | os.PathLike | None
         d["coverage"] = min(d["coverage"], float(r.get("coverage", 1.0)))
     b.devices = list(devs.values())
     if s:
-        b.unattributed_j = float(s.get("unattributed_j", 0.0))
-        b.unattributed_note = (f"measured {s.get('measured_j', 0.0):.4g} J on the devices, {s.get('attributed_j', 0.0):.4g} J "
-                               "charged to requests; the rest (idle with nothing in flight) is in no request")
-        b.recorded_carbon = s.get("carbon")
-        for k, d in (s.get("devices") or {}).items():
-            for dd in b.devices:
-                if dd["id"] == k:
-                    dd["method_detail"] = f"{d.get('method', '')}, idle {d.get('idle_w', 0):.1f} W ({d.get('idle_source', '')})"
-            if d.get("t0_ns") is not None:
-                b.notes.append(f"device {k}: trace {(d['t1_ns'] - d['t0_ns']) / 1e9:.1f} s on the trace's own clock")
+        try:
+            b.unattributed_j = float(s.get("unattributed_j", 0.0))
+            b.unattributed_note = (f"measured {s.get('measured_j', 0.0):.4g} J on the devices, {s.get('attributed_j', 0.0):.4g} J "
+                                   "charged to requests; the rest (idle with nothing in flight) is in no request")
+            b.recorded_carbon = s.get("carbon")
+            c = b.recorded_carbon
+            if c is not None and not (isinstance(c, dict) and _is_number(c.get("intensity_g_per_kwh")) and _is_number(c.get("pue", 1.0))):
+                raise TypeError("its carbon needs numbers intensity_g_per_kwh and pue")
+            for k, d in (s.get("devices") or {}).items():
+                for dd in b.devices:
+                    if dd["id"] == k:
+                        dd["method_detail"] = f"{d.get('method', '')}, idle {d.get('idle_w', 0):.1f} W ({d.get('idle_source', '')})"
+                if d.get("t0_ns") is not None:
+                    b.notes.append(f"device {k}: trace {(d['t1_ns'] - d['t0_ns']) / 1e9:.1f} s on the trace's own clock")
+        except (TypeError, ValueError, AttributeError, KeyError) as exc:  # fields of the wrong type
+            raise InputError(summary or "", 0, f"is not `wattspan attribute --summary` output ({type(exc).__name__}: {exc})") from None
     else:
         b.unattributed_note = "not known: give --summary (attribute's --summary JSON) for the unattributed energy"
     for key, title in (("route", "Energy by endpoint"), ("model", "Energy by model"), ("tenant", "Energy by tenant")):
@@ -689,6 +722,9 @@ def cli_main(args) -> int:
 
         if importlib.util.find_spec("fpdf") is None:
             raise ValueError("a PDF needs fpdf2: pip install 'wattspan[audit]' (or write .html and print it)")
+    mi = args.market_intensity
+    if mi is not None and not (math.isfinite(mi) and 0 <= mi <= 2500):
+        raise ValueError(f"--market-intensity must be gCO2e/kWh from 0 to 2500, got {mi!r}")
     if args.records is not None:
         basis = from_attribute(args.records, args.summary)
     elif args.since is not None or args.until is not None:

@@ -390,6 +390,10 @@ def cli_main(args, carbon) -> int:
     summary = measure(argv, carbon=carbon, db=args.db, interval_s=float(args.interval_s), label=args.label or "")
     print_result(summary, file=sys.stderr)
     if args.json is not None:
-        Path(args.json).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        try:
+            Path(args.json).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        except OSError as exc:  # the job has run: say where its result is, not a traceback
+            kept = f"the run is in {summary['ledger']}" if summary.get("ledger") else "the summary is printed above only"
+            raise ValueError(f"--json {args.json}: cannot write: {exc.strerror or exc} ({kept})") from None
     code = summary["exit_code"]
     return code if code >= 0 else 128 - code

@@ -92,3 +92,78 @@ def test_the_shipped_examples_give_no_warning(tmp_path):
         p = wattspan("attribute", "--trace", d / "trace.csv", "--requests", d / "requests.jsonl", "--batches", d / "batches.jsonl", "--out", tmp_path / "o.jsonl")
         assert p.returncode == 0, p.stderr
         assert "warning" not in p.stderr
+
+
+def _attribute_output(tmp_path: Path) -> tuple[Path, Path]:
+    out, summ = tmp_path / "o.jsonl", tmp_path / "s.json"
+    p = wattspan(*_small(tmp_path), "--out", out, "--summary", summ)
+    assert p.returncode == 0, p.stderr
+    return out, summ
+
+
+@pytest.mark.parametrize(("records", "message"), [
+    ("a-directory", "cannot open"),
+    (b"\xdb\xff\x00binary\n", ":1: cannot be read as UTF-8 text"),
+    ('{"energy_j": "abc"}\n', ":1: energy_j must be a finite number >= 0"),
+    ('{"energy_j": NaN}\n', ":1: energy_j must be a finite number >= 0"),
+    ('{"energy_j": 1, "coverage": "x"}\n', ":1: coverage must be"),
+    ('{"energy_j": 1}\n{"energy_j": 1, "prompt_tokens": 1e999}\n', ":2: prompt_tokens must be"),
+])
+def test_audit_of_bad_attribute_records_names_the_file_and_line(tmp_path, records, message):
+    pytest.importorskip("jinja2")
+    pytest.importorskip("markdown_it")
+    pytest.importorskip("matplotlib")
+    if records == "a-directory":
+        path = tmp_path
+    else:
+        path = tmp_path / "recs.jsonl"
+        path.write_bytes(records if isinstance(records, bytes) else records.encode())
+    p = wattspan("audit", "--records", path, "--out", tmp_path / "a.md")
+    assert p.returncode == 2, p.stderr
+    assert "Traceback" not in p.stderr and f"wattspan: error: {path}" in p.stderr and message in p.stderr
+
+
+@pytest.mark.parametrize(("summary", "message"), [
+    ("a-directory", "cannot be read as JSON"),
+    ("{not json", "cannot be read as JSON"),
+    ("[1]", "is not a JSON object"),
+    ('{"devices": [1, 2]}', "is not `wattspan attribute --summary` output"),
+    ('{"unattributed_j": "x"}', "is not `wattspan attribute --summary` output"),
+    ('{"carbon": {"region": 5}}', "its carbon needs numbers"),
+    ('{"carbon": {"intensity_g_per_kwh": 100, "pue": "x"}}', "its carbon needs numbers"),
+])
+def test_audit_of_a_bad_attribute_summary_names_the_file(tmp_path, summary, message):
+    pytest.importorskip("jinja2")
+    pytest.importorskip("markdown_it")
+    pytest.importorskip("matplotlib")
+    out, _ = _attribute_output(tmp_path)
+    if summary == "a-directory":
+        path = tmp_path
+    else:
+        path = tmp_path / "bad-summary.json"
+        path.write_text(summary)
+    p = wattspan("audit", "--records", out, "--summary", path, "--out", tmp_path / "a.md")
+    assert p.returncode == 2, p.stderr
+    assert "Traceback" not in p.stderr and f"wattspan: error: {path}" in p.stderr and message in p.stderr
+
+
+@pytest.mark.parametrize("value", ["-5", "nan", "inf", "3000"])
+def test_audit_refuses_a_market_intensity_out_of_range(tmp_path, value):
+    pytest.importorskip("jinja2")
+    pytest.importorskip("markdown_it")
+    pytest.importorskip("matplotlib")
+    out, summ = _attribute_output(tmp_path)
+    p = wattspan("audit", "--records", out, "--summary", summ, "--out", tmp_path / "a.md", "--market-intensity", value)
+    assert p.returncode == 2 and "--market-intensity" in p.stderr and "Traceback" not in p.stderr
+    p = wattspan("audit", "--records", out, "--summary", summ, "--out", tmp_path / "a.md", "--market-intensity", "100")
+    assert p.returncode == 0, p.stderr
+
+
+@pytest.mark.parametrize("where", ["missing-folder", "a-directory"])
+def test_run_json_that_cannot_be_written_is_one_line_saying_where_the_run_is(tmp_path, where):
+    path = tmp_path / "no" / "such" / "s.json" if where == "missing-folder" else tmp_path
+    db = tmp_path / "w.sqlite"
+    p = wattspan("run", "--db", db, "--json", path, "--", sys.executable, "-c", "pass")
+    assert p.returncode == 2, p.stderr
+    assert "Traceback" not in p.stderr
+    assert f"wattspan: error: --json {path}: cannot write" in p.stderr and f"the run is in {db}" in p.stderr
