@@ -773,6 +773,10 @@ class OpenAIProxy:
 
         response = await client.send(request, stream=True)
         try:
+            if not 100 <= response.status_code <= 599:  # no HTTP status: the server could not even send its line
+                self.stats["upstream_errors"] += 1
+                await self._fail(send, state, 502, f"upstream answered with status {response.status_code}, not an HTTP status (100-599)", "upstream_error")
+                return
             ctype = response.headers.get("content-type", "").lower()
             is_sse = ctype.startswith("text/event-stream")
             usage = _Usage()

@@ -278,6 +278,40 @@ class TestFailures:
         (rec,) = records(live_meter, 1)
         assert rec.status_code == 502 and proxy.stats["upstream_errors"] == 1
 
+    def test_an_upstream_status_that_is_no_http_status_is_502_json(self, live_meter):
+        # uvicorn has no status line for 999: forwarding it raised KeyError in the server (a traceback
+        # in its log) and the client got an empty reply
+        import socket
+        import threading
+
+        srv = socket.socket()
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(8)
+
+        def answer() -> None:
+            while True:
+                try:
+                    conn, _ = srv.accept()
+                except OSError:
+                    return
+                with conn:
+                    conn.recv(65536)
+                    conn.sendall(b"HTTP/1.1 999 WHAT\r\ncontent-length: 2\r\ncontent-type: application/json\r\n\r\n{}")
+
+        threading.Thread(target=answer, daemon=True).start()
+        try:
+            proxy = create_proxy(f"http://127.0.0.1:{srv.getsockname()[1]}", meter=live_meter)
+            with serve(proxy) as url:
+                r = httpx.post(f"{url}/v1/chat/completions", json=chat_body())
+                again = httpx.post(f"{url}/v1/chat/completions", json=chat_body())
+        finally:
+            srv.close()
+        assert (r.status_code, again.status_code) == (502, 502)
+        err = r.json()["error"]
+        assert err["type"] == "upstream_error" and "999" in err["message"]
+        assert [rec.status_code for rec in records(live_meter, 2)] == [502, 502]
+        assert proxy.stats["upstream_errors"] == 2
+
     def test_slow_upstream_is_504_within_the_timeout(self, live_meter):
         with stack(live_meter, timeout_s=0.3) as (up, proxy, url, up_url):
             r = httpx.post(f"{url}/v1/chat/completions", json=chat_body(fake_wait_s=1.5))
