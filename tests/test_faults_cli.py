@@ -167,3 +167,20 @@ def test_run_json_that_cannot_be_written_is_one_line_saying_where_the_run_is(tmp
     assert p.returncode == 2, p.stderr
     assert "Traceback" not in p.stderr
     assert f"wattspan: error: --json {path}: cannot write" in p.stderr and f"the run is in {db}" in p.stderr
+
+
+def test_bench_says_why_a_stream_answered_200_failed():
+    httpx = pytest.importorskip("httpx")
+    import asyncio
+
+    from wattspan.bench.load import WorkItem, closed_loop
+
+    def handler(request):  # a server that answers a stream request with plain JSON: no data: [DONE]
+        return httpx.Response(200, json={"id": "x"}, headers={"x-wattspan-request-id": "r1"})
+
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.MockTransport(handler), base_url="http://up") as client:
+            return await closed_loop(client, [WorkItem(0, "/v1/completions", {"prompt": "hi"})], concurrency=1)
+
+    (res,), _ = asyncio.run(go())
+    assert not res.ok and res.error == "HTTP 200, the stream ended without data: [DONE]"

@@ -184,7 +184,7 @@ async def _send(client, item: WorkItem, res: ClientResult, t0: float, *, stream:
             res.status, res.rid = r.status_code, r.headers.get(id_header, "")
             res.ok = r.status_code == 200
         if not res.ok and not res.error:
-            res.error = f"HTTP {res.status}"
+            res.error = f"HTTP {res.status}" + (", the stream ended without data: [DONE]" if streaming and res.status == 200 else "")
     except Exception as exc:  # a failed request is a result, not a crash
         res.error = _short(exc)
     res.latency_s = time.perf_counter() - t0 - res.sent_s
