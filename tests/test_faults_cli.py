@@ -184,3 +184,25 @@ def test_bench_says_why_a_stream_answered_200_failed():
 
     (res,), _ = asyncio.run(go())
     assert not res.ok and res.error == "HTTP 200, the stream ended without data: [DONE]"
+
+
+def test_the_summary_is_standard_json_even_where_a_figure_is_nan(tmp_path):
+    # time-share (no batches): the device has no fit, so its window and band figures are NaN in memory;
+    # the file said NaN, which JSON.parse, jq's strict readers and Go refuse
+    summ = tmp_path / "s.json"
+    p = wattspan("attribute", "--trace", A100 / "trace.csv", "--requests", A100 / "requests.jsonl", "--out", tmp_path / "o.jsonl", "--summary", summ)
+    assert p.returncode == 0, p.stderr
+
+    def refuse(c):
+        raise ValueError(f"{c} in the summary")
+
+    s = json.loads(summ.read_text(), parse_constant=refuse)
+    assert s["devices"]["gpu0"]["window_s"] is None and s["measured_j"] > 0
+    p = wattspan("audit", "--records", tmp_path / "o.jsonl", "--summary", summ, "--out", tmp_path / "a.md") if _has_audit() else None
+    assert p is None or p.returncode == 0, p.stderr
+
+
+def _has_audit() -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in ("jinja2", "markdown_it", "matplotlib"))

@@ -88,7 +88,8 @@ def cmd_attribute(args: argparse.Namespace) -> int:
     else:
         _write(args.out, lines, "--out")
     if args.summary is not None:
-        _write(args.summary, json.dumps(summary, indent=2) + "\n", "--summary")
+        # standard JSON (NaN, a figure with nothing to compute it from, is null): JavaScript, jq and Go read it too
+        _write(args.summary, json.dumps(_finite(summary), indent=2, allow_nan=False) + "\n", "--summary")
     print_summary(summary, file=sys.stderr if args.out is None else sys.stdout)
     return 0
 
@@ -129,6 +130,17 @@ def _untraced(traces: Any, requests: Any, steps: Any, trace_path: Any) -> list[s
             out.append(f"{wrong} batch step entr{'y names' if wrong == 1 else 'ies name'} a request that does not run on every device "
                        "of its step: the step's energy on those devices goes only to the requests that do")
     return out
+
+
+def _finite(x: Any) -> Any:
+    """``x`` with every NaN or infinite float (at any depth) as ``None``."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
 
 
 def _write(path: Any, text: str, option: str) -> None:
