@@ -206,3 +206,21 @@ def _has_audit() -> bool:
     import importlib.util
 
     return all(importlib.util.find_spec(m) is not None for m in ("jinja2", "markdown_it", "matplotlib"))
+
+
+def test_requests_wholly_outside_the_readings_are_warned_about_with_a_clock_hint_when_all_are(tmp_path):
+    args = _small(tmp_path)
+    r = tmp_path / "requests.jsonl"
+    rows = [json.loads(x) for x in r.read_text().splitlines()]
+    r.write_text("".join(json.dumps(dict(x, start_ns=x["start_ns"] * 10**9, end_ns=x["end_ns"] * 10**9)) + "\n" for x in rows))  # a unit slip
+    summ = tmp_path / "s.json"
+    p = wattspan(*args, "--out", tmp_path / "o.jsonl", "--summary", summ)
+    assert p.returncode == 0, p.stderr
+    assert "8 of 8 request(s) on gpu0 lie wholly outside its readings (1000..4900 ns)" in p.stderr
+    assert "one clock, in nanoseconds?" in p.stderr
+    s = json.loads(summ.read_text())
+    assert s["attributed_j"] == 0 and s["unattributed_j"] == pytest.approx(s["measured_j"])
+    r.write_text("".join(json.dumps(x) + "\n" for x in rows[:6]) + "".join(json.dumps(dict(x, start_ns=x["start_ns"] + 10**6, end_ns=x["end_ns"] + 10**6)) + "\n" for x in rows[6:]))
+    p = wattspan(*args, "--out", tmp_path / "o.jsonl")
+    assert p.returncode == 0, p.stderr
+    assert "2 of 8 request(s) on gpu0 lie wholly outside its readings" in p.stderr and "one clock" not in p.stderr

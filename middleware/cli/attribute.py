@@ -96,12 +96,13 @@ def cmd_attribute(args: argparse.Namespace) -> int:
 
 def _untraced(traces: Any, requests: Any, steps: Any, trace_path: Any) -> list[str]:
     """What the trace cannot meter, one line each: requests on a device (or a group's member) it has no
-    readings of (two or more), which get no energy of that device (method ``no-trace``); batch steps on such
-    a device; steps naming a request that does not run on every device of the step, whose energy on the
+    readings of (two or more), which get no energy of that device (method ``no-trace``); requests wholly
+    outside a device's readings; batch steps on such a device; steps naming a request that does not run on every device of the step, whose energy on the
     others goes only to the requests that do."""
     import numpy as np
 
     from ..devices import members
+    from ..samples import SampleKind
 
     traced = {k for k, v in traces.items() if len(v) >= 2}
     have = ", ".join(sorted(traced)) or "no device"
@@ -116,6 +117,18 @@ def _untraced(traces: Any, requests: Any, steps: Any, trace_path: Any) -> list[s
     for m, c in sorted(missing.items()):
         out.append(f"{c} request(s) run on {m}, which {trace_path} does not meter (it meters {have}): "
                    "no energy of that device is attributed to them")
+    for m in sorted(traced):  # requests wholly outside a device's readings: a clock or unit mix-up when all are
+        on = np.isin(rcode, [i for i, d in enumerate(rdev.tolist()) if m in members(d)])
+        n_on = int(np.count_nonzero(on))
+        if not n_on:
+            continue
+        tr = traces[m]
+        t0 = int(tr.t_ns[0]) - (int(tr.window_ns) if tr.power_kind == SampleKind.AVERAGE else 0)
+        t1 = int(tr.t_ns[-1])
+        k = int(np.count_nonzero(on & ((requests.end_ns <= t0) | (requests.start_ns >= t1))))
+        if k:
+            out.append(f"{k} of {n_on} request(s) on {m} lie wholly outside its readings ({t0}..{t1} ns): none of its energy "
+                       "is attributed to them" + ("; do the requests and the trace use one clock, in nanoseconds?" if k == n_on else ""))
     if steps is not None and len(steps):
         sdev, scode = np.unique(steps.device.astype(str), return_inverse=True)
         scode = scode.ravel()
