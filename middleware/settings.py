@@ -46,12 +46,13 @@ import threading
 from dataclasses import dataclass, field
 from typing import Mapping
 
-__all__ = ["Settings", "SettingsError", "get_settings", "parse_board_lag_ms"]
+__all__ = ["DEVICES_PATTERN", "Settings", "SettingsError", "get_settings", "parse_board_lag_ms"]
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off", "")
 _LABEL = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 _DEVICES = re.compile(r"[A-Za-z0-9_.:-]{1,64}(,[A-Za-z0-9_.:-]{1,64}){0,63}")  # a device or a device group
+DEVICES_PATTERN = _DEVICES  # for the command line's --device
 _GROUP = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _HEADER = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}")  # an HTTP token (RFC 9110)
 MIN_SAMPLE_INTERVAL_S = 0.001

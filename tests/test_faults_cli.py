@@ -224,3 +224,19 @@ def test_requests_wholly_outside_the_readings_are_warned_about_with_a_clock_hint
     p = wattspan(*args, "--out", tmp_path / "o.jsonl")
     assert p.returncode == 0, p.stderr
     assert "2 of 8 request(s) on gpu0 lie wholly outside its readings" in p.stderr and "one clock" not in p.stderr
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--port", "99999"], "--port must be between 0 and 65535, got 99999"),  # uvicorn served it on 34463
+    (["--port", "-5"], "--port must be between 0 and 65535"),
+    (["--device", ""], "--device '': a device name"),  # served, every record 0 J
+    (["--device", "a/b"], "--device 'a/b': a device name"),
+    (["--route", "m=http://127.0.0.1:9@gpu0+x y"], "--route m 'gpu0+x y': a device name"),
+    (["--steps-listen", "unix:/no/such/folder/steps.sock"], "cannot listen for batch steps on unix:/no/such/folder/steps.sock"),  # a traceback
+])
+def test_proxy_options_that_cannot_work_are_refused_before_serving(args, message):
+    pytest.importorskip("uvicorn")
+    pytest.importorskip("httpx")
+    p = wattspan("proxy", "--upstream", "http://127.0.0.1:9", *args, env={"WATTSPAN_SIMULATE": "1"})
+    assert p.returncode == 2, p.stderr
+    assert "Traceback" not in p.stderr and message in p.stderr and "Uvicorn running" not in p.stderr

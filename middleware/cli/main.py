@@ -146,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
             for name in ("embeddings", "completions", "concurrency", "repeat"):
                 if int(getattr(args, name)) < 0 or int(getattr(args, name)) > 100_000:
                     raise UsageError(f"--{name} must be between 0 and 100000")
+            if not 0 <= int(args.port) <= 65535:
+                raise UsageError(f"--port must be between 0 and 65535, got {args.port}")
             return run_demo(embeds=int(args.embeddings), completions=int(args.completions), concurrency=max(1, int(args.concurrency)), region=args.region, db=args.db, serve=args.serve, port=int(args.port), seed=int(args.seed), repeat=max(1, int(args.repeat)))
         if args.command == "bench":
             need("httpx", "tqdm", "matplotlib", extra="bench")
@@ -167,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
             )
             if args.upstream is None and not args.routes:
                 raise UsageError("proxy needs --upstream URL, or one --route MODEL=URL[@DEVICES] per upstream")
+            if not 0 <= int(args.port) <= 65535:  # uvicorn took 99999 as 34463 (the port modulo 65536)
+                raise UsageError(f"--port must be between 0 and 65535, got {args.port}")
+            _check_device("--device", args.device)
             if args.routes:
                 from wattspan.integrations.openai_proxy import parse_route
 
@@ -176,10 +181,13 @@ def main(argv: list[str] | None = None) -> int:
                     raise UsageError(str(exc)) from None
                 if len({m for m, _, _ in parsed}) != len(parsed):
                     raise UsageError("--route: each model may be routed once")
+                for m, _, d in parsed:
+                    if d is not None:
+                        _check_device(f"--route {m}", d)
                 options["routes"] = {m: (u, d) for m, u, d in parsed}
             try:
                 run_proxy(args.upstream, host=args.host, port=int(args.port), wrap=_budget_wrapper(args), **options)
-            except (ValueError, InputError) as exc:
+            except (ValueError, InputError, OSError) as exc:  # OSError: a --steps-listen socket it cannot open
                 raise UsageError(str(exc)) from None
             return 0
         if args.command in ("run", "audit", "dashboard"):
@@ -204,6 +212,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     parser.error(f"unknown command {args.command!r}")
     return 2
+
+
+def _check_device(option: str, device: str) -> None:
+    """A device or group as ``WATTSPAN_DEVICE`` takes it (``gpu0``, ``0``, ``gpu0,gpu1``, ``gpu0+gpu1``): another
+    (empty, ``a/b``) meters nothing, so the proxy would serve with every record at 0 J."""
+    from ..devices import group_key
+    from ..settings import DEVICES_PATTERN
+
+    if not DEVICES_PATTERN.fullmatch(group_key(device)):
+        raise UsageError(f"{option} {device!r}: a device name of 1..64 characters [A-Za-z0-9_.:-] (gpu0, or 0), "
+                         "or a group of up to 64 joined by commas or '+' (gpu0,gpu1)")
 
 
 def _budget_wrapper(args: argparse.Namespace) -> Any:
