@@ -102,29 +102,38 @@ class Basis:
     estimated: bool = False
 
 
+_LAST_TIME = 253402300799.0  # 9999-12-31T23:59:59Z
+
+
 def parse_time(text: str | None, *, now: float | None = None) -> float | None:
     """``30m``/``1h``/``7d``/``90s`` ago, an ISO 8601 time (UTC unless it says), or unix seconds."""
     if text is None:
         return None
     now = time.time() if now is None else now
     s = str(text).strip()
+
+    def inside(t: float) -> float:  # a time the reports can print (datetime's years 1970..9999)
+        if not 0 <= t <= _LAST_TIME:
+            raise ValueError(f"the time {text!r} is outside 1970-01-01..9999-12-31")
+        return t
+
     m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(s|m|min|h|d|w)", s.lower())
     if m:
         mult = {"s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 604800}[m.group(2)]
-        return now - float(m.group(1)) * mult
+        return inside(now - float(m.group(1)) * mult)
     try:
         v = float(s)
-        if math.isfinite(v) and v > 1e8:
-            return v
     except ValueError:
-        pass
+        v = math.nan
+    if math.isfinite(v) and v > 1e8:
+        return inside(v)
     try:
         dt = datetime.fromisoformat(s.replace("Z", "+00:00"))
     except ValueError:
         raise ValueError(f"cannot read the time {text!r}: give 30m, 1h, 7d, an ISO 8601 time (2026-05-01T12:00Z) or unix seconds") from None
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=timezone.utc)
-    return dt.timestamp()
+    return inside(dt.timestamp())
 
 
 def from_run(db: str | os.PathLike, run_id: str = "last") -> Basis:

@@ -240,3 +240,15 @@ def test_proxy_options_that_cannot_work_are_refused_before_serving(args, message
     p = wattspan("proxy", "--upstream", "http://127.0.0.1:9", *args, env={"WATTSPAN_SIMULATE": "1"})
     assert p.returncode == 2, p.stderr
     assert "Traceback" not in p.stderr and message in p.stderr and "Uvicorn running" not in p.stderr
+
+
+@pytest.mark.parametrize("since", ["1e30", "1e12", "99999999d", "0001-01-01T00:00Z"])
+def test_audit_times_outside_what_a_date_can_be_are_refused(tmp_path, since):
+    from wattspan.audit import parse_time
+
+    with pytest.raises(ValueError, match="outside 1970-01-01..9999-12-31"):
+        parse_time(since, now=1.7e9)
+    assert parse_time("1h", now=1.7e9) == 1.7e9 - 3600 and parse_time("1764700000") == 1764700000.0
+    if _has_audit():  # 1e30 was an OverflowError traceback, 99999999d 'year -273788674 is out of range'
+        p = wattspan("audit", "--db", tmp_path / "w.sqlite", "--since", since, "--out", tmp_path / "a.md")
+        assert p.returncode == 2 and "Traceback" not in p.stderr and "outside 1970-01-01..9999-12-31" in p.stderr, p.stderr
