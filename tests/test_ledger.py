@@ -488,3 +488,26 @@ def test_several_writers_opening_an_older_file_at_once_all_write_and_the_indexes
     n = con.execute("SELECT count(*), count(DISTINCT id) FROM requests").fetchone()
     con.close()
     assert names == {"requests_recorded_at"} and n == (3 + 6 * 200, 3 + 6 * 200)
+
+
+def test_report_of_a_ledger_another_writer_left_bad_values_in_is_one_line_not_a_traceback(tmp_path, capsys):
+    # SQLite keeps any type in any column: a BLOB label broke every table and --format json
+    # (TypeError tracebacks), a text energy broke report --id; wattspan's own writer stores neither
+    from wattspan.cli.main import main
+
+    db = tmp_path / "l.db"
+    with Ledger(db) as led:
+        led.write(make_records(3))
+        assert led.flush()
+    con = sqlite3.connect(db)
+    con.execute("UPDATE requests SET route = ?, tenant = ? WHERE id = 'r0'", (b"\xff/v1", b"t\x00"))
+    con.execute("UPDATE requests SET energy_j = 'abc', co2e_g = 'x' WHERE id = 'r1'")
+    con.commit()
+    con.close()
+    for by in ("route", "tenant"):
+        for fmt in ("table", "json", "csv"):
+            assert run_report(db, by=by, fmt=fmt) == 0
+    assert "\ufffd/v1" in capsys.readouterr().out
+    assert main(["report", "--db", str(db), "--id", "r1"]) == 2
+    assert "the record of 'r1' holds a value of the wrong type" in capsys.readouterr().err
+    assert main(["report", "--db", str(db), "--id", "r2"]) == 0

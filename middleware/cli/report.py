@@ -69,6 +69,16 @@ def run_report(db: Path, *, by: str = "route", fmt: str = "table", since_s: floa
         print(f"wattspan report: cannot read {db}: {exc}", file=err)
         return 2
 
+    try:
+        _render(db, by, fmt, since_s, tables, out)
+    except (TypeError, ValueError) as exc:  # a value of the wrong type, which wattspan's writer never stores
+        print(f"wattspan report: cannot read {db}: a record holds a value of the wrong type ({exc}); was it written by wattspan?", file=err)
+        return 2
+    return 0
+
+
+def _render(db: Path, by: str, fmt: str, since_s: float | None, tables: list[tuple[str, list[dict[str, Any]]]], out: TextIO) -> None:
+    err = sys.stderr
     rows = tables[0][1]
     simulated = any(r["simulated"] for r in rows)
     if fmt == "json":
@@ -83,7 +93,6 @@ def run_report(db: Path, *, by: str = "route", fmt: str = "table", since_s: floa
         _print_tables(db, tables, since_s, simulated, out)
     if simulated and fmt != "table":
         print(f"wattspan report: {BANNER}", file=err)
-    return 0
 
 
 def _print_tables(db: Path, tables: list[tuple[str, list[dict[str, Any]]]], since_s: float | None, simulated: bool, out: TextIO) -> None:
@@ -140,14 +149,24 @@ def cmd_report_id(args: argparse.Namespace) -> int:
         rec = find(args.db, args.id)
     except (FileNotFoundError, InputError) as exc:
         raise UsageError(str(exc)) from None
+    except (TypeError, ValueError) as exc:  # a value of the wrong type (its trace id), which wattspan's writer never stores
+        raise UsageError(f"{args.db}: the record of {args.id!r} holds a value of the wrong type ({exc}); was it written by wattspan?") from None
     if rec is None:
         print(f"wattspan: no request {args.id!r} in {args.db} (not final yet? records reach the ledger a second or so after the response)", file=sys.stderr)
         return 1
+    try:
+        _print_record(rec, args.format)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"{args.db}: the record of {args.id!r} holds a value of the wrong type ({exc}); was it written by wattspan?") from None
+    return 0
+
+
+def _print_record(rec: dict[str, Any], fmt: str) -> None:
     rec["duration_s"] = (rec["end_ns"] - rec["start_ns"]) / 1e9
     rec["trace_id"], rec["span_id"] = f"{rec['trace_id']:032x}", f"{rec['span_id']:016x}"
-    if args.format == "json":
+    if fmt == "json":
         print(json.dumps(rec, indent=2))
-    elif args.format == "csv":
+    elif fmt == "csv":
         import csv
 
         w = csv.DictWriter(sys.stdout, fieldnames=list(rec))
@@ -160,4 +179,3 @@ def cmd_report_id(args: argparse.Namespace) -> int:
                   "device", "route", "model", "tenant", "status_code", "prompt_tokens", "output_tokens", "run_id"):
             v = rec[k]
             print(f"  {k:<14}{v:.6g}" if isinstance(v, float) else f"  {k:<14}{v}")
-    return 0

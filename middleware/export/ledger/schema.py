@@ -156,7 +156,8 @@ def aggregate(path: str | os.PathLike[str], by: str = "route", *, since: float |
     with _reading(path) as conn:
         rows = [] if conn is None else conn.execute(sql, args).fetchall()
     return [
-        {by: key, "requests": n, "energy_j": e, "dynamic_j": dyn, "idle_j": idle, "host_j": host, "co2e_g": c,
+        {by: key.decode("utf-8", "replace") if isinstance(key, bytes) else key,  # a BLOB label another writer left
+         "requests": n, "energy_j": e, "dynamic_j": dyn, "idle_j": idle, "host_j": host, "co2e_g": c,
          "energy_j_per_1k": e / n * 1000,
          "total_j_per_1k": (e + (host or 0.0)) / n * 1000, "co2e_g_per_1k": c / n * 1000, "mean_duration_s": dur,
          "simulated": bool(sim), "methods": sorted(m for m in (methods or "").split(",") if m)}
