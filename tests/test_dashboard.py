@@ -48,6 +48,19 @@ def ledger(tmp_path):
 
 
 class TestData:
+    def test_a_blob_label_another_writer_left_is_served_as_text(self, ledger):
+        # the page's JSON failed (bytes are not JSON: a 500 on every refresh) for one such row
+        import sqlite3
+
+        con = sqlite3.connect(ledger)
+        con.execute("UPDATE requests SET route = ?, tenant = ? WHERE id = 'r0'", (b"\xff/v1", b"t\x00"))
+        con.commit()
+        con.close()
+        d = data(ledger, 3600)
+        json.dumps(d)
+        assert d["totals"]["requests"] == 30
+        assert "\ufffd/v1" in json.dumps(d, ensure_ascii=False)
+
     def test_totals_tables_and_series_are_the_ledgers(self, ledger):
         d = data(ledger, 3600)
         rows = query(ledger)
