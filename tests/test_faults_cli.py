@@ -252,3 +252,26 @@ def test_audit_times_outside_what_a_date_can_be_are_refused(tmp_path, since):
     if _has_audit():  # 1e30 was an OverflowError traceback, 99999999d 'year -273788674 is out of range'
         p = wattspan("audit", "--db", tmp_path / "w.sqlite", "--since", since, "--out", tmp_path / "a.md")
         assert p.returncode == 2 and "Traceback" not in p.stderr and "outside 1970-01-01..9999-12-31" in p.stderr, p.stderr
+
+
+def test_audit_of_a_ledger_with_a_blob_label_reads_it_as_text(tmp_path):
+    # another writer's BLOB sensor/device/method broke build_report (TypeError: startswith on bytes)
+    if not _has_audit():
+        pytest.skip("needs wattspan[audit]")
+    import sqlite3
+
+    from wattspan.export.ledger import Ledger
+
+    from .test_ledger import make_records
+
+    db = tmp_path / "w.sqlite"
+    with Ledger(db) as led:
+        led.write(make_records(5))
+        assert led.flush()
+    con = sqlite3.connect(db)
+    con.execute("UPDATE requests SET route = ?, device = ?, sensor = ?, method = ? WHERE id = 'r0'", (b"\xff/v1", b"gpu0", b"nvml\xff", b"batch-fit"))
+    con.commit()
+    con.close()
+    p = wattspan("audit", "--db", db, "--since", "1000d", "--out", tmp_path / "a.md")
+    assert p.returncode == 0, p.stderr
+    assert "nvml\ufffd" in (tmp_path / "a.md").read_text(encoding="utf-8")
