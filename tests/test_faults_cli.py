@@ -275,3 +275,14 @@ def test_audit_of_a_ledger_with_a_blob_label_reads_it_as_text(tmp_path):
     p = wattspan("audit", "--db", db, "--since", "1000d", "--out", tmp_path / "a.md")
     assert p.returncode == 0, p.stderr
     assert "nvml\ufffd" in (tmp_path / "a.md").read_text(encoding="utf-8")
+
+
+def test_a_reader_that_goes_away_is_no_traceback(tmp_path):
+    # `wattspan attribute ... | head -1`: the records' write (or the exit's flush) met a closed pipe
+    p = subprocess.Popen([sys.executable, "-m", "wattspan.cli", "attribute", "--trace", str(A100 / "trace.csv"), "--requests", str(A100 / "requests.jsonl")],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert p.stdout is not None and p.stderr is not None
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    assert p.wait(120) == 1
+    assert "Traceback" not in err and "Exception ignored" not in err, err

@@ -125,6 +125,19 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        rc = _main(argv)
+        sys.stdout.flush()  # here, not at the exit, where a closed pipe is an 'Exception ignored' traceback
+        return rc
+    except BrokenPipeError:  # the reader went away (`wattspan report --format json | head`): stop quietly
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush cannot fail again
+        except (OSError, ValueError):
+            pass
+        return 1
+
+
+def _main(argv: list[str] | None) -> int:
     parser = _build_parser()
     _apply_env_defaults(parser, argv)
     args = parser.parse_args(argv)
