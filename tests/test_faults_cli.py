@@ -286,3 +286,18 @@ def test_a_reader_that_goes_away_is_no_traceback(tmp_path):
     err = p.stderr.read().decode()
     assert p.wait(120) == 1
     assert "Traceback" not in err and "Exception ignored" not in err, err
+
+
+def test_ctrl_c_is_one_line_and_status_130(tmp_path):
+    import signal
+    import time
+
+    fifo = tmp_path / "trace.csv"
+    os.mkfifo(fifo)  # reading it blocks until a writer comes: the command waits there for the signal
+    p = subprocess.Popen([sys.executable, "-m", "wattspan.cli", "attribute", "--trace", str(fifo), "--requests", str(A100 / "requests.jsonl")],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(3)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 130, err
+    assert err.strip() == "wattspan: interrupted"

@@ -129,6 +129,9 @@ def main(argv: list[str] | None = None) -> int:
         rc = _main(argv)
         sys.stdout.flush()  # here, not at the exit, where a closed pipe is an 'Exception ignored' traceback
         return rc
+    except KeyboardInterrupt:  # Ctrl-C in a long attribute or report: one line, the shell's status for SIGINT
+        print("wattspan: interrupted", file=sys.stderr)
+        return 130
     except BrokenPipeError:  # the reader went away (`wattspan report --format json | head`): stop quietly
         try:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush cannot fail again
