@@ -296,8 +296,20 @@ def test_ctrl_c_is_one_line_and_status_130(tmp_path):
     os.mkfifo(fifo)  # reading it blocks until a writer comes: the command waits there for the signal
     p = subprocess.Popen([sys.executable, "-m", "wattspan.cli", "attribute", "--trace", str(fifo), "--requests", str(A100 / "requests.jsonl")],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(3)
-    p.send_signal(signal.SIGINT)
-    out, err = p.communicate(timeout=60)
+    # wait until the command holds the FIFO open (past its imports, inside main): a writer's
+    # non-blocking open succeeds only then; held open, the command blocks in its read
+    deadline, fd = time.monotonic() + 120, None
+    while fd is None and time.monotonic() < deadline and p.poll() is None:
+        try:
+            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError:
+            time.sleep(0.05)
+    assert fd is not None, "the command never opened its trace"
+    try:
+        time.sleep(0.2)
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=60)
+    finally:
+        os.close(fd)
     assert p.returncode == 130, err
     assert err.strip() == "wattspan: interrupted"
