@@ -742,7 +742,10 @@ def cli_main(args) -> int:
     elif args.since is not None or args.until is not None:
         if args.run:
             raise ValueError("give either --run or --since/--until, not both")
-        basis = from_ledger(args.db, parse_time(args.since), parse_time(args.until))
+        since, until = parse_time(args.since), parse_time(args.until)
+        if since is not None and until is not None and since >= until:
+            raise ValueError(f"--since {args.since} is not before --until {args.until}: the period is empty")
+        basis = from_ledger(args.db, since, until)
     else:
         from .export.ledger.runs import list_runs
 

@@ -313,3 +313,16 @@ def test_ctrl_c_is_one_line_and_status_130(tmp_path):
         os.close(fd)
     assert p.returncode == 130, err
     assert err.strip() == "wattspan: interrupted"
+
+
+def test_a_board_lag_for_a_device_the_trace_does_not_meter_is_warned_about(tmp_path):
+    p = wattspan(*_small(tmp_path), "--board-lag-ms", "gpu0=0.25,gpu9=4", "--out", tmp_path / "o.jsonl")
+    assert p.returncode == 0, p.stderr
+    assert "--board-lag-ms names gpu9, which" in p.stderr and "names gpu0" not in p.stderr
+
+
+def test_audit_of_an_inverted_period_says_so(tmp_path):
+    if not _has_audit():
+        pytest.skip("audit's extra is not installed")
+    p = wattspan("audit", "--db", tmp_path / "w.sqlite", "--since", "1h", "--until", "2h", "--out", tmp_path / "a.md")
+    assert p.returncode == 2 and "Traceback" not in p.stderr and "is not before --until 2h" in p.stderr, p.stderr

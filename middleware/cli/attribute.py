@@ -37,6 +37,8 @@ def cmd_attribute(args: argparse.Namespace) -> int:
     except ValueError:
         raise UsageError(f"--idle must be a number of watts from 0 to {_MAX_WATTS:g} or 'estimate', got {args.idle!r}") from None
     lag = getattr(args, "board_lag_ms", None)  # in s: parsed by the option's type (wattspan.settings.parse_board_lag_ms)
+    for option, path in (("--out", args.out), ("--summary", args.summary)):
+        _check_writable(path, option)  # before the work, not after it
     try:
         carbon = carbon_model_from_args(args)
     except ValueError as exc:
@@ -57,6 +59,10 @@ def cmd_attribute(args: argparse.Namespace) -> int:
 
     for line in _untraced(traces, requests, steps, args.trace):
         print(f"wattspan: warning: {line}", file=sys.stderr)
+    if isinstance(lag, dict):
+        for d in sorted(set(lag) - set(traces)):
+            print(f"wattspan: warning: --board-lag-ms names {d}, which {args.trace} does not meter "
+                  f"(it meters {', '.join(sorted(traces)) or 'no device'}): that lag is not used", file=sys.stderr)
     try:
         result = attribute(traces, requests, steps, idle_w=idle, board_lag_s=lag)
     except TraceError as exc:  # a trace the engine cannot use: one line naming the file, device and reading
@@ -154,6 +160,19 @@ def _finite(x: Any) -> Any:
     if isinstance(x, (list, tuple)):
         return [_finite(v) for v in x]
     return x
+
+
+def _check_writable(path: Any, option: str) -> None:
+    """A usage error now for an output that cannot be written (a directory, a missing folder)."""
+    if path is None:
+        return
+    from pathlib import Path
+
+    p = Path(path)
+    if p.is_dir():
+        raise UsageError(f"{option} {p}: cannot write: Is a directory")
+    if not p.parent.is_dir():
+        raise UsageError(f"{option} {p}: cannot write: no folder {p.parent}")
 
 
 def _write(path: Any, text: str, option: str) -> None:
