@@ -233,6 +233,7 @@ def test_requests_wholly_outside_the_readings_are_warned_about_with_a_clock_hint
     (["--device", "a/b"], "--device 'a/b': a device name"),
     (["--route", "m=http://127.0.0.1:9@gpu0+x y"], "--route m 'gpu0+x y': a device name"),
     (["--steps-listen", "unix:/no/such/folder/steps.sock"], "cannot listen for batch steps on unix:/no/such/folder/steps.sock"),  # a traceback
+    (["--db", "."], "--db .: is a directory"),  # served, failing every ledger write
 ])
 def test_proxy_options_that_cannot_work_are_refused_before_serving(args, message):
     pytest.importorskip("uvicorn")

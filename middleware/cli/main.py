@@ -188,6 +188,8 @@ def _main(argv: list[str] | None) -> int:
             if not 0 <= int(args.port) <= 65535:  # uvicorn took 99999 as 34463 (the port modulo 65536)
                 raise UsageError(f"--port must be between 0 and 65535, got {args.port}")
             _check_device("--device", args.device)
+            if args.db is not None and Path(args.db).is_dir():  # it would serve, failing every write, records held in memory
+                raise UsageError(f"--db {args.db}: is a directory; give the ledger's file, e.g. {Path(args.db) / 'wattspan.sqlite'}")
             if args.routes:
                 from wattspan.integrations.openai_proxy import parse_route
 
