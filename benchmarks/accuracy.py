@@ -54,6 +54,18 @@ SENSORS = ("ideal-1ms", "average-20ms", "counter-100ms", "average-1s", "average-
            "instant-100ms", "nvml-poll-20ms", "hopper-1s-average", "energy-counter", "hopper-nvml")
 
 
+def scenario_run(law: str, seed: int, duration_s: float):
+    """Seed ``seed``'s scenario (``SCENARIOS[seed % len(SCENARIOS)]``) under ``law``: ``(scenario, run,
+    requests, steps, true energy per request)``."""
+    sc = SCENARIOS[seed % len(SCENARIOS)]
+    pm = dataclasses.replace(LAWS[law], between_steps_w=sc["between_steps_w"], tau_s=sc["tau_s"])
+    run = simulate_server(seed=seed, duration_s=duration_s, bursty=sc["bursty"], rate_per_s=sc["rate_per_s"],
+                          idle_drift_w=sc["idle_drift_w"], power_model=pm)
+    req = Requests.from_records(run.requests)
+    steps = Steps.from_records(run.steps, req)
+    return sc, run, req, steps, np.array([run.truth[i]["energy_j"] for i in req.ids])
+
+
 def simulated(seeds: int, duration_s: float, laws=None, sensors=SENSORS, seed_offset: int = 0) -> dict:
     """Per-request errors for every law x sensor cell, pooled over ``seeds`` scenarios
     (seeds ``seed_offset`` .. ``seed_offset + seeds - 1``: an offset checks on runs the record does not use).
@@ -66,13 +78,7 @@ def simulated(seeds: int, duration_s: float, laws=None, sensors=SENSORS, seed_of
     out: dict = {}
     for law in laws:
         for seed in range(seed_offset, seed_offset + seeds):
-            sc = SCENARIOS[seed % len(SCENARIOS)]
-            pm = dataclasses.replace(LAWS[law], between_steps_w=sc["between_steps_w"], tau_s=sc["tau_s"])
-            run = simulate_server(seed=seed, duration_s=duration_s, bursty=sc["bursty"], rate_per_s=sc["rate_per_s"],
-                                  idle_drift_w=sc["idle_drift_w"], power_model=pm)
-            req = Requests.from_records(run.requests)
-            steps = Steps.from_records(run.steps, req)
-            truth = np.array([run.truth[i]["energy_j"] for i in req.ids])
+            sc, run, req, steps, truth = scenario_run(law, seed, duration_s)
             for name in sensors:
                 trace = sense(run, name, seed=100 + seed)
                 res = attribute([trace], req, steps)

@@ -31,11 +31,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from accuracy import SCENARIOS, _err  # noqa: E402
+from accuracy import _err, scenario_run  # noqa: E402
 
 from benchmarks._common import add_output_args, progress, write_results  # noqa: E402
-from wattspan import Requests, Steps, attribute  # noqa: E402
-from wattspan.simulate import LAWS, PRESETS, sense, simulate_server  # noqa: E402
+from wattspan import attribute  # noqa: E402
+from wattspan.simulate import LAWS, PRESETS, sense  # noqa: E402
 
 MS = 1_000_000
 PERIOD_NS = 100 * MS
@@ -67,13 +67,7 @@ def rows(seeds: int, duration_s: float, stale_ms, laws=None, seed_offset: int = 
     cells: dict = {}
     for law in laws:
         for seed in range(seed_offset, seed_offset + seeds):
-            sc = SCENARIOS[seed % len(SCENARIOS)]
-            pm = dataclasses.replace(LAWS[law], between_steps_w=sc["between_steps_w"], tau_s=sc["tau_s"])
-            run = simulate_server(seed=seed, duration_s=duration_s, bursty=sc["bursty"], rate_per_s=sc["rate_per_s"],
-                                  idle_drift_w=sc["idle_drift_w"], power_model=pm)
-            req = Requests.from_records(run.requests)
-            steps = Steps.from_records(run.steps, req)
-            truth = np.array([run.truth[i]["energy_j"] for i in req.ids])
+            sc, run, req, steps, truth = scenario_run(law, seed, duration_s)
             variants: list = [("drifting (preset)", None)] + [(f"locked, {s:g} ms stale", s) for s in stale_ms]
             for name, s in variants:
                 if s is None:
