@@ -226,10 +226,7 @@ def _ledger_rows(db, since, until):
         t0 = tot[8] or 0.0
         buckets = conn.execute(f"SELECT CAST((recorded_at - ?) / ? AS INTEGER) AS k, TOTAL(energy_j), TOTAL(host_j) "
                                f"FROM requests{where} GROUP BY k ORDER BY k", [t0, bucket, *args]).fetchall()
-    def text(rows: list) -> list:  # a BLOB label another writer left (wattspan stores text) reads as text
-        return [tuple(v.decode("utf-8", "replace") if isinstance(v, bytes) else v for v in r) for r in rows]
-
-    return tot, band, gband, text(sensors), text(methods), text(quality), (t0, bucket, buckets)
+    return tot, band, gband, sensors, methods, quality, (t0, bucket, buckets)
 
 
 def _ledger_intensity(db, since, until) -> dict | None:

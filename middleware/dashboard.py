@@ -83,9 +83,7 @@ def _scan(conn, cols: set, lo: float, hi: float, bucket_s: float) -> list[tuple]
     sql = (f"SELECT CAST(recorded_at / ? AS INTEGER), {', '.join(_KEYS)}{extra}, COUNT(*), TOTAL(energy_j), TOTAL(host_j), "
            f"TOTAL(co2e_g), TOTAL(embodied_g), TOTAL(prompt_tokens), TOTAL(output_tokens), TOTAL(coverage < 0.9), "
            f"MAX(recorded_at){band} FROM requests WHERE recorded_at >= ? AND recorded_at < ? GROUP BY 1, 2, 3, 4, 5, 6, 7, 8, 9")
-    rows = conn.execute(sql, (bucket_s, lo, hi)).fetchall()
-    # a BLOB label (another writer's; wattspan's stores text) reads as text, as `wattspan report` shows it
-    return [tuple(v.decode("utf-8", "replace") if isinstance(v, bytes) else v for v in r) for r in rows]
+    return conn.execute(sql, (bucket_s, lo, hi)).fetchall()
 
 
 class DataCache:

@@ -156,8 +156,7 @@ def aggregate(path: str | os.PathLike[str], by: str = "route", *, since: float |
     with _reading(path) as conn:
         rows = [] if conn is None else conn.execute(sql, args).fetchall()
     return [
-        {by: key.decode("utf-8", "replace") if isinstance(key, bytes) else key,  # a BLOB label another writer left
-         "requests": n, "energy_j": e, "dynamic_j": dyn, "idle_j": idle, "host_j": host, "co2e_g": c,
+        {by: key, "requests": n, "energy_j": e, "dynamic_j": dyn, "idle_j": idle, "host_j": host, "co2e_g": c,
          "energy_j_per_1k": e / n * 1000,
          "total_j_per_1k": (e + (host or 0.0)) / n * 1000, "co2e_g_per_1k": c / n * 1000, "mean_duration_s": dur,
          "simulated": bool(sim), "methods": sorted(m for m in (methods or "").split(",") if m)}
@@ -187,10 +186,16 @@ def _reading(path: str | os.PathLike[str]) -> Iterator[sqlite3.Connection | None
     if not path.is_file():
         raise FileNotFoundError(f"no wattspan ledger at {path} (is the path right? has a server written to it yet?)")
     conn = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True)
+    conn.row_factory = _text_row  # wattspan writes no BLOB: one another writer left reads as text
     try:
         yield conn if schema_version(conn, path) else None
     finally:
         conn.close()
+
+
+def _text_row(cursor: sqlite3.Cursor, row: tuple[Any, ...]) -> tuple[Any, ...]:
+    """A row with any BLOB value as text (replacement characters for bytes that are not UTF-8)."""
+    return tuple(v.decode("utf-8", "replace") if isinstance(v, bytes) else v for v in row)
 
 
 def schema_version(conn: sqlite3.Connection, path: Path) -> int:
