@@ -23,7 +23,9 @@
   step's. A request ends as long after its last micro-batch as it did after its last step.
 
 Each GPU's truth follows wattspan's conventions on that GPU (its own steps, the requests
-in flight), and a request's truth is the sum over GPUs. ``steps`` are reported two ways:
+in flight; what it draws while it waits during another stage's slice is that slice's, by
+its tokens; a wait no other stage's slice covers is shared by time), and a request's truth
+is the sum over GPUs. ``steps`` are reported two ways:
 ``steps`` names each stage's own slice on the stage's GPUs (stage timing known), and
 ``group_steps`` names the whole step on all GPUs (stage timing unknown: from when the
 engine could hand it over, or the previous step came back, to when it came back; what the
@@ -93,15 +95,17 @@ def _features(base: SimulatedRun) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def _play(gpu: str, base: SimulatedRun, base_requests: list[dict[str, Any]], s_start: np.ndarray, s_end: np.ndarray, s_pre: np.ndarray, s_dec: np.ndarray,
           s_ctx: np.ndarray, step_rows: list[dict[str, Any]], pm: PowerModel, idle_w: float, idle_drift_w: float,
-          rng: np.random.Generator) -> SimulatedRun:
-    """One GPU's true power for the given steps, and its truth by the conventions."""
+          rng: np.random.Generator, others: Sequence[tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]] = ()) -> SimulatedRun:
+    """One GPU's true power for the given steps, and its truth by the conventions. ``others``: the
+    other stages' slices ``(starts, ends, rows)``: what this GPU draws while it waits during one
+    of them is that slice's (its micro-batch is why the pipeline is busy), split by its tokens."""
     grid_ns = base.grid_ns
     cell_t = base.true_t_ns
     t0, g_end = base.start_ns, base.end_ns
     arrival = np.array([r["start_ns"] for r in base_requests], dtype=np.int64)
     end = np.array([r["end_ns"] for r in base_requests], dtype=np.int64)
     cell_mid = cell_t + grid_ns // 2
-    bounds = np.unique(np.concatenate([[t0, g_end], s_start, s_end, arrival, end]))
+    bounds = np.unique(np.concatenate([[t0, g_end], s_start, s_end, arrival, end, *(x for o in others for x in o[:2])]))
     seg_start = bounds[:-1]
     in_flight = np.searchsorted(np.sort(arrival), seg_start, side="right") - np.searchsorted(np.sort(end), seg_start, side="right")
     s_idx = np.searchsorted(s_start, seg_start, side="right") - 1
@@ -123,12 +127,28 @@ def _play(gpu: str, base: SimulatedRun, base_requests: list[dict[str, Any]], s_s
     e_seg, idle_seg = np.diff(c_tot), np.diff(c_idle)
     safe = np.maximum(in_flight, 1)
     idle_share = np.where(in_flight > 0, idle_seg / safe, 0.0)
-    gap_share = np.where((in_flight > 0) & ~in_step, (e_seg - idle_seg) / safe, 0.0)
+    waiting = (in_flight > 0) & ~in_step
+    gap_j = np.where(waiting, e_seg - idle_seg, 0.0)
+    # a wait during another stage's slice is that slice's: each covering stage gets an equal part
+    cover = []
+    for o_start, o_end, _ in others:
+        j = np.searchsorted(o_start, seg_start, side="right") - 1
+        cover.append(np.where((j >= 0) & (seg_start < o_end[np.maximum(j, 0)]) & waiting, j, -1))
+    n_cov = np.sum([c >= 0 for c in cover], axis=0) if cover else np.zeros(len(seg_start))
+    gap_share = np.where(waiting & (n_cov == 0), gap_j / safe, 0.0)
     k0, k1 = np.searchsorted(bounds, arrival), np.searchsorted(bounds, end)
     cs_i, cs_g = np.concatenate([[0.0], np.cumsum(idle_share)]), np.concatenate([[0.0], np.cumsum(gap_share)])
     r_idle, r_dyn = cs_i[k1] - cs_i[k0], cs_g[k1] - cs_g[k0]
     ids = [r["id"] for r in base_requests]
     index = {rid: i for i, rid in enumerate(ids)}
+    for (o_start, _, o_rows), c in zip(others, cover):
+        on = c >= 0
+        w_slice = np.bincount(c[on], weights=gap_j[on] / n_cov[on], minlength=len(o_start))
+        for k in np.flatnonzero(w_slice):
+            toks = o_rows[k]["requests"]
+            total = float(sum(toks.values()))
+            for rid, tok in (toks.items() if total > 0 else ()):
+                r_dyn[index[rid]] += w_slice[k] * tok / total
     f_step = np.array([s for s, st in enumerate(step_rows) for _ in st["requests"]], dtype=np.int64)
     f_req = np.array([index[rid] for st in step_rows for rid in st["requests"]], dtype=np.int64)
     f_tok = np.array([t for st in step_rows for t in st["requests"].values()], dtype=np.float64)
@@ -272,11 +292,12 @@ def simulate_parallel(*, tp: int = 4, pp: int = 1, seed: int = 0, idle_w: float 
     steps: list[dict[str, Any]] = []
     for stage, (a, b, f_pre, f_dec, f_ctx, rows) in enumerate(plan):
         steps.extend(rows)
+        others = [(o[0], o[1], o[5]) for k, o in enumerate(plan) if k != stage]
         for g in gpus[stage * tp:(stage + 1) * tp]:
             scale = 1.0 + board_spread * (2 * rng.random() - 1)
             law = dataclasses.replace(pm, active_w=pm.active_w * scale, compute_w=pm.compute_w * scale, memory_w=pm.memory_w * scale)
             idle_g = idle_w * (1.0 + board_spread * (2 * rng.random() - 1))
-            runs[g] = _play(g, base, base_requests, a, b, f_pre, f_dec, f_ctx, rows, law, idle_g, idle_drift_w, rng)
+            runs[g] = _play(g, base, base_requests, a, b, f_pre, f_dec, f_ctx, rows, law, idle_g, idle_drift_w, rng, others)
     steps.sort(key=lambda r: r["start_ns"])
     requests = [dict(r, gpu=group) for r in base_requests]
     # whole steps on the group, as the hook reports them with a group given: from when the step

@@ -499,10 +499,14 @@ def test_an_unseen_lag_moves_nothing_where_steps_and_waits_draw_the_same_power()
             np.ones(n, dtype=bool), n)
     dyn = np.full(n, 1.0)  # each request: its 8 ms step and the 2 ms wait after it, at 100 W
     dyn[-1] = 0.8
-    d = _lag_departure(_Beside(feats, waits), np.concatenate((coef, [100.0, 0.0])), *args, dyn, seg)
+
+    def by_time(mass):  # the waits' energy shared by time (no other device's step owns it)
+        return seg.share_weighted(np.diff(mass(rel(seg.edges))))
+
+    d = _lag_departure(_Beside(feats, waits), np.concatenate((coef, [100.0, 0.0])), *args, dyn, by_time)
     assert np.median(d / dyn) < 0.01
     # the old way, the steps' terms and split alone: the waits' 0.2 J per request comes back as a departure
-    d_steps = _lag_departure(feats, coef, *args, np.full(n, 0.8), seg)
+    d_steps = _lag_departure(feats, coef, *args, np.full(n, 0.8), by_time)
     assert np.median(d_steps / dyn) > 0.15
 
 

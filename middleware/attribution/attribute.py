@@ -5,6 +5,9 @@ The conventions (see the README's "How energy is apportioned"):
 * **dynamic** energy is measured energy above the idle baseline;
 * a **batch step**'s dynamic energy is split among its requests in proportion to
   their weights (the tokens each processed in that step);
+* a **wait** (requests in flight on a device, none of its own steps running) is
+  the step's that another device runs for those requests meanwhile (a pipeline's
+  other stage), split by its tokens; a wait no such step covers is shared by time;
 * without batch steps, dynamic energy at each instant is shared by the requests
   in flight on that device (equally, or by given weights);
 * the **idle baseline** at each instant is shared equally by the requests in
@@ -90,9 +93,29 @@ def attribute(
     traces = {device_key(k): v for k, v in traces.items()}
     from .groups import any_group, attribute_grouped
 
+    kw: dict[str, Any] = dict(idle_w=idle_w, t0_ns=t0_ns, t1_ns=t1_ns, reconcile_s=reconcile_s, models=models, board_lag_s=board_lag_s)
     if any_group(requests, steps):  # device groups: per member device, summed per request
-        return attribute_grouped(attribute, traces, requests, steps, idle_w=idle_w, t0_ns=t0_ns, t1_ns=t1_ns,
-                                 reconcile_s=reconcile_s, models=models, board_lag_s=board_lag_s)
+        return attribute_grouped(_attribute_devices, traces, requests, steps, **kw)
+    return _attribute_devices(traces, requests, steps, **kw)
+
+
+def _attribute_devices(
+    traces: Mapping[str, DeviceTrace],
+    requests: Requests,
+    steps: Steps | None,
+    *,
+    idle_w: float | Mapping[str, float] | None,
+    t0_ns: int | None,
+    t1_ns: int | None,
+    reconcile_s: float | None,
+    models: Mapping[str, StepModel] | None,
+    board_lag_s: float | Mapping[str, float] | None,
+    wait_owners: Steps | None = None,
+) -> Attribution:
+    """:func:`attribute` of requests and steps that each name one device (``traces`` keyed and
+    ``board_lag_s`` checked). ``wait_owners``: steps other devices run for each device's requests
+    (a pipeline's other stages, from :func:`.groups.attribute_grouped`), which own what a device
+    draws while it waits during them."""
     n = len(requests)
     energy = np.zeros(n)
     dynamic = np.zeros(n)
@@ -178,7 +201,8 @@ def attribute(
             lag = board_lag_s.get(dev) if isinstance(board_lag_s, Mapping) else board_lag_s
             dyn, dyn_un, summary_extra, spread = _batch_fit(
                 cum, trace, steps, s_idx, requests, ridx, seg, idle_curve, a, b, reconcile_s, model,
-                None if lag is None else float(lag)
+                None if lag is None else float(lag), wait_owners,
+                np.flatnonzero(wait_owners.device == dev) if wait_owners is not None else None
             )
             slow_w = summary_extra.pop("idle_slow_w", None)
             in_steps = np.zeros(len(requests), dtype=np.bool_)

@@ -642,10 +642,12 @@ def _lag_free_excess(cum: _CumEnergy, trace: DeviceTrace, inner: _Features, coef
 
 
 def _lag_split(fit_feats: _Features, coef: np.ndarray, e_rel: np.ndarray, scale: np.ndarray, lo: np.ndarray, hi: np.ndarray,
-               w_lo: np.ndarray, w_hi: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+               w_lo: np.ndarray, w_hi: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, _Rel]:
     """Through the lag, the modelled energy (steps' and waits' terms, reconciled) inside each step
-    (``[lo, hi)``) and inside each wait (``[w_lo, w_hi)``), and the whole of it (J): the integral
-    of the window's scale x the lagged power, exact per reconciliation window."""
+    (``[lo, hi)``) and inside each wait (``[w_lo, w_hi)``: sorted, disjoint), the whole of it (J),
+    and the waits' part of it as a cumulative (J up to each time): the integral of the window's
+    scale x the lagged power, exact per reconciliation window. Inside a wait the power is not
+    flat (a step's tail decays at its start), which matters where the wait's owner changes in it."""
     g: _Rel = lambda t: fit_feats.mass(t) @ coef  # noqa: E731
     ge = g(e_rel)
     cum_h = np.concatenate(([0.0], np.cumsum(scale * np.diff(ge))))
@@ -655,7 +657,18 @@ def _lag_split(fit_feats: _Features, coef: np.ndarray, e_rel: np.ndarray, scale:
         out: np.ndarray = cum_h[k] + scale[k] * (g(t) - ge[k])
         return out
 
-    return h(hi) - h(lo), h(w_hi) - h(w_lo), float(cum_h[-1])
+    e_wait = h(w_hi) - h(w_lo)
+    before = np.concatenate(([0.0], np.cumsum(e_wait)))
+
+    def in_waits(t: np.ndarray) -> np.ndarray:
+        k = np.searchsorted(w_lo, t, side="right") - 1
+        kk = np.maximum(k, 0)
+        if not len(w_lo):
+            return np.zeros(len(t))
+        part: np.ndarray = np.where(k >= 0, before[kk] + h(np.clip(t, w_lo[kk], w_hi[kk])) - h(w_lo[kk]), 0.0)
+        return part
+
+    return h(hi) - h(lo), e_wait, float(cum_h[-1]), in_waits
 
 
 #: The electrical lag the band allows for where the readings are too coarse to show one and none
@@ -670,11 +683,11 @@ _UNSEEN_LAG_S = 0.004
 def _lag_departure(feats: _StepFeatures | _Beside, coef: np.ndarray, e_rel: np.ndarray, edges: np.ndarray, w_meas: np.ndarray,
                    lo: np.ndarray, hi: np.ndarray, w_st: np.ndarray, w_en: np.ndarray, rel: _Rel, r0: float, r1: float,
                    e_s: np.ndarray, e_r: np.ndarray, share: np.ndarray, on_dev: np.ndarray, n_req: int, dyn: np.ndarray,
-                   seg: _Segments) -> np.ndarray:
+                   share_waits: Callable[[_Rel], tuple[np.ndarray, float]]) -> np.ndarray:
     """Per request, how far its dynamic energy (J) moves when the same model is read through
     a first-order lag of ``_UNSEEN_LAG_S`` and reconciled over the same windows: each step's energy
-    inside its own span is its requests', what falls in a wait is shared by time among those in
-    flight (as :func:`_lag_split` and step 5c do). ``feats``, ``coef``: the model as fitted, the
+    inside its own span is its requests', what falls in a wait goes as ``share_waits`` splits it
+    (another device's step for the same requests, else by time: as :func:`_lag_split` and step 5c do). ``feats``, ``coef``: the model as fitted, the
     waits' terms included where it has them (both splits then put the same modelled energy in the
     waits: the lag moves only what it moves). ``dyn``: the requests' energy without the lag, split
     alike (the steps' and, where the model has them, the waits' terms, step 5b)."""
@@ -683,12 +696,11 @@ def _lag_departure(feats: _StepFeatures | _Beside, coef: np.ndarray, e_rel: np.n
     ok = (w_pred > 1e-12) & (w_meas > 0)
     scale = np.where(ok, w_meas / np.where(ok, w_pred, 1.0), 0.0)
     w_lo, w_hi = np.clip(rel(w_st), r0, r1), np.clip(rel(w_en), r0, r1)
-    e_step, e_tail, _ = _lag_split(lagged, coef, e_rel, scale, lo, hi, w_lo, w_hi)
+    e_step, _, _, in_waits = _lag_split(lagged, coef, e_rel, scale, lo, hi, w_lo, w_hi)
     w, r, s = (share, e_r, e_s) if bool(on_dev.all()) else (share[on_dev], e_r[on_dev], e_s[on_dev])
     got = np.bincount(r, weights=e_step[s] * w, minlength=n_req)
     if len(w_st):
-        tf = _StepFeatures(e_tail[:, None], w_lo, w_lo + np.maximum(w_hi - w_lo, 1e-12))
-        got = got + seg.share_weighted(np.diff(tf.mass(rel(seg.edges))[:, 0]))[0]
+        got = got + share_waits(in_waits)[0]
     out: np.ndarray = np.abs(got - dyn)
     return out
 
@@ -788,6 +800,71 @@ def _waits(seg: "_Segments", st_ns: np.ndarray, en_ns: np.ndarray) -> tuple[np.n
     return e[np.flatnonzero(d == 1)], e[np.flatnonzero(d == -1)]
 
 
+class _WaitOwners:
+    """The steps another device runs for this device's requests (a pipeline's other stages):
+    what this device draws while it waits during one of them is that step's, split among its
+    requests by their tokens like its own energy; a wait no such step covers (a lone GPU's host
+    gap, a pipeline with nothing in its other stages) is shared by time among those in flight.
+
+    ``lo``, ``hi``: each step's span (s from the period's start, clipped to the windows);
+    ``e_s``, ``e_r``, ``share``: its entries (step, local request index, token share)."""
+
+    __slots__ = ("lo", "hi", "e_s", "e_r", "share", "n_req", "edges", "cnt", "lo_k", "hi_k")
+
+    def __init__(self, lo: np.ndarray, hi: np.ndarray, e_s: np.ndarray, e_r: np.ndarray, share: np.ndarray, n_req: int) -> None:
+        self.lo, self.hi, self.e_s, self.e_r, self.share, self.n_req = lo, hi, e_s, e_r, share, n_req
+        self.edges = np.unique(np.concatenate((lo, hi)))
+        self.lo_k = np.searchsorted(self.edges, lo)
+        self.hi_k = np.searchsorted(self.edges, hi)
+        d = np.bincount(self.lo_k, minlength=len(self.edges)) - np.bincount(self.hi_k, minlength=len(self.edges))
+        self.cnt = np.cumsum(d)[:-1].astype(np.float64)  # steps covering each elementary span
+
+    def share_waits(self, mass: _Rel, seg: _Segments, seg_rel: np.ndarray) -> tuple[np.ndarray, float]:
+        """Per request, the wait energy whose cumulative (J, at times s from the period's start) is
+        ``mass``: the owners' part by tokens, the rest by time (and what nobody was in flight for)."""
+        E = self.edges
+        m_e = mass(E)
+        dm = np.diff(m_e)
+        cov = self.cnt > 0
+        per = np.concatenate(([0.0], np.cumsum(np.where(cov, dm / np.where(cov, self.cnt, 1.0), 0.0))))
+        e_own = per[self.hi_k] - per[self.lo_k]  # each owner step's part of the waits
+        got = np.bincount(self.e_r, weights=e_own[self.e_s] * self.share, minlength=self.n_req)
+        # the covered part's cumulative at the segments' edges: taken out of the time share
+        c_e = np.concatenate(([0.0], np.cumsum(np.where(cov, dm, 0.0))))
+        m_seg = mass(seg_rel)
+        j = np.clip(np.searchsorted(E, seg_rel, side="right") - 1, 0, max(len(E) - 2, 0))
+        c_seg = np.where(seg_rel <= E[0], 0.0, np.where(seg_rel >= E[-1], c_e[-1], c_e[j] + np.where(cov[j], m_seg - m_e[j], 0.0)))
+        rest, un = seg.share_weighted(np.diff(m_seg - c_seg))
+        return got + rest, un
+
+
+def _wait_owners(owners: Steps | None, o_idx: np.ndarray | None, requests_local: Callable[[np.ndarray], np.ndarray], rel: _Rel,
+                 r0: float, r1: float, n_req: int) -> _WaitOwners | None:
+    """:class:`_WaitOwners` of the steps ``o_idx`` of ``owners`` (entries' requests mapped to
+    local indices by ``requests_local``, -1: not on this device), or None where there are none."""
+    if owners is None or o_idx is None or not len(o_idx):
+        return None
+    pos = np.full(len(owners), -1, dtype=np.int64)
+    pos[o_idx] = np.arange(len(o_idx))
+    e_s = pos[owners.entry_step]
+    e_r = requests_local(owners.entry_request)
+    keep = (e_s >= 0) & (e_r >= 0) & (owners.entry_tokens > 0)
+    e_s, e_r, e_t = e_s[keep], e_r[keep], owners.entry_tokens[keep]
+    if not len(e_s):
+        return None
+    tok = np.bincount(e_s, weights=e_t, minlength=len(o_idx))
+    lo = np.clip(rel(owners.start_ns[o_idx]), r0, r1)
+    hi = np.clip(rel(owners.end_ns[o_idx]), r0, r1)
+    live = (tok > 0) & (hi > lo)
+    if not live.any():
+        return None
+    k = np.flatnonzero(live)
+    new = np.full(len(o_idx), -1, dtype=np.int64)
+    new[k] = np.arange(len(k))
+    m = live[e_s]
+    return _WaitOwners(lo[k], hi[k], new[e_s[m]], e_r[m], e_t[m] / tok[e_s[m]], n_req)
+
+
 #: The wait terms, fitted beside the step terms: W while the device waits with requests in
 #: flight (a pipeline bubble, clocks held between steps) and J per wait (the electrical tail
 #: of the step before it: power decays over milliseconds, not at the step's end).
@@ -856,9 +933,12 @@ def _knee_weight(cum: _CumEnergy, trace: DeviceTrace, x4: np.ndarray, st: np.nda
 
 def _batch_fit(cum: _CumEnergy, trace: DeviceTrace, steps: Steps, s_idx: np.ndarray, requests: Requests, ridx: np.ndarray,
                seg: _Segments, idle_curve: _Piecewise, a: int, b: int, reconcile_s: float | None, model: StepModel | None,
-               lag_s: float | None = None) -> tuple[np.ndarray, float, dict[str, Any], _Spread]:
+               lag_s: float | None = None, owners: Steps | None = None, o_idx: np.ndarray | None = None
+               ) -> tuple[np.ndarray, float, dict[str, Any], _Spread]:
     """Dynamic energy per request of one device by the batch-fit method. ``lag_s``: the board's
-    electrical lag (s), measured elsewhere, fitted through instead of searched (:func:`_given_lag_fit`)."""
+    electrical lag (s), measured elsewhere, fitted through instead of searched (:func:`_given_lag_fit`).
+    ``owners``, ``o_idx``: the steps other devices run for this device's requests (:class:`_WaitOwners`),
+    entries indexing ``requests``."""
     st_ns = steps.start_ns[s_idx]
     en_ns = steps.end_ns[s_idx]
     x4 = step_features(steps, s_idx)
@@ -867,8 +947,9 @@ def _batch_fit(cum: _CumEnergy, trace: DeviceTrace, steps: Steps, s_idx: np.ndar
                      weight=None if model is not None else _knee_weight(cum, trace, x4, rel(st_ns), rel(en_ns), idle_curve, a, b, rel))
     feats = _StepFeatures(x, rel(st_ns), rel(en_ns))
     # The waits between the device's own steps, as rows of two more terms: what the sensor
-    # reads there is explained by them, and their energy is shared by time among the
-    # requests in flight (no step ran), not by the tokens of the steps next to them.
+    # reads there is explained by them, and their energy goes to the step another device
+    # runs meanwhile for the same requests (a pipeline's other stage) or else is shared by
+    # time among the requests in flight, not by the tokens of the steps next to them.
     w_st, w_en = _waits(seg, st_ns, en_ns)
     nb, nw = x.shape[1], len(WAIT_TERMS)
     fit_feats: _Features
@@ -1107,8 +1188,8 @@ def _batch_fit(cum: _CumEnergy, trace: DeviceTrace, steps: Steps, s_idx: np.ndar
     e_step = step_power * scale_span
     if lag_tau > 0:
         # through the lag each step's power is drawn partly in the next step or wait: what
-        # falls inside a step is that step's, what falls in a wait is shared by time (5c)
-        e_step, e_tail, lag_total = _lag_split(fit_feats, coef_fit, e_rel, scale, lo, hi,
+        # falls inside a step is that step's, what falls in a wait is the wait's owner's (5c)
+        e_step, e_tail, lag_total, in_waits = _lag_split(fit_feats, coef_fit, e_rel, scale, lo, hi,
                                                np.clip(rel(w_st), e_rel[0], e_rel[-1]), np.clip(rel(w_en), e_rel[0], e_rel[-1]))
 
     # 4. Steps to requests by tokens; entries' request indices map into ridx order.
@@ -1193,16 +1274,25 @@ def _batch_fit(cum: _CumEnergy, trace: DeviceTrace, steps: Steps, s_idx: np.ndar
     cres += np.take(res_curve_c, k)
     dyn_split = dyn  # the steps' (and below the waits' terms') split, without the residual
     dyn_t, un_t = seg.share_weighted(np.diff(cres))
+    wo = _wait_owners(owners, o_idx, (lambda r: r) if all_req else (lambda r: local[r]), rel, e_rel[0], e_rel[-1], len(ridx))
+
+    def share_waits(mass: _Rel) -> tuple[np.ndarray, float]:
+        """The waits' energy (cumulative ``mass``) to requests: another device's step, else by time."""
+        if wo is None:
+            return seg.share_weighted(np.diff(mass(seg_rel)))
+        return wo.share_waits(mass, seg, seg_rel)
+
     dyn = dyn + dyn_t
     wait_j = 0.0
     if with_waits and np.any(coef_w) and not lag_tau > 0:  # through a lag, the waits' terms are in 5c
-        # 5b. The waits' fitted energy, scaled like the steps', shared by time.
+        # 5b. The waits' fitted energy, scaled like the steps', to the steps other devices run
+        #     meanwhile for the same requests, the rest by time (_WaitOwners).
         w_lo = np.clip(rel(w_st), e_rel[0], e_rel[-1])
         w_hi = np.clip(rel(w_en), e_rel[0], e_rel[-1])
         w_dur = np.maximum(w_hi - w_lo, 1e-12)
         e_wait = (coef_w[0] + coef_w[1] / w_dur) * (scale_integral(w_hi) - scale_integral(w_lo))
         wf = _StepFeatures(e_wait[:, None], w_lo, w_lo + w_dur)
-        dyn_w, un_w = seg.share_weighted(np.diff(wf.mass(seg_rel)[:, 0]))
+        dyn_w, un_w = share_waits(lambda t: wf.mass(t)[:, 0])
         dyn = dyn + dyn_w
         un_t = un_t + un_w
         wait_j = float(e_wait.sum())
@@ -1214,7 +1304,7 @@ def _batch_fit(cum: _CumEnergy, trace: DeviceTrace, steps: Steps, s_idx: np.ndar
         #     where the board's lag was given (lag_s, 0 included): then it is known, not unseen.
         unlagged = fit_feats.inner if isinstance(fit_feats, _Lagged) else fit_feats  # (never lagged here: no lag was fitted)
         d_lag = _lag_departure(unlagged, coef_fit, e_rel, edges, w_meas, lo, hi, w_st, w_en, rel, e_rel[0], e_rel[-1],
-                               e_s, e_r, share, on_dev, len(ridx), dyn_split, seg)
+                               e_s, e_r, share, on_dev, len(ridx), dyn_split, share_waits)
         if noise is not None and noise.get("exposure") is not None:
             noise["exposure"]["lag"] = d_lag
         else:
@@ -1222,12 +1312,10 @@ def _batch_fit(cum: _CumEnergy, trace: DeviceTrace, steps: Steps, s_idx: np.ndar
     spread = (*spread, s2, noise)
     if lag_tau > 0:
         # 5c. The modelled energy in the waits (the steps' tails, the waits' own terms, through the
-        #     lag), shared by time; where nothing is in flight (the tail after the last step before
-        #     idle) it is nobody's.
+        #     lag), as it falls in time, to the steps other devices run meanwhile, the rest by time;
+        #     where nothing is in flight (the tail after the last step before idle) it is nobody's.
         if len(w_st):
-            w_lo = np.clip(rel(w_st), e_rel[0], e_rel[-1])
-            tf = _StepFeatures(e_tail[:, None], w_lo, w_lo + np.maximum(np.clip(rel(w_en), e_rel[0], e_rel[-1]) - w_lo, 1e-12))
-            dyn_l, un_l = seg.share_weighted(np.diff(tf.mass(seg_rel)[:, 0]))
+            dyn_l, un_l = share_waits(in_waits)
             dyn = dyn + dyn_l
             un_t = un_t + un_l
         un_t = un_t + (lag_total - float(e_step.sum()) - float(e_tail.sum()))

@@ -21,20 +21,27 @@ them); otherwise the stage's energy in the step is placed by the whole step's ti
 which the reconciliation windows (tens of ms to seconds, longer than a step) make good
 in total and only approximate inside a window.
 
-What stays approximate on a stage, with its timing known: a reading that spans many of
-the stage's slices (a 100 ms counter, an "instant" value that covers an unknown 25 ms of
-each 100 ms, a 1 s average) sees the stage's waits in step with its own slices (in a busy
-pipeline a stage waits about as long as it runs), so its fit cannot tell the waits'
-energy (shared by time) from the steps' (shared by tokens) as well as one GPU's fit
-tells steps from host gaps; and in an overlapped pipeline consecutive slices on a stage
-belong to different micro-batches, so the electrical lag moves part of one slice's energy
-into the next (another micro-batch's requests, by the conventions). The fit models that
-lag where the readings can show it (50 ms apart or closer; ``StepModel.lag_tau_s``); a
-coarser sensor cannot, and gets it as an input: the board's lag measured once on fine
-readings (``attribute(..., board_lag_s=...)``, per member device or one value; through it the
-waits' held power is bounded by the steps' and their J-per-wait term left to the lag), or
-a model fitted on fine readings of the same GPU (``models=``). Both pass through here to
-each member's fit unchanged. ``benchmarks/results/accuracy_parallel.md`` measures them.
+A stage's waits: while one stage runs a (micro-)batch the others wait with their clocks
+up, and that energy is the batch's. So each step is also handed, as an owner of waits, to
+the devices its requests run on that it does not (``wait_owners``): a device's energy while
+it waits during such a step goes to that step's requests by its tokens; a wait no step
+covers (a lone GPU's host gap, a pipeline with nothing in its other stages) is shared by
+time. In a pipeline that does not overlap, stage 0 waits in step k only while stage 1
+runs step k, so the whole step on the group bills the same requests by the same tokens as
+the stages' slices with their waits: the split needs no estimate of the power held in a
+wait, which a stage's coarse readings cannot tell from its slices' (its waits are as long
+as the other stage's slices).
+
+What stays approximate on a stage, with its timing known: in an overlapped pipeline
+consecutive slices on a stage belong to different micro-batches, so the electrical lag
+moves part of one slice's energy into the next (another micro-batch's requests, by the
+conventions). The fit models that lag where the readings can show it (50 ms apart or
+closer; ``StepModel.lag_tau_s``); a coarser sensor cannot, and gets it as an input: the
+board's lag measured once on fine readings (``attribute(..., board_lag_s=...)``, per member
+device or one value; through it the waits' held power is bounded by the steps' and their
+J-per-wait term left to the lag), or a model fitted on fine readings of the same GPU
+(``models=``). Both pass through here to each member's fit unchanged.
+``benchmarks/results/accuracy_parallel.md`` measures them.
 """
 
 from __future__ import annotations
@@ -108,6 +115,12 @@ def attribute_grouped(
     e_step: list[int] = []
     e_req: list[int] = []
     e_tok: list[float] = []
+    w_start: list[int] = []
+    w_end: list[int] = []
+    w_dev: list[str] = []
+    w_step: list[int] = []
+    w_req: list[int] = []
+    w_tok: list[float] = []
     if steps is not None and len(steps):
         # entries grouped by step (CSR), expanded once per member device
         order = np.argsort(steps.entry_step, kind="stable")
@@ -117,7 +130,8 @@ def attribute_grouped(
         starts, ends = steps.start_ns.tolist(), steps.end_ns.tolist()
         for s, d_key in enumerate(steps.device.tolist()):
             lo, hi = int(cuts[s]), int(cuts[s + 1])
-            for d in members(d_key):
+            ms = members(d_key)
+            for d in ms:
                 k = len(s_start)
                 s_start.append(starts[s])
                 s_end.append(ends[s])
@@ -126,6 +140,22 @@ def attribute_grouped(
                     e_step.append(k)
                     e_req.append(row(er_l[j], d))
                     e_tok.append(et_l[j])
+            # the same step as an owner of the waits on its requests' other devices (a
+            # pipeline's other stages wait while this one runs it)
+            shadow: dict[str, list[int]] = {}
+            for j in range(lo, hi):
+                for d in req_members[er_l[j]]:
+                    if d not in ms:
+                        shadow.setdefault(d, []).append(j)
+            for d, js in shadow.items():
+                k = len(w_start)
+                w_start.append(starts[s])
+                w_end.append(ends[s])
+                w_dev.append(d)
+                for j in js:
+                    w_step.append(k)
+                    w_req.append(pair[(er_l[j], d)])
+                    w_tok.append(et_l[j])
     orig_a = np.array(orig, dtype=np.int64)
     col: Callable[[np.ndarray | None], np.ndarray | None] = lambda c: None if c is None else c[orig_a]  # noqa: E731
     ids = requests.ids[orig_a]
@@ -137,6 +167,10 @@ def attribute_grouped(
         ex_steps = Steps(start_ns=np.array(s_start, dtype=np.int64), end_ns=np.array(s_end, dtype=np.int64),
                          device=np.array(s_dev, dtype=object), entry_step=np.array(e_step, dtype=np.int64),
                          entry_request=np.array(e_req, dtype=np.int64), entry_tokens=np.array(e_tok, dtype=np.float64))
+    if w_start:
+        kw["wait_owners"] = Steps(start_ns=np.array(w_start, dtype=np.int64), end_ns=np.array(w_end, dtype=np.int64),
+                                  device=np.array(w_dev, dtype=object), entry_step=np.array(w_step, dtype=np.int64),
+                                  entry_request=np.array(w_req, dtype=np.int64), entry_tokens=np.array(w_tok, dtype=np.float64))
     res = attribute(traces, ex_req, ex_steps, **kw)
 
     def fold(x: np.ndarray) -> np.ndarray:

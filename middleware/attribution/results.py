@@ -103,7 +103,7 @@ class DeviceSummary:
     band_rel: float = math.nan  # 90 % relative error of one held-out reading's dynamic energy
     quality: str = ""  # good | coarse | misfit (batch-fit only)
     noise: dict[str, Any] | None = None  # the held-out error model behind the bands (see _noise_model)
-    wait_j: float = 0.0  # fitted dynamic energy while waiting between the device's steps (shared by time)
+    wait_j: float = 0.0  # fitted dynamic energy while waiting between the device's steps (the other stages' steps', else by time)
 
     def as_dict(self) -> dict[str, Any]:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "model"}
