@@ -492,7 +492,7 @@ def lag_table(rows: list[dict], seeds: int, duration_s: float) -> list[str]:
              "",
              "The simulated GPUs' power follows each step with a first-order lag of 2, 4 or 8 ms (the scenarios), so part",
              "of a slice's energy is drawn in the next slice or wait; by the conventions the energy inside a step's window is",
-             "that step's, inside a wait shared by time. \"no lag term\": the fit without its lag search (each step's",
+             "that step's, inside a wait the owner's (the other stage's step meanwhile, else shared by time). \"no lag term\": the fit without its lag search (each step's",
              "energy placed inside its own window); \"lag term\": the default (a lag of 0.25-32 ms, kept where it predicts",
              "held-out readings clearly better; only on readings 50 ms apart or closer: a 100 ms counter cannot show one).",
              "\"lag found\": the fitted lag over the simulator's, lowest and highest over GPUs and scenarios.",

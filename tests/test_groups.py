@@ -227,6 +227,31 @@ def test_offline_files_take_a_group_as_a_list_or_a_string(tmp_path):
     assert p.returncode != 0 and "requests.jsonl" in p.stderr and "gpu" in p.stderr and "Traceback" not in p.stderr
 
 
+def test_the_pipeline_example_attributes_near_its_truth_and_is_what_its_generator_writes(tmp_path):
+    """examples/pp2 (an overlapped PP-2 on hopper-nvml): its truth is the current conventions'
+    (regenerated as its README says), and `wattspan attribute` on it lands near that truth."""
+    from pathlib import Path
+
+    from wattspan._sim_parallel import write_files
+
+    ex = Path(__file__).resolve().parents[1] / "examples" / "pp2"
+    write_files(simulate_parallel(tp=1, pp=2, seed=0, duration_s=8, rate_per_s=6.0, overlap=True,
+                                  stage_weights=(0.45, 0.55)), "hopper-nvml", tmp_path)
+    for name in ("truth.jsonl", "batches.jsonl", "requests.jsonl"):
+        assert (tmp_path / name).read_text() == (ex / name).read_text(), name
+    truth = {r["id"]: r for r in map(json.loads, (ex / "truth.jsonl").read_text().splitlines()) if r["id"]}
+    p = subprocess.run([sys.executable, "-m", "wattspan.cli", "attribute", "--trace", str(ex / "trace.csv"),
+                        "--requests", str(ex / "requests.jsonl"), "--batches", str(ex / "batches.jsonl")],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    recs = [json.loads(line) for line in p.stdout.splitlines() if line.strip()]
+    assert len(recs) == len(truth) and all(set(r["devices"]) == {"gpu0", "gpu1"} for r in recs)
+    err = np.array([abs(r["energy_j"] - truth[r["id"]]["energy_j"]) / truth[r["id"]]["energy_j"] for r in recs])
+    assert np.median(err) < 0.04 and np.quantile(err, 0.95) < 0.12
+    inside = np.mean([r["energy_j_low"] <= truth[r["id"]]["energy_j"] <= r["energy_j_high"] for r in recs])
+    assert inside >= 0.8
+
+
 def test_live_meter_on_four_fake_gpus_bills_each_gpu_of_the_group(monkeypatch):
     """A TP-4 engine on a fake NVML of 4 GPUs (each its own trace): records carry all four GPUs' energy."""
     from tests.fakes.fake_nvml import FakeGpu, FakeNvml
