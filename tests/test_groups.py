@@ -460,3 +460,50 @@ def test_a_stage_s_held_clocks_are_not_taken_for_its_idle_power():
         assert d.idle_w < 1.1 * float(np.mean(run.runs[g].idle_w)), (g, d.idle_w)
     true_dyn = sum(t["dynamic_j"] for t in run.truth.values())
     assert res.dynamic_j.sum() / true_dyn > 0.97
+
+
+def test_the_live_meter_bills_a_stage_s_wait_to_the_other_stage_s_step():
+    """The live meter, pass by pass on each stage's GPU, applies the rule offline attribution does:
+    B, queued all along, gets none of the stages' waits; A and C, whose micro-batches the other
+    stage was running, get them."""
+    import dataclasses
+
+    from wattspan import Meter
+    from wattspan.carbon import CarbonModel
+    from wattspan.samples import DeviceTrace, SampleKind
+
+    from .fakes.sampler import CutSampler
+
+    ms, s = 1_000_000, 10**9
+    base = time.monotonic_ns() + 1000 * s
+    t = base + np.arange(0, 4000 * ms + 1, ms // 2)
+    power = {g: np.full(len(t), 90.0) for g in ("gpu0", "gpu1")}
+    steps = []
+    for k in range(100):
+        for j, rid in enumerate("AC"):
+            for stage, g in enumerate(("gpu0", "gpu1")):
+                a = base + k * 40 * ms + j * 20 * ms + stage * 10 * ms
+                steps.append((a, a + 10 * ms, g, {rid: 2}))
+                power[g][(t >= a) & (t < a + 10 * ms)] = 150.0
+    sampler = CutSampler([DeviceTrace(g, t, power_w=p, power_kind=SampleKind.INSTANT) for g, p in power.items()], latest=int(t[0]))
+    got = []
+    m = Meter(sampler=sampler, autostart=False, idle_w=50.0, lag_s=0.0, refit_s=1e5, carbon=CarbonModel(intensity_g_per_kwh=400.0),
+              sinks=[RecordCallback(got.append)])
+    for rid in "ABC":
+        m.begin(rid, ["gpu0", "gpu1"], base)
+    for a, b, g, tok in steps:
+        m.record_step(a, b, g, tok)
+    for rid in "ABC":
+        m.end(rid, ["gpu0", "gpu1"], base + 4000 * ms)
+    for k in (2, 3, 4):
+        for g in sampler.latest:
+            sampler.latest[g] = base + k * s
+        m._pass()
+    m.close(0)
+    assert m.counters["pass_errors"] == 0
+    e = {r.id: r.energy_j for r in got}
+    assert set(e) == set("ABC")
+    idle = 2 * 50.0 * 4.0 / 3  # each one's share of both GPUs' idle
+    # A and C: their slices (2 x 100 x 10 ms x 100 W) and the other stage's waits meanwhile (2 x 100 x 10 ms x 40 W)
+    assert e["A"] - idle == pytest.approx(280.0, rel=0.02) and e["C"] - idle == pytest.approx(280.0, rel=0.02)
+    assert e["B"] - idle < 0.01 * (e["A"] - idle)

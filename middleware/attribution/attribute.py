@@ -69,6 +69,7 @@ def attribute(
     reconcile_s: float | None = None,
     models: Mapping[str, StepModel] | None = None,
     board_lag_s: float | Mapping[str, float] | None = None,
+    wait_owners: Steps | None = None,
 ) -> Attribution:
     """Apportion each device's measured energy over ``[t0_ns, t1_ns]`` to ``requests``.
 
@@ -85,7 +86,10 @@ def attribute(
     it on the device's own readings, at any interval, instead of the lag being searched
     (readings over 50 ms apart cannot show one); 0 for none. A device given a model
     keeps that model's lag. (Not the live meter's ``lag_s``: how long it waits for a
-    sensor's readings.)
+    sensor's readings.) ``wait_owners``: for requests and steps that each name one device, the
+    steps other devices ran for those requests (a pipeline's other stages; ``device``: the
+    device whose waits each owns, entries indexing ``requests``): a device's energy while it
+    waits during one is that step's, by its tokens. Device groups derive them themselves.
     """
     board_lag_s = check_board_lag(board_lag_s)
     if not isinstance(traces, Mapping):
@@ -95,8 +99,10 @@ def attribute(
 
     kw: dict[str, Any] = dict(idle_w=idle_w, t0_ns=t0_ns, t1_ns=t1_ns, reconcile_s=reconcile_s, models=models, board_lag_s=board_lag_s)
     if any_group(requests, steps):  # device groups: per member device, summed per request
+        if wait_owners is not None:
+            raise ValueError("wait_owners is for requests and steps that each name one device; device groups derive their own")
         return attribute_grouped(_attribute_devices, traces, requests, steps, **kw)
-    return _attribute_devices(traces, requests, steps, **kw)
+    return _attribute_devices(traces, requests, steps, wait_owners=wait_owners, **kw)
 
 
 def _attribute_devices(

@@ -197,10 +197,12 @@ class Steps:
         )
 
     @classmethod
-    def from_batches(cls, batches: Iterable[BatchStep], requests: Requests, device: str) -> "Steps | None":
+    def from_batches(cls, batches: Iterable[BatchStep], requests: Requests, device: str, *, elsewhere: bool = False) -> "Steps | None":
         """The steps of ``batches`` that ran on ``device`` (a group's step runs on each member),
         built straight into columns; entries naming a request not in ``requests`` are left out,
-        and a step left with none is dropped. None when no step remains."""
+        and a step left with none is dropped. None when no step remains. ``elsewhere``: the
+        steps that ran on other devices instead (a pipeline's other stages, for ``attribute``'s
+        ``wait_owners``), each named ``device``: the device whose waits they own."""
         index = {rid: i for i, rid in enumerate(requests.ids.tolist())}
         starts: list[int] = []
         ends: list[int] = []
@@ -208,7 +210,7 @@ class Steps:
         e_req: list[int] = []
         e_tok: list[float] = []
         for s, e, d, tok in batches:
-            if d != device and not ("," in d and device in d.split(",")):
+            if (d == device or ("," in d and device in d.split(","))) != (not elsewhere):
                 continue
             k = len(starts)
             n0 = len(e_req)

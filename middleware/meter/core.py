@@ -1177,9 +1177,10 @@ class Meter:
         self.counters["unmetered_device"] = self.counters.get("unmetered_device", 0) + sum(1 for r in done if not table.peer[r])
         self._finalise(done, max(end_of[r] or 0 for r in done), None)
 
-    def _period_inputs(self, dev: str, rows: list[int], cut: int) -> tuple[Requests, Steps | None, np.ndarray]:
+    def _period_inputs(self, dev: str, rows: list[int], cut: int) -> tuple[Requests, Steps | None, np.ndarray, Steps | None]:
         """The requests (clipped to ``cut``) of these rows and the batch steps of one pass, columnar;
-        and the requests' ends (``cut`` for those in flight), unclipped."""
+        the requests' ends (``cut`` for those in flight), unclipped; and the steps other devices ran
+        for them (a pipeline's other stages: they own this device's waits)."""
         table = self._table
         n = len(rows)
         end = (np.array([cut if e is None else e for e in map(table.end.__getitem__, rows)], dtype=np.int64) if n
@@ -1192,18 +1193,21 @@ class Meter:
             weight=np.ones(n),
         )
         steps = Steps.from_batches(self._steps, req, dev) if self._steps else None
-        return req, steps, end
+        # only a group's requests have steps elsewhere (a single device's requests: skip the scan)
+        grouped = steps is not None and any("," in d for d in map(table.device.__getitem__, rows))
+        owners = Steps.from_batches(self._steps, req, dev, elsewhere=True) if grouped else None
+        return req, steps, end, owners
 
     def _attribute(self, dev: str, info: DeviceInfo, cur: int, cut: int, rows: list[int]) -> None:
         trace = self._live().trace(dev, since_ns=cur - 2_000_000_000)
         if len(trace) < 2:
             return
-        req, steps, end = self._period_inputs(dev, rows, cut)
+        req, steps, end, owners = self._period_inputs(dev, rows, cut)
         idle = self.idle_w if self.idle_w is not None else self._idle.get(dev)
         models = {dev: self._models[dev]} if dev in self._models else None
         try:
             res = attribute({dev: trace}, req, steps, idle_w=idle, t0_ns=cur, t1_ns=cut, models=models,
-                             board_lag_s=self.board_lag_s)
+                             board_lag_s=self.board_lag_s, wait_owners=owners)
         except TraceError as exc:  # readings it cannot use (none finite, a counter going back): like no trace
             if (n := self._tally("bad_traces")):
                 log.warning("wattspan: %s's readings over a pass could not be attributed (%d such passes; counters "
