@@ -139,12 +139,17 @@ def _step_power(law: str, d: float, npre: int, ndec: int, nctx: int) -> float:
     return min(p, CAP_W)
 
 
-def simulate(out: str | Path, *, law: str, sensor: str, seed: int, duration_s: float = 40.0) -> dict:
-    """Simulate one run and write its files into ``out``; returns the scenario."""
+def simulate(out: str | Path, *, law: str, sensor: str, seed: int, duration_s: float = 40.0, truth: str = "windowed") -> dict:
+    """Simulate one run and write its files into ``out``; returns the scenario. ``truth``: ``windowed``
+    (the README's convention: a step's energy is what the board draws inside its window, so a lagged
+    step's tail is the next step's or the wait's) or ``causal`` (a step's energy is all it makes the
+    board draw, its tail included: the target power's integral, which a first-order lag keeps)."""
+    if truth not in ("windowed", "causal"):
+        raise ValueError(f"truth must be windowed or causal, got {truth!r}")
     if sensor not in SENSORS:
         raise ValueError(f"unknown sensor {sensor!r}; known: {', '.join(SENSORS)}")
     rng = np.random.default_rng(seed)
-    sc = {"law": law, "sensor": sensor, "seed": seed, "lag_ms": float(rng.choice([0.0, 3.0, 6.0])),
+    sc = {"law": law, "sensor": sensor, "seed": seed, "truth": truth, "lag_ms": float(rng.choice([0.0, 3.0, 6.0])),
           "idle_w": float(rng.uniform(65, 80)), "drift_w": float(rng.choice([0.0, 3.0, 6.0])),
           "drift_period_s": float(rng.uniform(20, 60)), "gap_w": float(rng.uniform(0, 30)), "rate_per_s": float(rng.uniform(3, 7))}
     start, end, prompt, output, steps = _schedule(rng, duration_s, sc["rate_per_s"])
@@ -181,7 +186,8 @@ def simulate(out: str | Path, *, law: str, sensor: str, seed: int, duration_s: f
     # the truth, by the convention in the module docstring
     n = len(start)
     dyn_j, idle_j = np.zeros(n), np.zeros(n)
-    cum_dyn = np.concatenate(([0.0], np.cumsum(dyn) * GRID_S))
+    drawn = dyn if truth == "windowed" else target  # causal: each step's and wait's own power, before the lag
+    cum_dyn = np.concatenate(([0.0], np.cumsum(drawn) * GRID_S))
     for a, b, comp, *_ in steps:
         e = cum_dyn[cell(b)] - cum_dyn[cell(a)]
         tot = sum(comp.values())
@@ -189,7 +195,7 @@ def simulate(out: str | Path, *, law: str, sensor: str, seed: int, duration_s: f
             dyn_j[i] += e * c / tot
     share = np.where(inflight > 0, 1.0 / np.maximum(inflight, 1), 0.0)
     c_idle = np.concatenate(([0.0], np.cumsum(idle * share) * GRID_S))
-    c_gap = np.concatenate(([0.0], np.cumsum(np.where(busy, 0.0, dyn) * share) * GRID_S))
+    c_gap = np.concatenate(([0.0], np.cumsum(np.where(busy, 0.0, drawn) * share) * GRID_S))
     for i in np.flatnonzero(done):
         a, b = cell(start[i]), cell(end[i])
         idle_j[i] = c_idle[b] - c_idle[a]
@@ -249,8 +255,9 @@ def main() -> None:
     ap.add_argument("--sensor", choices=SENSORS, default="avg20")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--duration", type=float, default=40.0, help="seconds of arrivals (plus the drain)")
+    ap.add_argument("--truth", choices=("windowed", "causal"), default="windowed", help="how a lagged step's tail counts (see simulate)")
     a = ap.parse_args()
-    print(json.dumps(simulate(a.out, law=a.law, sensor=a.sensor, seed=a.seed, duration_s=a.duration)))
+    print(json.dumps(simulate(a.out, law=a.law, sensor=a.sensor, seed=a.seed, duration_s=a.duration, truth=a.truth)))
 
 
 if __name__ == "__main__":
