@@ -661,10 +661,10 @@ def _lag_split(fit_feats: _Features, coef: np.ndarray, e_rel: np.ndarray, scale:
     before = np.concatenate(([0.0], np.cumsum(e_wait)))
 
     def in_waits(t: np.ndarray) -> np.ndarray:
-        k = np.searchsorted(w_lo, t, side="right") - 1
-        kk = np.maximum(k, 0)
         if not len(w_lo):
             return np.zeros(len(t))
+        k = np.searchsorted(w_lo, t, side="right") - 1
+        kk = np.maximum(k, 0)
         part: np.ndarray = np.where(k >= 0, before[kk] + h(np.clip(t, w_lo[kk], w_hi[kk])) - h(w_lo[kk]), 0.0)
         return part
 
@@ -687,9 +687,9 @@ def _lag_departure(feats: _StepFeatures | _Beside, coef: np.ndarray, e_rel: np.n
     """Per request, how far its dynamic energy (J) moves when the same model is read through
     a first-order lag of ``_UNSEEN_LAG_S`` and reconciled over the same windows: each step's energy
     inside its own span is its requests', what falls in a wait goes as ``share_waits`` splits it
-    (another device's step for the same requests, else by time: as :func:`_lag_split` and step 5c do). ``feats``, ``coef``: the model as fitted, the
-    waits' terms included where it has them (both splits then put the same modelled energy in the
-    waits: the lag moves only what it moves). ``dyn``: the requests' energy without the lag, split
+    (another device's step for the same requests, else by time: as :func:`_lag_split` and step 5c
+    do). ``feats``, ``coef``: the model as fitted, the waits' terms included where it has them
+    (both splits then put the same modelled energy in the waits: the lag moves only what it moves). ``dyn``: the requests' energy without the lag, split
     alike (the steps' and, where the model has them, the waits' terms, step 5b)."""
     lagged = _with_lag(feats, _UNSEEN_LAG_S)
     w_pred = np.diff(lagged.mass(rel(edges)), axis=0) @ coef
