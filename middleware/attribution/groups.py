@@ -128,6 +128,14 @@ def attribute_grouped(
         cuts = np.searchsorted(es, np.arange(len(steps) + 1))
         er_l, et_l = er.tolist(), et.tolist()
         starts, ends = steps.start_ns.tolist(), steps.end_ns.tolist()
+        # the steps with an entry whose request names other devices than the step (a pipeline
+        # stage's): only those can own waits elsewhere (a tensor-parallel step names its whole group)
+        codes: dict[str, int] = {}
+        r_code = np.array([codes.setdefault(k, len(codes)) for k in requests.device.tolist()], dtype=np.int64)
+        s_code = np.array([codes.setdefault(k, len(codes)) for k in steps.device.tolist()], dtype=np.int64)
+        other = np.zeros(len(steps), dtype=bool)
+        other[steps.entry_step[r_code[steps.entry_request] != s_code[steps.entry_step]]] = True
+        other_l = other.tolist()
         for s, d_key in enumerate(steps.device.tolist()):
             lo, hi = int(cuts[s]), int(cuts[s + 1])
             ms = members(d_key)
@@ -140,6 +148,8 @@ def attribute_grouped(
                     e_step.append(k)
                     e_req.append(row(er_l[j], d))
                     e_tok.append(et_l[j])
+            if not other_l[s]:
+                continue
             # the same step as an owner of the waits on its requests' other devices (a
             # pipeline's other stages wait while this one runs it)
             shadow: dict[str, list[int]] = {}
