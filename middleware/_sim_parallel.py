@@ -147,7 +147,9 @@ def _play(gpu: str, base: SimulatedRun, base_requests: list[dict[str, Any]], s_s
         for k in np.flatnonzero(w_slice):
             toks = o_rows[k]["requests"]
             total = float(sum(toks.values()))
-            for rid, tok in (toks.items() if total > 0 else ()):
+            if total <= 0:
+                continue
+            for rid, tok in toks.items():
                 r_dyn[index[rid]] += w_slice[k] * tok / total
     f_step = np.array([s for s, st in enumerate(step_rows) for _ in st["requests"]], dtype=np.int64)
     f_req = np.array([index[rid] for st in step_rows for rid in st["requests"]], dtype=np.int64)

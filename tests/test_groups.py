@@ -168,6 +168,9 @@ def test_a_stage_s_wait_is_billed_to_the_step_the_other_stage_runs():
     assert res.idle_j[1] == pytest.approx(res.idle_j[0])  # idle is still everyone's in flight
     for d in res.devices.values():
         assert d.attributed_j + d.unattributed_j == pytest.approx(d.measured_j, rel=1e-9)
+    # groups derive their owners themselves: owners given beside them are a clear error
+    with pytest.raises(ValueError, match="wait_owners"):
+        attribute(traces, req, Steps.from_records(rows, req), idle_w=50.0, wait_owners=Steps.from_records(rows, req))
 
 
 def test_whole_steps_on_the_group_bill_a_balanced_pipeline_like_its_stages():

@@ -809,10 +809,10 @@ class _WaitOwners:
     ``lo``, ``hi``: each step's span (s from the period's start, clipped to the windows);
     ``e_s``, ``e_r``, ``share``: its entries (step, local request index, token share)."""
 
-    __slots__ = ("lo", "hi", "e_s", "e_r", "share", "n_req", "edges", "cnt", "lo_k", "hi_k")
+    __slots__ = ("e_s", "e_r", "share", "n_req", "edges", "cnt", "lo_k", "hi_k")
 
     def __init__(self, lo: np.ndarray, hi: np.ndarray, e_s: np.ndarray, e_r: np.ndarray, share: np.ndarray, n_req: int) -> None:
-        self.lo, self.hi, self.e_s, self.e_r, self.share, self.n_req = lo, hi, e_s, e_r, share, n_req
+        self.e_s, self.e_r, self.share, self.n_req = e_s, e_r, share, n_req
         self.edges = np.unique(np.concatenate((lo, hi)))
         self.lo_k = np.searchsorted(self.edges, lo)
         self.hi_k = np.searchsorted(self.edges, hi)

@@ -210,7 +210,8 @@ class Steps:
         e_req: list[int] = []
         e_tok: list[float] = []
         for s, e, d, tok in batches:
-            if (d == device or ("," in d and device in d.split(","))) != (not elsewhere):
+            here = d == device or ("," in d and device in d.split(","))
+            if here == elsewhere:
                 continue
             k = len(starts)
             n0 = len(e_req)
