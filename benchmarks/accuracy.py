@@ -491,10 +491,11 @@ def lag_table(rows: list[dict], seeds: int, duration_s: float) -> list[str]:
     lines = [f"### The electrical lag on 1 ms readings ({seeds} scenarios x {duration_s:g} s, each stage's true timing)",
              "",
              "The simulated GPUs' power follows each step with a first-order lag of 2, 4 or 8 ms (the scenarios), so part",
-             "of a slice's energy is drawn in the next slice or wait; by the conventions the energy inside a step's window is",
-             "that step's, inside a wait the owner's (the other stage's step meanwhile, else shared by time). \"no lag term\": the fit without its lag search (each step's",
-             "energy placed inside its own window); \"lag term\": the default (a lag of 0.25-32 ms, kept where it predicts",
-             "held-out readings clearly better; only on readings 50 ms apart or closer: a 100 ms counter cannot show one).",
+             "of a slice's energy is drawn in the next slice or wait; by the conventions that tail is still the slice's (a",
+             "step's energy is all it makes the board draw). \"no lag term\": the fit without its lag search (each window's",
+             "energy split among the steps in it as drawn); \"lag term\": the default (a lag of 0.25-32 ms, kept where it predicts",
+             "held-out readings clearly better, the windows deconvolved through it; only on readings 50 ms apart or closer: a",
+             "100 ms counter cannot show one).",
              "\"lag found\": the fitted lag over the simulator's, lowest and highest over GPUs and scenarios.",
              "",
              "| engine | sensor | median, no lag term | p95, no lag term | median, lag term | p95, lag term | lag found / true |",
@@ -608,13 +609,9 @@ def lag_given_table(rows: list[dict], seeds: int, duration_s: float) -> list[str
 
 
 def _true_wait_j(run) -> float:
-    """True dynamic energy of every GPU while it waited (requests in flight, none of its own steps running)."""
-    out = 0.0
-    for r in run.runs.values():
-        st = np.array([s["start_ns"] for s in r.steps], dtype=np.int64)
-        en = np.array([s["end_ns"] for s in r.steps], dtype=np.int64)
-        out += sum(t["dynamic_j"] for t in r.truth.values()) - float(r.energy_j(st, en, dynamic=True).sum())
-    return out
+    """True dynamic energy of every GPU's waits (requests in flight, none of its own steps running: the power
+    held there; each slice's electrical tail is the slice's own)."""
+    return float(sum(r.truth_wait_j for r in run.runs.values()))
 
 
 def _wait_rule(on: bool):

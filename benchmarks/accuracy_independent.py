@@ -62,7 +62,7 @@ def score(d: Path) -> dict:
             "quality": sorted({got[i].get("quality", "") for i in ids})}
 
 
-def run_one(law: str, sensor: str, seed: int, duration: float, tmp: Path, truth: str = "windowed") -> dict:
+def run_one(law: str, sensor: str, seed: int, duration: float, tmp: Path, truth: str = "causal") -> dict:
     d = tmp / f"{law}-{sensor}-{seed}"
     sc = simulate(d, law=law, sensor=sensor, seed=seed, duration_s=duration, truth=truth)
     cmd = [sys.executable, "-m", "wattspan.cli", "attribute", "--trace", str(d / "trace.csv"), "--requests",
@@ -80,8 +80,9 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=40.0)
     ap.add_argument("--laws", default=",".join(LAWS))
     ap.add_argument("--sensors", default=",".join(SENSORS))
-    ap.add_argument("--truth", choices=("windowed", "causal"), default="windowed",
-                    help="the simulator's truth: the README's convention (windowed) or a lagged step's tail counted as its own (causal)")
+    ap.add_argument("--truth", choices=("windowed", "causal"), default="causal",
+                    help="the simulator's truth: the README's convention (causal: a lagged step's tail is its own) or the one "
+                         "wattspan had before (windowed: the tail is whatever runs next)")
     add_output_args(ap, "accuracy_independent.md")
     a = ap.parse_args()
     laws, sensors = a.laws.split(","), a.sensors.split(",")
@@ -120,7 +121,7 @@ def main() -> None:
         "# Per-request accuracy on an independent simulator",
         "",
         f"Command: `python benchmarks/accuracy_independent.py --seeds {a.seeds} --duration {a.duration:g}"
-        f"{f' --seed-offset {a.seed_offset}' if a.seed_offset != 1 else ''}{' --truth causal' if a.truth == 'causal' else ''}` "
+        f"{f' --seed-offset {a.seed_offset}' if a.seed_offset != 1 else ''}{' --truth windowed' if a.truth == 'windowed' else ''}` "
         f"({took:.0f} s; {platform.machine()}, Python {platform.python_version()}).",
         "",
         "`benchmarks/independent_sim.py` imports nothing from wattspan: its own scheduler, power laws (`roofline`,",
@@ -129,10 +130,11 @@ def main() -> None:
         "runs it; a request's error is `|energy_j - true| / true`; band coverage: the share of requests whose true energy",
         "lies in `[energy_j_low, energy_j_high]` (a 90 % band). Seeds "
         f"{seeds.start}-{seeds.stop - 1}: each draws a scenario (lag, drift, gap power, arrival rate).",
-        *(["", "**Truth: causal** (`--truth causal`), not the README's convention: a step's energy is all it makes the board",
-            "draw, the tail its electrical lag puts after its window included; wattspan still attributes by the README's",
-            "windowed convention, so where it finds a lag (fine readings) it is scored against a truth it does not follow."]
-          if a.truth == "causal" else []),
+        *(["", "**Truth: windowed** (`--truth windowed`), not the README's convention: a step's energy is what the board",
+            "draws inside its window, so a lagged step's tail is the next step's or the wait's; wattspan attributes by the",
+            "README's causal convention (a step's energy is all it makes the board draw, its tail included), so where there",
+            "is a lag it is scored against a truth it does not follow."]
+          if a.truth == "windowed" else []),
         "",
         "## Worst cell per sensor",
         "",
@@ -157,7 +159,7 @@ def main() -> None:
     ]
     text = "\n".join(lines)
     print(text)
-    write_results(a, "accuracy_independent.md" if a.truth == "windowed" else "accuracy_independent_causal.md", text)
+    write_results(a, "accuracy_independent.md" if a.truth == "causal" else "accuracy_independent_windowed.md", text)
 
 
 if __name__ == "__main__":

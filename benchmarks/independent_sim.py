@@ -8,9 +8,13 @@ nothing from wattspan and shares no code with it: its own scheduler, its own pow
 its own electrical lag and sensors. What it has in common with wattspan is only the file
 formats (``wattspan attribute``'s trace CSV, requests JSONL and batches JSONL, as the
 README documents them) and the convention that defines a request's true energy (the
-README's): a batch step's dynamic energy is split among the requests in it by their
-tokens in it; dynamic energy outside any step while requests are in flight, and the idle
-baseline at every instant, are split equally among the requests in flight.
+README's): a batch step's dynamic energy, all it makes the board draw (its power over its
+own time: the electrical lag moves when it is drawn, not whose it is), is split among the
+requests in it by their tokens in it; the power drawn outside any step while requests are
+in flight, and the idle baseline at every instant, are split equally among the requests in
+flight. ``--truth windowed`` scores the convention wattspan had before: a step's energy is
+what the board draws inside its window, so a lagged step's tail is the next step's or the
+wait's.
 
 Scheduler: Poisson arrivals; prompts and outputs lognormal; each step decodes one token
 for every running request and fills the rest of a 1,024-token budget with prefill chunks
@@ -139,11 +143,11 @@ def _step_power(law: str, d: float, npre: int, ndec: int, nctx: int) -> float:
     return min(p, CAP_W)
 
 
-def simulate(out: str | Path, *, law: str, sensor: str, seed: int, duration_s: float = 40.0, truth: str = "windowed") -> dict:
-    """Simulate one run and write its files into ``out``; returns the scenario. ``truth``: ``windowed``
-    (the README's convention: a step's energy is what the board draws inside its window, so a lagged
-    step's tail is the next step's or the wait's) or ``causal`` (a step's energy is all it makes the
-    board draw, its tail included: the target power's integral, which a first-order lag keeps)."""
+def simulate(out: str | Path, *, law: str, sensor: str, seed: int, duration_s: float = 40.0, truth: str = "causal") -> dict:
+    """Simulate one run and write its files into ``out``; returns the scenario. ``truth``: ``causal``
+    (the README's convention: a step's energy is all it makes the board draw, its tail included: the
+    target power's integral, which a first-order lag keeps) or ``windowed`` (what the board draws
+    inside the step's window, so a lagged step's tail is the next step's or the wait's)."""
     if truth not in ("windowed", "causal"):
         raise ValueError(f"truth must be windowed or causal, got {truth!r}")
     if sensor not in SENSORS:
@@ -255,7 +259,7 @@ def main() -> None:
     ap.add_argument("--sensor", choices=SENSORS, default="avg20")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--duration", type=float, default=40.0, help="seconds of arrivals (plus the drain)")
-    ap.add_argument("--truth", choices=("windowed", "causal"), default="windowed", help="how a lagged step's tail counts (see simulate)")
+    ap.add_argument("--truth", choices=("windowed", "causal"), default="causal", help="how a lagged step's tail counts (see simulate)")
     a = ap.parse_args()
     print(json.dumps(simulate(a.out, law=a.law, sensor=a.sensor, seed=a.seed, duration_s=a.duration, truth=a.truth)))
 

@@ -22,9 +22,11 @@
   step's one-GPU duration (its share of the work at the one GPU's speed), its power the
   step's. A request ends as long after its last micro-batch as it did after its last step.
 
-Each GPU's truth follows wattspan's conventions on that GPU (its own steps, the requests
-in flight; what it draws while it waits during another stage's slice is that slice's, by
-its tokens; a wait no other stage's slice covers is shared by time), and a request's truth
+Each GPU's truth follows wattspan's conventions on that GPU (a slice's dynamic energy is
+its power over its own time, the tail its electrical lag draws later included; the power a
+GPU holds while it waits during another stage's slice is that slice's, by its tokens; a wait
+no other stage's slice covers is shared by time; the idle baseline by the requests in
+flight), and a request's truth
 is the sum over GPUs. ``steps`` are reported two ways:
 ``steps`` names each stage's own slice on the stage's GPUs (stage timing known), and
 ``group_steps`` names the whole step on all GPUs (stage timing unknown: from when the
@@ -123,12 +125,14 @@ def _play(gpu: str, base: SimulatedRun, base_requests: list[dict[str, Any]], s_s
     requests = [dict(r, gpu=gpu) for r in base_requests]
     run = _make_run(gpu, grid_ns, cell_t, power, idle, requests, step_rows)
 
-    c_tot, c_idle = _cum_at(run, bounds)
-    e_seg, idle_seg = np.diff(c_tot), np.diff(c_idle)
+    # causal: a slice's or a wait's dynamic energy is its power over its own time (the lag moves
+    # when it is drawn, not whose it is)
+    _, c_idle = _cum_at(run, bounds)
+    idle_seg = np.diff(c_idle)
     safe = np.maximum(in_flight, 1)
     idle_share = np.where(in_flight > 0, idle_seg / safe, 0.0)
     waiting = (in_flight > 0) & ~in_step
-    gap_j = np.where(waiting, e_seg - idle_seg, 0.0)
+    gap_j = np.where(waiting, target * (np.diff(bounds) * 1e-9), 0.0)
     # a wait during another stage's slice is that slice's: each covering stage gets an equal part
     cover = []
     for o_start, o_end, _ in others:
@@ -155,13 +159,14 @@ def _play(gpu: str, base: SimulatedRun, base_requests: list[dict[str, Any]], s_s
     f_req = np.array([index[rid] for st in step_rows for rid in st["requests"]], dtype=np.int64)
     f_tok = np.array([t for st in step_rows for t in st["requests"].values()], dtype=np.float64)
     if f_step.size:
-        step_dyn = run.energy_j(s_start, s_end, dynamic=True)
+        step_dyn = step_w * ((s_end - s_start) * 1e-9)
         step_tok = np.bincount(f_step, weights=f_tok, minlength=s_start.shape[0])
         r_dyn = r_dyn + np.bincount(f_req, weights=step_dyn[f_step] * f_tok / step_tok[f_step], minlength=len(ids))
     truth = {ids[i]: {"energy_j": float(r_dyn[i] + r_idle[i]), "dynamic_j": float(r_dyn[i]), "idle_j": float(r_idle[i])}
              for i in range(len(ids))}
     object.__setattr__(run, "truth", truth)
-    object.__setattr__(run, "truth_unattributed_j", float(e_seg[in_flight == 0].sum()))
+    object.__setattr__(run, "truth_unattributed_j", run.total_j - float(r_dyn.sum() + r_idle.sum()))
+    object.__setattr__(run, "truth_wait_j", float(gap_j.sum()))
     return run
 
 

@@ -9,11 +9,13 @@ conventions:
 
 * dynamic power is true power minus the idle baseline ``P_idle(t)`` (which drifts slowly
   with temperature);
-* a batch step's dynamic energy (over its ``[start, end)``) is split among the requests in
-  that step in proportion to their tokens in it (prefill chunk size, or 1 per decode token);
-* dynamic energy outside any step, while requests are in flight, is shared equally by them;
-  idle power at each instant is shared equally by the requests in flight;
-* energy (idle or dynamic) while nothing is in flight is unattributed;
+* a batch step's dynamic energy is what it makes the board draw: its modelled power over its
+  ``[start, end)`` (the electrical lag moves part of it later in time, the tail after the
+  step included, not to another step), split among the requests in that step in proportion
+  to their tokens in it (prefill chunk size, or 1 per decode token);
+* the power held outside any step, while requests are in flight (a host gap), is shared
+  equally by them; idle power at each instant is shared equally by the requests in flight;
+* the rest (idle while nothing is in flight, the sensor-free noise) is unattributed;
 
 so ``sum(request energy) + unattributed == total`` exactly.
 
@@ -106,8 +108,8 @@ class SimulatedRun:
     ``idle_w[i]`` the idle baseline there. ``requests`` and ``steps`` are rows exactly as in
     wattspan's ``requests.jsonl`` and ``batches.jsonl``. ``truth`` maps request id to
     ``{"energy_j", "dynamic_j", "idle_j"}`` (joules, by the conventions in the module
-    docstring); ``truth_unattributed_j`` is the energy while nothing was in flight and
-    ``total_j`` the energy over the whole grid, so
+    docstring); ``truth_unattributed_j`` is the energy no request caused (idle while nothing
+    was in flight) and ``total_j`` the energy over the whole grid, so
     ``sum(energy_j) + truth_unattributed_j == total_j``.
     """
 
@@ -123,6 +125,8 @@ class SimulatedRun:
     total_j: float
     _cum_j: np.ndarray = field(repr=False)
     _cum_idle_j: np.ndarray = field(repr=False)
+    #: the dynamic energy of the waits (requests in flight, no step running: the power held there), J
+    truth_wait_j: float = 0.0
 
     @property
     def start_ns(self) -> int:
@@ -424,14 +428,13 @@ def simulate_server(
 
     run = _make_run(gpu, grid_ns, cell_t, power, idle, requests, steps)
 
-    # ---- truth by the conventions
+    # ---- truth by the conventions (causal: a step's or a wait's dynamic energy is what it makes
+    #      the board draw, its power over its own time; the lag only moves when that is drawn)
     c_tot, c_idle = _cum_at(run, bounds)
-    e_seg = np.diff(c_tot)
     idle_seg = np.diff(c_idle)
-    dyn_seg = e_seg - idle_seg
     safe_n = np.maximum(in_flight, 1)
     idle_share = np.where(in_flight > 0, idle_seg / safe_n, 0.0)
-    gap_share = np.where((in_flight > 0) & ~in_step, dyn_seg / safe_n, 0.0)
+    gap_share = np.where((in_flight > 0) & ~in_step, target * (np.diff(bounds) * 1e-9) / safe_n, 0.0)
     k0 = np.searchsorted(bounds, arrival_ns)
     k1 = np.searchsorted(bounds, end_ns)
     cs_idle = np.concatenate([[0.0], np.cumsum(idle_share)])
@@ -439,14 +442,16 @@ def simulate_server(
     r_idle = cs_idle[k1] - cs_idle[k0]
     r_dyn = cs_gap[k1] - cs_gap[k0]
     if f_step.size:
-        step_dyn = run.energy_j(s_start, s_end, dynamic=True)
+        step_dyn = step_w * ((s_end - s_start) * 1e-9)
         step_tok = np.bincount(f_step, weights=f_tok, minlength=s_start.shape[0])
         r_dyn = r_dyn + np.bincount(f_req, weights=step_dyn[f_step] * f_tok / step_tok[f_step], minlength=n)
     truth = {ids[i]: {"energy_j": float(r_dyn[i] + r_idle[i]), "dynamic_j": float(r_dyn[i]), "idle_j": float(r_idle[i])}
              for i in range(n)}
-    unattributed = float(e_seg[in_flight == 0].sum())
+    # the rest of what the board drew: idle while nothing is in flight, and the sensor-free noise
+    unattributed = run.total_j - float(r_dyn.sum() + r_idle.sum())
     object.__setattr__(run, "truth", truth)
     object.__setattr__(run, "truth_unattributed_j", unattributed)
+    object.__setattr__(run, "truth_wait_j", float((target * (np.diff(bounds) * 1e-9))[(in_flight > 0) & ~in_step].sum()))
     return run
 
 

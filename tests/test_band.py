@@ -470,46 +470,6 @@ def test_an_energy_counter_trace_attributes_the_same_on_a_clock_past_2_62_ns():
     assert np.allclose(out[1][1], out[0][1], rtol=1e-4)
 
 
-def test_an_unseen_lag_moves_nothing_where_steps_and_waits_draw_the_same_power():
-    # Steps of 8 ms, each followed by a 2 ms wait, the model drawing 100 W through both (the
-    # waits' own W term): through any lag the power is the same at every instant, so the split
-    # through the allowance's lag is the split without one. Built alike, the two splits agree;
-    # the steps' terms alone against the steps' split would call the waits' energy a departure.
-    from wattspan.attribution.family import BASIS
-    from wattspan.attribution.fit import _Beside, _lag_departure, _Segments, _StepFeatures
-
-    n, ms = 400, 1_000_000
-    st = np.arange(n, dtype=np.int64) * 10 * ms
-    en = st + 8 * ms
-    w_st, w_en = en[:-1], st[1:]
-    a, b = 0, int(en[-1])
-    rel = lambda t: np.asarray(t, dtype=np.float64) * 1e-9  # noqa: E731
-    x = np.zeros((n, len(BASIS)))
-    x[:, 0] = 0.008  # duration (s)
-    feats = _StepFeatures(x, rel(st), rel(en))
-    waits = _StepFeatures(np.column_stack((rel(w_en - w_st), np.ones(n - 1))), rel(w_st), rel(w_en))
-    coef = np.zeros(len(BASIS))
-    coef[0] = 100.0
-    edges = np.array([a, b], dtype=np.int64)
-    w_meas = np.array([100.0 * rel(b - a)])
-    seg = _Segments(st, np.append(w_en, en[-1]), np.ones(n), a, b)
-    ids = np.arange(n)
-    e_rel = rel(edges)
-    args = (e_rel, edges, w_meas, rel(st), rel(en), w_st, w_en, rel, e_rel[0], e_rel[-1], ids, ids, np.ones(n),
-            np.ones(n, dtype=bool), n)
-    dyn = np.full(n, 1.0)  # each request: its 8 ms step and the 2 ms wait after it, at 100 W
-    dyn[-1] = 0.8
-
-    def by_time(mass):  # the waits' energy shared by time (no other device's step owns it)
-        return seg.share_weighted(np.diff(mass(rel(seg.edges))))
-
-    d = _lag_departure(_Beside(feats, waits), np.concatenate((coef, [100.0, 0.0])), *args, dyn, by_time)
-    assert np.median(d / dyn) < 0.01
-    # the old way, the steps' terms and split alone: the waits' 0.2 J per request comes back as a departure
-    d_steps = _lag_departure(feats, coef, *args, np.full(n, 0.8), by_time)
-    assert np.median(d_steps / dyn) > 0.15
-
-
 def test_idle_band_holds_how_far_the_baseline_passes_from_the_idle_stretches():
     # the stretches all read 90 W; a baseline drawn at 93 W between them (one knot per 30 s bin
     # need not pass through them) is off by 3 W wherever it is used

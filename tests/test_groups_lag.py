@@ -44,8 +44,9 @@ def test_a_given_lag_is_fitted_through_where_the_readings_cannot_choose_one(over
             # through the lag the J-per-wait term (each slice's tail) is the lag's; the power held
             # in a wait is no more than the steps' own duration term
             assert m.wait_coef[1] == 0 and m.wait_coef[0] <= m.full_coef[0] + 1e-9
-    # each slice's tail drawn in the next micro-batch's slice is placed by the lag: closer to the truth
-    assert _p95(given, run) < 0.8 * _p95(own, run), (_p95(given, run), _p95(own, run))
+    # a slice's tail is the slice's own whichever window it is drawn in (the conventions): the readings
+    # need no lag to bill it, and the given one (deconvolving the windows through it) costs little
+    assert _p95(own, run) < 0.06 and _p95(given, run) < 1.3 * _p95(own, run), (_p95(given, run), _p95(own, run))
     assert given.dynamic_j.sum() / sum(t["dynamic_j"] for t in run.truth.values()) == pytest.approx(1.0, abs=0.02)
 
 

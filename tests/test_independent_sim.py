@@ -1,5 +1,5 @@
-"""benchmarks/independent_sim.py's two truths: the README's windowed convention, and a causal one
-(a lagged step's tail counted as the step's own), on the same run."""
+"""benchmarks/independent_sim.py's two truths: the README's causal convention (a lagged step's tail
+counted as the step's own), and the windowed one wattspan had before, on the same run."""
 
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ def _truth(d: Path) -> dict:
 
 def test_a_lagged_tail_moves_between_requests_but_not_out_of_them(tmp_path):
     kw = dict(law="sqrt", sensor="avg1s", seed=2, duration_s=12.0)
-    sw = simulate(tmp_path / "w", **kw)
-    sc = simulate(tmp_path / "c", truth="causal", **kw)
+    sw = simulate(tmp_path / "w", truth="windowed", **kw)
+    sc = simulate(tmp_path / "c", **kw)
     assert sw["lag_ms"] == sc["lag_ms"] == 6.0 and sc["truth"] == "causal"
     # the same run, read by the same sensor: only the truth differs
     assert (tmp_path / "w" / "trace.csv").read_text() == (tmp_path / "c" / "trace.csv").read_text()
@@ -39,8 +39,8 @@ def test_a_lagged_tail_moves_between_requests_but_not_out_of_them(tmp_path):
 
 def test_without_a_lag_the_two_truths_are_one(tmp_path):
     kw = dict(law="fixedstep", sensor="avg20", duration_s=10.0)
-    seed = next(s for s in range(1, 60) if simulate(tmp_path / f"probe{s}", seed=s, **kw)["lag_ms"] == 0.0)
-    simulate(tmp_path / "c", seed=seed, truth="causal", **kw)
+    seed = next(s for s in range(1, 60) if simulate(tmp_path / f"probe{s}", seed=s, truth="windowed", **kw)["lag_ms"] == 0.0)
+    simulate(tmp_path / "c", seed=seed, **kw)
     assert _truth(tmp_path / f"probe{seed}") == _truth(tmp_path / "c")
     with pytest.raises(ValueError, match="truth"):
         simulate(tmp_path / "x", seed=seed, truth="both", **kw)

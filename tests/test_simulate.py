@@ -76,15 +76,21 @@ class TestTruth:
 
     @pytest.mark.parametrize("kw", [dict(seed=5, rate_per_s=6.0), dict(seed=6, rate_per_s=10.0, max_batch_tokens=512)])
     def test_matches_conventions_computed_independently(self, kw):
-        """Per-step token split, equal time-sharing and idle shares agree with a direct computation."""
-        r = simulate_server(duration_s=2.5, **kw)
+        """Per-step token split, equal time-sharing and idle shares agree with a direct computation.
+        A step's energy is what it makes the board draw (causal): the lag moves when, not whose, so
+        the truth is the same for any lag, and on a board without one (nor noise) it is what the
+        power integrates to inside each step's window (to the 0.1 ms grid's resolution)."""
+        lagged = simulate_server(duration_s=2.5, power_model=PowerModel(tau_s=0.008), **kw)
+        r = simulate_server(duration_s=2.5, power_model=PowerModel(tau_s=1e-9, noise_w=0.0), **kw)
         assert len(r.requests) >= 5 and len(r.steps) >= 50
+        assert lagged.truth == r.truth
+        assert not np.array_equal(lagged.true_power_w, r.true_power_w)
         dyn, idle, unattributed = reference_truth(r)
         tol = 1e-9 * r.total_j
         for rid, v in r.truth.items():
-            assert abs(v["dynamic_j"] - dyn[rid]) <= tol
+            assert abs(v["dynamic_j"] - dyn[rid]) <= 0.01 * dyn[rid]
             assert abs(v["idle_j"] - idle[rid]) <= tol
-        assert abs(r.truth_unattributed_j - unattributed) <= tol
+        assert abs(r.truth_unattributed_j - unattributed) <= 1e-3 * r.total_j
 
     def test_step_energy_split_by_tokens(self, run):
         """Inside one step, two requests' dynamic shares are in the ratio of their tokens."""

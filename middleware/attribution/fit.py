@@ -641,68 +641,39 @@ def _lag_free_excess(cum: _CumEnergy, trace: DeviceTrace, inner: _Features, coef
     return max(0, correlation_lag(m0 - g0 * p0) - int(math.ceil(2 * step_ns / spacing)))
 
 
-def _lag_split(fit_feats: _Features, coef: np.ndarray, e_rel: np.ndarray, scale: np.ndarray, lo: np.ndarray, hi: np.ndarray,
-               w_lo: np.ndarray, w_hi: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, _Rel]:
-    """Through the lag, the modelled energy (steps' and waits' terms, reconciled) inside each step
-    (``[lo, hi)``) and inside each wait (``[w_lo, w_hi)``: sorted, disjoint), the whole of it (J),
-    and the waits' part of it as a cumulative (J up to each time): the integral of the window's
-    scale x the lagged power, exact per reconciliation window. Inside a wait the power is not
-    flat (a step's tail decays at its start), which matters where the wait's owner changes in it."""
-    g: _Rel = lambda t: fit_feats.mass(t) @ coef  # noqa: E731
-    ge = g(e_rel)
-    cum_h = np.concatenate(([0.0], np.cumsum(scale * np.diff(ge))))
-
-    def h(t: np.ndarray) -> np.ndarray:
-        k = np.clip(np.searchsorted(e_rel, t, side="right") - 1, 0, len(scale) - 1)
-        out: np.ndarray = cum_h[k] + scale[k] * (g(t) - ge[k])
-        return out
-
-    e_wait = h(w_hi) - h(w_lo)
-    before = np.concatenate(([0.0], np.cumsum(e_wait)))
-
-    def in_waits(t: np.ndarray) -> np.ndarray:
-        if not len(w_lo):
-            return np.zeros(len(t))
-        k = np.searchsorted(w_lo, t, side="right") - 1
-        kk = np.maximum(k, 0)
-        part: np.ndarray = np.where(k >= 0, before[kk] + h(np.clip(t, w_lo[kk], w_hi[kk])) - h(w_lo[kk]), 0.0)
-        return part
-
-    return h(hi) - h(lo), e_wait, float(cum_h[-1]), in_waits
+def _lag_interval(scores: dict[float, float], tau: float, n: int) -> tuple[float, float] | None:
+    """The lags (s) as likely as ``tau`` by their held-out errors (``scores``, from
+    :func:`_choose_lag`): a parabola in log2(lag) through the lags tried within a factor 2 of
+    ``tau``, out to where it rises by the error's own noise (1/sqrt(readings) of it). None
+    where the scores cannot say (fewer than three lags tried near it, no curvature)."""
+    near = sorted((math.log2(t), v) for t, v in scores.items() if abs(math.log2(t / tau)) <= 1.0 and math.isfinite(v))
+    if len(near) < 3 or n < 1:
+        return None
+    x, y = np.array([p[0] for p in near]), np.array([p[1] for p in near])
+    c2, c1, c0 = np.polyfit(x, y, 2)
+    if not c2 > 0:
+        return None
+    best = float(min(y))
+    d = min(1.0, math.sqrt(best / math.sqrt(n) / c2))
+    return tau * 2.0**-d, tau * 2.0**d
 
 
-#: The electrical lag the band allows for where the readings are too coarse to show one and none
-#: was given (s): the power model's figure (:class:`wattspan.sources.power_model.PowerModel`,
-#: voltage regulators and clock ramps), not a measurement. The boards measured at their power
-#: inputs respond within 0.25 ms (``benchmarks/board_lag.py``): there the band is wider than it
-#: needs to be, and giving the measured lag (``board_lag_s``) drops this allowance. The truth is taken
-#: to lie anywhere between the split without a lag and the split through this one.
-_UNSEEN_LAG_S = 0.004
-
-
-def _lag_departure(feats: _StepFeatures | _Beside, coef: np.ndarray, e_rel: np.ndarray, edges: np.ndarray, w_meas: np.ndarray,
-                   lo: np.ndarray, hi: np.ndarray, w_st: np.ndarray, w_en: np.ndarray, rel: _Rel, r0: float, r1: float,
-                   e_s: np.ndarray, e_r: np.ndarray, share: np.ndarray, on_dev: np.ndarray, n_req: int, dyn: np.ndarray,
-                   share_waits: Callable[[_Rel], tuple[np.ndarray, float]]) -> np.ndarray:
-    """Per request, how far its dynamic energy (J) moves when the same model is read through
-    a first-order lag of ``_UNSEEN_LAG_S`` and reconciled over the same windows: each step's energy
-    inside its own span is its requests', what falls in a wait goes as ``share_waits`` splits it
-    (another device's step for the same requests, else by time: as :func:`_lag_split` and step 5c
-    do). ``feats``, ``coef``: the model as fitted, the waits' terms included where it has them
-    (both splits then put the same modelled energy in the waits: the lag moves only what it moves). ``dyn``: the requests' energy without the lag, split
-    alike (the steps' and, where the model has them, the waits' terms, step 5b)."""
-    lagged = _with_lag(feats, _UNSEEN_LAG_S)
-    w_pred = np.diff(lagged.mass(rel(edges)), axis=0) @ coef
-    ok = (w_pred > 1e-12) & (w_meas > 0)
-    scale = np.where(ok, w_meas / np.where(ok, w_pred, 1.0), 0.0)
-    w_lo, w_hi = np.clip(rel(w_st), r0, r1), np.clip(rel(w_en), r0, r1)
-    e_step, _, _, in_waits = _lag_split(lagged, coef, e_rel, scale, lo, hi, w_lo, w_hi)
-    w, r, s = (share, e_r, e_s) if bool(on_dev.all()) else (share[on_dev], e_r[on_dev], e_s[on_dev])
-    got = np.bincount(r, weights=e_step[s] * w, minlength=n_req)
-    if len(w_st):
-        got = got + share_waits(in_waits)[0]
-    out: np.ndarray = np.abs(got - dyn)
-    return out
+def _edge_power(cum: _CumEnergy, idle_curve: _Piecewise, lagged: _Lagged, coef: np.ndarray, edges: np.ndarray, rel: _Rel,
+                half_ns: int) -> np.ndarray:
+    """The dynamic power (W) at each reconciliation edge, for the lag's deconvolution: the lagged
+    model's power there, at the level the readings within ``half_ns`` of it measured (the
+    model's shape, the sensor's scale). 0 at the period's two ends: nothing is moved across them,
+    so the windows still hold what was measured."""
+    e = edges[1:-1]
+    if not len(e):
+        return np.zeros(len(edges))
+    lo, hi = np.maximum(e - half_ns, edges[0]), np.minimum(e + half_ns, edges[-1])
+    m = cum.energy(lo, hi) - idle_curve.integral(lo, hi)
+    pm = (lagged.mass(rel(hi)) - lagged.mass(rel(lo))) @ coef
+    dens = lagged.density(rel(e)) @ coef
+    ok = pm > 1e-12
+    p = np.where(ok, dens * np.maximum(m, 0.0) / np.where(ok, pm, 1.0), np.maximum(m, 0.0) / np.maximum((hi - lo) * _NS, 1e-12))
+    return np.concatenate(([0.0], p, [0.0]))
 
 
 def step_features(steps: Steps, s_idx: np.ndarray) -> np.ndarray:
@@ -972,6 +943,7 @@ def _batch_fit(cum: _CumEnergy, trace: DeviceTrace, steps: Steps, s_idx: np.ndar
     sel_steps = None  # the steps-only selection, when the waits' terms were chosen beside it
     sel_fams = None  # the families the selection chose among (None: FAMILIES)
     lag_tau = 0.0  # the electrical lag the readings are fitted through (s)
+    lag_scores: dict[float, float] = {}  # held-out error of each lag tried (the lag's own uncertainty, for the band)
     held_wait = False  # the waits' terms under a given lag's constraints (_held_wait_select)
     if model is None:
         sel = select_family(A, y) if len(y) else None
@@ -1030,8 +1002,8 @@ def _batch_fit(cum: _CumEnergy, trace: DeviceTrace, steps: Steps, s_idx: np.ndar
                 tau, rows_l, sel_l = _given_lag_fit(cum, trace, fit_feats if with_waits else feats, idle_curve, a, b, rel,
                                                     sel_fams or FAMILIES, lag_s, nb if with_waits else None)
             else:
-                tau, rows_l, _ = _choose_lag(cum, trace, fit_feats if with_waits else feats, idle_curve, a, b, rel, sel,
-                                             sel_fams or families, t_row)
+                tau, rows_l, lag_scores = _choose_lag(cum, trace, fit_feats if with_waits else feats, idle_curve, a, b, rel, sel,
+                                                      sel_fams or families, t_row)
                 sel_l = select_family(rows_l[0], rows_l[1], families=sel_fams or FAMILIES) if rows_l is not None else None
             if sel_l is not None and with_waits and not np.any(sel_l.coef[nb:]):
                 # through the lag the waits need no terms of their own (they were the steps' tails)
@@ -1162,6 +1134,16 @@ def _batch_fit(cum: _CumEnergy, trace: DeviceTrace, steps: Steps, s_idx: np.ndar
             window_why = "too few readings: the whole period"
     edges = _reconcile_edges(cum, trace, a, b, reconcile_s)
     w_meas = cum.over(edges) - idle_curve.over(edges)
+    w_drawn: np.ndarray | None = None  # the windows' energy as drawn, where the lag's deconvolution changes it
+    if lag_tau > 0 and isinstance(fit_feats, _Lagged):
+        # A step's energy is what it makes the board draw, the tail its lag puts after its window
+        # included (the conventions): the readings deconvolved. Through a first-order lag the
+        # energy drawn in [e0, e1) falls short of what was caused there by lag x (the power at
+        # e1 - the power at e0), the tail that crosses each edge; the model is then read unlagged.
+        half_ns = max(_typical_interval(t_row), 1_000_000) if len(t_row) > 2 else 1_000_000
+        w_drawn = w_meas
+        w_meas = w_drawn + lag_tau * np.diff(_edge_power(cum, idle_curve, fit_feats, coef_fit, edges, rel, half_ns))
+        fit_feats = unlagged = fit_feats.inner
     F = fit_feats.mass(rel(edges))
     w_pred = np.diff(F, axis=0) @ coef_fit
     ok = (w_pred > 1e-12) & (w_meas > 0)
@@ -1186,11 +1168,22 @@ def _batch_fit(cum: _CumEnergy, trace: DeviceTrace, steps: Steps, s_idx: np.ndar
     step_power = (x @ coef) / feats.dur  # W at scale 1
     scale_span = scale_integral(hi) - scale_integral(lo)  # integrated scale over each step (s)
     e_step = step_power * scale_span
-    if lag_tau > 0:
-        # through the lag each step's power is drawn partly in the next step or wait: what
-        # falls inside a step is that step's, what falls in a wait is the wait's owner's (5c)
-        e_step, e_tail, lag_total, in_waits = _lag_split(fit_feats, coef_fit, e_rel, scale, lo, hi,
-                                               np.clip(rel(w_st), e_rel[0], e_rel[-1]), np.clip(rel(w_en), e_rel[0], e_rel[-1]))
+    e_hold = None  # the power held in each wait (J), scaled like the steps'
+    if with_waits and np.any(coef_w):
+        # 3b. The waits' terms: the power held in a wait is the wait's (5b); the J per wait is the
+        #     electrical tail of the step before it, so that step's (a step's energy is all it
+        #     makes the board draw), or the wait's where no step came before it.
+        w_lo = np.clip(rel(w_st), e_rel[0], e_rel[-1])
+        w_hi = np.clip(rel(w_en), e_rel[0], e_rel[-1])
+        w_dur = np.maximum(w_hi - w_lo, 1e-12)
+        s_wait = (scale_integral(w_hi) - scale_integral(w_lo)) / w_dur  # the mean scale over each wait
+        e_hold = coef_w[0] * w_dur * s_wait
+        e_jw = coef_w[1] * s_wait
+        by_end = np.argsort(en_ns, kind="stable")
+        k_prev = np.searchsorted(en_ns[by_end], w_st, side="right") - 1
+        has = k_prev >= 0
+        e_step = e_step + np.bincount(by_end[k_prev[has]], weights=e_jw[has], minlength=len(e_step))
+        e_hold = e_hold + np.where(has, 0.0, e_jw)
 
     # 4. Steps to requests by tokens; entries' request indices map into ridx order.
     # (one device: every request and step is this device's, in order, so the maps are the identity
@@ -1245,8 +1238,6 @@ def _batch_fit(cum: _CumEnergy, trace: DeviceTrace, steps: Steps, s_idx: np.ndar
     k_win = np.clip(np.searchsorted(e_rel, feats.st, side="right") - 1, 0, len(scale) - 1)  # each step's window
     spread: tuple[Any, ...] = _dyn_spread(sel, coef, x, np.where(feats.dur > 0, scale_span / np.where(feats.dur > 0, feats.dur, 1.0), 0.0),
                          e_s, e_r, share, on_dev, len(ridx), k_win)
-    unseen_lag = (lag_s is None and not lag_tau > 0 and len(t_row) > 2 and _typical_interval(t_row) > _LAG_READING_NS
-                  and _sequential(st_ns, en_ns))
     # Per request: sum over its steps of (its share of the step's energy)^2, for the step-noise term.
     s2 = np.bincount(e_r, weights=val**2, minlength=len(ridx)) if all_on else np.bincount(
         e_r[on_dev], weights=(e_step[e_s[on_dev]] * share[on_dev]) ** 2, minlength=len(ridx))
@@ -1284,42 +1275,35 @@ def _batch_fit(cum: _CumEnergy, trace: DeviceTrace, steps: Steps, s_idx: np.ndar
 
     dyn = dyn + dyn_t
     wait_j = 0.0
-    if with_waits and np.any(coef_w) and not lag_tau > 0:  # through a lag, the waits' terms are in 5c
-        # 5b. The waits' fitted energy, scaled like the steps', to the steps other devices run
-        #     meanwhile for the same requests, the rest by time (_WaitOwners).
-        w_lo = np.clip(rel(w_st), e_rel[0], e_rel[-1])
-        w_hi = np.clip(rel(w_en), e_rel[0], e_rel[-1])
-        w_dur = np.maximum(w_hi - w_lo, 1e-12)
-        e_wait = (coef_w[0] + coef_w[1] / w_dur) * (scale_integral(w_hi) - scale_integral(w_lo))
-        wf = _StepFeatures(e_wait[:, None], w_lo, w_lo + w_dur)
+    if e_hold is not None:
+        # 5b. The power held in the waits, to the steps other devices run meanwhile for the same
+        #     requests, the rest by time (_WaitOwners).
+        wf = _StepFeatures(e_hold[:, None], w_lo, w_lo + w_dur)
         dyn_w, un_w = share_waits(lambda t: wf.mass(t)[:, 0])
         dyn = dyn + dyn_w
         un_t = un_t + un_w
-        wait_j = float(e_wait.sum())
+        wait_j = float(e_hold.sum())
         dyn_split = dyn_split + dyn_w
-    if unseen_lag:
-        # 4c. An electrical lag the readings are too coarse to show (see _choose_lag) moves part of
-        #     each step's energy into the next step or wait: the truth may lie anywhere between the
-        #     split without one and the split through one as long as a board's lag can be. Not
-        #     where the board's lag was given (lag_s, 0 included): then it is known, not unseen.
-        unlagged = fit_feats.inner if isinstance(fit_feats, _Lagged) else fit_feats  # (never lagged here: no lag was fitted)
-        d_lag = _lag_departure(unlagged, coef_fit, e_rel, edges, w_meas, lo, hi, w_st, w_en, rel, e_rel[0], e_rel[-1],
-                               e_s, e_r, share, on_dev, len(ridx), dyn_split, share_waits)
+    lag_band = _lag_interval(lag_scores, lag_tau, len(t_row)) if lag_tau > 0 and lag_s is None and w_drawn is not None else None
+    if lag_band is not None:
+        # 4d. The lag is known only as well as its held-out error tells it apart from its
+        #     neighbours: the deconvolution through either end of that interval, the same model,
+        #     is as likely; how far each request's share moves is a departure of the band.
+        d_lag = np.zeros(len(ridx))
+        for tau_x in lag_band:
+            w_x = cast("np.ndarray", w_drawn) + tau_x * np.diff(_edge_power(cum, idle_curve, _with_lag(unlagged, tau_x), coef_fit, edges, rel, half_ns))
+            ok_x = (w_pred > 1e-12) & (w_x > 0)
+            sc_x = np.where(ok_x, w_x / np.where(ok_x, w_pred, 1.0), 0.0)
+            c_x = np.concatenate(([0.0], np.cumsum(sc_x * np.diff(e_rel))))
+            span_x = np.interp(hi, e_rel, c_x) - np.interp(lo, e_rel, c_x)
+            v_x = (step_power * span_x)[e_s] * share
+            got = np.bincount(e_r[on_dev], weights=v_x[on_dev], minlength=len(ridx))
+            d_lag = np.maximum(d_lag, np.abs(got - (dyn_split - (dyn_w if e_hold is not None else 0.0))))
         if noise is not None and noise.get("exposure") is not None:
-            noise["exposure"]["lag"] = d_lag
+            noise["exposure"]["lag"] = d_lag  # the truth anywhere between: a uniform spread's half-width
         else:
             spread = (spread[0], np.sqrt(spread[1] ** 2 + d_lag**2))
     spread = (*spread, s2, noise)
-    if lag_tau > 0:
-        # 5c. The modelled energy in the waits (the steps' tails, the waits' own terms, through the
-        #     lag), as it falls in time, to the steps other devices run meanwhile, the rest by time;
-        #     where nothing is in flight (the tail after the last step before idle) it is nobody's.
-        if len(w_st):
-            dyn_l, un_l = share_waits(in_waits)
-            dyn = dyn + dyn_l
-            un_t = un_t + un_l
-        un_t = un_t + (lag_total - float(e_step.sum()) - float(e_tail.sum()))
-        wait_j += float(e_tail.sum())
     extra: dict[str, Any] = {
         "steps": int(len(s_idx)),
         "model": model,
@@ -1700,8 +1684,8 @@ def _dyn_sd_components(dyn: np.ndarray, var: np.ndarray, noise: dict[str, Any], 
         # split inside each reading. Each measures the other's part: the larger holds the other.
         comp = np.maximum(comp, g2 * dyn**2)
     if "lag" in ex:
-        # an unseen electrical lag moves a request's energy to and from its neighbours' steps, as
-        # the steps' scatter does at the readings' edges: the larger of the two holds the other
+        # the fitted lag's own uncertainty moves a request's energy to and from its neighbours'
+        # steps (4d), as the steps' scatter does at the readings' edges: the larger holds the other
         comp = comp + np.maximum(ex["lag"] ** 2 / 3.0 - white, 0.0)
     out: np.ndarray = np.sqrt(var + comp)
     return out

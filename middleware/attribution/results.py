@@ -31,7 +31,8 @@ class StepModel:
     weight (prefill tokens per decoding request) and their work (tokens). ``lag_tau_s``: the
     electrical lag (first-order time constant, s) the readings were fitted through, 0 when
     none was chosen: a step's power rises and decays over it, so part of each step's
-    energy is drawn in the next step or wait (see :class:`wattspan.attribution.fit._Lagged`).
+    energy is drawn in the next step or wait, and the readings are deconvolved through it
+    to give that tail back to its step (see :class:`wattspan.attribution.fit._Lagged`).
     """
 
     coef: np.ndarray
