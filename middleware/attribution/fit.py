@@ -944,6 +944,7 @@ def _batch_fit(cum: _CumEnergy, trace: DeviceTrace, steps: Steps, s_idx: np.ndar
     sel_fams = None  # the families the selection chose among (None: FAMILIES)
     lag_tau = 0.0  # the electrical lag the readings are fitted through (s)
     lag_scores: dict[float, float] = {}  # held-out error of each lag tried (the lag's own uncertainty, for the band)
+    lag_fam: dict[str, tuple[int, ...]] | None = None  # the family fitted through the lag chosen (refitted for the band)
     held_wait = False  # the waits' terms under a given lag's constraints (_held_wait_select)
     if model is None:
         sel = select_family(A, y) if len(y) else None
@@ -1013,6 +1014,7 @@ def _batch_fit(cum: _CumEnergy, trace: DeviceTrace, steps: Steps, s_idx: np.ndar
                     with_waits, sel_steps, sel_fams = False, None, None
             if sel_l is not None and rows_l is not None and np.any(sel_l.coef):
                 sel, lag_tau = sel_l, tau
+                lag_fam = {sel_l.family: (sel_fams or FAMILIES)[sel_l.family]}
                 A, y, w_row, t_row, overlap, len_row = rows_l
                 # fitted through a given lag with the waits' terms: the refits below keep its constraints
                 held_wait = lag_s is not None and with_waits
@@ -1287,18 +1289,33 @@ def _batch_fit(cum: _CumEnergy, trace: DeviceTrace, steps: Steps, s_idx: np.ndar
     lag_band = _lag_interval(lag_scores, lag_tau, len(t_row)) if lag_tau > 0 and lag_s is None and w_drawn is not None else None
     if lag_band is not None:
         # 4d. The lag is known only as well as its held-out error tells it apart from its
-        #     neighbours: the deconvolution through either end of that interval, the same model,
-        #     is as likely; how far each request's share moves is a departure of the band.
+        #     neighbours: the model refitted through either end of that interval and the windows
+        #     deconvolved through it are as likely; how far each request's share of the steps
+        #     moves is a departure of the band.
+        def steps_split(coef_x: np.ndarray, w_x: np.ndarray) -> np.ndarray:
+            w_p = np.diff(F, axis=0) @ coef_x
+            ok_x = (w_p > 1e-12) & (w_x > 0)
+            c_x = np.concatenate(([0.0], np.cumsum(np.where(ok_x, w_x / np.where(ok_x, w_p, 1.0), 0.0) * np.diff(e_rel))))
+            e_x = (x @ coef_x[:nb]) / feats.dur * (np.interp(hi, e_rel, c_x) - np.interp(lo, e_rel, c_x))
+            if e_hold is not None and len(coef_x) > nb + 1:  # the J per wait, to the step before it (3b)
+                s_x = (np.interp(w_hi, e_rel, c_x) - np.interp(w_lo, e_rel, c_x)) / w_dur
+                e_x = e_x + np.bincount(by_end[k_prev[has]], weights=coef_x[nb + 1] * s_x[has], minlength=len(e_x))
+            v_x = e_x[e_s] * share
+            return np.bincount(e_r[on_dev], weights=v_x[on_dev], minlength=len(ridx))
+
+        base_split = steps_split(coef_fit, w_meas)
         d_lag = np.zeros(len(ridx))
         for tau_x in lag_band:
-            w_x = cast("np.ndarray", w_drawn) + tau_x * np.diff(_edge_power(cum, idle_curve, _with_lag(unlagged, tau_x), coef_fit, edges, rel, half_ns))
-            ok_x = (w_pred > 1e-12) & (w_x > 0)
-            sc_x = np.where(ok_x, w_x / np.where(ok_x, w_pred, 1.0), 0.0)
-            c_x = np.concatenate(([0.0], np.cumsum(sc_x * np.diff(e_rel))))
-            span_x = np.interp(hi, e_rel, c_x) - np.interp(lo, e_rel, c_x)
-            v_x = (step_power * span_x)[e_s] * share
-            got = np.bincount(e_r[on_dev], weights=v_x[on_dev], minlength=len(ridx))
-            d_lag = np.maximum(d_lag, np.abs(got - (dyn_split - (dyn_w if e_hold is not None else 0.0))))
+            lagged_x = _with_lag(unlagged, tau_x)
+            coef_x = coef_fit
+            rows_x = _fit_rows(cum, trace, lagged_x, idle_curve, a, b, rel) if lag_fam is not None else None
+            sel_x = select_family(rows_x[0], rows_x[1], families=lag_fam) if rows_x is not None and len(rows_x[1]) else None
+            if sel_x is not None and np.any(sel_x.coef):
+                coef_x = np.zeros(len(coef_fit))
+                n_c = min(len(coef_x), len(sel_x.coef))
+                coef_x[:n_c] = np.asarray(sel_x.coef, dtype=np.float64)[:n_c]
+            w_x = cast("np.ndarray", w_drawn) + tau_x * np.diff(_edge_power(cum, idle_curve, lagged_x, coef_x, edges, rel, half_ns))
+            d_lag = np.maximum(d_lag, np.abs(steps_split(coef_x, w_x) - base_split))
         if noise is not None and noise.get("exposure") is not None:
             noise["exposure"]["lag"] = d_lag  # the truth anywhere between: a uniform spread's half-width
         else:
