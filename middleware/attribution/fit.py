@@ -650,7 +650,7 @@ def _lag_interval(scores: dict[float, float], tau: float, n: int) -> tuple[float
     if len(near) < 3 or n < 1:
         return None
     x, y = np.array([p[0] for p in near]), np.array([p[1] for p in near])
-    c2, c1, c0 = np.polyfit(x, y, 2)
+    c2 = float(np.polyfit(x, y, 2)[0])
     if not c2 > 0:
         return None
     best = float(min(y))
