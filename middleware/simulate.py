@@ -15,7 +15,7 @@ conventions:
   to their tokens in it (prefill chunk size, or 1 per decode token);
 * the power held outside any step, while requests are in flight (a host gap), is shared
   equally by them; idle power at each instant is shared equally by the requests in flight;
-* the rest (idle while nothing is in flight, the sensor-free noise) is unattributed;
+* the rest (idle while nothing is in flight, the true power's white noise) is unattributed;
 
 so ``sum(request energy) + unattributed == total`` exactly.
 
@@ -430,11 +430,12 @@ def simulate_server(
 
     # ---- truth by the conventions (causal: a step's or a wait's dynamic energy is what it makes
     #      the board draw, its power over its own time; the lag only moves when that is drawn)
-    c_tot, c_idle = _cum_at(run, bounds)
+    _, c_idle = _cum_at(run, bounds)
     idle_seg = np.diff(c_idle)
     safe_n = np.maximum(in_flight, 1)
     idle_share = np.where(in_flight > 0, idle_seg / safe_n, 0.0)
-    gap_share = np.where((in_flight > 0) & ~in_step, target * (np.diff(bounds) * 1e-9) / safe_n, 0.0)
+    gap_j = np.where((in_flight > 0) & ~in_step, target * (np.diff(bounds) * 1e-9), 0.0)  # the power held in each wait
+    gap_share = gap_j / safe_n
     k0 = np.searchsorted(bounds, arrival_ns)
     k1 = np.searchsorted(bounds, end_ns)
     cs_idle = np.concatenate([[0.0], np.cumsum(idle_share)])
@@ -447,11 +448,11 @@ def simulate_server(
         r_dyn = r_dyn + np.bincount(f_req, weights=step_dyn[f_step] * f_tok / step_tok[f_step], minlength=n)
     truth = {ids[i]: {"energy_j": float(r_dyn[i] + r_idle[i]), "dynamic_j": float(r_dyn[i]), "idle_j": float(r_idle[i])}
              for i in range(n)}
-    # the rest of what the board drew: idle while nothing is in flight, and the sensor-free noise
+    # the rest of what the board drew: idle while nothing is in flight, and the true power's noise
     unattributed = run.total_j - float(r_dyn.sum() + r_idle.sum())
     object.__setattr__(run, "truth", truth)
     object.__setattr__(run, "truth_unattributed_j", unattributed)
-    object.__setattr__(run, "truth_wait_j", float((target * (np.diff(bounds) * 1e-9))[(in_flight > 0) & ~in_step].sum()))
+    object.__setattr__(run, "truth_wait_j", float(gap_j.sum()))
     return run
 
 

@@ -1148,44 +1148,61 @@ def _batch_fit(cum: _CumEnergy, trace: DeviceTrace, steps: Steps, s_idx: np.ndar
         fit_feats = unlagged = fit_feats.inner
     F = fit_feats.mass(rel(edges))
     w_pred = np.diff(F, axis=0) @ coef_fit
-    ok = (w_pred > 1e-12) & (w_meas > 0)
-    scale = np.where(ok, w_meas / np.where(ok, w_pred, 1.0), 0.0)
+    e_rel = rel(edges)
+
+    def window_scale(w_m: np.ndarray, w_p: np.ndarray) -> np.ndarray:
+        """Each window's measured over modelled energy (0 where either is nothing)."""
+        ok = (w_p > 1e-12) & (w_m > 0)
+        out: np.ndarray = np.where(ok, w_m / np.where(ok, w_p, 1.0), 0.0)
+        return out
+
+    def integral_of(sc: np.ndarray) -> _Rel:
+        """The integrated scale ``sc`` (per window) up to each time, t already clipped to the windows."""
+        c = np.concatenate(([0.0], np.cumsum(sc * np.diff(e_rel))))
+
+        def at(t: np.ndarray) -> np.ndarray:
+            k = np.searchsorted(e_rel, t, side="right")
+            k -= 1
+            np.clip(k, 0, len(sc) - 1, out=k)
+            out: np.ndarray = t - np.take(e_rel, k)  # c[k] + sc[k] * (t - e_rel[k]), in place
+            out *= np.take(sc, k)
+            out += np.take(c, k)
+            return out
+        return at
+
+    scale = window_scale(w_meas, w_pred)
+    ok = scale > 0  # the windows where both were something
     resid = w_meas - scale * w_pred  # nonzero only where nothing was predicted, or measured <= idle
 
     # 3. Each step's energy: its fitted power times the integrated scale over its span.
-    e_rel = rel(edges)
-    cum_scale = np.concatenate(([0.0], np.cumsum(scale * np.diff(e_rel))))
-
-    def scale_integral(t: np.ndarray) -> np.ndarray:  # t already clipped to [e_rel[0], e_rel[-1]]
-        k = np.searchsorted(e_rel, t, side="right")
-        k -= 1
-        np.clip(k, 0, len(scale) - 1, out=k)
-        out: np.ndarray = t - np.take(e_rel, k)  # cum_scale[k] + scale[k] * (t - e_rel[k]), in place
-        out *= np.take(scale, k)
-        out += np.take(cum_scale, k)
-        return out
-
+    scale_integral = integral_of(scale)
     lo = np.clip(rel(st_ns), e_rel[0], e_rel[-1])
     hi = np.clip(rel(en_ns), e_rel[0], e_rel[-1])
-    step_power = (x @ coef) / feats.dur  # W at scale 1
-    scale_span = scale_integral(hi) - scale_integral(lo)  # integrated scale over each step (s)
-    e_step = step_power * scale_span
-    e_hold = None  # the power held in each wait (J), scaled like the steps'
     if with_waits and np.any(coef_w):
-        # 3b. The waits' terms: the power held in a wait is the wait's (5b); the J per wait is the
-        #     electrical tail of the step before it, so that step's (a step's energy is all it
-        #     makes the board draw), or the wait's where no step came before it.
         w_lo = np.clip(rel(w_st), e_rel[0], e_rel[-1])
         w_hi = np.clip(rel(w_en), e_rel[0], e_rel[-1])
         w_dur = np.maximum(w_hi - w_lo, 1e-12)
-        s_wait = (scale_integral(w_hi) - scale_integral(w_lo)) / w_dur  # the mean scale over each wait
-        e_hold = coef_w[0] * w_dur * s_wait
-        e_jw = coef_w[1] * s_wait
         by_end = np.argsort(en_ns, kind="stable")
         k_prev = np.searchsorted(en_ns[by_end], w_st, side="right") - 1
         has = k_prev >= 0
-        e_step = e_step + np.bincount(by_end[k_prev[has]], weights=e_jw[has], minlength=len(e_step))
-        e_hold = e_hold + np.where(has, 0.0, e_jw)
+
+    def step_energy(coef_x: np.ndarray, at: _Rel) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Each step's energy (J) under the coefficients ``coef_x`` (the waits' terms after the
+        steps') and the integrated scale ``at``, the integrated scale over each step (s), and the
+        power held in each wait (J; None without the waits' terms). 3b: the J per wait is the
+        electrical tail of the step before it, so that step's (a step's energy is all it makes the
+        board draw), or the wait's where no step came before it; the power held in a wait is the
+        wait's (5b)."""
+        span = at(hi) - at(lo)
+        e = (x @ coef_x[:nb]) / feats.dur * span
+        if not (with_waits and np.any(coef_x[nb:nb + 2])):
+            return e, span, None
+        s_wait = (at(w_hi) - at(w_lo)) / w_dur  # the mean scale over each wait
+        e_jw = coef_x[nb + 1] * s_wait
+        e = e + np.bincount(by_end[k_prev[has]], weights=e_jw[has], minlength=len(e))
+        return e, span, coef_x[nb] * w_dur * s_wait + np.where(has, 0.0, e_jw)
+
+    e_step, scale_span, e_hold = step_energy(coef_fit, scale_integral)
 
     # 4. Steps to requests by tokens; entries' request indices map into ridx order.
     # (one device: every request and step is this device's, in order, so the maps are the identity
@@ -1293,14 +1310,7 @@ def _batch_fit(cum: _CumEnergy, trace: DeviceTrace, steps: Steps, s_idx: np.ndar
         #     deconvolved through it are as likely; how far each request's share of the steps
         #     moves is a departure of the band.
         def steps_split(coef_x: np.ndarray, w_x: np.ndarray) -> np.ndarray:
-            w_p = np.diff(F, axis=0) @ coef_x
-            ok_x = (w_p > 1e-12) & (w_x > 0)
-            c_x = np.concatenate(([0.0], np.cumsum(np.where(ok_x, w_x / np.where(ok_x, w_p, 1.0), 0.0) * np.diff(e_rel))))
-            e_x = (x @ coef_x[:nb]) / feats.dur * (np.interp(hi, e_rel, c_x) - np.interp(lo, e_rel, c_x))
-            if e_hold is not None and len(coef_x) > nb + 1:  # the J per wait, to the step before it (3b)
-                s_x = (np.interp(w_hi, e_rel, c_x) - np.interp(w_lo, e_rel, c_x)) / w_dur
-                e_x = e_x + np.bincount(by_end[k_prev[has]], weights=coef_x[nb + 1] * s_x[has], minlength=len(e_x))
-            v_x = e_x[e_s] * share
+            v_x = step_energy(coef_x, integral_of(window_scale(w_x, np.diff(F, axis=0) @ coef_x)))[0][e_s] * share
             return np.bincount(e_r[on_dev], weights=v_x[on_dev], minlength=len(ridx))
 
         base_split = steps_split(coef_fit, w_meas)
