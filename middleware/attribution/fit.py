@@ -1178,7 +1178,7 @@ def _batch_fit(cum: _CumEnergy, trace: DeviceTrace, steps: Steps, s_idx: np.ndar
     scale_integral = integral_of(scale)
     lo = np.clip(rel(st_ns), e_rel[0], e_rel[-1])
     hi = np.clip(rel(en_ns), e_rel[0], e_rel[-1])
-    if with_waits and np.any(coef_w):
+    if with_waits:  # the waits' geometry, for any coefficients with waits' terms (step_energy)
         w_lo = np.clip(rel(w_st), e_rel[0], e_rel[-1])
         w_hi = np.clip(rel(w_en), e_rel[0], e_rel[-1])
         w_dur = np.maximum(w_hi - w_lo, 1e-12)
