@@ -77,3 +77,13 @@ def time_sinks(meter) -> dict[str, int]:
                 sink_ns[_name] = sink_ns.get(_name, 0) + time.thread_time_ns() - t
         sink.on_records = timed
     return sink_ns
+
+
+def band_made_of(parts, top: int = 2) -> str:
+    """The ``top`` sources holding most of a band's variance: ``parts`` are devices' ``band_parts``
+    (each source's mean share of its requests' band variance), averaged with equal weight."""
+    parts = [p for p in parts if p]
+    if not parts:
+        return "-"
+    mean = {k: sum(p.get(k, 0.0) for p in parts) / len(parts) for k in {k for p in parts for k in p}}
+    return ", ".join(f"{k} {v * 100:.0f} %" for k, v in sorted(mean.items(), key=lambda kv: -kv[1])[:top])

@@ -70,10 +70,11 @@ def simulated(seeds: int, duration_s: float, laws=None, sensors=SENSORS, seed_of
     """Per-request errors for every law x sensor cell, pooled over ``seeds`` scenarios
     (seeds ``seed_offset`` .. ``seed_offset + seeds - 1``: an offset checks on runs the record does not use).
 
-    Returns ``{(law, sensor): {"fit", "naive", "inside", "family", "window_s", "factor", "by_scenario"}}``:
+    Returns ``{(law, sensor): {"fit", "naive", "inside", "family", "window_s", "factor", "band_parts", "by_scenario"}}``:
     relative errors of batch-fit and of the naive split, whether the truth fell inside the band, the
     winning step-model family and window of each run, per run the factor its half-widths would need
-    to cover 90 % of its requests, and ``inside`` again per scenario (index into ``SCENARIOS``)."""
+    to cover 90 % of its requests, each run's ``band_parts`` (what its bands are made of), and ``inside``
+    again per scenario (index into ``SCENARIOS``)."""
     laws = laws or list(LAWS)
     out: dict = {}
     for law in laws:
@@ -82,7 +83,7 @@ def simulated(seeds: int, duration_s: float, laws=None, sensors=SENSORS, seed_of
             for name in sensors:
                 trace = sense(run, name, seed=100 + seed)
                 res = attribute([trace], req, steps)
-                cell = out.setdefault((law, name), {"fit": [], "naive": [], "inside": [], "family": [], "window_s": [], "factor": [],
+                cell = out.setdefault((law, name), {"fit": [], "naive": [], "inside": [], "family": [], "window_s": [], "factor": [], "band_parts": [],
                                                     "by_scenario": {}})
                 cell["fit"].append(_err(res.energy_j, truth))
                 cell["naive"].append(_err(attribute([trace], req).energy_j, truth))
@@ -95,6 +96,7 @@ def simulated(seeds: int, duration_s: float, laws=None, sensors=SENSORS, seed_of
                 d = next(iter(res.devices.values()))
                 cell["family"].append(d.model.family if d.model else "-")
                 cell["window_s"].append(d.window_s)
+                cell["band_parts"].append(d.band_parts or {})
     for cell in out.values():
         for k in ("fit", "naive", "inside"):
             cell[k] = np.concatenate(cell[k]) if cell[k] else np.zeros(0, dtype=bool)
@@ -872,15 +874,17 @@ def _cov(x: np.ndarray) -> str:
 
 
 def simulated_table(sim: dict) -> list[str]:
+    from benchmarks._common import band_made_of
+
     lines = [
-        "| law | sensor | requests | batch-fit median | batch-fit p95 | band coverage | naive p95 | step model (per scenario) | window s |",
-        "|---|---|---:|---:|---:|---:|---:|---|---|",
+        "| law | sensor | requests | batch-fit median | batch-fit p95 | band coverage | naive p95 | step model (per scenario) | window s | band made of |",
+        "|---|---|---:|---:|---:|---:|---:|---|---|---|",
     ]
     for (law, sensor), c in sim.items():
         fam = ", ".join(c["family"])
         win = ", ".join(f"{w:.3g}" for w in c["window_s"])
         lines.append(f"| {law} | `{sensor}` | {len(c['fit']):,} | {_pct(c['fit'], 0.5)} | {_pct(c['fit'], 0.95)} | {_cov(c['inside'])} | "
-                     f"{_pct(c['naive'], 0.95)} | {fam} | {win} |")
+                     f"{_pct(c['naive'], 0.95)} | {fam} | {win} | {band_made_of(c.get('band_parts', []))} |")
     return lines
 
 

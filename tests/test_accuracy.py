@@ -58,6 +58,11 @@ def test_every_law_with_fine_and_coarse_sensors_small_matrix():
         assert 0.6 <= c["inside"].mean() <= 1.0, (law, sensor, c["inside"].mean())
     lines = accuracy.worst_table(sim)
     assert len(lines) == 2 + len(sensors)
+    from wattspan.attribution.fit import BAND_PARTS
+
+    for row in accuracy.simulated_table(sim)[2:]:  # each cell names what its bands are made of
+        made_of = row.rstrip(" |").rsplit("|", 1)[-1].strip()
+        assert made_of.split(" ")[0] in BAND_PARTS and made_of.endswith("%"), row
 
 
 def test_scenario_table_splits_a_cell_by_scenario():

@@ -140,6 +140,8 @@ def test_cli_attribute_writes_bands_and_the_model(tmp_path, sim):
     route = s["routes"]["/v1/completions"]
     assert route["energy_j_low"] < route["energy_j"] < route["energy_j_high"]
     assert "step model" in p.stdout and "window" in p.stdout
+    parts = s["devices"]["gpu0"]["band_parts"]  # what the bands are made of, in the summary and on screen
+    assert abs(sum(parts.values()) - 1.0) < 1e-3 and "band from " in p.stdout
 
 
 def test_band_components_are_fitted_on_requests_and_reported(sim):
@@ -153,6 +155,54 @@ def test_band_components_are_fitted_on_requests_and_reported(sim):
     assert nz["units"] >= 20
     assert min(nz[k] for k in parts) >= 0 and sum(nz[k] for k in parts) > 0
     json.dumps(nz)  # the CLI summary carries it
+
+
+def _parts_sum(parts: dict, n: int) -> np.ndarray:
+    return sum(np.broadcast_to(np.asarray(v, dtype=float), (n,)) for v in parts.values())
+
+
+def test_band_parts_add_up_to_each_request_s_variance_on_every_path():
+    """`_dyn_half_width`'s parts are the band's variance taken apart: they sum to its square, whichever
+    error model the run has (none fitted, the separated components with the held-out groups and a
+    lag, the held-out groups and the steps' scatter alone)."""
+    from wattspan.attribution.fit import BAND_PARTS, _dyn_half_width
+
+    n = 5
+    rng = np.random.default_rng(1)
+    dyn, sd, dep, s2 = (rng.uniform(0.5, 3.0, n) for _ in range(4))
+    starts = np.arange(n, dtype=np.int64) * S
+    ends = starts + rng.integers(S // 10, 3 * S, n)
+    groups = {1: 0.05, 2: 0.03, 4: 0.02}
+    ex = {"white": rng.uniform(0.0, 0.2, n), "psi": rng.uniform(0.0, 0.5, n), "lag": rng.uniform(0.0, 1.0, n)}
+    models = [
+        ({"model": None}, None),
+        ({}, {"misfit_var": 0.002, "request_var": 0.001, "exposure": ex, "groups": groups, "spacing_ns": 1e8,
+              "sensor_rel": 1e-4, "edge_rel": 1e-5, "reading_s": 0.1}),
+        ({}, {"groups": groups, "spacing_ns": 1e8, "step_var": 0.01, "reading_ns": 1e8, "window_ns": 1e9, "step_ns": 1e7}),
+    ]
+    for extra, noise in models:
+        parts: dict = {}
+        got = _dyn_half_width(dyn, (sd, dep, s2, noise), starts, ends, extra, parts)
+        assert set(parts) <= set(BAND_PARTS) and len(parts) >= 3
+        assert np.allclose(_parts_sum(parts, n), got**2)
+        every_other: dict = {}  # taken apart on every other request: the same parts there
+        _dyn_half_width(dyn, (sd, dep, s2, noise), starts, ends, extra, every_other, slice(None, None, 2))
+        assert set(every_other) == set(parts) and all(np.allclose(every_other[k], np.broadcast_to(parts[k], (n,))[::2]) for k in parts)
+
+
+def test_band_parts_say_what_each_sensor_s_bands_are_made_of(sim):
+    """A run's band_parts are shares (summing to 1) of what its requests' bands are made of. With 1 ms
+    readings the steps are seen one by one, so the idle baseline's error is more of the band than
+    under 1 s averages, and only readings that fine carry the fitted lag's own uncertainty."""
+    from wattspan.attribution.fit import BAND_PARTS
+
+    run, req, steps, _ = sim
+    bp = {s: attribute([sense(run, s, seed=2)], req, steps).devices["gpu0"].band_parts for s in ("ideal-1ms", "average-1s")}
+    for parts in bp.values():
+        assert parts and set(parts) <= set(BAND_PARTS) and abs(sum(parts.values()) - 1.0) < 1e-3
+        assert all(0.0 < v <= 1.0 for v in parts.values())
+    assert bp["ideal-1ms"]["idle"] > bp["average-1s"]["idle"]
+    assert "lag" in bp["ideal-1ms"] and "lag" not in bp["average-1s"]
 
 
 def test_band_narrows_with_a_finer_sensor_and_covers_the_truth():

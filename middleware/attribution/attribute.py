@@ -46,7 +46,7 @@ import numpy as np
 from ..devices import device_key
 from ..samples import DeviceTrace, SampleKind
 from .energy import _CumEnergy, _Piecewise, _lead_ns
-from .fit import _IDLE_REL, _Segments, _Z90, _batch_fit, _dyn_half_width, _fit_idle, _prefer_power, _quality
+from .fit import BAND_PARTS, _IDLE_REL, _Segments, _Z90, _batch_fit, _dyn_half_width, _fit_idle, _prefer_power, _quality
 from .idle import _busy_intervals, _estimate_idle, idle_rel_sd
 from .inputs import Requests, Steps, _NS, check_board_lag, check_trace
 from .reconcile import _conserve
@@ -229,13 +229,19 @@ def _attribute_devices(
         # baseline set too high) is not a request's saving: it stays unattributed.
         dyn = np.maximum(dyn, 0.0)
         dyn, idle_share = _conserve(measured, dyn, idle_share)
+        parts: dict[str, np.ndarray] = {}
+        take = slice(None, None, max(1, len(dyn) // _PARTS_SAMPLE))  # the requests the band is taken apart on
         if len(s_idx):
-            hd = _dyn_half_width(dyn, spread, starts, ends, summary_extra)
+            hd = _dyn_half_width(dyn, spread, starts, ends, summary_extra, parts, take)
             if dev_quality == "misfit" and "misfit_var" not in (summary_extra.get("noise") or {}):
                 # the model explains little of what the sensor saw: the split inside each
                 # window is uncertain by the share it leaves unexplained
                 r2 = summary_extra["model"].cv_r2 if summary_extra.get("model") is not None else math.nan
-                hd = np.maximum(hd, (1.0 - (max(r2, 0.0) if math.isfinite(r2) else 0.0)) * dyn)
+                floor = (1.0 - (max(r2, 0.0) if math.isfinite(r2) else 0.0)) * dyn
+                bind = floor[take] > hd[take]
+                parts = {k: np.where(bind, 0.0, v) for k, v in parts.items()}
+                parts["misfit"] = np.where(bind, floor[take] ** 2, 0.0)
+                hd = np.maximum(hd, floor)
             half_dyn[rsel] = hd if all_fit else np.where(is_fit, hd, dyn)
             quality[rsel] = dev_quality if all_fit else np.array(["coarse", dev_quality], dtype=object)[is_fit.astype(np.intp)]
         else:
@@ -251,6 +257,9 @@ def _attribute_devices(
             rel_idle = fit_rel  # the intercept's own spread: the device never idled
         k_id = float(idle_share.sum() / dyn.sum()) if len(s_idx) and float(dyn.sum()) > 0 else 0.0
         half_idle[rsel] = (_IDLE_REL if rel_idle is None else rel_idle) * np.abs(idle_share - k_id * dyn)
+        if parts:
+            parts["idle"] = half_idle[rsel][take] ** 2
+            summary_extra["band_parts"] = band_parts(parts, None if all_fit else is_fit[take])
         dynamic[rsel] += dyn
         idle[rsel] += idle_share
         dev_s[rsel] += dev_time
@@ -279,6 +288,31 @@ def _attribute_devices(
     low = np.maximum(energy - half, 0.0)
     high = energy + half
     return Attribution(requests, energy, dynamic, idle, dev_s, coverage, method, summaries, low, high, quality)
+
+
+_PARTS_SAMPLE = 65_536  # requests a device's band_parts are averaged over, at most (every k-th)
+
+
+def band_parts(parts: dict[str, np.ndarray], mask: np.ndarray | None = None) -> dict[str, float]:
+    """What a device's bands are made of: for each source (:data:`wattspan.attribution.fit.BAND_PARTS`),
+    its share of a request's band variance, averaged over the requests (``mask``: those the
+    parts are for); the shares sum to 1 (to four decimals). Sources under 0.005 % are left out."""
+    n = max((np.size(v) for v in parts.values()), default=0)
+    if n == 0:
+        return {}
+    arrs = {k: np.broadcast_to(np.asarray(v, dtype=np.float64), (n,)) for k, v in parts.items()}
+    tot = np.zeros(n)
+    for v in arrs.values():
+        tot += v
+    ok: np.ndarray = tot > 0
+    if mask is not None:
+        ok &= mask
+    m = int(ok.sum())
+    if m == 0:
+        return {}
+    share = {k: float(np.sum(v[ok] / tot[ok])) / m for k, v in arrs.items()}
+    rounded = {k: round(share.get(k, 0.0), 4) for k in BAND_PARTS}
+    return {k: v for k, v in rounded.items() if v > 0}
 
 
 def _obj_full(n: int, value: str) -> np.ndarray:

@@ -1615,18 +1615,25 @@ def _quality(extra: dict[str, Any]) -> str:
     return "coarse" if nz.get("reading_ns", 0.0) > 25e6 else "good"
 
 
-def _dyn_half_width(dyn: np.ndarray, spread: _Spread, starts: np.ndarray, ends: np.ndarray, extra: dict[str, Any]) -> np.ndarray:
-    """One standard deviation (J) of each batch-fit request's dynamic energy (see the README)."""
+def _dyn_half_width(dyn: np.ndarray, spread: _Spread, starts: np.ndarray, ends: np.ndarray, extra: dict[str, Any],
+                    parts: dict[str, np.ndarray] | None = None, take: slice = slice(None)) -> np.ndarray:
+    """One standard deviation (J) of each batch-fit request's dynamic energy (see the README).
+    ``parts``, if given, is filled with what each source adds to the variance (J^2) of the
+    requests ``take`` picks; they sum to the square of the result there (see :data:`BAND_PARTS`)."""
     sd, dep, s2, noise = spread
     # the truth could lie anywhere between the chosen model and a close runner-up: a
     # uniform spread over +-dep has standard deviation dep / sqrt(3)
     var = sd**2 + dep**2 / 3.0
+    if parts is not None:
+        parts["coefficients"], parts["families"] = sd[take] ** 2, dep[take] ** 2 / 3.0
     if noise is None:
         cv = extra["model"].cv_error if extra.get("model") is not None else math.nan
         rel_sd = cv if math.isfinite(cv) else 0.25
+        if parts is not None:
+            parts["held-out"] = (rel_sd * dyn[take]) ** 2
         return np.sqrt(var + (rel_sd * dyn) ** 2)
     if noise.get("exposure") is not None:
-        return _dyn_sd_components(dyn, var, noise, _group_var(noise, ends - starts))
+        return _dyn_sd_components(dyn, var, noise, _group_var(noise, ends - starts), parts, take)
     sig_i = _group_sigma(dyn, starts, ends, noise)
     life = np.maximum((ends - starts).astype(np.float64), 1.0)
     # A request shorter than a reading is placed inside it by the model alone.
@@ -1637,9 +1644,23 @@ def _dyn_half_width(dyn: np.ndarray, spread: _Spread, starts: np.ndarray, ends: 
     u = np.maximum(np.minimum(1.0, noise["reading_ns"] / life), u_w)
     # the held-out groups already hold the steps' scatter at their scale: the step term adds
     # only where it says more (a request whose energy sits in a few steps)
-    var = var + np.maximum((sig_i * dyn) ** 2, noise["step_var"] * s2 * u)
+    g, st = (sig_i * dyn) ** 2, noise["step_var"] * s2 * u
+    if parts is not None:
+        g_t, st_t = g[take], st[take]
+        parts["groups"], parts["white"] = np.where(g_t >= st_t, g_t, 0.0), np.where(g_t >= st_t, 0.0, st_t)
+    var = var + np.maximum(g, st)
     out: np.ndarray = np.sqrt(var)
     return out
+
+
+#: what a request's band is made of (:func:`_dyn_half_width`'s ``parts``, then the idle baseline's):
+#: the step model's coefficients (their block bootstrap), the close runner-up families' split,
+#: the misfit that persists over a lifetime (common to all in flight, the request's own), the
+#: white scatter (the steps' own, the sensor's through its windows), the held-out runs of readings
+#: as long as the request where they say more, the fitted lag's own uncertainty, the model's
+#: held-out error where no error model could be fitted or where it explains little (``misfit``),
+#: and the idle baseline's error
+BAND_PARTS = ("coefficients", "families", "persistent", "white", "groups", "lag", "held-out", "misfit", "idle")
 
 
 def _group_sigma(dyn: np.ndarray, starts: np.ndarray, ends: np.ndarray, noise: dict[str, Any]) -> np.ndarray:
@@ -1696,12 +1717,15 @@ def _group_var(noise: dict[str, Any], life_ns: np.ndarray) -> np.ndarray | None:
 _PER_OCTAVE = 64  # the group term's table: points per doubling of a lifetime
 
 
-def _dyn_sd_components(dyn: np.ndarray, var: np.ndarray, noise: dict[str, Any], g2: np.ndarray | None = None) -> np.ndarray:
+def _dyn_sd_components(dyn: np.ndarray, var: np.ndarray, noise: dict[str, Any], g2: np.ndarray | None = None,
+                       parts: dict[str, np.ndarray] | None = None, take: slice = slice(None)) -> np.ndarray:
     """One standard deviation (J) of each request's dynamic energy from the separated components
-    (see :func:`_request_components`); ``var``: the coefficients' own spread."""
+    (see :func:`_request_components`); ``var``: the coefficients' own spread; ``parts`` as
+    :func:`_dyn_half_width`'s."""
     ex = noise["exposure"]
     white = ex["white"]
-    comp = (noise["misfit_var"] + noise["request_var"]) * (dyn * (1.0 - ex["psi"])) ** 2 + white
+    pers = (noise["misfit_var"] + noise["request_var"]) * (dyn * (1.0 - ex["psi"])) ** 2
+    comp = pers + white
     if g2 is not None:
         # what the held-out groups of readings as long as the request say its stretch of
         # the sensor's readings is off by, the split inside each reading included, less the
@@ -1709,11 +1733,22 @@ def _dyn_sd_components(dyn: np.ndarray, var: np.ndarray, noise: dict[str, Any], 
         # residuals the components above are fitted on (a misfit common to all in flight, the
         # requests' own, the steps' scatter), summed over whole readings; the groups add the
         # split inside each reading. Each measures the other's part: the larger holds the other.
-        comp = np.maximum(comp, g2 * dyn**2)
+        g = g2 * dyn**2
+        if parts is not None:
+            g_t, pers_t, white_t = g[take], pers[take], np.broadcast_to(white, dyn.shape)[take]
+            held = g_t > pers_t + white_t
+            parts["persistent"], parts["white"], parts["groups"] = (np.where(held, 0.0, pers_t), np.where(held, 0.0, white_t),
+                                                                    np.where(held, g_t, 0.0))
+        comp = np.maximum(comp, g)
+    elif parts is not None:
+        parts["persistent"], parts["white"] = pers[take], np.broadcast_to(white, dyn.shape)[take]
     if "lag" in ex:
         # the fitted lag's own uncertainty moves a request's energy to and from its neighbours'
         # steps (4d), as the steps' scatter does at the readings' edges: the larger holds the other
-        comp = comp + np.maximum(ex["lag"] ** 2 / 3.0 - white, 0.0)
+        lag = np.maximum(ex["lag"] ** 2 / 3.0 - white, 0.0)
+        if parts is not None:
+            parts["lag"] = np.broadcast_to(lag, dyn.shape)[take]
+        comp = comp + lag
     out: np.ndarray = np.sqrt(var + comp)
     return out
 

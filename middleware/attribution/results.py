@@ -104,6 +104,9 @@ class DeviceSummary:
     band_rel: float = math.nan  # 90 % relative error of one held-out reading's dynamic energy
     quality: str = ""  # good | coarse | misfit (batch-fit only)
     noise: dict[str, Any] | None = None  # the held-out error model behind the bands (see _noise_model)
+    #: what the bands are made of: each source's share of a request's band variance, averaged over the
+    #: batch-fit requests (wattspan.attribution.fit.BAND_PARTS; the shares sum to 1)
+    band_parts: dict[str, float] | None = None
     wait_j: float = 0.0  # fitted dynamic energy while waiting between the device's steps (the other stages' steps', else by time)
 
     def as_dict(self) -> dict[str, Any]:

@@ -261,6 +261,10 @@ def print_summary(summary: dict[str, Any], file: TextIO = sys.stdout) -> None:
         if m and m.get("family"):
             fit += (f"\n  step model {m['family']} (held-out error {m['cv_error'] * 100:.1f} %, r2 {m['cv_r2']:.2f}: {m['why']});"
                     f" window {d.get('window_s', float('nan')):.3g} s; quality {d.get('quality') or '-'}")
+        bp = d.get("band_parts")
+        if bp:
+            top = sorted(bp.items(), key=lambda kv: -kv[1])[:3]
+            fit += "\n  band from " + ", ".join(f"{k} {v * 100:.0f} %" for k, v in top) + " (its variance, mean share over requests)"
         w(f"{dev}: {d['method']} via {d['sensor']}, idle {d['idle_w']:.1f} W ({d['idle_source']}){fit}\n")
     w(f"{'route':<28}{'requests':>9}{'energy J':>12}{'J/1k req':>12}{'gCO2e':>10}{'g/1k req':>10}\n")
     for route, d in sorted(summary["routes"].items()):
