@@ -826,6 +826,26 @@ def _a100_bench():
 DATA = ROOT.parent / "shared" / "data"
 
 
+def _scatter_w(rec, tr, a: int, b: int) -> float:
+    """The sensor's scatter about the meter over a steady stretch ``[a, b]`` (ns), in W: the standard
+    deviation, about its mean (the calibration offset), of each new value less the meter's mean power
+    over what the value stands for (the 1 s before it for an average, else the time since the last
+    new value). What the fit sees as a reading's white noise; NaN on under 5 values."""
+    t, v = tr.t_ns, tr.power_w
+    new = np.concatenate(([False], np.diff(v) != 0))
+    back = np.full(len(t), tr.window_ns, dtype=np.int64) if tr.window_ns else np.diff(t, prepend=t[0])
+    lo_t = t - back
+    i = np.flatnonzero(new & (lo_t >= a) & (t <= b) & (back > 0))
+    if len(i) < 5:
+        return float("nan")
+    m = np.asarray(rec.meter_energy_j(lo_t[i], t[i])) / ((t[i] - lo_t[i]) * 1e-9)
+    return float(np.std(v[i] - m))
+
+
+def _w(x: float) -> str:
+    return f"{x:.2f} W" if math.isfinite(x) else "-"
+
+
 def real_steps(data: Path = DATA) -> list[dict]:
     """Each step-response recording (one ~6 s load step beside an external meter), each of its
     nvidia-smi power columns as the sensor: the load window as one request with one batch step.
@@ -856,6 +876,8 @@ def real_steps(data: Path = DATA) -> list[dict]:
             rows.append({"gpu": gpu, "column": name, "truth_j": truth, "fit_err": e / truth - 1,
                          "naive_err": float(naive.energy_j[0]) / truth - 1, "offset_load": off_load, "offset_idle": off_idle,
                          "fit_err_offset_removed": e / (truth * (1 + off_load)) - 1,
+                         "scatter_idle_w": _scatter_w(rec, tr, int(max(rec.meter_t_ns[0], t[0])), int(on - 5 * 10**7)),
+                         "scatter_load_w": _scatter_w(rec, tr, int(on + 10**9), int(off)), "load_w": m_load,
                          "band": (float(fit.energy_j_low[0]) / truth - 1, float(fit.energy_j_high[0]) / truth - 1)})
     return rows
 
@@ -1069,14 +1091,19 @@ def main() -> None:
             "Whole-window energy error against the meter; the sensor's calibration offset (its mean against the meter's,",
             "at steady load and at idle) reported apart: attribution cannot fix a sensor that reads 5 % low. \"after offset\"",
             "divides the offset at load out: the part of the error the attribution itself adds (lag, averaging, idle).",
+            "Scatter: the standard deviation, about the offset, of each new value less the meter's mean over what it stands",
+            "for (the second before it for an average, else the time since the last new value), on the 1 s of idle the meter",
+            "saw before the step (`-`: fewer than five values) and at steady load (from 1 s after it): a reading's white",
+            "noise as the fit sees it, in W and as a share of the load.",
             "",
-            "| GPU | sensor column | batch-fit error | time-overlap error | offset at load | offset at idle | batch-fit error after offset | 90 % band |",
-            "|---|---|---:|---:|---:|---:|---:|---|",
+            "| GPU | sensor column | batch-fit error | time-overlap error | offset at load | offset at idle | batch-fit error after offset | 90 % band | scatter at idle, at load |",
+            "|---|---|---:|---:|---:|---:|---:|---|---:|",
         ]
         for r in real_steps():
             lines.append(f"| {r['gpu']} | `{r['column']}` | {r['fit_err'] * 100:+.1f} % | {r['naive_err'] * 100:+.1f} % | "
                          f"{r['offset_load'] * 100:+.1f} % | {r['offset_idle'] * 100:+.1f} % | {r['fit_err_offset_removed'] * 100:+.1f} % | "
-                         f"{r['band'][0] * 100:+.1f} % .. {r['band'][1] * 100:+.1f} % |")
+                         f"{r['band'][0] * 100:+.1f} % .. {r['band'][1] * 100:+.1f} % | "
+                         f"{_w(r['scatter_idle_w'])}, {_w(r['scatter_load_w'])} ({r['scatter_load_w'] / r['load_w'] * 100:.2f} %) |")
         lines += ["", "### How often the reported power changes (refresh-rate recordings, no meter)", "",
                   "| GPU | column | poll interval ms | value changes every ms |", "|---|---|---:|---:|"]
         for gpu, cols in refresh().items():

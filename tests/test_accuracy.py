@@ -87,6 +87,9 @@ def test_real_step_responses_of_other_gpus():
     assert -0.07 < a100["offset_load"] < -0.03  # this A100's sensor reads ~5 % low against the meter
     for key in (("A100 PCIe", "power.draw.instant"), ("Tesla K40m", "power.draw"), ("RTX A5000", "power.draw.instant")):
         assert abs(rows[key]["fit_err_offset_removed"]) < 0.02, key
+    for r in rows.values():  # each reading's scatter about the meter: watts, well under the load
+        assert 0.0 < r["scatter_load_w"] < 0.05 * r["load_w"], (r["gpu"], r["column"], r["scatter_load_w"])
+    assert 0.0 < a100["scatter_idle_w"] < a100["scatter_load_w"]  # it grows with the power drawn
     refresh = accuracy.refresh()
     assert 90 < refresh["A100 PCIe"]["power.draw.instant"]["change_ms"] < 110
     assert 15 < refresh["Tesla V100"]["power.draw"]["change_ms"] < 25
