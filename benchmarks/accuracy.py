@@ -829,17 +829,16 @@ DATA = ROOT.parent / "shared" / "data"
 def _scatter_w(rec, tr, a: int, b: int) -> float:
     """The sensor's scatter about the meter over a steady stretch ``[a, b]`` (ns), in W: the standard
     deviation, about its mean (the calibration offset), of each new value less the meter's mean power
-    over what the value stands for (the 1 s before it for an average, else the time since the last
+    over what the value stands for (the 1 s before it for an average, else the time since the previous
     new value). What the fit sees as a reading's white noise; NaN on under 5 values."""
-    t, v = tr.t_ns, tr.power_w
-    new = np.concatenate(([False], np.diff(v) != 0))
-    back = np.full(len(t), tr.window_ns, dtype=np.int64) if tr.window_ns else np.diff(t, prepend=t[0])
-    lo_t = t - back
-    i = np.flatnonzero(new & (lo_t >= a) & (t <= b) & (back > 0))
-    if len(i) < 5:
+    i = np.flatnonzero(np.diff(tr.power_w) != 0) + 1  # the polls that brought a new value
+    t, v = tr.t_ns[i], tr.power_w[i]
+    lo_t = t - tr.window_ns if tr.window_ns else np.concatenate(([t[0]], t[:-1]))  # the last new value's time
+    ok = (lo_t >= a) & (t <= b) & (t > lo_t)
+    if ok.sum() < 5:
         return float("nan")
-    m = np.asarray(rec.meter_energy_j(lo_t[i], t[i])) / ((t[i] - lo_t[i]) * 1e-9)
-    return float(np.std(v[i] - m))
+    m = np.asarray(rec.meter_energy_j(lo_t[ok], t[ok])) / ((t[ok] - lo_t[ok]) * 1e-9)
+    return float(np.std(v[ok] - m))
 
 
 def _w(x: float) -> str:
@@ -1092,7 +1091,7 @@ def main() -> None:
             "at steady load and at idle) reported apart: attribution cannot fix a sensor that reads 5 % low. \"after offset\"",
             "divides the offset at load out: the part of the error the attribution itself adds (lag, averaging, idle).",
             "Scatter: the standard deviation, about the offset, of each new value less the meter's mean over what it stands",
-            "for (the second before it for an average, else the time since the last new value), on the 1 s of idle the meter",
+            "for (the second before it for an average, else the time since the previous new value), on the 1 s of idle the meter",
             "saw before the step (`-`: fewer than five values) and at steady load (from 1 s after it): a reading's white",
             "noise as the fit sees it, in W and as a share of the load.",
             "",

@@ -89,7 +89,8 @@ def test_real_step_responses_of_other_gpus():
         assert abs(rows[key]["fit_err_offset_removed"]) < 0.02, key
     for r in rows.values():  # each reading's scatter about the meter: watts, well under the load
         assert 0.0 < r["scatter_load_w"] < 0.05 * r["load_w"], (r["gpu"], r["column"], r["scatter_load_w"])
-    assert 0.0 < a100["scatter_idle_w"] < a100["scatter_load_w"]  # it grows with the power drawn
+    # the A100's instant value is a fraction of a watt off the meter, idle or loaded: far under the simulators' 1-2 %
+    assert 0.0 < a100["scatter_idle_w"] < 1.0 and a100["scatter_load_w"] < 0.005 * a100["load_w"]
     refresh = accuracy.refresh()
     assert 90 < refresh["A100 PCIe"]["power.draw.instant"]["change_ms"] < 110
     assert 15 < refresh["Tesla V100"]["power.draw"]["change_ms"] < 25
