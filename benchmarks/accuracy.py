@@ -1042,7 +1042,9 @@ def main() -> None:
         *worst_table(sim),
         "",
         f"Over every cell, {np.concatenate([c['inside'] for c in sim.values()]).mean() * 100:.1f} % of request-cells lie inside their 90 % band; "
-        f"{sum(85 <= c['inside'].mean() * 100 <= 95 for c in sim.values())} of {len(sim)} cells are within 85-95 %. "
+        f"{sum(85 <= c['inside'].mean() * 100 <= 95 for c in sim.values())} of {len(sim)} cells are within 85-95 % "
+        f"({sum(c['inside'].mean() * 100 < 85 for c in sim.values())} below: too narrow; "
+        f"{sum(c['inside'].mean() * 100 > 95 for c in sim.values())} above: wider than it needs to be). "
         f"Run by run, the factor a run's half-widths would need to cover 90 % of its requests spans "
         f"{min(f for c in sim.values() for f in c['factor']):.2f}-{max(f for c in sim.values() for f in c['factor']):.2f} "
         f"(median {float(np.median([f for c in sim.values() for f in c['factor']])):.2f}; 1.00 is calibrated).",

@@ -73,6 +73,21 @@ class DeviceInfo:
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
 
+_SPAN_LIMIT_NS = 1 << 60  # a trace's first to last reading, at most (36 years): attribution tags times in two low bits
+_NS_PER_YEAR = 365.25 * 86400e9
+
+
+def trace_times_problem(t_ns: np.ndarray) -> tuple[int, str] | None:
+    """``(index, why)`` of the first of a device's increasing reading times that cannot be one
+    clock's nanoseconds of one run: more than 2^60 ns (36 years) after the first reading (any
+    clock up to 2^63 - 1 ns is fine); ``None`` where all can."""
+    if not len(t_ns) or int(t_ns[-1]) - int(t_ns[0]) <= _SPAN_LIMIT_NS:
+        return None
+    lo = int(t_ns[0])
+    i = int(np.searchsorted(t_ns, lo + _SPAN_LIMIT_NS, side="right"))
+    return i, f"is {(int(t_ns[i]) - lo) / _NS_PER_YEAR:.3g} years after the first reading ({lo}): not nanoseconds of one clock"
+
+
 @dataclass
 class DeviceTrace:
     """All readings of one device over a period, ready for attribution.
@@ -109,6 +124,9 @@ class DeviceTrace:
             raise ValueError(f"trace {self.device!r} has neither power nor energy readings")
         if n and np.any(np.diff(self.t_ns) <= 0):
             raise ValueError(f"trace {self.device!r}: timestamps must be strictly increasing")
+        far = trace_times_problem(self.t_ns)
+        if far is not None:
+            raise ValueError(f"trace {self.device!r}: time_ns {int(self.t_ns[far[0]])}: {far[1]}")
         if self.power_kind == SampleKind.AVERAGE and self.window_ns <= 0:
             raise ValueError(f"trace {self.device!r}: AVERAGE readings need window_ns > 0")
 

@@ -327,3 +327,50 @@ def test_audit_of_an_inverted_period_says_so(tmp_path):
         pytest.skip("audit's extra is not installed")
     p = wattspan("audit", "--db", tmp_path / "w.sqlite", "--since", "1h", "--until", "2h", "--out", tmp_path / "a.md")
     assert p.returncode == 2 and "Traceback" not in p.stderr and "is not before --until 2h" in p.stderr, p.stderr
+
+
+def test_batch_steps_wholly_outside_the_readings_are_warned_about(tmp_path):
+    args = _small(tmp_path, step_gpu=0)
+    b = tmp_path / "batches.jsonl"
+    steps = [json.loads(x) for x in b.read_text().splitlines()]
+    b.write_text("".join(json.dumps(dict(x, start_ns=x["start_ns"] + 10**9, end_ns=x["end_ns"] + 10**9)) + "\n" for x in steps))
+    p = wattspan(*args, "--out", tmp_path / "o.jsonl")
+    assert p.returncode == 0, p.stderr
+    assert "8 of 8 batch step(s) on gpu0 lie wholly outside its readings (1000..4900 ns)" in p.stderr
+    assert "one clock, in nanoseconds?" in p.stderr
+    p = wattspan(*_small(tmp_path, step_gpu=0), "--out", tmp_path / "o.jsonl")  # the steps back inside: no warning
+    assert p.returncode == 0 and "batch step" not in p.stderr, p.stderr
+
+
+def test_an_idle_baseline_above_the_measured_power_is_warned_about(tmp_path):
+    args = _small(tmp_path)  # 60-140 W, 100 W on average
+    p = wattspan(*args, "--out", tmp_path / "o.jsonl", "--idle", "1000")
+    assert p.returncode == 0, p.stderr
+    assert "gpu0: the idle baseline (1000 W, configured) is above the mean measured power" in p.stderr
+    p = wattspan(*args, "--out", tmp_path / "o.jsonl", "--idle", "60")
+    assert p.returncode == 0 and "idle baseline" not in p.stderr, p.stderr
+
+
+def test_a_counter_that_never_moves_beside_power_readings_is_warned_about(tmp_path):
+    t = tmp_path / "trace.csv"
+    t.write_text("time_ns,gpu,power_w,energy_j\n" + "".join(f"{1000 + 100 * i},0,{60 + (i % 3) * 40},5.0\n" for i in range(40)))
+    r = tmp_path / "requests.jsonl"
+    r.write_text("".join(json.dumps({"id": f"r{k}", "start_ns": 1200 + 400 * k, "end_ns": 1500 + 400 * k, "gpu": 0}) + "\n" for k in range(8)))
+    p = wattspan("attribute", "--trace", t, "--requests", r, "--out", tmp_path / "o.jsonl")
+    assert p.returncode == 0, p.stderr
+    assert "gpu0: the meter measured no energy over the period" in p.stderr and "does its energy counter move?" in p.stderr
+
+
+def test_one_file_for_records_and_summary_is_refused(tmp_path):
+    out = tmp_path / "o.jsonl"
+    p = wattspan(*_small(tmp_path), "--out", out, "--summary", tmp_path / "." / "o.jsonl")
+    assert p.returncode == 2 and "--out and --summary name one file" in p.stderr and "Traceback" not in p.stderr
+    assert not out.exists()
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_records_to_a_full_standard_output_are_a_clear_error(tmp_path):
+    with open("/dev/full", "w") as full:
+        p = subprocess.run([sys.executable, "-m", "wattspan.cli", *map(str, _small(tmp_path))], stdout=full,
+                           stderr=subprocess.PIPE, text=True, timeout=120)
+    assert p.returncode == 2 and "standard output: cannot write the records" in p.stderr and "Traceback" not in p.stderr

@@ -88,6 +88,8 @@ HEAD = "time_ns,gpu,power_w\n"
         # gpu 1's rows interleave fine; gpu 0 goes back in time on line 5
         (HEAD + "10,0,5\n5,1,5\n20,0,5\n15,0,5\n", 5, "time_ns 15 for gpu0 is before the previous reading of that device (20 on line 4)"),
         (HEAD + "10,0,5\n10,1,5\n10,0,6\n", 4, "duplicate time_ns 10 for gpu0 (also on line 2)"),
+        # a time no clock's nanoseconds reach from the first reading (attribution's time arithmetic would overflow)
+        (HEAD + "1000,0,5\n2000,0,5\n9223372036854775807,0,5\n", 4, "time_ns 9223372036854775807 for gpu0: is 292 years after"),
         ("time_ns,gpu,power_w,energy_j\n1,0,5,1\n2,0,5,nan\n", 3, "energy_j is NaN (leave the cell empty"),
         ("time_ns,gpu,power_w,energy_j\n1,0,5,3\n2,0,5,\n3,0,5,2.5\n", 4, "energy_j 2.5 for gpu0 is less than the previous reading (3 on line 2)"),
         ("time_ns,gpu,power_w,energy_j\n1,0,5,3\n2,0,,\n", 3, "has neither power_w nor energy_j"),
@@ -256,3 +258,11 @@ def test_bad_arguments():
         ReplaySource(42)
     with pytest.raises(ValueError, match="no traces"):
         ReplaySource({})
+
+
+def test_device_trace_rejects_times_no_clock_reaches():
+    """Built directly (the API, not a CSV): a reading 2^61 ns (73 years) after the first is refused by name
+    rather than overflowing attribution's time arithmetic later."""
+    with pytest.raises(ValueError, match="73.1 years after the first reading"):
+        DeviceTrace("gpu0", np.array([0, 1, 2**61], dtype=np.int64), power_w=np.ones(3))
+    assert len(DeviceTrace("gpu0", np.array([0, 1, 2**59], dtype=np.int64), power_w=np.ones(3))) == 3

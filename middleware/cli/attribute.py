@@ -39,6 +39,8 @@ def cmd_attribute(args: argparse.Namespace) -> int:
     lag = getattr(args, "board_lag_ms", None)  # in s: parsed by the option's type (wattspan.settings.parse_board_lag_ms)
     for option, path in (("--out", args.out), ("--summary", args.summary)):
         _check_writable(path, option)  # before the work, not after it
+    if args.out is not None and args.summary is not None and _same_file(args.out, args.summary):
+        raise UsageError(f"--out and --summary name one file ({args.out}): the summary would overwrite the records")
     try:
         carbon = carbon_model_from_args(args)
     except ValueError as exc:
@@ -67,6 +69,8 @@ def cmd_attribute(args: argparse.Namespace) -> int:
         result = attribute(traces, requests, steps, idle_w=idle, board_lag_s=lag)
     except TraceError as exc:  # a trace the engine cannot use: one line naming the file, device and reading
         raise UsageError(f"{args.trace}: {exc}") from None
+    for line in _over_idle(result, traces):
+        print(f"wattspan: warning: {line}", file=sys.stderr)
     records = result.records()
     from ..carbon import wall_times
     from ..carbon.records import attribution_records
@@ -90,7 +94,13 @@ def cmd_attribute(args: argparse.Namespace) -> int:
     summary = summarize(result, records, carbon)
     lines = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records)
     if args.out is None:
-        sys.stdout.write(lines)
+        try:
+            sys.stdout.write(lines)
+            sys.stdout.flush()  # a full disk shows here, not in the interpreter's exit
+        except BrokenPipeError:
+            raise  # the reader went away: wattspan.cli.main stops quietly
+        except OSError as exc:
+            raise UsageError(f"standard output: cannot write the records: {exc.strerror or exc}") from None
     else:
         _write(args.out, lines, "--out")
     if args.summary is not None:
@@ -142,12 +152,64 @@ def _untraced(traces: Any, requests: Any, steps: Any, trace_path: Any) -> list[s
             absent = [m for m in members(d) if m not in traced]
             if absent:
                 out.append(f"{c} batch step(s) run on {d}; {trace_path} does not meter {', '.join(absent)}")
+        for m in sorted(traced):  # steps wholly outside a device's readings: no reading can fit them
+            on_s = np.isin(scode, [i for i, d in enumerate(sdev.tolist()) if m in members(d)])
+            n_s = int(np.count_nonzero(on_s))
+            if not n_s:
+                continue
+            tr = traces[m]
+            t0 = int(tr.t_ns[0]) - (int(tr.window_ns) if tr.power_kind == SampleKind.AVERAGE else 0)
+            t1 = int(tr.t_ns[-1])
+            k = int(np.count_nonzero(on_s & ((steps.end_ns <= t0) | (steps.start_ns >= t1))))
+            if k:
+                out.append(f"{k} of {n_s} batch step(s) on {m} lie wholly outside its readings ({t0}..{t1} ns): no reading "
+                           "measures them" + ("; do the batches and the trace use one clock, in nanoseconds?" if k == n_s else ""))
         pairs, counts = np.unique(scode[steps.entry_step] * len(rdev) + rcode[steps.entry_request], return_counts=True)
         wrong = sum(int(c) for code, c in zip(pairs.tolist(), counts.tolist())
                     if not set(members(str(sdev[code // len(rdev)]))) <= set(members(str(rdev[code % len(rdev)]))))
         if wrong:
             out.append(f"{wrong} batch step entr{'y names' if wrong == 1 else 'ies name'} a request that does not run on every device "
                        "of its step: the step's energy on those devices goes only to the requests that do")
+    return out
+
+
+def _same_file(a: Any, b: Any) -> bool:
+    """Whether two output paths name one file (the same path, or links to one existing file)."""
+    import os
+    from pathlib import Path
+
+    pa, pb = Path(a), Path(b)
+    try:
+        if pa.exists() and pb.exists():
+            return os.path.samefile(pa, pb)
+    except OSError:
+        pass
+    return pa.resolve() == pb.resolve()
+
+
+def _over_idle(result: Any, traces: Any) -> list[str]:
+    """Devices whose idle baseline bills more over the period than the meter measured: an ``--idle``
+    set above the board's mean power, or an estimate from too few readings. The books still close
+    (requests plus unattributed are what was measured), but every request's energy there is idle.
+    And devices whose energy counter never moved while their power readings show the board drawing
+    power: the meter believes the counter, so nothing is measured there."""
+    import numpy as np
+
+    out = []
+    for name, d in result.devices.items():
+        tr = traces.get(name) if hasattr(traces, "get") else None
+        pw = getattr(tr, "power_w", None)
+        drawn = float(np.nanmean(pw)) if pw is not None and np.isfinite(pw).any() else 0.0
+        if d.measured_j <= 0 and drawn > 0 and getattr(tr, "energy_j", None) is not None:
+            out.append(f"{name}: the meter measured no energy over the period, yet its power readings average "
+                       f"{drawn:.4g} W: does its energy counter move?")
+        elif d.measured_j > 0 and d.idle_j > 1.001 * d.measured_j:
+            span_s = max((d.t1_ns - d.t0_ns) * 1e-9, 1e-12)
+            out.append(f"{name}: the idle baseline ({d.idle_w:.4g} W, {d.idle_source}) is above the mean measured power "
+                       f"({d.measured_j / span_s:.4g} W): its requests get no dynamic energy; is the baseline right?")
+        elif d.measured_j <= 0 < d.idle_j:
+            out.append(f"{name}: the meter measured no energy over the period, yet the idle baseline is {d.idle_w:.4g} W: "
+                       "does its energy counter move?")
     return out
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..samples import DeviceInfo, DeviceTrace, SampleBatch, SampleKind
+from ..samples import DeviceInfo, DeviceTrace, SampleBatch, SampleKind, trace_times_problem
 from ..devices import device_key
 from ..errors import InputError
 
@@ -140,6 +140,11 @@ def read_trace_csv(path: str | os.PathLike[str], *, power_kind: SampleKind = Sam
                 msg = (f"time_ns {int(t[i])} for {name} is before the previous reading of that device "
                        f"({int(t[j])} on line {line_of(j)}): sort each device's rows by time")
             problems.append((line_of(i), msg))
+            continue
+        far = trace_times_problem(td)
+        if far is not None:
+            i = int(idx[far[0]])
+            problems.append((line_of(i), f"time_ns {int(t[i])} for {name}: {far[1]}"))
             continue
         ed: np.ndarray | None = None
         if energy is not None:
