@@ -27,7 +27,7 @@ from typing import Any, cast
 import numpy as np
 
 from .logs import LogOnce, get_logger
-from .samples import DeviceInfo, DeviceTrace, RingBuffer, SampleBatch, SampleKind
+from .samples import COUNTER_MAX_W, DeviceInfo, DeviceTrace, RingBuffer, SampleBatch, SampleKind
 from .sources._base import PowerSource
 
 __all__ = ["Sampler"]
@@ -47,7 +47,7 @@ MAX_AHEAD_NS = 60 * 1_000_000_000
 
 
 class _Device:
-    __slots__ = ("info", "buf", "last_t", "rejected", "clamped", "e_last", "e_offset", "resets")
+    __slots__ = ("info", "buf", "last_t", "rejected", "clamped", "e_last", "e_offset", "resets", "jumps")
 
     def __init__(self, info: DeviceInfo, capacity: int) -> None:
         self.info = info
@@ -58,6 +58,7 @@ class _Device:
         self.e_last = -math.inf  # the last counter value stored (J, carried on over resets)
         self.e_offset = 0.0  # added to the source's counter: what it lost going back
         self.resets = 0  # times the counter went back
+        self.jumps = 0  # times it leapt further than any board draws (COUNTER_MAX_W)
 
 
 def _ahead(st: "_State", src_name: str, dev: _Device, t: int) -> None:
@@ -66,14 +67,27 @@ def _ahead(st: "_State", src_name: str, dev: _Device, t: int) -> None:
                     "health()['rejected_rows']; logged once)", src_name, dev.info.id, (t - time.monotonic_ns()) / 1e9)
 
 
-def _counter(st: "_State", src_name: str, dev: _Device, v: float) -> float:
-    """One counter reading to store: carried on from the last one where the source's counter went back."""
+def _counter(st: "_State", src_name: str, dev: _Device, v: float, t: int) -> float:
+    """One counter reading to store: carried on from the last one where the source's counter went back
+    or leapt (see :data:`COUNTER_MAX_W`)."""
     v += dev.e_offset
     if v < dev.e_last:
         _reset(st, src_name, dev, 1, dev.e_last - v)
         v = dev.e_last
+    elif dev.e_last > -math.inf and v - dev.e_last > COUNTER_MAX_W * ((t - dev.last_t) * 1e-9 + 1.0):
+        _jump(st, src_name, dev, 1, v - dev.e_last)
+        v = dev.e_last
     dev.e_last = v
     return v
+
+
+def _jump(st: "_State", src_name: str, dev: _Device, k: int, leapt: float) -> None:
+    dev.e_offset -= leapt
+    dev.jumps += k
+    st.once.warning((src_name, "jump", dev.info.id), "wattspan: the energy counter of %s (source %s) leapt by %g J, "
+                    "more than %g W could draw in the interval (a glitch?); it is carried on from its last value, the "
+                    "interval counted as 0 J (counted in health()['counter_jumps']; logged once)", dev.info.id, src_name,
+                    leapt, COUNTER_MAX_W)
 
 
 def _reset(st: "_State", src_name: str, dev: _Device, k: int, lost: float) -> None:
@@ -186,7 +200,7 @@ def _ingest(st: _State, src_name: str, batches: list[SampleBatch]) -> None:
                     dev.rejected += 1
                     continue
                 if b.kind is _ENERGY:
-                    dev.buf.append(t, math.nan, _counter(st, src_name, dev, v))
+                    dev.buf.append(t, math.nan, _counter(st, src_name, dev, v, t))
                 else:
                     if v < 0.0:
                         _clamp(st, src_name, dev, 1, v)
@@ -213,7 +227,7 @@ def _ingest(st: _State, src_name: str, batches: list[SampleBatch]) -> None:
                     continue
                 p, e = rows[t]
                 if e == e:
-                    e = _counter(st, src_name, dev, e)
+                    e = _counter(st, src_name, dev, e, t)
                 dev.buf.append(t, p, e)
                 dev.last_t = t
             continue
@@ -244,25 +258,33 @@ def _ingest(st: _State, src_name: str, batches: list[SampleBatch]) -> None:
             ps = None if ps is None else ps[ok]
             es = None if es is None else es[ok]
         if es is not None and ts.shape[0]:
-            es = _counters(st, src_name, dev, es)
+            es = _counters(st, src_name, dev, ts, es)
         if ts.shape[0]:
             dev.buf.extend(ts, ps, es)
             dev.last_t = int(ts[-1])
 
 
-def _counters(st: _State, src_name: str, dev: _Device, es: np.ndarray) -> np.ndarray:
+def _counters(st: _State, src_name: str, dev: _Device, ts: np.ndarray, es: np.ndarray) -> np.ndarray:
     """A batch's counter column (NaN: not read) to store: carried on wherever the source's counter went back."""
     fin = np.flatnonzero(np.isfinite(es))
     if not fin.size:
         return es
     v = es[fin] + dev.e_offset
-    drop = np.maximum(np.concatenate(([dev.e_last], v[:-1])) - v, 0.0)  # what each reading lost (0: none)
+    rise = v - np.concatenate(([dev.e_last], v[:-1]))  # each reading's change (the first's: +inf if none before)
+    drop = np.maximum(-rise, 0.0)  # what each reading lost (0: none)
+    t = ts[fin].astype(np.float64)
+    slack_s = (t - np.concatenate(([float(dev.last_t)], t[:-1]))) * 1e-9 + 1.0
+    leap = np.where(np.isfinite(rise) & (rise > COUNTER_MAX_W * slack_s), rise, 0.0)  # glitches forward (0: none)
     back = int(np.count_nonzero(drop))
-    if back or dev.e_offset:
-        if back:
-            lost = np.cumsum(drop)
-            v = v + lost
-            _reset(st, src_name, dev, back, float(lost[-1]))
+    ahead = int(np.count_nonzero(leap))
+    if back or ahead or dev.e_offset:
+        if back or ahead:
+            fix = np.cumsum(drop - leap)
+            v = v + fix
+            if back:
+                _reset(st, src_name, dev, back, float(drop.sum()))
+            if ahead:
+                _jump(st, src_name, dev, ahead, float(leap.sum()))
         es = es.copy()
         es[fin] = v
     dev.e_last = float(v[-1])
@@ -550,7 +572,8 @@ class Sampler:
         source, per device ``rows``, ``dropped_rows`` (overwritten when the buffer was full) and
         ``rejected_rows`` (not after the previous reading, stamped more than ``MAX_AHEAD_NS`` ahead of the
         monotonic clock, or no finite value), ``clamped_rows`` (negative watts, stored as 0 W),
-        ``counter_resets`` (times the energy counter went back: it is carried on from its last value), ``poll_cost_mean_us``/``poll_cost_max_us``
+        ``counter_resets`` (times the energy counter went back: it is carried on from its last value),
+        ``counter_jumps`` (times it leapt further than :data:`COUNTER_MAX_W` could draw: carried on likewise), ``poll_cost_mean_us``/``poll_cost_max_us``
         (wall time of a poll), ``poll_cpu_mean_us`` (CPU time of a poll), and ``last_poll_age_s``."""
         st = self._st
         n = st.polls
@@ -569,6 +592,7 @@ class Sampler:
             "rejected_rows": {k: d.rejected for k, d in st.devices.items()},
             "clamped_rows": {k: d.clamped for k, d in st.devices.items()},
             "counter_resets": {k: d.resets for k, d in st.devices.items()},
+            "counter_jumps": {k: d.jumps for k, d in st.devices.items()},
             "poll_cost_mean_us": st.cost_sum_ns / n / 1e3 if n else 0.0,
             "poll_cost_max_us": st.cost_max_ns / 1e3,
             "poll_cpu_mean_us": st.cpu_sum_ns / n / 1e3 if n else 0.0,

@@ -234,3 +234,28 @@ class RingBuffer:
             if self._n == 0:
                 return None
             return int(self._t[(self._head - 1) % self.capacity])
+
+
+#: an energy counter rising faster than this (with a second's slack for a counter refreshed less often than
+#: it is read) is a glitch or a unit error, not a draw: a megawatt, about a thousand of today's boards
+COUNTER_MAX_W = 1e6
+
+
+def counter_leap(t_ns: np.ndarray, energy_j: np.ndarray) -> tuple[int, float, float] | None:
+    """The first rise of a cumulative counter (finite, non-decreasing readings ``energy_j`` at ``t_ns``)
+    that no board could draw: more than :data:`COUNTER_MAX_W` over the time since the counter last moved
+    plus a second. ``(k, rise in J, seconds)`` for the rise from reading ``k`` to ``k + 1``, or None."""
+    if energy_j.shape[0] < 2:
+        return None
+    d = np.diff(energy_j)
+    moved = np.flatnonzero(d > 0)
+    if not moved.size:
+        return None
+    t = t_ns.astype(np.float64)
+    since = t[np.concatenate(([0], moved[:-1] + 1))]  # where each rise's counter last moved (or the first reading)
+    dt_s = (t[moved + 1] - since) * 1e-9
+    bad = np.flatnonzero(d[moved] > COUNTER_MAX_W * (dt_s + 1.0))
+    if not bad.size:
+        return None
+    k = int(moved[bad[0]])
+    return k, float(d[k]), float(dt_s[bad[0]])

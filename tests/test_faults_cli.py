@@ -374,3 +374,44 @@ def test_records_to_a_full_standard_output_are_a_clear_error(tmp_path):
         p = subprocess.run([sys.executable, "-m", "wattspan.cli", *map(str, _small(tmp_path))], stdout=full,
                            stderr=subprocess.PIPE, text=True, timeout=120)
     assert p.returncode == 2 and "standard output: cannot write the records" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_a_window_for_instant_readings_is_refused_not_ignored(tmp_path):
+    p = wattspan(*_small(tmp_path), "--power-window-s", "0.5", "--out", tmp_path / "o.jsonl")
+    assert p.returncode == 2 and "add --power-kind average" in p.stderr and "Traceback" not in p.stderr
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+@pytest.mark.parametrize("constant", ["Infinity", "-Infinity", "NaN"])
+def test_a_json_constant_for_a_time_is_named_as_written(tmp_path, constant):
+    args = _small(tmp_path)
+    r = tmp_path / "requests.jsonl"
+    r.write_text(f'{{"id": "a", "start_ns": {constant}, "end_ns": 1500, "gpu": 0}}\n')
+    p = wattspan(*args, "--out", tmp_path / "o.jsonl")
+    assert p.returncode == 2 and f"start_ns must be an integer of nanoseconds, got {constant}" in p.stderr
+
+
+def test_a_run_that_attributes_no_energy_says_so_instead_of_a_zero_intensity(tmp_path):
+    t = tmp_path / "trace.csv"
+    t.write_text("time_ns,gpu,power_w\n" + "".join(f"{1000 + 100 * i},0,0\n" for i in range(40)))  # a board at 0 W
+    r = tmp_path / "requests.jsonl"
+    r.write_text(json.dumps({"id": "a", "start_ns": 1200, "end_ns": 1500, "gpu": 0}) + "\n")
+    s = tmp_path / "s.json"
+    p = wattspan("attribute", "--trace", t, "--requests", r, "--out", tmp_path / "o.jsonl", "--summary", s)
+    assert p.returncode == 0, p.stderr
+    assert "no energy attributed, no weighted intensity" in p.stdout and "per request: 0 gCO2e/kWh" not in p.stdout
+    assert json.loads(s.read_text())["intensity"]["energy_weighted_g_per_kwh"] is None
+
+
+def test_batch_steps_outside_their_requests_lives_are_warned_about(tmp_path):
+    args = _small(tmp_path, step_gpu=0)  # each request's one step spans its life exactly
+    b = tmp_path / "batches.jsonl"
+    rows = [json.loads(x) for x in b.read_text().splitlines()]
+    rows[0]["start_ns"] += 2000  # r0's step moved past r0's end
+    rows[0]["end_ns"] += 2000
+    b.write_text("".join(json.dumps(x) + "\n" for x in rows))
+    p = wattspan(*args, "--out", tmp_path / "o.jsonl")
+    assert p.returncode == 0, p.stderr
+    assert "1 of 8 batch step entry lies wholly outside the request's start_ns..end_ns" in p.stderr
+    p = wattspan(*_small(tmp_path, step_gpu=0), "--out", tmp_path / "o.jsonl")
+    assert "outside the request's" not in p.stderr

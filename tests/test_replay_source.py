@@ -266,3 +266,19 @@ def test_device_trace_rejects_times_no_clock_reaches():
     with pytest.raises(ValueError, match="73.1 years after the first reading"):
         DeviceTrace("gpu0", np.array([0, 1, 2**61], dtype=np.int64), power_w=np.ones(3))
     assert len(DeviceTrace("gpu0", np.array([0, 1, 2**59], dtype=np.int64), power_w=np.ones(3))) == 3
+
+
+def test_a_trace_csv_whose_counter_leaps_is_refused_with_its_line(tmp_path):
+    from wattspan.errors import InputError
+    from wattspan.sources.replay import read_trace_csv
+
+    p = tmp_path / "t.csv"
+    rows = [f"{i * 10_000_000},0,100,{i + (1e14 if i > 100 else 0)}" for i in range(200)]
+    p.write_text("time_ns,gpu,power_w,energy_j\n" + "\n".join(rows) + "\n")
+    with pytest.raises(InputError, match=r"t.csv:103: energy_j for gpu0 rises by 1e\+14 J from line 102 in 0.01 s") as e:
+        read_trace_csv(p)
+    assert "mJ for J?" in str(e.value)
+    # a counter refreshed every 100 ms but read every 1 ms steps 100 ms of a 700 W board at once: a draw, kept
+    rows = [f"{i * 1_000_000},0,700,{70.0 * (i // 100)}" for i in range(1000)]
+    p.write_text("time_ns,gpu,power_w,energy_j\n" + "\n".join(rows) + "\n")
+    assert read_trace_csv(p)["gpu0"].energy_j[-1] == 630.0

@@ -10,7 +10,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from ..devices import device_key
-from ..samples import DeviceTrace
+from ..samples import COUNTER_MAX_W, DeviceTrace, counter_leap
 
 __all__ = ["FEATURES", "BatchStep", "Requests", "Steps", "TraceError", "check_trace"]
 
@@ -74,6 +74,12 @@ def check_trace(trace: DeviceTrace) -> None:
             i, j = (k, k + 1) if idx is None else (int(idx[k]), int(idx[k + 1]))
             raise TraceError(f"trace {dev!r}: energy_j goes back from {e[i]:g} J to {e[j]:g} J at t_ns={int(trace.t_ns[j])}: "
                              "it must be a cumulative counter (unwrapped, never reset)")
+        tf, ef = (trace.t_ns, e) if idx is None else (trace.t_ns[idx], e[idx])
+        leap = counter_leap(tf, ef)
+        if leap is not None:
+            k, rise, dt_s = leap
+            raise TraceError(f"trace {dev!r}: energy_j rises by {rise:g} J in {dt_s:.3g} s to t_ns={int(tf[k + 1])}, more than "
+                             f"{COUNTER_MAX_W:g} W could draw: a unit error (mJ for J?) or a glitch")
     if n_power == 0 and n_energy < 2:
         what = "no power_w readings" if p is None else f"all {len(p)} power_w readings NaN"
         raise TraceError(f"trace {dev!r} has {what} and {n_energy} energy_j counter readings: nothing to attribute "

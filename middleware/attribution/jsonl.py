@@ -42,7 +42,7 @@ def _rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
             if _too_deep(line):
                 raise InputError(path, n, f"JSON nested more than {_MAX_DEPTH} levels deep")
             try:
-                row = json.loads(line, parse_constant=lambda c: float("nan"))
+                row = json.loads(line, parse_constant=_Constant)
             except json.JSONDecodeError as exc:
                 raise InputError(path, n, f"not valid JSON ({exc.msg})") from None
             except (RecursionError, ValueError) as exc:  # ValueError: an integer of more than 4300 digits
@@ -52,6 +52,22 @@ def _rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
             yield n, row
         if not seen:
             raise InputError(path, 0, "is empty: expected one JSON object per line")
+
+
+class _Constant(float):
+    """JSON's ``NaN``/``Infinity``/``-Infinity``: read as NaN, so every check refuses it as no number
+    (``0 <= x`` is False), and named as written in the error."""
+
+    __slots__ = ("text",)
+    text: str
+
+    def __new__(cls, text: str) -> "_Constant":
+        self = super().__new__(cls, "nan")
+        self.text = text
+        return self
+
+    def __repr__(self) -> str:
+        return self.text
 
 
 def _short(v: object) -> str:

@@ -45,10 +45,14 @@ def cmd_attribute(args: argparse.Namespace) -> int:
         carbon = carbon_model_from_args(args)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    window_s = getattr(args, "power_window_s", None)
+    if window_s is not None and args.power_kind != "average":
+        raise UsageError(f"--power-window-s {window_s:g} is the window of averaged readings: add --power-kind average "
+                         "(without it power_w is read as instant power and the window has no meaning)")
     try:
         traces = read_trace_csv(args.trace)
         if args.power_kind == "average":
-            window = float(args.power_window_s)
+            window = 1.0 if window_s is None else float(window_s)
             if not (math.isfinite(window) and 0 < window <= _MAX_WINDOW_S):
                 raise UsageError(f"--power-window-s must be > 0 and <= {_MAX_WINDOW_S:g} seconds, got {args.power_window_s!r}")
             for tr in traces.values():
@@ -170,6 +174,13 @@ def _untraced(traces: Any, requests: Any, steps: Any, trace_path: Any) -> list[s
         if wrong:
             out.append(f"{wrong} batch step entr{'y names' if wrong == 1 else 'ies name'} a request that does not run on every device "
                        "of its step: the step's energy on those devices goes only to the requests that do")
+        es, er = steps.entry_step, steps.entry_request
+        off = (steps.end_ns[es] <= requests.start_ns[er]) | (steps.start_ns[es] >= requests.end_ns[er])
+        k = int(np.count_nonzero(off))
+        if k:  # billed all the same (a step is the engine's word), but a sign of two clocks
+            out.append(f"{k} of {es.shape[0]} batch step entr{'y lies' if k == 1 else 'ies lie'} wholly outside the "
+                       "request's start_ns..end_ns: the request is billed for the step all the same; do the batches and "
+                       "the requests use one clock?")
     return out
 
 
@@ -294,13 +305,14 @@ def summarize(result: Any, records: list[dict[str, Any]], carbon: Any) -> dict[s
 
 def _intensity_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
     """Which intensities the records used: providers, zones, hours, basis; market and marginal totals."""
-    e = sum(r["energy_j"] for r in records) or 1.0
+    e = sum(r["energy_j"] for r in records)
     return {
         "providers": sorted({r.get("intensity_provider", "") for r in records}),
         "zones": sorted({r.get("intensity_zone", "") for r in records}),
         "hours": len({r.get("intensity_hour", "") for r in records}),
         "basis": sorted({r.get("intensity_basis", "") for r in records}),
-        "energy_weighted_g_per_kwh": sum(r["energy_j"] * r.get("intensity_g_per_kwh", 0.0) for r in records) / e,
+        # None where the requests carry no energy: no weights, no weighted mean
+        "energy_weighted_g_per_kwh": sum(r["energy_j"] * r.get("intensity_g_per_kwh", 0.0) for r in records) / e if e > 0 else None,
         "market_g_per_kwh": max((r.get("market_g_per_kwh", 0.0) for r in records), default=0.0),
         "co2e_market_g": sum(r.get("co2e_market_g", 0.0) for r in records),
         "co2e_marginal_g": sum(r.get("co2e_marginal_g", 0.0) for r in records),
@@ -315,7 +327,9 @@ def print_summary(summary: dict[str, Any], file: TextIO = sys.stdout) -> None:
     w(f"carbon: {c['intensity_g_per_kwh']:.0f} gCO2e/kWh ({c['region']}; {c['intensity_source']}), PUE {c['pue']:.2f}\n")
     i = summary.get("intensity")
     if i and i["hours"]:
-        w(f"per request: {i['energy_weighted_g_per_kwh']:.0f} gCO2e/kWh energy-weighted over {i['hours']} hour(s) from {', '.join(i['providers'])} ({', '.join(i['zones'])}), basis {', '.join(i['basis'])}")
+        ew = i["energy_weighted_g_per_kwh"]
+        w((f"per request: {ew:.0f} gCO2e/kWh energy-weighted" if ew is not None else "per request: no energy attributed, no weighted intensity;")
+          + f" over {i['hours']} hour(s) from {', '.join(i['providers'])} ({', '.join(i['zones'])}), basis {', '.join(i['basis'])}")
         w(f"; market-based {i['co2e_market_g']:.4g} g at {i['market_g_per_kwh']:g} g/kWh\n" if i["market_g_per_kwh"] else "\n")
     for dev, d in summary["devices"].items():
         m = d.get("model")

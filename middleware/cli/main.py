@@ -65,7 +65,7 @@ def _build_parser() -> argparse.ArgumentParser:
     a.add_argument("--summary", type=Path, default=None, help="also write the summary as JSON here")
     a.add_argument("--idle", default="estimate", help="idle baseline in watts, or 'estimate' (default)")
     a.add_argument("--power-kind", choices=["instant", "average"], default="instant", help="what power_w is: an instant reading (default) or an average over --power-window-s")
-    a.add_argument("--power-window-s", type=float, default=1.0, help="averaging window of power_w when --power-kind average (default 1.0 s)")
+    a.add_argument("--power-window-s", type=float, default=None, help="averaging window of power_w with --power-kind average (default 1.0 s)")
     a.add_argument("--board-lag-ms", default=None, type=_board_lag_ms,
                    help="the boards' electrical lag in ms (power trails the work), measured once on fine readings (one value, or gpu0=4,gpu1=4; 0: none): "
                         "the step model is fitted through it instead of searching one (default: searched where readings are 50 ms apart or closer)")

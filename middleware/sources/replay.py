@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..samples import DeviceInfo, DeviceTrace, SampleBatch, SampleKind, trace_times_problem
+from ..samples import COUNTER_MAX_W, DeviceInfo, DeviceTrace, SampleBatch, SampleKind, counter_leap, trace_times_problem
 from ..devices import device_key
 from ..errors import InputError
 
@@ -155,6 +155,14 @@ def read_trace_csv(path: str | os.PathLike[str], *, power_kind: SampleKind = Sam
                 i, j = int(idx[fin[dec[0] + 1]]), int(idx[fin[dec[0]]])
                 problems.append((line_of(i), f"energy_j {energy[i]:g} for {name} is less than the previous reading "
                                              f"({energy[j]:g} on line {line_of(j)}): energy_j must be a cumulative counter"))
+                continue
+            leap = counter_leap(td[fin], ed[fin])
+            if leap is not None:
+                k, rise, dt_s = leap
+                i, j = int(idx[fin[k + 1]]), int(idx[fin[k]])
+                problems.append((line_of(i), f"energy_j for {name} rises by {rise:g} J from line {line_of(j)} in {dt_s:.3g} s, "
+                                             f"more than {COUNTER_MAX_W:g} W could draw: a unit error (mJ for J?) or "
+                                             "a glitch; fix or drop the row"))
                 continue
         pd: np.ndarray | None = power[idx]
         if not np.isfinite(power[idx]).any():
