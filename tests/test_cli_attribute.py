@@ -111,3 +111,31 @@ def test_a_carbon_price_turns_grams_into_money(tmp_path):
     assert r["carbon_cost_usd"] == pytest.approx(r["co2e_g"] / 1e6 * 100.0)  # 100 USD per tonne
     s = json.loads(summ.read_text())
     assert s["carbon"]["carbon_price_per_tonne"] == 100.0
+
+
+def test_records_written_a_slice_at_a_time_are_the_records_of_one_pass(tmp_path, monkeypatch, capsys):
+    # a day of requests is built, written and summed a slice at a time (bounded memory): slices of 7 requests
+    # must give the very bytes, and the very summary, that one slice of every request gives
+    from wattspan.cli import attribute as cli
+    from wattspan.cli.main import main
+
+    def run(tag):
+        out, summ = tmp_path / f"{tag}.jsonl", tmp_path / f"{tag}.json"
+        try:
+            main(["attribute", "--trace", str(A100 / "trace.csv"), "--requests", str(A100 / "requests.jsonl"),
+                  "--batches", str(A100 / "batches.jsonl"), "--out", str(out), "--summary", str(summ), "--carbon-price", "80"])
+        except SystemExit as exc:
+            assert not exc.code
+        capsys.readouterr()
+        return out.read_bytes(), json.loads(summ.read_text())
+
+    monkeypatch.setattr(cli, "_SLICE", 10**9)
+    whole = run("whole")
+    monkeypatch.setattr(cli, "_SLICE", 7)
+    sliced = run("sliced")
+    lines = whole[0].decode().splitlines()
+    assert len(lines) > 3 * 7 and sliced[0] == whole[0]
+    assert sliced[1] == whole[1] and whole[1]["requests"] == len(lines)
+    first = json.loads(lines[0])
+    assert {"co2e_g", "co2e_g_low", "co2e_g_high", "intensity_provider"} <= set(first)
+    assert any(k.startswith("carbon_cost_") for k in first)

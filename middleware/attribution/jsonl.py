@@ -171,8 +171,11 @@ def read_requests_jsonl(path: str | PathLike[str]) -> tuple[Requests, list[dict[
 def read_batches_jsonl(path: str | PathLike[str], requests: Requests) -> Steps:
     """Batch steps from JSONL: ``{"start_ns", "end_ns", "gpu", "requests": {"<id>": <tokens>}}``."""
     path = Path(path)
-    known = set(requests.ids.tolist())
-    rows = []
+    # each step checked and handed on as it is read: the columns are built in one pass, no list of rows held
+    return Steps.from_records(_batch_rows(path, set(requests.ids.tolist())), requests)
+
+
+def _batch_rows(path: Path, known: set[str]) -> Iterator[dict[str, Any]]:
     for n, row in _rows(path):
         start = _time(path, n, row, "start_ns")
         end = _time(path, n, row, "end_ns")
@@ -186,5 +189,4 @@ def read_batches_jsonl(path: str | PathLike[str], requests: Requests) -> Steps:
             if rid not in known:
                 raise InputError(path, n, f"batch step names unknown request {rid!r} (not in the requests file)")
             _count(path, n, f"tokens of {rid!r}", tok)
-        rows.append({"start_ns": start, "end_ns": end, "gpu": gpu, "requests": reqs})
-    return Steps.from_records(rows, requests)
+        yield {"start_ns": start, "end_ns": end, "gpu": gpu, "requests": reqs}

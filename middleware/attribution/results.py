@@ -147,14 +147,18 @@ class Attribution:
     def attributed_j(self) -> float:
         return float(self.energy_j.sum())
 
-    def records(self) -> list[dict[str, Any]]:
+    def records(self, start: int = 0, stop: int | None = None) -> list[dict[str, Any]]:
         """One dict per request: ``id, device, energy_j, dynamic_j, idle_j, device_s, method, sensor, coverage,
-        energy_j_low, energy_j_high, quality`` (plus ``route, model, tenant`` where given)."""
+        energy_j_low, energy_j_high, quality`` (plus ``route, model, tenant`` where given). ``start``/``stop``:
+        only those requests' (in request order), for writing a long run a slice at a time."""
         r = self.requests
         out = []
+        n = len(r)
+        stop = n if stop is None else min(stop, n)
+        start = max(0, min(start, stop))
 
-        per_dev = device_parts(self.parts, len(r))
-        for i in range(len(r)):
+        per_dev = device_parts(self.parts, n)
+        for i in range(start, stop):
             d = self.devices.get(r.device[i]) or self.devices.get(members(r.device[i])[0])
             rec = {
                 "id": r.ids[i],

@@ -22,12 +22,13 @@ import numpy as np
 from numpy.typing import NDArray
 
 from ..records import FIELDS, RecordBatch, RequestLabels, RequestRecord
+from ..devices import members
 
 if TYPE_CHECKING:
     from ..attribution import Attribution
     from .model import CarbonModel
 
-__all__ = ["attribution_records", "request_batch", "request_records"]
+__all__ = ["attribution_batch", "attribution_records", "request_batch", "request_records"]
 
 _NO_LABELS = RequestLabels()
 
@@ -195,18 +196,34 @@ def attribution_records(result: Attribution, carbon: CarbonModel, *, host_j: Any
     passed, win). ``wall_s``: as :func:`request_records` (``wattspan.carbon.wall_times`` of the
     requests' times when those are on the unix clock).
     """
+    return attribution_batch(result, carbon, host_j=host_j, wall_s=wall_s, labels=labels).records()
+
+
+def attribution_batch(result: Attribution, carbon: CarbonModel, *, host_j: Any = 0.0, wall_s: Any = None,
+                      labels: Sequence[RequestLabels] | None = None) -> RecordBatch:
+    """:func:`attribution_records` as columns (a :class:`~wattspan.records.RecordBatch`): no record
+    object per request, for a long run's file (``wattspan attribute``)."""
     r = result.requests
     n = len(r)
-    recs = result.records()  # sensor, simulated per request, as the attribution saw its devices
+    dev = [str(d) for d in r.device]
+    # sensor and simulated per request, as the attribution saw its devices (a group: its first member's)
+    seen: dict[str, tuple[str, bool]] = {}
+    for d in set(dev):
+        info = result.devices.get(d) or result.devices.get(members(d)[0]) if d else None
+        seen[d] = (info.sensor, bool(info.simulated)) if info else ("none", False)
+    label_columns: list[list[Any]] | None = None
     if labels is None and any(c is not None for c in (r.route, r.model, r.tenant)):
-        labels = [RequestLabels(route=str(r.route[i]) if r.route is not None else "",
-                                model=str(r.model[i]) if r.model is not None else "",
-                                tenant=str(r.tenant[i]) if r.tenant is not None else "") for i in range(n)]
-    return request_records(
-        carbon, ids=[str(x) for x in r.ids], device=[str(d) for d in r.device], start_ns=r.start_ns, end_ns=r.end_ns,
+        def col(c: Any) -> list[str]:
+            return [str(x) for x in c] if c is not None else [""] * n
+        d0 = RequestLabels()
+        label_columns = [col(r.route), [d0.http_method] * n, [d0.status_code] * n, col(r.model), col(r.tenant),
+                         [d0.prompt_tokens] * n, [d0.output_tokens] * n, [d0.trace_id] * n, [d0.span_id] * n]
+    return request_batch(
+        carbon, ids=[str(x) for x in r.ids], device=dev, start_ns=r.start_ns, end_ns=r.end_ns,
         dynamic_j=result.dynamic_j, idle_j=result.idle_j, device_s=result.device_s, host_j=host_j, wall_s=wall_s,
         energy_j_low=result.energy_j_low, energy_j_high=result.energy_j_high,
-        method=[str(m) for m in result.method], sensor=[d["sensor"] for d in recs], coverage=result.coverage,
-        simulated=[d["simulated"] for d in recs],
+        method=[str(m) for m in result.method], sensor=[seen[d][0] for d in dev], coverage=result.coverage,
+        simulated=[seen[d][1] for d in dev],
         quality=[str(q) for q in result.quality] if result.quality is not None else "", labels=labels,
+        label_columns=label_columns,
     )

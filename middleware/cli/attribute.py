@@ -75,38 +75,39 @@ def cmd_attribute(args: argparse.Namespace) -> int:
         raise UsageError(f"{args.trace}: {exc}") from None
     for line in _over_idle(result, traces):
         print(f"wattspan: warning: {line}", file=sys.stderr)
-    records = result.records()
     from ..carbon import wall_times
-    from ..carbon.records import attribution_records
+    from ..carbon.records import attribution_batch
 
-    # carbon applied by the one function the live meter uses too (no host is metered offline: host_j = 0)
-    priced = carbon.carbon_price_per_tonne > 0
-    recs = attribution_records(result, carbon, wall_s=wall_times(result.requests.start_ns, result.requests.end_ns))
-    band = result.energy_j_low is not None
-    for rec, row, rr in zip(records, rows, recs):
-        rec["co2e_g"] = rr.co2e_g
-        rec["co2e_g_low"] = rr.co2e_g_low if band else rr.co2e_g
-        rec["co2e_g_high"] = rr.co2e_g_high if band else rr.co2e_g
-        rec["embodied_g"] = rr.embodied_g
-        rec.update({k: getattr(rr, k) for k in _INTENSITY_FIELDS})
-        if priced:  # the internal carbon price turns grams into money
-            rec[f"carbon_cost_{carbon.currency.lower()}"] = float(carbon.cost(rr.co2e_g))
-        for key in ("prompt_tokens", "output_tokens"):
-            if key in row:
-                rec[key] = row[key]
-
-    summary = summarize(result, records, carbon)
-    lines = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records)
-    if args.out is None:
+    # carbon applied by the one function the live meter uses too (no host is metered offline: host_j = 0), as
+    # columns; the records are built, written and summed a slice at a time: a day of requests fits in memory
+    batch = attribution_batch(result, carbon, wall_s=wall_times(result.requests.start_ns, result.requests.end_ns))
+    totals = _Totals()
+    out = sys.stdout if args.out is None else _open(args.out, "--out")
+    try:
+        for records in _record_slices(result, rows, carbon, batch):
+            totals.add(records)
+            lines = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records)
+            try:
+                out.write(lines)
+            except BrokenPipeError:
+                raise  # the reader went away: wattspan.cli.main stops quietly
+            except OSError as exc:
+                where = "standard output" if args.out is None else f"--out {args.out}"
+                raise UsageError(f"{where}: cannot write the records: {exc.strerror or exc}") from None
         try:
-            sys.stdout.write(lines)
-            sys.stdout.flush()  # a full disk shows here, not in the interpreter's exit
+            out.flush()  # a full disk shows here, not in the interpreter's exit
         except BrokenPipeError:
-            raise  # the reader went away: wattspan.cli.main stops quietly
+            raise
         except OSError as exc:
-            raise UsageError(f"standard output: cannot write the records: {exc.strerror or exc}") from None
-    else:
-        _write(args.out, lines, "--out")
+            where = "standard output" if args.out is None else f"--out {args.out}"
+            raise UsageError(f"{where}: cannot write the records: {exc.strerror or exc}") from None
+    finally:
+        if out is not sys.stdout:
+            try:
+                out.close()
+            except OSError:
+                pass
+    summary = summarize(result, totals, carbon)
     if args.summary is not None:
         # standard JSON (NaN, a figure with nothing to compute it from, is null): JavaScript, jq and Go read it too
         _write(args.summary, json.dumps(_finite(summary), indent=2, allow_nan=False) + "\n", "--summary")
@@ -184,6 +185,102 @@ def _untraced(traces: Any, requests: Any, steps: Any, trace_path: Any) -> list[s
     return out
 
 
+#: requests per slice of records built, written and summed at once (about 20 MB of dicts)
+_SLICE = 8192
+
+
+def _record_slices(result: Any, rows: list[dict[str, Any]], carbon: Any, batch: Any) -> Any:
+    """The records of ``wattspan attribute``, a list of at most :data:`_SLICE` dicts at a time, in request
+    order: the attribution's fields, the carbon batch's, and the tokens as read."""
+    band = result.energy_j_low is not None
+    priced = carbon.carbon_price_per_tonne > 0
+    cost_key = f"carbon_cost_{carbon.currency.lower()}"
+    names = ("co2e_g", "co2e_g_low", "co2e_g_high", "embodied_g", *_INTENSITY_FIELDS)
+    cols = {k: batch.columns.get(k) for k in names}
+    const = {k: batch.const.get(k) for k in names}
+    n = len(result.requests)
+    for lo in range(0, n, _SLICE):
+        records = result.records(lo, lo + _SLICE)
+        for i, rec in enumerate(records, lo):
+            v = {k: (c[i] if c is not None else const[k]) for k, c in cols.items()}
+            rec["co2e_g"] = v["co2e_g"]
+            rec["co2e_g_low"] = v["co2e_g_low"] if band else v["co2e_g"]
+            rec["co2e_g_high"] = v["co2e_g_high"] if band else v["co2e_g"]
+            rec["embodied_g"] = v["embodied_g"]
+            rec.update({k: v[k] for k in _INTENSITY_FIELDS})
+            if priced:  # the internal carbon price turns grams into money
+                rec[cost_key] = float(carbon.cost(v["co2e_g"]))
+            row = rows[i]
+            for key in ("prompt_tokens", "output_tokens"):
+                if key in row:
+                    rec[key] = row[key]
+        yield records
+
+
+class _Totals:
+    """What the summary needs of the records, added a slice at a time (in request order: the sums are
+    the ones a single pass over every record gives)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.routes: dict[str, dict[str, Any]] = {}
+        self.energy_j = 0.0
+        self.weighted = 0.0
+        self.providers: set[str] = set()
+        self.zones: set[str] = set()
+        self.hours: set[str] = set()
+        self.basis: set[str] = set()
+        self.market_g_per_kwh = 0.0
+        self.co2e_market_g = 0.0
+        self.co2e_marginal_g = 0.0
+
+    def add(self, records: list[dict[str, Any]]) -> None:
+        self.n += len(records)
+        routes = self.routes
+        for r in records:
+            k = r.get("route") or "(none)"
+            d = routes.setdefault(k, {"requests": 0, "energy_j": 0.0, "co2e_g": 0.0})
+            d["requests"] += 1
+            d["energy_j"] += r["energy_j"]
+            d["co2e_g"] += r["co2e_g"]
+            # 90 % bands: half-widths added in quadrature (requests' errors taken as independent;
+            # inside one reconciliation window they are anti-correlated, so this is conservative)
+            if "energy_j_low" in r:
+                d["_h2"] = d.get("_h2", 0.0) + ((r["energy_j_high"] - r["energy_j_low"]) / 2) ** 2
+                d["_c2"] = d.get("_c2", 0.0) + ((r.get("co2e_g_high", r["co2e_g"]) - r.get("co2e_g_low", r["co2e_g"])) / 2) ** 2
+            self.energy_j += r["energy_j"]
+            self.weighted += r["energy_j"] * r.get("intensity_g_per_kwh", 0.0)
+            self.providers.add(r.get("intensity_provider", ""))
+            self.zones.add(r.get("intensity_zone", ""))
+            self.hours.add(r.get("intensity_hour", ""))
+            self.basis.add(r.get("intensity_basis", ""))
+            self.market_g_per_kwh = max(self.market_g_per_kwh, r.get("market_g_per_kwh", 0.0))
+            self.co2e_market_g += r.get("co2e_market_g", 0.0)
+            self.co2e_marginal_g += r.get("co2e_marginal_g", 0.0)
+
+    def intensity(self) -> dict[str, Any]:
+        """Which intensities the records used: providers, zones, hours, basis; market and marginal totals."""
+        return {
+            "providers": sorted(self.providers),
+            "zones": sorted(self.zones),
+            "hours": len(self.hours),
+            "basis": sorted(self.basis),
+            # None where the requests carry no energy: no weights, no weighted mean
+            "energy_weighted_g_per_kwh": self.weighted / self.energy_j if self.energy_j > 0 else None,
+            "market_g_per_kwh": self.market_g_per_kwh,
+            "co2e_market_g": self.co2e_market_g,
+            "co2e_marginal_g": self.co2e_marginal_g,
+        }
+
+
+def _open(path: Any, option: str) -> TextIO:
+    """An output file opened for writing; one that cannot be opened is a usage error."""
+    try:
+        return open(path, "w", encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"{option} {path}: cannot write: {exc.strerror or exc}") from None
+
+
 def _same_file(a: Any, b: Any) -> bool:
     """Whether two output paths name one file (the same path, or links to one existing file)."""
     import os
@@ -256,20 +353,15 @@ def _write(path: Any, text: str, option: str) -> None:
         raise UsageError(f"{option} {path}: cannot write: {exc.strerror or exc}") from None
 
 
-def summarize(result: Any, records: list[dict[str, Any]], carbon: Any) -> dict[str, Any]:
-    """Totals, per device and per route, with the carbon model's provenance."""
-    routes: dict[str, dict[str, Any]] = {}
-    for r in records:
-        k = r.get("route") or "(none)"
-        d = routes.setdefault(k, {"requests": 0, "energy_j": 0.0, "co2e_g": 0.0})
-        d["requests"] += 1
-        d["energy_j"] += r["energy_j"]
-        d["co2e_g"] += r["co2e_g"]
-        # 90 % bands: half-widths added in quadrature (requests' errors taken as independent;
-        # inside one reconciliation window they are anti-correlated, so this is conservative)
-        if "energy_j_low" in r:
-            d["_h2"] = d.get("_h2", 0.0) + ((r["energy_j_high"] - r["energy_j_low"]) / 2) ** 2
-            d["_c2"] = d.get("_c2", 0.0) + ((r.get("co2e_g_high", r["co2e_g"]) - r.get("co2e_g_low", r["co2e_g"])) / 2) ** 2
+def summarize(result: Any, records: "list[dict[str, Any]] | _Totals", carbon: Any) -> dict[str, Any]:
+    """Totals, per device and per route, with the carbon model's provenance. ``records``: the records,
+    or their :class:`_Totals` as the command adds them up a slice at a time."""
+    if isinstance(records, _Totals):
+        totals = records
+    else:
+        totals = _Totals()
+        totals.add(records)
+    routes = totals.routes
     for d in routes.values():
         if "_h2" in d:
             h, c = math.sqrt(d.pop("_h2")), math.sqrt(d.pop("_c2"))
@@ -286,7 +378,7 @@ def summarize(result: Any, records: list[dict[str, Any]], carbon: Any) -> dict[s
         "attributed_j": result.attributed_j,
         "unattributed_j": un,
         "unattributed_co2e_g": float(carbon.operational_g(un)),
-        "requests": len(records),
+        "requests": totals.n,
         "simulated": any(d.simulated for d in result.devices.values()),
         "carbon": {
             "region": carbon.region,
@@ -299,23 +391,7 @@ def summarize(result: Any, records: list[dict[str, Any]], carbon: Any) -> dict[s
         },
         "devices": {k: v.as_dict() for k, v in result.devices.items()},
         "routes": routes,
-        "intensity": _intensity_summary(records),
-    }
-
-
-def _intensity_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
-    """Which intensities the records used: providers, zones, hours, basis; market and marginal totals."""
-    e = sum(r["energy_j"] for r in records)
-    return {
-        "providers": sorted({r.get("intensity_provider", "") for r in records}),
-        "zones": sorted({r.get("intensity_zone", "") for r in records}),
-        "hours": len({r.get("intensity_hour", "") for r in records}),
-        "basis": sorted({r.get("intensity_basis", "") for r in records}),
-        # None where the requests carry no energy: no weights, no weighted mean
-        "energy_weighted_g_per_kwh": sum(r["energy_j"] * r.get("intensity_g_per_kwh", 0.0) for r in records) / e if e > 0 else None,
-        "market_g_per_kwh": max((r.get("market_g_per_kwh", 0.0) for r in records), default=0.0),
-        "co2e_market_g": sum(r.get("co2e_market_g", 0.0) for r in records),
-        "co2e_marginal_g": sum(r.get("co2e_marginal_g", 0.0) for r in records),
+        "intensity": totals.intensity(),
     }
 
 
