@@ -72,7 +72,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from wattspan.logs import get_logger
-from wattspan.meter.context import _current, current_request_id, set_tokens
+from wattspan.meter.context import MAX_TOKENS, _current, current_request_id, set_tokens
 
 if TYPE_CHECKING:
     import httpx
@@ -107,6 +107,8 @@ _NEVER_FORWARD = _HOP_BY_HOP | {"host", "content-length", "x-request-id", "accep
 # uvicorn sets its own date and server; the request id header is the proxy's own
 _RESPONSE_DROP = frozenset(n.encode() for n in _HOP_BY_HOP | {"date", "server", "x-wattspan-request-id"})
 _KEY_HEADERS = (b"authorization", b"api-key", b"x-api-key")
+#: headers that carry a credential: never a tenant label (the label is stored in the ledger and exported)
+_CREDENTIAL_HEADERS = (*_KEY_HEADERS, b"proxy-authorization", b"cookie")
 _USAGE_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses"})
 _RECORDS_PATH = "/wattspan/requests/"
 _MAX_KEPT = 10_000  # final and provisional figures kept in memory for GET /wattspan/requests/{id}
@@ -180,7 +182,33 @@ async def _send_error(send, status: int, message: str, kind: str) -> None:
 
 
 def _as_int(v) -> int | None:
-    return v if type(v) is int and v >= 0 else None
+    """A token count as the usage object gives it, or None: not a count, or more than any request holds
+    (``MAX_TOKENS``: a figure priced from 1e12 tokens would be tonnes of CO2e for a 3 ms request)."""
+    return v if type(v) is int and 0 <= v <= MAX_TOKENS else None
+
+
+def _dumps_faithful(obj) -> bytes | None:
+    """``obj`` as JSON the upstream reads as the client's body, or None where no text can say it: a
+    number JSON cannot hold (``1e999`` parses as inf) is forwarded as the client wrote it, untouched."""
+    try:
+        return json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+    except UnicodeEncodeError:  # a lone surrogate ("\ud800"): escaped, as the client's text had it
+        pass
+    except ValueError:
+        return None
+    try:
+        return json.dumps(obj, allow_nan=False, separators=(",", ":")).encode()
+    except ValueError:
+        return None
+
+
+def _dot_segment(path: str) -> bool:
+    """Whether a (decoded) path holds a ``.`` or ``..`` segment."""
+    return any(seg in (".", "..") for seg in path.split("/"))
+
+
+#: a tenant label the ledger keeps lossily: the cardinality bound's and the cleaning's fallbacks
+_LOSSY_TENANTS = ("other", "invalid")
 
 
 class _Usage:
@@ -215,7 +243,7 @@ class _SSEScanner:
     add to the usage-only event's ``usage`` (the provisional energy).
     """
 
-    __slots__ = ("strip", "usage", "buf", "broken", "annotate", "buffered")
+    __slots__ = ("strip", "usage", "buf", "broken", "annotate", "buffered", "cr_tail")
 
     def __init__(self, strip: bool, usage: _Usage, annotate=None) -> None:
         self.strip = strip
@@ -224,13 +252,23 @@ class _SSEScanner:
         self.buffered = bool(strip or annotate is not None)
         self.buf = b""
         self.broken = False
+        #: the last event ended at a CR that ended its chunk: None, else whether it was forwarded (an LF that
+        #: opens the next chunk completes that CRLF, and goes, or not, with it)
+        self.cr_tail: bool | None = None
 
     def feed(self, chunk: bytes) -> bytes:
         if self.broken:
             return chunk
+        out: list[bytes] = []
+        raw = chunk
+        if self.cr_tail is not None:
+            if chunk[:1] == b"\n":
+                if self.cr_tail:
+                    out.append(b"\n")
+                chunk = chunk[1:]
+            self.cr_tail = None
         start = max(0, len(self.buf) - 3)
         buf = self.buf + chunk
-        out: list[bytes] = []
         pos = 0
         while True:
             end = _event_end(buf, max(pos, start))
@@ -241,13 +279,15 @@ class _SSEScanner:
                 out.append(ev)
             pos = end
             start = end
+            if end == len(buf) and buf.endswith(b"\r"):
+                self.cr_tail = bool(ev)
         self.buf = buf[pos:]
         if len(self.buf) > _MAX_SSE_EVENT:  # not SSE as we know it: stop looking, pass through
             self.broken = True
             if self.buffered:
                 out.append(self.buf)
             self.buf = b""
-        return b"".join(out) if self.buffered else chunk
+        return b"".join(out) if self.buffered else raw
 
     def finish(self) -> bytes:
         rest, self.buf = self.buf, b""
@@ -260,7 +300,8 @@ class _SSEScanner:
         """The event to forward: ``ev``, rewritten, or ``b""`` (dropped)."""
         if b'"usage"' not in ev:
             return ev
-        lines = ev.split(b"\n")
+        sep = b"\r" if b"\n" not in ev else b"\n"  # lines ended by a lone CR, or by LF (CRLF: the CR stays on the line)
+        lines = ev.split(sep)
         data_at = [i for i, line in enumerate(lines) if line.startswith(b"data:")]
         data = b"\n".join(lines[i][5:].strip() for i in data_at)
         try:
@@ -281,20 +322,20 @@ class _SSEScanner:
             payload = line[5:].strip()
             spliced = _splice_usage(payload, self.annotate(obj["usage"]), obj["usage"])
             if spliced is not None:
-                lines[i] = b"data: " + spliced + (b"\r" if cr else b"")
-                return b"\n".join(lines)
+                lines[i] = b"data: " + spliced + (b"\r" if cr and sep == b"\n" else b"")
+                return sep.join(lines)
         return ev
+
+
+#: a blank line: two line ends in a row, each CRLF, LF or a lone CR (SSE allows all three); a CR at the
+#: buffer's end counts as a lone one (the scanner passes an LF that follows it in the next chunk straight on)
+_BLANK_LINE = re.compile(rb"(?:\r\n|\r(?!\n)|\n)(?:\r\n|\r(?!\n)|\n)")
 
 
 def _event_end(buf: bytes, start: int) -> int:
     """Index just past the first event terminator (blank line) at or after ``start``, or -1."""
-    a = buf.find(b"\n\n", start)
-    b = buf.find(b"\r\n\r\n", start)
-    if a < 0 and b < 0:
-        return -1
-    if b < 0 or (0 <= a < b):
-        return a + 2
-    return b + 4
+    m = _BLANK_LINE.search(buf, start)
+    return m.end() if m else -1
 
 
 def _allow(names: Iterable[str]) -> tuple[frozenset[str], tuple[str, ...]]:
@@ -385,6 +426,9 @@ class OpenAIProxy:
         pkey = None
         if tenant_from_key:
             pkey, self.pseudonym_source = _pseudonym_key(pseudonym_key, self.ledger_path)
+        if tenant and tenant.strip().lower().encode("latin-1", "replace") in _CREDENTIAL_HEADERS:
+            raise ValueError(f"tenant header {tenant!r} carries a credential, which would be stored as the tenant: name a "
+                             "tenant header (x-tenant-id), or label by API key with tenant_from_key (a keyed pseudonym)")
         tenant_label = _tenant_label(tenant.lower().encode("latin-1") if tenant else None, bool(tenant_from_key), pkey)
         self._tenant_of = tenant_label  # who may read a request's figures back: its own tenant only
         self._model_header = model_header.lower().encode("latin-1") if model_header else None
@@ -399,6 +443,7 @@ class OpenAIProxy:
         self.provisional: Provisional | None = None
         self._final: OrderedDict[str, RequestRecord] = OrderedDict()  # request id -> its final record
         self._prov: OrderedDict[str, dict] = OrderedDict()  # request id -> provisional figure
+        self._owners: OrderedDict[str, str] = OrderedDict()  # request id -> its caller's tenant, as the caller sent it
 
     def _open_ledger(self) -> None:
         from wattspan.export.ledger import Ledger
@@ -452,7 +497,10 @@ class OpenAIProxy:
                 await send({"type": "websocket.close", "code": 1008})
             return
         path = scope.get("path", "")
-        if path.startswith("/v1/"):
+        if path.startswith("/v1/") and _dot_segment(path):
+            # the upstream's client resolves "..": /v1/../metrics would reach what this proxy does not serve
+            await _send_error(send, 404, "not found: this proxy serves /v1/* (paths with . or .. segments are refused)", "not_found_error")
+        elif path.startswith("/v1/"):
             if not self._wired:
                 self._wire()
             if self.routes:
@@ -547,9 +595,17 @@ class OpenAIProxy:
                 log.warning("wattspan proxy: cannot read the ledger %s for %s (%s)", self.ledger_path, rid, exc)
                 d = None
         prov = self._prov.get(rid)
-        owner = (prov or {}).get("_owner", d.get("tenant", "") if d is not None else "")
-        if (d is not None or prov is not None) and not hmac.compare_digest(owner, self._tenant_of(scope)):
-            d = prov = None  # another tenant's request: as unknown as one that never was
+        owner = self._owners.get(rid)
+        if owner is None and prov is not None:
+            owner = prov.get("_owner")
+        if owner is None and d is not None:
+            # only in the ledger (a restart, or older than the last requests): its tenant as recorded, where that
+            # is the caller's label itself, not a fallback or a cut (64 characters) many tenants may share
+            t = d.get("tenant", "")
+            owner = t if isinstance(t, str) and t not in _LOSSY_TENANTS and len(t) < 64 else None
+        caller = self._tenant_of(scope)
+        if owner is None or not hmac.compare_digest(owner.encode("utf-8", "backslashreplace"), caller.encode("utf-8", "backslashreplace")):
+            d = prov = None  # another tenant's request (or one whose owner is unknown): as unknown as one that never was
         if prov is not None:
             prov = {k: v for k, v in prov.items() if k != "_owner"}
         if d is not None:
@@ -693,13 +749,21 @@ class OpenAIProxy:
             so = obj.get("stream_options")
             if so is None or (isinstance(so, dict) and so.get("include_usage") is not True and "continuous_usage_stats" not in so):
                 obj["stream_options"] = {**(so or {}), "include_usage": True}
-                self.stats["usage_injected"] += 1
-                return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode(), model, True
+                out = _dumps_faithful(obj)
+                if out is not None:
+                    self.stats["usage_injected"] += 1
+                    return out, model, True
         return body, model, False
 
     async def _proxy(self, scope, receive, send) -> None:
         self.stats["requests"] += 1
         scope["route"] = _route_for(scope.get("path", ""))
+        rid = current_request_id()
+        if rid and self.records_endpoint:  # who may read its figures back: the label before any cleaning or bound
+            owners = self._owners
+            owners[rid] = self._tenant_of(scope)
+            while len(owners) > _MAX_KEPT:
+                owners.popitem(last=False)
         if self.provisional is not None:
             rid = current_request_id()
             if rid:
@@ -762,8 +826,12 @@ class OpenAIProxy:
 
     async def _fail(self, send, state: dict, status: int, message: str, kind: str) -> None:
         if state["started"]:
-            # mid-body: return without completing the response, so the client sees a broken one
+            # mid-body: return without completing the response, so the client sees a broken one; its record
+            # says the upstream failed (the status the client saw was the upstream's first word, not its last)
             log.warning("wattspan proxy: %s after the response started; closing the client's connection", message)
+            window = _current.get()
+            if window is not None:
+                window.status = status
             return
         log.warning("wattspan proxy: %s -> %d", message, status)
         await _send_error(send, status, message, kind)
@@ -1220,6 +1288,14 @@ def create_proxy(upstream: str | None = None, **options) -> OpenAIProxy:
     return OpenAIProxy(upstream, **options)
 
 
+def _no_query(record) -> bool:
+    """uvicorn's access log line without the request's query string (``/v1/models?…``)."""
+    args = record.args
+    if isinstance(args, tuple) and len(args) >= 3 and isinstance(args[2], str) and "?" in args[2]:
+        record.args = (*args[:2], args[2].split("?", 1)[0] + "?…", *args[3:])
+    return True
+
+
 def run_proxy(
     upstream: str | None,
     host: str = "127.0.0.1",
@@ -1241,6 +1317,9 @@ def run_proxy(
     setup_logging()
     app = create_proxy(upstream, **options)
     served = wrap(app) if wrap is not None else app
+    import logging
+
+    logging.getLogger("uvicorn.access").addFilter(_no_query)  # query strings carry keys (?api_key=...): never logged
     try:
         uvicorn.run(served, host=host, port=port, log_level=log_level, lifespan="on")
     finally:

@@ -227,7 +227,7 @@ class EnergyMiddleware:
         try:
             await self.app(scope, receive, window.send)
         except BaseException as exc:
-            window.close(error=True)
+            window.close(error=True, raised=isinstance(exc, Exception))
             if self.request_id_header is not None and not window.status and isinstance(exc, Exception):
                 # The framework's error handler is outside this middleware: answer the 500
                 # here, so it carries the request id too; the exception still propagates
@@ -361,12 +361,16 @@ class _Window:
         finally:
             self.close()
 
-    def close(self, error: bool = False) -> None:
-        """The one place a request's window closes: last body chunk, exception or disconnect."""
+    def close(self, error: bool = False, raised: bool = False) -> None:
+        """The one place a request's window closes: last body chunk, exception or disconnect.
+        ``error``: the app raised or was cancelled; ``raised``: an exception (not a cancellation), which
+        makes the record's status 500 even after the response started (the client got a broken one)."""
         if self.closed:
             return
         self.closed = True
         t = _monotonic_ns()
+        meter = self.meter
+        status = 500 if (error and (raised or not self.status)) else self.status
         try:
             scope = self.scope
             model, tenant = self._labels()
@@ -374,11 +378,18 @@ class _Window:
             if path is not None:
                 path = (scope.get("root_path", "")[len(self.root):] + path)[:256]
             m = scope.get("method", "")
-            meter = self.meter
             # the labels as plain values, in the field order of records.RequestLabels (the meter checks it)
             route = "(unmatched)" if path is None else path
             method = m if m in _METHODS else "_OTHER"
-            status = 500 if (error and not self.status) else self.status
+            if type(status) is not int:
+                status = int(status) if isinstance(status, (int, str)) and str(status).isdigit() else 0
+        except Exception:  # the labels failed (a route object of the framework's without a str path): the request
+            self.mw.errors += 1  # is still ended, or it would stay in flight, its energy never recorded
+            log.exception("could not label a metering window; recording it unlabelled")
+            model = tenant = ""
+            route, method = "(unmatched)", "_OTHER"
+            status = status if type(status) is int else 0
+        try:
             end = getattr(meter, "end_fields", None)
             if end is not None:
                 end(self.id, self.device, t, route, method, status, model, tenant, self.prompt_tokens, self.output_tokens,

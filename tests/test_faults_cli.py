@@ -415,3 +415,27 @@ def test_batch_steps_outside_their_requests_lives_are_warned_about(tmp_path):
     assert "1 of 8 batch step entry lies wholly outside the request's start_ns..end_ns" in p.stderr
     p = wattspan(*_small(tmp_path, step_gpu=0), "--out", tmp_path / "o.jsonl")
     assert "outside the request's" not in p.stderr
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--region", "nowhere"], "--region: unknown region 'nowhere'"),  # a traceback
+    (["--seed", "-1"], "--seed must be between 0 and"),  # every completion refused, found at the end
+    (["--seed", str(10**14)], "--seed must be between 0 and"),
+    (["--db", "."], "--db .: is a directory"),  # ran, lost its records, exited 0
+    (["--concurrency", "0"], "--concurrency must be between 1 and 100000, got 0"),  # silently 1
+    (["--repeat", "0"], "--repeat must be between 1 and 100000, got 0"),
+])
+def test_demo_options_that_cannot_work_are_refused_before_serving(args, message):
+    p = wattspan("demo", *args, env={"WATTSPAN_SIMULATE": "1"})
+    assert p.returncode == 2, p.stderr
+    assert "Traceback" not in p.stderr and message in p.stderr
+
+
+def test_demo_on_a_port_in_use_is_refused_not_sent_to_another_server():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        p = wattspan("demo", "--port", str(s.getsockname()[1]), env={"WATTSPAN_SIMULATE": "1"})
+    assert p.returncode == 2 and "in use on 127.0.0.1" in p.stderr and "Traceback" not in p.stderr

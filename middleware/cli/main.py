@@ -124,6 +124,22 @@ def _build_parser() -> argparse.ArgumentParser:
     return p
 
 
+#: the largest demo --seed: its requests' seeds (seed * 100003 + index) stay within int64
+_MAX_SEED = 2**40
+
+
+def _port_free(port: int) -> bool:
+    """Whether 127.0.0.1:``port`` can be bound now (a server already there would answer the demo's load)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         rc = _main(argv)
@@ -160,11 +176,24 @@ def _main(argv: list[str] | None) -> int:
             from ..demo.run import run_demo
 
             for name in ("embeddings", "completions", "concurrency", "repeat"):
-                if int(getattr(args, name)) < 0 or int(getattr(args, name)) > 100_000:
-                    raise UsageError(f"--{name} must be between 0 and 100000")
+                lo = 1 if name in ("concurrency", "repeat") else 0
+                if not lo <= int(getattr(args, name)) <= 100_000:
+                    raise UsageError(f"--{name} must be between {lo} and 100000, got {getattr(args, name)}")
             if not 0 <= int(args.port) <= 65535:
                 raise UsageError(f"--port must be between 0 and 65535, got {args.port}")
-            return run_demo(embeds=int(args.embeddings), completions=int(args.completions), concurrency=max(1, int(args.concurrency)), region=args.region, db=args.db, serve=args.serve, port=int(args.port), seed=int(args.seed), repeat=max(1, int(args.repeat)))
+            if not 0 <= int(args.seed) <= _MAX_SEED:  # each request's seed is seed * 100003 + its index, in int64
+                raise UsageError(f"--seed must be between 0 and {_MAX_SEED}, got {args.seed}")
+            if args.db is not None and Path(args.db).is_dir():  # it would run, failing every write
+                raise UsageError(f"--db {args.db}: is a directory; give the ledger's file, e.g. {Path(args.db) / 'wattspan.sqlite'}")
+            from ..carbon import CarbonModel
+
+            try:
+                CarbonModel.for_region(args.region)
+            except ValueError as exc:
+                raise UsageError(f"--region: {exc}") from None
+            if int(args.port) and not _port_free(int(args.port)):
+                raise UsageError(f"--port {args.port}: in use on 127.0.0.1; choose another, or 0 for a free one")
+            return run_demo(embeds=int(args.embeddings), completions=int(args.completions), concurrency=int(args.concurrency), region=args.region, db=args.db, serve=args.serve, port=int(args.port), seed=int(args.seed), repeat=int(args.repeat))
         if args.command == "bench":
             need("httpx", "tqdm", "matplotlib", extra="bench")
             from ..bench import run_bench
@@ -185,6 +214,10 @@ def _main(argv: list[str] | None) -> int:
             )
             if args.upstream is None and not args.routes:
                 raise UsageError("proxy needs --upstream URL, or one --route MODEL=URL[@DEVICES] per upstream")
+            if str(args.tenant_header).strip().lower() in ("authorization", "proxy-authorization", "api-key", "x-api-key", "cookie"):
+                raise UsageError(f"--tenant-header {args.tenant_header} carries a credential, which would be stored as the "
+                                 "tenant: name a tenant header (x-tenant-id); requests without one are labelled by a keyed "
+                                 "pseudonym of their API key")
             if not 0 <= int(args.port) <= 65535:  # uvicorn took 99999 as 34463 (the port modulo 65536)
                 raise UsageError(f"--port must be between 0 and 65535, got {args.port}")
             _check_device("--device", args.device)

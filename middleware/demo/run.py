@@ -110,7 +110,10 @@ class Server:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if not self.thread.is_alive():
-                raise RuntimeError("the demo server exited during start-up")
+                raise RuntimeError(f"the demo server exited during start-up (is port {self.port} in use?)")
+            if not self.server.started:  # bound and serving: our server, not another one on that port
+                time.sleep(0.05)
+                continue
             try:
                 if httpx.get(self.url + "/healthz", timeout=2).status_code == 200:
                     return self

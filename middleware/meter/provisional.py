@@ -48,6 +48,10 @@ if TYPE_CHECKING:
 __all__ = ["Provisional", "attach", "usage_energy"]
 
 _EWMA = 0.1  # weight of the newest record in the recent J/token rate
+#: a record whose joules per token lie further than this factor from the recent rate does not move it (a usage
+#: count a server got wrong by orders of magnitude); batch size moves a real rate by tens of times at most
+_RATE_SPAN = 1000.0
+_RATE_RESTART = 5  # outliers in a row after which the rate starts again from the newest record
 _NB = 14  # terms of the step basis (wattspan.attribution.family.BASIS)
 _KNEES = 4  # its knee terms (9-12): they need the model's decode weight and knees, as
 _SAT = (7, 8, 9, 10, 11, 12)  # the saturating terms need its throughputs, when the step is seen
@@ -66,7 +70,7 @@ class Provisional:
     response ends.
     """
 
-    __slots__ = ("meter", "max_requests", "_tally", "_rate", "_lock", "stats")
+    __slots__ = ("meter", "max_requests", "_tally", "_rate", "_outlier_run", "_lock", "stats")
 
     def __init__(self, meter: Meter, *, max_requests: int = 100_000) -> None:
         self.meter = meter
@@ -78,7 +82,8 @@ class Provisional:
         self._tally: dict[str, list[float]] = {}
         self._rate: dict[str, float] = {}  # device -> recent J per token
         self._lock = threading.Lock()
-        self.stats = {"steps": 0, "estimates": 0, "step-model": 0, "recent-rate": 0, "none": 0, "evicted": 0}
+        self._outlier_run: dict[str, int] = {}  # per device: records in a row outside the rate's span
+        self.stats = {"steps": 0, "estimates": 0, "step-model": 0, "recent-rate": 0, "none": 0, "evicted": 0, "rate_outliers": 0}
 
     def open(self, request_id: str) -> None:
         """Start tallying the steps of a request (call it when the request arrives)."""
@@ -168,6 +173,13 @@ class Provisional:
             if tok > 0 and r.energy_j > 0 and math.isfinite(r.energy_j):
                 x = r.energy_j / tok
                 old = rate.get(r.device)
+                if old is not None and not old / _RATE_SPAN <= x <= old * _RATE_SPAN:
+                    self.stats["rate_outliers"] += 1
+                    run = self._outlier_run[r.device] = self._outlier_run.get(r.device, 0) + 1
+                    if run < _RATE_RESTART:
+                        continue
+                    old = None  # as many in a row: the rate itself was the outlier (its first record); start again
+                self._outlier_run[r.device] = 0
                 rate[r.device] = x if old is None else old + _EWMA * (x - old)
 
     # -- the event loop, when a response ends --------------------------------------------
