@@ -87,6 +87,8 @@ log = get_logger(__name__)
 
 DEFAULT_FORWARD_HEADERS: tuple[str, ...] = (
     "authorization",
+    "api-key",  # Azure OpenAI's key header; the tenant pseudonym reads it too
+    "x-api-key",
     "content-type",
     "accept",
     "user-agent",
@@ -395,8 +397,9 @@ class OpenAIProxy:
             else:
                 dkey = _group_key(dflt) if dflt is not None else None
                 device = lambda scope: (scope.get(_ROUTE_KEY) or _NO_ROUTE).device or dkey  # noqa: E731
-        if not (timeout_s > 0 and connect_timeout_s > 0):
-            raise ValueError(f"timeout_s and connect_timeout_s must be > 0 seconds, got {timeout_s!r} and {connect_timeout_s!r}")
+        if not (0.001 <= timeout_s <= 86400 and 0.001 <= connect_timeout_s <= 86400):  # NaN fails too
+            raise ValueError(f"timeout_s and connect_timeout_s must be 0.001..86400 seconds (no answer comes in less than "
+                             f"a millisecond), got {timeout_s!r} and {connect_timeout_s!r}")
         if not (isinstance(max_body_bytes, int) and max_body_bytes > 0):
             raise ValueError(f"max_body_bytes must be a positive number of bytes, got {max_body_bytes!r}")
         if not (isinstance(max_connections, int) and max_connections > 0):

@@ -234,6 +234,9 @@ def test_requests_wholly_outside_the_readings_are_warned_about_with_a_clock_hint
     (["--route", "m=http://127.0.0.1:9@gpu0+x y"], "--route m 'gpu0+x y': a device name"),
     (["--steps-listen", "unix:/no/such/folder/steps.sock"], "cannot listen for batch steps on unix:/no/such/folder/steps.sock"),  # a traceback
     (["--db", "."], "--db .: is a directory"),  # served, failing every ledger write
+    (["--timeout-s", "1e-300"], "must be 0.001..86400 seconds"),  # served, every request timing out
+    (["--tenant-header", "authorization"], "carries a credential"),  # the key stored as the tenant
+    (["--host", ""], "--host is empty"),  # listened on every interface
 ])
 def test_proxy_options_that_cannot_work_are_refused_before_serving(args, message):
     pytest.importorskip("uvicorn")

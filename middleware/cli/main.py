@@ -218,6 +218,8 @@ def _main(argv: list[str] | None) -> int:
                 raise UsageError(f"--tenant-header {args.tenant_header} carries a credential, which would be stored as the "
                                  "tenant: name a tenant header (x-tenant-id); requests without one are labelled by a keyed "
                                  "pseudonym of their API key")
+            if not str(args.host).strip():  # uvicorn listens on every interface for "": say 0.0.0.0 if that is meant
+                raise UsageError("--host is empty: give an address (127.0.0.1, the default; 0.0.0.0 for every interface)")
             if not 0 <= int(args.port) <= 65535:  # uvicorn took 99999 as 34463 (the port modulo 65536)
                 raise UsageError(f"--port must be between 0 and 65535, got {args.port}")
             _check_device("--device", args.device)
