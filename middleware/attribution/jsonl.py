@@ -170,12 +170,17 @@ def read_requests_jsonl(path: str | PathLike[str]) -> tuple[Requests, list[dict[
 
 def read_batches_jsonl(path: str | PathLike[str], requests: Requests) -> Steps:
     """Batch steps from JSONL: ``{"start_ns", "end_ns", "gpu", "requests": {"<id>": <tokens>}}``."""
+    import numpy as np
+
     path = Path(path)
-    # each step checked and handed on as it is read: the columns are built in one pass, no list of rows held
-    return Steps.from_records(_batch_rows(path, set(requests.ids.tolist())), requests)
-
-
-def _batch_rows(path: Path, known: set[str]) -> Iterator[dict[str, Any]]:
+    # each step checked and put into the columns as it is read, its entries a step at a time: no list of rows held
+    index = {rid: i for i, rid in enumerate(requests.ids.tolist())}
+    starts: list[int] = []
+    ends: list[int] = []
+    devs: list[str] = []
+    e_step: list[np.ndarray] = []
+    e_req: list[int] = []
+    e_tok: list[np.ndarray] = []
     for n, row in _rows(path):
         start = _time(path, n, row, "start_ns")
         end = _time(path, n, row, "end_ns")
@@ -185,8 +190,31 @@ def _batch_rows(path: Path, known: set[str]) -> Iterator[dict[str, Any]]:
         reqs = row.get("requests")
         if not isinstance(reqs, dict) or not reqs:
             raise InputError(path, n, "'requests' must be a non-empty object {request id: tokens}")
-        for rid, tok in reqs.items():
-            if rid not in known:
-                raise InputError(path, n, f"batch step names unknown request {rid!r} (not in the requests file)")
-            _count(path, n, f"tokens of {rid!r}", tok)
-        yield {"start_ns": start, "end_ns": end, "gpu": gpu, "requests": reqs}
+        try:
+            e_req.extend(map(index.__getitem__, reqs))
+        except KeyError as exc:
+            raise InputError(path, n, f"batch step names unknown request {exc.args[0]!r} (not in the requests file)") from None
+        vals = list(reqs.values())
+        tok = None
+        if all(type(v) is int or type(v) is float for v in vals):  # the common case, checked as one array
+            try:
+                tok = np.array(vals, dtype=np.float64)
+            except OverflowError:  # an int beyond float64
+                tok = None
+            if tok is not None and not bool(((tok >= 0) & (tok <= 1e12)).all()):  # NaN fails too
+                tok = None
+        if tok is None:  # the first bad one, named
+            tok = np.array([_count(path, n, f"tokens of {rid!r}", v) for rid, v in reqs.items()], dtype=np.float64)
+        e_tok.append(tok)
+        e_step.append(np.full(len(vals), len(starts), dtype=np.int64))
+        starts.append(start)
+        ends.append(end)
+        devs.append(device_key(gpu))
+    return Steps(
+        start_ns=np.array(starts, dtype=np.int64),
+        end_ns=np.array(ends, dtype=np.int64),
+        device=np.array(devs, dtype=object),
+        entry_step=np.concatenate(e_step) if e_step else np.zeros(0, dtype=np.int64),
+        entry_request=np.array(e_req, dtype=np.int64),
+        entry_tokens=np.concatenate(e_tok) if e_tok else np.zeros(0),
+    )
