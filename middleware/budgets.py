@@ -135,6 +135,8 @@ class BudgetConfig:
 
 
 def _num(where: str, key: str, v: Any, lo: float, hi: float) -> float:
+    if isinstance(v, int) and not isinstance(v, bool) and not lo <= v <= hi:  # an int past float's range too
+        raise BudgetConfigError(f"{where}: {key} must be a number in [{lo:g}, {hi:g}], got {_short(v)}")
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not (lo <= v <= hi):
         raise BudgetConfigError(f"{where}: {key} must be a number in [{lo:g}, {hi:g}], got {v!r}")
     return float(v)
@@ -167,6 +169,9 @@ def parse_budgets(doc: Any, where: str = "budgets") -> BudgetConfig:
         name = b.get("name")
         if not isinstance(name, str) or not name.strip():
             raise BudgetConfigError(f"{w}: needs a name")
+        if len(name) > 128 or not name.isprintable():  # it goes out in a response header and in reports
+            raise BudgetConfigError(f"{w}: the name must be at most 128 printable characters (no line breaks or "
+                                    f"control characters), got {_short(name)}")
         w = f"{where}: budget {name!r}"
         if name in names:
             raise BudgetConfigError(f"{w}: the name is used twice")
@@ -193,6 +198,22 @@ def parse_budgets(doc: Any, where: str = "budgets") -> BudgetConfig:
     return BudgetConfig(tuple(out), source, str(doc.get("ledger", "wattspan.sqlite")), prom, refresh)
 
 
+def _short(v: Any) -> str:
+    r = repr(v) if not isinstance(v, int) or v.bit_length() < 200 else f"an integer of {len(str(v))} digits"
+    return r if len(r) <= 80 else r[:77] + "..."
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are each given once: ``{"action": "reject", "action": "observe"}`` would
+    silently turn a rejecting budget into an observing one (TOML refuses it too)."""
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"the key {k!r} is given twice in one object")
+        out[k] = v
+    return out
+
+
 def load_budgets(path: str | os.PathLike[str]) -> BudgetConfig:
     """Read a budget file (``.json``, or ``.toml`` on Python 3.11+)."""
     p = Path(path)
@@ -200,6 +221,8 @@ def load_budgets(path: str | os.PathLike[str]) -> BudgetConfig:
         text = p.read_text(encoding="utf-8")
     except OSError as exc:
         raise BudgetConfigError(f"cannot read budget file {p}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise BudgetConfigError(f"{p}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})") from None
     try:
         if p.suffix.lower() == ".toml":
             if sys.version_info >= (3, 11):
@@ -209,9 +232,11 @@ def load_budgets(path: str | os.PathLike[str]) -> BudgetConfig:
             else:
                 raise BudgetConfigError(f"{p}: TOML needs Python 3.11+; write the budgets as JSON")
         else:
-            doc = json.loads(text)
+            doc = json.loads(text, object_pairs_hook=_unique_keys)
     except BudgetConfigError:
         raise
+    except RecursionError:
+        raise BudgetConfigError(f"{p}: nested too deeply to be a budget file") from None
     except ValueError as exc:
         raise BudgetConfigError(f"{p}: not valid {'TOML' if p.suffix.lower() == '.toml' else 'JSON'}: {exc}") from None
     cfg = parse_budgets(doc, str(p))

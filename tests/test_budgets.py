@@ -45,6 +45,12 @@ def _write(tmp_path, doc, name="budgets.json"):
     ({"source": "prometheus", "budget": [{"name": "a", "limit_gco2e": 1, "period": "day"}]}, "needs prometheus_url"),
     ({"budget": []}, "no budgets"),
     ("{not json", "not valid JSON"),
+    # found by a probe: each was a traceback, or silently something else
+    ('{"budget": [{"name": "a", "limit_gco2e": 1' + "0" * 400 + ', "period": "day"}]}', "an integer of 401 digits"),
+    ("[" * 5000 + "]" * 5000, "nested too deeply"),
+    ('{"budget": [{"name": "a", "limit_gco2e": 1, "period": "day", "action": "reject", "action": "observe"}]}',
+     "the key 'action' is given twice"),  # the last key won: a rejecting budget only observed
+    ({"budget": [{"name": "team\r\nSet-Cookie: x=1", "limit_gco2e": 1, "period": "day"}]}, "printable characters"),
 ])
 def test_bad_budget_files_get_a_clear_error(tmp_path, doc, message):
     with pytest.raises(BudgetConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -255,3 +261,10 @@ def test_defer_queues_deferrable_requests_and_runs_them_metered(tmp_path):
         mw.close()
         meter.close()
         led.close()
+
+
+def test_a_budget_file_that_is_not_utf8_gets_a_clear_error(tmp_path):
+    p = tmp_path / "budgets.json"
+    p.write_bytes('{"budget": [{"name": "équipe", "limit_gco2e": 1, "period": "day"}]}'.encode("latin-1"))
+    with pytest.raises(BudgetConfigError, match="not UTF-8 text"):
+        load_budgets(p)

@@ -281,3 +281,36 @@ def test_a_pass_goes_in_many_rows_a_statement_in_order_and_a_bad_one_is_stored_o
     assert [r["id"] for r in rows] == batch.column("id") + good.column("id")
     assert st["written"] == 500 and st["sanitized"] == 1 and st["dropped"] == 0
     assert rows[bad]["prompt_tokens"] == 2**63 - 1 and rows[bad + 1]["prompt_tokens"] == 0
+
+
+def test_a_collector_that_never_answers_does_not_hold_a_flush_or_shutdown_past_its_time():
+    # the SDK's batch processor exports every queued batch at a flush whatever its timeout, each waiting on the
+    # collector: with a black hole behind it a server's shutdown took 108 s (1,500 requests)
+    import threading
+
+    from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+
+    release = threading.Event()
+
+    class BlackHole(SpanExporter):  # a collector that accepts and never answers, until the test ends
+        def export(self, spans):
+            release.wait(30)
+            return SpanExportResult.FAILURE
+
+    proc = EnergySpanProcessor(BatchSpanProcessor(BlackHole(), max_export_batch_size=8, schedule_delay_millis=60_000), hold_timeout_s=60)
+    tp = TracerProvider(resource=Resource.create({"service.name": "svc"}))
+    tp.add_span_processor(proc)
+    tracer = tp.get_tracer("scope")
+    try:
+        for i in range(64):  # eight batches, each a 30 s wait
+            tracer.start_span(f"GET /{i}", kind=SpanKind.SERVER).end()
+        t0 = time.monotonic()
+        proc.force_flush(timeout_millis=500)
+        flushed = time.monotonic() - t0
+        t0 = time.monotonic()
+        proc.shutdown()
+        shut = time.monotonic() - t0
+    finally:
+        release.set()
+    assert flushed < 3.0 and shut < 12.0, (flushed, shut)
+    assert proc.stats()["flush_overran"] >= 2

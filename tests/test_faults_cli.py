@@ -442,3 +442,25 @@ def test_demo_on_a_port_in_use_is_refused_not_sent_to_another_server():
         s.listen()
         p = wattspan("demo", "--port", str(s.getsockname()[1]), env={"WATTSPAN_SIMULATE": "1"})
     assert p.returncode == 2 and "in use on 127.0.0.1" in p.stderr and "Traceback" not in p.stderr
+
+
+@pytest.mark.parametrize("damage", ["drop-table", "overwrite-pages"])
+def test_a_damaged_ledger_is_a_clear_error_for_every_reader(tmp_path, damage):
+    import sqlite3
+
+    from wattspan.export.ledger import Ledger
+
+    db = tmp_path / "l.sqlite"
+    with Ledger(db):
+        pass
+    if damage == "drop-table":
+        with sqlite3.connect(db) as c:
+            c.execute("DROP TABLE requests")
+    else:
+        raw = bytearray(db.read_bytes())
+        raw[4096:] = b"\xa5" * (len(raw) - 4096)  # every page after the first
+        db.write_bytes(bytes(raw))
+    for args in (["report", "--db", db, "--id", "r1"], ["report", "--db", db], ["audit", "--db", db]):
+        p = wattspan(*args)
+        assert p.returncode == 2, (args, p.stderr)
+        assert "Traceback" not in p.stderr and ("cannot read" in p.stderr or "is not a wattspan ledger" in p.stderr), (args, p.stderr)

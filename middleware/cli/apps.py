@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -81,7 +82,11 @@ def dispatch(args: argparse.Namespace, carbon_model_from_args: Callable[[argpars
             need("jinja2", "markdown_it", "matplotlib", extra="audit")
             from ..audit import cli_main as audit_main
 
-            return audit_main(args)
+            try:
+                return audit_main(args)
+            except (TypeError, OverflowError) as exc:  # values wattspan's writer never stores (a text time, 1e300)
+                raise usage_error(f"cannot read the ledger: a record holds a value no ledger writer stores ({exc}); "
+                                  "was it written by wattspan?") from None
         if args.command == "dashboard":
             need("starlette", "uvicorn", "plotly", extra="dashboard")
             from ..dashboard import cli_main as dashboard_main
@@ -89,4 +94,6 @@ def dispatch(args: argparse.Namespace, carbon_model_from_args: Callable[[argpars
             return dashboard_main(args)
     except (ValueError, FileNotFoundError) as exc:
         raise usage_error(str(exc)) from None
+    except sqlite3.Error as exc:  # a damaged ledger, or one missing its tables
+        raise usage_error(f"cannot read the ledger: {exc}") from None
     raise usage_error(f"unknown command {args.command!r}")

@@ -68,6 +68,9 @@ def run_report(db: Path, *, by: str = "route", fmt: str = "table", since_s: floa
     except (InputError, sqlite3.Error) as exc:
         print(f"wattspan report: cannot read {db}: {exc}", file=err)
         return 2
+    except (TypeError, ValueError, OverflowError) as exc:  # values wattspan's writer never stores (+inf and -inf summed)
+        print(f"wattspan report: cannot read {db}: a record holds a value no ledger writer stores ({exc}); was it written by wattspan?", file=err)
+        return 2
 
     try:
         _render(db, by, fmt, since_s, tables, out)
@@ -145,10 +148,14 @@ def cmd_report_id(args: argparse.Namespace) -> int:
     from ..export.ledger import find
     from ..errors import InputError
 
+    import sqlite3
+
     try:
         rec = find(args.db, args.id)
     except (FileNotFoundError, InputError) as exc:
         raise UsageError(str(exc)) from None
+    except sqlite3.Error as exc:  # a damaged file, or one missing the ledger's tables
+        raise UsageError(f"cannot read {args.db}: {exc}") from None
     except (TypeError, ValueError) as exc:  # a value of the wrong type (its trace id), which wattspan's writer never stores
         raise UsageError(f"{args.db}: the record of {args.id!r} holds a value of the wrong type ({exc}); was it written by wattspan?") from None
     if rec is None:

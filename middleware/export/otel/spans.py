@@ -452,6 +452,7 @@ class EnergySpanProcessor(SpanProcessor):
                 "unmatched",  # records for spans never marked
                 "export_deferred",  # finished spans the exporter's queue had no room for at once (sent later)
                 "export_dropped",  # ... that waited beyond max_held: lost, logged
+                "flush_overran",  # the exporter's flush or shutdown ran past its time (a collector that never answers)
                 "errors",
             ),
             0,
@@ -743,14 +744,37 @@ class EnergySpanProcessor(SpanProcessor):
             self._forward(out, retry=False)
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
-        """Pass on every held span (``pending``), then flush ``downstream``."""
+        """Pass on every held span (``pending``), then flush ``downstream``, within ``timeout_millis``."""
+        end = _monotonic() + max(0.0, timeout_millis / 1000)
         self._forward(self._take_all())
         self._drain_outbox(timeout_millis / 1000)
-        try:
-            return bool(self.downstream.force_flush(timeout_millis))
-        except Exception:
-            self._fault("downstream force_flush failed")
-            return False
+        left = max(0.0, end - _monotonic())
+        return bool(self._bounded(lambda: self.downstream.force_flush(int(left * 1000)), left, "force_flush"))
+
+    def _bounded(self, fn: Callable[[], Any], timeout_s: float, what: str) -> Any:
+        """``fn()`` (the exporter's flush or shutdown), waited for ``timeout_s`` at most: the SDK's batch
+        processor exports every queued batch whatever its timeout, each waiting on a collector that may never
+        answer, which held a server's shutdown for minutes. Past the time it goes on in its own thread, counted
+        (``flush_overran``) and logged once; None then, and where it raised."""
+        box: list[Any] = []
+
+        def run() -> None:
+            try:
+                box.append(fn())
+            except Exception:
+                self._fault(f"downstream {what} failed")
+                box.append(None)
+
+        th = threading.Thread(target=run, name=f"wattspan-otel-{what}", daemon=True)
+        th.start()
+        th.join(max(0.0, timeout_s))
+        if box:
+            return box[0]
+        with self._lock:
+            self._counts["flush_overran"] += 1
+        self._once.warning(("otel", what), "wattspan: the span exporter's %s ran past %.1f s (a collector that does not "
+                      "answer?); not waited for any longer (counted in stats()['flush_overran']; logged once)", what, timeout_s)
+        return None
 
     def shutdown(self) -> None:
         """Pass on every held span (``pending``), stop the timer, shut ``downstream`` down."""
@@ -764,10 +788,7 @@ class EnergySpanProcessor(SpanProcessor):
         th = self._thread
         if th is not None and th is not threading.current_thread():
             th.join(5.0)
-        try:
-            self.downstream.shutdown()
-        except Exception:
-            self._fault("downstream shutdown failed")
+        self._bounded(self.downstream.shutdown, 5.0, "shutdown")
         with self._out_lock:  # what the exporter never had room for by now cannot reach it any more
             left = len(self._outbox)
             self._outbox.clear()
@@ -1003,10 +1024,8 @@ class EnergySpanProcessor(SpanProcessor):
             if not self._outbox:
                 break
             before = len(self._outbox)
-            try:  # the exporter empties its queue now
-                self._downstream.force_flush(int(max(0.0, end - _monotonic()) * 1000))
-            except Exception:
-                self._fault("downstream force_flush failed")
+            left = max(0.0, end - _monotonic())  # the exporter empties its queue now, within the time left
+            if self._bounded(lambda: self._downstream.force_flush(int(left * 1000)), left, "force_flush") is None:
                 return
             self._forward([])
             if len(self._outbox) >= before or _monotonic() >= end:  # no room made, or out of time: still counted
