@@ -598,9 +598,7 @@ class OpenAIProxy:
                 log.warning("wattspan proxy: cannot read the ledger %s for %s (%s)", self.ledger_path, rid, exc)
                 d = None
         prov = self._prov.get(rid)
-        owner = self._owners.get(rid)
-        if owner is None and prov is not None:
-            owner = prov.get("_owner")
+        owner = self._owners.get(rid)  # every request of the last _MAX_KEPT, as its caller sent the label
         if owner is None and d is not None:
             # only in the ledger (a restart, or older than the last requests): its tenant as recorded, where that
             # is the caller's label itself, not a fallback or a cut (64 characters) many tenants may share
@@ -609,8 +607,6 @@ class OpenAIProxy:
         caller = self._tenant_of(scope)
         if owner is None or not hmac.compare_digest(owner.encode("utf-8", "backslashreplace"), caller.encode("utf-8", "backslashreplace")):
             d = prov = None  # another tenant's request (or one whose owner is unknown): as unknown as one that never was
-        if prov is not None:
-            prov = {k: v for k, v in prov.items() if k != "_owner"}
         if d is not None:
             out = {"id": rid, "status": "final", **_public(d)}
             if prov is not None:
@@ -936,7 +932,7 @@ class OpenAIProxy:
             method = est["method"] if est else "none"
             fig = {"energy_j": energy, "co2e_g": co2e, "method": method}
             kept = proxy._prov
-            kept[window.id] = {**fig, "_owner": proxy._tenant_of(window.scope)}
+            kept[window.id] = fig
             while len(kept) > _MAX_KEPT:
                 kept.popitem(last=False)
             proxy.stats["energy_annotated"] += 1

@@ -84,20 +84,13 @@ def cmd_attribute(args: argparse.Namespace) -> int:
     totals = _Totals()
     out = sys.stdout if args.out is None else _open(args.out, "--out")
     try:
-        for records in _record_slices(result, rows, carbon, batch):
-            totals.add(records)
-            lines = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records)
-            try:
-                out.write(lines)
-            except BrokenPipeError:
-                raise  # the reader went away: wattspan.cli.main stops quietly
-            except OSError as exc:
-                where = "standard output" if args.out is None else f"--out {args.out}"
-                raise UsageError(f"{where}: cannot write the records: {exc.strerror or exc}") from None
         try:
+            for records in _record_slices(result, rows, carbon, batch):
+                totals.add(records)
+                out.write("".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records))
             out.flush()  # a full disk shows here, not in the interpreter's exit
         except BrokenPipeError:
-            raise
+            raise  # the reader went away: wattspan.cli.main stops quietly
         except OSError as exc:
             where = "standard output" if args.out is None else f"--out {args.out}"
             raise UsageError(f"{where}: cannot write the records: {exc.strerror or exc}") from None
