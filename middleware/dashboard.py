@@ -75,14 +75,28 @@ _COMPLETE_AFTER_S = 30.0  # a bucket this long past its end is taken as complete
 _REBUILD_S = 300.0  # and the cache is rebuilt from the file this often all the same
 
 
+def _ok(cols: set) -> str:
+    """SQL that is 1 for a record whose summed values are finite numbers >= 0 (all a wattspan writer
+    stores), 0 otherwise: a tampered or foreign row (an inf, a text in a REAL column, a negative
+    energy) is counted and left out of the sums, not summed into them (an inf would make every
+    total inf and the page's JSON invalid)."""
+    names = ["energy_j", "host_j", "co2e_g", "embodied_g", "prompt_tokens", "output_tokens"]
+    names += [c for c in ("energy_j_low", "energy_j_high") if c in cols]
+    return "(" + " AND ".join(f"(typeof({c}) IN ('integer', 'real') AND {c} - {c} = 0 AND {c} >= 0)" for c in names) + ")"
+
+
 def _scan(conn, cols: set, lo: float, hi: float, bucket_s: float) -> list[tuple]:
     """One pass over ``lo <= recorded_at < hi``: sums per (absolute bucket, route, model, tenant, method,
-    device, sensor, simulated[, quality])."""
+    device, sensor, simulated[, quality]) over the records :func:`_ok` passes, and the count of those it
+    does not."""
     extra = ", quality" if "quality" in cols else ", ''"
-    band = ", TOTAL(energy_j_low), TOTAL(energy_j_high)" if {"energy_j_low", "energy_j_high"} <= cols else ", NULL, NULL"
-    sql = (f"SELECT CAST(recorded_at / ? AS INTEGER), {', '.join(_KEYS)}{extra}, COUNT(*), TOTAL(energy_j), TOTAL(host_j), "
-           f"TOTAL(co2e_g), TOTAL(embodied_g), TOTAL(prompt_tokens), TOTAL(output_tokens), TOTAL(coverage < 0.9), "
-           f"MAX(recorded_at){band} FROM requests WHERE recorded_at >= ? AND recorded_at < ? GROUP BY 1, 2, 3, 4, 5, 6, 7, 8, 9")
+    band = (", TOTAL(CASE WHEN ok THEN energy_j_low END), TOTAL(CASE WHEN ok THEN energy_j_high END)"
+            if {"energy_j_low", "energy_j_high"} <= cols else ", NULL, NULL")
+    sums = ", ".join(f"TOTAL(CASE WHEN ok THEN {c} END)" for c in ("energy_j", "host_j", "co2e_g", "embodied_g", "prompt_tokens", "output_tokens"))
+    sql = (f"SELECT CAST(recorded_at / ? AS INTEGER), {', '.join(_KEYS)}{extra}, TOTAL(ok), {sums}, "
+           f"TOTAL(ok AND coverage < 0.9), MAX(recorded_at){band}, TOTAL(NOT ok) "
+           f"FROM (SELECT *, IFNULL({_ok(cols)}, 0) AS ok FROM requests WHERE recorded_at >= ? AND recorded_at < ?) "
+           f"GROUP BY 1, 2, 3, 4, 5, 6, 7, 8, 9")
     return conn.execute(sql, (bucket_s, lo, hi)).fetchall()
 
 
@@ -150,6 +164,28 @@ def _cached_rows(conn, cols: set, cache: DataCache, db: str, bucket: float, k0: 
     return [r for k in sorted(cache.rows) for r in cache.rows[k]] + _scan(conn, cols, live_from, now + 1e-6, bucket)
 
 
+_WARNED: dict[str, int] = {}  # ledger -> the count of left-out records last logged
+
+
+def _finite(obj: Any) -> Any:
+    """``obj`` with every non-finite float (a sum past float's range) as None: JSON has no inf."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def _host_name(header: str) -> str:
+    """The host of a ``Host`` header, without its port: ``[::1]:8080`` -> ``::1``."""
+    h = header.strip()
+    if h.startswith("["):
+        return h[1:h.find("]")] if "]" in h else ""
+    return h.rsplit(":", 1)[0] if h.count(":") == 1 else h
+
+
 def _summarise(rows, *, db, now, window_s, since, k0, bucket, metrics_url, budgets=None) -> dict:
     zero = {"requests": 0, "energy_j": 0.0, "host_j": 0.0, "co2e_g": 0.0, "tokens": 0, "simulated": False, "methods": set()}
     tot: dict[str, Any] = {"n": 0, "acc": 0.0, "host": 0.0, "co2": 0.0, "emb": 0.0, "pt": 0, "ot": 0, "sim": 0, "low": 0, "last": None, "lo": 0.0, "hi": 0.0}
@@ -159,7 +195,12 @@ def _summarise(rows, *, db, now, window_s, since, k0, bucket, metrics_url, budge
     sensors: dict[tuple[str, str], tuple[bool, int]] = {}
     flags: dict[str, int] = {}
     has_band = False
-    for (k, route, model, tenant, method, device, sensor, sim, quality, n, e, h, c, emb, pt, ot, low, last, lo, hi) in rows:
+    excluded = 0
+    for (k, route, model, tenant, method, device, sensor, sim, quality, n, e, h, c, emb, pt, ot, low, last, lo, hi, bad) in rows:
+        excluded += int(bad)
+        if not n:  # every record of the group left out (see _ok)
+            continue
+        n = int(n)
         tot["n"] += n
         tot["acc"] += e
         tot["host"] += h
@@ -222,7 +263,12 @@ def _summarise(rows, *, db, now, window_s, since, k0, bucket, metrics_url, budge
         out["series"][b] = ser
     out["quality"] = {"simulated_requests": int(tot["sim"]), "low_coverage_requests": int(tot["low"]), "methods": methods,
                       "sensors": [{"device": d, "sensor": s, "simulated": sim, "requests": k} for (d, s), (sim, k) in sorted(sensors.items())],
-                      "flags": flags, "band_j": [tot["lo"] + host, tot["hi"] + host] if has_band else None}
+                      "flags": flags, "band_j": [tot["lo"] + host, tot["hi"] + host] if has_band else None,
+                      "excluded_records": excluded}
+    if excluded and _WARNED.get(str(db)) != excluded:  # once per new count, not on every refresh
+        _WARNED[str(db)] = excluded
+        log.warning("wattspan dashboard: %d record(s) of %s with a value no writer stores (non-finite, negative or text) left out of the sums",
+                    excluded, Path(db).name)
     out["unattributed"] = _unattributed(metrics_url)
     out["budgets"] = _budgets(db, budgets)
     return out
@@ -321,15 +367,45 @@ def parse_exposition(text: str) -> tuple[list[tuple[str, dict[str, str], float]]
     return out, skipped
 
 
+_BUDGET_FILES: dict[str, tuple[tuple[int, int], Any]] = {}  # path -> ((mtime_ns, size), config or the error it gave)
+
+
+def _load_budgets_cached(path):
+    """:func:`wattspan.budgets.load_budgets`, parsed again only when the file changes (its
+    mtime or size): the page refreshes every few seconds. A broken file is logged once per
+    version of it, not on every refresh."""
+    from .budgets import load_budgets
+
+    key = str(path)
+    st = os.stat(key)
+    stamp = (st.st_mtime_ns, st.st_size)
+    hit = _BUDGET_FILES.get(key)
+    if hit is None or hit[0] != stamp:
+        try:
+            hit = (stamp, load_budgets(path))
+        except Exception as exc:
+            log.warning("budget file %s could not be read: %s", Path(key).name, exc)
+            hit = (stamp, exc)
+        if len(_BUDGET_FILES) >= 16:
+            _BUDGET_FILES.clear()
+        _BUDGET_FILES[key] = hit
+    if isinstance(hit[1], Exception):
+        raise hit[1]
+    return hit[1]
+
+
 def _budgets(db, path) -> dict:
     """Budget burn from :func:`wattspan.budgets.budget_status` for the budget file ``path``
     (spent against this ledger when the file's source is the ledger)."""
     if not path:
         return {"available": False, "rows": [], "note": "no budgets configured (--budgets FILE or WATTSPAN_BUDGETS)"}
-    from .budgets import BudgetConfig, budget_status, load_budgets
+    from .budgets import BudgetConfig, budget_status
 
     try:
-        cfg = load_budgets(path)
+        cfg = _load_budgets_cached(path)
+    except Exception as exc:  # logged once per version of the file
+        return {"available": False, "rows": [], "note": f"budgets could not be read: {exc}"}
+    try:
         if cfg.source == "ledger":
             cfg = BudgetConfig(cfg.budgets, "ledger", str(db), cfg.prometheus_url, cfg.refresh_s)
         rows = [s.to_dict() for s in budget_status(cfg)]
@@ -389,6 +465,11 @@ def create_app(db: str | os.PathLike, *, token: str | None = None, window_s: flo
 
     def guard(fn):
         async def endpoint(request: Request):
+            if want is None and not is_loopback(_host_name(request.headers.get("host", ""))):
+                # no token: only this machine may read the page. A page elsewhere can point a name
+                # it controls at 127.0.0.1 (DNS rebinding); its requests then carry that name.
+                return PlainTextResponse("this dashboard answers to localhost only (start it with --token to serve other names)",
+                                         status_code=421, headers=headers)
             if not allowed(request):
                 return PlainTextResponse("a token is required: open the page as /?token=...", status_code=401, headers=headers)
             return await fn(request)
@@ -416,7 +497,7 @@ def create_app(db: str | os.PathLike, *, token: str | None = None, window_s: flo
             return JSONResponse({"error": str(exc)}, status_code=400, headers=headers)
         try:
             cache = caches.setdefault(w, DataCache()) if len(caches) < 16 else DataCache()
-            body = await run_in_threadpool(data, db, w, metrics_url=metrics_url, budgets=budgets, cache=cache)
+            body = _finite(await run_in_threadpool(data, db, w, metrics_url=metrics_url, budgets=budgets, cache=cache))
         except FileNotFoundError as exc:
             return JSONResponse({"error": str(exc)}, status_code=404, headers=headers)
         except Exception as exc:  # a broken or foreign file: say so on the page

@@ -89,6 +89,7 @@
     add("coverage < 90%: " + q.low_coverage_requests, q.low_coverage_requests > 0);
     Object.entries(q.methods).forEach(([m, c]) => add("method " + (m || "(none)") + ": " + c, false));
     Object.entries(q.flags || {}).forEach(([m, c]) => add("quality " + m + ": " + c, m !== "ok"));
+    if (q.excluded_records) add("left out (a value no writer stores): " + q.excluded_records, true);
     if (q.band_j) add("energy band " + fmt(q.band_j[0]) + " to " + fmt(q.band_j[1]) + " J", false);
     q.sensors.forEach((s) => box.appendChild(el("div", s.device + ": " + s.sensor + (s.simulated ? " (not a measurement)" : ""), "muted")));
   }

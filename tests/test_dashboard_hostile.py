@@ -1,0 +1,119 @@
+"""`wattspan dashboard` against a tampered ledger, a rebinding page and a budget file that changes:
+a value no writer stores is counted and left out of the sums (never an inf total or a 500), a page
+that points its own name at 127.0.0.1 gets nothing without a token, and the budget file is parsed
+again only when it changes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sqlite3
+
+import httpx
+import pytest
+
+from wattspan import RequestRecord
+from wattspan import dashboard
+from wattspan.dashboard import create_app, data
+from wattspan.export.ledger import Ledger
+
+from .conftest import serve
+
+
+def _rec(i: int) -> RequestRecord:
+    return RequestRecord(id=f"r{i}", device="gpu0", start_ns=i, end_ns=i + 10**8, energy_j=2.0, dynamic_j=1.5, idle_j=0.5,
+                         device_s=0.1, co2e_g=0.001, method="batch-fit", sensor="nvml:energy-counter", coverage=1.0,
+                         route="/v1/chat", model="m", tenant=f"t{i % 2}", prompt_tokens=10, output_tokens=5, host_j=0.25)
+
+
+@pytest.fixture
+def ledger(tmp_path):
+    db = tmp_path / "w.sqlite"
+    with Ledger(db) as led:
+        led.write([_rec(i) for i in range(10)])
+        assert led.flush()
+    return db
+
+
+def _tamper(db, sql: str, *args) -> None:
+    con = sqlite3.connect(db)
+    con.execute(sql, args)
+    con.commit()
+    con.close()
+
+
+@pytest.mark.parametrize("column, value", [("energy_j", math.inf), ("energy_j", -5.0), ("co2e_g", "lots"),
+                                           ("host_j", -math.inf), ("prompt_tokens", -3), ("energy_j", b"\x00\x01")])
+def test_a_value_no_writer_stores_is_counted_and_left_out(ledger, column, value, caplog):
+    _tamper(ledger, f"UPDATE requests SET {column} = ? WHERE id = 'r0'", value)
+    dashboard._WARNED.clear()
+    with caplog.at_level(logging.WARNING, logger="wattspan"):
+        d = data(ledger, 3600)
+    json.dumps(d, allow_nan=False)  # valid JSON: no inf, no NaN
+    t = d["totals"]
+    assert t["requests"] == 9 and d["quality"]["excluded_records"] == 1
+    assert t["total_j"] == pytest.approx(9 * 2.25) and t["co2e_g"] == pytest.approx(9 * 0.001)
+    assert sum(r["requests"] for r in d["by"]["tenant"]) == 9
+    assert "left out of the sums" in caplog.text
+    caplog.clear()
+    data(ledger, 3600)  # the same count is not logged again on every refresh
+    assert "left out" not in caplog.text
+
+
+def test_a_clean_ledger_excludes_nothing(ledger):
+    d = data(ledger, 3600)
+    assert d["quality"]["excluded_records"] == 0 and d["totals"]["requests"] == 10
+
+
+def test_sums_past_floats_range_are_served_as_null_not_a_500(ledger):
+    # each record is finite and >= 0, their sum is not: the page's JSON must stay valid
+    _tamper(ledger, "UPDATE requests SET energy_j = 1.7e308")
+    with serve(create_app(ledger)) as url:
+        r = httpx.get(url + "/api/data", params={"window": "1h"})
+    assert r.status_code == 200
+    d = json.loads(r.text)  # strict JSON parsers reject Infinity
+    assert d["totals"]["total_j"] is None and d["totals"]["requests"] == 10
+
+
+def test_without_a_token_only_loopback_names_are_served(ledger):
+    with serve(create_app(ledger)) as url:
+        port = url.rsplit(":", 1)[1]
+        for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}", "127.0.0.1"):
+            assert httpx.get(url + "/api/data", headers={"host": host}).status_code == 200, host
+        for host in (f"evil.example:{port}", "evil.example", f"[2001:db8::1]:{port}", "", "127.0.0.1.evil.example"):
+            r = httpx.get(url + "/api/data", headers={"host": host})
+            assert r.status_code == 421 and "localhost only" in r.text, host
+            assert httpx.get(url + "/", headers={"host": host}).status_code == 421
+        assert httpx.get(url + "/healthz", headers={"host": "evil.example"}).status_code == 200
+
+
+def test_with_a_token_any_name_is_served_to_its_holder(ledger):
+    with serve(create_app(ledger, token="s3cret-token-value")) as url:
+        h = {"host": "dash.example.org", "authorization": "Bearer s3cret-token-value"}
+        assert httpx.get(url + "/api/data", headers=h).status_code == 200
+        assert httpx.get(url + "/api/data", headers={"host": "dash.example.org"}).status_code == 401
+
+
+def test_the_budget_file_is_parsed_again_only_when_it_changes(ledger, tmp_path, monkeypatch, caplog):
+    from wattspan import budgets as budgets_mod
+
+    f = tmp_path / "budgets.json"
+    f.write_text(json.dumps({"budget": [{"name": "t0 daily", "match": {"tenant": "t0"}, "limit_gco2e": 1.0, "period": "day"}]}))
+    calls = []
+    real = budgets_mod.load_budgets
+    monkeypatch.setattr(budgets_mod, "load_budgets", lambda p: calls.append(p) or real(p))
+    dashboard._BUDGET_FILES.clear()
+    for _ in range(3):
+        b = data(ledger, 3600, budgets=f)["budgets"]
+        assert b["available"] and b["rows"][0]["spent"] == pytest.approx(0.005)
+    assert len(calls) == 1
+    # a changed file (new size) is read again; a broken one is a note, logged once
+    f.write_text("{ not json")
+    os.utime(f, ns=(1, 1))
+    with caplog.at_level(logging.WARNING, logger="wattspan"):
+        for _ in range(3):
+            b = data(ledger, 3600, budgets=f)["budgets"]
+            assert not b["available"] and "could not be read" in b["note"]
+    assert len(calls) == 2 and caplog.text.count("could not be read") == 1
