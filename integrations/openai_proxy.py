@@ -138,8 +138,8 @@ _PUBLIC = ("energy_j", "co2e_g", "dynamic_j", "idle_j", "host_j", "embodied_g", 
            "energy_j_low", "energy_j_high", "co2e_g_low", "co2e_g_high", "quality", "intensity_g_per_kwh",
            "intensity_provider", "intensity_zone", "intensity_hour", "intensity_basis")
 # at most 19 digits (int() of a 5000-digit run raises); set_tokens bounds the value itself
-_PROMPT_RE = re.compile(rb'"prompt_tokens"\s*:\s*(\d{1,19})(?!\d)')
-_COMPLETION_RE = re.compile(rb'"completion_tokens"\s*:\s*(\d{1,19})(?!\d)')
+_PROMPT_RE = re.compile(rb'"prompt_tokens"\s*:\s*(\d{1,19})(?:\.0*)?(?![\d.eE])')
+_COMPLETION_RE = re.compile(rb'"completion_tokens"\s*:\s*(\d{1,19})(?:\.0*)?(?![\d.eE])')
 
 
 class _Route:
@@ -186,6 +186,8 @@ async def _send_error(send, status: int, message: str, kind: str) -> None:
 def _as_int(v) -> int | None:
     """A token count as the usage object gives it, or None: not a count, or more than any request holds
     (``MAX_TOKENS``: a figure priced from 1e12 tokens would be tonnes of CO2e for a 3 ms request)."""
+    if type(v) is float and v.is_integer():  # 5.0: a server that counts in floats (a bool is no count)
+        v = int(v)
     return v if type(v) is int and 0 <= v <= MAX_TOKENS else None
 
 
@@ -245,7 +247,7 @@ class _SSEScanner:
     add to the usage-only event's ``usage`` (the provisional energy).
     """
 
-    __slots__ = ("strip", "usage", "buf", "broken", "annotate", "buffered", "cr_tail")
+    __slots__ = ("strip", "usage", "buf", "skipping", "skip_tail", "annotate", "buffered", "cr_tail")
 
     def __init__(self, strip: bool, usage: _Usage, annotate=None) -> None:
         self.strip = strip
@@ -253,14 +255,27 @@ class _SSEScanner:
         self.annotate = annotate
         self.buffered = bool(strip or annotate is not None)
         self.buf = b""
-        self.broken = False
+        #: inside an event longer than _MAX_SSE_EVENT: its bytes are forwarded as they come, and
+        #: scanning resumes after its blank line (the last bytes seen, for a line end cut in two)
+        self.skipping = False
+        self.skip_tail = b""
         #: the last event ended at a CR that ended its chunk: None, else whether it was forwarded (an LF that
         #: opens the next chunk completes that CRLF, and goes, or not, with it)
         self.cr_tail: bool | None = None
 
     def feed(self, chunk: bytes) -> bytes:
-        if self.broken:
-            return chunk
+        if self.skipping:
+            look = self.skip_tail + chunk
+            end = _event_end(look, 0)
+            if end < 0:
+                self.skip_tail = look[-3:]
+                return chunk
+            cut = end - len(self.skip_tail)
+            self.skipping, self.skip_tail = False, b""
+            if cut >= len(chunk) and chunk.endswith(b"\r"):
+                self.cr_tail = True  # an LF that opens the next chunk ends this CR's CRLF, and goes with it
+            rest = self.feed(chunk[cut:]) if cut < len(chunk) else b""
+            return chunk[:cut] + rest if self.buffered else chunk
         out: list[bytes] = []
         raw = chunk
         if self.cr_tail is not None:
@@ -284,8 +299,11 @@ class _SSEScanner:
             if end == len(buf) and buf.endswith(b"\r"):
                 self.cr_tail = bool(ev)
         self.buf = buf[pos:]
-        if len(self.buf) > _MAX_SSE_EVENT:  # not SSE as we know it: stop looking, pass through
-            self.broken = True
+        if len(self.buf) > _MAX_SSE_EVENT:
+            # one event past the bound (a huge content delta): no usage-only event is that long, so
+            # it goes on unread as it comes, and the events after it are scanned again (the usage
+            # chunk that ends the stream among them: read, and left out where the proxy asked for it)
+            self.skipping, self.skip_tail = True, self.buf[-3:]
             if self.buffered:
                 out.append(self.buf)
             self.buf = b""
@@ -293,7 +311,7 @@ class _SSEScanner:
 
     def finish(self) -> bytes:
         rest, self.buf = self.buf, b""
-        if rest and not self.broken:
+        if rest and not self.skipping:
             ev = self._event(rest)
             return ev if self.buffered else b""
         return b""
