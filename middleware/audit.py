@@ -199,13 +199,16 @@ def from_run(db: str | os.PathLike, run_id: str = "last") -> Basis:
 
 def _ledger_rows(db, since, until):
     """Totals, per-bucket energy and quality from the ledger, in SQL (bounded memory)."""
-    from .export.ledger.schema import _reading, _where
+    from .export.ledger.schema import _reading, _where, valid_sql
 
-    where, args = _where(since, until, None)
+    where0, args = _where(since, until, None)
     with _reading(db) as conn:
         if conn is None:
             return None
         cols = {r[1] for r in conn.execute("PRAGMA table_info(requests)")}
+        ok = valid_sql(cols)  # a row with a value no writer stores: counted, left out of every figure
+        bad = int(conn.execute(f"SELECT TOTAL(NOT {ok}) FROM requests{where0}", args).fetchone()[0])
+        where = f"{where0} AND {ok}" if where0 else f" WHERE {ok}"
         band = all(c in cols for c in ("energy_j_low", "energy_j_high"))
         gband = all(c in cols for c in ("co2e_g_low", "co2e_g_high"))
         q = ("SELECT COUNT(*), TOTAL(energy_j), TOTAL(host_j), TOTAL(device_s), TOTAL(co2e_g), TOTAL(embodied_g), "
@@ -226,19 +229,20 @@ def _ledger_rows(db, since, until):
         t0 = tot[8] or 0.0
         buckets = conn.execute(f"SELECT CAST((recorded_at - ?) / ? AS INTEGER) AS k, TOTAL(energy_j), TOTAL(host_j) "
                                f"FROM requests{where} GROUP BY k ORDER BY k", [t0, bucket, *args]).fetchall()
-    return tot, band, gband, sensors, methods, quality, (t0, bucket, buckets)
+    return tot, band, gband, sensors, methods, quality, (t0, bucket, buckets), bad
 
 
 def _ledger_intensity(db, since, until) -> dict | None:
     """The intensity the records themselves used (each at the hour it ran), energy-weighted, with its
     provenance; the PUE they imply. None for a ledger whose records carry no intensity."""
-    from .export.ledger.schema import _reading, _where
+    from .export.ledger.schema import _reading, _where, valid_sql
 
     where, args = _where(since, until, None)
     with _reading(db) as conn:
-        if conn is None or "intensity_g_per_kwh" not in {r[1] for r in conn.execute("PRAGMA table_info(requests)")}:
+        cols = set() if conn is None else {r[1] for r in conn.execute("PRAGMA table_info(requests)")}
+        if conn is None or "intensity_g_per_kwh" not in cols:
             return None
-        sel = " AND ".join(x for x in (where.replace(" WHERE ", "", 1), "intensity_g_per_kwh > 0") if x)
+        sel = " AND ".join(x for x in (where.replace(" WHERE ", "", 1), "intensity_g_per_kwh > 0", valid_sql(cols)) if x)
         row = conn.execute(
             "SELECT TOTAL((energy_j + host_j) * intensity_g_per_kwh), TOTAL(energy_j + host_j), TOTAL(co2e_g - embodied_g), "
             "MIN(intensity_g_per_kwh), MAX(intensity_g_per_kwh), MIN(intensity_hour), MAX(intensity_hour), "
@@ -260,8 +264,11 @@ def from_ledger(db: str | os.PathLike, since: float | None = None, until: float 
     got = _ledger_rows(db, since, until)
     if got is None or got[0][0] == 0:
         when = "" if since is None else f" since {_utc(since)}"
+        if got is not None and got[-1]:
+            raise ValueError(f"the ledger {db} holds no request{when} wattspan could sum: its {got[-1]} record(s) hold values no "
+                             "wattspan writer stores (an infinity, a negative energy, text in a number column); was the file edited?")
         raise ValueError(f"the ledger {db} holds no request{when} (is this the server's --db? widen --since?)")
-    tot, band, gband, sensors, methods, quality, (t0, bucket, buckets) = got
+    tot, band, gband, sensors, methods, quality, (t0, bucket, buckets), bad = got
     n, acc, host, dev_s, co2, emb, pt, ot, first, last, cmin, cmean, sim, dyn, idle = tot[:15]
     rest = list(tot[15:])
     start = since if since is not None else first
@@ -278,12 +285,17 @@ def from_ledger(db: str | os.PathLike, since: float | None = None, until: float 
     if gband:
         b.band_g = (rest[0], rest[1])
     b.notes.append(f"{n} requests recorded {_utc(first)} to {_utc(last)}; dynamic {dyn:.4g} J + idle share {idle:.4g} J of accelerator energy")
+    if bad:
+        b.notes.append(f"{bad} record(s) left out of every figure: they hold a value no wattspan writer stores (an infinity, "
+                       "a negative energy or token count, text in a number column); the file was edited or written by another tool")
     b.recorded_carbon = _ledger_intensity(db, since, until)  # --region overrides it
     for dev, sensor, s, cnt, e, cm in sensors:
         b.devices.append({"id": dev, "role": "accelerator", "sensor": sensor, "simulated": bool(s), "energy_j": e,
                           "coverage": cm, "readings": None, "requests": cnt})
     b.methods = [f"{m or '(none)'}: {c} requests" for m, c in methods]
     b.quality_flags = {str(q or "ok"): c for q, c in quality}
+    if bad:
+        b.quality_flags["left out (invalid values)"] = bad
     for by, title in (("route", "Energy by endpoint"), ("model", "Energy by model"), ("tenant", "Energy by tenant")):
         rows = aggregate(db, by, since=since, until=until)
         if rows and not (len(rows) == 1 and not rows[0][by] and by != "route"):
@@ -601,6 +613,8 @@ _MD_SPECIAL = re.compile(r"([\\`*_\[\]<>#!])")
 def _cell(value) -> str:
     """Text from the ledger or a command line, safe inside a Markdown table cell (no links, no markup)."""
     s = " ".join(str(value).split())
+    if not s.isprintable():  # an escape sequence (a terminal that shows the file would obey it) or another control character
+        s = "".join(c if c.isprintable() else repr(c)[1:-1] for c in s)
     return _MD_SPECIAL.sub(r"\\\1", s).replace("|", "/")
 
 

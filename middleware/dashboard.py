@@ -31,6 +31,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from .export.ledger import valid_sql
 from .logs import get_logger
 
 __all__ = ["DataCache", "create_app", "data", "cli_main"]
@@ -75,27 +76,17 @@ _COMPLETE_AFTER_S = 30.0  # a bucket this long past its end is taken as complete
 _REBUILD_S = 300.0  # and the cache is rebuilt from the file this often all the same
 
 
-def _ok(cols: set) -> str:
-    """SQL that is 1 for a record whose summed values are finite numbers >= 0 (all a wattspan writer
-    stores), 0 otherwise: a tampered or foreign row (an inf, a text in a REAL column, a negative
-    energy) is counted and left out of the sums, not summed into them (an inf would make every
-    total inf and the page's JSON invalid)."""
-    names = ["energy_j", "host_j", "co2e_g", "embodied_g", "prompt_tokens", "output_tokens"]
-    names += [c for c in ("energy_j_low", "energy_j_high") if c in cols]
-    return "(" + " AND ".join(f"(typeof({c}) IN ('integer', 'real') AND {c} - {c} = 0 AND {c} >= 0)" for c in names) + ")"
-
-
 def _scan(conn, cols: set, lo: float, hi: float, bucket_s: float) -> list[tuple]:
     """One pass over ``lo <= recorded_at < hi``: sums per (absolute bucket, route, model, tenant, method,
-    device, sensor, simulated[, quality]) over the records :func:`_ok` passes, and the count of those it
-    does not."""
+    device, sensor, simulated[, quality]) over the records :func:`wattspan.export.ledger.valid_sql`
+    passes (a value no writer stores: left out, not summed), and the count of those it does not."""
     extra = ", quality" if "quality" in cols else ", ''"
     band = (", TOTAL(CASE WHEN ok THEN energy_j_low END), TOTAL(CASE WHEN ok THEN energy_j_high END)"
             if {"energy_j_low", "energy_j_high"} <= cols else ", NULL, NULL")
     sums = ", ".join(f"TOTAL(CASE WHEN ok THEN {c} END)" for c in ("energy_j", "host_j", "co2e_g", "embodied_g", "prompt_tokens", "output_tokens"))
     sql = (f"SELECT CAST(recorded_at / ? AS INTEGER), {', '.join(_KEYS)}{extra}, TOTAL(ok), {sums}, "
            f"TOTAL(ok AND coverage < 0.9), MAX(recorded_at){band}, TOTAL(NOT ok) "
-           f"FROM (SELECT *, IFNULL({_ok(cols)}, 0) AS ok FROM requests WHERE recorded_at >= ? AND recorded_at < ?) "
+           f"FROM (SELECT *, {valid_sql(cols)} AS ok FROM requests WHERE recorded_at >= ? AND recorded_at < ?) "
            f"GROUP BY 1, 2, 3, 4, 5, 6, 7, 8, 9")
     return conn.execute(sql, (bucket_s, lo, hi)).fetchall()
 
@@ -198,7 +189,7 @@ def _summarise(rows, *, db, now, window_s, since, k0, bucket, metrics_url, budge
     excluded = 0
     for (k, route, model, tenant, method, device, sensor, sim, quality, n, e, h, c, emb, pt, ot, low, last, lo, hi, bad) in rows:
         excluded += int(bad)
-        if not n:  # every record of the group left out (see _ok)
+        if not n:  # every record of the group left out (see valid_sql)
             continue
         n = int(n)
         tot["n"] += n

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from ..export.ledger import GROUP_BY, aggregate
+from ..export.ledger import GROUP_BY, aggregate, excluded
 from ..errors import InputError
 from .common import UsageError
 
@@ -62,6 +62,7 @@ def run_report(db: Path, *, by: str = "route", fmt: str = "table", since_s: floa
     since = None if since_s is None else time.time() - since_s
     try:
         tables = [(b, aggregate(db, b, since=since)) for b in ((by, "tenant") if by == "route" and fmt == "table" else (by,))]
+        left_out = excluded(db, since=since)
     except FileNotFoundError as exc:
         print(f"wattspan report: {exc}", file=err)
         return 2
@@ -72,6 +73,9 @@ def run_report(db: Path, *, by: str = "route", fmt: str = "table", since_s: floa
         print(f"wattspan report: cannot read {db}: a record holds a value no ledger writer stores ({exc}); was it written by wattspan?", file=err)
         return 2
 
+    if left_out:
+        print(f"wattspan report: {left_out} record(s) of {db} hold a value no wattspan writer stores (an infinity, a negative "
+              "energy or token count, text in a number column): left out of every figure below; was the file edited?", file=err)
     try:
         _render(db, by, fmt, since_s, tables, out)
     except (TypeError, ValueError) as exc:  # a value of the wrong type, which wattspan's writer never stores
@@ -85,7 +89,7 @@ def _render(db: Path, by: str, fmt: str, since_s: float | None, tables: list[tup
     rows = tables[0][1]
     simulated = any(r["simulated"] for r in rows)
     if fmt == "json":
-        json.dump(rows, out, indent=2)
+        json.dump(_finite(rows), out, indent=2, allow_nan=False)  # a sum past float's range is null: JSON has no Infinity
         out.write("\n")
     elif fmt == "csv":
         w = csv.writer(out, lineterminator="\n")
@@ -115,7 +119,7 @@ def _print_tables(db: Path, tables: list[tuple[str, list[dict[str, Any]]]], sinc
               f"{_num(total, 4)} J ({_num(total / 3600, 4)} Wh), {_num(co2e, 3)} gCO2e\n")
     for by, rows in tables:
         header = [by, *(h for _, h, _ in _TABLE), "method"]
-        cols = [[r[by] or "(none)" for r in rows], *(_column([r[k] for r in rows], d) for k, _, d in _TABLE),
+        cols = [[_label(r[by]) or "(none)" for r in rows], *(_column([r[k] for r in rows], d) for k, _, d in _TABLE),
                 [",".join(r["methods"]) + (" SIMULATED" if r["simulated"] else "") for r in rows]]
         body = list(zip(*cols))
         widths = [max(len(c) for c in col) for col in zip(header, *body)]
@@ -124,6 +128,24 @@ def _print_tables(db: Path, tables: list[tuple[str, list[dict[str, Any]]]], sinc
             cells = [c.ljust(w) if i in (0, len(line) - 1) else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))]
             out.write("  ".join(cells).rstrip() + "\n")
     out.write(f"\n{HOST_RULE}\n")
+
+
+def _finite(obj: Any) -> Any:
+    """``obj`` with every non-finite float as None."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def _label(v: Any) -> str:
+    """A label as a terminal may show it: control characters (an escape sequence that would recolour or
+    rewrite the screen, a line break that would forge a row) escaped, as Python writes them."""
+    t = "" if v is None else str(v)
+    return t if t.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in t)
 
 
 def _decimals(x: float, sig: int) -> int:

@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 from .runs import get_run, list_runs, run_trace, write_run
-from .schema import GROUP_BY, SCHEMA_VERSION, aggregate, find, query
+from .schema import GROUP_BY, SCHEMA_VERSION, aggregate, excluded, find, query, valid_sql
 from .writer import Ledger
 
-__all__ = ["GROUP_BY", "SCHEMA_VERSION", "Ledger", "aggregate", "find", "get_run", "list_runs", "query", "run_trace", "write_run"]
+__all__ = ["GROUP_BY", "SCHEMA_VERSION", "Ledger", "aggregate", "excluded", "find", "get_run", "list_runs", "query", "run_trace", "valid_sql", "write_run"]

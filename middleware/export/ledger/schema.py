@@ -15,7 +15,7 @@ from typing import Any, Iterator
 
 from ...errors import InputError
 
-__all__ = ["GROUP_BY", "SCHEMA_VERSION", "aggregate", "find", "query"]
+__all__ = ["GROUP_BY", "SCHEMA_VERSION", "aggregate", "excluded", "find", "query", "valid_sql"]
 
 SCHEMA_VERSION = 1
 PAGE_SIZE = 16384  # bytes per page of a new ledger file (see create_schema)
@@ -137,6 +137,33 @@ def find(path: str | os.PathLike[str], request_id: str) -> dict[str, Any] | None
     return None if row is None else _as_dict(row)
 
 
+#: the columns sums are made of: a wattspan writer stores each as a finite number >= 0 (non-finite as 0)
+SUMMED = ("energy_j", "dynamic_j", "idle_j", "host_j", "co2e_g", "embodied_g", "prompt_tokens", "output_tokens",
+          "energy_j_low", "energy_j_high")
+
+
+def valid_sql(have: set[str] | None = None) -> str:
+    """SQL that is 1 for a record whose :data:`SUMMED` values (those of them in ``have``, the
+    file's columns) are all finite numbers >= 0, and 0 otherwise: a row no wattspan writer
+    stores (an infinity, a negative energy, a text in a REAL column: a hand-edited or foreign
+    file) is left out of the sums, and counted (:func:`excluded`), never summed into them: one
+    inf made every total inf (and the JSON of a report invalid), one text read as 0 J."""
+    cols = [c for c in SUMMED if have is None or c in have]
+    # inf - inf is NaN, which SQLite reads as NULL: IFNULL makes it 0
+    return "IFNULL(" + " AND ".join(f"(typeof({c}) IN ('integer', 'real') AND {c} - {c} = 0 AND {c} >= 0)" for c in cols) + ", 0)"
+
+
+def excluded(path: str | os.PathLike[str], *, since: float | None = None, until: float | None = None,
+             run_id: str | None = None) -> int:
+    """How many records with ``since <= recorded_at < until`` :func:`aggregate` leaves out (see :func:`valid_sql`)."""
+    where, args = _where(since, until, run_id)
+    with _reading(path) as conn:
+        if conn is None:
+            return 0
+        row = conn.execute(f"SELECT TOTAL(NOT {valid_sql(_present(conn))}) FROM requests{where}", args).fetchone()
+    return int(row[0])
+
+
 def aggregate(path: str | os.PathLike[str], by: str = "route", *, since: float | None = None,
               until: float | None = None) -> list[dict[str, Any]]:
     """Totals per value of ``by`` (one of :data:`GROUP_BY`), most energy first.
@@ -146,15 +173,20 @@ def aggregate(path: str | os.PathLike[str], by: str = "route", *, since: float |
     ``simulated`` (any record simulated), ``methods`` (sorted list)``}``.
     ``energy_j`` is the accelerator's, ``host_j`` the host's (kept apart), ``total_j_per_1k``
     both: the energy ``co2e_g`` prices (see :mod:`wattspan.carbon.records`).
+    Records with a value no wattspan writer stores are left out (:func:`valid_sql`; :func:`excluded` counts them).
     """
     if by not in GROUP_BY:
         raise ValueError(f"cannot aggregate by {by!r}: choose one of {', '.join(GROUP_BY)}")
     where, args = _where(since, until, None)
-    sql = (f"SELECT {by}, COUNT(*), SUM(energy_j), SUM(dynamic_j), SUM(idle_j), SUM(host_j), SUM(co2e_g), "  # by is whitelisted
-           f"AVG((end_ns - start_ns) / 1e9), MAX(simulated), GROUP_CONCAT(DISTINCT method) "
-           f"FROM requests{where} GROUP BY {by} ORDER BY SUM(energy_j) DESC, {by}")
     with _reading(path) as conn:
-        rows = [] if conn is None else conn.execute(sql, args).fetchall()
+        if conn is None:
+            return []
+        ok = valid_sql(_present(conn))
+        where = f"{where} AND {ok}" if where else f" WHERE {ok}"
+        sql = (f"SELECT {by}, COUNT(*), TOTAL(energy_j), TOTAL(dynamic_j), TOTAL(idle_j), TOTAL(host_j), TOTAL(co2e_g), "  # by is whitelisted
+               f"AVG((end_ns - start_ns) / 1e9), MAX(simulated), GROUP_CONCAT(DISTINCT method) "
+               f"FROM requests{where} GROUP BY {by} ORDER BY TOTAL(energy_j) DESC, {by}")
+        rows = conn.execute(sql, args).fetchall()
     return [
         {by: key, "requests": n, "energy_j": e, "dynamic_j": dyn, "idle_j": idle, "host_j": host, "co2e_g": c,
          "energy_j_per_1k": e / n * 1000,

@@ -1,0 +1,95 @@
+"""`wattspan report` and `wattspan audit` on a ledger someone edited: a record holding a value no
+wattspan writer stores (an infinity, a negative energy, text in a number column) is counted and
+left out of every figure, never summed into them; JSON output stays JSON; labels that carry
+terminal escape sequences are shown escaped. Real files, the real command line."""
+
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+import subprocess
+import sys
+
+import pytest
+
+from wattspan import RequestRecord
+from wattspan.export.ledger import Ledger, aggregate, excluded
+
+
+def _rec(i: int, route: str = "/v1/chat") -> RequestRecord:
+    return RequestRecord(id=f"r{i}", device="gpu0", start_ns=i, end_ns=i + 10**8, energy_j=2.0, dynamic_j=1.5, idle_j=0.5,
+                         device_s=0.1, co2e_g=0.001, method="batch-fit", sensor="nvml:energy-counter", coverage=1.0,
+                         route=route, model="m", tenant="t", prompt_tokens=10, output_tokens=5, host_j=0.25)
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "wattspan.cli", *map(str, args)], capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture
+def ledger(tmp_path):
+    db = tmp_path / "w.sqlite"
+    with Ledger(db) as led:
+        led.write([_rec(i) for i in range(8)] + [_rec(8, "/v1/\x1b[2J\x1b[31mred"), _rec(9, "/v1/a\nforged row")])
+        assert led.flush()
+    con = sqlite3.connect(db)
+    for sql, v in (("UPDATE requests SET energy_j = ? WHERE id = 'r0'", math.inf),
+                   ("UPDATE requests SET energy_j = ? WHERE id = 'r1'", -50.0),
+                   ("UPDATE requests SET co2e_g = ? WHERE id = 'r2'", "lots")):
+        con.execute(sql, (v,))
+    con.commit()
+    con.close()
+    return db
+
+
+def test_the_ledger_api_leaves_them_out_and_counts_them(ledger):
+    rows = aggregate(ledger, "route")
+    assert sum(r["requests"] for r in rows) == 7 and excluded(ledger) == 3
+    assert sum(r["energy_j"] for r in rows) == pytest.approx(14.0) and all(math.isfinite(r["energy_j"]) for r in rows)
+
+
+def test_report_says_how_many_it_left_out_and_sums_the_rest(ledger):
+    p = cli("report", "--db", ledger)
+    assert p.returncode == 0, p.stderr
+    assert "3 record(s)" in p.stderr and "left out" in p.stderr
+    assert "7 requests" in p.stdout and "accelerator 14.00 J" in p.stdout and "inf" not in p.stdout
+    assert "\x1b" not in p.stdout and "\\x1b[2J" in p.stdout  # the escape shown, not obeyed
+    assert "forged row" in p.stdout and "a\\nforged row" in p.stdout  # one row, the line break shown
+
+
+def test_report_json_is_json_even_when_a_sum_passes_floats_range(tmp_path):
+    db = tmp_path / "big.sqlite"
+    with Ledger(db) as led:
+        led.write([_rec(i) for i in range(3)])
+        assert led.flush()
+    con = sqlite3.connect(db)
+    con.execute("UPDATE requests SET energy_j = 1.7e308")  # each finite, their sum not
+    con.commit()
+    con.close()
+    p = cli("report", "--db", db, "--format", "json")
+    assert p.returncode == 0, p.stderr
+    rows = json.loads(p.stdout, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
+    assert rows[0]["requests"] == 3 and rows[0]["energy_j"] is None
+
+
+def test_audit_flags_them_and_reports_the_rest(ledger, tmp_path):
+    out = tmp_path / "audit.md"
+    p = cli("audit", "--db", ledger, "--out", out)
+    assert p.returncode == 0, p.stderr
+    md = out.read_text()
+    assert "left out (invalid values): 3" in md and "3 record(s) left out of every figure" in md
+    assert "\x1b" not in md and "inf J" not in md
+
+
+def test_audit_of_a_ledger_with_nothing_valid_is_one_clear_error(tmp_path):
+    db = tmp_path / "bad.sqlite"
+    with Ledger(db) as led:
+        led.write([_rec(0)])
+        assert led.flush()
+    con = sqlite3.connect(db)
+    con.execute("UPDATE requests SET energy_j = -1")
+    con.commit()
+    con.close()
+    p = cli("audit", "--db", db, "--out", tmp_path / "a.md")
+    assert p.returncode == 2 and "no wattspan writer stores" in p.stderr and "Traceback" not in p.stderr
