@@ -117,3 +117,27 @@ def test_the_budget_file_is_parsed_again_only_when_it_changes(ledger, tmp_path, 
             b = data(ledger, 3600, budgets=f)["budgets"]
             assert not b["available"] and "could not be read" in b["note"]
     assert len(calls) == 2 and caplog.text.count("could not be read") == 1
+    # a copy that keeps the old mtime and size (cp -p, rsync -t) is read again too
+    f.write_text(json.dumps({"budget": [{"name": "t0 daily", "match": {"tenant": "t0"}, "limit_gco2e": 9.0, "period": "day"}]}))
+    st = f.stat()
+    f2 = tmp_path / "other.json"
+    f2.write_text(f.read_text().replace("9.0", "1.0"))
+    os.replace(f2, f)
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert data(ledger, 3600, budgets=f)["budgets"]["rows"][0]["limit"] == 1.0
+
+
+def test_a_broken_budget_file_read_again_and_again_holds_no_memory(ledger, tmp_path):
+    # a cached exception raised again grew its traceback (and the frames it keeps) on every refresh
+    import gc
+
+    f = tmp_path / "b.json"
+    f.write_text("{ not json")
+    dashboard._BUDGET_FILES.clear()
+    data(ledger, 3600, budgets=f)
+    gc.collect()
+    before = len(gc.get_objects())
+    for _ in range(30):
+        data(ledger, 3600, budgets=f)
+    gc.collect()
+    assert len(gc.get_objects()) - before < 300

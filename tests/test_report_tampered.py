@@ -43,6 +43,20 @@ def ledger(tmp_path):
     return db
 
 
+@pytest.mark.parametrize("column, value", [("device_s", math.inf), ("co2e_g_low", -5.0), ("co2e_g_high", math.inf),
+                                           ("intensity_g_per_kwh", math.inf), ("coverage", "x"), ("embodied_g", b"\x00")])
+def test_every_column_a_figure_is_made_of_is_checked(tmp_path, column, value):
+    db = tmp_path / "c.sqlite"
+    with Ledger(db) as led:
+        led.write([_rec(i) for i in range(4)])
+        assert led.flush()
+    con = sqlite3.connect(db)
+    con.execute(f"UPDATE requests SET {column} = ? WHERE id = 'r0'", (value,))
+    con.commit()
+    con.close()
+    assert excluded(db) == 1 and sum(r["requests"] for r in aggregate(db, "route")) == 3
+
+
 def test_the_ledger_api_leaves_them_out_and_counts_them(ledger):
     rows = aggregate(ledger, "route")
     assert sum(r["requests"] for r in rows) == 7 and excluded(ledger) == 3
@@ -56,6 +70,22 @@ def test_report_says_how_many_it_left_out_and_sums_the_rest(ledger):
     assert "7 requests" in p.stdout and "accelerator 14.00 J" in p.stdout and "inf" not in p.stdout
     assert "\x1b" not in p.stdout and "\\x1b[2J" in p.stdout  # the escape shown, not obeyed
     assert "forged row" in p.stdout and "a\\nforged row" in p.stdout  # one row, the line break shown
+
+
+def test_a_method_with_escapes_is_shown_escaped_in_report_and_audit(tmp_path):
+    db = tmp_path / "m.sqlite"
+    with Ledger(db) as led:
+        led.write([_rec(0)])
+        assert led.flush()
+    con = sqlite3.connect(db)
+    con.execute("UPDATE requests SET method = ?, quality = ?", ("batch-fit\x1b]0;pwned\x07\x1b[2J", "ok\x1b[31m"))
+    con.commit()
+    con.close()
+    p = cli("report", "--db", db)
+    assert p.returncode == 0 and "\x1b" not in p.stdout and "\x07" not in p.stdout and "pwned" in p.stdout
+    p = cli("audit", "--db", db, "--out", tmp_path / "a.md")
+    md = (tmp_path / "a.md").read_text()
+    assert p.returncode == 0 and "\x1b" not in md and "\x07" not in md and "pwned" in md
 
 
 def test_report_json_is_json_even_when_a_sum_passes_floats_range(tmp_path):

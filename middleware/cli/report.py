@@ -120,7 +120,7 @@ def _print_tables(db: Path, tables: list[tuple[str, list[dict[str, Any]]]], sinc
     for by, rows in tables:
         header = [by, *(h for _, h, _ in _TABLE), "method"]
         cols = [[_label(r[by]) or "(none)" for r in rows], *(_column([r[k] for r in rows], d) for k, _, d in _TABLE),
-                [",".join(r["methods"]) + (" SIMULATED" if r["simulated"] else "") for r in rows]]
+                [_label(",".join(r["methods"])) + (" SIMULATED" if r["simulated"] else "") for r in rows]]
         body = list(zip(*cols))
         widths = [max(len(c) for c in col) for col in zip(header, *body)]
         out.write(f"\nby {by}\n")
