@@ -264,6 +264,8 @@ class _SSEScanner:
         self.cr_tail: bool | None = None
 
     def feed(self, chunk: bytes) -> bytes:
+        if not chunk:  # nothing to forward, and a CR left at the last chunk's end still waits for its LF
+            return chunk
         if self.skipping:
             look = self.skip_tail + chunk
             end = _event_end(look, 0)
