@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from .export.ledger import valid_sql
+from .records import json_safe
 from .logs import get_logger
 
 __all__ = ["DataCache", "create_app", "data", "cli_main"]
@@ -160,17 +161,6 @@ def _cached_rows(conn, cols: set, cache: DataCache, db: str, bucket: float, k0: 
 
 
 _WARNED: dict[str, int] = {}  # ledger -> the count of left-out records last logged
-
-
-def _finite(obj: Any) -> Any:
-    """``obj`` with every non-finite float (a sum past float's range) as None: JSON has no inf."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
 
 
 def _host_name(header: str) -> str:
@@ -492,7 +482,7 @@ def create_app(db: str | os.PathLike, *, token: str | None = None, window_s: flo
             return JSONResponse({"error": str(exc)}, status_code=400, headers=headers)
         try:
             cache = caches.setdefault(w, DataCache()) if len(caches) < 16 else DataCache()
-            body = _finite(await run_in_threadpool(data, db, w, metrics_url=metrics_url, budgets=budgets, cache=cache))
+            body = json_safe(await run_in_threadpool(data, db, w, metrics_url=metrics_url, budgets=budgets, cache=cache))
         except FileNotFoundError as exc:
             return JSONResponse({"error": str(exc)}, status_code=404, headers=headers)
         except Exception as exc:  # a broken or foreign file: say so on the page

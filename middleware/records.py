@@ -5,12 +5,13 @@ And :class:`Cardinality`, the bound on the distinct label values records carry.
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any, NamedTuple, overload
 
-__all__ = ["Cardinality", "RecordBatch", "RequestLabels", "RequestRecord"]
+__all__ = ["Cardinality", "RecordBatch", "RequestLabels", "RequestRecord", "json_safe"]
 
 
 class RequestLabels(NamedTuple):
@@ -291,3 +292,15 @@ class RecordBatch(Sequence[RequestRecord]):
 
     def __repr__(self) -> str:
         return f"RecordBatch({self._n} records, {len(self.columns)} varying fields)"
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every NaN or infinite float (at any depth, in dicts, lists and tuples) as ``None``:
+    JSON has neither, and a record or a sum read from an edited file may hold one."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj

@@ -8,6 +8,7 @@ import math
 import sys
 from typing import Any, TextIO
 
+from ..records import json_safe
 from .common import UsageError, carbon_model_from_args
 
 __all__ = ["cmd_attribute", "print_summary", "summarize"]
@@ -103,7 +104,7 @@ def cmd_attribute(args: argparse.Namespace) -> int:
     summary = summarize(result, totals, carbon)
     if args.summary is not None:
         # standard JSON (NaN, a figure with nothing to compute it from, is null): JavaScript, jq and Go read it too
-        _write(args.summary, json.dumps(_finite(summary), indent=2, allow_nan=False) + "\n", "--summary")
+        _write(args.summary, json.dumps(json_safe(summary), indent=2, allow_nan=False) + "\n", "--summary")
     print_summary(summary, file=sys.stderr if args.out is None else sys.stdout)
     return 0
 
@@ -312,17 +313,6 @@ def _over_idle(result: Any, traces: Any) -> list[str]:
             out.append(f"{name}: the meter measured no energy over the period, yet the idle baseline is {d.idle_w:.4g} W: "
                        "does its energy counter move?")
     return out
-
-
-def _finite(x: Any) -> Any:
-    """``x`` with every NaN or infinite float (at any depth) as ``None``."""
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_finite(v) for v in x]
-    return x
 
 
 def _check_writable(path: Any, option: str) -> None:

@@ -14,6 +14,7 @@ from typing import Any, TextIO
 
 from ..export.ledger import GROUP_BY, aggregate, excluded
 from ..errors import InputError
+from ..records import json_safe
 from .common import UsageError
 
 __all__ = ["FORMATS", "cmd_report_id", "run_report"]
@@ -89,7 +90,7 @@ def _render(db: Path, by: str, fmt: str, since_s: float | None, tables: list[tup
     rows = tables[0][1]
     simulated = any(r["simulated"] for r in rows)
     if fmt == "json":
-        json.dump(_finite(rows), out, indent=2, allow_nan=False)  # a sum past float's range is null: JSON has no Infinity
+        json.dump(json_safe(rows), out, indent=2, allow_nan=False)  # a sum past float's range is null: JSON has no Infinity
         out.write("\n")
     elif fmt == "csv":
         w = csv.writer(out, lineterminator="\n")
@@ -128,17 +129,6 @@ def _print_tables(db: Path, tables: list[tuple[str, list[dict[str, Any]]]], sinc
             cells = [c.ljust(w) if i in (0, len(line) - 1) else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))]
             out.write("  ".join(cells).rstrip() + "\n")
     out.write(f"\n{HOST_RULE}\n")
-
-
-def _finite(obj: Any) -> Any:
-    """``obj`` with every non-finite float as None."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_finite(v) for v in obj]
-    return obj
 
 
 def _label(v: Any) -> str:
