@@ -27,6 +27,18 @@ def cli(*args):
     return subprocess.run([sys.executable, "-m", "wattspan.cli", *map(str, args)], capture_output=True, text=True, timeout=120)
 
 
+def _tampered(path, n: int, sql: str, args: tuple = ()):
+    """A ledger of ``n`` records the real writer wrote, then ``sql`` run on it by hand."""
+    with Ledger(path) as led:
+        led.write([_rec(i) for i in range(n)])
+        assert led.flush()
+    con = sqlite3.connect(path)
+    con.execute(sql, args)
+    con.commit()
+    con.close()
+    return path
+
+
 @pytest.fixture
 def ledger(tmp_path):
     db = tmp_path / "w.sqlite"
@@ -46,14 +58,7 @@ def ledger(tmp_path):
 @pytest.mark.parametrize("column, value", [("device_s", math.inf), ("co2e_g_low", -5.0), ("co2e_g_high", math.inf),
                                            ("intensity_g_per_kwh", math.inf), ("coverage", "x"), ("embodied_g", b"\x00")])
 def test_every_column_a_figure_is_made_of_is_checked(tmp_path, column, value):
-    db = tmp_path / "c.sqlite"
-    with Ledger(db) as led:
-        led.write([_rec(i) for i in range(4)])
-        assert led.flush()
-    con = sqlite3.connect(db)
-    con.execute(f"UPDATE requests SET {column} = ? WHERE id = 'r0'", (value,))
-    con.commit()
-    con.close()
+    db = _tampered(tmp_path / "c.sqlite", 4, f"UPDATE requests SET {column} = ? WHERE id = 'r0'", (value,))
     assert excluded(db) == 1 and sum(r["requests"] for r in aggregate(db, "route")) == 3
 
 
@@ -73,14 +78,7 @@ def test_report_says_how_many_it_left_out_and_sums_the_rest(ledger):
 
 
 def test_a_method_with_escapes_is_shown_escaped_in_report_and_audit(tmp_path):
-    db = tmp_path / "m.sqlite"
-    with Ledger(db) as led:
-        led.write([_rec(0)])
-        assert led.flush()
-    con = sqlite3.connect(db)
-    con.execute("UPDATE requests SET method = ?, quality = ?", ("batch-fit\x1b]0;pwned\x07\x1b[2J", "ok\x1b[31m"))
-    con.commit()
-    con.close()
+    db = _tampered(tmp_path / "m.sqlite", 1, "UPDATE requests SET method = ?, quality = ?", ("batch-fit\x1b]0;pwned\x07\x1b[2J", "ok\x1b[31m"))
     p = cli("report", "--db", db)
     assert p.returncode == 0 and "\x1b" not in p.stdout and "\x07" not in p.stdout and "pwned" in p.stdout
     p = cli("audit", "--db", db, "--out", tmp_path / "a.md")
@@ -113,13 +111,6 @@ def test_audit_flags_them_and_reports_the_rest(ledger, tmp_path):
 
 
 def test_audit_of_a_ledger_with_nothing_valid_is_one_clear_error(tmp_path):
-    db = tmp_path / "bad.sqlite"
-    with Ledger(db) as led:
-        led.write([_rec(0)])
-        assert led.flush()
-    con = sqlite3.connect(db)
-    con.execute("UPDATE requests SET energy_j = -1")
-    con.commit()
-    con.close()
+    db = _tampered(tmp_path / "bad.sqlite", 1, "UPDATE requests SET energy_j = -1")
     p = cli("audit", "--db", db, "--out", tmp_path / "a.md")
     assert p.returncode == 2 and "no wattspan writer stores" in p.stderr and "Traceback" not in p.stderr
