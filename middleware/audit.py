@@ -31,6 +31,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from .records import printable
+
 __all__ = ["Basis", "build_report", "carbon_for", "from_attribute", "from_ledger", "from_run", "parse_time", "render_html",
            "render_markdown", "render_pdf", "write"]
 
@@ -199,7 +201,7 @@ def from_run(db: str | os.PathLike, run_id: str = "last") -> Basis:
 
 def _ledger_rows(db, since, until):
     """Totals, per-bucket energy and quality from the ledger, in SQL (bounded memory)."""
-    from .export.ledger.schema import _reading, _where, valid_sql
+    from .export.ledger.schema import _reading, _where, excluded, valid_sql
 
     where0, args = _where(since, until, None)
     with _reading(db) as conn:
@@ -207,7 +209,7 @@ def _ledger_rows(db, since, until):
             return None
         cols = {r[1] for r in conn.execute("PRAGMA table_info(requests)")}
         ok = valid_sql(cols)  # a row with a value no writer stores: counted, left out of every figure
-        bad = int(conn.execute(f"SELECT TOTAL(NOT {ok}) FROM requests{where0}", args).fetchone()[0])
+        bad = excluded(db, since=since, until=until)
         where = f"{where0} AND {ok}" if where0 else f" WHERE {ok}"
         band = all(c in cols for c in ("energy_j_low", "energy_j_high"))
         gband = all(c in cols for c in ("co2e_g_low", "co2e_g_high"))
@@ -612,9 +614,7 @@ _MD_SPECIAL = re.compile(r"([\\`*_\[\]<>#!])")
 
 def _cell(value) -> str:
     """Text from the ledger or a command line, safe inside a Markdown table cell (no links, no markup)."""
-    s = " ".join(str(value).split())
-    if not s.isprintable():  # an escape sequence (a terminal that shows the file would obey it) or another control character
-        s = "".join(c if c.isprintable() else repr(c)[1:-1] for c in s)
+    s = printable(" ".join(str(value).split()))  # an escape sequence: a terminal that shows the file would obey it
     return _MD_SPECIAL.sub(r"\\\1", s).replace("|", "/")
 
 

@@ -33,11 +33,12 @@ from typing import Any
 
 from .export.ledger import valid_sql
 from .records import json_safe
-from .logs import get_logger
+from .logs import LogOnce, get_logger
 
 __all__ = ["DataCache", "create_app", "data", "cli_main"]
 
 log = get_logger(__name__)
+_ONCE = LogOnce(log)  # a count of left-out records, logged once per ledger and count
 
 _LOOPBACK = {"localhost", "127.0.0.1", "::1"}
 _TOP = 8  # series per chart; the rest are summed into "(other)"
@@ -77,6 +78,9 @@ _COMPLETE_AFTER_S = 30.0  # a bucket this long past its end is taken as complete
 _REBUILD_S = 300.0  # and the cache is rebuilt from the file this often all the same
 
 
+_SUMS = ("energy_j", "host_j", "co2e_g", "embodied_g", "prompt_tokens", "output_tokens")  # the scan's sums, in its order
+
+
 def _scan(conn, cols: set, lo: float, hi: float, bucket_s: float) -> list[tuple]:
     """One pass over ``lo <= recorded_at < hi``: sums per (absolute bucket, route, model, tenant, method,
     device, sensor, simulated[, quality]) over the records :func:`wattspan.export.ledger.valid_sql`
@@ -84,12 +88,12 @@ def _scan(conn, cols: set, lo: float, hi: float, bucket_s: float) -> list[tuple]
     extra = ", quality" if "quality" in cols else ", ''"
     band = (", TOTAL(CASE WHEN ok THEN energy_j_low END), TOTAL(CASE WHEN ok THEN energy_j_high END)"
             if {"energy_j_low", "energy_j_high"} <= cols else ", NULL, NULL")
-    sums = ", ".join(f"TOTAL(CASE WHEN ok THEN {c} END)" for c in ("energy_j", "host_j", "co2e_g", "embodied_g", "prompt_tokens", "output_tokens"))
+    sums = ", ".join(f"TOTAL(CASE WHEN ok THEN {c} END)" for c in _SUMS)
     sql = (f"SELECT CAST(recorded_at / ? AS INTEGER), {', '.join(_KEYS)}{extra}, TOTAL(ok), {sums}, "
            f"TOTAL(ok AND coverage < 0.9), MAX(recorded_at){band}, TOTAL(NOT ok) "
            f"FROM s GROUP BY 1, 2, 3, 4, 5, 6, 7, 8, 9")
     # MATERIALIZED: evaluated once a row (a flattened subquery repeats the check at every use of ``ok``: 6x slower)
-    need = ["recorded_at", *_KEYS, "energy_j", "host_j", "co2e_g", "embodied_g", "prompt_tokens", "output_tokens", "coverage"]
+    need = ["recorded_at", *_KEYS, *_SUMS, "coverage"]
     need += [c for c in ("quality", "energy_j_low", "energy_j_high") if c in cols]
     cte = (f"WITH s AS MATERIALIZED (SELECT {', '.join(need)}, {valid_sql(cols)} AS ok FROM requests "
            f"WHERE recorded_at >= ? AND recorded_at < ?) ")
@@ -158,9 +162,6 @@ def _cached_rows(conn, cols: set, cache: DataCache, db: str, bucket: float, k0: 
         del cache.rows[k]
     live_from = max(held, k0) * bucket
     return [r for k in sorted(cache.rows) for r in cache.rows[k]] + _scan(conn, cols, live_from, now + 1e-6, bucket)
-
-
-_WARNED: dict[str, int] = {}  # ledger -> the count of left-out records last logged
 
 
 def _host_name(header: str) -> str:
@@ -250,10 +251,9 @@ def _summarise(rows, *, db, now, window_s, since, k0, bucket, metrics_url, budge
                       "sensors": [{"device": d, "sensor": s, "simulated": sim, "requests": k} for (d, s), (sim, k) in sorted(sensors.items())],
                       "flags": flags, "band_j": [tot["lo"] + host, tot["hi"] + host] if has_band else None,
                       "excluded_records": excluded}
-    if excluded and _WARNED.get(str(db)) != excluded:  # once per new count, not on every refresh
-        _WARNED[str(db)] = excluded
-        log.warning("wattspan dashboard: %d record(s) of %s with a value no writer stores (non-finite, negative or text) left out of the sums",
-                    excluded, Path(db).name)
+    if excluded:  # once per new count, not on every refresh
+        _ONCE.warning((str(db), excluded), "wattspan dashboard: %d record(s) of %s with a value no writer stores (non-finite, "
+                      "negative or text) left out of the sums", excluded, Path(db).name)
     out["unattributed"] = _unattributed(metrics_url)
     out["budgets"] = _budgets(db, budgets)
     return out
@@ -357,7 +357,7 @@ _BUDGET_FILES: dict[str, tuple[tuple[int, ...], Any]] = {}  # path -> (its stat 
 
 def _load_budgets_cached(path):
     """:func:`wattspan.budgets.load_budgets`, parsed again only when the file changes (its
-    mtime or size): the page refreshes every few seconds. A broken file is logged once per
+    mtime, size, inode or ctime): the page refreshes every few seconds. A broken file is logged once per
     version of it, not on every refresh."""
     from .budgets import load_budgets
 

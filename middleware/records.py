@@ -11,7 +11,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any, NamedTuple, overload
 
-__all__ = ["Cardinality", "RecordBatch", "RequestLabels", "RequestRecord", "json_safe"]
+__all__ = ["Cardinality", "RecordBatch", "RequestLabels", "RequestRecord", "json_safe", "printable"]
 
 
 class RequestLabels(NamedTuple):
@@ -304,3 +304,10 @@ def json_safe(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [json_safe(v) for v in obj]
     return obj
+
+
+def printable(text: Any) -> str:
+    """``text`` as a terminal or a report may show it: each control character (an escape sequence that
+    would recolour or rewrite a screen, a line break that would forge a row) as Python escapes it."""
+    t = "" if text is None else str(text)
+    return t if t.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in t)

@@ -48,7 +48,7 @@ def _tamper(db, sql: str, *args) -> None:
                                            ("host_j", -math.inf), ("prompt_tokens", -3), ("energy_j", b"\x00\x01")])
 def test_a_value_no_writer_stores_is_counted_and_left_out(ledger, column, value, caplog):
     _tamper(ledger, f"UPDATE requests SET {column} = ? WHERE id = 'r0'", value)
-    dashboard._WARNED.clear()
+    dashboard._ONCE.forget()
     with caplog.at_level(logging.WARNING, logger="wattspan"):
         d = data(ledger, 3600)
     json.dumps(d, allow_nan=False)  # valid JSON: no inf, no NaN

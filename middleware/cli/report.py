@@ -14,7 +14,7 @@ from typing import Any, TextIO
 
 from ..export.ledger import GROUP_BY, aggregate, excluded
 from ..errors import InputError
-from ..records import json_safe
+from ..records import json_safe, printable
 from .common import UsageError
 
 __all__ = ["FORMATS", "cmd_report_id", "run_report"]
@@ -120,8 +120,8 @@ def _print_tables(db: Path, tables: list[tuple[str, list[dict[str, Any]]]], sinc
               f"{_num(total, 4)} J ({_num(total / 3600, 4)} Wh), {_num(co2e, 3)} gCO2e\n")
     for by, rows in tables:
         header = [by, *(h for _, h, _ in _TABLE), "method"]
-        cols = [[_label(r[by]) or "(none)" for r in rows], *(_column([r[k] for r in rows], d) for k, _, d in _TABLE),
-                [_label(",".join(r["methods"])) + (" SIMULATED" if r["simulated"] else "") for r in rows]]
+        cols = [[printable(r[by]) or "(none)" for r in rows], *(_column([r[k] for r in rows], d) for k, _, d in _TABLE),
+                [printable(",".join(r["methods"])) + (" SIMULATED" if r["simulated"] else "") for r in rows]]
         body = list(zip(*cols))
         widths = [max(len(c) for c in col) for col in zip(header, *body)]
         out.write(f"\nby {by}\n")
@@ -129,13 +129,6 @@ def _print_tables(db: Path, tables: list[tuple[str, list[dict[str, Any]]]], sinc
             cells = [c.ljust(w) if i in (0, len(line) - 1) else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))]
             out.write("  ".join(cells).rstrip() + "\n")
     out.write(f"\n{HOST_RULE}\n")
-
-
-def _label(v: Any) -> str:
-    """A label as a terminal may show it: control characters (an escape sequence that would recolour or
-    rewrite the screen, a line break that would forge a row) escaped, as Python writes them."""
-    t = "" if v is None else str(v)
-    return t if t.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in t)
 
 
 def _decimals(x: float, sig: int) -> int:
