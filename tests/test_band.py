@@ -140,6 +140,10 @@ def test_cli_attribute_writes_bands_and_the_model(tmp_path, sim):
     route = s["routes"]["/v1/completions"]
     assert route["energy_j_low"] < route["energy_j"] < route["energy_j_high"]
     assert "step model" in p.stdout and "window" in p.stdout
+    m = s["devices"]["gpu0"]["model"]  # families the readings could not tell apart, blended (the chosen one among them)
+    assert m["family"] in m["blend"] and sum(m["blend"].values()) == pytest.approx(1.0)
+    heaviest = max(m["blend"], key=m["blend"].get)
+    assert f"{m['family']}, blended: {heaviest} {m['blend'][heaviest] * 100:.0f} %" in p.stdout
     parts = s["devices"]["gpu0"]["band_parts"]  # what the bands are made of, in the summary and on screen
     assert abs(sum(parts.values()) - 1.0) < 1e-3 and "band from " in p.stdout
 

@@ -76,6 +76,38 @@ def test_select_family_finds_the_generating_family(truth, family):
     assert set(sel.candidates) == set(FAMILIES) and "held-out" in sel.why
 
 
+def test_families_the_readings_cannot_tell_apart_are_blended():
+    # two terms that move together (a step's prefill and its duration, say): each family with one
+    # of them fits the readings about as well, and neither alone has the right split; their
+    # blend does, and predicts held-out readings far better than either. A family clearly worse
+    # (over 5 % of the best held-out error) takes no part.
+    rng = np.random.default_rng(7)
+    n = 400
+    base = rng.uniform(1, 2, n)
+    A = np.column_stack((base * (1 + rng.normal(0, 0.05, n)), base * (1 + rng.normal(0, 0.05, n)), rng.uniform(1, 2, n)))
+    truth = np.array([1.0, 1.0, 0.0])
+    sel = select_family(A, A @ truth, families={"a": (0,), "b": (1,), "c": (2,)})
+    s = sel.candidates
+    assert set(sel.blend) == {"a", "b"} and sum(sel.blend.values()) == pytest.approx(1.0)
+    assert s["c"] > 1.05 * min(s["a"], s["b"])
+    # weights by held-out likelihood over the k = 10 blocks: (best / its error)^k
+    assert sel.blend["a"] / sel.blend["b"] == pytest.approx((s["b"] / s["a"]) ** 10, rel=1e-9)
+    np.testing.assert_allclose(sel.coef, sel.blend["a"] * sel.fits["a"] + sel.blend["b"] * sel.fits["b"])
+    assert np.linalg.norm(sel.coef - truth) < 0.05 * min(np.linalg.norm(sel.fits[f] - truth) for f in "ab")
+    assert sel.cv_error < 0.2 * min(s["a"], s["b"])  # the blend's own held-out error, on the same folds
+    assert np.abs(sel.boot.mean(0) - sel.coef).max() < 0.05  # the band's bootstrap is about the blend
+    assert "blended with the 1 other family" in sel.why
+
+
+def test_a_family_the_readings_single_out_is_not_blended():
+    rng = np.random.default_rng(1)
+    A = rng.random((400, len(BASIS)))
+    coef = np.zeros(len(BASIS))
+    coef[[0, 4, 5, 6]] = rng.uniform(1, 2, 4)
+    sel = select_family(A, A @ coef + rng.normal(0, 0.01, 400), families={f: FAMILIES[f] for f in ("energy", "power")})
+    assert sel.family == "power" and sel.blend is None and "blended" not in sel.why
+
+
 def test_select_family_refuses_too_few_rows():
     assert select_family(np.ones((5, len(BASIS))), np.ones(5)) is None
 

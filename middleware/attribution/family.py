@@ -86,6 +86,9 @@ FAMILIES: dict[str, tuple[int, ...]] = {
 
 _RIDGE = 1e-6  # relative to the (unit) diagonal of the scaled Gram matrix
 _PARSIMONY = 1.02  # a simpler family within 2 % of the best held-out error wins
+#: families whose held-out error is within 5 % of the best are not told apart by the readings:
+#: their fits are blended (see :func:`select_family`)
+_BLEND_WITHIN = 1.05
 _BOOT_BLOCKS = 40  # time blocks the bootstrap resamples
 _BOOT = 24  # bootstrap resamples
 
@@ -222,6 +225,8 @@ class Selection:
     why: str
     boot: np.ndarray | None = None  # bootstrap coefficients of the chosen family (resamples x basis)
     fits: dict[str, np.ndarray] | None = None  # every family's coefficients over the basis
+    #: the families blended into ``coef`` and their weights (None: the chosen family alone)
+    blend: dict[str, float] | None = None
 
 
 def _blocks(n: int, k: int) -> np.ndarray:
@@ -260,6 +265,7 @@ def select_family(A: np.ndarray, y: np.ndarray, *, folds: int = 10, families: di
     ridge = _RIDGE * n / max(n, 1)
     scores: dict[str, float] = {}
     fits: dict[str, np.ndarray] = {}
+    fold_fits: dict[str, np.ndarray] = {}  # each family's fit without each fold (folds x basis)
     for name, family_cols in families.items():
         cols = np.array(family_cols)
         if n < 3 * len(cols):
@@ -268,6 +274,7 @@ def select_family(A: np.ndarray, y: np.ndarray, *, folds: int = 10, families: di
         x_all = nnls_gram(G[np.ix_(cols, cols)] + ridge * np.eye(len(cols)), c[cols])
         keep = np.flatnonzero(x_all > 0)
         sse = 0.0
+        held = np.zeros((k, p))
         for b in range(k):
             excl = [b] + ([b - 1] if b > 0 else []) + ([b + 1] if b + 1 < k else [])
             if k < 5:
@@ -276,9 +283,10 @@ def select_family(A: np.ndarray, y: np.ndarray, *, folds: int = 10, families: di
             ct = c - cb[excl].sum(0)
             Gs = Gt[np.ix_(cols, cols)] + ridge * np.eye(len(cols))
             xb = _nnls_from(Gs, ct[cols], keep)
-            xf = np.zeros(p)
+            xf = held[b]
             xf[cols] = xb
             sse += float(yy[b] - 2 * xf @ cb[b] + xf @ Gb[b] @ xf)
+        fold_fits[name] = held
         scores[name] = math.sqrt(max(sse, 0.0) / ms) if ms > 0 else math.inf
         xf = np.zeros(p)
         xf[cols] = x_all
@@ -294,28 +302,49 @@ def select_family(A: np.ndarray, y: np.ndarray, *, folds: int = 10, families: di
             break
     coef_s = fits[chosen]
     scores_chosen = scores[chosen]
+    # Families the held-out readings do not tell apart (within 5 % of the best error) are
+    # blended, each weighted by its held-out likelihood over the k blocks, (best / its error)^k:
+    # where the readings cannot say which split of a window's energy is right, the average of
+    # the splits they allow errs less than any one of them. The blend's own held-out error is
+    # scored on the same folds (each fold's blend of the families' fits without it).
+    close = [f for f in scores if scores[f] <= scores[best] * _BLEND_WITHIN]
+    blend = None
+    if len(close) > 1 and ms > 0 and 0 < scores[best] < math.inf:
+        wt = np.array([(scores[best] / scores[f]) ** k for f in close])
+        wt /= wt.sum()
+        coef_s = wt @ np.stack([fits[f] for f in close])
+        held_b = np.tensordot(wt, np.stack([fold_fits[f] for f in close]), axes=1)
+        sse_b = sum(float(yy[b] - 2 * held_b[b] @ cb[b] + held_b[b] @ Gb[b] @ held_b[b]) for b in range(k))
+        scores_chosen = math.sqrt(max(sse_b, 0.0) / ms)
+        blend = {f: float(w) for f, w in zip(close, wt)}
     sse_in = float(ms - 2 * coef_s @ c + coef_s @ G @ coef_s)
     r2 = 1.0 - sse_in / ss_tot if ss_tot > 0 else 0.0
     cv_sse = scores_chosen**2 * ms
     cv_r2 = 1.0 - cv_sse / ss_tot if ss_tot > 0 else 0.0
     # Block bootstrap of the chosen family: how far its coefficients move when the run's
-    # stretches of time are resampled (the spread feeds each request's error band).
+    # stretches of time are resampled (the spread feeds each request's error band), about
+    # the blend where there is one.
     chosen_cols = np.array(families[chosen])
     rng = np.random.default_rng(12345)
     wts = rng.multinomial(kb, np.full(kb, 1.0 / kb), size=_BOOT)
     boot = np.zeros((_BOOT, p))
     eye = ridge * np.eye(len(chosen_cols))
-    keep = np.flatnonzero(coef_s[chosen_cols] > 0)  # each resample's first guess: the full fit's coefficients
+    keep = np.flatnonzero(fits[chosen][chosen_cols] > 0)  # each resample's first guess: the full fit's coefficients
     for i in range(_BOOT):
         Gs = np.tensordot(wts[i], Gf, axes=1)
         cs = wts[i] @ cf
         boot[i, chosen_cols] = _nnls_from(Gs[np.ix_(chosen_cols, chosen_cols)] + eye, cs[chosen_cols], keep)
+    if blend is not None:
+        boot += coef_s - fits[chosen]  # the chosen family's spread, about the blend
     if chosen == best:
         why = f"lowest held-out error of {len(scores)} families over {k} time blocks"
     else:
         why = f"simplest family within {(_PARSIMONY - 1) * 100:.0f} % of the best ({best}) held-out error over {k} time blocks"
+    if blend is not None:
+        why += (f"; blended with the {len(blend) - 1} other famil{'y' if len(blend) == 2 else 'ies'} within "
+                f"{(_BLEND_WITHIN - 1) * 100:.0f} % of the best, by held-out likelihood")
     return Selection(chosen, coef_s / scale, scores_chosen, cv_r2, r2, n, dict(scores), why,
-                     boot / scale, {f: v / scale for f, v in fits.items()})
+                     boot / scale, {f: v / scale for f, v in fits.items()}, blend)
 
 
 def correlation_lag(r: np.ndarray, max_lag: int = 4096, level: float = 0.2) -> int:

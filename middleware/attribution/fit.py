@@ -1050,7 +1050,8 @@ def _batch_fit(cum: _CumEnergy, trace: DeviceTrace, steps: Steps, s_idx: np.ndar
                 why += f"; through a {lag_tau * 1e3:.2g} ms electrical lag" + (" (given)" if lag_s is not None else "")
             elif lag_s is not None:
                 why += "; no electrical lag (given)"
-            model = StepModel(sel.coef, sel.r2, sel.rows, family, sel.cv_error, sel.cv_r2, why, sel.candidates, rates, lag_tau)
+            blend = {f[: -len("+wait")] if with_waits and f.endswith("+wait") else f: w for f, w in sel.blend.items()} if sel.blend else None
+            model = StepModel(sel.coef, sel.r2, sel.rows, family, sel.cv_error, sel.cv_r2, why, sel.candidates, rates, lag_tau, blend)
         else:
             # Too little to fit: every step costs in proportion to its duration.
             model = StepModel(np.eye(len(BASIS))[0], math.nan, 0, "duration", why="too few readings to fit: energy by step duration", rates=rates)

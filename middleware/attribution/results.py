@@ -33,6 +33,9 @@ class StepModel:
     none was chosen: a step's power rises and decays over it, so part of each step's
     energy is drawn in the next step or wait, and the readings are deconvolved through it
     to give that tail back to its step (see :class:`wattspan.attribution.fit._Lagged`).
+    ``blend``: where families the held-out readings could not tell apart (within 5 % of the
+    best error) were blended into ``coef``, each one's weight; ``None`` when ``family`` alone
+    was fitted (``cv_error`` and ``cv_r2`` are then the blend's own, scored on the same folds).
     """
 
     coef: np.ndarray
@@ -45,6 +48,7 @@ class StepModel:
     candidates: dict[str, float] | None = None
     rates: tuple[float, ...] | None = None
     lag_tau_s: float = 0.0
+    blend: dict[str, float] | None = None
 
     @property
     def wait_coef(self) -> np.ndarray:
@@ -76,6 +80,7 @@ class StepModel:
             "candidates": dict(self.candidates or {}),
             "rows": self.rows,
             "lag_tau_s": self.lag_tau_s,
+            "blend": dict(self.blend) if self.blend else None,
         }
 
 

@@ -394,7 +394,11 @@ def print_summary(summary: dict[str, Any], file: TextIO = sys.stdout) -> None:
         m = d.get("model")
         fit = f", fit r2 {m['r2']:.2f} over {m['rows']} readings" if m else ""
         if m and m.get("family"):
-            fit += (f"\n  step model {m['family']} (held-out error {m['cv_error'] * 100:.1f} %, r2 {m['cv_r2']:.2f}: {m['why']});"
+            mix = m.get("blend") or {}
+            top = sorted(mix.items(), key=lambda kv: -kv[1])
+            name = (f"{m['family']}, blended: " + ", ".join(f"{f} {w * 100:.0f} %" for f, w in top[:3])
+                    + (f" and {len(top) - 3} more" if len(top) > 3 else "")) if mix else m["family"]
+            fit += (f"\n  step model {name} (held-out error {m['cv_error'] * 100:.1f} %, r2 {m['cv_r2']:.2f}: {m['why']});"
                     f" window {d.get('window_s', float('nan')):.3g} s; quality {d.get('quality') or '-'}")
         bp = d.get("band_parts")
         if bp:
