@@ -49,12 +49,19 @@ _STATIC = {"dashboard.js": "text/javascript", "dashboard.css": "text/css", "LICE
 
 
 def is_loopback(host: str) -> bool:
-    if host in _LOOPBACK:
+    """Whether ``host`` (a name or an address, without its port) names this machine's loopback:
+    ``localhost`` in any case, with or without the root's trailing dot, a name under it (RFC 6761
+    keeps ``*.localhost`` loopback), 127/8, ``::1``, or 127/8 written as an IPv4-mapped IPv6 address."""
+    h = host.lower()
+    h = h[:-1] if h.endswith(".") else h
+    if h in _LOOPBACK or h.endswith(".localhost"):
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        a = ipaddress.ip_address(h)
     except ValueError:
         return False
+    mapped = getattr(a, "ipv4_mapped", None)
+    return a.is_loopback or (mapped is not None and mapped.is_loopback)
 
 
 def parse_window(text: str | float) -> float:

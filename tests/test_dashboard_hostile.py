@@ -80,9 +80,11 @@ def test_sums_past_floats_range_are_served_as_null_not_a_500(ledger):
 def test_without_a_token_only_loopback_names_are_served(ledger):
     with serve(create_app(ledger)) as url:
         port = url.rsplit(":", 1)[1]
-        for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}", "127.0.0.1"):
+        for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}", "127.0.0.1", f"LOCALHOST:{port}", "localhost.",
+                     f"app.localhost:{port}", f"[::ffff:127.0.0.1]:{port}", "127.8.9.1"):
             assert httpx.get(url + "/api/data", headers={"host": host}).status_code == 200, host
-        for host in (f"evil.example:{port}", "evil.example", f"[2001:db8::1]:{port}", "", "127.0.0.1.evil.example"):
+        for host in (f"evil.example:{port}", "evil.example", f"[2001:db8::1]:{port}", "", "127.0.0.1.evil.example",
+                     "localhost.evil.example", "localhost..", f"[::ffff:10.0.0.1]:{port}", "evillocalhost"):
             r = httpx.get(url + "/api/data", headers={"host": host})
             assert r.status_code == 421 and "localhost only" in r.text, host
             assert httpx.get(url + "/", headers={"host": host}).status_code == 421
