@@ -228,6 +228,12 @@ class Selection:
     #: the families blended into ``coef`` and their weights (None: the chosen family alone)
     blend: dict[str, float] | None = None
 
+    @property
+    def family_error(self) -> float:
+        """The chosen family's own held-out error: what one family fitted alone (through a lag, with
+        the waits' terms) is held against; ``cv_error`` is the blend's where there is one."""
+        return self.candidates.get(self.family, self.cv_error)
+
 
 def _blocks(n: int, k: int) -> np.ndarray:
     return np.minimum((np.arange(n) * k) // max(n, 1), k - 1)

@@ -542,7 +542,7 @@ def _choose_lag(cum: _CumEnergy, trace: DeviceTrace, base: _StepFeatures | _Besi
         return (plans[0].rows(f) if len(plans) == 1 else np.vstack([pl.rows(f) for pl in plans])), y_all
 
     if parts is None:
-        ref = sel.cv_error
+        ref = sel.family_error  # the chosen family alone, as each lag's fit is
         lagged = _with_lag(base, _LAGS_S[0], cols=cols)
     else:
         A0, y0 = rows_at(base)
@@ -583,7 +583,7 @@ def _choose_lag(cum: _CumEnergy, trace: DeviceTrace, base: _StepFeatures | _Besi
         return 0.0, None, scores
     # every reading and feature through it, held to the same test
     rows = _fit_rows(cum, trace, _with_lag(base, tau), idle_curve, a, b, rel, with_weights=True)
-    if _cv_error(rows[0], rows[1], cols) < sel.cv_error * (1 - max(0.03, 1 / math.sqrt(max(len(rows[1]), 1)))):
+    if _cv_error(rows[0], rows[1], cols) < sel.family_error * (1 - max(0.03, 1 / math.sqrt(max(len(rows[1]), 1)))):
         return tau, rows, scores
     return 0.0, None, scores
 
@@ -970,7 +970,7 @@ def _batch_fit(cum: _CumEnergy, trace: DeviceTrace, steps: Steps, s_idx: np.ndar
                 # are fine enough to show a lag, the lag read on time is kept when it predicts
                 # held-out readings at least as well as the shift.
                 tau0, rows_l0, _ = _choose_lag(cum, trace, feats, idle_curve, a, b, rel, sel0, FAMILIES, rows0[3])
-                if tau0 > 0 and rows_l0 is not None and _cv_error(rows_l0[0], rows_l0[1], FAMILIES[sel0.family]) <= sel.cv_error:
+                if tau0 > 0 and rows_l0 is not None and _cv_error(rows_l0[0], rows_l0[1], FAMILIES[sel0.family]) <= sel.family_error:
                     sel, shift_ns = sel0, 0
                     A, y, w_row, t_row, overlap, len_row = rows0
             if shift_ns:
@@ -991,7 +991,7 @@ def _batch_fit(cum: _CumEnergy, trace: DeviceTrace, steps: Steps, s_idx: np.ndar
                      else {f"{sel.family}+wait": families[f"{sel.family}+wait"]})
             sel_w = select_family(rows_w[0], rows_w[1], families=fam_w) if len(rows_w[1]) else None
             if sel_w is not None and np.any(sel_w.coef[nb:]) and (
-                    stage or sel_w.cv_error < sel.cv_error * (1 - max(0.03, 1 / math.sqrt(len(rows_w[1]))))):
+                    stage or sel_w.cv_error < sel.family_error * (1 - max(0.03, 1 / math.sqrt(len(rows_w[1]))))):
                 sel_steps, sel, with_waits = sel, sel_w, True
                 A, y, w_row, t_row, overlap, len_row = rows_w
                 sel_fams = fam_w
@@ -1566,7 +1566,7 @@ def _dyn_spread(sel: Selection | None, coef: np.ndarray, x: np.ndarray, scale_pe
         w, r, s_on = share[on_dev], e_r[on_dev], e_s[on_dev]
     xw = x * scale_per_s[:, None]  # each step's basis terms times its reconciliation scale
     fam = [v for f, v in (sel.fits or {}).items() if f != sel.family and np.any(v)
-           and sel.candidates.get(f, math.inf) <= 1.25 * sel.cv_error]
+           and sel.candidates.get(f, math.inf) <= 1.25 * sel.family_error]
     tot = np.bincount(s_on, weights=w, minlength=len(x)) @ xw  # basis totals over the requests
     base = float(tot @ coef)
     if base <= 0:
