@@ -987,11 +987,13 @@ def _batch_fit(cum: _CumEnergy, trace: DeviceTrace, steps: Steps, s_idx: np.ndar
             rows_w = _fit_rows(cum, trace, fit_feats, idle_curve, a, b, rel, with_weights=True)
             busy_s = float(np.diff(seg.edges)[seg.n > 0].sum())
             stage = not shift_ns and float((w_en - w_st).sum()) >= _WAIT_SHARE * busy_s
+            # (elsewhere the family chosen, or each family of its blend, with the waits' terms: the
+            # selection over them is held against the selection without them)
             fam_w = ({k: v for k, v in families.items() if k.endswith("+wait")} if stage
-                     else {f"{sel.family}+wait": families[f"{sel.family}+wait"]})
+                     else {f"{f}+wait": families[f"{f}+wait"] for f in (sel.blend or {sel.family: 1.0})})
             sel_w = select_family(rows_w[0], rows_w[1], families=fam_w) if len(rows_w[1]) else None
             if sel_w is not None and np.any(sel_w.coef[nb:]) and (
-                    stage or sel_w.cv_error < sel.family_error * (1 - max(0.03, 1 / math.sqrt(len(rows_w[1]))))):
+                    stage or sel_w.cv_error < sel.cv_error * (1 - max(0.03, 1 / math.sqrt(len(rows_w[1]))))):
                 sel_steps, sel, with_waits = sel, sel_w, True
                 A, y, w_row, t_row, overlap, len_row = rows_w
                 sel_fams = fam_w
@@ -1014,7 +1016,8 @@ def _batch_fit(cum: _CumEnergy, trace: DeviceTrace, steps: Steps, s_idx: np.ndar
                     with_waits, sel_steps, sel_fams = False, None, None
             if sel_l is not None and rows_l is not None and np.any(sel_l.coef):
                 sel, lag_tau = sel_l, tau
-                lag_fam = {sel_l.family: (sel_fams or FAMILIES)[sel_l.family]}
+                # the family fitted through the lag (each of its blend's): refitted through the lag's neighbours for the band
+                lag_fam = {f: (sel_fams or FAMILIES)[f] for f in (sel_l.blend or {sel_l.family: 1.0})}
                 A, y, w_row, t_row, overlap, len_row = rows_l
                 # fitted through a given lag with the waits' terms: the refits below keep its constraints
                 held_wait = lag_s is not None and with_waits
@@ -1565,7 +1568,8 @@ def _dyn_spread(sel: Selection | None, coef: np.ndarray, x: np.ndarray, scale_pe
     else:
         w, r, s_on = share[on_dev], e_r[on_dev], e_s[on_dev]
     xw = x * scale_per_s[:, None]  # each step's basis terms times its reconciliation scale
-    fam = [v for f, v in (sel.fits or {}).items() if f != sel.family and np.any(v)
+    # (the chosen family departs too where the centre is a blend)
+    fam = [v for f, v in (sel.fits or {}).items() if (f != sel.family or sel.blend) and np.any(v)
            and sel.candidates.get(f, math.inf) <= 1.25 * sel.family_error]
     tot = np.bincount(s_on, weights=w, minlength=len(x)) @ xw  # basis totals over the requests
     base = float(tot @ coef)

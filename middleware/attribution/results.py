@@ -34,8 +34,8 @@ class StepModel:
     energy is drawn in the next step or wait, and the readings are deconvolved through it
     to give that tail back to its step (see :class:`wattspan.attribution.fit._Lagged`).
     ``blend``: where families the held-out readings could not tell apart (within 5 % of the
-    best error) were blended into ``coef``, each one's weight; ``None`` when ``family`` alone
-    was fitted (``cv_error`` and ``cv_r2`` are then the blend's own, scored on the same folds).
+    best error) were blended into ``coef``, each one's weight (``cv_error`` and ``cv_r2`` are then
+    the blend's own, scored on the same folds); ``None`` when ``family`` alone was fitted.
     """
 
     coef: np.ndarray
