@@ -298,8 +298,16 @@ def test_ctrl_c_is_one_line_and_status_130(tmp_path):
 
     fifo = tmp_path / "trace.csv"
     os.mkfifo(fifo)  # reading it blocks until a writer comes: the command waits there for the signal
-    p = subprocess.Popen([sys.executable, "-m", "wattspan.cli", "attribute", "--trace", str(fifo), "--requests", str(A100 / "requests.jsonl")],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Ctrl-C as a terminal delivers it to a command started from a shell: where this test process
+    # has SIGINT ignored (a CI job started in the background with `&`; a server test that put back
+    # the disposition it found), the command would inherit it ignored and never see the signal. A
+    # handler here (not SIG_IGN) is reset to the default in the command by exec.
+    was = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        p = subprocess.Popen([sys.executable, "-m", "wattspan.cli", "attribute", "--trace", str(fifo), "--requests", str(A100 / "requests.jsonl")],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    finally:
+        signal.signal(signal.SIGINT, was)
     # wait until the command holds the FIFO open (past its imports, inside main): a writer's
     # non-blocking open succeeds only then; held open, the command blocks in its read
     deadline, fd = time.monotonic() + 120, None
