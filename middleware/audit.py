@@ -268,7 +268,7 @@ def from_ledger(db: str | os.PathLike, since: float | None = None, until: float 
         when = "" if since is None else f" since {_utc(since)}"
         if got is not None and got[-1]:
             raise ValueError(f"the ledger {db} holds no request{when} wattspan could sum: its {got[-1]} record(s) hold values no "
-                             "wattspan writer stores (an infinity, a negative energy, text in a number column); was the file edited?")
+                             "wattspan writer stores (an infinity, a value past 2**63, a negative energy, text in a number column); was the file edited?")
         raise ValueError(f"the ledger {db} holds no request{when} (is this the server's --db? widen --since?)")
     tot, band, gband, sensors, methods, quality, (t0, bucket, buckets), bad = got
     n, acc, host, dev_s, co2, emb, pt, ot, first, last, cmin, cmean, sim, dyn, idle = tot[:15]
@@ -288,7 +288,7 @@ def from_ledger(db: str | os.PathLike, since: float | None = None, until: float 
         b.band_g = (rest[0], rest[1])
     b.notes.append(f"{n} requests recorded {_utc(first)} to {_utc(last)}; dynamic {dyn:.4g} J + idle share {idle:.4g} J of accelerator energy")
     if bad:
-        b.notes.append(f"{bad} record(s) left out of every figure: they hold a value no wattspan writer stores (an infinity, "
+        b.notes.append(f"{bad} record(s) left out of every figure: they hold a value no wattspan writer stores (an infinity, a value past 2**63, "
                        "a negative energy or token count, text in a number column); the file was edited or written by another tool")
     b.recorded_carbon = _ledger_intensity(db, since, until)  # --region overrides it
     for dev, sensor, s, cnt, e, cm in sensors:

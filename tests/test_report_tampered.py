@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sqlite3
 import subprocess
 import sys
@@ -86,19 +87,38 @@ def test_a_method_with_escapes_is_shown_escaped_in_report_and_audit(tmp_path):
     assert p.returncode == 0 and "\x1b" not in md and "\x07" not in md and "pwned" in md
 
 
-def test_report_json_is_json_even_when_a_sum_passes_floats_range(tmp_path):
+def test_values_whose_sum_passes_floats_range_are_left_out_not_summed_to_inf(tmp_path):
+    # each 1.7e308 J finite, as the real writer stores it; two of them sum past float's range
+    # (report printed "inf J", its JSON null, and audit ended in a plotting error)
     db = tmp_path / "big.sqlite"
     with Ledger(db) as led:
-        led.write([_rec(i) for i in range(3)])
+        led.write([_rec(i) for i in range(5)])
         assert led.flush()
     con = sqlite3.connect(db)
-    con.execute("UPDATE requests SET energy_j = 1.7e308")  # each finite, their sum not
+    con.execute("UPDATE requests SET energy_j = 1.7e308 WHERE id IN ('r0', 'r1')")
     con.commit()
     con.close()
+    assert excluded(db) == 2
     p = cli("report", "--db", db, "--format", "json")
     assert p.returncode == 0, p.stderr
     rows = json.loads(p.stdout, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
-    assert rows[0]["requests"] == 3 and rows[0]["energy_j"] is None
+    assert rows[0]["requests"] == 3 and rows[0]["energy_j"] == pytest.approx(6.0)
+    assert "2 record(s)" in p.stderr and "past 2**63" in p.stderr
+    p = cli("report", "--db", db)
+    assert p.returncode == 0 and "accelerator 6.000 J" in p.stdout and "inf" not in p.stdout, p.stdout
+    out = tmp_path / "a.md"
+    p = cli("audit", "--db", db, "--out", out)
+    assert p.returncode == 0, p.stderr
+    md = out.read_text()
+    assert "2 record(s) left out of every figure" in md and not re.search(r"\binf\b", md)
+
+
+def test_the_bound_is_past_any_value_the_writer_stores(tmp_path):
+    # the writer clips integers to 64 bits: a token count at the clip is still summed
+    from wattspan.export.ledger.schema import VALUE_MAX
+    assert VALUE_MAX >= 2**63 - 1 and VALUE_MAX * 2**63 < 1.7e308
+    db = _tampered(tmp_path / "t.sqlite", 2, "UPDATE requests SET prompt_tokens = ? WHERE id = 'r0'", (2**63 - 1,))
+    assert excluded(db) == 0 and sum(r["requests"] for r in aggregate(db, "route")) == 2
 
 
 def test_audit_flags_them_and_reports_the_rest(ledger, tmp_path):

@@ -75,7 +75,7 @@ def run_report(db: Path, *, by: str = "route", fmt: str = "table", since_s: floa
         return 2
 
     if left_out:
-        print(f"wattspan report: {left_out} record(s) of {db} hold a value no wattspan writer stores (an infinity, a negative "
+        print(f"wattspan report: {left_out} record(s) of {db} hold a value no wattspan writer stores (an infinity, a value past 2**63, a negative "
               "energy or token count, text in a number column): left out of every figure below; was the file edited?", file=err)
     try:
         _render(db, by, fmt, since_s, tables, out)

@@ -144,16 +144,22 @@ SUMMED = ("energy_j", "dynamic_j", "idle_j", "host_j", "device_s", "co2e_g", "em
 
 def valid_sql(have: set[str] | None = None) -> str:
     """SQL that is 1 for a record whose :data:`SUMMED` values (those of them in ``have``, the
-    file's columns) are all finite numbers >= 0, and 0 otherwise: a row no wattspan writer
-    stores (an infinity, a negative energy, a text in a REAL column: a hand-edited or foreign
-    file) is left out of the sums, and counted (:func:`excluded`), never summed into them: one
-    inf made every total inf (and the JSON of a report invalid), one text read as 0 J."""
+    file's columns) are all numbers in ``[0, VALUE_MAX]``, and 0 otherwise: a row no meter
+    makes (an infinity, a negative energy, a text in a REAL column: a hand-edited or foreign
+    file; 1e308 J handed to the writer) is left out of the sums, and counted (:func:`excluded`),
+    never summed into them: one inf made every total inf (and the JSON of a report invalid),
+    one text read as 0 J, two finite 1e308 J summed past float's range."""
     cols = [c for c in SUMMED if have is None or c in have]
     if not cols:
         return "1"
     # SQLite orders every number before every text and blob, so one range test per column is the
     # whole check (a third of the cost of typeof() and arithmetic); NULL (NaN is stored as NULL) is 0
-    return "IFNULL(" + " AND ".join(f"{c} BETWEEN 0 AND 1.7976931348623157e308" for c in cols) + ", 0)"
+    return "IFNULL(" + " AND ".join(f"{c} BETWEEN 0 AND {VALUE_MAX!r}" for c in cols) + ", 0)"
+
+
+#: the largest value a summed column holds: 2**63 (the writer's integer range; in joules a
+#: megawatt for 290,000 years): 2**63 such records sum to 8.5e37, far inside float's range
+VALUE_MAX = float(2**63)
 
 
 def excluded(path: str | os.PathLike[str], *, since: float | None = None, until: float | None = None,
