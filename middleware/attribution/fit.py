@@ -840,6 +840,14 @@ def _wait_owners(owners: Steps | None, o_idx: np.ndarray | None, requests_local:
 #: flight (a pipeline bubble, clocks held between steps) and J per wait (the electrical tail
 #: of the step before it: power decays over milliseconds, not at the step's end).
 WAIT_TERMS = ("wait_s", "waits")
+_WAITS = "+wait"  # a family's name with the waits' terms beside it (W while waiting, J per wait)
+
+
+def _steps_family(name: str) -> str:
+    """The steps' family of ``name``: without the waits' suffix (:data:`_WAITS`)."""
+    return name[: -len(_WAITS)] if name.endswith(_WAITS) else name
+
+
 _WAIT_SHARE = 0.1  # waits this share of the in-flight time or more: the device is a pipeline stage
 
 
@@ -928,7 +936,7 @@ def _batch_fit(cum: _CumEnergy, trace: DeviceTrace, steps: Steps, s_idx: np.ndar
         xw = np.column_stack(((w_en - w_st) * _NS, np.ones(len(w_st))))  # the WAIT_TERMS
         fit_feats = _Beside(feats, _StepFeatures(xw, rel(w_st), rel(w_en)))
         families = dict(FAMILIES)
-        families.update({f"{k}+wait": v + tuple(range(nb, nb + nw)) for k, v in FAMILIES.items()})
+        families.update({k + _WAITS: v + tuple(range(nb, nb + nw)) for k, v in FAMILIES.items()})
     else:
         fit_feats = feats
         families = FAMILIES
@@ -989,8 +997,8 @@ def _batch_fit(cum: _CumEnergy, trace: DeviceTrace, steps: Steps, s_idx: np.ndar
             stage = not shift_ns and float((w_en - w_st).sum()) >= _WAIT_SHARE * busy_s
             # (elsewhere the family chosen, or each family of its blend, with the waits' terms: the
             # selection over them is held against the selection without them)
-            fam_w = ({k: v for k, v in families.items() if k.endswith("+wait")} if stage
-                     else {f"{f}+wait": families[f"{f}+wait"] for f in (sel.blend or {sel.family: 1.0})})
+            fam_w = ({k: v for k, v in families.items() if k.endswith(_WAITS)} if stage
+                     else {f + _WAITS: families[f + _WAITS] for f in (sel.blend or {sel.family: 1.0})})
             sel_w = select_family(rows_w[0], rows_w[1], families=fam_w) if len(rows_w[1]) else None
             if sel_w is not None and np.any(sel_w.coef[nb:]) and (
                     stage or sel_w.cv_error < sel.cv_error * (1 - max(0.03, 1 / math.sqrt(len(rows_w[1]))))):
@@ -1048,12 +1056,12 @@ def _batch_fit(cum: _CumEnergy, trace: DeviceTrace, steps: Steps, s_idx: np.ndar
         if sel is not None and np.any(sel.coef):
             family, why = sel.family, sel.why
             if with_waits:  # the steps' family, the wait terms beside it (StepModel.wait_coef)
-                family, why = family[: -len("+wait")], why + "; with the waits' terms (W while waiting, J per wait)"
+                family, why = _steps_family(family), why + "; with the waits' terms (W while waiting, J per wait)"
             if lag_tau > 0:
                 why += f"; through a {lag_tau * 1e3:.2g} ms electrical lag" + (" (given)" if lag_s is not None else "")
             elif lag_s is not None:
                 why += "; no electrical lag (given)"
-            blend = {f[: -len("+wait")] if with_waits and f.endswith("+wait") else f: w for f, w in sel.blend.items()} if sel.blend else None
+            blend = {(_steps_family(f) if with_waits else f): w for f, w in sel.blend.items()} if sel.blend else None
             model = StepModel(sel.coef, sel.r2, sel.rows, family, sel.cv_error, sel.cv_r2, why, sel.candidates, rates, lag_tau, blend)
         else:
             # Too little to fit: every step costs in proportion to its duration.
@@ -1249,7 +1257,7 @@ def _batch_fit(cum: _CumEnergy, trace: DeviceTrace, steps: Steps, s_idx: np.ndar
     #     and under the other families, per request (for the error band).
     if sel is not None and sel.boot is not None and sel.boot.shape[1] > nb:  # the steps' terms only
         boot = sel.boot[:, :nb]
-        cut: Callable[[str], str] = lambda f: f[: -len("+wait")] if f.endswith("+wait") else f  # noqa: E731
+        cut = _steps_family
         fits = {cut(f): v[:nb] for f, v in (sel.fits or {}).items()}
         if sel_steps is not None and len(fits) < 2:
             # the waits' terms were tried beside the chosen family only: the close families
