@@ -294,15 +294,18 @@ class RecordBatch(Sequence[RequestRecord]):
         return f"RecordBatch({self._n} records, {len(self.columns)} varying fields)"
 
 
-def json_safe(obj: Any) -> Any:
+def json_safe(obj: Any, digits: int | None = None) -> Any:
     """``obj`` with every NaN or infinite float (at any depth, in dicts, lists and tuples) as ``None``:
-    JSON has neither, and a record or a sum read from an edited file may hold one."""
+    JSON has neither, and a record or a sum read from an edited file may hold one. ``digits``:
+    round every finite float to that many significant digits (a report's figures)."""
     if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
+        if not math.isfinite(obj):
+            return None
+        return obj if digits is None else float(f"{obj:.{digits}g}")
     if isinstance(obj, dict):
-        return {k: json_safe(v) for k, v in obj.items()}
+        return {k: json_safe(v, digits) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
+        return [json_safe(v, digits) for v in obj]
     return obj
 
 

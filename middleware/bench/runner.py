@@ -27,6 +27,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from ..records import json_safe
+
 __all__ = ["BenchConfig", "BenchError", "add_bench_arguments", "config_from_args", "run_bench"]
 
 ID_HEADER = "x-wattspan-request-id"
@@ -564,7 +566,7 @@ def _run(cfg: BenchConfig) -> int:
                "timings_s": timings, **rep}
         timings["analysis"] = time.monotonic() - t
         timings["total"] = time.monotonic() - t_start
-        paths = write_report(_clean(rep), out)
+        paths = write_report(json_safe(rep, digits=7), out)
     _print_summary(rep, paths)
     missing = rep["quality"]["missing_records"]
     failed = sum(p["client"]["calls"] - p["client"]["calls_ok"] for p in rep["phases"])
@@ -573,17 +575,6 @@ def _run(cfg: BenchConfig) -> int:
               file=sys.stderr)
         return 1
     return 0
-
-
-def _clean(o):
-    """NaN/inf -> None (JSON has no NaN), floats to 7 significant digits, recursively."""
-    if isinstance(o, float):
-        return float(f"{o:.7g}") if math.isfinite(o) else None
-    if isinstance(o, dict):
-        return {k: _clean(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_clean(v) for v in o]
-    return o
 
 
 def command_line(cfg: BenchConfig) -> str:
