@@ -67,14 +67,16 @@ def test_a_clean_ledger_excludes_nothing(ledger):
     assert d["quality"]["excluded_records"] == 0 and d["totals"]["requests"] == 10
 
 
-def test_sums_past_floats_range_are_served_as_null_not_a_500(ledger):
-    # each record is finite and >= 0, their sum is not: the page's JSON must stay valid
-    _tamper(ledger, "UPDATE requests SET energy_j = 1.7e308")
+def test_values_whose_sum_passes_floats_range_are_left_out_not_a_500(ledger):
+    # each 1.7e308 J is finite and >= 0, two summed are not: they are left out and counted
+    # (past 2**63, no meter's value); the page's JSON stays valid and sums the rest
+    _tamper(ledger, "UPDATE requests SET energy_j = 1.7e308 WHERE rowid <= 2")
     with serve(create_app(ledger)) as url:
         r = httpx.get(url + "/api/data", params={"window": "1h"})
     assert r.status_code == 200
-    d = json.loads(r.text)  # strict JSON parsers reject Infinity
-    assert d["totals"]["total_j"] is None and d["totals"]["requests"] == 10
+    d = json.loads(r.text, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
+    assert d["totals"]["requests"] == 8 and d["quality"]["excluded_records"] == 2
+    assert d["totals"]["total_j"] == pytest.approx(8 * 2.25)
 
 
 def test_without_a_token_only_loopback_names_are_served(ledger):
