@@ -110,7 +110,14 @@ class _Segments:
         return self._share(x, self.n, None)
 
     def share_weighted(self, x: np.ndarray) -> tuple[np.ndarray, float]:
-        return self._share(x, self.w, self.weights)
+        out, unshared = self._share(x, self.w, self.weights)
+        none = (self.w <= 0) & (self.n > 0)
+        if bool(none.any()):  # in flight, every one of weight 0: split equally, never left to no one
+            x0 = np.where(none, x, 0.0)
+            eq, _ = self._share(x0, self.n, None)
+            out = out + eq
+            unshared -= float(x0.sum())
+        return out, unshared
 
 
 # --------------------------------------------------------------------------- batch-fit
@@ -1246,12 +1253,17 @@ def _batch_fit(cum: _CumEnergy, trace: DeviceTrace, steps: Steps, s_idx: np.ndar
     tok_sum = np.bincount(e_s, weights=e_t, minlength=len(s_idx))
     ts = tok_sum[e_s]
     tok_any = ts > 0
-    share = e_t / ts if bool(tok_any.all()) else np.where(tok_any, e_t / np.where(tok_any, ts, 1.0), 0.0)
+    if bool(tok_any.all()):
+        share = e_t / ts
+    else:  # a step whose requests processed no tokens (as reported): split equally among them
+        n_in = np.bincount(e_s, minlength=len(s_idx))[e_s]
+        share = np.where(tok_any, e_t / np.where(tok_any, ts, 1.0), 1.0 / np.maximum(n_in, 1))
     val = e_step[e_s] * share
     on_dev = e_r >= 0
     all_on = bool(on_dev.all())
     dyn = np.bincount(e_r if all_on else e_r[on_dev], weights=val if all_on else val[on_dev], minlength=len(ridx))
-    lost = (0.0 if all_on else float(val[~on_dev].sum())) + float(e_step[tok_sum == 0].sum())  # steps naming requests of another device
+    n_ent = np.bincount(e_s, minlength=len(s_idx))
+    lost = (0.0 if all_on else float(val[~on_dev].sum())) + float(e_step[n_ent == 0].sum())  # steps naming requests of another device, or none
 
     # 4b. What the fit does not know: the same split under the bootstrap's coefficients
     #     and under the other families, per request (for the error band).
