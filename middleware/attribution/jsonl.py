@@ -161,7 +161,10 @@ def read_requests_jsonl(path: str | PathLike[str]) -> tuple[Requests, list[dict[
                 clean[key] = row[key][:256]
         for key in _OPTIONAL_COUNTS:
             if key in row and row[key] is not None:
-                clean[key] = int(_count(path, n, key, row[key]))
+                c = _count(path, n, key, row[key])
+                if not c.is_integer():
+                    raise InputError(path, n, f"{key} must be a whole number of tokens, got {_short(row[key])}")
+                clean[key] = int(c)
         if "weight" in row:
             clean["weight"] = _count(path, n, "weight", row["weight"])
         rows.append(clean)

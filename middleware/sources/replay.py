@@ -192,7 +192,19 @@ def _check_header(p: Path, header: list[str]) -> None:
         raise InputError(p, 1, f"{'; '.join(parts)}: the header must be {_FORMAT} (found {','.join(header)!r})")
 
 
+def _plain(p: Path, name: str, col: list[str], line_of: Callable[[int], int]) -> None:
+    """Refuse what Python's int() and float() read but a CSV reader elsewhere would not (or would
+    read otherwise): digit separators (``1_000``) and digits of other scripts (``١٢٣``)."""
+    joined = "".join(col)
+    if joined.isascii() and "_" not in joined:
+        return
+    for i, s in enumerate(col):
+        if not s.isascii() or "_" in s:
+            raise InputError(p, line_of(i), f"{name} {s.strip()!r} is not a plain number (ASCII digits, no '_')")
+
+
 def _parse_times(p: Path, col: list[str], n: int, line_of: Callable[[int], int]) -> np.ndarray:
+    _plain(p, "time_ns", col, line_of)
     try:
         t = np.fromiter(map(int, col), dtype=np.int64, count=n)
     except (ValueError, OverflowError):
@@ -218,6 +230,7 @@ _MAX_READING = {"power_w": 1e6, "energy_j": 1e15}
 def _parse_floats(p: Path, name: str, col: list[str], n: int, line_of: Callable[[int], int], *,
                   allow_empty: bool) -> tuple[np.ndarray, np.ndarray | None]:
     """Values (NaN where empty) and the mask of empty cells (None when there are none)."""
+    _plain(p, name, col, line_of)
     empty: np.ndarray | None = None
     try:
         v = np.fromiter(map(float, col), dtype=np.float64, count=n)
