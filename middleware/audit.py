@@ -316,7 +316,8 @@ def from_ledger(db: str | os.PathLike, since: float | None = None, until: float 
 
 
 #: the numbers of an attribute record the audit adds up (each finite and >= 0 where present)
-_RECORD_NUMBERS = ("energy_j", "host_j", "device_s", "embodied_g", "co2e_g", "coverage", "prompt_tokens", "output_tokens")
+_RECORD_NUMBERS = ("energy_j", "host_j", "device_s", "embodied_g", "co2e_g", "coverage", "prompt_tokens", "output_tokens",
+                   "energy_j_low", "energy_j_high", "co2e_g_low", "co2e_g_high")
 
 
 def _is_number(x: object) -> bool:
@@ -365,6 +366,11 @@ def from_attribute(records: str | os.PathLike, summary: str | os.PathLike | None
               recorded_embodied_g=sum(float(r.get("embodied_g", 0.0)) for r in recs) if any("embodied_g" in r for r in recs) else None,
               recorded_co2e_g=sum(float(r.get("co2e_g", 0.0)) for r in recs) if any("co2e_g" in r for r in recs) else None,
               requests=len(recs), command=f"wattspan attribute ... --out {Path(records).name}")
+    host = b.host_j or 0.0
+    if all("energy_j_low" in r and "energy_j_high" in r for r in recs):  # each record's 90 % band, summed as the ledger's are
+        b.band_j = (sum(float(r["energy_j_low"]) for r in recs) + host, sum(float(r["energy_j_high"]) for r in recs) + host)
+        if all("co2e_g_low" in r and "co2e_g_high" in r for r in recs):
+            b.band_g = (sum(float(r["co2e_g_low"]) for r in recs), sum(float(r["co2e_g_high"]) for r in recs))
     toks = [r for r in recs if "prompt_tokens" in r or "output_tokens" in r]
     if toks:
         b.prompt_tokens = sum(int(r.get("prompt_tokens", 0)) for r in recs)
@@ -400,6 +406,14 @@ def from_attribute(records: str | os.PathLike, summary: str | os.PathLike | None
                     b.notes.append(f"device {k}: trace {(d['t1_ns'] - d['t0_ns']) / 1e9:.1f} s on the trace's own clock")
         except (TypeError, ValueError, AttributeError, KeyError) as exc:  # fields of the wrong type
             raise InputError(summary or "", 0, f"is not `wattspan attribute --summary` output ({type(exc).__name__}: {exc})") from None
+        want_n, want_j = s.get("requests"), s.get("attributed_j")
+        if (_is_number(want_n) and int(want_n) != len(recs)) or (
+                _is_number(want_j) and abs(float(want_j) - acc) > 1e-6 * max(abs(float(want_j)), abs(acc), 1.0)):
+            # not the summary of these records (a cut file, another run's): its unattributed
+            # energy and carbon would be set beside energy it did not measure
+            raise InputError(summary or "", 0, f"is the summary of {want_n} requests and {float(want_j or 0.0):.6g} J attributed; "
+                             f"the records hold {len(recs)} requests and {acc:.6g} J: give the --summary of the same "
+                             "`wattspan attribute` run")
     else:
         b.unattributed_note = "not known: give --summary (attribute's --summary JSON) for the unattributed energy"
     for key, title in (("route", "Energy by endpoint"), ("model", "Energy by model"), ("tenant", "Energy by tenant")):
