@@ -8,7 +8,7 @@ import math
 import sys
 from typing import Any, TextIO
 
-from ..records import json_safe
+from ..records import json_safe, printable
 from .common import UsageError, carbon_model_from_args
 
 __all__ = ["cmd_attribute", "print_summary", "summarize"]
@@ -21,6 +21,7 @@ _INTENSITY_FIELDS = ("intensity_g_per_kwh", "intensity_provider", "intensity_zon
 _MAX_WATTS = 1e6
 #: the longest --power-window-s: a day (facility meters average over 15 minutes at most)
 _MAX_WINDOW_S = 86400.0
+_MIN_WINDOW_S = 1e-6  # no power sensor averages over less than a microsecond (and 1e-10 s is 0 ns)
 
 
 def cmd_attribute(args: argparse.Namespace) -> int:
@@ -42,6 +43,10 @@ def cmd_attribute(args: argparse.Namespace) -> int:
         _check_writable(path, option)  # before the work, not after it
     if args.out is not None and args.summary is not None and _same_file(args.out, args.summary):
         raise UsageError(f"--out and --summary name one file ({args.out}): the summary would overwrite the records")
+    for option, path in (("--out", args.out), ("--summary", args.summary)):
+        for given, inp in (("--trace", args.trace), ("--requests", args.requests), ("--batches", args.batches)):
+            if path is not None and inp is not None and str(path) != "-" and _same_file(path, inp):
+                raise UsageError(f"{option} and {given} name one file ({path}): writing it would destroy the input")
     try:
         carbon = carbon_model_from_args(args)
     except ValueError as exc:
@@ -54,8 +59,9 @@ def cmd_attribute(args: argparse.Namespace) -> int:
         traces = read_trace_csv(args.trace)
         if args.power_kind == "average":
             window = 1.0 if window_s is None else float(window_s)
-            if not (math.isfinite(window) and 0 < window <= _MAX_WINDOW_S):
-                raise UsageError(f"--power-window-s must be > 0 and <= {_MAX_WINDOW_S:g} seconds, got {args.power_window_s!r}")
+            if not (math.isfinite(window) and _MIN_WINDOW_S <= window <= _MAX_WINDOW_S):
+                raise UsageError(f"--power-window-s must be >= {_MIN_WINDOW_S:g} and <= {_MAX_WINDOW_S:g} seconds, "
+                                 f"got {args.power_window_s!r}")
             for tr in traces.values():
                 tr.power_kind = SampleKind.AVERAGE
                 tr.window_ns = int(window * 1e9)
@@ -67,7 +73,9 @@ def cmd_attribute(args: argparse.Namespace) -> int:
     for line in _untraced(traces, requests, steps, args.trace):
         print(f"wattspan: warning: {line}", file=sys.stderr)
     if isinstance(lag, dict):
-        for d in sorted(set(lag) - set(traces)):
+        from ..devices import device_key
+
+        for d in sorted(k for k in lag if device_key(k) not in traces):  # "0" and "gpu0" name one device
             print(f"wattspan: warning: --board-lag-ms names {d}, which {args.trace} does not meter "
                   f"(it meters {', '.join(sorted(traces)) or 'no device'}): that lag is not used", file=sys.stderr)
     try:
@@ -176,6 +184,12 @@ def _untraced(traces: Any, requests: Any, steps: Any, trace_path: Any) -> list[s
             out.append(f"{k} of {es.shape[0]} batch step entr{'y lies' if k == 1 else 'ies lie'} wholly outside the "
                        "request's start_ns..end_ns: the request is billed for the step all the same; do the batches and "
                        "the requests use one clock?")
+        tok = np.bincount(es, weights=steps.entry_tokens, minlength=len(steps))
+        named = np.bincount(es, minlength=len(steps)) > 0
+        k = int(np.count_nonzero(named & (tok <= 0)))
+        if k:  # the split has nothing to go by: equal shares, never left to no one
+            out.append(f"{k} of {len(steps)} batch step(s) give 0 tokens to every request they name: each such step's energy "
+                       "is split equally among its requests; does the hook report the tokens?")
     return out
 
 
@@ -312,6 +326,43 @@ def _over_idle(result: Any, traces: Any) -> list[str]:
         elif d.measured_j <= 0 < d.idle_j:
             out.append(f"{name}: the meter measured no energy over the period, yet the idle baseline is {d.idle_w:.4g} W: "
                        "does its energy counter move?")
+        out += _trace_doubts(name, tr)
+    return out
+
+
+_UNIT_RATIO = 3.0  # a counter's mean power this many times off its power readings' (either way): a unit slip
+_GAP_SPACINGS, _GAP_MIN_S = 50, 1.0  # a hole in power-only readings: this many median spacings, and at least this long
+
+
+def _trace_doubts(name: str, tr: Any) -> list[str]:
+    """A trace the engine can use but a person should look at: an energy counter whose mean power is
+    far from its own power readings' (mJ read as J, Wh as J), and holes in power-only readings (the
+    energy across a hole is interpolated between its two ends, not measured)."""
+    import numpy as np
+
+    out: list[str] = []
+    t, pw, ej = getattr(tr, "t_ns", None), getattr(tr, "power_w", None), getattr(tr, "energy_j", None)
+    if t is None or len(t) < 2:
+        return out
+    if ej is not None and pw is not None:
+        fin = np.flatnonzero(np.isfinite(ej))
+        p_ok = np.isfinite(pw)
+        if len(fin) >= 2 and t[fin[-1]] > t[fin[0]] and p_ok.any():
+            counter_w = float(ej[fin[-1]] - ej[fin[0]]) / ((int(t[fin[-1]]) - int(t[fin[0]])) * 1e-9)
+            power_w = float(np.mean(pw[p_ok]))
+            if counter_w > 0 and power_w > 0 and max(counter_w / power_w, power_w / counter_w) > _UNIT_RATIO:
+                out.append(f"{name}: its energy counter averages {counter_w:.4g} W over the trace, its power readings "
+                           f"{power_w:.4g} W: the meter believes the counter; are both in their units (J, W; mJ read as J?)")
+    if ej is None or not np.isfinite(ej).any():
+        gaps = np.diff(t.astype(np.int64))
+        med = float(np.median(gaps))
+        long = gaps > max(_GAP_SPACINGS * med, _GAP_MIN_S * 1e9)
+        k = int(np.count_nonzero(long))
+        if k:
+            i = int(np.argmax(gaps))
+            out.append(f"{name}: {k} hole(s) in its readings longer than {_GAP_SPACINGS} times their median spacing "
+                       f"({med * 1e-6:.3g} ms; the longest {gaps[i] * 1e-9:.4g} s after {int(t[i])} ns): the energy across "
+                       "a hole is interpolated between its ends, not measured; did the sampler stop?")
     return out
 
 
@@ -404,7 +455,7 @@ def print_summary(summary: dict[str, Any], file: TextIO = sys.stdout) -> None:
         if bp:
             top = sorted(bp.items(), key=lambda kv: -kv[1])[:3]
             fit += "\n  band from " + ", ".join(f"{k} {v * 100:.0f} %" for k, v in top) + " (its variance, mean share over requests)"
-        w(f"{dev}: {d['method']} via {d['sensor']}, idle {d['idle_w']:.1f} W ({d['idle_source']}){fit}\n")
+        w(f"{printable(dev)}: {d['method']} via {d['sensor']}, idle {d['idle_w']:.1f} W ({d['idle_source']}){fit}\n")
     w(f"{'route':<28}{'requests':>9}{'energy J':>12}{'J/1k req':>12}{'gCO2e':>10}{'g/1k req':>10}\n")
     for route, d in sorted(summary["routes"].items()):
-        w(f"{route[:27]:<28}{d['requests']:>9}{d['energy_j']:>12.2f}{d['energy_j_per_1k']:>12.1f}{d['co2e_g']:>10.4f}{d['co2e_g_per_1k']:>10.3f}\n")
+        w(f"{printable(route)[:27]:<28}{d['requests']:>9}{d['energy_j']:>12.2f}{d['energy_j_per_1k']:>12.1f}{d['co2e_g']:>10.4f}{d['co2e_g_per_1k']:>10.3f}\n")

@@ -17,20 +17,24 @@ from .common import UsageError, carbon_model_from_args, carbon_options, need
 __all__ = ["main"]
 
 
-def _apply_env_defaults(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> None:
+def _apply_env_defaults(parser: argparse.ArgumentParser, argv: list[str] | None = None,
+                        used: list[tuple[str, str, str, list[str]]] | None = None) -> list[tuple[str, str, str, list[str]]]:
     """Let ``WATTSPAN_<DEST>`` set the default of the options of the subcommand being run
     (the first word of ``argv`` that names one), and of no other; a value the option's
-    type refuses ends in a usage error naming the variable, the value and the option."""
+    type refuses ends in a usage error naming the variable, the value and the option.
+    Returns ``(dest, variable, value, option strings)`` of each default a variable set."""
+    used = [] if used is None else used
     words = sys.argv[1:] if argv is None else list(argv)
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             chosen = next((w for w in words if w in action.choices), None)
             if chosen is not None:
-                _apply_env_defaults(action.choices[chosen], [])
+                _apply_env_defaults(action.choices[chosen], [], used)
         elif action.option_strings and action.dest != "help":
             env = "WATTSPAN_" + action.dest.upper()
             if env in os.environ and action.nargs in (None, "?") and not isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse._AppendAction)):
                 raw = os.environ[env]
+                used.append((action.dest, env, raw, list(action.option_strings)))
                 try:
                     action.default = action.type(raw) if callable(action.type) else raw
                 except (TypeError, ValueError, argparse.ArgumentTypeError) as exc:
@@ -39,6 +43,7 @@ def _apply_env_defaults(parser: argparse.ArgumentParser, argv: list[str] | None 
                 if action.choices is not None and action.default not in action.choices:
                     parser.error(f"{env}={raw!r} is not valid for {action.option_strings[-1]} (choose from {', '.join(map(str, action.choices))})")
                 action.required = False
+    return used
 
 
 def _board_lag_ms(raw: str) -> float | dict[str, float] | None:
@@ -158,8 +163,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     parser = _build_parser()
-    _apply_env_defaults(parser, argv)
+    from_env = _apply_env_defaults(parser, argv)
     args = parser.parse_args(argv)
+    words = sys.argv[1:] if argv is None else list(argv)
+    given = {w.split("=", 1)[0] for w in words if w.startswith("-")}
+    from_env = [u for u in from_env if not given & set(u[3])]  # a flag wins over its variable
     from ..logs import setup_logging
 
     setup_logging(args.log_level)
@@ -261,10 +269,20 @@ def _main(argv: list[str] | None) -> int:
                 return report_budgets(args)
             return rc
     except UsageError as exc:
-        print(f"wattspan: error: {exc}", file=sys.stderr)
+        print(f"wattspan: error: {exc}{_env_note(str(exc), from_env)}", file=sys.stderr)
         return 2
     parser.error(f"unknown command {args.command!r}")
     return 2
+
+
+def _env_note(message: str, from_env: list[tuple[str, str, str, list[str]]]) -> str:
+    """`` (from WATTSPAN_X='v')`` for each variable whose option a refusal names (by its flag or its
+    name: ``--pue``, ``pue``), so a value nobody typed is traced to where it came from."""
+    import re
+
+    hits = [f"{env}={raw!r}" for dest, env, raw, opts in from_env
+            if any(o in message for o in opts) or re.search(rf"(?<![\w-]){re.escape(dest)}(?![A-Za-z0-9-])", message)]
+    return f" (from {', '.join(hits)})" if hits else ""
 
 
 def _check_device(option: str, device: str) -> None:
