@@ -376,6 +376,11 @@ def _allow(names: Iterable[str]) -> tuple[frozenset[str], tuple[str, ...]]:
     return frozenset(exact), tuple(prefixes)
 
 
+def _owner_digest(label: str) -> bytes:
+    """What the records endpoint keeps of a caller's tenant label: 16 bytes of its BLAKE2b digest."""
+    return hashlib.blake2b(label.encode("utf-8", "backslashreplace"), digest_size=16).digest()
+
+
 class OpenAIProxy:
     """The proxy's ASGI app; :func:`create_proxy` builds it. ``stats`` counts outcomes."""
 
@@ -466,7 +471,7 @@ class OpenAIProxy:
         self.provisional: Provisional | None = None
         self._final: OrderedDict[str, RequestRecord] = OrderedDict()  # request id -> its final record
         self._prov: OrderedDict[str, dict] = OrderedDict()  # request id -> provisional figure
-        self._owners: OrderedDict[str, str] = OrderedDict()  # request id -> its caller's tenant, as the caller sent it
+        self._owners: OrderedDict[str, bytes] = OrderedDict()  # request id -> a digest of its caller's tenant, as sent
 
     def _open_ledger(self) -> None:
         from wattspan.export.ledger import Ledger
@@ -623,9 +628,9 @@ class OpenAIProxy:
             # only in the ledger (a restart, or older than the last requests): its tenant as recorded, where that
             # is the caller's label itself, not a fallback or a cut (64 characters) many tenants may share
             t = d.get("tenant", "")
-            owner = t if isinstance(t, str) and t not in _LOSSY_TENANTS and len(t) < 64 else None
-        caller = self._tenant_of(scope)
-        if owner is None or not hmac.compare_digest(owner.encode("utf-8", "backslashreplace"), caller.encode("utf-8", "backslashreplace")):
+            owner = _owner_digest(t) if isinstance(t, str) and t not in _LOSSY_TENANTS and len(t) < 64 else None
+        caller = _owner_digest(self._tenant_of(scope))
+        if owner is None or not hmac.compare_digest(owner, caller):
             d = prov = None  # another tenant's request (or one whose owner is unknown): as unknown as one that never was
         if d is not None:
             out = {"id": rid, "status": "final", **_public(d)}
@@ -780,7 +785,7 @@ class OpenAIProxy:
         rid = current_request_id()
         if rid and self.records_endpoint:  # who may read its figures back: the label before any cleaning or bound
             owners = self._owners
-            owners[rid] = self._tenant_of(scope)
+            owners[rid] = _owner_digest(self._tenant_of(scope))  # a digest: a 1 MiB header keeps 16 bytes, not itself
             while len(owners) > _MAX_KEPT:
                 owners.popitem(last=False)
         if self.provisional is not None:

@@ -46,7 +46,8 @@ def budget_wrapper(args: argparse.Namespace) -> Callable[[Any], Any] | None:
             if paths:
                 app = DeferralMiddleware(app, queue=queue, paths=tuple(paths))
             if budgets is not None:
-                app = BudgetMiddleware(app, budgets=budgets, deferral=queue)
+                header = getattr(args, "tenant_header", None)  # the gate reads the tenant where the proxy does
+                app = BudgetMiddleware(app, budgets=budgets, deferral=queue, **({"tenant": header.lower()} if header else {}))
             return app
         except (BudgetConfigError, ValueError) as exc:
             raise UsageError(str(exc)) from None
