@@ -100,3 +100,26 @@ def test_the_proxy_defers_marked_requests_and_meters_them_when_they_run(live_met
 def test_proxy_deferral_with_an_unknown_region_fails_at_start():
     p = _cli("proxy", "--upstream", "http://127.0.0.1:9", "--port", "0", "--defer-path", "/v1/batch", "--region", "atlantis")
     assert p.returncode == 2 and "atlantis" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_proxy_budgets_gate_on_the_tenant_header_the_proxy_bills(tmp_path):
+    # `wattspan proxy --tenant-header x-team --budgets F`: the gate read x-tenant-id, so a budget
+    # over its limit for the team the ledger billed never answered 429
+    import argparse
+
+    from wattspan.cli.budgets import budget_wrapper
+
+    b = tmp_path / "b.toml"
+    b.write_text(f'ledger = "{(tmp_path / "l.sqlite").as_posix()}"\n[[budget]]\nname = "a"\nmatch = {{ tenant = "team-a" }}\n'
+                 'limit_gco2e = 1.0\nperiod = "day"\naction = "reject"\n')
+
+    async def inner(scope, receive, send):  # pragma: no cover - never called
+        pass
+
+    for header, want in (("X-Team", b"x-team"), (None, b"x-tenant-id")):
+        args = argparse.Namespace(budgets=str(b), defer_paths=None, region="FR", db=None, tenant_header=header)
+        app = budget_wrapper(args)(inner)
+        try:
+            assert app.tenant == want
+        finally:
+            app.close()
