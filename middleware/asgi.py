@@ -28,6 +28,9 @@ __all__ = ["EnergyMiddleware"]
 log = get_logger(__name__)
 
 _TENANT_OK = re.compile(r"[^A-Za-z0-9_.:-]")
+
+#: the status of a response that started and never ended (the client hung up): nginx's "client closed request"
+CLIENT_CLOSED = 499
 _NOT_PRINTABLE = re.compile(r"[^\x20-\x7e]")  # labels keep printable ASCII only: no control bytes reach a terminal
 _METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH", "QUERY"))
 _monotonic_ns = time.monotonic_ns
@@ -235,8 +238,8 @@ class EnergyMiddleware:
                 await _send_500(send, self.request_id_header, window.id)
             raise
         finally:
-            if not window.closed:  # (it closed at the last body chunk, as a rule)
-                window.close()
+            if not window.closed:  # (it closed at the last body chunk, as a rule): the response never ended
+                window.close(incomplete=True)
             _current.reset(token)
 
 
@@ -361,16 +364,24 @@ class _Window:
         finally:
             self.close()
 
-    def close(self, error: bool = False, raised: bool = False) -> None:
+    def close(self, error: bool = False, raised: bool = False, incomplete: bool = False) -> None:
         """The one place a request's window closes: last body chunk, exception or disconnect.
         ``error``: the app raised or was cancelled; ``raised``: an exception (not a cancellation), which
-        makes the record's status 500 even after the response started (the client got a broken one)."""
+        makes the record's status 500 even after the response started (the client got a broken one).
+        ``incomplete``: the app returned before its last body chunk (it saw the client hang up, as a
+        rule). A response that started with a success status and never ended, cancelled or returned
+        early, is recorded as 499 (the client closed the request, nginx's code): it was no 2xx or 3xx to
+        the client. An error status the app set stays (a proxy's 502 when the upstream broke mid-body)."""
         if self.closed:
             return
         self.closed = True
         t = _monotonic_ns()
         meter = self.meter
-        status = 500 if (error and (raised or not self.status)) else self.status
+        status = self.status
+        if error and (raised or not status):
+            status = 500
+        elif (incomplete or error) and type(status) is int and 0 < status < 400:
+            status = CLIENT_CLOSED
         try:
             scope = self.scope
             model, tenant = self._labels()

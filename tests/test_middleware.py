@@ -18,6 +18,14 @@ from wattspan.integrations.batch import record_step
 from .conftest import serve
 
 
+async def _no_body():
+    return {"type": "http.request", "body": b"", "more_body": False}
+
+
+async def _ignore(message):
+    pass
+
+
 def make_app(meter, **mw):
     async def item(request):
         await asyncio.sleep(0.005)
@@ -119,6 +127,19 @@ class TestWindows:
             time.sleep(0.3)
         (rec,) = records_by_route(live_meter)["/slow"]
         assert rec.duration_s < 1.5  # the full body takes 2 s
+        assert rec.status_code == 499  # its 200 never ended: the client closed the request
+
+    def test_a_response_that_never_ends_is_499_but_an_error_status_stays(self, live_meter):
+        async def app(scope, receive, send):  # returns before its last body chunk
+            status = 200 if scope["path"] == "/cut" else 502
+            await send({"type": "http.response.start", "status": status, "headers": []})
+            await send({"type": "http.response.body", "body": b"part", "more_body": True})
+
+        mw = EnergyMiddleware(app, meter=live_meter)
+        for path in ("/cut", "/broken"):
+            asyncio.run(mw({"type": "http", "method": "GET", "path": path, "headers": []}, _no_body, _ignore))
+        assert live_meter.flush(5)
+        assert sorted(r.status_code for r in live_meter.records) == [499, 502]
 
     def test_websocket_and_excluded_paths_pass_through(self, live_meter):
         import websockets.sync.client as wsc  # uvicorn's websocket implementation

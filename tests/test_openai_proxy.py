@@ -358,6 +358,7 @@ class TestFailures:
         # the record ends where the client left, not where the stream would have (at 20 s): a margin
         # that a loaded machine's slower disconnect handling does not eat, and it costs no time
         assert rec.duration_s < 10.0, rec.duration_s
+        assert rec.status_code == 499  # the 200 it began never ended: not counted as a success
 
     def test_upstream_failing_mid_stream_breaks_the_client_response_only(self, live_meter):
         with stack(live_meter) as (up, proxy, url, up_url):
