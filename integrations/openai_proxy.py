@@ -73,6 +73,7 @@ from urllib.parse import urlsplit
 
 from wattspan.logs import get_logger
 from wattspan.meter.context import MAX_TOKENS, _current, current_request_id, set_tokens
+from wattspan.records import tenant_label
 
 if TYPE_CHECKING:
     import httpx
@@ -443,7 +444,7 @@ class OpenAIProxy:
         self.max_connections = max_connections
         self.request_id_header = request_id_header.lower() if request_id_header else None
         self._allow_exact, self._allow_prefix = _allow(forward_headers)
-        self.stats = {"requests": 0, "unrouted": 0, "upstream_errors": 0, "timeouts": 0, "too_large": 0, "disconnects": 0, "usage_injected": 0, "usage_missing": 0, "energy_annotated": 0}
+        self.stats = {"requests": 0, "unrouted": 0, "upstream_errors": 0, "timeouts": 0, "too_large": 0, "disconnects": 0, "usage_injected": 0, "usage_missing": 0, "energy_annotated": 0, "tenant_renamed": 0}
         self._client: httpx.AsyncClient | None = None
         self._ledger_arg = ledger
         self.ledger: Ledger | None = None
@@ -457,10 +458,12 @@ class OpenAIProxy:
         if tenant and tenant.strip().lower().encode("latin-1", "replace") in _CREDENTIAL_HEADERS:
             raise ValueError(f"tenant header {tenant!r} carries a credential, which would be stored as the tenant: name a "
                              "tenant header (x-tenant-id), or label by API key with tenant_from_key (a keyed pseudonym)")
-        tenant_label = _tenant_label(tenant.lower().encode("latin-1") if tenant else None, bool(tenant_from_key), pkey)
-        self._tenant_of = tenant_label  # who may read a request's figures back: its own tenant only
+        tenant_of = _tenant_label(tenant.lower().encode("latin-1") if tenant else None, bool(tenant_from_key), pkey, self.stats)
+        #: ``tenant_of(scope) -> str``: a request's tenant as sent (its header's value, else its API key's pseudonym);
+        #: who may read a request's figures back (its own tenant only), and what a budget gate in front matches
+        self.tenant_of = tenant_of
         self._model_header = model_header.lower().encode("latin-1") if model_header else None
-        self.metered = EnergyMiddleware(self._proxy, meter=meter, device=device, tenant=tenant_label, model=model_header or "x-model", request_id_header=self.request_id_header)
+        self.metered = EnergyMiddleware(self._proxy, meter=meter, device=device, tenant=tenant_of, model=model_header or "x-model", request_id_header=self.request_id_header)
         self.steps = None
         if steps_listen:
             from ._relay import StepReceiver
@@ -629,7 +632,7 @@ class OpenAIProxy:
             # is the caller's label itself, not a fallback or a cut (64 characters) many tenants may share
             t = d.get("tenant", "")
             owner = _owner_digest(t) if isinstance(t, str) and t not in _LOSSY_TENANTS and len(t) < 64 else None
-        caller = _owner_digest(self._tenant_of(scope))
+        caller = _owner_digest(self.tenant_of(scope))
         if owner is None or not hmac.compare_digest(owner, caller):
             d = prov = None  # another tenant's request (or one whose owner is unknown): as unknown as one that never was
         if d is not None:
@@ -785,7 +788,7 @@ class OpenAIProxy:
         rid = current_request_id()
         if rid and self.records_endpoint:  # who may read its figures back: the label before any cleaning or bound
             owners = self._owners
-            owners[rid] = _owner_digest(self._tenant_of(scope))  # a digest: a 1 MiB header keeps 16 bytes, not itself
+            owners[rid] = _owner_digest(self.tenant_of(scope))  # a digest: a 1 MiB header keeps 16 bytes, not itself
             while len(owners) > _MAX_KEPT:
                 owners.popitem(last=False)
         if self.provisional is not None:
@@ -1085,24 +1088,37 @@ def _key_file(path: Path) -> bytes:
     return key
 
 
-def _tenant_label(header: bytes | None, from_key: bool, key_secret: bytes | None = None):
+#: the shape of an API key's pseudonym, as the ledger keeps a label (case aside)
+_PSEUDONYM = re.compile(r"key-[0-9a-f]{12}", re.IGNORECASE)
+
+
+def _tenant_label(header: bytes | None, from_key: bool, key_secret: bytes | None = None, stats: dict | None = None):
     """The tenant of a request: the ``header``'s value, else (``from_key``) a pseudonym of its API key.
 
     The API key itself is never kept: the label is ``key-`` and 12 hex
     characters of HMAC-SHA-256 of it under ``key_secret`` (see
     :func:`_pseudonym_key`), a stable pseudonym per key that no one without
     the secret can compute from a guessed key or match across deployments.
+    A tenant header whose label would read as a pseudonym (``key-`` and 12 hex
+    characters, once cleaned) is another caller's name: it becomes
+    ``header:`` and the value, counted in ``stats["tenant_renamed"]``, so no
+    header can be billed as, or read the records of, an API key's tenant.
     """
     if from_key and not key_secret:
         raise ValueError("a pseudonym of the API key needs a secret key")
     secret: bytes = key_secret or b""
+    counts = stats if stats is not None else {}
 
     def tenant(scope) -> str:
         key = None
         for k, v in scope.get("headers", ()):
             if k == header:
                 if v.strip():
-                    return v.decode("latin-1")
+                    label = v.decode("latin-1")
+                    if from_key and _PSEUDONYM.fullmatch(tenant_label(label)):
+                        counts["tenant_renamed"] = counts.get("tenant_renamed", 0) + 1
+                        return "header:" + label
+                    return label
                 continue  # an empty tenant header: fall back to the key
             if from_key and k in _KEY_HEADERS and key is None:
                 key = v

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from .logs import get_logger
 from .meter.context import _current
-from .records import Cardinality, RequestLabels
+from .records import Cardinality, RequestLabels, tenant_label
 
 if TYPE_CHECKING:
     from .meter.core import Meter
@@ -26,8 +26,6 @@ if TYPE_CHECKING:
 __all__ = ["EnergyMiddleware"]
 
 log = get_logger(__name__)
-
-_TENANT_OK = re.compile(r"[^A-Za-z0-9_.:-]")
 
 #: the status of a response that started and never ended (the client hung up): nginx's "client closed request"
 CLIENT_CLOSED = 499
@@ -449,7 +447,7 @@ class _Window:
             model = mw.models(_NOT_PRINTABLE.sub("", model)[:128] or "invalid")
         tenant = self._value(mw.tenant, 256, headers)
         if tenant:
-            tenant = mw.tenants(_TENANT_OK.sub("", tenant)[:64] or "invalid")
+            tenant = mw.tenants(tenant_label(tenant))
         return model, tenant
 
 

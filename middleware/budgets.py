@@ -67,6 +67,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .logs import LogOnce, get_logger
+from .records import tenant_label
 from .deferral import _header, _on_startup, send_json
 
 if TYPE_CHECKING:
@@ -193,6 +194,10 @@ def parse_budgets(doc: Any, where: str = "budgets") -> BudgetConfig:
         match = b.get("match", {})
         if not isinstance(match, dict) or set(match) - set(_MATCH_KEYS) or not all(isinstance(v, str) for v in match.values()):
             raise BudgetConfigError(f"{w}: match takes string values for {', '.join(_MATCH_KEYS)}, got {match!r}")
+        t = match.get("tenant")
+        if t and tenant_label(t) != t:
+            raise BudgetConfigError(f"{w}: no record carries the tenant {t!r}: the ledger keeps a tenant's characters "
+                                    f"[A-Za-z0-9_.:-], at most 64 (this one is recorded as {tenant_label(t)!r})")
         out.append(Budget(name, limit, "gco2e" if limits[0] == "limit_gco2e" else "kwh", b["period"], action,
                           dict(match), _num(w, "warn_at", b.get("warn_at", 0.8), 0.0, 1.0)))
     return BudgetConfig(tuple(out), source, str(doc.get("ledger", "wattspan.sqlite")), prom, refresh)
@@ -501,13 +506,16 @@ class BudgetMiddleware:
     (None: nowhere; it names budgets and their owners)."""
 
     def __init__(self, app: ASGIApp, *, budgets: BudgetConfig | str | os.PathLike[str], source: SpendSource | None = None,
-                 tenant: str = "x-tenant-id", model: str = "x-model",
+                 tenant: str | Callable[[Scope], str] = "x-tenant-id", model: str = "x-model",
                  deferral: DeferralQueue | None = None, max_body_bytes: int = 8 << 20, default_deadline_s: float = 86400.0,
                  status_path: str | None = "/wattspan/budgets") -> None:
         self.app = app
         self.config = budgets if isinstance(budgets, BudgetConfig) else load_budgets(budgets)
         self.state = _State(self.config, source or _source_for(self.config))
-        self.tenant, self.model = tenant.lower().encode("latin-1"), model.lower().encode("latin-1")
+        #: the tenant as the metering middleware reads it (a header name, or its callable: the proxy's, which labels
+        #: a request by its API key's pseudonym), cleaned as the ledger keeps it, so a budget matches what it bills
+        self.tenant: bytes | Callable[[Scope], str] = tenant if callable(tenant) else tenant.lower().encode("latin-1")
+        self.model = model.lower().encode("latin-1")
         self.deferral = deferral
         if self.deferral is None and any(b.action == "defer" for b in self.config.budgets):
             from .deferral import DeferralQueue, _default_store
@@ -518,10 +526,24 @@ class BudgetMiddleware:
         self.max_body_bytes, self.default_deadline_s = int(max_body_bytes), float(default_deadline_s)
         self.status_path = status_path  # None: do not serve the budgets' status
         self.counts: dict[str, int] = {a: 0 for a in ACTIONS}
+        self.errors = 0  # requests whose tenant could not be read (gated as having none)
         self._once = LogOnce(log, every_s=60.0)  # per budget: at most one warning a minute
         self._runner: asyncio.Task[None] | None = None
         self._refreshed = False  # the first refresh runs off the event loop, at startup or the first request
         _register_metrics(self)
+
+    def _tenant(self, scope: Scope) -> str:
+        """The request's tenant label, as its record will carry it (a callable that fails: no tenant, counted)."""
+        source = self.tenant
+        if callable(source):
+            try:
+                raw = source(scope)
+            except Exception:
+                self.errors += 1
+                self._once.warning("tenant", "wattspan budgets: the tenant callable failed; gating the request with no tenant")
+                return ""
+            return tenant_label(str(raw)) if raw else ""
+        return tenant_label(_header(scope, source))
 
     def _start_deferral(self) -> None:
         """Run the deferral queue (resumed requests included) from the server's startup, or its first request."""
@@ -564,7 +586,7 @@ class BudgetMiddleware:
         if self.deferral is not None and self._runner is None:
             self.deferral.note_state(scope)
             self._start_deferral()
-        tenant, model = _header(scope, self.tenant), _header(scope, self.model)
+        tenant, model = self._tenant(scope), _header(scope, self.model)
         with self.state.lock:
             statuses = self.state.statuses
         worst, hit = None, []

@@ -6,12 +6,27 @@ And :class:`Cardinality`, the bound on the distinct label values records carry.
 from __future__ import annotations
 
 import math
+import re
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any, NamedTuple, overload
 
-__all__ = ["Cardinality", "RecordBatch", "RequestLabels", "RequestRecord", "json_safe", "printable"]
+__all__ = ["Cardinality", "RecordBatch", "RequestLabels", "RequestRecord", "json_safe", "printable", "tenant_label"]
+
+
+_TENANT_DROP = re.compile(r"[^A-Za-z0-9_.:-]")
+
+
+def tenant_label(raw: str) -> str:
+    """The tenant label a record keeps of a raw value (a header's, or a callable's): the characters
+    ``[A-Za-z0-9_.:-]`` of its first 256, cut to 64; ``invalid`` when none is left; ``""`` for no tenant.
+
+    One function, so that what a budget or a reader matches is what the ledger holds (the middleware
+    then bounds the distinct labels, past which they are ``other``)."""
+    if not raw:
+        return ""
+    return _TENANT_DROP.sub("", raw[:256])[:64] or "invalid"
 
 
 class RequestLabels(NamedTuple):

@@ -123,3 +123,47 @@ def test_proxy_budgets_gate_on_the_tenant_header_the_proxy_bills(tmp_path):
             assert app.tenant == want
         finally:
             app.close()
+
+
+def test_proxy_budgets_gate_api_key_tenants_by_the_pseudonym_the_ledger_bills(tmp_path, live_meter):
+    # `wattspan proxy --budgets F` with callers told apart by API key: the ledger bills `key-<hex>`, and the
+    # gate compared the raw tenant header (absent), so a budget on a key's tenant never answered 429
+    import argparse
+
+    from wattspan.cli.budgets import budget_wrapper
+
+    db = tmp_path / "l.sqlite"
+    led = Ledger(db)
+    live_meter.add_sink(led)
+    up = make_upstream()
+    try:
+        with serve(up) as up_url:
+            proxy = create_proxy(up_url, meter=live_meter, pseudonym_key=b"p" * 32)
+            spender, other = {"authorization": "Bearer sk-spender-1"}, {"authorization": "Bearer sk-other-2"}
+            label = proxy.tenant_of({"headers": [(b"authorization", b"Bearer sk-spender-1")]})
+            b = tmp_path / "b.toml"
+            b.write_text(f'ledger = "{db.as_posix()}"\nrefresh_s = 0.1\n[[budget]]\nname = "k"\nmatch = {{ tenant = "{label}" }}\n'
+                         'limit_gco2e = 1e-7\nperiod = "month"\naction = "reject"\n')
+            args = argparse.Namespace(budgets=str(b), defer_paths=None, region="FR", db=None, tenant_header=None)
+            app = budget_wrapper(args)(proxy)
+            with serve(app) as url, httpx.Client(base_url=url, timeout=10) as c:
+                body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+                assert c.post("/v1/chat/completions", json=body, headers=spender).status_code == 200
+                _until(lambda: app.state.statuses["k"].state == "over")
+                assert c.post("/v1/chat/completions", json=body, headers=spender).status_code == 429
+                assert c.post("/v1/chat/completions", json=body, headers=other).status_code == 200
+                # a header posing as the pseudonym is another tenant (header:key-...): not gated as the key
+                assert c.post("/v1/chat/completions", json=body, headers={"x-tenant-id": label}).status_code == 200
+            app.close()
+    finally:
+        led.close()
+
+
+def test_a_budget_on_a_tenant_no_record_can_carry_is_refused():
+    import pytest
+
+    from wattspan.budgets import BudgetConfigError
+
+    with pytest.raises(BudgetConfigError, match="recorded as 'teama'"):
+        parse_budgets({"budget": [{"name": "x", "match": {"tenant": "team a"}, "limit_kwh": 1, "period": "day"}]})
+    assert parse_budgets({"budget": [{"name": "x", "match": {"tenant": "team-a:eu.1"}, "limit_kwh": 1, "period": "day"}]})

@@ -83,6 +83,28 @@ class TestEnergyInUsage:
         # ids are sequential: another caller must not read this one's model, tokens or energy by counting
         assert pending_other.status_code == other.status_code == anonymous.status_code == 404
 
+    def test_a_tenant_header_cannot_pose_as_an_api_key_s_pseudonym(self, live_meter):
+        # the pseudonym shows up in reports and dashboards: a caller who copies it into x-tenant-id must be
+        # neither billed as that key's tenant nor able to read its requests back
+        victim = {"authorization": "Bearer sk-victim-0123456789"}
+        with stack(live_meter, pseudonym_key=SECRET) as (up, proxy, url, up_url):
+            forged = {"x-tenant-id": pseudonym("sk-victim-0123456789")}
+            r = httpx.post(f"{url}/v1/chat/completions", json=chat_body(), headers=victim)
+            rid = r.headers["x-wattspan-request-id"]
+            httpx.post(f"{url}/v1/chat/completions", json=chat_body(), headers={**forged, "x-test": "forged"})
+            httpx.post(f"{url}/v1/chat/completions", json=chat_body(), headers={"x-tenant-id": forged["x-tenant-id"].upper() + "!"})
+            recs = records(live_meter, 3)
+            stolen = httpx.get(f"{url}/wattspan/requests/{rid}", headers=forged)
+            own = httpx.get(f"{url}/wattspan/requests/{rid}", headers=victim)
+        assert own.status_code == 200 and stolen.status_code == 404
+        tenants = sorted(rec.tenant for rec in recs)
+        assert tenants.count(forged["x-tenant-id"]) == 1  # the victim's own request only
+        assert "header:" + forged["x-tenant-id"] in tenants and proxy.stats["tenant_renamed"] >= 2
+        # with no pseudonyms (tenant_from_key off) there is nothing to pose as: the header is kept as sent
+        from wattspan.integrations.openai_proxy import _tenant_label
+
+        assert _tenant_label(b"x-tenant-id", False)({"headers": [(b"x-tenant-id", forged["x-tenant-id"].encode())]}) == forged["x-tenant-id"]
+
     def test_streams_get_it_only_when_they_asked_for_usage(self, live_meter):
         with stack(live_meter) as (up, proxy, url, up_url):
             httpx.post(f"{url}/v1/chat/completions", json=chat_body())
@@ -248,7 +270,7 @@ class TestPseudonymKey:
     HEADERS = {"headers": [(b"authorization", b"Bearer sk-guessable")]}
 
     def label(self, proxy) -> str:
-        return proxy._tenant_of(self.HEADERS)
+        return proxy.tenant_of(self.HEADERS)
 
     def test_not_the_unkeyed_hash_and_one_per_secret(self, monkeypatch):
         monkeypatch.delenv("WATTSPAN_PSEUDONYM_KEY", raising=False)

@@ -43,11 +43,14 @@ def budget_wrapper(args: argparse.Namespace) -> Callable[[Any], Any] | None:
     def wrap(app: Any) -> Any:
         try:
             queue = DeferralQueue(zone=args.region, store=store_beside(getattr(args, "db", None)))  # resumed after a restart
+            # the gate reads the tenant as the proxy labels it: its tenant header, else its API key's pseudonym
+            tenant_of = getattr(app, "tenant_of", None)
             if paths:
                 app = DeferralMiddleware(app, queue=queue, paths=tuple(paths))
             if budgets is not None:
-                header = getattr(args, "tenant_header", None)  # the gate reads the tenant where the proxy does
-                app = BudgetMiddleware(app, budgets=budgets, deferral=queue, **({"tenant": header.lower()} if header else {}))
+                header = getattr(args, "tenant_header", None)
+                tenant = tenant_of if callable(tenant_of) else (header.lower() if header else None)
+                app = BudgetMiddleware(app, budgets=budgets, deferral=queue, **({"tenant": tenant} if tenant else {}))
             return app
         except (BudgetConfigError, ValueError) as exc:
             raise UsageError(str(exc)) from None
