@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import itertools
 import os
-import re
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import TYPE_CHECKING, Any
 
 from .logs import get_logger
 from .meter.context import _current
-from .records import Cardinality, RequestLabels, tenant_label
+from .records import Cardinality, RequestLabels, model_label, tenant_label
 
 if TYPE_CHECKING:
     from .meter.core import Meter
@@ -29,7 +28,6 @@ log = get_logger(__name__)
 
 #: the status of a response that started and never ended (the client hung up): nginx's "client closed request"
 CLIENT_CLOSED = 499
-_NOT_PRINTABLE = re.compile(r"[^\x20-\x7e]")  # labels keep printable ASCII only: no control bytes reach a terminal
 _METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH", "QUERY"))
 _monotonic_ns = time.monotonic_ns
 # Request ids: a random per-process prefix and a counter (unique, and cheaper than
@@ -439,12 +437,12 @@ class _Window:
         if headers is None and mw._by_header:  # no label header in this request: no tenant, no model header
             model = self.model
             if model:
-                model = mw.models(_NOT_PRINTABLE.sub("", model)[:128] or "invalid")
+                model = mw.models(model_label(model))
             return model, ""
         headers = headers or {}
         model = self.model or self._value(mw.model, 512, headers)
         if model:
-            model = mw.models(_NOT_PRINTABLE.sub("", model)[:128] or "invalid")
+            model = mw.models(model_label(model))
         tenant = self._value(mw.tenant, 256, headers)
         if tenant:
             tenant = mw.tenants(tenant_label(tenant))

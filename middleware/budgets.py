@@ -67,7 +67,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .logs import LogOnce, get_logger
-from .records import tenant_label
+from .records import model_label, tenant_label
 from .deferral import _header, _on_startup, send_json
 
 if TYPE_CHECKING:
@@ -85,6 +85,7 @@ PERIODS = ("day", "month", "year")
 ACTIONS = ("observe", "warn", "reject", "defer")
 _SEVERITY = {"observe": 0, "warn": 1, "defer": 2, "reject": 3}
 _MATCH_KEYS = ("tenant", "route", "model")
+_MODEL_BODY_MAX = 1 << 20  # the largest body read for its model (a chat request is a few KiB; beyond: the header)
 _J_PER_KWH = 3.6e6
 
 
@@ -194,6 +195,10 @@ def parse_budgets(doc: Any, where: str = "budgets") -> BudgetConfig:
         match = b.get("match", {})
         if not isinstance(match, dict) or set(match) - set(_MATCH_KEYS) or not all(isinstance(v, str) for v in match.values()):
             raise BudgetConfigError(f"{w}: match takes string values for {', '.join(_MATCH_KEYS)}, got {match!r}")
+        m = match.get("model")
+        if m and model_label(m) != m:
+            raise BudgetConfigError(f"{w}: no record carries the model {m!r}: the ledger keeps a model's printable "
+                                    f"ASCII, at most 128 characters (this one is recorded as {model_label(m)!r})")
         t = match.get("tenant")
         if t and tenant_label(t) != t:
             raise BudgetConfigError(f"{w}: no record carries the tenant {t!r}: the ledger keeps a tenant's characters "
@@ -506,7 +511,7 @@ class BudgetMiddleware:
     (None: nowhere; it names budgets and their owners)."""
 
     def __init__(self, app: ASGIApp, *, budgets: BudgetConfig | str | os.PathLike[str], source: SpendSource | None = None,
-                 tenant: str | Callable[[Scope], str] = "x-tenant-id", model: str = "x-model",
+                 tenant: str | Callable[[Scope], str] = "x-tenant-id", model: str = "x-model", model_from_body: bool = False,
                  deferral: DeferralQueue | None = None, max_body_bytes: int = 8 << 20, default_deadline_s: float = 86400.0,
                  status_path: str | None = "/wattspan/budgets") -> None:
         self.app = app
@@ -516,6 +521,9 @@ class BudgetMiddleware:
         #: a request by its API key's pseudonym), cleaned as the ledger keeps it, so a budget matches what it bills
         self.tenant: bytes | Callable[[Scope], str] = tenant if callable(tenant) else tenant.lower().encode("latin-1")
         self.model = model.lower().encode("latin-1")
+        #: the model as an OpenAI-style server reads it, from the JSON body's ``model`` (else the header): the proxy's
+        #: way. The body is read (up to 1 MiB, then replayed) only while a budget on a model is past ``ok``.
+        self.model_from_body = bool(model_from_body)
         self.deferral = deferral
         if self.deferral is None and any(b.action == "defer" for b in self.config.budgets):
             from .deferral import DeferralQueue, _default_store
@@ -544,6 +552,40 @@ class BudgetMiddleware:
                 return ""
             return tenant_label(str(raw)) if raw else ""
         return tenant_label(_header(scope, source))
+
+    async def _model(self, scope: Scope, receive: Receive) -> tuple[str, Receive]:
+        """The request's model label as its record will carry it, and the ``receive`` to pass on
+        (the body replayed, where it was read for the model)."""
+        if self.model_from_body and scope.get("method") in ("POST", "PUT", "PATCH"):
+            taken: list[Message] = []
+            size, complete = 0, False
+            while size <= _MODEL_BODY_MAX:
+                msg = await receive()
+                taken.append(msg)
+                if msg.get("type") != "http.request":
+                    break  # the client left: the app hears it next
+                size += len(msg.get("body", b""))
+                if not msg.get("more_body", False):
+                    complete = True
+                    break
+            pending = iter(taken)
+
+            async def replay() -> Message:
+                for m in pending:
+                    return m
+                return await receive()
+
+            if complete and size <= _MODEL_BODY_MAX:
+                body = b"".join(m.get("body", b"") for m in taken)
+                if body.lstrip()[:1] == b"{":
+                    try:
+                        obj = json.loads(body)
+                    except (ValueError, RecursionError):
+                        obj = None
+                    if isinstance(obj, dict) and isinstance(obj.get("model"), str) and obj["model"]:
+                        return model_label(obj["model"][:128]), replay
+            return model_label(_header(scope, self.model)), replay
+        return model_label(_header(scope, self.model)), receive
 
     def _start_deferral(self) -> None:
         """Run the deferral queue (resumed requests included) from the server's startup, or its first request."""
@@ -586,16 +628,19 @@ class BudgetMiddleware:
         if self.deferral is not None and self._runner is None:
             self.deferral.note_state(scope)
             self._start_deferral()
-        tenant, model = self._tenant(scope), _header(scope, self.model)
+        tenant, model = self._tenant(scope), None
         with self.state.lock:
             statuses = self.state.statuses
         worst, hit = None, []
         for b in self.config.budgets:
             s = statuses.get(b.name)
-            if s is None or not b.matches(tenant, path, model):
+            if s is None or s.state == "ok":  # a budget within its limit changes nothing
                 continue
-            if s.state != "ok":
-                hit.append(s)
+            if model is None and "model" in b.match:  # read once, and only when it can matter
+                model, receive = await self._model(scope, receive)
+            if not b.matches(tenant, path, model or ""):
+                continue
+            hit.append(s)
             if s.state == "over" and (worst is None or _SEVERITY[b.action] > _SEVERITY[worst.action]):
                 worst = s
         if worst is not None:

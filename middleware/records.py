@@ -12,7 +12,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any, NamedTuple, overload
 
-__all__ = ["Cardinality", "RecordBatch", "RequestLabels", "RequestRecord", "json_safe", "printable", "tenant_label"]
+__all__ = ["Cardinality", "RecordBatch", "RequestLabels", "RequestRecord", "json_safe", "model_label", "printable", "tenant_label"]
 
 
 _TENANT_DROP = re.compile(r"[^A-Za-z0-9_.:-]")
@@ -27,6 +27,16 @@ def tenant_label(raw: str) -> str:
     if not raw:
         return ""
     return _TENANT_DROP.sub("", raw[:256])[:64] or "invalid"
+
+
+_MODEL_DROP = re.compile(r"[^\x20-\x7e]")
+
+
+def model_label(raw: str) -> str:
+    """The model label a record keeps of a raw value: printable ASCII, cut to 128; ``invalid`` when none is left."""
+    if not raw:
+        return ""
+    return _MODEL_DROP.sub("", raw[:512])[:128] or "invalid"
 
 
 class RequestLabels(NamedTuple):

@@ -167,3 +167,40 @@ def test_a_budget_on_a_tenant_no_record_can_carry_is_refused():
     with pytest.raises(BudgetConfigError, match="recorded as 'teama'"):
         parse_budgets({"budget": [{"name": "x", "match": {"tenant": "team a"}, "limit_kwh": 1, "period": "day"}]})
     assert parse_budgets({"budget": [{"name": "x", "match": {"tenant": "team-a:eu.1"}, "limit_kwh": 1, "period": "day"}]})
+
+
+def test_proxy_budgets_gate_on_the_model_the_body_names(tmp_path, live_meter):
+    # the proxy bills the model its JSON body names; the gate read only x-model, so a budget on a
+    # model served behind the proxy never answered 429 to a client that sent no such header
+    import argparse
+
+    from wattspan.cli.budgets import budget_wrapper
+
+    db = tmp_path / "l.sqlite"
+    led = Ledger(db)
+    live_meter.add_sink(led)
+    up = make_upstream()
+    try:
+        with serve(up) as up_url:
+            b = tmp_path / "b.toml"
+            b.write_text(f'ledger = "{db.as_posix()}"\nrefresh_s = 0.1\n[[budget]]\nname = "big"\nmatch = {{ model = "big-model" }}\n'
+                         'limit_gco2e = 1e-7\nperiod = "month"\naction = "reject"\n')
+            args = argparse.Namespace(budgets=str(b), defer_paths=None, region="FR", db=None, tenant_header=None, model_header="x-model")
+            app = budget_wrapper(args)(create_proxy(up_url, meter=live_meter))
+            with serve(app) as url, httpx.Client(base_url=url, timeout=10) as c:
+                def ask(model, **kw):
+                    return c.post("/v1/chat/completions", json={"model": model, "messages": [{"role": "user", "content": "hi"}]}, **kw)
+
+                assert ask("big-model").status_code == 200
+                _until(lambda: app.state.statuses["big"].state == "over")
+                r = ask("big-model")
+                assert r.status_code == 429 and r.json()["error"]["budget"] == "big"
+                ok = ask("small-model")
+                assert ok.status_code == 200 and ok.json()["model"] == "small-model"  # the body still reached the upstream whole
+                # a body in pieces is read whole for its model, then replayed to the upstream
+                data = json.dumps({"model": "small-model", "messages": [{"role": "user", "content": "x" * 3000}]}).encode()
+                parts = c.post("/v1/chat/completions", content=iter([data[:1000], data[1000:]]), headers={"content-type": "application/json"})
+                assert parts.status_code == 200 and up.state.seen[-1]["body"] == data
+            app.close()
+    finally:
+        led.close()

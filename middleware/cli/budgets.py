@@ -50,7 +50,10 @@ def budget_wrapper(args: argparse.Namespace) -> Callable[[Any], Any] | None:
             if budgets is not None:
                 header = getattr(args, "tenant_header", None)
                 tenant = tenant_of if callable(tenant_of) else (header.lower() if header else None)
-                app = BudgetMiddleware(app, budgets=budgets, deferral=queue, **({"tenant": tenant} if tenant else {}))
+                # and the model where the proxy does: the body's "model", else --model-header
+                model = getattr(args, "model_header", None)
+                app = BudgetMiddleware(app, budgets=budgets, deferral=queue, model_from_body=callable(tenant_of),
+                                       **({"tenant": tenant} if tenant else {}), **({"model": model.lower()} if model else {}))
             return app
         except (BudgetConfigError, ValueError) as exc:
             raise UsageError(str(exc)) from None
