@@ -335,6 +335,9 @@ class _SSEScanner:
             return ev
         found = self.usage.take(obj.get("usage"))
         if not (found and obj.get("choices") == []):
+            if self.strip and "usage" in obj and obj["usage"] is None:
+                # the null usage OpenAI puts on every other chunk once usage is asked for: this client did not ask
+                return _drop_null_usage(ev)
             return ev
         if self.strip:
             return b""
@@ -348,6 +351,18 @@ class _SSEScanner:
                 lines[i] = b"data: " + spliced + (b"\r" if cr and sep == b"\n" else b"")
                 return sep.join(lines)
         return ev
+
+
+#: a ``"usage": null`` member, with the comma that joins it to its neighbour
+_NULL_USAGE = re.compile(rb'\s*,\s*"usage"\s*:\s*null(?=\s*[,}])|"usage"\s*:\s*null\s*,\s*')
+_ANY_NULL_USAGE = re.compile(rb'"usage"\s*:\s*null')
+
+
+def _drop_null_usage(ev: bytes) -> bytes:
+    """``ev`` without its one ``"usage": null`` member (unchanged if it has none, or more than one)."""
+    if len(_ANY_NULL_USAGE.findall(ev)) != 1:
+        return ev
+    return _NULL_USAGE.sub(b"", ev, count=1)
 
 
 #: a blank line: two line ends in a row, each CRLF, LF or a lone CR (SSE allows all three); a CR at the

@@ -82,7 +82,10 @@ def make_upstream() -> FastAPI:
                     if break_after is not None and i == break_after:
                         raise RuntimeError("the model server fell over")
                     delta = {"index": 0, "delta": {"content": f"tok{i} "}} if kind == "chat" else {"index": 0, "text": f"tok{i} "}
-                    for piece in frame(_dumps({"id": oid, "object": obj + ".chunk", "model": body.get("model"), "choices": [delta]})):
+                    chunk = {"id": oid, "object": obj + ".chunk", "model": body.get("model"), "choices": [delta]}
+                    if include:  # as OpenAI does: every chunk but the last says "usage": null
+                        chunk["usage"] = None
+                    for piece in frame(_dumps(chunk)):
                         yield piece
                         await asyncio.sleep(0.001 if crlf else 0)
                     if delay:
@@ -432,5 +435,19 @@ def test_sse_scanner_finds_usage_and_strips_only_that_event_however_the_bytes_ar
         sc = _SSEScanner(strip, usage)
         out = b"".join(sc.feed(p) for p in pieces) + sc.finish()
         expected = stream.replace(usage_ev, "") if (strip and with_usage) else stream
+        if strip:  # the usage the proxy asked for is not this client's: neither its chunk nor the others' "usage": null
+            expected = expected.replace(',"usage":null', "")
         assert out == expected.encode()
         assert (usage.prompt, usage.completion) == ((11 + n, n) if with_usage else (None, None))
+
+
+def test_null_usage_is_dropped_only_where_it_is_one_member():
+    from wattspan.integrations.openai_proxy import _drop_null_usage
+
+    assert _drop_null_usage(b'data: {"id":"a","choices":[],"usage":null}\n\n') == b'data: {"id":"a","choices":[]}\n\n'
+    assert _drop_null_usage(b'data: {"usage" : null , "id":"a"}\n\n') == b'data: {"id":"a"}\n\n'
+    assert _drop_null_usage(b'data: {"id": "a", "usage": null}\n\n') == b'data: {"id": "a"}\n\n'
+    # a value "usage", an escaped key in content, two members: left as they are
+    for ev in (b'data: {"t":"usage","n":null}\n\n', b'data: {"c":"\\"usage\\":null,"}\n\n',
+               b'data: {"usage":null,"x":{"usage":null}}\n\n'):
+        assert _drop_null_usage(ev) == ev
