@@ -42,7 +42,7 @@ def _rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
             if _too_deep(line):
                 raise InputError(path, n, f"JSON nested more than {_MAX_DEPTH} levels deep")
             try:
-                row = json.loads(line, parse_constant=_Constant)
+                row = _DECODER.decode(line)
             except json.JSONDecodeError as exc:
                 raise InputError(path, n, f"not valid JSON ({exc.msg})") from None
             except (RecursionError, ValueError) as exc:  # ValueError: an integer of more than 4300 digits
@@ -68,6 +68,10 @@ class _Constant(float):
 
     def __repr__(self) -> str:
         return self.text
+
+
+#: one decoder for every line (``json.loads`` with an argument builds a new one per call)
+_DECODER = json.JSONDecoder(parse_constant=_Constant)
 
 
 def _short(v: object) -> str:
@@ -100,6 +104,9 @@ def _too_deep(line: str) -> bool:
 
 
 def _time(path: Path, n: int, row: dict[str, Any], key: str) -> int:
+    v = row.get(key)
+    if type(v) is int and 0 <= v <= _INT64_MAX:  # the common case, in one test
+        return v
     if key not in row:
         raise InputError(path, n, f"missing {key!r}")
     v = row[key]
@@ -119,8 +126,25 @@ def _count(path: Path, n: int, key: str, v: Any) -> float:
     return float(v)
 
 
+_GPU_SEEN: dict[tuple[type, object], str] = {}  # a device as written (a str or int) -> its key: files name a few
+_GPU_SEEN_MAX = 4096
+
+
 def _gpu(path: Path, n: int, gpu: object) -> str:
     """A device (``0``, ``"gpu0"``) or a device group (``["gpu0", "gpu1"]`` or ``"gpu0,gpu1"``)."""
+    t = type(gpu)
+    if t is str or t is int:
+        k = _GPU_SEEN.get((t, gpu))
+        if k is not None:
+            return k
+        key = _gpu_key(path, n, gpu)
+        if len(_GPU_SEEN) < _GPU_SEEN_MAX:
+            _GPU_SEEN[(t, gpu)] = key
+        return key
+    return _gpu_key(path, n, gpu)
+
+
+def _gpu_key(path: Path, n: int, gpu: object) -> str:
     if isinstance(gpu, list):
         if not gpu or len(gpu) > 1024 or not all(isinstance(g, (str, int)) and not isinstance(g, bool) and str(g).strip() for g in gpu):
             raise InputError(path, n, "'gpu' as a list must name 1..1024 devices, e.g. [\"gpu0\", \"gpu1\"]")
@@ -153,15 +177,18 @@ def read_requests_jsonl(path: str | PathLike[str]) -> tuple[Requests, list[dict[
         if end < start:
             raise InputError(path, n, f"request {rid!r} ends ({end}) before it starts ({start})")
         gpu = _gpu(path, n, row.get("gpu", row.get("device")))
-        clean = {"id": rid, "start_ns": start, "end_ns": end, "gpu": device_key(gpu)}
+        clean = {"id": rid, "start_ns": start, "end_ns": end, "gpu": gpu}
         for key in _OPTIONAL_TEXT:
             if key in row and row[key] is not None:
                 if not isinstance(row[key], str):
                     raise InputError(path, n, f"{key} must be a string")
                 clean[key] = row[key][:256]
         for key in _OPTIONAL_COUNTS:
-            if key in row and row[key] is not None:
-                c = _count(path, n, key, row[key])
+            v = row.get(key)
+            if type(v) is int and 0 <= v <= 1_000_000_000_000:  # the common case, in one test
+                clean[key] = v
+            elif v is not None:
+                c = _count(path, n, key, v)
                 if not c.is_integer():
                     raise InputError(path, n, f"{key} must be a whole number of tokens, got {_short(row[key])}")
                 clean[key] = int(c)
@@ -181,9 +208,10 @@ def read_batches_jsonl(path: str | PathLike[str], requests: Requests) -> Steps:
     starts: list[int] = []
     ends: list[int] = []
     devs: list[str] = []
-    e_step: list[np.ndarray] = []
+    lines: list[int] = []  # each step's line, to name the first bad token count
     e_req: list[int] = []
-    e_tok: list[np.ndarray] = []
+    e_tok: list[Any] = []  # every entry's token count as read: checked as one array at the end
+    e_n: list[int] = []  # entries per step
     for n, row in _rows(path):
         start = _time(path, n, row, "start_ns")
         end = _time(path, n, row, "end_ns")
@@ -197,27 +225,34 @@ def read_batches_jsonl(path: str | PathLike[str], requests: Requests) -> Steps:
             e_req.extend(map(index.__getitem__, reqs))
         except KeyError as exc:
             raise InputError(path, n, f"batch step names unknown request {exc.args[0]!r} (not in the requests file)") from None
-        vals = list(reqs.values())
-        tok = None
-        if all(type(v) is int or type(v) is float for v in vals):  # the common case, checked as one array
-            try:
-                tok = np.array(vals, dtype=np.float64)
-            except OverflowError:  # an int beyond float64
-                tok = None
-            if tok is not None and not bool(((tok >= 0) & (tok <= 1e12)).all()):  # NaN fails too
-                tok = None
-        if tok is None:  # the first bad one, named
-            tok = np.array([_count(path, n, f"tokens of {rid!r}", v) for rid, v in reqs.items()], dtype=np.float64)
-        e_tok.append(tok)
-        e_step.append(np.full(len(vals), len(starts), dtype=np.int64))
+        e_tok.extend(reqs.values())
+        e_n.append(len(reqs))
+        lines.append(n)
         starts.append(start)
         ends.append(end)
-        devs.append(device_key(gpu))
+        devs.append(gpu)
+    counts = np.array(e_n, dtype=np.int64)
+    tok = None
+    if set(map(type, e_tok)) <= {int, float}:  # the common case, checked as one array (bools, strings, None fail)
+        try:
+            tok = np.array(e_tok, dtype=np.float64)
+        except OverflowError:  # an int beyond float64
+            tok = None
+        if tok is not None and not bool(((tok >= 0) & (tok <= 1e12)).all()):  # NaN fails too
+            tok = None
+    if tok is None:  # the first bad one, named with its line
+        first = np.concatenate(([0], np.cumsum(counts)))
+        for i, n in enumerate(lines):
+            entries = e_tok[first[i] : first[i + 1]]
+            rids = requests.ids[np.array(e_req[first[i] : first[i + 1]], dtype=np.int64)]
+            for rid, v in zip(rids.tolist(), entries):
+                _count(path, n, f"tokens of {rid!r}", v)
+        raise AssertionError("a bad token count was not found")  # pragma: no cover
     return Steps(
         start_ns=np.array(starts, dtype=np.int64),
         end_ns=np.array(ends, dtype=np.int64),
         device=np.array(devs, dtype=object),
-        entry_step=np.concatenate(e_step) if e_step else np.zeros(0, dtype=np.int64),
+        entry_step=np.repeat(np.arange(len(counts), dtype=np.int64), counts),
         entry_request=np.array(e_req, dtype=np.int64),
-        entry_tokens=np.concatenate(e_tok) if e_tok else np.zeros(0),
+        entry_tokens=tok,
     )
