@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -125,9 +126,10 @@ def test_proxy_budgets_gate_on_the_tenant_header_the_proxy_bills(tmp_path):
             app.close()
 
 
-def test_proxy_budgets_gate_api_key_tenants_by_the_pseudonym_the_ledger_bills(tmp_path, live_meter):
-    # `wattspan proxy --budgets F` with callers told apart by API key: the ledger bills `key-<hex>`, and the
-    # gate compared the raw tenant header (absent), so a budget on a key's tenant never answered 429
+@contextlib.contextmanager
+def _gated_proxy(tmp_path, live_meter, match: str, **proxy_options):
+    """`wattspan proxy --budgets F` as the command line builds it (budget_wrapper) with one reject budget `g`
+    on ``match`` (TOML), spent at its first request, over a real ledger: yields (the proxy, the gate, a client)."""
     import argparse
 
     from wattspan.cli.budgets import budget_wrapper
@@ -135,28 +137,39 @@ def test_proxy_budgets_gate_api_key_tenants_by_the_pseudonym_the_ledger_bills(tm
     db = tmp_path / "l.sqlite"
     led = Ledger(db)
     live_meter.add_sink(led)
-    up = make_upstream()
     try:
-        with serve(up) as up_url:
-            proxy = create_proxy(up_url, meter=live_meter, pseudonym_key=b"p" * 32)
-            spender, other = {"authorization": "Bearer sk-spender-1"}, {"authorization": "Bearer sk-other-2"}
-            label = proxy.tenant_of({"headers": [(b"authorization", b"Bearer sk-spender-1")]})
+        with serve(make_upstream()) as up_url:
+            proxy = create_proxy(up_url, meter=live_meter, **proxy_options)
             b = tmp_path / "b.toml"
-            b.write_text(f'ledger = "{db.as_posix()}"\nrefresh_s = 0.1\n[[budget]]\nname = "k"\nmatch = {{ tenant = "{label}" }}\n'
+            b.write_text(f'ledger = "{db.as_posix()}"\nrefresh_s = 0.1\n[[budget]]\nname = "g"\nmatch = {{ {match} }}\n'
                          'limit_gco2e = 1e-7\nperiod = "month"\naction = "reject"\n')
-            args = argparse.Namespace(budgets=str(b), defer_paths=None, region="FR", db=None, tenant_header=None)
+            args = argparse.Namespace(budgets=str(b), defer_paths=None, region="FR", db=None, tenant_header=None, model_header="x-model")
             app = budget_wrapper(args)(proxy)
-            with serve(app) as url, httpx.Client(base_url=url, timeout=10) as c:
-                body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
-                assert c.post("/v1/chat/completions", json=body, headers=spender).status_code == 200
-                _until(lambda: app.state.statuses["k"].state == "over")
-                assert c.post("/v1/chat/completions", json=body, headers=spender).status_code == 429
-                assert c.post("/v1/chat/completions", json=body, headers=other).status_code == 200
-                # a header posing as the pseudonym is another tenant (header:key-...): not gated as the key
-                assert c.post("/v1/chat/completions", json=body, headers={"x-tenant-id": label}).status_code == 200
-            app.close()
+            try:
+                with serve(app) as url, httpx.Client(base_url=url, timeout=10) as client:
+                    yield proxy, app, client
+            finally:
+                app.close()
     finally:
         led.close()
+
+
+def test_proxy_budgets_gate_api_key_tenants_by_the_pseudonym_the_ledger_bills(tmp_path, live_meter):
+    # `wattspan proxy --budgets F` with callers told apart by API key: the ledger bills `key-<hex>`, and the
+    # gate compared the raw tenant header (absent), so a budget on a key's tenant never answered 429
+    from wattspan.integrations.openai_proxy import _tenant_label
+
+    label = _tenant_label(b"x-tenant-id", True, b"p" * 32)({"headers": [(b"authorization", b"Bearer sk-spender-1")]})
+    with _gated_proxy(tmp_path, live_meter, f'tenant = "{label}"', pseudonym_key=b"p" * 32) as (proxy, app, c):
+        assert proxy.tenant_of({"headers": [(b"authorization", b"Bearer sk-spender-1")]}) == label
+        spender, other = {"authorization": "Bearer sk-spender-1"}, {"authorization": "Bearer sk-other-2"}
+        body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+        assert c.post("/v1/chat/completions", json=body, headers=spender).status_code == 200
+        _until(lambda: app.state.statuses["g"].state == "over")
+        assert c.post("/v1/chat/completions", json=body, headers=spender).status_code == 429
+        assert c.post("/v1/chat/completions", json=body, headers=other).status_code == 200
+        # a header posing as the pseudonym is another tenant (header:key-...): not gated as the key
+        assert c.post("/v1/chat/completions", json=body, headers={"x-tenant-id": label}).status_code == 200
 
 
 def test_a_budget_on_a_tenant_no_record_can_carry_is_refused():
@@ -172,35 +185,17 @@ def test_a_budget_on_a_tenant_no_record_can_carry_is_refused():
 def test_proxy_budgets_gate_on_the_model_the_body_names(tmp_path, live_meter):
     # the proxy bills the model its JSON body names; the gate read only x-model, so a budget on a
     # model served behind the proxy never answered 429 to a client that sent no such header
-    import argparse
+    with _gated_proxy(tmp_path, live_meter, 'model = "big-model"') as (proxy, app, c):
+        def ask(model, **kw):
+            return c.post("/v1/chat/completions", json={"model": model, "messages": [{"role": "user", "content": "hi"}]}, **kw)
 
-    from wattspan.cli.budgets import budget_wrapper
-
-    db = tmp_path / "l.sqlite"
-    led = Ledger(db)
-    live_meter.add_sink(led)
-    up = make_upstream()
-    try:
-        with serve(up) as up_url:
-            b = tmp_path / "b.toml"
-            b.write_text(f'ledger = "{db.as_posix()}"\nrefresh_s = 0.1\n[[budget]]\nname = "big"\nmatch = {{ model = "big-model" }}\n'
-                         'limit_gco2e = 1e-7\nperiod = "month"\naction = "reject"\n')
-            args = argparse.Namespace(budgets=str(b), defer_paths=None, region="FR", db=None, tenant_header=None, model_header="x-model")
-            app = budget_wrapper(args)(create_proxy(up_url, meter=live_meter))
-            with serve(app) as url, httpx.Client(base_url=url, timeout=10) as c:
-                def ask(model, **kw):
-                    return c.post("/v1/chat/completions", json={"model": model, "messages": [{"role": "user", "content": "hi"}]}, **kw)
-
-                assert ask("big-model").status_code == 200
-                _until(lambda: app.state.statuses["big"].state == "over")
-                r = ask("big-model")
-                assert r.status_code == 429 and r.json()["error"]["budget"] == "big"
-                ok = ask("small-model")
-                assert ok.status_code == 200 and ok.json()["model"] == "small-model"  # the body still reached the upstream whole
-                # a body in pieces is read whole for its model, then replayed to the upstream
-                data = json.dumps({"model": "small-model", "messages": [{"role": "user", "content": "x" * 3000}]}).encode()
-                parts = c.post("/v1/chat/completions", content=iter([data[:1000], data[1000:]]), headers={"content-type": "application/json"})
-                assert parts.status_code == 200 and up.state.seen[-1]["body"] == data
-            app.close()
-    finally:
-        led.close()
+        assert ask("big-model").status_code == 200
+        _until(lambda: app.state.statuses["g"].state == "over")
+        r = ask("big-model")
+        assert r.status_code == 429 and r.json()["error"]["budget"] == "g"
+        ok = ask("small-model")
+        assert ok.status_code == 200 and ok.json()["model"] == "small-model"  # the body still reached the upstream whole
+        # a body in pieces is read whole for its model, then replayed to the upstream
+        data = json.dumps({"model": "small-model", "messages": [{"role": "user", "content": "x" * 3000}]}).encode()
+        parts = c.post("/v1/chat/completions", content=iter([data[:1000], data[1000:]]), headers={"content-type": "application/json"})
+        assert parts.status_code == 200 and parts.json()["model"] == "small-model"
