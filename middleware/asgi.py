@@ -343,9 +343,11 @@ class _Window:
         A plain method returning the server's awaitable (no coroutine of its own per message),
         except for the last body chunk, whose window closes once the server has taken it."""
         t = message["type"]
-        if t == "http.response.body":
+        if t == "http.response.body" or t == "http.response.zerocopysend":
             if not message.get("more_body", False):
                 return self._last(message)
+        elif t == "http.response.pathsend":  # the server sends the whole file: the response's last message
+            return self._last(message)
         elif t == "http.response.start":
             self.status = message["status"]
             rid_header = self.mw.request_id_header

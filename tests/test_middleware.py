@@ -135,11 +135,16 @@ class TestWindows:
             await send({"type": "http.response.start", "status": status, "headers": []})
             await send({"type": "http.response.body", "body": b"part", "more_body": True})
 
+        async def file_app(scope, receive, send):  # a file sent by the server's pathsend extension (Starlette's FileResponse)
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.pathsend", "path": "/dev/null"})
+
+        asyncio.run(EnergyMiddleware(file_app, meter=live_meter)({"type": "http", "method": "GET", "path": "/f", "headers": []}, _no_body, _ignore))
         mw = EnergyMiddleware(app, meter=live_meter)
         for path in ("/cut", "/broken"):
             asyncio.run(mw({"type": "http", "method": "GET", "path": path, "headers": []}, _no_body, _ignore))
         assert live_meter.flush(5)
-        assert sorted(r.status_code for r in live_meter.records) == [499, 502]
+        assert sorted(r.status_code for r in live_meter.records) == [200, 499, 502]  # the file's response ended
 
     def test_websocket_and_excluded_paths_pass_through(self, live_meter):
         import websockets.sync.client as wsc  # uvicorn's websocket implementation
