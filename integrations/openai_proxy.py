@@ -335,7 +335,7 @@ class _SSEScanner:
             return ev
         found = self.usage.take(obj.get("usage"))
         if not (found and obj.get("choices") == []):
-            if self.strip and "usage" in obj and obj["usage"] is None:
+            if self.strip and len(data_at) == 1 and "usage" in obj and obj["usage"] is None:
                 # the null usage OpenAI puts on every other chunk once usage is asked for: this client did not ask
                 return _drop_null_usage(ev)
             return ev
@@ -354,7 +354,8 @@ class _SSEScanner:
 
 
 #: a ``"usage": null`` member, with the comma that joins it to its neighbour
-_NULL_USAGE = re.compile(rb'\s*,\s*"usage"\s*:\s*null(?=\s*[,}])|"usage"\s*:\s*null\s*,\s*')
+#: (spaces and tabs only: a line end would join the event's lines; events of one ``data:`` line only)
+_NULL_USAGE = re.compile(rb'[ \t]*,[ \t]*"usage"[ \t]*:[ \t]*null(?=[ \t]*[,}])|"usage"[ \t]*:[ \t]*null[ \t]*,[ \t]*')
 _ANY_NULL_USAGE = re.compile(rb'"usage"\s*:\s*null')
 
 

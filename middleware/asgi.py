@@ -435,7 +435,8 @@ class _Window:
                 if k in wanted:
                     if headers is None:
                         headers = {}
-                    headers[k] = v.decode("latin-1")
+                    if k not in headers:  # the first of a repeated header, as the budget gate and the proxy read it
+                        headers[k] = v.decode("latin-1")
         if headers is None and mw._by_header:  # no label header in this request: no tenant, no model header
             model = self.model
             if model:

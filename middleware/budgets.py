@@ -85,7 +85,6 @@ PERIODS = ("day", "month", "year")
 ACTIONS = ("observe", "warn", "reject", "defer")
 _SEVERITY = {"observe": 0, "warn": 1, "defer": 2, "reject": 3}
 _MATCH_KEYS = ("tenant", "route", "model")
-_MODEL_BODY_MAX = 1 << 20  # the largest body read for its model (a chat request is a few KiB; beyond: the header)
 _J_PER_KWH = 3.6e6
 
 
@@ -522,7 +521,7 @@ class BudgetMiddleware:
         self.tenant: bytes | Callable[[Scope], str] = tenant if callable(tenant) else tenant.lower().encode("latin-1")
         self.model = model.lower().encode("latin-1")
         #: the model as an OpenAI-style server reads it, from the JSON body's ``model`` (else the header): the proxy's
-        #: way. The body is read (up to 1 MiB, then replayed) only while a budget on a model is past ``ok``.
+        #: way. A POST's body is read (up to ``max_body_bytes``, then replayed) only while a budget on a model is past ``ok``.
         self.model_from_body = bool(model_from_body)
         self.deferral = deferral
         if self.deferral is None and any(b.action == "defer" for b in self.config.budgets):
@@ -555,37 +554,38 @@ class BudgetMiddleware:
 
     async def _model(self, scope: Scope, receive: Receive) -> tuple[str, Receive]:
         """The request's model label as its record will carry it, and the ``receive`` to pass on
-        (the body replayed, where it was read for the model)."""
-        if self.model_from_body and scope.get("method") in ("POST", "PUT", "PATCH"):
-            taken: list[Message] = []
-            size, complete = 0, False
-            while size <= _MODEL_BODY_MAX:
-                msg = await receive()
-                taken.append(msg)
-                if msg.get("type") != "http.request":
-                    break  # the client left: the app hears it next
-                size += len(msg.get("body", b""))
-                if not msg.get("more_body", False):
-                    complete = True
-                    break
-            pending = iter(taken)
+        (the body replayed, where it was read for the model: a POST, as the proxy reads it, up to
+        ``max_body_bytes``, the proxy's own bound)."""
+        if not (self.model_from_body and scope.get("method") == "POST"):
+            return model_label(_header(scope, self.model)), receive
+        taken: list[Message] = []
+        size, complete = 0, False
+        while size <= self.max_body_bytes:
+            msg = await receive()
+            taken.append(msg)
+            if msg.get("type") != "http.request":
+                break  # the client left: the app hears it next
+            size += len(msg.get("body", b""))
+            if not msg.get("more_body", False):
+                complete = True
+                break
+        pending = iter(taken)
 
-            async def replay() -> Message:
-                for m in pending:
-                    return m
-                return await receive()
+        async def replay() -> Message:
+            for m in pending:
+                return m
+            return await receive()
 
-            if complete and size <= _MODEL_BODY_MAX:
-                body = b"".join(m.get("body", b"") for m in taken)
-                if body.lstrip()[:1] == b"{":
-                    try:
-                        obj = json.loads(body)
-                    except (ValueError, RecursionError):
-                        obj = None
-                    if isinstance(obj, dict) and isinstance(obj.get("model"), str) and obj["model"]:
-                        return model_label(obj["model"][:128]), replay
-            return model_label(_header(scope, self.model)), replay
-        return model_label(_header(scope, self.model)), receive
+        if complete and size <= self.max_body_bytes:
+            body = b"".join(m.get("body", b"") for m in taken)
+            if body.lstrip()[:1] == b"{":
+                try:  # a large body (images) is parsed off the event loop, as the proxy does
+                    obj = json.loads(body) if size <= 1 << 20 else await asyncio.to_thread(json.loads, body)
+                except (ValueError, RecursionError):
+                    obj = None
+                if isinstance(obj, dict) and isinstance(obj.get("model"), str) and obj["model"]:
+                    return model_label(obj["model"][:128]), replay
+        return model_label(_header(scope, self.model)), replay
 
     def _start_deferral(self) -> None:
         """Run the deferral queue (resumed requests included) from the server's startup, or its first request."""
@@ -628,7 +628,8 @@ class BudgetMiddleware:
         if self.deferral is not None and self._runner is None:
             self.deferral.note_state(scope)
             self._start_deferral()
-        tenant, model = self._tenant(scope), None
+        tenant: str | None = None
+        model: str | None = None
         with self.state.lock:
             statuses = self.state.statuses
         worst, hit = None, []
@@ -636,9 +637,16 @@ class BudgetMiddleware:
             s = statuses.get(b.name)
             if s is None or s.state == "ok":  # a budget within its limit changes nothing
                 continue
-            if model is None and "model" in b.match:  # read once, and only when it can matter
+            m = b.match
+            if m.get("route") and not path.startswith(m["route"]):
+                continue
+            if tenant is None and "tenant" in m:  # each label read once, and only when it can matter
+                tenant = self._tenant(scope)
+            if m.get("tenant") and m["tenant"] != tenant:
+                continue
+            if model is None and "model" in m:  # the body last: only for a request the rest of the budget holds
                 model, receive = await self._model(scope, receive)
-            if not b.matches(tenant, path, model or ""):
+            if not b.matches(tenant or "", path, model or ""):
                 continue
             hit.append(s)
             if s.state == "over" and (worst is None or _SEVERITY[b.action] > _SEVERITY[worst.action]):

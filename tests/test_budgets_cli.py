@@ -193,6 +193,9 @@ def test_proxy_budgets_gate_on_the_model_the_body_names(tmp_path, live_meter):
         _until(lambda: app.state.statuses["g"].state == "over")
         r = ask("big-model")
         assert r.status_code == 429 and r.json()["error"]["budget"] == "g"
+        # a large body (an image, say) is read for its model too: the proxy bills it up to its own bound
+        big = c.post("/v1/chat/completions", json={"model": "big-model", "pad": "x" * (3 << 20), "messages": []})
+        assert big.status_code == 429
         ok = ask("small-model")
         assert ok.status_code == 200 and ok.json()["model"] == "small-model"  # the body still reached the upstream whole
         # a body in pieces is read whole for its model, then replayed to the upstream

@@ -167,6 +167,12 @@ class TestLabels:
         assert tenants[3] == "x" * 64
         assert tenants[4:] == ["other", "other"]
 
+    def test_a_repeated_tenant_header_is_read_first_as_the_budget_gate_reads_it(self, live_meter):
+        with serve(make_app(live_meter)) as url:
+            httpx.get(f"{url}/items/1", headers=[("x-tenant-id", "first"), ("x-tenant-id", "second")])
+        (rec,) = records_by_route(live_meter)["/items/{item_id}"]
+        assert rec.tenant == "first"
+
     def test_model_from_a_callable_that_fails_does_not_break_the_request(self, live_meter):
         def bad(scope):
             raise ValueError("no model")

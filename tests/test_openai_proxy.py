@@ -448,6 +448,13 @@ def test_null_usage_is_dropped_only_where_it_is_one_member():
     assert _drop_null_usage(b'data: {"usage" : null , "id":"a"}\n\n') == b'data: {"id":"a"}\n\n'
     assert _drop_null_usage(b'data: {"id": "a", "usage": null}\n\n') == b'data: {"id": "a"}\n\n'
     # a value "usage", an escaped key in content, two members: left as they are
+    # an event whose JSON spans several data: lines keeps its lines (a line end is never eaten)
+    from wattspan.integrations.openai_proxy import _SSEScanner, _Usage
+
+    multi = b'data: {"choices":[{"delta":{}}],\ndata: "usage":null}\n\n'
+    sc = _SSEScanner(True, _Usage())
+    assert sc.feed(multi) + sc.finish() == multi
+    assert _drop_null_usage(b'data: {"id":"a",\n"usage":null}\n\n') == b'data: {"id":"a",\n"usage":null}\n\n'
     for ev in (b'data: {"t":"usage","n":null}\n\n', b'data: {"c":"\\"usage\\":null,"}\n\n',
                b'data: {"usage":null,"x":{"usage":null}}\n\n'):
         assert _drop_null_usage(ev) == ev

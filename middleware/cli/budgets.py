@@ -45,6 +45,7 @@ def budget_wrapper(args: argparse.Namespace) -> Callable[[Any], Any] | None:
             queue = DeferralQueue(zone=args.region, store=store_beside(getattr(args, "db", None)))  # resumed after a restart
             # the gate reads the tenant as the proxy labels it: its tenant header, else its API key's pseudonym
             tenant_of = getattr(app, "tenant_of", None)
+            limit = getattr(app, "max_body_bytes", None)  # the largest body the proxy reads for its model
             if paths:
                 app = DeferralMiddleware(app, queue=queue, paths=tuple(paths))
             if budgets is not None:
@@ -53,7 +54,8 @@ def budget_wrapper(args: argparse.Namespace) -> Callable[[Any], Any] | None:
                 # and the model where the proxy does: the body's "model", else --model-header
                 model = getattr(args, "model_header", None)
                 app = BudgetMiddleware(app, budgets=budgets, deferral=queue, model_from_body=callable(tenant_of),
-                                       **({"tenant": tenant} if tenant else {}), **({"model": model.lower()} if model else {}))
+                                       **({"tenant": tenant} if tenant else {}), **({"model": model.lower()} if model else {}),
+                                       **({"max_body_bytes": limit} if isinstance(limit, int) else {}))
             return app
         except (BudgetConfigError, ValueError) as exc:
             raise UsageError(str(exc)) from None
