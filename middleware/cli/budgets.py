@@ -53,9 +53,14 @@ def budget_wrapper(args: argparse.Namespace) -> Callable[[Any], Any] | None:
                 tenant = tenant_of if callable(tenant_of) else (header.lower() if header else None)
                 # and the model where the proxy does: the body's "model", else --model-header
                 model = getattr(args, "model_header", None)
-                app = BudgetMiddleware(app, budgets=budgets, deferral=queue, model_from_body=callable(tenant_of),
-                                       **({"tenant": tenant} if tenant else {}), **({"model": model.lower()} if model else {}),
-                                       **({"max_body_bytes": limit} if isinstance(limit, int) else {}))
+                options: dict[str, Any] = {}
+                if tenant:
+                    options["tenant"] = tenant
+                if model:
+                    options["model"] = model.lower()
+                if isinstance(limit, int):
+                    options["max_body_bytes"] = limit
+                app = BudgetMiddleware(app, budgets=budgets, deferral=queue, model_from_body=callable(tenant_of), **options)
             return app
         except (BudgetConfigError, ValueError) as exc:
             raise UsageError(str(exc)) from None
