@@ -4,6 +4,7 @@ reaches the limit, though neither replica alone has spent it."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -40,12 +41,14 @@ def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout_s: float = 6
     raise RuntimeError(f"replica not up: {log.read_text()[-3000:]}")
 
 
-@pytest.fixture
-def fleet(tmp_path):
-    if prometheus_bin() is None:
-        if os.environ.get("WATTSPAN_REQUIRE_BACKENDS") == "1":
-            pytest.fail("Prometheus is not installed (WATTSPAN_REQUIRE_BACKENDS=1)")
-        pytest.skip("Prometheus is not installed: run `bash .ci/install_backends.sh`")
+class _PortTaken(RuntimeError):
+    pass
+
+
+@contextlib.contextmanager
+def _start_fleet(tmp_path: Path, attempt: int):
+    """Prometheus scraping two replicas on ports picked free just before; a port another process took in
+    between makes the replica exit with EADDRINUSE, raised as _PortTaken so the fixture picks again."""
     mports = [free_port(), free_port()]
     with start_prometheus([f"127.0.0.1:{p}" for p in mports], scrape_interval_s=0.5) as prom:
         budgets = tmp_path / "budgets.json"
@@ -55,19 +58,23 @@ def fleet(tmp_path):
         try:
             for i, mp in enumerate(mports):
                 port = free_port()
-                led = tmp_path / f"replica{i}.sqlite"
-                log = tmp_path / f"replica{i}.log"
+                led = tmp_path / f"replica{attempt}-{i}.sqlite"
+                log = tmp_path / f"replica{attempt}-{i}.log"
                 env = {**os.environ, "WATTSPAN_TEST_METRICS_PORT": str(mp), "WATTSPAN_BUDGETS": str(budgets),
                        "WATTSPAN_TEST_LEDGER": str(led), "PYTHONPATH": str(REPO)}
                 fh = open(log, "wb")  # noqa: SIM115
                 p = subprocess.Popen([sys.executable, "-m", "uvicorn", "tests.fleet_app:app", "--host", "127.0.0.1", "--port", str(port),
                                       "--log-level", "warning"], cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
                 procs.append((p, fh))
-                _wait_http(f"http://127.0.0.1:{mp}/metrics", p, log)
+                try:
+                    _wait_http(f"http://127.0.0.1:{mp}/metrics", p, log)
+                    _wait_http(f"http://127.0.0.1:{port}/wattspan/budgets", p, log)
+                except RuntimeError as exc:
+                    if "address already in use" in str(exc).lower():
+                        raise _PortTaken(str(exc)) from None
+                    raise
                 urls.append(f"http://127.0.0.1:{port}")
                 ledgers.append(led)
-            for u, (p, _) in zip(urls, procs):
-                _wait_http(f"{u}/wattspan/budgets", p, tmp_path / "replica0.log")
             yield prom, urls, ledgers
         finally:
             for p, fh in procs:
@@ -78,6 +85,23 @@ def fleet(tmp_path):
                 except subprocess.TimeoutExpired:
                     p.kill()
                 fh.close()
+
+
+@pytest.fixture
+def fleet(tmp_path):
+    if prometheus_bin() is None:
+        if os.environ.get("WATTSPAN_REQUIRE_BACKENDS") == "1":
+            pytest.fail("Prometheus is not installed (WATTSPAN_REQUIRE_BACKENDS=1)")
+        pytest.skip("Prometheus is not installed: run `bash .ci/install_backends.sh`")
+    for attempt in range(3):
+        try:
+            with contextlib.ExitStack() as stack:
+                started = stack.enter_context(_start_fleet(tmp_path, attempt))
+                yield started
+                return
+        except _PortTaken:
+            if attempt == 2:
+                raise
 
 
 def test_two_replicas_share_one_budget_through_prometheus(fleet):
