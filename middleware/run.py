@@ -168,6 +168,22 @@ def _git_commit(cwd: str) -> str:
     return ""
 
 
+# what `wattspan run` passes on to its job (a terminal's signals only when they did not reach the job already)
+_FORWARDED = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2") if hasattr(signal, n))
+_TTY_SIGNALS = frozenset(getattr(signal, n) for n in ("SIGINT", "SIGHUP", "SIGQUIT") if hasattr(signal, n))
+
+
+def _in_foreground_group() -> bool:
+    """Whether this process is in its terminal's foreground process group, so a terminal's signal
+    reached the job (which shares the group) too."""
+    for fd in (0, 1, 2):
+        try:
+            return os.tcgetpgrp(fd) == os.getpgrp()
+        except (OSError, AttributeError):
+            continue
+    return False
+
+
 def measure(argv: list[str], *, carbon, db: str | os.PathLike | None = None, sources=None,
             interval_s: float = 0.1, label: str = "", run_id: str | None = None) -> dict:
     """Run ``argv`` to completion, metering it; return the summary (and store it in ``db``).
@@ -227,12 +243,16 @@ def measure(argv: list[str], *, carbon, db: str | os.PathLike | None = None, sou
     forwarded = {}
 
     def forward(signum, _frame):
+        # Ctrl-C, Ctrl-\ and a hang-up reach the terminal's whole foreground group, the job with us:
+        # sending them on would deliver them twice (a second Ctrl-C stops most jobs' clean shutdown)
+        if signum in _TTY_SIGNALS and _in_foreground_group():
+            return
         try:
             child.send_signal(signum)
         except OSError:
             pass
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in _FORWARDED:
         try:
             forwarded[sig] = signal.signal(sig, forward)
         except ValueError:  # not the main thread

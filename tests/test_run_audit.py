@@ -4,6 +4,7 @@ attribute's output into a report whose every line can be checked."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import sqlite3
 import subprocess
@@ -403,3 +404,70 @@ def test_a_ledger_audit_uses_the_intensity_each_record_ran_at(tmp_path):
     r = build_report(b, c)
     assert r["operational_g"] == pytest.approx(sum(x.co2e_g for x in recs), rel=1e-3)
     assert carbon_for(b, region="FR")["hourly"] is False  # --region overrides with the yearly table
+
+
+_COUNT_SIGNALS = """
+import os, signal, sys, time
+got = []
+for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+    signal.signal(s, lambda n, f: got.append(signal.Signals(n).name))
+open(sys.argv[1] + ".ready", "w").close()
+end = time.monotonic() + 20
+while time.monotonic() < end and not got:
+    time.sleep(0.01)
+time.sleep(1.0)  # a second, forwarded copy would arrive by now
+open(sys.argv[1], "w").write(",".join(got))
+"""
+
+
+def _run_in_a_terminal(tmp_path, send, terminal=True):
+    """`wattspan run` as a shell runs a foreground job: session leader of a pseudo-terminal, the job in
+    its process group (or, ``terminal=False``, as a supervisor runs it: its own session, no terminal);
+    ``send(pid)`` delivers the signal once the job is ready; returns what the job got."""
+    import os
+    import pty
+    import signal
+
+    master, slave = pty.openpty()
+    out = tmp_path / "got"
+    code = tmp_path / "job.py"
+    code.write_text(_COUNT_SIGNALS)
+
+    def controlling_tty():
+        os.setsid()
+        if terminal:
+            os.close(os.open(os.ttyname(slave), os.O_RDWR))  # a session leader opening a tty makes it its terminal
+
+    io = slave if terminal else subprocess.DEVNULL
+    p = subprocess.Popen([sys.executable, "-m", "wattspan.cli", "run", "--db", str(tmp_path / "w.sqlite"), "--",
+                          sys.executable, str(code), str(out)], cwd=tmp_path, stdin=io, stdout=io, stderr=io,
+                         preexec_fn=controlling_tty, env={**os.environ, "WATTSPAN_SIMULATE": "1"})
+    os.close(slave)
+    try:
+        end = time.monotonic() + 60
+        while not (tmp_path / "got.ready").exists() and time.monotonic() < end:
+            time.sleep(0.05)
+        send(p.pid, signal)
+        p.wait(60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+        os.close(master)
+    return out.read_text()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX terminals and signals")
+def test_ctrl_c_at_the_terminal_reaches_the_job_once(tmp_path):
+    # the terminal delivers Ctrl-C to the whole foreground group: run must not send it again
+    assert _run_in_a_terminal(tmp_path, lambda pid, signal: os.killpg(pid, signal.SIGINT)) == "SIGINT"
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX terminals and signals")
+@pytest.mark.parametrize("name", ["SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT"])
+def test_a_signal_a_supervisor_sends_to_run_is_forwarded_to_the_job_once(tmp_path, name):
+    assert _run_in_a_terminal(tmp_path, lambda pid, signal: os.kill(pid, getattr(signal, name)), terminal=False) == name
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX terminals and signals")
+def test_sigterm_to_run_in_a_terminal_is_forwarded_once(tmp_path):
+    assert _run_in_a_terminal(tmp_path, lambda pid, signal: os.kill(pid, signal.SIGTERM)) == "SIGTERM"
