@@ -201,16 +201,14 @@ def measure(argv: list[str], *, carbon, db: str | os.PathLike | None = None, sou
 
     if not argv:
         raise ValueError("wattspan run needs a command: wattspan run -- python train.py")
-    if db is not None and Path(db).is_file():  # a foreign or too-new file is refused before the job runs, not after
-        import sqlite3
+    if db is not None:  # a ledger that cannot be written is refused before the job runs, not after it
+        from ._paths import writable_file
 
-        from .export.ledger.schema import schema_version
+        writable_file(db, "--db")
+    if db is not None:  # a damaged, foreign or too-new file is refused before the job runs, not after
+        from .export.ledger.schema import check_ledger
 
-        conn = sqlite3.connect(Path(db).resolve().as_uri() + "?mode=ro", uri=True)
-        try:
-            schema_version(conn, Path(db))
-        finally:
-            conn.close()
+        check_ledger(db)
     srcs = run_sources() if sources is None else list(sources)
     sampler = Sampler(srcs, interval_s=interval_s)
     devices = {d.id: d for d in sampler.devices()}
@@ -407,6 +405,10 @@ def cli_main(args, carbon) -> int:
         raise ValueError("give the command after --: wattspan run -- python train.py")
     if not (0.005 <= float(args.interval_s) <= 10):
         raise ValueError("--interval-s must be between 0.005 and 10 seconds")
+    if args.json is not None:
+        from ._paths import writable_file
+
+        writable_file(args.json, "--json")
     summary = measure(argv, carbon=carbon, db=args.db, interval_s=float(args.interval_s), label=args.label or "")
     print_result(summary, file=sys.stderr)
     if args.json is not None:

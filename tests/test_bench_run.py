@@ -256,6 +256,20 @@ def test_bad_usage_exits_2_with_a_clear_message(argv, fragment, capsys, tmp_path
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("make, fragment", [
+    (lambda t: (t / "f").write_text("x") and ["--out", str(t / "f")], "exists and is not a folder"),
+    (lambda t: (t / "f").write_text("x") and ["--out", str(t / "f" / "sub")], "cannot create a folder"),
+    (lambda t: (t / "bad.sqlite").write_text("not sqlite") and ["--out", str(t / "o"), "--db", str(t / "bad.sqlite")], "not a wattspan ledger"),
+    (lambda t: ["--out", str(t / "o"), "--db", str(t / "no" / "x.sqlite")], "no folder"),
+])
+def test_outputs_it_cannot_write_are_refused_before_the_run(make, fragment, capsys, tmp_path) -> None:
+    # the report is written after the whole run: refused at the start, exit 2, nothing created
+    assert bench(*make(tmp_path), "--requests", "2") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("wattspan bench: error:") and fragment in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
 def test_a_server_without_request_ids_is_refused_with_the_fix(tmp_path: Path, capsys) -> None:
     from .conftest import serve
     from starlette.applications import Starlette

@@ -433,6 +433,8 @@ def test_batch_steps_outside_their_requests_lives_are_warned_about(tmp_path):
     (["--seed", "-1"], "--seed must be between 0 and"),  # every completion refused, found at the end
     (["--seed", str(10**14)], "--seed must be between 0 and"),
     (["--db", "."], "--db .: is a directory"),  # ran, lost its records, exited 0
+    (["--db", "/dev/null"], "--db /dev/null: not a regular file"),
+    (["--db", "README.md"], "README.md: is not a wattspan ledger"),  # a traceback from the server's start
     (["--concurrency", "0"], "--concurrency must be between 1 and 100000, got 0"),  # silently 1
     (["--repeat", "0"], "--repeat must be between 1 and 100000, got 0"),
 ])

@@ -471,3 +471,22 @@ def test_a_signal_a_supervisor_sends_to_run_is_forwarded_to_the_job_once(tmp_pat
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX terminals and signals")
 def test_sigterm_to_run_in_a_terminal_is_forwarded_once(tmp_path):
     assert _run_in_a_terminal(tmp_path, lambda pid, signal: os.kill(pid, signal.SIGTERM)) == "SIGTERM"
+
+
+@pytest.mark.parametrize("db, fragment", [
+    (lambda t: t, "is a directory"),
+    (lambda t: "/dev/null", "not a regular file"),
+    (lambda t: t / "no" / "w.sqlite", "no folder"),
+    (lambda t: (t / "bad.sqlite").write_text("not sqlite") and t / "bad.sqlite", "not a wattspan ledger"),
+])
+def test_a_ledger_run_cannot_write_is_refused_before_the_job_runs(tmp_path, db, fragment):
+    mark = tmp_path / "ran"
+    p = cli("run", "--db", db(tmp_path), "--", sys.executable, "-c", f"open({str(mark)!r}, 'w')", cwd=tmp_path)
+    assert p.returncode == 2 and fragment in p.stderr and "Traceback" not in p.stderr, p.stderr
+    assert not mark.exists(), "the job ran although its result could not be stored"
+
+
+def test_a_json_summary_run_cannot_write_is_refused_before_the_job_runs(tmp_path):
+    mark = tmp_path / "ran"
+    p = cli("run", "--db", tmp_path / "w.sqlite", "--json", tmp_path, "--", sys.executable, "-c", f"open({str(mark)!r}, 'w')", cwd=tmp_path)
+    assert p.returncode == 2 and "--json" in p.stderr and "is a directory" in p.stderr and not mark.exists()

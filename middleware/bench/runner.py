@@ -201,6 +201,19 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
                          "energy comes from; see EnergyMiddleware and wattspan.export.ledger.Ledger)")
     if url is None and not merge and args.db and Path(args.db).exists() and not Path(args.db).is_file():
         raise BenchError(f"--db {args.db} exists and is not a file")
+    from .._paths import writable_dir, writable_file
+
+    from ..errors import InputError
+    from ..export.ledger import check_ledger
+
+    try:  # the report is written after the whole run: a path it cannot write is refused now
+        writable_dir(args.out, "--out")
+        if url is None and not merge and args.db:
+            writable_file(args.db, "--db")
+        if not merge and args.db:
+            check_ledger(args.db)
+    except (ValueError, InputError) as exc:
+        raise BenchError(str(exc)) from None
     for f in merge:
         if not Path(f).is_file():
             raise BenchError(f"--merge: no file {f} (give the load.json files written by --load-only)")

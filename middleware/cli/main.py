@@ -193,6 +193,16 @@ def _main(argv: list[str] | None) -> int:
                 raise UsageError(f"--seed must be between 0 and {_MAX_SEED}, got {args.seed}")
             if args.db is not None and Path(args.db).is_dir():  # it would run, failing every write
                 raise UsageError(f"--db {args.db}: is a directory; give the ledger's file, e.g. {Path(args.db) / 'wattspan.sqlite'}")
+            if args.db is not None:
+                from .._paths import writable_file
+                from ..errors import InputError
+                from ..export.ledger import check_ledger
+
+                try:
+                    writable_file(args.db, "--db")
+                    check_ledger(args.db)
+                except (ValueError, InputError) as exc:
+                    raise UsageError(str(exc)) from None
             from ..carbon import CarbonModel
 
             try:

@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 from .runs import get_run, list_runs, run_trace, write_run
-from .schema import GROUP_BY, SCHEMA_VERSION, aggregate, excluded, find, query, valid_sql
+from .schema import GROUP_BY, SCHEMA_VERSION, aggregate, check_ledger, excluded, find, query, valid_sql
 from .writer import Ledger
 
-__all__ = ["GROUP_BY", "SCHEMA_VERSION", "Ledger", "aggregate", "excluded", "find", "get_run", "list_runs", "query", "run_trace", "valid_sql", "write_run"]
+__all__ = ["GROUP_BY", "SCHEMA_VERSION", "Ledger", "aggregate", "check_ledger", "excluded", "find", "get_run", "list_runs", "query", "run_trace", "valid_sql", "write_run"]

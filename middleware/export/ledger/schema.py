@@ -15,7 +15,7 @@ from typing import Any, Iterator
 
 from ...errors import InputError
 
-__all__ = ["GROUP_BY", "SCHEMA_VERSION", "aggregate", "excluded", "find", "query", "valid_sql"]
+__all__ = ["GROUP_BY", "SCHEMA_VERSION", "aggregate", "check_ledger", "excluded", "find", "query", "valid_sql"]
 
 SCHEMA_VERSION = 1
 PAGE_SIZE = 16384  # bytes per page of a new ledger file (see create_schema)
@@ -237,6 +237,22 @@ def _reading(path: str | os.PathLike[str]) -> Iterator[sqlite3.Connection | None
 def _text_row(cursor: sqlite3.Cursor, row: tuple[Any, ...]) -> tuple[Any, ...]:
     """A row with any BLOB value as text (replacement characters for bytes that are not UTF-8)."""
     return tuple(v.decode("utf-8", "replace") if isinstance(v, bytes) else v for v in row)
+
+
+def check_ledger(path: str | os.PathLike[str]) -> None:
+    """Refuse (:class:`InputError`) a file at ``path`` that is not a ledger this wattspan can write:
+    damaged, foreign, or newer. No file yet is fine. Read-only: a check before a long job, so its end
+    is not where the ledger fails."""
+    p = Path(path)
+    if not p.is_file():
+        return
+    conn = sqlite3.connect(p.resolve().as_uri() + "?mode=ro", uri=True)
+    try:
+        schema_version(conn, p)
+    except sqlite3.OperationalError:  # locked or busy now: the writer's own retries deal with that
+        pass
+    finally:
+        conn.close()
 
 
 def schema_version(conn: sqlite3.Connection, path: Path) -> int:
