@@ -781,7 +781,11 @@ def cli_main(args) -> int:
     carbon = carbon_for(basis, region=args.region, intensity=args.intensity, intensity_source=args.intensity_source,
                         pue=args.pue, embodied_kg=args.embodied_kg, lifetime_years=args.lifetime_years,
                         utilisation=args.utilisation, lca_boundary=args.lca_boundary)
-    report = build_report(basis, carbon, market_intensity=args.market_intensity, market_source=args.market_source,
+    market, market_source = args.market_intensity, args.market_source
+    recorded_market = (basis.recorded_carbon or {}).get("market_g_per_kwh") if basis.kind == "run" else None
+    if market is None and recorded_market:  # the factor `wattspan run --market-g-per-kwh` recorded with the run
+        market, market_source = float(recorded_market), market_source or "as recorded with the run (--market-g-per-kwh)"
+    report = build_report(basis, carbon, market_intensity=market, market_source=market_source,
                           boundary=args.boundary, title=args.title,
                           equivalent=(args.equivalent_g, args.equivalent_unit, args.equivalent_source),
                           audit_command="wattspan audit " + shlex.join(sys.argv[2:]) if sys.argv[1:2] == ["audit"] else "wattspan audit")

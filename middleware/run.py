@@ -325,8 +325,29 @@ def measure(argv: list[str], *, carbon, db: str | os.PathLike | None = None, sou
     n_acc = sum(1 for i in devices.values() if i.kind == "gpu")
     embodied_devices = n_acc or 1
     it_j = acc + host
-    op_g = float(carbon.operational_g(it_j))
+
+    def energy_in(a: int, b: int) -> float:
+        return sum(_energy_between(*cums[dev].arrays(), a, b) for dev in devices)
+
+    def carbon_of(a: int, b: int):
+        """The carbon of the energy used between monotonic a and b, each half-hour at its own hour's
+        intensity (the hourly provider's, else the yearly value)."""
+        w0, w1 = float(to_wall(a)), float(to_wall(b))
+        edges = [w0, *np.arange(np.floor(w0 / 1800.0) * 1800.0 + 1800.0, w1, 1800.0).tolist(), w1]
+        mono_edges = [a, *(int(mono0 + (x - wall0) * 1e9) for x in edges[1:-1]), b]  # the ends exact
+        ej = np.array([energy_in(x, y) for x, y in zip(mono_edges[:-1], mono_edges[1:])])
+        mids = np.array([(x + y) / 2 for x, y in zip(edges[:-1], edges[1:])])
+        return carbon.per_request(ej, np.zeros_like(ej), wall_s=mids), ej
+
+    run_c, run_ej = carbon_of(mono0, mono1)
+    op_g = float(np.sum(run_c.operational_g))
     emb_g = float(carbon.embodied_g(duration_s * embodied_devices))
+    # the energy-weighted mean intensity over the run's half-hours (so kWh x intensity = operational)
+    intensity = float(np.average(run_c.intensity_g_per_kwh, weights=run_ej)) if run_ej.sum() > 0 else float(run_c.intensity_g_per_kwh[0])
+    source = carbon.intensity_source
+    if carbon.hourly is not None:
+        who = ", ".join(sorted({str(p.get("provider", "")) for p in run_c.provenance()}))
+        source = f"hourly ({who}, zone {carbon.zone}), energy-weighted over the run's half-hours; yearly value: {carbon.intensity_source}"
     phase_rows = []
     for name, b, en in phases:
         pa = ph = 0.0
@@ -342,7 +363,8 @@ def measure(argv: list[str], *, carbon, db: str | os.PathLike | None = None, sou
                            "energy_j": pa + ph, "accelerator_j": pa, "host_j": ph,
                            # each boundary is placed between two readings: up to one interval of the mean power either way
                            "boundary_uncertainty_j": 2 * float(interval_s) * (pa + ph) / dur if dur > 0 else 0.0,
-                           "co2e_g": float(carbon.operational_g(pa + ph)) + float(carbon.embodied_g(dur * embodied_devices))})
+                           "co2e_g": float(np.sum(carbon_of(max(b, mono0), min(en, mono1))[0].operational_g))
+                                     + float(carbon.embodied_g(dur * embodied_devices))})
     emb = carbon.embodied
     summary = {
         "kind": "run", "run_id": run_id, "label": label, "command": list(argv), "command_line": shlex.join(argv),
@@ -351,9 +373,18 @@ def measure(argv: list[str], *, carbon, db: str | os.PathLike | None = None, sou
         "accelerator_j": acc, "host_j": host, "energy_j": it_j, "facility_j": it_j * carbon.pue,
         "operational_g": op_g, "embodied_g": emb_g, "co2e_g": op_g + emb_g,
         "embodied_device_s": duration_s * embodied_devices,
+        # beside the location-based figure, never in it: a contract's factor, and the marginal intensity
+        "market_g": float(np.sum(run_c.market_g)) if carbon.market_g_per_kwh > 0 else None,
+        "marginal_g": float(np.sum(run_c.marginal_g)) if carbon.marginal is not None else None,
+        "carbon_cost": float(carbon.cost(op_g + emb_g)) if carbon.carbon_price_per_tonne > 0 else None,
         "carbon": {
-            "region": carbon.region, "intensity_g_per_kwh": carbon.intensity_g_per_kwh,
-            "intensity_source": carbon.intensity_source, "pue": carbon.pue,
+            # the energy-weighted mean over the run's half-hours (the yearly value without an hourly provider)
+            "region": carbon.region, "intensity_g_per_kwh": intensity, "yearly_intensity_g_per_kwh": carbon.intensity_g_per_kwh,
+            "intensity_source": source, "pue": carbon.pue,
+            "hourly": [{**p, "g_per_kwh": float(i), "energy_j": float(e)} for p, i, e in
+                       zip(run_c.provenance(), run_c.intensity_g_per_kwh, run_ej)] if carbon.hourly is not None else None,
+            "market_g_per_kwh": carbon.market_g_per_kwh or None,
+            "carbon_price_per_tonne": carbon.carbon_price_per_tonne or None, "currency": carbon.currency,
             "embodied": None if emb is None else {"kgco2e_per_device": emb.kgco2e_per_device, "lifetime_years": emb.lifetime_years,
                                                   "utilisation": emb.utilisation, "g_per_device_s": emb.g_per_device_s},
         },
@@ -388,8 +419,15 @@ def print_result(summary: dict, file=sys.stdout) -> None:
         w(f"  {dev:<14} {d['role']:<11} {d['energy_j']:>10.1f} J  mean {d['mean_power_w']:.1f} W  ({d['sensor']}){flag}\n")
     w(f"  IT energy {summary['energy_j']:.1f} J (accelerator {summary['accelerator_j']:.1f} J + host {summary['host_j']:.1f} J); "
       f"x PUE {c['pue']:.2f} = facility {summary['facility_j']:.1f} J\n")
-    w(f"  CO2e {summary['co2e_g']:.4f} g (operational {summary['operational_g']:.4f} g at {c['intensity_g_per_kwh']:.0f} gCO2e/kWh, "
+    hourly = " (hourly: " + ", ".join(sorted({str(h.get("provider", "")) for h in c["hourly"]})) + ")" if c.get("hourly") else ""
+    w(f"  CO2e {summary['co2e_g']:.4f} g (operational {summary['operational_g']:.4f} g at {c['intensity_g_per_kwh']:.0f} gCO2e/kWh{hourly}, "
       f"{c['region']}; embodied {summary['embodied_g']:.4f} g)\n")
+    if summary.get("market_g") is not None:
+        w(f"  market-based {summary['market_g']:.4f} g at {c['market_g_per_kwh']:g} gCO2e/kWh (beside the figure above, not in it)\n")
+    if summary.get("marginal_g") is not None:
+        w(f"  marginal {summary['marginal_g']:.4f} g (beside, not in the figure above)\n")
+    if summary.get("carbon_cost") is not None:
+        w(f"  carbon cost {summary['carbon_cost']:.6f} {c['currency']} at {c['carbon_price_per_tonne']:g} {c['currency']}/tCO2e\n")
     for p in summary["phases"]:
         w(f"  phase {p['name'][:30]:<30} {p['duration_s']:>7.1f} s {p['energy_j']:>10.1f} J  {p['co2e_g']:.4f} g\n")
     if summary.get("ledger"):

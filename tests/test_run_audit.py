@@ -20,7 +20,7 @@ from wattspan import RequestRecord
 from wattspan.phases import read_phases
 from wattspan.export.ledger.runs import get_run, list_runs, run_trace
 from wattspan.samples import DeviceInfo, SampleBatch, SampleKind
-from wattspan.audit import build_report, carbon_for, from_ledger, g, parse_time
+from wattspan.audit import build_report, carbon_for, from_ledger, from_run, g, parse_time
 from wattspan.carbon import CarbonModel
 from wattspan.export.ledger import Ledger
 from wattspan.run import measure
@@ -490,3 +490,35 @@ def test_a_json_summary_run_cannot_write_is_refused_before_the_job_runs(tmp_path
     mark = tmp_path / "ran"
     p = cli("run", "--db", tmp_path / "w.sqlite", "--json", tmp_path, "--", sys.executable, "-c", f"open({str(mark)!r}, 'w')", cwd=tmp_path)
     assert p.returncode == 2 and "--json" in p.stderr and "is a directory" in p.stderr and not mark.exists()
+
+
+def test_run_prices_each_half_hour_at_its_own_intensity_with_market_and_price_beside(tmp_path):
+    # FR has an hourly 2023 profile: the run's operational CO2e is its energy at the hour it ran, not the yearly value
+    from wattspan.carbon import CarbonModel as CM
+
+    model = CM.for_region("FR", carbon_price_per_tonne=80.0).with_hourly("profile", market_g_per_kwh=25.0)
+    s = measure([sys.executable, "-c", "import time; time.sleep(0.5)"], carbon=model, db=tmp_path / "w.sqlite",
+                sources=[ConstantGpu(200.0)], interval_s=0.02)
+    c = s["carbon"]
+    [hour] = c["hourly"] if len(c["hourly"]) == 1 else [max(c["hourly"], key=lambda h: h["energy_j"])]
+    expect = model.hourly.at(model.zone, (s["started_at"] + s["ended_at"]) / 2).g_per_kwh
+    assert len(c["hourly"]) in (1, 2) and hour["provider"] == "profile" and hour["g_per_kwh"] == pytest.approx(expect)
+    kwh = s["energy_j"] / 3.6e6 * c["pue"]
+    assert s["operational_g"] == pytest.approx(kwh * c["intensity_g_per_kwh"], rel=1e-9)
+    assert c["yearly_intensity_g_per_kwh"] == model.intensity_g_per_kwh and "hourly (profile" in c["intensity_source"]
+    assert s["market_g"] == pytest.approx(kwh * 25.0, rel=1e-9)  # beside, never in the figure
+    assert s["co2e_g"] == pytest.approx(s["operational_g"] + s["embodied_g"])
+    assert s["carbon_cost"] == pytest.approx(s["co2e_g"] / 1e6 * 80.0)
+    # the audit of the run shows the market figure it recorded, without being told again
+    report = build_report(from_run(tmp_path / "w.sqlite"), carbon_for(from_run(tmp_path / "w.sqlite")), market_intensity=25.0)
+    assert report["market"]["operational_g"] == pytest.approx(s["market_g"], rel=1e-6)
+    p = cli("audit", "--db", tmp_path / "w.sqlite", cwd=tmp_path)
+    assert p.returncode == 0 and "| F'. Intensity, market-based | 25.00 gCO2e/kWh | as recorded with the run" in p.stdout, p.stdout[-3000:]
+
+
+@pytest.mark.parametrize("flag, value", [("--lifetime-years", "1e-320"), ("--lifetime-years", "0.001"), ("--utilisation", "1e-9")])
+def test_an_embodied_lifetime_or_utilisation_no_device_has_is_refused(tmp_path, flag, value):
+    mark = tmp_path / "ran"
+    p = cli("run", "--db", tmp_path / "w.sqlite", "--embodied-kg", "300", flag, value, "--",
+            sys.executable, "-c", f"open({str(mark)!r}, 'w')", cwd=tmp_path)
+    assert p.returncode == 2 and flag.strip("-").replace("-", "_") in p.stderr and not mark.exists(), p.stderr

@@ -100,8 +100,10 @@ class Embodied:
 
     def __post_init__(self) -> None:
         _check("kgco2e_per_device", self.kgco2e_per_device, 0.0, 1e6, "kg CO2e", lo_open=True)
-        _check("lifetime_years", self.lifetime_years, 0.0, 50.0, "years", lo_open=True)
-        _check("utilisation", self.utilisation, 0.0, 1.0, "(fraction)", lo_open=True)
+        # a lifetime under ~4 days or a utilisation under 0.1 % is a typo, not a device: it would make the
+        # per-second share absurd (1e-320 years gave infinite grams)
+        _check("lifetime_years", self.lifetime_years, 0.01, 50.0, "years")
+        _check("utilisation", self.utilisation, 0.001, 1.0, "(fraction)")
 
     @property
     def g_per_device_s(self) -> float:
