@@ -58,8 +58,17 @@ def test_report_shows_budgets_kpis_and_burn(tmp_path):
     line = next(x for x in p.stdout.splitlines() if x.startswith("acme-day"))
     assert "tenant=acme" in line and "125%" in line and "500" in line and "reject" in line
     p = _cli("report", "--db", db, "--budgets", b, "--format", "json")
-    st = json.loads(p.stdout[p.stdout.index('{\n  "budgets"'):])["budgets"][0]
+    doc = json.loads(p.stdout)  # one document: the report's rows and the budgets
+    st = doc["budgets"][0]
     assert st["state"] == "over" and st["spent"] == 5.0 and st["kpis"]["j_per_output_token"] == 10.0
+    assert doc["by"] == "route" and sum(r["requests"] for r in doc["rows"]) == 10
+    # CSV has no place for budgets: refused before anything is printed
+    p = _cli("report", "--db", db, "--budgets", b, "--format", "csv")
+    assert p.returncode == 2 and p.stdout == "" and "--format json" in p.stderr
+    # a bad budget file is refused before the report prints
+    b.write_text("{")
+    p = _cli("report", "--db", db, "--budgets", b)
+    assert p.returncode == 2 and p.stdout == "", p.stdout
 
 
 def test_bad_budget_file_or_provider_is_a_clear_error_at_start(tmp_path):

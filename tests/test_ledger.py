@@ -511,3 +511,36 @@ def test_report_of_a_ledger_another_writer_left_bad_values_in_is_one_line_not_a_
     assert main(["report", "--db", str(db), "--id", "r1"]) == 2
     assert "the record of 'r1' holds a value of the wrong type" in capsys.readouterr().err
     assert main(["report", "--db", str(db), "--id", "r2"]) == 0
+
+
+def test_report_id_escapes_labels_and_writes_strict_json_and_plain_csv(tmp_path, capsys):
+    # a label holding a terminal escape or a line break is shown escaped; an infinity read from an edited
+    # file is null in JSON (which has no Infinity); the CSV's line ends and booleans match the report's
+    import csv as csv_mod
+    import io
+    import json as json_mod
+
+    from wattspan.cli.main import main
+
+    db = tmp_path / "l.db"
+    with Ledger(db) as led:
+        led.write(make_records(2))
+        assert led.flush()
+    con = sqlite3.connect(db)
+    con.execute("UPDATE requests SET route = ?, tenant = ?, co2e_g = ?, host_j = 2.5 WHERE id = 'r0'", ("/v1\x1b[2J", "a\nb", float("inf")))
+    con.commit()
+    con.close()
+    capsys.readouterr()
+    assert main(["report", "--db", str(db), "--id", "r0"]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "/v1\\x1b[2J" in out and "a\\nb" in out
+    head = out.splitlines()[0]
+    assert "accelerator" in head and "host 2.5 J" in head  # the headline joules include the host's share
+    assert main(["report", "--db", str(db), "--id", "r0", "--format", "json"]) == 0
+    rec = json_mod.loads(capsys.readouterr().out)  # strict JSON: no Infinity
+    assert rec["co2e_g"] is None and rec["route"] == "/v1\x1b[2J"
+    assert main(["report", "--db", str(db), "--id", "r0", "--format", "csv"]) == 0
+    raw = capsys.readouterr().out
+    assert "\r\n" not in raw
+    row = next(csv_mod.DictReader(io.StringIO(raw)))
+    assert row["simulated"] in ("true", "false") and row["tenant"] == "a\nb"

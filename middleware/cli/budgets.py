@@ -13,19 +13,32 @@ from .common import UsageError
 __all__ = ["budget_wrapper", "report_budgets"]
 
 
-def report_budgets(args: argparse.Namespace) -> int:
-    """``wattspan report --budgets FILE``: each budget's spend, KPIs and burn (issue 11)."""
-    from ..budgets import BudgetConfig, BudgetConfigError, budget_status, format_status, load_budgets
+def load_report_budgets(args: argparse.Namespace) -> Any:
+    """The budget file of ``wattspan report --budgets FILE``, read before the report prints (a bad
+    file is a usage error, not a report followed by one)."""
+    from ..budgets import BudgetConfig, BudgetConfigError, load_budgets
 
+    if args.format == "csv":
+        raise UsageError("--budgets with --format csv: budgets are not rows of the report; use --format json "
+                         "(one document: the rows and the budgets) or the table")
     try:
         cfg = load_budgets(args.budgets)
     except BudgetConfigError as exc:
         raise UsageError(str(exc)) from None
     if cfg.source == "ledger":  # the report's --db is the ledger to read
         cfg = BudgetConfig(cfg.budgets, "ledger", str(args.db), cfg.prometheus_url, cfg.refresh_s)
+    return cfg
+
+
+def report_budgets(args: argparse.Namespace, cfg: Any, rows_json: str | None = None) -> int:
+    """``wattspan report --budgets FILE``: each budget's spend, KPIs and burn (issue 11). With
+    ``--format json`` one document: ``{"by", "rows", "budgets"}`` (``rows_json``: the report's rows)."""
+    from ..budgets import budget_status, format_status
+
     st = budget_status(cfg)
     if args.format == "json":
-        print(json.dumps({"budgets": [s.to_dict() for s in st]}, indent=2))
+        rows = json.loads(rows_json) if rows_json else []
+        print(json.dumps({"by": args.by, "rows": rows, "budgets": [s.to_dict() for s in st]}, indent=2, allow_nan=False))
     else:
         sys.stdout.write("\ncarbon budgets (" + cfg.source + ")\n" + format_status(st))
     return 0

@@ -272,12 +272,19 @@ def _main(argv: list[str] | None) -> int:
                 return cmd_report_id(args)
             from .report import run_report
 
-            rc = run_report(args.db, by=args.by, fmt=args.format, since_s=args.since_s)
-            if getattr(args, "budgets", None) is not None and rc == 0:
-                from .budgets import report_budgets
+            if getattr(args, "budgets", None) is None:
+                return run_report(args.db, by=args.by, fmt=args.format, since_s=args.since_s)
+            from .budgets import load_report_budgets, report_budgets
 
-                return report_budgets(args)
-            return rc
+            cfg = load_report_budgets(args)
+            if args.format == "json":  # one document, the rows and the budgets
+                import io
+
+                buf = io.StringIO()
+                rc = run_report(args.db, by=args.by, fmt=args.format, since_s=args.since_s, out=buf)
+                return rc or report_budgets(args, cfg, buf.getvalue())
+            rc = run_report(args.db, by=args.by, fmt=args.format, since_s=args.since_s)
+            return rc or report_budgets(args, cfg)
     except UsageError as exc:
         print(f"wattspan: error: {exc}{_env_note(str(exc), from_env)}", file=sys.stderr)
         return 2

@@ -176,18 +176,18 @@ def cmd_report_id(args: argparse.Namespace) -> int:
 def _print_record(rec: dict[str, Any], fmt: str) -> None:
     rec["duration_s"] = (rec["end_ns"] - rec["start_ns"]) / 1e9
     rec["trace_id"], rec["span_id"] = f"{rec['trace_id']:032x}", f"{rec['span_id']:016x}"
-    if fmt == "json":
-        print(json.dumps(rec, indent=2))
-    elif fmt == "csv":
-        import csv
-
-        w = csv.DictWriter(sys.stdout, fieldnames=list(rec))
+    if fmt == "json":  # JSON has no Infinity or NaN: such a value (from an edited file) is null
+        print(json.dumps(json_safe(rec), indent=2, allow_nan=False))
+    elif fmt == "csv":  # as the report's own CSV: \n line ends, lower-case booleans
+        w = csv.DictWriter(sys.stdout, fieldnames=list(rec), lineterminator="\n")
         w.writeheader()
-        w.writerow(rec)
-    else:
+        w.writerow({k: (str(v).lower() if isinstance(v, bool) else v) for k, v in rec.items()})
+    else:  # every text as a terminal may show it: a control character in a label is escaped, never obeyed
         flag = "  [SIMULATED power: no sensor]" if rec["simulated"] else ""
-        print(f"request {rec['id']}: {rec['energy_j']:.4g} J, {rec['co2e_g']:.4g} gCO2e{flag}")
+        host = rec.get("host_j") or 0.0
+        total = f"{rec['energy_j'] + host:.4g} J (accelerator {rec['energy_j']:.4g} J + host {host:.4g} J)" if host else f"{rec['energy_j']:.4g} J"
+        print(f"request {printable(rec['id'])}: {total}, {rec['co2e_g']:.4g} gCO2e{flag}")
         for k in ("dynamic_j", "idle_j", "host_j", "embodied_g", "device_s", "duration_s", "method", "sensor", "coverage",
                   "device", "route", "model", "tenant", "status_code", "prompt_tokens", "output_tokens", "run_id"):
             v = rec[k]
-            print(f"  {k:<14}{v:.6g}" if isinstance(v, float) else f"  {k:<14}{v}")
+            print(f"  {k:<14}{v:.6g}" if isinstance(v, float) else f"  {k:<14}{printable(v)}")
