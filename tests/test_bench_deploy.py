@@ -124,3 +124,31 @@ def test_deploy_option_is_checked_and_reproduced_in_the_command_line():
     assert "--deploy on-demand=FR --deploy batch=DE@cleanest:6" in command_line(cfg)
     with pytest.raises(BenchError, match="atlantis"):
         config_from_args(p.parse_args(["--deploy", "batch=atlantis"]))
+    # a deployment of a mode this run does not measure would be silently missing from the report
+    with pytest.raises(BenchError, match="no phase of this run is 'batch'"):
+        config_from_args(p.parse_args(["--modes", "open,closed", "--deploy", "batch=DE"]))
+
+
+def test_a_region_spelled_out_or_a_cloud_region_at_a_country_average_gets_the_hourly_profile():
+    # 'france' and aws:eu-west-3 (priced at France's average) are France: @cleanest:N changes their figure
+    fr = effective_intensity("FR", "cleanest:6")
+    assert effective_intensity("france", "cleanest:6") == fr and fr[2]
+    assert effective_intensity("aws:eu-west-3", "cleanest:6")[0] == fr[0]
+    assert effective_intensity("france", "cleanest:6")[0] < effective_intensity("france", "all")[0]
+    assert parse_deploy("batch=france@cleanest:6").region == "FR" and parse_deploy("batch=france@cleanest:6").hourly
+    # a cloud region with its own published figure keeps it, the same at every hour
+    assert not effective_intensity("gcp:europe-west9", "cleanest:6")[2]
+
+
+def test_a_deployment_no_phase_measured_is_named_in_the_report():
+    rep, a = _rep()
+    measured = dict(rep, phases=[p for p in rep["phases"] if p["mode"] != "batch"])  # its phase measured nothing
+    d = deployment_report(measured, [parse_deploy("on-demand=FR"), parse_deploy("batch=DE@cleanest:6")], basis="amortised",
+                          calls=1000, g_per_device_s=a.g_per_device_s)
+    assert d["unmatched"] == ["batch=DE@cleanest:6"] and {r["deploy"] for r in d["rows"]} == {"on-demand=FR@all"}
+    rep["deployment"] = d
+    rep.update({"config": {"requests": 2, "workload": "completions", "seed": 0, "max_tokens": 8}, "command": "wattspan bench",
+                "target": {"description": "test"}, "simulated": True, "seeds": {"workload": 0, "arrivals": {}}, "timings_s": {},
+                "versions": {}, "machine": {"platform": "test", "cpus": 1}})
+    texts = " ".join(str(b[1]) for b in build_blocks(rep))
+    assert "No measured phase for `--deploy batch=DE@cleanest:6`" in texts

@@ -141,7 +141,10 @@ def deployment_report(rep: dict, deployments, *, basis: str, calls: int, g_per_d
             curves.append({"deploy": rows[-1]["deploy"], "phase": p["name"], "label": p["label"],
                            "intensity_by_cleanest_hours": curve, "total_g_by_cleanest_hours": grams})
     best = min(rows, key=lambda r: r["total_g"]) if rows else None
+    # a deployment no measured phase matches (its phase failed, or merged files hold none) is named, not dropped
+    matched = {r["deploy"] for r in rows}
+    unmatched = [k for k in (f"{d.mode}={d.region}@{d.hours}" for d in deployments) if k not in matched]
     return {"basis": basis, "calls": calls, "deployments": [asdict(d) for d in deployments], "rows": rows,
-            "curves": curves, "best": best}
+            "curves": curves, "best": best, "unmatched": unmatched}
 
 

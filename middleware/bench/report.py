@@ -190,6 +190,10 @@ def build_blocks(rep: dict) -> list[tuple]:
                                                f"({d['pue_source']})" for d in dep["deployments"]) + "."))
         b.append(("img", CHARTS["deployment"], "gCO2e per calls against how many of the cleanest hours each deployment runs in"))
 
+    if dep and dep.get("unmatched"):
+        b.append(("p", "No measured phase for " + ", ".join(f"`--deploy {u}`" for u in dep["unmatched"])
+                       + ": its mode's phases did not run or measured nothing, so it has no figure here."))
+
     # ---- sensitivity
     sens = rep["sensitivity"]
     b.append(("h2", "Sensitivity: which mode wins where"))

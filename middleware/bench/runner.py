@@ -235,18 +235,21 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         record_timeout_s=num("record-timeout-s", args.record_timeout_s, 0, 3600),
         server_timeout_s=num("server-timeout-s", args.server_timeout_s, 1, 3600), load_only=bool(args.load_only),
         merge=merge, start_at=None if args.start_at is None else num("start-at", args.start_at, 0, 1e11),
-        progress=bool(args.progress), deploy=_deploys(getattr(args, "deploy", None), args.pue),
+        progress=bool(args.progress), deploy=_deploys(getattr(args, "deploy", None), args.pue, None if merge or args.load_only else modes),
     )
 
 
-def _deploys(specs, pue) -> tuple[str, ...]:
-    from .deploy import parse_deploy
+def _deploys(specs, pue, modes: tuple[str, ...] | None = None) -> tuple[str, ...]:
+    from .deploy import DEPLOY_MODES, parse_deploy
 
     for spec in specs or ():
         try:
-            parse_deploy(spec, pue=pue)
+            d = parse_deploy(spec, pue=pue)
         except ValueError as exc:
             raise BenchError(str(exc)) from None
+        if modes is not None and not set(DEPLOY_MODES[d.mode]) & set(modes):
+            raise BenchError(f"--deploy {spec}: no phase of this run is {d.mode!r} ({'/'.join(DEPLOY_MODES[d.mode])}); "
+                             f"--modes is {','.join(modes)}: add the mode, or drop the --deploy")
     return tuple(specs or ())
 
 
@@ -570,6 +573,8 @@ def _run(cfg: BenchConfig) -> int:
 
             rep["deployment"] = deployment_report(rep, [parse_deploy(x, pue=cfg.pue) for x in cfg.deploy], basis=cfg.basis,
                                                   calls=cfg.calls, g_per_device_s=a.g_per_device_s)
+            for u in rep["deployment"]["unmatched"]:
+                print(f"wattspan bench: --deploy {u}: no measured phase of that mode; it has no figure in the report", file=sys.stderr)
         rep = {"format": "wattspan-bench-report/1", "created_unix": time.time(), "command": command_line(cfg),
                "simulated": rep.pop("simulated"), "config": _cfg_dict(cfg), "versions": _versions(),
                "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": sys.version.split()[0]},

@@ -163,8 +163,22 @@ def _profiles() -> dict[tuple[str, str], list[float]]:
 
 
 def profile_zone(region: str) -> str | None:
-    """The profile zone a region name means (``FR``, ``FRA`` -> ``FR``), or None."""
-    return _PROFILE_ALIASES.get(str(region).strip().lower())
+    """The profile zone a region name means, or None: ``FR``, ``FRA``, ``france`` and a cloud region
+    the yearly table prices at France's country average (``aws:eu-west-3``) all mean ``FR``. A cloud
+    region with its own published figure (Google's) keeps it: no profile."""
+    key = str(region).strip().lower()
+    if key in _PROFILE_ALIASES:
+        return _PROFILE_ALIASES[key]
+    from .grid import grid_intensity
+
+    try:
+        gi = grid_intensity(str(region))
+    except (ValueError, TypeError):
+        return None
+    if gi.zone.lower() in _PROFILE_ALIASES:
+        return _PROFILE_ALIASES[gi.zone.lower()]
+    country = gi.maps_to.split(" ", 1)[0].lower() if gi.maps_to and "country average" in gi.maps_to else ""
+    return _PROFILE_ALIASES.get(country)
 
 
 class ProfileProvider:
