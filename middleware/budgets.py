@@ -198,6 +198,10 @@ def parse_budgets(doc: Any, where: str = "budgets") -> BudgetConfig:
         if m and model_label(m) != m:
             raise BudgetConfigError(f"{w}: no record carries the model {m!r}: the ledger keeps a model's printable "
                                     f"ASCII, at most 128 characters (this one is recorded as {model_label(m)!r})")
+        r = match.get("route")
+        if r and not r.startswith("/"):
+            raise BudgetConfigError(f"{w}: match route {r!r} is a path prefix and starts with '/' (e.g. '/v1/chat'); "
+                                    "no request's route matches it")
         t = match.get("tenant")
         if t and tenant_label(t) != t:
             raise BudgetConfigError(f"{w}: no record carries the tenant {t!r}: the ledger keeps a tenant's characters "
@@ -442,7 +446,7 @@ def budget_status(config: BudgetConfig | str | os.PathLike[str], *, source: Spen
 
 def format_status(statuses: list[BudgetStatus]) -> str:
     """A table for the terminal."""
-    lines = [f"{'budget':<18}{'owner':<22}{'period':<7}{'spent':>12}{'limit':>12}{'used':>7}  {'action':<8}{'g/1k req':>10}{'g/1k tok':>10}{'J/out tok':>10}  runs out"]
+    lines = [f"{'budget':<18}{'owner':<22}{'period':<7}{'spent':>14}{'limit':>14}{'used':>8}  {'action':<8}{'g/1k req':>10}{'g/1k tok':>10}{'J/out tok':>10}  runs out"]
     for s in statuses:
         k = s.kpis
 
@@ -450,10 +454,12 @@ def format_status(statuses: list[BudgetStatus]) -> str:
             return format(v, fmt) if v is not None else "-"
 
         unit = "g" if s.unit == "gco2e" else "kWh"
-        used = f"{s.fraction * 100:.0f}%" if math.isfinite(s.fraction) else "inf"
-        lines.append(f"{s.name[:17]:<18}{s.owner[:21]:<22}{s.period:<7}{s.spent:>10.4g}{unit:>2}{s.limit:>10.4g}{unit:>2}{used:>7}  "
+        pct = s.fraction * 100
+        used = (f"{pct:.0f}%" if pct < 1e4 else ">9999%") if math.isfinite(pct) else "inf"  # a limit near 0: no 300-digit figure
+        out = "exceeded" if s.state == "over" else s.burn["exhausts_at"] or "not this period"
+        lines.append(f"{s.name[:17]:<18}{s.owner[:21]:<22}{s.period:<7}{f'{s.spent:.4g} {unit}':>14}{f'{s.limit:.4g} {unit}':>14}{used:>8}  "
                      f"{s.action:<8}{f(k['co2e_g_per_1k_requests'], '.4g'):>10}{f(k['co2e_g_per_1k_tokens'], '.4g'):>10}"
-                     f"{f(k['j_per_output_token'], '.4g'):>10}  {s.burn['exhausts_at'] or 'not this period'}"
+                     f"{f(k['j_per_output_token'], '.4g'):>10}  {out}"
                      + (f"  [source error: {s.error}]" if s.error else ""))
     return "\n".join(lines) + "\n"
 
@@ -676,9 +682,11 @@ class BudgetMiddleware:
         await self.app(scope, receive, send_with_header)
 
     def _log_warn(self, s: BudgetStatus) -> None:
-        self._once.warning(s.name, "carbon budget %r (%s) at %.0f%%: %.4g of %.4g %s this %s; at this rate it runs out %s",
-                           s.name, s.owner, s.fraction * 100, s.spent, s.limit, s.unit, s.period,
-                           s.burn["exhausts_at"] or "after the period ends")
+        when = ("it is exceeded" if s.state == "over" else
+                f"at this rate it runs out {s.burn['exhausts_at'] or 'after the period ends'}")
+        self._once.warning(s.name, "carbon budget %r (%s) at %s: %.4g of %.4g %s this %s; %s",
+                           s.name, s.owner, f"{s.fraction * 100:.0f}%" if s.fraction < 100 else "over 100x its limit",
+                           s.spent, s.limit, s.unit, s.period, when)
 
     async def _reject(self, send: Send, s: BudgetStatus, hint: str = "") -> None:
         retry = max(1, int(math.ceil(s.period_end_s - time.time())))

@@ -51,6 +51,7 @@ def _write(tmp_path, doc, name="budgets.json"):
     ('{"budget": [{"name": "a", "limit_gco2e": 1, "period": "day", "action": "reject", "action": "observe"}]}',
      "the key 'action' is given twice"),  # the last key won: a rejecting budget only observed
     ({"budget": [{"name": "team\r\nSet-Cookie: x=1", "limit_gco2e": 1, "period": "day"}]}, "printable characters"),
+    ({"budget": [{"name": "a", "limit_gco2e": 1, "period": "day", "match": {"route": "v1/chat"}}]}, "starts with '/'"),  # matched nothing
 ])
 def test_bad_budget_files_get_a_clear_error(tmp_path, doc, message):
     with pytest.raises(BudgetConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -114,6 +115,12 @@ def test_ledger_spend_per_owner_and_kpis(tmp_path):
     assert st["all"].spent == pytest.approx(13.0)
     text = format_status(list(st.values()))
     assert "acme" in text and "tenant=acme" in text and "50%" in text
+    assert "5 g" in text and "10 g" in text  # each figure with its unit, apart
+    # an exceeded budget says so (not "runs out <now>"), and a limit near zero gives no 300-digit percentage
+    over = parse_budgets({"ledger": str(db), "budget": [
+        {"name": "tiny", "match": {"tenant": "acme"}, "limit_gco2e": 1e-300, "period": "day"}]})
+    row = format_status(budget_status(over)).splitlines()[1]
+    assert row.rstrip().endswith("exceeded") and ">9999%" in row and len(row) < 200, row
     # a missing ledger is no spend, a broken source is an error in the status, not an exception
     class Broken(LedgerSpend):
         def spent(self, *a):

@@ -444,6 +444,21 @@ def test_demo_options_that_cannot_work_are_refused_before_serving(args, message)
     assert "Traceback" not in p.stderr and message in p.stderr
 
 
+def test_demo_meters_at_the_environments_pue_and_refuses_a_bad_one(monkeypatch):
+    # the demo's meter reads WATTSPAN_PUE as any metered server does (it took the provider's value)
+    p = wattspan("demo", env={"WATTSPAN_SIMULATE": "1", "WATTSPAN_PUE": "9"})
+    assert p.returncode == 2 and "WATTSPAN_PUE='9'" in p.stderr and "Traceback" not in p.stderr
+    from wattspan.demo.run import build
+
+    monkeypatch.setenv("WATTSPAN_SIMULATE", "1")
+    monkeypatch.setenv("WATTSPAN_PUE", "1.4")
+    _, meter, _ = build(region="gcp:europe-west1")
+    try:
+        assert meter.carbon.pue == 1.4
+    finally:
+        meter.close()
+
+
 def test_demo_on_a_port_in_use_is_refused_not_sent_to_another_server():
     import socket
 

@@ -204,7 +204,12 @@ def _main(argv: list[str] | None) -> int:
                 except (ValueError, InputError) as exc:
                     raise UsageError(str(exc)) from None
             from ..carbon import CarbonModel
+            from ..settings import SettingsError, get_settings
 
+            try:
+                get_settings()  # WATTSPAN_PUE and the rest, as the demo's meter reads them
+            except SettingsError as exc:
+                raise UsageError(str(exc)) from None
             try:
                 CarbonModel.for_region(args.region)
             except ValueError as exc:

@@ -58,7 +58,7 @@ def run_report(db: Path, *, by: str = "route", fmt: str = "table", since_s: floa
         print(f"wattspan report: unknown format {fmt!r}; choose one of {', '.join(FORMATS)}", file=err)
         return 2
     if since_s is not None and not (isinstance(since_s, (int, float)) and math.isfinite(since_s) and since_s > 0):
-        print(f"wattspan report: --since must be a number of seconds > 0, got {since_s!r}", file=err)
+        print(f"wattspan report: --since-s must be a number of seconds > 0, got {since_s!r}", file=err)
         return 2
     since = None if since_s is None else time.time() - since_s
     try:

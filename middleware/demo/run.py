@@ -69,7 +69,10 @@ def build(*, region: str = "world", db: Path | None = None, otel: bool = False):
         sinks.append(ledger)
     from wattspan.carbon.intensity import hourly_from_env
 
-    meter = Meter(sources=sources, carbon=hourly_from_env(CarbonModel.for_region(region)), sinks=sinks)
+    from wattspan.settings import get_settings
+
+    pue = get_settings().pue  # WATTSPAN_PUE, as for any metered server (None: the provider's published value)
+    meter = Meter(sources=sources, carbon=hourly_from_env(CarbonModel.for_region(region, pue=pue)), sinks=sinks)
     if otel:
         from wattspan.export import otel as wotel
 
