@@ -478,6 +478,18 @@ class OpenAIProxy:
         #: ``tenant_of(scope) -> str``: a request's tenant as sent (its header's value, else its API key's pseudonym);
         #: who may read a request's figures back (its own tenant only), and what a budget gate in front matches
         self.tenant_of = tenant_of
+        key_of = _tenant_label(None, True, pkey) if tenant_from_key else None
+
+        def tenants_of(scope) -> tuple[str, ...]:
+            """Every tenant a request answers for: the one it is billed as (``tenant_of``), and its API
+            key's pseudonym where a tenant header named another, so a budget on a key holds however
+            the request labels itself."""
+            t = tenant_of(scope)
+            k = key_of(scope) if key_of is not None else ""
+            return (t, k) if k and k != t else (t,)
+
+        #: what a budget gate in front matches (see :class:`wattspan.budgets.BudgetMiddleware`'s ``tenant``)
+        self.tenants_of = tenants_of
         self._model_header = model_header.lower().encode("latin-1") if model_header else None
         self.metered = EnergyMiddleware(self._proxy, meter=meter, device=device, tenant=tenant_of, model=model_header or "x-model", request_id_header=self.request_id_header)
         self.steps = None
@@ -1126,6 +1138,17 @@ def _tenant_label(header: bytes | None, from_key: bool, key_secret: bytes | None
     counts = stats if stats is not None else {}
 
     def tenant(scope) -> str:
+        # once per request: the middleware, a budget gate and the owner check all ask (and a renamed
+        # header is counted once per request, not per asking)
+        cache = scope.get("wattspan.tenant") if isinstance(scope, dict) else None
+        if cache is not None and cache[0] is tenant:
+            return cache[1]
+        label = _tenant_uncached(scope)
+        if isinstance(scope, dict):
+            scope["wattspan.tenant"] = (tenant, label)
+        return label
+
+    def _tenant_uncached(scope) -> str:
         key = None
         for k, v in scope.get("headers", ()):
             if k == header:

@@ -63,7 +63,7 @@ import urllib.request
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .logs import LogOnce, get_logger
@@ -516,15 +516,17 @@ class BudgetMiddleware:
     (None: nowhere; it names budgets and their owners)."""
 
     def __init__(self, app: ASGIApp, *, budgets: BudgetConfig | str | os.PathLike[str], source: SpendSource | None = None,
-                 tenant: str | Callable[[Scope], str] = "x-tenant-id", model: str = "x-model", model_from_body: bool = False,
+                 tenant: str | Callable[[Scope], str | Sequence[str]] = "x-tenant-id", model: str = "x-model", model_from_body: bool = False,
                  deferral: DeferralQueue | None = None, max_body_bytes: int = 8 << 20, default_deadline_s: float = 86400.0,
                  status_path: str | None = "/wattspan/budgets") -> None:
         self.app = app
         self.config = budgets if isinstance(budgets, BudgetConfig) else load_budgets(budgets)
         self.state = _State(self.config, source or _source_for(self.config))
         #: the tenant as the metering middleware reads it (a header name, or its callable: the proxy's, which labels
-        #: a request by its API key's pseudonym), cleaned as the ledger keeps it, so a budget matches what it bills
-        self.tenant: bytes | Callable[[Scope], str] = tenant if callable(tenant) else tenant.lower().encode("latin-1")
+        #: a request by its API key's pseudonym), cleaned as the ledger keeps it, so a budget matches what it bills.
+        #: A callable may return several: the tenant billed, then others the request answers for (the proxy's
+        #: ``tenants_of``: a header's tenant and the API key's pseudonym), a budget on any of them holding.
+        self.tenant: bytes | Callable[[Scope], str | Sequence[str]] = tenant if callable(tenant) else tenant.lower().encode("latin-1")
         self.model = model.lower().encode("latin-1")
         #: the model as an OpenAI-style server reads it, from the JSON body's ``model`` (else the header): the proxy's
         #: way. A POST's body is read (up to ``max_body_bytes``, then replayed) only while a budget on a model is past ``ok``.
@@ -545,8 +547,10 @@ class BudgetMiddleware:
         self._refreshed = False  # the first refresh runs off the event loop, at startup or the first request
         _register_metrics(self)
 
-    def _tenant(self, scope: Scope) -> str:
-        """The request's tenant label, as its record will carry it (a callable that fails: no tenant, counted)."""
+    def _tenant(self, scope: Scope) -> tuple[str, ...]:
+        """The request's tenant labels, as its record will carry them: the one it is billed as, then any
+        other it answers for (a callable may return several: the proxy's header tenant and its API key's
+        pseudonym). A callable that fails: no tenant, counted."""
         source = self.tenant
         if callable(source):
             try:
@@ -554,9 +558,11 @@ class BudgetMiddleware:
             except Exception:
                 self.errors += 1
                 self._once.warning("tenant", "wattspan budgets: the tenant callable failed; gating the request with no tenant")
-                return ""
-            return tenant_label(str(raw)) if raw else ""
-        return tenant_label(_header(scope, source))
+                return ("",)
+            if isinstance(raw, (tuple, list)):
+                return tuple(tenant_label(str(x)) if x else "" for x in raw) or ("",)
+            return (tenant_label(str(raw)) if raw else "",)
+        return (tenant_label(_header(scope, source)),)
 
     async def _model(self, scope: Scope, receive: Receive) -> tuple[str, Receive]:
         """The request's model label as its record will carry it, and the ``receive`` to pass on
@@ -634,7 +640,7 @@ class BudgetMiddleware:
         if self.deferral is not None and self._runner is None:
             self.deferral.note_state(scope)
             self._start_deferral()
-        tenant: str | None = None
+        tenants: tuple[str, ...] | None = None
         model: str | None = None
         with self.state.lock:
             statuses = self.state.statuses
@@ -646,13 +652,13 @@ class BudgetMiddleware:
             m = b.match
             if m.get("route") and not path.startswith(m["route"]):
                 continue
-            if tenant is None and "tenant" in m:  # each label read once, and only when it can matter
-                tenant = self._tenant(scope)
-            if m.get("tenant") and m["tenant"] != tenant:
+            if tenants is None and "tenant" in m:  # each label read once, and only when it can matter
+                tenants = self._tenant(scope)
+            if m.get("tenant") and m["tenant"] not in (tenants or ()):
                 continue
             if model is None and "model" in m:  # the body last: only for a request the rest of the budget holds
                 model, receive = await self._model(scope, receive)
-            if not b.matches(tenant or "", path, model or ""):
+            if not b.matches(m.get("tenant") or (tenants or ("",))[0], path, model or ""):
                 continue
             hit.append(s)
             if s.state == "over" and (worst is None or _SEVERITY[b.action] > _SEVERITY[worst.action]):

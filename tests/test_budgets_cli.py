@@ -179,6 +179,10 @@ def test_proxy_budgets_gate_api_key_tenants_by_the_pseudonym_the_ledger_bills(tm
         assert c.post("/v1/chat/completions", json=body, headers=other).status_code == 200
         # a header posing as the pseudonym is another tenant (header:key-...): not gated as the key
         assert c.post("/v1/chat/completions", json=body, headers={"x-tenant-id": label}).status_code == 200
+        # and the spender's key cannot lift its budget by naming another tenant in the header
+        r = c.post("/v1/chat/completions", json=body, headers={**spender, "x-tenant-id": "someone-else"})
+        assert r.status_code == 429 and r.json()["error"]["budget"] == "g"
+        assert proxy.tenants_of({"headers": [(b"authorization", b"Bearer sk-spender-1"), (b"x-tenant-id", b"t")]}) == ("t", label)
 
 
 def test_a_budget_on_a_tenant_no_record_can_carry_is_refused():

@@ -57,7 +57,8 @@ def budget_wrapper(args: argparse.Namespace) -> Callable[[Any], Any] | None:
         try:
             queue = DeferralQueue(zone=args.region, store=store_beside(getattr(args, "db", None)))  # resumed after a restart
             # the gate reads the tenant as the proxy labels it: its tenant header, else its API key's pseudonym
-            tenant_of = getattr(app, "tenant_of", None)
+            # (every tenant it answers for: a header cannot lift a budget on the request's API key)
+            tenant_of = getattr(app, "tenants_of", None) or getattr(app, "tenant_of", None)
             limit = getattr(app, "max_body_bytes", None)  # the largest body the proxy reads for its model
             if paths:
                 app = DeferralMiddleware(app, queue=queue, paths=tuple(paths))
