@@ -248,7 +248,7 @@ class _SSEScanner:
     add to the usage-only event's ``usage`` (the provisional energy).
     """
 
-    __slots__ = ("strip", "usage", "buf", "skipping", "skip_tail", "annotate", "buffered", "cr_tail")
+    __slots__ = ("strip", "usage", "buf", "skipping", "skip_tail", "annotate", "buffered", "cr_tail", "content_events")
 
     def __init__(self, strip: bool, usage: _Usage, annotate=None) -> None:
         self.strip = strip
@@ -263,6 +263,9 @@ class _SSEScanner:
         #: the last event ended at a CR that ended its chunk: None, else whether it was forwarded (an LF that
         #: opens the next chunk completes that CRLF, and goes, or not, with it)
         self.cr_tail: bool | None = None
+        #: events that carried generated text (a non-empty ``content`` or ``text``): about one token each on
+        #: vLLM and OpenAI, the output count of a stream that ends before its usage (the client left)
+        self.content_events = 0
 
     def feed(self, chunk: bytes) -> bytes:
         if not chunk:  # nothing to forward, and a CR left at the last chunk's end still waits for its LF
@@ -307,6 +310,7 @@ class _SSEScanner:
             # it goes on unread as it comes, and the events after it are scanned again (the usage
             # chunk that ends the stream among them: read, and left out where the proxy asked for it)
             self.skipping, self.skip_tail = True, self.buf[-3:]
+            self.content_events += 1  # no usage-only event is that long: a content delta
             if self.buffered:
                 out.append(self.buf)
             self.buf = b""
@@ -321,6 +325,8 @@ class _SSEScanner:
 
     def _event(self, ev: bytes) -> bytes:
         """The event to forward: ``ev``, rewritten, or ``b""`` (dropped)."""
+        if _CONTENT.search(ev):
+            self.content_events += 1
         if b'"usage"' not in ev:
             return ev
         sep = b"\r" if b"\n" not in ev else b"\n"  # lines ended by a lone CR, or by LF (CRLF: the CR stays on the line)
@@ -352,6 +358,9 @@ class _SSEScanner:
                 return sep.join(lines)
         return ev
 
+
+#: generated text in a chat or completions chunk: ``"content": "x..."`` or ``"text": "x..."`` (not empty)
+_CONTENT = re.compile(rb'"(?:content|text)"[ \t]*:[ \t]*"(?!")')
 
 #: a ``"usage": null`` member, with the comma that joins it to its neighbour
 #: (spaces and tabs only: a line end would join the event's lines; events of one ``data:`` line only)
@@ -460,7 +469,7 @@ class OpenAIProxy:
         self.max_connections = max_connections
         self.request_id_header = request_id_header.lower() if request_id_header else None
         self._allow_exact, self._allow_prefix = _allow(forward_headers)
-        self.stats = {"requests": 0, "unrouted": 0, "upstream_errors": 0, "timeouts": 0, "too_large": 0, "disconnects": 0, "usage_injected": 0, "usage_missing": 0, "energy_annotated": 0, "tenant_renamed": 0}
+        self.stats = {"requests": 0, "unrouted": 0, "upstream_errors": 0, "timeouts": 0, "too_large": 0, "disconnects": 0, "usage_injected": 0, "usage_missing": 0, "energy_annotated": 0, "tenant_renamed": 0, "tokens_from_events": 0}
         self._client: httpx.AsyncClient | None = None
         self._ledger_arg = ledger
         self.ledger: Ledger | None = None
@@ -895,6 +904,8 @@ class OpenAIProxy:
         import anyio
 
         response = await client.send(request, stream=True)
+        usage = _Usage()
+        scanner: _SSEScanner | None = None
         try:
             if not 100 <= response.status_code <= 599:  # no HTTP status: the server could not even send its line
                 self.stats["upstream_errors"] += 1
@@ -902,7 +913,6 @@ class OpenAIProxy:
                 return
             ctype = response.headers.get("content-type", "").lower()
             is_sse = ctype.startswith("text/event-stream")
-            usage = _Usage()
             ok = 200 <= response.status_code < 300
             annotate = self._annotator(usage) if (self.usage_energy and ok and request.url.path.rstrip("/") in _USAGE_ROUTES) else None
             scanner = _SSEScanner(strip=injected, usage=usage, annotate=annotate) if is_sse else None
@@ -964,6 +974,11 @@ class OpenAIProxy:
             state["done"] = True
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
+            if not state["done"] and scanner is not None and usage.completion is None and scanner.content_events:
+                # the stream ended before its usage (the client left, the upstream broke): its record gets the
+                # text events the client was sent, about one token each, not 0 output tokens
+                self.stats["tokens_from_events"] += 1
+                set_tokens(output_tokens=scanner.content_events)
             with anyio.CancelScope(shield=True):  # close the upstream request even when the client left
                 await response.aclose()
 

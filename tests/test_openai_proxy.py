@@ -362,6 +362,24 @@ class TestFailures:
         # that a loaded machine's slower disconnect handling does not eat, and it costs no time
         assert rec.duration_s < 10.0, rec.duration_s
         assert rec.status_code == 499  # the 200 it began never ended: not counted as a success
+        # its output: the text events it was sent before it left (it had 0 tokens, so 0 J per token in reports)
+        assert rec.output_tokens is not None and 1 <= rec.output_tokens < 400 and proxy.stats["tokens_from_events"] == 1
+
+    def test_a_client_reading_part_of_a_stream_is_billed_the_tokens_it_was_sent(self, live_meter):
+        body = chat_body(stream=True, max_tokens=400, fake_delay_s=0.02)
+        with stack(live_meter) as (up, proxy, url, up_url):
+            got = 0
+            with httpx.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
+                for line in r.iter_lines():
+                    got += line.startswith("data: {")
+                    if got == 12:
+                        break
+            deadline = time.monotonic() + 5
+            while not up.state.unfinished and time.monotonic() < deadline:
+                time.sleep(0.02)
+        (rec,) = records(live_meter, 1)
+        # at least what the client read; more may have been on its way when it left
+        assert rec.status_code == 499 and 12 <= rec.output_tokens < 400, rec.output_tokens
 
     def test_upstream_failing_mid_stream_breaks_the_client_response_only(self, live_meter):
         with stack(live_meter) as (up, proxy, url, up_url):
@@ -375,6 +393,7 @@ class TestFailures:
         recs = records(live_meter, 2)
         # the broken one's record says the upstream failed (the client's 200 was the upstream's first word)
         assert sorted(r.status_code for r in recs) == [200, 502]
+        assert next(r for r in recs if r.status_code == 502).output_tokens == 3  # the three events it sent
 
     def test_other_paths_are_not_proxied_or_metered(self, live_meter):
         with stack(live_meter) as (up, proxy, url, up_url):
