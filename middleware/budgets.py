@@ -507,6 +507,25 @@ class _State:
             t.join(5.0)
 
 
+def _reserve_labels(app: Any, config: BudgetConfig) -> None:
+    """The tenants and models the budgets name keep their own labels in the metering middleware
+    below (found by its ``.app`` chain, or a proxy's ``.metered``): past its ``max_tenants`` a new
+    tenant is recorded as ``other``, and a budget on it would never see its spend."""
+    tenants = {b.match["tenant"] for b in config.budgets if b.match.get("tenant")}
+    models = {b.match["model"] for b in config.budgets if b.match.get("model")}
+    if not (tenants or models):
+        return
+    node, seen = app, 0
+    while node is not None and seen < 32:
+        for inner in (node, getattr(node, "metered", None)):
+            card_t, card_m = getattr(inner, "tenants", None), getattr(inner, "models", None)
+            if callable(getattr(card_t, "reserve", None)) and callable(getattr(card_m, "reserve", None)):
+                card_t.reserve(tenants)
+                card_m.reserve(models)
+                return
+        node, seen = getattr(node, "app", None), seen + 1
+
+
 class BudgetMiddleware:
     """Enforces carbon budgets (see the module doc). ``budgets``: a path or a
     :class:`BudgetConfig`; ``source``: a spend source (default from the config);
@@ -521,6 +540,7 @@ class BudgetMiddleware:
                  status_path: str | None = "/wattspan/budgets") -> None:
         self.app = app
         self.config = budgets if isinstance(budgets, BudgetConfig) else load_budgets(budgets)
+        _reserve_labels(app, self.config)
         self.state = _State(self.config, source or _source_for(self.config))
         #: the tenant as the metering middleware reads it (a header name, or its callable: the proxy's, which labels
         #: a request by its API key's pseudonym), cleaned as the ledger keeps it, so a budget matches what it bills.

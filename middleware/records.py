@@ -207,6 +207,14 @@ class Cardinality:
         self.overflowed = 0
         self._lock = threading.Lock()
 
+    def reserve(self, values: Iterable[str]) -> None:
+        """Always admit ``values`` (a budget's tenants and models: a label that became ``overflow``
+        would leave its budget blind), over the limit if need be; the rest still share ``limit``."""
+        with self._lock:
+            new = set(values) - self.seen
+            self.seen = self.seen | new
+            self.limit += len(new)  # reserved labels take no place of the others'
+
     def __call__(self, value: str) -> str:
         if value in self.seen:
             return value

@@ -275,3 +275,30 @@ def test_a_budget_file_that_is_not_utf8_gets_a_clear_error(tmp_path):
     p.write_bytes('{"budget": [{"name": "équipe", "limit_gco2e": 1, "period": "day"}]}'.encode("latin-1"))
     with pytest.raises(BudgetConfigError, match="not UTF-8 text"):
         load_budgets(p)
+
+
+def test_a_budgeted_tenant_keeps_its_label_past_the_middlewares_tenant_cap(tmp_path):
+    # EnergyMiddleware records the 3rd distinct tenant on as "other" (max_tenants=2): a budget on a tenant that
+    # first came after the cap never saw its spend, so it never answered 429
+    db = tmp_path / "ledger.sqlite"
+    led = Ledger(db)
+    meter = Meter(sources=[ReplaySource([constant_trace(300.0)], loop=True)], idle_w=40.0,
+                  carbon=CarbonModel(intensity_g_per_kwh=400.0), sinks=[led], period_s=0.05, lag_s=0.05)
+    app = Starlette(routes=[Route("/v1/chat", chat, methods=["POST"])])
+    cfg = parse_budgets({"ledger": str(db), "refresh_s": 0.1, "budget": [
+        {"name": "late", "match": {"tenant": "late-comer"}, "limit_gco2e": 1e-9, "period": "day", "action": "reject"}]})
+    energy = EnergyMiddleware(app, meter=meter, max_tenants=2)
+    mw = BudgetMiddleware(energy, budgets=cfg)
+    try:
+        with serve(mw) as url, httpx.Client(base_url=url, timeout=10) as c:
+            for t in ("a", "b", "c", "late-comer"):
+                assert c.post("/v1/chat", headers={"x-tenant-id": t}, content=b"{}").status_code == 200
+            _until(lambda: mw.state.statuses["late"].state == "over")
+            assert c.post("/v1/chat", headers={"x-tenant-id": "late-comer"}, content=b"{}").status_code == 429
+        meter.flush(5)
+        tenants = sorted(r["tenant"] for r in query(db))
+        assert tenants.count("late-comer") == 1 and "other" in tenants and "c" not in tenants
+    finally:
+        mw.close()
+        meter.close()
+        led.close()
