@@ -518,10 +518,11 @@ def _reserve_labels(app: Any, config: BudgetConfig) -> None:
     node, seen = app, 0
     while node is not None and seen < 32:
         for inner in (node, getattr(node, "metered", None)):
-            card_t, card_m = getattr(inner, "tenants", None), getattr(inner, "models", None)
-            if callable(getattr(card_t, "reserve", None)) and callable(getattr(card_m, "reserve", None)):
-                card_t.reserve(tenants)
-                card_m.reserve(models)
+            reserve_t = getattr(getattr(inner, "tenants", None), "reserve", None)
+            reserve_m = getattr(getattr(inner, "models", None), "reserve", None)
+            if callable(reserve_t) and callable(reserve_m):
+                reserve_t(tenants)
+                reserve_m(models)
                 return
         node, seen = getattr(node, "app", None), seen + 1
 
