@@ -290,3 +290,15 @@ def test_fast_paths_give_the_same_numbers():
     assert m.dtype == object and list(m) == ["x"] * 4
     m[0] = "y"
     assert list(m) == ["y", "x", "x", "x"]
+
+
+@pytest.mark.parametrize("spacing_ms", [10, 100])
+def test_instant_power_read_every_few_ms_is_integrated_to_the_last_read(spacing_ms):
+    # readings more than 5 ms apart each stand for the interval before them: the curve must still run to the
+    # last read (a constant 300 W over 0..1 s lost the last half-interval: 285 J, and the last request 0 J)
+    t = np.arange(T0, T0 + S + 1, spacing_ms * MS, dtype=np.int64)
+    trace = DeviceTrace("gpu0", t, np.full(len(t), 300.0))
+    res = attribute([trace], reqs((0, 1), (0.95, 1)), idle_w=0.0)
+    assert res.measured_j == pytest.approx(300.0, rel=1e-6)
+    assert res.energy_j.sum() + res.unattributed_j == pytest.approx(300.0, rel=1e-6)
+    assert res.energy_j[1] == pytest.approx(7.5, rel=0.02)  # 50 ms of 300 W, shared with r0
