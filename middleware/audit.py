@@ -316,6 +316,9 @@ def from_ledger(db: str | os.PathLike, since: float | None = None, until: float 
 
 
 #: the numbers of an attribute record the audit adds up (each finite and >= 0 where present)
+#: the largest value a record's number may hold: a thousand times a year of a 100 kW rack, in J (and
+#: a sum of a billion such records stays inside float's range)
+_MAX_RECORD_VALUE = 1e15
 _RECORD_NUMBERS = ("energy_j", "host_j", "device_s", "embodied_g", "co2e_g", "coverage", "prompt_tokens", "output_tokens",
                    "energy_j_low", "energy_j_high", "co2e_g_low", "co2e_g_high")
 
@@ -329,7 +332,7 @@ def from_attribute(records: str | os.PathLike, summary: str | os.PathLike | None
 
     recs = []
     try:
-        fh = open(records, encoding="utf-8")
+        fh = open(records, encoding="utf-8-sig")  # a BOM, as attribute's own readers take it
     except OSError as exc:
         raise InputError(records, 0, f"cannot open: {exc.strerror or exc}") from None
     with fh:
@@ -341,6 +344,9 @@ def from_attribute(records: str | os.PathLike, summary: str | os.PathLike | None
                         recs.append(json.loads(line))
                     except json.JSONDecodeError as exc:
                         raise InputError(records, i, f"not JSON ({exc.msg}); give `wattspan attribute --out` output") from None
+                    except (RecursionError, ValueError) as exc:  # nested too deeply; an integer of thousands of digits
+                        why = "nested too deeply" if isinstance(exc, RecursionError) else "a number too long to read"
+                        raise InputError(records, i, f"not a record ({why}); give `wattspan attribute --out` output") from None
         except (UnicodeDecodeError, OSError) as exc:
             raise InputError(records, i + 1, f"cannot be read as UTF-8 text ({exc}); give `wattspan attribute --out` output") from None
     if not recs:
@@ -350,13 +356,22 @@ def from_attribute(records: str | os.PathLike, summary: str | os.PathLike | None
             raise InputError(records, i, "has no energy_j: give `wattspan attribute --out` output")
         for key in _RECORD_NUMBERS:
             v = r.get(key, 0.0)
-            if not _is_number(v) or not math.isfinite(v) or v < 0:
-                raise InputError(records, i, f"{key} must be a finite number >= 0, got {str(v)[:40]!r}: give `wattspan attribute --out` output")
+            if not _is_number(v) or not math.isfinite(v) or not 0 <= v <= _MAX_RECORD_VALUE:
+                raise InputError(records, i, f"{key} must be a finite number from 0 to {_MAX_RECORD_VALUE:g}, got {str(v)[:40]!r}: "
+                                             "give `wattspan attribute --out` output")
+        for key in ("prompt_tokens", "output_tokens"):
+            v = r.get(key)
+            if v is not None and float(v) != int(v):
+                raise InputError(records, i, f"{key} must be a whole number of tokens, got {v!r}")
+        for lo, mid, hi in (("energy_j_low", "energy_j", "energy_j_high"), ("co2e_g_low", "co2e_g", "co2e_g_high")):
+            if lo in r and hi in r and mid in r and not (float(r[lo]) <= float(r[mid]) * (1 + 1e-9) + 1e-12
+                                                         and float(r[mid]) <= float(r[hi]) * (1 + 1e-9) + 1e-12):
+                raise InputError(records, i, f"its band is not around its value ({lo} {r[lo]!r}, {mid} {r[mid]!r}, {hi} {r[hi]!r})")
     s = None
     if summary:
         try:
-            s = json.loads(Path(summary).read_text("utf-8"))
-        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            s = json.loads(Path(summary).read_text("utf-8-sig"))
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
             raise InputError(summary, 0, f"cannot be read as JSON ({getattr(exc, 'strerror', None) or exc}); give `wattspan attribute --summary` output") from None
         if not isinstance(s, dict):
             raise InputError(summary, 0, "is not a JSON object: give `wattspan attribute --summary` output")
@@ -392,12 +407,25 @@ def from_attribute(records: str | os.PathLike, summary: str | os.PathLike | None
     if s:
         try:
             b.unattributed_j = float(s.get("unattributed_j", 0.0))
+            if not (math.isfinite(b.unattributed_j) and 0 <= b.unattributed_j <= _MAX_RECORD_VALUE):
+                raise ValueError(f"unattributed_j must be a finite number from 0 to {_MAX_RECORD_VALUE:g} J, got {s.get('unattributed_j')!r}")
+            measured, attributed = s.get("measured_j"), s.get("attributed_j")
+            if (_is_number(measured) and _is_number(attributed)
+                    and abs(float(measured) - float(attributed) - b.unattributed_j) > 1e-6 * max(abs(float(measured)), 1.0)):
+                raise ValueError(f"its measured_j {measured!r} is not its attributed_j {attributed!r} + unattributed_j {b.unattributed_j:.6g}")
             b.unattributed_note = (f"measured {s.get('measured_j', 0.0):.4g} J on the devices, {s.get('attributed_j', 0.0):.4g} J "
                                    "charged to requests; the rest (idle with nothing in flight) is in no request")
             b.recorded_carbon = s.get("carbon")
             c = b.recorded_carbon
             if c is not None and not (isinstance(c, dict) and _is_number(c.get("intensity_g_per_kwh")) and _is_number(c.get("pue", 1.0))):
                 raise TypeError("its carbon needs numbers intensity_g_per_kwh and pue")
+            hourly = s.get("intensity") if isinstance(s.get("intensity"), dict) else {}
+            ew, providers = hourly.get("energy_weighted_g_per_kwh"), [str(p) for p in hourly.get("providers") or () if p != "table"]
+            if c is not None and providers and _is_number(ew) and math.isfinite(ew) and 0 <= ew <= 5000:
+                # the records were priced hour by hour: the report applies their energy-weighted intensity
+                b.recorded_carbon = dict(c, intensity_g_per_kwh=float(ew), hourly_weighted=True,
+                                         intensity_source=f"hourly ({', '.join(providers)}; zones {', '.join(map(str, hourly.get('zones') or ()))}), "
+                                                          f"energy-weighted over the records' hours; yearly value: {c.get('intensity_source', '')}")
             for k, d in (s.get("devices") or {}).items():
                 for dd in b.devices:
                     if dd["id"] == k:
@@ -477,7 +505,7 @@ def carbon_for(basis: Basis, *, region=None, intensity=None, intensity_source=No
             out["intensity_source"] += "; no --region given: the world average"
     else:
         out = {"region": rec.get("region", ""), "intensity": rec["intensity_g_per_kwh"], "intensity_source": rec.get("intensity_source", ""),
-               "intensity_year": None, "pue": rec.get("pue", 1.0), "hourly": basis.kind == "ledger",
+               "intensity_year": None, "pue": rec.get("pue", 1.0), "hourly": basis.kind == "ledger" or bool(rec.get("hourly_weighted")),
                "pue_source": {"run": "as recorded with the run", "ledger": "implied by the records' own operational CO2e"}.get(basis.kind, "as recorded with the input")}
     out.setdefault("hourly", False)
     if intensity is not None:

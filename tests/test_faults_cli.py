@@ -104,8 +104,13 @@ def _attribute_output(tmp_path: Path) -> tuple[Path, Path]:
 @pytest.mark.parametrize(("records", "message"), [
     ("a-directory", "cannot open"),
     (b"\xdb\xff\x00binary\n", ":1: cannot be read as UTF-8 text"),
-    ('{"energy_j": "abc"}\n', ":1: energy_j must be a finite number >= 0"),
-    ('{"energy_j": NaN}\n', ":1: energy_j must be a finite number >= 0"),
+    ('{"energy_j": "abc"}\n', ":1: energy_j must be a finite number from 0 to"),
+    ('{"energy_j": NaN}\n', ":1: energy_j must be a finite number from 0 to"),
+    # found by a probe: a traceback, or rc 0 with a report of "-" and impossible figures
+    ("[" * 100_000 + "\n", ":1: not a record (nested too deeply)"),
+    ('{"energy_j": 1e308}\n{"energy_j": 1e308}\n', ":1: energy_j must be a finite number from 0 to 1e+15"),
+    ('{"energy_j": 5, "energy_j_low": 9, "energy_j_high": 1}\n', ":1: its band is not around its value"),
+    ('{"energy_j": 5, "prompt_tokens": 2.7}\n', ":1: prompt_tokens must be a whole number"),
     ('{"energy_j": 1, "coverage": "x"}\n', ":1: coverage must be"),
     ('{"energy_j": 1}\n{"energy_j": 1, "prompt_tokens": 1e999}\n', ":2: prompt_tokens must be"),
 ])
@@ -160,13 +165,13 @@ def test_audit_refuses_a_market_intensity_out_of_range(tmp_path, value):
 
 
 @pytest.mark.parametrize("where", ["missing-folder", "a-directory"])
-def test_run_json_that_cannot_be_written_is_one_line_saying_where_the_run_is(tmp_path, where):
+def test_run_json_that_cannot_be_written_is_refused_before_the_job(tmp_path, where):
     path = tmp_path / "no" / "such" / "s.json" if where == "missing-folder" else tmp_path
-    db = tmp_path / "w.sqlite"
-    p = wattspan("run", "--db", db, "--json", path, "--", sys.executable, "-c", "pass")
+    db, mark = tmp_path / "w.sqlite", tmp_path / "ran"
+    p = wattspan("run", "--db", db, "--json", path, "--", sys.executable, "-c", f"open({str(mark)!r}, 'w')")
     assert p.returncode == 2, p.stderr
-    assert "Traceback" not in p.stderr
-    assert f"wattspan: error: --json {path}: cannot write" in p.stderr and f"the run is in {db}" in p.stderr
+    assert "Traceback" not in p.stderr and not mark.exists()
+    assert f"wattspan: error: --json {path}: " in p.stderr and ("cannot write" in p.stderr or "is a directory" in p.stderr)
 
 
 def test_bench_says_why_a_stream_answered_200_failed():
@@ -489,3 +494,45 @@ def test_a_damaged_ledger_is_a_clear_error_for_every_reader(tmp_path, damage):
         p = wattspan(*args)
         assert p.returncode == 2, (args, p.stderr)
         assert "Traceback" not in p.stderr and ("cannot read" in p.stderr or "is not a wattspan ledger" in p.stderr), (args, p.stderr)
+
+
+def test_audit_of_attribute_output_reads_a_bom_and_prices_the_records_hours(tmp_path):
+    # the records of an hourly-priced run (GB's 2023 profile) were audited at the yearly intensity: +31 %
+    pytest.importorskip("jinja2")
+    pytest.importorskip("markdown_it")
+    pytest.importorskip("matplotlib")
+    ex = ROOT / "examples" / "a100"
+    out, summ = tmp_path / "r.jsonl", tmp_path / "s.json"
+    p = wattspan("attribute", "--trace", ex / "trace.csv", "--requests", ex / "requests.jsonl", "--batches", ex / "batches.jsonl",
+                 "--region", "GB", "--out", out, "--summary", summ)
+    assert p.returncode == 0, p.stderr
+    s = json.loads(summ.read_text())
+    ew = s["intensity"]["energy_weighted_g_per_kwh"]
+    assert ew != s["carbon"]["intensity_g_per_kwh"]  # the hour's value, not the yearly one
+    assert s["unattributed_co2e_g"] == pytest.approx(s["unattributed_j"] / 3.6e6 * s["carbon"]["pue"] * ew, rel=1e-9)
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + out.read_bytes())
+    p = wattspan("audit", "--records", bom, "--summary", summ, "--out", tmp_path / "a.md")
+    assert p.returncode == 0, p.stderr
+    md = (tmp_path / "a.md").read_text()
+    assert "energy-weighted over the records' hours" in md and "differs by +0.0%" in md, md
+    # a summary whose own figures do not add up is refused
+    bad = dict(s, unattributed_j=-1e6)
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    p = wattspan("audit", "--records", out, "--summary", tmp_path / "bad.json", "--out", tmp_path / "b.md")
+    assert p.returncode == 2 and "unattributed_j must be a finite number" in p.stderr
+
+
+def test_attribute_out_dash_is_standard_output(tmp_path):
+    ex = ROOT / "examples" / "a100"
+    p = wattspan("attribute", "--trace", ex / "trace.csv", "--requests", ex / "requests.jsonl", "--out", "-", cwd=tmp_path)
+    assert p.returncode == 0 and p.stdout.startswith('{"id":') and not (tmp_path / "-").exists(), p.stderr
+
+
+def test_a_trace_row_error_names_its_line_past_a_form_feed(tmp_path):
+    trace = tmp_path / "t.csv"
+    trace.write_text("time_ns,gpu,power_w\n0,0,100\x0c\n500000000,0,100\n1000000000,0,abc\n")
+    req = tmp_path / "r.jsonl"
+    req.write_text('{"id": "a", "start_ns": 0, "end_ns": 900000000, "gpu": 0}\n')
+    p = wattspan("attribute", "--trace", trace, "--requests", req)
+    assert p.returncode == 2 and f"{trace}:4: power_w 'abc' is not a number" in p.stderr, p.stderr

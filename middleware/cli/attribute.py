@@ -39,13 +39,17 @@ def cmd_attribute(args: argparse.Namespace) -> int:
     except ValueError:
         raise UsageError(f"--idle must be a number of watts from 0 to {_MAX_WATTS:g} or 'estimate', got {args.idle!r}") from None
     lag = getattr(args, "board_lag_ms", None)  # in s: parsed by the option's type (wattspan.settings.parse_board_lag_ms)
+    if args.out is not None and str(args.out) == "-":  # the usual spelling of standard output
+        args.out = None
+    if args.summary is not None and str(args.summary) == "-":
+        raise UsageError("--summary -: the summary goes to a file (it is printed on standard error anyway)")
     for option, path in (("--out", args.out), ("--summary", args.summary)):
         _check_writable(path, option)  # before the work, not after it
     if args.out is not None and args.summary is not None and _same_file(args.out, args.summary):
         raise UsageError(f"--out and --summary name one file ({args.out}): the summary would overwrite the records")
     for option, path in (("--out", args.out), ("--summary", args.summary)):
         for given, inp in (("--trace", args.trace), ("--requests", args.requests), ("--batches", args.batches)):
-            if path is not None and inp is not None and str(path) != "-" and _same_file(path, inp):
+            if path is not None and inp is not None and _same_file(path, inp):
                 raise UsageError(f"{option} and {given} name one file ({path}): writing it would destroy the input")
     try:
         carbon = carbon_model_from_args(args)
@@ -387,6 +391,13 @@ def _write(path: Any, text: str, option: str) -> None:
         raise UsageError(f"{option} {path}: cannot write: {exc.strerror or exc}") from None
 
 
+def _unattributed_g(un: float, carbon: Any, totals: Any) -> float:
+    ew = totals.intensity().get("energy_weighted_g_per_kwh") if getattr(carbon, "hourly", None) is not None else None
+    if ew is None or not math.isfinite(ew):
+        return float(carbon.operational_g(un))
+    return float(un / 3.6e6 * carbon.pue * ew)
+
+
 def summarize(result: Any, records: "list[dict[str, Any]] | _Totals", carbon: Any) -> dict[str, Any]:
     """Totals, per device and per route, with the carbon model's provenance. ``records``: the records,
     or their :class:`_Totals` as the command adds them up a slice at a time."""
@@ -411,7 +422,9 @@ def summarize(result: Any, records: "list[dict[str, Any]] | _Totals", carbon: An
         "measured_j": measured,
         "attributed_j": result.attributed_j,
         "unattributed_j": un,
-        "unattributed_co2e_g": float(carbon.operational_g(un)),
+        # at the hours the records ran (their energy-weighted intensity), not the yearly value, where an hourly
+        # provider priced them: the unattributed energy was drawn in the same hours
+        "unattributed_co2e_g": _unattributed_g(un, carbon, totals),
         "requests": totals.n,
         "simulated": any(d.simulated for d in result.devices.values()),
         "carbon": {

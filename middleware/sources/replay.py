@@ -64,7 +64,11 @@ def read_trace_csv(path: str | os.PathLike[str], *, power_kind: SampleKind = Sam
     except UnicodeDecodeError as exc:
         raise InputError(p, raw[: exc.start].count(b"\n") + 1, "is not UTF-8 text") from None
     del raw
-    lines = text.splitlines()
+    # lines end at LF, CRLF or a lone CR only (str.splitlines also breaks at a form feed, U+0085, U+2028...:
+    # an error would then name the wrong line, and a cell holding one would split its row)
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
     del text
     if not any(line.strip() for line in lines):
         raise InputError(p, 0, f"is empty: expected a header line {_FORMAT} and one row per reading")
