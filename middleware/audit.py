@@ -420,10 +420,11 @@ def from_attribute(records: str | os.PathLike, summary: str | os.PathLike | None
             if c is not None and not (isinstance(c, dict) and _is_number(c.get("intensity_g_per_kwh")) and _is_number(c.get("pue", 1.0))):
                 raise TypeError("its carbon needs numbers intensity_g_per_kwh and pue")
             hourly = s.get("intensity") if isinstance(s.get("intensity"), dict) else {}
-            ew, providers = hourly.get("energy_weighted_g_per_kwh"), [str(p) for p in hourly.get("providers") or () if p != "table"]
-            if c is not None and providers and _is_number(ew) and math.isfinite(ew) and 0 <= ew <= 5000:
+            ew_raw, providers = hourly.get("energy_weighted_g_per_kwh"), [str(p) for p in hourly.get("providers") or () if p != "table"]
+            ew = float(ew_raw) if _is_number(ew_raw) else math.nan
+            if c is not None and providers and math.isfinite(ew) and 0 <= ew <= 5000:
                 # the records were priced hour by hour: the report applies their energy-weighted intensity
-                b.recorded_carbon = dict(c, intensity_g_per_kwh=float(ew), hourly_weighted=True,
+                b.recorded_carbon = dict(c, intensity_g_per_kwh=ew, hourly_weighted=True,
                                          intensity_source=f"hourly ({', '.join(providers)}; zones {', '.join(map(str, hourly.get('zones') or ()))}), "
                                                           f"energy-weighted over the records' hours; yearly value: {c.get('intensity_source', '')}")
             for k, d in (s.get("devices") or {}).items():
