@@ -421,7 +421,7 @@ def from_attribute(records: str | os.PathLike, summary: str | os.PathLike | None
                 raise TypeError("its carbon needs numbers intensity_g_per_kwh and pue")
             hourly = s.get("intensity") if isinstance(s.get("intensity"), dict) else {}
             ew_raw, providers = hourly.get("energy_weighted_g_per_kwh"), [str(p) for p in hourly.get("providers") or () if p != "table"]
-            ew = float(ew_raw) if _is_number(ew_raw) else math.nan
+            ew = float(ew_raw) if isinstance(ew_raw, (int, float)) and not isinstance(ew_raw, bool) else math.nan
             if c is not None and providers and math.isfinite(ew) and 0 <= ew <= 5000:
                 # the records were priced hour by hour: the report applies their energy-weighted intensity
                 b.recorded_carbon = dict(c, intensity_g_per_kwh=ew, hourly_weighted=True,
