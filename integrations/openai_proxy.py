@@ -487,15 +487,20 @@ class OpenAIProxy:
         #: ``tenant_of(scope) -> str``: a request's tenant as sent (its header's value, else its API key's pseudonym);
         #: who may read a request's figures back (its own tenant only), and what a budget gate in front matches
         self.tenant_of = tenant_of
-        key_of = _tenant_label(None, True, pkey) if tenant_from_key else None
-
         def tenants_of(scope) -> tuple[str, ...]:
-            """Every tenant a request answers for: the one it is billed as (``tenant_of``), and its API
-            key's pseudonym where a tenant header named another, so a budget on a key holds however
-            the request labels itself."""
+            """Every tenant a request answers for: the one it is billed as (``tenant_of``), and the
+            pseudonym of every API key it carries, so a budget on a key holds however the request
+            labels itself (another tenant header, another key header beside it)."""
             t = tenant_of(scope)
-            k = key_of(scope) if key_of is not None else ""
-            return (t, k) if k and k != t else (t,)
+            if not pkey:
+                return (t,)
+            out = [t]
+            for k, v in scope.get("headers", ()):
+                if k in _KEY_HEADERS:
+                    p = _pseudonym(pkey, v)
+                    if p and p not in out:
+                        out.append(p)
+            return tuple(out)
 
         #: what a budget gate in front matches (see :class:`wattspan.budgets.BudgetMiddleware`'s ``tenant``)
         self.tenants_of = tenants_of
@@ -1135,6 +1140,14 @@ def _key_file(path: Path) -> bytes:
 _PSEUDONYM = re.compile(r"key-[0-9a-f]{12}", re.IGNORECASE)
 
 
+def _pseudonym(secret: bytes, value: bytes) -> str:
+    """``key-`` and 12 hex of an API key header's value (``Bearer`` cut), or "" for an empty key."""
+    if value[:7].lower() == b"bearer ":
+        value = value[7:]
+    value = value.strip()
+    return "key-" + hmac.new(secret, b"wattspan-tenant\0" + value, hashlib.sha256).hexdigest()[:12] if value else ""
+
+
 def _tenant_label(header: bytes | None, from_key: bool, key_secret: bytes | None = None, stats: dict | None = None):
     """The tenant of a request: the ``header``'s value, else (``from_key``) a pseudonym of its API key.
 
@@ -1164,7 +1177,7 @@ def _tenant_label(header: bytes | None, from_key: bool, key_secret: bytes | None
         return label
 
     def _tenant_uncached(scope) -> str:
-        key = None
+        key, rank = None, len(_KEY_HEADERS)
         for k, v in scope.get("headers", ()):
             if k == header:
                 if v.strip():
@@ -1174,15 +1187,11 @@ def _tenant_label(header: bytes | None, from_key: bool, key_secret: bytes | None
                         return "header:" + label
                     return label
                 continue  # an empty tenant header: fall back to the key
-            if from_key and k in _KEY_HEADERS and key is None:
-                key = v
-        if key:
-            if key[:7].lower() == b"bearer ":
-                key = key[7:]
-            key = key.strip()
-            if key:
-                return "key-" + hmac.new(secret, b"wattspan-tenant\0" + key, hashlib.sha256).hexdigest()[:12]
-        return ""
+            if from_key and k in _KEY_HEADERS and _KEY_HEADERS.index(k) < rank:
+                # the key the upstream authenticates on: Authorization first (OpenAI, vLLM), then api-key, x-api-key,
+                # whatever order they came in (a junk x-api-key sent first must not rename a real key's tenant)
+                key, rank = v, _KEY_HEADERS.index(k)
+        return _pseudonym(secret, key) if key else ""
 
     return tenant
 

@@ -380,6 +380,8 @@ class _Window:
             status = 500
         elif (incomplete or error) and type(status) is int and 0 < status < 400:
             status = CLIENT_CLOSED
+        elif incomplete and not status:  # returned before any answer: the client left first (a proxy that saw it go)
+            status = CLIENT_CLOSED
         try:
             scope = self.scope
             model, tenant = self._labels()

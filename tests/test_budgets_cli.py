@@ -183,6 +183,10 @@ def test_proxy_budgets_gate_api_key_tenants_by_the_pseudonym_the_ledger_bills(tm
         r = c.post("/v1/chat/completions", json=body, headers={**spender, "x-tenant-id": "someone-else"})
         assert r.status_code == 429 and r.json()["error"]["budget"] == "g"
         assert proxy.tenants_of({"headers": [(b"authorization", b"Bearer sk-spender-1"), (b"x-tenant-id", b"t")]}) == ("t", label)
+        # nor by sending a junk key header before the real Authorization (the upstream authenticates on the latter)
+        junk = [("x-api-key", "junk-1"), ("authorization", "Bearer sk-spender-1")]
+        assert proxy.tenant_of({"headers": [(k.encode(), v.encode()) for k, v in junk]}) == label
+        assert c.post("/v1/chat/completions", json=body, headers=junk).status_code == 429
 
 
 def test_a_budget_on_a_tenant_no_record_can_carry_is_refused():

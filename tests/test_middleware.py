@@ -146,6 +146,15 @@ class TestWindows:
         assert live_meter.flush(5)
         assert sorted(r.status_code for r in live_meter.records) == [200, 499, 502]  # the file's response ended
 
+    def test_an_app_that_returns_before_any_answer_is_499_not_status_0(self, live_meter):
+        # a proxy that saw its client leave while the upstream had not answered returns without a response
+        async def app(scope, receive, send):
+            await receive()
+
+        asyncio.run(EnergyMiddleware(app, meter=live_meter)({"type": "http", "method": "GET", "path": "/x", "headers": []}, _no_body, _ignore))
+        assert live_meter.flush(5)
+        assert [r.status_code for r in live_meter.records] == [499]
+
     def test_websocket_and_excluded_paths_pass_through(self, live_meter):
         import websockets.sync.client as wsc  # uvicorn's websocket implementation
 
