@@ -536,3 +536,45 @@ def test_drain_flushes_the_sinks_that_buffer_within_the_timeout(live_meter, tmp_
     assert len(ledger.query()) == 50  # committed, not just queued
     ledger.close()
     fh.close()
+
+
+def test_drain_exports_the_metrics_a_push_reader_still_holds(live_meter):
+    # SIGTERM: uvicorn re-raises it, the SDK's atexit flush never runs; the meter's drain at the lifespan's
+    # shutdown must push what the periodic reader holds (up to 60 s of counters were lost)
+    import time
+
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import MetricExporter, MetricExportResult, PeriodicExportingMetricReader
+
+    from wattspan.export.otel import EnergyMetrics, connect_metrics
+
+    class Collect(MetricExporter):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def export(self, metrics_data, timeout_millis=10_000, **kw):
+            for rm in metrics_data.resource_metrics:
+                for sm in rm.scope_metrics:
+                    self.names += [m.name for m in sm.metrics]
+            return MetricExportResult.SUCCESS
+
+        def force_flush(self, timeout_millis=10_000):
+            return True
+
+        def shutdown(self, timeout_millis=30_000, **kw):
+            pass
+
+    exp = Collect()
+    provider = MeterProvider(metric_readers=[PeriodicExportingMetricReader(exp, export_interval_millis=3_600_000)])
+    try:
+        connect_metrics(live_meter, EnergyMetrics(meter_provider=provider))
+        t = time.monotonic_ns()
+        for i in range(5):
+            live_meter.begin(f"m{i}", "gpu0", t)
+            live_meter.end(f"m{i}", "gpu0", t + 1_000_000)
+        assert not any(n.startswith("wattspan") for n in exp.names)  # the hour's export is far off
+        assert live_meter.drain(10) == {"unfinished": 0, "sinks_unflushed": 0}
+        assert any(n.startswith("wattspan.energy") for n in exp.names), exp.names
+    finally:
+        provider.shutdown()
