@@ -629,14 +629,16 @@ class OpenAIProxy:
             await client.aclose()
         if self.steps is not None:
             self.steps.close()
-        if self.ledger is not None:
+        if self.ledger is not None or self._wired:
             import anyio
 
             await anyio.to_thread.run_sync(self._flush_ledger)
 
     def _flush_ledger(self) -> None:
         if self._wired:
-            self.metered.meter.flush(5.0)
+            # every ended request's record final, and the sinks that buffer flushed: the ledger's queue, held
+            # spans, the OTel metrics a push reader holds (a SIGTERM skips the SDK's own atexit flush)
+            self.metered.meter.drain(10.0)
         led = self.ledger
         if led is None:
             return
@@ -1406,12 +1408,16 @@ def run_proxy(
     *,
     log_level: str = "info",
     wrap: Callable[[Any], Any] | None = None,
+    graceful_s: float | None = 30.0,
     **options,
 ) -> None:
     """Serve the metering proxy with uvicorn until interrupted (``wattspan proxy --upstream URL``).
 
     ``options`` are :func:`create_proxy`'s (``ledger="wattspan.sqlite"``, ...); ``wrap``, if
     given, wraps the proxy's ASGI app before it is served (e.g. in a ``BudgetMiddleware``).
+    ``graceful_s``: at SIGTERM, how long requests in flight may finish before they are cut (a stream
+    then recorded as 499) and the records drained; None waits for them however long (a stalled
+    upstream held a stop for the whole ``timeout_s``, past any orchestrator's grace period).
     """
     import uvicorn
 
@@ -1424,7 +1430,8 @@ def run_proxy(
 
     logging.getLogger("uvicorn.access").addFilter(_no_query)  # query strings carry keys (?api_key=...): never logged
     try:
-        uvicorn.run(served, host=host, port=port, log_level=log_level, lifespan="on")
+        uvicorn.run(served, host=host, port=port, log_level=log_level, lifespan="on",
+                    timeout_graceful_shutdown=None if graceful_s is None else int(math.ceil(graceful_s)))
     finally:
         if app.ledger is not None:
             app._flush_ledger()

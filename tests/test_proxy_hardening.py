@@ -193,3 +193,55 @@ def test_a_window_whose_labels_fail_is_still_closed_and_recorded(live_meter, cap
     (rec,) = records(live_meter, 1)
     assert rec.route == "(unmatched)" and rec.status_code == 200 and mw.errors == 1
     assert live_meter.balance().pending_j == 0.0  # nothing left in flight, billed to no one
+
+
+def test_sigterm_with_a_stalled_stream_stops_within_the_grace_and_records_it(tmp_path):
+    # an upstream that sent two events and went quiet held `wattspan proxy` at SIGTERM for the whole
+    # --timeout-s (600 s): past any orchestrator's grace period, then SIGKILL and the last records lost
+    import os
+    import signal
+    import threading
+    import time
+
+    from wattspan.export.ledger import query
+
+    from .backends import free_port
+    from .test_openai_proxy import make_upstream
+
+    db, port = tmp_path / "p.sqlite", free_port()
+    with serve(make_upstream()) as up_url:
+        env = {**os.environ, "WATTSPAN_SIMULATE": "1"}
+        proc = subprocess.Popen([sys.executable, "-m", "wattspan.cli", "proxy", "--upstream", up_url, "--port", str(port),
+                                 "--db", str(db), "--graceful-s", "2"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            end = time.monotonic() + 60
+            while time.monotonic() < end:
+                try:
+                    httpx.get(f"{url}/healthz", timeout=1)
+                    break
+                except httpx.HTTPError:
+                    time.sleep(0.1)
+            got = threading.Event()
+
+            def stream():
+                try:
+                    with httpx.stream("POST", f"{url}/v1/chat/completions", timeout=60,
+                                      json=chat_body(stream=True, max_tokens=5, fake_delay_s=30)) as r:
+                        for _ in r.iter_raw():
+                            got.set()
+                except httpx.HTTPError:
+                    pass
+
+            th = threading.Thread(target=stream, daemon=True)
+            th.start()
+            assert got.wait(30)
+            t = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)
+            assert time.monotonic() - t < 20, "the proxy waited for the stalled stream"
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    rows = query(db)
+    assert [r["status_code"] for r in rows] == [499], (rows, proc.stderr.read()[-2000:] if proc.stderr else "")

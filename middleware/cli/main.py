@@ -7,6 +7,7 @@ Every option can also come from an environment variable ``WATTSPAN_<OPTION>``
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -104,6 +105,8 @@ def _build_parser() -> argparse.ArgumentParser:
     x.add_argument("--port", type=int, default=8080)
     x.add_argument("--device", default="gpu0", help="the accelerator the upstream serves on (default gpu0), or its device group, e.g. gpu0,gpu1,gpu2,gpu3 for tensor parallel 4")
     x.add_argument("--timeout-s", type=float, default=600.0)
+    x.add_argument("--graceful-s", type=float, default=30.0,
+                   help="at SIGTERM, seconds requests in flight may finish before they are cut and the records drained (default 30)")
     x.add_argument("--max-body-bytes", type=int, default=8 << 20)
     x.add_argument("--steps-listen", default=None, help="host:port or unix:/path where the vLLM hook in the upstream sends its batch steps")
     x.add_argument("--no-include-usage", action="store_true", help="do not ask a streaming upstream for usage (for servers that reject stream_options)")
@@ -241,6 +244,8 @@ def _main(argv: list[str] | None) -> int:
                 raise UsageError(f"--tenant-header {args.tenant_header} carries a credential, which would be stored as the "
                                  "tenant: name a tenant header (x-tenant-id); requests without one are labelled by a keyed "
                                  "pseudonym of their API key")
+            if not (math.isfinite(args.graceful_s) and 0 <= args.graceful_s <= 3600):
+                raise UsageError(f"--graceful-s must be 0..3600 seconds, got {args.graceful_s!r}")
             if not str(args.host).strip():  # uvicorn listens on every interface for "": say 0.0.0.0 if that is meant
                 raise UsageError("--host is empty: give an address (127.0.0.1, the default; 0.0.0.0 for every interface)")
             if not 0 <= int(args.port) <= 65535:  # uvicorn took 99999 as 34463 (the port modulo 65536)
@@ -262,7 +267,8 @@ def _main(argv: list[str] | None) -> int:
                         _check_device(f"--route {m}", d)
                 options["routes"] = {m: (u, d) for m, u, d in parsed}
             try:
-                run_proxy(args.upstream, host=args.host, port=int(args.port), wrap=_budget_wrapper(args), **options)
+                run_proxy(args.upstream, host=args.host, port=int(args.port), wrap=_budget_wrapper(args),
+                          graceful_s=float(args.graceful_s), **options)
             except (ValueError, InputError, OSError) as exc:  # OSError: a --steps-listen socket it cannot open
                 raise UsageError(str(exc)) from None
             return 0
