@@ -469,7 +469,7 @@ class OpenAIProxy:
         self.max_connections = max_connections
         self.request_id_header = request_id_header.lower() if request_id_header else None
         self._allow_exact, self._allow_prefix = _allow(forward_headers)
-        self.stats = {"requests": 0, "unrouted": 0, "upstream_errors": 0, "timeouts": 0, "too_large": 0, "disconnects": 0, "usage_injected": 0, "usage_missing": 0, "energy_annotated": 0, "tenant_renamed": 0, "tokens_from_events": 0}
+        self.stats = {"requests": 0, "unrouted": 0, "upstream_errors": 0, "timeouts": 0, "too_large": 0, "disconnects": 0, "usage_injected": 0, "usage_missing": 0, "energy_annotated": 0, "tenant_renamed": 0, "tenant_digested": 0, "tokens_from_events": 0}
         self._client: httpx.AsyncClient | None = None
         self._ledger_arg = ledger
         self.ledger: Ledger | None = None
@@ -1187,6 +1187,12 @@ def _tenant_label(header: bytes | None, from_key: bool, key_secret: bytes | None
                     if from_key and _PSEUDONYM.fullmatch(tenant_label(label)):
                         counts["tenant_renamed"] = counts.get("tenant_renamed", 0) + 1
                         return "header:" + label
+                    clean = tenant_label(label)
+                    if clean != label:
+                        # cleaning would make it another tenant's label ("acme corp" -> "acmecorp"): billed and
+                        # owned apart, as the cleaned label and a digest of the value sent
+                        counts["tenant_digested"] = counts.get("tenant_digested", 0) + 1
+                        return f"{clean[:48]}:h{hashlib.blake2b(v, digest_size=6).hexdigest()}"
                     return label
                 continue  # an empty tenant header: fall back to the key
             if from_key and k in _KEY_HEADERS and _KEY_HEADERS.index(k) < rank:

@@ -344,6 +344,24 @@ class TestLedgerAndReport:
         assert one["id"] == ids[0] and one["tenant"] == "acme" and one["energy_j"] > 0
         assert main(["report", "--db", str(db), "--id", "nope"]) == 1
 
+    def test_a_tenant_whose_label_cleaning_changes_is_owned_apart_after_a_restart(self, live_meter, tmp_path):
+        # "acme corp" was kept as "acmecorp": once the record was only in the ledger (a restart, or older than the
+        # proxy remembers), the tenant "acmecorp" read it and its owner could not
+        db = tmp_path / "proxy.sqlite"
+        with stack(live_meter, ledger=db) as (up, proxy, url, up_url):
+            r = httpx.post(f"{url}/v1/chat/completions", json=chat_body(), headers={"x-tenant-id": "acme corp"})
+            rid = r.headers["x-wattspan-request-id"]
+            httpx.post(f"{url}/v1/chat/completions", json=chat_body(), headers={"x-tenant-id": "acmecorp"})
+            assert live_meter.flush(10) and proxy.ledger.flush(10)
+            proxy._final.clear()
+            proxy._owners.clear()  # as after a restart: the owner is known from the ledger only
+            other = httpx.get(f"{url}/wattspan/requests/{rid}", headers={"x-tenant-id": "acmecorp"})
+            own = httpx.get(f"{url}/wattspan/requests/{rid}", headers={"x-tenant-id": "acme corp"})
+        assert other.status_code == 404 and own.status_code == 200, (other.text, own.text)
+        tenants = sorted(r.tenant for r in live_meter.records)
+        assert "acmecorp" in tenants and any(t.startswith("acmecorp:h") for t in tenants)  # billed apart too
+        assert proxy.stats["tenant_digested"] >= 1
+
     def test_a_foreign_file_is_refused_with_a_clear_error(self, tmp_path, capsys):
         from wattspan.cli import main
 
