@@ -1160,7 +1160,10 @@ def _tenant_label(header: bytes | None, from_key: bool, key_secret: bytes | None
     A tenant header whose label would read as a pseudonym (``key-`` and 12 hex
     characters, once cleaned) is another caller's name: it becomes
     ``header:`` and the value, counted in ``stats["tenant_renamed"]``, so no
-    header can be billed as, or read the records of, an API key's tenant.
+    header can be billed as, or read the records of, an API key's tenant. A header value that
+    cleaning would change (``acme corp`` -> ``acmecorp``, another tenant's label) becomes the cleaned
+    label, ``:h`` and 12 hex of its digest, counted in ``stats["tenant_digested"]``. With several key
+    headers, the key is the first of ``_KEY_HEADERS`` present (Authorization's), whatever their order.
     """
     if from_key and not key_secret:
         raise ValueError("a pseudonym of the API key needs a secret key")

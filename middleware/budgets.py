@@ -205,7 +205,8 @@ def parse_budgets(doc: Any, where: str = "budgets") -> BudgetConfig:
         t = match.get("tenant")
         if t and tenant_label(t) != t:
             raise BudgetConfigError(f"{w}: no record carries the tenant {t!r}: the ledger keeps a tenant's characters "
-                                    f"[A-Za-z0-9_.:-], at most 64 (this one is recorded as {tenant_label(t)!r})")
+                                    f"[A-Za-z0-9_.:-], at most 64 (this one is recorded as {tenant_label(t)!r}; behind `wattspan proxy`, "
+                                    "as that, ':h' and a digest of the value)")
         out.append(Budget(name, limit, "gco2e" if limits[0] == "limit_gco2e" else "kwh", b["period"], action,
                           dict(match), _num(w, "warn_at", b.get("warn_at", 0.8), 0.0, 1.0)))
     return BudgetConfig(tuple(out), source, str(doc.get("ledger", "wattspan.sqlite")), prom, refresh)
