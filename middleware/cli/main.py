@@ -67,7 +67,7 @@ def _build_parser() -> argparse.ArgumentParser:
     a.add_argument("--trace", required=True, type=Path, help="CSV: time_ns,gpu,power_w[,energy_j]")
     a.add_argument("--requests", required=True, type=Path, help="JSONL: id,start_ns,end_ns,gpu[,route,model,tenant,prompt_tokens,output_tokens]")
     a.add_argument("--batches", type=Path, default=None, help="JSONL: start_ns,end_ns,gpu,requests{id:tokens} (enables batch-fit)")
-    a.add_argument("--out", type=Path, default=None, help="write one JSON line per request here (default: stdout)")
+    a.add_argument("--out", type=Path, default=None, help="write one JSON line per request here (default, or -: stdout)")
     a.add_argument("--summary", type=Path, default=None, help="also write the summary as JSON here")
     a.add_argument("--idle", default="estimate", help="idle baseline in watts, or 'estimate' (default)")
     a.add_argument("--power-kind", choices=["instant", "average"], default="instant", help="what power_w is: an instant reading (default) or an average over --power-window-s")
@@ -194,18 +194,7 @@ def _main(argv: list[str] | None) -> int:
                 raise UsageError(f"--port must be between 0 and 65535, got {args.port}")
             if not 0 <= int(args.seed) <= _MAX_SEED:  # each request's seed is seed * 100003 + its index, in int64
                 raise UsageError(f"--seed must be between 0 and {_MAX_SEED}, got {args.seed}")
-            if args.db is not None and Path(args.db).is_dir():  # it would run, failing every write
-                raise UsageError(f"--db {args.db}: is a directory; give the ledger's file, e.g. {Path(args.db) / 'wattspan.sqlite'}")
-            if args.db is not None:
-                from .._paths import writable_file
-                from ..errors import InputError
-                from ..export.ledger import check_ledger
-
-                try:
-                    writable_file(args.db, "--db")
-                    check_ledger(args.db)
-                except (ValueError, InputError) as exc:
-                    raise UsageError(str(exc)) from None
+            _check_db(args.db)  # a folder, /dev/null, a damaged file: it would run, failing every write
             from ..carbon import CarbonModel
             from ..settings import SettingsError, get_settings
 
@@ -251,8 +240,7 @@ def _main(argv: list[str] | None) -> int:
             if not 0 <= int(args.port) <= 65535:  # uvicorn took 99999 as 34463 (the port modulo 65536)
                 raise UsageError(f"--port must be between 0 and 65535, got {args.port}")
             _check_device("--device", args.device)
-            if args.db is not None and Path(args.db).is_dir():  # it would serve, failing every write, records held in memory
-                raise UsageError(f"--db {args.db}: is a directory; give the ledger's file, e.g. {Path(args.db) / 'wattspan.sqlite'}")
+            _check_db(args.db)  # it would serve, failing every write, records held in memory
             if args.routes:
                 from wattspan.integrations.openai_proxy import parse_route
 
@@ -311,6 +299,22 @@ def _env_note(message: str, from_env: list[tuple[str, str, str, list[str]]]) -> 
     hits = [f"{env}={raw!r}" for dest, env, raw, opts in from_env
             if any(o in message for o in opts) or re.search(rf"(?<![\w-]){re.escape(dest)}(?![A-Za-z0-9-])", message)]
     return f" (from {', '.join(hits)})" if hits else ""
+
+
+def _check_db(db: Path | None) -> None:
+    """A usage error for a ``--db`` ledger that cannot be written: a folder, not a regular file, in a
+    missing folder, damaged, foreign or newer (see :func:`wattspan.export.ledger.check_ledger`)."""
+    if db is None:
+        return
+    from .._paths import writable_file
+    from ..errors import InputError
+    from ..export.ledger import check_ledger
+
+    try:
+        writable_file(db, "--db")
+        check_ledger(db)
+    except (ValueError, InputError) as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _check_device(option: str, device: str) -> None:
