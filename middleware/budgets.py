@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import asyncio
 import calendar
+import dataclasses
 import json
 import math
 import os
@@ -133,6 +134,9 @@ class BudgetConfig:
     ledger: str = "wattspan.sqlite"
     prometheus_url: str = ""
     refresh_s: float = 5.0
+    #: whether the file named its ``ledger`` (else the default, beside the file: a command that
+    #: writes or reads a ledger of its own, ``--db``, puts that one there)
+    ledger_given: bool = False
 
 
 def _num(where: str, key: str, v: Any, lo: float, hi: float) -> float:
@@ -209,7 +213,7 @@ def parse_budgets(doc: Any, where: str = "budgets") -> BudgetConfig:
                                     "as that, ':h' and a digest of the value)")
         out.append(Budget(name, limit, "gco2e" if limits[0] == "limit_gco2e" else "kwh", b["period"], action,
                           dict(match), _num(w, "warn_at", b.get("warn_at", 0.8), 0.0, 1.0)))
-    return BudgetConfig(tuple(out), source, str(doc.get("ledger", "wattspan.sqlite")), prom, refresh)
+    return BudgetConfig(tuple(out), source, str(doc.get("ledger", "wattspan.sqlite")), prom, refresh, "ledger" in doc)
 
 
 def _short(v: Any) -> str:
@@ -255,7 +259,7 @@ def load_budgets(path: str | os.PathLike[str]) -> BudgetConfig:
         raise BudgetConfigError(f"{p}: not valid {'TOML' if p.suffix.lower() == '.toml' else 'JSON'}: {exc}") from None
     cfg = parse_budgets(doc, str(p))
     if cfg.source == "ledger" and not Path(cfg.ledger).is_absolute():
-        cfg = BudgetConfig(cfg.budgets, cfg.source, str((p.parent / cfg.ledger)), cfg.prometheus_url, cfg.refresh_s)
+        cfg = dataclasses.replace(cfg, ledger=str(p.parent / cfg.ledger))
     return cfg
 
 
@@ -294,10 +298,15 @@ class LedgerSpend:
         if m.get("route"):
             terms.append("substr(route, 1, ?) = ?")
             args += [len(m["route"]), m["route"]]
-        sql = ("SELECT COUNT(*), TOTAL(co2e_g), TOTAL(energy_j + host_j), TOTAL(prompt_tokens), TOTAL(output_tokens), "
-               f"TOTAL(energy_j) FROM requests WHERE {' AND '.join(terms)}")
+        from .export.ledger.schema import _present, valid_sql
+
         conn = sqlite3.connect(self.path.resolve().as_uri() + "?mode=ro", uri=True, timeout=2.0)
         try:
+            # the records every other figure sums (report, audit, dashboard): a row no meter makes (an
+            # infinity, a negative energy: a hand-edited file) would make the spend inf, or lift the budget
+            terms.append(valid_sql(_present(conn)))
+            sql = ("SELECT COUNT(*), TOTAL(co2e_g), TOTAL(energy_j + host_j), TOTAL(prompt_tokens), TOTAL(output_tokens), "
+                   f"TOTAL(energy_j) FROM requests WHERE {' AND '.join(terms)}")
             n, g, e, pt, ot, acc = conn.execute(sql, args).fetchone()
         except sqlite3.OperationalError as exc:
             if "no such table" in str(exc):

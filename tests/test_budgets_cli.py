@@ -10,7 +10,7 @@ import sys
 
 import httpx
 
-from wattspan.budgets import BudgetMiddleware, parse_budgets
+from wattspan.budgets import BudgetMiddleware, LedgerSpend, parse_budgets
 from wattspan.integrations.openai_proxy import create_proxy
 from wattspan.export.ledger import Ledger
 
@@ -219,3 +219,59 @@ def test_proxy_budgets_gate_on_the_model_the_body_names(tmp_path, live_meter):
         data = json.dumps({"model": "small-model", "messages": [{"role": "user", "content": "x" * 3000}]}).encode()
         parts = c.post("/v1/chat/completions", content=iter([data[:1000], data[1000:]]), headers={"content-type": "application/json"})
         assert parts.status_code == 200 and parts.json()["model"] == "small-model"
+
+
+def test_proxy_ledger_budgets_are_spent_by_the_proxys_own_db(tmp_path):
+    # a budget file with no `ledger` read a wattspan.sqlite beside itself, a file no proxy wrote:
+    # report said "exceeded" on --db while the proxy let every request through, spent 0
+    import argparse
+
+    from wattspan.cli.budgets import budget_wrapper
+    from wattspan.cli.common import UsageError
+
+    db = tmp_path / "data" / "l.sqlite"
+    db.parent.mkdir()
+    with Ledger(db) as led:
+        led.write([_rec(i, "acme", 0.5) for i in range(10)])
+    b = tmp_path / "budgets.json"
+    b.write_text(json.dumps({"budget": [{"name": "acme", "match": {"tenant": "acme"}, "limit_gco2e": 4, "period": "day",
+                                         "action": "reject"}]}))
+
+    async def inner(scope, receive, send):  # pragma: no cover - never called
+        pass
+
+    args = argparse.Namespace(budgets=str(b), defer_paths=None, region="FR", db=str(db), tenant_header=None)
+    app = budget_wrapper(args)(inner)
+    try:
+        assert app.config.ledger == str(db)
+        assert LedgerSpend(app.config.ledger).spent(app.config.budgets[0], 0.0, 4e9).co2e_g == 5.0
+    finally:
+        app.close()
+    # without --db the proxy writes no record a ledger budget could be spent by: refused at start
+    try:
+        budget_wrapper(argparse.Namespace(budgets=str(b), defer_paths=None, region="FR", db=None, tenant_header=None))
+    except UsageError as exc:
+        assert "--db" in str(exc)
+    else:
+        raise AssertionError("a ledger budget without --db was accepted")
+    p = _cli("proxy", "--upstream", "http://127.0.0.1:9", "--port", "0", "--budgets", b)
+    assert p.returncode == 2 and "--db" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_budget_spend_leaves_out_the_rows_every_other_figure_leaves_out(tmp_path):
+    import sqlite3
+
+    db = tmp_path / "l.sqlite"
+    with Ledger(db) as led:
+        led.write([_rec(i, "acme", 1.0) for i in range(10)])
+    b = tmp_path / "budgets.json"
+    b.write_text(json.dumps({"budget": [{"name": "acme", "match": {"tenant": "acme"}, "limit_gco2e": 5, "period": "year",
+                                         "action": "reject"}]}))
+    for bad in (float("inf"), -1e6):  # an edited row: inf made the spend inf (and JSON a traceback), -1e6 lifted the budget
+        with contextlib.closing(sqlite3.connect(db)) as c:
+            c.execute("UPDATE requests SET co2e_g = ? WHERE id = 'acme0'", (bad,))
+            c.commit()
+        p = _cli("report", "--db", db, "--budgets", b, "--format", "json")
+        assert p.returncode == 0, p.stderr
+        st = json.loads(p.stdout)["budgets"][0]
+        assert st["spent"] == 9.0 and st["state"] == "over", st

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Callable
@@ -38,7 +39,9 @@ def report_budgets(args: argparse.Namespace, cfg: Any, rows_json: str | None = N
     st = budget_status(cfg)
     if args.format == "json":
         rows = json.loads(rows_json) if rows_json else []
-        print(json.dumps({"by": args.by, "rows": rows, "budgets": [s.to_dict() for s in st]}, indent=2, allow_nan=False))
+        from ..records import json_safe
+
+        print(json.dumps({"by": args.by, "rows": rows, "budgets": json_safe([s.to_dict() for s in st])}, indent=2, allow_nan=False))
     else:
         sys.stdout.write("\ncarbon budgets (" + cfg.source + ")\n" + format_status(st))
     return 0
@@ -50,8 +53,24 @@ def budget_wrapper(args: argparse.Namespace) -> Callable[[Any], Any] | None:
     budgets, paths = getattr(args, "budgets", None), getattr(args, "defer_paths", None)
     if budgets is None and not paths:
         return None
-    from ..budgets import BudgetConfigError, BudgetMiddleware
+    from ..budgets import BudgetConfigError, BudgetMiddleware, load_budgets
     from ..deferral import DeferralMiddleware, DeferralQueue, store_beside
+
+    if budgets is not None:
+        try:
+            cfg = load_budgets(budgets)
+        except BudgetConfigError as exc:
+            raise UsageError(str(exc)) from None
+        if cfg.source == "ledger" and not cfg.ledger_given:
+            # the records the proxy writes are the ones its budgets are spent by (as report and dashboard
+            # read --db); the default, a wattspan.sqlite beside the budget file, would be read as empty
+            db = getattr(args, "db", None)
+            if db is None:
+                raise UsageError(f"--budgets {budgets}: a budget of source \"ledger\" is spent by the records in a ledger, and "
+                                 "the proxy writes none without --db: add --db PATH (or name the ledger in the budget file, "
+                                 "or use source = \"prometheus\")")
+            cfg = dataclasses.replace(cfg, ledger=str(db))
+        budgets = cfg
 
     def wrap(app: Any) -> Any:
         try:
