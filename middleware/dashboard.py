@@ -148,11 +148,13 @@ def data(db: str | os.PathLike, window_s: float = 3600.0, *, now: float | None =
                 rows = _scan(conn, cols, since, now + 1e-6, bucket)
             else:
                 with cache.lock:
-                    rows = _cached_rows(conn, cols, cache, str(db), bucket, k0, now)
+                    # the file's identity: a ledger replaced under the same path (mv, restore) is another set of sums
+                    st = os.stat(db)
+                    rows = _cached_rows(conn, cols, cache, (str(db), st.st_dev, st.st_ino), bucket, k0, now)
     return _summarise(rows, db=db, now=now, window_s=window_s, since=since, k0=k0, bucket=bucket, metrics_url=metrics_url, budgets=budgets)
 
 
-def _cached_rows(conn, cols: set, cache: DataCache, db: str, bucket: float, k0: int, now: float) -> list[tuple]:
+def _cached_rows(conn, cols: set, cache: DataCache, db: Any, bucket: float, k0: int, now: float) -> list[tuple]:
     """The held sums of complete buckets, topped up, plus a fresh read of the rest."""
     complete_k = max(k0, int((now - _COMPLETE_AFTER_S) // bucket))
     key = (db, bucket, frozenset(cols))
@@ -436,6 +438,9 @@ def create_app(db: str | os.PathLike, *, token: str | None = None, window_s: flo
 
     if not (0.2 <= refresh_s <= 3600):
         raise ValueError("refresh_s must be between 0.2 and 3600 seconds")
+    if token and not (token.isascii() and token.isprintable() and " " not in token):
+        # it travels in a cookie and an Authorization header, both ASCII: another token could never be matched
+        raise ValueError("--token must be printable ASCII without spaces")
     db = Path(db)
     plotly_js = _plotly_js()
     page = _static("dashboard.html").decode("utf-8")
@@ -488,7 +493,8 @@ def create_app(db: str | os.PathLike, *, token: str | None = None, window_s: flo
         except ValueError as exc:
             return JSONResponse({"error": str(exc)}, status_code=400, headers=headers)
         try:
-            cache = caches.setdefault(w, DataCache()) if len(caches) < 16 else DataCache()
+            # at most 16 windows' sums are held: a window already held keeps its cache past the 16th
+            cache = caches.get(w) or (caches.setdefault(w, DataCache()) if len(caches) < 16 else DataCache())
             body = json_safe(await run_in_threadpool(data, db, w, metrics_url=metrics_url, budgets=budgets, cache=cache))
         except FileNotFoundError as exc:
             return JSONResponse({"error": str(exc)}, status_code=404, headers=headers)

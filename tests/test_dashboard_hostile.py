@@ -145,3 +145,31 @@ def test_a_broken_budget_file_read_again_and_again_holds_no_memory(ledger, tmp_p
         data(ledger, 3600, budgets=f)
     gc.collect()
     assert len(gc.get_objects()) - before < 300
+
+
+def test_a_token_that_no_header_can_carry_is_refused_at_start(ledger):
+    # a non-ASCII token was accepted, then ?token= answered 500 (the cookie) and Bearer never matched
+    for bad in ("pässwörd-long-enough", "has a space in it", "tab\tinside-token"):
+        with pytest.raises(ValueError, match="printable ASCII"):
+            create_app(ledger, token=bad)
+
+
+def test_a_ledger_replaced_under_its_path_is_read_afresh(ledger, tmp_path):
+    # the cache was keyed by the path: after `mv new old` the page summed both files' records for minutes
+    app_data = lambda cache: data(ledger, 3600.0, cache=cache)  # noqa: E731
+    cache = dashboard.DataCache()
+    before = app_data(cache)
+    new = tmp_path / "new.sqlite"
+    with Ledger(new) as led:
+        led.write([_rec(100)])
+        assert led.flush()
+    for suffix in ("", "-wal", "-shm"):
+        if os.path.exists(str(ledger) + suffix):
+            os.remove(str(ledger) + suffix)
+    os.replace(new, ledger)
+    after = app_data(cache)
+    assert json.dumps(before) != json.dumps(after)
+    fresh = data(ledger, 3600.0)
+    after.pop("now"), fresh.pop("now")
+    assert after == fresh, "a held cache gave other sums than a fresh read"
+
