@@ -156,6 +156,9 @@ def test_a_token_that_no_header_can_carry_is_refused_at_start(ledger):
 
 def test_a_ledger_replaced_under_its_path_is_read_afresh(ledger, tmp_path):
     # the cache was keyed by the path: after `mv new old` the page summed both files' records for minutes
+    import time
+
+    _tamper(ledger, "UPDATE requests SET recorded_at = ?", time.time() - 600)  # complete buckets: the ones a cache holds
     app_data = lambda cache: data(ledger, 3600.0, cache=cache)  # noqa: E731
     cache = dashboard.DataCache()
     before = app_data(cache)
