@@ -290,6 +290,12 @@ class DeferralQueue:
         now = self.clock() if now is None else float(now)
         if not (math.isfinite(deadline_s) and math.isfinite(duration_s) and duration_s >= 0):
             raise ValueError("deadline_s and duration_s must be finite, duration_s >= 0")
+        if deadline_s < 1e9 <= now:  # 2001: seconds from now, not a unix time (which ran the job at once, silently)
+            raise ValueError(f"deadline_s is a unix time (time.time() + seconds), got {deadline_s!r}: "
+                             f"for {deadline_s:g} s from now pass time.time() + {deadline_s:g}")
+        if deadline_s - now > MAX_DEADLINE_S:  # as the HTTP path: past the forecasts, and past what a plan can name
+            raise ValueError(f"deadline_s is at most {MAX_DEADLINE_S:.0f} s ({MAX_DEADLINE_S / 86400:.0f} days) from now, "
+                             f"got {deadline_s - now:.3g} s")
         p = self.period_s
         latest_start = deadline_s - duration_s
         # later period starts that still leave the job time to finish by the deadline

@@ -176,3 +176,12 @@ def test_a_ledger_replaced_under_its_path_is_read_afresh(ledger, tmp_path):
     after.pop("now"), fresh.pop("now")
     assert after == fresh, "a held cache gave other sums than a fresh read"
 
+
+
+def test_a_refused_token_from_the_environment_is_named_not_shown(ledger):
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-m", "wattspan.cli", "dashboard", "--db", str(ledger)], capture_output=True, text=True,
+                       timeout=60, env={**os.environ, "WATTSPAN_TOKEN": "hunter2"})
+    assert p.returncode == 2 and "WATTSPAN_TOKEN='*******'" in p.stderr and "hunter2" not in p.stderr, p.stderr

@@ -376,3 +376,16 @@ def test_the_state_kept_for_resumed_requests_is_the_lifespans_not_a_requests():
     q2.note_state({"type": "lifespan", "state": life})
     life["model"] = "loaded at startup"
     assert q2.lifespan_state is life
+
+
+def test_a_deadline_in_seconds_from_now_or_past_a_year_is_refused():
+    import time
+
+    q = DeferralQueue(zone="GB", max_concurrency=1)
+    # seconds from now (the HTTP header's unit) passed as deadline_s ran the job at once, silently
+    with pytest.raises(ValueError, match="unix time"):
+        q.submit(lambda: 1, deadline_s=3600, duration_s=60)
+    # a deadline past the forecasts was accepted, then every decisions() call raised on its year
+    with pytest.raises(ValueError, match="at most"):
+        q.submit(lambda: 1, deadline_s=time.time() + 1e12)
+    assert q.decisions() == [] or all(d.deadline_s < time.time() + 4e7 for d in q.decisions())

@@ -291,12 +291,17 @@ def _main(argv: list[str] | None) -> int:
     return 2
 
 
+_SECRET_WORDS = ("TOKEN", "KEY", "SECRET", "PASSWORD")  # in a variable's name: its value is not echoed
+
+
 def _env_note(message: str, from_env: list[tuple[str, str, str, list[str]]]) -> str:
     """`` (from WATTSPAN_X='v')`` for each variable whose option a refusal names (by its flag or its
     name: ``--pue``, ``pue``), so a value nobody typed is traced to where it came from."""
     import re
 
-    hits = [f"{env}={raw!r}" for dest, env, raw, opts in from_env
+    # a secret is named, never shown (its length is the only hint): a refused token lands in logs and terminals
+    shown = lambda env, raw: "*" * len(raw) if any(k in env for k in _SECRET_WORDS) else raw  # noqa: E731
+    hits = [f"{env}={shown(env, raw)!r}" for dest, env, raw, opts in from_env
             if any(o in message for o in opts) or re.search(rf"(?<![\w-]){re.escape(dest)}(?![A-Za-z0-9-])", message)]
     return f" (from {', '.join(hits)})" if hits else ""
 
