@@ -162,9 +162,14 @@ def parse_budgets(doc: Any, where: str = "budgets") -> BudgetConfig:
         raise BudgetConfigError(f"{where}: source must be 'ledger' or 'prometheus', got {source!r}")
     prom = str(doc.get("prometheus_url", ""))
     if source == "prometheus":
-        u = urllib.parse.urlsplit(prom)
-        if u.scheme not in ("http", "https") or not u.netloc:
-            raise BudgetConfigError(f"{where}: source = 'prometheus' needs prometheus_url = 'http://host:9090'")
+        try:
+            u = urllib.parse.urlsplit(prom)
+            port_ok = u.port is None or 0 < u.port  # .port raises on a port out of range or not a number
+        except ValueError:
+            u, port_ok = None, False
+        if u is None or not port_ok or u.scheme not in ("http", "https") or not u.hostname:
+            raise BudgetConfigError(f"{where}: source = 'prometheus' needs prometheus_url = 'http://host:9090', "
+                                    f"got {_short(prom)}")
     refresh = _num(where, "refresh_s", doc.get("refresh_s", 5.0), 0.05, 3600.0)
     out, names = [], set()
     for i, b in enumerate(raw, start=1):
@@ -203,6 +208,8 @@ def parse_budgets(doc: Any, where: str = "budgets") -> BudgetConfig:
             raise BudgetConfigError(f"{w}: no record carries the model {m!r}: the ledger keeps a model's printable "
                                     f"ASCII, at most 128 characters (this one is recorded as {model_label(m)!r})")
         r = match.get("route")
+        if r and (len(r) > 1024 or not r.isprintable()):  # a line break, an escape, a lone surrogate: in no record
+            raise BudgetConfigError(f"{w}: match route must be at most 1024 printable characters, got {_short(r)}")
         if r and not r.startswith("/"):
             raise BudgetConfigError(f"{w}: match route {r!r} is a path prefix and starts with '/' (e.g. '/v1/chat'); "
                                     "no request's route matches it")

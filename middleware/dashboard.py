@@ -526,9 +526,16 @@ def cli_main(args) -> int:
         raise ValueError("--port must be between 0 and 65535")
     if not Path(args.db).is_file():
         raise FileNotFoundError(f"no wattspan ledger at {args.db} (start a metered server with a ledger, or `wattspan demo`)")
+    budgets = getattr(args, "budgets", None) or os.environ.get("WATTSPAN_BUDGETS") or None
+    if budgets is not None:  # a bad budget file stops the command at start, as everywhere else (then it is read per change)
+        from .budgets import BudgetConfigError, load_budgets
+
+        try:
+            load_budgets(budgets)
+        except BudgetConfigError as exc:
+            raise ValueError(str(exc)) from None
     app = create_app(args.db, token=token, window_s=parse_window(args.window), refresh_s=float(args.refresh_s),
-                     metrics_url=getattr(args, "metrics_url", None),
-                     budgets=getattr(args, "budgets", None) or os.environ.get("WATTSPAN_BUDGETS") or None)
+                     metrics_url=getattr(args, "metrics_url", None), budgets=budgets)
     config = uvicorn.Config(app, host=args.host, port=int(args.port), log_level="warning", server_header=False)
     server = uvicorn.Server(config)
     shown = f"[{args.host}]" if ":" in args.host else args.host

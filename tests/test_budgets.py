@@ -302,3 +302,18 @@ def test_a_budgeted_tenant_keeps_its_label_past_the_middlewares_tenant_cap(tmp_p
         mw.close()
         meter.close()
         led.close()
+
+
+@pytest.mark.parametrize("doc, says", [
+    ({"source": "prometheus", "prometheus_url": "http://[::1"}, "prometheus_url"),
+    ({"source": "prometheus", "prometheus_url": "http://prom:99999"}, "prometheus_url"),
+    ({"source": "prometheus", "prometheus_url": "http://prom:port"}, "prometheus_url"),
+    ({"match": {"route": "/\ud800"}}, "printable"),
+    ({"match": {"route": "/v1\x1b[31m"}}, "printable"),
+    ({"match": {"route": "/v1\nforged"}}, "printable"),
+])
+def test_hostile_budget_files_are_one_clear_error(doc, says):
+    # a traceback from urlsplit, a port no socket has, a route no record carries that then broke the report's table
+    budget = {"name": "b", "limit_gco2e": 1, "period": "day", **({"match": doc.pop("match")} if "match" in doc else {})}
+    with pytest.raises(BudgetConfigError, match=says):
+        parse_budgets({**doc, "budget": [budget]})

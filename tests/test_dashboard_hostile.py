@@ -185,3 +185,16 @@ def test_a_refused_token_from_the_environment_is_named_not_shown(ledger):
     p = subprocess.run([sys.executable, "-m", "wattspan.cli", "dashboard", "--db", str(ledger)], capture_output=True, text=True,
                        timeout=60, env={**os.environ, "WATTSPAN_TOKEN": "hunter2"})
     assert p.returncode == 2 and "WATTSPAN_TOKEN='*******'" in p.stderr and "hunter2" not in p.stderr, p.stderr
+
+
+def test_a_bad_budget_file_stops_the_dashboard_at_start(ledger, tmp_path):
+    import subprocess
+    import sys
+
+    bad = tmp_path / "b.json"
+    bad.write_text("{")
+    for extra, env in (((("--budgets", str(tmp_path / "missing.json"))), {}), ((), {"WATTSPAN_BUDGETS": str(bad)})):
+        p = subprocess.run([sys.executable, "-m", "wattspan.cli", "dashboard", "--db", str(ledger), "--port", "0", *extra],
+                           capture_output=True, text=True, timeout=60, env={**os.environ, **env})
+        assert p.returncode == 2 and ("budget file" in p.stderr or "not valid JSON" in p.stderr), p.stderr
+        assert "Traceback" not in p.stderr
