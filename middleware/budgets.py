@@ -305,9 +305,9 @@ class LedgerSpend:
         if m.get("route"):
             terms.append("substr(route, 1, ?) = ?")
             args += [len(m["route"]), m["route"]]
-        from .export.ledger.schema import _present, valid_sql
+        from .export.ledger.schema import _present, connect_ro, valid_sql
 
-        conn = sqlite3.connect(self.path.resolve().as_uri() + "?mode=ro", uri=True, timeout=2.0)
+        conn = connect_ro(self.path, timeout=2.0)
         try:
             # the records every other figure sums (report, audit, dashboard): a row no meter makes (an
             # infinity, a negative energy: a hand-edited file) would make the spend inf, or lift the budget

@@ -220,13 +220,34 @@ def _where(since: float | None, until: float | None, run_id: str | None) -> tupl
     return (" WHERE " + " AND ".join(terms)) if terms else "", args
 
 
+def connect_ro(path: str | os.PathLike[str], timeout: float = 5.0) -> sqlite3.Connection:
+    """A read-only connection to the ledger at ``path``. A ledger is in WAL mode, whose readers
+    make a ``-shm`` file beside it: in a folder this reader cannot write (another user's, a
+    read-only mount, an archive) SQLite cannot, and refuses to open it. Where no write is pending
+    in a ``-wal`` file (its writer closed, or none is running) the file alone holds every record:
+    it is then read as immutable."""
+    p = Path(path)
+    uri = p.resolve().as_uri()
+    conn = sqlite3.connect(uri + "?mode=ro", uri=True, timeout=timeout)
+    try:
+        conn.execute("PRAGMA user_version").fetchone()
+    except sqlite3.OperationalError as exc:
+        wal = Path(str(p) + "-wal")
+        if "unable to open" in str(exc) and not (wal.exists() and wal.stat().st_size > 0):
+            conn.close()
+            return sqlite3.connect(uri + "?mode=ro&immutable=1", uri=True, timeout=timeout)
+    except sqlite3.DatabaseError:  # not a database: the caller's schema check says so in its own words
+        pass
+    return conn
+
+
 @contextmanager
 def _reading(path: str | os.PathLike[str]) -> Iterator[sqlite3.Connection | None]:
     """A read-only connection, or None for a file with no ledger table yet."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no wattspan ledger at {path} (is the path right? has a server written to it yet?)")
-    conn = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True)
+    conn = connect_ro(path)
     conn.row_factory = _text_row  # wattspan writes no BLOB: one another writer left reads as text
     try:
         yield conn if schema_version(conn, path) else None
@@ -246,7 +267,7 @@ def check_ledger(path: str | os.PathLike[str]) -> None:
     p = Path(path)
     if not p.is_file():
         return
-    conn = sqlite3.connect(p.resolve().as_uri() + "?mode=ro", uri=True)
+    conn = connect_ro(p)
     try:
         schema_version(conn, p)
     except sqlite3.OperationalError:  # locked or busy now: the writer's own retries deal with that
