@@ -274,13 +274,14 @@ class EnergyMiddleware:
                 await send({"type": "lifespan.startup.failed", "message": f"wattspan: {err}"})
                 return
         pending = [first]
-        state = {"received": False, "drained": False, "answered": False}
+        state = {"received": False, "drained": False, "answered": False, "shutdown": False}
 
         async def recv() -> Message:
             state["received"] = True
-            if pending:
-                return pending.pop()
-            return await receive()
+            m = pending.pop() if pending else await receive()
+            if m.get("type") == "lifespan.shutdown":
+                state["shutdown"] = True
+            return m
 
         async def snd(message: Message) -> None:
             t = message.get("type", "")
@@ -293,6 +294,18 @@ class EnergyMiddleware:
 
         try:
             await self.app(scope, recv, snd)
+            if state["drained"]:
+                return
+            # the app returned without seeing the lifespan through (``if scope["type"] != "http": return``):
+            # the server would then stop without a shutdown anyone answers, and the meter would never drain
+            if first.get("type") == "lifespan.startup" and not state["answered"]:
+                await send({"type": "lifespan.startup.complete"})
+            if not state["shutdown"]:
+                while (await receive()).get("type") != "lifespan.shutdown":
+                    pass
+            state["drained"] = True
+            await self._drain()
+            await send({"type": "lifespan.shutdown.complete"})
         except Exception:
             if state["received"] or state["answered"]:
                 if not state["drained"]:

@@ -22,6 +22,19 @@ async def work(request):
 
 
 app = Starlette(routes=[Route("/work", work)])
+
+
+async def _bare(scope, receive, send):
+    """A plain ASGI app that returns from the lifespan scope instead of speaking it."""
+    if scope["type"] != "http":
+        return
+    await asyncio.sleep(0.01)
+    set_tokens(prompt_tokens=8, output_tokens=4, model="tiny")
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+bare = EnergyMiddleware(_bare)
 app.add_middleware(EnergyMiddleware, exclude=("/stats",))  # the stats probe is not a request to meter
 
 
