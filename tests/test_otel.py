@@ -786,3 +786,32 @@ def test_force_flush_during_a_resolve_keeps_the_resolved_spans_own_attributes():
     assert got.attributes["wattspan.status"] == "final"
     assert got.attributes["user.key"] == "kept"
     tp.shutdown()
+
+
+def test_the_metrics_flush_at_shutdown_keeps_to_its_time_with_a_collector_that_never_answers():
+    # the SDK's OTLP exporter waits its own 10 s whatever the flush is given: a SIGTERM's drain ran 9-19 s past
+    # shutdown_timeout_s, and the flush said True
+    from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+    from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+
+    from wattspan.export.otel import EnergyMetrics
+    from wattspan.meter.sinks import DeviceFigures
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(16)
+    held: list[socket.socket] = []
+    threading.Thread(target=lambda: [held.append(srv.accept()[0]) for _ in range(16)], daemon=True).start()
+    exp = OTLPMetricExporter(endpoint=f"http://127.0.0.1:{srv.getsockname()[1]}/v1/metrics", timeout=5)
+    mp = MeterProvider(metric_readers=[PeriodicExportingMetricReader(exp, export_interval_millis=600_000)])
+    em = EnergyMetrics(mp)
+    try:
+        em.on_device(DeviceFigures("gpu0", "gpu", 10.0, 100.0, 1.0))
+        t0 = time.monotonic()
+        assert em.flush(0.3) is False
+        assert time.monotonic() - t0 < 2.0
+        assert em.stats()["flush_overran"] == 1
+    finally:
+        srv.close()
+        for c in held:
+            c.close()
