@@ -105,6 +105,15 @@ def _clamp(st: "_State", src_name: str, dev: _Device, k: int, v: float) -> None:
                     "such readings are stored as 0 W (counted in health()['clamped_rows']; logged once)", src_name, dev.info.id, v)
 
 
+def _implausible(st: "_State", src_name: str, dev: _Device, k: int, v: float, count: bool = True) -> None:
+    """``k`` power readings of ``dev`` above any board's draw (:data:`COUNTER_MAX_W`; the first ``v`` W: NVML's
+    "not available" sentinel, 4.29 MW, read as milliwatts) are no reading: counted, logged once per device."""
+    if count:  # (a row left with no finite value is counted where rows are taken)
+        dev.rejected += k
+    st.once.warning((src_name, "implausible", dev.info.id), "wattspan: source %s gave %g W for %s, more than any board "
+                    "draws; such readings are left out (counted in health()['rejected_rows']; logged once)", src_name, v, dev.info.id)
+
+
 class _State:
     """Everything the thread touches; the thread holds this, never the Sampler, so the
     Sampler can be garbage-collected (its finaliser then stops the thread)."""
@@ -205,6 +214,9 @@ def _ingest(st: _State, src_name: str, batches: list[SampleBatch]) -> None:
                     if v < 0.0:
                         _clamp(st, src_name, dev, 1, v)
                         v = 0.0
+                    elif v > COUNTER_MAX_W:
+                        _implausible(st, src_name, dev, 1, v)
+                        continue
                     dev.buf.append(t, v, math.nan)
                 dev.last_t = t
                 continue
@@ -217,6 +229,9 @@ def _ingest(st: _State, src_name: str, batches: list[SampleBatch]) -> None:
                 if v < 0.0 and b.kind is not _ENERGY:
                     _clamp(st, src_name, dev, 1, v)
                     v = 0.0
+                elif v > COUNTER_MAX_W and b.kind is not _ENERGY:
+                    _implausible(st, src_name, dev, 1, v)  # as a non-finite value: the row keeps its counter
+                    continue
                 r = rows.setdefault(int(b.t_ns[0]), [math.nan, math.nan])
                 r[1 if b.kind is _ENERGY else 0] = v
             for t in sorted(rows):
@@ -240,6 +255,10 @@ def _ingest(st: _State, src_name: str, batches: list[SampleBatch]) -> None:
             if neg.any():
                 _clamp(st, src_name, dev, int(np.count_nonzero(neg)), float(ps[np.argmax(neg)]))
                 ps = np.where(neg, 0.0, ps)
+            over = ps > COUNTER_MAX_W
+            if over.any():
+                _implausible(st, src_name, dev, int(np.count_nonzero(over)), float(ps[np.argmax(over)]), count=False)
+                ps = np.where(over, np.nan, ps)
         if es is not None and np.isinf(es).any():
             es = np.where(np.isinf(es), np.nan, es)
         if ps is not None and es is not None:

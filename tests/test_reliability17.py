@@ -283,6 +283,49 @@ def test_the_sampler_takes_inf_for_no_reading_on_every_path():
     s.close()
 
 
+def test_the_sampler_leaves_out_watts_no_board_draws_on_every_path(caplog):
+    # NVML's "not available" sentinel (0xFFFFFFFF mW, 4.29 MW) read as power billed a 50 ms request 29 kJ
+    from wattspan.samples import SampleBatch, SampleKind
+    from wattspan.sampler import Sampler
+
+    I, E = SampleKind.INSTANT, SampleKind.ENERGY
+    sentinel = 0xFFFFFFFF * 1e-3
+
+    def b(kind, t, v):
+        return SampleBatch("gpu0", kind, np.asarray(t, dtype=np.int64), np.asarray(v, dtype=float))
+
+    script = deque([
+        [b(I, [10], [sentinel])],  # the fast path
+        [b(I, [20], [100.0]), b(E, [20], [5.0])],
+        [b(I, [30], [sentinel]), b(E, [30], [6.0])],  # one of each kind: the row stays for its counter
+        [b(I, [40, 50, 60], [100.0, sentinel, 120.0])],  # a batch
+    ])
+
+    class Src:
+        name, errors = "mw", 0
+
+        def devices(self):
+            return [DeviceInfo("gpu0", "g", sensor="mw")]
+
+        def poll(self):
+            return script.popleft() if script else []
+
+        def close(self):
+            pass
+
+    s = Sampler(Src())
+    with caplog.at_level("WARNING"):
+        for _ in range(4):
+            s.poll_now()
+    tr = s.trace("gpu0")
+    assert tr.t_ns.tolist() == [20, 30, 40, 60]
+    assert np.array_equal(tr.power_w, [100.0, np.nan, 100.0, 120.0], equal_nan=True)
+    assert np.nanmax(tr.power_w) < 1e6
+    assert s.health()["rejected_rows"] == {"gpu0": 3}  # each reading left out, as a non-finite one is
+    assert sum("more than any board" in r.getMessage() for r in caplog.records) == 1
+    s.close()
+
+
 # ------------------------------------------------------------------ 6. a trace with no reading at all
 
 
