@@ -284,6 +284,25 @@ def test_batch_steps_beyond_the_bounds_are_dropped_and_counted(caplog):
     assert len(meter._events) == 2001
 
 
+def test_the_batch_hook_never_raises_into_the_step_loop():
+    # wattspan.integrations.batch.record_step called int() on the times first: NaN, inf, text and None raised
+    # into the model server's loop, where Meter.record_step drops and counts them; a generator of tokens raised too
+    from wattspan import Meter
+    from wattspan.integrations.batch import record_step
+    from wattspan.sources.replay import ReplaySource
+
+    from .conftest import constant_trace
+
+    meter = Meter(sources=[ReplaySource([constant_trace(100.0)])], idle_w=40.0, autostart=False)
+    for bad in (float("nan"), float("inf"), "abc", None):
+        record_step(bad, 10, {"a": 1}, meter=meter)
+    assert meter.counters["dropped_steps"] == 4 and not meter._events
+    record_step(0, 10, (r for r in ["a", "b"]), meter=meter)  # ids, not pairs: not a mapping
+    assert meter.counters["dropped_steps"] == 5
+    record_step(0, 10, iter([("a", 2), ("b", 1)]), meter=meter)  # pairs make one
+    assert len(meter._events) == 1 and meter._events[0][4] == {"a": 2, "b": 1}
+
+
 def _wait(cond, timeout=5.0):
     import time
 

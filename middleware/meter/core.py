@@ -534,6 +534,12 @@ class Meter:
         if end_ns > time.monotonic_ns() + _AHEAD_NS:  # would wait for the sensor for ever
             self._drop_step(f"it ends more than a day ahead of time.monotonic_ns() ({end_ns} ns: another clock?)")
             return
+        if not isinstance(tokens, Mapping):  # a generator, a list of pairs: taken if it makes a mapping, else dropped
+            try:
+                tokens = dict(tokens)
+            except (TypeError, ValueError):
+                self._drop_step(f"its tokens are a {type(tokens).__name__}, not a mapping {{request id: tokens}}")
+                return
         if not tokens:
             return  # a step that served no request: nothing to split
         if end_ns <= start_ns:
