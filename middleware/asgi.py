@@ -227,10 +227,12 @@ class EnergyMiddleware:
             await self.app(scope, receive, window.send)
         except BaseException as exc:
             window.close(error=True, raised=isinstance(exc, Exception))
-            if self.request_id_header is not None and not window.status and isinstance(exc, Exception):
+            if (self.request_id_header is not None and not window.status and isinstance(exc, Exception)
+                    and not _app_answers_errors(scope)):
                 # The framework's error handler is outside this middleware: answer the 500
                 # here, so it carries the request id too; the exception still propagates
-                # (and is logged by the server as before).
+                # (and is logged by the server as before). Not where the app has its own
+                # answer (an exception handler for 500 or Exception, or debug tracebacks).
                 await _send_500(send, self.request_id_header, window.id)
             raise
         finally:
@@ -320,6 +322,19 @@ class EnergyMiddleware:
                 pass
             await self._drain()
             await send({"type": "lifespan.shutdown.complete"})
+
+
+def _app_answers_errors(scope: Scope) -> bool:
+    """Whether the framework app (``scope["app"]``: Starlette's, FastAPI's) answers an unhandled error
+    its own way: a handler for ``Exception`` or 500, or debug tracebacks. Its ServerErrorMiddleware sits
+    outside every user middleware and keeps quiet once a response has started, so a 500 answered here
+    would replace that answer (its status, body, headers)."""
+    app = scope.get("app")
+    try:
+        handlers = getattr(app, "exception_handlers", None) or {}
+        return bool(getattr(app, "debug", False)) or Exception in handlers or 500 in handlers
+    except Exception:
+        return False
 
 
 class _Window:

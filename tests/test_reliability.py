@@ -538,6 +538,31 @@ def test_a_500_raised_by_the_endpoint_carries_the_request_id(live_meter, capfd):
     assert "the endpoint failed" in capfd.readouterr().err  # the server still logs it as the error it is
 
 
+def test_an_apps_own_error_answer_is_left_as_it_sends_it(live_meter):
+    # with request_id_header set the middleware answered every raised error with its own plain 500, replacing
+    # a FastAPI exception handler's answer (a JSON 503 with Retry-After) and debug tracebacks
+    from starlette.responses import JSONResponse
+
+    async def boom(request):
+        raise RuntimeError("the endpoint failed")
+
+    async def handler(request, exc):
+        return JSONResponse({"error": "try later"}, status_code=503, headers={"retry-after": "7"})
+
+    for kind in ("handler", "debug"):
+        app = Starlette(routes=[Route("/boom", boom)], debug=kind == "debug",
+                        exception_handlers={Exception: handler} if kind == "handler" else {})
+        app.add_middleware(EnergyMiddleware, meter=live_meter, request_id_header="x-request-id")
+        with serve(app) as url:
+            r = httpx.get(f"{url}/boom")
+        if kind == "handler":
+            assert r.status_code == 503 and r.json() == {"error": "try later"} and r.headers["retry-after"] == "7"
+        else:
+            assert r.status_code == 500 and "RuntimeError" in r.text  # Starlette's debug page
+    assert live_meter.flush(10)
+    assert sum(rec.status_code == 500 for rec in live_meter.records) >= 2  # metered as the errors they were
+
+
 def test_drain_flushes_the_sinks_that_buffer_within_the_timeout(live_meter, tmp_path):
     import time
 
