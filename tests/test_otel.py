@@ -801,7 +801,15 @@ def test_the_metrics_flush_at_shutdown_keeps_to_its_time_with_a_collector_that_n
     srv.bind(("127.0.0.1", 0))
     srv.listen(16)
     held: list[socket.socket] = []
-    threading.Thread(target=lambda: [held.append(srv.accept()[0]) for _ in range(16)], daemon=True).start()
+    def hold() -> None:  # accept, never answer
+        try:
+            for _ in range(16):
+                held.append(srv.accept()[0])
+        except OSError:  # closed at the test's end
+            pass
+
+    th = threading.Thread(target=hold, daemon=True)
+    th.start()
     exp = OTLPMetricExporter(endpoint=f"http://127.0.0.1:{srv.getsockname()[1]}/v1/metrics", timeout=5)
     mp = MeterProvider(metric_readers=[PeriodicExportingMetricReader(exp, export_interval_millis=600_000)])
     em = EnergyMetrics(mp)
@@ -812,6 +820,34 @@ def test_the_metrics_flush_at_shutdown_keeps_to_its_time_with_a_collector_that_n
         assert time.monotonic() - t0 < 2.0
         assert em.stats()["flush_overran"] == 1
     finally:
+        try:
+            srv.shutdown(socket.SHUT_RDWR)  # wakes the accept
+        except OSError:
+            pass
         srv.close()
+        th.join(5)
         for c in held:
             c.close()
+
+
+def test_many_tenants_times_many_models_never_push_a_route_out_of_the_metrics():
+    # tenants and models are capped one by one (100 each), but their product went past the SDK's 2,000 label
+    # sets a metric: a new route's energy then sat in the unlabelled otel.metric.overflow series, counted nowhere
+    from wattspan import RequestRecord
+    from wattspan.export.otel import EnergyMetrics
+
+    reader = InMemoryMetricReader()
+    em = EnergyMetrics(MeterProvider(metric_readers=[reader]))
+
+    def rec(i, route, tenant, model):
+        return RequestRecord(id=f"r{i}", device="gpu0", start_ns=0, end_ns=1, energy_j=1.0, dynamic_j=1.0, idle_j=0.0,
+                             device_s=0.1, co2e_g=0.001, route=route, tenant=tenant, model=model, status_code=200)
+
+    em.observe_many([rec(t * 50 + m, "/v1/chat", f"junk{t}", f"junk{m}") for t in range(50) for m in range(50)])
+    em.observe_many([rec(10_000 + i, "/v1/embeddings", "acme", "m") for i in range(20)])
+    pts = [p for rm in reader.get_metrics_data().resource_metrics for sm in rm.scope_metrics for mt in sm.metrics
+           if mt.name == "wattspan.energy" for p in mt.data.data_points]
+    assert not [p for p in pts if p.attributes.get("otel.metric.overflow")]
+    assert sum(p.value for p in pts if p.attributes.get("http.route") == "/v1/embeddings") == pytest.approx(20.0)
+    assert sum(p.value for p in pts) == pytest.approx(2520.0)  # every joule under some label set
+    assert em.stats()["label_sets_folded"] > 0 and len(pts) < 2000

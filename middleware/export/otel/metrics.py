@@ -61,6 +61,9 @@ log = get_logger(__name__)
 ENERGY_BUCKETS_J = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0, 3000.0, 10000.0)
 #: ... and its carbon, micrograms to grams.
 CO2E_BUCKETS_G = (1e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
+#: label sets of a request metric past which a new set's tenant and model are counted as ``other``, and the
+#: bound past which its route is too: under the OpenTelemetry SDK's 2,000 a metric (its cardinality limit)
+LABEL_SETS, LABEL_SETS_HARD = 1_500, 1_900
 
 
 # ---------------------------------------------------------------------------- metrics
@@ -123,7 +126,8 @@ class EnergyMetrics:
         self._models = Cardinality(max_tenants)  # any client can name a model: bounded like tenants
         self._lock = threading.Lock()
         self._devices: dict[str, tuple[str, float | None, float | None, float | None]] = {}
-        self._counts = {"observed": 0, "invalid": 0, "errors": 0, "devices_dropped": 0, "flush_overran": 0}
+        self._counts = {"observed": 0, "invalid": 0, "errors": 0, "devices_dropped": 0, "flush_overran": 0, "label_sets_folded": 0}
+        self._sets: set[tuple[Any, ...]] = set()  # the label sets handed to the SDK (see _labels)
         self._fault = _Faults(self._counts)
         self._energy = m.create_counter("wattspan.energy", unit="J", description="Accelerator energy of finished requests")
         self._co2e = m.create_counter("wattspan.co2e", unit="g", description="CO2e of finished requests (operational over accelerator + host energy, + embodied)")
@@ -176,6 +180,22 @@ class EnergyMetrics:
             attrs["gen_ai.request.model"] = self._models(model)
         if tenant:
             attrs["wattspan.tenant"] = self._tenants(tenant)
+        # the label sets together stay under the SDK's 2,000 a metric (past it every new set is one unlabelled
+        # "otel.metric.overflow" series, a new route's included): tenants and models are capped one by one,
+        # but their product is not; past LABEL_SETS tenant and model fold into "other", past the hard bound
+        # the route too, each counted (label_sets_folded)
+        sets = self._sets
+        full = tuple(attrs.values())
+        if full not in sets:
+            if len(sets) >= LABEL_SETS:
+                self._counts["label_sets_folded"] += 1
+                for k in ("gen_ai.request.model", "wattspan.tenant"):
+                    if k in attrs:
+                        attrs[k] = "other"
+                if len(sets) >= LABEL_SETS_HARD and tuple(attrs.values()) not in sets:
+                    attrs["http.route"] = "other"
+                full = tuple(attrs.values())
+            sets.add(full)
         return attrs
 
     def observe(self, record: RequestRecord) -> None:
@@ -354,7 +374,8 @@ class EnergyMetrics:
 
     def stats(self) -> dict[str, int]:
         """``observed``, ``invalid``, ``errors``, ``devices_dropped``, ``flush_overran`` (a shutdown flush not
-        finished in its time), ``tenants_overflowed``, ``models_overflowed``."""
+        finished in its time), ``label_sets_folded`` (records whose tenant and model, past :data:`LABEL_SETS`
+        label sets, were counted as ``other``), ``tenants_overflowed``, ``models_overflowed``."""
         return dict(self._counts, tenants_overflowed=self._tenants.overflowed, models_overflowed=self._models.overflowed)
 
     # -------------------------------------------------------------- callbacks
