@@ -439,6 +439,10 @@ class OpenAIProxy:
         self.routes = _check_routes(routes)
         if self.upstream is None and not self.routes:
             raise ValueError("give the upstream server's URL, or routes: model name -> URL (or (URL, device))")
+        if meter is None:  # the process's meter: where no GPU answers, its simulated source meters these devices too
+            from wattspan.meter.discovery import simulate_devices
+
+            simulate_devices([d for d in [*(r.device for r in self.routes.values()), device] if isinstance(d, str) and d])
         if self.routes:
             # one upstream per model: the request's device is its upstream's GPUs
             dflt = device

@@ -113,3 +113,45 @@ def test_the_cli_takes_routes(capsys):
     assert "--route" in capsys.readouterr().err
     assert main(["proxy", "--route", "a=http://h:1", "--route", "a=http://h:2"]) == 2
     assert "once" in capsys.readouterr().err
+
+
+def test_the_command_lines_routes_are_each_metered_on_the_simulated_source(tmp_path):
+    # `wattspan proxy --route a=URL@gpu0+gpu1 --route b=URL@gpu4` with no GPU: the default simulated source
+    # metered gpu0 alone, so gpu1 logged an error per request and every request routed to gpu4 got 0 J
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from wattspan.export.ledger import query
+
+    from .conftest import free_port
+
+    up = make_upstream()
+    db = tmp_path / "l.sqlite"
+    with serve(up) as up_url:
+        port = free_port()
+        proc = subprocess.Popen([sys.executable, "-m", "wattspan.cli", "proxy", "--route", f"big={up_url}@gpu0+gpu1",
+                                 "--route", f"small={up_url}@gpu4", "--port", str(port), "--db", str(db)],
+                                env={**os.environ, "WATTSPAN_SIMULATE": "1", "WATTSPAN_OTEL": "0", "WATTSPAN_PEERS": "0"},
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    httpx.get(url + "/v1/models", timeout=2)
+                    break
+                except httpx.HTTPError:
+                    assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.stdout else ""
+                    time.sleep(0.2)
+            for m in ("big", "small", "small"):
+                assert httpx.post(url + "/v1/chat/completions", json=_chat(m, 0.3), timeout=30).status_code == 200
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            out = proc.communicate(timeout=60)[0]
+    rows = [r for r in query(db) if r["model"] in ("big", "small")]
+    assert sorted(r["device"] for r in rows) == ["gpu0,gpu1", "gpu4", "gpu4"], rows
+    assert all(r["energy_j"] > 0 and r["sensor"] != "none" and r["simulated"] for r in rows), rows
+    assert "unknown device" not in out and "Traceback" not in out, out
