@@ -1063,7 +1063,9 @@ def _batch_fit(cum: _CumEnergy, trace: DeviceTrace, steps: Steps, s_idx: np.ndar
         if sel is not None and np.any(sel.coef):
             family, why = sel.family, sel.why
             if with_waits:  # the steps' family, the wait terms beside it (StepModel.wait_coef)
-                family, why = _steps_family(family), why + "; with the waits' terms (W while waiting, J per wait)"
+                family, why = _steps_family(family), why + ("; with the waits' W while waiting (the J per wait left out: the given "
+                                                               "lag places each step's tail)" if held_wait else
+                                                               "; with the waits' terms (W while waiting, J per wait)")
             if lag_tau > 0:
                 why += f"; through a {lag_tau * 1e3:.2g} ms electrical lag" + (" (given)" if lag_s is not None else "")
             elif lag_s is not None:
