@@ -141,7 +141,7 @@ def test_the_refits_keep_a_given_lags_constraints_on_the_waits(sensor):
     for d in res.devices.values():
         m = d.model
         assert m.lag_tau_s == TAU
-        if "waits' terms" in m.why:
+        if "waits'" in m.why:  # (through a given lag: "the waits' W while waiting", the J per wait left out)
             waits += 1
             assert m.wait_coef[1] == 0, m.wait_coef
             assert m.wait_coef[0] <= m.full_coef[0] + 1e-9, (m.wait_coef, m.full_coef)
