@@ -172,8 +172,18 @@ class Settings:
             raise SettingsError("WATTSPAN_REGION", region, str(exc)) from None
         peer_dir = get("PEER_DIR") or None
         ledger = get("LEDGER") or None
-        if ledger is not None and os.path.isdir(ledger):
-            raise SettingsError("WATTSPAN_LEDGER", ledger, "a path to a SQLite file (this is a directory)")
+        if ledger is not None:
+            # set by docker or k8s, with no shell to expand it: "~/x.sqlite" had made a folder "~" here
+            ledger = os.path.expanduser(ledger)
+            from ._paths import writable_dir, writable_file
+
+            try:  # a folder, /dev/null, a path this process cannot write: refused at start, not records dropped later
+                if os.path.lexists(ledger):
+                    writable_file(ledger, "the path")
+                else:  # the writer makes its folders
+                    writable_dir(os.path.dirname(ledger) or ".", "its folder")
+            except ValueError as exc:
+                raise SettingsError("WATTSPAN_LEDGER", ledger, f"a SQLite file this process can write ({exc})") from None
         token = get("STEPS_TOKEN") or None
         if token is not None and len(token) < 16:
             raise SettingsError("WATTSPAN_STEPS_TOKEN", "*" * len(token), "a secret of at least 16 characters")

@@ -33,6 +33,8 @@ BAD = [
     ("WATTSPAN_BOARD_LAG_MS", "gpu0=4,gpu0=5"),
     ("WATTSPAN_BOARD_LAG_MS", "gpu 0=4"),
     ("WATTSPAN_BOARD_LAG_MS", "=4"),
+    ("WATTSPAN_LEDGER", "/dev/null"),  # not a file: it served, failing every write, records held then dropped
+    ("WATTSPAN_LEDGER", "/proc/1/x.sqlite"),
 ]
 
 
@@ -50,6 +52,12 @@ def test_a_bad_variable_names_itself_the_value_and_what_is_allowed(var, value):
         Settings.from_env({var: value})
     msg = str(err.value)
     assert err.value.var == var and var in msg and repr(value.strip()) in msg and "not valid" in msg
+
+
+def test_the_ledger_path_is_expanded_as_a_shell_would(monkeypatch, tmp_path):
+    # set by docker or k8s with no shell: "~/x.sqlite" had made a folder named "~" in the working directory
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert Settings.from_env({"WATTSPAN_LEDGER": "~/data/x.sqlite"}).ledger == str(tmp_path / "data" / "x.sqlite")
 
 
 def test_good_variables_are_read_into_one_frozen_object():
