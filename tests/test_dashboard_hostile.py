@@ -198,3 +198,20 @@ def test_a_bad_budget_file_stops_the_dashboard_at_start(ledger, tmp_path):
                            capture_output=True, text=True, timeout=60, env={**os.environ, **env})
         assert p.returncode == 2 and ("budget file" in p.stderr or "not valid JSON" in p.stderr), p.stderr
         assert "Traceback" not in p.stderr
+
+
+def test_the_budgets_burn_is_scanned_at_most_every_30_s(ledger, tmp_path, monkeypatch):
+    # each refresh (every 2 s) scanned every budget's whole period: 10 yearly budgets on 2M records kept a core busy
+    import wattspan.budgets as budgets_mod
+
+    calls = []
+    real = budgets_mod.budget_status
+    monkeypatch.setattr(budgets_mod, "budget_status", lambda cfg: calls.append(1) or real(cfg))
+    monkeypatch.setattr(dashboard, "_BUDGET_STATUS", {})
+    b = tmp_path / "b.json"
+    b.write_text(json.dumps({"budget": [{"name": "y", "limit_gco2e": 1, "period": "year"}]}))
+    first = dashboard._budgets(ledger, str(b))
+    assert first["available"] and dashboard._budgets(ledger, str(b)) == first and len(calls) == 1
+    b.write_text(json.dumps({"budget": [{"name": "y", "limit_gco2e": 2, "period": "year"}]}))
+    os.utime(b, (1, 1))  # another version of the file: scanned afresh
+    assert dashboard._budgets(ledger, str(b))["rows"][0]["limit"] == 2 and len(calls) == 2
