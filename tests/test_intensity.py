@@ -85,6 +85,17 @@ def test_electricitymaps_latest_history_forecast_and_cache(em):
     assert old.fallback and old.provider == "profile" and "24 h" in old.signal
 
 
+def test_a_forecast_past_the_providers_horizon_asks_once_not_once_an_hour(em):
+    # a 7-day deferral asked the API once per hour past its 24 h forecast (146 calls, 7.8 s before the 202)
+    p = ElectricityMapsProvider(base_url=em.url, timeout_s=1.0)
+    now = time.time()
+    fc = p.forecast("DE", now, now + 7 * 86400)
+    assert len(fc) >= 7 * 24
+    live = [v for v in fc if not v.fallback]
+    assert live and all(v.fallback for v in fc[len(live):])  # the provider's hours, then the offline profile's
+    assert em.hits <= 3, em.paths
+
+
 def test_electricitymaps_auth_failure_falls_back_and_never_logs_the_key(em, caplog, monkeypatch):
     monkeypatch.setenv("ELECTRICITYMAPS_API_TOKEN", "wrong-token-xyz")
     p = ElectricityMapsProvider(base_url=em.url, timeout_s=1.0)

@@ -333,6 +333,9 @@ class _Live:
 
         self._opener = urllib.request.build_opener(_carbon._NoRedirect)
         self._cache: dict[tuple[str, float], tuple[float, IntensityValue]] = {}
+        #: per zone, when a fetch answered and the end (unix s) of the last period it covered: a time past it
+        #: is not fetched again within ttl_s (a 7-day deferral had asked once per hour past a 24 h forecast)
+        self._horizon: dict[str, tuple[float, float]] = {}
         self._lock = threading.Lock()
         self._down_until = 0.0
         self._once = LogOnce(log)  # one warning per outage
@@ -438,6 +441,9 @@ class _Live:
             return hit
         if self._down():
             return self._fallback(zone, t_s, f"{self.name} unavailable")
+        h = self._horizon.get(zone)
+        if h is not None and t_s >= h[1] and time.monotonic() - h[0] < self.ttl_s:
+            return self._fallback(zone, t_s, f"{self.name} has no value for {_iso(t_s)} (past its forecast)")
         try:
             values = fetch()
         except _FETCH_ERRORS as exc:
@@ -446,6 +452,12 @@ class _Live:
         self._store(values)
         best = self._pick(values, t_s)
         if best is None:
+            ends = [v.start_s + v.period_s for v in values]
+            if not ends or t_s >= max(ends):  # past what it has: later times are past it too, until ttl_s
+                with self._lock:
+                    if len(self._horizon) > 1000:
+                        self._horizon.clear()
+                    self._horizon[zone] = (time.monotonic(), max(ends) if ends else t_s)
             return self._fallback(zone, t_s, f"{self.name} has no value for {_iso(t_s)}")
         return best
 
