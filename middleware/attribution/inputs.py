@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from itertools import chain, repeat
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -210,35 +211,33 @@ class Steps:
         steps that ran on other devices instead (a pipeline's other stages, for ``attribute``'s
         ``wait_owners``), each named ``device``: the device whose waits they own."""
         index = {rid: i for i, rid in enumerate(requests.ids.tolist())}
-        starts: list[int] = []
-        ends: list[int] = []
-        e_step: list[int] = []
-        e_req: list[int] = []
-        e_tok: list[float] = []
-        for s, e, d, tok in batches:
-            here = d == device or ("," in d and device in d.split(","))
-            if here == elsewhere:
-                continue
-            k = len(starts)
-            n0 = len(e_req)
-            for rid, v in tok.items():
-                i = index.get(rid)
-                if i is not None:
-                    e_req.append(i)
-                    e_tok.append(float(v))
-            if len(e_req) > n0:
-                e_step.extend([k] * (len(e_req) - n0))
-                starts.append(s)
-                ends.append(e)
-        if not starts:
+        rows = [b for b in batches if (b[2] == device or ("," in b[2] and device in b[2].split(","))) != elsewhere]
+        if not rows:
             return None
+        # flattened at C speed (a live meter's refit: a million entries a minute at a thousand in flight,
+        # where a loop per entry held the GIL for a second): ids and counts through chain, ids to rows by map
+        counts = np.fromiter((len(b[3]) for b in rows), dtype=np.int64, count=len(rows))
+        total = int(counts.sum())
+        req = np.fromiter(map(index.get, chain.from_iterable(b[3] for b in rows), repeat(-1)), dtype=np.int64, count=total)
+        tok = np.fromiter(chain.from_iterable(b[3].values() for b in rows), dtype=np.float64, count=total)
+        step = np.repeat(np.arange(len(rows), dtype=np.int64), counts)
+        keep = req >= 0
+        if not keep.all():
+            req, tok, step = req[keep], tok[keep], step[keep]
+        has = np.zeros(len(rows), dtype=bool)
+        has[step] = True
+        if not has.any():
+            return None
+        renum = np.cumsum(has) - 1  # the kept steps, numbered in order
+        starts = np.fromiter((b[0] for b in rows), dtype=np.int64, count=len(rows))[has]
+        ends = np.fromiter((b[1] for b in rows), dtype=np.int64, count=len(rows))[has]
         return cls(
-            start_ns=np.array(starts, dtype=np.int64),
-            end_ns=np.array(ends, dtype=np.int64),
+            start_ns=starts,
+            end_ns=ends,
             device=np.full(len(starts), device, dtype=object),
-            entry_step=np.array(e_step, dtype=np.int64),
-            entry_request=np.array(e_req, dtype=np.int64),
-            entry_tokens=np.array(e_tok, dtype=np.float64),
+            entry_step=renum[step],
+            entry_request=req,
+            entry_tokens=tok,
         )
 
 
