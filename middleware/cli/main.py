@@ -300,7 +300,9 @@ def _env_note(message: str, from_env: list[tuple[str, str, str, list[str]]]) -> 
     import re
 
     # a secret is named, never shown (its length is the only hint): a refused token lands in logs and terminals
-    shown = lambda env, raw: "*" * len(raw) if any(k in env for k in _SECRET_WORDS) else raw  # noqa: E731
+    def shown(env: str, raw: str) -> str:
+        return "*" * len(raw) if any(k in env for k in _SECRET_WORDS) else raw
+
     hits = [f"{env}={shown(env, raw)!r}" for dest, env, raw, opts in from_env
             if any(o in message for o in opts) or re.search(rf"(?<![\w-]){re.escape(dest)}(?![A-Za-z0-9-])", message)]
     return f" (from {', '.join(hits)})" if hits else ""
