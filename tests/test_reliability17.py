@@ -204,27 +204,21 @@ def test_wattspan_attribute_gives_one_line_naming_a_negative_reading(monkeypatch
     assert len(err) == 1 and err[0].startswith("wattspan: error: ") and "negative" in err[0] and "gpu0" in err[0]
 
 
-def test_the_sampler_clamps_negative_watts_to_zero_counts_and_logs_them(caplog):
-    from wattspan.samples import SampleBatch, SampleKind
+def _b(kind, t, v):
+    from wattspan.samples import SampleBatch
+
+    return SampleBatch("gpu0", kind, np.asarray(t, dtype=np.int64), np.asarray(v, dtype=float))
+
+
+def _scripted(name: str, script: deque):
+    """A Sampler over a source that answers each poll with the script's next batches."""
     from wattspan.sampler import Sampler
 
-    I, E = SampleKind.INSTANT, SampleKind.ENERGY
-
-    def b(kind, t, v):
-        return SampleBatch("gpu0", kind, np.asarray(t, dtype=np.int64), np.asarray(v, dtype=float))
-
-    script = deque([
-        [b(I, [10], [-3.0])],  # one reading (the sampler's fast path)
-        [b(I, [20], [-1.0]), b(E, [20], [5.0])],  # one of each kind
-        [b(I, [30, 40, 50], [100.0, -2.0, 120.0])],  # a batch
-        [b(I, [60, 70], [-4.0, 90.0]), b(E, [60, 70], [6.0, 7.0])],  # power and energy batches
-    ])
-
     class Src:
-        name, errors = "neg", 0
+        errors = 0
 
         def devices(self):
-            return [DeviceInfo("gpu0", "g", sensor="neg")]
+            return [DeviceInfo("gpu0", "g", sensor=name)]
 
         def poll(self):
             return script.popleft() if script else []
@@ -232,7 +226,23 @@ def test_the_sampler_clamps_negative_watts_to_zero_counts_and_logs_them(caplog):
         def close(self):
             pass
 
-    s = Sampler(Src())
+    Src.name = name
+    return Sampler(Src())
+
+
+def test_the_sampler_clamps_negative_watts_to_zero_counts_and_logs_them(caplog):
+    from wattspan.samples import SampleKind
+
+    I, E = SampleKind.INSTANT, SampleKind.ENERGY
+
+    script = deque([
+        [_b(I, [10], [-3.0])],  # one reading (the sampler's fast path)
+        [_b(I, [20], [-1.0]), _b(E, [20], [5.0])],  # one of each kind
+        [_b(I, [30, 40, 50], [100.0, -2.0, 120.0])],  # a batch
+        [_b(I, [60, 70], [-4.0, 90.0]), _b(E, [60, 70], [6.0, 7.0])],  # power and energy batches
+    ])
+
+    s = _scripted("neg", script)
     with caplog.at_level("WARNING"):
         for _ in range(4):
             s.poll_now()
@@ -245,34 +255,18 @@ def test_the_sampler_clamps_negative_watts_to_zero_counts_and_logs_them(caplog):
 
 
 def test_the_sampler_takes_inf_for_no_reading_on_every_path():
-    from wattspan.samples import SampleBatch, SampleKind
-    from wattspan.sampler import Sampler
+    from wattspan.samples import SampleKind
 
     I, E = SampleKind.INSTANT, SampleKind.ENERGY
 
-    def b(kind, t, v):
-        return SampleBatch("gpu0", kind, np.asarray(t, dtype=np.int64), np.asarray(v, dtype=float))
-
     script = deque([
-        [b(I, [10], [np.inf])],  # the fast path stored it: energies of inf joules
-        [b(I, [20], [100.0]), b(E, [20], [5.0])],
-        [b(I, [30, 40], [np.inf, 100.0]), b(E, [30, 40], [6.0, 7.0])],  # the row stays, for its counter
-        [b(E, [50, 60], [np.inf, 8.0])],
+        [_b(I, [10], [np.inf])],  # the fast path stored it: energies of inf joules
+        [_b(I, [20], [100.0]), _b(E, [20], [5.0])],
+        [_b(I, [30, 40], [np.inf, 100.0]), _b(E, [30, 40], [6.0, 7.0])],  # the row stays, for its counter
+        [_b(E, [50, 60], [np.inf, 8.0])],
     ])
 
-    class Src:
-        name, errors = "inf", 0
-
-        def devices(self):
-            return [DeviceInfo("gpu0", "g", sensor="inf")]
-
-        def poll(self):
-            return script.popleft() if script else []
-
-        def close(self):
-            pass
-
-    s = Sampler(Src())
+    s = _scripted("inf", script)
     for _ in range(4):
         s.poll_now()
     tr = s.trace("gpu0")
@@ -285,35 +279,19 @@ def test_the_sampler_takes_inf_for_no_reading_on_every_path():
 
 def test_the_sampler_leaves_out_watts_no_board_draws_on_every_path(caplog):
     # NVML's "not available" sentinel (0xFFFFFFFF mW, 4.29 MW) read as power billed a 50 ms request 29 kJ
-    from wattspan.samples import SampleBatch, SampleKind
-    from wattspan.sampler import Sampler
+    from wattspan.samples import SampleKind
 
     I, E = SampleKind.INSTANT, SampleKind.ENERGY
     sentinel = 0xFFFFFFFF * 1e-3
 
-    def b(kind, t, v):
-        return SampleBatch("gpu0", kind, np.asarray(t, dtype=np.int64), np.asarray(v, dtype=float))
-
     script = deque([
-        [b(I, [10], [sentinel])],  # the fast path
-        [b(I, [20], [100.0]), b(E, [20], [5.0])],
-        [b(I, [30], [sentinel]), b(E, [30], [6.0])],  # one of each kind: the row stays for its counter
-        [b(I, [40, 50, 60], [100.0, sentinel, 120.0])],  # a batch
+        [_b(I, [10], [sentinel])],  # the fast path
+        [_b(I, [20], [100.0]), _b(E, [20], [5.0])],
+        [_b(I, [30], [sentinel]), _b(E, [30], [6.0])],  # one of each kind: the row stays for its counter
+        [_b(I, [40, 50, 60], [100.0, sentinel, 120.0])],  # a batch
     ])
 
-    class Src:
-        name, errors = "mw", 0
-
-        def devices(self):
-            return [DeviceInfo("gpu0", "g", sensor="mw")]
-
-        def poll(self):
-            return script.popleft() if script else []
-
-        def close(self):
-            pass
-
-    s = Sampler(Src())
+    s = _scripted("mw", script)
     with caplog.at_level("WARNING"):
         for _ in range(4):
             s.poll_now()
