@@ -152,3 +152,14 @@ def test_a_deployment_no_phase_measured_is_named_in_the_report():
                 "versions": {}, "machine": {"platform": "test", "cpus": 1}})
     texts = " ".join(str(b[1]) for b in build_blocks(rep))
     assert "No measured phase for `--deploy batch=DE@cleanest:6`" in texts
+
+
+def test_a_cloud_region_keeps_its_name_and_its_providers_pue():
+    # aws:eu-west-3 was priced at FR's profile and shown as FR with PUE 1.0 ("no facility overhead assumed")
+    from wattspan.bench.deploy import parse_deploy
+    from wattspan.carbon import default_pue
+
+    for region, cloud in (("aws:eu-west-3", "aws"), ("azure:francecentral", "azure"), ("gcp:europe-west1", "gcp")):
+        d = parse_deploy(f"batch={region}")
+        assert d.region == region and d.pue == default_pue(cloud).value and d.pue > 1.0, d
+    assert parse_deploy("batch=france").region == "FR" and parse_deploy("batch=FR").pue == default_pue("on-prem").value

@@ -110,10 +110,12 @@ def parse_deploy(spec: str, *, pue: float | None = None) -> Deployment:
     mode, region, hours = m.group(1), m.group(2), m.group(3) or "all"
     if mode not in DEPLOY_MODES:
         raise ValueError(f"--deploy mode must be one of {', '.join(DEPLOY_MODES)}, got {mode!r}")
-    pz = profile_zone(region)
-    label = pz if pz else grid_intensity(region).zone  # an unknown region raises with close matches
+    zone = grid_intensity(region).zone  # the region as given, resolved (an unknown one raises with close matches)
+    # the label and the facility overhead are the region's own (aws:eu-west-3, with AWS's PUE): the profile
+    # zone (FR) only picks the hours
+    label = zone if ":" in zone else (profile_zone(region) or zone)
     v, src, hourly = effective_intensity(region, hours)
-    cloud = label.split(":", 1)[0] if ":" in label else "on-prem"
+    cloud = zone.split(":", 1)[0] if ":" in zone else "on-prem"
     dp = default_pue(cloud)
     return Deployment(mode, label, hours, v, dp.value if pue is None else float(pue), src,
                       dp.source if pue is None else "given (--pue)", hourly)
