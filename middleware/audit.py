@@ -199,6 +199,9 @@ def from_run(db: str | os.PathLike, run_id: str = "last") -> Basis:
     return b
 
 
+_HAS_BAND = "(energy_j_high > 0 OR energy_j = 0)"  # a record carrying a 90 % band
+
+
 def _ledger_rows(db, since, until):
     """Totals, per-bucket energy and quality from the ledger, in SQL (bounded memory)."""
     from .export.ledger.schema import _reading, _where, excluded, valid_sql
@@ -216,8 +219,13 @@ def _ledger_rows(db, since, until):
         q = ("SELECT COUNT(*), TOTAL(energy_j), TOTAL(host_j), TOTAL(device_s), TOTAL(co2e_g), TOTAL(embodied_g), "
              "TOTAL(prompt_tokens), TOTAL(output_tokens), MIN(recorded_at), MAX(recorded_at), MIN(coverage), AVG(coverage), "
              "MAX(simulated), TOTAL(dynamic_j), TOTAL(idle_j)"
-             + (", TOTAL(energy_j_low), TOTAL(energy_j_high)" if band else "")
-             + (", TOTAL(co2e_g_low), TOTAL(co2e_g_high)" if gband else "")
+             # a record with no band (RequestRecord's default 0..0, an older file's added columns) is no band of
+             # 0 J: it counts at its own value, and how many there are is said beside the band
+             + (", TOTAL(CASE WHEN " + _HAS_BAND + " THEN energy_j_low ELSE energy_j END), "
+                "TOTAL(CASE WHEN " + _HAS_BAND + " THEN energy_j_high ELSE energy_j END), "
+                "TOTAL(NOT (" + _HAS_BAND + "))" if band else "")
+             + (", TOTAL(CASE WHEN " + _HAS_BAND + " THEN co2e_g_low ELSE co2e_g END), "
+                "TOTAL(CASE WHEN " + _HAS_BAND + " THEN co2e_g_high ELSE co2e_g END)" if gband else "")
              + f" FROM requests{where}")
         tot = conn.execute(q, args).fetchone()
         sensors = conn.execute(f"SELECT device, sensor, MAX(simulated), COUNT(*), TOTAL(energy_j), MIN(coverage) "
@@ -244,17 +252,20 @@ def _ledger_intensity(db, since, until) -> dict | None:
         cols = set() if conn is None else {r[1] for r in conn.execute("PRAGMA table_info(requests)")}
         if conn is None or "intensity_g_per_kwh" not in cols:
             return None
-        sel = " AND ".join(x for x in (where.replace(" WHERE ", "", 1), "intensity_g_per_kwh > 0", valid_sql(cols)) if x)
+        # the rows that recorded an intensity (a provider named: 0 g/kWh is a figure, a clean hour or --intensity 0);
+        # a row from before the intensity columns has 0 and no provider
+        has = "IFNULL(intensity_provider, '') != ''" if "intensity_provider" in cols else "intensity_g_per_kwh > 0"
+        sel = " AND ".join(x for x in (where.replace(" WHERE ", "", 1), has, valid_sql(cols)) if x)
         row = conn.execute(
             "SELECT TOTAL((energy_j + host_j) * intensity_g_per_kwh), TOTAL(energy_j + host_j), TOTAL(co2e_g - embodied_g), "
             "MIN(intensity_g_per_kwh), MAX(intensity_g_per_kwh), MIN(intensity_hour), MAX(intensity_hour), "
             "GROUP_CONCAT(DISTINCT intensity_provider), GROUP_CONCAT(DISTINCT intensity_zone), GROUP_CONCAT(DISTINCT intensity_basis), "
             f"COUNT(*) FROM requests WHERE {sel}", args).fetchone()
     ei, e, op, lo, hi, h0, h1, providers, zones, bases, n = row
-    if not n or e <= 0 or ei <= 0:
+    if not n or e <= 0 or ei < 0:
         return None
     weighted = ei / e  # gCO2e/kWh, energy-weighted over the records' own hours
-    return {"region": zones or "", "intensity_g_per_kwh": weighted, "pue": round(op * 3.6e6 / ei, 3) if op > 0 else 1.0,
+    return {"region": zones or "", "intensity_g_per_kwh": weighted, "pue": round(op * 3.6e6 / ei, 3) if op > 0 and ei > 0 else 1.0,
             "intensity_source": (f"the records' own intensity at the hour each ran ({bases or 'location'}-based; provider "
                                  f"{providers}; zone {zones}; hours {h0} to {h1}; {lo:.4g}-{hi:.4g} gCO2e/kWh), "
                                  f"energy-weighted over {n} requests")}
@@ -281,9 +292,15 @@ def from_ledger(db: str | os.PathLike, since: float | None = None, until: float 
               unattributed_note="the ledger holds requests only: device energy between requests (idle, unattributed) "
                                 "is not in it; see wattspan_unattributed_energy in the metrics")
     if band:
-        lo, hi = rest[0], rest[1]
-        rest = rest[2:]
-        b.band_j = (lo + host, hi + host)
+        lo, hi, no_band = rest[0], rest[1], int(rest[2])
+        rest = rest[3:]
+        if no_band < n:
+            b.band_j = (lo + host, hi + host)
+        else:  # (and no CO2e band either)
+            gband = False
+        if 0 < no_band < n:
+            b.notes.append(f"{no_band} of {n} records carry no 90 % band (written without one, or by an older wattspan): "
+                           "the band counts each of them at its own value")
     if gband:
         b.band_g = (rest[0], rest[1])
     b.notes.append(f"{n} requests recorded {_utc(first)} to {_utc(last)}; dynamic {dyn:.4g} J + idle share {idle:.4g} J of accelerator energy")

@@ -406,6 +406,30 @@ def test_a_ledger_audit_uses_the_intensity_each_record_ran_at(tmp_path):
     assert carbon_for(b, region="FR")["hourly"] is False  # --region overrides with the yearly table
 
 
+def test_a_ledger_audit_keeps_a_zero_intensity_and_sums_only_the_bands_records_carry(tmp_path):
+    # a record priced at 0 g/kWh was left out of the weighting (the other's 400 g/kWh applied to both: +100 %),
+    # and records with no band (0..0, RequestRecord's default) were summed as a band of 0 J
+    def rec(i, intensity, band):
+        e = 3.6e6
+        return RequestRecord(id=f"z{i}", device="gpu0", start_ns=i, end_ns=i + 10**8, energy_j=e, dynamic_j=e, idle_j=0.0,
+                             device_s=0.1, co2e_g=intensity, method="batch-fit", sensor="nvml:energy-counter",
+                             intensity_g_per_kwh=intensity, intensity_provider="table", intensity_zone="ZZ",
+                             intensity_hour="2026-01-01T00:00Z", intensity_basis="location",
+                             energy_j_low=0.9 * e if band else 0.0, energy_j_high=1.1 * e if band else 0.0)
+
+    for bands, want_band in (((False, False), None), ((True, False), (3.6e6 * 0.9 + 3.6e6, 3.6e6 * 1.1 + 3.6e6))):
+        db = tmp_path / f"z{len(bands)}{bands[0]}.sqlite"
+        with Ledger(db) as led:
+            led.write([rec(0, 0.0, bands[0]), rec(1, 400.0, bands[1])])
+            assert led.flush()
+        b = from_ledger(db)
+        c = carbon_for(b)
+        assert c["intensity"] == pytest.approx(200.0)  # energy-weighted over both: 0 g/kWh is a figure
+        assert build_report(b, c)["operational_g"] == pytest.approx(400.0, rel=1e-6)
+        assert b.band_j == (pytest.approx(want_band) if want_band else None)
+        assert any("1 of 2 records carry no 90 % band" in x for x in b.notes) == (want_band is not None)
+
+
 _COUNT_SIGNALS = """
 import os, signal, sys, time
 got = []
