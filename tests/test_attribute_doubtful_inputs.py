@@ -214,3 +214,13 @@ def test_audit_of_records_shows_their_band_and_refuses_another_runs_summary(tmp_
     refused(wattspan("audit", "--records", half, "--summary", s, "--out", tmp_path / "b.md"),
             f"summary of {len(rows)} requests", "the records hold 60 requests")
     ok(wattspan("audit", "--records", half, "--out", tmp_path / "c.md"))  # without the summary: the records alone
+
+
+def test_a_hole_in_a_counters_readings_is_named(tmp_path):
+    lines = (SIM / "trace.csv").read_text().splitlines()
+    head, rows = lines[0], [r.split(",") for r in lines[1:]]
+    gap = tmp_path / "trace.csv"
+    shift = lambda i, t: int(t) + (3_600 * 10**9 if i > 700 else 0)  # noqa: E731
+    gap.write_text(head + "\n" + "".join(f"{shift(i, t)},{g},{pw},{e}\n" for i, (t, g, pw, e) in enumerate(rows)))
+    p = ok(wattspan("attribute", "--trace", gap, "--requests", SIM / "requests.jsonl", "--out", tmp_path / "o.jsonl"))
+    assert "1 hole(s) in its readings" in p.stderr and "spread evenly over the hole" in p.stderr, p.stderr

@@ -114,7 +114,16 @@ def counter_knots(t_ns: np.ndarray, energy_j: np.ndarray) -> tuple[np.ndarray, n
     tk = t[idx].copy()
     if repeats > 0.3:
         prev = np.maximum(idx - 1, 0)
-        tk[1:] = t[prev[1:]] + (t[idx[1:]] - t[prev[1:]]) // 2  # no int64 overflow on a clock past 2**62 ns
+        gap = t[idx[1:]] - t[prev[1:]]  # between the last read of the old value and the first of the new
+        half = gap // 2  # (no int64 overflow on a clock past 2**62 ns)
+        if len(gap):
+            # a hole in the reads (a paused sampler, a lost connection): the refresh happened somewhere in it,
+            # and the energy it shows was drawn all along it. The midpoint squeezed a hole's energy into its
+            # first half (a 5 s hole took the p95 from 4.5 to 17 %, every request's); the knot goes half a
+            # typical read interval before the new value's first read, so the rise spans the hole
+            typical = max(int(np.median(gap)), 1)
+            half = np.where(gap > 4 * typical, gap - typical // 2, half)
+        tk[1:] = t[prev[1:]] + half
     ek = e[idx]
     if idx[-1] != len(t) - 1:  # keep the last read so the trace's end is covered
         tk = np.append(tk, t[-1])

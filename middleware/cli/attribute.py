@@ -357,16 +357,21 @@ def _trace_doubts(name: str, tr: Any) -> list[str]:
             if counter_w > 0 and power_w > 0 and max(counter_w / power_w, power_w / counter_w) > _UNIT_RATIO:
                 out.append(f"{name}: its energy counter averages {counter_w:.4g} W over the trace, its power readings "
                            f"{power_w:.4g} W: the meter believes the counter; are both in their units (J, W; mJ read as J?)")
-    if ej is None or not np.isfinite(ej).any():
-        gaps = np.diff(t.astype(np.int64))
+    counter = ej is not None and bool(np.isfinite(ej).any())
+    tt = t[np.isfinite(ej)] if counter and ej is not None else t
+    if len(tt) >= 2:
+        gaps = np.diff(tt.astype(np.int64))
         med = float(np.median(gaps))
         long = gaps > max(_GAP_SPACINGS * med, _GAP_MIN_S * 1e9)
         k = int(np.count_nonzero(long))
         if k:
             i = int(np.argmax(gaps))
+            # a counter holds every joule across a hole, but not when in it they were drawn: spread evenly over it
+            what = ("its counter holds the energy across a hole but not when it was drawn: it is spread evenly over the hole"
+                    if counter else "the energy across a hole is interpolated between its ends, not measured")
             out.append(f"{name}: {k} hole(s) in its readings longer than {_GAP_SPACINGS} times their median spacing "
-                       f"({med * 1e-6:.3g} ms; the longest {gaps[i] * 1e-9:.4g} s after {int(t[i])} ns): the energy across "
-                       "a hole is interpolated between its ends, not measured; did the sampler stop?")
+                       f"({med * 1e-6:.3g} ms; the longest {gaps[i] * 1e-9:.4g} s after {int(tt[i])} ns): {what}; "
+                       "did the sampler stop?")
     return out
 
 
