@@ -448,12 +448,18 @@ def cli_main(args, carbon) -> int:
 
         writable_file(args.json, "--json")
     summary = measure(argv, carbon=carbon, db=args.db, interval_s=float(args.interval_s), label=args.label or "")
-    print_result(summary, file=sys.stderr)
-    if args.json is not None:
+    json_error = None
+    if args.json is not None:  # first: a closed stderr must not lose it
         try:
             Path(args.json).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
         except OSError as exc:  # the job has run: say where its result is, not a traceback
-            kept = f"the run is in {summary['ledger']}" if summary.get("ledger") else "the summary is printed above only"
-            raise ValueError(f"--json {args.json}: cannot write: {exc.strerror or exc} ({kept})") from None
+            kept = f"the run is in {summary['ledger']}" if summary.get("ledger") else "the summary is printed below only"
+            json_error = f"--json {args.json}: cannot write: {exc.strerror or exc} ({kept})"
+    try:
+        print_result(summary, file=sys.stderr)
+    except OSError:  # stderr closed or a broken pipe (`2>&1 | head`): the job's exit code still comes back
+        pass
+    if json_error is not None:
+        raise ValueError(json_error)
     code = summary["exit_code"]
     return code if code >= 0 else 128 - code

@@ -546,3 +546,12 @@ def test_an_embodied_lifetime_or_utilisation_no_device_has_is_refused(tmp_path, 
     p = cli("run", "--db", tmp_path / "w.sqlite", "--embodied-kg", "300", flag, value, "--",
             sys.executable, "-c", f"open({str(mark)!r}, 'w')", cwd=tmp_path)
     assert p.returncode == 2 and flag.strip("-").replace("-", "_") in p.stderr and not mark.exists(), p.stderr
+
+
+def test_run_keeps_the_jobs_exit_code_and_its_json_when_stderr_is_gone(tmp_path):
+    # `wattspan run ... 2>&1 | true`: printing the summary raised BrokenPipeError, so rc was 1 and --json never written
+    js = tmp_path / "r.json"
+    cmd = (f"{sys.executable} -m wattspan.cli run --db {tmp_path / 'r.sqlite'} --json {js} -- "
+           f"{sys.executable} -c 'import time, sys; time.sleep(1); sys.exit(7)' 2>&1 | true; exit ${{PIPESTATUS[0]}}")
+    p = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=120, env={**os.environ, "WATTSPAN_SIMULATE": "1"})
+    assert p.returncode == 7 and json.loads(js.read_text())["exit_code"] == 7
