@@ -16,13 +16,14 @@ def _nearest_existing(p: Path) -> Path:
     return q
 
 
-def writable_file(path: str | os.PathLike[str], option: str) -> None:
-    """Raise ValueError unless ``path`` names a regular file this process may write (or create)."""
+def writable_file(path: str | os.PathLike[str], option: str, example: str = "wattspan.sqlite") -> None:
+    """Raise ValueError unless ``path`` names a regular file this process may write (or create);
+    ``example``: the file name the message suggests inside a folder given instead."""
     if str(path) == "":
         raise ValueError(f"{option}: empty path; give a file name")
     p = Path(path)
     if p.is_dir():
-        raise ValueError(f"{option} {p}: is a directory; give a file in it, e.g. {p / 'wattspan.sqlite'}")
+        raise ValueError(f"{option} {p}: is a directory; give a file in it, e.g. {p / example}")
     if p.exists():
         if not p.is_file():
             raise ValueError(f"{option} {p}: not a regular file")

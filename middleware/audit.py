@@ -805,6 +805,10 @@ def cli_main(args) -> int:
 
         if importlib.util.find_spec("fpdf") is None:
             raise ValueError("a PDF needs fpdf2: pip install 'wattspan[audit]' (or write .html and print it)")
+    if args.out is not None:  # before the work: a path it cannot write is one line, not a traceback after it
+        from ._paths import writable_file
+
+        writable_file(args.out, "--out", f"audit.{fmt}")
     mi = args.market_intensity
     if mi is not None and not (math.isfinite(mi) and 0 <= mi <= 2500):
         raise ValueError(f"--market-intensity must be gCO2e/kWh from 0 to 2500, got {mi!r}")
@@ -821,7 +825,11 @@ def cli_main(args) -> int:
         from .export.ledger.runs import list_runs
 
         if args.run or list_runs(args.db):
-            basis = from_run(args.db, args.run or "last")
+            try:
+                basis = from_run(args.db, args.run or "last")
+            except (KeyError, TypeError, IndexError) as exc:  # an edited summary, or another version's
+                raise ValueError(f"the run in {args.db} is damaged: its summary lacks or mangles {exc} "
+                                 "(was it edited, or written by another wattspan?)") from None
         else:
             basis = from_ledger(args.db)
     carbon = carbon_for(basis, region=args.region, intensity=args.intensity, intensity_source=args.intensity_source,
@@ -835,6 +843,10 @@ def cli_main(args) -> int:
                           boundary=args.boundary, title=args.title,
                           equivalent=(args.equivalent_g, args.equivalent_unit, args.equivalent_source),
                           audit_command="wattspan audit " + shlex.join(sys.argv[2:]) if sys.argv[1:2] == ["audit"] else "wattspan audit")
-    for p in write(report, args.out, fmt):
+    try:
+        paths = write(report, args.out, fmt)
+    except OSError as exc:  # a disk full (/dev/full), a folder in the way of a chart file
+        raise ValueError(f"--out {args.out}: cannot write: {exc.strerror or exc}") from None
+    for p in paths:
         print(f"wrote {p}", file=sys.stderr)
     return 0

@@ -555,3 +555,23 @@ def test_run_keeps_the_jobs_exit_code_and_its_json_when_stderr_is_gone(tmp_path)
            f"{sys.executable} -c 'import time, sys; time.sleep(1); sys.exit(7)' 2>&1 | true; exit ${{PIPESTATUS[0]}}")
     p = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=120, env={**os.environ, "WATTSPAN_SIMULATE": "1"})
     assert p.returncode == 7 and json.loads(js.read_text())["exit_code"] == 7
+
+
+def test_audit_refuses_an_out_it_cannot_write_and_a_damaged_run_in_one_line(tmp_path):
+    db = tmp_path / "a.sqlite"
+    env = {**os.environ, "WATTSPAN_SIMULATE": "1"}
+    run = lambda *a: subprocess.run([sys.executable, "-m", "wattspan.cli", *map(str, a)], capture_output=True, text=True,  # noqa: E731
+                                    timeout=120, env=env)
+    assert run("run", "--db", db, "--", sys.executable, "-c", "pass").returncode == 0
+    (tmp_path / "afile").write_text("")
+    (tmp_path / "adir").mkdir()
+    for out in (tmp_path / "afile" / "x.md", tmp_path / "adir", "/dev/full"):
+        p = run("audit", "--db", db, "--out", out, "--format", "md")
+        assert p.returncode == 2 and "--out" in p.stderr and "Traceback" not in p.stderr, p.stderr
+    with sqlite3.connect(db) as c:
+        rid, s = c.execute("SELECT run_id, summary FROM runs").fetchone()
+        d = json.loads(s)
+        del d["phases"]
+        c.execute("UPDATE runs SET summary = ? WHERE run_id = ?", (json.dumps(d), rid))
+    p = run("audit", "--db", db)
+    assert p.returncode == 2 and "damaged" in p.stderr and "Traceback" not in p.stderr, p.stderr
