@@ -152,6 +152,14 @@ def test_load_from_two_processes_merges_into_one_report(demo: DemoServer, tmp_pa
     ledger = _ledger_records(demo.db, ids)
     assert op["records"]["energy_j"] + bt["records"]["energy_j"] == pytest.approx(
         sum(r["energy_j"] for r in ledger.values()), rel=1e-5)
+    # one load given twice counted every request twice (the open rate doubled, embodied per call halved): refused
+    rc = bench("--merge", files[0], files[0], "--db", str(demo.db), "--out", str(tmp_path / "m2"), "--region", "world")
+    assert rc == 2 and not (tmp_path / "m2" / "report.json").exists()
+    damaged = tmp_path / "damaged.json"
+    doc = loads[0]
+    del doc["phases"][0]["mode"]
+    damaged.write_text(json.dumps(doc))
+    assert bench("--merge", str(damaged), "--db", str(demo.db), "--out", str(tmp_path / "m3"), "--region", "world") == 2
 
 
 # ------------------------------------------------------------------------ the batch endpoint

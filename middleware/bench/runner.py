@@ -442,6 +442,7 @@ def merge_load_files(files) -> tuple[list, dict]:
 
     by_name: dict[str, PhaseResult] = {}
     first_cfg = None
+    seen: dict[str, str] = {}  # request id -> the file that holds it
     for f in files:
         try:
             doc = json.loads(Path(f).read_text("utf-8"))
@@ -449,9 +450,18 @@ def merge_load_files(files) -> tuple[list, dict]:
             raise BenchError(f"--merge: cannot read {f}: {exc}") from None
         if not isinstance(doc, dict) or doc.get("format") != _LOAD_FORMAT:
             raise BenchError(f"--merge: {f} is not a file written by `wattspan bench --load-only`")
-        first_cfg = first_cfg or doc["config"]
-        for d in doc["phases"]:
-            ph = PhaseResult.from_dict(d)
+        try:
+            first_cfg = first_cfg or doc["config"]
+            phases = [(d["name"], PhaseResult.from_dict(d)) for d in doc["phases"]]
+        except (KeyError, TypeError, ValueError) as exc:  # an edited file, or another version's
+            raise BenchError(f"--merge: {f} is damaged: {type(exc).__name__} {exc} (was it edited?)") from None
+        for r in (r for _, ph in phases for r in ph.results if r.rid):  # one load given twice would count twice
+            if r.rid in seen:
+                raise BenchError(f"--merge: request {r.rid!r} is in both {seen[r.rid]} and {f}: the same load given twice? "
+                                 "(each client's file once)")
+            seen[r.rid] = str(f)
+        for name, ph in phases:
+            d = {"name": name}
             m = by_name.get(d["name"])
             if m is None:
                 by_name[d["name"]] = ph
