@@ -294,3 +294,32 @@ def test_a_server_without_request_ids_is_refused_with_the_fix(tmp_path: Path, ca
     assert rc == 2
     err = capsys.readouterr().err
     assert "x-wattspan-request-id" in err and "request_id_header" in err
+
+
+def test_a_sigterm_to_bench_stops_the_demo_server_it_started(tmp_path: Path) -> None:
+    # a CI timeout's SIGTERM ended bench with its demo server left running under init
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    log = tmp_path / "bench.log"
+    with open(log, "w") as fh:
+        p = subprocess.Popen([sys.executable, "-m", "wattspan.cli", "bench", "--db", str(tmp_path / "l.sqlite"), "--out",
+                              str(tmp_path / "o"), "--no-progress", "--requests", "400"], stdout=fh, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while not (m := re.search(r"demo server ready on (http://\S+)", log.read_text())):
+            assert p.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.5)
+        url = m.group(1)
+        assert httpx.get(url + "/healthz", timeout=5).status_code in (200, 404)
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(60) == 128 + signal.SIGTERM
+    finally:
+        if p.poll() is None:
+            p.kill()
+    time.sleep(1)
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(url + "/healthz", timeout=2)

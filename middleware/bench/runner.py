@@ -513,6 +513,17 @@ def _target(cfg: BenchConfig, tmp: Path):
 def run_bench(args: argparse.Namespace) -> int:
     """Run ``wattspan bench`` with parsed ``args``; returns the exit status (0 ok, 1 some
     requests or records missing, 2 bad usage or an unusable target)."""
+    import signal
+    import threading
+
+    def stop(signum: int, frame: object) -> None:  # a CI timeout's SIGTERM: unwind, so the demo server is stopped
+        raise SystemExit(128 + signum)
+
+    held = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            if signal.getsignal(sig) in (signal.SIG_DFL, None):  # (never one the caller set)
+                held[sig] = signal.signal(sig, stop)
     try:
         cfg = config_from_args(args)
         return _run(cfg)
@@ -522,6 +533,9 @@ def run_bench(args: argparse.Namespace) -> int:
     except ValueError as exc:  # e.g. an unknown region, with close matches
         print(f"wattspan bench: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        for sig, old in held.items():
+            signal.signal(sig, old)
 
 
 def _run(cfg: BenchConfig) -> int:
