@@ -224,3 +224,17 @@ def test_a_hole_in_a_counters_readings_is_named(tmp_path):
     gap.write_text(head + "\n" + "".join(f"{shift(i, t)},{g},{pw},{e}\n" for i, (t, g, pw, e) in enumerate(rows)))
     p = ok(wattspan("attribute", "--trace", gap, "--requests", SIM / "requests.jsonl", "--out", tmp_path / "o.jsonl"))
     assert "1 hole(s) in its readings" in p.stderr and "spread evenly over the hole" in p.stderr, p.stderr
+
+
+def test_a_board_that_is_never_idle_is_named_when_its_baseline_is_a_guess(tmp_path):
+    # no idle stretch and no step model: the baseline was a low quantile of busy readings, silently
+    t0 = 10**12
+    trace = tmp_path / "trace.csv"
+    trace.write_text("time_ns,gpu,power_w\n" + "".join(f"{t0 + i * 10**8},0,{200 + 20 * (i % 7)}\n" for i in range(300)))
+    reqs = tmp_path / "requests.jsonl"
+    reqs.write_text("".join(json.dumps({"id": f"r{i}", "start_ns": t0 + (i - 1) * 10**9, "end_ns": t0 + (i + 3) * 10**9, "gpu": 0}) + "\n"
+                            for i in range(31)))
+    p = ok(wattspan("attribute", "--trace", trace, "--requests", reqs, "--out", tmp_path / "o.jsonl"))
+    assert "no idle stretch" in p.stderr and "--idle" in p.stderr, p.stderr
+    p = ok(wattspan("attribute", "--trace", trace, "--requests", reqs, "--idle", "70", "--out", tmp_path / "o.jsonl"))
+    assert "no idle stretch" not in p.stderr

@@ -327,6 +327,12 @@ def _over_idle(result: Any, traces: Any) -> list[str]:
             span_s = max((d.t1_ns - d.t0_ns) * 1e-9, 1e-12)
             out.append(f"{name}: the idle baseline ({d.idle_w:.4g} W, {d.idle_source}) is above the mean measured power "
                        f"({d.measured_j / span_s:.4g} W): its requests get no dynamic energy; is the baseline right?")
+        elif d.idle_source == "low-quantile" and d.measured_j > 0:
+            # never idle, and no step model to take the intercept from: a low quantile of busy readings still
+            # holds dynamic power (an idle of 123 W for a 70 W board took the p95 from 5 to 32 %)
+            out.append(f"{name}: no idle stretch in its readings and no step model's intercept: the idle baseline is a low "
+                       f"quantile of the readings ({d.idle_w:.4g} W), which on a board that is never idle holds dynamic "
+                       "power; give the board's idle power with --idle W if you know it")
         elif d.measured_j <= 0 < d.idle_j:
             out.append(f"{name}: the meter measured no energy over the period, yet the idle baseline is {d.idle_w:.4g} W: "
                        "does its energy counter move?")
