@@ -523,7 +523,7 @@ def carbon_for(basis: Basis, *, region=None, intensity=None, intensity_source=No
             out["intensity_source"] += "; no --region given: the world average"
     else:
         out = {"region": rec.get("region", ""), "intensity": rec["intensity_g_per_kwh"], "intensity_source": rec.get("intensity_source", ""),
-               "intensity_year": None, "pue": rec.get("pue", 1.0), "hourly": basis.kind == "ledger" or bool(rec.get("hourly_weighted")),
+               "intensity_year": None, "pue": rec.get("pue", 1.0), "hourly": basis.kind == "ledger" or bool(rec.get("hourly_weighted")) or bool(rec.get("hourly")),
                "pue_source": {"run": "as recorded with the run", "ledger": "implied by the records' own operational CO2e"}.get(basis.kind, "as recorded with the input")}
     out.setdefault("hourly", False)
     if intensity is not None:

@@ -575,3 +575,13 @@ def test_audit_refuses_an_out_it_cannot_write_and_a_damaged_run_in_one_line(tmp_
         c.execute("UPDATE runs SET summary = ? WHERE run_id = ?", (json.dumps(d), rid))
     p = run("audit", "--db", db)
     assert p.returncode == 2 and "damaged" in p.stderr and "Traceback" not in p.stderr, p.stderr
+
+
+def test_an_audit_of_a_run_priced_hour_by_hour_says_so(tmp_path):
+    db = tmp_path / "h.sqlite"
+    env = {**os.environ, "WATTSPAN_SIMULATE": "1"}
+    run = lambda *a: subprocess.run([sys.executable, "-m", "wattspan.cli", *map(str, a)], capture_output=True, text=True,  # noqa: E731
+                                    timeout=120, env=env)
+    assert run("run", "--db", db, "--region", "FR", "--", sys.executable, "-c", "pass").returncode == 0
+    line = next(x for x in run("audit", "--db", db).stdout.splitlines() if x.startswith("| F."))
+    assert "half-hours" in line and "one average applied to every hour" not in line, line
