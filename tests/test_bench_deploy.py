@@ -79,6 +79,10 @@ def test_each_mode_in_its_own_region_and_hours_by_hand(tmp_path):
     assert "Each mode in its own region and hours" in texts and "batch=DE@cleanest:6" in texts
     # the embodied text says what amortised device-seconds are
     assert "phase's wall seconds" in texts
+    assert "embodied included" in texts and "embodied left out" not in texts
+    no_emb = dict(rep, assumptions=dict(rep["assumptions"], embodied_g_per_device_s=0.0))  # --no-embodied
+    texts_no = " ".join(str(b[1]) for b in build_blocks(no_emb))
+    assert "embodied included" not in texts_no and "embodied left out" in texts_no
     paths = write_report(rep, tmp_path)
     assert CHARTS["deployment"] in paths and CHARTS["projection"] in paths
 

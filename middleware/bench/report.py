@@ -53,6 +53,12 @@ def _grams(g: float) -> str:
 
 # --------------------------------------------------------------------------------- blocks
 
+def _embodied(rep: dict) -> str:
+    """How the figures count the hardware's embodied carbon: included, or left out (``--no-embodied``)."""
+    g = (rep.get("assumptions") or {}).get("embodied_g_per_device_s") or 0.0
+    return "embodied included" if g > 0 else "embodied left out"
+
+
 def build_blocks(rep: dict) -> list[tuple]:
     """The report as blocks: ``("h1"|"h2"|"p"|"banner"|"code", text)``, ``("list", [str])``,
     ``("table", headers, rows)``, ``("img", file, alt)``."""
@@ -94,7 +100,7 @@ def build_blocks(rep: dict) -> list[tuple]:
                      for name, s in sens["summary"].items()]
             ii, pp = sens["intensities_g_per_kwh"], sens["pues"]
             items.append(f"Across grid intensity {ii[0]:g}-{ii[-1]:g} g/kWh and PUE {pp[0]:.2f}-{pp[-1]:.2f} "
-                         "(embodied included): " + "; ".join(parts) + ".")
+                         f"({_embodied(rep)}): " + "; ".join(parts) + ".")
         b.append(("list", items))
 
     # ---- measured
@@ -175,7 +181,7 @@ def build_blocks(rep: dict) -> list[tuple]:
     dep = rep.get("deployment")
     if dep and dep.get("rows"):
         b.append(("h2", "Each mode in its own region and hours"))
-        b.append(("p", f"gCO2e per {calls:,} calls ({dep['basis']} basis, embodied included) with each mode deployed where "
+        b.append(("p", f"gCO2e per {calls:,} calls ({dep['basis']} basis, {_embodied(rep)}) with each mode deployed where "
                        "and when `--deploy MODE=REGION[@HOURS]` says. Hours are UTC; `cleanest:N` takes the N cleanest hours "
                        "of the day month by month from the region's 2023 hourly profile; a region without a profile has "
                        "one value at every hour."))
@@ -198,7 +204,7 @@ def build_blocks(rep: dict) -> list[tuple]:
     sens = rep["sensitivity"]
     b.append(("h2", "Sensitivity: which mode wins where"))
     if sens.get("winner"):
-        b.append(("p", f"gCO2e per {calls:,} calls ({sens['basis']} basis, embodied included) over grid intensity "
+        b.append(("p", f"gCO2e per {calls:,} calls ({sens['basis']} basis, {_embodied(rep)}) over grid intensity "
                        f"{sens['intensities_g_per_kwh'][0]:g}-{sens['intensities_g_per_kwh'][-1]:g} g/kWh "
                        f"and PUE {sens['pues'][0]:.2f}-{sens['pues'][-1]:.2f}, each on-demand phase against "
                        f"{next(p['label'] for p in rep['phases'] if p['name'] == sens['batch_phase'])}. Colour: how much "
@@ -465,7 +471,7 @@ def _charts(rep: dict, out: Path) -> list[str]:
             ax.axhline(r["total_g"] / 1e3, color=f"C{k}", lw=0.7, ls=":")
         ax.set_xlabel("runs in the N cleanest hours of the day (24 = around the clock)")
         ax.set_ylabel(f"kgCO2e per {rep['assumptions']['calls']:,} calls")
-        ax.set_title(f"{dep['basis']} basis, embodied included; dotted: each deployment as given{sim}", fontsize=9)
+        ax.set_title(f"{dep['basis']} basis, {_embodied(rep)}; dotted: each deployment as given{sim}", fontsize=9)
         ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(out / CHARTS["deployment"], dpi=90)
