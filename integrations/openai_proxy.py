@@ -64,6 +64,7 @@ import os
 import re
 import secrets
 import threading
+import asyncio
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
@@ -114,6 +115,7 @@ _KEY_HEADERS = (b"authorization", b"api-key", b"x-api-key")
 _CREDENTIAL_HEADERS = (*_KEY_HEADERS, b"proxy-authorization", b"cookie")
 _USAGE_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses"})
 _RECORDS_PATH = "/wattspan/requests/"
+_UNWIND_S = 3.0  # at shutdown, how long the cancelled requests may take to close their metering windows
 _MAX_KEPT = 10_000  # final and provisional figures kept in memory for GET /wattspan/requests/{id}
 
 _ROUTES = {
@@ -470,6 +472,7 @@ class OpenAIProxy:
         self.include_usage = bool(include_usage)
         self.usage_energy = bool(usage_energy)
         self.records_endpoint = bool(records_endpoint)
+        self._active = 0  # /v1 requests being served (the shutdown waits for the cancelled ones to unwind)
         self.max_connections = max_connections
         self.request_id_header = request_id_header.lower() if request_id_header else None
         self._allow_exact, self._allow_prefix = _allow(forward_headers)
@@ -580,10 +583,14 @@ class OpenAIProxy:
         elif path.startswith("/v1/"):
             if not self._wired:
                 self._wire()
-            if self.routes:
-                await self._routed(scope, receive, send)
-            else:
-                await self.metered(scope, receive, send)
+            self._active += 1  # (a count, no request's state: the shutdown waits for it)
+            try:
+                if self.routes:
+                    await self._routed(scope, receive, send)
+                else:
+                    await self.metered(scope, receive, send)
+            finally:
+                self._active -= 1
         elif path.startswith(_RECORDS_PATH) and self.records_endpoint and scope.get("method") in ("GET", "HEAD"):
             await self._record_by_id(scope, send, path[len(_RECORDS_PATH) :])
         elif path == "/healthz" and scope.get("method") in ("GET", "HEAD"):
@@ -605,6 +612,12 @@ class OpenAIProxy:
                     return
                 await send({"type": "lifespan.startup.complete"})
             elif msg["type"] == "lifespan.shutdown":
+                # a stream cut at the end of the grace (uvicorn cancels it, then sends this at once) closes its
+                # metering window as its task unwinds: wait for those, briefly, so the drain finds their records
+                # (under load the drain could start first and the cut stream's 499 record was lost)
+                end = time.monotonic() + _UNWIND_S
+                while self._active and time.monotonic() < end:
+                    await asyncio.sleep(0.01)
                 await self.aclose()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
