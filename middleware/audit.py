@@ -591,7 +591,8 @@ def build_report(basis: Basis, carbon: dict, *, market_intensity=None, market_so
     r["sci_token"] = next((u for u in r["units"] if u["unit"].startswith("1k tokens")), None)
     r["recorded_delta"] = None
     if basis.recorded_co2e_g is not None and basis.recorded_co2e_g > 0:
-        r["recorded_delta"] = (total - basis.recorded_co2e_g) / basis.recorded_co2e_g
+        d = (total - basis.recorded_co2e_g) / basis.recorded_co2e_g
+        r["recorded_delta"] = 0.0 if abs(d) < 5e-4 else d  # a rounding's -0.0 % reads as a difference
     r["equivalent"] = None
     if equivalent and all(v not in (None, "") for v in equivalent):
         f, unit, src = equivalent

@@ -249,9 +249,15 @@ def select_family(A: np.ndarray, y: np.ndarray, *, folds: int = 10, families: di
     scale = np.sqrt(np.einsum("ij,ij->j", A, A))
     scale[scale == 0] = 1.0
     As = A / scale
-    k = int(min(folds, max(3, n // 6)))
-    kb = int(min(_BOOT_BLOCKS, max(k, n // 4)))  # fine blocks: k folds of them, and the bootstrap's units
-    blk = _blocks(n, kb)
+    # The blocks hold equal numbers of the rows a basis term reaches: rows no term reaches (idle
+    # readings) are the same nothing to every family, and counted in the blocks they would push
+    # a run's busy readings into a fold or two (a run followed by an hour of idle readings: every
+    # other fold trained on nothing). They stay in the sums, in their place in time.
+    live = np.any(A != 0, axis=1)
+    n_live = int(live.sum())
+    k = int(min(folds, max(3, n_live // 6)))
+    kb = int(min(_BOOT_BLOCKS, max(k, n_live // 4)))  # fine blocks: k folds of them, and the bootstrap's units
+    blk = _blocks(n_live, kb)[np.maximum(np.cumsum(live) - 1, 0)] if n_live < n else _blocks(n, kb)
     Gf = np.zeros((kb, p, p))
     cf = np.zeros((kb, p))
     yf = np.zeros(kb)
@@ -451,14 +457,21 @@ def select_window(t: np.ndarray, m: np.ndarray, p: np.ndarray, a: int, b: int, l
         out: np.ndarray = s * p
         return out
 
-    nb = int(min(_BOOT_BLOCKS, n))
-    cut = np.searchsorted(_blocks(n, nb), np.arange(nb + 1)) if n else np.zeros(1, dtype=np.int64)
+    # Compared on the readings the model puts energy in: elsewhere every length predicts the
+    # same nothing, and a run followed by an hour of idle readings would spread the few blocks
+    # that tell the lengths apart over blocks of zeros (the longest length always kept).
+    busy = np.flatnonzero(p > 0)
+    if not len(busy):
+        busy = np.arange(n)
+    nu = len(busy)
+    nb = int(min(_BOOT_BLOCKS, nu))
+    cut = np.searchsorted(_blocks(nu, nb), np.arange(nb + 1)) if nu else np.zeros(1, dtype=np.int64)
     best_L, best_sq = b - a, None
     for L in [b - a] + sorted((int(x) for x in lengths_ns if 0 < int(x) < b - a), reverse=True):
         pred = predict(L)
         if pred is None:
             continue
-        sq = (m - pred) ** 2
+        sq = (m[busy] - pred[busy]) ** 2
         err = float(np.sqrt(np.mean(sq)))
         scores[L] = err
         if not math.isfinite(err):

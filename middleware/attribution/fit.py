@@ -14,7 +14,8 @@ from .family import (_BOOT_BLOCKS, _RIDGE, BASIS, FAMILIES, KNEE_WEIGHTS, KNEES,
                      select_window)
 from ..samples import SampleKind
 from .inputs import Steps, _NS
-from .reconcile import _reconcile_edges
+from .idle import _busy_intervals
+from .reconcile import _idle_cuts, _reconcile_edges
 from .results import StepModel
 
 if TYPE_CHECKING:
@@ -1156,6 +1157,15 @@ def _batch_fit(cum: _CumEnergy, trace: DeviceTrace, steps: Steps, s_idx: np.ndar
             reconcile_s = (b - a) * _NS
             window_why = "too few readings: the whole period"
     edges = _reconcile_edges(cum, trace, a, b, reconcile_s)
+    # Stretches with nothing in flight and no step running are windows of their own (see
+    # _idle_cuts): a margin past the last step holds its electrical tail and the readings'
+    # span; a gap counts once it is longer than two margins and a few readings.
+    spacing_ns = _typical_interval(cum.t) if len(cum.t) > 2 else 0
+    margin_ns = int(max(_CUT_MARGIN_NS, 2 * spacing_ns, 2 * trace.window_ns, 5 * lag_tau * 1e9))
+    busy = _busy_intervals(np.concatenate((requests.start_ns[ridx], st_ns)), np.concatenate((requests.end_ns[ridx], en_ns)), None, "")
+    cuts = _idle_cuts(busy[0], busy[1], a, b, margin_ns, 2 * margin_ns + max(_CUT_GAP_NS, 4 * spacing_ns))
+    if len(cuts):
+        edges = np.union1d(edges, cuts)
     w_meas = cum.over(edges) - idle_curve.over(edges)
     w_drawn: np.ndarray | None = None  # the windows' energy as drawn, where the lag's deconvolution changes it
     if lag_tau > 0 and isinstance(fit_feats, _Lagged):
@@ -1626,6 +1636,8 @@ def _dyn_spread(sel: Selection | None, coef: np.ndarray, x: np.ndarray, scale_pe
     return sd, dep
 
 
+#: An idle gap's margins and its least length past them (see :func:`_idle_cuts`)
+_CUT_MARGIN_NS, _CUT_GAP_NS = 250_000_000, 10_000_000_000
 _SELECT_ROWS = 200_000  # readings the window choice and the error model look at, at most
 _Z90 = 1.6449  # two-sided 90 %: +-1.645 standard deviations
 _IDLE_REL = 0.015  # the idle baseline's relative sd where fewer than two idle stretches show its drift (a prior: a few W over tens of s)

@@ -29,6 +29,29 @@ def _reconcile_edges(cum: _CumEnergy, trace: DeviceTrace, a: int, b: int, reconc
     return np.concatenate(([a], inner, [b])).astype(np.int64)
 
 
+def _idle_cuts(busy_s: np.ndarray, busy_e: np.ndarray, a: int, b: int, margin_ns: int, min_gap_ns: int) -> np.ndarray:
+    """Extra window edges that close every stretch with nothing in flight and no step running.
+
+    ``busy_s``, ``busy_e``: the merged busy intervals (ns, sorted). Each idle gap of at least
+    ``min_gap_ns`` (before the first, between two, after the last) gets an edge ``margin_ns``
+    after its start and one ``margin_ns`` before its end: the margins keep a step's electrical
+    tail and a reading's span with the busy window they belong to, and the gap becomes a window
+    of its own. Nothing is predicted there, so what its readings hold above the idle baseline
+    (the baseline's error, an interpolated hole in the readings) goes unattributed instead of
+    scaling the requests of a window reaching over it (an hour of idle after a run, or a hole
+    in the readings, had scaled them 1.3-25x)."""
+    if not len(busy_s):
+        return np.zeros(0, dtype=np.int64)
+    g0 = np.concatenate(([a], busy_e.astype(np.int64)))
+    g1 = np.concatenate((busy_s.astype(np.int64), [b]))
+    g0, g1 = np.maximum(g0, a), np.minimum(g1, b)
+    long = (g1 - g0) >= min_gap_ns
+    lead, tail = g0[long] == a, g1[long] == b  # the period's own ends need no edge there
+    cuts = np.concatenate(((g0[long] + margin_ns)[~lead], (g1[long] - margin_ns)[~tail]))
+    cuts = cuts[(cuts > a) & (cuts < b)]
+    return np.unique(cuts)
+
+
 def _conserve(measured: float, dyn: np.ndarray, idle_share: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Never bill requests more than was measured: when the shares add up to more
     (a configured idle baseline above the readings, a fit that over-reaches), scale
