@@ -208,7 +208,7 @@ def _attribute_devices(
             dyn, dyn_un, summary_extra, spread = _batch_fit(
                 cum, trace, steps, s_idx, requests, ridx, seg, idle_curve, a, b, reconcile_s, model,
                 None if lag is None else float(lag), wait_owners,
-                np.flatnonzero(wait_owners.device == dev) if wait_owners is not None else None
+                np.flatnonzero(wait_owners.device == dev) if wait_owners is not None else None, busy
             )
             slow_w = summary_extra.pop("idle_slow_w", None)
             in_steps = np.zeros(len(requests), dtype=np.bool_)

@@ -920,12 +920,13 @@ def _knee_weight(cum: _CumEnergy, trace: DeviceTrace, x4: np.ndarray, st: np.nda
 
 def _batch_fit(cum: _CumEnergy, trace: DeviceTrace, steps: Steps, s_idx: np.ndarray, requests: Requests, ridx: np.ndarray,
                seg: _Segments, idle_curve: _Piecewise, a: int, b: int, reconcile_s: float | None, model: StepModel | None,
-               lag_s: float | None = None, owners: Steps | None = None, o_idx: np.ndarray | None = None
-               ) -> tuple[np.ndarray, float, dict[str, Any], _Spread]:
+               lag_s: float | None = None, owners: Steps | None = None, o_idx: np.ndarray | None = None,
+               busy: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, float, dict[str, Any], _Spread]:
     """Dynamic energy per request of one device by the batch-fit method. ``lag_s``: the board's
     electrical lag (s), measured elsewhere, fitted through instead of searched (:func:`_given_lag_fit`).
     ``owners``, ``o_idx``: the steps other devices run for this device's requests (:class:`_WaitOwners`),
-    entries indexing ``requests``."""
+    entries indexing ``requests``. ``busy``: the merged intervals with a request in flight or a step
+    running (the idle gaps between them are windows of their own)."""
     st_ns = steps.start_ns[s_idx]
     en_ns = steps.end_ns[s_idx]
     x4 = step_features(steps, s_idx)
@@ -1162,7 +1163,8 @@ def _batch_fit(cum: _CumEnergy, trace: DeviceTrace, steps: Steps, s_idx: np.ndar
     # span; a gap counts once it is longer than two margins and a few readings.
     spacing_ns = _typical_interval(cum.t) if len(cum.t) > 2 else 0
     margin_ns = int(max(_CUT_MARGIN_NS, 2 * spacing_ns, 2 * trace.window_ns, 5 * lag_tau * 1e9))
-    busy = _busy_intervals(np.concatenate((requests.start_ns[ridx], st_ns)), np.concatenate((requests.end_ns[ridx], en_ns)), None, "")
+    if busy is None:  # (attribute passes the device's, already merged)
+        busy = _busy_intervals(np.concatenate((requests.start_ns[ridx], st_ns)), np.concatenate((requests.end_ns[ridx], en_ns)), None, "")
     cuts = _idle_cuts(busy[0], busy[1], a, b, margin_ns, 2 * margin_ns + max(_CUT_GAP_NS, 4 * spacing_ns))
     if len(cuts):
         edges = np.union1d(edges, cuts)
