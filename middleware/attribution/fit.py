@@ -15,7 +15,7 @@ from .family import (_BOOT_BLOCKS, _RIDGE, BASIS, FAMILIES, KNEE_WEIGHTS, KNEES,
 from ..samples import SampleKind
 from .inputs import Steps, _NS
 from .idle import _busy_intervals
-from .reconcile import _idle_cuts, _reconcile_edges
+from .reconcile import _idle_cuts, _idle_gaps, _reconcile_edges
 from .results import StepModel
 
 if TYPE_CHECKING:
@@ -1157,15 +1157,17 @@ def _batch_fit(cum: _CumEnergy, trace: DeviceTrace, steps: Steps, s_idx: np.ndar
         else:
             reconcile_s = (b - a) * _NS
             window_why = "too few readings: the whole period"
-    edges = _reconcile_edges(cum, trace, a, b, reconcile_s)
     # Stretches with nothing in flight and no step running are windows of their own (see
     # _idle_cuts): a margin past the last step holds its electrical tail and the readings'
-    # span; a gap counts once it is longer than two margins and a few readings.
+    # span; a gap counts once it is longer than two margins and a few readings. No edge is
+    # made inside one.
     spacing_ns = _typical_interval(cum.t) if len(cum.t) > 2 else 0
     margin_ns = int(max(_CUT_MARGIN_NS, 2 * spacing_ns, 2 * trace.window_ns, 5 * lag_tau * 1e9))
     if busy is None:  # (attribute passes the device's, already merged)
         busy = _busy_intervals(np.concatenate((requests.start_ns[ridx], st_ns)), np.concatenate((requests.end_ns[ridx], en_ns)), None, "")
-    cuts = _idle_cuts(busy[0], busy[1], a, b, margin_ns, 2 * margin_ns + max(_CUT_GAP_NS, 4 * spacing_ns))
+    min_gap_ns = 2 * margin_ns + max(_CUT_GAP_NS, 4 * spacing_ns)
+    cuts = _idle_cuts(busy[0], busy[1], a, b, margin_ns, min_gap_ns)
+    edges = _reconcile_edges(cum, trace, a, b, reconcile_s, _idle_gaps(busy[0], busy[1], a, b, margin_ns, min_gap_ns))
     if len(cuts):
         edges = np.union1d(edges, cuts)
     w_meas = cum.over(edges) - idle_curve.over(edges)

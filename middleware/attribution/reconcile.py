@@ -10,8 +10,12 @@ from ..samples import DeviceTrace
 from .energy import _CumEnergy, _typical_interval, power_points
 from .inputs import _NS
 
-def _reconcile_edges(cum: _CumEnergy, trace: DeviceTrace, a: int, b: int, reconcile_s: float | None) -> np.ndarray:
-    """Window edges for reconciliation, always starting at ``a`` and ending at ``b``.
+def _reconcile_edges(cum: _CumEnergy, trace: DeviceTrace, a: int, b: int, reconcile_s: float | None,
+                     skip: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+    """Window edges for reconciliation, always starting at ``a`` and ending at ``b``: every
+    ``reconcile_s`` from ``a``, except strictly inside the stretches ``skip`` (starts, ends; ns,
+    sorted, apart), which stay one window each (an idle gap of a day is not tiled into 40 million
+    windows of a 1 ms sensor's few milliseconds: the edges are made only where they are kept).
 
     ``reconcile_s`` is normally chosen by held-out readings (see ``_batch_fit``);
     the fallbacks below (a counter every 0.5 s or 5 updates, a true instant
@@ -24,9 +28,35 @@ def _reconcile_edges(cum: _CumEnergy, trace: DeviceTrace, a: int, b: int, reconc
         else:
             t, _, span = power_points(trace)
             reconcile_s = 30.0 if span else max(8 * _typical_interval(t) * _NS, 1e-3)
-    step = int(reconcile_s * 1e9)
-    inner = np.arange(a + step, b, step, dtype=np.int64)
-    return np.concatenate(([a], inner, [b])).astype(np.int64)
+    step = max(int(reconcile_s * 1e9), 1)
+    if skip is None or not len(skip[0]):
+        inner = np.arange(a + step, b, step, dtype=np.int64)
+        return np.concatenate(([a], inner, [b])).astype(np.int64)
+    # the kept stretches [lo, hi] between the skipped ones; in each, the multiples k of step from a
+    lo = np.concatenate(([a], np.asarray(skip[1], dtype=np.int64)))
+    hi = np.concatenate((np.asarray(skip[0], dtype=np.int64), [b]))
+    k_lo = np.maximum(-(-(lo - a) // step), 1)
+    k_hi = np.minimum((hi - a) // step, (b - 1 - a) // step)
+    cnt = np.maximum(k_hi - k_lo + 1, 0)
+    k = np.arange(int(cnt.sum()), dtype=np.int64) - np.repeat(np.cumsum(cnt) - cnt, cnt) + np.repeat(k_lo, cnt)
+    return np.concatenate(([a], a + k * step, [b])).astype(np.int64)
+
+
+def _idle_gaps(busy_s: np.ndarray, busy_e: np.ndarray, a: int, b: int, margin_ns: int,
+               min_gap_ns: int) -> tuple[np.ndarray, np.ndarray]:
+    """The idle gaps of :func:`_idle_cuts` as windows: ``(starts, ends)`` (ns), each gap of at least
+    ``min_gap_ns`` less its margins (none at the period's own ends), in time order."""
+    if not len(busy_s):
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    g0 = np.concatenate(([a], busy_e.astype(np.int64)))
+    g1 = np.concatenate((busy_s.astype(np.int64), [b]))
+    g0, g1 = np.maximum(g0, a), np.minimum(g1, b)
+    long = (g1 - g0) >= min_gap_ns
+    g0, g1 = g0[long], g1[long]
+    s = np.where(g0 == a, a, g0 + margin_ns)
+    e = np.where(g1 == b, b, g1 - margin_ns)
+    ok = e > s
+    return s[ok], e[ok]
 
 
 def _idle_cuts(busy_s: np.ndarray, busy_e: np.ndarray, a: int, b: int, margin_ns: int, min_gap_ns: int) -> np.ndarray:
