@@ -125,6 +125,21 @@ def test_a_counter_in_millijoules_beside_power_in_watts_is_named(tmp_path):
     assert "warning" not in p.stderr  # the shipped trace's counter and power agree
 
 
+@pytest.mark.parametrize("what", ["power-mW", "counter-mJ"])
+def test_readings_a_thousand_times_too_large_are_named(tmp_path, what):
+    # one set of units throughout (no counter to compare against): only the magnitude gives it away
+    lines = (SIM / "trace.csv").read_text().splitlines()
+    head = lines[0]
+    rows = [r.split(",") for r in lines[1:]]
+    bad = tmp_path / "trace.csv"
+    if what == "power-mW":
+        bad.write_text("time_ns,gpu,power_w\n" + "".join(f"{t},{g},{float(pw) * 1000:.1f}\n" for t, g, pw, _ in rows))
+    else:
+        bad.write_text(head + "\n" + "".join(f"{t},{g},,{float(e) * 1000:.3f}\n" for t, g, _, e in rows))
+    p = ok(wattspan("attribute", "--trace", bad, "--requests", SIM / "requests.jsonl", "--out", tmp_path / "o.jsonl"))
+    assert "more than any one accelerator draws" in p.stderr and "not mW" in p.stderr, p.stderr
+
+
 def test_a_hole_in_power_only_readings_is_named(tmp_path):
     lines = (SIM / "trace.csv").read_text().splitlines()
     rows = [r.split(",") for r in lines[1:]]

@@ -341,7 +341,10 @@ def _over_idle(result: Any, traces: Any) -> list[str]:
 
 
 _UNIT_RATIO = 3.0  # a counter's mean power this many times off its power readings' (either way): a unit slip
-_GAP_SPACINGS, _GAP_MIN_S = 50, 1.0  # a hole in power-only readings: this many median spacings, and at least this long
+_GAP_SPACINGS, _GAP_MIN_S = 50, 1.0
+#: more than one accelerator draws on average (W): the largest boards' limits are 1-1.4 kW (B200, MI355X), so a
+#: trace averaging above this is in other units (mW read as W, a counter in mJ read as J) or sums several boards
+_MAX_DEVICE_W = 3000.0  # a hole in power-only readings: this many median spacings, and at least this long
 
 
 def _trace_doubts(name: str, tr: Any) -> list[str]:
@@ -363,6 +366,11 @@ def _trace_doubts(name: str, tr: Any) -> list[str]:
             if counter_w > 0 and power_w > 0 and max(counter_w / power_w, power_w / counter_w) > _UNIT_RATIO:
                 out.append(f"{name}: its energy counter averages {counter_w:.4g} W over the trace, its power readings "
                            f"{power_w:.4g} W: the meter believes the counter; are both in their units (J, W; mJ read as J?)")
+    mean_w = _mean_power(t, pw, ej)
+    if mean_w is not None and mean_w > _MAX_DEVICE_W:
+        out.append(f"{name}: its readings average {mean_w:.4g} W, more than any one accelerator draws (the largest "
+                   f"boards are rated 1-1.4 kW): are they in their units (power_w in W, not mW; energy_j in J, not mJ)? "
+                   "Every request's joules scale with them")
     counter = ej is not None and bool(np.isfinite(ej).any())
     tt = t[np.isfinite(ej)] if counter and ej is not None else t
     if len(tt) >= 2:
@@ -379,6 +387,19 @@ def _trace_doubts(name: str, tr: Any) -> list[str]:
                        f"({med * 1e-6:.3g} ms; the longest {gaps[i] * 1e-9:.4g} s after {int(tt[i])} ns): {what}; "
                        "did the sampler stop?")
     return out
+
+
+def _mean_power(t: Any, pw: Any, ej: Any) -> float | None:
+    """The trace's mean power (W): its energy counter's over the time it spans, else its power readings'."""
+    import numpy as np
+
+    if ej is not None:
+        fin = np.flatnonzero(np.isfinite(ej))
+        if len(fin) >= 2 and t[fin[-1]] > t[fin[0]]:
+            return float(ej[fin[-1]] - ej[fin[0]]) / ((int(t[fin[-1]]) - int(t[fin[0]])) * 1e-9)
+    if pw is not None and np.isfinite(pw).any():
+        return float(np.nanmean(pw))
+    return None
 
 
 def _check_writable(path: Any, option: str) -> None:
