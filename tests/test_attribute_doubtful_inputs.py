@@ -140,6 +140,59 @@ def test_readings_a_thousand_times_too_large_are_named(tmp_path, what):
     assert "more than any one accelerator draws" in p.stderr and "not mW" in p.stderr, p.stderr
 
 
+def test_a_glitch_reading_above_any_board_is_named(tmp_path):
+    lines = (SIM / "trace.csv").read_text().splitlines()
+    rows = [r.split(",") for r in lines[1:]]
+    rows[len(rows) // 2][2] = "5000.0"
+    bad = tmp_path / "trace.csv"
+    bad.write_text(lines[0] + "\n" + "".join(",".join(r) + "\n" for r in rows))
+    p = ok(wattspan("attribute", "--trace", bad, "--requests", SIM / "requests.jsonl", "--out", tmp_path / "o.jsonl"))
+    assert "1 power reading(s) above 3000 W" in p.stderr, p.stderr
+
+
+def _batches(tmp_path, change) -> Path:
+    rows = [json.loads(line) for line in (SIM / "batches.jsonl").read_text().splitlines()]
+    out = tmp_path / "batches.jsonl"
+    out.write_text("".join(json.dumps(r) + "\n" for r in change(rows)))
+    return out
+
+
+def _attribute(tmp_path, batches, name):
+    return ok(wattspan("attribute", "--trace", SIM / "trace.csv", "--requests", SIM / "requests.jsonl", "--batches", batches,
+                       "--out", tmp_path / f"{name}.jsonl"))
+
+
+def _energies(tmp_path, name) -> dict:
+    return {r["id"]: r["energy_j"] for r in map(json.loads, (tmp_path / f"{name}.jsonl").read_text().splitlines())}
+
+
+def test_batch_steps_appended_twice_are_named_and_counted_once(tmp_path):
+    p = _attribute(tmp_path, SIM / "batches.jsonl", "ref")
+    assert "warning" not in p.stderr, p.stderr
+    p = _attribute(tmp_path, _batches(tmp_path, lambda rows: rows + rows[:40]), "dup")
+    assert "40 batch step(s)" in p.stderr and "repeat an earlier line exactly" in p.stderr, p.stderr
+    ref, dup = _energies(tmp_path, "ref"), _energies(tmp_path, "dup")
+    assert ref.keys() == dup.keys() and all(abs(dup[k] - ref[k]) <= 1e-9 * max(ref[k], 1.0) for k in ref)
+
+
+def test_a_step_with_more_tokens_than_any_accelerator_processes_is_named(tmp_path):
+    def huge(rows):
+        rows[60]["requests"] = {k: 1e9 for k in rows[60]["requests"]}
+        return rows
+    p = _attribute(tmp_path, _batches(tmp_path, huge), "huge")
+    assert "1 batch step(s)" in p.stderr and "tokens a second" in p.stderr, p.stderr
+
+
+def test_requests_in_no_batch_step_are_counted(tmp_path):
+    def without_first(rows):
+        victim = next(iter(rows[0]["requests"]))
+        for r in rows:
+            r["requests"].pop(victim, None)
+        return [r for r in rows if r["requests"]]
+    p = _attribute(tmp_path, _batches(tmp_path, without_first), "lone")
+    assert "1 of " in p.stderr and "appear in no step" in p.stderr, p.stderr
+
+
 def test_a_hole_in_power_only_readings_is_named(tmp_path):
     lines = (SIM / "trace.csv").read_text().splitlines()
     rows = [r.split(",") for r in lines[1:]]

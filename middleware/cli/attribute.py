@@ -74,6 +74,10 @@ def cmd_attribute(args: argparse.Namespace) -> int:
     except InputError as exc:
         raise UsageError(str(exc)) from None
 
+    if steps is not None:
+        steps, lines = _doubtful_steps(steps, requests, args.batches)
+        for line in lines:
+            print(f"wattspan: warning: {line}", file=sys.stderr)
     for line in _untraced(traces, requests, steps, args.trace):
         print(f"wattspan: warning: {line}", file=sys.stderr)
     if isinstance(lag, dict):
@@ -119,6 +123,75 @@ def cmd_attribute(args: argparse.Namespace) -> int:
         _write(args.summary, json.dumps(json_safe(summary), indent=2, allow_nan=False) + "\n", "--summary")
     print_summary(summary, file=sys.stderr if args.out is None else sys.stdout)
     return 0
+
+
+#: tokens a second of one step that no accelerator processes (the fastest prefill is ~1e5-1e6 a second): a
+#: count in other units, or a glitch, which would draw the steps' energy to its requests
+_MAX_TOKENS_PER_S = 1e8
+
+
+def _doubtful_steps(steps: Any, requests: Any, path: Any) -> tuple[Any, list[str]]:
+    """Batch steps a person should look at, one line each, and the steps to attribute: a step that
+    repeats an earlier line exactly (start, end, device and every request's tokens: a log appended
+    twice, a hook replayed) is counted once; a step claiming more tokens a second than any accelerator
+    processes is named (its requests would draw the energy of the steps around it); requests that run
+    on a device with batch steps but appear in none of them are counted (their energy there is only the
+    time they share with the steps' requests: is the batches file complete?)."""
+    import numpy as np
+
+    from ..attribution import Steps
+
+    out: list[str] = []
+    n = len(steps)
+    if not n:
+        return steps, out
+    # exact repeats: the same start, end and device first, then the same entries
+    key = np.rec.fromarrays((steps.start_ns, steps.end_ns, steps.device.astype(str)))
+    _, first, inv, cnt = np.unique(key, return_index=True, return_inverse=True, return_counts=True)
+    inv = inv.ravel()
+    drop = np.zeros(n, dtype=bool)
+    if (cnt > 1).any():
+        bounds = np.concatenate(([0], np.cumsum(np.bincount(steps.entry_step, minlength=n))))
+        def entries(i: int) -> tuple[tuple[int, float], ...]:
+            lo, hi = bounds[i], bounds[i + 1]
+            return tuple(sorted(zip(steps.entry_request[lo:hi].tolist(), steps.entry_tokens[lo:hi].tolist())))
+        for i in np.flatnonzero(cnt[inv] > 1):
+            j = int(first[inv[i]])
+            if j != i and entries(int(i)) == entries(j):
+                drop[i] = True
+    k = int(drop.sum())
+    if k:
+        i = int(np.argmax(drop))
+        out.append(f"{k} batch step(s) in {path} repeat an earlier line exactly (start, end, device and tokens; the first "
+                   f"at start_ns={int(steps.start_ns[i])}): each is counted once; was the file appended twice?")
+        keep = ~drop
+        e_keep = keep[steps.entry_step]
+        new_index = np.cumsum(keep) - 1
+        steps = Steps(start_ns=steps.start_ns[keep], end_ns=steps.end_ns[keep], device=steps.device[keep],
+                      entry_step=new_index[steps.entry_step[e_keep]], entry_request=steps.entry_request[e_keep],
+                      entry_tokens=steps.entry_tokens[e_keep])
+    tok = np.bincount(steps.entry_step, weights=steps.entry_tokens, minlength=len(steps))
+    rate = tok / np.maximum((steps.end_ns - steps.start_ns) * 1e-9, 1e-9)
+    fast = rate > _MAX_TOKENS_PER_S
+    if fast.any():
+        i = int(np.argmax(rate))
+        out.append(f"{int(fast.sum())} batch step(s) in {path} claim more than {_MAX_TOKENS_PER_S:.0e} tokens a second "
+                   f"(the most: {tok[i]:.4g} tokens in {(int(steps.end_ns[i]) - int(steps.start_ns[i])) * 1e-6:.4g} ms at "
+                   f"start_ns={int(steps.start_ns[i])}), more than any accelerator processes: their requests draw the "
+                   "energy of the steps around them; are the counts tokens?")
+    from ..devices import members
+
+    seen = np.zeros(len(requests.ids), dtype=bool)
+    seen[steps.entry_request] = True
+    stepped = {m for d in set(steps.device.astype(str).tolist()) for m in members(d)}
+    rdev, rcode = np.unique(requests.device.astype(str), return_inverse=True)
+    on = np.isin(rcode.ravel(), [i for i, d in enumerate(rdev.tolist()) if any(m in stepped for m in members(d))])
+    lone = on & ~seen
+    if lone.any():
+        out.append(f"{int(lone.sum())} of {int(on.sum())} request(s) on devices with batch steps appear in no step of "
+                   f"{path}: they get no step's energy there, only a time share of the waits and the idle baseline; "
+                   "is the batches file complete?")
+    return steps, out
 
 
 def _untraced(traces: Any, requests: Any, steps: Any, trace_path: Any) -> list[str]:
@@ -371,6 +444,13 @@ def _trace_doubts(name: str, tr: Any) -> list[str]:
         out.append(f"{name}: its readings average {mean_w:.4g} W, more than any one accelerator draws (the largest "
                    f"boards are rated 1-1.4 kW): are they in their units (power_w in W, not mW; energy_j in J, not mJ)? "
                    "Every request's joules scale with them")
+    elif pw is not None:
+        hot = np.flatnonzero(pw > _MAX_DEVICE_W)  # (NaN compares False)
+        if hot.size:
+            i = int(hot[np.argmax(pw[hot])])
+            out.append(f"{name}: {hot.size} power reading(s) above {_MAX_DEVICE_W:g} W, more than any one accelerator draws "
+                       f"(the most: {pw[i]:.4g} W at t_ns={int(t[i])}): glitches? Their energy goes to the requests in "
+                       "flight there")
     counter = ej is not None and bool(np.isfinite(ej).any())
     tt = t[np.isfinite(ej)] if counter and ej is not None else t
     if len(tt) >= 2:
