@@ -243,7 +243,7 @@ def load_budgets(path: str | os.PathLike[str]) -> BudgetConfig:
     """Read a budget file (``.json``, or ``.toml`` on Python 3.11+)."""
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        text = p.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors write one) is no key
     except OSError as exc:
         raise BudgetConfigError(f"cannot read budget file {p}: {exc.strerror or exc}") from None
     except UnicodeDecodeError as exc:

@@ -67,6 +67,16 @@ def test_toml_budgets_and_a_missing_file(tmp_path):
         load_budgets(tmp_path / "nope.json")
 
 
+@pytest.mark.parametrize("name", ["b.toml", "b.json"])
+def test_a_budget_file_with_a_byte_order_mark_is_read(tmp_path, name):
+    # Windows editors start UTF-8 files with U+FEFF: TOML refused it ("invalid statement"), JSON too
+    doc = ('[[budget]]\nname = "t"\nlimit_kwh = 2.5\nperiod = "month"\n' if name.endswith(".toml")
+           else json.dumps({"budget": [{"name": "t", "limit_kwh": 2.5, "period": "month"}]}))
+    p = tmp_path / name
+    p.write_bytes(b"\xef\xbb\xbf" + doc.encode())
+    assert load_budgets(p).budgets[0].name == "t"
+
+
 def test_periods_are_utc_calendar_periods():
     t = 1709251200.0 + 3600 * 5  # 2024-03-01T05:00Z (2024 is a leap year)
     assert Budget("d", 1, "gco2e", "day").bounds(t) == (1709251200.0, 1709251200.0 + 86400)

@@ -285,7 +285,7 @@ def schema_version(conn: sqlite3.Connection, path: Path) -> int:
     except sqlite3.DatabaseError as exc:
         if isinstance(exc, sqlite3.OperationalError):  # I/O, locking: the caller retries
             raise
-        raise InputError(path, 0, f"is not a wattspan ledger ({exc}); give a new path or remove the file") from None
+        raise InputError(path, 0, f"is not a wattspan ledger ({exc}); give the path of a ledger, or a new one (this file is left as it is)") from None
     if app != _APP_ID and (app or version or tables):
         raise InputError(path, 0, "is a SQLite database but not a wattspan ledger; give a new path")
     if version > SCHEMA_VERSION:
