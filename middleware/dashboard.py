@@ -19,6 +19,7 @@ Budgets: the burn of a budget file (``--budgets`` or ``WATTSPAN_BUDGETS``) from 
 
 from __future__ import annotations
 
+import errno
 import hmac
 import ipaddress
 import json
@@ -529,6 +530,27 @@ def create_app(db: str | os.PathLike, *, token: str | None = None, window_s: flo
     ])
 
 
+def _check_bind(host: str, port: int) -> None:
+    """A clear error now for an address the server could not listen on (a port in use, an address
+    not on this machine), where uvicorn would log its own error and exit 3."""
+    import socket
+
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise ValueError(f"--host {host}: cannot resolve it ({exc.strerror or exc})") from None
+    fam, _, _, _, addr = infos[0]
+    with socket.socket(fam, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a port in TIME_WAIT is free
+        try:
+            s.bind(addr)
+        except OSError as exc:
+            why = "in use (another dashboard or server?)" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc))
+            raise ValueError(f"cannot listen on {host}:{port}: {why}; give another --port") from None
+
+
 def cli_main(args) -> int:
     """``wattspan dashboard`` (called by :mod:`wattspan.cli`)."""
     import uvicorn
@@ -541,6 +563,7 @@ def cli_main(args) -> int:
         raise ValueError("--token must be at least 12 characters")
     if not (0 <= int(args.port) <= 65535):
         raise ValueError("--port must be between 0 and 65535")
+    _check_bind(args.host, int(args.port))
     if not Path(args.db).is_file():
         raise FileNotFoundError(f"no wattspan ledger at {args.db} (start a metered server with a ledger, or `wattspan demo`)")
     budgets = getattr(args, "budgets", None) or os.environ.get("WATTSPAN_BUDGETS") or None

@@ -215,3 +215,19 @@ def test_the_budgets_burn_is_scanned_at_most_every_30_s(ledger, tmp_path, monkey
     b.write_text(json.dumps({"budget": [{"name": "y", "limit_gco2e": 2, "period": "year"}]}))
     os.utime(b, (1, 1))  # another version of the file: scanned afresh
     assert dashboard._budgets(ledger, str(b))["rows"][0]["limit"] == 2 and len(calls) == 2
+
+
+def test_a_port_in_use_is_one_clear_line_at_start(ledger):
+    # before: uvicorn's own "[Errno 98] error while attempting to bind" log line, and exit 3
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        p = subprocess.run([sys.executable, "-m", "wattspan.cli", "dashboard", "--db", str(ledger), "--port", str(port)],
+                           capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and f"cannot listen on 127.0.0.1:{port}: in use" in p.stderr, p.stderr
+    assert p.stderr.count("\n") == 1 and "Traceback" not in p.stderr
