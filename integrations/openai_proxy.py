@@ -1051,19 +1051,28 @@ class OpenAIProxy:
 def _json_usage(held: list[bytes], n: int, tail: bytes, usage: _Usage) -> dict | None:
     """Take the token counts; return the parsed top-level ``usage`` object (bodies within the bound)."""
     if n <= _MAX_JSON_USAGE:
+        body = b"".join(held)
         try:
-            obj = json.loads(b"".join(held))
+            obj = json.loads(body)
         except (ValueError, RecursionError):
+            # not JSON to Python (an integer of over 4,300 digits, nesting past the recursion limit):
+            # the counts the body does give are still found by their pattern
+            _scan_usage(body, usage)
             return None
         if isinstance(obj, dict):
             usage.take(obj.get("usage"))
             u = obj.get("usage")
             return u if isinstance(u, dict) else None
         return None
-    p = _PROMPT_RE.findall(tail)
-    c = _COMPLETION_RE.findall(tail)
-    usage.take({"prompt_tokens": int(p[-1]) if p else None, "completion_tokens": int(c[-1]) if c else None})
+    _scan_usage(tail, usage)
     return None
+
+
+def _scan_usage(text: bytes, usage: _Usage) -> None:
+    """The last ``prompt_tokens`` and ``completion_tokens`` integers in ``text`` (bounded digits), taken."""
+    p = _PROMPT_RE.findall(text)
+    c = _COMPLETION_RE.findall(text)
+    usage.take({"prompt_tokens": int(p[-1]) if p else None, "completion_tokens": int(c[-1]) if c else None})
 
 
 def _no_cookies():

@@ -19,7 +19,7 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from wattspan.integrations.openai_proxy import _SSEScanner, _Usage, _no_query, create_proxy
+from wattspan.integrations.openai_proxy import _SSEScanner, _Usage, _json_usage, _no_query, create_proxy
 
 from .conftest import serve
 from .test_openai_proxy import chat_body, records, stack
@@ -245,3 +245,16 @@ def test_sigterm_with_a_stalled_stream_stops_within_the_grace_and_records_it(tmp
                 proc.kill()
     rows = query(db)
     assert [r["status_code"] for r in rows] == [499], (rows, proc.stderr.read()[-2000:] if proc.stderr else "")
+
+
+def test_a_body_python_cannot_parse_still_gives_the_counts_it_holds():
+    # an integer of over 4,300 digits is beyond Python's int parsing: json.loads raised and both counts were lost
+    body = b'{"usage": {"prompt_tokens": 12, "completion_tokens": 34, "junk": ' + b"7" * 5000 + b"}}"
+    u = _Usage()
+    assert _json_usage([body], len(body), body[-(64 << 10):], u) is None
+    assert (u.prompt, u.completion) == (12, 34)
+    # a count that is itself that long is no count
+    body = b'{"usage": {"prompt_tokens": ' + b"9" * 5000 + b', "completion_tokens": 5}}'
+    u = _Usage()
+    _json_usage([body], len(body), body, u)
+    assert (u.prompt, u.completion) == (None, 5)
