@@ -139,3 +139,10 @@ def test_records_written_a_slice_at_a_time_are_the_records_of_one_pass(tmp_path,
     first = json.loads(lines[0])
     assert {"co2e_g", "co2e_g_low", "co2e_g_high", "intensity_provider"} <= set(first)
     assert any(k.startswith("carbon_cost_") for k in first)
+
+
+def test_devices_are_listed_in_their_numbers_order():
+    from wattspan.cli.attribute import _natural
+
+    assert sorted(["gpu10", "gpu2", "gpu1", "gpu0,gpu1", "3", "10", "2"], key=_natural) == \
+        ["2", "3", "10", "gpu0,gpu1", "gpu1", "gpu2", "gpu10"]

@@ -548,10 +548,17 @@ def summarize(result: Any, records: "list[dict[str, Any]] | _Totals", carbon: An
             "currency": carbon.currency,
             "embodied": None if carbon.embodied is None else vars(carbon.embodied) if hasattr(carbon.embodied, "__dict__") else str(carbon.embodied),
         },
-        "devices": {k: v.as_dict() for k, v in result.devices.items()},
+        "devices": {k: result.devices[k].as_dict() for k in sorted(result.devices, key=_natural)},  # gpu2 before gpu10
         "routes": routes,
         "intensity": totals.intensity(),
     }
+
+
+def _natural(name: str) -> list[Any]:
+    """A device name's sort key: its runs of digits as numbers (gpu2 before gpu10, "1,0" after "0,1")."""
+    import re
+
+    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", name)]
 
 
 def print_summary(summary: dict[str, Any], file: TextIO = sys.stdout) -> None:
