@@ -152,18 +152,19 @@ def _doubtful_steps(steps: Any, requests: Any, path: Any) -> tuple[Any, list[str
     drop = np.zeros(n, dtype=bool)
     if (cnt > 1).any():
         bounds = np.concatenate(([0], np.cumsum(np.bincount(steps.entry_step, minlength=n))))
+
         def entries(i: int) -> tuple[tuple[int, float], ...]:
             lo, hi = bounds[i], bounds[i + 1]
             return tuple(sorted(zip(steps.entry_request[lo:hi].tolist(), steps.entry_tokens[lo:hi].tolist())))
-        for i in np.flatnonzero(cnt[inv] > 1):
-            j = int(first[inv[i]])
-            if j != i and entries(int(i)) == entries(j):
-                drop[i] = True
+        for r in np.flatnonzero(cnt[inv] > 1).tolist():
+            j = int(first[inv[r]])
+            if j != r and entries(r) == entries(j):
+                drop[r] = True
     k = int(drop.sum())
     if k:
-        i = int(np.argmax(drop))
+        d0 = int(np.argmax(drop))
         out.append(f"{k} batch step(s) in {path} repeat an earlier line exactly (start, end, device and tokens; the first "
-                   f"at start_ns={int(steps.start_ns[i])}): each is counted once; was the file appended twice?")
+                   f"at start_ns={int(steps.start_ns[d0])}): each is counted once; was the file appended twice?")
         keep = ~drop
         e_keep = keep[steps.entry_step]
         new_index = np.cumsum(keep) - 1
