@@ -117,11 +117,13 @@ def _attribute_devices(
     models: Mapping[str, StepModel] | None,
     board_lag_s: float | Mapping[str, float] | None,
     wait_owners: Steps | None = None,
+    shared_steps: set[str] | frozenset[str] = frozenset(),
 ) -> Attribution:
     """:func:`attribute` of requests and steps that each name one device (``traces`` keyed and
     ``board_lag_s`` checked). ``wait_owners``: steps other devices run for each device's requests
     (a pipeline's other stages, from :func:`.groups.attribute_grouped`), which own what a device
-    draws while it waits during them."""
+    draws while it waits during them. ``shared_steps``: the devices whose steps are a group's
+    whole steps (no clock offset is searched on them)."""
     n = len(requests)
     energy = np.zeros(n)
     dynamic = np.zeros(n)
@@ -208,7 +210,8 @@ def _attribute_devices(
             dyn, dyn_un, summary_extra, spread = _batch_fit(
                 cum, trace, steps, s_idx, requests, ridx, seg, idle_curve, a, b, reconcile_s, model,
                 None if lag is None else float(lag), wait_owners,
-                np.flatnonzero(wait_owners.device == dev) if wait_owners is not None else None, busy
+                np.flatnonzero(wait_owners.device == dev) if wait_owners is not None else None, busy,
+                scan_offset=dev not in shared_steps,
             )
             slow_w = summary_extra.pop("idle_slow_w", None)
             in_steps = np.zeros(len(requests), dtype=np.bool_)

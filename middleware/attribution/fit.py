@@ -921,12 +921,14 @@ def _knee_weight(cum: _CumEnergy, trace: DeviceTrace, x4: np.ndarray, st: np.nda
 def _batch_fit(cum: _CumEnergy, trace: DeviceTrace, steps: Steps, s_idx: np.ndarray, requests: Requests, ridx: np.ndarray,
                seg: _Segments, idle_curve: _Piecewise, a: int, b: int, reconcile_s: float | None, model: StepModel | None,
                lag_s: float | None = None, owners: Steps | None = None, o_idx: np.ndarray | None = None,
-               busy: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, float, dict[str, Any], _Spread]:
+               busy: tuple[np.ndarray, np.ndarray] | None = None, scan_offset: bool = True
+               ) -> tuple[np.ndarray, float, dict[str, Any], _Spread]:
     """Dynamic energy per request of one device by the batch-fit method. ``lag_s``: the board's
     electrical lag (s), measured elsewhere, fitted through instead of searched (:func:`_given_lag_fit`).
     ``owners``, ``o_idx``: the steps other devices run for this device's requests (:class:`_WaitOwners`),
     entries indexing ``requests``. ``busy``: the merged intervals with a request in flight or a step
-    running (the idle gaps between them are windows of their own)."""
+    running (the idle gaps between them are windows of their own). ``scan_offset``: search the
+    readings' clock offset from the steps' (:func:`_offset_scan`; not on a group's whole steps)."""
     st_ns = steps.start_ns[s_idx]
     en_ns = steps.end_ns[s_idx]
     x4 = step_features(steps, s_idx)
@@ -968,11 +970,22 @@ def _batch_fit(cum: _CumEnergy, trace: DeviceTrace, steps: Steps, s_idx: np.ndar
         # A coarse sensor's reading may be stale (a counter read some time after the driver
         # refreshed it): try reading the trace a fraction of its interval earlier, keep what
         # predicts held-out readings best.
+        # And any sensor's clock may be offset from the server's (another host's clock, a wall
+        # clock read at a different moment): the offset that best lines the readings up with
+        # the steps is tried too, either way.
         interval = _typical_interval(t_row) if len(t_row) > 2 else 0
-        if sel is not None and interval >= 20_000_000:
+        cands: list[int] = [int(interval * frac) for frac in (0.25, 0.5)] if interval >= 20_000_000 else []
+        if sel is not None and interval > 0 and scan_offset:
+            span_scan = 0 if cum.source == "energy-counter" else power_points(trace)[2]
+            d_scan = _offset_scan(feats, sel.coef[: feats.x.shape[1]], t_row, y, len_row, span_scan,
+                                  cum.source == "energy-counter", a, interval)
+            # (a coarse sensor's offset below one interval is what its staleness tries; beyond, it is a clock's)
+            least = interval if interval >= 20_000_000 else max(1_000_000, interval // 4)
+            if abs(d_scan) >= least and all(abs(d_scan - c) > interval // 8 for c in cands):
+                cands.append(d_scan)
+        if sel is not None and cands:
             sel0, rows0 = sel, (A, y, w_row, t_row, overlap, len_row)
-            for frac in (0.25, 0.5):
-                d_ns = int(interval * frac)
+            for d_ns in cands:
                 cum_d, trace_d = _shifted(cum, trace, d_ns)
                 rows_d = _fit_rows(cum_d, trace_d, feats, idle_curve, a, b, rel, with_weights=True)
                 sel_d = select_family(rows_d[0], rows_d[1]) if len(rows_d[1]) else None
@@ -980,16 +993,25 @@ def _batch_fit(cum: _CumEnergy, trace: DeviceTrace, steps: Steps, s_idx: np.ndar
                 if sel_d is not None and sel_d.cv_error < sel.cv_error * (1 - max(0.03, 1 / math.sqrt(len(rows_d[1])))):
                     sel, shift_ns = sel_d, d_ns
                     A, y, w_row, t_row, overlap, len_row = rows_d
-            if (shift_ns and cum.source != "energy-counter" and interval <= _LAG_READING_NS and np.any(sel0.coef)
+            if (shift_ns > 0 and cum.source != "energy-counter" and interval <= _LAG_READING_NS and np.any(sel0.coef)
                     and _sequential(st_ns, en_ns)):
                 # Readings late against the steps may be a board's electrical lag rather than stale
                 # ones (a first-order lag delays the energy, a shift the readings): where the readings
                 # are fine enough to show a lag, the lag read on time is kept when it predicts
                 # held-out readings at least as well as the shift.
+                # (the shift is held against the lag with its own lag too: a clock offset and a lag
+                # together delay and smooth the readings, and either alone takes the other's part)
                 tau0, rows_l0, _ = _choose_lag(cum, trace, feats, idle_curve, a, b, rel, sel0, FAMILIES, rows0[3])
-                if tau0 > 0 and rows_l0 is not None and _cv_error(rows_l0[0], rows_l0[1], FAMILIES[sel0.family]) <= sel.family_error:
-                    sel, shift_ns = sel0, 0
-                    A, y, w_row, t_row, overlap, len_row = rows0
+                if tau0 > 0 and rows_l0 is not None:
+                    on_time = _cv_error(rows_l0[0], rows_l0[1], FAMILIES[sel0.family])
+                    shifted = sel.family_error
+                    cum_d, trace_d = _shifted(cum, trace, shift_ns)
+                    tau_d, rows_ld, _ = _choose_lag(cum_d, trace_d, feats, idle_curve, a, b, rel, sel, FAMILIES, t_row)
+                    if tau_d > 0 and rows_ld is not None:
+                        shifted = min(shifted, _cv_error(rows_ld[0], rows_ld[1], FAMILIES[sel.family]))
+                    if on_time <= shifted:
+                        sel, shift_ns = sel0, 0
+                        A, y, w_row, t_row, overlap, len_row = rows0
             if shift_ns:
                 cum, trace = _shifted(cum, trace, shift_ns)
         if sel is not None and len(w_st):
@@ -2195,6 +2217,102 @@ def _credited_split(X: np.ndarray, y: np.ndarray, sensor: Sequence[int] = (3, 4)
 
 _SPLIT_BOOT = 40  # block-bootstrap resamples of the split
 _SENSOR_Q = 0.1  # the sensor keeps what 9 in 10 resamples give it at least
+
+
+#: the clock offset scan (see :func:`_offset_scan`): the grid step's bounds (ns), the offsets' reach
+#: (s, and in readings' intervals) and the most grid points it correlates over
+_SCAN_STEP_NS = (1_000_000, 5_000_000)
+_SCAN_REACH_S, _SCAN_REACH_READINGS = 0.5, 4
+_SCAN_POINTS = 1 << 16
+_SCAN_LAGS_S = tuple(0.0005 * 2.0**k for k in range(6))  # 0.5 to 16 ms
+
+
+def _offset_scan(feats: _StepFeatures, coef: np.ndarray, t_row: np.ndarray, y: np.ndarray, len_row: np.ndarray,
+                 span_ns: int, counter: bool, a: int, interval: int) -> int:
+    """The clock offset (ns) between the readings and the steps that best lines up what the readings
+    measured with what the fitted steps predict: the readings read ``d`` later than the steps they
+    measured (a clock offset between the trace's host and the server's, an unsynchronised wall clock;
+    negative: earlier). 0 when none stands out.
+
+    The steps' predicted energy (the fit's ``coef``) as a cumulative curve on a uniform grid; each
+    reading (its window's mean power; an instant one's over one grid step) against it at every offset
+    within the reach, as one Pearson correlation per offset through FFTs (three of them, over at most
+    :data:`_SCAN_POINTS` grid points: a few ms for a 40 s run of 1 ms readings). The peak, refined
+    between grid points by a parabola, is only a candidate: the caller refits the readings shifted by
+    it and keeps it only if held-out readings say so."""
+    if len(t_row) < 32 or not np.any(coef):
+        return 0
+    e_step = feats.x @ coef
+    if not np.any(e_step > 0):
+        return 0
+    h = int(min(max(interval // 4, _SCAN_STEP_NS[0]), _SCAN_STEP_NS[1]))
+    K = int(math.ceil(max(_SCAN_REACH_S * 1e9, _SCAN_REACH_READINGS * interval) / h))
+    win = int(np.median(len_row)) if counter else (span_ns or h)  # a reading's window (ns)
+    lw = max(int(round(win / h)), 1)
+    order = t_row
+    lo = int(order[0])
+    if (int(order[-1]) - lo) // h > _SCAN_POINTS:  # a long run: its middle stretch
+        mid = (int(order[0]) + int(order[-1])) // 2
+        keep = np.abs(order.astype(np.int64) - mid) <= (_SCAN_POINTS // 2) * h
+        t_row, y, len_row = t_row[keep], y[keep], len_row[keep]
+        if len(t_row) < 32:
+            return 0
+        lo = int(t_row[0])
+    yp = y / (len_row * _NS) if counter else y  # each reading as power (W)
+    j = ((t_row.astype(np.int64) - lo + h // 2) // h).astype(np.int64)  # each reading's nearest grid point
+    n_j = int(j[-1]) + 1 if len(j) else 0
+    # the model's mean power over each reading's window, on the grid, K points beyond either end
+    c = 0 if (counter or span_ns) else h // 2  # an instant reading: the grid step around it
+    g = lo + (np.arange(-K, n_j + K + 1, dtype=np.int64)) * h + c
+    one = _StepFeatures(e_step[:, None], feats.st, feats.en)
+    g_rel = (g - a).astype(np.float64) * _NS
+    # corr(k) over readings i of y_i and D[j_i + K - k] (readings late by k grid steps)
+    Y = np.bincount(j, weights=yp, minlength=n_j)
+    W = np.bincount(j, minlength=n_j).astype(np.float64)
+    nfft = 1 << int(math.ceil(math.log2(len(g) + n_j)))
+    fY, fW = np.fft.rfft(Y[::-1], nfft), np.fft.rfft(W[::-1], nfft)
+    # sum_j Y[j] D[j + m] = (Y reversed * D)[m + n_j - 1]; m = K - k for k in [-K, K]
+    at = (K - np.arange(-K, K + 1)) + n_j - 1
+    n = float(W.sum())
+    sY, sY2 = float(Y.sum()), float((yp * yp).sum())
+    vy = sY2 - sY * sY / n
+    if vy <= 0:
+        return 0
+
+    def corr(C: np.ndarray) -> np.ndarray:
+        D = np.zeros(len(g))
+        D[lw:] = (C[lw:] - C[:-lw]) / (lw * h * _NS)  # the model's mean power over each reading's window
+        sYD = np.fft.irfft(fY * np.fft.rfft(D, nfft), nfft)[at]
+        sD = np.fft.irfft(fW * np.fft.rfft(D, nfft), nfft)[at]
+        sD2 = np.fft.irfft(fW * np.fft.rfft(D * D, nfft), nfft)[at]
+        vd = sD2 - sD * sD / n
+        ok = vd > 1e-12 * max(float(vd.max()), 1e-300)
+        r = np.full(len(at), -np.inf)
+        r[ok] = (sYD[ok] - sY * sD[ok] / n) / np.sqrt(vy * vd[ok])
+        return r
+
+    # Through an electrical lag the readings trail the steps too, and smoothed: on readings fine
+    # enough to show one, each lag of a coarse grid is tried with every offset, and the offset
+    # taken is the best pair's (else the lag's own delay would pass for an offset)
+    C0 = one.mass(g_rel)[:, 0]
+    r = corr(C0)
+    if interval <= _LAG_READING_NS:
+        lagged = _with_lag(one, _SCAN_LAGS_S[0], cols=[0])
+        lagged.mass(g_rel)  # (its unlagged mass, kept for every lag)
+        for tau in _SCAN_LAGS_S:
+            r_t = corr(lagged.at(tau).mass(g_rel)[:, 0])
+            if r_t.max() > r.max():
+                r = r_t
+    i = int(np.argmax(r))
+    # a peak that explains little, or no better than on time beyond a correlation's own noise, is none
+    if r[i] < 0.2 or r[i] - r[K] <= 2.0 / math.sqrt(n):
+        return 0
+    k = float(i - K)
+    if 0 < i < len(r) - 1 and np.isfinite(r[i - 1]) and np.isfinite(r[i + 1]):
+        den = r[i - 1] - 2 * r[i] + r[i + 1]
+        if den < 0:
+            k += 0.5 * (r[i - 1] - r[i + 1]) / den
+    return int(round(k * h))
 
 
 def _shifted(cum: _CumEnergy, trace: DeviceTrace, d_ns: int) -> tuple[_CumEnergy, DeviceTrace]:

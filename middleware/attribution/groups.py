@@ -181,6 +181,11 @@ def attribute_grouped(
         kw["wait_owners"] = Steps(start_ns=np.array(w_start, dtype=np.int64), end_ns=np.array(w_end, dtype=np.int64),
                                   device=np.array(w_dev, dtype=object), entry_step=np.array(w_step, dtype=np.int64),
                                   entry_request=np.array(w_req, dtype=np.int64), entry_tokens=np.array(w_tok, dtype=np.float64))
+    # the members that run another device's steps as their own (a group's whole steps): their
+    # readings do not line up with those steps' times on any clock (a pipeline stage draws in its
+    # slice of each), so no clock offset is searched there
+    kw["shared_steps"] = {d for d_key in set(steps.device.tolist()) if is_group(d_key) for d in members(d_key)} \
+        if steps is not None and len(steps) else set()
     res = attribute(traces, ex_req, ex_steps, **kw)
 
     def fold(x: np.ndarray) -> np.ndarray:

@@ -105,7 +105,8 @@ class DeviceSummary:
     scale_p95: float = math.nan
     window_s: float = math.nan  # reconciliation window chosen by held-out readings
     window_why: str = ""
-    shift_s: float = 0.0  # how much earlier the trace was read to undo stale readings (chosen like the window)
+    shift_s: float = 0.0  # how much earlier the trace was read to line it up with the steps: stale readings or its clock
+    # offset from the server's (negative: later; chosen like the window)
     band_rel: float = math.nan  # 90 % relative error of one held-out reading's dynamic energy
     quality: str = ""  # good | coarse | misfit (batch-fit only)
     noise: dict[str, Any] | None = None  # the held-out error model behind the bands (see _noise_model)
