@@ -56,7 +56,7 @@ BASES = ("dynamic", "attributed", "amortised")
 #: column (a time-overlap split). ``tests`` check these numbers against that file.
 ERROR_BANDS: Mapping[str, Mapping[str, float]] = {
     "ideal-1ms": {"batch-fit": 0.003, "time-share": 0.780},
-    "instant-100ms": {"batch-fit": 0.038, "time-share": 0.779},
+    "instant-100ms": {"batch-fit": 0.040, "time-share": 0.779},
     "nvml-poll-20ms": {"batch-fit": 0.038, "time-share": 0.780},
     "hopper-1s-average": {"batch-fit": 0.037, "time-share": 0.782},
     "energy-counter": {"batch-fit": 0.035, "time-share": 0.779},
